@@ -1,0 +1,200 @@
+//! Typed configuration with dotted keys (`volley.exec.memory_limit`).
+
+use std::path::PathBuf;
+
+use crate::{parse_bytes, Result, VolleyError};
+
+/// How an execution reports its progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProgressMode {
+    /// Progress bars when stderr is a terminal, one summary line per operator otherwise.
+    #[default]
+    Auto,
+    /// Always progress bars.
+    Bars,
+    /// Always one summary line per operator, at the end.
+    Lines,
+    /// Nothing.
+    Off,
+}
+
+/// Options of the streaming executor (`volley.exec.*`).
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// `volley.exec.memory_limit`: bytes that buffered blocks may take in all. `None`
+    /// means a quarter of the machine's memory.
+    pub memory_limit: Option<u64>,
+    /// `volley.exec.batch_size`: rows per batch produced by readers.
+    pub batch_size: usize,
+    /// `volley.exec.preserve_order`: deliver blocks in the order of the input (file
+    /// order, then row order) instead of the order they finish in.
+    pub preserve_order: bool,
+    /// `volley.exec.progress`: progress reporting.
+    pub progress: ProgressMode,
+    /// `volley.exec.max_tasks_per_operator`: tasks of one operator running at once.
+    /// `None` means the number of CPUs.
+    pub max_tasks_per_operator: Option<usize>,
+    /// `volley.exec.spill_dir`: where operators that spill write their files.
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        Self {
+            memory_limit: None,
+            batch_size: 8192,
+            preserve_order: false,
+            progress: ProgressMode::Auto,
+            max_tasks_per_operator: None,
+            spill_dir: None,
+        }
+    }
+}
+
+/// Options of file readers (`volley.read.*`).
+#[derive(Debug, Clone)]
+pub struct ReadOptions {
+    /// `volley.read.split_bytes`: target bytes of one read task; larger Parquet files are
+    /// split by row groups into several tasks.
+    pub split_bytes: u64,
+    /// `volley.read.pushdown_filters`: evaluate filters while decoding Parquet (late
+    /// materialization) rather than after.
+    pub pushdown_filters: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        Self {
+            split_bytes: 64 << 20,
+            pushdown_filters: true,
+        }
+    }
+}
+
+/// Resources of the local runtime (`volley.runtime.*`).
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeOptions {
+    /// `volley.runtime.num_cpus`: CPUs tasks may use. `None` means all of the machine's.
+    pub num_cpus: Option<f64>,
+    /// `volley.runtime.memory`: memory tasks may reserve. `None` means the machine's.
+    pub memory: Option<u64>,
+}
+
+/// All of volley's options.
+///
+/// ```
+/// use volley_common::VolleyConfig;
+/// let mut config = VolleyConfig::default();
+/// config.set("volley.exec.memory_limit", "512MiB").unwrap();
+/// assert_eq!(config.exec.memory_limit, Some(512 << 20));
+/// assert!(config.set("volley.exec.nope", "1").is_err());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct VolleyConfig {
+    /// Executor options.
+    pub exec: ExecOptions,
+    /// Reader options.
+    pub read: ReadOptions,
+    /// Runtime options.
+    pub runtime: RuntimeOptions,
+}
+
+/// Every key [`VolleyConfig::set`] takes, with the environment variable that sets it.
+const KEYS: &[(&str, &str)] = &[
+    ("volley.exec.memory_limit", "VOLLEY_EXEC_MEMORY_LIMIT"),
+    ("volley.exec.batch_size", "VOLLEY_EXEC_BATCH_SIZE"),
+    ("volley.exec.preserve_order", "VOLLEY_EXEC_PRESERVE_ORDER"),
+    ("volley.exec.progress", "VOLLEY_EXEC_PROGRESS"),
+    ("volley.exec.max_tasks_per_operator", "VOLLEY_EXEC_MAX_TASKS_PER_OPERATOR"),
+    ("volley.exec.spill_dir", "VOLLEY_EXEC_SPILL_DIR"),
+    ("volley.read.split_bytes", "VOLLEY_READ_SPLIT_BYTES"),
+    ("volley.read.pushdown_filters", "VOLLEY_READ_PUSHDOWN_FILTERS"),
+    ("volley.runtime.num_cpus", "VOLLEY_RUNTIME_NUM_CPUS"),
+    ("volley.runtime.memory", "VOLLEY_RUNTIME_MEMORY"),
+];
+
+impl VolleyConfig {
+    /// The defaults, overridden by any `VOLLEY_*` environment variable set (the key in
+    /// upper case with dots as underscores: `VOLLEY_EXEC_MEMORY_LIMIT=1GiB`).
+    pub fn from_env() -> Result<Self> {
+        let mut config = Self::default();
+        for (key, var) in KEYS {
+            if let Ok(value) = std::env::var(var) {
+                config
+                    .set(key, &value)
+                    .map_err(|e| VolleyError::Config(format!("{var}: {e}")))?;
+            }
+        }
+        Ok(config)
+    }
+
+    /// Sets one option by its dotted key.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let bad = |what: &str| VolleyError::Config(format!("{key} = `{value}`: expected {what}"));
+        let parse_bool = |v: &str| match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(bad("true or false")),
+        };
+        match key {
+            "volley.exec.memory_limit" => self.exec.memory_limit = Some(parse_bytes(value)?),
+            "volley.exec.batch_size" => {
+                let n: usize = value.parse().map_err(|_| bad("a row count"))?;
+                if n == 0 {
+                    return Err(bad("a row count above 0"));
+                }
+                self.exec.batch_size = n;
+            }
+            "volley.exec.preserve_order" => self.exec.preserve_order = parse_bool(value)?,
+            "volley.exec.progress" => {
+                self.exec.progress = match value.to_ascii_lowercase().as_str() {
+                    "auto" => ProgressMode::Auto,
+                    "bars" => ProgressMode::Bars,
+                    "lines" => ProgressMode::Lines,
+                    "off" | "none" => ProgressMode::Off,
+                    _ => return Err(bad("auto, bars, lines or off")),
+                }
+            }
+            "volley.exec.max_tasks_per_operator" => {
+                let n: usize = value.parse().map_err(|_| bad("a task count"))?;
+                self.exec.max_tasks_per_operator = Some(n.max(1));
+            }
+            "volley.exec.spill_dir" => self.exec.spill_dir = Some(PathBuf::from(value)),
+            "volley.read.split_bytes" => self.read.split_bytes = parse_bytes(value)?.max(1),
+            "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
+            "volley.runtime.num_cpus" => {
+                let n: f64 = value.parse().map_err(|_| bad("a number of CPUs"))?;
+                if !(n > 0.0) {
+                    return Err(bad("a number of CPUs above 0"));
+                }
+                self.runtime.num_cpus = Some(n);
+            }
+            "volley.runtime.memory" => self.runtime.memory = Some(parse_bytes(value)?),
+            _ => {
+                let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+                return Err(VolleyError::Config(format!(
+                    "unknown option `{key}`; known options: {}",
+                    known.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_and_reject() {
+        let mut c = VolleyConfig::default();
+        c.set("volley.exec.preserve_order", "true").unwrap();
+        assert!(c.exec.preserve_order);
+        c.set("volley.exec.progress", "off").unwrap();
+        assert_eq!(c.exec.progress, ProgressMode::Off);
+        let err = c.set("volley.exec.batch_size", "zero").unwrap_err();
+        assert!(err.to_string().contains("volley.exec.batch_size"));
+        assert!(c.set("volley.runtime.num_cpus", "-1").is_err());
+    }
+}

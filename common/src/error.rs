@@ -1,0 +1,189 @@
+//! The volley error type.
+
+use std::fmt::Display;
+
+use arrow::error::ArrowError;
+use datafusion::error::DataFusionError;
+
+/// Result type used across volley.
+pub type Result<T, E = VolleyError> = std::result::Result<T, E>;
+
+/// Every error volley reports.
+///
+/// The variants are categories, as in DataFusion: a [`Plan`](VolleyError::Plan) error
+/// is the user's mistake (an unknown column, a bad argument) and is found before any
+/// data is read; [`Execution`](VolleyError::Execution) happens while data flows;
+/// [`Internal`](VolleyError::Internal) is a bug in volley. Errors that happened at a
+/// place worth naming (a file, an operator, a user function) are wrapped in
+/// [`Context`](VolleyError::Context) so that the message reads from the outside in:
+/// `reading data/a.parquet: Parquet error: ...`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VolleyError {
+    /// The request cannot be planned: unknown column, wrong argument, bad option.
+    #[error("{0}")]
+    Plan(String),
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Something failed while the data was flowing.
+    #[error("{0}")]
+    Execution(String),
+    /// A user function (a `map_batches` transform, a predicate) returned an error or
+    /// panicked.
+    #[error("user function `{name}` failed: {message}")]
+    UserFunction {
+        /// The transform's name.
+        name: String,
+        /// What it reported (or its panic message).
+        message: String,
+    },
+    /// The execution was cancelled (its consumer went away).
+    #[error("execution cancelled")]
+    Cancelled,
+    /// A resource (memory, CPUs) cannot be had.
+    #[error("resources exhausted: {0}")]
+    ResourcesExhausted(String),
+    /// A bug in volley.
+    #[error("internal error (please report): {0}")]
+    Internal(String),
+    /// An I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// An Arrow error.
+    #[error(transparent)]
+    Arrow(#[from] ArrowError),
+    /// An error from DataFusion (SQL planning, file scans, expressions).
+    #[error("{}", display_datafusion(.0))]
+    DataFusion(Box<DataFusionError>),
+    /// An error from an object store.
+    #[error(transparent)]
+    ObjectStore(#[from] object_store::Error),
+    /// An error with the place it happened: `{context}: {source}`.
+    #[error("{context}: {source}")]
+    Context {
+        /// Where it happened, e.g. `reading s3://bucket/a.parquet`.
+        context: String,
+        /// What happened.
+        source: Box<VolleyError>,
+    },
+}
+
+/// DataFusion prefixes its messages with its own category names ("Error during
+/// planning: ", "Arrow error: "); keep them, they help, but strip back-to-back
+/// context wrappers that only repeat themselves.
+fn display_datafusion(e: &DataFusionError) -> String {
+    match e {
+        DataFusionError::Context(ctx, inner) => format!("{ctx}: {}", display_datafusion(inner)),
+        other => other.to_string(),
+    }
+}
+
+impl From<DataFusionError> for VolleyError {
+    fn from(e: DataFusionError) -> Self {
+        match e {
+            // A volley error that travelled through DataFusion (a volley dataset used as a
+            // SQL table) comes back as itself.
+            DataFusionError::External(inner) => match inner.downcast::<VolleyError>() {
+                Ok(v) => *v,
+                Err(other) => VolleyError::DataFusion(Box::new(DataFusionError::External(other))),
+            },
+            other => VolleyError::DataFusion(Box::new(other)),
+        }
+    }
+}
+
+impl From<VolleyError> for DataFusionError {
+    fn from(e: VolleyError) -> Self {
+        match e {
+            VolleyError::DataFusion(inner) => *inner,
+            other => DataFusionError::External(Box::new(other)),
+        }
+    }
+}
+
+impl From<parquet_error::ParquetError> for VolleyError {
+    fn from(e: parquet_error::ParquetError) -> Self {
+        VolleyError::DataFusion(Box::new(DataFusionError::ParquetError(Box::new(e))))
+    }
+}
+
+mod parquet_error {
+    pub use datafusion::parquet::errors::ParquetError;
+}
+
+impl VolleyError {
+    /// A [`Plan`](VolleyError::Plan) error from anything printable.
+    pub fn plan(msg: impl Display) -> Self {
+        VolleyError::Plan(msg.to_string())
+    }
+
+    /// An [`Execution`](VolleyError::Execution) error from anything printable.
+    pub fn execution(msg: impl Display) -> Self {
+        VolleyError::Execution(msg.to_string())
+    }
+
+    /// An [`Internal`](VolleyError::Internal) error from anything printable.
+    pub fn internal(msg: impl Display) -> Self {
+        VolleyError::Internal(msg.to_string())
+    }
+
+    /// Wraps this error with the place it happened.
+    pub fn context(self, context: impl Display) -> Self {
+        VolleyError::Context {
+            context: context.to_string(),
+            source: Box::new(self),
+        }
+    }
+
+    /// The innermost error, past every [`Context`](VolleyError::Context).
+    pub fn root(&self) -> &VolleyError {
+        match self {
+            VolleyError::Context { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
+    /// Whether this error (under any context) is a cancellation.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self.root(), VolleyError::Cancelled)
+    }
+}
+
+/// Adds [`context`](ResultExt::context) to any result whose error converts into a
+/// [`VolleyError`].
+pub trait ResultExt<T> {
+    /// Wraps the error with the place it happened.
+    fn context(self, context: impl Display) -> Result<T>;
+    /// Like [`context`](ResultExt::context), with the message built only on error.
+    fn with_context<C: Display, F: FnOnce() -> C>(self, f: F) -> Result<T>;
+}
+
+impl<T, E: Into<VolleyError>> ResultExt<T> for std::result::Result<T, E> {
+    fn context(self, context: impl Display) -> Result<T> {
+        self.map_err(|e| e.into().context(context))
+    }
+
+    fn with_context<C: Display, F: FnOnce() -> C>(self, f: F) -> Result<T> {
+        self.map_err(|e| e.into().context(f()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_reads_outside_in() {
+        let e = VolleyError::execution("bad byte").context("reading a.parquet");
+        assert_eq!(e.to_string(), "reading a.parquet: bad byte");
+        assert!(matches!(e.root(), VolleyError::Execution(_)));
+    }
+
+    #[test]
+    fn volley_error_round_trips_through_datafusion() {
+        let df: DataFusionError = VolleyError::Cancelled.into();
+        let back: VolleyError = df.into();
+        assert!(back.is_cancelled());
+    }
+}

@@ -1,0 +1,50 @@
+//! Sources and sinks: how volley reads and writes files.
+//!
+//! Every path goes through [`object_store`], so local files, `s3://`, `gs://`, `az://`
+//! and `http(s)://` read the same way; stores are made on first use from the
+//! environment's credentials ([`VolleyObjectStoreRegistry`]).
+//!
+//! A source ([`DataSource`]) plans *read tasks*: each task reads one split of the input
+//! (a file, or a range of a Parquet file's row groups) as a stream of Arrow batches.
+//! Parquet, CSV, NDJSON and Arrow IPC scans are DataFusion's file scans
+//! ([`FileScan`]), so projection, predicate and limit pushdown, row-group pruning by
+//! statistics and page index, and late materialization come from there; volley decides
+//! the splits, so that every task reads one file and every error names it.
+//! Text and binary files have their own small readers ([`TextScan`], [`BinaryScan`]).
+//!
+//! Writes go through [`WriteJob`]: every task writes its part files into a staging
+//! location, and [`WriteJob::commit`] moves them into place only when all succeeded.
+
+mod format;
+mod listing;
+mod registry;
+mod sink;
+mod source;
+mod text;
+
+pub use format::{CsvReadOptions, FileFormatKind};
+pub use listing::FileScan;
+pub use registry::VolleyObjectStoreRegistry;
+pub use sink::{Compression, PartWriter, WriteFormat, WriteJob, WriteMode, WriteOptions, WriteSummary};
+pub use source::{DataSource, ReadTask, ScanRequest};
+pub use text::{BinaryScan, TextScan};
+
+/// Resolves a user path (relative, absolute or URL, maybe a glob) to a DataFusion
+/// listing URL, with an error that names the path.
+pub fn parse_path(path: &str) -> volley_common::Result<datafusion::datasource::listing::ListingTableUrl> {
+    use volley_common::VolleyError;
+    if path.trim().is_empty() {
+        return Err(VolleyError::plan("empty path"));
+    }
+    let is_url = path.contains("://");
+    if !is_url {
+        // A local path without glob characters must exist: say so with the path,
+        // rather than an empty listing later.
+        let has_glob = path.contains(['*', '?', '[']);
+        if !has_glob && !std::path::Path::new(path).exists() {
+            return Err(VolleyError::plan(format!("path does not exist: {path}")));
+        }
+    }
+    datafusion::datasource::listing::ListingTableUrl::parse(path)
+        .map_err(|e| VolleyError::plan(format!("invalid path `{path}`: {e}")))
+}

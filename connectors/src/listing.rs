@@ -1,0 +1,312 @@
+//! Parquet, CSV, NDJSON and Arrow IPC scans, on DataFusion's listing tables.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::context::SessionState;
+use datafusion::physical_plan::ExecutionPlan;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectMeta;
+use volley_common::{Result, ResultExt, VolleyError};
+
+use crate::format::FileFormatKind;
+use crate::source::{DataSource, ReadTask, ScanRequest};
+
+/// A scan of Parquet, CSV, NDJSON or Arrow IPC files: a file, a folder, a glob or a
+/// list of them, local or in an object store.
+///
+/// Created by [`FileScan::try_new`], which lists the files and reads their schemas
+/// (failing with the path of any file that is missing, unreadable or incompatible with
+/// the others). Hive-style `key=value/` folders become string columns after the file
+/// columns.
+#[derive(Debug)]
+pub struct FileScan {
+    format: FileFormatKind,
+    paths: Vec<String>,
+    num_files: usize,
+    total_bytes: u64,
+    schema: SchemaRef,
+    table: Arc<ListingTable>,
+    split_bytes: u64,
+}
+
+/// Files whose name starts with `.` or `_` are bookkeeping (`_SUCCESS`, `.crc`, staging
+/// folders), not data.
+fn is_hidden(meta: &ObjectMeta) -> bool {
+    meta.location
+        .parts()
+        .any(|p| p.as_ref().starts_with('.') || p.as_ref().starts_with('_'))
+}
+
+impl FileScan {
+    /// Lists `paths` and reads the files' schemas.
+    ///
+    /// `split_bytes` is the target size of one read task for splittable formats.
+    pub async fn try_new(
+        state: &SessionState,
+        format: FileFormatKind,
+        paths: &[String],
+        split_bytes: u64,
+    ) -> Result<Self> {
+        if paths.is_empty() {
+            return Err(VolleyError::plan("no paths given to read"));
+        }
+        let urls = paths
+            .iter()
+            .map(|p| crate::parse_path(p))
+            .collect::<Result<Vec<_>>>()?;
+        let df_format = format.to_datafusion(state, &paths[0]);
+
+        let files = list_files(state, &urls, paths).await?;
+        let file_schema = infer_schema(state, &df_format, &format, &files).await?;
+
+        let mut options = ListingOptions::new(Arc::clone(&df_format)).with_file_extension("");
+        let partition_cols = if urls[0].is_collection() {
+            options
+                .infer_partitions(state, &urls[0])
+                .await
+                .with_context(|| format!("reading the partition folders of {}", paths[0]))?
+        } else {
+            vec![]
+        };
+        options = options.with_table_partition_cols(
+            partition_cols
+                .iter()
+                .map(|c| (c.clone(), DataType::Utf8))
+                .collect(),
+        );
+        let mut fields: Vec<Field> = file_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for c in &partition_cols {
+            if file_schema.field_with_name(c).is_ok() {
+                return Err(VolleyError::plan(format!(
+                    "partition folder key `{c}` is also a column inside the files of {}",
+                    paths[0]
+                )));
+            }
+            fields.push(Field::new(c, DataType::Utf8, true));
+        }
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(Arc::clone(&file_schema));
+        let table = ListingTable::try_new(config)?;
+        Ok(Self {
+            num_files: files.len(),
+            total_bytes: files.iter().map(|(_, m)| m.size).sum(),
+            format,
+            paths: paths.to_vec(),
+            schema: Arc::new(Schema::new(fields)),
+            table: Arc::new(table),
+            split_bytes,
+        })
+    }
+
+    /// The number of files listed.
+    pub fn num_files(&self) -> usize {
+        self.num_files
+    }
+
+    /// Bytes of all files listed.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// Replaces the scan's file groups with one split per task: every task reads one
+    /// file, or one byte range of a splittable file (Parquet assigns a row group to the
+    /// range holding its midpoint).
+    fn split(&self, config: &FileScanConfig) -> Vec<FileGroup> {
+        let mut groups = Vec::new();
+        for group in &config.file_groups {
+            for file in group.iter() {
+                let name = file.object_meta.location.as_ref();
+                if name.split('/').any(|p| p.starts_with('.') || p.starts_with('_')) {
+                    continue;
+                }
+                let size = file.object_meta.size;
+                if self.format.splittable() && size > self.split_bytes && file.range.is_none() {
+                    let n = size.div_ceil(self.split_bytes);
+                    let step = size.div_ceil(n);
+                    let mut start = 0u64;
+                    while start < size {
+                        let end = (start + step).min(size);
+                        let part = file.clone().with_range(start as i64, end as i64);
+                        groups.push(FileGroup::new(vec![part]));
+                        start = end;
+                    }
+                } else {
+                    groups.push(FileGroup::new(vec![file.clone()]));
+                }
+            }
+        }
+        groups
+    }
+}
+
+/// Lists every path (each must name at least one file), leaving out bookkeeping files.
+pub(crate) async fn list_files(
+    state: &SessionState,
+    urls: &[ListingTableUrl],
+    paths: &[String],
+) -> Result<Vec<(Arc<dyn object_store::ObjectStore>, ObjectMeta)>> {
+    let mut files = Vec::new();
+    for (url, path) in urls.iter().zip(paths) {
+        let store = state
+            .runtime_env()
+            .object_store(url)
+            .with_context(|| format!("opening {path}"))?;
+        let listed: Vec<ObjectMeta> = url
+            .list_all_files(state, store.as_ref(), "")
+            .await
+            .with_context(|| format!("listing {path}"))?
+            .try_collect()
+            .await
+            .with_context(|| format!("listing {path}"))?;
+        let mut listed: Vec<ObjectMeta> = listed.into_iter().filter(|m| !is_hidden(m)).collect();
+        if listed.is_empty() {
+            return Err(VolleyError::plan(format!("no files found at {path}")));
+        }
+        listed.sort_by(|a, b| a.location.cmp(&b.location));
+        files.extend(listed.into_iter().map(|m| (Arc::clone(&store), m)));
+    }
+    Ok(files)
+}
+
+/// Reads the schema of all files, the way DataFusion merges them; when that fails, finds
+/// the file at fault and names it.
+async fn infer_schema(
+    state: &SessionState,
+    df_format: &Arc<dyn FileFormat>,
+    format: &FileFormatKind,
+    files: &[(Arc<dyn object_store::ObjectStore>, ObjectMeta)],
+) -> Result<SchemaRef> {
+    // Empty text files hold no rows and no schema; an empty Parquet or IPC file is
+    // corrupt and must be reported.
+    let readable: Vec<&(Arc<dyn object_store::ObjectStore>, ObjectMeta)> = files
+        .iter()
+        .filter(|(_, m)| m.size > 0 || matches!(format, FileFormatKind::Parquet | FileFormatKind::Ipc))
+        .collect();
+    if readable.is_empty() {
+        return Err(VolleyError::plan(format!(
+            "all files are empty, no schema can be read: {}",
+            files[0].1.location
+        )));
+    }
+    // Every file's own schema, concurrently, each error naming its file.
+    let schemas: Vec<(String, SchemaRef)> = futures::stream::iter(readable.iter().map(|(store, meta)| async move {
+        let name = meta.location.to_string();
+        let schema = df_format
+            .infer_schema(state, store, std::slice::from_ref(meta))
+            .await
+            .with_context(|| format!("reading the schema of {name}"))?;
+        Ok::<_, VolleyError>((name, schema))
+    }))
+    .buffered(16)
+    .try_collect()
+    .await?;
+    if schemas.len() == 1 {
+        return Ok(Arc::clone(&schemas[0].1));
+    }
+    // The format's own merge first (for CSV it widens types across files).
+    let by_store: Vec<ObjectMeta> = readable.iter().map(|(_, m)| m.clone()).collect();
+    let same_store = readable
+        .iter()
+        .all(|(s, _)| Arc::ptr_eq(s, &readable[0].0));
+    if same_store {
+        if let Ok(merged) = df_format.infer_schema(state, &readable[0].0, &by_store).await {
+            return Ok(merged);
+        }
+    }
+    let mut merged = schemas[0].1.as_ref().clone();
+    let first = &schemas[0].0;
+    for (name, schema) in &schemas[1..] {
+        merged = Schema::try_merge([merged, schema.as_ref().clone()]).map_err(|e| {
+            VolleyError::plan(format!(
+                "file {name} does not match the schema of the files before it (first: {first}): {e}"
+            ))
+        })?;
+    }
+    Ok(Arc::new(merged))
+}
+
+#[async_trait::async_trait]
+impl DataSource for FileScan {
+    fn name(&self) -> String {
+        self.format.operator_name().to_string()
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} ({} files, {})",
+            self.paths.join(", "),
+            self.num_files,
+            volley_common::format_bytes(self.total_bytes)
+        )
+    }
+
+    fn supports_filters(&self) -> bool {
+        true
+    }
+
+    async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        let plan = self
+            .table
+            .scan(state, request.projection.as_ref(), &request.filters, request.limit)
+            .await?;
+        let Some(exec) = plan.downcast_ref::<DataSourceExec>() else {
+            // No files survived pruning (an `EmptyExec`), or another plan shape:
+            // one task per partition.
+            return Ok(partition_tasks(plan, "empty scan", 0));
+        };
+        let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>() else {
+            return Ok(partition_tasks(plan.clone(), "scan", 0));
+        };
+        let groups = self.split(config);
+        let labels: Vec<(String, u64)> = groups
+            .iter()
+            .map(|g| {
+                let f = &g.files()[0];
+                let label = match &f.range {
+                    Some(r) => format!("{} [bytes {}..{}]", f.object_meta.location, r.start, r.end),
+                    None => f.object_meta.location.to_string(),
+                };
+                let size = f.range.as_ref().map(|r| (r.end - r.start) as u64).unwrap_or(f.object_meta.size);
+                (label, size)
+            })
+            .collect();
+        let config = FileScanConfigBuilder::from(config.clone())
+            .with_file_groups(groups)
+            .build();
+        let plan: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(config);
+        Ok(labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, (label, size))| {
+                let plan = Arc::clone(&plan);
+                let task_label = label.clone();
+                ReadTask::new(label, size, move |ctx| {
+                    plan.execute(i, ctx)
+                        .with_context(|| format!("reading {task_label}"))
+                })
+            })
+            .collect())
+    }
+}
+
+/// One task per output partition of a DataFusion plan.
+pub(crate) fn partition_tasks(plan: Arc<dyn ExecutionPlan>, label: &str, size: u64) -> Vec<ReadTask> {
+    let n = plan.properties().partitioning.partition_count();
+    (0..n)
+        .map(|i| {
+            let plan = Arc::clone(&plan);
+            ReadTask::new(format!("{label} [{i}]"), size, move |ctx| Ok(plan.execute(i, ctx)?))
+        })
+        .collect()
+}

@@ -1,0 +1,299 @@
+//! One task's files.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{Array, RecordBatch, UInt32Array};
+use arrow::compute::{cast, take_record_batch};
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::{Compression as PqCompression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use volley_common::{Result, ResultExt, VolleyError};
+
+use super::{Compression, WriteFormat, WriteOptions, WriteSummary};
+
+/// Value used for a null partition key, as Hive does.
+const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
+
+/// A byte sink, maybe compressed.
+enum ByteSink {
+    Plain(BufWriter<File>),
+    Gzip(flate2::write::GzEncoder<BufWriter<File>>),
+    Zstd(zstd::Encoder<'static, BufWriter<File>>),
+}
+
+impl Write for ByteSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ByteSink::Plain(w) => w.write(buf),
+            ByteSink::Gzip(w) => w.write(buf),
+            ByteSink::Zstd(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ByteSink::Plain(w) => w.flush(),
+            ByteSink::Gzip(w) => w.flush(),
+            ByteSink::Zstd(w) => w.flush(),
+        }
+    }
+}
+
+impl ByteSink {
+    fn finish(self) -> std::io::Result<()> {
+        let mut inner = match self {
+            ByteSink::Plain(w) => w,
+            ByteSink::Gzip(w) => w.finish()?,
+            ByteSink::Zstd(w) => w.finish()?,
+        };
+        inner.flush()
+    }
+}
+
+/// An open file of one format.
+enum FileWriter {
+    Parquet(ArrowWriter<File>),
+    Csv(arrow::csv::Writer<ByteSink>),
+    Json(arrow::json::LineDelimitedWriter<ByteSink>),
+}
+
+/// An open output file and where it goes.
+struct OpenFile {
+    writer: FileWriter,
+    local: PathBuf,
+    relative: String,
+    rows: usize,
+}
+
+/// Writes one task's batches to files (a new file per partition value, and after
+/// `max_rows_per_file` rows). Files appear at the destination only when the
+/// [`WriteJob`](super::WriteJob) commits.
+pub struct PartWriter {
+    options: WriteOptions,
+    prefix: String,
+    local_dir: PathBuf,
+    upload: Option<(Arc<dyn ObjectStore>, Path, tokio::runtime::Handle)>,
+    open: HashMap<String, OpenFile>,
+    counter: usize,
+    summary: WriteSummary,
+}
+
+impl PartWriter {
+    pub(crate) fn try_new(
+        options: WriteOptions,
+        prefix: String,
+        local_dir: PathBuf,
+        upload: Option<(Arc<dyn ObjectStore>, Path, tokio::runtime::Handle)>,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(&local_dir)
+            .with_context(|| format!("creating {}", local_dir.display()))?;
+        Ok(Self {
+            options,
+            prefix,
+            local_dir,
+            upload,
+            open: HashMap::new(),
+            counter: 0,
+            summary: WriteSummary::default(),
+        })
+    }
+
+    /// Writes a batch.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        if self.options.partition_by.is_empty() {
+            return self.write_to(String::new(), batch);
+        }
+        let schema = batch.schema();
+        let mut key_cols = Vec::new();
+        for c in &self.options.partition_by {
+            let idx = schema.index_of(c).map_err(|_| {
+                VolleyError::plan(format!(
+                    "partition column `{c}` is not in the data (columns: {})",
+                    schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            let as_str = cast(batch.column(idx), &DataType::Utf8)
+                .with_context(|| format!("partition column `{c}`"))?;
+            key_cols.push((c.clone(), as_str));
+        }
+        // Row indices per partition, in first-seen order.
+        let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for row in 0..batch.num_rows() {
+            let mut key = String::new();
+            for (name, col) in &key_cols {
+                let col = col.as_any().downcast_ref::<arrow::array::StringArray>().expect("cast to Utf8");
+                let value = if col.is_null(row) {
+                    NULL_PARTITION.to_string()
+                } else {
+                    escape_partition_value(col.value(row))
+                };
+                key.push_str(&format!("{name}={value}/"));
+            }
+            let slot = *index.entry(key.clone()).or_insert_with(|| {
+                groups.push((key, Vec::new()));
+                groups.len() - 1
+            });
+            groups[slot].1.push(row as u32);
+        }
+        let keep: Vec<usize> = (0..schema.fields().len())
+            .filter(|i| !self.options.partition_by.contains(schema.field(*i).name()))
+            .collect();
+        let data = batch.project(&keep)?;
+        for (key, rows) in groups {
+            let part = take_record_batch(&data, &UInt32Array::from(rows))?;
+            self.write_to(key, &part)?;
+        }
+        Ok(())
+    }
+
+    fn write_to(&mut self, folder: String, batch: &RecordBatch) -> Result<()> {
+        if !self.open.contains_key(&folder) {
+            let file = self.open_file(&folder, batch.schema())?;
+            self.open.insert(folder.clone(), file);
+        }
+        let file = self.open.get_mut(&folder).expect("opened above");
+        let path = file.relative.clone();
+        match &mut file.writer {
+            FileWriter::Parquet(w) => w.write(batch).with_context(|| format!("writing {path}"))?,
+            FileWriter::Csv(w) => w.write(batch).with_context(|| format!("writing {path}"))?,
+            FileWriter::Json(w) => w.write(batch).with_context(|| format!("writing {path}"))?,
+        }
+        file.rows += batch.num_rows();
+        self.summary.rows += batch.num_rows() as u64;
+        if let Some(max) = self.options.max_rows_per_file {
+            if file.rows >= max {
+                let file = self.open.remove(&folder).expect("present");
+                self.close(file)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_file(&mut self, folder: &str, schema: SchemaRef) -> Result<OpenFile> {
+        let ext = self.options.format.extension();
+        let comp_ext = match (self.options.format, self.options.compression) {
+            (WriteFormat::Parquet, _) => "",
+            (_, Compression::Gzip) => ".gz",
+            (_, Compression::Zstd) => ".zst",
+            _ => "",
+        };
+        let relative = format!("{folder}{}-{}.{ext}{comp_ext}", self.prefix, self.counter);
+        self.counter += 1;
+        let local = self.local_dir.join(&relative);
+        if let Some(dir) = local.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let file = File::create(&local).with_context(|| format!("creating {}", local.display()))?;
+        let writer = match self.options.format {
+            WriteFormat::Parquet => {
+                let codec = match self.options.compression {
+                    Compression::Default | Compression::Snappy => PqCompression::SNAPPY,
+                    Compression::None => PqCompression::UNCOMPRESSED,
+                    Compression::Gzip => PqCompression::GZIP(Default::default()),
+                    Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
+                    Compression::Lz4 => PqCompression::LZ4_RAW,
+                };
+                let props = WriterProperties::builder().set_compression(codec).build();
+                FileWriter::Parquet(ArrowWriter::try_new(file, schema, Some(props))?)
+            }
+            format => {
+                let buffered = BufWriter::with_capacity(1 << 20, file);
+                let sink = match self.options.compression {
+                    Compression::Default | Compression::None => ByteSink::Plain(buffered),
+                    Compression::Gzip => ByteSink::Gzip(flate2::write::GzEncoder::new(
+                        buffered,
+                        flate2::Compression::default(),
+                    )),
+                    Compression::Zstd => ByteSink::Zstd(zstd::Encoder::new(buffered, 3)?),
+                    other => {
+                        return Err(VolleyError::plan(format!(
+                            "{other:?} compression is for Parquet only; use gzip or zstd for {}",
+                            format.extension()
+                        )))
+                    }
+                };
+                match format {
+                    WriteFormat::Csv => FileWriter::Csv(
+                        arrow::csv::WriterBuilder::new().with_header(true).build(sink),
+                    ),
+                    _ => FileWriter::Json(arrow::json::LineDelimitedWriter::new(sink)),
+                }
+            }
+        };
+        Ok(OpenFile {
+            writer,
+            local,
+            relative,
+            rows: 0,
+        })
+    }
+
+    fn close(&mut self, file: OpenFile) -> Result<()> {
+        let OpenFile {
+            writer,
+            local,
+            relative,
+            ..
+        } = file;
+        match writer {
+            FileWriter::Parquet(w) => {
+                w.close().with_context(|| format!("finishing {relative}"))?;
+            }
+            FileWriter::Csv(w) => w.into_inner().finish().with_context(|| format!("finishing {relative}"))?,
+            FileWriter::Json(mut w) => {
+                w.finish().with_context(|| format!("finishing {relative}"))?;
+                w.into_inner().finish().with_context(|| format!("finishing {relative}"))?
+            }
+        }
+        let size = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
+        self.summary.bytes += size;
+        if let Some((store, staging, io)) = &self.upload {
+            let target = Path::from_iter(staging.parts().chain(Path::from(relative.as_str()).parts()));
+            let store = Arc::clone(store);
+            let data = std::fs::read(&local).with_context(|| format!("reading back {}", local.display()))?;
+            io.block_on(async move { store.put(&target, data.into()).await })
+                .with_context(|| format!("uploading {relative}"))?;
+            std::fs::remove_file(&local).ok();
+        }
+        self.summary.files.push(relative);
+        Ok(())
+    }
+
+    /// Closes every open file and reports what was written.
+    pub fn finish(mut self) -> Result<WriteSummary> {
+        let mut open: Vec<(String, OpenFile)> = self.open.drain().collect();
+        open.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, file) in open {
+            self.close(file)?;
+        }
+        Ok(std::mem::take(&mut self.summary))
+    }
+}
+
+/// Escapes characters that cannot stand in a folder name.
+fn escape_partition_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '/' | '\\' | '=' | '%' | ':' | '*' | '?' | '"' | '<' | '>' | '|' | '\n' => {
+                out.push_str(&format!("%{:02X}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        NULL_PARTITION.to_string()
+    } else {
+        out
+    }
+}

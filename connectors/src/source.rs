@@ -1,0 +1,81 @@
+//! The source contract.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::execution::context::SessionState;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::Expr;
+use volley_common::Result;
+
+/// What the optimizer pushed into a source.
+#[derive(Debug, Clone, Default)]
+pub struct ScanRequest {
+    /// Columns to produce, as indices into [`DataSource::schema`]; `None` is all.
+    pub projection: Option<Vec<usize>>,
+    /// Filters (conjuncts) over the source's columns. A source may use them to skip
+    /// data (row groups, partitions, rows); the executor still applies them after,
+    /// so a source never has to be exact.
+    pub filters: Vec<Expr>,
+    /// Rows needed at most (after `filters`); a source may stop early.
+    pub limit: Option<usize>,
+}
+
+/// One unit of reading: opens a stream of batches.
+#[derive(Clone)]
+pub struct ReadTask {
+    /// What it reads, for errors and logs: a file path (with a row range if split).
+    pub label: String,
+    /// Estimated bytes it will read (for scheduling and progress).
+    pub size_bytes: u64,
+    opener: Arc<dyn Fn(Arc<TaskContext>) -> Result<SendableRecordBatchStream> + Send + Sync>,
+}
+
+impl Debug for ReadTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadTask({})", self.label)
+    }
+}
+
+impl ReadTask {
+    /// A task labelled `label` that opens its stream with `opener`.
+    pub fn new(
+        label: impl Into<String>,
+        size_bytes: u64,
+        opener: impl Fn(Arc<TaskContext>) -> Result<SendableRecordBatchStream> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            label: label.into(),
+            size_bytes,
+            opener: Arc::new(opener),
+        }
+    }
+
+    /// Opens the stream. Cheap: the reading happens as the stream is polled.
+    pub fn open(&self, ctx: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+        (self.opener)(ctx)
+    }
+}
+
+/// A source of data that plans read tasks.
+///
+/// Planning may do I/O (listing, reading footers), so it is `async`; it runs on the
+/// runtime's I/O threads when an execution starts. A source that is given a
+/// projection produces exactly the projected columns, in order.
+#[async_trait::async_trait]
+pub trait DataSource: Send + Sync + Debug {
+    /// The operator name shown in plans and stats, e.g. `ReadParquet`.
+    fn name(&self) -> String;
+    /// The schema of everything the source can produce.
+    fn schema(&self) -> SchemaRef;
+    /// A short description for `explain`: paths, file count.
+    fn describe(&self) -> String;
+    /// Whether `filters` in a [`ScanRequest`] can be used at all (a source that ignores
+    /// them is still correct, but the optimizer then keeps them out).
+    fn supports_filters(&self) -> bool {
+        false
+    }
+    /// Plans the read tasks for `request`.
+    async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>>;
+}

@@ -1,0 +1,207 @@
+//! Text files (one row per line) and binary files (one row per file).
+
+use std::io::Read;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::execution::context::SessionState;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::StreamExt;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use volley_common::{Result, ResultExt, VolleyError};
+
+use crate::listing::list_files;
+use crate::source::{DataSource, ReadTask, ScanRequest};
+
+/// Files as `(store, meta)` pairs, listed at creation.
+type Files = Vec<(Arc<dyn ObjectStore>, ObjectMeta)>;
+
+async fn resolve(state: &SessionState, paths: &[String]) -> Result<Files> {
+    if paths.is_empty() {
+        return Err(VolleyError::plan("no paths given to read"));
+    }
+    let urls = paths
+        .iter()
+        .map(|p| crate::parse_path(p))
+        .collect::<Result<Vec<_>>>()?;
+    list_files(state, &urls, paths).await
+}
+
+fn project(schema: &SchemaRef, projection: &Option<Vec<usize>>) -> Result<SchemaRef> {
+    Ok(match projection {
+        Some(p) => Arc::new(schema.project(p)?),
+        None => Arc::clone(schema),
+    })
+}
+
+async fn fetch(store: &Arc<dyn ObjectStore>, meta: &ObjectMeta) -> Result<bytes::Bytes> {
+    let name = meta.location.to_string();
+    let bytes = store
+        .get(&meta.location)
+        .await
+        .with_context(|| format!("reading {name}"))?
+        .bytes()
+        .await
+        .with_context(|| format!("reading {name}"))?;
+    if name.ends_with(".gz") {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(bytes.as_ref())
+            .read_to_end(&mut out)
+            .with_context(|| format!("decompressing {name}"))?;
+        return Ok(out.into());
+    }
+    Ok(bytes)
+}
+
+/// Text files read as one row per line, in a column `text` (line ends removed; `.gz`
+/// files are decompressed).
+#[derive(Debug)]
+pub struct TextScan {
+    paths: Vec<String>,
+    files: Files,
+    batch_size: usize,
+}
+
+impl TextScan {
+    /// Lists `paths`; each task reads one file in batches of `batch_size` lines.
+    pub async fn try_new(state: &SessionState, paths: &[String], batch_size: usize) -> Result<Self> {
+        Ok(Self {
+            paths: paths.to_vec(),
+            files: resolve(state, paths).await?,
+            batch_size: batch_size.max(1),
+        })
+    }
+
+    fn full_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, false)]))
+    }
+}
+
+#[async_trait::async_trait]
+impl DataSource for TextScan {
+    fn name(&self) -> String {
+        "ReadText".into()
+    }
+    fn schema(&self) -> SchemaRef {
+        Self::full_schema()
+    }
+    fn describe(&self) -> String {
+        format!("{} ({} files)", self.paths.join(", "), self.files.len())
+    }
+    async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        let out_schema = project(&Self::full_schema(), &request.projection)?;
+        let batch_size = self.batch_size;
+        Ok(self
+            .files
+            .iter()
+            .map(|(store, meta)| {
+                let (store, meta) = (Arc::clone(store), meta.clone());
+                let schema = Arc::clone(&out_schema);
+                ReadTask::new(meta.location.to_string(), meta.size, move |_ctx| {
+                    let (store, meta, schema) = (Arc::clone(&store), meta.clone(), Arc::clone(&schema));
+                    let out = Arc::clone(&schema);
+                    let batches = futures::stream::once(async move {
+                        let bytes = fetch(&store, &meta).await?;
+                        let text = std::str::from_utf8(&bytes).map_err(|e| {
+                            VolleyError::execution(format!("{} is not UTF-8 text: {e}", meta.location))
+                        })?;
+                        let lines: Vec<&str> = text
+                            .lines()
+                            .collect();
+                        let mut batches = Vec::new();
+                        for chunk in lines.chunks(batch_size) {
+                            let col: ArrayRef = Arc::new(StringArray::from_iter_values(chunk.iter()));
+                            let cols = if schema.fields().is_empty() { vec![] } else { vec![col] };
+                            let opts = arrow::array::RecordBatchOptions::new().with_row_count(Some(chunk.len()));
+                            batches.push(RecordBatch::try_new_with_options(Arc::clone(&schema), cols, &opts)?);
+                        }
+                        Ok::<_, VolleyError>(futures::stream::iter(batches.into_iter().map(Ok)))
+                    })
+                    .map(|r| match r {
+                        Ok(s) => s.left_stream(),
+                        Err(e) => futures::stream::iter(vec![Err(e.into())]).right_stream(),
+                    })
+                    .flatten();
+                    Ok(Box::pin(RecordBatchStreamAdapter::new(out, batches)))
+                })
+            })
+            .collect())
+    }
+}
+
+/// Whole files as rows: `path` (the file's location) and `bytes` (its contents).
+#[derive(Debug)]
+pub struct BinaryScan {
+    paths: Vec<String>,
+    files: Files,
+}
+
+impl BinaryScan {
+    /// Lists `paths`; each task reads one file.
+    pub async fn try_new(state: &SessionState, paths: &[String]) -> Result<Self> {
+        Ok(Self {
+            paths: paths.to_vec(),
+            files: resolve(state, paths).await?,
+        })
+    }
+
+    fn full_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("path", DataType::Utf8, false),
+            Field::new("bytes", DataType::Binary, false),
+        ]))
+    }
+}
+
+#[async_trait::async_trait]
+impl DataSource for BinaryScan {
+    fn name(&self) -> String {
+        "ReadBinaryFiles".into()
+    }
+    fn schema(&self) -> SchemaRef {
+        Self::full_schema()
+    }
+    fn describe(&self) -> String {
+        format!("{} ({} files)", self.paths.join(", "), self.files.len())
+    }
+    async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        let projection = request.projection.clone();
+        let out_schema = project(&Self::full_schema(), &projection)?;
+        Ok(self
+            .files
+            .iter()
+            .map(|(store, meta)| {
+                let (store, meta) = (Arc::clone(store), meta.clone());
+                let schema = Arc::clone(&out_schema);
+                let projection = projection.clone();
+                ReadTask::new(meta.location.to_string(), meta.size, move |_ctx| {
+                    let (store, meta, schema, projection) =
+                        (Arc::clone(&store), meta.clone(), Arc::clone(&schema), projection.clone());
+                    let out = Arc::clone(&schema);
+                    let batch = futures::stream::once(async move {
+                        let bytes = store
+                            .get(&meta.location)
+                            .await
+                            .with_context(|| format!("reading {}", meta.location))?
+                            .bytes()
+                            .await
+                            .with_context(|| format!("reading {}", meta.location))?;
+                        let full: Vec<ArrayRef> = vec![
+                            Arc::new(StringArray::from(vec![meta.location.to_string()])),
+                            Arc::new(BinaryArray::from(vec![bytes.as_ref()])),
+                        ];
+                        let cols = match &projection {
+                            Some(p) => p.iter().map(|&i| Arc::clone(&full[i])).collect(),
+                            None => full,
+                        };
+                        let opts = arrow::array::RecordBatchOptions::new().with_row_count(Some(1));
+                        Ok(RecordBatch::try_new_with_options(schema, cols, &opts)?)
+                    })
+                    .map(|r: Result<RecordBatch>| r.map_err(Into::into));
+                    Ok(Box::pin(RecordBatchStreamAdapter::new(out, batch)))
+                })
+            })
+            .collect())
+    }
+}
