@@ -1,1 +1,29 @@
-//! volley-exec
+//! Physical operators and the streaming executor.
+//!
+//! A [`PhysicalPlan`] is a tree of operators: [`ReadExec`] (read tasks with fused
+//! steps), [`MapExec`] (a task pool over bundles of blocks), [`ActorMapExec`] (stateful
+//! workers), [`LimitExec`] and [`UnionExec`]. [`execute`] runs it with one scheduling
+//! loop over bounded, memory-budgeted queues and returns an [`ExecutionStream`] of
+//! Arrow batches.
+
+mod executor;
+mod memory_source;
+mod plan;
+mod progress;
+mod queue;
+mod stats;
+mod step;
+mod transform;
+
+pub use executor::{execute, ExecContext, ExecutionStream};
+pub use memory_source::{MemorySource, RangeSource};
+pub use plan::{ActorMapExec, LimitExec, MapExec, PhysicalPlan, ReadExec, UnionExec, WriteTarget};
+pub use stats::{ExecutionStats, OperatorStats};
+pub use step::{compile_expr, output_schema, Step, StepRunner};
+pub use transform::{
+    guard, NamedTransform, NamedTransformFactory, PredicateFn, StatefulTransform, TransformFactory,
+    TransformFn,
+};
+
+/// Re-exported for `#[typetag::serde]` on user transforms.
+pub use typetag;

@@ -1,0 +1,251 @@
+//! The physical plan: operators the streaming executor runs.
+
+use std::fmt::{self, Write as _};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+
+use volley_connectors::{DataSource, ScanRequest, WriteJob, WriteSummary};
+use volley_runtime::ResourceRequest;
+
+use crate::step::Step;
+use crate::transform::TransformFactory;
+
+/// A write that tasks feed: each task writes its own part files.
+#[derive(Debug)]
+pub struct WriteTarget {
+    pub(crate) job: Mutex<Option<WriteJob>>,
+    pub(crate) next_part: AtomicUsize,
+    pub(crate) summary: Mutex<WriteSummary>,
+}
+
+impl WriteTarget {
+    /// Wraps a prepared [`WriteJob`].
+    pub fn new(job: WriteJob) -> Arc<Self> {
+        Arc::new(Self {
+            job: Mutex::new(Some(job)),
+            next_part: AtomicUsize::new(0),
+            summary: Mutex::new(WriteSummary::default()),
+        })
+    }
+
+    /// Commits every part (after a successful execution) and returns what was written.
+    pub fn commit(&self) -> volley_common::Result<WriteSummary> {
+        if let Some(job) = self.job.lock().expect("write lock").take() {
+            job.commit()?;
+        }
+        Ok(std::mem::take(&mut *self.summary.lock().expect("write lock")))
+    }
+
+    /// Removes every staged part (after a failed execution).
+    pub fn abort(&self) {
+        if let Some(job) = self.job.lock().expect("write lock").take() {
+            job.abort();
+        }
+    }
+}
+
+/// Reads a source: one task per read task of the source, with the fused steps applied
+/// inside each task.
+#[derive(Debug)]
+pub struct ReadExec {
+    /// The source.
+    pub source: Arc<dyn DataSource>,
+    /// What was pushed into it.
+    pub request: ScanRequest,
+    /// Steps fused into the read tasks.
+    pub steps: Vec<Step>,
+    /// Resources of one task.
+    pub resources: ResourceRequest,
+    /// When set, tasks write their output here instead of passing it on.
+    pub write: Option<Arc<WriteTarget>>,
+}
+
+/// Runs steps over bundles of input blocks, as a pool of tasks.
+#[derive(Debug)]
+pub struct MapExec {
+    /// The input.
+    pub input: Box<PhysicalPlan>,
+    /// The steps.
+    pub steps: Vec<Step>,
+    /// Resources of one task.
+    pub resources: ResourceRequest,
+    /// Tasks at once at most.
+    pub concurrency: Option<usize>,
+    /// Rows gathered into one task at least (the last task may get fewer).
+    pub bundle_rows: usize,
+    /// When set, tasks write their output here.
+    pub write: Option<Arc<WriteTarget>>,
+}
+
+/// Runs a stateful transform on a pool of long-lived workers (actors), each built once.
+#[derive(Debug)]
+pub struct ActorMapExec {
+    /// The input.
+    pub input: Box<PhysicalPlan>,
+    /// Builds each worker's transform.
+    pub factory: TransformFactory,
+    /// Number of workers.
+    pub concurrency: usize,
+    /// Resources each worker holds for its lifetime.
+    pub resources: ResourceRequest,
+    /// Rows per call; `None` passes blocks as they come.
+    pub batch_size: Option<usize>,
+}
+
+/// Passes the first `n` rows and stops everything upstream.
+#[derive(Debug)]
+pub struct LimitExec {
+    /// The input.
+    pub input: Box<PhysicalPlan>,
+    /// Rows to pass.
+    pub n: usize,
+}
+
+/// The blocks of all inputs.
+#[derive(Debug)]
+pub struct UnionExec {
+    /// The inputs.
+    pub inputs: Vec<PhysicalPlan>,
+}
+
+/// A physical operator tree.
+#[derive(Debug)]
+pub enum PhysicalPlan {
+    /// See [`ReadExec`].
+    Read(ReadExec),
+    /// See [`MapExec`].
+    Map(MapExec),
+    /// See [`ActorMapExec`].
+    ActorMap(ActorMapExec),
+    /// See [`LimitExec`].
+    Limit(LimitExec),
+    /// See [`UnionExec`].
+    Union(UnionExec),
+}
+
+impl PhysicalPlan {
+    /// The operator's name in stats and progress.
+    pub fn name(&self) -> String {
+        match self {
+            PhysicalPlan::Read(r) => {
+                let mut name = r.source.name();
+                for s in &r.steps {
+                    name.push_str("->");
+                    name.push_str(step_name(s));
+                }
+                if r.write.is_some() {
+                    name.push_str("->Write");
+                }
+                name
+            }
+            PhysicalPlan::Map(m) => {
+                let mut names: Vec<&str> = m.steps.iter().map(step_name).collect();
+                if m.write.is_some() {
+                    names.push("Write");
+                }
+                if names.is_empty() {
+                    "Map".into()
+                } else {
+                    names.join("->")
+                }
+            }
+            PhysicalPlan::ActorMap(a) => format!("MapBatches({})", a.factory.name()),
+            PhysicalPlan::Limit(l) => format!("Limit[{}]", l.n),
+            PhysicalPlan::Union(_) => "Union".into(),
+        }
+    }
+
+    /// Children.
+    pub fn children(&self) -> Vec<&PhysicalPlan> {
+        match self {
+            PhysicalPlan::Read(_) => vec![],
+            PhysicalPlan::Map(m) => vec![&m.input],
+            PhysicalPlan::ActorMap(a) => vec![&a.input],
+            PhysicalPlan::Limit(l) => vec![&l.input],
+            PhysicalPlan::Union(u) => u.inputs.iter().collect(),
+        }
+    }
+
+    fn fmt_indent(&self, f: &mut String, indent: usize) {
+        let pad = "  ".repeat(indent);
+        let _ = match self {
+            PhysicalPlan::Read(r) => {
+                let mut pushed = Vec::new();
+                if let Some(p) = &r.request.projection {
+                    let schema = r.source.schema();
+                    let cols: Vec<&str> = p.iter().map(|&i| schema.field(i).name().as_str()).collect();
+                    pushed.push(format!("projection=[{}]", cols.join(", ")));
+                }
+                if !r.request.filters.is_empty() {
+                    let fs: Vec<String> = r.request.filters.iter().map(|e| e.to_string()).collect();
+                    pushed.push(format!("filters=[{}]", fs.join(", ")));
+                }
+                if let Some(l) = r.request.limit {
+                    pushed.push(format!("limit={l}"));
+                }
+                writeln!(
+                    f,
+                    "{pad}{}: {} {}  (cpus/task={})",
+                    r.source.name(),
+                    r.source.describe(),
+                    pushed.join(" "),
+                    r.resources.num_cpus
+                )
+                .and_then(|_| {
+                    for s in &r.steps {
+                        writeln!(f, "{pad}  fused: {s:?}")?;
+                    }
+                    if r.write.is_some() {
+                        writeln!(f, "{pad}  fused: Write")?;
+                    }
+                    Ok(())
+                })
+            }
+            PhysicalPlan::Map(m) => writeln!(
+                f,
+                "{pad}Map: tasks of >= {} rows, concurrency={}  (cpus/task={})",
+                m.bundle_rows,
+                m.concurrency.map(|c| c.to_string()).unwrap_or_else(|| "auto".into()),
+                m.resources.num_cpus
+            )
+            .and_then(|_| {
+                for s in &m.steps {
+                    writeln!(f, "{pad}  fused: {s:?}")?;
+                }
+                if m.write.is_some() {
+                    writeln!(f, "{pad}  fused: Write")?;
+                }
+                Ok(())
+            }),
+            PhysicalPlan::ActorMap(a) => writeln!(
+                f,
+                "{pad}ActorPoolMap: {} on {} workers{}  (cpus/worker={})",
+                a.factory.name(),
+                a.concurrency,
+                a.batch_size.map(|b| format!(", batch_size={b}")).unwrap_or_default(),
+                a.resources.num_cpus
+            ),
+            PhysicalPlan::Limit(l) => writeln!(f, "{pad}Limit: {}", l.n),
+            PhysicalPlan::Union(u) => writeln!(f, "{pad}Union: {} inputs", u.inputs.len()),
+        };
+        for c in self.children() {
+            c.fmt_indent(f, indent + 1);
+        }
+    }
+}
+
+fn step_name(s: &Step) -> &'static str {
+    match s {
+        Step::Project { .. } => "Project",
+        Step::Filter { .. } | Step::FilterFn(_) => "Filter",
+        Step::Map { .. } => "MapBatches",
+    }
+}
+
+impl fmt::Display for PhysicalPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::new();
+        self.fmt_indent(&mut s, 0);
+        f.write_str(s.trim_end())
+    }
+}

@@ -1,0 +1,322 @@
+//! Bounded block queues between operators, counted against the memory budget.
+//!
+//! A producer's `push` waits while the execution's [`MemoryBudget`] is full, except
+//! for the block that the consumer needs next (the queue is empty, or in ordered mode
+//! the block belongs to the sequence at the head). That exception is what makes the
+//! budget deadlock-free: the consumer can always make progress, and the budget is
+//! exceeded by at most one block per queue.
+//!
+//! In ordered mode every producer task has a *sequence number*, registered in
+//! dispatch order; `pop` returns the blocks of the oldest unfinished sequence first, so
+//! the output follows the input's order however the tasks finish.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use volley_common::{Result, VolleyError};
+use volley_runtime::{MemoryBudget, MemoryReservation};
+
+/// Wakes whoever waits on an execution: pushers, poppers, the scheduling loop.
+#[derive(Debug, Default)]
+pub struct Signal {
+    generation: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Signal {
+    /// Wakes all waiters.
+    pub fn notify(&self) {
+        *self.generation.lock().expect("signal lock") += 1;
+        self.cv.notify_all();
+    }
+
+    /// The current generation; pass it to [`wait_since`](Self::wait_since).
+    pub fn generation(&self) -> u64 {
+        *self.generation.lock().expect("signal lock")
+    }
+
+    /// Waits until notified after `generation`, or `timeout`.
+    pub fn wait_since(&self, generation: u64, timeout: Duration) {
+        let g = self.generation.lock().expect("signal lock");
+        if *g != generation {
+            return;
+        }
+        let _unused = self.cv.wait_timeout(g, timeout);
+    }
+}
+
+struct Block {
+    batch: RecordBatch,
+    _reservation: MemoryReservation,
+}
+
+#[derive(Default)]
+struct SeqSlot {
+    blocks: VecDeque<Block>,
+    finished: bool,
+}
+
+struct State {
+    /// Unordered mode: blocks in arrival order.
+    fifo: VecDeque<Block>,
+    /// Ordered mode: blocks per sequence.
+    seqs: BTreeMap<u64, SeqSlot>,
+    bytes: u64,
+    peak_bytes: u64,
+    producers: usize,
+    closed_producers: usize,
+    error: Option<String>,
+}
+
+/// A queue of blocks between two operators.
+pub struct BlockQueue {
+    ordered: bool,
+    budget: Arc<MemoryBudget>,
+    signal: Arc<Signal>,
+    cancelled: AtomicBool,
+    state: Mutex<State>,
+}
+
+/// What [`BlockQueue::try_pop`] found.
+pub enum Popped {
+    /// A block.
+    Batch(RecordBatch),
+    /// Nothing now; more may come.
+    Empty,
+    /// Every producer is done and the queue is drained.
+    Done,
+}
+
+impl BlockQueue {
+    /// A queue fed by `producers` producers (each calls [`close`](Self::close) once).
+    pub fn new(
+        ordered: bool,
+        producers: usize,
+        budget: Arc<MemoryBudget>,
+        signal: Arc<Signal>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            ordered,
+            budget,
+            signal,
+            cancelled: AtomicBool::new(false),
+            state: Mutex::new(State {
+                fifo: VecDeque::new(),
+                seqs: BTreeMap::new(),
+                bytes: 0,
+                peak_bytes: 0,
+                producers,
+                closed_producers: 0,
+                error: None,
+            }),
+        })
+    }
+
+    /// Registers a sequence number (ordered mode), in dispatch order.
+    pub fn register(&self, seq: u64) {
+        if self.ordered {
+            self.state.lock().expect("queue lock").seqs.entry(seq).or_default();
+        }
+    }
+
+    /// Marks a sequence as complete (ordered mode).
+    pub fn finish_seq(&self, seq: u64) {
+        if self.ordered {
+            if let Some(slot) = self.state.lock().expect("queue lock").seqs.get_mut(&seq) {
+                slot.finished = true;
+            }
+            self.signal.notify();
+        }
+    }
+
+    /// Adds a block, waiting while the memory budget is full (see the module docs).
+    /// Fails with [`VolleyError::Cancelled`] once the execution is cancelled.
+    pub fn push(&self, seq: u64, batch: RecordBatch) -> Result<()> {
+        let bytes = batch.get_array_memory_size() as u64;
+        loop {
+            if self.cancelled.load(Ordering::Acquire) {
+                return Err(VolleyError::Cancelled);
+            }
+            let generation = self.signal.generation();
+            {
+                let mut s = self.state.lock().expect("queue lock");
+                let at_head = if self.ordered {
+                    s.seqs.keys().next() == Some(&seq)
+                        && s.seqs.get(&seq).map(|x| x.blocks.is_empty()).unwrap_or(true)
+                } else {
+                    s.fifo.is_empty()
+                };
+                let reservation = if at_head {
+                    Some(self.budget.reserve(bytes))
+                } else {
+                    self.budget.try_reserve(bytes)
+                };
+                if let Some(reservation) = reservation {
+                    let block = Block {
+                        batch,
+                        _reservation: reservation,
+                    };
+                    if self.ordered {
+                        s.seqs.entry(seq).or_default().blocks.push_back(block);
+                    } else {
+                        s.fifo.push_back(block);
+                    }
+                    s.bytes += bytes;
+                    s.peak_bytes = s.peak_bytes.max(s.bytes);
+                    drop(s);
+                    self.signal.notify();
+                    return Ok(());
+                }
+            }
+            self.signal.wait_since(generation, Duration::from_millis(50));
+        }
+    }
+
+    /// One producer is done.
+    pub fn close(&self) {
+        self.state.lock().expect("queue lock").closed_producers += 1;
+        self.signal.notify();
+    }
+
+    /// Takes the next block if there is one, without waiting.
+    pub fn try_pop(&self) -> Result<Popped> {
+        let mut s = self.state.lock().expect("queue lock");
+        if let Some(e) = &s.error {
+            return Err(VolleyError::execution(e.clone()));
+        }
+        let block = if self.ordered {
+            loop {
+                let Some((&seq, slot)) = s.seqs.iter_mut().next() else {
+                    break None;
+                };
+                if let Some(b) = slot.blocks.pop_front() {
+                    break Some(b);
+                }
+                if slot.finished {
+                    s.seqs.remove(&seq);
+                    continue;
+                }
+                break None;
+            }
+        } else {
+            s.fifo.pop_front()
+        };
+        match block {
+            Some(b) => {
+                s.bytes -= b.batch.get_array_memory_size() as u64;
+                drop(s);
+                let batch = b.batch;
+                // The reservation is dropped here: the block is no longer buffered.
+                self.signal.notify();
+                Ok(Popped::Batch(batch))
+            }
+            None => {
+                let drained = s.fifo.is_empty() && s.seqs.values().all(|x| x.blocks.is_empty());
+                if s.closed_producers >= s.producers && drained {
+                    Ok(Popped::Done)
+                } else {
+                    Ok(Popped::Empty)
+                }
+            }
+        }
+    }
+
+    /// Takes the next block, waiting for one; `None` when every producer is done.
+    pub fn pop(&self) -> Result<Option<RecordBatch>> {
+        loop {
+            if self.cancelled.load(Ordering::Acquire) {
+                return Err(VolleyError::Cancelled);
+            }
+            let generation = self.signal.generation();
+            match self.try_pop()? {
+                Popped::Batch(b) => return Ok(Some(b)),
+                Popped::Done => return Ok(None),
+                Popped::Empty => self.signal.wait_since(generation, Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Tells producers that nothing more is wanted: their pushes fail with
+    /// [`VolleyError::Cancelled`], and the buffered blocks are dropped.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        let mut s = self.state.lock().expect("queue lock");
+        s.fifo.clear();
+        s.seqs.clear();
+        s.bytes = 0;
+        drop(s);
+        self.signal.notify();
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Bytes buffered now.
+    pub fn bytes(&self) -> u64 {
+        self.state.lock().expect("queue lock").bytes
+    }
+
+    /// The most bytes ever buffered.
+    pub fn peak_bytes(&self) -> u64 {
+        self.state.lock().expect("queue lock").peak_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int32Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(v: i32) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(vec![v; 100]))]).unwrap()
+    }
+
+    fn queue(ordered: bool, limit: u64) -> Arc<BlockQueue> {
+        BlockQueue::new(
+            ordered,
+            1,
+            MemoryBudget::new(limit),
+            Arc::new(Signal::default()),
+        )
+    }
+
+    fn first(b: &RecordBatch) -> i32 {
+        b.column(0).as_any().downcast_ref::<Int32Array>().unwrap().value(0)
+    }
+
+    #[test]
+    fn ordered_delivers_in_sequence_order() {
+        let q = queue(true, u64::MAX);
+        q.register(0);
+        q.register(1);
+        q.push(1, batch(1)).unwrap();
+        q.finish_seq(1);
+        assert!(matches!(q.try_pop().unwrap(), Popped::Empty));
+        q.push(0, batch(0)).unwrap();
+        q.finish_seq(0);
+        q.close();
+        assert_eq!(first(&q.pop().unwrap().unwrap()), 0);
+        assert_eq!(first(&q.pop().unwrap().unwrap()), 1);
+        assert!(q.pop().unwrap().is_none());
+    }
+
+    #[test]
+    fn full_budget_admits_only_the_head_block() {
+        let q = queue(false, 1);
+        q.push(0, batch(0)).unwrap(); // empty queue: admitted past the budget
+        let q2 = Arc::clone(&q);
+        let pusher = std::thread::spawn(move || q2.push(0, batch(1)));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!pusher.is_finished(), "second block must wait for room");
+        assert_eq!(first(&q.pop().unwrap().unwrap()), 0);
+        pusher.join().unwrap().unwrap();
+        assert_eq!(first(&q.pop().unwrap().unwrap()), 1);
+    }
+}
