@@ -1,1 +1,95 @@
-//! volley
+//! volley: a dataflow and batch-processing engine for AI workloads, on Apache Arrow.
+//!
+//! ```no_run
+//! use volley::prelude::*;
+//!
+//! # fn main() -> volley::Result<()> {
+//! let ds = volley::read_parquet("data/events/")?
+//!     .filter(col("score").gt(lit(0.5)))?
+//!     .with_column("double", col("score") * lit(2.0))?;
+//! ds.write_parquet("out/")?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Everything is lazy until consumed; see [`Dataset`]. The free functions use the
+//! process-wide [`Context`] (configured from `VOLLEY_*` environment variables); make
+//! your own with [`Context::try_new`] for other settings.
+
+pub use volley_common::{Result, VolleyConfig, VolleyError};
+pub use volley_dataset::{
+    col, lit, Compression, Context, CsvReadOptions, Dataset, ExecutionStats, Expr, IterOptions, MapOptions,
+    NamedTransform, NamedTransformFactory, OperatorStats, Paths, StatefulTransform, TransformFactory, TransformFn,
+    WriteBuilder, WriteMode, WriteSummary,
+};
+
+/// Arrow, as volley uses it.
+pub use arrow;
+/// DataFusion, as volley uses it (expressions, SQL functions).
+pub use datafusion;
+/// For `#[typetag::serde]` on named transforms.
+pub use typetag;
+
+/// The crates volley is made of.
+pub mod crates {
+    pub use volley_common as common;
+    pub use volley_connectors as connectors;
+    pub use volley_dataset as dataset;
+    pub use volley_exec as exec;
+    pub use volley_runtime as runtime;
+}
+
+/// What most programs need: `use volley::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        col, from_batches, lit, range, read_binary_files, read_csv, read_ipc, read_json, read_parquet, read_text,
+        Context, Dataset, Expr, IterOptions, MapOptions, NamedTransform, Result, StatefulTransform, TransformFn,
+        VolleyError, WriteMode,
+    };
+    pub use arrow::array::RecordBatch;
+}
+
+/// The process-wide context (joins nothing: this build runs locally).
+pub fn init() -> Context {
+    Context::global()
+}
+
+/// Parquet files: a file, folder, glob or list; local or object-store URLs.
+pub fn read_parquet(paths: impl Into<Paths>) -> Result<Dataset> {
+    Context::global().read_parquet(paths)
+}
+
+/// CSV files with a header line.
+pub fn read_csv(paths: impl Into<Paths>) -> Result<Dataset> {
+    Context::global().read_csv(paths)
+}
+
+/// Newline-delimited JSON files.
+pub fn read_json(paths: impl Into<Paths>) -> Result<Dataset> {
+    Context::global().read_json(paths)
+}
+
+/// Arrow IPC files.
+pub fn read_ipc(paths: impl Into<Paths>) -> Result<Dataset> {
+    Context::global().read_ipc(paths)
+}
+
+/// Text files, one row per line (column `text`).
+pub fn read_text(paths: impl Into<Paths>) -> Result<Dataset> {
+    Context::global().read_text(paths)
+}
+
+/// Whole files as rows (`path`, `bytes`).
+pub fn read_binary_files(paths: impl Into<Paths>) -> Result<Dataset> {
+    Context::global().read_binary_files(paths)
+}
+
+/// Batches in memory.
+pub fn from_batches(batches: Vec<arrow::array::RecordBatch>) -> Result<Dataset> {
+    Context::global().from_batches(batches)
+}
+
+/// The integers `0..n` in a column `id`.
+pub fn range(n: u64) -> Dataset {
+    Context::global().range(n)
+}

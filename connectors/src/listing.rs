@@ -10,7 +10,7 @@ use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanC
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::context::SessionState;
 use datafusion::physical_plan::ExecutionPlan;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::ObjectMeta;
 use volley_common::{Result, ResultExt, VolleyError};
 
@@ -196,17 +196,22 @@ async fn infer_schema(
         )));
     }
     // Every file's own schema, concurrently, each error naming its file.
-    let schemas: Vec<(String, SchemaRef)> = futures::stream::iter(readable.iter().map(|(store, meta)| async move {
-        let name = meta.location.to_string();
-        let schema = df_format
-            .infer_schema(state, store, std::slice::from_ref(meta))
-            .await
-            .with_context(|| format!("reading the schema of {name}"))?;
-        Ok::<_, VolleyError>((name, schema))
-    }))
-    .buffered(16)
-    .try_collect()
-    .await?;
+    let futs: Vec<futures::future::BoxFuture<'_, Result<(String, SchemaRef)>>> = readable
+        .iter()
+        .map(|(store, meta)| {
+            let (store, meta, df_format) = (Arc::clone(store), meta.clone(), Arc::clone(df_format));
+            async move {
+                let name = meta.location.to_string();
+                let schema = df_format
+                    .infer_schema(state, &store, std::slice::from_ref(&meta))
+                    .await
+                    .with_context(|| format!("reading the schema of {name}"))?;
+                Ok::<_, VolleyError>((name, schema))
+            }
+            .boxed()
+        })
+        .collect();
+    let schemas: Vec<(String, SchemaRef)> = futures::stream::iter(futs).buffered(16).try_collect().await?;
     if schemas.len() == 1 {
         return Ok(Arc::clone(&schemas[0].1));
     }

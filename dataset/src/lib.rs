@@ -1,1 +1,39 @@
-//! volley-dataset
+//! The lazy [`Dataset`] API.
+//!
+//! A [`Dataset`] is a logical plan ([`LogicalOp`]) and the [`Context`] it will run in.
+//! Building one reads at most metadata (file listings and schemas); nothing runs until
+//! it is consumed (`iter_batches`, `collect`, `count`, `write_parquet`...). Then the
+//! optimizer pushes projections, filters and limits into the sources, the planner fuses
+//! neighbouring row-local steps into one task, and the streaming executor runs it.
+//!
+//! ```
+//! use volley_dataset::{Context, col, lit};
+//! let ctx = Context::try_default().unwrap();
+//! let ds = ctx.range(1000).filter(col("id").lt(lit(10i64))).unwrap();
+//! assert_eq!(ds.count().unwrap(), 10);
+//! ```
+
+mod context;
+mod dataset;
+mod logical;
+mod optimizer;
+mod planner;
+mod sql;
+
+pub use context::{Context, Paths};
+pub use dataset::{Dataset, IterOptions, MapOptions, WriteBuilder};
+pub use logical::LogicalOp;
+pub use sql::DatasetTable;
+
+pub use datafusion::prelude::{lit, Expr};
+pub use volley_connectors::{Compression, CsvReadOptions, WriteMode, WriteSummary};
+pub use volley_exec::{
+    ExecutionStats, NamedTransform, NamedTransformFactory, OperatorStats, StatefulTransform,
+    TransformFactory, TransformFn,
+};
+
+/// A column by name. Unlike DataFusion's `col`, a dot is part of the name, not a
+/// table qualifier.
+pub fn col(name: impl Into<String>) -> Expr {
+    Expr::Column(datafusion::common::Column::new_unqualified(name))
+}

@@ -19,7 +19,7 @@ pub use executor::{execute, ExecContext, ExecutionStream};
 pub use memory_source::{MemorySource, RangeSource};
 pub use plan::{ActorMapExec, LimitExec, MapExec, PhysicalPlan, ReadExec, UnionExec, WriteTarget};
 pub use stats::{ExecutionStats, OperatorStats};
-pub use step::{compile_expr, output_schema, Step, StepRunner};
+pub use step::{compile_expr, output_schema, LazyStep, Step, StepRunner};
 pub use transform::{
     guard, NamedTransform, NamedTransformFactory, PredicateFn, StatefulTransform, TransformFactory,
     TransformFn,

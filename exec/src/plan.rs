@@ -238,6 +238,7 @@ fn step_name(s: &Step) -> &'static str {
     match s {
         Step::Project { .. } => "Project",
         Step::Filter { .. } | Step::FilterFn(_) => "Filter",
+        Step::Lazy(_) => "Project",
         Step::Map { .. } => "MapBatches",
     }
 }

@@ -47,6 +47,9 @@ pub enum Step {
     },
     /// Keeps the rows where a Rust predicate is true.
     FilterFn(PredicateFn),
+    /// A step that can only be built once the input schema is seen (it follows a user
+    /// transform whose output schema is unknown until it runs).
+    Lazy(Arc<LazyStep>),
     /// A user transform, fed batches of `batch_size` rows when set.
     Map {
         /// The transform.
@@ -76,6 +79,7 @@ impl fmt::Debug for Step {
             }
             Step::Filter { display, .. } => write!(f, "Filter {display}"),
             Step::FilterFn(p) => write!(f, "Filter fn {}", p.name()),
+            Step::Lazy(l) => write!(f, "{} (resolved at run time)", l.display),
             Step::Map { f: t, batch_size } => match batch_size {
                 Some(n) => write!(f, "MapBatches {} (batch_size={n})", t.name()),
                 None => write!(f, "MapBatches {}", t.name()),
@@ -118,6 +122,41 @@ impl Step {
             predicate,
             display: expr.to_string(),
         })
+    }
+}
+
+type Resolver = Box<dyn Fn(&SchemaRef) -> Result<Step> + Send + Sync>;
+
+/// A step built from the first batch's schema, then reused while the schema stays.
+pub struct LazyStep {
+    display: String,
+    resolve: Resolver,
+    cache: std::sync::Mutex<Option<(SchemaRef, Step)>>,
+}
+
+impl LazyStep {
+    /// A step that `resolve` builds for a given input schema.
+    pub fn new(
+        display: impl Into<String>,
+        resolve: impl Fn(&SchemaRef) -> Result<Step> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            display: display.into(),
+            resolve: Box::new(resolve),
+            cache: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn get(&self, schema: &SchemaRef) -> Result<Step> {
+        let mut cache = self.cache.lock().expect("lazy step lock");
+        if let Some((s, step)) = cache.as_ref() {
+            if s == schema {
+                return Ok(step.clone());
+            }
+        }
+        let step = (self.resolve)(schema)?;
+        *cache = Some((Arc::clone(schema), step.clone()));
+        Ok(step)
     }
 }
 
@@ -203,7 +242,17 @@ impl StepRunner {
 
     /// Applies step `i`; `None` when nothing is left (all rows filtered out).
     fn apply(&self, i: usize, batch: RecordBatch) -> Result<Option<RecordBatch>> {
-        let out = match &self.steps[i] {
+        apply_step(&self.steps[i], batch)
+    }
+}
+
+fn apply_step(step: &Step, batch: RecordBatch) -> Result<Option<RecordBatch>> {
+    {
+        let out = match step {
+            Step::Lazy(l) => {
+                let resolved = l.get(&batch.schema())?;
+                return apply_step(&resolved, batch);
+            }
             Step::Project { exprs, schema } => {
                 let cols = exprs
                     .iter()
@@ -233,7 +282,7 @@ impl StepRunner {
             }
             Step::Map { f, .. } => f.call(batch)?,
         };
-        Ok((out.num_rows() > 0 || matches!(self.steps[i], Step::Map { .. })).then_some(out).filter(|b| b.num_rows() > 0))
+        Ok(Some(out).filter(|b| b.num_rows() > 0))
     }
 }
 
@@ -258,7 +307,7 @@ pub fn output_schema(input: &SchemaRef, steps: &[Step]) -> Option<SchemaRef> {
         match s {
             Step::Project { schema: out, .. } => schema = Arc::clone(out),
             Step::Filter { .. } | Step::FilterFn(_) => {}
-            Step::Map { .. } => return None,
+            Step::Map { .. } | Step::Lazy(_) => return None,
         }
     }
     Some(schema)

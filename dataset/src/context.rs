@@ -1,0 +1,238 @@
+//! The context a dataset runs in.
+
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::RecordBatch;
+use datafusion::execution::context::SessionState;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::prelude::SessionConfig;
+use volley_common::{Result, VolleyConfig};
+use volley_connectors::{BinaryScan, CsvReadOptions, DataSource, FileFormatKind, FileScan, TextScan, VolleyObjectStoreRegistry};
+use volley_exec::{ExecContext, MemorySource, RangeSource};
+use volley_runtime::{LocalRuntime, Runtime};
+
+use crate::dataset::Dataset;
+use crate::logical::LogicalOp;
+
+/// One path or several: `"data/"`, `"data/*.parquet"`, `vec!["a.csv", "b.csv"]`.
+#[derive(Debug, Clone)]
+pub struct Paths(pub Vec<String>);
+
+impl From<&str> for Paths {
+    fn from(p: &str) -> Self {
+        Paths(vec![p.to_string()])
+    }
+}
+impl From<String> for Paths {
+    fn from(p: String) -> Self {
+        Paths(vec![p])
+    }
+}
+impl From<&String> for Paths {
+    fn from(p: &String) -> Self {
+        Paths(vec![p.clone()])
+    }
+}
+impl From<&std::path::Path> for Paths {
+    fn from(p: &std::path::Path) -> Self {
+        Paths(vec![p.to_string_lossy().to_string()])
+    }
+}
+impl From<std::path::PathBuf> for Paths {
+    fn from(p: std::path::PathBuf) -> Self {
+        Paths(vec![p.to_string_lossy().to_string()])
+    }
+}
+impl<S: AsRef<str>> From<Vec<S>> for Paths {
+    fn from(p: Vec<S>) -> Self {
+        Paths(p.iter().map(|s| s.as_ref().to_string()).collect())
+    }
+}
+impl<S: AsRef<str>, const N: usize> From<[S; N]> for Paths {
+    fn from(p: [S; N]) -> Self {
+        Paths(p.iter().map(|s| s.as_ref().to_string()).collect())
+    }
+}
+
+/// The options, runtime and DataFusion session that datasets run with. Cheap to clone.
+///
+/// [`Context::global`] is the one the free functions (`volley::read_parquet`) use,
+/// configured from `VOLLEY_*` environment variables.
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub(crate) exec: ExecContext,
+}
+
+static GLOBAL: OnceLock<Context> = OnceLock::new();
+
+impl Context {
+    /// A context with `config` on a local runtime.
+    pub fn try_new(config: VolleyConfig) -> Result<Self> {
+        let runtime = LocalRuntime::try_new(&config.runtime)?;
+        Self::with_runtime(config, runtime)
+    }
+
+    /// A context with the default configuration, overridden by `VOLLEY_*` variables.
+    pub fn try_default() -> Result<Self> {
+        Self::try_new(VolleyConfig::from_env()?)
+    }
+
+    /// The process-wide context (made on first use from the environment).
+    ///
+    /// # Panics
+    /// If the `VOLLEY_*` environment variables hold an invalid value; use
+    /// [`Context::try_default`] to get that as an error.
+    pub fn global() -> Context {
+        GLOBAL
+            .get_or_init(|| match Context::try_default() {
+                Ok(c) => c,
+                Err(e) => panic!("volley: {e}"),
+            })
+            .clone()
+    }
+
+    /// A context with `config` on `runtime`.
+    pub fn with_runtime(config: VolleyConfig, runtime: Arc<dyn Runtime>) -> Result<Self> {
+        let cpus = runtime.total().num_cpus.ceil().max(1.0) as usize;
+        let limit = config
+            .exec
+            .memory_limit
+            .unwrap_or_else(|| runtime.total().memory / 4)
+            .max(1);
+        let mut env = RuntimeEnvBuilder::new()
+            .with_object_store_registry(Arc::new(VolleyObjectStoreRegistry::new()))
+            .with_memory_pool(Arc::new(FairSpillPool::new(limit as usize)));
+        if let Some(dir) = &config.exec.spill_dir {
+            env = env.with_temp_file_path(dir);
+        }
+        let env = env.build_arc()?;
+        let mut session = SessionConfig::new()
+            .with_target_partitions(cpus)
+            .with_batch_size(config.exec.batch_size)
+            .with_information_schema(true);
+        {
+            let opts = session.options_mut();
+            opts.execution.parquet.pushdown_filters = config.read.pushdown_filters;
+            opts.execution.parquet.reorder_filters = true;
+            // Volley gives every read task its own file split (so errors name the
+            // file and ordered reads keep file order) and balances tasks itself.
+            opts.execution.enable_file_stream_work_stealing = false;
+        }
+        let state = SessionStateBuilder::new()
+            .with_config(session)
+            .with_runtime_env(env)
+            .with_default_features()
+            .build();
+        Ok(Self {
+            exec: ExecContext {
+                config: Arc::new(config),
+                runtime,
+                session: state,
+            },
+        })
+    }
+
+    /// The options.
+    pub fn config(&self) -> &VolleyConfig {
+        &self.exec.config
+    }
+
+    /// DataFusion's session state (object stores, functions).
+    pub fn session_state(&self) -> &SessionState {
+        &self.exec.session
+    }
+
+    /// The runtime tasks run on.
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.exec.runtime
+    }
+
+    /// The execution context for the executor.
+    pub fn exec_context(&self) -> &ExecContext {
+        &self.exec
+    }
+
+    pub(crate) fn source(&self, source: Arc<dyn DataSource>) -> Dataset {
+        Dataset::new(self.clone(), LogicalOp::source(source))
+    }
+
+    fn files(&self, format: FileFormatKind, paths: Paths) -> Result<Dataset> {
+        let state = &self.exec.session;
+        let split = self.exec.config.read.split_bytes;
+        let scan = self.exec.block_on(FileScan::try_new(state, format, &paths.0, split))?;
+        Ok(self.source(Arc::new(scan)))
+    }
+
+    /// Parquet files. Lists the files and reads their footers now; reads data only when
+    /// the dataset is consumed.
+    pub fn read_parquet(&self, paths: impl Into<Paths>) -> Result<Dataset> {
+        self.files(FileFormatKind::Parquet, paths.into())
+    }
+
+    /// CSV files with a header line, types inferred.
+    pub fn read_csv(&self, paths: impl Into<Paths>) -> Result<Dataset> {
+        self.read_csv_with(paths, CsvReadOptions::default())
+    }
+
+    /// CSV files with options.
+    pub fn read_csv_with(&self, paths: impl Into<Paths>, options: CsvReadOptions) -> Result<Dataset> {
+        self.files(FileFormatKind::Csv(options), paths.into())
+    }
+
+    /// Newline-delimited JSON files.
+    pub fn read_json(&self, paths: impl Into<Paths>) -> Result<Dataset> {
+        self.files(FileFormatKind::Json, paths.into())
+    }
+
+    /// Arrow IPC files.
+    pub fn read_ipc(&self, paths: impl Into<Paths>) -> Result<Dataset> {
+        self.files(FileFormatKind::Ipc, paths.into())
+    }
+
+    /// Text files, one row per line in a column `text`.
+    pub fn read_text(&self, paths: impl Into<Paths>) -> Result<Dataset> {
+        let paths = paths.into();
+        let scan = self.exec.block_on(TextScan::try_new(
+            &self.exec.session,
+            &paths.0,
+            self.exec.config.exec.batch_size,
+        ))?;
+        Ok(self.source(Arc::new(scan)))
+    }
+
+    /// Whole files as rows of `path` and `bytes`.
+    pub fn read_binary_files(&self, paths: impl Into<Paths>) -> Result<Dataset> {
+        let paths = paths.into();
+        let scan = self.exec.block_on(BinaryScan::try_new(&self.exec.session, &paths.0))?;
+        Ok(self.source(Arc::new(scan)))
+    }
+
+    /// Batches already in memory (they must share one schema).
+    pub fn from_batches(&self, batches: Vec<RecordBatch>) -> Result<Dataset> {
+        Ok(self.source(Arc::new(MemorySource::try_new(batches)?)))
+    }
+
+    /// The integers `0..n` in an Int64 column `id`.
+    pub fn range(&self, n: u64) -> Dataset {
+        let cpus = self.exec.runtime.total().num_cpus.ceil().max(1.0) as u64;
+        let per_task = 1_000_000u64;
+        let tasks = n.div_ceil(per_task).clamp(1, cpus * 4) as usize;
+        self.source(Arc::new(RangeSource::new(n, tasks, self.exec.config.exec.batch_size)))
+    }
+
+    /// Runs SQL over files and datasets: `tables` become named tables; paths in quotes
+    /// (`FROM 'data/*.parquet'`) are read directly. Several `;`-separated statements
+    /// may be given (`CREATE EXTERNAL TABLE`, `SET`); the last one is the result.
+    pub fn sql(&self, query: &str, tables: &[(&str, &Dataset)]) -> Result<Dataset> {
+        crate::sql::plan_sql(self, query, tables, &[])
+    }
+
+    /// Runs SQL with files registered as tables: `[("lineitem", "data/lineitem/")]`
+    /// (Parquet unless the path says `.csv`, `.json`, `.arrow`). DataFusion scans them
+    /// directly.
+    pub fn sql_with_files(&self, query: &str, files: &[(&str, &str)]) -> Result<Dataset> {
+        crate::sql::plan_sql(self, query, &[], files)
+    }
+}

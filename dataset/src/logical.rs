@@ -1,0 +1,316 @@
+//! The logical plan of a dataset.
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::Expr;
+use volley_common::{Result, VolleyError};
+use volley_connectors::{DataSource, ScanRequest};
+use volley_exec::{PredicateFn, Step, TransformFactory, TransformFn};
+
+use crate::col;
+use crate::dataset::MapOptions;
+
+/// A node of a dataset's logical plan.
+#[derive(Debug, Clone)]
+pub enum LogicalOp {
+    /// A source, with what the optimizer pushed into it.
+    Source {
+        /// The source.
+        source: Arc<dyn DataSource>,
+        /// Projection, filters and limit pushed down.
+        request: ScanRequest,
+    },
+    /// Keeps or computes columns.
+    Select {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// Output columns (named by alias, or by the column they read).
+        exprs: Vec<Expr>,
+    },
+    /// Adds or replaces a column.
+    WithColumn {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// The column's name.
+        name: String,
+        /// Its value.
+        expr: Expr,
+    },
+    /// Removes columns.
+    Drop {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// Columns to remove.
+        columns: Vec<String>,
+    },
+    /// Renames columns.
+    Rename {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// `(from, to)` pairs.
+        pairs: Vec<(String, String)>,
+    },
+    /// Keeps rows where an expression is true.
+    Filter {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// The predicate.
+        predicate: Expr,
+    },
+    /// Keeps rows where a Rust predicate is true.
+    FilterFn {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// The predicate.
+        predicate: PredicateFn,
+    },
+    /// A stateless user transform.
+    MapBatches {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// The transform.
+        f: TransformFn,
+        /// Batch size, resources, concurrency.
+        options: MapOptions,
+    },
+    /// A stateful user transform on a pool of workers.
+    MapBatchesStateful {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// Builds each worker's transform.
+        factory: TransformFactory,
+        /// Batch size, resources, concurrency.
+        options: MapOptions,
+    },
+    /// The first `n` rows.
+    Limit {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// Rows.
+        n: usize,
+    },
+    /// All rows of all inputs.
+    Union {
+        /// Inputs.
+        inputs: Vec<Arc<LogicalOp>>,
+    },
+}
+
+impl LogicalOp {
+    pub(crate) fn source(source: Arc<dyn DataSource>) -> Arc<Self> {
+        Arc::new(LogicalOp::Source {
+            source,
+            request: ScanRequest::default(),
+        })
+    }
+
+    /// Inputs of this node.
+    pub fn inputs(&self) -> Vec<&Arc<LogicalOp>> {
+        match self {
+            LogicalOp::Source { .. } => vec![],
+            LogicalOp::Select { input, .. }
+            | LogicalOp::WithColumn { input, .. }
+            | LogicalOp::Drop { input, .. }
+            | LogicalOp::Rename { input, .. }
+            | LogicalOp::Filter { input, .. }
+            | LogicalOp::FilterFn { input, .. }
+            | LogicalOp::MapBatches { input, .. }
+            | LogicalOp::MapBatchesStateful { input, .. }
+            | LogicalOp::Limit { input, .. } => vec![input],
+            LogicalOp::Union { inputs } => inputs.iter().collect(),
+        }
+    }
+
+    /// Rebuilds this node over new inputs.
+    pub(crate) fn with_inputs(&self, mut new: Vec<Arc<LogicalOp>>) -> LogicalOp {
+        let mut one = || new.remove(0);
+        match self {
+            LogicalOp::Source { .. } => self.clone(),
+            LogicalOp::Select { exprs, .. } => LogicalOp::Select { input: one(), exprs: exprs.clone() },
+            LogicalOp::WithColumn { name, expr, .. } => LogicalOp::WithColumn {
+                input: one(),
+                name: name.clone(),
+                expr: expr.clone(),
+            },
+            LogicalOp::Drop { columns, .. } => LogicalOp::Drop { input: one(), columns: columns.clone() },
+            LogicalOp::Rename { pairs, .. } => LogicalOp::Rename { input: one(), pairs: pairs.clone() },
+            LogicalOp::Filter { predicate, .. } => LogicalOp::Filter {
+                input: one(),
+                predicate: predicate.clone(),
+            },
+            LogicalOp::FilterFn { predicate, .. } => LogicalOp::FilterFn {
+                input: one(),
+                predicate: predicate.clone(),
+            },
+            LogicalOp::MapBatches { f, options, .. } => LogicalOp::MapBatches {
+                input: one(),
+                f: f.clone(),
+                options: options.clone(),
+            },
+            LogicalOp::MapBatchesStateful { factory, options, .. } => LogicalOp::MapBatchesStateful {
+                input: one(),
+                factory: factory.clone(),
+                options: options.clone(),
+            },
+            LogicalOp::Limit { n, .. } => LogicalOp::Limit { input: one(), n: *n },
+            LogicalOp::Union { .. } => LogicalOp::Union { inputs: new },
+        }
+    }
+
+    /// The output schema, where it is known without running user code.
+    pub fn schema(&self, state: &SessionState) -> Result<Option<SchemaRef>> {
+        Ok(match self {
+            LogicalOp::Source { source, request } => Some(match &request.projection {
+                Some(p) => Arc::new(source.schema().project(p)?),
+                None => source.schema(),
+            }),
+            LogicalOp::Filter { input, .. } | LogicalOp::FilterFn { input, .. } | LogicalOp::Limit { input, .. } => {
+                input.schema(state)?
+            }
+            LogicalOp::MapBatches { .. } | LogicalOp::MapBatchesStateful { .. } => None,
+            LogicalOp::Union { inputs } => inputs[0].schema(state)?,
+            LogicalOp::Select { input, .. }
+            | LogicalOp::WithColumn { input, .. }
+            | LogicalOp::Drop { input, .. }
+            | LogicalOp::Rename { input, .. } => match input.schema(state)? {
+                Some(s) => match self.projection(&s)? {
+                    Some(exprs) => match Step::project(&exprs, &s, state)? {
+                        Step::Project { schema, .. } => Some(schema),
+                        _ => None,
+                    },
+                    None => None,
+                },
+                None => None,
+            },
+        })
+    }
+
+    /// For the column-shaping nodes, their output as `(expression, name)` pairs over an
+    /// input of `schema`. Errors name unknown columns.
+    pub(crate) fn projection(&self, schema: &SchemaRef) -> Result<Option<Vec<(Expr, String)>>> {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        let unknown = |c: &str| {
+            VolleyError::plan(format!(
+                "no column named `{c}`; columns are: {}",
+                names.join(", ")
+            ))
+        };
+        Ok(Some(match self {
+            LogicalOp::Select { exprs, .. } => {
+                let mut out = Vec::new();
+                for e in exprs {
+                    for c in e.column_refs() {
+                        if !names.contains(&c.name.as_str()) {
+                            return Err(unknown(&c.name));
+                        }
+                    }
+                    let name = match e {
+                        Expr::Column(c) => c.name.clone(),
+                        Expr::Alias(a) => a.name.clone(),
+                        other => other.schema_name().to_string(),
+                    };
+                    let e = match e {
+                        Expr::Alias(a) => (*a.expr).clone(),
+                        other => other.clone(),
+                    };
+                    out.push((e, name));
+                }
+                out
+            }
+            LogicalOp::WithColumn { name, expr, .. } => {
+                for c in expr.column_refs() {
+                    if !names.contains(&c.name.as_str()) {
+                        return Err(unknown(&c.name));
+                    }
+                }
+                let mut out: Vec<(Expr, String)> = names.iter().map(|n| (col(*n), n.to_string())).collect();
+                match out.iter_mut().find(|(_, n)| n == name) {
+                    Some(slot) => slot.0 = expr.clone(),
+                    None => out.push((expr.clone(), name.clone())),
+                }
+                out
+            }
+            LogicalOp::Drop { columns, .. } => {
+                for c in columns {
+                    if !names.contains(&c.as_str()) {
+                        return Err(unknown(c));
+                    }
+                }
+                names
+                    .iter()
+                    .filter(|n| !columns.iter().any(|c| c == *n))
+                    .map(|n| (col(*n), n.to_string()))
+                    .collect()
+            }
+            LogicalOp::Rename { pairs, .. } => {
+                for (from, _) in pairs {
+                    if !names.contains(&from.as_str()) {
+                        return Err(unknown(from));
+                    }
+                }
+                names
+                    .iter()
+                    .map(|n| {
+                        let to = pairs.iter().find(|(f, _)| f == n).map(|(_, t)| t.clone());
+                        (col(*n), to.unwrap_or_else(|| n.to_string()))
+                    })
+                    .collect()
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    fn fmt_indent(&self, out: &mut String, indent: usize) {
+        let pad = "  ".repeat(indent);
+        let _ = match self {
+            LogicalOp::Source { source, request } => {
+                let mut extra = String::new();
+                if let Some(p) = &request.projection {
+                    let s = source.schema();
+                    let cols: Vec<&str> = p.iter().map(|&i| s.field(i).name().as_str()).collect();
+                    let _ = write!(extra, " projection=[{}]", cols.join(", "));
+                }
+                if !request.filters.is_empty() {
+                    let f: Vec<String> = request.filters.iter().map(|e| e.to_string()).collect();
+                    let _ = write!(extra, " filters=[{}]", f.join(", "));
+                }
+                if let Some(l) = request.limit {
+                    let _ = write!(extra, " limit={l}");
+                }
+                writeln!(out, "{pad}{}: {}{extra}", source.name(), source.describe())
+            }
+            LogicalOp::Select { exprs, .. } => {
+                let e: Vec<String> = exprs.iter().map(|e| e.to_string()).collect();
+                writeln!(out, "{pad}Select: {}", e.join(", "))
+            }
+            LogicalOp::WithColumn { name, expr, .. } => writeln!(out, "{pad}WithColumn: {name} = {expr}"),
+            LogicalOp::Drop { columns, .. } => writeln!(out, "{pad}Drop: {}", columns.join(", ")),
+            LogicalOp::Rename { pairs, .. } => {
+                let p: Vec<String> = pairs.iter().map(|(a, b)| format!("{a} -> {b}")).collect();
+                writeln!(out, "{pad}Rename: {}", p.join(", "))
+            }
+            LogicalOp::Filter { predicate, .. } => writeln!(out, "{pad}Filter: {predicate}"),
+            LogicalOp::FilterFn { predicate, .. } => writeln!(out, "{pad}Filter: fn {}", predicate.name()),
+            LogicalOp::MapBatches { f, options, .. } => writeln!(out, "{pad}MapBatches: {} {options}", f.name()),
+            LogicalOp::MapBatchesStateful { factory, options, .. } => {
+                writeln!(out, "{pad}MapBatches (stateful): {} {options}", factory.name())
+            }
+            LogicalOp::Limit { n, .. } => writeln!(out, "{pad}Limit: {n}"),
+            LogicalOp::Union { inputs } => writeln!(out, "{pad}Union: {} inputs", inputs.len()),
+        };
+        for i in self.inputs() {
+            i.fmt_indent(out, indent + 1);
+        }
+    }
+}
+
+impl fmt::Display for LogicalOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::new();
+        self.fmt_indent(&mut s, 0);
+        f.write_str(s.trim_end())
+    }
+}

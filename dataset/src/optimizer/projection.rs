@@ -1,0 +1,139 @@
+//! Projection pushdown.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::Expr;
+use volley_common::Result;
+use volley_connectors::ScanRequest;
+
+use crate::logical::LogicalOp;
+
+/// Rewrites `op` so that it produces at least the columns in `required` (`None`: all of
+/// its columns), with sources reading no more than needed.
+pub(crate) fn push_projection(
+    op: &Arc<LogicalOp>,
+    required: Option<HashSet<String>>,
+    state: &SessionState,
+) -> Result<Arc<LogicalOp>> {
+    let refs = |e: &Expr| e.column_refs().into_iter().map(|c| c.name.clone()).collect::<HashSet<_>>();
+    let below = |input: &Arc<LogicalOp>, req: Option<HashSet<String>>| push_projection(input, req, state);
+    Ok(Arc::new(match op.as_ref() {
+        LogicalOp::Source { source, request } => {
+            let projection = required.map(|set| {
+                source
+                    .schema()
+                    .fields()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| set.contains(f.name()))
+                    .map(|(i, _)| i)
+                    .collect::<Vec<_>>()
+            });
+            LogicalOp::Source {
+                source: Arc::clone(source),
+                request: ScanRequest {
+                    projection,
+                    ..request.clone()
+                },
+            }
+        }
+        LogicalOp::Select { input, exprs } => {
+            // Leave out the outputs nobody reads.
+            let exprs: Vec<Expr> = match &required {
+                Some(set) => exprs
+                    .iter()
+                    .filter(|e| {
+                        let name = match e {
+                            Expr::Column(c) => c.name.clone(),
+                            Expr::Alias(a) => a.name.clone(),
+                            other => other.schema_name().to_string(),
+                        };
+                        set.contains(&name)
+                    })
+                    .cloned()
+                    .collect(),
+                None => exprs.clone(),
+            };
+            let needed: HashSet<String> = exprs.iter().flat_map(refs).collect();
+            LogicalOp::Select {
+                input: below(input, Some(needed))?,
+                exprs,
+            }
+        }
+        LogicalOp::WithColumn { input, name, expr } => {
+            let req = required.map(|mut set| {
+                set.remove(name);
+                set.extend(refs(expr));
+                set
+            });
+            LogicalOp::WithColumn {
+                input: below(input, req)?,
+                name: name.clone(),
+                expr: expr.clone(),
+            }
+        }
+        LogicalOp::Drop { input, columns } => {
+            let req = match required {
+                Some(set) => Some(set),
+                None => input.schema(state)?.map(|s| {
+                    s.fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .filter(|n| !columns.contains(n))
+                        .collect()
+                }),
+            };
+            LogicalOp::Drop {
+                input: below(input, req)?,
+                columns: columns.clone(),
+            }
+        }
+        LogicalOp::Rename { input, pairs } => {
+            let req = required.map(|set| {
+                set.into_iter()
+                    .map(|n| {
+                        pairs
+                            .iter()
+                            .find(|(_, to)| *to == n)
+                            .map(|(from, _)| from.clone())
+                            .unwrap_or(n)
+                    })
+                    .collect()
+            });
+            LogicalOp::Rename {
+                input: below(input, req)?,
+                pairs: pairs.clone(),
+            }
+        }
+        LogicalOp::Filter { input, predicate } => {
+            let req = required.map(|mut set| {
+                set.extend(refs(predicate));
+                set
+            });
+            LogicalOp::Filter {
+                input: below(input, req)?,
+                predicate: predicate.clone(),
+            }
+        }
+        LogicalOp::Limit { input, n } => LogicalOp::Limit {
+            input: below(input, required)?,
+            n: *n,
+        },
+        LogicalOp::Union { inputs } => LogicalOp::Union {
+            inputs: inputs
+                .iter()
+                .map(|i| below(i, required.clone()))
+                .collect::<Result<_>>()?,
+        },
+        // User code sees whole rows.
+        other => other.with_inputs(
+            other
+                .inputs()
+                .into_iter()
+                .map(|i| below(i, None))
+                .collect::<Result<_>>()?,
+        ),
+    }))
+}

@@ -1,0 +1,280 @@
+//! SQL: DataFusion plans and runs it; volley datasets are its tables and its results
+//! are volley datasets.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+use datafusion::common::Column;
+use datafusion::datasource::TableType;
+use datafusion::execution::context::SessionState;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::DFParser;
+use volley_common::{Result, ResultExt, VolleyError};
+use volley_connectors::{DataSource, ReadTask, ScanRequest};
+
+use crate::context::Context;
+use crate::dataset::Dataset;
+
+/// Plans `query` (one or more statements) with `tables` registered.
+pub(crate) fn plan_sql(
+    ctx: &Context,
+    query: &str,
+    tables: &[(&str, &Dataset)],
+    files: &[(&str, &str)],
+) -> Result<Dataset> {
+    let sctx = SessionContext::new_with_state(ctx.session_state().clone()).enable_url_table();
+    for (name, ds) in tables {
+        sctx.register_table(*name, Arc::new(DatasetTable::try_new((*ds).clone())?))
+            .with_context(|| format!("registering table `{name}`"))?;
+    }
+    for (name, path) in files {
+        volley_connectors::parse_path(path)?;
+        let lower = path.to_ascii_lowercase();
+        ctx.exec_context()
+            .block_on(async {
+                if lower.contains(".csv") {
+                    sctx.register_csv(*name, *path, Default::default()).await
+                } else if lower.contains(".json") || lower.contains(".ndjson") || lower.contains(".jsonl") {
+                    let options = datafusion::prelude::JsonReadOptions {
+                        file_extension: if lower.contains(".ndjson") { ".ndjson" } else if lower.contains(".jsonl") { ".jsonl" } else { ".json" },
+                        ..Default::default()
+                    };
+                    sctx.register_json(*name, *path, options).await
+                } else if lower.ends_with(".arrow") || lower.ends_with(".ipc") || lower.ends_with(".feather") {
+                    sctx.register_arrow(*name, *path, Default::default()).await
+                } else {
+                    sctx.register_parquet(*name, *path, Default::default()).await
+                }
+            })
+            .with_context(|| format!("registering table `{name}` = {path}"))?;
+    }
+    let statements = DFParser::parse_sql(query)
+        .map_err(|e| VolleyError::plan(format!("SQL error: {e}")))?;
+    if statements.is_empty() {
+        return Err(VolleyError::plan("no SQL statement given"));
+    }
+    let n = statements.len();
+    let mut last = None;
+    for (i, statement) in statements.into_iter().enumerate() {
+        let text = statement.to_string();
+        let plan = ctx
+            .exec_context()
+            .block_on(async {
+                let state = sctx.state();
+                let plan = state.statement_to_plan(statement).await?;
+                // DDL (CREATE EXTERNAL TABLE, SET, DROP) takes effect now.
+                let df = sctx.execute_logical_plan(plan).await?;
+                Ok::<_, datafusion::error::DataFusionError>(df.logical_plan().clone())
+            })
+            .map_err(|e| {
+                let e = VolleyError::from(e);
+                if n > 1 {
+                    e.context(format!("in statement {} `{text}`", i + 1))
+                } else {
+                    e
+                }
+            })?;
+        last = Some(plan);
+    }
+    let plan = last.expect("at least one statement");
+    let source = SqlSource {
+        state: sctx.state(),
+        schema: Arc::new(plan.schema().as_arrow().clone()),
+        plan,
+        query: query.trim().to_string(),
+    };
+    Ok(ctx.source(Arc::new(source)))
+}
+
+/// The result of a SQL query as a dataset source: one read task per output partition
+/// of DataFusion's physical plan.
+#[derive(Debug)]
+struct SqlSource {
+    state: SessionState,
+    plan: LogicalPlan,
+    schema: SchemaRef,
+    query: String,
+}
+
+#[async_trait::async_trait]
+impl DataSource for SqlSource {
+    fn name(&self) -> String {
+        "Sql".into()
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn describe(&self) -> String {
+        let q: String = self.query.split_whitespace().collect::<Vec<_>>().join(" ");
+        if q.len() > 80 {
+            format!("{}…", &q[..q.char_indices().nth(79).map(|(i, _)| i).unwrap_or(q.len())])
+        } else {
+            q
+        }
+    }
+
+    async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        let mut plan = self.plan.clone();
+        if let Some(p) = &request.projection {
+            let cols: Vec<Expr> = p
+                .iter()
+                .map(|&i| Expr::Column(Column::from(plan.schema().qualified_field(i))))
+                .collect();
+            plan = LogicalPlanBuilder::from(plan).project(cols)?.build()?;
+        }
+        let mut physical = self.state.create_physical_plan(&plan).await?;
+        let parts = physical.properties().partitioning.partition_count();
+        let cpus = self.state.config().target_partitions();
+        if parts > cpus {
+            physical = Arc::new(CoalescePartitionsExec::new(physical));
+        }
+        let parts = physical.properties().partitioning.partition_count();
+        Ok((0..parts)
+            .map(|i| {
+                let plan = Arc::clone(&physical);
+                ReadTask::new(format!("SQL partition {i}"), 0, move |ctx| Ok(plan.execute(i, ctx)?))
+            })
+            .collect())
+    }
+}
+
+/// A volley [`Dataset`] as a DataFusion table: scans run the dataset through the
+/// volley executor and stream its batches into DataFusion.
+#[derive(Debug)]
+pub struct DatasetTable {
+    dataset: Dataset,
+    schema: SchemaRef,
+}
+
+impl DatasetTable {
+    /// Wraps a dataset (its schema is computed now).
+    pub fn try_new(dataset: Dataset) -> Result<Self> {
+        let schema = dataset.schema()?;
+        Ok(Self { dataset, schema })
+    }
+}
+
+/// Column references without table qualifiers (DataFusion qualifies them with the
+/// table's name; the dataset knows only column names).
+fn unqualify(e: &Expr) -> datafusion::common::Result<Expr> {
+    e.clone()
+        .transform_up(|e| match e {
+            Expr::Column(c) => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(c.name)))),
+            other => Ok(Transformed::no(other)),
+        })
+        .data()
+}
+
+#[async_trait::async_trait]
+impl TableProvider for DatasetTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::common::Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let mut ds = self.dataset.clone();
+        for f in filters {
+            ds = ds.filter(unqualify(f)?)?;
+        }
+        let names: Vec<String> = match projection {
+            Some(p) => p.iter().map(|&i| self.schema.field(i).name().clone()).collect(),
+            None => self.schema.fields().iter().map(|f| f.name().clone()).collect(),
+        };
+        ds = ds.select(&names)?;
+        if let Some(n) = limit {
+            ds = ds.limit(n);
+        }
+        let schema = match projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => Arc::clone(&self.schema),
+        };
+        let partition = Arc::new(DatasetPartition {
+            dataset: ds,
+            schema: Arc::clone(&schema),
+        });
+        Ok(Arc::new(StreamingTableExec::try_new(
+            schema,
+            vec![partition],
+            None,
+            vec![],
+            false,
+            None,
+        )?))
+    }
+}
+
+/// Runs a dataset when DataFusion asks for its stream.
+#[derive(Debug)]
+struct DatasetPartition {
+    dataset: Dataset,
+    schema: SchemaRef,
+}
+
+impl PartitionStream for DatasetPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let dataset = self.dataset.clone();
+        // The volley execution is synchronous; it runs on its own thread and hands
+        // batches over. Dropping the stream closes the channel, which ends the thread,
+        // which cancels the execution.
+        let spawned = std::thread::Builder::new()
+            .name("volley-sql-scan".into())
+            .spawn(move || {
+                let stream = match dataset.iter_batches() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.into()));
+                        return;
+                    }
+                };
+                for item in stream {
+                    let stop = item.is_err();
+                    if tx.blocking_send(item.map_err(Into::into)).is_err() || stop {
+                        break;
+                    }
+                }
+            });
+        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+        let stream: futures::stream::BoxStream<'static, datafusion::common::Result<arrow::array::RecordBatch>> =
+            match spawned {
+                Ok(_) => Box::pin(stream),
+                Err(e) => Box::pin(futures::stream::once(async move {
+                    Err(datafusion::error::DataFusionError::Execution(format!(
+                        "cannot start a scan thread: {e}"
+                    )))
+                })),
+            };
+        Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&self.schema), stream))
+    }
+}

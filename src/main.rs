@@ -1,0 +1,142 @@
+//! The `volley` command.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use volley::{Context, Result, VolleyConfig, VolleyError};
+
+#[derive(Parser)]
+#[command(name = "volley", version, about = "volley: dataflow on Apache Arrow")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run SQL over Parquet, CSV, JSON and Arrow files.
+    ///
+    /// Files are read by path in quotes: `SELECT count(*) FROM 'data/*.parquet'`, or
+    /// registered as tables with --table.
+    Sql {
+        /// The query (several statements separated by `;`); or use -f.
+        query: Option<String>,
+        /// Read the query from a file.
+        #[arg(short = 'f', long = "file")]
+        file: Option<String>,
+        /// Register files as a table: NAME=PATH (repeatable).
+        #[arg(long = "table", value_name = "NAME=PATH")]
+        tables: Vec<String>,
+        /// Output format on stdout.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Write the result to a file instead (.parquet, .csv, .json; atomic).
+        #[arg(short, long)]
+        output: Option<String>,
+        /// Memory budget, e.g. 1GiB.
+        #[arg(long)]
+        memory_limit: Option<String>,
+        /// Print the plan instead of running it.
+        #[arg(long)]
+        explain: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("volley: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Sql {
+            query,
+            file,
+            tables,
+            format,
+            output,
+            memory_limit,
+            explain,
+        } => {
+            let query = match (query, file) {
+                (Some(q), None) => q,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .map_err(|e| VolleyError::plan(format!("cannot read {f}: {e}")))?,
+                (Some(_), Some(_)) => return Err(VolleyError::plan("give the query or -f FILE, not both")),
+                (None, None) => return Err(VolleyError::plan("no query given (volley sql \"SELECT ...\" or -f FILE)")),
+            };
+            let mut config = VolleyConfig::from_env()?;
+            if config.exec.progress == volley_common_progress_auto() {
+                config.set("volley.exec.progress", "off")?;
+            }
+            if let Some(m) = memory_limit {
+                config.set("volley.exec.memory_limit", &m)?;
+            }
+            config.set("volley.exec.preserve_order", "true")?;
+            let ctx = Context::try_new(config)?;
+            let mut files = Vec::new();
+            for t in &tables {
+                let (name, path) = t
+                    .split_once('=')
+                    .ok_or_else(|| VolleyError::plan(format!("--table {t}: expected NAME=PATH")))?;
+                files.push((name.to_string(), path.to_string()));
+            }
+            let files_ref: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let ds = ctx.sql_with_files(&query, &files_ref)?;
+            if explain {
+                println!("{}", ds.explain()?);
+                return Ok(());
+            }
+            if let Some(path) = output {
+                let (fmt, compression) = volley::crates::connectors::WriteFormat::from_path(&path).ok_or_else(|| {
+                    VolleyError::plan(format!("--output {path}: use a .parquet, .csv or .json file name"))
+                })?;
+                let summary = ds.write(&path, fmt).compression(compression).mode(volley::WriteMode::Overwrite).single_file().run()?;
+                eprintln!("wrote {} rows to {path}", summary.rows);
+                return Ok(());
+            }
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            match format {
+                Format::Table => {
+                    let batches = ds.collect()?;
+                    let text = volley::arrow::util::pretty::pretty_format_batches(&batches)?;
+                    writeln!(out, "{text}")?;
+                }
+                Format::Csv => {
+                    let mut w = volley::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+                    for b in ds.iter_batches()? {
+                        w.write(&b?)?;
+                    }
+                }
+                Format::Json => {
+                    let mut w = volley::arrow::json::LineDelimitedWriter::new(&mut out);
+                    for b in ds.iter_batches()? {
+                        w.write(&b?)?;
+                    }
+                    w.finish()?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The CLI's stdout is the result: progress goes off unless asked for.
+fn volley_common_progress_auto() -> volley::crates::common::ProgressMode {
+    volley::crates::common::ProgressMode::Auto
+}
