@@ -16,34 +16,61 @@ use volley::arrow::datatypes::{DataType, Field, Schema};
 use volley::prelude::*;
 
 fn main() -> volley::Result<()> {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "target/quickstart".to_string());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "target/quickstart".to_string());
     let _ = std::fs::remove_dir_all(&dir);
     let ctx = volley::init();
 
     // 1. Generate: ids 0..2M, a city from the id, a distance and a fare.
-    let trips = ctx
-        .range(2_000_000)
-        .map_batches(
-            "make_trips",
-            |b: RecordBatch| {
-                let id = b.column(0).as_any().downcast_ref::<Int64Array>().expect("id");
-                let cities = ["paris", "lyon", "nantes", "lille"];
-                let city: StringArray = id.values().iter().map(|v| Some(cities[(*v % 4) as usize])).collect();
-                let km: Float64Array = id.values().iter().map(|v| Some(((*v * 7919) % 500) as f64 / 10.0)).collect();
-                let fare: Float64Array = km.values().iter().map(|k| Some(2.5 + k * 1.1)).collect();
-                let schema = Arc::new(Schema::new(vec![
-                    Field::new("id", DataType::Int64, false),
-                    Field::new("city", DataType::Utf8, false),
-                    Field::new("km", DataType::Float64, false),
-                    Field::new("fare", DataType::Float64, false),
-                ]));
-                Ok(RecordBatch::try_new(schema, vec![b.column(0).clone(), Arc::new(city), Arc::new(km), Arc::new(fare)])?)
-            },
-            MapOptions::default(),
-        );
+    let trips = ctx.range(2_000_000).map_batches(
+        "make_trips",
+        |b: RecordBatch| {
+            let id = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("id");
+            let cities = ["paris", "lyon", "nantes", "lille"];
+            let city: StringArray = id
+                .values()
+                .iter()
+                .map(|v| Some(cities[(*v % 4) as usize]))
+                .collect();
+            let km: Float64Array = id
+                .values()
+                .iter()
+                .map(|v| Some(((*v * 7919) % 500) as f64 / 10.0))
+                .collect();
+            let fare: Float64Array = km.values().iter().map(|k| Some(2.5 + k * 1.1)).collect();
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new("city", DataType::Utf8, false),
+                Field::new("km", DataType::Float64, false),
+                Field::new("fare", DataType::Float64, false),
+            ]));
+            Ok(RecordBatch::try_new(
+                schema,
+                vec![
+                    b.column(0).clone(),
+                    Arc::new(city),
+                    Arc::new(km),
+                    Arc::new(fare),
+                ],
+            )?)
+        },
+        MapOptions::default(),
+    );
     let input = format!("{dir}/trips");
-    let written = trips.write(&input, volley::crates::connectors::WriteFormat::Parquet).partition_by(&["city"]).run()?;
-    println!("generated {} rows in {} files under {input}", written.rows, written.files.len());
+    let written = trips
+        .write(&input, volley::crates::connectors::WriteFormat::Parquet)
+        .partition_by(&["city"])
+        .run()?;
+    println!(
+        "generated {} rows in {} files under {input}",
+        written.rows,
+        written.files.len()
+    );
 
     // 2. The pipeline: nothing runs until it is consumed.
     let long_trips = volley::read_parquet(input.as_str())?
@@ -53,8 +80,15 @@ fn main() -> volley::Result<()> {
             "round_fares",
             |b: RecordBatch| {
                 let idx = b.schema().index_of("fare_per_km")?;
-                let v = b.column(idx).as_any().downcast_ref::<Float64Array>().expect("f64");
-                let rounded: Float64Array = v.iter().map(|x| x.map(|x| (x * 100.0).round() / 100.0)).collect();
+                let v = b
+                    .column(idx)
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .expect("f64");
+                let rounded: Float64Array = v
+                    .iter()
+                    .map(|x| x.map(|x| (x * 100.0).round() / 100.0))
+                    .collect();
                 let mut cols = b.columns().to_vec();
                 cols[idx] = Arc::new(rounded);
                 Ok(RecordBatch::try_new(b.schema(), cols)?)

@@ -76,8 +76,14 @@ fn run(cli: Cli) -> Result<()> {
                 (Some(q), None) => q,
                 (None, Some(f)) => std::fs::read_to_string(&f)
                     .map_err(|e| VolleyError::plan(format!("cannot read {f}: {e}")))?,
-                (Some(_), Some(_)) => return Err(VolleyError::plan("give the query or -f FILE, not both")),
-                (None, None) => return Err(VolleyError::plan("no query given (volley sql \"SELECT ...\" or -f FILE)")),
+                (Some(_), Some(_)) => {
+                    return Err(VolleyError::plan("give the query or -f FILE, not both"))
+                }
+                (None, None) => {
+                    return Err(VolleyError::plan(
+                        "no query given (volley sql \"SELECT ...\" or -f FILE)",
+                    ))
+                }
             };
             let mut config = VolleyConfig::from_env()?;
             if config.exec.progress == volley_common_progress_auto() {
@@ -95,17 +101,28 @@ fn run(cli: Cli) -> Result<()> {
                     .ok_or_else(|| VolleyError::plan(format!("--table {t}: expected NAME=PATH")))?;
                 files.push((name.to_string(), path.to_string()));
             }
-            let files_ref: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let files_ref: Vec<(&str, &str)> = files
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
             let ds = ctx.sql_with_files(&query, &files_ref)?;
             if explain {
                 println!("{}", ds.explain()?);
                 return Ok(());
             }
             if let Some(path) = output {
-                let (fmt, compression) = volley::crates::connectors::WriteFormat::from_path(&path).ok_or_else(|| {
-                    VolleyError::plan(format!("--output {path}: use a .parquet, .csv or .json file name"))
-                })?;
-                let summary = ds.write(&path, fmt).compression(compression).mode(volley::WriteMode::Overwrite).single_file().run()?;
+                let (fmt, compression) = volley::crates::connectors::WriteFormat::from_path(&path)
+                    .ok_or_else(|| {
+                        VolleyError::plan(format!(
+                            "--output {path}: use a .parquet, .csv or .json file name"
+                        ))
+                    })?;
+                let summary = ds
+                    .write(&path, fmt)
+                    .compression(compression)
+                    .mode(volley::WriteMode::Overwrite)
+                    .single_file()
+                    .run()?;
                 eprintln!("wrote {} rows to {path}", summary.rows);
                 return Ok(());
             }
@@ -118,7 +135,9 @@ fn run(cli: Cli) -> Result<()> {
                     writeln!(out, "{text}")?;
                 }
                 Format::Csv => {
-                    let mut w = volley::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+                    let mut w = volley::arrow::csv::WriterBuilder::new()
+                        .with_header(true)
+                        .build(&mut out);
                     for b in ds.iter_batches()? {
                         w.write(&b?)?;
                     }

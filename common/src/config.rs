@@ -105,10 +105,16 @@ const KEYS: &[(&str, &str)] = &[
     ("volley.exec.batch_size", "VOLLEY_EXEC_BATCH_SIZE"),
     ("volley.exec.preserve_order", "VOLLEY_EXEC_PRESERVE_ORDER"),
     ("volley.exec.progress", "VOLLEY_EXEC_PROGRESS"),
-    ("volley.exec.max_tasks_per_operator", "VOLLEY_EXEC_MAX_TASKS_PER_OPERATOR"),
+    (
+        "volley.exec.max_tasks_per_operator",
+        "VOLLEY_EXEC_MAX_TASKS_PER_OPERATOR",
+    ),
     ("volley.exec.spill_dir", "VOLLEY_EXEC_SPILL_DIR"),
     ("volley.read.split_bytes", "VOLLEY_READ_SPLIT_BYTES"),
-    ("volley.read.pushdown_filters", "VOLLEY_READ_PUSHDOWN_FILTERS"),
+    (
+        "volley.read.pushdown_filters",
+        "VOLLEY_READ_PUSHDOWN_FILTERS",
+    ),
     ("volley.runtime.num_cpus", "VOLLEY_RUNTIME_NUM_CPUS"),
     ("volley.runtime.memory", "VOLLEY_RUNTIME_MEMORY"),
 ];

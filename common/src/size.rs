@@ -16,9 +16,9 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| VolleyError::Config(format!("`{s}` is not a byte size (try 512MiB or 2GiB)")))?;
+    let value: f64 = num.parse().map_err(|_| {
+        VolleyError::Config(format!("`{s}` is not a byte size (try 512MiB or 2GiB)"))
+    })?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,

@@ -67,9 +67,9 @@ impl FileFormatKind {
     pub(crate) fn to_datafusion(&self, state: &SessionState, path: &str) -> Arc<dyn FileFormat> {
         let compression = compression_of(path);
         match self {
-            FileFormatKind::Parquet => Arc::new(
-                ParquetFormat::new().with_options(state.table_options().parquet.clone()),
-            ),
+            FileFormatKind::Parquet => {
+                Arc::new(ParquetFormat::new().with_options(state.table_options().parquet.clone()))
+            }
             FileFormatKind::Csv(o) => Arc::new(
                 CsvFormat::default()
                     .with_has_header(o.has_header)

@@ -25,13 +25,17 @@ mod text;
 pub use format::{CsvReadOptions, FileFormatKind};
 pub use listing::FileScan;
 pub use registry::VolleyObjectStoreRegistry;
-pub use sink::{Compression, PartWriter, WriteFormat, WriteJob, WriteMode, WriteOptions, WriteSummary};
+pub use sink::{
+    Compression, PartWriter, WriteFormat, WriteJob, WriteMode, WriteOptions, WriteSummary,
+};
 pub use source::{DataSource, ReadTask, ScanRequest};
 pub use text::{BinaryScan, TextScan};
 
 /// Resolves a user path (relative, absolute or URL, maybe a glob) to a DataFusion
 /// listing URL, with an error that names the path.
-pub fn parse_path(path: &str) -> volley_common::Result<datafusion::datasource::listing::ListingTableUrl> {
+pub fn parse_path(
+    path: &str,
+) -> volley_common::Result<datafusion::datasource::listing::ListingTableUrl> {
     use volley_common::VolleyError;
     if path.trim().is_empty() {
         return Err(VolleyError::plan("empty path"));

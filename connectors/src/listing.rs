@@ -5,7 +5,9 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::file_format::FileFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::context::SessionState;
@@ -33,14 +35,17 @@ pub struct FileScan {
     schema: SchemaRef,
     table: Arc<ListingTable>,
     split_bytes: u64,
+    /// The files listed at creation: scans read these and no others.
+    listed: std::collections::HashSet<object_store::path::Path>,
 }
 
-/// Files whose name starts with `.` or `_` are bookkeeping (`_SUCCESS`, `.crc`, staging
-/// folders), not data.
-fn is_hidden(meta: &ObjectMeta) -> bool {
-    meta.location
-        .parts()
-        .any(|p| p.as_ref().starts_with('.') || p.as_ref().starts_with('_'))
+/// Files whose name (or a folder under the listed path) starts with `.` or `_` are
+/// bookkeeping (`_SUCCESS`, `.crc`, staging folders), not data.
+fn is_hidden(url: &ListingTableUrl, meta: &ObjectMeta) -> bool {
+    match url.strip_prefix(&meta.location) {
+        Some(mut parts) => parts.any(|p| p.starts_with('.') || p.starts_with('_')),
+        None => false,
+    }
 }
 
 impl FileScan {
@@ -60,9 +65,10 @@ impl FileScan {
             .iter()
             .map(|p| crate::parse_path(p))
             .collect::<Result<Vec<_>>>()?;
-        let df_format = format.to_datafusion(state, &paths[0]);
 
         let files = list_files(state, &urls, paths).await?;
+        // Compression (of text formats) follows the files' extension.
+        let df_format = format.to_datafusion(state, files[0].1.location.as_ref());
         let file_schema = infer_schema(state, &df_format, &format, &files).await?;
 
         let mut options = ListingOptions::new(Arc::clone(&df_format)).with_file_extension("");
@@ -80,7 +86,11 @@ impl FileScan {
                 .map(|c| (c.clone(), DataType::Utf8))
                 .collect(),
         );
-        let mut fields: Vec<Field> = file_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut fields: Vec<Field> = file_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
         for c in &partition_cols {
             if file_schema.field_with_name(c).is_ok() {
                 return Err(VolleyError::plan(format!(
@@ -95,6 +105,7 @@ impl FileScan {
             .with_schema(Arc::clone(&file_schema));
         let table = ListingTable::try_new(config)?;
         Ok(Self {
+            listed: files.iter().map(|(_, m)| m.location.clone()).collect(),
             num_files: files.len(),
             total_bytes: files.iter().map(|(_, m)| m.size).sum(),
             format,
@@ -122,8 +133,7 @@ impl FileScan {
         let mut groups = Vec::new();
         for group in &config.file_groups {
             for file in group.iter() {
-                let name = file.object_meta.location.as_ref();
-                if name.split('/').any(|p| p.starts_with('.') || p.starts_with('_')) {
+                if !self.listed.contains(&file.object_meta.location) {
                     continue;
                 }
                 let size = file.object_meta.size;
@@ -165,7 +175,8 @@ pub(crate) async fn list_files(
             .try_collect()
             .await
             .with_context(|| format!("listing {path}"))?;
-        let mut listed: Vec<ObjectMeta> = listed.into_iter().filter(|m| !is_hidden(m)).collect();
+        let mut listed: Vec<ObjectMeta> =
+            listed.into_iter().filter(|m| !is_hidden(url, m)).collect();
         if listed.is_empty() {
             return Err(VolleyError::plan(format!("no files found at {path}")));
         }
@@ -187,7 +198,9 @@ async fn infer_schema(
     // corrupt and must be reported.
     let readable: Vec<&(Arc<dyn object_store::ObjectStore>, ObjectMeta)> = files
         .iter()
-        .filter(|(_, m)| m.size > 0 || matches!(format, FileFormatKind::Parquet | FileFormatKind::Ipc))
+        .filter(|(_, m)| {
+            m.size > 0 || matches!(format, FileFormatKind::Parquet | FileFormatKind::Ipc)
+        })
         .collect();
     if readable.is_empty() {
         return Err(VolleyError::plan(format!(
@@ -211,17 +224,21 @@ async fn infer_schema(
             .boxed()
         })
         .collect();
-    let schemas: Vec<(String, SchemaRef)> = futures::stream::iter(futs).buffered(16).try_collect().await?;
+    let schemas: Vec<(String, SchemaRef)> = futures::stream::iter(futs)
+        .buffered(16)
+        .try_collect()
+        .await?;
     if schemas.len() == 1 {
         return Ok(Arc::clone(&schemas[0].1));
     }
     // The format's own merge first (for CSV it widens types across files).
     let by_store: Vec<ObjectMeta> = readable.iter().map(|(_, m)| m.clone()).collect();
-    let same_store = readable
-        .iter()
-        .all(|(s, _)| Arc::ptr_eq(s, &readable[0].0));
+    let same_store = readable.iter().all(|(s, _)| Arc::ptr_eq(s, &readable[0].0));
     if same_store {
-        if let Ok(merged) = df_format.infer_schema(state, &readable[0].0, &by_store).await {
+        if let Ok(merged) = df_format
+            .infer_schema(state, &readable[0].0, &by_store)
+            .await
+        {
             return Ok(merged);
         }
     }
@@ -263,7 +280,12 @@ impl DataSource for FileScan {
     async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
         let plan = self
             .table
-            .scan(state, request.projection.as_ref(), &request.filters, request.limit)
+            .scan(
+                state,
+                request.projection.as_ref(),
+                &request.filters,
+                request.limit,
+            )
             .await?;
         let Some(exec) = plan.downcast_ref::<DataSourceExec>() else {
             // No files survived pruning (an `EmptyExec`), or another plan shape:
@@ -282,7 +304,11 @@ impl DataSource for FileScan {
                     Some(r) => format!("{} [bytes {}..{}]", f.object_meta.location, r.start, r.end),
                     None => f.object_meta.location.to_string(),
                 };
-                let size = f.range.as_ref().map(|r| (r.end - r.start) as u64).unwrap_or(f.object_meta.size);
+                let size = f
+                    .range
+                    .as_ref()
+                    .map(|r| (r.end - r.start) as u64)
+                    .unwrap_or(f.object_meta.size);
                 (label, size)
             })
             .collect();
@@ -306,12 +332,18 @@ impl DataSource for FileScan {
 }
 
 /// One task per output partition of a DataFusion plan.
-pub(crate) fn partition_tasks(plan: Arc<dyn ExecutionPlan>, label: &str, size: u64) -> Vec<ReadTask> {
+pub(crate) fn partition_tasks(
+    plan: Arc<dyn ExecutionPlan>,
+    label: &str,
+    size: u64,
+) -> Vec<ReadTask> {
     let n = plan.properties().partitioning.partition_count();
     (0..n)
         .map(|i| {
             let plan = Arc::clone(&plan);
-            ReadTask::new(format!("{label} [{i}]"), size, move |ctx| Ok(plan.execute(i, ctx)?))
+            ReadTask::new(format!("{label} [{i}]"), size, move |ctx| {
+                Ok(plan.execute(i, ctx)?)
+            })
         })
         .collect()
 }

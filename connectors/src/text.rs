@@ -65,7 +65,11 @@ pub struct TextScan {
 
 impl TextScan {
     /// Lists `paths`; each task reads one file in batches of `batch_size` lines.
-    pub async fn try_new(state: &SessionState, paths: &[String], batch_size: usize) -> Result<Self> {
+    pub async fn try_new(
+        state: &SessionState,
+        paths: &[String],
+        batch_size: usize,
+    ) -> Result<Self> {
         Ok(Self {
             paths: paths.to_vec(),
             files: resolve(state, paths).await?,
@@ -99,22 +103,34 @@ impl DataSource for TextScan {
                 let (store, meta) = (Arc::clone(store), meta.clone());
                 let schema = Arc::clone(&out_schema);
                 ReadTask::new(meta.location.to_string(), meta.size, move |_ctx| {
-                    let (store, meta, schema) = (Arc::clone(&store), meta.clone(), Arc::clone(&schema));
+                    let (store, meta, schema) =
+                        (Arc::clone(&store), meta.clone(), Arc::clone(&schema));
                     let out = Arc::clone(&schema);
                     let batches = futures::stream::once(async move {
                         let bytes = fetch(&store, &meta).await?;
                         let text = std::str::from_utf8(&bytes).map_err(|e| {
-                            VolleyError::execution(format!("{} is not UTF-8 text: {e}", meta.location))
+                            VolleyError::execution(format!(
+                                "{} is not UTF-8 text: {e}",
+                                meta.location
+                            ))
                         })?;
-                        let lines: Vec<&str> = text
-                            .lines()
-                            .collect();
+                        let lines: Vec<&str> = text.lines().collect();
                         let mut batches = Vec::new();
                         for chunk in lines.chunks(batch_size) {
-                            let col: ArrayRef = Arc::new(StringArray::from_iter_values(chunk.iter()));
-                            let cols = if schema.fields().is_empty() { vec![] } else { vec![col] };
-                            let opts = arrow::array::RecordBatchOptions::new().with_row_count(Some(chunk.len()));
-                            batches.push(RecordBatch::try_new_with_options(Arc::clone(&schema), cols, &opts)?);
+                            let col: ArrayRef =
+                                Arc::new(StringArray::from_iter_values(chunk.iter()));
+                            let cols = if schema.fields().is_empty() {
+                                vec![]
+                            } else {
+                                vec![col]
+                            };
+                            let opts = arrow::array::RecordBatchOptions::new()
+                                .with_row_count(Some(chunk.len()));
+                            batches.push(RecordBatch::try_new_with_options(
+                                Arc::clone(&schema),
+                                cols,
+                                &opts,
+                            )?);
                         }
                         Ok::<_, VolleyError>(futures::stream::iter(batches.into_iter().map(Ok)))
                     })
@@ -176,8 +192,12 @@ impl DataSource for BinaryScan {
                 let schema = Arc::clone(&out_schema);
                 let projection = projection.clone();
                 ReadTask::new(meta.location.to_string(), meta.size, move |_ctx| {
-                    let (store, meta, schema, projection) =
-                        (Arc::clone(&store), meta.clone(), Arc::clone(&schema), projection.clone());
+                    let (store, meta, schema, projection) = (
+                        Arc::clone(&store),
+                        meta.clone(),
+                        Arc::clone(&schema),
+                        projection.clone(),
+                    );
                     let out = Arc::clone(&schema);
                     let batch = futures::stream::once(async move {
                         let bytes = store

@@ -9,7 +9,10 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::SessionConfig;
 use volley_common::{Result, VolleyConfig};
-use volley_connectors::{BinaryScan, CsvReadOptions, DataSource, FileFormatKind, FileScan, TextScan, VolleyObjectStoreRegistry};
+use volley_connectors::{
+    BinaryScan, CsvReadOptions, DataSource, FileFormatKind, FileScan, TextScan,
+    VolleyObjectStoreRegistry,
+};
 use volley_exec::{ExecContext, MemorySource, RangeSource};
 use volley_runtime::{LocalRuntime, Runtime};
 
@@ -161,7 +164,9 @@ impl Context {
     fn files(&self, format: FileFormatKind, paths: Paths) -> Result<Dataset> {
         let state = &self.exec.session;
         let split = self.exec.config.read.split_bytes;
-        let scan = self.exec.block_on(FileScan::try_new(state, format, &paths.0, split))?;
+        let scan = self
+            .exec
+            .block_on(FileScan::try_new(state, format, &paths.0, split))?;
         Ok(self.source(Arc::new(scan)))
     }
 
@@ -177,7 +182,11 @@ impl Context {
     }
 
     /// CSV files with options.
-    pub fn read_csv_with(&self, paths: impl Into<Paths>, options: CsvReadOptions) -> Result<Dataset> {
+    pub fn read_csv_with(
+        &self,
+        paths: impl Into<Paths>,
+        options: CsvReadOptions,
+    ) -> Result<Dataset> {
         self.files(FileFormatKind::Csv(options), paths.into())
     }
 
@@ -205,7 +214,9 @@ impl Context {
     /// Whole files as rows of `path` and `bytes`.
     pub fn read_binary_files(&self, paths: impl Into<Paths>) -> Result<Dataset> {
         let paths = paths.into();
-        let scan = self.exec.block_on(BinaryScan::try_new(&self.exec.session, &paths.0))?;
+        let scan = self
+            .exec
+            .block_on(BinaryScan::try_new(&self.exec.session, &paths.0))?;
         Ok(self.source(Arc::new(scan)))
     }
 
@@ -219,7 +230,11 @@ impl Context {
         let cpus = self.exec.runtime.total().num_cpus.ceil().max(1.0) as u64;
         let per_task = 1_000_000u64;
         let tasks = n.div_ceil(per_task).clamp(1, cpus * 4) as usize;
-        self.source(Arc::new(RangeSource::new(n, tasks, self.exec.config.exec.batch_size)))
+        self.source(Arc::new(RangeSource::new(
+            n,
+            tasks,
+            self.exec.config.exec.batch_size,
+        )))
     }
 
     /// Runs SQL over files and datasets: `tables` become named tables; paths in quotes

@@ -9,10 +9,12 @@ use arrow::datatypes::SchemaRef;
 use arrow::util::pretty::pretty_format_batches;
 use datafusion::logical_expr::Expr;
 use volley_common::{Result, ResultExt, VolleyError};
-use volley_connectors::{Compression, WriteFormat, WriteJob, WriteMode, WriteOptions, WriteSummary};
+use volley_connectors::{
+    Compression, WriteFormat, WriteJob, WriteMode, WriteOptions, WriteSummary,
+};
 use volley_exec::{
-    execute, ExecutionStats, ExecutionStream, PhysicalPlan, PredicateFn, StatefulTransform, TransformFactory,
-    TransformFn, WriteTarget,
+    execute, ExecutionStats, ExecutionStream, PhysicalPlan, PredicateFn, StatefulTransform,
+    TransformFactory, TransformFn, WriteTarget,
 };
 
 use crate::context::Context;
@@ -117,7 +119,7 @@ impl Dataset {
     /// a wrong column name fails here rather than at run time.
     fn checked(&self, plan: LogicalOp) -> Result<Self> {
         if let Some(schema) = self.plan.schema(self.ctx.session_state())? {
-            if let Some(exprs) = plan.projection(&schema)? {
+            if let Some(exprs) = plan.projection(&schema, true)? {
                 volley_exec::Step::project(&exprs, &schema, self.ctx.session_state())?;
             }
             if let LogicalOp::Filter { predicate, .. } = &plan {
@@ -315,12 +317,16 @@ impl Dataset {
 
     /// Streams the output in batches of `batch_size` rows, with `prefetch` batches
     /// prepared ahead.
-    pub fn iter_batches_with(&self, options: IterOptions) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
+    pub fn iter_batches_with(
+        &self,
+        options: IterOptions,
+    ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
         let stream = self.stream()?;
-        let rebatched: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> = match options.batch_size {
-            Some(n) => Box::new(Rebatch::new(stream, n.max(1))),
-            None => Box::new(stream),
-        };
+        let rebatched: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> =
+            match options.batch_size {
+                Some(n) => Box::new(Rebatch::new(stream, n.max(1))),
+                None => Box::new(stream),
+            };
         if options.prefetch == 0 {
             return Ok(rebatched);
         }
@@ -369,7 +375,8 @@ impl Dataset {
         for b in counted.stream()? {
             n += b?.num_rows() as u64;
         }
-        *self.last_stats.lock().expect("stats lock") = counted.last_stats.lock().expect("stats lock").clone();
+        *self.last_stats.lock().expect("stats lock") =
+            counted.last_stats.lock().expect("stats lock").clone();
         Ok(n)
     }
 

@@ -129,14 +129,23 @@ impl LogicalOp {
         let mut one = || new.remove(0);
         match self {
             LogicalOp::Source { .. } => self.clone(),
-            LogicalOp::Select { exprs, .. } => LogicalOp::Select { input: one(), exprs: exprs.clone() },
+            LogicalOp::Select { exprs, .. } => LogicalOp::Select {
+                input: one(),
+                exprs: exprs.clone(),
+            },
             LogicalOp::WithColumn { name, expr, .. } => LogicalOp::WithColumn {
                 input: one(),
                 name: name.clone(),
                 expr: expr.clone(),
             },
-            LogicalOp::Drop { columns, .. } => LogicalOp::Drop { input: one(), columns: columns.clone() },
-            LogicalOp::Rename { pairs, .. } => LogicalOp::Rename { input: one(), pairs: pairs.clone() },
+            LogicalOp::Drop { columns, .. } => LogicalOp::Drop {
+                input: one(),
+                columns: columns.clone(),
+            },
+            LogicalOp::Rename { pairs, .. } => LogicalOp::Rename {
+                input: one(),
+                pairs: pairs.clone(),
+            },
             LogicalOp::Filter { predicate, .. } => LogicalOp::Filter {
                 input: one(),
                 predicate: predicate.clone(),
@@ -150,12 +159,17 @@ impl LogicalOp {
                 f: f.clone(),
                 options: options.clone(),
             },
-            LogicalOp::MapBatchesStateful { factory, options, .. } => LogicalOp::MapBatchesStateful {
+            LogicalOp::MapBatchesStateful {
+                factory, options, ..
+            } => LogicalOp::MapBatchesStateful {
                 input: one(),
                 factory: factory.clone(),
                 options: options.clone(),
             },
-            LogicalOp::Limit { n, .. } => LogicalOp::Limit { input: one(), n: *n },
+            LogicalOp::Limit { n, .. } => LogicalOp::Limit {
+                input: one(),
+                n: *n,
+            },
             LogicalOp::Union { .. } => LogicalOp::Union { inputs: new },
         }
     }
@@ -167,16 +181,16 @@ impl LogicalOp {
                 Some(p) => Arc::new(source.schema().project(p)?),
                 None => source.schema(),
             }),
-            LogicalOp::Filter { input, .. } | LogicalOp::FilterFn { input, .. } | LogicalOp::Limit { input, .. } => {
-                input.schema(state)?
-            }
+            LogicalOp::Filter { input, .. }
+            | LogicalOp::FilterFn { input, .. }
+            | LogicalOp::Limit { input, .. } => input.schema(state)?,
             LogicalOp::MapBatches { .. } | LogicalOp::MapBatchesStateful { .. } => None,
             LogicalOp::Union { inputs } => inputs[0].schema(state)?,
             LogicalOp::Select { input, .. }
             | LogicalOp::WithColumn { input, .. }
             | LogicalOp::Drop { input, .. }
             | LogicalOp::Rename { input, .. } => match input.schema(state)? {
-                Some(s) => match self.projection(&s)? {
+                Some(s) => match self.projection(&s, false)? {
                     Some(exprs) => match Step::project(&exprs, &s, state)? {
                         Step::Project { schema, .. } => Some(schema),
                         _ => None,
@@ -190,7 +204,14 @@ impl LogicalOp {
 
     /// For the column-shaping nodes, their output as `(expression, name)` pairs over an
     /// input of `schema`. Errors name unknown columns.
-    pub(crate) fn projection(&self, schema: &SchemaRef) -> Result<Option<Vec<(Expr, String)>>> {
+    ///
+    /// When not `strict`, dropping or renaming a column that is not there is ignored:
+    /// the optimizer may have pruned it (the user's plan was checked when built).
+    pub(crate) fn projection(
+        &self,
+        schema: &SchemaRef,
+        strict: bool,
+    ) -> Result<Option<Vec<(Expr, String)>>> {
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         let unknown = |c: &str| {
             VolleyError::plan(format!(
@@ -226,7 +247,8 @@ impl LogicalOp {
                         return Err(unknown(&c.name));
                     }
                 }
-                let mut out: Vec<(Expr, String)> = names.iter().map(|n| (col(*n), n.to_string())).collect();
+                let mut out: Vec<(Expr, String)> =
+                    names.iter().map(|n| (col(*n), n.to_string())).collect();
                 match out.iter_mut().find(|(_, n)| n == name) {
                     Some(slot) => slot.0 = expr.clone(),
                     None => out.push((expr.clone(), name.clone())),
@@ -235,7 +257,7 @@ impl LogicalOp {
             }
             LogicalOp::Drop { columns, .. } => {
                 for c in columns {
-                    if !names.contains(&c.as_str()) {
+                    if strict && !names.contains(&c.as_str()) {
                         return Err(unknown(c));
                     }
                 }
@@ -247,7 +269,7 @@ impl LogicalOp {
             }
             LogicalOp::Rename { pairs, .. } => {
                 for (from, _) in pairs {
-                    if !names.contains(&from.as_str()) {
+                    if strict && !names.contains(&from.as_str()) {
                         return Err(unknown(from));
                     }
                 }
@@ -286,17 +308,29 @@ impl LogicalOp {
                 let e: Vec<String> = exprs.iter().map(|e| e.to_string()).collect();
                 writeln!(out, "{pad}Select: {}", e.join(", "))
             }
-            LogicalOp::WithColumn { name, expr, .. } => writeln!(out, "{pad}WithColumn: {name} = {expr}"),
+            LogicalOp::WithColumn { name, expr, .. } => {
+                writeln!(out, "{pad}WithColumn: {name} = {expr}")
+            }
             LogicalOp::Drop { columns, .. } => writeln!(out, "{pad}Drop: {}", columns.join(", ")),
             LogicalOp::Rename { pairs, .. } => {
                 let p: Vec<String> = pairs.iter().map(|(a, b)| format!("{a} -> {b}")).collect();
                 writeln!(out, "{pad}Rename: {}", p.join(", "))
             }
             LogicalOp::Filter { predicate, .. } => writeln!(out, "{pad}Filter: {predicate}"),
-            LogicalOp::FilterFn { predicate, .. } => writeln!(out, "{pad}Filter: fn {}", predicate.name()),
-            LogicalOp::MapBatches { f, options, .. } => writeln!(out, "{pad}MapBatches: {} {options}", f.name()),
-            LogicalOp::MapBatchesStateful { factory, options, .. } => {
-                writeln!(out, "{pad}MapBatches (stateful): {} {options}", factory.name())
+            LogicalOp::FilterFn { predicate, .. } => {
+                writeln!(out, "{pad}Filter: fn {}", predicate.name())
+            }
+            LogicalOp::MapBatches { f, options, .. } => {
+                writeln!(out, "{pad}MapBatches: {} {options}", f.name())
+            }
+            LogicalOp::MapBatchesStateful {
+                factory, options, ..
+            } => {
+                writeln!(
+                    out,
+                    "{pad}MapBatches (stateful): {} {options}",
+                    factory.name()
+                )
             }
             LogicalOp::Limit { n, .. } => writeln!(out, "{pad}Limit: {n}"),
             LogicalOp::Union { inputs } => writeln!(out, "{pad}Union: {} inputs", inputs.len()),

@@ -6,7 +6,8 @@ use arrow::datatypes::SchemaRef;
 use datafusion::execution::context::SessionState;
 use volley_common::{Result, VolleyError};
 use volley_exec::{
-    ActorMapExec, LazyStep, LimitExec, MapExec, PhysicalPlan, ReadExec, Step, UnionExec, WriteTarget,
+    ActorMapExec, LazyStep, LimitExec, MapExec, PhysicalPlan, ReadExec, Step, UnionExec,
+    WriteTarget,
 };
 use volley_runtime::ResourceRequest;
 
@@ -16,7 +17,9 @@ use crate::logical::LogicalOp;
 fn fusable_cpus(plan: &PhysicalPlan) -> Option<f64> {
     match plan {
         PhysicalPlan::Read(r) if r.write.is_none() => Some(r.resources.num_cpus),
-        PhysicalPlan::Map(m) if m.write.is_none() && m.concurrency.is_none() => Some(m.resources.num_cpus),
+        PhysicalPlan::Map(m) if m.write.is_none() && m.concurrency.is_none() => {
+            Some(m.resources.num_cpus)
+        }
         _ => None,
     }
 }
@@ -25,12 +28,16 @@ fn fusable_cpus(plan: &PhysicalPlan) -> Option<f64> {
 fn append(plan: PhysicalPlan, step: Step, cpus: Option<f64>) -> PhysicalPlan {
     let want = cpus.or_else(|| fusable_cpus(&plan)).unwrap_or(1.0);
     match plan {
-        PhysicalPlan::Read(mut r) if r.write.is_none() && (r.resources.num_cpus - want).abs() < 1e-9 => {
+        PhysicalPlan::Read(mut r)
+            if r.write.is_none() && (r.resources.num_cpus - want).abs() < 1e-9 =>
+        {
             r.steps.push(step);
             PhysicalPlan::Read(r)
         }
         PhysicalPlan::Map(mut m)
-            if m.write.is_none() && m.concurrency.is_none() && (m.resources.num_cpus - want).abs() < 1e-9 =>
+            if m.write.is_none()
+                && m.concurrency.is_none()
+                && (m.resources.num_cpus - want).abs() < 1e-9 =>
         {
             m.steps.push(step);
             PhysicalPlan::Map(m)
@@ -47,7 +54,10 @@ fn append(plan: PhysicalPlan, step: Step, cpus: Option<f64>) -> PhysicalPlan {
 }
 
 /// Plans `op`; returns the plan and its output schema where known.
-pub(crate) fn plan(op: &LogicalOp, state: &SessionState) -> Result<(PhysicalPlan, Option<SchemaRef>)> {
+pub(crate) fn plan(
+    op: &LogicalOp,
+    state: &SessionState,
+) -> Result<(PhysicalPlan, Option<SchemaRef>)> {
     Ok(match op {
         LogicalOp::Source { source, request } => {
             let schema = op.schema(state)?;
@@ -69,7 +79,7 @@ pub(crate) fn plan(op: &LogicalOp, state: &SessionState) -> Result<(PhysicalPlan
             let (child, schema) = plan(input, state)?;
             match schema {
                 Some(schema) => {
-                    let exprs = op.projection(&schema)?.expect("column-shaping node");
+                    let exprs = op.projection(&schema, false)?.expect("column-shaping node");
                     let step = Step::project(&exprs, &schema, state)?;
                     let out = match &step {
                         Step::Project { schema, .. } => Some(Arc::clone(schema)),
@@ -82,7 +92,9 @@ pub(crate) fn plan(op: &LogicalOp, state: &SessionState) -> Result<(PhysicalPlan
                     let state = state.clone();
                     let display = node.to_string();
                     let lazy = LazyStep::new(display, move |schema| {
-                        let exprs = node.projection(schema)?.expect("column-shaping node");
+                        let exprs = node
+                            .projection(schema, false)?
+                            .expect("column-shaping node");
                         Step::project(&exprs, schema, &state)
                     });
                     (append(child, Step::Lazy(lazy), None), None)
@@ -104,7 +116,10 @@ pub(crate) fn plan(op: &LogicalOp, state: &SessionState) -> Result<(PhysicalPlan
         }
         LogicalOp::FilterFn { input, predicate } => {
             let (child, schema) = plan(input, state)?;
-            (append(child, Step::FilterFn(predicate.clone()), None), schema)
+            (
+                append(child, Step::FilterFn(predicate.clone()), None),
+                schema,
+            )
         }
         LogicalOp::MapBatches { input, f, options } => {
             let (child, _) = plan(input, state)?;
@@ -112,7 +127,9 @@ pub(crate) fn plan(op: &LogicalOp, state: &SessionState) -> Result<(PhysicalPlan
                 f: f.clone(),
                 batch_size: options.batch_size,
             };
-            let plan = if options.concurrency.is_some() || fusable_cpus(&child) != Some(options.num_cpus) {
+            let plan = if options.concurrency.is_some()
+                || fusable_cpus(&child) != Some(options.num_cpus)
+            {
                 PhysicalPlan::Map(MapExec {
                     input: Box::new(child),
                     steps: vec![step],

@@ -4,13 +4,19 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use datafusion::catalog::{Session, TableProvider};
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+    MemorySchemaProvider, Session, TableProvider,
+};
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
 use datafusion::common::Column;
 use datafusion::datasource::TableType;
 use datafusion::execution::context::SessionState;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown};
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown,
+};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
@@ -30,7 +36,17 @@ pub(crate) fn plan_sql(
     tables: &[(&str, &Dataset)],
     files: &[(&str, &str)],
 ) -> Result<Dataset> {
-    let sctx = SessionContext::new_with_state(ctx.session_state().clone()).enable_url_table();
+    // A catalog of its own: the tables of one query do not leak into another.
+    let catalogs = Arc::new(MemoryCatalogProviderList::new());
+    let catalog = MemoryCatalogProvider::new();
+    catalog
+        .register_schema("public", Arc::new(MemorySchemaProvider::new()))
+        .map_err(VolleyError::from)?;
+    catalogs.register_catalog("datafusion".to_string(), Arc::new(catalog));
+    let state = SessionStateBuilder::new_from_existing(ctx.session_state().clone())
+        .with_catalog_list(catalogs)
+        .build();
+    let sctx = SessionContext::new_with_state(state).enable_url_table();
     for (name, ds) in tables {
         sctx.register_table(*name, Arc::new(DatasetTable::try_new((*ds).clone())?))
             .with_context(|| format!("registering table `{name}`"))?;
@@ -42,22 +58,35 @@ pub(crate) fn plan_sql(
             .block_on(async {
                 if lower.contains(".csv") {
                     sctx.register_csv(*name, *path, Default::default()).await
-                } else if lower.contains(".json") || lower.contains(".ndjson") || lower.contains(".jsonl") {
+                } else if lower.contains(".json")
+                    || lower.contains(".ndjson")
+                    || lower.contains(".jsonl")
+                {
                     let options = datafusion::prelude::JsonReadOptions {
-                        file_extension: if lower.contains(".ndjson") { ".ndjson" } else if lower.contains(".jsonl") { ".jsonl" } else { ".json" },
+                        file_extension: if lower.contains(".ndjson") {
+                            ".ndjson"
+                        } else if lower.contains(".jsonl") {
+                            ".jsonl"
+                        } else {
+                            ".json"
+                        },
                         ..Default::default()
                     };
                     sctx.register_json(*name, *path, options).await
-                } else if lower.ends_with(".arrow") || lower.ends_with(".ipc") || lower.ends_with(".feather") {
+                } else if lower.ends_with(".arrow")
+                    || lower.ends_with(".ipc")
+                    || lower.ends_with(".feather")
+                {
                     sctx.register_arrow(*name, *path, Default::default()).await
                 } else {
-                    sctx.register_parquet(*name, *path, Default::default()).await
+                    sctx.register_parquet(*name, *path, Default::default())
+                        .await
                 }
             })
             .with_context(|| format!("registering table `{name}` = {path}"))?;
     }
-    let statements = DFParser::parse_sql(query)
-        .map_err(|e| VolleyError::plan(format!("SQL error: {e}")))?;
+    let statements =
+        DFParser::parse_sql(query).map_err(|e| VolleyError::plan(format!("SQL error: {e}")))?;
     if statements.is_empty() {
         return Err(VolleyError::plan("no SQL statement given"));
     }
@@ -117,7 +146,10 @@ impl DataSource for SqlSource {
     fn describe(&self) -> String {
         let q: String = self.query.split_whitespace().collect::<Vec<_>>().join(" ");
         if q.len() > 80 {
-            format!("{}…", &q[..q.char_indices().nth(79).map(|(i, _)| i).unwrap_or(q.len())])
+            format!(
+                "{}…",
+                &q[..q.char_indices().nth(79).map(|(i, _)| i).unwrap_or(q.len())]
+            )
         } else {
             q
         }
@@ -142,7 +174,9 @@ impl DataSource for SqlSource {
         Ok((0..parts)
             .map(|i| {
                 let plan = Arc::clone(&physical);
-                ReadTask::new(format!("SQL partition {i}"), 0, move |ctx| Ok(plan.execute(i, ctx)?))
+                ReadTask::new(format!("SQL partition {i}"), 0, move |ctx| {
+                    Ok(plan.execute(i, ctx)?)
+                })
             })
             .collect())
     }
@@ -169,7 +203,9 @@ impl DatasetTable {
 fn unqualify(e: &Expr) -> datafusion::common::Result<Expr> {
     e.clone()
         .transform_up(|e| match e {
-            Expr::Column(c) => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(c.name)))),
+            Expr::Column(c) => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(
+                c.name,
+            )))),
             other => Ok(Transformed::no(other)),
         })
         .data()
@@ -204,8 +240,16 @@ impl TableProvider for DatasetTable {
             ds = ds.filter(unqualify(f)?)?;
         }
         let names: Vec<String> = match projection {
-            Some(p) => p.iter().map(|&i| self.schema.field(i).name().clone()).collect(),
-            None => self.schema.fields().iter().map(|f| f.name().clone()).collect(),
+            Some(p) => p
+                .iter()
+                .map(|&i| self.schema.field(i).name().clone())
+                .collect(),
+            None => self
+                .schema
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect(),
         };
         ds = ds.select(&names)?;
         if let Some(n) = limit {
@@ -265,16 +309,22 @@ impl PartitionStream for DatasetPartition {
                     }
                 }
             });
-        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
-        let stream: futures::stream::BoxStream<'static, datafusion::common::Result<arrow::array::RecordBatch>> =
-            match spawned {
-                Ok(_) => Box::pin(stream),
-                Err(e) => Box::pin(futures::stream::once(async move {
-                    Err(datafusion::error::DataFusionError::Execution(format!(
-                        "cannot start a scan thread: {e}"
-                    )))
-                })),
-            };
-        Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&self.schema), stream))
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+        let stream: futures::stream::BoxStream<
+            'static,
+            datafusion::common::Result<arrow::array::RecordBatch>,
+        > = match spawned {
+            Ok(_) => Box::pin(stream),
+            Err(e) => Box::pin(futures::stream::once(async move {
+                Err(datafusion::error::DataFusionError::Execution(format!(
+                    "cannot start a scan thread: {e}"
+                )))
+            })),
+        };
+        Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            stream,
+        ))
     }
 }

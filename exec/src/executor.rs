@@ -79,7 +79,11 @@ impl ExecContext {
     {
         let io = self.runtime.io_handle();
         if tokio::runtime::Handle::try_current().is_ok() {
-            std::thread::scope(|s| s.spawn(|| io.block_on(fut)).join().expect("planning thread"))
+            std::thread::scope(|s| {
+                s.spawn(|| io.block_on(fut))
+                    .join()
+                    .expect("planning thread")
+            })
         } else {
             io.block_on(fut)
         }
@@ -123,8 +127,16 @@ impl Shared {
     }
 
     fn new_queue(&self, ordered: bool, producers: usize) -> Arc<BlockQueue> {
-        let q = BlockQueue::new(ordered, producers, Arc::clone(&self.budget), Arc::clone(&self.signal));
-        self.queues.lock().expect("queues lock").push(Arc::clone(&q));
+        let q = BlockQueue::new(
+            ordered,
+            producers,
+            Arc::clone(&self.budget),
+            Arc::clone(&self.signal),
+        );
+        self.queues
+            .lock()
+            .expect("queues lock")
+            .push(Arc::clone(&q));
         q
     }
 }
@@ -176,9 +188,15 @@ impl TaskBody {
         }
     }
 
-    fn emit(&self, seq: u64, batches: &mut Vec<RecordBatch>, writer: &mut Option<PartWriter>) -> Result<()> {
+    fn emit(
+        &self,
+        seq: u64,
+        batches: &mut Vec<RecordBatch>,
+        writer: &mut Option<PartWriter>,
+    ) -> Result<()> {
         for b in batches.drain(..) {
-            self.counters.output(b.num_rows(), b.get_array_memory_size());
+            self.counters
+                .output(b.num_rows(), b.get_array_memory_size());
             match writer {
                 Some(w) => w.write(&b)?,
                 None => self.out.push(seq, b)?,
@@ -208,7 +226,9 @@ impl TaskBody {
             let next = shared.io.block_on(stream.next());
             match next {
                 None => break,
-                Some(Err(e)) => return Err(VolleyError::from(e).context(format!("reading {}", task.label))),
+                Some(Err(e)) => {
+                    return Err(VolleyError::from(e).context(format!("reading {}", task.label)))
+                }
                 Some(Ok(batch)) => {
                     runner.push(batch, &mut out)?;
                     self.emit(seq, &mut out, &mut writer)?;
@@ -295,12 +315,13 @@ fn build(
     let name = plan.name();
     let counters = Arc::new(OpCounters::default());
     out.register(seqs.sentinel());
-    let body = |steps: Vec<Step>, write: Option<Arc<WriteTarget>>, counters: &Arc<OpCounters>| TaskBody {
-        steps,
-        write,
-        out: Arc::clone(&out),
-        counters: Arc::clone(counters),
-    };
+    let body =
+        |steps: Vec<Step>, write: Option<Arc<WriteTarget>>, counters: &Arc<OpCounters>| TaskBody {
+            steps,
+            write,
+            out: Arc::clone(&out),
+            counters: Arc::clone(counters),
+        };
     let check_fits = |r: &ResourceRequest, what: &str| {
         if !ctx.runtime.could_fit(r) {
             Err(VolleyError::plan(format!(
@@ -455,12 +476,18 @@ fn spawn(
         task_shared.signal.notify();
     });
     op_in_flight.fetch_add(1, Ordering::AcqRel);
-    match shared.runtime.try_spawn(TaskSpec::new(name.clone(), resources), task) {
+    match shared
+        .runtime
+        .try_spawn(TaskSpec::new(name.clone(), resources), task)
+    {
         Ok(_) => true,
         Err(task) => {
             if op_in_flight.load(Ordering::Acquire) == 1 {
                 // Nothing of this operator runs: run it anyway, holding nothing.
-                match shared.runtime.try_spawn(TaskSpec::new(name, ResourceRequest::default()), task) {
+                match shared
+                    .runtime
+                    .try_spawn(TaskSpec::new(name, ResourceRequest::default()), task)
+                {
                     Ok(_) => return true,
                     Err(_) => {}
                 }
@@ -509,16 +536,25 @@ impl Op {
                 }
                 let mut running = in_flight;
                 while room && running < self.max_tasks {
-                    let Some((seq, task)) = pending.pop_front() else { break };
+                    let Some((seq, task)) = pending.pop_front() else {
+                        break;
+                    };
                     self.out.register(seq);
                     let b = body.clone();
                     let s = Arc::clone(shared);
                     let t = task.clone();
-                    let ok = spawn(shared, &self.in_flight, name.clone(), *resources, &self.counters, move || {
-                        let r = b.run_read(&s, &t, seq);
-                        b.out.finish_seq(seq);
-                        r
-                    });
+                    let ok = spawn(
+                        shared,
+                        &self.in_flight,
+                        name.clone(),
+                        *resources,
+                        &self.counters,
+                        move || {
+                            let r = b.run_read(&s, &t, seq);
+                            b.out.finish_seq(seq);
+                            r
+                        },
+                    );
                     if !ok {
                         pending.push_front((seq, task));
                         break;
@@ -569,11 +605,18 @@ impl Op {
                     self.counters.tasks_total.fetch_add(1, Ordering::Relaxed);
                     let b = body.clone();
                     let held = work.clone();
-                    let ok = spawn(shared, &self.in_flight, name.clone(), *resources, &self.counters, move || {
-                        let r = b.run_bundle(work, seq);
-                        b.out.finish_seq(seq);
-                        r
-                    });
+                    let ok = spawn(
+                        shared,
+                        &self.in_flight,
+                        name.clone(),
+                        *resources,
+                        &self.counters,
+                        move || {
+                            let r = b.run_bundle(work, seq);
+                            b.out.finish_seq(seq);
+                            r
+                        },
+                    );
                     if !ok {
                         // Put the bundle back; the sequence stays registered and is
                         // used by the next try.
@@ -607,7 +650,14 @@ impl Op {
                         next_seq: Arc::clone(next_seq),
                         counters: Arc::clone(&self.counters),
                     };
-                    let ok = spawn(shared, &self.in_flight, format!("{name}#{spawned}"), *resources, &self.counters, move || worker.run());
+                    let ok = spawn(
+                        shared,
+                        &self.in_flight,
+                        format!("{name}#{spawned}"),
+                        *resources,
+                        &self.counters,
+                        move || worker.run(),
+                    );
                     if !ok {
                         break;
                     }
@@ -619,14 +669,26 @@ impl Op {
             }
             Kind::Limit { input, n, spawned } => {
                 if !*spawned && !stopping {
-                    let (input, out, n, counters) = (Arc::clone(input), Arc::clone(&self.out), *n, Arc::clone(&self.counters));
+                    let (input, out, n, counters) = (
+                        Arc::clone(input),
+                        Arc::clone(&self.out),
+                        *n,
+                        Arc::clone(&self.counters),
+                    );
                     let seq = self.seqs.base;
                     self.out.register(seq);
-                    *spawned = spawn(shared, &self.in_flight, name, ResourceRequest::default(), &self.counters, move || {
-                        let r = run_limit(&input, &out, n, seq, &counters);
-                        out.finish_seq(seq);
-                        r
-                    });
+                    *spawned = spawn(
+                        shared,
+                        &self.in_flight,
+                        name,
+                        ResourceRequest::default(),
+                        &self.counters,
+                        move || {
+                            let r = run_limit(&input, &out, n, seq, &counters);
+                            out.finish_seq(seq);
+                            r
+                        },
+                    );
                 }
                 if (*spawned || stopping) && self.in_flight.load(Ordering::Acquire) == 0 {
                     self.close();
@@ -636,13 +698,23 @@ impl Op {
     }
 }
 
-fn run_limit(input: &BlockQueue, out: &BlockQueue, n: usize, seq: u64, counters: &OpCounters) -> Result<()> {
+fn run_limit(
+    input: &BlockQueue,
+    out: &BlockQueue,
+    n: usize,
+    seq: u64,
+    counters: &OpCounters,
+) -> Result<()> {
     let mut left = n;
     while left > 0 {
         match input.pop()? {
             Some(b) => {
                 let take = left.min(b.num_rows());
-                let b = if take < b.num_rows() { b.slice(0, take) } else { b };
+                let b = if take < b.num_rows() {
+                    b.slice(0, take)
+                } else {
+                    b
+                };
                 left -= take;
                 counters.output(b.num_rows(), b.get_array_memory_size());
                 out.push(seq, b)?;
@@ -708,7 +780,8 @@ impl ActorWorker {
                     let out = guard(&name, || transform.transform(all.slice(offset, len)))?;
                     offset += len;
                     if out.num_rows() > 0 {
-                        self.counters.output(out.num_rows(), out.get_array_memory_size());
+                        self.counters
+                            .output(out.num_rows(), out.get_array_memory_size());
                         self.out.push(seq, out)?;
                     }
                 }
@@ -733,7 +806,9 @@ pub struct ExecutionStream {
 
 impl std::fmt::Debug for ExecutionStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExecutionStream").field("done", &self.done).finish()
+        f.debug_struct("ExecutionStream")
+            .field("done", &self.done)
+            .finish()
     }
 }
 
@@ -836,7 +911,9 @@ fn drive(mut ops: Vec<Op>, shared: Arc<Shared>, progress: Progress, limit: u64) 
         if ops.iter().all(|o| o.closed) {
             break;
         }
-        shared.signal.wait_since(generation, Duration::from_millis(100));
+        shared
+            .signal
+            .wait_since(generation, Duration::from_millis(100));
     }
     let stats = ExecutionStats {
         operators: ops

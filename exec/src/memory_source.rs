@@ -16,20 +16,29 @@ fn projected(schema: &SchemaRef, request: &ScanRequest) -> Result<SchemaRef> {
     })
 }
 
-fn project_batch(batch: &RecordBatch, projection: &Option<Vec<usize>>, schema: &SchemaRef) -> Result<RecordBatch> {
+fn project_batch(
+    batch: &RecordBatch,
+    projection: &Option<Vec<usize>>,
+    schema: &SchemaRef,
+) -> Result<RecordBatch> {
     match projection {
         None => Ok(batch.clone()),
         Some(p) => {
             let cols = p.iter().map(|&i| Arc::clone(batch.column(i))).collect();
             let opts = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
-            Ok(RecordBatch::try_new_with_options(Arc::clone(schema), cols, &opts)?)
+            Ok(RecordBatch::try_new_with_options(
+                Arc::clone(schema),
+                cols,
+                &opts,
+            )?)
         }
     }
 }
 
 fn stream_task(label: String, rows: u64, schema: SchemaRef, batches: Vec<RecordBatch>) -> ReadTask {
     ReadTask::new(label, rows, move |_ctx| {
-        let items: Vec<datafusion::common::Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
+        let items: Vec<datafusion::common::Result<RecordBatch>> =
+            batches.iter().cloned().map(Ok).collect();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             Arc::clone(&schema),
             futures::stream::iter(items),
@@ -48,7 +57,9 @@ impl MemorySource {
     /// A source over `batches`, which must share one schema.
     pub fn try_new(batches: Vec<RecordBatch>) -> Result<Self> {
         let Some(first) = batches.first() else {
-            return Err(VolleyError::plan("from_batches needs at least one batch (its schema)"));
+            return Err(VolleyError::plan(
+                "from_batches needs at least one batch (its schema)",
+            ));
         };
         let schema = first.schema();
         for (i, b) in batches.iter().enumerate() {
@@ -83,7 +94,12 @@ impl DataSource for MemorySource {
             .enumerate()
             .map(|(i, b)| {
                 let b = project_batch(b, &request.projection, &schema)?;
-                Ok(stream_task(format!("batch {i}"), b.num_rows() as u64, Arc::clone(&schema), vec![b]))
+                Ok(stream_task(
+                    format!("batch {i}"),
+                    b.num_rows() as u64,
+                    Arc::clone(&schema),
+                    vec![b],
+                ))
             })
             .collect()
     }
@@ -131,28 +147,39 @@ impl DataSource for RangeSource {
         }
         let tasks = (self.tasks as u64).min(n.max(1));
         let per = n.div_ceil(tasks.max(1));
-        let keep = request.projection.as_ref().map(|p| !p.is_empty()).unwrap_or(true);
+        let keep = request
+            .projection
+            .as_ref()
+            .map(|p| !p.is_empty())
+            .unwrap_or(true);
         let batch_size = self.batch_size as u64;
         let mut out = Vec::new();
         let mut start = 0;
         while start < n {
             let end = (start + per).min(n);
             let schema = Arc::clone(&schema);
-            out.push(ReadTask::new(format!("range {start}..{end}"), (end - start) * 8, move |_ctx| {
-                let schema2 = Arc::clone(&schema);
-                let batches = (start..end).step_by(batch_size as usize).map(move |s| {
-                    let e = (s + batch_size).min(end);
-                    let cols: Vec<arrow::array::ArrayRef> = if keep {
-                        vec![Arc::new(Int64Array::from_iter_values(s as i64..e as i64))]
-                    } else {
-                        vec![]
-                    };
-                    let opts = RecordBatchOptions::new().with_row_count(Some((e - s) as usize));
-                    RecordBatch::try_new_with_options(Arc::clone(&schema2), cols, &opts)
-                        .map_err(Into::into)
-                });
-                Ok(Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&schema), futures::stream::iter(batches))))
-            }));
+            out.push(ReadTask::new(
+                format!("range {start}..{end}"),
+                (end - start) * 8,
+                move |_ctx| {
+                    let schema2 = Arc::clone(&schema);
+                    let batches = (start..end).step_by(batch_size as usize).map(move |s| {
+                        let e = (s + batch_size).min(end);
+                        let cols: Vec<arrow::array::ArrayRef> = if keep {
+                            vec![Arc::new(Int64Array::from_iter_values(s as i64..e as i64))]
+                        } else {
+                            vec![]
+                        };
+                        let opts = RecordBatchOptions::new().with_row_count(Some((e - s) as usize));
+                        RecordBatch::try_new_with_options(Arc::clone(&schema2), cols, &opts)
+                            .map_err(Into::into)
+                    });
+                    Ok(Box::pin(RecordBatchStreamAdapter::new(
+                        Arc::clone(&schema),
+                        futures::stream::iter(batches),
+                    )))
+                },
+            ));
             start = end;
         }
         Ok(out)

@@ -33,7 +33,9 @@ impl WriteTarget {
         if let Some(job) = self.job.lock().expect("write lock").take() {
             job.commit()?;
         }
-        Ok(std::mem::take(&mut *self.summary.lock().expect("write lock")))
+        Ok(std::mem::take(
+            &mut *self.summary.lock().expect("write lock"),
+        ))
     }
 
     /// Removes every staged part (after a failed execution).
@@ -173,7 +175,8 @@ impl PhysicalPlan {
                 let mut pushed = Vec::new();
                 if let Some(p) = &r.request.projection {
                     let schema = r.source.schema();
-                    let cols: Vec<&str> = p.iter().map(|&i| schema.field(i).name().as_str()).collect();
+                    let cols: Vec<&str> =
+                        p.iter().map(|&i| schema.field(i).name().as_str()).collect();
                     pushed.push(format!("projection=[{}]", cols.join(", ")));
                 }
                 if !r.request.filters.is_empty() {
@@ -205,7 +208,9 @@ impl PhysicalPlan {
                 f,
                 "{pad}Map: tasks of >= {} rows, concurrency={}  (cpus/task={})",
                 m.bundle_rows,
-                m.concurrency.map(|c| c.to_string()).unwrap_or_else(|| "auto".into()),
+                m.concurrency
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "auto".into()),
                 m.resources.num_cpus
             )
             .and_then(|_| {
@@ -222,7 +227,9 @@ impl PhysicalPlan {
                 "{pad}ActorPoolMap: {} on {} workers{}  (cpus/worker={})",
                 a.factory.name(),
                 a.concurrency,
-                a.batch_size.map(|b| format!(", batch_size={b}")).unwrap_or_default(),
+                a.batch_size
+                    .map(|b| format!(", batch_size={b}"))
+                    .unwrap_or_default(),
                 a.resources.num_cpus
             ),
             PhysicalPlan::Limit(l) => writeln!(f, "{pad}Limit: {}", l.n),

@@ -118,7 +118,12 @@ impl BlockQueue {
     /// Registers a sequence number (ordered mode), in dispatch order.
     pub fn register(&self, seq: u64) {
         if self.ordered {
-            self.state.lock().expect("queue lock").seqs.entry(seq).or_default();
+            self.state
+                .lock()
+                .expect("queue lock")
+                .seqs
+                .entry(seq)
+                .or_default();
         }
     }
 
@@ -145,7 +150,10 @@ impl BlockQueue {
                 let mut s = self.state.lock().expect("queue lock");
                 let at_head = if self.ordered {
                     s.seqs.keys().next() == Some(&seq)
-                        && s.seqs.get(&seq).map(|x| x.blocks.is_empty()).unwrap_or(true)
+                        && s.seqs
+                            .get(&seq)
+                            .map(|x| x.blocks.is_empty())
+                            .unwrap_or(true)
                 } else {
                     s.fifo.is_empty()
                 };
@@ -171,7 +179,8 @@ impl BlockQueue {
                     return Ok(());
                 }
             }
-            self.signal.wait_since(generation, Duration::from_millis(50));
+            self.signal
+                .wait_since(generation, Duration::from_millis(50));
         }
     }
 
@@ -234,7 +243,9 @@ impl BlockQueue {
             match self.try_pop()? {
                 Popped::Batch(b) => return Ok(Some(b)),
                 Popped::Done => return Ok(None),
-                Popped::Empty => self.signal.wait_since(generation, Duration::from_millis(50)),
+                Popped::Empty => self
+                    .signal
+                    .wait_since(generation, Duration::from_millis(50)),
             }
         }
     }
@@ -288,7 +299,11 @@ mod tests {
     }
 
     fn first(b: &RecordBatch) -> i32 {
-        b.column(0).as_any().downcast_ref::<Int32Array>().unwrap().value(0)
+        b.column(0)
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .unwrap()
+            .value(0)
     }
 
     #[test]

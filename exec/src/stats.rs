@@ -31,7 +31,8 @@ impl OpCounters {
 
     pub fn task_done(&self, cpu: Duration) {
         self.tasks_done.fetch_add(1, Ordering::Relaxed);
-        self.cpu_nanos.fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
+        self.cpu_nanos
+            .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
         *self.last_end.lock().expect("stats lock") = Some(Instant::now());
     }
 

@@ -11,8 +11,8 @@ use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, RecordBatchOption
 use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::DFSchema;
-use datafusion::logical_expr::Expr;
 use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::Expr;
 use datafusion::physical_expr::PhysicalExpr;
 use volley_common::{Result, ResultExt, VolleyError};
 
@@ -21,7 +21,11 @@ use crate::transform::{PredicateFn, TransformFn};
 /// Compiles a logical expression against `schema` (with DataFusion's simplification and
 /// type coercion, so `col("date") <= lit("1998-09-02")` compares dates); errors name
 /// the expression.
-pub fn compile_expr(expr: &Expr, schema: &SchemaRef, state: &SessionState) -> Result<Arc<dyn PhysicalExpr>> {
+pub fn compile_expr(
+    expr: &Expr,
+    schema: &SchemaRef,
+    state: &SessionState,
+) -> Result<Arc<dyn PhysicalExpr>> {
     let df_schema = DFSchema::try_from(Arc::clone(schema))?;
     state
         .create_physical_expr(expr.clone(), &df_schema)
@@ -90,7 +94,11 @@ impl fmt::Debug for Step {
 
 impl Step {
     /// A projection of `(expr, name)` pairs over `input`.
-    pub fn project(exprs: &[(Expr, String)], input: &SchemaRef, state: &SessionState) -> Result<Self> {
+    pub fn project(
+        exprs: &[(Expr, String)],
+        input: &SchemaRef,
+        state: &SessionState,
+    ) -> Result<Self> {
         let mut compiled = Vec::with_capacity(exprs.len());
         let mut fields = Vec::with_capacity(exprs.len());
         for (expr, name) in exprs {
@@ -98,7 +106,10 @@ impl Step {
             let field = phys
                 .return_field(input)
                 .with_context(|| format!("in expression `{expr}`"))?;
-            fields.push(Field::new(name, field.data_type().clone(), field.is_nullable()).with_metadata(field.metadata().clone()));
+            fields.push(
+                Field::new(name, field.data_type().clone(), field.is_nullable())
+                    .with_metadata(field.metadata().clone()),
+            );
             compiled.push((phys, name.clone()));
         }
         Ok(Step::Project {
@@ -201,7 +212,12 @@ impl StepRunner {
         Ok(())
     }
 
-    fn run_from(&mut self, start: usize, batch: RecordBatch, out: &mut Vec<RecordBatch>) -> Result<()> {
+    fn run_from(
+        &mut self,
+        start: usize,
+        batch: RecordBatch,
+        out: &mut Vec<RecordBatch>,
+    ) -> Result<()> {
         let mut current = vec![batch];
         for i in start..self.steps.len() {
             let mut next = Vec::new();
@@ -273,7 +289,9 @@ fn apply_step(step: &Step, batch: RecordBatch) -> Result<Option<RecordBatch>> {
                 let mask = mask
                     .as_any()
                     .downcast_ref::<BooleanArray>()
-                    .ok_or_else(|| VolleyError::plan(format!("filter `{display}` is not boolean")))?;
+                    .ok_or_else(|| {
+                        VolleyError::plan(format!("filter `{display}` is not boolean"))
+                    })?;
                 filter_batch(&batch, mask)?
             }
             Step::FilterFn(p) => {

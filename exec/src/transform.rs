@@ -116,8 +116,9 @@ impl TransformFn {
     /// The transform as JSON, for shipping. Fails for closures, naming them.
     pub fn to_json(&self) -> Result<String> {
         match self {
-            TransformFn::Named(t) => serde_json::to_string(t.as_ref())
-                .map_err(|e| VolleyError::plan(format!("cannot serialize transform {}: {e}", self.name()))),
+            TransformFn::Named(t) => serde_json::to_string(t.as_ref()).map_err(|e| {
+                VolleyError::plan(format!("cannot serialize transform {}: {e}", self.name()))
+            }),
             TransformFn::Local { name, .. } => Err(not_shippable(name)),
         }
     }
@@ -338,7 +339,10 @@ mod tests {
         let t = TransformFn::local("my_fn", Ok);
         assert!(!t.is_shippable());
         let err = t.to_json().unwrap_err().to_string();
-        assert!(err.contains("my_fn") && err.contains("NamedTransform"), "{err}");
+        assert!(
+            err.contains("my_fn") && err.contains("NamedTransform"),
+            "{err}"
+        );
     }
 
     #[test]

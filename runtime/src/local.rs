@@ -138,7 +138,10 @@ mod tests {
         assert!((rt.available().num_cpus - 0.5).abs() < 1e-9);
         // 1.0 CPU does not fit next to 1.5 of 2.
         assert!(rt
-            .try_spawn(TaskSpec::new("b", ResourceRequest::cpus(1.0)), Box::new(|| {}))
+            .try_spawn(
+                TaskSpec::new("b", ResourceRequest::cpus(1.0)),
+                Box::new(|| {})
+            )
             .is_err());
         let h2 = rt
             .try_spawn(

@@ -214,7 +214,10 @@ impl WriteJob {
                     "destination {dest} already exists (choose overwrite or append mode)"
                 )));
             }
-            if exists && options.mode == WriteMode::Append && (options.single_file || dest_path.is_file()) {
+            if exists
+                && options.mode == WriteMode::Append
+                && (options.single_file || dest_path.is_file())
+            {
                 return Err(VolleyError::plan(format!(
                     "cannot append to the single file {dest}"
                 )));
@@ -239,20 +242,28 @@ impl WriteJob {
                 staging,
             }
         } else {
-            let url = url::Url::parse(dest).map_err(|e| VolleyError::plan(format!("invalid URL {dest}: {e}")))?;
-            let store = registry.get_store(&url).with_context(|| format!("opening {dest}"))?;
-            let prefix = Path::from_url_path(url.path()).map_err(|e| VolleyError::plan(format!("invalid path in {dest}: {e}")))?;
-            let existing = io.block_on(async {
-                use futures::StreamExt;
-                let mut list = store.list(Some(&prefix));
-                list.next().await.transpose()
-            }).with_context(|| format!("listing {dest}"))?;
+            let url = url::Url::parse(dest)
+                .map_err(|e| VolleyError::plan(format!("invalid URL {dest}: {e}")))?;
+            let store = registry
+                .get_store(&url)
+                .with_context(|| format!("opening {dest}"))?;
+            let prefix = Path::from_url_path(url.path())
+                .map_err(|e| VolleyError::plan(format!("invalid path in {dest}: {e}")))?;
+            let existing = io
+                .block_on(async {
+                    use futures::StreamExt;
+                    let mut list = store.list(Some(&prefix));
+                    list.next().await.transpose()
+                })
+                .with_context(|| format!("listing {dest}"))?;
             if existing.is_some() && options.mode == WriteMode::ErrorIfExists {
                 return Err(VolleyError::plan(format!(
                     "destination {dest} already exists (choose overwrite or append mode)"
                 )));
             }
-            let base = scratch_dir.map(FsPath::to_path_buf).unwrap_or_else(std::env::temp_dir);
+            let base = scratch_dir
+                .map(FsPath::to_path_buf)
+                .unwrap_or_else(std::env::temp_dir);
             let scratch = base.join(format!("volley-write-{id}"));
             std::fs::create_dir_all(&scratch)
                 .with_context(|| format!("creating the scratch folder {}", scratch.display()))?;
@@ -296,7 +307,12 @@ impl WriteJob {
                 Some((Arc::clone(store), staging.clone(), self.io.clone())),
             ),
         };
-        PartWriter::try_new(self.options.clone(), format!("part-{}-{task:05}", self.id), local_dir, upload)
+        PartWriter::try_new(
+            self.options.clone(),
+            format!("part-{}-{task:05}", self.id),
+            local_dir,
+            upload,
+        )
     }
 
     /// Moves every staged file into place. Call once, after every part writer finished.
@@ -314,7 +330,8 @@ impl WriteJob {
                             if dest.exists() {
                                 remove_path(dest)?;
                             }
-                            std::fs::rename(&f, dest).with_context(|| format!("committing {display}"))?;
+                            std::fs::rename(&f, dest)
+                                .with_context(|| format!("committing {display}"))?;
                         }
                         None => {
                             return Err(VolleyError::internal(format!(
@@ -324,11 +341,14 @@ impl WriteJob {
                     }
                     std::fs::remove_dir_all(staging).ok();
                 } else if !dest.exists() {
-                    std::fs::rename(staging, dest).with_context(|| format!("committing {display}"))?;
+                    std::fs::rename(staging, dest)
+                        .with_context(|| format!("committing {display}"))?;
                 } else if self.options.mode == WriteMode::Overwrite {
                     let trash = staging.with_extension("old");
-                    std::fs::rename(dest, &trash).with_context(|| format!("committing {display}"))?;
-                    std::fs::rename(staging, dest).with_context(|| format!("committing {display}"))?;
+                    std::fs::rename(dest, &trash)
+                        .with_context(|| format!("committing {display}"))?;
+                    std::fs::rename(staging, dest)
+                        .with_context(|| format!("committing {display}"))?;
                     remove_path(&trash).ok();
                 } else {
                     move_tree(staging, dest).with_context(|| format!("committing {display}"))?;

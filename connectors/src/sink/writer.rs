@@ -118,7 +118,12 @@ impl PartWriter {
             let idx = schema.index_of(c).map_err(|_| {
                 VolleyError::plan(format!(
                     "partition column `{c}` is not in the data (columns: {})",
-                    schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                    schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })?;
             let as_str = cast(batch.column(idx), &DataType::Utf8)
@@ -131,7 +136,10 @@ impl PartWriter {
         for row in 0..batch.num_rows() {
             let mut key = String::new();
             for (name, col) in &key_cols {
-                let col = col.as_any().downcast_ref::<arrow::array::StringArray>().expect("cast to Utf8");
+                let col = col
+                    .as_any()
+                    .downcast_ref::<arrow::array::StringArray>()
+                    .expect("cast to Utf8");
                 let value = if col.is_null(row) {
                     NULL_PARTITION.to_string()
                 } else {
@@ -224,7 +232,9 @@ impl PartWriter {
                 };
                 match format {
                     WriteFormat::Csv => FileWriter::Csv(
-                        arrow::csv::WriterBuilder::new().with_header(true).build(sink),
+                        arrow::csv::WriterBuilder::new()
+                            .with_header(true)
+                            .build(sink),
                     ),
                     _ => FileWriter::Json(arrow::json::LineDelimitedWriter::new(sink)),
                 }
@@ -249,18 +259,26 @@ impl PartWriter {
             FileWriter::Parquet(w) => {
                 w.close().with_context(|| format!("finishing {relative}"))?;
             }
-            FileWriter::Csv(w) => w.into_inner().finish().with_context(|| format!("finishing {relative}"))?,
+            FileWriter::Csv(w) => w
+                .into_inner()
+                .finish()
+                .with_context(|| format!("finishing {relative}"))?,
             FileWriter::Json(mut w) => {
-                w.finish().with_context(|| format!("finishing {relative}"))?;
-                w.into_inner().finish().with_context(|| format!("finishing {relative}"))?
+                w.finish()
+                    .with_context(|| format!("finishing {relative}"))?;
+                w.into_inner()
+                    .finish()
+                    .with_context(|| format!("finishing {relative}"))?
             }
         }
         let size = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
         self.summary.bytes += size;
         if let Some((store, staging, io)) = &self.upload {
-            let target = Path::from_iter(staging.parts().chain(Path::from(relative.as_str()).parts()));
+            let target =
+                Path::from_iter(staging.parts().chain(Path::from(relative.as_str()).parts()));
             let store = Arc::clone(store);
-            let data = std::fs::read(&local).with_context(|| format!("reading back {}", local.display()))?;
+            let data = std::fs::read(&local)
+                .with_context(|| format!("reading back {}", local.display()))?;
             io.block_on(async move { store.put(&target, data.into()).await })
                 .with_context(|| format!("uploading {relative}"))?;
             std::fs::remove_file(&local).ok();

@@ -60,7 +60,10 @@ pub(crate) fn push_filters(op: &Arc<LogicalOp>, pending: Vec<Expr>) -> Arc<Logic
             }
         }
         LogicalOp::WithColumn { input, name, expr } => {
-            let pass = pending.into_iter().filter(|f| reads_only(f, |c| c != name)).collect();
+            let pass = pending
+                .into_iter()
+                .filter(|f| reads_only(f, |c| c != name))
+                .collect();
             LogicalOp::WithColumn {
                 input: push_filters(input, pass),
                 name: name.clone(),
@@ -73,16 +76,28 @@ pub(crate) fn push_filters(op: &Arc<LogicalOp>, pending: Vec<Expr>) -> Arc<Logic
         },
         LogicalOp::Rename { input, pairs } => {
             let touched = |c: &str| pairs.iter().any(|(a, b)| a == c || b == c);
-            let pass = pending.into_iter().filter(|f| reads_only(f, |c| !touched(c))).collect();
+            let pass = pending
+                .into_iter()
+                .filter(|f| reads_only(f, |c| !touched(c)))
+                .collect();
             LogicalOp::Rename {
                 input: push_filters(input, pass),
                 pairs: pairs.clone(),
             }
         }
         LogicalOp::Union { inputs } => LogicalOp::Union {
-            inputs: inputs.iter().map(|i| push_filters(i, pending.clone())).collect(),
+            inputs: inputs
+                .iter()
+                .map(|i| push_filters(i, pending.clone()))
+                .collect(),
         },
         // A filter may not move below a limit or user code.
-        other => other.with_inputs(other.inputs().into_iter().map(|i| push_filters(i, vec![])).collect()),
+        other => other.with_inputs(
+            other
+                .inputs()
+                .into_iter()
+                .map(|i| push_filters(i, vec![]))
+                .collect(),
+        ),
     })
 }

@@ -13,7 +13,11 @@ pub(crate) fn push_limit(op: &Arc<LogicalOp>, limit: Option<usize>) -> Arc<Logic
         LogicalOp::Source { source, request } => {
             // A source with pushed filters applies its limit after them only if it is
             // exact; it may not be, so the limit goes in only when there are none.
-            let limit = if request.filters.is_empty() { limit } else { None };
+            let limit = if request.filters.is_empty() {
+                limit
+            } else {
+                None
+            };
             LogicalOp::Source {
                 source: Arc::clone(source),
                 request: ScanRequest {
@@ -36,7 +40,18 @@ pub(crate) fn push_limit(op: &Arc<LogicalOp>, limit: Option<usize>) -> Arc<Logic
         | LogicalOp::WithColumn { .. }
         | LogicalOp::Drop { .. }
         | LogicalOp::Rename { .. }
-        | LogicalOp::Union { .. } => op.with_inputs(op.inputs().into_iter().map(|i| push_limit(i, limit)).collect()),
-        other => other.with_inputs(other.inputs().into_iter().map(|i| push_limit(i, None)).collect()),
+        | LogicalOp::Union { .. } => op.with_inputs(
+            op.inputs()
+                .into_iter()
+                .map(|i| push_limit(i, limit))
+                .collect(),
+        ),
+        other => other.with_inputs(
+            other
+                .inputs()
+                .into_iter()
+                .map(|i| push_limit(i, None))
+                .collect(),
+        ),
     })
 }

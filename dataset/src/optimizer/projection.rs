@@ -17,8 +17,14 @@ pub(crate) fn push_projection(
     required: Option<HashSet<String>>,
     state: &SessionState,
 ) -> Result<Arc<LogicalOp>> {
-    let refs = |e: &Expr| e.column_refs().into_iter().map(|c| c.name.clone()).collect::<HashSet<_>>();
-    let below = |input: &Arc<LogicalOp>, req: Option<HashSet<String>>| push_projection(input, req, state);
+    let refs = |e: &Expr| {
+        e.column_refs()
+            .into_iter()
+            .map(|c| c.name.clone())
+            .collect::<HashSet<_>>()
+    };
+    let below =
+        |input: &Arc<LogicalOp>, req: Option<HashSet<String>>| push_projection(input, req, state);
     Ok(Arc::new(match op.as_ref() {
         LogicalOp::Source { source, request } => {
             let projection = required.map(|set| {
@@ -121,12 +127,36 @@ pub(crate) fn push_projection(
             input: below(input, required)?,
             n: *n,
         },
-        LogicalOp::Union { inputs } => LogicalOp::Union {
-            inputs: inputs
-                .iter()
-                .map(|i| below(i, required.clone()))
-                .collect::<Result<_>>()?,
-        },
+        LogicalOp::Union { inputs } => {
+            // Every input must give the same columns in the same order: a Select of
+            // the required columns (in the first input's order) on top of each.
+            let order = match (&required, inputs[0].schema(state)?) {
+                (Some(set), Some(schema)) => Some(
+                    schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .filter(|n| set.contains(n))
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            };
+            LogicalOp::Union {
+                inputs: inputs
+                    .iter()
+                    .map(|i| {
+                        let child = below(i, order.as_ref().and(required.clone()))?;
+                        Ok(match &order {
+                            Some(cols) => Arc::new(LogicalOp::Select {
+                                input: child,
+                                exprs: cols.iter().map(|c| crate::col(c.as_str())).collect(),
+                            }),
+                            None => child,
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            }
+        }
         // User code sees whole rows.
         other => other.with_inputs(
             other

@@ -1,0 +1,245 @@
+//! Reading and writing files.
+
+use std::sync::Arc;
+
+use volley::arrow::array::RecordBatch;
+use volley::crates::connectors::WriteFormat;
+use volley::prelude::*;
+use volley::Compression;
+
+use crate::common::*;
+
+#[test]
+fn parquet_csv_json_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let ds = c.from_batches(vec![sample(1000), sample(500)]).unwrap();
+    for (fmt, read) in [("parquet", 0), ("csv", 1), ("json", 2)] {
+        let path = dir.path().join(fmt);
+        let path = path.to_str().unwrap();
+        let summary = match fmt {
+            "parquet" => ds.write_parquet(path),
+            "csv" => ds.write_csv(path),
+            _ => ds.write_json(path),
+        }
+        .unwrap();
+        assert_eq!(summary.rows, 1500);
+        let back = match read {
+            0 => c.read_parquet(path),
+            1 => c.read_csv(path),
+            _ => c.read_json(path),
+        }
+        .unwrap();
+        assert_eq!(back.count().unwrap(), 1500, "{fmt}");
+        let ids: i64 = i64_column(&back.collect().unwrap(), "id")
+            .into_iter()
+            .flatten()
+            .sum();
+        assert_eq!(
+            ids,
+            (0..1000i64).sum::<i64>() + (0..500i64).sum::<i64>(),
+            "{fmt}"
+        );
+    }
+}
+
+#[test]
+fn compressed_and_partitioned_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let ds = c.from_batches(vec![sample(3000)]).unwrap();
+    let out = dir.path().join("parts");
+    let out = out.to_str().unwrap();
+    ds.write(out, WriteFormat::Parquet)
+        .partition_by(&["name"])
+        .compression(Compression::Zstd)
+        .run()
+        .unwrap();
+    for v in ["n0", "n1", "n2"] {
+        assert!(std::path::Path::new(out).join(format!("name={v}")).is_dir());
+    }
+    // Hive folders come back as a column, and filters on it prune folders.
+    let back = c.read_parquet(out).unwrap();
+    assert!(back.schema().unwrap().field_with_name("name").is_ok());
+    assert_eq!(
+        back.filter(col("name").eq(lit("n1")))
+            .unwrap()
+            .count()
+            .unwrap(),
+        1000
+    );
+
+    let gz = dir.path().join("csvgz");
+    ds.write(gz.to_str().unwrap(), WriteFormat::Csv)
+        .compression(Compression::Gzip)
+        .run()
+        .unwrap();
+    let file = std::fs::read_dir(&gz)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(file.to_str().unwrap().ends_with(".csv.gz"));
+    assert_eq!(
+        c.read_csv(gz.to_str().unwrap()).unwrap().count().unwrap(),
+        3000
+    );
+}
+
+#[test]
+fn failed_write_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let out = dir.path().join("out");
+    let ds = c.range(100_000).map_batches(
+        "fails_late",
+        |b: RecordBatch| {
+            let first = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<volley::arrow::array::Int64Array>()
+                .unwrap()
+                .value(0);
+            if first > 50_000 {
+                return Err(VolleyError::execution("boom"));
+            }
+            Ok(b)
+        },
+        MapOptions::default(),
+    );
+    let err = ds
+        .write_parquet(out.to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fails_late") && err.contains("boom"), "{err}");
+    assert!(!out.exists());
+    // no staging left beside it either
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // existing destinations are refused unless asked
+    std::fs::create_dir(&out).unwrap();
+    let err = c
+        .range(10)
+        .write_parquet(out.to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+    c.range(10)
+        .write(out.to_str().unwrap(), WriteFormat::Parquet)
+        .mode(WriteMode::Overwrite)
+        .run()
+        .unwrap();
+    assert_eq!(
+        c.read_parquet(out.to_str().unwrap())
+            .unwrap()
+            .count()
+            .unwrap(),
+        10
+    );
+}
+
+#[test]
+fn projection_and_limit_pushdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let path = dir.path().join("big.parquet");
+    // one file of many row groups
+    {
+        let file = std::fs::File::create(&path).unwrap();
+        let b = sample(200_000);
+        let props = volley::datafusion::parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(10_000))
+            .build();
+        let mut w =
+            volley::datafusion::parquet::arrow::ArrowWriter::try_new(file, b.schema(), Some(props))
+                .unwrap();
+        w.write(&b).unwrap();
+        w.close().unwrap();
+    }
+    let ds = c.read_parquet(path.to_str().unwrap()).unwrap();
+    let limited = ds.select(&["id"]).unwrap().limit(10);
+    let explain = limited.explain().unwrap();
+    assert!(
+        explain.contains("projection=[id]") && explain.contains("limit=10"),
+        "{explain}"
+    );
+    let batches = limited.collect().unwrap();
+    assert_eq!(total_rows(&batches), 10);
+    assert_eq!(batches[0].num_columns(), 1);
+    // The reader stopped early: far fewer rows decoded than the file holds.
+    let stats = limited.stats().unwrap();
+    assert!(stats.operators[0].rows_out <= 20_000, "{stats}");
+
+    // filters prune row groups: ids are sorted, so `id < 100` reads one row group
+    let few = ds.filter(col("id").lt(lit(100i64))).unwrap();
+    assert!(few.explain().unwrap().contains("filters=[id < Int64(100)]"));
+    assert_eq!(few.count().unwrap(), 100);
+}
+
+#[test]
+fn large_parquet_files_split_into_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx_with(|cfg| cfg.set("volley.read.split_bytes", "64KiB").unwrap());
+    let path = dir.path().join("f.parquet");
+    {
+        let file = std::fs::File::create(&path).unwrap();
+        let b = sample(300_000);
+        let props = volley::datafusion::parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(20_000))
+            .build();
+        let mut w =
+            volley::datafusion::parquet::arrow::ArrowWriter::try_new(file, b.schema(), Some(props))
+                .unwrap();
+        w.write(&b).unwrap();
+        w.close().unwrap();
+    }
+    let ds = c.read_parquet(path.to_str().unwrap()).unwrap();
+    assert_eq!(ds.count().unwrap(), 300_000);
+    let stats = ds.stats().unwrap();
+    assert!(stats.operators[0].tasks > 1, "{stats}");
+}
+
+#[test]
+fn text_binary_and_ipc() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let text = dir.path().join("a.txt");
+    std::fs::write(&text, "first line\nsecond\nthird\n").unwrap();
+    let ds = c.read_text(text.to_str().unwrap()).unwrap();
+    assert_eq!(ds.count().unwrap(), 3);
+    let bin = c.read_binary_files(dir.path().to_str().unwrap()).unwrap();
+    let b = bin.collect_batch().unwrap();
+    assert_eq!(b.num_rows(), 1);
+    assert_eq!(b.schema().field(1).name(), "bytes");
+
+    let ipc = dir.path().join("x.arrow");
+    {
+        let batch = sample(42);
+        let f = std::fs::File::create(&ipc).unwrap();
+        let mut w = volley::arrow::ipc::writer::FileWriter::try_new(f, &batch.schema()).unwrap();
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
+    }
+    assert_eq!(
+        c.read_ipc(ipc.to_str().unwrap()).unwrap().count().unwrap(),
+        42
+    );
+}
+
+#[test]
+fn globs_and_lists_of_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    for i in 0..3 {
+        let p = dir.path().join(format!("f{i}.csv"));
+        std::fs::write(&p, "a,b\n1,2\n3,4\n").unwrap();
+    }
+    let glob = format!("{}/*.csv", dir.path().display());
+    assert_eq!(c.read_csv(glob.as_str()).unwrap().count().unwrap(), 6);
+    let list = vec![
+        dir.path().join("f0.csv").to_str().unwrap().to_string(),
+        dir.path().join("f2.csv").to_str().unwrap().to_string(),
+    ];
+    assert_eq!(c.read_csv(list).unwrap().count().unwrap(), 4);
+    let _ = Arc::new(());
+}

@@ -1,0 +1,8 @@
+//! Integration tests: one binary, a module per area.
+
+mod common;
+mod dataset_api;
+mod errors;
+mod io;
+mod memory;
+mod oracle;
