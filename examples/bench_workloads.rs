@@ -10,6 +10,10 @@
 //! peak RSS), volley's as much as the peers' (`../shared/bench/peers/bench_*.py`). The
 //! program prints the median per engine and workload and volley's ratio to each peer.
 //!
+//! Ray Data cannot filter the `string_view` columns `tpchgen-cli` writes, so it reads a
+//! plain-string copy of `lineitem` (`../shared/bench/peers/make_utf8_copy.py`), by default
+//! `<tpch>-utf8/lineitem` (`--utf8-copy DIR` to change).
+//!
 //! - W1: read `lineitem`, keep `l_shipdate <= 1998-09-02 AND l_quantity < 30`, five
 //!   columns plus `disc_price = l_extendedprice * (1 - l_discount)`, write Parquet.
 //! - W2: TPC-H Q1 through volley's SQL.
@@ -43,11 +47,18 @@ fn main() {
             let peers = get("--peers", "duckdb,polars,datafusion");
             let peer_dir = get("--peer-dir", "../shared/bench/peers");
             let workloads = get("--workloads", "w1,w2,w3");
-            compare(&tpch, &out, runs, &peers, &peer_dir, &workloads);
+            let utf8 = get("--utf8-copy", &format!("{}-utf8", tpch.trim_end_matches('/')));
+            let ray_dir = format!("{utf8}/lineitem");
+            let envs = [
+                ("TPCH_DIR", tpch.as_str()),
+                ("OUT_DIR", out.as_str()),
+                ("RAY_LINEITEM_DIR", ray_dir.as_str()),
+            ];
+            compare(&tpch, &out, runs, &peers, &peer_dir, &workloads, &envs);
             Ok(())
         }
         _ => {
-            eprintln!("usage: bench_workloads run w1|w2|w3 [--tpch DIR] [--out DIR]\n       bench_workloads compare [--tpch DIR] [--runs N] [--peers duckdb,polars,datafusion,ray] [--peer-dir DIR] [--workloads w1,w2,w3]");
+            eprintln!("usage: bench_workloads run w1|w2|w3 [--tpch DIR] [--out DIR]\n       bench_workloads compare [--tpch DIR] [--runs N] [--peers duckdb,polars,datafusion,ray] [--peer-dir DIR] [--workloads w1,w2,w3] [--utf8-copy DIR]");
             std::process::exit(2);
         }
     };
@@ -200,7 +211,15 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn compare(tpch: &str, out: &str, runs: usize, peers: &str, peer_dir: &str, workloads: &str) {
+fn compare(
+    tpch: &str,
+    out: &str,
+    runs: usize,
+    peers: &str,
+    peer_dir: &str,
+    workloads: &str,
+    envs: &[(&str, &str)],
+) {
     let me = std::env::current_exe()
         .expect("own path")
         .to_string_lossy()
@@ -232,7 +251,7 @@ fn compare(tpch: &str, out: &str, runs: usize, peers: &str, peer_dir: &str, work
             let mut last = String::new();
             for _ in 0..runs {
                 if let Some((wall, kib, result)) =
-                    timed(&cmd, &[("TPCH_DIR", tpch), ("OUT_DIR", out)])
+                    timed(&cmd, envs)
                 {
                     walls.push(wall);
                     rss.push(kib as f64 / 1024.0);

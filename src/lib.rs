@@ -18,9 +18,10 @@
 
 pub use volley_common::{Result, VolleyConfig, VolleyError};
 pub use volley_dataset::{
-    col, lit, Compression, Context, CsvReadOptions, Dataset, ExecutionStats, Expr, IterOptions,
-    MapOptions, NamedTransform, NamedTransformFactory, OperatorStats, Paths, StatefulTransform,
-    TransformFactory, TransformFn, WriteBuilder, WriteMode, WriteSummary,
+    agg, col, lit, Compression, Context, CsvReadOptions, Dataset, ExecutionStats, Expr,
+    GroupedDataset, IterOptions, JoinHow, MapOptions, NamedTransform, NamedTransformFactory,
+    OperatorStats, Paths, SortKey, StatefulTransform, TransformFactory, TransformFn, WriteBuilder,
+    WriteFormat, WriteMode, WriteSummary,
 };
 
 /// Arrow, as volley uses it.
@@ -42,9 +43,9 @@ pub mod crates {
 /// What most programs need: `use volley::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        col, from_batches, lit, range, read_binary_files, read_csv, read_ipc, read_json,
-        read_parquet, read_text, Context, Dataset, Expr, IterOptions, MapOptions, NamedTransform,
-        Result, StatefulTransform, TransformFn, VolleyError, WriteMode,
+        agg, col, from_batches, lit, range, read_binary_files, read_csv, read_ipc, read_json,
+        read_parquet, read_text, Context, Dataset, Expr, IterOptions, JoinHow, MapOptions,
+        NamedTransform, Result, SortKey, StatefulTransform, TransformFn, VolleyError, WriteMode,
     };
     pub use arrow::array::RecordBatch;
 }

@@ -280,14 +280,22 @@ impl DataSource for FileScan {
     }
 
     async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        // Filters come uncoerced from the Dataset API (`l_shipdate <= '1998-09-02'` on a
+        // date column); pruning needs them in the columns' types.
+        let schema = Arc::new(DFSchema::try_from(self.table.schema().as_ref().clone())?);
+        let simplifier = ExprSimplifier::new(
+            SimplifyContext::builder()
+                .with_schema(Arc::clone(&schema))
+                .build(),
+        );
+        let filters = request
+            .filters
+            .iter()
+            .map(|f| simplifier.simplify(simplifier.coerce(f.clone(), &schema)?))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
         let plan = self
             .table
-            .scan(
-                state,
-                request.projection.as_ref(),
-                &request.filters,
-                request.limit,
-            )
+            .scan(state, request.projection.as_ref(), &filters, request.limit)
             .await?;
         let Some(exec) = plan.downcast_ref::<DataSourceExec>() else {
             // No files survived pruning (an `EmptyExec`), or another plan shape:

@@ -76,6 +76,15 @@ pub trait DataSource: Send + Sync + Debug {
     fn supports_filters(&self) -> bool {
         false
     }
+    /// More lines for `explain` under the operator's line: the plan a query source runs
+    /// (DataFusion's sort, aggregation and join operators, with their exchanges).
+    fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {
+        None
+    }
+    /// Bytes the source's own operators spilled to disk in its latest execution.
+    fn spilled_bytes(&self) -> u64 {
+        0
+    }
     /// Plans the read tasks for `request`.
     async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>>;
 }

@@ -4,7 +4,6 @@ use std::sync::{Arc, OnceLock};
 
 use arrow::array::RecordBatch;
 use datafusion::execution::context::SessionState;
-use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::SessionConfig;
@@ -13,8 +12,8 @@ use volley_connectors::{
     BinaryScan, CsvReadOptions, DataSource, FileFormatKind, FileScan, TextScan,
     VolleyObjectStoreRegistry,
 };
-use volley_exec::{ExecContext, MemorySource, RangeSource};
-use volley_runtime::{LocalRuntime, Runtime};
+use volley_exec::{BudgetMemoryPool, ExecContext, MemorySource, RangeSource};
+use volley_runtime::{LocalRuntime, MemoryBudget, Runtime};
 
 use crate::dataset::Dataset;
 use crate::logical::LogicalOp;
@@ -104,9 +103,10 @@ impl Context {
             .memory_limit
             .unwrap_or_else(|| runtime.total().memory / 4)
             .max(1);
+        let budget = MemoryBudget::new(limit);
         let mut env = RuntimeEnvBuilder::new()
             .with_object_store_registry(Arc::new(VolleyObjectStoreRegistry::new()))
-            .with_memory_pool(Arc::new(FairSpillPool::new(limit as usize)));
+            .with_memory_pool(Arc::new(BudgetMemoryPool::new(Arc::clone(&budget))));
         if let Some(dir) = &config.exec.spill_dir {
             env = env.with_temp_file_path(dir);
         }
@@ -122,6 +122,11 @@ impl Context {
             // Volley gives every read task its own file split (so errors name the
             // file and ordered reads keep file order) and balances tasks itself.
             opts.execution.enable_file_stream_work_stealing = false;
+            // What a sort keeps back for merging its spill files: at most a sixteenth of
+            // the budget (DataFusion's 10 MiB default would not fit small budgets).
+            let reserve = (limit / 16).clamp(64 * 1024, 10 * 1024 * 1024) as usize;
+            opts.execution.sort_spill_reservation_bytes = reserve;
+            opts.execution.sort_in_place_threshold_bytes = reserve.min(1024 * 1024);
         }
         let state = SessionStateBuilder::new()
             .with_config(session)
@@ -133,6 +138,7 @@ impl Context {
                 config: Arc::new(config),
                 runtime,
                 session: state,
+                budget,
             },
         })
     }

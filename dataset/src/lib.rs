@@ -18,15 +18,17 @@ mod dataset;
 mod logical;
 mod optimizer;
 mod planner;
+mod relational;
 mod sql;
 
 pub use context::{Context, Paths};
 pub use dataset::{Dataset, IterOptions, MapOptions, WriteBuilder};
 pub use logical::LogicalOp;
+pub use relational::{agg, GroupedDataset, JoinHow, SortKey};
 pub use sql::DatasetTable;
 
 pub use datafusion::prelude::{lit, Expr};
-pub use volley_connectors::{Compression, CsvReadOptions, WriteMode, WriteSummary};
+pub use volley_connectors::{Compression, CsvReadOptions, WriteFormat, WriteMode, WriteSummary};
 pub use volley_exec::{
     ExecutionStats, NamedTransform, NamedTransformFactory, OperatorStats, StatefulTransform,
     TransformFactory, TransformFn,

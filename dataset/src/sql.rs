@@ -1,7 +1,7 @@
 //! SQL: DataFusion plans and runs it; volley datasets are its tables and its results
 //! are volley datasets.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::{
@@ -20,7 +20,8 @@ use datafusion::logical_expr::{
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::metrics::MetricsSet;
+use datafusion::physical_plan::{displayable, ExecutionPlan};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParser;
 use volley_common::{Result, ResultExt, VolleyError};
@@ -114,48 +115,50 @@ pub(crate) fn plan_sql(
         last = Some(plan);
     }
     let plan = last.expect("at least one statement");
-    let source = SqlSource {
-        state: sctx.state(),
-        schema: Arc::new(plan.schema().as_arrow().clone()),
-        plan,
-        query: query.trim().to_string(),
+    let q: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
+    let label = match q.char_indices().nth(79) {
+        Some((i, _)) => format!("{}…", &q[..i]),
+        None => q,
     };
-    Ok(ctx.source(Arc::new(source)))
+    Ok(ctx.source(Arc::new(PlanSource::new(ctx, sctx.state(), plan, "Sql", label))))
 }
 
-/// The result of a SQL query as a dataset source: one read task per output partition
-/// of DataFusion's physical plan.
+/// A DataFusion logical plan as a dataset source: one read task per output partition
+/// of its physical plan. SQL results and the Dataset API's sort, aggregation, join and
+/// distinct run this way, on DataFusion's operators (external sort, spilling hash
+/// aggregation, hash join) and its exchanges, under the context's memory budget.
 #[derive(Debug)]
-struct SqlSource {
+pub(crate) struct PlanSource {
+    ctx: Context,
     state: SessionState,
     plan: LogicalPlan,
     schema: SchemaRef,
-    query: String,
+    name: String,
+    label: String,
+    /// The physical plans of executions so far (for their spill metrics).
+    executed: Mutex<Vec<Arc<dyn ExecutionPlan>>>,
 }
 
-#[async_trait::async_trait]
-impl DataSource for SqlSource {
-    fn name(&self) -> String {
-        "Sql".into()
-    }
-
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.schema)
-    }
-
-    fn describe(&self) -> String {
-        let q: String = self.query.split_whitespace().collect::<Vec<_>>().join(" ");
-        if q.len() > 80 {
-            format!(
-                "{}…",
-                &q[..q.char_indices().nth(79).map(|(i, _)| i).unwrap_or(q.len())]
-            )
-        } else {
-            q
+impl PlanSource {
+    pub(crate) fn new(
+        ctx: &Context,
+        state: SessionState,
+        plan: LogicalPlan,
+        name: &str,
+        label: String,
+    ) -> Self {
+        Self {
+            ctx: ctx.clone(),
+            state,
+            schema: Arc::new(plan.schema().as_arrow().clone()),
+            plan,
+            name: name.to_string(),
+            label,
+            executed: Mutex::new(Vec::new()),
         }
     }
 
-    async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+    fn projected(&self, request: &ScanRequest) -> Result<LogicalPlan> {
         let mut plan = self.plan.clone();
         if let Some(p) = &request.projection {
             let cols: Vec<Expr> = p
@@ -164,17 +167,75 @@ impl DataSource for SqlSource {
                 .collect();
             plan = LogicalPlanBuilder::from(plan).project(cols)?.build()?;
         }
+        Ok(plan)
+    }
+
+    async fn physical(&self, request: &ScanRequest) -> Result<Arc<dyn ExecutionPlan>> {
+        let plan = self.projected(request)?;
         let mut physical = self.state.create_physical_plan(&plan).await?;
         let parts = physical.properties().partitioning.partition_count();
         let cpus = self.state.config().target_partitions();
         if parts > cpus {
             physical = Arc::new(CoalescePartitionsExec::new(physical));
         }
+        Ok(physical)
+    }
+}
+
+/// Sums a metric over a physical plan and its children.
+fn sum_metric(plan: &Arc<dyn ExecutionPlan>, pick: &dyn Fn(&MetricsSet) -> Option<usize>) -> u64 {
+    let own = plan.metrics().as_ref().and_then(pick).unwrap_or(0) as u64;
+    own + plan
+        .children()
+        .iter()
+        .map(|c| sum_metric(c, pick))
+        .sum::<u64>()
+}
+
+#[async_trait::async_trait]
+impl DataSource for PlanSource {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn describe(&self) -> String {
+        self.label.clone()
+    }
+
+    fn explain_detail(&self, request: &ScanRequest) -> Option<String> {
+        let physical = self.ctx.exec_context().block_on(self.physical(request));
+        Some(match physical {
+            Ok(p) => displayable(p.as_ref()).indent(true).to_string(),
+            Err(e) => format!("(cannot plan: {e})"),
+        })
+    }
+
+    fn spilled_bytes(&self) -> u64 {
+        self.executed
+            .lock()
+            .expect("plans lock")
+            .iter()
+            .map(|p| sum_metric(p, &|m| m.spilled_bytes()))
+            .sum()
+    }
+
+    async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        let physical = self.physical(request).await?;
+        {
+            // Keep the latest execution's plan only: its metrics are what stats report.
+            let mut executed = self.executed.lock().expect("plans lock");
+            executed.clear();
+            executed.push(Arc::clone(&physical));
+        }
         let parts = physical.properties().partitioning.partition_count();
         Ok((0..parts)
             .map(|i| {
                 let plan = Arc::clone(&physical);
-                ReadTask::new(format!("SQL partition {i}"), 0, move |ctx| {
+                ReadTask::new(format!("{} partition {i}", self.name), 0, move |ctx| {
                     Ok(plan.execute(i, ctx)?)
                 })
             })

@@ -30,7 +30,7 @@ use datafusion::execution::context::SessionState;
 use datafusion::execution::TaskContext;
 use futures::StreamExt;
 use volley_common::{Result, VolleyConfig, VolleyError};
-use volley_connectors::{PartWriter, ReadTask};
+use volley_connectors::{DataSource, PartWriter, ReadTask};
 use volley_runtime::{MemoryBudget, ResourceRequest, Runtime, TaskSpec};
 
 use crate::plan::{PhysicalPlan, WriteTarget};
@@ -50,6 +50,10 @@ pub struct ExecContext {
     pub runtime: Arc<dyn Runtime>,
     /// DataFusion's session (object stores, SQL functions, file formats).
     pub session: SessionState,
+    /// The memory budget every execution of this context draws from (volley's queues
+    /// and, through [`BudgetMemoryPool`](crate::BudgetMemoryPool), DataFusion's
+    /// operators).
+    pub budget: Arc<MemoryBudget>,
 }
 
 impl std::fmt::Debug for ExecContext {
@@ -63,11 +67,7 @@ impl std::fmt::Debug for ExecContext {
 impl ExecContext {
     /// The execution memory limit in bytes.
     pub fn memory_limit(&self) -> u64 {
-        self.config
-            .exec
-            .memory_limit
-            .unwrap_or_else(|| self.runtime.total().memory / 4)
-            .max(1)
+        self.budget.limit()
     }
 
     /// Runs a future to completion from synchronous code, also when called from inside
@@ -215,7 +215,11 @@ impl TaskBody {
 
     /// Reads one read task through the steps.
     fn run_read(&self, shared: &Shared, task: &ReadTask, seq: u64) -> Result<()> {
-        let mut stream = task.open(Arc::clone(&shared.task_ctx))?;
+        // Opening may start DataFusion's own tasks (repartition, joins): on the I/O runtime.
+        let mut stream = {
+            let _runtime = shared.io.enter();
+            task.open(Arc::clone(&shared.task_ctx))?
+        };
         let mut runner = StepRunner::new(self.steps.clone());
         let mut writer = self.writer()?;
         let mut out = Vec::new();
@@ -290,6 +294,8 @@ enum Kind {
 
 struct Op {
     name: String,
+    /// The source of a read operator (asked for its spill figures at the end).
+    source: Option<Arc<dyn DataSource>>,
     counters: Arc<OpCounters>,
     out: Arc<BlockQueue>,
     seqs: SeqRange,
@@ -334,6 +340,10 @@ fn build(
         } else {
             Ok(())
         }
+    };
+    let source = match &plan {
+        PhysicalPlan::Read(r) => Some(Arc::clone(&r.source)),
+        _ => None,
     };
     let (kind, inputs) = match plan {
         PhysicalPlan::Read(r) => {
@@ -419,6 +429,7 @@ fn build(
     };
     ops.push(Op {
         name,
+        source,
         counters,
         out,
         seqs,
@@ -500,7 +511,7 @@ fn spawn(
 
 impl Op {
     fn has_room(&self, shared: &Shared) -> bool {
-        shared.budget.used() < shared.budget.limit() || self.out.bytes() == 0
+        shared.budget.used() < crate::queue::queue_ceiling(&shared.budget) || self.out.bytes() == 0
     }
 
     fn close(&mut self) {
@@ -865,7 +876,7 @@ pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream>
     let limit = ctx.memory_limit();
     let shared = Arc::new(Shared {
         signal: Arc::new(Signal::default()),
-        budget: MemoryBudget::new(limit),
+        budget: Arc::clone(&ctx.budget),
         error: Mutex::new(None),
         queues: Mutex::new(Vec::new()),
         runtime: Arc::clone(&ctx.runtime),
@@ -895,8 +906,12 @@ pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream>
 /// The scheduling loop.
 fn drive(mut ops: Vec<Op>, shared: Arc<Shared>, progress: Progress, limit: u64) -> ExecutionStats {
     let start = Instant::now();
+    // The budget is the context's (shared with other executions and DataFusion's
+    // operators): this execution's peak is sampled at every scheduling step.
+    let mut peak = shared.budget.used();
     loop {
         let generation = shared.signal.generation();
+        peak = peak.max(shared.budget.used());
         for op in ops.iter_mut().rev() {
             op.step(&shared);
         }
@@ -918,10 +933,13 @@ fn drive(mut ops: Vec<Op>, shared: Arc<Shared>, progress: Progress, limit: u64) 
     let stats = ExecutionStats {
         operators: ops
             .iter()
-            .map(|o| o.counters.snapshot(&o.name, o.out.peak_bytes()))
+            .map(|o| {
+                let spilled = o.source.as_ref().map_or(0, |s| s.spilled_bytes());
+                o.counters.snapshot(&o.name, o.out.peak_bytes(), spilled)
+            })
             .collect(),
         wall: start.elapsed(),
-        peak_memory: shared.budget.peak(),
+        peak_memory: peak.max(shared.budget.used()),
         memory_limit: limit,
     };
     progress.finish(&stats);

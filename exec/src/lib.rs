@@ -7,6 +7,7 @@
 //! Arrow batches.
 
 mod executor;
+mod memory_pool;
 mod memory_source;
 mod plan;
 mod progress;
@@ -16,6 +17,7 @@ mod step;
 mod transform;
 
 pub use executor::{execute, ExecContext, ExecutionStream};
+pub use memory_pool::BudgetMemoryPool;
 pub use memory_source::{MemorySource, RangeSource};
 pub use plan::{ActorMapExec, LimitExec, MapExec, PhysicalPlan, ReadExec, UnionExec, WriteTarget};
 pub use stats::{ExecutionStats, OperatorStats};

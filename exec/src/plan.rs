@@ -195,6 +195,11 @@ impl PhysicalPlan {
                     r.resources.num_cpus
                 )
                 .and_then(|_| {
+                    if let Some(detail) = r.source.explain_detail(&r.request) {
+                        for line in detail.lines() {
+                            writeln!(f, "{pad}  | {line}")?;
+                        }
+                    }
                     for s in &r.steps {
                         writeln!(f, "{pad}  fused: {s:?}")?;
                     }

@@ -1,6 +1,7 @@
 //! Bounded block queues between operators, counted against the memory budget.
 //!
-//! A producer's `push` waits while the execution's [`MemoryBudget`] is full, except
+//! A producer's `push` waits while queued blocks fill their share of the
+//! [`MemoryBudget`] (half; see [`queue_ceiling`]), except
 //! for the block that the consumer needs next (the queue is empty, or in ordered mode
 //! the block belongs to the sequence at the head). That exception is what makes the
 //! budget deadlock-free: the consumer can always make progress, and the budget is
@@ -90,6 +91,13 @@ pub enum Popped {
     Done,
 }
 
+/// How much of the budget queued blocks may fill: half. The rest is working memory
+/// for the operators that need it (sorts, aggregations, joins, exchanges), which
+/// otherwise would find the budget full of their own queued input.
+pub(crate) fn queue_ceiling(budget: &MemoryBudget) -> u64 {
+    budget.limit() / 2
+}
+
 impl BlockQueue {
     /// A queue fed by `producers` producers (each calls [`close`](Self::close) once).
     pub fn new(
@@ -160,7 +168,7 @@ impl BlockQueue {
                 let reservation = if at_head {
                     Some(self.budget.reserve(bytes))
                 } else {
-                    self.budget.try_reserve(bytes)
+                    self.budget.try_reserve_under(bytes, queue_ceiling(&self.budget))
                 };
                 if let Some(reservation) = reservation {
                     let block = Block {

@@ -41,7 +41,7 @@ impl OpCounters {
         self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self, name: &str, peak_memory: u64) -> OperatorStats {
+    pub fn snapshot(&self, name: &str, peak_memory: u64, spilled_bytes: u64) -> OperatorStats {
         let first = *self.first_start.lock().expect("stats lock");
         let last = *self.last_end.lock().expect("stats lock");
         let wall = match (first, last) {
@@ -57,6 +57,7 @@ impl OpCounters {
             wall,
             cpu: Duration::from_nanos(self.cpu_nanos.load(Ordering::Relaxed)),
             peak_memory,
+            spilled_bytes,
         }
     }
 }
@@ -78,6 +79,8 @@ pub struct OperatorStats {
     pub cpu: Duration,
     /// The most bytes its output queue held at once.
     pub peak_memory: u64,
+    /// Bytes its operators wrote to spill files (sorts, aggregations, shuffles).
+    pub spilled_bytes: u64,
 }
 
 /// What an execution did.
@@ -97,15 +100,27 @@ impl fmt::Display for OperatorStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: {} tasks, {} rows, {}, wall {:.3}s, cpu {:.3}s, peak memory {}",
+            "{}: {} tasks, {} rows, {}, wall {:.3}s, cpu {:.3}s, peak memory {}{}",
             self.name,
             self.tasks,
             self.rows_out,
             format_bytes(self.bytes_out),
             self.wall.as_secs_f64(),
             self.cpu.as_secs_f64(),
-            format_bytes(self.peak_memory)
+            format_bytes(self.peak_memory),
+            if self.spilled_bytes > 0 {
+                format!(", spilled {}", format_bytes(self.spilled_bytes))
+            } else {
+                String::new()
+            }
         )
+    }
+}
+
+impl ExecutionStats {
+    /// Bytes spilled to disk by all operators.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.operators.iter().map(|o| o.spilled_bytes).sum()
     }
 }
 
@@ -116,10 +131,11 @@ impl fmt::Display for ExecutionStats {
         }
         write!(
             f,
-            "total: wall {:.3}s, peak buffered memory {} of {} budget",
+            "total: wall {:.3}s, peak memory {} of {} budget, spilled {}",
             self.wall.as_secs_f64(),
             format_bytes(self.peak_memory),
-            format_bytes(self.memory_limit)
+            format_bytes(self.memory_limit),
+            format_bytes(self.spilled_bytes())
         )
     }
 }

@@ -78,6 +78,21 @@ impl MemoryBudget {
         })
     }
 
+    /// Reserves `bytes` if the budget's use stays at or under `ceiling` (a share of the
+    /// limit that one kind of holder may fill).
+    pub fn try_reserve_under(self: &Arc<Self>, bytes: u64, ceiling: u64) -> Option<MemoryReservation> {
+        let mut s = self.state.lock().expect("budget lock");
+        if s.used + bytes > ceiling.min(self.limit) && bytes > 0 {
+            return None;
+        }
+        s.used += bytes;
+        s.peak = s.peak.max(s.used);
+        Some(MemoryReservation {
+            budget: Arc::clone(self),
+            bytes,
+        })
+    }
+
     /// Reserves `bytes` whether or not they fit.
     pub fn reserve(self: &Arc<Self>, bytes: u64) -> MemoryReservation {
         let mut s = self.state.lock().expect("budget lock");
@@ -89,13 +104,35 @@ impl MemoryBudget {
         }
     }
 
+    /// Takes `bytes` without a [`MemoryReservation`] if they fit: for pools that keep
+    /// their own books over this budget (DataFusion's operators). Give them back with
+    /// [`release`](MemoryBudget::release).
+    pub fn try_acquire(&self, bytes: u64) -> bool {
+        let mut s = self.state.lock().expect("budget lock");
+        if s.used + bytes > self.limit && bytes > 0 {
+            return false;
+        }
+        s.used += bytes;
+        s.peak = s.peak.max(s.used);
+        true
+    }
+
+    /// Takes `bytes` whether or not they fit, without a [`MemoryReservation`].
+    pub fn acquire(&self, bytes: u64) {
+        let mut s = self.state.lock().expect("budget lock");
+        s.used += bytes;
+        s.peak = s.peak.max(s.used);
+    }
+
     /// Waits until some memory is given back, or `timeout` passes.
     pub fn wait_for_release(&self, timeout: Duration) {
         let s = self.state.lock().expect("budget lock");
         let _unused = self.freed.wait_timeout(s, timeout);
     }
 
-    fn release(&self, bytes: u64) {
+    /// Gives back bytes taken with [`acquire`](MemoryBudget::acquire) or
+    /// [`try_acquire`](MemoryBudget::try_acquire).
+    pub fn release(&self, bytes: u64) {
         let mut s = self.state.lock().expect("budget lock");
         s.used = s.used.saturating_sub(bytes);
         drop(s);

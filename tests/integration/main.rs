@@ -6,3 +6,4 @@ mod errors;
 mod io;
 mod memory;
 mod oracle;
+mod relational;

@@ -1,0 +1,406 @@
+//! Sort, group-by, join and distinct: the all-to-all operations that DataFusion's
+//! operators do well.
+//!
+//! Each builds a DataFusion logical plan whose leaves are the input datasets (as
+//! [`DatasetTable`]s) and becomes a dataset source again ([`PlanSource`]). DataFusion
+//! then runs its external sort, spilling hash aggregation and hash join, with its
+//! repartition exchanges, and takes their memory from the context's budget through
+//! volley's pool; spills go to the context's spill folder. The inputs stream through
+//! volley's executor into those operators, and the output streams out of them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::common::{Column, JoinType};
+use datafusion::datasource::provider_as_source;
+use datafusion::functions::core::expr_fn::coalesce;
+use datafusion::functions_aggregate::expr_fn as agg_fn;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, SortExpr};
+use volley_common::{Result, VolleyError};
+
+use crate::col;
+use crate::dataset::Dataset;
+use crate::sql::{DatasetTable, PlanSource};
+
+/// One key of [`Dataset::sort`]: a column, its direction and where nulls go.
+///
+/// Ascending with nulls last unless told otherwise (DuckDB's and DataFusion's SQL
+/// default for `ORDER BY x`). A `&str` converts to an ascending key.
+#[derive(Debug, Clone)]
+pub struct SortKey {
+    /// What to sort by: a column or any expression over the columns.
+    pub expr: Expr,
+    /// Largest first.
+    pub descending: bool,
+    /// Nulls before every value.
+    pub nulls_first: bool,
+}
+
+impl SortKey {
+    /// Ascending by `column`, nulls last.
+    pub fn asc(column: &str) -> Self {
+        Self {
+            expr: col(column),
+            descending: false,
+            nulls_first: false,
+        }
+    }
+
+    /// Descending by `column`, nulls last.
+    pub fn desc(column: &str) -> Self {
+        Self {
+            descending: true,
+            ..Self::asc(column)
+        }
+    }
+
+    /// By an expression, ascending, nulls last.
+    pub fn expr(expr: Expr) -> Self {
+        Self {
+            expr,
+            descending: false,
+            nulls_first: false,
+        }
+    }
+
+    /// Puts nulls first.
+    pub fn nulls_first(mut self) -> Self {
+        self.nulls_first = true;
+        self
+    }
+
+    /// Puts nulls last.
+    pub fn nulls_last(mut self) -> Self {
+        self.nulls_first = false;
+        self
+    }
+
+    fn to_sort_expr(&self) -> SortExpr {
+        SortExpr::new(self.expr.clone(), !self.descending, self.nulls_first)
+    }
+}
+
+impl From<&str> for SortKey {
+    fn from(column: &str) -> Self {
+        SortKey::asc(column)
+    }
+}
+
+impl From<String> for SortKey {
+    fn from(column: String) -> Self {
+        SortKey::asc(&column)
+    }
+}
+
+/// How [`Dataset::join`] matches rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinHow {
+    /// Matching pairs only.
+    Inner,
+    /// Every left row; right columns null where nothing matched.
+    Left,
+    /// Every right row; left columns null where nothing matched.
+    Right,
+    /// Every row of both sides.
+    Full,
+    /// Left rows that have a match (left columns only).
+    Semi,
+    /// Left rows that have no match (left columns only).
+    Anti,
+}
+
+impl fmt::Display for JoinHow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            JoinHow::Inner => "inner",
+            JoinHow::Left => "left",
+            JoinHow::Right => "right",
+            JoinHow::Full => "full",
+            JoinHow::Semi => "semi",
+            JoinHow::Anti => "anti",
+        };
+        f.write_str(s)
+    }
+}
+
+impl std::str::FromStr for JoinHow {
+    type Err = VolleyError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "inner" => JoinHow::Inner,
+            "left" | "left_outer" => JoinHow::Left,
+            "right" | "right_outer" => JoinHow::Right,
+            "full" | "outer" | "full_outer" => JoinHow::Full,
+            "semi" | "left_semi" => JoinHow::Semi,
+            "anti" | "left_anti" => JoinHow::Anti,
+            other => {
+                return Err(VolleyError::plan(format!(
+                    "unknown join type `{other}` (inner, left, right, full, semi, anti)"
+                )))
+            }
+        })
+    }
+}
+
+impl JoinHow {
+    fn join_type(self) -> JoinType {
+        match self {
+            JoinHow::Inner => JoinType::Inner,
+            JoinHow::Left => JoinType::Left,
+            JoinHow::Right => JoinType::Right,
+            JoinHow::Full => JoinType::Full,
+            JoinHow::Semi => JoinType::LeftSemi,
+            JoinHow::Anti => JoinType::LeftAnti,
+        }
+    }
+}
+
+/// Aggregations for [`GroupedDataset::agg`] and [`Dataset::aggregate`], named as Ray
+/// Data names them (`sum(x)`, `count()`); rename with `.alias("...")`. Any DataFusion
+/// aggregate expression works too.
+pub mod agg {
+    use super::*;
+
+    /// Rows in the group.
+    pub fn count_all() -> Expr {
+        datafusion::functions_aggregate::count::count_all().alias("count()")
+    }
+    /// Non-null values of `column`.
+    pub fn count(column: &str) -> Expr {
+        agg_fn::count(col(column)).alias(format!("count({column})"))
+    }
+    /// Distinct non-null values of `column`.
+    pub fn count_distinct(column: &str) -> Expr {
+        agg_fn::count_distinct(col(column)).alias(format!("count_distinct({column})"))
+    }
+    /// Sum of `column`.
+    pub fn sum(column: &str) -> Expr {
+        agg_fn::sum(col(column)).alias(format!("sum({column})"))
+    }
+    /// Smallest value of `column`.
+    pub fn min(column: &str) -> Expr {
+        agg_fn::min(col(column)).alias(format!("min({column})"))
+    }
+    /// Largest value of `column`.
+    pub fn max(column: &str) -> Expr {
+        agg_fn::max(col(column)).alias(format!("max({column})"))
+    }
+    /// Mean of `column`.
+    pub fn mean(column: &str) -> Expr {
+        agg_fn::avg(col(column)).alias(format!("mean({column})"))
+    }
+    /// Sample standard deviation of `column` (n - 1 in the denominator, as Ray, Polars
+    /// and DuckDB's `stddev`).
+    pub fn std(column: &str) -> Expr {
+        agg_fn::stddev(col(column)).alias(format!("std({column})"))
+    }
+    /// The first value of `column` in the group, where rows are ordered by `order_by`
+    /// (without an order, whichever row the parallel aggregation saw first).
+    pub fn first(column: &str, order_by: &[SortKey]) -> Expr {
+        agg_fn::first_value(col(column), order_by.iter().map(|k| k.to_sort_expr()).collect())
+            .alias(format!("first({column})"))
+    }
+    /// The last value of `column` in the group (see [`first`]).
+    pub fn last(column: &str, order_by: &[SortKey]) -> Expr {
+        agg_fn::last_value(col(column), order_by.iter().map(|k| k.to_sort_expr()).collect())
+            .alias(format!("last({column})"))
+    }
+}
+
+/// A dataset grouped by key columns; [`agg`](GroupedDataset::agg) computes per group.
+#[derive(Debug, Clone)]
+pub struct GroupedDataset {
+    pub(crate) dataset: Dataset,
+    pub(crate) keys: Vec<String>,
+}
+
+impl GroupedDataset {
+    /// One row per group: the keys, then one column per aggregation.
+    ///
+    /// ```
+    /// use volley_dataset::{agg, col, lit, Context};
+    /// let ctx = Context::try_default().unwrap();
+    /// let ds = ctx.range(100).with_column("k", col("id") % lit(3i64)).unwrap();
+    /// let out = ds.groupby(&["k"]).agg([agg::count_all(), agg::sum("id")]).unwrap();
+    /// assert_eq!(out.count().unwrap(), 3);
+    /// ```
+    pub fn agg(&self, aggs: impl IntoIterator<Item = Expr>) -> Result<Dataset> {
+        let keys: Vec<Expr> = self.keys.iter().map(|k| col(k.as_str())).collect();
+        let aggs: Vec<Expr> = aggs.into_iter().collect();
+        let label = format!(
+            "group by [{}]: {}",
+            self.keys.join(", "),
+            aggs.iter().map(|a| a.schema_name().to_string()).collect::<Vec<_>>().join(", ")
+        );
+        let plan = scan(&self.dataset, "input")?.aggregate(keys, aggs)?.build()?;
+        Ok(self.dataset.from_plan(plan, "Aggregate", label))
+    }
+
+    /// Rows per group, in a column `count()`.
+    pub fn count(&self) -> Result<Dataset> {
+        self.agg([agg::count_all()])
+    }
+}
+
+/// A dataset as the leaf of a DataFusion plan.
+fn scan(ds: &Dataset, name: &str) -> Result<LogicalPlanBuilder> {
+    let table = Arc::new(DatasetTable::try_new(ds.clone())?);
+    Ok(LogicalPlanBuilder::scan(name, provider_as_source(table), None)?)
+}
+
+fn qualified(table: &str, name: &str) -> Expr {
+    Expr::Column(Column::new(Some(table), name))
+}
+
+impl Dataset {
+    pub(crate) fn from_plan(&self, plan: LogicalPlan, name: &str, label: String) -> Dataset {
+        let ctx = self.context();
+        let state = ctx.session_state().clone();
+        ctx.source(Arc::new(PlanSource::new(ctx, state, plan, name, label)))
+    }
+
+    /// Sorts all rows by `keys` (the first key first). Spills to disk when the data
+    /// does not fit the memory budget; the output streams in order.
+    ///
+    /// ```
+    /// use volley_dataset::{Context, SortKey};
+    /// let ctx = Context::try_default().unwrap();
+    /// let top = ctx.range(10).sort([SortKey::desc("id")]).unwrap().take(1).unwrap();
+    /// assert_eq!(top[0].num_rows(), 1);
+    /// ```
+    pub fn sort<K: Into<SortKey>>(&self, keys: impl IntoIterator<Item = K>) -> Result<Dataset> {
+        let keys: Vec<SortKey> = keys.into_iter().map(Into::into).collect();
+        if keys.is_empty() {
+            return Err(VolleyError::plan("sort needs at least one key"));
+        }
+        let label = keys
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} {} nulls {}",
+                    k.expr,
+                    if k.descending { "desc" } else { "asc" },
+                    if k.nulls_first { "first" } else { "last" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let plan = scan(self, "input")?
+            .sort(keys.iter().map(SortKey::to_sort_expr))?
+            .build()?;
+        Ok(self.from_plan(plan, "Sort", label))
+    }
+
+    /// Groups rows by the `keys` columns; aggregate with [`GroupedDataset::agg`].
+    pub fn groupby(&self, keys: &[&str]) -> GroupedDataset {
+        GroupedDataset {
+            dataset: self.clone(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    /// Aggregates over all rows: one output row.
+    pub fn aggregate(&self, aggs: impl IntoIterator<Item = Expr>) -> Result<Dataset> {
+        GroupedDataset {
+            dataset: self.clone(),
+            keys: vec![],
+        }
+        .agg(aggs)
+    }
+
+    /// Each distinct row once.
+    pub fn distinct(&self) -> Result<Dataset> {
+        let plan = scan(self, "input")?.distinct()?.build()?;
+        Ok(self.from_plan(plan, "Distinct", "all columns".into()))
+    }
+
+    /// The distinct values of `column`, one row each.
+    pub fn unique(&self, column: &str) -> Result<Dataset> {
+        let plan = scan(self, "input")?
+            .project([col(column)])?
+            .distinct()?
+            .build()?;
+        Ok(self.from_plan(plan, "Distinct", column.to_string()))
+    }
+
+    /// Joins with `other` on equal values of the `on` columns (same names on both
+    /// sides).
+    ///
+    /// Output columns: the keys once, then the other left columns, then the other
+    /// right columns (suffixed `_right` where a left column has the same name). Semi
+    /// and anti joins keep the left columns only. Null keys match nothing.
+    pub fn join(&self, other: &Dataset, on: &[&str], how: JoinHow) -> Result<Dataset> {
+        self.join_on(other, on, on, how)
+    }
+
+    /// Joins with `other` where `left_on[i]` equals `right_on[i]`; the key columns
+    /// keep the left names (see [`join`](Dataset::join)).
+    pub fn join_on(
+        &self,
+        other: &Dataset,
+        left_on: &[&str],
+        right_on: &[&str],
+        how: JoinHow,
+    ) -> Result<Dataset> {
+        if left_on.is_empty() || left_on.len() != right_on.len() {
+            return Err(VolleyError::plan(format!(
+                "join needs as many left keys as right keys, at least one (got {left_on:?} and {right_on:?})"
+            )));
+        }
+        let left_schema = self.schema()?;
+        let right_schema = other.schema()?;
+        for (side, keys, schema) in [("left", left_on, &left_schema), ("right", right_on, &right_schema)] {
+            for k in keys {
+                if schema.field_with_name(k).is_err() {
+                    return Err(VolleyError::plan(format!(
+                        "join key `{k}` is not a column of the {side} dataset (columns: {})",
+                        schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+            }
+        }
+        let (l, r) = ("left", "right");
+        let keys = (
+            left_on.iter().map(|k| Column::new(Some(l), *k)).collect::<Vec<_>>(),
+            right_on.iter().map(|k| Column::new(Some(r), *k)).collect::<Vec<_>>(),
+        );
+        let joined = scan(self, l)?.join(scan(other, r)?.build()?, how.join_type(), keys, None)?;
+        let mut out: Vec<Expr> = Vec::new();
+        for (lk, rk) in left_on.iter().zip(right_on) {
+            let key = match how {
+                JoinHow::Right => qualified(r, rk),
+                JoinHow::Full => coalesce(vec![qualified(l, lk), qualified(r, rk)]),
+                _ => qualified(l, lk),
+            };
+            out.push(key.alias(*lk));
+        }
+        for f in left_schema.fields() {
+            if !left_on.contains(&f.name().as_str()) {
+                out.push(qualified(l, f.name()).alias(f.name()));
+            }
+        }
+        if !matches!(how, JoinHow::Semi | JoinHow::Anti) {
+            for f in right_schema.fields() {
+                let name = f.name().as_str();
+                if right_on.contains(&name) {
+                    continue;
+                }
+                let taken = left_schema.field_with_name(name).is_ok();
+                let alias = if taken { format!("{name}_right") } else { name.to_string() };
+                out.push(qualified(r, name).alias(alias));
+            }
+        }
+        let plan = joined.project(out)?.build()?;
+        let label = format!(
+            "{how} on {}",
+            left_on
+                .iter()
+                .zip(right_on)
+                .map(|(a, b)| if a == b { a.to_string() } else { format!("{a} = {b}") })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(self.from_plan(plan, "Join", label))
+    }
+}

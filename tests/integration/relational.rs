@@ -1,0 +1,377 @@
+//! Sort, group-by, distinct and join through the Dataset API, checked against DuckDB on
+//! the same Parquet files: nulls, empty inputs, a skewed key and many keys.
+
+use std::sync::Arc;
+
+use volley::arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
+use volley::arrow::datatypes::{DataType, Field, Schema};
+use volley::prelude::*;
+
+use crate::common::*;
+
+/// `n` rows: id (unique), k (skewed: 70% of rows hold 0; null every 13th), g (5,000
+/// keys), s (strings, null every 7th), v (floats, null every 5th).
+fn facts(n: i64, offset: i64) -> RecordBatch {
+    let ids = offset..offset + n;
+    let id: Int64Array = ids.clone().collect();
+    let k: Int64Array = ids
+        .clone()
+        .map(|i| match i {
+            _ if i % 13 == 0 => None,
+            _ if i % 10 < 7 => Some(0),
+            _ => Some(i % 17),
+        })
+        .collect();
+    let g: Int64Array = ids.clone().map(|i| Some((i * 7919) % 5000)).collect();
+    let s: StringArray = ids
+        .clone()
+        .map(|i| (i % 7 != 0).then(|| format!("s{}", i % 23)))
+        .collect();
+    let v: Float64Array = ids
+        .map(|i| (i % 5 != 0).then(|| ((i * 37) % 1000) as f64 / 8.0 - 40.0))
+        .collect();
+    RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("k", DataType::Int64, true),
+            Field::new("g", DataType::Int64, true),
+            Field::new("s", DataType::Utf8, true),
+            Field::new("v", DataType::Float64, true),
+        ])),
+        vec![Arc::new(id), Arc::new(k), Arc::new(g), Arc::new(s), Arc::new(v)],
+    )
+    .unwrap()
+}
+
+/// 3,000 dimension rows keyed by g (g in 2,000..5,000 plus a null key), with a name and
+/// a column `v` that collides with the facts' `v`.
+fn dims() -> RecordBatch {
+    let g: Int64Array = (2000..5000)
+        .map(|i| (i != 2000).then_some(i))
+        .collect();
+    let name: StringArray = (2000..5000).map(|i| Some(format!("d{i}"))).collect();
+    let v: Float64Array = (2000..5000).map(|i| Some(i as f64)).collect();
+    RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Int64, true),
+            Field::new("name", DataType::Utf8, true),
+            Field::new("v", DataType::Float64, true),
+        ])),
+        vec![Arc::new(g), Arc::new(name), Arc::new(v)],
+    )
+    .unwrap()
+}
+
+struct Data {
+    dir: tempfile::TempDir,
+    ctx: Context,
+    facts: String,
+    dims: String,
+}
+
+impl Data {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx();
+        let facts_path = dir.path().join("facts").to_str().unwrap().to_string();
+        let dims_path = dir.path().join("dims").to_str().unwrap().to_string();
+        ctx.from_batches(vec![facts(30_000, 0), facts(25_000, 30_000)])
+            .unwrap()
+            .write_parquet(&facts_path)
+            .unwrap();
+        ctx.from_batches(vec![dims()])
+            .unwrap()
+            .write_parquet(&dims_path)
+            .unwrap();
+        Self {
+            dir,
+            ctx,
+            facts: facts_path,
+            dims: dims_path,
+        }
+    }
+
+    fn facts(&self) -> Dataset {
+        self.ctx.read_parquet(&self.facts).unwrap()
+    }
+
+    fn dims(&self) -> Dataset {
+        self.ctx.read_parquet(&self.dims).unwrap()
+    }
+
+    /// Writes `ds` and checks its rows equal DuckDB's answer to `query` (`facts` and
+    /// `dims` are the tables): as multisets, or in order when `ordered`. Floats compare
+    /// to a relative tolerance of 1e-9.
+    fn check(&self, name: &str, ds: &Dataset, query: &str, ordered: bool) {
+        let out = self.dir.path().join(format!("out-{name}"));
+        let out = out.to_str().unwrap();
+        if ordered {
+            // One file, rows in the dataset's order.
+            ds.write(out, volley::WriteFormat::Parquet)
+                .single_file()
+                .run()
+                .unwrap();
+        } else {
+            ds.write_parquet(out).unwrap();
+        }
+        let script = format!(
+            r#"
+import math
+con = duckdb.connect()
+con.sql("CREATE VIEW facts AS SELECT * FROM '{facts}/*.parquet'")
+con.sql("CREATE VIEW dims AS SELECT * FROM '{dims}/*.parquet'")
+v = con.sql("SELECT * FROM read_parquet('{read}')").fetchall()
+d = con.sql("""{query}""").fetchall()
+def norm(x):
+    return round(x, 6) if isinstance(x, float) else x
+def key(r):
+    return tuple((x is None, type(x).__name__, norm(x) if x is not None else 0) for x in r)
+if not {ordered}:
+    v.sort(key=key)
+    d.sort(key=key)
+assert len(v) == len(d), f"{name}: volley {{len(v)}} rows, duckdb {{len(d)}}"
+for i, (a, b) in enumerate(zip(v, d)):
+    assert len(a) == len(b), f"{name}: row {{i}} has {{len(a)}} columns vs {{len(b)}}"
+    for x, y in zip(a, b):
+        same = (x is None and y is None) or (
+            x is not None and y is not None and (
+                math.isclose(float(x), float(y), rel_tol=1e-9, abs_tol=1e-9)
+                if isinstance(x, float) or isinstance(y, float) else x == y))
+        assert same, f"{name}: row {{i}} differs: volley {{a}} duckdb {{b}}"
+print("rows", len(v))
+"#,
+            facts = self.facts,
+            dims = self.dims,
+            ordered = if ordered { "True" } else { "False" },
+            read = if ordered { out.to_string() } else { format!("{out}/*.parquet") },
+        );
+        let printed = duckdb(&script);
+        assert!(printed.starts_with("rows"), "{printed}");
+    }
+}
+
+#[test]
+fn sort_matches_duckdb_with_nulls_and_directions() {
+    let d = Data::new();
+    let sorted = d
+        .facts()
+        .sort([
+            SortKey::asc("k").nulls_first(),
+            SortKey::desc("v"),
+            SortKey::asc("id"),
+        ])
+        .unwrap();
+    d.check(
+        "sort",
+        &sorted,
+        "SELECT * FROM facts ORDER BY k ASC NULLS FIRST, v DESC NULLS LAST, id",
+        true,
+    );
+    // string key, descending, nulls first; then id
+    let sorted = d
+        .facts()
+        .sort([SortKey::desc("s").nulls_first(), SortKey::asc("id")])
+        .unwrap()
+        .select(&["id", "s"])
+        .unwrap();
+    d.check(
+        "sort_str",
+        &sorted,
+        "SELECT id, s FROM facts ORDER BY s DESC NULLS FIRST, id",
+        true,
+    );
+}
+
+#[test]
+fn groupby_matches_duckdb_on_skewed_and_many_keys() {
+    let d = Data::new();
+    let skewed = d
+        .facts()
+        .groupby(&["k"])
+        .agg([
+            agg::count_all(),
+            agg::count("v"),
+            agg::sum("id"),
+            agg::min("v"),
+            agg::max("s"),
+            agg::mean("v"),
+            agg::std("v"),
+            agg::count_distinct("g"),
+            agg::first("id", &[SortKey::asc("id")]),
+            agg::last("id", &[SortKey::asc("id")]),
+        ])
+        .unwrap();
+    d.check(
+        "groupby_skewed",
+        &skewed,
+        "SELECT k, count(*), count(v), sum(id), min(v), max(s), avg(v), stddev_samp(v), \
+         count(DISTINCT g), min(id), max(id) FROM facts GROUP BY k",
+        false,
+    );
+    let many = d
+        .facts()
+        .groupby(&["g", "s"])
+        .agg([agg::count_all(), agg::sum("v")])
+        .unwrap();
+    d.check(
+        "groupby_many",
+        &many,
+        "SELECT g, s, count(*), sum(v) FROM facts GROUP BY g, s",
+        false,
+    );
+    let global = d
+        .facts()
+        .aggregate([agg::count_all(), agg::mean("v"), agg::max("id")])
+        .unwrap();
+    d.check(
+        "aggregate",
+        &global,
+        "SELECT count(*), avg(v), max(id) FROM facts",
+        false,
+    );
+}
+
+#[test]
+fn distinct_and_unique_match_duckdb() {
+    let d = Data::new();
+    let distinct = d.facts().select(&["k", "s"]).unwrap().distinct().unwrap();
+    d.check(
+        "distinct",
+        &distinct,
+        "SELECT DISTINCT k, s FROM facts",
+        false,
+    );
+    let unique = d.facts().unique("s").unwrap();
+    d.check("unique", &unique, "SELECT DISTINCT s FROM facts", false);
+}
+
+#[test]
+fn joins_match_duckdb_for_every_kind() {
+    let d = Data::new();
+    let facts = d.facts().select(&["id", "g", "v"]).unwrap();
+    let cases = [
+        (
+            JoinHow::Inner,
+            "SELECT f.g, f.id, f.v, d.name, d.v FROM facts f JOIN dims d ON f.g = d.g",
+        ),
+        (
+            JoinHow::Left,
+            "SELECT f.g, f.id, f.v, d.name, d.v FROM facts f LEFT JOIN dims d ON f.g = d.g",
+        ),
+        (
+            JoinHow::Right,
+            "SELECT d.g, f.id, f.v, d.name, d.v FROM facts f RIGHT JOIN dims d ON f.g = d.g",
+        ),
+        (
+            JoinHow::Full,
+            "SELECT coalesce(f.g, d.g), f.id, f.v, d.name, d.v FROM facts f FULL JOIN dims d ON f.g = d.g",
+        ),
+        (
+            JoinHow::Semi,
+            "SELECT f.g, f.id, f.v FROM facts f SEMI JOIN dims d ON f.g = d.g",
+        ),
+        (
+            JoinHow::Anti,
+            "SELECT f.g, f.id, f.v FROM facts f ANTI JOIN dims d ON f.g = d.g",
+        ),
+    ];
+    for (how, query) in cases {
+        let joined = facts.join(&d.dims(), &["g"], how).unwrap();
+        let names: Vec<String> = joined
+            .schema()
+            .unwrap()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let expected: &[&str] = match how {
+            JoinHow::Semi | JoinHow::Anti => &["g", "id", "v"],
+            _ => &["g", "id", "v", "name", "v_right"],
+        };
+        assert_eq!(names, expected, "{how}");
+        d.check(&format!("join_{how}"), &joined, query, false);
+    }
+}
+
+#[test]
+fn empty_inputs_give_empty_or_zero_results() {
+    let d = Data::new();
+    let none = d.facts().filter(col("id").lt(lit(0i64))).unwrap();
+    assert_eq!(none.sort(["id"]).unwrap().count().unwrap(), 0);
+    assert_eq!(
+        none.groupby(&["k"]).agg([agg::sum("v")]).unwrap().count().unwrap(),
+        0
+    );
+    assert_eq!(none.distinct().unwrap().count().unwrap(), 0);
+    assert_eq!(
+        none.join(&d.dims(), &["g"], JoinHow::Inner).unwrap().count().unwrap(),
+        0
+    );
+    assert_eq!(
+        d.dims()
+            .join(&none, &["g"], JoinHow::Left)
+            .unwrap()
+            .count()
+            .unwrap(),
+        3000
+    );
+    let global = none.aggregate([agg::count_all()]).unwrap();
+    d.check("empty_aggregate", &global, "SELECT count(*) FROM facts WHERE id < 0", false);
+}
+
+#[test]
+fn bad_keys_name_the_column() {
+    let d = Data::new();
+    let e = d.facts().sort(["nope"]).unwrap_err().to_string();
+    assert!(e.contains("nope"), "{e}");
+    let e = d.facts().groupby(&["nope"]).agg([agg::count_all()]).unwrap_err().to_string();
+    assert!(e.contains("nope"), "{e}");
+    let e = d
+        .facts()
+        .join(&d.dims(), &["id"], JoinHow::Inner)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`id`") && e.contains("right"), "{e}");
+    let e = "sideways".parse::<JoinHow>().unwrap_err().to_string();
+    assert!(e.contains("sideways"), "{e}");
+}
+
+#[test]
+fn explain_shows_the_exchanges_and_stats_count_spills() {
+    let d = Data::new();
+    let sorted = d.facts().sort(["v"]).unwrap();
+    let plan = sorted.explain().unwrap();
+    assert!(plan.contains("Sort"), "{plan}");
+    assert!(plan.contains("SortExec"), "{plan}");
+    let grouped = d.facts().groupby(&["g"]).agg([agg::sum("v")]).unwrap();
+    let plan = grouped.explain().unwrap();
+    assert!(plan.contains("RepartitionExec"), "{plan}");
+
+    // A budget far below the data: the sort spills, and stats say how much.
+    let dir = tempfile::tempdir().unwrap();
+    let spill = dir.path().to_str().unwrap().to_string();
+    let small = ctx_with(|c| {
+        c.set("volley.exec.memory_limit", "8MiB").unwrap();
+        c.set("volley.exec.spill_dir", &spill).unwrap();
+    });
+    let big = small
+        .range(2_000_000)
+        .with_column("r", (col("id") * lit(7919i64)) % lit(100_003i64))
+        .unwrap()
+        .sort(["r", "id"])
+        .unwrap();
+    let mut prev = i64::MIN;
+    let mut n = 0;
+    for b in big.iter_batches().unwrap() {
+        let b = b.unwrap();
+        for r in i64_column(&[b], "r").into_iter().flatten() {
+            assert!(r >= prev);
+            prev = r;
+            n += 1;
+        }
+    }
+    assert_eq!(n, 2_000_000);
+    let stats = big.stats().unwrap();
+    assert!(stats.spilled_bytes() > 0, "{stats}");
+    assert!(stats.to_string().contains("spilled"), "{stats}");
+}
