@@ -47,7 +47,10 @@ fn main() {
             let peers = get("--peers", "duckdb,polars,datafusion");
             let peer_dir = get("--peer-dir", "../shared/bench/peers");
             let workloads = get("--workloads", "w1,w2,w3");
-            let utf8 = get("--utf8-copy", &format!("{}-utf8", tpch.trim_end_matches('/')));
+            let utf8 = get(
+                "--utf8-copy",
+                &format!("{}-utf8", tpch.trim_end_matches('/')),
+            );
             let ray_dir = format!("{utf8}/lineitem");
             let envs = [
                 ("TPCH_DIR", tpch.as_str()),
@@ -250,9 +253,7 @@ fn compare(
             let mut rss = Vec::new();
             let mut last = String::new();
             for _ in 0..runs {
-                if let Some((wall, kib, result)) =
-                    timed(&cmd, envs)
-                {
+                if let Some((wall, kib, result)) = timed(&cmd, envs) {
                     walls.push(wall);
                     rss.push(kib as f64 / 1024.0);
                     last = result;

@@ -44,9 +44,16 @@ enum Command {
         /// Memory budget, e.g. 1GiB.
         #[arg(long)]
         memory_limit: Option<String>,
+        /// Folder for spill files (default: the system's temporary folder).
+        #[arg(long)]
+        spill_dir: Option<String>,
         /// Print the plan instead of running it.
         #[arg(long)]
         explain: bool,
+        /// After running, print per-operator statistics (time, rows, memory, bytes
+        /// spilled) and the process's peak resident memory to stderr.
+        #[arg(long)]
+        stats: bool,
     },
 }
 
@@ -70,7 +77,9 @@ fn run(cli: Cli) -> Result<()> {
             format,
             output,
             memory_limit,
+            spill_dir,
             explain,
+            stats,
         } => {
             let query = match (query, file) {
                 (Some(q), None) => q,
@@ -91,6 +100,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(m) = memory_limit {
                 config.set("volley.exec.memory_limit", &m)?;
+            }
+            if let Some(d) = spill_dir {
+                config.set("volley.exec.spill_dir", &d)?;
             }
             config.set("volley.exec.preserve_order", "true")?;
             let ctx = Context::try_new(config)?;
@@ -124,6 +136,9 @@ fn run(cli: Cli) -> Result<()> {
                     .single_file()
                     .run()?;
                 eprintln!("wrote {} rows to {path}", summary.rows);
+                if stats {
+                    print_stats(&ds);
+                }
                 return Ok(());
             }
             let stdout = std::io::stdout();
@@ -150,7 +165,31 @@ fn run(cli: Cli) -> Result<()> {
                     w.finish()?;
                 }
             }
+            if stats {
+                print_stats(&ds);
+            }
             Ok(())
+        }
+    }
+}
+
+/// Statistics of the last execution and the peak RSS, on stderr.
+fn print_stats(ds: &volley::Dataset) {
+    if let Some(s) = ds.stats() {
+        eprintln!("{s}");
+    }
+    // Linux reports the high-water mark of resident memory in /proc.
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+            let kib: u64 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            eprintln!(
+                "peak RSS: {} ({kib} KiB)",
+                volley::crates::common::format_bytes(kib * 1024)
+            );
         }
     }
 }

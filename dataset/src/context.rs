@@ -4,6 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use arrow::array::RecordBatch;
 use datafusion::execution::context::SessionState;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::SessionConfig;
@@ -107,9 +108,15 @@ impl Context {
         let mut env = RuntimeEnvBuilder::new()
             .with_object_store_registry(Arc::new(VolleyObjectStoreRegistry::new()))
             .with_memory_pool(Arc::new(BudgetMemoryPool::new(Arc::clone(&budget))));
+        // A merge of spill files reserves one buffer per file, as many files as the
+        // pool allows: bound the fan-in so that one partition's merge leaves room for
+        // the others' (about a quarter of the budget per CPU, at least 2 files).
+        let fan_in = (limit / (cpus as u64 * 4 * (1 << 20))).clamp(2, 64) as usize;
+        let mut disk = DiskManagerBuilder::default().with_max_spill_merge_fan_in(fan_in);
         if let Some(dir) = &config.exec.spill_dir {
-            env = env.with_temp_file_path(dir);
+            disk = disk.with_mode(DiskManagerMode::Directories(vec![dir.into()]));
         }
+        env = env.with_disk_manager_builder(disk);
         let env = env.build_arc()?;
         let mut session = SessionConfig::new()
             .with_target_partitions(cpus)
@@ -119,6 +126,7 @@ impl Context {
             let opts = session.options_mut();
             opts.execution.parquet.pushdown_filters = config.read.pushdown_filters;
             opts.execution.parquet.reorder_filters = true;
+            opts.execution.parquet.schema_force_view_types = false;
             // Volley gives every read task its own file split (so errors name the
             // file and ordered reads keep file order) and balances tasks itself.
             opts.execution.enable_file_stream_work_stealing = false;

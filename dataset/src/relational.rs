@@ -198,13 +198,19 @@ pub mod agg {
     /// The first value of `column` in the group, where rows are ordered by `order_by`
     /// (without an order, whichever row the parallel aggregation saw first).
     pub fn first(column: &str, order_by: &[SortKey]) -> Expr {
-        agg_fn::first_value(col(column), order_by.iter().map(|k| k.to_sort_expr()).collect())
-            .alias(format!("first({column})"))
+        agg_fn::first_value(
+            col(column),
+            order_by.iter().map(|k| k.to_sort_expr()).collect(),
+        )
+        .alias(format!("first({column})"))
     }
     /// The last value of `column` in the group (see [`first`]).
     pub fn last(column: &str, order_by: &[SortKey]) -> Expr {
-        agg_fn::last_value(col(column), order_by.iter().map(|k| k.to_sort_expr()).collect())
-            .alias(format!("last({column})"))
+        agg_fn::last_value(
+            col(column),
+            order_by.iter().map(|k| k.to_sort_expr()).collect(),
+        )
+        .alias(format!("last({column})"))
     }
 }
 
@@ -231,9 +237,14 @@ impl GroupedDataset {
         let label = format!(
             "group by [{}]: {}",
             self.keys.join(", "),
-            aggs.iter().map(|a| a.schema_name().to_string()).collect::<Vec<_>>().join(", ")
+            aggs.iter()
+                .map(|a| a.schema_name().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        let plan = scan(&self.dataset, "input")?.aggregate(keys, aggs)?.build()?;
+        let plan = scan(&self.dataset, "input")?
+            .aggregate(keys, aggs)?
+            .build()?;
         Ok(self.dataset.from_plan(plan, "Aggregate", label))
     }
 
@@ -246,7 +257,11 @@ impl GroupedDataset {
 /// A dataset as the leaf of a DataFusion plan.
 fn scan(ds: &Dataset, name: &str) -> Result<LogicalPlanBuilder> {
     let table = Arc::new(DatasetTable::try_new(ds.clone())?);
-    Ok(LogicalPlanBuilder::scan(name, provider_as_source(table), None)?)
+    Ok(LogicalPlanBuilder::scan(
+        name,
+        provider_as_source(table),
+        None,
+    )?)
 }
 
 fn qualified(table: &str, name: &str) -> Expr {
@@ -350,20 +365,34 @@ impl Dataset {
         }
         let left_schema = self.schema()?;
         let right_schema = other.schema()?;
-        for (side, keys, schema) in [("left", left_on, &left_schema), ("right", right_on, &right_schema)] {
+        for (side, keys, schema) in [
+            ("left", left_on, &left_schema),
+            ("right", right_on, &right_schema),
+        ] {
             for k in keys {
                 if schema.field_with_name(k).is_err() {
                     return Err(VolleyError::plan(format!(
                         "join key `{k}` is not a column of the {side} dataset (columns: {})",
-                        schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                        schema
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )));
                 }
             }
         }
         let (l, r) = ("left", "right");
         let keys = (
-            left_on.iter().map(|k| Column::new(Some(l), *k)).collect::<Vec<_>>(),
-            right_on.iter().map(|k| Column::new(Some(r), *k)).collect::<Vec<_>>(),
+            left_on
+                .iter()
+                .map(|k| Column::new(Some(l), *k))
+                .collect::<Vec<_>>(),
+            right_on
+                .iter()
+                .map(|k| Column::new(Some(r), *k))
+                .collect::<Vec<_>>(),
         );
         let joined = scan(self, l)?.join(scan(other, r)?.build()?, how.join_type(), keys, None)?;
         let mut out: Vec<Expr> = Vec::new();
@@ -387,7 +416,11 @@ impl Dataset {
                     continue;
                 }
                 let taken = left_schema.field_with_name(name).is_ok();
-                let alias = if taken { format!("{name}_right") } else { name.to_string() };
+                let alias = if taken {
+                    format!("{name}_right")
+                } else {
+                    name.to_string()
+                };
                 out.push(qualified(r, name).alias(alias));
             }
         }
@@ -397,7 +430,11 @@ impl Dataset {
             left_on
                 .iter()
                 .zip(right_on)
-                .map(|(a, b)| if a == b { a.to_string() } else { format!("{a} = {b}") })
+                .map(|(a, b)| if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a} = {b}")
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         );

@@ -18,9 +18,9 @@ use datafusion::logical_expr::{
     Expr, LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown,
 };
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::metrics::MetricsSet;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
-use datafusion::physical_plan::metrics::MetricsSet;
 use datafusion::physical_plan::{displayable, ExecutionPlan};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParser;
@@ -120,7 +120,13 @@ pub(crate) fn plan_sql(
         Some((i, _)) => format!("{}…", &q[..i]),
         None => q,
     };
-    Ok(ctx.source(Arc::new(PlanSource::new(ctx, sctx.state(), plan, "Sql", label))))
+    Ok(ctx.source(Arc::new(PlanSource::new(
+        ctx,
+        sctx.state(),
+        plan,
+        "Sql",
+        label,
+    ))))
 }
 
 /// A DataFusion logical plan as a dataset source: one read task per output partition

@@ -44,15 +44,27 @@ impl BudgetMemoryPool {
         }
     }
 
-    fn refuse(&self, reservation: &MemoryReservation, additional: usize, available: u64) -> DataFusionError {
+    fn refuse(
+        &self,
+        s: &PoolState,
+        reservation: &MemoryReservation,
+        additional: usize,
+        available: u64,
+    ) -> DataFusionError {
+        let used = self.budget.used();
         DataFusionError::ResourcesExhausted(format!(
-            "{} could not take {} more (holds {}); {} available of the {} memory budget \
-             (set volley.exec.memory_limit or --memory-limit to raise it)",
+            "{} could not take {} more (holds {}); {} available of the {} memory budget, \
+             which holds {}: {} in spilling operators, {} in other operators, {} in queued \
+             blocks (set volley.exec.memory_limit or --memory-limit to raise it)",
             reservation.consumer().name(),
             format_bytes(additional as u64),
             format_bytes(reservation.size() as u64),
             format_bytes(available),
             format_bytes(self.budget.limit()),
+            format_bytes(used),
+            format_bytes(s.spillable),
+            format_bytes(s.unspillable),
+            format_bytes(used.saturating_sub(s.spillable + s.unspillable)),
         ))
     }
 }
@@ -67,7 +79,11 @@ impl fmt::Debug for BudgetMemoryPool {
 
 impl fmt::Display for BudgetMemoryPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "volley budget ({} limit)", format_bytes(self.budget.limit()))
+        write!(
+            f,
+            "volley budget ({} limit)",
+            format_bytes(self.budget.limit())
+        )
     }
 }
 
@@ -115,18 +131,26 @@ impl MemoryPool for BudgetMemoryPool {
         if reservation.consumer().can_spill() {
             // Everything in the budget that is not a spiller's is fixed for now.
             let fixed = self.budget.used().saturating_sub(s.spillable);
-            // Spillers share three quarters of what is left, which keeps room for the
+            // Spillers share half of what is left, which keeps room for the
             // working memory of their own merges (unspillable, taken as they go).
-            let spillable_room = self.budget.limit().saturating_sub(fixed) / 4 * 3;
+            let spillable_room = self.budget.limit().saturating_sub(fixed) / 2;
             let share = spillable_room / s.spillers.max(1) as u64;
-            if reservation.size() as u64 + add > share || !self.budget.try_acquire(add) {
-                return Err(self.refuse(reservation, additional, share.saturating_sub(reservation.size() as u64)));
+            // A spiller that holds nothing may take what it asks while the budget has
+            // room: it cannot spill its way out of needing one batch.
+            let over_share = reservation.size() > 0 && reservation.size() as u64 + add > share;
+            if over_share || !self.budget.try_acquire(add) {
+                return Err(self.refuse(
+                    &s,
+                    reservation,
+                    additional,
+                    share.saturating_sub(reservation.size() as u64),
+                ));
             }
             s.spillable += add;
         } else {
             if !self.budget.try_acquire(add) {
                 let free = self.budget.limit().saturating_sub(self.budget.used());
-                return Err(self.refuse(reservation, additional, free));
+                return Err(self.refuse(&s, reservation, additional, free));
             }
             s.unspillable += add;
         }
@@ -152,24 +176,34 @@ mod tests {
         let budget = MemoryBudget::new(1000);
         let pool: Arc<dyn MemoryPool> = Arc::new(BudgetMemoryPool::new(Arc::clone(&budget)));
         let queued = budget.reserve(400); // a volley queue holds 400
-        let mut a = MemoryConsumer::new("sort a").with_can_spill(true).register(&pool);
-        let mut b = MemoryConsumer::new("sort b").with_can_spill(true).register(&pool);
-        // two spillers share 3/4 of 600: 225 each
-        a.try_grow(225).unwrap();
-        assert!(a.try_grow(1).is_err());
-        b.try_grow(200).unwrap();
-        assert_eq!(budget.used(), 825);
-        drop(queued);
-        // the queue gave its bytes back: shares are 3/4 of 1000 / 2 = 375
+        let a = MemoryConsumer::new("sort a")
+            .with_can_spill(true)
+            .register(&pool);
+        let b = MemoryConsumer::new("sort b")
+            .with_can_spill(true)
+            .register(&pool);
+        // two spillers share half of the 600 left: 150 each
         a.try_grow(150).unwrap();
         assert!(a.try_grow(1).is_err());
-        let mut build = MemoryConsumer::new("hash join").register(&pool);
-        assert!(build.try_grow(600).is_err(), "only 425 are left");
-        build.try_grow(425).unwrap();
+        b.try_grow(100).unwrap();
+        assert_eq!(budget.used(), 650);
+        drop(queued);
+        // the queue gave its bytes back: shares are 1000 / 2 / 2 = 250
+        a.try_grow(100).unwrap();
+        assert!(a.try_grow(1).is_err());
+        let build = MemoryConsumer::new("hash join").register(&pool);
+        assert!(build.try_grow(700).is_err(), "only 650 are left");
+        build.try_grow(650).unwrap();
         assert_eq!(budget.used(), 1000);
+        // a spiller holding nothing gets one batch while the budget has room
+        drop(build);
+        let c = MemoryConsumer::new("sort c")
+            .with_can_spill(true)
+            .register(&pool);
+        c.try_grow(400).unwrap();
         drop(a);
         drop(b);
-        drop(build);
+        drop(c);
         assert_eq!(budget.used(), 0);
         assert_eq!(pool.reserved(), 0);
     }

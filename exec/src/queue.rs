@@ -168,7 +168,8 @@ impl BlockQueue {
                 let reservation = if at_head {
                     Some(self.budget.reserve(bytes))
                 } else {
-                    self.budget.try_reserve_under(bytes, queue_ceiling(&self.budget))
+                    self.budget
+                        .try_reserve_under(bytes, queue_ceiling(&self.budget))
                 };
                 if let Some(reservation) = reservation {
                     let block = Block {

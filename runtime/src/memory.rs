@@ -80,7 +80,11 @@ impl MemoryBudget {
 
     /// Reserves `bytes` if the budget's use stays at or under `ceiling` (a share of the
     /// limit that one kind of holder may fill).
-    pub fn try_reserve_under(self: &Arc<Self>, bytes: u64, ceiling: u64) -> Option<MemoryReservation> {
+    pub fn try_reserve_under(
+        self: &Arc<Self>,
+        bytes: u64,
+        ceiling: u64,
+    ) -> Option<MemoryReservation> {
         let mut s = self.state.lock().expect("budget lock");
         if s.used + bytes > ceiling.min(self.limit) && bytes > 0 {
             return None;

@@ -59,3 +59,149 @@ fn pipeline_larger_than_budget_stays_inside_it() {
     // At most one block per queue past the budget (blocks are ~1 MiB here).
     assert!(stats.peak_memory <= budget + 4 * (2 << 20), "{stats}");
 }
+
+/// Runs the `volley` binary; returns (stdout file contents' line count, stderr).
+fn volley_sql(args: &[&str], stdout_to: &std::path::Path) -> String {
+    let out = std::fs::File::create(stdout_to).unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_volley"))
+        .arg("sql")
+        .args(args)
+        .stdout(out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+    assert!(run.status.success(), "volley sql failed: {stderr}");
+    stderr
+}
+
+/// The `peak RSS: ... (N KiB)` line of `--stats`, in bytes.
+fn peak_rss(stderr: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("peak RSS:"))
+        .unwrap_or_else(|| panic!("no peak RSS in: {stderr}"));
+    let kib: u64 = line
+        .rsplit('(')
+        .next()
+        .unwrap()
+        .trim_end_matches(" KiB)")
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+/// The bytes-spilled figure of the `total:` line of `--stats`.
+fn spilled(stderr: &str) -> String {
+    let total = stderr.lines().find(|l| l.starts_with("total:")).unwrap();
+    total.rsplit("spilled ").next().unwrap().to_string()
+}
+
+/// Sorting and aggregating data about eight times the budget finishes, spills, and keeps the
+/// process's peak RSS under the budget plus a fixed overhead.
+///
+/// The overhead is the binary's own footprint (the peak RSS of `volley sql "SELECT 1"`,
+/// about 50 MiB for a release build and 95 MiB for a debug one) plus 96 MiB for what is
+/// not data held by operators: DataFusion's and Parquet's decoding buffers, the batches
+/// in flight inside running tasks, the CSV writer, and allocator fragmentation. The
+/// data is larger than budget + 96 MiB, so a run that held it in memory would fail.
+#[test]
+fn sort_and_aggregate_eight_times_the_budget_stay_inside_it() {
+    const BUDGET: u64 = 32 << 20;
+    const OVERHEAD: u64 = 96 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let c = ctx();
+    // 6M rows: id, r (scrambled), a 24-byte payload: about 260 MiB in Arrow memory.
+    let rows: i64 = 6_000_000;
+    let chunk: i64 = 200_000;
+    let mut batches = Vec::new();
+    let mut arrow_bytes = 0u64;
+    for start in (0..rows).step_by(chunk as usize) {
+        let ids = start..start + chunk;
+        let id: Int64Array = ids.clone().collect();
+        let r: Int64Array = ids.clone().map(|i| (i * 7919) % 6_000_011).collect();
+        let payload: StringArray = ids.map(|i| Some(format!("payload-{i:016}"))).collect();
+        let b = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new("r", DataType::Int64, false),
+                Field::new("payload", DataType::Utf8, false),
+            ])),
+            vec![Arc::new(id), Arc::new(r), Arc::new(payload)],
+        )
+        .unwrap();
+        arrow_bytes += b.get_array_memory_size() as u64;
+        batches.push(b);
+    }
+    assert!(arrow_bytes >= 5 * BUDGET, "{arrow_bytes}");
+    c.from_batches(batches)
+        .unwrap()
+        .write_parquet(data.to_str().unwrap())
+        .unwrap();
+    let table = format!("t={}", data.display());
+    let spill = dir.path().join("spill");
+    std::fs::create_dir_all(&spill).unwrap();
+    let common = [
+        "--memory-limit",
+        "32MiB",
+        "--spill-dir",
+        spill.to_str().unwrap(),
+        "--stats",
+        "--format",
+        "csv",
+        "--table",
+        &table,
+    ];
+
+    let idle = peak_rss(&volley_sql(
+        &["--stats", "SELECT 1"],
+        &dir.path().join("one.txt"),
+    ));
+    let limit = idle + BUDGET + OVERHEAD;
+    assert!(
+        arrow_bytes > limit,
+        "the data must not fit under the RSS limit"
+    );
+
+    // Sort everything.
+    let sorted_csv = dir.path().join("sorted.csv");
+    let mut args = common.to_vec();
+    args.push("SELECT * FROM t ORDER BY r, id");
+    let stderr = volley_sql(&args, &sorted_csv);
+    let rss = peak_rss(&stderr);
+    assert!(rss < limit, "sort peak RSS {rss}, limit {limit}\n{stderr}");
+    assert_ne!(spilled(&stderr), "0 B", "{stderr}");
+    let text = std::fs::read_to_string(&sorted_csv).unwrap();
+    let mut prev = -1i64;
+    let mut n = 0;
+    for line in text.lines().skip(1) {
+        let r: i64 = line.split(',').nth(1).unwrap().parse().unwrap();
+        assert!(r >= prev, "not sorted at line {n}");
+        prev = r;
+        n += 1;
+    }
+    assert_eq!(n, rows);
+    drop(text);
+
+    // Group by a key with a million values.
+    let grouped_csv = dir.path().join("grouped.csv");
+    let mut args = common.to_vec();
+    args.push("SELECT id % 1000000 AS k, count(*) AS n, max(payload) AS m, sum(r) AS s FROM t GROUP BY id % 1000000");
+    let stderr = volley_sql(&args, &grouped_csv);
+    let rss = peak_rss(&stderr);
+    assert!(
+        rss < limit,
+        "aggregate peak RSS {rss}, limit {limit}\n{stderr}"
+    );
+    let text = std::fs::read_to_string(&grouped_csv).unwrap();
+    let mut groups = 0;
+    let mut total = 0i64;
+    for line in text.lines().skip(1) {
+        total += line.split(',').nth(1).unwrap().parse::<i64>().unwrap();
+        groups += 1;
+    }
+    assert_eq!(groups, 1_000_000);
+    assert_eq!(total, rows);
+    // The spill folder is left empty.
+    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
+}

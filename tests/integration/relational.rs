@@ -38,7 +38,13 @@ fn facts(n: i64, offset: i64) -> RecordBatch {
             Field::new("s", DataType::Utf8, true),
             Field::new("v", DataType::Float64, true),
         ])),
-        vec![Arc::new(id), Arc::new(k), Arc::new(g), Arc::new(s), Arc::new(v)],
+        vec![
+            Arc::new(id),
+            Arc::new(k),
+            Arc::new(g),
+            Arc::new(s),
+            Arc::new(v),
+        ],
     )
     .unwrap()
 }
@@ -46,9 +52,7 @@ fn facts(n: i64, offset: i64) -> RecordBatch {
 /// 3,000 dimension rows keyed by g (g in 2,000..5,000 plus a null key), with a name and
 /// a column `v` that collides with the facts' `v`.
 fn dims() -> RecordBatch {
-    let g: Int64Array = (2000..5000)
-        .map(|i| (i != 2000).then_some(i))
-        .collect();
+    let g: Int64Array = (2000..5000).map(|i| (i != 2000).then_some(i)).collect();
     let name: StringArray = (2000..5000).map(|i| Some(format!("d{i}"))).collect();
     let v: Float64Array = (2000..5000).map(|i| Some(i as f64)).collect();
     RecordBatch::try_new(
@@ -143,7 +147,11 @@ print("rows", len(v))
             facts = self.facts,
             dims = self.dims,
             ordered = if ordered { "True" } else { "False" },
-            read = if ordered { out.to_string() } else { format!("{out}/*.parquet") },
+            read = if ordered {
+                out.to_string()
+            } else {
+                format!("{out}/*.parquet")
+            },
         );
         let printed = duckdb(&script);
         assert!(printed.starts_with("rows"), "{printed}");
@@ -299,12 +307,19 @@ fn empty_inputs_give_empty_or_zero_results() {
     let none = d.facts().filter(col("id").lt(lit(0i64))).unwrap();
     assert_eq!(none.sort(["id"]).unwrap().count().unwrap(), 0);
     assert_eq!(
-        none.groupby(&["k"]).agg([agg::sum("v")]).unwrap().count().unwrap(),
+        none.groupby(&["k"])
+            .agg([agg::sum("v")])
+            .unwrap()
+            .count()
+            .unwrap(),
         0
     );
     assert_eq!(none.distinct().unwrap().count().unwrap(), 0);
     assert_eq!(
-        none.join(&d.dims(), &["g"], JoinHow::Inner).unwrap().count().unwrap(),
+        none.join(&d.dims(), &["g"], JoinHow::Inner)
+            .unwrap()
+            .count()
+            .unwrap(),
         0
     );
     assert_eq!(
@@ -316,7 +331,12 @@ fn empty_inputs_give_empty_or_zero_results() {
         3000
     );
     let global = none.aggregate([agg::count_all()]).unwrap();
-    d.check("empty_aggregate", &global, "SELECT count(*) FROM facts WHERE id < 0", false);
+    d.check(
+        "empty_aggregate",
+        &global,
+        "SELECT count(*) FROM facts WHERE id < 0",
+        false,
+    );
 }
 
 #[test]
@@ -324,7 +344,12 @@ fn bad_keys_name_the_column() {
     let d = Data::new();
     let e = d.facts().sort(["nope"]).unwrap_err().to_string();
     assert!(e.contains("nope"), "{e}");
-    let e = d.facts().groupby(&["nope"]).agg([agg::count_all()]).unwrap_err().to_string();
+    let e = d
+        .facts()
+        .groupby(&["nope"])
+        .agg([agg::count_all()])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nope"), "{e}");
     let e = d
         .facts()

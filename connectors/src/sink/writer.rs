@@ -10,6 +10,9 @@ use arrow::array::{Array, RecordBatch, UInt32Array};
 use arrow::compute::{cast, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::parquet::arrow::ArrowWriter;
+
+/// Rows per Parquet row group that volley writes.
+const ROW_GROUP_ROWS: usize = 128 * 1024;
 use datafusion::parquet::basic::{Compression as PqCompression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use object_store::path::Path;
@@ -211,7 +214,12 @@ impl PartWriter {
                     Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
                     Compression::Lz4 => PqCompression::LZ4_RAW,
                 };
-                let props = WriterProperties::builder().set_compression(codec).build();
+                // Row groups of 128Ki rows (DuckDB writes 122,880): the writer buffers one
+                // row group per file in memory, and readers split and prune by them.
+                let props = WriterProperties::builder()
+                    .set_compression(codec)
+                    .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+                    .build();
                 FileWriter::Parquet(ArrowWriter::try_new(file, schema, Some(props))?)
             }
             format => {
