@@ -20,8 +20,8 @@ pub use volley_common::{Result, VolleyConfig, VolleyError};
 pub use volley_dataset::{
     agg, col, lit, Compression, Context, CsvReadOptions, Dataset, ExecutionStats, Expr,
     GroupedDataset, IterOptions, JoinHow, MapOptions, NamedTransform, NamedTransformFactory,
-    OperatorStats, Paths, SortKey, StatefulTransform, TransformFactory, TransformFn, WriteBuilder,
-    WriteFormat, WriteMode, WriteSummary,
+    OperatorStats, Paths, SortKey, SplitIterator, StatefulTransform, TransformFactory, TransformFn,
+    WriteBuilder, WriteFormat, WriteMode, WriteSummary,
 };
 
 /// Arrow, as volley uses it.

@@ -81,6 +81,11 @@ pub trait DataSource: Send + Sync + Debug {
     fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {
         None
     }
+    /// Whether the order of the output is the point (a sort, a seeded shuffle, a split
+    /// by row positions): executions that read the source then keep its order.
+    fn ordered(&self) -> bool {
+        false
+    }
     /// Bytes the source's own operators spilled to disk in its latest execution.
     fn spilled_bytes(&self) -> u64 {
         0

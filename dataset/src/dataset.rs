@@ -13,8 +13,8 @@ use volley_connectors::{
     Compression, WriteFormat, WriteJob, WriteMode, WriteOptions, WriteSummary,
 };
 use volley_exec::{
-    execute, ExecutionStats, ExecutionStream, PhysicalPlan, PredicateFn, StatefulTransform,
-    TransformFactory, TransformFn, WriteTarget,
+    execute, ExecContext, ExecutionStats, ExecutionStream, PhysicalPlan, PredicateFn,
+    StatefulTransform, TransformFactory, TransformFn, WriteTarget,
 };
 
 use crate::context::Context;
@@ -269,7 +269,7 @@ impl Dataset {
 
     // ---- planning ----
 
-    fn physical(&self) -> Result<PhysicalPlan> {
+    pub(crate) fn physical(&self) -> Result<PhysicalPlan> {
         let state = self.ctx.session_state();
         let optimized = optimizer::optimize(&self.plan, state)?;
         Ok(planner::plan(&optimized, state)?.0)
@@ -303,9 +303,31 @@ impl Dataset {
 
     // ---- consumption ----
 
+    /// The execution context for this dataset: the context's, switched to
+    /// order-preserving mode when `ordered` or when a source's order is the point (a
+    /// sort, a seeded shuffle, a split).
+    fn exec_context(&self, ordered: bool) -> ExecContext {
+        let mut exec = self.ctx.exec_context().clone();
+        if (ordered || self.plan.needs_order()) && !exec.config.exec.preserve_order {
+            let mut config = (*exec.config).clone();
+            config.exec.preserve_order = true;
+            exec.config = Arc::new(config);
+        }
+        exec
+    }
+
+    /// Runs the dataset in order-preserving mode (what exchanges need to be
+    /// reproducible), whatever the context's setting.
+    pub(crate) fn ordered_batches(&self) -> Result<StatsStream> {
+        Ok(StatsStream {
+            inner: execute(self.physical()?, &self.exec_context(true))?,
+            sink: Arc::clone(&self.last_stats),
+        })
+    }
+
     fn stream(&self) -> Result<StatsStream> {
         Ok(StatsStream {
-            inner: execute(self.physical()?, self.ctx.exec_context())?,
+            inner: execute(self.physical()?, &self.exec_context(false))?,
             sink: Arc::clone(&self.last_stats),
         })
     }
@@ -467,7 +489,7 @@ impl WriteBuilder {
     /// whole write succeeds.
     pub fn run(self) -> Result<WriteSummary> {
         let ds = self.dataset;
-        let exec = ds.ctx.exec_context();
+        let exec = &ds.exec_context(false);
         let registry = exec.session.runtime_env().object_store_registry.clone();
         let single = self.options.single_file;
         let job = WriteJob::try_new(
@@ -520,7 +542,7 @@ impl WriteBuilder {
 }
 
 /// An execution stream that stores its stats in the dataset when it ends.
-struct StatsStream {
+pub(crate) struct StatsStream {
     inner: ExecutionStream,
     sink: Arc<Mutex<Option<ExecutionStats>>>,
 }

@@ -15,17 +15,20 @@
 
 mod context;
 mod dataset;
+mod exchange;
 mod logical;
 mod optimizer;
 mod planner;
 mod relational;
 mod sql;
+mod streaming_split;
 
 pub use context::{Context, Paths};
 pub use dataset::{Dataset, IterOptions, MapOptions, WriteBuilder};
 pub use logical::LogicalOp;
 pub use relational::{agg, GroupedDataset, JoinHow, SortKey};
 pub use sql::DatasetTable;
+pub use streaming_split::SplitIterator;
 
 pub use datafusion::prelude::{lit, Expr};
 pub use volley_connectors::{Compression, CsvReadOptions, WriteFormat, WriteMode, WriteSummary};

@@ -107,6 +107,14 @@ impl LogicalOp {
         })
     }
 
+    /// Whether a source below this node makes the output order meaningful.
+    pub fn needs_order(&self) -> bool {
+        match self {
+            LogicalOp::Source { source, .. } => source.ordered(),
+            other => other.inputs().iter().any(|i| i.needs_order()),
+        }
+    }
+
     /// Inputs of this node.
     pub fn inputs(&self) -> Vec<&Arc<LogicalOp>> {
         match self {

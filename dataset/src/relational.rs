@@ -245,7 +245,7 @@ impl GroupedDataset {
         let plan = scan(&self.dataset, "input")?
             .aggregate(keys, aggs)?
             .build()?;
-        Ok(self.dataset.from_plan(plan, "Aggregate", label))
+        Ok(self.dataset.from_plan(plan, "Aggregate", label, false))
     }
 
     /// Rows per group, in a column `count()`.
@@ -269,10 +269,18 @@ fn qualified(table: &str, name: &str) -> Expr {
 }
 
 impl Dataset {
-    pub(crate) fn from_plan(&self, plan: LogicalPlan, name: &str, label: String) -> Dataset {
+    pub(crate) fn from_plan(
+        &self,
+        plan: LogicalPlan,
+        name: &str,
+        label: String,
+        ordered: bool,
+    ) -> Dataset {
         let ctx = self.context();
         let state = ctx.session_state().clone();
-        ctx.source(Arc::new(PlanSource::new(ctx, state, plan, name, label)))
+        ctx.source(Arc::new(PlanSource::new(
+            ctx, state, plan, name, label, ordered,
+        )))
     }
 
     /// Sorts all rows by `keys` (the first key first). Spills to disk when the data
@@ -304,7 +312,7 @@ impl Dataset {
         let plan = scan(self, "input")?
             .sort(keys.iter().map(SortKey::to_sort_expr))?
             .build()?;
-        Ok(self.from_plan(plan, "Sort", label))
+        Ok(self.from_plan(plan, "Sort", label, true))
     }
 
     /// Groups rows by the `keys` columns; aggregate with [`GroupedDataset::agg`].
@@ -327,7 +335,7 @@ impl Dataset {
     /// Each distinct row once.
     pub fn distinct(&self) -> Result<Dataset> {
         let plan = scan(self, "input")?.distinct()?.build()?;
-        Ok(self.from_plan(plan, "Distinct", "all columns".into()))
+        Ok(self.from_plan(plan, "Distinct", "all columns".into(), false))
     }
 
     /// The distinct values of `column`, one row each.
@@ -336,7 +344,7 @@ impl Dataset {
             .project([col(column)])?
             .distinct()?
             .build()?;
-        Ok(self.from_plan(plan, "Distinct", column.to_string()))
+        Ok(self.from_plan(plan, "Distinct", column.to_string(), false))
     }
 
     /// Joins with `other` on equal values of the `on` columns (same names on both
@@ -438,6 +446,6 @@ impl Dataset {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Ok(self.from_plan(plan, "Join", label))
+        Ok(self.from_plan(plan, "Join", label, false))
     }
 }

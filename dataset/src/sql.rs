@@ -120,12 +120,15 @@ pub(crate) fn plan_sql(
         Some((i, _)) => format!("{}…", &q[..i]),
         None => q,
     };
+    // A query that ends in ORDER BY streams its rows in that order.
+    let ordered = matches!(plan, LogicalPlan::Sort(_) | LogicalPlan::Limit(_));
     Ok(ctx.source(Arc::new(PlanSource::new(
         ctx,
         sctx.state(),
         plan,
         "Sql",
         label,
+        ordered,
     ))))
 }
 
@@ -141,6 +144,7 @@ pub(crate) struct PlanSource {
     schema: SchemaRef,
     name: String,
     label: String,
+    ordered: bool,
     /// The physical plans of executions so far (for their spill metrics).
     executed: Mutex<Vec<Arc<dyn ExecutionPlan>>>,
 }
@@ -152,6 +156,7 @@ impl PlanSource {
         plan: LogicalPlan,
         name: &str,
         label: String,
+        ordered: bool,
     ) -> Self {
         Self {
             ctx: ctx.clone(),
@@ -160,6 +165,7 @@ impl PlanSource {
             plan,
             name: name.to_string(),
             label,
+            ordered,
             executed: Mutex::new(Vec::new()),
         }
     }
@@ -210,6 +216,10 @@ impl DataSource for PlanSource {
 
     fn describe(&self) -> String {
         self.label.clone()
+    }
+
+    fn ordered(&self) -> bool {
+        self.ordered
     }
 
     fn explain_detail(&self, request: &ScanRequest) -> Option<String> {

@@ -6,6 +6,7 @@
 //! loop over bounded, memory-budgeted queues and returns an [`ExecutionStream`] of
 //! Arrow batches.
 
+mod exchange;
 mod executor;
 mod memory_pool;
 mod memory_source;
@@ -16,6 +17,7 @@ mod stats;
 mod step;
 mod transform;
 
+pub use exchange::{ExchangeStore, FrozenStore, Partitioning};
 pub use executor::{execute, ExecContext, ExecutionStream};
 pub use memory_pool::BudgetMemoryPool;
 pub use memory_source::{MemorySource, RangeSource};

@@ -3,6 +3,7 @@
 mod common;
 mod dataset_api;
 mod errors;
+mod exchange;
 mod io;
 mod memory;
 mod oracle;

@@ -1,0 +1,629 @@
+//! Repartitioning, shuffles, group-wise maps and splits: volley's own exchanges.
+//!
+//! Each is a stage boundary. When an execution plans an [`ExchangeSource`], the input
+//! dataset runs to completion (in input order, so that seeded shuffles reproduce) into
+//! an [`ExchangeStore`] that holds blocks against the memory budget and spills them to
+//! Arrow IPC files beyond it; the source then reads the store back, one task per
+//! output partition. The store and its spill folder go away with the execution.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
+use arrow::compute::{lexsort_to_indices, take_record_batch, SortColumn};
+use arrow::datatypes::SchemaRef;
+use datafusion::execution::context::SessionState;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use volley_common::{Result, VolleyError};
+use volley_connectors::{DataSource, ReadTask, ScanRequest};
+use volley_exec::{ExchangeStore, FrozenStore, Partitioning};
+
+use crate::dataset::{Dataset, MapOptions};
+use crate::relational::GroupedDataset;
+
+/// What an exchange produces.
+#[derive(Debug, Clone)]
+enum ExchangeKind {
+    /// `n` outputs of equal row counts, in input order.
+    Repartition { n: usize },
+    /// `n` outputs by a hash of the keys.
+    RepartitionBy { keys: Vec<String>, n: usize },
+    /// Rows in a seeded random order, over `n` partitions.
+    RandomShuffle { seed: u64, n: usize },
+    /// The input's blocks in a seeded random order.
+    RandomizeBlockOrder { seed: u64 },
+    /// One block per group of equal keys (hash partitioned, sorted within).
+    Groups { keys: Vec<String>, n: usize },
+}
+
+impl ExchangeKind {
+    fn partitioning(&self) -> Partitioning {
+        match self {
+            ExchangeKind::Repartition { .. } | ExchangeKind::RandomizeBlockOrder { .. } => {
+                Partitioning::Single
+            }
+            ExchangeKind::RepartitionBy { keys, n } | ExchangeKind::Groups { keys, n } => {
+                Partitioning::Hash {
+                    keys: keys.clone(),
+                    n: *n,
+                }
+            }
+            ExchangeKind::RandomShuffle { seed, n } => Partitioning::Random { seed: *seed, n: *n },
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            ExchangeKind::Repartition { n } => format!("{n} partitions of equal rows, in order"),
+            ExchangeKind::RepartitionBy { keys, n } => {
+                format!("hash of [{}] into {n} partitions", keys.join(", "))
+            }
+            ExchangeKind::RandomShuffle { seed, n } => {
+                format!("random rows (seed {seed}) over {n} partitions")
+            }
+            ExchangeKind::RandomizeBlockOrder { seed } => {
+                format!("random block order (seed {seed})")
+            }
+            ExchangeKind::Groups { keys, n } => {
+                format!(
+                    "groups of [{}], hashed into {n} partitions",
+                    keys.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// Runs `input` in order into a store with `partitioning`.
+fn materialize(input: &Dataset, partitioning: Partitioning) -> Result<FrozenStore> {
+    let ctx = input.context();
+    let schema = input.schema()?;
+    let mut store = ExchangeStore::new(
+        schema,
+        partitioning,
+        Arc::clone(&ctx.exec_context().budget),
+        ctx.config().exec.spill_dir.clone(),
+    )?;
+    for batch in input.ordered_batches()? {
+        store.push(batch?)?;
+    }
+    Ok(store.finish())
+}
+
+fn project(
+    batch: RecordBatch,
+    schema: &SchemaRef,
+    projection: &Option<Vec<usize>>,
+) -> Result<RecordBatch> {
+    match projection {
+        None => Ok(batch),
+        Some(p) => {
+            let cols: Vec<ArrayRef> = p.iter().map(|&i| Arc::clone(batch.column(i))).collect();
+            let opts = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+            Ok(RecordBatch::try_new_with_options(
+                Arc::clone(schema),
+                cols,
+                &opts,
+            )?)
+        }
+    }
+}
+
+/// A read task streaming what `produce` yields, projected.
+fn task<I>(
+    label: String,
+    size: u64,
+    schema: SchemaRef,
+    projection: Option<Vec<usize>>,
+    produce: impl Fn() -> Result<I> + Send + Sync + 'static,
+) -> ReadTask
+where
+    I: Iterator<Item = Result<RecordBatch>> + Send + 'static,
+{
+    ReadTask::new(label, size, move |_ctx| {
+        let schema = Arc::clone(&schema);
+        let projection = projection.clone();
+        let out_schema = Arc::clone(&schema);
+        let items = produce()?.map(move |b| {
+            b.and_then(|b| project(b, &schema, &projection))
+                .map_err(Into::into)
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            out_schema,
+            futures::stream::iter(items),
+        )))
+    })
+}
+
+/// An exchange as a dataset source.
+#[derive(Debug)]
+struct ExchangeSource {
+    input: Dataset,
+    kind: ExchangeKind,
+    schema: SchemaRef,
+    batch_size: usize,
+    /// Bytes the latest execution spilled.
+    spilled: AtomicU64,
+}
+
+impl ExchangeSource {
+    fn tasks(&self, store: &Arc<FrozenStore>, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        let out_schema = match &request.projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => Arc::clone(&self.schema),
+        };
+        let proj = request.projection.clone();
+        let batch_size = self.batch_size;
+        let mut tasks = Vec::new();
+        match &self.kind {
+            ExchangeKind::Repartition { n } => {
+                let total = store.rows();
+                let n = (*n).max(1) as u64;
+                for i in 0..n {
+                    let (start, end) = (total * i / n, total * (i + 1) / n);
+                    let store = Arc::clone(store);
+                    tasks.push(task(
+                        format!("partition {i} (rows {start}..{end})"),
+                        end - start,
+                        Arc::clone(&out_schema),
+                        proj.clone(),
+                        move || Ok(store.read_range(0, start, end)),
+                    ));
+                }
+            }
+            ExchangeKind::RepartitionBy { .. } => {
+                for p in 0..store.partitions() {
+                    let store2 = Arc::clone(store);
+                    tasks.push(task(
+                        format!("partition {p}"),
+                        store.partition_rows(p),
+                        Arc::clone(&out_schema),
+                        proj.clone(),
+                        move || Ok(store2.read_range(p, 0, u64::MAX)),
+                    ));
+                }
+            }
+            ExchangeKind::RandomShuffle { .. } => {
+                for p in 0..store.partitions() {
+                    let store2 = Arc::clone(store);
+                    tasks.push(task(
+                        format!("partition {p}"),
+                        store.partition_rows(p),
+                        Arc::clone(&out_schema),
+                        proj.clone(),
+                        move || {
+                            let all = store2.read_partition(p)?;
+                            let n = all.num_rows();
+                            Ok((0..n)
+                                .step_by(batch_size.max(1))
+                                .map(move |i| Ok(all.slice(i, batch_size.min(n - i))))
+                                .collect::<Vec<_>>()
+                                .into_iter())
+                        },
+                    ));
+                }
+            }
+            ExchangeKind::RandomizeBlockOrder { seed } => {
+                let mut order: Vec<usize> = (0..store.partition_blocks(0)).collect();
+                order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(*seed));
+                for i in order {
+                    let store2 = Arc::clone(store);
+                    tasks.push(task(
+                        format!("block {i}"),
+                        0,
+                        Arc::clone(&out_schema),
+                        proj.clone(),
+                        move || Ok(std::iter::once(store2.block(0, i))),
+                    ));
+                }
+            }
+            ExchangeKind::Groups { keys, .. } => {
+                let key_idx: Vec<usize> = keys
+                    .iter()
+                    .map(|k| self.schema.index_of(k))
+                    .collect::<std::result::Result<_, _>>()?;
+                for p in 0..store.partitions() {
+                    let store2 = Arc::clone(store);
+                    let key_idx = key_idx.clone();
+                    tasks.push(task(
+                        format!("groups of partition {p}"),
+                        store.partition_rows(p),
+                        Arc::clone(&out_schema),
+                        proj.clone(),
+                        move || {
+                            Ok(groups(&store2.read_partition(p)?, &key_idx)?
+                                .into_iter()
+                                .map(Ok))
+                        },
+                    ));
+                }
+            }
+        }
+        Ok(tasks)
+    }
+}
+
+/// The rows of `batch` sorted by the key columns and cut into one batch per group.
+fn groups(batch: &RecordBatch, keys: &[usize]) -> Result<Vec<RecordBatch>> {
+    if batch.num_rows() == 0 {
+        return Ok(vec![]);
+    }
+    let columns: Vec<SortColumn> = keys
+        .iter()
+        .map(|&i| SortColumn {
+            values: Arc::clone(batch.column(i)),
+            options: None,
+        })
+        .collect();
+    let order = lexsort_to_indices(&columns, None)?;
+    let sorted = take_record_batch(batch, &order)?;
+    let key_cols: Vec<ArrayRef> = keys.iter().map(|&i| Arc::clone(sorted.column(i))).collect();
+    let ranges = arrow::compute::partition(&key_cols)?.ranges();
+    Ok(ranges
+        .into_iter()
+        .map(|r| sorted.slice(r.start, r.end - r.start))
+        .collect())
+}
+
+#[async_trait::async_trait]
+impl DataSource for ExchangeSource {
+    fn name(&self) -> String {
+        "Exchange".into()
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn describe(&self) -> String {
+        self.kind.describe()
+    }
+
+    fn ordered(&self) -> bool {
+        !matches!(
+            self.kind,
+            ExchangeKind::RepartitionBy { .. } | ExchangeKind::Groups { .. }
+        )
+    }
+
+    fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {
+        Some(match self.input.physical() {
+            Ok(p) => format!("stage boundary: runs to completion first:\n{p}"),
+            Err(e) => format!("(cannot plan the input: {e})"),
+        })
+    }
+
+    fn spilled_bytes(&self) -> u64 {
+        self.spilled.load(Ordering::Relaxed)
+    }
+
+    async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        let input = self.input.clone();
+        let partitioning = self.kind.partitioning();
+        let store = tokio::task::spawn_blocking(move || materialize(&input, partitioning))
+            .await
+            .map_err(|e| VolleyError::internal(format!("exchange thread failed: {e}")))??;
+        let store = Arc::new(store);
+        self.spilled.store(store.spilled_bytes(), Ordering::Relaxed);
+        self.tasks(&store, request)
+    }
+}
+
+/// A materialization shared by the outputs of a split.
+#[derive(Debug)]
+struct Shared {
+    input: Dataset,
+    partitioning: Partitioning,
+    store: Mutex<Option<Arc<FrozenStore>>>,
+}
+
+impl Shared {
+    /// Runs the input the first time any output is consumed; later reads reuse it.
+    fn get(&self) -> Result<Arc<FrozenStore>> {
+        let mut slot = self.store.lock().expect("split lock");
+        if let Some(s) = slot.as_ref() {
+            return Ok(Arc::clone(s));
+        }
+        let store = Arc::new(materialize(&self.input, self.partitioning.clone())?);
+        *slot = Some(Arc::clone(&store));
+        Ok(store)
+    }
+}
+
+/// Which rows of a shared materialization a split output holds.
+#[derive(Debug, Clone, Copy)]
+enum Bounds {
+    /// Part `i` of `n` equal parts.
+    Fraction { i: u64, n: u64 },
+    /// Rows `start..end` (clamped to the total).
+    Rows { start: u64, end: u64 },
+    /// The last `fraction` of the rows (rounded down), or everything before them.
+    Tail { fraction: f64, tail: bool },
+}
+
+impl Bounds {
+    fn resolve(self, total: u64) -> (u64, u64) {
+        match self {
+            Bounds::Fraction { i, n } => (total * i / n, total * (i + 1) / n),
+            Bounds::Rows { start, end } => (start.min(total), end.min(total)),
+            Bounds::Tail { fraction, tail } => {
+                let cut = total - ((total as f64 * fraction).floor() as u64).min(total);
+                if tail {
+                    (cut, total)
+                } else {
+                    (0, cut)
+                }
+            }
+        }
+    }
+}
+
+/// One output of a split.
+#[derive(Debug)]
+struct SplitSource {
+    shared: Arc<Shared>,
+    bounds: Bounds,
+    schema: SchemaRef,
+    parts: usize,
+}
+
+#[async_trait::async_trait]
+impl DataSource for SplitSource {
+    fn name(&self) -> String {
+        "Split".into()
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn describe(&self) -> String {
+        match self.bounds {
+            Bounds::Fraction { i, n } => format!("part {} of {n}", i + 1),
+            Bounds::Rows { start, end } => format!("rows {start}..{end}"),
+            Bounds::Tail {
+                fraction,
+                tail: true,
+            } => format!("last {fraction} of the rows"),
+            Bounds::Tail {
+                fraction,
+                tail: false,
+            } => format!("all but the last {fraction} of the rows"),
+        }
+    }
+
+    fn ordered(&self) -> bool {
+        true
+    }
+
+    fn spilled_bytes(&self) -> u64 {
+        self.shared
+            .store
+            .lock()
+            .expect("split lock")
+            .as_ref()
+            .map_or(0, |s| s.spilled_bytes())
+    }
+
+    fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {
+        Some(match self.shared.input.physical() {
+            Ok(p) => format!("stage boundary: materialized once for all parts of the split:\n{p}"),
+            Err(e) => format!("(cannot plan the input: {e})"),
+        })
+    }
+
+    async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        let shared = Arc::clone(&self.shared);
+        let store = tokio::task::spawn_blocking(move || shared.get())
+            .await
+            .map_err(|e| VolleyError::internal(format!("split thread failed: {e}")))??;
+        let out_schema = match &request.projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => Arc::clone(&self.schema),
+        };
+        let (start, end) = self.bounds.resolve(store.rows());
+        // A few tasks per part, over consecutive row ranges.
+        let n = self.parts.max(1) as u64;
+        let len = end.saturating_sub(start);
+        Ok((0..n)
+            .map(|i| {
+                let (a, b) = (start + len * i / n, start + len * (i + 1) / n);
+                let store = Arc::clone(&store);
+                task(
+                    format!("rows {a}..{b}"),
+                    b - a,
+                    Arc::clone(&out_schema),
+                    request.projection.clone(),
+                    move || Ok(store.read_range(0, a, b)),
+                )
+            })
+            .collect())
+    }
+}
+
+impl Dataset {
+    fn exchange(&self, kind: ExchangeKind) -> Result<Dataset> {
+        let schema = self.schema()?;
+        if let ExchangeKind::RepartitionBy { keys, .. } | ExchangeKind::Groups { keys, .. } = &kind
+        {
+            if keys.is_empty() {
+                return Err(VolleyError::plan(
+                    "repartition by keys needs at least one key",
+                ));
+            }
+            for k in keys {
+                if schema.index_of(k).is_err() {
+                    return Err(VolleyError::plan(format!(
+                        "key `{k}` is not a column (columns: {})",
+                        schema
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            }
+        }
+        let source = ExchangeSource {
+            input: self.clone(),
+            kind,
+            schema,
+            batch_size: self.context().config().exec.batch_size,
+            spilled: AtomicU64::new(0),
+        };
+        Ok(self.context().source(Arc::new(source)))
+    }
+
+    fn cpus(&self) -> usize {
+        self.context().runtime().total().num_cpus.ceil().max(1.0) as usize
+    }
+
+    /// `n` partitions of (nearly) equal row counts, rows in their input order. What a
+    /// later `write_parquet` makes of them: one file per partition.
+    pub fn repartition(&self, n: usize) -> Result<Dataset> {
+        if n == 0 {
+            return Err(VolleyError::plan(
+                "repartition needs at least one partition",
+            ));
+        }
+        self.exchange(ExchangeKind::Repartition { n })
+    }
+
+    /// `n` partitions by a hash of the `keys` columns: rows with equal keys end up in
+    /// the same partition.
+    pub fn repartition_by(&self, keys: &[&str], n: usize) -> Result<Dataset> {
+        if n == 0 {
+            return Err(VolleyError::plan(
+                "repartition needs at least one partition",
+            ));
+        }
+        self.exchange(ExchangeKind::RepartitionBy {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            n,
+        })
+    }
+
+    /// All rows in a random order; the same `seed` over the same input gives the same
+    /// order. Rows go to `max(64, 2 x CPUs)` partitions, each shuffled in memory when
+    /// read, so a partition (about 1/64 of the data) must fit in memory.
+    pub fn random_shuffle(&self, seed: u64) -> Result<Dataset> {
+        let n = (2 * self.cpus()).max(64);
+        self.exchange(ExchangeKind::RandomShuffle { seed, n })
+    }
+
+    /// The input's blocks in a random order (rows within a block keep theirs): a cheap
+    /// shuffle for training input.
+    pub fn randomize_block_order(&self, seed: u64) -> Result<Dataset> {
+        self.exchange(ExchangeKind::RandomizeBlockOrder { seed })
+    }
+
+    fn split_sources(
+        &self,
+        bounds: Vec<Bounds>,
+        partitioning: Partitioning,
+    ) -> Result<Vec<Dataset>> {
+        let schema = self.schema()?;
+        let shared = Arc::new(Shared {
+            input: self.clone(),
+            partitioning,
+            store: Mutex::new(None),
+        });
+        let parts = self.cpus();
+        Ok(bounds
+            .into_iter()
+            .map(|bounds| {
+                self.context().source(Arc::new(SplitSource {
+                    shared: Arc::clone(&shared),
+                    bounds,
+                    schema: Arc::clone(&schema),
+                    parts,
+                }))
+            })
+            .collect())
+    }
+
+    /// `n` datasets of (nearly) equal row counts that together hold every row, in
+    /// order. The input runs once, when the first of them is consumed; its rows are
+    /// kept (in memory within the budget, spilled beyond it) while any of them lives.
+    pub fn split(&self, n: usize) -> Result<Vec<Dataset>> {
+        if n == 0 {
+            return Err(VolleyError::plan("split needs at least one part"));
+        }
+        let n = n as u64;
+        self.split_sources(
+            (0..n).map(|i| Bounds::Fraction { i, n }).collect(),
+            Partitioning::Single,
+        )
+    }
+
+    /// Datasets of the rows before `indices[0]`, between consecutive indices, and after
+    /// the last one (indices must not decrease; ones past the end give empty parts).
+    pub fn split_at_indices(&self, indices: &[u64]) -> Result<Vec<Dataset>> {
+        if indices.windows(2).any(|w| w[0] > w[1]) {
+            return Err(VolleyError::plan(format!(
+                "split_at_indices: indices must not decrease: {indices:?}"
+            )));
+        }
+        let mut bounds = Vec::new();
+        let mut start = 0;
+        for &i in indices {
+            bounds.push(Bounds::Rows { start, end: i });
+            start = i;
+        }
+        bounds.push(Bounds::Rows {
+            start,
+            end: u64::MAX,
+        });
+        self.split_sources(bounds, Partitioning::Single)
+    }
+
+    /// A (train, test) pair: the rows shuffled with `seed`, the last `test_fraction`
+    /// of them (rounded down) for test.
+    pub fn train_test_split(&self, test_fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
+        if !(0.0..=1.0).contains(&test_fraction) {
+            return Err(VolleyError::plan(format!(
+                "train_test_split: test_fraction must be within 0..=1, got {test_fraction}"
+            )));
+        }
+        let shuffled = self.random_shuffle(seed)?;
+        let mut parts = shuffled.split_sources(
+            vec![
+                Bounds::Tail {
+                    fraction: test_fraction,
+                    tail: false,
+                },
+                Bounds::Tail {
+                    fraction: test_fraction,
+                    tail: true,
+                },
+            ],
+            Partitioning::Single,
+        )?;
+        let test = parts.pop().expect("two parts");
+        let train = parts.pop().expect("two parts");
+        Ok((train, test))
+    }
+}
+
+impl GroupedDataset {
+    /// Calls `f` once per group with all of the group's rows (sorted by nothing in
+    /// particular), and keeps what it returns. Groups are found by hashing the keys
+    /// into partitions (spilled beyond the budget) and sorting each partition, so one
+    /// partition must fit in memory; a group is always whole.
+    pub fn map_groups(
+        &self,
+        name: &str,
+        f: impl Fn(RecordBatch) -> Result<RecordBatch> + Send + Sync + 'static,
+    ) -> Result<Dataset> {
+        let n = (2 * self.dataset.cpus()).max(16);
+        let grouped = self.dataset.exchange(ExchangeKind::Groups {
+            keys: self.keys.clone(),
+            n,
+        })?;
+        // One block per group reaches `f`: no batch size, so blocks pass as they are.
+        Ok(grouped.map_batches(name, f, MapOptions::default()))
+    }
+}

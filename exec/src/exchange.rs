@@ -1,0 +1,510 @@
+//! Volley's own exchange: blocks routed into partitions, held against the memory
+//! budget, spilled to Arrow IPC files when the budget is full, and read back
+//! partition by partition.
+//!
+//! DataFusion's operators cover sort, aggregation and join; the Dataset model also
+//! needs exchanges that DataFusion does not have: hash repartitioning into a chosen
+//! number of outputs, a reproducible random shuffle, block-order shuffles and row-range
+//! splits of a materialized dataset. They all write into an [`ExchangeStore`] and read
+//! from the frozen store ([`FrozenStore`]) that [`ExchangeStore::finish`] returns.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
+use arrow::compute::{concat_batches, take_record_batch};
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
+use datafusion::common::hash_utils::{create_hashes, RandomState};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use volley_common::{Result, ResultExt, VolleyError};
+use volley_runtime::{MemoryBudget, MemoryReservation};
+
+/// Where an exchange sends each row.
+#[derive(Debug, Clone)]
+pub enum Partitioning {
+    /// Everything into one partition, in arrival order, block boundaries kept.
+    Single,
+    /// By a hash of the key columns into `n` partitions: equal keys meet.
+    Hash {
+        /// Key columns.
+        keys: Vec<String>,
+        /// Partitions.
+        n: usize,
+    },
+    /// Each row to a partition drawn from a generator seeded with `seed` and the row's
+    /// position in the input, so that the same input order gives the same result.
+    Random {
+        /// Seed.
+        seed: u64,
+        /// Partitions.
+        n: usize,
+    },
+}
+
+impl Partitioning {
+    /// Number of partitions.
+    pub fn partitions(&self) -> usize {
+        match self {
+            Partitioning::Single => 1,
+            Partitioning::Hash { n, .. } | Partitioning::Random { n, .. } => (*n).max(1),
+        }
+    }
+}
+
+/// A block of a partition: in memory, or batch `index` of spill file `file`.
+#[derive(Debug, Clone)]
+enum Located {
+    Memory(RecordBatch),
+    Spilled { file: usize, index: usize },
+}
+
+#[derive(Debug, Clone)]
+struct StoredBlock {
+    rows: usize,
+    at: Located,
+}
+
+/// The write side of an exchange.
+pub struct ExchangeStore {
+    schema: SchemaRef,
+    partitioning: Partitioning,
+    budget: Arc<MemoryBudget>,
+    spill_root: Option<PathBuf>,
+    folder: Option<tempfile::TempDir>,
+    files: Vec<PathBuf>,
+    parts: Vec<Vec<StoredBlock>>,
+    reservations: Vec<MemoryReservation>,
+    held: u64,
+    rows_in: u64,
+    spilled_bytes: u64,
+    hashes: Vec<u64>,
+}
+
+impl std::fmt::Debug for ExchangeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeStore")
+            .field("partitioning", &self.partitioning)
+            .field("held", &self.held)
+            .field("spilled_bytes", &self.spilled_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExchangeStore {
+    /// An empty store for rows of `schema`; spill files go into a fresh folder inside
+    /// `spill_root` (the system's temporary folder when `None`), removed when the store
+    /// or its frozen form is dropped.
+    pub fn new(
+        schema: SchemaRef,
+        partitioning: Partitioning,
+        budget: Arc<MemoryBudget>,
+        spill_root: Option<PathBuf>,
+    ) -> Result<Self> {
+        if let Partitioning::Hash { keys, .. } = &partitioning {
+            for k in keys {
+                schema.index_of(k).map_err(|_| {
+                    VolleyError::plan(format!(
+                        "repartition key `{k}` is not a column (columns: {})",
+                        schema
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+            }
+        }
+        let n = partitioning.partitions();
+        Ok(Self {
+            schema,
+            partitioning,
+            budget,
+            spill_root,
+            folder: None,
+            files: Vec::new(),
+            parts: vec![Vec::new(); n],
+            reservations: Vec::new(),
+            held: 0,
+            rows_in: 0,
+            spilled_bytes: 0,
+            hashes: Vec::new(),
+        })
+    }
+
+    /// Routes the rows of `batch` (the next block of the input, in input order).
+    pub fn push(&mut self, batch: RecordBatch) -> Result<()> {
+        let rows = batch.num_rows();
+        if rows == 0 {
+            return Ok(());
+        }
+        let routed: Vec<(usize, RecordBatch)> = match &self.partitioning {
+            Partitioning::Single => vec![(0, batch)],
+            Partitioning::Hash { keys, n } => {
+                let cols: Vec<ArrayRef> = keys
+                    .iter()
+                    .map(|k| Ok(Arc::clone(batch.column(self.schema.index_of(k)?))))
+                    .collect::<Result<_>>()?;
+                self.hashes.clear();
+                self.hashes.resize(rows, 0);
+                create_hashes(&cols, &RandomState::default(), &mut self.hashes)?;
+                let n = (*n).max(1) as u64;
+                let targets: Vec<usize> = self.hashes.iter().map(|h| (h % n) as usize).collect();
+                split_rows(&batch, &targets, n as usize)?
+            }
+            Partitioning::Random { seed, n } => {
+                let n = (*n).max(1) as u64;
+                let first = self.rows_in;
+                let targets: Vec<usize> = (0..rows as u64)
+                    .map(|i| (mix(*seed, first + i) % n) as usize)
+                    .collect();
+                split_rows(&batch, &targets, n as usize)?
+            }
+        };
+        self.rows_in += rows as u64;
+        for (p, b) in routed {
+            self.hold(p, b)?;
+        }
+        Ok(())
+    }
+
+    fn hold(&mut self, part: usize, batch: RecordBatch) -> Result<()> {
+        let bytes = batch.get_array_memory_size() as u64;
+        let reservation = match self.budget.try_reserve(bytes) {
+            Some(r) => r,
+            None => {
+                self.spill()?;
+                // Empty now: this one block may pass the budget, as a queue's may.
+                self.budget.reserve(bytes)
+            }
+        };
+        self.reservations.push(reservation);
+        self.held += bytes;
+        self.parts[part].push(StoredBlock {
+            rows: batch.num_rows(),
+            at: Located::Memory(batch),
+        });
+        Ok(())
+    }
+
+    fn folder(&mut self) -> Result<&Path> {
+        if self.folder.is_none() {
+            let root = self.spill_root.clone().unwrap_or_else(std::env::temp_dir);
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating spill folder {}", root.display()))?;
+            let dir = tempfile::Builder::new()
+                .prefix("volley-exchange-")
+                .tempdir_in(&root)
+                .with_context(|| format!("creating a spill folder in {}", root.display()))?;
+            self.folder = Some(dir);
+        }
+        Ok(self.folder.as_ref().expect("just made").path())
+    }
+
+    /// Writes every block held in memory to IPC files (one per partition), in order.
+    fn spill(&mut self) -> Result<()> {
+        if self.held == 0 {
+            return Ok(());
+        }
+        let coalesce = !matches!(self.partitioning, Partitioning::Single);
+        for p in 0..self.parts.len() {
+            let first_mem = self.parts[p]
+                .iter()
+                .position(|b| matches!(b.at, Located::Memory(_)));
+            let Some(first_mem) = first_mem else { continue };
+            let blocks: Vec<RecordBatch> = self.parts[p][first_mem..]
+                .iter()
+                .map(|b| match &b.at {
+                    Located::Memory(batch) => batch.clone(),
+                    Located::Spilled { .. } => unreachable!("memory blocks follow spilled ones"),
+                })
+                .collect();
+            let written: Vec<RecordBatch> = if coalesce {
+                // Hash and random partitions hold small slices of many blocks.
+                vec![concat_batches(&self.schema, &blocks)?]
+            } else {
+                blocks
+            };
+            let name = format!("part-{p}-{}.arrow", self.files.len());
+            let path = self.folder()?.join(name);
+            let file = File::create(&path)
+                .with_context(|| format!("creating spill file {}", path.display()))?;
+            let mut w = FileWriter::try_new(BufWriter::new(file), &self.schema)?;
+            for b in &written {
+                w.write(b)?;
+            }
+            w.finish()?;
+            self.spilled_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let file = self.files.len();
+            self.files.push(path);
+            self.parts[p].truncate(first_mem);
+            self.parts[p].extend(written.iter().enumerate().map(|(index, b)| StoredBlock {
+                rows: b.num_rows(),
+                at: Located::Spilled { file, index },
+            }));
+        }
+        self.reservations.clear();
+        self.held = 0;
+        Ok(())
+    }
+
+    /// Bytes written to spill files so far.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled_bytes
+    }
+
+    /// The store, read-only, for the reading side.
+    pub fn finish(self) -> FrozenStore {
+        FrozenStore {
+            schema: self.schema,
+            partitioning: self.partitioning,
+            files: self.files,
+            parts: self.parts,
+            _reservations: self.reservations,
+            _folder: self.folder,
+            spilled_bytes: self.spilled_bytes,
+            rows: self.rows_in,
+        }
+    }
+}
+
+/// A finished exchange: partitions of blocks to read back.
+#[derive(Debug)]
+pub struct FrozenStore {
+    schema: SchemaRef,
+    partitioning: Partitioning,
+    files: Vec<PathBuf>,
+    parts: Vec<Vec<StoredBlock>>,
+    _reservations: Vec<MemoryReservation>,
+    _folder: Option<tempfile::TempDir>,
+    spilled_bytes: u64,
+    rows: u64,
+}
+
+impl FrozenStore {
+    /// The rows' schema.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Number of partitions.
+    pub fn partitions(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Rows in all partitions.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Rows in partition `p`.
+    pub fn partition_rows(&self, p: usize) -> u64 {
+        self.parts[p].iter().map(|b| b.rows as u64).sum()
+    }
+
+    /// Blocks in partition `p`.
+    pub fn partition_blocks(&self, p: usize) -> usize {
+        self.parts[p].len()
+    }
+
+    /// Bytes written to spill files.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled_bytes
+    }
+
+    /// Reads block `i` of partition `p`.
+    pub fn block(&self, p: usize, i: usize) -> Result<RecordBatch> {
+        let b = &self.parts[p][i];
+        match &b.at {
+            Located::Memory(batch) => Ok(batch.clone()),
+            Located::Spilled { file, index } => {
+                let path = &self.files[*file];
+                let f = File::open(path)
+                    .with_context(|| format!("opening spill file {}", path.display()))?;
+                let mut reader = FileReader::try_new(f, None)
+                    .with_context(|| format!("reading spill file {}", path.display()))?;
+                reader.set_index(*index)?;
+                reader
+                    .next()
+                    .ok_or_else(|| {
+                        VolleyError::internal(format!(
+                            "spill file {} has no batch {index}",
+                            path.display()
+                        ))
+                    })?
+                    .map_err(Into::into)
+            }
+        }
+    }
+
+    /// The rows of partition `p` in order, as blocks; rows `[start, end)` only.
+    pub fn read_range(
+        self: &Arc<Self>,
+        p: usize,
+        start: u64,
+        end: u64,
+    ) -> impl Iterator<Item = Result<RecordBatch>> + Send + 'static {
+        let store = Arc::clone(self);
+        let mut offset = 0u64;
+        let mut picks = Vec::new();
+        for (i, b) in store.parts[p].iter().enumerate() {
+            let (lo, hi) = (offset, offset + b.rows as u64);
+            offset = hi;
+            if hi <= start || lo >= end {
+                continue;
+            }
+            let from = start.saturating_sub(lo) as usize;
+            let to = (end.min(hi) - lo) as usize;
+            picks.push((i, from, to));
+        }
+        picks.into_iter().map(move |(i, from, to)| {
+            let b = store.block(p, i)?;
+            Ok(if from == 0 && to == b.num_rows() {
+                b
+            } else {
+                b.slice(from, to - from)
+            })
+        })
+    }
+
+    /// All rows of partition `p` as one batch: shuffled (seeded by the exchange's seed
+    /// and `p`) for a random partitioning, in order otherwise.
+    pub fn read_partition(self: &Arc<Self>, p: usize) -> Result<RecordBatch> {
+        let blocks: Vec<RecordBatch> = self.read_range(p, 0, u64::MAX).collect::<Result<_>>()?;
+        let all = concat_batches(&self.schema, &blocks)?;
+        match self.partitioning {
+            Partitioning::Random { seed, .. } => {
+                let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, p as u64 ^ (1 << 63)));
+                order.shuffle(&mut rng);
+                Ok(take_record_batch(&all, &UInt32Array::from(order))?)
+            }
+            _ => Ok(all),
+        }
+    }
+}
+
+/// Splits a batch's rows by target partition, keeping their order within each.
+fn split_rows(
+    batch: &RecordBatch,
+    targets: &[usize],
+    n: usize,
+) -> Result<Vec<(usize, RecordBatch)>> {
+    let mut indices: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for (row, &t) in targets.iter().enumerate() {
+        indices[t].push(row as u32);
+    }
+    indices
+        .into_iter()
+        .enumerate()
+        .filter(|(_, ix)| !ix.is_empty())
+        .map(|(p, ix)| Ok((p, take_record_batch(batch, &UInt32Array::from(ix))?)))
+        .collect()
+}
+
+/// A 64-bit mix of a seed and a position (SplitMix64's finalizer).
+fn mix(seed: u64, x: u64) -> u64 {
+    let mut z = seed ^ x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(from: i64, n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Int64Array::from_iter_values(from..from + n))],
+        )
+        .unwrap()
+    }
+
+    fn values(b: &RecordBatch) -> Vec<i64> {
+        let a = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        (0..a.len()).map(|i| a.value(i)).collect()
+    }
+
+    #[test]
+    fn spills_when_the_budget_is_full_and_reads_back_in_order() {
+        let budget = MemoryBudget::new(4096);
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ExchangeStore::new(
+            batch(0, 1).schema(),
+            Partitioning::Single,
+            Arc::clone(&budget),
+            Some(dir.path().to_path_buf()),
+        )
+        .unwrap();
+        for i in 0..20 {
+            store.push(batch(i * 100, 100)).unwrap();
+        }
+        assert!(store.spilled_bytes() > 0);
+        assert!(budget.used() <= 4096 + 1024);
+        let frozen = Arc::new(store.finish());
+        assert_eq!(frozen.rows(), 2000);
+        assert_eq!(frozen.partition_blocks(0), 20);
+        let got: Vec<i64> = frozen
+            .read_range(0, 150, 1850)
+            .flat_map(|b| values(&b.unwrap()))
+            .collect();
+        assert_eq!(got, (150..1850).collect::<Vec<_>>());
+        drop(frozen);
+        assert_eq!(budget.used(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "spill folder removed"
+        );
+    }
+
+    #[test]
+    fn hash_partitions_meet_keys_and_random_is_reproducible() {
+        let budget = MemoryBudget::new(1 << 30);
+        let run = |partitioning: Partitioning| {
+            let mut store = ExchangeStore::new(
+                batch(0, 1).schema(),
+                partitioning,
+                Arc::clone(&budget),
+                None,
+            )
+            .unwrap();
+            for i in 0..10 {
+                store.push(batch(i * 50, 50)).unwrap();
+            }
+            let frozen = Arc::new(store.finish());
+            (0..frozen.partitions())
+                .map(|p| values(&frozen.read_partition(p).unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let hashed = run(Partitioning::Hash {
+            keys: vec!["x".into()],
+            n: 4,
+        });
+        let again = run(Partitioning::Hash {
+            keys: vec!["x".into()],
+            n: 4,
+        });
+        assert_eq!(hashed, again);
+        assert_eq!(hashed.iter().map(Vec::len).sum::<usize>(), 500);
+        let a = run(Partitioning::Random { seed: 7, n: 3 });
+        let b = run(Partitioning::Random { seed: 7, n: 3 });
+        let c = run(Partitioning::Random { seed: 8, n: 3 });
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let mut all: Vec<i64> = a.concat();
+        assert_ne!(all, (0..500).collect::<Vec<_>>(), "shuffled");
+        all.sort();
+        assert_eq!(all, (0..500).collect::<Vec<_>>());
+    }
+}
