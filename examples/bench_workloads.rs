@@ -1,4 +1,4 @@
-//! Benchmark: volley against its peers on TPC-H data (W1-W3 of `shared/bench`).
+//! Benchmark: volley against its peers on TPC-H data (W1-W8).
 //!
 //! ```text
 //! # data: bash ../shared/bench/gen_tpch.sh 1 /tmp/tpch-sf1
@@ -19,6 +19,14 @@
 //! - W2: TPC-H Q1 through volley's SQL.
 //! - W3: `map_batches` of a Rust function over `l_orderkey, l_partkey, l_suppkey` in
 //!   batches of 65,536 rows, then the count and the sum of its output.
+//! - W4: full sort of `lineitem` by `l_extendedprice`, written to Parquet.
+//! - W5: `random_shuffle` of `lineitem` (peer: Ray Data), then count and sum.
+//! - W6: the 22 TPC-H queries (`bench/tpch/`; peers: DuckDB and DataFusion's bindings
+//!   through `run_tpch.py`); the in-engine time is the sum over the queries.
+//! - W7: `lineitem` grouped by `l_suppkey` with 4 aggregates (`bench/peers/relational.py`).
+//! - W8: `lineitem` joined with `orders` on the order key, then count and two sums.
+//! - `oocsort` (volley only, `run oocsort`): W4 under the memory budget set by
+//!   `VOLLEY_EXEC_MEMORY_LIMIT`; prints bytes spilled and peak RSS.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -56,6 +64,7 @@ fn main() {
                 ("TPCH_DIR", tpch.as_str()),
                 ("OUT_DIR", out.as_str()),
                 ("RAY_LINEITEM_DIR", ray_dir.as_str()),
+                ("RAY_TPCH_DIR", utf8.as_str()),
             ];
             compare(&tpch, &out, runs, &peers, &peer_dir, &workloads, &envs);
             Ok(())
@@ -86,6 +95,33 @@ fn int_col(b: &RecordBatch, i: usize) -> volley::Result<Int64Array> {
         .downcast_ref::<Int64Array>()
         .expect("cast to Int64")
         .clone())
+}
+
+/// `bench/tpch/qNN.sql`, from the repository root or the crate folder.
+fn query_path(q: usize) -> String {
+    format!("{}/bench/tpch/q{q:02}.sql", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The sum of a numeric column as f64.
+fn float_sum(b: &RecordBatch, i: usize) -> volley::Result<f64> {
+    let c = volley::arrow::compute::cast(b.column(i), &DataType::Float64)?;
+    let c = c
+        .as_any()
+        .downcast_ref::<volley::arrow::array::Float64Array>()
+        .expect("cast to Float64");
+    Ok(c.iter().flatten().sum())
+}
+
+/// This process's peak resident memory in KiB (Linux), 0 elsewhere.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
 }
 
 fn run_volley(workload: &str, tpch: &str, out: &str) -> volley::Result<()> {
@@ -120,7 +156,7 @@ fn run_volley(workload: &str, tpch: &str, out: &str) -> volley::Result<()> {
             );
         }
         "w2" => {
-            let q1 = std::fs::read_to_string("../shared/bench/peers/tpch_queries/q01.sql")
+            let q1 = std::fs::read_to_string(query_path(1))
                 .map_err(|e| VolleyError::plan(format!("reading q01.sql: {e}")))?;
             let result = ctx
                 .sql_with_files(&q1, &[("lineitem", lineitem.as_str())])?
@@ -178,6 +214,121 @@ fn run_volley(workload: &str, tpch: &str, out: &str) -> volley::Result<()> {
                 start.elapsed().as_secs_f64()
             );
         }
+        "w4" | "oocsort" => {
+            let dest = format!("{out}/volley/{workload}");
+            let _ = std::fs::remove_dir_all(&dest);
+            let sorted = ctx
+                .read_parquet(lineitem.as_str())?
+                .sort(["l_extendedprice"])?;
+            let summary = sorted.write_parquet(&dest)?;
+            let spilled = sorted.stats().map(|s| s.spilled_bytes()).unwrap_or(0);
+            println!(
+                "RESULT engine=volley workload={workload} elapsed_s={:.3} rows={} files={} spilled_bytes={spilled} budget={} peak_rss_kib={}",
+                start.elapsed().as_secs_f64(),
+                summary.rows,
+                summary.files.len(),
+                ctx.exec_context().memory_limit(),
+                peak_rss_kib()
+            );
+        }
+        "w5" => {
+            let shuffled = ctx.read_parquet(lineitem.as_str())?.random_shuffle(42)?;
+            let (mut rows, mut sum) = (0u64, 0i64);
+            let mut first = Vec::new();
+            for b in shuffled.iter_batches()? {
+                let b = b?;
+                rows += b.num_rows() as u64;
+                let k = int_col(&b, b.schema().index_of("l_orderkey")?)?;
+                if first.len() < 3 {
+                    first.extend(
+                        k.values()
+                            .iter()
+                            .take(3 - first.len())
+                            .map(|v| v.to_string()),
+                    );
+                }
+                sum += k.values().iter().sum::<i64>();
+            }
+            println!(
+                "RESULT engine=volley workload=w5 elapsed_s={:.3} rows={rows} sum_orderkey={sum} first_orderkeys={}",
+                start.elapsed().as_secs_f64(),
+                first.join(",")
+            );
+        }
+        "w6" => {
+            let tables: Vec<(String, String)> = [
+                "lineitem", "orders", "customer", "part", "partsupp", "supplier", "nation",
+                "region",
+            ]
+            .iter()
+            .map(|t| (t.to_string(), format!("{tpch}/{t}/")))
+            .collect();
+            let tables: Vec<(&str, &str)> = tables
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            let mut total = 0.0;
+            for q in 1..=22 {
+                let sql = std::fs::read_to_string(query_path(q))
+                    .map_err(|e| VolleyError::plan(format!("reading q{q:02}.sql: {e}")))?;
+                let t = Instant::now();
+                let rows: usize = ctx
+                    .sql_with_files(&sql, &tables)?
+                    .collect()?
+                    .iter()
+                    .map(|b| b.num_rows())
+                    .sum();
+                let secs = t.elapsed().as_secs_f64();
+                total += secs;
+                println!("Q{q:02} {secs:8.3}s rows={rows}");
+            }
+            println!("RESULT engine=volley workload=w6 elapsed_s={total:.3} queries=22");
+        }
+        "w7" => {
+            let groups = ctx
+                .read_parquet(lineitem.as_str())?
+                .groupby(&["l_suppkey"])
+                .agg([
+                    agg::count_all().alias("n"),
+                    agg::sum("l_quantity").alias("q"),
+                    agg::mean("l_extendedprice").alias("p"),
+                    agg::max("l_discount").alias("d"),
+                ])?
+                .collect()?;
+            let (mut n_groups, mut rows, mut qty) = (0usize, 0i64, 0f64);
+            for b in &groups {
+                n_groups += b.num_rows();
+                rows += int_col(b, 1)?.values().iter().sum::<i64>();
+                qty += float_sum(b, 2)?;
+            }
+            println!(
+                "RESULT engine=volley workload=w7 elapsed_s={:.3} groups={n_groups} rows={rows} sum_qty={qty:.2}",
+                start.elapsed().as_secs_f64()
+            );
+        }
+        "w8" => {
+            let li = ctx
+                .read_parquet(lineitem.as_str())?
+                .select(&["l_orderkey", "l_extendedprice"])?;
+            let orders = ctx
+                .read_parquet(format!("{tpch}/orders/").as_str())?
+                .select(&["o_orderkey", "o_totalprice"])?;
+            let out = li
+                .join_on(&orders, &["l_orderkey"], &["o_orderkey"], JoinHow::Inner)?
+                .aggregate([
+                    agg::count_all(),
+                    agg::sum("l_extendedprice"),
+                    agg::sum("o_totalprice"),
+                ])?
+                .collect_batch()?;
+            println!(
+                "RESULT engine=volley workload=w8 elapsed_s={:.3} rows={} sum_price={:.2} sum_total={:.2}",
+                start.elapsed().as_secs_f64(),
+                int_col(&out, 0)?.value(0),
+                float_sum(&out, 1)?,
+                float_sum(&out, 2)?
+            );
+        }
         other => return Err(VolleyError::plan(format!("unknown workload {other}"))),
     }
     Ok(())
@@ -209,6 +360,25 @@ fn timed(cmd: &[String], envs: &[(&str, &str)]) -> Option<(f64, u64, String)> {
     Some((wall, rss, result))
 }
 
+/// How a peer runs workload `w`, if it has that workload.
+fn peer_command(engine: &str, w: &str, peer_dir: &str) -> Option<Vec<String>> {
+    let py = |script: String, args: &[&str]| {
+        let mut v = vec!["python3".to_string(), script];
+        v.extend(args.iter().map(|a| a.to_string()));
+        Some(v)
+    };
+    match (w, engine) {
+        ("w1" | "w2" | "w3" | "w4", _) => py(format!("{peer_dir}/bench_{engine}.py"), &[w]),
+        ("w5", "ray") => py(format!("{peer_dir}/bench_ray.py"), &[w]),
+        ("w6", "duckdb" | "datafusion") => py(format!("{peer_dir}/run_tpch.py"), &[engine]),
+        ("w7" | "w8", _) => py(
+            format!("{}/bench/peers/relational.py", env!("CARGO_MANIFEST_DIR")),
+            &[engine, w],
+        ),
+        _ => None,
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     v[v.len() / 2]
@@ -229,7 +399,7 @@ fn compare(
         .to_string();
     let mut engines: Vec<String> = vec!["volley".into()];
     engines.extend(peers.split(',').filter(|p| !p.is_empty()).map(String::from));
-    let mut table: BTreeMap<(String, String), (f64, f64, String)> = BTreeMap::new();
+    let mut table: BTreeMap<(String, String), (f64, f64, f64)> = BTreeMap::new();
     for w in workloads.split(',') {
         for e in &engines {
             let cmd: Vec<String> = if e == "volley" {
@@ -243,19 +413,27 @@ fn compare(
                     out.into(),
                 ]
             } else {
-                vec![
-                    "python3".into(),
-                    format!("{peer_dir}/bench_{e}.py"),
-                    w.into(),
-                ]
+                match peer_command(e, w, peer_dir) {
+                    Some(c) => c,
+                    None => continue,
+                }
             };
             let mut walls = Vec::new();
+            let mut inner = Vec::new();
             let mut rss = Vec::new();
             let mut last = String::new();
+
             for _ in 0..runs {
                 if let Some((wall, kib, result)) = timed(&cmd, envs) {
                     walls.push(wall);
                     rss.push(kib as f64 / 1024.0);
+                    if let Some(v) = result
+                        .split_whitespace()
+                        .find_map(|f| f.strip_prefix("elapsed_s="))
+                        .and_then(|v| v.parse::<f64>().ok())
+                    {
+                        inner.push(v);
+                    }
                     last = result;
                 }
             }
@@ -263,16 +441,28 @@ fn compare(
                 continue;
             }
             let (mw, mr) = (median(&mut walls), median(&mut rss));
+            let mi = if inner.is_empty() {
+                f64::NAN
+            } else {
+                median(&mut inner)
+            };
             println!("{w} {e:<11} median {mw:>7.2} s  peak {mr:>7.0} MiB  runs {walls:?}  {last}");
-            table.insert((w.to_string(), e.clone()), (mw, mr, last));
+            table.insert((w.to_string(), e.clone()), (mw, mr, mi));
         }
     }
-    println!("\nworkload  engine       median wall   peak RSS   volley time / engine time");
-    for ((w, e), (wall, rss, _)) in &table {
-        let ratio = table
-            .get(&(w.clone(), "volley".to_string()))
+    println!(
+        "\nworkload  engine       median wall   peak RSS   in-engine   volley/engine (wall)  (in-engine)"
+    );
+    for ((w, e), (wall, rss, inner)) in &table {
+        let mine = table.get(&(w.clone(), "volley".to_string()));
+        let ratio = mine
             .map(|(v, _, _)| format!("{:.2}", v / wall))
             .unwrap_or_default();
-        println!("{w:<9} {e:<12} {wall:>9.2} s {rss:>8.0} MiB   {ratio}");
+        let inner_ratio = mine
+            .map(|(_, _, vi)| format!("{:.2}", vi / inner))
+            .unwrap_or_default();
+        println!(
+            "{w:<9} {e:<12} {wall:>9.2} s {rss:>8.0} MiB {inner:>8.2} s   {ratio:>8}             {inner_ratio:>6}"
+        );
     }
 }

@@ -23,7 +23,7 @@ mod source;
 mod text;
 
 pub use format::{CsvReadOptions, FileFormatKind};
-pub use listing::FileScan;
+pub use listing::{plain_strings, FileScan};
 pub use registry::VolleyObjectStoreRegistry;
 pub use sink::{
     Compression, PartWriter, WriteFormat, WriteJob, WriteMode, WriteOptions, WriteSummary,

@@ -71,7 +71,7 @@ impl FileScan {
         let files = list_files(state, &urls, paths).await?;
         // Compression (of text formats) follows the files' extension.
         let df_format = format.to_datafusion(state, files[0].1.location.as_ref());
-        let file_schema = infer_schema(state, &df_format, &format, &files).await?;
+        let file_schema = plain_strings(&infer_schema(state, &df_format, &format, &files).await?);
 
         let mut options = ListingOptions::new(Arc::clone(&df_format)).with_file_extension("");
         let partition_cols = if urls[0].is_collection() {
@@ -190,6 +190,34 @@ pub(crate) async fn list_files(
 
 /// Reads the schema of all files, the way DataFusion merges them; when that fails, finds
 /// the file at fault and names it.
+/// `schema` with string and binary view columns read as plain `Utf8` / `Binary`.
+///
+/// Files written with an Arrow schema hint of `Utf8View` (DataFusion, `tpchgen-cli`)
+/// would otherwise decode into view arrays whose slices and sorted copies keep pointing
+/// into whole decoded pages: every batch then reports (and spills, and holds) far more
+/// memory than its rows, which defeats the memory budget. Plain strings cost a copy at
+/// decode time and keep every count exact.
+pub fn plain_strings(schema: &SchemaRef) -> SchemaRef {
+    use arrow::datatypes::{DataType, Field};
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Utf8View | DataType::BinaryView))
+    {
+        return Arc::clone(schema);
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Utf8View => f.as_ref().clone().with_data_type(DataType::Utf8),
+            DataType::BinaryView => f.as_ref().clone().with_data_type(DataType::Binary),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
 async fn infer_schema(
     state: &SessionState,
     df_format: &Arc<dyn FileFormat>,

@@ -25,7 +25,7 @@ use datafusion::physical_plan::{displayable, ExecutionPlan};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParser;
 use volley_common::{Result, ResultExt, VolleyError};
-use volley_connectors::{DataSource, ReadTask, ScanRequest};
+use volley_connectors::{plain_strings, DataSource, ReadTask, ScanRequest};
 
 use crate::context::Context;
 use crate::dataset::Dataset;
@@ -80,8 +80,7 @@ pub(crate) fn plan_sql(
                 {
                     sctx.register_arrow(*name, *path, Default::default()).await
                 } else {
-                    sctx.register_parquet(*name, *path, Default::default())
-                        .await
+                    register_parquet(&sctx, name, path).await
                 }
             })
             .with_context(|| format!("registering table `{name}` = {path}"))?;
@@ -130,6 +129,28 @@ pub(crate) fn plan_sql(
         label,
         ordered,
     ))))
+}
+
+/// Registers Parquet files as a table, with view string columns read as plain strings
+/// (see [`plain_strings`]).
+async fn register_parquet(
+    sctx: &SessionContext,
+    name: &str,
+    path: &str,
+) -> datafusion::common::Result<()> {
+    use datafusion::datasource::file_format::options::ReadOptions;
+    use datafusion::datasource::listing::{ListingTable, ListingTableConfig, ListingTableUrl};
+    let state = sctx.state();
+    let url = ListingTableUrl::parse(path)?;
+    // What `register_parquet` would use, then the schema with plain strings.
+    let options = datafusion::prelude::ParquetReadOptions::default()
+        .to_listing_options(state.config(), state.default_table_options());
+    let schema = options.infer_schema(&state, &url).await?;
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .with_schema(plain_strings(&schema));
+    sctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
 }
 
 /// A DataFusion logical plan as a dataset source: one read task per output partition

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
-use arrow::compute::{concat_batches, take_record_batch};
+use arrow::compute::{concat_batches, interleave_record_batch, take_record_batch};
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
@@ -143,8 +143,13 @@ impl ExchangeStore {
         if rows == 0 {
             return Ok(());
         }
-        let routed: Vec<(usize, RecordBatch)> = match &self.partitioning {
-            Partitioning::Single => vec![(0, batch)],
+        let targets: Vec<usize> = match &self.partitioning {
+            Partitioning::Single => {
+                self.rows_in += rows as u64;
+                let batch = compact_views(batch)?;
+                let bytes = batch.get_array_memory_size() as u64;
+                return self.hold(vec![(0, batch)], bytes);
+            }
             Partitioning::Hash { keys, n } => {
                 let cols: Vec<ArrayRef> = keys
                     .iter()
@@ -154,27 +159,44 @@ impl ExchangeStore {
                 self.hashes.resize(rows, 0);
                 create_hashes(&cols, &RandomState::default(), &mut self.hashes)?;
                 let n = (*n).max(1) as u64;
-                let targets: Vec<usize> = self.hashes.iter().map(|h| (h % n) as usize).collect();
-                split_rows(&batch, &targets, n as usize)?
+                self.hashes.iter().map(|h| (h % n) as usize).collect()
             }
             Partitioning::Random { seed, n } => {
                 let n = (*n).max(1) as u64;
                 let first = self.rows_in;
-                let targets: Vec<usize> = (0..rows as u64)
+                (0..rows as u64)
                     .map(|i| (mix(*seed, first + i) % n) as usize)
-                    .collect();
-                split_rows(&batch, &targets, n as usize)?
+                    .collect()
             }
         };
         self.rows_in += rows as u64;
-        for (p, b) in routed {
-            self.hold(p, b)?;
+        // One `take` puts the rows in partition order (stable: input order within a
+        // partition); each partition holds a slice of the result.
+        let n = self.parts.len();
+        let mut counts = vec![0usize; n + 1];
+        for &t in &targets {
+            counts[t + 1] += 1;
         }
-        Ok(())
+        for i in 0..n {
+            counts[i + 1] += counts[i];
+        }
+        let mut next = counts.clone();
+        let mut order = vec![0u32; rows];
+        for (row, &t) in targets.iter().enumerate() {
+            order[next[t]] = row as u32;
+            next[t] += 1;
+        }
+        let grouped = compact_views(take_record_batch(&batch, &UInt32Array::from(order))?)?;
+        let bytes = grouped.get_array_memory_size() as u64;
+        let slices: Vec<(usize, RecordBatch)> = (0..n)
+            .filter(|&p| counts[p + 1] > counts[p])
+            .map(|p| (p, grouped.slice(counts[p], counts[p + 1] - counts[p])))
+            .collect();
+        self.hold(slices, bytes)
     }
 
-    fn hold(&mut self, part: usize, batch: RecordBatch) -> Result<()> {
-        let bytes = batch.get_array_memory_size() as u64;
+    /// Holds blocks that share `bytes` of memory (slices of one batch).
+    fn hold(&mut self, blocks: Vec<(usize, RecordBatch)>, bytes: u64) -> Result<()> {
         let reservation = match self.budget.try_reserve(bytes) {
             Some(r) => r,
             None => {
@@ -185,10 +207,12 @@ impl ExchangeStore {
         };
         self.reservations.push(reservation);
         self.held += bytes;
-        self.parts[part].push(StoredBlock {
-            rows: batch.num_rows(),
-            at: Located::Memory(batch),
-        });
+        for (part, batch) in blocks {
+            self.parts[part].push(StoredBlock {
+                rows: batch.num_rows(),
+                at: Located::Memory(batch),
+            });
+        }
         Ok(())
     }
 
@@ -376,35 +400,51 @@ impl FrozenStore {
     /// and `p`) for a random partitioning, in order otherwise.
     pub fn read_partition(self: &Arc<Self>, p: usize) -> Result<RecordBatch> {
         let blocks: Vec<RecordBatch> = self.read_range(p, 0, u64::MAX).collect::<Result<_>>()?;
-        let all = concat_batches(&self.schema, &blocks)?;
         match self.partitioning {
             Partitioning::Random { seed, .. } => {
-                let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
+                // Every (block, row) pair, shuffled, gathered in one copy.
+                let mut picks: Vec<(usize, usize)> = blocks
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(b, batch)| (0..batch.num_rows()).map(move |r| (b, r)))
+                    .collect();
                 let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, p as u64 ^ (1 << 63)));
-                order.shuffle(&mut rng);
-                Ok(take_record_batch(&all, &UInt32Array::from(order))?)
+                picks.shuffle(&mut rng);
+                if blocks.is_empty() {
+                    return Ok(RecordBatch::new_empty(Arc::clone(&self.schema)));
+                }
+                let refs: Vec<&RecordBatch> = blocks.iter().collect();
+                Ok(interleave_record_batch(&refs, &picks)?)
             }
-            _ => Ok(all),
+            _ => Ok(concat_batches(&self.schema, &blocks)?),
         }
     }
 }
 
-/// Splits a batch's rows by target partition, keeping their order within each.
-fn split_rows(
-    batch: &RecordBatch,
-    targets: &[usize],
-    n: usize,
-) -> Result<Vec<(usize, RecordBatch)>> {
-    let mut indices: Vec<Vec<u32>> = vec![Vec::new(); n];
-    for (row, &t) in targets.iter().enumerate() {
-        indices[t].push(row as u32);
+/// Copies the strings of view columns (`Utf8View`, `BinaryView`) into buffers of their
+/// own: a `take` or `slice` of a view array still points into all of the input's
+/// buffers, which would keep (and spill, and count) the whole input many times over.
+fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::DataType;
+    if !batch
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Utf8View | DataType::BinaryView))
+    {
+        return Ok(batch);
     }
-    indices
-        .into_iter()
-        .enumerate()
-        .filter(|(_, ix)| !ix.is_empty())
-        .map(|(p, ix)| Ok((p, take_record_batch(batch, &UInt32Array::from(ix))?)))
-        .collect()
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View => Arc::new(c.as_string_view().gc()) as ArrayRef,
+            DataType::BinaryView => Arc::new(c.as_binary_view().gc()) as ArrayRef,
+            _ => Arc::clone(c),
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// A 64-bit mix of a seed and a position (SplitMix64's finalizer).
