@@ -307,6 +307,17 @@ impl DataSource for FileScan {
         true
     }
 
+    fn logical_plan(&self) -> Option<datafusion::logical_expr::LogicalPlan> {
+        let table: Arc<dyn datafusion::catalog::TableProvider> = Arc::clone(&self.table) as _;
+        datafusion::logical_expr::LogicalPlanBuilder::scan(
+            "files",
+            datafusion::datasource::provider_as_source(table),
+            None,
+        )
+        .and_then(|b| b.build())
+        .ok()
+    }
+
     async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
         // Filters come uncoerced from the Dataset API (`l_shipdate <= '1998-09-02'` on a
         // date column); pruning needs them in the columns' types.

@@ -81,6 +81,13 @@ pub trait DataSource: Send + Sync + Debug {
     fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {
         None
     }
+    /// The source as a DataFusion logical plan, where it has one (files: their listing
+    /// table; a query: its plan). Sorts, group-bys and joins over such a source then
+    /// let DataFusion scan it directly, with its statistics and its own parallelism,
+    /// instead of through volley's executor.
+    fn logical_plan(&self) -> Option<datafusion::logical_expr::LogicalPlan> {
+        None
+    }
     /// Whether the order of the output is the point (a sort, a seeded shuffle, a split
     /// by row positions): executions that read the source then keep its order.
     fn ordered(&self) -> bool {

@@ -1,6 +1,8 @@
 //! The context a dataset runs in.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use datafusion::catalog::TableProvider;
 
 use arrow::array::RecordBatch;
 use datafusion::execution::context::SessionState;
@@ -66,6 +68,8 @@ impl<S: AsRef<str>, const N: usize> From<[S; N]> for Paths {
 #[derive(Clone, Debug)]
 pub struct Context {
     pub(crate) exec: ExecContext,
+    /// Tables every SQL query of this context sees (`register_files`).
+    tables: Arc<Mutex<Vec<(String, Arc<dyn TableProvider>)>>>,
 }
 
 static GLOBAL: OnceLock<Context> = OnceLock::new();
@@ -148,6 +152,7 @@ impl Context {
                 session: state,
                 budget,
             },
+            tables: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -256,6 +261,22 @@ impl Context {
     /// may be given (`CREATE EXTERNAL TABLE`, `SET`); the last one is the result.
     pub fn sql(&self, query: &str, tables: &[(&str, &Dataset)]) -> Result<Dataset> {
         crate::sql::plan_sql(self, query, tables, &[])
+    }
+
+    /// Registers files as a table that every later [`sql`](Context::sql) call of this
+    /// context sees, as DataFusion's `register_parquet` does (format by extension as in
+    /// [`sql_with_files`](Context::sql_with_files)). Lists the files and reads their
+    /// schemas now, once; a name registered again is replaced.
+    pub fn register_files(&self, name: &str, path: &str) -> Result<()> {
+        let table = crate::sql::file_table(self, path)?;
+        let mut tables = self.tables.lock().expect("tables lock");
+        tables.retain(|(n, _)| n != name);
+        tables.push((name.to_string(), table));
+        Ok(())
+    }
+
+    pub(crate) fn registered_tables(&self) -> Vec<(String, Arc<dyn TableProvider>)> {
+        self.tables.lock().expect("tables lock").clone()
     }
 
     /// Runs SQL with files registered as tables: `[("lineitem", "data/lineitem/")]`

@@ -269,6 +269,11 @@ impl Dataset {
 
     // ---- planning ----
 
+    /// The logical plan as built (not optimized).
+    pub(crate) fn logical(&self) -> &Arc<LogicalOp> {
+        &self.plan
+    }
+
     pub(crate) fn physical(&self) -> Result<PhysicalPlan> {
         let state = self.ctx.session_state();
         let optimized = optimizer::optimize(&self.plan, state)?;

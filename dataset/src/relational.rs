@@ -20,6 +20,7 @@ use volley_common::{Result, VolleyError};
 
 use crate::col;
 use crate::dataset::Dataset;
+use crate::logical::LogicalOp;
 use crate::sql::{DatasetTable, PlanSource};
 
 /// One key of [`Dataset::sort`]: a column, its direction and where nulls go.
@@ -254,14 +255,53 @@ impl GroupedDataset {
     }
 }
 
-/// A dataset as the leaf of a DataFusion plan.
+/// A dataset as the leaf of a DataFusion plan, named `name`: translated into
+/// DataFusion's own plan where it is files or a query under column and row steps (so
+/// that DataFusion scans in parallel, with statistics), or else streamed from volley's
+/// executor ([`DatasetTable`]).
 fn scan(ds: &Dataset, name: &str) -> Result<LogicalPlanBuilder> {
+    if let Some(b) = native(ds.logical())? {
+        return Ok(b.alias(name)?);
+    }
     let table = Arc::new(DatasetTable::try_new(ds.clone())?);
     Ok(LogicalPlanBuilder::scan(
         name,
         provider_as_source(table),
         None,
     )?)
+}
+
+/// `op` as a DataFusion plan, if every step has a DataFusion equivalent.
+fn native(op: &LogicalOp) -> Result<Option<LogicalPlanBuilder>> {
+    Ok(match op {
+        LogicalOp::Source { source, request } => {
+            let untouched = request.projection.is_none()
+                && request.filters.is_empty()
+                && request.limit.is_none();
+            match source.logical_plan() {
+                Some(plan) if untouched => Some(LogicalPlanBuilder::from(plan)),
+                _ => None,
+            }
+        }
+        LogicalOp::Filter { input, predicate } => match native(input)? {
+            Some(b) => Some(b.filter(predicate.clone())?),
+            None => None,
+        },
+        LogicalOp::Select { input, .. }
+        | LogicalOp::WithColumn { input, .. }
+        | LogicalOp::Drop { input, .. }
+        | LogicalOp::Rename { input, .. } => {
+            let Some(b) = native(input)? else {
+                return Ok(None);
+            };
+            let schema = Arc::new(b.schema().as_arrow().clone());
+            match op.projection(&schema, true)? {
+                Some(cols) => Some(b.project(cols.into_iter().map(|(e, n)| e.alias(n)))?),
+                None => None,
+            }
+        }
+        _ => None,
+    })
 }
 
 fn qualified(table: &str, name: &str) -> Expr {

@@ -52,37 +52,13 @@ pub(crate) fn plan_sql(
         sctx.register_table(*name, Arc::new(DatasetTable::try_new((*ds).clone())?))
             .with_context(|| format!("registering table `{name}`"))?;
     }
+    for (name, table) in ctx.registered_tables() {
+        sctx.register_table(name.as_str(), table)
+            .with_context(|| format!("registering table `{name}`"))?;
+    }
     for (name, path) in files {
-        volley_connectors::parse_path(path)?;
-        let lower = path.to_ascii_lowercase();
-        ctx.exec_context()
-            .block_on(async {
-                if lower.contains(".csv") {
-                    sctx.register_csv(*name, *path, Default::default()).await
-                } else if lower.contains(".json")
-                    || lower.contains(".ndjson")
-                    || lower.contains(".jsonl")
-                {
-                    let options = datafusion::prelude::JsonReadOptions {
-                        file_extension: if lower.contains(".ndjson") {
-                            ".ndjson"
-                        } else if lower.contains(".jsonl") {
-                            ".jsonl"
-                        } else {
-                            ".json"
-                        },
-                        ..Default::default()
-                    };
-                    sctx.register_json(*name, *path, options).await
-                } else if lower.ends_with(".arrow")
-                    || lower.ends_with(".ipc")
-                    || lower.ends_with(".feather")
-                {
-                    sctx.register_arrow(*name, *path, Default::default()).await
-                } else {
-                    register_parquet(&sctx, name, path).await
-                }
-            })
+        let table = file_table(ctx, path)?;
+        sctx.register_table(*name, table)
             .with_context(|| format!("registering table `{name}` = {path}"))?;
     }
     let statements =
@@ -131,26 +107,63 @@ pub(crate) fn plan_sql(
     ))))
 }
 
-/// Registers Parquet files as a table, with view string columns read as plain strings
-/// (see [`plain_strings`]).
-async fn register_parquet(
-    sctx: &SessionContext,
-    name: &str,
-    path: &str,
-) -> datafusion::common::Result<()> {
+/// Files as a DataFusion table (Parquet unless the path says `.csv`, `.json`/`.ndjson`/
+/// `.jsonl`, `.arrow`/`.ipc`/`.feather`), with view string columns read as plain
+/// strings (see [`plain_strings`]). Lists the files and reads their schemas now.
+pub(crate) fn file_table(ctx: &Context, path: &str) -> Result<Arc<dyn TableProvider>> {
+    use datafusion::datasource::file_format::options::ArrowReadOptions;
     use datafusion::datasource::file_format::options::ReadOptions;
     use datafusion::datasource::listing::{ListingTable, ListingTableConfig, ListingTableUrl};
-    let state = sctx.state();
-    let url = ListingTableUrl::parse(path)?;
-    // What `register_parquet` would use, then the schema with plain strings.
-    let options = datafusion::prelude::ParquetReadOptions::default()
-        .to_listing_options(state.config(), state.default_table_options());
-    let schema = options.infer_schema(&state, &url).await?;
-    let config = ListingTableConfig::new(url)
-        .with_listing_options(options)
-        .with_schema(plain_strings(&schema));
-    sctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
-    Ok(())
+    use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
+    volley_connectors::parse_path(path)?;
+    let state = ctx.session_state().clone();
+    let lower = path.to_ascii_lowercase();
+    let (config, defaults) = (state.config(), state.default_table_options());
+    let options = if lower.contains(".csv") {
+        CsvReadOptions::default().to_listing_options(config, defaults)
+    } else if lower.contains(".ndjson") || lower.contains(".jsonl") || lower.contains(".json") {
+        let ext = if lower.contains(".ndjson") {
+            ".ndjson"
+        } else if lower.contains(".jsonl") {
+            ".jsonl"
+        } else {
+            ".json"
+        };
+        JsonReadOptions {
+            file_extension: ext,
+            ..Default::default()
+        }
+        .to_listing_options(config, defaults)
+    } else if lower.ends_with(".arrow") || lower.ends_with(".ipc") || lower.ends_with(".feather") {
+        ArrowReadOptions::default().to_listing_options(config, defaults)
+    } else {
+        ParquetReadOptions::default().to_listing_options(config, defaults)
+    };
+    let options =
+        if lower.ends_with(".arrow") || lower.ends_with(".ipc") || lower.ends_with(".feather") {
+            // A named file: whatever its extension.
+            options.with_file_extension(
+                lower
+                    .rsplit('.')
+                    .next()
+                    .map(|e| format!(".{e}"))
+                    .unwrap_or_default(),
+            )
+        } else {
+            options
+        };
+    ctx.exec_context()
+        .block_on(async {
+            let url = ListingTableUrl::parse(path)?;
+            let schema = options.infer_schema(&state, &url).await?;
+            let config = ListingTableConfig::new(url)
+                .with_listing_options(options)
+                .with_schema(plain_strings(&schema));
+            Ok::<_, datafusion::error::DataFusionError>(
+                Arc::new(ListingTable::try_new(config)?) as Arc<dyn TableProvider>
+            )
+        })
+        .with_context(|| format!("reading table files {path}"))
 }
 
 /// A DataFusion logical plan as a dataset source: one read task per output partition
@@ -241,6 +254,10 @@ impl DataSource for PlanSource {
 
     fn ordered(&self) -> bool {
         self.ordered
+    }
+
+    fn logical_plan(&self) -> Option<LogicalPlan> {
+        Some(self.plan.clone())
     }
 
     fn explain_detail(&self, request: &ScanRequest) -> Option<String> {

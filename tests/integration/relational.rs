@@ -400,3 +400,31 @@ fn explain_shows_the_exchanges_and_stats_count_spills() {
     assert!(stats.spilled_bytes() > 0, "{stats}");
     assert!(stats.to_string().contains("spilled"), "{stats}");
 }
+
+#[test]
+fn registered_files_serve_every_query_and_native_scans_explain() {
+    let d = Data::new();
+    d.ctx.register_files("facts", &d.facts).unwrap();
+    let n = d.ctx.sql("SELECT count(*) AS n FROM facts", &[]).unwrap();
+    assert_eq!(i64_column(&n.collect().unwrap(), "n"), vec![Some(55_000)]);
+    let m = d.ctx.sql("SELECT max(id) AS m FROM facts", &[]).unwrap();
+    assert_eq!(i64_column(&m.collect().unwrap(), "m"), vec![Some(54_999)]);
+    let e = d
+        .ctx
+        .register_files("nope", "/no/such/folder/")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/no/such/folder"), "{e}");
+    // A sort over files under column steps is planned by DataFusion from the files.
+    let plan = d
+        .facts()
+        .filter(col("k").eq(lit(0i64)))
+        .unwrap()
+        .select(&["id", "v"])
+        .unwrap()
+        .sort(["v"])
+        .unwrap()
+        .explain()
+        .unwrap();
+    assert!(plan.contains("DataSourceExec"), "{plan}");
+}

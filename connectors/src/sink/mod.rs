@@ -12,6 +12,7 @@
 //! under a hidden `_volley_staging-<id>/` prefix of the destination, which readers skip,
 //! and moved into place one object at a time once every task has succeeded.
 
+mod parquet;
 mod writer;
 
 use std::path::{Path as FsPath, PathBuf};

@@ -9,10 +9,8 @@ use std::sync::Arc;
 use arrow::array::{Array, RecordBatch, UInt32Array};
 use arrow::compute::{cast, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
-use datafusion::parquet::arrow::ArrowWriter;
 
-/// Rows per Parquet row group that volley writes.
-const ROW_GROUP_ROWS: usize = 128 * 1024;
+use super::parquet::{ParquetFileWriter, ROW_GROUP_ROWS};
 use datafusion::parquet::basic::{Compression as PqCompression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use object_store::path::Path;
@@ -61,7 +59,7 @@ impl ByteSink {
 
 /// An open file of one format.
 enum FileWriter {
-    Parquet(ArrowWriter<File>),
+    Parquet(ParquetFileWriter),
     Csv(arrow::csv::Writer<ByteSink>),
     Json(arrow::json::LineDelimitedWriter<ByteSink>),
 }
@@ -214,13 +212,12 @@ impl PartWriter {
                     Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
                     Compression::Lz4 => PqCompression::LZ4_RAW,
                 };
-                // Row groups of 128Ki rows (DuckDB writes 122,880): the writer buffers one
-                // row group per file in memory, and readers split and prune by them.
                 let props = WriterProperties::builder()
                     .set_compression(codec)
                     .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
                     .build();
-                FileWriter::Parquet(ArrowWriter::try_new(file, schema, Some(props))?)
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                FileWriter::Parquet(ParquetFileWriter::try_new(file, schema, props, threads)?)
             }
             format => {
                 let buffered = BufWriter::with_capacity(1 << 20, file);

@@ -1,0 +1,193 @@
+//! Parquet files encoded one row group at a time, the row group's columns split
+//! across threads.
+//!
+//! One task writing one ordered stream (a sorted dataset, a single-file output) would
+//! otherwise encode every column of every row group on one core; the columns of a row
+//! group are independent, so they are encoded in parallel and appended in order.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::parquet::arrow::arrow_writer::{
+    compute_leaves, ArrowColumnChunk, ArrowColumnWriter, ArrowLeafColumn,
+    ArrowRowGroupWriterFactory,
+};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::parquet::file::writer::SerializedFileWriter;
+use volley_common::{Result, VolleyError};
+
+/// Rows per Parquet row group that volley writes (DuckDB writes 122,880): the writer
+/// buffers one row group per file in memory, and readers split and prune by them.
+pub(crate) const ROW_GROUP_ROWS: usize = 128 * 1024;
+
+/// Parquet files being written in this process right now: encoder threads are shared
+/// among them, so that many writing tasks do not oversubscribe the cores.
+static OPEN_WRITERS: AtomicUsize = AtomicUsize::new(0);
+
+/// One column's encoder with what it has to encode.
+struct ColumnJob {
+    index: usize,
+    writer: ArrowColumnWriter,
+    leaves: Vec<ArrowLeafColumn>,
+    bytes: usize,
+}
+
+/// A Parquet file being written.
+pub(crate) struct ParquetFileWriter {
+    writer: SerializedFileWriter<File>,
+    factory: ArrowRowGroupWriterFactory,
+    schema: SchemaRef,
+    pending: Vec<RecordBatch>,
+    pending_rows: usize,
+    row_groups: usize,
+    cores: usize,
+}
+
+impl ParquetFileWriter {
+    /// A writer of `schema` rows into `file`, encoding on up to `cores` threads (shared
+    /// with the other files being written).
+    pub(crate) fn try_new(
+        file: File,
+        schema: SchemaRef,
+        props: WriterProperties,
+        cores: usize,
+    ) -> Result<Self> {
+        let (writer, factory) = ArrowWriter::try_new(file, Arc::clone(&schema), Some(props))?
+            .into_serialized_writer()?;
+        Ok(Self {
+            writer,
+            factory,
+            schema,
+            pending: Vec::new(),
+            pending_rows: 0,
+            row_groups: 0,
+            cores: cores.max(1),
+        })
+        .inspect(|_| {
+            OPEN_WRITERS.fetch_add(1, Ordering::AcqRel);
+        })
+    }
+
+    /// Buffers `batch`, writing each row group as it fills.
+    pub(crate) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.schema().fields() != self.schema.fields() {
+            return Err(VolleyError::plan(format!(
+                "a batch with schema {} does not match the file's schema {}",
+                batch.schema(),
+                self.schema
+            )));
+        }
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let n = (ROW_GROUP_ROWS - self.pending_rows).min(batch.num_rows() - offset);
+            self.pending.push(batch.slice(offset, n));
+            self.pending_rows += n;
+            offset += n;
+            if self.pending_rows == ROW_GROUP_ROWS {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes the buffered rows as one row group.
+    fn flush(&mut self) -> Result<()> {
+        if self.pending_rows == 0 {
+            return Ok(());
+        }
+        let mut jobs: Vec<ColumnJob> = self
+            .factory
+            .create_column_writers(self.row_groups)?
+            .into_iter()
+            .enumerate()
+            .map(|(index, writer)| ColumnJob {
+                index,
+                writer,
+                leaves: Vec::new(),
+                bytes: 0,
+            })
+            .collect();
+        for batch in &self.pending {
+            let mut leaf = 0;
+            for (field, column) in self.schema.fields().iter().zip(batch.columns()) {
+                let size = column.get_array_memory_size();
+                for l in compute_leaves(field, column)? {
+                    jobs[leaf].leaves.push(l);
+                    jobs[leaf].bytes += size;
+                    leaf += 1;
+                }
+            }
+        }
+        // Largest columns first, each to the least loaded thread.
+        jobs.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        let writers = OPEN_WRITERS.load(Ordering::Acquire).max(1);
+        let threads = (self.cores / writers).min(jobs.len()).max(1);
+        let mut buckets: Vec<(usize, Vec<ColumnJob>)> =
+            (0..threads).map(|_| (0, Vec::new())).collect();
+        for job in jobs {
+            let lightest = buckets
+                .iter_mut()
+                .min_by_key(|(load, _)| *load)
+                .expect("at least one bucket");
+            lightest.0 += job.bytes;
+            lightest.1.push(job);
+        }
+        let encoded: Vec<Result<Vec<(usize, ArrowColumnChunk)>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = buckets
+                .into_iter()
+                .map(|(_, bucket)| {
+                    s.spawn(move || {
+                        bucket
+                            .into_iter()
+                            .map(|mut job| {
+                                for l in &job.leaves {
+                                    job.writer.write(l)?;
+                                }
+                                Ok((job.index, job.writer.close()?))
+                            })
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(VolleyError::internal("a Parquet encoder thread panicked"))
+                    })
+                })
+                .collect()
+        });
+        let mut chunks = Vec::new();
+        for e in encoded {
+            chunks.extend(e?);
+        }
+        chunks.sort_by_key(|(i, _)| *i);
+        let mut row_group = self.writer.next_row_group()?;
+        for (_, chunk) in chunks {
+            chunk.append_to_row_group(&mut row_group)?;
+        }
+        row_group.close()?;
+        self.pending.clear();
+        self.pending_rows = 0;
+        self.row_groups += 1;
+        Ok(())
+    }
+
+    /// Writes what is buffered and the footer.
+    pub(crate) fn close(mut self) -> Result<()> {
+        self.flush()?;
+        self.writer.finish()?;
+        Ok(())
+    }
+}
+
+impl Drop for ParquetFileWriter {
+    fn drop(&mut self) {
+        OPEN_WRITERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
