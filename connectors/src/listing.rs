@@ -71,7 +71,7 @@ impl FileScan {
         let files = list_files(state, &urls, paths).await?;
         // Compression (of text formats) follows the files' extension.
         let df_format = format.to_datafusion(state, files[0].1.location.as_ref());
-        let file_schema = plain_strings(&infer_schema(state, &df_format, &format, &files).await?);
+        let file_schema = infer_schema(state, &df_format, &format, &files).await?;
 
         let mut options = ListingOptions::new(Arc::clone(&df_format)).with_file_extension("");
         let partition_cols = if urls[0].is_collection() {
@@ -190,13 +190,14 @@ pub(crate) async fn list_files(
 
 /// Reads the schema of all files, the way DataFusion merges them; when that fails, finds
 /// the file at fault and names it.
-/// `schema` with string and binary view columns read as plain `Utf8` / `Binary`.
+/// `schema` with string and binary view columns as plain `Utf8` / `Binary`.
 ///
 /// Files written with an Arrow schema hint of `Utf8View` (DataFusion, `tpchgen-cli`)
-/// would otherwise decode into view arrays whose slices and sorted copies keep pointing
-/// into whole decoded pages: every batch then reports (and spills, and holds) far more
-/// memory than its rows, which defeats the memory budget. Plain strings cost a copy at
-/// decode time and keep every count exact.
+/// decode into view arrays, which scans and filters handle fastest. But slices and
+/// sorted copies of view arrays keep pointing into whole decoded pages: every batch
+/// then reports (and spills, and holds) far more memory than its rows, which defeats
+/// the memory budget of operators that buffer. Those (sorts, aggregations, joins, SQL
+/// over files) read plain strings: a copy at decode time, and exact counts.
 pub fn plain_strings(schema: &SchemaRef) -> SchemaRef {
     use arrow::datatypes::{DataType, Field};
     if !schema
@@ -308,14 +309,34 @@ impl DataSource for FileScan {
     }
 
     fn logical_plan(&self) -> Option<datafusion::logical_expr::LogicalPlan> {
+        use datafusion::logical_expr::{cast, col, LogicalPlanBuilder};
         let table: Arc<dyn datafusion::catalog::TableProvider> = Arc::clone(&self.table) as _;
-        datafusion::logical_expr::LogicalPlanBuilder::scan(
+        let scan = LogicalPlanBuilder::scan(
             "files",
             datafusion::datasource::provider_as_source(table),
             None,
         )
-        .and_then(|b| b.build())
-        .ok()
+        .ok()?;
+        // Operators that buffer (sort, aggregation, join) get plain strings: see
+        // `plain_strings`.
+        let plain = plain_strings(&self.schema);
+        if Arc::ptr_eq(&plain, &self.schema) {
+            return scan.build().ok();
+        }
+        let exprs = self
+            .schema
+            .fields()
+            .iter()
+            .zip(plain.fields())
+            .map(|(f, p)| {
+                let c = col(datafusion::common::Column::new_unqualified(f.name()));
+                if f.data_type() == p.data_type() {
+                    c
+                } else {
+                    cast(c, p.data_type().clone()).alias(f.name())
+                }
+            });
+        scan.project(exprs).and_then(|b| b.build()).ok()
     }
 
     async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {

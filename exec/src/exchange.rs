@@ -424,7 +424,7 @@ impl FrozenStore {
 /// Copies the strings of view columns (`Utf8View`, `BinaryView`) into buffers of their
 /// own: a `take` or `slice` of a view array still points into all of the input's
 /// buffers, which would keep (and spill, and count) the whole input many times over.
-fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
+pub fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::DataType;
     if !batch

@@ -17,7 +17,7 @@ mod stats;
 mod step;
 mod transform;
 
-pub use exchange::{ExchangeStore, FrozenStore, Partitioning};
+pub use exchange::{compact_views, ExchangeStore, FrozenStore, Partitioning};
 pub use executor::{execute, ExecContext, ExecutionStream};
 pub use memory_pool::BudgetMemoryPool;
 pub use memory_source::{MemorySource, RangeSource};

@@ -428,3 +428,45 @@ fn registered_files_serve_every_query_and_native_scans_explain() {
         .unwrap();
     assert!(plan.contains("DataSourceExec"), "{plan}");
 }
+
+#[test]
+fn sql_window_functions_and_external_tables_match_duckdb() {
+    let d = Data::new();
+    let ds = d
+        .ctx
+        .sql(
+            &format!(
+                "CREATE EXTERNAL TABLE f STORED AS PARQUET LOCATION '{}/'; \
+                 SELECT k, id, sum(v) OVER (PARTITION BY k ORDER BY id) AS running, \
+                        row_number() OVER (PARTITION BY k ORDER BY id) AS rn, \
+                        rank() OVER (ORDER BY g DESC) AS r \
+                 FROM f WHERE id < 5000",
+                d.facts
+            ),
+            &[],
+        )
+        .unwrap();
+    d.check(
+        "window",
+        &ds,
+        "SELECT k, id, sum(v) OVER (PARTITION BY k ORDER BY id), \
+                row_number() OVER (PARTITION BY k ORDER BY id), rank() OVER (ORDER BY g DESC) \
+         FROM facts WHERE id < 5000",
+        false,
+    );
+    let joined = d
+        .ctx
+        .sql(
+            "SELECT DISTINCT d.name, f.k FROM facts f JOIN dims d ON f.g = d.g \
+             WHERE f.k IS NOT NULL ORDER BY d.name, f.k",
+            &[("facts", &d.facts()), ("dims", &d.dims())],
+        )
+        .unwrap();
+    d.check(
+        "sql_join_distinct",
+        &joined,
+        "SELECT DISTINCT d.name, f.k FROM facts f JOIN dims d ON f.g = d.g \
+         WHERE f.k IS NOT NULL ORDER BY d.name, f.k",
+        true,
+    );
+}
