@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
+use arrow::array::{ArrayRef, RecordBatch};
 use arrow::compute::{lexsort_to_indices, take_record_batch, SortColumn};
 use arrow::datatypes::SchemaRef;
 use datafusion::execution::context::SessionState;
@@ -18,10 +18,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
-use volley_exec::{ExchangeStore, FrozenStore, Partitioning};
+use volley_exec::{project_batch, ExchangeStore, FrozenStore, Partitioning};
 
 use crate::dataset::{Dataset, MapOptions};
-use crate::relational::GroupedDataset;
+use crate::relational::{check_keys, GroupedDataset};
 
 /// What an exchange produces.
 #[derive(Debug, Clone)]
@@ -92,25 +92,6 @@ fn materialize(input: &Dataset, partitioning: Partitioning) -> Result<FrozenStor
     Ok(store.finish())
 }
 
-fn project(
-    batch: RecordBatch,
-    schema: &SchemaRef,
-    projection: &Option<Vec<usize>>,
-) -> Result<RecordBatch> {
-    match projection {
-        None => Ok(batch),
-        Some(p) => {
-            let cols: Vec<ArrayRef> = p.iter().map(|&i| Arc::clone(batch.column(i))).collect();
-            let opts = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
-            Ok(RecordBatch::try_new_with_options(
-                Arc::clone(schema),
-                cols,
-                &opts,
-            )?)
-        }
-    }
-}
-
 /// A read task streaming what `produce` yields, projected.
 fn task<I>(
     label: String,
@@ -127,7 +108,7 @@ where
         let projection = projection.clone();
         let out_schema = Arc::clone(&schema);
         let items = produce()?.map(move |b| {
-            b.and_then(|b| project(b, &schema, &projection))
+            b.and_then(|b| project_batch(&b, &projection, &schema))
                 .map_err(Into::into)
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -453,19 +434,7 @@ impl Dataset {
                     "repartition by keys needs at least one key",
                 ));
             }
-            for k in keys {
-                if schema.index_of(k).is_err() {
-                    return Err(VolleyError::plan(format!(
-                        "key `{k}` is not a column (columns: {})",
-                        schema
-                            .fields()
-                            .iter()
-                            .map(|f| f.name().as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
-            }
+            check_keys(&schema, keys, "key")?;
         }
         let source = ExchangeSource {
             input: self.clone(),

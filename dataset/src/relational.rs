@@ -11,6 +11,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use arrow::datatypes::SchemaRef;
 use datafusion::common::{Column, JoinType};
 use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::coalesce;
@@ -255,6 +256,21 @@ impl GroupedDataset {
     }
 }
 
+/// Fails, naming the column and listing the schema's, unless every key is a column.
+pub(crate) fn check_keys<S: AsRef<str>>(schema: &SchemaRef, keys: &[S], what: &str) -> Result<()> {
+    for k in keys {
+        let k = k.as_ref();
+        if schema.index_of(k).is_err() {
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            return Err(VolleyError::plan(format!(
+                "{what} `{k}` is not a column (columns: {})",
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A dataset as the leaf of a DataFusion plan, named `name`: translated into
 /// DataFusion's own plan where it is files or a query under column and row steps (so
 /// that DataFusion scans in parallel, with statistics), or else streamed from volley's
@@ -417,19 +433,7 @@ impl Dataset {
             ("left", left_on, &left_schema),
             ("right", right_on, &right_schema),
         ] {
-            for k in keys {
-                if schema.field_with_name(k).is_err() {
-                    return Err(VolleyError::plan(format!(
-                        "join key `{k}` is not a column of the {side} dataset (columns: {})",
-                        schema
-                            .fields()
-                            .iter()
-                            .map(|f| f.name().as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
-            }
+            check_keys(schema, keys, &format!("join key of the {side} dataset"))?;
         }
         let (l, r) = ("left", "right");
         let keys = (

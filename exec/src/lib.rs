@@ -20,7 +20,7 @@ mod transform;
 pub use exchange::{compact_views, ExchangeStore, FrozenStore, Partitioning};
 pub use executor::{execute, ExecContext, ExecutionStream};
 pub use memory_pool::BudgetMemoryPool;
-pub use memory_source::{MemorySource, RangeSource};
+pub use memory_source::{project_batch, MemorySource, RangeSource};
 pub use plan::{ActorMapExec, LimitExec, MapExec, PhysicalPlan, ReadExec, UnionExec, WriteTarget};
 pub use stats::{ExecutionStats, OperatorStats};
 pub use step::{compile_expr, output_schema, LazyStep, Step, StepRunner};

@@ -16,7 +16,8 @@ fn projected(schema: &SchemaRef, request: &ScanRequest) -> Result<SchemaRef> {
     })
 }
 
-fn project_batch(
+/// The `projection` columns of `batch` (all of them for `None`), as `schema`.
+pub fn project_batch(
     batch: &RecordBatch,
     projection: &Option<Vec<usize>>,
     schema: &SchemaRef,
