@@ -7,7 +7,8 @@
 //! 1. writes 2,000,000 synthetic "trip" rows as Parquet, partitioned by `city`;
 //! 2. reads them back lazily, filters, adds a column, applies a Rust batch function;
 //! 3. writes the result (atomically) and reads its row count back;
-//! 4. runs SQL over the output, and prints per-operator stats.
+//! 4. runs SQL over the output, and prints per-operator stats;
+//! 5. groups, sorts, and splits the output into train and test sets (seeded shuffle).
 
 use std::sync::Arc;
 
@@ -114,5 +115,18 @@ fn main() -> volley::Result<()> {
         &[("trips", &back)],
     )?;
     by_city.show(10)?;
+
+    // 5. All-to-all: group, sort, shuffle and split, spilling beyond the budget.
+    let top = back
+        .groupby(&["city"])
+        .agg([agg::count_all(), agg::mean("km"), agg::max("fare")])?
+        .sort([SortKey::desc("mean(km)")])?;
+    top.show(10)?;
+    let (train, test) = back.train_test_split(0.2, 42)?;
+    println!(
+        "train_test_split: {} train rows, {} test rows",
+        train.count()?,
+        test.count()?
+    );
     Ok(())
 }

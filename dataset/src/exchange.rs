@@ -124,7 +124,6 @@ struct ExchangeSource {
     input: Dataset,
     kind: ExchangeKind,
     schema: SchemaRef,
-    batch_size: usize,
     /// Bytes the latest execution spilled.
     spilled: AtomicU64,
 }
@@ -136,7 +135,6 @@ impl ExchangeSource {
             None => Arc::clone(&self.schema),
         };
         let proj = request.projection.clone();
-        let batch_size = self.batch_size;
         let mut tasks = Vec::new();
         match &self.kind {
             ExchangeKind::Repartition { n } => {
@@ -174,15 +172,8 @@ impl ExchangeSource {
                         store.partition_rows(p),
                         Arc::clone(&out_schema),
                         proj.clone(),
-                        move || {
-                            let all = store2.read_partition(p)?;
-                            let n = all.num_rows();
-                            Ok((0..n)
-                                .step_by(batch_size.max(1))
-                                .map(move |i| Ok(all.slice(i, batch_size.min(n - i))))
-                                .collect::<Vec<_>>()
-                                .into_iter())
-                        },
+                        // One block per partition: a slice of it would count the whole.
+                        move || Ok(std::iter::once(store2.read_partition(p))),
                     ));
                 }
             }
@@ -214,9 +205,8 @@ impl ExchangeSource {
                         Arc::clone(&out_schema),
                         proj.clone(),
                         move || {
-                            Ok(groups(&store2.read_partition(p)?, &key_idx)?
-                                .into_iter()
-                                .map(Ok))
+                            let groups = groups(&store2.read_partition(p)?, &key_idx)?;
+                            Ok(groups.into_iter().map(Ok))
                         },
                     ));
                 }
@@ -440,7 +430,6 @@ impl Dataset {
             input: self.clone(),
             kind,
             schema,
-            batch_size: self.context().config().exec.batch_size,
             spilled: AtomicU64::new(0),
         };
         Ok(self.context().source(Arc::new(source)))

@@ -396,12 +396,13 @@ impl FrozenStore {
         })
     }
 
-    /// All rows of partition `p` as one batch: shuffled (seeded by the exchange's seed
-    /// and `p`) for a random partitioning, in order otherwise.
+    /// All rows of partition `p` as one batch with buffers of its own (so that it
+    /// counts only its rows' memory): shuffled (seeded by the exchange's seed and `p`)
+    /// for a random partitioning, in order otherwise.
     pub fn read_partition(self: &Arc<Self>, p: usize) -> Result<RecordBatch> {
         let blocks: Vec<RecordBatch> = self.read_range(p, 0, u64::MAX).collect::<Result<_>>()?;
         match self.partitioning {
-            Partitioning::Random { seed, .. } => {
+            Partitioning::Random { seed, .. } if !blocks.is_empty() => {
                 // Every (block, row) pair, shuffled, gathered in one copy.
                 let mut picks: Vec<(usize, usize)> = blocks
                     .iter()
@@ -410,9 +411,6 @@ impl FrozenStore {
                     .collect();
                 let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, p as u64 ^ (1 << 63)));
                 picks.shuffle(&mut rng);
-                if blocks.is_empty() {
-                    return Ok(RecordBatch::new_empty(Arc::clone(&self.schema)));
-                }
                 let refs: Vec<&RecordBatch> = blocks.iter().collect();
                 Ok(interleave_record_batch(&refs, &picks)?)
             }
