@@ -118,6 +118,16 @@ impl VolleyError {
         VolleyError::Plan(msg.to_string())
     }
 
+    /// A [`Plan`](VolleyError::Plan) error for a `what` (a join key, a partition
+    /// column) named `name` that `schema` lacks, listing the columns it has.
+    pub fn unknown_column(what: &str, name: &str, schema: &arrow::datatypes::Schema) -> Self {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        VolleyError::Plan(format!(
+            "{what} `{name}` is not a column (columns: {})",
+            names.join(", ")
+        ))
+    }
+
     /// An [`Execution`](VolleyError::Execution) error from anything printable.
     pub fn execution(msg: impl Display) -> Self {
         VolleyError::Execution(msg.to_string())

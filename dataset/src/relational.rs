@@ -256,16 +256,12 @@ impl GroupedDataset {
     }
 }
 
-/// Fails, naming the column and listing the schema's, unless every key is a column.
+/// Fails, naming the key and listing the schema's columns, unless every key is one.
 pub(crate) fn check_keys<S: AsRef<str>>(schema: &SchemaRef, keys: &[S], what: &str) -> Result<()> {
     for k in keys {
         let k = k.as_ref();
         if schema.index_of(k).is_err() {
-            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            return Err(VolleyError::plan(format!(
-                "{what} `{k}` is not a column (columns: {})",
-                names.join(", ")
-            )));
+            return Err(VolleyError::unknown_column(what, k, schema));
         }
     }
     Ok(())

@@ -179,8 +179,8 @@ pub(crate) struct PlanSource {
     name: String,
     label: String,
     ordered: bool,
-    /// The physical plans of executions so far (for their spill metrics).
-    executed: Mutex<Vec<Arc<dyn ExecutionPlan>>>,
+    /// The physical plan of the latest execution (its metrics are what stats report).
+    executed: Mutex<Option<Arc<dyn ExecutionPlan>>>,
 }
 
 impl PlanSource {
@@ -200,7 +200,7 @@ impl PlanSource {
             name: name.to_string(),
             label,
             ordered,
-            executed: Mutex::new(Vec::new()),
+            executed: Mutex::new(None),
         }
     }
 
@@ -272,19 +272,13 @@ impl DataSource for PlanSource {
         self.executed
             .lock()
             .expect("plans lock")
-            .iter()
-            .map(|p| sum_metric(p, &|m| m.spilled_bytes()))
-            .sum()
+            .as_ref()
+            .map_or(0, |p| sum_metric(p, &|m| m.spilled_bytes()))
     }
 
     async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
         let physical = self.physical(request).await?;
-        {
-            // Keep the latest execution's plan only: its metrics are what stats report.
-            let mut executed = self.executed.lock().expect("plans lock");
-            executed.clear();
-            executed.push(Arc::clone(&physical));
-        }
+        *self.executed.lock().expect("plans lock") = Some(Arc::clone(&physical));
         let parts = physical.properties().partitioning.partition_count();
         Ok((0..parts)
             .map(|i| {

@@ -107,17 +107,9 @@ impl ExchangeStore {
     ) -> Result<Self> {
         if let Partitioning::Hash { keys, .. } = &partitioning {
             for k in keys {
-                schema.index_of(k).map_err(|_| {
-                    VolleyError::plan(format!(
-                        "repartition key `{k}` is not a column (columns: {})",
-                        schema
-                            .fields()
-                            .iter()
-                            .map(|f| f.name().as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                })?;
+                schema
+                    .index_of(k)
+                    .map_err(|_| VolleyError::unknown_column("repartition key", k, &schema))?;
             }
         }
         let n = partitioning.partitions();

@@ -116,17 +116,9 @@ impl PartWriter {
         let schema = batch.schema();
         let mut key_cols = Vec::new();
         for c in &self.options.partition_by {
-            let idx = schema.index_of(c).map_err(|_| {
-                VolleyError::plan(format!(
-                    "partition column `{c}` is not in the data (columns: {})",
-                    schema
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
+            let idx = schema
+                .index_of(c)
+                .map_err(|_| VolleyError::unknown_column("partition column", c, &schema))?;
             let as_str = cast(batch.column(idx), &DataType::Utf8)
                 .with_context(|| format!("partition column `{c}`"))?;
             key_cols.push((c.clone(), as_str));
