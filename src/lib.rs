@@ -50,9 +50,42 @@ pub mod prelude {
     pub use arrow::array::RecordBatch;
 }
 
-/// The process-wide context (joins nothing: this build runs locally).
+/// Starts volley in this process and returns the process-wide context.
+///
+/// Call it first in `main`: in a process that a cluster's node agent started as a worker
+/// (`VOLLEY_WORKER_ID` is set) it does not return, but runs the tasks the agent hands it
+/// and exits. Everywhere else it returns the local context; [`cluster`] connects to a
+/// cluster when `VOLLEY_ADDRESS` names one.
 pub fn init() -> Context {
+    if volley_runtime::cluster::is_worker() {
+        volley_runtime::cluster::run_worker();
+    }
     Context::global()
+}
+
+/// The cluster this program runs on: the one named by `VOLLEY_ADDRESS` (with the token
+/// from `VOLLEY_TOKEN` or the file `VOLLEY_TOKEN_FILE`), connected once per process.
+/// `None` when no address is set.
+pub fn cluster() -> Result<Option<volley_runtime::cluster::Cluster>> {
+    use std::sync::OnceLock;
+    static CLUSTER: OnceLock<std::result::Result<Option<volley_runtime::cluster::Cluster>, String>> =
+        OnceLock::new();
+    CLUSTER
+        .get_or_init(|| {
+            let Ok(address) = std::env::var("VOLLEY_ADDRESS") else {
+                return Ok(None);
+            };
+            let token = volley_runtime::cluster::client::token_from_env()
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!("VOLLEY_ADDRESS is {address} but no token is set (VOLLEY_TOKEN)")
+                })?;
+            volley_runtime::cluster::Cluster::connect(&address, &token)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(VolleyError::Config)
 }
 
 /// Parquet files: a file, folder, glob or list; local or object-store URLs.

@@ -4,6 +4,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod cli_cluster;
 use volley::{Context, Result, VolleyConfig, VolleyError};
 
 #[derive(Parser)]
@@ -55,6 +57,18 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
+    /// Start a cluster head (--head) or a node agent joining one (--address).
+    Start(cli_cluster::StartArgs),
+    /// Stop the volley processes `volley start` started on this machine.
+    Stop,
+    /// Show the cluster's nodes, resources and load.
+    Status {
+        #[command(flatten)]
+        conn: cli_cluster::Conn,
+    },
+    /// Submit and manage jobs.
+    #[command(subcommand)]
+    Job(cli_cluster::JobCommand),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +84,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Start(a) => cli_cluster::start(a),
+        Command::Stop => cli_cluster::stop(),
+        Command::Status { conn } => cli_cluster::status(conn),
+        Command::Job(j) => cli_cluster::job(j),
         Command::Sql {
             query,
             file,

@@ -16,6 +16,7 @@
 //! [`MemoryReservation`] against one budget, so memory is a number that is checked, not a
 //! hope.
 
+pub mod cluster;
 mod local;
 mod memory;
 mod resources;

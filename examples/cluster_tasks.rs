@@ -1,0 +1,140 @@
+//! Tasks, objects, actors and placement groups on a volley cluster.
+//!
+//! ```text
+//! volley start --head
+//! volley start --address 127.0.0.1:6380 --num-cpus 2
+//! volley job submit --wait -- target/release/examples/cluster_tasks 8
+//! ```
+//!
+//! Each task makes a block of numbers on whichever node has room; a second wave sums
+//! them where they are; an actor keeps a running total. The driver checks the answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use volley::arrow::array::{ArrayRef, Int64Array, RecordBatch};
+use volley::crates::runtime::cluster::{
+    object_value, value_object, ActorOptions, PlacementStrategy, RemoteActor, RemoteTask,
+    Resources, TaskContext, TaskOptions,
+};
+use volley::{Result, VolleyError};
+
+/// Makes the numbers `start..start + n`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Numbers {
+    start: i64,
+    n: i64,
+}
+
+#[typetag::serde]
+impl RemoteTask for Numbers {
+    fn run(&self, ctx: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let values = Int64Array::from_iter_values(self.start..self.start + self.n);
+        let node = volley::arrow::array::StringArray::from(vec![ctx.node_id.clone(); self.n as usize]);
+        Ok(vec![RecordBatch::try_from_iter([
+            ("x", Arc::new(values) as ArrayRef),
+            ("node", Arc::new(node) as ArrayRef),
+        ])?])
+    }
+}
+
+/// Sums the `x` column of its inputs.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Sum;
+
+#[typetag::serde]
+impl RemoteTask for Sum {
+    fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        value_object(&sum(inputs.iter().flatten()))
+    }
+}
+
+fn sum<'a>(batches: impl Iterator<Item = &'a RecordBatch>) -> i64 {
+    batches
+        .map(|b| {
+            let x = b.column(0).as_any().downcast_ref::<Int64Array>().expect("int64");
+            x.values().iter().sum::<i64>()
+        })
+        .sum()
+}
+
+/// Keeps a total across calls.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Accumulator {
+    total: i64,
+}
+
+#[typetag::serde]
+impl RemoteActor for Accumulator {
+    fn call(
+        &mut self,
+        _: &TaskContext,
+        method: &str,
+        arg: serde_json::Value,
+        _: Vec<Vec<RecordBatch>>,
+    ) -> Result<Vec<RecordBatch>> {
+        match method {
+            "add" => {
+                self.total += arg.as_i64().unwrap_or(0);
+                value_object(&self.total)
+            }
+            other => Err(VolleyError::plan(format!("Accumulator has no method {other}"))),
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    volley::init();
+    let tasks: i64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(8);
+    let cluster = volley::cluster()?
+        .ok_or_else(|| VolleyError::Config("run this on a cluster (VOLLEY_ADDRESS)".into()))?;
+    let n = 100_000;
+    let blocks: Vec<_> = (0..tasks)
+        .map(|i| cluster.submit(Numbers { start: i * n, n }, &[], &TaskOptions::default()))
+        .collect::<Result<_>>()?;
+    let sums: Vec<_> = blocks
+        .iter()
+        .map(|b| cluster.submit(Sum, &[b], &TaskOptions::default().resources(Resources::cpus(0.5))))
+        .collect::<Result<_>>()?;
+    let mut total = 0i64;
+    for s in &sums {
+        total += object_value::<i64>(&cluster.get(s)?)?;
+    }
+    let expected: i64 = (0..tasks * n).sum();
+    println!("sum over {tasks} tasks: {total} (expected {expected})");
+    if total != expected {
+        return Err(VolleyError::execution("wrong sum"));
+    }
+    let mut nodes = std::collections::BTreeSet::new();
+    for b in &blocks {
+        for batch in cluster.get(b)? {
+            let col = batch.column(1).as_any().downcast_ref::<volley::arrow::array::StringArray>().expect("utf8");
+            nodes.insert(col.value(0).to_string());
+        }
+    }
+    println!("blocks were made on {} node(s): {nodes:?}", nodes.len());
+
+    let acc = cluster.create_actor(Accumulator::default(), &ActorOptions::default())?;
+    let mut last = None;
+    for i in 1..=10 {
+        last = Some(acc.call("add", i, &[])?);
+    }
+    let running: i64 = object_value(&cluster.get(&last.expect("ten calls"))?)?;
+    println!("actor total: {running}");
+    if running != 55 {
+        return Err(VolleyError::execution("wrong actor total"));
+    }
+    acc.kill()?;
+
+    let group = cluster.placement_group(vec![Resources::cpus(1.0); 2], PlacementStrategy::Spread)?;
+    let placed = group
+        .wait(Duration::from_secs(30))?
+        .ok_or_else(|| VolleyError::execution("placement group did not fit"))?;
+    println!("placement group bundles on {placed:?}");
+    let in_group = cluster.submit(Numbers { start: 0, n: 10 }, &[], &TaskOptions::default().in_group(&group, 1))?;
+    let got = cluster.get(&in_group)?;
+    println!("task in bundle 1 ran on {:?}", got[0].column(1).as_any().downcast_ref::<volley::arrow::array::StringArray>().map(|c| c.value(0).to_string()));
+    group.remove()?;
+    println!("OK");
+    Ok(())
+}

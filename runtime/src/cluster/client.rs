@@ -1,0 +1,698 @@
+//! The driver's side: submit tasks, create actors and placement groups, get objects.
+//!
+//! A [`Cluster`] is a connection to a head for one job. A program started by `volley job
+//! submit` joins its own job (`VOLLEY_JOB_ID`); a program that connects by itself starts
+//! an *attached* job whose package is its own binary, so the cluster's workers can run
+//! the tasks it defines. The API is blocking (it runs its own small I/O runtime), like the
+//! rest of volley's user API.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use volley_common::{Result, VolleyError};
+
+use super::net::{status_error, Channels, Head};
+use super::objects::{fetch, store};
+use super::package::file_chunks;
+use super::proto;
+use super::resources::Resources;
+use super::task::{encode, Payload, RemoteActor, RemoteTask};
+
+struct Inner {
+    rt: tokio::runtime::Runtime,
+    head: Head,
+    channels: Channels,
+    address: String,
+    job_id: String,
+    attached: bool,
+    frees: mpsc::UnboundedSender<String>,
+    /// How long `get` keeps trying to read an object whose copies are lost while the
+    /// cluster rebuilds it.
+    fetch_patience: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.attached {
+            let mut head = self.head.clone();
+            let job = self.job_id.clone();
+            let _ = self.rt.block_on(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    head.report_driver_exit(proto::DriverExit {
+                        node_id: String::new(),
+                        job_id: job,
+                        exit_code: 0,
+                        error: String::new(),
+                    }),
+                )
+                .await
+            });
+        }
+    }
+}
+
+/// A connection to a cluster, for one job.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("address", &self.inner.address)
+            .field("job_id", &self.inner.job_id)
+            .finish()
+    }
+}
+
+/// A result that lives in the cluster. Dropping the last clone frees it.
+#[derive(Clone)]
+pub struct ObjectRef {
+    inner: Arc<RefInner>,
+}
+
+struct RefInner {
+    id: String,
+    frees: mpsc::UnboundedSender<String>,
+}
+
+impl Drop for RefInner {
+    fn drop(&mut self) {
+        let _ = self.frees.send(std::mem::take(&mut self.id));
+    }
+}
+
+impl ObjectRef {
+    /// The object's id (`JOB:...`).
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+}
+
+impl std::fmt::Debug for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjectRef({})", self.inner.id)
+    }
+}
+
+/// How a task runs.
+#[derive(Debug, Clone)]
+pub struct TaskOptions {
+    /// What it holds while it runs (default: 1 CPU).
+    pub resources: Resources,
+    /// How many times it is run again after its worker or node dies (default 3). Errors
+    /// its own code returns are not retried.
+    pub max_retries: u32,
+    /// Runs in a bundle of this placement group (`-1`: any bundle).
+    pub placement: Option<(String, i32)>,
+    /// A name for logs.
+    pub name: String,
+}
+
+impl Default for TaskOptions {
+    fn default() -> Self {
+        Self {
+            resources: Resources::cpus(1.0),
+            max_retries: 3,
+            placement: None,
+            name: String::new(),
+        }
+    }
+}
+
+impl TaskOptions {
+    /// Holds `resources`.
+    pub fn resources(mut self, resources: Resources) -> Self {
+        self.resources = resources;
+        self
+    }
+    /// Retries after system failures.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+    /// Runs in bundle `index` of `group` (-1: any).
+    pub fn in_group(mut self, group: &PlacementGroup, index: i32) -> Self {
+        self.placement = Some((group.id.clone(), index));
+        self
+    }
+    /// Names it.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+}
+
+/// How an actor runs.
+#[derive(Debug, Clone)]
+pub struct ActorOptions {
+    /// What it holds while alive (default: 1 CPU).
+    pub resources: Resources,
+    /// How many times it is rebuilt after its process or node dies (default 0).
+    pub max_restarts: u32,
+    /// Lives in a bundle of this placement group.
+    pub placement: Option<(String, i32)>,
+    /// A name for logs.
+    pub name: String,
+}
+
+impl Default for ActorOptions {
+    fn default() -> Self {
+        Self {
+            resources: Resources::cpus(1.0),
+            max_restarts: 0,
+            placement: None,
+            name: String::new(),
+        }
+    }
+}
+
+impl ActorOptions {
+    /// Holds `resources`.
+    pub fn resources(mut self, resources: Resources) -> Self {
+        self.resources = resources;
+        self
+    }
+    /// Restarts after failures.
+    pub fn max_restarts(mut self, n: u32) -> Self {
+        self.max_restarts = n;
+        self
+    }
+    /// Lives in bundle `index` of `group`.
+    pub fn in_group(mut self, group: &PlacementGroup, index: i32) -> Self {
+        self.placement = Some((group.id.clone(), index));
+        self
+    }
+}
+
+/// How a placement group's bundles spread over nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementStrategy {
+    /// As few nodes as possible, more if needed.
+    Pack,
+    /// As many nodes as possible.
+    Spread,
+    /// All on one node, or wait.
+    StrictPack,
+    /// Each on its own node, or wait.
+    StrictSpread,
+}
+
+/// A gang of resource bundles reserved together.
+#[derive(Debug, Clone)]
+pub struct PlacementGroup {
+    id: String,
+    cluster: Cluster,
+}
+
+impl PlacementGroup {
+    /// The group's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Waits up to `timeout` for every bundle to be reserved; returns the node of each
+    /// bundle, or `None` if it does not fit yet.
+    pub fn wait(&self, timeout: Duration) -> Result<Option<Vec<String>>> {
+        let mut head = self.cluster.inner.head.clone();
+        let r = self
+            .cluster
+            .block_on(head.wait_placement_group(proto::PlacementGroupRequest {
+                group_id: self.id.clone(),
+                timeout_ms: timeout.as_millis() as u64,
+            }))
+            .map_err(|e| status_error(format!("placement group {}", self.id), e))?
+            .into_inner();
+        Ok(r.ready.then_some(r.bundle_nodes))
+    }
+
+    /// Gives the reservation back (actors in it are stopped).
+    pub fn remove(&self) -> Result<()> {
+        let mut head = self.cluster.inner.head.clone();
+        self.cluster
+            .block_on(head.remove_placement_group(proto::PlacementGroupRequest {
+                group_id: self.id.clone(),
+                timeout_ms: 0,
+            }))
+            .map_err(|e| status_error(format!("placement group {}", self.id), e))?;
+        Ok(())
+    }
+}
+
+/// An actor in the cluster.
+#[derive(Debug, Clone)]
+pub struct ActorHandle {
+    id: String,
+    cluster: Cluster,
+}
+
+/// An actor's state as the head sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorInfo {
+    /// `PENDING`, `STARTING`, `ALIVE` or `DEAD`.
+    pub state: String,
+    /// The node it lives on.
+    pub node_id: String,
+    /// How many times it was restarted.
+    pub restarts: u32,
+    /// Why it died.
+    pub error: String,
+}
+
+impl ActorHandle {
+    /// The actor's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Calls `method`; calls run one at a time, in the order they were made.
+    pub fn call(
+        &self,
+        method: &str,
+        arg: impl Serialize,
+        inputs: &[&ObjectRef],
+    ) -> Result<ObjectRef> {
+        let arg = serde_json::to_value(arg)
+            .map_err(|e| VolleyError::plan(format!("actor call {method}: {e}")))?;
+        let payload = encode(
+            &format!("call {method}"),
+            &Payload::Call {
+                method: method.to_string(),
+                arg,
+            },
+        )?;
+        self.cluster.submit_payload(
+            payload,
+            inputs,
+            &TaskOptions {
+                resources: Resources::default(),
+                max_retries: 3,
+                placement: None,
+                name: method.to_string(),
+            },
+            &self.id,
+        )
+    }
+
+    /// The actor's state.
+    pub fn info(&self) -> Result<ActorInfo> {
+        let mut head = self.cluster.inner.head.clone();
+        let r = self
+            .cluster
+            .block_on(head.get_actor(proto::ActorId {
+                actor_id: self.id.clone(),
+            }))
+            .map_err(|e| status_error(format!("actor {}", self.id), e))?
+            .into_inner();
+        Ok(ActorInfo {
+            state: r.state,
+            node_id: r.node_id,
+            restarts: r.restarts,
+            error: r.error,
+        })
+    }
+
+    /// Stops the actor (no restart).
+    pub fn kill(&self) -> Result<()> {
+        let mut head = self.cluster.inner.head.clone();
+        self.cluster
+            .block_on(head.kill_actor(proto::ActorId {
+                actor_id: self.id.clone(),
+            }))
+            .map_err(|e| status_error(format!("actor {}", self.id), e))?;
+        Ok(())
+    }
+}
+
+/// Reads the token: `VOLLEY_TOKEN`, else the file `VOLLEY_TOKEN_FILE`.
+pub fn token_from_env() -> Result<Option<String>> {
+    if let Ok(t) = std::env::var("VOLLEY_TOKEN") {
+        return Ok(Some(t));
+    }
+    if let Ok(p) = std::env::var("VOLLEY_TOKEN_FILE") {
+        return super::auth::read_token(std::path::Path::new(&p)).map(Some);
+    }
+    Ok(None)
+}
+
+impl Cluster {
+    /// Connects to the head at `address` (`host:port`) with `token`. Inside a job started
+    /// by `volley job submit` it joins that job; otherwise it uploads this program as the
+    /// package of a new attached job.
+    pub fn connect(address: &str, token: &str) -> Result<Cluster> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("volley-client")
+            .enable_all()
+            .build()
+            .map_err(|e| VolleyError::internal(format!("cannot start the client runtime: {e}")))?;
+        let _enter = rt.enter();
+        let channels = Channels::new(token);
+        let head = channels.head(address)?;
+        let (job_id, attached) = match std::env::var("VOLLEY_JOB_ID") {
+            Ok(j) if !j.is_empty() => (j, false),
+            _ => (rt.block_on(attach(head.clone(), address))?, true),
+        };
+        let (frees, rx) = mpsc::unbounded_channel();
+        rt.spawn(free_loop(head.clone(), job_id.clone(), rx));
+        rt.spawn(alive_loop(head.clone(), job_id.clone()));
+        Ok(Cluster {
+            inner: Arc::new(Inner {
+                rt,
+                head,
+                channels,
+                address: address.to_string(),
+                job_id,
+                attached,
+                frees,
+                fetch_patience: Duration::from_secs(300),
+            }),
+        })
+    }
+
+    /// The head's address.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    /// The job this connection works for.
+    pub fn job_id(&self) -> &str {
+        &self.inner.job_id
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.inner.rt.block_on(f)
+    }
+
+    fn new_ref(&self, id: String) -> ObjectRef {
+        ObjectRef {
+            inner: Arc::new(RefInner {
+                id,
+                frees: self.inner.frees.clone(),
+            }),
+        }
+    }
+
+    fn new_id(&self, kind: &str) -> String {
+        format!(
+            "{}:{kind}-{}",
+            self.inner.job_id,
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        )
+    }
+
+    /// Runs `task` on the cluster with the batches of `inputs`; returns its result.
+    pub fn submit(
+        &self,
+        task: impl RemoteTask + 'static,
+        inputs: &[&ObjectRef],
+        options: &TaskOptions,
+    ) -> Result<ObjectRef> {
+        let boxed: Box<dyn RemoteTask> = Box::new(task);
+        let payload = encode("the task", &Payload::Task(boxed))?;
+        self.submit_payload(payload, inputs, options, "")
+    }
+
+    fn submit_payload(
+        &self,
+        payload: Vec<u8>,
+        inputs: &[&ObjectRef],
+        options: &TaskOptions,
+        actor: &str,
+    ) -> Result<ObjectRef> {
+        options.resources.validate()?;
+        let id = self.new_id("t");
+        let (group, index) = options.placement.clone().unwrap_or((String::new(), -1));
+        let mut head = self.inner.head.clone();
+        self.block_on(head.submit_task(proto::SubmitTaskRequest {
+            job_id: self.inner.job_id.clone(),
+            task_id: id.clone(),
+            payload,
+            args: inputs.iter().map(|r| r.id().to_string()).collect(),
+            resources: Some((&options.resources).into()),
+            max_retries: options.max_retries,
+            placement_group: group,
+            bundle_index: index,
+            actor_id: actor.to_string(),
+            name: options.name.clone(),
+        }))
+        .map_err(|e| status_error("submitting a task", e))?;
+        Ok(self.new_ref(id))
+    }
+
+    /// Stores `batches` in the cluster.
+    pub fn put(&self, batches: Vec<RecordBatch>) -> Result<ObjectRef> {
+        let id = self.new_id("put");
+        let mut head = self.inner.head.clone();
+        let channels = self.inner.channels.clone();
+        let job = self.inner.job_id.clone();
+        let oid = id.clone();
+        self.block_on(async move {
+            let loc = head
+                .pick_object_store(proto::JobId { job_id: job.clone() })
+                .await
+                .map_err(|e| status_error("put", e))?
+                .into_inner();
+            let address = loc
+                .addresses
+                .first()
+                .cloned()
+                .ok_or_else(|| VolleyError::execution("put: no object store"))?;
+            let bytes = store(&channels, &address, &oid, batches).await?;
+            head.put_object(proto::PutObjectRequest {
+                job_id: job,
+                object_id: oid,
+                address,
+                bytes,
+            })
+            .await
+            .map_err(|e| status_error("put", e))?;
+            Ok::<_, VolleyError>(())
+        })?;
+        Ok(self.new_ref(id))
+    }
+
+    /// The object's batches, waiting for its task. Fails if the task failed for good.
+    pub fn get(&self, object: &ObjectRef) -> Result<Vec<RecordBatch>> {
+        let mut all = self.get_all(&[object])?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    /// The batches of several objects, in order.
+    pub fn get_all(&self, objects: &[&ObjectRef]) -> Result<Vec<Vec<RecordBatch>>> {
+        let inner = Arc::clone(&self.inner);
+        let ids: Vec<String> = objects.iter().map(|o| o.id().to_string()).collect();
+        self.block_on(async move {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.push(get_one(&inner, &id).await?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Waits until `num_ready` of `objects` are ready (or failed) or `timeout` passes;
+    /// returns `(ready, not ready)`, each in the given order.
+    pub fn wait(
+        &self,
+        objects: &[ObjectRef],
+        num_ready: usize,
+        timeout: Duration,
+    ) -> Result<(Vec<ObjectRef>, Vec<ObjectRef>)> {
+        let mut head = self.inner.head.clone();
+        let r = self
+            .block_on(head.wait(proto::WaitRequest {
+                object_ids: objects.iter().map(|o| o.id().to_string()).collect(),
+                num_ready: num_ready as u32,
+                timeout_ms: timeout.as_millis() as u64,
+            }))
+            .map_err(|e| status_error("wait", e))?
+            .into_inner();
+        let mut ready = Vec::new();
+        let mut rest = Vec::new();
+        for (o, s) in objects.iter().zip(r.objects) {
+            if s.ready || !s.error.is_empty() {
+                ready.push(o.clone());
+            } else {
+                rest.push(o.clone());
+            }
+        }
+        Ok((ready, rest))
+    }
+
+    /// Reserves `bundles` together; see [`PlacementGroup::wait`].
+    pub fn placement_group(
+        &self,
+        bundles: Vec<Resources>,
+        strategy: PlacementStrategy,
+    ) -> Result<PlacementGroup> {
+        use proto::create_placement_group_request::Strategy;
+        for b in &bundles {
+            b.validate()?;
+        }
+        let id = self.new_id("pg");
+        let mut head = self.inner.head.clone();
+        self.block_on(head.create_placement_group(proto::CreatePlacementGroupRequest {
+            job_id: self.inner.job_id.clone(),
+            group_id: id.clone(),
+            bundles: bundles
+                .iter()
+                .map(|b| proto::Bundle {
+                    resources: Some(b.into()),
+                })
+                .collect(),
+            strategy: match strategy {
+                PlacementStrategy::Pack => Strategy::Pack,
+                PlacementStrategy::Spread => Strategy::Spread,
+                PlacementStrategy::StrictPack => Strategy::StrictPack,
+                PlacementStrategy::StrictSpread => Strategy::StrictSpread,
+            } as i32,
+        }))
+        .map_err(|e| status_error("creating a placement group", e))?;
+        Ok(PlacementGroup {
+            id,
+            cluster: self.clone(),
+        })
+    }
+
+    /// Starts an actor.
+    pub fn create_actor(
+        &self,
+        actor: impl RemoteActor + 'static,
+        options: &ActorOptions,
+    ) -> Result<ActorHandle> {
+        options.resources.validate()?;
+        let boxed: Box<dyn RemoteActor> = Box::new(actor);
+        let payload = encode("the actor", &boxed)?;
+        let id = self.new_id("actor");
+        let (group, index) = options.placement.clone().unwrap_or((String::new(), -1));
+        let mut head = self.inner.head.clone();
+        self.block_on(head.create_actor(proto::CreateActorRequest {
+            job_id: self.inner.job_id.clone(),
+            actor_id: id.clone(),
+            payload,
+            resources: Some((&options.resources).into()),
+            max_restarts: options.max_restarts,
+            placement_group: group,
+            bundle_index: index,
+            name: options.name.clone(),
+        }))
+        .map_err(|e| status_error("creating an actor", e))?;
+        Ok(ActorHandle {
+            id,
+            cluster: self.clone(),
+        })
+    }
+
+    /// Nodes, resources and load.
+    pub fn status(&self) -> Result<proto::ClusterStatus> {
+        let mut head = self.inner.head.clone();
+        Ok(self
+            .block_on(head.status(proto::Empty {}))
+            .map_err(|e| status_error("status", e))?
+            .into_inner())
+    }
+}
+
+async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
+    let mut head = inner.head.clone();
+    let start = Instant::now();
+    loop {
+        let r = head
+            .wait(proto::WaitRequest {
+                object_ids: vec![id.to_string()],
+                num_ready: 1,
+                timeout_ms: 10_000,
+            })
+            .await
+            .map_err(|e| status_error(format!("waiting for {id}"), e))?
+            .into_inner();
+        let s = r.objects.into_iter().next().unwrap_or_default();
+        if !s.error.is_empty() {
+            return Err(VolleyError::execution(s.error));
+        }
+        if s.ready {
+            let addresses = s.location.map(|l| l.addresses).unwrap_or_default();
+            for a in &addresses {
+                if let Ok(b) = fetch(&inner.channels, a, id).await {
+                    return Ok(b);
+                }
+            }
+            // Every copy failed to read: its node is probably dying. The head will
+            // declare it dead and rebuild the object; ask again.
+            if start.elapsed() > inner.fetch_patience {
+                return Err(VolleyError::execution(format!(
+                    "object {id}: no copy could be read at {addresses:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Uploads this program as the package of a new attached job.
+async fn attach(mut head: Head, address: &str) -> Result<String> {
+    let exe = std::env::current_exe()?;
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "driver".into());
+    let rel = format!("bin/{name}");
+    let mut entrypoint = vec![rel.clone()];
+    entrypoint.extend(std::env::args().skip(1));
+    let spec = proto::JobSpec {
+        entrypoint,
+        env: Default::default(),
+        resources: Some((&Resources::default()).into()),
+        name,
+        attached: true,
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&exe)?.permissions().mode();
+    let chunks = file_chunks(&rel, &exe, mode)?;
+    let upload = futures::stream::iter(
+        std::iter::once(proto::JobUpload {
+            part: Some(proto::job_upload::Part::Spec(spec)),
+        })
+        .chain(chunks.into_iter().map(|c| proto::JobUpload {
+            part: Some(proto::job_upload::Part::Chunk(c)),
+        })),
+    );
+    let r = head
+        .submit_job(upload)
+        .await
+        .map_err(|e| status_error(format!("joining the cluster at {address}"), e))?;
+    Ok(r.into_inner().job_id)
+}
+
+async fn free_loop(mut head: Head, job: String, mut rx: mpsc::UnboundedReceiver<String>) {
+    while let Some(first) = rx.recv().await {
+        let mut ids = vec![first];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Ok(more) = rx.try_recv() {
+            ids.push(more);
+        }
+        let _ = head
+            .free(proto::FreeRequest {
+                job_id: job.clone(),
+                object_ids: ids,
+            })
+            .await;
+    }
+}
+
+async fn alive_loop(mut head: Head, job: String) {
+    loop {
+        let _ = head
+            .driver_alive(proto::DriverHeartbeat {
+                job_id: job.clone(),
+            })
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

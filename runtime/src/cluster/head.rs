@@ -1,0 +1,1781 @@
+//! The head: node registry, scheduler, object directory and job manager.
+//!
+//! All cluster state lives in one [`State`] behind a lock; every event (a node joins, a
+//! task is submitted or finishes, a node stops answering) changes it and then runs
+//! [`State::schedule`], which places what can run now and pushes the commands to the
+//! nodes' attached streams. Waiters (`Wait`, `WaitPlacementGroup`, log followers) sleep on
+//! one `Notify` that every change wakes.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, Notify};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+use volley_common::{Result, VolleyError};
+
+use super::package::{read_package, PackageWriter};
+use super::proto::{self, node_command::Command, task_report::Outcome};
+use super::resources::{GpuSlots, Resources};
+
+/// How the head is run.
+#[derive(Debug, Clone)]
+pub struct HeadOptions {
+    /// The folder for job packages and logs.
+    pub state_dir: PathBuf,
+    /// The cluster token.
+    pub token: String,
+    /// How often nodes heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A node silent for this long is dead.
+    pub node_timeout: Duration,
+    /// Largest job package accepted.
+    pub max_package_bytes: u64,
+}
+
+impl HeadOptions {
+    /// Defaults: heartbeat every 500 ms, dead after 5 s of silence, packages up to 8 GiB.
+    pub fn new(state_dir: PathBuf, token: String) -> Self {
+        Self {
+            state_dir,
+            token,
+            heartbeat_interval: Duration::from_millis(500),
+            node_timeout: Duration::from_secs(5),
+            max_package_bytes: 8 << 30,
+        }
+    }
+}
+
+type CommandTx = mpsc::UnboundedSender<std::result::Result<proto::NodeCommand, Status>>;
+
+struct Node {
+    hostname: String,
+    object_address: String,
+    total: Resources,
+    available: Resources,
+    gpus: GpuSlots,
+    last_seen: Instant,
+    alive: bool,
+    tx: Option<CommandTx>,
+    running: HashSet<String>,
+    object_bytes: u64,
+    spilled_bytes: u64,
+    workers: u32,
+}
+
+impl Node {
+    fn send(&self, command: Command) -> bool {
+        match &self.tx {
+            Some(tx) if self.alive => tx
+                .send(Ok(proto::NodeCommand {
+                    command: Some(command),
+                }))
+                .is_ok(),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum TaskState {
+    Pending,
+    Running { node: String, gpus: Vec<u32> },
+    Done,
+    Failed,
+}
+
+struct TaskEntry {
+    spec: proto::SubmitTaskRequest,
+    resources: Resources,
+    state: TaskState,
+    attempt: u32,
+    retries_left: u32,
+    reconstructions: u32,
+    /// `(group, bundle, generation)` whose reservation the running task uses.
+    bundle: Option<(String, usize, u64)>,
+}
+
+struct ObjectEntry {
+    job: String,
+    producer: Option<String>,
+    locations: Vec<String>,
+    bytes: u64,
+    error: Option<String>,
+    freed: bool,
+    /// Tasks not yet finished that take this object as input.
+    users: u32,
+}
+
+struct BundleState {
+    total: Resources,
+    node: Option<String>,
+    available: Resources,
+    gpus: GpuSlots,
+    gpu_ids: Vec<u32>,
+}
+
+struct Group {
+    job: String,
+    strategy: i32,
+    bundles: Vec<BundleState>,
+    ready: bool,
+    generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum ActorState {
+    Pending,
+    Starting { node: String },
+    Alive { node: String },
+    Dead(String),
+}
+
+struct ActorEntry {
+    spec: proto::CreateActorRequest,
+    resources: Resources,
+    state: ActorState,
+    incarnation: u32,
+    restarts: u32,
+    gpus: Vec<u32>,
+    bundle: Option<(String, usize, u64)>,
+}
+
+struct JobEntry {
+    info: proto::JobInfo,
+    dir: PathBuf,
+    last_alive: Instant,
+    gpus: Vec<u32>,
+    resources: Resources,
+}
+
+const TERMINAL: [&str; 3] = ["SUCCEEDED", "FAILED", "STOPPED"];
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything the head knows.
+#[derive(Default)]
+struct State {
+    next_node: u64,
+    next_job: u64,
+    nodes: BTreeMap<String, Node>,
+    tasks: HashMap<String, TaskEntry>,
+    queue: VecDeque<String>,
+    objects: HashMap<String, ObjectEntry>,
+    groups: HashMap<String, Group>,
+    actors: HashMap<String, ActorEntry>,
+    jobs: BTreeMap<String, JobEntry>,
+}
+
+/// The head's state and the signal its waiters sleep on.
+pub struct HeadCore {
+    state: Mutex<State>,
+    changed: Notify,
+    options: HeadOptions,
+}
+
+impl std::fmt::Debug for HeadCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadCore").finish_non_exhaustive()
+    }
+}
+
+impl HeadCore {
+    /// A head with no nodes.
+    pub fn new(options: HeadOptions) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            options,
+        })
+    }
+
+    /// The options it runs with.
+    pub fn options(&self) -> &HeadOptions {
+        &self.options
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let out = {
+            let mut s = self.state.lock().expect("head lock");
+            let out = f(&mut s);
+            s.schedule();
+            out
+        };
+        self.changed.notify_waiters();
+        out
+    }
+
+    /// Checks heartbeats and attached drivers; runs until the process ends.
+    pub async fn monitor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let timeout = self.options.node_timeout;
+            self.with(|s| {
+                let dead: Vec<String> = s
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| n.alive && n.last_seen.elapsed() > timeout)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in dead {
+                    warn!("node {id} missed its heartbeats for {timeout:?}: declared dead");
+                    s.node_died(&id);
+                }
+                let gone: Vec<String> = s
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| {
+                        j.info.attached
+                            && j.info.state == "RUNNING"
+                            && j.last_alive.elapsed() > timeout
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in gone {
+                    s.finish_job(&id, "FAILED", -1, "the driver stopped answering");
+                }
+            });
+        }
+    }
+
+    // ------------------------------------------------------------------ jobs
+
+    fn new_job_id(&self) -> String {
+        let mut s = self.state.lock().expect("head lock");
+        s.next_job += 1;
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+        format!("job-{:04}-{suffix}", s.next_job)
+    }
+
+    /// Registers an uploaded job; its package is already in `dir`.
+    fn add_job(&self, id: &str, spec: proto::JobSpec, dir: PathBuf) -> Result<()> {
+        let resources: Resources = spec.resources.clone().into();
+        resources.validate()?;
+        self.with(|s| {
+            let state = if spec.attached { "RUNNING" } else { "PENDING" };
+            info!("job {id}: {:?} ({state})", spec.entrypoint);
+            s.jobs.insert(
+                id.to_string(),
+                JobEntry {
+                    info: proto::JobInfo {
+                        job_id: id.to_string(),
+                        name: spec.name.clone(),
+                        state: state.into(),
+                        entrypoint: spec.entrypoint.clone(),
+                        submitted_ms: now_ms(),
+                        env: spec.env.clone(),
+                        attached: spec.attached,
+                        resources: spec.resources.clone(),
+                        ..Default::default()
+                    },
+                    dir,
+                    last_alive: Instant::now(),
+                    gpus: vec![],
+                    resources,
+                },
+            );
+        });
+        Ok(())
+    }
+
+    /// Creates a job from files already in memory (the HTTP API).
+    pub fn submit_job_files(
+        &self,
+        spec: proto::JobSpec,
+        files: Vec<proto::FileChunk>,
+    ) -> Result<String> {
+        if spec.entrypoint.is_empty() {
+            return Err(VolleyError::plan("the job has no entrypoint"));
+        }
+        let id = self.new_job_id();
+        let dir = self.options.state_dir.join("jobs").join(&id);
+        let mut writer = PackageWriter::new(dir.join("package"), self.options.max_package_bytes)?;
+        for f in &files {
+            if let Err(e) = writer.write(f) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
+        self.add_job(&id, spec, dir)?;
+        Ok(id)
+    }
+
+    /// A job's record.
+    pub fn job(&self, id: &str) -> Result<proto::JobInfo> {
+        let s = self.state.lock().expect("head lock");
+        s.jobs
+            .get(id)
+            .map(|j| j.info.clone())
+            .ok_or_else(|| VolleyError::plan(format!("no job {id}")))
+    }
+
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> Vec<proto::JobInfo> {
+        let s = self.state.lock().expect("head lock");
+        s.jobs.values().map(|j| j.info.clone()).collect()
+    }
+
+    /// Stops a job: its driver and tasks are killed and its objects freed.
+    pub fn stop_job(&self, id: &str) -> Result<proto::JobInfo> {
+        self.with(|s| {
+            if !s.jobs.contains_key(id) {
+                return Err(VolleyError::plan(format!("no job {id}")));
+            }
+            s.finish_job(id, "STOPPED", -1, "stopped by request");
+            Ok(s.jobs[id].info.clone())
+        })
+    }
+
+    /// The job's log from `offset`: `(bytes, job finished)`.
+    pub fn job_log(&self, id: &str, offset: u64) -> Result<(Vec<u8>, bool)> {
+        let (path, done) = {
+            let s = self.state.lock().expect("head lock");
+            let j = s
+                .jobs
+                .get(id)
+                .ok_or_else(|| VolleyError::plan(format!("no job {id}")))?;
+            (
+                j.dir.join("driver.log"),
+                TERMINAL.contains(&j.info.state.as_str()),
+            )
+        };
+        let data = match std::fs::read(&path) {
+            Ok(d) => d.get(offset as usize..).map(|s| s.to_vec()).unwrap_or_default(),
+            Err(_) => vec![],
+        };
+        Ok((data, done))
+    }
+
+    /// The cluster's nodes and load.
+    pub fn status(&self) -> proto::ClusterStatus {
+        let s = self.state.lock().expect("head lock");
+        proto::ClusterStatus {
+            nodes: s
+                .nodes
+                .iter()
+                .map(|(id, n)| proto::NodeInfo {
+                    node_id: id.clone(),
+                    hostname: n.hostname.clone(),
+                    object_address: n.object_address.clone(),
+                    alive: n.alive,
+                    total: Some((&n.total).into()),
+                    available: Some((&n.available).into()),
+                    object_store_bytes: n.object_bytes,
+                    spilled_bytes: n.spilled_bytes,
+                    workers: n.workers,
+                    running_tasks: n.running.len() as u32,
+                })
+                .collect(),
+            pending_tasks: s
+                .tasks
+                .values()
+                .filter(|t| t.state == TaskState::Pending)
+                .count() as u32,
+            running_tasks: s
+                .tasks
+                .values()
+                .filter(|t| matches!(t.state, TaskState::Running { .. }))
+                .count() as u32,
+            running_jobs: s
+                .jobs
+                .values()
+                .filter(|j| j.info.state == "RUNNING")
+                .count() as u32,
+            objects: s.objects.len() as u32,
+        }
+    }
+
+    /// Waits until the state changes or `timeout` passes.
+    async fn changed_within(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
+    }
+}
+
+impl State {
+    fn object_addresses(&self, id: &str) -> Vec<String> {
+        self.objects
+            .get(id)
+            .map(|o| {
+                o.locations
+                    .iter()
+                    .filter_map(|n| self.nodes.get(n).filter(|n| n.alive))
+                    .map(|n| n.object_address.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn job_active(&self, job: &str) -> bool {
+        self.jobs
+            .get(job)
+            .is_some_and(|j| j.info.state == "RUNNING")
+    }
+
+    /// Places whatever can run now.
+    fn schedule(&mut self) {
+        self.place_groups();
+        self.place_drivers();
+        self.place_actors();
+        let mut still = VecDeque::new();
+        let queue = std::mem::take(&mut self.queue);
+        for id in queue {
+            if !self.try_start(&id) {
+                still.push_back(id);
+            }
+        }
+        self.queue = still;
+    }
+
+    /// Starts task `id` if it can run; returns true when it left the queue.
+    fn try_start(&mut self, id: &str) -> bool {
+        let Some(task) = self.tasks.get(id) else {
+            return true;
+        };
+        if task.state != TaskState::Pending {
+            return true;
+        }
+        if !self.job_active(&task.spec.job_id) {
+            self.fail_task(id, "its job is not running");
+            return true;
+        }
+        // Inputs: all present, or one failed for good.
+        let mut args = Vec::new();
+        for a in &task.spec.args {
+            match self.objects.get(a) {
+                None => {
+                    self.fail_task(id, &format!("input object {a} was freed or never existed"));
+                    return true;
+                }
+                Some(o) if o.error.is_some() => {
+                    let e = format!("input object {a} failed: {}", o.error.clone().unwrap_or_default());
+                    self.fail_task(id, &e);
+                    return true;
+                }
+                Some(o) => {
+                    let addresses = self.object_addresses(a);
+                    if addresses.is_empty() {
+                        return false;
+                    }
+                    args.push(proto::ObjectLocation {
+                        object_id: a.clone(),
+                        addresses,
+                        bytes: o.bytes,
+                    });
+                }
+            }
+        }
+        let task = &self.tasks[id];
+        // Actor calls go where the actor lives; it holds the resources.
+        if !task.spec.actor_id.is_empty() {
+            let node = match self.actors.get(&task.spec.actor_id).map(|a| &a.state) {
+                Some(ActorState::Alive { node }) => node.clone(),
+                Some(ActorState::Dead(e)) => {
+                    let e = format!("actor {} is dead: {e}", task.spec.actor_id);
+                    self.fail_task(id, &e);
+                    return true;
+                }
+                None => {
+                    self.fail_task(id, &format!("no actor {}", task.spec.actor_id));
+                    return true;
+                }
+                _ => return false,
+            };
+            let gpus = self.actors[&task.spec.actor_id].gpus.clone();
+            return self.dispatch(id, node, gpus, None, args);
+        }
+        let resources = task.resources.clone();
+        let arg_ids: Vec<String> = task.spec.args.clone();
+        let placement = if task.spec.placement_group.is_empty() {
+            self.pick_node(&resources, &arg_ids)
+                .map(|(node, gpus)| (node, gpus, None))
+        } else {
+            let group = task.spec.placement_group.clone();
+            let index = task.spec.bundle_index;
+            self.take_from_bundle(&group, index, &resources)
+        };
+        match placement {
+            Some((node, gpus, bundle)) => self.dispatch(id, node, gpus, bundle, args),
+            None => false,
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        id: &str,
+        node: String,
+        gpus: Vec<u32>,
+        bundle: Option<(String, usize, u64)>,
+        args: Vec<proto::ObjectLocation>,
+    ) -> bool {
+        let task = self.tasks.get_mut(id).expect("task exists");
+        task.state = TaskState::Running {
+            node: node.clone(),
+            gpus: gpus.clone(),
+        };
+        task.bundle = bundle;
+        let assignment = proto::TaskAssignment {
+            task_id: id.to_string(),
+            attempt: task.attempt,
+            job_id: task.spec.job_id.clone(),
+            payload: task.spec.payload.clone(),
+            args,
+            gpu_ids: gpus,
+            actor_id: task.spec.actor_id.clone(),
+            name: task.spec.name.clone(),
+        };
+        let n = self.nodes.get_mut(&node).expect("placed on a known node");
+        n.running.insert(id.to_string());
+        if !n.send(Command::RunTask(assignment)) {
+            // The node went away between placement and now; the death handling will
+            // requeue it.
+            warn!("node {node} did not take task {id}");
+        }
+        true
+    }
+
+    /// The best node for a task: one where it fits, holding most of its input bytes,
+    /// then the one with the most CPUs free (spreading load).
+    fn pick_node(&mut self, req: &Resources, args: &[String]) -> Option<(String, Vec<u32>)> {
+        let mut best: Option<(u64, f64, String)> = None;
+        for (id, n) in &self.nodes {
+            if !n.alive || n.tx.is_none() || !req.fits_in(&n.available) {
+                continue;
+            }
+            if req.num_gpus > 0.0 && n.gpus.clone().take(req.num_gpus).is_none() {
+                continue;
+            }
+            let local: u64 = args
+                .iter()
+                .filter_map(|a| self.objects.get(a))
+                .filter(|o| o.locations.contains(id))
+                .map(|o| o.bytes)
+                .sum();
+            let free = n.available.num_cpus / n.total.num_cpus.max(1e-9);
+            let better = match &best {
+                None => true,
+                Some((l, f, _)) => local > *l || (local == *l && free > *f + 1e-9),
+            };
+            if better {
+                best = Some((local, free, id.clone()));
+            }
+        }
+        let (_, _, id) = best?;
+        let n = self.nodes.get_mut(&id)?;
+        let gpus = n.gpus.take(req.num_gpus)?;
+        n.available.subtract(req);
+        Some((id, gpus))
+    }
+
+    fn take_from_bundle(
+        &mut self,
+        group: &str,
+        index: i32,
+        req: &Resources,
+    ) -> Option<(String, Vec<u32>, Option<(String, usize, u64)>)> {
+        let g = self.groups.get_mut(group)?;
+        if !g.ready {
+            return None;
+        }
+        let candidates: Vec<usize> = if index >= 0 {
+            vec![index as usize]
+        } else {
+            (0..g.bundles.len()).collect()
+        };
+        for i in candidates {
+            let Some(b) = g.bundles.get_mut(i) else { continue };
+            if !req.fits_in(&b.available) {
+                continue;
+            }
+            let Some(gpus) = b.gpus.take(req.num_gpus) else { continue };
+            b.available.subtract(req);
+            let node = b.node.clone()?;
+            if !self.nodes.get(&node).is_some_and(|n| n.alive && n.tx.is_some()) {
+                let b = &mut g.bundles[i];
+                b.available.add(req);
+                b.gpus.give(&gpus, req.num_gpus);
+                return None;
+            }
+            return Some((node, gpus, Some((group.to_string(), i, g.generation))));
+        }
+        None
+    }
+
+    /// Gives a running task's (or actor's) resources back to its node or bundle.
+    fn release(
+        &mut self,
+        node: &str,
+        req: &Resources,
+        gpus: &[u32],
+        bundle: &Option<(String, usize, u64)>,
+    ) {
+        match bundle {
+            Some((g, i, generation)) => {
+                if let Some(b) = self
+                    .groups
+                    .get_mut(g)
+                    .filter(|g| g.generation == *generation)
+                    .and_then(|g| g.bundles.get_mut(*i))
+                {
+                    b.available.add(req);
+                    b.gpus.give(gpus, req.num_gpus);
+                }
+            }
+            None => {
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.available.add(req);
+                    n.gpus.give(gpus, req.num_gpus);
+                }
+            }
+        }
+    }
+
+    fn finish_running(&mut self, id: &str) -> Option<String> {
+        let task = self.tasks.get_mut(id)?;
+        let TaskState::Running { node, gpus } = task.state.clone() else {
+            return None;
+        };
+        task.state = TaskState::Pending;
+        let req = task.resources.clone();
+        let bundle = task.bundle.take();
+        let is_call = !task.spec.actor_id.is_empty();
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.running.remove(id);
+        }
+        if !is_call {
+            self.release(&node, &req, &gpus, &bundle);
+        }
+        Some(node)
+    }
+
+    fn task_done(&mut self, id: &str, node: &str, bytes: u64) {
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else { return };
+        task.state = TaskState::Done;
+        let args = task.spec.args.clone();
+        if let Some(o) = self.objects.get_mut(id) {
+            o.locations = vec![node.to_string()];
+            o.bytes = bytes;
+            o.error = None;
+        }
+        self.release_args(&args);
+        if self.objects.get(id).is_some_and(|o| o.freed) {
+            self.try_delete(id);
+        }
+    }
+
+    fn fail_task(&mut self, id: &str, error: &str) {
+        if matches!(
+            self.tasks.get(id).map(|t| &t.state),
+            None | Some(TaskState::Done | TaskState::Failed)
+        ) {
+            return;
+        }
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else { return };
+        task.state = TaskState::Failed;
+        let args = task.spec.args.clone();
+        if let Some(o) = self.objects.get_mut(id) {
+            o.error = Some(error.to_string());
+        }
+        self.release_args(&args);
+        if self.objects.get(id).is_some_and(|o| o.freed) {
+            self.try_delete(id);
+        }
+    }
+
+    /// A task's worker or node died, or its input vanished: run it again if it may.
+    fn system_failure(&mut self, id: &str, error: &str) {
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else { return };
+        if task.retries_left == 0 {
+            let e = format!("{error} (no retries left)");
+            self.fail_task(id, &e);
+            return;
+        }
+        task.retries_left -= 1;
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        info!("task {id}: {error}; retrying (attempt {})", task.attempt);
+        self.queue.push_front(id.to_string());
+    }
+
+    fn release_args(&mut self, args: &[String]) {
+        for a in args {
+            if let Some(o) = self.objects.get_mut(a) {
+                o.users = o.users.saturating_sub(1);
+                if o.freed {
+                    self.try_delete(a);
+                }
+            }
+        }
+    }
+
+    /// Deletes a freed object once no unfinished task needs it.
+    fn try_delete(&mut self, id: &str) {
+        let Some(o) = self.objects.get(id) else { return };
+        if o.users > 0 {
+            return;
+        }
+        if let Some(p) = &o.producer {
+            if matches!(
+                self.tasks.get(p).map(|t| &t.state),
+                Some(TaskState::Pending | TaskState::Running { .. })
+            ) {
+                return;
+            }
+        }
+        let o = self.objects.remove(id).expect("checked above");
+        for n in &o.locations {
+            if let Some(node) = self.nodes.get(n) {
+                node.send(Command::FreeObjects(proto::ObjectIds {
+                    ids: vec![id.to_string()],
+                }));
+            }
+        }
+        if let Some(p) = o.producer {
+            self.tasks.remove(&p);
+        }
+    }
+
+    fn node_died(&mut self, node: &str) {
+        let Some(n) = self.nodes.get_mut(node) else { return };
+        n.alive = false;
+        n.tx = None;
+        let running: Vec<String> = n.running.drain().collect();
+        for t in running {
+            self.system_failure(&t, &format!("node {node} died"));
+        }
+        // Objects whose last copy was there are rebuilt by re-running their task.
+        let lost: Vec<String> = self
+            .objects
+            .iter_mut()
+            .filter_map(|(id, o)| {
+                let had = o.locations.len();
+                o.locations.retain(|l| l != node);
+                (had > 0 && o.locations.is_empty() && o.error.is_none() && !o.freed)
+                    .then(|| id.clone())
+            })
+            .collect();
+        for id in lost {
+            self.reconstruct(&id, node);
+        }
+        let actors: Vec<String> = self
+            .actors
+            .iter()
+            .filter(|(_, a)| {
+                matches!(&a.state, ActorState::Alive { node: n } | ActorState::Starting { node: n } if n == node)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for a in actors {
+            self.actor_failed(&a, &format!("node {node} died"));
+        }
+        let groups: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.bundles.iter().any(|b| b.node.as_deref() == Some(node)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for g in groups {
+            self.unplace_group(&g);
+        }
+        let drivers: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.info.node_id == node && j.info.state == "RUNNING" && !j.info.attached)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for j in drivers {
+            self.finish_job(&j, "FAILED", -1, &format!("the driver's node {node} died"));
+        }
+    }
+
+    fn reconstruct(&mut self, object: &str, node: &str) {
+        let producer = self.objects.get(object).and_then(|o| o.producer.clone());
+        let Some(p) = producer else {
+            if let Some(o) = self.objects.get_mut(object) {
+                o.error = Some(format!("object {object} was lost with node {node} and has no task to rebuild it"));
+            }
+            return;
+        };
+        let Some(task) = self.tasks.get_mut(&p) else { return };
+        if task.state != TaskState::Done {
+            return;
+        }
+        if task.reconstructions >= 10 {
+            if let Some(o) = self.objects.get_mut(object) {
+                o.error = Some(format!("object {object} was lost too many times"));
+            }
+            return;
+        }
+        task.reconstructions += 1;
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        let args = task.spec.args.clone();
+        for a in &args {
+            if let Some(o) = self.objects.get_mut(a) {
+                o.users += 1;
+            }
+        }
+        info!("object {object} was lost with node {node}: re-running task {p}");
+        self.queue.push_front(p);
+    }
+
+    // ------------------------------------------------------------------ groups
+
+    fn place_groups(&mut self) {
+        let pending: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| !g.ready && self.job_active(&g.job))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in pending {
+            self.try_place_group(&id);
+        }
+    }
+
+    /// All bundles at once or none: simulates on a copy of what nodes have free.
+    fn try_place_group(&mut self, id: &str) {
+        use proto::create_placement_group_request::Strategy;
+        let g = &self.groups[id];
+        let strategy = Strategy::try_from(g.strategy).unwrap_or(Strategy::Pack);
+        let mut free: BTreeMap<String, (Resources, GpuSlots)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.alive && n.tx.is_some())
+            .map(|(id, n)| (id.clone(), (n.available.clone(), n.gpus.clone())))
+            .collect();
+        let mut used: BTreeMap<String, usize> = BTreeMap::new();
+        let mut placed: Vec<(String, Vec<u32>)> = Vec::new();
+        let bundles: Vec<Resources> = g.bundles.iter().map(|b| b.total.clone()).collect();
+        let strict_pack_node = if strategy == Strategy::StrictPack {
+            let mut sum = Resources::default();
+            for b in &bundles {
+                sum.add(b);
+            }
+            match free
+                .iter()
+                .find(|(_, (r, gp))| sum.fits_in(r) && gpu_fit_all(gp, &bundles))
+            {
+                Some((n, _)) => Some(n.clone()),
+                None => return,
+            }
+        } else {
+            None
+        };
+        for b in &bundles {
+            let mut candidates: Vec<(&String, usize)> = free
+                .iter()
+                .filter(|(n, (r, gp))| {
+                    b.fits_in(r)
+                        && gp.clone().take(b.num_gpus).is_some()
+                        && strict_pack_node.as_ref().is_none_or(|s| s == *n)
+                        && (strategy != Strategy::StrictSpread || !used.contains_key(*n))
+                })
+                .map(|(n, _)| (n, used.get(n).copied().unwrap_or(0)))
+                .collect();
+            match strategy {
+                Strategy::Spread | Strategy::StrictSpread => {
+                    candidates.sort_by_key(|(_, c)| *c)
+                }
+                _ => candidates.sort_by_key(|(_, c)| std::cmp::Reverse(*c)),
+            }
+            let Some((node, _)) = candidates.first() else { return };
+            let node = (*node).clone();
+            let (r, gp) = free.get_mut(&node).expect("candidate exists");
+            r.subtract(b);
+            let gpus = gp.take(b.num_gpus).expect("checked");
+            *used.entry(node.clone()).or_insert(0) += 1;
+            placed.push((node, gpus));
+        }
+        // Commit.
+        let g = self.groups.get_mut(id).expect("group exists");
+        for (b, (node, gpus)) in g.bundles.iter_mut().zip(placed) {
+            let n = self.nodes.get_mut(&node).expect("placed on a known node");
+            n.available.subtract(&b.total);
+            let taken = n.gpus.take(b.total.num_gpus).unwrap_or_default();
+            debug_assert_eq!(taken, gpus);
+            b.node = Some(node);
+            b.available = b.total.clone();
+            b.gpus = GpuSlots::new(&taken);
+            b.gpu_ids = taken;
+        }
+        g.ready = true;
+        info!("placement group {id} placed");
+    }
+
+    /// Returns a group's reservations (a node of it died): it is placed again whole.
+    fn unplace_group(&mut self, id: &str) {
+        let Some(g) = self.groups.get_mut(id) else { return };
+        g.ready = false;
+        g.generation += 1;
+        let mut back = Vec::new();
+        for b in &mut g.bundles {
+            if let Some(node) = b.node.take() {
+                back.push((node, b.total.clone(), std::mem::take(&mut b.gpu_ids)));
+            }
+        }
+        for (node, r, gpus) in back {
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.available.add(&r);
+                n.gpus.give(&gpus, r.num_gpus);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ actors
+
+    fn place_actors(&mut self) {
+        let pending: Vec<String> = self
+            .actors
+            .iter()
+            .filter(|(_, a)| a.state == ActorState::Pending)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in pending {
+            let a = &self.actors[&id];
+            if !self.job_active(&a.spec.job_id) {
+                let a = self.actors.get_mut(&id).expect("exists");
+                a.state = ActorState::Dead("its job is not running".into());
+                continue;
+            }
+            let req = a.resources.clone();
+            let placement = if a.spec.placement_group.is_empty() {
+                self.pick_node(&req, &[]).map(|(n, g)| (n, g, None))
+            } else {
+                let (g, i) = (a.spec.placement_group.clone(), a.spec.bundle_index);
+                self.take_from_bundle(&g, i, &req)
+            };
+            let Some((node, gpus, bundle)) = placement else { continue };
+            let a = self.actors.get_mut(&id).expect("exists");
+            a.incarnation += 1;
+            a.state = ActorState::Starting { node: node.clone() };
+            a.gpus = gpus.clone();
+            a.bundle = bundle;
+            let cmd = proto::StartActor {
+                actor_id: id.clone(),
+                job_id: a.spec.job_id.clone(),
+                payload: a.spec.payload.clone(),
+                gpu_ids: gpus,
+                incarnation: a.incarnation,
+            };
+            self.nodes[&node].send(Command::StartActor(cmd));
+        }
+    }
+
+    fn actor_failed(&mut self, id: &str, error: &str) {
+        let Some(a) = self.actors.get_mut(id) else { return };
+        let node = match &a.state {
+            ActorState::Alive { node } | ActorState::Starting { node } => node.clone(),
+            _ => return,
+        };
+        let (req, gpus, bundle) = (a.resources.clone(), a.gpus.clone(), a.bundle.take());
+        let restart = a.restarts < a.spec.max_restarts;
+        if restart {
+            a.restarts += 1;
+            a.state = ActorState::Pending;
+            warn!("actor {id}: {error}; restarting ({} of {})", a.restarts, a.spec.max_restarts);
+        } else {
+            a.state = ActorState::Dead(error.to_string());
+            warn!("actor {id}: {error}; not restarted");
+        }
+        self.release(&node, &req, &gpus, &bundle);
+        // Calls in flight on the old incarnation run again on the new one (or fail).
+        let calls: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.spec.actor_id == id && matches!(t.state, TaskState::Running { .. }))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in calls {
+            self.system_failure(&t, &format!("actor {id} died: {error}"));
+        }
+    }
+
+    fn kill_actor(&mut self, id: &str, why: &str) {
+        let Some(a) = self.actors.get_mut(id) else { return };
+        let node = match &a.state {
+            ActorState::Alive { node } | ActorState::Starting { node } => Some(node.clone()),
+            _ => None,
+        };
+        a.state = ActorState::Dead(why.to_string());
+        let (req, gpus, bundle) = (a.resources.clone(), a.gpus.clone(), a.bundle.take());
+        if let Some(node) = node {
+            if let Some(n) = self.nodes.get(&node) {
+                n.send(Command::StopActor(id.to_string()));
+            }
+            self.release(&node, &req, &gpus, &bundle);
+        }
+    }
+
+    // ------------------------------------------------------------------ jobs
+
+    fn place_drivers(&mut self) {
+        let pending: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.info.state == "PENDING")
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in pending {
+            let req = self.jobs[&id].resources.clone();
+            let Some((node, gpus)) = self.pick_node(&req, &[]) else { continue };
+            let j = self.jobs.get_mut(&id).expect("exists");
+            j.info.state = "RUNNING".into();
+            j.info.node_id = node.clone();
+            j.gpus = gpus.clone();
+            let cmd = proto::StartDriver {
+                job_id: id.clone(),
+                entrypoint: j.info.entrypoint.clone(),
+                env: j.info.env.clone(),
+                gpu_ids: gpus,
+            };
+            info!("job {id}: driver starts on {node}");
+            self.nodes[&node].send(Command::StartDriver(cmd));
+        }
+    }
+
+    fn finish_job(&mut self, id: &str, state: &str, exit_code: i32, error: &str) {
+        let Some(j) = self.jobs.get_mut(id) else { return };
+        if TERMINAL.contains(&j.info.state.as_str()) {
+            return;
+        }
+        let had_driver = j.info.state == "RUNNING" && !j.info.attached;
+        j.info.state = state.into();
+        j.info.exit_code = exit_code;
+        j.info.error = error.into();
+        j.info.finished_ms = now_ms();
+        info!("job {id}: {state} {error}");
+        let (node, req, gpus) = (j.info.node_id.clone(), j.resources.clone(), j.gpus.clone());
+        if had_driver {
+            self.release(&node, &req, &gpus, &None);
+        }
+        // Everything of the job goes: tasks, actors, groups, objects.
+        let tasks: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.spec.job_id == id)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &tasks {
+            if matches!(
+                self.tasks[t].state,
+                TaskState::Pending | TaskState::Running { .. }
+            ) {
+                self.fail_task(t, &format!("job {id} ended"));
+            }
+        }
+        let actors: Vec<String> = self
+            .actors
+            .iter()
+            .filter(|(_, a)| a.spec.job_id == id)
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in actors {
+            self.kill_actor(&a, &format!("job {id} ended"));
+        }
+        let groups: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.job == id)
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in groups {
+            self.unplace_group(&g);
+            self.groups.remove(&g);
+        }
+        self.objects.retain(|_, o| o.job != id);
+        for t in tasks {
+            self.tasks.remove(&t);
+        }
+        self.queue.retain(|t| self.tasks.contains_key(t));
+        for n in self.nodes.values() {
+            n.send(Command::StopJob(id.to_string()));
+        }
+    }
+}
+
+fn gpu_fit_all(slots: &GpuSlots, bundles: &[Resources]) -> bool {
+    let mut s = slots.clone();
+    bundles.iter().all(|b| s.take(b.num_gpus).is_some())
+}
+
+fn invalid(e: VolleyError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// The head's gRPC face.
+#[derive(Debug, Clone)]
+pub struct HeadService {
+    core: Arc<HeadCore>,
+}
+
+impl HeadService {
+    /// Serves `core`.
+    pub fn new(core: Arc<HeadCore>) -> Self {
+        Self { core }
+    }
+}
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl proto::head_server::Head for HeadService {
+    async fn register_node(
+        &self,
+        request: Request<proto::RegisterNodeRequest>,
+    ) -> std::result::Result<Response<proto::RegisterNodeResponse>, Status> {
+        let r = request.into_inner();
+        let total: Resources = r.total.clone().into();
+        total.validate().map_err(invalid)?;
+        let id = self.core.with(|s| {
+            s.next_node += 1;
+            let id = format!("node-{}", s.next_node);
+            info!("{id} joined from {} with {total}", r.hostname);
+            s.nodes.insert(
+                id.clone(),
+                Node {
+                    hostname: r.hostname.clone(),
+                    object_address: r.object_address.clone(),
+                    available: total.clone(),
+                    total,
+                    gpus: GpuSlots::new(&r.gpu_ids),
+                    last_seen: Instant::now(),
+                    alive: true,
+                    tx: None,
+                    running: HashSet::new(),
+                    object_bytes: 0,
+                    spilled_bytes: 0,
+                    workers: 0,
+                },
+            );
+            id
+        });
+        Ok(Response::new(proto::RegisterNodeResponse {
+            node_id: id,
+            heartbeat_interval_ms: self.core.options.heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> std::result::Result<Response<proto::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let mut s = self.core.state.lock().expect("head lock");
+        let known = match s.nodes.get_mut(&r.node_id) {
+            Some(n) if n.alive => {
+                n.last_seen = Instant::now();
+                n.object_bytes = r.object_store_bytes;
+                n.spilled_bytes = r.spilled_bytes;
+                n.workers = r.workers;
+                true
+            }
+            _ => false,
+        };
+        Ok(Response::new(proto::HeartbeatResponse { known }))
+    }
+
+    type AttachStream = Boxed<proto::NodeCommand>;
+
+    async fn attach(
+        &self,
+        request: Request<proto::AttachRequest>,
+    ) -> std::result::Result<Response<Self::AttachStream>, Status> {
+        let id = request.into_inner().node_id;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.core.with(|s| match s.nodes.get_mut(&id) {
+            Some(n) if n.alive => {
+                n.tx = Some(tx);
+                Ok(())
+            }
+            _ => Err(Status::not_found(format!("unknown node {id}"))),
+        })?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
+    }
+
+    async fn report_task(
+        &self,
+        request: Request<proto::TaskReport>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        self.core.with(|s| {
+            // Only the attempt the head is waiting for counts: a late report from a node
+            // declared dead, or from an attempt already retried, is dropped.
+            let current = s.tasks.get(&r.task_id).is_some_and(|t| {
+                t.attempt == r.attempt
+                    && matches!(&t.state, TaskState::Running { node, .. } if *node == r.node_id)
+            });
+            if !current {
+                return;
+            }
+            match Outcome::try_from(r.outcome).unwrap_or(Outcome::SystemFailure) {
+                Outcome::Ok => s.task_done(&r.task_id, &r.node_id, r.output_bytes),
+                Outcome::Failed => s.fail_task(&r.task_id, &r.error),
+                Outcome::SystemFailure => s.system_failure(&r.task_id, &r.error),
+            }
+        });
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn report_actor(
+        &self,
+        request: Request<proto::ActorReport>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        self.core.with(|s| {
+            let Some(a) = s.actors.get_mut(&r.actor_id) else { return };
+            if a.incarnation != r.incarnation {
+                return;
+            }
+            match (&a.state, r.alive) {
+                (ActorState::Starting { node }, true) if *node == r.node_id => {
+                    a.state = ActorState::Alive { node: node.clone() };
+                }
+                (ActorState::Starting { .. } | ActorState::Alive { .. }, false) => {
+                    s.actor_failed(&r.actor_id, &r.error);
+                }
+                _ => {}
+            }
+        });
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn report_driver_exit(
+        &self,
+        request: Request<proto::DriverExit>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        self.core.with(|s| {
+            let (state, error) = if r.exit_code == 0 && r.error.is_empty() {
+                ("SUCCEEDED", String::new())
+            } else if r.error.is_empty() {
+                ("FAILED", format!("the driver exited with code {}", r.exit_code))
+            } else {
+                ("FAILED", r.error.clone())
+            };
+            s.finish_job(&r.job_id, state, r.exit_code, &error);
+        });
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn append_log(
+        &self,
+        request: Request<proto::LogAppend>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        use std::io::Write;
+        let r = request.into_inner();
+        let dir = {
+            let s = self.core.state.lock().expect("head lock");
+            s.jobs.get(&r.job_id).map(|j| j.dir.clone())
+        };
+        if let Some(dir) = dir {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("driver.log"))
+                .map_err(|e| Status::internal(e.to_string()))?;
+            f.write_all(&r.data)
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        self.core.changed.notify_waiters();
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    type FetchPackageStream = Boxed<proto::FileChunk>;
+
+    async fn fetch_package(
+        &self,
+        request: Request<proto::JobId>,
+    ) -> std::result::Result<Response<Self::FetchPackageStream>, Status> {
+        let id = request.into_inner().job_id;
+        let dir = {
+            let s = self.core.state.lock().expect("head lock");
+            s.jobs
+                .get(&id)
+                .map(|j| j.dir.join("package"))
+                .ok_or_else(|| Status::not_found(format!("no job {id}")))?
+        };
+        let chunks = tokio::task::spawn_blocking(move || read_package(&dir))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn driver_alive(
+        &self,
+        request: Request<proto::DriverHeartbeat>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let id = request.into_inner().job_id;
+        let mut s = self.core.state.lock().expect("head lock");
+        match s.jobs.get_mut(&id) {
+            Some(j) if j.info.state == "RUNNING" => {
+                j.last_alive = Instant::now();
+                Ok(Response::new(proto::Empty {}))
+            }
+            Some(j) => Err(Status::failed_precondition(format!(
+                "job {id} is {}",
+                j.info.state
+            ))),
+            None => Err(Status::not_found(format!("no job {id}"))),
+        }
+    }
+
+    async fn submit_task(
+        &self,
+        request: Request<proto::SubmitTaskRequest>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let spec = request.into_inner();
+        let resources: Resources = spec.resources.clone().into();
+        resources.validate().map_err(invalid)?;
+        self.core.with(|s| {
+            if !s.job_active(&spec.job_id) {
+                return Err(Status::failed_precondition(format!(
+                    "job {} is not running",
+                    spec.job_id
+                )));
+            }
+            if s.tasks.contains_key(&spec.task_id) {
+                return Err(Status::already_exists(format!("task {} exists", spec.task_id)));
+            }
+            if !spec.placement_group.is_empty() && !s.groups.contains_key(&spec.placement_group) {
+                return Err(Status::not_found(format!(
+                    "no placement group {}",
+                    spec.placement_group
+                )));
+            }
+            for a in &spec.args {
+                if let Some(o) = s.objects.get_mut(a) {
+                    o.users += 1;
+                }
+            }
+            s.objects.insert(
+                spec.task_id.clone(),
+                ObjectEntry {
+                    job: spec.job_id.clone(),
+                    producer: Some(spec.task_id.clone()),
+                    locations: vec![],
+                    bytes: 0,
+                    error: None,
+                    freed: false,
+                    users: 0,
+                },
+            );
+            let id = spec.task_id.clone();
+            s.tasks.insert(
+                id.clone(),
+                TaskEntry {
+                    retries_left: spec.max_retries,
+                    spec,
+                    resources,
+                    state: TaskState::Pending,
+                    attempt: 0,
+                    reconstructions: 0,
+                    bundle: None,
+                },
+            );
+            s.queue.push_back(id);
+            Ok(())
+        })?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn put_object(
+        &self,
+        request: Request<proto::PutObjectRequest>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        self.core.with(|s| {
+            let node = s
+                .nodes
+                .iter()
+                .find(|(_, n)| n.alive && n.object_address == r.address)
+                .map(|(id, _)| id.clone())
+                .ok_or_else(|| Status::not_found(format!("no live node at {}", r.address)))?;
+            s.objects.insert(
+                r.object_id.clone(),
+                ObjectEntry {
+                    job: r.job_id.clone(),
+                    producer: None,
+                    locations: vec![node],
+                    bytes: r.bytes,
+                    error: None,
+                    freed: false,
+                    users: 0,
+                },
+            );
+            Ok::<(), Status>(())
+        })?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn wait(
+        &self,
+        request: Request<proto::WaitRequest>,
+    ) -> std::result::Result<Response<proto::WaitResponse>, Status> {
+        let r = request.into_inner();
+        let deadline = Instant::now() + Duration::from_millis(r.timeout_ms);
+        let want = (r.num_ready as usize).min(r.object_ids.len());
+        loop {
+            let notified = self.core.changed.notified();
+            let objects: Vec<proto::ObjectStatus> = {
+                let s = self.core.state.lock().expect("head lock");
+                r.object_ids
+                    .iter()
+                    .map(|id| match s.objects.get(id) {
+                        None => proto::ObjectStatus {
+                            object_id: id.clone(),
+                            ready: false,
+                            error: format!("object {id} is unknown (freed, or its job ended)"),
+                            location: None,
+                        },
+                        Some(o) => {
+                            let addresses = s.object_addresses(id);
+                            proto::ObjectStatus {
+                                object_id: id.clone(),
+                                ready: !addresses.is_empty(),
+                                error: o.error.clone().unwrap_or_default(),
+                                location: Some(proto::ObjectLocation {
+                                    object_id: id.clone(),
+                                    addresses,
+                                    bytes: o.bytes,
+                                }),
+                            }
+                        }
+                    })
+                    .collect()
+            };
+            let done = objects
+                .iter()
+                .filter(|o| o.ready || !o.error.is_empty())
+                .count();
+            let now = Instant::now();
+            if done >= want || now >= deadline {
+                return Ok(Response::new(proto::WaitResponse { objects }));
+            }
+            let _ = tokio::time::timeout(deadline - now, notified).await;
+        }
+    }
+
+    async fn free(
+        &self,
+        request: Request<proto::FreeRequest>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        self.core.with(|s| {
+            for id in &r.object_ids {
+                if let Some(o) = s.objects.get_mut(id) {
+                    o.freed = true;
+                    s.try_delete(id);
+                }
+            }
+        });
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn create_placement_group(
+        &self,
+        request: Request<proto::CreatePlacementGroupRequest>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        if r.bundles.is_empty() {
+            return Err(Status::invalid_argument("a placement group needs bundles"));
+        }
+        let bundles: Vec<Resources> = r
+            .bundles
+            .iter()
+            .map(|b| Resources::from(b.resources.clone()))
+            .collect();
+        for b in &bundles {
+            b.validate().map_err(invalid)?;
+        }
+        self.core.with(|s| {
+            if !s.job_active(&r.job_id) {
+                return Err(Status::failed_precondition(format!("job {} is not running", r.job_id)));
+            }
+            s.groups.insert(
+                r.group_id.clone(),
+                Group {
+                    job: r.job_id.clone(),
+                    strategy: r.strategy,
+                    bundles: bundles
+                        .into_iter()
+                        .map(|total| BundleState {
+                            available: Resources::default(),
+                            total,
+                            node: None,
+                            gpus: GpuSlots::default(),
+                            gpu_ids: vec![],
+                        })
+                        .collect(),
+                    ready: false,
+                    generation: 0,
+                },
+            );
+            Ok(())
+        })?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn wait_placement_group(
+        &self,
+        request: Request<proto::PlacementGroupRequest>,
+    ) -> std::result::Result<Response<proto::PlacementGroupStatus>, Status> {
+        let r = request.into_inner();
+        let deadline = Instant::now() + Duration::from_millis(r.timeout_ms);
+        loop {
+            let notified = self.core.changed.notified();
+            let status = {
+                let s = self.core.state.lock().expect("head lock");
+                let g = s
+                    .groups
+                    .get(&r.group_id)
+                    .ok_or_else(|| Status::not_found(format!("no placement group {}", r.group_id)))?;
+                proto::PlacementGroupStatus {
+                    ready: g.ready,
+                    bundle_nodes: g
+                        .bundles
+                        .iter()
+                        .map(|b| b.node.clone().unwrap_or_default())
+                        .collect(),
+                }
+            };
+            let now = Instant::now();
+            if status.ready || now >= deadline {
+                return Ok(Response::new(status));
+            }
+            let _ = tokio::time::timeout(deadline - now, notified).await;
+        }
+    }
+
+    async fn remove_placement_group(
+        &self,
+        request: Request<proto::PlacementGroupRequest>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let id = request.into_inner().group_id;
+        self.core.with(|s| {
+            let actors: Vec<String> = s
+                .actors
+                .iter()
+                .filter(|(_, a)| a.spec.placement_group == id)
+                .map(|(a, _)| a.clone())
+                .collect();
+            for a in actors {
+                s.kill_actor(&a, &format!("placement group {id} was removed"));
+            }
+            s.unplace_group(&id);
+            s.groups.remove(&id);
+        });
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn create_actor(
+        &self,
+        request: Request<proto::CreateActorRequest>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let spec = request.into_inner();
+        let resources: Resources = spec.resources.clone().into();
+        resources.validate().map_err(invalid)?;
+        self.core.with(|s| {
+            if !s.job_active(&spec.job_id) {
+                return Err(Status::failed_precondition(format!("job {} is not running", spec.job_id)));
+            }
+            s.actors.insert(
+                spec.actor_id.clone(),
+                ActorEntry {
+                    spec,
+                    resources,
+                    state: ActorState::Pending,
+                    incarnation: 0,
+                    restarts: 0,
+                    gpus: vec![],
+                    bundle: None,
+                },
+            );
+            Ok(())
+        })?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_actor(
+        &self,
+        request: Request<proto::ActorId>,
+    ) -> std::result::Result<Response<proto::ActorStatus>, Status> {
+        let id = request.into_inner().actor_id;
+        let s = self.core.state.lock().expect("head lock");
+        let a = s
+            .actors
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("no actor {id}")))?;
+        let (state, node, error) = match &a.state {
+            ActorState::Pending => ("PENDING", String::new(), String::new()),
+            ActorState::Starting { node } => ("STARTING", node.clone(), String::new()),
+            ActorState::Alive { node } => ("ALIVE", node.clone(), String::new()),
+            ActorState::Dead(e) => ("DEAD", String::new(), e.clone()),
+        };
+        Ok(Response::new(proto::ActorStatus {
+            actor_id: id,
+            state: state.into(),
+            node_id: node,
+            restarts: a.restarts,
+            error,
+        }))
+    }
+
+    async fn kill_actor(
+        &self,
+        request: Request<proto::ActorId>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let id = request.into_inner().actor_id;
+        self.core.with(|s| s.kill_actor(&id, "killed by request"));
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn pick_object_store(
+        &self,
+        _request: Request<proto::JobId>,
+    ) -> std::result::Result<Response<proto::ObjectLocation>, Status> {
+        let s = self.core.state.lock().expect("head lock");
+        let node = s
+            .nodes
+            .values()
+            .filter(|n| n.alive)
+            .min_by_key(|n| n.object_bytes)
+            .ok_or_else(|| Status::unavailable("the cluster has no live node"))?;
+        Ok(Response::new(proto::ObjectLocation {
+            object_id: String::new(),
+            addresses: vec![node.object_address.clone()],
+            bytes: 0,
+        }))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<Streaming<proto::JobUpload>>,
+    ) -> std::result::Result<Response<proto::JobId>, Status> {
+        use proto::job_upload::Part;
+        let mut stream = request.into_inner();
+        let spec = match stream.next().await {
+            Some(Ok(proto::JobUpload {
+                part: Some(Part::Spec(spec)),
+            })) => spec,
+            Some(Err(e)) => return Err(e),
+            _ => return Err(Status::invalid_argument("a job upload starts with its spec")),
+        };
+        if spec.entrypoint.is_empty() {
+            return Err(Status::invalid_argument("the job has no entrypoint"));
+        }
+        let id = self.core.new_job_id();
+        let dir = self.core.options.state_dir.join("jobs").join(&id);
+        let result: Result<()> = async {
+            let mut writer =
+                PackageWriter::new(dir.join("package"), self.core.options.max_package_bytes)?;
+            while let Some(part) = stream.next().await {
+                match part.map_err(|e| VolleyError::execution(format!("upload: {e}")))?.part {
+                    Some(Part::Chunk(c)) => writer.write(&c)?,
+                    _ => return Err(VolleyError::plan("a job upload has one spec, first")),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(invalid(e));
+        }
+        self.core.add_job(&id, spec, dir).map_err(invalid)?;
+        Ok(Response::new(proto::JobId { job_id: id }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<proto::JobId>,
+    ) -> std::result::Result<Response<proto::JobInfo>, Status> {
+        self.core
+            .job(&request.into_inner().job_id)
+            .map(Response::new)
+            .map_err(|e| Status::not_found(e.to_string()))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<proto::Empty>,
+    ) -> std::result::Result<Response<proto::JobList>, Status> {
+        Ok(Response::new(proto::JobList {
+            jobs: self.core.jobs(),
+        }))
+    }
+
+    async fn stop_job(
+        &self,
+        request: Request<proto::JobId>,
+    ) -> std::result::Result<Response<proto::JobInfo>, Status> {
+        self.core
+            .stop_job(&request.into_inner().job_id)
+            .map(Response::new)
+            .map_err(|e| Status::not_found(e.to_string()))
+    }
+
+    type JobLogsStream = Boxed<proto::LogChunk>;
+
+    async fn job_logs(
+        &self,
+        request: Request<proto::LogsRequest>,
+    ) -> std::result::Result<Response<Self::JobLogsStream>, Status> {
+        let r = request.into_inner();
+        let core = Arc::clone(&self.core);
+        core.job(&r.job_id)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        let stream = futures::stream::unfold(
+            (core, r.offset, false),
+            move |(core, offset, finished)| {
+                let job = r.job_id.clone();
+                async move {
+                    if finished {
+                        return None;
+                    }
+                    loop {
+                        let (data, done) = match core.job_log(&job, offset) {
+                            Ok(x) => x,
+                            Err(e) => {
+                                return Some((Err(Status::not_found(e.to_string())), (core, offset, true)))
+                            }
+                        };
+                        if !data.is_empty() {
+                            let next = offset + data.len() as u64;
+                            return Some((Ok(proto::LogChunk { data }), (core, next, false)));
+                        }
+                        if done || !r.follow {
+                            return None;
+                        }
+                        core.changed_within(Duration::from_millis(250)).await;
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<proto::Empty>,
+    ) -> std::result::Result<Response<proto::ClusterStatus>, Status> {
+        Ok(Response::new(self.core.status()))
+    }
+}

@@ -1,0 +1,263 @@
+//! The head's HTTP/JSON API, for tools that do not speak gRPC.
+//!
+//! Every request carries `Authorization: Bearer TOKEN`.
+//!
+//! | method and path             | does                                            |
+//! |-----------------------------|-------------------------------------------------|
+//! | `GET /api/cluster`          | nodes, their resources and load                 |
+//! | `GET /api/jobs`             | every job                                       |
+//! | `POST /api/jobs`            | submits a job (JSON body, files in base64)      |
+//! | `GET /api/jobs/{id}`        | one job                                         |
+//! | `GET /api/jobs/{id}/logs`   | the driver's log so far (text)                  |
+//! | `POST /api/jobs/{id}/stop`  | stops a job                                     |
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::auth::same_token;
+use super::head::HeadCore;
+use super::package::CHUNK;
+use super::proto;
+use super::resources::Resources;
+
+/// A job as the HTTP API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobJson {
+    /// Its id.
+    pub job_id: String,
+    /// Its name.
+    pub name: String,
+    /// `PENDING`, `RUNNING`, `SUCCEEDED`, `FAILED` or `STOPPED`.
+    pub state: String,
+    /// Its command.
+    pub entrypoint: Vec<String>,
+    /// Where its driver runs.
+    pub node_id: String,
+    /// The driver's exit code.
+    pub exit_code: i32,
+    /// Why it failed.
+    pub error: String,
+    /// When it was submitted (ms since the epoch).
+    pub submitted_ms: u64,
+    /// When it ended.
+    pub finished_ms: u64,
+}
+
+impl From<proto::JobInfo> for JobJson {
+    fn from(j: proto::JobInfo) -> Self {
+        JobJson {
+            job_id: j.job_id,
+            name: j.name,
+            state: j.state,
+            entrypoint: j.entrypoint,
+            node_id: j.node_id,
+            exit_code: j.exit_code,
+            error: j.error,
+            submitted_ms: j.submitted_ms,
+            finished_ms: j.finished_ms,
+        }
+    }
+}
+
+/// One file of a job submitted over HTTP.
+#[derive(Debug, Deserialize)]
+pub struct FileJson {
+    /// Relative path in the package.
+    pub path: String,
+    /// Unix mode (e.g. 493 = 0o755 for a program).
+    #[serde(default = "default_mode")]
+    pub mode: u32,
+    /// The content, base64.
+    pub data_base64: String,
+}
+
+fn default_mode() -> u32 {
+    0o644
+}
+
+/// A job submission over HTTP.
+#[derive(Debug, Deserialize)]
+pub struct SubmitJson {
+    /// The command.
+    pub entrypoint: Vec<String>,
+    /// Environment.
+    #[serde(default)]
+    pub env: HashMap<String, String>,
+    /// Resources of the driver.
+    #[serde(default)]
+    pub resources: Resources,
+    /// A name.
+    #[serde(default)]
+    pub name: String,
+    /// The package's files.
+    #[serde(default)]
+    pub files: Vec<FileJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeJson {
+    node_id: String,
+    hostname: String,
+    alive: bool,
+    total: Resources,
+    available: Resources,
+    object_store_bytes: u64,
+    running_tasks: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterJson {
+    nodes: Vec<NodeJson>,
+    pending_tasks: u32,
+    running_tasks: u32,
+    running_jobs: u32,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn check(core: &HeadCore, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if same_token(t, &core.options().token) => Ok(()),
+        Some(_) => Err(ApiError(StatusCode::UNAUTHORIZED, "wrong cluster token".into())),
+        None => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "no cluster token (Authorization: Bearer TOKEN)".into(),
+        )),
+    }
+}
+
+fn not_found(e: volley_common::VolleyError) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, e.to_string())
+}
+
+type Core = State<Arc<HeadCore>>;
+
+async fn cluster(State(core): Core, h: HeaderMap) -> Result<Json<ClusterJson>, ApiError> {
+    check(&core, &h)?;
+    let s = core.status();
+    Ok(Json(ClusterJson {
+        nodes: s
+            .nodes
+            .into_iter()
+            .map(|n| NodeJson {
+                node_id: n.node_id,
+                hostname: n.hostname,
+                alive: n.alive,
+                total: n.total.into(),
+                available: n.available.into(),
+                object_store_bytes: n.object_store_bytes,
+                running_tasks: n.running_tasks,
+            })
+            .collect(),
+        pending_tasks: s.pending_tasks,
+        running_tasks: s.running_tasks,
+        running_jobs: s.running_jobs,
+    }))
+}
+
+async fn list(State(core): Core, h: HeaderMap) -> Result<Json<Vec<JobJson>>, ApiError> {
+    check(&core, &h)?;
+    Ok(Json(core.jobs().into_iter().map(JobJson::from).collect()))
+}
+
+async fn submit(
+    State(core): Core,
+    h: HeaderMap,
+    Json(body): Json<SubmitJson>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check(&core, &h)?;
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let mut chunks = Vec::new();
+    for f in body.files {
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(f.data_base64.as_bytes())
+            .map_err(|e| bad(format!("file {}: bad base64: {e}", f.path)))?;
+        let n = data.len();
+        let mut offset = 0;
+        let pieces: Vec<&[u8]> = if data.is_empty() {
+            vec![&[][..]]
+        } else {
+            data.chunks(CHUNK).collect()
+        };
+        for piece in pieces {
+            offset += piece.len();
+            chunks.push(proto::FileChunk {
+                path: f.path.clone(),
+                mode: f.mode,
+                offset: (offset - piece.len()) as u64,
+                data: piece.to_vec(),
+                last: offset == n,
+            });
+        }
+    }
+    let spec = proto::JobSpec {
+        entrypoint: body.entrypoint,
+        env: body.env,
+        resources: Some((&body.resources).into()),
+        name: body.name,
+        attached: false,
+    };
+    let id = tokio::task::spawn_blocking(move || core.submit_job_files(spec, chunks))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(Json(serde_json::json!({ "job_id": id })))
+}
+
+async fn one(
+    State(core): Core,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<JobJson>, ApiError> {
+    check(&core, &h)?;
+    Ok(Json(core.job(&id).map_err(not_found)?.into()))
+}
+
+async fn logs(
+    State(core): Core,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<String, ApiError> {
+    check(&core, &h)?;
+    let (data, _) = core.job_log(&id, 0).map_err(not_found)?;
+    Ok(String::from_utf8_lossy(&data).into_owned())
+}
+
+async fn stop(
+    State(core): Core,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<JobJson>, ApiError> {
+    check(&core, &h)?;
+    Ok(Json(core.stop_job(&id).map_err(not_found)?.into()))
+}
+
+/// The API's routes over `core`.
+pub fn router(core: Arc<HeadCore>) -> Router {
+    Router::new()
+        .route("/api/cluster", get(cluster))
+        .route("/api/jobs", get(list).post(submit))
+        .route("/api/jobs/{id}", get(one))
+        .route("/api/jobs/{id}/logs", get(logs))
+        .route("/api/jobs/{id}/stop", post(stop))
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
+        .with_state(core)
+}

@@ -1,0 +1,101 @@
+//! The cluster backend: a head, node agents and worker processes speaking gRPC.
+//!
+//! ```text
+//!   driver ──SubmitTask/Wait──▶ head ──NodeCommand stream──▶ node agent ──▶ worker processes
+//!     ▲                          ▲  ◀──heartbeats, reports──     │  ▲            │
+//!     └──── Arrow Flight DoGet ──┼───────────────────── object store ◀─ DoPut ───┘
+//!                                └── HTTP/JSON job API
+//! ```
+//!
+//! * [`head`]: node registry, scheduler (resources, GPUs, placement groups, actors,
+//!   locality), object directory with lineage, job manager; declares silent nodes dead
+//!   and re-runs their tasks and lost objects' tasks.
+//! * [`node`]: the agent on each machine; starts the job's binary as worker processes,
+//!   watches them, serves its [`objects::ObjectStore`] over Arrow Flight.
+//! * [`worker`]: what a worker process does after `volley::init()`.
+//! * [`client`]: the driver's API ([`Cluster`], [`ObjectRef`], [`ActorHandle`],
+//!   [`PlacementGroup`]).
+//! * [`jobs`] and [`http`]: job submission over gRPC and over HTTP.
+//!
+//! Every call carries the cluster token ([`auth`]).
+
+pub mod auth;
+pub mod client;
+pub mod gpus;
+pub mod head;
+pub mod http;
+pub mod jobs;
+pub mod net;
+pub mod node;
+pub mod objects;
+pub mod package;
+pub mod resources;
+pub mod task;
+pub mod worker;
+
+/// The generated protocol types and services.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("volley.cluster");
+}
+
+use std::sync::Arc;
+
+use volley_common::Result;
+
+pub use client::{
+    ActorHandle, ActorInfo, ActorOptions, Cluster, ObjectRef, PlacementGroup, PlacementStrategy,
+    TaskOptions,
+};
+pub use head::{HeadCore, HeadOptions};
+pub use jobs::{JobClient, JobRequest};
+pub use node::{run_node, NodeOptions};
+pub use resources::Resources;
+pub use task::{object_value, value_object, RemoteActor, RemoteTask, TaskContext};
+pub use worker::{is_worker, run_worker};
+
+/// A running head: its addresses.
+#[derive(Debug, Clone)]
+pub struct HeadAddresses {
+    /// gRPC, `host:port`.
+    pub grpc: String,
+    /// HTTP API, `host:port`, if started.
+    pub http: Option<String>,
+}
+
+/// Starts a head's gRPC server (and HTTP API if `http_port` is given) on the current
+/// tokio runtime; they run until the runtime ends.
+pub async fn start_head(
+    options: HeadOptions,
+    host: &str,
+    port: u16,
+    http_port: Option<u16>,
+) -> Result<(Arc<HeadCore>, HeadAddresses)> {
+    std::fs::create_dir_all(&options.state_dir)?;
+    let core = HeadCore::new(options);
+    let (listener, grpc) = net::bind(host, port).await?;
+    let service = tonic::service::interceptor::InterceptedService::new(
+        proto::head_server::HeadServer::new(head::HeadService::new(Arc::clone(&core)))
+            .max_decoding_message_size(net::MAX_MESSAGE)
+            .max_encoding_message_size(net::MAX_MESSAGE),
+        auth::CheckToken::new(&core.options().token),
+    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
+    tokio::spawn(Arc::clone(&core).monitor());
+    let http = match http_port {
+        Some(p) => {
+            let (listener, addr) = net::bind(host, p).await?;
+            let app = http::router(Arc::clone(&core));
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            Some(addr)
+        }
+        None => None,
+    };
+    Ok((core, HeadAddresses { grpc, http }))
+}

@@ -1,0 +1,738 @@
+//! The node agent: one per machine. It registers with the head, runs what the head
+//! sends (worker processes for tasks and actors, job drivers), serves its object store
+//! over Arrow Flight, and heartbeats.
+//!
+//! Workers are processes of the job's own binary (fetched from the head once per job),
+//! started with `VOLLEY_WORKER_ID` set so that `volley::init()` enters worker mode. They
+//! pull tasks from the agent (the `NodeAgent` service, on the same port as Flight) and
+//! put results into its object store. The agent watches every child: a worker that
+//! exits while running a task is reported, and the head runs the task again elsewhere.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::{oneshot, Notify, OnceCell};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use volley_common::{Result, VolleyError};
+
+use super::auth::CheckToken;
+use super::net::{bind, status_error, Channels, Head};
+use super::objects::{FlightObjects, ObjectStore};
+use super::package::PackageWriter;
+use super::proto::{self, node_command::Command, task_report::Outcome};
+use super::resources::Resources;
+
+/// How a node agent is run.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The head, `host:port`.
+    pub head_address: String,
+    /// The cluster token.
+    pub token: String,
+    /// The address to listen on and advertise to the others.
+    pub host: String,
+    /// Port for the agent (Flight + worker service); 0 picks one.
+    pub port: u16,
+    /// What this node offers.
+    pub resources: Resources,
+    /// Ids of its GPUs.
+    pub gpu_ids: Vec<u32>,
+    /// Bytes of objects kept in memory before spilling.
+    pub object_store_memory: u64,
+    /// The node's folder: job packages, logs, spilled objects.
+    pub dir: PathBuf,
+}
+
+struct WorkerEntry {
+    job: String,
+    gpus: Vec<u32>,
+    running: Option<(String, u32)>,
+    actor: Option<(String, u32)>,
+    start_actor: Option<proto::StartActor>,
+    kill: Option<oneshot::Sender<()>>,
+    exiting: bool,
+}
+
+#[derive(Default)]
+struct AgentState {
+    /// Tasks waiting for a worker, by `(job, gpu ids)`.
+    queues: HashMap<(String, Vec<u32>), VecDeque<proto::TaskAssignment>>,
+    /// Calls waiting for their actor's worker.
+    calls: HashMap<String, VecDeque<proto::TaskAssignment>>,
+    workers: HashMap<String, WorkerEntry>,
+    drivers: HashMap<String, oneshot::Sender<()>>,
+    stopped_jobs: std::collections::HashSet<String>,
+    next_worker: u64,
+}
+
+/// A job as this node runs it.
+#[derive(Debug, Clone)]
+struct LocalJob {
+    package: PathBuf,
+    entrypoint: Vec<String>,
+    env: HashMap<String, String>,
+}
+
+/// The running agent.
+pub struct Agent {
+    node_id: String,
+    options: NodeOptions,
+    address: String,
+    head: Head,
+    store: Arc<ObjectStore>,
+    state: Mutex<AgentState>,
+    changed: Notify,
+    jobs: Mutex<HashMap<String, Arc<OnceCell<std::result::Result<LocalJob, String>>>>>,
+    max_workers: usize,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("node_id", &self.node_id).finish()
+    }
+}
+
+/// Runs a node agent until the head forgets it or cannot be reached. Returns why it
+/// stopped.
+pub async fn run_node(options: NodeOptions) -> Result<String> {
+    options.resources.validate()?;
+    std::fs::create_dir_all(&options.dir)?;
+    let channels = Channels::new(&options.token);
+    let mut head = channels.head(&options.head_address)?;
+    let (listener, address) = bind(&options.host, options.port).await?;
+    let store = Arc::new(ObjectStore::new(
+        options.object_store_memory,
+        options.dir.join("spill"),
+    ));
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| options.host.clone());
+    let reg = head
+        .register_node(proto::RegisterNodeRequest {
+            hostname,
+            object_address: address.clone(),
+            total: Some((&options.resources).into()),
+            gpu_ids: options.gpu_ids.clone(),
+        })
+        .await
+        .map_err(|e| status_error(format!("joining the cluster at {}", options.head_address), e))?
+        .into_inner();
+    let node_id = reg.node_id;
+    info!("joined as {node_id}; objects and workers on {address}");
+    let max_workers = ((options.resources.num_cpus.ceil() as usize) * 4).max(8);
+    let agent = Arc::new(Agent {
+        node_id: node_id.clone(),
+        options: options.clone(),
+        address: address.clone(),
+        head: head.clone(),
+        store: Arc::clone(&store),
+        state: Mutex::default(),
+        changed: Notify::new(),
+        jobs: Mutex::default(),
+        max_workers,
+    });
+
+    // One port: Flight for objects, NodeAgent for this node's workers.
+    let check = CheckToken::new(&options.token);
+    let flight = tonic::service::interceptor::InterceptedService::new(
+        arrow_flight::flight_service_server::FlightServiceServer::new(FlightObjects::new(store))
+            .max_decoding_message_size(super::net::MAX_MESSAGE)
+            .max_encoding_message_size(super::net::MAX_MESSAGE),
+        check.clone(),
+    );
+    let service = proto::node_agent_server::NodeAgentServer::with_interceptor(
+        AgentService {
+            agent: Arc::clone(&agent),
+        },
+        check,
+    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(flight)
+        .add_service(service)
+        .serve_with_incoming(incoming);
+    let server = tokio::spawn(server);
+
+    let mut commands = head
+        .attach(proto::AttachRequest {
+            node_id: node_id.clone(),
+        })
+        .await
+        .map_err(|e| status_error("attaching to the head", e))?
+        .into_inner();
+
+    let mut beat = tokio::spawn(Arc::clone(&agent).heartbeats(Duration::from_millis(
+        reg.heartbeat_interval_ms.max(50),
+    )));
+    let why = loop {
+        tokio::select! {
+            c = commands.next() => match c {
+                Some(Ok(cmd)) => {
+                    if let Some(cmd) = cmd.command {
+                        Arc::clone(&agent).handle(cmd);
+                    }
+                }
+                Some(Err(e)) => break format!("the head closed the command stream: {}", e.message()),
+                None => break "the head closed the command stream".to_string(),
+            },
+            r = &mut beat => break r.unwrap_or_else(|e| format!("heartbeats stopped: {e}")),
+        }
+    };
+    warn!("{node_id} stops: {why}");
+    agent.kill_all();
+    // Give the kills a moment to land before the process goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.abort();
+    Ok(why)
+}
+
+impl Agent {
+    async fn heartbeats(self: Arc<Self>, interval: Duration) -> String {
+        let mut head = self.head.clone();
+        let mut last_ok = Instant::now();
+        loop {
+            tokio::time::sleep(interval).await;
+            let (bytes, spilled) = self.store.usage();
+            let workers = self.state.lock().expect("agent lock").workers.len() as u32;
+            match head
+                .heartbeat(proto::HeartbeatRequest {
+                    node_id: self.node_id.clone(),
+                    object_store_bytes: bytes,
+                    spilled_bytes: spilled,
+                    workers,
+                })
+                .await
+            {
+                Ok(r) if r.get_ref().known => last_ok = Instant::now(),
+                Ok(_) => return "the head declared this node dead".into(),
+                Err(e) => {
+                    if last_ok.elapsed() > interval * 20 {
+                        return format!("lost the head: {}", e.message());
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(self: Arc<Self>, command: Command) {
+        match command {
+            Command::RunTask(task) => {
+                {
+                    let mut s = self.state.lock().expect("agent lock");
+                    if task.actor_id.is_empty() {
+                        s.queues
+                            .entry((task.job_id.clone(), task.gpu_ids.clone()))
+                            .or_default()
+                            .push_back(task.clone());
+                    } else {
+                        s.calls
+                            .entry(task.actor_id.clone())
+                            .or_default()
+                            .push_back(task.clone());
+                    }
+                }
+                self.changed.notify_waiters();
+                if task.actor_id.is_empty() {
+                    tokio::spawn(self.ensure_workers(task.job_id, task.gpu_ids));
+                }
+            }
+            Command::CancelTask(id) => {
+                let mut s = self.state.lock().expect("agent lock");
+                for q in s.queues.values_mut() {
+                    q.retain(|t| t.task_id != id);
+                }
+                for w in s.workers.values_mut() {
+                    if w.running.as_ref().is_some_and(|(t, _)| *t == id) {
+                        if let Some(k) = w.kill.take() {
+                            let _ = k.send(());
+                        }
+                    }
+                }
+            }
+            Command::FreeObjects(ids) => self.store.free(&ids.ids),
+            Command::StopJob(job) => self.stop_job(&job),
+            Command::StartDriver(d) => {
+                tokio::spawn(async move {
+                    let job = d.job_id.clone();
+                    if let Err(e) = Arc::clone(&self).start_driver(d).await {
+                        warn!("job {job}: cannot start the driver: {e}");
+                        let mut head = self.head.clone();
+                        let _ = head
+                            .report_driver_exit(proto::DriverExit {
+                                node_id: self.node_id.clone(),
+                                job_id: job,
+                                exit_code: -1,
+                                error: format!("cannot start the driver: {e}"),
+                            })
+                            .await;
+                    }
+                });
+            }
+            Command::StartActor(a) => {
+                tokio::spawn(async move {
+                    let (id, inc) = (a.actor_id.clone(), a.incarnation);
+                    if let Err(e) = Arc::clone(&self).spawn_worker(&a.job_id.clone(), a.gpu_ids.clone(), Some(a)).await {
+                        self.report_actor(&id, inc, false, format!("cannot start its worker: {e}"))
+                            .await;
+                    }
+                });
+            }
+            Command::StopActor(id) => {
+                let mut s = self.state.lock().expect("agent lock");
+                s.calls.remove(&id);
+                for w in s.workers.values_mut() {
+                    if w.actor.as_ref().is_some_and(|(a, _)| *a == id) {
+                        w.exiting = true;
+                        if let Some(k) = w.kill.take() {
+                            let _ = k.send(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn stop_job(&self, job: &str) {
+        let mut s = self.state.lock().expect("agent lock");
+        s.stopped_jobs.insert(job.to_string());
+        s.queues.retain(|(j, _), _| j != job);
+        let calls: Vec<String> = s
+            .calls
+            .iter()
+            .filter(|(_, q)| q.front().is_some_and(|t| t.job_id == job))
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in calls {
+            s.calls.remove(&a);
+        }
+        for w in s.workers.values_mut().filter(|w| w.job == job) {
+            w.exiting = true;
+            if let Some(k) = w.kill.take() {
+                let _ = k.send(());
+            }
+        }
+        if let Some(k) = s.drivers.remove(job) {
+            let _ = k.send(());
+        }
+        drop(s);
+        let prefix = format!("{job}:");
+        let ids: Vec<String> = self.store_ids_with_prefix(&prefix);
+        self.store.free(&ids);
+        self.jobs.lock().expect("jobs lock").remove(job);
+        let _ = std::fs::remove_dir_all(self.options.dir.join("jobs").join(job).join("package"));
+        self.changed.notify_waiters();
+    }
+
+    fn store_ids_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.store.ids().into_iter().filter(|i| i.starts_with(prefix)).collect()
+    }
+
+    fn kill_all(&self) {
+        let mut s = self.state.lock().expect("agent lock");
+        for w in s.workers.values_mut() {
+            w.exiting = true;
+            if let Some(k) = w.kill.take() {
+                let _ = k.send(());
+            }
+        }
+        for (_, k) in s.drivers.drain() {
+            let _ = k.send(());
+        }
+    }
+
+    /// Fetches the job's package once.
+    async fn job(&self, job: &str) -> Result<LocalJob> {
+        let cell = {
+            let mut jobs = self.jobs.lock().expect("jobs lock");
+            Arc::clone(jobs.entry(job.to_string()).or_default())
+        };
+        let r = cell
+            .get_or_init(|| async {
+                self.fetch_job(job).await.map_err(|e| e.to_string())
+            })
+            .await;
+        r.clone().map_err(VolleyError::execution)
+    }
+
+    async fn fetch_job(&self, job: &str) -> Result<LocalJob> {
+        let mut head = self.head.clone();
+        let info = head
+            .get_job(proto::JobId {
+                job_id: job.to_string(),
+            })
+            .await
+            .map_err(|e| status_error(format!("job {job}"), e))?
+            .into_inner();
+        let package = self.options.dir.join("jobs").join(job).join("package");
+        let _ = std::fs::remove_dir_all(&package);
+        let mut writer = PackageWriter::new(package.clone(), u64::MAX)?;
+        let mut stream = head
+            .fetch_package(proto::JobId {
+                job_id: job.to_string(),
+            })
+            .await
+            .map_err(|e| status_error(format!("fetching job {job}"), e))?
+            .into_inner();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| status_error(format!("fetching job {job}"), e))?;
+            writer.write(&chunk)?;
+        }
+        Ok(LocalJob {
+            package,
+            entrypoint: info.entrypoint,
+            env: info.env,
+        })
+    }
+
+    /// The command that runs the job's binary.
+    fn command(&self, job: &LocalJob) -> Result<tokio::process::Command> {
+        let first = job
+            .entrypoint
+            .first()
+            .ok_or_else(|| VolleyError::plan("the job has no entrypoint"))?;
+        let in_package = job.package.join(first);
+        let program: PathBuf = if Path::new(first).is_relative() && in_package.is_file() {
+            in_package
+        } else {
+            PathBuf::from(first)
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&job.entrypoint[1..])
+            .current_dir(&job.package)
+            .envs(&job.env)
+            .env("VOLLEY_ADDRESS", &self.options.head_address)
+            .env("VOLLEY_TOKEN", &self.options.token)
+            .env("VOLLEY_NODE_ID", &self.node_id)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    async fn ensure_workers(self: Arc<Self>, job: String, gpus: Vec<u32>) {
+        let need = {
+            let s = self.state.lock().expect("agent lock");
+            let queued = s
+                .queues
+                .get(&(job.clone(), gpus.clone()))
+                .map_or(0, |q| q.len());
+            let idle = s
+                .workers
+                .values()
+                .filter(|w| {
+                    w.job == job && w.gpus == gpus && w.running.is_none() && w.actor.is_none()
+                        && w.start_actor.is_none() && !w.exiting
+                })
+                .count();
+            let room = self.max_workers.saturating_sub(s.workers.len());
+            queued.saturating_sub(idle).min(room)
+        };
+        for _ in 0..need {
+            if let Err(e) = Arc::clone(&self).spawn_worker(&job, gpus.clone(), None).await {
+                warn!("job {job}: cannot start a worker: {e}");
+                // The tasks cannot run here: hand them back as failed attempts.
+                let tasks: Vec<proto::TaskAssignment> = {
+                    let mut s = self.state.lock().expect("agent lock");
+                    s.queues
+                        .remove(&(job.clone(), gpus.clone()))
+                        .map(Vec::from)
+                        .unwrap_or_default()
+                };
+                for t in tasks {
+                    self.report(&t, Outcome::SystemFailure, format!("cannot start a worker on {}: {e}", self.node_id), 0, 0).await;
+                }
+                return;
+            }
+        }
+    }
+
+    async fn spawn_worker(
+        self: Arc<Self>,
+        job_id: &str,
+        gpus: Vec<u32>,
+        actor: Option<proto::StartActor>,
+    ) -> Result<()> {
+        let job = self.job(job_id).await?;
+        let id = {
+            let mut s = self.state.lock().expect("agent lock");
+            if s.stopped_jobs.contains(job_id) {
+                return Ok(());
+            }
+            s.next_worker += 1;
+            format!("{}-w{}", self.node_id, s.next_worker)
+        };
+        let logs = self.options.dir.join("jobs").join(job_id);
+        std::fs::create_dir_all(&logs)?;
+        let log = std::fs::File::create(logs.join(format!("{id}.log")))?;
+        let mut cmd = self.command(&job)?;
+        cmd.env("VOLLEY_WORKER_ID", &id)
+            .env("VOLLEY_AGENT_ADDRESS", &self.address)
+            .env("VOLLEY_JOB_ID", job_id)
+            .env("CUDA_VISIBLE_DEVICES", join_ids(&gpus))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().map_err(|e| {
+            VolleyError::execution(format!("cannot start {:?}: {e}", job.entrypoint[0]))
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let (kill_tx, kill_rx) = oneshot::channel();
+        {
+            let mut s = self.state.lock().expect("agent lock");
+            s.workers.insert(
+                id.clone(),
+                WorkerEntry {
+                    job: job_id.to_string(),
+                    gpus,
+                    running: None,
+                    actor: None,
+                    start_actor: actor,
+                    kill: Some(kill_tx),
+                    exiting: false,
+                },
+            );
+        }
+        let agent = Arc::clone(&self);
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            agent.worker_exited(&id, pid, status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())).await;
+        });
+        Ok(())
+    }
+
+    async fn worker_exited(&self, id: &str, pid: u32, status: String) {
+        let entry = self.state.lock().expect("agent lock").workers.remove(id);
+        self.changed.notify_waiters();
+        let Some(w) = entry else { return };
+        if w.exiting {
+            return;
+        }
+        let why = format!("worker process {pid} on {} exited ({status})", self.node_id);
+        if let Some((task, attempt)) = w.running {
+            warn!("{why} while running task {task}");
+            let report = proto::TaskReport {
+                node_id: self.node_id.clone(),
+                task_id: task,
+                attempt,
+                outcome: Outcome::SystemFailure as i32,
+                error: why.clone(),
+                output_bytes: 0,
+                output_rows: 0,
+            };
+            let mut head = self.head.clone();
+            let _ = head.report_task(report).await;
+        }
+        if let Some((actor, inc)) = w.actor.or(w.start_actor.map(|a| (a.actor_id, a.incarnation))) {
+            self.report_actor(&actor, inc, false, why).await;
+        }
+    }
+
+    async fn report(&self, t: &proto::TaskAssignment, outcome: Outcome, error: String, bytes: u64, rows: u64) {
+        let mut head = self.head.clone();
+        let _ = head
+            .report_task(proto::TaskReport {
+                node_id: self.node_id.clone(),
+                task_id: t.task_id.clone(),
+                attempt: t.attempt,
+                outcome: outcome as i32,
+                error,
+                output_bytes: bytes,
+                output_rows: rows,
+            })
+            .await;
+    }
+
+    async fn report_actor(&self, actor: &str, incarnation: u32, alive: bool, error: String) {
+        let mut head = self.head.clone();
+        let _ = head
+            .report_actor(proto::ActorReport {
+                node_id: self.node_id.clone(),
+                actor_id: actor.to_string(),
+                incarnation,
+                alive,
+                error,
+            })
+            .await;
+    }
+
+    async fn start_driver(self: Arc<Self>, d: proto::StartDriver) -> Result<()> {
+        let job = self.job(&d.job_id).await?;
+        let dir = self.options.dir.join("jobs").join(&d.job_id);
+        std::fs::create_dir_all(&dir)?;
+        let log_path = dir.join("driver.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = self.command(&job)?;
+        cmd.env("VOLLEY_JOB_ID", &d.job_id)
+            .env("CUDA_VISIBLE_DEVICES", join_ids(&d.gpu_ids))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().map_err(|e| {
+            VolleyError::execution(format!("cannot start {:?}: {e}", job.entrypoint[0]))
+        })?;
+        let (kill_tx, mut kill_rx) = oneshot::channel();
+        self.state
+            .lock()
+            .expect("agent lock")
+            .drivers
+            .insert(d.job_id.clone(), kill_tx);
+        let mut head = self.head.clone();
+        let mut offset = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let (code, killed) = loop {
+            tokio::select! {
+                s = child.wait() => break (s.ok().and_then(|s| s.code()).unwrap_or(-1), false),
+                _ = &mut kill_rx => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    break (-1, true);
+                }
+                _ = tick.tick() => {
+                    offset = forward_log(&mut head, &d.job_id, &log_path, offset).await;
+                }
+            }
+        };
+        forward_log(&mut head, &d.job_id, &log_path, offset).await;
+        self.state.lock().expect("agent lock").drivers.remove(&d.job_id);
+        if !killed {
+            let _ = head
+                .report_driver_exit(proto::DriverExit {
+                    node_id: self.node_id.clone(),
+                    job_id: d.job_id.clone(),
+                    exit_code: code,
+                    error: String::new(),
+                })
+                .await;
+        }
+        Ok(())
+    }
+}
+
+async fn forward_log(head: &mut Head, job: &str, path: &Path, offset: u64) -> u64 {
+    let data = match std::fs::read(path) {
+        Ok(d) => d.get(offset as usize..).map(|s| s.to_vec()).unwrap_or_default(),
+        Err(_) => return offset,
+    };
+    if data.is_empty() {
+        return offset;
+    }
+    let n = data.len() as u64;
+    match head
+        .append_log(proto::LogAppend {
+            job_id: job.to_string(),
+            data,
+        })
+        .await
+    {
+        Ok(_) => offset + n,
+        Err(_) => offset,
+    }
+}
+
+fn join_ids(ids: &[u32]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// What workers call on their node.
+struct AgentService {
+    agent: Arc<Agent>,
+}
+
+#[tonic::async_trait]
+impl proto::node_agent_server::NodeAgent for AgentService {
+    async fn pull(
+        &self,
+        request: Request<proto::PullRequest>,
+    ) -> std::result::Result<Response<proto::PullResponse>, Status> {
+        let r = request.into_inner();
+        let deadline = Instant::now() + Duration::from_millis(r.timeout_ms.min(30_000));
+        let agent = &self.agent;
+        loop {
+            let notified = agent.changed.notified();
+            {
+                let mut s = agent.state.lock().expect("agent lock");
+                let s = &mut *s;
+                let Some(w) = s.workers.get_mut(&r.worker_id) else {
+                    return Ok(Response::new(proto::PullResponse {
+                        exit: true,
+                        ..Default::default()
+                    }));
+                };
+                if w.exiting {
+                    return Ok(Response::new(proto::PullResponse {
+                        exit: true,
+                        ..Default::default()
+                    }));
+                }
+                if let Some(a) = w.start_actor.take() {
+                    w.actor = Some((a.actor_id.clone(), a.incarnation));
+                    return Ok(Response::new(proto::PullResponse {
+                        actor: Some(a),
+                        ..Default::default()
+                    }));
+                }
+                let next = match &w.actor {
+                    Some((actor, _)) => s.calls.get_mut(actor).and_then(|q| q.pop_front()),
+                    None => s
+                        .queues
+                        .get_mut(&(w.job.clone(), w.gpus.clone()))
+                        .and_then(|q| q.pop_front()),
+                };
+                if let Some(task) = next {
+                    w.running = Some((task.task_id.clone(), task.attempt));
+                    return Ok(Response::new(proto::PullResponse {
+                        task: Some(task),
+                        ..Default::default()
+                    }));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Response::new(proto::PullResponse::default()));
+            }
+            let _ = tokio::time::timeout(deadline - now, notified).await;
+        }
+    }
+
+    async fn finish(
+        &self,
+        request: Request<proto::WorkerResult>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        let Some(mut report) = r.report else {
+            return Err(Status::invalid_argument("a result without a report"));
+        };
+        {
+            let mut s = self.agent.state.lock().expect("agent lock");
+            if let Some(w) = s.workers.get_mut(&r.worker_id) {
+                w.running = None;
+            }
+        }
+        report.node_id = self.agent.node_id.clone();
+        let mut head = self.agent.head.clone();
+        head.report_task(report)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot reach the head: {}", e.message())))?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn actor_ready(
+        &self,
+        request: Request<proto::ActorStarted>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        self.agent
+            .report_actor(&r.actor_id, r.incarnation, r.error.is_empty(), r.error)
+            .await;
+        Ok(Response::new(proto::Empty {}))
+    }
+}

@@ -1,0 +1,424 @@
+//! Objects: the immutable blocks tasks produce, kept in the object store of the node
+//! that produced them and moved between nodes over Arrow Flight.
+//!
+//! Each node agent runs one [`ObjectStore`] and serves it with [`FlightObjects`]: a
+//! `DoGet` with the object id as ticket streams the object's batches; a `DoPut` whose
+//! descriptor path is the object id stores one. The store keeps objects in memory up to
+//! its limit and spills the oldest to Arrow IPC files beyond it, so a node never holds
+//! more than its limit in memory however much its tasks produce.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::Schema;
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use futures::{Stream, StreamExt, TryStreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use volley_common::{Result, VolleyError};
+
+/// Objects held by one node.
+#[derive(Debug)]
+pub struct ObjectStore {
+    inner: Mutex<StoreInner>,
+    memory_limit: u64,
+    spill_dir: PathBuf,
+}
+
+#[derive(Debug, Default)]
+struct StoreInner {
+    objects: HashMap<String, Stored>,
+    /// In-memory objects, oldest first: the order they spill in.
+    order: VecDeque<String>,
+    memory_bytes: u64,
+    spilled_bytes: u64,
+}
+
+#[derive(Debug)]
+enum Stored {
+    Memory(Arc<Vec<RecordBatch>>, u64),
+    Spilled(PathBuf, u64),
+}
+
+/// Bytes of a list of batches, as the store counts them.
+pub fn batches_size(batches: &[RecordBatch]) -> u64 {
+    batches
+        .iter()
+        .map(|b| b.get_array_memory_size() as u64)
+        .sum()
+}
+
+impl ObjectStore {
+    /// A store holding at most `memory_limit` bytes in memory, spilling into `spill_dir`.
+    pub fn new(memory_limit: u64, spill_dir: PathBuf) -> Self {
+        Self {
+            inner: Mutex::new(StoreInner::default()),
+            memory_limit,
+            spill_dir,
+        }
+    }
+
+    /// Stores `batches` under `id` (replacing an earlier copy: a re-run task writes the
+    /// same object again). Spills older objects if memory is over the limit.
+    pub fn put(&self, id: &str, batches: Vec<RecordBatch>) -> Result<u64> {
+        let bytes = batches_size(&batches);
+        let mut to_spill = Vec::new();
+        {
+            let mut s = self.inner.lock().expect("object store lock");
+            s.remove(id);
+            s.objects
+                .insert(id.to_string(), Stored::Memory(Arc::new(batches), bytes));
+            s.order.push_back(id.to_string());
+            s.memory_bytes += bytes;
+            // Pick the oldest objects until what stays fits.
+            let mut over = s.memory_bytes.saturating_sub(self.memory_limit);
+            while over > 0 {
+                let Some(old) = s.order.pop_front() else { break };
+                if let Some(Stored::Memory(b, n)) = s.objects.get(&old) {
+                    to_spill.push((old.clone(), Arc::clone(b), *n));
+                    over = over.saturating_sub(*n);
+                }
+            }
+        }
+        for (old, batches, n) in to_spill {
+            self.spill(&old, &batches, n)?;
+        }
+        Ok(bytes)
+    }
+
+    fn spill(&self, id: &str, batches: &[RecordBatch], bytes: u64) -> Result<()> {
+        std::fs::create_dir_all(&self.spill_dir)?;
+        let path = self.spill_dir.join(format!("{}.arrow", sanitize(id)));
+        let schema = batches
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| Arc::new(Schema::empty()));
+        let file = std::fs::File::create(&path).map_err(|e| {
+            VolleyError::Io(e).context(format!("cannot spill object to {}", path.display()))
+        })?;
+        let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
+        for b in batches {
+            w.write(b)?;
+        }
+        w.finish()?;
+        let mut s = self.inner.lock().expect("object store lock");
+        // The object may have been freed or replaced while it was being written.
+        match s.objects.get_mut(id) {
+            Some(stored @ Stored::Memory(..)) => {
+                *stored = Stored::Spilled(path, bytes);
+                s.memory_bytes = s.memory_bytes.saturating_sub(bytes);
+                s.spilled_bytes += bytes;
+            }
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(())
+    }
+
+    /// The object's batches, read back from disk if it was spilled.
+    pub fn get(&self, id: &str) -> Result<Option<Arc<Vec<RecordBatch>>>> {
+        let path = {
+            let s = self.inner.lock().expect("object store lock");
+            match s.objects.get(id) {
+                None => return Ok(None),
+                Some(Stored::Memory(b, _)) => return Ok(Some(Arc::clone(b))),
+                Some(Stored::Spilled(p, _)) => p.clone(),
+            }
+        };
+        let file = std::fs::File::open(&path).map_err(|e| {
+            VolleyError::Io(e).context(format!("cannot read spilled object {}", path.display()))
+        })?;
+        let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
+        let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Some(Arc::new(batches)))
+    }
+
+    /// Drops objects (and their spill files).
+    pub fn free(&self, ids: &[String]) {
+        let mut s = self.inner.lock().expect("object store lock");
+        for id in ids {
+            s.remove(id);
+        }
+    }
+
+    /// `(bytes in memory, bytes spilled)`.
+    pub fn usage(&self) -> (u64, u64) {
+        let s = self.inner.lock().expect("object store lock");
+        (s.memory_bytes, s.spilled_bytes)
+    }
+
+    /// The ids of every object held.
+    pub fn ids(&self) -> Vec<String> {
+        self.inner
+            .lock()
+            .expect("object store lock")
+            .objects
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether the store holds `id`.
+    pub fn contains(&self, id: &str) -> bool {
+        self.inner
+            .lock()
+            .expect("object store lock")
+            .objects
+            .contains_key(id)
+    }
+}
+
+impl StoreInner {
+    fn remove(&mut self, id: &str) {
+        match self.objects.remove(id) {
+            Some(Stored::Memory(_, n)) => {
+                self.memory_bytes = self.memory_bytes.saturating_sub(n);
+                self.order.retain(|o| o != id);
+            }
+            Some(Stored::Spilled(p, n)) => {
+                self.spilled_bytes = self.spilled_bytes.saturating_sub(n);
+                let _ = std::fs::remove_file(p);
+            }
+            None => {}
+        }
+    }
+}
+
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect()
+}
+
+/// The Arrow Flight face of an [`ObjectStore`].
+#[derive(Debug, Clone)]
+pub struct FlightObjects {
+    store: Arc<ObjectStore>,
+}
+
+impl FlightObjects {
+    /// Serves `store`.
+    pub fn new(store: Arc<ObjectStore>) -> Self {
+        Self { store }
+    }
+}
+
+type BoxedStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
+
+fn unsupported<T>(what: &str) -> std::result::Result<T, Status> {
+    Err(Status::unimplemented(format!(
+        "{what}: a volley object store only serves DoGet and DoPut"
+    )))
+}
+
+#[tonic::async_trait]
+impl FlightService for FlightObjects {
+    type HandshakeStream = BoxedStream<HandshakeResponse>;
+    type ListFlightsStream = BoxedStream<FlightInfo>;
+    type DoGetStream = BoxedStream<FlightData>;
+    type DoPutStream = BoxedStream<PutResult>;
+    type DoExchangeStream = BoxedStream<FlightData>;
+    type DoActionStream = BoxedStream<arrow_flight::Result>;
+    type ListActionsStream = BoxedStream<ActionType>;
+
+    async fn handshake(
+        &self,
+        _: Request<Streaming<HandshakeRequest>>,
+    ) -> std::result::Result<Response<Self::HandshakeStream>, Status> {
+        unsupported("Handshake")
+    }
+    async fn list_flights(
+        &self,
+        _: Request<Criteria>,
+    ) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
+        unsupported("ListFlights")
+    }
+    async fn get_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<FlightInfo>, Status> {
+        unsupported("GetFlightInfo")
+    }
+    async fn poll_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<PollInfo>, Status> {
+        unsupported("PollFlightInfo")
+    }
+    async fn get_schema(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<SchemaResult>, Status> {
+        unsupported("GetSchema")
+    }
+    async fn do_exchange(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> std::result::Result<Response<Self::DoExchangeStream>, Status> {
+        unsupported("DoExchange")
+    }
+    async fn do_action(
+        &self,
+        _: Request<Action>,
+    ) -> std::result::Result<Response<Self::DoActionStream>, Status> {
+        unsupported("DoAction")
+    }
+    async fn list_actions(
+        &self,
+        _: Request<Empty>,
+    ) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
+        unsupported("ListActions")
+    }
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> std::result::Result<Response<Self::DoGetStream>, Status> {
+        let id = String::from_utf8_lossy(&request.get_ref().ticket).to_string();
+        let batches = self
+            .store
+            .get(&id)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("object {id} is not on this node")))?;
+        let schema = batches
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| Arc::new(Schema::empty()));
+        let items: Vec<std::result::Result<RecordBatch, FlightError>> =
+            batches.iter().cloned().map(Ok).collect();
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(futures::stream::iter(items))
+            .map_err(|e| Status::internal(e.to_string()));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn do_put(
+        &self,
+        request: Request<Streaming<FlightData>>,
+    ) -> std::result::Result<Response<Self::DoPutStream>, Status> {
+        let mut input = request.into_inner().peekable();
+        let first = Pin::new(&mut input)
+            .peek()
+            .await
+            .ok_or_else(|| Status::invalid_argument("DoPut with no data"))?;
+        let id = match first {
+            Ok(data) => data
+                .flight_descriptor
+                .as_ref()
+                .and_then(|d| d.path.first().cloned())
+                .ok_or_else(|| {
+                    Status::invalid_argument("DoPut: the descriptor must name the object")
+                })?,
+            Err(e) => return Err(e.clone()),
+        };
+        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
+            input.map_err(|e| FlightError::Tonic(Box::new(e))),
+        )
+        .try_collect()
+        .await
+        .map_err(|e| Status::invalid_argument(format!("DoPut {id}: {e}")))?;
+        let bytes = self
+            .store
+            .put(&id, batches)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let result = PutResult {
+            app_metadata: bytes.to_string().into_bytes().into(),
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(result)]))))
+    }
+}
+
+/// Reads an object from the Flight endpoint at `address`.
+pub(crate) async fn fetch(
+    channels: &super::net::Channels,
+    address: &str,
+    id: &str,
+) -> Result<Vec<RecordBatch>> {
+    let mut client = channels.flight(address).await?;
+    let stream = client
+        .do_get(Ticket {
+            ticket: id.as_bytes().to_vec().into(),
+        })
+        .await
+        .map_err(|e| VolleyError::execution(format!("cannot fetch object {id} from {address}: {e}")))?;
+    stream
+        .try_collect()
+        .await
+        .map_err(|e| VolleyError::execution(format!("cannot fetch object {id} from {address}: {e}")))
+}
+
+/// Stores `batches` as object `id` in the store at `address`; returns its size in bytes.
+pub(crate) async fn store(
+    channels: &super::net::Channels,
+    address: &str,
+    id: &str,
+    batches: Vec<RecordBatch>,
+) -> Result<u64> {
+    let mut client = channels.flight(address).await?;
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or_else(|| Arc::new(Schema::empty()));
+    let items: Vec<std::result::Result<RecordBatch, FlightError>> =
+        batches.into_iter().map(Ok).collect();
+    let data = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![id.to_string()])))
+        .build(futures::stream::iter(items));
+    let results: Vec<PutResult> = client
+        .do_put(data)
+        .await
+        .map_err(|e| VolleyError::execution(format!("cannot store object {id} at {address}: {e}")))?
+        .try_collect()
+        .await
+        .map_err(|e| VolleyError::execution(format!("cannot store object {id} at {address}: {e}")))?;
+    Ok(results
+        .first()
+        .and_then(|r| std::str::from_utf8(&r.app_metadata).ok()?.parse().ok())
+        .unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+
+    fn batch(n: i64) -> RecordBatch {
+        RecordBatch::try_from_iter([(
+            "x",
+            Arc::new(Int64Array::from_iter_values(0..n)) as arrow::array::ArrayRef,
+        )])
+        .unwrap()
+    }
+
+    #[test]
+    fn spills_oldest_beyond_the_limit_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = batches_size(&[batch(10_000)]);
+        let store = ObjectStore::new(one * 2, dir.path().to_path_buf());
+        for i in 0..5 {
+            store.put(&format!("o{i}"), vec![batch(10_000)]).unwrap();
+        }
+        let (mem, spilled) = store.usage();
+        assert!(mem <= one * 2, "{mem} in memory");
+        assert_eq!(spilled, one * 3);
+        let back = store.get("o0").unwrap().unwrap();
+        assert_eq!(back[0].num_rows(), 10_000);
+        store.free(&["o0".to_string()]);
+        assert!(store.get("o0").unwrap().is_none());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+}

@@ -1,0 +1,133 @@
+//! What runs on workers: tasks and actors, shipped by name.
+//!
+//! A task is a value of a type that implements [`RemoteTask`] and is registered with
+//! `#[typetag::serde]`: it travels as JSON (`{"task": "MyTask", "args": {..}}`) and the
+//! worker, which runs the same binary, rebuilds it by name. Its inputs are objects (the
+//! results of other tasks, fetched before it runs) and its result is one object: a list
+//! of Arrow record batches. [`RemoteActor`] is the stateful form: built once on its own
+//! worker process, then called method by method, in order.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use volley_common::{Result, VolleyError};
+
+/// Where a task or actor call runs.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// The task's id (also its result object's id).
+    pub task_id: String,
+    /// 0 on the first run, then 1, 2, ... on retries and reconstructions.
+    pub attempt: u32,
+    /// The job the task belongs to.
+    pub job_id: String,
+    /// The node it runs on.
+    pub node_id: String,
+    /// GPUs given to it (also in `CUDA_VISIBLE_DEVICES`).
+    pub gpu_ids: Vec<u32>,
+}
+
+/// A stateless function that runs on a worker.
+///
+/// ```
+/// use volley_runtime::cluster::{RemoteTask, TaskContext};
+/// use arrow::array::RecordBatch;
+///
+/// #[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// struct CountRows;
+///
+/// #[typetag::serde]
+/// impl RemoteTask for CountRows {
+///     fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> volley_common::Result<Vec<RecordBatch>> {
+///         let n: usize = inputs.iter().flatten().map(|b| b.num_rows()).sum();
+///         volley_runtime::cluster::value_object(&n)
+///     }
+/// }
+/// ```
+#[typetag::serde(tag = "task", content = "args")]
+pub trait RemoteTask: Send + Sync + Debug {
+    /// Runs with the batches of each input object, in the order they were given.
+    fn run(&self, ctx: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>>;
+}
+
+/// A stateful worker: built once from its serialized value, then called in order.
+#[typetag::serde(tag = "actor", content = "state")]
+pub trait RemoteActor: Send + Debug {
+    /// Called once on the actor's worker before any method.
+    fn start(&mut self, _ctx: &TaskContext) -> Result<()> {
+        Ok(())
+    }
+    /// Runs `method` with a JSON argument and input objects.
+    fn call(
+        &mut self,
+        ctx: &TaskContext,
+        method: &str,
+        arg: serde_json::Value,
+        inputs: Vec<Vec<RecordBatch>>,
+    ) -> Result<Vec<RecordBatch>>;
+}
+
+/// What a worker is asked to run, as it travels.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Payload {
+    /// A task.
+    Task(Box<dyn RemoteTask>),
+    /// A method call on the actor the task is sent to.
+    Call {
+        method: String,
+        arg: serde_json::Value,
+    },
+}
+
+pub(crate) fn encode<T: Serialize + ?Sized>(what: &str, value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| {
+        VolleyError::plan(format!("{what} cannot be serialized to ship to a worker: {e}"))
+    })
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        VolleyError::execution(format!(
+            "{what} cannot be rebuilt on this worker: {e} (workers run the driver's binary; \
+             is the type registered with #[typetag::serde]?)"
+        ))
+    })
+}
+
+/// A small serde value as an object: one row, one `value` column of JSON.
+pub fn value_object<T: Serialize + ?Sized>(value: &T) -> Result<Vec<RecordBatch>> {
+    let json = serde_json::to_string(value)
+        .map_err(|e| VolleyError::execution(format!("cannot serialize a value: {e}")))?;
+    let schema = Arc::new(Schema::new(vec![Field::new("value", DataType::Utf8, false)]));
+    let array: ArrayRef = Arc::new(StringArray::from(vec![json]));
+    Ok(vec![RecordBatch::try_new(schema, vec![array])?])
+}
+
+/// Reads back what [`value_object`] made.
+pub fn object_value<T: DeserializeOwned>(batches: &[RecordBatch]) -> Result<T> {
+    let column = batches
+        .first()
+        .and_then(|b| b.column_by_name("value"))
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| VolleyError::execution("the object is not a value (one `value` row)"))?;
+    serde_json::from_str(column.value(0))
+        .map_err(|e| VolleyError::execution(format!("cannot read the object's value: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip() {
+        let o = value_object(&vec![1.5f64, 2.5]).unwrap();
+        let v: Vec<f64> = object_value(&o).unwrap();
+        assert_eq!(v, vec![1.5, 2.5]);
+        assert!(object_value::<u32>(&[]).is_err());
+    }
+}

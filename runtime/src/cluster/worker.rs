@@ -1,0 +1,212 @@
+//! Worker mode: a process of the job's binary started by a node agent, running tasks
+//! and actor calls it pulls from that agent until told to exit.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use tracing::warn;
+use volley_common::{Result, VolleyError};
+
+use super::net::Channels;
+use super::objects::{fetch, store};
+use super::proto::{self, task_report::Outcome};
+use super::task::{decode, Payload, RemoteActor, TaskContext};
+
+/// Whether this process was started by a node agent as a worker.
+pub fn is_worker() -> bool {
+    std::env::var_os("VOLLEY_WORKER_ID").is_some()
+}
+
+fn env(name: &str) -> Result<String> {
+    std::env::var(name)
+        .map_err(|_| VolleyError::Config(format!("worker mode needs {name} in the environment")))
+}
+
+/// Runs tasks until the agent says to stop or cannot be reached; never returns.
+pub fn run_worker() -> ! {
+    let code = match worker_loop() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("volley worker: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn worker_loop() -> Result<()> {
+    let worker_id = env("VOLLEY_WORKER_ID")?;
+    let agent_address = env("VOLLEY_AGENT_ADDRESS")?;
+    let token = env("VOLLEY_TOKEN")?;
+    let node_id = env("VOLLEY_NODE_ID").unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| VolleyError::internal(format!("cannot start the worker runtime: {e}")))?;
+    let _enter = rt.enter();
+    let channels = Channels::new(&token);
+    let mut agent = channels.agent(&agent_address)?;
+    let mut actor: Option<Box<dyn RemoteActor>> = None;
+    let mut failures = 0;
+    loop {
+        let pulled = rt.block_on(agent.pull(proto::PullRequest {
+            worker_id: worker_id.clone(),
+            timeout_ms: 2_000,
+        }));
+        let r = match pulled {
+            Ok(r) => {
+                failures = 0;
+                r.into_inner()
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= 5 {
+                    return Err(VolleyError::execution(format!(
+                        "lost the node agent at {agent_address}: {}",
+                        e.message()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        if r.exit {
+            return Ok(());
+        }
+        if let Some(start) = r.actor {
+            let ctx = TaskContext {
+                task_id: start.actor_id.clone(),
+                attempt: start.incarnation,
+                job_id: start.job_id.clone(),
+                node_id: node_id.clone(),
+                gpu_ids: start.gpu_ids.clone(),
+            };
+            let built = decode::<Box<dyn RemoteActor>>("the actor", &start.payload).and_then(|mut a| {
+                guard("actor start", || a.start(&ctx))?;
+                Ok(a)
+            });
+            let error = match built {
+                Ok(a) => {
+                    actor = Some(a);
+                    String::new()
+                }
+                Err(e) => e.to_string(),
+            };
+            let failed = !error.is_empty();
+            rt.block_on(agent.actor_ready(proto::ActorStarted {
+                worker_id: worker_id.clone(),
+                actor_id: start.actor_id,
+                incarnation: start.incarnation,
+                error,
+            }))
+            .map_err(|e| VolleyError::execution(format!("lost the node agent: {}", e.message())))?;
+            if failed {
+                return Ok(());
+            }
+            continue;
+        }
+        let Some(task) = r.task else { continue };
+        let report = rt.block_on(run_one(&channels, &agent_address, &node_id, &task, actor.as_deref_mut()));
+        let send = rt.block_on(agent.finish(proto::WorkerResult {
+            worker_id: worker_id.clone(),
+            report: Some(report),
+        }));
+        if let Err(e) = send {
+            warn!("cannot report task {}: {}", task.task_id, e.message());
+        }
+    }
+}
+
+async fn run_one(
+    channels: &Channels,
+    agent_address: &str,
+    node_id: &str,
+    task: &proto::TaskAssignment,
+    actor: Option<&mut (dyn RemoteActor + 'static)>,
+) -> proto::TaskReport {
+    let mut report = proto::TaskReport {
+        node_id: node_id.to_string(),
+        task_id: task.task_id.clone(),
+        attempt: task.attempt,
+        outcome: Outcome::Ok as i32,
+        ..Default::default()
+    };
+    // Inputs: any copy will do; if none can be read the task is retried (the head
+    // rebuilds a lost input first).
+    let mut inputs = Vec::with_capacity(task.args.len());
+    for arg in &task.args {
+        let mut got = None;
+        let mut last_error = String::from("no copy is known");
+        for address in &arg.addresses {
+            match fetch(channels, address, &arg.object_id).await {
+                Ok(b) => {
+                    got = Some(b);
+                    break;
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        match got {
+            Some(b) => inputs.push(b),
+            None => {
+                report.outcome = Outcome::SystemFailure as i32;
+                report.error = format!("cannot read input {}: {last_error}", arg.object_id);
+                return report;
+            }
+        }
+    }
+    let ctx = TaskContext {
+        task_id: task.task_id.clone(),
+        attempt: task.attempt,
+        job_id: task.job_id.clone(),
+        node_id: node_id.to_string(),
+        gpu_ids: task.gpu_ids.clone(),
+    };
+    let label = if task.name.is_empty() { task.task_id.clone() } else { task.name.clone() };
+    let result: Result<Vec<RecordBatch>> = decode::<Payload>(&format!("task {label}"), &task.payload)
+        .and_then(|payload| match (payload, actor) {
+            (Payload::Task(t), _) => guard(&label, || t.run(&ctx, inputs)),
+            (Payload::Call { method, arg }, Some(a)) => {
+                guard(&label, || a.call(&ctx, &method, arg, inputs))
+            }
+            (Payload::Call { .. }, None) => Err(VolleyError::internal(
+                "an actor call reached a worker with no actor",
+            )),
+        });
+    match result {
+        Ok(batches) => {
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            match store(channels, agent_address, &task.task_id, batches).await {
+                Ok(bytes) => {
+                    report.output_bytes = bytes;
+                    report.output_rows = rows as u64;
+                }
+                Err(e) => {
+                    report.outcome = Outcome::SystemFailure as i32;
+                    report.error = format!("cannot store the result: {e}");
+                }
+            }
+        }
+        Err(e) => {
+            report.outcome = Outcome::Failed as i32;
+            report.error = format!("task {label} failed: {e}");
+        }
+    }
+    report
+}
+
+/// Runs user code, turning a panic into an error.
+fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            Err(VolleyError::execution(format!("{what} panicked: {msg}")))
+        }
+    }
+}

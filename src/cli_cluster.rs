@@ -1,0 +1,479 @@
+//! `volley start | stop | status | job ...`: running a cluster from the command line.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use volley::crates::runtime::cluster::{
+    self, auth, run_node, HeadOptions, JobClient, JobRequest, NodeOptions, Resources,
+};
+use volley::{Result, VolleyError};
+
+/// `volley start`.
+#[derive(Args)]
+pub struct StartArgs {
+    /// Start the head (node registry, scheduler, job manager).
+    #[arg(long)]
+    head: bool,
+    /// Join the cluster whose head is at HOST:PORT (starts a node agent).
+    #[arg(long)]
+    address: Option<String>,
+    /// Port of the head's gRPC service (0: any free port).
+    #[arg(long, default_value_t = 6380)]
+    port: u16,
+    /// Port of the head's HTTP/JSON API (0: any free port).
+    #[arg(long, default_value_t = 8265)]
+    http_port: u16,
+    /// Address to listen on and advertise.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The cluster token (a node reads the head's token file when on the same machine).
+    #[arg(long, env = "VOLLEY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CPUs this node offers (default: all).
+    #[arg(long)]
+    num_cpus: Option<f64>,
+    /// GPUs this node offers (default: those found through the CUDA driver).
+    #[arg(long)]
+    num_gpus: Option<u32>,
+    /// Memory this node offers, e.g. 16GiB (default: the machine's).
+    #[arg(long)]
+    memory: Option<String>,
+    /// Custom resources, NAME=AMOUNT (repeatable).
+    #[arg(long = "resources", value_name = "NAME=AMOUNT")]
+    resources: Vec<String>,
+    /// Memory for objects before they spill to disk (default: 30% of --memory).
+    #[arg(long)]
+    object_store_memory: Option<String>,
+    /// Seconds of silence after which the head declares a node dead.
+    #[arg(long, default_value_t = 5.0)]
+    node_timeout: f64,
+    /// Run in the foreground instead of starting a background process.
+    #[arg(long)]
+    block: bool,
+}
+
+/// `volley job ...`.
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// Upload a program (and a working folder) and run it as the job's driver.
+    Submit {
+        #[command(flatten)]
+        conn: Conn,
+        /// A folder uploaded with the job; the driver runs inside it.
+        #[arg(long)]
+        working_dir: Option<PathBuf>,
+        /// Environment for the driver and its workers, K=V (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// CPUs held by the driver.
+        #[arg(long, default_value_t = 0.0)]
+        num_cpus: f64,
+        /// GPUs held by the driver.
+        #[arg(long, default_value_t = 0.0)]
+        num_gpus: f64,
+        /// A name for the job.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Wait for the job to end, printing its log; exit with its outcome.
+        #[arg(long)]
+        wait: bool,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        entrypoint: Vec<String>,
+    },
+    /// Show a job.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+        /// The job id.
+        id: String,
+    },
+    /// Print a job's driver log.
+    Logs {
+        #[command(flatten)]
+        conn: Conn,
+        /// The job id.
+        id: String,
+        /// Keep printing until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Stop a job: its driver, tasks and actors.
+    Stop {
+        #[command(flatten)]
+        conn: Conn,
+        /// The job id.
+        id: String,
+    },
+    /// List jobs.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Where the head is and the token to use.
+#[derive(Args)]
+pub struct Conn {
+    /// The head, HOST:PORT (default: VOLLEY_ADDRESS, or the head started on this machine).
+    #[arg(long)]
+    address: Option<String>,
+    /// The cluster token (default: VOLLEY_TOKEN, or the head's token file on this machine).
+    #[arg(long, env = "VOLLEY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// The folder for this machine's cluster state: `VOLLEY_HOME`, else `~/.volley`.
+pub fn state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VOLLEY_HOME") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    home.join(".volley")
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+impl Conn {
+    fn resolve(&self) -> Result<(String, String)> {
+        let dir = state_dir();
+        let address = self
+            .address
+            .clone()
+            .or_else(|| std::env::var("VOLLEY_ADDRESS").ok())
+            .or_else(|| read_trimmed(&dir.join("head_address")))
+            .ok_or_else(|| {
+                VolleyError::Config(
+                    "no cluster address: give --address HOST:PORT or set VOLLEY_ADDRESS".into(),
+                )
+            })?;
+        let token = match &self.token {
+            Some(t) => t.clone(),
+            None => auth::read_token(&dir.join("token")).map_err(|_| {
+                VolleyError::Config(
+                    "no cluster token: give --token or set VOLLEY_TOKEN (the head writes it to \
+                     its state folder's `token` file)"
+                        .into(),
+                )
+            })?,
+        };
+        Ok((address, token))
+    }
+
+    fn client(&self) -> Result<JobClient> {
+        let (address, token) = self.resolve()?;
+        JobClient::connect(&address, &token)
+    }
+}
+
+fn io_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| VolleyError::internal(format!("cannot start a runtime: {e}")))
+}
+
+/// Starts a process of this program in the background with `args` (plus `--block`),
+/// its output in `log`; returns its pid.
+fn daemonize(args: &[String], log: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    if let Some(d) = log.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let out = std::fs::File::create(log)?;
+    let child = std::process::Command::new(exe)
+        .args(args)
+        .arg("--block")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()?;
+    Ok(child.id())
+}
+
+fn wait_for_file(path: &Path, log: &Path, pid: u32) -> Result<String> {
+    for _ in 0..300 {
+        if let Some(s) = read_trimmed(path).filter(|s| !s.is_empty()) {
+            return Ok(s);
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(VolleyError::execution(format!(
+        "the process did not start; its log ({}):\n{}",
+        log.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    )))
+}
+
+/// `volley start`.
+pub fn start(a: StartArgs) -> Result<()> {
+    let dir = state_dir();
+    match (a.head, &a.address) {
+        (true, Some(_)) => Err(VolleyError::Config(
+            "give --head or --address, not both".into(),
+        )),
+        (false, None) => Err(VolleyError::Config(
+            "give --head to start a head, or --address HOST:PORT to join one".into(),
+        )),
+        (true, None) => start_head(a, &dir),
+        (false, Some(addr)) => {
+            let addr = addr.clone();
+            start_node(a, &dir, addr)
+        }
+    }
+}
+
+fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if !a.block {
+        let _ = std::fs::remove_file(dir.join("head_address"));
+        let log = dir.join("logs").join("head.log");
+        let mut args: Vec<String> = std::env::args().skip(1).collect();
+        args.retain(|x| x != "--block");
+        let pid = daemonize(&args, &log)?;
+        std::fs::write(dir.join("head.pid"), pid.to_string())?;
+        let address = wait_for_file(&dir.join("head_address"), &log, pid)?;
+        println!("volley head started at {address} (pid {pid}, log {})", log.display());
+        println!("HTTP API: http://{}", read_trimmed(&dir.join("http_address")).unwrap_or_default());
+        println!("token: {}", dir.join("token").display());
+        println!("join another machine with:");
+        println!("  volley start --address {address} --token $(cat {})", dir.join("token").display());
+        return Ok(());
+    }
+    let token = match &a.token {
+        Some(t) => t.clone(),
+        None => {
+            let t = auth::new_token();
+            auth::write_token(&dir.join("token"), &t)?;
+            t
+        }
+    };
+    let mut options = HeadOptions::new(dir.join("head"), token);
+    options.node_timeout = Duration::from_secs_f64(a.node_timeout.max(0.2));
+    options.heartbeat_interval = (options.node_timeout / 10).min(Duration::from_millis(500));
+    let rt = io_runtime()?;
+    rt.block_on(async move {
+        let (_core, addrs) = cluster::start_head(options, &a.host, a.port, Some(a.http_port)).await?;
+        std::fs::write(dir.join("http_address"), addrs.http.clone().unwrap_or_default())?;
+        std::fs::write(dir.join("head_address"), &addrs.grpc)?;
+        eprintln!("volley head listening on {} (HTTP {})", addrs.grpc, addrs.http.unwrap_or_default());
+        wait_for_signal().await;
+        let _ = std::fs::remove_file(dir.join("head_address"));
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
+    if !a.block {
+        let log = dir.join("logs").join(format!("node-{}.log", std::process::id()));
+        let mut args: Vec<String> = std::env::args().skip(1).collect();
+        args.retain(|x| x != "--block");
+        let pid = daemonize(&args, &log)?;
+        let nodes = dir.join("nodes");
+        std::fs::create_dir_all(&nodes)?;
+        std::fs::write(nodes.join(format!("{pid}.pid")), pid.to_string())?;
+        std::thread::sleep(Duration::from_millis(500));
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(VolleyError::execution(format!(
+                "the node agent stopped; its log ({}):\n{}",
+                log.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )));
+        }
+        println!("volley node agent started (pid {pid}, log {}), joining {address}", log.display());
+        return Ok(());
+    }
+    let token = match &a.token {
+        Some(t) => t.clone(),
+        None => auth::read_token(&dir.join("token")).map_err(|_| {
+            VolleyError::Config("no cluster token: give --token or set VOLLEY_TOKEN".into())
+        })?,
+    };
+    let cpus = a.num_cpus.unwrap_or_else(|| {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64
+    });
+    let memory = match &a.memory {
+        Some(m) => volley::crates::common::parse_bytes(m)?,
+        None => volley::crates::runtime::machine_memory(),
+    };
+    let object_store_memory = match &a.object_store_memory {
+        Some(m) => volley::crates::common::parse_bytes(m)?,
+        None => memory / 10 * 3,
+    };
+    let gpus = match a.num_gpus {
+        Some(n) => n,
+        None => cluster::gpus::detect(),
+    };
+    let mut resources = Resources::cpus(cpus)
+        .with_gpus(gpus as f64)
+        .with_memory(memory);
+    for r in &a.resources {
+        let (k, v) = Resources::parse_custom(r)?;
+        resources = resources.with_custom(k, v);
+    }
+    let options = NodeOptions {
+        head_address: address,
+        token,
+        host: a.host.clone(),
+        port: 0,
+        resources,
+        gpu_ids: (0..gpus).collect(),
+        object_store_memory,
+        dir: dir.join("nodes").join(std::process::id().to_string()),
+    };
+    let rt = io_runtime()?;
+    rt.block_on(async move {
+        tokio::select! {
+            r = run_node(options) => {
+                let why = r?;
+                Err(VolleyError::execution(format!("node agent stopped: {why}")))
+            }
+            _ = wait_for_signal() => Ok(()),
+        }
+    })
+}
+
+/// `volley stop`: stops what `volley start` started on this machine.
+pub fn stop() -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let dir = state_dir();
+    let mut pids = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir.join("nodes")) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "pid") {
+                pids.push(e.path());
+            }
+        }
+    }
+    pids.push(dir.join("head.pid"));
+    let mut stopped = 0;
+    for p in pids {
+        if let Some(pid) = read_trimmed(&p).and_then(|s| s.parse::<i32>().ok()) {
+            if kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok() {
+                stopped += 1;
+            }
+        }
+        let _ = std::fs::remove_file(&p);
+    }
+    let _ = std::fs::remove_file(dir.join("head_address"));
+    println!("stopped {stopped} volley process(es)");
+    Ok(())
+}
+
+/// `volley status`.
+pub fn status(conn: Conn) -> Result<()> {
+    let s = conn.client()?.cluster_status()?;
+    println!("{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10}", "NODE", "ALIVE", "ADDRESS", "TOTAL", "AVAILABLE", "TASKS", "OBJECTS");
+    for n in &s.nodes {
+        let total: Resources = n.total.clone().into();
+        let avail: Resources = n.available.clone().into();
+        println!(
+            "{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10}",
+            n.node_id,
+            if n.alive { "yes" } else { "DEAD" },
+            n.object_address,
+            total.to_string(),
+            avail.to_string(),
+            n.running_tasks,
+            volley::crates::common::format_bytes(n.object_store_bytes)
+        );
+    }
+    println!(
+        "{} task(s) running, {} pending; {} job(s) running; {} object(s)",
+        s.running_tasks, s.pending_tasks, s.running_jobs, s.objects
+    );
+    Ok(())
+}
+
+/// `volley job ...`.
+pub fn job(cmd: JobCommand) -> Result<()> {
+    match cmd {
+        JobCommand::Submit {
+            conn,
+            working_dir,
+            env,
+            num_cpus,
+            num_gpus,
+            name,
+            wait,
+            entrypoint,
+        } => {
+            let client = conn.client()?;
+            let mut vars = HashMap::new();
+            for kv in env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| VolleyError::Config(format!("--env {kv}: expected K=V")))?;
+                vars.insert(k.to_string(), v.to_string());
+            }
+            let id = client.submit(&JobRequest {
+                entrypoint,
+                working_dir,
+                env: vars,
+                resources: Resources::cpus(num_cpus).with_gpus(num_gpus),
+                name,
+            })?;
+            if !wait {
+                println!("{id}");
+                return Ok(());
+            }
+            eprintln!("submitted {id}");
+            let stdout = std::io::stdout();
+            client.logs(&id, true, &mut stdout.lock())?;
+            let info = client.wait(&id, Duration::from_secs(u64::MAX / 4))?;
+            eprintln!("job {id}: {} {}", info.state, info.error);
+            if info.state == "SUCCEEDED" {
+                Ok(())
+            } else {
+                Err(VolleyError::execution(format!("job {id} {}", info.state)))
+            }
+        }
+        JobCommand::Status { conn, id } => {
+            let j = conn.client()?.status(&id)?;
+            println!("job:        {}", j.job_id);
+            println!("state:      {}", j.state);
+            println!("entrypoint: {}", j.entrypoint.join(" "));
+            if !j.node_id.is_empty() {
+                println!("driver on:  {}", j.node_id);
+            }
+            if !j.error.is_empty() {
+                println!("error:      {}", j.error);
+            }
+            Ok(())
+        }
+        JobCommand::Logs { conn, id, follow } => {
+            let stdout = std::io::stdout();
+            conn.client()?.logs(&id, follow, &mut stdout.lock())
+        }
+        JobCommand::Stop { conn, id } => {
+            let j = conn.client()?.stop(&id)?;
+            println!("{} {}", j.job_id, j.state);
+            Ok(())
+        }
+        JobCommand::List { conn } => {
+            for j in conn.client()?.list()? {
+                println!("{:<20} {:<10} {}", j.job_id, j.state, j.entrypoint.join(" "));
+            }
+            Ok(())
+        }
+    }
+}
