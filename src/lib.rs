@@ -64,28 +64,10 @@ pub fn init() -> Context {
 }
 
 /// The cluster this program runs on: the one named by `VOLLEY_ADDRESS` (with the token
-/// from `VOLLEY_TOKEN` or the file `VOLLEY_TOKEN_FILE`), connected once per process.
-/// `None` when no address is set.
+/// from `VOLLEY_TOKEN` or the file `VOLLEY_TOKEN_FILE`), joined once per process by the
+/// process-wide [`Context`]. `None` when no address is set.
 pub fn cluster() -> Result<Option<volley_runtime::cluster::Cluster>> {
-    use std::sync::OnceLock;
-    static CLUSTER: OnceLock<std::result::Result<Option<volley_runtime::cluster::Cluster>, String>> =
-        OnceLock::new();
-    CLUSTER
-        .get_or_init(|| {
-            let Ok(address) = std::env::var("VOLLEY_ADDRESS") else {
-                return Ok(None);
-            };
-            let token = volley_runtime::cluster::client::token_from_env()
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| {
-                    format!("VOLLEY_ADDRESS is {address} but no token is set (VOLLEY_TOKEN)")
-                })?;
-            volley_runtime::cluster::Cluster::connect(&address, &token)
-                .map(Some)
-                .map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(VolleyError::Config)
+    Ok(Context::try_global()?.cluster().cloned())
 }
 
 /// Parquet files: a file, folder, glob or list; local or object-store URLs.

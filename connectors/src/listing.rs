@@ -382,20 +382,17 @@ impl DataSource for FileScan {
                 (label, size)
             })
             .collect();
-        let config = FileScanConfigBuilder::from(config.clone())
-            .with_file_groups(groups)
-            .build();
-        let plan: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(config);
+        // One plan per task (one file group each): a task then stands alone, and can be
+        // shipped to a cluster worker as a serialized plan.
         Ok(labels
             .into_iter()
-            .enumerate()
-            .map(|(i, (label, size))| {
-                let plan = Arc::clone(&plan);
-                let task_label = label.clone();
-                ReadTask::new(label, size, move |ctx| {
-                    plan.execute(i, ctx)
-                        .with_context(|| format!("reading {task_label}"))
-                })
+            .zip(groups)
+            .map(|((label, size), group)| {
+                let config = FileScanConfigBuilder::from(config.clone())
+                    .with_file_groups(vec![group])
+                    .build();
+                let plan: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(config);
+                ReadTask::from_plan(label, size, plan)
             })
             .collect())
     }

@@ -30,6 +30,9 @@ pub struct ReadTask {
     /// Estimated bytes it will read (for scheduling and progress).
     pub size_bytes: u64,
     opener: Arc<dyn Fn(Arc<TaskContext>) -> Result<SendableRecordBatchStream> + Send + Sync>,
+    /// The task as a DataFusion plan of one partition, where it is one: such a task can
+    /// be serialized and run by another process (a cluster worker).
+    plan: Option<Arc<dyn datafusion::physical_plan::ExecutionPlan>>,
 }
 
 impl Debug for ReadTask {
@@ -49,7 +52,30 @@ impl ReadTask {
             label: label.into(),
             size_bytes,
             opener: Arc::new(opener),
+            plan: None,
         }
+    }
+
+    /// A task that runs partition 0 of `plan` (a plan of one partition).
+    pub fn from_plan(
+        label: impl Into<String>,
+        size_bytes: u64,
+        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    ) -> Self {
+        let label = label.into();
+        let (runs, context_label) = (Arc::clone(&plan), label.clone());
+        let mut task = Self::new(label, size_bytes, move |ctx| {
+            use volley_common::ResultExt;
+            runs.execute(0, ctx)
+                .with_context(|| format!("reading {context_label}"))
+        });
+        task.plan = Some(plan);
+        task
+    }
+
+    /// The DataFusion plan this task runs, if it is one (see [`from_plan`](Self::from_plan)).
+    pub fn plan(&self) -> Option<&Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        self.plan.as_ref()
     }
 
     /// Opens the stream. Cheap: the reading happens as the stream is polled.

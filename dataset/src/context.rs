@@ -70,9 +70,11 @@ pub struct Context {
     pub(crate) exec: ExecContext,
     /// Tables every SQL query of this context sees (`register_files`).
     tables: Arc<Mutex<Vec<(String, Arc<dyn TableProvider>)>>>,
+    /// The cluster datasets of this context run on, if any.
+    cluster: Option<volley_runtime::cluster::Cluster>,
 }
 
-static GLOBAL: OnceLock<Context> = OnceLock::new();
+static GLOBAL: OnceLock<std::result::Result<Context, String>> = OnceLock::new();
 
 impl Context {
     /// A context with `config` on a local runtime.
@@ -92,12 +94,50 @@ impl Context {
     /// If the `VOLLEY_*` environment variables hold an invalid value; use
     /// [`Context::try_default`] to get that as an error.
     pub fn global() -> Context {
+        match Context::try_global() {
+            Ok(c) => c,
+            Err(e) => panic!("volley: {e}"),
+        }
+    }
+
+    /// The process-wide context, or why it cannot be made: an invalid `VOLLEY_*`
+    /// variable, or a cluster named by `VOLLEY_ADDRESS` that cannot be joined.
+    ///
+    /// With `VOLLEY_ADDRESS` set (and not in a cluster worker, which runs its tasks
+    /// locally), the context joins that cluster: datasets whose shape allows it run as
+    /// cluster tasks.
+    pub fn try_global() -> Result<Context> {
         GLOBAL
-            .get_or_init(|| match Context::try_default() {
-                Ok(c) => c,
-                Err(e) => panic!("volley: {e}"),
+            .get_or_init(|| {
+                let ctx = Context::try_default().map_err(|e| e.to_string())?;
+                if volley_runtime::cluster::is_worker() {
+                    return Ok(ctx);
+                }
+                let Ok(address) = std::env::var("VOLLEY_ADDRESS") else {
+                    return Ok(ctx);
+                };
+                let token = volley_runtime::cluster::client::token_from_env()
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| {
+                        format!("VOLLEY_ADDRESS is {address} but no cluster token is set (VOLLEY_TOKEN)")
+                    })?;
+                let cluster = volley_runtime::cluster::Cluster::connect(&address, &token)
+                    .map_err(|e| e.to_string())?;
+                Ok(ctx.with_cluster(cluster))
             })
             .clone()
+            .map_err(volley_common::VolleyError::Config)
+    }
+
+    /// This context, running its datasets on `cluster`.
+    pub fn with_cluster(mut self, cluster: volley_runtime::cluster::Cluster) -> Context {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The cluster this context runs on, if any.
+    pub fn cluster(&self) -> Option<&volley_runtime::cluster::Cluster> {
+        self.cluster.as_ref()
     }
 
     /// A context with `config` on `runtime`.
@@ -153,6 +193,7 @@ impl Context {
                 budget,
             },
             tables: Arc::new(Mutex::new(Vec::new())),
+            cluster: None,
         })
     }
 

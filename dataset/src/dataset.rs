@@ -348,7 +348,11 @@ impl Dataset {
         &self,
         options: IterOptions,
     ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
-        let stream = self.stream()?;
+        let stream: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> =
+            match self.on_cluster()? {
+                Some((cluster, d)) => Box::new(d.stream(cluster)?),
+                None => Box::new(self.stream()?),
+            };
         let rebatched: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> =
             match options.batch_size {
                 Some(n) => Box::new(Rebatch::new(stream, n.max(1))),
@@ -374,7 +378,22 @@ impl Dataset {
 
     /// Runs the dataset and returns every batch.
     pub fn collect(&self) -> Result<Vec<RecordBatch>> {
+        if let Some((cluster, d)) = self.on_cluster()? {
+            return d.collect(&cluster);
+        }
         self.stream()?.collect()
+    }
+
+    /// The cluster tasks of this dataset, when its context is on a cluster and its
+    /// shape runs there.
+    fn on_cluster(
+        &self,
+    ) -> Result<Option<(volley_runtime::cluster::Cluster, crate::distributed::Distributed)>> {
+        let Some(cluster) = self.ctx.cluster() else {
+            return Ok(None);
+        };
+        Ok(crate::distributed::Distributed::plan(&self.ctx, &self.plan)?
+            .map(|d| (cluster.clone(), d)))
     }
 
     /// Runs the dataset and returns all rows as one batch.
@@ -504,6 +523,13 @@ impl WriteBuilder {
             exec.config.exec.spill_dir.as_deref(),
             exec.runtime.io_handle(),
         )?;
+        if !single {
+            if let Some((cluster, d)) = ds.on_cluster()? {
+                return d
+                    .write(&cluster, job)
+                    .with_context(|| format!("writing {}", self.path));
+            }
+        }
         if single {
             // One writer, on this thread.
             let result = (|| {

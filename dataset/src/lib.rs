@@ -15,6 +15,7 @@
 
 mod context;
 mod dataset;
+mod distributed;
 mod exchange;
 mod logical;
 mod optimizer;
@@ -24,6 +25,7 @@ mod sql;
 mod streaming_split;
 
 pub use context::{Context, Paths};
+pub use distributed::FragmentTask;
 pub use dataset::{Dataset, IterOptions, MapOptions, WriteBuilder};
 pub use logical::LogicalOp;
 pub use relational::{agg, GroupedDataset, JoinHow, SortKey};

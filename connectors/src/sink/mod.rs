@@ -25,7 +25,7 @@ use volley_common::{Result, ResultExt, VolleyError};
 pub use writer::PartWriter;
 
 /// The format written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WriteFormat {
     /// Apache Parquet.
     Parquet,
@@ -70,7 +70,7 @@ impl WriteFormat {
 }
 
 /// Compression of written files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Compression {
     /// Snappy for Parquet, none for CSV and JSON.
     #[default]
@@ -107,7 +107,7 @@ impl std::str::FromStr for Compression {
 }
 
 /// What to do when the destination exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum WriteMode {
     /// Fail before writing anything.
     #[default]
@@ -119,7 +119,7 @@ pub enum WriteMode {
 }
 
 /// Options of a write.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WriteOptions {
     /// The format.
     pub format: WriteFormat,
@@ -151,7 +151,7 @@ impl WriteOptions {
 }
 
 /// What a write produced.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct WriteSummary {
     /// Files written, relative to the destination.
     pub files: Vec<String>,
@@ -170,6 +170,84 @@ impl WriteSummary {
     }
 }
 
+/// One part of a write, as it travels to the process that writes it.
+///
+/// Its files are named after the part, so writing the same part again (a task re-run
+/// after its worker died) replaces them instead of adding to them; each file appears in
+/// the staging area whole (written aside, then renamed or uploaded in one put).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RemotePart {
+    options: WriteOptions,
+    prefix: String,
+    target: RemoteTarget,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+enum RemoteTarget {
+    Local { staging: PathBuf },
+    Store { url: String, staging: String },
+}
+
+impl RemotePart {
+    /// Writes `batches` as this part; `attempt` names this try's scratch folder.
+    pub fn write(
+        &self,
+        batches: impl Iterator<Item = Result<arrow::array::RecordBatch>>,
+        registry: &dyn datafusion::execution::object_store::ObjectStoreRegistry,
+        scratch: &FsPath,
+        attempt: &str,
+        io: tokio::runtime::Handle,
+    ) -> Result<WriteSummary> {
+        match &self.target {
+            RemoteTarget::Local { staging } => {
+                if !staging.is_dir() {
+                    return Err(VolleyError::execution(format!(
+                        "the write's staging folder {} is not reachable from this node \
+                         (a cluster writing to a local path needs it on a shared file system)",
+                        staging.display()
+                    )));
+                }
+                let aside = staging.join(format!(".{}-{attempt}", self.prefix));
+                let mut w = PartWriter::try_new(self.options.clone(), self.prefix.clone(), aside.clone(), None)?;
+                for b in batches {
+                    w.write(&b?)?;
+                }
+                let summary = w.finish()?;
+                for f in &summary.files {
+                    let to = staging.join(f);
+                    if let Some(dir) = to.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    std::fs::rename(aside.join(f), &to)
+                        .with_context(|| format!("moving {f} into {}", staging.display()))?;
+                }
+                std::fs::remove_dir_all(&aside).ok();
+                Ok(summary)
+            }
+            RemoteTarget::Store { url, staging } => {
+                let parsed = url::Url::parse(url)
+                    .map_err(|e| VolleyError::plan(format!("invalid URL {url}: {e}")))?;
+                let store = registry
+                    .get_store(&parsed)
+                    .with_context(|| format!("opening {url}"))?;
+                let local = scratch.join(format!("volley-part-{}-{attempt}", self.prefix));
+                let mut w = PartWriter::try_new(
+                    self.options.clone(),
+                    self.prefix.clone(),
+                    local.clone(),
+                    Some((store, Path::from(staging.as_str()), io)),
+                )?;
+                for b in batches {
+                    w.write(&b?)?;
+                }
+                let summary = w.finish();
+                std::fs::remove_dir_all(&local).ok();
+                summary
+            }
+        }
+    }
+}
+
 /// Where the parts go before the commit.
 #[derive(Debug)]
 enum Target {
@@ -179,6 +257,8 @@ enum Target {
     /// uploaded under `staging`, and moved to `dest` at commit.
     Remote {
         store: Arc<dyn ObjectStore>,
+        /// The destination's URL (its store is found again from it in other processes).
+        url: url::Url,
         dest: Path,
         staging: Path,
         scratch: PathBuf,
@@ -269,6 +349,7 @@ impl WriteJob {
             std::fs::create_dir_all(&scratch)
                 .with_context(|| format!("creating the scratch folder {}", scratch.display()))?;
             Target::Remote {
+                url,
                 staging: prefix.clone().join(format!("_volley_staging-{id}")),
                 dest: prefix,
                 store,
@@ -316,6 +397,24 @@ impl WriteJob {
         )
     }
 
+    /// Part `task` of the write, to be written by another process (a cluster worker)
+    /// that reaches the same file system or object store.
+    pub fn remote_part(&self, task: usize) -> RemotePart {
+        RemotePart {
+            options: self.options.clone(),
+            prefix: format!("part-{}-{task:05}", self.id),
+            target: match &self.target {
+                Target::Local { staging, .. } => RemoteTarget::Local {
+                    staging: staging.clone(),
+                },
+                Target::Remote { url, staging, .. } => RemoteTarget::Store {
+                    url: url.to_string(),
+                    staging: staging.to_string(),
+                },
+            },
+        }
+    }
+
     /// Moves every staged file into place. Call once, after every part writer finished.
     pub fn commit(self) -> Result<()> {
         let display = self.display.clone();
@@ -361,6 +460,7 @@ impl WriteJob {
                 dest,
                 staging,
                 scratch,
+                ..
             } => {
                 let store = Arc::clone(store);
                 let (dest, staging) = (dest.clone(), staging.clone());

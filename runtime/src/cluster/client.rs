@@ -354,6 +354,10 @@ impl Cluster {
         let _enter = rt.enter();
         let channels = Channels::new(token);
         let head = channels.head(address)?;
+        if std::env::var_os("VOLLEY_NODE_ID").is_some() {
+            // A driver started by a node agent ends with it, like the agent's workers.
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+        }
         let (job_id, attached) = match std::env::var("VOLLEY_JOB_ID") {
             Ok(j) if !j.is_empty() => (j, false),
             _ => (rt.block_on(attach(head.clone(), address))?, true),

@@ -36,6 +36,10 @@ pub fn run_worker() -> ! {
 }
 
 fn worker_loop() -> Result<()> {
+    // A worker never outlives its node agent: if the agent dies (even by SIGKILL), the
+    // kernel kills the worker too, so no orphan keeps running a task the cluster has
+    // already handed to another node.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     let worker_id = env("VOLLEY_WORKER_ID")?;
     let agent_address = env("VOLLEY_AGENT_ADDRESS")?;
     let token = env("VOLLEY_TOKEN")?;

@@ -1,0 +1,100 @@
+//! A Dataset job that runs on a cluster unchanged: read Parquet, compute columns with an
+//! expression and a named transform, filter, write Parquet.
+//!
+//! ```text
+//! volley start --head && volley start --address 127.0.0.1:6380
+//! volley job submit --wait -- target/release/examples/cluster_pipeline IN_DIR OUT_DIR
+//! ```
+//!
+//! Run without a cluster (no `VOLLEY_ADDRESS`) it runs locally and writes the same rows.
+//! Each read task of the input becomes a cluster task; every node's workers take some.
+//! `--slow-ms N` makes the transform sleep N ms per batch (to watch it, or kill a node
+//! while it runs); `--tag-node` adds the node each row was computed on.
+
+use std::sync::Arc;
+
+use volley::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use volley::arrow::datatypes::{DataType, Field, Schema};
+use volley::datafusion::logical_expr::cast;
+use volley::prelude::*;
+use volley::WriteMode;
+
+/// Adds `score = sqrt(x) * weight` (and, if asked, the node that computed it).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Score {
+    slow_ms: u64,
+    tag_node: bool,
+}
+
+#[volley::typetag::serde]
+impl NamedTransform for Score {
+    fn transform(&self, batch: RecordBatch) -> volley::Result<RecordBatch> {
+        if self.slow_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.slow_ms));
+        }
+        let x = batch
+            .column_by_name("x")
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            .ok_or_else(|| VolleyError::plan("Score needs an int64 column `x`"))?;
+        let w = batch
+            .column_by_name("weight")
+            .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
+            .ok_or_else(|| VolleyError::plan("Score needs a float64 column `weight`"))?;
+        let score: Float64Array = x
+            .iter()
+            .zip(w.iter())
+            .map(|(x, w)| Some((x? as f64).sqrt() * w?))
+            .collect();
+        let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        fields.push(Field::new("score", DataType::Float64, true));
+        columns.push(Arc::new(score));
+        if self.tag_node {
+            let node = std::env::var("VOLLEY_NODE_ID").unwrap_or_else(|_| "local".into());
+            fields.push(Field::new("node", DataType::Utf8, false));
+            columns.push(Arc::new(StringArray::from(vec![node; batch.num_rows()])));
+        }
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    }
+}
+
+fn main() -> Result<()> {
+    volley::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut positional = Vec::new();
+    let mut slow_ms = 0;
+    let mut tag_node = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--slow-ms" => slow_ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            "--tag-node" => tag_node = true,
+            _ => positional.push(a.clone()),
+        }
+    }
+    let [input, output] = positional.as_slice() else {
+        return Err(VolleyError::plan("usage: cluster_pipeline IN OUT [--slow-ms N] [--tag-node]"));
+    };
+    let on = match volley::cluster()? {
+        Some(c) => format!("cluster {} (job {})", c.address(), c.job_id()),
+        None => "this machine".to_string(),
+    };
+    let start = std::time::Instant::now();
+    let summary = read_parquet(input.as_str())?
+        .with_column("weight", cast(col("x") % lit(7i64), DataType::Float64))?
+        .map_transform(
+            TransformFn::named(Score { slow_ms, tag_node }),
+            MapOptions::default(),
+        )
+        .filter(col("x").gt_eq(lit(0i64)))?
+        .write(output, volley::WriteFormat::Parquet)
+        .mode(WriteMode::Overwrite)
+        .run()?;
+    println!(
+        "wrote {} rows in {} files to {output} on {on} in {:.2}s",
+        summary.rows,
+        summary.files.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
