@@ -8,6 +8,10 @@
 //!
 //! Each task makes a block of numbers on whichever node has room; a second wave sums
 //! them where they are; an actor keeps a running total. The driver checks the answers.
+//!
+//! `cluster_tasks wait-for-resources` asks for what no node has yet (a task needing 2
+//! GPUs, a placement group of two 2-CPU bundles on one node), shows that both wait, and
+//! finishes once a node that fits joins.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,11 +87,53 @@ impl RemoteActor for Accumulator {
     }
 }
 
+/// Reports where it ran and which GPUs it was given.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct WhereAmI;
+
+#[typetag::serde]
+impl RemoteTask for WhereAmI {
+    fn run(&self, ctx: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+        value_object(&(ctx.node_id.clone(), ctx.gpu_ids.clone(), visible))
+    }
+}
+
+fn wait_for_resources(cluster: &volley::crates::runtime::cluster::Cluster) -> Result<()> {
+    let gpu_task = cluster.submit(
+        WhereAmI,
+        &[],
+        &TaskOptions::default().resources(Resources::cpus(0.0).with_gpus(2.0)),
+    )?;
+    let group = cluster.placement_group(vec![Resources::cpus(2.0); 2], PlacementStrategy::StrictPack)?;
+    let (ready, _) = cluster.wait(std::slice::from_ref(&gpu_task), 1, Duration::from_secs(2))?;
+    let placed = group.wait(Duration::from_millis(10))?;
+    if !ready.is_empty() || placed.is_some() {
+        return Err(VolleyError::execution("expected both to wait for a bigger node"));
+    }
+    println!("WAITING: the 2-GPU task and the 2x2-CPU group wait for a node that fits");
+    let placed = group
+        .wait(Duration::from_secs(120))?
+        .ok_or_else(|| VolleyError::execution("the group was never placed"))?;
+    let (node, gpus, visible): (String, Vec<u32>, String) = object_value(&cluster.get(&gpu_task)?)?;
+    println!("group placed on {placed:?}");
+    println!("GPU task ran on {node} with GPUs {gpus:?}, CUDA_VISIBLE_DEVICES={visible}");
+    if placed[0] != placed[1] || gpus.len() != 2 {
+        return Err(VolleyError::execution("wrong placement"));
+    }
+    println!("OK");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     volley::init();
-    let tasks: i64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(8);
     let cluster = volley::cluster()?
         .ok_or_else(|| VolleyError::Config("run this on a cluster (VOLLEY_ADDRESS)".into()))?;
+    let first = std::env::args().nth(1).unwrap_or_default();
+    if first == "wait-for-resources" {
+        return wait_for_resources(&cluster);
+    }
+    let tasks: i64 = first.parse().unwrap_or(8);
     let n = 100_000;
     let blocks: Vec<_> = (0..tasks)
         .map(|i| cluster.submit(Numbers { start: i * n, n }, &[], &TaskOptions::default()))

@@ -217,6 +217,15 @@ fn wait_for_file(path: &Path, log: &Path, pid: u32) -> Result<String> {
 /// `volley start`.
 pub fn start(a: StartArgs) -> Result<()> {
     let dir = state_dir();
+    if a.block {
+        // The head's and agents' events (nodes joining and dying, retries) go to stderr,
+        // which `volley start` points at the process's log file.
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     match (a.head, &a.address) {
         (true, Some(_)) => Err(VolleyError::Config(
             "give --head or --address, not both".into(),
@@ -455,6 +464,7 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             if !j.node_id.is_empty() {
                 println!("driver on:  {}", j.node_id);
             }
+            println!("retries:    {}", j.task_retries);
             if !j.error.is_empty() {
                 println!("error:      {}", j.error);
             }

@@ -705,6 +705,11 @@ impl State {
         task.retries_left -= 1;
         task.attempt += 1;
         task.state = TaskState::Pending;
+        let job = task.spec.job_id.clone();
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.info.task_retries += 1;
+        }
+        let task = &self.tasks[id];
         info!("task {id}: {error}; retrying (attempt {})", task.attempt);
         self.queue.push_front(id.to_string());
     }
@@ -822,6 +827,9 @@ impl State {
         task.attempt += 1;
         task.state = TaskState::Pending;
         let args = task.spec.args.clone();
+        if let Some(j) = self.jobs.get_mut(&task.spec.job_id) {
+            j.info.task_retries += 1;
+        }
         for a in &args {
             if let Some(o) = self.objects.get_mut(a) {
                 o.users += 1;

@@ -1,0 +1,444 @@
+//! Multi-process cluster tests: a real head and node agents on 127.0.0.1 ports, jobs
+//! submitted with `volley job submit`, worker processes, and the faults the cluster
+//! must survive (a node agent or a worker killed with SIGKILL mid-job).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use volley::arrow::array::{ArrayRef, Int64Array, RecordBatch};
+use volley::datafusion::parquet::arrow::ArrowWriter;
+
+fn volley_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_volley"))
+}
+
+fn example(name: &str) -> PathBuf {
+    volley_bin()
+        .parent()
+        .expect("target folder")
+        .join("examples")
+        .join(name)
+}
+
+/// A head and node agents started for one test; everything is killed on drop.
+struct TestCluster {
+    home: tempfile::TempDir,
+    head: Child,
+    nodes: Vec<Child>,
+    address: String,
+    http: String,
+    token: String,
+}
+
+impl TestCluster {
+    fn start(node_timeout_s: f64) -> Self {
+        let home = tempfile::tempdir().unwrap();
+        let head = Command::new(volley_bin())
+            .args(["start", "--head", "--block", "--port", "0", "--http-port", "0"])
+            .args(["--node-timeout", &node_timeout_s.to_string()])
+            .env("VOLLEY_HOME", home.path())
+            .env_remove("VOLLEY_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let address = loop {
+            if let Ok(a) = std::fs::read_to_string(home.path().join("head_address")) {
+                if !a.is_empty() {
+                    break a;
+                }
+            }
+            assert!(Instant::now() < deadline, "the head did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let http = std::fs::read_to_string(home.path().join("http_address")).unwrap();
+        let token = std::fs::read_to_string(home.path().join("token")).unwrap();
+        let mode = std::fs::metadata(home.path().join("token")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.permissions().mode() & 0o777, 0o600, "token file must be owner-only");
+        Self {
+            home,
+            head,
+            nodes: vec![],
+            address,
+            http,
+            token,
+        }
+    }
+
+    fn volley(&self) -> Command {
+        let mut c = Command::new(volley_bin());
+        c.env("VOLLEY_HOME", self.home.path())
+            .env("VOLLEY_ADDRESS", &self.address)
+            .env("VOLLEY_TOKEN", &self.token);
+        c
+    }
+
+    /// Starts a node agent and waits until the head lists it.
+    fn add_node(&mut self, cpus: u32, gpus: u32) -> usize {
+        let before = self.node_count();
+        let child = self
+            .volley()
+            .args(["start", "--block", "--address", &self.address])
+            .args(["--num-cpus", &cpus.to_string(), "--num-gpus", &gpus.to_string()])
+            .args(["--object-store-memory", "64MiB"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.nodes.push(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.node_count() <= before {
+            assert!(Instant::now() < deadline, "the node did not join");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.nodes.len() - 1
+    }
+
+    fn status(&self) -> String {
+        let out = self.volley().arg("status").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn node_count(&self) -> usize {
+        self.status().lines().filter(|l| l.contains(" yes ")).count()
+    }
+
+    fn submit(&self, args: &[&str]) -> String {
+        let out = self.volley().args(["job", "submit", "--"]).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn job_state(&self, id: &str) -> String {
+        let out = self.volley().args(["job", "status", id]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix("state:"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn retries(&self, id: &str) -> u32 {
+        let out = self.volley().args(["job", "status", id]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("retries:"))
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn logs(&self, id: &str) -> String {
+        let out = self.volley().args(["job", "logs", id]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn wait_job(&self, id: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.job_state(id);
+            if ["SUCCEEDED", "FAILED", "STOPPED"].contains(&s.as_str()) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} still {s} after {timeout:?}; log:\n{}",
+                self.logs(id)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Pids of processes started for this cluster (workers, drivers) that match `extra`.
+    fn processes(&self, extra: &str) -> Vec<i32> {
+        let needle = format!("VOLLEY_ADDRESS={}", self.address);
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(env) = std::fs::read(e.path().join("environ")) else { continue };
+            let env = String::from_utf8_lossy(&env);
+            let vars: Vec<&str> = env.split('\0').collect();
+            if vars.contains(&needle.as_str()) && vars.iter().any(|v| v.starts_with(extra)) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    fn http_get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(&self.http).unwrap();
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n", self.http).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let code = resp[9..12].parse().unwrap();
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+        let _ = self.head.kill();
+        let _ = self.head.wait();
+    }
+}
+
+fn kill9(pid: i32) {
+    let status = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -9 {pid}");
+}
+
+/// `files` Parquet files of `rows` rows each, column `x` counting up across them.
+fn input(dir: &Path, files: usize, rows: i64) -> PathBuf {
+    let path = dir.join("input");
+    std::fs::create_dir_all(&path).unwrap();
+    for f in 0..files {
+        let start = f as i64 * rows;
+        let batch = RecordBatch::try_from_iter([(
+            "x",
+            Arc::new(Int64Array::from_iter_values(start..start + rows)) as ArrayRef,
+        )])
+        .unwrap();
+        let file = std::fs::File::create(path.join(format!("part-{f:03}.parquet"))).unwrap();
+        let props = volley::datafusion::parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(8_192))
+            .build();
+        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    path
+}
+
+fn run_local(input: &Path, output: &Path) -> Output {
+    let out = Command::new(example("cluster_pipeline"))
+        .arg(input)
+        .arg(output)
+        .env_remove("VOLLEY_ADDRESS")
+        .env_remove("VOLLEY_WORKER_ID")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// `(rows, distinct x, sum x, sum score)` of a pipeline's output, read locally.
+fn checksum(output: &Path) -> (i64, i64, i64, String) {
+    let ctx = volley::Context::try_default().unwrap();
+    let ds = ctx
+        .sql_with_files(
+            "SELECT count(*) AS n, count(DISTINCT x) AS d, sum(x) AS sx, \
+             round(sum(score), 3) AS ss FROM t",
+            &[("t", output.to_str().unwrap())],
+        )
+        .unwrap();
+    let b = ds.collect_batch().unwrap();
+    let int = |i: usize| {
+        b.column(i)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0)
+    };
+    let score = volley::arrow::util::display::array_value_to_string(b.column(3), 0).unwrap();
+    (int(0), int(1), int(2), score)
+}
+
+#[test]
+fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
+    let mut c = TestCluster::start(5.0);
+    c.add_node(1, 0);
+    c.add_node(2, 1);
+    c.add_node(1, 1);
+    let status = c.status();
+    assert_eq!(status.lines().filter(|l| l.starts_with("node-")).count(), 3, "{status}");
+
+    // The token is required everywhere.
+    let wrong = c.volley().args(["status", "--token", "nope"]).output().unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("wrong cluster token"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    let join = c
+        .volley()
+        .args(["start", "--block", "--address", &c.address, "--token", "nope"])
+        .output()
+        .unwrap();
+    assert!(!join.status.success());
+    assert!(String::from_utf8_lossy(&join.stderr).contains("wrong cluster token"));
+    assert_eq!(c.http_get("/api/jobs", None).0, 401);
+    assert_eq!(c.http_get("/api/jobs", Some("nope")).0, 401);
+
+    // A Dataset job spreads over every node and writes what a local run writes.
+    let dir = tempfile::tempdir().unwrap();
+    let data = input(dir.path(), 12, 20_000);
+    let local = dir.path().join("local");
+    run_local(&data, &local);
+    let out = dir.path().join("cluster");
+    let job = c.submit(&[
+        example("cluster_pipeline").to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--tag-node",
+    ]);
+    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.logs(&job));
+    assert!(c.logs(&job).contains("wrote 240000 rows"), "{}", c.logs(&job));
+    assert_eq!(checksum(&out), checksum(&local));
+    let ctx = volley::Context::try_default().unwrap();
+    let nodes = ctx
+        .sql_with_files("SELECT count(DISTINCT node) FROM t", &[("t", out.to_str().unwrap())])
+        .unwrap()
+        .collect_batch()
+        .unwrap();
+    let nodes = nodes.column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0);
+    assert_eq!(nodes, 3, "every node computes part of the job");
+
+    // Tasks, actors and placement groups.
+    let tasks = c.submit(&[example("cluster_tasks").to_str().unwrap(), "6"]);
+    assert_eq!(c.wait_job(&tasks, Duration::from_secs(120)), "SUCCEEDED", "{}", c.logs(&tasks));
+    assert!(c.logs(&tasks).contains("OK"));
+
+    // A task needing 2 GPUs and a group needing 4 CPUs on one node wait until such a
+    // node joins, then run there.
+    let wait = c.submit(&[example("cluster_tasks").to_str().unwrap(), "wait-for-resources"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !c.logs(&wait).contains("WAITING") {
+        assert_ne!(c.job_state(&wait), "FAILED", "{}", c.logs(&wait));
+        assert!(Instant::now() < deadline, "{}", c.logs(&wait));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.job_state(&wait), "RUNNING");
+    c.add_node(4, 2);
+    assert_eq!(c.wait_job(&wait, Duration::from_secs(120)), "SUCCEEDED", "{}", c.logs(&wait));
+    let log = c.logs(&wait);
+    assert!(log.contains("GPU task ran on node-4 with GPUs [0, 1], CUDA_VISIBLE_DEVICES=0,1"), "{log}");
+    assert!(log.contains(r#"group placed on ["node-4", "node-4"]"#), "{log}");
+
+    // The HTTP API sees the same jobs.
+    let (code, body) = c.http_get("/api/jobs", Some(&c.token));
+    assert_eq!(code, 200, "{body}");
+    let jobs: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(jobs.as_array().unwrap().len(), 3, "{body}");
+    let (code, body) = c.http_get(&format!("/api/jobs/{job}"), Some(&c.token));
+    assert_eq!(code, 200);
+    assert!(body.contains("\"state\":\"SUCCEEDED\""), "{body}");
+
+    // Stopping a job kills its driver and workers and leaves no output.
+    let stopped_out = dir.path().join("stopped");
+    let slow = c.submit(&[
+        example("cluster_pipeline").to_str().unwrap(),
+        data.to_str().unwrap(),
+        stopped_out.to_str().unwrap(),
+        "--slow-ms",
+        "5000",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.processes(&format!("VOLLEY_JOB_ID={slow}")).len() < 2 {
+        assert!(Instant::now() < deadline, "the job's processes did not start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stop = c.volley().args(["job", "stop", &slow]).output().unwrap();
+    assert!(stop.status.success());
+    assert_eq!(c.wait_job(&slow, Duration::from_secs(10)), "STOPPED");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.processes(&format!("VOLLEY_JOB_ID={slow}")).is_empty() {
+        assert!(Instant::now() < deadline, "the stopped job's processes are still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!stopped_out.exists(), "a stopped job leaves no output");
+
+    // Nothing the cluster started outlives it.
+    drop(c.nodes.drain(..).collect::<Vec<_>>());
+    let address = c.address.clone();
+    drop(c);
+    std::thread::sleep(Duration::from_millis(500));
+    let left: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let env = std::fs::read(e.path().join("environ")).ok()?;
+            String::from_utf8_lossy(&env)
+                .split('\0')
+                .any(|v| v == format!("VOLLEY_ADDRESS={address}"))
+                .then_some(pid)
+        })
+        .collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+#[test]
+fn killed_node_agent_and_killed_worker_lose_no_rows() {
+    let mut c = TestCluster::start(2.0);
+    c.add_node(1, 0);
+    let victim = c.add_node(1, 0);
+    c.add_node(1, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = input(dir.path(), 12, 20_000);
+    let local = dir.path().join("local");
+    run_local(&data, &local);
+    let expected = checksum(&local);
+
+    // SIGKILL a node agent while tasks run on it.
+    let out = dir.path().join("after-node-kill");
+    let job = c.submit(&[
+        example("cluster_pipeline").to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--slow-ms",
+        "300",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.processes("VOLLEY_WORKER_ID=node-2-").is_empty() {
+        assert!(Instant::now() < deadline, "no worker started on node-2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = c.nodes[victim].id() as i32;
+    kill9(pid);
+    let _ = c.nodes[victim].wait();
+    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.logs(&job));
+    assert!(c.status().contains("DEAD"), "{}", c.status());
+    assert!(c.retries(&job) >= 1, "the dead node's tasks ran again elsewhere");
+    assert_eq!(checksum(&out), expected);
+
+    // SIGKILL a worker process while it runs a task.
+    let out = dir.path().join("after-worker-kill");
+    let job = c.submit(&[
+        example("cluster_pipeline").to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--slow-ms",
+        "300",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let worker = loop {
+        if let Some(p) = c.processes(&format!("VOLLEY_JOB_ID={job}")).into_iter().find(|p| {
+            std::fs::read(format!("/proc/{p}/environ"))
+                .map(|e| String::from_utf8_lossy(&e).contains("VOLLEY_WORKER_ID="))
+                .unwrap_or(false)
+        }) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no worker started");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    kill9(worker);
+    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.logs(&job));
+    assert!(c.retries(&job) >= 1, "the killed worker's task ran again");
+    assert_eq!(checksum(&out), expected);
+}
