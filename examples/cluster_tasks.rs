@@ -82,6 +82,8 @@ impl RemoteActor for Accumulator {
                 self.total += arg.as_i64().unwrap_or(0);
                 value_object(&self.total)
             }
+            // Takes the actor's process down, to show a restart.
+            "crash" => std::process::exit(3),
             other => Err(VolleyError::plan(format!("Accumulator has no method {other}"))),
         }
     }
@@ -171,6 +173,26 @@ fn main() -> Result<()> {
         return Err(VolleyError::execution("wrong actor total"));
     }
     acc.kill()?;
+
+    // An actor whose process dies is rebuilt from its initial value (max_restarts).
+    let fragile = cluster.create_actor(Accumulator::default(), &ActorOptions::default().max_restarts(1))?;
+    let five: i64 = object_value(&cluster.get(&fragile.call("add", 5, &[])?)?)?;
+    let crashed = cluster.get(&fragile.call("crash", 0, &[])?);
+    let seven: i64 = object_value(&cluster.get(&fragile.call("add", 7, &[])?)?)?;
+    let info = fragile.info()?;
+    println!(
+        "actor before crash: {five}; the crashing call: {}; after restart: {seven} ({} restart, {})",
+        match &crashed {
+            Ok(_) => "returned".to_string(),
+            Err(e) => format!("failed ({e})"),
+        },
+        info.restarts,
+        info.state
+    );
+    if five != 5 || crashed.is_ok() || seven != 7 || info.restarts != 1 || info.state != "ALIVE" {
+        return Err(VolleyError::execution("the actor did not restart as expected"));
+    }
+    fragile.kill()?;
 
     let group = cluster.placement_group(vec![Resources::cpus(1.0); 2], PlacementStrategy::Spread)?;
     let placed = group

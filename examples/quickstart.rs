@@ -53,7 +53,7 @@ fn main() -> volley::Result<()> {
             Ok(RecordBatch::try_new(
                 schema,
                 vec![
-                    b.column(0).clone(),
+                    Arc::clone(b.column(0)),
                     Arc::new(city),
                     Arc::new(km),
                     Arc::new(fare),

@@ -170,7 +170,7 @@ impl VolleyConfig {
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
             "volley.runtime.num_cpus" => {
                 let n: f64 = value.parse().map_err(|_| bad("a number of CPUs"))?;
-                if !(n > 0.0) {
+                if n.is_nan() || n <= 0.0 {
                     return Err(bad("a number of CPUs above 0"));
                 }
                 self.runtime.num_cpus = Some(n);

@@ -363,7 +363,7 @@ impl DataSource for FileScan {
             return Ok(partition_tasks(plan, "empty scan", 0));
         };
         let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>() else {
-            return Ok(partition_tasks(plan.clone(), "scan", 0));
+            return Ok(partition_tasks(Arc::clone(&plan), "scan", 0));
         };
         let groups = self.split(config);
         let labels: Vec<(String, u64)> = groups

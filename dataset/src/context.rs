@@ -61,6 +61,9 @@ impl<S: AsRef<str>, const N: usize> From<[S; N]> for Paths {
     }
 }
 
+/// A table registered for SQL, by name.
+type NamedTable = (String, Arc<dyn TableProvider>);
+
 /// The options, runtime and DataFusion session that datasets run with. Cheap to clone.
 ///
 /// [`Context::global`] is the one the free functions (`volley::read_parquet`) use,
@@ -69,7 +72,7 @@ impl<S: AsRef<str>, const N: usize> From<[S; N]> for Paths {
 pub struct Context {
     pub(crate) exec: ExecContext,
     /// Tables every SQL query of this context sees (`register_files`).
-    tables: Arc<Mutex<Vec<(String, Arc<dyn TableProvider>)>>>,
+    tables: Arc<Mutex<Vec<NamedTable>>>,
     /// The cluster datasets of this context run on, if any.
     cluster: Option<volley_runtime::cluster::Cluster>,
 }

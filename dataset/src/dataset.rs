@@ -514,7 +514,7 @@ impl WriteBuilder {
     pub fn run(self) -> Result<WriteSummary> {
         let ds = self.dataset;
         let exec = &ds.exec_context(false);
-        let registry = exec.session.runtime_env().object_store_registry.clone();
+        let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
         let single = self.options.single_file;
         let job = WriteJob::try_new(
             &self.path,

@@ -53,8 +53,8 @@ fn expr_bytes(e: &datafusion::logical_expr::Expr) -> Result<Vec<u8>> {
 }
 
 fn expr_from(bytes: &[u8], state: &SessionState) -> Result<datafusion::logical_expr::Expr> {
-    Ok(datafusion::logical_expr::Expr::from_bytes_with_ctx(bytes, &state.task_ctx())
-        .context("rebuilding an expression shipped by the driver")?)
+    datafusion::logical_expr::Expr::from_bytes_with_ctx(bytes, &state.task_ctx())
+        .context("rebuilding an expression shipped by the driver")
 }
 
 /// The part of a plan that runs as cluster tasks: a source and the steps after it.
@@ -223,12 +223,12 @@ impl RemoteTask for FragmentTask {
             None => ds.collect(),
             Some(part) => {
                 let exec = ctx.exec_context();
-                let registry = exec.session.runtime_env().object_store_registry.clone();
+                let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
                 let scratch = exec
                     .config
                     .exec
                     .spill_dir
-                    .clone()
+                    .as_ref()
                     .map(std::path::PathBuf::from)
                     .unwrap_or_else(std::env::temp_dir);
                 let summary = part.write(

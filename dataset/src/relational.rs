@@ -247,7 +247,7 @@ impl GroupedDataset {
         let plan = scan(&self.dataset, "input")?
             .aggregate(keys, aggs)?
             .build()?;
-        Ok(self.dataset.from_plan(plan, "Aggregate", label, false))
+        Ok(self.dataset.plan_dataset(plan, "Aggregate", label, false))
     }
 
     /// Rows per group, in a column `count()`.
@@ -321,7 +321,7 @@ fn qualified(table: &str, name: &str) -> Expr {
 }
 
 impl Dataset {
-    pub(crate) fn from_plan(
+    pub(crate) fn plan_dataset(
         &self,
         plan: LogicalPlan,
         name: &str,
@@ -364,7 +364,7 @@ impl Dataset {
         let plan = scan(self, "input")?
             .sort(keys.iter().map(SortKey::to_sort_expr))?
             .build()?;
-        Ok(self.from_plan(plan, "Sort", label, true))
+        Ok(self.plan_dataset(plan, "Sort", label, true))
     }
 
     /// Groups rows by the `keys` columns; aggregate with [`GroupedDataset::agg`].
@@ -387,7 +387,7 @@ impl Dataset {
     /// Each distinct row once.
     pub fn distinct(&self) -> Result<Dataset> {
         let plan = scan(self, "input")?.distinct()?.build()?;
-        Ok(self.from_plan(plan, "Distinct", "all columns".into(), false))
+        Ok(self.plan_dataset(plan, "Distinct", "all columns".into(), false))
     }
 
     /// The distinct values of `column`, one row each.
@@ -396,7 +396,7 @@ impl Dataset {
             .project([col(column)])?
             .distinct()?
             .build()?;
-        Ok(self.from_plan(plan, "Distinct", column.to_string(), false))
+        Ok(self.plan_dataset(plan, "Distinct", column.to_string(), false))
     }
 
     /// Joins with `other` on equal values of the `on` columns (same names on both
@@ -486,6 +486,6 @@ impl Dataset {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Ok(self.from_plan(plan, "Join", label, false))
+        Ok(self.plan_dataset(plan, "Join", label, false))
     }
 }

@@ -495,12 +495,12 @@ fn spawn(
         Err(task) => {
             if op_in_flight.load(Ordering::Acquire) == 1 {
                 // Nothing of this operator runs: run it anyway, holding nothing.
-                match shared
+                if shared
                     .runtime
                     .try_spawn(TaskSpec::new(name, ResourceRequest::default()), task)
+                    .is_ok()
                 {
-                    Ok(_) => return true,
-                    Err(_) => {}
+                    return true;
                 }
             }
             op_in_flight.fetch_sub(1, Ordering::AcqRel);

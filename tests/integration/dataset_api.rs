@@ -78,7 +78,7 @@ fn with_column_after_map_resolves_at_run_time() {
         .with_column("twice", col("id") * lit(2i64))
         .unwrap();
     let b = ds.collect_batch().unwrap();
-    let twice = i64_column(&[b.clone()], "twice");
+    let twice = i64_column(std::slice::from_ref(&b), "twice");
     let id = i64_column(&[b], "id");
     for (a, t) in id.iter().zip(twice) {
         assert_eq!(a.unwrap() * 2, t.unwrap());

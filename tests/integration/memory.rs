@@ -32,7 +32,7 @@ fn pipeline_larger_than_budget_stays_inside_it() {
                 ]));
                 Ok(RecordBatch::try_new(
                     schema,
-                    vec![b.column(0).clone(), Arc::new(payload)],
+                    vec![Arc::clone(b.column(0)), Arc::new(payload)],
                 )?)
             },
             MapOptions::default(),

@@ -124,7 +124,7 @@ impl ParquetFileWriter {
             }
         }
         // Largest columns first, each to the least loaded thread.
-        jobs.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.bytes));
         let writers = OPEN_WRITERS.load(Ordering::Acquire).max(1);
         let threads = (self.cores / writers).min(jobs.len()).max(1);
         let mut buckets: Vec<(usize, Vec<ColumnJob>)> =

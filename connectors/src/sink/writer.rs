@@ -57,7 +57,9 @@ impl ByteSink {
     }
 }
 
-/// An open file of one format.
+/// An open file of one format. (A task holds one per open output file, so the size
+/// difference of the variants does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum FileWriter {
     Parquet(ParquetFileWriter),
     Csv(arrow::csv::Writer<ByteSink>),

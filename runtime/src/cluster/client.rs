@@ -270,7 +270,9 @@ impl ActorHandle {
         &self.id
     }
 
-    /// Calls `method`; calls run one at a time, in the order they were made.
+    /// Calls `method`; calls run one at a time, in the order they were made. A call that
+    /// was running when the actor's process died fails (it is not run again: it may be
+    /// what killed it); later calls go to the restarted actor.
     pub fn call(
         &self,
         method: &str,
@@ -291,7 +293,7 @@ impl ActorHandle {
             inputs,
             &TaskOptions {
                 resources: Resources::default(),
-                max_retries: 3,
+                max_retries: 0,
                 placement: None,
                 name: method.to_string(),
             },

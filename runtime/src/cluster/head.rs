@@ -50,6 +50,9 @@ impl HeadOptions {
     }
 }
 
+/// `(placement group, bundle index, group generation)` a task or actor runs in.
+type BundleRef = (String, usize, u64);
+
 type CommandTx = mpsc::UnboundedSender<std::result::Result<proto::NodeCommand, Status>>;
 
 struct Node {
@@ -96,7 +99,7 @@ struct TaskEntry {
     retries_left: u32,
     reconstructions: u32,
     /// `(group, bundle, generation)` whose reservation the running task uses.
-    bundle: Option<(String, usize, u64)>,
+    bundle: Option<BundleRef>,
 }
 
 struct ObjectEntry {
@@ -141,7 +144,7 @@ struct ActorEntry {
     incarnation: u32,
     restarts: u32,
     gpus: Vec<u32>,
-    bundle: Option<(String, usize, u64)>,
+    bundle: Option<BundleRef>,
 }
 
 struct JobEntry {
@@ -514,7 +517,7 @@ impl State {
         id: &str,
         node: String,
         gpus: Vec<u32>,
-        bundle: Option<(String, usize, u64)>,
+        bundle: Option<BundleRef>,
         args: Vec<proto::ObjectLocation>,
     ) -> bool {
         let task = self.tasks.get_mut(id).expect("task exists");
@@ -581,7 +584,7 @@ impl State {
         group: &str,
         index: i32,
         req: &Resources,
-    ) -> Option<(String, Vec<u32>, Option<(String, usize, u64)>)> {
+    ) -> Option<(String, Vec<u32>, Option<BundleRef>)> {
         let g = self.groups.get_mut(group)?;
         if !g.ready {
             return None;
@@ -616,7 +619,7 @@ impl State {
         node: &str,
         req: &Resources,
         gpus: &[u32],
-        bundle: &Option<(String, usize, u64)>,
+        bundle: &Option<BundleRef>,
     ) {
         match bundle {
             Some((g, i, generation)) => {

@@ -34,7 +34,7 @@ pub mod task;
 pub mod worker;
 
 /// The generated protocol types and services.
-#[allow(missing_docs, clippy::all)]
+#[allow(missing_docs, clippy::all, clippy::clone_on_ref_ptr)]
 pub mod proto {
     tonic::include_proto!("volley.cluster");
 }

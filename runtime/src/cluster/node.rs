@@ -78,6 +78,9 @@ struct LocalJob {
     env: HashMap<String, String>,
 }
 
+/// A job's package, fetched once (or why it could not be).
+type JobCell = Arc<OnceCell<std::result::Result<LocalJob, String>>>;
+
 /// The running agent.
 pub struct Agent {
     node_id: String,
@@ -87,7 +90,7 @@ pub struct Agent {
     store: Arc<ObjectStore>,
     state: Mutex<AgentState>,
     changed: Notify,
-    jobs: Mutex<HashMap<String, Arc<OnceCell<std::result::Result<LocalJob, String>>>>>,
+    jobs: Mutex<HashMap<String, JobCell>>,
     max_workers: usize,
 }
 
