@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use volley::crates::runtime::cluster::{
     self, auth, run_node, HeadOptions, JobClient, JobRequest, NodeOptions, Resources,
+    TlsConfig,
 };
 use volley::{Result, VolleyError};
 
@@ -49,6 +50,15 @@ pub struct StartArgs {
     /// Seconds of silence after which the head declares a node dead.
     #[arg(long, default_value_t = 5.0)]
     node_timeout: f64,
+    /// Serve with this TLS certificate (PEM); needs --tls-key.
+    #[arg(long, env = "VOLLEY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(long, env = "VOLLEY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Trust this CA certificate (PEM) and speak TLS to the head and other nodes.
+    #[arg(long, env = "VOLLEY_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// Run in the foreground instead of starting a background process.
     #[arg(long)]
     block: bool,
@@ -123,6 +133,9 @@ pub struct Conn {
     /// The cluster token (default: VOLLEY_TOKEN, or the head's token file on this machine).
     #[arg(long, env = "VOLLEY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Trust this CA certificate (PEM) and speak TLS to the head.
+    #[arg(long, env = "VOLLEY_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 /// The folder for this machine's cluster state: `VOLLEY_HOME`, else `~/.volley`.
@@ -166,7 +179,8 @@ impl Conn {
 
     fn client(&self) -> Result<JobClient> {
         let (address, token) = self.resolve()?;
-        JobClient::connect(&address, &token)
+        let tls = TlsConfig::from_files(self.tls_ca.as_deref(), None, None)?;
+        JobClient::connect_with(&address, &token, &tls)
     }
 }
 
@@ -269,9 +283,11 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     let mut options = HeadOptions::new(dir.join("head"), token);
     options.node_timeout = Duration::from_secs_f64(a.node_timeout.max(0.2));
     options.heartbeat_interval = (options.node_timeout / 10).min(Duration::from_millis(500));
+    let tls = TlsConfig::from_files(None, a.tls_cert.as_deref(), a.tls_key.as_deref())?;
     let rt = io_runtime()?;
     rt.block_on(async move {
-        let (_core, addrs) = cluster::start_head(options, &a.host, a.port, Some(a.http_port)).await?;
+        let (_core, addrs) =
+            cluster::start_head(options, &a.host, a.port, Some(a.http_port), &tls).await?;
         std::fs::write(dir.join("http_address"), addrs.http.clone().unwrap_or_default())?;
         std::fs::write(dir.join("head_address"), &addrs.grpc)?;
         eprintln!("volley head listening on {} (HTTP {})", addrs.grpc, addrs.http.unwrap_or_default());
@@ -347,6 +363,7 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         gpu_ids: (0..gpus).collect(),
         object_store_memory,
         dir: dir.join("nodes").join(std::process::id().to_string()),
+        tls: TlsConfig::from_files(a.tls_ca.as_deref(), a.tls_cert.as_deref(), a.tls_key.as_deref())?,
     };
     let rt = io_runtime()?;
     rt.block_on(async move {

@@ -26,6 +26,8 @@ fn example(name: &str) -> PathBuf {
 /// A head and node agents started for one test; everything is killed on drop.
 struct TestCluster {
     home: tempfile::TempDir,
+    /// `VOLLEY_TLS_*` variables every process of the cluster gets.
+    tls: Vec<(String, String)>,
     head: Child,
     nodes: Vec<Child>,
     address: String,
@@ -35,8 +37,13 @@ struct TestCluster {
 
 impl TestCluster {
     fn start(node_timeout_s: f64) -> Self {
+        Self::start_with_tls(node_timeout_s, vec![])
+    }
+
+    fn start_with_tls(node_timeout_s: f64, tls: Vec<(String, String)>) -> Self {
         let home = tempfile::tempdir().unwrap();
         let head = Command::new(volley_bin())
+            .envs(tls.iter().map(|(k, v)| (k, v)))
             .args(["start", "--head", "--block", "--port", "0", "--http-port", "0"])
             .args(["--node-timeout", &node_timeout_s.to_string()])
             .env("VOLLEY_HOME", home.path())
@@ -62,6 +69,7 @@ impl TestCluster {
         assert_eq!(mode.permissions().mode() & 0o777, 0o600, "token file must be owner-only");
         Self {
             home,
+            tls,
             head,
             nodes: vec![],
             address,
@@ -73,6 +81,7 @@ impl TestCluster {
     fn volley(&self) -> Command {
         let mut c = Command::new(volley_bin());
         c.env("VOLLEY_HOME", self.home.path())
+            .envs(self.tls.iter().map(|(k, v)| (k, v)))
             .env("VOLLEY_ADDRESS", &self.address)
             .env("VOLLEY_TOKEN", &self.token);
         c
@@ -131,6 +140,12 @@ impl TestCluster {
             .find_map(|l| l.strip_prefix("retries:"))
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// The job's record and log, for failure messages.
+    fn describe(&self, id: &str) -> String {
+        let out = self.volley().args(["job", "status", id]).output().unwrap();
+        format!("{}\nlog:\n{}", String::from_utf8_lossy(&out.stdout), self.logs(id))
     }
 
     fn logs(&self, id: &str) -> String {
@@ -293,7 +308,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         out.to_str().unwrap(),
         "--tag-node",
     ]);
-    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.logs(&job));
+    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.describe(&job));
     assert!(c.logs(&job).contains("wrote 240000 rows"), "{}", c.logs(&job));
     assert_eq!(checksum(&out), checksum(&local));
     let ctx = volley::Context::try_default().unwrap();
@@ -307,7 +322,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
 
     // Tasks, actors and placement groups.
     let tasks = c.submit(&[example("cluster_tasks").to_str().unwrap(), "6"]);
-    assert_eq!(c.wait_job(&tasks, Duration::from_secs(120)), "SUCCEEDED", "{}", c.logs(&tasks));
+    assert_eq!(c.wait_job(&tasks, Duration::from_secs(120)), "SUCCEEDED", "{}", c.describe(&tasks));
     assert!(c.logs(&tasks).contains("OK"));
 
     // A task needing 2 GPUs and a group needing 4 CPUs on one node wait until such a
@@ -322,7 +337,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(c.job_state(&wait), "RUNNING");
     c.add_node(4, 2);
-    assert_eq!(c.wait_job(&wait, Duration::from_secs(120)), "SUCCEEDED", "{}", c.logs(&wait));
+    assert_eq!(c.wait_job(&wait, Duration::from_secs(120)), "SUCCEEDED", "{}", c.describe(&wait));
     let log = c.logs(&wait);
     assert!(log.contains("GPU task ran on node-4 with GPUs [0, 1], CUDA_VISIBLE_DEVICES=0,1"), "{log}");
     assert!(log.contains(r#"group placed on ["node-4", "node-4"]"#), "{log}");
@@ -410,7 +425,7 @@ fn killed_node_agent_and_killed_worker_lose_no_rows() {
     let pid = c.nodes[victim].id() as i32;
     kill9(pid);
     let _ = c.nodes[victim].wait();
-    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.logs(&job));
+    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.describe(&job));
     assert!(c.status().contains("DEAD"), "{}", c.status());
     assert!(c.retries(&job) >= 1, "the dead node's tasks ran again elsewhere");
     assert_eq!(checksum(&out), expected);
@@ -438,7 +453,62 @@ fn killed_node_agent_and_killed_worker_lose_no_rows() {
     };
     std::thread::sleep(Duration::from_millis(400));
     kill9(worker);
-    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.logs(&job));
+    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.describe(&job));
     assert!(c.retries(&job) >= 1, "the killed worker's task ran again");
     assert_eq!(checksum(&out), expected);
+}
+
+#[test]
+fn tls_cluster_runs_jobs_and_refuses_clear_text() {
+    // A CA, and a certificate for 127.0.0.1 that it signs.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca, ca_key) = (d.join("ca.pem"), d.join("ca.key"));
+    let (cert, key, csr, ext) = (d.join("cert.pem"), d.join("key.pem"), d.join("req.csr"), d.join("ext.cnf"));
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    let openssl = |args: Vec<&std::ffi::OsStr>| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    openssl(vec![
+        os("req"), os("-x509"), os("-newkey"), os("rsa:2048"), os("-nodes"), os("-days"), os("2"),
+        os("-subj"), os("/CN=volley-test-ca"), os("-keyout"), ca_key.as_os_str(), os("-out"), ca.as_os_str(),
+    ]);
+    openssl(vec![
+        os("req"), os("-newkey"), os("rsa:2048"), os("-nodes"), os("-subj"), os("/CN=127.0.0.1"),
+        os("-keyout"), key.as_os_str(), os("-out"), csr.as_os_str(),
+    ]);
+    openssl(vec![
+        os("x509"), os("-req"), os("-in"), csr.as_os_str(), os("-CA"), ca.as_os_str(), os("-CAkey"),
+        ca_key.as_os_str(), os("-CAcreateserial"), os("-days"), os("2"), os("-extfile"), ext.as_os_str(),
+        os("-out"), cert.as_os_str(),
+    ]);
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let tls = vec![
+        ("VOLLEY_TLS_CERT".to_string(), path(&cert)),
+        ("VOLLEY_TLS_KEY".to_string(), path(&key)),
+        ("VOLLEY_TLS_CA".to_string(), path(&ca)),
+    ];
+    let mut c = TestCluster::start_with_tls(5.0, tls);
+    c.add_node(2, 0);
+    let job = c.submit(&[example("cluster_tasks").to_str().unwrap(), "4"]);
+    assert_eq!(c.wait_job(&job, Duration::from_secs(120)), "SUCCEEDED", "{}", c.describe(&job));
+
+    // Clear text is refused; the HTTP API speaks HTTPS.
+    let plain = c
+        .volley()
+        .env_remove("VOLLEY_TLS_CA")
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    let curl = Command::new("curl")
+        .args(["-s", "--cacert", &path(&ca), "-H"])
+        .arg(format!("Authorization: Bearer {}", c.token))
+        .arg(format!("https://{}/api/jobs/{job}", c.http))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&curl.stdout);
+    assert!(body.contains("\"state\":\"SUCCEEDED\""), "{body}");
 }

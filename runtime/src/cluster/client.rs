@@ -16,7 +16,6 @@ use volley_common::{Result, VolleyError};
 
 use super::net::{status_error, Channels, Head};
 use super::objects::{fetch, store};
-use super::package::file_chunks;
 use super::proto;
 use super::resources::Resources;
 use super::task::{encode, Payload, RemoteActor, RemoteTask};
@@ -343,7 +342,8 @@ pub fn token_from_env() -> Result<Option<String>> {
 }
 
 impl Cluster {
-    /// Connects to the head at `address` (`host:port`) with `token`. Inside a job started
+    /// Connects to the head at `address` (`host:port`) with `token` (over TLS when
+    /// `VOLLEY_TLS_CA` names a CA certificate). Inside a job started
     /// by `volley job submit` it joins that job; otherwise it uploads this program as the
     /// package of a new attached job.
     pub fn connect(address: &str, token: &str) -> Result<Cluster> {
@@ -354,7 +354,7 @@ impl Cluster {
             .build()
             .map_err(|e| VolleyError::internal(format!("cannot start the client runtime: {e}")))?;
         let _enter = rt.enter();
-        let channels = Channels::new(token);
+        let channels = Channels::new(token, &super::tls::TlsConfig::from_env()?);
         let head = channels.head(address)?;
         if std::env::var_os("VOLLEY_NODE_ID").is_some() {
             // A driver started by a node agent ends with it, like the agent's workers.
@@ -660,15 +660,7 @@ async fn attach(mut head: Head, address: &str) -> Result<String> {
     };
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&exe)?.permissions().mode();
-    let chunks = file_chunks(&rel, &exe, mode)?;
-    let upload = futures::stream::iter(
-        std::iter::once(proto::JobUpload {
-            part: Some(proto::job_upload::Part::Spec(spec)),
-        })
-        .chain(chunks.into_iter().map(|c| proto::JobUpload {
-            part: Some(proto::job_upload::Part::Chunk(c)),
-        })),
-    );
+    let upload = super::jobs::upload_stream(spec, vec![(rel, exe, mode)]);
     let r = head
         .submit_job(upload)
         .await

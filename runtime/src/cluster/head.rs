@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 use volley_common::{Result, VolleyError};
 
-use super::package::{read_package, PackageWriter};
+use super::package::{chunk_stream, package_files, PackageWriter};
 use super::proto::{self, node_command::Command, task_report::Outcome};
 use super::resources::{GpuSlots, Resources};
 
@@ -303,11 +303,13 @@ impl HeadCore {
         let id = self.new_job_id();
         let dir = self.options.state_dir.join("jobs").join(&id);
         let mut writer = PackageWriter::new(dir.join("package"), self.options.max_package_bytes)?;
-        for f in &files {
-            if let Err(e) = writer.write(f) {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
+        let written = files
+            .iter()
+            .try_for_each(|f| writer.write(f))
+            .and_then(|_| writer.finish());
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
         }
         self.add_job(&id, spec, dir)?;
         Ok(id)
@@ -1069,6 +1071,9 @@ impl State {
         j.info.finished_ms = now_ms();
         info!("job {id}: {state} {error}");
         let (node, req, gpus) = (j.info.node_id.clone(), j.resources.clone(), j.gpus.clone());
+        // The package is needed no more (nodes drop their copies on `StopJob`); the log
+        // stays.
+        let _ = std::fs::remove_dir_all(j.dir.join("package"));
         if had_driver {
             self.release(&node, &req, &gpus, &None);
         }
@@ -1320,13 +1325,10 @@ impl proto::head_server::Head for HeadService {
                 .map(|j| j.dir.join("package"))
                 .ok_or_else(|| Status::not_found(format!("no job {id}")))?
         };
-        let chunks = tokio::task::spawn_blocking(move || read_package(&dir))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(Box::pin(futures::stream::iter(
-            chunks.into_iter().map(Ok),
-        ))))
+        let files = package_files(&dir).map_err(|e| Status::internal(e.to_string()))?;
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(chunk_stream(files))
+            .map(|c| c.map_err(|e| Status::internal(e.to_string())));
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn driver_alive(
@@ -1699,11 +1701,12 @@ impl proto::head_server::Head for HeadService {
                 PackageWriter::new(dir.join("package"), self.core.options.max_package_bytes)?;
             while let Some(part) = stream.next().await {
                 match part.map_err(|e| VolleyError::execution(format!("upload: {e}")))?.part {
-                    Some(Part::Chunk(c)) => writer.write(&c)?,
+                    // Disk writes stay off the threads that answer heartbeats.
+                    Some(Part::Chunk(c)) => tokio::task::block_in_place(|| writer.write(&c))?,
                     _ => return Err(VolleyError::plan("a job upload has one spec, first")),
                 }
             }
-            Ok(())
+            writer.finish()
         }
         .await;
         if let Err(e) = result {

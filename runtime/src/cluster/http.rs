@@ -250,6 +250,27 @@ async fn stop(
     Ok(Json(core.stop_job(&id).map_err(not_found)?.into()))
 }
 
+/// Serves `app` over TLS on `listener` (HTTP/1.1 and HTTP/2).
+pub(crate) async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper_util::server::conn::auto::Builder::new(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+            .await;
+        });
+    }
+}
+
 /// The API's routes over `core`.
 pub fn router(core: Arc<HeadCore>) -> Router {
     Router::new()

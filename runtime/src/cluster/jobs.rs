@@ -7,7 +7,7 @@ use futures::StreamExt;
 use volley_common::{Result, VolleyError};
 
 use super::net::{status_error, Channels, Head};
-use super::package::{file_chunks, safe_relative, working_dir_files};
+use super::package::{chunk_stream, safe_relative, working_dir_files};
 use super::proto;
 use super::resources::Resources;
 
@@ -35,15 +35,20 @@ pub struct JobClient {
 }
 
 impl JobClient {
-    /// Connects to the head at `address`.
+    /// Connects to the head at `address`, over TLS if `VOLLEY_TLS_CA` names a CA.
     pub fn connect(address: &str, token: &str) -> Result<Self> {
+        Self::connect_with(address, token, &super::tls::TlsConfig::from_env()?)
+    }
+
+    /// Connects to the head at `address` with `tls`.
+    pub fn connect_with(address: &str, token: &str, tls: &super::tls::TlsConfig) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| VolleyError::internal(format!("cannot start a runtime: {e}")))?;
         // Channels are made inside the runtime that drives them.
         let _enter = rt.enter();
-        let head = Channels::new(token).head(address)?;
+        let head = Channels::new(token, tls).head(address)?;
         Ok(Self {
             head,
             rt: std::sync::Arc::new(rt),
@@ -57,7 +62,7 @@ impl JobClient {
             .first()
             .ok_or_else(|| VolleyError::plan("no command given (volley job submit -- PROGRAM ARGS)"))?;
         request.resources.validate()?;
-        let mut chunks = Vec::new();
+        let mut files = Vec::new();
         if let Some(dir) = &request.working_dir {
             if !dir.is_dir() {
                 return Err(VolleyError::plan(format!(
@@ -67,7 +72,7 @@ impl JobClient {
             }
             for (rel, path, mode) in working_dir_files(dir)? {
                 safe_relative(&rel)?;
-                chunks.extend(file_chunks(&rel, &path, mode)?);
+                files.push((rel, path, mode));
             }
         }
         let mut entrypoint = request.entrypoint.clone();
@@ -80,7 +85,7 @@ impl JobClient {
                 .ok_or_else(|| VolleyError::plan(format!("{first}: not a file name")))?;
             let rel = format!("bin/{name}");
             let mode = std::fs::metadata(local)?.permissions().mode();
-            chunks.extend(file_chunks(&rel, local, mode)?);
+            files.push((rel.clone(), local.to_path_buf(), mode));
             entrypoint[0] = rel;
         }
         let spec = proto::JobSpec {
@@ -90,15 +95,9 @@ impl JobClient {
             name: request.name.clone(),
             attached: false,
         };
-        let upload = futures::stream::iter(
-            std::iter::once(proto::JobUpload {
-                part: Some(proto::job_upload::Part::Spec(spec)),
-            })
-            .chain(chunks.into_iter().map(|c| proto::JobUpload {
-                part: Some(proto::job_upload::Part::Chunk(c)),
-            })),
-        );
         let mut head = self.head.clone();
+        let _enter = self.rt.enter();
+        let upload = upload_stream(spec, files);
         let r = self
             .rt
             .block_on(head.submit_job(upload))
@@ -190,4 +189,22 @@ impl JobClient {
             .map_err(|e| status_error("status", e))?
             .into_inner())
     }
+}
+
+/// A job upload: the spec, then the files' chunks, read as they are sent. A file that
+/// cannot be read ends the stream early, and the head refuses the incomplete package.
+pub(crate) fn upload_stream(
+    spec: proto::JobSpec,
+    files: Vec<(String, std::path::PathBuf, u32)>,
+) -> impl futures::Stream<Item = proto::JobUpload> + Send + 'static {
+    let chunks = tokio_stream::wrappers::ReceiverStream::new(chunk_stream(files))
+        .take_while(|c| futures::future::ready(c.is_ok()))
+        .filter_map(|c| futures::future::ready(c.ok()))
+        .map(|c| proto::JobUpload {
+            part: Some(proto::job_upload::Part::Chunk(c)),
+        });
+    futures::stream::once(futures::future::ready(proto::JobUpload {
+        part: Some(proto::job_upload::Part::Spec(spec)),
+    }))
+    .chain(chunks)
 }

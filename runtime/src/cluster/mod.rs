@@ -31,6 +31,7 @@ pub mod objects;
 pub mod package;
 pub mod resources;
 pub mod task;
+pub mod tls;
 pub mod worker;
 
 /// The generated protocol types and services.
@@ -51,6 +52,7 @@ pub use head::{HeadCore, HeadOptions};
 pub use jobs::{JobClient, JobRequest};
 pub use node::{run_node, NodeOptions};
 pub use resources::Resources;
+pub use tls::TlsConfig;
 pub use task::{object_value, value_object, RemoteActor, RemoteTask, TaskContext};
 pub use worker::{is_worker, run_worker};
 
@@ -70,6 +72,7 @@ pub async fn start_head(
     host: &str,
     port: u16,
     http_port: Option<u16>,
+    tls: &TlsConfig,
 ) -> Result<(Arc<HeadCore>, HeadAddresses)> {
     std::fs::create_dir_all(&options.state_dir)?;
     let core = HeadCore::new(options);
@@ -81,18 +84,26 @@ pub async fn start_head(
         auth::CheckToken::new(&core.options().token),
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(service)
-            .serve_with_incoming(incoming),
-    );
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(t) = tls.server() {
+        builder = builder
+            .tls_config(t)
+            .map_err(|e| volley_common::VolleyError::Config(format!("TLS: {e}")))?;
+    }
+    tokio::spawn(builder.add_service(service).serve_with_incoming(incoming));
     tokio::spawn(Arc::clone(&core).monitor());
     let http = match http_port {
         Some(p) => {
             let (listener, addr) = net::bind(host, p).await?;
             let app = http::router(Arc::clone(&core));
-            tokio::spawn(async move { axum::serve(listener, app).await });
+            match tls.acceptor()? {
+                None => {
+                    tokio::spawn(async move { axum::serve(listener, app).await });
+                }
+                Some(acceptor) => {
+                    tokio::spawn(http::serve_tls(listener, app, acceptor));
+                }
+            }
             Some(addr)
         }
         None => None,

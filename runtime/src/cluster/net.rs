@@ -26,6 +26,7 @@ pub type Agent = NodeAgentClient<InterceptedService<Channel, AddToken>>;
 #[derive(Clone)]
 pub struct Channels {
     token: String,
+    tls: super::tls::TlsConfig,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
@@ -36,10 +37,11 @@ impl std::fmt::Debug for Channels {
 }
 
 impl Channels {
-    /// Channels that present `token`.
-    pub fn new(token: &str) -> Self {
+    /// Channels that present `token`, over TLS when `tls` has a CA to trust.
+    pub fn new(token: &str, tls: &super::tls::TlsConfig) -> Self {
         Self {
             token: token.to_string(),
+            tls: tls.clone(),
             channels: Arc::default(),
         }
     }
@@ -56,8 +58,15 @@ impl Channels {
         if let Some(c) = map.get(address) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| VolleyError::Config(format!("bad address {address:?}: {e}")))?
+        let scheme = if self.tls.is_client() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+            .map_err(|e| VolleyError::Config(format!("bad address {address:?}: {e}")))?;
+        if let Some(tls) = self.tls.client() {
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| VolleyError::Config(format!("TLS for {address}: {e}")))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

@@ -46,6 +46,8 @@ pub struct NodeOptions {
     pub object_store_memory: u64,
     /// The node's folder: job packages, logs, spilled objects.
     pub dir: PathBuf,
+    /// Certificates: the CA to trust (the head, other nodes) and this node's own.
+    pub tls: super::tls::TlsConfig,
 }
 
 struct WorkerEntry {
@@ -105,7 +107,7 @@ impl std::fmt::Debug for Agent {
 pub async fn run_node(options: NodeOptions) -> Result<String> {
     options.resources.validate()?;
     std::fs::create_dir_all(&options.dir)?;
-    let channels = Channels::new(&options.token);
+    let channels = Channels::new(&options.token, &options.tls);
     let mut head = channels.head(&options.head_address)?;
     let (listener, address) = bind(&options.host, options.port).await?;
     let store = Arc::new(ObjectStore::new(
@@ -155,8 +157,13 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
         check,
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = options.tls.server() {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| VolleyError::Config(format!("TLS: {e}")))?;
+    }
+    let server = builder
         .add_service(flight)
         .add_service(service)
         .serve_with_incoming(incoming);
@@ -384,8 +391,9 @@ impl Agent {
             .into_inner();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| status_error(format!("fetching job {job}"), e))?;
-            writer.write(&chunk)?;
+            tokio::task::block_in_place(|| writer.write(&chunk))?;
         }
+        writer.finish()?;
         Ok(LocalJob {
             package,
             entrypoint: info.entrypoint,
@@ -406,12 +414,17 @@ impl Agent {
             PathBuf::from(first)
         };
         let mut cmd = tokio::process::Command::new(program);
+        if let Some(ca) = self.options.tls.ca_path() {
+            cmd.env("VOLLEY_TLS_CA", ca);
+        }
         cmd.args(&job.entrypoint[1..])
             .current_dir(&job.package)
             .envs(&job.env)
             .env("VOLLEY_ADDRESS", &self.options.head_address)
             .env("VOLLEY_TOKEN", &self.options.token)
             .env("VOLLEY_NODE_ID", &self.node_id)
+            .env_remove("VOLLEY_TLS_CERT")
+            .env_remove("VOLLEY_TLS_KEY")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         Ok(cmd)

@@ -45,6 +45,8 @@ pub struct PackageWriter {
     root: PathBuf,
     bytes: u64,
     limit: u64,
+    /// Files begun whose last chunk has not come yet.
+    open: std::collections::BTreeSet<String>,
 }
 
 impl PackageWriter {
@@ -56,7 +58,18 @@ impl PackageWriter {
             root,
             bytes: 0,
             limit,
+            open: Default::default(),
         })
+    }
+
+    /// Checks that every file arrived whole.
+    pub fn finish(self) -> Result<()> {
+        match self.open.iter().next() {
+            Some(f) => Err(VolleyError::plan(format!(
+                "package file {f} arrived incomplete (the upload stopped)"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Writes one chunk. The first chunk of a file (offset 0) creates it; later ones
@@ -103,6 +116,11 @@ impl PackageWriter {
         };
         f.write_all(&chunk.data)?;
         if chunk.last {
+            self.open.remove(&chunk.path);
+        } else {
+            self.open.insert(chunk.path.clone());
+        }
+        if chunk.last {
             let mode = (chunk.mode & 0o755) | 0o600;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
         }
@@ -115,28 +133,58 @@ fn libc_nofollow() -> i32 {
     0o400000
 }
 
-/// Every file of the folder `root` as chunks, for fetching.
-pub fn read_package(root: &Path) -> Result<Vec<FileChunk>> {
+/// The files of a package folder: `(relative path, file, mode)`.
+pub fn package_files(root: &Path) -> Result<Vec<(String, PathBuf, u32)>> {
     let mut files = Vec::new();
     walk(root, root, &mut files, false)?;
-    let mut chunks = Vec::new();
-    for (rel, path, mode) in files {
-        chunks.extend(file_chunks(&rel, &path, mode)?);
-    }
-    Ok(chunks)
+    Ok(files)
+}
+
+/// The chunks of `files`, read on a blocking thread a few chunks ahead of the consumer
+/// (a package may be hundreds of MiB: it is never held whole in memory).
+pub fn chunk_stream(
+    files: Vec<(String, PathBuf, u32)>,
+) -> tokio::sync::mpsc::Receiver<Result<FileChunk>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::spawn(move || {
+        for (rel, path, mode) in files {
+            if let Err(e) = each_chunk(&rel, &path, mode, |c| {
+                tx.blocking_send(Ok(c))
+                    .map_err(|_| VolleyError::execution("the receiver went away"))
+            }) {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// Chunks of one file.
 pub fn file_chunks(rel: &str, path: &Path, mode: u32) -> Result<Vec<FileChunk>> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| VolleyError::Io(e).context(format!("cannot read {}", path.display())))?;
     let mut out = Vec::new();
+    each_chunk(rel, path, mode, |c| {
+        out.push(c);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with each chunk of one file, in order.
+fn each_chunk(
+    rel: &str,
+    path: &Path,
+    mode: u32,
+    mut f: impl FnMut(FileChunk) -> Result<()>,
+) -> Result<()> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| VolleyError::Io(e).context(format!("cannot read {}", path.display())))?;
     let mut offset = 0u64;
     loop {
         let mut buf = vec![0u8; CHUNK];
         let mut n = 0;
         while n < CHUNK {
-            let r = f.read(&mut buf[n..])?;
+            let r = file.read(&mut buf[n..])?;
             if r == 0 {
                 break;
             }
@@ -144,19 +192,19 @@ pub fn file_chunks(rel: &str, path: &Path, mode: u32) -> Result<Vec<FileChunk>> 
         }
         buf.truncate(n);
         let last = n < CHUNK;
-        out.push(FileChunk {
+        f(FileChunk {
             path: rel.to_string(),
             mode,
             offset,
             data: buf,
             last,
-        });
+        })?;
         offset += n as u64;
         if last {
             break;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The files of a working folder to upload: `(relative path, file, mode)`.

@@ -49,7 +49,7 @@ fn worker_loop() -> Result<()> {
         .build()
         .map_err(|e| VolleyError::internal(format!("cannot start the worker runtime: {e}")))?;
     let _enter = rt.enter();
-    let channels = Channels::new(&token);
+    let channels = Channels::new(&token, &super::tls::TlsConfig::from_env()?);
     let mut agent = channels.agent(&agent_address)?;
     let mut actor: Option<Box<dyn RemoteActor>> = None;
     let mut failures = 0;
