@@ -63,6 +63,14 @@ pub fn init() -> Context {
     Context::global()
 }
 
+/// A context whose datasets run on the cluster whose head is at `address` (`host:port`),
+/// with the cluster `token` (TLS when `VOLLEY_TLS_CA` names a CA certificate). The
+/// argument form of setting `VOLLEY_ADDRESS`.
+pub fn connect(address: &str, token: &str) -> Result<Context> {
+    let cluster = volley_runtime::cluster::Cluster::connect(address, token)?;
+    Ok(Context::try_default()?.with_cluster(cluster))
+}
+
 /// The cluster this program runs on: the one named by `VOLLEY_ADDRESS` (with the token
 /// from `VOLLEY_TOKEN` or the file `VOLLEY_TOKEN_FILE`), joined once per process by the
 /// process-wide [`Context`]. `None` when no address is set.

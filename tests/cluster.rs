@@ -342,12 +342,34 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     assert!(log.contains("GPU task ran on node-4 with GPUs [0, 1], CUDA_VISIBLE_DEVICES=0,1"), "{log}");
     assert!(log.contains(r#"group placed on ["node-4", "node-4"]"#), "{log}");
 
-    // The HTTP API sees the same jobs.
+    // The HTTP API sees the same jobs, and takes new ones.
     let (code, body) = c.http_get("/api/jobs", Some(&c.token));
     assert_eq!(code, 200, "{body}");
     let jobs: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(jobs.as_array().unwrap().len(), 3, "{body}");
+    let posted = Command::new("curl")
+        .args(["-s", "-X", "POST", "-H", "Content-Type: application/json", "-H"])
+        .arg(format!("Authorization: Bearer {}", c.token))
+        .arg("--data")
+        .arg(r#"{"entrypoint": ["sh", "run.sh"], "files": [{"path": "run.sh", "data_base64": "ZWNobyBoZWxsbyBmcm9tIGh0dHA="}]}"#)
+        .arg(format!("http://{}/api/jobs", c.http))
+        .output()
+        .unwrap();
+    let posted: serde_json::Value = serde_json::from_slice(&posted.stdout).unwrap();
+    let http_job = posted["job_id"].as_str().expect("a job id").to_string();
+    assert_eq!(c.wait_job(&http_job, Duration::from_secs(60)), "SUCCEEDED", "{}", c.describe(&http_job));
+    assert_eq!(c.logs(&http_job).trim(), "hello from http");
+    let escape = Command::new("curl")
+        .args(["-s", "-X", "POST", "-H", "Content-Type: application/json", "-H"])
+        .arg(format!("Authorization: Bearer {}", c.token))
+        .arg("--data")
+        .arg(r#"{"entrypoint": ["true"], "files": [{"path": "../evil", "data_base64": ""}]}"#)
+        .arg(format!("http://{}/api/jobs", c.http))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&escape.stdout).contains("`..` is not allowed"));
     let (code, body) = c.http_get(&format!("/api/jobs/{job}"), Some(&c.token));
+    assert!(body.contains("cluster_pipeline"), "{body}");
     assert_eq!(code, 200);
     assert!(body.contains("\"state\":\"SUCCEEDED\""), "{body}");
 

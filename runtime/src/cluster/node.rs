@@ -94,6 +94,50 @@ pub struct Agent {
     changed: Notify,
     jobs: Mutex<HashMap<String, JobCell>>,
     max_workers: usize,
+    spawner: Spawner,
+}
+
+type SpawnRequest = (
+    tokio::process::Command,
+    oneshot::Sender<std::io::Result<tokio::process::Child>>,
+);
+
+/// Starts child processes from one thread that lives as long as the agent.
+///
+/// Workers and drivers ask the kernel to kill them when their parent goes
+/// (`PR_SET_PDEATHSIG`), and "parent" there means the *thread* that forked them: a
+/// child forked from a runtime thread that later retires would be killed with it.
+#[derive(Clone)]
+struct Spawner {
+    tx: std::sync::mpsc::Sender<SpawnRequest>,
+}
+
+impl Spawner {
+    fn start(handle: tokio::runtime::Handle) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("volley-spawner".into())
+            .spawn(move || {
+                let _enter = handle.enter();
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .map_err(|e| VolleyError::internal(format!("cannot start the spawner thread: {e}")))?;
+        Ok(Self { tx })
+    }
+
+    async fn spawn(
+        &self,
+        cmd: tokio::process::Command,
+    ) -> std::io::Result<tokio::process::Child> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((cmd, reply))
+            .map_err(|_| std::io::Error::other("the spawner thread stopped"))?;
+        rx.await
+            .map_err(|_| std::io::Error::other("the spawner thread stopped"))?
+    }
 }
 
 impl std::fmt::Debug for Agent {
@@ -140,6 +184,7 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
         changed: Notify::new(),
         jobs: Mutex::default(),
         max_workers,
+        spawner: Spawner::start(tokio::runtime::Handle::current())?,
     });
 
     // One port: Flight for objects, NodeAgent for this node's workers.
@@ -492,7 +537,7 @@ impl Agent {
             .env("CUDA_VISIBLE_DEVICES", join_ids(&gpus))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
-        let mut child = cmd.spawn().map_err(|e| {
+        let mut child = self.spawner.spawn(cmd).await.map_err(|e| {
             VolleyError::execution(format!("cannot start {:?}: {e}", job.entrypoint[0]))
         })?;
         let pid = child.id().unwrap_or(0);
@@ -534,6 +579,17 @@ impl Agent {
             return;
         }
         let why = format!("worker process {pid} on {} exited ({status})", self.node_id);
+        // An actor's death goes first: the head must stop routing calls to it before
+        // the call that was running is reported failed (its caller may call again at
+        // once). Calls queued here for it are dropped; the head decides their fate.
+        if let Some((actor, inc)) = w
+            .actor
+            .clone()
+            .or(w.start_actor.as_ref().map(|a| (a.actor_id.clone(), a.incarnation)))
+        {
+            self.state.lock().expect("agent lock").calls.remove(&actor);
+            self.report_actor(&actor, inc, false, why.clone()).await;
+        }
         if let Some((task, attempt)) = w.running {
             warn!("{why} while running task {task}");
             let report = proto::TaskReport {
@@ -547,9 +603,6 @@ impl Agent {
             };
             let mut head = self.head.clone();
             let _ = head.report_task(report).await;
-        }
-        if let Some((actor, inc)) = w.actor.or(w.start_actor.map(|a| (a.actor_id, a.incarnation))) {
-            self.report_actor(&actor, inc, false, why).await;
         }
     }
 
@@ -592,7 +645,7 @@ impl Agent {
             .env("CUDA_VISIBLE_DEVICES", join_ids(&d.gpu_ids))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
-        let mut child = cmd.spawn().map_err(|e| {
+        let mut child = self.spawner.spawn(cmd).await.map_err(|e| {
             VolleyError::execution(format!("cannot start {:?}: {e}", job.entrypoint[0]))
         })?;
         let (kill_tx, mut kill_rx) = oneshot::channel();
