@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use volley::arrow::array::{ArrayRef, Int64Array, RecordBatch};
-use volley::crates::runtime::cluster::{object_value, value_object, RemoteTask, TaskContext, TaskOptions};
+use volley::crates::runtime::cluster::{
+    object_value, value_object, RemoteTask, TaskContext, TaskOptions,
+};
 use volley::{Result, VolleyError};
 
 /// Returns its number.
@@ -73,10 +75,13 @@ fn write_input(dir: &Path, files: usize, rows: i64) -> Result<()> {
             Arc::new(Int64Array::from_iter_values(start..start + rows)) as ArrayRef,
         )])?;
         let file = std::fs::File::create(dir.join(format!("part-{f:03}.parquet")))?;
-        let mut w = volley::datafusion::parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)
+        let mut w =
+            volley::datafusion::parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)
+                .map_err(|e| VolleyError::execution(e.to_string()))?;
+        w.write(&batch)
             .map_err(|e| VolleyError::execution(e.to_string()))?;
-        w.write(&batch).map_err(|e| VolleyError::execution(e.to_string()))?;
-        w.close().map_err(|e| VolleyError::execution(e.to_string()))?;
+        w.close()
+            .map_err(|e| VolleyError::execution(e.to_string()))?;
     }
     Ok(())
 }
@@ -91,7 +96,15 @@ impl LocalCluster {
     fn start(volley: &Path, home: &Path, nodes: usize) -> Result<Self> {
         let _ = std::fs::remove_dir_all(home);
         let mut procs = vec![Command::new(volley)
-            .args(["start", "--head", "--block", "--port", "0", "--http-port", "0"])
+            .args([
+                "start",
+                "--head",
+                "--block",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+            ])
             .env("VOLLEY_HOME", home)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -105,7 +118,9 @@ impl LocalCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         let address = std::fs::read_to_string(&addr_file)?;
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) as f64;
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2) as f64;
         for _ in 0..nodes {
             procs.push(
                 Command::new(volley)
@@ -194,7 +209,10 @@ fn main() -> Result<()> {
     let work = PathBuf::from(get("--work-dir", "/tmp/volley-bench-cluster"));
     let script = get("--peer", "bench/peers/cluster_ray.py");
     let me = std::env::current_exe()?;
-    let bin_dir = me.parent().and_then(Path::parent).ok_or_else(|| VolleyError::Config("where is target/?".into()))?;
+    let bin_dir = me
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| VolleyError::Config("where is target/?".into()))?;
     let volley_bin = bin_dir.join("volley");
     let pipeline = bin_dir.join("examples").join("cluster_pipeline");
     let input = work.join("input");
@@ -208,18 +226,42 @@ fn main() -> Result<()> {
         vt.push(seconds_in(&log).ok_or_else(|| VolleyError::execution(log.clone()))?);
         rt.push(ray(&script, &["tasks", &n_tasks])?);
         let out = work.join(format!("out-volley-{run}"));
-        let log = cluster.job(&[pipeline.to_str().unwrap_or_default(), input.to_str().unwrap_or_default(), out.to_str().unwrap_or_default()])?;
+        let log = cluster.job(&[
+            pipeline.to_str().unwrap_or_default(),
+            input.to_str().unwrap_or_default(),
+            out.to_str().unwrap_or_default(),
+        ])?;
         vp.push(seconds_in(&log).ok_or_else(|| VolleyError::execution(log.clone()))?);
         let _ = std::fs::remove_dir_all(&out);
         let rout = work.join(format!("out-ray-{run}"));
-        rp.push(ray(&script, &["pipeline", input.to_str().unwrap_or_default(), rout.to_str().unwrap_or_default()])?);
+        rp.push(ray(
+            &script,
+            &[
+                "pipeline",
+                input.to_str().unwrap_or_default(),
+                rout.to_str().unwrap_or_default(),
+            ],
+        )?);
         let _ = std::fs::remove_dir_all(&rout);
-        eprintln!("run {run}: tasks volley {:.3}s ray {:.3}s; pipeline volley {:.3}s ray {:.3}s", vt[run], rt[run], vp[run], rp[run]);
+        eprintln!(
+            "run {run}: tasks volley {:.3}s ray {:.3}s; pipeline volley {:.3}s ray {:.3}s",
+            vt[run], rt[run], vp[run], rp[run]
+        );
     }
     let n: f64 = n_tasks.parse().unwrap_or(2000.0);
     let (vt, rt, vp, rp) = (median(vt), median(rt), median(vp), median(rp));
     println!("volley cluster ({nodes} nodes on this machine) vs Ray, medians of {runs} runs");
-    println!("tasks:    volley {:>8.0} tasks/s   ray {:>8.0} tasks/s   volley/ray throughput {:.2}x", n / vt, n / rt, rt / vt);
-    println!("pipeline: volley {:>8.2} s         ray {:>8.2} s         ray/volley time {:.2}x", vp, rp, rp / vp);
+    println!(
+        "tasks:    volley {:>8.0} tasks/s   ray {:>8.0} tasks/s   volley/ray throughput {:.2}x",
+        n / vt,
+        n / rt,
+        rt / vt
+    );
+    println!(
+        "pipeline: volley {:>8.2} s         ray {:>8.2} s         ray/volley time {:.2}x",
+        vp,
+        rp,
+        rp / vp
+    );
     Ok(())
 }

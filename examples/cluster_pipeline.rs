@@ -45,7 +45,12 @@ impl NamedTransform for Score {
             .zip(w.iter())
             .map(|(x, w)| Some((x? as f64).sqrt() * w?))
             .collect();
-        let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
         fields.push(Field::new("score", DataType::Float64, true));
         columns.push(Arc::new(score));
@@ -54,7 +59,10 @@ impl NamedTransform for Score {
             fields.push(Field::new("node", DataType::Utf8, false));
             columns.push(Arc::new(StringArray::from(vec![node; batch.num_rows()])));
         }
-        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?)
     }
 }
 
@@ -73,7 +81,9 @@ fn main() -> Result<()> {
         }
     }
     let [input, output] = positional.as_slice() else {
-        return Err(VolleyError::plan("usage: cluster_pipeline IN OUT [--slow-ms N] [--tag-node]"));
+        return Err(VolleyError::plan(
+            "usage: cluster_pipeline IN OUT [--slow-ms N] [--tag-node]",
+        ));
     };
     let on = match volley::cluster()? {
         Some(c) => format!("cluster {} (job {})", c.address(), c.job_id()),

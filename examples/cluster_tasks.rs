@@ -34,7 +34,8 @@ struct Numbers {
 impl RemoteTask for Numbers {
     fn run(&self, ctx: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
         let values = Int64Array::from_iter_values(self.start..self.start + self.n);
-        let node = volley::arrow::array::StringArray::from(vec![ctx.node_id.clone(); self.n as usize]);
+        let node =
+            volley::arrow::array::StringArray::from(vec![ctx.node_id.clone(); self.n as usize]);
         Ok(vec![RecordBatch::try_from_iter([
             ("x", Arc::new(values) as ArrayRef),
             ("node", Arc::new(node) as ArrayRef),
@@ -56,7 +57,11 @@ impl RemoteTask for Sum {
 fn sum<'a>(batches: impl Iterator<Item = &'a RecordBatch>) -> i64 {
     batches
         .map(|b| {
-            let x = b.column(0).as_any().downcast_ref::<Int64Array>().expect("int64");
+            let x = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("int64");
             x.values().iter().sum::<i64>()
         })
         .sum()
@@ -84,7 +89,9 @@ impl RemoteActor for Accumulator {
             }
             // Takes the actor's process down, to show a restart.
             "crash" => std::process::exit(3),
-            other => Err(VolleyError::plan(format!("Accumulator has no method {other}"))),
+            other => Err(VolleyError::plan(format!(
+                "Accumulator has no method {other}"
+            ))),
         }
     }
 }
@@ -107,11 +114,14 @@ fn wait_for_resources(cluster: &volley::crates::runtime::cluster::Cluster) -> Re
         &[],
         &TaskOptions::default().resources(Resources::cpus(0.0).with_gpus(2.0)),
     )?;
-    let group = cluster.placement_group(vec![Resources::cpus(2.0); 2], PlacementStrategy::StrictPack)?;
+    let group =
+        cluster.placement_group(vec![Resources::cpus(2.0); 2], PlacementStrategy::StrictPack)?;
     let (ready, _) = cluster.wait(std::slice::from_ref(&gpu_task), 1, Duration::from_secs(2))?;
     let placed = group.wait(Duration::from_millis(10))?;
     if !ready.is_empty() || placed.is_some() {
-        return Err(VolleyError::execution("expected both to wait for a bigger node"));
+        return Err(VolleyError::execution(
+            "expected both to wait for a bigger node",
+        ));
     }
     println!("WAITING: the 2-GPU task and the 2x2-CPU group wait for a node that fits");
     let placed = group
@@ -142,7 +152,13 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let sums: Vec<_> = blocks
         .iter()
-        .map(|b| cluster.submit(Sum, &[b], &TaskOptions::default().resources(Resources::cpus(0.5))))
+        .map(|b| {
+            cluster.submit(
+                Sum,
+                &[b],
+                &TaskOptions::default().resources(Resources::cpus(0.5)),
+            )
+        })
         .collect::<Result<_>>()?;
     let mut total = 0i64;
     for s in &sums {
@@ -156,7 +172,11 @@ fn main() -> Result<()> {
     let mut nodes = std::collections::BTreeSet::new();
     for b in &blocks {
         for batch in cluster.get(b)? {
-            let col = batch.column(1).as_any().downcast_ref::<volley::arrow::array::StringArray>().expect("utf8");
+            let col = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<volley::arrow::array::StringArray>()
+                .expect("utf8");
             nodes.insert(col.value(0).to_string());
         }
     }
@@ -175,7 +195,10 @@ fn main() -> Result<()> {
     acc.kill()?;
 
     // An actor whose process dies is rebuilt from its initial value (max_restarts).
-    let fragile = cluster.create_actor(Accumulator::default(), &ActorOptions::default().max_restarts(1))?;
+    let fragile = cluster.create_actor(
+        Accumulator::default(),
+        &ActorOptions::default().max_restarts(1),
+    )?;
     let five: i64 = object_value(&cluster.get(&fragile.call("add", 5, &[])?)?)?;
     let crashed = cluster.get(&fragile.call("crash", 0, &[])?);
     let seven: i64 = object_value(&cluster.get(&fragile.call("add", 7, &[])?)?)?;
@@ -190,18 +213,32 @@ fn main() -> Result<()> {
         info.state
     );
     if five != 5 || crashed.is_ok() || seven != 7 || info.restarts != 1 || info.state != "ALIVE" {
-        return Err(VolleyError::execution("the actor did not restart as expected"));
+        return Err(VolleyError::execution(
+            "the actor did not restart as expected",
+        ));
     }
     fragile.kill()?;
 
-    let group = cluster.placement_group(vec![Resources::cpus(1.0); 2], PlacementStrategy::Spread)?;
+    let group =
+        cluster.placement_group(vec![Resources::cpus(1.0); 2], PlacementStrategy::Spread)?;
     let placed = group
         .wait(Duration::from_secs(30))?
         .ok_or_else(|| VolleyError::execution("placement group did not fit"))?;
     println!("placement group bundles on {placed:?}");
-    let in_group = cluster.submit(Numbers { start: 0, n: 10 }, &[], &TaskOptions::default().in_group(&group, 1))?;
+    let in_group = cluster.submit(
+        Numbers { start: 0, n: 10 },
+        &[],
+        &TaskOptions::default().in_group(&group, 1),
+    )?;
     let got = cluster.get(&in_group)?;
-    println!("task in bundle 1 ran on {:?}", got[0].column(1).as_any().downcast_ref::<volley::arrow::array::StringArray>().map(|c| c.value(0).to_string()));
+    println!(
+        "task in bundle 1 ran on {:?}",
+        got[0]
+            .column(1)
+            .as_any()
+            .downcast_ref::<volley::arrow::array::StringArray>()
+            .map(|c| c.value(0).to_string())
+    );
     group.remove()?;
     println!("OK");
     Ok(())

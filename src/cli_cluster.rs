@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use volley::crates::runtime::cluster::{
-    self, auth, run_node, HeadOptions, JobClient, JobRequest, NodeOptions, Resources,
-    TlsConfig,
+    self, auth, run_node, HeadOptions, JobClient, JobRequest, NodeOptions, Resources, TlsConfig,
 };
 use volley::{Result, VolleyError};
 
@@ -143,12 +142,16 @@ pub fn state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("VOLLEY_HOME") {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     home.join(".volley")
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 impl Conn {
@@ -265,11 +268,20 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         let pid = daemonize(&args, &log)?;
         std::fs::write(dir.join("head.pid"), pid.to_string())?;
         let address = wait_for_file(&dir.join("head_address"), &log, pid)?;
-        println!("volley head started at {address} (pid {pid}, log {})", log.display());
-        println!("HTTP API: http://{}", read_trimmed(&dir.join("http_address")).unwrap_or_default());
+        println!(
+            "volley head started at {address} (pid {pid}, log {})",
+            log.display()
+        );
+        println!(
+            "HTTP API: http://{}",
+            read_trimmed(&dir.join("http_address")).unwrap_or_default()
+        );
         println!("token: {}", dir.join("token").display());
         println!("join another machine with:");
-        println!("  volley start --address {address} --token $(cat {})", dir.join("token").display());
+        println!(
+            "  volley start --address {address} --token $(cat {})",
+            dir.join("token").display()
+        );
         return Ok(());
     }
     let token = match &a.token {
@@ -288,9 +300,16 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     rt.block_on(async move {
         let (_core, addrs) =
             cluster::start_head(options, &a.host, a.port, Some(a.http_port), &tls).await?;
-        std::fs::write(dir.join("http_address"), addrs.http.clone().unwrap_or_default())?;
+        std::fs::write(
+            dir.join("http_address"),
+            addrs.http.clone().unwrap_or_default(),
+        )?;
         std::fs::write(dir.join("head_address"), &addrs.grpc)?;
-        eprintln!("volley head listening on {} (HTTP {})", addrs.grpc, addrs.http.unwrap_or_default());
+        eprintln!(
+            "volley head listening on {} (HTTP {})",
+            addrs.grpc,
+            addrs.http.unwrap_or_default()
+        );
         wait_for_signal().await;
         let _ = std::fs::remove_file(dir.join("head_address"));
         Ok(())
@@ -308,7 +327,9 @@ async fn wait_for_signal() {
 
 fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
     if !a.block {
-        let log = dir.join("logs").join(format!("node-{}.log", std::process::id()));
+        let log = dir
+            .join("logs")
+            .join(format!("node-{}.log", std::process::id()));
         let mut args: Vec<String> = std::env::args().skip(1).collect();
         args.retain(|x| x != "--block");
         let pid = daemonize(&args, &log)?;
@@ -323,7 +344,10 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
                 std::fs::read_to_string(&log).unwrap_or_default()
             )));
         }
-        println!("volley node agent started (pid {pid}, log {}), joining {address}", log.display());
+        println!(
+            "volley node agent started (pid {pid}, log {}), joining {address}",
+            log.display()
+        );
         return Ok(());
     }
     let token = match &a.token {
@@ -333,7 +357,9 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         })?,
     };
     let cpus = a.num_cpus.unwrap_or_else(|| {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64
     });
     let memory = match &a.memory {
         Some(m) => volley::crates::common::parse_bytes(m)?,
@@ -363,7 +389,11 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         gpu_ids: (0..gpus).collect(),
         object_store_memory,
         dir: dir.join("nodes").join(std::process::id().to_string()),
-        tls: TlsConfig::from_files(a.tls_ca.as_deref(), a.tls_cert.as_deref(), a.tls_key.as_deref())?,
+        tls: TlsConfig::from_files(
+            a.tls_ca.as_deref(),
+            a.tls_cert.as_deref(),
+            a.tls_key.as_deref(),
+        )?,
     };
     let rt = io_runtime()?;
     rt.block_on(async move {
@@ -408,7 +438,10 @@ pub fn stop() -> Result<()> {
 /// `volley status`.
 pub fn status(conn: Conn) -> Result<()> {
     let s = conn.client()?.cluster_status()?;
-    println!("{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10}", "NODE", "ALIVE", "ADDRESS", "TOTAL", "AVAILABLE", "TASKS", "OBJECTS");
+    println!(
+        "{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10}",
+        "NODE", "ALIVE", "ADDRESS", "TOTAL", "AVAILABLE", "TASKS", "OBJECTS"
+    );
     for n in &s.nodes {
         let total: Resources = n.total.clone().into();
         let avail: Resources = n.available.clone().into();
@@ -498,7 +531,12 @@ pub fn job(cmd: JobCommand) -> Result<()> {
         }
         JobCommand::List { conn } => {
             for j in conn.client()?.list()? {
-                println!("{:<20} {:<10} {}", j.job_id, j.state, j.entrypoint.join(" "));
+                println!(
+                    "{:<20} {:<10} {}",
+                    j.job_id,
+                    j.state,
+                    j.entrypoint.join(" ")
+                );
             }
             Ok(())
         }

@@ -44,7 +44,15 @@ impl TestCluster {
         let home = tempfile::tempdir().unwrap();
         let head = Command::new(volley_bin())
             .envs(tls.iter().map(|(k, v)| (k, v)))
-            .args(["start", "--head", "--block", "--port", "0", "--http-port", "0"])
+            .args([
+                "start",
+                "--head",
+                "--block",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+            ])
             .args(["--node-timeout", &node_timeout_s.to_string()])
             .env("VOLLEY_HOME", home.path())
             .env_remove("VOLLEY_TOKEN")
@@ -66,7 +74,11 @@ impl TestCluster {
         let token = std::fs::read_to_string(home.path().join("token")).unwrap();
         let mode = std::fs::metadata(home.path().join("token")).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(mode.permissions().mode() & 0o777, 0o600, "token file must be owner-only");
+        assert_eq!(
+            mode.permissions().mode() & 0o777,
+            0o600,
+            "token file must be owner-only"
+        );
         Self {
             home,
             tls,
@@ -93,7 +105,12 @@ impl TestCluster {
         let child = self
             .volley()
             .args(["start", "--block", "--address", &self.address])
-            .args(["--num-cpus", &cpus.to_string(), "--num-gpus", &gpus.to_string()])
+            .args([
+                "--num-cpus",
+                &cpus.to_string(),
+                "--num-gpus",
+                &gpus.to_string(),
+            ])
             .args(["--object-store-memory", "64MiB"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -110,17 +127,33 @@ impl TestCluster {
 
     fn status(&self) -> String {
         let out = self.volley().arg("status").output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
     fn node_count(&self) -> usize {
-        self.status().lines().filter(|l| l.contains(" yes ")).count()
+        self.status()
+            .lines()
+            .filter(|l| l.contains(" yes "))
+            .count()
     }
 
     fn submit(&self, args: &[&str]) -> String {
-        let out = self.volley().args(["job", "submit", "--"]).args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .volley()
+            .args(["job", "submit", "--"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
@@ -145,7 +178,11 @@ impl TestCluster {
     /// The job's record and log, for failure messages.
     fn describe(&self, id: &str) -> String {
         let out = self.volley().args(["job", "status", id]).output().unwrap();
-        format!("{}\nlog:\n{}", String::from_utf8_lossy(&out.stdout), self.logs(id))
+        format!(
+            "{}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            self.logs(id)
+        )
     }
 
     fn logs(&self, id: &str) -> String {
@@ -174,8 +211,12 @@ impl TestCluster {
         let needle = format!("VOLLEY_ADDRESS={}", self.address);
         let mut out = Vec::new();
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(env) = std::fs::read(e.path().join("environ")) else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(e.path().join("environ")) else {
+                continue;
+            };
             let env = String::from_utf8_lossy(&env);
             let vars: Vec<&str> = env.split('\0').collect();
             if vars.contains(&needle.as_str()) && vars.iter().any(|v| v.starts_with(extra)) {
@@ -187,12 +228,22 @@ impl TestCluster {
 
     fn http_get(&self, path: &str, token: Option<&str>) -> (u16, String) {
         let mut s = std::net::TcpStream::connect(&self.http).unwrap();
-        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n", self.http).unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n",
+            self.http
+        )
+        .unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
         let code = resp[9..12].parse().unwrap();
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         (code, body)
     }
 }
@@ -209,7 +260,10 @@ impl Drop for TestCluster {
 }
 
 fn kill9(pid: i32) {
-    let status = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success(), "kill -9 {pid}");
 }
 
@@ -243,7 +297,11 @@ fn run_local(input: &Path, output: &Path) -> Output {
         .env_remove("VOLLEY_WORKER_ID")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -276,10 +334,18 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     c.add_node(2, 1);
     c.add_node(1, 1);
     let status = c.status();
-    assert_eq!(status.lines().filter(|l| l.starts_with("node-")).count(), 3, "{status}");
+    assert_eq!(
+        status.lines().filter(|l| l.starts_with("node-")).count(),
+        3,
+        "{status}"
+    );
 
     // The token is required everywhere.
-    let wrong = c.volley().args(["status", "--token", "nope"]).output().unwrap();
+    let wrong = c
+        .volley()
+        .args(["status", "--token", "nope"])
+        .output()
+        .unwrap();
     assert!(!wrong.status.success());
     assert!(
         String::from_utf8_lossy(&wrong.stderr).contains("wrong cluster token"),
@@ -288,7 +354,14 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     );
     let join = c
         .volley()
-        .args(["start", "--block", "--address", &c.address, "--token", "nope"])
+        .args([
+            "start",
+            "--block",
+            "--address",
+            &c.address,
+            "--token",
+            "nope",
+        ])
         .output()
         .unwrap();
     assert!(!join.status.success());
@@ -308,26 +381,51 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         out.to_str().unwrap(),
         "--tag-node",
     ]);
-    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.describe(&job));
-    assert!(c.logs(&job).contains("wrote 240000 rows"), "{}", c.logs(&job));
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(180)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    assert!(
+        c.logs(&job).contains("wrote 240000 rows"),
+        "{}",
+        c.logs(&job)
+    );
     assert_eq!(checksum(&out), checksum(&local));
     let ctx = volley::Context::try_default().unwrap();
     let nodes = ctx
-        .sql_with_files("SELECT count(DISTINCT node) FROM t", &[("t", out.to_str().unwrap())])
+        .sql_with_files(
+            "SELECT count(DISTINCT node) FROM t",
+            &[("t", out.to_str().unwrap())],
+        )
         .unwrap()
         .collect_batch()
         .unwrap();
-    let nodes = nodes.column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0);
+    let nodes = nodes
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .value(0);
     assert_eq!(nodes, 3, "every node computes part of the job");
 
     // Tasks, actors and placement groups.
     let tasks = c.submit(&[example("cluster_tasks").to_str().unwrap(), "6"]);
-    assert_eq!(c.wait_job(&tasks, Duration::from_secs(120)), "SUCCEEDED", "{}", c.describe(&tasks));
+    assert_eq!(
+        c.wait_job(&tasks, Duration::from_secs(120)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&tasks)
+    );
     assert!(c.logs(&tasks).contains("OK"));
 
     // A task needing 2 GPUs and a group needing 4 CPUs on one node wait until such a
     // node joins, then run there.
-    let wait = c.submit(&[example("cluster_tasks").to_str().unwrap(), "wait-for-resources"]);
+    let wait = c.submit(&[
+        example("cluster_tasks").to_str().unwrap(),
+        "wait-for-resources",
+    ]);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !c.logs(&wait).contains("WAITING") {
         assert_ne!(c.job_state(&wait), "FAILED", "{}", c.logs(&wait));
@@ -337,10 +435,21 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(c.job_state(&wait), "RUNNING");
     c.add_node(4, 2);
-    assert_eq!(c.wait_job(&wait, Duration::from_secs(120)), "SUCCEEDED", "{}", c.describe(&wait));
+    assert_eq!(
+        c.wait_job(&wait, Duration::from_secs(120)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&wait)
+    );
     let log = c.logs(&wait);
-    assert!(log.contains("GPU task ran on node-4 with GPUs [0, 1], CUDA_VISIBLE_DEVICES=0,1"), "{log}");
-    assert!(log.contains(r#"group placed on ["node-4", "node-4"]"#), "{log}");
+    assert!(
+        log.contains("GPU task ran on node-4 with GPUs [0, 1], CUDA_VISIBLE_DEVICES=0,1"),
+        "{log}"
+    );
+    assert!(
+        log.contains(r#"group placed on ["node-4", "node-4"]"#),
+        "{log}"
+    );
 
     // The HTTP API sees the same jobs, and takes new ones.
     let (code, body) = c.http_get("/api/jobs", Some(&c.token));
@@ -357,10 +466,22 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         .unwrap();
     let posted: serde_json::Value = serde_json::from_slice(&posted.stdout).unwrap();
     let http_job = posted["job_id"].as_str().expect("a job id").to_string();
-    assert_eq!(c.wait_job(&http_job, Duration::from_secs(60)), "SUCCEEDED", "{}", c.describe(&http_job));
+    assert_eq!(
+        c.wait_job(&http_job, Duration::from_secs(60)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&http_job)
+    );
     assert_eq!(c.logs(&http_job).trim(), "hello from http");
     let escape = Command::new("curl")
-        .args(["-s", "-X", "POST", "-H", "Content-Type: application/json", "-H"])
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+        ])
         .arg(format!("Authorization: Bearer {}", c.token))
         .arg("--data")
         .arg(r#"{"entrypoint": ["true"], "files": [{"path": "../evil", "data_base64": ""}]}"#)
@@ -384,7 +505,10 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     ]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while c.processes(&format!("VOLLEY_JOB_ID={slow}")).len() < 2 {
-        assert!(Instant::now() < deadline, "the job's processes did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the job's processes did not start"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let stop = c.volley().args(["job", "stop", &slow]).output().unwrap();
@@ -392,7 +516,10 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     assert_eq!(c.wait_job(&slow, Duration::from_secs(10)), "STOPPED");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !c.processes(&format!("VOLLEY_JOB_ID={slow}")).is_empty() {
-        assert!(Instant::now() < deadline, "the stopped job's processes are still running");
+        assert!(
+            Instant::now() < deadline,
+            "the stopped job's processes are still running"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!stopped_out.exists(), "a stopped job leaves no output");
@@ -447,9 +574,17 @@ fn killed_node_agent_and_killed_worker_lose_no_rows() {
     let pid = c.nodes[victim].id() as i32;
     kill9(pid);
     let _ = c.nodes[victim].wait();
-    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.describe(&job));
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(180)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
     assert!(c.status().contains("DEAD"), "{}", c.status());
-    assert!(c.retries(&job) >= 1, "the dead node's tasks ran again elsewhere");
+    assert!(
+        c.retries(&job) >= 1,
+        "the dead node's tasks ran again elsewhere"
+    );
     assert_eq!(checksum(&out), expected);
 
     // SIGKILL a worker process while it runs a task.
@@ -463,11 +598,15 @@ fn killed_node_agent_and_killed_worker_lose_no_rows() {
     ]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let worker = loop {
-        if let Some(p) = c.processes(&format!("VOLLEY_JOB_ID={job}")).into_iter().find(|p| {
-            std::fs::read(format!("/proc/{p}/environ"))
-                .map(|e| String::from_utf8_lossy(&e).contains("VOLLEY_WORKER_ID="))
-                .unwrap_or(false)
-        }) {
+        if let Some(p) = c
+            .processes(&format!("VOLLEY_JOB_ID={job}"))
+            .into_iter()
+            .find(|p| {
+                std::fs::read(format!("/proc/{p}/environ"))
+                    .map(|e| String::from_utf8_lossy(&e).contains("VOLLEY_WORKER_ID="))
+                    .unwrap_or(false)
+            })
+        {
             break p;
         }
         assert!(Instant::now() < deadline, "no worker started");
@@ -475,7 +614,12 @@ fn killed_node_agent_and_killed_worker_lose_no_rows() {
     };
     std::thread::sleep(Duration::from_millis(400));
     kill9(worker);
-    assert_eq!(c.wait_job(&job, Duration::from_secs(180)), "SUCCEEDED", "{}", c.describe(&job));
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(180)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
     assert!(c.retries(&job) >= 1, "the killed worker's task ran again");
     assert_eq!(checksum(&out), expected);
 }
@@ -486,25 +630,69 @@ fn tls_cluster_runs_jobs_and_refuses_clear_text() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (ca, ca_key) = (d.join("ca.pem"), d.join("ca.key"));
-    let (cert, key, csr, ext) = (d.join("cert.pem"), d.join("key.pem"), d.join("req.csr"), d.join("ext.cnf"));
-    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    let (cert, key, csr, ext) = (
+        d.join("cert.pem"),
+        d.join("key.pem"),
+        d.join("req.csr"),
+        d.join("ext.cnf"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
     let openssl = |args: Vec<&std::ffi::OsStr>| {
         let out = Command::new("openssl").args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let os = |s: &'static str| std::ffi::OsStr::new(s);
     openssl(vec![
-        os("req"), os("-x509"), os("-newkey"), os("rsa:2048"), os("-nodes"), os("-days"), os("2"),
-        os("-subj"), os("/CN=volley-test-ca"), os("-keyout"), ca_key.as_os_str(), os("-out"), ca.as_os_str(),
+        os("req"),
+        os("-x509"),
+        os("-newkey"),
+        os("rsa:2048"),
+        os("-nodes"),
+        os("-days"),
+        os("2"),
+        os("-subj"),
+        os("/CN=volley-test-ca"),
+        os("-keyout"),
+        ca_key.as_os_str(),
+        os("-out"),
+        ca.as_os_str(),
     ]);
     openssl(vec![
-        os("req"), os("-newkey"), os("rsa:2048"), os("-nodes"), os("-subj"), os("/CN=127.0.0.1"),
-        os("-keyout"), key.as_os_str(), os("-out"), csr.as_os_str(),
+        os("req"),
+        os("-newkey"),
+        os("rsa:2048"),
+        os("-nodes"),
+        os("-subj"),
+        os("/CN=127.0.0.1"),
+        os("-keyout"),
+        key.as_os_str(),
+        os("-out"),
+        csr.as_os_str(),
     ]);
     openssl(vec![
-        os("x509"), os("-req"), os("-in"), csr.as_os_str(), os("-CA"), ca.as_os_str(), os("-CAkey"),
-        ca_key.as_os_str(), os("-CAcreateserial"), os("-days"), os("2"), os("-extfile"), ext.as_os_str(),
-        os("-out"), cert.as_os_str(),
+        os("x509"),
+        os("-req"),
+        os("-in"),
+        csr.as_os_str(),
+        os("-CA"),
+        ca.as_os_str(),
+        os("-CAkey"),
+        ca_key.as_os_str(),
+        os("-CAcreateserial"),
+        os("-days"),
+        os("2"),
+        os("-extfile"),
+        ext.as_os_str(),
+        os("-out"),
+        cert.as_os_str(),
     ]);
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let tls = vec![
@@ -515,7 +703,12 @@ fn tls_cluster_runs_jobs_and_refuses_clear_text() {
     let mut c = TestCluster::start_with_tls(5.0, tls);
     c.add_node(2, 0);
     let job = c.submit(&[example("cluster_tasks").to_str().unwrap(), "4"]);
-    assert_eq!(c.wait_job(&job, Duration::from_secs(120)), "SUCCEEDED", "{}", c.describe(&job));
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(120)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
 
     // Clear text is refused; the HTTP API speaks HTTPS.
     let plain = c

@@ -26,7 +26,8 @@ pub use format::{CsvReadOptions, FileFormatKind};
 pub use listing::{plain_strings, FileScan};
 pub use registry::VolleyObjectStoreRegistry;
 pub use sink::{
-    Compression, PartWriter, RemotePart, WriteFormat, WriteJob, WriteMode, WriteOptions, WriteSummary,
+    Compression, PartWriter, RemotePart, WriteFormat, WriteJob, WriteMode, WriteOptions,
+    WriteSummary,
 };
 pub use source::{DataSource, ReadTask, ScanRequest};
 pub use text::{BinaryScan, TextScan};

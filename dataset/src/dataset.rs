@@ -388,12 +388,19 @@ impl Dataset {
     /// shape runs there.
     fn on_cluster(
         &self,
-    ) -> Result<Option<(volley_runtime::cluster::Cluster, crate::distributed::Distributed)>> {
+    ) -> Result<
+        Option<(
+            volley_runtime::cluster::Cluster,
+            crate::distributed::Distributed,
+        )>,
+    > {
         let Some(cluster) = self.ctx.cluster() else {
             return Ok(None);
         };
-        Ok(crate::distributed::Distributed::plan(&self.ctx, &self.plan)?
-            .map(|d| (cluster.clone(), d)))
+        Ok(
+            crate::distributed::Distributed::plan(&self.ctx, &self.plan)?
+                .map(|d| (cluster.clone(), d)),
+        )
     }
 
     /// Runs the dataset and returns all rows as one batch.

@@ -22,8 +22,7 @@ use volley_common::{Result, ResultExt, VolleyError};
 use volley_connectors::{DataSource, ReadTask, RemotePart, ScanRequest, WriteJob, WriteSummary};
 use volley_exec::TransformFn;
 use volley_runtime::cluster::{
-    object_value, value_object, Cluster, ObjectRef, RemoteTask, Resources, TaskContext,
-    TaskOptions,
+    object_value, value_object, Cluster, ObjectRef, RemoteTask, Resources, TaskContext, TaskOptions,
 };
 
 use crate::context::Context;
@@ -35,7 +34,10 @@ use crate::{optimizer, planner};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum ShippedOp {
     Select(Vec<Vec<u8>>),
-    WithColumn { name: String, expr: Vec<u8> },
+    WithColumn {
+        name: String,
+        expr: Vec<u8>,
+    },
     Drop(Vec<String>),
     Rename(Vec<(String, String)>),
     Filter(Vec<u8>),
@@ -91,7 +93,9 @@ fn fragment(op: &LogicalOp) -> Result<Option<Fragment>> {
         ),
         LogicalOp::Drop { input, columns } => (input, ShippedOp::Drop(columns.clone())),
         LogicalOp::Rename { input, pairs } => (input, ShippedOp::Rename(pairs.clone())),
-        LogicalOp::Filter { input, predicate } => (input, ShippedOp::Filter(expr_bytes(predicate)?)),
+        LogicalOp::Filter { input, predicate } => {
+            (input, ShippedOp::Filter(expr_bytes(predicate)?))
+        }
         LogicalOp::FilterFn { predicate, .. } => {
             return Err(VolleyError::plan(format!(
                 "filter `{}` is a Rust closure and cannot be shipped to cluster workers: \
@@ -113,9 +117,9 @@ fn fragment(op: &LogicalOp) -> Result<Option<Fragment>> {
                 },
             )
         }
-        LogicalOp::MapBatchesStateful { .. } | LogicalOp::Limit { .. } | LogicalOp::Union { .. } => {
-            return Ok(None)
-        }
+        LogicalOp::MapBatchesStateful { .. }
+        | LogicalOp::Limit { .. }
+        | LogicalOp::Union { .. } => return Ok(None),
     };
     let Some(mut f) = fragment(input)? else {
         return Ok(None);
@@ -182,7 +186,10 @@ impl FragmentTask {
             op = Arc::new(match s.clone() {
                 ShippedOp::Select(exprs) => LogicalOp::Select {
                     input: op,
-                    exprs: exprs.iter().map(|b| expr_from(b, state)).collect::<Result<_>>()?,
+                    exprs: exprs
+                        .iter()
+                        .map(|b| expr_from(b, state))
+                        .collect::<Result<_>>()?,
                 },
                 ShippedOp::WithColumn { name, expr } => LogicalOp::WithColumn {
                     input: op,
@@ -312,11 +319,12 @@ impl Distributed {
             while pending.len() < window {
                 let Some((i, t)) = tasks.next() else { break };
                 let label = t.label.clone();
-                let r = cluster
-                    .submit(t, &[], &self.options.clone().name(label))?;
+                let r = cluster.submit(t, &[], &self.options.clone().name(label))?;
                 pending.push_back((i, r));
             }
-            let Some((i, r)) = pending.pop_front() else { break };
+            let Some((i, r)) = pending.pop_front() else {
+                break;
+            };
             each(i, cluster.get(&r)?)?;
         }
         Ok(())

@@ -25,8 +25,8 @@ mod sql;
 mod streaming_split;
 
 pub use context::{Context, Paths};
-pub use distributed::FragmentTask;
 pub use dataset::{Dataset, IterOptions, MapOptions, WriteBuilder};
+pub use distributed::FragmentTask;
 pub use logical::LogicalOp;
 pub use relational::{agg, GroupedDataset, JoinHow, SortKey};
 pub use sql::DatasetTable;

@@ -208,7 +208,12 @@ impl RemotePart {
                     )));
                 }
                 let aside = staging.join(format!(".{}-{attempt}", self.prefix));
-                let mut w = PartWriter::try_new(self.options.clone(), self.prefix.clone(), aside.clone(), None)?;
+                let mut w = PartWriter::try_new(
+                    self.options.clone(),
+                    self.prefix.clone(),
+                    aside.clone(),
+                    None,
+                )?;
                 for b in batches {
                     w.write(&b?)?;
                 }

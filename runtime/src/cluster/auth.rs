@@ -53,7 +53,11 @@ pub fn read_token(path: &Path) -> Result<String> {
 
 /// Compares without an early exit, so the time taken says nothing about the token.
 pub(crate) fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Server side: refuses calls without the right token.

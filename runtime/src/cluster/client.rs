@@ -460,7 +460,9 @@ impl Cluster {
         let oid = id.clone();
         self.block_on(async move {
             let loc = head
-                .pick_object_store(proto::JobId { job_id: job.clone() })
+                .pick_object_store(proto::JobId {
+                    job_id: job.clone(),
+                })
                 .await
                 .map_err(|e| status_error("put", e))?
                 .into_inner();
@@ -543,22 +545,24 @@ impl Cluster {
         }
         let id = self.new_id("pg");
         let mut head = self.inner.head.clone();
-        self.block_on(head.create_placement_group(proto::CreatePlacementGroupRequest {
-            job_id: self.inner.job_id.clone(),
-            group_id: id.clone(),
-            bundles: bundles
-                .iter()
-                .map(|b| proto::Bundle {
-                    resources: Some(b.into()),
-                })
-                .collect(),
-            strategy: match strategy {
-                PlacementStrategy::Pack => Strategy::Pack,
-                PlacementStrategy::Spread => Strategy::Spread,
-                PlacementStrategy::StrictPack => Strategy::StrictPack,
-                PlacementStrategy::StrictSpread => Strategy::StrictSpread,
-            } as i32,
-        }))
+        self.block_on(
+            head.create_placement_group(proto::CreatePlacementGroupRequest {
+                job_id: self.inner.job_id.clone(),
+                group_id: id.clone(),
+                bundles: bundles
+                    .iter()
+                    .map(|b| proto::Bundle {
+                        resources: Some(b.into()),
+                    })
+                    .collect(),
+                strategy: match strategy {
+                    PlacementStrategy::Pack => Strategy::Pack,
+                    PlacementStrategy::Spread => Strategy::Spread,
+                    PlacementStrategy::StrictPack => Strategy::StrictPack,
+                    PlacementStrategy::StrictSpread => Strategy::StrictSpread,
+                } as i32,
+            }),
+        )
         .map_err(|e| status_error("creating a placement group", e))?;
         Ok(PlacementGroup {
             id,

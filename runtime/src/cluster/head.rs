@@ -355,7 +355,10 @@ impl HeadCore {
             )
         };
         let data = match std::fs::read(&path) {
-            Ok(d) => d.get(offset as usize..).map(|s| s.to_vec()).unwrap_or_default(),
+            Ok(d) => d
+                .get(offset as usize..)
+                .map(|s| s.to_vec())
+                .unwrap_or_default(),
             Err(_) => vec![],
         };
         Ok((data, done))
@@ -462,7 +465,10 @@ impl State {
                     return true;
                 }
                 Some(o) if o.error.is_some() => {
-                    let e = format!("input object {a} failed: {}", o.error.clone().unwrap_or_default());
+                    let e = format!(
+                        "input object {a} failed: {}",
+                        o.error.clone().unwrap_or_default()
+                    );
                     self.fail_task(id, &e);
                     return true;
                 }
@@ -597,14 +603,22 @@ impl State {
             (0..g.bundles.len()).collect()
         };
         for i in candidates {
-            let Some(b) = g.bundles.get_mut(i) else { continue };
+            let Some(b) = g.bundles.get_mut(i) else {
+                continue;
+            };
             if !req.fits_in(&b.available) {
                 continue;
             }
-            let Some(gpus) = b.gpus.take(req.num_gpus) else { continue };
+            let Some(gpus) = b.gpus.take(req.num_gpus) else {
+                continue;
+            };
             b.available.subtract(req);
             let node = b.node.clone()?;
-            if !self.nodes.get(&node).is_some_and(|n| n.alive && n.tx.is_some()) {
+            if !self
+                .nodes
+                .get(&node)
+                .is_some_and(|n| n.alive && n.tx.is_some())
+            {
                 let b = &mut g.bundles[i];
                 b.available.add(req);
                 b.gpus.give(&gpus, req.num_gpus);
@@ -616,13 +630,7 @@ impl State {
     }
 
     /// Gives a running task's (or actor's) resources back to its node or bundle.
-    fn release(
-        &mut self,
-        node: &str,
-        req: &Resources,
-        gpus: &[u32],
-        bundle: &Option<BundleRef>,
-    ) {
+    fn release(&mut self, node: &str, req: &Resources, gpus: &[u32], bundle: &Option<BundleRef>) {
         match bundle {
             Some((g, i, generation)) => {
                 if let Some(b) = self
@@ -664,7 +672,9 @@ impl State {
 
     fn task_done(&mut self, id: &str, node: &str, bytes: u64) {
         self.finish_running(id);
-        let Some(task) = self.tasks.get_mut(id) else { return };
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
         task.state = TaskState::Done;
         let args = task.spec.args.clone();
         if let Some(o) = self.objects.get_mut(id) {
@@ -686,7 +696,9 @@ impl State {
             return;
         }
         self.finish_running(id);
-        let Some(task) = self.tasks.get_mut(id) else { return };
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
         task.state = TaskState::Failed;
         let args = task.spec.args.clone();
         if let Some(o) = self.objects.get_mut(id) {
@@ -701,7 +713,9 @@ impl State {
     /// A task's worker or node died, or its input vanished: run it again if it may.
     fn system_failure(&mut self, id: &str, error: &str) {
         self.finish_running(id);
-        let Some(task) = self.tasks.get_mut(id) else { return };
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
         if task.retries_left == 0 {
             let e = format!("{error} (no retries left)");
             self.fail_task(id, &e);
@@ -732,7 +746,9 @@ impl State {
 
     /// Deletes a freed object once no unfinished task needs it.
     fn try_delete(&mut self, id: &str) {
-        let Some(o) = self.objects.get(id) else { return };
+        let Some(o) = self.objects.get(id) else {
+            return;
+        };
         if o.users > 0 {
             return;
         }
@@ -758,7 +774,9 @@ impl State {
     }
 
     fn node_died(&mut self, node: &str) {
-        let Some(n) = self.nodes.get_mut(node) else { return };
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
         n.alive = false;
         n.tx = None;
         let running: Vec<String> = n.running.drain().collect();
@@ -802,7 +820,9 @@ impl State {
         let drivers: Vec<String> = self
             .jobs
             .iter()
-            .filter(|(_, j)| j.info.node_id == node && j.info.state == "RUNNING" && !j.info.attached)
+            .filter(|(_, j)| {
+                j.info.node_id == node && j.info.state == "RUNNING" && !j.info.attached
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for j in drivers {
@@ -814,11 +834,15 @@ impl State {
         let producer = self.objects.get(object).and_then(|o| o.producer.clone());
         let Some(p) = producer else {
             if let Some(o) = self.objects.get_mut(object) {
-                o.error = Some(format!("object {object} was lost with node {node} and has no task to rebuild it"));
+                o.error = Some(format!(
+                    "object {object} was lost with node {node} and has no task to rebuild it"
+                ));
             }
             return;
         };
-        let Some(task) = self.tasks.get_mut(&p) else { return };
+        let Some(task) = self.tasks.get_mut(&p) else {
+            return;
+        };
         if task.state != TaskState::Done {
             return;
         }
@@ -899,12 +923,12 @@ impl State {
                 .map(|(n, _)| (n, used.get(n).copied().unwrap_or(0)))
                 .collect();
             match strategy {
-                Strategy::Spread | Strategy::StrictSpread => {
-                    candidates.sort_by_key(|(_, c)| *c)
-                }
+                Strategy::Spread | Strategy::StrictSpread => candidates.sort_by_key(|(_, c)| *c),
                 _ => candidates.sort_by_key(|(_, c)| std::cmp::Reverse(*c)),
             }
-            let Some((node, _)) = candidates.first() else { return };
+            let Some((node, _)) = candidates.first() else {
+                return;
+            };
             let node = (*node).clone();
             let (r, gp) = free.get_mut(&node).expect("candidate exists");
             r.subtract(b);
@@ -930,7 +954,9 @@ impl State {
 
     /// Returns a group's reservations (a node of it died): it is placed again whole.
     fn unplace_group(&mut self, id: &str) {
-        let Some(g) = self.groups.get_mut(id) else { return };
+        let Some(g) = self.groups.get_mut(id) else {
+            return;
+        };
         g.ready = false;
         g.generation += 1;
         let mut back = Vec::new();
@@ -970,7 +996,9 @@ impl State {
                 let (g, i) = (a.spec.placement_group.clone(), a.spec.bundle_index);
                 self.take_from_bundle(&g, i, &req)
             };
-            let Some((node, gpus, bundle)) = placement else { continue };
+            let Some((node, gpus, bundle)) = placement else {
+                continue;
+            };
             let a = self.actors.get_mut(&id).expect("exists");
             a.incarnation += 1;
             a.state = ActorState::Starting { node: node.clone() };
@@ -988,7 +1016,9 @@ impl State {
     }
 
     fn actor_failed(&mut self, id: &str, error: &str) {
-        let Some(a) = self.actors.get_mut(id) else { return };
+        let Some(a) = self.actors.get_mut(id) else {
+            return;
+        };
         let node = match &a.state {
             ActorState::Alive { node } | ActorState::Starting { node } => node.clone(),
             _ => return,
@@ -998,7 +1028,10 @@ impl State {
         if restart {
             a.restarts += 1;
             a.state = ActorState::Pending;
-            warn!("actor {id}: {error}; restarting ({} of {})", a.restarts, a.spec.max_restarts);
+            warn!(
+                "actor {id}: {error}; restarting ({} of {})",
+                a.restarts, a.spec.max_restarts
+            );
         } else {
             a.state = ActorState::Dead(error.to_string());
             warn!("actor {id}: {error}; not restarted");
@@ -1017,7 +1050,9 @@ impl State {
     }
 
     fn kill_actor(&mut self, id: &str, why: &str) {
-        let Some(a) = self.actors.get_mut(id) else { return };
+        let Some(a) = self.actors.get_mut(id) else {
+            return;
+        };
         let node = match &a.state {
             ActorState::Alive { node } | ActorState::Starting { node } => Some(node.clone()),
             _ => None,
@@ -1043,7 +1078,9 @@ impl State {
             .collect();
         for id in pending {
             let req = self.jobs[&id].resources.clone();
-            let Some((node, gpus)) = self.pick_node(&req, &[]) else { continue };
+            let Some((node, gpus)) = self.pick_node(&req, &[]) else {
+                continue;
+            };
             let j = self.jobs.get_mut(&id).expect("exists");
             j.info.state = "RUNNING".into();
             j.info.node_id = node.clone();
@@ -1060,7 +1097,9 @@ impl State {
     }
 
     fn finish_job(&mut self, id: &str, state: &str, exit_code: i32, error: &str) {
-        let Some(j) = self.jobs.get_mut(id) else { return };
+        let Some(j) = self.jobs.get_mut(id) else {
+            return;
+        };
         if TERMINAL.contains(&j.info.state.as_str()) {
             return;
         }
@@ -1253,7 +1292,9 @@ impl proto::head_server::Head for HeadService {
     ) -> std::result::Result<Response<proto::Empty>, Status> {
         let r = request.into_inner();
         self.core.with(|s| {
-            let Some(a) = s.actors.get_mut(&r.actor_id) else { return };
+            let Some(a) = s.actors.get_mut(&r.actor_id) else {
+                return;
+            };
             if a.incarnation != r.incarnation {
                 return;
             }
@@ -1279,7 +1320,10 @@ impl proto::head_server::Head for HeadService {
             let (state, error) = if r.exit_code == 0 && r.error.is_empty() {
                 ("SUCCEEDED", String::new())
             } else if r.error.is_empty() {
-                ("FAILED", format!("the driver exited with code {}", r.exit_code))
+                (
+                    "FAILED",
+                    format!("the driver exited with code {}", r.exit_code),
+                )
             } else {
                 ("FAILED", r.error.clone())
             };
@@ -1365,7 +1409,10 @@ impl proto::head_server::Head for HeadService {
                 )));
             }
             if s.tasks.contains_key(&spec.task_id) {
-                return Err(Status::already_exists(format!("task {} exists", spec.task_id)));
+                return Err(Status::already_exists(format!(
+                    "task {} exists",
+                    spec.task_id
+                )));
             }
             if !spec.placement_group.is_empty() && !s.groups.contains_key(&spec.placement_group) {
                 return Err(Status::not_found(format!(
@@ -1520,7 +1567,10 @@ impl proto::head_server::Head for HeadService {
         }
         self.core.with(|s| {
             if !s.job_active(&r.job_id) {
-                return Err(Status::failed_precondition(format!("job {} is not running", r.job_id)));
+                return Err(Status::failed_precondition(format!(
+                    "job {} is not running",
+                    r.job_id
+                )));
             }
             s.groups.insert(
                 r.group_id.clone(),
@@ -1556,10 +1606,9 @@ impl proto::head_server::Head for HeadService {
             let notified = self.core.changed.notified();
             let status = {
                 let s = self.core.state.lock().expect("head lock");
-                let g = s
-                    .groups
-                    .get(&r.group_id)
-                    .ok_or_else(|| Status::not_found(format!("no placement group {}", r.group_id)))?;
+                let g = s.groups.get(&r.group_id).ok_or_else(|| {
+                    Status::not_found(format!("no placement group {}", r.group_id))
+                })?;
                 proto::PlacementGroupStatus {
                     ready: g.ready,
                     bundle_nodes: g
@@ -1607,7 +1656,10 @@ impl proto::head_server::Head for HeadService {
         resources.validate().map_err(invalid)?;
         self.core.with(|s| {
             if !s.job_active(&spec.job_id) {
-                return Err(Status::failed_precondition(format!("job {} is not running", spec.job_id)));
+                return Err(Status::failed_precondition(format!(
+                    "job {} is not running",
+                    spec.job_id
+                )));
             }
             s.actors.insert(
                 spec.actor_id.clone(),
@@ -1689,7 +1741,11 @@ impl proto::head_server::Head for HeadService {
                 part: Some(Part::Spec(spec)),
             })) => spec,
             Some(Err(e)) => return Err(e),
-            _ => return Err(Status::invalid_argument("a job upload starts with its spec")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a job upload starts with its spec",
+                ))
+            }
         };
         if spec.entrypoint.is_empty() {
             return Err(Status::invalid_argument("the job has no entrypoint"));
@@ -1700,7 +1756,10 @@ impl proto::head_server::Head for HeadService {
             let mut writer =
                 PackageWriter::new(dir.join("package"), self.core.options.max_package_bytes)?;
             while let Some(part) = stream.next().await {
-                match part.map_err(|e| VolleyError::execution(format!("upload: {e}")))?.part {
+                match part
+                    .map_err(|e| VolleyError::execution(format!("upload: {e}")))?
+                    .part
+                {
                     // Disk writes stay off the threads that answer heartbeats.
                     Some(Part::Chunk(c)) => tokio::task::block_in_place(|| writer.write(&c))?,
                     _ => return Err(VolleyError::plan("a job upload has one spec, first")),
@@ -1756,9 +1815,8 @@ impl proto::head_server::Head for HeadService {
         let core = Arc::clone(&self.core);
         core.job(&r.job_id)
             .map_err(|e| Status::not_found(e.to_string()))?;
-        let stream = futures::stream::unfold(
-            (core, r.offset, false),
-            move |(core, offset, finished)| {
+        let stream =
+            futures::stream::unfold((core, r.offset, false), move |(core, offset, finished)| {
                 let job = r.job_id.clone();
                 async move {
                     if finished {
@@ -1768,7 +1826,10 @@ impl proto::head_server::Head for HeadService {
                         let (data, done) = match core.job_log(&job, offset) {
                             Ok(x) => x,
                             Err(e) => {
-                                return Some((Err(Status::not_found(e.to_string())), (core, offset, true)))
+                                return Some((
+                                    Err(Status::not_found(e.to_string())),
+                                    (core, offset, true),
+                                ))
                             }
                         };
                         if !data.is_empty() {
@@ -1781,8 +1842,7 @@ impl proto::head_server::Head for HeadService {
                         core.changed_within(Duration::from_millis(250)).await;
                     }
                 }
-            },
-        );
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 

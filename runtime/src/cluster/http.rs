@@ -136,7 +136,10 @@ fn check(core: &HeadCore, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if same_token(t, &core.options().token) => Ok(()),
-        Some(_) => Err(ApiError(StatusCode::UNAUTHORIZED, "wrong cluster token".into())),
+        Some(_) => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "wrong cluster token".into(),
+        )),
         None => Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "no cluster token (Authorization: Bearer TOKEN)".into(),
@@ -231,11 +234,7 @@ async fn one(
     Ok(Json(core.job(&id).map_err(not_found)?.into()))
 }
 
-async fn logs(
-    State(core): Core,
-    h: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<String, ApiError> {
+async fn logs(State(core): Core, h: HeaderMap, Path(id): Path<String>) -> Result<String, ApiError> {
     check(&core, &h)?;
     let (data, _) = core.job_log(&id, 0).map_err(not_found)?;
     Ok(String::from_utf8_lossy(&data).into_owned())
@@ -257,16 +256,19 @@ pub(crate) async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
 ) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ = hyper_util::server::conn::auto::Builder::new(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-            .await;
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
         });
     }
 }

@@ -57,10 +57,9 @@ impl JobClient {
 
     /// Uploads and starts a job; returns its id.
     pub fn submit(&self, request: &JobRequest) -> Result<String> {
-        let first = request
-            .entrypoint
-            .first()
-            .ok_or_else(|| VolleyError::plan("no command given (volley job submit -- PROGRAM ARGS)"))?;
+        let first = request.entrypoint.first().ok_or_else(|| {
+            VolleyError::plan("no command given (volley job submit -- PROGRAM ARGS)")
+        })?;
         request.resources.validate()?;
         let mut files = Vec::new();
         if let Some(dir) = &request.working_dir {

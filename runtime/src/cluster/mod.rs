@@ -52,8 +52,8 @@ pub use head::{HeadCore, HeadOptions};
 pub use jobs::{JobClient, JobRequest};
 pub use node::{run_node, NodeOptions};
 pub use resources::Resources;
-pub use tls::TlsConfig;
 pub use task::{object_value, value_object, RemoteActor, RemoteTask, TaskContext};
+pub use tls::TlsConfig;
 pub use worker::{is_worker, run_worker};
 
 /// A running head: its addresses.

@@ -58,7 +58,11 @@ impl Channels {
         if let Some(c) = map.get(address) {
             return Ok(c.clone());
         }
-        let scheme = if self.tls.is_client() { "https" } else { "http" };
+        let scheme = if self.tls.is_client() {
+            "https"
+        } else {
+            "http"
+        };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| VolleyError::Config(format!("bad address {address:?}: {e}")))?;
         if let Some(tls) = self.tls.client() {
@@ -78,12 +82,11 @@ impl Channels {
 
     /// A head client.
     pub fn head(&self, address: &str) -> Result<Head> {
-        Ok(HeadClient::with_interceptor(
-            self.channel(address)?,
-            AddToken::new(&self.token)?,
+        Ok(
+            HeadClient::with_interceptor(self.channel(address)?, AddToken::new(&self.token)?)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
         )
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
     }
 
     /// A node-agent client.
@@ -96,11 +99,10 @@ impl Channels {
 
     /// A Flight client of the object store at `address`.
     pub async fn flight(&self, address: &str) -> Result<FlightClient> {
-        let inner = arrow_flight::flight_service_client::FlightServiceClient::new(
-            self.channel(address)?,
-        )
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        let inner =
+            arrow_flight::flight_service_client::FlightServiceClient::new(self.channel(address)?)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
         let mut client = FlightClient::new_from_inner(inner);
         client
             .add_header(TOKEN_HEADER, &self.token)

@@ -127,10 +127,7 @@ impl Spawner {
         Ok(Self { tx })
     }
 
-    async fn spawn(
-        &self,
-        cmd: tokio::process::Command,
-    ) -> std::io::Result<tokio::process::Child> {
+    async fn spawn(&self, cmd: tokio::process::Command) -> std::io::Result<tokio::process::Child> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((cmd, reply))
@@ -142,7 +139,9 @@ impl Spawner {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("node_id", &self.node_id).finish()
+        f.debug_struct("Agent")
+            .field("node_id", &self.node_id)
+            .finish()
     }
 }
 
@@ -169,7 +168,12 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
             gpu_ids: options.gpu_ids.clone(),
         })
         .await
-        .map_err(|e| status_error(format!("joining the cluster at {}", options.head_address), e))?
+        .map_err(|e| {
+            status_error(
+                format!("joining the cluster at {}", options.head_address),
+                e,
+            )
+        })?
         .into_inner();
     let node_id = reg.node_id;
     info!("joined as {node_id}; objects and workers on {address}");
@@ -222,9 +226,9 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
         .map_err(|e| status_error("attaching to the head", e))?
         .into_inner();
 
-    let mut beat = tokio::spawn(Arc::clone(&agent).heartbeats(Duration::from_millis(
-        reg.heartbeat_interval_ms.max(50),
-    )));
+    let mut beat = tokio::spawn(
+        Arc::clone(&agent).heartbeats(Duration::from_millis(reg.heartbeat_interval_ms.max(50))),
+    );
     let why = loop {
         tokio::select! {
             c = commands.next() => match c {
@@ -332,7 +336,10 @@ impl Agent {
             Command::StartActor(a) => {
                 tokio::spawn(async move {
                     let (id, inc) = (a.actor_id.clone(), a.incarnation);
-                    if let Err(e) = Arc::clone(&self).spawn_worker(&a.job_id.clone(), a.gpu_ids.clone(), Some(a)).await {
+                    if let Err(e) = Arc::clone(&self)
+                        .spawn_worker(&a.job_id.clone(), a.gpu_ids.clone(), Some(a))
+                        .await
+                    {
                         self.report_actor(&id, inc, false, format!("cannot start its worker: {e}"))
                             .await;
                     }
@@ -385,7 +392,11 @@ impl Agent {
     }
 
     fn store_ids_with_prefix(&self, prefix: &str) -> Vec<String> {
-        self.store.ids().into_iter().filter(|i| i.starts_with(prefix)).collect()
+        self.store
+            .ids()
+            .into_iter()
+            .filter(|i| i.starts_with(prefix))
+            .collect()
     }
 
     fn kill_all(&self) {
@@ -408,9 +419,7 @@ impl Agent {
             Arc::clone(jobs.entry(job.to_string()).or_default())
         };
         let r = cell
-            .get_or_init(|| async {
-                self.fetch_job(job).await.map_err(|e| e.to_string())
-            })
+            .get_or_init(|| async { self.fetch_job(job).await.map_err(|e| e.to_string()) })
             .await;
         r.clone().map_err(VolleyError::execution)
     }
@@ -486,15 +495,22 @@ impl Agent {
                 .workers
                 .values()
                 .filter(|w| {
-                    w.job == job && w.gpus == gpus && w.running.is_none() && w.actor.is_none()
-                        && w.start_actor.is_none() && !w.exiting
+                    w.job == job
+                        && w.gpus == gpus
+                        && w.running.is_none()
+                        && w.actor.is_none()
+                        && w.start_actor.is_none()
+                        && !w.exiting
                 })
                 .count();
             let room = self.max_workers.saturating_sub(s.workers.len());
             queued.saturating_sub(idle).min(room)
         };
         for _ in 0..need {
-            if let Err(e) = Arc::clone(&self).spawn_worker(&job, gpus.clone(), None).await {
+            if let Err(e) = Arc::clone(&self)
+                .spawn_worker(&job, gpus.clone(), None)
+                .await
+            {
                 warn!("job {job}: cannot start a worker: {e}");
                 // The tasks cannot run here: hand them back as failed attempts.
                 let tasks: Vec<proto::TaskAssignment> = {
@@ -505,7 +521,14 @@ impl Agent {
                         .unwrap_or_default()
                 };
                 for t in tasks {
-                    self.report(&t, Outcome::SystemFailure, format!("cannot start a worker on {}: {e}", self.node_id), 0, 0).await;
+                    self.report(
+                        &t,
+                        Outcome::SystemFailure,
+                        format!("cannot start a worker on {}: {e}", self.node_id),
+                        0,
+                        0,
+                    )
+                    .await;
                 }
                 return;
             }
@@ -566,7 +589,15 @@ impl Agent {
                     child.wait().await
                 }
             };
-            agent.worker_exited(&id, pid, status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())).await;
+            agent
+                .worker_exited(
+                    &id,
+                    pid,
+                    status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|e| e.to_string()),
+                )
+                .await;
         });
         Ok(())
     }
@@ -582,10 +613,10 @@ impl Agent {
         // An actor's death goes first: the head must stop routing calls to it before
         // the call that was running is reported failed (its caller may call again at
         // once). Calls queued here for it are dropped; the head decides their fate.
-        if let Some((actor, inc)) = w
-            .actor
-            .clone()
-            .or(w.start_actor.as_ref().map(|a| (a.actor_id.clone(), a.incarnation)))
+        if let Some((actor, inc)) = w.actor.clone().or(w
+            .start_actor
+            .as_ref()
+            .map(|a| (a.actor_id.clone(), a.incarnation)))
         {
             self.state.lock().expect("agent lock").calls.remove(&actor);
             self.report_actor(&actor, inc, false, why.clone()).await;
@@ -606,7 +637,14 @@ impl Agent {
         }
     }
 
-    async fn report(&self, t: &proto::TaskAssignment, outcome: Outcome, error: String, bytes: u64, rows: u64) {
+    async fn report(
+        &self,
+        t: &proto::TaskAssignment,
+        outcome: Outcome,
+        error: String,
+        bytes: u64,
+        rows: u64,
+    ) {
         let mut head = self.head.clone();
         let _ = head
             .report_task(proto::TaskReport {
@@ -671,7 +709,11 @@ impl Agent {
             }
         };
         forward_log(&mut head, &d.job_id, &log_path, offset).await;
-        self.state.lock().expect("agent lock").drivers.remove(&d.job_id);
+        self.state
+            .lock()
+            .expect("agent lock")
+            .drivers
+            .remove(&d.job_id);
         if !killed {
             let _ = head
                 .report_driver_exit(proto::DriverExit {
@@ -688,7 +730,10 @@ impl Agent {
 
 async fn forward_log(head: &mut Head, job: &str, path: &Path, offset: u64) -> u64 {
     let data = match std::fs::read(path) {
-        Ok(d) => d.get(offset as usize..).map(|s| s.to_vec()).unwrap_or_default(),
+        Ok(d) => d
+            .get(offset as usize..)
+            .map(|s| s.to_vec())
+            .unwrap_or_default(),
         Err(_) => return offset,
     };
     if data.is_empty() {
@@ -708,7 +753,10 @@ async fn forward_log(head: &mut Head, job: &str, path: &Path, offset: u64) -> u6
 }
 
 fn join_ids(ids: &[u32]) -> String {
-    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// What workers call on their node.

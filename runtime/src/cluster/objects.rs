@@ -84,7 +84,9 @@ impl ObjectStore {
             // Pick the oldest objects until what stays fits.
             let mut over = s.memory_bytes.saturating_sub(self.memory_limit);
             while over > 0 {
-                let Some(old) = s.order.pop_front() else { break };
+                let Some(old) = s.order.pop_front() else {
+                    break;
+                };
                 if let Some(Stored::Memory(b, n)) = s.objects.get(&old) {
                     to_spill.push((old.clone(), Arc::clone(b), *n));
                     over = over.saturating_sub(*n);
@@ -198,7 +200,13 @@ impl StoreInner {
 
 fn sanitize(id: &str) -> String {
     id.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -353,11 +361,12 @@ pub(crate) async fn fetch(
             ticket: id.as_bytes().to_vec().into(),
         })
         .await
-        .map_err(|e| VolleyError::execution(format!("cannot fetch object {id} from {address}: {e}")))?;
-    stream
-        .try_collect()
-        .await
-        .map_err(|e| VolleyError::execution(format!("cannot fetch object {id} from {address}: {e}")))
+        .map_err(|e| {
+            VolleyError::execution(format!("cannot fetch object {id} from {address}: {e}"))
+        })?;
+    stream.try_collect().await.map_err(|e| {
+        VolleyError::execution(format!("cannot fetch object {id} from {address}: {e}"))
+    })
 }
 
 /// Stores `batches` as object `id` in the store at `address`; returns its size in bytes.
@@ -384,7 +393,9 @@ pub(crate) async fn store(
         .map_err(|e| VolleyError::execution(format!("cannot store object {id} at {address}: {e}")))?
         .try_collect()
         .await
-        .map_err(|e| VolleyError::execution(format!("cannot store object {id} at {address}: {e}")))?;
+        .map_err(|e| {
+            VolleyError::execution(format!("cannot store object {id} at {address}: {e}"))
+        })?;
     Ok(results
         .first()
         .and_then(|r| std::str::from_utf8(&r.app_metadata).ok()?.parse().ok())

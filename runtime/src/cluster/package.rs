@@ -96,9 +96,7 @@ impl PackageWriter {
                 .custom_flags(libc_nofollow())
                 .mode(0o600)
                 .open(&path)
-                .map_err(|e| {
-                    VolleyError::plan(format!("package file {}: {e}", chunk.path))
-                })?
+                .map_err(|e| VolleyError::plan(format!("package file {}: {e}", chunk.path)))?
         } else {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -238,9 +236,9 @@ fn walk(
             if !check_links {
                 continue;
             }
-            let target = path.canonicalize().map_err(|e| {
-                VolleyError::plan(format!("link {}: {e}", path.display()))
-            })?;
+            let target = path
+                .canonicalize()
+                .map_err(|e| VolleyError::plan(format!("link {}: {e}", path.display())))?;
             if !target.starts_with(&canon_root) {
                 return Err(VolleyError::plan(format!(
                     "link {} leads outside the working folder (to {})",
@@ -295,7 +293,9 @@ mod tests {
             }
         }
         assert_eq!(
-            std::fs::read(dir.path().join("dst/sub/a.txt")).unwrap().len(),
+            std::fs::read(dir.path().join("dst/sub/a.txt"))
+                .unwrap()
+                .len(),
             CHUNK + 10
         );
         std::os::unix::fs::symlink("/etc", src.join("out")).unwrap();

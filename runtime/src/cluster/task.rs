@@ -85,7 +85,9 @@ pub(crate) enum Payload {
 
 pub(crate) fn encode<T: Serialize + ?Sized>(what: &str, value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| {
-        VolleyError::plan(format!("{what} cannot be serialized to ship to a worker: {e}"))
+        VolleyError::plan(format!(
+            "{what} cannot be serialized to ship to a worker: {e}"
+        ))
     })
 }
 
@@ -102,7 +104,11 @@ pub(crate) fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T>
 pub fn value_object<T: Serialize + ?Sized>(value: &T) -> Result<Vec<RecordBatch>> {
     let json = serde_json::to_string(value)
         .map_err(|e| VolleyError::execution(format!("cannot serialize a value: {e}")))?;
-    let schema = Arc::new(Schema::new(vec![Field::new("value", DataType::Utf8, false)]));
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "value",
+        DataType::Utf8,
+        false,
+    )]));
     let array: ArrayRef = Arc::new(StringArray::from(vec![json]));
     Ok(vec![RecordBatch::try_new(schema, vec![array])?])
 }

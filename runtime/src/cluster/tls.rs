@@ -20,7 +20,10 @@ pub struct TlsConfig {
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| {
-        VolleyError::Config(format!("cannot read the TLS {what} {}: {e}", path.display()))
+        VolleyError::Config(format!(
+            "cannot read the TLS {what} {}: {e}",
+            path.display()
+        ))
     })
 }
 

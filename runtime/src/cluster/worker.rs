@@ -86,10 +86,11 @@ fn worker_loop() -> Result<()> {
                 node_id: node_id.clone(),
                 gpu_ids: start.gpu_ids.clone(),
             };
-            let built = decode::<Box<dyn RemoteActor>>("the actor", &start.payload).and_then(|mut a| {
-                guard("actor start", || a.start(&ctx))?;
-                Ok(a)
-            });
+            let built =
+                decode::<Box<dyn RemoteActor>>("the actor", &start.payload).and_then(|mut a| {
+                    guard("actor start", || a.start(&ctx))?;
+                    Ok(a)
+                });
             let error = match built {
                 Ok(a) => {
                     actor = Some(a);
@@ -111,7 +112,13 @@ fn worker_loop() -> Result<()> {
             continue;
         }
         let Some(task) = r.task else { continue };
-        let report = rt.block_on(run_one(&channels, &agent_address, &node_id, &task, actor.as_deref_mut()));
+        let report = rt.block_on(run_one(
+            &channels,
+            &agent_address,
+            &node_id,
+            &task,
+            actor.as_deref_mut(),
+        ));
         let send = rt.block_on(agent.finish(proto::WorkerResult {
             worker_id: worker_id.clone(),
             report: Some(report),
@@ -167,16 +174,22 @@ async fn run_one(
         node_id: node_id.to_string(),
         gpu_ids: task.gpu_ids.clone(),
     };
-    let label = if task.name.is_empty() { task.task_id.clone() } else { task.name.clone() };
-    let result: Result<Vec<RecordBatch>> = decode::<Payload>(&format!("task {label}"), &task.payload)
-        .and_then(|payload| match (payload, actor) {
-            (Payload::Task(t), _) => guard(&label, || t.run(&ctx, inputs)),
-            (Payload::Call { method, arg }, Some(a)) => {
-                guard(&label, || a.call(&ctx, &method, arg, inputs))
+    let label = if task.name.is_empty() {
+        task.task_id.clone()
+    } else {
+        task.name.clone()
+    };
+    let result: Result<Vec<RecordBatch>> =
+        decode::<Payload>(&format!("task {label}"), &task.payload).and_then(|payload| {
+            match (payload, actor) {
+                (Payload::Task(t), _) => guard(&label, || t.run(&ctx, inputs)),
+                (Payload::Call { method, arg }, Some(a)) => {
+                    guard(&label, || a.call(&ctx, &method, arg, inputs))
+                }
+                (Payload::Call { .. }, None) => Err(VolleyError::internal(
+                    "an actor call reached a worker with no actor",
+                )),
             }
-            (Payload::Call { .. }, None) => Err(VolleyError::internal(
-                "an actor call reached a worker with no actor",
-            )),
         });
     match result {
         Ok(batches) => {
