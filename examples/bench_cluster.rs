@@ -59,8 +59,8 @@ fn tasks_driver(n: u64) -> Result<()> {
         .map(|i| cluster.submit(Noop(i), &[], &TaskOptions::default()))
         .collect::<Result<_>>()?;
     let mut sum = 0u64;
-    for r in &refs {
-        sum += object_value::<u64>(&cluster.get(r)?)?;
+    for batches in cluster.get_all(&refs.iter().collect::<Vec<_>>())? {
+        sum += object_value::<u64>(&batches)?;
     }
     println!("seconds={:.4} check={sum}", start.elapsed().as_secs_f64());
     Ok(())

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use volley_common::{Result, VolleyError};
@@ -496,11 +497,12 @@ impl Cluster {
         let inner = Arc::clone(&self.inner);
         let ids: Vec<String> = objects.iter().map(|o| o.id().to_string()).collect();
         self.block_on(async move {
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                out.push(get_one(&inner, &id).await?);
-            }
-            Ok(out)
+            // One wait for all of them, then the reads, several at a time.
+            wait_all(&inner, &ids).await?;
+            futures::stream::iter(ids.iter().map(|id| get_one(&inner, id)))
+                .buffered(16)
+                .try_collect()
+                .await
         })
     }
 
@@ -606,6 +608,28 @@ impl Cluster {
             .block_on(head.status(proto::Empty {}))
             .map_err(|e| status_error("status", e))?
             .into_inner())
+    }
+}
+
+/// Waits until every object in `ids` is ready or failed (failing on the first failure).
+async fn wait_all(inner: &Inner, ids: &[String]) -> Result<()> {
+    let mut head = inner.head.clone();
+    loop {
+        let r = head
+            .wait(proto::WaitRequest {
+                object_ids: ids.to_vec(),
+                num_ready: ids.len() as u32,
+                timeout_ms: 10_000,
+            })
+            .await
+            .map_err(|e| status_error("waiting for objects", e))?
+            .into_inner();
+        if let Some(e) = r.objects.iter().find(|o| !o.error.is_empty()) {
+            return Err(VolleyError::execution(e.error.clone()));
+        }
+        if r.objects.iter().all(|o| o.ready) {
+            return Ok(());
+        }
     }
 }
 

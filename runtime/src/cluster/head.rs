@@ -113,6 +113,20 @@ struct ObjectEntry {
     users: u32,
 }
 
+impl ObjectEntry {
+    fn new(job: &str, producer: Option<String>, locations: Vec<String>, bytes: u64) -> Self {
+        Self {
+            job: job.to_string(),
+            producer,
+            locations,
+            bytes,
+            error: None,
+            freed: false,
+            users: 0,
+        }
+    }
+}
+
 struct BundleState {
     total: Resources,
     node: Option<String>,
@@ -403,6 +417,25 @@ impl HeadCore {
         }
     }
 
+    /// Looks at the state with `check` until it says done or `deadline` passes, waking
+    /// on every change; returns what `check` saw last.
+    async fn wait_until<T>(
+        &self,
+        deadline: Instant,
+        mut check: impl FnMut(&State) -> std::result::Result<(T, bool), Status>,
+    ) -> std::result::Result<T, Status> {
+        loop {
+            // Registered before looking, so a change in between is not missed.
+            let notified = self.changed.notified();
+            let (seen, done) = check(&self.state.lock().expect("head lock"))?;
+            let now = Instant::now();
+            if done || now >= deadline {
+                return Ok(seen);
+            }
+            let _ = tokio::time::timeout(deadline - now, notified).await;
+        }
+    }
+
     /// Waits until the state changes or `timeout` passes.
     async fn changed_within(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
@@ -436,12 +469,44 @@ impl State {
         self.place_actors();
         let mut still = VecDeque::new();
         let queue = std::mem::take(&mut self.queue);
+        // The smallest CPU-only request that found no room in this pass: placing tasks
+        // only takes room away, so a CPU-only task asking at least as much cannot fit
+        // either, and is passed over without a look at every node (a long queue of
+        // small tasks would otherwise cost queue x nodes work on every event).
+        let mut no_room_at = f64::INFINITY;
         for id in queue {
+            let cpu_only = self.tasks.get(&id).and_then(|t| {
+                let r = &t.resources;
+                (t.state == TaskState::Pending
+                    && t.spec.actor_id.is_empty()
+                    && t.spec.placement_group.is_empty()
+                    && r.num_gpus == 0.0
+                    && r.memory == 0
+                    && r.custom.is_empty())
+                .then_some(r.num_cpus)
+            });
+            if cpu_only.is_some_and(|c| c >= no_room_at) {
+                still.push_back(id);
+                continue;
+            }
             if !self.try_start(&id) {
+                if let Some(c) = cpu_only {
+                    if self.tasks.get(&id).is_some_and(|t| self.inputs_ready(t)) {
+                        no_room_at = no_room_at.min(c);
+                    }
+                }
                 still.push_back(id);
             }
         }
         self.queue = still;
+    }
+
+    /// Whether every input of `task` has a live copy.
+    fn inputs_ready(&self, task: &TaskEntry) -> bool {
+        task.spec
+            .args
+            .iter()
+            .all(|a| !self.object_addresses(a).is_empty())
     }
 
     /// Starts task `id` if it can run; returns true when it left the queue.
@@ -1427,15 +1492,7 @@ impl proto::head_server::Head for HeadService {
             }
             s.objects.insert(
                 spec.task_id.clone(),
-                ObjectEntry {
-                    job: spec.job_id.clone(),
-                    producer: Some(spec.task_id.clone()),
-                    locations: vec![],
-                    bytes: 0,
-                    error: None,
-                    freed: false,
-                    users: 0,
-                },
+                ObjectEntry::new(&spec.job_id, Some(spec.task_id.clone()), vec![], 0),
             );
             let id = spec.task_id.clone();
             s.tasks.insert(
@@ -1470,15 +1527,7 @@ impl proto::head_server::Head for HeadService {
                 .ok_or_else(|| Status::not_found(format!("no live node at {}", r.address)))?;
             s.objects.insert(
                 r.object_id.clone(),
-                ObjectEntry {
-                    job: r.job_id.clone(),
-                    producer: None,
-                    locations: vec![node],
-                    bytes: r.bytes,
-                    error: None,
-                    freed: false,
-                    users: 0,
-                },
+                ObjectEntry::new(&r.job_id, None, vec![node], r.bytes),
             );
             Ok::<(), Status>(())
         })?;
@@ -1492,11 +1541,11 @@ impl proto::head_server::Head for HeadService {
         let r = request.into_inner();
         let deadline = Instant::now() + Duration::from_millis(r.timeout_ms);
         let want = (r.num_ready as usize).min(r.object_ids.len());
-        loop {
-            let notified = self.core.changed.notified();
-            let objects: Vec<proto::ObjectStatus> = {
-                let s = self.core.state.lock().expect("head lock");
-                r.object_ids
+        let objects = self
+            .core
+            .wait_until(deadline, |s| {
+                let objects = r
+                    .object_ids
                     .iter()
                     .map(|id| match s.objects.get(id) {
                         None => proto::ObjectStatus {
@@ -1519,18 +1568,15 @@ impl proto::head_server::Head for HeadService {
                             }
                         }
                     })
-                    .collect()
-            };
-            let done = objects
-                .iter()
-                .filter(|o| o.ready || !o.error.is_empty())
-                .count();
-            let now = Instant::now();
-            if done >= want || now >= deadline {
-                return Ok(Response::new(proto::WaitResponse { objects }));
-            }
-            let _ = tokio::time::timeout(deadline - now, notified).await;
-        }
+                    .collect::<Vec<_>>();
+                let done = objects
+                    .iter()
+                    .filter(|o| o.ready || !o.error.is_empty())
+                    .count();
+                Ok((objects, done >= want))
+            })
+            .await?;
+        Ok(Response::new(proto::WaitResponse { objects }))
     }
 
     async fn free(
@@ -1602,28 +1648,25 @@ impl proto::head_server::Head for HeadService {
     ) -> std::result::Result<Response<proto::PlacementGroupStatus>, Status> {
         let r = request.into_inner();
         let deadline = Instant::now() + Duration::from_millis(r.timeout_ms);
-        loop {
-            let notified = self.core.changed.notified();
-            let status = {
-                let s = self.core.state.lock().expect("head lock");
+        let status = self
+            .core
+            .wait_until(deadline, |s| {
                 let g = s.groups.get(&r.group_id).ok_or_else(|| {
                     Status::not_found(format!("no placement group {}", r.group_id))
                 })?;
-                proto::PlacementGroupStatus {
+                let status = proto::PlacementGroupStatus {
                     ready: g.ready,
                     bundle_nodes: g
                         .bundles
                         .iter()
                         .map(|b| b.node.clone().unwrap_or_default())
                         .collect(),
-                }
-            };
-            let now = Instant::now();
-            if status.ready || now >= deadline {
-                return Ok(Response::new(status));
-            }
-            let _ = tokio::time::timeout(deadline - now, notified).await;
-        }
+                };
+                let ready = status.ready;
+                Ok((status, ready))
+            })
+            .await?;
+        Ok(Response::new(status))
     }
 
     async fn remove_placement_group(

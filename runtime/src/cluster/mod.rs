@@ -83,7 +83,10 @@ pub async fn start_head(
             .max_encoding_message_size(net::MAX_MESSAGE),
         auth::CheckToken::new(&core.options().token),
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Accepted connections get TCP_NODELAY here: the builder's setting only applies to
+    // listeners tonic binds itself, and without it small replies wait on Nagle's
+    // algorithm (tens of milliseconds per call).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
     if let Some(t) = tls.server() {
         builder = builder

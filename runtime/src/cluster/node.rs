@@ -205,7 +205,7 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
         },
         check,
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
     if let Some(tls) = options.tls.server() {
         builder = builder
