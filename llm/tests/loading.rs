@@ -1,0 +1,133 @@
+//! Loading the reference checkpoints in `../shared/fixtures/llm/` (random tiny Llama and
+//! Qwen2 models with Hugging Face transformers' outputs).
+
+use std::path::PathBuf;
+
+use safetensors::SafeTensors;
+use volley_llm::{Architecture, Checkpoint, ModelConfig, Tokenizer};
+
+fn fixtures() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llm");
+    assert!(
+        dir.is_dir(),
+        "the LLM fixtures are expected at {}",
+        dir.display()
+    );
+    dir
+}
+
+fn prompts(model: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(fixtures().join(model).join("reference.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn configs_and_checkpoints_load_with_their_shapes() {
+    for (model, arch, bias) in [
+        ("tiny-llama", Architecture::Llama, false),
+        ("tiny-qwen2", Architecture::Qwen2, true),
+    ] {
+        let dir = fixtures().join(model);
+        let c = ModelConfig::from_dir(&dir).unwrap();
+        assert_eq!(c.architecture, arch);
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_layers,
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim
+            ),
+            (64, 2, 4, 2, 16)
+        );
+        assert_eq!(c.rope_theta, 10_000.0, "read from rope_parameters");
+        assert_eq!(c.attention_bias, bias);
+        let ck = Checkpoint::load(&dir, &c).unwrap();
+        assert_eq!(ck.len(), c.expected_tensors().len());
+        assert_eq!(ck.get("lm_head.weight").unwrap().shape, vec![1024, 64]);
+    }
+}
+
+#[test]
+fn tokenizer_matches_the_reference_ids_and_round_trips() {
+    for model in ["tiny-llama", "tiny-qwen2"] {
+        let dir = fixtures().join(model);
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+        let reference = SafeTensors::deserialize(&bytes).unwrap();
+        for (i, prompt) in prompts(model).iter().enumerate() {
+            let ids = tok.encode(prompt, true).unwrap();
+            let want: Vec<u32> = reference
+                .tensor(&format!("input_ids_{i}"))
+                .unwrap()
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+                .collect();
+            assert_eq!(ids, want, "{model} prompt {i}");
+            assert_eq!(tok.decode(&ids, true).unwrap(), *prompt);
+        }
+    }
+}
+
+#[test]
+fn bad_folders_fail_naming_the_file_and_the_problem() {
+    let tmp = std::env::temp_dir().join(format!("volley-llm-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let err = ModelConfig::from_dir(&tmp).unwrap_err().to_string();
+    assert!(err.contains("config.json"), "{err}");
+
+    let base = std::fs::read_to_string(fixtures().join("tiny-llama/config.json")).unwrap();
+    let gpt = base.replace("LlamaForCausalLM", "GPT2LMHeadModel");
+    let err = ModelConfig::from_json(&gpt, "config.json")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("GPT2LMHeadModel") && err.contains("not supported"),
+        "{err}"
+    );
+
+    // A config that disagrees with the weights: the tensor and both shapes are named.
+    let wider = ModelConfig::from_json(
+        &base.replace("\"intermediate_size\": 176", "\"intermediate_size\": 200"),
+        "config.json",
+    )
+    .unwrap();
+    let err = Checkpoint::load(&fixtures().join("tiny-llama"), &wider)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mlp.") && err.contains("[176, 64]") && err.contains("[200, 64]"),
+        "{err}"
+    );
+
+    // No weights at all.
+    let c = ModelConfig::from_json(&base, "config.json").unwrap();
+    let err = Checkpoint::load(&tmp, &c).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn llama3_rope_scaling_and_transformers4_fields_are_read() {
+    let v4 = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "rope_theta": 500000.0, "eos_token_id": [128001, 128008, 128009], "tie_word_embeddings": true,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#;
+    let c = ModelConfig::from_json(v4, "config.json").unwrap();
+    assert_eq!(c.rope_theta, 500_000.0);
+    assert_eq!(c.head_dim, 64);
+    assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
+    assert_eq!(c.rope_scaling.unwrap().factor, 32.0);
+    assert!(!c
+        .expected_tensors()
+        .iter()
+        .any(|(n, _)| n == "lm_head.weight"));
+}
