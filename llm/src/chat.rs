@@ -1,0 +1,180 @@
+//! Chat templates: turning `messages` into a prompt the way the model was trained.
+//!
+//! The template is the Jinja text in the model's `tokenizer_config.json`
+//! (`chat_template`), rendered with `minijinja` and its Python-compatible methods
+//! (`.strip()`, `.startswith()`, ...) that Hugging Face templates use.
+
+use std::path::Path;
+
+use serde::Serialize;
+use volley_common::{Result, VolleyError};
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl Message {
+    /// A message from `role`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A model's chat template.
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn special(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ChatTemplate {
+    /// A template from its Jinja text and the special tokens it may refer to.
+    pub fn new(source: impl Into<String>, bos_token: &str, eos_token: &str) -> Self {
+        Self {
+            source: source.into(),
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        }
+    }
+
+    /// The template of a model folder (`tokenizer_config.json`), or `None` if it has
+    /// none.
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join("tokenizer_config.json");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| VolleyError::plan(format!("cannot read {}: {e}", path.display())))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| VolleyError::plan(format!("{}: not valid JSON: {e}", path.display())))?;
+        // A string, or a list of named templates of which `default` is the one.
+        let source = match v.get("chat_template") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or(list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    VolleyError::plan(format!(
+                        "{}: `chat_template` list has no template",
+                        path.display()
+                    ))
+                })?,
+            _ => return Ok(None),
+        };
+        Ok(Some(Self::new(
+            source,
+            &special(v.get("bos_token")),
+            &special(v.get("eos_token")),
+        )))
+    }
+
+    /// The prompt for `messages`; `add_generation_prompt` opens the assistant's turn.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", &self.source)
+            .map_err(|e| VolleyError::plan(format!("the chat template does not parse: {e}")))?;
+        let template = env
+            .get_template("chat")
+            .map_err(|e| VolleyError::internal(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages
+                    .iter()
+                    .map(|m| minijinja::Value::from_pairs([
+                        ("role", minijinja::Value::from(m.role.as_str())),
+                        ("content", minijinja::Value::from(m.content.as_str())),
+                    ]))
+                    .collect::<minijinja::Value>(),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.as_str(),
+                eos_token => self.eos_token.as_str(),
+            })
+            .map_err(|e| VolleyError::plan(format!("rendering the chat template: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape of TinyLlama's (Zephyr's) template.
+    const ZEPHYR: &str = "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + eos_token }}\n{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}";
+
+    #[test]
+    fn renders_a_conversation() {
+        let t = ChatTemplate::new(ZEPHYR, "<s>", "</s>");
+        let out = t
+            .render(
+                &[
+                    Message::new("system", "Be brief."),
+                    Message::new("user", "Hi"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>"
+        );
+    }
+
+    #[test]
+    fn python_methods_and_raised_errors() {
+        let t = ChatTemplate::new(
+            "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}{{ bos_token }}{{ messages[0]['content'].strip() }}",
+            "<s>",
+            "</s>",
+        );
+        assert_eq!(
+            t.render(&[Message::new("user", "  hi  ")], false).unwrap(),
+            "<s>hi"
+        );
+        let err = t
+            .render(&[Message::new("system", "x")], false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("first message must be from the user"), "{err}");
+        let bad = ChatTemplate::new("{% for %}", "", "");
+        assert!(bad
+            .render(&[], false)
+            .unwrap_err()
+            .to_string()
+            .contains("does not parse"));
+    }
+}
