@@ -456,6 +456,17 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// Refuses work for a job that is not running (ended, stopped, or unknown).
+    fn require_running(&self, job: &str) -> std::result::Result<(), Status> {
+        if self.job_active(job) {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(format!(
+                "job {job} is not running"
+            )))
+        }
+    }
+
     fn job_active(&self, job: &str) -> bool {
         self.jobs
             .get(job)
@@ -1467,12 +1478,7 @@ impl proto::head_server::Head for HeadService {
         let resources: Resources = spec.resources.clone().into();
         resources.validate().map_err(invalid)?;
         self.core.with(|s| {
-            if !s.job_active(&spec.job_id) {
-                return Err(Status::failed_precondition(format!(
-                    "job {} is not running",
-                    spec.job_id
-                )));
-            }
+            s.require_running(&spec.job_id)?;
             if s.tasks.contains_key(&spec.task_id) {
                 return Err(Status::already_exists(format!(
                     "task {} exists",
@@ -1612,12 +1618,7 @@ impl proto::head_server::Head for HeadService {
             b.validate().map_err(invalid)?;
         }
         self.core.with(|s| {
-            if !s.job_active(&r.job_id) {
-                return Err(Status::failed_precondition(format!(
-                    "job {} is not running",
-                    r.job_id
-                )));
-            }
+            s.require_running(&r.job_id)?;
             s.groups.insert(
                 r.group_id.clone(),
                 Group {
@@ -1637,7 +1638,7 @@ impl proto::head_server::Head for HeadService {
                     generation: 0,
                 },
             );
-            Ok(())
+            Ok::<(), Status>(())
         })?;
         Ok(Response::new(proto::Empty {}))
     }
@@ -1698,12 +1699,7 @@ impl proto::head_server::Head for HeadService {
         let resources: Resources = spec.resources.clone().into();
         resources.validate().map_err(invalid)?;
         self.core.with(|s| {
-            if !s.job_active(&spec.job_id) {
-                return Err(Status::failed_precondition(format!(
-                    "job {} is not running",
-                    spec.job_id
-                )));
-            }
+            s.require_running(&spec.job_id)?;
             s.actors.insert(
                 spec.actor_id.clone(),
                 ActorEntry {
@@ -1716,7 +1712,7 @@ impl proto::head_server::Head for HeadService {
                     bundle: None,
                 },
             );
-            Ok(())
+            Ok::<(), Status>(())
         })?;
         Ok(Response::new(proto::Empty {}))
     }
