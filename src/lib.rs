@@ -31,6 +31,10 @@ pub use datafusion;
 /// For `#[typetag::serde]` on named transforms.
 pub use typetag;
 
+/// Batch LLM inference: models, the engine, the Dataset stage (feature `llm`).
+#[cfg(feature = "llm")]
+pub use volley_llm as llm;
+
 /// The crates volley is made of.
 pub mod crates {
     pub use volley_common as common;

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod cli_cluster;
+#[cfg(feature = "llm")]
+mod cli_llm;
 use volley::{Context, Result, VolleyConfig, VolleyError};
 
 #[derive(Parser)]
@@ -69,6 +71,10 @@ enum Command {
     /// Submit and manage jobs.
     #[command(subcommand)]
     Job(cli_cluster::JobCommand),
+    /// Batch LLM inference.
+    #[cfg(feature = "llm")]
+    #[command(subcommand)]
+    Llm(cli_llm::LlmCommand),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +94,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stop => cli_cluster::stop(),
         Command::Status { conn } => cli_cluster::status(conn),
         Command::Job(j) => cli_cluster::job(j),
+        #[cfg(feature = "llm")]
+        Command::Llm(c) => cli_llm::run(c),
         Command::Sql {
             query,
             file,

@@ -17,6 +17,7 @@ mod config;
 mod engine;
 mod kv_cache;
 mod model;
+mod processor;
 
 mod sampling;
 mod tokenizer;
@@ -27,6 +28,7 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use engine::{Engine, EngineConfig, EngineStats, FinishReason, Generation};
 pub use kv_cache::{block_hash, BlockId, BlockManager, KvCache, PrefixCacheStats};
 pub use model::{AttentionGroup, AttentionSeq, ForwardBatch, Model};
+pub use processor::{LlmConfig, LlmProcessor};
 
 pub use sampling::{argmax, sample, SamplingParams};
 pub use tokenizer::Tokenizer;

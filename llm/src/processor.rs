@@ -1,1 +1,267 @@
+//! The Dataset stage: prompts in, generated text out.
+//!
+//! [`LlmProcessor`] is a stateful transform factory: each worker of the stage loads
+//! the model once into its own [`Engine`], then every batch of rows it receives is
+//! generated as one continuous batch. The input's columns pass through; the stage
+//! adds `generated_text`, `num_input_tokens`, `num_generated_tokens` and
+//! `finish_reason`. The factory is named (`typetag`), so a plan holding it can travel
+//! to cluster workers that have the model folder at the same path.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray, StructArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use serde::{Deserialize, Serialize};
+use volley_common::{Result, VolleyError};
+use volley_dataset::{Dataset, MapOptions};
+use volley_exec::{NamedTransformFactory, StatefulTransform, TransformFactory};
+
+use crate::chat::Message;
+use crate::engine::{Engine, EngineConfig};
+use crate::sampling::SamplingParams;
+use crate::CpuBackend;
+
+/// What an [`LlmProcessor`] runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LlmConfig {
+    /// A Hugging Face model folder.
+    pub model: PathBuf,
+    /// Engine sizes (KV cache, batch).
+    pub engine: EngineConfig,
+    /// Sampling of every row. With a `seed`, each row's seed is derived from it and
+    /// the row's prompt, so results do not depend on how rows are batched.
+    pub sampling: SamplingParams,
+    /// Column of prompt text; used when present.
+    pub prompt_column: String,
+    /// Column of chat messages (a list of `{role, content}` structs), rendered with the
+    /// model's chat template; used when there is no prompt column.
+    pub messages_column: String,
+    /// Engines (one per worker).
+    pub concurrency: usize,
+    /// Rows each engine takes at a time.
+    pub batch_size: usize,
+    /// CPUs each engine holds.
+    pub num_cpus: f64,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            engine: EngineConfig::default(),
+            sampling: SamplingParams::default(),
+            prompt_column: "prompt".into(),
+            messages_column: "messages".into(),
+            concurrency: 1,
+            batch_size: 256,
+            num_cpus: 1.0,
+        }
+    }
+}
+
+/// A Dataset stage that generates text for each row.
+///
+/// ```no_run
+/// use volley_llm::{LlmConfig, LlmProcessor, SamplingParams};
+/// # fn main() -> volley_common::Result<()> {
+/// let ctx = volley_dataset::Context::try_default()?;
+/// let prompts = ctx.read_parquet("prompts.parquet")?;
+/// let processor = LlmProcessor::new(LlmConfig {
+///     model: "models/TinyLlama-1.1B-Chat".into(),
+///     sampling: SamplingParams { max_tokens: 128, ..Default::default() },
+///     ..Default::default()
+/// });
+/// processor.apply(&prompts).write_parquet("answers.parquet")?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LlmProcessor {
+    config: LlmConfig,
+}
+
+impl LlmProcessor {
+    /// A processor for `config`.
+    pub fn new(config: LlmConfig) -> Self {
+        Self { config }
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &LlmConfig {
+        &self.config
+    }
+
+    /// `ds` with the generated columns added.
+    pub fn apply(&self, ds: &Dataset) -> Dataset {
+        let c = &self.config;
+        ds.map_factory(
+            TransformFactory::named(self.clone()),
+            MapOptions::default()
+                .with_batch_size(c.batch_size)
+                .with_concurrency(c.concurrency)
+                .with_num_cpus(c.num_cpus),
+        )
+    }
+}
+
+#[typetag::serde]
+impl NamedTransformFactory for LlmProcessor {
+    fn build(&self) -> Result<Box<dyn StatefulTransform>> {
+        let engine = Engine::<CpuBackend>::load(
+            &self.config.model,
+            self.config.engine.clone(),
+            &Default::default(),
+        )?;
+        Ok(Box::new(LlmStage {
+            engine,
+            config: self.config.clone(),
+        }))
+    }
+}
+
+struct LlmStage {
+    engine: Engine<CpuBackend>,
+    config: LlmConfig,
+}
+
+fn row_seed(seed: u64, prompt: &[u32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    seed.hash(&mut h);
+    prompt.hash(&mut h);
+    h.finish()
+}
+
+/// The messages of one row of a `List<Struct{role, content}>` column.
+fn messages(column: &str, list: &dyn Array, row: usize) -> Result<Vec<Message>> {
+    let bad = || {
+        VolleyError::plan(format!(
+            "column `{column}` must be a list of {{role, content}} structs of strings, is {}",
+            list.data_type()
+        ))
+    };
+    let item = match list.data_type() {
+        DataType::List(_) => list.as_list::<i32>().value(row),
+        DataType::LargeList(_) => list.as_list::<i64>().value(row),
+        _ => return Err(bad()),
+    };
+    let s: &StructArray = item.as_struct_opt().ok_or_else(bad)?;
+    let text = |name: &str| -> Result<StringArray> {
+        let col = s.column_by_name(name).ok_or_else(bad)?;
+        let col = arrow::compute::cast(col, &DataType::Utf8).map_err(|_| bad())?;
+        Ok(col.as_string::<i32>().clone())
+    };
+    let (role, content) = (text("role")?, text("content")?);
+    Ok((0..s.len())
+        .map(|i| Message::new(role.value(i), content.value(i)))
+        .collect())
+}
+
+impl StatefulTransform for LlmStage {
+    fn transform(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let c = &self.config;
+        let schema = batch.schema();
+        // Token ids per row; `None` for a null prompt.
+        let mut prompts: Vec<Option<Vec<u32>>> = Vec::with_capacity(batch.num_rows());
+        if let Some(col) = batch.column_by_name(&c.prompt_column) {
+            let col = arrow::compute::cast(col, &DataType::Utf8).map_err(|e| {
+                VolleyError::plan(format!("column `{}` is not text: {e}", c.prompt_column))
+            })?;
+            let col = col.as_string::<i32>();
+            for i in 0..col.len() {
+                prompts.push(if col.is_null(i) {
+                    None
+                } else {
+                    Some(self.engine.encode(col.value(i))?)
+                });
+            }
+        } else if let Some(col) = batch.column_by_name(&c.messages_column) {
+            for i in 0..col.len() {
+                prompts.push(if col.is_null(i) {
+                    None
+                } else {
+                    let m = messages(&c.messages_column, col.as_ref(), i)?;
+                    Some(self.engine.encode_chat(&m)?)
+                });
+            }
+        } else {
+            return Err(VolleyError::plan(format!(
+                "the LLM stage needs a `{}` or `{}` column; the input has {:?}",
+                c.prompt_column,
+                c.messages_column,
+                schema.fields().iter().map(|f| f.name()).collect::<Vec<_>>()
+            )));
+        }
+        let mut requests = Vec::new();
+        for p in prompts.iter().flatten() {
+            let mut params = c.sampling.clone();
+            params.seed = c.sampling.seed.map(|s| row_seed(s, p));
+            requests.push((p.clone(), params));
+        }
+        let mut generations = self.engine.generate(requests)?.into_iter();
+        let n = prompts.len();
+        let (mut text, mut input, mut output, mut reason) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for p in &prompts {
+            match p {
+                None => {
+                    text.push(None);
+                    input.push(None);
+                    output.push(None);
+                    reason.push(None);
+                }
+                Some(_) => {
+                    let g = generations.next().ok_or_else(|| {
+                        VolleyError::execution("the engine returned fewer generations than rows")
+                    })?;
+                    input.push(Some(g.prompt_tokens as i64));
+                    output.push(Some(g.tokens.len() as i64));
+                    reason.push(Some(g.finish_reason.as_str()));
+                    text.push(Some(g.text));
+                }
+            }
+        }
+        let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        let new: [(&str, DataType, ArrayRef); 4] = [
+            (
+                "generated_text",
+                DataType::Utf8,
+                Arc::new(StringArray::from(text)),
+            ),
+            (
+                "num_input_tokens",
+                DataType::Int64,
+                Arc::new(Int64Array::from(input)),
+            ),
+            (
+                "num_generated_tokens",
+                DataType::Int64,
+                Arc::new(Int64Array::from(output)),
+            ),
+            (
+                "finish_reason",
+                DataType::Utf8,
+                Arc::new(StringArray::from(reason)),
+            ),
+        ];
+        for (name, ty, col) in new {
+            if let Some(i) = fields.iter().position(|f| f.name() == name) {
+                fields[i] = Arc::new(Field::new(name, ty, true));
+                columns[i] = col;
+            } else {
+                fields.push(Arc::new(Field::new(name, ty, true)));
+                columns.push(col);
+            }
+        }
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
+            columns,
+        )?)
+    }
+}

@@ -5,6 +5,8 @@ mod dataset_api;
 mod errors;
 mod exchange;
 mod io;
+#[cfg(feature = "llm")]
+mod llm;
 mod memory;
 mod oracle;
 mod relational;
