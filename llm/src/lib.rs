@@ -16,6 +16,7 @@ mod checkpoint;
 mod config;
 mod engine;
 mod kv_cache;
+mod linear;
 mod model;
 mod processor;
 

@@ -16,23 +16,24 @@ use volley_common::{Result, VolleyError};
 use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::kv_cache::KvCache;
+use crate::linear::Linear;
 
 /// Added to the scores of keys a query must not see. Finite, so that a row of padding
 /// never divides by zero.
 const MASKED: f32 = -1.0e9;
 
-/// One decoder layer's weights, laid out for `x @ W` (`[in, out]`).
+/// One decoder layer's weights.
 #[derive(Debug)]
 struct Layer<B: Backend> {
     attn_norm: Tensor<B, 1>,
-    /// q, k and v projections side by side: `[hidden, q + 2 kv]`.
-    qkv: Tensor<B, 2>,
+    /// q, k and v projections stacked: one product gives `[n, q + 2 kv]`.
+    qkv: Linear<B>,
     qkv_bias: Option<Tensor<B, 1>>,
-    o: Tensor<B, 2>,
+    o: Linear<B>,
     mlp_norm: Tensor<B, 1>,
-    /// Gate and up projections side by side: `[hidden, 2 intermediate]`.
-    gate_up: Tensor<B, 2>,
-    down: Tensor<B, 2>,
+    /// Gate and up projections stacked: `[n, 2 intermediate]`.
+    gate_up: Linear<B>,
+    down: Linear<B>,
 }
 
 /// A Llama, Qwen2 or Mistral decoder with its weights on a Burn device.
@@ -42,7 +43,7 @@ pub struct Model<B: Backend> {
     embed: Tensor<B, 2>,
     layers: Vec<Layer<B>>,
     norm: Tensor<B, 1>,
-    lm_head: Tensor<B, 2>,
+    lm_head: Linear<B>,
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
     device: B::Device,
@@ -81,18 +82,6 @@ pub struct ForwardBatch {
     pub groups: Vec<AttentionGroup>,
     /// Rows whose logits are wanted, in the order they are returned.
     pub logits_rows: Vec<usize>,
-}
-
-fn transpose_host(t: &crate::checkpoint::Tensor) -> (Vec<f32>, [usize; 2]) {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let mut out = vec![0.0f32; rows * cols];
-    for r in 0..rows {
-        let src = &t.data[r * cols..(r + 1) * cols];
-        for (c, v) in src.iter().enumerate() {
-            out[c * rows + r] = *v;
-        }
-    }
-    (out, [cols, rows])
 }
 
 /// Inverse frequencies of the rotary embedding, computed in f32 as transformers does.
@@ -148,21 +137,10 @@ impl<B: Backend> Model<B> {
                 device,
             ))
         };
-        // Several `[out, in]` projections side by side as one `[in, sum of out]`.
-        let fused = |names: &[String]| -> Result<Tensor<B, 2>> {
-            let mut parts = Vec::with_capacity(names.len());
-            for n in names {
-                let (data, shape) = transpose_host(get(n)?);
-                parts.push(Tensor::<B, 2>::from_data(
-                    TensorData::new(data, shape),
-                    device,
-                ));
-            }
-            Ok(if parts.len() == 1 {
-                parts.pop().unwrap_or_else(|| unreachable!())
-            } else {
-                Tensor::cat(parts, 1)
-            })
+        // Several `[out, in]` projections stacked into one.
+        let fused = |names: &[String]| -> Result<Linear<B>> {
+            let parts = names.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
+            Ok(Linear::new(&parts, device))
         };
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
@@ -280,7 +258,7 @@ impl<B: Backend> Model<B> {
         let (q_dim, kv_dim) = (heads * d, kv_heads * d);
         let n = x.dims()[0];
         let h = self.rms_norm(x.clone(), &layer.attn_norm);
-        let mut qkv = h.matmul(layer.qkv.clone());
+        let mut qkv = layer.qkv.forward(h);
         if let Some(bias) = &layer.qkv_bias {
             qkv = qkv + bias.clone().unsqueeze::<2>();
         }
@@ -296,12 +274,12 @@ impl<B: Backend> Model<B> {
     /// The rest of a layer once attention is done: output projection, residual,
     /// SwiGLU MLP, residual.
     fn finish_layer(&self, layer: &Layer<B>, x: Tensor<B, 2>, attn: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = x + attn.matmul(layer.o.clone());
+        let x = x + layer.o.forward(attn);
         let h = self.rms_norm(x.clone(), &layer.mlp_norm);
-        let gu = h.matmul(layer.gate_up.clone());
+        let gu = layer.gate_up.forward(h);
         let inter = self.config.intermediate_size;
         let act = silu(gu.clone().narrow(1, 0, inter)).mul(gu.narrow(1, inter, inter));
-        x + act.matmul(layer.down.clone())
+        x + layer.down.forward(act)
     }
 
     /// Cosines and sines of the rotary embedding at `positions`, `[n, 1, d / 2]`.
@@ -461,7 +439,7 @@ impl<B: Backend> Model<B> {
         }
         let rows = int_tensor::<B>(&batch.logits_rows, dev);
         let x = self.rms_norm(x.select(0, rows), &self.norm);
-        Some(x.matmul(self.lm_head.clone()))
+        Some(self.lm_head.forward(x))
     }
 
     /// Logits of every position of `tokens` with a plain causal attention over keys
@@ -490,6 +468,6 @@ impl<B: Backend> Model<B> {
             let attn = self.attend(q, k, v, mask.clone()).reshape([n, q_dim]);
             x = self.finish_layer(layer, x, attn);
         }
-        self.rms_norm(x, &self.norm).matmul(self.lm_head.clone())
+        self.lm_head.forward(self.rms_norm(x, &self.norm))
     }
 }

@@ -216,3 +216,64 @@ fn chat_messages_are_rendered_with_the_template() {
         "{err}"
     );
 }
+
+/// Rows several times the memory budget stream through the stage: the executor's
+/// queues stay inside the budget while the engine works batch by batch.
+#[test]
+fn rows_larger_than_the_budget_stream_through_inside_it() {
+    let budget: u64 = 2 << 20;
+    let mut cfg = volley_common::VolleyConfig::default();
+    cfg.set("volley.exec.progress", "off").unwrap();
+    cfg.set("volley.exec.memory_limit", "2MiB").unwrap();
+    cfg.set("volley.exec.batch_size", "128").unwrap();
+    let ctx = Context::try_new(cfg).unwrap();
+    let words = ["a", "def", "Arrow", "The quick"];
+    let rows = 4000u64;
+    let ds = ctx.range(rows).map_batches(
+        "prompts with a 2 KiB payload",
+        move |b: RecordBatch| {
+            let id = b.column(0).as_primitive::<Int64Type>();
+            let prompt: StringArray = id
+                .iter()
+                .map(|v| Some(words[v.unwrap() as usize % words.len()]))
+                .collect();
+            let payload: StringArray = id
+                .iter()
+                .map(|v| Some(format!("{:0>2048}", v.unwrap())))
+                .collect();
+            Ok(RecordBatch::try_new(
+                Arc::new(Schema::new(vec![
+                    Field::new("id", DataType::Int64, false),
+                    Field::new("prompt", DataType::Utf8, false),
+                    Field::new("payload", DataType::Utf8, false),
+                ])),
+                vec![Arc::clone(b.column(0)), Arc::new(prompt), Arc::new(payload)],
+            )?)
+        },
+        volley_dataset::MapOptions::default(),
+    );
+    let mut config = config(fixtures().join("tiny-llama"));
+    config.sampling.max_tokens = 1;
+    config.batch_size = 128;
+    let ds = LlmProcessor::new(config).apply(&ds);
+    let (mut n, mut bytes, mut generated) = (0u64, 0u64, 0i64);
+    for b in ds.iter_batches().unwrap() {
+        let b = b.unwrap();
+        n += b.num_rows() as u64;
+        bytes += b.get_array_memory_size() as u64;
+        let g = b
+            .column_by_name("num_generated_tokens")
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        generated += g.iter().flatten().sum::<i64>();
+    }
+    assert_eq!(n, rows);
+    assert_eq!(generated, rows as i64);
+    assert!(
+        bytes > 3 * budget,
+        "data of {bytes} B must be several times the budget"
+    );
+    let stats = ds.stats().unwrap();
+    // At most a block (128 rows, ~300 KiB) per queue past the budget.
+    assert!(stats.peak_memory <= budget + 3 * (400 << 10), "{stats}");
+}

@@ -1,0 +1,307 @@
+//! Generation throughput of volley's engine, with Hugging Face transformers `generate`
+//! on the same checkpoint and prompts in the same run.
+//!
+//! ```text
+//! cargo run --release -p volley-llm --example bench_llm -- \
+//!     --shape 100m --prompt-len 32 --max-tokens 32 --batch-sizes 1,8,32
+//! ```
+//!
+//! `--shape` makes a checkpoint with random weights (`tiny`: the test fixture's shape,
+//! `100m`: a ~110M-parameter Llama, `tinyllama`: TinyLlama-1.1B's shape) under
+//! `target/bench-llm/`, or `--model DIR` uses a folder. Prompts are random token ids,
+//! every request generates `--max-tokens` tokens (EOS ignored). For each batch size B
+//! the engine runs `B * --rounds` requests with at most B sequences at once; the figure
+//! is output tokens per second of wall time (prefill included), median of `--runs`.
+//! The peer (`bench/peers/llm_transformers.py`, run with `--python`) gets the same
+//! prompts in batches of B.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use volley_llm::{CpuBackend, Engine, EngineConfig, KvCache, ModelConfig, SamplingParams};
+
+struct Args {
+    model: Option<PathBuf>,
+    shape: String,
+    prompt_len: usize,
+    max_tokens: usize,
+    batch_sizes: Vec<usize>,
+    rounds: usize,
+    runs: usize,
+    python: Option<String>,
+    out: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        model: None,
+        shape: "tiny".into(),
+        prompt_len: 32,
+        max_tokens: 32,
+        batch_sizes: vec![1, 8, 32],
+        rounds: 2,
+        runs: 3,
+        python: None,
+        out: None,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let v = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--model" => a.model = Some(v.into()),
+            "--shape" => a.shape = v,
+            "--prompt-len" => a.prompt_len = v.parse().expect("--prompt-len"),
+            "--max-tokens" => a.max_tokens = v.parse().expect("--max-tokens"),
+            "--batch-sizes" => {
+                a.batch_sizes = v
+                    .split(',')
+                    .map(|b| b.parse().expect("--batch-sizes"))
+                    .collect()
+            }
+            "--rounds" => a.rounds = v.parse().expect("--rounds"),
+            "--runs" => a.runs = v.parse().expect("--runs"),
+            "--python" => a.python = Some(v),
+            "--out" => a.out = Some(v.into()),
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    a
+}
+
+/// `(hidden, intermediate, layers, heads, kv_heads, vocab)`.
+fn shape(name: &str) -> (usize, usize, usize, usize, usize, usize) {
+    match name {
+        "tiny" => (64, 176, 2, 4, 2, 1024),
+        "100m" => (768, 2048, 12, 12, 4, 32000),
+        "tinyllama" => (2048, 5632, 22, 32, 4, 32000),
+        other => panic!("unknown shape {other} (tiny, 100m, tinyllama)"),
+    }
+}
+
+/// A Llama checkpoint with random weights (normal, std 0.02; norms 1), f32.
+fn make_model(dir: &Path, name: &str) {
+    if dir.join("model.safetensors").exists() {
+        return;
+    }
+    let (h, i, layers, heads, kv, vocab) = shape(name);
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": false,
+        "torch_dtype": "float32",
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llm");
+    std::fs::copy(fixtures.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let c = ModelConfig::from_dir(dir).unwrap();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, shape) in c.expected_tensors() {
+        let n: usize = shape.iter().product();
+        let norm = name.ends_with("norm.weight");
+        let mut bytes = Vec::with_capacity(n * 4);
+        for _ in 0..n {
+            // Sum of uniforms: close enough to a normal for random weights.
+            let v: f32 = if norm {
+                1.0
+            } else {
+                (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * 0.02 * 1.732
+            };
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        tensors.push((name, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), &dir.join("model.safetensors")).unwrap();
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run_volley(
+    dir: &Path,
+    prompts: &[Vec<u32>],
+    batch: usize,
+    max_tokens: usize,
+    runs: usize,
+) -> f64 {
+    let c = ModelConfig::from_dir(dir).unwrap();
+    let tokens_per_seq = prompts[0].len() + max_tokens;
+    let per_block = KvCache::<CpuBackend>::bytes_per_block(&c, 16) as u64;
+    let config = EngineConfig {
+        max_num_seqs: batch,
+        max_batched_tokens: 2048,
+        kv_cache_memory: per_block * ((batch * tokens_per_seq).div_ceil(16) as u64 + 8),
+        prefix_caching: false,
+        ..Default::default()
+    };
+    let mut engine = Engine::<CpuBackend>::load(dir, config, &Default::default()).unwrap();
+    let params = SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    // Warm-up: one short request.
+    engine
+        .generate(vec![(
+            prompts[0].clone(),
+            SamplingParams {
+                max_tokens: 2,
+                ..params.clone()
+            },
+        )])
+        .unwrap();
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let out = engine
+            .generate(
+                prompts
+                    .iter()
+                    .map(|p| (p.clone(), params.clone()))
+                    .collect(),
+            )
+            .unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        let n: usize = out.iter().map(|g| g.tokens.len()).sum();
+        assert_eq!(n, prompts.len() * max_tokens);
+        rates.push(n as f64 / secs);
+    }
+    median(rates)
+}
+
+fn run_peer(
+    python: &str,
+    dir: &Path,
+    prompts_file: &Path,
+    batch: usize,
+    max_tokens: usize,
+    runs: usize,
+) -> Option<f64> {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/peers/llm_transformers.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([
+            "--model",
+            dir.to_str()?,
+            "--prompts",
+            prompts_file.to_str()?,
+        ])
+        .args([
+            "--batch-size",
+            &batch.to_string(),
+            "--max-new-tokens",
+            &max_tokens.to_string(),
+        ])
+        .args([
+            "--runs",
+            &runs.to_string(),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("peer failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.starts_with('{'))?;
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v["tokens_per_s"].as_f64()
+}
+
+fn main() {
+    let a = parse_args();
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => {
+            let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bench-llm")
+                .join(&a.shape);
+            make_model(&d, &a.shape);
+            d
+        }
+    };
+    let c = ModelConfig::from_dir(&dir).unwrap();
+    let params: usize = c
+        .expected_tensors()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut lines = vec![
+        format!(
+            "model {} ({:.1}M parameters, {} layers, hidden {}), prompts of {} random tokens, {} new tokens each (EOS ignored), {} x batch requests per batch size, median of {} runs, f32 on CPU ({} threads)",
+            dir.display(),
+            params as f64 / 1e6,
+            c.num_layers,
+            c.hidden_size,
+            a.prompt_len,
+            a.max_tokens,
+            a.rounds,
+            a.runs,
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        ),
+        String::new(),
+        "| batch | volley tokens/s | transformers tokens/s | volley / transformers |".into(),
+        "|---:|---:|---:|---:|".into(),
+    ];
+    println!("{}", lines[0]);
+    for &b in &a.batch_sizes {
+        let n = b * a.rounds;
+        let vocab = c.vocab_size.min(1024) as u32;
+        let prompts: Vec<Vec<u32>> = (0..n)
+            .map(|_| {
+                (0..a.prompt_len)
+                    .map(|_| rng.random_range(3..vocab))
+                    .collect()
+            })
+            .collect();
+        let ours = run_volley(&dir, &prompts, b, a.max_tokens, a.runs);
+        let peer = a.python.as_ref().and_then(|py| {
+            let f = std::env::temp_dir()
+                .join(format!("volley-bench-prompts-{}.json", std::process::id()));
+            std::fs::write(&f, serde_json::to_string(&prompts).unwrap()).unwrap();
+            let r = run_peer(py, &dir, &f, b, a.max_tokens, a.runs);
+            std::fs::remove_file(&f).ok();
+            r
+        });
+        let line = match peer {
+            Some(p) => format!("| {b} | {ours:.1} | {p:.1} | {:.2}x |", ours / p),
+            None => format!("| {b} | {ours:.1} | - | - |"),
+        };
+        println!("{line}");
+        lines.push(line);
+    }
+    if let Some(out) = &a.out {
+        let mut text = std::fs::read_to_string(out).unwrap_or_default();
+        text.push_str(&lines.join("\n"));
+        text.push_str("\n\n");
+        std::fs::write(out, text).unwrap();
+    }
+}
