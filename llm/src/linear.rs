@@ -73,14 +73,45 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// `y[m, out] = x[m, inp] · w[out, inp]ᵀ`, all row-major.
+/// `y[m, out] = x[m, inp] · w[out, inp]ᵀ`, all row-major. The output columns are
+/// split between the threads of rayon's pool (each reads its own rows of `w`), which
+/// keeps every core busy even for the few rows of a decode step, where `gemm`'s own
+/// threading would leave one idle.
 fn host_matmul(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    assert_eq!(x.len(), m * inp);
+    assert_eq!(w.len(), out * inp);
+    let threads = rayon::current_num_threads();
+    if threads == 1 || m * out * inp < 1 << 20 {
+        return gemm_block(x, m, w, out, inp);
+    }
+    let per = out.div_ceil(threads).next_multiple_of(16);
+    let blocks: Vec<(usize, usize)> = (0..out)
+        .step_by(per)
+        .map(|j| (j, (j + per).min(out)))
+        .collect();
+    let parts: Vec<Vec<f32>> = blocks
+        .par_iter()
+        .map(|&(j0, j1)| gemm_block(x, m, &w[j0 * inp..j1 * inp], j1 - j0, inp))
+        .collect();
+    if parts.len() == 1 {
+        return parts.into_iter().next().unwrap_or_default();
+    }
+    let mut y = vec![0.0f32; m * out];
+    for (&(j0, j1), part) in blocks.iter().zip(&parts) {
+        let width = j1 - j0;
+        for i in 0..m {
+            y[i * out + j0..i * out + j1].copy_from_slice(&part[i * width..(i + 1) * width]);
+        }
+    }
+    y
+}
+
+/// One `gemm` call on this thread.
+fn gemm_block(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * inp);
     assert_eq!(w.len(), out * inp);
     let mut y = vec![0.0f32; m * out];
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     // SAFETY: `gemm` reads `m x inp` values of `x` with row stride `inp` and column
     // stride 1, `inp x out` values of `w` seen as its transpose (row stride 1, column
     // stride `inp`), and writes `m x out` values of `y` with row stride `out`: exactly
@@ -106,11 +137,7 @@ fn host_matmul(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize) -> Vec<f3
             false,
             false,
             false,
-            if threads > 1 {
-                Parallelism::Rayon(threads)
-            } else {
-                Parallelism::None
-            },
+            Parallelism::None,
         );
     }
     y
@@ -122,14 +149,21 @@ mod tests {
 
     #[test]
     fn host_product_matches_a_plain_loop() {
-        let (m, out, inp) = (3, 5, 7);
-        let x: Vec<f32> = (0..m * inp).map(|i| (i as f32 * 0.37).sin()).collect();
-        let w: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.11).cos()).collect();
-        let y = host_matmul(&x, m, &w, out, inp);
-        for i in 0..m {
-            for j in 0..out {
-                let want: f32 = (0..inp).map(|k| x[i * inp + k] * w[j * inp + k]).sum();
-                assert!((y[i * out + j] - want).abs() < 1e-5);
+        // Small (one call) and large enough to be split between threads.
+        for (m, out, inp) in [(3, 5, 7), (5, 1000, 300)] {
+            let x: Vec<f32> = (0..m * inp).map(|i| (i as f32 * 0.37).sin()).collect();
+            let w: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.11).cos()).collect();
+            let y = host_matmul(&x, m, &w, out, inp);
+            for i in 0..m {
+                for j in 0..out {
+                    let want: f64 = (0..inp)
+                        .map(|k| x[i * inp + k] as f64 * w[j * inp + k] as f64)
+                        .sum();
+                    assert!(
+                        (y[i * out + j] as f64 - want).abs() < 1e-3,
+                        "{m}x{out}x{inp}"
+                    );
+                }
             }
         }
     }
