@@ -319,6 +319,15 @@ impl<B: Backend> Engine<B> {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
+    /// Drops every waiting and running request (their blocks go back to the pool).
+    pub fn clear(&mut self) {
+        let mut all: Vec<Sequence> = self.waiting.drain(..).collect();
+        all.append(&mut self.running);
+        for mut seq in all {
+            self.release_blocks(&mut seq);
+        }
+    }
+
     /// Requests in the running batch.
     pub fn num_running(&self) -> usize {
         self.running.len()

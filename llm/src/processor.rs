@@ -164,6 +164,8 @@ impl StatefulTransform for LlmStage {
         let schema = batch.schema();
         // Token ids per row; `None` for a null prompt.
         let mut prompts: Vec<Option<Vec<u32>>> = Vec::with_capacity(batch.num_rows());
+        // How each row is named in errors.
+        let mut labels: Vec<String> = Vec::with_capacity(batch.num_rows());
         if let Some(col) = batch.column_by_name(&c.prompt_column) {
             let col = arrow::compute::cast(col, &DataType::Utf8).map_err(|e| {
                 VolleyError::plan(format!("column `{}` is not text: {e}", c.prompt_column))
@@ -175,6 +177,8 @@ impl StatefulTransform for LlmStage {
                 } else {
                     Some(self.engine.encode(col.value(i))?)
                 });
+                let text: String = col.value(i).chars().take(40).collect();
+                labels.push(format!("prompt {text:?}"));
             }
         } else if let Some(col) = batch.column_by_name(&c.messages_column) {
             for i in 0..col.len() {
@@ -184,6 +188,7 @@ impl StatefulTransform for LlmStage {
                     let m = messages(&c.messages_column, col.as_ref(), i)?;
                     Some(self.engine.encode_chat(&m)?)
                 });
+                labels.push(format!("row {i} of a batch of `{}`", c.messages_column));
             }
         } else {
             return Err(VolleyError::plan(format!(
@@ -193,13 +198,30 @@ impl StatefulTransform for LlmStage {
                 schema.fields().iter().map(|f| f.name()).collect::<Vec<_>>()
             )));
         }
-        let mut requests = Vec::new();
-        for p in prompts.iter().flatten() {
-            let mut params = c.sampling.clone();
-            params.seed = c.sampling.seed.map(|s| row_seed(s, p));
-            requests.push((p.clone(), params));
+        // Queue every row first; a row the engine refuses (too long for the model, say)
+        // fails the batch naming it, and leaves nothing queued behind.
+        for (p, label) in prompts.iter().zip(&labels) {
+            if let Some(p) = p {
+                let mut params = c.sampling.clone();
+                params.seed = c.sampling.seed.map(|s| row_seed(s, p));
+                if let Err(e) = self.engine.add_request(p.clone(), params) {
+                    self.engine.clear();
+                    return Err(VolleyError::plan(format!("LLM stage, {label}: {e}")));
+                }
+            }
         }
-        let mut generations = self.engine.generate(requests)?.into_iter();
+        let mut done = std::collections::BTreeMap::new();
+        while self.engine.has_unfinished() {
+            match self.engine.step() {
+                Ok(finished) => done.extend(finished.into_iter().map(|g| (g.id, g))),
+                Err(e) => {
+                    self.engine.clear();
+                    return Err(e);
+                }
+            }
+        }
+        // Request ids grow in the order the rows were queued.
+        let mut generations = done.into_values();
         let n = prompts.len();
         let (mut text, mut input, mut output, mut reason) = (
             Vec::with_capacity(n),

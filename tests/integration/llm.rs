@@ -111,7 +111,19 @@ fn generate_refuses_bad_input_and_writes_nothing() {
     let output = tmp.path().join("answers.parquet");
     write_prompts(&input, "text", &["hello"]);
     let m = model();
-    let cases: [(Vec<&str>, &str); 3] = [
+    let long = tmp.path().join("long.parquet");
+    let words = vec!["word"; 600].join(" ");
+    write_prompts(&long, "prompt", &["short", &words]);
+    let cases: [(Vec<&str>, &str); 4] = [
+        (
+            vec![
+                "--model",
+                m.to_str().unwrap(),
+                "--input",
+                long.to_str().unwrap(),
+            ],
+            "prompt \"word word word",
+        ),
         (
             vec![
                 "--model",
