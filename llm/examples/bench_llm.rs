@@ -13,7 +13,8 @@
 //! the engine runs `B * --rounds` requests with at most B sequences at once; the figure
 //! is output tokens per second of wall time (prefill included), median of `--runs`.
 //! The peer (`bench/peers/llm_transformers.py`, run with `--python`) gets the same
-//! prompts in batches of B.
+//! prompts in batches of B. `--shared-prefix N` adds a run where every prompt starts
+//! with the same N tokens, with volley's prefix cache off and on.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ struct Args {
     runs: usize,
     python: Option<String>,
     out: Option<PathBuf>,
+    shared_prefix: usize,
 }
 
 fn parse_args() -> Args {
@@ -47,6 +49,7 @@ fn parse_args() -> Args {
         runs: 3,
         python: None,
         out: None,
+        shared_prefix: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -67,6 +70,7 @@ fn parse_args() -> Args {
             "--runs" => a.runs = v.parse().expect("--runs"),
             "--python" => a.python = Some(v),
             "--out" => a.out = Some(v.into()),
+            "--shared-prefix" => a.shared_prefix = v.parse().expect("--shared-prefix"),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -145,6 +149,8 @@ fn run_volley(
     batch: usize,
     max_tokens: usize,
     runs: usize,
+    prefix_caching: bool,
+    vary_at: Option<usize>,
 ) -> f64 {
     let c = ModelConfig::from_dir(dir).unwrap();
     let tokens_per_seq = prompts[0].len() + max_tokens;
@@ -153,7 +159,7 @@ fn run_volley(
         max_num_seqs: batch,
         max_batched_tokens: 2048,
         kv_cache_memory: per_block * ((batch * tokens_per_seq).div_ceil(16) as u64 + 8),
-        prefix_caching: false,
+        prefix_caching,
         ..Default::default()
     };
     let mut engine = Engine::<CpuBackend>::load(dir, config, &Default::default()).unwrap();
@@ -173,16 +179,22 @@ fn run_volley(
         )])
         .unwrap();
     let mut rates = Vec::new();
-    for _ in 0..runs {
+    let vocab = c.vocab_size.min(1024) as u32;
+    for run in 0..runs {
+        // With `vary_at`, each run changes the token there, so that no run finds the
+        // previous run's prompts (past the shared prefix) in the prefix cache.
+        let batch: Vec<(Vec<u32>, SamplingParams)> = prompts
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                if let Some(at) = vary_at {
+                    p[at] = 3 + (p[at] - 3 + run as u32 + 1) % (vocab - 3);
+                }
+                (p, params.clone())
+            })
+            .collect();
         let start = Instant::now();
-        let out = engine
-            .generate(
-                prompts
-                    .iter()
-                    .map(|p| (p.clone(), params.clone()))
-                    .collect(),
-            )
-            .unwrap();
+        let out = engine.generate(batch).unwrap();
         let secs = start.elapsed().as_secs_f64();
         let n: usize = out.iter().map(|g| g.tokens.len()).sum();
         assert_eq!(n, prompts.len() * max_tokens);
@@ -257,7 +269,7 @@ fn main() {
     let mut lines = vec![
         format!(
             "model {} ({:.1}M parameters, {} layers, hidden {}), prompts of {} random tokens, {} new tokens each (EOS ignored), {} x batch requests per batch size, median of {} runs, f32 on CPU ({} threads)",
-            dir.display(),
+            a.model.as_ref().map(|d| d.display().to_string()).unwrap_or(format!("random `{}`", a.shape)),
             params as f64 / 1e6,
             c.num_layers,
             c.hidden_size,
@@ -282,7 +294,7 @@ fn main() {
                     .collect()
             })
             .collect();
-        let ours = run_volley(&dir, &prompts, b, a.max_tokens, a.runs);
+        let ours = run_volley(&dir, &prompts, b, a.max_tokens, a.runs, false, None);
         let peer = a.python.as_ref().and_then(|py| {
             let f = std::env::temp_dir()
                 .join(format!("volley-bench-prompts-{}.json", std::process::id()));
@@ -295,6 +307,48 @@ fn main() {
             Some(p) => format!("| {b} | {ours:.1} | {p:.1} | {:.2}x |", ours / p),
             None => format!("| {b} | {ours:.1} | - | - |"),
         };
+        println!("{line}");
+        lines.push(line);
+    }
+    if a.shared_prefix > 0 {
+        // Every prompt starts with the same `shared_prefix` tokens (a system prompt):
+        // prefix caching on against off, the largest batch size.
+        let b = *a.batch_sizes.iter().max().unwrap_or(&8);
+        let vocab = c.vocab_size.min(1024) as u32;
+        let prefix: Vec<u32> = (0..a.shared_prefix)
+            .map(|_| rng.random_range(3..vocab))
+            .collect();
+        let prompts: Vec<Vec<u32>> = (0..b * a.rounds)
+            .map(|_| {
+                let mut p = prefix.clone();
+                p.extend((0..a.prompt_len).map(|_| rng.random_range(3..vocab)));
+                p
+            })
+            .collect();
+        let off = run_volley(
+            &dir,
+            &prompts,
+            b,
+            a.max_tokens,
+            a.runs,
+            false,
+            Some(a.shared_prefix),
+        );
+        let on = run_volley(
+            &dir,
+            &prompts,
+            b,
+            a.max_tokens,
+            a.runs,
+            true,
+            Some(a.shared_prefix),
+        );
+        let line = format!(
+            "\nshared {}-token prefix + {} own tokens, batch {b}: prefix caching off {off:.1} tokens/s, on {on:.1} tokens/s ({:.2}x)",
+            a.shared_prefix,
+            a.prompt_len,
+            on / off
+        );
         println!("{line}");
         lines.push(line);
     }
