@@ -338,3 +338,105 @@ fn bad_requests_are_refused_with_the_reason() {
     assert!(err.contains("kv_cache_memory"), "{err}");
     assert!(!e.has_unfinished());
 }
+
+/// Writes the fixture's weights into `dir` as two shards with an index, the first in
+/// `first_dtype`, the second in f32.
+fn write_shards(dir: &std::path::Path, first_dtype: safetensors::Dtype) {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let src = fixtures().join("tiny-llama");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part, dtype) in [
+        ("model-00001-of-00002.safetensors", a, first_dtype),
+        ("model-00002-of-00002.safetensors", b, Dtype::F32),
+    ] {
+        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for n in part {
+            let t = st.tensor(n).unwrap();
+            let floats = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+            let raw: Vec<u8> = match dtype {
+                Dtype::BF16 => floats
+                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+                Dtype::F16 => floats
+                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+                _ => t.data().to_vec(),
+            };
+            data.push((n.clone(), t.shape().to_vec(), raw));
+            weight_map.insert(n.clone(), serde_json::Value::String(shard.into()));
+        }
+        let views: Vec<(String, TensorView)> = data
+            .iter()
+            .map(|(n, s, r)| (n.clone(), TensorView::new(dtype, s.clone(), r).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(shard)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn sharded_and_half_precision_checkpoints_load() {
+    let r = Reference::load("tiny-llama");
+    // Two f32 shards with an index: the same model, the same greedy tokens.
+    let tmp = tempfile::tempdir().unwrap();
+    write_shards(tmp.path(), safetensors::Dtype::F32);
+    let mut e =
+        Engine::<CpuBackend>::load(tmp.path(), EngineConfig::default(), &Default::default())
+            .unwrap();
+    let g = e
+        .generate(vec![(r.prompts()[0].clone(), greedy(24))])
+        .unwrap();
+    assert_eq!(g[0].tokens, r.i64s("greedy_0"));
+
+    // A bf16 and an f16 shard: weights widened to f32, equal to the rounded originals.
+    let orig_dir = fixtures().join("tiny-llama");
+    let config = ModelConfig::from_dir(&orig_dir).unwrap();
+    let orig = Checkpoint::load(&orig_dir, &config).unwrap();
+    for (dtype, round) in [
+        (
+            safetensors::Dtype::BF16,
+            (|v: f32| half::bf16::from_f32(v).to_f32()) as fn(f32) -> f32,
+        ),
+        (safetensors::Dtype::F16, |v: f32| {
+            half::f16::from_f32(v).to_f32()
+        }),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_shards(tmp.path(), dtype);
+        let ck = Checkpoint::load(tmp.path(), &config).unwrap();
+        let name = "model.embed_tokens.weight"; // sorts into the first shard
+        let want: Vec<f32> = orig
+            .get(name)
+            .unwrap()
+            .data
+            .iter()
+            .map(|&v| round(v))
+            .collect();
+        assert_eq!(ck.get(name).unwrap().data, want, "{dtype:?}");
+        assert_ne!(ck.get(name).unwrap().data, orig.get(name).unwrap().data);
+        // And the engine runs on it.
+        let mut e =
+            Engine::<CpuBackend>::load(tmp.path(), EngineConfig::default(), &Default::default())
+                .unwrap();
+        assert_eq!(
+            e.generate(vec![(r.prompts()[4].clone(), greedy(8))])
+                .unwrap()[0]
+                .tokens
+                .len(),
+            8
+        );
+    }
+}
