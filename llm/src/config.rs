@@ -64,6 +64,9 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens (some models have several).
     pub eos_token_ids: Vec<u32>,
+    /// Attention window of models that use one (Mistral): the engine attends over the
+    /// whole sequence, so it refuses sequences longer than this.
+    pub sliding_window: Option<usize>,
 }
 
 fn field<'a>(v: &'a Value, name: &str, file: &str) -> Result<&'a Value> {
@@ -208,6 +211,13 @@ impl ModelConfig {
                 .unwrap_or(4096) as usize,
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
+            sliding_window: match v.get("use_sliding_window").and_then(|u| u.as_bool()) {
+                Some(false) => None,
+                _ => v
+                    .get("sliding_window")
+                    .and_then(|w| w.as_u64())
+                    .map(|w| w as usize),
+            },
         })
     }
 

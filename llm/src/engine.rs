@@ -287,6 +287,14 @@ impl<B: Backend> Engine<B> {
                 c.max_position_embeddings
             )));
         }
+        if let Some(window) = c.sliding_window.filter(|&w| longest > w) {
+            return Err(VolleyError::plan(format!(
+                "prompt of {} tokens + max_tokens {} exceeds the model's sliding attention \
+                 window of {window} tokens (sliding-window attention is not implemented)",
+                prompt.len(),
+                params.max_tokens
+            )));
+        }
         let need = longest.div_ceil(self.config.block_size);
         if need > self.blocks.num_blocks() {
             return Err(VolleyError::plan(format!(

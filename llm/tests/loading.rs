@@ -126,6 +126,22 @@ fn llama3_rope_scaling_and_transformers4_fields_are_read() {
     assert_eq!(c.head_dim, 64);
     assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
     assert_eq!(c.rope_scaling.unwrap().factor, 32.0);
+    assert_eq!(c.sliding_window, None);
+    let mistral = v4
+        .replace("LlamaForCausalLM", "MistralForCausalLM")
+        .replace("\"rope_theta\"", "\"sliding_window\": 4096, \"rope_theta\"");
+    let m = ModelConfig::from_json(&mistral, "config.json").unwrap();
+    assert_eq!(m.sliding_window, Some(4096));
+    let qwen = mistral.replace(
+        "\"sliding_window\"",
+        "\"use_sliding_window\": false, \"sliding_window\"",
+    );
+    assert_eq!(
+        ModelConfig::from_json(&qwen, "config.json")
+            .unwrap()
+            .sliding_window,
+        None
+    );
     assert!(!c
         .expected_tensors()
         .iter()
