@@ -440,3 +440,25 @@ fn sharded_and_half_precision_checkpoints_load() {
         );
     }
 }
+
+/// Llama-3 RoPE scaling and tied embeddings, against transformers on a tiny model made
+/// by `tests/fixtures/make_llama3.py` (original context 16, factor 8, 48 positions).
+#[test]
+fn llama3_rope_scaling_and_tied_embeddings_match_transformers() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama3");
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    assert!(config.rope_scaling.is_some() && config.tie_word_embeddings);
+    let ck = Checkpoint::load(&dir, &config).unwrap();
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let r = Reference { bytes };
+    let ids = r.i64s("input_ids");
+    let mut unscaled = config.clone();
+    unscaled.rope_scaling = None;
+    let m = Model::<CpuBackend>::new(config, &ck, &Default::default()).unwrap();
+    let d = max_diff(&values(m.forward_contiguous(&ids)), &r.f32s("logits"));
+    assert!(d < 1e-4, "logits differ by {d}");
+    // The scaling matters at these positions: without it the logits are off.
+    let m = Model::<CpuBackend>::new(unscaled, &ck, &Default::default()).unwrap();
+    let d = max_diff(&values(m.forward_contiguous(&ids)), &r.f32s("logits"));
+    assert!(d > 1e-3, "unscaled RoPE differs by only {d}");
+}
