@@ -90,7 +90,10 @@ impl Checkpoint {
                     file.display()
                 ))
             })?;
-            for (name, view) in st.tensors() {
+            // In name order, so that the first mismatch reported is always the same.
+            let mut views = st.tensors();
+            views.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, view) in views {
                 let Some(shape) = expected.get(&name) else {
                     continue;
                 };

@@ -103,7 +103,9 @@ fn bad_folders_fail_naming_the_file_and_the_problem() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("mlp.") && err.contains("[176, 64]") && err.contains("[200, 64]"),
+        err.contains("model.layers.0.mlp.down_proj.weight")
+            && err.contains("[64, 176]")
+            && err.contains("[64, 200]"),
         "{err}"
     );
 
