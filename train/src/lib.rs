@@ -1,10 +1,18 @@
 //! Data-parallel training for volley.
 //!
-//! What is here so far is the collective layer the trainer's ranks will use to keep
-//! their gradients in step: the [`Collective`] trait and [`TcpRing`], a bucketed ring
-//! all-reduce over TCP between rank processes. The trainer itself (rank actors in a
-//! placement group, dataset shards, checkpoints, recovery) is not built yet.
+//! What is here so far are two pieces the trainer will stand on:
+//! - the collective layer its ranks use to keep their gradients in step: the
+//!   [`Collective`] trait and [`TcpRing`], a bucketed ring all-reduce over TCP between
+//!   rank processes;
+//! - [`CheckpointStore`]: a run's checkpoints in a local folder or an object store,
+//!   committed by a manifest written last, pruned to the best `num_to_keep` and the
+//!   latest.
+//!
+//! The trainer itself (rank actors in a placement group, dataset shards, the Burn
+//! training loop, recovery) is not built yet.
 
+mod checkpoint;
 mod collective;
 
+pub use checkpoint::{Checkpoint, CheckpointConfig, CheckpointStore, Order};
 pub use collective::{Collective, RingConfig, TcpRing};
