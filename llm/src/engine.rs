@@ -348,20 +348,37 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Vec<Generation>> {
         let mut ids = Vec::with_capacity(requests.len());
         for (prompt, params) in requests {
-            ids.push(self.add_request(prompt, params)?);
-        }
-        let mut done = std::collections::HashMap::new();
-        while self.has_unfinished() {
-            for g in self.step()? {
-                done.insert(g.id, g);
+            match self.add_request(prompt, params) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    self.clear();
+                    return Err(e);
+                }
             }
         }
+        let mut done = self.run_to_completion()?;
         ids.iter()
             .map(|id| {
                 done.remove(id)
                     .ok_or_else(|| VolleyError::execution(format!("request {id} did not finish")))
             })
             .collect()
+    }
+
+    /// Steps until every queued request has finished; the generations by request id.
+    /// On an error nothing stays queued.
+    pub fn run_to_completion(&mut self) -> Result<std::collections::BTreeMap<u64, Generation>> {
+        let mut done = std::collections::BTreeMap::new();
+        while self.has_unfinished() {
+            match self.step() {
+                Ok(finished) => done.extend(finished.into_iter().map(|g| (g.id, g))),
+                Err(e) => {
+                    self.clear();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(done)
     }
 
     fn release_blocks(&mut self, seq: &mut Sequence) {

@@ -210,16 +210,7 @@ impl StatefulTransform for LlmStage {
                 }
             }
         }
-        let mut done = std::collections::BTreeMap::new();
-        while self.engine.has_unfinished() {
-            match self.engine.step() {
-                Ok(finished) => done.extend(finished.into_iter().map(|g| (g.id, g))),
-                Err(e) => {
-                    self.engine.clear();
-                    return Err(e);
-                }
-            }
-        }
+        let done = self.engine.run_to_completion()?;
         // Request ids grow in the order the rows were queued.
         let mut generations = done.into_values();
         let n = prompts.len();
