@@ -1,21 +1,32 @@
-//! Data-parallel training for volley.
+//! Data-parallel training for volley, on Burn.
 //!
-//! What is here so far are two pieces the trainer will stand on:
-//! - the collective layer its ranks use to keep their gradients in step: the
-//!   [`Collective`] trait and [`TcpRing`], a bucketed ring all-reduce over TCP between
-//!   rank processes, and [`all_reduce_gradients`], which averages a Burn model's
-//!   gradients over the group;
-//! - [`CheckpointStore`]: a run's checkpoints in a local folder or an object store,
-//!   committed by a manifest written last, pruned to the best `num_to_keep` and the
-//!   latest.
+//! A [`DataParallelTrainer`] runs a [`TrainLoop`] on a group of ranks. Ranks are
+//! runtime actors gang-scheduled in a placement group, one worker process each (on this
+//! machine through a private one-node cluster, or spread over a cluster's nodes). The
+//! driver runs the dataset pipelines and streams each rank its share of every pass
+//! (`streaming_split`); ranks keep their gradients in step with a bucketed ring
+//! all-reduce over TCP ([`TcpRing`], behind the [`Collective`] trait); rank 0 saves
+//! checkpoints into a [`CheckpointStore`] (complete or absent); when a rank dies the
+//! group is restarted from the latest checkpoint, up to `max_failures` times.
 //!
-//! The trainer itself (rank actors in a placement group, dataset shards, the Burn
-//! training loop, recovery) is not built yet.
+//! Programs that train call `volley::init()` first in `main` (ranks are processes of the
+//! same program and enter their worker loop there).
 
 mod checkpoint;
 mod collective;
+mod config;
+mod context;
 mod grads;
+mod session;
+pub mod tensor;
+mod trainer;
 
 pub use checkpoint::{Checkpoint, CheckpointConfig, CheckpointStore, Order};
 pub use collective::{Collective, RingConfig, TcpRing};
+pub use config::{FailureConfig, Placement, RunConfig, ScalingConfig};
+pub use context::{
+    DataShard, Metrics, SavedCheckpoint, ShardBatches, TrainCheckpoint, TrainContext,
+};
 pub use grads::all_reduce_gradients;
+pub use session::Report;
+pub use trainer::{metrics, DataConfig, DataParallelTrainer, TrainLoop, TrainResult};

@@ -16,6 +16,7 @@
 //! * [`client`]: the driver's API ([`Cluster`], [`ObjectRef`], [`ActorHandle`],
 //!   [`PlacementGroup`]).
 //! * [`jobs`] and [`http`]: job submission over gRPC and over HTTP.
+//! * [`local`]: a private one-node cluster inside a process ([`LocalCluster`]).
 //!
 //! Every call carries the cluster token ([`auth`]).
 
@@ -25,6 +26,7 @@ pub mod gpus;
 pub mod head;
 pub mod http;
 pub mod jobs;
+pub mod local;
 pub mod net;
 pub mod node;
 pub mod objects;
@@ -50,6 +52,7 @@ pub use client::{
 };
 pub use head::{HeadCore, HeadOptions};
 pub use jobs::{JobClient, JobRequest};
+pub use local::LocalCluster;
 pub use node::{run_node, NodeOptions};
 pub use resources::Resources;
 pub use task::{object_value, value_object, RemoteActor, RemoteTask, TaskContext};

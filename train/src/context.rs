@@ -1,0 +1,358 @@
+//! What a rank's training loop sees: its place in the group, its dataset shards, the
+//! gradient all-reduce, reports and checkpoints.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Record, Recorder};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use volley_common::{Result, VolleyError};
+
+use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::collective::{Collective, TcpRing};
+use crate::grads::all_reduce_gradients;
+use crate::session::{Report, SessionClient, ShardStream};
+
+type Recorder_ = NamedMpkBytesRecorder<FullPrecisionSettings>;
+
+/// Metrics of one report: name to value.
+pub type Metrics = BTreeMap<String, f64>;
+
+/// The files of a checkpoint to save: Burn records (model, optimizer), small values and
+/// raw bytes, each under a file name.
+///
+/// ```no_run
+/// # use volley_train::TrainCheckpoint;
+/// # fn f<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(model: &M, step: u64) -> volley_common::Result<()> {
+/// let ckpt = TrainCheckpoint::new()
+///     .with_record::<B, _>("model", model.clone().into_record())?
+///     .with_value("step", &step)?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default, Clone)]
+pub struct TrainCheckpoint {
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl TrainCheckpoint {
+    /// An empty checkpoint.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a Burn record (`model.into_record()`, `optimizer.to_record()`), stored in
+    /// full precision as named MessagePack.
+    pub fn with_record<B: Backend, R: Record<B>>(mut self, name: &str, record: R) -> Result<Self> {
+        let bytes = Recorder::<B>::record(&Recorder_::default(), record, ()).map_err(|e| {
+            VolleyError::execution(format!("checkpoint: cannot record `{name}`: {e}"))
+        })?;
+        self.files.push((name.to_string(), bytes));
+        Ok(self)
+    }
+
+    /// Adds a serde value as JSON (a step counter, an epoch, a config).
+    pub fn with_value<T: Serialize + ?Sized>(mut self, name: &str, value: &T) -> Result<Self> {
+        let bytes = serde_json::to_vec(value).map_err(|e| {
+            VolleyError::execution(format!("checkpoint: cannot serialize `{name}`: {e}"))
+        })?;
+        self.files.push((name.to_string(), bytes));
+        Ok(self)
+    }
+
+    /// Adds raw bytes.
+    pub fn with_bytes(mut self, name: &str, bytes: Vec<u8>) -> Self {
+        self.files.push((name.to_string(), bytes));
+        self
+    }
+}
+
+/// A saved checkpoint and the store it lives in: what a rank resumes from, or what a
+/// finished run hands back.
+#[derive(Debug, Clone)]
+pub struct SavedCheckpoint {
+    /// Its step (the report iteration it was saved with), metrics and files.
+    pub info: Checkpoint,
+    store: Arc<CheckpointStore>,
+}
+
+impl SavedCheckpoint {
+    pub(crate) fn new(info: Checkpoint, store: Arc<CheckpointStore>) -> Self {
+        Self { info, store }
+    }
+
+    /// The bytes of one of its files.
+    pub fn read(&self, file: &str) -> Result<Vec<u8>> {
+        if !self.info.files.iter().any(|f| f == file) {
+            return Err(VolleyError::plan(format!(
+                "checkpoint {} has no file `{file}` (it has {:?})",
+                self.info.step, self.info.files
+            )));
+        }
+        self.store.read(&self.info, file)
+    }
+
+    /// A value saved with [`TrainCheckpoint::with_value`].
+    pub fn value<T: DeserializeOwned>(&self, file: &str) -> Result<T> {
+        let bytes = self.read(file)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            VolleyError::execution(format!(
+                "checkpoint {}: `{file}` is not the value expected: {e}",
+                self.info.step
+            ))
+        })
+    }
+
+    /// A record saved with [`TrainCheckpoint::with_record`], on `device`
+    /// (`model.load_record(ckpt.record("model", &device)?)`).
+    pub fn record<B: Backend, R: Record<B>>(&self, file: &str, device: &B::Device) -> Result<R> {
+        let bytes = self.read(file)?;
+        Recorder::<B>::load(&Recorder_::default(), bytes, device).map_err(|e| {
+            VolleyError::execution(format!(
+                "checkpoint {}: `{file}` does not hold the record expected: {e}",
+                self.info.step
+            ))
+        })
+    }
+}
+
+/// A rank's view of its share of one dataset. Each [`DataShard::iter_batches`] call is
+/// one pass (epoch): every rank's k-th pass reads its share of the same execution of
+/// the dataset's pipeline, so that together the ranks see every row once per pass.
+#[derive(Debug, Clone)]
+pub struct DataShard {
+    name: String,
+    session: Arc<std::sync::Mutex<SessionClient>>,
+    passes: Arc<AtomicU64>,
+}
+
+impl DataShard {
+    /// Starts the next pass; batches of exactly `batch_size` rows, the pass's last one
+    /// shorter unless `drop_last`. The rows arrive as the pipeline produces them.
+    pub fn iter_batches(&self, batch_size: usize, drop_last: bool) -> Result<ShardBatches> {
+        if batch_size == 0 {
+            return Err(VolleyError::plan(
+                "iter_batches: batch_size must be at least 1",
+            ));
+        }
+        let pass = self.passes.fetch_add(1, Ordering::SeqCst);
+        let stream = self
+            .session
+            .lock()
+            .expect("session lock")
+            .open_shard(&self.name, pass)?;
+        Ok(ShardBatches {
+            stream,
+            batch_size,
+            drop_last,
+            pending: Vec::new(),
+            pending_rows: 0,
+            done: false,
+        })
+    }
+
+    /// The dataset's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The batches of one pass over a [`DataShard`].
+pub struct ShardBatches {
+    stream: ShardStream,
+    batch_size: usize,
+    drop_last: bool,
+    pending: Vec<RecordBatch>,
+    pending_rows: usize,
+    done: bool,
+}
+
+impl std::fmt::Debug for ShardBatches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardBatches")
+            .field("batch_size", &self.batch_size)
+            .finish()
+    }
+}
+
+impl ShardBatches {
+    /// Cuts the first `n` pending rows off as one batch.
+    fn cut(&mut self, n: usize) -> Result<RecordBatch> {
+        let schema = self.pending[0].schema();
+        let all = arrow::compute::concat_batches(&schema, &self.pending)?;
+        let out = all.slice(0, n);
+        self.pending.clear();
+        self.pending_rows = all.num_rows() - n;
+        if self.pending_rows > 0 {
+            self.pending.push(all.slice(n, self.pending_rows));
+        }
+        Ok(out)
+    }
+}
+
+impl Iterator for ShardBatches {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.pending_rows >= self.batch_size {
+                // One batch that is exactly the size needs no copy.
+                if self.pending.len() == 1 && self.pending_rows == self.batch_size {
+                    self.pending_rows = 0;
+                    return self.pending.pop().map(Ok);
+                }
+                return Some(self.cut(self.batch_size));
+            }
+            if self.done {
+                if self.pending_rows == 0 || self.drop_last {
+                    return None;
+                }
+                let n = self.pending_rows;
+                return Some(self.cut(n));
+            }
+            match self.stream.next() {
+                Some(Ok(b)) => {
+                    self.pending_rows += b.num_rows();
+                    self.pending.push(b);
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    self.pending.clear();
+                    self.pending_rows = 0;
+                    return Some(Err(e));
+                }
+                None => self.done = true,
+            }
+        }
+    }
+}
+
+/// What a rank's training loop is given.
+pub struct TrainContext {
+    pub(crate) rank: usize,
+    pub(crate) world: usize,
+    pub(crate) attempt: u32,
+    pub(crate) config: serde_json::Value,
+    pub(crate) ring: TcpRing,
+    pub(crate) session: Arc<std::sync::Mutex<SessionClient>>,
+    pub(crate) store: Arc<CheckpointStore>,
+    pub(crate) resume: Option<SavedCheckpoint>,
+    pub(crate) iteration: u64,
+    pub(crate) passes: HashMap<String, Arc<AtomicU64>>,
+    pub(crate) gpu_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for TrainContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainContext")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world)
+            .field("attempt", &self.attempt)
+            .field("iteration", &self.iteration)
+            .finish()
+    }
+}
+
+impl TrainContext {
+    /// This rank, `0..world_size()`. Rank 0 saves checkpoints and its metrics are the
+    /// run's.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks in the group.
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// How many times the group was restarted after a failure before this attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The trainer's `train_loop_config` (`DataParallelTrainer::with_config`); `null`
+    /// when none was given.
+    pub fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// The GPUs this rank holds (as the cluster numbers them; inside the process they
+    /// are devices `0..n`, through `CUDA_VISIBLE_DEVICES`).
+    pub fn gpu_ids(&self) -> &[u32] {
+        &self.gpu_ids
+    }
+
+    /// The device to train on: the backend's default device, which on a GPU backend is
+    /// this rank's GPU (the only one it sees).
+    pub fn device<B: Backend>(&self) -> B::Device {
+        B::Device::default()
+    }
+
+    /// This rank's share of the dataset given to the trainer as `name`.
+    pub fn dataset_shard(&mut self, name: &str) -> Result<DataShard> {
+        let passes = Arc::clone(self.passes.entry(name.to_string()).or_default());
+        Ok(DataShard {
+            name: name.to_string(),
+            session: Arc::clone(&self.session),
+            passes,
+        })
+    }
+
+    /// Replaces `grads` by their average over the group (every rank calls it with the
+    /// gradients of the same model, once per step).
+    pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        grads: GradientsParams,
+    ) -> Result<GradientsParams> {
+        all_reduce_gradients(model, grads, &mut self.ring)
+    }
+
+    /// The group's collective, for other sums (metrics, a barrier).
+    pub fn collective(&mut self) -> &mut dyn Collective {
+        &mut self.ring
+    }
+
+    /// Reports this iteration's metrics, and on rank 0 saves `checkpoint` (atomically:
+    /// complete or absent). Every rank calls it at the same points; other ranks'
+    /// checkpoints are not written (the model is the same on all of them).
+    pub fn report(&mut self, metrics: Metrics, checkpoint: Option<TrainCheckpoint>) -> Result<()> {
+        self.iteration += 1;
+        if self.rank != 0 {
+            return Ok(());
+        }
+        let saved = match checkpoint {
+            Some(c) => {
+                let files: Vec<(&str, &[u8])> = c
+                    .files
+                    .iter()
+                    .map(|(n, b)| (n.as_str(), b.as_slice()))
+                    .collect();
+                Some(self.store.save(self.iteration, &metrics, &files)?)
+            }
+            None => None,
+        };
+        let report = Report {
+            iteration: self.iteration,
+            metrics,
+            checkpoint: saved,
+        };
+        self.session.lock().expect("session lock").report(&report)
+    }
+
+    /// The checkpoint this attempt resumes from: the run's latest, when the run was
+    /// restarted after a failure or started again under a name that has checkpoints.
+    pub fn checkpoint(&self) -> Option<&SavedCheckpoint> {
+        self.resume.as_ref()
+    }
+
+    /// Reports made so far in the run (including those before a resume).
+    pub fn iteration(&self) -> u64 {
+        self.iteration
+    }
+}

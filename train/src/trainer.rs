@@ -1,0 +1,635 @@
+//! The data-parallel trainer: rank actors gang-scheduled in a placement group, fed by
+//! the driver's dataset pipelines, restarted from the latest checkpoint after a failure.
+//!
+//! ```text
+//!  driver: DataParallelTrainer::fit
+//!    ├─ CheckpointStore (storage_path/name)            ◀── rank 0 saves checkpoints
+//!    ├─ SessionServer ── streaming_split per pass ──▶ ranks (Arrow IPC over TCP)
+//!    │                ◀── reports ───────────────────  rank 0
+//!    └─ placement group: one bundle per rank ──▶ RankActor (a worker process each)
+//!                                                  └─ TcpRing: gradient all-reduce
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, Float64Array, RecordBatch, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use serde::{Deserialize, Serialize};
+use volley_common::{Result, VolleyError};
+use volley_dataset::Dataset;
+use volley_runtime::cluster::{
+    object_value, value_object, ActorHandle, ActorOptions, Cluster, LocalCluster, ObjectRef,
+    PlacementStrategy, RemoteActor, TaskContext,
+};
+
+use crate::checkpoint::{Checkpoint, CheckpointConfig, CheckpointStore};
+use crate::collective::{RingConfig, TcpRing};
+use crate::config::{Placement, RunConfig, ScalingConfig};
+use crate::context::{Metrics, SavedCheckpoint, TrainContext};
+use crate::session::{Report, SessionClient, SessionServer};
+
+/// A training loop that runs on every rank.
+///
+/// Ranks are processes (on this machine or on a cluster's nodes), so the loop travels
+/// by name: it is a serializable value of a type registered with `#[typetag::serde]`,
+/// and its fields are its settings. The same binary runs on every rank.
+///
+/// ```no_run
+/// use volley_train::{TrainContext, TrainLoop};
+///
+/// #[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// struct Fit { lr: f64, epochs: usize }
+///
+/// #[typetag::serde]
+/// impl TrainLoop for Fit {
+///     fn run(&self, ctx: &mut TrainContext) -> volley_common::Result<()> {
+///         let shard = ctx.dataset_shard("train")?;
+///         for _epoch in 0..self.epochs {
+///             for batch in shard.iter_batches(64, true)? {
+///                 let _batch = batch?;
+///                 // forward, backward, ctx.all_reduce_gradients(..), optimizer step
+///             }
+///             ctx.report([("loss".to_string(), 0.0)].into(), None)?;
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+#[typetag::serde(tag = "train_loop", content = "args")]
+pub trait TrainLoop: Send + Sync + std::fmt::Debug {
+    /// Trains; returns when this rank is done.
+    fn run(&self, ctx: &mut TrainContext) -> Result<()>;
+}
+
+/// How the datasets are shared among ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataConfig {
+    /// Every rank gets the same number of rows per pass (the last `rows % ranks` rows of
+    /// a pass are dropped); ranks then take the same number of steps, which gradient
+    /// all-reduce needs. Without it, faster ranks take more rows.
+    pub equal: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { equal: true }
+    }
+}
+
+/// Runs a [`TrainLoop`] on a group of ranks.
+pub struct DataParallelTrainer {
+    train_loop: Box<dyn TrainLoop>,
+    scaling: ScalingConfig,
+    run: RunConfig,
+    datasets: HashMap<String, Dataset>,
+    data: DataConfig,
+    config: serde_json::Value,
+    cluster: Option<Cluster>,
+    ring_timeout: Duration,
+}
+
+impl std::fmt::Debug for DataParallelTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataParallelTrainer")
+            .field("train_loop", &self.train_loop)
+            .field("scaling", &self.scaling)
+            .field("run", &self.run)
+            .finish()
+    }
+}
+
+/// What [`DataParallelTrainer::fit`] returns.
+#[derive(Debug, Clone)]
+pub struct TrainResult {
+    /// The last report's metrics.
+    pub metrics: Metrics,
+    /// The latest checkpoint (where a resumed run would start).
+    pub checkpoint: Option<SavedCheckpoint>,
+    /// The best checkpoint by `RunConfig.checkpoint.score_metric` (the latest without).
+    pub best_checkpoint: Option<SavedCheckpoint>,
+    /// Every report of the run, in order, each iteration once (reports made after the
+    /// checkpoint a restart resumed from are replaced by the restarted ones).
+    pub history: Vec<Report>,
+    /// Failures the run recovered from.
+    pub failures: u32,
+    /// `storage_path/name`.
+    pub path: String,
+}
+
+impl TrainResult {
+    /// The metric history as a table: `iteration` and one `Float64` column per metric
+    /// (null where a report did not carry it).
+    pub fn history_table(&self) -> Result<RecordBatch> {
+        let mut names: Vec<&String> = self.history.iter().flat_map(|r| r.metrics.keys()).collect();
+        names.sort();
+        names.dedup();
+        let mut fields = vec![Field::new("iteration", DataType::UInt64, false)];
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from_iter_values(
+            self.history.iter().map(|r| r.iteration),
+        ))];
+        for n in names {
+            fields.push(Field::new(n, DataType::Float64, true));
+            columns.push(Arc::new(Float64Array::from_iter(
+                self.history.iter().map(|r| r.metrics.get(n).copied()),
+            )));
+        }
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?)
+    }
+}
+
+impl DataParallelTrainer {
+    /// A trainer running `train_loop` on `scaling.num_workers` ranks, keeping the run
+    /// under `run.storage_path/run.name`.
+    pub fn new(
+        train_loop: impl TrainLoop + 'static,
+        scaling: ScalingConfig,
+        run: RunConfig,
+    ) -> Self {
+        Self {
+            train_loop: Box::new(train_loop),
+            scaling,
+            run,
+            datasets: HashMap::new(),
+            data: DataConfig::default(),
+            config: serde_json::Value::Null,
+            cluster: None,
+            ring_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Feeds `dataset` to the ranks as `name` (`ctx.dataset_shard(name)`).
+    pub fn with_dataset(mut self, name: impl Into<String>, dataset: Dataset) -> Self {
+        self.datasets.insert(name.into(), dataset);
+        self
+    }
+
+    /// How datasets are shared.
+    pub fn with_data_config(mut self, data: DataConfig) -> Self {
+        self.data = data;
+        self
+    }
+
+    /// A JSON value every rank reads with `ctx.config()` (what a sweep fills in).
+    pub fn with_config(mut self, config: serde_json::Value) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Runs the ranks on `cluster`. Without it, `fit` uses the cluster of
+    /// `VOLLEY_ADDRESS` when set, else a private one-node cluster on this machine whose
+    /// workers are processes of this program.
+    pub fn with_cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// How long a rank waits on a silent neighbour in the all-reduce before failing.
+    pub fn with_ring_timeout(mut self, timeout: Duration) -> Self {
+        self.ring_timeout = timeout;
+        self
+    }
+
+    /// Trains to the end, restarting the group from the latest checkpoint after a
+    /// failure up to `max_failures` times.
+    pub fn fit(&self) -> Result<TrainResult> {
+        self.scaling.validate()?;
+        let storage = self.run.resolved_storage()?;
+        let store = Arc::new(
+            CheckpointStore::open(&storage, &self.run.name, self.run.checkpoint.clone())
+                .map_err(|e| VolleyError::Config(format!("RunConfig.storage_path: {e}")))?,
+        );
+        let bundle = self.scaling.bundle();
+        let world = self.scaling.num_workers;
+
+        // The cluster: given, named by VOLLEY_ADDRESS, or private to this run.
+        let mut local: Option<LocalCluster> = None;
+        let cluster = match &self.cluster {
+            Some(c) => c.clone(),
+            None => match volley_dataset::Context::try_global()?.cluster() {
+                Some(c) => c.clone(),
+                None => {
+                    let (resources, gpus) = LocalCluster::machine();
+                    check_fits(&bundle, world, &resources, "this machine")?;
+                    local = Some(LocalCluster::start(resources, gpus)?);
+                    local.as_ref().expect("just set").cluster().clone()
+                }
+            },
+        };
+        if local.is_none() {
+            let mut total = volley_runtime::cluster::Resources::default();
+            for n in cluster.status()?.nodes.iter().filter(|n| n.alive) {
+                if let Some(t) = &n.total {
+                    total.add(&t.into());
+                }
+            }
+            check_fits(&bundle, world, &total, "the cluster")?;
+        }
+
+        let host = if local.is_some() {
+            "127.0.0.1".to_string()
+        } else {
+            local_ip_towards(cluster.address())?
+        };
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let server = SessionServer::start(
+            &host,
+            token.clone(),
+            world,
+            self.data.equal,
+            self.datasets.clone(),
+        )?;
+        let result = self.attempts(&cluster, &server, &store, &token, &storage);
+        server.shutdown();
+        drop(local);
+        let failures = result?;
+
+        let history = server.history();
+        let latest = store.latest()?;
+        let best = store.best()?;
+        Ok(TrainResult {
+            metrics: history
+                .last()
+                .map(|r| r.metrics.clone())
+                .unwrap_or_default(),
+            checkpoint: latest.map(|c| SavedCheckpoint::new(c, Arc::clone(&store))),
+            best_checkpoint: best.map(|c| SavedCheckpoint::new(c, Arc::clone(&store))),
+            history,
+            failures,
+            path: format!("{}/{}", storage.trim_end_matches('/'), self.run.name),
+        })
+    }
+
+    /// Runs attempts until one finishes; returns how many failed.
+    fn attempts(
+        &self,
+        cluster: &Cluster,
+        server: &Arc<SessionServer>,
+        store: &Arc<CheckpointStore>,
+        token: &str,
+        storage: &str,
+    ) -> Result<u32> {
+        let mut failures = 0u32;
+        loop {
+            let resume = store.latest()?;
+            let iteration = resume.as_ref().map_or(0, |c| c.step);
+            server.begin_attempt(failures, iteration);
+            let spec = RankSpec {
+                train_loop: serde_json::to_value(&self.train_loop).map_err(|e| {
+                    VolleyError::plan(format!("the train loop cannot be serialized: {e}"))
+                })?,
+                world: self.scaling.num_workers,
+                attempt: failures,
+                session: server.address(),
+                token: token.to_string(),
+                storage: storage.to_string(),
+                name: self.run.name.clone(),
+                checkpoint: self.run.checkpoint.clone(),
+                config: self.config.clone(),
+                ring_timeout_ms: self.ring_timeout.as_millis() as u64,
+                resume,
+                iteration,
+            };
+            match self.attempt(cluster, &spec) {
+                Ok(()) => return Ok(failures),
+                Err(e) => {
+                    if failures >= self.run.failure.max_failures {
+                        return Err(if failures == 0 {
+                            e
+                        } else {
+                            e.context(format!("training failed after {failures} restarts"))
+                        });
+                    }
+                    failures += 1;
+                    tracing::warn!(
+                        "training attempt {} failed ({e}); restarting from the latest checkpoint ({} of {} restarts)",
+                        failures - 1,
+                        failures,
+                        self.run.failure.max_failures
+                    );
+                }
+            }
+        }
+    }
+
+    /// One attempt: reserve the bundles, start the ranks, run them to the end.
+    fn attempt(&self, cluster: &Cluster, spec: &RankSpec) -> Result<()> {
+        let world = spec.world;
+        let group = cluster.placement_group(
+            vec![self.scaling.bundle(); world],
+            match self.scaling.placement {
+                Placement::Pack => PlacementStrategy::Pack,
+                Placement::Spread => PlacementStrategy::Spread,
+            },
+        )?;
+        let mut ranks = Ranks {
+            actors: Vec::new(),
+            group: Some(group),
+        };
+        let group = ranks.group.as_ref().expect("set");
+        if group.wait(Duration::from_secs(300))?.is_none() {
+            return Err(VolleyError::ResourcesExhausted(format!(
+                "could not reserve {world} bundles of {} within 5 minutes",
+                self.scaling.bundle()
+            )));
+        }
+        for rank in 0..world {
+            let actor = RankActor {
+                rank,
+                spec: spec.clone(),
+                listener: None,
+            };
+            let options = ActorOptions::default()
+                .resources(self.scaling.bundle())
+                .in_group(group, rank as i32);
+            ranks.actors.push(cluster.create_actor(actor, &options)?);
+        }
+        let listening: Vec<ObjectRef> = ranks
+            .actors
+            .iter()
+            .map(|a| a.call("listen", serde_json::Value::Null, &[]))
+            .collect::<Result<_>>()?;
+        let mut addresses = Vec::with_capacity(world);
+        for (rank, r) in listening.iter().enumerate() {
+            let batches = cluster
+                .get(r)
+                .map_err(|e| e.context(format!("starting rank {rank}")))?;
+            addresses.push(object_value::<String>(&batches)?);
+        }
+        let running: Vec<(usize, ObjectRef)> = ranks
+            .actors
+            .iter()
+            .enumerate()
+            .map(|(rank, a)| Ok((rank, a.call("run", &addresses, &[])?)))
+            .collect::<Result<_>>()?;
+        let mut left = running;
+        while !left.is_empty() {
+            let refs: Vec<ObjectRef> = left.iter().map(|(_, r)| r.clone()).collect();
+            let (ready, _) = cluster.wait(&refs, 1, Duration::from_millis(500))?;
+            for r in ready {
+                let pos = left
+                    .iter()
+                    .position(|(_, x)| x.id() == r.id())
+                    .expect("a ref we asked about");
+                let (rank, r) = left.remove(pos);
+                if let Err(e) = cluster.get(&r) {
+                    return Err(first_cause(cluster, rank, e, left, world));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The error to report when `rank` failed with `error`: when one rank fails, its
+/// neighbours fail too (their all-reduce loses its peer), possibly first; the ranks
+/// still running get a moment to fail, and an error that is not a lost peer wins.
+fn first_cause(
+    cluster: &Cluster,
+    rank: usize,
+    error: VolleyError,
+    left: Vec<(usize, ObjectRef)>,
+    world: usize,
+) -> VolleyError {
+    let mut errors = vec![(rank, error)];
+    if !left.is_empty() {
+        let refs: Vec<ObjectRef> = left.iter().map(|(_, r)| r.clone()).collect();
+        if let Ok((ready, _)) = cluster.wait(&refs, refs.len(), Duration::from_secs(2)) {
+            for r in ready {
+                if let Some((rank, _)) = left.iter().find(|(_, x)| x.id() == r.id()) {
+                    if let Err(e) = cluster.get(&r) {
+                        errors.push((*rank, e));
+                    }
+                }
+            }
+        }
+    }
+    let pick = errors
+        .iter()
+        .position(|(_, e)| !e.to_string().contains("all-reduce: rank"))
+        .unwrap_or(0);
+    let (rank, e) = errors.swap_remove(pick);
+    e.context(format!("rank {rank} of {world}"))
+}
+
+/// The actors and bundles of one attempt; dropping it stops the actors and gives the
+/// bundles back (also when the attempt fails half-way).
+struct Ranks {
+    actors: Vec<ActorHandle>,
+    group: Option<volley_runtime::cluster::PlacementGroup>,
+}
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for a in &self.actors {
+            let _ = a.kill();
+        }
+        if let Some(g) = self.group.take() {
+            let _ = g.remove();
+        }
+    }
+}
+
+fn check_fits(
+    bundle: &volley_runtime::cluster::Resources,
+    world: usize,
+    total: &volley_runtime::cluster::Resources,
+    what: &str,
+) -> Result<()> {
+    let need_cpus = bundle.num_cpus * world as f64;
+    let need_gpus = bundle.num_gpus * world as f64;
+    if need_gpus > total.num_gpus + 1e-9 {
+        return Err(VolleyError::Config(format!(
+            "{world} ranks with {} GPUs each need {need_gpus} GPUs; {what} has {}",
+            bundle.num_gpus, total.num_gpus
+        )));
+    }
+    if need_cpus > total.num_cpus + 1e-9 {
+        return Err(VolleyError::Config(format!(
+            "{world} ranks with {} CPUs each need {need_cpus} CPUs; {what} has {}",
+            bundle.num_cpus, total.num_cpus
+        )));
+    }
+    for (name, amount) in &bundle.custom {
+        let have = total.custom.get(name).copied().unwrap_or(0.0);
+        if amount * world as f64 > have + 1e-9 {
+            return Err(VolleyError::Config(format!(
+                "{world} ranks with {amount} `{name}` each need {}; {what} has {have}",
+                amount * world as f64
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The address of this machine that `address` (`host:port`) would see our
+/// connections come from.
+fn local_ip_towards(address: &str) -> Result<String> {
+    let s = std::net::TcpStream::connect(address).map_err(|e| {
+        VolleyError::execution(format!(
+            "trainer: cannot reach the cluster at {address}: {e}"
+        ))
+    })?;
+    Ok(s.local_addr()?.ip().to_string())
+}
+
+/// What every rank of an attempt is told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RankSpec {
+    /// The serialized `Box<dyn TrainLoop>`.
+    train_loop: serde_json::Value,
+    world: usize,
+    attempt: u32,
+    session: SocketAddr,
+    token: String,
+    storage: String,
+    name: String,
+    checkpoint: CheckpointConfig,
+    config: serde_json::Value,
+    ring_timeout_ms: u64,
+    resume: Option<Checkpoint>,
+    iteration: u64,
+}
+
+/// One rank: an actor on its own worker process.
+#[derive(Debug, Serialize, Deserialize)]
+struct RankActor {
+    rank: usize,
+    spec: RankSpec,
+    #[serde(skip)]
+    listener: Option<TcpListener>,
+}
+
+#[typetag::serde(name = "volley_train::RankActor")]
+impl RemoteActor for RankActor {
+    fn call(
+        &mut self,
+        ctx: &TaskContext,
+        method: &str,
+        arg: serde_json::Value,
+        _inputs: Vec<Vec<RecordBatch>>,
+    ) -> Result<Vec<RecordBatch>> {
+        match method {
+            "listen" => {
+                // Bound on every interface, advertised as the address this machine
+                // reaches the driver from (which the other ranks can reach too).
+                let ip = std::net::UdpSocket::bind("0.0.0.0:0")
+                    .and_then(|u| u.connect(self.spec.session).map(|_| u))
+                    .and_then(|u| u.local_addr())
+                    .map(|a| a.ip())?;
+                let listener = TcpListener::bind((ip, 0))?;
+                let address = listener.local_addr()?.to_string();
+                self.listener = Some(listener);
+                value_object(&address)
+            }
+            "run" => {
+                let addresses: Vec<String> = serde_json::from_value(arg)
+                    .map_err(|e| VolleyError::internal(format!("rank addresses: {e}")))?;
+                // The loop runs on a thread of its own: the worker's thread drives an
+                // async runtime, inside which blocking APIs (the checkpoint store, a
+                // user's own runtime) may not block.
+                let listener = self.listener.take();
+                let (rank, spec, ctx) = (self.rank, self.spec.clone(), ctx.clone());
+                std::thread::Builder::new()
+                    .name(format!("volley-rank-{rank}"))
+                    .spawn(move || run_rank(rank, &spec, &ctx, listener, &addresses))
+                    .map_err(|e| VolleyError::internal(format!("cannot start a thread: {e}")))?
+                    .join()
+                    .map_err(|p| {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        VolleyError::UserFunction {
+                            name: "train loop".into(),
+                            message: format!("panicked: {msg}"),
+                        }
+                    })??;
+                value_object(&self.rank)
+            }
+            other => Err(VolleyError::internal(format!(
+                "a rank has no method `{other}`"
+            ))),
+        }
+    }
+}
+
+fn run_rank(
+    rank: usize,
+    spec: &RankSpec,
+    ctx: &TaskContext,
+    listener: Option<TcpListener>,
+    addresses: &[String],
+) -> Result<()> {
+    {
+        let train_loop: Box<dyn TrainLoop> = serde_json::from_value(spec.train_loop.clone())
+            .map_err(|e| {
+                VolleyError::execution(format!(
+                    "the train loop cannot be rebuilt on this rank: {e} (ranks run the driver's \
+                     binary; is the type registered with #[typetag::serde]?)"
+                ))
+            })?;
+        let addrs: Vec<SocketAddr> = addresses
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| VolleyError::internal(format!("rank address {a}: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let listener =
+            listener.ok_or_else(|| VolleyError::internal("a rank ran before it listened"))?;
+        // Every rank opens the store (which clears cut-short saves) before the ring
+        // forms, so none does it while rank 0 is already saving.
+        let store = Arc::new(CheckpointStore::open(
+            &spec.storage,
+            &spec.name,
+            spec.checkpoint.clone(),
+        )?);
+        let ring = TcpRing::connect(
+            rank,
+            &addrs,
+            listener,
+            RingConfig {
+                timeout: Duration::from_millis(spec.ring_timeout_ms),
+                ..RingConfig::default()
+            },
+        )?;
+        let resume = spec
+            .resume
+            .clone()
+            .map(|c| SavedCheckpoint::new(c, Arc::clone(&store)));
+        let mut tctx = TrainContext {
+            rank,
+            world: spec.world,
+            attempt: spec.attempt,
+            config: spec.config.clone(),
+            ring,
+            session: Arc::new(Mutex::new(SessionClient::new(
+                spec.session,
+                spec.token.clone(),
+                spec.attempt,
+                rank,
+            ))),
+            store,
+            resume,
+            iteration: spec.iteration,
+            passes: HashMap::new(),
+            gpu_ids: ctx.gpu_ids.clone(),
+        };
+        train_loop.run(&mut tctx)
+    }
+}
+
+/// Metrics from name-value pairs: `ctx.report(metrics([("loss", 0.5)]), None)`.
+pub fn metrics<const N: usize>(pairs: [(&str, f64); N]) -> Metrics {
+    pairs
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect::<BTreeMap<_, _>>()
+}
