@@ -35,6 +35,11 @@ pub use typetag;
 #[cfg(feature = "llm")]
 pub use volley_llm as llm;
 
+/// Data-parallel training on Burn: the trainer, dataset shards, checkpoints (feature
+/// `train`).
+#[cfg(feature = "train")]
+pub use volley_train as train;
+
 /// The crates volley is made of.
 pub mod crates {
     pub use volley_common as common;

@@ -21,6 +21,9 @@ mod session;
 pub mod tensor;
 mod trainer;
 
+/// Burn, as volley's trainer uses it (modules, optimizers, the `ndarray` CPU backend).
+pub use burn;
+
 pub use checkpoint::{Checkpoint, CheckpointConfig, CheckpointStore, Order};
 pub use collective::{Collective, RingConfig, TcpRing};
 pub use config::{FailureConfig, Placement, RunConfig, ScalingConfig};

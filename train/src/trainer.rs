@@ -292,6 +292,7 @@ impl DataParallelTrainer {
                 checkpoint: self.run.checkpoint.clone(),
                 config: self.config.clone(),
                 ring_timeout_ms: self.ring_timeout.as_millis() as u64,
+                cpus: self.scaling.bundle().num_cpus,
                 resume,
                 iteration,
             };
@@ -492,6 +493,8 @@ struct RankSpec {
     checkpoint: CheckpointConfig,
     config: serde_json::Value,
     ring_timeout_ms: u64,
+    /// CPUs of a rank's bundle: the size of its thread pool.
+    cpus: f64,
     resume: Option<Checkpoint>,
     iteration: u64,
 }
@@ -582,6 +585,12 @@ fn run_rank(
                     .map_err(|e| VolleyError::internal(format!("rank address {a}: {e}")))
             })
             .collect::<Result<_>>()?;
+        // The CPU backend's threads match the rank's CPUs, so ranks sharing a machine do
+        // not oversubscribe it (the pool is built once per process).
+        let threads = (spec.cpus.ceil() as usize).max(1);
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
         let listener =
             listener.ok_or_else(|| VolleyError::internal("a rank ran before it listened"))?;
         // Every rank opens the store (which clears cut-short saves) before the ring
