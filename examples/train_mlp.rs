@@ -90,12 +90,16 @@ fn uniform(seed: u64) -> f32 {
 /// Writes `rows` rows: `id`, `f0..f15` in [-1, 1), `label` = argmax of a fixed random
 /// teacher network (16 → 32 tanh → 4).
 fn generate(dir: &Path, rows: usize) -> Result<()> {
-    let w1: Vec<f32> = (0..FEATURES * 32).map(|i| uniform(1_000_000 + i as u64)).collect();
-    let w2: Vec<f32> = (0..32 * CLASSES).map(|i| uniform(2_000_000 + i as u64)).collect();
+    let w1: Vec<f32> = (0..FEATURES * 32)
+        .map(|i| uniform(1_000_000 + i as u64))
+        .collect();
+    let w2: Vec<f32> = (0..32 * CLASSES)
+        .map(|i| uniform(2_000_000 + i as u64))
+        .collect();
     let mut batches = Vec::new();
     for start in (0..rows).step_by(65_536) {
         let n = (rows - start).min(65_536);
-        let mut cols: Vec<Vec<f32>> = vec![Vec::with_capacity(n); FEATURES];
+        let mut cols: Vec<Vec<f32>> = (0..FEATURES).map(|_| Vec::with_capacity(n)).collect();
         let mut labels = Vec::with_capacity(n);
         for r in start..start + n {
             let x: Vec<f32> = (0..FEATURES)
@@ -120,7 +124,9 @@ fn generate(dir: &Path, rows: usize) -> Result<()> {
         }
         let mut columns: Vec<(String, ArrayRef)> = vec![(
             "id".into(),
-            Arc::new(Int64Array::from_iter_values(start as i64..(start + n) as i64)),
+            Arc::new(Int64Array::from_iter_values(
+                start as i64..(start + n) as i64,
+            )),
         )];
         for (j, c) in cols.into_iter().enumerate() {
             columns.push((format!("f{j}"), Arc::new(Float32Array::from(c))));
@@ -128,8 +134,7 @@ fn generate(dir: &Path, rows: usize) -> Result<()> {
         columns.push(("label".into(), Arc::new(Int64Array::from(labels))));
         batches.push(RecordBatch::try_from_iter(columns)?);
     }
-    volley::from_batches(batches)?
-        .write_parquet(dir.to_str().expect("utf-8 path"))?;
+    volley::from_batches(batches)?.write_parquet(dir.to_str().expect("utf-8 path"))?;
     Ok(())
 }
 
@@ -286,7 +291,10 @@ fn main() -> Result<()> {
         for r in &result.history {
             println!(
                 "ranks {workers} epoch {:.0}: loss {:.4}  accuracy {:.4}  {:.0} samples/s",
-                r.metrics["epoch"], r.metrics["loss"], r.metrics["accuracy"], r.metrics["samples_per_s"]
+                r.metrics["epoch"],
+                r.metrics["loss"],
+                r.metrics["accuracy"],
+                r.metrics["samples_per_s"]
             );
         }
         let accuracy = result.metrics.get("accuracy").copied().unwrap_or(0.0);

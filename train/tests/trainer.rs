@@ -108,7 +108,8 @@ impl TrainLoop for Regression {
                         std::thread::sleep(Duration::from_secs(120));
                     }
                 }
-                let checkpoint = if step.is_multiple_of(self.checkpoint_every) || step == self.steps {
+                let checkpoint = if step.is_multiple_of(self.checkpoint_every) || step == self.steps
+                {
                     Some(
                         TrainCheckpoint::new()
                             .with_record::<B, _>("model", model.clone().into_record())?
