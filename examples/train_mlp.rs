@@ -35,8 +35,8 @@ use volley::train::burn::tensor::backend::Backend;
 use volley::train::burn::tensor::Tensor;
 use volley::train::tensor::{features_tensor, int_tensor};
 use volley::train::{
-    metrics, DataParallelTrainer, RunConfig, ScalingConfig, TrainCheckpoint, TrainContext,
-    TrainLoop,
+    metrics, DataParallelTrainer, Placement, RunConfig, ScalingConfig, TrainCheckpoint,
+    TrainContext, TrainLoop,
 };
 
 type B = Autodiff<NdArray<f32>>;
@@ -70,6 +70,9 @@ struct Args {
     /// Fail unless the last epoch's held-out accuracy reaches this.
     #[arg(long, default_value_t = 0.90)]
     min_accuracy: f64,
+    /// How ranks spread over a cluster's nodes: pack or spread.
+    #[arg(long, default_value = "pack")]
+    placement: String,
     /// A Python with torch and pyarrow: run the PyTorch peer too.
     #[arg(long)]
     python: Option<String>,
@@ -270,6 +273,15 @@ fn main() -> Result<()> {
         .random_shuffle(7)?;
     let test = prepared.filter((col("id") % lit(10i64)).eq(lit(0i64)))?;
 
+    let placement = match args.placement.as_str() {
+        "pack" => Placement::Pack,
+        "spread" => Placement::Spread,
+        other => {
+            return Err(VolleyError::Config(format!(
+                "--placement {other}: expected pack or spread"
+            )))
+        }
+    };
     let mut volley_rates = Vec::new();
     for &workers in &args.workers {
         let name = format!("mlp-{workers}-ranks-{}", std::process::id());
@@ -280,7 +292,10 @@ fn main() -> Result<()> {
                 batch_size: args.batch_size,
                 lr: args.lr,
             },
-            ScalingConfig::workers(workers),
+            ScalingConfig {
+                placement,
+                ..ScalingConfig::workers(workers)
+            },
             RunConfig::new(&args.storage, &name),
         )
         .with_dataset("train", train.clone())
@@ -306,6 +321,7 @@ fn main() -> Result<()> {
                 .map(|r| r.metrics["samples_per_s"])
                 .collect(),
         );
+        println!("ranks ran on nodes {:?}", result.rank_nodes);
         println!(
             "volley {workers} ranks: accuracy {accuracy:.4}, median {rate:.0} samples/s, wall {wall:.1} s (incl. start), checkpoints in {}",
             result.path

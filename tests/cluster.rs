@@ -727,3 +727,64 @@ fn tls_cluster_runs_jobs_and_refuses_clear_text() {
     let body = String::from_utf8_lossy(&curl.stdout);
     assert!(body.contains("\"state\":\"SUCCEEDED\""), "{body}");
 }
+
+/// A training job on two two-CPU nodes: its two one-CPU ranks (SPREAD) each get a node,
+/// average their gradients between the nodes' worker processes, while the pipeline's
+/// read tasks run on the CPUs left; the run checks its held-out accuracy and writes its
+/// checkpoints.
+#[test]
+fn training_ranks_spread_over_nodes() {
+    let mut c = TestCluster::start(5.0);
+    c.add_node(2, 0);
+    c.add_node(2, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let runs = dir.path().join("runs");
+    let job = c.submit(&[
+        example("train_mlp").to_str().unwrap(),
+        "--rows",
+        "8000",
+        "--epochs",
+        "2",
+        "--workers",
+        "2",
+        "--placement",
+        "spread",
+        "--min-accuracy",
+        "0.5",
+        "--data",
+        data.to_str().unwrap(),
+        "--storage",
+        runs.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let log = c.logs(&job);
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("ranks ran on nodes"))
+        .unwrap_or_else(|| panic!("no rank placement in the log:\n{log}"));
+    let nodes: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+    assert_eq!(nodes.len(), 2, "{line}");
+    assert_ne!(
+        nodes[0], nodes[1],
+        "SPREAD puts the ranks on two nodes: {line}"
+    );
+    assert!(log.contains("volley 2 ranks: accuracy"), "{log}");
+    // Two epochs, a checkpoint each (kept: all).
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let complete = std::fs::read_dir(&run)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("checkpoint.json").is_file())
+        .count();
+    assert_eq!(complete, 2, "checkpoints in {}", run.display());
+}

@@ -115,6 +115,8 @@ pub struct TrainResult {
     pub history: Vec<Report>,
     /// Failures the run recovered from.
     pub failures: u32,
+    /// The node each rank of the last attempt ran on (`rank_nodes[rank]`).
+    pub rank_nodes: Vec<String>,
     /// `storage_path/name`.
     pub path: String,
 }
@@ -229,6 +231,17 @@ impl DataParallelTrainer {
                 }
             }
             check_fits(&bundle, world, &total, "the cluster")?;
+            let left = total.num_cpus - bundle.num_cpus * world as f64;
+            if !self.datasets.is_empty() && left < 1.0 {
+                // Reads of a pipeline on a cluster run as cluster tasks, which need a CPU.
+                tracing::warn!(
+                    "the {world} ranks hold {:.1} of the cluster's {:.1} CPUs: dataset read \
+                     tasks that run on the cluster will wait for a CPU; leave at least one \
+                     outside the ranks' bundles",
+                    bundle.num_cpus * world as f64,
+                    total.num_cpus
+                );
+            }
         }
 
         let host = if local.is_some() {
@@ -247,7 +260,7 @@ impl DataParallelTrainer {
         let result = self.attempts(&cluster, &server, &store, &token, &storage);
         server.shutdown();
         drop(local);
-        let failures = result?;
+        let (failures, rank_nodes) = result?;
 
         let history = server.history();
         let latest = store.latest()?;
@@ -261,11 +274,13 @@ impl DataParallelTrainer {
             best_checkpoint: best.map(|c| SavedCheckpoint::new(c, Arc::clone(&store))),
             history,
             failures,
+            rank_nodes,
             path: format!("{}/{}", storage.trim_end_matches('/'), self.run.name),
         })
     }
 
-    /// Runs attempts until one finishes; returns how many failed.
+    /// Runs attempts until one finishes; returns how many failed and where the ranks of
+    /// the last one ran.
     fn attempts(
         &self,
         cluster: &Cluster,
@@ -273,7 +288,7 @@ impl DataParallelTrainer {
         store: &Arc<CheckpointStore>,
         token: &str,
         storage: &str,
-    ) -> Result<u32> {
+    ) -> Result<(u32, Vec<String>)> {
         let mut failures = 0u32;
         loop {
             let resume = store.latest()?;
@@ -297,7 +312,7 @@ impl DataParallelTrainer {
                 iteration,
             };
             match self.attempt(cluster, &spec) {
-                Ok(()) => return Ok(failures),
+                Ok(nodes) => return Ok((failures, nodes)),
                 Err(e) => {
                     if failures >= self.run.failure.max_failures {
                         return Err(if failures == 0 {
@@ -318,8 +333,9 @@ impl DataParallelTrainer {
         }
     }
 
-    /// One attempt: reserve the bundles, start the ranks, run them to the end.
-    fn attempt(&self, cluster: &Cluster, spec: &RankSpec) -> Result<()> {
+    /// One attempt: reserve the bundles, start the ranks, run them to the end; returns
+    /// the node of each rank.
+    fn attempt(&self, cluster: &Cluster, spec: &RankSpec) -> Result<Vec<String>> {
         let world = spec.world;
         let group = cluster.placement_group(
             vec![self.scaling.bundle(); world],
@@ -333,12 +349,12 @@ impl DataParallelTrainer {
             group: Some(group),
         };
         let group = ranks.group.as_ref().expect("set");
-        if group.wait(Duration::from_secs(300))?.is_none() {
+        let Some(nodes) = group.wait(Duration::from_secs(300))? else {
             return Err(VolleyError::ResourcesExhausted(format!(
                 "could not reserve {world} bundles of {} within 5 minutes",
                 self.scaling.bundle()
             )));
-        }
+        };
         for rank in 0..world {
             let actor = RankActor {
                 rank,
@@ -383,7 +399,7 @@ impl DataParallelTrainer {
                 }
             }
         }
-        Ok(())
+        Ok(nodes)
     }
 }
 

@@ -411,6 +411,114 @@ fn bad_input_fails_fast() {
     println!("ok: bad configs and a failing rank give clear errors");
 }
 
+/// An S3-compatible server (moto, which `scripts/test.sh` installs) on 127.0.0.1 with a
+/// bucket `volley`; killed on drop.
+struct Moto(std::process::Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_moto() -> (Moto, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 with moto[server] (scripts/test.sh installs it)");
+    let server = Moto(child);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "moto did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let made = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import boto3\nboto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1').create_bucket(Bucket='volley')"
+        ))
+        .status()
+        .unwrap();
+    assert!(made.success(), "could not create the test bucket");
+    (server, endpoint)
+}
+
+/// Checkpoints in an S3 bucket: rank 0 (a worker process, which inherits the `AWS_*`
+/// settings) writes them, the store prunes them, the driver reads the best back.
+fn checkpoints_in_object_storage() {
+    let (_moto, endpoint) = start_moto();
+    for (k, v) in [
+        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        std::env::set_var(k, v);
+    }
+    let ctx = context();
+    let mut run = RunConfig::new("s3://volley/train-runs", "s3-run");
+    run.checkpoint = volley_train::CheckpointConfig {
+        num_to_keep: Some(1),
+        score_metric: Some("loss".into()),
+        order: volley_train::Order::Min,
+    };
+    let result = DataParallelTrainer::new(
+        Regression {
+            batch_size: 8,
+            steps: 6,
+            checkpoint_every: 2,
+            stall_file: None,
+            stall_at: 0,
+        },
+        ScalingConfig::workers(2),
+        run,
+    )
+    .with_dataset("train", regression_data(&ctx, 8, 16))
+    .fit()
+    .unwrap();
+    assert_eq!(result.path, "s3://volley/train-runs/s3-run");
+    let latest = result.checkpoint.as_ref().unwrap();
+    assert_eq!(latest.info.step, 6);
+    assert_eq!(latest.value::<u64>("step").unwrap(), 6);
+    // Kept: the best by loss and the latest (which may be the same one).
+    let store = volley_train::CheckpointStore::open(
+        "s3://volley/train-runs",
+        "s3-run",
+        volley_train::CheckpointConfig::default(),
+    )
+    .unwrap();
+    let kept: Vec<u64> = store.list().unwrap().iter().map(|c| c.step).collect();
+    let best = result.best_checkpoint.as_ref().unwrap().info.step;
+    let mut expect = vec![best, 6];
+    expect.sort();
+    expect.dedup();
+    assert_eq!(kept, expect, "pruned to the best and the latest");
+    let params: Vec<f32> = latest.value("params").unwrap();
+    assert_eq!(params.len(), 4 * 8 + 8 + 8 + 1);
+    println!("ok: checkpoints written to and read from S3 (kept steps {kept:?})");
+}
+
 fn main() {
     if volley_runtime::cluster::is_worker() {
         volley_runtime::cluster::run_worker();
@@ -419,11 +527,12 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
         ("equivalence", two_ranks_match_one_rank_with_twice_the_batch),
         ("shards", every_row_once_per_epoch),
         ("recovery", killed_rank_resumes_from_checkpoint),
         ("bad_input", bad_input_fails_fast),
+        ("s3", checkpoints_in_object_storage),
     ];
     for (name, test) in tests {
         if filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())) {
