@@ -40,6 +40,11 @@ pub use volley_llm as llm;
 #[cfg(feature = "train")]
 pub use volley_train as train;
 
+/// Hyperparameter sweeps: search spaces, searchers, schedulers, resumable experiments
+/// (feature `tune`).
+#[cfg(feature = "tune")]
+pub use volley_tune as tune;
+
 /// The crates volley is made of.
 pub mod crates {
     pub use volley_common as common;

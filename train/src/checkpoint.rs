@@ -138,11 +138,14 @@ impl CheckpointStore {
             .rt
             .block_on(self.store.list(Some(&self.root)).try_collect::<Vec<_>>())
             .map_err(|e| self.err("listing", e))?;
+        let depth = self.root.parts().count();
         let mut out = BTreeMap::new();
         for o in objects {
             let parts: Vec<_> = o.location.parts().collect();
             let n = parts.len();
-            if n < 2 {
+            // Only `{root}/checkpoint_N/file`: deeper objects belong to runs nested
+            // under this one (a sweep's trials).
+            if n != depth + 2 {
                 continue;
             }
             let Some(step) = parts[n - 2]
@@ -289,6 +292,35 @@ impl CheckpointStore {
         })?;
         self.prune()?;
         Ok(c)
+    }
+
+    /// Writes `bytes` as the file `name` at the run's top level, beside its checkpoints
+    /// (state that is not a checkpoint: a sweep's experiment record). One `put`: a
+    /// reader sees the old or the new content.
+    pub fn put_file(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        if name.is_empty() || name.contains('/') {
+            return Err(VolleyError::plan(format!(
+                "file name {name:?} must be a plain name"
+            )));
+        }
+        let path = self.root.clone().join(name);
+        self.rt
+            .block_on(self.store.put(&path, PutPayload::from(bytes)))
+            .map_err(|e| self.err(&format!("writing {name}"), e))?;
+        Ok(())
+    }
+
+    /// A file written with [`CheckpointStore::put_file`], if present.
+    pub fn get_file(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.root.clone().join(name);
+        match self
+            .rt
+            .block_on(async { self.store.get(&path).await?.bytes().await })
+        {
+            Ok(b) => Ok(Some(b.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(&format!("reading {name}"), e)),
+        }
     }
 
     /// Reads one file of a checkpoint.

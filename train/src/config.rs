@@ -107,9 +107,9 @@ impl RunConfig {
         }
     }
 
-    /// The storage path as every rank must see it: a local path made absolute (worker
+    /// The storage path as every process must see it: a local path made absolute (worker
     /// processes run in other folders), a URL as it is.
-    pub(crate) fn resolved_storage(&self) -> Result<String> {
+    pub fn resolved_storage_path(&self) -> Result<String> {
         let s = self.storage_path.trim();
         if s.is_empty() {
             return Err(VolleyError::Config(

@@ -70,6 +70,11 @@ impl TrainCheckpoint {
         self.files.push((name.to_string(), bytes));
         self
     }
+
+    /// Its files, as (name, bytes).
+    pub fn files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files.iter().map(|(n, b)| (n.as_str(), b.as_slice()))
+    }
 }
 
 /// A saved checkpoint and the store it lives in: what a rank resumes from, or what a
@@ -82,7 +87,8 @@ pub struct SavedCheckpoint {
 }
 
 impl SavedCheckpoint {
-    pub(crate) fn new(info: Checkpoint, store: Arc<CheckpointStore>) -> Self {
+    /// The checkpoint `info` of `store`.
+    pub fn new(info: Checkpoint, store: Arc<CheckpointStore>) -> Self {
         Self { info, store }
     }
 

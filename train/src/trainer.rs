@@ -201,7 +201,7 @@ impl DataParallelTrainer {
     /// failure up to `max_failures` times.
     pub fn fit(&self) -> Result<TrainResult> {
         self.scaling.validate()?;
-        let storage = self.run.resolved_storage()?;
+        let storage = self.run.resolved_storage_path()?;
         let store = Arc::new(
             CheckpointStore::open(&storage, &self.run.name, self.run.checkpoint.clone())
                 .map_err(|e| VolleyError::Config(format!("RunConfig.storage_path: {e}")))?,

@@ -1,0 +1,501 @@
+//! Trial schedulers: what happens to a trial after each result it reports.
+//!
+//! [`Fifo`] lets every trial run to its end. [`Asha`] (asynchronous successive
+//! halving) records a trial's metric at rungs `grace_period * reduction_factor^k` and
+//! stops it when it is not in the top `1 / reduction_factor` of the trials recorded at
+//! that rung so far. [`MedianStopping`] stops a trial whose best result is worse than
+//! the median of the other trials' running means at the same iteration. [`Pbt`]
+//! (population-based training) replaces, every `perturbation_interval` iterations, a
+//! trial in the bottom quantile by a copy of a top-quantile trial's checkpoint with a
+//! perturbed config.
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use volley_common::{Result, VolleyError};
+
+use crate::space::{get_path, set_path, Param};
+use crate::Mode;
+
+/// What the tuner knows of a trial when a scheduler decides.
+#[derive(Debug, Clone)]
+pub struct TrialInfo {
+    /// Its index (creation order).
+    pub index: usize,
+    /// Its config.
+    pub config: Value,
+    /// `(iteration, metric)` of each report, in order.
+    pub results: Vec<(u64, f64)>,
+    /// The iteration of its latest checkpoint.
+    pub checkpoint: Option<u64>,
+    /// Whether it is still running.
+    pub running: bool,
+}
+
+/// A scheduler's answer to a result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Go on.
+    Continue,
+    /// Stop the trial (it is done: not an error).
+    Stop,
+    /// Stop the trial and restart it from trial `donor`'s latest checkpoint with
+    /// `config` (PBT's exploit and explore).
+    Exploit {
+        /// The trial whose checkpoint is copied.
+        donor: usize,
+        /// The new config.
+        config: Value,
+    },
+}
+
+/// Decides after each result.
+pub trait Scheduler: Send {
+    /// Trial `trial` reported `value` at `iteration`; `trials` holds every trial (this
+    /// one's result already included).
+    fn on_result(
+        &mut self,
+        trial: usize,
+        iteration: u64,
+        value: f64,
+        trials: &[TrialInfo],
+    ) -> Decision;
+}
+
+fn better(mode: Mode, a: f64, b: f64) -> bool {
+    match mode {
+        Mode::Min => a < b,
+        Mode::Max => a > b,
+    }
+}
+
+/// Every trial runs to its end.
+#[derive(Debug, Default)]
+pub struct Fifo;
+
+impl Scheduler for Fifo {
+    fn on_result(&mut self, _: usize, _: u64, _: f64, _: &[TrialInfo]) -> Decision {
+        Decision::Continue
+    }
+}
+
+/// Settings of [`Asha`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AshaConfig {
+    /// Iterations a trial runs at most.
+    pub max_t: u64,
+    /// Iterations before the first rung.
+    pub grace_period: u64,
+    /// Each rung keeps `1 / reduction_factor` of the trials.
+    pub reduction_factor: f64,
+}
+
+impl Default for AshaConfig {
+    fn default() -> Self {
+        Self {
+            max_t: 100,
+            grace_period: 1,
+            reduction_factor: 4.0,
+        }
+    }
+}
+
+/// Asynchronous successive halving.
+#[derive(Debug)]
+pub struct Asha {
+    config: AshaConfig,
+    mode: Mode,
+    /// `(milestone, metric by trial)`, largest milestone first.
+    rungs: Vec<(u64, BTreeMap<usize, f64>)>,
+}
+
+impl Asha {
+    /// A scheduler with `config`.
+    pub fn new(config: AshaConfig, mode: Mode) -> Result<Self> {
+        if config.grace_period == 0
+            || config.max_t < config.grace_period
+            || config.reduction_factor <= 1.0
+        {
+            return Err(VolleyError::Config(format!(
+                "ASHA needs 0 < grace_period <= max_t and reduction_factor > 1, got {config:?}"
+            )));
+        }
+        let mut rungs = Vec::new();
+        let mut m = config.grace_period as f64;
+        while (m as u64) < config.max_t {
+            rungs.push((m as u64, BTreeMap::new()));
+            m *= config.reduction_factor;
+        }
+        rungs.reverse();
+        Ok(Self {
+            config,
+            mode,
+            rungs,
+        })
+    }
+}
+
+impl Scheduler for Asha {
+    fn on_result(&mut self, trial: usize, iteration: u64, value: f64, _: &[TrialInfo]) -> Decision {
+        if iteration >= self.config.max_t {
+            return Decision::Stop;
+        }
+        let rf = self.config.reduction_factor;
+        let mode = self.mode;
+        for (milestone, recorded) in &mut self.rungs {
+            if iteration < *milestone || recorded.contains_key(&trial) {
+                continue;
+            }
+            recorded.insert(trial, value);
+            // The cutoff: the value at the top 1/rf quantile of this rung.
+            let mut values: Vec<f64> = recorded.values().copied().collect();
+            values.sort_by(|a, b| match mode {
+                Mode::Min => a.total_cmp(b),
+                Mode::Max => b.total_cmp(a),
+            });
+            let keep = ((values.len() as f64 / rf).ceil() as usize).max(1);
+            let cutoff = values[keep - 1];
+            return if better(mode, cutoff, value) {
+                Decision::Stop
+            } else {
+                Decision::Continue
+            };
+        }
+        Decision::Continue
+    }
+}
+
+/// Settings of [`MedianStopping`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MedianStoppingConfig {
+    /// Iterations before a trial may be stopped.
+    pub grace_period: u64,
+    /// Other trials needed at an iteration before the median counts.
+    pub min_samples_required: usize,
+}
+
+impl Default for MedianStoppingConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: 1,
+            min_samples_required: 3,
+        }
+    }
+}
+
+/// Median stopping.
+#[derive(Debug)]
+pub struct MedianStopping {
+    config: MedianStoppingConfig,
+    mode: Mode,
+}
+
+impl MedianStopping {
+    /// A scheduler with `config`.
+    pub fn new(config: MedianStoppingConfig, mode: Mode) -> Self {
+        Self { config, mode }
+    }
+}
+
+impl Scheduler for MedianStopping {
+    fn on_result(
+        &mut self,
+        trial: usize,
+        iteration: u64,
+        _: f64,
+        trials: &[TrialInfo],
+    ) -> Decision {
+        if iteration < self.config.grace_period {
+            return Decision::Continue;
+        }
+        let mut means: Vec<f64> = trials
+            .iter()
+            .filter(|t| t.index != trial)
+            .filter_map(|t| {
+                let upto: Vec<f64> = t
+                    .results
+                    .iter()
+                    .filter(|(i, _)| *i <= iteration)
+                    .map(|(_, v)| *v)
+                    .collect();
+                // Only trials that got this far.
+                (t.results.iter().any(|(i, _)| *i >= iteration) && !upto.is_empty())
+                    .then(|| upto.iter().sum::<f64>() / upto.len() as f64)
+            })
+            .collect();
+        if means.len() < self.config.min_samples_required {
+            return Decision::Continue;
+        }
+        means.sort_by(f64::total_cmp);
+        let median = means[means.len() / 2];
+        let Some(me) = trials.iter().find(|t| t.index == trial) else {
+            return Decision::Continue;
+        };
+        let best = me
+            .results
+            .iter()
+            .map(|(_, v)| *v)
+            .reduce(|a, b| if better(self.mode, a, b) { a } else { b })
+            .unwrap_or(median);
+        if better(self.mode, median, best) {
+            Decision::Stop
+        } else {
+            Decision::Continue
+        }
+    }
+}
+
+/// Settings of [`Pbt`].
+#[derive(Debug, Clone)]
+pub struct PbtConfig {
+    /// Iterations between a trial's perturbations.
+    pub perturbation_interval: u64,
+    /// The bottom and top fractions of the population.
+    pub quantile_fraction: f64,
+    /// Chance that a mutated value is drawn afresh instead of scaled.
+    pub resample_probability: f64,
+    /// Paths (`a/b` for nested) of the config values to mutate, with the space to
+    /// resample them from (a domain, or a `choice`/`grid_search` list walked by one step).
+    pub hyperparam_mutations: BTreeMap<String, Param>,
+    /// Seed of the perturbations.
+    pub seed: u64,
+}
+
+impl Default for PbtConfig {
+    fn default() -> Self {
+        Self {
+            perturbation_interval: 4,
+            quantile_fraction: 0.25,
+            resample_probability: 0.25,
+            hyperparam_mutations: BTreeMap::new(),
+            seed: 0,
+        }
+    }
+}
+
+/// Population-based training.
+#[derive(Debug)]
+pub struct Pbt {
+    config: PbtConfig,
+    mode: Mode,
+    last_perturbation: BTreeMap<usize, u64>,
+    rng: StdRng,
+}
+
+impl Pbt {
+    /// A scheduler with `config`.
+    pub fn new(config: PbtConfig, mode: Mode) -> Result<Self> {
+        if config.perturbation_interval == 0
+            || !(config.quantile_fraction > 0.0 && config.quantile_fraction <= 0.5)
+        {
+            return Err(VolleyError::Config(format!(
+                "PBT needs perturbation_interval > 0 and 0 < quantile_fraction <= 0.5, got {} and {}",
+                config.perturbation_interval, config.quantile_fraction
+            )));
+        }
+        if config.hyperparam_mutations.is_empty() {
+            return Err(VolleyError::Config(
+                "PBT needs at least one entry in hyperparam_mutations".into(),
+            ));
+        }
+        for (path, p) in &config.hyperparam_mutations {
+            match p {
+                Param::Sample(d) => d.validate(path)?,
+                Param::Grid(v) if !v.is_empty() => {}
+                _ => {
+                    return Err(VolleyError::Config(format!(
+                        "PBT mutation `{path}` must be a domain or a non-empty list"
+                    )))
+                }
+            }
+        }
+        let rng = StdRng::seed_from_u64(config.seed);
+        Ok(Self {
+            config,
+            mode,
+            last_perturbation: BTreeMap::new(),
+            rng,
+        })
+    }
+
+    fn explore(&mut self, config: &Value) -> Value {
+        let mut out = config.clone();
+        for (path, p) in &self.config.hyperparam_mutations {
+            let path: Vec<String> = path.split('/').map(str::to_string).collect();
+            let current = get_path(config, &path).cloned().unwrap_or(Value::Null);
+            let resample = self.rng.random::<f64>() < self.config.resample_probability;
+            let new = match p {
+                Param::Sample(crate::space::Domain::Choice(values)) | Param::Grid(values) => {
+                    let at = values.iter().position(|v| *v == current);
+                    match at {
+                        Some(i) if !resample => {
+                            let up = self.rng.random::<bool>();
+                            let j = if up {
+                                (i + 1).min(values.len() - 1)
+                            } else {
+                                i.saturating_sub(1)
+                            };
+                            values[j].clone()
+                        }
+                        _ => values[self.rng.random_range(0..values.len())].clone(),
+                    }
+                }
+                Param::Sample(d) => match current.as_f64() {
+                    Some(x) if !resample => {
+                        let f = if self.rng.random::<bool>() { 1.2 } else { 0.8 };
+                        if current.is_i64() {
+                            Value::from((x * f).round() as i64)
+                        } else {
+                            Value::from(x * f)
+                        }
+                    }
+                    _ => d.sample(&mut self.rng),
+                },
+                _ => current,
+            };
+            set_path(&mut out, &path, new);
+        }
+        out
+    }
+}
+
+impl Scheduler for Pbt {
+    fn on_result(
+        &mut self,
+        trial: usize,
+        iteration: u64,
+        _: f64,
+        trials: &[TrialInfo],
+    ) -> Decision {
+        let last = self.last_perturbation.get(&trial).copied().unwrap_or(0);
+        if iteration < last + self.config.perturbation_interval {
+            return Decision::Continue;
+        }
+        self.last_perturbation.insert(trial, iteration);
+        // Rank the population by each trial's latest result.
+        let mut ranked: Vec<(usize, f64, bool)> = trials
+            .iter()
+            .filter_map(|t| {
+                t.results
+                    .last()
+                    .map(|(_, v)| (t.index, *v, t.checkpoint.is_some()))
+            })
+            .collect();
+        if ranked.len() < 2 {
+            return Decision::Continue;
+        }
+        ranked.sort_by(|a, b| match self.mode {
+            Mode::Min => a.1.total_cmp(&b.1),
+            Mode::Max => b.1.total_cmp(&a.1),
+        });
+        let n = ((ranked.len() as f64 * self.config.quantile_fraction).ceil() as usize).max(1);
+        let in_bottom = ranked[ranked.len() - n..]
+            .iter()
+            .any(|(i, _, _)| *i == trial);
+        if !in_bottom {
+            return Decision::Continue;
+        }
+        let donors: Vec<usize> = ranked[..n]
+            .iter()
+            .filter(|(i, _, ckpt)| *i != trial && *ckpt)
+            .map(|(i, _, _)| *i)
+            .collect();
+        if donors.is_empty() {
+            return Decision::Continue;
+        }
+        let donor = donors[self.rng.random_range(0..donors.len())];
+        let Some(d) = trials.iter().find(|t| t.index == donor) else {
+            return Decision::Continue;
+        };
+        let config = self.explore(&d.config);
+        Decision::Exploit { donor, config }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::space::{choice, loguniform};
+
+    fn info(index: usize, results: &[(u64, f64)]) -> TrialInfo {
+        TrialInfo {
+            index,
+            config: serde_json::json!({"lr": 0.1, "opt": "sgd"}),
+            results: results.to_vec(),
+            checkpoint: Some(results.last().map_or(0, |r| r.0)),
+            running: true,
+        }
+    }
+
+    #[test]
+    fn asha_stops_the_worse_at_each_rung() {
+        let mut a = Asha::new(
+            AshaConfig {
+                max_t: 16,
+                grace_period: 1,
+                reduction_factor: 2.0,
+            },
+            Mode::Min,
+        )
+        .unwrap();
+        // The first trial at a rung always goes on; a worse second one is stopped at
+        // rung 1, a better one continues.
+        assert_eq!(a.on_result(0, 1, 0.5, &[]), Decision::Continue);
+        assert_eq!(a.on_result(1, 1, 0.9, &[]), Decision::Stop);
+        assert_eq!(a.on_result(2, 1, 0.1, &[]), Decision::Continue);
+        assert_eq!(a.on_result(2, 2, 0.1, &[]), Decision::Continue);
+        assert_eq!(a.on_result(2, 16, 0.1, &[]), Decision::Stop, "max_t");
+        assert!(Asha::new(
+            AshaConfig {
+                max_t: 0,
+                ..Default::default()
+            },
+            Mode::Min
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn median_stopping_needs_samples_then_stops_the_worse() {
+        let mut m = MedianStopping::new(MedianStoppingConfig::default(), Mode::Max);
+        let mut trials: Vec<TrialInfo> = (0..3).map(|i| info(i, &[(1, 0.8), (2, 0.9)])).collect();
+        trials.push(info(3, &[(1, 0.2), (2, 0.3)]));
+        assert_eq!(
+            m.on_result(3, 2, 0.3, &trials[2..]),
+            Decision::Continue,
+            "too few others"
+        );
+        assert_eq!(m.on_result(3, 2, 0.3, &trials), Decision::Stop);
+        assert_eq!(m.on_result(0, 2, 0.9, &trials), Decision::Continue);
+    }
+
+    #[test]
+    fn pbt_replaces_the_bottom_with_a_perturbed_top() {
+        let mut mutations = BTreeMap::new();
+        mutations.insert("lr".to_string(), loguniform(1e-3, 1.0));
+        mutations.insert("opt".to_string(), choice(["sgd", "adam"]));
+        let mut p = Pbt::new(
+            PbtConfig {
+                perturbation_interval: 2,
+                hyperparam_mutations: mutations,
+                ..Default::default()
+            },
+            Mode::Max,
+        )
+        .unwrap();
+        let trials: Vec<TrialInfo> = (0..4).map(|i| info(i, &[(2, i as f64)])).collect();
+        assert_eq!(p.on_result(3, 2, 3.0, &trials), Decision::Continue, "top");
+        match p.on_result(0, 2, 0.0, &trials) {
+            Decision::Exploit { donor, config } => {
+                assert_eq!(donor, 3);
+                let lr = config["lr"].as_f64().unwrap();
+                assert!(lr != 0.1 || config["opt"] != "sgd", "explored: {config}");
+            }
+            d => panic!("expected an exploit, got {d:?}"),
+        }
+        // Not again before the interval passes.
+        assert_eq!(p.on_result(0, 3, 0.0, &trials), Decision::Continue);
+    }
+}
