@@ -770,7 +770,6 @@ impl Tuner {
         server.stop();
         drop(local);
         let s = shared.lock().expect("tuner lock");
-        let mut status = status;
         for e in &s.events {
             status.event(e);
         }

@@ -7,9 +7,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+// Burn's derive macros name the `burn` crate.
 use serde_json::Value;
 use volley_common::{Result, VolleyError};
 use volley_runtime::cluster::Resources;
+use volley_train::burn;
 use volley_train::{metrics, RunConfig, TrainCheckpoint};
 use volley_tune::{
     choice, grid_search, loguniform, uniform, AshaConfig, Mode, PbtConfig, SchedulerConfig,
@@ -117,6 +119,115 @@ impl Trainable for Slow {
         std::fs::write(dir.join(format!("{id}.done.{n}")), now_ms().to_string())?;
         Ok(())
     }
+}
+
+/// A real training run per trial: a Burn MLP fitted to a regression target with SGD at
+/// the trial's learning rate, a checkpoint (model record) per epoch.
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainRegression {
+    epochs: u64,
+}
+
+type B = volley_train::burn::backend::Autodiff<volley_train::burn::backend::NdArray<f32>>;
+
+#[derive(volley_train::burn::module::Module, Debug)]
+struct Mlp<B: volley_train::burn::tensor::backend::Backend> {
+    l1: volley_train::burn::nn::Linear<B>,
+    l2: volley_train::burn::nn::Linear<B>,
+}
+
+fn regression_batch() -> arrow::array::RecordBatch {
+    use arrow::array::{ArrayRef, Float32Array};
+    use std::sync::Arc;
+    let n = 512;
+    let col = |k: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + k * 13) as f32 * 0.37).sin())
+            .collect()
+    };
+    let (a, b, c) = (col(0), col(1), col(2));
+    let y: Vec<f32> = (0..n)
+        .map(|i| 0.8 * a[i] - 0.5 * b[i] * c[i] + 0.2)
+        .collect();
+    arrow::array::RecordBatch::try_from_iter([
+        ("a", Arc::new(Float32Array::from(a)) as ArrayRef),
+        ("b", Arc::new(Float32Array::from(b)) as ArrayRef),
+        ("c", Arc::new(Float32Array::from(c)) as ArrayRef),
+        ("y", Arc::new(Float32Array::from(y)) as ArrayRef),
+    ])
+    .unwrap()
+}
+
+#[typetag::serde]
+impl Trainable for TrainRegression {
+    fn run(&self, c: &Value, ctx: &mut TrialContext) -> Result<()> {
+        use volley_train::burn::module::Module;
+        use volley_train::burn::nn::LinearConfig;
+        use volley_train::burn::optim::{GradientsParams, Optimizer, SgdConfig};
+        use volley_train::burn::tensor::backend::Backend;
+        use volley_train::tensor::features_tensor;
+        let lr = c["lr"].as_f64().unwrap();
+        let device = Default::default();
+        B::seed(&device, 5);
+        let mut model = Mlp::<B> {
+            l1: LinearConfig::new(3, 16).init(&device),
+            l2: LinearConfig::new(16, 1).init(&device),
+        };
+        if let Some(ck) = ctx.checkpoint() {
+            model = model.load_record(ck.record::<B, _>("model", &device)?);
+        }
+        let mut optim = SgdConfig::new().init::<B, Mlp<B>>();
+        let batch = regression_batch();
+        while ctx.iteration() < self.epochs {
+            let mut total = 0.0;
+            for start in (0..batch.num_rows()).step_by(32) {
+                let b = batch.slice(start, 32);
+                let x = features_tensor::<B>(&b, &["a", "b", "c"], &device)?;
+                let y = features_tensor::<B>(&b, &["y"], &device)?;
+                let h = volley_train::burn::tensor::activation::relu(model.l1.forward(x));
+                let loss = (model.l2.forward(h) - y).square().mean();
+                total += loss.clone().into_scalar() as f64;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(lr, model, grads);
+            }
+            let ckpt =
+                TrainCheckpoint::new().with_record::<B, _>("model", model.clone().into_record())?;
+            ctx.report(metrics([("loss", total / 16.0)]), Some(ckpt))?;
+        }
+        Ok(())
+    }
+}
+
+/// A sweep over the learning rate whose trials are real (small) training runs: every
+/// trial's loss falls over its epochs except where the rate is far too small, the best
+/// rate is not the smallest, and the best trial's model loads from its checkpoint.
+fn learning_rate_sweep_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = Tuner::new(
+        TrainRegression { epochs: 6 },
+        SearchSpace::new().with("lr", grid_search([1e-4, 1e-2, 1e-1])),
+        quiet(TuneConfig::new("loss", Mode::Min, 1)),
+        RunConfig::new(dir.path().to_str().unwrap(), "lr"),
+    )
+    .fit()
+    .unwrap();
+    let best = grid.best_result().unwrap();
+    assert_ne!(best.config["lr"], 1e-4, "{:?}", best.config);
+    for t in &grid.trials {
+        assert_eq!(t.history.len(), 6);
+        let (first, last) = (t.history[0].metrics["loss"], t.history[5].metrics["loss"]);
+        if t.config["lr"] != 1e-4 {
+            assert!(last < first * 0.8, "{}: loss {first} -> {last}", t.config);
+        }
+    }
+    let ck = best.checkpoint.as_ref().unwrap();
+    assert_eq!(ck.info.step, 6);
+    let device = Default::default();
+    let _record: MlpRecord<B> = ck.record::<B, _>("model", &device).unwrap();
+    println!(
+        "ok: lr sweep, best {} with loss {:.4}",
+        best.config["lr"], best.metrics["loss"]
+    );
 }
 
 fn quiet(mut c: TuneConfig) -> TuneConfig {
@@ -495,12 +606,13 @@ fn main() {
         return;
     }
     let filter: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
         ("search", random_and_tpe_reach_the_optimum),
         ("asha", asha_stops_the_bad_trials_early),
         ("pbt", pbt_moves_the_population_to_better_configs),
         ("resources", resources_errors_and_retries),
         ("resume", resume_after_the_sweep_is_killed),
+        ("training", learning_rate_sweep_trains),
     ];
     for (name, test) in tests {
         if filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())) {
