@@ -17,6 +17,7 @@ mod collective;
 mod config;
 mod context;
 mod grads;
+mod lease;
 mod session;
 pub mod tensor;
 mod trainer;
@@ -31,5 +32,6 @@ pub use context::{
     DataShard, Metrics, SavedCheckpoint, ShardBatches, TrainCheckpoint, TrainContext,
 };
 pub use grads::all_reduce_gradients;
+pub use lease::{on_own_thread, ClusterLease};
 pub use session::Report;
 pub use trainer::{metrics, DataConfig, DataParallelTrainer, TrainLoop, TrainResult};

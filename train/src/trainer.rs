@@ -21,14 +21,15 @@ use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_dataset::Dataset;
 use volley_runtime::cluster::{
-    object_value, value_object, ActorHandle, ActorOptions, Cluster, LocalCluster, ObjectRef,
-    PlacementStrategy, RemoteActor, TaskContext,
+    object_value, value_object, ActorHandle, ActorOptions, Cluster, ObjectRef, PlacementStrategy,
+    RemoteActor, TaskContext,
 };
 
 use crate::checkpoint::{Checkpoint, CheckpointConfig, CheckpointStore};
 use crate::collective::{RingConfig, TcpRing};
 use crate::config::{Placement, RunConfig, ScalingConfig};
 use crate::context::{Metrics, SavedCheckpoint, TrainContext};
+use crate::lease::{on_own_thread, ClusterLease};
 use crate::session::{Report, SessionClient, SessionServer};
 
 /// A training loop that runs on every rank.
@@ -210,45 +211,22 @@ impl DataParallelTrainer {
         let world = self.scaling.num_workers;
 
         // The cluster: given, named by VOLLEY_ADDRESS, or private to this run.
-        let mut local: Option<LocalCluster> = None;
-        let cluster = match &self.cluster {
-            Some(c) => c.clone(),
-            None => match volley_dataset::Context::try_global()?.cluster() {
-                Some(c) => c.clone(),
-                None => {
-                    let (resources, gpus) = LocalCluster::machine();
-                    check_fits(&bundle, world, &resources, "this machine")?;
-                    local = Some(LocalCluster::start(resources, gpus)?);
-                    local.as_ref().expect("just set").cluster().clone()
-                }
-            },
-        };
-        if local.is_none() {
-            let mut total = volley_runtime::cluster::Resources::default();
-            for n in cluster.status()?.nodes.iter().filter(|n| n.alive) {
-                if let Some(t) = &n.total {
-                    total.add(&t.into());
-                }
-            }
-            check_fits(&bundle, world, &total, "the cluster")?;
-            let left = total.num_cpus - bundle.num_cpus * world as f64;
-            if !self.datasets.is_empty() && left < 1.0 {
-                // Reads of a pipeline on a cluster run as cluster tasks, which need a CPU.
-                tracing::warn!(
-                    "the {world} ranks hold {:.1} of the cluster's {:.1} CPUs: dataset read \
-                     tasks that run on the cluster will wait for a CPU; leave at least one \
-                     outside the ranks' bundles",
-                    bundle.num_cpus * world as f64,
-                    total.num_cpus
-                );
-            }
+        let lease = ClusterLease::acquire(self.cluster.as_ref(), |total, what| {
+            check_fits(&bundle, world, total, what)
+        })?;
+        let total = lease.total();
+        let left = total.num_cpus - bundle.num_cpus * world as f64;
+        if !self.datasets.is_empty() && left < 1.0 && !lease.is_private() {
+            // Reads of a pipeline on a cluster run as cluster tasks, which need a CPU.
+            tracing::warn!(
+                "the {world} ranks hold {:.1} of the cluster's {:.1} CPUs: dataset read \
+                 tasks that run on the cluster will wait for a CPU; leave at least one \
+                 outside the ranks' bundles",
+                bundle.num_cpus * world as f64,
+                total.num_cpus
+            );
         }
-
-        let host = if local.is_some() {
-            "127.0.0.1".to_string()
-        } else {
-            local_ip_towards(cluster.address())?
-        };
+        let host = lease.driver_host()?;
         let token = uuid::Uuid::new_v4().simple().to_string();
         let server = SessionServer::start(
             &host,
@@ -257,9 +235,9 @@ impl DataParallelTrainer {
             self.data.equal,
             self.datasets.clone(),
         )?;
-        let result = self.attempts(&cluster, &server, &store, &token, &storage);
+        let result = self.attempts(lease.cluster(), &server, &store, &token, &storage);
         server.shutdown();
-        drop(local);
+        drop(lease);
         let (failures, rank_nodes) = result?;
 
         let history = server.history();
@@ -484,17 +462,6 @@ fn check_fits(
     Ok(())
 }
 
-/// The address of this machine that `address` (`host:port`) would see our
-/// connections come from.
-fn local_ip_towards(address: &str) -> Result<String> {
-    let s = std::net::TcpStream::connect(address).map_err(|e| {
-        VolleyError::execution(format!(
-            "trainer: cannot reach the cluster at {address}: {e}"
-        ))
-    })?;
-    Ok(s.local_addr()?.ip().to_string())
-}
-
 /// What every rank of an attempt is told.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RankSpec {
@@ -549,27 +516,11 @@ impl RemoteActor for RankActor {
             "run" => {
                 let addresses: Vec<String> = serde_json::from_value(arg)
                     .map_err(|e| VolleyError::internal(format!("rank addresses: {e}")))?;
-                // The loop runs on a thread of its own: the worker's thread drives an
-                // async runtime, inside which blocking APIs (the checkpoint store, a
-                // user's own runtime) may not block.
                 let listener = self.listener.take();
-                let (rank, spec, ctx) = (self.rank, self.spec.clone(), ctx.clone());
-                std::thread::Builder::new()
-                    .name(format!("volley-rank-{rank}"))
-                    .spawn(move || run_rank(rank, &spec, &ctx, listener, &addresses))
-                    .map_err(|e| VolleyError::internal(format!("cannot start a thread: {e}")))?
-                    .join()
-                    .map_err(|p| {
-                        let msg = p
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default();
-                        VolleyError::UserFunction {
-                            name: "train loop".into(),
-                            message: format!("panicked: {msg}"),
-                        }
-                    })??;
+                let (rank, spec) = (self.rank, &self.spec);
+                on_own_thread(&format!("train loop of rank {rank}"), || {
+                    run_rank(rank, spec, ctx, listener, &addresses)
+                })?;
                 value_object(&self.rank)
             }
             other => Err(VolleyError::internal(format!(

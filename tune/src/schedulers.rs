@@ -71,6 +71,14 @@ fn better(mode: Mode, a: f64, b: f64) -> bool {
     }
 }
 
+/// The order that puts the best value first.
+fn best_first(mode: Mode, a: f64, b: f64) -> std::cmp::Ordering {
+    match mode {
+        Mode::Min => a.total_cmp(&b),
+        Mode::Max => b.total_cmp(&a),
+    }
+}
+
 /// Every trial runs to its end.
 #[derive(Debug, Default)]
 pub struct Fifo;
@@ -151,10 +159,7 @@ impl Scheduler for Asha {
             recorded.insert(trial, value);
             // The cutoff: the value at the top 1/rf quantile of this rung.
             let mut values: Vec<f64> = recorded.values().copied().collect();
-            values.sort_by(|a, b| match mode {
-                Mode::Min => a.total_cmp(b),
-                Mode::Max => b.total_cmp(a),
-            });
+            values.sort_by(|a, b| best_first(mode, *a, *b));
             let keep = ((values.len() as f64 / rf).ceil() as usize).max(1);
             let cutoff = values[keep - 1];
             return if better(mode, cutoff, value) {
@@ -386,10 +391,7 @@ impl Scheduler for Pbt {
         if ranked.len() < 2 {
             return Decision::Continue;
         }
-        ranked.sort_by(|a, b| match self.mode {
-            Mode::Min => a.1.total_cmp(&b.1),
-            Mode::Max => b.1.total_cmp(&a.1),
-        });
+        ranked.sort_by(|a, b| best_first(self.mode, a.1, b.1));
         let n = ((ranked.len() as f64 * self.config.quantile_fraction).ceil() as usize).max(1);
         let in_bottom = ranked[ranked.len() - n..]
             .iter()

@@ -16,7 +16,8 @@ use serde_json::Value;
 use volley_common::{Result, VolleyError};
 use volley_runtime::cluster::{value_object, RemoteTask, TaskContext};
 use volley_train::{
-    Checkpoint, CheckpointConfig, CheckpointStore, Metrics, SavedCheckpoint, TrainCheckpoint,
+    on_own_thread, Checkpoint, CheckpointConfig, CheckpointStore, Metrics, SavedCheckpoint,
+    TrainCheckpoint,
 };
 
 /// A function of a config that reports metrics: what a sweep runs in each trial.
@@ -211,26 +212,7 @@ pub(crate) struct TrialTask {
 #[typetag::serde(name = "volley_tune::TrialTask")]
 impl RemoteTask for TrialTask {
     fn run(&self, _: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
-        // A thread of its own: the worker's thread drives an async runtime, inside
-        // which blocking I/O (the checkpoint store) may not block.
-        let outcome = std::thread::scope(|s| {
-            std::thread::Builder::new()
-                .name(self.trial_id.clone())
-                .spawn_scoped(s, || self.run_trial())
-                .map_err(|e| VolleyError::internal(format!("cannot start a thread: {e}")))?
-                .join()
-                .map_err(|p| {
-                    let msg = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    VolleyError::UserFunction {
-                        name: self.trial_id.clone(),
-                        message: format!("panicked: {msg}"),
-                    }
-                })?
-        });
+        let outcome = on_own_thread(&self.trial_id, || self.run_trial());
         match outcome {
             // Stopped by the scheduler: a normal end.
             Ok(()) | Err(VolleyError::Cancelled) => value_object(&self.trial),

@@ -14,9 +14,10 @@ use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use volley_common::{Result, VolleyError};
-use volley_runtime::cluster::{Cluster, LocalCluster, ObjectRef, Resources, TaskOptions};
+use volley_runtime::cluster::{Cluster, ObjectRef, Resources, TaskOptions};
 use volley_train::{
-    Checkpoint, CheckpointConfig, CheckpointStore, Metrics, RunConfig, SavedCheckpoint,
+    Checkpoint, CheckpointConfig, CheckpointStore, ClusterLease, Metrics, RunConfig,
+    SavedCheckpoint,
 };
 
 use crate::schedulers::{
@@ -548,26 +549,16 @@ impl Tuner {
             }
         }
 
-        let mut local: Option<LocalCluster> = None;
-        let cluster = match &self.cluster {
-            Some(c) => c.clone(),
-            None => match volley_dataset::Context::try_global()?.cluster() {
-                Some(c) => c.clone(),
-                None => {
-                    let (resources, gpus) = LocalCluster::machine();
-                    capacity(&self.resources, &resources, "this machine")?;
-                    local = Some(LocalCluster::start(resources, gpus)?);
-                    local.as_ref().expect("just set").cluster().clone()
-                }
-            },
+        let lease = ClusterLease::acquire(self.cluster.as_ref(), |total, what| {
+            capacity(&self.resources, total, what).map(|_| ())
+        })?;
+        let cluster = lease.cluster().clone();
+        let what = if lease.is_private() {
+            "this machine"
+        } else {
+            "the cluster"
         };
-        let mut total = Resources::default();
-        for n in cluster.status()?.nodes.iter().filter(|n| n.alive) {
-            if let Some(t) = &n.total {
-                total.add(&t.into());
-            }
-        }
-        let mut slots = capacity(&self.resources, &total, "the cluster")?;
+        let mut slots = capacity(&self.resources, lease.total(), what)?;
         if let Some(m) = self.config.max_concurrent_trials {
             slots = slots.min(m);
         }
@@ -584,14 +575,8 @@ impl Tuner {
             checkpoint: self.run.checkpoint.clone(),
         }));
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let host = if local.is_some() {
-            "127.0.0.1".to_string()
-        } else {
-            let s = TcpStream::connect(cluster.address())
-                .map_err(|e| VolleyError::execution(format!("cannot reach the cluster: {e}")))?;
-            s.local_addr()?.ip().to_string()
-        };
-        let server = ReportServer::start(&host, token.clone(), Arc::clone(&shared))?;
+        let server =
+            ReportServer::start(&lease.driver_host()?, token.clone(), Arc::clone(&shared))?;
 
         let start = Instant::now();
         let mut status = Status::new(self.config.progress);
@@ -768,7 +753,7 @@ impl Tuner {
             Ok(())
         })();
         server.stop();
-        drop(local);
+        drop(lease);
         let s = shared.lock().expect("tuner lock");
         for e in &s.events {
             status.event(e);

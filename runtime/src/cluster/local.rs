@@ -35,8 +35,9 @@ impl LocalCluster {
     /// with GPUs `gpu_ids`, and connects to them as an attached job.
     pub fn start(resources: Resources, gpu_ids: Vec<u32>) -> Result<LocalCluster> {
         resources.validate()?;
+        remove_abandoned();
         let dir = tempfile::Builder::new()
-            .prefix("volley-local-cluster-")
+            .prefix(&format!("{PREFIX}{}-", std::process::id()))
             .tempdir()?;
         let token = super::auth::new_token();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -106,6 +107,30 @@ impl LocalCluster {
     }
 }
 
+/// Folders are `{PREFIX}{pid}-{random}` in the temporary folder.
+const PREFIX: &str = "volley-local-cluster-";
+
+/// Removes the folders of local clusters whose process is gone (killed before it could
+/// clean up: each holds a copy of its program, hundreds of MB for a debug build).
+fn remove_abandoned() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         // The connection first (it reports the job's end, which stops its workers), then
@@ -114,5 +139,24 @@ impl Drop for LocalCluster {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(std::time::Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_of_dead_processes_are_removed() {
+        // Above the kernel's largest pid: no such process.
+        let dead = std::env::temp_dir().join(format!("{PREFIX}99999999-test"));
+        let alive = std::env::temp_dir().join(format!("{PREFIX}{}-test", std::process::id()));
+        for d in [&dead, &alive] {
+            std::fs::create_dir_all(d.join("node")).unwrap();
+        }
+        remove_abandoned();
+        assert!(!dead.exists());
+        assert!(alive.exists());
+        std::fs::remove_dir_all(&alive).unwrap();
     }
 }
