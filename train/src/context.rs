@@ -326,7 +326,9 @@ impl TrainContext {
 
     /// Reports this iteration's metrics, and on rank 0 saves `checkpoint` (atomically:
     /// complete or absent). Every rank calls it at the same points; other ranks'
-    /// checkpoints are not written (the model is the same on all of them).
+    /// checkpoints are not written (the model is the same on all of them). On rank 0 it
+    /// returns `VolleyError::Cancelled` when the driver stops the run (a sweep's
+    /// scheduler): propagate it.
     pub fn report(&mut self, metrics: Metrics, checkpoint: Option<TrainCheckpoint>) -> Result<()> {
         self.iteration += 1;
         if self.rank != 0 {

@@ -33,5 +33,5 @@ pub use context::{
 };
 pub use grads::all_reduce_gradients;
 pub use lease::{on_own_thread, ClusterLease};
-pub use session::Report;
+pub use session::{Report, ReportHook};
 pub use trainer::{metrics, DataConfig, DataParallelTrainer, TrainLoop, TrainResult};

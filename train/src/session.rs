@@ -30,6 +30,8 @@ const END: u8 = 3;
 const ERROR: u8 = 4;
 const REPORT: u8 = 5;
 const ACK: u8 = 6;
+/// The run is to stop (a sweep's scheduler said so): the report was recorded.
+const STOP: u8 = 7;
 
 /// Largest frame accepted (a batch of the dataset).
 const MAX_FRAME: usize = 1 << 31;
@@ -103,8 +105,14 @@ struct ServerState {
     history: Vec<Report>,
 }
 
+/// Sees every report as it arrives; `false` stops the run.
+pub type ReportHook = Arc<dyn Fn(&Report) -> bool + Send + Sync>;
+
 /// The driver's end.
 pub(crate) struct SessionServer {
+    hook: Option<ReportHook>,
+    /// Set once the hook said stop.
+    stopped: AtomicBool,
     address: SocketAddr,
     token: String,
     world: usize,
@@ -122,12 +130,15 @@ impl SessionServer {
         world: usize,
         equal: bool,
         datasets: HashMap<String, Dataset>,
+        hook: Option<ReportHook>,
     ) -> Result<Arc<SessionServer>> {
         let listener = TcpListener::bind((host, 0)).map_err(|e| {
             VolleyError::execution(format!("trainer: cannot listen on {host}: {e}"))
         })?;
         let address = listener.local_addr()?;
         let server = Arc::new(SessionServer {
+            hook,
+            stopped: AtomicBool::new(false),
             address,
             token,
             world,
@@ -160,6 +171,11 @@ impl SessionServer {
         s.attempt = attempt;
         s.passes.clear();
         s.history.retain(|r| r.iteration <= iteration);
+    }
+
+    /// Whether a report hook stopped the run.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     pub(crate) fn history(&self) -> Vec<Report> {
@@ -285,13 +301,19 @@ impl SessionServer {
             }
             let report: Report = serde_json::from_slice(&bytes)
                 .map_err(|e| VolleyError::execution(format!("a report is not valid: {e}")))?;
-            {
+            let current = {
                 let mut s = self.state.lock().expect("session lock");
-                if s.attempt == attempt {
-                    s.history.push(report);
+                let current = s.attempt == attempt;
+                if current {
+                    s.history.push(report.clone());
                 }
+                current
+            };
+            let go_on = !current || self.hook.as_ref().is_none_or(|h| h(&report));
+            if !go_on {
+                self.stopped.store(true, Ordering::SeqCst);
             }
-            write_frame(w, ACK, &[]).map_err(send_err)?;
+            write_frame(w, if go_on { ACK } else { STOP }, &[]).map_err(send_err)?;
             w.flush().map_err(send_err)?;
         }
     }
@@ -353,7 +375,8 @@ impl SessionClient {
         })
     }
 
-    /// Sends `report` and waits until the driver has recorded it.
+    /// Sends `report` and waits until the driver has recorded it; `Cancelled` when the
+    /// driver stops the run.
     pub(crate) fn report(&mut self, report: &Report) -> Result<()> {
         if self.reports.is_none() {
             let conn = self.connect(Request::Reports)?;
@@ -368,6 +391,7 @@ impl SessionClient {
             .map_err(|e| link_err(address, e))?;
         match read_frame(r).map_err(|e| link_err(address, e))? {
             (ACK, _) => Ok(()),
+            (STOP, _) => Err(VolleyError::Cancelled),
             (ERROR, m) => Err(VolleyError::execution(
                 String::from_utf8_lossy(&m).into_owned(),
             )),

@@ -30,7 +30,7 @@ use crate::collective::{RingConfig, TcpRing};
 use crate::config::{Placement, RunConfig, ScalingConfig};
 use crate::context::{Metrics, SavedCheckpoint, TrainContext};
 use crate::lease::{on_own_thread, ClusterLease};
-use crate::session::{Report, SessionClient, SessionServer};
+use crate::session::{Report, ReportHook, SessionClient, SessionServer};
 
 /// A training loop that runs on every rank.
 ///
@@ -90,6 +90,7 @@ pub struct DataParallelTrainer {
     config: serde_json::Value,
     cluster: Option<Cluster>,
     ring_timeout: Duration,
+    hook: Option<ReportHook>,
 }
 
 impl std::fmt::Debug for DataParallelTrainer {
@@ -163,6 +164,7 @@ impl DataParallelTrainer {
             config: serde_json::Value::Null,
             cluster: None,
             ring_timeout: Duration::from_secs(120),
+            hook: None,
         }
     }
 
@@ -190,6 +192,43 @@ impl DataParallelTrainer {
     pub fn with_cluster(mut self, cluster: Cluster) -> Self {
         self.cluster = Some(cluster);
         self
+    }
+
+    /// Calls `hook` with every report rank 0 makes; when it returns `false` the run
+    /// stops (rank 0's `report` returns `VolleyError::Cancelled`, the group is
+    /// released) and `fit` returns normally. How a sweep's scheduler stops a trial.
+    pub fn with_report_hook(mut self, hook: ReportHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// A copy of this trainer (same loop, datasets, scaling and cluster) with
+    /// `config` for its ranks and `run` for its storage: one trial of a sweep.
+    pub fn for_trial(&self, config: serde_json::Value, run: RunConfig) -> Result<Self> {
+        let json = serde_json::to_value(&self.train_loop)
+            .map_err(|e| VolleyError::plan(format!("the train loop cannot be serialized: {e}")))?;
+        let train_loop: Box<dyn TrainLoop> = serde_json::from_value(json)
+            .map_err(|e| VolleyError::plan(format!("the train loop cannot be copied: {e}")))?;
+        Ok(Self {
+            train_loop,
+            scaling: self.scaling.clone(),
+            run,
+            datasets: self.datasets.clone(),
+            data: self.data,
+            config,
+            cluster: self.cluster.clone(),
+            ring_timeout: self.ring_timeout,
+            hook: None,
+        })
+    }
+
+    /// What all its ranks hold together.
+    pub fn resources(&self) -> volley_runtime::cluster::Resources {
+        let mut total = volley_runtime::cluster::Resources::default();
+        for _ in 0..self.scaling.num_workers {
+            total.add(&self.scaling.bundle());
+        }
+        total
     }
 
     /// How long a rank waits on a silent neighbour in the all-reduce before failing.
@@ -234,6 +273,7 @@ impl DataParallelTrainer {
             world,
             self.data.equal,
             self.datasets.clone(),
+            self.hook.clone(),
         )?;
         let result = self.attempts(lease.cluster(), &server, &store, &token, &storage);
         server.shutdown();
@@ -289,7 +329,7 @@ impl DataParallelTrainer {
                 resume,
                 iteration,
             };
-            match self.attempt(cluster, &spec) {
+            match self.attempt(cluster, server, &spec) {
                 Ok(nodes) => return Ok((failures, nodes)),
                 Err(e) => {
                     if failures >= self.run.failure.max_failures {
@@ -313,7 +353,12 @@ impl DataParallelTrainer {
 
     /// One attempt: reserve the bundles, start the ranks, run them to the end; returns
     /// the node of each rank.
-    fn attempt(&self, cluster: &Cluster, spec: &RankSpec) -> Result<Vec<String>> {
+    fn attempt(
+        &self,
+        cluster: &Cluster,
+        server: &SessionServer,
+        spec: &RankSpec,
+    ) -> Result<Vec<String>> {
         let world = spec.world;
         let group = cluster.placement_group(
             vec![self.scaling.bundle(); world],
@@ -364,6 +409,10 @@ impl DataParallelTrainer {
             .collect::<Result<_>>()?;
         let mut left = running;
         while !left.is_empty() {
+            // Stopped by the report hook: done (dropping `ranks` stops the others).
+            if server.stopped() {
+                return Ok(nodes);
+            }
             let refs: Vec<ObjectRef> = left.iter().map(|(_, r)| r.clone()).collect();
             let (ready, _) = cluster.wait(&refs, 1, Duration::from_millis(500))?;
             for r in ready {
@@ -373,6 +422,9 @@ impl DataParallelTrainer {
                     .expect("a ref we asked about");
                 let (rank, r) = left.remove(pos);
                 if let Err(e) = cluster.get(&r) {
+                    if server.stopped() {
+                        return Ok(nodes);
+                    }
                     return Err(first_cause(cluster, rank, e, left, world));
                 }
             }

@@ -28,6 +28,7 @@ use crate::search::{BasicVariant, Searcher, Tpe, TpeConfig};
 use crate::space::SearchSpace;
 use crate::trial::{Hello, Reply, Trainable, TrialTask, WireReport};
 use crate::Mode;
+use volley_train::{DataParallelTrainer, Report, ReportHook};
 
 const STATE_FILE: &str = "experiment.json";
 
@@ -284,9 +285,18 @@ impl Shared {
     }
 }
 
+/// What a trial runs.
+#[derive(Debug)]
+enum Runner {
+    /// A function, as a cluster task.
+    Function(Box<dyn Trainable>),
+    /// A data-parallel training run (its ranks are actors; the tuner drives its `fit`).
+    Trainer(DataParallelTrainer),
+}
+
 /// Runs a sweep.
 pub struct Tuner {
-    trainable: Box<dyn Trainable>,
+    runner: Runner,
     space: SearchSpace,
     config: TuneConfig,
     run: RunConfig,
@@ -297,7 +307,7 @@ pub struct Tuner {
 impl std::fmt::Debug for Tuner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tuner")
-            .field("trainable", &self.trainable)
+            .field("runner", &self.runner)
             .field("config", &self.config)
             .field("run", &self.run)
             .finish()
@@ -411,11 +421,32 @@ impl Tuner {
         run: RunConfig,
     ) -> Self {
         Self {
-            trainable: Box::new(trainable),
+            runner: Runner::Function(Box::new(trainable)),
             space,
             config,
             run,
             resources: Resources::cpus(1.0),
+            cluster: None,
+        }
+    }
+
+    /// A sweep whose trials are runs of `trainer`, each with its sampled config as the
+    /// ranks' `ctx.config()`, its checkpoints under `run.storage_path/run.name/trial_N`,
+    /// and its reports (rank 0's) going to the scheduler, which may stop the run. A
+    /// trial holds all its ranks' resources.
+    pub fn for_trainer(
+        trainer: DataParallelTrainer,
+        space: SearchSpace,
+        config: TuneConfig,
+        run: RunConfig,
+    ) -> Self {
+        let resources = trainer.resources();
+        Self {
+            runner: Runner::Trainer(trainer),
+            space,
+            config,
+            run,
+            resources,
             cluster: None,
         }
     }
@@ -511,8 +542,14 @@ impl Tuner {
             CheckpointStore::open(&storage, &self.run.name, CheckpointConfig::default())
                 .map_err(|e| VolleyError::Config(format!("RunConfig.storage_path: {e}")))?;
         let trials_root = format!("{}/{}", storage.trim_end_matches('/'), self.run.name);
-        let trainable = serde_json::to_value(&self.trainable)
-            .map_err(|e| VolleyError::plan(format!("the trainable cannot be serialized: {e}")))?;
+        let trainable = match &self.runner {
+            Runner::Function(f) => serde_json::to_value(f).map_err(|e| {
+                VolleyError::plan(format!("the trainable cannot be serialized: {e}"))
+            })?,
+            Runner::Trainer(_) => Value::Null,
+        };
+        // Trainer trials run on threads here; they say when they end through this.
+        let (ended_tx, ended) = std::sync::mpsc::channel::<(usize, Result<()>)>();
 
         // Resume: finished trials stay finished; the others start again.
         let mut trials: Vec<TrialState> = match exp_store.get_file(STATE_FILE)? {
@@ -580,7 +617,8 @@ impl Tuner {
 
         let start = Instant::now();
         let mut status = Status::new(self.config.progress);
-        let mut running: Vec<(usize, ObjectRef)> = Vec::new();
+        // Running trials: a task's result, or `None` for a trainer run on a thread.
+        let mut running: Vec<(usize, Option<ObjectRef>)> = Vec::new();
         let mut last_save = Instant::now();
         let result = (|| -> Result<()> {
             loop {
@@ -627,6 +665,7 @@ impl Tuner {
                     let resume = t.checkpoint.clone();
                     let iteration = resume.as_ref().map_or(0, |c| c.step);
                     t.history.retain(|r| r.iteration <= iteration);
+                    let (id, attempt, trial_config) = (t.id.clone(), t.attempt, t.config.clone());
                     let task = TrialTask {
                         trainable: trainable.clone(),
                         config: t.config.clone(),
@@ -651,12 +690,46 @@ impl Tuner {
                     s.events.push(event);
                     s.dirty = true;
                     drop(s);
-                    let options = TaskOptions::default()
-                        .resources(self.resources.clone())
-                        .max_retries(0)
-                        .name(format!("trial_{index:05}"));
-                    let r = cluster.submit(task, &[], &options)?;
-                    running.push((index, r));
+                    match &self.runner {
+                        Runner::Function(_) => {
+                            let options = TaskOptions::default()
+                                .resources(self.resources.clone())
+                                .max_retries(0)
+                                .name(id);
+                            let r = cluster.submit(task, &[], &options)?;
+                            running.push((index, Some(r)));
+                        }
+                        Runner::Trainer(template) => {
+                            let hook_state = Arc::clone(&shared);
+                            let hook: ReportHook = Arc::new(move |r: &Report| {
+                                hook_state.lock().expect("tuner lock").on_report(
+                                    index,
+                                    attempt,
+                                    WireReport {
+                                        iteration: r.iteration,
+                                        metrics: r.metrics.clone(),
+                                        checkpoint: r.checkpoint.clone(),
+                                    },
+                                )
+                            });
+                            let mut run = RunConfig::new(trials_root.clone(), id.clone());
+                            run.checkpoint = self.run.checkpoint.clone();
+                            let trainer = template
+                                .for_trial(trial_config, run)?
+                                .with_cluster(cluster.clone())
+                                .with_report_hook(hook);
+                            let tx = ended_tx.clone();
+                            std::thread::Builder::new()
+                                .name(id)
+                                .spawn(move || {
+                                    let _ = tx.send((index, trainer.fit().map(|_| ())));
+                                })
+                                .map_err(|e| {
+                                    VolleyError::internal(format!("cannot start a thread: {e}"))
+                                })?;
+                            running.push((index, None));
+                        }
+                    }
                 }
                 if over {
                     shared.lock().expect("tuner lock").stop_all = true;
@@ -664,15 +737,25 @@ impl Tuner {
                 if running.is_empty() {
                     break;
                 }
-                let refs: Vec<ObjectRef> = running.iter().map(|(_, r)| r.clone()).collect();
-                let (ready, _) = cluster.wait(&refs, 1, Duration::from_millis(200))?;
-                for r in ready {
-                    let pos = running
-                        .iter()
-                        .position(|(_, x)| x.id() == r.id())
-                        .expect("a ref we asked about");
-                    let (index, r) = running.remove(pos);
-                    let outcome = cluster.get(&r);
+                let refs: Vec<ObjectRef> = running.iter().filter_map(|(_, r)| r.clone()).collect();
+                let mut ended_now: Vec<(usize, Result<()>)> = Vec::new();
+                if refs.is_empty() {
+                    if let Ok(e) = ended.recv_timeout(Duration::from_millis(200)) {
+                        ended_now.push(e);
+                    }
+                } else {
+                    let (ready, _) = cluster.wait(&refs, 1, Duration::from_millis(200))?;
+                    for r in ready {
+                        let pos = running
+                            .iter()
+                            .position(|(_, x)| x.as_ref().is_some_and(|x| x.id() == r.id()))
+                            .expect("a ref we asked about");
+                        ended_now.push((running[pos].0, cluster.get(&r).map(|_| ())));
+                    }
+                }
+                ended_now.extend(ended.try_iter());
+                for (index, outcome) in ended_now {
+                    running.retain(|(i, _)| *i != index);
                     let mut s = shared.lock().expect("tuner lock");
                     let max_failures = self.run.failure.max_failures;
                     let metric = s.metric.clone();

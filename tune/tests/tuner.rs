@@ -230,6 +230,104 @@ fn learning_rate_sweep_trains() {
     );
 }
 
+/// A data-parallel training loop whose learning rate comes from the sweep
+/// (`ctx.config()`), reading its rows from the trainer's dataset.
+#[derive(Debug, Serialize, Deserialize)]
+struct FitFromConfig {
+    epochs: u64,
+}
+
+#[typetag::serde]
+impl volley_train::TrainLoop for FitFromConfig {
+    fn run(&self, ctx: &mut volley_train::TrainContext) -> Result<()> {
+        use volley_train::burn::module::Module;
+        use volley_train::burn::nn::LinearConfig;
+        use volley_train::burn::optim::{GradientsParams, Optimizer, SgdConfig};
+        use volley_train::burn::tensor::backend::Backend;
+        use volley_train::tensor::features_tensor;
+        let lr = ctx.config()["lr"].as_f64().unwrap();
+        let device = ctx.device::<B>();
+        B::seed(&device, 5);
+        let mut model = Mlp::<B> {
+            l1: LinearConfig::new(3, 16).init(&device),
+            l2: LinearConfig::new(16, 1).init(&device),
+        };
+        if let Some(ck) = ctx.checkpoint() {
+            model = model.load_record(ck.record::<B, _>("model", &device)?);
+        }
+        let mut optim = SgdConfig::new().init::<B, Mlp<B>>();
+        let shard = ctx.dataset_shard("train")?;
+        while ctx.iteration() < self.epochs {
+            let (mut total, mut n) = (0.0, 0);
+            for b in shard.iter_batches(32, true)? {
+                let b = b?;
+                let x = features_tensor::<B>(&b, &["a", "b", "c"], &device)?;
+                let y = features_tensor::<B>(&b, &["y"], &device)?;
+                let h = volley_train::burn::tensor::activation::relu(model.l1.forward(x));
+                let loss = (model.l2.forward(h) - y).square().mean();
+                total += loss.clone().into_scalar() as f64;
+                n += 1;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                let grads = ctx.all_reduce_gradients(&model, grads)?;
+                model = optim.step(lr, model, grads);
+            }
+            let ckpt =
+                TrainCheckpoint::new().with_record::<B, _>("model", model.clone().into_record())?;
+            ctx.report(metrics([("loss", total / n as f64)]), Some(ckpt))?;
+        }
+        Ok(())
+    }
+}
+
+/// Trials that are data-parallel training runs (rank actors, dataset shards): the
+/// sweep fills in their learning rate, ASHA stops the worse run through its reports,
+/// and the better run's checkpoint is its trial's.
+fn trainer_trials() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = volley_dataset::Context::try_default().unwrap();
+    let data = ctx.from_batches(vec![regression_batch()]).unwrap();
+    let trainer = volley_train::DataParallelTrainer::new(
+        FitFromConfig { epochs: 4 },
+        volley_train::ScalingConfig::workers(1),
+        RunConfig::new(dir.path().to_str().unwrap(), "template"),
+    )
+    .with_dataset("train", data);
+    let mut c = quiet(TuneConfig::new("loss", Mode::Min, 1));
+    c.max_concurrent_trials = Some(1);
+    c.scheduler = SchedulerConfig::Asha(AshaConfig {
+        max_t: 4,
+        grace_period: 1,
+        reduction_factor: 2.0,
+    });
+    let grid = Tuner::for_trainer(
+        trainer,
+        SearchSpace::new().with("lr", grid_search([0.1, 1e-4])),
+        c,
+        RunConfig::new(dir.path().to_str().unwrap(), "trainer-sweep"),
+    )
+    .fit()
+    .unwrap();
+    let (good, bad) = (&grid.trials[0], &grid.trials[1]);
+    assert_eq!(good.config["lr"], 0.1);
+    assert_eq!(good.status, TrialStatus::Terminated);
+    assert_eq!(good.history.len(), 4);
+    let (first, last) = (
+        good.history[0].metrics["loss"],
+        good.history[3].metrics["loss"],
+    );
+    assert!(last < first, "the run trained: {first} -> {last}");
+    assert_eq!(good.checkpoint.as_ref().unwrap().info.step, 4);
+    assert_eq!(bad.status, TrialStatus::Terminated, "{:?}", bad.error);
+    assert_eq!(
+        bad.history.len(),
+        1,
+        "ASHA stopped the worse run at its first rung"
+    );
+    assert!(bad.stopped_early);
+    assert_eq!(grid.best_result().unwrap().config["lr"], 0.1);
+    println!("ok: trainer trials, the worse one stopped after 1 of 4 epochs");
+}
+
 fn quiet(mut c: TuneConfig) -> TuneConfig {
     c.progress = false;
     c
@@ -606,13 +704,14 @@ fn main() {
         return;
     }
     let filter: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 7] = [
         ("search", random_and_tpe_reach_the_optimum),
         ("asha", asha_stops_the_bad_trials_early),
         ("pbt", pbt_moves_the_population_to_better_configs),
         ("resources", resources_errors_and_retries),
         ("resume", resume_after_the_sweep_is_killed),
         ("training", learning_rate_sweep_trains),
+        ("trainer", trainer_trials),
     ];
     for (name, test) in tests {
         if filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())) {
