@@ -291,7 +291,7 @@ enum Runner {
     /// A function, as a cluster task.
     Function(Box<dyn Trainable>),
     /// A data-parallel training run (its ranks are actors; the tuner drives its `fit`).
-    Trainer(DataParallelTrainer),
+    Trainer(Box<DataParallelTrainer>),
 }
 
 /// Runs a sweep.
@@ -442,7 +442,7 @@ impl Tuner {
     ) -> Self {
         let resources = trainer.resources();
         Self {
-            runner: Runner::Trainer(trainer),
+            runner: Runner::Trainer(Box::new(trainer)),
             space,
             config,
             run,
