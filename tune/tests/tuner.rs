@@ -136,6 +136,40 @@ struct Mlp<B: volley_train::burn::tensor::backend::Backend> {
     l2: volley_train::burn::nn::Linear<B>,
 }
 
+impl Mlp<B> {
+    /// Seeded weights, or the trial's checkpoint.
+    fn start(
+        device: &volley_train::burn::backend::ndarray::NdArrayDevice,
+        resume: Option<&volley_train::SavedCheckpoint>,
+    ) -> Result<Self> {
+        use volley_train::burn::module::Module;
+        use volley_train::burn::nn::LinearConfig;
+        use volley_train::burn::tensor::backend::Backend;
+        B::seed(device, 5);
+        let model = Mlp::<B> {
+            l1: LinearConfig::new(3, 16).init(device),
+            l2: LinearConfig::new(16, 1).init(device),
+        };
+        Ok(match resume {
+            Some(ck) => model.load_record(ck.record::<B, _>("model", device)?),
+            None => model,
+        })
+    }
+
+    /// Mean squared error on `batch` (features `a`, `b`, `c`; target `y`).
+    fn loss(
+        &self,
+        batch: &arrow::array::RecordBatch,
+        device: &volley_train::burn::backend::ndarray::NdArrayDevice,
+    ) -> Result<volley_train::burn::tensor::Tensor<B, 1>> {
+        use volley_train::tensor::features_tensor;
+        let x = features_tensor::<B>(batch, &["a", "b", "c"], device)?;
+        let y = features_tensor::<B>(batch, &["y"], device)?;
+        let h = volley_train::burn::tensor::activation::relu(self.l1.forward(x));
+        Ok((self.l2.forward(h) - y).square().mean())
+    }
+}
+
 fn regression_batch() -> arrow::array::RecordBatch {
     use arrow::array::{ArrayRef, Float32Array};
     use std::sync::Arc;
@@ -162,30 +196,17 @@ fn regression_batch() -> arrow::array::RecordBatch {
 impl Trainable for TrainRegression {
     fn run(&self, c: &Value, ctx: &mut TrialContext) -> Result<()> {
         use volley_train::burn::module::Module;
-        use volley_train::burn::nn::LinearConfig;
         use volley_train::burn::optim::{GradientsParams, Optimizer, SgdConfig};
-        use volley_train::burn::tensor::backend::Backend;
-        use volley_train::tensor::features_tensor;
         let lr = c["lr"].as_f64().unwrap();
         let device = Default::default();
-        B::seed(&device, 5);
-        let mut model = Mlp::<B> {
-            l1: LinearConfig::new(3, 16).init(&device),
-            l2: LinearConfig::new(16, 1).init(&device),
-        };
-        if let Some(ck) = ctx.checkpoint() {
-            model = model.load_record(ck.record::<B, _>("model", &device)?);
-        }
+        let mut model = Mlp::start(&device, ctx.checkpoint())?;
         let mut optim = SgdConfig::new().init::<B, Mlp<B>>();
         let batch = regression_batch();
         while ctx.iteration() < self.epochs {
             let mut total = 0.0;
             for start in (0..batch.num_rows()).step_by(32) {
                 let b = batch.slice(start, 32);
-                let x = features_tensor::<B>(&b, &["a", "b", "c"], &device)?;
-                let y = features_tensor::<B>(&b, &["y"], &device)?;
-                let h = volley_train::burn::tensor::activation::relu(model.l1.forward(x));
-                let loss = (model.l2.forward(h) - y).square().mean();
+                let loss = model.loss(&b, &device)?;
                 total += loss.clone().into_scalar() as f64;
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(lr, model, grads);
@@ -241,30 +262,17 @@ struct FitFromConfig {
 impl volley_train::TrainLoop for FitFromConfig {
     fn run(&self, ctx: &mut volley_train::TrainContext) -> Result<()> {
         use volley_train::burn::module::Module;
-        use volley_train::burn::nn::LinearConfig;
         use volley_train::burn::optim::{GradientsParams, Optimizer, SgdConfig};
-        use volley_train::burn::tensor::backend::Backend;
-        use volley_train::tensor::features_tensor;
         let lr = ctx.config()["lr"].as_f64().unwrap();
         let device = ctx.device::<B>();
-        B::seed(&device, 5);
-        let mut model = Mlp::<B> {
-            l1: LinearConfig::new(3, 16).init(&device),
-            l2: LinearConfig::new(16, 1).init(&device),
-        };
-        if let Some(ck) = ctx.checkpoint() {
-            model = model.load_record(ck.record::<B, _>("model", &device)?);
-        }
+        let mut model = Mlp::start(&device, ctx.checkpoint())?;
         let mut optim = SgdConfig::new().init::<B, Mlp<B>>();
         let shard = ctx.dataset_shard("train")?;
         while ctx.iteration() < self.epochs {
             let (mut total, mut n) = (0.0, 0);
             for b in shard.iter_batches(32, true)? {
                 let b = b?;
-                let x = features_tensor::<B>(&b, &["a", "b", "c"], &device)?;
-                let y = features_tensor::<B>(&b, &["y"], &device)?;
-                let h = volley_train::burn::tensor::activation::relu(model.l1.forward(x));
-                let loss = (model.l2.forward(h) - y).square().mean();
+                let loss = model.loss(&b, &device)?;
                 total += loss.clone().into_scalar() as f64;
                 n += 1;
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
