@@ -23,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::{Parser, Subcommand};
 use volley::arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use volley::crates::runtime::cluster::{
     object_value, value_object, RemoteTask, TaskContext, TaskOptions,
@@ -191,23 +192,49 @@ fn ray(script: &str, args: &[&str]) -> Result<f64> {
     })
 }
 
+/// The benchmark's settings.
+#[derive(Parser)]
+#[command(about = "volley's cluster against Ray on this machine: no-op tasks and a Dataset job")]
+struct Args {
+    #[command(subcommand)]
+    role: Option<Role>,
+    /// Runs of each workload (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Node agents of the local cluster (they split this machine's CPUs).
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// No-op tasks per run.
+    #[arg(long, default_value_t = 2000)]
+    tasks: usize,
+    /// Folder for the input, the outputs and the cluster's state.
+    #[arg(long, default_value = "/tmp/volley-bench-cluster")]
+    work_dir: PathBuf,
+    /// The Ray peer script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers/cluster_ray.py"))]
+    peer: String,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// The job that submits the no-op tasks (started by the benchmark on its cluster).
+    #[command(hide = true)]
+    TasksDriver {
+        /// Tasks to submit.
+        n: u64,
+    },
+}
+
 fn main() -> Result<()> {
-    volley::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("tasks-driver") {
-        return tasks_driver(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(2000));
+    volley::init()?;
+    let args = Args::parse();
+    if let Some(Role::TasksDriver { n }) = args.role {
+        return tasks_driver(n);
     }
-    let get = |flag: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1).cloned())
-            .unwrap_or_else(|| default.to_string())
-    };
-    let runs: usize = get("--runs", "3").parse().unwrap_or(3);
-    let nodes: usize = get("--nodes", "2").parse().unwrap_or(2);
-    let n_tasks = get("--tasks", "2000");
-    let work = PathBuf::from(get("--work-dir", "/tmp/volley-bench-cluster"));
-    let script = get("--peer", "bench/peers/cluster_ray.py");
+    let (runs, nodes) = (args.runs, args.nodes);
+    let n_tasks = args.tasks.to_string();
+    let work = args.work_dir.clone();
+    let script = args.peer.clone();
     let me = std::env::current_exe()?;
     let bin_dir = me
         .parent()

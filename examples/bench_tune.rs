@@ -30,6 +30,7 @@ use volley::tune::{
 };
 
 #[derive(Parser, Debug)]
+#[command(about = "Sweeps against Ray Tune: no-op trial throughput and ASHA over a grid")]
 struct Args {
     /// Trials of the overhead run.
     #[arg(long, default_value_t = 60)]
@@ -106,7 +107,7 @@ fn get(values: &[(String, f64)], key: &str) -> f64 {
 }
 
 fn main() -> Result<()> {
-    volley::init();
+    volley::init()?;
     let args = Args::parse();
     let (resources, gpus) = LocalCluster::machine();
     let cpus = resources.num_cpus;

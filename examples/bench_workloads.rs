@@ -1,17 +1,17 @@
 //! Benchmark: volley against its peers on TPC-H data (W1-W8).
 //!
 //! ```text
-//! # data: bash ../shared/bench/gen_tpch.sh 1 /tmp/tpch-sf1
+//! # data: bash bench/gen_tpch.sh 1 /tmp/tpch-sf1
 //! cargo run --release --example bench_workloads -- compare --tpch /tmp/tpch-sf1 \
 //!     --peers duckdb,polars,datafusion --runs 5
 //! ```
 //!
 //! Every run is a fresh process timed from outside with `/usr/bin/time` (wall time and
-//! peak RSS), volley's as much as the peers' (`../shared/bench/peers/bench_*.py`). The
+//! peak RSS), volley's as much as the peers' (`bench/peers/bench_*.py`). The
 //! program prints the median per engine and workload and volley's ratio to each peer.
 //!
 //! Ray Data cannot filter the `string_view` columns `tpchgen-cli` writes, so it reads a
-//! plain-string copy of `lineitem` (`../shared/bench/peers/make_utf8_copy.py`), by default
+//! plain-string copy of `lineitem` (`bench/peers/make_utf8_copy.py`), by default
 //! `<tpch>-utf8/lineitem` (`--utf8-copy DIR` to change).
 //!
 //! - W1: read `lineitem`, keep `l_shipdate <= 1998-09-02 AND l_quantity < 30`, five
@@ -33,32 +33,76 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::{Parser, Subcommand};
+
 use volley::arrow::array::{Array, Int64Array, RecordBatch};
 use volley::arrow::datatypes::{DataType, Field, Schema};
 use volley::datafusion::prelude::{cast, lit as df_lit};
 use volley::prelude::*;
 
+/// The workloads, and volley's runs of them.
+#[derive(Parser)]
+#[command(about = "volley against its peers on TPC-H data (W1-W8)")]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Runs one workload through volley in this process and prints its RESULT line.
+    Run {
+        /// w1..w8, or oocsort (W4 under VOLLEY_EXEC_MEMORY_LIMIT).
+        workload: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Runs the workloads through volley and the peers, each run a fresh process timed
+    /// from outside, and prints medians and ratios.
+    Compare {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Runs per engine and workload (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Peer engines: duckdb, polars, datafusion, daft, ray.
+        #[arg(long, default_value = "duckdb,polars,datafusion")]
+        peers: String,
+        /// Folder of the peers' scripts.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers"))]
+        peer_dir: String,
+        /// Workloads to run, comma-separated.
+        #[arg(long, default_value = "w1,w2,w3")]
+        workloads: String,
+        /// Plain-string copy of the TPC-H folder for Ray Data (default: `<tpch>-utf8`).
+        #[arg(long)]
+        utf8_copy: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct DataArgs {
+    /// The TPC-H folder (`bench/gen_tpch.sh` writes one).
+    #[arg(long, default_value = "/tmp/tpch-sf1")]
+    tpch: String,
+    /// Where written outputs go.
+    #[arg(long, default_value = "/tmp/out")]
+    out: String,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let get = |flag: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1).cloned())
-            .unwrap_or_else(|| default.to_string())
-    };
-    let tpch = get("--tpch", "/tmp/tpch-sf1");
-    let out = get("--out", "/tmp/out");
-    let result = match args.first().map(String::as_str) {
-        Some("run") => run_volley(args.get(1).map(String::as_str).unwrap_or("w1"), &tpch, &out),
-        Some("compare") => {
-            let runs: usize = get("--runs", "5").parse().unwrap_or(5);
-            let peers = get("--peers", "duckdb,polars,datafusion");
-            let peer_dir = get("--peer-dir", "../shared/bench/peers");
-            let workloads = get("--workloads", "w1,w2,w3");
-            let utf8 = get(
-                "--utf8-copy",
-                &format!("{}-utf8", tpch.trim_end_matches('/')),
-            );
+    let result = match Cli::parse().command {
+        BenchCommand::Run { workload, data } => run_volley(&workload, &data.tpch, &data.out),
+        BenchCommand::Compare {
+            data,
+            runs,
+            peers,
+            peer_dir,
+            workloads,
+            utf8_copy,
+        } => {
+            let (tpch, out) = (data.tpch, data.out);
+            let utf8 = utf8_copy.unwrap_or_else(|| format!("{}-utf8", tpch.trim_end_matches('/')));
             let ray_dir = format!("{utf8}/lineitem");
             let envs = [
                 ("TPCH_DIR", tpch.as_str()),
@@ -68,10 +112,6 @@ fn main() {
             ];
             compare(&tpch, &out, runs, &peers, &peer_dir, &workloads, &envs);
             Ok(())
-        }
-        _ => {
-            eprintln!("usage: bench_workloads run w1|w2|w3 [--tpch DIR] [--out DIR]\n       bench_workloads compare [--tpch DIR] [--runs N] [--peers duckdb,polars,datafusion,ray] [--peer-dir DIR] [--workloads w1,w2,w3] [--utf8-copy DIR]");
-            std::process::exit(2);
         }
     };
     if let Err(e) = result {
@@ -125,7 +165,7 @@ fn peak_rss_kib() -> u64 {
 }
 
 fn run_volley(workload: &str, tpch: &str, out: &str) -> volley::Result<()> {
-    let ctx = volley::init();
+    let ctx = volley::init()?;
     let lineitem = format!("{tpch}/lineitem/");
     let start = Instant::now();
     match workload {
@@ -367,10 +407,7 @@ fn peer_command(engine: &str, w: &str, peer_dir: &str) -> Option<Vec<String>> {
         ("w1" | "w2" | "w3" | "w4", _) => py(format!("{peer_dir}/bench_{engine}.py"), &[w]),
         ("w5", "ray") => py(format!("{peer_dir}/bench_ray.py"), &[w]),
         ("w6", "duckdb" | "datafusion") => py(format!("{peer_dir}/run_tpch.py"), &[engine]),
-        ("w7" | "w8", _) => py(
-            format!("{}/bench/peers/relational.py", env!("CARGO_MANIFEST_DIR")),
-            &[engine, w],
-        ),
+        ("w7" | "w8", _) => py(format!("{peer_dir}/relational.py"), &[engine, w]),
         _ => None,
     }
 }

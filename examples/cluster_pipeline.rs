@@ -66,25 +66,30 @@ impl NamedTransform for Score {
     }
 }
 
+/// The job's arguments.
+#[derive(clap::Parser)]
+#[command(about = "A Dataset job: read Parquet, score rows with a named transform, write Parquet")]
+struct Args {
+    /// Input Parquet file, folder or glob.
+    input: String,
+    /// Output folder (replaced).
+    output: String,
+    /// Milliseconds the transform sleeps per batch.
+    #[arg(long, default_value_t = 0)]
+    slow_ms: u64,
+    /// Add the node each row was computed on (column `node`).
+    #[arg(long)]
+    tag_node: bool,
+}
+
 fn main() -> Result<()> {
-    volley::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut positional = Vec::new();
-    let mut slow_ms = 0;
-    let mut tag_node = false;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--slow-ms" => slow_ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
-            "--tag-node" => tag_node = true,
-            _ => positional.push(a.clone()),
-        }
-    }
-    let [input, output] = positional.as_slice() else {
-        return Err(VolleyError::plan(
-            "usage: cluster_pipeline IN OUT [--slow-ms N] [--tag-node]",
-        ));
-    };
+    volley::init()?;
+    let Args {
+        input,
+        output,
+        slow_ms,
+        tag_node,
+    } = clap::Parser::parse();
     let on = match volley::cluster()? {
         Some(c) => format!("cluster {} (job {})", c.address(), c.job_id()),
         None => "this machine".to_string(),
@@ -97,7 +102,7 @@ fn main() -> Result<()> {
             MapOptions::default(),
         )
         .filter(col("x").gt_eq(lit(0i64)))?
-        .write(output, volley::WriteFormat::Parquet)
+        .write(&output, volley::WriteFormat::Parquet)
         .mode(WriteMode::Overwrite)
         .run()?;
     println!(

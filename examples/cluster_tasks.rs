@@ -137,15 +137,28 @@ fn wait_for_resources(cluster: &volley::crates::runtime::cluster::Cluster) -> Re
     Ok(())
 }
 
+/// What to show.
+#[derive(clap::Parser)]
+#[command(about = "Tasks, actors and placement groups on a cluster (run as a job: VOLLEY_ADDRESS)")]
+struct Args {
+    /// Number of tasks that each make 100,000 numbers.
+    #[arg(default_value_t = 8)]
+    tasks: i64,
+    /// Instead: show a 2-GPU task and a 2x2-CPU placement group waiting for a node that
+    /// fits them.
+    #[arg(long)]
+    wait_for_resources: bool,
+}
+
 fn main() -> Result<()> {
-    volley::init();
+    volley::init()?;
+    let args: Args = clap::Parser::parse();
     let cluster = volley::cluster()?
         .ok_or_else(|| VolleyError::Config("run this on a cluster (VOLLEY_ADDRESS)".into()))?;
-    let first = std::env::args().nth(1).unwrap_or_default();
-    if first == "wait-for-resources" {
+    if args.wait_for_resources {
         return wait_for_resources(&cluster);
     }
-    let tasks: i64 = first.parse().unwrap_or(8);
+    let tasks = args.tasks;
     let n = 100_000;
     let blocks: Vec<_> = (0..tasks)
         .map(|i| cluster.submit(Numbers { start: i * n, n }, &[], &TaskOptions::default()))

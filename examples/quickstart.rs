@@ -16,12 +16,19 @@ use volley::arrow::array::{Array, Float64Array, Int64Array, RecordBatch, StringA
 use volley::arrow::datatypes::{DataType, Field, Schema};
 use volley::prelude::*;
 
+/// Where the quick start writes.
+#[derive(clap::Parser)]
+#[command(about = "The quick start: generate trips, run a pipeline, write, query with SQL")]
+struct Args {
+    /// Output folder (replaced).
+    #[arg(default_value = "target/quickstart")]
+    dir: String,
+}
+
 fn main() -> volley::Result<()> {
-    let dir = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "target/quickstart".to_string());
+    let ctx = volley::init()?;
+    let Args { dir } = clap::Parser::parse();
     let _ = std::fs::remove_dir_all(&dir);
-    let ctx = volley::init();
 
     // 1. Generate: ids 0..2M, a city from the id, a distance and a fare.
     let trips = ctx.range(2_000_000).map_batches(

@@ -47,6 +47,9 @@ use volley::train::{
 type B = Autodiff<NdArray<f32>>;
 
 #[derive(Parser, Debug)]
+#[command(
+    about = "A byte-level Llama-style LM trained data-parallel on this repository's text (loss check)"
+)]
 struct Args {
     /// Files, folders or globs of text (default: this repository's docs and examples).
     #[arg(long, value_delimiter = ',')]
@@ -271,7 +274,7 @@ fn windows(batch: &RecordBatch, len: usize) -> Result<RecordBatch> {
 }
 
 fn main() -> Result<()> {
-    volley::init();
+    volley::init()?;
     let args = Args::parse();
     let corpus = if args.corpus.is_empty() {
         let root = env!("CARGO_MANIFEST_DIR");

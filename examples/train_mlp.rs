@@ -45,6 +45,9 @@ const FEATURES: usize = 16;
 const CLASSES: usize = 4;
 
 #[derive(Parser, Debug)]
+#[command(
+    about = "An MLP trained data-parallel on a Parquet pipeline (accuracy check; --python runs the PyTorch peer)"
+)]
 struct Args {
     /// Rows to generate.
     #[arg(long, default_value_t = 200_000)]
@@ -257,7 +260,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
-    volley::init();
+    volley::init()?;
     let args = Args::parse();
     if !args.data.exists() {
         println!("generating {} rows into {}", args.rows, args.data.display());

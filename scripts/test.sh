@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Runs every test: installs the test oracles (DuckDB, moto as the S3-compatible
+# Runs every test: checks that no tracked file names a path outside the repository,
+# installs the test oracles (DuckDB, moto as the S3-compatible
 # server, tpchgen-cli for TPC-H data), then `cargo test --workspace`. Extra arguments go
 # to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The repository stands alone: no tracked file may name a path outside it.
+python3 scripts/check_paths.py
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     duckdb 'moto[server]' boto3 tpchgen-cli
 cargo test --workspace "$@"

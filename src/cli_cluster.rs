@@ -139,7 +139,7 @@ pub struct Conn {
 
 /// The folder for this machine's cluster state: `VOLLEY_HOME`, else `~/.volley`.
 pub fn state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("VOLLEY_HOME") {
+    if let Some(d) = std::env::var_os("VOLLEY_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
     let home = std::env::var_os("HOME")
@@ -160,7 +160,8 @@ impl Conn {
         let address = self
             .address
             .clone()
-            .or_else(|| std::env::var("VOLLEY_ADDRESS").ok())
+            .filter(|a| !a.is_empty())
+            .or(volley_common::env_var("VOLLEY_ADDRESS")?)
             .or_else(|| read_trimmed(&dir.join("head_address")))
             .ok_or_else(|| {
                 VolleyError::Config(

@@ -68,9 +68,10 @@ pub mod prelude {
 ///
 /// Call it first in `main`: in a process that a cluster's node agent started as a worker
 /// (`VOLLEY_WORKER_ID` is set) it does not return, but runs the tasks the agent hands it
-/// and exits. Everywhere else it returns the local context; [`cluster`] connects to a
-/// cluster when `VOLLEY_ADDRESS` names one.
-pub fn init() -> Context {
+/// and exits. Everywhere else it returns the process-wide context, joined to the cluster
+/// `VOLLEY_ADDRESS` names (if set and not empty), or why that context cannot be made (an
+/// invalid `VOLLEY_*` value, a cluster that cannot be joined): one line to print.
+pub fn init() -> Result<Context> {
     if volley_runtime::cluster::is_worker() {
         volley_runtime::cluster::run_worker();
     }
@@ -89,45 +90,45 @@ pub fn connect(address: &str, token: &str) -> Result<Context> {
 /// from `VOLLEY_TOKEN` or the file `VOLLEY_TOKEN_FILE`), joined once per process by the
 /// process-wide [`Context`]. `None` when no address is set.
 pub fn cluster() -> Result<Option<volley_runtime::cluster::Cluster>> {
-    Ok(Context::try_global()?.cluster().cloned())
+    Ok(Context::global()?.cluster().cloned())
 }
 
 /// Parquet files: a file, folder, glob or list; local or object-store URLs.
 pub fn read_parquet(paths: impl Into<Paths>) -> Result<Dataset> {
-    Context::global().read_parquet(paths)
+    Context::global()?.read_parquet(paths)
 }
 
 /// CSV files with a header line.
 pub fn read_csv(paths: impl Into<Paths>) -> Result<Dataset> {
-    Context::global().read_csv(paths)
+    Context::global()?.read_csv(paths)
 }
 
 /// Newline-delimited JSON files.
 pub fn read_json(paths: impl Into<Paths>) -> Result<Dataset> {
-    Context::global().read_json(paths)
+    Context::global()?.read_json(paths)
 }
 
 /// Arrow IPC files.
 pub fn read_ipc(paths: impl Into<Paths>) -> Result<Dataset> {
-    Context::global().read_ipc(paths)
+    Context::global()?.read_ipc(paths)
 }
 
 /// Text files, one row per line (column `text`).
 pub fn read_text(paths: impl Into<Paths>) -> Result<Dataset> {
-    Context::global().read_text(paths)
+    Context::global()?.read_text(paths)
 }
 
 /// Whole files as rows (`path`, `bytes`).
 pub fn read_binary_files(paths: impl Into<Paths>) -> Result<Dataset> {
-    Context::global().read_binary_files(paths)
+    Context::global()?.read_binary_files(paths)
 }
 
 /// Batches in memory.
 pub fn from_batches(batches: Vec<arrow::array::RecordBatch>) -> Result<Dataset> {
-    Context::global().from_batches(batches)
+    Context::global()?.from_batches(batches)
 }
 
 /// The integers `0..n` in a column `id`.
-pub fn range(n: u64) -> Dataset {
-    Context::global().range(n)
+pub fn range(n: u64) -> Result<Dataset> {
+    Ok(Context::global()?.range(n))
 }

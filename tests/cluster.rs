@@ -424,7 +424,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     // node joins, then run there.
     let wait = c.submit(&[
         example("cluster_tasks").to_str().unwrap(),
-        "wait-for-resources",
+        "--wait-for-resources",
     ]);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !c.logs(&wait).contains("WAITING") {
@@ -484,7 +484,8 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         ])
         .arg(format!("Authorization: Bearer {}", c.token))
         .arg("--data")
-        .arg(r#"{"entrypoint": ["true"], "files": [{"path": "../evil", "data_base64": ""}]}"#)
+        // A path escaping the package, refused by the head.
+        .arg(r#"{"entrypoint": ["true"], "files": [{"path": "../evil", "data_base64": ""}]}"#) // check_paths: allow
         .arg(format!("http://{}/api/jobs", c.http))
         .output()
         .unwrap();

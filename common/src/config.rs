@@ -99,6 +99,20 @@ pub struct VolleyConfig {
     pub runtime: RuntimeOptions,
 }
 
+/// The value of the environment variable `name`: `None` when it is unset or empty (an
+/// empty variable means unset, as a shell's `VAR=` intends), an error naming it when its
+/// value is not Unicode.
+pub fn env_var(name: &str) -> Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(VolleyError::Config(format!(
+            "the environment variable {name} is not valid Unicode"
+        ))),
+    }
+}
+
 /// Every key [`VolleyConfig::set`] takes, with the environment variable that sets it.
 const KEYS: &[(&str, &str)] = &[
     ("volley.exec.memory_limit", "VOLLEY_EXEC_MEMORY_LIMIT"),
@@ -125,7 +139,7 @@ impl VolleyConfig {
     pub fn from_env() -> Result<Self> {
         let mut config = Self::default();
         for (key, var) in KEYS {
-            if let Ok(value) = std::env::var(var) {
+            if let Some(value) = env_var(var)? {
                 config
                     .set(key, &value)
                     .map_err(|e| VolleyError::Config(format!("{var}: {e}")))?;

@@ -91,38 +91,32 @@ impl Context {
         Self::try_new(VolleyConfig::from_env()?)
     }
 
-    /// The process-wide context (made on first use from the environment).
-    ///
-    /// # Panics
-    /// If the `VOLLEY_*` environment variables hold an invalid value; use
-    /// [`Context::try_default`] to get that as an error.
-    pub fn global() -> Context {
-        match Context::try_global() {
-            Ok(c) => c,
-            Err(e) => panic!("volley: {e}"),
-        }
-    }
-
-    /// The process-wide context, or why it cannot be made: an invalid `VOLLEY_*`
-    /// variable, or a cluster named by `VOLLEY_ADDRESS` that cannot be joined.
+    /// The process-wide context (made on first use from the environment), or why it
+    /// cannot be made: an invalid `VOLLEY_*` variable, or a cluster named by
+    /// `VOLLEY_ADDRESS` that cannot be joined. The answer is made once and kept.
     ///
     /// With `VOLLEY_ADDRESS` set (and not in a cluster worker, which runs its tasks
     /// locally), the context joins that cluster: datasets whose shape allows it run as
-    /// cluster tasks.
-    pub fn try_global() -> Result<Context> {
+    /// cluster tasks. An empty variable is unset.
+    pub fn global() -> Result<Context> {
         GLOBAL
             .get_or_init(|| {
                 let ctx = Context::try_default().map_err(|e| e.to_string())?;
                 if volley_runtime::cluster::is_worker() {
                     return Ok(ctx);
                 }
-                let Ok(address) = std::env::var("VOLLEY_ADDRESS") else {
+                let Some(address) =
+                    volley_common::env_var("VOLLEY_ADDRESS").map_err(|e| e.to_string())?
+                else {
                     return Ok(ctx);
                 };
                 let token = volley_runtime::cluster::client::token_from_env()
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| {
-                        format!("VOLLEY_ADDRESS is {address} but no cluster token is set (VOLLEY_TOKEN)")
+                        format!(
+                            "VOLLEY_ADDRESS is {address} but no cluster token is set \
+                             (VOLLEY_TOKEN or VOLLEY_TOKEN_FILE)"
+                        )
                     })?;
                 let cluster = volley_runtime::cluster::Cluster::connect(&address, &token)
                     .map_err(|e| e.to_string())?;

@@ -224,7 +224,7 @@ impl FragmentTask {
 #[typetag::serde(name = "volley::FragmentTask")]
 impl RemoteTask for FragmentTask {
     fn run(&self, task: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
-        let ctx = Context::global();
+        let ctx = Context::global()?;
         let ds = self.dataset(&ctx)?;
         match &self.write {
             None => ds.collect(),

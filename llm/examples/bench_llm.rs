@@ -25,57 +25,46 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use volley_llm::{CpuBackend, Engine, EngineConfig, KvCache, ModelConfig, SamplingParams};
 
+/// The benchmark's settings.
+#[derive(clap::Parser)]
+#[command(
+    about = "Generation throughput of volley's engine vs transformers on the same checkpoint"
+)]
 struct Args {
+    /// A Hugging Face model folder to use instead of a random checkpoint.
+    #[arg(long)]
     model: Option<PathBuf>,
+    /// Shape of the random checkpoint: tiny, 100m or tinyllama.
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "100m", "tinyllama"])]
     shape: String,
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = 32)]
     prompt_len: usize,
+    /// Tokens each request generates (EOS ignored).
+    #[arg(long, default_value_t = 32)]
     max_tokens: usize,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
     batch_sizes: Vec<usize>,
+    /// Requests per batch size, in units of the batch size.
+    #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Python with transformers and torch: runs the peer in the same invocation.
+    #[arg(long)]
     python: Option<String>,
+    /// Write the figures as JSON here.
+    #[arg(long)]
     out: Option<PathBuf>,
+    /// Also measure prompts sharing this many leading tokens, prefix cache off and on.
+    #[arg(long, default_value_t = 0)]
     shared_prefix: usize,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args {
-        model: None,
-        shape: "tiny".into(),
-        prompt_len: 32,
-        max_tokens: 32,
-        batch_sizes: vec![1, 8, 32],
-        rounds: 2,
-        runs: 3,
-        python: None,
-        out: None,
-        shared_prefix: 0,
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < argv.len() {
-        let v = argv.get(i + 1).cloned().unwrap_or_default();
-        match argv[i].as_str() {
-            "--model" => a.model = Some(v.into()),
-            "--shape" => a.shape = v,
-            "--prompt-len" => a.prompt_len = v.parse().expect("--prompt-len"),
-            "--max-tokens" => a.max_tokens = v.parse().expect("--max-tokens"),
-            "--batch-sizes" => {
-                a.batch_sizes = v
-                    .split(',')
-                    .map(|b| b.parse().expect("--batch-sizes"))
-                    .collect()
-            }
-            "--rounds" => a.rounds = v.parse().expect("--rounds"),
-            "--runs" => a.runs = v.parse().expect("--runs"),
-            "--python" => a.python = Some(v),
-            "--out" => a.out = Some(v.into()),
-            "--shared-prefix" => a.shared_prefix = v.parse().expect("--shared-prefix"),
-            other => panic!("unknown argument {other}"),
-        }
-        i += 2;
-    }
-    a
+    clap::Parser::parse()
 }
 
 /// `(hidden, intermediate, layers, heads, kv_heads, vocab)`.
@@ -104,7 +93,7 @@ fn make_model(dir: &Path, name: &str) {
         "torch_dtype": "float32",
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llm");
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
     std::fs::copy(fixtures.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     let c = ModelConfig::from_dir(dir).unwrap();
     let mut rng = StdRng::seed_from_u64(0);

@@ -1,5 +1,5 @@
 //! The Burn decoder and the engine against Hugging Face transformers' outputs on the
-//! reference checkpoints in `../shared/fixtures/llm/` (f32, CPU).
+//! reference checkpoints in `llm/tests/fixtures/` (f32, CPU).
 
 use std::path::PathBuf;
 
@@ -12,7 +12,7 @@ use volley_llm::{
 const MODELS: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llm")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 struct Reference {

@@ -1,4 +1,4 @@
-//! Loading the reference checkpoints in `../shared/fixtures/llm/` (random tiny Llama and
+//! Loading the reference checkpoints in `llm/tests/fixtures/` (random tiny Llama and
 //! Qwen2 models with Hugging Face transformers' outputs).
 
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use safetensors::SafeTensors;
 use volley_llm::{Architecture, Checkpoint, ModelConfig, Tokenizer};
 
 fn fixtures() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llm");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     assert!(
         dir.is_dir(),
         "the LLM fixtures are expected at {}",

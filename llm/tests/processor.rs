@@ -12,7 +12,7 @@ use volley_dataset::Context;
 use volley_llm::{LlmConfig, LlmProcessor, SamplingParams, Tokenizer};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/llm")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn reference_prompts() -> Vec<String> {

@@ -10,7 +10,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use volley::Context;
 
 fn model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/llm/tiny-llama")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("llm/tests/fixtures/tiny-llama")
 }
 
 fn write_prompts(path: &std::path::Path, column: &str, prompts: &[&str]) {

@@ -31,7 +31,7 @@ impl ClusterLease {
     ) -> Result<ClusterLease> {
         let shared = match given {
             Some(c) => Some(c.clone()),
-            None => volley_dataset::Context::try_global()?.cluster().cloned(),
+            None => volley_dataset::Context::global()?.cluster().cloned(),
         };
         match shared {
             Some(cluster) => {

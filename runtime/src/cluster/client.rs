@@ -331,12 +331,13 @@ impl ActorHandle {
     }
 }
 
-/// Reads the token: `VOLLEY_TOKEN`, else the file `VOLLEY_TOKEN_FILE`.
+/// Reads the token: `VOLLEY_TOKEN`, else the file `VOLLEY_TOKEN_FILE` (empty variables
+/// are unset).
 pub fn token_from_env() -> Result<Option<String>> {
-    if let Ok(t) = std::env::var("VOLLEY_TOKEN") {
+    if let Some(t) = volley_common::env_var("VOLLEY_TOKEN")? {
         return Ok(Some(t));
     }
-    if let Ok(p) = std::env::var("VOLLEY_TOKEN_FILE") {
+    if let Some(p) = volley_common::env_var("VOLLEY_TOKEN_FILE")? {
         return super::auth::read_token(std::path::Path::new(&p)).map(Some);
     }
     Ok(None)
@@ -357,13 +358,13 @@ impl Cluster {
         let _enter = rt.enter();
         let channels = Channels::new(token, &super::tls::TlsConfig::from_env()?);
         let head = channels.head(address)?;
-        if std::env::var_os("VOLLEY_NODE_ID").is_some() {
+        if volley_common::env_var("VOLLEY_NODE_ID")?.is_some() {
             // A driver started by a node agent ends with it, like the agent's workers.
             let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
         }
-        let (job_id, attached) = match std::env::var("VOLLEY_JOB_ID") {
-            Ok(j) if !j.is_empty() => (j, false),
-            _ => (rt.block_on(attach(head.clone(), address))?, true),
+        let (job_id, attached) = match volley_common::env_var("VOLLEY_JOB_ID")? {
+            Some(j) => (j, false),
+            None => (rt.block_on(attach(head.clone(), address))?, true),
         };
         let (frees, rx) = mpsc::unbounded_channel();
         rt.spawn(free_loop(head.clone(), job_id.clone(), rx));

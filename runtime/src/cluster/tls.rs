@@ -53,7 +53,11 @@ impl TlsConfig {
 
     /// From `VOLLEY_TLS_CA`, `VOLLEY_TLS_CERT`, `VOLLEY_TLS_KEY`.
     pub fn from_env() -> Result<Self> {
-        let var = |n: &str| std::env::var_os(n).map(PathBuf::from);
+        let var = |n: &str| {
+            std::env::var_os(n)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         Self::from_files(
             var("VOLLEY_TLS_CA").as_deref(),
             var("VOLLEY_TLS_CERT").as_deref(),

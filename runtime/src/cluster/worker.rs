@@ -15,12 +15,12 @@ use super::task::{decode, Payload, RemoteActor, TaskContext};
 
 /// Whether this process was started by a node agent as a worker.
 pub fn is_worker() -> bool {
-    std::env::var_os("VOLLEY_WORKER_ID").is_some()
+    std::env::var_os("VOLLEY_WORKER_ID").is_some_and(|v| !v.is_empty())
 }
 
 fn env(name: &str) -> Result<String> {
-    std::env::var(name)
-        .map_err(|_| VolleyError::Config(format!("worker mode needs {name} in the environment")))
+    volley_common::env_var(name)?
+        .ok_or_else(|| VolleyError::Config(format!("worker mode needs {name} in the environment")))
 }
 
 /// Runs tasks until the agent says to stop or cannot be reached; never returns.
