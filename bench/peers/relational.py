@@ -9,7 +9,7 @@ W8: lineitem JOIN orders ON l_orderkey = o_orderkey: rows, sum(l_extendedprice),
 
 Data: $TPCH_DIR/<table>/*.parquet (gen_tpch.sh); Ray reads $RAY_TPCH_DIR (a copy with plain
 strings, make_utf8_copy.py with tables lineitem,orders). Prints
-RESULT engine=... workload=... elapsed_s=... <checksums>, as the shared peers do.
+RESULT engine=... workload=... elapsed_s=... <checksums>, as the other peers do.
 """
 import os
 import sys
