@@ -75,7 +75,15 @@ pub enum VolleyError {
 fn display_datafusion(e: &DataFusionError) -> String {
     match e {
         DataFusionError::Context(ctx, inner) => format!("{ctx}: {}", display_datafusion(inner)),
-        other => other.to_string(),
+        other => {
+            // `Parquet error: Parquet error: ...`: DataFusion's category in front of a
+            // message that already starts with it.
+            let text = other.to_string();
+            match text.split_once(": ") {
+                Some((head, rest)) if rest.starts_with(&format!("{head}: ")) => rest.to_string(),
+                _ => text,
+            }
+        }
     }
 }
 

@@ -58,6 +58,12 @@ impl FileFormatKind {
         }
     }
 
+    /// Whether the format is binary (Parquet, Arrow IPC): an empty file of it is corrupt,
+    /// where an empty text file simply holds no rows.
+    pub fn is_binary(&self) -> bool {
+        matches!(self, FileFormatKind::Parquet | FileFormatKind::Ipc)
+    }
+
     /// Whether one file can be read by several tasks (Parquet, by row groups).
     pub fn splittable(&self) -> bool {
         matches!(self, FileFormatKind::Parquet)

@@ -9,7 +9,9 @@
 //! Parquet, CSV, NDJSON and Arrow IPC scans are DataFusion's file scans
 //! ([`FileScan`]), so projection, predicate and limit pushdown, row-group pruning by
 //! statistics and page index, and late materialization come from there; volley decides
-//! the splits, so that every task reads one file and every error names it.
+//! the splits, so that every task reads one file and every error names it. SQL reads
+//! files through DataFusion's listing tables ([`file_table`]), whose schemas are read
+//! file by file and whose scans name the file of any error ([`name_file_errors`]).
 //! Text and binary files have their own small readers ([`TextScan`], [`BinaryScan`]).
 //!
 //! Writes go through [`WriteJob`]: every task writes its part files into a staging
@@ -17,19 +19,23 @@
 
 mod format;
 mod listing;
+mod named_scan;
 mod registry;
 mod sink;
 mod source;
+mod table;
 mod text;
 
 pub use format::{CsvReadOptions, FileFormatKind};
 pub use listing::{plain_strings, FileScan};
+pub use named_scan::{name_file_errors, NamedFileScanExec};
 pub use registry::VolleyObjectStoreRegistry;
 pub use sink::{
     Compression, PartWriter, RemotePart, WriteFormat, WriteJob, WriteMode, WriteOptions,
     WriteSummary,
 };
 pub use source::{DataSource, ReadTask, ScanRequest};
+pub use table::{file_table, FileTableFactory};
 pub use text::{BinaryScan, TextScan};
 
 /// Resolves a user path (relative, absolute or URL, maybe a glob) to a DataFusion

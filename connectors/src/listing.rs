@@ -68,10 +68,10 @@ impl FileScan {
             .map(|p| crate::parse_path(p))
             .collect::<Result<Vec<_>>>()?;
 
-        let files = list_files(state, &urls, paths).await?;
+        let files = list_files(state, &urls, paths, "").await?;
         // Compression (of text formats) follows the files' extension.
-        let df_format = format.to_datafusion(state, files[0].1.location.as_ref());
-        let file_schema = infer_schema(state, &df_format, &format, &files).await?;
+        let df_format = format.to_datafusion(state, files[0].meta.location.as_ref());
+        let file_schema = infer_schema(state, &df_format, format.is_binary(), &files).await?;
 
         let mut options = ListingOptions::new(Arc::clone(&df_format)).with_file_extension("");
         let partition_cols = if urls[0].is_collection() {
@@ -107,9 +107,9 @@ impl FileScan {
             .with_schema(Arc::clone(&file_schema));
         let table = ListingTable::try_new(config)?;
         Ok(Self {
-            listed: files.iter().map(|(_, m)| m.location.clone()).collect(),
+            listed: files.iter().map(|f| f.meta.location.clone()).collect(),
             num_files: files.len(),
-            total_bytes: files.iter().map(|(_, m)| m.size).sum(),
+            total_bytes: files.iter().map(|f| f.meta.size).sum(),
             format,
             paths: paths.to_vec(),
             schema: Arc::new(Schema::new(fields)),
@@ -158,12 +158,37 @@ impl FileScan {
     }
 }
 
-/// Lists every path (each must name at least one file), leaving out bookkeeping files.
+/// A listed file: the store that holds it, its metadata, and its name as the user
+/// knows it (`/data/a.parquet`, `s3://bucket/a.parquet`).
+#[derive(Debug, Clone)]
+pub(crate) struct ListedFile {
+    pub store: Arc<dyn object_store::ObjectStore>,
+    pub meta: ObjectMeta,
+    pub name: String,
+}
+
+/// The name of `location` in the store at `store` as the user would write it: a local
+/// path (`/data/a.parquet`) or a URL (`s3://bucket/a.parquet`).
+pub(crate) fn display_location(
+    store: &datafusion::execution::object_store::ObjectStoreUrl,
+    location: &object_store::path::Path,
+) -> String {
+    let base = store.as_str();
+    if base.starts_with("file://") {
+        format!("/{location}")
+    } else {
+        format!("{}/{location}", base.trim_end_matches('/'))
+    }
+}
+
+/// Lists every path (each must name at least one file whose name ends in `extension`),
+/// leaving out bookkeeping files.
 pub(crate) async fn list_files(
     state: &SessionState,
     urls: &[ListingTableUrl],
     paths: &[String],
-) -> Result<Vec<(Arc<dyn object_store::ObjectStore>, ObjectMeta)>> {
+    extension: &str,
+) -> Result<Vec<ListedFile>> {
     let mut files = Vec::new();
     for (url, path) in urls.iter().zip(paths) {
         let store = state
@@ -171,7 +196,7 @@ pub(crate) async fn list_files(
             .object_store(url)
             .with_context(|| format!("opening {path}"))?;
         let listed: Vec<ObjectMeta> = url
-            .list_all_files(state, store.as_ref(), "")
+            .list_all_files(state, store.as_ref(), extension)
             .await
             .with_context(|| format!("listing {path}"))?
             .try_collect()
@@ -180,16 +205,24 @@ pub(crate) async fn list_files(
         let mut listed: Vec<ObjectMeta> =
             listed.into_iter().filter(|m| !is_hidden(url, m)).collect();
         if listed.is_empty() {
-            return Err(VolleyError::plan(format!("no files found at {path}")));
+            let what = if extension.is_empty() {
+                String::new()
+            } else {
+                format!(" ending in `{extension}`")
+            };
+            return Err(VolleyError::plan(format!("no files{what} found at {path}")));
         }
         listed.sort_by(|a, b| a.location.cmp(&b.location));
-        files.extend(listed.into_iter().map(|m| (Arc::clone(&store), m)));
+        let base = url.object_store();
+        files.extend(listed.into_iter().map(|meta| ListedFile {
+            store: Arc::clone(&store),
+            name: display_location(&base, &meta.location),
+            meta,
+        }));
     }
     Ok(files)
 }
 
-/// Reads the schema of all files, the way DataFusion merges them; when that fails, finds
-/// the file at fault and names it.
 /// `schema` with string and binary view columns as plain `Utf8` / `Binary`.
 ///
 /// Files written with an Arrow schema hint of `Utf8View` (DataFusion, `tpchgen-cli`)
@@ -219,33 +252,40 @@ pub fn plain_strings(schema: &SchemaRef) -> SchemaRef {
     Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
-async fn infer_schema(
+/// Reads the schema of every file, each on its own so that an error names its file, and
+/// merges them the way the format does (CSV widens types across files); where they
+/// cannot be merged, names the column, the two files and their types.
+///
+/// Empty text files hold no rows and no schema and are skipped; an empty file of a
+/// binary format (`binary`: Parquet, Arrow IPC) is corrupt and is reported.
+pub(crate) async fn infer_schema(
     state: &SessionState,
     df_format: &Arc<dyn FileFormat>,
-    format: &FileFormatKind,
-    files: &[(Arc<dyn object_store::ObjectStore>, ObjectMeta)],
+    binary: bool,
+    files: &[ListedFile],
 ) -> Result<SchemaRef> {
-    // Empty text files hold no rows and no schema; an empty Parquet or IPC file is
-    // corrupt and must be reported.
-    let readable: Vec<&(Arc<dyn object_store::ObjectStore>, ObjectMeta)> = files
-        .iter()
-        .filter(|(_, m)| {
-            m.size > 0 || matches!(format, FileFormatKind::Parquet | FileFormatKind::Ipc)
-        })
-        .collect();
+    let readable: Vec<&ListedFile> = files.iter().filter(|f| f.meta.size > 0 || binary).collect();
     if readable.is_empty() {
         return Err(VolleyError::plan(format!(
             "all files are empty, no schema can be read: {}",
-            files[0].1.location
+            files[0].name
         )));
     }
     // Every file's own schema, concurrently, each error naming its file.
     let futs: Vec<futures::future::BoxFuture<'_, Result<(String, SchemaRef)>>> = readable
         .iter()
-        .map(|(store, meta)| {
-            let (store, meta, df_format) = (Arc::clone(store), meta.clone(), Arc::clone(df_format));
+        .map(|f| {
+            let (store, meta, df_format) =
+                (Arc::clone(&f.store), f.meta.clone(), Arc::clone(df_format));
+            let name = f.name.clone();
             async move {
-                let name = meta.location.to_string();
+                if meta.size == 0 {
+                    return Err(VolleyError::plan(format!(
+                        "reading the schema of {name}: the file is empty (0 bytes), \
+                         not a valid {} file",
+                        df_format.get_ext().trim_start_matches('.')
+                    )));
+                }
                 let schema = df_format
                     .infer_schema(state, &store, std::slice::from_ref(&meta))
                     .await
@@ -263,26 +303,58 @@ async fn infer_schema(
         return Ok(Arc::clone(&schemas[0].1));
     }
     // The format's own merge first (for CSV it widens types across files).
-    let by_store: Vec<ObjectMeta> = readable.iter().map(|(_, m)| m.clone()).collect();
-    let same_store = readable.iter().all(|(s, _)| Arc::ptr_eq(s, &readable[0].0));
+    let by_store: Vec<ObjectMeta> = readable.iter().map(|f| f.meta.clone()).collect();
+    let same_store = readable
+        .iter()
+        .all(|f| Arc::ptr_eq(&f.store, &readable[0].store));
     if same_store {
         if let Ok(merged) = df_format
-            .infer_schema(state, &readable[0].0, &by_store)
+            .infer_schema(state, &readable[0].store, &by_store)
             .await
         {
             return Ok(merged);
         }
     }
+    merge_schemas(&schemas)
+}
+
+/// The schemas of several files as one; where they clash, an error naming the column,
+/// both files and both types.
+fn merge_schemas(schemas: &[(String, SchemaRef)]) -> Result<SchemaRef> {
     let mut merged = schemas[0].1.as_ref().clone();
-    let first = &schemas[0].0;
-    for (name, schema) in &schemas[1..] {
-        merged = Schema::try_merge([merged, schema.as_ref().clone()]).map_err(|e| {
-            VolleyError::plan(format!(
-                "file {name} does not match the schema of the files before it (first: {first}): {e}"
-            ))
-        })?;
+    for (i, (name, schema)) in schemas.iter().enumerate().skip(1) {
+        merged = Schema::try_merge([merged, schema.as_ref().clone()])
+            .map_err(|e| schema_clash(&schemas[..i], name, schema, e))?;
     }
     Ok(Arc::new(merged))
+}
+
+fn schema_clash(
+    before: &[(String, SchemaRef)],
+    name: &str,
+    schema: &Schema,
+    error: arrow::error::ArrowError,
+) -> VolleyError {
+    for field in schema.fields() {
+        for (other, other_schema) in before {
+            let Ok(theirs) = other_schema.field_with_name(field.name()) else {
+                continue;
+            };
+            let alone = |f: &Field| Schema::new(vec![f.clone()]);
+            if Schema::try_merge([alone(theirs), alone(field)]).is_err() {
+                return VolleyError::plan(format!(
+                    "the files' schemas clash: column `{}` is {} in {other} but {} in {name}",
+                    field.name(),
+                    theirs.data_type(),
+                    field.data_type()
+                ));
+            }
+        }
+    }
+    VolleyError::plan(format!(
+        "file {name} does not match the schema of the files before it (first: {}): {error}",
+        before[0].0
+    ))
 }
 
 #[async_trait::async_trait]
@@ -370,10 +442,7 @@ impl DataSource for FileScan {
             .iter()
             .map(|g| {
                 let f = &g.files()[0];
-                let label = match &f.range {
-                    Some(r) => format!("{} [bytes {}..{}]", f.object_meta.location, r.start, r.end),
-                    None => f.object_meta.location.to_string(),
-                };
+                let label = crate::named_scan::file_label(&config.object_store_url, f);
                 let size = f
                     .range
                     .as_ref()

@@ -11,11 +11,11 @@ use futures::StreamExt;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use volley_common::{Result, ResultExt, VolleyError};
 
-use crate::listing::list_files;
+use crate::listing::{list_files, ListedFile};
 use crate::source::{DataSource, ReadTask, ScanRequest};
 
-/// Files as `(store, meta)` pairs, listed at creation.
-type Files = Vec<(Arc<dyn ObjectStore>, ObjectMeta)>;
+/// The files, listed at creation.
+type Files = Vec<ListedFile>;
 
 async fn resolve(state: &SessionState, paths: &[String]) -> Result<Files> {
     if paths.is_empty() {
@@ -25,7 +25,7 @@ async fn resolve(state: &SessionState, paths: &[String]) -> Result<Files> {
         .iter()
         .map(|p| crate::parse_path(p))
         .collect::<Result<Vec<_>>>()?;
-    list_files(state, &urls, paths).await
+    list_files(state, &urls, paths, "").await
 }
 
 fn project(schema: &SchemaRef, projection: &Option<Vec<usize>>) -> Result<SchemaRef> {
@@ -35,8 +35,11 @@ fn project(schema: &SchemaRef, projection: &Option<Vec<usize>>) -> Result<Schema
     })
 }
 
-async fn fetch(store: &Arc<dyn ObjectStore>, meta: &ObjectMeta) -> Result<bytes::Bytes> {
-    let name = meta.location.to_string();
+async fn fetch(
+    store: &Arc<dyn ObjectStore>,
+    meta: &ObjectMeta,
+    name: &str,
+) -> Result<bytes::Bytes> {
     let bytes = store
         .get(&meta.location)
         .await
@@ -99,20 +102,21 @@ impl DataSource for TextScan {
         Ok(self
             .files
             .iter()
-            .map(|(store, meta)| {
-                let (store, meta) = (Arc::clone(store), meta.clone());
+            .map(|f| {
+                let (store, meta, name) = (Arc::clone(&f.store), f.meta.clone(), f.name.clone());
                 let schema = Arc::clone(&out_schema);
-                ReadTask::new(meta.location.to_string(), meta.size, move |_ctx| {
-                    let (store, meta, schema) =
-                        (Arc::clone(&store), meta.clone(), Arc::clone(&schema));
+                ReadTask::new(name.clone(), meta.size, move |_ctx| {
+                    let (store, meta, name, schema) = (
+                        Arc::clone(&store),
+                        meta.clone(),
+                        name.clone(),
+                        Arc::clone(&schema),
+                    );
                     let out = Arc::clone(&schema);
                     let batches = futures::stream::once(async move {
-                        let bytes = fetch(&store, &meta).await?;
+                        let bytes = fetch(&store, &meta, &name).await?;
                         let text = std::str::from_utf8(&bytes).map_err(|e| {
-                            VolleyError::execution(format!(
-                                "{} is not UTF-8 text: {e}",
-                                meta.location
-                            ))
+                            VolleyError::execution(format!("{name} is not UTF-8 text: {e}"))
                         })?;
                         let lines: Vec<&str> = text.lines().collect();
                         let mut batches = Vec::new();
@@ -146,7 +150,7 @@ impl DataSource for TextScan {
     }
 }
 
-/// Whole files as rows: `path` (the file's location) and `bytes` (its contents).
+/// Whole files as rows: `path` (the file's path or URL) and `bytes` (its contents).
 #[derive(Debug)]
 pub struct BinaryScan {
     paths: Vec<String>,
@@ -187,14 +191,15 @@ impl DataSource for BinaryScan {
         Ok(self
             .files
             .iter()
-            .map(|(store, meta)| {
-                let (store, meta) = (Arc::clone(store), meta.clone());
+            .map(|f| {
+                let (store, meta, name) = (Arc::clone(&f.store), f.meta.clone(), f.name.clone());
                 let schema = Arc::clone(&out_schema);
                 let projection = projection.clone();
-                ReadTask::new(meta.location.to_string(), meta.size, move |_ctx| {
-                    let (store, meta, schema, projection) = (
+                ReadTask::new(name.clone(), meta.size, move |_ctx| {
+                    let (store, meta, name, schema, projection) = (
                         Arc::clone(&store),
                         meta.clone(),
+                        name.clone(),
                         Arc::clone(&schema),
                         projection.clone(),
                     );
@@ -203,12 +208,12 @@ impl DataSource for BinaryScan {
                         let bytes = store
                             .get(&meta.location)
                             .await
-                            .with_context(|| format!("reading {}", meta.location))?
+                            .with_context(|| format!("reading {name}"))?
                             .bytes()
                             .await
-                            .with_context(|| format!("reading {}", meta.location))?;
+                            .with_context(|| format!("reading {name}"))?;
                         let full: Vec<ArrayRef> = vec![
-                            Arc::new(StringArray::from(vec![meta.location.to_string()])),
+                            Arc::new(StringArray::from(vec![name])),
                             Arc::new(BinaryArray::from(vec![bytes.as_ref()])),
                         ];
                         let cols = match &projection {

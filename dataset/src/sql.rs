@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use arrow::datatypes::SchemaRef;
 use datafusion::catalog::{
-    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
-    MemorySchemaProvider, Session, TableProvider,
+    CatalogProvider, CatalogProviderList, DynamicFileCatalog, MemoryCatalogProvider,
+    MemoryCatalogProviderList, MemorySchemaProvider, Session, TableProvider,
 };
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
 use datafusion::common::Column;
@@ -25,7 +25,7 @@ use datafusion::physical_plan::{displayable, ExecutionPlan};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParser;
 use volley_common::{Result, ResultExt, VolleyError};
-use volley_connectors::{plain_strings, DataSource, ReadTask, ScanRequest};
+use volley_connectors::{DataSource, ReadTask, ScanRequest};
 
 use crate::context::Context;
 use crate::dataset::Dataset;
@@ -47,7 +47,18 @@ pub(crate) fn plan_sql(
     let state = SessionStateBuilder::new_from_existing(ctx.session_state().clone())
         .with_catalog_list(catalogs)
         .build();
-    let sctx = SessionContext::new_with_state(state).enable_url_table();
+    // Paths in quotes (`FROM 'data/*.parquet'`) become file tables.
+    let files_in_quotes = Arc::new(volley_connectors::FileTableFactory::new(
+        ctx.session_state().clone(),
+    ));
+    let catalogs = Arc::new(DynamicFileCatalog::new(
+        Arc::clone(state.catalog_list()),
+        files_in_quotes,
+    ));
+    let state = SessionStateBuilder::new_from_existing(state)
+        .with_catalog_list(catalogs)
+        .build();
+    let sctx = SessionContext::new_with_state(state);
     for (name, ds) in tables {
         sctx.register_table(*name, Arc::new(DatasetTable::try_new((*ds).clone())?))
             .with_context(|| format!("registering table `{name}`"))?;
@@ -107,63 +118,13 @@ pub(crate) fn plan_sql(
     ))))
 }
 
-/// Files as a DataFusion table (Parquet unless the path says `.csv`, `.json`/`.ndjson`/
-/// `.jsonl`, `.arrow`/`.ipc`/`.feather`), with view string columns read as plain
-/// strings (see [`plain_strings`]). Lists the files and reads their schemas now.
+/// Files as a DataFusion table (see [`volley_connectors::file_table`]): the format
+/// follows the path's extension (Parquet unless it says `.csv`, `.json`/`.ndjson`/
+/// `.jsonl`, `.arrow`/`.ipc`/`.feather`); view string columns are read as plain strings.
+/// Lists the files and reads their schemas now, naming the file of any error.
 pub(crate) fn file_table(ctx: &Context, path: &str) -> Result<Arc<dyn TableProvider>> {
-    use datafusion::datasource::file_format::options::ArrowReadOptions;
-    use datafusion::datasource::file_format::options::ReadOptions;
-    use datafusion::datasource::listing::{ListingTable, ListingTableConfig, ListingTableUrl};
-    use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
-    volley_connectors::parse_path(path)?;
-    let state = ctx.session_state().clone();
-    let lower = path.to_ascii_lowercase();
-    let (config, defaults) = (state.config(), state.default_table_options());
-    let options = if lower.contains(".csv") {
-        CsvReadOptions::default().to_listing_options(config, defaults)
-    } else if lower.contains(".ndjson") || lower.contains(".jsonl") || lower.contains(".json") {
-        let ext = if lower.contains(".ndjson") {
-            ".ndjson"
-        } else if lower.contains(".jsonl") {
-            ".jsonl"
-        } else {
-            ".json"
-        };
-        JsonReadOptions {
-            file_extension: ext,
-            ..Default::default()
-        }
-        .to_listing_options(config, defaults)
-    } else if lower.ends_with(".arrow") || lower.ends_with(".ipc") || lower.ends_with(".feather") {
-        ArrowReadOptions::default().to_listing_options(config, defaults)
-    } else {
-        ParquetReadOptions::default().to_listing_options(config, defaults)
-    };
-    let options =
-        if lower.ends_with(".arrow") || lower.ends_with(".ipc") || lower.ends_with(".feather") {
-            // A named file: whatever its extension.
-            options.with_file_extension(
-                lower
-                    .rsplit('.')
-                    .next()
-                    .map(|e| format!(".{e}"))
-                    .unwrap_or_default(),
-            )
-        } else {
-            options
-        };
     ctx.exec_context()
-        .block_on(async {
-            let url = ListingTableUrl::parse(path)?;
-            let schema = options.infer_schema(&state, &url).await?;
-            let config = ListingTableConfig::new(url)
-                .with_listing_options(options)
-                .with_schema(plain_strings(&schema));
-            Ok::<_, datafusion::error::DataFusionError>(
-                Arc::new(ListingTable::try_new(config)?) as Arc<dyn TableProvider>
-            )
-        })
-        .with_context(|| format!("reading table files {path}"))
+        .block_on(volley_connectors::file_table(ctx.session_state(), path))
 }
 
 /// A DataFusion logical plan as a dataset source: one read task per output partition
@@ -219,6 +180,8 @@ impl PlanSource {
     async fn physical(&self, request: &ScanRequest) -> Result<Arc<dyn ExecutionPlan>> {
         let plan = self.projected(request)?;
         let mut physical = self.state.create_physical_plan(&plan).await?;
+        // Errors met while reading a file name it.
+        physical = volley_connectors::name_file_errors(physical)?;
         let parts = physical.properties().partitioning.partition_count();
         let cpus = self.state.config().target_partitions();
         if parts > cpus {
