@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use volley::arrow::array::{ArrayRef, Int64Array, RecordBatch};
+use volley::crates::common::ErrorKind;
 use volley::crates::runtime::cluster::{
     object_value, value_object, ActorOptions, PlacementStrategy, RemoteActor, RemoteTask,
     Resources, TaskContext, TaskOptions,
@@ -93,6 +94,29 @@ impl RemoteActor for Accumulator {
                 "Accumulator has no method {other}"
             ))),
         }
+    }
+}
+
+/// Fails with an error of the given category, to show that the category reaches the
+/// driver.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct FailAs(ErrorKind);
+
+#[typetag::serde]
+impl RemoteTask for FailAs {
+    fn run(&self, _: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        Err(match self.0 {
+            ErrorKind::UserFunction => VolleyError::UserFunction {
+                name: "score".into(),
+                message: "division by zero".into(),
+            },
+            ErrorKind::Cancelled => VolleyError::Cancelled,
+            ErrorKind::ResourcesExhausted => {
+                VolleyError::ResourcesExhausted("the model needs 80 GiB".into())
+            }
+            _ => VolleyError::plan("no column `x`"),
+        }
+        .context("in FailAs"))
     }
 }
 
@@ -206,6 +230,24 @@ fn main() -> Result<()> {
         return Err(VolleyError::execution("wrong actor total"));
     }
     acc.kill()?;
+
+    // A task's error reaches the driver with its category.
+    for kind in [
+        ErrorKind::UserFunction,
+        ErrorKind::Cancelled,
+        ErrorKind::ResourcesExhausted,
+        ErrorKind::Plan,
+    ] {
+        let failed = cluster.submit(FailAs(kind), &[], &TaskOptions::default())?;
+        match cluster.get(&failed) {
+            Err(e) if e.kind() == kind => println!("a {kind:?} error arrives as one: {e}"),
+            other => {
+                return Err(VolleyError::execution(format!(
+                    "expected a {kind:?} error, got {other:?}"
+                )))
+            }
+        }
+    }
 
     // An actor whose process dies is rebuilt from its initial value (max_restarts).
     let fragile = cluster.create_actor(

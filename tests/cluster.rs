@@ -418,7 +418,19 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         "{}",
         c.describe(&tasks)
     );
-    assert!(c.logs(&tasks).contains("OK"));
+    let logs = c.logs(&tasks);
+    assert!(logs.contains("OK"), "{logs}");
+    // Failed tasks' errors keep their category across the wire.
+    for kind in ["UserFunction", "Cancelled", "ResourcesExhausted", "Plan"] {
+        assert!(
+            logs.contains(&format!("a {kind} error arrives as one")),
+            "{logs}"
+        );
+    }
+    assert!(
+        logs.contains("failed: in FailAs: user function `score` failed: division by zero"),
+        "{logs}"
+    );
 
     // A task needing 2 GPUs and a group needing 4 CPUs on one node wait until such a
     // node joins, then run there.

@@ -17,7 +17,7 @@ pub type Result<T, E = VolleyError> = std::result::Result<T, E>;
 /// place worth naming (a file, an operator, a user function) are wrapped in
 /// [`Context`](VolleyError::Context) so that the message reads from the outside in:
 /// `reading data/a.parquet: Parquet error: ...`.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum VolleyError {
     /// The request cannot be planned: unknown column, wrong argument, bad option.
@@ -67,6 +67,126 @@ pub enum VolleyError {
         /// What happened.
         source: Box<VolleyError>,
     },
+}
+
+/// `{:?}` prints the message, as `{}` does, so that a `main` returning
+/// `volley::Result<()>` ends with one readable line; `{:#?}` shows the structure (the
+/// category of every layer).
+impl std::fmt::Debug for VolleyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !f.alternate() {
+            return write!(f, "{self}");
+        }
+        match self {
+            VolleyError::Context { context, source } => f
+                .debug_struct("Context")
+                .field("context", context)
+                .field("source", source)
+                .finish(),
+            other => write!(f, "{:?}({other})", other.kind()),
+        }
+    }
+}
+
+/// The category of an error: what a caller (or a driver, for an error that happened in
+/// another process) decides on. See [`VolleyError`] for what each means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The user's request cannot be planned.
+    Plan,
+    /// A configuration value is invalid.
+    Config,
+    /// Something failed while the data was flowing (including I/O, Arrow and file
+    /// format errors).
+    Execution,
+    /// A user function returned an error or panicked.
+    UserFunction,
+    /// The work was cancelled.
+    Cancelled,
+    /// Memory, CPUs or another resource could not be had.
+    ResourcesExhausted,
+    /// A bug in volley.
+    Internal,
+}
+
+/// A [`VolleyError`] as it crosses a process boundary (a cluster task's failure): its
+/// category, the innermost error's own message, and the places it happened, outermost
+/// first. [`VolleyError::from`] rebuilds an error of the same category, so a driver can
+/// tell a cancelled task from a failing user function or a lack of resources.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorReport {
+    /// The category.
+    pub kind: ErrorKind,
+    /// The innermost error's message, without its category's prefix.
+    pub message: String,
+    /// For a [`ErrorKind::UserFunction`] error: the function's name.
+    pub function: Option<String>,
+    /// The contexts around it, outermost first (`["task read-3", "reading a.parquet"]`).
+    pub context: Vec<String>,
+}
+
+impl ErrorReport {
+    /// A report of `kind` with `message` and no context.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            function: None,
+            context: vec![],
+        }
+    }
+
+    /// This report wrapped in one more context (the outermost).
+    pub fn with_context(mut self, context: impl Into<String>) -> Self {
+        self.context.insert(0, context.into());
+        self
+    }
+}
+
+impl From<&VolleyError> for ErrorReport {
+    fn from(e: &VolleyError) -> Self {
+        let mut context = Vec::new();
+        let mut at = e;
+        while let VolleyError::Context { context: c, source } = at {
+            context.push(c.clone());
+            at = source;
+        }
+        let (message, function) = match at {
+            VolleyError::Plan(m)
+            | VolleyError::Config(m)
+            | VolleyError::Execution(m)
+            | VolleyError::ResourcesExhausted(m)
+            | VolleyError::Internal(m) => (m.clone(), None),
+            VolleyError::UserFunction { name, message } => (message.clone(), Some(name.clone())),
+            VolleyError::Cancelled => (String::new(), None),
+            other => (other.to_string(), None),
+        };
+        Self {
+            kind: at.kind(),
+            message,
+            function,
+            context,
+        }
+    }
+}
+
+impl From<ErrorReport> for VolleyError {
+    fn from(r: ErrorReport) -> Self {
+        let root = match r.kind {
+            ErrorKind::Plan => VolleyError::Plan(r.message),
+            ErrorKind::Config => VolleyError::Config(r.message),
+            ErrorKind::Execution => VolleyError::Execution(r.message),
+            ErrorKind::UserFunction => VolleyError::UserFunction {
+                name: r.function.unwrap_or_default(),
+                message: r.message,
+            },
+            ErrorKind::Cancelled => VolleyError::Cancelled,
+            ErrorKind::ResourcesExhausted => VolleyError::ResourcesExhausted(r.message),
+            ErrorKind::Internal => VolleyError::Internal(r.message),
+        };
+        r.context.into_iter().rev().fold(root, |e, c| e.context(c))
+    }
 }
 
 /// DataFusion prefixes its messages with its own category names ("Error during
@@ -162,6 +282,30 @@ impl VolleyError {
         }
     }
 
+    /// The category of the innermost error. Errors of the libraries volley uses (I/O,
+    /// Arrow, object stores) are execution errors; DataFusion's are sorted by its own
+    /// categories (planning, configuration, resources, internal, else execution).
+    pub fn kind(&self) -> ErrorKind {
+        match self.root() {
+            VolleyError::Plan(_) => ErrorKind::Plan,
+            VolleyError::Config(_) => ErrorKind::Config,
+            VolleyError::UserFunction { .. } => ErrorKind::UserFunction,
+            VolleyError::Cancelled => ErrorKind::Cancelled,
+            VolleyError::ResourcesExhausted(_) => ErrorKind::ResourcesExhausted,
+            VolleyError::Internal(_) => ErrorKind::Internal,
+            VolleyError::DataFusion(e) => match e.find_root() {
+                DataFusionError::Plan(_)
+                | DataFusionError::SQL(..)
+                | DataFusionError::SchemaError(..) => ErrorKind::Plan,
+                DataFusionError::Configuration(_) => ErrorKind::Config,
+                DataFusionError::ResourcesExhausted(_) => ErrorKind::ResourcesExhausted,
+                DataFusionError::Internal(_) => ErrorKind::Internal,
+                _ => ErrorKind::Execution,
+            },
+            _ => ErrorKind::Execution,
+        }
+    }
+
     /// Whether this error (under any context) is a cancellation.
     pub fn is_cancelled(&self) -> bool {
         matches!(self.root(), VolleyError::Cancelled)
@@ -196,6 +340,43 @@ mod tests {
         let e = VolleyError::execution("bad byte").context("reading a.parquet");
         assert_eq!(e.to_string(), "reading a.parquet: bad byte");
         assert!(matches!(e.root(), VolleyError::Execution(_)));
+    }
+
+    #[test]
+    fn reports_keep_the_category_and_contexts() {
+        let cases = [
+            VolleyError::Cancelled.context("task t"),
+            VolleyError::UserFunction {
+                name: "f".into(),
+                message: "boom".into(),
+            }
+            .context("reading a.parquet")
+            .context("task t"),
+            VolleyError::ResourcesExhausted("budget 1 MiB".into()),
+            VolleyError::plan("no column x"),
+            VolleyError::Config("bad".into()),
+            VolleyError::internal("bug"),
+        ];
+        for e in cases {
+            let report = ErrorReport::from(&e);
+            let back = VolleyError::from(report.clone());
+            assert_eq!(back.kind(), e.kind(), "{e}");
+            assert_eq!(back.to_string(), e.to_string());
+            assert_eq!(ErrorReport::from(&back), report);
+        }
+        let io = VolleyError::Io(std::io::Error::other("disk on fire")).context("writing x");
+        let back = VolleyError::from(ErrorReport::from(&io));
+        assert_eq!(back.kind(), ErrorKind::Execution);
+        assert_eq!(back.to_string(), "writing x: disk on fire");
+        let df = VolleyError::from(DataFusionError::ResourcesExhausted("full".into()));
+        assert_eq!(df.kind(), ErrorKind::ResourcesExhausted);
+    }
+
+    #[test]
+    fn debug_prints_the_message() {
+        let e = VolleyError::plan("no column x").context("select");
+        assert_eq!(format!("{e:?}"), "select: no column x");
+        assert!(format!("{e:#?}").contains("Plan(no column x)"));
     }
 
     #[test]

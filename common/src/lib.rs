@@ -12,5 +12,5 @@ mod error;
 mod size;
 
 pub use config::{env_var, ExecOptions, ProgressMode, ReadOptions, RuntimeOptions, VolleyConfig};
-pub use error::{Result, ResultExt, VolleyError};
+pub use error::{ErrorKind, ErrorReport, Result, ResultExt, VolleyError};
 pub use size::{format_bytes, parse_bytes};

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use volley_common::{Result, VolleyError};
 
-use super::net::{status_error, Channels, Head};
+use super::net::{error_report, status_error, Channels, Head};
 use super::objects::{fetch, store};
 use super::proto;
 use super::resources::Resources;
@@ -527,7 +527,7 @@ impl Cluster {
         let mut ready = Vec::new();
         let mut rest = Vec::new();
         for (o, s) in objects.iter().zip(r.objects) {
-            if s.ready || !s.error.is_empty() {
+            if s.ready || s.error.is_some() {
                 ready.push(o.clone());
             } else {
                 rest.push(o.clone());
@@ -625,8 +625,8 @@ async fn wait_all(inner: &Inner, ids: &[String]) -> Result<()> {
             .await
             .map_err(|e| status_error("waiting for objects", e))?
             .into_inner();
-        if let Some(e) = r.objects.iter().find(|o| !o.error.is_empty()) {
-            return Err(VolleyError::execution(e.error.clone()));
+        if let Some(e) = r.objects.iter().find_map(|o| o.error.as_ref()) {
+            return Err(VolleyError::from(error_report(e)));
         }
         if r.objects.iter().all(|o| o.ready) {
             return Ok(());
@@ -648,8 +648,8 @@ async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
             .map_err(|e| status_error(format!("waiting for {id}"), e))?
             .into_inner();
         let s = r.objects.into_iter().next().unwrap_or_default();
-        if !s.error.is_empty() {
-            return Err(VolleyError::execution(s.error));
+        if let Some(e) = &s.error {
+            return Err(VolleyError::from(error_report(e)));
         }
         if s.ready {
             let addresses = s.location.map(|l| l.addresses).unwrap_or_default();

@@ -16,8 +16,9 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, Notify};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
-use volley_common::{Result, VolleyError};
+use volley_common::{ErrorKind, ErrorReport, Result, VolleyError};
 
+use super::net::{error_report, wire_error, wire_execution_error};
 use super::package::{chunk_stream, package_files, PackageWriter};
 use super::proto::{self, node_command::Command, task_report::Outcome};
 use super::resources::{GpuSlots, Resources};
@@ -102,12 +103,23 @@ struct TaskEntry {
     bundle: Option<BundleRef>,
 }
 
+/// A failure of the cluster's own (a lost worker, node or input) as an error report.
+fn execution_report(message: impl Into<String>) -> ErrorReport {
+    ErrorReport::new(ErrorKind::Execution, message)
+}
+
+/// Work that will not run because its job ended.
+fn cancelled_report(why: &str) -> ErrorReport {
+    ErrorReport::new(ErrorKind::Cancelled, "").with_context(why)
+}
+
 struct ObjectEntry {
     job: String,
     producer: Option<String>,
     locations: Vec<String>,
     bytes: u64,
-    error: Option<String>,
+    /// Why the object can never be produced (its task failed for good).
+    error: Option<ErrorReport>,
     freed: bool,
     /// Tasks not yet finished that take this object as input.
     users: u32,
@@ -529,7 +541,7 @@ impl State {
             return true;
         }
         if !self.job_active(&task.spec.job_id) {
-            self.fail_task(id, "its job is not running");
+            self.fail_task(id, cancelled_report("its job is not running"));
             return true;
         }
         // Inputs: all present, or one failed for good.
@@ -537,15 +549,19 @@ impl State {
         for a in &task.spec.args {
             match self.objects.get(a) {
                 None => {
-                    self.fail_task(id, &format!("input object {a} was freed or never existed"));
+                    self.fail_task(
+                        id,
+                        execution_report(format!("input object {a} was freed or never existed")),
+                    );
                     return true;
                 }
                 Some(o) if o.error.is_some() => {
-                    let e = format!(
-                        "input object {a} failed: {}",
-                        o.error.clone().unwrap_or_default()
-                    );
-                    self.fail_task(id, &e);
+                    let e = o
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| execution_report(""))
+                        .with_context(format!("input object {a} failed"));
+                    self.fail_task(id, e);
                     return true;
                 }
                 Some(o) => {
@@ -568,11 +584,12 @@ impl State {
                 Some(ActorState::Alive { node }) => node.clone(),
                 Some(ActorState::Dead(e)) => {
                     let e = format!("actor {} is dead: {e}", task.spec.actor_id);
-                    self.fail_task(id, &e);
+                    self.fail_task(id, execution_report(e));
                     return true;
                 }
                 None => {
-                    self.fail_task(id, &format!("no actor {}", task.spec.actor_id));
+                    let e = format!("no actor {}", task.spec.actor_id);
+                    self.fail_task(id, execution_report(e));
                     return true;
                 }
                 _ => return false,
@@ -764,7 +781,7 @@ impl State {
         }
     }
 
-    fn fail_task(&mut self, id: &str, error: &str) {
+    fn fail_task(&mut self, id: &str, error: ErrorReport) {
         if matches!(
             self.tasks.get(id).map(|t| &t.state),
             None | Some(TaskState::Done | TaskState::Failed)
@@ -778,7 +795,7 @@ impl State {
         task.state = TaskState::Failed;
         let args = task.spec.args.clone();
         if let Some(o) = self.objects.get_mut(id) {
-            o.error = Some(error.to_string());
+            o.error = Some(error);
         }
         self.release_args(&args);
         if self.objects.get(id).is_some_and(|o| o.freed) {
@@ -793,8 +810,8 @@ impl State {
             return;
         };
         if task.retries_left == 0 {
-            let e = format!("{error} (no retries left)");
-            self.fail_task(id, &e);
+            let e = execution_report(format!("{error} (no retries left)"));
+            self.fail_task(id, e);
             return;
         }
         task.retries_left -= 1;
@@ -910,9 +927,9 @@ impl State {
         let producer = self.objects.get(object).and_then(|o| o.producer.clone());
         let Some(p) = producer else {
             if let Some(o) = self.objects.get_mut(object) {
-                o.error = Some(format!(
+                o.error = Some(execution_report(format!(
                     "object {object} was lost with node {node} and has no task to rebuild it"
-                ));
+                )));
             }
             return;
         };
@@ -924,7 +941,9 @@ impl State {
         }
         if task.reconstructions >= 10 {
             if let Some(o) = self.objects.get_mut(object) {
-                o.error = Some(format!("object {object} was lost too many times"));
+                o.error = Some(execution_report(format!(
+                    "object {object} was lost too many times"
+                )));
             }
             return;
         }
@@ -1204,7 +1223,7 @@ impl State {
                 self.tasks[t].state,
                 TaskState::Pending | TaskState::Running { .. }
             ) {
-                self.fail_task(t, &format!("job {id} ended"));
+                self.fail_task(t, cancelled_report(&format!("job {id} ended")));
             }
         }
         let actors: Vec<String> = self
@@ -1355,8 +1374,14 @@ impl proto::head_server::Head for HeadService {
             }
             match Outcome::try_from(r.outcome).unwrap_or(Outcome::SystemFailure) {
                 Outcome::Ok => s.task_done(&r.task_id, &r.node_id, r.output_bytes),
-                Outcome::Failed => s.fail_task(&r.task_id, &r.error),
-                Outcome::SystemFailure => s.system_failure(&r.task_id, &r.error),
+                Outcome::Failed => {
+                    let e = r.error.as_ref().map(error_report);
+                    s.fail_task(&r.task_id, e.unwrap_or_else(|| execution_report("failed")))
+                }
+                Outcome::SystemFailure => {
+                    let e = r.error.as_ref().map(|e| e.message.clone());
+                    s.system_failure(&r.task_id, &e.unwrap_or_default())
+                }
             }
         });
         Ok(Response::new(proto::Empty {}))
@@ -1557,7 +1582,9 @@ impl proto::head_server::Head for HeadService {
                         None => proto::ObjectStatus {
                             object_id: id.clone(),
                             ready: false,
-                            error: format!("object {id} is unknown (freed, or its job ended)"),
+                            error: Some(wire_execution_error(format!(
+                                "object {id} is unknown (freed, or its job ended)"
+                            ))),
                             location: None,
                         },
                         Some(o) => {
@@ -1565,7 +1592,7 @@ impl proto::head_server::Head for HeadService {
                             proto::ObjectStatus {
                                 object_id: id.clone(),
                                 ready: !addresses.is_empty(),
-                                error: o.error.clone().unwrap_or_default(),
+                                error: o.error.as_ref().map(wire_error),
                                 location: Some(proto::ObjectLocation {
                                     object_id: id.clone(),
                                     addresses,
@@ -1577,7 +1604,7 @@ impl proto::head_server::Head for HeadService {
                     .collect::<Vec<_>>();
                 let done = objects
                     .iter()
-                    .filter(|o| o.ready || !o.error.is_empty())
+                    .filter(|o| o.ready || o.error.is_some())
                     .count();
                 Ok((objects, done >= want))
             })

@@ -7,9 +7,10 @@ use std::time::Duration;
 use arrow_flight::FlightClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use volley_common::{Result, VolleyError};
+use volley_common::{ErrorKind, ErrorReport, Result, VolleyError};
 
 use super::auth::{AddToken, TOKEN_HEADER};
+use super::proto;
 use super::proto::head_client::HeadClient;
 use super::proto::node_agent_client::NodeAgentClient;
 
@@ -135,4 +136,50 @@ pub async fn bind(host: &str, port: u16) -> Result<(tokio::net::TcpListener, Str
         .map_err(|e| VolleyError::Io(e).context(format!("cannot listen on {host}:{port}")))?;
     let port = listener.local_addr()?.port();
     Ok((listener, format!("{host}:{port}")))
+}
+
+/// An error report as the protocol carries it.
+pub fn wire_error(report: &ErrorReport) -> proto::TaskError {
+    use proto::task_error::Kind;
+    let kind = match report.kind {
+        ErrorKind::Plan => Kind::Plan,
+        ErrorKind::Config => Kind::Config,
+        ErrorKind::UserFunction => Kind::UserFunction,
+        ErrorKind::Cancelled => Kind::Cancelled,
+        ErrorKind::ResourcesExhausted => Kind::ResourcesExhausted,
+        ErrorKind::Internal => Kind::Internal,
+        _ => Kind::Execution,
+    };
+    proto::TaskError {
+        kind: kind as i32,
+        message: report.message.clone(),
+        function: report.function.clone().unwrap_or_default(),
+        context: report.context.clone(),
+    }
+}
+
+/// The error report a protocol message carries (an unknown category is an execution
+/// error).
+pub fn error_report(e: &proto::TaskError) -> ErrorReport {
+    use proto::task_error::Kind;
+    let kind = match Kind::try_from(e.kind).unwrap_or(Kind::Execution) {
+        Kind::Plan => ErrorKind::Plan,
+        Kind::Config => ErrorKind::Config,
+        Kind::UserFunction => ErrorKind::UserFunction,
+        Kind::Cancelled => ErrorKind::Cancelled,
+        Kind::ResourcesExhausted => ErrorKind::ResourcesExhausted,
+        Kind::Internal => ErrorKind::Internal,
+        Kind::Execution => ErrorKind::Execution,
+    };
+    ErrorReport {
+        kind,
+        message: e.message.clone(),
+        function: (!e.function.is_empty()).then(|| e.function.clone()),
+        context: e.context.clone(),
+    }
+}
+
+/// An execution error (a lost worker, node or input) as the protocol carries it.
+pub fn wire_execution_error(message: impl Into<String>) -> proto::TaskError {
+    wire_error(&ErrorReport::new(ErrorKind::Execution, message))
 }

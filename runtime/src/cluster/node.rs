@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use volley_common::{Result, VolleyError};
 
 use super::auth::CheckToken;
-use super::net::{bind, status_error, Channels, Head};
+use super::net::{bind, status_error, wire_execution_error, Channels, Head};
 use super::objects::{FlightObjects, ObjectStore};
 use super::package::PackageWriter;
 use super::proto::{self, node_command::Command, task_report::Outcome};
@@ -628,7 +628,7 @@ impl Agent {
                 task_id: task,
                 attempt,
                 outcome: Outcome::SystemFailure as i32,
-                error: why.clone(),
+                error: Some(wire_execution_error(why.clone())),
                 output_bytes: 0,
                 output_rows: 0,
             };
@@ -652,7 +652,7 @@ impl Agent {
                 task_id: t.task_id.clone(),
                 attempt: t.attempt,
                 outcome: outcome as i32,
-                error,
+                error: Some(wire_execution_error(error)),
                 output_bytes: bytes,
                 output_rows: rows,
             })

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use tracing::warn;
-use volley_common::{Result, VolleyError};
+use volley_common::{ErrorReport, Result, VolleyError};
 
-use super::net::Channels;
+use super::net::{wire_error, wire_execution_error, Channels};
 use super::objects::{fetch, store};
 use super::proto::{self, task_report::Outcome};
 use super::task::{decode, Payload, RemoteActor, TaskContext};
@@ -162,7 +162,10 @@ async fn run_one(
             Some(b) => inputs.push(b),
             None => {
                 report.outcome = Outcome::SystemFailure as i32;
-                report.error = format!("cannot read input {}: {last_error}", arg.object_id);
+                report.error = Some(wire_execution_error(format!(
+                    "cannot read input {}: {last_error}",
+                    arg.object_id
+                )));
                 return report;
             }
         }
@@ -201,13 +204,18 @@ async fn run_one(
                 }
                 Err(e) => {
                     report.outcome = Outcome::SystemFailure as i32;
-                    report.error = format!("cannot store the result: {e}");
+                    report.error = Some(wire_execution_error(format!(
+                        "cannot store the result: {e}"
+                    )));
                 }
             }
         }
         Err(e) => {
             report.outcome = Outcome::Failed as i32;
-            report.error = format!("task {label} failed: {e}");
+            // The category travels with the message (a cancelled task, a user
+            // function's failure, a lack of resources are told apart by the driver).
+            let e = e.context(format!("task {label} failed"));
+            report.error = Some(wire_error(&ErrorReport::from(&e)));
         }
     }
     report
