@@ -40,8 +40,8 @@ use volley::train::burn::tensor::activation::{silu, softmax};
 use volley::train::burn::tensor::backend::Backend;
 use volley::train::burn::tensor::{Int, Tensor, TensorData};
 use volley::train::{
-    metrics, DataParallelTrainer, RunConfig, ScalingConfig, TrainCheckpoint, TrainContext,
-    TrainLoop,
+    metrics, DataParallelTrainer, LoadRecord, RunConfig, ScalingConfig, TrainCheckpoint,
+    TrainContext, TrainLoop, WithRecord,
 };
 
 type B = Autodiff<NdArray<f32>>;

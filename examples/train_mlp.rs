@@ -35,8 +35,8 @@ use volley::train::burn::tensor::backend::Backend;
 use volley::train::burn::tensor::Tensor;
 use volley::train::tensor::{features_tensor, int_tensor};
 use volley::train::{
-    metrics, DataParallelTrainer, Placement, RunConfig, ScalingConfig, TrainCheckpoint,
-    TrainContext, TrainLoop,
+    metrics, DataParallelTrainer, LoadRecord, Placement, RunConfig, ScalingConfig, TrainCheckpoint,
+    TrainContext, TrainLoop, WithRecord,
 };
 
 type B = Autodiff<NdArray<f32>>;

@@ -7,6 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The repository stands alone: no tracked file may name a path outside it.
 python3 scripts/check_paths.py
+# A sweep of trainables that do not use Burn builds without Burn.
+if cargo tree -p volley-tune -e normal --prefix none | grep -q '^burn'; then
+    echo "volley-tune (without its train feature) depends on Burn" >&2
+    exit 1
+fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     duckdb 'moto[server]' boto3 tpchgen-cli
 cargo test --workspace "$@"

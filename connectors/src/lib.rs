@@ -31,8 +31,8 @@ pub use listing::{plain_strings, FileScan};
 pub use named_scan::{name_file_errors, NamedFileScanExec};
 pub use registry::VolleyObjectStoreRegistry;
 pub use sink::{
-    Compression, PartWriter, RemotePart, WriteFormat, WriteJob, WriteMode, WriteOptions,
-    WriteSummary,
+    Compression, PartWriter, RemotePart, StagedPart, WriteFormat, WriteJob, WriteMode,
+    WriteOptions, WriteSummary,
 };
 pub use source::{DataSource, ReadTask, ScanRequest};
 pub use table::{file_table, FileTableFactory};

@@ -547,10 +547,9 @@ impl WriteBuilder {
                 writer.finish()
             })();
             return match result {
-                Ok(summary) => {
-                    job.commit()?;
-                    Ok(summary)
-                }
+                Ok(staged) => job
+                    .commit(vec![staged])
+                    .with_context(|| format!("writing {}", self.path)),
                 Err(e) => {
                     job.abort();
                     Err(e).with_context(|| format!("writing {}", self.path))

@@ -19,7 +19,9 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion_proto::bytes::Serializeable;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, ResultExt, VolleyError};
-use volley_connectors::{DataSource, ReadTask, RemotePart, ScanRequest, WriteJob, WriteSummary};
+use volley_connectors::{
+    DataSource, ReadTask, RemotePart, ScanRequest, StagedPart, WriteJob, WriteSummary,
+};
 use volley_exec::TransformFn;
 use volley_runtime::cluster::{
     object_value, value_object, Cluster, ObjectRef, RemoteTask, Resources, TaskContext, TaskOptions,
@@ -238,15 +240,26 @@ impl RemoteTask for FragmentTask {
                     .as_ref()
                     .map(std::path::PathBuf::from)
                     .unwrap_or_else(std::env::temp_dir);
-                let summary = part.write(
+                let staged = part.write(
                     ds.iter_batches()?,
                     registry.as_ref(),
                     &scratch,
-                    &format!("{}", task.attempt),
+                    task.attempt,
                     exec.runtime.io_handle(),
                 )?;
-                value_object(&summary)
+                value_object(&staged)
             }
+        }
+    }
+
+    /// A superseded attempt removes what it staged.
+    fn discard(&self, task: &TaskContext) {
+        let Some(part) = &self.write else { return };
+        let Ok(ctx) = Context::global() else { return };
+        let exec = ctx.exec_context();
+        let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
+        if let Err(e) = part.discard(registry.as_ref(), task.attempt, exec.runtime.io_handle()) {
+            tracing::warn!("{}: {e}", self.label);
         }
     }
 }
@@ -370,17 +383,14 @@ impl Distributed {
         for (i, t) in self.tasks.iter_mut().enumerate() {
             t.write = Some(job.remote_part(i));
         }
-        let mut summary = WriteSummary::default();
+        // The results the head accepted: one attempt of each task.
+        let mut parts: Vec<StagedPart> = Vec::new();
         let result = self.run(cluster, |_, b| {
-            summary.merge(object_value(&b)?);
+            parts.push(object_value(&b)?);
             Ok(())
         });
         match result {
-            Ok(()) => {
-                job.commit()?;
-                summary.files.sort();
-                Ok(summary)
-            }
+            Ok(()) => job.commit(parts),
             Err(e) => {
                 job.abort();
                 Err(e)

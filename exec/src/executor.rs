@@ -207,8 +207,8 @@ impl TaskBody {
 
     fn finish(&self, writer: Option<PartWriter>) -> Result<()> {
         if let (Some(w), Some(target)) = (writer, &self.write) {
-            let summary = w.finish()?;
-            target.summary.lock().expect("write lock").merge(summary);
+            let staged = w.finish()?;
+            target.parts.lock().expect("write lock").push(staged);
         }
         Ok(())
     }

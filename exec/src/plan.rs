@@ -4,7 +4,7 @@ use std::fmt::{self, Write as _};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
-use volley_connectors::{DataSource, ScanRequest, WriteJob, WriteSummary};
+use volley_connectors::{DataSource, ScanRequest, StagedPart, WriteJob, WriteSummary};
 use volley_runtime::ResourceRequest;
 
 use crate::step::Step;
@@ -15,7 +15,8 @@ use crate::transform::TransformFactory;
 pub struct WriteTarget {
     pub(crate) job: Mutex<Option<WriteJob>>,
     pub(crate) next_part: AtomicUsize,
-    pub(crate) summary: Mutex<WriteSummary>,
+    /// What each finished task staged.
+    pub(crate) parts: Mutex<Vec<StagedPart>>,
 }
 
 impl WriteTarget {
@@ -24,18 +25,19 @@ impl WriteTarget {
         Arc::new(Self {
             job: Mutex::new(Some(job)),
             next_part: AtomicUsize::new(0),
-            summary: Mutex::new(WriteSummary::default()),
+            parts: Mutex::new(Vec::new()),
         })
     }
 
     /// Commits every part (after a successful execution) and returns what was written.
     pub fn commit(&self) -> volley_common::Result<WriteSummary> {
-        if let Some(job) = self.job.lock().expect("write lock").take() {
-            job.commit()?;
+        let parts = std::mem::take(&mut *self.parts.lock().expect("write lock"));
+        match self.job.lock().expect("write lock").take() {
+            Some(job) => job.commit(parts),
+            None => Err(volley_common::VolleyError::internal(
+                "the write was committed or aborted already",
+            )),
         }
-        Ok(std::mem::take(
-            &mut *self.summary.lock().expect("write lock"),
-        ))
     }
 
     /// Removes every staged part (after a failed execution).

@@ -133,7 +133,11 @@ fn incompatible_schemas_name_the_file() {
         })
         .collect();
     let e = err_of(c.read_parquet(files.clone()));
-    assert!(e.contains("does not match") && e.contains("id"), "{e}");
+    assert!(
+        e.contains("column `id` is Int64") && e.contains("but Utf8"),
+        "{e}"
+    );
+    assert!(e.contains(&files[0]) && e.contains(&files[1]), "{e}");
 }
 
 #[test]

@@ -4,6 +4,7 @@ mod common;
 mod dataset_api;
 mod errors;
 mod exchange;
+mod hostile;
 mod io;
 #[cfg(feature = "llm")]
 mod llm;

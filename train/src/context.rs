@@ -1,7 +1,7 @@
 //! What a rank's training loop sees: its place in the group, its dataset shards, the
 //! gradient all-reduce, reports and checkpoints.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -10,113 +10,50 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Record, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use volley_common::{Result, VolleyError};
 
-use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::collective::{Collective, TcpRing};
 use crate::grads::all_reduce_gradients;
-use crate::session::{Report, SessionClient, ShardStream};
+use volley_run::{BatchStream, Decision, Report, ReportClient};
+use volley_run::{CheckpointStore, Metrics, SavedCheckpoint, TrainCheckpoint};
 
 type Recorder_ = NamedMpkBytesRecorder<FullPrecisionSettings>;
 
-/// Metrics of one report: name to value.
-pub type Metrics = BTreeMap<String, f64>;
-
-/// The files of a checkpoint to save: Burn records (model, optimizer), small values and
-/// raw bytes, each under a file name.
+/// Burn records in a [`TrainCheckpoint`]: `ckpt.with_record::<B, _>("model",
+/// model.clone().into_record())?`, stored in full precision as named MessagePack.
 ///
 /// ```no_run
-/// # use volley_train::TrainCheckpoint;
+/// # use volley_train::{TrainCheckpoint, WithRecord};
 /// # fn f<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(model: &M, step: u64) -> volley_common::Result<()> {
 /// let ckpt = TrainCheckpoint::new()
 ///     .with_record::<B, _>("model", model.clone().into_record())?
 ///     .with_value("step", &step)?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Default, Clone)]
-pub struct TrainCheckpoint {
-    files: Vec<(String, Vec<u8>)>,
+pub trait WithRecord: Sized {
+    /// Adds a Burn record (`model.into_record()`, `optimizer.to_record()`).
+    fn with_record<B: Backend, R: Record<B>>(self, name: &str, record: R) -> Result<Self>;
 }
 
-impl TrainCheckpoint {
-    /// An empty checkpoint.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds a Burn record (`model.into_record()`, `optimizer.to_record()`), stored in
-    /// full precision as named MessagePack.
-    pub fn with_record<B: Backend, R: Record<B>>(mut self, name: &str, record: R) -> Result<Self> {
+impl WithRecord for TrainCheckpoint {
+    fn with_record<B: Backend, R: Record<B>>(self, name: &str, record: R) -> Result<Self> {
         let bytes = Recorder::<B>::record(&Recorder_::default(), record, ()).map_err(|e| {
             VolleyError::execution(format!("checkpoint: cannot record `{name}`: {e}"))
         })?;
-        self.files.push((name.to_string(), bytes));
-        Ok(self)
-    }
-
-    /// Adds a serde value as JSON (a step counter, an epoch, a config).
-    pub fn with_value<T: Serialize + ?Sized>(mut self, name: &str, value: &T) -> Result<Self> {
-        let bytes = serde_json::to_vec(value).map_err(|e| {
-            VolleyError::execution(format!("checkpoint: cannot serialize `{name}`: {e}"))
-        })?;
-        self.files.push((name.to_string(), bytes));
-        Ok(self)
-    }
-
-    /// Adds raw bytes.
-    pub fn with_bytes(mut self, name: &str, bytes: Vec<u8>) -> Self {
-        self.files.push((name.to_string(), bytes));
-        self
-    }
-
-    /// Its files, as (name, bytes).
-    pub fn files(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.files.iter().map(|(n, b)| (n.as_str(), b.as_slice()))
+        Ok(self.with_bytes(name, bytes))
     }
 }
 
-/// A saved checkpoint and the store it lives in: what a rank resumes from, or what a
-/// finished run hands back.
-#[derive(Debug, Clone)]
-pub struct SavedCheckpoint {
-    /// Its step (the report iteration it was saved with), metrics and files.
-    pub info: Checkpoint,
-    store: Arc<CheckpointStore>,
+/// Burn records read back from a [`SavedCheckpoint`]:
+/// `model.load_record(ckpt.record("model", &device)?)`.
+pub trait LoadRecord {
+    /// A record saved with [`WithRecord::with_record`], on `device`; bytes that are not
+    /// such a record are an error, not a panic.
+    fn record<B: Backend, R: Record<B>>(&self, file: &str, device: &B::Device) -> Result<R>;
 }
 
-impl SavedCheckpoint {
-    /// The checkpoint `info` of `store`.
-    pub fn new(info: Checkpoint, store: Arc<CheckpointStore>) -> Self {
-        Self { info, store }
-    }
-
-    /// The bytes of one of its files.
-    pub fn read(&self, file: &str) -> Result<Vec<u8>> {
-        if !self.info.files.iter().any(|f| f == file) {
-            return Err(VolleyError::plan(format!(
-                "checkpoint {} has no file `{file}` (it has {:?})",
-                self.info.step, self.info.files
-            )));
-        }
-        self.store.read(&self.info, file)
-    }
-
-    /// A value saved with [`TrainCheckpoint::with_value`].
-    pub fn value<T: DeserializeOwned>(&self, file: &str) -> Result<T> {
-        let bytes = self.read(file)?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            VolleyError::execution(format!(
-                "checkpoint {}: `{file}` is not the value expected: {e}",
-                self.info.step
-            ))
-        })
-    }
-
-    /// A record saved with [`TrainCheckpoint::with_record`], on `device`
-    /// (`model.load_record(ckpt.record("model", &device)?)`).
-    pub fn record<B: Backend, R: Record<B>>(&self, file: &str, device: &B::Device) -> Result<R> {
+impl LoadRecord for SavedCheckpoint {
+    fn record<B: Backend, R: Record<B>>(&self, file: &str, device: &B::Device) -> Result<R> {
         let bytes = self.read(file)?;
         Recorder::<B>::load(&Recorder_::default(), bytes, device).map_err(|e| {
             VolleyError::execution(format!(
@@ -133,7 +70,7 @@ impl SavedCheckpoint {
 #[derive(Debug, Clone)]
 pub struct DataShard {
     name: String,
-    session: Arc<std::sync::Mutex<SessionClient>>,
+    session: Arc<std::sync::Mutex<ReportClient>>,
     passes: Arc<AtomicU64>,
 }
 
@@ -151,7 +88,7 @@ impl DataShard {
             .session
             .lock()
             .expect("session lock")
-            .open_shard(&self.name, pass)?;
+            .open_stream(&self.name, pass)?;
         Ok(ShardBatches {
             stream,
             batch_size,
@@ -170,7 +107,7 @@ impl DataShard {
 
 /// The batches of one pass over a [`DataShard`].
 pub struct ShardBatches {
-    stream: ShardStream,
+    stream: BatchStream,
     batch_size: usize,
     drop_last: bool,
     pending: Vec<RecordBatch>,
@@ -245,7 +182,7 @@ pub struct TrainContext {
     pub(crate) attempt: u32,
     pub(crate) config: serde_json::Value,
     pub(crate) ring: TcpRing,
-    pub(crate) session: Arc<std::sync::Mutex<SessionClient>>,
+    pub(crate) session: Arc<std::sync::Mutex<ReportClient>>,
     pub(crate) store: Arc<CheckpointStore>,
     pub(crate) resume: Option<SavedCheckpoint>,
     pub(crate) iteration: u64,
@@ -336,11 +273,7 @@ impl TrainContext {
         }
         let saved = match checkpoint {
             Some(c) => {
-                let files: Vec<(&str, &[u8])> = c
-                    .files
-                    .iter()
-                    .map(|(n, b)| (n.as_str(), b.as_slice()))
-                    .collect();
+                let files: Vec<(&str, &[u8])> = c.files().collect();
                 Some(self.store.save(self.iteration, &metrics, &files)?)
             }
             None => None,
@@ -350,7 +283,10 @@ impl TrainContext {
             metrics,
             checkpoint: saved,
         };
-        self.session.lock().expect("session lock").report(&report)
+        match self.session.lock().expect("session lock").report(&report)? {
+            Decision::Continue => Ok(()),
+            Decision::Stop => Err(VolleyError::Cancelled),
+        }
     }
 
     /// The checkpoint this attempt resumes from: the run's latest, when the run was

@@ -6,18 +6,17 @@
 //! driver runs the dataset pipelines and streams each rank its share of every pass
 //! (`streaming_split`); ranks keep their gradients in step with a bucketed ring
 //! all-reduce over TCP ([`TcpRing`], behind the [`Collective`] trait); rank 0 saves
-//! checkpoints into a [`CheckpointStore`] (complete or absent); when a rank dies the
+//! checkpoints into a [`CheckpointStore`] (complete or absent; Burn records through
+//! [`WithRecord`] and [`LoadRecord`]); when a rank dies the
 //! group is restarted from the latest checkpoint, up to `max_failures` times.
 //!
 //! Programs that train call `volley::init()` first in `main` (ranks are processes of the
 //! same program and enter their worker loop there).
 
-mod checkpoint;
 mod collective;
 mod config;
 mod context;
 mod grads;
-mod lease;
 mod session;
 pub mod tensor;
 mod trainer;
@@ -25,13 +24,15 @@ mod trainer;
 /// Burn, as volley's trainer uses it (modules, optimizers, the `ndarray` CPU backend).
 pub use burn;
 
-pub use checkpoint::{Checkpoint, CheckpointConfig, CheckpointStore, Order};
 pub use collective::{Collective, RingConfig, TcpRing};
-pub use config::{FailureConfig, Placement, RunConfig, ScalingConfig};
-pub use context::{
-    DataShard, Metrics, SavedCheckpoint, ShardBatches, TrainCheckpoint, TrainContext,
-};
+pub use config::{Placement, ScalingConfig};
+pub use context::{DataShard, LoadRecord, ShardBatches, TrainContext, WithRecord};
 pub use grads::all_reduce_gradients;
-pub use lease::{on_own_thread, ClusterLease};
-pub use session::{Report, ReportHook};
-pub use trainer::{metrics, DataConfig, DataParallelTrainer, TrainLoop, TrainResult};
+pub use session::ReportHook;
+pub use trainer::{DataConfig, DataParallelTrainer, TrainLoop, TrainResult};
+/// What every run shares (configuration, checkpoints, metrics, reports), from
+/// `volley-run`.
+pub use volley_run::{
+    metrics, Checkpoint, CheckpointConfig, CheckpointStore, FailureConfig, Metrics, Order, Report,
+    RunConfig, SavedCheckpoint, TrainCheckpoint,
+};

@@ -10,7 +10,7 @@
 //!                                                  └─ TcpRing: gradient all-reduce
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,12 +25,15 @@ use volley_runtime::cluster::{
     RemoteActor, TaskContext,
 };
 
-use crate::checkpoint::{Checkpoint, CheckpointConfig, CheckpointStore};
+use volley_run::{
+    on_own_thread, Checkpoint, CheckpointConfig, CheckpointStore, ClusterLease, Metrics, Peer,
+    Report, ReportClient, ReportHandler, ReportServer, RunConfig, SavedCheckpoint,
+};
+
 use crate::collective::{RingConfig, TcpRing};
-use crate::config::{Placement, RunConfig, ScalingConfig};
-use crate::context::{Metrics, SavedCheckpoint, TrainContext};
-use crate::lease::{on_own_thread, ClusterLease};
-use crate::session::{Report, ReportHook, SessionClient, SessionServer};
+use crate::config::{Placement, ScalingConfig};
+use crate::context::TrainContext;
+use crate::session::{ReportHook, Session};
 
 /// A training loop that runs on every rank.
 ///
@@ -267,20 +270,30 @@ impl DataParallelTrainer {
         }
         let host = lease.driver_host()?;
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let server = SessionServer::start(
-            &host,
-            token.clone(),
+        let session = Arc::new(Session::new(
             world,
             self.data.equal,
             self.datasets.clone(),
             self.hook.clone(),
+        ));
+        let server = ReportServer::start(
+            &host,
+            token.clone(),
+            Arc::clone(&session) as Arc<dyn ReportHandler>,
+            "volley-train",
         )?;
-        let result = self.attempts(lease.cluster(), &server, &store, &token, &storage);
+        let result = self.attempts(
+            lease.cluster(),
+            (&session, server.address()),
+            &store,
+            &token,
+            &storage,
+        );
         server.shutdown();
         drop(lease);
         let (failures, rank_nodes) = result?;
 
-        let history = server.history();
+        let history = session.history();
         let latest = store.latest()?;
         let best = store.best()?;
         Ok(TrainResult {
@@ -302,7 +315,7 @@ impl DataParallelTrainer {
     fn attempts(
         &self,
         cluster: &Cluster,
-        server: &Arc<SessionServer>,
+        (server, address): (&Session, SocketAddr),
         store: &Arc<CheckpointStore>,
         token: &str,
         storage: &str,
@@ -318,7 +331,7 @@ impl DataParallelTrainer {
                 })?,
                 world: self.scaling.num_workers,
                 attempt: failures,
-                session: server.address(),
+                session: address,
                 token: token.to_string(),
                 storage: storage.to_string(),
                 name: self.run.name.clone(),
@@ -353,12 +366,7 @@ impl DataParallelTrainer {
 
     /// One attempt: reserve the bundles, start the ranks, run them to the end; returns
     /// the node of each rank.
-    fn attempt(
-        &self,
-        cluster: &Cluster,
-        server: &SessionServer,
-        spec: &RankSpec,
-    ) -> Result<Vec<String>> {
+    fn attempt(&self, cluster: &Cluster, server: &Session, spec: &RankSpec) -> Result<Vec<String>> {
         let world = spec.world;
         let group = cluster.placement_group(
             vec![self.scaling.bundle(); world],
@@ -638,11 +646,14 @@ fn run_rank(
             attempt: spec.attempt,
             config: spec.config.clone(),
             ring,
-            session: Arc::new(Mutex::new(SessionClient::new(
+            session: Arc::new(Mutex::new(ReportClient::new(
                 spec.session,
                 spec.token.clone(),
-                spec.attempt,
-                rank,
+                Peer {
+                    trial: 0,
+                    attempt: spec.attempt,
+                    rank,
+                },
             ))),
             store,
             resume,
@@ -652,12 +663,4 @@ fn run_rank(
         };
         train_loop.run(&mut tctx)
     }
-}
-
-/// Metrics from name-value pairs: `ctx.report(metrics([("loss", 0.5)]), None)`.
-pub fn metrics<const N: usize>(pairs: [(&str, f64); N]) -> Metrics {
-    pairs
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect::<BTreeMap<_, _>>()
 }

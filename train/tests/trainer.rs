@@ -19,8 +19,8 @@ use volley_common::{Result, VolleyConfig, VolleyError};
 use volley_dataset::{Context, Dataset};
 use volley_train::tensor::{features_tensor, int_tensor};
 use volley_train::{
-    metrics, DataParallelTrainer, FailureConfig, RunConfig, ScalingConfig, TrainCheckpoint,
-    TrainContext, TrainLoop,
+    metrics, DataParallelTrainer, FailureConfig, LoadRecord, RunConfig, ScalingConfig,
+    TrainCheckpoint, TrainContext, TrainLoop, WithRecord,
 };
 
 type B = Autodiff<NdArray<f32>>;

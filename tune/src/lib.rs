@@ -11,6 +11,9 @@
 //!
 //! Programs that tune call `volley::init()` first in `main` (trials run in processes of
 //! the same program).
+//!
+//! Burn is not needed: trainables are any code. With the `train` feature,
+//! [`Tuner::for_trainer`] sweeps `volley-train`'s data-parallel training runs.
 
 mod schedulers;
 mod search;
@@ -31,6 +34,11 @@ pub use trial::{Trainable, TrialContext};
 pub use tuner::{
     ResultGrid, SchedulerConfig, SearchAlgorithm, TrialReport, TrialResult, TrialStatus,
     TuneConfig, Tuner,
+};
+/// What every run shares (configuration, checkpoints, metrics), from `volley-run`.
+pub use volley_run::{
+    metrics, CheckpointConfig, FailureConfig, Metrics, Order, RunConfig, SavedCheckpoint,
+    TrainCheckpoint,
 };
 
 /// Whether the metric is minimized or maximized.

@@ -2,23 +2,21 @@
 //! driver that decides after every report whether the trial goes on.
 //!
 //! A trial is a cluster task (on a pooled worker process) holding the trial's
-//! resources. Its reports travel to the tuner over TCP as JSON lines; each is answered
-//! with the scheduler's decision.
+//! resources. Its reports travel to the tuner over the run channel
+//! ([`volley_run::ReportClient`]); each is answered with the scheduler's decision.
 
-use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use volley_common::{Result, VolleyError};
-use volley_runtime::cluster::{value_object, RemoteTask, TaskContext};
-use volley_train::{
-    on_own_thread, Checkpoint, CheckpointConfig, CheckpointStore, Metrics, SavedCheckpoint,
-    TrainCheckpoint,
+use volley_run::{
+    on_own_thread, Checkpoint, CheckpointConfig, CheckpointStore, Decision, Metrics, Peer, Report,
+    ReportClient, SavedCheckpoint, TrainCheckpoint,
 };
+use volley_runtime::cluster::{value_object, RemoteTask, TaskContext};
 
 /// A function of a config that reports metrics: what a sweep runs in each trial.
 ///
@@ -38,7 +36,7 @@ use volley_train::{
 ///         let x = config["x"].as_f64().unwrap_or(0.0);
 ///         for step in 0..10 {
 ///             // `?`: a trial the scheduler stops ends here.
-///             ctx.report(volley_train::metrics([("loss", (x - 0.3).powi(2) / (step + 1) as f64)]), None)?;
+///             ctx.report(volley_run::metrics([("loss", (x - 0.3).powi(2) / (step + 1) as f64)]), None)?;
 ///         }
 ///         Ok(())
 ///     }
@@ -51,27 +49,6 @@ pub trait Trainable: Send + Sync + std::fmt::Debug {
     fn run(&self, config: &Value, ctx: &mut TrialContext) -> Result<()>;
 }
 
-/// One report on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct WireReport {
-    pub iteration: u64,
-    pub metrics: Metrics,
-    pub checkpoint: Option<Checkpoint>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Hello {
-    pub token: String,
-    pub trial: usize,
-    pub attempt: u32,
-}
-
-/// The scheduler's answer, on the wire.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Reply {
-    pub go_on: bool,
-}
-
 /// What a trial's code is given.
 pub struct TrialContext {
     trial_id: String,
@@ -79,7 +56,7 @@ pub struct TrialContext {
     iteration: u64,
     store: Arc<CheckpointStore>,
     resume: Option<SavedCheckpoint>,
-    link: Link,
+    link: ReportClient,
     stopped: bool,
 }
 
@@ -128,66 +105,16 @@ impl TrialContext {
             }
             None => None,
         };
-        let go_on = self.link.report(&WireReport {
+        let decision = self.link.report(&Report {
             iteration: self.iteration,
             metrics,
             checkpoint: saved,
         })?;
-        if !go_on {
+        if decision == Decision::Stop {
             self.stopped = true;
             return Err(VolleyError::Cancelled);
         }
         Ok(())
-    }
-}
-
-struct Link {
-    address: SocketAddr,
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
-}
-
-fn link_err(address: SocketAddr, e: impl std::fmt::Display) -> VolleyError {
-    VolleyError::execution(format!("the tuner at {address}: {e}"))
-}
-
-impl Link {
-    fn connect(address: SocketAddr, hello: &Hello) -> Result<Link> {
-        let conn = TcpStream::connect_timeout(&address, Duration::from_secs(30))
-            .map_err(|e| link_err(address, e))?;
-        let _ = conn.set_nodelay(true);
-        let read = conn.try_clone().map_err(|e| link_err(address, e))?;
-        let mut link = Link {
-            address,
-            reader: BufReader::new(read),
-            writer: BufWriter::new(conn),
-        };
-        link.send(hello)?;
-        Ok(link)
-    }
-
-    fn send(&mut self, value: &impl Serialize) -> Result<()> {
-        let mut line =
-            serde_json::to_vec(value).map_err(|e| VolleyError::internal(e.to_string()))?;
-        line.push(b'\n');
-        self.writer
-            .write_all(&line)
-            .and_then(|_| self.writer.flush())
-            .map_err(|e| link_err(self.address, e))
-    }
-
-    fn report(&mut self, report: &WireReport) -> Result<bool> {
-        self.send(report)?;
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .map_err(|e| link_err(self.address, e))?;
-        if n == 0 {
-            return Err(link_err(self.address, "closed the connection"));
-        }
-        let reply: Reply = serde_json::from_str(&line).map_err(|e| link_err(self.address, e))?;
-        Ok(reply.go_on)
     }
 }
 
@@ -239,14 +166,15 @@ impl TrialTask {
             .resume
             .clone()
             .map(|c| SavedCheckpoint::new(c, Arc::clone(&store)));
-        let link = Link::connect(
+        let link = ReportClient::new(
             self.tuner,
-            &Hello {
-                token: self.token.clone(),
+            self.token.clone(),
+            Peer {
                 trial: self.trial,
                 attempt: self.attempt,
+                rank: 0,
             },
-        )?;
+        );
         let mut ctx = TrialContext {
             trial_id: self.trial_id.clone(),
             config: self.config.clone(),

@@ -3,9 +3,7 @@
 //! in storage, and resumes it.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,11 +12,11 @@ use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use volley_common::{Result, VolleyError};
-use volley_runtime::cluster::{Cluster, ObjectRef, Resources, TaskOptions};
-use volley_train::{
-    Checkpoint, CheckpointConfig, CheckpointStore, ClusterLease, Metrics, RunConfig,
-    SavedCheckpoint,
+use volley_run::{
+    Checkpoint, CheckpointConfig, CheckpointStore, ClusterLease, Decision as RunDecision, Metrics,
+    Peer, Report, ReportHandler, ReportServer, RunConfig, SavedCheckpoint,
 };
+use volley_runtime::cluster::{Cluster, ObjectRef, Resources, TaskOptions};
 
 use crate::schedulers::{
     Asha, AshaConfig, Decision, Fifo, MedianStopping, MedianStoppingConfig, Pbt, PbtConfig,
@@ -26,9 +24,10 @@ use crate::schedulers::{
 };
 use crate::search::{BasicVariant, Searcher, Tpe, TpeConfig};
 use crate::space::SearchSpace;
-use crate::trial::{Hello, Reply, Trainable, TrialTask, WireReport};
+use crate::trial::{Trainable, TrialTask};
 use crate::Mode;
-use volley_train::{DataParallelTrainer, Report, ReportHook};
+#[cfg(feature = "train")]
+use volley_train::{DataParallelTrainer, ReportHook};
 
 const STATE_FILE: &str = "experiment.json";
 
@@ -186,7 +185,7 @@ impl Shared {
     }
 
     /// Records a report and returns whether the trial goes on.
-    fn on_report(&mut self, trial: usize, attempt: u32, report: WireReport) -> bool {
+    fn on_report(&mut self, trial: usize, attempt: u32, report: Report) -> bool {
         let Some(t) = self.trials.get_mut(trial) else {
             return false;
         };
@@ -291,6 +290,7 @@ enum Runner {
     /// A function, as a cluster task.
     Function(Box<dyn Trainable>),
     /// A data-parallel training run (its ranks are actors; the tuner drives its `fit`).
+    #[cfg(feature = "train")]
     Trainer(Box<DataParallelTrainer>),
 }
 
@@ -433,7 +433,8 @@ impl Tuner {
     /// A sweep whose trials are runs of `trainer`, each with its sampled config as the
     /// ranks' `ctx.config()`, its checkpoints under `run.storage_path/run.name/trial_N`,
     /// and its reports (rank 0's) going to the scheduler, which may stop the run. A
-    /// trial holds all its ranks' resources.
+    /// trial holds all its ranks' resources. (Feature `train`.)
+    #[cfg(feature = "train")]
     pub fn for_trainer(
         trainer: DataParallelTrainer,
         space: SearchSpace,
@@ -546,9 +547,11 @@ impl Tuner {
             Runner::Function(f) => serde_json::to_value(f).map_err(|e| {
                 VolleyError::plan(format!("the trainable cannot be serialized: {e}"))
             })?,
+            #[cfg(feature = "train")]
             Runner::Trainer(_) => Value::Null,
         };
         // Trainer trials run on threads here; they say when they end through this.
+        #[cfg_attr(not(feature = "train"), allow(unused_variables))]
         let (ended_tx, ended) = std::sync::mpsc::channel::<(usize, Result<()>)>();
 
         // Resume: finished trials stay finished; the others start again.
@@ -612,8 +615,12 @@ impl Tuner {
             checkpoint: self.run.checkpoint.clone(),
         }));
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let server =
-            ReportServer::start(&lease.driver_host()?, token.clone(), Arc::clone(&shared))?;
+        let server = ReportServer::start(
+            &lease.driver_host()?,
+            token.clone(),
+            Arc::new(TrialReports(Arc::clone(&shared))),
+            "volley-tune",
+        )?;
 
         let start = Instant::now();
         let mut status = Status::new(self.config.progress);
@@ -665,6 +672,8 @@ impl Tuner {
                     let resume = t.checkpoint.clone();
                     let iteration = resume.as_ref().map_or(0, |c| c.step);
                     t.history.retain(|r| r.iteration <= iteration);
+                    // (The attempt and config are the trainer runner's.)
+                    #[cfg_attr(not(feature = "train"), allow(unused_variables))]
                     let (id, attempt, trial_config) = (t.id.clone(), t.attempt, t.config.clone());
                     let task = TrialTask {
                         trainable: trainable.clone(),
@@ -672,7 +681,7 @@ impl Tuner {
                         trial: index,
                         trial_id: t.id.clone(),
                         attempt: t.attempt,
-                        tuner: server.address,
+                        tuner: server.address(),
                         token: token.clone(),
                         storage: trials_root.clone(),
                         checkpoint: self.run.checkpoint.clone(),
@@ -699,17 +708,14 @@ impl Tuner {
                             let r = cluster.submit(task, &[], &options)?;
                             running.push((index, Some(r)));
                         }
+                        #[cfg(feature = "train")]
                         Runner::Trainer(template) => {
                             let hook_state = Arc::clone(&shared);
                             let hook: ReportHook = Arc::new(move |r: &Report| {
                                 hook_state.lock().expect("tuner lock").on_report(
                                     index,
                                     attempt,
-                                    WireReport {
-                                        iteration: r.iteration,
-                                        metrics: r.metrics.clone(),
-                                        checkpoint: r.checkpoint.clone(),
-                                    },
+                                    r.clone(),
                                 )
                             });
                             let mut run = RunConfig::new(trials_root.clone(), id.clone());
@@ -835,7 +841,7 @@ impl Tuner {
             }
             Ok(())
         })();
-        server.stop();
+        server.shutdown();
         drop(lease);
         let s = shared.lock().expect("tuner lock");
         for e in &s.events {
@@ -927,76 +933,22 @@ struct ExperimentRef<'a> {
     trials: &'a [TrialState],
 }
 
-/// The tuner's end of the trials' report links.
-struct ReportServer {
-    address: SocketAddr,
-    stop: Arc<AtomicBool>,
-}
+/// The tuner's end of the trials' report channel: every report goes to the
+/// scheduler, whose decision is the answer.
+struct TrialReports(Arc<Mutex<Shared>>);
 
-impl ReportServer {
-    fn start(host: &str, token: String, shared: Arc<Mutex<Shared>>) -> Result<ReportServer> {
-        let listener = TcpListener::bind((host, 0))
-            .map_err(|e| VolleyError::execution(format!("tuner: cannot listen on {host}: {e}")))?;
-        let address = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        std::thread::Builder::new()
-            .name("volley-tune-reports".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if flag.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let (token, shared) = (token.clone(), Arc::clone(&shared));
-                    let _ = std::thread::Builder::new()
-                        .name("volley-tune-trial".into())
-                        .spawn(move || serve(conn, &token, &shared));
-                }
-            })
-            .map_err(|e| VolleyError::internal(format!("cannot start a thread: {e}")))?;
-        Ok(ReportServer { address, stop })
-    }
-
-    fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.address, Duration::from_millis(200));
-    }
-}
-
-fn serve(conn: TcpStream, token: &str, shared: &Mutex<Shared>) {
-    let _ = conn.set_nodelay(true);
-    let Ok(read) = conn.try_clone() else { return };
-    let mut reader = BufReader::new(read);
-    let mut writer = BufWriter::new(conn);
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    let Ok(hello) = serde_json::from_str::<Hello>(&line) else {
-        return;
-    };
-    if hello.token != token {
-        return;
-    }
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let Ok(report) = serde_json::from_str::<WireReport>(&line) else {
-            return;
-        };
-        let go_on =
-            shared
-                .lock()
-                .expect("tuner lock")
-                .on_report(hello.trial, hello.attempt, report);
-        let mut out = serde_json::to_vec(&Reply { go_on }).unwrap_or_default();
-        out.push(b'\n');
-        if writer.write_all(&out).and_then(|_| writer.flush()).is_err() {
-            return;
-        }
+impl ReportHandler for TrialReports {
+    fn report(&self, peer: &Peer, report: Report) -> Result<RunDecision> {
+        let go_on = self
+            .0
+            .lock()
+            .expect("tuner lock")
+            .on_report(peer.trial, peer.attempt, report);
+        Ok(if go_on {
+            RunDecision::Continue
+        } else {
+            RunDecision::Stop
+        })
     }
 }
 

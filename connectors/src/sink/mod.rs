@@ -1,16 +1,25 @@
 //! Writing datasets as files, committed atomically.
 //!
 //! ```text
-//!   task 0 ─ PartWriter ─▶ staging/part-<id>-00000-0.parquet ┐
-//!   task 1 ─ PartWriter ─▶ staging/part-<id>-00001-0.parquet ├─ commit ─▶ destination
-//!   ...                                                      ┘  (or abort: staging removed)
+//!   task 0, attempt 0 ─ PartWriter ─▶ staging/part-<id>-00000.a0/part-<id>-00000-0.parquet ┐
+//!   task 1, attempt 0 ─ PartWriter ─▶ staging/part-<id>-00001.a0/...  (node lost)         │
+//!   task 1, attempt 1 ─ PartWriter ─▶ staging/part-<id>-00001.a1/...                       ├ commit(accepted
+//!   ...                                                                                     ┘  attempts)
+//!                                                           ─▶ destination; the rest of staging removed
 //! ```
 //!
-//! On the local file system the staging folder is a hidden sibling of the destination
-//! and the commit is one `rename` of the folder, so a reader sees either nothing or the
-//! whole output. On object stores (which have no folders to rename) the parts are staged
-//! under a hidden `_volley_staging-<id>/` prefix of the destination, which readers skip,
-//! and moved into place one object at a time once every task has succeeded.
+//! Every task attempt writes into a staging folder of its own (named after the task and
+//! the attempt); the commit is given the attempts whose results were accepted, moves
+//! exactly their files, and removes everything else staged. A superseded attempt that
+//! still runs (its node declared dead while it was cut off) can therefore never put a
+//! file in the destination: its folder is not moved, and once the staging is removed it
+//! cannot make files or folders there again.
+//!
+//! On the local file system the staging folder is a hidden sibling of the destination;
+//! the accepted files are gathered in one folder which is renamed into place, so a
+//! reader sees either nothing or the whole output. On object stores (which have no
+//! folders to rename) staging is a hidden sibling prefix, and the accepted objects are
+//! moved into place one at a time once every task has succeeded.
 
 mod parquet;
 mod writer;
@@ -170,11 +179,30 @@ impl WriteSummary {
     }
 }
 
+/// What one task attempt staged: its folder under the write's staging root and what it
+/// wrote there. The commit moves exactly the folders of the attempts it is given.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct StagedPart {
+    /// The attempt's folder, relative to the staging root (`part-<id>-00003.a1`).
+    pub(crate) folder: String,
+    /// Its files (relative to the destination), rows and bytes.
+    pub summary: WriteSummary,
+}
+
+/// The staging folder of attempt `attempt` of part `prefix`.
+fn attempt_folder(prefix: &str, attempt: u32) -> String {
+    format!("{prefix}.a{attempt}")
+}
+
 /// One part of a write, as it travels to the process that writes it.
 ///
-/// Its files are named after the part, so writing the same part again (a task re-run
-/// after its worker died) replaces them instead of adding to them; each file appears in
-/// the staging area whole (written aside, then renamed or uploaded in one put).
+/// Each attempt of the part (a task re-run after its worker or node was lost) writes
+/// into a staging folder of its own, named after the part and the attempt. The commit
+/// moves only the folders of the attempts whose results were accepted and removes
+/// everything else staged, so an attempt that was superseded but went on writing (a node
+/// cut off by a network partition on a shared file system) leaves nothing at the
+/// destination; when it learns it was superseded it removes its own folder
+/// ([`RemotePart::discard`]).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RemotePart {
     options: WriteOptions,
@@ -189,77 +217,157 @@ enum RemoteTarget {
 }
 
 impl RemotePart {
-    /// Writes `batches` as this part; `attempt` names this try's scratch folder.
+    /// Writes `batches` as attempt `attempt` of this part; `scratch` holds files on their
+    /// way to an object store.
     pub fn write(
         &self,
         batches: impl Iterator<Item = Result<arrow::array::RecordBatch>>,
         registry: &dyn datafusion::execution::object_store::ObjectStoreRegistry,
         scratch: &FsPath,
-        attempt: &str,
+        attempt: u32,
         io: tokio::runtime::Handle,
-    ) -> Result<WriteSummary> {
-        match &self.target {
+    ) -> Result<StagedPart> {
+        let folder = attempt_folder(&self.prefix, attempt);
+        let mut w = match &self.target {
             RemoteTarget::Local { staging } => {
                 if !staging.is_dir() {
                     return Err(VolleyError::execution(format!(
                         "the write's staging folder {} is not reachable from this node \
-                         (a cluster writing to a local path needs it on a shared file system)",
+                         (a cluster writing to a local path needs it on a shared file \
+                         system), or the write has ended",
                         staging.display()
                     )));
                 }
-                let aside = staging.join(format!(".{}-{attempt}", self.prefix));
-                let mut w = PartWriter::try_new(
-                    self.options.clone(),
-                    self.prefix.clone(),
-                    aside.clone(),
-                    None,
-                )?;
-                for b in batches {
-                    w.write(&b?)?;
-                }
-                let summary = w.finish()?;
-                for f in &summary.files {
-                    let to = staging.join(f);
-                    if let Some(dir) = to.parent() {
-                        std::fs::create_dir_all(dir)?;
-                    }
-                    std::fs::rename(aside.join(f), &to)
-                        .with_context(|| format!("moving {f} into {}", staging.display()))?;
-                }
-                std::fs::remove_dir_all(&aside).ok();
-                Ok(summary)
+                local_part_writer(&self.options, &self.prefix, staging, folder)?
             }
             RemoteTarget::Store { url, staging } => {
-                let parsed = url::Url::parse(url)
-                    .map_err(|e| VolleyError::plan(format!("invalid URL {url}: {e}")))?;
-                let store = registry
-                    .get_store(&parsed)
-                    .with_context(|| format!("opening {url}"))?;
-                let local = scratch.join(format!("volley-part-{}-{attempt}", self.prefix));
-                let mut w = PartWriter::try_new(
+                let store = store_of(registry, url)?;
+                let local = scratch.join(format!("volley-part-{folder}"));
+                std::fs::create_dir_all(&local)
+                    .with_context(|| format!("creating {}", local.display()))?;
+                let dest = Path::from(staging.as_str()).join(folder.as_str());
+                PartWriter::new(
                     self.options.clone(),
                     self.prefix.clone(),
-                    local.clone(),
-                    Some((store, Path::from(staging.as_str()), io)),
-                )?;
-                for b in batches {
-                    w.write(&b?)?;
+                    folder,
+                    local,
+                    Some((store, dest, io)),
+                )
+            }
+        };
+        let written = (|| {
+            for b in batches {
+                w.write(&b?)?;
+            }
+            w.finish()
+        })();
+        if let RemoteTarget::Store { .. } = &self.target {
+            let local = scratch.join(format!(
+                "volley-part-{}",
+                attempt_folder(&self.prefix, attempt)
+            ));
+            std::fs::remove_dir_all(&local).ok();
+        }
+        written
+    }
+
+    /// Removes what attempt `attempt` of this part staged: called when the attempt
+    /// learns it was superseded, so that nothing of it outlives the write.
+    pub fn discard(
+        &self,
+        registry: &dyn datafusion::execution::object_store::ObjectStoreRegistry,
+        attempt: u32,
+        io: tokio::runtime::Handle,
+    ) -> Result<()> {
+        let folder = attempt_folder(&self.prefix, attempt);
+        match &self.target {
+            RemoteTarget::Local { staging } => {
+                match std::fs::remove_dir_all(staging.join(&folder)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(VolleyError::from(e).context(format!("removing staged {folder}")))
+                    }
+                    _ => Ok(()),
                 }
-                let summary = w.finish();
-                std::fs::remove_dir_all(&local).ok();
-                summary
+            }
+            RemoteTarget::Store { url, staging } => {
+                let store = store_of(registry, url)?;
+                let prefix = Path::from(staging.as_str()).join(folder.as_str());
+                io.block_on(delete_prefix(store.as_ref(), &prefix))
+                    .with_context(|| format!("removing staged {folder}"))
             }
         }
     }
 }
 
+fn store_of(
+    registry: &dyn datafusion::execution::object_store::ObjectStoreRegistry,
+    url: &str,
+) -> Result<Arc<dyn ObjectStore>> {
+    let parsed =
+        url::Url::parse(url).map_err(|e| VolleyError::plan(format!("invalid URL {url}: {e}")))?;
+    registry
+        .get_store(&parsed)
+        .with_context(|| format!("opening {url}"))
+}
+
+/// Deletes every object under `prefix`.
+async fn delete_prefix(store: &dyn ObjectStore, prefix: &Path) -> object_store::Result<()> {
+    use futures::TryStreamExt;
+    let objects: Vec<_> = store.list(Some(prefix)).try_collect().await?;
+    for o in objects {
+        match store.delete(&o.location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A writer of attempt folder `folder` under the local staging root `staging`. The
+/// folder is made with `create_dir`, never with its parents: once the write has been
+/// committed or abandoned (the staging root removed), a late attempt cannot make it.
+fn local_part_writer(
+    options: &WriteOptions,
+    prefix: &str,
+    staging: &FsPath,
+    folder: String,
+) -> Result<PartWriter> {
+    let dir = staging.join(&folder);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        // A rerun on the same node of the same attempt number cannot happen (attempts
+        // are numbered by the head); a leftover is replaced.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_dir_all(&dir).ok();
+            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(VolleyError::execution(format!(
+                "the staging folder {} is gone: the write was committed or abandoned \
+                 without this attempt",
+                staging.display()
+            )))
+        }
+        Err(e) => return Err(VolleyError::from(e).context(format!("creating {}", dir.display()))),
+    }
+    Ok(PartWriter::new(
+        options.clone(),
+        prefix.to_string(),
+        folder,
+        dir,
+        None,
+    ))
+}
+
 /// Where the parts go before the commit.
 #[derive(Debug)]
 enum Target {
-    /// The destination is on this machine's file system.
+    /// The destination is on this machine's file system; attempts stage their files in
+    /// folders of `staging`, a hidden sibling of the destination.
     Local { dest: PathBuf, staging: PathBuf },
-    /// The destination is in an object store; parts are staged locally in `scratch`,
-    /// uploaded under `staging`, and moved to `dest` at commit.
+    /// The destination is in an object store; parts are written locally in `scratch`,
+    /// uploaded under `staging` (a hidden sibling prefix of the destination), and moved
+    /// to `dest` at commit.
     Remote {
         store: Arc<dyn ObjectStore>,
         /// The destination's URL (its store is found again from it in other processes).
@@ -292,6 +400,11 @@ impl WriteJob {
     ) -> Result<Self> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let is_url = dest.contains("://") && !dest.starts_with("file://");
+        for c in &options.partition_by {
+            if c.is_empty() {
+                return Err(VolleyError::plan("empty partition column name"));
+            }
+        }
         let target = if !is_url {
             let dest_path = PathBuf::from(dest.strip_prefix("file://").unwrap_or(dest));
             let exists = dest_path.exists();
@@ -347,6 +460,19 @@ impl WriteJob {
                     "destination {dest} already exists (choose overwrite or append mode)"
                 )));
             }
+            // A hidden sibling of the destination; at a bucket's root, a hidden prefix
+            // inside it (readers skip names starting with `_`).
+            let parts: Vec<_> = prefix.parts().collect();
+            let staging = match parts.split_last() {
+                Some((name, parent)) => Path::from_iter(
+                    parent.iter().cloned().chain([format!(
+                        ".{}.volley-staging-{id}",
+                        name.as_ref()
+                    )
+                    .into()]),
+                ),
+                None => Path::from(format!("_volley_staging-{id}")),
+            };
             let base = scratch_dir
                 .map(FsPath::to_path_buf)
                 .unwrap_or_else(std::env::temp_dir);
@@ -355,17 +481,12 @@ impl WriteJob {
                 .with_context(|| format!("creating the scratch folder {}", scratch.display()))?;
             Target::Remote {
                 url,
-                staging: prefix.clone().join(format!("_volley_staging-{id}")),
+                staging,
                 dest: prefix,
                 store,
                 scratch,
             }
         };
-        for c in &options.partition_by {
-            if c.is_empty() {
-                return Err(VolleyError::plan("empty partition column name"));
-            }
-        }
         Ok(Self {
             display: dest.to_string(),
             options,
@@ -380,26 +501,38 @@ impl WriteJob {
         &self.options
     }
 
-    /// A writer for task `task`; its files are named after the task.
+    fn prefix(&self, task: usize) -> String {
+        format!("part-{}-{task:05}", self.id)
+    }
+
+    /// A writer for task `task` in this process (its only attempt); its files are named
+    /// after the task.
     pub fn part_writer(&self, task: usize) -> Result<PartWriter> {
-        let (local_dir, upload) = match &self.target {
-            Target::Local { staging, .. } => (staging.clone(), None),
+        let prefix = self.prefix(task);
+        let folder = attempt_folder(&prefix, 0);
+        match &self.target {
+            Target::Local { staging, .. } => {
+                local_part_writer(&self.options, &prefix, staging, folder)
+            }
             Target::Remote {
                 store,
                 staging,
                 scratch,
                 ..
-            } => (
-                scratch.join(format!("task-{task}")),
-                Some((Arc::clone(store), staging.clone(), self.io.clone())),
-            ),
-        };
-        PartWriter::try_new(
-            self.options.clone(),
-            format!("part-{}-{task:05}", self.id),
-            local_dir,
-            upload,
-        )
+            } => {
+                let local = scratch.join(&folder);
+                std::fs::create_dir_all(&local)
+                    .with_context(|| format!("creating {}", local.display()))?;
+                let dest = staging.clone().join(folder.as_str());
+                Ok(PartWriter::new(
+                    self.options.clone(),
+                    prefix,
+                    folder,
+                    local,
+                    Some((Arc::clone(store), dest, self.io.clone())),
+                ))
+            }
+        }
     }
 
     /// Part `task` of the write, to be written by another process (a cluster worker)
@@ -407,7 +540,7 @@ impl WriteJob {
     pub fn remote_part(&self, task: usize) -> RemotePart {
         RemotePart {
             options: self.options.clone(),
-            prefix: format!("part-{}-{task:05}", self.id),
+            prefix: self.prefix(task),
             target: match &self.target {
                 Target::Local { staging, .. } => RemoteTarget::Local {
                     staging: staging.clone(),
@@ -420,96 +553,135 @@ impl WriteJob {
         }
     }
 
-    /// Moves every staged file into place. Call once, after every part writer finished.
-    pub fn commit(self) -> Result<()> {
+    /// Moves the files of `parts` (one accepted attempt of each task) into place, then
+    /// removes everything else staged (attempts that were superseded), and returns what
+    /// was written. Call once, after every part succeeded.
+    pub fn commit(self, parts: Vec<StagedPart>) -> Result<WriteSummary> {
         let display = self.display.clone();
-        match &self.target {
-            Target::Local { dest, staging } => {
-                if self.options.single_file {
-                    let file = std::fs::read_dir(staging)?
-                        .filter_map(|e| e.ok())
-                        .find(|e| e.path().is_file())
-                        .map(|e| e.path());
-                    match file {
-                        Some(f) => {
-                            if dest.exists() {
-                                remove_path(dest)?;
-                            }
-                            std::fs::rename(&f, dest)
-                                .with_context(|| format!("committing {display}"))?;
-                        }
-                        None => {
-                            return Err(VolleyError::internal(format!(
-                                "no file was staged for {display}"
-                            )))
-                        }
-                    }
-                    std::fs::remove_dir_all(staging).ok();
-                } else if !dest.exists() {
-                    std::fs::rename(staging, dest)
-                        .with_context(|| format!("committing {display}"))?;
-                } else if self.options.mode == WriteMode::Overwrite {
-                    let trash = staging.with_extension("old");
-                    std::fs::rename(dest, &trash)
-                        .with_context(|| format!("committing {display}"))?;
-                    std::fs::rename(staging, dest)
-                        .with_context(|| format!("committing {display}"))?;
-                    remove_path(&trash).ok();
-                } else {
-                    move_tree(staging, dest).with_context(|| format!("committing {display}"))?;
-                    std::fs::remove_dir_all(staging).ok();
-                }
-            }
+        let mut summary = WriteSummary::default();
+        for p in &parts {
+            summary.merge(p.summary.clone());
+        }
+        summary.files.sort();
+        if self.options.single_file && summary.files.len() != 1 {
+            let n = summary.files.len();
+            self.abort();
+            return Err(VolleyError::internal(format!(
+                "a single-file write of {display} staged {n} files"
+            )));
+        }
+        let result = match &self.target {
+            Target::Local { dest, staging } => self.commit_local(dest, staging, &parts, &summary),
             Target::Remote {
                 store,
                 dest,
                 staging,
-                scratch,
                 ..
-            } => {
-                let store = Arc::clone(store);
-                let (dest, staging) = (dest.clone(), staging.clone());
-                let overwrite = self.options.mode == WriteMode::Overwrite;
-                let single = self.options.single_file;
-                self.io
-                    .block_on(async move {
-                        use futures::TryStreamExt;
-                        let staged: Vec<_> = store.list(Some(&staging)).try_collect().await?;
-                        if overwrite || single {
-                            let old: Vec<_> = store.list(Some(&dest)).try_collect().await?;
-                            for o in old {
-                                if !o.location.as_ref().starts_with(staging.as_ref()) {
-                                    store.delete(&o.location).await?;
-                                }
-                            }
-                        }
-                        for o in staged {
-                            let target = if single {
-                                dest.clone()
-                            } else {
-                                let rel: Vec<_> = o
-                                    .location
-                                    .prefix_match(&staging)
-                                    .map(|it| it.collect())
-                                    .unwrap_or_default();
-                                Path::from_iter(dest.parts().chain(rel))
-                            };
-                            store.rename(&o.location, &target).await?;
-                        }
-                        Ok::<_, object_store::Error>(())
-                    })
-                    .with_context(|| format!("committing {display}"))?;
-                std::fs::remove_dir_all(scratch).ok();
+            } => self.commit_remote(store, dest, staging, &parts),
+        };
+        self.abort();
+        result.with_context(|| format!("committing {display}"))?;
+        Ok(summary)
+    }
+
+    fn commit_local(
+        &self,
+        dest: &FsPath,
+        staging: &FsPath,
+        parts: &[StagedPart],
+        summary: &WriteSummary,
+    ) -> Result<()> {
+        // The accepted attempts' files, gathered in one folder that no attempt writes to.
+        let ready = staging.join("commit");
+        std::fs::create_dir(&ready)?;
+        for p in parts {
+            let from = staging.join(&p.folder);
+            for f in &p.summary.files {
+                let to = ready.join(f);
+                if let Some(dir) = to.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::rename(from.join(f), &to)
+                    .with_context(|| format!("moving staged {f} of {}", p.folder))?;
             }
+        }
+        if self.options.single_file {
+            let file = ready.join(&summary.files[0]);
+            if dest.exists() {
+                remove_path(dest)?;
+            }
+            std::fs::rename(&file, dest)?;
+        } else if !dest.exists() {
+            std::fs::rename(&ready, dest)?;
+        } else if self.options.mode == WriteMode::Overwrite {
+            let trash = staging.join("old");
+            std::fs::rename(dest, &trash)?;
+            std::fs::rename(&ready, dest)?;
+        } else {
+            move_tree(&ready, dest)?;
         }
         Ok(())
     }
 
-    /// Removes everything staged; the destination is left as it was.
-    pub fn abort(self) {
+    fn commit_remote(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        dest: &Path,
+        staging: &Path,
+        parts: &[StagedPart],
+    ) -> Result<()> {
+        let store = Arc::clone(store);
+        let (dest, staging) = (dest.clone(), staging.clone());
+        let overwrite = self.options.mode == WriteMode::Overwrite;
+        let single = self.options.single_file;
+        let moves: Vec<(Path, Path)> = parts
+            .iter()
+            .flat_map(|p| {
+                let from = staging.clone().join(p.folder.as_str());
+                let dest = dest.clone();
+                p.summary.files.iter().map(move |f| {
+                    let rel = Path::from(f.as_str());
+                    let target = if single {
+                        dest.clone()
+                    } else {
+                        Path::from_iter(dest.parts().chain(rel.parts()))
+                    };
+                    (Path::from_iter(from.parts().chain(rel.parts())), target)
+                })
+            })
+            .collect();
+        self.io.block_on(async move {
+            use futures::TryStreamExt;
+            if overwrite || single {
+                let old: Vec<_> = store.list(Some(&dest)).try_collect().await?;
+                for o in old {
+                    if !o.location.as_ref().starts_with(staging.as_ref()) {
+                        store.delete(&o.location).await?;
+                    }
+                }
+            }
+            for (from, to) in moves {
+                store.rename(&from, &to).await?;
+            }
+            Ok::<_, object_store::Error>(())
+        })?;
+        Ok(())
+    }
+
+    /// Removes everything staged; the destination is left as it was (after a commit,
+    /// what is left are superseded attempts).
+    pub fn abort(&self) {
         match &self.target {
             Target::Local { staging, .. } => {
-                std::fs::remove_dir_all(staging).ok();
+                // A superseded attempt may still be making files in its folder: retry.
+                for _ in 0..3 {
+                    match std::fs::remove_dir_all(staging) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            std::thread::sleep(std::time::Duration::from_millis(20))
+                        }
+                        _ => break,
+                    }
+                }
             }
             Target::Remote {
                 store,
@@ -519,14 +691,9 @@ impl WriteJob {
             } => {
                 let store = Arc::clone(store);
                 let staging = staging.clone();
-                self.io.block_on(async move {
-                    use futures::TryStreamExt;
-                    if let Ok(staged) = store.list(Some(&staging)).try_collect::<Vec<_>>().await {
-                        for o in staged {
-                            store.delete(&o.location).await.ok();
-                        }
-                    }
-                });
+                let _ = self
+                    .io
+                    .block_on(async move { delete_prefix(store.as_ref(), &staging).await });
                 std::fs::remove_dir_all(scratch).ok();
             }
         }

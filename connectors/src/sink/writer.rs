@@ -17,7 +17,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use volley_common::{Result, ResultExt, VolleyError};
 
-use super::{Compression, WriteFormat, WriteOptions, WriteSummary};
+use super::{Compression, StagedPart, WriteFormat, WriteOptions, WriteSummary};
 
 /// Value used for a null partition key, as Hive does.
 const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
@@ -74,12 +74,17 @@ struct OpenFile {
     rows: usize,
 }
 
-/// Writes one task's batches to files (a new file per partition value, and after
-/// `max_rows_per_file` rows). Files appear at the destination only when the
-/// [`WriteJob`](super::WriteJob) commits.
+/// Writes one task attempt's batches to files (a new file per partition value, and
+/// after `max_rows_per_file` rows), in the attempt's own staging folder. Files appear at
+/// the destination only when the [`WriteJob`](super::WriteJob) commits this attempt.
 pub struct PartWriter {
     options: WriteOptions,
     prefix: String,
+    /// The attempt's folder, relative to the write's staging root.
+    folder: String,
+    /// Where files are written: the attempt's folder (local destinations) or a private
+    /// scratch folder they are uploaded from (object stores). It exists already; files
+    /// and partition folders are only ever made below it.
     local_dir: PathBuf,
     upload: Option<(Arc<dyn ObjectStore>, Path, tokio::runtime::Handle)>,
     open: HashMap<String, OpenFile>,
@@ -88,23 +93,23 @@ pub struct PartWriter {
 }
 
 impl PartWriter {
-    pub(crate) fn try_new(
+    pub(crate) fn new(
         options: WriteOptions,
         prefix: String,
+        folder: String,
         local_dir: PathBuf,
         upload: Option<(Arc<dyn ObjectStore>, Path, tokio::runtime::Handle)>,
-    ) -> Result<Self> {
-        std::fs::create_dir_all(&local_dir)
-            .with_context(|| format!("creating {}", local_dir.display()))?;
-        Ok(Self {
+    ) -> Self {
+        Self {
             options,
             prefix,
+            folder,
             local_dir,
             upload,
             open: HashMap::new(),
             counter: 0,
             summary: WriteSummary::default(),
-        })
+        }
     }
 
     /// Writes a batch.
@@ -193,8 +198,8 @@ impl PartWriter {
         let relative = format!("{folder}{}-{}.{ext}{comp_ext}", self.prefix, self.counter);
         self.counter += 1;
         let local = self.local_dir.join(&relative);
-        if let Some(dir) = local.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if !folder.is_empty() {
+            create_dirs_below(&self.local_dir, folder)?;
         }
         let file = File::create(&local).with_context(|| format!("creating {}", local.display()))?;
         let writer = match self.options.format {
@@ -286,15 +291,43 @@ impl PartWriter {
         Ok(())
     }
 
-    /// Closes every open file and reports what was written.
-    pub fn finish(mut self) -> Result<WriteSummary> {
+    /// Closes every open file and reports what this attempt staged.
+    pub fn finish(mut self) -> Result<StagedPart> {
         let mut open: Vec<(String, OpenFile)> = self.open.drain().collect();
         open.sort_by(|a, b| a.0.cmp(&b.0));
         for (_, file) in open {
             self.close(file)?;
         }
-        Ok(std::mem::take(&mut self.summary))
+        Ok(StagedPart {
+            folder: std::mem::take(&mut self.folder),
+            summary: std::mem::take(&mut self.summary),
+        })
     }
+}
+
+/// Makes the folders of `relative` below `root`, never `root` itself: when the write
+/// was committed or abandoned (its staging removed) while a superseded attempt still
+/// ran, that attempt fails here instead of making its folders again.
+fn create_dirs_below(root: &std::path::Path, relative: &str) -> Result<()> {
+    let mut dir = root.to_path_buf();
+    for part in relative.split('/').filter(|p| !p.is_empty()) {
+        dir.push(part);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VolleyError::execution(format!(
+                    "the staging folder {} is gone: the write was committed or abandoned \
+                     without this attempt",
+                    root.display()
+                )))
+            }
+            Err(e) => {
+                return Err(VolleyError::from(e).context(format!("creating {}", dir.display())))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Escapes characters that cannot stand in a folder name.

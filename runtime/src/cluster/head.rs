@@ -1360,17 +1360,18 @@ impl proto::head_server::Head for HeadService {
     async fn report_task(
         &self,
         request: Request<proto::TaskReport>,
-    ) -> std::result::Result<Response<proto::Empty>, Status> {
+    ) -> std::result::Result<Response<proto::ReportAck>, Status> {
         let r = request.into_inner();
-        self.core.with(|s| {
+        let current = self.core.with(|s| {
             // Only the attempt the head is waiting for counts: a late report from a node
-            // declared dead, or from an attempt already retried, is dropped.
+            // declared dead, or from an attempt already retried, is dropped (and told
+            // so, to undo what it left behind).
             let current = s.tasks.get(&r.task_id).is_some_and(|t| {
                 t.attempt == r.attempt
                     && matches!(&t.state, TaskState::Running { node, .. } if *node == r.node_id)
             });
             if !current {
-                return;
+                return false;
             }
             match Outcome::try_from(r.outcome).unwrap_or(Outcome::SystemFailure) {
                 Outcome::Ok => s.task_done(&r.task_id, &r.node_id, r.output_bytes),
@@ -1383,8 +1384,9 @@ impl proto::head_server::Head for HeadService {
                     s.system_failure(&r.task_id, &e.unwrap_or_default())
                 }
             }
+            true
         });
-        Ok(Response::new(proto::Empty {}))
+        Ok(Response::new(proto::ReportAck { stale: !current }))
     }
 
     async fn report_actor(

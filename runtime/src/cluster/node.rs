@@ -823,7 +823,7 @@ impl proto::node_agent_server::NodeAgent for AgentService {
     async fn finish(
         &self,
         request: Request<proto::WorkerResult>,
-    ) -> std::result::Result<Response<proto::Empty>, Status> {
+    ) -> std::result::Result<Response<proto::ReportAck>, Status> {
         let r = request.into_inner();
         let Some(mut report) = r.report else {
             return Err(Status::invalid_argument("a result without a report"));
@@ -836,10 +836,11 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         }
         report.node_id = self.agent.node_id.clone();
         let mut head = self.agent.head.clone();
-        head.report_task(report)
+        let ack = head
+            .report_task(report)
             .await
             .map_err(|e| Status::unavailable(format!("cannot reach the head: {}", e.message())))?;
-        Ok(Response::new(proto::Empty {}))
+        Ok(ack)
     }
 
     async fn actor_ready(

@@ -52,6 +52,13 @@ pub struct TaskContext {
 pub trait RemoteTask: Send + Sync + Debug {
     /// Runs with the batches of each input object, in the order they were given.
     fn run(&self, ctx: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>>;
+
+    /// Called on the worker after `run` when this attempt turns out to be superseded:
+    /// the cluster gave the task to another attempt (this one's node was declared dead
+    /// while it ran, or its report could not be delivered), so its result is thrown
+    /// away. Undo any side effect the attempt left outside its result (a write's staged
+    /// files). The default does nothing.
+    fn discard(&self, _ctx: &TaskContext) {}
 }
 
 /// A stateful worker: built once from its serialized value, then called in order.

@@ -11,7 +11,7 @@ use volley_common::{ErrorReport, Result, VolleyError};
 use super::net::{wire_error, wire_execution_error, Channels};
 use super::objects::{fetch, store};
 use super::proto::{self, task_report::Outcome};
-use super::task::{decode, Payload, RemoteActor, TaskContext};
+use super::task::{decode, Payload, RemoteActor, RemoteTask, TaskContext};
 
 /// Whether this process was started by a node agent as a worker.
 pub fn is_worker() -> bool {
@@ -112,7 +112,7 @@ fn worker_loop() -> Result<()> {
             continue;
         }
         let Some(task) = r.task else { continue };
-        let report = rt.block_on(run_one(
+        let (report, ran) = rt.block_on(run_one(
             &channels,
             &agent_address,
             &node_id,
@@ -123,8 +123,20 @@ fn worker_loop() -> Result<()> {
             worker_id: worker_id.clone(),
             report: Some(report),
         }));
-        if let Err(e) = send {
-            warn!("cannot report task {}: {}", task.task_id, e.message());
+        // An attempt whose result will not be used (superseded, or not delivered: the
+        // head then runs the task again) undoes what it left behind.
+        let stale = match send {
+            Ok(ack) => ack.into_inner().stale,
+            Err(e) => {
+                warn!("cannot report task {}: {}", task.task_id, e.message());
+                true
+            }
+        };
+        if let (true, Some((t, ctx))) = (stale, ran) {
+            let _ = guard("discarding a superseded attempt", || {
+                t.discard(&ctx);
+                Ok(())
+            });
         }
     }
 }
@@ -135,7 +147,10 @@ async fn run_one(
     node_id: &str,
     task: &proto::TaskAssignment,
     actor: Option<&mut (dyn RemoteActor + 'static)>,
-) -> proto::TaskReport {
+) -> (
+    proto::TaskReport,
+    Option<(Box<dyn RemoteTask>, TaskContext)>,
+) {
     let mut report = proto::TaskReport {
         node_id: node_id.to_string(),
         task_id: task.task_id.clone(),
@@ -166,7 +181,7 @@ async fn run_one(
                     "cannot read input {}: {last_error}",
                     arg.object_id
                 )));
-                return report;
+                return (report, None);
             }
         }
     }
@@ -182,10 +197,15 @@ async fn run_one(
     } else {
         task.name.clone()
     };
+    let mut ran = None;
     let result: Result<Vec<RecordBatch>> =
         decode::<Payload>(&format!("task {label}"), &task.payload).and_then(|payload| {
             match (payload, actor) {
-                (Payload::Task(t), _) => guard(&label, || t.run(&ctx, inputs)),
+                (Payload::Task(t), _) => {
+                    let out = guard(&label, || t.run(&ctx, inputs));
+                    ran = Some((t, ctx.clone()));
+                    out
+                }
                 (Payload::Call { method, arg }, Some(a)) => {
                     guard(&label, || a.call(&ctx, &method, arg, inputs))
                 }
@@ -218,7 +238,7 @@ async fn run_one(
             report.error = Some(wire_error(&ErrorReport::from(&e)));
         }
     }
-    report
+    (report, ran)
 }
 
 /// Runs user code, turning a panic into an error.

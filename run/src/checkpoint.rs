@@ -14,6 +14,7 @@ use std::sync::Arc;
 use futures::TryStreamExt;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use url::Url;
 use volley_common::{Result, VolleyError};
@@ -354,6 +355,88 @@ impl CheckpointStore {
             }
         }
         Ok(())
+    }
+}
+
+/// The files of a checkpoint to save: small values and raw bytes (and, with the
+/// trainer's `WithRecord`, Burn records), each under a file name.
+///
+/// ```
+/// # use volley_run::TrainCheckpoint;
+/// # fn f(weights: Vec<u8>, step: u64) -> volley_common::Result<()> {
+/// let ckpt = TrainCheckpoint::new()
+///     .with_bytes("weights.bin", weights)
+///     .with_value("step", &step)?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default, Clone)]
+pub struct TrainCheckpoint {
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl TrainCheckpoint {
+    /// An empty checkpoint.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a serde value as JSON (a step counter, an epoch, a config).
+    pub fn with_value<T: Serialize + ?Sized>(mut self, name: &str, value: &T) -> Result<Self> {
+        let bytes = serde_json::to_vec(value).map_err(|e| {
+            VolleyError::execution(format!("checkpoint: cannot serialize `{name}`: {e}"))
+        })?;
+        self.files.push((name.to_string(), bytes));
+        Ok(self)
+    }
+
+    /// Adds raw bytes (what other encodings, such as the trainer's Burn records, are
+    /// built on).
+    pub fn with_bytes(mut self, name: &str, bytes: Vec<u8>) -> Self {
+        self.files.push((name.to_string(), bytes));
+        self
+    }
+
+    /// Its files, as (name, bytes).
+    pub fn files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files.iter().map(|(n, b)| (n.as_str(), b.as_slice()))
+    }
+}
+
+/// A saved checkpoint and the store it lives in: what a rank resumes from, or what a
+/// finished run hands back.
+#[derive(Debug, Clone)]
+pub struct SavedCheckpoint {
+    /// Its step (the report iteration it was saved with), metrics and files.
+    pub info: Checkpoint,
+    store: Arc<CheckpointStore>,
+}
+
+impl SavedCheckpoint {
+    /// The checkpoint `info` of `store`.
+    pub fn new(info: Checkpoint, store: Arc<CheckpointStore>) -> Self {
+        Self { info, store }
+    }
+
+    /// The bytes of one of its files.
+    pub fn read(&self, file: &str) -> Result<Vec<u8>> {
+        if !self.info.files.iter().any(|f| f == file) {
+            return Err(VolleyError::plan(format!(
+                "checkpoint {} has no file `{file}` (it has {:?})",
+                self.info.step, self.info.files
+            )));
+        }
+        self.store.read(&self.info, file)
+    }
+
+    /// A value saved with [`TrainCheckpoint::with_value`].
+    pub fn value<T: DeserializeOwned>(&self, file: &str) -> Result<T> {
+        let bytes = self.read(file)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            VolleyError::execution(format!(
+                "checkpoint {}: `{file}` is not the value expected: {e}",
+                self.info.step
+            ))
+        })
     }
 }
 

@@ -1,0 +1,489 @@
+//! The channel between a run's driver and its processes: reports flow up (each one
+//! answered with the driver's decision), and named streams of Arrow batches flow down
+//! (a training rank's share of a dataset pass).
+//!
+//! ```text
+//!   driver: ReportServer ◀── hello {token, peer, Reports} ──── ReportClient (rank / trial)
+//!            │  handler.report(peer, report) ── Continue | Stop ──▶  report() -> Decision
+//!            │  handler.stream(peer, name, pass) ── batches (IPC) ─▶ open_stream()
+//! ```
+//!
+//! Every connection starts with a greeting naming the run's token and the peer (trial,
+//! attempt, rank), so that a process of an earlier attempt is told apart, and a
+//! connection that does not know the token is closed without an answer. Frames are
+//! `[kind: u8][length: u32 LE][payload]`; reports and greetings are JSON.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use serde::{Deserialize, Serialize};
+use volley_common::{Result, VolleyError};
+
+use crate::checkpoint::Checkpoint;
+
+/// Metrics of one report: name to value.
+pub type Metrics = BTreeMap<String, f64>;
+
+/// Metrics from `(name, value)` pairs: `metrics([("loss", 0.3), ("accuracy", 0.9)])`.
+pub fn metrics<const N: usize>(pairs: [(&str, f64); N]) -> Metrics {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// What one report carries to the driver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// 1 for the run's first report; continues after a restart from the checkpoint's.
+    pub iteration: u64,
+    /// The metrics.
+    pub metrics: Metrics,
+    /// The checkpoint saved with it, if any.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Who is on the other end: which trial of a sweep (0 for a lone training run), which
+/// attempt of it (restarts after failures), which rank of its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// The trial's index in its sweep.
+    pub trial: usize,
+    /// The attempt (0 for the first run).
+    pub attempt: u32,
+    /// The rank in its group.
+    pub rank: usize,
+}
+
+/// The driver's answer to a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    /// Go on.
+    Continue,
+    /// Stop the run (a sweep's scheduler said so): the report was recorded.
+    Stop,
+}
+
+/// Batches streamed to a peer.
+pub type BatchIter = Box<dyn Iterator<Item = Result<RecordBatch>> + Send>;
+
+/// What the driver does with what its processes send.
+pub trait ReportHandler: Send + Sync + 'static {
+    /// Records `report` from `peer` and decides whether its run goes on.
+    fn report(&self, peer: &Peer, report: Report) -> Result<Decision>;
+
+    /// The batches of pass `pass` over the stream `name` for `peer`. The default has no
+    /// streams.
+    fn stream(&self, _peer: &Peer, name: &str, _pass: u64) -> Result<BatchIter> {
+        Err(VolleyError::plan(format!(
+            "this driver serves no stream (asked for `{name}`)"
+        )))
+    }
+}
+
+const HELLO: u8 = 1;
+const BATCH: u8 = 2;
+const END: u8 = 3;
+const ERROR: u8 = 4;
+const REPORT: u8 = 5;
+const CONTINUE: u8 = 6;
+const STOP: u8 = 7;
+
+/// Largest frame accepted (a batch of a dataset).
+const MAX_FRAME: usize = 1 << 31;
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Request {
+    Reports,
+    Stream { name: String, pass: u64 },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    token: String,
+    peer: Peer,
+    request: Request,
+}
+
+fn write_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+    w.write_all(&[kind])?;
+    w.write_all(&(payload.len() as u32).to_le_bytes())?;
+    w.write_all(payload)
+}
+
+fn read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    Ok((head[0], payload))
+}
+
+fn encode_batch(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &batch.schema())?;
+    w.write(batch)?;
+    w.finish()?;
+    drop(w);
+    Ok(out)
+}
+
+fn decode_batch(bytes: &[u8]) -> Result<RecordBatch> {
+    let mut r = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    r.next()
+        .transpose()?
+        .ok_or_else(|| VolleyError::execution("a stream frame held no batch"))
+}
+
+/// The driver's end: accepts connections on a TCP port until shut down (or dropped).
+pub struct ReportServer {
+    address: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for ReportServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReportServer")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl ReportServer {
+    /// Listens on `host` (the port chosen by the system) for peers that know `token`;
+    /// `name` names its threads.
+    pub fn start(
+        host: &str,
+        token: String,
+        handler: Arc<dyn ReportHandler>,
+        name: &str,
+    ) -> Result<ReportServer> {
+        let listener = TcpListener::bind((host, 0))
+            .map_err(|e| VolleyError::execution(format!("{name}: cannot listen on {host}: {e}")))?;
+        let address = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = format!("{name}-reports");
+        std::thread::Builder::new()
+            .name(thread.clone())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if flag.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let (token, handler) = (token.clone(), Arc::clone(&handler));
+                    let _ = std::thread::Builder::new()
+                        .name(thread.clone())
+                        .spawn(move || serve(conn, &token, handler.as_ref()));
+                }
+            })
+            .map_err(|e| VolleyError::internal(format!("cannot start a thread: {e}")))?;
+        Ok(ReportServer { address, stop })
+    }
+
+    /// Where peers connect.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Stops accepting connections (those open finish what they do).
+    pub fn shutdown(&self) {
+        if !self.stop.swap(true, Ordering::SeqCst) {
+            let _ = TcpStream::connect_timeout(&self.address, Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for ReportServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn serve(conn: TcpStream, token: &str, handler: &dyn ReportHandler) {
+    let _ = conn.set_nodelay(true);
+    let Ok(read) = conn.try_clone() else { return };
+    let mut r = BufReader::new(read);
+    let mut w = BufWriter::new(conn);
+    let hello = match read_frame(&mut r) {
+        Ok((HELLO, bytes)) => serde_json::from_slice::<Hello>(&bytes).ok(),
+        _ => None,
+    };
+    let Some(hello) = hello.filter(|h| h.token == token) else {
+        // Not one of ours: say nothing useful and hang up.
+        return;
+    };
+    let result = match hello.request {
+        Request::Reports => serve_reports(&mut r, &mut w, &hello.peer, handler),
+        Request::Stream { name, pass } => (|| {
+            for batch in handler.stream(&hello.peer, &name, pass)? {
+                let batch = batch?;
+                if batch.num_rows() == 0 {
+                    continue;
+                }
+                write_frame(&mut w, BATCH, &encode_batch(&batch)?).map_err(send_err)?;
+            }
+            write_frame(&mut w, END, &[]).map_err(send_err)?;
+            w.flush().map_err(send_err)
+        })(),
+    };
+    if let Err(e) = result {
+        let _ = write_frame(&mut w, ERROR, e.to_string().as_bytes());
+        let _ = w.flush();
+    }
+}
+
+fn serve_reports(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    peer: &Peer,
+    handler: &dyn ReportHandler,
+) -> Result<()> {
+    loop {
+        let (kind, bytes) = match read_frame(r) {
+            Ok(f) => f,
+            // The peer finished or died: either way this connection is done.
+            Err(_) => return Ok(()),
+        };
+        if kind != REPORT {
+            return Err(VolleyError::execution(
+                "unexpected frame on the report link",
+            ));
+        }
+        let report: Report = serde_json::from_slice(&bytes)
+            .map_err(|e| VolleyError::execution(format!("a report is not valid: {e}")))?;
+        let answer = match handler.report(peer, report)? {
+            Decision::Continue => CONTINUE,
+            Decision::Stop => STOP,
+        };
+        write_frame(w, answer, &[]).map_err(send_err)?;
+        w.flush().map_err(send_err)?;
+    }
+}
+
+fn send_err(e: std::io::Error) -> VolleyError {
+    VolleyError::execution(format!("sending to a run's process: {e}"))
+}
+
+fn link_err(address: SocketAddr, e: impl std::fmt::Display) -> VolleyError {
+    VolleyError::execution(format!("the run's driver at {address}: {e}"))
+}
+
+/// A process's end: sends reports (one connection, kept) and opens streams.
+#[derive(Debug)]
+pub struct ReportClient {
+    address: SocketAddr,
+    token: String,
+    peer: Peer,
+    reports: Option<(BufReader<TcpStream>, BufWriter<TcpStream>)>,
+}
+
+impl ReportClient {
+    /// A client of the driver at `address`, as `peer`.
+    pub fn new(address: SocketAddr, token: String, peer: Peer) -> Self {
+        Self {
+            address,
+            token,
+            peer,
+            reports: None,
+        }
+    }
+
+    fn connect(&self, request: Request) -> Result<TcpStream> {
+        let mut conn = TcpStream::connect_timeout(&self.address, Duration::from_secs(30))
+            .map_err(|e| link_err(self.address, e))?;
+        let _ = conn.set_nodelay(true);
+        let hello = serde_json::to_vec(&Hello {
+            token: self.token.clone(),
+            peer: self.peer,
+            request,
+        })
+        .map_err(|e| VolleyError::internal(e.to_string()))?;
+        write_frame(&mut conn, HELLO, &hello).map_err(|e| link_err(self.address, e))?;
+        Ok(conn)
+    }
+
+    /// Sends `report` and waits until the driver has recorded it and decided.
+    pub fn report(&mut self, report: &Report) -> Result<Decision> {
+        if self.reports.is_none() {
+            let conn = self.connect(Request::Reports)?;
+            let read = conn.try_clone().map_err(|e| link_err(self.address, e))?;
+            self.reports = Some((BufReader::new(read), BufWriter::new(conn)));
+        }
+        let address = self.address;
+        let (r, w) = self.reports.as_mut().expect("set above");
+        let bytes = serde_json::to_vec(report).map_err(|e| VolleyError::internal(e.to_string()))?;
+        let answer = write_frame(w, REPORT, &bytes)
+            .and_then(|_| w.flush())
+            .and_then(|_| read_frame(r));
+        match answer {
+            Ok((CONTINUE, _)) => Ok(Decision::Continue),
+            Ok((STOP, _)) => Ok(Decision::Stop),
+            Ok((ERROR, m)) => {
+                self.reports = None;
+                Err(VolleyError::execution(
+                    String::from_utf8_lossy(&m).into_owned(),
+                ))
+            }
+            Ok((k, _)) => {
+                self.reports = None;
+                Err(link_err(address, format!("unexpected frame {k}")))
+            }
+            Err(e) => {
+                self.reports = None;
+                Err(link_err(address, e))
+            }
+        }
+    }
+
+    /// The batches of pass `pass` over the driver's stream `name`.
+    pub fn open_stream(&self, name: &str, pass: u64) -> Result<BatchStream> {
+        let conn = self.connect(Request::Stream {
+            name: name.to_string(),
+            pass,
+        })?;
+        Ok(BatchStream {
+            address: self.address,
+            reader: Some(BufReader::with_capacity(1 << 20, conn)),
+        })
+    }
+}
+
+/// Batches of one pass of a stream, as the driver sends them.
+#[derive(Debug)]
+pub struct BatchStream {
+    address: SocketAddr,
+    reader: Option<BufReader<TcpStream>>,
+}
+
+impl Iterator for BatchStream {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let r = self.reader.as_mut()?;
+        let out = match read_frame(r) {
+            Ok((BATCH, bytes)) => return Some(decode_batch(&bytes)),
+            Ok((END, _)) => None,
+            Ok((ERROR, m)) => Some(Err(VolleyError::execution(
+                String::from_utf8_lossy(&m).into_owned(),
+            ))),
+            Ok((k, _)) => Some(Err(link_err(self.address, format!("unexpected frame {k}")))),
+            Err(e) => Some(Err(link_err(self.address, e))),
+        };
+        self.reader = None;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Stops every run at its third report; streams 3 batches of `pass + 1` rows.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Mutex<Vec<(Peer, u64)>>,
+    }
+
+    impl ReportHandler for Recorder {
+        fn report(&self, peer: &Peer, report: Report) -> Result<Decision> {
+            self.seen.lock().unwrap().push((*peer, report.iteration));
+            Ok(if report.iteration >= 3 {
+                Decision::Stop
+            } else {
+                Decision::Continue
+            })
+        }
+
+        fn stream(&self, _: &Peer, name: &str, pass: u64) -> Result<BatchIter> {
+            if name != "train" {
+                return Err(VolleyError::plan(format!("no stream `{name}`")));
+            }
+            let rows = (pass + 1) as i64;
+            Ok(Box::new((0..3).map(move |i| {
+                Ok(RecordBatch::try_from_iter([(
+                    "x",
+                    Arc::new(arrow::array::Int64Array::from_iter_values(
+                        i * rows..(i + 1) * rows,
+                    )) as arrow::array::ArrayRef,
+                )])?)
+            })))
+        }
+    }
+
+    fn report(iteration: u64) -> Report {
+        Report {
+            iteration,
+            metrics: metrics([("loss", 1.0 / iteration as f64)]),
+            checkpoint: None,
+        }
+    }
+
+    #[test]
+    fn reports_are_answered_and_streams_flow() {
+        let handler = Arc::new(Recorder::default());
+        let server = ReportServer::start(
+            "127.0.0.1",
+            "secret".into(),
+            Arc::clone(&handler) as Arc<dyn ReportHandler>,
+            "test",
+        )
+        .unwrap();
+        let peer = Peer {
+            trial: 4,
+            attempt: 1,
+            rank: 0,
+        };
+        let mut client = ReportClient::new(server.address(), "secret".into(), peer);
+        assert_eq!(client.report(&report(1)).unwrap(), Decision::Continue);
+        assert_eq!(client.report(&report(2)).unwrap(), Decision::Continue);
+        assert_eq!(client.report(&report(3)).unwrap(), Decision::Stop);
+        assert_eq!(
+            *handler.seen.lock().unwrap(),
+            vec![(peer, 1), (peer, 2), (peer, 3)]
+        );
+        let rows: usize = client
+            .open_stream("train", 1)
+            .unwrap()
+            .map(|b| b.unwrap().num_rows())
+            .sum();
+        assert_eq!(rows, 6);
+        let err = client
+            .open_stream("test", 0)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("no stream `test`"), "{err}");
+    }
+
+    #[test]
+    fn a_peer_without_the_token_gets_no_answer() {
+        let server = ReportServer::start(
+            "127.0.0.1",
+            "secret".into(),
+            Arc::new(Recorder::default()),
+            "test",
+        )
+        .unwrap();
+        let peer = Peer {
+            trial: 0,
+            attempt: 0,
+            rank: 0,
+        };
+        let mut client = ReportClient::new(server.address(), "wrong".into(), peer);
+        assert!(client.report(&report(1)).is_err());
+        server.shutdown();
+    }
+}
