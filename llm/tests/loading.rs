@@ -149,3 +149,27 @@ fn llama3_rope_scaling_and_transformers4_fields_are_read() {
         .iter()
         .any(|(n, _)| n == "lm_head.weight"));
 }
+
+/// The benchmark program answers `--help` without running, and refuses unknown flags.
+#[test]
+fn bench_llm_answers_help() {
+    // Cargo builds a package's examples before its tests: target/<profile>/examples.
+    let exe = std::env::current_exe().unwrap();
+    let bench = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples/bench_llm");
+    let help = std::process::Command::new(&bench)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", bench.display()));
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage:"));
+    let bad = std::process::Command::new(&bench)
+        .arg("--shape=huge")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("huge"));
+}
