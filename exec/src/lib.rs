@@ -6,10 +6,11 @@
 //! loop over bounded, memory-budgeted queues and returns an [`ExecutionStream`] of
 //! Arrow batches.
 
+mod driver;
 mod exchange;
-mod executor;
 mod memory_pool;
 mod memory_source;
+mod operator;
 mod plan;
 mod progress;
 mod queue;
@@ -17,8 +18,8 @@ mod stats;
 mod step;
 mod transform;
 
+pub use driver::{execute, ExecContext, ExecutionStream};
 pub use exchange::{compact_views, ExchangeStore, FrozenStore, Partitioning};
-pub use executor::{execute, ExecContext, ExecutionStream};
 pub use memory_pool::BudgetMemoryPool;
 pub use memory_source::{project_batch, MemorySource, RangeSource};
 pub use plan::{ActorMapExec, LimitExec, MapExec, PhysicalPlan, ReadExec, UnionExec, WriteTarget};

@@ -1,0 +1,797 @@
+//! The generic driver of an execution: it owns what every operator shares (the
+//! queues between them, sequence numbers, the memory budget, CPUs, statistics and
+//! cancellation) and gives each [operator](crate::operator) a turn whenever something
+//! changed.
+//!
+//! ```text
+//!   ReadOp tasks ──▶ [queue] ──▶ MapOp tasks ──▶ [queue] ──▶ LimitOp ──▶ [queue] ──▶ consumer
+//!        ▲                              ▲                                                │
+//!        └──────── one scheduling loop dispatches tasks when CPUs, the memory ◀──────────┘
+//!                  budget and the downstream queue allow
+//! ```
+//!
+//! One scheduling loop (a thread per execution) steps every operator, downstream first,
+//! on every signal (a push, a pop, a task's end) or every 100 ms. Operators start the
+//! tasks that fit: the runtime must have the task's CPUs free, the memory budget must
+//! have room (or the operator's output queue be empty), and the operator must be under
+//! its concurrency. Tasks push their blocks into bounded queues and wait there when the
+//! budget is full, so a slow consumer slows the sources instead of growing memory. The
+//! consumer pulls from the last queue; dropping it cancels everything under it.
+//!
+//! Each operator always gets one task running even if its CPUs are held elsewhere (by
+//! an actor pool that holds its workers' CPUs for their lifetime): a pipeline whose
+//! stages wait on each other must not starve.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use datafusion::execution::context::SessionState;
+use datafusion::execution::TaskContext;
+use volley_common::{Result, VolleyConfig, VolleyError};
+use volley_connectors::DataSource;
+use volley_runtime::{MemoryBudget, ResourceRequest, Runtime, TaskSpec};
+
+use crate::operator::{ActorPoolOp, LimitOp, MapOp, Operator, ReadOp, StepContext, TaskBody};
+use crate::plan::{PhysicalPlan, WriteTarget};
+use crate::progress::Progress;
+use crate::queue::{BlockQueue, Signal};
+use crate::stats::{ExecutionStats, OpCounters};
+use crate::step::Step;
+
+/// What an execution needs: options, the runtime that runs its tasks, and the
+/// DataFusion session that plans file scans and SQL.
+#[derive(Clone)]
+pub struct ExecContext {
+    /// Options.
+    pub config: Arc<VolleyConfig>,
+    /// Where tasks run.
+    pub runtime: Arc<dyn Runtime>,
+    /// DataFusion's session (object stores, SQL functions, file formats).
+    pub session: SessionState,
+    /// The memory budget every execution of this context draws from (volley's queues
+    /// and, through [`BudgetMemoryPool`](crate::BudgetMemoryPool), DataFusion's
+    /// operators).
+    pub budget: Arc<MemoryBudget>,
+}
+
+impl std::fmt::Debug for ExecContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecContext")
+            .field("runtime", &self.runtime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExecContext {
+    /// The execution memory limit in bytes.
+    pub fn memory_limit(&self) -> u64 {
+        self.budget.limit()
+    }
+
+    /// Runs a future to completion from synchronous code, also when called from inside
+    /// an asynchronous runtime (then on a helper thread).
+    pub fn block_on<F>(&self, fut: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let io = self.runtime.io_handle();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| {
+                s.spawn(|| io.block_on(fut))
+                    .join()
+                    .expect("planning thread")
+            })
+        } else {
+            io.block_on(fut)
+        }
+    }
+}
+
+/// Everything the tasks of one execution share.
+pub(crate) struct ExecShared {
+    pub(crate) signal: Arc<Signal>,
+    budget: Arc<MemoryBudget>,
+    error: Mutex<Option<VolleyError>>,
+    queues: Mutex<Vec<Arc<BlockQueue>>>,
+    runtime: Arc<dyn Runtime>,
+    pub(crate) io: tokio::runtime::Handle,
+    pub(crate) task_ctx: Arc<TaskContext>,
+    stopped: AtomicBool,
+}
+
+impl ExecShared {
+    /// Records the first error and cancels everything.
+    fn fail(&self, e: VolleyError) {
+        {
+            let mut slot = self.error.lock().expect("error lock");
+            if slot.is_none() {
+                *slot = Some(e);
+            }
+        }
+        self.cancel_all();
+    }
+
+    fn cancel_all(&self) {
+        self.stopped.store(true, Ordering::Release);
+        for q in self.queues.lock().expect("queues lock").iter() {
+            q.cancel();
+        }
+        self.signal.notify();
+    }
+
+    fn take_error(&self) -> Option<VolleyError> {
+        self.error.lock().expect("error lock").take()
+    }
+
+    fn new_queue(&self, ordered: bool, producers: usize) -> Arc<BlockQueue> {
+        let q = BlockQueue::new(
+            ordered,
+            producers,
+            Arc::clone(&self.budget),
+            Arc::clone(&self.signal),
+        );
+        self.queues
+            .lock()
+            .expect("queues lock")
+            .push(Arc::clone(&q));
+        q
+    }
+}
+
+/// The sequence numbers an operator may use in an ordered queue: `[base, base+span)`;
+/// the last one is a sentinel that holds the queue's order until the operator is done.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SeqRange {
+    pub base: u64,
+    pub span: u64,
+}
+
+impl SeqRange {
+    fn full() -> SeqRange {
+        SeqRange {
+            base: 0,
+            span: 1 << 62,
+        }
+    }
+    fn sentinel(&self) -> u64 {
+        self.base + self.span - 1
+    }
+    fn split(&self, k: usize) -> Vec<SeqRange> {
+        let span = self.span / k.max(1) as u64;
+        (0..k as u64)
+            .map(|i| SeqRange {
+                base: self.base + i * span,
+                span,
+            })
+            .collect()
+    }
+}
+
+/// An operator as the driver holds it: its logic and what the driver keeps for it.
+struct OpSlot {
+    name: String,
+    op: Box<dyn Operator>,
+    /// The source of a read operator (asked for its spill figures at the end).
+    source: Option<Arc<dyn DataSource>>,
+    counters: Arc<OpCounters>,
+    out: Arc<BlockQueue>,
+    seqs: SeqRange,
+    in_flight: Arc<AtomicUsize>,
+    closed: bool,
+    inputs: Vec<Arc<BlockQueue>>,
+    max_tasks: usize,
+}
+
+impl OpSlot {
+    fn has_room(&self, shared: &ExecShared) -> bool {
+        shared.budget.used() < crate::queue::queue_ceiling(&shared.budget) || self.out.bytes() == 0
+    }
+
+    fn close(&mut self) {
+        if !self.closed {
+            self.out.finish_seq(self.seqs.sentinel());
+            self.out.close();
+            self.closed = true;
+        }
+    }
+
+    /// Gives the operator a turn; closes its output when it is done.
+    fn step(&mut self, shared: &Arc<ExecShared>) {
+        if self.closed {
+            return;
+        }
+        let stopping = self.out.is_cancelled() || shared.stopped.load(Ordering::Acquire);
+        if stopping {
+            for q in &self.inputs {
+                q.cancel();
+            }
+        }
+        let mut cx = StepContext {
+            shared,
+            name: &self.name,
+            out: &self.out,
+            seqs: self.seqs,
+            stopping,
+            room: self.has_room(shared),
+            max_tasks: self.max_tasks,
+            counters: &self.counters,
+            in_flight_counter: &self.in_flight,
+        };
+        let done = self.op.step(&mut cx);
+        if done && self.in_flight.load(Ordering::Acquire) == 0 {
+            self.close();
+        }
+    }
+}
+
+/// Builds the operators of `plan` (children first) writing into `out`.
+fn build(
+    plan: PhysicalPlan,
+    out: Arc<BlockQueue>,
+    seqs: SeqRange,
+    ctx: &ExecContext,
+    shared: &ExecShared,
+    ops: &mut Vec<OpSlot>,
+) -> Result<()> {
+    let ordered = ctx.config.exec.preserve_order;
+    let cpus = ctx.runtime.total().num_cpus.ceil().max(1.0) as usize;
+    let max_tasks = ctx.config.exec.max_tasks_per_operator.unwrap_or(cpus);
+    let name = plan.name();
+    let counters = Arc::new(OpCounters::default());
+    out.register(seqs.sentinel());
+    let body =
+        |steps: Vec<Step>, write: Option<Arc<WriteTarget>>, counters: &Arc<OpCounters>| TaskBody {
+            steps,
+            write,
+            out: Arc::clone(&out),
+            counters: Arc::clone(counters),
+        };
+    let check_fits = |r: &ResourceRequest, what: &str| {
+        if !ctx.runtime.could_fit(r) {
+            Err(VolleyError::plan(format!(
+                "{what} asks for {} CPUs and {} bytes per task, more than this runtime has ({} CPUs, {} bytes)",
+                r.num_cpus,
+                r.memory,
+                ctx.runtime.total().num_cpus,
+                ctx.runtime.total().memory
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    let source = match &plan {
+        PhysicalPlan::Read(r) => Some(Arc::clone(&r.source)),
+        _ => None,
+    };
+    let input_of = |child: PhysicalPlan, ops: &mut Vec<OpSlot>| -> Result<Arc<BlockQueue>> {
+        let input = shared.new_queue(ordered, producers(&child));
+        build(
+            child,
+            Arc::clone(&input),
+            SeqRange::full(),
+            ctx,
+            shared,
+            ops,
+        )?;
+        Ok(input)
+    };
+    let (op, inputs): (Box<dyn Operator>, Vec<Arc<BlockQueue>>) = match plan {
+        PhysicalPlan::Read(r) => {
+            check_fits(&r.resources, &name)?;
+            let tasks = ctx
+                .block_on(r.source.plan(&ctx.session, &r.request))
+                .map_err(|e| e.context(format!("planning {}", r.source.name())))?;
+            counters.tasks_total.store(tasks.len(), Ordering::Relaxed);
+            let body = body(r.steps, r.write, &counters);
+            (
+                Box::new(ReadOp::new(tasks, seqs.base, r.resources, body)),
+                vec![],
+            )
+        }
+        PhysicalPlan::Map(m) => {
+            check_fits(&m.resources, &name)?;
+            let input = input_of(*m.input, ops)?;
+            let op = MapOp::new(
+                Arc::clone(&input),
+                m.resources,
+                m.concurrency.unwrap_or(max_tasks),
+                m.bundle_rows,
+                body(m.steps, m.write, &counters),
+                seqs.base,
+            );
+            (Box::new(op), vec![input])
+        }
+        PhysicalPlan::ActorMap(a) => {
+            check_fits(&a.resources, &name)?;
+            let input = input_of(*a.input, ops)?;
+            counters.tasks_total.store(a.concurrency, Ordering::Relaxed);
+            let op = ActorPoolOp::new(
+                Arc::clone(&input),
+                a.factory,
+                a.concurrency,
+                a.resources,
+                a.batch_size,
+                seqs.base,
+            );
+            (Box::new(op), vec![input])
+        }
+        PhysicalPlan::Limit(l) => {
+            let input = input_of(*l.input, ops)?;
+            counters.tasks_total.store(1, Ordering::Relaxed);
+            (Box::new(LimitOp::new(Arc::clone(&input), l.n)), vec![input])
+        }
+        PhysicalPlan::Union(u) => {
+            // The children write into the union's output queue, each in its own range
+            // of sequence numbers, so that ordered mode keeps input order.
+            let ranges = seqs.split(u.inputs.len());
+            for (child, range) in u.inputs.into_iter().zip(ranges) {
+                build(child, Arc::clone(&out), range, ctx, shared, ops)?;
+            }
+            out.finish_seq(seqs.sentinel());
+            return Ok(());
+        }
+    };
+    ops.push(OpSlot {
+        name,
+        op,
+        source,
+        counters,
+        out,
+        seqs,
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        closed: false,
+        inputs,
+        max_tasks,
+    });
+    Ok(())
+}
+
+/// How many operators write into the queue of `plan`'s output.
+fn producers(plan: &PhysicalPlan) -> usize {
+    match plan {
+        PhysicalPlan::Union(u) => u.inputs.iter().map(producers).sum::<usize>().max(1),
+        _ => 1,
+    }
+}
+
+/// Starts a task on the runtime: with its resources when free, or with none when the
+/// operator has nothing running (so that no operator starves).
+pub(crate) fn spawn(
+    shared: &Arc<ExecShared>,
+    op_in_flight: &Arc<AtomicUsize>,
+    name: String,
+    resources: ResourceRequest,
+    counters: &Arc<OpCounters>,
+    body: impl FnOnce() -> Result<()> + Send + 'static,
+) -> bool {
+    let in_flight = Arc::clone(op_in_flight);
+    let counters = Arc::clone(counters);
+    let task_shared = Arc::clone(shared);
+    let task = Box::new(move || {
+        let start = cpu_time::ThreadTime::try_now().ok();
+        counters.task_started();
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+            Ok(r) => r,
+            Err(_) => Err(VolleyError::internal("a task panicked")),
+        };
+        if let Err(e) = result {
+            if !e.is_cancelled() {
+                task_shared.fail(e);
+            }
+        }
+        counters.task_done(start.map(|s| s.elapsed()).unwrap_or_default());
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+        task_shared.signal.notify();
+    });
+    op_in_flight.fetch_add(1, Ordering::AcqRel);
+    match shared
+        .runtime
+        .try_spawn(TaskSpec::new(name.clone(), resources), task)
+    {
+        Ok(_) => true,
+        Err(task) => {
+            if op_in_flight.load(Ordering::Acquire) == 1 {
+                // Nothing of this operator runs: run it anyway, holding nothing.
+                if shared
+                    .runtime
+                    .try_spawn(TaskSpec::new(name, ResourceRequest::default()), task)
+                    .is_ok()
+                {
+                    return true;
+                }
+            }
+            op_in_flight.fetch_sub(1, Ordering::AcqRel);
+            false
+        }
+    }
+}
+
+/// A running execution: an iterator over the output blocks.
+///
+/// Dropping it before the end cancels the execution and waits for its tasks to stop.
+pub struct ExecutionStream {
+    out: Arc<BlockQueue>,
+    shared: Arc<ExecShared>,
+    driver: Option<std::thread::JoinHandle<ExecutionStats>>,
+    stats: Option<ExecutionStats>,
+    done: bool,
+}
+
+impl std::fmt::Debug for ExecutionStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecutionStream")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl ExecutionStream {
+    /// Per-operator statistics; complete once the stream has ended.
+    pub fn stats(&mut self) -> Option<&ExecutionStats> {
+        self.stats.as_ref()
+    }
+
+    fn join(&mut self) {
+        if let Some(d) = self.driver.take() {
+            if let Ok(stats) = d.join() {
+                self.stats = Some(stats);
+            }
+        }
+    }
+}
+
+impl Iterator for ExecutionStream {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.out.pop() {
+            Ok(Some(b)) => Some(Ok(b)),
+            Ok(None) => {
+                self.done = true;
+                self.join();
+                self.shared.take_error().map(Err)
+            }
+            Err(e) => {
+                self.done = true;
+                self.shared.cancel_all();
+                self.join();
+                Some(Err(self.shared.take_error().unwrap_or(e)))
+            }
+        }
+    }
+}
+
+impl Drop for ExecutionStream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.cancel_all();
+        }
+        self.join();
+    }
+}
+
+/// Starts executing `plan`; blocks flow as the returned stream is consumed.
+pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream> {
+    let limit = ctx.memory_limit();
+    let shared = Arc::new(ExecShared {
+        signal: Arc::new(Signal::default()),
+        budget: Arc::clone(&ctx.budget),
+        error: Mutex::new(None),
+        queues: Mutex::new(Vec::new()),
+        runtime: Arc::clone(&ctx.runtime),
+        io: ctx.runtime.io_handle(),
+        task_ctx: Arc::new(TaskContext::from(&ctx.session)),
+        stopped: AtomicBool::new(false),
+    });
+    let out = shared.new_queue(ctx.config.exec.preserve_order, producers(&plan));
+    let mut ops = Vec::new();
+    build(
+        plan,
+        Arc::clone(&out),
+        SeqRange::full(),
+        ctx,
+        &shared,
+        &mut ops,
+    )?;
+    let names: Vec<String> = ops.iter().map(|o| o.name.clone()).collect();
+    let progress = Progress::new(ctx.config.exec.progress, &names);
+    let driver_shared = Arc::clone(&shared);
+    let driver = std::thread::Builder::new()
+        .name("volley-scheduler".into())
+        .spawn(move || drive(ops, driver_shared, progress, limit))
+        .map_err(|e| VolleyError::internal(format!("cannot start the scheduler thread: {e}")))?;
+    Ok(ExecutionStream {
+        out,
+        shared,
+        driver: Some(driver),
+        stats: None,
+        done: false,
+    })
+}
+
+/// The scheduling loop.
+fn drive(
+    mut ops: Vec<OpSlot>,
+    shared: Arc<ExecShared>,
+    progress: Progress,
+    limit: u64,
+) -> ExecutionStats {
+    let start = Instant::now();
+    // The budget is the context's (shared with other executions and DataFusion's
+    // operators): this execution's peak is sampled at every scheduling step.
+    let mut peak = shared.budget.used();
+    loop {
+        let generation = shared.signal.generation();
+        peak = peak.max(shared.budget.used());
+        for op in ops.iter_mut().rev() {
+            op.step(&shared);
+        }
+        for (i, op) in ops.iter().enumerate() {
+            progress.update(
+                i,
+                op.counters.tasks_done.load(Ordering::Relaxed),
+                op.counters.tasks_total.load(Ordering::Relaxed),
+                op.counters.rows_out.load(Ordering::Relaxed),
+            );
+        }
+        if ops.iter().all(|o| o.closed) {
+            break;
+        }
+        shared
+            .signal
+            .wait_since(generation, Duration::from_millis(100));
+    }
+    let stats = ExecutionStats {
+        operators: ops
+            .iter()
+            .map(|o| {
+                let spilled = o.source.as_ref().map_or(0, |s| s.spilled_bytes());
+                o.counters.snapshot(&o.name, o.out.peak_bytes(), spilled)
+            })
+            .collect(),
+        wall: start.elapsed(),
+        peak_memory: peak.max(shared.budget.used()),
+        memory_limit: limit,
+    };
+    progress.finish(&stats);
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver's contracts, on real operators and a real thread-per-task runtime:
+    //! ordered output, no starvation, cancellation that stops every task, the first
+    //! error ends the execution.
+
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use arrow::array::{ArrayRef, Int64Array, RecordBatch};
+    use datafusion::execution::session_state::SessionStateBuilder;
+    use volley_common::VolleyConfig;
+    use volley_runtime::{LocalRuntime, MemoryBudget, ResourceRequest};
+
+    use super::*;
+    use crate::plan::{ActorMapExec, LimitExec, MapExec, ReadExec, UnionExec};
+    use crate::{MemorySource, RangeSource, StatefulTransform, TransformFactory, TransformFn};
+
+    fn context(cpus: f64, ordered: bool) -> ExecContext {
+        let mut config = VolleyConfig::default();
+        config.set("volley.exec.progress", "off").unwrap();
+        config
+            .set("volley.exec.preserve_order", &ordered.to_string())
+            .unwrap();
+        config.runtime.num_cpus = Some(cpus);
+        let runtime: Arc<dyn Runtime> = LocalRuntime::try_new(&config.runtime).unwrap();
+        ExecContext {
+            config: Arc::new(config),
+            runtime,
+            session: SessionStateBuilder::new().build(),
+            budget: MemoryBudget::new(256 << 20),
+        }
+    }
+
+    /// Blocks of `rows` rows each, numbered from 0 in column `id`.
+    fn numbered(blocks: usize, rows: i64) -> Vec<RecordBatch> {
+        (0..blocks as i64)
+            .map(|b| {
+                let ids = Int64Array::from_iter_values(b * rows..(b + 1) * rows);
+                RecordBatch::try_from_iter([("id", Arc::new(ids) as ArrayRef)]).unwrap()
+            })
+            .collect()
+    }
+
+    fn read(batches: Vec<RecordBatch>) -> PhysicalPlan {
+        PhysicalPlan::Read(ReadExec {
+            source: Arc::new(MemorySource::try_new(batches).unwrap()),
+            request: Default::default(),
+            steps: vec![],
+            resources: ResourceRequest::cpus(1.0),
+            write: None,
+        })
+    }
+
+    fn map(input: PhysicalPlan, f: TransformFn, concurrency: usize) -> PhysicalPlan {
+        PhysicalPlan::Map(MapExec {
+            input: Box::new(input),
+            steps: vec![Step::Map {
+                f,
+                batch_size: None,
+            }],
+            resources: ResourceRequest::cpus(1.0),
+            concurrency: Some(concurrency),
+            bundle_rows: 1,
+            write: None,
+        })
+    }
+
+    fn ids(batches: &[RecordBatch]) -> Vec<i64> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    }
+
+    /// Runs `plan` on a thread, failing the test if it does not end in `secs`.
+    fn run_within(
+        plan: PhysicalPlan,
+        ctx: ExecContext,
+        secs: u64,
+    ) -> (Result<Vec<RecordBatch>>, Option<ExecutionStats>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let result = execute(plan, &ctx).and_then(|mut s| {
+                let out: Result<Vec<RecordBatch>> = s.by_ref().collect();
+                Ok((out, s.stats().cloned()))
+            });
+            let _ = tx.send(result);
+        });
+        match rx.recv_timeout(Duration::from_secs(secs)) {
+            Ok(Ok((out, stats))) => (out, stats),
+            Ok(Err(e)) => (Err(e), None),
+            Err(_) => panic!("the execution did not end within {secs} s"),
+        }
+    }
+
+    #[test]
+    fn ordered_mode_keeps_input_order_whatever_the_tasks_take() {
+        // Later blocks finish first: block k sleeps (20 - k) ms.
+        let slow = TransformFn::local("slow", |b: RecordBatch| {
+            let first = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0);
+            std::thread::sleep(Duration::from_millis((20 - (first / 10).min(20)) as u64));
+            Ok(b)
+        });
+        let plan = map(read(numbered(20, 10)), slow, 4);
+        let (out, stats) = run_within(plan, context(4.0, true), 60);
+        assert_eq!(ids(&out.unwrap()), (0..200).collect::<Vec<_>>());
+        let stats = stats.unwrap();
+        assert_eq!(stats.operators.len(), 2, "{stats}");
+        assert!(stats.operators.iter().all(|o| o.rows_out == 200), "{stats}");
+    }
+
+    #[test]
+    fn a_union_in_ordered_mode_gives_its_inputs_in_order() {
+        let plan = PhysicalPlan::Union(UnionExec {
+            inputs: vec![read(numbered(3, 5)), read(numbered(2, 5))],
+        });
+        let (out, _) = run_within(plan, context(2.0, true), 30);
+        let got = ids(&out.unwrap());
+        let want: Vec<i64> = (0..15).chain(0..10).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn an_actor_pool_holding_every_cpu_does_not_starve_its_reads() {
+        struct Double;
+        impl StatefulTransform for Double {
+            fn transform(&mut self, b: RecordBatch) -> Result<RecordBatch> {
+                Ok(b)
+            }
+        }
+        // Two workers of one CPU each on a 2-CPU runtime: their CPUs are held for
+        // their lifetime, and the reads that feed them must still run.
+        let plan = PhysicalPlan::ActorMap(ActorMapExec {
+            input: Box::new(read(numbered(50, 100))),
+            factory: TransformFactory::local("double", || Ok(Double)),
+            concurrency: 2,
+            resources: ResourceRequest::cpus(1.0),
+            batch_size: None,
+        });
+        let (out, _) = run_within(plan, context(2.0, false), 60);
+        assert_eq!(ids(&out.unwrap()).len(), 5000);
+    }
+
+    #[test]
+    fn a_limit_stops_the_reads_upstream() {
+        // 1,000 read tasks of 1,000 rows; a limit of 10 rows must not read them all.
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&calls);
+        let count = TransformFn::local("count", move |b: RecordBatch| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(b)
+        });
+        let plan = PhysicalPlan::Limit(LimitExec {
+            input: Box::new(map(
+                PhysicalPlan::Read(ReadExec {
+                    source: Arc::new(RangeSource::new(1_000_000, 1000, 1000)),
+                    request: Default::default(),
+                    steps: vec![],
+                    resources: ResourceRequest::cpus(1.0),
+                    write: None,
+                }),
+                count,
+                2,
+            )),
+            n: 10,
+        });
+        let (out, _) = run_within(plan, context(2.0, false), 60);
+        assert_eq!(ids(&out.unwrap()).len(), 10);
+        let read = calls.load(Ordering::SeqCst);
+        assert!(
+            read < 100,
+            "{read} of 1000 blocks were mapped after the limit"
+        );
+    }
+
+    #[test]
+    fn dropping_the_stream_stops_every_task() {
+        let running = Arc::new(AtomicU64::new(0));
+        let live = Arc::clone(&running);
+        let slow = TransformFn::local("slow", move |b: RecordBatch| {
+            live.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            live.fetch_sub(1, Ordering::SeqCst);
+            Ok(b)
+        });
+        let plan = map(read(numbered(500, 10)), slow, 2);
+        let ctx = context(2.0, false);
+        let mut stream = execute(plan, &ctx).unwrap();
+        assert!(stream.next().unwrap().is_ok());
+        let start = Instant::now();
+        drop(stream);
+        // Dropping waits for the tasks to stop.
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert_eq!(running.load(Ordering::SeqCst), 0, "a task still runs");
+    }
+
+    #[test]
+    fn the_first_error_ends_the_execution_and_is_what_the_consumer_sees() {
+        let fails = TransformFn::local("fails", |b: RecordBatch| {
+            let first = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0);
+            if first == 70 {
+                Err(VolleyError::execution("row 70 is cursed"))
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+                Ok(b)
+            }
+        });
+        let plan = map(read(numbered(200, 10)), fails, 2);
+        let (out, _) = run_within(plan, context(2.0, false), 60);
+        let e = out.unwrap_err().to_string();
+        assert!(e.contains("row 70 is cursed"), "{e}");
+    }
+}

@@ -1,0 +1,132 @@
+//! A stateful transform on a pool of long-lived workers: each worker builds its
+//! transform once, then takes bundles of input until the input ends.
+
+use std::sync::{Arc, Mutex};
+
+use arrow::compute::concat_batches;
+use volley_common::{Result, VolleyError};
+use volley_runtime::ResourceRequest;
+
+use super::{Operator, StepContext};
+use crate::queue::BlockQueue;
+use crate::stats::OpCounters;
+use crate::transform::{guard, TransformFactory};
+
+pub(crate) struct ActorPoolOp {
+    input: Arc<BlockQueue>,
+    factory: TransformFactory,
+    concurrency: usize,
+    resources: ResourceRequest,
+    batch_size: Option<usize>,
+    spawned: usize,
+    next_seq: Arc<Mutex<u64>>,
+}
+
+impl ActorPoolOp {
+    pub(crate) fn new(
+        input: Arc<BlockQueue>,
+        factory: TransformFactory,
+        concurrency: usize,
+        resources: ResourceRequest,
+        batch_size: Option<usize>,
+        first_seq: u64,
+    ) -> Self {
+        Self {
+            input,
+            factory,
+            concurrency: concurrency.max(1),
+            resources,
+            batch_size,
+            spawned: 0,
+            next_seq: Arc::new(Mutex::new(first_seq)),
+        }
+    }
+}
+
+impl Operator for ActorPoolOp {
+    fn step(&mut self, cx: &mut StepContext<'_>) -> bool {
+        while !cx.stopping && self.spawned < self.concurrency {
+            let worker = ActorWorker {
+                input: Arc::clone(&self.input),
+                out: Arc::clone(cx.out),
+                factory: self.factory.clone(),
+                batch_size: self.batch_size,
+                next_seq: Arc::clone(&self.next_seq),
+                counters: Arc::clone(cx.counters),
+            };
+            let name = format!("{}#{}", cx.name, self.spawned);
+            if !cx.spawn(name, self.resources, move || worker.run()) {
+                break;
+            }
+            self.spawned += 1;
+        }
+        // Workers run until their input ends: once they are started (or the execution
+        // stops), there is nothing more to start.
+        self.spawned > 0 || cx.stopping
+    }
+}
+
+/// One worker of an actor pool.
+struct ActorWorker {
+    input: Arc<BlockQueue>,
+    out: Arc<BlockQueue>,
+    factory: TransformFactory,
+    batch_size: Option<usize>,
+    next_seq: Arc<Mutex<u64>>,
+    counters: Arc<OpCounters>,
+}
+
+impl ActorWorker {
+    fn run(self) -> Result<()> {
+        let mut transform = self.factory.build()?;
+        let name = self.factory.name();
+        let want = self.batch_size.unwrap_or(1).max(1);
+        loop {
+            // Taking input and numbering it happen together, so that ordered mode
+            // sees bundles in input order.
+            let (bundle, seq) = {
+                let mut next = self.next_seq.lock().expect("actor lock");
+                let mut bundle = Vec::new();
+                let mut rows = 0;
+                while rows < want {
+                    match self.input.pop()? {
+                        Some(b) => {
+                            rows += b.num_rows();
+                            bundle.push(b);
+                        }
+                        None => break,
+                    }
+                }
+                if bundle.is_empty() {
+                    return Ok(());
+                }
+                let seq = *next;
+                *next += 1;
+                self.out.register(seq);
+                (bundle, seq)
+            };
+            let result = (|| {
+                let all = if bundle.len() == 1 {
+                    bundle.into_iter().next().expect("one")
+                } else {
+                    concat_batches(&bundle[0].schema(), &bundle)?
+                };
+                let chunk = self.batch_size.unwrap_or(all.num_rows().max(1));
+                let mut offset = 0;
+                while offset < all.num_rows() {
+                    let len = chunk.min(all.num_rows() - offset);
+                    let out = guard(&name, || transform.transform(all.slice(offset, len)))?;
+                    offset += len;
+                    if out.num_rows() > 0 {
+                        self.counters
+                            .output(out.num_rows(), out.get_array_memory_size());
+                        self.out.push(seq, out)?;
+                    }
+                }
+                Ok::<_, VolleyError>(())
+            })();
+            self.out.finish_seq(seq);
+            result?;
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Passes the first `n` rows, then cancels its input: everything upstream stops.
+
+use std::sync::Arc;
+
+use volley_common::Result;
+use volley_runtime::ResourceRequest;
+
+use super::{Operator, StepContext};
+use crate::queue::BlockQueue;
+use crate::stats::OpCounters;
+
+pub(crate) struct LimitOp {
+    input: Arc<BlockQueue>,
+    n: usize,
+    spawned: bool,
+}
+
+impl LimitOp {
+    pub(crate) fn new(input: Arc<BlockQueue>, n: usize) -> Self {
+        Self {
+            input,
+            n,
+            spawned: false,
+        }
+    }
+}
+
+impl Operator for LimitOp {
+    fn step(&mut self, cx: &mut StepContext<'_>) -> bool {
+        if !self.spawned && !cx.stopping {
+            let (input, out, n, counters) = (
+                Arc::clone(&self.input),
+                Arc::clone(cx.out),
+                self.n,
+                Arc::clone(cx.counters),
+            );
+            let seq = cx.seqs.base;
+            cx.out.register(seq);
+            self.spawned = cx.spawn(cx.name.to_string(), ResourceRequest::default(), move || {
+                let r = run_limit(&input, &out, n, seq, &counters);
+                out.finish_seq(seq);
+                r
+            });
+        }
+        self.spawned || cx.stopping
+    }
+}
+
+fn run_limit(
+    input: &BlockQueue,
+    out: &BlockQueue,
+    n: usize,
+    seq: u64,
+    counters: &OpCounters,
+) -> Result<()> {
+    let mut left = n;
+    while left > 0 {
+        match input.pop()? {
+            Some(b) => {
+                let take = left.min(b.num_rows());
+                let b = if take < b.num_rows() {
+                    b.slice(0, take)
+                } else {
+                    b
+                };
+                left -= take;
+                counters.output(b.num_rows(), b.get_array_memory_size());
+                out.push(seq, b)?;
+            }
+            None => break,
+        }
+    }
+    // Enough: everything upstream stops.
+    input.cancel();
+    Ok(())
+}
