@@ -36,6 +36,10 @@ pub struct ExecOptions {
     pub max_tasks_per_operator: Option<usize>,
     /// `volley.exec.spill_dir`: where operators that spill write their files.
     pub spill_dir: Option<PathBuf>,
+    /// `volley.exec.object_store_limit`: on a cluster, bytes that one execution's blocks
+    /// may fill in the nodes' object stores (queued and passed between stages). `None`
+    /// means half of what the live nodes keep in memory.
+    pub object_store_limit: Option<u64>,
 }
 
 impl Default for ExecOptions {
@@ -47,6 +51,7 @@ impl Default for ExecOptions {
             progress: ProgressMode::Auto,
             max_tasks_per_operator: None,
             spill_dir: None,
+            object_store_limit: None,
         }
     }
 }
@@ -124,6 +129,10 @@ const KEYS: &[(&str, &str)] = &[
         "VOLLEY_EXEC_MAX_TASKS_PER_OPERATOR",
     ),
     ("volley.exec.spill_dir", "VOLLEY_EXEC_SPILL_DIR"),
+    (
+        "volley.exec.object_store_limit",
+        "VOLLEY_EXEC_OBJECT_STORE_LIMIT",
+    ),
     ("volley.read.split_bytes", "VOLLEY_READ_SPLIT_BYTES"),
     (
         "volley.read.pushdown_filters",
@@ -180,6 +189,9 @@ impl VolleyConfig {
                 self.exec.max_tasks_per_operator = Some(n.max(1));
             }
             "volley.exec.spill_dir" => self.exec.spill_dir = Some(PathBuf::from(value)),
+            "volley.exec.object_store_limit" => {
+                self.exec.object_store_limit = Some(parse_bytes(value)?)
+            }
             "volley.read.split_bytes" => self.read.split_bytes = parse_bytes(value)?.max(1),
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
             "volley.runtime.num_cpus" => {

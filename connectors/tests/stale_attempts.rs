@@ -68,7 +68,7 @@ fn slow_attempt(
             }
             rest.next().map(Ok)
         });
-        part.write(batches, registry.as_ref(), &scratch, attempt, io)
+        part.write(batches, registry.as_ref(), &scratch, "00000", attempt, io)
     });
     (go_tx, started_rx, handle)
 }
@@ -111,7 +111,7 @@ fn a_superseded_attempt_leaves_nothing_in_a_local_destination() {
         rt.handle().clone(),
     )
     .unwrap();
-    let (part0, part1) = (job.remote_part(0), job.remote_part(1));
+    let (part0, part1) = (job.remote_part(), job.remote_part());
 
     // Attempt 0 of part 0 starts, writes one batch, then is cut off (its node is
     // declared dead); attempt 1 of part 0 takes over and finishes, as does part 1.
@@ -132,6 +132,7 @@ fn a_superseded_attempt_leaves_nothing_in_a_local_destination() {
             vec![Ok(batch(0, 300, "paris"))].into_iter(),
             registry.as_ref(),
             scratch,
+            "00000",
             1,
             io.clone(),
         )
@@ -141,6 +142,7 @@ fn a_superseded_attempt_leaves_nothing_in_a_local_destination() {
             vec![Ok(batch(300, 50, "nice"))].into_iter(),
             registry.as_ref(),
             scratch,
+            "00001",
             0,
             io.clone(),
         )
@@ -161,7 +163,9 @@ fn a_superseded_attempt_leaves_nothing_in_a_local_destination() {
         outcome.is_err(),
         "a late attempt cannot stage after the commit: {outcome:?}"
     );
-    part0.discard(registry.as_ref(), 0, io.clone()).unwrap();
+    part0
+        .discard(registry.as_ref(), "00000", 0, io.clone())
+        .unwrap();
     assert_eq!(
         local_files(&dest),
         committed,
@@ -196,7 +200,7 @@ fn a_superseded_attempt_leaves_nothing_in_an_object_store_destination() {
         io.clone(),
     )
     .unwrap();
-    let part0 = job.remote_part(0);
+    let part0 = job.remote_part();
     let (go, started, stale) = slow_attempt(
         part0.clone(),
         Arc::clone(&registry),
@@ -212,6 +216,7 @@ fn a_superseded_attempt_leaves_nothing_in_an_object_store_destination() {
             vec![Ok(batch(0, 200, "paris"))].into_iter(),
             registry.as_ref(),
             scratch.path(),
+            "00000",
             1,
             io.clone(),
         )
@@ -251,7 +256,9 @@ fn a_superseded_attempt_leaves_nothing_in_an_object_store_destination() {
         "nothing late in the destination"
     );
     if late.is_ok() {
-        part0.discard(registry.as_ref(), 0, io.clone()).unwrap();
+        part0
+            .discard(registry.as_ref(), "00000", 0, io.clone())
+            .unwrap();
     }
     assert_eq!(list(""), committed, "nothing else anywhere in the bucket");
 }

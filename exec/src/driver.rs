@@ -31,14 +31,19 @@ use datafusion::execution::context::SessionState;
 use datafusion::execution::TaskContext;
 use volley_common::{Result, VolleyConfig, VolleyError};
 use volley_connectors::DataSource;
+use volley_runtime::cluster::Cluster;
 use volley_runtime::{MemoryBudget, ResourceRequest, Runtime, TaskSpec};
 
-use crate::operator::{ActorPoolOp, LimitOp, MapOp, Operator, ReadOp, StepContext, TaskBody};
+use crate::operator::{
+    ActorPoolOp, ClusterMapOp, ClusterPoolOp, ClusterReadOp, LimitOp, MapOp, Operator, ReadOp,
+    StepContext, TaskBody,
+};
 use crate::plan::{PhysicalPlan, WriteTarget};
 use crate::progress::Progress;
-use crate::queue::{BlockQueue, Signal};
+use crate::queue::{BlockQueue, RemoteSide, Signal};
 use crate::stats::{ExecutionStats, OpCounters};
 use crate::step::Step;
+use crate::watch::Watch;
 
 /// What an execution needs: options, the runtime that runs its tasks, and the
 /// DataFusion session that plans file scans and SQL.
@@ -54,6 +59,8 @@ pub struct ExecContext {
     /// and, through [`BudgetMemoryPool`](crate::BudgetMemoryPool), DataFusion's
     /// operators).
     pub budget: Arc<MemoryBudget>,
+    /// The cluster the plan's cluster stages run on, if any.
+    pub cluster: Option<Cluster>,
 }
 
 impl std::fmt::Debug for ExecContext {
@@ -100,11 +107,14 @@ pub(crate) struct ExecShared {
     pub(crate) io: tokio::runtime::Handle,
     pub(crate) task_ctx: Arc<TaskContext>,
     stopped: AtomicBool,
+    /// The cluster and the object-store budget of the execution's remote blocks.
+    remote: Option<RemoteSide>,
+    watch: std::sync::OnceLock<Arc<Watch>>,
 }
 
 impl ExecShared {
     /// Records the first error and cancels everything.
-    fn fail(&self, e: VolleyError) {
+    pub(crate) fn fail(&self, e: VolleyError) {
         {
             let mut slot = self.error.lock().expect("error lock");
             if slot.is_none() {
@@ -126,12 +136,26 @@ impl ExecShared {
         self.error.lock().expect("error lock").take()
     }
 
+    /// The watch of cluster objects (started on first use; only cluster operators
+    /// ask, and they exist only when the execution has a cluster).
+    pub(crate) fn watch(&self) -> Arc<Watch> {
+        Arc::clone(self.watch.get_or_init(|| {
+            let cluster = self
+                .remote
+                .as_ref()
+                .map(|r| r.cluster.clone())
+                .expect("cluster operators run with a cluster");
+            Watch::start(cluster).expect("a thread for the cluster watch")
+        }))
+    }
+
     fn new_queue(&self, ordered: bool, producers: usize) -> Arc<BlockQueue> {
-        let q = BlockQueue::new(
+        let q = BlockQueue::with_remote(
             ordered,
             producers,
             Arc::clone(&self.budget),
             Arc::clone(&self.signal),
+            self.remote.clone(),
         );
         self.queues
             .lock()
@@ -183,11 +207,17 @@ struct OpSlot {
     closed: bool,
     inputs: Vec<Arc<BlockQueue>>,
     max_tasks: usize,
+    /// Its output is cluster objects: its room is the object-store budget's.
+    remote: bool,
 }
 
 impl OpSlot {
     fn has_room(&self, shared: &ExecShared) -> bool {
-        shared.budget.used() < crate::queue::queue_ceiling(&shared.budget) || self.out.bytes() == 0
+        let budget = match (&shared.remote, self.remote) {
+            (Some(r), true) => &r.budget,
+            _ => &shared.budget,
+        };
+        budget.used() < crate::queue::queue_ceiling(budget) || self.out.bytes() == 0
     }
 
     fn close(&mut self) {
@@ -266,6 +296,33 @@ fn build(
         PhysicalPlan::Read(r) => Some(Arc::clone(&r.source)),
         _ => None,
     };
+    let remote = matches!(
+        plan,
+        PhysicalPlan::ClusterRead(_)
+            | PhysicalPlan::ClusterMap(_)
+            | PhysicalPlan::ClusterActorPool(_)
+    );
+    let cluster = || {
+        ctx.cluster.clone().ok_or_else(|| {
+            VolleyError::internal(format!("{name} is a cluster stage but no cluster is given"))
+        })
+    };
+    // Cluster tasks in flight per operator: twice what the cluster's CPUs run at once.
+    let window = |cpus_each: f64| -> usize {
+        let total: f64 = ctx
+            .cluster
+            .as_ref()
+            .and_then(|c| c.status().ok())
+            .map(|s| {
+                s.nodes
+                    .iter()
+                    .filter(|n| n.alive)
+                    .map(|n| n.total.as_ref().map_or(0.0, |t| t.num_cpus))
+                    .sum()
+            })
+            .unwrap_or(1.0);
+        ((total / cpus_each.max(0.01)) as usize * 2).max(2)
+    };
     let input_of = |child: PhysicalPlan, ops: &mut Vec<OpSlot>| -> Result<Arc<BlockQueue>> {
         let input = shared.new_queue(ordered, producers(&child));
         build(
@@ -323,6 +380,46 @@ fn build(
             counters.tasks_total.store(1, Ordering::Relaxed);
             (Box::new(LimitOp::new(Arc::clone(&input), l.n)), vec![input])
         }
+        PhysicalPlan::ClusterRead(r) => {
+            counters.tasks_total.store(r.tasks.len(), Ordering::Relaxed);
+            let op = ClusterReadOp::new(
+                cluster()?,
+                r.tasks,
+                seqs.base,
+                r.resources.clone(),
+                r.write,
+                window(r.resources.num_cpus),
+            );
+            (Box::new(op), vec![])
+        }
+        PhysicalPlan::ClusterMap(m) => {
+            let input = input_of(*m.input, ops)?;
+            let op = ClusterMapOp::new(
+                cluster()?,
+                Arc::clone(&input),
+                m.task,
+                m.resources.clone(),
+                m.bundle_rows,
+                m.write,
+                window(m.resources.num_cpus),
+                seqs.base,
+            );
+            (Box::new(op), vec![input])
+        }
+        PhysicalPlan::ClusterActorPool(a) => {
+            let input = input_of(*a.input, ops)?;
+            let op = ClusterPoolOp::new(
+                cluster()?,
+                Arc::clone(&input),
+                a.actor,
+                a.resources,
+                a.size,
+                a.max_in_flight,
+                a.transform,
+                seqs.base,
+            );
+            (Box::new(op), vec![input])
+        }
         PhysicalPlan::Union(u) => {
             // The children write into the union's output queue, each in its own range
             // of sequence numbers, so that ordered mode keeps input order.
@@ -345,6 +442,7 @@ fn build(
         closed: false,
         inputs,
         max_tasks,
+        remote,
     });
     Ok(())
 }
@@ -488,6 +586,14 @@ pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream>
         io: ctx.runtime.io_handle(),
         task_ctx: Arc::new(TaskContext::from(&ctx.session)),
         stopped: AtomicBool::new(false),
+        remote: match &ctx.cluster {
+            Some(cluster) => Some(RemoteSide {
+                cluster: cluster.clone(),
+                budget: MemoryBudget::new(object_store_limit(ctx, cluster)?),
+            }),
+            None => None,
+        },
+        watch: std::sync::OnceLock::new(),
     });
     let out = shared.new_queue(ctx.config.exec.preserve_order, producers(&plan));
     let mut ops = Vec::new();
@@ -513,6 +619,22 @@ pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream>
         stats: None,
         done: false,
     })
+}
+
+/// The object-store bytes one execution's blocks may fill: the option when set, else
+/// half of what the cluster's live nodes keep in memory.
+fn object_store_limit(ctx: &ExecContext, cluster: &Cluster) -> Result<u64> {
+    if let Some(limit) = ctx.config.exec.object_store_limit {
+        return Ok(limit.max(1));
+    }
+    let total: u64 = cluster
+        .status()?
+        .nodes
+        .iter()
+        .filter(|n| n.alive)
+        .map(|n| n.object_store_memory)
+        .sum();
+    Ok((total / 2).max(64 << 20))
 }
 
 /// The scheduling loop.
@@ -560,6 +682,9 @@ fn drive(
         memory_limit: limit,
     };
     progress.finish(&stats);
+    if let Some(w) = shared.watch.get() {
+        w.stop();
+    }
     stats
 }
 
@@ -594,6 +719,7 @@ mod tests {
             runtime,
             session: SessionStateBuilder::new().build(),
             budget: MemoryBudget::new(256 << 20),
+            cluster: None,
         }
     }
 

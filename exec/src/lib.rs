@@ -12,17 +12,24 @@ mod memory_pool;
 mod memory_source;
 mod operator;
 mod plan;
+mod pool_worker;
 mod progress;
 mod queue;
 mod stats;
 mod step;
 mod transform;
+mod watch;
 
 pub use driver::{execute, ExecContext, ExecutionStream};
 pub use exchange::{compact_views, ExchangeStore, FrozenStore, Partitioning};
 pub use memory_pool::BudgetMemoryPool;
 pub use memory_source::{project_batch, MemorySource, RangeSource};
-pub use plan::{ActorMapExec, LimitExec, MapExec, PhysicalPlan, ReadExec, UnionExec, WriteTarget};
+pub use plan::{
+    ActorMapExec, ClusterActorPoolExec, ClusterMapExec, ClusterReadExec, LimitExec, MapExec,
+    PhysicalPlan, PoolSize, ReadExec, UnionExec, WriteTarget,
+};
+pub use pool_worker::PoolWorker;
+pub use queue::{Block, RemoteBlock};
 pub use stats::{ExecutionStats, OperatorStats};
 pub use step::{compile_expr, output_schema, LazyStep, Step, StepRunner};
 pub use transform::{

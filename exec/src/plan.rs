@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 use volley_connectors::{DataSource, ScanRequest, StagedPart, WriteJob, WriteSummary};
+use volley_runtime::cluster::{EncodedActor, EncodedTask, Resources};
 use volley_runtime::ResourceRequest;
 
 use crate::step::Step;
@@ -112,6 +113,75 @@ pub struct UnionExec {
     pub inputs: Vec<PhysicalPlan>,
 }
 
+/// A stage whose tasks run on a cluster's nodes, one object each, without inputs: a
+/// source stage (a read split and the steps fused into it, shipped as a task). Its
+/// blocks stay in the nodes' stores; this process holds their references.
+#[derive(Debug)]
+pub struct ClusterReadExec {
+    /// The stage's name in stats.
+    pub name: String,
+    /// What it shows in `explain`.
+    pub describe: String,
+    /// One task per read split, with its label (errors name it).
+    pub tasks: Vec<(String, EncodedTask)>,
+    /// What each task holds.
+    pub resources: Resources,
+    /// When set, the tasks write their output (each returns what it staged).
+    pub write: Option<Arc<WriteTarget>>,
+}
+
+/// A stage that runs on a cluster's nodes over input blocks: one task per bundle of at
+/// least `bundle_rows` rows, the same work for every bundle. Blocks made in this
+/// process are put into the cluster first.
+#[derive(Debug)]
+pub struct ClusterMapExec {
+    /// The input.
+    pub input: Box<PhysicalPlan>,
+    /// The stage's name in stats.
+    pub name: String,
+    /// What it shows in `explain`.
+    pub describe: String,
+    /// The task each bundle is given to.
+    pub task: EncodedTask,
+    /// What each task holds.
+    pub resources: Resources,
+    /// Rows gathered into one task at least (the last task may get fewer).
+    pub bundle_rows: usize,
+    /// When set, the tasks write their output.
+    pub write: Option<Arc<WriteTarget>>,
+}
+
+/// How many actors a pool runs: a fixed number, or between `min` and `max` (growing
+/// while blocks wait for a free actor, shrinking when actors sit idle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSize {
+    /// Actors at least (and at start).
+    pub min: usize,
+    /// Actors at most.
+    pub max: usize,
+}
+
+/// A stateful transform on a pool of cluster actors, each built once on its node; the
+/// input blocks are dispatched to them as calls (several in flight per actor, preferring
+/// an actor on the node that holds the block).
+#[derive(Debug)]
+pub struct ClusterActorPoolExec {
+    /// The input.
+    pub input: Box<PhysicalPlan>,
+    /// The stage's name in stats.
+    pub name: String,
+    /// The transform's name (errors, warnings).
+    pub transform: String,
+    /// Each actor, encoded once.
+    pub actor: EncodedActor,
+    /// What each actor holds.
+    pub resources: Resources,
+    /// How many actors.
+    pub size: PoolSize,
+    /// Calls in flight per actor.
+    pub max_in_flight: usize,
+}
+
 /// A physical operator tree.
 #[derive(Debug)]
 pub enum PhysicalPlan {
@@ -125,6 +195,12 @@ pub enum PhysicalPlan {
     Limit(LimitExec),
     /// See [`UnionExec`].
     Union(UnionExec),
+    /// See [`ClusterReadExec`].
+    ClusterRead(ClusterReadExec),
+    /// See [`ClusterMapExec`].
+    ClusterMap(ClusterMapExec),
+    /// See [`ClusterActorPoolExec`].
+    ClusterActorPool(ClusterActorPoolExec),
 }
 
 impl PhysicalPlan {
@@ -156,6 +232,9 @@ impl PhysicalPlan {
             PhysicalPlan::ActorMap(a) => format!("MapBatches({})", a.factory.name()),
             PhysicalPlan::Limit(l) => format!("Limit[{}]", l.n),
             PhysicalPlan::Union(_) => "Union".into(),
+            PhysicalPlan::ClusterRead(r) => r.name.clone(),
+            PhysicalPlan::ClusterMap(m) => m.name.clone(),
+            PhysicalPlan::ClusterActorPool(a) => a.name.clone(),
         }
     }
 
@@ -167,6 +246,9 @@ impl PhysicalPlan {
             PhysicalPlan::ActorMap(a) => vec![&a.input],
             PhysicalPlan::Limit(l) => vec![&l.input],
             PhysicalPlan::Union(u) => u.inputs.iter().collect(),
+            PhysicalPlan::ClusterRead(_) => vec![],
+            PhysicalPlan::ClusterMap(m) => vec![&m.input],
+            PhysicalPlan::ClusterActorPool(a) => vec![&a.input],
         }
     }
 
@@ -239,8 +321,39 @@ impl PhysicalPlan {
                     .unwrap_or_default(),
                 a.resources.num_cpus
             ),
-            PhysicalPlan::Limit(l) => writeln!(f, "{pad}Limit: {}", l.n),
+            PhysicalPlan::Limit(l) => writeln!(f, "{pad}Limit: {}  (in the driver)", l.n),
             PhysicalPlan::Union(u) => writeln!(f, "{pad}Union: {} inputs", u.inputs.len()),
+            PhysicalPlan::ClusterRead(r) => writeln!(
+                f,
+                "{pad}{}: {} tasks on the cluster's nodes{}  (cpus/task={})\n{pad}  {}",
+                r.name,
+                r.tasks.len(),
+                if r.write.is_some() { ", writing" } else { "" },
+                r.resources.num_cpus,
+                r.describe.replace('\n', &format!("\n{pad}  "))
+            ),
+            PhysicalPlan::ClusterMap(m) => writeln!(
+                f,
+                "{pad}{}: tasks of >= {} rows on the cluster's nodes{}  (cpus/task={})\n{pad}  {}",
+                m.name,
+                m.bundle_rows,
+                if m.write.is_some() { ", writing" } else { "" },
+                m.resources.num_cpus,
+                m.describe.replace('\n', &format!("\n{pad}  "))
+            ),
+            PhysicalPlan::ClusterActorPool(a) => writeln!(
+                f,
+                "{pad}{}: {} on {} cluster actors, {} calls in flight each  (resources/actor: {})",
+                a.name,
+                a.transform,
+                if a.size.min == a.size.max {
+                    a.size.min.to_string()
+                } else {
+                    format!("{}..{}", a.size.min, a.size.max)
+                },
+                a.max_in_flight,
+                a.resources
+            ),
         };
         for c in self.children() {
             c.fmt_indent(f, indent + 1);

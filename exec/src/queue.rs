@@ -10,6 +10,11 @@
 //! In ordered mode every producer task has a *sequence number*, registered in
 //! dispatch order; `pop` returns the blocks of the oldest unfinished sequence first, so
 //! the output follows the input's order however the tasks finish.
+//!
+//! On a cluster a block may be an object in a node's store ([`Block::Remote`]): the
+//! queue holds its reference and metadata (never its bytes), counted against the
+//! execution's object-store budget instead of this process's memory. A consumer in this
+//! process that pops one ([`BlockQueue::pop`]) gets its batches fetched over Flight.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +23,7 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use volley_common::{Result, VolleyError};
+use volley_runtime::cluster::{Cluster, ObjectMeta, ObjectRef};
 use volley_runtime::{MemoryBudget, MemoryReservation};
 
 /// Wakes whoever waits on an execution: pushers, poppers, the scheduling loop.
@@ -49,20 +55,63 @@ impl Signal {
     }
 }
 
-struct Block {
-    batch: RecordBatch,
+/// An object in a cluster node's store: its reference and what the head says of it.
+#[derive(Debug, Clone)]
+pub struct RemoteBlock {
+    /// The object (dropping the last reference frees it).
+    pub object: ObjectRef,
+    /// Rows, bytes and where it lives.
+    pub meta: ObjectMeta,
+}
+
+/// A block between two operators.
+#[derive(Debug, Clone)]
+pub enum Block {
+    /// Batches in this process.
+    Local(RecordBatch),
+    /// An object in a cluster node's store.
+    Remote(RemoteBlock),
+}
+
+impl Block {
+    /// Its rows.
+    pub fn rows(&self) -> usize {
+        match self {
+            Block::Local(b) => b.num_rows(),
+            Block::Remote(r) => r.meta.rows as usize,
+        }
+    }
+
+    /// Its bytes (in this process's memory, or in a node's store).
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Block::Local(b) => b.get_array_memory_size() as u64,
+            Block::Remote(r) => r.meta.bytes,
+        }
+    }
+}
+
+/// Where remote blocks are counted and fetched from.
+#[derive(Clone)]
+pub(crate) struct RemoteSide {
+    pub cluster: Cluster,
+    pub budget: Arc<MemoryBudget>,
+}
+
+struct Queued {
+    block: Block,
     _reservation: MemoryReservation,
 }
 
 #[derive(Default)]
 struct SeqSlot {
-    blocks: VecDeque<Block>,
+    blocks: VecDeque<Queued>,
     finished: bool,
 }
 
 struct State {
     /// Unordered mode: blocks in arrival order.
-    fifo: VecDeque<Block>,
+    fifo: VecDeque<Queued>,
     /// Ordered mode: blocks per sequence.
     seqs: BTreeMap<u64, SeqSlot>,
     bytes: u64,
@@ -76,15 +125,16 @@ struct State {
 pub struct BlockQueue {
     ordered: bool,
     budget: Arc<MemoryBudget>,
+    remote: Option<RemoteSide>,
     signal: Arc<Signal>,
     cancelled: AtomicBool,
     state: Mutex<State>,
 }
 
-/// What [`BlockQueue::try_pop`] found.
-pub enum Popped {
+/// What [`BlockQueue::try_pop_block`] found.
+pub enum PoppedBlock {
     /// A block.
-    Batch(RecordBatch),
+    Block(Block),
     /// Nothing now; more may come.
     Empty,
     /// Every producer is done and the queue is drained.
@@ -99,16 +149,31 @@ pub(crate) fn queue_ceiling(budget: &MemoryBudget) -> u64 {
 }
 
 impl BlockQueue {
-    /// A queue fed by `producers` producers (each calls [`close`](Self::close) once).
+    /// A queue of this process's blocks fed by `producers` producers (each calls
+    /// [`close`](Self::close) once).
+    #[cfg(test)]
     pub fn new(
         ordered: bool,
         producers: usize,
         budget: Arc<MemoryBudget>,
         signal: Arc<Signal>,
     ) -> Arc<Self> {
+        Self::with_remote(ordered, producers, budget, signal, None)
+    }
+
+    /// A queue that may also hold remote blocks (counted against `remote.budget`,
+    /// fetched from `remote.cluster`).
+    pub(crate) fn with_remote(
+        ordered: bool,
+        producers: usize,
+        budget: Arc<MemoryBudget>,
+        signal: Arc<Signal>,
+        remote: Option<RemoteSide>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             ordered,
             budget,
+            remote,
             signal,
             cancelled: AtomicBool::new(false),
             state: Mutex::new(State {
@@ -145,10 +210,19 @@ impl BlockQueue {
         }
     }
 
-    /// Adds a block, waiting while the memory budget is full (see the module docs).
+    /// Adds a batch, waiting while the memory budget is full (see the module docs).
     /// Fails with [`VolleyError::Cancelled`] once the execution is cancelled.
     pub fn push(&self, seq: u64, batch: RecordBatch) -> Result<()> {
-        let bytes = batch.get_array_memory_size() as u64;
+        self.push_block(seq, Block::Local(batch))
+    }
+
+    /// Adds a block; a remote one is counted against the object-store budget.
+    pub fn push_block(&self, seq: u64, block: Block) -> Result<()> {
+        let bytes = block.bytes();
+        let budget = match (&block, &self.remote) {
+            (Block::Remote(_), Some(r)) => Arc::clone(&r.budget),
+            _ => Arc::clone(&self.budget),
+        };
         loop {
             if self.cancelled.load(Ordering::Acquire) {
                 return Err(VolleyError::Cancelled);
@@ -166,14 +240,13 @@ impl BlockQueue {
                     s.fifo.is_empty()
                 };
                 let reservation = if at_head {
-                    Some(self.budget.reserve(bytes))
+                    Some(budget.reserve(bytes))
                 } else {
-                    self.budget
-                        .try_reserve_under(bytes, queue_ceiling(&self.budget))
+                    budget.try_reserve_under(bytes, queue_ceiling(&budget))
                 };
                 if let Some(reservation) = reservation {
-                    let block = Block {
-                        batch,
+                    let block = Queued {
+                        block,
                         _reservation: reservation,
                     };
                     if self.ordered {
@@ -193,14 +266,68 @@ impl BlockQueue {
         }
     }
 
+    /// Adds a block without waiting for room (its room was checked when its work was
+    /// started: a cluster task's result, which must not hold up the thread that hands
+    /// results on).
+    pub(crate) fn push_now(&self, seq: u64, block: Block) -> Result<()> {
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(VolleyError::Cancelled);
+        }
+        let bytes = block.bytes();
+        let budget = match (&block, &self.remote) {
+            (Block::Remote(_), Some(r)) => &r.budget,
+            _ => &self.budget,
+        };
+        let queued = Queued {
+            _reservation: budget.reserve(bytes),
+            block,
+        };
+        let mut s = self.state.lock().expect("queue lock");
+        if self.ordered {
+            s.seqs.entry(seq).or_default().blocks.push_back(queued);
+        } else {
+            s.fifo.push_back(queued);
+        }
+        s.bytes += bytes;
+        s.peak_bytes = s.peak_bytes.max(s.bytes);
+        drop(s);
+        self.signal.notify();
+        Ok(())
+    }
+
     /// One producer is done.
     pub fn close(&self) {
         self.state.lock().expect("queue lock").closed_producers += 1;
         self.signal.notify();
     }
 
+    /// The batches of a block, as one batch: a remote block's are fetched from the
+    /// node that holds it.
+    pub fn resolve(&self, block: Block) -> Result<RecordBatch> {
+        match block {
+            Block::Local(b) => Ok(b),
+            Block::Remote(r) => {
+                let cluster = self.remote.as_ref().map(|s| &s.cluster).ok_or_else(|| {
+                    VolleyError::internal("a remote block in an execution without a cluster")
+                })?;
+                let batches = cluster.get(&r.object)?;
+                match batches.len() {
+                    1 => Ok(batches.into_iter().next().expect("one")),
+                    0 => Err(VolleyError::internal(format!(
+                        "object {} holds no batch",
+                        r.object.id()
+                    ))),
+                    _ => Ok(arrow::compute::concat_batches(
+                        &batches[0].schema(),
+                        &batches,
+                    )?),
+                }
+            }
+        }
+    }
+
     /// Takes the next block if there is one, without waiting.
-    pub fn try_pop(&self) -> Result<Popped> {
+    pub fn try_pop_block(&self) -> Result<PoppedBlock> {
         let mut s = self.state.lock().expect("queue lock");
         if let Some(e) = &s.error {
             return Err(VolleyError::execution(e.clone()));
@@ -223,36 +350,45 @@ impl BlockQueue {
             s.fifo.pop_front()
         };
         match block {
-            Some(b) => {
-                s.bytes -= b.batch.get_array_memory_size() as u64;
+            Some(q) => {
+                s.bytes -= q.block.bytes();
                 drop(s);
-                let batch = b.batch;
+                let block = q.block;
                 // The reservation is dropped here: the block is no longer buffered.
                 self.signal.notify();
-                Ok(Popped::Batch(batch))
+                Ok(PoppedBlock::Block(block))
             }
             None => {
                 let drained = s.fifo.is_empty() && s.seqs.values().all(|x| x.blocks.is_empty());
                 if s.closed_producers >= s.producers && drained {
-                    Ok(Popped::Done)
+                    Ok(PoppedBlock::Done)
                 } else {
-                    Ok(Popped::Empty)
+                    Ok(PoppedBlock::Empty)
                 }
             }
         }
     }
 
-    /// Takes the next block, waiting for one; `None` when every producer is done.
+    /// Takes the next batch, waiting for one (a remote block is fetched); `None` when
+    /// every producer is done.
     pub fn pop(&self) -> Result<Option<RecordBatch>> {
+        match self.pop_block()? {
+            Some(b) => Ok(Some(self.resolve(b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes the next block, waiting for one; `None` when every producer is done.
+    pub fn pop_block(&self) -> Result<Option<Block>> {
         loop {
             if self.cancelled.load(Ordering::Acquire) {
                 return Err(VolleyError::Cancelled);
             }
             let generation = self.signal.generation();
-            match self.try_pop()? {
-                Popped::Batch(b) => return Ok(Some(b)),
-                Popped::Done => return Ok(None),
-                Popped::Empty => self
+            match self.try_pop_block()? {
+                PoppedBlock::Block(b) => return Ok(Some(b)),
+                PoppedBlock::Done => return Ok(None),
+                PoppedBlock::Empty => self
                     .signal
                     .wait_since(generation, Duration::from_millis(50)),
             }
@@ -322,7 +458,7 @@ mod tests {
         q.register(1);
         q.push(1, batch(1)).unwrap();
         q.finish_seq(1);
-        assert!(matches!(q.try_pop().unwrap(), Popped::Empty));
+        assert!(matches!(q.try_pop_block().unwrap(), PoppedBlock::Empty));
         q.push(0, batch(0)).unwrap();
         q.finish_seq(0);
         q.close();

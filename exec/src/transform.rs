@@ -238,6 +238,16 @@ impl TransformFactory {
         matches!(self, TransformFactory::Named(_))
     }
 
+    /// The factory as JSON, for shipping. Fails for closures, naming them.
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        match self {
+            TransformFactory::Named(t) => serde_json::to_value(t.as_ref()).map_err(|e| {
+                VolleyError::plan(format!("cannot serialize transform {}: {e}", self.name()))
+            }),
+            TransformFactory::Local { name, .. } => Err(not_shippable(name)),
+        }
+    }
+
     /// Builds one worker's transform; a panic becomes an error.
     pub fn build(&self) -> Result<Box<dyn StatefulTransform>> {
         let name = self.name();

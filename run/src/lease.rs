@@ -1,5 +1,4 @@
-//! Where a run's processes go: the cluster a trainer or a sweep uses, and the thread
-//! their code runs on inside a worker.
+//! Where a run's processes go: the cluster a trainer or a sweep uses.
 
 use volley_common::{Result, VolleyError};
 use volley_runtime::cluster::{Cluster, LocalCluster, Resources};
@@ -88,29 +87,4 @@ impl ClusterLease {
         })?;
         Ok(s.local_addr()?.ip().to_string())
     }
-}
-
-/// Runs `f` on a thread of its own named `name` and returns its result; a panic
-/// becomes a user-function error. Code that runs inside a worker's task or actor call
-/// goes through this: the worker's thread drives an async runtime, inside which
-/// blocking APIs (the checkpoint store, a user's own runtime) may not block.
-pub fn on_own_thread<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn_scoped(s, f)
-            .map_err(|e| VolleyError::internal(format!("cannot start a thread: {e}")))?
-            .join()
-            .map_err(|p| {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                VolleyError::UserFunction {
-                    name: name.to_string(),
-                    message: format!("panicked: {msg}"),
-                }
-            })?
-    })
 }

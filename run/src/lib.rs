@@ -16,8 +16,10 @@ pub use checkpoint::{
     Checkpoint, CheckpointConfig, CheckpointStore, Order, SavedCheckpoint, TrainCheckpoint,
 };
 pub use config::{FailureConfig, RunConfig};
-pub use lease::{on_own_thread, ClusterLease};
+pub use lease::ClusterLease;
 pub use report::{
     metrics, BatchIter, BatchStream, Decision, Metrics, Peer, Report, ReportClient, ReportHandler,
     ReportServer,
 };
+/// Runs worker-side code on a thread of its own (from `volley-runtime`).
+pub use volley_runtime::cluster::on_own_thread;

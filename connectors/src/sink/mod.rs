@@ -206,7 +206,8 @@ fn attempt_folder(prefix: &str, attempt: u32) -> String {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RemotePart {
     options: WriteOptions,
-    prefix: String,
+    /// The write's id: parts are named `part-<id>-<part>`.
+    id: String,
     target: RemoteTarget,
 }
 
@@ -217,17 +218,24 @@ enum RemoteTarget {
 }
 
 impl RemotePart {
-    /// Writes `batches` as attempt `attempt` of this part; `scratch` holds files on their
-    /// way to an object store.
+    fn prefix(&self, part: &str) -> String {
+        format!("part-{}-{part}", self.id)
+    }
+
+    /// Writes `batches` as attempt `attempt` of part `part` (a name unique in the write
+    /// and the same for every attempt: a task's id); `scratch` holds files on their way
+    /// to an object store.
     pub fn write(
         &self,
         batches: impl Iterator<Item = Result<arrow::array::RecordBatch>>,
         registry: &dyn datafusion::execution::object_store::ObjectStoreRegistry,
         scratch: &FsPath,
+        part: &str,
         attempt: u32,
         io: tokio::runtime::Handle,
     ) -> Result<StagedPart> {
-        let folder = attempt_folder(&self.prefix, attempt);
+        let prefix = self.prefix(part);
+        let folder = attempt_folder(&prefix, attempt);
         let mut w = match &self.target {
             RemoteTarget::Local { staging } => {
                 if !staging.is_dir() {
@@ -238,7 +246,7 @@ impl RemotePart {
                         staging.display()
                     )));
                 }
-                local_part_writer(&self.options, &self.prefix, staging, folder)?
+                local_part_writer(&self.options, &prefix, staging, folder)?
             }
             RemoteTarget::Store { url, staging } => {
                 let store = store_of(registry, url)?;
@@ -248,7 +256,7 @@ impl RemotePart {
                 let dest = Path::from(staging.as_str()).join(folder.as_str());
                 PartWriter::new(
                     self.options.clone(),
-                    self.prefix.clone(),
+                    prefix.clone(),
                     folder,
                     local,
                     Some((store, dest, io)),
@@ -262,24 +270,22 @@ impl RemotePart {
             w.finish()
         })();
         if let RemoteTarget::Store { .. } = &self.target {
-            let local = scratch.join(format!(
-                "volley-part-{}",
-                attempt_folder(&self.prefix, attempt)
-            ));
+            let local = scratch.join(format!("volley-part-{}", attempt_folder(&prefix, attempt)));
             std::fs::remove_dir_all(&local).ok();
         }
         written
     }
 
-    /// Removes what attempt `attempt` of this part staged: called when the attempt
+    /// Removes what attempt `attempt` of part `part` staged: called when the attempt
     /// learns it was superseded, so that nothing of it outlives the write.
     pub fn discard(
         &self,
         registry: &dyn datafusion::execution::object_store::ObjectStoreRegistry,
+        part: &str,
         attempt: u32,
         io: tokio::runtime::Handle,
     ) -> Result<()> {
-        let folder = attempt_folder(&self.prefix, attempt);
+        let folder = attempt_folder(&self.prefix(part), attempt);
         match &self.target {
             RemoteTarget::Local { staging } => {
                 match std::fs::remove_dir_all(staging.join(&folder)) {
@@ -535,12 +541,12 @@ impl WriteJob {
         }
     }
 
-    /// Part `task` of the write, to be written by another process (a cluster worker)
-    /// that reaches the same file system or object store.
-    pub fn remote_part(&self, task: usize) -> RemotePart {
+    /// The parts of the write, to be written by other processes (cluster workers)
+    /// that reach the same file system or object store.
+    pub fn remote_part(&self) -> RemotePart {
         RemotePart {
             options: self.options.clone(),
-            prefix: self.prefix(task),
+            id: self.id.clone(),
             target: match &self.target {
                 Target::Local { staging, .. } => RemoteTarget::Local {
                     staging: staging.clone(),

@@ -55,15 +55,16 @@ fn run_limit(
 ) -> Result<()> {
     let mut left = n;
     while left > 0 {
-        match input.pop()? {
+        match input.pop_block()? {
+            // A whole block passes as it is (a cluster object stays where it is).
+            Some(b) if b.rows() <= left => {
+                left -= b.rows();
+                counters.output(b.rows(), b.bytes() as usize);
+                out.push_block(seq, b)?;
+            }
             Some(b) => {
-                let take = left.min(b.num_rows());
-                let b = if take < b.num_rows() {
-                    b.slice(0, take)
-                } else {
-                    b
-                };
-                left -= take;
+                let b = input.resolve(b)?.slice(0, left);
+                left = 0;
                 counters.output(b.num_rows(), b.get_array_memory_size());
                 out.push(seq, b)?;
             }

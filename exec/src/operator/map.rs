@@ -1,12 +1,12 @@
 //! A pool of tasks over bundles of input blocks: each task runs the fused steps over
 //! at least `bundle_rows` rows (the last bundle may have fewer).
 
-use arrow::array::RecordBatch;
+use std::sync::Arc;
+
 use volley_runtime::ResourceRequest;
 
 use super::{Operator, StepContext, TaskBody};
-use crate::queue::{BlockQueue, Popped};
-use std::sync::Arc;
+use crate::queue::{Block, BlockQueue, PoppedBlock};
 
 pub(crate) struct MapOp {
     input: Arc<BlockQueue>,
@@ -16,7 +16,8 @@ pub(crate) struct MapOp {
     body: TaskBody,
     next_seq: u64,
     input_done: bool,
-    bundle: Vec<RecordBatch>,
+    /// Blocks taken for the next task (a remote one is fetched by the task).
+    bundle: Vec<Block>,
     bundle_len: usize,
 }
 
@@ -45,13 +46,13 @@ impl MapOp {
     /// Fills the bundle from the input; whether a bundle is ready to go.
     fn fill(&mut self) -> bool {
         while self.bundle_len < self.bundle_rows && !self.input_done {
-            match self.input.try_pop() {
-                Ok(Popped::Batch(b)) => {
-                    self.bundle_len += b.num_rows();
+            match self.input.try_pop_block() {
+                Ok(PoppedBlock::Block(b)) => {
+                    self.bundle_len += b.rows();
                     self.bundle.push(b);
                 }
-                Ok(Popped::Empty) => break,
-                Ok(Popped::Done) | Err(_) => self.input_done = true,
+                Ok(PoppedBlock::Empty) => break,
+                Ok(PoppedBlock::Done) | Err(_) => self.input_done = true,
             }
         }
         !self.bundle.is_empty() && (self.bundle_len >= self.bundle_rows || self.input_done)
@@ -76,9 +77,9 @@ impl Operator for MapOp {
             cx.counters
                 .tasks_total
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let body = self.body.clone();
+            let (body, input) = (self.body.clone(), Arc::clone(&self.input));
             let started = cx.spawn(cx.name.to_string(), self.resources, move || {
-                let r = body.run(seq, work.into_iter().map(Ok));
+                let r = body.run(seq, work.into_iter().map(|b| input.resolve(b)));
                 body.out.finish_seq(seq);
                 r
             });

@@ -15,6 +15,9 @@
 //! left to start; the driver closes its output once its last task has ended.
 
 mod actor_pool;
+mod cluster_map;
+mod cluster_pool;
+mod cluster_read;
 mod limit;
 mod map;
 mod read;
@@ -28,6 +31,9 @@ use volley_connectors::PartWriter;
 use volley_runtime::ResourceRequest;
 
 pub(crate) use actor_pool::ActorPoolOp;
+pub(crate) use cluster_map::ClusterMapOp;
+pub(crate) use cluster_pool::ClusterPoolOp;
+pub(crate) use cluster_read::ClusterReadOp;
 pub(crate) use limit::LimitOp;
 pub(crate) use map::MapOp;
 pub(crate) use read::ReadOp;
@@ -91,6 +97,16 @@ impl StepContext<'_> {
     /// Tasks of this operator running now (including those started in this step).
     pub fn running(&self) -> usize {
         self.in_flight_counter.load(Ordering::Acquire)
+    }
+
+    /// Ends the execution with `e` (unless it is already ending).
+    pub(crate) fn fail(&self, e: VolleyError) {
+        self.shared.fail(e);
+    }
+
+    /// The execution's watch of cluster objects (started on first use).
+    pub(crate) fn watch(&self) -> Arc<crate::watch::Watch> {
+        self.shared.watch()
     }
 }
 
@@ -159,5 +175,70 @@ impl TaskBody {
         runner.finish(&mut out)?;
         self.emit(seq, &mut out, &mut writer)?;
         self.finish(writer)
+    }
+}
+
+/// One cluster task or actor call of an operator, counted as running until its object
+/// is made or fails; then [`finish`](RemoteWork::finish) hands its block on.
+pub(crate) struct RemoteWork {
+    shared: Arc<ExecShared>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    counters: Arc<OpCounters>,
+    out: Arc<BlockQueue>,
+    seq: u64,
+    label: String,
+}
+
+impl StepContext<'_> {
+    /// Starts counting a cluster task or call of this operator whose output is
+    /// sequence `seq` of the output queue.
+    pub(crate) fn remote_work(&self, seq: u64, label: String) -> RemoteWork {
+        self.in_flight_counter.fetch_add(1, Ordering::AcqRel);
+        self.counters.task_started();
+        RemoteWork {
+            shared: Arc::clone(self.shared),
+            in_flight: Arc::clone(self.in_flight_counter),
+            counters: Arc::clone(self.counters),
+            out: Arc::clone(self.out),
+            seq,
+            label,
+        }
+    }
+}
+
+impl RemoteWork {
+    /// The work ended: `Ok(Some(block))` goes to the output, `Ok(None)` (a write's
+    /// part, recorded elsewhere) is counted only; an error ends the execution, naming
+    /// the task.
+    pub(crate) fn finish(self, result: Result<Option<crate::queue::Block>>) {
+        match result {
+            Ok(Some(block)) => {
+                self.counters.output(block.rows(), block.bytes() as usize);
+                if let Err(e) = self.out.push_now(self.seq, block) {
+                    if !e.is_cancelled() {
+                        self.shared.fail(e);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => self.shared.fail(e.context(&self.label)),
+        }
+        self.out.finish_seq(self.seq);
+        self.counters.task_done(std::time::Duration::ZERO);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.shared.signal.notify();
+    }
+
+    /// Abandons the work without a result (it could not be started).
+    pub(crate) fn abandon(self, e: VolleyError) {
+        self.finish(Err(e))
+    }
+
+    /// The work will be done again (its actor died): no longer running, its sequence
+    /// still open.
+    pub(crate) fn retry(self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.shared.signal.notify();
     }
 }

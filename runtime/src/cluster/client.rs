@@ -100,6 +100,60 @@ impl std::fmt::Debug for ObjectRef {
     }
 }
 
+/// Where an object lives and how big it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Rows of its batches.
+    pub rows: u64,
+    /// Bytes in its node's store.
+    pub bytes: u64,
+    /// Flight endpoints of the nodes that hold a copy.
+    pub addresses: Vec<String>,
+}
+
+/// An object's state, as [`Cluster::wait_objects`] sees it.
+#[derive(Debug)]
+pub enum ObjectState {
+    /// Its task has not finished.
+    Pending,
+    /// Made; where and how big.
+    Ready(ObjectMeta),
+    /// It can never be made: why (its task's error, with its category).
+    Failed(VolleyError),
+}
+
+/// A task serialized once, to submit many times (each time with other inputs).
+#[derive(Debug, Clone)]
+pub struct EncodedTask {
+    payload: Arc<[u8]>,
+}
+
+impl EncodedTask {
+    /// Serializes `task` (a `#[typetag::serde]` type).
+    pub fn new(task: Box<dyn RemoteTask>) -> Result<Self> {
+        let payload = encode("the task", &Payload::Task(task))?;
+        Ok(Self {
+            payload: payload.into(),
+        })
+    }
+}
+
+/// An actor serialized once, to start many times.
+#[derive(Debug, Clone)]
+pub struct EncodedActor {
+    payload: Arc<[u8]>,
+}
+
+impl EncodedActor {
+    /// Serializes `actor` (a `#[typetag::serde]` type).
+    pub fn new(actor: Box<dyn RemoteActor>) -> Result<Self> {
+        let payload = encode("the actor", &actor)?;
+        Ok(Self {
+            payload: payload.into(),
+        })
+    }
+}
+
 /// How a task runs.
 #[derive(Debug, Clone)]
 pub struct TaskOptions {
@@ -421,9 +475,18 @@ impl Cluster {
         inputs: &[&ObjectRef],
         options: &TaskOptions,
     ) -> Result<ObjectRef> {
-        let boxed: Box<dyn RemoteTask> = Box::new(task);
-        let payload = encode("the task", &Payload::Task(boxed))?;
-        self.submit_payload(payload, inputs, options, "")
+        let task = EncodedTask::new(Box::new(task))?;
+        self.submit_encoded(&task, inputs, options)
+    }
+
+    /// Runs a task encoded once (the same work over many inputs: a stage's tasks).
+    pub fn submit_encoded(
+        &self,
+        task: &EncodedTask,
+        inputs: &[&ObjectRef],
+        options: &TaskOptions,
+    ) -> Result<ObjectRef> {
+        self.submit_payload(task.payload.to_vec(), inputs, options, "")
     }
 
     fn submit_payload(
@@ -455,6 +518,7 @@ impl Cluster {
 
     /// Stores `batches` in the cluster.
     pub fn put(&self, batches: Vec<RecordBatch>) -> Result<ObjectRef> {
+        let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
         let id = self.new_id("put");
         let mut head = self.inner.head.clone();
         let channels = self.inner.channels.clone();
@@ -479,6 +543,7 @@ impl Cluster {
                 object_id: oid,
                 address,
                 bytes,
+                rows,
             })
             .await
             .map_err(|e| status_error("put", e))?;
@@ -536,6 +601,40 @@ impl Cluster {
         Ok((ready, rest))
     }
 
+    /// Waits until `num_ready` of `objects` are ready or failed, or `timeout` passes;
+    /// returns the state of each, in the given order.
+    pub fn wait_objects(
+        &self,
+        objects: &[ObjectRef],
+        num_ready: usize,
+        timeout: Duration,
+    ) -> Result<Vec<ObjectState>> {
+        let mut head = self.inner.head.clone();
+        let r = self
+            .block_on(head.wait(proto::WaitRequest {
+                object_ids: objects.iter().map(|o| o.id().to_string()).collect(),
+                num_ready: num_ready as u32,
+                timeout_ms: timeout.as_millis() as u64,
+            }))
+            .map_err(|e| status_error("wait", e))?
+            .into_inner();
+        Ok(r.objects
+            .into_iter()
+            .map(|s| match (&s.error, s.ready) {
+                (Some(e), _) => ObjectState::Failed(VolleyError::from(error_report(e))),
+                (None, true) => {
+                    let loc = s.location.unwrap_or_default();
+                    ObjectState::Ready(ObjectMeta {
+                        rows: loc.rows,
+                        bytes: loc.bytes,
+                        addresses: loc.addresses,
+                    })
+                }
+                (None, false) => ObjectState::Pending,
+            })
+            .collect())
+    }
+
     /// Reserves `bundles` together; see [`PlacementGroup::wait`].
     pub fn placement_group(
         &self,
@@ -579,9 +678,18 @@ impl Cluster {
         actor: impl RemoteActor + 'static,
         options: &ActorOptions,
     ) -> Result<ActorHandle> {
+        let actor = EncodedActor::new(Box::new(actor))?;
+        self.create_actor_encoded(&actor, options)
+    }
+
+    /// Starts an actor encoded once (the members of an actor pool).
+    pub fn create_actor_encoded(
+        &self,
+        actor: &EncodedActor,
+        options: &ActorOptions,
+    ) -> Result<ActorHandle> {
         options.resources.validate()?;
-        let boxed: Box<dyn RemoteActor> = Box::new(actor);
-        let payload = encode("the actor", &boxed)?;
+        let payload = actor.payload.to_vec();
         let id = self.new_id("actor");
         let (group, index) = options.placement.clone().unwrap_or((String::new(), -1));
         let mut head = self.inner.head.clone();

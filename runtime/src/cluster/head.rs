@@ -67,6 +67,7 @@ struct Node {
     tx: Option<CommandTx>,
     running: HashSet<String>,
     object_bytes: u64,
+    object_store_memory: u64,
     spilled_bytes: u64,
     workers: u32,
 }
@@ -118,6 +119,7 @@ struct ObjectEntry {
     producer: Option<String>,
     locations: Vec<String>,
     bytes: u64,
+    rows: u64,
     /// Why the object can never be produced (its task failed for good).
     error: Option<ErrorReport>,
     freed: bool,
@@ -126,12 +128,19 @@ struct ObjectEntry {
 }
 
 impl ObjectEntry {
-    fn new(job: &str, producer: Option<String>, locations: Vec<String>, bytes: u64) -> Self {
+    fn new(
+        job: &str,
+        producer: Option<String>,
+        locations: Vec<String>,
+        bytes: u64,
+        rows: u64,
+    ) -> Self {
         Self {
             job: job.to_string(),
             producer,
             locations,
             bytes,
+            rows,
             error: None,
             freed: false,
             users: 0,
@@ -408,6 +417,7 @@ impl HeadCore {
                     spilled_bytes: n.spilled_bytes,
                     workers: n.workers,
                     running_tasks: n.running.len() as u32,
+                    object_store_memory: n.object_store_memory,
                 })
                 .collect(),
             pending_tasks: s
@@ -573,6 +583,7 @@ impl State {
                         object_id: a.clone(),
                         addresses,
                         bytes: o.bytes,
+                        rows: o.rows,
                     });
                 }
             }
@@ -763,7 +774,7 @@ impl State {
         Some(node)
     }
 
-    fn task_done(&mut self, id: &str, node: &str, bytes: u64) {
+    fn task_done(&mut self, id: &str, node: &str, bytes: u64, rows: u64) {
         self.finish_running(id);
         let Some(task) = self.tasks.get_mut(id) else {
             return;
@@ -773,6 +784,7 @@ impl State {
         if let Some(o) = self.objects.get_mut(id) {
             o.locations = vec![node.to_string()];
             o.bytes = bytes;
+            o.rows = rows;
             o.error = None;
         }
         self.release_args(&args);
@@ -1306,6 +1318,7 @@ impl proto::head_server::Head for HeadService {
                     tx: None,
                     running: HashSet::new(),
                     object_bytes: 0,
+                    object_store_memory: r.object_store_memory,
                     spilled_bytes: 0,
                     workers: 0,
                 },
@@ -1374,7 +1387,7 @@ impl proto::head_server::Head for HeadService {
                 return false;
             }
             match Outcome::try_from(r.outcome).unwrap_or(Outcome::SystemFailure) {
-                Outcome::Ok => s.task_done(&r.task_id, &r.node_id, r.output_bytes),
+                Outcome::Ok => s.task_done(&r.task_id, &r.node_id, r.output_bytes, r.output_rows),
                 Outcome::Failed => {
                     let e = r.error.as_ref().map(error_report);
                     s.fail_task(&r.task_id, e.unwrap_or_else(|| execution_report("failed")))
@@ -1525,7 +1538,7 @@ impl proto::head_server::Head for HeadService {
             }
             s.objects.insert(
                 spec.task_id.clone(),
-                ObjectEntry::new(&spec.job_id, Some(spec.task_id.clone()), vec![], 0),
+                ObjectEntry::new(&spec.job_id, Some(spec.task_id.clone()), vec![], 0, 0),
             );
             let id = spec.task_id.clone();
             s.tasks.insert(
@@ -1560,7 +1573,7 @@ impl proto::head_server::Head for HeadService {
                 .ok_or_else(|| Status::not_found(format!("no live node at {}", r.address)))?;
             s.objects.insert(
                 r.object_id.clone(),
-                ObjectEntry::new(&r.job_id, None, vec![node], r.bytes),
+                ObjectEntry::new(&r.job_id, None, vec![node], r.bytes, r.rows),
             );
             Ok::<(), Status>(())
         })?;
@@ -1599,6 +1612,7 @@ impl proto::head_server::Head for HeadService {
                                     object_id: id.clone(),
                                     addresses,
                                     bytes: o.bytes,
+                                    rows: o.rows,
                                 }),
                             }
                         }
@@ -1795,6 +1809,7 @@ impl proto::head_server::Head for HeadService {
             object_id: String::new(),
             addresses: vec![node.object_address.clone()],
             bytes: 0,
+            rows: 0,
         }))
     }
 

@@ -47,15 +47,15 @@ use std::sync::Arc;
 use volley_common::Result;
 
 pub use client::{
-    ActorHandle, ActorInfo, ActorOptions, Cluster, ObjectRef, PlacementGroup, PlacementStrategy,
-    TaskOptions,
+    ActorHandle, ActorInfo, ActorOptions, Cluster, EncodedActor, EncodedTask, ObjectMeta,
+    ObjectRef, ObjectState, PlacementGroup, PlacementStrategy, TaskOptions,
 };
 pub use head::{HeadCore, HeadOptions};
 pub use jobs::{JobClient, JobRequest};
 pub use local::LocalCluster;
 pub use node::{run_node, NodeOptions};
 pub use resources::Resources;
-pub use task::{object_value, value_object, RemoteActor, RemoteTask, TaskContext};
+pub use task::{object_value, on_own_thread, value_object, RemoteActor, RemoteTask, TaskContext};
 pub use tls::TlsConfig;
 pub use worker::{is_worker, run_worker};
 

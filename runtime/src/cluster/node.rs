@@ -166,6 +166,7 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
             object_address: address.clone(),
             total: Some((&options.resources).into()),
             gpu_ids: options.gpu_ids.clone(),
+            object_store_memory: options.object_store_memory,
         })
         .await
         .map_err(|e| {

@@ -62,6 +62,43 @@ impl Resources {
                 .all(|(k, v)| *v <= available.custom.get(k).copied().unwrap_or(0.0) + EPS)
     }
 
+    /// How many of `each` fit in `self` at once, and (when that is none) the resource
+    /// that is short. Fractional GPUs pack several to a GPU; whole ones count whole.
+    pub fn how_many(&self, each: &Resources) -> (usize, Option<String>) {
+        let mut n = usize::MAX;
+        let mut short = None;
+        let mut limit = |name: String, have: f64, need: f64| {
+            if need <= EPS {
+                return;
+            }
+            let k = ((have + EPS) / need).floor().max(0.0) as usize;
+            if k < n {
+                n = k;
+                short = Some(name);
+            }
+        };
+        limit("CPUs".into(), self.num_cpus, each.num_cpus);
+        let gpus = if each.num_gpus > 1.0 {
+            self.num_gpus.floor()
+        } else {
+            self.num_gpus
+        };
+        limit("GPUs".into(), gpus, each.num_gpus);
+        limit("memory".into(), self.memory as f64, each.memory as f64);
+        for (k, v) in &each.custom {
+            limit(
+                format!("resource `{k}`"),
+                self.custom.get(k).copied().unwrap_or(0.0),
+                *v,
+            );
+        }
+        if n == usize::MAX {
+            // Asks for nothing: as many as wanted.
+            return (usize::MAX, None);
+        }
+        (n, if n == 0 { short } else { None })
+    }
+
     /// Takes `other` out of `self` (never below zero).
     pub fn subtract(&mut self, other: &Resources) {
         self.num_cpus = (self.num_cpus - other.num_cpus).max(0.0);

@@ -132,6 +132,31 @@ pub fn object_value<T: DeserializeOwned>(batches: &[RecordBatch]) -> Result<T> {
         .map_err(|e| VolleyError::execution(format!("cannot read the object's value: {e}")))
 }
 
+/// Runs `f` on a thread of its own named `name` and returns its result; a panic
+/// becomes a user-function error. Code that runs inside a worker's task or actor call
+/// goes through this: the worker's thread drives an async runtime, inside which
+/// blocking APIs (the checkpoint store, a user's own runtime) may not block.
+pub fn on_own_thread<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn_scoped(s, f)
+            .map_err(|e| VolleyError::internal(format!("cannot start a thread: {e}")))?
+            .join()
+            .map_err(|p| {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                VolleyError::UserFunction {
+                    name: name.to_string(),
+                    message: format!("panicked: {msg}"),
+                }
+            })?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,137 @@
+//! A stage on a cluster over input blocks: one task per bundle of blocks, the same
+//! encoded work for every bundle. Blocks made in this process are put into the cluster
+//! first; the task runs where the head places it (preferring the node that holds most
+//! of its input).
+
+use std::sync::Arc;
+
+use volley_runtime::cluster::{Cluster, EncodedTask, ObjectMeta, Resources, TaskOptions};
+
+use super::cluster_read::task_result;
+use super::{Operator, StepContext};
+use crate::plan::WriteTarget;
+use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
+
+pub(crate) struct ClusterMapOp {
+    cluster: Cluster,
+    input: Arc<BlockQueue>,
+    task: EncodedTask,
+    resources: Resources,
+    bundle_rows: usize,
+    write: Option<Arc<WriteTarget>>,
+    window: usize,
+    next_seq: u64,
+    input_done: bool,
+    bundle: Vec<RemoteBlock>,
+    bundle_len: usize,
+}
+
+impl ClusterMapOp {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cluster: Cluster,
+        input: Arc<BlockQueue>,
+        task: EncodedTask,
+        resources: Resources,
+        bundle_rows: usize,
+        write: Option<Arc<WriteTarget>>,
+        window: usize,
+        first_seq: u64,
+    ) -> Self {
+        Self {
+            cluster,
+            input,
+            task,
+            resources,
+            bundle_rows: bundle_rows.max(1),
+            write,
+            window: window.max(1),
+            next_seq: first_seq,
+            input_done: false,
+            bundle: Vec::new(),
+            bundle_len: 0,
+        }
+    }
+
+    /// Fills the bundle; whether one is ready to go. A block of this process is put
+    /// into the cluster (an error ends the execution).
+    fn fill(&mut self, cx: &StepContext<'_>) -> bool {
+        while self.bundle_len < self.bundle_rows && !self.input_done {
+            match self.input.try_pop_block() {
+                Ok(PoppedBlock::Block(Block::Remote(r))) => {
+                    self.bundle_len += r.meta.rows as usize;
+                    self.bundle.push(r);
+                }
+                Ok(PoppedBlock::Block(Block::Local(b))) => {
+                    let rows = b.num_rows();
+                    let bytes = b.get_array_memory_size() as u64;
+                    match self.cluster.put(vec![b]) {
+                        Ok(object) => {
+                            self.bundle_len += rows;
+                            self.bundle.push(RemoteBlock {
+                                object,
+                                meta: ObjectMeta {
+                                    rows: rows as u64,
+                                    bytes,
+                                    addresses: vec![],
+                                },
+                            });
+                        }
+                        Err(e) => {
+                            cx.fail(e.context("putting a block into the cluster"));
+                            self.input_done = true;
+                        }
+                    }
+                }
+                Ok(PoppedBlock::Empty) => break,
+                Ok(PoppedBlock::Done) | Err(_) => self.input_done = true,
+            }
+        }
+        !self.bundle.is_empty() && (self.bundle_len >= self.bundle_rows || self.input_done)
+    }
+}
+
+impl Operator for ClusterMapOp {
+    fn step(&mut self, cx: &mut StepContext<'_>) -> bool {
+        if cx.stopping {
+            self.input_done = true;
+            self.bundle.clear();
+            self.bundle_len = 0;
+        }
+        while !cx.stopping && cx.room && cx.running() < self.window {
+            if !self.fill(cx) {
+                break;
+            }
+            let bundle = std::mem::take(&mut self.bundle);
+            self.bundle_len = 0;
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            cx.out.register(seq);
+            cx.counters
+                .tasks_total
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let work = cx.remote_work(seq, format!("a task of {}", cx.name));
+            let inputs: Vec<&volley_runtime::cluster::ObjectRef> =
+                bundle.iter().map(|b| &b.object).collect();
+            let options = TaskOptions::default()
+                .resources(self.resources.clone())
+                .name(cx.name.to_string());
+            match self.cluster.submit_encoded(&self.task, &inputs, &options) {
+                Ok(object) => {
+                    let (cluster, write) = (self.cluster.clone(), self.write.clone());
+                    let watched = object.clone();
+                    cx.watch().add(
+                        watched,
+                        Box::new(move |meta| {
+                            // The inputs are freed once the task is done with them.
+                            drop(bundle);
+                            work.finish(task_result(&cluster, write.as_ref(), object, meta))
+                        }),
+                    );
+                }
+                Err(e) => work.abandon(e),
+            }
+        }
+        self.input_done && self.bundle.is_empty()
+    }
+}

@@ -1,0 +1,398 @@
+//! A stateful stage on a pool of cluster actors.
+//!
+//! ```text
+//!   input blocks ──▶ waiting ──dispatch──▶ actor on the block's node (or the least busy)
+//!        ▲                                   │ call "process" (several in flight each)
+//!        └── re-queued when an actor dies ◀──┴──▶ output object ──▶ next operator
+//! ```
+//!
+//! The pool starts `min` actors, grows one at a time (up to `max`) while blocks wait and
+//! every actor is busy, and lets idle ones go (down to `min`). A call that fails because
+//! its actor died is dispatched again (to another actor, or to the actor once it is
+//! restarted or replaced): its output is made once, by the call that succeeds. A call
+//! that fails in the user's transform ends the execution. A pool that can never get its
+//! minimum size (no node offers what one actor needs, or all nodes together hold fewer
+//! than `min`) fails at once, naming the resource.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use volley_common::{ErrorKind, Result, VolleyError};
+use volley_runtime::cluster::{
+    ActorHandle, ActorOptions, Cluster, EncodedActor, ObjectMeta, Resources,
+};
+
+use super::{Operator, RemoteWork, StepContext};
+use crate::plan::PoolSize;
+use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
+
+/// Calls of one block that may fail on dead actors before the execution fails.
+const MAX_ATTEMPTS: u32 = 4;
+/// How long an actor beyond the minimum may sit idle before it is let go.
+const IDLE: Duration = Duration::from_secs(5);
+
+struct Member {
+    handle: ActorHandle,
+    /// The Flight address of its node, once known.
+    address: Option<String>,
+    in_flight: usize,
+    idle_since: Instant,
+    /// A call failed on it: ask the head whether it is dead.
+    suspect: bool,
+}
+
+struct Waiting {
+    seq: u64,
+    block: RemoteBlock,
+    attempts: u32,
+}
+
+#[derive(Default)]
+struct PoolState {
+    members: Vec<Member>,
+    waiting: VecDeque<Waiting>,
+}
+
+pub(crate) struct ClusterPoolOp {
+    cluster: Cluster,
+    input: Arc<BlockQueue>,
+    actor: EncodedActor,
+    resources: Resources,
+    size: PoolSize,
+    max_in_flight: usize,
+    transform: String,
+    state: Arc<Mutex<PoolState>>,
+    input_done: bool,
+    next_seq: u64,
+    started: bool,
+    /// Node id -> Flight address, from the cluster's status.
+    nodes: HashMap<String, String>,
+    last_refresh: Option<Instant>,
+    last_grow: Option<Instant>,
+}
+
+impl ClusterPoolOp {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cluster: Cluster,
+        input: Arc<BlockQueue>,
+        actor: EncodedActor,
+        resources: Resources,
+        size: PoolSize,
+        max_in_flight: usize,
+        transform: String,
+        first_seq: u64,
+    ) -> Self {
+        Self {
+            cluster,
+            input,
+            actor,
+            resources,
+            size,
+            max_in_flight: max_in_flight.max(1),
+            transform,
+            state: Arc::default(),
+            input_done: false,
+            next_seq: first_seq,
+            started: false,
+            nodes: HashMap::new(),
+            last_refresh: None,
+            last_grow: None,
+        }
+    }
+
+    /// Fails unless the cluster's live nodes can hold `min` actors at once.
+    fn check_fits(&self) -> Result<()> {
+        let status = self.cluster.status()?;
+        let mut fits = 0usize;
+        let mut short: Option<String> = None;
+        for n in status.nodes.iter().filter(|n| n.alive) {
+            let total: Resources = (&n.total.clone().unwrap_or_default()).into();
+            let (k, missing) = total.how_many(&self.resources);
+            fits = fits.saturating_add(k);
+            if missing.is_some() {
+                short = missing;
+            }
+        }
+        if fits >= self.size.min {
+            return Ok(());
+        }
+        let why = short.unwrap_or_else(|| "room for all of them".into());
+        Err(VolleyError::ResourcesExhausted(format!(
+            "the actor pool of {} needs {} actor(s) of {} each, but the cluster's nodes \
+             hold {fits} at most (short of {why})",
+            self.transform, self.size.min, self.resources
+        )))
+    }
+
+    fn spawn_actor(&self, state: &mut PoolState) -> Result<()> {
+        let options = ActorOptions::default()
+            .resources(self.resources.clone())
+            .max_restarts(0);
+        let handle = self.cluster.create_actor_encoded(&self.actor, &options)?;
+        state.members.push(Member {
+            handle,
+            address: None,
+            in_flight: 0,
+            idle_since: Instant::now(),
+            suspect: false,
+        });
+        Ok(())
+    }
+
+    /// Learns where actors live and which suspects are dead (replacing those).
+    fn refresh(&mut self, state: &mut PoolState) -> Result<()> {
+        let due = self
+            .last_refresh
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(500));
+        let needed = state
+            .members
+            .iter()
+            .any(|m| m.address.is_none() || m.suspect);
+        if !due || !needed {
+            return Ok(());
+        }
+        self.last_refresh = Some(Instant::now());
+        if state.members.iter().any(|m| m.address.is_none()) {
+            self.nodes = self
+                .cluster
+                .status()?
+                .nodes
+                .into_iter()
+                .filter(|n| n.alive)
+                .map(|n| (n.node_id, n.object_address))
+                .collect();
+        }
+        let mut dead = Vec::new();
+        for (i, m) in state.members.iter_mut().enumerate() {
+            if m.address.is_none() || m.suspect {
+                let info = m.handle.info()?;
+                if info.state == "DEAD" {
+                    dead.push(i);
+                    continue;
+                }
+                m.suspect = false;
+                if info.state == "ALIVE" {
+                    m.address = self.nodes.get(&info.node_id).cloned();
+                }
+            }
+        }
+        for i in dead.into_iter().rev() {
+            let m = state.members.remove(i);
+            tracing::warn!(
+                "an actor of {} died; replacing it ({} calls to retry)",
+                self.transform,
+                m.in_flight
+            );
+            self.spawn_actor(state)?;
+        }
+        Ok(())
+    }
+
+    /// Takes input blocks while some actor slot would be free for them.
+    fn take_input(&mut self, cx: &StepContext<'_>, state: &mut PoolState) {
+        let slots = state.members.len() * self.max_in_flight;
+        let busy: usize = state.members.iter().map(|m| m.in_flight).sum();
+        while !self.input_done && state.waiting.len() + busy < slots + 1 {
+            let block = match self.input.try_pop_block() {
+                Ok(PoppedBlock::Block(Block::Remote(r))) => r,
+                Ok(PoppedBlock::Block(Block::Local(b))) => {
+                    let (rows, bytes) = (b.num_rows() as u64, b.get_array_memory_size() as u64);
+                    match self.cluster.put(vec![b]) {
+                        Ok(object) => RemoteBlock {
+                            object,
+                            meta: ObjectMeta {
+                                rows,
+                                bytes,
+                                addresses: vec![],
+                            },
+                        },
+                        Err(e) => {
+                            cx.fail(e.context("putting a block into the cluster"));
+                            self.input_done = true;
+                            break;
+                        }
+                    }
+                }
+                Ok(PoppedBlock::Empty) => break,
+                Ok(PoppedBlock::Done) | Err(_) => {
+                    self.input_done = true;
+                    break;
+                }
+            };
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            cx.out.register(seq);
+            state.waiting.push_back(Waiting {
+                seq,
+                block,
+                attempts: 0,
+            });
+        }
+    }
+
+    /// Gives waiting blocks to actors with a free slot, preferring the block's node.
+    fn dispatch(&self, cx: &StepContext<'_>, state: &mut PoolState) {
+        while let Some(w) = state.waiting.front() {
+            let free = |m: &Member| m.in_flight < self.max_in_flight && !m.suspect;
+            let local = state.members.iter().position(|m| {
+                free(m)
+                    && m.address
+                        .as_ref()
+                        .is_some_and(|a| w.block.meta.addresses.contains(a))
+            });
+            let pick = local.or_else(|| {
+                state
+                    .members
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| free(m))
+                    .min_by_key(|(_, m)| m.in_flight)
+                    .map(|(i, _)| i)
+            });
+            let Some(i) = pick else { break };
+            let w = state.waiting.pop_front().expect("front");
+            let member = &mut state.members[i];
+            let actor_id = member.handle.id().to_string();
+            match member.handle.call("process", (), &[&w.block.object]) {
+                Ok(object) => {
+                    member.in_flight += 1;
+                    let work = cx.remote_work(w.seq, format!("a call of {}", self.transform));
+                    let pool = Arc::clone(&self.state);
+                    let watched = object.clone();
+                    cx.watch().add(
+                        watched,
+                        Box::new(move |meta| on_done(pool, actor_id, w, object, meta, work)),
+                    );
+                }
+                Err(e) => {
+                    state.waiting.push_front(w);
+                    cx.fail(e);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Adds an actor while blocks wait and every actor is busy; lets idle ones go.
+    fn scale(&mut self, state: &mut PoolState) -> Result<()> {
+        let all_busy = state
+            .members
+            .iter()
+            .all(|m| m.in_flight >= self.max_in_flight);
+        let grow_due = self
+            .last_grow
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(500));
+        if !state.waiting.is_empty() && all_busy && state.members.len() < self.size.max && grow_due
+        {
+            self.last_grow = Some(Instant::now());
+            self.spawn_actor(state)?;
+        }
+        if state.waiting.is_empty() && state.members.len() > self.size.min {
+            if let Some(i) = state
+                .members
+                .iter()
+                .position(|m| m.in_flight == 0 && m.idle_since.elapsed() >= IDLE)
+            {
+                let m = state.members.remove(i);
+                let _ = m.handle.kill();
+            }
+        }
+        Ok(())
+    }
+
+    fn shut_down(state: &mut PoolState) {
+        for m in state.members.drain(..) {
+            let _ = m.handle.kill();
+        }
+        state.waiting.clear();
+    }
+}
+
+/// A call ended: its output goes on; a failure on a dead actor sends its block back to
+/// the waiting line.
+fn on_done(
+    pool: Arc<Mutex<PoolState>>,
+    actor_id: String,
+    w: Waiting,
+    object: volley_runtime::cluster::ObjectRef,
+    meta: Result<ObjectMeta>,
+    work: RemoteWork,
+) {
+    let mut state = pool.lock().expect("pool lock");
+    if let Some(m) = state.members.iter_mut().find(|m| m.handle.id() == actor_id) {
+        m.in_flight = m.in_flight.saturating_sub(1);
+        if m.in_flight == 0 {
+            m.idle_since = Instant::now();
+        }
+        if meta.is_err() {
+            m.suspect = true;
+        }
+    }
+    match meta {
+        Ok(meta) => {
+            drop(state);
+            work.finish(Ok(Some(Block::Remote(RemoteBlock { object, meta }))));
+        }
+        Err(e) if e.kind() == ErrorKind::UserFunction || e.is_cancelled() => {
+            drop(state);
+            work.finish(Err(e));
+        }
+        Err(e) if w.attempts + 1 >= MAX_ATTEMPTS => {
+            drop(state);
+            work.finish(Err(e.context(format!(
+                "a block failed on {MAX_ATTEMPTS} actors of the pool"
+            ))));
+        }
+        Err(_) => {
+            state.waiting.push_front(Waiting {
+                attempts: w.attempts + 1,
+                ..w
+            });
+            drop(state);
+            work.retry();
+        }
+    }
+}
+
+impl Operator for ClusterPoolOp {
+    fn step(&mut self, cx: &mut StepContext<'_>) -> bool {
+        let state = Arc::clone(&self.state);
+        let mut state = state.lock().expect("pool lock");
+        if cx.stopping {
+            self.input_done = true;
+            Self::shut_down(&mut state);
+            return true;
+        }
+        if !self.started {
+            self.started = true;
+            let created = self
+                .check_fits()
+                .and_then(|()| (0..self.size.min).try_for_each(|_| self.spawn_actor(&mut state)));
+            if let Err(e) = created {
+                cx.fail(e);
+                Self::shut_down(&mut state);
+                return true;
+            }
+        }
+        let upkeep = self
+            .refresh(&mut state)
+            .and_then(|()| self.scale(&mut state));
+        if let Err(e) = upkeep {
+            cx.fail(e);
+            Self::shut_down(&mut state);
+            return true;
+        }
+        if cx.room {
+            self.take_input(cx, &mut state);
+        }
+        self.dispatch(cx, &mut state);
+        let busy = state.members.iter().any(|m| m.in_flight > 0);
+        let done = self.input_done && state.waiting.is_empty() && !busy;
+        if done {
+            Self::shut_down(&mut state);
+        }
+        done
+    }
+}

@@ -1,0 +1,106 @@
+//! The actor of a cluster actor pool: what runs on a worker process for a stateful
+//! stage (`map_batches_stateful` with a named factory, an LLM engine).
+
+use arrow::array::RecordBatch;
+use arrow::compute::concat_batches;
+use serde::{Deserialize, Serialize};
+use volley_common::{Result, VolleyError};
+use volley_runtime::cluster::{on_own_thread, RemoteActor, TaskContext};
+
+use crate::transform::{guard, NamedTransformFactory, StatefulTransform, TransformFactory};
+
+/// Builds the stage's transform once on its worker (loads the model), then transforms
+/// the blocks it is called with (`process`), `batch_size` rows per call of the
+/// transform when set.
+#[derive(Serialize, Deserialize)]
+pub struct PoolWorker {
+    /// The named factory, as JSON.
+    factory: serde_json::Value,
+    name: String,
+    batch_size: Option<usize>,
+    #[serde(skip)]
+    transform: Option<Box<dyn StatefulTransform>>,
+}
+
+impl std::fmt::Debug for PoolWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolWorker")
+            .field("name", &self.name)
+            .field("batch_size", &self.batch_size)
+            .finish()
+    }
+}
+
+impl PoolWorker {
+    /// A worker of `factory`'s transform; fails for a closure (it cannot travel).
+    pub fn new(factory: &TransformFactory, batch_size: Option<usize>) -> Result<Self> {
+        Ok(Self {
+            factory: factory.to_json()?,
+            name: factory.name(),
+            batch_size,
+            transform: None,
+        })
+    }
+}
+
+#[typetag::serde(name = "volley::PoolWorker")]
+impl RemoteActor for PoolWorker {
+    fn start(&mut self, _ctx: &TaskContext) -> Result<()> {
+        let name = self.name.clone();
+        let factory: Box<dyn NamedTransformFactory> = serde_json::from_value(self.factory.clone())
+            .map_err(|e| {
+                VolleyError::execution(format!(
+                    "{name} cannot be rebuilt on this worker: {e} (workers run the driver's \
+                     binary; is the type registered with #[typetag::serde]?)"
+                ))
+            })?;
+        // Loading a model may block on I/O: not on the worker's async runtime thread.
+        let built = on_own_thread(&name, || guard(&name, || factory.build()))?;
+        self.transform = Some(built);
+        Ok(())
+    }
+
+    fn call(
+        &mut self,
+        _ctx: &TaskContext,
+        method: &str,
+        _arg: serde_json::Value,
+        inputs: Vec<Vec<RecordBatch>>,
+    ) -> Result<Vec<RecordBatch>> {
+        if method != "process" {
+            return Err(VolleyError::internal(format!(
+                "a pool worker has no method {method}"
+            )));
+        }
+        let name = self.name.clone();
+        let batch_size = self.batch_size;
+        let transform = self
+            .transform
+            .as_mut()
+            .ok_or_else(|| VolleyError::internal("a pool worker was called before it started"))?;
+        let batches: Vec<RecordBatch> = inputs.into_iter().flatten().collect();
+        if batches.is_empty() {
+            return Ok(vec![]);
+        }
+        let all = if batches.len() == 1 {
+            batches.into_iter().next().expect("one")
+        } else {
+            concat_batches(&batches[0].schema(), &batches)?
+        };
+        let thread = name.clone();
+        on_own_thread(&thread, move || {
+            let chunk = batch_size.unwrap_or(all.num_rows()).max(1);
+            let mut out = Vec::new();
+            let mut offset = 0;
+            while offset < all.num_rows() {
+                let len = chunk.min(all.num_rows() - offset);
+                let b = guard(&name, || transform.transform(all.slice(offset, len)))?;
+                offset += len;
+                if b.num_rows() > 0 {
+                    out.push(b);
+                }
+            }
+            Ok(out)
+        })
+    }
+}
