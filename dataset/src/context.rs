@@ -188,6 +188,7 @@ impl Context {
                 runtime,
                 session: state,
                 budget,
+                cluster: None,
             },
             tables: Arc::new(Mutex::new(Vec::new())),
             cluster: None,

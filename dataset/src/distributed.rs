@@ -244,6 +244,7 @@ impl RemoteTask for FragmentTask {
                     ds.iter_batches()?,
                     registry.as_ref(),
                     &scratch,
+                    &part_name(task),
                     task.attempt,
                     exec.runtime.io_handle(),
                 )?;
@@ -258,10 +259,19 @@ impl RemoteTask for FragmentTask {
         let Ok(ctx) = Context::global() else { return };
         let exec = ctx.exec_context();
         let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
-        if let Err(e) = part.discard(registry.as_ref(), task.attempt, exec.runtime.io_handle()) {
+        let io = exec.runtime.io_handle();
+        if let Err(e) = part.discard(registry.as_ref(), &part_name(task), task.attempt, io) {
             tracing::warn!("{}: {e}", self.label);
         }
     }
+}
+
+/// A write part's name: the task's id (unique in the write, the same for every attempt).
+fn part_name(task: &TaskContext) -> String {
+    task.task_id
+        .rsplit_once('-')
+        .map_or(task.task_id.as_str(), |(_, id)| id)
+        .to_string()
 }
 
 /// The cluster tasks of a dataset, if its shape runs on the cluster.
@@ -381,7 +391,8 @@ impl Distributed {
     /// Runs the tasks as parts of `job`; commits it when all succeeded.
     pub(crate) fn write(mut self, cluster: &Cluster, job: WriteJob) -> Result<WriteSummary> {
         for (i, t) in self.tasks.iter_mut().enumerate() {
-            t.write = Some(job.remote_part(i));
+            let _ = i;
+            t.write = Some(job.remote_part());
         }
         // The results the head accepted: one attempt of each task.
         let mut parts: Vec<StagedPart> = Vec::new();
