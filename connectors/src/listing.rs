@@ -380,6 +380,10 @@ impl DataSource for FileScan {
         true
     }
 
+    fn shippable(&self) -> bool {
+        true
+    }
+
     fn logical_plan(&self) -> Option<datafusion::logical_expr::LogicalPlan> {
         use datafusion::logical_expr::{cast, col, LogicalPlanBuilder};
         let table: Arc<dyn datafusion::catalog::TableProvider> = Arc::clone(&self.table) as _;

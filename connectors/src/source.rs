@@ -102,6 +102,13 @@ pub trait DataSource: Send + Sync + Debug {
     fn supports_filters(&self) -> bool {
         false
     }
+
+    /// Whether its read tasks can be sent to another process (each [`ReadTask`] has a
+    /// [`plan`](ReadTask::plan)): on a cluster they then run on the nodes. Planning
+    /// such a source must not run anything (a cluster runner plans it up front).
+    fn shippable(&self) -> bool {
+        false
+    }
     /// More lines for `explain` under the operator's line: the plan a query source runs
     /// (DataFusion's sort, aggregation and join operators, with their exchanges).
     fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {

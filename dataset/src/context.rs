@@ -20,6 +20,7 @@ use volley_runtime::{LocalRuntime, MemoryBudget, Runtime};
 
 use crate::dataset::Dataset;
 use crate::logical::LogicalOp;
+use crate::runner::{ClusterRunner, LocalRunner, Runner};
 
 /// One path or several: `"data/"`, `"data/*.parquet"`, `vec!["a.csv", "b.csv"]`.
 #[derive(Debug, Clone)]
@@ -75,6 +76,8 @@ pub struct Context {
     tables: Arc<Mutex<Vec<NamedTable>>>,
     /// The cluster datasets of this context run on, if any.
     cluster: Option<volley_runtime::cluster::Cluster>,
+    /// Where its plans run: in this process, or on the cluster.
+    runner: Arc<dyn Runner>,
 }
 
 static GLOBAL: OnceLock<std::result::Result<Context, String>> = OnceLock::new();
@@ -128,8 +131,14 @@ impl Context {
 
     /// This context, running its datasets on `cluster`.
     pub fn with_cluster(mut self, cluster: volley_runtime::cluster::Cluster) -> Context {
+        self.runner = Arc::new(ClusterRunner::new(cluster.clone()));
         self.cluster = Some(cluster);
         self
+    }
+
+    /// Where this context's plans run.
+    pub fn runner(&self) -> &Arc<dyn Runner> {
+        &self.runner
     }
 
     /// The cluster this context runs on, if any.
@@ -192,6 +201,7 @@ impl Context {
             },
             tables: Arc::new(Mutex::new(Vec::new())),
             cluster: None,
+            runner: Arc::new(LocalRunner),
         })
     }
 

@@ -19,70 +19,9 @@ use volley_exec::{
 
 use crate::context::Context;
 use crate::logical::LogicalOp;
-use crate::{optimizer, planner};
-
-/// Options of `map_batches`.
-#[derive(Debug, Clone)]
-pub struct MapOptions {
-    /// Rows per call (the last call of a task may get fewer); `None` passes blocks as
-    /// they come.
-    pub batch_size: Option<usize>,
-    /// CPUs each task (or worker) holds.
-    pub num_cpus: f64,
-    /// Tasks at once (stateless) or workers (stateful); `None`: as many as fit
-    /// (stateless), 1 (stateful).
-    pub concurrency: Option<usize>,
-}
-
-impl Default for MapOptions {
-    fn default() -> Self {
-        Self {
-            batch_size: None,
-            num_cpus: 1.0,
-            concurrency: None,
-        }
-    }
-}
-
-impl MapOptions {
-    /// Rows per call.
-    pub fn with_batch_size(mut self, n: usize) -> Self {
-        self.batch_size = Some(n.max(1));
-        self
-    }
-    /// CPUs per task.
-    pub fn with_num_cpus(mut self, n: f64) -> Self {
-        self.num_cpus = n;
-        self
-    }
-    /// Tasks or workers at once.
-    pub fn with_concurrency(mut self, n: usize) -> Self {
-        self.concurrency = Some(n.max(1));
-        self
-    }
-}
-
-impl fmt::Display for MapOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "(cpus={}", self.num_cpus)?;
-        if let Some(b) = self.batch_size {
-            write!(f, ", batch_size={b}")?;
-        }
-        if let Some(c) = self.concurrency {
-            write!(f, ", concurrency={c}")?;
-        }
-        write!(f, ")")
-    }
-}
-
-/// Options of [`Dataset::iter_batches_with`].
-#[derive(Debug, Clone, Default)]
-pub struct IterOptions {
-    /// Rows per batch (the last may have fewer); `None` yields blocks as they come.
-    pub batch_size: Option<usize>,
-    /// Batches a background thread prepares ahead of the consumer (0: none).
-    pub prefetch: usize,
-}
+use crate::optimizer;
+pub use crate::options::{IterOptions, MapOptions};
+use crate::runner::WriteSpec;
 
 /// A lazy, distributed-ready collection of rows in Arrow batches.
 ///
@@ -275,16 +214,26 @@ impl Dataset {
     }
 
     pub(crate) fn physical(&self) -> Result<PhysicalPlan> {
-        let state = self.ctx.session_state();
-        let optimized = optimizer::optimize(&self.plan, state)?;
-        Ok(planner::plan(&optimized, state)?.0)
+        self.physical_with(None)
+    }
+
+    /// The operators of the optimized plan, as the context's runner places them,
+    /// writing into `write` when given.
+    fn physical_with(&self, write: Option<&WriteSpec>) -> Result<PhysicalPlan> {
+        let optimized = optimizer::optimize(&self.plan, self.ctx.session_state())?;
+        self.ctx
+            .runner()
+            .plan(&optimized, self.ctx.exec_context(), write)
     }
 
     /// The logical plan, the optimized plan, and the physical plan, as text.
     pub fn explain(&self) -> Result<String> {
         let state = self.ctx.session_state();
         let optimized = optimizer::optimize(&self.plan, state)?;
-        let physical = planner::plan(&optimized, state)?.0;
+        let physical = self
+            .ctx
+            .runner()
+            .plan(&optimized, self.ctx.exec_context(), None)?;
         Ok(format!(
             "== logical plan ==\n{}\n\n== optimized logical plan ==\n{}\n\n== physical plan ==\n{}\n",
             self.plan, optimized, physical
@@ -318,7 +267,7 @@ impl Dataset {
             config.exec.preserve_order = true;
             exec.config = Arc::new(config);
         }
-        exec
+        self.ctx.runner().exec_context(exec)
     }
 
     /// Runs the dataset in order-preserving mode (what exchanges need to be
@@ -348,11 +297,7 @@ impl Dataset {
         &self,
         options: IterOptions,
     ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
-        let stream: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> =
-            match self.on_cluster()? {
-                Some((cluster, d)) => Box::new(d.stream(cluster)?),
-                None => Box::new(self.stream()?),
-            };
+        let stream: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> = Box::new(self.stream()?);
         let rebatched: Box<dyn Iterator<Item = Result<RecordBatch>> + Send> =
             match options.batch_size {
                 Some(n) => Box::new(Rebatch::new(stream, n.max(1))),
@@ -378,29 +323,7 @@ impl Dataset {
 
     /// Runs the dataset and returns every batch.
     pub fn collect(&self) -> Result<Vec<RecordBatch>> {
-        if let Some((cluster, d)) = self.on_cluster()? {
-            return d.collect(&cluster);
-        }
         self.stream()?.collect()
-    }
-
-    /// The cluster tasks of this dataset, when its context is on a cluster and its
-    /// shape runs there.
-    fn on_cluster(
-        &self,
-    ) -> Result<
-        Option<(
-            volley_runtime::cluster::Cluster,
-            crate::distributed::Distributed,
-        )>,
-    > {
-        let Some(cluster) = self.ctx.cluster() else {
-            return Ok(None);
-        };
-        Ok(
-            crate::distributed::Distributed::plan(&self.ctx, &self.plan)?
-                .map(|d| (cluster.clone(), d)),
-        )
     }
 
     /// Runs the dataset and returns all rows as one batch.
@@ -530,13 +453,6 @@ impl WriteBuilder {
             exec.config.exec.spill_dir.as_deref(),
             exec.runtime.io_handle(),
         )?;
-        if !single {
-            if let Some((cluster, d)) = ds.on_cluster()? {
-                return d
-                    .write(&cluster, job)
-                    .with_context(|| format!("writing {}", self.path));
-            }
-        }
         if single {
             // One writer, on this thread.
             let result = (|| {
@@ -556,9 +472,13 @@ impl WriteBuilder {
                 }
             };
         }
-        let target = WriteTarget::new(job);
+        let spec = WriteSpec {
+            part: job.remote_part(),
+            target: WriteTarget::new(job),
+        };
+        let target = Arc::clone(&spec.target);
         let result = (|| {
-            let plan = planner::with_write(ds.physical()?, Arc::clone(&target));
+            let plan = ds.physical_with(Some(&spec))?;
             let stream = StatsStream {
                 inner: execute(plan, exec)?,
                 sink: Arc::clone(&ds.last_stats),

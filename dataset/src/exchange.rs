@@ -20,7 +20,8 @@ use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
 use volley_exec::{project_batch, ExchangeStore, FrozenStore, Partitioning};
 
-use crate::dataset::{Dataset, MapOptions};
+use crate::dataset::Dataset;
+use crate::options::MapOptions;
 use crate::relational::{check_keys, GroupedDataset};
 
 /// What an exchange produces.

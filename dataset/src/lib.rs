@@ -15,20 +15,22 @@
 
 mod context;
 mod dataset;
-mod distributed;
 mod exchange;
 mod logical;
 mod optimizer;
+mod options;
 mod planner;
 mod relational;
+mod runner;
 mod sql;
 mod streaming_split;
 
 pub use context::{Context, Paths};
-pub use dataset::{Dataset, IterOptions, MapOptions, WriteBuilder};
-pub use distributed::FragmentTask;
+pub use dataset::{Dataset, WriteBuilder};
 pub use logical::LogicalOp;
+pub use options::{Concurrency, IterOptions, MapOptions};
 pub use relational::{agg, GroupedDataset, JoinHow, SortKey};
+pub use runner::{ClusterRunner, LocalRunner, Runner, StageTask, WriteSpec};
 pub use sql::DatasetTable;
 pub use streaming_split::SplitIterator;
 

@@ -11,7 +11,7 @@ use volley_connectors::{DataSource, ScanRequest};
 use volley_exec::{PredicateFn, Step, TransformFactory, TransformFn};
 
 use crate::col;
-use crate::dataset::MapOptions;
+use crate::options::MapOptions;
 
 /// A node of a dataset's logical plan.
 #[derive(Debug, Clone)]

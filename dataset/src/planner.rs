@@ -12,6 +12,7 @@ use volley_exec::{
 use volley_runtime::ResourceRequest;
 
 use crate::logical::LogicalOp;
+use crate::options::MapOptions;
 
 /// CPUs of the task a plan's output comes from, when its steps can fuse into it.
 fn fusable_cpus(plan: &PhysicalPlan) -> Option<f64> {
@@ -53,11 +54,40 @@ fn append(plan: PhysicalPlan, step: Step, cpus: Option<f64>) -> PhysicalPlan {
     }
 }
 
-/// Plans `op`; returns the plan and its output schema where known.
-pub(crate) fn plan(
+/// A planned subtree: its operators and its output schema where known.
+pub(crate) type Planned = (PhysicalPlan, Option<SchemaRef>);
+
+/// Plans `op` to run in this process; returns the plan and its output schema where
+/// known.
+pub(crate) fn plan(op: &LogicalOp, state: &SessionState) -> Result<Planned> {
+    let children = op
+        .inputs()
+        .into_iter()
+        .map(|i| plan(i, state))
+        .collect::<Result<Vec<_>>>()?;
+    plan_node(op, children, state)
+}
+
+/// Checks that a transform asks only for what this process has (CPUs, memory).
+fn local_resources(name: &str, options: &MapOptions) -> Result<()> {
+    if options.wants_cluster_resources() {
+        return Err(VolleyError::plan(format!(
+            "`{name}` asks for {} GPUs and resources {:?}, which only a cluster's nodes \
+             give (run it on a cluster: VOLLEY_ADDRESS)",
+            options.num_gpus, options.custom
+        )));
+    }
+    Ok(())
+}
+
+/// Plans one node over its children's plans (in the order of `op.inputs()`), to run in
+/// this process.
+pub(crate) fn plan_node(
     op: &LogicalOp,
+    mut children: Vec<Planned>,
     state: &SessionState,
-) -> Result<(PhysicalPlan, Option<SchemaRef>)> {
+) -> Result<Planned> {
+    let mut child = || children.remove(0);
     Ok(match op {
         LogicalOp::Source { source, request } => {
             let schema = op.schema(state)?;
@@ -76,7 +106,7 @@ pub(crate) fn plan(
         | LogicalOp::WithColumn { input, .. }
         | LogicalOp::Drop { input, .. }
         | LogicalOp::Rename { input, .. } => {
-            let (child, schema) = plan(input, state)?;
+            let (child, schema) = child();
             match schema {
                 Some(schema) => {
                     let exprs = op.projection(&schema, false)?.expect("column-shaping node");
@@ -101,8 +131,8 @@ pub(crate) fn plan(
                 }
             }
         }
-        LogicalOp::Filter { input, predicate } => {
-            let (child, schema) = plan(input, state)?;
+        LogicalOp::Filter { predicate, .. } => {
+            let (child, schema) = child();
             let step = match &schema {
                 Some(s) => Step::filter(predicate, s, state)?,
                 None => {
@@ -114,27 +144,27 @@ pub(crate) fn plan(
             };
             (append(child, step, None), schema)
         }
-        LogicalOp::FilterFn { input, predicate } => {
-            let (child, schema) = plan(input, state)?;
+        LogicalOp::FilterFn { predicate, .. } => {
+            let (child, schema) = child();
             (
                 append(child, Step::FilterFn(predicate.clone()), None),
                 schema,
             )
         }
-        LogicalOp::MapBatches { input, f, options } => {
-            let (child, _) = plan(input, state)?;
+        LogicalOp::MapBatches { f, options, .. } => {
+            local_resources(&f.name(), options)?;
+            let (child, _) = child();
             let step = Step::Map {
                 f: f.clone(),
                 batch_size: options.batch_size,
             };
-            let plan = if options.concurrency.is_some()
-                || fusable_cpus(&child) != Some(options.num_cpus)
-            {
+            let concurrency = options.concurrency.map(|c| c.bounds().1);
+            let plan = if concurrency.is_some() || fusable_cpus(&child) != Some(options.num_cpus) {
                 PhysicalPlan::Map(MapExec {
                     input: Box::new(child),
                     steps: vec![step],
                     resources: ResourceRequest::cpus(options.num_cpus),
-                    concurrency: options.concurrency,
+                    concurrency,
                     bundle_rows: options.batch_size.unwrap_or(1),
                     write: None,
                 })
@@ -144,24 +174,23 @@ pub(crate) fn plan(
             (plan, None)
         }
         LogicalOp::MapBatchesStateful {
-            input,
-            factory,
-            options,
+            factory, options, ..
         } => {
-            let (child, _) = plan(input, state)?;
+            local_resources(&factory.name(), options)?;
+            let (child, _) = child();
             (
                 PhysicalPlan::ActorMap(ActorMapExec {
                     input: Box::new(child),
                     factory: factory.clone(),
-                    concurrency: options.concurrency.unwrap_or(1),
+                    concurrency: options.concurrency.map_or(1, |c| c.bounds().1),
                     resources: ResourceRequest::cpus(options.num_cpus),
                     batch_size: options.batch_size,
                 }),
                 None,
             )
         }
-        LogicalOp::Limit { input, n } => {
-            let (child, schema) = plan(input, state)?;
+        LogicalOp::Limit { n, .. } => {
+            let (child, schema) = child();
             (
                 PhysicalPlan::Limit(LimitExec {
                     input: Box::new(child),
@@ -170,11 +199,10 @@ pub(crate) fn plan(
                 schema,
             )
         }
-        LogicalOp::Union { inputs } => {
+        LogicalOp::Union { .. } => {
             let mut plans = Vec::new();
             let mut schema: Option<SchemaRef> = None;
-            for (i, input) in inputs.iter().enumerate() {
-                let (p, s) = plan(input, state)?;
+            for (i, (p, s)) in children.into_iter().enumerate() {
                 if let (Some(first), Some(this)) = (&schema, &s) {
                     if first.fields() != this.fields() {
                         return Err(VolleyError::plan(format!(

@@ -1,0 +1,389 @@
+//! The cluster runner: cuts a plan into stages that run on the cluster's nodes and
+//! operators that run in this process.
+//!
+//! Bottom up, each node goes where it can:
+//!
+//! - a source whose reads can travel (files) opens a **stage**: one task per read
+//!   split; the row-local steps after it (select, filter, with_column, drop, rename,
+//!   named `map_batches`) join that stage and run inside its tasks;
+//! - a named `map_batches` after operators of this process opens a stage over their
+//!   blocks (put into the cluster);
+//! - a named stateful transform runs on a **pool of cluster actors**;
+//! - a closure (`map_batches`, `filter_fn`, a local stateful factory) cannot travel: it
+//!   runs in this process (warned once, naming it), as do limits and unions (over
+//!   references) and sources that cannot travel (batches in memory, SQL results,
+//!   sorts, joins, aggregations and exchanges, which run here as they do locally);
+//! - a write joins the last stage (each task writes its part where it runs), or is a
+//!   stage of its own over the blocks of an actor pool.
+//!
+//! Blocks made on a node stay in its object store; this process holds references and
+//! fetches bytes only for the operators that run here.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arrow::datatypes::SchemaRef;
+use volley_common::Result;
+use volley_exec::{
+    ClusterActorPoolExec, ClusterMapExec, ClusterReadExec, ExecContext, PhysicalPlan, PoolSize,
+    PoolWorker,
+};
+use volley_runtime::cluster::{Cluster, EncodedActor, EncodedTask, Resources};
+
+use super::stage::{plan_bytes, ShippedOp, StageInput, StageTask};
+use super::{Runner, WriteSpec};
+use crate::logical::LogicalOp;
+use crate::options::MapOptions;
+use crate::planner::{self, Planned};
+
+/// Runs plans on a cluster: stages on its nodes, the rest in this process.
+#[derive(Debug, Clone)]
+pub struct ClusterRunner {
+    cluster: Cluster,
+}
+
+impl ClusterRunner {
+    /// A runner for `cluster`.
+    pub fn new(cluster: Cluster) -> Self {
+        Self { cluster }
+    }
+}
+
+/// Where a stage's rows come from.
+enum Input {
+    /// Read splits: `(label, serialized plan)`.
+    Reads(Vec<(String, Vec<u8>)>),
+    /// The blocks of operators below (this process's, or an actor pool's).
+    Blocks(Box<PhysicalPlan>),
+}
+
+/// A stage still open to more row-local steps.
+struct Stage {
+    input: Input,
+    /// The source's or the stage's first name (stats).
+    names: Vec<String>,
+    /// Its steps as the plan shows them.
+    describe: Vec<String>,
+    ops: Vec<ShippedOp>,
+    resources: Resources,
+    bundle_rows: usize,
+    schema: Option<SchemaRef>,
+}
+
+/// A planned subtree.
+enum Node {
+    /// Operators (in this process, or a closed stage); `remote`: its output blocks are
+    /// cluster objects.
+    Plan { planned: Planned, remote: bool },
+    /// An open stage.
+    Stage(Stage),
+}
+
+fn resources(options: &MapOptions) -> Resources {
+    let mut r = Resources::cpus(options.num_cpus)
+        .with_gpus(options.num_gpus)
+        .with_memory(options.memory);
+    r.custom = options.custom.clone();
+    r
+}
+
+/// Warns once per process for each transform that runs here because it cannot travel.
+fn warn_stays_here(name: &str, what: &str) {
+    static WARNED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let mut warned = WARNED
+        .get_or_init(Default::default)
+        .lock()
+        .expect("warned lock");
+    if warned.insert(name.to_string()) {
+        tracing::warn!(
+            "{what} `{name}` is a closure: it runs in this process, not on the cluster's \
+             nodes (make it a named transform, #[typetag::serde], to run it there)"
+        );
+    }
+}
+
+impl Stage {
+    fn name(&self) -> String {
+        self.names.join("->")
+    }
+
+    /// The stage as operators, writing into `write` when given.
+    fn close(self, write: Option<&WriteSpec>) -> Result<Planned> {
+        let name = self.name();
+        let describe = self.describe.join("\n");
+        let part = write.map(|w| w.part.clone());
+        let target = write.map(|w| Arc::clone(&w.target));
+        let encode = |label: String, input: StageInput| -> Result<EncodedTask> {
+            EncodedTask::new(Box::new(StageTask {
+                label,
+                input,
+                ops: self.ops.clone(),
+                write: part.clone(),
+            }))
+        };
+        let plan = match self.input {
+            Input::Reads(reads) => PhysicalPlan::ClusterRead(ClusterReadExec {
+                name,
+                describe,
+                tasks: reads
+                    .into_iter()
+                    .map(|(label, bytes)| {
+                        let task = encode(label.clone(), StageInput::Read(bytes))?;
+                        Ok((label, task))
+                    })
+                    .collect::<Result<_>>()?,
+                resources: self.resources,
+                write: target,
+            }),
+            Input::Blocks(input) => PhysicalPlan::ClusterMap(ClusterMapExec {
+                input,
+                task: encode(name.clone(), StageInput::Objects)?,
+                name,
+                describe,
+                resources: self.resources,
+                bundle_rows: self.bundle_rows,
+                write: target,
+            }),
+        };
+        Ok((plan, self.schema))
+    }
+}
+
+impl Node {
+    /// The subtree as operators; `remote` says whether its output is cluster objects.
+    fn close(self) -> Result<(Planned, bool)> {
+        match self {
+            Node::Plan { planned, remote } => Ok((planned, remote)),
+            Node::Stage(s) => Ok((s.close(None)?, true)),
+        }
+    }
+}
+
+impl ClusterRunner {
+    fn plan_node(&self, op: &LogicalOp, exec: &ExecContext) -> Result<Node> {
+        let state = &exec.session;
+        let inputs = op.inputs();
+        let mut children = inputs
+            .iter()
+            .map(|i| self.plan_node(i, exec))
+            .collect::<Result<Vec<_>>>()?;
+        // This node in this process, over its children's operators.
+        let here = |children: Vec<Node>, remote: bool| -> Result<Node> {
+            let planned = children
+                .into_iter()
+                .map(|c| c.close().map(|(p, _)| p))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Node::Plan {
+                planned: planner::plan_node(op, planned, state)?,
+                remote,
+            })
+        };
+        match op {
+            LogicalOp::Source { source, request } if source.shippable() => {
+                let reads = exec
+                    .block_on(source.plan(state, request))
+                    .map_err(|e| e.context(format!("planning {}", source.name())))?;
+                if reads.iter().all(|r| r.plan().is_some()) {
+                    let reads = reads
+                        .iter()
+                        .map(|r| {
+                            let plan = r.plan().expect("checked above");
+                            Ok((r.label.clone(), plan_bytes(plan, &r.label)?))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    return Ok(Node::Stage(Stage {
+                        input: Input::Reads(reads),
+                        names: vec![source.name()],
+                        describe: vec![format!("{}: {}", source.name(), source.describe())],
+                        ops: vec![],
+                        resources: Resources::cpus(1.0),
+                        bundle_rows: 1,
+                        schema: op.schema(state)?,
+                    }));
+                }
+                here(children, false)
+            }
+            LogicalOp::Source { .. } => here(children, false),
+            LogicalOp::Select { .. }
+            | LogicalOp::WithColumn { .. }
+            | LogicalOp::Drop { .. }
+            | LogicalOp::Rename { .. }
+            | LogicalOp::Filter { .. } => match children.remove(0) {
+                Node::Stage(mut s) => {
+                    s.ops.push(ShippedOp::of(op)?.expect("a row-local step"));
+                    s.names.push(step_name(op).into());
+                    s.describe.push(ShippedOp::describe(op));
+                    s.schema = op.schema(state)?;
+                    Ok(Node::Stage(s))
+                }
+                // Over an actor pool's blocks: a stage of its own, where they are.
+                child @ Node::Plan { remote: true, .. } => {
+                    let ((input, schema), _) = child.close()?;
+                    let mut s = Stage {
+                        input: Input::Blocks(Box::new(input)),
+                        names: vec![],
+                        describe: vec![],
+                        ops: vec![],
+                        resources: Resources::cpus(1.0),
+                        bundle_rows: 1,
+                        schema,
+                    };
+                    s.ops.push(ShippedOp::of(op)?.expect("a row-local step"));
+                    s.names.push(step_name(op).into());
+                    s.describe.push(ShippedOp::describe(op));
+                    s.schema = op.schema(state)?;
+                    Ok(Node::Stage(s))
+                }
+                child => here(vec![child], false),
+            },
+            LogicalOp::MapBatches { f, options, .. } if f.is_shippable() => {
+                let shipped = ShippedOp::of(op)?.expect("a named transform");
+                let want = resources(options);
+                match children.remove(0) {
+                    Node::Stage(mut s)
+                        if options.concurrency.is_none()
+                            && options.batch_size.is_none_or(|b| b <= s.bundle_rows.max(1))
+                            && fuses(&s.resources, &want) =>
+                    {
+                        s.ops.push(shipped);
+                        s.names.push(format!("MapBatches({})", f.name()));
+                        s.describe.push(ShippedOp::describe(op));
+                        s.resources = max_resources(&s.resources, &want);
+                        s.schema = None;
+                        Ok(Node::Stage(s))
+                    }
+                    child => {
+                        let ((input, _), _) = child.close()?;
+                        Ok(Node::Stage(Stage {
+                            input: Input::Blocks(Box::new(input)),
+                            names: vec![format!("MapBatches({})", f.name())],
+                            describe: vec![ShippedOp::describe(op)],
+                            ops: vec![shipped],
+                            resources: want,
+                            bundle_rows: options.batch_size.unwrap_or(1),
+                            schema: None,
+                        }))
+                    }
+                }
+            }
+            LogicalOp::MapBatches { f, .. } => {
+                warn_stays_here(&f.name(), "map_batches");
+                here(children, false)
+            }
+            LogicalOp::FilterFn { predicate, .. } => {
+                warn_stays_here(predicate.name(), "filter_fn");
+                here(children, false)
+            }
+            LogicalOp::MapBatchesStateful {
+                factory, options, ..
+            } if factory.is_shippable() => {
+                let ((input, _), _) = children.remove(0).close()?;
+                let (min, max) = options.concurrency.map_or((1, 1), |c| c.bounds());
+                let worker = PoolWorker::new(factory, options.batch_size)?;
+                Ok(Node::Plan {
+                    planned: (
+                        PhysicalPlan::ClusterActorPool(ClusterActorPoolExec {
+                            input: Box::new(input),
+                            name: format!("MapBatches({})", factory.name()),
+                            transform: factory.name(),
+                            actor: EncodedActor::new(Box::new(worker))?,
+                            resources: resources(options),
+                            size: PoolSize {
+                                min: min.max(1),
+                                max: max.max(min).max(1),
+                            },
+                            max_in_flight: options.max_calls_in_flight,
+                        }),
+                        None,
+                    ),
+                    remote: true,
+                })
+            }
+            LogicalOp::MapBatchesStateful { factory, .. } => {
+                warn_stays_here(&factory.name(), "map_batches_stateful");
+                here(children, false)
+            }
+            LogicalOp::Limit { .. } => {
+                let remote = matches!(
+                    children[0],
+                    Node::Stage(_) | Node::Plan { remote: true, .. }
+                );
+                here(children, remote)
+            }
+            LogicalOp::Union { .. } => {
+                let remote = children
+                    .iter()
+                    .any(|c| matches!(c, Node::Stage(_) | Node::Plan { remote: true, .. }));
+                here(children, remote)
+            }
+        }
+    }
+}
+
+fn step_name(op: &LogicalOp) -> &'static str {
+    match op {
+        LogicalOp::Filter { .. } => "Filter",
+        _ => "Project",
+    }
+}
+
+/// Whether a transform wanting `want` may run in tasks holding `have` (the same GPUs and
+/// custom resources; CPUs and memory are taken at their maximum).
+fn fuses(have: &Resources, want: &Resources) -> bool {
+    (have.num_gpus - want.num_gpus).abs() < 1e-9 && have.custom == want.custom
+}
+
+fn max_resources(a: &Resources, b: &Resources) -> Resources {
+    let mut r = a.clone();
+    r.num_cpus = a.num_cpus.max(b.num_cpus);
+    r.memory = a.memory.max(b.memory);
+    r
+}
+
+impl Runner for ClusterRunner {
+    fn plan(
+        &self,
+        plan: &LogicalOp,
+        exec: &ExecContext,
+        write: Option<&WriteSpec>,
+    ) -> Result<PhysicalPlan> {
+        let node = self.plan_node(plan, exec)?;
+        Ok(match (node, write) {
+            (Node::Stage(s), w) => s.close(w)?.0,
+            (
+                Node::Plan {
+                    planned: (input, _),
+                    remote: true,
+                },
+                Some(w),
+            ) => {
+                // The blocks of an actor pool (or a limit, a union over cluster blocks)
+                // are written where they are, by a stage of their own.
+                let task = EncodedTask::new(Box::new(StageTask {
+                    label: "Write".into(),
+                    input: StageInput::Objects,
+                    ops: vec![],
+                    write: Some(w.part.clone()),
+                }))?;
+                PhysicalPlan::ClusterMap(ClusterMapExec {
+                    input: Box::new(input),
+                    name: "Write".into(),
+                    describe: "Write".into(),
+                    task,
+                    resources: Resources::cpus(1.0),
+                    bundle_rows: 1,
+                    write: Some(Arc::clone(&w.target)),
+                })
+            }
+            (Node::Plan { planned, .. }, Some(w)) => {
+                planner::with_write(planned.0, Arc::clone(&w.target))
+            }
+            (Node::Plan { planned, .. }, None) => planned.0,
+        })
+    }
+
+    fn exec_context(&self, mut base: ExecContext) -> ExecContext {
+        base.cluster = Some(self.cluster.clone());
+        base
+    }
+}
