@@ -801,3 +801,95 @@ fn training_ranks_spread_over_nodes() {
         .count();
     assert_eq!(complete, 2, "checkpoints in {}", run.display());
 }
+
+/// A line `KEY ...` of a program's output.
+fn line_of(text: &str, key: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no {key} line in:\n{text}"))
+        .to_string()
+}
+
+/// A plan with a read stage on the nodes, a closure in the driver, a union, a limit and
+/// a named stateful transform on a pool of 2-4 cluster actors gives the local run's
+/// rows; the pool's actors ran on at least two nodes; the statistics name every
+/// operator. And the quick start, unchanged, succeeds as a job.
+#[test]
+fn every_plan_shape_runs_on_the_cluster_as_locally() {
+    let mut c = TestCluster::start(5.0);
+    for _ in 0..3 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), 6, 20_000);
+    let args = [input.to_str().unwrap(), "--limit", "50000"];
+
+    let local = Command::new(example("cluster_plan"))
+        .args(args)
+        .env_remove("VOLLEY_ADDRESS")
+        .output()
+        .unwrap();
+    let local_out = String::from_utf8_lossy(&local.stdout).to_string();
+    assert!(
+        local.status.success(),
+        "{local_out}{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+
+    let mut job_args = vec![example("cluster_plan").to_str().unwrap().to_string()];
+    job_args.extend(args.iter().map(|a| a.to_string()));
+    let refs: Vec<&str> = job_args.iter().map(String::as_str).collect();
+    let job = c.submit(&refs);
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let logs = c.logs(&job);
+    assert_eq!(
+        line_of(&logs, "RESULT"),
+        line_of(&local_out, "RESULT"),
+        "the cluster's rows are the local run's:\n{logs}"
+    );
+    assert_eq!(
+        line_of(&local_out, "RESULT"),
+        format!(
+            "RESULT rows=50000 sum_x={} sum_y={}",
+            (10_000_000..10_002_000i64).sum::<i64>() + (0..48_000i64).sum::<i64>(),
+            3 * ((10_000_000..10_002_000i64).sum::<i64>() + (0..48_000i64).sum::<i64>())
+        )
+    );
+    let nodes = line_of(&logs, "NODES");
+    let node_count = nodes.trim_start_matches("NODES ").split(',').count();
+    assert!(
+        node_count >= 2,
+        "the actor pool ran on {node_count} node(s): {nodes}\n{logs}"
+    );
+    let ops = line_of(&logs, "OPERATORS");
+    for op in [
+        "Range->MapBatches:2000",
+        "ReadParquet->Filter->Project",
+        "Limit[50000]:50000",
+        "MapBatches(TagNode):50000",
+    ] {
+        assert!(ops.contains(op), "{op} missing from the stats: {ops}");
+    }
+    assert!(
+        logs.contains("on the cluster's nodes") && logs.contains("cluster actors"),
+        "explain shows where stages run:\n{logs}"
+    );
+
+    // The quick start (a closure, SQL, sorts, group-bys, a split) as a job, unchanged.
+    let out = dir.path().join("quickstart");
+    let job = c.submit(&[
+        example("quickstart").to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(300)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+}
