@@ -893,3 +893,124 @@ fn every_plan_shape_runs_on_the_cluster_as_locally() {
         c.describe(&job)
     );
 }
+
+/// An actor pool between 1 and 3 actors grows to 3 under a burst and shrinks back to 1
+/// during a pause; every row comes out once.
+#[test]
+fn an_actor_pool_grows_under_load_and_shrinks_when_idle() {
+    let mut c = TestCluster::start(5.0);
+    for _ in 0..2 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 24 files of 1,000 rows: 24 blocks.
+    let input = input(dir.path(), 24, 1_000);
+    let job = c.submit(&[
+        example("actor_pool").to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--min",
+        "1",
+        "--max",
+        "3",
+        "--sleep-ms",
+        "300",
+        "--burst",
+        "16",
+        "--pause-ms",
+        "8000",
+    ]);
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let logs = c.logs(&job);
+    let n: i64 = 24_000;
+    assert_eq!(
+        line_of(&logs, "RESULT"),
+        format!("RESULT rows={n} distinct={n} sum={}", n * (n - 1) / 2),
+        "{logs}"
+    );
+    let pool = line_of(&logs, "POOL");
+    let sizes: Vec<usize> = pool
+        .trim_start_matches("POOL ")
+        .split("->")
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(sizes.first(), Some(&1), "starts at its minimum: {pool}");
+    let peak = sizes.iter().position(|&s| s == 3);
+    assert!(
+        peak.is_some(),
+        "grew to its maximum under load: {pool}\n{logs}"
+    );
+    assert!(
+        sizes[peak.unwrap()..].contains(&1),
+        "shrank back to its minimum when idle: {pool}\n{logs}"
+    );
+}
+
+/// A pool's actor killed mid-run is replaced; its blocks are run again, and every row
+/// comes out exactly once.
+#[test]
+fn a_killed_pool_actor_is_replaced_and_no_row_is_lost_or_doubled() {
+    let mut c = TestCluster::start(5.0);
+    for _ in 0..2 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), 20, 1_000);
+    let pids = dir.path().join("pids");
+    std::fs::create_dir_all(&pids).unwrap();
+    let job = c.submit(&[
+        example("actor_pool").to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--min",
+        "2",
+        "--max",
+        "2",
+        "--sleep-ms",
+        "400",
+        "--pids-dir",
+        pids.to_str().unwrap(),
+    ]);
+    // Once both actors started and the run is under way, kill one of them.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim: i32 = loop {
+        let found: Vec<i32> = std::fs::read_dir(&pids)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_prefix("actor-")
+                    .and_then(|p| p.parse().ok())
+            })
+            .collect();
+        if found.len() >= 2 {
+            break found[0];
+        }
+        assert!(Instant::now() < deadline, "the actors did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    kill9(victim);
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let logs = c.logs(&job);
+    let n: i64 = 20_000;
+    assert_eq!(
+        line_of(&logs, "RESULT"),
+        format!("RESULT rows={n} distinct={n} sum={}", n * (n - 1) / 2),
+        "{logs}"
+    );
+    let started = std::fs::read_dir(&pids).unwrap().count();
+    assert!(
+        started >= 3,
+        "the killed actor was replaced ({started} actors started)"
+    );
+}

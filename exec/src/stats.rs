@@ -18,6 +18,8 @@ pub(crate) struct OpCounters {
     pub cpu_nanos: AtomicU64,
     pub first_start: Mutex<Option<Instant>>,
     pub last_end: Mutex<Option<Instant>>,
+    /// An actor pool's size after each change.
+    pub pool_sizes: Mutex<Vec<usize>>,
 }
 
 impl OpCounters {
@@ -34,6 +36,14 @@ impl OpCounters {
         self.cpu_nanos
             .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
         *self.last_end.lock().expect("stats lock") = Some(Instant::now());
+    }
+
+    /// Records an actor pool's size (when it changed).
+    pub fn pool_size(&self, n: usize) {
+        let mut sizes = self.pool_sizes.lock().expect("stats lock");
+        if sizes.last() != Some(&n) {
+            sizes.push(n);
+        }
     }
 
     pub fn output(&self, rows: usize, bytes: usize) {
@@ -58,6 +68,7 @@ impl OpCounters {
             cpu: Duration::from_nanos(self.cpu_nanos.load(Ordering::Relaxed)),
             peak_memory,
             spilled_bytes,
+            pool_sizes: self.pool_sizes.lock().expect("stats lock").clone(),
         }
     }
 }
@@ -81,6 +92,9 @@ pub struct OperatorStats {
     pub peak_memory: u64,
     /// Bytes its operators wrote to spill files (sorts, aggregations, shuffles).
     pub spilled_bytes: u64,
+    /// For an actor pool on a cluster: its size after each change (`[2, 3, 4, 2]`:
+    /// started with 2, grew to 4, shrank to 2); empty for other operators.
+    pub pool_sizes: Vec<usize>,
 }
 
 /// What an execution did.
@@ -113,7 +127,12 @@ impl fmt::Display for OperatorStats {
             } else {
                 String::new()
             }
-        )
+        )?;
+        if !self.pool_sizes.is_empty() {
+            let sizes: Vec<String> = self.pool_sizes.iter().map(|n| n.to_string()).collect();
+            write!(f, ", actors {}", sizes.join("->"))?;
+        }
+        Ok(())
     }
 }
 

@@ -389,6 +389,7 @@ impl Operator for ClusterPoolOp {
         }
         self.dispatch(cx, &mut state);
         let busy = state.members.iter().any(|m| m.in_flight > 0);
+        cx.counters.pool_size(state.members.len());
         let done = self.input_done && state.waiting.is_empty() && !busy;
         if done {
             Self::shut_down(&mut state);
