@@ -181,6 +181,21 @@ impl Conn {
         Ok((address, token))
     }
 
+    /// The cluster to run on when one is named (`--address` or `VOLLEY_ADDRESS`);
+    /// `None` runs in this process. Inside a job, it is the job's cluster.
+    pub fn cluster_if_named(&self) -> Result<Option<cluster::Cluster>> {
+        let named = self.address.as_deref().is_some_and(|a| !a.is_empty())
+            || volley_common::env_var("VOLLEY_ADDRESS")?.is_some();
+        if !named {
+            return Ok(None);
+        }
+        let (address, token) = self.resolve()?;
+        let tls = TlsConfig::from_files(self.tls_ca.as_deref(), None, None)?;
+        Ok(Some(cluster::Cluster::connect_with_tls(
+            &address, &token, &tls,
+        )?))
+    }
+
     fn client(&self) -> Result<JobClient> {
         let (address, token) = self.resolve()?;
         let tls = TlsConfig::from_files(self.tls_ca.as_deref(), None, None)?;

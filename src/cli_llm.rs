@@ -76,6 +76,15 @@ pub struct GenerateArgs {
     /// Engines working side by side.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// CPUs each engine holds.
+    #[arg(long, default_value_t = 1.0)]
+    num_cpus: f64,
+    /// GPUs each engine holds (below 1: engines share a GPU). Needs a cluster with GPUs.
+    #[arg(long, default_value_t = 0.0)]
+    num_gpus: f64,
+    /// Run the engines on a cluster: --address HOST:PORT, or VOLLEY_ADDRESS.
+    #[command(flatten)]
+    conn: crate::cli_cluster::Conn,
 }
 
 /// Runs a `volley llm` command.
@@ -117,13 +126,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
         messages_column: a.messages_column,
         concurrency: a.concurrency,
         batch_size: a.batch_size,
-        ..Default::default()
+        num_cpus: a.num_cpus,
+        num_gpus: a.num_gpus,
     };
     config
         .sampling
         .validate()
         .map_err(|e| VolleyError::plan(format!("sampling: {e}")))?;
-    let ctx = Context::try_default()?;
+    let mut ctx = Context::try_default()?;
+    if let Some(cluster) = a.conn.cluster_if_named()? {
+        ctx = ctx.with_cluster(cluster);
+    }
     let input = ctx.read_parquet(a.input.as_str())?;
     let start = Instant::now();
     let summary = LlmProcessor::new(config)

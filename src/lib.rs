@@ -75,7 +75,18 @@ pub fn init() -> Result<Context> {
     if volley_runtime::cluster::is_worker() {
         volley_runtime::cluster::run_worker();
     }
+    log_warnings();
     Context::global()
+}
+
+/// Sends volley's warnings (a closure that stays in the driver, an actor that died and
+/// was replaced) to stderr, unless the program set up its own `tracing` subscriber.
+pub fn log_warnings() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// A context whose datasets run on the cluster whose head is at `address` (`host:port`),

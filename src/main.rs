@@ -58,6 +58,10 @@ enum Command {
         /// spilled) and the process's peak resident memory to stderr.
         #[arg(long)]
         stats: bool,
+        /// Run on a cluster (its file scans on the nodes): --address HOST:PORT, or
+        /// VOLLEY_ADDRESS.
+        #[command(flatten)]
+        conn: cli_cluster::Conn,
     },
     /// Start a cluster head (--head) or a node agent joining one (--address).
     Start(cli_cluster::StartArgs),
@@ -78,7 +82,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A cluster runs copies of this program as its workers (a `volley sql` or
+    // `volley llm generate` on a cluster): they run tasks, not the command line.
+    if volley::crates::runtime::cluster::is_worker() {
+        volley::crates::runtime::cluster::run_worker();
+    }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Start(_)) {
+        volley::log_warnings();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -106,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
             spill_dir,
             explain,
             stats,
+            conn,
         } => {
             let query = match (query, file) {
                 (Some(q), None) => q,
@@ -131,7 +144,10 @@ fn run(cli: Cli) -> Result<()> {
                 config.set("volley.exec.spill_dir", &d)?;
             }
             config.set("volley.exec.preserve_order", "true")?;
-            let ctx = Context::try_new(config)?;
+            let mut ctx = Context::try_new(config)?;
+            if let Some(cluster) = conn.cluster_if_named()? {
+                ctx = ctx.with_cluster(cluster);
+            }
             let mut files = Vec::new();
             for t in &tables {
                 let (name, path) = t

@@ -1014,3 +1014,160 @@ fn a_killed_pool_actor_is_replaced_and_no_row_is_lost_or_doubled() {
         "the killed actor was replaced ({started} actors started)"
     );
 }
+
+/// `volley llm generate` on a cluster: two engines as cluster actors on two nodes give
+/// transformers' greedy continuation for every row; one engine killed mid-run is
+/// replaced, and every row is answered exactly once.
+#[cfg(feature = "llm")]
+#[test]
+fn llm_engines_run_as_cluster_actors_and_survive_a_killed_engine() {
+    use volley::arrow::array::{AsArray, StringArray};
+    use volley::arrow::datatypes::Int64Type;
+
+    let mut c = TestCluster::start(5.0);
+    c.add_node(2, 0);
+    c.add_node(2, 0);
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("llm/tests/fixtures/tiny-llama");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<String> = reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    // The greedy tokens transformers produced for each prompt, as text.
+    let tok = volley::llm::Tokenizer::from_dir(&model).unwrap();
+    let bytes = std::fs::read(model.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let want: Vec<String> = (0..prompts.len())
+        .map(|i| {
+            let ids: Vec<u32> = st
+                .tensor(&format!("greedy_{i}"))
+                .unwrap()
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+                .collect();
+            tok.decode(&ids, true).unwrap()
+        })
+        .collect();
+    // 60 rows (every prompt 12 times) in 12 files: 12 blocks for the engines.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts");
+    std::fs::create_dir_all(&input).unwrap();
+    for f in 0..12i64 {
+        let ids: Vec<i64> = (f * 5..f * 5 + 5).collect();
+        let texts: Vec<&str> = ids
+            .iter()
+            .map(|i| prompts[*i as usize % prompts.len()].as_str())
+            .collect();
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(Int64Array::from(ids)) as ArrayRef),
+            ("prompt", Arc::new(StringArray::from(texts)) as ArrayRef),
+        ])
+        .unwrap();
+        let file = std::fs::File::create(input.join(format!("p-{f:02}.parquet"))).unwrap();
+        let mut w = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    let output = dir.path().join("answers");
+    let max_tokens = "160";
+    let job = c.submit(&[
+        volley_bin().to_str().unwrap(),
+        "llm",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--max-tokens",
+        max_tokens,
+        "--ignore-eos",
+        "--concurrency",
+        "2",
+        "--batch-size",
+        "5",
+    ]);
+    // Once both engines are alive, kill one of them.
+    let actors = |c: &TestCluster| -> Vec<serde_json::Value> {
+        let (code, body) = c.http_get(&format!("/api/jobs/{job}/actors"), Some(&c.token));
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let victim = loop {
+        let alive: Vec<serde_json::Value> = actors(&c)
+            .into_iter()
+            .filter(|a| a["state"] == "ALIVE" && a["name"] == "LlmProcessor")
+            .collect();
+        let nodes: std::collections::BTreeSet<String> = alive
+            .iter()
+            .map(|a| a["node_id"].as_str().unwrap().to_string())
+            .collect();
+        if alive.len() == 2 {
+            assert_eq!(
+                nodes.len(),
+                2,
+                "the engines spread over both nodes: {alive:?}"
+            );
+            break alive[0]["pid"].as_i64().unwrap() as i32;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engines did not start:\n{}",
+            c.describe(&job)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    kill9(victim);
+    while !["SUCCEEDED", "FAILED", "STOPPED"].contains(&c.job_state(&job).as_str()) {
+        for a in actors(&c) {
+            seen.insert(a["actor_id"].as_str().unwrap().to_string());
+        }
+        assert!(Instant::now() < deadline, "{}", c.describe(&job));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.job_state(&job), "SUCCEEDED", "{}", c.describe(&job));
+    assert!(
+        seen.len() >= 3,
+        "the killed engine was replaced (actors seen: {seen:?})\n{}",
+        c.logs(&job)
+    );
+    let ctx = volley::Context::try_default().unwrap();
+    let batches = ctx
+        .read_parquet(output.to_str().unwrap())
+        .unwrap()
+        .collect()
+        .unwrap();
+    let mut ids = Vec::new();
+    for b in &batches {
+        let id = b.column_by_name("id").unwrap().as_primitive::<Int64Type>();
+        let text = b
+            .column_by_name("generated_text")
+            .unwrap()
+            .as_string::<i32>();
+        let n = b
+            .column_by_name("num_generated_tokens")
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        for r in 0..b.num_rows() {
+            let i = id.value(r);
+            ids.push(i);
+            let w = &want[i as usize % want.len()];
+            assert!(
+                text.value(r).starts_with(w.as_str()),
+                "row {i}: {:?} does not continue as transformers does ({w:?})",
+                text.value(r)
+            );
+            assert_eq!(n.value(r), 160);
+        }
+    }
+    ids.sort();
+    assert_eq!(ids, (0..60).collect::<Vec<i64>>(), "every row exactly once");
+}

@@ -45,6 +45,9 @@ pub struct LlmConfig {
     pub batch_size: usize,
     /// CPUs each engine holds.
     pub num_cpus: f64,
+    /// GPUs each engine holds (below 1, engines share a GPU); only a cluster's nodes
+    /// give GPUs, and each engine sees its own through `CUDA_VISIBLE_DEVICES`.
+    pub num_gpus: f64,
 }
 
 impl Default for LlmConfig {
@@ -58,6 +61,7 @@ impl Default for LlmConfig {
             concurrency: 1,
             batch_size: 256,
             num_cpus: 1.0,
+            num_gpus: 0.0,
         }
     }
 }
@@ -101,7 +105,8 @@ impl LlmProcessor {
             MapOptions::default()
                 .with_batch_size(c.batch_size)
                 .with_concurrency(c.concurrency)
-                .with_num_cpus(c.num_cpus),
+                .with_num_cpus(c.num_cpus)
+                .with_num_gpus(c.num_gpus),
         )
     }
 }

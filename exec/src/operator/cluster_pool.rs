@@ -127,9 +127,10 @@ impl ClusterPoolOp {
     }
 
     fn spawn_actor(&self, state: &mut PoolState) -> Result<()> {
-        let options = ActorOptions::default()
+        let mut options = ActorOptions::default()
             .resources(self.resources.clone())
             .max_restarts(0);
+        options.name = self.transform.clone();
         let handle = self.cluster.create_actor_encoded(&self.actor, &options)?;
         state.members.push(Member {
             handle,

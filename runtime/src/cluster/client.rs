@@ -316,6 +316,8 @@ pub struct ActorInfo {
     pub restarts: u32,
     /// Why it died.
     pub error: String,
+    /// Its process on its node (0 unless alive).
+    pub pid: u32,
 }
 
 impl ActorHandle {
@@ -370,6 +372,7 @@ impl ActorHandle {
             node_id: r.node_id,
             restarts: r.restarts,
             error: r.error,
+            pid: r.pid,
         })
     }
 
@@ -403,6 +406,16 @@ impl Cluster {
     /// by `volley job submit` it joins that job; otherwise it uploads this program as the
     /// package of a new attached job.
     pub fn connect(address: &str, token: &str) -> Result<Cluster> {
+        Self::connect_with_tls(address, token, &super::tls::TlsConfig::from_env()?)
+    }
+
+    /// Like [`connect`](Self::connect), with TLS settings given rather than read from
+    /// the environment.
+    pub fn connect_with_tls(
+        address: &str,
+        token: &str,
+        tls: &super::tls::TlsConfig,
+    ) -> Result<Cluster> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("volley-client")
@@ -410,7 +423,7 @@ impl Cluster {
             .build()
             .map_err(|e| VolleyError::internal(format!("cannot start the client runtime: {e}")))?;
         let _enter = rt.enter();
-        let channels = Channels::new(token, &super::tls::TlsConfig::from_env()?);
+        let channels = Channels::new(token, tls);
         let head = channels.head(address)?;
         if volley_common::env_var("VOLLEY_NODE_ID")?.is_some() {
             // A driver started by a node agent ends with it, like the agent's workers.

@@ -104,6 +104,24 @@ struct TaskEntry {
     bundle: Option<BundleRef>,
 }
 
+fn actor_status(id: &str, a: &ActorEntry) -> proto::ActorStatus {
+    let (state, node, error) = match &a.state {
+        ActorState::Pending => ("PENDING", String::new(), String::new()),
+        ActorState::Starting { node } => ("STARTING", node.clone(), String::new()),
+        ActorState::Alive { node } => ("ALIVE", node.clone(), String::new()),
+        ActorState::Dead(e) => ("DEAD", String::new(), e.clone()),
+    };
+    proto::ActorStatus {
+        actor_id: id.to_string(),
+        state: state.into(),
+        node_id: node,
+        restarts: a.restarts,
+        error,
+        pid: if state == "ALIVE" { a.pid } else { 0 },
+        name: a.spec.name.clone(),
+    }
+}
+
 /// A failure of the cluster's own (a lost worker, node or input) as an error report.
 fn execution_report(message: impl Into<String>) -> ErrorReport {
     ErrorReport::new(ErrorKind::Execution, message)
@@ -180,6 +198,8 @@ struct ActorEntry {
     restarts: u32,
     gpus: Vec<u32>,
     bundle: Option<BundleRef>,
+    /// Its worker process, once alive.
+    pid: u32,
 }
 
 struct JobEntry {
@@ -357,6 +377,22 @@ impl HeadCore {
             .get(id)
             .map(|j| j.info.clone())
             .ok_or_else(|| VolleyError::plan(format!("no job {id}")))
+    }
+
+    /// The actors of job `id` (alive or not), by id.
+    pub fn job_actors(&self, id: &str) -> Result<Vec<proto::ActorStatus>> {
+        let s = self.state.lock().expect("head lock");
+        if !s.jobs.contains_key(id) {
+            return Err(VolleyError::plan(format!("no job {id}")));
+        }
+        let mut actors: Vec<proto::ActorStatus> = s
+            .actors
+            .iter()
+            .filter(|(_, a)| a.spec.job_id == id)
+            .map(|(aid, a)| actor_status(aid, a))
+            .collect();
+        actors.sort_by(|a, b| a.actor_id.cmp(&b.actor_id));
+        Ok(actors)
     }
 
     /// Every job, oldest first.
@@ -1417,6 +1453,7 @@ impl proto::head_server::Head for HeadService {
             match (&a.state, r.alive) {
                 (ActorState::Starting { node }, true) if *node == r.node_id => {
                     a.state = ActorState::Alive { node: node.clone() };
+                    a.pid = r.pid;
                 }
                 (ActorState::Starting { .. } | ActorState::Alive { .. }, false) => {
                     s.actor_failed(&r.actor_id, &r.error);
@@ -1753,6 +1790,7 @@ impl proto::head_server::Head for HeadService {
                     restarts: 0,
                     gpus: vec![],
                     bundle: None,
+                    pid: 0,
                 },
             );
             Ok::<(), Status>(())
@@ -1770,19 +1808,7 @@ impl proto::head_server::Head for HeadService {
             .actors
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("no actor {id}")))?;
-        let (state, node, error) = match &a.state {
-            ActorState::Pending => ("PENDING", String::new(), String::new()),
-            ActorState::Starting { node } => ("STARTING", node.clone(), String::new()),
-            ActorState::Alive { node } => ("ALIVE", node.clone(), String::new()),
-            ActorState::Dead(e) => ("DEAD", String::new(), e.clone()),
-        };
-        Ok(Response::new(proto::ActorStatus {
-            actor_id: id,
-            state: state.into(),
-            node_id: node,
-            restarts: a.restarts,
-            error,
-        }))
+        Ok(Response::new(actor_status(&id, a)))
     }
 
     async fn kill_actor(

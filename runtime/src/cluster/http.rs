@@ -234,6 +234,41 @@ async fn one(
     Ok(Json(core.job(&id).map_err(not_found)?.into()))
 }
 
+/// An actor as the API shows it.
+#[derive(Serialize)]
+struct ActorJson {
+    actor_id: String,
+    name: String,
+    state: String,
+    node_id: String,
+    restarts: u32,
+    pid: u32,
+    error: String,
+}
+
+async fn actors(
+    State(core): Core,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<ActorJson>>, ApiError> {
+    check(&core, &h)?;
+    Ok(Json(
+        core.job_actors(&id)
+            .map_err(not_found)?
+            .into_iter()
+            .map(|a| ActorJson {
+                actor_id: a.actor_id,
+                name: a.name,
+                state: a.state,
+                node_id: a.node_id,
+                restarts: a.restarts,
+                pid: a.pid,
+                error: a.error,
+            })
+            .collect(),
+    ))
+}
+
 async fn logs(State(core): Core, h: HeaderMap, Path(id): Path<String>) -> Result<String, ApiError> {
     check(&core, &h)?;
     let (data, _) = core.job_log(&id, 0).map_err(not_found)?;
@@ -280,6 +315,7 @@ pub fn router(core: Arc<HeadCore>) -> Router {
         .route("/api/jobs", get(list).post(submit))
         .route("/api/jobs/{id}", get(one))
         .route("/api/jobs/{id}/logs", get(logs))
+        .route("/api/jobs/{id}/actors", get(actors))
         .route("/api/jobs/{id}/stop", post(stop))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
         .with_state(core)

@@ -341,8 +341,14 @@ impl Agent {
                         .spawn_worker(&a.job_id.clone(), a.gpu_ids.clone(), Some(a))
                         .await
                     {
-                        self.report_actor(&id, inc, false, format!("cannot start its worker: {e}"))
-                            .await;
+                        self.report_actor(
+                            &id,
+                            inc,
+                            false,
+                            format!("cannot start its worker: {e}"),
+                            0,
+                        )
+                        .await;
                     }
                 });
             }
@@ -620,7 +626,7 @@ impl Agent {
             .map(|a| (a.actor_id.clone(), a.incarnation)))
         {
             self.state.lock().expect("agent lock").calls.remove(&actor);
-            self.report_actor(&actor, inc, false, why.clone()).await;
+            self.report_actor(&actor, inc, false, why.clone(), 0).await;
         }
         if let Some((task, attempt)) = w.running {
             warn!("{why} while running task {task}");
@@ -660,7 +666,14 @@ impl Agent {
             .await;
     }
 
-    async fn report_actor(&self, actor: &str, incarnation: u32, alive: bool, error: String) {
+    async fn report_actor(
+        &self,
+        actor: &str,
+        incarnation: u32,
+        alive: bool,
+        error: String,
+        pid: u32,
+    ) {
         let mut head = self.head.clone();
         let _ = head
             .report_actor(proto::ActorReport {
@@ -669,6 +682,7 @@ impl Agent {
                 incarnation,
                 alive,
                 error,
+                pid,
             })
             .await;
     }
@@ -850,7 +864,13 @@ impl proto::node_agent_server::NodeAgent for AgentService {
     ) -> std::result::Result<Response<proto::Empty>, Status> {
         let r = request.into_inner();
         self.agent
-            .report_actor(&r.actor_id, r.incarnation, r.error.is_empty(), r.error)
+            .report_actor(
+                &r.actor_id,
+                r.incarnation,
+                r.error.is_empty(),
+                r.error,
+                r.pid,
+            )
             .await;
         Ok(Response::new(proto::Empty {}))
     }

@@ -104,6 +104,7 @@ fn worker_loop() -> Result<()> {
                 actor_id: start.actor_id,
                 incarnation: start.incarnation,
                 error,
+                pid: std::process::id(),
             }))
             .map_err(|e| VolleyError::execution(format!("lost the node agent: {}", e.message())))?;
             if failed {
