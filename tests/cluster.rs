@@ -1171,3 +1171,55 @@ fn llm_engines_run_as_cluster_actors_and_survive_a_killed_engine() {
     ids.sort();
     assert_eq!(ids, (0..60).collect::<Vec<i64>>(), "every row exactly once");
 }
+
+/// `volley sql` on a cluster: DataFusion plans the query, its file scans run as stage
+/// tasks on the nodes, and the answer is the local one.
+#[test]
+fn sql_scans_run_on_the_cluster_nodes() {
+    let mut c = TestCluster::start(5.0);
+    for _ in 0..3 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), 6, 20_000);
+    let query = format!(
+        "SELECT x % 5 AS k, count(*) AS n, sum(x) AS s FROM '{}/' WHERE x % 7 = 3 \
+         GROUP BY 1 ORDER BY 1",
+        input.display()
+    );
+    let local = Command::new(volley_bin())
+        .args(["sql", &query, "--format", "csv"])
+        .env_remove("VOLLEY_ADDRESS")
+        .output()
+        .unwrap();
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let on_cluster = c
+        .volley()
+        .args(["sql", &query, "--format", "csv"])
+        .output()
+        .unwrap();
+    assert!(
+        on_cluster.status.success(),
+        "{}",
+        String::from_utf8_lossy(&on_cluster.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&on_cluster.stdout),
+        String::from_utf8_lossy(&local.stdout)
+    );
+    assert_eq!(String::from_utf8_lossy(&local.stdout).lines().count(), 6);
+    let explain = c
+        .volley()
+        .args(["sql", &query, "--explain"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        text.contains("ClusterScanExec") && text.contains("read on the cluster's nodes"),
+        "{text}"
+    );
+}

@@ -180,7 +180,11 @@ impl PlanSource {
     async fn physical(&self, request: &ScanRequest) -> Result<Arc<dyn ExecutionPlan>> {
         let plan = self.projected(request)?;
         let mut physical = self.state.create_physical_plan(&plan).await?;
-        // Errors met while reading a file name it.
+        // On a cluster, the file scans run on its nodes.
+        if let Some(cluster) = self.ctx.cluster() {
+            physical = crate::runner::scans_on_cluster(physical, cluster)?;
+        }
+        // Errors met while reading a file here name it.
         physical = volley_connectors::name_file_errors(physical)?;
         let parts = physical.properties().partitioning.partition_count();
         let cpus = self.state.config().target_partitions();

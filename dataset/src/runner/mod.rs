@@ -13,6 +13,7 @@
 //! runner, and `explain` and `stats` read the same plan and the same driver either way.
 
 mod cluster;
+mod scan;
 mod stage;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use volley_connectors::RemotePart;
 use volley_exec::{ExecContext, PhysicalPlan, WriteTarget};
 
 pub use cluster::ClusterRunner;
+pub(crate) use scan::scans_on_cluster;
 pub use stage::StageTask;
 
 use crate::logical::LogicalOp;

@@ -1,0 +1,194 @@
+//! File scans of SQL and relational plans, on a cluster's nodes.
+//!
+//! DataFusion plans a query as it does locally; then every file scan in the plan is
+//! replaced by a [`ClusterScanExec`]: each file split of each partition becomes a stage
+//! task that reads it (projection and filters pushed in) on a node, and this process
+//! streams the tasks' batches into the rest of the plan. Operators after the scans
+//! (joins, aggregations, sorts) run here, as they do locally.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+use datafusion::common::{DataFusionError, Result as DfResult};
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use volley_common::{Result, VolleyError};
+use volley_runtime::cluster::{Cluster, EncodedTask, ObjectRef, Resources, TaskOptions};
+
+use super::stage::{plan_bytes, StageInput, StageTask};
+
+/// Replaces every file scan of `plan` by a scan on `cluster`'s nodes.
+pub(crate) fn scans_on_cluster(
+    plan: Arc<dyn ExecutionPlan>,
+    cluster: &Cluster,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        let Some(exec) = node.downcast_ref::<DataSourceExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>() else {
+            return Ok(Transformed::no(node));
+        };
+        let scan = ClusterScanExec {
+            config: config.clone(),
+            inner: Arc::clone(&node),
+            cluster: cluster.clone(),
+        };
+        Ok(Transformed::yes(Arc::new(scan) as Arc<dyn ExecutionPlan>))
+    })
+    .data()
+}
+
+/// A file scan whose file splits are read by stage tasks on a cluster's nodes.
+#[derive(Debug)]
+pub(crate) struct ClusterScanExec {
+    config: FileScanConfig,
+    inner: Arc<dyn ExecutionPlan>,
+    cluster: Cluster,
+}
+
+impl DisplayAs for ClusterScanExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let files: usize = self.config.file_groups.iter().map(|g| g.len()).sum();
+        write!(
+            f,
+            "ClusterScanExec: {files} file splits read on the cluster's nodes, "
+        )?;
+        self.inner.fmt_as(t, f)
+    }
+}
+
+/// Cluster tasks each partition keeps in flight ahead of what it streams.
+const AHEAD: usize = 2;
+
+impl ClusterScanExec {
+    /// The stage tasks of partition `partition`: one per file split.
+    fn tasks(&self, partition: usize) -> Result<Vec<(String, EncodedTask)>> {
+        let group = self.config.file_groups.get(partition).ok_or_else(|| {
+            VolleyError::internal(format!("scan partition {partition} does not exist"))
+        })?;
+        group
+            .iter()
+            .map(|file| {
+                let label = match &file.range {
+                    Some(r) => format!(
+                        "{} [bytes {}..{}]",
+                        file.object_meta.location, r.start, r.end
+                    ),
+                    None => file.object_meta.location.to_string(),
+                };
+                let one = FileScanConfigBuilder::from(self.config.clone())
+                    .with_file_groups(vec![FileGroup::new(vec![file.clone()])])
+                    .build();
+                let plan: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(one);
+                let task = EncodedTask::new(Box::new(StageTask {
+                    label: label.clone(),
+                    input: StageInput::Read(plan_bytes(&plan, &label)?),
+                    ops: vec![],
+                    write: None,
+                }))?;
+                Ok((label, task))
+            })
+            .collect()
+    }
+}
+
+/// Runs `tasks` in order, `AHEAD` at a time, and sends their batches on.
+fn run_tasks(
+    cluster: &Cluster,
+    tasks: Vec<(String, EncodedTask)>,
+    tx: &tokio::sync::mpsc::Sender<DfResult<RecordBatch>>,
+) -> Result<()> {
+    let mut pending: VecDeque<(String, EncodedTask)> = tasks.into();
+    let mut running: VecDeque<(String, ObjectRef)> = VecDeque::new();
+    loop {
+        while running.len() < AHEAD {
+            let Some((label, task)) = pending.pop_front() else {
+                break;
+            };
+            let options = TaskOptions::default()
+                .resources(Resources::cpus(1.0))
+                .name(label.clone());
+            running.push_back((label, cluster.submit_encoded(&task, &[], &options)?));
+        }
+        let Some((label, object)) = running.pop_front() else {
+            return Ok(());
+        };
+        let batches = cluster
+            .get(&object)
+            .map_err(|e| e.context(format!("task {label}")))?;
+        for b in batches {
+            if tx.blocking_send(Ok(b)).is_err() {
+                // The consumer went away.
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl ExecutionPlan for ClusterScanExec {
+    fn name(&self) -> &str {
+        "ClusterScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.inner.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(
+            &Arc<dyn datafusion::physical_plan::PhysicalExpr>,
+        ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion>,
+    ) -> DfResult<datafusion::common::tree_node::TreeNodeRecursion> {
+        self.inner.apply_expressions(f)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            Err(DataFusionError::Internal(
+                "a cluster scan has no children".into(),
+            ))
+        }
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        let tasks = self.tasks(partition)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let cluster = self.cluster.clone();
+        // Cluster calls block: on a thread of their own, handing batches over.
+        std::thread::Builder::new()
+            .name("volley-cluster-scan".into())
+            .spawn(move || {
+                if let Err(e) = run_tasks(&cluster, tasks, &tx) {
+                    let _ = tx.blocking_send(Err(e.into()));
+                }
+            })
+            .map_err(|e| DataFusionError::Execution(format!("cannot start a thread: {e}")))?;
+        let stream =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.inner.schema(),
+            stream,
+        )))
+    }
+}
