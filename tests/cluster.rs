@@ -1223,3 +1223,45 @@ fn sql_scans_run_on_the_cluster_nodes() {
         "{text}"
     );
 }
+
+/// 2 GiB flow from a stage to an actor pool to a stage between the nodes, and the
+/// driver, which holds only references, keeps its peak memory flat: the whole run
+/// raises it by little more than a quarter of it did.
+#[test]
+fn the_driver_holds_references_while_gigabytes_flow_between_nodes() {
+    let mut c = TestCluster::start(5.0);
+    for _ in 0..2 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), 32, 1);
+    let job = c.submit(&[
+        example("big_flow").to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--mib",
+        "64",
+    ]);
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(600)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let logs = c.logs(&job);
+    let field = |line: &str, key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    };
+    let quarter = line_of(&logs, "QUARTER");
+    let all = line_of(&logs, "ALL");
+    assert_eq!(field(&quarter, "bytes"), 8 * 64 << 20);
+    assert_eq!(field(&all, "bytes"), 32 * 64 << 20, "2 GiB went through");
+    let (q, a) = (field(&quarter, "peak_rss_mib"), field(&all, "peak_rss_mib"));
+    println!("driver peak RSS: {q} MiB after 512 MiB flowed, {a} MiB after 2 GiB more");
+    assert!(
+        a <= q + 64,
+        "the driver's peak grew from {q} MiB to {a} MiB while 4x the data flowed:\n{logs}"
+    );
+}
