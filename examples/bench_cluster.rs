@@ -194,7 +194,10 @@ fn ray(script: &str, args: &[&str]) -> Result<f64> {
 
 /// The benchmark's settings.
 #[derive(Parser)]
-#[command(about = "volley's cluster against Ray on this machine: no-op tasks and a Dataset job")]
+#[command(
+    about = "volley's cluster against Ray on this machine: no-op tasks, a task's round trip, \
+             a Dataset job, and a Dataset job with an actor-pool stage"
+)]
 struct Args {
     #[command(subcommand)]
     role: Option<Role>,
@@ -207,6 +210,15 @@ struct Args {
     /// No-op tasks per run.
     #[arg(long, default_value_t = 2000)]
     tasks: usize,
+    /// Sequential one-task round trips per run.
+    #[arg(long, default_value_t = 200)]
+    round_trips: usize,
+    /// Actors of the model stage (both engines).
+    #[arg(long, default_value_t = 2)]
+    actors: usize,
+    /// Milliseconds of work per batch in the model stage.
+    #[arg(long, default_value_t = 2)]
+    model_ms: u64,
     /// Folder for the input, the outputs and the cluster's state.
     #[arg(long, default_value = "/tmp/volley-bench-cluster")]
     work_dir: PathBuf,
@@ -223,16 +235,45 @@ enum Role {
         /// Tasks to submit.
         n: u64,
     },
+    /// The job that times one-task round trips (started by the benchmark).
+    #[command(hide = true)]
+    RoundTripDriver {
+        /// Round trips.
+        n: u64,
+    },
+}
+
+/// The driver side of `roundtrip`, run as a job: prints `seconds=<median of one>`.
+fn round_trip_driver(n: u64) -> Result<()> {
+    let cluster = volley::cluster()?.ok_or_else(|| VolleyError::Config("no cluster".into()))?;
+    for i in 0..8 {
+        cluster.get(&cluster.submit(Noop(i), &[], &TaskOptions::default())?)?;
+    }
+    let mut times = Vec::new();
+    for i in 0..n {
+        let start = Instant::now();
+        let r = cluster.submit(Noop(i), &[], &TaskOptions::default())?;
+        let v: u64 = object_value(&cluster.get(&r)?)?;
+        times.push(start.elapsed().as_secs_f64());
+        if v != i {
+            return Err(VolleyError::execution("wrong value"));
+        }
+    }
+    println!("seconds={:.6}", median(times));
+    Ok(())
 }
 
 fn main() -> Result<()> {
     volley::init()?;
     let args = Args::parse();
-    if let Some(Role::TasksDriver { n }) = args.role {
-        return tasks_driver(n);
+    match args.role {
+        Some(Role::TasksDriver { n }) => return tasks_driver(n),
+        Some(Role::RoundTripDriver { n }) => return round_trip_driver(n),
+        None => {}
     }
     let (runs, nodes) = (args.runs, args.nodes);
     let n_tasks = args.tasks.to_string();
+    let n_trips = args.round_trips.to_string();
     let work = args.work_dir.clone();
     let script = args.peer.clone();
     let me = std::env::current_exe()?;
@@ -246,49 +287,79 @@ fn main() -> Result<()> {
     if !input.exists() {
         write_input(&input, 16, 500_000)?;
     }
+    let (actors, model_ms) = (args.actors.to_string(), args.model_ms.to_string());
     let cluster = LocalCluster::start(&volley_bin, &work.join("home"), nodes)?;
-    let (mut vt, mut rt, mut vp, mut rp) = (vec![], vec![], vec![], vec![]);
+    let mut v: [Vec<f64>; 4] = Default::default();
+    let mut r: [Vec<f64>; 4] = Default::default();
+    let path = |p: &Path| p.to_str().unwrap_or_default().to_string();
     for run in 0..runs {
-        let log = cluster.job(&[me.to_str().unwrap_or_default(), "tasks-driver", &n_tasks])?;
-        vt.push(seconds_in(&log).ok_or_else(|| VolleyError::execution(log.clone()))?);
-        rt.push(ray(&script, &["tasks", &n_tasks])?);
-        let out = work.join(format!("out-volley-{run}"));
-        let log = cluster.job(&[
-            pipeline.to_str().unwrap_or_default(),
-            input.to_str().unwrap_or_default(),
-            out.to_str().unwrap_or_default(),
-        ])?;
-        vp.push(seconds_in(&log).ok_or_else(|| VolleyError::execution(log.clone()))?);
-        let _ = std::fs::remove_dir_all(&out);
-        let rout = work.join(format!("out-ray-{run}"));
-        rp.push(ray(
-            &script,
-            &[
-                "pipeline",
-                input.to_str().unwrap_or_default(),
-                rout.to_str().unwrap_or_default(),
-            ],
-        )?);
-        let _ = std::fs::remove_dir_all(&rout);
+        let log = cluster.job(&[&path(&me), "tasks-driver", &n_tasks])?;
+        v[0].push(seconds_in(&log).ok_or_else(|| VolleyError::execution(log.clone()))?);
+        r[0].push(ray(&script, &["tasks", &n_tasks])?);
+        let log = cluster.job(&[&path(&me), "round-trip-driver", &n_trips])?;
+        v[1].push(seconds_in(&log).ok_or_else(|| VolleyError::execution(log.clone()))?);
+        r[1].push(ray(&script, &["roundtrip", &n_trips])?);
+        for (k, pool) in [(2usize, false), (3usize, true)] {
+            let out = work.join(format!("out-volley-{run}"));
+            let mut job = vec![path(&pipeline), path(&input), path(&out)];
+            if pool {
+                job.extend(["--actors".into(), actors.clone(), "--model-ms".into(), model_ms.clone()]);
+            }
+            let refs: Vec<&str> = job.iter().map(String::as_str).collect();
+            let log = cluster.job(&refs)?;
+            v[k].push(seconds_in(&log).ok_or_else(|| VolleyError::execution(log.clone()))?);
+            let _ = std::fs::remove_dir_all(&out);
+            let rout = work.join(format!("out-ray-{run}"));
+            let mut peer = vec![
+                if pool { "actorpool" } else { "pipeline" }.to_string(),
+                path(&input),
+                path(&rout),
+            ];
+            if pool {
+                peer.extend([actors.clone(), model_ms.clone()]);
+            }
+            let refs: Vec<&str> = peer.iter().map(String::as_str).collect();
+            r[k].push(ray(&script, &refs)?);
+            let _ = std::fs::remove_dir_all(&rout);
+        }
         eprintln!(
-            "run {run}: tasks volley {:.3}s ray {:.3}s; pipeline volley {:.3}s ray {:.3}s",
-            vt[run], rt[run], vp[run], rp[run]
+            "run {run}: tasks {:.3}s / ray {:.3}s; round trip {:.2}ms / ray {:.2}ms; \
+             pipeline {:.2}s / ray {:.2}s; actor pool {:.2}s / ray {:.2}s",
+            v[0][run],
+            r[0][run],
+            v[1][run] * 1e3,
+            r[1][run] * 1e3,
+            v[2][run],
+            r[2][run],
+            v[3][run],
+            r[3][run]
         );
     }
-    let n: f64 = n_tasks.parse().unwrap_or(2000.0);
-    let (vt, rt, vp, rp) = (median(vt), median(rt), median(vp), median(rp));
+    let n: f64 = args.tasks as f64;
+    let [vt, vr, vp, va] = v.map(median);
+    let [rt, rr, rp, ra] = r.map(median);
     println!("volley cluster ({nodes} nodes on this machine) vs Ray, medians of {runs} runs");
     println!(
-        "tasks:    volley {:>8.0} tasks/s   ray {:>8.0} tasks/s   volley/ray throughput {:.2}x",
+        "tasks:      volley {:>8.0} tasks/s   ray {:>8.0} tasks/s   volley/ray throughput {:.2}x",
         n / vt,
         n / rt,
         rt / vt
     );
     println!(
-        "pipeline: volley {:>8.2} s         ray {:>8.2} s         ray/volley time {:.2}x",
+        "round trip: volley {:>8.2} ms        ray {:>8.2} ms        volley/ray time {:.2}x",
+        vr * 1e3,
+        rr * 1e3,
+        vr / rr
+    );
+    println!(
+        "pipeline:   volley {:>8.2} s         ray {:>8.2} s         ray/volley time {:.2}x",
         vp,
         rp,
         rp / vp
+    );
+    println!(
+        "actor pool: volley {:>8.2} s         ray {:>8.2} s         ray/volley time {:.2}x  ({} actors, {} ms per batch)",
+        va, ra, ra / va, args.actors, args.model_ms
     );
     Ok(())
 }

@@ -80,6 +80,44 @@ struct Args {
     /// Add the node each row was computed on (column `node`).
     #[arg(long)]
     tag_node: bool,
+    /// Add a stateful stage standing in for a model: a pool of this many actors (0:
+    /// none), each taking `--model-ms` per batch of `--model-batch` rows.
+    #[arg(long, default_value_t = 0)]
+    actors: usize,
+    /// Milliseconds the model stage takes per batch.
+    #[arg(long, default_value_t = 2)]
+    model_ms: u64,
+    /// Rows per call of the model stage.
+    #[arg(long, default_value_t = 4096)]
+    model_batch: usize,
+}
+
+/// A stand-in for a model: built once per actor, `ms` milliseconds of work per batch
+/// (busy, like inference on a CPU), the rows passed through.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Model {
+    ms: u64,
+}
+
+struct Loaded {
+    ms: u64,
+}
+
+#[volley::typetag::serde]
+impl volley::NamedTransformFactory for Model {
+    fn build(&self) -> volley::Result<Box<dyn StatefulTransform>> {
+        Ok(Box::new(Loaded { ms: self.ms }))
+    }
+}
+
+impl StatefulTransform for Loaded {
+    fn transform(&mut self, batch: RecordBatch) -> volley::Result<RecordBatch> {
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(self.ms);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        Ok(batch)
+    }
 }
 
 fn main() -> Result<()> {
@@ -89,19 +127,31 @@ fn main() -> Result<()> {
         output,
         slow_ms,
         tag_node,
+        actors,
+        model_ms,
+        model_batch,
     } = clap::Parser::parse();
     let on = match volley::cluster()? {
         Some(c) => format!("cluster {} (job {})", c.address(), c.job_id()),
         None => "this machine".to_string(),
     };
     let start = std::time::Instant::now();
-    let summary = read_parquet(input.as_str())?
+    let mut ds = read_parquet(input.as_str())?
         .with_column("weight", cast(col("x") % lit(7i64), DataType::Float64))?
         .map_transform(
             TransformFn::named(Score { slow_ms, tag_node }),
             MapOptions::default(),
         )
-        .filter(col("x").gt_eq(lit(0i64)))?
+        .filter(col("x").gt_eq(lit(0i64)))?;
+    if actors > 0 {
+        ds = ds.map_factory(
+            volley::TransformFactory::named(Model { ms: model_ms }),
+            MapOptions::default()
+                .with_concurrency(actors)
+                .with_batch_size(model_batch),
+        );
+    }
+    let summary = ds
         .write(&output, volley::WriteFormat::Parquet)
         .mode(WriteMode::Overwrite)
         .run()?;

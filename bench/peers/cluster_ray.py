@@ -1,7 +1,11 @@
 """Ray's side of `examples/bench_cluster.rs`: the same two workloads on a local Ray cluster.
 
   python3 bench/peers/cluster_ray.py tasks N            # N no-op tasks: submit all, get all
+  python3 bench/peers/cluster_ray.py roundtrip N        # N one-task round trips: median
   python3 bench/peers/cluster_ray.py pipeline IN OUT    # Ray Data: read, score, filter, write
+  python3 bench/peers/cluster_ray.py actorpool IN OUT ACTORS MS
+                                  # the pipeline with a stateful stage on ACTORS actors
+                                  # taking MS ms of busy work per batch of 4096 rows
 
 Prints one line `seconds=<float>` (the work only, after ray.init) and a check value.
 """
@@ -24,6 +28,19 @@ def score(batch: pa.Table) -> pa.Table:
     return batch.append_column("score", pa.array(np.sqrt(x.astype(np.float64)) * w))
 
 
+class Model:
+    """A stand-in for a model: built once per actor, MS ms of busy work per batch."""
+
+    def __init__(self, ms):
+        self.ms = ms
+
+    def __call__(self, batch):
+        until = time.perf_counter() + self.ms / 1000.0
+        while time.perf_counter() < until:
+            pass
+        return batch
+
+
 def main():
     ray.init(num_cpus=int(__import__("os").cpu_count()), include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
@@ -36,6 +53,28 @@ def main():
         out = ray.get([f.remote(i) for i in range(n)])
         secs = time.perf_counter() - start
         print(f"seconds={secs:.4f} check={sum(out)}")
+    elif what == "roundtrip":
+        n = int(sys.argv[2])
+        f = ray.remote(num_cpus=1)(noop)
+        ray.get([f.remote(i) for i in range(8)])
+        times = []
+        for i in range(n):
+            start = time.perf_counter()
+            ray.get(f.remote(i))
+            times.append(time.perf_counter() - start)
+        times.sort()
+        print(f"seconds={times[len(times) // 2]:.6f}")
+    elif what == "actorpool":
+        src, dst, actors, ms = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        start = time.perf_counter()
+        ds = ray.data.read_parquet(src)
+        ds = ds.map_batches(score, batch_format="pyarrow")
+        ds = ds.filter(expr="x >= 0")
+        ds = ds.map_batches(Model, fn_constructor_args=(ms,), batch_size=4096,
+                            batch_format="pyarrow", concurrency=actors, num_cpus=1)
+        ds.write_parquet(dst)
+        secs = time.perf_counter() - start
+        print(f"seconds={secs:.4f}")
     elif what == "pipeline":
         src, dst = sys.argv[2], sys.argv[3]
         start = time.perf_counter()
