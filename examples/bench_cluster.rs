@@ -94,7 +94,7 @@ struct LocalCluster {
 }
 
 impl LocalCluster {
-    fn start(volley: &Path, home: &Path, nodes: usize) -> Result<Self> {
+    fn start(volley: &Path, home: &Path, nodes: usize, cpus: f64) -> Result<Self> {
         let _ = std::fs::remove_dir_all(home);
         let mut procs = vec![Command::new(volley)
             .args([
@@ -119,14 +119,11 @@ impl LocalCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         let address = std::fs::read_to_string(&addr_file)?;
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2) as f64;
         for _ in 0..nodes {
             procs.push(
                 Command::new(volley)
                     .args(["start", "--block", "--address", &address])
-                    .args(["--num-cpus", &format!("{}", cpus / nodes as f64)])
+                    .args(["--num-cpus", &format!("{cpus}")])
                     .env("VOLLEY_HOME", home)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -181,8 +178,12 @@ fn seconds_in(text: &str) -> Option<f64> {
         })
 }
 
-fn ray(script: &str, args: &[&str]) -> Result<f64> {
-    let out = Command::new("python3").arg(script).args(args).output()?;
+fn ray(script: &str, args: &[&str], cpus: &str) -> Result<f64> {
+    let out = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .env("RAY_NUM_CPUS", cpus)
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     seconds_in(&text).ok_or_else(|| {
         VolleyError::execution(format!(
@@ -204,9 +205,13 @@ struct Args {
     /// Runs of each workload (medians are reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Node agents of the local cluster (they split this machine's CPUs).
+    /// Node agents of the local cluster.
     #[arg(long, default_value_t = 2)]
     nodes: usize,
+    /// Logical CPUs each node offers (Ray gets the same total); the default lets an
+    /// actor pool of 2 and the reads feeding it run at once.
+    #[arg(long, default_value_t = 2.0)]
+    cpus_per_node: f64,
     /// No-op tasks per run.
     #[arg(long, default_value_t = 2000)]
     tasks: usize,
@@ -288,7 +293,10 @@ fn main() -> Result<()> {
         write_input(&input, 16, 500_000)?;
     }
     let (actors, model_ms) = (args.actors.to_string(), args.model_ms.to_string());
-    let cluster = LocalCluster::start(&volley_bin, &work.join("home"), nodes)?;
+    let cluster = LocalCluster::start(&volley_bin, &work.join("home"), nodes, args.cpus_per_node)?;
+    // Ray gets the same logical CPUs.
+    let ray_cpus = format!("{}", (args.cpus_per_node * nodes as f64).round() as usize);
+    let ray = |script: &str, args: &[&str]| ray(script, args, &ray_cpus);
     let mut v: [Vec<f64>; 4] = Default::default();
     let mut r: [Vec<f64>; 4] = Default::default();
     let path = |p: &Path| p.to_str().unwrap_or_default().to_string();
@@ -303,7 +311,12 @@ fn main() -> Result<()> {
             let out = work.join(format!("out-volley-{run}"));
             let mut job = vec![path(&pipeline), path(&input), path(&out)];
             if pool {
-                job.extend(["--actors".into(), actors.clone(), "--model-ms".into(), model_ms.clone()]);
+                job.extend([
+                    "--actors".into(),
+                    actors.clone(),
+                    "--model-ms".into(),
+                    model_ms.clone(),
+                ]);
             }
             let refs: Vec<&str> = job.iter().map(String::as_str).collect();
             let log = cluster.job(&refs)?;

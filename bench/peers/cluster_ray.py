@@ -42,7 +42,9 @@ class Model:
 
 
 def main():
-    ray.init(num_cpus=int(__import__("os").cpu_count()), include_dashboard=False,
+    import os
+    cpus = int(os.environ.get("RAY_NUM_CPUS", os.cpu_count()))
+    ray.init(num_cpus=cpus, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
     what = sys.argv[1]
     if what == "tasks":

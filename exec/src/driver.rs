@@ -413,6 +413,7 @@ fn build(
                 Arc::clone(&input),
                 a.actor,
                 a.resources,
+                a.reserve,
                 a.size,
                 a.max_in_flight,
                 a.transform,

@@ -176,6 +176,9 @@ pub struct ClusterActorPoolExec {
     pub actor: EncodedActor,
     /// What each actor holds.
     pub resources: Resources,
+    /// What the pool leaves free on the cluster for the stages that feed it (their
+    /// tasks' resources).
+    pub reserve: Resources,
     /// How many actors.
     pub size: PoolSize,
     /// Calls in flight per actor.

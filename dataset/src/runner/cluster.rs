@@ -278,6 +278,7 @@ impl ClusterRunner {
                 factory, options, ..
             } if factory.is_shippable() => {
                 let ((input, _), _) = children.remove(0).close()?;
+                let reserve = stage_resources(&input);
                 let (min, max) = options.concurrency.map_or((1, 1), |c| c.bounds());
                 let worker = PoolWorker::new(factory, options.batch_size)?;
                 Ok(Node::Plan {
@@ -288,6 +289,7 @@ impl ClusterRunner {
                             transform: factory.name(),
                             actor: EncodedActor::new(Box::new(worker))?,
                             resources: resources(options),
+                            reserve,
                             size: PoolSize {
                                 min: min.max(1),
                                 max: max.max(min).max(1),
@@ -320,6 +322,20 @@ impl ClusterRunner {
     }
 }
 
+/// The most any cluster stage task below `plan` holds: what an actor pool over it must
+/// leave free for its input to keep coming.
+fn stage_resources(plan: &PhysicalPlan) -> Resources {
+    let own = match plan {
+        PhysicalPlan::ClusterRead(r) => r.resources.clone(),
+        PhysicalPlan::ClusterMap(m) => m.resources.clone(),
+        _ => Resources::default(),
+    };
+    plan.children()
+        .into_iter()
+        .map(stage_resources)
+        .fold(own, |a, b| max_resources(&a, &b))
+}
+
 fn step_name(op: &LogicalOp) -> &'static str {
     match op {
         LogicalOp::Filter { .. } => "Filter",
@@ -336,7 +352,12 @@ fn fuses(have: &Resources, want: &Resources) -> bool {
 fn max_resources(a: &Resources, b: &Resources) -> Resources {
     let mut r = a.clone();
     r.num_cpus = a.num_cpus.max(b.num_cpus);
+    r.num_gpus = a.num_gpus.max(b.num_gpus);
     r.memory = a.memory.max(b.memory);
+    for (k, v) in &b.custom {
+        let e = r.custom.entry(k.clone()).or_insert(0.0);
+        *e = e.max(*v);
+    }
     r
 }
 

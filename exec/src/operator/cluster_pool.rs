@@ -59,6 +59,8 @@ pub(crate) struct ClusterPoolOp {
     input: Arc<BlockQueue>,
     actor: EncodedActor,
     resources: Resources,
+    /// What the pool leaves free for the stages feeding it.
+    reserve: Resources,
     size: PoolSize,
     max_in_flight: usize,
     transform: String,
@@ -79,6 +81,7 @@ impl ClusterPoolOp {
         input: Arc<BlockQueue>,
         actor: EncodedActor,
         resources: Resources,
+        reserve: Resources,
         size: PoolSize,
         max_in_flight: usize,
         transform: String,
@@ -89,6 +92,7 @@ impl ClusterPoolOp {
             input,
             actor,
             resources,
+            reserve,
             size,
             max_in_flight: max_in_flight.max(1),
             transform,
@@ -102,26 +106,44 @@ impl ClusterPoolOp {
         }
     }
 
-    /// Fails unless the cluster's live nodes can hold `min` actors at once.
-    fn check_fits(&self) -> Result<()> {
+    /// Fails unless the cluster's live nodes can hold `min` actors at once and still
+    /// leave `reserve` free for the stages that feed the pool (actors hold their
+    /// resources for their lifetime: a pool taking every CPU would wait forever for
+    /// input). Lowers `max` to what fits.
+    fn check_fits(&mut self) -> Result<()> {
         let status = self.cluster.status()?;
-        let mut fits = 0usize;
+        let mut per_node = 0usize;
         let mut short: Option<String> = None;
+        let mut sum = Resources::default();
         for n in status.nodes.iter().filter(|n| n.alive) {
             let total: Resources = (&n.total.clone().unwrap_or_default()).into();
             let (k, missing) = total.how_many(&self.resources);
-            fits = fits.saturating_add(k);
+            per_node = per_node.saturating_add(k);
             if missing.is_some() {
                 short = missing;
             }
+            sum.add(&total);
         }
+        let mut left = sum.clone();
+        left.subtract(&self.reserve);
+        let (with_reserve, reserve_short) = left.how_many(&self.resources);
+        let fits = per_node.min(with_reserve);
         if fits >= self.size.min {
+            self.size.max = self.size.max.min(fits).max(self.size.min);
             return Ok(());
         }
-        let why = short.unwrap_or_else(|| "room for all of them".into());
+        let why = if with_reserve < per_node {
+            format!(
+                "{} of {sum} once {} is left for the stages that feed it",
+                reserve_short.unwrap_or_else(|| "room".into()),
+                self.reserve
+            )
+        } else {
+            short.unwrap_or_else(|| "room for all of them".into())
+        };
         Err(VolleyError::ResourcesExhausted(format!(
             "the actor pool of {} needs {} actor(s) of {} each, but the cluster's nodes \
-             hold {fits} at most (short of {why})",
+             hold {fits} at most (short of {why}); lower its concurrency or add nodes",
             self.transform, self.size.min, self.resources
         )))
     }
