@@ -6,17 +6,19 @@
 //! the tasks it defines. The API is blocking (it runs its own small I/O runtime), like the
 //! rest of volley's user API.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
-use tokio::sync::mpsc;
-use volley_common::{Result, VolleyError};
+use tokio::sync::{mpsc, watch};
+use volley_common::{ErrorReport, Result, VolleyError};
 
-use super::net::{error_report, status_error, Channels, Head};
-use super::objects::{fetch, store};
+use super::net::{error_report, status_error, wire_error, Channels, Head};
+use super::objects::{decode_inline, fetch, store};
 use super::proto;
 use super::resources::Resources;
 use super::task::{encode, Payload, RemoteActor, RemoteTask};
@@ -29,9 +31,87 @@ struct Inner {
     job_id: String,
     attached: bool,
     frees: mpsc::UnboundedSender<String>,
+    submits: mpsc::UnboundedSender<proto::SubmitTaskRequest>,
+    submitted: Arc<Submitted>,
     /// How long `get` keeps trying to read an object whose copies are lost while the
     /// cluster rebuilds it.
     fetch_patience: Duration,
+}
+
+/// Submissions on their way to the head.
+///
+/// `submit` queues a task and returns at once; one loop sends what is queued, many
+/// tasks per call, in order. Whatever asks the head about objects (waits, gets, frees,
+/// kills) first waits until everything queued before it was answered.
+#[derive(Default)]
+struct Submitted {
+    queued: AtomicU64,
+    answered: watch::Sender<u64>,
+    /// Tasks the head refused, and why: their objects fail with that error.
+    rejected: Mutex<HashMap<String, ErrorReport>>,
+}
+
+impl Submitted {
+    /// Waits until every task queued so far was answered.
+    async fn flush(&self) {
+        let target = self.queued.load(Ordering::SeqCst);
+        let mut answered = self.answered.subscribe();
+        let _ = answered.wait_for(|n| *n >= target).await;
+    }
+
+    /// Why object `id` was refused, if it was.
+    fn rejected(&self, id: &str) -> Option<VolleyError> {
+        let r = self.rejected.lock().expect("rejected lock");
+        r.get(id)
+            .map(|e| VolleyError::from(e.clone()).context(format!("the head refused task {id}")))
+    }
+}
+
+async fn submit_loop(
+    mut head: Head,
+    submitted: Arc<Submitted>,
+    mut rx: mpsc::UnboundedReceiver<proto::SubmitTaskRequest>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut tasks = vec![first];
+        while tasks.len() < 1024 {
+            match rx.try_recv() {
+                Ok(t) => tasks.push(t),
+                Err(_) => break,
+            }
+        }
+        let n = tasks.len() as u64;
+        let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
+        let refused: Vec<(String, ErrorReport)> = match head
+            .submit_tasks(proto::SubmitTasksRequest { tasks })
+            .await
+        {
+            Ok(r) => r
+                .into_inner()
+                .rejected
+                .into_iter()
+                .map(|r| {
+                    let e = r.error.as_ref().map(error_report);
+                    (
+                        r.task_id,
+                        e.unwrap_or_else(|| ErrorReport::from(&VolleyError::execution("refused"))),
+                    )
+                })
+                .collect(),
+            Err(e) => {
+                let e = ErrorReport::from(&status_error("submitting tasks", e));
+                ids.into_iter().map(|id| (id, e.clone())).collect()
+            }
+        };
+        if !refused.is_empty() {
+            submitted
+                .rejected
+                .lock()
+                .expect("rejected lock")
+                .extend(refused);
+        }
+        submitted.answered.send_modify(|a| *a += n);
+    }
 }
 
 impl Drop for Inner {
@@ -125,7 +205,7 @@ pub enum ObjectState {
 /// A task serialized once, to submit many times (each time with other inputs).
 #[derive(Debug, Clone)]
 pub struct EncodedTask {
-    payload: Arc<[u8]>,
+    payload: bytes::Bytes,
 }
 
 impl EncodedTask {
@@ -288,11 +368,16 @@ impl PlacementGroup {
     /// Gives the reservation back (actors in it are stopped).
     pub fn remove(&self) -> Result<()> {
         let mut head = self.cluster.inner.head.clone();
+        let submitted = Arc::clone(&self.cluster.inner.submitted);
         self.cluster
-            .block_on(head.remove_placement_group(proto::PlacementGroupRequest {
-                group_id: self.id.clone(),
-                timeout_ms: 0,
-            }))
+            .block_on(async move {
+                submitted.flush().await;
+                head.remove_placement_group(proto::PlacementGroupRequest {
+                    group_id: self.id.clone(),
+                    timeout_ms: 0,
+                })
+                .await
+            })
             .map_err(|e| status_error(format!("placement group {}", self.id), e))?;
         Ok(())
     }
@@ -345,7 +430,7 @@ impl ActorHandle {
             },
         )?;
         self.cluster.submit_payload(
-            payload,
+            payload.into(),
             inputs,
             &TaskOptions {
                 resources: Resources::default(),
@@ -379,10 +464,15 @@ impl ActorHandle {
     /// Stops the actor (no restart).
     pub fn kill(&self) -> Result<()> {
         let mut head = self.cluster.inner.head.clone();
+        let submitted = Arc::clone(&self.cluster.inner.submitted);
         self.cluster
-            .block_on(head.kill_actor(proto::ActorId {
-                actor_id: self.id.clone(),
-            }))
+            .block_on(async move {
+                submitted.flush().await;
+                head.kill_actor(proto::ActorId {
+                    actor_id: self.id.clone(),
+                })
+                .await
+            })
             .map_err(|e| status_error(format!("actor {}", self.id), e))?;
         Ok(())
     }
@@ -433,8 +523,16 @@ impl Cluster {
             Some(j) => (j, false),
             None => (rt.block_on(attach(head.clone(), address))?, true),
         };
+        let submitted = Arc::new(Submitted::default());
+        let (submits, submit_rx) = mpsc::unbounded_channel();
+        rt.spawn(submit_loop(head.clone(), Arc::clone(&submitted), submit_rx));
         let (frees, rx) = mpsc::unbounded_channel();
-        rt.spawn(free_loop(head.clone(), job_id.clone(), rx));
+        rt.spawn(free_loop(
+            head.clone(),
+            job_id.clone(),
+            Arc::clone(&submitted),
+            rx,
+        ));
         rt.spawn(alive_loop(head.clone(), job_id.clone()));
         Ok(Cluster {
             inner: Arc::new(Inner {
@@ -445,6 +543,8 @@ impl Cluster {
                 job_id,
                 attached,
                 frees,
+                submits,
+                submitted,
                 fetch_patience: Duration::from_secs(300),
             }),
         })
@@ -499,12 +599,12 @@ impl Cluster {
         inputs: &[&ObjectRef],
         options: &TaskOptions,
     ) -> Result<ObjectRef> {
-        self.submit_payload(task.payload.to_vec(), inputs, options, "")
+        self.submit_payload(task.payload.clone(), inputs, options, "")
     }
 
     fn submit_payload(
         &self,
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
         inputs: &[&ObjectRef],
         options: &TaskOptions,
         actor: &str,
@@ -512,8 +612,7 @@ impl Cluster {
         options.resources.validate()?;
         let id = self.new_id("t");
         let (group, index) = options.placement.clone().unwrap_or((String::new(), -1));
-        let mut head = self.inner.head.clone();
-        self.block_on(head.submit_task(proto::SubmitTaskRequest {
+        let request = proto::SubmitTaskRequest {
             job_id: self.inner.job_id.clone(),
             task_id: id.clone(),
             payload,
@@ -524,8 +623,16 @@ impl Cluster {
             bundle_index: index,
             actor_id: actor.to_string(),
             name: options.name.clone(),
-        }))
-        .map_err(|e| status_error("submitting a task", e))?;
+        };
+        // Queued for the submission loop; the head's refusal, if any, is the object's
+        // error (as a failing task's is).
+        self.inner.submitted.queued.fetch_add(1, Ordering::SeqCst);
+        if self.inner.submits.send(request).is_err() {
+            self.inner.submitted.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(VolleyError::internal(
+                "the client's submission loop stopped",
+            ));
+        }
         Ok(self.new_ref(id))
     }
 
@@ -576,9 +683,10 @@ impl Cluster {
         let inner = Arc::clone(&self.inner);
         let ids: Vec<String> = objects.iter().map(|o| o.id().to_string()).collect();
         self.block_on(async move {
-            // One wait for all of them, then the reads, several at a time.
-            wait_all(&inner, &ids).await?;
-            futures::stream::iter(ids.iter().map(|id| get_one(&inner, id)))
+            // One wait for all of them, then the reads (of those not inline), several
+            // at a time.
+            let statuses = wait_all(&inner, &ids).await?;
+            futures::stream::iter(statuses.into_iter().map(|s| read(&inner, s)))
                 .buffered(16)
                 .try_collect()
                 .await
@@ -593,18 +701,10 @@ impl Cluster {
         num_ready: usize,
         timeout: Duration,
     ) -> Result<(Vec<ObjectRef>, Vec<ObjectRef>)> {
-        let mut head = self.inner.head.clone();
-        let r = self
-            .block_on(head.wait(proto::WaitRequest {
-                object_ids: objects.iter().map(|o| o.id().to_string()).collect(),
-                num_ready: num_ready as u32,
-                timeout_ms: timeout.as_millis() as u64,
-            }))
-            .map_err(|e| status_error("wait", e))?
-            .into_inner();
+        let statuses = self.block_on(wait_some(&self.inner, objects, num_ready, timeout))?;
         let mut ready = Vec::new();
         let mut rest = Vec::new();
-        for (o, s) in objects.iter().zip(r.objects) {
+        for (o, s) in objects.iter().zip(statuses) {
             if s.ready || s.error.is_some() {
                 ready.push(o.clone());
             } else {
@@ -622,16 +722,8 @@ impl Cluster {
         num_ready: usize,
         timeout: Duration,
     ) -> Result<Vec<ObjectState>> {
-        let mut head = self.inner.head.clone();
-        let r = self
-            .block_on(head.wait(proto::WaitRequest {
-                object_ids: objects.iter().map(|o| o.id().to_string()).collect(),
-                num_ready: num_ready as u32,
-                timeout_ms: timeout.as_millis() as u64,
-            }))
-            .map_err(|e| status_error("wait", e))?
-            .into_inner();
-        Ok(r.objects
+        let statuses = self.block_on(wait_some(&self.inner, objects, num_ready, timeout))?;
+        Ok(statuses
             .into_iter()
             .map(|s| match (&s.error, s.ready) {
                 (Some(e), _) => ObjectState::Failed(VolleyError::from(error_report(e))),
@@ -733,8 +825,50 @@ impl Cluster {
     }
 }
 
-/// Waits until every object in `ids` is ready or failed (failing on the first failure).
-async fn wait_all(inner: &Inner, ids: &[String]) -> Result<()> {
+/// Asks the head for the state of `objects`, waiting until `num_ready` are ready or
+/// failed or `timeout` passes (tasks the head refused count as failed).
+async fn wait_some(
+    inner: &Inner,
+    objects: &[ObjectRef],
+    num_ready: usize,
+    timeout: Duration,
+) -> Result<Vec<proto::ObjectStatus>> {
+    inner.submitted.flush().await;
+    let refused: Vec<Option<VolleyError>> = objects
+        .iter()
+        .map(|o| inner.submitted.rejected(o.id()))
+        .collect();
+    let already = refused.iter().filter(|r| r.is_some()).count();
+    let mut head = inner.head.clone();
+    let r = head
+        .wait(proto::WaitRequest {
+            object_ids: objects.iter().map(|o| o.id().to_string()).collect(),
+            num_ready: num_ready.saturating_sub(already) as u32,
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await
+        .map_err(|e| status_error("wait", e))?
+        .into_inner();
+    Ok(r.objects
+        .into_iter()
+        .zip(refused)
+        .map(|(mut s, refused)| {
+            if let Some(e) = refused {
+                s.ready = false;
+                s.error = Some(wire_error(&ErrorReport::from(&e)));
+            }
+            s
+        })
+        .collect())
+}
+
+/// Waits until every object in `ids` is ready or failed (failing on the first failure);
+/// returns their states.
+async fn wait_all(inner: &Inner, ids: &[String]) -> Result<Vec<proto::ObjectStatus>> {
+    inner.submitted.flush().await;
+    if let Some(e) = ids.iter().find_map(|id| inner.submitted.rejected(id)) {
+        return Err(e);
+    }
     let mut head = inner.head.clone();
     loop {
         let r = head
@@ -750,9 +884,24 @@ async fn wait_all(inner: &Inner, ids: &[String]) -> Result<()> {
             return Err(VolleyError::from(error_report(e)));
         }
         if r.objects.iter().all(|o| o.ready) {
-            return Ok(());
+            return Ok(r.objects);
         }
     }
+}
+
+/// The batches of a ready object: its inline copy, else read from a node that holds it.
+async fn read(inner: &Inner, status: proto::ObjectStatus) -> Result<Vec<RecordBatch>> {
+    let id = status.object_id;
+    let location = status.location.unwrap_or_default();
+    if !location.inline.is_empty() {
+        return decode_inline(&id, &location.inline);
+    }
+    for a in &location.addresses {
+        if let Ok(b) = fetch(&inner.channels, a, &id).await {
+            return Ok(b);
+        }
+    }
+    get_one(inner, &id).await
 }
 
 async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
@@ -773,8 +922,11 @@ async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
             return Err(VolleyError::from(error_report(e)));
         }
         if s.ready {
-            let addresses = s.location.map(|l| l.addresses).unwrap_or_default();
-            for a in &addresses {
+            let location = s.location.unwrap_or_default();
+            if !location.inline.is_empty() {
+                return decode_inline(id, &location.inline);
+            }
+            for a in &location.addresses {
                 if let Ok(b) = fetch(&inner.channels, a, id).await {
                     return Ok(b);
                 }
@@ -783,7 +935,8 @@ async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
             // declare it dead and rebuild the object; ask again.
             if start.elapsed() > inner.fetch_patience {
                 return Err(VolleyError::execution(format!(
-                    "object {id}: no copy could be read at {addresses:?}"
+                    "object {id}: no copy could be read at {:?}",
+                    location.addresses
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -818,12 +971,27 @@ async fn attach(mut head: Head, address: &str) -> Result<String> {
     Ok(r.into_inner().job_id)
 }
 
-async fn free_loop(mut head: Head, job: String, mut rx: mpsc::UnboundedReceiver<String>) {
+async fn free_loop(
+    mut head: Head,
+    job: String,
+    submitted: Arc<Submitted>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+) {
     while let Some(first) = rx.recv().await {
         let mut ids = vec![first];
         tokio::time::sleep(Duration::from_millis(50)).await;
         while let Ok(more) = rx.try_recv() {
             ids.push(more);
+        }
+        // The head must know a task before it can forget its object.
+        submitted.flush().await;
+        {
+            let mut refused = submitted.rejected.lock().expect("rejected lock");
+            if !refused.is_empty() {
+                for id in &ids {
+                    refused.remove(id);
+                }
+            }
         }
         let _ = head
             .free(proto::FreeRequest {

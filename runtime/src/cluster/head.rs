@@ -36,6 +36,10 @@ pub struct HeadOptions {
     pub node_timeout: Duration,
     /// Largest job package accepted.
     pub max_package_bytes: u64,
+    /// Memory for copies of small objects kept beside their metadata (each at most
+    /// 100 KiB; beyond this budget, small objects are read from their node like big
+    /// ones).
+    pub inline_memory: u64,
 }
 
 impl HeadOptions {
@@ -47,6 +51,7 @@ impl HeadOptions {
             heartbeat_interval: Duration::from_millis(500),
             node_timeout: Duration::from_secs(5),
             max_package_bytes: 8 << 30,
+            inline_memory: 256 << 20,
         }
     }
 }
@@ -91,6 +96,49 @@ enum TaskState {
     Running { node: String, gpus: Vec<u32> },
     Done,
     Failed,
+}
+
+/// The tasks waiting for room, in submission order (retries first).
+///
+/// Tasks that ask for CPUs alone (no GPUs, memory, custom resources, placement group
+/// or actor) wait apart from the rest: they compare by one number, so a scheduling
+/// pass stops at the first such task that finds no room once no waiting one asks for
+/// less (placing tasks only takes room away). A pass then costs what it places, not
+/// the length of the queue: a driver that submits tens of thousands of small tasks
+/// would otherwise pay for every one of them on every event.
+#[derive(Default)]
+struct TaskQueue {
+    /// CPU-only tasks and the CPUs each asks for.
+    cpu: VecDeque<(String, f64)>,
+    /// At most the smallest request in `cpu` (reset when it empties).
+    cpu_min: f64,
+    /// Every other task.
+    other: VecDeque<String>,
+}
+
+impl TaskQueue {
+    fn push(&mut self, id: String, cpu_only: Option<f64>, first: bool) {
+        match cpu_only {
+            Some(c) => {
+                if self.cpu.is_empty() {
+                    self.cpu_min = c;
+                }
+                self.cpu_min = self.cpu_min.min(c);
+                if first {
+                    self.cpu.push_front((id, c));
+                } else {
+                    self.cpu.push_back((id, c));
+                }
+            }
+            None if first => self.other.push_front(id),
+            None => self.other.push_back(id),
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.cpu.retain(|(id, _)| keep(id));
+        self.other.retain(|id| keep(id));
+    }
 }
 
 struct TaskEntry {
@@ -140,6 +188,8 @@ struct ObjectEntry {
     rows: u64,
     /// Why the object can never be produced (its task failed for good).
     error: Option<ErrorReport>,
+    /// The object itself, when small (an Arrow IPC stream): handed to its readers.
+    inline: Option<bytes::Bytes>,
     freed: bool,
     /// Tasks not yet finished that take this object as input.
     users: u32,
@@ -160,6 +210,7 @@ impl ObjectEntry {
             bytes,
             rows,
             error: None,
+            inline: None,
             freed: false,
             users: 0,
         }
@@ -226,11 +277,14 @@ struct State {
     next_job: u64,
     nodes: BTreeMap<String, Node>,
     tasks: HashMap<String, TaskEntry>,
-    queue: VecDeque<String>,
+    queue: TaskQueue,
     objects: HashMap<String, ObjectEntry>,
     groups: HashMap<String, Group>,
     actors: HashMap<String, ActorEntry>,
     jobs: BTreeMap<String, JobEntry>,
+    /// Bytes of the inline copies held, and the most they may take.
+    inline_bytes: u64,
+    inline_limit: u64,
 }
 
 /// The head's state and the signal its waiters sleep on.
@@ -250,7 +304,10 @@ impl HeadCore {
     /// A head with no nodes.
     pub fn new(options: HeadOptions) -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                inline_limit: options.inline_memory,
+                ..State::default()
+            }),
             changed: Notify::new(),
             options,
         })
@@ -480,13 +537,15 @@ impl HeadCore {
     async fn wait_until<T>(
         &self,
         deadline: Instant,
-        mut check: impl FnMut(&State) -> std::result::Result<(T, bool), Status>,
+        mut check: impl FnMut(&State, bool) -> std::result::Result<(T, bool), Status>,
     ) -> std::result::Result<T, Status> {
         loop {
             // Registered before looking, so a change in between is not missed.
             let notified = self.changed.notified();
-            let (seen, done) = check(&self.state.lock().expect("head lock"))?;
             let now = Instant::now();
+            // `check` learns whether this is its last look (it may answer less
+            // thoroughly until then).
+            let (seen, done) = check(&self.state.lock().expect("head lock"), now >= deadline)?;
             if done || now >= deadline {
                 return Ok(seen);
             }
@@ -514,6 +573,43 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// Whether object `o` has a live copy.
+    fn object_ready(&self, o: &ObjectEntry) -> bool {
+        o.locations
+            .iter()
+            .any(|n| self.nodes.get(n).is_some_and(|n| n.alive))
+    }
+
+    /// What a waiting driver learns of object `id`.
+    fn object_status(&self, id: &str) -> proto::ObjectStatus {
+        match self.objects.get(id) {
+            None => proto::ObjectStatus {
+                object_id: id.to_string(),
+                ready: false,
+                error: Some(wire_execution_error(format!(
+                    "object {id} is unknown (freed, or its job ended)"
+                ))),
+                location: None,
+            },
+            Some(o) => {
+                let addresses = self.object_addresses(id);
+                let ready = !addresses.is_empty();
+                proto::ObjectStatus {
+                    object_id: id.to_string(),
+                    ready,
+                    error: o.error.as_ref().map(wire_error),
+                    location: Some(proto::ObjectLocation {
+                        object_id: id.to_string(),
+                        addresses,
+                        bytes: o.bytes,
+                        rows: o.rows,
+                        inline: o.inline.clone().filter(|_| ready).unwrap_or_default(),
+                    }),
+                }
+            }
+        }
+    }
+
     /// Refuses work for a job that is not running (ended, stopped, or unknown).
     fn require_running(&self, job: &str) -> std::result::Result<(), Status> {
         if self.job_active(job) {
@@ -536,38 +632,49 @@ impl State {
         self.place_groups();
         self.place_drivers();
         self.place_actors();
-        let mut still = VecDeque::new();
-        let queue = std::mem::take(&mut self.queue);
-        // The smallest CPU-only request that found no room in this pass: placing tasks
-        // only takes room away, so a CPU-only task asking at least as much cannot fit
-        // either, and is passed over without a look at every node (a long queue of
-        // small tasks would otherwise cost queue x nodes work on every event).
+        let other = std::mem::take(&mut self.queue.other);
+        for id in other {
+            if !self.try_start(&id) {
+                self.queue.other.push_back(id);
+            }
+        }
+        // The smallest CPU-only request that found no room in this pass: a task asking
+        // at least as much cannot fit either.
         let mut no_room_at = f64::INFINITY;
-        for id in queue {
-            let cpu_only = self.tasks.get(&id).and_then(|t| {
-                let r = &t.resources;
-                (t.state == TaskState::Pending
-                    && t.spec.actor_id.is_empty()
-                    && t.spec.placement_group.is_empty()
-                    && r.num_gpus == 0.0
-                    && r.memory == 0
-                    && r.custom.is_empty())
-                .then_some(r.num_cpus)
-            });
-            if cpu_only.is_some_and(|c| c >= no_room_at) {
-                still.push_back(id);
+        let mut passed = Vec::new();
+        while let Some((id, cpus)) = self.queue.cpu.pop_front() {
+            if no_room_at <= self.queue.cpu_min {
+                self.queue.cpu.push_front((id, cpus));
+                break;
+            }
+            if cpus >= no_room_at {
+                passed.push((id, cpus));
                 continue;
             }
             if !self.try_start(&id) {
-                if let Some(c) = cpu_only {
-                    if self.tasks.get(&id).is_some_and(|t| self.inputs_ready(t)) {
-                        no_room_at = no_room_at.min(c);
-                    }
+                if self.tasks.get(&id).is_some_and(|t| self.inputs_ready(t)) {
+                    no_room_at = no_room_at.min(cpus);
                 }
-                still.push_back(id);
+                passed.push((id, cpus));
             }
         }
-        self.queue = still;
+        for q in passed.into_iter().rev() {
+            self.queue.cpu.push_front(q);
+        }
+    }
+
+    /// Puts task `id` in the queue, first (a retry) or last.
+    fn enqueue(&mut self, id: String, first: bool) {
+        let cpu_only = self.tasks.get(&id).and_then(|t| {
+            let r = &t.resources;
+            (t.spec.actor_id.is_empty()
+                && t.spec.placement_group.is_empty()
+                && r.num_gpus == 0.0
+                && r.memory == 0
+                && r.custom.is_empty())
+            .then_some(r.num_cpus)
+        });
+        self.queue.push(id, cpu_only, first);
     }
 
     /// Whether every input of `task` has a live copy.
@@ -620,6 +727,7 @@ impl State {
                         addresses,
                         bytes: o.bytes,
                         rows: o.rows,
+                        inline: o.inline.clone().unwrap_or_default(),
                     });
                 }
             }
@@ -810,7 +918,82 @@ impl State {
         Some(node)
     }
 
-    fn task_done(&mut self, id: &str, node: &str, bytes: u64, rows: u64) {
+    /// Queues a submitted task.
+    fn submit(&mut self, spec: proto::SubmitTaskRequest) -> Result<()> {
+        let resources: Resources = spec.resources.clone().into();
+        resources.validate()?;
+        if !self.job_active(&spec.job_id) {
+            return Err(
+                VolleyError::Cancelled.context(format!("job {} is not running", spec.job_id))
+            );
+        }
+        if self.tasks.contains_key(&spec.task_id) {
+            return Err(VolleyError::plan(format!("task {} exists", spec.task_id)));
+        }
+        if !spec.placement_group.is_empty() && !self.groups.contains_key(&spec.placement_group) {
+            return Err(VolleyError::plan(format!(
+                "no placement group {}",
+                spec.placement_group
+            )));
+        }
+        for a in &spec.args {
+            if let Some(o) = self.objects.get_mut(a) {
+                o.users += 1;
+            }
+        }
+        self.objects.insert(
+            spec.task_id.clone(),
+            ObjectEntry::new(&spec.job_id, Some(spec.task_id.clone()), vec![], 0, 0),
+        );
+        let id = spec.task_id.clone();
+        self.tasks.insert(
+            id.clone(),
+            TaskEntry {
+                retries_left: spec.max_retries,
+                spec,
+                resources,
+                state: TaskState::Pending,
+                attempt: 0,
+                reconstructions: 0,
+                bundle: None,
+            },
+        );
+        self.enqueue(id, false);
+        Ok(())
+    }
+
+    /// Takes in a task's report; false when it was not of the attempt the head waits
+    /// for (a late report from a node declared dead, or from an attempt already
+    /// retried): it is dropped, and its sender told to undo what it left behind.
+    fn task_reported(&mut self, r: proto::TaskReport) -> bool {
+        let current = self.tasks.get(&r.task_id).is_some_and(|t| {
+            t.attempt == r.attempt
+                && matches!(&t.state, TaskState::Running { node, .. } if *node == r.node_id)
+        });
+        if !current {
+            return false;
+        }
+        match Outcome::try_from(r.outcome).unwrap_or(Outcome::SystemFailure) {
+            Outcome::Ok => self.task_done(
+                &r.task_id,
+                &r.node_id,
+                r.output_bytes,
+                r.output_rows,
+                r.inline,
+            ),
+            Outcome::Failed => {
+                let e = r.error.as_ref().map(error_report);
+                self.fail_task(&r.task_id, e.unwrap_or_else(|| execution_report("failed")))
+            }
+            Outcome::SystemFailure => {
+                let e = r.error.as_ref().map(|e| e.message.clone());
+                self.system_failure(&r.task_id, &e.unwrap_or_default())
+            }
+        }
+        true
+    }
+
+    fn task_done(&mut self, id: &str, node: &str, bytes: u64, rows: u64, inline: bytes::Bytes) {
         self.finish_running(id);
         let Some(task) = self.tasks.get_mut(id) else {
             return;
@@ -822,6 +1005,12 @@ impl State {
             o.bytes = bytes;
             o.rows = rows;
             o.error = None;
+            let old = o.inline.take().map_or(0, |b| b.len() as u64);
+            self.inline_bytes -= old;
+            if !inline.is_empty() && self.inline_bytes + inline.len() as u64 <= self.inline_limit {
+                self.inline_bytes += inline.len() as u64;
+                o.inline = Some(inline);
+            }
         }
         self.release_args(&args);
         if self.objects.get(id).is_some_and(|o| o.freed) {
@@ -871,7 +1060,7 @@ impl State {
         }
         let task = &self.tasks[id];
         info!("task {id}: {error}; retrying (attempt {})", task.attempt);
-        self.queue.push_front(id.to_string());
+        self.enqueue(id.to_string(), true);
     }
 
     fn release_args(&mut self, args: &[String]) {
@@ -902,6 +1091,7 @@ impl State {
             }
         }
         let o = self.objects.remove(id).expect("checked above");
+        self.inline_bytes -= o.inline.as_ref().map_or(0, |b| b.len() as u64);
         for n in &o.locations {
             if let Some(node) = self.nodes.get(n) {
                 node.send(Command::FreeObjects(proto::ObjectIds {
@@ -1008,7 +1198,7 @@ impl State {
             }
         }
         info!("object {object} was lost with node {node}: re-running task {p}");
-        self.queue.push_front(p);
+        self.enqueue(p, true);
     }
 
     // ------------------------------------------------------------------ groups
@@ -1293,11 +1483,19 @@ impl State {
             self.unplace_group(&g);
             self.groups.remove(&g);
         }
-        self.objects.retain(|_, o| o.job != id);
+        let mut dropped = 0;
+        self.objects.retain(|_, o| {
+            let keep = o.job != id;
+            if !keep {
+                dropped += o.inline.as_ref().map_or(0, |b| b.len() as u64);
+            }
+            keep
+        });
+        self.inline_bytes -= dropped;
         for t in tasks {
             self.tasks.remove(&t);
         }
-        self.queue.retain(|t| self.tasks.contains_key(t));
+        self.queue.retain(|id| self.tasks.contains_key(id));
         for n in self.nodes.values() {
             n.send(Command::StopJob(id.to_string()));
         }
@@ -1406,36 +1604,20 @@ impl proto::head_server::Head for HeadService {
         )))
     }
 
-    async fn report_task(
+    async fn report_tasks(
         &self,
-        request: Request<proto::TaskReport>,
-    ) -> std::result::Result<Response<proto::ReportAck>, Status> {
-        let r = request.into_inner();
-        let current = self.core.with(|s| {
-            // Only the attempt the head is waiting for counts: a late report from a node
-            // declared dead, or from an attempt already retried, is dropped (and told
-            // so, to undo what it left behind).
-            let current = s.tasks.get(&r.task_id).is_some_and(|t| {
-                t.attempt == r.attempt
-                    && matches!(&t.state, TaskState::Running { node, .. } if *node == r.node_id)
-            });
-            if !current {
-                return false;
-            }
-            match Outcome::try_from(r.outcome).unwrap_or(Outcome::SystemFailure) {
-                Outcome::Ok => s.task_done(&r.task_id, &r.node_id, r.output_bytes, r.output_rows),
-                Outcome::Failed => {
-                    let e = r.error.as_ref().map(error_report);
-                    s.fail_task(&r.task_id, e.unwrap_or_else(|| execution_report("failed")))
-                }
-                Outcome::SystemFailure => {
-                    let e = r.error.as_ref().map(|e| e.message.clone());
-                    s.system_failure(&r.task_id, &e.unwrap_or_default())
-                }
-            }
-            true
+        request: Request<proto::TaskReports>,
+    ) -> std::result::Result<Response<proto::ReportAcks>, Status> {
+        let reports = request.into_inner().reports;
+        let acks = self.core.with(|s| {
+            reports
+                .into_iter()
+                .map(|r| proto::ReportAck {
+                    stale: !s.task_reported(r),
+                })
+                .collect()
         });
-        Ok(Response::new(proto::ReportAck { stale: !current }))
+        Ok(Response::new(proto::ReportAcks { acks }))
     }
 
     async fn report_actor(
@@ -1547,53 +1729,24 @@ impl proto::head_server::Head for HeadService {
         }
     }
 
-    async fn submit_task(
+    async fn submit_tasks(
         &self,
-        request: Request<proto::SubmitTaskRequest>,
-    ) -> std::result::Result<Response<proto::Empty>, Status> {
-        let spec = request.into_inner();
-        let resources: Resources = spec.resources.clone().into();
-        resources.validate().map_err(invalid)?;
-        self.core.with(|s| {
-            s.require_running(&spec.job_id)?;
-            if s.tasks.contains_key(&spec.task_id) {
-                return Err(Status::already_exists(format!(
-                    "task {} exists",
-                    spec.task_id
-                )));
-            }
-            if !spec.placement_group.is_empty() && !s.groups.contains_key(&spec.placement_group) {
-                return Err(Status::not_found(format!(
-                    "no placement group {}",
-                    spec.placement_group
-                )));
-            }
-            for a in &spec.args {
-                if let Some(o) = s.objects.get_mut(a) {
-                    o.users += 1;
-                }
-            }
-            s.objects.insert(
-                spec.task_id.clone(),
-                ObjectEntry::new(&spec.job_id, Some(spec.task_id.clone()), vec![], 0, 0),
-            );
-            let id = spec.task_id.clone();
-            s.tasks.insert(
-                id.clone(),
-                TaskEntry {
-                    retries_left: spec.max_retries,
-                    spec,
-                    resources,
-                    state: TaskState::Pending,
-                    attempt: 0,
-                    reconstructions: 0,
-                    bundle: None,
-                },
-            );
-            s.queue.push_back(id);
-            Ok(())
-        })?;
-        Ok(Response::new(proto::Empty {}))
+        request: Request<proto::SubmitTasksRequest>,
+    ) -> std::result::Result<Response<proto::SubmitTasksResponse>, Status> {
+        let tasks = request.into_inner().tasks;
+        let rejected = self.core.with(|s| {
+            tasks
+                .into_iter()
+                .filter_map(|spec| {
+                    let id = spec.task_id.clone();
+                    s.submit(spec).err().map(|e| proto::RejectedTask {
+                        task_id: id,
+                        error: Some(wire_error(&ErrorReport::from(&e))),
+                    })
+                })
+                .collect()
+        });
+        Ok(Response::new(proto::SubmitTasksResponse { rejected }))
     }
 
     async fn put_object(
@@ -1624,42 +1777,35 @@ impl proto::head_server::Head for HeadService {
         let r = request.into_inner();
         let deadline = Instant::now() + Duration::from_millis(r.timeout_ms);
         let want = (r.num_ready as usize).min(r.object_ids.len());
+        // A wait for thousands of objects wakes on every change, so each look only
+        // visits the objects not yet seen done, and a wait for all of them stops at the
+        // first one still running (tasks mostly end in the order they were submitted).
+        // The statuses are described once, when the answer is due.
+        let mut pending: VecDeque<usize> = (0..r.object_ids.len()).collect();
+        let all = want == r.object_ids.len();
         let objects = self
             .core
-            .wait_until(deadline, |s| {
-                let objects = r
-                    .object_ids
-                    .iter()
-                    .map(|id| match s.objects.get(id) {
-                        None => proto::ObjectStatus {
-                            object_id: id.clone(),
-                            ready: false,
-                            error: Some(wire_execution_error(format!(
-                                "object {id} is unknown (freed, or its job ended)"
-                            ))),
-                            location: None,
-                        },
-                        Some(o) => {
-                            let addresses = s.object_addresses(id);
-                            proto::ObjectStatus {
-                                object_id: id.clone(),
-                                ready: !addresses.is_empty(),
-                                error: o.error.as_ref().map(wire_error),
-                                location: Some(proto::ObjectLocation {
-                                    object_id: id.clone(),
-                                    addresses,
-                                    bytes: o.bytes,
-                                    rows: o.rows,
-                                }),
-                            }
-                        }
-                    })
-                    .collect::<Vec<_>>();
-                let done = objects
-                    .iter()
-                    .filter(|o| o.ready || o.error.is_some())
-                    .count();
-                Ok((objects, done >= want))
+            .wait_until(deadline, |s, last| {
+                let finished = |i: &usize| {
+                    s.objects
+                        .get(&r.object_ids[*i])
+                        .is_none_or(|o| o.error.is_some() || s.object_ready(o))
+                };
+                if all {
+                    while pending.front().is_some_and(finished) {
+                        pending.pop_front();
+                    }
+                } else {
+                    pending.retain(|i| !finished(i));
+                }
+                let done = r.object_ids.len() - pending.len();
+                let answer = done >= want || last;
+                let objects = if answer {
+                    r.object_ids.iter().map(|id| s.object_status(id)).collect()
+                } else {
+                    Vec::new()
+                };
+                Ok((objects, answer))
             })
             .await?;
         Ok(Response::new(proto::WaitResponse { objects }))
@@ -1731,7 +1877,7 @@ impl proto::head_server::Head for HeadService {
         let deadline = Instant::now() + Duration::from_millis(r.timeout_ms);
         let status = self
             .core
-            .wait_until(deadline, |s| {
+            .wait_until(deadline, |s, _| {
                 let g = s.groups.get(&r.group_id).ok_or_else(|| {
                     Status::not_found(format!("no placement group {}", r.group_id))
                 })?;
@@ -1834,8 +1980,7 @@ impl proto::head_server::Head for HeadService {
         Ok(Response::new(proto::ObjectLocation {
             object_id: String::new(),
             addresses: vec![node.object_address.clone()],
-            bytes: 0,
-            rows: 0,
+            ..Default::default()
         }))
     }
 
@@ -1960,5 +2105,29 @@ impl proto::head_server::Head for HeadService {
         _request: Request<proto::Empty>,
     ) -> std::result::Result<Response<proto::ClusterStatus>, Status> {
         Ok(Response::new(self.core.status()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TaskQueue;
+
+    #[test]
+    fn the_queue_keeps_order_and_a_lower_bound_on_cpu_requests() {
+        let mut q = TaskQueue::default();
+        q.push("a".into(), Some(2.0), false);
+        q.push("b".into(), Some(1.0), false);
+        q.push("retry".into(), Some(4.0), true);
+        q.push("gpu".into(), None, false);
+        let ids: Vec<&str> = q.cpu.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["retry", "a", "b"]);
+        assert_eq!(q.other, ["gpu"]);
+        assert_eq!(q.cpu_min, 1.0);
+        q.retain(|id| id != "b" && id != "retry" && id != "a");
+        assert!(q.cpu.is_empty());
+        // The bound restarts once the CPU queue emptied.
+        q.push("c".into(), Some(3.0), false);
+        assert_eq!(q.cpu_min, 3.0);
+        assert_eq!(q.other, ["gpu"]);
     }
 }

@@ -15,14 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::{oneshot, Notify, OnceCell};
+use tokio::sync::{mpsc, oneshot, Notify, OnceCell};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use volley_common::{Result, VolleyError};
 
 use super::auth::CheckToken;
 use super::net::{bind, status_error, wire_execution_error, Channels, Head};
-use super::objects::{FlightObjects, ObjectStore};
+use super::objects::{decode_inline, FlightObjects, ObjectStore};
 use super::package::PackageWriter;
 use super::proto::{self, node_command::Command, task_report::Outcome};
 use super::resources::Resources;
@@ -95,6 +95,49 @@ pub struct Agent {
     jobs: Mutex<HashMap<String, JobCell>>,
     max_workers: usize,
     spawner: Spawner,
+    reports: mpsc::UnboundedSender<PendingReport>,
+}
+
+/// A task report on its way to the head, with whoever waits for the head's answer
+/// (whether the attempt was stale).
+type PendingReport = (proto::TaskReport, Option<oneshot::Sender<bool>>);
+
+/// Sends task reports to the head, many per call: the reports that arrive while one
+/// call is on its way go together in the next, so a busy node makes few calls and an
+/// idle one adds no delay.
+async fn report_loop(mut head: Head, mut rx: mpsc::UnboundedReceiver<PendingReport>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let (reports, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let n = reports.len();
+        match head.report_tasks(proto::TaskReports { reports }).await {
+            Ok(acks) => {
+                let acks = acks.into_inner().acks;
+                for (i, w) in waiters.into_iter().enumerate() {
+                    if let Some(w) = w {
+                        let _ = w.send(acks.get(i).is_none_or(|a| a.stale));
+                    }
+                }
+            }
+            Err(e) => {
+                // Not delivered: the head runs these tasks again once it declares this
+                // node dead, so the attempts here count as superseded.
+                warn!(
+                    "cannot report {n} task results to the head: {}",
+                    e.message()
+                );
+                for w in waiters.into_iter().flatten() {
+                    let _ = w.send(true);
+                }
+            }
+        }
+    }
 }
 
 type SpawnRequest = (
@@ -179,6 +222,8 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
     let node_id = reg.node_id;
     info!("joined as {node_id}; objects and workers on {address}");
     let max_workers = ((options.resources.num_cpus.ceil() as usize) * 4).max(8);
+    let (reports, report_rx) = mpsc::unbounded_channel();
+    let reporter = tokio::spawn(report_loop(head.clone(), report_rx));
     let agent = Arc::new(Agent {
         node_id: node_id.clone(),
         options: options.clone(),
@@ -190,6 +235,7 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
         jobs: Mutex::default(),
         max_workers,
         spawner: Spawner::start(tokio::runtime::Handle::current())?,
+        reports,
     });
 
     // One port: Flight for objects, NodeAgent for this node's workers.
@@ -249,6 +295,7 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
     // Give the kills a moment to land before the process goes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     server.abort();
+    reporter.abort();
     Ok(why)
 }
 
@@ -532,10 +579,7 @@ impl Agent {
                         &t,
                         Outcome::SystemFailure,
                         format!("cannot start a worker on {}: {e}", self.node_id),
-                        0,
-                        0,
-                    )
-                    .await;
+                    );
                 }
                 return;
             }
@@ -636,34 +680,63 @@ impl Agent {
                 attempt,
                 outcome: Outcome::SystemFailure as i32,
                 error: Some(wire_execution_error(why.clone())),
-                output_bytes: 0,
-                output_rows: 0,
+                ..Default::default()
             };
-            let mut head = self.head.clone();
-            let _ = head.report_task(report).await;
+            let _ = self.reports.send((report, None));
         }
     }
 
-    async fn report(
-        &self,
-        t: &proto::TaskAssignment,
-        outcome: Outcome,
-        error: String,
-        bytes: u64,
-        rows: u64,
-    ) {
-        let mut head = self.head.clone();
-        let _ = head
-            .report_task(proto::TaskReport {
-                node_id: self.node_id.clone(),
-                task_id: t.task_id.clone(),
-                attempt: t.attempt,
-                outcome: outcome as i32,
-                error: Some(wire_execution_error(error)),
-                output_bytes: bytes,
-                output_rows: rows,
-            })
-            .await;
+    /// What worker `id` does next, if anything is waiting for it: exit, become an
+    /// actor, or run a task (or an actor call).
+    fn next_for(&self, id: &str) -> Option<proto::PullResponse> {
+        let mut s = self.state.lock().expect("agent lock");
+        let s = &mut *s;
+        let Some(w) = s.workers.get_mut(id) else {
+            return Some(proto::PullResponse {
+                exit: true,
+                ..Default::default()
+            });
+        };
+        if w.exiting {
+            return Some(proto::PullResponse {
+                exit: true,
+                ..Default::default()
+            });
+        }
+        if let Some(a) = w.start_actor.take() {
+            w.actor = Some((a.actor_id.clone(), a.incarnation));
+            return Some(proto::PullResponse {
+                actor: Some(a),
+                ..Default::default()
+            });
+        }
+        let next = match &w.actor {
+            Some((actor, _)) => s.calls.get_mut(actor).and_then(|q| q.pop_front()),
+            None => s
+                .queues
+                .get_mut(&(w.job.clone(), w.gpus.clone()))
+                .and_then(|q| q.pop_front()),
+        };
+        next.map(|task| {
+            w.running = Some((task.task_id.clone(), task.attempt));
+            proto::PullResponse {
+                task: Some(task),
+                ..Default::default()
+            }
+        })
+    }
+
+    /// Reports that task `t` did not run here.
+    fn report(&self, t: &proto::TaskAssignment, outcome: Outcome, error: String) {
+        let report = proto::TaskReport {
+            node_id: self.node_id.clone(),
+            task_id: t.task_id.clone(),
+            attempt: t.attempt,
+            outcome: outcome as i32,
+            error: Some(wire_execution_error(error)),
+            ..Default::default()
+        };
+        let _ = self.reports.send((report, None));
     }
 
     async fn report_actor(
@@ -790,42 +863,8 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         let agent = &self.agent;
         loop {
             let notified = agent.changed.notified();
-            {
-                let mut s = agent.state.lock().expect("agent lock");
-                let s = &mut *s;
-                let Some(w) = s.workers.get_mut(&r.worker_id) else {
-                    return Ok(Response::new(proto::PullResponse {
-                        exit: true,
-                        ..Default::default()
-                    }));
-                };
-                if w.exiting {
-                    return Ok(Response::new(proto::PullResponse {
-                        exit: true,
-                        ..Default::default()
-                    }));
-                }
-                if let Some(a) = w.start_actor.take() {
-                    w.actor = Some((a.actor_id.clone(), a.incarnation));
-                    return Ok(Response::new(proto::PullResponse {
-                        actor: Some(a),
-                        ..Default::default()
-                    }));
-                }
-                let next = match &w.actor {
-                    Some((actor, _)) => s.calls.get_mut(actor).and_then(|q| q.pop_front()),
-                    None => s
-                        .queues
-                        .get_mut(&(w.job.clone(), w.gpus.clone()))
-                        .and_then(|q| q.pop_front()),
-                };
-                if let Some(task) = next {
-                    w.running = Some((task.task_id.clone(), task.attempt));
-                    return Ok(Response::new(proto::PullResponse {
-                        task: Some(task),
-                        ..Default::default()
-                    }));
-                }
+            if let Some(next) = agent.next_for(&r.worker_id) {
+                return Ok(Response::new(next));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -838,7 +877,7 @@ impl proto::node_agent_server::NodeAgent for AgentService {
     async fn finish(
         &self,
         request: Request<proto::WorkerResult>,
-    ) -> std::result::Result<Response<proto::ReportAck>, Status> {
+    ) -> std::result::Result<Response<proto::FinishResponse>, Status> {
         let r = request.into_inner();
         let Some(mut report) = r.report else {
             return Err(Status::invalid_argument("a result without a report"));
@@ -850,12 +889,36 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             }
         }
         report.node_id = self.agent.node_id.clone();
-        let mut head = self.agent.head.clone();
-        let ack = head
-            .report_task(report)
+        if !r.output.is_empty() {
+            // A small result came with the report: it is stored here, and its bytes go
+            // on to the head, which hands them to whoever reads it.
+            let stored = decode_inline(&report.task_id, &r.output)
+                .and_then(|batches| self.agent.store.put(&report.task_id, batches));
+            match stored {
+                Ok(bytes) => {
+                    report.output_bytes = bytes;
+                    report.inline = r.output;
+                }
+                Err(e) => {
+                    report.outcome = Outcome::SystemFailure as i32;
+                    report.error = Some(wire_execution_error(format!(
+                        "cannot store the result: {e}"
+                    )));
+                }
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.agent
+            .reports
+            .send((report, Some(tx)))
+            .map_err(|_| Status::unavailable("the node agent is stopping"))?;
+        let stale = rx
             .await
-            .map_err(|e| Status::unavailable(format!("cannot reach the head: {}", e.message())))?;
-        Ok(ack)
+            .map_err(|_| Status::unavailable("the node agent is stopping"))?;
+        Ok(Response::new(proto::FinishResponse {
+            stale,
+            next: self.agent.next_for(&r.worker_id),
+        }))
     }
 
     async fn actor_ready(

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
-use arrow::ipc::reader::FileReader;
-use arrow::ipc::writer::FileWriter;
+use arrow::ipc::reader::{FileReader, StreamReader};
+use arrow::ipc::writer::{FileWriter, StreamWriter};
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -349,6 +349,45 @@ impl FlightService for FlightObjects {
     }
 }
 
+/// The largest object, as an Arrow IPC stream, that travels inline with its metadata:
+/// in a worker's result report, kept by the head, and handed to the tasks and drivers
+/// that read it, which then skip a Flight round trip. Like Ray's inlined small objects,
+/// this is what lets many tiny tasks (a number, a file name) go fast; bigger objects
+/// stay on their node and move over Flight.
+pub(crate) const INLINE_LIMIT: usize = 100 * 1024;
+
+/// `batches` as one Arrow IPC stream if it fits [`INLINE_LIMIT`] (and the batches share
+/// one schema); `None` otherwise.
+pub(crate) fn encode_inline(batches: &[RecordBatch]) -> Option<Vec<u8>> {
+    // In-memory size bounds the stream's size loosely (buffers are padded, slices
+    // count their whole buffers): a cheap way to skip encoding big objects.
+    if batches_size(batches) > 4 * INLINE_LIMIT as u64 {
+        return None;
+    }
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or_else(|| Arc::new(Schema::empty()));
+    if batches.iter().any(|b| b.schema() != schema) {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut w = StreamWriter::try_new(&mut out, &schema).ok()?;
+    for b in batches {
+        w.write(b).ok()?;
+    }
+    w.finish().ok()?;
+    drop(w);
+    (out.len() <= INLINE_LIMIT).then_some(out)
+}
+
+/// Reads back what [`encode_inline`] made of object `id`.
+pub(crate) fn decode_inline(id: &str, bytes: &[u8]) -> Result<Vec<RecordBatch>> {
+    StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| VolleyError::internal(format!("object {id}: unreadable inline copy: {e}")))
+}
+
 /// Reads an object from the Flight endpoint at `address`.
 pub(crate) async fn fetch(
     channels: &super::net::Channels,
@@ -413,6 +452,23 @@ mod tests {
             Arc::new(Int64Array::from_iter_values(0..n)) as arrow::array::ArrayRef,
         )])
         .unwrap()
+    }
+
+    #[test]
+    fn small_objects_travel_inline_and_big_ones_do_not() {
+        let small = vec![batch(10), batch(5)];
+        let bytes = encode_inline(&small).expect("small enough");
+        let back = decode_inline("o", &bytes).unwrap();
+        assert_eq!(back, small);
+        assert_eq!(
+            decode_inline("o", &encode_inline(&[]).unwrap()).unwrap(),
+            vec![]
+        );
+        assert!(encode_inline(&[batch(100_000)]).is_none());
+        let err = decode_inline("job:t-1", b"not arrow")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("job:t-1"), "{err}");
     }
 
     #[test]

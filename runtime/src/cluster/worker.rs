@@ -9,7 +9,7 @@ use tracing::warn;
 use volley_common::{ErrorReport, Result, VolleyError};
 
 use super::net::{wire_error, wire_execution_error, Channels};
-use super::objects::{fetch, store};
+use super::objects::{decode_inline, encode_inline, fetch, store};
 use super::proto::{self, task_report::Outcome};
 use super::task::{decode, Payload, RemoteActor, RemoteTask, TaskContext};
 
@@ -53,11 +53,16 @@ fn worker_loop() -> Result<()> {
     let mut agent = channels.agent(&agent_address)?;
     let mut actor: Option<Box<dyn RemoteActor>> = None;
     let mut failures = 0;
+    // The next task, when the agent handed it over with the last result's answer.
+    let mut handed: Option<proto::PullResponse> = None;
     loop {
-        let pulled = rt.block_on(agent.pull(proto::PullRequest {
-            worker_id: worker_id.clone(),
-            timeout_ms: 2_000,
-        }));
+        let pulled = match handed.take() {
+            Some(next) => Ok(tonic::Response::new(next)),
+            None => rt.block_on(agent.pull(proto::PullRequest {
+                worker_id: worker_id.clone(),
+                timeout_ms: 2_000,
+            })),
+        };
         let r = match pulled {
             Ok(r) => {
                 failures = 0;
@@ -113,7 +118,7 @@ fn worker_loop() -> Result<()> {
             continue;
         }
         let Some(task) = r.task else { continue };
-        let (report, ran) = rt.block_on(run_one(
+        let (report, output, ran) = rt.block_on(run_one(
             &channels,
             &agent_address,
             &node_id,
@@ -123,11 +128,18 @@ fn worker_loop() -> Result<()> {
         let send = rt.block_on(agent.finish(proto::WorkerResult {
             worker_id: worker_id.clone(),
             report: Some(report),
+            output: output.into(),
         }));
         // An attempt whose result will not be used (superseded, or not delivered: the
         // head then runs the task again) undoes what it left behind.
         let stale = match send {
-            Ok(ack) => ack.into_inner().stale,
+            Ok(r) => {
+                let r = r.into_inner();
+                handed = r
+                    .next
+                    .filter(|n| n.task.is_some() || n.actor.is_some() || n.exit);
+                r.stale
+            }
             Err(e) => {
                 warn!("cannot report task {}: {}", task.task_id, e.message());
                 true
@@ -150,6 +162,7 @@ async fn run_one(
     actor: Option<&mut (dyn RemoteActor + 'static)>,
 ) -> (
     proto::TaskReport,
+    Vec<u8>,
     Option<(Box<dyn RemoteTask>, TaskContext)>,
 ) {
     let mut report = proto::TaskReport {
@@ -165,7 +178,13 @@ async fn run_one(
     for arg in &task.args {
         let mut got = None;
         let mut last_error = String::from("no copy is known");
-        for address in &arg.addresses {
+        if !arg.inline.is_empty() {
+            match decode_inline(&arg.object_id, &arg.inline) {
+                Ok(b) => got = Some(b),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        for address in arg.addresses.iter().filter(|_| got.is_none()) {
             match fetch(channels, address, &arg.object_id).await {
                 Ok(b) => {
                     got = Some(b);
@@ -182,7 +201,7 @@ async fn run_one(
                     "cannot read input {}: {last_error}",
                     arg.object_id
                 )));
-                return (report, None);
+                return (report, Vec::new(), None);
             }
         }
     }
@@ -199,6 +218,7 @@ async fn run_one(
         task.name.clone()
     };
     let mut ran = None;
+    let mut output = Vec::new();
     let result: Result<Vec<RecordBatch>> =
         decode::<Payload>(&format!("task {label}"), &task.payload).and_then(|payload| {
             match (payload, actor) {
@@ -218,7 +238,15 @@ async fn run_one(
     match result {
         Ok(batches) => {
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            match store(channels, agent_address, &task.task_id, batches).await {
+            // A small result goes to the agent with the report; a big one over Flight.
+            let stored = match encode_inline(&batches) {
+                Some(bytes) => {
+                    output = bytes;
+                    Ok(0)
+                }
+                None => store(channels, agent_address, &task.task_id, batches).await,
+            };
+            match stored {
                 Ok(bytes) => {
                     report.output_bytes = bytes;
                     report.output_rows = rows as u64;
@@ -239,7 +267,7 @@ async fn run_one(
             report.error = Some(wire_error(&ErrorReport::from(&e)));
         }
     }
-    (report, ran)
+    (report, output, ran)
 }
 
 /// Runs user code, turning a panic into an error.
