@@ -247,6 +247,11 @@ impl RemoteTask for StageTask {
         }
     }
 
+    /// A write stages files; the worker waits to learn whether to keep them.
+    fn leaves_side_effects(&self) -> bool {
+        self.write.is_some()
+    }
+
     /// A superseded attempt removes what it staged.
     fn discard(&self, task: &TaskContext) {
         let Some(part) = &self.write else { return };

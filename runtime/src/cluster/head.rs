@@ -755,7 +755,7 @@ impl State {
         let resources = task.resources.clone();
         let arg_ids: Vec<String> = task.spec.args.clone();
         let placement = if task.spec.placement_group.is_empty() {
-            self.pick_node(&resources, &arg_ids)
+            self.pick_node(&resources, &arg_ids, &HashMap::new())
                 .map(|(node, gpus)| (node, gpus, None))
         } else {
             let group = task.spec.placement_group.clone();
@@ -803,9 +803,15 @@ impl State {
     }
 
     /// The best node for a task: one where it fits, holding most of its input bytes,
-    /// then the one with the most CPUs free (spreading load).
-    fn pick_node(&mut self, req: &Resources, args: &[String]) -> Option<(String, Vec<u32>)> {
-        let mut best: Option<(u64, f64, String)> = None;
+    /// then the one with the fewest of `crowd` (a count per node of what should
+    /// spread), then the one with the most CPUs free (spreading load).
+    fn pick_node(
+        &mut self,
+        req: &Resources,
+        args: &[String],
+        crowd: &HashMap<String, usize>,
+    ) -> Option<(String, Vec<u32>)> {
+        let mut best: Option<(u64, usize, f64, String)> = None;
         for (id, n) in &self.nodes {
             if !n.alive || n.tx.is_none() || !req.fits_in(&n.available) {
                 continue;
@@ -820,15 +826,20 @@ impl State {
                 .map(|o| o.bytes)
                 .sum();
             let free = n.available.num_cpus / n.total.num_cpus.max(1e-9);
+            let many = crowd.get(id).copied().unwrap_or(0);
             let better = match &best {
                 None => true,
-                Some((l, f, _)) => local > *l || (local == *l && free > *f + 1e-9),
+                Some((l, m, f, _)) => {
+                    local > *l
+                        || (local == *l && many < *m)
+                        || (local == *l && many == *m && free > *f + 1e-9)
+                }
             };
             if better {
-                best = Some((local, free, id.clone()));
+                best = Some((local, many, free, id.clone()));
             }
         }
-        let (_, _, id) = best?;
+        let (_, _, _, id) = best?;
         let n = self.nodes.get_mut(&id)?;
         let gpus = n.gpus.take(req.num_gpus)?;
         n.available.subtract(req);
@@ -1324,7 +1335,17 @@ impl State {
             }
             let req = a.resources.clone();
             let placement = if a.spec.placement_group.is_empty() {
-                self.pick_node(&req, &[]).map(|(n, g)| (n, g, None))
+                // A job's actors spread over the nodes (a pool's actors serve blocks
+                // wherever they were made), then go where most CPUs are free.
+                let job = a.spec.job_id.clone();
+                let mut crowd: HashMap<String, usize> = HashMap::new();
+                for other in self.actors.values().filter(|o| o.spec.job_id == job) {
+                    if let ActorState::Starting { node } | ActorState::Alive { node } = &other.state
+                    {
+                        *crowd.entry(node.clone()).or_default() += 1;
+                    }
+                }
+                self.pick_node(&req, &[], &crowd).map(|(n, g)| (n, g, None))
             } else {
                 let (g, i) = (a.spec.placement_group.clone(), a.spec.bundle_index);
                 self.take_from_bundle(&g, i, &req)
@@ -1411,7 +1432,7 @@ impl State {
             .collect();
         for id in pending {
             let req = self.jobs[&id].resources.clone();
-            let Some((node, gpus)) = self.pick_node(&req, &[]) else {
+            let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new()) else {
                 continue;
             };
             let j = self.jobs.get_mut(&id).expect("exists");

@@ -910,11 +910,14 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         let (tx, rx) = oneshot::channel();
         self.agent
             .reports
-            .send((report, Some(tx)))
+            .send((report, r.await_verdict.then_some(tx)))
             .map_err(|_| Status::unavailable("the node agent is stopping"))?;
-        let stale = rx
-            .await
-            .map_err(|_| Status::unavailable("the node agent is stopping"))?;
+        let stale = if r.await_verdict {
+            rx.await
+                .map_err(|_| Status::unavailable("the node agent is stopping"))?
+        } else {
+            false
+        };
         Ok(Response::new(proto::FinishResponse {
             stale,
             next: self.agent.next_for(&r.worker_id),

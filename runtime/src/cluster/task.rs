@@ -59,6 +59,13 @@ pub trait RemoteTask: Send + Sync + Debug {
     /// away. Undo any side effect the attempt left outside its result (a write's staged
     /// files). The default does nothing.
     fn discard(&self, _ctx: &TaskContext) {}
+
+    /// Whether [`Self::discard`] has anything to undo. Only then does the worker wait,
+    /// before its next task, for the head's word on whether the attempt was
+    /// superseded; other tasks hand their result over and go on at once.
+    fn leaves_side_effects(&self) -> bool {
+        false
+    }
 }
 
 /// A stateful worker: built once from its serialized value, then called in order.

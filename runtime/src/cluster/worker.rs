@@ -129,6 +129,7 @@ fn worker_loop() -> Result<()> {
             worker_id: worker_id.clone(),
             report: Some(report),
             output: output.into(),
+            await_verdict: ran.as_ref().is_some_and(|(t, _)| t.leaves_side_effects()),
         }));
         // An attempt whose result will not be used (superseded, or not delivered: the
         // head then runs the task again) undoes what it left behind.
