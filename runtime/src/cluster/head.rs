@@ -71,6 +71,11 @@ struct Node {
     alive: bool,
     tx: Option<CommandTx>,
     running: HashSet<String>,
+    /// Tasks sent ahead of room (oldest first), not yet holding resources here.
+    ahead: VecDeque<String>,
+    /// Running CPU-only tasks holding resources here, by their CPUs (`f64` bits):
+    /// the slots a task sent ahead may wait for.
+    slots: HashMap<u64, usize>,
     object_bytes: u64,
     object_store_memory: u64,
     spilled_bytes: u64,
@@ -150,6 +155,22 @@ struct TaskEntry {
     reconstructions: u32,
     /// `(group, bundle, generation)` whose reservation the running task uses.
     bundle: Option<BundleRef>,
+    /// Sent to its node ahead of room: it holds no resources yet.
+    ahead: bool,
+}
+
+impl TaskEntry {
+    /// The CPUs it asks for, when that is all it asks for (no GPUs, memory, custom
+    /// resources, placement group or actor).
+    fn cpu_only(&self) -> Option<f64> {
+        let r = &self.resources;
+        (self.spec.actor_id.is_empty()
+            && self.spec.placement_group.is_empty()
+            && r.num_gpus == 0.0
+            && r.memory == 0
+            && r.custom.is_empty())
+        .then_some(r.num_cpus)
+    }
 }
 
 fn actor_status(id: &str, a: &ActorEntry) -> proto::ActorStatus {
@@ -285,6 +306,10 @@ struct State {
     /// Bytes of the inline copies held, and the most they may take.
     inline_bytes: u64,
     inline_limit: u64,
+    /// Whether CPU-only tasks may be sent to nodes ahead of room in this scheduling
+    /// pass: not while an actor, a driver, a placement group or a task asking for
+    /// more than CPUs waits, since tasks ahead take freed CPUs first.
+    ahead_allowed: bool,
 }
 
 /// The head's state and the signal its waiters sleep on.
@@ -629,6 +654,7 @@ impl State {
 
     /// Places whatever can run now.
     fn schedule(&mut self) {
+        self.promote_ahead();
         self.place_groups();
         self.place_drivers();
         self.place_actors();
@@ -638,6 +664,13 @@ impl State {
                 self.queue.other.push_back(id);
             }
         }
+        self.ahead_allowed = self.queue.other.is_empty()
+            && !self.actors.values().any(|a| a.state == ActorState::Pending)
+            && !self.jobs.values().any(|j| j.info.state == "PENDING")
+            && !self
+                .groups
+                .values()
+                .any(|g| !g.ready && self.job_active(&g.job));
         // The smallest CPU-only request that found no room in this pass: a task asking
         // at least as much cannot fit either.
         let mut no_room_at = f64::INFINITY;
@@ -665,15 +698,7 @@ impl State {
 
     /// Puts task `id` in the queue, first (a retry) or last.
     fn enqueue(&mut self, id: String, first: bool) {
-        let cpu_only = self.tasks.get(&id).and_then(|t| {
-            let r = &t.resources;
-            (t.spec.actor_id.is_empty()
-                && t.spec.placement_group.is_empty()
-                && r.num_gpus == 0.0
-                && r.memory == 0
-                && r.custom.is_empty())
-            .then_some(r.num_cpus)
-        });
+        let cpu_only = self.tasks.get(&id).and_then(TaskEntry::cpu_only);
         self.queue.push(id, cpu_only, first);
     }
 
@@ -750,9 +775,10 @@ impl State {
                 _ => return false,
             };
             let gpus = self.actors[&task.spec.actor_id].gpus.clone();
-            return self.dispatch(id, node, gpus, None, args);
+            return self.dispatch(id, node, gpus, None, args, false);
         }
         let resources = task.resources.clone();
+        let cpu_only = task.cpu_only().filter(|c| *c > 0.0 && self.ahead_allowed);
         let arg_ids: Vec<String> = task.spec.args.clone();
         let placement = if task.spec.placement_group.is_empty() {
             self.pick_node(&resources, &arg_ids, &HashMap::new())
@@ -762,10 +788,86 @@ impl State {
             let index = task.spec.bundle_index;
             self.take_from_bundle(&group, index, &resources)
         };
-        match placement {
-            Some((node, gpus, bundle)) => self.dispatch(id, node, gpus, bundle, args),
+        if let Some((node, gpus, bundle)) = placement {
+            return self.dispatch(id, node, gpus, bundle, args, false);
+        }
+        match cpu_only.and_then(|_| self.pick_ahead(&resources)) {
+            Some(node) => self.dispatch(id, node, vec![], None, args, true),
             None => false,
         }
+    }
+
+    /// A node to send a CPU-only task to ahead of room: one running more tasks of
+    /// the same CPUs than it has tasks waiting ahead (the fewest waiting first). A
+    /// worker that finishes such a task takes the one ahead over at once, instead of
+    /// idling while its report goes to the head and the next task comes back. Only
+    /// tasks that will end count (not actors, drivers or placement groups), and a
+    /// slot they free goes to the tasks ahead first ([`Self::promote_ahead`] runs
+    /// before any other placement), so a task ahead never waits on something that
+    /// holds its room for good.
+    fn pick_ahead(&self, req: &Resources) -> Option<String> {
+        let key = req.num_cpus.to_bits();
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.alive && n.tx.is_some())
+            .filter_map(|(id, n)| {
+                let slots = n.slots.get(&key).copied().unwrap_or(0);
+                let waiting = n
+                    .ahead
+                    .iter()
+                    .filter(|a| {
+                        self.tasks
+                            .get(*a)
+                            .is_some_and(|t| t.resources.num_cpus.to_bits() == key)
+                    })
+                    .count();
+                (waiting < slots).then_some((n.ahead.len(), id))
+            })
+            .min()
+            .map(|(_, id)| id.clone())
+    }
+
+    /// Gives tasks sent ahead the room their nodes now have, oldest first.
+    fn promote_ahead(&mut self) {
+        for n in self.nodes.values_mut().filter(|n| !n.ahead.is_empty()) {
+            while let Some(id) = n.ahead.front() {
+                let Some(task) = self.tasks.get_mut(id) else {
+                    n.ahead.pop_front();
+                    continue;
+                };
+                if !task.resources.fits_in(&n.available) {
+                    break;
+                }
+                n.available.subtract(&task.resources);
+                *n.slots
+                    .entry(task.resources.num_cpus.to_bits())
+                    .or_default() += 1;
+                task.ahead = false;
+                let id = n.ahead.pop_front().expect("front exists");
+                n.send(Command::PromoteTask(id));
+            }
+        }
+    }
+
+    /// Task `successor`, sent ahead, took over the slot of a task that just left
+    /// `node`: it now holds the resources that task gave back.
+    fn take_over(&mut self, node: &str, successor: &str) {
+        let Some(task) = self.tasks.get_mut(successor) else {
+            return;
+        };
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        let running_here = matches!(&task.state, TaskState::Running { node: at, .. } if at == node);
+        if !task.ahead || !running_here || !task.resources.fits_in(&n.available) {
+            return;
+        }
+        n.available.subtract(&task.resources);
+        *n.slots
+            .entry(task.resources.num_cpus.to_bits())
+            .or_default() += 1;
+        n.ahead.retain(|a| a != successor);
+        task.ahead = false;
     }
 
     fn dispatch(
@@ -775,8 +877,14 @@ impl State {
         gpus: Vec<u32>,
         bundle: Option<BundleRef>,
         args: Vec<proto::ObjectLocation>,
+        ahead: bool,
     ) -> bool {
         let task = self.tasks.get_mut(id).expect("task exists");
+        task.ahead = ahead;
+        let slot = (!ahead && bundle.is_none())
+            .then(|| task.cpu_only())
+            .flatten()
+            .map(f64::to_bits);
         task.state = TaskState::Running {
             node: node.clone(),
             gpus: gpus.clone(),
@@ -791,9 +899,17 @@ impl State {
             gpu_ids: gpus,
             actor_id: task.spec.actor_id.clone(),
             name: task.spec.name.clone(),
+            ahead,
+            num_cpus: task.resources.num_cpus,
         };
         let n = self.nodes.get_mut(&node).expect("placed on a known node");
         n.running.insert(id.to_string());
+        if ahead {
+            n.ahead.push_back(id.to_string());
+        }
+        if let Some(key) = slot {
+            *n.slots.entry(key).or_default() += 1;
+        }
         if !n.send(Command::RunTask(assignment)) {
             // The node went away between placement and now; the death handling will
             // requeue it.
@@ -920,10 +1036,23 @@ impl State {
         let req = task.resources.clone();
         let bundle = task.bundle.take();
         let is_call = !task.spec.actor_id.is_empty();
+        let ahead = std::mem::take(&mut task.ahead);
+        let slot = (!ahead && bundle.is_none())
+            .then(|| task.cpu_only())
+            .flatten()
+            .map(f64::to_bits);
         if let Some(n) = self.nodes.get_mut(&node) {
             n.running.remove(id);
+            if ahead {
+                n.ahead.retain(|a| a != id);
+            }
+            if let Some(key) = slot {
+                if let Some(c) = n.slots.get_mut(&key) {
+                    *c = c.saturating_sub(1);
+                }
+            }
         }
-        if !is_call {
+        if !is_call && !ahead {
             self.release(&node, &req, &gpus, &bundle);
         }
         Some(node)
@@ -967,6 +1096,7 @@ impl State {
                 attempt: 0,
                 reconstructions: 0,
                 bundle: None,
+                ahead: false,
             },
         );
         self.enqueue(id, false);
@@ -976,7 +1106,7 @@ impl State {
     /// Takes in a task's report; false when it was not of the attempt the head waits
     /// for (a late report from a node declared dead, or from an attempt already
     /// retried): it is dropped, and its sender told to undo what it left behind.
-    fn task_reported(&mut self, r: proto::TaskReport) -> bool {
+    fn task_reported(&mut self, mut r: proto::TaskReport) -> bool {
         let current = self.tasks.get(&r.task_id).is_some_and(|t| {
             t.attempt == r.attempt
                 && matches!(&t.state, TaskState::Running { node, .. } if *node == r.node_id)
@@ -984,6 +1114,7 @@ impl State {
         if !current {
             return false;
         }
+        let successor = std::mem::take(&mut r.successor);
         match Outcome::try_from(r.outcome).unwrap_or(Outcome::SystemFailure) {
             Outcome::Ok => self.task_done(
                 &r.task_id,
@@ -1000,6 +1131,9 @@ impl State {
                 let e = r.error.as_ref().map(|e| e.message.clone());
                 self.system_failure(&r.task_id, &e.unwrap_or_default())
             }
+        }
+        if !successor.is_empty() {
+            self.take_over(&r.node_id, &successor);
         }
         true
     }
@@ -1572,6 +1706,8 @@ impl proto::head_server::Head for HeadService {
                     alive: true,
                     tx: None,
                     running: HashSet::new(),
+                    ahead: VecDeque::new(),
+                    slots: HashMap::new(),
                     object_bytes: 0,
                     object_store_memory: r.object_store_memory,
                     spilled_bytes: 0,

@@ -54,6 +54,8 @@ struct WorkerEntry {
     job: String,
     gpus: Vec<u32>,
     running: Option<(String, u32)>,
+    /// The CPUs the running task holds: the slot a task sent ahead may take over.
+    cpus: f64,
     actor: Option<(String, u32)>,
     start_actor: Option<proto::StartActor>,
     kill: Option<oneshot::Sender<()>>,
@@ -66,6 +68,9 @@ struct AgentState {
     queues: HashMap<(String, Vec<u32>), VecDeque<proto::TaskAssignment>>,
     /// Calls waiting for their actor's worker.
     calls: HashMap<String, VecDeque<proto::TaskAssignment>>,
+    /// Tasks the head sent ahead of room, oldest first: each runs once the head
+    /// promotes it, or sooner in the slot of a task that just finished here.
+    ahead: VecDeque<proto::TaskAssignment>,
     workers: HashMap<String, WorkerEntry>,
     drivers: HashMap<String, oneshot::Sender<()>>,
     stopped_jobs: std::collections::HashSet<String>,
@@ -329,6 +334,21 @@ impl Agent {
 
     fn handle(self: Arc<Self>, command: Command) {
         match command {
+            Command::RunTask(task) if task.ahead => {
+                self.state.lock().expect("agent lock").ahead.push_back(task);
+            }
+            Command::PromoteTask(id) => {
+                let task = {
+                    let mut s = self.state.lock().expect("agent lock");
+                    let at = s.ahead.iter().position(|t| t.task_id == id);
+                    // Gone when a worker already took it over.
+                    at.and_then(|i| s.ahead.remove(i))
+                };
+                if let Some(mut task) = task {
+                    task.ahead = false;
+                    Arc::clone(&self).handle(Command::RunTask(task));
+                }
+            }
             Command::RunTask(task) => {
                 {
                     let mut s = self.state.lock().expect("agent lock");
@@ -354,6 +374,7 @@ impl Agent {
                 for q in s.queues.values_mut() {
                     q.retain(|t| t.task_id != id);
                 }
+                s.ahead.retain(|t| t.task_id != id);
                 for w in s.workers.values_mut() {
                     if w.running.as_ref().is_some_and(|(t, _)| *t == id) {
                         if let Some(k) = w.kill.take() {
@@ -418,6 +439,7 @@ impl Agent {
         let mut s = self.state.lock().expect("agent lock");
         s.stopped_jobs.insert(job.to_string());
         s.queues.retain(|(j, _), _| j != job);
+        s.ahead.retain(|t| t.job_id != job);
         let calls: Vec<String> = s
             .calls
             .iter()
@@ -624,6 +646,7 @@ impl Agent {
                     job: job_id.to_string(),
                     gpus,
                     running: None,
+                    cpus: 0.0,
                     actor: None,
                     start_actor: actor,
                     kill: Some(kill_tx),
@@ -689,41 +712,65 @@ impl Agent {
     /// What worker `id` does next, if anything is waiting for it: exit, become an
     /// actor, or run a task (or an actor call).
     fn next_for(&self, id: &str) -> Option<proto::PullResponse> {
+        self.next_after(id, None).0
+    }
+
+    /// [`Self::next_for`], for a worker whose task of `freed` CPUs just finished: with
+    /// nothing else waiting, it takes over a task sent ahead that asks for the same
+    /// CPUs (returned second: the head learns it from the finished task's report).
+    fn next_after(
+        &self,
+        id: &str,
+        freed: Option<f64>,
+    ) -> (Option<proto::PullResponse>, Option<String>) {
         let mut s = self.state.lock().expect("agent lock");
         let s = &mut *s;
+        let exit = proto::PullResponse {
+            exit: true,
+            ..Default::default()
+        };
         let Some(w) = s.workers.get_mut(id) else {
-            return Some(proto::PullResponse {
-                exit: true,
-                ..Default::default()
-            });
+            return (Some(exit), None);
         };
         if w.exiting {
-            return Some(proto::PullResponse {
-                exit: true,
-                ..Default::default()
-            });
+            return (Some(exit), None);
         }
         if let Some(a) = w.start_actor.take() {
             w.actor = Some((a.actor_id.clone(), a.incarnation));
-            return Some(proto::PullResponse {
+            let start = proto::PullResponse {
                 actor: Some(a),
                 ..Default::default()
-            });
+            };
+            return (Some(start), None);
         }
-        let next = match &w.actor {
+        let mut successor = None;
+        let mut next = match &w.actor {
             Some((actor, _)) => s.calls.get_mut(actor).and_then(|q| q.pop_front()),
             None => s
                 .queues
                 .get_mut(&(w.job.clone(), w.gpus.clone()))
                 .and_then(|q| q.pop_front()),
         };
-        next.map(|task| {
+        if let (None, Some(cpus), None, true) = (&next, freed, &w.actor, w.gpus.is_empty()) {
+            let at = s
+                .ahead
+                .iter()
+                .position(|t| t.job_id == w.job && t.num_cpus == cpus);
+            next = at.and_then(|i| s.ahead.remove(i)).map(|mut t| {
+                t.ahead = false;
+                successor = Some(t.task_id.clone());
+                t
+            });
+        }
+        let next = next.map(|task| {
             w.running = Some((task.task_id.clone(), task.attempt));
+            w.cpus = task.num_cpus;
             proto::PullResponse {
                 task: Some(task),
                 ..Default::default()
             }
-        })
+        });
+        (next, successor)
     }
 
     /// Reports that task `t` did not run here.
@@ -882,12 +929,13 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         let Some(mut report) = r.report else {
             return Err(Status::invalid_argument("a result without a report"));
         };
-        {
+        let freed = {
             let mut s = self.agent.state.lock().expect("agent lock");
-            if let Some(w) = s.workers.get_mut(&r.worker_id) {
-                w.running = None;
-            }
-        }
+            s.workers.get_mut(&r.worker_id).and_then(|w| {
+                let was = w.running.take();
+                was.filter(|(id, _)| *id == report.task_id).map(|_| w.cpus)
+            })
+        };
         report.node_id = self.agent.node_id.clone();
         if !r.output.is_empty() {
             // A small result came with the report: it is stored here, and its bytes go
@@ -907,6 +955,10 @@ impl proto::node_agent_server::NodeAgent for AgentService {
                 }
             }
         }
+        // The worker's next task is chosen before the report leaves: a task sent
+        // ahead that takes over this slot travels in it.
+        let (next, successor) = self.agent.next_after(&r.worker_id, freed);
+        report.successor = successor.unwrap_or_default();
         let (tx, rx) = oneshot::channel();
         self.agent
             .reports
@@ -918,10 +970,7 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         } else {
             false
         };
-        Ok(Response::new(proto::FinishResponse {
-            stale,
-            next: self.agent.next_for(&r.worker_id),
-        }))
+        Ok(Response::new(proto::FinishResponse { stale, next }))
     }
 
     async fn actor_ready(
