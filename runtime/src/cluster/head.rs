@@ -2267,7 +2267,151 @@ impl proto::head_server::Head for HeadService {
 
 #[cfg(test)]
 mod tests {
-    use super::TaskQueue;
+    use super::*;
+
+    type Commands = mpsc::UnboundedReceiver<std::result::Result<proto::NodeCommand, Status>>;
+
+    /// A head state with one running job `j` and one node `n1` of `cpus` CPUs, and
+    /// what the head sends that node.
+    fn one_node(cpus: f64) -> (State, Commands) {
+        let mut s = State::default();
+        s.jobs.insert(
+            "j".into(),
+            JobEntry {
+                info: proto::JobInfo {
+                    job_id: "j".into(),
+                    state: "RUNNING".into(),
+                    ..Default::default()
+                },
+                dir: PathBuf::new(),
+                last_alive: Instant::now(),
+                gpus: vec![],
+                resources: Resources::default(),
+            },
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        let total = Resources {
+            num_cpus: cpus,
+            ..Default::default()
+        };
+        s.nodes.insert(
+            "n1".into(),
+            Node {
+                hostname: "h".into(),
+                object_address: "a".into(),
+                available: total.clone(),
+                total,
+                gpus: GpuSlots::new(&[]),
+                last_seen: Instant::now(),
+                alive: true,
+                tx: Some(tx),
+                running: HashSet::new(),
+                ahead: VecDeque::new(),
+                slots: HashMap::new(),
+                object_bytes: 0,
+                object_store_memory: 0,
+                spilled_bytes: 0,
+                workers: 0,
+            },
+        );
+        (s, rx)
+    }
+
+    fn submit(s: &mut State, id: &str) {
+        let one_cpu = Resources {
+            num_cpus: 1.0,
+            ..Default::default()
+        };
+        s.submit(proto::SubmitTaskRequest {
+            job_id: "j".into(),
+            task_id: id.into(),
+            resources: Some((&one_cpu).into()),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+
+    fn done(s: &mut State, id: &str, successor: &str) {
+        assert!(s.task_reported(proto::TaskReport {
+            node_id: "n1".into(),
+            task_id: id.into(),
+            successor: successor.into(),
+            ..Default::default()
+        }));
+        s.schedule();
+    }
+
+    fn sent(rx: &mut Commands) -> Vec<String> {
+        use proto::node_command::Command as C;
+        let mut out = Vec::new();
+        while let Ok(Ok(c)) = rx.try_recv() {
+            out.push(match c.command {
+                Some(C::RunTask(t)) if t.ahead => format!("ahead {}", t.task_id),
+                Some(C::RunTask(t)) => format!("run {}", t.task_id),
+                Some(C::PromoteTask(id)) => format!("promote {id}"),
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn tasks_wait_ahead_for_slots_that_end_and_inherit_or_get_them() {
+        let (mut s, mut rx) = one_node(2.0);
+        for id in ["t1", "t2", "t3", "t4", "t5"] {
+            submit(&mut s, id);
+        }
+        s.schedule();
+        // Two run, two wait ahead (one per running task of the same CPUs), one queues.
+        assert_eq!(sent(&mut rx), ["run t1", "run t2", "ahead t3", "ahead t4"]);
+        assert_eq!(s.nodes["n1"].available.num_cpus, 0.0);
+        // t3 took over t1's slot on the node: nothing is freed, t5 goes ahead.
+        done(&mut s, "t1", "t3");
+        assert!(!s.tasks["t3"].ahead);
+        assert_eq!(s.nodes["n1"].available.num_cpus, 0.0);
+        assert_eq!(sent(&mut rx), ["ahead t5"]);
+        // t2 ended with no successor: the head gives its slot to the oldest task ahead.
+        done(&mut s, "t2", "");
+        assert_eq!(sent(&mut rx), ["promote t4"]);
+        assert_eq!(s.nodes["n1"].available.num_cpus, 0.0);
+        for t in ["t3", "t4", "t5"] {
+            done(&mut s, t, "");
+        }
+        assert_eq!(s.nodes["n1"].available.num_cpus, 2.0);
+        assert!(s.nodes["n1"].ahead.is_empty());
+        assert_eq!(s.nodes["n1"].slots.values().sum::<usize>(), 0);
+    }
+
+    #[test]
+    fn nothing_goes_ahead_while_an_actor_waits_for_room() {
+        let (mut s, mut rx) = one_node(1.0);
+        submit(&mut s, "t1");
+        s.schedule();
+        assert_eq!(sent(&mut rx), ["run t1"]);
+        s.actors.insert(
+            "a".into(),
+            ActorEntry {
+                spec: proto::CreateActorRequest {
+                    job_id: "j".into(),
+                    ..Default::default()
+                },
+                resources: Resources {
+                    num_cpus: 1.0,
+                    ..Default::default()
+                },
+                state: ActorState::Pending,
+                incarnation: 0,
+                restarts: 0,
+                gpus: vec![],
+                bundle: None,
+                pid: 0,
+            },
+        );
+        submit(&mut s, "t2");
+        s.schedule();
+        assert!(sent(&mut rx).is_empty(), "t2 waits at the head");
+        assert!(matches!(s.tasks["t2"].state, TaskState::Pending));
+    }
 
     #[test]
     fn the_queue_keeps_order_and_a_lower_bound_on_cpu_requests() {
