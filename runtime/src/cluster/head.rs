@@ -103,6 +103,10 @@ enum TaskState {
     Failed,
 }
 
+/// How many tasks may wait ahead on a node per running task of the same CPUs: two keep
+/// a worker that finishes from waiting while the head's next one is on its way.
+const AHEAD_PER_SLOT: usize = 2;
+
 /// The tasks waiting for room, in submission order (retries first).
 ///
 /// Tasks that ask for CPUs alone (no GPUs, memory, custom resources, placement group
@@ -797,14 +801,14 @@ impl State {
         }
     }
 
-    /// A node to send a CPU-only task to ahead of room: one running more tasks of
-    /// the same CPUs than it has tasks waiting ahead (the fewest waiting first). A
-    /// worker that finishes such a task takes the one ahead over at once, instead of
-    /// idling while its report goes to the head and the next task comes back. Only
-    /// tasks that will end count (not actors, drivers or placement groups), and a
-    /// slot they free goes to the tasks ahead first ([`Self::promote_ahead`] runs
-    /// before any other placement), so a task ahead never waits on something that
-    /// holds its room for good.
+    /// A node to send a CPU-only task to ahead of room: one with fewer tasks of the
+    /// same CPUs waiting ahead than [`AHEAD_PER_SLOT`] per running task of those CPUs
+    /// (the fewest waiting first). A worker that finishes such a task takes one ahead
+    /// over at once, instead of idling while its report goes to the head and the next
+    /// task comes back. Only tasks that will end count (not actors, drivers or
+    /// placement groups), and a slot they free goes to the tasks ahead first
+    /// ([`Self::promote_ahead`] runs before any other placement), so a task ahead
+    /// never waits on something that holds its room for good.
     fn pick_ahead(&self, req: &Resources) -> Option<String> {
         let key = req.num_cpus.to_bits();
         self.nodes
@@ -821,7 +825,7 @@ impl State {
                             .is_some_and(|t| t.resources.num_cpus.to_bits() == key)
                     })
                     .count();
-                (waiting < slots).then_some((n.ahead.len(), id))
+                (waiting < AHEAD_PER_SLOT * slots).then_some((n.ahead.len(), id))
             })
             .min()
             .map(|(_, id)| id.clone())
@@ -2358,25 +2362,29 @@ mod tests {
     #[test]
     fn tasks_wait_ahead_for_slots_that_end_and_inherit_or_get_them() {
         let (mut s, mut rx) = one_node(2.0);
-        for id in ["t1", "t2", "t3", "t4", "t5"] {
+        for id in ["t1", "t2", "t3", "t4", "t5", "t6", "t7"] {
             submit(&mut s, id);
         }
         s.schedule();
-        // Two run, two wait ahead (one per running task of the same CPUs), one queues.
-        assert_eq!(sent(&mut rx), ["run t1", "run t2", "ahead t3", "ahead t4"]);
+        // Two run, four wait ahead (two per running task of the same CPUs), one queues.
+        assert_eq!(
+            sent(&mut rx),
+            ["run t1", "run t2", "ahead t3", "ahead t4", "ahead t5", "ahead t6"]
+        );
         assert_eq!(s.nodes["n1"].available.num_cpus, 0.0);
-        // t3 took over t1's slot on the node: nothing is freed, t5 goes ahead.
+        // t3 took over t1's slot on the node: nothing is freed, t7 goes ahead.
         done(&mut s, "t1", "t3");
         assert!(!s.tasks["t3"].ahead);
         assert_eq!(s.nodes["n1"].available.num_cpus, 0.0);
-        assert_eq!(sent(&mut rx), ["ahead t5"]);
+        assert_eq!(sent(&mut rx), ["ahead t7"]);
         // t2 ended with no successor: the head gives its slot to the oldest task ahead.
         done(&mut s, "t2", "");
         assert_eq!(sent(&mut rx), ["promote t4"]);
         assert_eq!(s.nodes["n1"].available.num_cpus, 0.0);
-        for t in ["t3", "t4", "t5"] {
+        for t in ["t3", "t4", "t5", "t6", "t7"] {
             done(&mut s, t, "");
         }
+        assert_eq!(sent(&mut rx), ["promote t5", "promote t6", "promote t7"]);
         assert_eq!(s.nodes["n1"].available.num_cpus, 2.0);
         assert!(s.nodes["n1"].ahead.is_empty());
         assert_eq!(s.nodes["n1"].slots.values().sum::<usize>(), 0);
