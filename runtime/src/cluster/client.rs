@@ -893,15 +893,28 @@ async fn wait_all(inner: &Inner, ids: &[String]) -> Result<Vec<proto::ObjectStat
 async fn read(inner: &Inner, status: proto::ObjectStatus) -> Result<Vec<RecordBatch>> {
     let id = status.object_id;
     let location = status.location.unwrap_or_default();
+    match read_copy(inner, &id, &location).await {
+        Some(read) => read,
+        None => get_one(inner, &id).await,
+    }
+}
+
+/// Object `id`'s inline copy, else the first copy a node serves; `None` when no node
+/// served one.
+async fn read_copy(
+    inner: &Inner,
+    id: &str,
+    location: &proto::ObjectLocation,
+) -> Option<Result<Vec<RecordBatch>>> {
     if !location.inline.is_empty() {
-        return decode_inline(&id, &location.inline);
+        return Some(decode_inline(id, &location.inline));
     }
     for a in &location.addresses {
-        if let Ok(b) = fetch(&inner.channels, a, &id).await {
-            return Ok(b);
+        if let Ok(b) = fetch(&inner.channels, a, id).await {
+            return Some(Ok(b));
         }
     }
-    get_one(inner, &id).await
+    None
 }
 
 async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
@@ -923,13 +936,8 @@ async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
         }
         if s.ready {
             let location = s.location.unwrap_or_default();
-            if !location.inline.is_empty() {
-                return decode_inline(id, &location.inline);
-            }
-            for a in &location.addresses {
-                if let Ok(b) = fetch(&inner.channels, a, id).await {
-                    return Ok(b);
-                }
+            if let Some(read) = read_copy(inner, id, &location).await {
+                return read;
             }
             // Every copy failed to read: its node is probably dying. The head will
             // declare it dead and rebuild the object; ask again.

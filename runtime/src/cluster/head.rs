@@ -83,6 +83,16 @@ struct Node {
 }
 
 impl Node {
+    /// A task sent ahead gets its room here: it holds its resources and a slot.
+    fn hold_slot(&mut self, task: &mut TaskEntry) {
+        self.available.subtract(&task.resources);
+        *self
+            .slots
+            .entry(task.resources.num_cpus.to_bits())
+            .or_default() += 1;
+        task.ahead = false;
+    }
+
     fn send(&self, command: Command) -> bool {
         match &self.tx {
             Some(tx) if self.alive => tx
@@ -164,6 +174,15 @@ struct TaskEntry {
 }
 
 impl TaskEntry {
+    /// The key of the node slot it holds while it runs with `bundle`, sent `ahead` or
+    /// not: its CPUs' bits, for a CPU-only task holding the node's own resources.
+    fn slot(&self, ahead: bool, bundle: &Option<BundleRef>) -> Option<u64> {
+        (!ahead && bundle.is_none())
+            .then(|| self.cpu_only())
+            .flatten()
+            .map(f64::to_bits)
+    }
+
     /// The CPUs it asks for, when that is all it asks for (no GPUs, memory, custom
     /// resources, placement group or actor).
     fn cpu_only(&self) -> Option<f64> {
@@ -842,11 +861,7 @@ impl State {
                 if !task.resources.fits_in(&n.available) {
                     break;
                 }
-                n.available.subtract(&task.resources);
-                *n.slots
-                    .entry(task.resources.num_cpus.to_bits())
-                    .or_default() += 1;
-                task.ahead = false;
+                n.hold_slot(task);
                 let id = n.ahead.pop_front().expect("front exists");
                 n.send(Command::PromoteTask(id));
             }
@@ -866,12 +881,8 @@ impl State {
         if !task.ahead || !running_here || !task.resources.fits_in(&n.available) {
             return;
         }
-        n.available.subtract(&task.resources);
-        *n.slots
-            .entry(task.resources.num_cpus.to_bits())
-            .or_default() += 1;
+        n.hold_slot(task);
         n.ahead.retain(|a| a != successor);
-        task.ahead = false;
     }
 
     fn dispatch(
@@ -885,10 +896,7 @@ impl State {
     ) -> bool {
         let task = self.tasks.get_mut(id).expect("task exists");
         task.ahead = ahead;
-        let slot = (!ahead && bundle.is_none())
-            .then(|| task.cpu_only())
-            .flatten()
-            .map(f64::to_bits);
+        let slot = task.slot(ahead, &bundle);
         task.state = TaskState::Running {
             node: node.clone(),
             gpus: gpus.clone(),
@@ -1041,10 +1049,7 @@ impl State {
         let bundle = task.bundle.take();
         let is_call = !task.spec.actor_id.is_empty();
         let ahead = std::mem::take(&mut task.ahead);
-        let slot = (!ahead && bundle.is_none())
-            .then(|| task.cpu_only())
-            .flatten()
-            .map(f64::to_bits);
+        let slot = task.slot(ahead, &bundle);
         if let Some(n) = self.nodes.get_mut(&node) {
             n.running.remove(id);
             if ahead {
