@@ -14,6 +14,14 @@
 //! same model, data and settings run in PyTorch (`bench/peers/train_mlp_torch.py`: one
 //! process, then DistributedDataParallel over gloo with as many processes as ranks) and
 //! the ratios are printed.
+//!
+//! On a cluster (run as a job, or with `VOLLEY_ADDRESS`), the ranks read their shares
+//! from the nodes that hold the blocks; the program prints how many rows the driver sent
+//! itself and how many the ranks read from the nodes. (The shuffle still runs in the
+//! driver, whose output it then sends: `--no-shuffle` keeps every block on the nodes.)
+//! `--compare-relay` trains a second time with the driver relaying every block
+//! (`DataConfig::relay`), in input order, and fails unless both runs end with identical
+//! weights.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,8 +43,8 @@ use volley::train::burn::tensor::backend::Backend;
 use volley::train::burn::tensor::Tensor;
 use volley::train::tensor::{features_tensor, int_tensor};
 use volley::train::{
-    metrics, DataParallelTrainer, LoadRecord, Placement, RunConfig, ScalingConfig, TrainCheckpoint,
-    TrainContext, TrainLoop, WithRecord,
+    metrics, DataConfig, DataParallelTrainer, LoadRecord, Placement, RunConfig, ScalingConfig,
+    TrainCheckpoint, TrainContext, TrainLoop, TrainResult, WithRecord,
 };
 
 type B = Autodiff<NdArray<f32>>;
@@ -79,6 +87,42 @@ struct Args {
     /// A Python with torch and pyarrow: run the PyTorch peer too.
     #[arg(long)]
     python: Option<String>,
+    /// Train on the rows in input order (no `random_shuffle`).
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Train again with the driver relaying every block, both runs in input order, and
+    /// fail unless the weights are identical.
+    #[arg(long)]
+    compare_relay: bool,
+}
+
+/// How the rows reached the ranks, as one line.
+fn transfer_line(result: &TrainResult) -> String {
+    let t = result.data_transfer;
+    format!(
+        "the driver sent {} rows ({} bytes); the ranks read {} rows ({} bytes) from the nodes",
+        t.relayed_rows, t.relayed_bytes, t.node_rows, t.node_bytes
+    )
+}
+
+/// The trained weights of a run's last checkpoint, every parameter in order.
+fn final_weights(result: &TrainResult, hidden: usize) -> Result<Vec<f32>> {
+    type C = NdArray<f32>;
+    let checkpoint = result
+        .checkpoint
+        .as_ref()
+        .ok_or_else(|| VolleyError::execution("the run saved no checkpoint"))?;
+    let device = Default::default();
+    let model = Mlp::<C>::new(feature_names().len(), hidden, &device)
+        .load_record(checkpoint.record::<C, _>("model", &device)?);
+    let mut values = Vec::new();
+    for layer in [&model.l1, &model.l2, &model.l3] {
+        values.extend(layer.weight.val().into_data().iter::<f32>());
+        if let Some(b) = &layer.bias {
+            values.extend(b.val().into_data().iter::<f32>());
+        }
+    }
+    Ok(values)
 }
 
 /// A small deterministic generator (splitmix64), so the data is the same everywhere.
@@ -260,8 +304,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
-    volley::init()?;
+    let ctx = volley::init()?;
     let args = Args::parse();
+    // Runs that must match row for row deliver blocks in input order.
+    let ctx = if args.compare_relay {
+        let mut config = ctx.config().clone();
+        config.exec.preserve_order = true;
+        let ordered = Context::try_new(config)?;
+        match ctx.cluster() {
+            Some(c) => ordered.with_cluster(c.clone()),
+            None => ordered,
+        }
+    } else {
+        ctx
+    };
     if !args.data.exists() {
         println!("generating {} rows into {}", args.rows, args.data.display());
         generate(&args.data, args.rows)?;
@@ -269,11 +325,15 @@ fn main() -> Result<()> {
     let data = args.data.to_str().expect("utf-8 path");
     // The pipeline runs while the ranks train: every epoch reads, derives a feature and
     // shuffles again, and streams each rank its share.
-    let prepared = volley::read_parquet(data)?
+    let prepared = ctx
+        .read_parquet(data)?
         .with_column("radius", col("f0") * col("f0") + col("f1") * col("f1"))?;
-    let train = prepared
-        .filter((col("id") % lit(10i64)).not_eq(lit(0i64)))?
-        .random_shuffle(7)?;
+    let train = prepared.filter((col("id") % lit(10i64)).not_eq(lit(0i64)))?;
+    let train = if args.no_shuffle {
+        train
+    } else {
+        train.random_shuffle(7)?
+    };
     let test = prepared.filter((col("id") % lit(10i64)).eq(lit(0i64)))?;
 
     let placement = match args.placement.as_str() {
@@ -287,25 +347,44 @@ fn main() -> Result<()> {
     };
     let mut volley_rates = Vec::new();
     for &workers in &args.workers {
+        let trainer = |name: &str, relay: bool| {
+            DataParallelTrainer::new(
+                MlpClassifier {
+                    hidden: args.hidden,
+                    epochs: args.epochs,
+                    batch_size: args.batch_size,
+                    lr: args.lr,
+                },
+                ScalingConfig {
+                    placement,
+                    ..ScalingConfig::workers(workers)
+                },
+                RunConfig::new(&args.storage, name),
+            )
+            .with_dataset("train", train.clone())
+            .with_dataset("test", test.clone())
+            .with_data_config(DataConfig {
+                relay,
+                ..DataConfig::default()
+            })
+        };
         let name = format!("mlp-{workers}-ranks-{}", std::process::id());
-        let trainer = DataParallelTrainer::new(
-            MlpClassifier {
-                hidden: args.hidden,
-                epochs: args.epochs,
-                batch_size: args.batch_size,
-                lr: args.lr,
-            },
-            ScalingConfig {
-                placement,
-                ..ScalingConfig::workers(workers)
-            },
-            RunConfig::new(&args.storage, &name),
-        )
-        .with_dataset("train", train.clone())
-        .with_dataset("test", test.clone());
         let start = Instant::now();
-        let result = trainer.fit()?;
+        let result = trainer(&name, false).fit()?;
         let wall = start.elapsed().as_secs_f64();
+        println!("data {workers} ranks: {}", transfer_line(&result));
+        if args.compare_relay {
+            let relayed = trainer(&format!("{name}-relayed"), true).fit()?;
+            let same =
+                final_weights(&result, args.hidden)? == final_weights(&relayed, args.hidden)?;
+            println!("data {workers} ranks, relayed: {}", transfer_line(&relayed));
+            println!("weights identical with the driver relaying: {same}");
+            if !same {
+                return Err(VolleyError::execution(
+                    "the weights differ between reading from the nodes and relaying",
+                ));
+            }
+        }
         for r in &result.history {
             println!(
                 "ranks {workers} epoch {:.0}: loss {:.4}  accuracy {:.4}  {:.0} samples/s",

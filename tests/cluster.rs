@@ -744,7 +744,8 @@ fn tls_cluster_runs_jobs_and_refuses_clear_text() {
 /// A training job on two two-CPU nodes: its two one-CPU ranks (SPREAD) each get a node,
 /// average their gradients between the nodes' worker processes, while the pipeline's
 /// read tasks run on the CPUs left; the run checks its held-out accuracy and writes its
-/// checkpoints.
+/// checkpoints. The ranks read their shares from the nodes (the driver sends
+/// references), and end with the same weights as a run whose driver relays every row.
 #[test]
 fn training_ranks_spread_over_nodes() {
     let mut c = TestCluster::start(5.0);
@@ -769,14 +770,41 @@ fn training_ranks_spread_over_nodes() {
         data.to_str().unwrap(),
         "--storage",
         runs.to_str().unwrap(),
+        "--no-shuffle",
+        "--compare-relay",
     ]);
     assert_eq!(
-        c.wait_job(&job, Duration::from_secs(240)),
+        c.wait_job(&job, Duration::from_secs(300)),
         "SUCCEEDED",
         "{}",
         c.describe(&job)
     );
     let log = c.logs(&job);
+    // The ranks read their shares from the nodes: the driver sent (almost) no rows;
+    // relaying, it sends them all; both runs end with the same weights.
+    let numbers = |key: &str| -> Vec<u64> {
+        line_of(&log, key)
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    };
+    // [ranks, driver rows, driver bytes, node rows, node bytes]
+    let direct = numbers("data 2 ranks: ");
+    let relayed = numbers("data 2 ranks, relayed: ");
+    assert!(
+        direct[3] > 0 && direct[1] * 20 < direct[3],
+        "{direct:?}\n{log}"
+    );
+    assert_eq!(relayed[3], 0, "{relayed:?}");
+    assert_eq!(
+        relayed[1],
+        direct[1] + direct[3],
+        "{relayed:?} vs {direct:?}"
+    );
+    assert!(
+        log.contains("weights identical with the driver relaying: true"),
+        "{log}"
+    );
     let line = log
         .lines()
         .find(|l| l.starts_with("ranks ran on nodes"))
@@ -791,10 +819,9 @@ fn training_ranks_spread_over_nodes() {
     // Two epochs, a checkpoint each (kept: all).
     let run = std::fs::read_dir(&runs)
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .map(|e| e.unwrap().path())
+        .find(|p| !p.to_string_lossy().ends_with("-relayed"))
+        .unwrap();
     let complete = std::fs::read_dir(&run)
         .unwrap()
         .filter(|e| e.as_ref().unwrap().path().join("checkpoint.json").is_file())

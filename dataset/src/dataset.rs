@@ -13,7 +13,7 @@ use volley_connectors::{
     Compression, WriteFormat, WriteJob, WriteMode, WriteOptions, WriteSummary,
 };
 use volley_exec::{
-    execute, ExecContext, ExecutionStats, ExecutionStream, PhysicalPlan, PredicateFn,
+    execute, Block, ExecContext, ExecutionStats, ExecutionStream, PhysicalPlan, PredicateFn,
     StatefulTransform, TransformFactory, TransformFn, WriteTarget,
 };
 
@@ -279,7 +279,7 @@ impl Dataset {
         })
     }
 
-    fn stream(&self) -> Result<StatsStream> {
+    pub(crate) fn stream(&self) -> Result<StatsStream> {
         Ok(StatsStream {
             inner: execute(self.physical()?, &self.exec_context(false))?,
             sink: Arc::clone(&self.last_stats),
@@ -504,15 +504,33 @@ pub(crate) struct StatsStream {
     sink: Arc<Mutex<Option<ExecutionStats>>>,
 }
 
-impl Iterator for StatsStream {
-    type Item = Result<RecordBatch>;
-    fn next(&mut self) -> Option<Self::Item> {
-        let item = self.inner.next();
-        if item.is_none() || matches!(item, Some(Err(_))) {
+impl StatsStream {
+    /// The next output block as it is (a remote one stays on its node).
+    pub(crate) fn next_block(&mut self) -> Option<Result<Block>> {
+        let item = self.inner.next_block();
+        self.ended(item.is_none() || matches!(item, Some(Err(_))));
+        item
+    }
+
+    /// A block's batches (a remote one's fetched from its node).
+    pub(crate) fn resolve(&self, block: Block) -> Result<RecordBatch> {
+        self.inner.resolve(block)
+    }
+
+    fn ended(&mut self, ended: bool) {
+        if ended {
             if let Some(s) = self.inner.stats() {
                 *self.sink.lock().expect("stats lock") = Some(s.clone());
             }
         }
+    }
+}
+
+impl Iterator for StatsStream {
+    type Item = Result<RecordBatch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.inner.next();
+        self.ended(item.is_none() || matches!(item, Some(Err(_))));
         item
     }
 }

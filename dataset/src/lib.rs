@@ -32,7 +32,7 @@ pub use options::{Concurrency, IterOptions, MapOptions};
 pub use relational::{agg, GroupedDataset, JoinHow, SortKey};
 pub use runner::{ClusterRunner, LocalRunner, Runner, StageTask, WriteSpec};
 pub use sql::DatasetTable;
-pub use streaming_split::SplitIterator;
+pub use streaming_split::{RemoteRows, SplitIterator, SplitPart};
 
 pub use datafusion::prelude::{lit, Expr};
 pub use volley_connectors::{Compression, CsvReadOptions, WriteFormat, WriteMode, WriteSummary};

@@ -1,25 +1,93 @@
 //! One execution consumed by several iterators at once: how a training job feeds its
 //! workers.
+//!
+//! On a cluster the execution's blocks stay in the nodes' stores: a split hands out
+//! [`SplitPart::Remote`] parts (which rows of which object, with the reference that keeps
+//! it alive), so that a consumer in another process (a training rank) reads its share
+//! from the nodes and the bytes never pass through the driver. Consumers in this process
+//! iterate batches: remote parts are fetched for them.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 
 use arrow::array::RecordBatch;
 use volley_common::{Result, VolleyError};
+use volley_exec::Block;
+use volley_runtime::cluster::{Cluster, ObjectRef, ObjectSlice};
 
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, StatsStream};
 
-/// How far (in batches) one consumer may run ahead of a slower one in `equal` mode.
+/// How far (in parts) one consumer may run ahead of a slower one in `equal` mode.
 const MAX_AHEAD: usize = 4;
 
-type BatchIter = Box<dyn Iterator<Item = Result<RecordBatch>> + Send>;
+/// Rows of an object in a cluster node's store, and the reference that keeps the object
+/// alive while the rows are handed on.
+#[derive(Debug, Clone)]
+pub struct RemoteRows {
+    slice: ObjectSlice,
+    object: ObjectRef,
+    /// The object's rows and bytes (for the slice's share of them).
+    object_rows: u64,
+    object_bytes: u64,
+}
+
+impl RemoteRows {
+    /// Which rows, of which object, on which nodes: what a reader in another process
+    /// needs ([`volley_runtime::cluster::ObjectReader`]). Keep `self` until it has read
+    /// them: dropping the last reference frees the object.
+    pub fn slice(&self) -> &ObjectSlice {
+        &self.slice
+    }
+
+    /// Its bytes in the node's store (its rows' share of the object's).
+    pub fn bytes(&self) -> u64 {
+        (self.object_bytes as u128 * self.slice.rows as u128 / self.object_rows.max(1) as u128)
+            as u64
+    }
+}
+
+/// What a split hands one consumer.
+#[derive(Debug, Clone)]
+pub enum SplitPart {
+    /// Rows in this process.
+    Batch(RecordBatch),
+    /// Rows that stay in a cluster node's store.
+    Remote(RemoteRows),
+}
+
+impl SplitPart {
+    /// Its rows.
+    pub fn rows(&self) -> usize {
+        match self {
+            SplitPart::Batch(b) => b.num_rows(),
+            SplitPart::Remote(r) => r.slice.rows as usize,
+        }
+    }
+
+    /// Rows `offset..offset + len` of it (no copy: a batch slice, or a narrower range of
+    /// the same object).
+    fn slice(&self, offset: usize, len: usize) -> SplitPart {
+        match self {
+            SplitPart::Batch(b) => SplitPart::Batch(b.slice(offset, len)),
+            SplitPart::Remote(r) => SplitPart::Remote(RemoteRows {
+                slice: ObjectSlice {
+                    offset: r.slice.offset + offset as u64,
+                    rows: len as u64,
+                    ..r.slice.clone()
+                },
+                object: r.object.clone(),
+                ..*r
+            }),
+        }
+    }
+}
 
 struct Inner {
     dataset: Option<Dataset>,
-    stream: Option<BatchIter>,
-    queues: Vec<VecDeque<RecordBatch>>,
-    /// Rows held back in `equal` mode until there are enough to share.
-    carry: Option<RecordBatch>,
+    stream: Option<StatsStream>,
+    queues: Vec<VecDeque<SplitPart>>,
+    /// Rows held back in `equal` mode until there are enough to share, in order.
+    carry: VecDeque<SplitPart>,
     done: bool,
     error: Option<String>,
     errors_delivered: Vec<bool>,
@@ -29,12 +97,14 @@ struct Inner {
 struct State {
     n: usize,
     equal: bool,
+    /// Where remote parts are fetched from for consumers in this process.
+    cluster: Option<Cluster>,
     inner: Mutex<Inner>,
     changed: Condvar,
 }
 
 /// One of the iterators of [`Dataset::streaming_split`]. `Send`: give each to its own
-/// thread.
+/// thread, or serve it to another process with [`next_part`](Self::next_part).
 pub struct SplitIterator {
     state: Arc<State>,
     index: usize,
@@ -48,14 +118,17 @@ impl std::fmt::Debug for SplitIterator {
 
 impl Dataset {
     /// `n` iterators over one execution of the dataset, each getting a disjoint share
-    /// of its batches; together they see every row once.
+    /// of its rows; together they see every row once.
     ///
-    /// The execution starts when the first iterator is polled. Without `equal`, a batch
+    /// The execution starts when the first iterator is polled. Without `equal`, a block
     /// goes to whichever iterator asks first (fast consumers take more). With `equal`,
-    /// every batch is cut into `n` equal slices, one per iterator, so all get the same
+    /// every block is cut into `n` equal slices, one per iterator, so all get the same
     /// number of rows (the last `rows % n` rows are dropped), and a consumer may run at
-    /// most a few batches ahead of the slowest. Iterators run in threads of this
-    /// process; feeding workers in other processes comes with the cluster runtime.
+    /// most a few parts ahead of the slowest.
+    ///
+    /// On a cluster the blocks stay on the nodes: [`SplitIterator::next_part`] hands out
+    /// references to rows that another process reads from the nodes (the trainer's ranks
+    /// do), while iterating batches fetches them into this process.
     ///
     /// ```
     /// use volley_dataset::Context;
@@ -79,11 +152,12 @@ impl Dataset {
         let state = Arc::new(State {
             n,
             equal,
+            cluster: self.context().cluster().cloned(),
             inner: Mutex::new(Inner {
                 dataset: Some(self.clone()),
                 stream: None,
                 queues: vec![VecDeque::new(); n],
-                carry: None,
+                carry: VecDeque::new(),
                 done: false,
                 error: None,
                 errors_delivered: vec![false; n],
@@ -101,16 +175,43 @@ impl Dataset {
 }
 
 impl Inner {
-    /// The next batch of the execution (starting it on first use).
-    fn pull(&mut self) -> Option<Result<RecordBatch>> {
+    /// The next part of the execution (starting it on first use); empty blocks are
+    /// skipped.
+    fn pull(&mut self) -> Option<Result<SplitPart>> {
         if self.stream.is_none() {
             let ds = self.dataset.take()?;
-            match ds.iter_batches() {
-                Ok(s) => self.stream = Some(Box::new(s)),
+            match ds.stream() {
+                Ok(s) => self.stream = Some(s),
                 Err(e) => return Some(Err(e)),
             }
         }
-        self.stream.as_mut().and_then(Iterator::next)
+        loop {
+            let stream = self.stream.as_mut()?;
+            let block = match stream.next_block()? {
+                Ok(b) if b.rows() == 0 => continue,
+                Ok(b) => b,
+                Err(e) => return Some(Err(e)),
+            };
+            return Some(match block {
+                Block::Local(b) => Ok(SplitPart::Batch(b)),
+                // An object small enough to live with the head has no node to read it
+                // from: its few bytes travel through here.
+                Block::Remote(r) if r.meta.addresses.is_empty() => {
+                    stream.resolve(Block::Remote(r)).map(SplitPart::Batch)
+                }
+                Block::Remote(r) => Ok(SplitPart::Remote(RemoteRows {
+                    slice: ObjectSlice {
+                        id: r.object.id().to_string(),
+                        addresses: r.meta.addresses,
+                        offset: 0,
+                        rows: r.meta.rows,
+                    },
+                    object: r.object,
+                    object_rows: r.meta.rows,
+                    object_bytes: r.meta.bytes,
+                })),
+            });
+        }
     }
 
     fn fail(&mut self, e: &VolleyError) {
@@ -119,38 +220,55 @@ impl Inner {
         self.stream = None;
     }
 
-    /// Cuts `batch` (after any carried rows) into `n` equal slices, one per queue.
-    fn share(&mut self, n: usize, batch: RecordBatch) -> Result<()> {
-        let batch = match self.carry.take() {
-            Some(c) => arrow::compute::concat_batches(&batch.schema(), &[c, batch])?,
-            None => batch,
-        };
-        let per = batch.num_rows() / n;
-        if per > 0 {
-            for (i, q) in self.queues.iter_mut().enumerate() {
-                if !self.dropped[i] {
-                    q.push_back(batch.slice(i * per, per));
-                }
+    /// Cuts `part` (after any carried rows) into `n` equal shares, one per queue; the
+    /// rows left over wait for the next part.
+    fn share(&mut self, n: usize, part: SplitPart) {
+        self.carry.push_back(part);
+        let total: usize = self.carry.iter().map(SplitPart::rows).sum();
+        let per = total / n;
+        if per == 0 {
+            return;
+        }
+        for i in 0..n {
+            let share = take_rows(&mut self.carry, per);
+            if !self.dropped[i] {
+                self.queues[i].extend(share);
             }
         }
-        let used = per * n;
-        if used < batch.num_rows() {
-            self.carry = Some(batch.slice(used, batch.num_rows() - used));
-        }
-        Ok(())
     }
 }
 
-impl Iterator for SplitIterator {
-    type Item = Result<RecordBatch>;
+/// The first `k` rows of `pieces`, taken off the front (the last piece taken may be
+/// cut, its rest staying in front).
+fn take_rows(pieces: &mut VecDeque<SplitPart>, mut k: usize) -> Vec<SplitPart> {
+    let mut out = Vec::new();
+    while k > 0 {
+        let Some(front) = pieces.pop_front() else {
+            break;
+        };
+        let rows = front.rows();
+        if rows <= k {
+            k -= rows;
+            out.push(front);
+        } else {
+            out.push(front.slice(0, k));
+            pieces.push_front(front.slice(k, rows - k));
+            k = 0;
+        }
+    }
+    out
+}
 
-    fn next(&mut self) -> Option<Self::Item> {
+impl SplitIterator {
+    /// The next part of this iterator's share, as the execution produced it: on a
+    /// cluster, usually [`SplitPart::Remote`] (rows left in a node's store).
+    pub fn next_part(&mut self) -> Option<Result<SplitPart>> {
         let state = &self.state;
         let mut inner = state.inner.lock().expect("split lock");
         loop {
-            if let Some(b) = inner.queues[self.index].pop_front() {
+            if let Some(p) = inner.queues[self.index].pop_front() {
                 state.changed.notify_all();
-                return Some(Ok(b));
+                return Some(Ok(p));
             }
             if inner.done {
                 if let Some(e) = inner.error.clone() {
@@ -176,7 +294,7 @@ impl Iterator for SplitIterator {
             match inner.pull() {
                 None => {
                     inner.done = true;
-                    inner.carry = None;
+                    inner.carry.clear();
                     state.changed.notify_all();
                 }
                 Some(Err(e)) => {
@@ -185,21 +303,55 @@ impl Iterator for SplitIterator {
                     state.changed.notify_all();
                     return Some(Err(e));
                 }
-                Some(Ok(b)) => {
+                Some(Ok(p)) => {
                     if !state.equal {
-                        return Some(Ok(b));
+                        return Some(Ok(p));
                     }
-                    if let Err(e) = inner.share(state.n, b) {
-                        inner.fail(&e);
-                    }
+                    inner.share(state.n, p);
                     state.changed.notify_all();
                 }
             }
         }
     }
+
+    /// Remote rows fetched into this process from a node that holds them.
+    pub fn fetch(&self, rows: &RemoteRows) -> Result<RecordBatch> {
+        let cluster = self.state.cluster.as_ref().ok_or_else(|| {
+            VolleyError::internal("a split of a dataset without a cluster handed out remote rows")
+        })?;
+        let batches = cluster.get(&rows.object)?;
+        let schema = batches.first().map(RecordBatch::schema).ok_or_else(|| {
+            VolleyError::internal(format!("object {} holds no batch", rows.slice.id))
+        })?;
+        let all = arrow::compute::concat_batches(&schema, &batches)?;
+        let (offset, len) = (rows.slice.offset as usize, rows.slice.rows as usize);
+        if offset + len > all.num_rows() {
+            return Err(VolleyError::internal(format!(
+                "object {} has {} rows, rows {offset}..{} were asked",
+                rows.slice.id,
+                all.num_rows(),
+                offset + len
+            )));
+        }
+        Ok(all.slice(offset, len))
+    }
+}
+
+impl Iterator for SplitIterator {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(match self.next_part()? {
+            Ok(SplitPart::Batch(b)) => Ok(b),
+            Ok(SplitPart::Remote(r)) => self.fetch(&r),
+            Err(e) => Err(e),
+        })
+    }
 }
 
 impl Drop for SplitIterator {
+    /// A consumer that stops early gives up its share: the others are not held back
+    /// waiting for it in `equal` mode.
     fn drop(&mut self) {
         if let Ok(mut inner) = self.state.inner.lock() {
             inner.dropped[self.index] = true;
@@ -211,5 +363,56 @@ impl Drop for SplitIterator {
             }
         }
         self.state.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, Int64Array};
+
+    fn part(from: i64, n: i64) -> SplitPart {
+        SplitPart::Batch(
+            RecordBatch::try_from_iter([(
+                "x",
+                Arc::new(Int64Array::from_iter_values(from..from + n)) as arrow::array::ArrayRef,
+            )])
+            .unwrap(),
+        )
+    }
+
+    fn values(parts: &[SplitPart]) -> Vec<i64> {
+        parts
+            .iter()
+            .flat_map(|p| match p {
+                SplitPart::Batch(b) => b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec(),
+                SplitPart::Remote(_) => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn taking_rows_cuts_across_pieces_and_keeps_the_rest_in_order() {
+        let mut pieces: VecDeque<SplitPart> = [part(0, 3), part(3, 4), part(7, 2)].into();
+        assert_eq!(values(&take_rows(&mut pieces, 5)), vec![0, 1, 2, 3, 4]);
+        assert_eq!(values(&take_rows(&mut pieces, 1)), vec![5]);
+        assert_eq!(
+            values(&pieces.iter().cloned().collect::<Vec<_>>()),
+            vec![6, 7, 8]
+        );
+        assert_eq!(values(&take_rows(&mut pieces, 10)), vec![6, 7, 8]);
+        assert!(pieces.is_empty());
+        assert!(take_rows(&mut pieces, 0).is_empty());
+        let first = match &part(0, 9).slice(2, 3) {
+            SplitPart::Batch(b) => b.column(0).len(),
+            SplitPart::Remote(_) => unreachable!(),
+        };
+        assert_eq!(first, 3);
     }
 }

@@ -40,7 +40,7 @@ use crate::operator::{
 };
 use crate::plan::{PhysicalPlan, WriteTarget};
 use crate::progress::Progress;
-use crate::queue::{BlockQueue, RemoteSide, Signal};
+use crate::queue::{Block, BlockQueue, RemoteSide, Signal};
 use crate::stats::{ExecutionStats, OpCounters};
 use crate::step::Step;
 use crate::watch::Watch;
@@ -542,14 +542,30 @@ impl ExecutionStream {
     }
 }
 
-impl Iterator for ExecutionStream {
-    type Item = Result<RecordBatch>;
+impl ExecutionStream {
+    /// The next output block as it is: on a cluster, a [`Block::Remote`] stays in its
+    /// node's store (for a consumer in another process that reads it from there).
+    pub fn next_block(&mut self) -> Option<Result<Block>> {
+        self.next_with(|_, b| Ok(b))
+    }
 
-    fn next(&mut self) -> Option<Self::Item> {
+    /// The next block's batches: a remote block's are fetched from its node.
+    pub fn resolve(&self, block: Block) -> Result<RecordBatch> {
+        self.out.resolve(block)
+    }
+
+    fn next_with<T>(
+        &mut self,
+        take: impl FnOnce(&BlockQueue, Block) -> Result<T>,
+    ) -> Option<Result<T>> {
         if self.done {
             return None;
         }
-        match self.out.pop() {
+        match self
+            .out
+            .pop_block()
+            .and_then(|b| b.map(|b| take(&self.out, b)).transpose())
+        {
             Ok(Some(b)) => Some(Ok(b)),
             Ok(None) => {
                 self.done = true;
@@ -563,6 +579,14 @@ impl Iterator for ExecutionStream {
                 Some(Err(self.shared.take_error().unwrap_or(e)))
             }
         }
+    }
+}
+
+impl Iterator for ExecutionStream {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_with(BlockQueue::resolve)
     }
 }
 
@@ -780,9 +804,9 @@ mod tests {
     ) -> (Result<Vec<RecordBatch>>, Option<ExecutionStats>) {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let result = execute(plan, &ctx).and_then(|mut s| {
+            let result = execute(plan, &ctx).map(|mut s| {
                 let out: Result<Vec<RecordBatch>> = s.by_ref().collect();
-                Ok((out, s.stats().cloned()))
+                (out, s.stats().cloned())
             });
             let _ = tx.send(result);
         });

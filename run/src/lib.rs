@@ -18,7 +18,7 @@ pub use checkpoint::{
 pub use config::{FailureConfig, RunConfig};
 pub use lease::ClusterLease;
 pub use report::{
-    metrics, BatchIter, BatchStream, Decision, Metrics, Peer, Report, ReportClient, ReportHandler,
+    metrics, BatchStream, Decision, Metrics, PartIter, Peer, Report, ReportClient, ReportHandler,
     ReportServer,
 };
 /// Runs worker-side code on a thread of its own (from `volley-runtime`).

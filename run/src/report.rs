@@ -6,14 +6,21 @@
 //!   driver: ReportServer ◀── hello {token, peer, Reports} ──── ReportClient (rank / trial)
 //!            │  handler.report(peer, report) ── Continue | Stop ──▶  report() -> Decision
 //!            │  handler.stream(peer, name, pass) ── batches (IPC) ─▶ open_stream()
+//!            │                                   ── object slices ─▶   └ read from the nodes
+//!            │                                   ◀── acks ──────────
 //! ```
+//!
+//! A part of a stream that stays in a cluster node's store travels as a reference (an
+//! [`ObjectSlice`]): the peer reads the rows from the nodes and acknowledges, and the
+//! driver holds the object's reference until then (at most [`ACK_WINDOW`] unacknowledged
+//! at a time), so the bytes never pass through the driver.
 //!
 //! Every connection starts with a greeting naming the run's token and the peer (trial,
 //! attempt, rank), so that a process of an earlier attempt is told apart, and a
 //! connection that does not know the token is closed without an answer. Frames are
-//! `[kind: u8][length: u32 LE][payload]`; reports and greetings are JSON.
+//! `[kind: u8][length: u32 LE][payload]`; reports, greetings and slices are JSON.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +30,8 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
+use volley_dataset::SplitPart;
+use volley_runtime::cluster::{ObjectReader, ObjectSlice};
 
 use crate::checkpoint::Checkpoint;
 
@@ -66,8 +75,8 @@ pub enum Decision {
     Stop,
 }
 
-/// Batches streamed to a peer.
-pub type BatchIter = Box<dyn Iterator<Item = Result<RecordBatch>> + Send>;
+/// What is streamed to a peer: batches, or rows it reads from the cluster's nodes.
+pub type PartIter = Box<dyn Iterator<Item = Result<SplitPart>> + Send>;
 
 /// What the driver does with what its processes send.
 pub trait ReportHandler: Send + Sync + 'static {
@@ -76,7 +85,7 @@ pub trait ReportHandler: Send + Sync + 'static {
 
     /// The batches of pass `pass` over the stream `name` for `peer`. The default has no
     /// streams.
-    fn stream(&self, _peer: &Peer, name: &str, _pass: u64) -> Result<BatchIter> {
+    fn stream(&self, _peer: &Peer, name: &str, _pass: u64) -> Result<PartIter> {
         Err(VolleyError::plan(format!(
             "this driver serves no stream (asked for `{name}`)"
         )))
@@ -90,6 +99,12 @@ const ERROR: u8 = 4;
 const REPORT: u8 = 5;
 const CONTINUE: u8 = 6;
 const STOP: u8 = 7;
+const OBJECT: u8 = 8;
+const ACK: u8 = 9;
+
+/// Object slices a stream may have sent ahead of the peer's acknowledgements: the
+/// driver holds their references (and the nodes their bytes) until acknowledged.
+const ACK_WINDOW: usize = 4;
 
 /// Largest frame accepted (a batch of a dataset).
 const MAX_FRAME: usize = 1 << 31;
@@ -226,15 +241,34 @@ fn serve(conn: TcpStream, token: &str, handler: &dyn ReportHandler) {
     let result = match hello.request {
         Request::Reports => serve_reports(&mut r, &mut w, &hello.peer, handler),
         Request::Stream { name, pass } => (|| {
-            for batch in handler.stream(&hello.peer, &name, pass)? {
-                let batch = batch?;
-                if batch.num_rows() == 0 {
-                    continue;
+            // Remote parts sent and not yet acknowledged: their references keep the
+            // objects alive until the peer has read them.
+            let mut unacked = VecDeque::new();
+            for part in handler.stream(&hello.peer, &name, pass)? {
+                match part? {
+                    SplitPart::Batch(b) if b.num_rows() == 0 => continue,
+                    SplitPart::Batch(b) => {
+                        write_frame(&mut w, BATCH, &encode_batch(&b)?).map_err(send_err)?
+                    }
+                    SplitPart::Remote(rows) => {
+                        let slice = serde_json::to_vec(rows.slice())
+                            .map_err(|e| VolleyError::internal(e.to_string()))?;
+                        write_frame(&mut w, OBJECT, &slice).map_err(send_err)?;
+                        w.flush().map_err(send_err)?;
+                        unacked.push_back(rows);
+                        while unacked.len() > ACK_WINDOW {
+                            read_ack(&mut r)?;
+                            unacked.pop_front();
+                        }
+                    }
                 }
-                write_frame(&mut w, BATCH, &encode_batch(&batch)?).map_err(send_err)?;
             }
             write_frame(&mut w, END, &[]).map_err(send_err)?;
-            w.flush().map_err(send_err)
+            w.flush().map_err(send_err)?;
+            while unacked.pop_front().is_some() {
+                read_ack(&mut r)?;
+            }
+            Ok(())
         })(),
     };
     if let Err(e) = result {
@@ -268,6 +302,17 @@ fn serve_reports(
         };
         write_frame(w, answer, &[]).map_err(send_err)?;
         w.flush().map_err(send_err)?;
+    }
+}
+
+/// Waits for the peer's acknowledgement of the oldest object slice it was sent.
+fn read_ack(r: &mut impl Read) -> Result<()> {
+    match read_frame(r) {
+        Ok((ACK, _)) => Ok(()),
+        Ok((k, _)) => Err(VolleyError::execution(format!(
+            "unexpected frame {k} on a stream (an acknowledgement was due)"
+        ))),
+        Err(e) => Err(send_err(e)),
     }
 }
 
@@ -346,24 +391,56 @@ impl ReportClient {
         }
     }
 
-    /// The batches of pass `pass` over the driver's stream `name`.
+    /// The batches of pass `pass` over the driver's stream `name`. Rows the driver
+    /// sends as references are read from the cluster's nodes (with the token of this
+    /// worker process).
     pub fn open_stream(&self, name: &str, pass: u64) -> Result<BatchStream> {
         let conn = self.connect(Request::Stream {
             name: name.to_string(),
             pass,
         })?;
+        let acks = conn.try_clone().map_err(|e| link_err(self.address, e))?;
         Ok(BatchStream {
             address: self.address,
             reader: Some(BufReader::with_capacity(1 << 20, conn)),
+            acks,
+            objects: None,
         })
     }
 }
 
 /// Batches of one pass of a stream, as the driver sends them.
-#[derive(Debug)]
 pub struct BatchStream {
     address: SocketAddr,
     reader: Option<BufReader<TcpStream>>,
+    acks: TcpStream,
+    /// Made on the first slice the driver sends by reference.
+    objects: Option<ObjectReader>,
+}
+
+impl std::fmt::Debug for BatchStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchStream")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchStream {
+    /// Reads a slice the driver sent by reference from the nodes, then acknowledges it.
+    fn read_slice(&mut self, bytes: &[u8]) -> Result<RecordBatch> {
+        let slice: ObjectSlice = serde_json::from_slice(bytes)
+            .map_err(|e| link_err(self.address, format!("an object slice is not valid: {e}")))?;
+        if self.objects.is_none() {
+            self.objects = Some(ObjectReader::from_env()?);
+        }
+        let batches = self.objects.as_ref().expect("made above").read(&slice)?;
+        write_frame(&mut self.acks, ACK, &[]).map_err(|e| link_err(self.address, e))?;
+        let schema = batches.first().map(RecordBatch::schema).ok_or_else(|| {
+            VolleyError::execution(format!("object {}: the node sent no batch", slice.id))
+        })?;
+        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+    }
 }
 
 impl Iterator for BatchStream {
@@ -373,6 +450,10 @@ impl Iterator for BatchStream {
         let r = self.reader.as_mut()?;
         let out = match read_frame(r) {
             Ok((BATCH, bytes)) => return Some(decode_batch(&bytes)),
+            Ok((OBJECT, bytes)) => match self.read_slice(&bytes) {
+                Ok(b) => return Some(Ok(b)),
+                Err(e) => Some(Err(e)),
+            },
             Ok((END, _)) => None,
             Ok((ERROR, m)) => Some(Err(VolleyError::execution(
                 String::from_utf8_lossy(&m).into_owned(),
@@ -406,18 +487,18 @@ mod tests {
             })
         }
 
-        fn stream(&self, _: &Peer, name: &str, pass: u64) -> Result<BatchIter> {
+        fn stream(&self, _: &Peer, name: &str, pass: u64) -> Result<PartIter> {
             if name != "train" {
                 return Err(VolleyError::plan(format!("no stream `{name}`")));
             }
             let rows = (pass + 1) as i64;
             Ok(Box::new((0..3).map(move |i| {
-                Ok(RecordBatch::try_from_iter([(
+                Ok(SplitPart::Batch(RecordBatch::try_from_iter([(
                     "x",
                     Arc::new(arrow::array::Int64Array::from_iter_values(
                         i * rows..(i + 1) * rows,
                     )) as arrow::array::ArrayRef,
-                )])?)
+                )])?))
             })))
         }
     }

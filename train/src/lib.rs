@@ -28,7 +28,7 @@ pub use collective::{Collective, RingConfig, TcpRing};
 pub use config::{Placement, ScalingConfig};
 pub use context::{DataShard, LoadRecord, ShardBatches, TrainContext, WithRecord};
 pub use grads::all_reduce_gradients;
-pub use session::ReportHook;
+pub use session::{DataTransfer, ReportHook};
 pub use trainer::{DataConfig, DataParallelTrainer, TrainLoop, TrainResult};
 /// What every run shares (configuration, checkpoints, metrics, reports), from
 /// `volley-run`.

@@ -5,14 +5,18 @@
 //! `streaming_split`, as Arrow IPC) and one report connection. The greeting names the
 //! attempt (restart count) and the rank, so that a rank of an earlier attempt cannot
 //! take data meant for the current one, and its reports are not recorded.
+//!
+//! On a cluster, a pass's blocks stay in the nodes' stores: the session sends each rank
+//! references to its rows and the rank reads them from the nodes, so the driver sends
+//! metadata, not bytes ([`DataTransfer`] counts both ways).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use volley_common::{Result, VolleyError};
-use volley_dataset::{Dataset, SplitIterator};
-use volley_run::{BatchIter, Decision, Peer, Report, ReportHandler};
+use volley_dataset::{Dataset, SplitIterator, SplitPart};
+use volley_run::{Decision, PartIter, Peer, Report, ReportHandler};
 
 /// Sees every report as it arrives; `false` stops the run.
 pub type ReportHook = Arc<dyn Fn(&Report) -> bool + Send + Sync>;
@@ -24,6 +28,28 @@ struct State {
     history: Vec<Report>,
 }
 
+/// How the rows of a training run's datasets reached its ranks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataTransfer {
+    /// Rows the driver sent itself (blocks it produced, or, with
+    /// [`DataConfig::relay`](crate::DataConfig::relay), every block).
+    pub relayed_rows: u64,
+    /// Bytes of those rows.
+    pub relayed_bytes: u64,
+    /// Rows the ranks read from the cluster's nodes, given only their references.
+    pub node_rows: u64,
+    /// Bytes of those rows, as the nodes' stores count them.
+    pub node_bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    relayed_rows: AtomicU64,
+    relayed_bytes: AtomicU64,
+    node_rows: AtomicU64,
+    node_bytes: AtomicU64,
+}
+
 /// What the driver of a training run serves its ranks.
 pub(crate) struct Session {
     hook: Option<ReportHook>,
@@ -31,15 +57,18 @@ pub(crate) struct Session {
     stopped: AtomicBool,
     world: usize,
     equal: bool,
+    /// Fetch remote rows here and send the bytes, instead of their references.
+    relay: bool,
     datasets: HashMap<String, Dataset>,
     state: Mutex<State>,
+    transfer: Arc<Counters>,
 }
 
 impl Session {
     /// A session for a group of `world` ranks over `datasets`.
     pub(crate) fn new(
         world: usize,
-        equal: bool,
+        data: crate::DataConfig,
         datasets: HashMap<String, Dataset>,
         hook: Option<ReportHook>,
     ) -> Self {
@@ -47,7 +76,9 @@ impl Session {
             hook,
             stopped: AtomicBool::new(false),
             world,
-            equal,
+            equal: data.equal,
+            relay: data.relay,
+            transfer: Arc::default(),
             datasets,
             state: Mutex::new(State {
                 attempt: 0,
@@ -74,6 +105,17 @@ impl Session {
 
     pub(crate) fn history(&self) -> Vec<Report> {
         self.state.lock().expect("session lock").history.clone()
+    }
+
+    /// How the rows sent so far travelled.
+    pub(crate) fn transfer(&self) -> DataTransfer {
+        let c = &self.transfer;
+        DataTransfer {
+            relayed_rows: c.relayed_rows.load(Ordering::Relaxed),
+            relayed_bytes: c.relayed_bytes.load(Ordering::Relaxed),
+            node_rows: c.node_rows.load(Ordering::Relaxed),
+            node_bytes: c.node_bytes.load(Ordering::Relaxed),
+        }
     }
 
     fn take_split(&self, peer: &Peer, dataset: &str, pass: u64) -> Result<SplitIterator> {
@@ -132,7 +174,36 @@ impl ReportHandler for Session {
         })
     }
 
-    fn stream(&self, peer: &Peer, name: &str, pass: u64) -> Result<BatchIter> {
-        Ok(Box::new(self.take_split(peer, name, pass)?))
+    fn stream(&self, peer: &Peer, name: &str, pass: u64) -> Result<PartIter> {
+        let mut split = self.take_split(peer, name, pass)?;
+        let relay = self.relay;
+        let counters = Arc::clone(&self.transfer);
+        Ok(Box::new(std::iter::from_fn(move || {
+            let part = match split.next_part()? {
+                Ok(SplitPart::Remote(r)) if relay => split.fetch(&r).map(SplitPart::Batch),
+                other => other,
+            };
+            if let Ok(p) = &part {
+                counters.count(p);
+            }
+            Some(part)
+        })))
+    }
+}
+
+impl Counters {
+    fn count(&self, part: &SplitPart) {
+        match part {
+            SplitPart::Batch(b) => {
+                self.relayed_rows
+                    .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                self.relayed_bytes
+                    .fetch_add(b.get_array_memory_size() as u64, Ordering::Relaxed);
+            }
+            SplitPart::Remote(r) => {
+                self.node_rows.fetch_add(r.slice().rows, Ordering::Relaxed);
+                self.node_bytes.fetch_add(r.bytes(), Ordering::Relaxed);
+            }
+        }
     }
 }

@@ -33,7 +33,7 @@ use volley_run::{
 use crate::collective::{RingConfig, TcpRing};
 use crate::config::{Placement, ScalingConfig};
 use crate::context::TrainContext;
-use crate::session::{ReportHook, Session};
+use crate::session::{DataTransfer, ReportHook, Session};
 
 /// A training loop that runs on every rank.
 ///
@@ -75,11 +75,19 @@ pub struct DataConfig {
     /// a pass are dropped); ranks then take the same number of steps, which gradient
     /// all-reduce needs. Without it, faster ranks take more rows.
     pub equal: bool,
+    /// On a cluster, fetch every block into the driver and send its bytes to the ranks.
+    /// Off (the default), a rank gets references to its rows and reads them from the
+    /// nodes that hold them, so the data never passes through the driver; blocks the
+    /// driver itself produced (a stage that runs in the driver) are sent either way.
+    pub relay: bool,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { equal: true }
+        Self {
+            equal: true,
+            relay: false,
+        }
     }
 }
 
@@ -122,6 +130,9 @@ pub struct TrainResult {
     pub failures: u32,
     /// The node each rank of the last attempt ran on (`rank_nodes[rank]`).
     pub rank_nodes: Vec<String>,
+    /// How the datasets' rows reached the ranks: sent by the driver, or read from the
+    /// nodes.
+    pub data_transfer: DataTransfer,
     /// `storage_path/name`.
     pub path: String,
 }
@@ -272,7 +283,7 @@ impl DataParallelTrainer {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let session = Arc::new(Session::new(
             world,
-            self.data.equal,
+            self.data,
             self.datasets.clone(),
             self.hook.clone(),
         ));
@@ -306,6 +317,7 @@ impl DataParallelTrainer {
             history,
             failures,
             rank_nodes,
+            data_transfer: session.transfer(),
             path: format!("{}/{}", storage.trim_end_matches('/'), self.run.name),
         })
     }

@@ -294,7 +294,8 @@ impl FlightService for FlightObjects {
         &self,
         request: Request<Ticket>,
     ) -> std::result::Result<Response<Self::DoGetStream>, Status> {
-        let id = String::from_utf8_lossy(&request.get_ref().ticket).to_string();
+        let (id, range) = parse_ticket(&request.get_ref().ticket)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let batches = self
             .store
             .get(&id)
@@ -304,8 +305,14 @@ impl FlightService for FlightObjects {
             .first()
             .map(|b| b.schema())
             .unwrap_or_else(|| Arc::new(Schema::empty()));
-        let items: Vec<std::result::Result<RecordBatch, FlightError>> =
-            batches.iter().cloned().map(Ok).collect();
+        let items: Vec<std::result::Result<RecordBatch, FlightError>> = match range {
+            Some((offset, rows)) => slice_rows(&batches, offset, rows)
+                .map_err(|e| Status::out_of_range(format!("object {id}: {e}")))?
+                .into_iter()
+                .map(Ok)
+                .collect(),
+            None => batches.iter().cloned().map(Ok).collect(),
+        };
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(futures::stream::iter(items))
@@ -394,10 +401,21 @@ pub(crate) async fn fetch(
     address: &str,
     id: &str,
 ) -> Result<Vec<RecordBatch>> {
+    fetch_range(channels, address, id, None).await
+}
+
+/// Rows `offset..offset + rows` of object `id` (all of it without a range), fetched from
+/// the store at `address`: the node slices, so only those rows travel.
+async fn fetch_range(
+    channels: &super::net::Channels,
+    address: &str,
+    id: &str,
+    range: Option<(u64, u64)>,
+) -> Result<Vec<RecordBatch>> {
     let mut client = channels.flight(address).await?;
     let stream = client
         .do_get(Ticket {
-            ticket: id.as_bytes().to_vec().into(),
+            ticket: ticket(id, range).into(),
         })
         .await
         .map_err(|e| {
@@ -439,6 +457,141 @@ pub(crate) async fn store(
         .first()
         .and_then(|r| std::str::from_utf8(&r.app_metadata).ok()?.parse().ok())
         .unwrap_or(0))
+}
+
+/// A `DoGet` ticket: the object id, then (for a slice) `\0offset\0rows`. Object ids
+/// never hold a NUL.
+fn ticket(id: &str, range: Option<(u64, u64)>) -> Vec<u8> {
+    match range {
+        Some((offset, rows)) => format!("{id}\0{offset}\0{rows}").into_bytes(),
+        None => id.as_bytes().to_vec(),
+    }
+}
+
+fn parse_ticket(bytes: &[u8]) -> Result<(String, Option<(u64, u64)>)> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut parts = text.split('\0');
+    let id = parts.next().unwrap_or_default().to_string();
+    let (Some(offset), Some(rows), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Ok((id, None));
+    };
+    let number = |s: &str| {
+        s.parse::<u64>().map_err(|_| {
+            VolleyError::plan(format!("ticket for object {id}: `{s}` is not a row count"))
+        })
+    };
+    Ok((id.clone(), Some((number(offset)?, number(rows)?))))
+}
+
+/// Rows `offset..offset + rows` of `batches` taken as one sequence (zero-copy slices).
+fn slice_rows(batches: &[RecordBatch], offset: u64, rows: u64) -> Result<Vec<RecordBatch>> {
+    let total: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+    let end = offset
+        .checked_add(rows)
+        .filter(|&e| e <= total)
+        .ok_or_else(|| {
+            VolleyError::plan(format!(
+                "rows {offset}..{} asked of an object of {total} rows",
+                offset.saturating_add(rows)
+            ))
+        })?;
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    for b in batches {
+        let n = b.num_rows() as u64;
+        let (lo, hi) = (offset.max(start), end.min(start + n));
+        if lo < hi {
+            out.push(b.slice((lo - start) as usize, (hi - lo) as usize));
+        }
+        start += n;
+    }
+    Ok(out)
+}
+
+/// Where some rows of an object live: what a process other than the object's owner
+/// needs to read them from the nodes with an [`ObjectReader`]. It names the object but
+/// does not keep it alive: its owner holds the [`ObjectRef`](super::ObjectRef) until the
+/// reader is done.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ObjectSlice {
+    /// The object's id.
+    pub id: String,
+    /// Flight endpoints of the nodes that hold a copy.
+    pub addresses: Vec<String>,
+    /// The first row (counted over the object's batches in order).
+    pub offset: u64,
+    /// How many rows.
+    pub rows: u64,
+}
+
+/// Reads objects straight from the nodes' stores: how a task or actor (a training rank)
+/// reads blocks whose references another process holds, without the bytes passing
+/// through that process. Built in a worker from its environment; blocking, so use it
+/// from a thread of its own (see [`on_own_thread`](super::on_own_thread)), not inside
+/// an async runtime.
+pub struct ObjectReader {
+    channels: super::net::Channels,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for ObjectReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectReader").finish_non_exhaustive()
+    }
+}
+
+impl ObjectReader {
+    /// A reader with the cluster's token and TLS settings of this worker process
+    /// (`VOLLEY_TOKEN`, the TLS variables).
+    pub fn from_env() -> Result<Self> {
+        let token = volley_common::env_var("VOLLEY_TOKEN")?.ok_or_else(|| {
+            VolleyError::Config(
+                "reading objects from the nodes needs the cluster token in VOLLEY_TOKEN \
+                 (set in every worker process)"
+                    .into(),
+            )
+        })?;
+        Self::new(&token, &super::tls::TlsConfig::from_env()?)
+    }
+
+    /// A reader that presents `token`, over TLS when `tls` has a CA to trust.
+    pub fn new(token: &str, tls: &super::tls::TlsConfig) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| VolleyError::internal(format!("cannot start a runtime: {e}")))?;
+        Ok(Self {
+            channels: super::net::Channels::new(token, tls),
+            runtime,
+        })
+    }
+
+    /// The slice's rows, from the first node that serves them.
+    pub fn read(&self, slice: &ObjectSlice) -> Result<Vec<RecordBatch>> {
+        let ObjectSlice {
+            id,
+            addresses,
+            offset,
+            rows,
+        } = slice;
+        if addresses.is_empty() {
+            return Err(VolleyError::execution(format!(
+                "object {id}: no node holds a copy to read"
+            )));
+        }
+        let _enter = self.runtime.enter();
+        let mut errors = Vec::new();
+        for a in addresses {
+            match self
+                .runtime
+                .block_on(fetch_range(&self.channels, a, id, Some((*offset, *rows))))
+            {
+                Ok(b) => return Ok(b),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        Err(VolleyError::execution(errors.join("; ")))
+    }
 }
 
 #[cfg(test)]
@@ -487,5 +640,33 @@ mod tests {
         store.free(&["o0".to_string()]);
         assert!(store.get("o0").unwrap().is_none());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_ticket_names_a_slice_and_the_node_cuts_only_those_rows() {
+        assert_eq!(
+            parse_ticket(&ticket("j:t-1", None)).unwrap(),
+            ("j:t-1".into(), None)
+        );
+        assert_eq!(
+            parse_ticket(&ticket("j:t-1", Some((7, 30)))).unwrap(),
+            ("j:t-1".into(), Some((7, 30)))
+        );
+        let err = parse_ticket(b"j:t-1\x00x\x003").unwrap_err().to_string();
+        assert!(err.contains("j:t-1") && err.contains("`x`"), "{err}");
+
+        let batches = vec![batch(10), batch(5), batch(20)];
+        let cut = slice_rows(&batches, 8, 10).unwrap();
+        let rows: Vec<usize> = cut.iter().map(RecordBatch::num_rows).collect();
+        assert_eq!(rows, vec![2, 5, 3]);
+        let first = cut[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        assert_eq!(first.values(), &[8, 9]);
+        assert!(slice_rows(&batches, 0, 35).is_ok());
+        let err = slice_rows(&batches, 30, 10).unwrap_err().to_string();
+        assert!(err.contains("30..40") && err.contains("35 rows"), "{err}");
     }
 }
