@@ -7,11 +7,11 @@ use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_runtime::cluster::{on_own_thread, RemoteActor, TaskContext};
 
-use crate::transform::{guard, NamedTransformFactory, StatefulTransform, TransformFactory};
+use crate::transform::{chunks, guard, NamedTransformFactory, StatefulTransform, TransformFactory};
 
 /// Builds the stage's transform once on its worker (loads the model), then transforms
-/// the blocks it is called with (`process`), `batch_size` rows per call of the
-/// transform when set.
+/// the blocks it is called with (`process`), cut into chunks of `batch_size` rows
+/// when set, all handed to the transform at once.
 #[derive(Serialize, Deserialize)]
 pub struct PoolWorker {
     /// The named factory, as JSON.
@@ -89,18 +89,10 @@ impl RemoteActor for PoolWorker {
         };
         let thread = name.clone();
         on_own_thread(&thread, move || {
-            let chunk = batch_size.unwrap_or(all.num_rows()).max(1);
-            let mut out = Vec::new();
-            let mut offset = 0;
-            while offset < all.num_rows() {
-                let len = chunk.min(all.num_rows() - offset);
-                let b = guard(&name, || transform.transform(all.slice(offset, len)))?;
-                offset += len;
-                if b.num_rows() > 0 {
-                    out.push(b);
-                }
-            }
-            Ok(out)
+            let out = guard(&name, || {
+                transform.transform_batches(chunks(&all, batch_size))
+            })?;
+            Ok(out.into_iter().filter(|b| b.num_rows() > 0).collect())
         })
     }
 }

@@ -50,6 +50,25 @@ pub trait NamedTransform: Send + Sync + fmt::Debug {
 pub trait StatefulTransform: Send {
     /// Transforms one batch.
     fn transform(&mut self, batch: RecordBatch) -> Result<RecordBatch>;
+
+    /// Transforms several batches, one output per input, in order. A pool worker hands
+    /// over at once the `batch_size` chunks of the input it holds. The default
+    /// transforms them one by one; a transform that keeps many rows in flight (an LLM
+    /// engine's running batch) overrides it so that the rows of a later chunk start as
+    /// those of an earlier one finish, instead of each chunk draining before the next.
+    fn transform_batches(&mut self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        batches.into_iter().map(|b| self.transform(b)).collect()
+    }
+}
+
+/// `all` cut into chunks of `chunk` rows (the last may be shorter); none when empty.
+pub(crate) fn chunks(all: &RecordBatch, chunk: Option<usize>) -> Vec<RecordBatch> {
+    let n = all.num_rows();
+    let chunk = chunk.unwrap_or(n).max(1);
+    (0..n)
+        .step_by(chunk)
+        .map(|offset| all.slice(offset, chunk.min(n - offset)))
+        .collect()
 }
 
 /// Builds a [`StatefulTransform`] on each worker; named and shippable.

@@ -1,8 +1,11 @@
 //! The Dataset stage: prompts in, generated text out.
 //!
 //! [`LlmProcessor`] is a stateful transform factory: each worker of the stage loads
-//! the model once into its own [`Engine`], then every batch of rows it receives is
-//! generated as one continuous batch. The input's columns pass through; the stage
+//! the model once into its own [`Engine`], then the rows it receives are generated with
+//! continuous batching: every chunk of `batch_size` rows a worker holds (its block's,
+//! and on this machine any blocks already waiting) joins one engine run, so rows of the
+//! next chunk take the places of finished sequences instead of each chunk draining
+//! before the next. The input's columns pass through; the stage
 //! adds `generated_text`, `num_input_tokens`, `num_generated_tokens` and
 //! `finish_reason`. The factory is named (`typetag`), so a plan holding it can travel
 //! to cluster workers that have the model folder at the same path.
@@ -19,7 +22,7 @@ use volley_dataset::{Dataset, MapOptions};
 use volley_exec::{NamedTransformFactory, StatefulTransform, TransformFactory};
 
 use crate::chat::Message;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, Generation};
 use crate::sampling::SamplingParams;
 use crate::CpuBackend;
 
@@ -41,7 +44,8 @@ pub struct LlmConfig {
     pub messages_column: String,
     /// Engines (one per worker).
     pub concurrency: usize,
-    /// Rows each engine takes at a time.
+    /// Rows per chunk handed to an engine; the chunks a worker holds at once run
+    /// together (the engine's running batch is `engine.max_num_seqs`).
     pub batch_size: usize,
     /// CPUs each engine holds.
     pub num_cpus: f64,
@@ -163,13 +167,18 @@ fn messages(column: &str, list: &dyn Array, row: usize) -> Result<Vec<Message>> 
         .collect())
 }
 
-impl StatefulTransform for LlmStage {
-    fn transform(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+/// The prompts of one input batch, tokenized, and how each row is named in errors.
+struct Prompts {
+    /// Token ids per row; `None` for a null prompt.
+    tokens: Vec<Option<Vec<u32>>>,
+    labels: Vec<String>,
+}
+
+impl LlmStage {
+    /// The batch's prompts, tokenized (chat messages rendered with the template).
+    fn prompts(&self, batch: &RecordBatch) -> Result<Prompts> {
         let c = &self.config;
-        let schema = batch.schema();
-        // Token ids per row; `None` for a null prompt.
-        let mut prompts: Vec<Option<Vec<u32>>> = Vec::with_capacity(batch.num_rows());
-        // How each row is named in errors.
+        let mut tokens: Vec<Option<Vec<u32>>> = Vec::with_capacity(batch.num_rows());
         let mut labels: Vec<String> = Vec::with_capacity(batch.num_rows());
         if let Some(col) = batch.column_by_name(&c.prompt_column) {
             let col = arrow::compute::cast(col, &DataType::Utf8).map_err(|e| {
@@ -177,7 +186,7 @@ impl StatefulTransform for LlmStage {
             })?;
             let col = col.as_string::<i32>();
             for i in 0..col.len() {
-                prompts.push(if col.is_null(i) {
+                tokens.push(if col.is_null(i) {
                     None
                 } else {
                     Some(self.engine.encode(col.value(i))?)
@@ -187,7 +196,7 @@ impl StatefulTransform for LlmStage {
             }
         } else if let Some(col) = batch.column_by_name(&c.messages_column) {
             for i in 0..col.len() {
-                prompts.push(if col.is_null(i) {
+                tokens.push(if col.is_null(i) {
                     None
                 } else {
                     let m = messages(&c.messages_column, col.as_ref(), i)?;
@@ -200,86 +209,187 @@ impl StatefulTransform for LlmStage {
                 "the LLM stage needs a `{}` or `{}` column; the input has {:?}",
                 c.prompt_column,
                 c.messages_column,
-                schema.fields().iter().map(|f| f.name()).collect::<Vec<_>>()
+                batch
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect::<Vec<_>>()
             )));
         }
+        Ok(Prompts { tokens, labels })
+    }
+}
+
+/// `batch` with the generated columns, from the generations of its non-null prompts in
+/// row order.
+fn with_generations(
+    batch: &RecordBatch,
+    prompts: &Prompts,
+    generations: &mut impl Iterator<Item = Generation>,
+) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let n = prompts.tokens.len();
+    let (mut text, mut input, mut output, mut reason) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for p in &prompts.tokens {
+        match p {
+            None => {
+                text.push(None);
+                input.push(None);
+                output.push(None);
+                reason.push(None);
+            }
+            Some(_) => {
+                let g = generations.next().ok_or_else(|| {
+                    VolleyError::execution("the engine returned fewer generations than rows")
+                })?;
+                input.push(Some(g.prompt_tokens as i64));
+                output.push(Some(g.tokens.len() as i64));
+                reason.push(Some(g.finish_reason.as_str()));
+                text.push(Some(g.text));
+            }
+        }
+    }
+    let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    let new: [(&str, DataType, ArrayRef); 4] = [
+        (
+            "generated_text",
+            DataType::Utf8,
+            Arc::new(StringArray::from(text)),
+        ),
+        (
+            "num_input_tokens",
+            DataType::Int64,
+            Arc::new(Int64Array::from(input)),
+        ),
+        (
+            "num_generated_tokens",
+            DataType::Int64,
+            Arc::new(Int64Array::from(output)),
+        ),
+        (
+            "finish_reason",
+            DataType::Utf8,
+            Arc::new(StringArray::from(reason)),
+        ),
+    ];
+    for (name, ty, col) in new {
+        if let Some(i) = fields.iter().position(|f| f.name() == name) {
+            fields[i] = Arc::new(Field::new(name, ty, true));
+            columns[i] = col;
+        } else {
+            fields.push(Arc::new(Field::new(name, ty, true)));
+            columns.push(col);
+        }
+    }
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
+        columns,
+    )?)
+}
+
+impl StatefulTransform for LlmStage {
+    fn transform(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        self.transform_batches(vec![batch])?
+            .pop()
+            .ok_or_else(|| VolleyError::internal("the LLM stage returned no batch"))
+    }
+
+    /// Every row of every batch joins one engine run: the engine's running batch stays
+    /// full across the batches' boundaries (a later batch's rows start as earlier ones
+    /// finish), and only the last rows of the whole bundle drain.
+    fn transform_batches(&mut self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        let prompts = batches
+            .iter()
+            .map(|b| self.prompts(b))
+            .collect::<Result<Vec<_>>>()?;
+        let c = &self.config;
         // Queue every row first; a row the engine refuses (too long for the model, say)
-        // fails the batch naming it, and leaves nothing queued behind.
-        for (p, label) in prompts.iter().zip(&labels) {
-            if let Some(p) = p {
-                let mut params = c.sampling.clone();
-                params.seed = c.sampling.seed.map(|s| row_seed(s, p));
-                if let Err(e) = self.engine.add_request(p.clone(), params) {
-                    self.engine.clear();
-                    return Err(VolleyError::plan(format!("LLM stage, {label}: {e}")));
+        // fails the call naming it, and leaves nothing queued behind.
+        for p in &prompts {
+            for (tokens, label) in p.tokens.iter().zip(&p.labels) {
+                if let Some(t) = tokens {
+                    let mut params = c.sampling.clone();
+                    params.seed = c.sampling.seed.map(|s| row_seed(s, t));
+                    if let Err(e) = self.engine.add_request(t.clone(), params) {
+                        self.engine.clear();
+                        return Err(VolleyError::plan(format!("LLM stage, {label}: {e}")));
+                    }
                 }
             }
         }
         let done = self.engine.run_to_completion()?;
         // Request ids grow in the order the rows were queued.
         let mut generations = done.into_values();
-        let n = prompts.len();
-        let (mut text, mut input, mut output, mut reason) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for p in &prompts {
-            match p {
-                None => {
-                    text.push(None);
-                    input.push(None);
-                    output.push(None);
-                    reason.push(None);
-                }
-                Some(_) => {
-                    let g = generations.next().ok_or_else(|| {
-                        VolleyError::execution("the engine returned fewer generations than rows")
-                    })?;
-                    input.push(Some(g.prompt_tokens as i64));
-                    output.push(Some(g.tokens.len() as i64));
-                    reason.push(Some(g.finish_reason.as_str()));
-                    text.push(Some(g.text));
-                }
-            }
-        }
-        let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
-        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-        let new: [(&str, DataType, ArrayRef); 4] = [
-            (
-                "generated_text",
-                DataType::Utf8,
-                Arc::new(StringArray::from(text)),
-            ),
-            (
-                "num_input_tokens",
-                DataType::Int64,
-                Arc::new(Int64Array::from(input)),
-            ),
-            (
-                "num_generated_tokens",
-                DataType::Int64,
-                Arc::new(Int64Array::from(output)),
-            ),
-            (
-                "finish_reason",
-                DataType::Utf8,
-                Arc::new(StringArray::from(reason)),
-            ),
+        batches
+            .iter()
+            .zip(&prompts)
+            .map(|(b, p)| with_generations(b, p, &mut generations))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage() -> LlmStage {
+        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let processor = LlmProcessor::new(LlmConfig {
+            model,
+            sampling: SamplingParams {
+                max_tokens: 12,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let config = processor.config().clone();
+        let engine =
+            Engine::<CpuBackend>::load(&config.model, config.engine.clone(), &Default::default())
+                .unwrap();
+        LlmStage { engine, config }
+    }
+
+    fn batch(prompts: &[&str]) -> RecordBatch {
+        RecordBatch::try_from_iter([(
+            "prompt",
+            Arc::new(StringArray::from(prompts.to_vec())) as ArrayRef,
+        )])
+        .unwrap()
+    }
+
+    /// Chunks handed over together share the engine's running batch: the same text as
+    /// one chunk at a time, in fewer forward passes (no chunk drains before the next
+    /// starts).
+    #[test]
+    fn chunks_handed_over_together_keep_the_batch_full() {
+        let chunks = vec![
+            batch(&["Hello there", "The capital of France"]),
+            batch(&["Once upon a time", "1, 2, 3,"]),
+            batch(&["A", "The quick brown fox"]),
         ];
-        for (name, ty, col) in new {
-            if let Some(i) = fields.iter().position(|f| f.name() == name) {
-                fields[i] = Arc::new(Field::new(name, ty, true));
-                columns[i] = col;
-            } else {
-                fields.push(Arc::new(Field::new(name, ty, true)));
-                columns.push(col);
-            }
-        }
-        Ok(RecordBatch::try_new(
-            Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
-            columns,
-        )?)
+        let mut one_by_one = stage();
+        let separate: Vec<RecordBatch> = chunks
+            .iter()
+            .map(|c| one_by_one.transform(c.clone()).unwrap())
+            .collect();
+        let mut together = stage();
+        let joined = together.transform_batches(chunks).unwrap();
+        assert_eq!(joined, separate);
+        let (steps_apart, steps_joined) = (
+            one_by_one.engine.stats().steps,
+            together.engine.stats().steps,
+        );
+        assert!(
+            steps_joined * 2 < steps_apart,
+            "{steps_joined} forward passes together vs {steps_apart} one chunk at a time"
+        );
     }
 }

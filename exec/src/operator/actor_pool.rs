@@ -8,9 +8,12 @@ use volley_common::{Result, VolleyError};
 use volley_runtime::ResourceRequest;
 
 use super::{Operator, StepContext};
-use crate::queue::BlockQueue;
+use crate::queue::{BlockQueue, PoppedBlock};
 use crate::stats::OpCounters;
-use crate::transform::{guard, TransformFactory};
+use crate::transform::{chunks, guard, TransformFactory};
+
+/// Chunks (of `batch_size` rows) a worker takes at once when blocks are waiting.
+const BUNDLE_CHUNKS: usize = 4;
 
 pub(crate) struct ActorPoolOp {
     input: Arc<BlockQueue>,
@@ -97,6 +100,19 @@ impl ActorWorker {
                         None => break,
                     }
                 }
+                // Blocks already waiting join the bundle (up to a few chunks' worth), so
+                // that a transform that keeps many rows in flight refills from them
+                // instead of draining at the end of each block.
+                while rows < want * BUNDLE_CHUNKS {
+                    match self.input.try_pop_block()? {
+                        PoppedBlock::Block(b) => {
+                            let b = self.input.resolve(b)?;
+                            rows += b.num_rows();
+                            bundle.push(b);
+                        }
+                        PoppedBlock::Empty | PoppedBlock::Done => break,
+                    }
+                }
                 if bundle.is_empty() {
                     return Ok(());
                 }
@@ -111,17 +127,13 @@ impl ActorWorker {
                 } else {
                     concat_batches(&bundle[0].schema(), &bundle)?
                 };
-                let chunk = self.batch_size.unwrap_or(all.num_rows().max(1));
-                let mut offset = 0;
-                while offset < all.num_rows() {
-                    let len = chunk.min(all.num_rows() - offset);
-                    let out = guard(&name, || transform.transform(all.slice(offset, len)))?;
-                    offset += len;
-                    if out.num_rows() > 0 {
-                        self.counters
-                            .output(out.num_rows(), out.get_array_memory_size());
-                        self.out.push(seq, out)?;
-                    }
+                let outs = guard(&name, || {
+                    transform.transform_batches(chunks(&all, self.batch_size))
+                })?;
+                for out in outs.into_iter().filter(|b| b.num_rows() > 0) {
+                    self.counters
+                        .output(out.num_rows(), out.get_array_memory_size());
+                    self.out.push(seq, out)?;
                 }
                 Ok::<_, VolleyError>(())
             })();
