@@ -10,8 +10,8 @@ use volley_runtime::cluster::{on_own_thread, RemoteActor, TaskContext};
 use crate::transform::{chunks, guard, NamedTransformFactory, StatefulTransform, TransformFactory};
 
 /// Builds the stage's transform once on its worker (loads the model), then transforms
-/// the blocks it is called with (`process`), cut into chunks of `batch_size` rows
-/// when set, all handed to the transform at once.
+/// the blocks it is called with (`process`: one or more), each cut into chunks of
+/// `batch_size` rows when set, all handed to the transform at once.
 #[derive(Serialize, Deserialize)]
 pub struct PoolWorker {
     /// The named factory, as JSON.
@@ -78,20 +78,23 @@ impl RemoteActor for PoolWorker {
             .transform
             .as_mut()
             .ok_or_else(|| VolleyError::internal("a pool worker was called before it started"))?;
-        let batches: Vec<RecordBatch> = inputs.into_iter().flatten().collect();
-        if batches.is_empty() {
+        // Each input block is cut on its own: without a batch size, the transform sees
+        // one block per batch, however many blocks the call brings.
+        let mut parts = Vec::new();
+        for batches in inputs.into_iter().filter(|b| !b.is_empty()) {
+            let all = if batches.len() == 1 {
+                batches.into_iter().next().expect("one")
+            } else {
+                concat_batches(&batches[0].schema(), &batches)?
+            };
+            parts.extend(chunks(&all, batch_size));
+        }
+        if parts.is_empty() {
             return Ok(vec![]);
         }
-        let all = if batches.len() == 1 {
-            batches.into_iter().next().expect("one")
-        } else {
-            concat_batches(&batches[0].schema(), &batches)?
-        };
         let thread = name.clone();
         on_own_thread(&thread, move || {
-            let out = guard(&name, || {
-                transform.transform_batches(chunks(&all, batch_size))
-            })?;
+            let out = guard(&name, || transform.transform_batches(parts))?;
             Ok(out.into_iter().filter(|b| b.num_rows() > 0).collect())
         })
     }

@@ -7,7 +7,12 @@
 //! ```
 //!
 //! The pool starts `min` actors, grows one at a time (up to `max`) while blocks wait and
-//! every actor is busy, and lets idle ones go (down to `min`). A call that fails because
+//! every actor is busy, and lets idle ones go (down to `min`). When more blocks wait
+//! than there are free slots, a call takes several consecutive ones (up to
+//! [`MAX_BLOCKS_PER_CALL`]): fewer calls, and a transform that keeps many rows in flight
+//! (an LLM engine) refills its batch from the next block instead of draining at the end
+//! of each; the call's output is the blocks' outputs in order, handed on as the first
+//! block's (the others' sequences close empty, so the order holds). A call that fails because
 //! its actor died is dispatched again (to another actor, or to the actor once it is
 //! restarted or replaced): its output is made once, by the call that succeeds. A call
 //! that fails in the user's transform ends the execution. A pool that can never get its
@@ -31,6 +36,8 @@ use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
 const MAX_ATTEMPTS: u32 = 4;
 /// How long an actor beyond the minimum may sit idle before it is let go.
 const IDLE: Duration = Duration::from_secs(5);
+/// Most input blocks one call takes.
+const MAX_BLOCKS_PER_CALL: usize = 4;
 
 struct Member {
     handle: ActorHandle,
@@ -215,9 +222,11 @@ impl ClusterPoolOp {
 
     /// Takes input blocks while some actor slot would be free for them.
     fn take_input(&mut self, cx: &StepContext<'_>, state: &mut PoolState) {
+        // Room for a few blocks per free slot: calls may take several.
         let slots = state.members.len() * self.max_in_flight;
         let busy: usize = state.members.iter().map(|m| m.in_flight).sum();
-        while !self.input_done && state.waiting.len() + busy < slots + 1 {
+        let room = slots.saturating_sub(busy) * MAX_BLOCKS_PER_CALL + 1;
+        while !self.input_done && state.waiting.len() < room {
             let block = match self.input.try_pop_block() {
                 Ok(PoppedBlock::Block(Block::Remote(r))) => r,
                 Ok(PoppedBlock::Block(Block::Local(b))) => {
@@ -255,10 +264,17 @@ impl ClusterPoolOp {
         }
     }
 
-    /// Gives waiting blocks to actors with a free slot, preferring the block's node.
+    /// Gives waiting blocks to actors with a free slot, preferring the block's node;
+    /// several consecutive blocks per call when more wait than there are free slots.
     fn dispatch(&self, cx: &StepContext<'_>, state: &mut PoolState) {
+        let free = |m: &Member| m.in_flight < self.max_in_flight && !m.suspect;
         while let Some(w) = state.waiting.front() {
-            let free = |m: &Member| m.in_flight < self.max_in_flight && !m.suspect;
+            let slots: usize = state
+                .members
+                .iter()
+                .filter(|m| free(m))
+                .map(|m| self.max_in_flight - m.in_flight)
+                .sum();
             let local = state.members.iter().position(|m| {
                 free(m)
                     && m.address
@@ -275,22 +291,42 @@ impl ClusterPoolOp {
                     .map(|(i, _)| i)
             });
             let Some(i) = pick else { break };
-            let w = state.waiting.pop_front().expect("front");
+            let take = state
+                .waiting
+                .len()
+                .div_ceil(slots.max(1))
+                .clamp(1, MAX_BLOCKS_PER_CALL);
+            let mut group = vec![state.waiting.pop_front().expect("front")];
+            while group.len() < take
+                && state
+                    .waiting
+                    .front()
+                    .is_some_and(|n| Some(n.seq) == group.last().map(|l| l.seq + 1))
+            {
+                group.push(state.waiting.pop_front().expect("front"));
+            }
             let member = &mut state.members[i];
             let actor_id = member.handle.id().to_string();
-            match member.handle.call("process", (), &[&w.block.object]) {
+            let inputs: Vec<&volley_runtime::cluster::ObjectRef> =
+                group.iter().map(|w| &w.block.object).collect();
+            match member.handle.call("process", (), &inputs) {
                 Ok(object) => {
                     member.in_flight += 1;
-                    let work = cx.remote_work(w.seq, format!("a call of {}", self.transform));
+                    let works = group
+                        .iter()
+                        .map(|w| cx.remote_work(w.seq, format!("a call of {}", self.transform)))
+                        .collect();
                     let pool = Arc::clone(&self.state);
                     let watched = object.clone();
                     cx.watch().add(
                         watched,
-                        Box::new(move |meta| on_done(pool, actor_id, w, object, meta, work)),
+                        Box::new(move |meta| on_done(pool, actor_id, group, object, meta, works)),
                     );
                 }
                 Err(e) => {
-                    state.waiting.push_front(w);
+                    for w in group.into_iter().rev() {
+                        state.waiting.push_front(w);
+                    }
                     cx.fail(e);
                     break;
                 }
@@ -333,15 +369,15 @@ impl ClusterPoolOp {
     }
 }
 
-/// A call ended: its output goes on; a failure on a dead actor sends its block back to
-/// the waiting line.
+/// A call ended: its output goes on (as the first block's; the others' sequences close
+/// empty); a failure on a dead actor sends its blocks back to the waiting line.
 fn on_done(
     pool: Arc<Mutex<PoolState>>,
     actor_id: String,
-    w: Waiting,
+    group: Vec<Waiting>,
     object: volley_runtime::cluster::ObjectRef,
     meta: Result<ObjectMeta>,
-    work: RemoteWork,
+    works: Vec<RemoteWork>,
 ) {
     let mut state = pool.lock().expect("pool lock");
     if let Some(m) = state.members.iter_mut().find(|m| m.handle.id() == actor_id) {
@@ -353,28 +389,47 @@ fn on_done(
             m.suspect = true;
         }
     }
+    let attempts = group.iter().map(|w| w.attempts).max().unwrap_or(0);
+    let mut works = works.into_iter();
+    let first = works.next().expect("a call takes at least one block");
+    let finish = |first: RemoteWork, result, rest: std::vec::IntoIter<RemoteWork>| {
+        first.finish(result);
+        for w in rest {
+            w.finish(Ok(None));
+        }
+    };
     match meta {
         Ok(meta) => {
             drop(state);
-            work.finish(Ok(Some(Block::Remote(RemoteBlock { object, meta }))));
+            finish(
+                first,
+                Ok(Some(Block::Remote(RemoteBlock { object, meta }))),
+                works,
+            );
         }
         Err(e) if e.kind() == ErrorKind::UserFunction || e.is_cancelled() => {
             drop(state);
-            work.finish(Err(e));
+            finish(first, Err(e), works);
         }
-        Err(e) if w.attempts + 1 >= MAX_ATTEMPTS => {
+        Err(e) if attempts + 1 >= MAX_ATTEMPTS => {
             drop(state);
-            work.finish(Err(e.context(format!(
+            let e = e.context(format!(
                 "a block failed on {MAX_ATTEMPTS} actors of the pool"
-            ))));
+            ));
+            finish(first, Err(e), works);
         }
         Err(_) => {
-            state.waiting.push_front(Waiting {
-                attempts: w.attempts + 1,
-                ..w
-            });
+            for w in group.into_iter().rev() {
+                state.waiting.push_front(Waiting {
+                    attempts: w.attempts + 1,
+                    ..w
+                });
+            }
             drop(state);
-            work.retry();
+            first.retry();
+            for w in works {
+                w.retry();
+            }
         }
     }
 }
