@@ -130,12 +130,50 @@ struct ExchangeSource {
 }
 
 impl ExchangeSource {
-    fn tasks(&self, store: &Arc<FrozenStore>, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+    /// The input narrowed to the columns the output is asked for plus the exchange's
+    /// keys (the projection pushed through the exchange, down to the input's sources:
+    /// only those columns are read, stored and spilled), and the projection of the
+    /// narrowed columns that gives the asked output.
+    fn narrowed(&self, request: &ScanRequest) -> Result<(Dataset, Option<Vec<usize>>)> {
+        let Some(asked) = &request.projection else {
+            return Ok((self.input.clone(), None));
+        };
+        let mut keep = asked.clone();
+        if let ExchangeKind::RepartitionBy { keys, .. } | ExchangeKind::Groups { keys, .. } =
+            &self.kind
+        {
+            for k in keys {
+                keep.push(self.schema.index_of(k)?);
+            }
+        }
+        keep.sort_unstable();
+        keep.dedup();
+        if keep.len() == self.schema.fields().len() {
+            return Ok((self.input.clone(), Some(asked.clone())));
+        }
+        let names: Vec<&str> = keep
+            .iter()
+            .map(|&i| self.schema.field(i).name().as_str())
+            .collect();
+        let projection = asked
+            .iter()
+            .map(|i| keep.binary_search(i).expect("asked columns are kept"))
+            .collect();
+        Ok((self.input.select(&names)?, Some(projection)))
+    }
+
+    /// One read task per output partition of `store` (whose columns are `stored`).
+    fn tasks(
+        &self,
+        store: &Arc<FrozenStore>,
+        stored: &SchemaRef,
+        request: &ScanRequest,
+        proj: Option<Vec<usize>>,
+    ) -> Result<Vec<ReadTask>> {
         let out_schema = match &request.projection {
             Some(p) => Arc::new(self.schema.project(p)?),
             None => Arc::clone(&self.schema),
         };
-        let proj = request.projection.clone();
         let mut tasks = Vec::new();
         match &self.kind {
             ExchangeKind::Repartition { n } => {
@@ -195,7 +233,7 @@ impl ExchangeSource {
             ExchangeKind::Groups { keys, .. } => {
                 let key_idx: Vec<usize> = keys
                     .iter()
-                    .map(|k| self.schema.index_of(k))
+                    .map(|k| stored.index_of(k))
                     .collect::<std::result::Result<_, _>>()?;
                 for p in 0..store.partitions() {
                     let store2 = Arc::clone(store);
@@ -260,11 +298,16 @@ impl DataSource for ExchangeSource {
         )
     }
 
-    fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {
-        Some(match self.input.physical() {
-            Ok(p) => format!("stage boundary: runs to completion first:\n{p}"),
-            Err(e) => format!("(cannot plan the input: {e})"),
-        })
+    fn explain_detail(&self, request: &ScanRequest) -> Option<String> {
+        Some(
+            match self
+                .narrowed(request)
+                .and_then(|(input, _)| input.physical())
+            {
+                Ok(p) => format!("stage boundary: runs to completion first:\n{p}"),
+                Err(e) => format!("(cannot plan the input: {e})"),
+            },
+        )
     }
 
     fn spilled_bytes(&self) -> u64 {
@@ -272,14 +315,15 @@ impl DataSource for ExchangeSource {
     }
 
     async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
-        let input = self.input.clone();
+        let (input, proj) = self.narrowed(request)?;
+        let stored = input.schema()?;
         let partitioning = self.kind.partitioning();
         let store = tokio::task::spawn_blocking(move || materialize(&input, partitioning))
             .await
             .map_err(|e| VolleyError::internal(format!("exchange thread failed: {e}")))??;
         let store = Arc::new(store);
         self.spilled.store(store.spilled_bytes(), Ordering::Relaxed);
-        self.tasks(&store, request)
+        self.tasks(&store, &stored, request, proj)
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use arrow::array::RecordBatch;
 use volley_common::{Result, VolleyError};
 use volley_exec::Block;
-use volley_runtime::cluster::{Cluster, ObjectRef, ObjectSlice};
+use volley_runtime::cluster::{Cluster, ObjectMeta, ObjectRef, ObjectSlice};
 
 use crate::dataset::{Dataset, StatsStream};
 
@@ -26,17 +26,47 @@ const MAX_AHEAD: usize = 4;
 pub struct RemoteRows {
     slice: ObjectSlice,
     object: ObjectRef,
+    /// Where it can be fetched from into this process.
+    cluster: Cluster,
     /// The object's rows and bytes (for the slice's share of them).
     object_rows: u64,
     object_bytes: u64,
 }
 
 impl RemoteRows {
+    /// All rows of an object already in the cluster (made by a task, or stored with
+    /// [`Cluster::put`]), as `meta` describes it.
+    pub fn new(object: ObjectRef, meta: ObjectMeta, cluster: Cluster) -> Self {
+        RemoteRows {
+            slice: ObjectSlice {
+                id: object.id().to_string(),
+                addresses: meta.addresses,
+                offset: 0,
+                rows: meta.rows,
+            },
+            object,
+            cluster,
+            object_rows: meta.rows,
+            object_bytes: meta.bytes,
+        }
+    }
+
     /// Which rows, of which object, on which nodes: what a reader in another process
     /// needs ([`volley_runtime::cluster::ObjectReader`]). Keep `self` until it has read
     /// them: dropping the last reference frees the object.
     pub fn slice(&self) -> &ObjectSlice {
         &self.slice
+    }
+
+    /// The rows, fetched into this process from a node that holds them (only these
+    /// rows travel; a lost object is waited for while the cluster makes it again).
+    pub fn fetch(&self) -> Result<RecordBatch> {
+        let ObjectSlice { offset, rows, .. } = self.slice;
+        let batches = self.cluster.get_rows(&self.object, offset, rows)?;
+        let schema = batches.first().map(RecordBatch::schema).ok_or_else(|| {
+            VolleyError::internal(format!("object {} sent no batch", self.slice.id))
+        })?;
+        Ok(arrow::compute::concat_batches(&schema, &batches)?)
     }
 
     /// Its bytes in the node's store (its rows' share of the object's).
@@ -76,6 +106,7 @@ impl SplitPart {
                     ..r.slice.clone()
                 },
                 object: r.object.clone(),
+                cluster: r.cluster.clone(),
                 ..*r
             }),
         }
@@ -84,6 +115,8 @@ impl SplitPart {
 
 struct Inner {
     dataset: Option<Dataset>,
+    /// The cluster the dataset runs on, if any.
+    cluster: Option<Cluster>,
     stream: Option<StatsStream>,
     queues: Vec<VecDeque<SplitPart>>,
     /// Rows held back in `equal` mode until there are enough to share, in order.
@@ -97,8 +130,6 @@ struct Inner {
 struct State {
     n: usize,
     equal: bool,
-    /// Where remote parts are fetched from for consumers in this process.
-    cluster: Option<Cluster>,
     inner: Mutex<Inner>,
     changed: Condvar,
 }
@@ -152,9 +183,9 @@ impl Dataset {
         let state = Arc::new(State {
             n,
             equal,
-            cluster: self.context().cluster().cloned(),
             inner: Mutex::new(Inner {
                 dataset: Some(self.clone()),
+                cluster: self.context().cluster().cloned(),
                 stream: None,
                 queues: vec![VecDeque::new(); n],
                 carry: VecDeque::new(),
@@ -192,24 +223,21 @@ impl Inner {
                 Ok(b) => b,
                 Err(e) => return Some(Err(e)),
             };
-            return Some(match block {
-                Block::Local(b) => Ok(SplitPart::Batch(b)),
+            return Some(match (block, &self.cluster) {
+                (Block::Local(b), _) => Ok(SplitPart::Batch(b)),
                 // An object small enough to live with the head has no node to read it
                 // from: its few bytes travel through here.
-                Block::Remote(r) if r.meta.addresses.is_empty() => {
+                (Block::Remote(r), _) if r.meta.addresses.is_empty() => {
                     stream.resolve(Block::Remote(r)).map(SplitPart::Batch)
                 }
-                Block::Remote(r) => Ok(SplitPart::Remote(RemoteRows {
-                    slice: ObjectSlice {
-                        id: r.object.id().to_string(),
-                        addresses: r.meta.addresses,
-                        offset: 0,
-                        rows: r.meta.rows,
-                    },
-                    object: r.object,
-                    object_rows: r.meta.rows,
-                    object_bytes: r.meta.bytes,
-                })),
+                (Block::Remote(_), None) => Err(VolleyError::internal(
+                    "a remote block in an execution without a cluster",
+                )),
+                (Block::Remote(r), Some(cluster)) => Ok(SplitPart::Remote(RemoteRows::new(
+                    r.object,
+                    r.meta,
+                    cluster.clone(),
+                ))),
             });
         }
     }
@@ -313,28 +341,6 @@ impl SplitIterator {
             }
         }
     }
-
-    /// Remote rows fetched into this process from a node that holds them.
-    pub fn fetch(&self, rows: &RemoteRows) -> Result<RecordBatch> {
-        let cluster = self.state.cluster.as_ref().ok_or_else(|| {
-            VolleyError::internal("a split of a dataset without a cluster handed out remote rows")
-        })?;
-        let batches = cluster.get(&rows.object)?;
-        let schema = batches.first().map(RecordBatch::schema).ok_or_else(|| {
-            VolleyError::internal(format!("object {} holds no batch", rows.slice.id))
-        })?;
-        let all = arrow::compute::concat_batches(&schema, &batches)?;
-        let (offset, len) = (rows.slice.offset as usize, rows.slice.rows as usize);
-        if offset + len > all.num_rows() {
-            return Err(VolleyError::internal(format!(
-                "object {} has {} rows, rows {offset}..{} were asked",
-                rows.slice.id,
-                all.num_rows(),
-                offset + len
-            )));
-        }
-        Ok(all.slice(offset, len))
-    }
 }
 
 impl Iterator for SplitIterator {
@@ -343,7 +349,7 @@ impl Iterator for SplitIterator {
     fn next(&mut self) -> Option<Self::Item> {
         Some(match self.next_part()? {
             Ok(SplitPart::Batch(b)) => Ok(b),
-            Ok(SplitPart::Remote(r)) => self.fetch(&r),
+            Ok(SplitPart::Remote(r)) => r.fetch(),
             Err(e) => Err(e),
         })
     }

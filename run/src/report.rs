@@ -13,7 +13,11 @@
 //! A part of a stream that stays in a cluster node's store travels as a reference (an
 //! [`ObjectSlice`]): the peer reads the rows from the nodes and acknowledges, and the
 //! driver holds the object's reference until then (at most [`ACK_WINDOW`] unacknowledged
-//! at a time), so the bytes never pass through the driver.
+//! at a time), so the bytes never pass through the driver. A peer that cannot read them
+//! (the node that held them is gone, say) answers with a refusal instead, and the
+//! driver sends the rows itself (waiting, if need be, while the cluster makes the object
+//! again). Batch frames wait until every slice sent before them is settled, so a peer
+//! waiting for a replacement holds at most the window's slices.
 //!
 //! Every connection starts with a greeting naming the run's token and the peer (trial,
 //! attempt, rank), so that a process of an earlier attempt is told apart, and a
@@ -30,7 +34,7 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
-use volley_dataset::SplitPart;
+use volley_dataset::{RemoteRows, SplitPart};
 use volley_runtime::cluster::{ObjectReader, ObjectSlice};
 
 use crate::checkpoint::Checkpoint;
@@ -101,6 +105,10 @@ const CONTINUE: u8 = 6;
 const STOP: u8 = 7;
 const OBJECT: u8 = 8;
 const ACK: u8 = 9;
+/// The peer could not read the oldest unsettled slice (payload: why).
+const NACK: u8 = 10;
+/// The rows of a refused slice, sent by the driver.
+const REPLACEMENT: u8 = 11;
 
 /// Object slices a stream may have sent ahead of the peer's acknowledgements: the
 /// driver holds their references (and the nodes their bytes) until acknowledged.
@@ -240,40 +248,96 @@ fn serve(conn: TcpStream, token: &str, handler: &dyn ReportHandler) {
     };
     let result = match hello.request {
         Request::Reports => serve_reports(&mut r, &mut w, &hello.peer, handler),
-        Request::Stream { name, pass } => (|| {
-            // Remote parts sent and not yet acknowledged: their references keep the
-            // objects alive until the peer has read them.
+        Request::Stream { name, pass } => {
+            // Remote parts sent and not yet settled: their references keep the objects
+            // alive until the peer has read them, including past an error below (the
+            // peer may still be reading slices sent before it).
             let mut unacked = VecDeque::new();
-            for part in handler.stream(&hello.peer, &name, pass)? {
-                match part? {
-                    SplitPart::Batch(b) if b.num_rows() == 0 => continue,
-                    SplitPart::Batch(b) => {
-                        write_frame(&mut w, BATCH, &encode_batch(&b)?).map_err(send_err)?
-                    }
-                    SplitPart::Remote(rows) => {
-                        let slice = serde_json::to_vec(rows.slice())
-                            .map_err(|e| VolleyError::internal(e.to_string()))?;
-                        write_frame(&mut w, OBJECT, &slice).map_err(send_err)?;
-                        w.flush().map_err(send_err)?;
-                        unacked.push_back(rows);
-                        while unacked.len() > ACK_WINDOW {
-                            read_ack(&mut r)?;
-                            unacked.pop_front();
-                        }
-                    }
-                }
+            let result = serve_stream(
+                &mut r,
+                &mut w,
+                &hello.peer,
+                handler,
+                (&name, pass),
+                &mut unacked,
+            );
+            if let Err(e) = result {
+                let _ = write_frame(&mut w, ERROR, e.to_string().as_bytes());
+                let _ = w.flush();
+                // Let the peer finish the slices it holds (or hang up) before they go.
+                let _ = r.get_ref().set_read_timeout(Some(Duration::from_secs(30)));
+                while !unacked.is_empty() && settle(&mut r, &mut w, &mut unacked).is_ok() {}
             }
-            write_frame(&mut w, END, &[]).map_err(send_err)?;
-            w.flush().map_err(send_err)?;
-            while unacked.pop_front().is_some() {
-                read_ack(&mut r)?;
-            }
-            Ok(())
-        })(),
+            return;
+        }
     };
     if let Err(e) = result {
         let _ = write_frame(&mut w, ERROR, e.to_string().as_bytes());
         let _ = w.flush();
+    }
+}
+
+/// Streams pass `pass` of `name` to `peer`: batches as IPC frames, remote rows as
+/// slices settled in a window.
+fn serve_stream(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    peer: &Peer,
+    handler: &dyn ReportHandler,
+    (name, pass): (&str, u64),
+    unacked: &mut VecDeque<RemoteRows>,
+) -> Result<()> {
+    for part in handler.stream(peer, name, pass)? {
+        match part? {
+            SplitPart::Batch(b) if b.num_rows() == 0 => continue,
+            SplitPart::Batch(b) => {
+                while !unacked.is_empty() {
+                    settle(r, w, unacked)?;
+                }
+                write_frame(w, BATCH, &encode_batch(&b)?).map_err(send_err)?
+            }
+            SplitPart::Remote(rows) => {
+                let slice = serde_json::to_vec(rows.slice())
+                    .map_err(|e| VolleyError::internal(e.to_string()))?;
+                write_frame(w, OBJECT, &slice).map_err(send_err)?;
+                w.flush().map_err(send_err)?;
+                unacked.push_back(rows);
+                while unacked.len() > ACK_WINDOW {
+                    settle(r, w, unacked)?;
+                }
+            }
+        }
+    }
+    while !unacked.is_empty() {
+        settle(r, w, unacked)?;
+    }
+    write_frame(w, END, &[]).map_err(send_err)?;
+    w.flush().map_err(send_err)
+}
+
+/// Waits for the peer's answer on the oldest unsettled slice: an acknowledgement lets
+/// its object go; a refusal gets its rows sent from here.
+fn settle(r: &mut impl Read, w: &mut impl Write, unacked: &mut VecDeque<RemoteRows>) -> Result<()> {
+    let rows = unacked
+        .pop_front()
+        .ok_or_else(|| VolleyError::internal("no slice waits for an answer"))?;
+    match read_frame(r) {
+        Ok((ACK, _)) => Ok(()),
+        Ok((NACK, why)) => {
+            tracing::warn!(
+                "a process could not read rows of object {} from the nodes ({}); the \
+                 driver sends them",
+                rows.slice().id,
+                String::from_utf8_lossy(&why)
+            );
+            let batch = rows.fetch()?;
+            write_frame(w, REPLACEMENT, &encode_batch(&batch)?).map_err(send_err)?;
+            w.flush().map_err(send_err)
+        }
+        Ok((k, _)) => Err(VolleyError::execution(format!(
+            "unexpected frame {k} on a stream (an answer on a slice was due)"
+        ))),
+        Err(e) => Err(send_err(e)),
     }
 }
 
@@ -302,17 +366,6 @@ fn serve_reports(
         };
         write_frame(w, answer, &[]).map_err(send_err)?;
         w.flush().map_err(send_err)?;
-    }
-}
-
-/// Waits for the peer's acknowledgement of the oldest object slice it was sent.
-fn read_ack(r: &mut impl Read) -> Result<()> {
-    match read_frame(r) {
-        Ok((ACK, _)) => Ok(()),
-        Ok((k, _)) => Err(VolleyError::execution(format!(
-            "unexpected frame {k} on a stream (an acknowledgement was due)"
-        ))),
-        Err(e) => Err(send_err(e)),
     }
 }
 
@@ -404,6 +457,7 @@ impl ReportClient {
             address: self.address,
             reader: Some(BufReader::with_capacity(1 << 20, conn)),
             acks,
+            ahead: VecDeque::new(),
             objects: None,
         })
     }
@@ -413,7 +467,10 @@ impl ReportClient {
 pub struct BatchStream {
     address: SocketAddr,
     reader: Option<BufReader<TcpStream>>,
+    /// The same connection, for answers on slices.
     acks: TcpStream,
+    /// Frames read past a refused slice while waiting for its rows.
+    ahead: VecDeque<(u8, Vec<u8>)>,
     /// Made on the first slice the driver sends by reference.
     objects: Option<ObjectReader>,
 }
@@ -427,19 +484,64 @@ impl std::fmt::Debug for BatchStream {
 }
 
 impl BatchStream {
-    /// Reads a slice the driver sent by reference from the nodes, then acknowledges it.
-    fn read_slice(&mut self, bytes: &[u8]) -> Result<RecordBatch> {
+    /// The rows of a slice the driver sent by reference: read from the nodes and
+    /// acknowledged, or, when they cannot be read from here, refused and received from
+    /// the driver.
+    fn slice_rows(&mut self, bytes: &[u8]) -> Result<RecordBatch> {
         let slice: ObjectSlice = serde_json::from_slice(bytes)
             .map_err(|e| link_err(self.address, format!("an object slice is not valid: {e}")))?;
+        match self.read_from_nodes(&slice) {
+            Ok(b) => {
+                write_frame(&mut self.acks, ACK, &[]).map_err(|e| link_err(self.address, e))?;
+                Ok(b)
+            }
+            Err(why) => {
+                write_frame(&mut self.acks, NACK, why.to_string().as_bytes())
+                    .map_err(|e| link_err(self.address, e))?;
+                self.replacement()
+            }
+        }
+    }
+
+    fn read_from_nodes(&mut self, slice: &ObjectSlice) -> Result<RecordBatch> {
         if self.objects.is_none() {
             self.objects = Some(ObjectReader::from_env()?);
         }
-        let batches = self.objects.as_ref().expect("made above").read(&slice)?;
-        write_frame(&mut self.acks, ACK, &[]).map_err(|e| link_err(self.address, e))?;
+        let batches = self.objects.as_ref().expect("made above").read(slice)?;
         let schema = batches.first().map(RecordBatch::schema).ok_or_else(|| {
             VolleyError::execution(format!("object {}: the node sent no batch", slice.id))
         })?;
         Ok(arrow::compute::concat_batches(&schema, &batches)?)
+    }
+
+    /// Waits for the rows of a refused slice; frames the driver sent before answering
+    /// the refusal are kept for later.
+    fn replacement(&mut self) -> Result<RecordBatch> {
+        let address = self.address;
+        let r = self
+            .reader
+            .as_mut()
+            .ok_or_else(|| link_err(address, "the stream is closed"))?;
+        loop {
+            match read_frame(r).map_err(|e| link_err(address, e))? {
+                (REPLACEMENT, bytes) => return decode_batch(&bytes),
+                (ERROR, m) => {
+                    return Err(VolleyError::execution(
+                        String::from_utf8_lossy(&m).into_owned(),
+                    ))
+                }
+                frame => self.ahead.push_back(frame),
+            }
+        }
+    }
+
+    /// Ends the stream with `out`: the connection is closed both ways, so the driver
+    /// stops waiting for answers.
+    fn end(&mut self, out: Option<Result<RecordBatch>>) -> Option<Result<RecordBatch>> {
+        self.reader = None;
+        self.ahead.clear();
+        let _ = self.acks.shutdown(std::net::Shutdown::Both);
+        out
     }
 }
 
@@ -447,22 +549,35 @@ impl Iterator for BatchStream {
     type Item = Result<RecordBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let r = self.reader.as_mut()?;
-        let out = match read_frame(r) {
-            Ok((BATCH, bytes)) => return Some(decode_batch(&bytes)),
-            Ok((OBJECT, bytes)) => match self.read_slice(&bytes) {
-                Ok(b) => return Some(Ok(b)),
-                Err(e) => Some(Err(e)),
-            },
-            Ok((END, _)) => None,
-            Ok((ERROR, m)) => Some(Err(VolleyError::execution(
-                String::from_utf8_lossy(&m).into_owned(),
-            ))),
-            Ok((k, _)) => Some(Err(link_err(self.address, format!("unexpected frame {k}")))),
-            Err(e) => Some(Err(link_err(self.address, e))),
+        let frame = match self.ahead.pop_front() {
+            Some(f) => Ok(f),
+            None => read_frame(self.reader.as_mut()?),
         };
-        self.reader = None;
-        out
+        match frame {
+            Ok((BATCH, bytes)) => Some(decode_batch(&bytes)),
+            Ok((OBJECT, bytes)) => match self.slice_rows(&bytes) {
+                Ok(b) => Some(Ok(b)),
+                Err(e) => self.end(Some(Err(e))),
+            },
+            Ok((END, _)) => self.end(None),
+            Ok((ERROR, m)) => self.end(Some(Err(VolleyError::execution(
+                String::from_utf8_lossy(&m).into_owned(),
+            )))),
+            Ok((k, _)) => {
+                let e = link_err(self.address, format!("unexpected frame {k}"));
+                self.end(Some(Err(e)))
+            }
+            Err(e) => {
+                let e = link_err(self.address, e);
+                self.end(Some(Err(e)))
+            }
+        }
+    }
+}
+
+impl Drop for BatchStream {
+    fn drop(&mut self) {
+        let _ = self.acks.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -501,6 +616,80 @@ mod tests {
                 )])?))
             })))
         }
+    }
+
+    /// Streams `parts` once.
+    struct Parts(Mutex<Option<Vec<SplitPart>>>);
+
+    impl ReportHandler for Parts {
+        fn report(&self, _: &Peer, _: Report) -> Result<Decision> {
+            Ok(Decision::Continue)
+        }
+
+        fn stream(&self, _: &Peer, _: &str, _: u64) -> Result<PartIter> {
+            let parts = self.0.lock().unwrap().take().unwrap_or_default();
+            Ok(Box::new(parts.into_iter().map(Ok)))
+        }
+    }
+
+    fn ints(range: std::ops::Range<i64>) -> RecordBatch {
+        RecordBatch::try_from_iter([(
+            "x",
+            Arc::new(arrow::array::Int64Array::from_iter_values(range)) as arrow::array::ArrayRef,
+        )])
+        .unwrap()
+    }
+
+    /// A process that cannot read rows from the nodes (here: it holds no cluster token)
+    /// refuses the slice, and the driver sends the rows itself, in their place.
+    #[test]
+    fn refused_slices_are_sent_by_the_driver_in_order() {
+        use volley_runtime::cluster::{LocalCluster, ObjectState, Resources};
+        let local = LocalCluster::start(Resources::cpus(1.0), vec![]).unwrap();
+        let cluster = local.cluster().clone();
+        let object = cluster.put(vec![ints(0..700), ints(700..1000)]).unwrap();
+        let meta = match cluster
+            .wait_objects(std::slice::from_ref(&object), 1, Duration::from_secs(30))
+            .unwrap()
+            .remove(0)
+        {
+            ObjectState::Ready(meta) => meta,
+            other => panic!("{other:?}"),
+        };
+        let rows = volley_dataset::RemoteRows::new(object, meta, cluster);
+        let parts = vec![
+            SplitPart::Batch(ints(-5..0)),
+            SplitPart::Remote(rows),
+            SplitPart::Batch(ints(1000..1003)),
+        ];
+        let handler = Arc::new(Parts(Mutex::new(Some(parts))));
+        let server = ReportServer::start(
+            "127.0.0.1",
+            "secret".into(),
+            handler as Arc<dyn ReportHandler>,
+            "test",
+        )
+        .unwrap();
+        let peer = Peer {
+            trial: 0,
+            attempt: 0,
+            rank: 0,
+        };
+        let client = ReportClient::new(server.address(), "secret".into(), peer);
+        let got: Vec<i64> = client
+            .open_stream("train", 0)
+            .unwrap()
+            .flat_map(|b| {
+                let b = b.unwrap();
+                let x = b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .unwrap();
+                x.values().to_vec()
+            })
+            .collect();
+        assert_eq!(got, (-5..1003).collect::<Vec<_>>());
     }
 
     fn report(iteration: u64) -> Report {

@@ -263,3 +263,39 @@ fn explain_shows_the_stage_boundary() {
     assert!(plan.contains("stage boundary"), "{plan}");
     assert!(plan.contains("Range"), "{plan}");
 }
+
+/// Columns nobody reads after a shuffle are not read, stored or spilled by it: the
+/// projection goes through the exchange down to the Parquet scan, and the rows come out
+/// as without it (the same seed, the same order).
+#[test]
+fn a_projection_goes_through_shuffles_into_the_scan() {
+    let c = ctx();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data");
+    c.range(20_000)
+        .with_column("k", col("id") % lit(7i64))
+        .unwrap()
+        .with_column("wide", col("id") * lit(3i64))
+        .unwrap()
+        .write_parquet(path.to_str().unwrap())
+        .unwrap();
+    let read = || c.read_parquet(path.to_str().unwrap()).unwrap();
+    let shuffled = read().random_shuffle(9).unwrap().select(&["id"]).unwrap();
+    let plan = shuffled.explain().unwrap();
+    assert!(plan.contains("projection=[id]"), "{plan}");
+    assert!(!plan.contains("wide"), "{plan}");
+    let full = ids(&read().random_shuffle(9).unwrap());
+    assert_eq!(ids(&shuffled), full);
+
+    // A hash exchange keeps its keys too.
+    let by_key = read()
+        .repartition_by(&["k"], 3)
+        .unwrap()
+        .select(&["id"])
+        .unwrap();
+    let plan = by_key.explain().unwrap();
+    assert!(plan.contains("projection=[id, k]"), "{plan}");
+    let mut got = ids(&by_key);
+    got.sort();
+    assert_eq!(got, (0..20_000).collect::<Vec<_>>());
+}

@@ -31,12 +31,14 @@ struct State {
 /// How the rows of a training run's datasets reached its ranks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DataTransfer {
-    /// Rows the driver sent itself (blocks it produced, or, with
-    /// [`DataConfig::relay`](crate::DataConfig::relay), every block).
+    /// Rows the driver sent itself: blocks it produced, and with
+    /// [`DataConfig::relay`](crate::DataConfig::relay) (or for a dataset on another
+    /// cluster than the ranks') every block.
     pub relayed_rows: u64,
     /// Bytes of those rows.
     pub relayed_bytes: u64,
-    /// Rows the ranks read from the cluster's nodes, given only their references.
+    /// Rows handed to the ranks by reference, to read from the cluster's nodes (a rank
+    /// that cannot read some gets them from the driver; those count here too).
     pub node_rows: u64,
     /// Bytes of those rows, as the nodes' stores count them.
     pub node_bytes: u64,
@@ -59,6 +61,9 @@ pub(crate) struct Session {
     equal: bool,
     /// Fetch remote rows here and send the bytes, instead of their references.
     relay: bool,
+    /// The head address of the cluster the ranks run on: rows of a dataset on another
+    /// cluster are relayed (the ranks hold no token for its nodes).
+    ranks_cluster: String,
     datasets: HashMap<String, Dataset>,
     state: Mutex<State>,
     transfer: Arc<Counters>,
@@ -71,8 +76,10 @@ impl Session {
         data: crate::DataConfig,
         datasets: HashMap<String, Dataset>,
         hook: Option<ReportHook>,
+        ranks_cluster: &volley_runtime::cluster::Cluster,
     ) -> Self {
         Self {
+            ranks_cluster: ranks_cluster.address().to_string(),
             hook,
             stopped: AtomicBool::new(false),
             world,
@@ -118,7 +125,9 @@ impl Session {
         }
     }
 
-    fn take_split(&self, peer: &Peer, dataset: &str, pass: u64) -> Result<SplitIterator> {
+    /// Rank `peer`'s split of pass `pass` over `dataset`, and whether its remote rows
+    /// must be relayed.
+    fn take_split(&self, peer: &Peer, dataset: &str, pass: u64) -> Result<(SplitIterator, bool)> {
         let mut s = self.state.lock().expect("session lock");
         let rank = peer.rank;
         if peer.attempt != s.attempt {
@@ -149,7 +158,11 @@ impl Session {
         if slots.iter().all(Option::is_none) {
             s.passes.remove(&key);
         }
-        Ok(split)
+        let elsewhere = ds
+            .context()
+            .cluster()
+            .is_some_and(|c| c.address() != self.ranks_cluster);
+        Ok((split, self.relay || elsewhere))
     }
 }
 
@@ -175,12 +188,11 @@ impl ReportHandler for Session {
     }
 
     fn stream(&self, peer: &Peer, name: &str, pass: u64) -> Result<PartIter> {
-        let mut split = self.take_split(peer, name, pass)?;
-        let relay = self.relay;
+        let (mut split, relay) = self.take_split(peer, name, pass)?;
         let counters = Arc::clone(&self.transfer);
         Ok(Box::new(std::iter::from_fn(move || {
             let part = match split.next_part()? {
-                Ok(SplitPart::Remote(r)) if relay => split.fetch(&r).map(SplitPart::Batch),
+                Ok(SplitPart::Remote(r)) if relay => r.fetch().map(SplitPart::Batch),
                 other => other,
             };
             if let Ok(p) = &part {

@@ -286,6 +286,7 @@ impl DataParallelTrainer {
             self.data,
             self.datasets.clone(),
             self.hook.clone(),
+            lease.cluster(),
         ));
         let server = ReportServer::start(
             &host,

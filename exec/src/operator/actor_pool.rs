@@ -100,10 +100,11 @@ impl ActorWorker {
                         None => break,
                     }
                 }
-                // Blocks already waiting join the bundle (up to a few chunks' worth), so
-                // that a transform that keeps many rows in flight refills from them
-                // instead of draining at the end of each block.
-                while rows < want * BUNDLE_CHUNKS {
+                // With a batch size, blocks already waiting join the bundle (up to a
+                // few chunks' worth), so that a transform that keeps many rows in
+                // flight refills from them instead of draining at the end of each
+                // block. Without one, the transform sees one block per batch.
+                while self.batch_size.is_some() && rows < want * BUNDLE_CHUNKS {
                     match self.input.try_pop_block()? {
                         PoppedBlock::Block(b) => {
                             let b = self.input.resolve(b)?;

@@ -678,6 +678,37 @@ impl Cluster {
         Ok(all.pop().unwrap_or_default())
     }
 
+    /// Rows `offset..offset + rows` of the object (its batches taken as one sequence),
+    /// waiting for its task: a node that holds it sends only those rows. Like
+    /// [`get`](Self::get), it waits while a lost object is made again.
+    pub fn get_rows(&self, object: &ObjectRef, offset: u64, rows: u64) -> Result<Vec<RecordBatch>> {
+        let inner = Arc::clone(&self.inner);
+        let id = object.id().to_string();
+        self.block_on(async move {
+            let status = wait_all(&inner, std::slice::from_ref(&id))
+                .await?
+                .pop()
+                .unwrap_or_default();
+            let location = status.location.unwrap_or_default();
+            if location.inline.is_empty() {
+                for a in &location.addresses {
+                    if let Ok(b) =
+                        super::objects::fetch_range(&inner.channels, a, &id, Some((offset, rows)))
+                            .await
+                    {
+                        return Ok(b);
+                    }
+                }
+            }
+            let all = match read_copy(&inner, &id, &location).await {
+                Some(Ok(all)) => all,
+                _ => get_one(&inner, &id).await?,
+            };
+            super::objects::slice_rows(&all, offset, rows)
+                .map_err(|e| e.context(format!("object {id}")))
+        })
+    }
+
     /// The batches of several objects, in order.
     pub fn get_all(&self, objects: &[&ObjectRef]) -> Result<Vec<Vec<RecordBatch>>> {
         let inner = Arc::clone(&self.inner);

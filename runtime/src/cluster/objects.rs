@@ -406,7 +406,7 @@ pub(crate) async fn fetch(
 
 /// Rows `offset..offset + rows` of object `id` (all of it without a range), fetched from
 /// the store at `address`: the node slices, so only those rows travel.
-async fn fetch_range(
+pub(crate) async fn fetch_range(
     channels: &super::net::Channels,
     address: &str,
     id: &str,
@@ -484,7 +484,11 @@ fn parse_ticket(bytes: &[u8]) -> Result<(String, Option<(u64, u64)>)> {
 }
 
 /// Rows `offset..offset + rows` of `batches` taken as one sequence (zero-copy slices).
-fn slice_rows(batches: &[RecordBatch], offset: u64, rows: u64) -> Result<Vec<RecordBatch>> {
+pub(crate) fn slice_rows(
+    batches: &[RecordBatch],
+    offset: u64,
+    rows: u64,
+) -> Result<Vec<RecordBatch>> {
     let total: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
     let end = offset
         .checked_add(rows)
