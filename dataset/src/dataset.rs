@@ -18,6 +18,7 @@ use volley_exec::{
 };
 
 use crate::context::Context;
+use crate::exchange::lower_exchanges;
 use crate::logical::LogicalOp;
 use crate::optimizer;
 pub use crate::options::{IterOptions, MapOptions};
@@ -50,7 +51,7 @@ impl Dataset {
         }
     }
 
-    fn with(&self, plan: LogicalOp) -> Self {
+    pub(crate) fn with(&self, plan: LogicalOp) -> Self {
         Self::new(self.ctx.clone(), Arc::new(plan))
     }
 
@@ -221,19 +222,21 @@ impl Dataset {
     /// writing into `write` when given.
     fn physical_with(&self, write: Option<&WriteSpec>) -> Result<PhysicalPlan> {
         let optimized = optimizer::optimize(&self.plan, self.ctx.session_state())?;
+        let lowered = lower_exchanges(optimized, &self.ctx)?;
         self.ctx
             .runner()
-            .plan(&optimized, self.ctx.exec_context(), write)
+            .plan(&lowered, self.ctx.exec_context(), write)
     }
 
     /// The logical plan, the optimized plan, and the physical plan, as text.
     pub fn explain(&self) -> Result<String> {
         let state = self.ctx.session_state();
         let optimized = optimizer::optimize(&self.plan, state)?;
+        let lowered = lower_exchanges(Arc::clone(&optimized), &self.ctx)?;
         let physical = self
             .ctx
             .runner()
-            .plan(&optimized, self.ctx.exec_context(), None)?;
+            .plan(&lowered, self.ctx.exec_context(), None)?;
         Ok(format!(
             "== logical plan ==\n{}\n\n== optimized logical plan ==\n{}\n\n== physical plan ==\n{}\n",
             self.plan, optimized, physical

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use arrow::array::{ArrayRef, RecordBatch};
 use arrow::compute::{lexsort_to_indices, take_record_batch, SortColumn};
 use arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::execution::context::SessionState;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use rand::seq::SliceRandom;
@@ -20,62 +21,11 @@ use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
 use volley_exec::{project_batch, ExchangeStore, FrozenStore, Partitioning};
 
+use crate::context::Context;
 use crate::dataset::Dataset;
+use crate::logical::{ExchangeKind, LogicalOp};
 use crate::options::MapOptions;
 use crate::relational::{check_keys, GroupedDataset};
-
-/// What an exchange produces.
-#[derive(Debug, Clone)]
-enum ExchangeKind {
-    /// `n` outputs of equal row counts, in input order.
-    Repartition { n: usize },
-    /// `n` outputs by a hash of the keys.
-    RepartitionBy { keys: Vec<String>, n: usize },
-    /// Rows in a seeded random order, over `n` partitions.
-    RandomShuffle { seed: u64, n: usize },
-    /// The input's blocks in a seeded random order.
-    RandomizeBlockOrder { seed: u64 },
-    /// One block per group of equal keys (hash partitioned, sorted within).
-    Groups { keys: Vec<String>, n: usize },
-}
-
-impl ExchangeKind {
-    fn partitioning(&self) -> Partitioning {
-        match self {
-            ExchangeKind::Repartition { .. } | ExchangeKind::RandomizeBlockOrder { .. } => {
-                Partitioning::Single
-            }
-            ExchangeKind::RepartitionBy { keys, n } | ExchangeKind::Groups { keys, n } => {
-                Partitioning::Hash {
-                    keys: keys.clone(),
-                    n: *n,
-                }
-            }
-            ExchangeKind::RandomShuffle { seed, n } => Partitioning::Random { seed: *seed, n: *n },
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            ExchangeKind::Repartition { n } => format!("{n} partitions of equal rows, in order"),
-            ExchangeKind::RepartitionBy { keys, n } => {
-                format!("hash of [{}] into {n} partitions", keys.join(", "))
-            }
-            ExchangeKind::RandomShuffle { seed, n } => {
-                format!("random rows (seed {seed}) over {n} partitions")
-            }
-            ExchangeKind::RandomizeBlockOrder { seed } => {
-                format!("random block order (seed {seed})")
-            }
-            ExchangeKind::Groups { keys, n } => {
-                format!(
-                    "groups of [{}], hashed into {n} partitions",
-                    keys.join(", ")
-                )
-            }
-        }
-    }
-}
 
 /// Runs `input` in order into a store with `partitioning`.
 fn materialize(input: &Dataset, partitioning: Partitioning) -> Result<FrozenStore> {
@@ -119,7 +69,24 @@ where
     })
 }
 
-/// An exchange as a dataset source.
+/// How an exchange's store partitions the rows.
+fn partitioning(kind: &ExchangeKind) -> Partitioning {
+    match kind {
+        ExchangeKind::Repartition { .. } | ExchangeKind::RandomizeBlockOrder { .. } => {
+            Partitioning::Single
+        }
+        ExchangeKind::RepartitionBy { keys, n } | ExchangeKind::Groups { keys, n } => {
+            Partitioning::Hash {
+                keys: keys.clone(),
+                n: *n,
+            }
+        }
+        ExchangeKind::RandomShuffle { seed, n } => Partitioning::Random { seed: *seed, n: *n },
+    }
+}
+
+/// An exchange as a dataset source: what an [`LogicalOp::Exchange`] node becomes before
+/// planning ([`lower_exchanges`]).
 #[derive(Debug)]
 struct ExchangeSource {
     input: Dataset,
@@ -130,50 +97,13 @@ struct ExchangeSource {
 }
 
 impl ExchangeSource {
-    /// The input narrowed to the columns the output is asked for plus the exchange's
-    /// keys (the projection pushed through the exchange, down to the input's sources:
-    /// only those columns are read, stored and spilled), and the projection of the
-    /// narrowed columns that gives the asked output.
-    fn narrowed(&self, request: &ScanRequest) -> Result<(Dataset, Option<Vec<usize>>)> {
-        let Some(asked) = &request.projection else {
-            return Ok((self.input.clone(), None));
-        };
-        let mut keep = asked.clone();
-        if let ExchangeKind::RepartitionBy { keys, .. } | ExchangeKind::Groups { keys, .. } =
-            &self.kind
-        {
-            for k in keys {
-                keep.push(self.schema.index_of(k)?);
-            }
-        }
-        keep.sort_unstable();
-        keep.dedup();
-        if keep.len() == self.schema.fields().len() {
-            return Ok((self.input.clone(), Some(asked.clone())));
-        }
-        let names: Vec<&str> = keep
-            .iter()
-            .map(|&i| self.schema.field(i).name().as_str())
-            .collect();
-        let projection = asked
-            .iter()
-            .map(|i| keep.binary_search(i).expect("asked columns are kept"))
-            .collect();
-        Ok((self.input.select(&names)?, Some(projection)))
-    }
-
     /// One read task per output partition of `store` (whose columns are `stored`).
-    fn tasks(
-        &self,
-        store: &Arc<FrozenStore>,
-        stored: &SchemaRef,
-        request: &ScanRequest,
-        proj: Option<Vec<usize>>,
-    ) -> Result<Vec<ReadTask>> {
+    fn tasks(&self, store: &Arc<FrozenStore>, request: &ScanRequest) -> Result<Vec<ReadTask>> {
         let out_schema = match &request.projection {
             Some(p) => Arc::new(self.schema.project(p)?),
             None => Arc::clone(&self.schema),
         };
+        let proj = request.projection.clone();
         let mut tasks = Vec::new();
         match &self.kind {
             ExchangeKind::Repartition { n } => {
@@ -233,7 +163,7 @@ impl ExchangeSource {
             ExchangeKind::Groups { keys, .. } => {
                 let key_idx: Vec<usize> = keys
                     .iter()
-                    .map(|k| stored.index_of(k))
+                    .map(|k| self.schema.index_of(k))
                     .collect::<std::result::Result<_, _>>()?;
                 for p in 0..store.partitions() {
                     let store2 = Arc::clone(store);
@@ -292,22 +222,14 @@ impl DataSource for ExchangeSource {
     }
 
     fn ordered(&self) -> bool {
-        !matches!(
-            self.kind,
-            ExchangeKind::RepartitionBy { .. } | ExchangeKind::Groups { .. }
-        )
+        self.kind.ordered()
     }
 
-    fn explain_detail(&self, request: &ScanRequest) -> Option<String> {
-        Some(
-            match self
-                .narrowed(request)
-                .and_then(|(input, _)| input.physical())
-            {
-                Ok(p) => format!("stage boundary: runs to completion first:\n{p}"),
-                Err(e) => format!("(cannot plan the input: {e})"),
-            },
-        )
+    fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {
+        Some(match self.input.physical() {
+            Ok(p) => format!("stage boundary: runs to completion first:\n{p}"),
+            Err(e) => format!("(cannot plan the input: {e})"),
+        })
     }
 
     fn spilled_bytes(&self) -> u64 {
@@ -315,15 +237,14 @@ impl DataSource for ExchangeSource {
     }
 
     async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
-        let (input, proj) = self.narrowed(request)?;
-        let stored = input.schema()?;
-        let partitioning = self.kind.partitioning();
+        let input = self.input.clone();
+        let partitioning = partitioning(&self.kind);
         let store = tokio::task::spawn_blocking(move || materialize(&input, partitioning))
             .await
             .map_err(|e| VolleyError::internal(format!("exchange thread failed: {e}")))??;
         let store = Arc::new(store);
         self.spilled.store(store.spilled_bytes(), Ordering::Relaxed);
-        self.tasks(&store, &stored, request, proj)
+        self.tasks(&store, request)
     }
 }
 
@@ -461,7 +382,6 @@ impl DataSource for SplitSource {
 
 impl Dataset {
     fn exchange(&self, kind: ExchangeKind) -> Result<Dataset> {
-        let schema = self.schema()?;
         if let ExchangeKind::RepartitionBy { keys, .. } | ExchangeKind::Groups { keys, .. } = &kind
         {
             if keys.is_empty() {
@@ -469,15 +389,12 @@ impl Dataset {
                     "repartition by keys needs at least one key",
                 ));
             }
-            check_keys(&schema, keys, "key")?;
+            check_keys(&self.schema()?, keys, "key")?;
         }
-        let source = ExchangeSource {
-            input: self.clone(),
+        Ok(self.with(LogicalOp::Exchange {
+            input: Arc::clone(self.logical_plan()),
             kind,
-            schema,
-            spilled: AtomicU64::new(0),
-        };
-        Ok(self.context().source(Arc::new(source)))
+        }))
     }
 
     fn cpus(&self) -> usize {
@@ -629,4 +546,35 @@ impl GroupedDataset {
         // One block per group reaches `f`: no batch size, so blocks pass as they are.
         Ok(grouped.map_batches(name, f, MapOptions::default()))
     }
+}
+
+/// `plan` (optimized) with every [`LogicalOp::Exchange`] replaced by the exchange's
+/// source over its input (a stage boundary the planner knows as a source), bottom up.
+pub(crate) fn lower_exchanges(plan: Arc<LogicalOp>, ctx: &Context) -> Result<Arc<LogicalOp>> {
+    let has = plan
+        .exists(|op| Ok(matches!(op, LogicalOp::Exchange { .. })))
+        .map_err(VolleyError::from)?;
+    if !has {
+        return Ok(plan);
+    }
+    let lowered = Arc::unwrap_or_clone(plan)
+        .transform_up(|op| match op {
+            LogicalOp::Exchange { input, kind } => {
+                let input = Dataset::new(ctx.clone(), input);
+                let schema = input.schema()?;
+                let source = ExchangeSource {
+                    input,
+                    kind,
+                    schema,
+                    spilled: AtomicU64::new(0),
+                };
+                Ok(Transformed::yes(LogicalOp::Source {
+                    source: Arc::new(source),
+                    request: ScanRequest::default(),
+                }))
+            }
+            other => Ok(Transformed::no(other)),
+        })
+        .map_err(VolleyError::from)?;
+    Ok(Arc::new(lowered.data))
 }

@@ -4,6 +4,8 @@ use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeIterator, TreeNodeRecursion};
+use datafusion::common::Result as DfResult;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::Expr;
 use volley_common::{Result, VolleyError};
@@ -12,6 +14,78 @@ use volley_exec::{PredicateFn, Step, TransformFactory, TransformFn};
 
 use crate::col;
 use crate::options::MapOptions;
+
+/// What an [`LogicalOp::Exchange`] produces: how it redistributes its input's rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// `n` outputs of equal row counts, in input order.
+    Repartition {
+        /// Outputs.
+        n: usize,
+    },
+    /// `n` outputs by a hash of the keys.
+    RepartitionBy {
+        /// Key columns.
+        keys: Vec<String>,
+        /// Outputs.
+        n: usize,
+    },
+    /// Rows in a seeded random order, over `n` partitions.
+    RandomShuffle {
+        /// The seed: the same seed gives the same order.
+        seed: u64,
+        /// Partitions.
+        n: usize,
+    },
+    /// The input's blocks in a seeded random order.
+    RandomizeBlockOrder {
+        /// The seed.
+        seed: u64,
+    },
+    /// One block per group of equal keys (hash partitioned, sorted within).
+    Groups {
+        /// Key columns.
+        keys: Vec<String>,
+        /// Partitions.
+        n: usize,
+    },
+}
+
+impl ExchangeKind {
+    /// The columns it partitions by.
+    pub fn keys(&self) -> &[String] {
+        match self {
+            ExchangeKind::RepartitionBy { keys, .. } | ExchangeKind::Groups { keys, .. } => keys,
+            _ => &[],
+        }
+    }
+
+    /// Whether its output order is meaningful (reproducible, or the input's).
+    pub fn ordered(&self) -> bool {
+        self.keys().is_empty()
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            ExchangeKind::Repartition { n } => format!("{n} partitions of equal rows, in order"),
+            ExchangeKind::RepartitionBy { keys, n } => {
+                format!("hash of [{}] into {n} partitions", keys.join(", "))
+            }
+            ExchangeKind::RandomShuffle { seed, n } => {
+                format!("random rows (seed {seed}) over {n} partitions")
+            }
+            ExchangeKind::RandomizeBlockOrder { seed } => {
+                format!("random block order (seed {seed})")
+            }
+            ExchangeKind::Groups { keys, n } => {
+                format!(
+                    "groups of [{}], hashed into {n} partitions",
+                    keys.join(", ")
+                )
+            }
+        }
+    }
+}
 
 /// A node of a dataset's logical plan.
 #[derive(Debug, Clone)]
@@ -97,6 +171,16 @@ pub enum LogicalOp {
         /// Inputs.
         inputs: Vec<Arc<LogicalOp>>,
     },
+    /// A stage boundary that redistributes the rows (repartition, shuffles, the groups
+    /// of `map_groups`): the input runs to completion first. The optimizer sees
+    /// through it (the columns asked of it and its keys are all its input must give);
+    /// before planning it becomes the exchange's source over its optimized input.
+    Exchange {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// How the rows are redistributed.
+        kind: ExchangeKind,
+    },
 }
 
 impl LogicalOp {
@@ -111,6 +195,8 @@ impl LogicalOp {
     pub fn needs_order(&self) -> bool {
         match self {
             LogicalOp::Source { source, .. } => source.ordered(),
+            // Its input runs in order anyway (seeded shuffles must reproduce).
+            LogicalOp::Exchange { kind, .. } => kind.ordered(),
             other => other.inputs().iter().any(|i| i.needs_order()),
         }
     }
@@ -127,7 +213,8 @@ impl LogicalOp {
             | LogicalOp::FilterFn { input, .. }
             | LogicalOp::MapBatches { input, .. }
             | LogicalOp::MapBatchesStateful { input, .. }
-            | LogicalOp::Limit { input, .. } => vec![input],
+            | LogicalOp::Limit { input, .. }
+            | LogicalOp::Exchange { input, .. } => vec![input],
             LogicalOp::Union { inputs } => inputs.iter().collect(),
         }
     }
@@ -179,6 +266,10 @@ impl LogicalOp {
                 n: *n,
             },
             LogicalOp::Union { .. } => LogicalOp::Union { inputs: new },
+            LogicalOp::Exchange { kind, .. } => LogicalOp::Exchange {
+                input: one(),
+                kind: kind.clone(),
+            },
         }
     }
 
@@ -191,7 +282,8 @@ impl LogicalOp {
             }),
             LogicalOp::Filter { input, .. }
             | LogicalOp::FilterFn { input, .. }
-            | LogicalOp::Limit { input, .. } => input.schema(state)?,
+            | LogicalOp::Limit { input, .. }
+            | LogicalOp::Exchange { input, .. } => input.schema(state)?,
             LogicalOp::MapBatches { .. } | LogicalOp::MapBatchesStateful { .. } => None,
             LogicalOp::Union { inputs } => inputs[0].schema(state)?,
             LogicalOp::Select { input, .. }
@@ -342,6 +434,7 @@ impl LogicalOp {
             }
             LogicalOp::Limit { n, .. } => writeln!(out, "{pad}Limit: {n}"),
             LogicalOp::Union { inputs } => writeln!(out, "{pad}Union: {} inputs", inputs.len()),
+            LogicalOp::Exchange { kind, .. } => writeln!(out, "{pad}Exchange: {}", kind.describe()),
         };
         for i in self.inputs() {
             i.fmt_indent(out, indent + 1);
@@ -354,5 +447,90 @@ impl fmt::Display for LogicalOp {
         let mut s = String::new();
         self.fmt_indent(&mut s, 0);
         f.write_str(s.trim_end())
+    }
+}
+
+/// The tree API of the logical plan (DataFusion's): `apply` visits, `transform_up` /
+/// `transform_down` rewrite, over every node's inputs.
+impl TreeNode for LogicalOp {
+    fn apply_children<'n, F: FnMut(&'n Self) -> DfResult<TreeNodeRecursion>>(
+        &'n self,
+        f: F,
+    ) -> DfResult<TreeNodeRecursion> {
+        self.inputs()
+            .into_iter()
+            .map(AsRef::as_ref)
+            .apply_until_stop(f)
+    }
+
+    fn map_children<F: FnMut(Self) -> DfResult<Transformed<Self>>>(
+        self,
+        f: F,
+    ) -> DfResult<Transformed<Self>> {
+        let inputs: Vec<LogicalOp> = self
+            .inputs()
+            .into_iter()
+            .map(|i| i.as_ref().clone())
+            .collect();
+        if inputs.is_empty() {
+            return Ok(Transformed::no(self));
+        }
+        Ok(inputs
+            .into_iter()
+            .map_until_stop_and_collect(f)?
+            .update_data(|new| self.with_inputs(new.into_iter().map(Arc::new).collect())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use volley_exec::RangeSource;
+
+    fn plan() -> LogicalOp {
+        let range = LogicalOp::source(Arc::new(RangeSource::new(100, 2, 10)));
+        let shuffled = Arc::new(LogicalOp::Exchange {
+            input: range,
+            kind: ExchangeKind::RandomShuffle { seed: 1, n: 4 },
+        });
+        LogicalOp::Limit {
+            input: Arc::new(LogicalOp::Union {
+                inputs: vec![Arc::clone(&shuffled), shuffled],
+            }),
+            n: 5,
+        }
+    }
+
+    #[test]
+    fn the_tree_api_visits_and_rewrites_every_node() {
+        let mut names = Vec::new();
+        plan()
+            .apply(|op| {
+                names.push(op.to_string().lines().next().unwrap_or("").to_string());
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .unwrap();
+        assert_eq!(names.len(), 6, "{names:?}");
+        assert!(names[0].starts_with("Limit: 5"), "{names:?}");
+        assert!(names[2].starts_with("Exchange: random rows"), "{names:?}");
+
+        // Every exchange of the plan becomes a repartition; nothing else changes.
+        let rewritten = plan()
+            .transform_up(|op| {
+                Ok(match op {
+                    LogicalOp::Exchange { input, .. } => Transformed::yes(LogicalOp::Exchange {
+                        input,
+                        kind: ExchangeKind::Repartition { n: 2 },
+                    }),
+                    other => Transformed::no(other),
+                })
+            })
+            .unwrap();
+        assert!(rewritten.transformed);
+        let text = rewritten.data.to_string();
+        assert_eq!(text.matches("Exchange: 2 partitions").count(), 2, "{text}");
+        assert!(!text.contains("random"), "{text}");
+        assert!(text.starts_with("Limit: 5"), "{text}");
+        assert!(rewritten.data.needs_order());
     }
 }

@@ -89,6 +89,11 @@ pub(crate) fn plan_node(
 ) -> Result<Planned> {
     let mut child = || children.remove(0);
     Ok(match op {
+        LogicalOp::Exchange { .. } => {
+            return Err(VolleyError::internal(
+                "an exchange reached the planner: exchanges become sources before planning",
+            ))
+        }
         LogicalOp::Source { source, request } => {
             let schema = op.schema(state)?;
             (

@@ -127,6 +127,18 @@ pub(crate) fn push_projection(
             input: below(input, required)?,
             n: *n,
         },
+        // What is asked of an exchange and its keys is all its input must give: the
+        // other columns are not read, stored or spilled.
+        LogicalOp::Exchange { input, kind } => {
+            let req = required.map(|mut set| {
+                set.extend(kind.keys().iter().cloned());
+                set
+            });
+            LogicalOp::Exchange {
+                input: below(input, req)?,
+                kind: kind.clone(),
+            }
+        }
         LogicalOp::Union { inputs } => {
             // Every input must give the same columns in the same order: a Select of
             // the required columns (in the first input's order) on top of each.

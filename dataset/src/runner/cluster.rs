@@ -318,6 +318,8 @@ impl ClusterRunner {
                     .any(|c| matches!(c, Node::Stage(_) | Node::Plan { remote: true, .. }));
                 here(children, remote)
             }
+            // Lowered to its source before planning; planning one reports that.
+            LogicalOp::Exchange { .. } => here(children, false),
         }
     }
 }
