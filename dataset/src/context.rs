@@ -305,33 +305,14 @@ impl Context {
         )))
     }
 
-    /// Runs SQL over files and datasets: `tables` become named tables; paths in quotes
-    /// (`FROM 'data/*.parquet'`) are read directly. Several `;`-separated statements
-    /// may be given (`CREATE EXTERNAL TABLE`, `SET`); the last one is the result.
-    pub fn sql(&self, query: &str, tables: &[(&str, &Dataset)]) -> Result<Dataset> {
-        crate::sql::plan_sql(self, query, tables, &[])
-    }
-
-    /// Registers files as a table that every later [`sql`](Context::sql) call of this
-    /// context sees, as DataFusion's `register_parquet` does (format by extension as in
-    /// [`sql_with_files`](Context::sql_with_files)). Lists the files and reads their
-    /// schemas now, once; a name registered again is replaced.
-    pub fn register_files(&self, name: &str, path: &str) -> Result<()> {
-        let table = crate::sql::file_table(self, path)?;
-        let mut tables = self.tables.lock().expect("tables lock");
-        tables.retain(|(n, _)| n != name);
-        tables.push((name.to_string(), table));
-        Ok(())
-    }
-
     pub(crate) fn registered_tables(&self) -> Vec<(String, Arc<dyn TableProvider>)> {
         self.tables.lock().expect("tables lock").clone()
     }
 
-    /// Runs SQL with files registered as tables: `[("lineitem", "data/lineitem/")]`
-    /// (Parquet unless the path says `.csv`, `.json`, `.arrow`). DataFusion scans them
-    /// directly.
-    pub fn sql_with_files(&self, query: &str, files: &[(&str, &str)]) -> Result<Dataset> {
-        crate::sql::plan_sql(self, query, &[], files)
+    /// Registers `table` as `name` for later SQL (replacing one of that name).
+    pub(crate) fn register_table(&self, name: &str, table: Arc<dyn TableProvider>) {
+        let mut tables = self.tables.lock().expect("tables lock");
+        tables.retain(|(n, _)| n != name);
+        tables.push((name.to_string(), table));
     }
 }

@@ -30,6 +30,33 @@ use volley_connectors::{DataSource, ReadTask, ScanRequest};
 use crate::context::Context;
 use crate::dataset::Dataset;
 
+/// SQL on a context: the statements are planned by DataFusion over its tables.
+impl Context {
+    /// Runs SQL over files and datasets: `tables` become named tables; paths in quotes
+    /// (`FROM 'data/*.parquet'`) are read directly. Several `;`-separated statements
+    /// may be given (`CREATE EXTERNAL TABLE`, `SET`); the last one is the result.
+    pub fn sql(&self, query: &str, tables: &[(&str, &Dataset)]) -> Result<Dataset> {
+        plan_sql(self, query, tables, &[])
+    }
+
+    /// Registers files as a table that every later [`sql`](Context::sql) call of this
+    /// context sees, as DataFusion's `register_parquet` does (format by extension as in
+    /// [`sql_with_files`](Context::sql_with_files)). Lists the files and reads their
+    /// schemas now, once; a name registered again is replaced.
+    pub fn register_files(&self, name: &str, path: &str) -> Result<()> {
+        let table = file_table(self, path)?;
+        self.register_table(name, table);
+        Ok(())
+    }
+
+    /// Runs SQL with files registered as tables: `[("lineitem", "data/lineitem/")]`
+    /// (Parquet unless the path says `.csv`, `.json`, `.arrow`). DataFusion scans them
+    /// directly.
+    pub fn sql_with_files(&self, query: &str, files: &[(&str, &str)]) -> Result<Dataset> {
+        plan_sql(self, query, &[], files)
+    }
+}
+
 /// Plans `query` (one or more statements) with `tables` registered.
 pub(crate) fn plan_sql(
     ctx: &Context,
