@@ -4,6 +4,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use datafusion::common::JoinType;
+use datafusion::logical_expr::{Expr, SortExpr};
+use volley_common::{Result, VolleyError};
+
+use crate::col;
+
 /// How many workers a stateful stage runs: a fixed number, or a range the pool moves in
 /// (it grows while blocks wait for a free worker and every worker is busy, and lets idle
 /// workers go down to the minimum).
@@ -153,4 +159,138 @@ pub struct IterOptions {
     pub batch_size: Option<usize>,
     /// Batches a background thread prepares ahead of the consumer (0: none).
     pub prefetch: usize,
+}
+
+/// One key of [`Dataset::sort`](crate::Dataset::sort): a column, its direction and where nulls go.
+///
+/// Ascending with nulls last unless told otherwise (DuckDB's and DataFusion's SQL
+/// default for `ORDER BY x`). A `&str` converts to an ascending key.
+#[derive(Debug, Clone)]
+pub struct SortKey {
+    /// What to sort by: a column or any expression over the columns.
+    pub expr: Expr,
+    /// Largest first.
+    pub descending: bool,
+    /// Nulls before every value.
+    pub nulls_first: bool,
+}
+
+impl SortKey {
+    /// Ascending by `column`, nulls last.
+    pub fn asc(column: &str) -> Self {
+        Self {
+            expr: col(column),
+            descending: false,
+            nulls_first: false,
+        }
+    }
+
+    /// Descending by `column`, nulls last.
+    pub fn desc(column: &str) -> Self {
+        Self {
+            descending: true,
+            ..Self::asc(column)
+        }
+    }
+
+    /// By an expression, ascending, nulls last.
+    pub fn expr(expr: Expr) -> Self {
+        Self {
+            expr,
+            descending: false,
+            nulls_first: false,
+        }
+    }
+
+    /// Puts nulls first.
+    pub fn nulls_first(mut self) -> Self {
+        self.nulls_first = true;
+        self
+    }
+
+    /// Puts nulls last.
+    pub fn nulls_last(mut self) -> Self {
+        self.nulls_first = false;
+        self
+    }
+
+    pub(crate) fn to_sort_expr(&self) -> SortExpr {
+        SortExpr::new(self.expr.clone(), !self.descending, self.nulls_first)
+    }
+}
+
+impl From<&str> for SortKey {
+    fn from(column: &str) -> Self {
+        SortKey::asc(column)
+    }
+}
+
+impl From<String> for SortKey {
+    fn from(column: String) -> Self {
+        SortKey::asc(&column)
+    }
+}
+
+/// How [`Dataset::join`](crate::Dataset::join) matches rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinHow {
+    /// Matching pairs only.
+    Inner,
+    /// Every left row; right columns null where nothing matched.
+    Left,
+    /// Every right row; left columns null where nothing matched.
+    Right,
+    /// Every row of both sides.
+    Full,
+    /// Left rows that have a match (left columns only).
+    Semi,
+    /// Left rows that have no match (left columns only).
+    Anti,
+}
+
+impl fmt::Display for JoinHow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            JoinHow::Inner => "inner",
+            JoinHow::Left => "left",
+            JoinHow::Right => "right",
+            JoinHow::Full => "full",
+            JoinHow::Semi => "semi",
+            JoinHow::Anti => "anti",
+        };
+        f.write_str(s)
+    }
+}
+
+impl std::str::FromStr for JoinHow {
+    type Err = VolleyError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "inner" => JoinHow::Inner,
+            "left" | "left_outer" => JoinHow::Left,
+            "right" | "right_outer" => JoinHow::Right,
+            "full" | "outer" | "full_outer" => JoinHow::Full,
+            "semi" | "left_semi" => JoinHow::Semi,
+            "anti" | "left_anti" => JoinHow::Anti,
+            other => {
+                return Err(VolleyError::plan(format!(
+                    "unknown join type `{other}` (inner, left, right, full, semi, anti)"
+                )))
+            }
+        })
+    }
+}
+
+impl JoinHow {
+    pub(crate) fn join_type(self) -> JoinType {
+        match self {
+            JoinHow::Inner => JoinType::Inner,
+            JoinHow::Left => JoinType::Left,
+            JoinHow::Right => JoinType::Right,
+            JoinHow::Full => JoinType::Full,
+            JoinHow::Semi => JoinType::LeftSemi,
+            JoinHow::Anti => JoinType::LeftAnti,
+        }
+    }
 }

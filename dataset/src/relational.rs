@@ -8,155 +8,21 @@
 //! volley's pool; spills go to the context's spill folder. The inputs stream through
 //! volley's executor into those operators, and the output streams out of them.
 
-use std::fmt;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use datafusion::common::{Column, JoinType};
+use datafusion::common::Column;
 use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::functions_aggregate::expr_fn as agg_fn;
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, SortExpr};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use volley_common::{Result, VolleyError};
 
 use crate::col;
 use crate::dataset::Dataset;
 use crate::logical::LogicalOp;
+use crate::options::{JoinHow, SortKey};
 use crate::sql::{DatasetTable, PlanSource};
-
-/// One key of [`Dataset::sort`]: a column, its direction and where nulls go.
-///
-/// Ascending with nulls last unless told otherwise (DuckDB's and DataFusion's SQL
-/// default for `ORDER BY x`). A `&str` converts to an ascending key.
-#[derive(Debug, Clone)]
-pub struct SortKey {
-    /// What to sort by: a column or any expression over the columns.
-    pub expr: Expr,
-    /// Largest first.
-    pub descending: bool,
-    /// Nulls before every value.
-    pub nulls_first: bool,
-}
-
-impl SortKey {
-    /// Ascending by `column`, nulls last.
-    pub fn asc(column: &str) -> Self {
-        Self {
-            expr: col(column),
-            descending: false,
-            nulls_first: false,
-        }
-    }
-
-    /// Descending by `column`, nulls last.
-    pub fn desc(column: &str) -> Self {
-        Self {
-            descending: true,
-            ..Self::asc(column)
-        }
-    }
-
-    /// By an expression, ascending, nulls last.
-    pub fn expr(expr: Expr) -> Self {
-        Self {
-            expr,
-            descending: false,
-            nulls_first: false,
-        }
-    }
-
-    /// Puts nulls first.
-    pub fn nulls_first(mut self) -> Self {
-        self.nulls_first = true;
-        self
-    }
-
-    /// Puts nulls last.
-    pub fn nulls_last(mut self) -> Self {
-        self.nulls_first = false;
-        self
-    }
-
-    fn to_sort_expr(&self) -> SortExpr {
-        SortExpr::new(self.expr.clone(), !self.descending, self.nulls_first)
-    }
-}
-
-impl From<&str> for SortKey {
-    fn from(column: &str) -> Self {
-        SortKey::asc(column)
-    }
-}
-
-impl From<String> for SortKey {
-    fn from(column: String) -> Self {
-        SortKey::asc(&column)
-    }
-}
-
-/// How [`Dataset::join`] matches rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JoinHow {
-    /// Matching pairs only.
-    Inner,
-    /// Every left row; right columns null where nothing matched.
-    Left,
-    /// Every right row; left columns null where nothing matched.
-    Right,
-    /// Every row of both sides.
-    Full,
-    /// Left rows that have a match (left columns only).
-    Semi,
-    /// Left rows that have no match (left columns only).
-    Anti,
-}
-
-impl fmt::Display for JoinHow {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self {
-            JoinHow::Inner => "inner",
-            JoinHow::Left => "left",
-            JoinHow::Right => "right",
-            JoinHow::Full => "full",
-            JoinHow::Semi => "semi",
-            JoinHow::Anti => "anti",
-        };
-        f.write_str(s)
-    }
-}
-
-impl std::str::FromStr for JoinHow {
-    type Err = VolleyError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "inner" => JoinHow::Inner,
-            "left" | "left_outer" => JoinHow::Left,
-            "right" | "right_outer" => JoinHow::Right,
-            "full" | "outer" | "full_outer" => JoinHow::Full,
-            "semi" | "left_semi" => JoinHow::Semi,
-            "anti" | "left_anti" => JoinHow::Anti,
-            other => {
-                return Err(VolleyError::plan(format!(
-                    "unknown join type `{other}` (inner, left, right, full, semi, anti)"
-                )))
-            }
-        })
-    }
-}
-
-impl JoinHow {
-    fn join_type(self) -> JoinType {
-        match self {
-            JoinHow::Inner => JoinType::Inner,
-            JoinHow::Left => JoinType::Left,
-            JoinHow::Right => JoinType::Right,
-            JoinHow::Full => JoinType::Full,
-            JoinHow::Semi => JoinType::LeftSemi,
-            JoinHow::Anti => JoinType::LeftAnti,
-        }
-    }
-}
 
 /// Aggregations for [`GroupedDataset::agg`] and [`Dataset::aggregate`], named as Ray
 /// Data names them (`sum(x)`, `count()`); rename with `.alias("...")`. Any DataFusion
