@@ -18,8 +18,8 @@ use volley_exec::{
 };
 
 use crate::context::Context;
-use crate::exchange::lower_exchanges;
 use crate::logical::LogicalOp;
+use crate::lower::lower;
 use crate::optimizer;
 pub use crate::options::{IterOptions, MapOptions};
 use crate::runner::WriteSpec;
@@ -222,7 +222,7 @@ impl Dataset {
     /// writing into `write` when given.
     fn physical_with(&self, write: Option<&WriteSpec>) -> Result<PhysicalPlan> {
         let optimized = optimizer::optimize(&self.plan, self.ctx.session_state())?;
-        let lowered = lower_exchanges(optimized, &self.ctx)?;
+        let lowered = lower(optimized, &self.ctx)?;
         self.ctx
             .runner()
             .plan(&lowered, self.ctx.exec_context(), write)
@@ -232,7 +232,7 @@ impl Dataset {
     pub fn explain(&self) -> Result<String> {
         let state = self.ctx.session_state();
         let optimized = optimizer::optimize(&self.plan, state)?;
-        let lowered = lower_exchanges(Arc::clone(&optimized), &self.ctx)?;
+        let lowered = lower(Arc::clone(&optimized), &self.ctx)?;
         let physical = self
             .ctx
             .runner()

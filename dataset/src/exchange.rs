@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use arrow::array::{ArrayRef, RecordBatch};
 use arrow::compute::{lexsort_to_indices, take_record_batch, SortColumn};
 use arrow::datatypes::SchemaRef;
-use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::execution::context::SessionState;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use rand::seq::SliceRandom;
@@ -21,7 +20,6 @@ use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
 use volley_exec::{project_batch, ExchangeStore, FrozenStore, Partitioning};
 
-use crate::context::Context;
 use crate::dataset::Dataset;
 use crate::logical::{ExchangeKind, LogicalOp};
 use crate::options::MapOptions;
@@ -86,7 +84,7 @@ fn partitioning(kind: &ExchangeKind) -> Partitioning {
 }
 
 /// An exchange as a dataset source: what an [`LogicalOp::Exchange`] node becomes before
-/// planning ([`lower_exchanges`]).
+/// planning.
 #[derive(Debug)]
 struct ExchangeSource {
     input: Dataset,
@@ -548,33 +546,14 @@ impl GroupedDataset {
     }
 }
 
-/// `plan` (optimized) with every [`LogicalOp::Exchange`] replaced by the exchange's
-/// source over its input (a stage boundary the planner knows as a source), bottom up.
-pub(crate) fn lower_exchanges(plan: Arc<LogicalOp>, ctx: &Context) -> Result<Arc<LogicalOp>> {
-    let has = plan
-        .exists(|op| Ok(matches!(op, LogicalOp::Exchange { .. })))
-        .map_err(VolleyError::from)?;
-    if !has {
-        return Ok(plan);
-    }
-    let lowered = Arc::unwrap_or_clone(plan)
-        .transform_up(|op| match op {
-            LogicalOp::Exchange { input, kind } => {
-                let input = Dataset::new(ctx.clone(), input);
-                let schema = input.schema()?;
-                let source = ExchangeSource {
-                    input,
-                    kind,
-                    schema,
-                    spilled: AtomicU64::new(0),
-                };
-                Ok(Transformed::yes(LogicalOp::Source {
-                    source: Arc::new(source),
-                    request: ScanRequest::default(),
-                }))
-            }
-            other => Ok(Transformed::no(other)),
-        })
-        .map_err(VolleyError::from)?;
-    Ok(Arc::new(lowered.data))
+/// The source an exchange node becomes before planning: the exchange over its
+/// (optimized) input.
+pub(crate) fn exchange_source(input: Dataset, kind: ExchangeKind) -> Result<Arc<dyn DataSource>> {
+    let schema = input.schema()?;
+    Ok(Arc::new(ExchangeSource {
+        input,
+        kind,
+        schema,
+        spilled: AtomicU64::new(0),
+    }))
 }

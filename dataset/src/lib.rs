@@ -17,6 +17,7 @@ mod context;
 mod dataset;
 mod exchange;
 mod logical;
+mod lower;
 mod optimizer;
 mod options;
 mod planner;

@@ -13,7 +13,7 @@ use volley_connectors::{DataSource, ScanRequest};
 use volley_exec::{PredicateFn, Step, TransformFactory, TransformFn};
 
 use crate::col;
-use crate::options::MapOptions;
+use crate::options::{JoinHow, MapOptions, SortKey};
 
 /// What an [`LogicalOp::Exchange`] produces: how it redistributes its input's rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +171,45 @@ pub enum LogicalOp {
         /// Inputs.
         inputs: Vec<Arc<LogicalOp>>,
     },
+    /// All rows in the order of the keys (DataFusion's external sort, spilling beyond
+    /// the budget).
+    Sort {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// Keys, the first first.
+        keys: Vec<SortKey>,
+    },
+    /// One row per group of equal keys (no keys: one row), with the aggregations.
+    Aggregate {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// Key columns.
+        keys: Vec<String>,
+        /// Aggregate expressions (`agg::sum("x")`, any DataFusion aggregate).
+        aggs: Vec<Expr>,
+        /// The output schema (the keys, then one column per aggregation).
+        schema: SchemaRef,
+    },
+    /// Each distinct row once.
+    Distinct {
+        /// Input.
+        input: Arc<LogicalOp>,
+    },
+    /// Rows of two inputs matched on equal keys.
+    Join {
+        /// The left input.
+        left: Arc<LogicalOp>,
+        /// The right input.
+        right: Arc<LogicalOp>,
+        /// Key columns of the left input.
+        left_on: Vec<String>,
+        /// Key columns of the right input (as many).
+        right_on: Vec<String>,
+        /// Which rows are kept.
+        how: JoinHow,
+        /// The output schema (keys once, left columns, right columns).
+        schema: SchemaRef,
+    },
     /// A stage boundary that redistributes the rows (repartition, shuffles, the groups
     /// of `map_groups`): the input runs to completion first. The optimizer sees
     /// through it (the columns asked of it and its keys are all its input must give);
@@ -197,6 +236,10 @@ impl LogicalOp {
             LogicalOp::Source { source, .. } => source.ordered(),
             // Its input runs in order anyway (seeded shuffles must reproduce).
             LogicalOp::Exchange { kind, .. } => kind.ordered(),
+            LogicalOp::Sort { .. } => true,
+            LogicalOp::Aggregate { .. } | LogicalOp::Distinct { .. } | LogicalOp::Join { .. } => {
+                false
+            }
             other => other.inputs().iter().any(|i| i.needs_order()),
         }
     }
@@ -214,7 +257,11 @@ impl LogicalOp {
             | LogicalOp::MapBatches { input, .. }
             | LogicalOp::MapBatchesStateful { input, .. }
             | LogicalOp::Limit { input, .. }
-            | LogicalOp::Exchange { input, .. } => vec![input],
+            | LogicalOp::Exchange { input, .. }
+            | LogicalOp::Sort { input, .. }
+            | LogicalOp::Aggregate { input, .. }
+            | LogicalOp::Distinct { input } => vec![input],
+            LogicalOp::Join { left, right, .. } => vec![left, right],
             LogicalOp::Union { inputs } => inputs.iter().collect(),
         }
     }
@@ -270,6 +317,33 @@ impl LogicalOp {
                 input: one(),
                 kind: kind.clone(),
             },
+            LogicalOp::Sort { keys, .. } => LogicalOp::Sort {
+                input: one(),
+                keys: keys.clone(),
+            },
+            LogicalOp::Aggregate {
+                keys, aggs, schema, ..
+            } => LogicalOp::Aggregate {
+                input: one(),
+                keys: keys.clone(),
+                aggs: aggs.clone(),
+                schema: Arc::clone(schema),
+            },
+            LogicalOp::Distinct { .. } => LogicalOp::Distinct { input: one() },
+            LogicalOp::Join {
+                left_on,
+                right_on,
+                how,
+                schema,
+                ..
+            } => LogicalOp::Join {
+                left: one(),
+                right: one(),
+                left_on: left_on.clone(),
+                right_on: right_on.clone(),
+                how: *how,
+                schema: Arc::clone(schema),
+            },
         }
     }
 
@@ -283,7 +357,12 @@ impl LogicalOp {
             LogicalOp::Filter { input, .. }
             | LogicalOp::FilterFn { input, .. }
             | LogicalOp::Limit { input, .. }
-            | LogicalOp::Exchange { input, .. } => input.schema(state)?,
+            | LogicalOp::Exchange { input, .. }
+            | LogicalOp::Sort { input, .. }
+            | LogicalOp::Distinct { input } => input.schema(state)?,
+            LogicalOp::Aggregate { schema, .. } | LogicalOp::Join { schema, .. } => {
+                Some(Arc::clone(schema))
+            }
             LogicalOp::MapBatches { .. } | LogicalOp::MapBatchesStateful { .. } => None,
             LogicalOp::Union { inputs } => inputs[0].schema(state)?,
             LogicalOp::Select { input, .. }
@@ -435,6 +514,17 @@ impl LogicalOp {
             LogicalOp::Limit { n, .. } => writeln!(out, "{pad}Limit: {n}"),
             LogicalOp::Union { inputs } => writeln!(out, "{pad}Union: {} inputs", inputs.len()),
             LogicalOp::Exchange { kind, .. } => writeln!(out, "{pad}Exchange: {}", kind.describe()),
+            LogicalOp::Sort { keys, .. } => writeln!(out, "{pad}Sort: {}", sort_label(keys)),
+            LogicalOp::Aggregate { keys, aggs, .. } => {
+                writeln!(out, "{pad}Aggregate: {}", aggregate_label(keys, aggs))
+            }
+            LogicalOp::Distinct { .. } => writeln!(out, "{pad}Distinct"),
+            LogicalOp::Join {
+                left_on,
+                right_on,
+                how,
+                ..
+            } => writeln!(out, "{pad}Join: {}", join_label(left_on, right_on, *how)),
         };
         for i in self.inputs() {
             i.fmt_indent(out, indent + 1);
@@ -448,6 +538,50 @@ impl fmt::Display for LogicalOp {
         self.fmt_indent(&mut s, 0);
         f.write_str(s.trim_end())
     }
+}
+
+/// A sort's keys, as `explain` shows them.
+pub(crate) fn sort_label(keys: &[SortKey]) -> String {
+    keys.iter()
+        .map(|k| {
+            format!(
+                "{} {} nulls {}",
+                k.expr,
+                if k.descending { "desc" } else { "asc" },
+                if k.nulls_first { "first" } else { "last" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An aggregation, as `explain` shows it.
+pub(crate) fn aggregate_label(keys: &[String], aggs: &[Expr]) -> String {
+    format!(
+        "group by [{}]: {}",
+        keys.join(", "),
+        aggs.iter()
+            .map(|a| a.schema_name().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// A join, as `explain` shows it.
+pub(crate) fn join_label(left_on: &[String], right_on: &[String], how: JoinHow) -> String {
+    format!(
+        "{how} on {}",
+        left_on
+            .iter()
+            .zip(right_on)
+            .map(|(a, b)| if a == b {
+                a.to_string()
+            } else {
+                format!("{a} = {b}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// The tree API of the logical plan (DataFusion's): `apply` visits, `transform_up` /

@@ -89,10 +89,14 @@ pub(crate) fn plan_node(
 ) -> Result<Planned> {
     let mut child = || children.remove(0);
     Ok(match op {
-        LogicalOp::Exchange { .. } => {
-            return Err(VolleyError::internal(
-                "an exchange reached the planner: exchanges become sources before planning",
-            ))
+        LogicalOp::Exchange { .. }
+        | LogicalOp::Sort { .. }
+        | LogicalOp::Aggregate { .. }
+        | LogicalOp::Distinct { .. }
+        | LogicalOp::Join { .. } => {
+            return Err(VolleyError::internal(format!(
+                "a stage boundary reached the planner (they become sources before planning): {op}"
+            )))
         }
         LogicalOp::Source { source, request } => {
             let schema = op.schema(state)?;

@@ -17,10 +17,12 @@ use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::functions_aggregate::expr_fn as agg_fn;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use volley_common::{Result, VolleyError};
+use volley_connectors::DataSource;
 
 use crate::col;
+use crate::context::Context;
 use crate::dataset::Dataset;
-use crate::logical::LogicalOp;
+use crate::logical::{aggregate_label, join_label, sort_label, LogicalOp};
 use crate::options::{JoinHow, SortKey};
 use crate::sql::{DatasetTable, PlanSource};
 
@@ -100,20 +102,15 @@ impl GroupedDataset {
     /// assert_eq!(out.count().unwrap(), 3);
     /// ```
     pub fn agg(&self, aggs: impl IntoIterator<Item = Expr>) -> Result<Dataset> {
-        let keys: Vec<Expr> = self.keys.iter().map(|k| col(k.as_str())).collect();
         let aggs: Vec<Expr> = aggs.into_iter().collect();
-        let label = format!(
-            "group by [{}]: {}",
-            self.keys.join(", "),
-            aggs.iter()
-                .map(|a| a.schema_name().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let plan = scan(&self.dataset, "input")?
-            .aggregate(keys, aggs)?
-            .build()?;
-        Ok(self.dataset.plan_dataset(plan, "Aggregate", label, false))
+        // Built now to check the expressions and learn the output schema.
+        let plan = aggregate_plan(&self.dataset, &self.keys, &aggs)?;
+        Ok(self.dataset.with(LogicalOp::Aggregate {
+            input: Arc::clone(self.dataset.logical_plan()),
+            keys: self.keys.clone(),
+            aggs,
+            schema: Arc::new(plan.schema().as_arrow().clone()),
+        }))
     }
 
     /// Rows per group, in a column `count()`.
@@ -152,14 +149,26 @@ fn scan(ds: &Dataset, name: &str) -> Result<LogicalPlanBuilder> {
 /// `op` as a DataFusion plan, if every step has a DataFusion equivalent.
 fn native(op: &LogicalOp) -> Result<Option<LogicalPlanBuilder>> {
     Ok(match op {
+        // What the optimizer pushed into the source goes on top of its plan (DataFusion
+        // pushes it into its own scan again): the filters (hints: the filter step above
+        // repeats them), then the projection, then the limit (pushed only without
+        // filters).
         LogicalOp::Source { source, request } => {
-            let untouched = request.projection.is_none()
-                && request.filters.is_empty()
-                && request.limit.is_none();
-            match source.logical_plan() {
-                Some(plan) if untouched => Some(LogicalPlanBuilder::from(plan)),
-                _ => None,
+            let Some(plan) = source.logical_plan() else {
+                return Ok(None);
+            };
+            let mut b = LogicalPlanBuilder::from(plan);
+            if let Some(f) = datafusion::logical_expr::utils::conjunction(request.filters.clone()) {
+                b = b.filter(f)?;
             }
+            if let Some(p) = &request.projection {
+                let schema = source.schema();
+                b = b.project(p.iter().map(|&i| col(schema.field(i).name().as_str())))?;
+            }
+            if let Some(n) = request.limit {
+                b = b.limit(0, Some(n))?;
+            }
+            Some(b)
         }
         LogicalOp::Filter { input, predicate } => match native(input)? {
             Some(b) => Some(b.filter(predicate.clone())?),
@@ -186,21 +195,123 @@ fn qualified(table: &str, name: &str) -> Expr {
     Expr::Column(Column::new(Some(table), name))
 }
 
-impl Dataset {
-    pub(crate) fn plan_dataset(
-        &self,
-        plan: LogicalPlan,
-        name: &str,
-        label: String,
-        ordered: bool,
-    ) -> Dataset {
-        let ctx = self.context();
-        let state = ctx.session_state().clone();
-        ctx.source(Arc::new(PlanSource::new(
-            ctx, state, plan, name, label, ordered,
-        )))
-    }
+/// The DataFusion plan of sorting `input`.
+fn sort_plan(input: &Dataset, keys: &[SortKey]) -> Result<LogicalPlan> {
+    Ok(scan(input, "input")?
+        .sort(keys.iter().map(SortKey::to_sort_expr))?
+        .build()?)
+}
 
+/// The DataFusion plan of aggregating `input` by `keys`.
+fn aggregate_plan(input: &Dataset, keys: &[String], aggs: &[Expr]) -> Result<LogicalPlan> {
+    let keys: Vec<Expr> = keys.iter().map(|k| col(k.as_str())).collect();
+    Ok(scan(input, "input")?
+        .aggregate(keys, aggs.to_vec())?
+        .build()?)
+}
+
+/// The DataFusion plan of joining `left` and `right`: the keys once (named as on the
+/// left), the other left columns, then the other right columns (suffixed `_right` where
+/// a left column has the name).
+fn join_plan(
+    left: &Dataset,
+    right: &Dataset,
+    left_on: &[String],
+    right_on: &[String],
+    how: JoinHow,
+) -> Result<LogicalPlan> {
+    let left_schema = left.schema()?;
+    let right_schema = right.schema()?;
+    let (l, r) = ("left", "right");
+    let keys = (
+        left_on
+            .iter()
+            .map(|k| Column::new(Some(l), k.as_str()))
+            .collect::<Vec<_>>(),
+        right_on
+            .iter()
+            .map(|k| Column::new(Some(r), k.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    let joined = scan(left, l)?.join(scan(right, r)?.build()?, how.join_type(), keys, None)?;
+    let mut out: Vec<Expr> = Vec::new();
+    for (lk, rk) in left_on.iter().zip(right_on) {
+        let key = match how {
+            JoinHow::Right => qualified(r, rk),
+            JoinHow::Full => coalesce(vec![qualified(l, lk), qualified(r, rk)]),
+            _ => qualified(l, lk),
+        };
+        out.push(key.alias(lk));
+    }
+    for f in left_schema.fields() {
+        if !left_on.contains(f.name()) {
+            out.push(qualified(l, f.name()).alias(f.name()));
+        }
+    }
+    if !matches!(how, JoinHow::Semi | JoinHow::Anti) {
+        for f in right_schema.fields() {
+            let name = f.name();
+            if right_on.contains(name) {
+                continue;
+            }
+            let alias = if left_schema.field_with_name(name).is_ok() {
+                format!("{name}_right")
+            } else {
+                name.to_string()
+            };
+            out.push(qualified(r, name).alias(alias));
+        }
+    }
+    Ok(joined.project(out)?.build()?)
+}
+
+/// The source a sort, aggregation, distinct or join node becomes before planning: its
+/// DataFusion plan over its (optimized) inputs; `None` for other nodes.
+pub(crate) fn relational_source(
+    op: &LogicalOp,
+    ctx: &Context,
+) -> Result<Option<Arc<dyn DataSource>>> {
+    let ds = |i: &Arc<LogicalOp>| Dataset::new(ctx.clone(), Arc::clone(i));
+    let (plan, name, label, ordered) = match op {
+        LogicalOp::Sort { input, keys } => {
+            (sort_plan(&ds(input), keys)?, "Sort", sort_label(keys), true)
+        }
+        LogicalOp::Aggregate {
+            input, keys, aggs, ..
+        } => (
+            aggregate_plan(&ds(input), keys, aggs)?,
+            "Aggregate",
+            aggregate_label(keys, aggs),
+            false,
+        ),
+        LogicalOp::Distinct { input } => (
+            scan(&ds(input), "input")?.distinct()?.build()?,
+            "Distinct",
+            "all columns".to_string(),
+            false,
+        ),
+        LogicalOp::Join {
+            left,
+            right,
+            left_on,
+            right_on,
+            how,
+            ..
+        } => (
+            join_plan(&ds(left), &ds(right), left_on, right_on, *how)?,
+            "Join",
+            join_label(left_on, right_on, *how),
+            false,
+        ),
+        _ => return Ok(None),
+    };
+    let state = ctx.session_state().clone();
+    Ok(Some(Arc::new(PlanSource::new(
+        ctx, state, plan, name, label, ordered,
+    ))))
+}
+
+impl Dataset {
     /// Sorts all rows by `keys` (the first key first). Spills to disk when the data
     /// does not fit the memory budget; the output streams in order.
     ///
@@ -215,22 +326,12 @@ impl Dataset {
         if keys.is_empty() {
             return Err(VolleyError::plan("sort needs at least one key"));
         }
-        let label = keys
-            .iter()
-            .map(|k| {
-                format!(
-                    "{} {} nulls {}",
-                    k.expr,
-                    if k.descending { "desc" } else { "asc" },
-                    if k.nulls_first { "first" } else { "last" }
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let plan = scan(self, "input")?
-            .sort(keys.iter().map(SortKey::to_sort_expr))?
-            .build()?;
-        Ok(self.plan_dataset(plan, "Sort", label, true))
+        // Built now to check the keys against the input.
+        sort_plan(self, &keys)?;
+        Ok(self.with(LogicalOp::Sort {
+            input: Arc::clone(self.logical_plan()),
+            keys,
+        }))
     }
 
     /// Groups rows by the `keys` columns; aggregate with [`GroupedDataset::agg`].
@@ -252,17 +353,14 @@ impl Dataset {
 
     /// Each distinct row once.
     pub fn distinct(&self) -> Result<Dataset> {
-        let plan = scan(self, "input")?.distinct()?.build()?;
-        Ok(self.plan_dataset(plan, "Distinct", "all columns".into(), false))
+        Ok(self.with(LogicalOp::Distinct {
+            input: Arc::clone(self.logical_plan()),
+        }))
     }
 
     /// The distinct values of `column`, one row each.
     pub fn unique(&self, column: &str) -> Result<Dataset> {
-        let plan = scan(self, "input")?
-            .project([col(column)])?
-            .distinct()?
-            .build()?;
-        Ok(self.plan_dataset(plan, "Distinct", column.to_string(), false))
+        self.select(&[column])?.distinct()
     }
 
     /// Joins with `other` on equal values of the `on` columns (same names on both
@@ -289,69 +387,23 @@ impl Dataset {
                 "join needs as many left keys as right keys, at least one (got {left_on:?} and {right_on:?})"
             )));
         }
-        let left_schema = self.schema()?;
-        let right_schema = other.schema()?;
         for (side, keys, schema) in [
-            ("left", left_on, &left_schema),
-            ("right", right_on, &right_schema),
+            ("left", left_on, &self.schema()?),
+            ("right", right_on, &other.schema()?),
         ] {
             check_keys(schema, keys, &format!("join key of the {side} dataset"))?;
         }
-        let (l, r) = ("left", "right");
-        let keys = (
-            left_on
-                .iter()
-                .map(|k| Column::new(Some(l), *k))
-                .collect::<Vec<_>>(),
-            right_on
-                .iter()
-                .map(|k| Column::new(Some(r), *k))
-                .collect::<Vec<_>>(),
-        );
-        let joined = scan(self, l)?.join(scan(other, r)?.build()?, how.join_type(), keys, None)?;
-        let mut out: Vec<Expr> = Vec::new();
-        for (lk, rk) in left_on.iter().zip(right_on) {
-            let key = match how {
-                JoinHow::Right => qualified(r, rk),
-                JoinHow::Full => coalesce(vec![qualified(l, lk), qualified(r, rk)]),
-                _ => qualified(l, lk),
-            };
-            out.push(key.alias(*lk));
-        }
-        for f in left_schema.fields() {
-            if !left_on.contains(&f.name().as_str()) {
-                out.push(qualified(l, f.name()).alias(f.name()));
-            }
-        }
-        if !matches!(how, JoinHow::Semi | JoinHow::Anti) {
-            for f in right_schema.fields() {
-                let name = f.name().as_str();
-                if right_on.contains(&name) {
-                    continue;
-                }
-                let taken = left_schema.field_with_name(name).is_ok();
-                let alias = if taken {
-                    format!("{name}_right")
-                } else {
-                    name.to_string()
-                };
-                out.push(qualified(r, name).alias(alias));
-            }
-        }
-        let plan = joined.project(out)?.build()?;
-        let label = format!(
-            "{how} on {}",
-            left_on
-                .iter()
-                .zip(right_on)
-                .map(|(a, b)| if a == b {
-                    a.to_string()
-                } else {
-                    format!("{a} = {b}")
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        Ok(self.plan_dataset(plan, "Join", label, false))
+        let left_on: Vec<String> = left_on.iter().map(|k| k.to_string()).collect();
+        let right_on: Vec<String> = right_on.iter().map(|k| k.to_string()).collect();
+        // Built now to learn the output schema.
+        let plan = join_plan(self, other, &left_on, &right_on, how)?;
+        Ok(self.with(LogicalOp::Join {
+            left: Arc::clone(self.logical_plan()),
+            right: Arc::clone(other.logical_plan()),
+            left_on,
+            right_on,
+            how,
+            schema: Arc::new(plan.schema().as_arrow().clone()),
+        }))
     }
 }

@@ -85,13 +85,22 @@ pub(crate) fn push_filters(op: &Arc<LogicalOp>, pending: Vec<Expr>) -> Arc<Logic
                 pairs: pairs.clone(),
             }
         }
+        // Keeping or dropping a row commutes with ordering and deduplicating rows.
+        LogicalOp::Sort { input, keys } => LogicalOp::Sort {
+            input: push_filters(input, pending),
+            keys: keys.clone(),
+        },
+        LogicalOp::Distinct { input } => LogicalOp::Distinct {
+            input: push_filters(input, pending),
+        },
         LogicalOp::Union { inputs } => LogicalOp::Union {
             inputs: inputs
                 .iter()
                 .map(|i| push_filters(i, pending.clone()))
                 .collect(),
         },
-        // A filter may not move below a limit or user code.
+        // A filter may not move below a limit, user code, an exchange (it would change
+        // which rows a seeded shuffle puts where), an aggregation or a join.
         other => other.with_inputs(
             other
                 .inputs()

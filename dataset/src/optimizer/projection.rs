@@ -127,6 +127,37 @@ pub(crate) fn push_projection(
             input: below(input, required)?,
             n: *n,
         },
+        LogicalOp::Sort { input, keys } => {
+            let req = required.map(|mut set| {
+                for k in keys {
+                    set.extend(refs(&k.expr));
+                }
+                set
+            });
+            LogicalOp::Sort {
+                input: below(input, req)?,
+                keys: keys.clone(),
+            }
+        }
+        // An aggregation reads its keys and what its aggregations read, whatever is
+        // asked of it (none at all, as `count()`: every column stays, for the rows).
+        LogicalOp::Aggregate {
+            input,
+            keys,
+            aggs,
+            schema,
+        } => {
+            let mut read: HashSet<String> = keys.iter().cloned().collect();
+            for a in aggs {
+                read.extend(refs(a));
+            }
+            LogicalOp::Aggregate {
+                input: below(input, Some(read).filter(|r| !r.is_empty()))?,
+                keys: keys.clone(),
+                aggs: aggs.clone(),
+                schema: Arc::clone(schema),
+            }
+        }
         // What is asked of an exchange and its keys is all its input must give: the
         // other columns are not read, stored or spilled.
         LogicalOp::Exchange { input, kind } => {
@@ -169,7 +200,8 @@ pub(crate) fn push_projection(
                     .collect::<Result<_>>()?,
             }
         }
-        // User code sees whole rows.
+        // User code sees whole rows; a distinct compares whole rows; a join's sides
+        // keep their columns (DataFusion prunes them inside the join's plan).
         other => other.with_inputs(
             other
                 .inputs()

@@ -319,7 +319,11 @@ impl ClusterRunner {
                 here(children, remote)
             }
             // Lowered to its source before planning; planning one reports that.
-            LogicalOp::Exchange { .. } => here(children, false),
+            LogicalOp::Exchange { .. }
+            | LogicalOp::Sort { .. }
+            | LogicalOp::Aggregate { .. }
+            | LogicalOp::Distinct { .. }
+            | LogicalOp::Join { .. } => here(children, false),
         }
     }
 }
