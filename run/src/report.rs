@@ -297,14 +297,14 @@ fn serve_stream(
                 write_frame(w, BATCH, &encode_batch(&b)?).map_err(send_err)?
             }
             SplitPart::Remote(rows) => {
+                while unacked.len() >= ACK_WINDOW {
+                    settle(r, w, unacked)?;
+                }
                 let slice = serde_json::to_vec(rows.slice())
                     .map_err(|e| VolleyError::internal(e.to_string()))?;
                 write_frame(w, OBJECT, &slice).map_err(send_err)?;
                 w.flush().map_err(send_err)?;
                 unacked.push_back(rows);
-                while unacked.len() > ACK_WINDOW {
-                    settle(r, w, unacked)?;
-                }
             }
         }
     }
