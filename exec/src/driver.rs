@@ -108,7 +108,7 @@ pub(crate) struct ExecShared {
     pub(crate) task_ctx: Arc<TaskContext>,
     stopped: AtomicBool,
     /// The cluster and the object-store budget of the execution's remote blocks.
-    remote: Option<RemoteSide>,
+    pub(crate) remote: Option<RemoteSide>,
     watch: std::sync::OnceLock<Arc<Watch>>,
 }
 

@@ -9,7 +9,7 @@
 //! The pool starts `min` actors, grows one at a time (up to `max`) while blocks wait and
 //! every actor is busy, and lets idle ones go (down to `min`). When more blocks wait
 //! than there are free slots, a call takes several consecutive ones (up to
-//! [`MAX_BLOCKS_PER_CALL`]): fewer calls, and a transform that keeps many rows in flight
+//! [`MAX_BLOCKS_PER_CALL`], and within a share of the object-store budget): fewer calls, and a transform that keeps many rows in flight
 //! (an LLM engine) refills its batch from the next block instead of draining at the end
 //! of each; the call's output is the blocks' outputs in order, handed on as the first
 //! block's (the others' sequences close empty, so the order holds). A call that fails because
@@ -296,14 +296,22 @@ impl ClusterPoolOp {
                 .len()
                 .div_ceil(slots.max(1))
                 .clamp(1, MAX_BLOCKS_PER_CALL);
+            // A call's blocks (and so its output) stay within a share of the
+            // object-store budget: the nodes' stores hold every call's input and output.
+            let cap = cx.remote_limit().map_or(u64::MAX, |l| {
+                l / (2 * state.members.len() * self.max_in_flight).max(1) as u64
+            });
             let mut group = vec![state.waiting.pop_front().expect("front")];
+            let mut bytes = group[0].block.meta.bytes;
             while group.len() < take
-                && state
-                    .waiting
-                    .front()
-                    .is_some_and(|n| Some(n.seq) == group.last().map(|l| l.seq + 1))
+                && state.waiting.front().is_some_and(|n| {
+                    Some(n.seq) == group.last().map(|l| l.seq + 1)
+                        && bytes.saturating_add(n.block.meta.bytes) <= cap
+                })
             {
-                group.push(state.waiting.pop_front().expect("front"));
+                let next = state.waiting.pop_front().expect("front");
+                bytes += next.block.meta.bytes;
+                group.push(next);
             }
             let member = &mut state.members[i];
             let actor_id = member.handle.id().to_string();

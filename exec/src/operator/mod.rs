@@ -104,6 +104,11 @@ impl StepContext<'_> {
         self.shared.fail(e);
     }
 
+    /// The execution's object-store budget in bytes; `None` off a cluster.
+    pub(crate) fn remote_limit(&self) -> Option<u64> {
+        self.shared.remote.as_ref().map(|r| r.budget.limit())
+    }
+
     /// The execution's watch of cluster objects (started on first use).
     pub(crate) fn watch(&self) -> Arc<crate::watch::Watch> {
         self.shared.watch()
