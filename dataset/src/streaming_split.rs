@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use arrow::array::RecordBatch;
 use volley_common::{Result, VolleyError};
 use volley_exec::Block;
-use volley_runtime::cluster::{Cluster, ObjectMeta, ObjectRef, ObjectSlice};
+use volley_runtime::cluster::{object_batch, Cluster, ObjectMeta, ObjectRef, ObjectSlice};
 
 use crate::dataset::{Dataset, StatsStream};
 
@@ -63,10 +63,7 @@ impl RemoteRows {
     pub fn fetch(&self) -> Result<RecordBatch> {
         let ObjectSlice { offset, rows, .. } = self.slice;
         let batches = self.cluster.get_rows(&self.object, offset, rows)?;
-        let schema = batches.first().map(RecordBatch::schema).ok_or_else(|| {
-            VolleyError::internal(format!("object {} sent no batch", self.slice.id))
-        })?;
-        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+        object_batch(&self.slice.id, batches)
     }
 
     /// Its bytes in the node's store (its rows' share of the object's).

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use volley_common::{Result, VolleyError};
-use volley_runtime::cluster::{Cluster, ObjectMeta, ObjectRef};
+use volley_runtime::cluster::{object_batch, Cluster, ObjectMeta, ObjectRef};
 use volley_runtime::{MemoryBudget, MemoryReservation};
 
 /// Wakes whoever waits on an execution: pushers, poppers, the scheduling loop.
@@ -310,18 +310,7 @@ impl BlockQueue {
                 let cluster = self.remote.as_ref().map(|s| &s.cluster).ok_or_else(|| {
                     VolleyError::internal("a remote block in an execution without a cluster")
                 })?;
-                let batches = cluster.get(&r.object)?;
-                match batches.len() {
-                    1 => Ok(batches.into_iter().next().expect("one")),
-                    0 => Err(VolleyError::internal(format!(
-                        "object {} holds no batch",
-                        r.object.id()
-                    ))),
-                    _ => Ok(arrow::compute::concat_batches(
-                        &batches[0].schema(),
-                        &batches,
-                    )?),
-                }
+                object_batch(r.object.id(), cluster.get(&r.object)?)
             }
         }
     }

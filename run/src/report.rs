@@ -35,7 +35,7 @@ use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_dataset::{RemoteRows, SplitPart};
-use volley_runtime::cluster::{ObjectReader, ObjectSlice};
+use volley_runtime::cluster::{object_batch, ObjectReader, ObjectSlice};
 
 use crate::checkpoint::Checkpoint;
 
@@ -508,10 +508,7 @@ impl BatchStream {
             self.objects = Some(ObjectReader::from_env()?);
         }
         let batches = self.objects.as_ref().expect("made above").read(slice)?;
-        let schema = batches.first().map(RecordBatch::schema).ok_or_else(|| {
-            VolleyError::execution(format!("object {}: the node sent no batch", slice.id))
-        })?;
-        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+        object_batch(&slice.id, batches)
     }
 
     /// Waits for the rows of a refused slice; frames the driver sent before answering

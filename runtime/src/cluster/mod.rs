@@ -54,7 +54,7 @@ pub use head::{HeadCore, HeadOptions};
 pub use jobs::{JobClient, JobRequest};
 pub use local::LocalCluster;
 pub use node::{run_node, NodeOptions};
-pub use objects::{ObjectReader, ObjectSlice};
+pub use objects::{object_batch, ObjectReader, ObjectSlice};
 pub use resources::Resources;
 pub use task::{object_value, on_own_thread, value_object, RemoteActor, RemoteTask, TaskContext};
 pub use tls::TlsConfig;

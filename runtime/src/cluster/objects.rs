@@ -512,6 +512,18 @@ pub(crate) fn slice_rows(
     Ok(out)
 }
 
+/// An object's batches as one batch (a single batch is passed on as is).
+pub fn object_batch(id: &str, batches: Vec<RecordBatch>) -> Result<RecordBatch> {
+    match batches.len() {
+        0 => Err(VolleyError::internal(format!("object {id} holds no batch"))),
+        1 => Ok(batches.into_iter().next().expect("one")),
+        _ => Ok(arrow::compute::concat_batches(
+            &batches[0].schema(),
+            &batches,
+        )?),
+    }
+}
+
 /// Where some rows of an object live: what a process other than the object's owner
 /// needs to read them from the nodes with an [`ObjectReader`]. It names the object but
 /// does not keep it alive: its owner holds the [`ObjectRef`](super::ObjectRef) until the
