@@ -455,21 +455,22 @@ pub fn stop() -> Result<()> {
 pub fn status(conn: Conn) -> Result<()> {
     let s = conn.client()?.cluster_status()?;
     println!(
-        "{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10}",
-        "NODE", "ALIVE", "ADDRESS", "TOTAL", "AVAILABLE", "TASKS", "OBJECTS"
+        "{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10} {:>10}",
+        "NODE", "ALIVE", "ADDRESS", "TOTAL", "AVAILABLE", "TASKS", "OBJECTS", "SPILLED"
     );
     for n in &s.nodes {
         let total: Resources = n.total.clone().into();
         let avail: Resources = n.available.clone().into();
         println!(
-            "{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10}",
+            "{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10} {:>10}",
             n.node_id,
             if n.alive { "yes" } else { "DEAD" },
             n.object_address,
             total.to_string(),
             avail.to_string(),
             n.running_tasks,
-            volley::crates::common::format_bytes(n.object_store_bytes)
+            volley::crates::common::format_bytes(n.object_store_bytes),
+            volley::crates::common::format_bytes(n.spilled_total)
         );
     }
     println!(

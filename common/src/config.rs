@@ -37,7 +37,8 @@ pub struct ExecOptions {
     /// `volley.exec.spill_dir`: where operators that spill write their files.
     pub spill_dir: Option<PathBuf>,
     /// `volley.exec.object_store_limit`: on a cluster, bytes that one execution's blocks
-    /// may fill in the nodes' object stores (queued and passed between stages). `None`
+    /// may fill in the nodes' object stores: blocks queued between stages, waiting for
+    /// an actor or read by running work, and room for running work's output. `None`
     /// means half of what the live nodes keep in memory.
     pub object_store_limit: Option<u64>,
 }

@@ -207,17 +207,18 @@ struct OpSlot {
     closed: bool,
     inputs: Vec<Arc<BlockQueue>>,
     max_tasks: usize,
-    /// Its output is cluster objects: its room is the object-store budget's.
+    /// Its output is cluster objects (counted against the object-store budget).
     remote: bool,
 }
 
 impl OpSlot {
+    /// Whether the memory budget has room for more output (or the output queue is
+    /// empty). A cluster operator's output goes to the object stores: it asks
+    /// [`StepContext::store_room`] for each task or call instead.
     fn has_room(&self, shared: &ExecShared) -> bool {
-        let budget = match (&shared.remote, self.remote) {
-            (Some(r), true) => &r.budget,
-            _ => &shared.budget,
-        };
-        budget.used() < crate::queue::queue_ceiling(budget) || self.out.bytes() == 0
+        self.remote
+            || shared.budget.used() < crate::queue::queue_ceiling(&shared.budget)
+            || self.out.bytes() == 0
     }
 
     fn close(&mut self) {

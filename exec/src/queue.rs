@@ -13,8 +13,11 @@
 //!
 //! On a cluster a block may be an object in a node's store ([`Block::Remote`]): the
 //! queue holds its reference and metadata (never its bytes), counted against the
-//! execution's object-store budget instead of this process's memory. A consumer in this
-//! process that pops one ([`BlockQueue::pop`]) gets its batches fetched over Flight.
+//! execution's object-store budget instead of this process's memory. The charge goes
+//! with the block when it is popped and ends only when the driver drops its reference
+//! (the object then leaves its node's store), so blocks waiting for an actor or held by
+//! the task that reads them stay counted. A consumer in this process that pops one
+//! ([`BlockQueue::pop`]) gets its batches fetched over Flight.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +65,30 @@ pub struct RemoteBlock {
     pub object: ObjectRef,
     /// Rows, bytes and where it lives.
     pub meta: ObjectMeta,
+    /// Its bytes, held against the execution's object-store budget from the moment it
+    /// enters a queue for as long as the driver holds its reference: queued, waiting
+    /// for an actor, or held by the task or call that reads it (the object stays in its
+    /// node's store until then).
+    charge: Option<Arc<MemoryReservation>>,
+}
+
+impl RemoteBlock {
+    /// A block of `object`, not yet counted against a budget.
+    pub fn new(object: ObjectRef, meta: ObjectMeta) -> Self {
+        Self {
+            object,
+            meta,
+            charge: None,
+        }
+    }
+
+    /// Counts its bytes against `budget` (once: a block already counted keeps its
+    /// charge).
+    pub(crate) fn charge(&mut self, budget: &Arc<MemoryBudget>) {
+        if self.charge.is_none() {
+            self.charge = Some(Arc::new(budget.reserve(self.meta.bytes)));
+        }
+    }
 }
 
 /// A block between two operators.
@@ -100,7 +127,9 @@ pub(crate) struct RemoteSide {
 
 struct Queued {
     block: Block,
-    _reservation: MemoryReservation,
+    /// A local block's bytes in this process's budget (a remote block carries its own
+    /// charge, which leaves the queue with it).
+    _reservation: Option<MemoryReservation>,
 }
 
 #[derive(Default)]
@@ -245,10 +274,7 @@ impl BlockQueue {
                     budget.try_reserve_under(bytes, queue_ceiling(&budget))
                 };
                 if let Some(reservation) = reservation {
-                    let block = Queued {
-                        block,
-                        _reservation: reservation,
-                    };
+                    let block = Self::queued(block, reservation);
                     if self.ordered {
                         s.seqs.entry(seq).or_default().blocks.push_back(block);
                     } else {
@@ -278,10 +304,7 @@ impl BlockQueue {
             (Block::Remote(_), Some(r)) => &r.budget,
             _ => &self.budget,
         };
-        let queued = Queued {
-            _reservation: budget.reserve(bytes),
-            block,
-        };
+        let queued = Self::queued(block, budget.reserve(bytes));
         let mut s = self.state.lock().expect("queue lock");
         if self.ordered {
             s.seqs.entry(seq).or_default().blocks.push_back(queued);
@@ -293,6 +316,26 @@ impl BlockQueue {
         drop(s);
         self.signal.notify();
         Ok(())
+    }
+
+    /// A block as queued: a remote block keeps `reservation` as its charge (or its own
+    /// charge, if it came with one), a local block's stays with the queue.
+    fn queued(block: Block, reservation: MemoryReservation) -> Queued {
+        match block {
+            Block::Remote(mut r) => {
+                if r.charge.is_none() {
+                    r.charge = Some(Arc::new(reservation));
+                }
+                Queued {
+                    block: Block::Remote(r),
+                    _reservation: None,
+                }
+            }
+            Block::Local(_) => Queued {
+                block,
+                _reservation: Some(reservation),
+            },
+        }
     }
 
     /// One producer is done.
@@ -343,7 +386,8 @@ impl BlockQueue {
                 s.bytes -= q.block.bytes();
                 drop(s);
                 let block = q.block;
-                // The reservation is dropped here: the block is no longer buffered.
+                // A local block's reservation is dropped here (it is no longer
+                // buffered); a remote block's charge goes on with it.
                 self.signal.notify();
                 Ok(PoppedBlock::Block(block))
             }

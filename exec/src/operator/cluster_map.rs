@@ -8,7 +8,7 @@ use std::sync::Arc;
 use volley_runtime::cluster::{Cluster, EncodedTask, ObjectMeta, Resources, TaskOptions};
 
 use super::cluster_read::task_result;
-use super::{Operator, StepContext};
+use super::{Operator, OutputEstimate, StepContext};
 use crate::plan::WriteTarget;
 use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
 
@@ -24,6 +24,7 @@ pub(crate) struct ClusterMapOp {
     input_done: bool,
     bundle: Vec<RemoteBlock>,
     bundle_len: usize,
+    estimate: Arc<OutputEstimate>,
 }
 
 impl ClusterMapOp {
@@ -50,6 +51,7 @@ impl ClusterMapOp {
             input_done: false,
             bundle: Vec::new(),
             bundle_len: 0,
+            estimate: Arc::default(),
         }
     }
 
@@ -68,14 +70,16 @@ impl ClusterMapOp {
                     match self.cluster.put(vec![b]) {
                         Ok(object) => {
                             self.bundle_len += rows;
-                            self.bundle.push(RemoteBlock {
+                            let mut block = RemoteBlock::new(
                                 object,
-                                meta: ObjectMeta {
+                                ObjectMeta {
                                     rows: rows as u64,
                                     bytes,
                                     addresses: vec![],
                                 },
-                            });
+                            );
+                            cx.charge(&mut block);
+                            self.bundle.push(block);
                         }
                         Err(e) => {
                             cx.fail(e.context("putting a block into the cluster"));
@@ -98,8 +102,12 @@ impl Operator for ClusterMapOp {
             self.bundle.clear();
             self.bundle_len = 0;
         }
-        while !cx.stopping && cx.room && cx.running() < self.window {
+        while !cx.stopping && cx.running() < self.window {
             if !self.fill(cx) {
+                break;
+            }
+            let input_bytes: u64 = self.bundle.iter().map(|b| b.meta.bytes).sum();
+            if !cx.store_room(&self.estimate, input_bytes) {
                 break;
             }
             let bundle = std::mem::take(&mut self.bundle);
@@ -110,7 +118,11 @@ impl Operator for ClusterMapOp {
             cx.counters
                 .tasks_total
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let work = cx.remote_work(seq, format!("a task of {}", cx.name));
+            let work = cx.remote_work(
+                seq,
+                format!("a task of {}", cx.name),
+                Some((&self.estimate, input_bytes)),
+            );
             let inputs: Vec<&volley_runtime::cluster::ObjectRef> =
                 bundle.iter().map(|b| &b.object).collect();
             let options = TaskOptions::default()

@@ -28,7 +28,7 @@ use volley_runtime::cluster::{
     ActorHandle, ActorOptions, Cluster, EncodedActor, ObjectMeta, Resources,
 };
 
-use super::{Operator, RemoteWork, StepContext};
+use super::{Operator, OutputEstimate, RemoteWork, StepContext};
 use crate::plan::PoolSize;
 use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
 
@@ -79,6 +79,7 @@ pub(crate) struct ClusterPoolOp {
     nodes: HashMap<String, String>,
     last_refresh: Option<Instant>,
     last_grow: Option<Instant>,
+    estimate: Arc<OutputEstimate>,
 }
 
 impl ClusterPoolOp {
@@ -110,6 +111,7 @@ impl ClusterPoolOp {
             nodes: HashMap::new(),
             last_refresh: None,
             last_grow: None,
+            estimate: Arc::default(),
         }
     }
 
@@ -220,26 +222,42 @@ impl ClusterPoolOp {
         Ok(())
     }
 
-    /// Takes input blocks while some actor slot would be free for them.
+    /// Takes input blocks while some actor slot would be free for them and the
+    /// object-store budget has room for their calls' output; otherwise one block waits
+    /// (the rest stay queued, where the operator feeding the pool sees them and holds
+    /// back).
     fn take_input(&mut self, cx: &StepContext<'_>, state: &mut PoolState) {
         // Room for a few blocks per free slot: calls may take several.
         let slots = state.members.len() * self.max_in_flight;
         let busy: usize = state.members.iter().map(|m| m.in_flight).sum();
-        let room = slots.saturating_sub(busy) * MAX_BLOCKS_PER_CALL + 1;
-        while !self.input_done && state.waiting.len() < room {
+        let free = slots.saturating_sub(busy);
+        loop {
+            let next_input = state.waiting.front().map_or(0, |w| w.block.meta.bytes);
+            let room = if free > 0 && cx.store_has_room(self.estimate.bytes(next_input)) {
+                free * MAX_BLOCKS_PER_CALL + 1
+            } else {
+                1
+            };
+            if self.input_done || state.waiting.len() >= room {
+                break;
+            }
             let block = match self.input.try_pop_block() {
                 Ok(PoppedBlock::Block(Block::Remote(r))) => r,
                 Ok(PoppedBlock::Block(Block::Local(b))) => {
                     let (rows, bytes) = (b.num_rows() as u64, b.get_array_memory_size() as u64);
                     match self.cluster.put(vec![b]) {
-                        Ok(object) => RemoteBlock {
-                            object,
-                            meta: ObjectMeta {
-                                rows,
-                                bytes,
-                                addresses: vec![],
-                            },
-                        },
+                        Ok(object) => {
+                            let mut block = RemoteBlock::new(
+                                object,
+                                ObjectMeta {
+                                    rows,
+                                    bytes,
+                                    addresses: vec![],
+                                },
+                            );
+                            cx.charge(&mut block);
+                            block
+                        }
                         Err(e) => {
                             cx.fail(e.context("putting a block into the cluster"));
                             self.input_done = true;
@@ -313,6 +331,12 @@ impl ClusterPoolOp {
                 bytes += next.block.meta.bytes;
                 group.push(next);
             }
+            if !cx.store_room(&self.estimate, bytes) {
+                for w in group.into_iter().rev() {
+                    state.waiting.push_front(w);
+                }
+                break;
+            }
             let member = &mut state.members[i];
             let actor_id = member.handle.id().to_string();
             let inputs: Vec<&volley_runtime::cluster::ObjectRef> =
@@ -320,9 +344,17 @@ impl ClusterPoolOp {
             match member.handle.call("process", (), &inputs) {
                 Ok(object) => {
                     member.in_flight += 1;
+                    // The call's first block holds the room for the whole call's output.
                     let works = group
                         .iter()
-                        .map(|w| cx.remote_work(w.seq, format!("a call of {}", self.transform)))
+                        .enumerate()
+                        .map(|(k, w)| {
+                            cx.remote_work(
+                                w.seq,
+                                format!("a call of {}", self.transform),
+                                (k == 0).then_some((&self.estimate, bytes)),
+                            )
+                        })
                         .collect();
                     let pool = Arc::clone(&self.state);
                     let watched = object.clone();
@@ -411,7 +443,7 @@ fn on_done(
             drop(state);
             finish(
                 first,
-                Ok(Some(Block::Remote(RemoteBlock { object, meta }))),
+                Ok(Some(Block::Remote(RemoteBlock::new(object, meta)))),
                 works,
             );
         }
@@ -470,9 +502,9 @@ impl Operator for ClusterPoolOp {
             Self::shut_down(&mut state);
             return true;
         }
-        if cx.room {
-            self.take_input(cx, &mut state);
-        }
+        // Taking blocks moves them from the queue to the waiting line, where they stay
+        // counted against the object-store budget: only the line's length bounds it.
+        self.take_input(cx, &mut state);
         self.dispatch(cx, &mut state);
         let busy = state.members.iter().any(|m| m.in_flight > 0);
         cx.counters.pool_size(state.members.len());

@@ -10,7 +10,7 @@ use volley_runtime::cluster::{
     object_value, Cluster, EncodedTask, ObjectMeta, ObjectRef, Resources, TaskOptions,
 };
 
-use super::{Operator, StepContext};
+use super::{Operator, OutputEstimate, StepContext};
 use crate::plan::WriteTarget;
 use crate::queue::{Block, RemoteBlock};
 
@@ -21,6 +21,7 @@ pub(crate) struct ClusterReadOp {
     write: Option<Arc<WriteTarget>>,
     /// Tasks in flight at most (twice what the cluster's CPUs run at once).
     window: usize,
+    estimate: Arc<OutputEstimate>,
 }
 
 impl ClusterReadOp {
@@ -42,6 +43,7 @@ impl ClusterReadOp {
             resources,
             write,
             window: window.max(1),
+            estimate: Arc::default(),
         }
     }
 }
@@ -61,7 +63,7 @@ pub(crate) fn task_result(
             target.parts.lock().expect("write lock").push(staged);
             Ok(None)
         }
-        None => Ok(Some(Block::Remote(RemoteBlock { object, meta }))),
+        None => Ok(Some(Block::Remote(RemoteBlock::new(object, meta)))),
     }
 }
 
@@ -70,12 +72,12 @@ impl Operator for ClusterReadOp {
         if cx.stopping {
             self.pending.clear();
         }
-        while cx.room && cx.running() < self.window {
+        while cx.running() < self.window && cx.store_room(&self.estimate, 0) {
             let Some((seq, label, task)) = self.pending.pop_front() else {
                 break;
             };
             cx.out.register(seq);
-            let work = cx.remote_work(seq, format!("task {label}"));
+            let work = cx.remote_work(seq, format!("task {label}"), Some((&self.estimate, 0)));
             let options = TaskOptions::default()
                 .resources(self.resources.clone())
                 .name(label);

@@ -183,8 +183,47 @@ impl TaskBody {
     }
 }
 
+/// What an operator's tasks or calls put into the object stores, learnt from those
+/// that finished, to reserve room for one before it starts. Before any has finished, a
+/// task with input is expected to make as many bytes as it reads, one without input
+/// (a read) [`FIRST_READ_ESTIMATE`].
+#[derive(Debug, Default)]
+pub(crate) struct OutputEstimate {
+    /// (input bytes, output bytes, finished tasks).
+    seen: std::sync::Mutex<(u64, u64, u64)>,
+}
+
+/// What a read task is expected to put into the store before any has finished (Ray
+/// Data assumes its target block size the same way).
+pub(crate) const FIRST_READ_ESTIMATE: u64 = 64 << 20;
+
+impl OutputEstimate {
+    /// The bytes a task reading `input` bytes is expected to make.
+    pub(crate) fn bytes(&self, input: u64) -> u64 {
+        let (seen_in, seen_out, n) = *self.seen.lock().expect("estimate lock");
+        match (n, input) {
+            (0, 0) => FIRST_READ_ESTIMATE,
+            (0, input) => input,
+            (_, 0) => seen_out / n,
+            (_, input) if seen_in > 0 => {
+                (input as u128 * seen_out as u128 / seen_in as u128) as u64
+            }
+            _ => seen_out / n,
+        }
+    }
+
+    fn record(&self, input: u64, output: u64) {
+        let mut seen = self.seen.lock().expect("estimate lock");
+        seen.0 += input;
+        seen.1 += output;
+        seen.2 += 1;
+    }
+}
+
 /// One cluster task or actor call of an operator, counted as running until its object
-/// is made or fails; then [`finish`](RemoteWork::finish) hands its block on.
+/// is made or fails; then [`finish`](RemoteWork::finish) hands its block on. Until
+/// then it holds room in the object-store budget for the output it is expected to
+/// make.
 pub(crate) struct RemoteWork {
     shared: Arc<ExecShared>,
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
@@ -192,14 +231,28 @@ pub(crate) struct RemoteWork {
     out: Arc<BlockQueue>,
     seq: u64,
     label: String,
+    expected: Option<(Arc<OutputEstimate>, u64)>,
+    _room: Option<volley_runtime::MemoryReservation>,
 }
 
 impl StepContext<'_> {
     /// Starts counting a cluster task or call of this operator whose output is
-    /// sequence `seq` of the output queue.
-    pub(crate) fn remote_work(&self, seq: u64, label: String) -> RemoteWork {
+    /// sequence `seq` of the output queue. `expected` is the operator's estimate and
+    /// the bytes the work reads: room for its expected output is held until it ends
+    /// (see [`store_room`](Self::store_room)); `None` for a further sequence of a call
+    /// whose first one holds the room.
+    pub(crate) fn remote_work(
+        &self,
+        seq: u64,
+        label: String,
+        expected: Option<(&Arc<OutputEstimate>, u64)>,
+    ) -> RemoteWork {
         self.in_flight_counter.fetch_add(1, Ordering::AcqRel);
         self.counters.task_started();
+        let room = match (&self.shared.remote, expected) {
+            (Some(r), Some((estimate, input))) => Some(r.budget.reserve(estimate.bytes(input))),
+            _ => None,
+        };
         RemoteWork {
             shared: Arc::clone(self.shared),
             in_flight: Arc::clone(self.in_flight_counter),
@@ -207,6 +260,36 @@ impl StepContext<'_> {
             out: Arc::clone(self.out),
             seq,
             label,
+            expected: expected.map(|(e, input)| (Arc::clone(e), input)),
+            _room: room,
+        }
+    }
+
+    /// Whether a cluster task or call of this operator reading `input_bytes` may start
+    /// now: the object-store budget has room for its expected output, or the operator
+    /// has nothing running and nothing queued, so that a full budget never stops the
+    /// execution (the blocks filling it are drained by the operators downstream, each
+    /// of which may always run one task the same way). Everything the driver holds a
+    /// reference to counts: queued blocks, blocks held by waiting or running work, and
+    /// the room held for running work's outputs.
+    pub(crate) fn store_room(&self, estimate: &OutputEstimate, input_bytes: u64) -> bool {
+        self.store_has_room(estimate.bytes(input_bytes))
+            || (self.running() == 0 && self.out.bytes() == 0)
+    }
+
+    /// Whether the object-store budget has room for `bytes` more.
+    pub(crate) fn store_has_room(&self, bytes: u64) -> bool {
+        self.shared
+            .remote
+            .as_ref()
+            .is_none_or(|r| r.budget.has_room(bytes))
+    }
+
+    /// Counts a block against the object-store budget (a block this process put into
+    /// the cluster, which came uncounted).
+    pub(crate) fn charge(&self, block: &mut crate::queue::RemoteBlock) {
+        if let Some(remote) = &self.shared.remote {
+            block.charge(&remote.budget);
         }
     }
 }
@@ -216,6 +299,13 @@ impl RemoteWork {
     /// part, recorded elsewhere) is counted only; an error ends the execution, naming
     /// the task.
     pub(crate) fn finish(self, result: Result<Option<crate::queue::Block>>) {
+        let made = match &result {
+            Ok(Some(block)) => block.bytes(),
+            _ => 0,
+        };
+        if let (Ok(_), Some((estimate, input))) = (&result, &self.expected) {
+            estimate.record(*input, made);
+        }
         match result {
             Ok(Some(block)) => {
                 self.counters.output(block.rows(), block.bytes() as usize);
@@ -245,5 +335,29 @@ impl RemoteWork {
     pub(crate) fn retry(self) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.shared.signal.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_estimates_learn_from_finished_work() {
+        let e = OutputEstimate::default();
+        // Nothing seen: a read expects a default block, a map its input's size.
+        assert_eq!(e.bytes(0), FIRST_READ_ESTIMATE);
+        assert_eq!(e.bytes(1000), 1000);
+        // A stage that halves its input.
+        e.record(1000, 500);
+        e.record(3000, 1500);
+        assert_eq!(e.bytes(2000), 1000);
+        assert_eq!(e.bytes(0), 1000, "a read expects the mean of its outputs");
+        // Reads (no input): the mean output per task.
+        let r = OutputEstimate::default();
+        r.record(0, 100);
+        r.record(0, 300);
+        assert_eq!(r.bytes(0), 200);
+        assert_eq!(r.bytes(50), 200);
     }
 }

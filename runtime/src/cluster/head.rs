@@ -79,6 +79,7 @@ struct Node {
     object_bytes: u64,
     object_store_memory: u64,
     spilled_bytes: u64,
+    spilled_total: u64,
     workers: u32,
 }
 
@@ -556,6 +557,7 @@ impl HeadCore {
                     available: Some((&n.available).into()),
                     object_store_bytes: n.object_bytes,
                     spilled_bytes: n.spilled_bytes,
+                    spilled_total: n.spilled_total,
                     workers: n.workers,
                     running_tasks: n.running.len() as u32,
                     object_store_memory: n.object_store_memory,
@@ -1720,6 +1722,7 @@ impl proto::head_server::Head for HeadService {
                     object_bytes: 0,
                     object_store_memory: r.object_store_memory,
                     spilled_bytes: 0,
+                    spilled_total: 0,
                     workers: 0,
                 },
             );
@@ -1742,6 +1745,7 @@ impl proto::head_server::Head for HeadService {
                 n.last_seen = Instant::now();
                 n.object_bytes = r.object_store_bytes;
                 n.spilled_bytes = r.spilled_bytes;
+                n.spilled_total = r.spilled_total;
                 n.workers = r.workers;
                 true
             }
@@ -2320,6 +2324,7 @@ mod tests {
                 object_bytes: 0,
                 object_store_memory: 0,
                 spilled_bytes: 0,
+                spilled_total: 0,
                 workers: 0,
             },
         );

@@ -311,12 +311,14 @@ impl Agent {
         loop {
             tokio::time::sleep(interval).await;
             let (bytes, spilled) = self.store.usage();
+            let spilled_total = self.store.spilled_total();
             let workers = self.state.lock().expect("agent lock").workers.len() as u32;
             match head
                 .heartbeat(proto::HeartbeatRequest {
                     node_id: self.node_id.clone(),
                     object_store_bytes: bytes,
                     spilled_bytes: spilled,
+                    spilled_total,
                     workers,
                 })
                 .await

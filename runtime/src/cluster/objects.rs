@@ -43,6 +43,8 @@ struct StoreInner {
     order: VecDeque<String>,
     memory_bytes: u64,
     spilled_bytes: u64,
+    /// Bytes ever spilled (an execution that fits its budget spills none).
+    spilled_total: u64,
 }
 
 #[derive(Debug)]
@@ -121,6 +123,7 @@ impl ObjectStore {
                 *stored = Stored::Spilled(path, bytes);
                 s.memory_bytes = s.memory_bytes.saturating_sub(bytes);
                 s.spilled_bytes += bytes;
+                s.spilled_total += bytes;
             }
             _ => {
                 let _ = std::fs::remove_file(&path);
@@ -159,6 +162,11 @@ impl ObjectStore {
     pub fn usage(&self) -> (u64, u64) {
         let s = self.inner.lock().expect("object store lock");
         (s.memory_bytes, s.spilled_bytes)
+    }
+
+    /// Bytes ever spilled to disk.
+    pub fn spilled_total(&self) -> u64 {
+        self.inner.lock().expect("object store lock").spilled_total
     }
 
     /// The ids of every object held.
@@ -651,6 +659,7 @@ mod tests {
         let (mem, spilled) = store.usage();
         assert!(mem <= one * 2, "{mem} in memory");
         assert_eq!(spilled, one * 3);
+        assert_eq!(store.spilled_total(), one * 3);
         let back = store.get("o0").unwrap().unwrap();
         assert_eq!(back[0].num_rows(), 10_000);
         store.free(&["o0".to_string()]);
