@@ -1286,8 +1286,8 @@ fn gigabytes_flow_between_nodes_without_spilling_while_the_driver_holds_referenc
     };
     let quarter = line_of(&logs, "QUARTER");
     let all = line_of(&logs, "ALL");
-    assert_eq!(field(&quarter, "bytes"), 128 * 4 << 20);
-    assert_eq!(field(&all, "bytes"), 512 * 4 << 20, "2 GiB went through");
+    assert_eq!(field(&quarter, "bytes"), (128 * 4) << 20);
+    assert_eq!(field(&all, "bytes"), (512 * 4) << 20, "2 GiB went through");
     let (q, a) = (field(&quarter, "peak_rss_mib"), field(&all, "peak_rss_mib"));
     println!("driver peak RSS: {q} MiB after 512 MiB flowed, {a} MiB after 2 GiB more");
     assert!(

@@ -512,7 +512,7 @@ fn the_optimizer_sees_through_sorts_and_aggregations() {
             .unwrap();
         c.iter().map(|x| x.map(f64::to_bits)).collect()
     };
-    assert!(v(&got) == v(&[expected.clone()]));
+    assert!(v(&got) == v(std::slice::from_ref(&expected)));
     let (mut a, mut b) = (i64_column(&got, "id"), i64_column(&[expected], "id"));
     a.sort();
     b.sort();
