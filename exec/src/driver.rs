@@ -615,7 +615,10 @@ pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream>
         remote: match &ctx.cluster {
             Some(cluster) => Some(RemoteSide {
                 cluster: cluster.clone(),
-                budget: MemoryBudget::new(object_store_limit(ctx, cluster)?),
+                budget: Arc::new(crate::store_budget::StoreBudget::new(
+                    cluster,
+                    ctx.config.exec.object_store_limit,
+                )?),
             }),
             None => None,
         },
@@ -649,20 +652,6 @@ pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream>
 
 /// The object-store bytes one execution's blocks may fill: the option when set, else
 /// half of what the cluster's live nodes keep in memory.
-fn object_store_limit(ctx: &ExecContext, cluster: &Cluster) -> Result<u64> {
-    if let Some(limit) = ctx.config.exec.object_store_limit {
-        return Ok(limit.max(1));
-    }
-    let total: u64 = cluster
-        .status()?
-        .nodes
-        .iter()
-        .filter(|n| n.alive)
-        .map(|n| n.object_store_memory)
-        .sum();
-    Ok((total / 2).max(64 << 20))
-}
-
 /// The scheduling loop.
 fn drive(
     mut ops: Vec<OpSlot>,

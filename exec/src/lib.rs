@@ -17,6 +17,7 @@ mod progress;
 mod queue;
 mod stats;
 mod step;
+mod store_budget;
 mod transform;
 mod watch;
 

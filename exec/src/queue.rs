@@ -29,6 +29,8 @@ use volley_common::{Result, VolleyError};
 use volley_runtime::cluster::{object_batch, Cluster, ObjectMeta, ObjectRef};
 use volley_runtime::{MemoryBudget, MemoryReservation};
 
+use crate::store_budget::{StoreBudget, StoreCharge};
+
 /// Wakes whoever waits on an execution: pushers, poppers, the scheduling loop.
 #[derive(Debug, Default)]
 pub struct Signal {
@@ -69,7 +71,7 @@ pub struct RemoteBlock {
     /// enters a queue for as long as the driver holds its reference: queued, waiting
     /// for an actor, or held by the task or call that reads it (the object stays in its
     /// node's store until then).
-    charge: Option<Arc<MemoryReservation>>,
+    charge: Option<Arc<StoreCharge>>,
 }
 
 impl RemoteBlock {
@@ -82,11 +84,12 @@ impl RemoteBlock {
         }
     }
 
-    /// Counts its bytes against `budget` (once: a block already counted keeps its
-    /// charge).
-    pub(crate) fn charge(&mut self, budget: &Arc<MemoryBudget>) {
+    /// Counts its bytes against `budget`, in all and on the node holding it (once: a
+    /// block already counted keeps its charge).
+    pub(crate) fn charge(&mut self, budget: &StoreBudget) {
         if self.charge.is_none() {
-            self.charge = Some(Arc::new(budget.reserve(self.meta.bytes)));
+            let node = self.meta.addresses.first().map(String::as_str);
+            self.charge = Some(Arc::new(budget.charge(self.meta.bytes, node)));
         }
     }
 }
@@ -122,7 +125,7 @@ impl Block {
 #[derive(Clone)]
 pub(crate) struct RemoteSide {
     pub cluster: Cluster,
-    pub budget: Arc<MemoryBudget>,
+    pub budget: Arc<StoreBudget>,
 }
 
 struct Queued {
@@ -245,13 +248,15 @@ impl BlockQueue {
         self.push_block(seq, Block::Local(batch))
     }
 
-    /// Adds a block; a remote one is counted against the object-store budget.
+    /// Adds a block, waiting while the memory budget is full; a remote one is counted
+    /// against the object-store budget without waiting (the room for it was checked when
+    /// the work that made it started).
     pub fn push_block(&self, seq: u64, block: Block) -> Result<()> {
+        if matches!(block, Block::Remote(_)) {
+            return self.push_now(seq, block);
+        }
         let bytes = block.bytes();
-        let budget = match (&block, &self.remote) {
-            (Block::Remote(_), Some(r)) => Arc::clone(&r.budget),
-            _ => Arc::clone(&self.budget),
-        };
+        let budget = Arc::clone(&self.budget);
         loop {
             if self.cancelled.load(Ordering::Acquire) {
                 return Err(VolleyError::Cancelled);
@@ -274,7 +279,10 @@ impl BlockQueue {
                     budget.try_reserve_under(bytes, queue_ceiling(&budget))
                 };
                 if let Some(reservation) = reservation {
-                    let block = Self::queued(block, reservation);
+                    let block = Queued {
+                        block,
+                        _reservation: Some(reservation),
+                    };
                     if self.ordered {
                         s.seqs.entry(seq).or_default().blocks.push_back(block);
                     } else {
@@ -300,11 +308,21 @@ impl BlockQueue {
             return Err(VolleyError::Cancelled);
         }
         let bytes = block.bytes();
-        let budget = match (&block, &self.remote) {
-            (Block::Remote(_), Some(r)) => &r.budget,
-            _ => &self.budget,
+        let queued = match block {
+            Block::Remote(mut r) => {
+                if let Some(remote) = &self.remote {
+                    r.charge(&remote.budget);
+                }
+                Queued {
+                    block: Block::Remote(r),
+                    _reservation: None,
+                }
+            }
+            Block::Local(_) => Queued {
+                _reservation: Some(self.budget.reserve(bytes)),
+                block,
+            },
         };
-        let queued = Self::queued(block, budget.reserve(bytes));
         let mut s = self.state.lock().expect("queue lock");
         if self.ordered {
             s.seqs.entry(seq).or_default().blocks.push_back(queued);
@@ -316,26 +334,6 @@ impl BlockQueue {
         drop(s);
         self.signal.notify();
         Ok(())
-    }
-
-    /// A block as queued: a remote block keeps `reservation` as its charge (or its own
-    /// charge, if it came with one), a local block's stays with the queue.
-    fn queued(block: Block, reservation: MemoryReservation) -> Queued {
-        match block {
-            Block::Remote(mut r) => {
-                if r.charge.is_none() {
-                    r.charge = Some(Arc::new(reservation));
-                }
-                Queued {
-                    block: Block::Remote(r),
-                    _reservation: None,
-                }
-            }
-            Block::Local(_) => Queued {
-                block,
-                _reservation: Some(reservation),
-            },
-        }
     }
 
     /// One producer is done.

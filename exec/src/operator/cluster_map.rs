@@ -8,7 +8,7 @@ use std::sync::Arc;
 use volley_runtime::cluster::{Cluster, EncodedTask, ObjectMeta, Resources, TaskOptions};
 
 use super::cluster_read::task_result;
-use super::{Operator, OutputEstimate, StepContext};
+use super::{Expected, Operator, OutputEstimate, StepContext};
 use crate::plan::WriteTarget;
 use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
 
@@ -106,8 +106,20 @@ impl Operator for ClusterMapOp {
             if !self.fill(cx) {
                 break;
             }
-            let input_bytes: u64 = self.bundle.iter().map(|b| b.meta.bytes).sum();
-            if !cx.store_room(&self.estimate, input_bytes) {
+            // The head runs the task on the node holding most of its input: its output
+            // is expected there.
+            let input: u64 = self.bundle.iter().map(|b| b.meta.bytes).sum();
+            let node = self
+                .bundle
+                .iter()
+                .max_by_key(|b| b.meta.bytes)
+                .and_then(|b| b.meta.addresses.first().cloned());
+            let expected = Expected {
+                estimate: &self.estimate,
+                input,
+                node: node.as_deref(),
+            };
+            if !cx.store_room(&expected) {
                 break;
             }
             let bundle = std::mem::take(&mut self.bundle);
@@ -118,11 +130,7 @@ impl Operator for ClusterMapOp {
             cx.counters
                 .tasks_total
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let work = cx.remote_work(
-                seq,
-                format!("a task of {}", cx.name),
-                Some((&self.estimate, input_bytes)),
-            );
+            let work = cx.remote_work(seq, format!("a task of {}", cx.name), Some(expected));
             let inputs: Vec<&volley_runtime::cluster::ObjectRef> =
                 bundle.iter().map(|b| &b.object).collect();
             let options = TaskOptions::default()

@@ -28,7 +28,7 @@ use volley_runtime::cluster::{
     ActorHandle, ActorOptions, Cluster, EncodedActor, ObjectMeta, Resources,
 };
 
-use super::{Operator, OutputEstimate, RemoteWork, StepContext};
+use super::{Expected, Operator, OutputEstimate, RemoteWork, StepContext};
 use crate::plan::PoolSize;
 use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
 
@@ -233,7 +233,7 @@ impl ClusterPoolOp {
         let free = slots.saturating_sub(busy);
         loop {
             let next_input = state.waiting.front().map_or(0, |w| w.block.meta.bytes);
-            let room = if free > 0 && cx.store_has_room(self.estimate.bytes(next_input)) {
+            let room = if free > 0 && cx.store_has_room(self.estimate.bytes(next_input), None) {
                 free * MAX_BLOCKS_PER_CALL + 1
             } else {
                 1
@@ -283,43 +283,33 @@ impl ClusterPoolOp {
     }
 
     /// Gives waiting blocks to actors with a free slot, preferring the block's node;
-    /// several consecutive blocks per call when more wait than there are free slots.
+    /// several consecutive blocks per call when more wait than there are free slots. A
+    /// call goes to an actor whose node's share of the object-store budget has room for
+    /// its output (and only while the execution's total has room), except that an idle
+    /// pool may always start one, so that the execution moves.
     fn dispatch(&self, cx: &StepContext<'_>, state: &mut PoolState) {
         let free = |m: &Member| m.in_flight < self.max_in_flight && !m.suspect;
-        while let Some(w) = state.waiting.front() {
+        while !state.waiting.is_empty() {
             let slots: usize = state
                 .members
                 .iter()
                 .filter(|m| free(m))
                 .map(|m| self.max_in_flight - m.in_flight)
                 .sum();
-            let local = state.members.iter().position(|m| {
-                free(m)
-                    && m.address
-                        .as_ref()
-                        .is_some_and(|a| w.block.meta.addresses.contains(a))
-            });
-            let pick = local.or_else(|| {
-                state
-                    .members
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, m)| free(m))
-                    .min_by_key(|(_, m)| m.in_flight)
-                    .map(|(i, _)| i)
-            });
-            let Some(i) = pick else { break };
+            if slots == 0 {
+                break;
+            }
             let take = state
                 .waiting
                 .len()
-                .div_ceil(slots.max(1))
+                .div_ceil(slots)
                 .clamp(1, MAX_BLOCKS_PER_CALL);
             // A call's blocks (and so its output) stay within a share of the
             // object-store budget: the nodes' stores hold every call's input and output.
             let cap = cx.remote_limit().map_or(u64::MAX, |l| {
                 l / (2 * state.members.len() * self.max_in_flight).max(1) as u64
             });
-            let mut group = vec![state.waiting.pop_front().expect("front")];
+            let mut group = vec![state.waiting.pop_front().expect("not empty")];
             let mut bytes = group[0].block.meta.bytes;
             while group.len() < take
                 && state.waiting.front().is_some_and(|n| {
@@ -331,20 +321,51 @@ impl ClusterPoolOp {
                 bytes += next.block.meta.bytes;
                 group.push(next);
             }
-            if !cx.store_room(&self.estimate, bytes) {
+            let expected = self.estimate.bytes(bytes);
+            let holders = &group[0].block.meta.addresses;
+            let local = |m: &Member| m.address.as_ref().is_some_and(|a| holders.contains(a));
+            let fits = |m: &Member| free(m) && cx.store_has_room(expected, m.address.as_deref());
+            let least_busy = |ok: &dyn Fn(&Member) -> bool| {
+                state
+                    .members
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| ok(m))
+                    .min_by_key(|(_, m)| m.in_flight)
+                    .map(|(i, _)| i)
+            };
+            let pick = state
+                .members
+                .iter()
+                .position(|m| fits(m) && local(m))
+                .or_else(|| least_busy(&fits))
+                .or_else(|| {
+                    cx.idle()
+                        .then(|| {
+                            state
+                                .members
+                                .iter()
+                                .position(|m| free(m) && local(m))
+                                .or_else(|| least_busy(&free))
+                        })
+                        .flatten()
+                });
+            let Some(i) = pick else {
                 for w in group.into_iter().rev() {
                     state.waiting.push_front(w);
                 }
                 break;
-            }
+            };
             let member = &mut state.members[i];
             let actor_id = member.handle.id().to_string();
+            let node = member.address.clone();
             let inputs: Vec<&volley_runtime::cluster::ObjectRef> =
                 group.iter().map(|w| &w.block.object).collect();
             match member.handle.call("process", (), &inputs) {
                 Ok(object) => {
                     member.in_flight += 1;
-                    // The call's first block holds the room for the whole call's output.
+                    // The call's first block holds the room for the whole call's output,
+                    // on the actor's node.
                     let works = group
                         .iter()
                         .enumerate()
@@ -352,7 +373,11 @@ impl ClusterPoolOp {
                             cx.remote_work(
                                 w.seq,
                                 format!("a call of {}", self.transform),
-                                (k == 0).then_some((&self.estimate, bytes)),
+                                (k == 0).then_some(Expected {
+                                    estimate: &self.estimate,
+                                    input: bytes,
+                                    node: node.as_deref(),
+                                }),
                             )
                         })
                         .collect();

@@ -10,7 +10,7 @@ use volley_runtime::cluster::{
     object_value, Cluster, EncodedTask, ObjectMeta, ObjectRef, Resources, TaskOptions,
 };
 
-use super::{Operator, OutputEstimate, StepContext};
+use super::{Expected, Operator, OutputEstimate, StepContext};
 use crate::plan::WriteTarget;
 use crate::queue::{Block, RemoteBlock};
 
@@ -72,12 +72,19 @@ impl Operator for ClusterReadOp {
         if cx.stopping {
             self.pending.clear();
         }
-        while cx.running() < self.window && cx.store_room(&self.estimate, 0) {
+        // Where a read's output goes is the head's choice (the node whose store is least
+        // full): it is checked against the total only.
+        let expected = Expected {
+            estimate: &self.estimate,
+            input: 0,
+            node: None,
+        };
+        while cx.running() < self.window && cx.store_room(&expected) {
             let Some((seq, label, task)) = self.pending.pop_front() else {
                 break;
             };
             cx.out.register(seq);
-            let work = cx.remote_work(seq, format!("task {label}"), Some((&self.estimate, 0)));
+            let work = cx.remote_work(seq, format!("task {label}"), Some(expected));
             let options = TaskOptions::default()
                 .resources(self.resources.clone())
                 .name(label);

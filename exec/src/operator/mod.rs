@@ -232,25 +232,24 @@ pub(crate) struct RemoteWork {
     seq: u64,
     label: String,
     expected: Option<(Arc<OutputEstimate>, u64)>,
-    _room: Option<volley_runtime::MemoryReservation>,
+    _room: Option<crate::store_budget::StoreCharge>,
 }
 
 impl StepContext<'_> {
     /// Starts counting a cluster task or call of this operator whose output is
-    /// sequence `seq` of the output queue. `expected` is the operator's estimate and
-    /// the bytes the work reads: room for its expected output is held until it ends
-    /// (see [`store_room`](Self::store_room)); `None` for a further sequence of a call
-    /// whose first one holds the room.
+    /// sequence `seq` of the output queue, holding room for the output it is `expected`
+    /// to make until it ends (see [`store_room`](Self::store_room)); `None` for a
+    /// further sequence of a call whose first one holds the room.
     pub(crate) fn remote_work(
         &self,
         seq: u64,
         label: String,
-        expected: Option<(&Arc<OutputEstimate>, u64)>,
+        expected: Option<Expected<'_>>,
     ) -> RemoteWork {
         self.in_flight_counter.fetch_add(1, Ordering::AcqRel);
         self.counters.task_started();
-        let room = match (&self.shared.remote, expected) {
-            (Some(r), Some((estimate, input))) => Some(r.budget.reserve(estimate.bytes(input))),
+        let room = match (&self.shared.remote, &expected) {
+            (Some(r), Some(e)) => Some(r.budget.charge(e.bytes(), e.node)),
             _ => None,
         };
         RemoteWork {
@@ -260,29 +259,34 @@ impl StepContext<'_> {
             out: Arc::clone(self.out),
             seq,
             label,
-            expected: expected.map(|(e, input)| (Arc::clone(e), input)),
+            expected: expected.map(|e| (Arc::clone(e.estimate), e.input)),
             _room: room,
         }
     }
 
-    /// Whether a cluster task or call of this operator reading `input_bytes` may start
-    /// now: the object-store budget has room for its expected output, or the operator
-    /// has nothing running and nothing queued, so that a full budget never stops the
-    /// execution (the blocks filling it are drained by the operators downstream, each
-    /// of which may always run one task the same way). Everything the driver holds a
-    /// reference to counts: queued blocks, blocks held by waiting or running work, and
-    /// the room held for running work's outputs.
-    pub(crate) fn store_room(&self, estimate: &OutputEstimate, input_bytes: u64) -> bool {
-        self.store_has_room(estimate.bytes(input_bytes))
-            || (self.running() == 0 && self.out.bytes() == 0)
+    /// Whether cluster work of this operator may start now: the object-store budget
+    /// has room for its expected output (in all, and on its node where that is known),
+    /// or the operator has nothing running and nothing queued, so that a full budget
+    /// never stops the execution (the blocks filling it are drained by the operators
+    /// downstream, each of which may always run one task the same way). Everything the
+    /// driver holds a reference to counts: queued blocks, blocks held by waiting or
+    /// running work, and the room held for running work's outputs.
+    pub(crate) fn store_room(&self, expected: &Expected<'_>) -> bool {
+        self.store_has_room(expected.bytes(), expected.node) || self.idle()
     }
 
-    /// Whether the object-store budget has room for `bytes` more.
-    pub(crate) fn store_has_room(&self, bytes: u64) -> bool {
+    /// Nothing of this operator runs and nothing it made is queued.
+    pub(crate) fn idle(&self) -> bool {
+        self.running() == 0 && self.out.bytes() == 0
+    }
+
+    /// Whether the object-store budget has room for `bytes` more (in all, and on
+    /// `node`).
+    pub(crate) fn store_has_room(&self, bytes: u64, node: Option<&str>) -> bool {
         self.shared
             .remote
             .as_ref()
-            .is_none_or(|r| r.budget.has_room(bytes))
+            .is_none_or(|r| r.budget.has_room(bytes, node))
     }
 
     /// Counts a block against the object-store budget (a block this process put into
@@ -291,6 +295,22 @@ impl StepContext<'_> {
         if let Some(remote) = &self.shared.remote {
             block.charge(&remote.budget);
         }
+    }
+}
+
+/// What a piece of cluster work is expected to put into the object stores: its
+/// operator's estimate, the bytes it reads, and the node (Flight address) its output
+/// will be stored on, where that is known before the head places it.
+#[derive(Clone, Copy)]
+pub(crate) struct Expected<'a> {
+    pub estimate: &'a Arc<OutputEstimate>,
+    pub input: u64,
+    pub node: Option<&'a str>,
+}
+
+impl Expected<'_> {
+    fn bytes(&self) -> u64 {
+        self.estimate.bytes(self.input)
     }
 }
 

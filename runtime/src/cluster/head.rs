@@ -78,6 +78,9 @@ struct Node {
     slots: HashMap<u64, usize>,
     object_bytes: u64,
     object_store_memory: u64,
+    /// Bytes of the live objects the directory places here (current at every task's
+    /// end, unlike `object_bytes`, which comes with heartbeats).
+    stored: u64,
     spilled_bytes: u64,
     spilled_total: u64,
     workers: u32,
@@ -934,14 +937,16 @@ impl State {
 
     /// The best node for a task: one where it fits, holding most of its input bytes,
     /// then the one with the fewest of `crowd` (a count per node of what should
-    /// spread), then the one with the most CPUs free (spreading load).
+    /// spread), then the one whose object store is least full (by quarters of its
+    /// memory: the task's output will be stored there, and a full store spills), then
+    /// the one with the most CPUs free (spreading load).
     fn pick_node(
         &mut self,
         req: &Resources,
         args: &[String],
         crowd: &HashMap<String, usize>,
     ) -> Option<(String, Vec<u32>)> {
-        let mut best: Option<(u64, usize, f64, String)> = None;
+        let mut best: Option<(u64, usize, u64, f64, String)> = None;
         for (id, n) in &self.nodes {
             if !n.alive || n.tx.is_none() || !req.fits_in(&n.available) {
                 continue;
@@ -957,19 +962,21 @@ impl State {
                 .sum();
             let free = n.available.num_cpus / n.total.num_cpus.max(1e-9);
             let many = crowd.get(id).copied().unwrap_or(0);
+            let full = n.stored.saturating_mul(4) / n.object_store_memory.max(1);
             let better = match &best {
                 None => true,
-                Some((l, m, f, _)) => {
+                Some((l, m, q, f, _)) => {
                     local > *l
                         || (local == *l && many < *m)
-                        || (local == *l && many == *m && free > *f + 1e-9)
+                        || (local == *l && many == *m && full < *q)
+                        || (local == *l && many == *m && full == *q && free > *f + 1e-9)
                 }
             };
             if better {
-                best = Some((local, many, free, id.clone()));
+                best = Some((local, many, full, free, id.clone()));
             }
         }
-        let (_, _, _, id) = best?;
+        let (_, _, _, _, id) = best?;
         let n = self.nodes.get_mut(&id)?;
         let gpus = n.gpus.take(req.num_gpus)?;
         n.available.subtract(req);
@@ -1157,6 +1164,14 @@ impl State {
         task.state = TaskState::Done;
         let args = task.spec.args.clone();
         if let Some(o) = self.objects.get_mut(id) {
+            for old in &o.locations {
+                if let Some(n) = self.nodes.get_mut(old) {
+                    n.stored = n.stored.saturating_sub(o.bytes);
+                }
+            }
+            if let Some(n) = self.nodes.get_mut(node) {
+                n.stored += bytes;
+            }
             o.locations = vec![node.to_string()];
             o.bytes = bytes;
             o.rows = rows;
@@ -1249,7 +1264,8 @@ impl State {
         let o = self.objects.remove(id).expect("checked above");
         self.inline_bytes -= o.inline.as_ref().map_or(0, |b| b.len() as u64);
         for n in &o.locations {
-            if let Some(node) = self.nodes.get(n) {
+            if let Some(node) = self.nodes.get_mut(n) {
+                node.stored = node.stored.saturating_sub(o.bytes);
                 node.send(Command::FreeObjects(proto::ObjectIds {
                     ids: vec![id.to_string()],
                 }));
@@ -1721,6 +1737,7 @@ impl proto::head_server::Head for HeadService {
                     slots: HashMap::new(),
                     object_bytes: 0,
                     object_store_memory: r.object_store_memory,
+                    stored: 0,
                     spilled_bytes: 0,
                     spilled_total: 0,
                     workers: 0,
@@ -1931,6 +1948,9 @@ impl proto::head_server::Head for HeadService {
                 .find(|(_, n)| n.alive && n.object_address == r.address)
                 .map(|(id, _)| id.clone())
                 .ok_or_else(|| Status::not_found(format!("no live node at {}", r.address)))?;
+            if let Some(n) = s.nodes.get_mut(&node) {
+                n.stored += r.bytes;
+            }
             s.objects.insert(
                 r.object_id.clone(),
                 ObjectEntry::new(&r.job_id, None, vec![node], r.bytes, r.rows),
@@ -2302,33 +2322,37 @@ mod tests {
                 resources: Resources::default(),
             },
         );
+        let (node, rx) = test_node(cpus, "a");
+        s.nodes.insert("n1".into(), node);
+        (s, rx)
+    }
+
+    fn test_node(cpus: f64, address: &str) -> (Node, Commands) {
         let (tx, rx) = mpsc::unbounded_channel();
         let total = Resources {
             num_cpus: cpus,
             ..Default::default()
         };
-        s.nodes.insert(
-            "n1".into(),
-            Node {
-                hostname: "h".into(),
-                object_address: "a".into(),
-                available: total.clone(),
-                total,
-                gpus: GpuSlots::new(&[]),
-                last_seen: Instant::now(),
-                alive: true,
-                tx: Some(tx),
-                running: HashSet::new(),
-                ahead: VecDeque::new(),
-                slots: HashMap::new(),
-                object_bytes: 0,
-                object_store_memory: 0,
-                spilled_bytes: 0,
-                spilled_total: 0,
-                workers: 0,
-            },
-        );
-        (s, rx)
+        let node = Node {
+            hostname: "h".into(),
+            object_address: address.into(),
+            available: total.clone(),
+            total,
+            gpus: GpuSlots::new(&[]),
+            last_seen: Instant::now(),
+            alive: true,
+            tx: Some(tx),
+            running: HashSet::new(),
+            ahead: VecDeque::new(),
+            slots: HashMap::new(),
+            object_bytes: 0,
+            object_store_memory: 0,
+            stored: 0,
+            spilled_bytes: 0,
+            spilled_total: 0,
+            workers: 0,
+        };
+        (node, rx)
     }
 
     fn submit(s: &mut State, id: &str) {
@@ -2429,6 +2453,38 @@ mod tests {
         s.schedule();
         assert!(sent(&mut rx).is_empty(), "t2 waits at the head");
         assert!(matches!(s.tasks["t2"].state, TaskState::Pending));
+    }
+
+    #[test]
+    fn tasks_go_to_the_node_whose_object_store_has_room() {
+        let (mut s, mut rx1) = one_node(4.0);
+        let (n2, mut rx2) = test_node(2.0, "b");
+        s.nodes.insert("n2".into(), n2);
+        for n in s.nodes.values_mut() {
+            n.object_store_memory = 100;
+        }
+        // n1 has more CPUs free, but its store is half full: t1 goes to n2.
+        s.nodes.get_mut("n1").unwrap().stored = 50;
+        submit(&mut s, "t1");
+        s.schedule();
+        assert!(sent(&mut rx1).is_empty());
+        assert_eq!(sent(&mut rx2), ["run t1"]);
+        // Its output is counted on n2 as soon as it is reported...
+        assert!(s.task_reported(proto::TaskReport {
+            node_id: "n2".into(),
+            task_id: "t1".into(),
+            output_bytes: 80,
+            ..Default::default()
+        }));
+        assert_eq!(s.nodes["n2"].stored, 80);
+        // ...so the next goes back to n1, now the emptier store.
+        submit(&mut s, "t2");
+        s.schedule();
+        assert_eq!(sent(&mut rx1), ["run t2"]);
+        // Freeing t1's object takes its bytes off n2.
+        s.objects.get_mut("t1").unwrap().freed = true;
+        s.try_delete("t1");
+        assert_eq!(s.nodes["n2"].stored, 0);
     }
 
     #[test]
