@@ -19,10 +19,10 @@ use volley_exec::{
 
 use crate::context::Context;
 use crate::logical::LogicalOp;
+use crate::logical::WriteSpec;
 use crate::lower::lower;
 use crate::optimizer;
 pub use crate::options::{IterOptions, MapOptions};
-use crate::runner::WriteSpec;
 
 /// A lazy, distributed-ready collection of rows in Arrow batches.
 ///
@@ -214,18 +214,11 @@ impl Dataset {
         &self.plan
     }
 
+    /// The operators of the optimized plan, as the context's runner places them.
     pub(crate) fn physical(&self) -> Result<PhysicalPlan> {
-        self.physical_with(None)
-    }
-
-    /// The operators of the optimized plan, as the context's runner places them,
-    /// writing into `write` when given.
-    fn physical_with(&self, write: Option<&WriteSpec>) -> Result<PhysicalPlan> {
         let optimized = optimizer::optimize(&self.plan, self.ctx.session_state())?;
         let lowered = lower(optimized, &self.ctx)?;
-        self.ctx
-            .runner()
-            .plan(&lowered, self.ctx.exec_context(), write)
+        self.ctx.runner().plan(&lowered, self.ctx.exec_context())
     }
 
     /// The logical plan, the optimized plan, and the physical plan, as text.
@@ -233,10 +226,7 @@ impl Dataset {
         let state = self.ctx.session_state();
         let optimized = optimizer::optimize(&self.plan, state)?;
         let lowered = lower(Arc::clone(&optimized), &self.ctx)?;
-        let physical = self
-            .ctx
-            .runner()
-            .plan(&lowered, self.ctx.exec_context(), None)?;
+        let physical = self.ctx.runner().plan(&lowered, self.ctx.exec_context())?;
         Ok(format!(
             "== logical plan ==\n{}\n\n== optimized logical plan ==\n{}\n\n== physical plan ==\n{}\n",
             self.plan, optimized, physical
@@ -449,6 +439,7 @@ impl WriteBuilder {
         let exec = &ds.exec_context(false);
         let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
         let single = self.options.single_file;
+        let label = format!("{} to {}", self.options.format.extension(), self.path);
         let job = WriteJob::try_new(
             &self.path,
             self.options,
@@ -478,10 +469,16 @@ impl WriteBuilder {
         let spec = WriteSpec {
             part: job.remote_part(),
             target: WriteTarget::new(job),
+            label,
         };
         let target = Arc::clone(&spec.target);
         let result = (|| {
-            let plan = ds.physical_with(Some(&spec))?;
+            let plan = ds
+                .with(LogicalOp::Write {
+                    input: Arc::clone(&ds.plan),
+                    spec,
+                })
+                .physical()?;
             let stream = StatsStream {
                 inner: execute(plan, exec)?,
                 sink: Arc::clone(&ds.last_stats),

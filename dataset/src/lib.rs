@@ -28,10 +28,10 @@ mod streaming_split;
 
 pub use context::{Context, Paths};
 pub use dataset::{Dataset, WriteBuilder};
-pub use logical::LogicalOp;
+pub use logical::{LogicalOp, WriteSpec};
 pub use options::{Concurrency, IterOptions, JoinHow, MapOptions, SortKey};
 pub use relational::{agg, GroupedDataset};
-pub use runner::{ClusterRunner, LocalRunner, Runner, StageTask, WriteSpec};
+pub use runner::{ClusterRunner, LocalRunner, Runner, StageTask};
 pub use sql::DatasetTable;
 pub use streaming_split::{RemoteRows, SplitIterator, SplitPart};
 

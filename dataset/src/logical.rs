@@ -9,8 +9,8 @@ use datafusion::common::Result as DfResult;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::Expr;
 use volley_common::{Result, VolleyError};
-use volley_connectors::{DataSource, ScanRequest};
-use volley_exec::{PredicateFn, Step, TransformFactory, TransformFn};
+use volley_connectors::{DataSource, RemotePart, ScanRequest};
+use volley_exec::{PredicateFn, Step, TransformFactory, TransformFn, WriteTarget};
 
 use crate::col;
 use crate::options::{JoinHow, MapOptions, SortKey};
@@ -85,6 +85,19 @@ impl ExchangeKind {
             }
         }
     }
+}
+
+/// A write the plan's output goes to (a [`LogicalOp::Write`] at the plan's root): the
+/// driver's target (which commits), and the part template tasks on other processes
+/// write with.
+#[derive(Debug, Clone)]
+pub struct WriteSpec {
+    /// Where the staged parts are gathered and committed.
+    pub target: Arc<WriteTarget>,
+    /// What a task on a cluster node writes its part with.
+    pub part: RemotePart,
+    /// What is written where, for plans (`parquet to /data/out`).
+    pub label: String,
 }
 
 /// A node of a dataset's logical plan.
@@ -210,6 +223,14 @@ pub enum LogicalOp {
         /// The output schema (keys once, left columns, right columns).
         schema: SchemaRef,
     },
+    /// Writes its input's rows (always the root of a plan): each task writes its part
+    /// where it runs, and the driver commits them all or none.
+    Write {
+        /// Input.
+        input: Arc<LogicalOp>,
+        /// Where and how.
+        spec: WriteSpec,
+    },
     /// A stage boundary that redistributes the rows (repartition, shuffles, the groups
     /// of `map_groups`): the input runs to completion first. The optimizer sees
     /// through it (the columns asked of it and its keys are all its input must give);
@@ -228,6 +249,14 @@ impl LogicalOp {
             source,
             request: ScanRequest::default(),
         })
+    }
+
+    /// This plan without the write at its root, and the write (if there is one).
+    pub(crate) fn split_write(&self) -> (&LogicalOp, Option<&WriteSpec>) {
+        match self {
+            LogicalOp::Write { input, spec } => (input, Some(spec)),
+            other => (other, None),
+        }
     }
 
     /// Whether a source below this node makes the output order meaningful.
@@ -260,6 +289,7 @@ impl LogicalOp {
             | LogicalOp::Exchange { input, .. }
             | LogicalOp::Sort { input, .. }
             | LogicalOp::Aggregate { input, .. }
+            | LogicalOp::Write { input, .. }
             | LogicalOp::Distinct { input } => vec![input],
             LogicalOp::Join { left, right, .. } => vec![left, right],
             LogicalOp::Union { inputs } => inputs.iter().collect(),
@@ -330,6 +360,10 @@ impl LogicalOp {
                 schema: Arc::clone(schema),
             },
             LogicalOp::Distinct { .. } => LogicalOp::Distinct { input: one() },
+            LogicalOp::Write { spec, .. } => LogicalOp::Write {
+                input: one(),
+                spec: spec.clone(),
+            },
             LogicalOp::Join {
                 left_on,
                 right_on,
@@ -359,6 +393,7 @@ impl LogicalOp {
             | LogicalOp::Limit { input, .. }
             | LogicalOp::Exchange { input, .. }
             | LogicalOp::Sort { input, .. }
+            | LogicalOp::Write { input, .. }
             | LogicalOp::Distinct { input } => input.schema(state)?,
             LogicalOp::Aggregate { schema, .. } | LogicalOp::Join { schema, .. } => {
                 Some(Arc::clone(schema))
@@ -519,6 +554,7 @@ impl LogicalOp {
                 writeln!(out, "{pad}Aggregate: {}", aggregate_label(keys, aggs))
             }
             LogicalOp::Distinct { .. } => writeln!(out, "{pad}Distinct"),
+            LogicalOp::Write { spec, .. } => writeln!(out, "{pad}Write: {}", spec.label),
             LogicalOp::Join {
                 left_on,
                 right_on,

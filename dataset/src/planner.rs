@@ -98,6 +98,11 @@ pub(crate) fn plan_node(
                 "a stage boundary reached the planner (they become sources before planning): {op}"
             )))
         }
+        LogicalOp::Write { .. } => {
+            return Err(VolleyError::internal(format!(
+                "a write below the root of a plan: {op}"
+            )))
+        }
         LogicalOp::Source { source, request } => {
             let schema = op.schema(state)?;
             (

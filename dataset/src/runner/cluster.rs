@@ -31,8 +31,9 @@ use volley_exec::{
 use volley_runtime::cluster::{Cluster, EncodedActor, EncodedTask, Resources};
 
 use super::stage::{plan_bytes, ShippedOp, StageInput, StageTask};
-use super::{Runner, WriteSpec};
+use super::Runner;
 use crate::logical::LogicalOp;
+use crate::logical::WriteSpec;
 use crate::options::MapOptions;
 use crate::planner::{self, Planned};
 
@@ -324,6 +325,11 @@ impl ClusterRunner {
             | LogicalOp::Aggregate { .. }
             | LogicalOp::Distinct { .. }
             | LogicalOp::Join { .. } => here(children, false),
+            LogicalOp::Write { .. } => {
+                return Err(volley_common::VolleyError::internal(format!(
+                    "a write below the root of a plan: {op}"
+                )))
+            }
         }
     }
 }
@@ -368,12 +374,8 @@ fn max_resources(a: &Resources, b: &Resources) -> Resources {
 }
 
 impl Runner for ClusterRunner {
-    fn plan(
-        &self,
-        plan: &LogicalOp,
-        exec: &ExecContext,
-        write: Option<&WriteSpec>,
-    ) -> Result<PhysicalPlan> {
+    fn plan(&self, plan: &LogicalOp, exec: &ExecContext) -> Result<PhysicalPlan> {
+        let (plan, write) = plan.split_write();
         let node = self.plan_node(plan, exec)?;
         Ok(match (node, write) {
             (Node::Stage(s), w) => s.close(w)?.0,

@@ -19,8 +19,7 @@ mod stage;
 use std::sync::Arc;
 
 use volley_common::Result;
-use volley_connectors::RemotePart;
-use volley_exec::{ExecContext, PhysicalPlan, WriteTarget};
+use volley_exec::{ExecContext, PhysicalPlan};
 
 pub use cluster::ClusterRunner;
 pub(crate) use scan::scans_on_cluster;
@@ -28,26 +27,11 @@ pub use stage::StageTask;
 
 use crate::logical::LogicalOp;
 
-/// A write the plan's output goes to: the driver's target (which commits), and the
-/// part template tasks on other processes write with.
-#[derive(Debug, Clone)]
-pub struct WriteSpec {
-    /// Where the staged parts are gathered and committed.
-    pub target: Arc<WriteTarget>,
-    /// What a task on a cluster node writes its part with.
-    pub part: RemotePart,
-}
-
 /// Where and how the plans of a context run.
 pub trait Runner: Send + Sync + std::fmt::Debug {
-    /// The operators of `plan` (optimized), writing into `write` when given; `exec`
-    /// is the context's (its session plans the reads).
-    fn plan(
-        &self,
-        plan: &LogicalOp,
-        exec: &ExecContext,
-        write: Option<&WriteSpec>,
-    ) -> Result<PhysicalPlan>;
+    /// The operators of `plan` (optimized; a [`LogicalOp::Write`] may be its root);
+    /// `exec` is the context's (its session plans the reads).
+    fn plan(&self, plan: &LogicalOp, exec: &ExecContext) -> Result<PhysicalPlan>;
 
     /// The execution context its operators run with (on a cluster: with the cluster).
     fn exec_context(&self, base: ExecContext) -> ExecContext;
@@ -58,12 +42,8 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
 pub struct LocalRunner;
 
 impl Runner for LocalRunner {
-    fn plan(
-        &self,
-        plan: &LogicalOp,
-        exec: &ExecContext,
-        write: Option<&WriteSpec>,
-    ) -> Result<PhysicalPlan> {
+    fn plan(&self, plan: &LogicalOp, exec: &ExecContext) -> Result<PhysicalPlan> {
+        let (plan, write) = plan.split_write();
         let (physical, _) = crate::planner::plan(plan, &exec.session)?;
         Ok(match write {
             Some(w) => crate::planner::with_write(physical, Arc::clone(&w.target)),
