@@ -1294,6 +1294,28 @@ fn gigabytes_flow_between_nodes_without_spilling_while_the_driver_holds_referenc
         a <= q + 64,
         "the driver's peak grew from {q} MiB to {a} MiB while 4x the data flowed:\n{logs}"
     );
+    // The execution's object-store budget (half of the two stores) is passed by at most
+    // a few blocks (an operator with nothing running may always start one task).
+    let peaks: Vec<(f64, f64)> = logs
+        .lines()
+        .filter_map(|l| l.split("object stores: peak ").nth(1))
+        .map(|rest| {
+            let mib: Vec<f64> = rest
+                .split(" MiB")
+                .take(2)
+                .map(|n| n.trim_start_matches(" of ").trim().parse().unwrap())
+                .collect();
+            (mib[0], mib[1])
+        })
+        .collect();
+    assert_eq!(peaks.len(), 2, "{logs}");
+    for (peak, budget) in peaks {
+        assert_eq!(budget, 64.0);
+        assert!(
+            peak <= budget + 32.0,
+            "object stores peaked at {peak} MiB:\n{logs}"
+        );
+    }
     // The nodes report what their stores ever spilled with each heartbeat.
     std::thread::sleep(Duration::from_millis(1500));
     let status = c.status();

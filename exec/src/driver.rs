@@ -695,6 +695,10 @@ fn drive(
         wall: start.elapsed(),
         peak_memory: peak.max(shared.budget.used()),
         memory_limit: limit,
+        object_store: shared
+            .remote
+            .as_ref()
+            .map(|r| (r.budget.peak(), r.budget.limit())),
     };
     progress.finish(&stats);
     if let Some(w) = shared.watch.get() {

@@ -61,6 +61,13 @@ impl Progress {
             for op in &stats.operators {
                 eprintln!("volley: {op}");
             }
+            if let Some((peak, limit)) = stats.object_store {
+                eprintln!(
+                    "volley: object stores: peak {} of {} budget",
+                    volley_common::format_bytes(peak),
+                    volley_common::format_bytes(limit)
+                );
+            }
         }
     }
 }

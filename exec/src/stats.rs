@@ -108,6 +108,10 @@ pub struct ExecutionStats {
     pub peak_memory: u64,
     /// The memory budget.
     pub memory_limit: u64,
+    /// On a cluster, `(peak, budget)`: the most bytes the execution held in the nodes'
+    /// object stores at once (blocks it referenced, and room held for running work's
+    /// output) and its object-store budget; `None` off a cluster.
+    pub object_store: Option<(u64, u64)>,
 }
 
 impl fmt::Display for OperatorStats {
@@ -155,6 +159,15 @@ impl fmt::Display for ExecutionStats {
             format_bytes(self.peak_memory),
             format_bytes(self.memory_limit),
             format_bytes(self.spilled_bytes())
-        )
+        )?;
+        if let Some((peak, limit)) = self.object_store {
+            write!(
+                f,
+                ", object stores: peak {} of {} budget",
+                format_bytes(peak),
+                format_bytes(limit)
+            )?;
+        }
+        Ok(())
     }
 }

@@ -75,6 +75,11 @@ impl StoreBudget {
         self.total.used()
     }
 
+    /// The most bytes charged in all at once.
+    pub(crate) fn peak(&self) -> u64 {
+        self.total.peak()
+    }
+
     /// Whether `bytes` more fit in all and on `node` (a node the budget does not know,
     /// one that joined later, has no share of its own).
     pub(crate) fn has_room(&self, bytes: u64, node: Option<&str>) -> bool {
