@@ -41,6 +41,11 @@ impl TestCluster {
     }
 
     fn start_with_tls(node_timeout_s: f64, tls: Vec<(String, String)>) -> Self {
+        Self::start_on("127.0.0.1", node_timeout_s, tls)
+    }
+
+    /// A head listening on `host`.
+    fn start_on(host: &str, node_timeout_s: f64, tls: Vec<(String, String)>) -> Self {
         let home = tempfile::tempdir().unwrap();
         let head = Command::new(volley_bin())
             .envs(tls.iter().map(|(k, v)| (k, v)))
@@ -52,6 +57,8 @@ impl TestCluster {
                 "0",
                 "--http-port",
                 "0",
+                "--host",
+                host,
             ])
             .args(["--node-timeout", &node_timeout_s.to_string()])
             .env("VOLLEY_HOME", home.path())
@@ -1325,4 +1332,253 @@ fn gigabytes_flow_between_nodes_without_spilling_while_the_driver_holds_referenc
         nodes.iter().all(|l| l.trim_end().ends_with(" 0 B")),
         "a node spilled (last column):\n{status}"
     );
+}
+
+/// Test hosts in network namespaces: a bridge in this namespace (the head's host,
+/// `.1`) and one namespace per node agent, joined to the bridge by a veth pair (`.2`,
+/// `.3`, ...), all in a /24 of our own. Taking a host's link down cuts it off (a network
+/// partition: the agent and its workers live on, unreachable). Removed on drop.
+struct NetnsHosts {
+    bridge: String,
+    prefix: String,
+    names: Vec<String>,
+}
+
+impl NetnsHosts {
+    /// `n` hosts, or why they cannot be made here (not root, no `ip`, namespaces refused).
+    fn create(n: usize) -> Result<Self, String> {
+        let id = std::process::id() % 10_000;
+        let subnet = 100 + std::process::id() % 150;
+        let mut hosts = Self {
+            bridge: format!("vlbr{id}"),
+            prefix: format!("10.231.{subnet}"),
+            names: vec![],
+        };
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let bridge = hosts.bridge.clone();
+        let head_ip = format!("{}.1/24", hosts.prefix);
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &head_ip, "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        for i in 0..n {
+            let ns = format!("volley-t{id}-{i}");
+            let (inside, outside) = (format!("vli{id}x{i}"), format!("vlo{id}x{i}"));
+            ip(&["netns", "add", &ns])?;
+            hosts.names.push(ns.clone());
+            ip(&[
+                "link", "add", &outside, "type", "veth", "peer", "name", &inside,
+            ])?;
+            ip(&["link", "set", &inside, "netns", &ns])?;
+            ip(&["link", "set", &outside, "master", &bridge])?;
+            ip(&["link", "set", &outside, "up"])?;
+            let addr = format!("{}/24", hosts.host(i));
+            ip(&["-n", &ns, "addr", "add", &addr, "dev", &inside])?;
+            ip(&["-n", &ns, "link", "set", &inside, "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(hosts)
+    }
+
+    /// The head's address on the bridge.
+    fn head(&self) -> String {
+        format!("{}.1", self.prefix)
+    }
+
+    /// Host `i`'s address.
+    fn host(&self, i: usize) -> String {
+        format!("{}.{}", self.prefix, i + 2)
+    }
+
+    /// Takes host `i`'s link up or down.
+    fn link(&self, i: usize, up: bool) {
+        let id = std::process::id() % 10_000;
+        let status = Command::new("ip")
+            .args(["link", "set", &format!("vlo{id}x{i}")])
+            .arg(if up { "up" } else { "down" })
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+impl TestCluster {
+    /// Starts a node agent on network-namespace host `i` and waits until the head
+    /// lists it.
+    fn add_host_node(&mut self, hosts: &NetnsHosts, i: usize, cpus: u32) {
+        let before = self.node_count();
+        let child = self
+            .volley()
+            .env_remove("VOLLEY_ADDRESS")
+            .args(["start", "--block", "--address", &self.address])
+            .args(["--host", &hosts.host(i), "--num-cpus", &cpus.to_string()])
+            .args(["--num-gpus", "0", "--object-store-memory", "64MiB"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn_in(&hosts.names[i]);
+        self.nodes.push(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.node_count() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the node on host {i} did not join"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Runs a command inside a network namespace (`ip netns exec` execs it, so the child
+/// is the command itself).
+trait SpawnIn {
+    fn spawn_in(&mut self, ns: &str) -> Child;
+}
+
+impl SpawnIn for Command {
+    fn spawn_in(&mut self, ns: &str) -> Child {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(self.get_program());
+        c.args(self.get_args());
+        for (k, v) in self.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// Node agents on three hosts of their own (network namespaces on a bridge; the head
+/// and the driver on the bridge's address): a pipeline's output equals the local run's.
+/// Then one host is cut off mid-job by taking its link down: the head declares it dead,
+/// its tasks run again elsewhere, and the output is still the local run's (no row lost,
+/// none twice, nothing the cut-off host's workers staged is committed); when its link
+/// comes back, the agent learns it was declared dead and exits.
+#[test]
+fn hosts_in_network_namespaces_survive_a_partition() {
+    let hosts = match NetnsHosts::create(3) {
+        Ok(h) => h,
+        Err(why) => {
+            println!("skipped: network namespaces cannot be made here ({why})");
+            return;
+        }
+    };
+    let mut c = TestCluster::start_on(&hosts.head(), 2.0, vec![]);
+    for i in 0..3 {
+        c.add_host_node(&hosts, i, 1);
+    }
+    let status = c.status();
+    for i in 0..3 {
+        assert!(status.contains(&format!("{}:", hosts.host(i))), "{status}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = input(dir.path(), 12, 20_000);
+    let local = dir.path().join("local");
+    run_local(&data, &local);
+    let expected = checksum(&local);
+    // The driver runs here, on the bridge's host, attached to the cluster.
+    let driver = |out: &Path| {
+        Command::new(example("cluster_pipeline"))
+            .arg(&data)
+            .arg(out)
+            .args(["--slow-ms", "300", "--tag-node"])
+            .env("VOLLEY_ADDRESS", &c.address)
+            .env("VOLLEY_TOKEN", &c.token)
+            .env_remove("VOLLEY_WORKER_ID")
+            .env_remove("VOLLEY_JOB_ID")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    let out = dir.path().join("spread");
+    let run = driver(&out).wait_with_output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(checksum(&out), expected);
+    let nodes = volley::Context::try_default()
+        .unwrap()
+        .sql_with_files(
+            "SELECT count(DISTINCT node) AS n FROM t",
+            &[("t", out.to_str().unwrap())],
+        )
+        .unwrap()
+        .collect_batch()
+        .unwrap();
+    let n = nodes
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .value(0);
+    assert!(n >= 2, "the rows were computed on {n} host(s)");
+
+    // Cut host 1 off while its workers run tasks; bring it back later.
+    let out = dir.path().join("partitioned");
+    let run = driver(&out);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.processes("VOLLEY_WORKER_ID=node-2-").is_empty() {
+        assert!(Instant::now() < deadline, "no worker started on node-2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    hosts.link(1, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.status().contains("DEAD") {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off node was not declared dead"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    hosts.link(1, true);
+    let run = run.wait_with_output().unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(checksum(&out), expected);
+    // The agent that was cut off hears it was declared dead, and exits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.nodes[1].try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent cut off did not exit once its link was back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
