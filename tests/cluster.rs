@@ -1581,4 +1581,13 @@ fn hosts_in_network_namespaces_survive_a_partition() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Nothing its workers staged reached the output, or was left beside it.
+    assert_eq!(checksum(&out), expected);
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "staging left beside the outputs: {left:?}");
 }
