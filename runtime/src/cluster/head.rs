@@ -87,6 +87,14 @@ struct Node {
 }
 
 impl Node {
+    /// Its store holds three quarters of its memory or more (by the directory): a
+    /// task that reads nothing (a source) is not started here while another node has
+    /// room, since its output would be stored here and spill.
+    fn store_full(&self) -> bool {
+        self.object_store_memory > 0
+            && self.stored.saturating_mul(4) >= self.object_store_memory.saturating_mul(3)
+    }
+
     /// A task sent ahead gets its room here: it holds its resources and a slot.
     fn hold_slot(&mut self, task: &mut TaskEntry) {
         self.available.subtract(&task.resources);
@@ -175,7 +183,15 @@ struct TaskEntry {
     bundle: Option<BundleRef>,
     /// Sent to its node ahead of room: it holds no resources yet.
     ahead: bool,
+    /// When it last became pending (a source waits for a store with room only so
+    /// long: [`SOURCE_WAIT`]).
+    pending_since: Instant,
 }
+
+/// How long a task that reads nothing waits for a node whose store has room before it
+/// goes where it fits: a full store's objects may be held for good (a materialized
+/// dataset) while the nodes with room are taken by actors.
+const SOURCE_WAIT: Duration = Duration::from_secs(2);
 
 impl TaskEntry {
     /// The key of the node slot it holds while it runs with `bundle`, sent `ahead` or
@@ -808,8 +824,13 @@ impl State {
         let resources = task.resources.clone();
         let cpu_only = task.cpu_only().filter(|c| *c > 0.0 && self.ahead_allowed);
         let arg_ids: Vec<String> = task.spec.args.clone();
+        // A source waits (a while) for a node whose store has room rather than fill a
+        // full one.
+        let source = arg_ids.is_empty()
+            && task.pending_since.elapsed() < SOURCE_WAIT
+            && self.some_store_has_room();
         let placement = if task.spec.placement_group.is_empty() {
-            self.pick_node(&resources, &arg_ids, &HashMap::new())
+            self.pick_node(&resources, &arg_ids, &HashMap::new(), source)
                 .map(|(node, gpus)| (node, gpus, None))
         } else {
             let group = task.spec.placement_group.clone();
@@ -819,7 +840,7 @@ impl State {
         if let Some((node, gpus, bundle)) = placement {
             return self.dispatch(id, node, gpus, bundle, args, false);
         }
-        match cpu_only.and_then(|_| self.pick_ahead(&resources)) {
+        match cpu_only.and_then(|_| self.pick_ahead(&resources, source)) {
             Some(node) => self.dispatch(id, node, vec![], None, args, true),
             None => false,
         }
@@ -833,11 +854,11 @@ impl State {
     /// placement groups), and a slot they free goes to the tasks ahead first
     /// ([`Self::promote_ahead`] runs before any other placement), so a task ahead
     /// never waits on something that holds its room for good.
-    fn pick_ahead(&self, req: &Resources) -> Option<String> {
+    fn pick_ahead(&self, req: &Resources, source: bool) -> Option<String> {
         let key = req.num_cpus.to_bits();
         self.nodes
             .iter()
-            .filter(|(_, n)| n.alive && n.tx.is_some())
+            .filter(|(_, n)| n.alive && n.tx.is_some() && !(source && n.store_full()))
             .filter_map(|(id, n)| {
                 let slots = n.slots.get(&key).copied().unwrap_or(0);
                 let waiting = n
@@ -935,20 +956,32 @@ impl State {
         true
     }
 
-    /// The best node for a task: one where it fits, holding most of its input bytes,
-    /// then the one with the fewest of `crowd` (a count per node of what should
-    /// spread), then the one whose object store is least full (by quarters of its
-    /// memory: the task's output will be stored there, and a full store spills), then
-    /// the one with the most CPUs free (spreading load).
+    /// Whether a live node's store is not [full](Node::store_full).
+    fn some_store_has_room(&self) -> bool {
+        self.nodes
+            .values()
+            .any(|n| n.alive && n.tx.is_some() && !n.store_full())
+    }
+
+    /// The best node for a task: one where it fits (for a `source`, a task that reads
+    /// nothing, one whose store is not [full](Node::store_full)), holding most of its
+    /// input bytes, then the one with the fewest of `crowd` (a count per node of what
+    /// should spread), then the one whose object store is least full (by quarters of
+    /// its memory: the task's output will be stored there, and a full store spills),
+    /// then the one with the most CPUs free (spreading load).
     fn pick_node(
         &mut self,
         req: &Resources,
         args: &[String],
         crowd: &HashMap<String, usize>,
+        source: bool,
     ) -> Option<(String, Vec<u32>)> {
         let mut best: Option<(u64, usize, u64, f64, String)> = None;
         for (id, n) in &self.nodes {
             if !n.alive || n.tx.is_none() || !req.fits_in(&n.available) {
+                continue;
+            }
+            if source && n.store_full() {
                 continue;
             }
             if req.num_gpus > 0.0 && n.gpus.clone().take(req.num_gpus).is_none() {
@@ -1054,6 +1087,7 @@ impl State {
             return None;
         };
         task.state = TaskState::Pending;
+        task.pending_since = Instant::now();
         let req = task.resources.clone();
         let bundle = task.bundle.take();
         let is_call = !task.spec.actor_id.is_empty();
@@ -1115,6 +1149,7 @@ impl State {
                 reconstructions: 0,
                 bundle: None,
                 ahead: false,
+                pending_since: Instant::now(),
             },
         );
         self.enqueue(id, false);
@@ -1225,6 +1260,7 @@ impl State {
         task.retries_left -= 1;
         task.attempt += 1;
         task.state = TaskState::Pending;
+        task.pending_since = Instant::now();
         let job = task.spec.job_id.clone();
         if let Some(j) = self.jobs.get_mut(&job) {
             j.info.task_retries += 1;
@@ -1360,6 +1396,7 @@ impl State {
         task.reconstructions += 1;
         task.attempt += 1;
         task.state = TaskState::Pending;
+        task.pending_since = Instant::now();
         let args = task.spec.args.clone();
         if let Some(j) = self.jobs.get_mut(&task.spec.job_id) {
             j.info.task_retries += 1;
@@ -1506,7 +1543,7 @@ impl State {
                         *crowd.entry(node.clone()).or_default() += 1;
                     }
                 }
-                self.pick_node(&req, &[], &crowd).map(|(n, g)| (n, g, None))
+                self.pick_node(&req, &[], &crowd, false).map(|(n, g)| (n, g, None))
             } else {
                 let (g, i) = (a.spec.placement_group.clone(), a.spec.bundle_index);
                 self.take_from_bundle(&g, i, &req)
@@ -1593,7 +1630,7 @@ impl State {
             .collect();
         for id in pending {
             let req = self.jobs[&id].resources.clone();
-            let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new()) else {
+            let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new(), false) else {
                 continue;
             };
             let j = self.jobs.get_mut(&id).expect("exists");
@@ -2485,6 +2522,34 @@ mod tests {
         s.objects.get_mut("t1").unwrap().freed = true;
         s.try_delete("t1");
         assert_eq!(s.nodes["n2"].stored, 0);
+    }
+
+    #[test]
+    fn a_task_that_reads_nothing_waits_for_a_store_with_room() {
+        let (mut s, mut rx1) = one_node(4.0);
+        let (n2, mut rx2) = test_node(1.0, "b");
+        s.nodes.insert("n2".into(), n2);
+        for n in s.nodes.values_mut() {
+            n.object_store_memory = 100;
+        }
+        // n1 has every CPU free, but its store is three quarters full.
+        s.nodes.get_mut("n1").unwrap().stored = 80;
+        submit(&mut s, "t0");
+        submit(&mut s, "t1");
+        s.schedule();
+        assert!(sent(&mut rx1).is_empty());
+        assert_eq!(sent(&mut rx2), ["run t0", "ahead t1"]);
+        // One that waited long enough goes where it fits.
+        submit(&mut s, "t2");
+        s.tasks.get_mut("t2").unwrap().pending_since -= SOURCE_WAIT;
+        s.schedule();
+        assert_eq!(sent(&mut rx1), ["run t2"]);
+        // And when no store has room, none waits.
+        s.nodes.get_mut("n2").unwrap().stored = 90;
+        submit(&mut s, "t3");
+        s.schedule();
+        assert_eq!(sent(&mut rx1), ["run t3"]);
+        assert!(sent(&mut rx2).is_empty());
     }
 
     #[test]
