@@ -64,7 +64,7 @@ impl TestCluster {
             .env("VOLLEY_HOME", home.path())
             .env_remove("VOLLEY_TOKEN")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(home.path().join("head.log")).unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -257,6 +257,20 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        // A failing test shows what the head said last (and whether it still runs).
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.home.path().join("head.log"))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let state = match self.head.try_wait() {
+                Ok(Some(status)) => format!("exited: {status}"),
+                _ => "running".to_string(),
+            };
+            eprintln!(
+                "head ({state}), last lines of its log:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         for n in &mut self.nodes {
             let _ = n.kill();
             let _ = n.wait();
