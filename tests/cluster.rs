@@ -259,8 +259,8 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         // A failing test shows what the head said last (and whether it still runs).
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.home.path().join("head.log"))
-                .unwrap_or_default();
+            let log =
+                std::fs::read_to_string(self.home.path().join("head.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             let state = match self.head.try_wait() {
                 Ok(Some(status)) => format!("exited: {status}"),

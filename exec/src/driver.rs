@@ -109,6 +109,8 @@ pub(crate) struct ExecShared {
     stopped: AtomicBool,
     /// The cluster and the object-store budget of the execution's remote blocks.
     pub(crate) remote: Option<RemoteSide>,
+    /// Cluster tasks and calls of the execution running now (all operators).
+    pub(crate) remote_running: AtomicUsize,
     watch: std::sync::OnceLock<Arc<Watch>>,
 }
 
@@ -623,6 +625,7 @@ pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream>
             None => None,
         },
         watch: std::sync::OnceLock::new(),
+        remote_running: AtomicUsize::new(0),
     });
     let out = shared.new_queue(ctx.config.exec.preserve_order, producers(&plan));
     let mut ops = Vec::new();

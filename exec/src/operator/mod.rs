@@ -247,6 +247,7 @@ impl StepContext<'_> {
         expected: Option<Expected<'_>>,
     ) -> RemoteWork {
         self.in_flight_counter.fetch_add(1, Ordering::AcqRel);
+        self.shared.remote_running.fetch_add(1, Ordering::AcqRel);
         self.counters.task_started();
         let room = match (&self.shared.remote, &expected) {
             (Some(r), Some(e)) => Some(r.budget.charge(e.bytes(), e.node)),
@@ -266,18 +267,18 @@ impl StepContext<'_> {
 
     /// Whether cluster work of this operator may start now: the object-store budget
     /// has room for its expected output (in all, and on its node where that is known),
-    /// or the operator has nothing running and nothing queued, so that a full budget
-    /// never stops the execution (the blocks filling it are drained by the operators
-    /// downstream, each of which may always run one task the same way). Everything the
-    /// driver holds a reference to counts: queued blocks, blocks held by waiting or
-    /// running work, and the room held for running work's outputs.
+    /// or no cluster work of the execution runs anywhere, so that a full budget never
+    /// stops the execution: operators are stepped downstream first, so the one closest
+    /// to the output that has input takes that turn and drains the blocks filling the
+    /// budget. Everything the driver holds a reference to counts: queued blocks, blocks
+    /// held by waiting or running work, and the room held for running work's outputs.
     pub(crate) fn store_room(&self, expected: &Expected<'_>) -> bool {
         self.store_has_room(expected.bytes(), expected.node) || self.idle()
     }
 
-    /// Nothing of this operator runs and nothing it made is queued.
+    /// No cluster task or call of the execution runs.
     pub(crate) fn idle(&self) -> bool {
-        self.running() == 0 && self.out.bytes() == 0
+        self.shared.remote_running.load(Ordering::Acquire) == 0
     }
 
     /// Whether the object-store budget has room for `bytes` more (in all, and on
@@ -342,6 +343,7 @@ impl RemoteWork {
         self.out.finish_seq(self.seq);
         self.counters.task_done(std::time::Duration::ZERO);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.shared.remote_running.fetch_sub(1, Ordering::AcqRel);
         self.shared.signal.notify();
     }
 
@@ -354,6 +356,7 @@ impl RemoteWork {
     /// still open.
     pub(crate) fn retry(self) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.shared.remote_running.fetch_sub(1, Ordering::AcqRel);
         self.shared.signal.notify();
     }
 }

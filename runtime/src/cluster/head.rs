@@ -1543,7 +1543,8 @@ impl State {
                         *crowd.entry(node.clone()).or_default() += 1;
                     }
                 }
-                self.pick_node(&req, &[], &crowd, false).map(|(n, g)| (n, g, None))
+                self.pick_node(&req, &[], &crowd, false)
+                    .map(|(n, g)| (n, g, None))
             } else {
                 let (g, i) = (a.spec.placement_group.clone(), a.spec.bundle_index);
                 self.take_from_bundle(&g, i, &req)
