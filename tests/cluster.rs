@@ -1360,37 +1360,34 @@ struct NetnsHosts {
 
 impl NetnsHosts {
     /// `n` hosts, or why they cannot be made here (not root, no `ip`, namespaces refused).
+    /// Names carry this process's id; leftovers of earlier runs whose process is gone
+    /// are removed first, and the subnet is one no interface here uses.
     fn create(n: usize) -> Result<Self, String> {
-        let id = std::process::id() % 10_000;
-        let subnet = 100 + std::process::id() % 150;
+        remove_stale_hosts();
+        let pid = std::process::id();
+        let used = Command::new("ip")
+            .args(["-o", "addr"])
+            .output()
+            .map_err(|e| format!("cannot run ip: {e}"))?;
+        let used = String::from_utf8_lossy(&used.stdout).to_string();
+        let subnet = (0..250)
+            .map(|k| 100 + (pid as usize + k) % 150)
+            .find(|s| !used.contains(&format!("10.231.{s}.")))
+            .ok_or("no free 10.231.x.0/24 subnet")?;
         let mut hosts = Self {
-            bridge: format!("vlbr{id}"),
+            bridge: String::new(),
             prefix: format!("10.231.{subnet}"),
             names: vec![],
         };
-        let ip = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("cannot run ip: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
-        let bridge = hosts.bridge.clone();
+        let bridge = format!("vlbr{pid}");
         let head_ip = format!("{}.1/24", hosts.prefix);
         ip(&["link", "add", &bridge, "type", "bridge"])?;
+        hosts.bridge = bridge.clone();
         ip(&["addr", "add", &head_ip, "dev", &bridge])?;
         ip(&["link", "set", &bridge, "up"])?;
         for i in 0..n {
-            let ns = format!("volley-t{id}-{i}");
-            let (inside, outside) = (format!("vli{id}x{i}"), format!("vlo{id}x{i}"));
+            let ns = format!("volley-t{pid}-{i}");
+            let (inside, outside) = (format!("vli{pid}x{i}"), format!("vlo{pid}x{i}"));
             ip(&["netns", "add", &ns])?;
             hosts.names.push(ns.clone());
             ip(&[
@@ -1419,9 +1416,8 @@ impl NetnsHosts {
 
     /// Takes host `i`'s link up or down.
     fn link(&self, i: usize, up: bool) {
-        let id = std::process::id() % 10_000;
         let status = Command::new("ip")
-            .args(["link", "set", &format!("vlo{id}x{i}")])
+            .args(["link", "set", &format!("vlo{}x{i}", std::process::id())])
             .arg(if up { "up" } else { "down" })
             .status()
             .unwrap();
@@ -1431,12 +1427,61 @@ impl NetnsHosts {
 
 impl Drop for NetnsHosts {
     fn drop(&mut self) {
+        // Only what this run made (a veth goes with its namespace).
         for ns in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = ip(&["netns", "del", ns]);
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
+        if !self.bridge.is_empty() {
+            let _ = ip(&["link", "del", &self.bridge]);
+        }
+    }
+}
+
+/// Runs `ip ARGS`; its error output when it fails.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Removes test hosts left by runs whose process is gone (killed before their drop).
+fn remove_stale_hosts() {
+    let alive = |pid: &str| Path::new(&format!("/proc/{pid}")).exists();
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if let Some(pid) = name
+                .strip_prefix("volley-t")
+                .and_then(|r| r.split('-').next())
+            {
+                if !alive(pid) {
+                    let _ = ip(&["netns", "del", name]);
+                }
+            }
+        }
+    }
+    if let Ok(out) = Command::new("ip")
+        .args(["-o", "link", "show", "type", "bridge"])
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split(": ").nth(1).unwrap_or("");
+            if let Some(pid) = name.strip_prefix("vlbr") {
+                if !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) && !alive(pid) {
+                    let _ = ip(&["link", "del", name]);
+                }
+            }
+        }
     }
 }
 

@@ -653,8 +653,6 @@ pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream>
     })
 }
 
-/// The object-store bytes one execution's blocks may fill: the option when set, else
-/// half of what the cluster's live nodes keep in memory.
 /// The scheduling loop.
 fn drive(
     mut ops: Vec<OpSlot>,

@@ -340,7 +340,7 @@ impl ClusterPoolOp {
                 .position(|m| fits(m) && local(m))
                 .or_else(|| least_busy(&fits))
                 .or_else(|| {
-                    cx.idle()
+                    cx.may_pass_full_budget()
                         .then(|| {
                             state
                                 .members
@@ -466,6 +466,8 @@ fn on_done(
     match meta {
         Ok(meta) => {
             drop(state);
+            // The inputs are freed (and uncharged) before the scheduler hears of the end.
+            drop(group);
             finish(
                 first,
                 Ok(Some(Block::Remote(RemoteBlock::new(object, meta)))),

@@ -232,7 +232,7 @@ pub(crate) struct RemoteWork {
     seq: u64,
     label: String,
     expected: Option<(Arc<OutputEstimate>, u64)>,
-    _room: Option<crate::store_budget::StoreCharge>,
+    room: Option<crate::store_budget::StoreCharge>,
 }
 
 impl StepContext<'_> {
@@ -261,24 +261,27 @@ impl StepContext<'_> {
             seq,
             label,
             expected: expected.map(|e| (Arc::clone(e.estimate), e.input)),
-            _room: room,
+            room,
         }
     }
 
     /// Whether cluster work of this operator may start now: the object-store budget
     /// has room for its expected output (in all, and on its node where that is known),
-    /// or no cluster work of the execution runs anywhere, so that a full budget never
-    /// stops the execution: operators are stepped downstream first, so the one closest
-    /// to the output that has input takes that turn and drains the blocks filling the
-    /// budget. Everything the driver holds a reference to counts: queued blocks, blocks
-    /// held by waiting or running work, and the room held for running work's outputs.
+    /// or [it may pass a full budget](Self::may_pass_full_budget). Everything the driver
+    /// holds a reference to counts: queued blocks, blocks held by waiting or running
+    /// work, and the room held for running work's outputs.
     pub(crate) fn store_room(&self, expected: &Expected<'_>) -> bool {
-        self.store_has_room(expected.bytes(), expected.node) || self.idle()
+        self.store_has_room(expected.bytes(), expected.node) || self.may_pass_full_budget()
     }
 
-    /// No cluster task or call of the execution runs.
-    pub(crate) fn idle(&self) -> bool {
-        self.shared.remote_running.load(Ordering::Acquire) == 0
+    /// One piece of work may start past a full budget when no cluster work of the
+    /// execution runs anywhere and this operator's output is not waiting to be read,
+    /// so that a full budget never stops the execution: operators are stepped
+    /// downstream first, so the one nearest the output that has input takes the turn
+    /// and drains the blocks filling the budget; a consumer that does not read holds
+    /// everything back.
+    pub(crate) fn may_pass_full_budget(&self) -> bool {
+        self.shared.remote_running.load(Ordering::Acquire) == 0 && self.out.bytes() == 0
     }
 
     /// Whether the object-store budget has room for `bytes` more (in all, and on
@@ -319,7 +322,7 @@ impl RemoteWork {
     /// The work ended: `Ok(Some(block))` goes to the output, `Ok(None)` (a write's
     /// part, recorded elsewhere) is counted only; an error ends the execution, naming
     /// the task.
-    pub(crate) fn finish(self, result: Result<Option<crate::queue::Block>>) {
+    pub(crate) fn finish(mut self, result: Result<Option<crate::queue::Block>>) {
         let made = match &result {
             Ok(Some(block)) => block.bytes(),
             _ => 0,
@@ -342,6 +345,8 @@ impl RemoteWork {
         }
         self.out.finish_seq(self.seq);
         self.counters.task_done(std::time::Duration::ZERO);
+        // The room it held goes back before the scheduler hears of it.
+        drop(self.room.take());
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.shared.remote_running.fetch_sub(1, Ordering::AcqRel);
         self.shared.signal.notify();
@@ -354,7 +359,8 @@ impl RemoteWork {
 
     /// The work will be done again (its actor died): no longer running, its sequence
     /// still open.
-    pub(crate) fn retry(self) {
+    pub(crate) fn retry(mut self) {
+        drop(self.room.take());
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.shared.remote_running.fetch_sub(1, Ordering::AcqRel);
         self.shared.signal.notify();

@@ -729,7 +729,12 @@ impl State {
                 continue;
             }
             if !self.try_start(&id) {
-                if self.tasks.get(&id).is_some_and(|t| self.inputs_ready(t)) {
+                // A source waiting for a store with room says nothing of the CPUs.
+                if self
+                    .tasks
+                    .get(&id)
+                    .is_some_and(|t| self.inputs_ready(t) && !self.waits_for_store(t))
+                {
                     no_room_at = no_room_at.min(cpus);
                 }
                 passed.push((id, cpus));
@@ -824,11 +829,7 @@ impl State {
         let resources = task.resources.clone();
         let cpu_only = task.cpu_only().filter(|c| *c > 0.0 && self.ahead_allowed);
         let arg_ids: Vec<String> = task.spec.args.clone();
-        // A source waits (a while) for a node whose store has room rather than fill a
-        // full one.
-        let source = arg_ids.is_empty()
-            && task.pending_since.elapsed() < SOURCE_WAIT
-            && self.some_store_has_room();
+        let source = self.waits_for_store(task);
         let placement = if task.spec.placement_group.is_empty() {
             self.pick_node(&resources, &arg_ids, &HashMap::new(), source)
                 .map(|(node, gpus)| (node, gpus, None))
@@ -956,11 +957,15 @@ impl State {
         true
     }
 
-    /// Whether a live node's store is not [full](Node::store_full).
-    fn some_store_has_room(&self) -> bool {
-        self.nodes
-            .values()
-            .any(|n| n.alive && n.tx.is_some() && !n.store_full())
+    /// Whether `task` reads nothing (a source) and waits, for a while, for a node whose
+    /// store has room rather than fill a [full](Node::store_full) one: while it has
+    /// waited less than [`SOURCE_WAIT`] and some live node it could fit on has room.
+    fn waits_for_store(&self, task: &TaskEntry) -> bool {
+        task.spec.args.is_empty()
+            && task.pending_since.elapsed() < SOURCE_WAIT
+            && self.nodes.values().any(|n| {
+                n.alive && n.tx.is_some() && !n.store_full() && task.resources.fits_in(&n.total)
+            })
     }
 
     /// The best node for a task: one where it fits (for a `source`, a task that reads
@@ -1704,10 +1709,17 @@ impl State {
             self.groups.remove(&g);
         }
         let mut dropped = 0;
+        let nodes = &mut self.nodes;
         self.objects.retain(|_, o| {
             let keep = o.job != id;
             if !keep {
                 dropped += o.inline.as_ref().map_or(0, |b| b.len() as u64);
+                // The nodes drop the job's objects on `StopJob`.
+                for l in &o.locations {
+                    if let Some(n) = nodes.get_mut(l) {
+                        n.stored = n.stored.saturating_sub(o.bytes);
+                    }
+                }
             }
             keep
         });
