@@ -419,6 +419,7 @@ fn build(
                 a.reserve,
                 a.size,
                 a.max_in_flight,
+                a.batch_size,
                 a.transform,
                 seqs.base,
             );

@@ -183,7 +183,16 @@ pub struct ClusterActorPoolExec {
     pub size: PoolSize,
     /// Calls in flight per actor.
     pub max_in_flight: usize,
+    /// Rows the transform takes at once (`MapOptions::batch_size`): a call groups
+    /// several blocks only while they hold fewer than [`CALL_BATCHES`] of these.
+    pub batch_size: Option<usize>,
 }
+
+/// How many of its transform's batches a pool call may hold when it groups several
+/// blocks: enough for a transform that keeps many rows in flight (an LLM engine) to
+/// refill from the next block, while blocks that are big already go one per call and
+/// spread evenly over the actors.
+pub(crate) const CALL_BATCHES: usize = 16;
 
 /// A physical operator tree.
 #[derive(Debug)]

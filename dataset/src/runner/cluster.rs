@@ -296,6 +296,7 @@ impl ClusterRunner {
                                 max: max.max(min).max(1),
                             },
                             max_in_flight: options.max_calls_in_flight,
+                            batch_size: options.batch_size,
                         }),
                         None,
                     ),

@@ -9,7 +9,9 @@
 //! The pool starts `min` actors, grows one at a time (up to `max`) while blocks wait and
 //! every actor is busy, and lets idle ones go (down to `min`). When more blocks wait
 //! than there are free slots, a call takes several consecutive ones (up to
-//! [`MAX_BLOCKS_PER_CALL`], and within a share of the object-store budget): fewer calls, and a transform that keeps many rows in flight
+//! [`MAX_BLOCKS_PER_CALL`], within a share of the object-store budget, and under
+//! [`CALL_BATCHES`] of the transform's batches, so that big blocks still go one per call
+//! and spread evenly over the actors): fewer calls, and a transform that keeps many rows in flight
 //! (an LLM engine) refills its batch from the next block instead of draining at the end
 //! of each; the call's output is the blocks' outputs in order, handed on as the first
 //! block's (the others' sequences close empty, so the order holds). A call that fails because
@@ -29,7 +31,7 @@ use volley_runtime::cluster::{
 };
 
 use super::{Expected, Operator, OutputEstimate, RemoteWork, StepContext};
-use crate::plan::PoolSize;
+use crate::plan::{PoolSize, CALL_BATCHES};
 use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
 
 /// Calls of one block that may fail on dead actors before the execution fails.
@@ -70,6 +72,8 @@ pub(crate) struct ClusterPoolOp {
     reserve: Resources,
     size: PoolSize,
     max_in_flight: usize,
+    /// Most rows a call of several blocks holds (see [`CALL_BATCHES`]).
+    call_rows: u64,
     transform: String,
     state: Arc<Mutex<PoolState>>,
     input_done: bool,
@@ -92,6 +96,7 @@ impl ClusterPoolOp {
         reserve: Resources,
         size: PoolSize,
         max_in_flight: usize,
+        batch_size: Option<usize>,
         transform: String,
         first_seq: u64,
     ) -> Self {
@@ -103,6 +108,7 @@ impl ClusterPoolOp {
             reserve,
             size,
             max_in_flight: max_in_flight.max(1),
+            call_rows: batch_size.map_or(u64::MAX, |b| (b.max(1) * CALL_BATCHES) as u64),
             transform,
             state: Arc::default(),
             input_done: false,
@@ -311,14 +317,17 @@ impl ClusterPoolOp {
             });
             let mut group = vec![state.waiting.pop_front().expect("not empty")];
             let mut bytes = group[0].block.meta.bytes;
+            let mut rows = group[0].block.meta.rows;
             while group.len() < take
                 && state.waiting.front().is_some_and(|n| {
                     Some(n.seq) == group.last().map(|l| l.seq + 1)
                         && bytes.saturating_add(n.block.meta.bytes) <= cap
+                        && rows.saturating_add(n.block.meta.rows) <= self.call_rows
                 })
             {
                 let next = state.waiting.pop_front().expect("front");
                 bytes += next.block.meta.bytes;
+                rows += next.block.meta.rows;
                 group.push(next);
             }
             let expected = self.estimate.bytes(bytes);
