@@ -729,11 +729,11 @@ impl State {
                 continue;
             }
             if !self.try_start(&id) {
-                // A source waiting for a store with room says nothing of the CPUs.
+                // A source kept off a full store says nothing of the CPUs.
                 if self
                     .tasks
                     .get(&id)
-                    .is_some_and(|t| self.inputs_ready(t) && !self.waits_for_store(t))
+                    .is_some_and(|t| self.inputs_ready(t) && !self.kept_off_full_store(t))
                 {
                     no_room_at = no_room_at.min(cpus);
                 }
@@ -955,6 +955,16 @@ impl State {
             warn!("node {node} did not take task {id}");
         }
         true
+    }
+
+    /// Whether `task` is a source that [waits for a store](Self::waits_for_store) and
+    /// would fit now on a node whose store is full (so it found no room for that
+    /// reason, not for lack of CPUs).
+    fn kept_off_full_store(&self, task: &TaskEntry) -> bool {
+        self.waits_for_store(task)
+            && self.nodes.values().any(|n| {
+                n.alive && n.tx.is_some() && n.store_full() && task.resources.fits_in(&n.available)
+            })
     }
 
     /// Whether `task` reads nothing (a source) and waits, for a while, for a node whose
