@@ -36,8 +36,17 @@ impl StoreBudget {
     /// The budget of an execution on `cluster`: `limit` bytes in all (default: half of
     /// the live nodes' store memory), shared among the live nodes by their store memory.
     pub(crate) fn new(cluster: &Cluster, limit: Option<u64>) -> Result<Self> {
-        let nodes: Vec<(String, u64)> = cluster
-            .status()?
+        let status = match (cluster.status(), limit) {
+            (Ok(s), _) => s,
+            // A budget given in the options needs no status: without one, the nodes get
+            // no shares of their own.
+            (Err(e), Some(limit)) => {
+                tracing::warn!("the cluster's status is unknown ({e}): no per-node shares");
+                return Ok(Self::with_nodes(limit.max(1), &[]));
+            }
+            (Err(e), None) => return Err(e),
+        };
+        let nodes: Vec<(String, u64)> = status
             .nodes
             .into_iter()
             .filter(|n| n.alive)
