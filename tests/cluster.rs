@@ -326,6 +326,24 @@ fn run_local(input: &Path, output: &Path) -> Output {
     out
 }
 
+/// How many nodes computed the rows of a `--tag-node` pipeline's output.
+fn distinct_nodes(output: &Path) -> i64 {
+    let b = volley::Context::try_default()
+        .unwrap()
+        .sql_with_files(
+            "SELECT count(DISTINCT node) FROM t",
+            &[("t", output.to_str().unwrap())],
+        )
+        .unwrap()
+        .collect_batch()
+        .unwrap();
+    b.column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .value(0)
+}
+
 /// `(rows, distinct x, sum x, sum score)` of a pipeline's output, read locally.
 fn checksum(output: &Path) -> (i64, i64, i64, String) {
     let ctx = volley::Context::try_default().unwrap();
@@ -414,21 +432,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         c.logs(&job)
     );
     assert_eq!(checksum(&out), checksum(&local));
-    let ctx = volley::Context::try_default().unwrap();
-    let nodes = ctx
-        .sql_with_files(
-            "SELECT count(DISTINCT node) FROM t",
-            &[("t", out.to_str().unwrap())],
-        )
-        .unwrap()
-        .collect_batch()
-        .unwrap();
-    let nodes = nodes
-        .column(0)
-        .as_any()
-        .downcast_ref::<Int64Array>()
-        .unwrap()
-        .value(0);
+    let nodes = distinct_nodes(&out);
     assert_eq!(nodes, 3, "every node computes part of the job");
 
     // Tasks, actors and placement groups.
@@ -1587,21 +1591,7 @@ fn hosts_in_network_namespaces_survive_a_partition() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert_eq!(checksum(&out), expected);
-    let nodes = volley::Context::try_default()
-        .unwrap()
-        .sql_with_files(
-            "SELECT count(DISTINCT node) AS n FROM t",
-            &[("t", out.to_str().unwrap())],
-        )
-        .unwrap()
-        .collect_batch()
-        .unwrap();
-    let n = nodes
-        .column(0)
-        .as_any()
-        .downcast_ref::<Int64Array>()
-        .unwrap()
-        .value(0);
+    let n = distinct_nodes(&out);
     assert!(n >= 2, "the rows were computed on {n} host(s)");
 
     // Cut host 1 off while its workers run tasks; bring it back later.

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use volley_runtime::cluster::{Cluster, EncodedTask, ObjectMeta, Resources, TaskOptions};
+use volley_runtime::cluster::{Cluster, EncodedTask, Resources, TaskOptions};
 
 use super::cluster_read::task_result;
 use super::{Expected, Operator, OutputEstimate, StepContext};
@@ -64,29 +64,16 @@ impl ClusterMapOp {
                     self.bundle_len += r.meta.rows as usize;
                     self.bundle.push(r);
                 }
-                Ok(PoppedBlock::Block(Block::Local(b))) => {
-                    let rows = b.num_rows();
-                    let bytes = b.get_array_memory_size() as u64;
-                    match self.cluster.put(vec![b]) {
-                        Ok(object) => {
-                            self.bundle_len += rows;
-                            let mut block = RemoteBlock::new(
-                                object,
-                                ObjectMeta {
-                                    rows: rows as u64,
-                                    bytes,
-                                    addresses: vec![],
-                                },
-                            );
-                            cx.charge(&mut block);
-                            self.bundle.push(block);
-                        }
-                        Err(e) => {
-                            cx.fail(e.context("putting a block into the cluster"));
-                            self.input_done = true;
-                        }
+                Ok(PoppedBlock::Block(Block::Local(b))) => match cx.put_block(b) {
+                    Ok(block) => {
+                        self.bundle_len += block.meta.rows as usize;
+                        self.bundle.push(block);
                     }
-                }
+                    Err(e) => {
+                        cx.fail(e);
+                        self.input_done = true;
+                    }
+                },
                 Ok(PoppedBlock::Empty) => break,
                 Ok(PoppedBlock::Done) | Err(_) => self.input_done = true,
             }

@@ -249,28 +249,14 @@ impl ClusterPoolOp {
             }
             let block = match self.input.try_pop_block() {
                 Ok(PoppedBlock::Block(Block::Remote(r))) => r,
-                Ok(PoppedBlock::Block(Block::Local(b))) => {
-                    let (rows, bytes) = (b.num_rows() as u64, b.get_array_memory_size() as u64);
-                    match self.cluster.put(vec![b]) {
-                        Ok(object) => {
-                            let mut block = RemoteBlock::new(
-                                object,
-                                ObjectMeta {
-                                    rows,
-                                    bytes,
-                                    addresses: vec![],
-                                },
-                            );
-                            cx.charge(&mut block);
-                            block
-                        }
-                        Err(e) => {
-                            cx.fail(e.context("putting a block into the cluster"));
-                            self.input_done = true;
-                            break;
-                        }
+                Ok(PoppedBlock::Block(Block::Local(b))) => match cx.put_block(b) {
+                    Ok(block) => block,
+                    Err(e) => {
+                        cx.fail(e);
+                        self.input_done = true;
+                        break;
                     }
-                }
+                },
                 Ok(PoppedBlock::Empty) => break,
                 Ok(PoppedBlock::Done) | Err(_) => {
                     self.input_done = true;

@@ -293,12 +293,24 @@ impl StepContext<'_> {
             .is_none_or(|r| r.budget.has_room(bytes, node))
     }
 
-    /// Counts a block against the object-store budget (a block this process put into
-    /// the cluster, which came uncounted).
-    pub(crate) fn charge(&self, block: &mut crate::queue::RemoteBlock) {
-        if let Some(remote) = &self.shared.remote {
-            block.charge(&remote.budget);
-        }
+    /// Puts a block of this process into the cluster (for a cluster stage to read),
+    /// counted against the object-store budget.
+    pub(crate) fn put_block(&self, batch: RecordBatch) -> Result<crate::queue::RemoteBlock> {
+        let remote = self.shared.remote.as_ref().ok_or_else(|| {
+            VolleyError::internal("a cluster stage in an execution without a cluster")
+        })?;
+        let meta = volley_runtime::cluster::ObjectMeta {
+            rows: batch.num_rows() as u64,
+            bytes: batch.get_array_memory_size() as u64,
+            addresses: vec![],
+        };
+        let object = remote
+            .cluster
+            .put(vec![batch])
+            .map_err(|e| e.context("putting a block into the cluster"))?;
+        let mut block = crate::queue::RemoteBlock::new(object, meta);
+        block.charge(&remote.budget);
+        Ok(block)
     }
 }
 
