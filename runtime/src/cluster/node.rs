@@ -53,7 +53,9 @@ pub struct NodeOptions {
 struct WorkerEntry {
     job: String,
     gpus: Vec<u32>,
-    running: Option<(String, u32)>,
+    /// What it runs: a task, or an actor's calls (its worker reads the next call's
+    /// inputs while one runs).
+    running: Vec<(String, u32)>,
     /// The CPUs the running task holds: the slot a task sent ahead may take over.
     cpus: f64,
     actor: Option<(String, u32)>,
@@ -378,7 +380,7 @@ impl Agent {
                 }
                 s.ahead.retain(|t| t.task_id != id);
                 for w in s.workers.values_mut() {
-                    if w.running.as_ref().is_some_and(|(t, _)| *t == id) {
+                    if w.running.iter().any(|(t, _)| *t == id) {
                         if let Some(k) = w.kill.take() {
                             let _ = k.send(());
                         }
@@ -575,7 +577,7 @@ impl Agent {
                 .filter(|w| {
                     w.job == job
                         && w.gpus == gpus
-                        && w.running.is_none()
+                        && w.running.is_empty()
                         && w.actor.is_none()
                         && w.start_actor.is_none()
                         && !w.exiting
@@ -647,7 +649,7 @@ impl Agent {
                 WorkerEntry {
                     job: job_id.to_string(),
                     gpus,
-                    running: None,
+                    running: Vec::new(),
                     cpus: 0.0,
                     actor: None,
                     start_actor: actor,
@@ -697,7 +699,7 @@ impl Agent {
             self.state.lock().expect("agent lock").calls.remove(&actor);
             self.report_actor(&actor, inc, false, why.clone(), 0).await;
         }
-        if let Some((task, attempt)) = w.running {
+        for (task, attempt) in w.running {
             warn!("{why} while running task {task}");
             let report = proto::TaskReport {
                 node_id: self.node_id.clone(),
@@ -765,7 +767,7 @@ impl Agent {
             });
         }
         let next = next.map(|task| {
-            w.running = Some((task.task_id.clone(), task.attempt));
+            w.running.push((task.task_id.clone(), task.attempt));
             w.cpus = task.num_cpus;
             proto::PullResponse {
                 task: Some(task),
@@ -934,8 +936,8 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         let freed = {
             let mut s = self.agent.state.lock().expect("agent lock");
             s.workers.get_mut(&r.worker_id).and_then(|w| {
-                let was = w.running.take();
-                was.filter(|(id, _)| *id == report.task_id).map(|_| w.cpus)
+                let at = w.running.iter().position(|(id, _)| *id == report.task_id);
+                at.map(|i| w.running.remove(i)).map(|_| w.cpus)
             })
         };
         report.node_id = self.agent.node_id.clone();

@@ -51,7 +51,11 @@ fn worker_loop() -> Result<()> {
     let _enter = rt.enter();
     let channels = Channels::new(&token, &super::tls::TlsConfig::from_env()?);
     let mut agent = channels.agent(&agent_address)?;
-    let mut actor: Option<Box<dyn RemoteActor>> = None;
+    let link = Link {
+        channels: &channels,
+        agent_address: &agent_address,
+        node_id: &node_id,
+    };
     let mut failures = 0;
     // The next task, when the agent handed it over with the last result's answer.
     let mut handed: Option<proto::PullResponse> = None;
@@ -96,14 +100,10 @@ fn worker_loop() -> Result<()> {
                     guard("actor start", || a.start(&ctx))?;
                     Ok(a)
                 });
-            let error = match built {
-                Ok(a) => {
-                    actor = Some(a);
-                    String::new()
-                }
-                Err(e) => e.to_string(),
+            let (actor, error) = match built {
+                Ok(a) => (Some(a), String::new()),
+                Err(e) => (None, e.to_string()),
             };
-            let failed = !error.is_empty();
             rt.block_on(agent.actor_ready(proto::ActorStarted {
                 worker_id: worker_id.clone(),
                 actor_id: start.actor_id,
@@ -112,19 +112,14 @@ fn worker_loop() -> Result<()> {
                 pid: std::process::id(),
             }))
             .map_err(|e| VolleyError::execution(format!("lost the node agent: {}", e.message())))?;
-            if failed {
-                return Ok(());
-            }
-            continue;
+            // From here on the worker serves its actor's calls, and nothing else.
+            return match actor {
+                Some(a) => rt.block_on(serve_actor(&link, &agent, &worker_id, a, node_id.clone())),
+                None => Ok(()),
+            };
         }
         let Some(task) = r.task else { continue };
-        let (report, output, ran) = rt.block_on(run_one(
-            &channels,
-            &agent_address,
-            &node_id,
-            &task,
-            actor.as_deref_mut(),
-        ));
+        let (report, output, ran) = rt.block_on(run_task(&link, &task));
         let send = rt.block_on(agent.finish(proto::WorkerResult {
             worker_id: worker_id.clone(),
             report: Some(report),
@@ -155,120 +150,341 @@ fn worker_loop() -> Result<()> {
     }
 }
 
-async fn run_one(
-    channels: &Channels,
-    agent_address: &str,
-    node_id: &str,
+/// Where a worker is: its agent and node, to read inputs and store results.
+struct Link<'a> {
+    channels: &'a Channels,
+    agent_address: &'a str,
+    node_id: &'a str,
+}
+
+impl Link<'_> {
+    /// A report for `task`, filled in as it runs.
+    fn report(&self, task: &proto::TaskAssignment) -> proto::TaskReport {
+        proto::TaskReport {
+            node_id: self.node_id.to_string(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            outcome: Outcome::Ok as i32,
+            ..Default::default()
+        }
+    }
+
+    fn context(&self, task: &proto::TaskAssignment) -> TaskContext {
+        TaskContext {
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            job_id: task.job_id.clone(),
+            node_id: self.node_id.to_string(),
+            gpu_ids: task.gpu_ids.clone(),
+        }
+    }
+
+    /// Reads a task's inputs: any copy will do; if none can be read the task is
+    /// retried (the head rebuilds a lost input first), and the report says so.
+    async fn inputs(
+        &self,
+        task: &proto::TaskAssignment,
+    ) -> std::result::Result<Vec<Vec<RecordBatch>>, proto::TaskReport> {
+        let mut inputs = Vec::with_capacity(task.args.len());
+        for arg in &task.args {
+            let mut got = None;
+            let mut last_error = String::from("no copy is known");
+            if !arg.inline.is_empty() {
+                match decode_inline(&arg.object_id, &arg.inline) {
+                    Ok(b) => got = Some(b),
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            for address in arg.addresses.iter().filter(|_| got.is_none()) {
+                match fetch(self.channels, address, &arg.object_id).await {
+                    Ok(b) => {
+                        got = Some(b);
+                        break;
+                    }
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            match got {
+                Some(b) => inputs.push(b),
+                None => {
+                    let mut report = self.report(task);
+                    report.outcome = Outcome::SystemFailure as i32;
+                    report.error = Some(wire_execution_error(format!(
+                        "cannot read input {}: {last_error}",
+                        arg.object_id
+                    )));
+                    return Err(report);
+                }
+            }
+        }
+        Ok(inputs)
+    }
+
+    /// Stores what `task` returned (a small result goes to the agent with the
+    /// report, a big one over Flight) and returns the report and the inline bytes.
+    async fn deliver(
+        &self,
+        task: &proto::TaskAssignment,
+        label: &str,
+        result: Result<Vec<RecordBatch>>,
+    ) -> (proto::TaskReport, Vec<u8>) {
+        let mut report = self.report(task);
+        let mut output = Vec::new();
+        match result {
+            Ok(batches) => {
+                let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+                let stored = match encode_inline(&batches) {
+                    Some(bytes) => {
+                        output = bytes;
+                        Ok(0)
+                    }
+                    None => store(self.channels, self.agent_address, &task.task_id, batches).await,
+                };
+                match stored {
+                    Ok(bytes) => {
+                        report.output_bytes = bytes;
+                        report.output_rows = rows as u64;
+                    }
+                    Err(e) => {
+                        report.outcome = Outcome::SystemFailure as i32;
+                        report.error = Some(wire_execution_error(format!(
+                            "cannot store the result: {e}"
+                        )));
+                    }
+                }
+            }
+            Err(e) => {
+                report.outcome = Outcome::Failed as i32;
+                // The category travels with the message (a cancelled task, a user
+                // function's failure, a lack of resources are told apart by the driver).
+                let e = e.context(format!("task {label} failed"));
+                report.error = Some(wire_error(&ErrorReport::from(&e)));
+            }
+        }
+        (report, output)
+    }
+}
+
+fn label(task: &proto::TaskAssignment) -> String {
+    if task.name.is_empty() {
+        task.task_id.clone()
+    } else {
+        task.name.clone()
+    }
+}
+
+/// Runs one task: reads its inputs, runs it, stores its result.
+async fn run_task(
+    link: &Link<'_>,
     task: &proto::TaskAssignment,
-    actor: Option<&mut (dyn RemoteActor + 'static)>,
 ) -> (
     proto::TaskReport,
     Vec<u8>,
     Option<(Box<dyn RemoteTask>, TaskContext)>,
 ) {
-    let mut report = proto::TaskReport {
-        node_id: node_id.to_string(),
-        task_id: task.task_id.clone(),
-        attempt: task.attempt,
-        outcome: Outcome::Ok as i32,
-        ..Default::default()
+    let inputs = match link.inputs(task).await {
+        Ok(inputs) => inputs,
+        Err(report) => return (report, Vec::new(), None),
     };
-    // Inputs: any copy will do; if none can be read the task is retried (the head
-    // rebuilds a lost input first).
-    let mut inputs = Vec::with_capacity(task.args.len());
-    for arg in &task.args {
-        let mut got = None;
-        let mut last_error = String::from("no copy is known");
-        if !arg.inline.is_empty() {
-            match decode_inline(&arg.object_id, &arg.inline) {
-                Ok(b) => got = Some(b),
-                Err(e) => last_error = e.to_string(),
-            }
-        }
-        for address in arg.addresses.iter().filter(|_| got.is_none()) {
-            match fetch(channels, address, &arg.object_id).await {
-                Ok(b) => {
-                    got = Some(b);
-                    break;
-                }
-                Err(e) => last_error = e.to_string(),
-            }
-        }
-        match got {
-            Some(b) => inputs.push(b),
-            None => {
-                report.outcome = Outcome::SystemFailure as i32;
-                report.error = Some(wire_execution_error(format!(
-                    "cannot read input {}: {last_error}",
-                    arg.object_id
-                )));
-                return (report, Vec::new(), None);
-            }
-        }
-    }
-    let ctx = TaskContext {
-        task_id: task.task_id.clone(),
-        attempt: task.attempt,
-        job_id: task.job_id.clone(),
-        node_id: node_id.to_string(),
-        gpu_ids: task.gpu_ids.clone(),
-    };
-    let label = if task.name.is_empty() {
-        task.task_id.clone()
-    } else {
-        task.name.clone()
-    };
+    let ctx = link.context(task);
+    let label = label(task);
     let mut ran = None;
-    let mut output = Vec::new();
-    let result: Result<Vec<RecordBatch>> =
-        decode::<Payload>(&format!("task {label}"), &task.payload).and_then(|payload| {
-            match (payload, actor) {
-                (Payload::Task(t), _) => {
+    let result =
+        decode::<Payload>(&format!("task {label}"), &task.payload).and_then(
+            |payload| match payload {
+                Payload::Task(t) => {
                     let out = guard(&label, || t.run(&ctx, inputs));
                     ran = Some((t, ctx.clone()));
                     out
                 }
-                (Payload::Call { method, arg }, Some(a)) => {
-                    guard(&label, || a.call(&ctx, &method, arg, inputs))
-                }
-                (Payload::Call { .. }, None) => Err(VolleyError::internal(
+                Payload::Call { .. } => Err(VolleyError::internal(
                     "an actor call reached a worker with no actor",
                 )),
+            },
+        );
+    let (report, output) = link.deliver(task, &label, result).await;
+    (report, output, ran)
+}
+
+/// How many calls an actor's worker holds at once: one the actor runs, the next with
+/// its inputs being read, so reading inputs and storing results overlap the actor's
+/// work (the pool sends an actor several calls at once).
+const CALLS_HELD: usize = 2;
+
+/// A call whose inputs are read, on its way to the actor's thread.
+struct ReadyCall {
+    task: proto::TaskAssignment,
+    method: String,
+    arg: serde_json::Value,
+    inputs: Vec<Vec<RecordBatch>>,
+}
+
+/// Serves actor calls until the agent says to exit. The actor runs on a thread of its
+/// own, one call at a time and in the order they came; this thread reads the next
+/// call's inputs while it runs and stores each result while the next one runs.
+async fn serve_actor(
+    link: &Link<'_>,
+    agent: &super::net::Agent,
+    worker_id: &str,
+    mut actor: Box<dyn RemoteActor>,
+    node_id: String,
+) -> Result<()> {
+    use futures::future::{BoxFuture, FutureExt};
+    use futures::stream::{FuturesUnordered, StreamExt};
+
+    let (to_actor, calls) = std::sync::mpsc::channel::<ReadyCall>();
+    let (results, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name("volley-actor".into())
+        .spawn(move || {
+            for c in calls {
+                let ctx = TaskContext {
+                    task_id: c.task.task_id.clone(),
+                    attempt: c.task.attempt,
+                    job_id: c.task.job_id.clone(),
+                    node_id: node_id.clone(),
+                    gpu_ids: c.task.gpu_ids.clone(),
+                };
+                let label = label(&c.task);
+                let out = guard(&label, || actor.call(&ctx, &c.method, c.arg, c.inputs));
+                if results.send((c.task, label, out)).is_err() {
+                    break;
+                }
             }
-        });
-    match result {
-        Ok(batches) => {
-            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            // A small result goes to the agent with the report; a big one over Flight.
-            let stored = match encode_inline(&batches) {
-                Some(bytes) => {
-                    output = bytes;
-                    Ok(0)
-                }
-                None => store(channels, agent_address, &task.task_id, batches).await,
-            };
-            match stored {
-                Ok(bytes) => {
-                    report.output_bytes = bytes;
-                    report.output_rows = rows as u64;
-                }
-                Err(e) => {
-                    report.outcome = Outcome::SystemFailure as i32;
-                    report.error = Some(wire_execution_error(format!(
-                        "cannot store the result: {e}"
-                    )));
-                }
+        })
+        .map_err(|e| VolleyError::internal(format!("cannot start the actor's thread: {e}")))?;
+
+    type Finished = std::result::Result<proto::FinishResponse, tonic::Status>;
+    let mut waiting: std::collections::VecDeque<proto::TaskAssignment> = Default::default();
+    // Calls whose inputs are being read, waiting for the actor or running on it.
+    let mut held = 0usize;
+    let mut reading: Option<BoxFuture<'_, std::result::Result<ReadyCall, proto::TaskReport>>> =
+        None;
+    let mut pulling: Option<
+        BoxFuture<'static, std::result::Result<proto::PullResponse, tonic::Status>>,
+    > = None;
+    let mut finishing: FuturesUnordered<BoxFuture<'_, Finished>> = FuturesUnordered::new();
+    let mut failures = 0;
+    let mut exit = false;
+    let finish = |report: proto::TaskReport, output: Vec<u8>| -> BoxFuture<'static, Finished> {
+        let mut agent = agent.clone();
+        let request = proto::WorkerResult {
+            worker_id: worker_id.to_string(),
+            report: Some(report),
+            output: output.into(),
+            await_verdict: false,
+        };
+        async move { agent.finish(request).await.map(|r| r.into_inner()) }.boxed()
+    };
+    loop {
+        if reading.is_none() && held < CALLS_HELD {
+            if let Some(task) = waiting.pop_front() {
+                held += 1;
+                reading = Some(
+                    async move {
+                        let label = label(&task);
+                        let (method, arg) =
+                            match decode::<Payload>(&format!("task {label}"), &task.payload) {
+                                Ok(Payload::Call { method, arg }) => (method, arg),
+                                Ok(Payload::Task(_)) => {
+                                    let e = VolleyError::internal(
+                                        "a task reached the worker of an actor",
+                                    );
+                                    return Err(link.deliver(&task, &label, Err(e)).await.0);
+                                }
+                                Err(e) => return Err(link.deliver(&task, &label, Err(e)).await.0),
+                            };
+                        let inputs = link.inputs(&task).await?;
+                        Ok(ReadyCall {
+                            task,
+                            method,
+                            arg,
+                            inputs,
+                        })
+                    }
+                    .boxed(),
+                );
             }
         }
-        Err(e) => {
-            report.outcome = Outcome::Failed as i32;
-            // The category travels with the message (a cancelled task, a user
-            // function's failure, a lack of resources are told apart by the driver).
-            let e = e.context(format!("task {label} failed"));
-            report.error = Some(wire_error(&ErrorReport::from(&e)));
+        if !exit && pulling.is_none() && waiting.is_empty() && held < CALLS_HELD {
+            let mut agent = agent.clone();
+            let request = proto::PullRequest {
+                worker_id: worker_id.to_string(),
+                timeout_ms: 2_000,
+            };
+            let pause = failures > 0;
+            pulling = Some(
+                async move {
+                    if pause {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    agent.pull(request).await.map(|r| r.into_inner())
+                }
+                .boxed(),
+            );
+        }
+        if exit && waiting.is_empty() && held == 0 && finishing.is_empty() {
+            break;
+        }
+        tokio::select! {
+            r = async { reading.as_mut().expect("guarded").await }, if reading.is_some() => {
+                reading = None;
+                match r {
+                    Ok(call) => {
+                        if to_actor.send(call).is_err() {
+                            return Err(VolleyError::internal("the actor's thread stopped"));
+                        }
+                    }
+                    Err(report) => {
+                        held -= 1;
+                        finishing.push(finish(report, Vec::new()));
+                    }
+                }
+            }
+            Some((task, label, out)) = done.recv() => {
+                held -= 1;
+                finishing.push(
+                    async move {
+                        let (report, output) = link.deliver(&task, &label, out).await;
+                        finish(report, output).await
+                    }
+                    .boxed(),
+                );
+            }
+            r = async { pulling.as_mut().expect("guarded").await }, if pulling.is_some() => {
+                pulling = None;
+                match r {
+                    Ok(r) => {
+                        failures = 0;
+                        exit |= r.exit;
+                        waiting.extend(r.task);
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures >= 5 {
+                            return Err(VolleyError::execution(format!(
+                                "lost the node agent at {}: {}",
+                                link.agent_address,
+                                e.message()
+                            )));
+                        }
+                    }
+                }
+            }
+            Some(r) = finishing.next(), if !finishing.is_empty() => match r {
+                Ok(r) => {
+                    if let Some(next) = r.next {
+                        exit |= next.exit;
+                        waiting.extend(next.task);
+                    }
+                }
+                Err(e) => warn!("cannot report an actor call: {}", e.message()),
+            },
         }
     }
-    (report, output, ran)
+    drop(to_actor);
+    let _ = thread.join();
+    Ok(())
 }
 
 /// Runs user code, turning a panic into an error.
