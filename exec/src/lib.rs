@@ -34,8 +34,8 @@ pub use queue::{Block, RemoteBlock};
 pub use stats::{ExecutionStats, OperatorStats};
 pub use step::{compile_expr, output_schema, LazyStep, Step, StepRunner};
 pub use transform::{
-    guard, NamedTransform, NamedTransformFactory, PredicateFn, StatefulTransform, TransformFactory,
-    TransformFn,
+    guard, Bundles, NamedTransform, NamedTransformFactory, PredicateFn, StatefulTransform,
+    TransformFactory, TransformFn,
 };
 
 /// Re-exported for `#[typetag::serde]` on user transforms.

@@ -59,6 +59,31 @@ pub trait StatefulTransform: Send {
     fn transform_batches(&mut self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         batches.into_iter().map(|b| self.transform(b)).collect()
     }
+
+    /// Transforms bundles of batches as they come (a cluster pool actor's calls), each
+    /// answered with one output per input batch, in order. The default transforms one
+    /// bundle at a time ([`Self::transform_batches`]). A transform that keeps rows in
+    /// flight overrides it to take the next bundle while the last one's rows finish, so
+    /// that its running batch stays full across bundles, not just within one.
+    fn transform_stream(&mut self, bundles: &mut dyn Bundles) {
+        while let Some((id, batches)) = bundles.next(true) {
+            let out = self.transform_batches(batches);
+            bundles.done(id, out);
+        }
+    }
+}
+
+/// Bundles of batches a [`StatefulTransform`] serves in
+/// [`StatefulTransform::transform_stream`].
+pub trait Bundles {
+    /// The next bundle, with the id to answer it by. With `wait`, waits for one
+    /// (`None`: no more will come); without, takes one only if it is ready (`None`:
+    /// none is, yet).
+    fn next(&mut self, wait: bool) -> Option<(u64, Vec<RecordBatch>)>;
+
+    /// The output of bundle `id`: one batch per input batch, in order (or the error
+    /// that failed it). Each bundle taken is answered once.
+    fn done(&mut self, id: u64, output: Result<Vec<RecordBatch>>);
 }
 
 /// `all` cut into chunks of `chunk` rows (the last may be shorter); none when empty.

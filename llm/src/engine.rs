@@ -341,6 +341,37 @@ impl<B: Backend> Engine<B> {
         self.running.len()
     }
 
+    /// Requests queued and not yet in the running batch.
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Drops the requests `ids` (waiting or running; their blocks go back to the pool),
+    /// leaving every other request as it was.
+    pub fn cancel(&mut self, ids: &[u64]) {
+        let drop: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        let mut gone = Vec::new();
+        let waiting = std::mem::take(&mut self.waiting);
+        for seq in waiting {
+            if drop.contains(&seq.id) {
+                gone.push(seq);
+            } else {
+                self.waiting.push_back(seq);
+            }
+        }
+        let running = std::mem::take(&mut self.running);
+        for seq in running {
+            if drop.contains(&seq.id) {
+                gone.push(seq);
+            } else {
+                self.running.push(seq);
+            }
+        }
+        for mut seq in gone {
+            self.release_blocks(&mut seq);
+        }
+    }
+
     /// Runs requests to completion; the generations come back in request order.
     pub fn generate(
         &mut self,

@@ -5,11 +5,15 @@
 //! continuous batching: every chunk of `batch_size` rows a worker holds (its block's,
 //! and on this machine any blocks already waiting) joins one engine run, so rows of the
 //! next chunk take the places of finished sequences instead of each chunk draining
-//! before the next. The input's columns pass through; the stage
+//! before the next. On a cluster each engine is a pool actor, and its running batch
+//! also takes the next call's rows (read while the last call runs) as the last call's
+//! sequences finish: the batch drains only when no call is waiting. The input's
+//! columns pass through; the stage
 //! adds `generated_text`, `num_input_tokens`, `num_generated_tokens` and
 //! `finish_reason`. The factory is named (`typetag`), so a plan holding it can travel
 //! to cluster workers that have the model folder at the same path.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_dataset::{Dataset, MapOptions};
-use volley_exec::{NamedTransformFactory, StatefulTransform, TransformFactory};
+use volley_exec::{Bundles, NamedTransformFactory, StatefulTransform, TransformFactory};
 
 use crate::chat::Message;
 use crate::engine::{Engine, EngineConfig, Generation};
@@ -305,31 +309,116 @@ impl StatefulTransform for LlmStage {
     /// full across the batches' boundaries (a later batch's rows start as earlier ones
     /// finish), and only the last rows of the whole bundle drain.
     fn transform_batches(&mut self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        let queued = self.queue(batches)?;
+        let mut done = self.engine.run_to_completion()?;
+        queued.output(&mut done)
+    }
+
+    /// Bundles as they come: when no row of the bundles taken is still waiting for a
+    /// place in the running batch, the next bundle (a pool actor's next call, already
+    /// read) is taken, so its rows start as the last bundle's sequences finish and the
+    /// batch drains only when no bundle is left. Each bundle is answered once all its
+    /// rows are done, in the order they came.
+    fn transform_stream(&mut self, bundles: &mut dyn Bundles) {
+        // Whatever an interrupted stream left queued is not wanted any more.
+        self.engine.clear();
+        let mut taken: VecDeque<(u64, Queued)> = VecDeque::new();
+        let mut done = BTreeMap::new();
+        let mut open = true;
+        loop {
+            while open && self.engine.num_waiting() == 0 {
+                let idle = taken.is_empty();
+                match bundles.next(idle) {
+                    Some((id, batches)) => match self.queue(batches) {
+                        Ok(q) => taken.push_back((id, q)),
+                        Err(e) => bundles.done(id, Err(e)),
+                    },
+                    None => {
+                        open = !idle;
+                        break;
+                    }
+                }
+            }
+            while taken
+                .front()
+                .is_some_and(|(_, q)| q.ids.iter().all(|i| done.contains_key(i)))
+            {
+                let (id, q) = taken.pop_front().expect("checked");
+                bundles.done(id, q.output(&mut done));
+            }
+            if taken.is_empty() {
+                if !open {
+                    return;
+                }
+                continue;
+            }
+            let step = if self.engine.has_unfinished() {
+                self.engine.step()
+            } else {
+                Err(VolleyError::internal("the engine lost rows of a bundle"))
+            };
+            match step {
+                Ok(finished) => done.extend(finished.into_iter().map(|g| (g.id, g))),
+                Err(e) => {
+                    self.engine.clear();
+                    done.clear();
+                    for (id, _) in taken.drain(..) {
+                        bundles.done(id, Err(VolleyError::execution(format!("LLM stage: {e}"))));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A bundle's rows queued in the engine.
+struct Queued {
+    batches: Vec<RecordBatch>,
+    prompts: Vec<Prompts>,
+    /// The engine's request ids of its non-null rows, in row order.
+    ids: Vec<u64>,
+}
+
+impl LlmStage {
+    /// Queues every row of `batches`. A row the engine refuses (too long for the model,
+    /// say) fails the bundle naming it, and leaves none of its rows queued.
+    fn queue(&mut self, batches: Vec<RecordBatch>) -> Result<Queued> {
         let prompts = batches
             .iter()
             .map(|b| self.prompts(b))
             .collect::<Result<Vec<_>>>()?;
         let c = &self.config;
-        // Queue every row first; a row the engine refuses (too long for the model, say)
-        // fails the call naming it, and leaves nothing queued behind.
+        let mut ids = Vec::new();
         for p in &prompts {
             for (tokens, label) in p.tokens.iter().zip(&p.labels) {
                 if let Some(t) = tokens {
                     let mut params = c.sampling.clone();
                     params.seed = c.sampling.seed.map(|s| row_seed(s, t));
-                    if let Err(e) = self.engine.add_request(t.clone(), params) {
-                        self.engine.clear();
-                        return Err(VolleyError::plan(format!("LLM stage, {label}: {e}")));
+                    match self.engine.add_request(t.clone(), params) {
+                        Ok(id) => ids.push(id),
+                        Err(e) => {
+                            self.engine.cancel(&ids);
+                            return Err(VolleyError::plan(format!("LLM stage, {label}: {e}")));
+                        }
                     }
                 }
             }
         }
-        let done = self.engine.run_to_completion()?;
-        // Request ids grow in the order the rows were queued.
-        let mut generations = done.into_values();
-        batches
+        Ok(Queued {
+            batches,
+            prompts,
+            ids,
+        })
+    }
+}
+
+impl Queued {
+    /// The bundle's batches with their generations (taken out of `done`).
+    fn output(self, done: &mut BTreeMap<u64, Generation>) -> Result<Vec<RecordBatch>> {
+        let mut generations = self.ids.iter().filter_map(|id| done.remove(id));
+        self.batches
             .iter()
-            .zip(&prompts)
+            .zip(&self.prompts)
             .map(|(b, p)| with_generations(b, p, &mut generations))
             .collect()
     }
@@ -390,6 +479,70 @@ mod tests {
         assert!(
             steps_joined * 2 < steps_apart,
             "{steps_joined} forward passes together vs {steps_apart} one chunk at a time"
+        );
+    }
+
+    /// Bundles ready at once, answered by id.
+    struct Ready {
+        bundles: VecDeque<(u64, Vec<RecordBatch>)>,
+        answers: Vec<(u64, Result<Vec<RecordBatch>>)>,
+    }
+
+    impl Bundles for Ready {
+        fn next(&mut self, _wait: bool) -> Option<(u64, Vec<RecordBatch>)> {
+            self.bundles.pop_front()
+        }
+        fn done(&mut self, id: u64, output: Result<Vec<RecordBatch>>) {
+            self.answers.push((id, output));
+        }
+    }
+
+    /// A stream of bundles (a cluster actor's calls) shares the running batch across
+    /// bundles: each bundle gets the text it gets alone, in fewer forward passes than
+    /// bundle after bundle; a bundle with a bad row fails alone.
+    #[test]
+    fn bundles_streamed_refill_the_batch_across_bundles() {
+        let bundles = vec![
+            vec![batch(&["Hello there", "The capital of France"])],
+            vec![batch(&["Once upon a time"]), batch(&["1, 2, 3,"])],
+            vec![RecordBatch::try_from_iter([(
+                "text",
+                Arc::new(StringArray::from(vec!["no prompt column"])) as ArrayRef,
+            )])
+            .unwrap()],
+            vec![batch(&["A", "The quick brown fox"])],
+        ];
+        let mut alone = stage();
+        let expected: Vec<Option<Vec<RecordBatch>>> = bundles
+            .iter()
+            .map(|b| alone.transform_batches(b.clone()).ok())
+            .collect();
+        let steps_alone = alone.engine.stats().steps;
+        let mut streamed = stage();
+        let mut ready = Ready {
+            bundles: bundles
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| (i as u64 * 10, b))
+                .collect(),
+            answers: Vec::new(),
+        };
+        streamed.transform_stream(&mut ready);
+        ready.answers.sort_by_key(|(id, _)| *id);
+        let ids: Vec<u64> = ready.answers.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![0, 10, 20, 30], "each bundle answered once");
+        for ((id, got), want) in ready.answers.into_iter().zip(expected) {
+            match (got, want) {
+                (Ok(got), Some(want)) => assert_eq!(got, want, "bundle {id}"),
+                (Err(e), None) => assert!(e.to_string().contains("prompt"), "{e}"),
+                (got, want) => panic!("bundle {id}: {got:?} vs {want:?}"),
+            }
+        }
+        assert!(!streamed.engine.has_unfinished());
+        let steps_streamed = streamed.engine.stats().steps;
+        assert!(
+            steps_streamed < steps_alone,
+            "{steps_streamed} forward passes streamed vs {steps_alone} bundle by bundle"
         );
     }
 }

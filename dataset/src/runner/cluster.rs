@@ -326,11 +326,9 @@ impl ClusterRunner {
             | LogicalOp::Aggregate { .. }
             | LogicalOp::Distinct { .. }
             | LogicalOp::Join { .. } => here(children, false),
-            LogicalOp::Write { .. } => {
-                return Err(volley_common::VolleyError::internal(format!(
-                    "a write below the root of a plan: {op}"
-                )))
-            }
+            LogicalOp::Write { .. } => Err(volley_common::VolleyError::internal(format!(
+                "a write below the root of a plan: {op}"
+            ))),
         }
     }
 }

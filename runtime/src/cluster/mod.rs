@@ -56,7 +56,10 @@ pub use local::LocalCluster;
 pub use node::{run_node, NodeOptions};
 pub use objects::{object_batch, ObjectReader, ObjectSlice};
 pub use resources::Resources;
-pub use task::{object_value, on_own_thread, value_object, RemoteActor, RemoteTask, TaskContext};
+pub use task::{
+    catch_panic, object_value, on_own_thread, value_object, ActorCall, ActorCalls, RemoteActor,
+    RemoteTask, TaskContext,
+};
 pub use tls::TlsConfig;
 pub use worker::{is_worker, run_worker};
 

@@ -83,6 +83,66 @@ pub trait RemoteActor: Send + Debug {
         arg: serde_json::Value,
         inputs: Vec<Vec<RecordBatch>>,
     ) -> Result<Vec<RecordBatch>>;
+
+    /// Serves the calls sent to this actor until no more come. The default runs them
+    /// one at a time through [`Self::call`], in the order they came. An actor that keeps
+    /// work of several calls in flight (an LLM engine whose running batch takes the next
+    /// call's rows as the last call's sequences finish) overrides it: it may take the
+    /// next call before answering the last one, and answers each call once. The worker
+    /// reads the next call's inputs while one runs, so a call taken early is ready.
+    fn serve(&mut self, calls: &mut dyn ActorCalls) {
+        while let Some(c) = calls.next(true) {
+            let answer = catch_panic("an actor call", || {
+                self.call(&c.ctx, &c.method, c.arg, c.inputs)
+            });
+            calls.answer(c.id, answer);
+        }
+    }
+}
+
+/// One call of an actor's method, as its actor receives it.
+#[derive(Debug)]
+pub struct ActorCall {
+    /// Names the call in [`ActorCalls::answer`].
+    pub id: u64,
+    /// The call's task (its result is the call's result object).
+    pub ctx: TaskContext,
+    /// The method called.
+    pub method: String,
+    /// Its JSON argument.
+    pub arg: serde_json::Value,
+    /// The batches of each input object.
+    pub inputs: Vec<Vec<RecordBatch>>,
+}
+
+/// The calls an actor serves ([`RemoteActor::serve`]): taken in the order they came,
+/// answered in any order.
+pub trait ActorCalls {
+    /// The next call. With `wait`, waits for one (`None`: no more will come); without,
+    /// takes one only if its inputs are already read (`None`: none is ready yet).
+    fn next(&mut self, wait: bool) -> Option<ActorCall>;
+
+    /// The result of call `id` (taken with [`Self::next`]).
+    fn answer(&mut self, id: u64, result: Result<Vec<RecordBatch>>);
+}
+
+/// Runs user code, turning a panic into an error naming `what`.
+pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(VolleyError::execution(format!(
+            "{what} panicked: {}",
+            panic_message(p.as_ref())
+        ))),
+    }
+}
+
+/// The message a panic carried.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
 }
 
 /// What a worker is asked to run, as it travels.

@@ -1,6 +1,7 @@
 //! Worker mode: a process of the job's binary started by a node agent, running tasks
 //! and actor calls it pulls from that agent until told to exit.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -11,7 +12,9 @@ use volley_common::{ErrorReport, Result, VolleyError};
 use super::net::{wire_error, wire_execution_error, Channels};
 use super::objects::{decode_inline, encode_inline, fetch, store};
 use super::proto::{self, task_report::Outcome};
-use super::task::{decode, Payload, RemoteActor, RemoteTask, TaskContext};
+use super::task::{
+    catch_panic, decode, ActorCall, ActorCalls, Payload, RemoteActor, RemoteTask, TaskContext,
+};
 
 /// Whether this process was started by a node agent as a worker.
 pub fn is_worker() -> bool {
@@ -97,7 +100,7 @@ fn worker_loop() -> Result<()> {
             };
             let built =
                 decode::<Box<dyn RemoteActor>>("the actor", &start.payload).and_then(|mut a| {
-                    guard("actor start", || a.start(&ctx))?;
+                    catch_panic("actor start", || a.start(&ctx))?;
                     Ok(a)
                 });
             let (actor, error) = match built {
@@ -142,7 +145,7 @@ fn worker_loop() -> Result<()> {
             }
         };
         if let (true, Some((t, ctx))) = (stale, ran) {
-            let _ = guard("discarding a superseded attempt", || {
+            let _ = catch_panic("discarding a superseded attempt", || {
                 t.discard(&ctx);
                 Ok(())
             });
@@ -293,7 +296,7 @@ async fn run_task(
         decode::<Payload>(&format!("task {label}"), &task.payload).and_then(
             |payload| match payload {
                 Payload::Task(t) => {
-                    let out = guard(&label, || t.run(&ctx, inputs));
+                    let out = catch_panic(&label, || t.run(&ctx, inputs));
                     ran = Some((t, ctx.clone()));
                     out
                 }
@@ -319,6 +322,52 @@ struct ReadyCall {
     inputs: Vec<Vec<RecordBatch>>,
 }
 
+/// A call's result on its way back from the actor's thread.
+type Answer = (proto::TaskAssignment, String, Result<Vec<RecordBatch>>);
+
+/// The actor's side of its worker: calls whose inputs are read come in, answers go out.
+struct CallQueue {
+    calls: std::sync::mpsc::Receiver<ReadyCall>,
+    results: tokio::sync::mpsc::UnboundedSender<Answer>,
+    node_id: String,
+    next_id: u64,
+    /// Calls taken and not answered yet, by id.
+    taken: HashMap<u64, (proto::TaskAssignment, String)>,
+}
+
+impl ActorCalls for CallQueue {
+    fn next(&mut self, wait: bool) -> Option<ActorCall> {
+        let c = if wait {
+            self.calls.recv().ok()?
+        } else {
+            self.calls.try_recv().ok()?
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let ctx = TaskContext {
+            task_id: c.task.task_id.clone(),
+            attempt: c.task.attempt,
+            job_id: c.task.job_id.clone(),
+            node_id: self.node_id.clone(),
+            gpu_ids: c.task.gpu_ids.clone(),
+        };
+        self.taken.insert(id, (c.task.clone(), label(&c.task)));
+        Some(ActorCall {
+            id,
+            ctx,
+            method: c.method,
+            arg: c.arg,
+            inputs: c.inputs,
+        })
+    }
+
+    fn answer(&mut self, id: u64, result: Result<Vec<RecordBatch>>) {
+        if let Some((task, label)) = self.taken.remove(&id) {
+            let _ = self.results.send((task, label, result));
+        }
+    }
+}
+
 /// Serves actor calls until the agent says to exit. The actor runs on a thread of its
 /// own, one call at a time and in the order they came; this thread reads the next
 /// call's inputs while it runs and stores each result while the next one runs.
@@ -337,19 +386,26 @@ async fn serve_actor(
     let thread = std::thread::Builder::new()
         .name("volley-actor".into())
         .spawn(move || {
-            for c in calls {
-                let ctx = TaskContext {
-                    task_id: c.task.task_id.clone(),
-                    attempt: c.task.attempt,
-                    job_id: c.task.job_id.clone(),
-                    node_id: node_id.clone(),
-                    gpu_ids: c.task.gpu_ids.clone(),
-                };
-                let label = label(&c.task);
-                let out = guard(&label, || actor.call(&ctx, &c.method, c.arg, c.inputs));
-                if results.send((c.task, label, out)).is_err() {
-                    break;
-                }
+            let mut queue = CallQueue {
+                calls,
+                results,
+                node_id,
+                next_id: 0,
+                taken: HashMap::new(),
+            };
+            let served = std::panic::catch_unwind(AssertUnwindSafe(|| actor.serve(&mut queue)));
+            if let Err(p) = served {
+                // The actor's state is unknown: the worker exits, its agent reports the
+                // actor dead and the calls it held failed, and the pool replaces it.
+                eprintln!(
+                    "volley worker: the actor panicked: {}",
+                    super::task::panic_message(p.as_ref())
+                );
+                std::process::exit(1);
+            }
+            for (_, (task, label)) in queue.taken.drain() {
+                let e = VolleyError::internal("the actor stopped without answering this call");
+                let _ = queue.results.send((task, label, Err(e)));
             }
         })
         .map_err(|e| VolleyError::internal(format!("cannot start the actor's thread: {e}")))?;
@@ -485,19 +541,4 @@ async fn serve_actor(
     drop(to_actor);
     let _ = thread.join();
     Ok(())
-}
-
-/// Runs user code, turning a panic into an error.
-fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            Err(VolleyError::execution(format!("{what} panicked: {msg}")))
-        }
-    }
 }
