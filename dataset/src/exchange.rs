@@ -295,26 +295,19 @@ impl Bounds {
     }
 }
 
-/// One output of a split.
-#[derive(Debug)]
-struct SplitSource {
+/// One output of a split (a [`LogicalOp::Split`] node): which rows of the input,
+/// materialized once for all the outputs, it holds.
+#[derive(Debug, Clone)]
+pub struct SplitOutput {
     shared: Arc<Shared>,
     bounds: Bounds,
     schema: SchemaRef,
     parts: usize,
 }
 
-#[async_trait::async_trait]
-impl DataSource for SplitSource {
-    fn name(&self) -> String {
-        "Split".into()
-    }
-
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.schema)
-    }
-
-    fn describe(&self) -> String {
+impl SplitOutput {
+    /// Its rows, as `explain` shows them.
+    pub fn describe(&self) -> String {
         match self.bounds {
             Bounds::Fraction { i, n } => format!("part {} of {n}", i + 1),
             Bounds::Rows { start, end } => format!("rows {start}..{end}"),
@@ -329,12 +322,43 @@ impl DataSource for SplitSource {
         }
     }
 
+    /// Its schema (the input's).
+    pub fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    /// The source it becomes before planning: it runs the shared input the first time
+    /// any output of the split is read.
+    pub(crate) fn source(&self) -> Arc<dyn DataSource> {
+        Arc::new(SplitSource(self.clone()))
+    }
+}
+
+/// A split's output as a source.
+#[derive(Debug)]
+struct SplitSource(SplitOutput);
+
+#[async_trait::async_trait]
+impl DataSource for SplitSource {
+    fn name(&self) -> String {
+        "Split".into()
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+
     fn ordered(&self) -> bool {
         true
     }
 
     fn spilled_bytes(&self) -> u64 {
-        self.shared
+        self.0
+            .shared
             .store
             .lock()
             .expect("split lock")
@@ -343,24 +367,24 @@ impl DataSource for SplitSource {
     }
 
     fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {
-        Some(match self.shared.input.physical() {
+        Some(match self.0.shared.input.physical() {
             Ok(p) => format!("stage boundary: materialized once for all parts of the split:\n{p}"),
             Err(e) => format!("(cannot plan the input: {e})"),
         })
     }
 
     async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
-        let shared = Arc::clone(&self.shared);
+        let shared = Arc::clone(&self.0.shared);
         let store = tokio::task::spawn_blocking(move || shared.get())
             .await
             .map_err(|e| VolleyError::internal(format!("split thread failed: {e}")))??;
         let out_schema = match &request.projection {
-            Some(p) => Arc::new(self.schema.project(p)?),
-            None => Arc::clone(&self.schema),
+            Some(p) => Arc::new(self.0.schema.project(p)?),
+            None => self.0.schema(),
         };
-        let (start, end) = self.bounds.resolve(store.rows());
+        let (start, end) = self.0.bounds.resolve(store.rows());
         // A few tasks per part, over consecutive row ranges.
-        let n = self.parts.max(1) as u64;
+        let n = self.0.parts.max(1) as u64;
         let len = end.saturating_sub(start);
         Ok((0..n)
             .map(|i| {
@@ -453,12 +477,15 @@ impl Dataset {
         Ok(bounds
             .into_iter()
             .map(|bounds| {
-                self.context().source(Arc::new(SplitSource {
-                    shared: Arc::clone(&shared),
-                    bounds,
-                    schema: Arc::clone(&schema),
-                    parts,
-                }))
+                self.with(LogicalOp::Split {
+                    input: Arc::clone(self.logical_plan()),
+                    output: SplitOutput {
+                        shared: Arc::clone(&shared),
+                        bounds,
+                        schema: Arc::clone(&schema),
+                        parts,
+                    },
+                })
             })
             .collect())
     }

@@ -28,6 +28,7 @@ mod streaming_split;
 
 pub use context::{Context, Paths};
 pub use dataset::{Dataset, WriteBuilder};
+pub use exchange::SplitOutput;
 pub use logical::{LogicalOp, WriteSpec};
 pub use options::{Concurrency, IterOptions, JoinHow, MapOptions, SortKey};
 pub use relational::{agg, GroupedDataset};

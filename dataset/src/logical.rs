@@ -13,6 +13,7 @@ use volley_connectors::{DataSource, RemotePart, ScanRequest};
 use volley_exec::{PredicateFn, Step, TransformFactory, TransformFn, WriteTarget};
 
 use crate::col;
+use crate::exchange::SplitOutput;
 use crate::options::{JoinHow, MapOptions, SortKey};
 
 /// What an [`LogicalOp::Exchange`] produces: how it redistributes its input's rows.
@@ -231,6 +232,16 @@ pub enum LogicalOp {
         /// Where and how.
         spec: WriteSpec,
     },
+    /// One output of a split (`split`, `split_at_indices`, `split_proportionately`,
+    /// `train_test_split`): a stage boundary whose input runs once, when the first
+    /// output is read, and is kept for all of them. Nothing is pushed into its input
+    /// (the outputs share it); before planning it becomes the split's source.
+    Split {
+        /// Input (the same for every output of the split).
+        input: Arc<LogicalOp>,
+        /// Which rows this output holds.
+        output: SplitOutput,
+    },
     /// A stage boundary that redistributes the rows (repartition, shuffles, the groups
     /// of `map_groups`): the input runs to completion first. The optimizer sees
     /// through it (the columns asked of it and its keys are all its input must give);
@@ -265,7 +276,7 @@ impl LogicalOp {
             LogicalOp::Source { source, .. } => source.ordered(),
             // Its input runs in order anyway (seeded shuffles must reproduce).
             LogicalOp::Exchange { kind, .. } => kind.ordered(),
-            LogicalOp::Sort { .. } => true,
+            LogicalOp::Sort { .. } | LogicalOp::Split { .. } => true,
             LogicalOp::Aggregate { .. } | LogicalOp::Distinct { .. } | LogicalOp::Join { .. } => {
                 false
             }
@@ -290,6 +301,7 @@ impl LogicalOp {
             | LogicalOp::Sort { input, .. }
             | LogicalOp::Aggregate { input, .. }
             | LogicalOp::Write { input, .. }
+            | LogicalOp::Split { input, .. }
             | LogicalOp::Distinct { input } => vec![input],
             LogicalOp::Join { left, right, .. } => vec![left, right],
             LogicalOp::Union { inputs } => inputs.iter().collect(),
@@ -347,6 +359,10 @@ impl LogicalOp {
                 input: one(),
                 kind: kind.clone(),
             },
+            LogicalOp::Split { output, .. } => LogicalOp::Split {
+                input: one(),
+                output: output.clone(),
+            },
             LogicalOp::Sort { keys, .. } => LogicalOp::Sort {
                 input: one(),
                 keys: keys.clone(),
@@ -398,6 +414,7 @@ impl LogicalOp {
             LogicalOp::Aggregate { schema, .. } | LogicalOp::Join { schema, .. } => {
                 Some(Arc::clone(schema))
             }
+            LogicalOp::Split { output, .. } => Some(output.schema()),
             LogicalOp::MapBatches { .. } | LogicalOp::MapBatchesStateful { .. } => None,
             LogicalOp::Union { inputs } => inputs[0].schema(state)?,
             LogicalOp::Select { input, .. }
@@ -549,6 +566,7 @@ impl LogicalOp {
             LogicalOp::Limit { n, .. } => writeln!(out, "{pad}Limit: {n}"),
             LogicalOp::Union { inputs } => writeln!(out, "{pad}Union: {} inputs", inputs.len()),
             LogicalOp::Exchange { kind, .. } => writeln!(out, "{pad}Exchange: {}", kind.describe()),
+            LogicalOp::Split { output, .. } => writeln!(out, "{pad}Split: {}", output.describe()),
             LogicalOp::Sort { keys, .. } => writeln!(out, "{pad}Sort: {}", sort_label(keys)),
             LogicalOp::Aggregate { keys, aggs, .. } => {
                 writeln!(out, "{pad}Aggregate: {}", aggregate_label(keys, aggs))

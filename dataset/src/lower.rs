@@ -1,6 +1,6 @@
 //! The last rewrite before planning: stage boundaries become sources.
 //!
-//! The optimizer sees exchanges, sorts, aggregations, distincts and joins as nodes of
+//! The optimizer sees exchanges, splits, sorts, aggregations, distincts and joins as nodes of
 //! the logical plan (and pushes projections and filters through them where that is
 //! sound). This process then runs each as a source over its optimized input: the
 //! exchange's store, or a DataFusion plan over the input datasets. The cluster runner
@@ -23,6 +23,7 @@ fn is_boundary(op: &LogicalOp) -> bool {
     matches!(
         op,
         LogicalOp::Exchange { .. }
+            | LogicalOp::Split { .. }
             | LogicalOp::Sort { .. }
             | LogicalOp::Aggregate { .. }
             | LogicalOp::Distinct { .. }
@@ -40,6 +41,7 @@ pub(crate) fn lower(plan: Arc<LogicalOp>, ctx: &Context) -> Result<Arc<LogicalOp
             LogicalOp::Exchange { input, kind } => {
                 exchange_source(Dataset::new(ctx.clone(), input), kind)?
             }
+            LogicalOp::Split { output, .. } => output.source(),
             other => match relational_source(&other, ctx)? {
                 Some(source) => source,
                 None => return Ok(Transformed::no(other)),

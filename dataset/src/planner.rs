@@ -90,6 +90,7 @@ pub(crate) fn plan_node(
     let mut child = || children.remove(0);
     Ok(match op {
         LogicalOp::Exchange { .. }
+        | LogicalOp::Split { .. }
         | LogicalOp::Sort { .. }
         | LogicalOp::Aggregate { .. }
         | LogicalOp::Distinct { .. }

@@ -170,6 +170,42 @@ fn splits_partition_the_rows() {
     assert!(base.train_test_split(1.5, 0).is_err());
 }
 
+/// A split's output is a node of the plan over the split's input (`explain` shows
+/// both); what one output reads is not pushed into the input the outputs share.
+#[test]
+fn a_split_is_a_plan_node_over_its_shared_input() {
+    let c = ctx();
+    let base = c
+        .range(100)
+        .with_column("sq", col("id") * col("id"))
+        .unwrap();
+    let parts = base.split(2).unwrap();
+    assert!(matches!(
+        parts[1].logical_plan().as_ref(),
+        volley::crates::dataset::LogicalOp::Split { .. }
+    ));
+    let first = parts[0].select(&["id"]).unwrap();
+    let plan = first.explain().unwrap();
+    let optimized = plan
+        .split("== optimized logical plan ==")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(optimized.contains("Split: part 1 of 2"), "{plan}");
+    assert!(
+        optimized.contains("WithColumn: sq"),
+        "the input below the split: {plan}"
+    );
+    assert_eq!(ids(&first), (0..50).collect::<Vec<_>>());
+    let second = parts[1].collect().unwrap();
+    let ids2 = i64_column(&second, "id");
+    let sq2 = i64_column(&second, "sq");
+    assert_eq!(ids2.len(), 50);
+    for (id, sq) in ids2.iter().zip(&sq2) {
+        let id = id.unwrap();
+        assert!(id >= 50 && *sq == Some(id * id), "{id}: {sq:?}");
+    }
+}
+
 #[test]
 fn streaming_split_feeds_threads_disjoint_shares() {
     let c = ctx();

@@ -322,6 +322,7 @@ impl ClusterRunner {
             }
             // Lowered to its source before planning; planning one reports that.
             LogicalOp::Exchange { .. }
+            | LogicalOp::Split { .. }
             | LogicalOp::Sort { .. }
             | LogicalOp::Aggregate { .. }
             | LogicalOp::Distinct { .. }
