@@ -22,7 +22,7 @@ use volley_common::{Result, VolleyError};
 
 use super::auth::CheckToken;
 use super::net::{bind, status_error, wire_execution_error, Channels, Head};
-use super::objects::{decode_inline, FlightObjects, ObjectStore};
+use super::objects::{decode_inline, make_shared_dir, FlightObjects, ObjectStore, SHARED_DIR_VAR};
 use super::package::PackageWriter;
 use super::proto::{self, node_command::Command, task_report::Outcome};
 use super::resources::Resources;
@@ -195,6 +195,15 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// Removes a folder when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs a node agent until the head forgets it or cannot be reached. Returns why it
 /// stopped.
 pub async fn run_node(options: NodeOptions) -> Result<String> {
@@ -203,10 +212,13 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
     let channels = Channels::new(&options.token, &options.tls);
     let mut head = channels.head(&options.head_address)?;
     let (listener, address) = bind(&options.host, options.port).await?;
-    let store = Arc::new(ObjectStore::new(
-        options.object_store_memory,
-        options.dir.join("spill"),
-    ));
+    let mut store = ObjectStore::new(options.object_store_memory, options.dir.join("spill"));
+    if let Some(dir) = make_shared_dir() {
+        store = store.with_shared_dir(dir);
+    }
+    let store = Arc::new(store);
+    // The shared folder goes with the agent, however it stops.
+    let _shared = store.shared_dir().map(|d| RemoveOnDrop(d.to_path_buf()));
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| options.host.clone());
@@ -633,6 +645,13 @@ impl Agent {
         let mut cmd = self.command(&job)?;
         cmd.env("VOLLEY_WORKER_ID", &id)
             .env("VOLLEY_AGENT_ADDRESS", &self.address)
+            .env(
+                SHARED_DIR_VAR,
+                self.store
+                    .shared_dir()
+                    .map(Path::as_os_str)
+                    .unwrap_or_default(),
+            )
             .env("VOLLEY_JOB_ID", job_id)
             .env("CUDA_VISIBLE_DEVICES", join_ids(&gpus))
             .stdout(Stdio::from(log.try_clone()?))
@@ -767,6 +786,11 @@ impl Agent {
             });
         }
         let next = next.map(|task| {
+            // A task worker holds one task: one it still seems to hold is over (its
+            // result's report did not come through).
+            if w.actor.is_none() {
+                w.running.clear();
+            }
             w.running.push((task.task_id.clone(), task.attempt));
             w.cpus = task.num_cpus;
             proto::PullResponse {

@@ -6,9 +6,15 @@
 //! descriptor path is the object id stores one. The store keeps objects in memory up to
 //! its limit and spills the oldest to Arrow IPC files beyond it, so a node never holds
 //! more than its limit in memory however much its tasks produce.
+//!
+//! Between a node's workers and its store, big objects skip Flight: a worker writes its
+//! result as an Arrow IPC file into the node's shared-memory folder (`/dev/shm`) and
+//! hands it over (`DoAction` `adopt`); a worker reading an object of its own node asks
+//! where its file is (`locate`) and reads it. Such objects count as memory, spill like
+//! the others, and are served over Flight to other nodes from their files.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +40,8 @@ pub struct ObjectStore {
     inner: Mutex<StoreInner>,
     memory_limit: u64,
     spill_dir: PathBuf,
+    /// Where the node's workers hand over objects as files (in shared memory).
+    shared_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -50,7 +58,15 @@ struct StoreInner {
 #[derive(Debug)]
 enum Stored {
     Memory(Arc<Vec<RecordBatch>>, u64),
+    /// An Arrow IPC file in the shared-memory folder: memory, read by path.
+    Shared(PathBuf, u64),
     Spilled(PathBuf, u64),
+}
+
+/// An object on its way to disk.
+enum ToSpill {
+    Batches(Arc<Vec<RecordBatch>>),
+    File(PathBuf),
 }
 
 /// Bytes of a list of batches, as the store counts them.
@@ -68,6 +84,54 @@ impl ObjectStore {
             inner: Mutex::new(StoreInner::default()),
             memory_limit,
             spill_dir,
+            shared_dir: None,
+        }
+    }
+
+    /// Takes objects handed over as files in `dir` (see [`Self::adopt`]).
+    pub fn with_shared_dir(mut self, dir: PathBuf) -> Self {
+        self.shared_dir = Some(dir);
+        self
+    }
+
+    /// Where workers hand over objects as files, if anywhere.
+    pub fn shared_dir(&self) -> Option<&Path> {
+        self.shared_dir.as_deref()
+    }
+
+    /// Takes the Arrow IPC file `name` in the shared folder as object `id` (replacing an
+    /// earlier copy). Spills older objects if memory is over the limit.
+    pub fn adopt(&self, id: &str, name: &str) -> Result<u64> {
+        let dir = self
+            .shared_dir
+            .as_ref()
+            .ok_or_else(|| VolleyError::execution("this node takes no objects as files"))?;
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(VolleyError::execution(format!(
+                "object {id}: {name:?} is not a file name"
+            )));
+        }
+        let path = dir.join(name);
+        let bytes = std::fs::metadata(&path)
+            .map_err(|e| {
+                VolleyError::Io(e).context(format!("object {id}: cannot read {}", path.display()))
+            })?
+            .len();
+        self.insert(id, Stored::Shared(path, bytes), bytes)?;
+        Ok(bytes)
+    }
+
+    /// The file holding object `id`, if it is one of the shared folder's.
+    pub fn locate(&self, id: &str) -> Option<PathBuf> {
+        match self
+            .inner
+            .lock()
+            .expect("object store lock")
+            .objects
+            .get(id)
+        {
+            Some(Stored::Shared(p, _)) => Some(p.clone()),
+            _ => None,
         }
     }
 
@@ -75,12 +139,18 @@ impl ObjectStore {
     /// same object again). Spills older objects if memory is over the limit.
     pub fn put(&self, id: &str, batches: Vec<RecordBatch>) -> Result<u64> {
         let bytes = batches_size(&batches);
+        self.insert(id, Stored::Memory(Arc::new(batches), bytes), bytes)?;
+        Ok(bytes)
+    }
+
+    /// Keeps `stored` (in memory) as `id`, spilling the oldest objects until what stays
+    /// in memory fits the limit.
+    fn insert(&self, id: &str, stored: Stored, bytes: u64) -> Result<()> {
         let mut to_spill = Vec::new();
         {
             let mut s = self.inner.lock().expect("object store lock");
             s.remove(id);
-            s.objects
-                .insert(id.to_string(), Stored::Memory(Arc::new(batches), bytes));
+            s.objects.insert(id.to_string(), stored);
             s.order.push_back(id.to_string());
             s.memory_bytes += bytes;
             // Pick the oldest objects until what stays fits.
@@ -89,45 +159,69 @@ impl ObjectStore {
                 let Some(old) = s.order.pop_front() else {
                     break;
                 };
-                if let Some(Stored::Memory(b, n)) = s.objects.get(&old) {
-                    to_spill.push((old.clone(), Arc::clone(b), *n));
-                    over = over.saturating_sub(*n);
+                match s.objects.get(&old) {
+                    Some(Stored::Memory(b, n)) => {
+                        to_spill.push((old.clone(), ToSpill::Batches(Arc::clone(b)), *n));
+                        over = over.saturating_sub(*n);
+                    }
+                    Some(Stored::Shared(p, n)) => {
+                        to_spill.push((old.clone(), ToSpill::File(p.clone()), *n));
+                        over = over.saturating_sub(*n);
+                    }
+                    _ => {}
                 }
             }
         }
-        for (old, batches, n) in to_spill {
-            self.spill(&old, &batches, n)?;
+        for (old, what, n) in to_spill {
+            self.spill(&old, what, n)?;
         }
-        Ok(bytes)
+        Ok(())
     }
 
-    fn spill(&self, id: &str, batches: &[RecordBatch], bytes: u64) -> Result<()> {
+    fn spill(&self, id: &str, what: ToSpill, bytes: u64) -> Result<()> {
         std::fs::create_dir_all(&self.spill_dir)?;
         let path = self.spill_dir.join(format!("{}.arrow", sanitize(id)));
-        let schema = batches
-            .first()
-            .map(|b| b.schema())
-            .unwrap_or_else(|| Arc::new(Schema::empty()));
-        let file = std::fs::File::create(&path).map_err(|e| {
-            VolleyError::Io(e).context(format!("cannot spill object to {}", path.display()))
-        })?;
-        let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
-        for b in batches {
-            w.write(b)?;
+        match &what {
+            ToSpill::Batches(batches) => {
+                let schema = batches
+                    .first()
+                    .map(|b| b.schema())
+                    .unwrap_or_else(|| Arc::new(Schema::empty()));
+                let file = std::fs::File::create(&path).map_err(|e| {
+                    VolleyError::Io(e).context(format!("cannot spill object to {}", path.display()))
+                })?;
+                let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
+                for b in batches.iter() {
+                    w.write(b)?;
+                }
+                w.finish()?;
+            }
+            // Already an IPC file: copied out of shared memory as it is.
+            ToSpill::File(from) => {
+                std::fs::copy(from, &path).map_err(|e| {
+                    VolleyError::Io(e).context(format!("cannot spill object to {}", path.display()))
+                })?;
+            }
         }
-        w.finish()?;
         let mut s = self.inner.lock().expect("object store lock");
         // The object may have been freed or replaced while it was being written.
-        match s.objects.get_mut(id) {
-            Some(stored @ Stored::Memory(..)) => {
-                *stored = Stored::Spilled(path, bytes);
-                s.memory_bytes = s.memory_bytes.saturating_sub(bytes);
-                s.spilled_bytes += bytes;
-                s.spilled_total += bytes;
+        let current = match (s.objects.get(id), &what) {
+            (Some(Stored::Memory(b, _)), ToSpill::Batches(was)) => Arc::ptr_eq(b, was),
+            (Some(Stored::Shared(p, _)), ToSpill::File(was)) => p == was,
+            _ => false,
+        };
+        if current {
+            if let Some(Stored::Shared(p, _)) = s
+                .objects
+                .insert(id.to_string(), Stored::Spilled(path, bytes))
+            {
+                let _ = std::fs::remove_file(p);
             }
-            _ => {
-                let _ = std::fs::remove_file(&path);
-            }
+            s.memory_bytes = s.memory_bytes.saturating_sub(bytes);
+            s.spilled_bytes += bytes;
+            s.spilled_total += bytes;
+        } else {
+            let _ = std::fs::remove_file(&path);
         }
         Ok(())
     }
@@ -139,15 +233,10 @@ impl ObjectStore {
             match s.objects.get(id) {
                 None => return Ok(None),
                 Some(Stored::Memory(b, _)) => return Ok(Some(Arc::clone(b))),
-                Some(Stored::Spilled(p, _)) => p.clone(),
+                Some(Stored::Shared(p, _) | Stored::Spilled(p, _)) => p.clone(),
             }
         };
-        let file = std::fs::File::open(&path).map_err(|e| {
-            VolleyError::Io(e).context(format!("cannot read spilled object {}", path.display()))
-        })?;
-        let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
-        let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Some(Arc::new(batches)))
+        Ok(Some(Arc::new(read_file(&path)?)))
     }
 
     /// Drops objects (and their spill files).
@@ -190,12 +279,26 @@ impl ObjectStore {
     }
 }
 
+/// The batches of an Arrow IPC file (a spilled or shared object).
+pub(crate) fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        VolleyError::Io(e).context(format!("cannot read object file {}", path.display()))
+    })?;
+    let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
+    Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
 impl StoreInner {
     fn remove(&mut self, id: &str) {
         match self.objects.remove(id) {
             Some(Stored::Memory(_, n)) => {
                 self.memory_bytes = self.memory_bytes.saturating_sub(n);
                 self.order.retain(|o| o != id);
+            }
+            Some(Stored::Shared(p, n)) => {
+                self.memory_bytes = self.memory_bytes.saturating_sub(n);
+                self.order.retain(|o| o != id);
+                let _ = std::fs::remove_file(p);
             }
             Some(Stored::Spilled(p, n)) => {
                 self.spilled_bytes = self.spilled_bytes.saturating_sub(n);
@@ -285,11 +388,38 @@ impl FlightService for FlightObjects {
     ) -> std::result::Result<Response<Self::DoExchangeStream>, Status> {
         unsupported("DoExchange")
     }
+    /// `adopt` (body: the object id, a NUL, the file's name in the shared folder): the
+    /// file becomes the object; answers its size. `locate` (body: the object id):
+    /// answers the path of the object's file if it is a shared one, else nothing.
     async fn do_action(
         &self,
-        _: Request<Action>,
+        request: Request<Action>,
     ) -> std::result::Result<Response<Self::DoActionStream>, Status> {
-        unsupported("DoAction")
+        let action = request.into_inner();
+        let body = std::str::from_utf8(&action.body)
+            .map_err(|_| Status::invalid_argument("an action body must be UTF-8"))?;
+        let answer = match action.r#type.as_str() {
+            ACTION_ADOPT => {
+                let (id, name) = body
+                    .split_once('\0')
+                    .ok_or_else(|| Status::invalid_argument("adopt: `id\\0file` expected"))?;
+                let bytes = self
+                    .store
+                    .adopt(id, name)
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                bytes.to_string()
+            }
+            ACTION_LOCATE => self
+                .store
+                .locate(body)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            other => return unsupported(&format!("the action {other:?}")),
+        };
+        let result = arrow_flight::Result {
+            body: answer.into_bytes().into(),
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(result)]))))
     }
     async fn list_actions(
         &self,
@@ -467,6 +597,121 @@ pub(crate) async fn store(
         .unwrap_or(0))
 }
 
+/// The variable naming a node's shared folder to the workers it starts.
+pub(crate) const SHARED_DIR_VAR: &str = "VOLLEY_SHARED_DIR";
+
+/// A node's folder in shared memory (`/dev/shm`) for objects handed over as files,
+/// removed with the node; `None` where there is no shared memory to use. Folders left
+/// by nodes that died are removed first.
+pub(crate) fn make_shared_dir() -> Option<PathBuf> {
+    let root = Path::new("/dev/shm");
+    if !root.is_dir() {
+        return None;
+    }
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("volley-objects-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+    let dir = root.join(format!(
+        "volley-objects-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir)
+}
+
+const ACTION_ADOPT: &str = "adopt";
+const ACTION_LOCATE: &str = "locate";
+
+/// Runs a `DoAction` on the store at `address`; returns the first result's body.
+async fn action(
+    channels: &super::net::Channels,
+    address: &str,
+    kind: &str,
+    body: String,
+) -> Result<String> {
+    let mut client = channels.flight(address).await?;
+    let mut results = client
+        .do_action(Action {
+            r#type: kind.to_string(),
+            body: body.into_bytes().into(),
+        })
+        .await
+        .map_err(|e| VolleyError::execution(format!("{kind} at {address}: {e}")))?;
+    let first = results
+        .try_next()
+        .await
+        .map_err(|e| VolleyError::execution(format!("{kind} at {address}: {e}")))?;
+    Ok(first
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default())
+}
+
+/// Hands `batches` to the store of this node at `address` as a file in its shared
+/// folder `dir` (no Flight transfer); returns the object's size.
+pub(crate) async fn store_shared(
+    channels: &super::net::Channels,
+    address: &str,
+    dir: &Path,
+    id: &str,
+    batches: &[RecordBatch],
+) -> Result<u64> {
+    let name = format!("{}-{:016x}.arrow", sanitize(id), rand::random::<u64>());
+    let path = dir.join(&name);
+    let written = (|| -> Result<()> {
+        let schema = batches
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| Arc::new(Schema::empty()));
+        let file = std::fs::File::create(&path)?;
+        let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
+        for b in batches {
+            w.write(b)?;
+        }
+        w.finish()?;
+        Ok(())
+    })();
+    let adopted = match written {
+        Ok(()) => action(channels, address, ACTION_ADOPT, format!("{id}\0{name}"))
+            .await
+            .and_then(|b| {
+                b.parse::<u64>()
+                    .map_err(|_| VolleyError::execution(format!("adopt {id}: answered {b:?}")))
+            }),
+        Err(e) => Err(e),
+    };
+    if adopted.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    adopted
+}
+
+/// Object `id` read from its file in this node's shared folder, if the store at
+/// `address` (this node's) holds it as one; `None` when it must travel over Flight.
+pub(crate) async fn fetch_shared(
+    channels: &super::net::Channels,
+    address: &str,
+    id: &str,
+) -> Option<Vec<RecordBatch>> {
+    let path = action(channels, address, ACTION_LOCATE, id.to_string())
+        .await
+        .ok()
+        .filter(|p| !p.is_empty())?;
+    // The store may spill or free it meanwhile: then Flight says where it went.
+    read_file(Path::new(&path)).ok()
+}
+
 /// A `DoGet` ticket: the object id, then (for a slice) `\0offset\0rows`. Object ids
 /// never hold a NUL.
 fn ticket(id: &str, range: Option<(u64, u64)>) -> Vec<u8> {
@@ -629,6 +874,47 @@ mod tests {
             Arc::new(Int64Array::from_iter_values(0..n)) as arrow::array::ArrayRef,
         )])
         .unwrap()
+    }
+
+    fn write_ipc(path: &Path, batches: &[RecordBatch]) {
+        let file = std::fs::File::create(path).unwrap();
+        let mut w = FileWriter::try_new(file, &batches[0].schema()).unwrap();
+        for b in batches {
+            w.write(b).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    /// Files handed over in the shared folder are objects: counted as memory, found by
+    /// `locate`, spilled to disk (and out of the folder) beyond the limit, removed when
+    /// freed; a name leading out of the folder is refused.
+    #[test]
+    fn files_in_the_shared_folder_are_objects_that_spill_and_free() {
+        let spill = tempfile::tempdir().unwrap();
+        let shared = tempfile::tempdir().unwrap();
+        let one = vec![batch(10_000)];
+        write_ipc(&shared.path().join("a.arrow"), &one);
+        let size = std::fs::metadata(shared.path().join("a.arrow"))
+            .unwrap()
+            .len();
+        let store = ObjectStore::new(size * 3 / 2, spill.path().to_path_buf())
+            .with_shared_dir(shared.path().to_path_buf());
+        assert_eq!(store.adopt("o1", "a.arrow").unwrap(), size);
+        assert_eq!(store.usage(), (size, 0));
+        assert_eq!(store.locate("o1"), Some(shared.path().join("a.arrow")));
+        write_ipc(&shared.path().join("b.arrow"), &one);
+        store.adopt("o2", "b.arrow").unwrap();
+        // o1 went to disk: out of the shared folder, still readable.
+        assert_eq!(store.usage(), (size, size));
+        assert_eq!(store.locate("o1"), None);
+        assert!(!shared.path().join("a.arrow").exists());
+        assert_eq!(*store.get("o1").unwrap().unwrap(), one);
+        assert_eq!(*store.get("o2").unwrap().unwrap(), one);
+        store.free(&["o2".to_string()]);
+        assert!(!shared.path().join("b.arrow").exists());
+        assert_eq!(store.usage().0, 0);
+        assert!(store.adopt("o3", "../a.arrow").is_err());
+        assert!(store.adopt("o3", "missing.arrow").is_err());
     }
 
     #[test]

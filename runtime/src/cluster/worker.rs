@@ -10,7 +10,9 @@ use tracing::warn;
 use volley_common::{ErrorReport, Result, VolleyError};
 
 use super::net::{wire_error, wire_execution_error, Channels};
-use super::objects::{decode_inline, encode_inline, fetch, store};
+use super::objects::{
+    decode_inline, encode_inline, fetch, fetch_shared, store, store_shared, SHARED_DIR_VAR,
+};
 use super::proto::{self, task_report::Outcome};
 use super::task::{
     catch_panic, decode, ActorCall, ActorCalls, Payload, RemoteActor, RemoteTask, TaskContext,
@@ -58,6 +60,9 @@ fn worker_loop() -> Result<()> {
         channels: &channels,
         agent_address: &agent_address,
         node_id: &node_id,
+        shared_dir: volley_common::env_var(SHARED_DIR_VAR)?
+            .filter(|d| !d.is_empty())
+            .map(std::path::PathBuf::from),
     };
     let mut failures = 0;
     // The next task, when the agent handed it over with the last result's answer.
@@ -158,6 +163,8 @@ struct Link<'a> {
     channels: &'a Channels,
     agent_address: &'a str,
     node_id: &'a str,
+    /// The node's shared-memory folder: objects of this node move through it as files.
+    shared_dir: Option<std::path::PathBuf>,
 }
 
 impl Link<'_> {
@@ -197,6 +204,13 @@ impl Link<'_> {
                     Ok(b) => got = Some(b),
                     Err(e) => last_error = e.to_string(),
                 }
+            }
+            // A copy on this node is read from its file, without Flight.
+            if got.is_none()
+                && self.shared_dir.is_some()
+                && arg.addresses.iter().any(|a| a == self.agent_address)
+            {
+                got = fetch_shared(self.channels, self.agent_address, &arg.object_id).await;
             }
             for address in arg.addresses.iter().filter(|_| got.is_none()) {
                 match fetch(self.channels, address, &arg.object_id).await {
@@ -241,7 +255,7 @@ impl Link<'_> {
                         output = bytes;
                         Ok(0)
                     }
-                    None => store(self.channels, self.agent_address, &task.task_id, batches).await,
+                    None => self.store(&task.task_id, batches).await,
                 };
                 match stored {
                     Ok(bytes) => {
@@ -265,6 +279,20 @@ impl Link<'_> {
             }
         }
         (report, output)
+    }
+}
+
+impl Link<'_> {
+    /// Stores a result in this node's store: as a file in its shared folder where it
+    /// has one, else (or if that fails) over Flight.
+    async fn store(&self, id: &str, batches: Vec<RecordBatch>) -> Result<u64> {
+        if let Some(dir) = &self.shared_dir {
+            match store_shared(self.channels, self.agent_address, dir, id, &batches).await {
+                Ok(bytes) => return Ok(bytes),
+                Err(e) => warn!("object {id}: cannot hand it over as a file ({e}); sending it"),
+            }
+        }
+        store(self.channels, self.agent_address, id, batches).await
     }
 }
 
@@ -497,7 +525,13 @@ async fn serve_actor(
                     }
                 }
             }
-            Some((task, label, out)) = done.recv() => {
+            answer = done.recv() => {
+                // The actor's thread ends only when its `serve` returns; calls it did
+                // not take would wait forever: the worker exits, and its agent reports
+                // every call it held as failed.
+                let Some((task, label, out)) = answer else {
+                    return Err(VolleyError::execution("the actor stopped serving its calls"));
+                };
                 held -= 1;
                 finishing.push(
                     async move {
