@@ -327,13 +327,17 @@ impl<B: Backend> Engine<B> {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
-    /// Drops every waiting and running request (their blocks go back to the pool).
+    /// Drops every waiting and running request and starts the block pool afresh: a
+    /// step that failed midway may have dropped sequences without giving their blocks
+    /// back, and an engine that lives on (a cluster actor's) must not lose them.
     pub fn clear(&mut self) {
-        let mut all: Vec<Sequence> = self.waiting.drain(..).collect();
-        all.append(&mut self.running);
-        for mut seq in all {
-            self.release_blocks(&mut seq);
-        }
+        self.waiting.clear();
+        self.running.clear();
+        self.blocks = BlockManager::new(
+            self.blocks.num_blocks(),
+            self.config.block_size,
+            self.config.prefix_caching,
+        );
     }
 
     /// Requests in the running batch.
