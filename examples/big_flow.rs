@@ -2,7 +2,8 @@
 //! each input row becomes `--mib` MiB of payload in a stage on the nodes, passes through
 //! a pool of actors, and is measured by a last stage; the driver gets one small row per
 //! block. Runs the pipeline at a quarter of its size and then whole, and prints the
-//! driver's peak resident memory after each.
+//! driver's peak resident memory after each. With `--pause-ms`, the payload comes to
+//! the driver instead, which stops reading for a while after the first block.
 //!
 //! ```text
 //! volley job submit --wait -- target/release/examples/big_flow IN_DIR --mib 64
@@ -75,6 +76,11 @@ struct Args {
     /// MiB of payload each input row becomes.
     #[arg(long, default_value_t = 64)]
     mib: usize,
+    /// Instead: bring every payload block to this process, stopping for this many
+    /// milliseconds after the first (a consumer that stops reading: the cluster's
+    /// stores must not fill up behind it).
+    #[arg(long)]
+    pause_ms: Option<u64>,
 }
 
 /// This process's peak resident memory, in MiB.
@@ -110,6 +116,33 @@ fn run(files: &[String], mib: usize) -> volley::Result<i64> {
     Ok(total)
 }
 
+/// The payload itself comes to this process, with a pause after the first block.
+fn slow_consumer(files: &[String], mib: usize, pause_ms: u64) -> volley::Result<i64> {
+    let ds = volley::read_parquet(files.to_vec())?
+        .map_transform(TransformFn::named(Inflate { mib }), MapOptions::default())
+        .map_factory(
+            TransformFactory::named(Pass),
+            MapOptions::default().with_concurrency(2),
+        );
+    let mut total = 0i64;
+    for (i, b) in ds.iter_batches()?.enumerate() {
+        let b = b?;
+        let payload = b
+            .column(0)
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .ok_or_else(|| VolleyError::internal("payload column"))?;
+        total += (0..payload.len())
+            .map(|i| payload.value(i).len() as i64)
+            .sum::<i64>();
+        if i == 0 {
+            println!("PAUSED");
+            std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+        }
+    }
+    Ok(total)
+}
+
 fn main() -> volley::Result<()> {
     volley::init()?;
     let args: Args = clap::Parser::parse();
@@ -119,6 +152,11 @@ fn main() -> volley::Result<()> {
         .filter(|p| p.ends_with(".parquet"))
         .collect();
     files.sort();
+    if let Some(pause) = args.pause_ms {
+        let bytes = slow_consumer(&files, args.mib, pause)?;
+        println!("SLOW bytes={bytes} peak_rss_mib={}", peak_rss_mib());
+        return Ok(());
+    }
     let quarter = run(&files[..files.len().div_ceil(4)], args.mib)?;
     println!("QUARTER bytes={quarter} peak_rss_mib={}", peak_rss_mib());
     let all = run(&files, args.mib)?;

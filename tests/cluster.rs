@@ -1352,6 +1352,90 @@ fn gigabytes_flow_between_nodes_without_spilling_while_the_driver_holds_referenc
     );
 }
 
+/// A driver that stops reading holds the cluster back: while it pauses, the stage and
+/// the pool stop at the execution's object-store budget (half of two 64 MiB stores)
+/// instead of filling the stores behind it (which would spill), and after it reads on
+/// every byte arrives.
+#[test]
+fn a_consumer_that_stops_reading_holds_the_cluster_back() {
+    let mut c = TestCluster::start(5.0);
+    for _ in 0..2 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), 96, 1);
+    let job = c.submit(&[
+        example("big_flow").to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--mib",
+        "4",
+        "--pause-ms",
+        "4000",
+    ]);
+    // While the driver pauses, the stores hold at most the budget plus a block or so.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !c.logs(&job).contains("PAUSED") {
+        assert!(Instant::now() < deadline, "{}", c.describe(&job));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let during = c.status();
+    // `volley status`: ... OBJECTS SPILLED, each as `12.0 MiB`.
+    let mib = |value: &str, unit: &str| -> f64 {
+        let v: f64 = value.parse().unwrap();
+        v * match unit {
+            "B" => 1.0 / (1 << 20) as f64,
+            "KiB" => 1.0 / 1024.0,
+            "MiB" => 1.0,
+            "GiB" => 1024.0,
+            other => panic!("unit {other} in:\n{during}"),
+        }
+    };
+    let held: f64 = during
+        .lines()
+        .filter(|l| l.starts_with("node-"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            mib(f[f.len() - 4], f[f.len() - 3])
+        })
+        .sum();
+    println!("during the pause the stores held {held} MiB:\n{during}");
+    assert!(
+        held <= 64.0 + 32.0,
+        "the stores hold {held} MiB behind a paused consumer:\n{during}"
+    );
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(300)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let logs = c.logs(&job);
+    let slow = line_of(&logs, "SLOW");
+    assert!(
+        slow.contains(&format!("bytes={}", (96u64 * 4) << 20)),
+        "every byte arrived: {slow}"
+    );
+    let peak: f64 = logs
+        .lines()
+        .find_map(|l| l.split("object stores: peak ").nth(1))
+        .and_then(|rest| rest.split(" MiB").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no object-store peak in:\n{logs}"));
+    assert!(
+        peak <= 64.0 + 32.0,
+        "object stores peaked at {peak} MiB:\n{logs}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = c.status();
+    let nodes: Vec<&str> = status.lines().filter(|l| l.starts_with("node-")).collect();
+    assert_eq!(nodes.len(), 2, "{status}");
+    assert!(
+        nodes.iter().all(|l| l.trim_end().ends_with(" 0 B")),
+        "a node spilled (last column) behind a paused consumer:\n{status}\nduring the pause:\n{during}"
+    );
+}
+
 /// Test hosts in network namespaces: a bridge in this namespace (the head's host,
 /// `.1`) and one namespace per node agent, joined to the bridge by a veth pair (`.2`,
 /// `.3`, ...), all in a /24 of our own. Taking a host's link down cuts it off (a network
