@@ -644,7 +644,7 @@ mod tests {
         use volley_runtime::cluster::{LocalCluster, ObjectState, Resources};
         let local = LocalCluster::start(Resources::cpus(1.0), vec![]).unwrap();
         let cluster = local.cluster().clone();
-        let (object, _) = cluster.put(vec![ints(0..700), ints(700..1000)]).unwrap();
+        let object = cluster.put(vec![ints(0..700), ints(700..1000)]).unwrap();
         let meta = match cluster
             .wait_objects(std::slice::from_ref(&object), 1, Duration::from_secs(30))
             .unwrap()

@@ -299,8 +299,12 @@ impl StepContext<'_> {
         let remote = self.shared.remote.as_ref().ok_or_else(|| {
             VolleyError::internal("a cluster stage in an execution without a cluster")
         })?;
-        // Charged on the node that took it, where calls on it prefer to run.
-        let (object, meta) = remote
+        let meta = volley_runtime::cluster::ObjectMeta {
+            rows: batch.num_rows() as u64,
+            bytes: batch.get_array_memory_size() as u64,
+            addresses: vec![],
+        };
+        let object = remote
             .cluster
             .put(vec![batch])
             .map_err(|e| e.context("putting a block into the cluster"))?;

@@ -636,9 +636,8 @@ impl Cluster {
         Ok(self.new_ref(id))
     }
 
-    /// Stores `batches` in the cluster (on a node the head picks); returns the object
-    /// and where it is (its rows, its bytes in that node's store, that node's address).
-    pub fn put(&self, batches: Vec<RecordBatch>) -> Result<(ObjectRef, ObjectMeta)> {
+    /// Stores `batches` in the cluster.
+    pub fn put(&self, batches: Vec<RecordBatch>) -> Result<ObjectRef> {
         let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
         let id = self.new_id("put");
         let mut head = self.inner.head.clone();
@@ -662,19 +661,15 @@ impl Cluster {
             head.put_object(proto::PutObjectRequest {
                 job_id: job,
                 object_id: oid,
-                address: address.clone(),
+                address,
                 bytes,
                 rows,
             })
             .await
             .map_err(|e| status_error("put", e))?;
-            Ok::<_, VolleyError>(ObjectMeta {
-                rows,
-                bytes,
-                addresses: vec![address],
-            })
-        })
-        .map(|meta| (self.new_ref(id), meta))
+            Ok::<_, VolleyError>(())
+        })?;
+        Ok(self.new_ref(id))
     }
 
     /// The object's batches, waiting for its task. Fails if the task failed for good.
