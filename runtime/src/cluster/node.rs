@@ -957,12 +957,18 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         let Some(mut report) = r.report else {
             return Err(Status::invalid_argument("a result without a report"));
         };
-        let freed = {
+        let (freed, actor) = {
             let mut s = self.agent.state.lock().expect("agent lock");
-            s.workers.get_mut(&r.worker_id).and_then(|w| {
-                let at = w.running.iter().position(|(id, _)| *id == report.task_id);
-                at.map(|i| w.running.remove(i)).map(|_| w.cpus)
-            })
+            match s.workers.get_mut(&r.worker_id) {
+                Some(w) => {
+                    let at = w.running.iter().position(|(id, _)| *id == report.task_id);
+                    (
+                        at.map(|i| w.running.remove(i)).map(|_| w.cpus),
+                        w.actor.is_some(),
+                    )
+                }
+                None => (None, false),
+            }
         };
         report.node_id = self.agent.node_id.clone();
         if !r.output.is_empty() {
@@ -984,8 +990,15 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             }
         }
         // The worker's next task is chosen before the report leaves: a task sent
-        // ahead that takes over this slot travels in it.
-        let (next, successor) = self.agent.next_after(&r.worker_id, freed);
+        // ahead that takes over this slot travels in it. An actor's worker takes its
+        // calls by pulling, one pull at a time, so that they reach the actor in the
+        // order they came (it pulls while a call runs: a call handed back here could
+        // overtake the one its pull is bringing).
+        let (next, successor) = if actor {
+            (None, None)
+        } else {
+            self.agent.next_after(&r.worker_id, freed)
+        };
         report.successor = successor.unwrap_or_default();
         let (tx, rx) = oneshot::channel();
         self.agent
