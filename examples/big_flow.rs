@@ -52,19 +52,34 @@ struct Measure;
 #[volley::typetag::serde]
 impl NamedTransform for Measure {
     fn transform(&self, batch: RecordBatch) -> volley::Result<RecordBatch> {
-        let payload = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<BinaryArray>()
-            .ok_or_else(|| VolleyError::plan("Measure needs a binary column"))?;
-        let bytes: i64 = (0..payload.len())
-            .map(|i| payload.value(i).len() as i64)
-            .sum();
+        let bytes = payload_bytes(&batch)?;
         Ok(RecordBatch::try_from_iter([(
             "bytes",
             Arc::new(Int64Array::from(vec![bytes])) as ArrayRef,
         )])?)
     }
+}
+
+/// Bytes of payload in a batch of [`Inflate`]'s output.
+fn payload_bytes(batch: &RecordBatch) -> volley::Result<i64> {
+    let payload = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<BinaryArray>()
+        .ok_or_else(|| VolleyError::plan("the payload must be a binary column"))?;
+    Ok((0..payload.len())
+        .map(|i| payload.value(i).len() as i64)
+        .sum())
+}
+
+/// The input inflated on the nodes and passed through a pool of 2 actors.
+fn inflated(files: &[String], mib: usize) -> volley::Result<Dataset> {
+    Ok(volley::read_parquet(files.to_vec())?
+        .map_transform(TransformFn::named(Inflate { mib }), MapOptions::default())
+        .map_factory(
+            TransformFactory::named(Pass),
+            MapOptions::default().with_concurrency(2),
+        ))
 }
 
 /// The job's arguments.
@@ -96,13 +111,8 @@ fn peak_rss_mib() -> u64 {
 }
 
 fn run(files: &[String], mib: usize) -> volley::Result<i64> {
-    let ds = volley::read_parquet(files.to_vec())?
-        .map_transform(TransformFn::named(Inflate { mib }), MapOptions::default())
-        .map_factory(
-            TransformFactory::named(Pass),
-            MapOptions::default().with_concurrency(2),
-        )
-        .map_transform(TransformFn::named(Measure), MapOptions::default());
+    let ds =
+        inflated(files, mib)?.map_transform(TransformFn::named(Measure), MapOptions::default());
     let mut total = 0i64;
     for b in ds.iter_batches()? {
         let b = b?;
@@ -118,23 +128,9 @@ fn run(files: &[String], mib: usize) -> volley::Result<i64> {
 
 /// The payload itself comes to this process, with a pause after the first block.
 fn slow_consumer(files: &[String], mib: usize, pause_ms: u64) -> volley::Result<i64> {
-    let ds = volley::read_parquet(files.to_vec())?
-        .map_transform(TransformFn::named(Inflate { mib }), MapOptions::default())
-        .map_factory(
-            TransformFactory::named(Pass),
-            MapOptions::default().with_concurrency(2),
-        );
     let mut total = 0i64;
-    for (i, b) in ds.iter_batches()?.enumerate() {
-        let b = b?;
-        let payload = b
-            .column(0)
-            .as_any()
-            .downcast_ref::<BinaryArray>()
-            .ok_or_else(|| VolleyError::internal("payload column"))?;
-        total += (0..payload.len())
-            .map(|i| payload.value(i).len() as i64)
-            .sum::<i64>();
+    for (i, b) in inflated(files, mib)?.iter_batches()?.enumerate() {
+        total += payload_bytes(&b?)?;
         if i == 0 {
             println!("PAUSED");
             std::thread::sleep(std::time::Duration::from_millis(pause_ms));

@@ -1341,14 +1341,19 @@ fn gigabytes_flow_between_nodes_without_spilling_while_the_driver_holds_referenc
             "object stores peaked at {peak} MiB:\n{logs}"
         );
     }
-    // The nodes report what their stores ever spilled with each heartbeat.
+    assert_no_node_spilled(&c, 2, "");
+}
+
+/// Checks that none of the cluster's `nodes` ever spilled (the last column of `volley
+/// status`, which nodes report with their heartbeats).
+fn assert_no_node_spilled(c: &TestCluster, nodes: usize, context: &str) {
     std::thread::sleep(Duration::from_millis(1500));
     let status = c.status();
-    let nodes: Vec<&str> = status.lines().filter(|l| l.starts_with("node-")).collect();
-    assert_eq!(nodes.len(), 2, "{status}");
+    let lines: Vec<&str> = status.lines().filter(|l| l.starts_with("node-")).collect();
+    assert_eq!(lines.len(), nodes, "{status}");
     assert!(
-        nodes.iter().all(|l| l.trim_end().ends_with(" 0 B")),
-        "a node spilled (last column):\n{status}"
+        lines.iter().all(|l| l.trim_end().ends_with(" 0 B")),
+        "a node spilled (last column):\n{status}{context}"
     );
 }
 
@@ -1426,14 +1431,7 @@ fn a_consumer_that_stops_reading_holds_the_cluster_back() {
         peak <= 64.0 + 32.0,
         "object stores peaked at {peak} MiB:\n{logs}"
     );
-    std::thread::sleep(Duration::from_millis(1500));
-    let status = c.status();
-    let nodes: Vec<&str> = status.lines().filter(|l| l.starts_with("node-")).collect();
-    assert_eq!(nodes.len(), 2, "{status}");
-    assert!(
-        nodes.iter().all(|l| l.trim_end().ends_with(" 0 B")),
-        "a node spilled (last column) behind a paused consumer:\n{status}\nduring the pause:\n{during}"
-    );
+    assert_no_node_spilled(&c, 2, &format!("\nduring the pause:\n{during}"));
 }
 
 /// Test hosts in network namespaces: a bridge in this namespace (the head's host,

@@ -354,23 +354,14 @@ impl<B: Backend> Engine<B> {
     /// leaving every other request as it was.
     pub fn cancel(&mut self, ids: &[u64]) {
         let drop: std::collections::HashSet<u64> = ids.iter().copied().collect();
-        let mut gone = Vec::new();
-        let waiting = std::mem::take(&mut self.waiting);
-        for seq in waiting {
-            if drop.contains(&seq.id) {
-                gone.push(seq);
-            } else {
-                self.waiting.push_back(seq);
-            }
-        }
-        let running = std::mem::take(&mut self.running);
-        for seq in running {
-            if drop.contains(&seq.id) {
-                gone.push(seq);
-            } else {
-                self.running.push(seq);
-            }
-        }
+        let (gone_waiting, waiting): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|seq| drop.contains(&seq.id));
+        let (gone_running, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|seq| drop.contains(&seq.id));
+        (self.waiting, self.running) = (waiting, running);
+        let gone = gone_waiting.into_iter().chain(gone_running);
         for mut seq in gone {
             self.release_blocks(&mut seq);
         }

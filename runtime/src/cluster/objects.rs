@@ -182,20 +182,8 @@ impl ObjectStore {
         std::fs::create_dir_all(&self.spill_dir)?;
         let path = self.spill_dir.join(format!("{}.arrow", sanitize(id)));
         match &what {
-            ToSpill::Batches(batches) => {
-                let schema = batches
-                    .first()
-                    .map(|b| b.schema())
-                    .unwrap_or_else(|| Arc::new(Schema::empty()));
-                let file = std::fs::File::create(&path).map_err(|e| {
-                    VolleyError::Io(e).context(format!("cannot spill object to {}", path.display()))
-                })?;
-                let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
-                for b in batches.iter() {
-                    w.write(b)?;
-                }
-                w.finish()?;
-            }
+            ToSpill::Batches(batches) => write_file(&path, batches)
+                .map_err(|e| e.context(format!("cannot spill object to {}", path.display())))?,
             // Already an IPC file: copied out of shared memory as it is.
             ToSpill::File(from) => {
                 std::fs::copy(from, &path).map_err(|e| {
@@ -277,6 +265,21 @@ impl ObjectStore {
             .objects
             .contains_key(id)
     }
+}
+
+/// Writes `batches` as an Arrow IPC file (a spilled or shared object).
+fn write_file(path: &Path, batches: &[RecordBatch]) -> Result<()> {
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or_else(|| Arc::new(Schema::empty()));
+    let file = std::fs::File::create(path)?;
+    let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
+    for b in batches {
+        w.write(b)?;
+    }
+    w.finish()?;
+    Ok(())
 }
 
 /// The batches of an Arrow IPC file (a spilled or shared object).
@@ -669,20 +672,7 @@ pub(crate) async fn store_shared(
 ) -> Result<u64> {
     let name = format!("{}-{:016x}.arrow", sanitize(id), rand::random::<u64>());
     let path = dir.join(&name);
-    let written = (|| -> Result<()> {
-        let schema = batches
-            .first()
-            .map(|b| b.schema())
-            .unwrap_or_else(|| Arc::new(Schema::empty()));
-        let file = std::fs::File::create(&path)?;
-        let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
-        for b in batches {
-            w.write(b)?;
-        }
-        w.finish()?;
-        Ok(())
-    })();
-    let adopted = match written {
+    let adopted = match write_file(&path, batches) {
         Ok(()) => action(channels, address, ACTION_ADOPT, format!("{id}\0{name}"))
             .await
             .and_then(|b| {

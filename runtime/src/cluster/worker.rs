@@ -179,16 +179,6 @@ impl Link<'_> {
         }
     }
 
-    fn context(&self, task: &proto::TaskAssignment) -> TaskContext {
-        TaskContext {
-            task_id: task.task_id.clone(),
-            attempt: task.attempt,
-            job_id: task.job_id.clone(),
-            node_id: self.node_id.to_string(),
-            gpu_ids: task.gpu_ids.clone(),
-        }
-    }
-
     /// Reads a task's inputs: any copy will do; if none can be read the task is
     /// retried (the head rebuilds a lost input first), and the report says so.
     async fn inputs(
@@ -296,6 +286,17 @@ impl Link<'_> {
     }
 }
 
+/// Where `task` runs, as its code sees it.
+fn context(task: &proto::TaskAssignment, node_id: &str) -> TaskContext {
+    TaskContext {
+        task_id: task.task_id.clone(),
+        attempt: task.attempt,
+        job_id: task.job_id.clone(),
+        node_id: node_id.to_string(),
+        gpu_ids: task.gpu_ids.clone(),
+    }
+}
+
 fn label(task: &proto::TaskAssignment) -> String {
     if task.name.is_empty() {
         task.task_id.clone()
@@ -317,7 +318,7 @@ async fn run_task(
         Ok(inputs) => inputs,
         Err(report) => return (report, Vec::new(), None),
     };
-    let ctx = link.context(task);
+    let ctx = context(task, link.node_id);
     let label = label(task);
     let mut ran = None;
     let result =
@@ -372,13 +373,7 @@ impl ActorCalls for CallQueue {
         };
         let id = self.next_id;
         self.next_id += 1;
-        let ctx = TaskContext {
-            task_id: c.task.task_id.clone(),
-            attempt: c.task.attempt,
-            job_id: c.task.job_id.clone(),
-            node_id: self.node_id.clone(),
-            gpu_ids: c.task.gpu_ids.clone(),
-        };
+        let ctx = context(&c.task, &self.node_id);
         self.taken.insert(id, (c.task.clone(), label(&c.task)));
         Some(ActorCall {
             id,
