@@ -41,6 +41,11 @@ pub struct ExecOptions {
     /// an actor or read by running work, and room for running work's output. `None`
     /// means half of what the live nodes keep in memory.
     pub object_store_limit: Option<u64>,
+    /// `volley.exec.shuffle_partitions`: on a cluster, the partitions (reduce tasks) of
+    /// a sort, aggregation, distinct or join. `None` means twice the cluster's CPUs, at
+    /// least 8: more partitions make each reduce task's share smaller (it is read into
+    /// one worker's memory, and its operator spills past that worker's budget).
+    pub shuffle_partitions: Option<usize>,
 }
 
 impl Default for ExecOptions {
@@ -53,6 +58,7 @@ impl Default for ExecOptions {
             max_tasks_per_operator: None,
             spill_dir: None,
             object_store_limit: None,
+            shuffle_partitions: None,
         }
     }
 }
@@ -134,6 +140,10 @@ const KEYS: &[(&str, &str)] = &[
         "volley.exec.object_store_limit",
         "VOLLEY_EXEC_OBJECT_STORE_LIMIT",
     ),
+    (
+        "volley.exec.shuffle_partitions",
+        "VOLLEY_EXEC_SHUFFLE_PARTITIONS",
+    ),
     ("volley.read.split_bytes", "VOLLEY_READ_SPLIT_BYTES"),
     (
         "volley.read.pushdown_filters",
@@ -192,6 +202,13 @@ impl VolleyConfig {
             "volley.exec.spill_dir" => self.exec.spill_dir = Some(PathBuf::from(value)),
             "volley.exec.object_store_limit" => {
                 self.exec.object_store_limit = Some(parse_bytes(value)?)
+            }
+            "volley.exec.shuffle_partitions" => {
+                let n: usize = value.parse().map_err(|_| bad("a partition count"))?;
+                if n == 0 {
+                    return Err(bad("a partition count above 0"));
+                }
+                self.exec.shuffle_partitions = Some(n);
             }
             "volley.read.split_bytes" => self.read.split_bytes = parse_bytes(value)?.max(1),
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,

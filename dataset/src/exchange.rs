@@ -184,7 +184,7 @@ impl ExchangeSource {
 }
 
 /// The rows of `batch` sorted by the key columns and cut into one batch per group.
-fn groups(batch: &RecordBatch, keys: &[usize]) -> Result<Vec<RecordBatch>> {
+pub(crate) fn groups(batch: &RecordBatch, keys: &[usize]) -> Result<Vec<RecordBatch>> {
     if batch.num_rows() == 0 {
         return Ok(vec![]);
     }

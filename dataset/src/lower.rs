@@ -3,8 +3,9 @@
 //! The optimizer sees exchanges, splits, sorts, aggregations, distincts and joins as nodes of
 //! the logical plan (and pushes projections and filters through them where that is
 //! sound). This process then runs each as a source over its optimized input: the
-//! exchange's store, or a DataFusion plan over the input datasets. The cluster runner
-//! plans those sources in the driver (the next step moves them onto the nodes).
+//! exchange's store, or a DataFusion plan over the input datasets. A runner may plan a
+//! boundary itself instead: the cluster runner makes sorts, aggregations, distincts,
+//! joins and hash or random exchanges exchanges on the nodes.
 
 use std::sync::Arc;
 
@@ -31,12 +32,19 @@ fn is_boundary(op: &LogicalOp) -> bool {
     )
 }
 
-/// `plan` (optimized) with every stage boundary replaced by its source, bottom up.
+/// `plan` (optimized) with every stage boundary replaced by its source, bottom up,
+/// but those the context's runner plans itself (a cluster's exchanges).
 pub(crate) fn lower(plan: Arc<LogicalOp>, ctx: &Context) -> Result<Arc<LogicalOp>> {
-    if !plan.exists(|op| Ok(is_boundary(op)))? {
+    let runner = ctx.runner();
+    let exec = ctx.exec_context();
+    let lowers = |op: &LogicalOp| is_boundary(op) && !runner.plans_boundary(op, exec);
+    if !plan.exists(|op| Ok(lowers(op)))? {
         return Ok(plan);
     }
     let lowered = Arc::unwrap_or_clone(plan).transform_up(|op| {
+        if !lowers(&op) {
+            return Ok(Transformed::no(op));
+        }
         let source = match op {
             LogicalOp::Exchange { input, kind } => {
                 exchange_source(Dataset::new(ctx.clone(), input), kind)?

@@ -232,7 +232,7 @@ impl From<String> for SortKey {
 }
 
 /// How [`Dataset::join`](crate::Dataset::join) matches rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum JoinHow {
     /// Matching pairs only.
     Inner,

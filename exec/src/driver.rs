@@ -35,8 +35,8 @@ use volley_runtime::cluster::Cluster;
 use volley_runtime::{MemoryBudget, ResourceRequest, Runtime, TaskSpec};
 
 use crate::operator::{
-    ActorPoolOp, ClusterMapOp, ClusterPoolOp, ClusterReadOp, LimitOp, MapOp, Operator, ReadOp,
-    StepContext, TaskBody,
+    ActorPoolOp, ClusterExchangeOp, ClusterMapOp, ClusterPoolOp, ClusterReadOp, LimitOp, MapOp,
+    Operator, ReadOp, StepContext, TaskBody,
 };
 use crate::plan::{PhysicalPlan, WriteTarget};
 use crate::progress::Progress;
@@ -261,6 +261,9 @@ impl OpSlot {
 }
 
 /// Builds the operators of `plan` (children first) writing into `out`.
+///
+/// `ordered`: the queues keep input order (the execution preserves order, or an
+/// exchange above needs its input in order).
 fn build(
     plan: PhysicalPlan,
     out: Arc<BlockQueue>,
@@ -268,8 +271,8 @@ fn build(
     ctx: &ExecContext,
     shared: &ExecShared,
     ops: &mut Vec<OpSlot>,
+    ordered: bool,
 ) -> Result<()> {
-    let ordered = ctx.config.exec.preserve_order;
     let cpus = ctx.runtime.total().num_cpus.ceil().max(1.0) as usize;
     let max_tasks = ctx.config.exec.max_tasks_per_operator.unwrap_or(cpus);
     let name = plan.name();
@@ -304,6 +307,7 @@ fn build(
         PhysicalPlan::ClusterRead(_)
             | PhysicalPlan::ClusterMap(_)
             | PhysicalPlan::ClusterActorPool(_)
+            | PhysicalPlan::ClusterExchange(_)
     );
     let cluster = || {
         ctx.cluster.clone().ok_or_else(|| {
@@ -326,17 +330,22 @@ fn build(
             .unwrap_or(1.0);
         ((total / cpus_each.max(0.01)) as usize * 2).max(2)
     };
+    let input_in =
+        |child: PhysicalPlan, ops: &mut Vec<OpSlot>, ordered: bool| -> Result<Arc<BlockQueue>> {
+            let input = shared.new_queue(ordered, producers(&child));
+            build(
+                child,
+                Arc::clone(&input),
+                SeqRange::full(),
+                ctx,
+                shared,
+                ops,
+                ordered,
+            )?;
+            Ok(input)
+        };
     let input_of = |child: PhysicalPlan, ops: &mut Vec<OpSlot>| -> Result<Arc<BlockQueue>> {
-        let input = shared.new_queue(ordered, producers(&child));
-        build(
-            child,
-            Arc::clone(&input),
-            SeqRange::full(),
-            ctx,
-            shared,
-            ops,
-        )?;
-        Ok(input)
+        input_in(child, ops, ordered)
     };
     let (op, inputs): (Box<dyn Operator>, Vec<Arc<BlockQueue>>) = match plan {
         PhysicalPlan::Read(r) => {
@@ -425,12 +434,26 @@ fn build(
             );
             (Box::new(op), vec![input])
         }
+        PhysicalPlan::ClusterExchange(x) => {
+            let in_order = ordered || x.work.needs_input_order();
+            let inputs = x
+                .inputs
+                .into_iter()
+                .map(|child| input_in(child, ops, in_order))
+                .collect::<Result<Vec<_>>>()?;
+            counters
+                .tasks_total
+                .store(x.work.partitions(), Ordering::Relaxed);
+            let op =
+                ClusterExchangeOp::new(cluster()?, inputs.clone(), x.work, window(1.0), seqs.base)?;
+            (Box::new(op), inputs)
+        }
         PhysicalPlan::Union(u) => {
             // The children write into the union's output queue, each in its own range
             // of sequence numbers, so that ordered mode keeps input order.
             let ranges = seqs.split(u.inputs.len());
             for (child, range) in u.inputs.into_iter().zip(ranges) {
-                build(child, Arc::clone(&out), range, ctx, shared, ops)?;
+                build(child, Arc::clone(&out), range, ctx, shared, ops, ordered)?;
             }
             out.finish_seq(seqs.sentinel());
             return Ok(());
@@ -637,6 +660,7 @@ pub fn execute(plan: PhysicalPlan, ctx: &ExecContext) -> Result<ExecutionStream>
         ctx,
         &shared,
         &mut ops,
+        ctx.config.exec.preserve_order,
     )?;
     let names: Vec<String> = ops.iter().map(|o| o.name.clone()).collect();
     let progress = Progress::new(ctx.config.exec.progress, &names);

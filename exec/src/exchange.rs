@@ -147,40 +147,14 @@ impl ExchangeStore {
                     .iter()
                     .map(|k| Ok(Arc::clone(batch.column(self.schema.index_of(k)?))))
                     .collect::<Result<_>>()?;
-                self.hashes.clear();
-                self.hashes.resize(rows, 0);
-                create_hashes(&cols, &RandomState::default(), &mut self.hashes)?;
-                let n = (*n).max(1) as u64;
-                self.hashes.iter().map(|h| (h % n) as usize).collect()
+                hash_partitions(&cols, *n, &mut self.hashes)?
             }
-            Partitioning::Random { seed, n } => {
-                let n = (*n).max(1) as u64;
-                let first = self.rows_in;
-                (0..rows as u64)
-                    .map(|i| (mix(*seed, first + i) % n) as usize)
-                    .collect()
-            }
+            Partitioning::Random { seed, n } => random_partitions(*seed, *n, self.rows_in, rows),
         };
         self.rows_in += rows as u64;
-        // One `take` puts the rows in partition order (stable: input order within a
-        // partition); each partition holds a slice of the result.
-        let n = self.parts.len();
-        let mut counts = vec![0usize; n + 1];
-        for &t in &targets {
-            counts[t + 1] += 1;
-        }
-        for i in 0..n {
-            counts[i + 1] += counts[i];
-        }
-        let mut next = counts.clone();
-        let mut order = vec![0u32; rows];
-        for (row, &t) in targets.iter().enumerate() {
-            order[next[t]] = row as u32;
-            next[t] += 1;
-        }
-        let grouped = compact_views(take_record_batch(&batch, &UInt32Array::from(order))?)?;
+        let (grouped, counts) = group_by_partition(&batch, &targets, self.parts.len())?;
         let bytes = grouped.get_array_memory_size() as u64;
-        let slices: Vec<(usize, RecordBatch)> = (0..n)
+        let slices: Vec<(usize, RecordBatch)> = (0..self.parts.len())
             .filter(|&p| counts[p + 1] > counts[p])
             .map(|p| (p, grouped.slice(counts[p], counts[p + 1] - counts[p])))
             .collect();
@@ -395,20 +369,81 @@ impl FrozenStore {
         let blocks: Vec<RecordBatch> = self.read_range(p, 0, u64::MAX).collect::<Result<_>>()?;
         match self.partitioning {
             Partitioning::Random { seed, .. } if !blocks.is_empty() => {
-                // Every (block, row) pair, shuffled, gathered in one copy.
-                let mut picks: Vec<(usize, usize)> = blocks
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(b, batch)| (0..batch.num_rows()).map(move |r| (b, r)))
-                    .collect();
-                let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, p as u64 ^ (1 << 63)));
-                picks.shuffle(&mut rng);
-                let refs: Vec<&RecordBatch> = blocks.iter().collect();
-                Ok(interleave_record_batch(&refs, &picks)?)
+                shuffle_partition(&self.schema, &blocks, seed, p)
             }
             _ => Ok(concat_batches(&self.schema, &blocks)?),
         }
     }
+}
+
+/// The partition (of `n`) of each row, by a hash of the key columns `cols`: equal keys
+/// get the same partition in every process (the hash's seeds are fixed). `hashes` is
+/// scratch space.
+pub fn hash_partitions(cols: &[ArrayRef], n: usize, hashes: &mut Vec<u64>) -> Result<Vec<usize>> {
+    let rows = cols.first().map_or(0, |c| c.len());
+    hashes.clear();
+    hashes.resize(rows, 0);
+    create_hashes(cols, &RandomState::default(), hashes)?;
+    let n = n.max(1) as u64;
+    Ok(hashes.iter().map(|h| (h % n) as usize).collect())
+}
+
+/// The partition (of `n`) of each of `rows` rows that are rows `first..` of the input:
+/// drawn from the seed and each row's position, so that the same input order gives the
+/// same partitions however the input is cut into blocks.
+pub fn random_partitions(seed: u64, n: usize, first: u64, rows: usize) -> Vec<usize> {
+    let n = n.max(1) as u64;
+    (0..rows as u64)
+        .map(|i| (mix(seed, first + i) % n) as usize)
+        .collect()
+}
+
+/// The rows of `batch` in partition order (stable: input order within a partition), in
+/// one `take` with buffers of its own, and where each partition starts: partition `p`
+/// is rows `counts[p]..counts[p + 1]`.
+pub fn group_by_partition(
+    batch: &RecordBatch,
+    targets: &[usize],
+    n: usize,
+) -> Result<(RecordBatch, Vec<usize>)> {
+    let mut counts = vec![0usize; n + 1];
+    for &t in targets {
+        counts[t + 1] += 1;
+    }
+    for i in 0..n {
+        counts[i + 1] += counts[i];
+    }
+    let mut next = counts.clone();
+    let mut order = vec![0u32; targets.len()];
+    for (row, &t) in targets.iter().enumerate() {
+        order[next[t]] = row as u32;
+        next[t] += 1;
+    }
+    let grouped = compact_views(take_record_batch(batch, &UInt32Array::from(order))?)?;
+    Ok((grouped, counts))
+}
+
+/// The rows of `blocks` (partition `p` of a random exchange with `seed`, in input
+/// order) in the partition's seeded random order, as one batch with buffers of its own.
+pub fn shuffle_partition(
+    schema: &SchemaRef,
+    blocks: &[RecordBatch],
+    seed: u64,
+    p: usize,
+) -> Result<RecordBatch> {
+    // Every (block, row) pair, shuffled, gathered in one copy.
+    let mut picks: Vec<(usize, usize)> = blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(b, batch)| (0..batch.num_rows()).map(move |r| (b, r)))
+        .collect();
+    if picks.is_empty() {
+        return Ok(RecordBatch::new_empty(Arc::clone(schema)));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, p as u64 ^ (1 << 63)));
+    picks.shuffle(&mut rng);
+    let refs: Vec<&RecordBatch> = blocks.iter().collect();
+    Ok(interleave_record_batch(&refs, &picks)?)
 }
 
 /// Copies the strings of view columns (`Utf8View`, `BinaryView`) into buffers of their

@@ -22,12 +22,15 @@ mod transform;
 mod watch;
 
 pub use driver::{execute, ExecContext, ExecutionStream};
-pub use exchange::{compact_views, ExchangeStore, FrozenStore, Partitioning};
+pub use exchange::{
+    compact_views, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
+    ExchangeStore, FrozenStore, Partitioning,
+};
 pub use memory_pool::BudgetMemoryPool;
 pub use memory_source::{project_batch, MemorySource, RangeSource};
 pub use plan::{
-    ActorMapExec, ClusterActorPoolExec, ClusterMapExec, ClusterReadExec, LimitExec, MapExec,
-    PhysicalPlan, PoolSize, ReadExec, UnionExec, WriteTarget,
+    ActorMapExec, ClusterActorPoolExec, ClusterExchangeExec, ClusterMapExec, ClusterReadExec,
+    ExchangeWork, LimitExec, MapExec, PhysicalPlan, PoolSize, ReadExec, UnionExec, WriteTarget,
 };
 pub use pool_worker::PoolWorker;
 pub use queue::{Block, RemoteBlock};

@@ -74,6 +74,19 @@ impl MemorySource {
         }
         Ok(Self { schema, batches })
     }
+
+    /// A source over `batches` (maybe none) of `schema`.
+    pub fn with_schema(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<Self> {
+        for (i, b) in batches.iter().enumerate() {
+            if b.schema().fields() != schema.fields() {
+                return Err(VolleyError::plan(format!(
+                    "batch {i} has schema {} but the source has {schema}",
+                    b.schema()
+                )));
+            }
+        }
+        Ok(Self { schema, batches })
+    }
 }
 
 #[async_trait::async_trait]

@@ -4,6 +4,8 @@ use std::fmt::{self, Write as _};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
+use arrow::array::RecordBatch;
+use volley_common::Result;
 use volley_connectors::{DataSource, ScanRequest, StagedPart, WriteJob, WriteSummary};
 use volley_runtime::cluster::{EncodedActor, EncodedTask, Resources};
 use volley_runtime::ResourceRequest;
@@ -151,6 +153,61 @@ pub struct ClusterMapExec {
     pub write: Option<Arc<WriteTarget>>,
 }
 
+/// What an exchange on a cluster runs, made by the layer that knows the operation
+/// (sort, aggregation, join, shuffle): the tasks of each phase, encoded for the nodes.
+///
+/// ```text
+///   input blocks ──(sample tasks: a few key rows each, sort only)──▶ driver: boundaries
+///   input blocks ── map task each ──▶ one object per block: batch p = its rows of partition p
+///   partition p  ── reduce task: batch p of every map output (of every input) ──▶ block p
+/// ```
+pub trait ExchangeWork: Send + Sync + fmt::Debug {
+    /// Output partitions (reduce tasks).
+    fn partitions(&self) -> usize;
+
+    /// The task that samples one input block (its result: a few rows of its keys),
+    /// when the map tasks need boundaries chosen from samples (a sort).
+    fn sample_task(&self) -> Result<Option<EncodedTask>>;
+
+    /// What the map tasks need from the samples of every block (sort boundaries),
+    /// encoded for [`map_task`](Self::map_task); called once, with all samples.
+    fn prepare(&self, samples: Vec<RecordBatch>) -> Result<Vec<u8>>;
+
+    /// The map task of one block of input `side` whose first row is row `first_row`
+    /// of that input (a seeded shuffle draws from row positions); `prepared`: what
+    /// [`prepare`](Self::prepare) returned (empty without sampling). Its result holds
+    /// exactly [`partitions`](Self::partitions) batches, batch `p` partition `p`.
+    fn map_task(&self, side: usize, first_row: u64, prepared: &[u8]) -> Result<EncodedTask>;
+
+    /// The reduce task of partition `p`; its inputs are batch `p` of every map output,
+    /// input 0's in input order, then input 1's, `sides[i]` of input `i`.
+    fn reduce_task(&self, partition: usize, sides: &[usize]) -> Result<EncodedTask>;
+
+    /// Whether the map tasks must see the input's blocks in input order (a seeded
+    /// shuffle, an order-keeping repartition): the stages below then run in
+    /// order-preserving mode.
+    fn needs_input_order(&self) -> bool {
+        false
+    }
+}
+
+/// An all-to-all operation on a cluster: map tasks partition each input block where it
+/// is, reduce tasks read their partition of every map output and combine it (sort,
+/// aggregate, join, shuffle). This process holds references only: to the input blocks
+/// and map outputs (until every reduce task is done: a map output lost with its node
+/// is made again from its input) and to the output blocks, in partition order.
+#[derive(Debug)]
+pub struct ClusterExchangeExec {
+    /// The inputs (two for a join).
+    pub inputs: Vec<PhysicalPlan>,
+    /// The operation's name in stats.
+    pub name: String,
+    /// What it shows in `explain`.
+    pub describe: String,
+    /// Its tasks.
+    pub work: Arc<dyn ExchangeWork>,
+}
+
 /// How many actors a pool runs: a fixed number, or between `min` and `max` (growing
 /// while blocks wait for a free actor, shrinking when actors sit idle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +270,8 @@ pub enum PhysicalPlan {
     ClusterMap(ClusterMapExec),
     /// See [`ClusterActorPoolExec`].
     ClusterActorPool(ClusterActorPoolExec),
+    /// See [`ClusterExchangeExec`].
+    ClusterExchange(ClusterExchangeExec),
 }
 
 impl PhysicalPlan {
@@ -247,6 +306,7 @@ impl PhysicalPlan {
             PhysicalPlan::ClusterRead(r) => r.name.clone(),
             PhysicalPlan::ClusterMap(m) => m.name.clone(),
             PhysicalPlan::ClusterActorPool(a) => a.name.clone(),
+            PhysicalPlan::ClusterExchange(x) => x.name.clone(),
         }
     }
 
@@ -261,6 +321,7 @@ impl PhysicalPlan {
             PhysicalPlan::ClusterRead(_) => vec![],
             PhysicalPlan::ClusterMap(m) => vec![&m.input],
             PhysicalPlan::ClusterActorPool(a) => vec![&a.input],
+            PhysicalPlan::ClusterExchange(x) => x.inputs.iter().collect(),
         }
     }
 
@@ -365,6 +426,14 @@ impl PhysicalPlan {
                 },
                 a.max_in_flight,
                 a.resources
+            ),
+            PhysicalPlan::ClusterExchange(x) => writeln!(
+                f,
+                "{pad}{}: an exchange on the cluster's nodes, {} partitions (map tasks \
+                 partition each block where it is; a reduce task per partition)\n{pad}  {}",
+                x.name,
+                x.work.partitions(),
+                x.describe.replace('\n', &format!("\n{pad}  "))
             ),
         };
         for c in self.children() {

@@ -11,8 +11,11 @@
 //! - a named stateful transform runs on a **pool of cluster actors**;
 //! - a closure (`map_batches`, `filter_fn`, a local stateful factory) cannot travel: it
 //!   runs in this process (warned once, naming it), as do limits and unions (over
-//!   references) and sources that cannot travel (batches in memory, SQL results,
-//!   sorts, joins, aggregations and exchanges, which run here as they do locally);
+//!   references) and sources that cannot travel (batches in memory, SQL results);
+//! - a sort, aggregation, distinct, join, hash repartition or seeded shuffle is an
+//!   **exchange** on the nodes (`exchange.rs`): map tasks partition each input block
+//!   where it is, a reduce task per partition combines its rows; `repartition(n)`,
+//!   `randomize_block_order` and splits (cut by row counts) run here;
 //! - a write joins the last stage (each task writes its part where it runs), or is a
 //!   stage of its own over the blocks of an actor pool.
 //!
@@ -25,15 +28,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use arrow::datatypes::SchemaRef;
 use volley_common::Result;
 use volley_exec::{
-    ClusterActorPoolExec, ClusterMapExec, ClusterReadExec, ExecContext, PhysicalPlan, PoolSize,
-    PoolWorker,
+    ClusterActorPoolExec, ClusterExchangeExec, ClusterMapExec, ClusterReadExec, ExecContext,
+    PhysicalPlan, PoolSize, PoolWorker,
 };
 use volley_runtime::cluster::{Cluster, EncodedActor, EncodedTask, Resources};
 
+use super::exchange::DatasetExchange;
 use super::stage::{plan_bytes, ShippedOp, StageInput, StageTask};
 use super::Runner;
-use crate::logical::LogicalOp;
-use crate::logical::WriteSpec;
+use crate::logical::{ExchangeKind, LogicalOp, WriteSpec};
 use crate::options::MapOptions;
 use crate::planner::{self, Planned};
 
@@ -320,17 +323,77 @@ impl ClusterRunner {
                     .any(|c| matches!(c, Node::Stage(_) | Node::Plan { remote: true, .. }));
                 here(children, remote)
             }
-            // Lowered to its source before planning; planning one reports that.
+            // An exchange on the nodes: map tasks where the input blocks are, a reduce
+            // task per partition.
             LogicalOp::Exchange { .. }
-            | LogicalOp::Split { .. }
             | LogicalOp::Sort { .. }
             | LogicalOp::Aggregate { .. }
             | LogicalOp::Distinct { .. }
-            | LogicalOp::Join { .. } => here(children, false),
+            | LogicalOp::Join { .. } => {
+                let Some(work) = DatasetExchange::of(op, state, self.partitions(exec))? else {
+                    // Lowered to its source before planning; planning one reports that.
+                    return here(children, false);
+                };
+                let inputs = children
+                    .into_iter()
+                    .map(|c| c.close().map(|((p, _), _)| p))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Node::Plan {
+                    planned: (
+                        PhysicalPlan::ClusterExchange(ClusterExchangeExec {
+                            inputs,
+                            name: boundary_name(op).into(),
+                            describe: ShippedOp::describe(op),
+                            work: Arc::new(work),
+                        }),
+                        op.schema(state)?,
+                    ),
+                    remote: true,
+                })
+            }
+            LogicalOp::Split { .. } => here(children, false),
             LogicalOp::Write { .. } => Err(volley_common::VolleyError::internal(format!(
                 "a write below the root of a plan: {op}"
             ))),
         }
+    }
+}
+
+/// The name of a boundary's exchange in stats.
+fn boundary_name(op: &LogicalOp) -> &'static str {
+    match op {
+        LogicalOp::Sort { .. } => "Sort",
+        LogicalOp::Aggregate { .. } => "Aggregate",
+        LogicalOp::Distinct { .. } => "Distinct",
+        LogicalOp::Join { .. } => "Join",
+        LogicalOp::Exchange { kind, .. } => match kind {
+            ExchangeKind::RandomShuffle { .. } => "RandomShuffle",
+            ExchangeKind::Groups { .. } => "Groups",
+            _ => "Repartition",
+        },
+        _ => "Exchange",
+    }
+}
+
+impl ClusterRunner {
+    /// The reduce tasks of an exchange whose operation leaves their number open:
+    /// `volley.exec.shuffle_partitions`, or twice the live nodes' CPUs (at least 8).
+    fn partitions(&self, exec: &ExecContext) -> usize {
+        if let Some(n) = exec.config.exec.shuffle_partitions {
+            return n;
+        }
+        let cpus: f64 = self
+            .cluster
+            .status()
+            .map(|s| {
+                s.nodes
+                    .iter()
+                    .filter(|n| n.alive)
+                    .map(|n| n.total.as_ref().map_or(0.0, |t| t.num_cpus))
+                    .sum()
+            })
+            .unwrap_or(0.0);
+        ((cpus * 2.0) as usize).max(8)
     }
 }
 
@@ -414,5 +477,9 @@ impl Runner for ClusterRunner {
     fn exec_context(&self, mut base: ExecContext) -> ExecContext {
         base.cluster = Some(self.cluster.clone());
         base
+    }
+
+    fn plans_boundary(&self, op: &LogicalOp, exec: &ExecContext) -> bool {
+        matches!(DatasetExchange::of(op, &exec.session, 1), Ok(Some(_)))
     }
 }

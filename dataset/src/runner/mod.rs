@@ -5,7 +5,8 @@
 //!   optimized LogicalOp ── Runner::plan ──▶ PhysicalPlan ── volley_exec::execute ──▶ stream
 //!     LocalRunner:   every operator in this process (tasks on threads)
 //!     ClusterRunner: stages that can travel run on the cluster's nodes (their blocks
-//!                    stay there); closures, limits, unions and all-to-all operators
+//!                    stay there), and so do sorts, aggregations, joins and shuffles
+//!                    (exchanges: map and reduce tasks); closures, limits, unions
 //!                    run in this process over references to those blocks
 //! ```
 //!
@@ -13,6 +14,7 @@
 //! runner, and `explain` and `stats` read the same plan and the same driver either way.
 
 mod cluster;
+mod exchange;
 mod scan;
 mod stage;
 
@@ -35,6 +37,13 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
 
     /// The execution context its operators run with (on a cluster: with the cluster).
     fn exec_context(&self, base: ExecContext) -> ExecContext;
+
+    /// Whether it plans the stage boundary `op` (a sort, an aggregation, a join, an
+    /// exchange) itself; otherwise `op` becomes a source of this process before
+    /// planning (see `lower`).
+    fn plans_boundary(&self, _op: &LogicalOp, _exec: &ExecContext) -> bool {
+        false
+    }
 }
 
 /// Runs every operator in this process, its tasks on the context's threads.

@@ -41,13 +41,13 @@ pub(crate) enum ShippedOp {
     },
 }
 
-fn expr_bytes(e: &Expr) -> Result<Vec<u8>> {
+pub(crate) fn expr_bytes(e: &Expr) -> Result<Vec<u8>> {
     Ok(e.to_bytes()
         .with_context(|| format!("serializing expression `{e}` for the cluster"))?
         .to_vec())
 }
 
-fn expr_from(bytes: &[u8], state: &SessionState) -> Result<Expr> {
+pub(crate) fn expr_from(bytes: &[u8], state: &SessionState) -> Result<Expr> {
     Expr::from_bytes_with_ctx(bytes, &state.task_ctx())
         .context("rebuilding an expression shipped by the driver")
 }

@@ -15,6 +15,7 @@
 //! left to start; the driver closes its output once its last task has ended.
 
 mod actor_pool;
+mod cluster_exchange;
 mod cluster_map;
 mod cluster_pool;
 mod cluster_read;
@@ -31,6 +32,7 @@ use volley_connectors::PartWriter;
 use volley_runtime::ResourceRequest;
 
 pub(crate) use actor_pool::ActorPoolOp;
+pub(crate) use cluster_exchange::ClusterExchangeOp;
 pub(crate) use cluster_map::ClusterMapOp;
 pub(crate) use cluster_pool::ClusterPoolOp;
 pub(crate) use cluster_read::ClusterReadOp;
@@ -311,6 +313,47 @@ impl StepContext<'_> {
         let mut block = crate::queue::RemoteBlock::new(object, meta);
         block.charge(&remote.budget);
         Ok(block)
+    }
+}
+
+impl StepContext<'_> {
+    /// Starts counting a cluster task of this operator that makes no output block (an
+    /// exchange's sample or map task): the operator stays open while it runs, and is
+    /// stepped again when it ends.
+    pub(crate) fn background_work(&self, label: String) -> BackgroundWork {
+        self.in_flight_counter.fetch_add(1, Ordering::AcqRel);
+        self.shared.remote_running.fetch_add(1, Ordering::AcqRel);
+        self.counters.tasks_total.fetch_add(1, Ordering::Relaxed);
+        self.counters.task_started();
+        BackgroundWork {
+            shared: Arc::clone(self.shared),
+            in_flight: Arc::clone(self.in_flight_counter),
+            counters: Arc::clone(self.counters),
+            label,
+        }
+    }
+}
+
+/// A cluster task that makes no output block; see [`StepContext::background_work`].
+pub(crate) struct BackgroundWork {
+    shared: Arc<ExecShared>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    counters: Arc<OpCounters>,
+    label: String,
+}
+
+impl BackgroundWork {
+    /// The task ended; an error ends the execution, naming the task.
+    pub(crate) fn finish(self, result: Result<()>) {
+        match result {
+            Ok(()) => {}
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => self.shared.fail(e.context(&self.label)),
+        }
+        self.counters.task_done(std::time::Duration::ZERO);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.shared.remote_running.fetch_sub(1, Ordering::AcqRel);
+        self.shared.signal.notify();
     }
 }
 

@@ -432,6 +432,7 @@ impl ActorHandle {
         self.cluster.submit_payload(
             payload.into(),
             inputs,
+            &[],
             &TaskOptions {
                 resources: Resources::default(),
                 max_retries: 0,
@@ -599,13 +600,29 @@ impl Cluster {
         inputs: &[&ObjectRef],
         options: &TaskOptions,
     ) -> Result<ObjectRef> {
-        self.submit_payload(task.payload.clone(), inputs, options, "")
+        self.submit_payload(task.payload.clone(), inputs, &[], options, "")
+    }
+
+    /// Runs a task whose inputs are single batches of objects: input `i` is batch
+    /// `parts[i].1` of object `parts[i].0` (an exchange's reduce task reading its
+    /// partition of every map output). Only that batch travels; a node reads it from
+    /// the object's file by the file's index without reading the rest.
+    pub fn submit_parts(
+        &self,
+        task: &EncodedTask,
+        parts: &[(&ObjectRef, u32)],
+        options: &TaskOptions,
+    ) -> Result<ObjectRef> {
+        let inputs: Vec<&ObjectRef> = parts.iter().map(|(o, _)| *o).collect();
+        let batches: Vec<i64> = parts.iter().map(|(_, b)| i64::from(*b)).collect();
+        self.submit_payload(task.payload.clone(), &inputs, &batches, options, "")
     }
 
     fn submit_payload(
         &self,
         payload: bytes::Bytes,
         inputs: &[&ObjectRef],
+        batches: &[i64],
         options: &TaskOptions,
         actor: &str,
     ) -> Result<ObjectRef> {
@@ -623,6 +640,7 @@ impl Cluster {
             bundle_index: index,
             actor_id: actor.to_string(),
             name: options.name.clone(),
+            arg_batches: batches.to_vec(),
         };
         // Queued for the submission loop; the head's refusal, if any, is the object's
         // error (as a failing task's is).
@@ -692,9 +710,13 @@ impl Cluster {
             let location = status.location.unwrap_or_default();
             if location.inline.is_empty() {
                 for a in &location.addresses {
-                    if let Ok(b) =
-                        super::objects::fetch_range(&inner.channels, a, &id, Some((offset, rows)))
-                            .await
+                    if let Ok(b) = super::objects::fetch_range(
+                        &inner.channels,
+                        a,
+                        &id,
+                        super::objects::Selection::Rows { offset, rows },
+                    )
+                    .await
                     {
                         return Ok(b);
                     }

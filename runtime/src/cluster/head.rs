@@ -673,6 +673,7 @@ impl State {
                         bytes: o.bytes,
                         rows: o.rows,
                         inline: o.inline.clone().filter(|_| ready).unwrap_or_default(),
+                        batch: None,
                     }),
                 }
             }
@@ -773,7 +774,12 @@ impl State {
         }
         // Inputs: all present, or one failed for good.
         let mut args = Vec::new();
-        for a in &task.spec.args {
+        for (i, a) in task.spec.args.iter().enumerate() {
+            let batch = task
+                .spec
+                .arg_batches
+                .get(i)
+                .and_then(|b| u32::try_from(*b).ok());
             match self.objects.get(a) {
                 None => {
                     self.fail_task(
@@ -802,6 +808,7 @@ impl State {
                         bytes: o.bytes,
                         rows: o.rows,
                         inline: o.inline.clone().unwrap_or_default(),
+                        batch,
                     });
                 }
             }

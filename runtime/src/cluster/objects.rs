@@ -227,6 +227,23 @@ impl ObjectStore {
         Ok(Some(Arc::new(read_file(&path)?)))
     }
 
+    /// Batch `i` of object `id` (nothing for an object without batches); `None` if it
+    /// is not here. A file is read at that batch only (the IPC file's footer indexes
+    /// its batches).
+    pub fn get_batch(&self, id: &str, i: u32) -> Result<Option<Vec<RecordBatch>>> {
+        let path = {
+            let s = self.inner.lock().expect("object store lock");
+            match s.objects.get(id) {
+                None => return Ok(None),
+                Some(Stored::Memory(b, _)) => {
+                    return Selection::Batch(i).apply(id, b.to_vec()).map(Some);
+                }
+                Some(Stored::Shared(p, _) | Stored::Spilled(p, _)) => p.clone(),
+            }
+        };
+        read_file_batch(&path, i).map(Some)
+    }
+
     /// Drops objects (and their spill files).
     pub fn free(&self, ids: &[String]) {
         let mut s = self.inner.lock().expect("object store lock");
@@ -289,6 +306,33 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
     })?;
     let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
     Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// Batch `i` of the Arrow IPC file at `path` (nothing if the file has no batches),
+/// read through the file's index.
+pub(crate) fn read_file_batch(path: &Path, i: u32) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        VolleyError::Io(e).context(format!("cannot read object file {}", path.display()))
+    })?;
+    let mut reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
+    let n = reader.num_batches();
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    if i as usize >= n {
+        return Err(VolleyError::execution(format!(
+            "object file {} has {n} batches; batch {i} was asked for",
+            path.display()
+        )));
+    }
+    reader.set_index(i as usize)?;
+    let batch = reader.next().transpose()?.ok_or_else(|| {
+        VolleyError::execution(format!(
+            "object file {}: batch {i} is missing",
+            path.display()
+        ))
+    })?;
+    Ok(vec![batch])
 }
 
 impl StoreInner {
@@ -435,25 +479,40 @@ impl FlightService for FlightObjects {
         &self,
         request: Request<Ticket>,
     ) -> std::result::Result<Response<Self::DoGetStream>, Status> {
-        let (id, range) = parse_ticket(&request.get_ref().ticket)
+        let (id, selection) = parse_ticket(&request.get_ref().ticket)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let batches = self
-            .store
-            .get(&id)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::not_found(format!("object {id} is not on this node")))?;
+        let not_here = || Status::not_found(format!("object {id} is not on this node"));
+        let internal = |e: VolleyError| Status::internal(e.to_string());
+        let batches: Vec<RecordBatch> = match selection {
+            Selection::Batch(i) => self
+                .store
+                .get_batch(&id, i)
+                .map_err(internal)?
+                .ok_or_else(not_here)?,
+            Selection::All => {
+                let all = self
+                    .store
+                    .get(&id)
+                    .map_err(internal)?
+                    .ok_or_else(not_here)?;
+                all.iter().cloned().collect()
+            }
+            Selection::Rows { offset, rows } => {
+                let all = self
+                    .store
+                    .get(&id)
+                    .map_err(internal)?
+                    .ok_or_else(not_here)?;
+                slice_rows(&all, offset, rows)
+                    .map_err(|e| Status::out_of_range(format!("object {id}: {e}")))?
+            }
+        };
         let schema = batches
             .first()
             .map(|b| b.schema())
             .unwrap_or_else(|| Arc::new(Schema::empty()));
-        let items: Vec<std::result::Result<RecordBatch, FlightError>> = match range {
-            Some((offset, rows)) => slice_rows(&batches, offset, rows)
-                .map_err(|e| Status::out_of_range(format!("object {id}: {e}")))?
-                .into_iter()
-                .map(Ok)
-                .collect(),
-            None => batches.iter().cloned().map(Ok).collect(),
-        };
+        let items: Vec<std::result::Result<RecordBatch, FlightError>> =
+            batches.into_iter().map(Ok).collect();
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(futures::stream::iter(items))
@@ -542,21 +601,64 @@ pub(crate) async fn fetch(
     address: &str,
     id: &str,
 ) -> Result<Vec<RecordBatch>> {
-    fetch_range(channels, address, id, None).await
+    fetch_range(channels, address, id, Selection::All).await
 }
 
-/// Rows `offset..offset + rows` of object `id` (all of it without a range), fetched from
-/// the store at `address`: the node slices, so only those rows travel.
+/// What part of an object a read asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Selection {
+    /// All of it.
+    All,
+    /// Rows `offset..offset + rows` of its batches taken as one sequence.
+    Rows { offset: u64, rows: u64 },
+    /// Its batch `i` (a partition of an exchange's map output).
+    Batch(u32),
+}
+
+impl Selection {
+    /// The selection of a task input: one batch, or all of it.
+    pub(crate) fn of_batch(batch: Option<u32>) -> Self {
+        batch.map_or(Selection::All, Selection::Batch)
+    }
+
+    /// The selected part of `batches` (all of an object).
+    pub(crate) fn apply(self, id: &str, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        match self {
+            Selection::All => Ok(batches),
+            Selection::Rows { offset, rows } => {
+                slice_rows(&batches, offset, rows).map_err(|e| e.context(format!("object {id}")))
+            }
+            // An object without batches (a map task's empty input) has no rows in
+            // any partition.
+            Selection::Batch(_) if batches.is_empty() => Ok(batches),
+            Selection::Batch(i) => {
+                let n = batches.len();
+                batches
+                    .into_iter()
+                    .nth(i as usize)
+                    .map(|b| vec![b])
+                    .ok_or_else(|| {
+                        VolleyError::execution(format!(
+                            "object {id} has {n} batches; batch {i} was asked for"
+                        ))
+                    })
+            }
+        }
+    }
+}
+
+/// The `selection` of object `id`, fetched from the store at `address`: the node cuts
+/// it, so only those rows travel.
 pub(crate) async fn fetch_range(
     channels: &super::net::Channels,
     address: &str,
     id: &str,
-    range: Option<(u64, u64)>,
+    selection: Selection,
 ) -> Result<Vec<RecordBatch>> {
     let mut client = channels.flight(address).await?;
     let stream = client
         .do_get(Ticket {
-            ticket: ticket(id, range).into(),
+            ticket: ticket(id, selection).into(),
         })
         .await
         .map_err(|e| {
@@ -693,37 +795,53 @@ pub(crate) async fn fetch_shared(
     channels: &super::net::Channels,
     address: &str,
     id: &str,
+    batch: Option<u32>,
 ) -> Option<Vec<RecordBatch>> {
     let path = action(channels, address, ACTION_LOCATE, id.to_string())
         .await
         .ok()
         .filter(|p| !p.is_empty())?;
     // The store may spill or free it meanwhile: then Flight says where it went.
-    read_file(Path::new(&path)).ok()
-}
-
-/// A `DoGet` ticket: the object id, then (for a slice) `\0offset\0rows`. Object ids
-/// never hold a NUL.
-fn ticket(id: &str, range: Option<(u64, u64)>) -> Vec<u8> {
-    match range {
-        Some((offset, rows)) => format!("{id}\0{offset}\0{rows}").into_bytes(),
-        None => id.as_bytes().to_vec(),
+    match batch {
+        Some(i) => read_file_batch(Path::new(&path), i).ok(),
+        None => read_file(Path::new(&path)).ok(),
     }
 }
 
-fn parse_ticket(bytes: &[u8]) -> Result<(String, Option<(u64, u64)>)> {
+/// A `DoGet` ticket: the object id, then `\0offset\0rows` for a slice or
+/// `\0batch\0i` for one batch. Object ids never hold a NUL.
+fn ticket(id: &str, selection: Selection) -> Vec<u8> {
+    match selection {
+        Selection::All => id.as_bytes().to_vec(),
+        Selection::Rows { offset, rows } => format!("{id}\0{offset}\0{rows}").into_bytes(),
+        Selection::Batch(i) => format!("{id}\0batch\0{i}").into_bytes(),
+    }
+}
+
+fn parse_ticket(bytes: &[u8]) -> Result<(String, Selection)> {
     let text = String::from_utf8_lossy(bytes);
     let mut parts = text.split('\0');
     let id = parts.next().unwrap_or_default().to_string();
-    let (Some(offset), Some(rows), None) = (parts.next(), parts.next(), parts.next()) else {
-        return Ok((id, None));
+    let (Some(first), Some(second), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Ok((id, Selection::All));
     };
     let number = |s: &str| {
         s.parse::<u64>().map_err(|_| {
-            VolleyError::plan(format!("ticket for object {id}: `{s}` is not a row count"))
+            VolleyError::plan(format!("ticket for object {id}: `{s}` is not a number"))
         })
     };
-    Ok((id.clone(), Some((number(offset)?, number(rows)?))))
+    let selection = if first == "batch" {
+        let i = number(second)?;
+        Selection::Batch(u32::try_from(i).map_err(|_| {
+            VolleyError::plan(format!("ticket for object {id}: batch {i} is out of range"))
+        })?)
+    } else {
+        Selection::Rows {
+            offset: number(first)?,
+            rows: number(second)?,
+        }
+    };
+    Ok((id.clone(), selection))
 }
 
 /// Rows `offset..offset + rows` of `batches` taken as one sequence (zero-copy slices).
@@ -841,10 +959,15 @@ impl ObjectReader {
         let _enter = self.runtime.enter();
         let mut errors = Vec::new();
         for a in addresses {
-            match self
-                .runtime
-                .block_on(fetch_range(&self.channels, a, id, Some((*offset, *rows))))
-            {
+            match self.runtime.block_on(fetch_range(
+                &self.channels,
+                a,
+                id,
+                Selection::Rows {
+                    offset: *offset,
+                    rows: *rows,
+                },
+            )) {
                 Ok(b) => return Ok(b),
                 Err(e) => errors.push(e.to_string()),
             }
@@ -945,14 +1068,19 @@ mod tests {
 
     #[test]
     fn a_ticket_names_a_slice_and_the_node_cuts_only_those_rows() {
-        assert_eq!(
-            parse_ticket(&ticket("j:t-1", None)).unwrap(),
-            ("j:t-1".into(), None)
-        );
-        assert_eq!(
-            parse_ticket(&ticket("j:t-1", Some((7, 30)))).unwrap(),
-            ("j:t-1".into(), Some((7, 30)))
-        );
+        for selection in [
+            Selection::All,
+            Selection::Rows {
+                offset: 7,
+                rows: 30,
+            },
+            Selection::Batch(3),
+        ] {
+            assert_eq!(
+                parse_ticket(&ticket("j:t-1", selection)).unwrap(),
+                ("j:t-1".into(), selection)
+            );
+        }
         let err = parse_ticket(b"j:t-1\x00x\x003").unwrap_err().to_string();
         assert!(err.contains("j:t-1") && err.contains("`x`"), "{err}");
 

@@ -6,12 +6,14 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
+use futures::{StreamExt, TryStreamExt};
 use tracing::warn;
 use volley_common::{ErrorReport, Result, VolleyError};
 
 use super::net::{wire_error, wire_execution_error, Channels};
 use super::objects::{
-    decode_inline, encode_inline, fetch, fetch_shared, store, store_shared, SHARED_DIR_VAR,
+    decode_inline, encode_inline, fetch_range, fetch_shared, store, store_shared, Selection,
+    SHARED_DIR_VAR,
 };
 use super::proto::{self, task_report::Outcome};
 use super::task::{
@@ -158,6 +160,9 @@ fn worker_loop() -> Result<()> {
     }
 }
 
+/// Inputs a task reads at once.
+const INPUTS_IN_FLIGHT: usize = 8;
+
 /// Where a worker is: its agent and node, to read inputs and store results.
 struct Link<'a> {
     channels: &'a Channels,
@@ -180,51 +185,59 @@ impl Link<'_> {
     }
 
     /// Reads a task's inputs: any copy will do; if none can be read the task is
-    /// retried (the head rebuilds a lost input first), and the report says so.
+    /// retried (the head rebuilds a lost input first), and the report says so. Several
+    /// inputs are read at once (a reduce task reads a partition of every map output),
+    /// at most [`INPUTS_IN_FLIGHT`] of them.
     async fn inputs(
         &self,
         task: &proto::TaskAssignment,
     ) -> std::result::Result<Vec<Vec<RecordBatch>>, proto::TaskReport> {
-        let mut inputs = Vec::with_capacity(task.args.len());
+        let mut reads = Vec::with_capacity(task.args.len());
         for arg in &task.args {
-            let mut got = None;
-            let mut last_error = String::from("no copy is known");
-            if !arg.inline.is_empty() {
-                match decode_inline(&arg.object_id, &arg.inline) {
-                    Ok(b) => got = Some(b),
-                    Err(e) => last_error = e.to_string(),
-                }
-            }
-            // A copy on this node is read from its file, without Flight.
-            if got.is_none()
-                && self.shared_dir.is_some()
-                && arg.addresses.iter().any(|a| a == self.agent_address)
+            reads.push(self.input(arg));
+        }
+        let read = futures::stream::iter(reads)
+            .buffered(INPUTS_IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await;
+        read.map_err(|error| {
+            let mut report = self.report(task);
+            report.outcome = Outcome::SystemFailure as i32;
+            report.error = Some(wire_execution_error(error));
+            report
+        })
+    }
+
+    /// One input (or the part of it the task reads).
+    async fn input(
+        &self,
+        arg: &proto::ObjectLocation,
+    ) -> std::result::Result<Vec<RecordBatch>, String> {
+        let mut last_error = String::from("no copy is known");
+        let selection = Selection::of_batch(arg.batch);
+        if !arg.inline.is_empty() {
+            match decode_inline(&arg.object_id, &arg.inline)
+                .and_then(|b| selection.apply(&arg.object_id, b))
             {
-                got = fetch_shared(self.channels, self.agent_address, &arg.object_id).await;
-            }
-            for address in arg.addresses.iter().filter(|_| got.is_none()) {
-                match fetch(self.channels, address, &arg.object_id).await {
-                    Ok(b) => {
-                        got = Some(b);
-                        break;
-                    }
-                    Err(e) => last_error = e.to_string(),
-                }
-            }
-            match got {
-                Some(b) => inputs.push(b),
-                None => {
-                    let mut report = self.report(task);
-                    report.outcome = Outcome::SystemFailure as i32;
-                    report.error = Some(wire_execution_error(format!(
-                        "cannot read input {}: {last_error}",
-                        arg.object_id
-                    )));
-                    return Err(report);
-                }
+                Ok(b) => return Ok(b),
+                Err(e) => last_error = e.to_string(),
             }
         }
-        Ok(inputs)
+        // A copy on this node is read from its file, without Flight.
+        if self.shared_dir.is_some() && arg.addresses.iter().any(|a| a == self.agent_address) {
+            let local =
+                fetch_shared(self.channels, self.agent_address, &arg.object_id, arg.batch).await;
+            if let Some(b) = local {
+                return Ok(b);
+            }
+        }
+        for address in &arg.addresses {
+            match fetch_range(self.channels, address, &arg.object_id, selection).await {
+                Ok(b) => return Ok(b),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(format!("cannot read input {}: {last_error}", arg.object_id))
     }
 
     /// Stores what `task` returned (a small result goes to the agent with the

@@ -1,0 +1,693 @@
+//! The all-to-all operations on a cluster: what the sample, map and reduce tasks of an
+//! exchange ([`ClusterExchangeExec`](volley_exec::ClusterExchangeExec)) do for each
+//! operation.
+//!
+//! | operation | map tasks partition by | a reduce task (one partition) |
+//! | --- | --- | --- |
+//! | `sort` | ranges of the keys, boundaries from samples of every block | sorts it |
+//! | `groupby().agg()`, `aggregate` | a hash of the keys (no keys: one partition) | aggregates it |
+//! | `distinct`, `unique` | a hash of every column | keeps each row once |
+//! | `join` | a hash of each side's keys (cast to a common type) | joins its two sides |
+//! | `repartition_by` | a hash of the keys | its rows, in input order |
+//! | `random_shuffle` | the seed and each row's position | its rows in a seeded order |
+//! | `map_groups`' groups | a hash of the keys | one block per group |
+//!
+//! A reduce task runs the same local operator a single process runs (DataFusion's
+//! external sort, spilling aggregation, hash join) over its partition, so each
+//! partition's answer is the single-process answer for its rows; the partitioning
+//! puts every row that must meet (equal keys, a key range) into one partition. A
+//! seeded shuffle and `repartition_by` read their input in order and draw from the same
+//! functions as the single-process exchange: the same rows in the same order.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
+use arrow::compute::{cast, concat_batches, take, SortOptions};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use arrow::row::{RowConverter, SortField};
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
+use serde::{Deserialize, Serialize};
+use volley_common::{Result, VolleyError};
+use volley_exec::{
+    compile_expr, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
+    ExchangeWork, MemorySource,
+};
+use volley_runtime::cluster::{EncodedTask, RemoteTask, TaskContext};
+
+use super::stage::{expr_bytes, expr_from};
+use crate::context::Context;
+use crate::dataset::Dataset;
+use crate::exchange::groups;
+use crate::logical::{ExchangeKind, LogicalOp};
+use crate::options::{JoinHow, SortKey};
+use crate::relational::GroupedDataset;
+
+/// Key rows each block gives a sort's boundaries.
+const SAMPLE_ROWS: usize = 128;
+
+/// A sort key as it travels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ShippedKey {
+    expr: Vec<u8>,
+    descending: bool,
+    nulls_first: bool,
+}
+
+impl ShippedKey {
+    fn of(k: &SortKey) -> Result<Self> {
+        Ok(Self {
+            expr: expr_bytes(&k.expr)?,
+            descending: k.descending,
+            nulls_first: k.nulls_first,
+        })
+    }
+
+    fn rebuild(&self, state: &SessionState) -> Result<SortKey> {
+        Ok(SortKey {
+            expr: expr_from(&self.expr, state)?,
+            descending: self.descending,
+            nulls_first: self.nulls_first,
+        })
+    }
+
+    fn options(&self) -> SortOptions {
+        SortOptions {
+            descending: self.descending,
+            nulls_first: self.nulls_first,
+        }
+    }
+}
+
+/// The values of the sort keys over `batch`.
+fn key_columns(
+    batch: &RecordBatch,
+    keys: &[ShippedKey],
+    state: &SessionState,
+) -> Result<Vec<ArrayRef>> {
+    keys.iter()
+        .map(|k| {
+            let key = k.rebuild(state)?;
+            let expr = compile_expr(&key.expr, &batch.schema(), state)?;
+            Ok(expr.evaluate(batch)?.into_array(batch.num_rows())?)
+        })
+        .collect()
+}
+
+/// Rows of key values that compare in the sort's order.
+fn converter(keys: &[ShippedKey], columns: &[ArrayRef]) -> Result<RowConverter> {
+    Ok(RowConverter::new(
+        keys.iter()
+            .zip(columns)
+            .map(|(k, c)| SortField::new_with_options(c.data_type().clone(), k.options()))
+            .collect(),
+    )?)
+}
+
+fn batch_bytes(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let mut w = StreamWriter::try_new(Vec::new(), &batch.schema())?;
+    w.write(batch)?;
+    w.finish()?;
+    Ok(w.into_inner()?)
+}
+
+fn schema_bytes(schema: &Schema) -> Result<Vec<u8>> {
+    let mut w = StreamWriter::try_new(Vec::new(), schema)?;
+    w.finish()?;
+    Ok(w.into_inner()?)
+}
+
+/// The schema and batches of an IPC stream.
+fn from_bytes(bytes: &[u8]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    let schema = reader.schema();
+    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((schema, batches))
+}
+
+/// How a map task sends each row to a partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Partitioner {
+    /// A hash of the key columns (`None`: every column; no keys: all rows to
+    /// partition 0), each cast to its type in `casts` first where one is given (a
+    /// join's two sides must hash equal keys of different types alike).
+    Hash {
+        keys: Option<Vec<String>>,
+        casts: Vec<Option<String>>,
+    },
+    /// The seed and each row's position in the input (rows `first_row..`).
+    Random { seed: u64, first_row: u64 },
+    /// Ranges of the sort keys: `bounds` is an IPC stream of one batch of boundary
+    /// key rows, in order.
+    Range {
+        keys: Vec<ShippedKey>,
+        bounds: Vec<u8>,
+    },
+}
+
+/// A map task: its input block, cut into one batch per partition.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExchangeMapTask {
+    partitions: usize,
+    partitioner: Partitioner,
+}
+
+impl ExchangeMapTask {
+    /// The partition of each row of each batch.
+    fn route(&self, batches: &[RecordBatch]) -> Result<Vec<Vec<usize>>> {
+        let n = self.partitions;
+        match &self.partitioner {
+            Partitioner::Hash { keys, casts } => {
+                let mut hashes = Vec::new();
+                batches
+                    .iter()
+                    .map(|b| {
+                        let schema = b.schema();
+                        let names: Vec<String> = match keys {
+                            Some(k) => k.clone(),
+                            None => schema.fields().iter().map(|f| f.name().clone()).collect(),
+                        };
+                        if names.is_empty() {
+                            return Ok(vec![0; b.num_rows()]);
+                        }
+                        let cols = names
+                            .iter()
+                            .enumerate()
+                            .map(|(i, k)| {
+                                let idx = schema.index_of(k).map_err(|_| {
+                                    VolleyError::unknown_column("exchange key", k, &schema)
+                                })?;
+                                let col = Arc::clone(b.column(idx));
+                                match casts.get(i).and_then(Option::as_ref) {
+                                    Some(t) => {
+                                        let t = DataType::from_str(t)?;
+                                        Ok(cast(&col, &t)?)
+                                    }
+                                    None => Ok(col),
+                                }
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        hash_partitions(&cols, n, &mut hashes)
+                    })
+                    .collect()
+            }
+            Partitioner::Random { seed, first_row } => {
+                let mut first = *first_row;
+                Ok(batches
+                    .iter()
+                    .map(|b| {
+                        let t = random_partitions(*seed, n, first, b.num_rows());
+                        first += b.num_rows() as u64;
+                        t
+                    })
+                    .collect())
+            }
+            Partitioner::Range { keys, bounds } => {
+                let ctx = Context::global()?;
+                let state = ctx.session_state();
+                let (_, bounds) = from_bytes(bounds)?;
+                let bounds = match bounds.into_iter().next() {
+                    Some(b) if b.num_rows() > 0 => b,
+                    // No boundaries (one partition, or no samples): all in partition 0.
+                    _ => return Ok(batches.iter().map(|b| vec![0; b.num_rows()]).collect()),
+                };
+                let bound_cols: Vec<ArrayRef> = bounds.columns().to_vec();
+                let conv = converter(keys, &bound_cols)?;
+                let bound_rows = conv.convert_columns(&bound_cols)?;
+                let bound_rows: Vec<_> = bound_rows.iter().collect();
+                batches
+                    .iter()
+                    .map(|b| {
+                        let cols = key_columns(b, keys, state)?;
+                        // The key types of the samples and of every block agree: the
+                        // same expressions over the same schema.
+                        let cols = cols
+                            .iter()
+                            .zip(&bound_cols)
+                            .map(|(c, b)| Ok(cast(c, b.data_type())?))
+                            .collect::<Result<Vec<_>>>()?;
+                        let rows = conv.convert_columns(&cols)?;
+                        Ok(rows
+                            .iter()
+                            .map(|r| bound_rows.partition_point(|b| *b <= r).min(n - 1))
+                            .collect())
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+#[typetag::serde(name = "volley::ExchangeMapTask")]
+impl RemoteTask for ExchangeMapTask {
+    fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let batches: Vec<RecordBatch> = inputs.into_iter().flatten().collect();
+        let Some(first) = batches.first() else {
+            // No rows: no partition gets any (readers of a batch of it get none).
+            return Ok(vec![]);
+        };
+        let schema = first.schema();
+        let n = self.partitions.max(1);
+        let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
+        for (b, targets) in batches.iter().zip(self.route(&batches)?) {
+            let (grouped, counts) = group_by_partition(b, &targets, n)?;
+            for (p, part) in parts.iter_mut().enumerate() {
+                if counts[p + 1] > counts[p] {
+                    part.push(grouped.slice(counts[p], counts[p + 1] - counts[p]));
+                }
+            }
+        }
+        // Exactly one batch per partition (maybe empty): reduce task `p` reads batch `p`.
+        parts
+            .into_iter()
+            .map(|mut part| match part.len() {
+                0 => Ok(RecordBatch::new_empty(Arc::clone(&schema))),
+                1 => Ok(part.pop().expect("one batch")),
+                _ => Ok(concat_batches(&schema, &part)?),
+            })
+            .collect()
+    }
+}
+
+/// A sample task: up to [`SAMPLE_ROWS`] key rows of its block, evenly spaced.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExchangeSampleTask {
+    keys: Vec<ShippedKey>,
+}
+
+#[typetag::serde(name = "volley::ExchangeSampleTask")]
+impl RemoteTask for ExchangeSampleTask {
+    fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let ctx = Context::global()?;
+        let state = ctx.session_state();
+        let batches: Vec<RecordBatch> = inputs
+            .into_iter()
+            .flatten()
+            .filter(|b| b.num_rows() > 0)
+            .collect();
+        let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        if total == 0 {
+            return Ok(vec![]);
+        }
+        let step = total.div_ceil(SAMPLE_ROWS).max(1);
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for b in &batches {
+            // Rows offset.. of the whole block that fall on the step.
+            let first = (step - offset % step) % step;
+            let picks: Vec<u32> = (first..b.num_rows())
+                .step_by(step)
+                .map(|i| i as u32)
+                .collect();
+            offset += b.num_rows();
+            if picks.is_empty() {
+                continue;
+            }
+            let idx = UInt32Array::from(picks);
+            let cols = key_columns(b, &self.keys, state)?
+                .iter()
+                .map(|c| Ok(take(c, &idx, None)?))
+                .collect::<Result<Vec<_>>>()?;
+            out.push(key_batch(cols)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Key columns as a batch (`k0`, `k1`, ...).
+fn key_batch(cols: Vec<ArrayRef>) -> Result<RecordBatch> {
+    let fields: Vec<Field> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Field::new(format!("k{i}"), c.data_type().clone(), true))
+        .collect();
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+}
+
+/// What a reduce task makes of its partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Combine {
+    /// Its rows, in input order.
+    Concat,
+    /// Its rows in the seeded order.
+    Shuffle {
+        seed: u64,
+    },
+    /// One block per group of equal keys.
+    Groups {
+        keys: Vec<String>,
+    },
+    Sort {
+        keys: Vec<ShippedKey>,
+    },
+    Aggregate {
+        keys: Vec<String>,
+        aggs: Vec<Vec<u8>>,
+    },
+    Distinct,
+    Join {
+        left_on: Vec<String>,
+        right_on: Vec<String>,
+        how: JoinHow,
+    },
+}
+
+/// One input's rows in a reduce task, and their schema.
+type Side = (SchemaRef, Vec<RecordBatch>);
+
+/// A reduce task: its partition of every map output (input 0's, then input 1's).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExchangeReduceTask {
+    partition: usize,
+    /// Map outputs per input.
+    sides: Vec<usize>,
+    /// Each input's schema (an IPC stream without batches), where the plan knows it.
+    schemas: Vec<Option<Vec<u8>>>,
+    combine: Combine,
+}
+
+impl ExchangeReduceTask {
+    /// Each input's rows and schema (`None`: no rows and no known schema).
+    fn sides(&self, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<Option<Side>>> {
+        let mut inputs = inputs.into_iter();
+        self.sides
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let batches: Vec<RecordBatch> = inputs.by_ref().take(n).flatten().collect();
+                let schema = match (
+                    batches.first(),
+                    self.schemas.get(i).and_then(Option::as_ref),
+                ) {
+                    (Some(b), _) => b.schema(),
+                    (None, Some(bytes)) => from_bytes(bytes)?.0,
+                    (None, None) => return Ok(None),
+                };
+                Ok(Some((schema, batches)))
+            })
+            .collect()
+    }
+}
+
+fn dataset(ctx: &Context, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<Dataset> {
+    Ok(ctx.source(Arc::new(MemorySource::with_schema(schema, batches)?)))
+}
+
+#[typetag::serde(name = "volley::ExchangeReduceTask")]
+impl RemoteTask for ExchangeReduceTask {
+    fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let ctx = Context::global()?;
+        let mut sides = self.sides(inputs)?;
+        let Some((schema, batches)) = sides.first_mut().and_then(Option::take) else {
+            return Ok(vec![]);
+        };
+        let non_empty = |b: Vec<RecordBatch>| b.into_iter().filter(|b| b.num_rows() > 0).collect();
+        match &self.combine {
+            Combine::Concat => Ok(non_empty(batches)),
+            Combine::Shuffle { seed } => {
+                let batches: Vec<RecordBatch> = non_empty(batches);
+                if batches.is_empty() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![shuffle_partition(
+                    &schema,
+                    &batches,
+                    *seed,
+                    self.partition,
+                )?])
+            }
+            Combine::Groups { keys } => {
+                let all = concat_batches(&schema, &batches)?;
+                let idx = keys
+                    .iter()
+                    .map(|k| {
+                        schema
+                            .index_of(k)
+                            .map_err(|_| VolleyError::unknown_column("group key", k, &schema))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                groups(&all, &idx)
+            }
+            Combine::Sort { keys } => {
+                let state = ctx.session_state();
+                let keys = keys
+                    .iter()
+                    .map(|k| k.rebuild(state))
+                    .collect::<Result<Vec<_>>>()?;
+                dataset(&ctx, schema, batches)?.sort(keys)?.collect()
+            }
+            Combine::Aggregate { keys, aggs } => {
+                let state = ctx.session_state();
+                let aggs = aggs
+                    .iter()
+                    .map(|a| expr_from(a, state))
+                    .collect::<Result<Vec<_>>>()?;
+                GroupedDataset {
+                    dataset: dataset(&ctx, schema, batches)?,
+                    keys: keys.clone(),
+                }
+                .agg(aggs)?
+                .collect()
+            }
+            Combine::Distinct => dataset(&ctx, schema, batches)?.distinct()?.collect(),
+            Combine::Join {
+                left_on,
+                right_on,
+                how,
+            } => {
+                let Some((right_schema, right)) = sides.get_mut(1).and_then(Option::take) else {
+                    return Err(VolleyError::internal(
+                        "a join's reduce task has no schema for its right input",
+                    ));
+                };
+                let left = dataset(&ctx, schema, batches)?;
+                let right = dataset(&ctx, right_schema, right)?;
+                let l: Vec<&str> = left_on.iter().map(String::as_str).collect();
+                let r: Vec<&str> = right_on.iter().map(String::as_str).collect();
+                left.join_on(&right, &l, &r, *how)?.collect()
+            }
+        }
+    }
+}
+
+/// How the map tasks of one exchange partition.
+#[derive(Debug, Clone)]
+enum MapPlan {
+    /// Per input: its key columns (`None`: every column), and the casts of each key.
+    Hash {
+        keys: Vec<Option<Vec<String>>>,
+        casts: Vec<Option<String>>,
+    },
+    Random {
+        seed: u64,
+    },
+    Range {
+        keys: Vec<ShippedKey>,
+    },
+}
+
+/// The tasks of one exchange on a cluster.
+#[derive(Debug)]
+pub(crate) struct DatasetExchange {
+    partitions: usize,
+    map: MapPlan,
+    combine: Combine,
+    schemas: Vec<Option<Vec<u8>>>,
+    in_order: bool,
+}
+
+impl DatasetExchange {
+    /// The exchange that runs `op` (a stage boundary) on a cluster, with `partitions`
+    /// reduce tasks where the operation leaves it open; `None` where `op` does not run
+    /// as an exchange on the nodes (`repartition`, `randomize_block_order` and splits
+    /// cut by row counts; an expression that cannot travel: those run in the driver).
+    pub(crate) fn of(
+        op: &LogicalOp,
+        state: &SessionState,
+        partitions: usize,
+    ) -> Result<Option<Self>> {
+        let schemas = op
+            .inputs()
+            .iter()
+            .map(|i| i.schema(state)?.map(|s| schema_bytes(&s)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        let hash = |keys: Vec<Option<Vec<String>>>| MapPlan::Hash {
+            keys,
+            casts: vec![],
+        };
+        let (partitions, map, combine, in_order) = match op {
+            LogicalOp::Exchange { kind, .. } => match kind {
+                ExchangeKind::RepartitionBy { keys, n } => {
+                    (*n, hash(vec![Some(keys.clone())]), Combine::Concat, true)
+                }
+                ExchangeKind::Groups { keys, n } => (
+                    *n,
+                    hash(vec![Some(keys.clone())]),
+                    Combine::Groups { keys: keys.clone() },
+                    true,
+                ),
+                ExchangeKind::RandomShuffle { seed, n } => (
+                    *n,
+                    MapPlan::Random { seed: *seed },
+                    Combine::Shuffle { seed: *seed },
+                    true,
+                ),
+                ExchangeKind::Repartition { .. } | ExchangeKind::RandomizeBlockOrder { .. } => {
+                    return Ok(None)
+                }
+            },
+            LogicalOp::Sort { keys, .. } => {
+                let Ok(keys) = keys.iter().map(ShippedKey::of).collect::<Result<Vec<_>>>() else {
+                    return Ok(None);
+                };
+                (
+                    partitions,
+                    MapPlan::Range { keys: keys.clone() },
+                    Combine::Sort { keys },
+                    false,
+                )
+            }
+            LogicalOp::Aggregate { keys, aggs, .. } => {
+                let Ok(aggs) = aggs.iter().map(expr_bytes).collect::<Result<Vec<_>>>() else {
+                    return Ok(None);
+                };
+                let n = if keys.is_empty() { 1 } else { partitions };
+                (
+                    n,
+                    hash(vec![Some(keys.clone())]),
+                    Combine::Aggregate {
+                        keys: keys.clone(),
+                        aggs,
+                    },
+                    false,
+                )
+            }
+            LogicalOp::Distinct { .. } => (partitions, hash(vec![None]), Combine::Distinct, false),
+            LogicalOp::Join {
+                left,
+                right,
+                left_on,
+                right_on,
+                how,
+                ..
+            } => {
+                // Equal keys of different types (Int32 and Int64) hash alike once cast
+                // to the type the join compares them in.
+                let (ls, rs) = (left.schema(state)?, right.schema(state)?);
+                let casts = match (ls, rs) {
+                    (Some(ls), Some(rs)) => left_on
+                        .iter()
+                        .zip(right_on)
+                        .map(|(l, r)| {
+                            let lt = ls.field_with_name(l)?.data_type().clone();
+                            let rt = rs.field_with_name(r)?.data_type().clone();
+                            Ok((lt != rt)
+                                .then(|| comparison_coercion(&lt, &rt).unwrap_or(lt).to_string()))
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                    _ => vec![],
+                };
+                (
+                    partitions,
+                    MapPlan::Hash {
+                        keys: vec![Some(left_on.clone()), Some(right_on.clone())],
+                        casts,
+                    },
+                    Combine::Join {
+                        left_on: left_on.clone(),
+                        right_on: right_on.clone(),
+                        how: *how,
+                    },
+                    false,
+                )
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(Self {
+            partitions: partitions.max(1),
+            map,
+            combine,
+            schemas,
+            in_order,
+        }))
+    }
+}
+
+impl ExchangeWork for DatasetExchange {
+    fn partitions(&self) -> usize {
+        self.partitions
+    }
+
+    fn sample_task(&self) -> Result<Option<EncodedTask>> {
+        match &self.map {
+            MapPlan::Range { keys } => Ok(Some(EncodedTask::new(Box::new(ExchangeSampleTask {
+                keys: keys.clone(),
+            }))?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn prepare(&self, samples: Vec<RecordBatch>) -> Result<Vec<u8>> {
+        let MapPlan::Range { keys } = &self.map else {
+            return Ok(vec![]);
+        };
+        let samples: Vec<RecordBatch> = samples.into_iter().filter(|b| b.num_rows() > 0).collect();
+        let Some(first) = samples.first() else {
+            return Ok(vec![]);
+        };
+        let all = concat_batches(&first.schema(), &samples)?;
+        let cols = all.columns().to_vec();
+        let rows = converter(keys, &cols)?.convert_columns(&cols)?;
+        let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
+        order.sort_by(|a, b| rows.row(*a as usize).cmp(&rows.row(*b as usize)));
+        // The sample at each 1/n of the order: partition p takes the keys from
+        // boundary p - 1 (exclusive) up to boundary p (inclusive).
+        let n = self.partitions;
+        let picks: Vec<u32> = (1..n)
+            .map(|i| order[(i * order.len() / n).min(order.len() - 1)])
+            .collect();
+        let idx = UInt32Array::from(picks);
+        let bounds = cols
+            .iter()
+            .map(|c| Ok(take(c, &idx, None)?))
+            .collect::<Result<Vec<_>>>()?;
+        batch_bytes(&key_batch(bounds)?)
+    }
+
+    fn map_task(&self, side: usize, first_row: u64, prepared: &[u8]) -> Result<EncodedTask> {
+        let partitioner = match &self.map {
+            MapPlan::Hash { keys, casts } => Partitioner::Hash {
+                keys: keys.get(side).cloned().flatten(),
+                casts: casts.clone(),
+            },
+            MapPlan::Random { seed } => Partitioner::Random {
+                seed: *seed,
+                first_row,
+            },
+            MapPlan::Range { keys } => Partitioner::Range {
+                keys: keys.clone(),
+                bounds: prepared.to_vec(),
+            },
+        };
+        EncodedTask::new(Box::new(ExchangeMapTask {
+            partitions: self.partitions,
+            partitioner,
+        }))
+    }
+
+    fn reduce_task(&self, partition: usize, sides: &[usize]) -> Result<EncodedTask> {
+        EncodedTask::new(Box::new(ExchangeReduceTask {
+            partition,
+            sides: sides.to_vec(),
+            schemas: self.schemas.clone(),
+            combine: self.combine.clone(),
+        }))
+    }
+
+    fn needs_input_order(&self) -> bool {
+        self.in_order
+    }
+}

@@ -1,0 +1,184 @@
+//! Sorts, group-bys, aggregations, distincts, every join kind, a seeded shuffle and a
+//! hash repartition run on a cluster (as exchanges on its nodes) and in this process,
+//! and compared: the cluster's rows must be the local run's.
+//!
+//! ```text
+//! volley job submit --wait -- target/release/examples/cluster_exchange IN_DIR
+//! ```
+//!
+//! `IN_DIR` holds Parquet files with an int64 column `x` (distinct values). Prints
+//! `SAME <operation> rows=<n>` per operation (and exits with an error at the first
+//! difference), `NODES a,b,c`: the nodes that held a sort's output partitions, and the
+//! sort's plan.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use volley::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
+use volley::arrow::datatypes::{DataType, Field, Schema};
+use volley::arrow::util::display::array_value_to_string;
+use volley::datafusion::logical_expr::{cast, when, Expr};
+use volley::datafusion::scalar::ScalarValue;
+use volley::prelude::*;
+use volley::{agg, NamedTransform, TransformFn};
+
+/// Adds the node that computed each block.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct TagNode;
+
+#[volley::typetag::serde]
+impl NamedTransform for TagNode {
+    fn transform(&self, batch: RecordBatch) -> volley::Result<RecordBatch> {
+        let node = std::env::var("VOLLEY_NODE_ID").unwrap_or_else(|_| "local".into());
+        let mut fields: Vec<Field> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("node", DataType::Utf8, false));
+        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+        cols.push(Arc::new(StringArray::from(vec![
+            node.as_str();
+            batch.num_rows()
+        ])));
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+    }
+}
+
+/// The rows of `batches` as text, one string per row.
+fn rows(batches: &[RecordBatch]) -> volley::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for b in batches {
+        for r in 0..b.num_rows() {
+            let cells = b
+                .columns()
+                .iter()
+                .map(|c| array_value_to_string(c, r))
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(cells.join("|"));
+        }
+    }
+    Ok(out)
+}
+
+/// Fails unless `cluster` and `local` give the same rows (in the same order when
+/// `ordered`).
+fn same(what: &str, cluster: &Dataset, local: &Dataset, ordered: bool) -> volley::Result<()> {
+    let (mut a, mut b) = (rows(&cluster.collect()?)?, rows(&local.collect()?)?);
+    if !ordered {
+        a.sort();
+        b.sort();
+    }
+    if a != b {
+        let first = a
+            .iter()
+            .zip(&b)
+            .position(|(x, y)| x != y)
+            .unwrap_or(a.len().min(b.len()));
+        return Err(VolleyError::execution(format!(
+            "{what}: the cluster gave {} rows, the local run {}; first difference at row {first}: {:?} vs {:?}",
+            a.len(),
+            b.len(),
+            a.get(first),
+            b.get(first)
+        )));
+    }
+    println!("SAME {what} rows={}", a.len());
+    Ok(())
+}
+
+/// The operations over `ctx`'s read of `input`, by name.
+fn operations(ctx: &Context, input: &str) -> volley::Result<Vec<(&'static str, Dataset, bool)>> {
+    let null_every_11th = |e: Expr| -> volley::Result<Expr> {
+        Ok(when(
+            (col("x") % lit(11i64)).eq(lit(0i64)),
+            lit(ScalarValue::Int64(None)),
+        )
+        .otherwise(e)?)
+    };
+    let left = ctx
+        .read_parquet(input)?
+        .with_column("g", col("x") % lit(7i64))?
+        .with_column("k", null_every_11th(col("x") % lit(1000i64))?)?
+        .with_column("s", cast(col("x") % lit(13i64), DataType::Utf8))?;
+    // Unique Int32 keys 0..1500: matched by a third of the left keys' values, and
+    // some left unmatched; the key types differ (Int64 on the left).
+    let right = ctx
+        .read_parquet(input)?
+        .filter(col("x").lt(lit(1500i64)))?
+        .with_column("rk", cast(col("x"), DataType::Int32))?
+        .with_column("y", col("x") * lit(10i64))?
+        .select(&["rk", "y"])?;
+    let mut ops = vec![
+        (
+            "sort",
+            left.sort([SortKey::asc("g"), SortKey::desc("x")])?,
+            true,
+        ),
+        (
+            "groupby",
+            left.groupby(&["g", "k"]).agg([
+                agg::count_all(),
+                agg::sum("x"),
+                agg::min("s"),
+                agg::max("x"),
+            ])?,
+            false,
+        ),
+        (
+            "aggregate",
+            left.aggregate([agg::count_all(), agg::sum("x"), agg::mean("x")])?,
+            false,
+        ),
+        ("distinct", left.select(&["g", "s"])?.distinct()?, false),
+        ("unique", left.unique("k")?, false),
+        ("random_shuffle", left.random_shuffle(7)?, true),
+        ("repartition_by", left.repartition_by(&["g"], 5)?, false),
+    ];
+    for (name, how) in [
+        ("join inner", JoinHow::Inner),
+        ("join left", JoinHow::Left),
+        ("join right", JoinHow::Right),
+        ("join full", JoinHow::Full),
+        ("join semi", JoinHow::Semi),
+        ("join anti", JoinHow::Anti),
+    ] {
+        ops.push((name, left.join_on(&right, &["k"], &["rk"], how)?, false));
+    }
+    Ok(ops)
+}
+
+fn main() -> volley::Result<()> {
+    let global = volley::init()?;
+    let input = std::env::args()
+        .nth(1)
+        .ok_or_else(|| VolleyError::plan("usage: cluster_exchange IN_DIR"))?;
+    let local = Context::try_new(global.config().clone())?;
+    let cluster = match volley::cluster()? {
+        Some(c) => Context::try_new(global.config().clone())?.with_cluster(c),
+        None => local.clone(),
+    };
+    let on_cluster = operations(&cluster, &input)?;
+    let here = operations(&local, &input)?;
+    for ((name, c, ordered), (_, l, _)) in on_cluster.iter().zip(&here) {
+        same(name, c, l, *ordered)?;
+    }
+    // Where the sort's output partitions were: a stage over them runs on their nodes.
+    let sorted = &on_cluster[0].1;
+    let tagged = sorted.map_transform(TransformFn::named(TagNode), MapOptions::default());
+    let mut nodes = BTreeSet::new();
+    for b in tagged.select(&["node"])?.collect()? {
+        let n = b
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| VolleyError::internal("node is a string column"))?;
+        for i in 0..n.len() {
+            nodes.insert(n.value(i).to_string());
+        }
+    }
+    println!("NODES {}", nodes.into_iter().collect::<Vec<_>>().join(","));
+    println!("{}", sorted.explain()?);
+    Ok(())
+}

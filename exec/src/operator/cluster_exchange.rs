@@ -1,0 +1,356 @@
+//! An exchange on a cluster: map tasks partition each input block on the node that
+//! holds it, reduce tasks read their partition of every map output and combine it.
+//!
+//! ```text
+//!   inputs ──▶ [sample tasks ─▶ boundaries]  (a sort only: all blocks are sampled first)
+//!          ──▶ map task per block, as blocks arrive: one object, batch p = partition p
+//!          ──▶ (all maps done) reduce task per partition: batch p of every map output
+//!          ──▶ output blocks in partition order
+//! ```
+//!
+//! This process holds references, never rows: the input blocks and the map outputs stay
+//! in the nodes' stores until every reduce task is done, so that a map output lost with
+//! its node is made again from its input (the head re-runs the map task, and re-reads
+//! its input first if that was lost too). The bookkeeping is one reference per input
+//! block and per map task, and one reduce task per partition: O(blocks + partitions),
+//! never one object per (map, partition) pair. Dropping the references (when the last
+//! reduce task is done, or the execution ends) frees the map outputs on the nodes.
+
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use volley_common::{Result, VolleyError};
+use volley_runtime::cluster::{
+    Cluster, EncodedTask, ObjectMeta, ObjectRef, Resources, TaskOptions,
+};
+
+use super::cluster_read::task_result;
+use super::{Expected, Operator, OutputEstimate, StepContext};
+use crate::plan::ExchangeWork;
+use crate::queue::{Block, BlockQueue, PoppedBlock};
+
+/// What the tasks' callbacks fill in.
+#[derive(Default)]
+struct Progress {
+    /// Per input block (of input 0): its sample, once made.
+    samples: Vec<Option<Vec<RecordBatch>>>,
+    /// Per input, per block: its map output and where it is, once made.
+    maps: Vec<Vec<Option<(ObjectRef, ObjectMeta)>>>,
+    /// Input blocks per input, held until every reduce task is done (lineage).
+    held: Vec<Vec<ObjectRef>>,
+    maps_done: usize,
+    reduces_done: usize,
+}
+
+pub(crate) struct ClusterExchangeOp {
+    cluster: Cluster,
+    inputs: Vec<Arc<BlockQueue>>,
+    work: Arc<dyn ExchangeWork>,
+    sample: Option<EncodedTask>,
+    /// What the map tasks were given (after sampling, for a sort).
+    prepared: Option<Vec<u8>>,
+    input_done: Vec<bool>,
+    /// Rows popped so far per input (the next block's first row).
+    rows: Vec<u64>,
+    /// Per input, per block: its first row in the input.
+    firsts: Vec<Vec<u64>>,
+    /// Blocks per input whose map task was submitted.
+    mapped: Vec<usize>,
+    progress: Arc<Mutex<Progress>>,
+    next_reduce: usize,
+    first_seq: u64,
+    window: usize,
+    estimate: Arc<OutputEstimate>,
+}
+
+impl ClusterExchangeOp {
+    pub(crate) fn new(
+        cluster: Cluster,
+        inputs: Vec<Arc<BlockQueue>>,
+        work: Arc<dyn ExchangeWork>,
+        window: usize,
+        first_seq: u64,
+    ) -> Result<Self> {
+        let n = inputs.len();
+        let sample = work.sample_task()?;
+        if sample.is_some() && n != 1 {
+            return Err(VolleyError::internal(
+                "a sampled exchange has exactly one input",
+            ));
+        }
+        Ok(Self {
+            cluster,
+            prepared: if sample.is_some() { None } else { Some(vec![]) },
+            sample,
+            work,
+            input_done: vec![false; n],
+            rows: vec![0; n],
+            firsts: vec![Vec::new(); n],
+            mapped: vec![0; n],
+            progress: Arc::new(Mutex::new(Progress {
+                maps: vec![Vec::new(); n],
+                held: vec![Vec::new(); n],
+                ..Progress::default()
+            })),
+            inputs,
+            next_reduce: 0,
+            first_seq,
+            window: window.max(1),
+            estimate: Arc::default(),
+        })
+    }
+
+    fn options(&self, cx: &StepContext<'_>, what: &str) -> TaskOptions {
+        TaskOptions::default()
+            .resources(Resources::cpus(1.0))
+            .name(format!("{} ({what})", cx.name))
+    }
+
+    /// Takes the blocks that arrived: each is held, and sampled or mapped at once.
+    fn take_input(&mut self, cx: &StepContext<'_>) {
+        for side in 0..self.inputs.len() {
+            while !self.input_done[side] {
+                let (object, meta) = match self.inputs[side].try_pop_block() {
+                    // The block's charge on the object-store budget ends here: it rests
+                    // in its node's store (which spills it) until the reduce tasks
+                    // are done, and holding it back must not stop the stages feeding
+                    // this one.
+                    Ok(PoppedBlock::Block(Block::Remote(r))) => (r.object.clone(), r.meta.clone()),
+                    Ok(PoppedBlock::Block(Block::Local(b))) => match cx.put_block(b) {
+                        Ok(r) => (r.object.clone(), r.meta.clone()),
+                        Err(e) => {
+                            cx.fail(e);
+                            self.input_done[side] = true;
+                            break;
+                        }
+                    },
+                    Ok(PoppedBlock::Empty) => break,
+                    Ok(PoppedBlock::Done) | Err(_) => {
+                        self.input_done[side] = true;
+                        break;
+                    }
+                };
+                let first_row = self.rows[side];
+                self.rows[side] += meta.rows;
+                self.firsts[side].push(first_row);
+                let index = {
+                    let mut p = self.progress.lock().expect("exchange lock");
+                    p.held[side].push(object.clone());
+                    p.maps[side].push(None);
+                    if self.sample.is_some() {
+                        p.samples.push(None);
+                    }
+                    p.held[side].len() - 1
+                };
+                match (&self.sample, &self.prepared) {
+                    (Some(task), _) => self.submit_sample(cx, task.clone(), index, object),
+                    (None, Some(prepared)) => {
+                        let prepared = prepared.clone();
+                        self.submit_map(cx, side, index, first_row, &prepared, object);
+                    }
+                    (None, None) => unreachable!("an exchange without sampling is prepared"),
+                }
+            }
+        }
+    }
+
+    fn submit_sample(
+        &self,
+        cx: &StepContext<'_>,
+        task: EncodedTask,
+        index: usize,
+        block: ObjectRef,
+    ) {
+        let work = cx.background_work(format!("sampling a block for {}", cx.name));
+        match self
+            .cluster
+            .submit_encoded(&task, &[&block], &self.options(cx, "sample"))
+        {
+            Ok(object) => {
+                let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));
+                let sample = object.clone();
+                cx.watch().add(
+                    object,
+                    Box::new(move |meta| {
+                        let got = meta.and_then(|_| cluster.get(&sample));
+                        work.finish(got.map(|batches| {
+                            progress.lock().expect("exchange lock").samples[index] = Some(batches);
+                        }));
+                    }),
+                );
+            }
+            Err(e) => work.finish(Err(e)),
+        }
+    }
+
+    fn submit_map(
+        &mut self,
+        cx: &StepContext<'_>,
+        side: usize,
+        index: usize,
+        first_row: u64,
+        prepared: &[u8],
+        block: ObjectRef,
+    ) {
+        self.mapped[side] += 1;
+        let work = cx.background_work(format!("a map task of {}", cx.name));
+        let task = match self.work.map_task(side, first_row, prepared) {
+            Ok(t) => t,
+            Err(e) => return work.finish(Err(e)),
+        };
+        match self
+            .cluster
+            .submit_encoded(&task, &[&block], &self.options(cx, "map"))
+        {
+            Ok(object) => {
+                let progress = Arc::clone(&self.progress);
+                let output = object.clone();
+                cx.watch().add(
+                    object,
+                    Box::new(move |meta| {
+                        work.finish(meta.map(|meta| {
+                            let mut p = progress.lock().expect("exchange lock");
+                            p.maps[side][index] = Some((output, meta));
+                            p.maps_done += 1;
+                        }));
+                    }),
+                );
+            }
+            Err(e) => work.finish(Err(e)),
+        }
+    }
+
+    /// Once every block is sampled: the boundaries, then a map task for every block.
+    fn map_sampled(&mut self, cx: &StepContext<'_>) {
+        let samples = {
+            let p = self.progress.lock().expect("exchange lock");
+            if p.samples.iter().any(Option::is_none) {
+                return;
+            }
+            p.samples
+                .iter()
+                .flatten()
+                .flatten()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let prepared = match self.work.prepare(samples) {
+            Ok(p) => p,
+            Err(e) => {
+                cx.fail(e.context(format!("choosing the partitions of {}", cx.name)));
+                self.prepared = Some(vec![]);
+                return;
+            }
+        };
+        let blocks = self.progress.lock().expect("exchange lock").held[0].clone();
+        let firsts = self.firsts[0].clone();
+        for (i, (block, first_row)) in blocks.into_iter().zip(firsts).enumerate() {
+            self.submit_map(cx, 0, i, first_row, &prepared, block);
+        }
+        self.prepared = Some(prepared);
+    }
+
+    /// Submits the reduce tasks that may start now.
+    fn reduce(&mut self, cx: &StepContext<'_>) {
+        let partitions = self.work.partitions();
+        let (maps, sides, bytes) = {
+            let p = self.progress.lock().expect("exchange lock");
+            let maps: Vec<(ObjectRef, u64, Option<String>)> = p
+                .maps
+                .iter()
+                .flatten()
+                .flatten()
+                .map(|(o, m)| (o.clone(), m.bytes, m.addresses.first().cloned()))
+                .collect();
+            let sides: Vec<usize> = p.maps.iter().map(Vec::len).collect();
+            let bytes: u64 = maps.iter().map(|m| m.1).sum();
+            (maps, sides, bytes)
+        };
+        while self.next_reduce < partitions && cx.running() < self.window {
+            let expected = Expected {
+                estimate: &self.estimate,
+                input: bytes / partitions as u64,
+                node: None,
+            };
+            if !cx.store_room(&expected) {
+                break;
+            }
+            let p = self.next_reduce;
+            self.next_reduce += 1;
+            let seq = self.first_seq + p as u64;
+            cx.out.register(seq);
+            let work = cx.remote_work(
+                seq,
+                format!("reduce task {p} of {}", cx.name),
+                Some(expected),
+            );
+            let task = match self.work.reduce_task(p, &sides) {
+                Ok(t) => t,
+                Err(e) => {
+                    work.abandon(e);
+                    continue;
+                }
+            };
+            let parts: Vec<(&ObjectRef, u32)> =
+                maps.iter().map(|(o, _, _)| (o, p as u32)).collect();
+            match self
+                .cluster
+                .submit_parts(&task, &parts, &self.options(cx, "reduce"))
+            {
+                Ok(object) => {
+                    let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));
+                    let output = object.clone();
+                    cx.watch().add(
+                        object,
+                        Box::new(move |meta| {
+                            // An empty partition makes no block.
+                            let block = match meta {
+                                Ok(m) if m.rows == 0 => Ok(None),
+                                meta => task_result(&cluster, None, output, meta),
+                            };
+                            work.finish(block);
+                            let mut p = progress.lock().expect("exchange lock");
+                            p.reduces_done += 1;
+                            if p.reduces_done == partitions {
+                                // Every reduce task has read them: free the map outputs
+                                // and the input blocks on the nodes.
+                                p.maps.clear();
+                                p.held.clear();
+                            }
+                        }),
+                    );
+                }
+                Err(e) => work.abandon(e),
+            }
+        }
+    }
+}
+
+impl Operator for ClusterExchangeOp {
+    fn step(&mut self, cx: &mut StepContext<'_>) -> bool {
+        if cx.stopping {
+            self.input_done.iter_mut().for_each(|d| *d = true);
+            return true;
+        }
+        self.take_input(cx);
+        if !self.input_done.iter().all(|d| *d) {
+            return false;
+        }
+        if self.firsts.iter().all(Vec::is_empty) {
+            // Nothing came in: nothing goes out.
+            return true;
+        }
+        if self.prepared.is_none() {
+            self.map_sampled(cx);
+            if self.prepared.is_none() {
+                return false;
+            }
+        }
+        let blocks: usize = self.mapped.iter().sum();
+        if self.progress.lock().expect("exchange lock").maps_done < blocks {
+            return false;
+        }
+        self.reduce(cx);
+        self.next_reduce >= self.work.partitions()
+    }
+}
