@@ -6,7 +6,9 @@
 //! volley job submit --wait -- target/release/examples/cluster_exchange IN_DIR
 //! ```
 //!
-//! `IN_DIR` holds Parquet files with an int64 column `x` (distinct values). Prints
+//! `IN_DIR` holds Parquet files with an int64 column `x` (distinct values). With
+//! `--slow-ms` and `--pause-ms` the cluster's map and reduce phases last long enough
+//! for a test to kill a node in either. Prints
 //! `SAME <operation> rows=<n>` per operation (and exits with an error at the first
 //! difference), `NODES a,b,c`: the nodes that held a sort's output partitions, and the
 //! sort's plan.
@@ -46,6 +48,41 @@ impl NamedTransform for TagNode {
     }
 }
 
+/// Passes blocks through after `ms` milliseconds (a slow stage before the exchange).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Slow {
+    ms: u64,
+}
+
+#[volley::typetag::serde]
+impl NamedTransform for Slow {
+    fn transform(&self, batch: RecordBatch) -> volley::Result<RecordBatch> {
+        std::thread::sleep(std::time::Duration::from_millis(self.ms));
+        Ok(batch)
+    }
+}
+
+/// The job's arguments.
+#[derive(clap::Parser)]
+#[command(about = "All-to-all operations on a cluster, compared with a local run")]
+struct Args {
+    /// A folder of Parquet files with an int64 column `x` of distinct values.
+    input: String,
+    /// Run only the operations whose names start with this.
+    #[arg(long)]
+    only: Option<String>,
+    /// On the cluster: milliseconds a stage before the exchanges takes per block.
+    #[arg(long, default_value_t = 0)]
+    slow_ms: u64,
+    /// On the cluster: milliseconds to stop reading after each operation's first
+    /// block (the exchange waits in its reduce phase, its map outputs on the nodes).
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
+    /// On the cluster: `volley.exec.object_store_limit` (e.g. `1MiB`).
+    #[arg(long)]
+    store_limit: Option<String>,
+}
+
 /// The rows of `batches` as text, one string per row.
 fn rows(batches: &[RecordBatch]) -> volley::Result<Vec<String>> {
     let mut out = Vec::new();
@@ -64,8 +101,22 @@ fn rows(batches: &[RecordBatch]) -> volley::Result<Vec<String>> {
 
 /// Fails unless `cluster` and `local` give the same rows (in the same order when
 /// `ordered`).
-fn same(what: &str, cluster: &Dataset, local: &Dataset, ordered: bool) -> volley::Result<()> {
-    let (mut a, mut b) = (rows(&cluster.collect()?)?, rows(&local.collect()?)?);
+fn same(
+    what: &str,
+    cluster: &Dataset,
+    local: &Dataset,
+    ordered: bool,
+    pause_ms: u64,
+) -> volley::Result<()> {
+    let mut got = Vec::new();
+    for (i, b) in cluster.iter_batches()?.enumerate() {
+        got.push(b?);
+        if i == 0 && pause_ms > 0 {
+            println!("PAUSED {what}");
+            std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+        }
+    }
+    let (mut a, mut b) = (rows(&got)?, rows(&local.collect()?)?);
     if !ordered {
         a.sort();
         b.sort();
@@ -89,7 +140,11 @@ fn same(what: &str, cluster: &Dataset, local: &Dataset, ordered: bool) -> volley
 }
 
 /// The operations over `ctx`'s read of `input`, by name.
-fn operations(ctx: &Context, input: &str) -> volley::Result<Vec<(&'static str, Dataset, bool)>> {
+fn operations(
+    ctx: &Context,
+    input: &str,
+    slow_ms: u64,
+) -> volley::Result<Vec<(&'static str, Dataset, bool)>> {
     let null_every_11th = |e: Expr| -> volley::Result<Expr> {
         Ok(when(
             (col("x") % lit(11i64)).eq(lit(0i64)),
@@ -97,8 +152,14 @@ fn operations(ctx: &Context, input: &str) -> volley::Result<Vec<(&'static str, D
         )
         .otherwise(e)?)
     };
-    let left = ctx
-        .read_parquet(input)?
+    let mut read = ctx.read_parquet(input)?;
+    if slow_ms > 0 {
+        read = read.map_transform(
+            TransformFn::named(Slow { ms: slow_ms }),
+            MapOptions::default(),
+        );
+    }
+    let left = read
         .with_column("g", col("x") % lit(7i64))?
         .with_column("k", null_every_11th(col("x") % lit(1000i64))?)?
         .with_column("s", cast(col("x") % lit(13i64), DataType::Utf8))?;
@@ -151,18 +212,28 @@ fn operations(ctx: &Context, input: &str) -> volley::Result<Vec<(&'static str, D
 
 fn main() -> volley::Result<()> {
     let global = volley::init()?;
-    let input = std::env::args()
-        .nth(1)
-        .ok_or_else(|| VolleyError::plan("usage: cluster_exchange IN_DIR"))?;
+    let args: Args = clap::Parser::parse();
     let local = Context::try_new(global.config().clone())?;
     let cluster = match volley::cluster()? {
-        Some(c) => Context::try_new(global.config().clone())?.with_cluster(c),
+        Some(c) => {
+            let mut config = global.config().clone();
+            if let Some(limit) = &args.store_limit {
+                config.set("volley.exec.object_store_limit", limit)?;
+            }
+            Context::try_new(config)?.with_cluster(c)
+        }
         None => local.clone(),
     };
-    let on_cluster = operations(&cluster, &input)?;
-    let here = operations(&local, &input)?;
+    let on_cluster = operations(&cluster, &args.input, args.slow_ms)?;
+    let here = operations(&local, &args.input, 0)?;
+    let chosen = |name: &str| args.only.as_deref().is_none_or(|o| name.starts_with(o));
     for ((name, c, ordered), (_, l, _)) in on_cluster.iter().zip(&here) {
-        same(name, c, l, *ordered)?;
+        if chosen(name) {
+            same(name, c, l, *ordered, args.pause_ms)?;
+        }
+    }
+    if !chosen("sort") {
+        return Ok(());
     }
     // Where the sort's output partitions were: a stage over them runs on their nodes.
     let sorted = &on_cluster[0].1;

@@ -946,6 +946,179 @@ fn every_plan_shape_runs_on_the_cluster_as_locally() {
     );
 }
 
+/// Sorts, group-bys, a global aggregate, distincts, every join kind, a seeded shuffle
+/// and a hash repartition run as exchanges on three nodes and give the local run's rows
+/// (the sort and the shuffle in the same order); the sort's output partitions were on
+/// all three nodes.
+#[test]
+fn exchanges_on_three_nodes_give_the_local_rows() {
+    let mut c = TestCluster::start(5.0);
+    for _ in 0..3 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), 6, 20_000);
+    let job = c.submit(&[
+        example("cluster_exchange").to_str().unwrap(),
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(300)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let logs = c.logs(&job);
+    for (op, rows) in [
+        ("sort", 120_000),
+        ("groupby", 7_007),
+        ("aggregate", 1),
+        ("distinct", 91),
+        ("unique", 1_001),
+        ("random_shuffle", 120_000),
+        ("repartition_by", 120_000),
+        ("join inner", 109_090),
+        ("join left", 120_000),
+        ("join right", 109_590),
+        ("join full", 120_500),
+        ("join semi", 109_090),
+        ("join anti", 10_910),
+    ] {
+        assert!(
+            logs.contains(&format!("SAME {op} rows={rows}\n")),
+            "{op}: not the local rows\n{logs}"
+        );
+    }
+    let nodes = line_of(&logs, "NODES");
+    assert_eq!(
+        nodes.trim_start_matches("NODES ").split(',').count(),
+        3,
+        "the sort's partitions were on every node: {nodes}"
+    );
+    assert!(
+        logs.contains("an exchange on the cluster's nodes, 12 partitions"),
+        "explain shows the exchange:\n{logs}"
+    );
+}
+
+/// The node that runs a job's driver, from the head's log.
+fn driver_node(c: &TestCluster, job: &str) -> String {
+    let log = std::fs::read_to_string(c.home.path().join("head.log")).unwrap();
+    log.lines()
+        .find_map(|l| {
+            l.split_once(&format!("job {job}: driver starts on "))
+                .map(|(_, n)| n.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Tasks the head re-ran because their objects were lost with `node`.
+fn rebuilt_on(c: &TestCluster, node: &str) -> usize {
+    let log = std::fs::read_to_string(c.home.path().join("head.log")).unwrap();
+    log.lines()
+        .filter(|l| l.contains(&format!("was lost with node {node}: re-running task")))
+        .count()
+}
+
+/// A node agent killed with SIGKILL while an exchange maps (a group-by fed by a slow
+/// stage) and, with a fresh node added, while one reduces (a sort whose driver stops
+/// reading with the map outputs on the nodes): both jobs give the local run's rows; in
+/// the second, the head re-runs only the tasks whose objects were on the lost node.
+#[test]
+fn a_node_killed_mid_shuffle_loses_no_row() {
+    let mut c = TestCluster::start(2.0);
+    for _ in 0..3 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = input(dir.path(), 6, 20_000);
+    let exchange = example("cluster_exchange");
+    let wait_logs = |c: &TestCluster, job: &str, text: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !c.logs(job).contains(text) {
+            assert!(Instant::now() < deadline, "no `{text}` in\n{}", c.logs(job));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // A live victim that does not run the job's driver.
+    let victim = |c: &TestCluster, job: &str, dead: &[usize]| -> (usize, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let driver = loop {
+            let d = driver_node(c, job);
+            if !d.is_empty() {
+                break d;
+            }
+            assert!(Instant::now() < deadline, "the driver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        (0..c.nodes.len())
+            .rev()
+            .map(|i| (i, format!("node-{}", i + 1)))
+            .find(|(i, n)| *n != driver && !dead.contains(i))
+            .unwrap()
+    };
+
+    // While mapping: the group-by's input comes through a stage that takes 300 ms a
+    // block.
+    let job = c.submit(&[
+        exchange.to_str().unwrap(),
+        data.to_str().unwrap(),
+        "--only",
+        "groupby",
+        "--slow-ms",
+        "300",
+    ]);
+    let (first, node) = victim(&c, &job, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.processes(&format!("VOLLEY_WORKER_ID={node}-")).is_empty() {
+        assert!(Instant::now() < deadline, "no worker started on {node}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    kill9(c.nodes[first].id() as i32);
+    let _ = c.nodes[first].wait();
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let logs = c.logs(&job);
+    assert!(logs.contains("SAME groupby rows=7007\n"), "{logs}");
+
+    // While reducing: the driver stops reading after the first block; a small
+    // object-store budget keeps the reduce tasks waiting, the map outputs on the nodes.
+    c.add_node(2, 0);
+    let job = c.submit(&[
+        exchange.to_str().unwrap(),
+        data.to_str().unwrap(),
+        "--only",
+        "sort",
+        "--pause-ms",
+        "5000",
+        "--store-limit",
+        "256KiB",
+    ]);
+    wait_logs(&c, &job, "PAUSED sort");
+    let (i, node) = victim(&c, &job, &[first]);
+    kill9(c.nodes[i].id() as i32);
+    let _ = c.nodes[i].wait();
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let logs = c.logs(&job);
+    assert!(logs.contains("SAME sort rows=120000\n"), "{logs}");
+    let rebuilt = rebuilt_on(&c, &node);
+    // Its read blocks, map outputs and finished reduce outputs; not the others'.
+    assert!(
+        (1..20).contains(&rebuilt),
+        "{rebuilt} tasks re-ran for the objects lost with {node}"
+    );
+}
+
 /// An actor pool between 1 and 3 actors grows to 3 under a burst and shrinks back to 1
 /// during a pause; every row comes out once.
 #[test]

@@ -179,6 +179,8 @@ struct TaskEntry {
     attempt: u32,
     retries_left: u32,
     reconstructions: u32,
+    /// Times it waited for an input that could not be read to be made again.
+    input_losses: u32,
     /// `(group, bundle, generation)` whose reservation the running task uses.
     bundle: Option<BundleRef>,
     /// Sent to its node ahead of room: it holds no resources yet.
@@ -187,6 +189,10 @@ struct TaskEntry {
     /// long: [`SOURCE_WAIT`]).
     pending_since: Instant,
 }
+
+/// Times a task may wait for an input it could not read to be made again (its node
+/// died or was cut off) before such a loss uses one of its retries.
+const MAX_INPUT_LOSSES: u32 = 8;
 
 /// How long a task that reads nothing waits for a node whose store has room before it
 /// goes where it fits: a full store's objects may be held for good (a materialized
@@ -1169,6 +1175,7 @@ impl State {
                 state: TaskState::Pending,
                 attempt: 0,
                 reconstructions: 0,
+                input_losses: 0,
                 bundle: None,
                 ahead: false,
                 pending_since: Instant::now(),
@@ -1204,7 +1211,12 @@ impl State {
             }
             Outcome::SystemFailure => {
                 let e = r.error.as_ref().map(|e| e.message.clone());
-                self.system_failure(&r.task_id, &e.unwrap_or_default())
+                let e = e.unwrap_or_default();
+                if r.unreadable.is_empty() {
+                    self.system_failure(&r.task_id, &e)
+                } else {
+                    self.inputs_unreadable(&r.task_id, &r.unreadable, &e)
+                }
             }
         }
         if !successor.is_empty() {
@@ -1290,6 +1302,65 @@ impl State {
         let task = &self.tasks[id];
         info!("task {id}: {error}; retrying (attempt {})", task.attempt);
         self.enqueue(id.to_string(), true);
+    }
+
+    /// Task `id` could not read some inputs from the stores listed for them. A store
+    /// that cannot serve an object it holds is on a node that died or is cut off: its
+    /// copy leaves the directory (it is never read again, even if the node comes back,
+    /// before the head declares it dead), and the input is rebuilt from its lineage
+    /// (its task run again) when no copy is left. The task waits for them, without
+    /// using one of its retries, up to [`MAX_INPUT_LOSSES`] times.
+    fn inputs_unreadable(&mut self, id: &str, inputs: &[proto::UnreadableInput], error: &str) {
+        for u in inputs {
+            self.copies_unreadable(id, &u.object_id, &u.from, error);
+        }
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        if task.input_losses >= MAX_INPUT_LOSSES {
+            self.system_failure(id, error);
+            return;
+        }
+        task.input_losses += 1;
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        task.pending_since = Instant::now();
+        self.enqueue(id.to_string(), true);
+    }
+
+    /// Drops the copies of `input` in the stores `from` (task `id` could not read
+    /// them); rebuilds it if none is left.
+    fn copies_unreadable(&mut self, id: &str, input: &str, from: &[String], error: &str) {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| from.contains(&n.object_address))
+            .map(|(node, _)| node.clone())
+            .collect();
+        let mut lost_on = None;
+        if let Some(o) = self.objects.get_mut(input) {
+            let had = o.locations.len();
+            let bytes = o.bytes;
+            o.locations.retain(|l| !nodes.contains(l));
+            if o.locations.len() < had {
+                for n in &nodes {
+                    if let Some(n) = self.nodes.get_mut(n) {
+                        n.stored = n.stored.saturating_sub(bytes);
+                    }
+                }
+                if o.locations.is_empty() && o.error.is_none() {
+                    lost_on = nodes.first().cloned();
+                }
+            }
+        }
+        if let Some(node) = lost_on {
+            info!("task {id} cannot read {input} on {node}: {error}");
+            self.reconstruct(input, &node);
+        }
     }
 
     fn release_args(&mut self, args: &[String]) {

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use tracing::warn;
 use volley_common::{ErrorReport, Result, VolleyError};
 
@@ -160,6 +160,14 @@ fn worker_loop() -> Result<()> {
     }
 }
 
+/// An input no listed copy of which could be read.
+struct Unreadable {
+    message: String,
+    input: String,
+    /// The stores that failed to serve it.
+    from: Vec<String>,
+}
+
 /// Inputs a task reads at once.
 const INPUTS_IN_FLIGHT: usize = 8;
 
@@ -196,23 +204,35 @@ impl Link<'_> {
         for arg in &task.args {
             reads.push(self.input(arg));
         }
-        let read = futures::stream::iter(reads)
+        let read: Vec<_> = futures::stream::iter(reads)
             .buffered(INPUTS_IN_FLIGHT)
-            .try_collect::<Vec<_>>()
+            .collect()
             .await;
-        read.map_err(|error| {
-            let mut report = self.report(task);
-            report.outcome = Outcome::SystemFailure as i32;
-            report.error = Some(wire_execution_error(error));
-            report
-        })
+        // Every input that could not be read is reported at once: the head rebuilds
+        // them all before the task runs again.
+        let (inputs, unreadable): (Vec<_>, Vec<_>) = read.into_iter().partition(|r| r.is_ok());
+        if unreadable.is_empty() {
+            return Ok(inputs.into_iter().flatten().collect());
+        }
+        let unreadable: Vec<Unreadable> = unreadable.into_iter().filter_map(|r| r.err()).collect();
+        let mut report = self.report(task);
+        report.outcome = Outcome::SystemFailure as i32;
+        report.error = Some(wire_execution_error(unreadable[0].message.clone()));
+        report.unreadable = unreadable
+            .into_iter()
+            .map(|u| proto::UnreadableInput {
+                object_id: u.input,
+                from: u.from,
+            })
+            .collect();
+        Err(report)
     }
 
     /// One input (or the part of it the task reads).
     async fn input(
         &self,
         arg: &proto::ObjectLocation,
-    ) -> std::result::Result<Vec<RecordBatch>, String> {
+    ) -> std::result::Result<Vec<RecordBatch>, Unreadable> {
         let mut last_error = String::from("no copy is known");
         let selection = Selection::of_batch(arg.batch);
         if !arg.inline.is_empty() {
@@ -231,13 +251,21 @@ impl Link<'_> {
                 return Ok(b);
             }
         }
+        let mut failed = Vec::new();
         for address in &arg.addresses {
             match fetch_range(self.channels, address, &arg.object_id, selection).await {
                 Ok(b) => return Ok(b),
-                Err(e) => last_error = e.to_string(),
+                Err(e) => {
+                    last_error = e.to_string();
+                    failed.push(address.clone());
+                }
             }
         }
-        Err(format!("cannot read input {}: {last_error}", arg.object_id))
+        Err(Unreadable {
+            message: format!("cannot read input {}: {last_error}", arg.object_id),
+            input: arg.object_id.clone(),
+            from: failed,
+        })
     }
 
     /// Stores what `task` returned (a small result goes to the agent with the
