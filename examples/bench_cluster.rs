@@ -17,18 +17,32 @@
 //!   (`bench/peers/cluster_ray.py`).
 //!
 //! Prints medians and volley's speed-up over Ray for each.
+//!
+//! With `--suite exchange --tpch DIR` (data: `bash bench/gen_tpch.sh 1 DIR` and, for
+//! Ray, `python3 bench/peers/make_utf8_copy.py DIR DIR-utf8 lineitem,orders`) it runs
+//! the all-to-all workloads instead, each as a job on the cluster against Ray Data on
+//! `ray.init()` (`bench/peers/bench_ray.py`, `bench/peers/relational.py`):
+//!
+//! - W4: `lineitem` sorted by `l_extendedprice`, written to Parquet.
+//! - W5: `random_shuffle(42)` of `lineitem`, then its rows and the sum of `l_orderkey`
+//!   (counted on the nodes: Ray materializes the shuffle, then counts and sums).
+//! - W7: `lineitem` grouped by `l_suppkey` with four aggregates.
+//! - W8: `lineitem` joined with `orders` on the order key, then the count and two sums.
+//!
+//! The figure for both is the workload's own time (without process and cluster start).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
-use volley::arrow::array::{ArrayRef, Int64Array, RecordBatch};
+use clap::{Parser, Subcommand, ValueEnum};
+use volley::arrow::array::{Array, ArrayRef, Int64Array, RecordBatch};
 use volley::crates::runtime::cluster::{
     object_value, value_object, RemoteTask, TaskContext, TaskOptions,
 };
-use volley::{Result, VolleyError};
+use volley::prelude::*;
+use volley::{agg, NamedTransform};
 
 /// Returns its number.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -39,6 +53,105 @@ impl RemoteTask for Noop {
     fn run(&self, _: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
         value_object(&self.0)
     }
+}
+
+/// One row per block: its rows and the sum of its `l_orderkey` (W5's count, made where
+/// the shuffled blocks are).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct RowsAndSum;
+
+#[typetag::serde]
+impl NamedTransform for RowsAndSum {
+    fn transform(&self, batch: RecordBatch) -> Result<RecordBatch> {
+        let keys = batch
+            .column_by_name("l_orderkey")
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            .ok_or_else(|| VolleyError::plan("W5 needs an int64 column l_orderkey"))?;
+        let sum: i64 = keys.values().iter().sum();
+        Ok(RecordBatch::try_from_iter([
+            (
+                "rows",
+                Arc::new(Int64Array::from(vec![batch.num_rows() as i64])) as ArrayRef,
+            ),
+            ("sum", Arc::new(Int64Array::from(vec![sum])) as ArrayRef),
+        ])?)
+    }
+}
+
+/// The sum of an int64 column of `batches`.
+fn int_sum(batches: &[RecordBatch], column: &str) -> Result<i64> {
+    let mut sum = 0;
+    for b in batches {
+        let c = b
+            .column_by_name(column)
+            .ok_or_else(|| VolleyError::plan(format!("no column {column}")))?;
+        let c = volley::arrow::compute::cast(c, &volley::arrow::datatypes::DataType::Int64)?;
+        let c = c
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .ok_or_else(|| VolleyError::internal("cast to int64"))?;
+        sum += c.iter().flatten().sum::<i64>();
+    }
+    Ok(sum)
+}
+
+/// The driver of one all-to-all workload, run as a job: prints `seconds=...` and a
+/// checksum.
+fn exchange_driver(workload: Workload, tpch: &str, out: &str) -> Result<()> {
+    let cluster = volley::cluster()?.ok_or_else(|| VolleyError::Config("no cluster".into()))?;
+    let ctx = Context::try_new(volley::init()?.config().clone())?.with_cluster(cluster);
+    let lineitem = format!("{tpch}/lineitem/");
+    let start = Instant::now();
+    let check = match workload {
+        Workload::W4 => {
+            let _ = std::fs::remove_dir_all(out);
+            let summary = ctx
+                .read_parquet(lineitem.as_str())?
+                .sort(["l_extendedprice"])?
+                .write_parquet(out)?;
+            format!("rows={} files={}", summary.rows, summary.files.len())
+        }
+        Workload::W5 => {
+            let counts = ctx
+                .read_parquet(lineitem.as_str())?
+                .random_shuffle(42)?
+                .map_transform(TransformFn::named(RowsAndSum), MapOptions::default())
+                .collect()?;
+            format!(
+                "rows={} sum_orderkey={}",
+                int_sum(&counts, "rows")?,
+                int_sum(&counts, "sum")?
+            )
+        }
+        Workload::W7 => {
+            let groups = ctx
+                .read_parquet(lineitem.as_str())?
+                .groupby(&["l_suppkey"])
+                .agg([
+                    agg::count_all().alias("n"),
+                    agg::sum("l_quantity").alias("q"),
+                    agg::mean("l_extendedprice").alias("p"),
+                    agg::max("l_discount").alias("d"),
+                ])?
+                .collect()?;
+            let n: usize = groups.iter().map(RecordBatch::num_rows).sum();
+            format!("groups={n} rows={}", int_sum(&groups, "n")?)
+        }
+        Workload::W8 => {
+            let orders = ctx
+                .read_parquet(format!("{tpch}/orders/").as_str())?
+                .select(&["o_orderkey", "o_totalprice"])?;
+            let r = ctx
+                .read_parquet(lineitem.as_str())?
+                .select(&["l_orderkey", "l_extendedprice"])?
+                .join_on(&orders, &["l_orderkey"], &["o_orderkey"], JoinHow::Inner)?
+                .aggregate([agg::count_all().alias("n")])?
+                .collect()?;
+            format!("rows={}", int_sum(&r, "n")?)
+        }
+    };
+    println!("seconds={:.4} {check}", start.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -167,7 +280,7 @@ impl Drop for LocalCluster {
 
 fn seconds_in(text: &str) -> Option<f64> {
     text.split_whitespace()
-        .find_map(|w| w.strip_prefix("seconds="))
+        .find_map(|w| w.strip_prefix("seconds=").or_else(|| w.strip_prefix("elapsed_s=")))
         .and_then(|s| s.parse().ok())
         .or_else(|| {
             // cluster_pipeline prints "... in 1.23s"
@@ -179,10 +292,15 @@ fn seconds_in(text: &str) -> Option<f64> {
 }
 
 fn ray(script: &str, args: &[&str], cpus: &str) -> Result<f64> {
+    ray_with(script, args, cpus, &[])
+}
+
+fn ray_with(script: &str, args: &[&str], cpus: &str, env: &[(&str, String)]) -> Result<f64> {
     let out = Command::new("python3")
         .arg(script)
         .args(args)
         .env("RAY_NUM_CPUS", cpus)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     seconds_in(&text).ok_or_else(|| {
@@ -230,6 +348,28 @@ struct Args {
     /// The Ray peer script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers/cluster_ray.py"))]
     peer: String,
+    /// Which workloads: `basic` (tasks, round trip, pipeline, actor pool) or
+    /// `exchange` (W4, W5, W7, W8 on TPC-H data; needs `--tpch`).
+    #[arg(long, value_enum, default_value_t = Suite::Basic)]
+    suite: Suite,
+    /// TPC-H Parquet (`bench/gen_tpch.sh`); Ray reads its plain-string copy `DIR-utf8`.
+    #[arg(long)]
+    tpch: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    Basic,
+    Exchange,
+}
+
+/// The all-to-all workloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    W4,
+    W5,
+    W7,
+    W8,
 }
 
 #[derive(Subcommand)]
@@ -245,6 +385,14 @@ enum Role {
     RoundTripDriver {
         /// Round trips.
         n: u64,
+    },
+    /// The job that runs one all-to-all workload (started by the benchmark).
+    #[command(hide = true)]
+    ExchangeDriver {
+        #[arg(value_enum)]
+        workload: Workload,
+        tpch: String,
+        out: String,
     },
 }
 
@@ -274,7 +422,15 @@ fn main() -> Result<()> {
     match args.role {
         Some(Role::TasksDriver { n }) => return tasks_driver(n),
         Some(Role::RoundTripDriver { n }) => return round_trip_driver(n),
+        Some(Role::ExchangeDriver {
+            workload,
+            tpch,
+            out,
+        }) => return exchange_driver(workload, &tpch, &out),
         None => {}
+    }
+    if args.suite == Suite::Exchange {
+        return exchange_suite(&args);
     }
     let (runs, nodes) = (args.runs, args.nodes);
     let n_tasks = args.tasks.to_string();
@@ -374,5 +530,84 @@ fn main() -> Result<()> {
         "actor pool: volley {:>8.2} s         ray {:>8.2} s         ray/volley time {:.2}x  ({} actors, {} ms per batch)",
         va, ra, ra / va, args.actors, args.model_ms
     );
+    Ok(())
+}
+
+/// `--suite exchange`: W4, W5, W7 and W8 as jobs on the cluster against Ray Data.
+fn exchange_suite(args: &Args) -> Result<()> {
+    let tpch = args
+        .tpch
+        .clone()
+        .ok_or_else(|| VolleyError::Config("--suite exchange needs --tpch DIR".into()))?;
+    let utf8 = format!("{tpch}-utf8");
+    let me = std::env::current_exe()?;
+    let bin_dir = me
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| VolleyError::Config("where is target/?".into()))?;
+    let work = args.work_dir.clone();
+    let cluster = LocalCluster::start(
+        &bin_dir.join("volley"),
+        &work.join("home"),
+        args.nodes,
+        args.cpus_per_node,
+    )?;
+    let ray_cpus = format!("{}", (args.cpus_per_node * args.nodes as f64).round() as usize);
+    let peers = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers");
+    let me = me.to_str().unwrap_or_default().to_string();
+    let workloads = [Workload::W4, Workload::W5, Workload::W7, Workload::W8];
+    let mut v: Vec<Vec<f64>> = vec![vec![]; workloads.len()];
+    let mut r: Vec<Vec<f64>> = vec![vec![]; workloads.len()];
+    for run in 0..args.runs {
+        for (k, w) in workloads.iter().enumerate() {
+            let name = format!("{w:?}").to_lowercase();
+            let out = work.join(format!("out-{name}"));
+            let log = cluster.job(&[
+                &me,
+                "exchange-driver",
+                &name,
+                &tpch,
+                out.to_str().unwrap_or_default(),
+            ])?;
+            v[k].push(seconds_in(&log).ok_or_else(|| VolleyError::execution(log.clone()))?);
+            let _ = std::fs::remove_dir_all(&out);
+            let env = [
+                ("RAY_LINEITEM_DIR", format!("{utf8}/lineitem")),
+                ("TPCH_DIR", tpch.clone()),
+                ("RAY_TPCH_DIR", utf8.clone()),
+            ];
+            let secs = match w {
+                Workload::W4 | Workload::W5 => {
+                    ray_with(&format!("{peers}/bench_ray.py"), &[&name], &ray_cpus, &env)?
+                }
+                Workload::W7 | Workload::W8 => ray_with(
+                    &format!("{peers}/relational.py"),
+                    &["ray", &name],
+                    &ray_cpus,
+                    &env,
+                )?,
+            };
+            r[k].push(secs);
+            eprintln!(
+                "run {run} {name}: volley {:.2}s ({}) / ray {secs:.2}s",
+                v[k][run],
+                log.lines()
+                    .find(|l| l.starts_with("seconds="))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    println!(
+        "volley cluster ({} nodes x {} CPUs on this machine) vs Ray Data (ray.init()), medians of {} runs",
+        args.nodes, args.cpus_per_node, args.runs
+    );
+    for (k, w) in workloads.iter().enumerate() {
+        let (vm, rm) = (median(v[k].clone()), median(r[k].clone()));
+        println!(
+            "{:<3} volley {vm:>7.2} s   ray {rm:>7.2} s   ray/volley time {:.2}x",
+            format!("{w:?}"),
+            rm / vm
+        );
+    }
     Ok(())
 }
