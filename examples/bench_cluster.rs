@@ -209,6 +209,7 @@ struct LocalCluster {
 impl LocalCluster {
     fn start(volley: &Path, home: &Path, nodes: usize, cpus: f64) -> Result<Self> {
         let _ = std::fs::remove_dir_all(home);
+        std::fs::create_dir_all(home)?;
         let mut procs = vec![Command::new(volley)
             .args([
                 "start",
@@ -221,7 +222,7 @@ impl LocalCluster {
             ])
             .env("VOLLEY_HOME", home)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(home.join("head.log"))?)
             .spawn()?];
         let addr_file = home.join("head_address");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -232,14 +233,14 @@ impl LocalCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         let address = std::fs::read_to_string(&addr_file)?;
-        for _ in 0..nodes {
+        for i in 0..nodes {
             procs.push(
                 Command::new(volley)
                     .args(["start", "--block", "--address", &address])
                     .args(["--num-cpus", &format!("{cpus}")])
                     .env("VOLLEY_HOME", home)
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    .stderr(std::fs::File::create(home.join(format!("node-{i}.log")))?)
                     .spawn()?,
             );
         }
@@ -280,7 +281,10 @@ impl Drop for LocalCluster {
 
 fn seconds_in(text: &str) -> Option<f64> {
     text.split_whitespace()
-        .find_map(|w| w.strip_prefix("seconds=").or_else(|| w.strip_prefix("elapsed_s=")))
+        .find_map(|w| {
+            w.strip_prefix("seconds=")
+                .or_else(|| w.strip_prefix("elapsed_s="))
+        })
         .and_then(|s| s.parse().ok())
         .or_else(|| {
             // cluster_pipeline prints "... in 1.23s"
@@ -552,7 +556,10 @@ fn exchange_suite(args: &Args) -> Result<()> {
         args.nodes,
         args.cpus_per_node,
     )?;
-    let ray_cpus = format!("{}", (args.cpus_per_node * args.nodes as f64).round() as usize);
+    let ray_cpus = format!(
+        "{}",
+        (args.cpus_per_node * args.nodes as f64).round() as usize
+    );
     let peers = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers");
     let me = me.to_str().unwrap_or_default().to_string();
     let workloads = [Workload::W4, Workload::W5, Workload::W7, Workload::W8];

@@ -5,7 +5,7 @@
 //! | operation | map tasks partition by | a reduce task (one partition) |
 //! | --- | --- | --- |
 //! | `sort` | ranges of the keys, boundaries from samples of every block | sorts it |
-//! | `groupby().agg()`, `aggregate` | a hash of the keys (no keys: one partition) | aggregates it |
+//! | `groupby().agg()`, `aggregate` | a hash of the keys (no keys: one partition), after a partial aggregation of each block | finishes the aggregation of its groups' states |
 //! | `distinct`, `unique` | a hash of every column | keeps each row once |
 //! | `join` | a hash of each side's keys (cast to a common type) | joins its two sides |
 //! | `repartition_by` | a hash of the keys | its rows, in input order |
@@ -28,8 +28,15 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use arrow::row::{RowConverter, SortField};
+use datafusion::datasource::memory::{MemTable, MemorySourceConfig};
+use datafusion::datasource::provider_as_source;
 use datafusion::execution::context::SessionState;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
+use datafusion::logical_expr::{Expr, LogicalPlanBuilder};
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
+use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_exec::{
@@ -128,6 +135,99 @@ fn from_bytes(bytes: &[u8]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     Ok((schema, batches))
 }
 
+/// An aggregation in DataFusion's two halves, as the map and reduce tasks run it:
+/// the partial aggregation of each block (its groups' states: sums, counts, the
+/// parts of a mean) on the node holding the block, and the final aggregation of each
+/// partition's states. Only the states cross the exchange.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TwoPhase {
+    keys: Vec<String>,
+    aggs: Vec<Vec<u8>>,
+    /// The rows' schema (an IPC stream without batches).
+    schema: Vec<u8>,
+}
+
+impl TwoPhase {
+    /// The partial and the final aggregation, planned over `batches` (DataFusion's
+    /// planner makes a partial and a final aggregation; without its physical optimizer
+    /// rules they stay apart, and with one target partition nothing is between them).
+    fn halves(
+        &self,
+        ctx: &Context,
+        batches: Vec<RecordBatch>,
+    ) -> Result<(Arc<dyn ExecutionPlan>, Arc<AggregateExec>)> {
+        let state = ctx.session_state();
+        let (schema, _) = from_bytes(&self.schema)?;
+        let aggs = self
+            .aggs
+            .iter()
+            .map(|a| expr_from(a, state))
+            .collect::<Result<Vec<Expr>>>()?;
+        let mut config = state.config().clone();
+        config.options_mut().execution.target_partitions = 1;
+        let planner = SessionStateBuilder::new_from_existing(state.clone())
+            .with_config(config)
+            .with_physical_optimizer_rules(vec![])
+            .build();
+        let table = MemTable::try_new(schema, vec![batches])?;
+        let plan = LogicalPlanBuilder::scan("input", provider_as_source(Arc::new(table)), None)?
+            .aggregate(self.keys.iter().map(|k| crate::col(k.as_str())), aggs)?
+            .build()?;
+        let physical = ctx
+            .exec_context()
+            .block_on(planner.create_physical_plan(&plan))?;
+        let final_agg = find_aggregate(&physical, |m| {
+            matches!(m, AggregateMode::Final | AggregateMode::FinalPartitioned)
+        })
+        .ok_or_else(|| VolleyError::internal("no final aggregation in the plan"))?;
+        let partial = find_aggregate(&physical, |m| matches!(m, AggregateMode::Partial))
+            .ok_or_else(|| VolleyError::internal("no partial aggregation in the plan"))?;
+        let final_agg = final_agg
+            .downcast_ref::<AggregateExec>()
+            .map(|a| Arc::new(a.clone()))
+            .ok_or_else(|| VolleyError::internal("the final aggregation"))?;
+        Ok((partial, final_agg))
+    }
+
+    /// The groups' states of `batches` (a map task's block).
+    fn partial(&self, ctx: &Context, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        let (partial, _) = self.halves(ctx, batches)?;
+        let task = ctx.session_state().task_ctx();
+        Ok(ctx
+            .exec_context()
+            .block_on(datafusion::physical_plan::collect(partial, task))?)
+    }
+
+    /// The aggregation of states (a reduce task's partition).
+    fn finish(&self, ctx: &Context, states: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        let (partial, final_agg) = self.halves(ctx, vec![])?;
+        let input = MemorySourceConfig::try_new_exec(&[states], partial.schema(), None)?;
+        let plan = final_agg.replace_children(
+            vec![input],
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )?;
+        let task = ctx.session_state().task_ctx();
+        Ok(ctx
+            .exec_context()
+            .block_on(datafusion::physical_plan::collect(plan, task))?)
+    }
+}
+
+/// The first aggregation (from the root down) whose mode passes `mode`.
+fn find_aggregate(
+    plan: &Arc<dyn ExecutionPlan>,
+    mode: impl Fn(&AggregateMode) -> bool + Copy,
+) -> Option<Arc<dyn ExecutionPlan>> {
+    if let Some(a) = plan.downcast_ref::<AggregateExec>() {
+        if mode(a.mode()) {
+            return Some(Arc::clone(plan));
+        }
+    }
+    plan.children()
+        .into_iter()
+        .find_map(|c| find_aggregate(c, mode))
+}
+
 /// How a map task sends each row to a partition.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Partitioner {
@@ -153,6 +253,8 @@ enum Partitioner {
 pub struct ExchangeMapTask {
     partitions: usize,
     partitioner: Partitioner,
+    /// For an aggregation: the block becomes its groups' states first.
+    partial: Option<TwoPhase>,
 }
 
 impl ExchangeMapTask {
@@ -244,7 +346,10 @@ impl ExchangeMapTask {
 #[typetag::serde(name = "volley::ExchangeMapTask")]
 impl RemoteTask for ExchangeMapTask {
     fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
-        let batches: Vec<RecordBatch> = inputs.into_iter().flatten().collect();
+        let mut batches: Vec<RecordBatch> = inputs.into_iter().flatten().collect();
+        if let (Some(two), false) = (&self.partial, batches.is_empty()) {
+            batches = two.partial(&Context::global()?, batches)?;
+        }
         let Some(first) = batches.first() else {
             // No rows: no partition gets any (readers of a batch of it get none).
             return Ok(vec![]);
@@ -347,6 +452,8 @@ enum Combine {
         keys: Vec<String>,
         aggs: Vec<Vec<u8>>,
     },
+    /// The final aggregation of the groups' states the map tasks made.
+    FinishAggregate(TwoPhase),
     Distinct,
     Join {
         left_on: Vec<String>,
@@ -400,6 +507,11 @@ fn dataset(ctx: &Context, schema: SchemaRef, batches: Vec<RecordBatch>) -> Resul
 impl RemoteTask for ExchangeReduceTask {
     fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
         let ctx = Context::global()?;
+        if let Combine::FinishAggregate(two) = &self.combine {
+            // States, not rows: the input's schema does not apply.
+            let states = inputs.into_iter().flatten().collect();
+            return two.finish(&ctx, states);
+        }
         let mut sides = self.sides(inputs)?;
         let Some((schema, batches)) = sides.first_mut().and_then(Option::take) else {
             return Ok(vec![]);
@@ -453,6 +565,7 @@ impl RemoteTask for ExchangeReduceTask {
                 .collect()
             }
             Combine::Distinct => dataset(&ctx, schema, batches)?.distinct()?.collect(),
+            Combine::FinishAggregate(_) => unreachable!("finished above"),
             Combine::Join {
                 left_on,
                 right_on,
@@ -494,6 +607,8 @@ enum MapPlan {
 pub(crate) struct DatasetExchange {
     partitions: usize,
     map: MapPlan,
+    /// An aggregation's partial half, run by the map tasks.
+    partial: Option<TwoPhase>,
     combine: Combine,
     schemas: Vec<Option<Vec<u8>>>,
     in_order: bool,
@@ -514,6 +629,7 @@ impl DatasetExchange {
             .iter()
             .map(|i| i.schema(state)?.map(|s| schema_bytes(&s)).transpose())
             .collect::<Result<Vec<_>>>()?;
+        let mut partial = None;
         let hash = |keys: Vec<Option<Vec<String>>>| MapPlan::Hash {
             keys,
             casts: vec![],
@@ -555,15 +671,24 @@ impl DatasetExchange {
                     return Ok(None);
                 };
                 let n = if keys.is_empty() { 1 } else { partitions };
-                (
-                    n,
-                    hash(vec![Some(keys.clone())]),
-                    Combine::Aggregate {
+                // Partial aggregation on the nodes where the rows are, when the rows'
+                // schema is known before running (a transform's output may not be).
+                let combine = match schemas.first().cloned().flatten() {
+                    Some(schema) => {
+                        let two = TwoPhase {
+                            keys: keys.clone(),
+                            aggs,
+                            schema,
+                        };
+                        partial = Some(two.clone());
+                        Combine::FinishAggregate(two)
+                    }
+                    None => Combine::Aggregate {
                         keys: keys.clone(),
                         aggs,
                     },
-                    false,
-                )
+                };
+                (n, hash(vec![Some(keys.clone())]), combine, false)
             }
             LogicalOp::Distinct { .. } => (partitions, hash(vec![None]), Combine::Distinct, false),
             LogicalOp::Join {
@@ -609,6 +734,7 @@ impl DatasetExchange {
         Ok(Some(Self {
             partitions: partitions.max(1),
             map,
+            partial,
             combine,
             schemas,
             in_order,
@@ -675,6 +801,7 @@ impl ExchangeWork for DatasetExchange {
         EncodedTask::new(Box::new(ExchangeMapTask {
             partitions: self.partitions,
             partitioner,
+            partial: self.partial.clone(),
         }))
     }
 
