@@ -40,8 +40,8 @@ use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_exec::{
-    compile_expr, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
-    ExchangeWork, MemorySource,
+    compact_views, compile_expr, group_by_partition, hash_partitions, random_partitions,
+    shuffle_partition, ExchangeWork, MemorySource,
 };
 use volley_runtime::cluster::{EncodedTask, RemoteTask, TaskContext};
 
@@ -361,7 +361,11 @@ impl RemoteTask for ExchangeMapTask {
             let (grouped, counts) = group_by_partition(b, &targets, n)?;
             for (p, part) in parts.iter_mut().enumerate() {
                 if counts[p + 1] > counts[p] {
-                    part.push(grouped.slice(counts[p], counts[p + 1] - counts[p]));
+                    // Buffers of its own: a slice of a view column still points into
+                    // every row's strings, and the object's file would hold them all
+                    // once per partition.
+                    let slice = grouped.slice(counts[p], counts[p + 1] - counts[p]);
+                    part.push(compact_views(slice)?);
                 }
             }
         }

@@ -379,6 +379,19 @@ impl FlightObjects {
     pub fn new(store: Arc<ObjectStore>) -> Self {
         Self { store }
     }
+
+    /// Runs `f` on the store off the async threads: reading, writing and spilling
+    /// objects of hundreds of MB is blocking file work, and the agent's heartbeats and
+    /// task reports share those threads (a node busy moving objects must not look dead).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ObjectStore) -> T + Send + 'static,
+    ) -> std::result::Result<T, Status> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Status::internal(format!("the object store's thread failed: {e}")))
+    }
 }
 
 type BoxedStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
@@ -450,9 +463,10 @@ impl FlightService for FlightObjects {
                 let (id, name) = body
                     .split_once('\0')
                     .ok_or_else(|| Status::invalid_argument("adopt: `id\\0file` expected"))?;
+                let (id, name) = (id.to_string(), name.to_string());
                 let bytes = self
-                    .store
-                    .adopt(id, name)
+                    .blocking(move |store| store.adopt(&id, &name))
+                    .await?
                     .map_err(|e| Status::failed_precondition(e.to_string()))?;
                 bytes.to_string()
             }
@@ -483,36 +497,30 @@ impl FlightService for FlightObjects {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let not_here = || Status::not_found(format!("object {id} is not on this node"));
         let internal = |e: VolleyError| Status::internal(e.to_string());
-        let batches: Vec<RecordBatch> = match selection {
-            Selection::Batch(i) => self
-                .store
-                .get_batch(&id, i)
-                .map_err(internal)?
-                .ok_or_else(not_here)?,
-            Selection::All => {
-                let all = self
-                    .store
-                    .get(&id)
-                    .map_err(internal)?
-                    .ok_or_else(not_here)?;
-                all.iter().cloned().collect()
-            }
-            Selection::Rows { offset, rows } => {
-                let all = self
-                    .store
-                    .get(&id)
-                    .map_err(internal)?
-                    .ok_or_else(not_here)?;
-                slice_rows(&all, offset, rows)
-                    .map_err(|e| Status::out_of_range(format!("object {id}: {e}")))?
-            }
+        let key = id.clone();
+        let found = self
+            .blocking(move |store| match selection {
+                Selection::Batch(i) => store.get_batch(&key, i),
+                Selection::All | Selection::Rows { .. } => store
+                    .get(&key)
+                    .map(|all| all.map(|all| all.iter().cloned().collect())),
+            })
+            .await?;
+        let batches: Vec<RecordBatch> = found.map_err(internal)?.ok_or_else(not_here)?;
+        let batches = match selection {
+            Selection::Rows { offset, rows } => slice_rows(&batches, offset, rows)
+                .map_err(|e| Status::out_of_range(format!("object {id}: {e}")))?,
+            Selection::All | Selection::Batch(_) => batches,
         };
         let schema = batches
             .first()
             .map(|b| b.schema())
             .unwrap_or_else(|| Arc::new(Schema::empty()));
-        let items: Vec<std::result::Result<RecordBatch, FlightError>> =
-            batches.into_iter().map(Ok).collect();
+        let items: Vec<std::result::Result<RecordBatch, FlightError>> = for_flight(batches)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(Ok)
+            .collect();
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(futures::stream::iter(items))
@@ -546,8 +554,8 @@ impl FlightService for FlightObjects {
         .await
         .map_err(|e| Status::invalid_argument(format!("DoPut {id}: {e}")))?;
         let bytes = self
-            .store
-            .put(&id, batches)
+            .blocking(move |store| store.put(&id, batches))
+            .await?
             .map_err(|e| Status::internal(e.to_string()))?;
         let result = PutResult {
             app_metadata: bytes.to_string().into_bytes().into(),
@@ -593,6 +601,47 @@ pub(crate) fn decode_inline(id: &str, bytes: &[u8]) -> Result<Vec<RecordBatch>> 
     StreamReader::try_new(std::io::Cursor::new(bytes), None)
         .and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>())
         .map_err(|e| VolleyError::internal(format!("object {id}: unreadable inline copy: {e}")))
+}
+
+/// Rows of a Flight message at most where a batch has view columns.
+const FLIGHT_VIEW_ROWS: usize = 16 * 1024;
+
+/// `batches` ready for Flight's encoder, which cuts a large batch into messages of about
+/// 2 MiB by slicing it: a slice of a view column (`Utf8View`, `BinaryView`) is encoded
+/// with every data buffer of the column, so a 100 MB batch would go out as 50 messages
+/// of 100 MB. A batch with view columns is cut here into pieces of at most
+/// [`FLIGHT_VIEW_ROWS`] rows, each with the strings it uses only.
+fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    use arrow::array::{Array, ArrayRef, AsArray};
+    use arrow::datatypes::DataType;
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        let views = b
+            .schema()
+            .fields()
+            .iter()
+            .any(|f| matches!(f.data_type(), DataType::Utf8View | DataType::BinaryView));
+        if !views {
+            out.push(b);
+            continue;
+        }
+        let mut start = 0;
+        while start < b.num_rows() {
+            let piece = b.slice(start, FLIGHT_VIEW_ROWS.min(b.num_rows() - start));
+            start += piece.num_rows();
+            let columns: Vec<ArrayRef> = piece
+                .columns()
+                .iter()
+                .map(|c| match c.data_type() {
+                    DataType::Utf8View => Arc::new(c.as_string_view().gc()) as ArrayRef,
+                    DataType::BinaryView => Arc::new(c.as_binary_view().gc()) as ArrayRef,
+                    _ => Arc::clone(c),
+                })
+                .collect();
+            out.push(RecordBatch::try_new(piece.schema(), columns)?);
+        }
+    }
+    Ok(out)
 }
 
 /// Reads an object from the Flight endpoint at `address`.
@@ -682,7 +731,7 @@ pub(crate) async fn store(
         .map(|b| b.schema())
         .unwrap_or_else(|| Arc::new(Schema::empty()));
     let items: Vec<std::result::Result<RecordBatch, FlightError>> =
-        batches.into_iter().map(Ok).collect();
+        for_flight(batches)?.into_iter().map(Ok).collect();
     let data = FlightDataEncoderBuilder::new()
         .with_schema(schema)
         .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![id.to_string()])))
