@@ -612,16 +612,9 @@ const FLIGHT_VIEW_ROWS: usize = 16 * 1024;
 /// of 100 MB. A batch with view columns is cut here into pieces of at most
 /// [`FLIGHT_VIEW_ROWS`] rows, each with the strings it uses only.
 fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
-    use arrow::array::{Array, ArrayRef, AsArray};
-    use arrow::datatypes::DataType;
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
-        let views = b
-            .schema()
-            .fields()
-            .iter()
-            .any(|f| matches!(f.data_type(), DataType::Utf8View | DataType::BinaryView));
-        if !views {
+        if !has_views(&b) {
             out.push(b);
             continue;
         }
@@ -629,19 +622,40 @@ fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         while start < b.num_rows() {
             let piece = b.slice(start, FLIGHT_VIEW_ROWS.min(b.num_rows() - start));
             start += piece.num_rows();
-            let columns: Vec<ArrayRef> = piece
-                .columns()
-                .iter()
-                .map(|c| match c.data_type() {
-                    DataType::Utf8View => Arc::new(c.as_string_view().gc()) as ArrayRef,
-                    DataType::BinaryView => Arc::new(c.as_binary_view().gc()) as ArrayRef,
-                    _ => Arc::clone(c),
-                })
-                .collect();
-            out.push(RecordBatch::try_new(piece.schema(), columns)?);
+            out.push(own_strings(piece)?);
         }
     }
     Ok(out)
+}
+
+fn has_views(batch: &RecordBatch) -> bool {
+    use arrow::datatypes::DataType;
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Utf8View | DataType::BinaryView))
+}
+
+/// `batch` with the strings of its view columns copied into buffers of its own: a
+/// sorted, taken or sliced view column points into every input row's strings, and an
+/// IPC file of it (or a Flight message) would hold them all, once per batch.
+pub(crate) fn own_strings(batch: RecordBatch) -> Result<RecordBatch> {
+    use arrow::array::{Array, ArrayRef, AsArray};
+    use arrow::datatypes::DataType;
+    if !has_views(&batch) {
+        return Ok(batch);
+    }
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View => Arc::new(c.as_string_view().gc()) as ArrayRef,
+            DataType::BinaryView => Arc::new(c.as_binary_view().gc()) as ArrayRef,
+            _ => Arc::clone(c),
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// Reads an object from the Flight endpoint at `address`.

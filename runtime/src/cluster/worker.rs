@@ -12,8 +12,8 @@ use volley_common::{ErrorReport, Result, VolleyError};
 
 use super::net::{wire_error, wire_execution_error, Channels};
 use super::objects::{
-    decode_inline, encode_inline, fetch_range, fetch_shared, store, store_shared, Selection,
-    SHARED_DIR_VAR,
+    decode_inline, encode_inline, fetch_range, fetch_shared, own_strings, store, store_shared,
+    Selection, SHARED_DIR_VAR,
 };
 use super::proto::{self, task_report::Outcome};
 use super::task::{
@@ -317,6 +317,10 @@ impl Link<'_> {
     /// Stores a result in this node's store: as a file in its shared folder where it
     /// has one, else (or if that fails) over Flight.
     async fn store(&self, id: &str, batches: Vec<RecordBatch>) -> Result<u64> {
+        let batches = batches
+            .into_iter()
+            .map(own_strings)
+            .collect::<Result<Vec<_>>>()?;
         if let Some(dir) = &self.shared_dir {
             match store_shared(self.channels, self.agent_address, dir, id, &batches).await {
                 Ok(bytes) => return Ok(bytes),
