@@ -145,9 +145,25 @@ fn exchange_driver(workload: Workload, tpch: &str, out: &str) -> Result<()> {
                 .read_parquet(lineitem.as_str())?
                 .select(&["l_orderkey", "l_extendedprice"])?
                 .join_on(&orders, &["l_orderkey"], &["o_orderkey"], JoinHow::Inner)?
-                .aggregate([agg::count_all().alias("n")])?
+                .aggregate([
+                    agg::count_all().alias("n"),
+                    agg::sum("l_extendedprice").alias("p"),
+                    agg::sum("o_totalprice").alias("t"),
+                ])?
                 .collect()?;
-            format!("rows={}", int_sum(&r, "n")?)
+            let text = |c: &str| -> Result<String> {
+                let b = r.first().ok_or_else(|| VolleyError::execution("no result"))?;
+                let col = b
+                    .column_by_name(c)
+                    .ok_or_else(|| VolleyError::execution(format!("no column {c}")))?;
+                Ok(volley::arrow::util::display::array_value_to_string(col, 0)?)
+            };
+            format!(
+                "rows={} sum_price={} sum_total={}",
+                int_sum(&r, "n")?,
+                text("p")?,
+                text("t")?
+            )
         }
     };
     println!("seconds={:.4} {check}", start.elapsed().as_secs_f64());
@@ -359,6 +375,9 @@ struct Args {
     /// TPC-H Parquet (`bench/gen_tpch.sh`); Ray reads its plain-string copy `DIR-utf8`.
     #[arg(long)]
     tpch: Option<String>,
+    /// The all-to-all workloads to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "w4,w5,w7,w8")]
+    workloads: Vec<Workload>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -562,7 +581,7 @@ fn exchange_suite(args: &Args) -> Result<()> {
     );
     let peers = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers");
     let me = me.to_str().unwrap_or_default().to_string();
-    let workloads = [Workload::W4, Workload::W5, Workload::W7, Workload::W8];
+    let workloads = args.workloads.clone();
     let mut v: Vec<Vec<f64>> = vec![vec![]; workloads.len()];
     let mut r: Vec<Vec<f64>> = vec![vec![]; workloads.len()];
     for run in 0..args.runs {

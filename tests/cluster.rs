@@ -1799,7 +1799,8 @@ impl SpawnIn for Command {
 /// Then one host is cut off mid-job by taking its link down: the head declares it dead,
 /// its tasks run again elsewhere, and the output is still the local run's (no row lost,
 /// none twice, nothing the cut-off host's workers staged is committed); when its link
-/// comes back, the agent learns it was declared dead and exits.
+/// comes back, the agent learns it was declared dead and exits. Then a new agent on that
+/// host, and a sort cut off the same way while it reduces: the local run's rows.
 #[test]
 fn hosts_in_network_namespaces_survive_a_partition() {
     let hosts = match NetnsHosts::create(3) {
@@ -1894,4 +1895,66 @@ fn hosts_in_network_namespaces_survive_a_partition() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(left.is_empty(), "staging left beside the outputs: {left:?}");
+
+    // An exchange with a host cut off while it reduces (the driver stops reading, the
+    // map outputs on the nodes), brought back later: the sort's rows are the local
+    // run's, none lost, none twice, none read from the host that came back.
+    c.add_host_node(&hosts, 1, 1);
+    let mut sort = Command::new(example("cluster_exchange"))
+        .arg(&data)
+        .args(["--only", "sort", "--pause-ms", "6000", "--store-limit", "256KiB"])
+        .env("VOLLEY_ADDRESS", &c.address)
+        .env("VOLLEY_TOKEN", &c.token)
+        .env_remove("VOLLEY_WORKER_ID")
+        .env_remove("VOLLEY_JOB_ID")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let printed = Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let printed = Arc::clone(&printed);
+        let mut stdout = sort.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                printed
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !printed.lock().unwrap().contains("PAUSED sort") {
+        assert!(
+            Instant::now() < deadline,
+            "the sort did not start: {}",
+            printed.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dead_before = c.status().matches("DEAD").count();
+    hosts.link(1, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.status().matches("DEAD").count() == dead_before {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off node was not declared dead"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    hosts.link(1, true);
+    let done = sort.wait_with_output().unwrap();
+    reader.join().unwrap();
+    let printed = printed.lock().unwrap().clone();
+    assert!(
+        done.status.success() && printed.contains("SAME sort rows=240000\n"),
+        "{printed}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
 }

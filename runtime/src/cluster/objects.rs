@@ -646,12 +646,31 @@ pub(crate) fn own_strings(batch: RecordBatch) -> Result<RecordBatch> {
     if !has_views(&batch) {
         return Ok(batch);
     }
+    // Copied only where the column's buffers hold more than twice what its rows use.
+    fn bloated(held: usize, used: usize) -> bool {
+        held > 2 * used + 4096
+    }
+    let held = |buffers: &[arrow::buffer::Buffer]| buffers.iter().map(|b| b.len()).sum::<usize>();
     let columns: Vec<ArrayRef> = batch
         .columns()
         .iter()
         .map(|c| match c.data_type() {
-            DataType::Utf8View => Arc::new(c.as_string_view().gc()) as ArrayRef,
-            DataType::BinaryView => Arc::new(c.as_binary_view().gc()) as ArrayRef,
+            DataType::Utf8View => {
+                let a = c.as_string_view();
+                if bloated(held(a.data_buffers()), a.total_buffer_bytes_used()) {
+                    Arc::new(a.gc()) as ArrayRef
+                } else {
+                    Arc::clone(c)
+                }
+            }
+            DataType::BinaryView => {
+                let a = c.as_binary_view();
+                if bloated(held(a.data_buffers()), a.total_buffer_bytes_used()) {
+                    Arc::new(a.gc()) as ArrayRef
+                } else {
+                    Arc::clone(c)
+                }
+            }
             _ => Arc::clone(c),
         })
         .collect();
