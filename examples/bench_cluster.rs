@@ -152,7 +152,9 @@ fn exchange_driver(workload: Workload, tpch: &str, out: &str) -> Result<()> {
                 ])?
                 .collect()?;
             let text = |c: &str| -> Result<String> {
-                let b = r.first().ok_or_else(|| VolleyError::execution("no result"))?;
+                let b = r
+                    .first()
+                    .ok_or_else(|| VolleyError::execution("no result"))?;
                 let col = b
                     .column_by_name(c)
                     .ok_or_else(|| VolleyError::execution(format!("no column {c}")))?;

@@ -1902,7 +1902,14 @@ fn hosts_in_network_namespaces_survive_a_partition() {
     c.add_host_node(&hosts, 1, 1);
     let mut sort = Command::new(example("cluster_exchange"))
         .arg(&data)
-        .args(["--only", "sort", "--pause-ms", "6000", "--store-limit", "256KiB"])
+        .args([
+            "--only",
+            "sort",
+            "--pause-ms",
+            "6000",
+            "--store-limit",
+            "256KiB",
+        ])
         .env("VOLLEY_ADDRESS", &c.address)
         .env("VOLLEY_TOKEN", &c.token)
         .env_remove("VOLLEY_WORKER_ID")

@@ -534,6 +534,37 @@ mod tests {
     }
 
     #[test]
+    fn partitions_do_not_depend_on_how_the_input_is_cut() {
+        // A seeded shuffle's partitions, drawn per block, equal those of the whole.
+        let whole = random_partitions(7, 5, 0, 100);
+        let mut cut = random_partitions(7, 5, 0, 30);
+        cut.extend(random_partitions(7, 5, 30, 70));
+        assert_eq!(whole, cut);
+        // Hashes: equal keys, equal partitions, whatever batch they are in.
+        let a: ArrayRef = Arc::new(Int64Array::from(vec![1, 2, 3, 1]));
+        let b: ArrayRef = Arc::new(Int64Array::from(vec![3, 1]));
+        let mut scratch = Vec::new();
+        let pa = hash_partitions(&[a], 4, &mut scratch).unwrap();
+        let pb = hash_partitions(&[b], 4, &mut scratch).unwrap();
+        assert_eq!(pa[0], pa[3]);
+        assert_eq!((pa[0], pa[2]), (pb[1], pb[0]));
+        // Rows in partition order, input order kept within each.
+        let batch = RecordBatch::try_from_iter([(
+            "x",
+            Arc::new(Int64Array::from(vec![10, 11, 12, 13, 14])) as ArrayRef,
+        )])
+        .unwrap();
+        let (grouped, counts) = group_by_partition(&batch, &[2, 0, 2, 1, 0], 3).unwrap();
+        assert_eq!(counts, vec![0, 2, 3, 5]);
+        let x = grouped
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        assert_eq!(x.values().to_vec(), vec![11, 14, 13, 10, 12]);
+    }
+
+    #[test]
     fn hash_partitions_meet_keys_and_random_is_reproducible() {
         let budget = MemoryBudget::new(1 << 30);
         let run = |partitioning: Partitioning| {

@@ -752,12 +752,9 @@ impl ExchangeWork for DatasetExchange {
     }
 
     fn sample_task(&self) -> Result<Option<EncodedTask>> {
-        match &self.map {
-            MapPlan::Range { keys } => Ok(Some(EncodedTask::new(Box::new(ExchangeSampleTask {
-                keys: keys.clone(),
-            }))?)),
-            _ => Ok(None),
-        }
+        self.sample()
+            .map(|t| EncodedTask::new(Box::new(t)))
+            .transpose()
     }
 
     fn prepare(&self, samples: Vec<RecordBatch>) -> Result<Vec<u8>> {
@@ -788,6 +785,27 @@ impl ExchangeWork for DatasetExchange {
     }
 
     fn map_task(&self, side: usize, first_row: u64, prepared: &[u8]) -> Result<EncodedTask> {
+        EncodedTask::new(Box::new(self.map(side, first_row, prepared)))
+    }
+
+    fn reduce_task(&self, partition: usize, sides: &[usize]) -> Result<EncodedTask> {
+        EncodedTask::new(Box::new(self.reduce(partition, sides)))
+    }
+
+    fn needs_input_order(&self) -> bool {
+        self.in_order
+    }
+}
+
+impl DatasetExchange {
+    fn sample(&self) -> Option<ExchangeSampleTask> {
+        match &self.map {
+            MapPlan::Range { keys } => Some(ExchangeSampleTask { keys: keys.clone() }),
+            _ => None,
+        }
+    }
+
+    fn map(&self, side: usize, first_row: u64, prepared: &[u8]) -> ExchangeMapTask {
         let partitioner = match &self.map {
             MapPlan::Hash { keys, casts } => Partitioner::Hash {
                 keys: keys.get(side).cloned().flatten(),
@@ -802,23 +820,138 @@ impl ExchangeWork for DatasetExchange {
                 bounds: prepared.to_vec(),
             },
         };
-        EncodedTask::new(Box::new(ExchangeMapTask {
+        ExchangeMapTask {
             partitions: self.partitions,
             partitioner,
             partial: self.partial.clone(),
-        }))
+        }
     }
 
-    fn reduce_task(&self, partition: usize, sides: &[usize]) -> Result<EncodedTask> {
-        EncodedTask::new(Box::new(ExchangeReduceTask {
+    fn reduce(&self, partition: usize, sides: &[usize]) -> ExchangeReduceTask {
+        ExchangeReduceTask {
             partition,
             sides: sides.to_vec(),
             schemas: self.schemas.clone(),
             combine: self.combine.clone(),
-        }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The exchange's tasks run in this process, as the cluster runs them (samples,
+    //! boundaries, a map task per block, a reduce task per partition), against the
+    //! single-process operators.
+    use super::*;
+    use crate::{agg, lit, Context};
+
+    fn task() -> TaskContext {
+        TaskContext {
+            task_id: "t".into(),
+            attempt: 0,
+            job_id: "j".into(),
+            node_id: "n".into(),
+            gpu_ids: vec![],
+        }
     }
 
-    fn needs_input_order(&self) -> bool {
-        self.in_order
+    /// The output of `op` (a boundary over a dataset of `blocks`) through its tasks.
+    fn through_tasks(
+        op: &LogicalOp,
+        blocks: &[RecordBatch],
+        partitions: usize,
+    ) -> Vec<RecordBatch> {
+        let ctx = Context::global().unwrap();
+        let work = DatasetExchange::of(op, ctx.session_state(), partitions)
+            .unwrap()
+            .expect("runs as an exchange");
+        let t = task();
+        let prepared = match work.sample() {
+            Some(s) => {
+                let samples: Vec<RecordBatch> = blocks
+                    .iter()
+                    .flat_map(|b| s.run(&t, vec![vec![b.clone()]]).unwrap())
+                    .collect();
+                work.prepare(samples).unwrap()
+            }
+            None => vec![],
+        };
+        let mut first = 0;
+        let maps: Vec<Vec<RecordBatch>> = blocks
+            .iter()
+            .map(|b| {
+                let out = work
+                    .map(0, first, &prepared)
+                    .run(&t, vec![vec![b.clone()]])
+                    .unwrap();
+                first += b.num_rows() as u64;
+                assert_eq!(out.len(), work.partitions(), "one batch per partition");
+                out
+            })
+            .collect();
+        (0..work.partitions())
+            .flat_map(|p| {
+                let inputs = maps.iter().map(|m| vec![m[p].clone()]).collect();
+                work.reduce(p, &[maps.len()]).run(&t, inputs).unwrap()
+            })
+            .collect()
+    }
+
+    fn rows(batches: &[RecordBatch]) -> Vec<String> {
+        let mut out = Vec::new();
+        for b in batches {
+            for r in 0..b.num_rows() {
+                let cells: Vec<String> = b
+                    .columns()
+                    .iter()
+                    .map(|c| arrow::util::display::array_value_to_string(c, r).unwrap())
+                    .collect();
+                out.push(cells.join("|"));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn sorts_and_aggregations_through_their_tasks_equal_the_local_operators() {
+        let ctx = Context::global().unwrap();
+        let ds = ctx
+            .range(5_000)
+            .with_column("k", crate::col("id") % lit(37i64))
+            .unwrap()
+            .with_column(
+                "s",
+                datafusion::logical_expr::cast(crate::col("id") % lit(11i64), DataType::Utf8View),
+            )
+            .unwrap();
+        let blocks: Vec<RecordBatch> = ds.collect().unwrap();
+        let input = ctx.from_batches(blocks.clone()).unwrap();
+
+        let sorted = input
+            .sort([SortKey::desc("k"), SortKey::asc("id")])
+            .unwrap();
+        let got = through_tasks(sorted.logical_plan(), &blocks, 4);
+        assert_eq!(rows(&got), rows(&sorted.collect().unwrap()), "same order");
+
+        let grouped = input
+            .groupby(&["k", "s"])
+            .agg([
+                agg::count_all(),
+                agg::sum("id"),
+                agg::mean("id"),
+                agg::max("s"),
+            ])
+            .unwrap();
+        let mut got = rows(&through_tasks(grouped.logical_plan(), &blocks, 4));
+        let mut want = rows(&grouped.collect().unwrap());
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+
+        let total = input.aggregate([agg::count_all(), agg::sum("id")]).unwrap();
+        assert_eq!(
+            rows(&through_tasks(total.logical_plan(), &blocks, 4)),
+            rows(&total.collect().unwrap())
+        );
     }
 }

@@ -1113,6 +1113,89 @@ mod tests {
     }
 
     #[test]
+    fn one_batch_of_an_object_is_read_alone_in_memory_and_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = vec![batch(3), batch(0), batch(7)];
+        let one = batches_size(&parts);
+        // Room for one such object: the first spills when the second comes.
+        let store = ObjectStore::new(one * 3 / 2, dir.path().to_path_buf());
+        store.put("spilled", parts.clone()).unwrap();
+        store.put("memory", parts.clone()).unwrap();
+        store.put("empty", vec![]).unwrap();
+        assert!(store.usage().1 > 0, "the first object spilled");
+        for id in ["spilled", "memory"] {
+            for (i, want) in parts.iter().enumerate() {
+                let got = store.get_batch(id, i as u32).unwrap().unwrap();
+                assert_eq!(got, vec![want.clone()], "{id} batch {i}");
+            }
+            let err = store.get_batch(id, 3).unwrap_err().to_string();
+            assert!(err.contains("3 batches") && err.contains(id), "{err}");
+        }
+        // An object without batches has no rows in any partition.
+        assert_eq!(store.get_batch("empty", 5).unwrap().unwrap(), vec![]);
+        assert!(store.get_batch("absent", 0).unwrap().is_none());
+        let all = parts.clone();
+        assert_eq!(
+            Selection::Batch(2).apply("o", all.clone()).unwrap(),
+            vec![parts[2].clone()]
+        );
+        assert_eq!(
+            Selection::Rows { offset: 2, rows: 4 }
+                .apply("o", all)
+                .unwrap()
+                .iter()
+                .map(RecordBatch::num_rows)
+                .collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+    }
+
+    #[test]
+    fn view_columns_keep_only_their_rows_strings() {
+        use arrow::array::{Array, StringViewArray};
+        let long: Vec<String> = (0..40_000)
+            .map(|i| format!("a string longer than twelve {i}"))
+            .collect();
+        let strings = StringViewArray::from_iter_values(long.iter());
+        let b = RecordBatch::try_from_iter([("s", Arc::new(strings) as arrow::array::ArrayRef)])
+            .unwrap();
+        let held = |b: &RecordBatch| -> usize {
+            use arrow::array::AsArray;
+            b.column(0)
+                .as_string_view()
+                .data_buffers()
+                .iter()
+                .map(|d| d.len())
+                .sum()
+        };
+        let whole = held(&b);
+        // A slice of ten rows still holds every string; its own copy holds its ten.
+        let slice = b.slice(10, 10);
+        assert_eq!(held(&slice), whole);
+        let own = own_strings(slice.clone()).unwrap();
+        assert!(held(&own) * 50 < whole, "{} of {whole}", held(&own));
+        assert_eq!(own, slice);
+        // A compact batch is passed on as it is.
+        assert_eq!(held(&own_strings(b.clone()).unwrap()), whole);
+        // Over Flight: pieces of at most FLIGHT_VIEW_ROWS rows owning their strings.
+        let pieces = for_flight(vec![b.clone()]).unwrap();
+        let sizes: Vec<usize> = pieces.iter().map(RecordBatch::num_rows).collect();
+        assert_eq!(
+            sizes,
+            vec![
+                FLIGHT_VIEW_ROWS,
+                FLIGHT_VIEW_ROWS,
+                40_000 - 2 * FLIGHT_VIEW_ROWS
+            ]
+        );
+        assert!(pieces.iter().all(|p| held(p) * 2 < whole));
+        assert_eq!(
+            arrow::compute::concat_batches(&b.schema(), &pieces).unwrap(),
+            b
+        );
+    }
+
+    #[test]
     fn small_objects_travel_inline_and_big_ones_do_not() {
         let small = vec![batch(10), batch(5)];
         let bytes = encode_inline(&small).expect("small enough");
