@@ -576,6 +576,11 @@ impl Agent {
         Ok(cmd)
     }
 
+    /// Starts workers for tasks of `job` queued here, in the background.
+    fn respawn(self: &Arc<Self>, job: String, gpus: Vec<u32>) {
+        tokio::spawn(Arc::clone(self).ensure_workers(job, gpus));
+    }
+
     async fn ensure_workers(self: Arc<Self>, job: String, gpus: Vec<u32>) {
         let need = {
             let s = self.state.lock().expect("agent lock");
@@ -656,10 +661,9 @@ impl Agent {
             .env("CUDA_VISIBLE_DEVICES", join_ids(&gpus))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
-        let mut child = self.spawner.spawn(cmd).await.map_err(|e| {
-            VolleyError::execution(format!("cannot start {:?}: {e}", job.entrypoint[0]))
-        })?;
-        let pid = child.id().unwrap_or(0);
+        // Known before its process starts: a worker that asks for work before the
+        // spawn returns here must not be told to exit as a stranger (its tasks would
+        // wait for a worker that no longer comes).
         let (kill_tx, kill_rx) = oneshot::channel();
         {
             let mut s = self.state.lock().expect("agent lock");
@@ -677,6 +681,17 @@ impl Agent {
                 },
             );
         }
+        let mut child = match self.spawner.spawn(cmd).await {
+            Ok(child) => child,
+            Err(e) => {
+                self.state.lock().expect("agent lock").workers.remove(&id);
+                return Err(VolleyError::execution(format!(
+                    "cannot start {:?}: {e}",
+                    job.entrypoint[0]
+                )));
+            }
+        };
+        let pid = child.id().unwrap_or(0);
         let agent = Arc::clone(&self);
         tokio::spawn(async move {
             let status = tokio::select! {
@@ -686,7 +701,7 @@ impl Agent {
                     child.wait().await
                 }
             };
-            agent
+            let waiting = agent
                 .worker_exited(
                     &id,
                     pid,
@@ -695,16 +710,37 @@ impl Agent {
                         .unwrap_or_else(|e| e.to_string()),
                 )
                 .await;
+            // Tasks of its job still queued here get a worker of their own.
+            if let Some((job, gpus)) = waiting {
+                agent.respawn(job, gpus);
+            }
         });
         Ok(())
     }
 
-    async fn worker_exited(&self, id: &str, pid: u32, status: String) {
-        let entry = self.state.lock().expect("agent lock").workers.remove(id);
+    /// Reports what worker `id` held as failed; returns its job and GPUs when tasks of
+    /// that job still wait here for a worker.
+    async fn worker_exited(
+        &self,
+        id: &str,
+        pid: u32,
+        status: String,
+    ) -> Option<(String, Vec<u32>)> {
+        let (entry, queued) = {
+            let mut s = self.state.lock().expect("agent lock");
+            let entry = s.workers.remove(id);
+            let queued = entry.as_ref().is_some_and(|w| {
+                s.queues
+                    .get(&(w.job.clone(), w.gpus.clone()))
+                    .is_some_and(|q| !q.is_empty())
+            });
+            (entry, queued)
+        };
         self.changed.notify_waiters();
-        let Some(w) = entry else { return };
+        let w = entry?;
+        let waiting = queued.then(|| (w.job.clone(), w.gpus.clone()));
         if w.exiting {
-            return;
+            return waiting;
         }
         let why = format!("worker process {pid} on {} exited ({status})", self.node_id);
         // An actor's death goes first: the head must stop routing calls to it before
@@ -730,6 +766,7 @@ impl Agent {
             };
             let _ = self.reports.send((report, None));
         }
+        waiting
     }
 
     /// What worker `id` does next, if anything is waiting for it: exit, become an
