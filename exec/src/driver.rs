@@ -319,14 +319,7 @@ fn build(
         let total: f64 = ctx
             .cluster
             .as_ref()
-            .and_then(|c| c.status().ok())
-            .map(|s| {
-                s.nodes
-                    .iter()
-                    .filter(|n| n.alive)
-                    .map(|n| n.total.as_ref().map_or(0.0, |t| t.num_cpus))
-                    .sum()
-            })
+            .and_then(|c| c.live_cpus().ok())
             .unwrap_or(1.0);
         ((total / cpus_each.max(0.01)) as usize * 2).max(2)
     };

@@ -382,17 +382,7 @@ impl ClusterRunner {
         if let Some(n) = exec.config.exec.shuffle_partitions {
             return n;
         }
-        let cpus: f64 = self
-            .cluster
-            .status()
-            .map(|s| {
-                s.nodes
-                    .iter()
-                    .filter(|n| n.alive)
-                    .map(|n| n.total.as_ref().map_or(0.0, |t| t.num_cpus))
-                    .sum()
-            })
-            .unwrap_or(0.0);
+        let cpus = self.cluster.live_cpus().unwrap_or(0.0);
         ((cpus * 2.0) as usize).max(8)
     }
 }

@@ -42,6 +42,14 @@ struct Progress {
     reduces_done: usize,
 }
 
+/// What the reduce tasks read: every map output (input 0's, then input 1's), how many
+/// of each input, and their bytes in all.
+struct ReduceInputs {
+    maps: Vec<ObjectRef>,
+    sides: Vec<usize>,
+    bytes: u64,
+}
+
 pub(crate) struct ClusterExchangeOp {
     cluster: Cluster,
     inputs: Vec<Arc<BlockQueue>>,
@@ -58,6 +66,8 @@ pub(crate) struct ClusterExchangeOp {
     mapped: Vec<usize>,
     progress: Arc<Mutex<Progress>>,
     next_reduce: usize,
+    /// The map outputs every reduce task reads, once all are made.
+    reduce_inputs: Option<ReduceInputs>,
     first_seq: u64,
     window: usize,
     estimate: Arc<OutputEstimate>,
@@ -94,6 +104,7 @@ impl ClusterExchangeOp {
             })),
             inputs,
             next_reduce: 0,
+            reduce_inputs: None,
             first_seq,
             window: window.max(1),
             estimate: Arc::default(),
@@ -253,19 +264,17 @@ impl ClusterExchangeOp {
     /// Submits the reduce tasks that may start now.
     fn reduce(&mut self, cx: &StepContext<'_>) {
         let partitions = self.work.partitions();
-        let (maps, sides, bytes) = {
+        // Gathered once, when the last map task is done.
+        let inputs = self.reduce_inputs.get_or_insert_with(|| {
             let p = self.progress.lock().expect("exchange lock");
-            let maps: Vec<(ObjectRef, u64, Option<String>)> = p
-                .maps
-                .iter()
-                .flatten()
-                .flatten()
-                .map(|(o, m)| (o.clone(), m.bytes, m.addresses.first().cloned()))
-                .collect();
-            let sides: Vec<usize> = p.maps.iter().map(Vec::len).collect();
-            let bytes: u64 = maps.iter().map(|m| m.1).sum();
-            (maps, sides, bytes)
-        };
+            let done = p.maps.iter().flatten().flatten();
+            ReduceInputs {
+                bytes: done.clone().map(|(_, m)| m.bytes).sum(),
+                maps: done.map(|(o, _)| o.clone()).collect(),
+                sides: p.maps.iter().map(Vec::len).collect(),
+            }
+        });
+        let (maps, sides, bytes) = (inputs.maps.clone(), inputs.sides.clone(), inputs.bytes);
         while self.next_reduce < partitions && cx.running() < self.window {
             let expected = Expected {
                 estimate: &self.estimate,
@@ -291,8 +300,7 @@ impl ClusterExchangeOp {
                     continue;
                 }
             };
-            let parts: Vec<(&ObjectRef, u32)> =
-                maps.iter().map(|(o, _, _)| (o, p as u32)).collect();
+            let parts: Vec<(&ObjectRef, u32)> = maps.iter().map(|o| (o, p as u32)).collect();
             match self
                 .cluster
                 .submit_parts(&task, &parts, &self.options(cx, "reduce"))

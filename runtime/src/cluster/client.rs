@@ -876,6 +876,17 @@ impl Cluster {
             .map_err(|e| status_error("status", e))?
             .into_inner())
     }
+
+    /// CPUs of the live nodes, in all.
+    pub fn live_cpus(&self) -> Result<f64> {
+        Ok(self
+            .status()?
+            .nodes
+            .iter()
+            .filter(|n| n.alive)
+            .map(|n| n.total.as_ref().map_or(0.0, |t| t.num_cpus))
+            .sum())
+    }
 }
 
 /// Asks the head for the state of `objects`, waiting until `num_ready` are ready or
