@@ -210,17 +210,23 @@ fn io_runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(|e| VolleyError::internal(format!("cannot start a runtime: {e}")))
 }
 
-/// Starts a process of this program in the background with `args` (plus `--block`),
-/// its output in `log`; returns its pid.
-fn daemonize(args: &[String], log: &Path) -> Result<u32> {
+/// Starts this program again in the background with `args` (this `volley start`'s own,
+/// less `--block`), its output going to `log`. A token given with `--token` travels in
+/// the child's environment, never on its command line, where `ps` shows it to every
+/// local user. Returns the child's pid.
+fn daemonize(args: &[String], token: Option<&str>, log: &Path) -> Result<u32> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
     if let Some(d) = log.parent() {
         std::fs::create_dir_all(d)?;
     }
     let out = std::fs::File::create(log)?;
-    let child = std::process::Command::new(exe)
-        .args(args)
+    let mut command = std::process::Command::new(exe);
+    if let Some(t) = token {
+        command.env("VOLLEY_TOKEN", t);
+    }
+    let child = command
+        .args(background_args(args))
         .arg("--block")
         .stdin(std::process::Stdio::null())
         .stdout(out.try_clone()?)
@@ -228,6 +234,20 @@ fn daemonize(args: &[String], log: &Path) -> Result<u32> {
         .process_group(0)
         .spawn()?;
     Ok(child.id())
+}
+
+/// `args` without `--block` and without the token (`--token T` or `--token=T`).
+fn background_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--token" {
+            it.next();
+        } else if a != "--block" && !a.starts_with("--token=") {
+            out.push(a.clone());
+        }
+    }
+    out
 }
 
 fn wait_for_file(path: &Path, log: &Path, pid: u32) -> Result<String> {
@@ -279,9 +299,8 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     if !a.block {
         let _ = std::fs::remove_file(dir.join("head_address"));
         let log = dir.join("logs").join("head.log");
-        let mut args: Vec<String> = std::env::args().skip(1).collect();
-        args.retain(|x| x != "--block");
-        let pid = daemonize(&args, &log)?;
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let pid = daemonize(&args, a.token.as_deref(), &log)?;
         std::fs::write(dir.join("head.pid"), pid.to_string())?;
         let address = wait_for_file(&dir.join("head_address"), &log, pid)?;
         println!(
@@ -295,7 +314,7 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         println!("token: {}", dir.join("token").display());
         println!("join another machine with:");
         println!(
-            "  volley start --address {address} --token $(cat {})",
+            "  VOLLEY_TOKEN=$(cat {}) volley start --address {address}",
             dir.join("token").display()
         );
         return Ok(());
@@ -346,9 +365,8 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         let log = dir
             .join("logs")
             .join(format!("node-{}.log", std::process::id()));
-        let mut args: Vec<String> = std::env::args().skip(1).collect();
-        args.retain(|x| x != "--block");
-        let pid = daemonize(&args, &log)?;
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let pid = daemonize(&args, a.token.as_deref(), &log)?;
         let nodes = dir.join("nodes");
         std::fs::create_dir_all(&nodes)?;
         std::fs::write(nodes.join(format!("{pid}.pid")), pid.to_string())?;
@@ -557,5 +575,30 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::background_args;
+
+    #[test]
+    fn the_token_never_reaches_a_background_command_line() {
+        let args: Vec<String> = [
+            "start",
+            "--address",
+            "h:1",
+            "--token",
+            "s3cret",
+            "--block",
+            "--num-cpus",
+            "2",
+            "--token=other",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = background_args(&args);
+        assert_eq!(out, ["start", "--address", "h:1", "--num-cpus", "2"]);
     }
 }

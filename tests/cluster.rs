@@ -1965,3 +1965,90 @@ fn hosts_in_network_namespaces_survive_a_partition() {
         String::from_utf8_lossy(&done.stderr)
     );
 }
+
+/// `volley start` in the background (as users run it): the token given with `--token`
+/// reaches the head and the node agent, and appears on no process's command line.
+#[test]
+fn background_start_keeps_the_token_off_command_lines() {
+    let home = tempfile::tempdir().unwrap();
+    let token = "0123456789abcdef0123456789abcdef-not-on-argv";
+    let volley = || {
+        let mut c = Command::new(volley_bin());
+        c.env("VOLLEY_HOME", home.path())
+            .env_remove("VOLLEY_TOKEN")
+            .env_remove("VOLLEY_ADDRESS");
+        c
+    };
+    /// Stops what the test started, however it ends.
+    struct Stop<'a>(&'a Path);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(volley_bin())
+                .env("VOLLEY_HOME", self.0)
+                .arg("stop")
+                .output();
+        }
+    }
+    let _stop = Stop(home.path());
+    let head = volley()
+        .args(["start", "--head", "--port", "0", "--http-port", "0"])
+        .args(["--token", token])
+        .output()
+        .unwrap();
+    assert!(
+        head.status.success(),
+        "{}",
+        String::from_utf8_lossy(&head.stderr)
+    );
+    let address = std::fs::read_to_string(home.path().join("head_address")).unwrap();
+    let node = volley()
+        .args(["start", "--address", address.trim(), "--num-cpus", "1"])
+        .args(["--token", token])
+        .output()
+        .unwrap();
+    assert!(
+        node.status.success(),
+        "{}",
+        String::from_utf8_lossy(&node.stderr)
+    );
+
+    let mut pids = vec![std::fs::read_to_string(home.path().join("head.pid")).unwrap()];
+    for e in std::fs::read_dir(home.path().join("nodes"))
+        .unwrap()
+        .flatten()
+    {
+        if e.path().extension().is_some_and(|x| x == "pid") {
+            pids.push(std::fs::read_to_string(e.path()).unwrap());
+        }
+    }
+    assert_eq!(pids.len(), 2, "a head and a node agent");
+    for pid in &pids {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(cmdline.contains("--block"), "{cmdline}");
+        assert!(
+            !cmdline.contains(token),
+            "the token is on a command line: {cmdline}"
+        );
+    }
+    // Both took the token: the node joined, and a client needs it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = volley()
+            .args(["status", "--address", address.trim()])
+            .env("VOLLEY_TOKEN", token)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&status.stdout).to_string();
+        if status.status.success() && text.contains("node-1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node did not join: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let refused = volley()
+        .args(["status", "--address", address.trim(), "--token", "wrong"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}

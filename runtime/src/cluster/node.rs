@@ -292,9 +292,8 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
         .map_err(|e| status_error("attaching to the head", e))?
         .into_inner();
 
-    let mut beat = tokio::spawn(
-        Arc::clone(&agent).heartbeats(Duration::from_millis(reg.heartbeat_interval_ms.max(50))),
-    );
+    let (mut beat, _stop_beats) = Arc::clone(&agent)
+        .start_heartbeats(Duration::from_millis(reg.heartbeat_interval_ms.max(50)))?;
     let why = loop {
         tokio::select! {
             c = commands.next() => match c {
@@ -306,7 +305,7 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
                 Some(Err(e)) => break format!("the head closed the command stream: {}", e.message()),
                 None => break "the head closed the command stream".to_string(),
             },
-            r = &mut beat => break r.unwrap_or_else(|e| format!("heartbeats stopped: {e}")),
+            r = &mut beat => break r.unwrap_or_else(|_| "the heartbeat thread stopped".to_string()),
         }
     };
     warn!("{node_id} stops: {why}");
@@ -319,8 +318,47 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
 }
 
 impl Agent {
-    async fn heartbeats(self: Arc<Self>, interval: Duration) -> String {
-        let mut head = self.head.clone();
+    /// Starts the heartbeats on a thread, runtime and connection of their own, so that a
+    /// node busy moving objects (Flight encoding and decoding on the agent's runtime,
+    /// memory copies, a saturated machine) still shows the head it is alive. The
+    /// receiver gets why they stopped; dropping the sender stops them.
+    fn start_heartbeats(
+        self: Arc<Self>,
+        interval: Duration,
+    ) -> Result<(oneshot::Receiver<String>, oneshot::Sender<()>)> {
+        let (done_tx, done_rx) = oneshot::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                VolleyError::internal(format!("cannot start the heartbeat runtime: {e}"))
+            })?;
+        std::thread::Builder::new()
+            .name("volley-heartbeat".into())
+            .spawn(move || {
+                let why = runtime.block_on(async move {
+                    // A connection of this thread's own: the agent's shared one is driven
+                    // by the agent's runtime.
+                    let channels = Channels::new(&self.options.token, &self.options.tls);
+                    let head = match channels.head(&self.options.head_address) {
+                        Ok(h) => h,
+                        Err(e) => return format!("cannot reach the head: {e}"),
+                    };
+                    tokio::select! {
+                        why = self.heartbeats(head, interval) => why,
+                        _ = stop_rx => String::new(),
+                    }
+                });
+                let _ = done_tx.send(why);
+            })
+            .map_err(|e| {
+                VolleyError::internal(format!("cannot start the heartbeat thread: {e}"))
+            })?;
+        Ok((done_rx, stop_tx))
+    }
+
+    async fn heartbeats(&self, mut head: Head, interval: Duration) -> String {
         let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(interval).await;
