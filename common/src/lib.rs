@@ -13,4 +13,4 @@ mod size;
 
 pub use config::{env_var, ExecOptions, ProgressMode, ReadOptions, RuntimeOptions, VolleyConfig};
 pub use error::{ErrorKind, ErrorReport, Result, ResultExt, VolleyError};
-pub use size::{format_bytes, parse_bytes};
+pub use size::{batch_memory, batches_memory, format_bytes, parse_bytes};

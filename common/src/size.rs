@@ -54,6 +54,23 @@ pub fn format_bytes(n: u64) -> String {
     }
 }
 
+/// Bytes of memory `batch` holds, each buffer counted once.
+///
+/// `RecordBatch::get_array_memory_size` counts a buffer once per array that points into
+/// it; the arrays of a batch read from an Arrow IPC file or a Flight message all slice
+/// one message body, which it would count once per column (and budgets would see tens
+/// of times the bytes there are).
+pub fn batch_memory(batch: &arrow::record_batch::RecordBatch) -> u64 {
+    datafusion::common::utils::memory::get_record_batch_memory_size(batch) as u64
+}
+
+/// Bytes of memory `batches` hold together, a buffer they share counted once (the
+/// slices of one batch, a message body).
+pub fn batches_memory(batches: &[arrow::record_batch::RecordBatch]) -> u64 {
+    let mut counter = datafusion::common::utils::memory::RecordBatchMemoryCounter::new();
+    batches.iter().map(|b| counter.count_batch(b) as u64).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +83,33 @@ mod tests {
         assert!(parse_bytes("1XB").is_err());
         assert_eq!(format_bytes(1536), "1.5 KiB");
         assert_eq!(format_bytes(12), "12 B");
+    }
+
+    #[test]
+    fn a_batch_read_from_ipc_counts_its_body_once() {
+        use arrow::array::{ArrayRef, Int64Array};
+        use arrow::record_batch::RecordBatch;
+        use std::sync::Arc;
+        let col = || Arc::new(Int64Array::from_iter_values(0..100_000)) as ArrayRef;
+        let batch =
+            RecordBatch::try_from_iter([("a", col()), ("b", col()), ("c", col()), ("d", col())])
+                .unwrap();
+        let mut bytes = Vec::new();
+        let mut w = arrow::ipc::writer::FileWriter::try_new(&mut bytes, &batch.schema()).unwrap();
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
+        drop(w);
+        let read = arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        // One body of 4 x 800 KB: counted once, not once per column.
+        let once = batch_memory(&read);
+        assert!((3_200_000..3_400_000).contains(&once), "{once}");
+        assert!(read.get_array_memory_size() as u64 >= 4 * once);
+        // Slices of one batch hold it once together.
+        let halves = [read.slice(0, 50_000), read.slice(50_000, 50_000)];
+        assert_eq!(batches_memory(&halves), once);
     }
 }

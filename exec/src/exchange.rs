@@ -139,7 +139,7 @@ impl ExchangeStore {
             Partitioning::Single => {
                 self.rows_in += rows as u64;
                 let batch = compact_views(batch)?;
-                let bytes = batch.get_array_memory_size() as u64;
+                let bytes = volley_common::batch_memory(&batch);
                 return self.hold(vec![(0, batch)], bytes);
             }
             Partitioning::Hash { keys, n } => {
@@ -153,7 +153,7 @@ impl ExchangeStore {
         };
         self.rows_in += rows as u64;
         let (grouped, counts) = group_by_partition(&batch, &targets, self.parts.len())?;
-        let bytes = grouped.get_array_memory_size() as u64;
+        let bytes = volley_common::batch_memory(&grouped);
         let slices: Vec<(usize, RecordBatch)> = (0..self.parts.len())
             .filter(|&p| counts[p + 1] > counts[p])
             .map(|p| (p, grouped.slice(counts[p], counts[p + 1] - counts[p])))

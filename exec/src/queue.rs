@@ -115,7 +115,7 @@ impl Block {
     /// Its bytes (in this process's memory, or in a node's store).
     pub fn bytes(&self) -> u64 {
         match self {
-            Block::Local(b) => b.get_array_memory_size() as u64,
+            Block::Local(b) => volley_common::batch_memory(b),
             Block::Remote(r) => r.meta.bytes,
         }
     }

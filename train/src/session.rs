@@ -210,7 +210,7 @@ impl Counters {
                 self.relayed_rows
                     .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
                 self.relayed_bytes
-                    .fetch_add(b.get_array_memory_size() as u64, Ordering::Relaxed);
+                    .fetch_add(volley_common::batch_memory(b), Ordering::Relaxed);
             }
             SplitPart::Remote(r) => {
                 self.node_rows.fetch_add(r.slice().rows, Ordering::Relaxed);

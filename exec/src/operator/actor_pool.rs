@@ -133,7 +133,7 @@ impl ActorWorker {
                 })?;
                 for out in outs.into_iter().filter(|b| b.num_rows() > 0) {
                     self.counters
-                        .output(out.num_rows(), out.get_array_memory_size());
+                        .output(out.num_rows(), volley_common::batch_memory(&out) as usize);
                     self.out.push(seq, out)?;
                 }
                 Ok::<_, VolleyError>(())

@@ -65,7 +65,7 @@ fn run_limit(
             Some(b) => {
                 let b = input.resolve(b)?.slice(0, left);
                 left = 0;
-                counters.output(b.num_rows(), b.get_array_memory_size());
+                counters.output(b.num_rows(), volley_common::batch_memory(&b) as usize);
                 out.push(seq, b)?;
             }
             None => break,

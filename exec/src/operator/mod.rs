@@ -150,7 +150,7 @@ impl TaskBody {
     ) -> Result<()> {
         for b in batches.drain(..) {
             self.counters
-                .output(b.num_rows(), b.get_array_memory_size());
+                .output(b.num_rows(), volley_common::batch_memory(&b) as usize);
             match writer {
                 Some(w) => w.write(&b)?,
                 None => self.out.push(seq, b)?,
@@ -303,7 +303,7 @@ impl StepContext<'_> {
         })?;
         let meta = volley_runtime::cluster::ObjectMeta {
             rows: batch.num_rows() as u64,
-            bytes: batch.get_array_memory_size() as u64,
+            bytes: volley_common::batch_memory(&batch),
             addresses: vec![],
         };
         let object = remote

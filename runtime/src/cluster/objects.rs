@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::Schema;
+use arrow::datatypes::{Schema, SchemaRef};
 use arrow::ipc::reader::{FileReader, StreamReader};
 use arrow::ipc::writer::{FileWriter, StreamWriter};
 use arrow_flight::decode::FlightRecordBatchStream;
@@ -71,10 +71,7 @@ enum ToSpill {
 
 /// Bytes of a list of batches, as the store counts them.
 pub fn batches_size(batches: &[RecordBatch]) -> u64 {
-    batches
-        .iter()
-        .map(|b| b.get_array_memory_size() as u64)
-        .sum()
+    volley_common::batches_memory(batches)
 }
 
 impl ObjectStore {
@@ -521,8 +518,7 @@ impl FlightService for FlightObjects {
             .into_iter()
             .map(Ok)
             .collect();
-        let stream = FlightDataEncoderBuilder::new()
-            .with_schema(schema)
+        let stream = flight_encoder(schema)
             .build(futures::stream::iter(items))
             .map_err(|e| Status::internal(e.to_string()));
         Ok(Response::new(Box::pin(stream)))
@@ -603,29 +599,54 @@ pub(crate) fn decode_inline(id: &str, bytes: &[u8]) -> Result<Vec<RecordBatch>> 
         .map_err(|e| VolleyError::internal(format!("object {id}: unreadable inline copy: {e}")))
 }
 
+/// Bytes of a Flight message's batch, about.
+const FLIGHT_PIECE_BYTES: u64 = 2 << 20;
+
 /// Rows of a Flight message at most where a batch has view columns.
 const FLIGHT_VIEW_ROWS: usize = 16 * 1024;
 
-/// `batches` ready for Flight's encoder, which cuts a large batch into messages of about
-/// 2 MiB by slicing it: a slice of a view column (`Utf8View`, `BinaryView`) is encoded
-/// with every data buffer of the column, so a 100 MB batch would go out as 50 messages
-/// of 100 MB. A batch with view columns is cut here into pieces of at most
-/// [`FLIGHT_VIEW_ROWS`] rows, each with the strings it uses only.
+/// `batches` cut into the pieces Flight sends, one message each, of about
+/// [`FLIGHT_PIECE_BYTES`] (at most [`FLIGHT_VIEW_ROWS`] rows with view columns), each
+/// view column's piece holding the strings it uses only.
+///
+/// Flight's encoder would cut a batch itself, by `get_buffer_memory_size`, which counts
+/// a shared buffer once per array: a batch read from an IPC file (one body that every
+/// column slices) looked tens of times its size and went out in hundreds of slices, and
+/// a slice of a view column (`Utf8View`, `BinaryView`) is encoded with every data buffer
+/// of the column, so a 2 MB partition went out as over 64 MB of messages. The pieces
+/// made here are cut by the bytes there are, and the encoders are told to leave them
+/// whole ([`flight_encoder`]).
 fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
-        if !has_views(&b) {
-            out.push(b);
+        let rows = b.num_rows();
+        let bytes = volley_common::batch_memory(&b).max(1);
+        let mut per_piece = ((rows as u64 * FLIGHT_PIECE_BYTES) / bytes).max(1) as usize;
+        let views = has_views(&b);
+        if views {
+            per_piece = per_piece.min(FLIGHT_VIEW_ROWS);
+        }
+        if per_piece >= rows {
+            out.push(if views { own_strings(b)? } else { b });
             continue;
         }
         let mut start = 0;
-        while start < b.num_rows() {
-            let piece = b.slice(start, FLIGHT_VIEW_ROWS.min(b.num_rows() - start));
+        while start < rows {
+            let piece = b.slice(start, per_piece.min(rows - start));
             start += piece.num_rows();
             out.push(own_strings(piece)?);
         }
     }
     Ok(out)
+}
+
+/// Flight's encoder for pieces made by [`for_flight`]: it sends each as one message
+/// (its own cutting is what [`for_flight`] replaces; a limit it could reach would cut a
+/// piece whose buffers slice a larger body again).
+fn flight_encoder(schema: SchemaRef) -> FlightDataEncoderBuilder {
+    FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .with_max_flight_data_size(usize::MAX)
 }
 
 fn has_views(batch: &RecordBatch) -> bool {
@@ -765,8 +786,7 @@ pub(crate) async fn store(
         .unwrap_or_else(|| Arc::new(Schema::empty()));
     let items: Vec<std::result::Result<RecordBatch, FlightError>> =
         for_flight(batches)?.into_iter().map(Ok).collect();
-    let data = FlightDataEncoderBuilder::new()
-        .with_schema(schema)
+    let data = flight_encoder(schema)
         .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![id.to_string()])))
         .build(futures::stream::iter(items));
     let results: Vec<PutResult> = client
@@ -1192,6 +1212,52 @@ mod tests {
         assert_eq!(
             arrow::compute::concat_batches(&b.schema(), &pieces).unwrap(),
             b
+        );
+    }
+
+    /// A batch read from an IPC file (one body every column slices, a view column
+    /// among them) goes over Flight as messages of about its own size in all.
+    #[test]
+    fn a_batch_read_from_a_file_goes_over_flight_at_its_size() {
+        use arrow::array::{ArrayRef, Int64Array, StringViewArray};
+        let n = 200_000;
+        let mut columns: Vec<(String, ArrayRef)> = (0..12)
+            .map(|c| {
+                (
+                    format!("i{c}"),
+                    Arc::new(Int64Array::from_iter_values(0..n)) as ArrayRef,
+                )
+            })
+            .collect();
+        columns.push((
+            "s".into(),
+            Arc::new(StringViewArray::from_iter_values(
+                (0..n).map(|i| format!("a comment of some forty bytes, row {i}")),
+            )),
+        ));
+        let b = RecordBatch::try_from_iter(columns).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.arrow");
+        write_file(&path, std::slice::from_ref(&b)).unwrap();
+        let read = read_file_batch(&path, 0).unwrap();
+        let size = volley_common::batch_memory(&read[0]);
+        let pieces = for_flight(read).unwrap();
+        assert_eq!(
+            arrow::compute::concat_batches(&b.schema(), &pieces).unwrap(),
+            b
+        );
+        let sent: usize = futures::executor::block_on(
+            flight_encoder(b.schema())
+                .build(futures::stream::iter(pieces.into_iter().map(Ok)))
+                .map_ok(|d| d.data_body.len())
+                .try_collect::<Vec<_>>(),
+        )
+        .unwrap()
+        .into_iter()
+        .sum();
+        assert!(
+            (sent as u64) < size * 3 / 2,
+            "{sent} bytes sent for a batch of {size}"
         );
     }
 
