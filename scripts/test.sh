@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: checks that no tracked file names a path outside the repository,
-# installs the test oracles (DuckDB, moto as the S3-compatible
-# server, tpchgen-cli for TPC-H data), then `cargo test --workspace`. Extra arguments go
-# to cargo test.
+# installs the test oracles (DuckDB, moto as the S3-compatible server, Prometheus'
+# Python client for its metrics parser, tpchgen-cli for TPC-H data), then
+# `cargo test --workspace`. Extra arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The repository stands alone: no tracked file may name a path outside it.
@@ -13,5 +13,5 @@ if cargo tree -p volley-tune -e normal --prefix none | grep -q '^burn'; then
     exit 1
 fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    duckdb 'moto[server]' boto3 tpchgen-cli
+    duckdb 'moto[server]' boto3 tpchgen-cli prometheus_client
 cargo test --workspace "$@"

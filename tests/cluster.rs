@@ -108,6 +108,11 @@ impl TestCluster {
 
     /// Starts a node agent and waits until the head lists it.
     fn add_node(&mut self, cpus: u32, gpus: u32) -> usize {
+        self.add_node_with_store(cpus, gpus, "64MiB")
+    }
+
+    /// Starts a node agent whose object store keeps `store` in memory before spilling.
+    fn add_node_with_store(&mut self, cpus: u32, gpus: u32, store: &str) -> usize {
         let before = self.node_count();
         let child = self
             .volley()
@@ -118,7 +123,7 @@ impl TestCluster {
                 "--num-gpus",
                 &gpus.to_string(),
             ])
-            .args(["--object-store-memory", "64MiB"])
+            .args(["--object-store-memory", store])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -434,6 +439,45 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     assert_eq!(checksum(&out), checksum(&local));
     let nodes = distinct_nodes(&out);
     assert_eq!(nodes, 3, "every node computes part of the job");
+
+    // `/metrics`: refused without the token; read by Prometheus' own parser; its
+    // values are those `volley status` shows.
+    assert_eq!(c.http_get("/metrics", None).0, 401);
+    let (code, text) = c.http_get("/metrics", Some(&c.token));
+    assert_eq!(code, 200, "{text}");
+    let samples = prometheus_samples(&text);
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.2)
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"))
+    };
+    let status = c.status();
+    let nodes: Vec<&str> = status.lines().filter(|l| l.starts_with("node-")).collect();
+    assert_eq!(
+        value("volley_nodes", &[("state", "alive")]),
+        nodes.len() as f64
+    );
+    for line in &nodes {
+        let id = line.split_whitespace().next().unwrap();
+        // TOTAL reads `2 CPU, 1 GPU, ...`.
+        let cpus: f64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+        assert_eq!(
+            value("volley_node_cpus", &[("node", id), ("kind", "total")]),
+            cpus,
+            "{line}"
+        );
+    }
+    let succeeded = value("volley_tasks_ended_total", &[("outcome", "succeeded")]);
+    assert!(succeeded >= 12.0, "the job's tasks: {succeeded}\n{text}");
+    assert_eq!(value("volley_task_duration_seconds_count", &[]), succeeded);
+    assert!(value("volley_jobs", &[("state", "SUCCEEDED")]) >= 1.0);
 
     // Tasks, actors and placement groups.
     let tasks = c.submit(&[example("cluster_tasks").to_str().unwrap(), "6"]);
@@ -2051,4 +2095,230 @@ fn background_start_keeps_the_token_off_command_lines() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
+}
+
+/// Resident memory of process `pid` in bytes (0 once it is gone).
+fn rss(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Out of core across nodes: three nodes whose object stores keep 24 MiB each in memory
+/// sort ~980 MiB of rows (40 times one node's store, twice what a node may hold in all:
+/// its store plus the processes' stated overhead) and write them as Parquet. The job finishes with every row, sorted, in
+/// ranges that do not overlap; the stores spilled; and no node's memory (its agent's
+/// and workers' resident memory plus its shared-memory object files, sampled through
+/// the run) went past its store plus a stated overhead for the processes themselves.
+#[test]
+fn a_sort_larger_than_every_node_finishes_inside_each_nodes_memory() {
+    const STORE_MIB: u64 = 24;
+    let mut c = TestCluster::start(10.0);
+    for _ in 0..3 {
+        c.add_node_with_store(1, 0, &format!("{STORE_MIB}MiB"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    let (files, rows) = (32_i64, 250_000_i64);
+    let n = files * rows;
+    let pad = "p".repeat(120);
+    for f in 0..files {
+        // A permutation of 0..n: every key once, in no order.
+        let keys: Vec<i64> = (f * rows..(f + 1) * rows)
+            .map(|i| (i * 7_919) % n)
+            .collect();
+        let batch = RecordBatch::try_from_iter([
+            ("x", Arc::new(Int64Array::from(keys)) as ArrayRef),
+            (
+                "pad",
+                Arc::new(volley::arrow::array::StringArray::from_iter_values(
+                    (0..rows).map(|_| pad.as_str()),
+                )) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let file = std::fs::File::create(input.join(format!("part-{f:03}.parquet"))).unwrap();
+        let mut w = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    let out = dir.path().join("sorted");
+    let agents: Vec<i32> = c.nodes.iter().map(|n| n.id() as i32).collect();
+    let job = c.submit(&[
+        example("cluster_sort").to_str().unwrap(),
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--by",
+        "x",
+        "--partitions",
+        "48",
+    ]);
+
+    // Each node's memory, sampled while the job runs: the total, and its agent's, its
+    // workers' and its shared folder's at their own peaks.
+    let mut peaks = [0_u64; 3];
+    let mut parts = [[0_u64; 3]; 3];
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let state = loop {
+        for (i, agent) in agents.iter().enumerate() {
+            let workers = c.processes(&format!("VOLLEY_WORKER_ID=node-{}-", i + 1));
+            let shared: u64 = std::fs::read_dir("/dev/shm")
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter(|e| {
+                            e.file_name()
+                                .to_string_lossy()
+                                .starts_with(&format!("volley-objects-{agent}-"))
+                        })
+                        .map(|e| dir_bytes(&e.path()))
+                        .sum()
+                })
+                .unwrap_or(0);
+            let now = [
+                rss(*agent),
+                workers.iter().map(|p| rss(*p)).sum::<u64>(),
+                shared,
+            ];
+            peaks[i] = peaks[i].max(now.iter().sum());
+            for (part, n) in parts[i].iter_mut().zip(now) {
+                *part = (*part).max(n);
+            }
+        }
+        let state = c.job_state(&job);
+        if ["SUCCEEDED", "FAILED", "STOPPED"].contains(&state.as_str()) {
+            break state;
+        }
+        assert!(Instant::now() < deadline, "the sort did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(state, "SUCCEEDED", "{}", c.describe(&job));
+    let logs = c.logs(&job);
+    assert!(logs.contains(&format!("wrote {n} rows")), "{logs}");
+
+    // Every key once, each file sorted, the files' ranges apart.
+    let mut ranges = Vec::new();
+    let mut total = 0_i64;
+    for e in std::fs::read_dir(&out).unwrap().flatten() {
+        let file = std::fs::File::open(e.path()).unwrap();
+        let reader =
+            volley::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(
+                file, 65_536,
+            )
+            .unwrap();
+        let mut keys = Vec::new();
+        for b in reader {
+            let b = b.unwrap();
+            let x = b
+                .column_by_name("x")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .clone();
+            keys.extend(x.values().iter().copied());
+        }
+        if keys.is_empty() {
+            continue;
+        }
+        assert!(
+            keys.windows(2).all(|w| w[0] < w[1]),
+            "{} is not sorted",
+            e.path().display()
+        );
+        total += keys.len() as i64;
+        ranges.push((keys[0], keys[keys.len() - 1]));
+    }
+    assert_eq!(total, n);
+    ranges.sort();
+    assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0), "{ranges:?}");
+    assert_eq!((ranges[0].0, ranges[ranges.len() - 1].1), (0, n - 1));
+
+    // The data did not fit the stores: they spilled (the last column of `volley status`).
+    let status = c.status();
+    assert!(
+        status
+            .lines()
+            .filter(|l| l.starts_with("node-"))
+            .any(|l| !l.trim_end().ends_with(" 0 B")),
+        "no node spilled:\n{status}"
+    );
+    // The processes' own memory (binaries, runtimes, a reduce task's partition and its
+    // sort) is the overhead over the store.
+    const OVERHEAD_MIB: u64 = 448;
+    let mib: Vec<u64> = peaks.iter().map(|b| b >> 20).collect();
+    let parts: Vec<Vec<u64>> = parts
+        .iter()
+        .map(|p| p.iter().map(|b| b >> 20).collect())
+        .collect();
+    println!(
+        "peak memory per node: {mib:?} MiB (agent, workers, shared folder: {parts:?}); \
+         store {STORE_MIB} MiB, data {} MiB",
+        (n * 8 + n * 120) >> 20
+    );
+    for m in &mib {
+        assert!(
+            *m <= STORE_MIB + OVERHEAD_MIB,
+            "a node's memory peaked at {m} MiB: {mib:?}\n{status}"
+        );
+    }
+}
+
+/// The samples of a `/metrics` page as Prometheus' own client library parses them
+/// (OpenMetrics): `(name, labels, value)`.
+fn prometheus_samples(
+    text: &str,
+) -> Vec<(String, std::collections::BTreeMap<String, String>, f64)> {
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        print(json.dumps([s.name, s.labels, s.value]))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed (scripts/test.sh installs the parser)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "Prometheus' parser refused the page (run scripts/test.sh, which installs \
+         prometheus_client):\n{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

@@ -916,7 +916,7 @@ mod tests {
     fn sorts_and_aggregations_through_their_tasks_equal_the_local_operators() {
         let ctx = Context::global().unwrap();
         let ds = ctx
-            .range(5_000)
+            .range(100_000)
             .with_column("k", crate::col("id") % lit(37i64))
             .unwrap()
             .with_column(

@@ -222,8 +222,12 @@ impl RemoteTask for StageTask {
     fn run(&self, task: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
         let ctx = Context::global()?;
         let ds = self.dataset(&ctx, inputs)?;
+        // A task keeps the order of its input, whatever the job's `preserve_order`: its
+        // input may be a sorted partition (a sort's reduce output), whose batches would
+        // otherwise be written in the order its local tasks finish.
+        let batches = ds.ordered_batches()?;
         match &self.write {
-            None => ds.collect(),
+            None => batches.collect(),
             Some(part) => {
                 let exec = ctx.exec_context();
                 let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
@@ -235,7 +239,7 @@ impl RemoteTask for StageTask {
                     .map(std::path::PathBuf::from)
                     .unwrap_or_else(std::env::temp_dir);
                 let staged = part.write(
-                    ds.iter_batches()?,
+                    batches,
                     registry.as_ref(),
                     &scratch,
                     &part_name(task),

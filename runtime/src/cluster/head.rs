@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 use volley_common::{ErrorKind, ErrorReport, Result, VolleyError};
 
+use super::metrics::{TaskEnd, TaskMetrics};
 use super::net::{error_report, wire_error, wire_execution_error};
 use super::package::{chunk_stream, package_files, PackageWriter};
 use super::proto::{self, node_command::Command, task_report::Outcome};
@@ -188,6 +189,8 @@ struct TaskEntry {
     /// When it last became pending (a source waits for a store with room only so
     /// long: [`SOURCE_WAIT`]).
     pending_since: Instant,
+    /// When its current attempt was sent to a node.
+    sent_at: Instant,
 }
 
 /// Times a task may wait for an input it could not read to be made again (its node
@@ -359,6 +362,8 @@ struct State {
     /// pass: not while an actor, a driver, a placement group or a task asking for
     /// more than CPUs waits, since tasks ahead take freed CPUs first.
     ahead_allowed: bool,
+    /// Tasks' ends and durations, for `/metrics`.
+    task_metrics: TaskMetrics,
 }
 
 /// The head's state and the signal its waiters sleep on.
@@ -564,6 +569,14 @@ impl HeadCore {
             Err(_) => vec![],
         };
         Ok((data, done))
+    }
+
+    /// The cluster in Prometheus' text format (the head's `/metrics`).
+    pub fn metrics(&self) -> String {
+        let status = self.status();
+        let jobs = self.jobs();
+        let tasks = self.state.lock().expect("head lock").task_metrics.clone();
+        super::metrics::render(&status, &jobs, &tasks)
     }
 
     /// The cluster's nodes and load.
@@ -936,6 +949,7 @@ impl State {
     ) -> bool {
         let task = self.tasks.get_mut(id).expect("task exists");
         task.ahead = ahead;
+        task.sent_at = Instant::now();
         let slot = task.slot(ahead, &bundle);
         task.state = TaskState::Running {
             node: node.clone(),
@@ -1179,6 +1193,7 @@ impl State {
                 bundle: None,
                 ahead: false,
                 pending_since: Instant::now(),
+                sent_at: Instant::now(),
             },
         );
         self.enqueue(id, false);
@@ -1231,6 +1246,10 @@ impl State {
             return;
         };
         task.state = TaskState::Done;
+        self.task_metrics.ended(
+            TaskEnd::Succeeded,
+            Some(task.sent_at.elapsed().as_secs_f64()),
+        );
         let args = task.spec.args.clone();
         if let Some(o) = self.objects.get_mut(id) {
             for old in &o.locations {
@@ -1270,6 +1289,7 @@ impl State {
             return;
         };
         task.state = TaskState::Failed;
+        self.task_metrics.ended(TaskEnd::Failed, None);
         let args = task.spec.args.clone();
         if let Some(o) = self.objects.get_mut(id) {
             o.error = Some(error);
@@ -1294,6 +1314,7 @@ impl State {
         task.retries_left -= 1;
         task.attempt += 1;
         task.state = TaskState::Pending;
+        self.task_metrics.ended(TaskEnd::Retried, None);
         task.pending_since = Instant::now();
         let job = task.spec.job_id.clone();
         if let Some(j) = self.jobs.get_mut(&job) {

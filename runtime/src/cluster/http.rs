@@ -10,6 +10,9 @@
 //! | `GET /api/jobs/{id}`        | one job                                         |
 //! | `GET /api/jobs/{id}/logs`   | the driver's log so far (text)                  |
 //! | `POST /api/jobs/{id}/stop`  | stops a job                                     |
+//! | `GET /metrics`              | the cluster in Prometheus' text format          |
+//!
+//! Prometheus scrapes `/metrics` with the token as its `authorization` credentials.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -284,6 +287,18 @@ async fn stop(
     Ok(Json(core.stop_job(&id).map_err(not_found)?.into()))
 }
 
+async fn metrics(State(core): Core, h: HeaderMap) -> Result<Response, ApiError> {
+    check(&core, &h)?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        core.metrics(),
+    )
+        .into_response())
+}
+
 /// Serves `app` over TLS on `listener` (HTTP/1.1 and HTTP/2).
 pub(crate) async fn serve_tls(
     listener: tokio::net::TcpListener,
@@ -317,6 +332,7 @@ pub fn router(core: Arc<HeadCore>) -> Router {
         .route("/api/jobs/{id}/logs", get(logs))
         .route("/api/jobs/{id}/actors", get(actors))
         .route("/api/jobs/{id}/stop", post(stop))
+        .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
         .with_state(core)
 }

@@ -27,6 +27,7 @@ pub mod head;
 pub mod http;
 pub mod jobs;
 pub mod local;
+mod metrics;
 pub mod net;
 pub mod node;
 pub mod objects;

@@ -1172,7 +1172,7 @@ mod tests {
 
     #[test]
     fn view_columns_keep_only_their_rows_strings() {
-        use arrow::array::{Array, StringViewArray};
+        use arrow::array::StringViewArray;
         let long: Vec<String> = (0..40_000)
             .map(|i| format!("a string longer than twelve {i}"))
             .collect();

@@ -1,0 +1,243 @@
+//! The head's `/metrics`: the cluster in Prometheus' text format.
+//!
+//! Most of it is read from the head's state when scraped (nodes, their resources and
+//! stores, tasks and jobs by state); what only the moment a task ends can tell (how it
+//! ended, how long it ran) is counted then, in [`TaskMetrics`].
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `volley_nodes` | gauge | `state` (`alive`, `dead`) |
+//! | `volley_node_cpus`, `volley_node_gpus`, `volley_node_memory_bytes` | gauge | `node`, `kind` (`total`, `available`) |
+//! | `volley_node_object_store_bytes` | gauge | `node` (objects in memory) |
+//! | `volley_node_object_store_limit_bytes` | gauge | `node` (memory before spilling) |
+//! | `volley_node_object_store_disk_bytes` | gauge | `node` (objects spilled to disk now) |
+//! | `volley_node_spilled_bytes_total` | counter | `node` (ever spilled) |
+//! | `volley_node_workers`, `volley_node_running_tasks` | gauge | `node` |
+//! | `volley_tasks` | gauge | `state` (`pending`, `running`) |
+//! | `volley_tasks_ended_total` | counter | `outcome` (`succeeded`, `failed`, `retried`) |
+//! | `volley_task_duration_seconds` | histogram | (from being sent to a node to its report, tasks that succeeded) |
+//! | `volley_jobs` | gauge | `state` |
+//! | `volley_objects` | gauge | |
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::proto;
+use super::resources::Resources;
+
+type Labels = Vec<(String, String)>;
+type Gauges = Family<Labels, Gauge<f64, AtomicU64>>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// How a task ended, for `volley_tasks_ended_total`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TaskEnd {
+    Succeeded,
+    Failed,
+    Retried,
+}
+
+/// What the head counts as tasks end.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskMetrics {
+    ended: Family<Labels, Counter>,
+    duration: Histogram,
+}
+
+impl Default for TaskMetrics {
+    fn default() -> Self {
+        Self {
+            ended: Family::default(),
+            // 1 ms to ~9 minutes.
+            duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.001, 2.0, 20,
+            )),
+        }
+    }
+}
+
+impl TaskMetrics {
+    /// A task ended; `seconds` since it was sent to its node, for one that succeeded.
+    pub(crate) fn ended(&self, how: TaskEnd, seconds: Option<f64>) {
+        let outcome = match how {
+            TaskEnd::Succeeded => "succeeded",
+            TaskEnd::Failed => "failed",
+            TaskEnd::Retried => "retried",
+        };
+        self.ended
+            .get_or_create(&labels(&[("outcome", outcome)]))
+            .inc();
+        if let Some(s) = seconds {
+            self.duration.observe(s);
+        }
+    }
+}
+
+/// The cluster's metrics in Prometheus' text format.
+pub(crate) fn render(
+    status: &proto::ClusterStatus,
+    jobs: &[proto::JobInfo],
+    tasks: &TaskMetrics,
+) -> String {
+    let mut r = Registry::with_prefix("volley");
+
+    let nodes = Gauges::default();
+    let alive = status.nodes.iter().filter(|n| n.alive).count();
+    for (state, n) in [("alive", alive), ("dead", status.nodes.len() - alive)] {
+        nodes
+            .get_or_create(&labels(&[("state", state)]))
+            .set(n as f64);
+    }
+    r.register("nodes", "Nodes the head knows, by state", nodes);
+
+    let (cpus, gpus, memory) = (Gauges::default(), Gauges::default(), Gauges::default());
+    let node_gauges: Vec<Gauges> = (0..5).map(|_| Gauges::default()).collect();
+    let spilled_total = Family::<Labels, Counter>::default();
+    for n in status.nodes.iter().filter(|n| n.alive) {
+        let id = n.node_id.as_str();
+        for (kind, res) in [("total", &n.total), ("available", &n.available)] {
+            let res: Resources = res.clone().into();
+            let l = labels(&[("node", id), ("kind", kind)]);
+            cpus.get_or_create(&l).set(res.num_cpus);
+            gpus.get_or_create(&l).set(res.num_gpus);
+            memory.get_or_create(&l).set(res.memory as f64);
+        }
+        let l = labels(&[("node", id)]);
+        for (g, v) in node_gauges.iter().zip([
+            n.object_store_bytes,
+            n.object_store_memory,
+            n.spilled_bytes,
+            u64::from(n.workers),
+            u64::from(n.running_tasks),
+        ]) {
+            g.get_or_create(&l).set(v as f64);
+        }
+        spilled_total.get_or_create(&l).inc_by(n.spilled_total);
+    }
+    r.register("node_cpus", "CPUs of a live node", cpus);
+    r.register("node_gpus", "GPUs of a live node", gpus);
+    r.register("node_memory_bytes", "Memory of a live node", memory);
+    let mut node_gauges = node_gauges.into_iter();
+    for (name, help) in [
+        (
+            "node_object_store_bytes",
+            "Bytes of objects a node's store keeps in memory",
+        ),
+        (
+            "node_object_store_limit_bytes",
+            "Bytes a node's store keeps in memory before spilling",
+        ),
+        (
+            "node_object_store_disk_bytes",
+            "Bytes of objects a node's store holds on disk",
+        ),
+        ("node_workers", "Worker processes of a node"),
+        ("node_running_tasks", "Tasks running on a node"),
+    ] {
+        r.register(name, help, node_gauges.next().expect("one gauge per name"));
+    }
+    r.register(
+        "node_spilled_bytes",
+        "Bytes a node's store ever spilled to disk",
+        spilled_total,
+    );
+
+    let t = Gauges::default();
+    t.get_or_create(&labels(&[("state", "pending")]))
+        .set(f64::from(status.pending_tasks));
+    t.get_or_create(&labels(&[("state", "running")]))
+        .set(f64::from(status.running_tasks));
+    r.register("tasks", "Tasks waiting for room or running", t);
+    r.register(
+        "tasks_ended",
+        "Task attempts that ended, by how",
+        tasks.ended.clone(),
+    );
+    r.register(
+        "task_duration_seconds",
+        "Seconds from a task being sent to a node to its report (tasks that succeeded)",
+        tasks.duration.clone(),
+    );
+
+    let by_state = Gauges::default();
+    for state in ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"] {
+        let n = jobs.iter().filter(|j| j.state == state).count();
+        by_state
+            .get_or_create(&labels(&[("state", state)]))
+            .set(n as f64);
+    }
+    r.register("jobs", "Jobs, by state", by_state);
+
+    let objects = Gauge::<f64, AtomicU64>::default();
+    objects.set(f64::from(status.objects));
+    r.register("objects", "Objects the head's directory holds", objects);
+
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &r);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_nodes_tasks_and_jobs() {
+        let node = |id: &str, alive: bool| proto::NodeInfo {
+            node_id: id.into(),
+            alive,
+            total: Some((&Resources::cpus(4.0).with_memory(1 << 30)).into()),
+            available: Some((&Resources::cpus(1.5)).into()),
+            object_store_bytes: 100,
+            object_store_memory: 1 << 20,
+            spilled_total: 7,
+            ..Default::default()
+        };
+        let status = proto::ClusterStatus {
+            nodes: vec![node("node-1", true), node("node-2", false)],
+            pending_tasks: 3,
+            running_tasks: 2,
+            running_jobs: 1,
+            objects: 9,
+        };
+        let jobs = vec![proto::JobInfo {
+            state: "RUNNING".into(),
+            ..Default::default()
+        }];
+        let tasks = TaskMetrics::default();
+        tasks.ended(TaskEnd::Succeeded, Some(0.25));
+        tasks.ended(TaskEnd::Retried, None);
+        let text = render(&status, &jobs, &tasks);
+        for line in [
+            "volley_nodes{state=\"alive\"} 1",
+            "volley_nodes{state=\"dead\"} 1",
+            "volley_node_cpus{node=\"node-1\",kind=\"total\"} 4",
+            "volley_node_cpus{node=\"node-1\",kind=\"available\"} 1.5",
+            "volley_node_object_store_limit_bytes{node=\"node-1\"} 1048576",
+            "volley_node_spilled_bytes_total{node=\"node-1\"} 7",
+            "volley_tasks{state=\"pending\"} 3",
+            "volley_tasks_ended_total{outcome=\"succeeded\"} 1",
+            "volley_tasks_ended_total{outcome=\"retried\"} 1",
+            "volley_task_duration_seconds_count 1",
+            "volley_jobs{state=\"RUNNING\"} 1",
+            "volley_objects 9",
+            "# EOF",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        assert!(!text.contains("node-2\""), "dead nodes have no resources");
+    }
+}
