@@ -13,5 +13,13 @@ if cargo tree -p volley-tune -e normal --prefix none | grep -q '^burn'; then
     exit 1
 fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    duckdb 'moto[server]' boto3 tpchgen-cli prometheus_client
+    duckdb 'moto[server]' boto3 tpchgen-cli prometheus_client kubernetes-validate
+# The Kubernetes manifests, against Kubernetes' own schemas (offline); the image where
+# a container runtime runs.
+python3 -m kubernetes_validate --strict --quiet deploy/k8s/*.yaml
+if command -v docker > /dev/null && docker info > /dev/null 2>&1; then
+    docker build --quiet -t volley:test .
+else
+    echo "no container runtime here: the image (Dockerfile) is not built" >&2
+fi
 cargo test --workspace "$@"

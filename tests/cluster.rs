@@ -443,6 +443,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     // `/metrics`: refused without the token; read by Prometheus' own parser; its
     // values are those `volley status` shows.
     assert_eq!(c.http_get("/metrics", None).0, 401);
+    assert_eq!(c.http_get("/healthz", None), (200, "ok".to_string()));
     let (code, text) = c.http_get("/metrics", Some(&c.token));
     assert_eq!(code, 200, "{text}");
     let samples = prometheus_samples(&text);
@@ -2216,11 +2217,18 @@ fn a_sort_larger_than_every_node_finishes_inside_each_nodes_memory() {
     let logs = c.logs(&job);
     assert!(logs.contains(&format!("wrote {n} rows")), "{logs}");
 
-    // Every key once, each file sorted, the files' ranges apart.
+    // Every key once, each file sorted, the files' ranges apart and in the order of
+    // the files' names.
     let mut ranges = Vec::new();
     let mut total = 0_i64;
-    for e in std::fs::read_dir(&out).unwrap().flatten() {
-        let file = std::fs::File::open(e.path()).unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for path in files {
+        let file = std::fs::File::open(&path).unwrap();
         let reader =
             volley::datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(
                 file, 65_536,
@@ -2244,13 +2252,12 @@ fn a_sort_larger_than_every_node_finishes_inside_each_nodes_memory() {
         assert!(
             keys.windows(2).all(|w| w[0] < w[1]),
             "{} is not sorted",
-            e.path().display()
+            path.display()
         );
         total += keys.len() as i64;
         ranges.push((keys[0], keys[keys.len() - 1]));
     }
     assert_eq!(total, n);
-    ranges.sort();
     assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0), "{ranges:?}");
     assert_eq!((ranges[0].0, ranges[ranges.len() - 1].1), (0, n - 1));
 

@@ -29,8 +29,9 @@ pub use exchange::{
 pub use memory_pool::BudgetMemoryPool;
 pub use memory_source::{project_batch, MemorySource, RangeSource};
 pub use plan::{
-    ActorMapExec, ClusterActorPoolExec, ClusterExchangeExec, ClusterMapExec, ClusterReadExec,
-    ExchangeWork, LimitExec, MapExec, PhysicalPlan, PoolSize, ReadExec, UnionExec, WriteTarget,
+    bundle_sequence, bundle_task_name, ActorMapExec, ClusterActorPoolExec, ClusterExchangeExec,
+    ClusterMapExec, ClusterReadExec, ExchangeWork, LimitExec, MapExec, PhysicalPlan, PoolSize,
+    ReadExec, UnionExec, WriteTarget,
 };
 pub use pool_worker::PoolWorker;
 pub use queue::{Block, RemoteBlock};

@@ -132,6 +132,19 @@ pub struct ClusterReadExec {
     pub write: Option<Arc<WriteTarget>>,
 }
 
+/// The name a [`ClusterMapExec`] gives the task of its bundle `seq` (the bundles'
+/// order in its input): `"{operator} #{seq}"`. The task reads the order back with
+/// [`bundle_sequence`] (a write names its file by it, so a sort's files follow its key
+/// order).
+pub fn bundle_task_name(operator: &str, seq: u64) -> String {
+    format!("{operator} #{seq}")
+}
+
+/// The bundle's order in its stage's input, from a task named by [`bundle_task_name`].
+pub fn bundle_sequence(task_name: &str) -> Option<u64> {
+    task_name.rsplit_once(" #")?.1.parse().ok()
+}
+
 /// A stage that runs on a cluster's nodes over input blocks: one task per bundle of at
 /// least `bundle_rows` rows, the same work for every bundle. Blocks made in this
 /// process are put into the cluster first.

@@ -247,6 +247,7 @@ mod tests {
                 job_id: "j".into(),
                 node_id: "n".into(),
                 gpu_ids: vec![],
+                name: String::new(),
             },
             method: method.into(),
             arg: serde_json::Value::Null,

@@ -852,6 +852,7 @@ mod tests {
             job_id: "j".into(),
             node_id: "n".into(),
             gpu_ids: vec![],
+            name: String::new(),
         }
     }
 

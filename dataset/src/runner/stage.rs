@@ -179,12 +179,18 @@ pub(crate) fn plan_bytes(plan: &Arc<dyn ExecutionPlan>, label: &str) -> Result<V
     )
 }
 
-/// A write part's name: the task's id (unique in the write, the same for every attempt).
+/// A write part's name: the same for every attempt, unique in the write, and in the
+/// order of the stage's input where the task knows its place in it (a sort's ranges
+/// give files in key order); else the task's id.
 fn part_name(task: &TaskContext) -> String {
-    task.task_id
-        .rsplit_once('-')
-        .map_or(task.task_id.as_str(), |(_, id)| id)
-        .to_string()
+    match volley_exec::bundle_sequence(&task.name) {
+        Some(seq) => format!("{seq:05}"),
+        None => task
+            .task_id
+            .rsplit_once('-')
+            .map_or(task.task_id.as_str(), |(_, id)| id)
+            .to_string(),
+    }
 }
 
 impl StageTask {

@@ -1,6 +1,6 @@
 //! The head's HTTP/JSON API, for tools that do not speak gRPC.
 //!
-//! Every request carries `Authorization: Bearer TOKEN`.
+//! Every request but `/healthz` carries `Authorization: Bearer TOKEN`.
 //!
 //! | method and path             | does                                            |
 //! |-----------------------------|-------------------------------------------------|
@@ -11,6 +11,7 @@
 //! | `GET /api/jobs/{id}/logs`   | the driver's log so far (text)                  |
 //! | `POST /api/jobs/{id}/stop`  | stops a job                                     |
 //! | `GET /metrics`              | the cluster in Prometheus' text format          |
+//! | `GET /healthz`              | `ok` (no token: for load balancers and probes)  |
 //!
 //! Prometheus scrapes `/metrics` with the token as its `authorization` credentials.
 
@@ -333,6 +334,7 @@ pub fn router(core: Arc<HeadCore>) -> Router {
         .route("/api/jobs/{id}/actors", get(actors))
         .route("/api/jobs/{id}/stop", post(stop))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
         .with_state(core)
 }

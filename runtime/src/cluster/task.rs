@@ -29,6 +29,8 @@ pub struct TaskContext {
     pub node_id: String,
     /// GPUs given to it (also in `CUDA_VISIBLE_DEVICES`).
     pub gpu_ids: Vec<u32>,
+    /// The name it was submitted with (`TaskOptions::name`); empty for an actor.
+    pub name: String,
 }
 
 /// A stateless function that runs on a worker.

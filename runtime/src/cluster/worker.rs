@@ -104,6 +104,7 @@ fn worker_loop() -> Result<()> {
                 job_id: start.job_id.clone(),
                 node_id: node_id.clone(),
                 gpu_ids: start.gpu_ids.clone(),
+                name: String::new(),
             };
             let built =
                 decode::<Box<dyn RemoteActor>>("the actor", &start.payload).and_then(|mut a| {
@@ -339,6 +340,7 @@ fn context(task: &proto::TaskAssignment, node_id: &str) -> TaskContext {
         job_id: task.job_id.clone(),
         node_id: node_id.to_string(),
         gpu_ids: task.gpu_ids.clone(),
+        name: task.name.clone(),
     }
 }
 
