@@ -5,12 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// mimalloc: a node agent serves and receives objects of many megabytes from many
-/// threads at once; with glibc's allocator its resident memory grew to gigabytes of
-/// freed but kept buffers, and every new buffer was fresh pages the kernel had to zero.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod cli_cluster;
 #[cfg(feature = "llm")]
 mod cli_llm;
