@@ -1718,6 +1718,23 @@ impl NetnsHosts {
         format!("{}.{}", self.prefix, i + 2)
     }
 
+    /// Takes host `i`'s link down until the head declares one more node dead, waits two
+    /// seconds more, and brings it back.
+    fn cut_off_until_declared_dead(&self, c: &TestCluster, i: usize) {
+        let dead_before = c.status().matches("DEAD").count();
+        self.link(i, false);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.status().matches("DEAD").count() == dead_before {
+            assert!(
+                Instant::now() < deadline,
+                "the cut-off node was not declared dead"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        self.link(i, true);
+    }
+
     /// Takes host `i`'s link up or down.
     fn link(&self, i: usize, up: bool) {
         let status = Command::new("ip")
@@ -1904,17 +1921,7 @@ fn hosts_in_network_namespaces_survive_a_partition() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
-    hosts.link(1, false);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !c.status().contains("DEAD") {
-        assert!(
-            Instant::now() < deadline,
-            "the cut-off node was not declared dead"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    hosts.link(1, true);
+    hosts.cut_off_until_declared_dead(&c, 1);
     let run = run.wait_with_output().unwrap();
     assert!(
         run.status.success(),
@@ -1989,18 +1996,7 @@ fn hosts_in_network_namespaces_survive_a_partition() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let dead_before = c.status().matches("DEAD").count();
-    hosts.link(1, false);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.status().matches("DEAD").count() == dead_before {
-        assert!(
-            Instant::now() < deadline,
-            "the cut-off node was not declared dead"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    hosts.link(1, true);
+    hosts.cut_off_until_declared_dead(&c, 1);
     let done = sort.wait_with_output().unwrap();
     reader.join().unwrap();
     let printed = printed.lock().unwrap().clone();

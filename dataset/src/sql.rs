@@ -408,7 +408,7 @@ impl PartitionStream for DatasetPartition {
                 for item in stream {
                     // DataFusion's operators count each batch's memory: view columns
                     // get buffers of their own so that the count is the rows'.
-                    let item = item.and_then(volley_exec::compact_views);
+                    let item = item.and_then(volley_common::compact_views);
                     let stop = item.is_err();
                     if tx.blocking_send(item.map_err(Into::into)).is_err() || stop {
                         break;

@@ -138,7 +138,7 @@ impl ExchangeStore {
         let targets: Vec<usize> = match &self.partitioning {
             Partitioning::Single => {
                 self.rows_in += rows as u64;
-                let batch = compact_views(batch)?;
+                let batch = volley_common::compact_views(batch)?;
                 let bytes = volley_common::batch_memory(&batch);
                 return self.hold(vec![(0, batch)], bytes);
             }
@@ -419,7 +419,8 @@ pub fn group_by_partition(
         order[next[t]] = row as u32;
         next[t] += 1;
     }
-    let grouped = compact_views(take_record_batch(batch, &UInt32Array::from(order))?)?;
+    let grouped =
+        volley_common::compact_views(take_record_batch(batch, &UInt32Array::from(order))?)?;
     Ok((grouped, counts))
 }
 
@@ -444,32 +445,6 @@ pub fn shuffle_partition(
     picks.shuffle(&mut rng);
     let refs: Vec<&RecordBatch> = blocks.iter().collect();
     Ok(interleave_record_batch(&refs, &picks)?)
-}
-
-/// Copies the strings of view columns (`Utf8View`, `BinaryView`) into buffers of their
-/// own: a `take` or `slice` of a view array still points into all of the input's
-/// buffers, which would keep (and spill, and count) the whole input many times over.
-pub fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
-    use arrow::array::{Array, AsArray};
-    use arrow::datatypes::DataType;
-    if !batch
-        .schema()
-        .fields()
-        .iter()
-        .any(|f| matches!(f.data_type(), DataType::Utf8View | DataType::BinaryView))
-    {
-        return Ok(batch);
-    }
-    let columns: Vec<ArrayRef> = batch
-        .columns()
-        .iter()
-        .map(|c| match c.data_type() {
-            DataType::Utf8View => Arc::new(c.as_string_view().gc()) as ArrayRef,
-            DataType::BinaryView => Arc::new(c.as_binary_view().gc()) as ArrayRef,
-            _ => Arc::clone(c),
-        })
-        .collect();
-    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// A 64-bit mix of a seed and a position (SplitMix64's finalizer).

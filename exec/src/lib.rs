@@ -23,8 +23,8 @@ mod watch;
 
 pub use driver::{execute, ExecContext, ExecutionStream};
 pub use exchange::{
-    compact_views, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
-    ExchangeStore, FrozenStore, Partitioning,
+    group_by_partition, hash_partitions, random_partitions, shuffle_partition, ExchangeStore,
+    FrozenStore, Partitioning,
 };
 pub use memory_pool::BudgetMemoryPool;
 pub use memory_source::{project_batch, MemorySource, RangeSource};

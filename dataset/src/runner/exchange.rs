@@ -40,8 +40,8 @@ use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_exec::{
-    compact_views, compile_expr, group_by_partition, hash_partitions, random_partitions,
-    shuffle_partition, ExchangeWork, MemorySource,
+    compile_expr, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
+    ExchangeWork, MemorySource,
 };
 use volley_runtime::cluster::{EncodedTask, RemoteTask, TaskContext};
 
@@ -365,7 +365,7 @@ impl RemoteTask for ExchangeMapTask {
                     // every row's strings, and the object's file would hold them all
                     // once per partition.
                     let slice = grouped.slice(counts[p], counts[p + 1] - counts[p]);
-                    part.push(compact_views(slice)?);
+                    part.push(volley_common::compact_views(slice)?);
                 }
             }
         }

@@ -622,19 +622,23 @@ fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         let rows = b.num_rows();
         let bytes = volley_common::batch_memory(&b).max(1);
         let mut per_piece = ((rows as u64 * FLIGHT_PIECE_BYTES) / bytes).max(1) as usize;
-        let views = has_views(&b);
+        let views = volley_common::has_view_columns(&b);
         if views {
             per_piece = per_piece.min(FLIGHT_VIEW_ROWS);
         }
         if per_piece >= rows {
-            out.push(if views { own_strings(b)? } else { b });
+            out.push(if views {
+                volley_common::compact_bloated_views(b)?
+            } else {
+                b
+            });
             continue;
         }
         let mut start = 0;
         while start < rows {
             let piece = b.slice(start, per_piece.min(rows - start));
             start += piece.num_rows();
-            out.push(own_strings(piece)?);
+            out.push(volley_common::compact_bloated_views(piece)?);
         }
     }
     Ok(out)
@@ -647,55 +651,6 @@ fn flight_encoder(schema: SchemaRef) -> FlightDataEncoderBuilder {
     FlightDataEncoderBuilder::new()
         .with_schema(schema)
         .with_max_flight_data_size(usize::MAX)
-}
-
-fn has_views(batch: &RecordBatch) -> bool {
-    use arrow::datatypes::DataType;
-    batch
-        .schema()
-        .fields()
-        .iter()
-        .any(|f| matches!(f.data_type(), DataType::Utf8View | DataType::BinaryView))
-}
-
-/// `batch` with the strings of its view columns copied into buffers of its own: a
-/// sorted, taken or sliced view column points into every input row's strings, and an
-/// IPC file of it (or a Flight message) would hold them all, once per batch.
-pub(crate) fn own_strings(batch: RecordBatch) -> Result<RecordBatch> {
-    use arrow::array::{Array, ArrayRef, AsArray};
-    use arrow::datatypes::DataType;
-    if !has_views(&batch) {
-        return Ok(batch);
-    }
-    // Copied only where the column's buffers hold more than twice what its rows use.
-    fn bloated(held: usize, used: usize) -> bool {
-        held > 2 * used + 4096
-    }
-    let held = |buffers: &[arrow::buffer::Buffer]| buffers.iter().map(|b| b.len()).sum::<usize>();
-    let columns: Vec<ArrayRef> = batch
-        .columns()
-        .iter()
-        .map(|c| match c.data_type() {
-            DataType::Utf8View => {
-                let a = c.as_string_view();
-                if bloated(held(a.data_buffers()), a.total_buffer_bytes_used()) {
-                    Arc::new(a.gc()) as ArrayRef
-                } else {
-                    Arc::clone(c)
-                }
-            }
-            DataType::BinaryView => {
-                let a = c.as_binary_view();
-                if bloated(held(a.data_buffers()), a.total_buffer_bytes_used()) {
-                    Arc::new(a.gc()) as ArrayRef
-                } else {
-                    Arc::clone(c)
-                }
-            }
-            _ => Arc::clone(c),
-        })
-        .collect();
-    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// Reads an object from the Flight endpoint at `address`.
@@ -1192,11 +1147,14 @@ mod tests {
         // A slice of ten rows still holds every string; its own copy holds its ten.
         let slice = b.slice(10, 10);
         assert_eq!(held(&slice), whole);
-        let own = own_strings(slice.clone()).unwrap();
+        let own = volley_common::compact_bloated_views(slice.clone()).unwrap();
         assert!(held(&own) * 50 < whole, "{} of {whole}", held(&own));
         assert_eq!(own, slice);
         // A compact batch is passed on as it is.
-        assert_eq!(held(&own_strings(b.clone()).unwrap()), whole);
+        assert_eq!(
+            held(&volley_common::compact_bloated_views(b.clone()).unwrap()),
+            whole
+        );
         // Over Flight: pieces of at most FLIGHT_VIEW_ROWS rows owning their strings.
         let pieces = for_flight(vec![b.clone()]).unwrap();
         let sizes: Vec<usize> = pieces.iter().map(RecordBatch::num_rows).collect();

@@ -12,8 +12,8 @@ use volley_common::{ErrorReport, Result, VolleyError};
 
 use super::net::{wire_error, wire_execution_error, Channels};
 use super::objects::{
-    decode_inline, encode_inline, fetch_range, fetch_shared, own_strings, store, store_shared,
-    Selection, SHARED_DIR_VAR,
+    decode_inline, encode_inline, fetch_range, fetch_shared, store, store_shared, Selection,
+    SHARED_DIR_VAR,
 };
 use super::proto::{self, task_report::Outcome};
 use super::task::{
@@ -320,7 +320,7 @@ impl Link<'_> {
     async fn store(&self, id: &str, batches: Vec<RecordBatch>) -> Result<u64> {
         let batches = batches
             .into_iter()
-            .map(own_strings)
+            .map(volley_common::compact_bloated_views)
             .collect::<Result<Vec<_>>>()?;
         if let Some(dir) = &self.shared_dir {
             match store_shared(self.channels, self.agent_address, dir, id, &batches).await {
