@@ -34,6 +34,13 @@ struct Numbers {
 #[typetag::serde]
 impl RemoteTask for Numbers {
     fn run(&self, ctx: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        // Kept in the worker's output on its node: `volley logs --job ID --task NAME`.
+        println!(
+            "numbers {}..{} on {}",
+            self.start,
+            self.start + self.n,
+            ctx.node_id
+        );
         let values = Int64Array::from_iter_values(self.start..self.start + self.n);
         let node =
             volley::arrow::array::StringArray::from(vec![ctx.node_id.clone(); self.n as usize]);
@@ -86,6 +93,7 @@ impl RemoteActor for Accumulator {
         match method {
             "add" => {
                 self.total += arg.as_i64().unwrap_or(0);
+                println!("accumulator total {}", self.total);
                 value_object(&self.total)
             }
             // Takes the actor's process down, to show a restart.

@@ -1,12 +1,14 @@
 //! `volley start | stop | status | job ...`: running a cluster from the command line.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use volley::crates::runtime::cluster::{
     self, auth, run_node, HeadOptions, JobClient, JobRequest, NodeOptions, Resources, TlsConfig,
+    WorkerOutput,
 };
 use volley::{Result, VolleyError};
 
@@ -46,6 +48,11 @@ pub struct StartArgs {
     /// Memory for objects before they spill to disk (default: 30% of --memory).
     #[arg(long)]
     object_store_memory: Option<String>,
+    /// Disk for cached job files (binaries, working folders), e.g. 8GiB: a job's files
+    /// are uploaded to the head and fetched by a node once per content, and the least
+    /// recently used are removed past this size.
+    #[arg(long, default_value = "8GiB")]
+    package_cache: String,
     /// Seconds of silence after which the head declares a node dead.
     #[arg(long, default_value_t = 5.0)]
     node_timeout: f64,
@@ -121,6 +128,61 @@ pub enum JobCommand {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+/// `volley logs`.
+#[derive(Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// The job id.
+    #[arg(long)]
+    job: String,
+    /// A task's output: its id (or the part after the job, `t-...`), or its name (every
+    /// task of that name), each attempt on the node that ran it.
+    #[arg(long, conflicts_with_all = ["actor", "workers"])]
+    task: Option<String>,
+    /// An actor's output, every incarnation.
+    #[arg(long, conflicts_with = "workers")]
+    actor: Option<String>,
+    /// The output of every worker of the job.
+    #[arg(long)]
+    workers: bool,
+    /// List the tasks, actors and workers that have output, with its size.
+    #[arg(long, conflicts_with = "follow")]
+    list: bool,
+    /// Keep printing new output until what is shown has ended (or the job has).
+    #[arg(long, short)]
+    follow: bool,
+}
+
+/// `volley logs`: the driver's log by default, else the selected worker output.
+pub fn logs(a: LogsArgs) -> Result<()> {
+    let client = a.conn.client()?;
+    let which = match (&a.task, &a.actor) {
+        (Some(t), _) => Some(WorkerOutput::Task(t.clone())),
+        (_, Some(actor)) => Some(WorkerOutput::Actor(actor.clone())),
+        _ if a.workers || a.list => Some(WorkerOutput::AllWorkers),
+        _ => None,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match which {
+        None => client.logs(&a.job, a.follow, &mut out),
+        Some(which) if a.list => {
+            for s in client.worker_output_sections(&a.job, &which)? {
+                let state = if s.running { "running" } else { "ended" };
+                writeln!(
+                    out,
+                    "{:>10}  {state:<7}  {}",
+                    volley::crates::common::format_bytes(s.bytes),
+                    s.title
+                )?;
+            }
+            Ok(())
+        }
+        Some(which) => client.worker_output(&a.job, &which, a.follow, &mut out),
+    }
 }
 
 /// Where the head is and the token to use.
@@ -328,6 +390,7 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         }
     };
     let mut options = HeadOptions::new(dir.join("head"), token);
+    options.package_cache_bytes = volley::crates::common::parse_bytes(&a.package_cache)?;
     options.node_timeout = Duration::from_secs_f64(a.node_timeout.max(0.2));
     options.heartbeat_interval = (options.node_timeout / 10).min(Duration::from_millis(500));
     let tls = TlsConfig::from_files(None, a.tls_cert.as_deref(), a.tls_key.as_deref())?;
@@ -423,6 +486,9 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         gpu_ids: (0..gpus).collect(),
         object_store_memory,
         dir: dir.join("nodes").join(std::process::id().to_string()),
+        // One cache for the agents of this machine.
+        package_cache: dir.join("package-cache"),
+        package_cache_bytes: volley::crates::common::parse_bytes(&a.package_cache)?,
         tls: TlsConfig::from_files(
             a.tls_ca.as_deref(),
             a.tls_cert.as_deref(),

@@ -75,6 +75,8 @@ enum Command {
     /// Submit and manage jobs.
     #[command(subcommand)]
     Job(cli_cluster::JobCommand),
+    /// Print a job's output: its driver's, or its workers' (a task's, an actor's).
+    Logs(cli_cluster::LogsArgs),
     /// Batch LLM inference.
     #[cfg(feature = "llm")]
     #[command(subcommand)]
@@ -106,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stop => cli_cluster::stop(),
         Command::Status { conn } => cli_cluster::status(conn),
         Command::Job(j) => cli_cluster::job(j),
+        Command::Logs(a) => cli_cluster::logs(a),
         #[cfg(feature = "llm")]
         Command::Llm(c) => cli_llm::run(c),
         Command::Sql {

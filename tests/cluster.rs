@@ -46,6 +46,16 @@ impl TestCluster {
 
     /// A head listening on `host`.
     fn start_on(host: &str, node_timeout_s: f64, tls: Vec<(String, String)>) -> Self {
+        Self::start_with_args(host, node_timeout_s, tls, &[])
+    }
+
+    /// A head listening on `host`, started with `extra` arguments.
+    fn start_with_args(
+        host: &str,
+        node_timeout_s: f64,
+        tls: Vec<(String, String)>,
+        extra: &[&str],
+    ) -> Self {
         let home = tempfile::tempdir().unwrap();
         let head = Command::new(volley_bin())
             .envs(tls.iter().map(|(k, v)| (k, v)))
@@ -61,6 +71,7 @@ impl TestCluster {
                 host,
             ])
             .args(["--node-timeout", &node_timeout_s.to_string()])
+            .args(extra)
             .env("VOLLEY_HOME", home.path())
             .env_remove("VOLLEY_TOKEN")
             .stdout(Stdio::null())
@@ -500,6 +511,93 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     assert!(
         logs.contains("failed: in FailAs: user function `score` failed: division by zero"),
         "{logs}"
+    );
+
+    // Workers' output stays on their nodes, and `volley logs` fetches it through the
+    // head: a listing, one task's output by name or id, an actor's.
+    let volley_logs = |args: &[&str]| -> (bool, String, String) {
+        let out = c
+            .volley()
+            .args(["logs", "--job", &tasks])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, listing, err) = volley_logs(&["--list"]);
+    assert!(ok, "{err}");
+    let numbers_tasks: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("  task Numbers "))
+        .collect();
+    // Six blocks and one task in a placement group.
+    assert_eq!(numbers_tasks.len(), 7, "{listing}");
+    let (ok, numbers, err) = volley_logs(&["--task", "Numbers"]);
+    assert!(ok, "{err}");
+    let headers: Vec<&str> = numbers
+        .lines()
+        .filter(|l| l.starts_with("==> task Numbers"))
+        .collect();
+    let printed: Vec<&str> = numbers
+        .lines()
+        .filter(|l| l.starts_with("numbers "))
+        .collect();
+    assert_eq!((headers.len(), printed.len()), (7, 7), "{numbers}");
+    // Each task's line sits under its own header, which names the node it ran on.
+    let lines: Vec<&str> = numbers.lines().collect();
+    for pair in lines.chunks(2) {
+        let node = pair[1].rsplit(' ').next().unwrap();
+        assert!(pair[0].contains(&format!(" on {node} ")), "{numbers}");
+    }
+    let id = numbers_tasks[0]
+        .split_whitespace()
+        .skip_while(|w| *w != "Numbers")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let (ok, one, err) = volley_logs(&["--task", &id]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        one.lines().filter(|l| l.starts_with("numbers ")).count(),
+        1,
+        "{one}"
+    );
+    let actors: Vec<String> = listing
+        .lines()
+        .filter_map(|l| {
+            l.split_once("  actor ")
+                .map(|(_, r)| r.split(' ').next().unwrap().to_string())
+        })
+        .collect();
+    assert!(!actors.is_empty(), "{listing}");
+    let actor_output: String = actors
+        .iter()
+        .map(|a| {
+            let (ok, text, err) = volley_logs(&["--actor", a]);
+            assert!(ok, "{err}");
+            text
+        })
+        .collect();
+    assert!(actor_output.contains("accumulator total"), "{actor_output}");
+    // Following an ended task's output prints it and returns.
+    let (ok, followed, err) = volley_logs(&["--task", &id, "--follow"]);
+    assert!(ok, "{err}");
+    assert_eq!(followed, one);
+    let (ok, _, err) = volley_logs(&["--task", "NoSuchTask"]);
+    assert!(!ok && err.contains("no output of task NoSuchTask"), "{err}");
+    let out = c
+        .volley()
+        .args(["logs", "--job", "job-9999-nothere", "--workers"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no job job-9999-nothere"),
+        "{err}"
     );
 
     // A task needing 2 GPUs and a group needing 4 CPUs on one node wait until such a
@@ -2324,4 +2422,129 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The value of the sample `name` (no labels) on the head's `/metrics` page.
+fn head_metric(c: &TestCluster, name: &str) -> f64 {
+    let (code, text) = c.http_get("/metrics", Some(&c.token));
+    assert_eq!(code, 200, "{text}");
+    prometheus_samples(&text)
+        .into_iter()
+        .find(|(n, labels, _)| n == name && labels.is_empty())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .2
+}
+
+/// `(path, inode)` of each file in a folder with `len` bytes.
+fn files_of_len(dir: &Path, len: u64) -> Vec<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<(PathBuf, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            (m.is_file() && m.len() == len).then(|| (e.path(), m.ino()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn job_files_are_sent_once_per_content_and_cached_on_nodes_up_to_a_limit() {
+    const MIB: u64 = 1 << 20;
+    // Head and node each keep at most 5 MiB of job files: one 3 MiB file fits, two do not.
+    let mut c =
+        TestCluster::start_with_args("127.0.0.1", 5.0, vec![], &["--package-cache", "5MiB"]);
+    let before = c.node_count();
+    let node = c
+        .volley()
+        .args(["start", "--block", "--address", &c.address])
+        .args(["--num-cpus", "1", "--package-cache", "5MiB"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.nodes.push(node);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.node_count() <= before {
+        assert!(Instant::now() < deadline, "the node did not join");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let node_cache = c.home.path().join("package-cache");
+
+    let dir = tempfile::tempdir().unwrap();
+    let wd = dir.path().join("wd");
+    std::fs::create_dir_all(&wd).unwrap();
+    // Bytes that no compression or sparse file would shrink.
+    let noise = |seed: u64| -> Vec<u8> {
+        let mut x = seed;
+        (0..3 * MIB)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    std::fs::write(wd.join("data.bin"), noise(1)).unwrap();
+    std::fs::write(wd.join("run.sh"), "wc -c < data.bin\n").unwrap();
+    let run = |c: &TestCluster| -> String {
+        let out = c
+            .volley()
+            .args(["job", "submit", "--wait", "--working-dir"])
+            .arg(&wd)
+            .args(["--", "sh", "run.sh"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let received = |c: &TestCluster| head_metric(c, "volley_package_received_bytes_total") as u64;
+
+    // First job: both files go up, and the node fetches both.
+    assert_eq!(run(&c).trim(), "3145728");
+    let first = received(&c);
+    assert!((3 * MIB..3 * MIB + 100).contains(&first), "{first}");
+    let cached = files_of_len(&node_cache, 3 * MIB);
+    assert_eq!(cached.len(), 1, "{cached:?}");
+
+    // The same files again: nothing is uploaded, and the node reads its own copy (the
+    // same file: a fetch would have written a new one).
+    assert_eq!(run(&c).trim(), "3145728");
+    assert_eq!(received(&c), first);
+    assert_eq!(files_of_len(&node_cache, 3 * MIB), cached);
+
+    // A changed script: only the script goes up.
+    std::fs::write(wd.join("run.sh"), "wc -c < data.bin; echo changed\n").unwrap();
+    assert_eq!(run(&c).trim(), "3145728\nchanged");
+    let third = received(&c);
+    assert!(third > first && third < first + 100, "{first} {third}");
+    assert_eq!(files_of_len(&node_cache, 3 * MIB), cached);
+
+    // New data: with both 3 MiB files the caches are past their limits, and the least
+    // recently used (the old data, whose jobs ended) is evicted on the head and the node.
+    std::fs::write(wd.join("data.bin"), noise(2)).unwrap();
+    assert_eq!(run(&c).trim(), "3145728\nchanged");
+    assert!(received(&c) >= third + 3 * MIB);
+    let now = files_of_len(&node_cache, 3 * MIB);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(
+        now[0].0, cached[0].0,
+        "the old data was not evicted on the node"
+    );
+    let cache_bytes = head_metric(&c, "volley_package_cache_bytes") as u64;
+    assert!(cache_bytes <= 5 * MIB, "{cache_bytes}");
+
+    // The old data again: evicted, so it goes up once more.
+    let before = received(&c);
+    std::fs::write(wd.join("data.bin"), noise(1)).unwrap();
+    assert_eq!(run(&c).trim(), "3145728\nchanged");
+    assert!(received(&c) >= before + 3 * MIB);
 }

@@ -122,7 +122,7 @@ impl Operator for ClusterMapOp {
                 bundle.iter().map(|b| &b.object).collect();
             let options = TaskOptions::default()
                 .resources(self.resources.clone())
-                .name(crate::plan::bundle_task_name(&cx.name, seq));
+                .name(crate::plan::bundle_task_name(cx.name, seq));
             match self.cluster.submit_encoded(&self.task, &inputs, &options) {
                 Ok(object) => {
                     let (cluster, write) = (self.cluster.clone(), self.write.clone());

@@ -206,14 +206,18 @@ pub enum ObjectState {
 #[derive(Debug, Clone)]
 pub struct EncodedTask {
     payload: bytes::Bytes,
+    /// Its type's name: the name of its tasks that options do not name.
+    name: &'static str,
 }
 
 impl EncodedTask {
     /// Serializes `task` (a `#[typetag::serde]` type).
     pub fn new(task: Box<dyn RemoteTask>) -> Result<Self> {
+        let name = task.typetag_name();
         let payload = encode("the task", &Payload::Task(task))?;
         Ok(Self {
             payload: payload.into(),
+            name,
         })
     }
 }
@@ -279,6 +283,15 @@ impl TaskOptions {
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
+    }
+
+    /// These options, named `name` unless they have a name.
+    fn named(&self, name: &str) -> std::borrow::Cow<'_, TaskOptions> {
+        if self.name.is_empty() {
+            std::borrow::Cow::Owned(self.clone().name(name))
+        } else {
+            std::borrow::Cow::Borrowed(self)
+        }
     }
 }
 
@@ -600,7 +613,13 @@ impl Cluster {
         inputs: &[&ObjectRef],
         options: &TaskOptions,
     ) -> Result<ObjectRef> {
-        self.submit_payload(task.payload.clone(), inputs, &[], options, "")
+        self.submit_payload(
+            task.payload.clone(),
+            inputs,
+            &[],
+            &options.named(task.name),
+            "",
+        )
     }
 
     /// Runs a task whose inputs are single batches of objects: input `i` is batch
@@ -615,7 +634,13 @@ impl Cluster {
     ) -> Result<ObjectRef> {
         let inputs: Vec<&ObjectRef> = parts.iter().map(|(o, _)| *o).collect();
         let batches: Vec<i64> = parts.iter().map(|(_, b)| i64::from(*b)).collect();
-        self.submit_payload(task.payload.clone(), &inputs, &batches, options, "")
+        self.submit_payload(
+            task.payload.clone(),
+            &inputs,
+            &batches,
+            &options.named(task.name),
+            "",
+        )
     }
 
     fn submit_payload(
@@ -1016,8 +1041,8 @@ async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
     }
 }
 
-/// Uploads this program as the package of a new attached job.
-async fn attach(mut head: Head, address: &str) -> Result<String> {
+/// Uploads this program (unless the head has it) as the package of a new attached job.
+async fn attach(head: Head, address: &str) -> Result<String> {
     let exe = std::env::current_exe()?;
     let name = exe
         .file_name()
@@ -1032,15 +1057,12 @@ async fn attach(mut head: Head, address: &str) -> Result<String> {
         resources: Some((&Resources::default()).into()),
         name,
         attached: true,
+        package: None,
     };
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&exe)?.permissions().mode();
-    let upload = super::jobs::upload_stream(spec, vec![(rel, exe, mode)]);
-    let r = head
-        .submit_job(upload)
-        .await
-        .map_err(|e| status_error(format!("joining the cluster at {address}"), e))?;
-    Ok(r.into_inner().job_id)
+    let context = format!("joining the cluster at {address}");
+    super::jobs::submit_job(head, spec, vec![(rel, exe, mode)], &context).await
 }
 
 async fn free_loop(

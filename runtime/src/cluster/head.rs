@@ -20,7 +20,7 @@ use volley_common::{ErrorKind, ErrorReport, Result, VolleyError};
 
 use super::metrics::{TaskEnd, TaskMetrics};
 use super::net::{error_report, wire_error, wire_execution_error};
-use super::package::{chunk_stream, package_files, PackageWriter};
+use super::package::{blob_chunks, check_manifest, digest_of, receive_blobs, BlobCache};
 use super::proto::{self, node_command::Command, task_report::Outcome};
 use super::resources::{GpuSlots, Resources};
 
@@ -37,6 +37,9 @@ pub struct HeadOptions {
     pub node_timeout: Duration,
     /// Largest job package accepted.
     pub max_package_bytes: u64,
+    /// Bytes of job files kept for later jobs (least recently used evicted; files of
+    /// jobs not yet ended are always kept).
+    pub package_cache_bytes: u64,
     /// Memory for copies of small objects kept beside their metadata (each at most
     /// 100 KiB; beyond this budget, small objects are read from their node like big
     /// ones).
@@ -44,7 +47,8 @@ pub struct HeadOptions {
 }
 
 impl HeadOptions {
-    /// Defaults: heartbeat every 500 ms, dead after 5 s of silence, packages up to 8 GiB.
+    /// Defaults: heartbeat every 500 ms, dead after 5 s of silence, packages up to 8 GiB,
+    /// 16 GiB of cached package files.
     pub fn new(state_dir: PathBuf, token: String) -> Self {
         Self {
             state_dir,
@@ -52,6 +56,7 @@ impl HeadOptions {
             heartbeat_interval: Duration::from_millis(500),
             node_timeout: Duration::from_secs(5),
             max_package_bytes: 8 << 30,
+            package_cache_bytes: 16 << 30,
             inline_memory: 256 << 20,
         }
     }
@@ -328,7 +333,9 @@ struct ActorEntry {
 
 struct JobEntry {
     info: proto::JobInfo,
+    /// Its logs.
     dir: PathBuf,
+    package: proto::PackageManifest,
     last_alive: Instant,
     gpus: Vec<u32>,
     resources: Resources,
@@ -371,6 +378,11 @@ pub struct HeadCore {
     state: Mutex<State>,
     changed: Notify,
     options: HeadOptions,
+    /// Job files, once per digest.
+    blobs: BlobCache,
+    /// Worker-log queries sent to nodes and waiting for their answers, by query id.
+    log_queries: Mutex<HashMap<u64, mpsc::UnboundedSender<proto::LogReply>>>,
+    next_query: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for HeadCore {
@@ -381,15 +393,44 @@ impl std::fmt::Debug for HeadCore {
 
 impl HeadCore {
     /// A head with no nodes.
-    pub fn new(options: HeadOptions) -> Arc<Self> {
-        Arc::new(Self {
+    /// A head keeping its files in `options.state_dir`; fails if it cannot open its
+    /// package cache there.
+    pub fn new(options: HeadOptions) -> Result<Arc<Self>> {
+        let blobs = BlobCache::open(
+            options.state_dir.join("packages"),
+            options.package_cache_bytes,
+        )?;
+        blobs.evict(&Default::default());
+        Ok(Arc::new(Self {
             state: Mutex::new(State {
                 inline_limit: options.inline_memory,
                 ..State::default()
             }),
             changed: Notify::new(),
+            blobs,
+            log_queries: Mutex::default(),
+            next_query: Default::default(),
             options,
-        })
+        }))
+    }
+
+    /// Evicts cached package files past the limit, keeping those of jobs not ended.
+    fn evict_packages(&self) {
+        let keep = {
+            let s = self.state.lock().expect("head lock");
+            s.jobs
+                .values()
+                .filter(|j| !TERMINAL.contains(&j.info.state.as_str()))
+                .flat_map(|j| j.package.files.iter().map(|f| f.digest.clone()))
+                .collect()
+        };
+        let removed = self.blobs.evict(&keep);
+        if removed > 0 {
+            info!(
+                "package cache: evicted {}",
+                volley_common::format_bytes(removed)
+            );
+        }
     }
 
     /// The options it runs with.
@@ -451,10 +492,24 @@ impl HeadCore {
         format!("job-{:04}-{suffix}", s.next_job)
     }
 
-    /// Registers an uploaded job; its package is already in `dir`.
-    fn add_job(&self, id: &str, spec: proto::JobSpec, dir: PathBuf) -> Result<()> {
+    /// Registers a job whose package's files the head has; returns its id.
+    fn add_job(&self, mut spec: proto::JobSpec) -> std::result::Result<String, Status> {
+        if spec.entrypoint.is_empty() {
+            return Err(Status::invalid_argument("the job has no entrypoint"));
+        }
         let resources: Resources = spec.resources.clone().into();
-        resources.validate()?;
+        resources.validate().map_err(invalid)?;
+        let package = spec.package.take().unwrap_or_default();
+        check_manifest(&package, self.options.max_package_bytes).map_err(invalid)?;
+        if let Some(f) = package.files.iter().find(|f| !self.blobs.has(&f.digest)) {
+            return Err(Status::failed_precondition(format!(
+                "package file {}: its contents (digest {}) are not on the head; upload them first",
+                f.path, f.digest
+            )));
+        }
+        let id = self.new_job_id();
+        let dir = self.options.state_dir.join("jobs").join(&id);
+        std::fs::create_dir_all(&dir).map_err(|e| Status::internal(e.to_string()))?;
         self.with(|s| {
             let state = if spec.attached { "RUNNING" } else { "PENDING" };
             info!("job {id}: {:?} ({state})", spec.entrypoint);
@@ -473,37 +528,39 @@ impl HeadCore {
                         ..Default::default()
                     },
                     dir,
+                    package,
                     last_alive: Instant::now(),
                     gpus: vec![],
                     resources,
                 },
             );
         });
-        Ok(())
+        Ok(id)
     }
 
-    /// Creates a job from files already in memory (the HTTP API).
+    /// Creates a job from files already in memory (the HTTP API): `(path, mode, bytes)`.
     pub fn submit_job_files(
         &self,
-        spec: proto::JobSpec,
-        files: Vec<proto::FileChunk>,
+        mut spec: proto::JobSpec,
+        files: Vec<(String, u32, Vec<u8>)>,
     ) -> Result<String> {
-        if spec.entrypoint.is_empty() {
-            return Err(VolleyError::plan("the job has no entrypoint"));
+        let mut package = proto::PackageManifest::default();
+        for (path, mode, data) in &files {
+            package.files.push(proto::PackageFile {
+                path: path.clone(),
+                mode: *mode,
+                size: data.len() as u64,
+                digest: digest_of(data),
+            });
         }
-        let id = self.new_job_id();
-        let dir = self.options.state_dir.join("jobs").join(&id);
-        let mut writer = PackageWriter::new(dir.join("package"), self.options.max_package_bytes)?;
-        let written = files
-            .iter()
-            .try_for_each(|f| writer.write(f))
-            .and_then(|_| writer.finish());
-        if let Err(e) = written {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
+        check_manifest(&package, self.options.max_package_bytes)?;
+        for (_, _, data) in &files {
+            self.blobs.insert(data)?;
         }
-        self.add_job(&id, spec, dir)?;
-        Ok(id)
+        self.evict_packages();
+        spec.package = Some(package);
+        self.add_job(spec)
+            .map_err(|e| VolleyError::plan(e.message().to_string()))
     }
 
     /// A job's record.
@@ -576,7 +633,11 @@ impl HeadCore {
         let status = self.status();
         let jobs = self.jobs();
         let tasks = self.state.lock().expect("head lock").task_metrics.clone();
-        super::metrics::render(&status, &jobs, &tasks)
+        let packages = super::metrics::PackageFigures {
+            cached: self.blobs.size(),
+            received: self.blobs.received_bytes(),
+        };
+        super::metrics::render(&status, &jobs, &tasks, &packages)
     }
 
     /// The cluster's nodes and load.
@@ -1777,9 +1838,8 @@ impl State {
         j.info.finished_ms = now_ms();
         info!("job {id}: {state} {error}");
         let (node, req, gpus) = (j.info.node_id.clone(), j.resources.clone(), j.gpus.clone());
-        // The package is needed no more (nodes drop their copies on `StopJob`); the log
-        // stays.
-        let _ = std::fs::remove_dir_all(j.dir.join("package"));
+        // Nodes drop their copies of the package on `StopJob`; the head's cached files
+        // are evicted past its cache limit; the log stays.
         if had_driver {
             self.release(&node, &req, &gpus, &None);
         }
@@ -2013,6 +2073,18 @@ impl proto::head_server::Head for HeadService {
         Ok(Response::new(proto::Empty {}))
     }
 
+    async fn reply_logs(
+        &self,
+        request: Request<proto::LogReply>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        let waiting = self.core.log_queries.lock().expect("queries lock");
+        if let Some(tx) = waiting.get(&r.query_id) {
+            let _ = tx.send(r);
+        }
+        Ok(Response::new(proto::Empty {}))
+    }
+
     async fn append_log(
         &self,
         request: Request<proto::LogAppend>,
@@ -2036,22 +2108,34 @@ impl proto::head_server::Head for HeadService {
         Ok(Response::new(proto::Empty {}))
     }
 
-    type FetchPackageStream = Boxed<proto::FileChunk>;
-
     async fn fetch_package(
         &self,
         request: Request<proto::JobId>,
-    ) -> std::result::Result<Response<Self::FetchPackageStream>, Status> {
+    ) -> std::result::Result<Response<proto::PackageManifest>, Status> {
         let id = request.into_inner().job_id;
-        let dir = {
-            let s = self.core.state.lock().expect("head lock");
-            s.jobs
-                .get(&id)
-                .map(|j| j.dir.join("package"))
-                .ok_or_else(|| Status::not_found(format!("no job {id}")))?
-        };
-        let files = package_files(&dir).map_err(|e| Status::internal(e.to_string()))?;
-        let chunks = tokio_stream::wrappers::ReceiverStream::new(chunk_stream(files))
+        let s = self.core.state.lock().expect("head lock");
+        s.jobs
+            .get(&id)
+            .map(|j| Response::new(j.package.clone()))
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    type FetchBlobStream = Boxed<proto::BlobChunk>;
+
+    async fn fetch_blob(
+        &self,
+        request: Request<proto::Digests>,
+    ) -> std::result::Result<Response<Self::FetchBlobStream>, Status> {
+        let mut blobs = Vec::new();
+        for d in request.into_inner().digests {
+            if !self.core.blobs.has(&d) {
+                return Err(Status::not_found(format!(
+                    "no package file with digest {d}"
+                )));
+            }
+            blobs.push((d.clone(), self.core.blobs.path(&d)));
+        }
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(blob_chunks(blobs))
             .map(|c| c.map_err(|e| Status::internal(e.to_string())));
         Ok(Response::new(Box::pin(chunks)))
     }
@@ -2333,50 +2417,41 @@ impl proto::head_server::Head for HeadService {
         }))
     }
 
+    async fn missing_blobs(
+        &self,
+        request: Request<proto::PackageManifest>,
+    ) -> std::result::Result<Response<proto::Digests>, Status> {
+        let manifest = request.into_inner();
+        check_manifest(&manifest, self.core.options.max_package_bytes).map_err(invalid)?;
+        let digests = tokio::task::block_in_place(|| self.core.blobs.missing(&manifest));
+        Ok(Response::new(proto::Digests { digests }))
+    }
+
+    async fn upload_blobs(
+        &self,
+        request: Request<Streaming<proto::BlobChunk>>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let received = receive_blobs(
+            &self.core.blobs,
+            request.into_inner(),
+            self.core.options.max_package_bytes,
+        )
+        .await
+        .map_err(invalid)?;
+        info!(
+            "package files received: {}",
+            volley_common::format_bytes(received)
+        );
+        tokio::task::block_in_place(|| self.core.evict_packages());
+        Ok(Response::new(proto::Empty {}))
+    }
+
     async fn submit_job(
         &self,
-        request: Request<Streaming<proto::JobUpload>>,
+        request: Request<proto::JobSpec>,
     ) -> std::result::Result<Response<proto::JobId>, Status> {
-        use proto::job_upload::Part;
-        let mut stream = request.into_inner();
-        let spec = match stream.next().await {
-            Some(Ok(proto::JobUpload {
-                part: Some(Part::Spec(spec)),
-            })) => spec,
-            Some(Err(e)) => return Err(e),
-            _ => {
-                return Err(Status::invalid_argument(
-                    "a job upload starts with its spec",
-                ))
-            }
-        };
-        if spec.entrypoint.is_empty() {
-            return Err(Status::invalid_argument("the job has no entrypoint"));
-        }
-        let id = self.core.new_job_id();
-        let dir = self.core.options.state_dir.join("jobs").join(&id);
-        let result: Result<()> = async {
-            let mut writer =
-                PackageWriter::new(dir.join("package"), self.core.options.max_package_bytes)?;
-            while let Some(part) = stream.next().await {
-                match part
-                    .map_err(|e| VolleyError::execution(format!("upload: {e}")))?
-                    .part
-                {
-                    // Disk writes stay off the threads that answer heartbeats.
-                    Some(Part::Chunk(c)) => tokio::task::block_in_place(|| writer.write(&c))?,
-                    _ => return Err(VolleyError::plan("a job upload has one spec, first")),
-                }
-            }
-            writer.finish()
-        }
-        .await;
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(invalid(e));
-        }
-        self.core.add_job(&id, spec, dir).map_err(invalid)?;
-        Ok(Response::new(proto::JobId { job_id: id }))
+        let job_id = self.core.add_job(request.into_inner())?;
+        Ok(Response::new(proto::JobId { job_id }))
     }
 
     async fn get_job(
@@ -2449,6 +2524,62 @@ impl proto::head_server::Head for HeadService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn read_worker_logs(
+        &self,
+        request: Request<proto::LogQuery>,
+    ) -> std::result::Result<Response<proto::WorkerLogs>, Status> {
+        use std::sync::atomic::Ordering;
+        let mut q = request.into_inner();
+        let info = self
+            .core
+            .job(&q.job_id)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        q.query_id = self.core.next_query.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.core
+            .log_queries
+            .lock()
+            .expect("queries lock")
+            .insert(q.query_id, tx);
+        // Every live node is asked: any may have run the job's workers.
+        let mut asked: Vec<String> = {
+            let s = self.core.state.lock().expect("head lock");
+            s.nodes
+                .iter()
+                .filter(|(_, n)| n.send(Command::ReadLogs(q.clone())))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        asked.sort();
+        let mut replies: HashMap<String, proto::LogReply> = HashMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while replies.len() < asked.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => {
+                    replies.insert(r.node_id.clone(), r);
+                }
+                _ => break,
+            }
+        }
+        self.core
+            .log_queries
+            .lock()
+            .expect("queries lock")
+            .remove(&q.query_id);
+        let mut out = proto::WorkerLogs {
+            job_ended: TERMINAL.contains(&info.state.as_str()),
+            ..Default::default()
+        };
+        for node in asked {
+            match replies.remove(&node) {
+                Some(r) if r.error.is_empty() => out.sections.extend(r.sections),
+                Some(r) => out.unanswered.push(format!("{node}: {}", r.error)),
+                None => out.unanswered.push(format!("{node}: no answer within 5 s")),
+            }
+        }
+        Ok(Response::new(out))
+    }
+
     async fn status(
         &self,
         _request: Request<proto::Empty>,
@@ -2476,6 +2607,7 @@ mod tests {
                     ..Default::default()
                 },
                 dir: PathBuf::new(),
+                package: Default::default(),
                 last_alive: Instant::now(),
                 gpus: vec![],
                 resources: Resources::default(),

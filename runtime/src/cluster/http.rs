@@ -28,7 +28,6 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::same_token;
 use super::head::HeadCore;
-use super::package::CHUNK;
 use super::proto;
 use super::resources::Resources;
 
@@ -192,28 +191,12 @@ async fn submit(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check(&core, &h)?;
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
-    let mut chunks = Vec::new();
+    let mut files = Vec::new();
     for f in body.files {
         let data = base64::engine::general_purpose::STANDARD
             .decode(f.data_base64.as_bytes())
             .map_err(|e| bad(format!("file {}: bad base64: {e}", f.path)))?;
-        let n = data.len();
-        let mut offset = 0;
-        let pieces: Vec<&[u8]> = if data.is_empty() {
-            vec![&[][..]]
-        } else {
-            data.chunks(CHUNK).collect()
-        };
-        for piece in pieces {
-            offset += piece.len();
-            chunks.push(proto::FileChunk {
-                path: f.path.clone(),
-                mode: f.mode,
-                offset: (offset - piece.len()) as u64,
-                data: piece.to_vec(),
-                last: offset == n,
-            });
-        }
+        files.push((f.path, f.mode, data));
     }
     let spec = proto::JobSpec {
         entrypoint: body.entrypoint,
@@ -221,8 +204,9 @@ async fn submit(
         resources: Some((&body.resources).into()),
         name: body.name,
         attached: false,
+        package: None,
     };
-    let id = tokio::task::spawn_blocking(move || core.submit_job_files(spec, chunks))
+    let id = tokio::task::spawn_blocking(move || core.submit_job_files(spec, files))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| bad(e.to_string()))?;

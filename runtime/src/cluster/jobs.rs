@@ -7,7 +7,7 @@ use futures::StreamExt;
 use volley_common::{Result, VolleyError};
 
 use super::net::{status_error, Channels, Head};
-use super::package::{chunk_stream, safe_relative, working_dir_files};
+use super::package::{blob_chunks, manifest_of, safe_relative, working_dir_files};
 use super::proto;
 use super::resources::Resources;
 
@@ -25,6 +25,29 @@ pub struct JobRequest {
     pub resources: Resources,
     /// A name.
     pub name: String,
+}
+
+/// Whose worker output to read (`volley logs --job ID --task T | --actor A | --workers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerOutput {
+    /// A task: its id, the id's part after the job (`t-...`), or its name (every task
+    /// of that name).
+    Task(String),
+    /// An actor, all its incarnations.
+    Actor(String),
+    /// Every worker of the job.
+    AllWorkers,
+}
+
+/// One piece of worker output: a task attempt, an actor incarnation or a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSection {
+    /// Whose output and where it ran.
+    pub title: String,
+    /// Its size.
+    pub bytes: u64,
+    /// Whether it is still being written.
+    pub running: bool,
 }
 
 /// A client of a head's job API.
@@ -93,15 +116,113 @@ impl JobClient {
             resources: Some((&request.resources).into()),
             name: request.name.clone(),
             attached: false,
+            package: None,
+        };
+        let head = self.head.clone();
+        self.rt
+            .block_on(submit_job(head, spec, files, "submitting the job"))
+    }
+
+    fn read_worker_logs(
+        &self,
+        job: &str,
+        which: &WorkerOutput,
+        list: bool,
+    ) -> Result<proto::WorkerLogs> {
+        let (task, actor_id) = match which {
+            WorkerOutput::Task(t) => (t.clone(), String::new()),
+            WorkerOutput::Actor(a) => (String::new(), a.clone()),
+            WorkerOutput::AllWorkers => (String::new(), String::new()),
         };
         let mut head = self.head.clone();
-        let _enter = self.rt.enter();
-        let upload = upload_stream(spec, files);
-        let r = self
+        let logs = self
             .rt
-            .block_on(head.submit_job(upload))
-            .map_err(|e| status_error("submitting the job", e))?;
-        Ok(r.into_inner().job_id)
+            .block_on(head.read_worker_logs(proto::LogQuery {
+                query_id: 0,
+                job_id: job.to_string(),
+                task,
+                actor_id,
+                list,
+            }))
+            .map_err(|e| status_error(format!("job {job}"), e))?
+            .into_inner();
+        for u in &logs.unanswered {
+            eprintln!("warning: no worker output from {u}");
+        }
+        Ok(logs)
+    }
+
+    /// The pieces of worker output of job `job` that `which` selects (kept on the
+    /// nodes that ran them; nodes no longer in the cluster are not asked).
+    pub fn worker_output_sections(
+        &self,
+        job: &str,
+        which: &WorkerOutput,
+    ) -> Result<Vec<OutputSection>> {
+        Ok(self
+            .read_worker_logs(job, which, true)?
+            .sections
+            .into_iter()
+            .map(|s| OutputSection {
+                title: s.title,
+                bytes: s.bytes,
+                running: s.open,
+            })
+            .collect())
+    }
+
+    /// Writes the worker output of job `job` that `which` selects to `out`, each piece
+    /// under a `==> title <==` line. With `follow`, keeps writing new output every half
+    /// second until every selected piece is finished (or the job has ended).
+    pub fn worker_output(
+        &self,
+        job: &str,
+        which: &WorkerOutput,
+        follow: bool,
+        out: &mut dyn std::io::Write,
+    ) -> Result<()> {
+        // Bytes written so far, by section title.
+        let mut written: HashMap<String, u64> = HashMap::new();
+        let mut last_title = String::new();
+        loop {
+            let logs = self.read_worker_logs(job, which, false)?;
+            for s in &logs.sections {
+                let done = written.get(&s.title).copied().unwrap_or(0);
+                let end = s.skipped + s.data.len() as u64;
+                if end <= done && written.contains_key(&s.title) {
+                    continue;
+                }
+                if last_title != s.title {
+                    writeln!(out, "==> {} <==", s.title)?;
+                    last_title = s.title.clone();
+                }
+                if s.skipped > done {
+                    writeln!(out, "[{} earlier bytes not shown]", s.skipped - done)?;
+                }
+                let from = done.saturating_sub(s.skipped) as usize;
+                out.write_all(s.data.get(from..).unwrap_or_default())?;
+                out.flush()?;
+                written.insert(s.title.clone(), end);
+            }
+            let any_open = logs.sections.iter().any(|s| s.open);
+            let finished = !any_open
+                && (logs.job_ended
+                    || (!logs.sections.is_empty() && *which != WorkerOutput::AllWorkers));
+            if !follow || finished {
+                if logs.sections.is_empty() {
+                    let what = match which {
+                        WorkerOutput::Task(t) => format!("of task {t}"),
+                        WorkerOutput::Actor(a) => format!("of actor {a}"),
+                        WorkerOutput::AllWorkers => "of its workers".into(),
+                    };
+                    return Err(VolleyError::plan(format!(
+                        "job {job}: no output {what} on any node (see `volley logs --job {job} --list`)"
+                    )));
+                }
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
     }
 
     /// A job's record.
@@ -190,20 +311,67 @@ impl JobClient {
     }
 }
 
-/// A job upload: the spec, then the files' chunks, read as they are sent. A file that
-/// cannot be read ends the stream early, and the head refuses the incomplete package.
-pub(crate) fn upload_stream(
-    spec: proto::JobSpec,
+/// Submits a job whose package is `files` `(relative path, file, mode)`: uploads the
+/// files the head lacks (by content digest), then the spec. `context` names the call in
+/// errors.
+pub(crate) async fn submit_job(
+    mut head: Head,
+    mut spec: proto::JobSpec,
     files: Vec<(String, std::path::PathBuf, u32)>,
-) -> impl futures::Stream<Item = proto::JobUpload> + Send + 'static {
-    let chunks = tokio_stream::wrappers::ReceiverStream::new(chunk_stream(files))
-        .take_while(|c| futures::future::ready(c.is_ok()))
-        .filter_map(|c| futures::future::ready(c.ok()))
-        .map(|c| proto::JobUpload {
-            part: Some(proto::job_upload::Part::Chunk(c)),
-        });
-    futures::stream::once(futures::future::ready(proto::JobUpload {
-        part: Some(proto::job_upload::Part::Spec(spec)),
-    }))
-    .chain(chunks)
+    context: &str,
+) -> Result<String> {
+    let files = std::sync::Arc::new(files);
+    // Two tries: the head may evict a file between its upload and the spec (another
+    // upload filled its cache in between); the second try uploads it again.
+    for attempt in 0..2 {
+        let listed = std::sync::Arc::clone(&files);
+        let (manifest, sources) = tokio::task::spawn_blocking(move || manifest_of(&listed))
+            .await
+            .map_err(|e| VolleyError::internal(format!("hashing the package: {e}")))??;
+        let missing = head
+            .missing_blobs(manifest.clone())
+            .await
+            .map_err(|e| status_error(context, e))?
+            .into_inner()
+            .digests;
+        if !missing.is_empty() {
+            let blobs = missing
+                .iter()
+                .map(|d| {
+                    let path = sources.get(d).cloned().ok_or_else(|| {
+                        VolleyError::execution(format!("the head asked for an unknown file {d}"))
+                    })?;
+                    Ok((d.clone(), path))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // A file that cannot be read ends the stream early; the head refuses the
+            // incomplete file, and the error names it.
+            let (tx, mut failed) = tokio::sync::oneshot::channel();
+            let mut tx = Some(tx);
+            let chunks = tokio_stream::wrappers::ReceiverStream::new(blob_chunks(blobs))
+                .take_while(move |c| {
+                    if let Err(e) = c {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(e.to_string());
+                        }
+                    }
+                    futures::future::ready(c.is_ok())
+                })
+                .filter_map(|c| futures::future::ready(c.ok()));
+            let sent = head.upload_blobs(chunks).await;
+            if let Ok(why) = failed.try_recv() {
+                return Err(VolleyError::execution(format!("{context}: {why}")));
+            }
+            sent.map_err(|e| status_error(context, e))?;
+        }
+        spec.package = Some(manifest);
+        match head.submit_job(spec.clone()).await {
+            Ok(r) => return Ok(r.into_inner().job_id),
+            Err(e) if e.code() == tonic::Code::FailedPrecondition && attempt == 0 => continue,
+            Err(e) => return Err(status_error(context, e)),
+        }
+    }
+    Err(VolleyError::execution(format!(
+        "{context}: the head evicted the package's files while it was sent, twice"
+    )))
 }

@@ -63,6 +63,8 @@ impl LocalCluster {
             gpu_ids,
             object_store_memory: 256 << 20,
             dir: dir.path().join("node"),
+            package_cache: dir.path().join("node-packages"),
+            package_cache_bytes: 1 << 30,
             tls: TlsConfig::default(),
         };
         rt.spawn(async move {

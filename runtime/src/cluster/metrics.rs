@@ -85,11 +85,21 @@ impl TaskMetrics {
     }
 }
 
+/// The head's cache of job files.
+#[derive(Debug, Default)]
+pub(crate) struct PackageFigures {
+    /// Bytes cached now.
+    pub cached: u64,
+    /// Bytes uploaded since the head started.
+    pub received: u64,
+}
+
 /// The cluster's metrics in Prometheus' text format.
 pub(crate) fn render(
     status: &proto::ClusterStatus,
     jobs: &[proto::JobInfo],
     tasks: &TaskMetrics,
+    packages: &PackageFigures,
 ) -> String {
     let mut r = Registry::with_prefix("volley");
 
@@ -184,6 +194,21 @@ pub(crate) fn render(
     objects.set(f64::from(status.objects));
     r.register("objects", "Objects the head's directory holds", objects);
 
+    let cached = Gauge::<f64, AtomicU64>::default();
+    cached.set(packages.cached as f64);
+    r.register(
+        "package_cache_bytes",
+        "Bytes of job files the head keeps (once per content digest)",
+        cached,
+    );
+    let received = Counter::<u64>::default();
+    received.inc_by(packages.received);
+    r.register(
+        "package_received_bytes",
+        "Bytes of job files uploaded to the head (files it had already are not sent)",
+        received,
+    );
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
@@ -220,7 +245,7 @@ mod tests {
         let tasks = TaskMetrics::default();
         tasks.ended(TaskEnd::Succeeded, Some(0.25));
         tasks.ended(TaskEnd::Retried, None);
-        let text = render(&status, &jobs, &tasks);
+        let text = render(&status, &jobs, &tasks, &PackageFigures::default());
         for line in [
             "volley_nodes{state=\"alive\"} 1",
             "volley_nodes{state=\"dead\"} 1",

@@ -36,6 +36,7 @@ pub mod resources;
 pub mod task;
 pub mod tls;
 pub mod worker;
+mod worker_logs;
 
 /// The generated protocol types and services.
 #[allow(missing_docs, clippy::all, clippy::clone_on_ref_ptr)]
@@ -52,7 +53,7 @@ pub use client::{
     ObjectRef, ObjectState, PlacementGroup, PlacementStrategy, TaskOptions,
 };
 pub use head::{HeadCore, HeadOptions};
-pub use jobs::{JobClient, JobRequest};
+pub use jobs::{JobClient, JobRequest, OutputSection, WorkerOutput};
 pub use local::LocalCluster;
 pub use node::{run_node, NodeOptions};
 pub use objects::{object_batch, ObjectReader, ObjectSlice};
@@ -83,7 +84,7 @@ pub async fn start_head(
     tls: &TlsConfig,
 ) -> Result<(Arc<HeadCore>, HeadAddresses)> {
     std::fs::create_dir_all(&options.state_dir)?;
-    let core = HeadCore::new(options);
+    let core = HeadCore::new(options)?;
     let (listener, grpc) = net::bind(host, port).await?;
     let service = tonic::service::interceptor::InterceptedService::new(
         proto::head_server::HeadServer::new(head::HeadService::new(Arc::clone(&core)))

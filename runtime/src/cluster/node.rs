@@ -23,9 +23,10 @@ use volley_common::{Result, VolleyError};
 use super::auth::CheckToken;
 use super::net::{bind, status_error, wire_execution_error, Channels, Head};
 use super::objects::{decode_inline, make_shared_dir, FlightObjects, ObjectStore, SHARED_DIR_VAR};
-use super::package::PackageWriter;
+use super::package::{check_manifest, receive_blobs, BlobCache};
 use super::proto::{self, node_command::Command, task_report::Outcome};
 use super::resources::Resources;
+use super::worker_logs;
 
 /// How a node agent is run.
 #[derive(Debug, Clone)]
@@ -46,6 +47,10 @@ pub struct NodeOptions {
     pub object_store_memory: u64,
     /// The node's folder: job packages, logs, spilled objects.
     pub dir: PathBuf,
+    /// The folder of cached job files (the agents of one machine may share it).
+    pub package_cache: PathBuf,
+    /// Bytes of cached job files kept (least recently used evicted).
+    pub package_cache_bytes: u64,
     /// Certificates: the CA to trust (the head, other nodes) and this node's own.
     pub tls: super::tls::TlsConfig,
 }
@@ -97,6 +102,8 @@ pub struct Agent {
     address: String,
     head: Head,
     store: Arc<ObjectStore>,
+    /// Job files fetched, once per digest.
+    blobs: BlobCache,
     state: Mutex<AgentState>,
     changed: Notify,
     jobs: Mutex<HashMap<String, JobCell>>,
@@ -209,6 +216,7 @@ impl Drop for RemoveOnDrop {
 pub async fn run_node(options: NodeOptions) -> Result<String> {
     options.resources.validate()?;
     std::fs::create_dir_all(&options.dir)?;
+    let blobs = BlobCache::open(options.package_cache.clone(), options.package_cache_bytes)?;
     let channels = Channels::new(&options.token, &options.tls);
     let mut head = channels.head(&options.head_address)?;
     let (listener, address) = bind(&options.host, options.port).await?;
@@ -249,6 +257,7 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
         address: address.clone(),
         head: head.clone(),
         store: Arc::clone(&store),
+        blobs,
         state: Mutex::default(),
         changed: Notify::new(),
         jobs: Mutex::default(),
@@ -474,6 +483,41 @@ impl Agent {
                     }
                 });
             }
+            Command::ReadLogs(q) => {
+                tokio::spawn(async move {
+                    let dir = self.options.dir.join("jobs").join(&q.job_id);
+                    let agent = Arc::clone(&self);
+                    let node = self.node_id.clone();
+                    let query = q.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        let alive = |w: &str| {
+                            agent
+                                .state
+                                .lock()
+                                .expect("agent lock")
+                                .workers
+                                .get(w)
+                                .is_some_and(|w| !w.exiting)
+                        };
+                        worker_logs::read_sections(&dir, &node, &query, &alive)
+                    })
+                    .await;
+                    let (sections, error) = match read {
+                        Ok(Ok(s)) => (s, String::new()),
+                        Ok(Err(e)) => (vec![], e.to_string()),
+                        Err(e) => (vec![], e.to_string()),
+                    };
+                    let mut head = self.head.clone();
+                    let _ = head
+                        .reply_logs(proto::LogReply {
+                            query_id: q.query_id,
+                            node_id: self.node_id.clone(),
+                            sections,
+                            error,
+                        })
+                        .await;
+                });
+            }
             Command::StopActor(id) => {
                 let mut s = self.state.lock().expect("agent lock");
                 s.calls.remove(&id);
@@ -564,20 +608,46 @@ impl Agent {
             .map_err(|e| status_error(format!("job {job}"), e))?
             .into_inner();
         let package = self.options.dir.join("jobs").join(job).join("package");
-        let _ = std::fs::remove_dir_all(&package);
-        let mut writer = PackageWriter::new(package.clone(), u64::MAX)?;
-        let mut stream = head
+        let manifest = head
             .fetch_package(proto::JobId {
                 job_id: job.to_string(),
             })
             .await
             .map_err(|e| status_error(format!("fetching job {job}"), e))?
             .into_inner();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| status_error(format!("fetching job {job}"), e))?;
-            tokio::task::block_in_place(|| writer.write(&chunk))?;
+        check_manifest(&manifest, u64::MAX)?;
+        // Another agent sharing the cache may evict a file between its fetch and the
+        // copy: a second round fetches it again.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let missing = tokio::task::block_in_place(|| self.blobs.missing(&manifest));
+            if !missing.is_empty() {
+                let count = missing.len();
+                let stream = head
+                    .fetch_blob(proto::Digests { digests: missing })
+                    .await
+                    .map_err(|e| status_error(format!("fetching job {job}"), e))?
+                    .into_inner();
+                let bytes = receive_blobs(&self.blobs, stream, u64::MAX)
+                    .await
+                    .map_err(|e| e.context(format!("fetching job {job}")))?;
+                info!(
+                    "job {job}: fetched {count} of its {} files ({}); the others were cached",
+                    manifest.files.len(),
+                    volley_common::format_bytes(bytes)
+                );
+            }
+            let copied =
+                tokio::task::block_in_place(|| self.blobs.materialize(&manifest, &package));
+            match copied {
+                Ok(()) => break,
+                Err(e) if tries >= 2 => return Err(e.context(format!("job {job}"))),
+                Err(_) => continue,
+            }
         }
-        writer.finish()?;
+        let keep = manifest.files.iter().map(|f| f.digest.clone()).collect();
+        tokio::task::block_in_place(|| self.blobs.evict(&keep));
         Ok(LocalJob {
             package,
             entrypoint: info.entrypoint,
@@ -684,7 +754,7 @@ impl Agent {
         };
         let logs = self.options.dir.join("jobs").join(job_id);
         std::fs::create_dir_all(&logs)?;
-        let log = std::fs::File::create(logs.join(format!("{id}.log")))?;
+        let log = std::fs::File::create(worker_logs::worker_log(&logs, &id))?;
         let mut cmd = self.command(&job)?;
         cmd.env("VOLLEY_WORKER_ID", &id)
             .env("VOLLEY_AGENT_ADDRESS", &self.address)
@@ -821,6 +891,26 @@ impl Agent {
         id: &str,
         freed: Option<f64>,
     ) -> (Option<proto::PullResponse>, Option<String>) {
+        let (next, successor, job) = self.take_next(id, freed);
+        // Where each task's output begins in its worker's file (`volley logs --task`).
+        if let (Some(next), Some(job)) = (&next, job) {
+            let dir = self.options.dir.join("jobs").join(job);
+            if let Some(t) = next.task.as_ref().filter(|t| t.actor_id.is_empty()) {
+                worker_logs::note_task(&dir, &t.task_id, t.attempt, &t.name, id);
+            }
+            if let Some(a) = &next.actor {
+                worker_logs::note_actor(&dir, &a.actor_id, a.incarnation, id);
+            }
+        }
+        (next, successor)
+    }
+
+    /// [`Self::next_after`] under the agent's lock, with the worker's job.
+    fn take_next(
+        &self,
+        id: &str,
+        freed: Option<f64>,
+    ) -> (Option<proto::PullResponse>, Option<String>, Option<String>) {
         let mut s = self.state.lock().expect("agent lock");
         let s = &mut *s;
         let exit = proto::PullResponse {
@@ -828,10 +918,10 @@ impl Agent {
             ..Default::default()
         };
         let Some(w) = s.workers.get_mut(id) else {
-            return (Some(exit), None);
+            return (Some(exit), None, None);
         };
         if w.exiting {
-            return (Some(exit), None);
+            return (Some(exit), None, None);
         }
         if let Some(a) = w.start_actor.take() {
             w.actor = Some((a.actor_id.clone(), a.incarnation));
@@ -839,7 +929,7 @@ impl Agent {
                 actor: Some(a),
                 ..Default::default()
             };
-            return (Some(start), None);
+            return (Some(start), None, Some(w.job.clone()));
         }
         let mut successor = None;
         let mut next = match &w.actor {
@@ -873,7 +963,7 @@ impl Agent {
                 ..Default::default()
             }
         });
-        (next, successor)
+        (next, successor, Some(w.job.clone()))
     }
 
     /// Reports that task `t` did not run here.
@@ -1032,7 +1122,7 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         let Some(mut report) = r.report else {
             return Err(Status::invalid_argument("a result without a report"));
         };
-        let (freed, actor) = {
+        let (freed, actor, job) = {
             let mut s = self.agent.state.lock().expect("agent lock");
             match s.workers.get_mut(&r.worker_id) {
                 Some(w) => {
@@ -1040,11 +1130,16 @@ impl proto::node_agent_server::NodeAgent for AgentService {
                     (
                         at.map(|i| w.running.remove(i)).map(|_| w.cpus),
                         w.actor.is_some(),
+                        Some(w.job.clone()),
                     )
                 }
-                None => (None, false),
+                None => (None, false, None),
             }
         };
+        if let (Some(job), false) = (job, actor) {
+            let dir = self.agent.options.dir.join("jobs").join(job);
+            worker_logs::note_task_end(&dir, &report.task_id, report.attempt, &r.worker_id);
+        }
         report.node_id = self.agent.node_id.clone();
         if !r.output.is_empty() {
             // A small result came with the report: it is stored here, and its bytes go

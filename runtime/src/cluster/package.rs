@@ -1,16 +1,22 @@
 //! Job packages: the job's binary and working folder, uploaded to the head and fetched
 //! by the nodes that run the job's driver and workers.
 //!
+//! A package travels as a manifest (each file's path, mode, size and SHA-256) and blobs
+//! (file contents, named by their digest). The head and each node keep blobs in a
+//! [`BlobCache`], so content the head (or a node) already has is not sent again: a
+//! program submitted a hundred times is uploaded once, and fetched once per node.
+//!
 //! A package is a set of regular files under relative paths. Paths are checked on both
 //! ends: no absolute paths, no `..`, and the uploader follows no link that leads out of
 //! the working folder, so a package can only ever write inside its job's folder.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use volley_common::{Result, VolleyError};
 
-use super::proto::FileChunk;
+use super::proto::{BlobChunk, PackageFile, PackageManifest};
 
 /// Size of the chunks a package travels in.
 pub const CHUNK: usize = 1 << 20;
@@ -39,114 +45,341 @@ pub fn safe_relative(path: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Writes a package's chunks into a folder.
-#[derive(Debug)]
-pub struct PackageWriter {
-    root: PathBuf,
-    bytes: u64,
-    limit: u64,
-    /// Files begun whose last chunk has not come yet.
-    open: std::collections::BTreeSet<String>,
+/// The SHA-256 of `data`, as 64 lowercase hex digits: a blob's name.
+pub fn digest_of(data: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
 }
 
-impl PackageWriter {
-    /// Writes into `root` (created), refusing packages over `limit` bytes.
-    pub fn new(root: PathBuf, limit: u64) -> Result<Self> {
-        std::fs::create_dir_all(&root)
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Checks that `digest` is a SHA-256 in hex (it becomes a file name).
+pub fn check_digest(digest: &str) -> Result<()> {
+    if digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(())
+    } else {
+        Err(VolleyError::plan(format!(
+            "{digest:?} is not a package digest (64 hex digits of SHA-256)"
+        )))
+    }
+}
+
+/// The manifest of local files `(relative path, file, mode)`, hashing each, and where
+/// each digest's bytes are on this machine.
+pub fn manifest_of(
+    files: &[(String, PathBuf, u32)],
+) -> Result<(PackageManifest, HashMap<String, PathBuf>)> {
+    let mut manifest = PackageManifest::default();
+    let mut sources = HashMap::new();
+    for (rel, path, mode) in files {
+        safe_relative(rel)?;
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| VolleyError::Io(e).context(format!("cannot read {}", path.display())))?;
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(|e| {
+                VolleyError::Io(e).context(format!("cannot read {}", path.display()))
+            })?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        let digest = hex(hasher.finish().as_ref());
+        sources.insert(digest.clone(), path.clone());
+        manifest.files.push(PackageFile {
+            path: rel.clone(),
+            mode: *mode,
+            size,
+            digest,
+        });
+    }
+    Ok((manifest, sources))
+}
+
+/// Checks a manifest received from elsewhere: safe paths, each once, valid digests, and
+/// at most `limit` bytes in all.
+pub fn check_manifest(manifest: &PackageManifest, limit: u64) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for f in &manifest.files {
+        let rel = safe_relative(&f.path)?;
+        if !seen.insert(rel) {
+            return Err(VolleyError::plan(format!(
+                "package file {} is listed twice",
+                f.path
+            )));
+        }
+        check_digest(&f.digest)
+            .map_err(|e| VolleyError::plan(format!("package file {}: {e}", f.path)))?;
+        total = total.saturating_add(f.size);
+    }
+    if total > limit {
+        return Err(VolleyError::plan(format!(
+            "the package ({}) is larger than the limit of {}",
+            volley_common::format_bytes(total),
+            volley_common::format_bytes(limit)
+        )));
+    }
+    Ok(())
+}
+
+/// Files kept once per content digest, least recently used evicted past a size limit.
+///
+/// The head keeps every uploaded file here, so a job whose binary (or working folder)
+/// the head already has uploads nothing; each node keeps the files it fetched, so a node
+/// fetches a given binary once. A blob is written to a temporary file, checked against
+/// its digest, then renamed into place: readers (other processes sharing the folder
+/// included) see whole, verified blobs or none. A job gets copies of its blobs in its
+/// own folder ([`BlobCache::materialize`]), so it can neither change the cache nor lose
+/// a file when a blob is evicted while it runs.
+#[derive(Debug)]
+pub struct BlobCache {
+    root: PathBuf,
+    limit: u64,
+    /// Bytes of blobs received (uploads or fetches), for metrics and logs.
+    received: std::sync::atomic::AtomicU64,
+}
+
+impl BlobCache {
+    /// Opens (creating) the cache in `root`, holding at most `limit` bytes of blobs
+    /// not in use.
+    pub fn open(root: PathBuf, limit: u64) -> Result<Self> {
+        std::fs::create_dir_all(root.join("tmp"))
             .map_err(|e| VolleyError::Io(e).context(format!("cannot create {}", root.display())))?;
         Ok(Self {
             root,
-            bytes: 0,
             limit,
-            open: Default::default(),
+            received: Default::default(),
         })
     }
 
-    /// Checks that every file arrived whole.
-    pub fn finish(self) -> Result<()> {
-        match self.open.iter().next() {
-            Some(f) => Err(VolleyError::plan(format!(
-                "package file {f} arrived incomplete (the upload stopped)"
-            ))),
-            None => Ok(()),
-        }
+    /// Where the blob `digest` is (whether there or not).
+    pub fn path(&self, digest: &str) -> PathBuf {
+        self.root.join(digest)
     }
 
-    /// Writes one chunk. The first chunk of a file (offset 0) creates it; later ones
-    /// must continue exactly where the file ends.
-    pub fn write(&mut self, chunk: &FileChunk) -> Result<()> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let rel = safe_relative(&chunk.path)?;
-        self.bytes += chunk.data.len() as u64;
-        if self.bytes > self.limit {
+    /// Whether the blob is here; marks it used.
+    pub fn has(&self, digest: &str) -> bool {
+        check_digest(digest).is_ok() && touch(&self.path(digest)).is_ok()
+    }
+
+    /// The digests of `manifest` that are not here (each once).
+    pub fn missing(&self, manifest: &PackageManifest) -> Vec<String> {
+        let mut out: Vec<String> = manifest
+            .files
+            .iter()
+            .filter(|f| !self.has(&f.digest))
+            .map(|f| f.digest.clone())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Bytes of blobs received since the cache was opened.
+    pub fn received_bytes(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes of blobs here now.
+    pub fn size(&self) -> u64 {
+        self.blobs().iter().map(|b| b.1).sum()
+    }
+
+    /// Starts receiving the blob `digest`, of at most `limit` bytes.
+    pub fn writer(&self, digest: &str, limit: u64) -> Result<BlobWriter<'_>> {
+        check_digest(digest)?;
+        let file = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        Ok(BlobWriter {
+            cache: self,
+            digest: digest.to_string(),
+            file,
+            hasher: ring::digest::Context::new(&ring::digest::SHA256),
+            written: 0,
+            limit,
+        })
+    }
+
+    /// Stores `data` as a blob; returns its digest.
+    pub fn insert(&self, data: &[u8]) -> Result<String> {
+        let digest = digest_of(data);
+        if !self.has(&digest) {
+            let mut w = self.writer(&digest, data.len() as u64)?;
+            w.write(0, data)?;
+            w.commit()?;
+        }
+        Ok(digest)
+    }
+
+    /// Copies the files of `manifest` into `dest` (created afresh), each with its mode.
+    /// Fails naming the first file whose blob is not here.
+    pub fn materialize(&self, manifest: &PackageManifest, dest: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::remove_dir_all(dest);
+        std::fs::create_dir_all(dest)
+            .map_err(|e| VolleyError::Io(e).context(format!("cannot create {}", dest.display())))?;
+        for f in &manifest.files {
+            let rel = safe_relative(&f.path)?;
+            check_digest(&f.digest)?;
+            let to = dest.join(&rel);
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let from = self.path(&f.digest);
+            let _ = touch(&from);
+            std::fs::copy(&from, &to).map_err(|e| {
+                VolleyError::execution(format!(
+                    "package file {} (blob {}): {e}",
+                    f.path,
+                    &f.digest[..12]
+                ))
+            })?;
+            std::fs::set_permissions(
+                &to,
+                std::fs::Permissions::from_mode((f.mode & 0o755) | 0o600),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Removes least recently used blobs, never one in `keep`, until the cache holds at
+    /// most its limit; returns the bytes removed.
+    pub fn evict(&self, keep: &std::collections::HashSet<String>) -> u64 {
+        let mut blobs = self.blobs();
+        let mut total: u64 = blobs.iter().map(|b| b.1).sum();
+        if total <= self.limit {
+            return 0;
+        }
+        blobs.sort_by_key(|b| b.2);
+        let mut removed = 0;
+        for (digest, size, _) in blobs {
+            if total <= self.limit {
+                break;
+            }
+            if keep.contains(&digest) {
+                continue;
+            }
+            if std::fs::remove_file(self.path(&digest)).is_ok() {
+                total -= size;
+                removed += size;
+            }
+        }
+        removed
+    }
+
+    /// `(digest, bytes, last use)` of each blob here.
+    fn blobs(&self) -> Vec<(String, u64, std::time::SystemTime)> {
+        let Ok(dir) = std::fs::read_dir(&self.root) else {
+            return vec![];
+        };
+        dir.filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().to_string_lossy().to_string();
+            check_digest(&name).ok()?;
+            let meta = e.metadata().ok()?;
+            Some((name, meta.len(), meta.modified().ok()?))
+        })
+        .collect()
+    }
+
+    /// The chunks of the blob `digest`, read on a blocking thread a few ahead of the
+    /// consumer (a blob may be hundreds of MiB: it is never held whole in memory).
+    pub fn chunks(&self, digest: &str) -> Result<tokio::sync::mpsc::Receiver<Result<BlobChunk>>> {
+        check_digest(digest)?;
+        let path = self.path(digest);
+        if !self.has(digest) {
+            return Err(VolleyError::plan(format!("no blob {digest} here")));
+        }
+        Ok(blob_chunks(vec![(digest.to_string(), path)]))
+    }
+}
+
+/// A blob being received; [`BlobWriter::commit`] checks it and puts it in place.
+pub struct BlobWriter<'a> {
+    cache: &'a BlobCache,
+    digest: String,
+    file: tempfile::NamedTempFile,
+    hasher: ring::digest::Context,
+    written: u64,
+    limit: u64,
+}
+
+impl BlobWriter<'_> {
+    /// Appends a chunk, which must start where the blob ends.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if offset != self.written {
+            return Err(VolleyError::plan(format!(
+                "blob {}: chunk at {offset} but {} bytes have come",
+                self.digest, self.written
+            )));
+        }
+        self.written += data.len() as u64;
+        if self.written > self.limit {
             return Err(VolleyError::plan(format!(
                 "the package is larger than the limit of {}",
                 volley_common::format_bytes(self.limit)
             )));
         }
-        let path = self.root.join(&rel);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+        self.hasher.update(data);
+        self.file.write_all(data)?;
+        self.cache
+            .received
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Checks the bytes against the digest and puts the blob in place.
+    pub fn commit(self) -> Result<()> {
+        let got = hex(self.hasher.finish().as_ref());
+        if got != self.digest {
+            return Err(VolleyError::plan(format!(
+                "blob {}: the bytes that came have digest {got}",
+                self.digest
+            )));
         }
-        let mut f = if chunk.offset == 0 {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                // Never write through a link, even one that cannot exist here.
-                .custom_flags(libc_nofollow())
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| VolleyError::plan(format!("package file {}: {e}", chunk.path)))?
-        } else {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc_nofollow())
-                .open(&path)
-                .map_err(|e| VolleyError::plan(format!("package file {}: {e}", chunk.path)))?;
-            let len = f.seek(SeekFrom::End(0))?;
-            if len != chunk.offset {
-                return Err(VolleyError::plan(format!(
-                    "package file {}: chunk at {} but the file has {len} bytes",
-                    chunk.path, chunk.offset
-                )));
-            }
-            f
-        };
-        f.write_all(&chunk.data)?;
-        if chunk.last {
-            self.open.remove(&chunk.path);
-        } else {
-            self.open.insert(chunk.path.clone());
-        }
-        if chunk.last {
-            let mode = (chunk.mode & 0o755) | 0o600;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
-        }
+        self.file.as_file().sync_data()?;
+        self.file
+            .persist(self.cache.path(&self.digest))
+            .map_err(|e| VolleyError::Io(e.error))?;
         Ok(())
     }
 }
 
-/// `O_NOFOLLOW` on Linux (x86-64 and aarch64 share the value).
-fn libc_nofollow() -> i32 {
-    0o400000
+/// Marks a file used now (the cache evicts by modification time).
+fn touch(path: &Path) -> std::io::Result<()> {
+    std::fs::File::options()
+        .append(true)
+        .open(path)?
+        .set_modified(std::time::SystemTime::now())
 }
 
-/// The files of a package folder: `(relative path, file, mode)`.
-pub fn package_files(root: &Path) -> Result<Vec<(String, PathBuf, u32)>> {
-    let mut files = Vec::new();
-    walk(root, root, &mut files, false)?;
-    Ok(files)
-}
-
-/// The chunks of `files`, read on a blocking thread a few chunks ahead of the consumer
-/// (a package may be hundreds of MiB: it is never held whole in memory).
-pub fn chunk_stream(
-    files: Vec<(String, PathBuf, u32)>,
-) -> tokio::sync::mpsc::Receiver<Result<FileChunk>> {
+/// The chunks of blobs `(digest, file)`, read on a blocking thread a few chunks ahead of
+/// the consumer. A file that cannot be read ends the stream with its error.
+pub fn blob_chunks(
+    blobs: Vec<(String, PathBuf)>,
+) -> tokio::sync::mpsc::Receiver<Result<BlobChunk>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     std::thread::spawn(move || {
-        for (rel, path, mode) in files {
-            if let Err(e) = each_chunk(&rel, &path, mode, |c| {
+        for (digest, path) in blobs {
+            if let Err(e) = each_chunk(&digest, &path, |c| {
                 tx.blocking_send(Ok(c))
                     .map_err(|_| VolleyError::execution("the receiver went away"))
             }) {
@@ -158,23 +391,8 @@ pub fn chunk_stream(
     rx
 }
 
-/// Chunks of one file.
-pub fn file_chunks(rel: &str, path: &Path, mode: u32) -> Result<Vec<FileChunk>> {
-    let mut out = Vec::new();
-    each_chunk(rel, path, mode, |c| {
-        out.push(c);
-        Ok(())
-    })?;
-    Ok(out)
-}
-
 /// Calls `f` with each chunk of one file, in order.
-fn each_chunk(
-    rel: &str,
-    path: &Path,
-    mode: u32,
-    mut f: impl FnMut(FileChunk) -> Result<()>,
-) -> Result<()> {
+fn each_chunk(digest: &str, path: &Path, mut f: impl FnMut(BlobChunk) -> Result<()>) -> Result<()> {
     let mut file = std::fs::File::open(path)
         .map_err(|e| VolleyError::Io(e).context(format!("cannot read {}", path.display())))?;
     let mut offset = 0u64;
@@ -190,9 +408,8 @@ fn each_chunk(
         }
         buf.truncate(n);
         let last = n < CHUNK;
-        f(FileChunk {
-            path: rel.to_string(),
-            mode,
+        f(BlobChunk {
+            digest: digest.to_string(),
             offset,
             data: buf,
             last,
@@ -203,6 +420,46 @@ fn each_chunk(
         }
     }
     Ok(())
+}
+
+/// Receives a stream of blob chunks into `cache`, each blob checked against its digest;
+/// returns the bytes received. At most `limit` bytes in all.
+pub async fn receive_blobs<S, E>(cache: &BlobCache, mut chunks: S, limit: u64) -> Result<u64>
+where
+    S: futures::Stream<Item = std::result::Result<BlobChunk, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    use futures::StreamExt;
+    let mut total = 0u64;
+    let mut current: Option<BlobWriter<'_>> = None;
+    while let Some(chunk) = chunks.next().await {
+        let c = chunk.map_err(|e| VolleyError::execution(format!("receiving a package: {e}")))?;
+        let mut w = match current.take() {
+            Some(w) if w.digest == c.digest => w,
+            Some(w) => {
+                return Err(VolleyError::plan(format!(
+                    "blob {} ended without its last chunk",
+                    w.digest
+                )))
+            }
+            None => cache.writer(&c.digest, limit.saturating_sub(total))?,
+        };
+        // Disk writes stay off the threads that answer heartbeats.
+        tokio::task::block_in_place(|| w.write(c.offset, &c.data))?;
+        total += c.data.len() as u64;
+        if c.last {
+            tokio::task::block_in_place(|| w.commit())?;
+        } else {
+            current = Some(w);
+        }
+    }
+    if let Some(w) = current {
+        return Err(VolleyError::plan(format!(
+            "blob {} arrived incomplete (the upload stopped)",
+            w.digest
+        )));
+    }
+    Ok(total)
 }
 
 /// The files of a working folder to upload: `(relative path, file, mode)`.
@@ -278,36 +535,186 @@ mod tests {
     }
 
     #[test]
-    fn writes_chunks_and_refuses_links_out() {
+    fn refuses_links_out_of_the_working_folder() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         std::fs::create_dir_all(src.join("sub")).unwrap();
-        std::fs::write(src.join("sub/a.txt"), vec![7u8; CHUNK + 10]).unwrap();
+        std::fs::write(src.join("sub/a.txt"), b"a").unwrap();
         std::os::unix::fs::symlink(src.join("sub/a.txt"), src.join("inside")).unwrap();
-        let files = working_dir_files(&src).unwrap();
-        assert_eq!(files.len(), 2);
-        let mut w = PackageWriter::new(dir.path().join("dst"), 1 << 30).unwrap();
-        for (rel, path, mode) in &files {
-            for c in file_chunks(rel, path, *mode).unwrap() {
-                w.write(&c).unwrap();
-            }
-        }
-        assert_eq!(
-            std::fs::read(dir.path().join("dst/sub/a.txt"))
-                .unwrap()
-                .len(),
-            CHUNK + 10
-        );
+        assert_eq!(working_dir_files(&src).unwrap().len(), 2);
         std::os::unix::fs::symlink("/etc", src.join("out")).unwrap();
         let err = working_dir_files(&src).unwrap_err().to_string();
         assert!(err.contains("outside the working folder"), "{err}");
-        let evil = FileChunk {
-            path: "../evil".into(),
-            mode: 0o644,
-            offset: 0,
-            data: vec![1],
-            last: true,
+    }
+
+    fn receive(cache: &BlobCache, chunks: Vec<BlobChunk>, limit: u64) -> Result<u64> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let stream = futures::stream::iter(chunks.into_iter().map(Ok::<_, String>));
+        rt.block_on(receive_blobs(cache, stream, limit))
+    }
+
+    fn chunks_of(digest: &str, path: &Path) -> Vec<BlobChunk> {
+        let mut out = vec![];
+        each_chunk(digest, path, |c| {
+            out.push(c);
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_package_round_trips_through_caches_by_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("sub/big"), vec![7u8; CHUNK + 10]).unwrap();
+        std::fs::write(src.join("same"), vec![7u8; CHUNK + 10]).unwrap();
+        std::fs::write(src.join("run.sh"), b"echo hi").unwrap();
+        let files = working_dir_files(&src).unwrap();
+        let (manifest, sources) = manifest_of(&files).unwrap();
+        assert_eq!(manifest.files.len(), 3);
+        // Two files with the same bytes are one blob.
+        assert_eq!(sources.len(), 2);
+        check_manifest(&manifest, 1 << 30).unwrap();
+        let too_small = check_manifest(&manifest, 100).unwrap_err().to_string();
+        assert!(too_small.contains("larger than the limit"), "{too_small}");
+
+        let head = BlobCache::open(dir.path().join("head"), 1 << 30).unwrap();
+        let missing = head.missing(&manifest);
+        assert_eq!(missing.len(), 2);
+        let chunks: Vec<BlobChunk> = missing
+            .iter()
+            .flat_map(|d| chunks_of(d, &sources[d]))
+            .collect();
+        assert_eq!(
+            receive(&head, chunks, 1 << 30).unwrap(),
+            CHUNK as u64 + 10 + 7
+        );
+        assert!(head.missing(&manifest).is_empty());
+        assert_eq!(head.received_bytes(), CHUNK as u64 + 10 + 7);
+
+        let out = dir.path().join("job");
+        head.materialize(&manifest, &out).unwrap();
+        assert_eq!(
+            std::fs::read(out.join("sub/big")).unwrap().len(),
+            CHUNK + 10
+        );
+        assert_eq!(std::fs::read(out.join("run.sh")).unwrap(), b"echo hi");
+        // The job's copy is its own: writing it leaves the cache as it was.
+        std::fs::write(out.join("run.sh"), b"changed").unwrap();
+        let d = &manifest
+            .files
+            .iter()
+            .find(|f| f.path == "run.sh")
+            .unwrap()
+            .digest;
+        assert_eq!(std::fs::read(head.path(d)).unwrap(), b"echo hi");
+    }
+
+    #[test]
+    fn bytes_that_do_not_match_their_digest_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(dir.path().join("c"), 1 << 30).unwrap();
+        let wrong = digest_of(b"something else");
+        let err = receive(
+            &cache,
+            vec![BlobChunk {
+                digest: wrong.clone(),
+                offset: 0,
+                data: b"evil".to_vec(),
+                last: true,
+            }],
+            1 << 20,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("the bytes that came have digest"), "{err}");
+        assert!(!cache.has(&wrong));
+        // A digest is a file name: only hex of the right length.
+        let err = receive(
+            &cache,
+            vec![BlobChunk {
+                digest: "../../etc/passwd".into(), // check_paths: allow
+                offset: 0,
+                data: vec![],
+                last: true,
+            }],
+            1 << 20,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is not a package digest"), "{err}");
+        // An upload over the limit stops.
+        let big = vec![1u8; 5000];
+        let err = receive(
+            &cache,
+            vec![BlobChunk {
+                digest: digest_of(&big),
+                offset: 0,
+                data: big,
+                last: true,
+            }],
+            4096,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("larger than the limit"), "{err}");
+        // A stream that stops mid-blob leaves nothing.
+        let data = vec![2u8; 10];
+        let err = receive(
+            &cache,
+            vec![BlobChunk {
+                digest: digest_of(&data),
+                offset: 0,
+                data: data.clone(),
+                last: false,
+            }],
+            1 << 20,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("arrived incomplete"), "{err}");
+        assert!(!cache.has(&digest_of(&data)));
+    }
+
+    #[test]
+    fn the_least_recently_used_blobs_go_first_and_kept_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(dir.path().join("c"), 2500).unwrap();
+        let set = |d: &str, secs: u64| {
+            std::fs::File::options()
+                .append(true)
+                .open(cache.path(d))
+                .unwrap()
+                .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+                .unwrap();
         };
-        assert!(w.write(&evil).is_err());
+        let a = cache.insert(&[1u8; 1000]).unwrap();
+        let b = cache.insert(&[2u8; 1000]).unwrap();
+        let c = cache.insert(&[3u8; 1000]).unwrap();
+        set(&a, 1_000);
+        set(&b, 3_000);
+        set(&c, 2_000);
+        assert_eq!(cache.size(), 3000);
+        // `a` is the oldest but kept: `c`, the next oldest, goes.
+        let keep = [a.clone()].into_iter().collect();
+        assert_eq!(cache.evict(&keep), 1000);
+        assert!(cache.path(&a).exists() && cache.path(&b).exists());
+        assert!(!cache.path(&c).exists());
+        // Using `a` makes it the newest: `b` goes next.
+        set(&b, 3_000);
+        assert!(cache.has(&a));
+        let d = cache.insert(&[4u8; 1000]).unwrap();
+        set(&d, 4_000);
+        cache.has(&a);
+        assert_eq!(cache.evict(&Default::default()), 1000);
+        assert!(!cache.path(&b).exists());
+        assert!(cache.path(&a).exists() && cache.path(&d).exists());
+        // Under the limit, nothing goes.
+        assert_eq!(cache.evict(&Default::default()), 0);
     }
 }
