@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use volley::crates::runtime::cluster::{
-    self, auth, run_node, HeadOptions, JobClient, JobRequest, NodeOptions, Resources, TlsConfig,
-    WorkerOutput,
+    self, auth, run_node_until, HeadOptions, JobClient, JobRequest, NodeOptions, Resources,
+    TlsConfig, WorkerOutput,
 };
 use volley::{Result, VolleyError};
 
@@ -53,6 +53,10 @@ pub struct StartArgs {
     /// recently used are removed past this size.
     #[arg(long, default_value = "8GiB")]
     package_cache: String,
+    /// Seconds a node agent told to stop (SIGTERM, Ctrl-C) waits for its tasks and
+    /// drivers to end and its objects to be copied to other nodes before it leaves.
+    #[arg(long, default_value_t = 30.0)]
+    drain_timeout: f64,
     /// Seconds of silence after which the head declares a node dead.
     #[arg(long, default_value_t = 5.0)]
     node_timeout: f64,
@@ -489,6 +493,7 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         // One cache for the agents of this machine.
         package_cache: dir.join("package-cache"),
         package_cache_bytes: volley::crates::common::parse_bytes(&a.package_cache)?,
+        drain_timeout: Duration::from_secs_f64(a.drain_timeout.max(0.0)),
         tls: TlsConfig::from_files(
             a.tls_ca.as_deref(),
             a.tls_cert.as_deref(),
@@ -497,12 +502,13 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
     };
     let rt = io_runtime()?;
     rt.block_on(async move {
-        tokio::select! {
-            r = run_node(options) => {
-                let why = r?;
-                Err(VolleyError::execution(format!("node agent stopped: {why}")))
-            }
-            _ = wait_for_signal() => Ok(()),
+        // A stop signal drains the node: it leaves once its work is done or copied.
+        let why = run_node_until(options, wait_for_signal()).await?;
+        if why.ends_with("left the cluster") {
+            eprintln!("{why}");
+            Ok(())
+        } else {
+            Err(VolleyError::execution(format!("node agent stopped: {why}")))
         }
     })
 }
@@ -548,7 +554,12 @@ pub fn status(conn: Conn) -> Result<()> {
         println!(
             "{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10} {:>10}",
             n.node_id,
-            if n.alive { "yes" } else { "DEAD" },
+            match (n.alive, n.draining) {
+                (true, false) => "yes",
+                (true, true) => "drain",
+                (false, true) => "left",
+                (false, false) => "DEAD",
+            },
             n.object_address,
             total.to_string(),
             avail.to_string(),

@@ -1262,6 +1262,85 @@ fn a_node_killed_mid_shuffle_loses_no_row() {
     );
 }
 
+/// A node agent told to stop (SIGTERM, as Kubernetes does when scaling down) while
+/// an exchange's map outputs wait on the nodes drains: it takes no new work, the
+/// objects only it holds are copied to the other nodes, and it leaves the cluster. The
+/// job gives the local run's rows without re-running a task, and the node is listed as
+/// left, not dead.
+#[test]
+fn a_node_told_to_stop_drains_its_objects_and_leaves_without_failing_work() {
+    let mut c = TestCluster::start(2.0);
+    for _ in 0..3 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = input(dir.path(), 6, 20_000);
+    let job = c.submit(&[
+        example("cluster_exchange").to_str().unwrap(),
+        data.to_str().unwrap(),
+        "--only",
+        "sort",
+        "--pause-ms",
+        "5000",
+        "--store-limit",
+        "256KiB",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !c.logs(&job).contains("PAUSED sort") {
+        assert!(Instant::now() < deadline, "{}", c.logs(&job));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let driver = driver_node(&c, &job);
+    let (i, node) = (0..3)
+        .map(|i| (i, format!("node-{}", i + 1)))
+        .find(|(_, n)| *n != driver)
+        .unwrap();
+    let started = Instant::now();
+    nix_kill(c.nodes[i].id() as i32, "TERM");
+    let exit = c.nodes[i].wait().unwrap();
+    assert!(exit.success(), "the agent left with {exit}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "draining took {:?}",
+        started.elapsed()
+    );
+    let status = c.status();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{node} ")))
+        .unwrap();
+    assert!(line.contains(" left "), "{status}");
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}\nhead log:\n{}",
+        c.describe(&job),
+        std::fs::read_to_string(c.home.path().join("head.log")).unwrap()
+    );
+    let logs = c.logs(&job);
+    assert!(logs.contains("SAME sort rows=120000\n"), "{logs}");
+    assert_eq!(rebuilt_on(&c, &node), 0, "objects of {node} were rebuilt");
+    assert_eq!(c.retries(&job), 0, "{}", c.describe(&job));
+    let head_log = std::fs::read_to_string(c.home.path().join("head.log")).unwrap();
+    assert!(
+        head_log.contains(&format!("{node} left the cluster")),
+        "{head_log}"
+    );
+    assert!(
+        head_log.contains(&format!("{node} is draining: copying object")),
+        "{head_log}"
+    );
+}
+
+/// Sends signal `SIG<name>` to `pid`.
+fn nix_kill(pid: i32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 /// An actor pool between 1 and 3 actors grows to 3 under a burst and shrinks back to 1
 /// during a pause; every row comes out once.
 #[test]

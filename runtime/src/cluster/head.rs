@@ -90,9 +90,17 @@ struct Node {
     spilled_bytes: u64,
     spilled_total: u64,
     workers: u32,
+    /// Leaving the cluster: it gets no new work, and the objects only it holds are
+    /// copied to other nodes before it goes.
+    draining: bool,
 }
 
 impl Node {
+    /// Whether new work (tasks, actors, drivers, group bundles, objects) may go here.
+    fn takes_work(&self) -> bool {
+        self.alive && self.tx.is_some() && !self.draining
+    }
+
     /// Its store holds three quarters of its memory or more (by the directory): a
     /// task that reads nothing (a source) is not started here while another node has
     /// room, since its output would be stored here and spill.
@@ -362,6 +370,8 @@ struct State {
     groups: HashMap<String, Group>,
     actors: HashMap<String, ActorEntry>,
     jobs: BTreeMap<String, JobEntry>,
+    /// Copies of objects off draining nodes on their way: object → target node.
+    copies: HashMap<String, String>,
     /// Bytes of the inline copies held, and the most they may take.
     inline_bytes: u64,
     inline_limit: u64,
@@ -652,6 +662,7 @@ impl HeadCore {
                     hostname: n.hostname.clone(),
                     object_address: n.object_address.clone(),
                     alive: n.alive,
+                    draining: n.draining,
                     total: Some((&n.total).into()),
                     available: Some((&n.available).into()),
                     object_store_bytes: n.object_bytes,
@@ -946,7 +957,7 @@ impl State {
         let key = req.num_cpus.to_bits();
         self.nodes
             .iter()
-            .filter(|(_, n)| n.alive && n.tx.is_some() && !(source && n.store_full()))
+            .filter(|(_, n)| n.takes_work() && !(source && n.store_full()))
             .filter_map(|(id, n)| {
                 let slots = n.slots.get(&key).copied().unwrap_or(0);
                 let waiting = n
@@ -1050,9 +1061,10 @@ impl State {
     /// reason, not for lack of CPUs).
     fn kept_off_full_store(&self, task: &TaskEntry) -> bool {
         self.waits_for_store(task)
-            && self.nodes.values().any(|n| {
-                n.alive && n.tx.is_some() && n.store_full() && task.resources.fits_in(&n.available)
-            })
+            && self
+                .nodes
+                .values()
+                .any(|n| n.takes_work() && n.store_full() && task.resources.fits_in(&n.available))
     }
 
     /// Whether `task` reads nothing (a source) and waits, for a while, for a node whose
@@ -1061,9 +1073,10 @@ impl State {
     fn waits_for_store(&self, task: &TaskEntry) -> bool {
         task.spec.args.is_empty()
             && task.pending_since.elapsed() < SOURCE_WAIT
-            && self.nodes.values().any(|n| {
-                n.alive && n.tx.is_some() && !n.store_full() && task.resources.fits_in(&n.total)
-            })
+            && self
+                .nodes
+                .values()
+                .any(|n| n.takes_work() && !n.store_full() && task.resources.fits_in(&n.total))
     }
 
     /// The best node for a task: one where it fits (for a `source`, a task that reads
@@ -1081,7 +1094,7 @@ impl State {
     ) -> Option<(String, Vec<u32>)> {
         let mut best: Option<(u64, usize, u64, f64, String)> = None;
         for (id, n) in &self.nodes {
-            if !n.alive || n.tx.is_none() || !req.fits_in(&n.available) {
+            if !n.takes_work() || !req.fits_in(&n.available) {
                 continue;
             }
             if source && n.store_full() {
@@ -1146,11 +1159,7 @@ impl State {
             };
             b.available.subtract(req);
             let node = b.node.clone()?;
-            if !self
-                .nodes
-                .get(&node)
-                .is_some_and(|n| n.alive && n.tx.is_some())
-            {
+            if !self.nodes.get(&node).is_some_and(|n| n.takes_work()) {
                 let b = &mut g.bundles[i];
                 b.available.add(req);
                 b.gpus.give(&gpus, req.num_gpus);
@@ -1488,6 +1497,12 @@ impl State {
     }
 
     fn node_died(&mut self, node: &str) {
+        self.node_gone(node, "died");
+    }
+
+    /// Node `node` is gone (`how`: "died", or "left" after draining): what ran there
+    /// is retried, objects only it held are rebuilt, its actors restart elsewhere.
+    fn node_gone(&mut self, node: &str, how: &str) {
         let Some(n) = self.nodes.get_mut(node) else {
             return;
         };
@@ -1495,7 +1510,7 @@ impl State {
         n.tx = None;
         let running: Vec<String> = n.running.drain().collect();
         for t in running {
-            self.system_failure(&t, &format!("node {node} died"));
+            self.system_failure(&t, &format!("node {node} {how}"));
         }
         // Objects whose last copy was there are rebuilt by re-running their task.
         let lost: Vec<String> = self
@@ -1520,7 +1535,7 @@ impl State {
             .map(|(id, _)| id.clone())
             .collect();
         for a in actors {
-            self.actor_failed(&a, &format!("node {node} died"));
+            self.actor_failed(&a, &format!("node {node} {how}"));
         }
         let groups: Vec<String> = self
             .groups
@@ -1540,7 +1555,106 @@ impl State {
             .map(|(id, _)| id.clone())
             .collect();
         for j in drivers {
-            self.finish_job(&j, "FAILED", -1, &format!("the driver's node {node} died"));
+            self.finish_job(&j, "FAILED", -1, &format!("the driver's node {node} {how}"));
+        }
+    }
+
+    // ------------------------------------------------------------------ draining
+
+    /// Starts or goes on draining `node`: no new work goes there, and each object only
+    /// it holds is copied to the node that takes work with the fewest stored bytes.
+    /// What still keeps it, or `None` for a node not alive.
+    fn drain(&mut self, node: &str) -> Option<proto::DrainStatus> {
+        let n = self.nodes.get_mut(node)?;
+        if !n.alive {
+            return None;
+        }
+        if !n.draining {
+            info!("{node} is draining");
+            n.draining = true;
+        }
+        let from = n.object_address.clone();
+        let running = (n.running.len() + n.ahead.len()) as u32;
+        let drivers = self
+            .jobs
+            .values()
+            .filter(|j| j.info.node_id == node && j.info.state == "RUNNING" && !j.info.attached)
+            .count() as u32;
+        let sole: Vec<(String, u64)> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o.locations.len() == 1 && o.locations[0] == node && !o.freed && o.error.is_none()
+            })
+            .map(|(id, o)| (id.clone(), o.bytes))
+            .collect();
+        let left = sole.len() as u32;
+        for (id, bytes) in sole {
+            if self.copies.contains_key(&id) {
+                continue;
+            }
+            let Some(target) = self
+                .nodes
+                .iter()
+                .filter(|(other, n)| other.as_str() != node && n.takes_work())
+                .min_by_key(|(_, n)| n.stored)
+                .map(|(other, _)| other.clone())
+            else {
+                break;
+            };
+            info!("{node} is draining: copying object {id} to {target}");
+            let t = self.nodes.get_mut(&target).expect("picked");
+            t.stored += bytes;
+            t.send(Command::CopyObject(proto::ObjectCopy {
+                object_id: id.clone(),
+                from: from.clone(),
+            }));
+            self.copies.insert(id, target);
+        }
+        Some(proto::DrainStatus {
+            running_tasks: running,
+            drivers,
+            objects_to_copy: left,
+        })
+    }
+
+    /// A copy of `object` is (or could not be made) on `node`.
+    fn object_copied(&mut self, object: &str, node: &str, bytes: u64, error: &str) {
+        let Some(target) = self.copies.remove(object) else {
+            return;
+        };
+        let reserved = self.objects.get(object).map_or(0, |o| o.bytes);
+        if let Some(n) = self.nodes.get_mut(&target) {
+            n.stored = n.stored.saturating_sub(reserved);
+        }
+        if !error.is_empty() || target != node {
+            info!("object {object}: no copy on {node}: {error}");
+            return;
+        }
+        let alive = self.nodes.get(node).is_some_and(|n| n.alive);
+        match self.objects.get_mut(object) {
+            Some(o) if alive && !o.freed && !o.locations.iter().any(|l| l == node) => {
+                o.locations.push(node.to_string());
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.stored += bytes;
+                }
+            }
+            // Freed meanwhile (or its node went): the copy goes too.
+            _ => {
+                if let Some(n) = self.nodes.get(node) {
+                    n.send(Command::FreeObjects(proto::ObjectIds {
+                        ids: vec![object.to_string()],
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Node `node` leaves after draining.
+    fn leave(&mut self, node: &str) {
+        if self.nodes.get(node).is_some_and(|n| n.alive) {
+            info!("{node} left the cluster");
+            self.node_gone(node, "left");
         }
     }
 
@@ -1607,7 +1721,7 @@ impl State {
         let mut free: BTreeMap<String, (Resources, GpuSlots)> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.alive && n.tx.is_some())
+            .filter(|(_, n)| n.takes_work())
             .map(|(id, n)| (id.clone(), (n.available.clone(), n.gpus.clone())))
             .collect();
         let mut used: BTreeMap<String, usize> = BTreeMap::new();
@@ -1960,6 +2074,7 @@ impl proto::head_server::Head for HeadService {
                     spilled_bytes: 0,
                     spilled_total: 0,
                     workers: 0,
+                    draining: false,
                 },
             );
             id
@@ -2070,6 +2185,34 @@ impl proto::head_server::Head for HeadService {
             };
             s.finish_job(&r.job_id, state, r.exit_code, &error);
         });
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<proto::DrainRequest>,
+    ) -> std::result::Result<Response<proto::DrainStatus>, Status> {
+        let r = request.into_inner();
+        let status = self.core.with(|s| {
+            if r.leave {
+                s.leave(&r.node_id);
+                Some(proto::DrainStatus::default())
+            } else {
+                s.drain(&r.node_id)
+            }
+        });
+        status
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no live node {}", r.node_id)))
+    }
+
+    async fn report_object_copied(
+        &self,
+        request: Request<proto::ObjectCopied>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let r = request.into_inner();
+        self.core
+            .with(|s| s.object_copied(&r.object_id, &r.node_id, r.bytes, &r.error));
         Ok(Response::new(proto::Empty {}))
     }
 
@@ -2407,7 +2550,7 @@ impl proto::head_server::Head for HeadService {
         let node = s
             .nodes
             .values()
-            .filter(|n| n.alive)
+            .filter(|n| n.takes_work())
             .min_by_key(|n| n.object_bytes)
             .ok_or_else(|| Status::unavailable("the cluster has no live node"))?;
         Ok(Response::new(proto::ObjectLocation {
@@ -2642,6 +2785,7 @@ mod tests {
             spilled_bytes: 0,
             spilled_total: 0,
             workers: 0,
+            draining: false,
         };
         (node, rx)
     }
@@ -2776,6 +2920,52 @@ mod tests {
         s.objects.get_mut("t1").unwrap().freed = true;
         s.try_delete("t1");
         assert_eq!(s.nodes["n2"].stored, 0);
+    }
+
+    #[test]
+    fn a_draining_node_gets_no_work_and_its_objects_are_copied_before_it_leaves() {
+        use proto::node_command::Command as C;
+        let (mut s, mut rx1) = one_node(4.0);
+        let (n2, mut rx2) = test_node(1.0, "b");
+        s.nodes.insert("n2".into(), n2);
+        // t1 runs on n1 (more CPUs) and its output stays there.
+        submit(&mut s, "t1");
+        s.schedule();
+        assert_eq!(sent(&mut rx1), ["run t1"]);
+        assert!(s.task_reported(proto::TaskReport {
+            node_id: "n1".into(),
+            task_id: "t1".into(),
+            output_bytes: 80,
+            ..Default::default()
+        }));
+        // Draining n1: new work goes to n2 though n1 has more room, and t1's output
+        // is copied to n2.
+        let st = s.drain("n1").unwrap();
+        assert_eq!((st.running_tasks, st.objects_to_copy), (0, 1));
+        let copy = match rx2.try_recv() {
+            Ok(Ok(proto::NodeCommand {
+                command: Some(C::CopyObject(c)),
+            })) => c,
+            other => panic!("expected a copy, got {other:?}"),
+        };
+        assert_eq!((copy.object_id.as_str(), copy.from.as_str()), ("t1", "a"));
+        // Asking again sends no second copy while the first is on its way.
+        s.drain("n1");
+        assert!(sent(&mut rx2).is_empty());
+        submit(&mut s, "t2");
+        s.schedule();
+        assert!(sent(&mut rx1).is_empty());
+        assert_eq!(sent(&mut rx2), ["run t2"]);
+        s.object_copied("t1", "n2", 80, "");
+        assert_eq!(s.objects["t1"].locations, ["n1", "n2"]);
+        assert_eq!(s.drain("n1").unwrap().objects_to_copy, 0);
+        // Leaving: nothing is rebuilt (n2 has the copy), and the node is listed as gone
+        // after draining, not dead.
+        s.leave("n1");
+        assert_eq!(s.objects["t1"].locations, ["n2"]);
+        assert_eq!(s.tasks["t1"].state, TaskState::Done);
+        assert!(!s.nodes["n1"].alive && s.nodes["n1"].draining);
+        assert!(s.drain("n1").is_none());
     }
 
     #[test]

@@ -65,6 +65,7 @@ impl LocalCluster {
             dir: dir.path().join("node"),
             package_cache: dir.path().join("node-packages"),
             package_cache_bytes: 1 << 30,
+            drain_timeout: std::time::Duration::from_secs(30),
             tls: TlsConfig::default(),
         };
         rt.spawn(async move {

@@ -105,12 +105,25 @@ pub(crate) fn render(
 
     let nodes = Gauges::default();
     let alive = status.nodes.iter().filter(|n| n.alive).count();
-    for (state, n) in [("alive", alive), ("dead", status.nodes.len() - alive)] {
+    let left = status
+        .nodes
+        .iter()
+        .filter(|n| !n.alive && n.draining)
+        .count();
+    for (state, n) in [
+        ("alive", alive),
+        ("left", left),
+        ("dead", status.nodes.len() - alive - left),
+    ] {
         nodes
             .get_or_create(&labels(&[("state", state)]))
             .set(n as f64);
     }
-    r.register("nodes", "Nodes the head knows, by state", nodes);
+    r.register(
+        "nodes",
+        "Nodes the head knows, by state (left: drained and gone)",
+        nodes,
+    );
 
     let (cpus, gpus, memory) = (Gauges::default(), Gauges::default(), Gauges::default());
     let node_gauges: Vec<Gauges> = (0..5).map(|_| Gauges::default()).collect();

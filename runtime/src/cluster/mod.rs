@@ -55,7 +55,7 @@ pub use client::{
 pub use head::{HeadCore, HeadOptions};
 pub use jobs::{JobClient, JobRequest, OutputSection, WorkerOutput};
 pub use local::LocalCluster;
-pub use node::{run_node, NodeOptions};
+pub use node::{run_node, run_node_until, NodeOptions};
 pub use objects::{object_batch, ObjectReader, ObjectSlice};
 pub use resources::Resources;
 pub use task::{

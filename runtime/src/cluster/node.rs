@@ -51,6 +51,9 @@ pub struct NodeOptions {
     pub package_cache: PathBuf,
     /// Bytes of cached job files kept (least recently used evicted).
     pub package_cache_bytes: u64,
+    /// How long a leaving node waits for its tasks and drivers to end and its objects
+    /// to be copied away ([`run_node_until`]).
+    pub drain_timeout: Duration,
     /// Certificates: the CA to trust (the head, other nodes) and this node's own.
     pub tls: super::tls::TlsConfig,
 }
@@ -102,6 +105,8 @@ pub struct Agent {
     address: String,
     head: Head,
     store: Arc<ObjectStore>,
+    /// Connections to other nodes' stores (copies off a leaving node).
+    channels: Channels,
     /// Job files fetched, once per digest.
     blobs: BlobCache,
     state: Mutex<AgentState>,
@@ -214,6 +219,18 @@ impl Drop for RemoveOnDrop {
 /// Runs a node agent until the head forgets it or cannot be reached. Returns why it
 /// stopped.
 pub async fn run_node(options: NodeOptions) -> Result<String> {
+    run_node_until(options, std::future::pending()).await
+}
+
+/// Runs a node agent until it loses the head, or until `leave` completes: then it
+/// drains (the head sends it no new work and copies the objects only it holds to
+/// other nodes; it waits for its running tasks and drivers, at most
+/// `options.drain_timeout`) and leaves the cluster. What is still running when it
+/// leaves is retried elsewhere, as after a failure. Returns why it stopped.
+pub async fn run_node_until(
+    options: NodeOptions,
+    leave: impl std::future::Future<Output = ()>,
+) -> Result<String> {
     options.resources.validate()?;
     std::fs::create_dir_all(&options.dir)?;
     let blobs = BlobCache::open(options.package_cache.clone(), options.package_cache_bytes)?;
@@ -257,6 +274,7 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
         address: address.clone(),
         head: head.clone(),
         store: Arc::clone(&store),
+        channels: channels.clone(),
         blobs,
         state: Mutex::default(),
         changed: Notify::new(),
@@ -303,14 +321,25 @@ pub async fn run_node(options: NodeOptions) -> Result<String> {
 
     let (mut beat, _stop_beats) = Arc::clone(&agent)
         .start_heartbeats(Duration::from_millis(reg.heartbeat_interval_ms.max(50)))?;
+    let mut leave = std::pin::pin!(leave);
+    let mut drained: std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>> =
+        Box::pin(std::future::pending());
+    let mut draining = false;
     let why = loop {
         tokio::select! {
+            _ = &mut leave, if !draining => {
+                draining = true;
+                drained = Box::pin(Arc::clone(&agent).drain(head.clone()));
+            }
+            why = &mut drained => break why,
             c = commands.next() => match c {
                 Some(Ok(cmd)) => {
                     if let Some(cmd) = cmd.command {
                         Arc::clone(&agent).handle(cmd);
                     }
                 }
+                // Leaving closes the stream: the drain says how it ended.
+                _ if draining => break (&mut drained).await,
                 Some(Err(e)) => break format!("the head closed the command stream: {}", e.message()),
                 None => break "the head closed the command stream".to_string(),
             },
@@ -483,6 +512,9 @@ impl Agent {
                     }
                 });
             }
+            Command::CopyObject(c) => {
+                tokio::spawn(self.copy_object(c));
+            }
             Command::ReadLogs(q) => {
                 tokio::spawn(async move {
                     let dir = self.options.dir.join("jobs").join(&q.job_id);
@@ -563,6 +595,76 @@ impl Agent {
         self.jobs.lock().expect("jobs lock").remove(job);
         let _ = std::fs::remove_dir_all(self.options.dir.join("jobs").join(job).join("package"));
         self.changed.notify_waiters();
+    }
+
+    /// Drains this node and leaves the cluster (see [`run_node_until`]).
+    async fn drain(self: Arc<Self>, mut head: Head) -> String {
+        let deadline = Instant::now() + self.options.drain_timeout;
+        info!("{}: draining", self.node_id);
+        let request = |leave| proto::DrainRequest {
+            node_id: self.node_id.clone(),
+            leave,
+        };
+        loop {
+            match head.drain_node(request(false)).await {
+                Ok(r) => {
+                    let s = r.into_inner();
+                    if s.running_tasks == 0 && s.drivers == 0 && s.objects_to_copy == 0 {
+                        break;
+                    }
+                    if Instant::now() >= deadline {
+                        warn!(
+                            "{}: leaving after {:?} with {} task(s) and {} driver(s) running \
+                             and {} object(s) not copied: they are retried or rebuilt elsewhere",
+                            self.node_id,
+                            self.options.drain_timeout,
+                            s.running_tasks,
+                            s.drivers,
+                            s.objects_to_copy
+                        );
+                        break;
+                    }
+                }
+                Err(e) => {
+                    return format!(
+                        "{} stops without draining: the head answered {}",
+                        self.node_id,
+                        e.message()
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let _ = head.drain_node(request(true)).await;
+        format!("{} drained and left the cluster", self.node_id)
+    }
+
+    /// Copies object `c.object_id` from the store at `c.from` into this node's store.
+    async fn copy_object(self: Arc<Self>, c: proto::ObjectCopy) {
+        let copied = async {
+            // Batch by batch as stored: a map output's batches are its partitions.
+            let batches =
+                super::objects::fetch_whole(&self.channels, &c.from, &c.object_id).await?;
+            let store = Arc::clone(&self.store);
+            let id = c.object_id.clone();
+            tokio::task::spawn_blocking(move || store.put(&id, batches))
+                .await
+                .map_err(|e| VolleyError::internal(e.to_string()))?
+        }
+        .await;
+        let (bytes, error) = match copied {
+            Ok(b) => (b, String::new()),
+            Err(e) => (0, e.to_string()),
+        };
+        let mut head = self.head.clone();
+        let _ = head
+            .report_object_copied(proto::ObjectCopied {
+                object_id: c.object_id,
+                node_id: self.node_id.clone(),
+                bytes,
+                error,
+            })
+            .await;
     }
 
     fn store_ids_with_prefix(&self, prefix: &str) -> Vec<String> {

@@ -498,7 +498,7 @@ impl FlightService for FlightObjects {
         let found = self
             .blocking(move |store| match selection {
                 Selection::Batch(i) => store.get_batch(&key, i),
-                Selection::All | Selection::Rows { .. } => store
+                Selection::All | Selection::Whole | Selection::Rows { .. } => store
                     .get(&key)
                     .map(|all| all.map(|all| all.iter().cloned().collect())),
             })
@@ -507,18 +507,40 @@ impl FlightService for FlightObjects {
         let batches = match selection {
             Selection::Rows { offset, rows } => slice_rows(&batches, offset, rows)
                 .map_err(|e| Status::out_of_range(format!("object {id}: {e}")))?,
-            Selection::All | Selection::Batch(_) => batches,
+            Selection::All | Selection::Batch(_) | Selection::Whole => batches,
         };
         let schema = batches
             .first()
             .map(|b| b.schema())
             .unwrap_or_else(|| Arc::new(Schema::empty()));
-        let items: Vec<std::result::Result<RecordBatch, FlightError>> = for_flight(batches)
+        // Whole: Flight sends no empty batch, so the schema message carries every
+        // batch's rows and the reader puts the empty ones back (`fetch_whole`).
+        let rows_per_batch = (selection == Selection::Whole).then(|| {
+            batches
+                .iter()
+                .map(|b| b.num_rows().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        let pieces = if selection == Selection::Whole {
+            batches
+                .into_iter()
+                .filter(|b| b.num_rows() > 0)
+                .map(volley_common::compact_bloated_views)
+                .collect::<Result<Vec<_>>>()
+        } else {
+            for_flight(batches)
+        };
+        let items: Vec<std::result::Result<RecordBatch, FlightError>> = pieces
             .map_err(|e| Status::internal(e.to_string()))?
             .into_iter()
             .map(Ok)
             .collect();
-        let stream = flight_encoder(schema)
+        let mut encoder = flight_encoder(schema);
+        if let Some(rows) = rows_per_batch {
+            encoder = encoder.with_metadata(rows.into());
+        }
+        let stream = encoder
             .build(futures::stream::iter(items))
             .map_err(|e| Status::internal(e.to_string()));
         Ok(Response::new(Box::pin(stream)))
@@ -671,6 +693,9 @@ pub(crate) enum Selection {
     Rows { offset: u64, rows: u64 },
     /// Its batch `i` (a partition of an exchange's map output).
     Batch(u32),
+    /// All of it, each batch sent whole, so the reader gets the same batches (a copy
+    /// whose batches are partitions read one by one). Each batch must fit a message.
+    Whole,
 }
 
 impl Selection {
@@ -682,7 +707,7 @@ impl Selection {
     /// The selected part of `batches` (all of an object).
     pub(crate) fn apply(self, id: &str, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         match self {
-            Selection::All => Ok(batches),
+            Selection::All | Selection::Whole => Ok(batches),
             Selection::Rows { offset, rows } => {
                 slice_rows(&batches, offset, rows).map_err(|e| e.context(format!("object {id}")))
             }
@@ -725,6 +750,65 @@ pub(crate) async fn fetch_range(
     stream.try_collect().await.map_err(|e| {
         VolleyError::execution(format!("cannot fetch object {id} from {address}: {e}"))
     })
+}
+
+/// Object `id` from the store at `address` with the batches it has there, empty ones
+/// included (a map output's batches are its partitions, read by index).
+pub(crate) async fn fetch_whole(
+    channels: &super::net::Channels,
+    address: &str,
+    id: &str,
+) -> Result<Vec<RecordBatch>> {
+    use arrow_flight::decode::DecodedPayload;
+    let failed = |e: &dyn std::fmt::Display| {
+        VolleyError::execution(format!("cannot copy object {id} from {address}: {e}"))
+    };
+    let mut client = channels.flight(address).await?;
+    let mut decoder = client
+        .do_get(Ticket {
+            ticket: ticket(id, Selection::Whole).into(),
+        })
+        .await
+        .map_err(|e| failed(&e))?
+        .into_inner();
+    let mut schema = None;
+    let mut rows: Vec<usize> = Vec::new();
+    let mut sent = VecDeque::new();
+    while let Some(d) = decoder.next().await {
+        let d = d.map_err(|e| failed(&e))?;
+        match d.payload {
+            DecodedPayload::Schema(s) => {
+                let text = String::from_utf8_lossy(&d.inner.app_metadata).to_string();
+                rows = text
+                    .split(',')
+                    .filter(|r| !r.is_empty())
+                    .map(|r| {
+                        r.parse()
+                            .map_err(|_| failed(&format!("bad batch rows {text:?}")))
+                    })
+                    .collect::<Result<_>>()?;
+                schema = Some(s);
+            }
+            DecodedPayload::RecordBatch(b) => sent.push_back(b),
+            DecodedPayload::None => {}
+        }
+    }
+    let schema = schema.unwrap_or_else(|| Arc::new(Schema::empty()));
+    let mut out = Vec::with_capacity(rows.len());
+    for n in rows {
+        if n == 0 {
+            out.push(RecordBatch::new_empty(Arc::clone(&schema)));
+            continue;
+        }
+        match sent.pop_front() {
+            Some(b) if b.num_rows() == n => out.push(b),
+            _ => return Err(failed(&"its batches did not come as sent")),
+        }
+    }
+    if !sent.is_empty() {
+        return Err(failed(&"more batches came than were sent"));
+    }
+    Ok(out)
 }
 
 /// Stores `batches` as object `id` in the store at `address`; returns its size in bytes.
@@ -872,6 +956,7 @@ fn ticket(id: &str, selection: Selection) -> Vec<u8> {
         Selection::All => id.as_bytes().to_vec(),
         Selection::Rows { offset, rows } => format!("{id}\0{offset}\0{rows}").into_bytes(),
         Selection::Batch(i) => format!("{id}\0batch\0{i}").into_bytes(),
+        Selection::Whole => format!("{id}\0whole\00").into_bytes(),
     }
 }
 
@@ -887,7 +972,9 @@ fn parse_ticket(bytes: &[u8]) -> Result<(String, Selection)> {
             VolleyError::plan(format!("ticket for object {id}: `{s}` is not a number"))
         })
     };
-    let selection = if first == "batch" {
+    let selection = if first == "whole" {
+        Selection::Whole
+    } else if first == "batch" {
         let i = number(second)?;
         Selection::Batch(u32::try_from(i).map_err(|_| {
             VolleyError::plan(format!("ticket for object {id}: batch {i} is out of range"))
