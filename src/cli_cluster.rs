@@ -57,6 +57,10 @@ pub struct StartArgs {
     /// drivers to end and its objects to be copied to other nodes before it leaves.
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
+    /// Seconds a node agent that lost its head keeps trying to rejoin it (a restarted
+    /// head on the same address) before it exits.
+    #[arg(long, default_value_t = 60.0)]
+    head_patience: f64,
     /// Seconds of silence after which the head declares a node dead.
     #[arg(long, default_value_t = 5.0)]
     node_timeout: f64,
@@ -385,9 +389,11 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         );
         return Ok(());
     }
-    let token = match &a.token {
-        Some(t) => t.clone(),
-        None => {
+    // A head restarted on the same state folder keeps its token: its nodes rejoin.
+    let token = match (&a.token, auth::read_token(&dir.join("token"))) {
+        (Some(t), _) => t.clone(),
+        (None, Ok(t)) => t,
+        (None, Err(_)) => {
             let t = auth::new_token();
             auth::write_token(&dir.join("token"), &t)?;
             t
@@ -501,14 +507,41 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         )?,
     };
     let rt = io_runtime()?;
+    let patience = Duration::from_secs_f64(a.head_patience.max(0.0));
     rt.block_on(async move {
         // A stop signal drains the node: it leaves once its work is done or copied.
-        let why = run_node_until(options, wait_for_signal()).await?;
-        if why.ends_with("left the cluster") {
-            eprintln!("{why}");
-            Ok(())
-        } else {
-            Err(VolleyError::execution(format!("node agent stopped: {why}")))
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopping = |rx: &tokio::sync::watch::Receiver<bool>| *rx.borrow();
+        // When the agent last lost its head; it rejoins as a new node for `patience`.
+        let mut lost: Option<std::time::Instant> = None;
+        loop {
+            let mut rx = stop_rx.clone();
+            let leave = async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            match run_node_until(options.clone(), leave).await {
+                Ok(why) if why.ends_with("left the cluster") || stopping(&stop_rx) => {
+                    eprintln!("{why}");
+                    return Ok(());
+                }
+                Ok(why) => {
+                    eprintln!(
+                        "{why}; trying to rejoin {} for {patience:?}",
+                        options.head_address
+                    );
+                    lost = Some(std::time::Instant::now());
+                }
+                Err(e) => match lost {
+                    Some(at) if at.elapsed() < patience && !stopping(&stop_rx) => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    _ => return Err(e),
+                },
+            }
         }
     })
 }
@@ -619,7 +652,8 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             }
         }
         JobCommand::Status { conn, id } => {
-            let j = conn.client()?.status(&id)?;
+            let client = conn.client()?;
+            let j = client.status(&id)?;
             println!("job:        {}", j.job_id);
             println!("state:      {}", j.state);
             println!("entrypoint: {}", j.entrypoint.join(" "));
@@ -629,6 +663,31 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             println!("retries:    {}", j.task_retries);
             if !j.error.is_empty() {
                 println!("error:      {}", j.error);
+            }
+            let bytes = volley::crates::common::format_bytes;
+            for e in client.executions(&id)? {
+                println!(
+                    "execution {} ({}):",
+                    e.id,
+                    if e.finished { "finished" } else { "running" }
+                );
+                for (i, o) in e.operators.iter().enumerate() {
+                    println!(
+                        "  {i} {:<40} {:>5}/{:<5} tasks {:>3} running {:>12} rows {:>10} queued {:>10}{}",
+                        o.name,
+                        o.tasks_done,
+                        o.tasks_total,
+                        o.tasks_running,
+                        o.rows,
+                        bytes(o.bytes),
+                        bytes(o.queued_bytes),
+                        if o.spilled_bytes > 0 {
+                            format!(" spilled {}", bytes(o.spilled_bytes))
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
             }
             Ok(())
         }

@@ -29,6 +29,8 @@ struct TestCluster {
     /// `VOLLEY_TLS_*` variables every process of the cluster gets.
     tls: Vec<(String, String)>,
     head: Child,
+    /// The head's command line, for a restart.
+    head_args: Vec<String>,
     nodes: Vec<Child>,
     address: String,
     http: String,
@@ -57,38 +59,17 @@ impl TestCluster {
         extra: &[&str],
     ) -> Self {
         let home = tempfile::tempdir().unwrap();
-        let head = Command::new(volley_bin())
-            .envs(tls.iter().map(|(k, v)| (k, v)))
-            .args([
-                "start",
-                "--head",
-                "--block",
-                "--port",
-                "0",
-                "--http-port",
-                "0",
-                "--host",
-                host,
-            ])
-            .args(["--node-timeout", &node_timeout_s.to_string()])
-            .args(extra)
-            .env("VOLLEY_HOME", home.path())
-            .env_remove("VOLLEY_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(home.path().join("head.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let address = loop {
-            if let Ok(a) = std::fs::read_to_string(home.path().join("head_address")) {
-                if !a.is_empty() {
-                    break a;
-                }
-            }
-            assert!(Instant::now() < deadline, "the head did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let http = std::fs::read_to_string(home.path().join("http_address")).unwrap();
+        let mut head_args: Vec<String> = ["start", "--head", "--block", "--http-port", "0"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        if !extra.contains(&"--port") {
+            head_args.extend(["--port".to_string(), "0".to_string()]);
+        }
+        head_args.extend(["--host".to_string(), host.to_string()]);
+        head_args.extend(["--node-timeout".to_string(), node_timeout_s.to_string()]);
+        head_args.extend(extra.iter().map(|a| a.to_string()));
+        let (head, address, http) = Self::spawn_head(home.path(), &tls, &head_args, "head.log");
         let token = std::fs::read_to_string(home.path().join("token")).unwrap();
         let mode = std::fs::metadata(home.path().join("token")).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -101,11 +82,43 @@ impl TestCluster {
             home,
             tls,
             head,
+            head_args,
             nodes: vec![],
             address,
             http,
             token,
         }
+    }
+
+    /// Starts a head with `args` in `home`, its log in `log`; waits for its address.
+    fn spawn_head(
+        home: &Path,
+        tls: &[(String, String)],
+        args: &[String],
+        log: &str,
+    ) -> (Child, String, String) {
+        let _ = std::fs::remove_file(home.join("head_address"));
+        let head = Command::new(volley_bin())
+            .envs(tls.iter().map(|(k, v)| (k, v)))
+            .args(args)
+            .env("VOLLEY_HOME", home)
+            .env_remove("VOLLEY_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(home.join(log)).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let address = loop {
+            if let Ok(a) = std::fs::read_to_string(home.join("head_address")) {
+                if !a.is_empty() {
+                    break a;
+                }
+            }
+            assert!(Instant::now() < deadline, "the head did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let http = std::fs::read_to_string(home.join("http_address")).unwrap();
+        (head, address, http)
     }
 
     fn volley(&self) -> Command {
@@ -692,6 +705,37 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Its driver tells the head how its execution goes: per operator on `/metrics`
+    // (Prometheus' parser) and in `volley job status`.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let operators = loop {
+        let (_, text) = c.http_get("/metrics", Some(&c.token));
+        let ops: Vec<(String, f64)> = prometheus_samples(&text)
+            .into_iter()
+            .filter(|(n, l, _)| n == "volley_operator_tasks" && l["job"] == slow)
+            .map(|(_, l, v)| (l["operator"].clone(), v))
+            .collect();
+        if ops.iter().any(|(_, tasks)| *tasks > 0.0) {
+            break ops;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no operator of {slow} on /metrics:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        operators
+            .iter()
+            .any(|(name, _)| name.starts_with("0 ReadParquet")),
+        "{operators:?}"
+    );
+    let status = c.volley().args(["job", "status", &slow]).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("(running):") && status.contains("  0 ReadParquet"),
+        "{status}"
+    );
     let stop = c.volley().args(["job", "stop", &slow]).output().unwrap();
     assert!(stop.status.success());
     assert_eq!(c.wait_job(&slow, Duration::from_secs(10)), "STOPPED");
@@ -705,10 +749,15 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     }
     assert!(!stopped_out.exists(), "a stopped job leaves no output");
 
-    // Nothing the cluster started outlives it.
-    drop(c.nodes.drain(..).collect::<Vec<_>>());
+    // Nothing the cluster started outlives it: the head goes, then each agent is told
+    // to stop (it cannot drain without its head, and stops its workers).
+    let agents: Vec<Child> = c.nodes.drain(..).collect();
     let address = c.address.clone();
     drop(c);
+    for mut agent in agents {
+        nix_kill(agent.id() as i32, "TERM");
+        let _ = agent.wait();
+    }
     std::thread::sleep(Duration::from_millis(500));
     let left: Vec<i32> = std::fs::read_dir("/proc")
         .unwrap()
@@ -1330,6 +1379,198 @@ fn a_node_told_to_stop_drains_its_objects_and_leaves_without_failing_work() {
         head_log.contains(&format!("{node} is draining: copying object")),
         "{head_log}"
     );
+}
+
+/// `kill -9` of the head while a Dataset job runs on two nodes, then `volley start
+/// --head` on the same state folder and port: the node agents rejoin by themselves, the
+/// finished job and its log are still listed, and the running job starts again and
+/// gives the local run's rows.
+#[test]
+fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let mut c = TestCluster::start_with_args("127.0.0.1", 2.0, vec![], &["--port", &port]);
+    c.add_node(1, 0);
+    c.add_node(1, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = input(dir.path(), 12, 20_000);
+    let local = dir.path().join("local");
+    run_local(&data, &local);
+    let expected = checksum(&local);
+
+    let first = c.submit(&["sh", "-c", "echo the first job"]);
+    assert_eq!(c.wait_job(&first, Duration::from_secs(60)), "SUCCEEDED");
+    let out = dir.path().join("out");
+    let job = c.submit(&[
+        example("cluster_pipeline").to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--slow-ms",
+        "300",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.processes(&format!("VOLLEY_JOB_ID={job}")).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the job's processes did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    kill9(c.head.id() as i32);
+    let _ = c.head.wait();
+    let restarted = Instant::now();
+    let (head, address, http) =
+        TestCluster::spawn_head(c.home.path(), &c.tls, &c.head_args, "head-restarted.log");
+    c.head = head;
+    assert_eq!(address, c.address, "the head came back on its address");
+    c.http = http;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.node_count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the nodes did not rejoin:\n{}",
+            c.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rejoined = restarted.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.processes(&format!("VOLLEY_JOB_ID={job}")).len() < 2 {
+        assert!(Instant::now() < deadline, "the job did not start again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let running = restarted.elapsed();
+    eprintln!(
+        "head restart: nodes back after {rejoined:?}, the job running again after {running:?}"
+    );
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    assert_eq!(checksum(&out), expected);
+    assert_eq!(c.job_state(&first), "SUCCEEDED");
+    assert_eq!(c.logs(&first).trim(), "the first job");
+    let log = std::fs::read_to_string(c.home.path().join("head-restarted.log")).unwrap();
+    assert!(
+        log.contains(&format!("job {job}: starts again (the head restarted)")),
+        "{log}"
+    );
+    // New jobs get new ids.
+    let third = c.submit(&["true"]);
+    assert_ne!(third, first);
+    assert_ne!(third, job);
+    assert_eq!(c.wait_job(&third, Duration::from_secs(60)), "SUCCEEDED");
+}
+
+/// The browser the dashboard test drives, and the `playwright-core` it drives it with
+/// (`scripts/test.sh` installs both); `None`, saying why, where they are missing.
+fn browser_for_tests() -> Option<PathBuf> {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    let driver =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dashboard/node_modules/playwright-core");
+    match chromium {
+        Some(c) if driver.exists() && Command::new("node").arg("--version").output().is_ok() => {
+            Some(c)
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED: no Chromium, node or tests/dashboard/node_modules/playwright-core \
+                 (scripts/test.sh installs them)"
+            );
+            None
+        }
+    }
+}
+
+/// The head's dashboard in headless Chromium: refused without the token, then with it
+/// the cluster's nodes, a running job whose operators progress, its log; screenshots
+/// under `target/dashboard-screenshots/`.
+#[test]
+fn the_dashboard_shows_the_cluster_and_a_job_in_a_browser() {
+    let Some(chromium) = browser_for_tests() else {
+        return;
+    };
+    let mut c = TestCluster::start(5.0);
+    c.add_node(1, 0);
+    c.add_node(1, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = input(dir.path(), 12, 20_000);
+    let out = dir.path().join("out");
+    let job = c.submit(&[
+        example("cluster_pipeline").to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--slow-ms",
+        "400",
+    ]);
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let run = Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dashboard/drive.mjs"))
+        .env("DASHBOARD_URL", format!("http://{}/", c.http))
+        .env("VOLLEY_TOKEN", &c.token)
+        .env("JOB", &job)
+        .env("NODES", "2")
+        .env("OUT", &shots)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&run.stdout).trim()).unwrap();
+    assert_eq!(report["api_without_token"], 401, "{report}");
+    assert!(report["refused"]
+        .as_str()
+        .unwrap()
+        .contains("wrong cluster token"));
+    assert_eq!(report["nodes_alive"], 2, "{report}");
+    assert_eq!(report["node_rows"], 2, "{report}");
+    let operators = report["operators"].as_array().unwrap();
+    assert!(
+        operators[0].as_str().unwrap().starts_with("ReadParquet"),
+        "{report}"
+    );
+    // The first operator's finished tasks, sampled every half second while the job
+    // ran: they grow (the page follows the execution) and never go back.
+    let done: Vec<u64> = report["tasks_done_seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "{done:?}");
+    assert!(done.first() < done.last(), "no progress seen: {done:?}");
+    assert_eq!(report["state"], "SUCCEEDED");
+    assert!(
+        report["log"]
+            .as_str()
+            .unwrap()
+            .contains("wrote 240000 rows"),
+        "{report}"
+    );
+    assert_eq!(
+        report["external_requests"].as_array().unwrap().len(),
+        0,
+        "{report}"
+    );
+    for shot in ["refused", "overview", "job-running", "job-done"] {
+        assert!(shots.join(format!("{shot}.png")).exists(), "{shot}.png");
+    }
+    assert_eq!(c.wait_job(&job, Duration::from_secs(10)), "SUCCEEDED");
 }
 
 /// Sends signal `SIG<name>` to `pid`.
@@ -2106,15 +2347,18 @@ fn hosts_in_network_namespaces_survive_a_partition() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert_eq!(checksum(&out), expected);
-    // The agent that was cut off hears it was declared dead, and exits.
+    // The agent that was cut off hears it was declared dead and rejoins as a new node
+    // (a fresh store: nothing it held before is read again).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while c.nodes[1].try_wait().unwrap().is_none() {
+    while c.node_count() < 3 {
         assert!(
             Instant::now() < deadline,
-            "the agent cut off did not exit once its link was back"
+            "the agent cut off did not rejoin once its link was back:\n{}",
+            c.status()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert!(c.status().contains("node-4 "), "{}", c.status());
     // Nothing its workers staged reached the output, or was left beside it.
     assert_eq!(checksum(&out), expected);
     let left: Vec<String> = std::fs::read_dir(dir.path())

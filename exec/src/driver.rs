@@ -682,6 +682,10 @@ fn drive(
     // The budget is the context's (shared with other executions and DataFusion's
     // operators): this execution's peak is sampled at every scheduling step.
     let mut peak = shared.budget.used();
+    let mut reporter = shared
+        .remote
+        .as_ref()
+        .map(|r| ProgressReporter::new(&r.cluster));
     loop {
         let generation = shared.signal.generation();
         peak = peak.max(shared.budget.used());
@@ -699,9 +703,15 @@ fn drive(
         if ops.iter().all(|o| o.closed) {
             break;
         }
+        if let Some(r) = &mut reporter {
+            r.maybe_report(&ops, false);
+        }
         shared
             .signal
             .wait_since(generation, Duration::from_millis(100));
+    }
+    if let Some(r) = &mut reporter {
+        r.maybe_report(&ops, true);
     }
     let stats = ExecutionStats {
         operators: ops
@@ -724,6 +734,66 @@ fn drive(
         w.stop();
     }
     stats
+}
+
+/// Tells the cluster's head how a cluster execution is going, about once a second and
+/// at its end (its `/metrics` and `volley job status` show it).
+struct ProgressReporter {
+    cluster: volley_runtime::cluster::Cluster,
+    id: String,
+    started_ms: u64,
+    last: Option<Instant>,
+}
+
+impl ProgressReporter {
+    fn new(cluster: &volley_runtime::cluster::Cluster) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(1);
+        let started_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self {
+            cluster: cluster.clone(),
+            id: format!(
+                "execution-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
+            started_ms,
+            last: None,
+        }
+    }
+
+    fn maybe_report(&mut self, ops: &[OpSlot], finished: bool) {
+        if !finished
+            && self
+                .last
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let operators: Vec<volley_runtime::cluster::OperatorProgress> = ops
+            .iter()
+            .map(|o| {
+                let c = &o.counters;
+                let done = c.tasks_done.load(Ordering::Relaxed) as u64;
+                volley_runtime::cluster::OperatorProgress {
+                    name: o.name.clone(),
+                    tasks_done: done,
+                    tasks_running: (c.tasks_started.load(Ordering::Relaxed) as u64)
+                        .saturating_sub(done),
+                    tasks_total: c.tasks_total.load(Ordering::Relaxed) as u64,
+                    rows: c.rows_out.load(Ordering::Relaxed),
+                    bytes: c.bytes_out.load(Ordering::Relaxed),
+                    queued_bytes: o.out.bytes(),
+                    spilled_bytes: o.source.as_ref().map_or(0, |s| s.spilled_bytes()),
+                }
+            })
+            .collect();
+        self.cluster
+            .report_execution(&self.id, self.started_ms, &operators, finished);
+    }
 }
 
 #[cfg(test)]

@@ -587,6 +587,29 @@ impl Cluster {
         }
     }
 
+    /// Tells the head how Dataset execution `id` of this job is going (its `/metrics`,
+    /// `volley job status`). Sent in the background: the caller never waits, and a
+    /// report that fails is dropped (the next one replaces it).
+    pub fn report_execution(
+        &self,
+        id: &str,
+        started_ms: u64,
+        operators: &[super::jobs::OperatorProgress],
+        finished: bool,
+    ) {
+        let request = proto::ExecutionProgress {
+            job_id: self.inner.job_id.clone(),
+            execution_id: id.to_string(),
+            operators: operators.iter().map(Into::into).collect(),
+            finished,
+            started_ms,
+        };
+        let mut head = self.inner.head.clone();
+        self.inner.rt.spawn(async move {
+            let _ = head.report_execution(request).await;
+        });
+    }
+
     fn new_id(&self, kind: &str) -> String {
         format!(
             "{}:{kind}-{}",

@@ -18,11 +18,29 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 use volley_common::{ErrorKind, ErrorReport, Result, VolleyError};
 
+use super::head_store::HeadStore;
 use super::metrics::{TaskEnd, TaskMetrics};
 use super::net::{error_report, wire_error, wire_execution_error};
 use super::package::{blob_chunks, check_manifest, digest_of, receive_blobs, BlobCache};
 use super::proto::{self, node_command::Command, task_report::Outcome};
 use super::resources::{GpuSlots, Resources};
+
+/// A task of a job, as the head holds it (the dashboard's task list).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobTask {
+    /// Its id.
+    pub task_id: String,
+    /// Its name.
+    pub name: String,
+    /// `PENDING`, `RUNNING`, `DONE` or `FAILED`.
+    pub state: String,
+    /// Where it runs (or where its output is).
+    pub node_id: String,
+    /// Its attempt (0 for the first).
+    pub attempt: u32,
+    /// Why it failed for good.
+    pub error: String,
+}
 
 /// How the head is run.
 #[derive(Debug, Clone)]
@@ -372,6 +390,9 @@ struct State {
     jobs: BTreeMap<String, JobEntry>,
     /// Copies of objects off draining nodes on their way: object → target node.
     copies: HashMap<String, String>,
+    /// Dataset executions of each job as their drivers last reported them (the last
+    /// few per job).
+    executions: HashMap<String, Vec<proto::ExecutionProgress>>,
     /// Bytes of the inline copies held, and the most they may take.
     inline_bytes: u64,
     inline_limit: u64,
@@ -390,6 +411,8 @@ pub struct HeadCore {
     options: HeadOptions,
     /// Job files, once per digest.
     blobs: BlobCache,
+    /// Jobs and counters kept across restarts.
+    store: HeadStore,
     /// Worker-log queries sent to nodes and waiting for their answers, by query id.
     log_queries: Mutex<HashMap<u64, mpsc::UnboundedSender<proto::LogReply>>>,
     next_query: std::sync::atomic::AtomicU64,
@@ -403,25 +426,97 @@ impl std::fmt::Debug for HeadCore {
 
 impl HeadCore {
     /// A head with no nodes.
-    /// A head keeping its files in `options.state_dir`; fails if it cannot open its
-    /// package cache there.
+    /// A head keeping its files in `options.state_dir`, with the jobs a head before it
+    /// kept there: finished ones as they were; one that was waiting or running starts
+    /// again from the beginning (its driver went with the nodes' connections); one
+    /// whose program joined the cluster itself has failed. Fails, saying why, if it
+    /// cannot open its store or package cache there.
     pub fn new(options: HeadOptions) -> Result<Arc<Self>> {
         let blobs = BlobCache::open(
             options.state_dir.join("packages"),
             options.package_cache_bytes,
         )?;
         blobs.evict(&Default::default());
+        let (store, recovered) = HeadStore::open(&options.state_dir.join("head.redb"))?;
+        let mut state = State {
+            inline_limit: options.inline_memory,
+            next_node: recovered.next_node,
+            next_job: recovered.next_job,
+            ..State::default()
+        };
+        for job in recovered.jobs {
+            let mut info = job.info.unwrap_or_default();
+            if !TERMINAL.contains(&info.state.as_str()) {
+                if info.attached {
+                    info.state = "FAILED".into();
+                    info.error = "the head restarted; a program that joined the cluster \
+                                  itself does not survive that"
+                        .into();
+                    info.finished_ms = now_ms();
+                } else {
+                    info!("job {}: starts again (the head restarted)", info.job_id);
+                    info.state = "PENDING".into();
+                    info.node_id.clear();
+                }
+            }
+            let dir = options.state_dir.join("jobs").join(&info.job_id);
+            state.jobs.insert(
+                info.job_id.clone(),
+                JobEntry {
+                    resources: info.resources.clone().into(),
+                    info,
+                    dir,
+                    package: job.package.unwrap_or_default(),
+                    last_alive: Instant::now(),
+                    gpus: vec![],
+                },
+            );
+        }
         Ok(Arc::new(Self {
-            state: Mutex::new(State {
-                inline_limit: options.inline_memory,
-                ..State::default()
-            }),
+            state: Mutex::new(state),
             changed: Notify::new(),
             blobs,
+            store,
             log_queries: Mutex::default(),
             next_query: Default::default(),
             options,
         }))
+    }
+
+    /// Writes what changed of the jobs and counters to the store.
+    fn persist(&self) -> Result<()> {
+        use prost::Message;
+        let (jobs, next_node, next_job) = {
+            let s = self.state.lock().expect("head lock");
+            let jobs = s
+                .jobs
+                .iter()
+                .map(|(id, j)| {
+                    let stored = proto::StoredJob {
+                        info: Some(j.info.clone()),
+                        package: Some(j.package.clone()),
+                    };
+                    (id.clone(), stored.encode_to_vec())
+                })
+                .collect();
+            (jobs, s.next_node, s.next_job)
+        };
+        self.store.save(jobs, next_node, next_job)
+    }
+
+    /// Writes what changes to the store, a few times a second, for as long as the head
+    /// runs.
+    pub async fn persist_loop(self: Arc<Self>) {
+        loop {
+            self.changed_within(Duration::from_millis(250)).await;
+            let core = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || core.persist()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("{e}"),
+                Err(e) => warn!("persisting the head's state: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Evicts cached package files past the limit, keeping those of jobs not ended.
@@ -545,6 +640,10 @@ impl HeadCore {
                 },
             );
         });
+        // Kept before it is acknowledged: a head killed now still has it.
+        if let Err(e) = self.persist() {
+            warn!("{e}");
+        }
         Ok(id)
     }
 
@@ -571,6 +670,64 @@ impl HeadCore {
         spec.package = Some(package);
         self.add_job(spec)
             .map_err(|e| VolleyError::plan(e.message().to_string()))
+    }
+
+    /// The Dataset executions job `id`'s driver reported (the last few).
+    pub fn job_executions(&self, id: &str) -> Result<Vec<super::jobs::ExecutionProgress>> {
+        let s = self.state.lock().expect("head lock");
+        if !s.jobs.contains_key(id) {
+            return Err(VolleyError::plan(format!("no job {id}")));
+        }
+        Ok(s.executions
+            .get(id)
+            .map(|l| l.iter().cloned().map(Into::into).collect())
+            .unwrap_or_default())
+    }
+
+    /// The tasks of job `id` the head holds (waiting, running, or done with their
+    /// objects still in use), at most 2,000.
+    pub fn job_tasks(&self, id: &str) -> Result<Vec<JobTask>> {
+        let s = self.state.lock().expect("head lock");
+        if !s.jobs.contains_key(id) {
+            return Err(VolleyError::plan(format!("no job {id}")));
+        }
+        let mut out: Vec<JobTask> = s
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.spec.job_id == id)
+            .take(2000)
+            .map(|(tid, t)| {
+                let error = s
+                    .objects
+                    .get(tid)
+                    .and_then(|o| o.error.as_ref())
+                    .map(|e| e.message.clone())
+                    .unwrap_or_default();
+                let (state, node_id) = match &t.state {
+                    TaskState::Pending => ("PENDING", String::new()),
+                    TaskState::Running { node, .. } => ("RUNNING", node.clone()),
+                    TaskState::Failed => ("FAILED", String::new()),
+                    TaskState::Done if !error.is_empty() => ("FAILED", String::new()),
+                    TaskState::Done => (
+                        "DONE",
+                        s.objects
+                            .get(tid)
+                            .and_then(|o| o.locations.first().cloned())
+                            .unwrap_or_default(),
+                    ),
+                };
+                JobTask {
+                    task_id: tid.clone(),
+                    name: t.spec.name.clone(),
+                    state: state.into(),
+                    node_id,
+                    attempt: t.attempt,
+                    error,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        Ok(out)
     }
 
     /// A job's record.
@@ -647,7 +804,15 @@ impl HeadCore {
             cached: self.blobs.size(),
             received: self.blobs.received_bytes(),
         };
-        super::metrics::render(&status, &jobs, &tasks, &packages)
+        let running: Vec<proto::ExecutionProgress> = {
+            let s = self.state.lock().expect("head lock");
+            s.executions
+                .iter()
+                .filter(|(job, _)| s.jobs.get(*job).is_some_and(|j| j.info.state == "RUNNING"))
+                .flat_map(|(_, list)| list.iter().filter(|e| !e.finished).cloned())
+                .collect()
+        };
+        super::metrics::render(&status, &jobs, &tasks, &packages, &running)
     }
 
     /// The cluster's nodes and load.
@@ -2214,6 +2379,44 @@ impl proto::head_server::Head for HeadService {
         self.core
             .with(|s| s.object_copied(&r.object_id, &r.node_id, r.bytes, &r.error));
         Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn report_execution(
+        &self,
+        request: Request<proto::ExecutionProgress>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        /// Executions kept per job.
+        const KEPT: usize = 16;
+        let r = request.into_inner();
+        let mut s = self.core.state.lock().expect("head lock");
+        if !s.jobs.contains_key(&r.job_id) {
+            return Err(Status::not_found(format!("no job {}", r.job_id)));
+        }
+        let list = s.executions.entry(r.job_id.clone()).or_default();
+        match list.iter_mut().find(|e| e.execution_id == r.execution_id) {
+            Some(e) => *e = r,
+            None => {
+                list.push(r);
+                if list.len() > KEPT {
+                    list.remove(0);
+                }
+            }
+        }
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_executions(
+        &self,
+        request: Request<proto::JobId>,
+    ) -> std::result::Result<Response<proto::JobExecutions>, Status> {
+        let id = request.into_inner().job_id;
+        self.core
+            .job(&id)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        let s = self.core.state.lock().expect("head lock");
+        Ok(Response::new(proto::JobExecutions {
+            executions: s.executions.get(&id).cloned().unwrap_or_default(),
+        }))
     }
 
     async fn reply_logs(

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -113,7 +113,11 @@ struct NodeJson {
     total: Resources,
     available: Resources,
     object_store_bytes: u64,
+    object_store_memory: u64,
+    spilled_total: u64,
+    workers: u32,
     running_tasks: u32,
+    draining: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -170,7 +174,11 @@ async fn cluster(State(core): Core, h: HeaderMap) -> Result<Json<ClusterJson>, A
                 total: n.total.into(),
                 available: n.available.into(),
                 object_store_bytes: n.object_store_bytes,
+                object_store_memory: n.object_store_memory,
+                spilled_total: n.spilled_total,
+                workers: n.workers,
                 running_tasks: n.running_tasks,
+                draining: n.draining,
             })
             .collect(),
         pending_tasks: s.pending_tasks,
@@ -257,10 +265,50 @@ async fn actors(
     ))
 }
 
-async fn logs(State(core): Core, h: HeaderMap, Path(id): Path<String>) -> Result<String, ApiError> {
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    /// Bytes of the log already read.
+    #[serde(default)]
+    offset: u64,
+}
+
+async fn logs(
+    State(core): Core,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<String, ApiError> {
     check(&core, &h)?;
-    let (data, _) = core.job_log(&id, 0).map_err(not_found)?;
+    let (data, _) = core.job_log(&id, q.offset).map_err(not_found)?;
     Ok(String::from_utf8_lossy(&data).into_owned())
+}
+
+async fn executions(
+    State(core): Core,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<super::jobs::ExecutionProgress>>, ApiError> {
+    check(&core, &h)?;
+    Ok(Json(core.job_executions(&id).map_err(not_found)?))
+}
+
+async fn tasks(
+    State(core): Core,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<super::head::JobTask>>, ApiError> {
+    check(&core, &h)?;
+    Ok(Json(core.job_tasks(&id).map_err(not_found)?))
+}
+
+/// The dashboard: one page, bundled into the binary (it works without internet); it
+/// asks for the token and reads the JSON API with it.
+async fn dashboard() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("dashboard/index.html"),
+    )
+        .into_response()
 }
 
 async fn stop(
@@ -316,6 +364,9 @@ pub fn router(core: Arc<HeadCore>) -> Router {
         .route("/api/jobs/{id}", get(one))
         .route("/api/jobs/{id}/logs", get(logs))
         .route("/api/jobs/{id}/actors", get(actors))
+        .route("/api/jobs/{id}/executions", get(executions))
+        .route("/api/jobs/{id}/tasks", get(tasks))
+        .route("/", get(dashboard))
         .route("/api/jobs/{id}/stop", post(stop))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))

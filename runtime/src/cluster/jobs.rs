@@ -50,6 +50,79 @@ pub struct OutputSection {
     pub running: bool,
 }
 
+/// How one operator of a Dataset execution is going.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OperatorProgress {
+    /// With its fused steps (`ReadParquet->Filter`).
+    pub name: String,
+    /// Tasks finished.
+    pub tasks_done: u64,
+    /// Tasks running.
+    pub tasks_running: u64,
+    /// Tasks known so far (grows while its input is still coming).
+    pub tasks_total: u64,
+    /// Rows produced.
+    pub rows: u64,
+    /// Bytes produced (Arrow memory size).
+    pub bytes: u64,
+    /// Bytes waiting in its output queue.
+    pub queued_bytes: u64,
+    /// Bytes written to spill files.
+    pub spilled_bytes: u64,
+}
+
+/// A Dataset execution of a job's driver, as last reported to the head.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExecutionProgress {
+    /// Unique within the job.
+    pub id: String,
+    /// When it started, milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// Whether it has ended.
+    pub finished: bool,
+    /// From the source to the output.
+    pub operators: Vec<OperatorProgress>,
+}
+
+impl From<&OperatorProgress> for proto::OperatorProgress {
+    fn from(o: &OperatorProgress) -> Self {
+        Self {
+            name: o.name.clone(),
+            tasks_done: o.tasks_done,
+            tasks_running: o.tasks_running,
+            tasks_total: o.tasks_total,
+            rows: o.rows,
+            bytes: o.bytes,
+            queued_bytes: o.queued_bytes,
+            spilled_bytes: o.spilled_bytes,
+        }
+    }
+}
+
+impl From<proto::ExecutionProgress> for ExecutionProgress {
+    fn from(e: proto::ExecutionProgress) -> Self {
+        Self {
+            id: e.execution_id,
+            started_ms: e.started_ms,
+            finished: e.finished,
+            operators: e
+                .operators
+                .into_iter()
+                .map(|o| OperatorProgress {
+                    name: o.name,
+                    tasks_done: o.tasks_done,
+                    tasks_running: o.tasks_running,
+                    tasks_total: o.tasks_total,
+                    rows: o.rows,
+                    bytes: o.bytes,
+                    queued_bytes: o.queued_bytes,
+                    spilled_bytes: o.spilled_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A client of a head's job API.
 #[derive(Debug, Clone)]
 pub struct JobClient {
@@ -223,6 +296,22 @@ impl JobClient {
             }
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
+    }
+
+    /// The Dataset executions of job `job` its driver reported (the last ones).
+    pub fn executions(&self, job: &str) -> Result<Vec<ExecutionProgress>> {
+        let mut head = self.head.clone();
+        Ok(self
+            .rt
+            .block_on(head.get_executions(proto::JobId {
+                job_id: job.to_string(),
+            }))
+            .map_err(|e| status_error(format!("job {job}"), e))?
+            .into_inner()
+            .executions
+            .into_iter()
+            .map(Into::into)
+            .collect())
     }
 
     /// A job's record.

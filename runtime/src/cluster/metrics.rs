@@ -100,6 +100,7 @@ pub(crate) fn render(
     jobs: &[proto::JobInfo],
     tasks: &TaskMetrics,
     packages: &PackageFigures,
+    executions: &[proto::ExecutionProgress],
 ) -> String {
     let mut r = Registry::with_prefix("volley");
 
@@ -222,6 +223,59 @@ pub(crate) fn render(
         received,
     );
 
+    // Running Dataset executions, per operator (`0 ReadParquet->Filter`: its place
+    // from the source, so that two operators of the same name stay apart).
+    let operator_gauges: Vec<Gauges> = (0..7).map(|_| Gauges::default()).collect();
+    for e in executions {
+        for (i, o) in e.operators.iter().enumerate() {
+            let name = format!("{i} {}", o.name);
+            let l = labels(&[
+                ("job", e.job_id.as_str()),
+                ("execution", e.execution_id.as_str()),
+                ("operator", name.as_str()),
+            ]);
+            for (g, v) in operator_gauges.iter().zip([
+                o.rows,
+                o.bytes,
+                o.tasks_done,
+                o.tasks_running,
+                o.tasks_total,
+                o.queued_bytes,
+                o.spilled_bytes,
+            ]) {
+                g.get_or_create(&l).set(v as f64);
+            }
+        }
+    }
+    let mut operator_gauges = operator_gauges.into_iter();
+    for (name, help) in [
+        (
+            "operator_rows",
+            "Rows an operator of a running execution produced",
+        ),
+        (
+            "operator_bytes",
+            "Bytes an operator of a running execution produced",
+        ),
+        ("operator_tasks_done", "Tasks of an operator that finished"),
+        ("operator_tasks_running", "Tasks of an operator that run"),
+        ("operator_tasks", "Tasks of an operator known so far"),
+        (
+            "operator_queued_bytes",
+            "Bytes waiting in an operator's output queue",
+        ),
+        (
+            "operator_spilled_bytes",
+            "Bytes an operator wrote to spill files",
+        ),
+    ] {
+        r.register(
+            name,
+            help,
+            operator_gauges.next().expect("one gauge per name"),
+        );
+    }
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
@@ -258,7 +312,7 @@ mod tests {
         let tasks = TaskMetrics::default();
         tasks.ended(TaskEnd::Succeeded, Some(0.25));
         tasks.ended(TaskEnd::Retried, None);
-        let text = render(&status, &jobs, &tasks, &PackageFigures::default());
+        let text = render(&status, &jobs, &tasks, &PackageFigures::default(), &[]);
         for line in [
             "volley_nodes{state=\"alive\"} 1",
             "volley_nodes{state=\"dead\"} 1",

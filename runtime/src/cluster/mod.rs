@@ -24,6 +24,7 @@ pub mod auth;
 pub mod client;
 pub mod gpus;
 pub mod head;
+mod head_store;
 pub mod http;
 pub mod jobs;
 pub mod local;
@@ -53,7 +54,9 @@ pub use client::{
     ObjectRef, ObjectState, PlacementGroup, PlacementStrategy, TaskOptions,
 };
 pub use head::{HeadCore, HeadOptions};
-pub use jobs::{JobClient, JobRequest, OutputSection, WorkerOutput};
+pub use jobs::{
+    ExecutionProgress, JobClient, JobRequest, OperatorProgress, OutputSection, WorkerOutput,
+};
 pub use local::LocalCluster;
 pub use node::{run_node, run_node_until, NodeOptions};
 pub use objects::{object_batch, ObjectReader, ObjectSlice};
@@ -104,6 +107,7 @@ pub async fn start_head(
     }
     tokio::spawn(builder.add_service(service).serve_with_incoming(incoming));
     tokio::spawn(Arc::clone(&core).monitor());
+    tokio::spawn(Arc::clone(&core).persist_loop());
     let http = match http_port {
         Some(p) => {
             let (listener, addr) = net::bind(host, p).await?;
