@@ -30,6 +30,17 @@
 //! - W8: `lineitem` joined with `orders` on the order key, then the count and two sums.
 //!
 //! The figure for both is the workload's own time (without process and cluster start).
+//!
+//! With `--suite operate` it measures operating the cluster (no peer: Ray's head fault
+//! tolerance needs an external Redis, not run here):
+//!
+//! - head restart: the `pipeline` job once without faults, then again with the head
+//!   killed (`kill -9`) halfway and started again on its state folder: seconds from the
+//!   new head's start to its nodes back, to the job's driver running again, to its
+//!   first finished task; and the job's total time over the fault-free one.
+//! - dashboard: the head's CPU share (its process's CPU seconds over the wall time)
+//!   while `--tasks` no-op tasks run, alone and with a client fetching what an open
+//!   dashboard fetches every second.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -222,37 +233,30 @@ struct LocalCluster {
     procs: Vec<std::process::Child>,
     home: PathBuf,
     volley: PathBuf,
+    /// The head's gRPC port (0: any).
+    port: u16,
 }
 
 impl LocalCluster {
     fn start(volley: &Path, home: &Path, nodes: usize, cpus: f64) -> Result<Self> {
+        Self::start_on(volley, home, nodes, cpus, 0)
+    }
+
+    /// A cluster whose head listens on `port` (0: any free port).
+    fn start_on(volley: &Path, home: &Path, nodes: usize, cpus: f64, port: u16) -> Result<Self> {
         let _ = std::fs::remove_dir_all(home);
         std::fs::create_dir_all(home)?;
-        let mut procs = vec![Command::new(volley)
-            .args([
-                "start",
-                "--head",
-                "--block",
-                "--port",
-                "0",
-                "--http-port",
-                "0",
-            ])
-            .env("VOLLEY_HOME", home)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(home.join("head.log"))?)
-            .spawn()?];
-        let addr_file = home.join("head_address");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !addr_file.exists() {
-            if Instant::now() > deadline {
-                return Err(VolleyError::execution("the head did not start"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let address = std::fs::read_to_string(&addr_file)?;
+        let mut cluster = Self {
+            procs: vec![],
+            home: home.to_path_buf(),
+            volley: volley.to_path_buf(),
+            port,
+        };
+        let head = cluster.spawn_head("head.log")?;
+        cluster.procs.push(head);
+        let address = std::fs::read_to_string(home.join("head_address"))?;
         for i in 0..nodes {
-            procs.push(
+            cluster.procs.push(
                 Command::new(volley)
                     .args(["start", "--block", "--address", &address])
                     .args(["--num-cpus", &format!("{cpus}")])
@@ -263,11 +267,43 @@ impl LocalCluster {
             );
         }
         std::thread::sleep(Duration::from_secs(1));
-        Ok(Self {
-            procs,
-            home: home.to_path_buf(),
-            volley: volley.to_path_buf(),
-        })
+        Ok(cluster)
+    }
+
+    /// Starts a head on this cluster's state folder and port; waits for its address.
+    fn spawn_head(&self, log: &str) -> Result<std::process::Child> {
+        let addr_file = self.home.join("head_address");
+        let _ = std::fs::remove_file(&addr_file);
+        let child = Command::new(&self.volley)
+            .args(["start", "--head", "--block", "--http-port", "0"])
+            .args(["--port", &self.port.to_string()])
+            .env("VOLLEY_HOME", &self.home)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.home.join(log))?)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !addr_file.exists() {
+            if Instant::now() > deadline {
+                return Err(VolleyError::execution("the head did not start"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child)
+    }
+
+    /// `volley ARGS` against this cluster; its standard output.
+    fn volley(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.volley)
+            .args(args)
+            .env("VOLLEY_HOME", &self.home)
+            .output()?;
+        if !out.status.success() {
+            return Err(VolleyError::execution(format!(
+                "volley {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
     /// Submits a job, waits, returns its log.
@@ -370,8 +406,9 @@ struct Args {
     /// The Ray peer script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers/cluster_ray.py"))]
     peer: String,
-    /// Which workloads: `basic` (tasks, round trip, pipeline, actor pool) or
-    /// `exchange` (W4, W5, W7, W8 on TPC-H data; needs `--tpch`).
+    /// Which workloads: `basic` (tasks, round trip, pipeline, actor pool),
+    /// `exchange` (W4, W5, W7, W8 on TPC-H data; needs `--tpch`) or `operate` (a head
+    /// restart mid-job, the head's CPU with the dashboard open).
     #[arg(long, value_enum, default_value_t = Suite::Basic)]
     suite: Suite,
     /// TPC-H Parquet (`bench/gen_tpch.sh`); Ray reads its plain-string copy `DIR-utf8`.
@@ -386,6 +423,7 @@ struct Args {
 enum Suite {
     Basic,
     Exchange,
+    Operate,
 }
 
 /// The all-to-all workloads.
@@ -456,6 +494,9 @@ fn main() -> Result<()> {
     }
     if args.suite == Suite::Exchange {
         return exchange_suite(&args);
+    }
+    if args.suite == Suite::Operate {
+        return operate_suite(&args);
     }
     let (runs, nodes) = (args.runs, args.nodes);
     let n_tasks = args.tasks.to_string();
@@ -637,5 +678,212 @@ fn exchange_suite(args: &Args) -> Result<()> {
             rm / vm
         );
     }
+    Ok(())
+}
+
+/// CPU seconds process `pid` has used (user and system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces): utime and stime are the 12th
+    // and 13th of them, in clock ticks (100 a second on Linux).
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `GET path` on the head's HTTP API with the token; the body.
+fn http_get(address: &str, path: &str, token: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// `--suite operate`: a head restart during a job, and the head's CPU while tasks run
+/// with the dashboard open.
+fn operate_suite(args: &Args) -> Result<()> {
+    let me = std::env::current_exe()?;
+    let bin_dir = me
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| VolleyError::Config("where is target/?".into()))?;
+    let volley_bin = bin_dir.join("volley");
+    let pipeline = bin_dir.join("examples").join("cluster_pipeline");
+    let work = args.work_dir.clone();
+    let input = work.join("input");
+    if !input.exists() {
+        write_input(&input, 16, 500_000)?;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut cluster = LocalCluster::start_on(
+        &volley_bin,
+        &work.join("home"),
+        args.nodes,
+        args.cpus_per_node,
+        port,
+    )?;
+    let path = |p: &Path| p.to_str().unwrap_or_default().to_string();
+    let state = |cluster: &LocalCluster, id: &str| -> Result<String> {
+        Ok(cluster
+            .volley(&["job", "status", id])?
+            .lines()
+            .find_map(|l| l.strip_prefix("state:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string())
+    };
+    let wait_for = |what: &str, f: &mut dyn FnMut() -> Result<bool>| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !f()? {
+            if Instant::now() > deadline {
+                return Err(VolleyError::execution(format!(
+                    "waited too long for {what}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    let (mut fault_free, mut total, mut rejoin, mut running, mut progress) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..args.runs {
+        let out = work.join(format!("out-{run}"));
+        let job = [path(&pipeline), path(&input), path(&out)];
+        let job: Vec<&str> = job.iter().map(String::as_str).collect();
+        let start = Instant::now();
+        cluster.job(&job)?;
+        let clean = start.elapsed().as_secs_f64();
+        let _ = std::fs::remove_dir_all(&out);
+
+        let mut submit = vec!["job", "submit", "--"];
+        submit.extend(&job);
+        let start = Instant::now();
+        let id = cluster.volley(&submit)?.trim().to_string();
+        std::thread::sleep(Duration::from_secs_f64(clean / 2.0));
+        let head = &mut cluster.procs[0];
+        let _ = head.kill();
+        let _ = head.wait();
+        let restarted = Instant::now();
+        cluster.procs[0] = cluster.spawn_head(&format!("head-restart-{run}.log"))?;
+        let nodes = args.nodes;
+        wait_for("the nodes", &mut || {
+            Ok(cluster
+                .volley(&["status"])?
+                .lines()
+                .filter(|l| l.contains(" yes "))
+                .count()
+                == nodes)
+        })?;
+        rejoin.push(restarted.elapsed().as_secs_f64());
+        wait_for("the driver", &mut || Ok(state(&cluster, &id)? == "RUNNING"))?;
+        running.push(restarted.elapsed().as_secs_f64());
+        // Progress: an execution of the new driver with a finished task.
+        wait_for("a finished task", &mut || {
+            let status = cluster.volley(&["job", "status", &id])?;
+            Ok(status.lines().any(|l| {
+                l.trim_start()
+                    .split_whitespace()
+                    .nth(2)
+                    .and_then(|t| t.split('/').next())
+                    .and_then(|d| d.parse::<u64>().ok())
+                    .is_some_and(|d| d > 0)
+            }))
+        })?;
+        progress.push(restarted.elapsed().as_secs_f64());
+        wait_for("the job", &mut || {
+            let s = state(&cluster, &id)?;
+            if s == "FAILED" || s == "STOPPED" {
+                return Err(VolleyError::execution(format!("job {id} {s}")));
+            }
+            Ok(s == "SUCCEEDED")
+        })?;
+        total.push(start.elapsed().as_secs_f64());
+        fault_free.push(clean);
+        let _ = std::fs::remove_dir_all(&out);
+        eprintln!(
+            "run {run}: fault-free {clean:.2}s; with a head restart {:.2}s (nodes back {:.2}s, driver running {:.2}s, first task {:.2}s after the new head started)",
+            total[run], rejoin[run], running[run], progress[run]
+        );
+    }
+    let (ff, t) = (median(fault_free), median(total));
+    println!(
+        "head restart ({} nodes, pipeline job, medians of {} runs):",
+        args.nodes, args.runs
+    );
+    println!(
+        "  nodes back {:.2}s, driver running again {:.2}s, first task done {:.2}s after the new head started",
+        median(rejoin),
+        median(running),
+        median(progress)
+    );
+    println!(
+        "  job {t:.2}s with the restart vs {ff:.2}s without: {:.2}x (the job starts again from the beginning)",
+        t / ff
+    );
+
+    // The head's CPU while tasks run, with and without an open dashboard.
+    let token = std::fs::read_to_string(cluster.home.join("token"))?;
+    let http = std::fs::read_to_string(cluster.home.join("http_address"))?;
+    let n_tasks = args.tasks.to_string();
+    let head_pid = cluster.procs[0].id();
+    let mut shares = [vec![], vec![]];
+    for run in 0..args.runs {
+        for (k, dashboard) in [(0, false), (1, true)] {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let poller = dashboard.then(|| {
+                let (stop, http, token) = (Arc::clone(&stop), http.clone(), token.clone());
+                std::thread::spawn(move || {
+                    let mut polls = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let jobs = http_get(&http, "/api/jobs", &token).unwrap_or_default();
+                        // The newest job: the running one.
+                        let id = jobs
+                            .rsplit("\"job_id\":\"")
+                            .next()
+                            .and_then(|r| r.split('"').next())
+                            .unwrap_or_default()
+                            .to_string();
+                        for p in ["/", "/api/cluster"] {
+                            let _ = http_get(&http, p, &token);
+                        }
+                        for p in ["", "/executions", "/tasks", "/actors", "/logs?offset=0"] {
+                            let _ = http_get(&http, &format!("/api/jobs/{id}{p}"), &token);
+                        }
+                        polls += 1;
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    polls
+                })
+            });
+            let (cpu0, t0) = (cpu_seconds(head_pid), Instant::now());
+            cluster.job(&[&path(&me), "tasks-driver", &n_tasks])?;
+            let share = (cpu_seconds(head_pid) - cpu0) / t0.elapsed().as_secs_f64();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let polls = poller.map(|p| p.join().unwrap_or(0)).unwrap_or(0);
+            eprintln!(
+                "run {run}: {} tasks, dashboard {}: head CPU {:.1}% of one core ({polls} dashboard refreshes)",
+                args.tasks,
+                if dashboard { "open" } else { "closed" },
+                share * 100.0
+            );
+            shares[k].push(share);
+        }
+    }
+    let [closed, open] = shares.map(median);
+    println!(
+        "dashboard: head CPU while {} tasks run: {:.1}% of one core closed, {:.1}% open (+{:.1} points)",
+        args.tasks,
+        closed * 100.0,
+        open * 100.0,
+        (open - closed) * 100.0
+    );
     Ok(())
 }

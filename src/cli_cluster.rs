@@ -57,6 +57,11 @@ pub struct StartArgs {
     /// drivers to end and its objects to be copied to other nodes before it leaves.
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
+    /// A node agent serves its own `/metrics` (Prometheus, the token as bearer
+    /// credentials) on this port (0: any free port; its address goes to the node's
+    /// folder and log). Not served unless given.
+    #[arg(long)]
+    metrics_port: Option<u16>,
     /// Seconds a node agent that lost its head keeps trying to rejoin it (a restarted
     /// head on the same address) before it exits.
     #[arg(long, default_value_t = 60.0)]
@@ -500,6 +505,7 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         package_cache: dir.join("package-cache"),
         package_cache_bytes: volley::crates::common::parse_bytes(&a.package_cache)?,
         drain_timeout: Duration::from_secs_f64(a.drain_timeout.max(0.0)),
+        metrics_port: a.metrics_port,
         tls: TlsConfig::from_files(
             a.tls_ca.as_deref(),
             a.tls_cert.as_deref(),

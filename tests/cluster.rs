@@ -2783,7 +2783,15 @@ fn job_files_are_sent_once_per_content_and_cached_on_nodes_up_to_a_limit() {
     let node = c
         .volley()
         .args(["start", "--block", "--address", &c.address])
-        .args(["--num-cpus", "1", "--package-cache", "5MiB"])
+        .args([
+            "--num-cpus",
+            "1",
+            "--package-cache",
+            "5MiB",
+            "--metrics-port",
+            "0",
+        ])
+        .args(["--object-store-memory", "64MiB"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -2837,6 +2845,56 @@ fn job_files_are_sent_once_per_content_and_cached_on_nodes_up_to_a_limit() {
     assert!((3 * MIB..3 * MIB + 100).contains(&first), "{first}");
     let cached = files_of_len(&node_cache, 3 * MIB);
     assert_eq!(cached.len(), 1, "{cached:?}");
+    // The agent's own `/metrics` (token required) shows what it fetched and caches.
+    let metrics_file = c
+        .home
+        .path()
+        .join("nodes")
+        .join(c.nodes[0].id().to_string())
+        .join("metrics_address");
+    let agent_http = std::fs::read_to_string(&metrics_file).unwrap();
+    let agent_get = |token: Option<&str>| -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(&agent_http).unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (resp[9..12].parse().unwrap(), body)
+    };
+    assert_eq!(agent_get(None).0, 401);
+    let (code, text) = agent_get(Some(&c.token));
+    assert_eq!(code, 200, "{text}");
+    let samples = prometheus_samples(&text);
+    let value = |name: &str| {
+        samples
+            .iter()
+            .find(|(n, l, _)| n == name && l.get("node").map(String::as_str) == Some("node-1"))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .2 as u64
+    };
+    assert!(
+        value("volley_agent_package_fetched_bytes_total") >= 3 * MIB,
+        "{text}"
+    );
+    assert!(
+        value("volley_agent_package_cache_bytes") >= 3 * MIB,
+        "{text}"
+    );
+    assert_eq!(
+        value("volley_agent_object_store_limit_bytes"),
+        64 * MIB,
+        "{text}"
+    );
 
     // The same files again: nothing is uploaded, and the node reads its own copy (the
     // same file: a fetch would have written a new one).

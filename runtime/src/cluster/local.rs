@@ -66,6 +66,7 @@ impl LocalCluster {
             package_cache: dir.path().join("node-packages"),
             package_cache_bytes: 1 << 30,
             drain_timeout: std::time::Duration::from_secs(30),
+            metrics_port: None,
             tls: TlsConfig::default(),
         };
         rt.spawn(async move {

@@ -282,6 +282,79 @@ pub(crate) fn render(
     out
 }
 
+/// What a node agent shows on its own `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct AgentFigures {
+    pub node_id: String,
+    pub object_store_bytes: u64,
+    pub object_store_limit: u64,
+    pub object_store_disk_bytes: u64,
+    pub spilled_total: u64,
+    pub workers: u64,
+    pub running_tasks: u64,
+    pub queued_tasks: u64,
+    pub package_cache_bytes: u64,
+    pub package_fetched_bytes: u64,
+}
+
+/// A node agent's metrics in Prometheus' text format, each labelled with its node.
+pub(crate) fn render_agent(f: &AgentFigures) -> String {
+    let mut r = Registry::with_prefix("volley_agent");
+    let l = labels(&[("node", f.node_id.as_str())]);
+    for (name, help, v) in [
+        (
+            "object_store_bytes",
+            "Bytes of objects its store keeps in memory",
+            f.object_store_bytes,
+        ),
+        (
+            "object_store_limit_bytes",
+            "Bytes its store keeps in memory before spilling",
+            f.object_store_limit,
+        ),
+        (
+            "object_store_disk_bytes",
+            "Bytes of objects its store holds on disk",
+            f.object_store_disk_bytes,
+        ),
+        ("workers", "Its worker processes", f.workers),
+        ("running_tasks", "Tasks its workers run", f.running_tasks),
+        (
+            "queued_tasks",
+            "Tasks waiting here for a worker",
+            f.queued_tasks,
+        ),
+        (
+            "package_cache_bytes",
+            "Bytes of job files in this machine's cache",
+            f.package_cache_bytes,
+        ),
+    ] {
+        let g = Gauges::default();
+        g.get_or_create(&l).set(v as f64);
+        r.register(name, help, g);
+    }
+    for (name, help, v) in [
+        (
+            "spilled_bytes",
+            "Bytes its store ever spilled to disk",
+            f.spilled_total,
+        ),
+        (
+            "package_fetched_bytes",
+            "Bytes of job files it fetched from the head",
+            f.package_fetched_bytes,
+        ),
+    ] {
+        let c = Family::<Labels, Counter>::default();
+        c.get_or_create(&l).inc_by(v);
+        r.register(name, help, c);
+    }
+    let mut out = String::new();
+    let _ = encode(&mut out, &r);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

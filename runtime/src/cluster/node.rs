@@ -54,6 +54,9 @@ pub struct NodeOptions {
     /// How long a leaving node waits for its tasks and drivers to end and its objects
     /// to be copied away ([`run_node_until`]).
     pub drain_timeout: Duration,
+    /// Serve this node's `/metrics` (Prometheus, token as bearer credentials) over HTTP
+    /// on this port of `host` (0: any free port); `None`: not served.
+    pub metrics_port: Option<u16>,
     /// Certificates: the CA to trust (the head, other nodes) and this node's own.
     pub tls: super::tls::TlsConfig,
 }
@@ -311,6 +314,10 @@ pub async fn run_node_until(
         .serve_with_incoming(incoming);
     let server = tokio::spawn(server);
 
+    let _metrics = match options.metrics_port {
+        Some(port) => Some(Arc::clone(&agent).serve_metrics(port).await?),
+        None => None,
+    };
     let mut commands = head
         .attach(proto::AttachRequest {
             node_id: node_id.clone(),
@@ -595,6 +602,80 @@ impl Agent {
         self.jobs.lock().expect("jobs lock").remove(job);
         let _ = std::fs::remove_dir_all(self.options.dir.join("jobs").join(job).join("package"));
         self.changed.notify_waiters();
+    }
+
+    /// This node's figures for its `/metrics`.
+    fn figures(&self) -> super::metrics::AgentFigures {
+        let (bytes, disk) = self.store.usage();
+        let s = self.state.lock().expect("agent lock");
+        super::metrics::AgentFigures {
+            node_id: self.node_id.clone(),
+            object_store_bytes: bytes,
+            object_store_limit: self.options.object_store_memory,
+            object_store_disk_bytes: disk,
+            spilled_total: self.store.spilled_total(),
+            workers: s.workers.len() as u64,
+            running_tasks: s.workers.values().map(|w| w.running.len() as u64).sum(),
+            queued_tasks: s.queues.values().map(|q| q.len() as u64).sum::<u64>()
+                + s.ahead.len() as u64,
+            package_cache_bytes: 0,
+            package_fetched_bytes: self.blobs.received_bytes(),
+        }
+    }
+
+    /// Serves `/metrics` (and `/healthz`) on `port` of the node's host; the server
+    /// stops when the returned guard is dropped.
+    async fn serve_metrics(self: Arc<Self>, port: u16) -> Result<AbortOnDrop> {
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        let (listener, address) = bind(&self.options.host, port).await?;
+        info!("{}: /metrics on http://{address}", self.node_id);
+        let agent = Arc::clone(&self);
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move |headers: HeaderMap| {
+                    let agent = Arc::clone(&agent);
+                    async move {
+                        let given = headers
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "));
+                        if !given.is_some_and(|t| super::auth::same_token(t, &agent.options.token))
+                        {
+                            return (
+                                StatusCode::UNAUTHORIZED,
+                                "a cluster token is needed (Authorization: Bearer TOKEN)",
+                            )
+                                .into_response();
+                        }
+                        let mut figures = tokio::task::spawn_blocking({
+                            let agent = Arc::clone(&agent);
+                            move || (agent.figures(), agent.blobs.size())
+                        })
+                        .await
+                        .unwrap_or_default();
+                        figures.0.package_cache_bytes = figures.1;
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            super::metrics::render_agent(&figures.0),
+                        )
+                            .into_response()
+                    }
+                }),
+            )
+            .route("/healthz", axum::routing::get(|| async { "ok" }));
+        let _ = std::fs::write(self.options.dir.join("metrics_address"), &address);
+        let server = match self.options.tls.acceptor()? {
+            None => tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }),
+            Some(acceptor) => tokio::spawn(super::http::serve_tls(listener, app, acceptor)),
+        };
+        Ok(AbortOnDrop(server))
     }
 
     /// Drains this node and leaves the cluster (see [`run_node_until`]).
@@ -1187,6 +1268,15 @@ fn join_ids(ids: &[u32]) -> String {
         .map(|i| i.to_string())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Stops a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What workers call on their node.
