@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use volley::crates::runtime::cluster::{
-    self, auth, run_node_until, HeadOptions, JobClient, JobRequest, NodeOptions, Resources,
-    TlsConfig, WorkerOutput,
+    self, auth, run_node_until, HeadOptions, JobClient, JobRequest, JobState, NodeOptions,
+    NodeState, Resources, TlsConfig, WorkerOutput,
 };
 use volley::{Result, VolleyError};
 
@@ -588,16 +588,15 @@ pub fn status(conn: Conn) -> Result<()> {
         "NODE", "ALIVE", "ADDRESS", "TOTAL", "AVAILABLE", "TASKS", "OBJECTS", "SPILLED"
     );
     for n in &s.nodes {
-        let total: Resources = n.total.clone().into();
-        let avail: Resources = n.available.clone().into();
+        let (total, avail) = (&n.total, &n.available);
         println!(
             "{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10} {:>10}",
             n.node_id,
-            match (n.alive, n.draining) {
-                (true, false) => "yes",
-                (true, true) => "drain",
-                (false, true) => "left",
-                (false, false) => "DEAD",
+            match n.state {
+                NodeState::Alive => "yes",
+                NodeState::Draining => "drain",
+                NodeState::Left => "left",
+                NodeState::Dead => "DEAD",
             },
             n.object_address,
             total.to_string(),
@@ -651,7 +650,7 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             client.logs(&id, true, &mut stdout.lock())?;
             let info = client.wait(&id, Duration::from_secs(u64::MAX / 4))?;
             eprintln!("job {id}: {} {}", info.state, info.error);
-            if info.state == "SUCCEEDED" {
+            if info.state == JobState::Succeeded {
                 Ok(())
             } else {
                 Err(VolleyError::execution(format!("job {id} {}", info.state)))

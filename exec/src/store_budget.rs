@@ -49,7 +49,7 @@ impl StoreBudget {
         let nodes: Vec<(String, u64)> = status
             .nodes
             .into_iter()
-            .filter(|n| n.alive)
+            .filter(|n| n.alive())
             .map(|n| (n.object_address, n.object_store_memory))
             .collect();
         let memory: u64 = nodes.iter().map(|(_, m)| m).sum();

@@ -35,10 +35,8 @@ impl ClusterLease {
         match shared {
             Some(cluster) => {
                 let mut total = Resources::default();
-                for n in cluster.status()?.nodes.iter().filter(|n| n.alive) {
-                    if let Some(t) = &n.total {
-                        total.add(&t.into());
-                    }
+                for n in cluster.status()?.nodes.iter().filter(|n| n.alive()) {
+                    total.add(&n.total);
                 }
                 check(&total, "the cluster")?;
                 Ok(ClusterLease {

@@ -130,8 +130,8 @@ impl ClusterPoolOp {
         let mut per_node = 0usize;
         let mut short: Option<String> = None;
         let mut sum = Resources::default();
-        for n in status.nodes.iter().filter(|n| n.alive) {
-            let total: Resources = (&n.total.clone().unwrap_or_default()).into();
+        for n in status.nodes.iter().filter(|n| n.alive()) {
+            let total: Resources = n.total.clone();
             let (k, missing) = total.how_many(&self.resources);
             per_node = per_node.saturating_add(k);
             if missing.is_some() {
@@ -198,7 +198,7 @@ impl ClusterPoolOp {
                 .status()?
                 .nodes
                 .into_iter()
-                .filter(|n| n.alive)
+                .filter(|n| n.alive())
                 .map(|n| (n.node_id, n.object_address))
                 .collect();
         }

@@ -917,12 +917,13 @@ impl Cluster {
     }
 
     /// Nodes, resources and load.
-    pub fn status(&self) -> Result<proto::ClusterStatus> {
+    pub fn status(&self) -> Result<super::ClusterStatus> {
         let mut head = self.inner.head.clone();
         Ok(self
             .block_on(head.status(proto::Empty {}))
             .map_err(|e| status_error("status", e))?
-            .into_inner())
+            .into_inner()
+            .into())
     }
 
     /// CPUs of the live nodes, in all.
@@ -931,8 +932,8 @@ impl Cluster {
             .status()?
             .nodes
             .iter()
-            .filter(|n| n.alive)
-            .map(|n| n.total.as_ref().map_or(0.0, |t| t.num_cpus))
+            .filter(|n| n.alive())
+            .map(|n| n.total.num_cpus)
             .sum())
     }
 }

@@ -10,6 +10,7 @@ use super::net::{status_error, Channels, Head};
 use super::package::{blob_chunks, manifest_of, safe_relative, working_dir_files};
 use super::proto;
 use super::resources::Resources;
+use super::status::{ClusterStatus, JobStatus};
 
 /// What to run.
 #[derive(Debug, Clone, Default)]
@@ -315,7 +316,7 @@ impl JobClient {
     }
 
     /// A job's record.
-    pub fn status(&self, job: &str) -> Result<proto::JobInfo> {
+    pub fn status(&self, job: &str) -> Result<JobStatus> {
         let mut head = self.head.clone();
         Ok(self
             .rt
@@ -323,22 +324,26 @@ impl JobClient {
                 job_id: job.to_string(),
             }))
             .map_err(|e| status_error(format!("job {job}"), e))?
-            .into_inner())
+            .into_inner()
+            .into())
     }
 
     /// Every job.
-    pub fn list(&self) -> Result<Vec<proto::JobInfo>> {
+    pub fn list(&self) -> Result<Vec<JobStatus>> {
         let mut head = self.head.clone();
         Ok(self
             .rt
             .block_on(head.list_jobs(proto::Empty {}))
             .map_err(|e| status_error("listing jobs", e))?
             .into_inner()
-            .jobs)
+            .jobs
+            .into_iter()
+            .map(Into::into)
+            .collect())
     }
 
     /// Stops a job.
-    pub fn stop(&self, job: &str) -> Result<proto::JobInfo> {
+    pub fn stop(&self, job: &str) -> Result<JobStatus> {
         let mut head = self.head.clone();
         Ok(self
             .rt
@@ -346,7 +351,8 @@ impl JobClient {
                 job_id: job.to_string(),
             }))
             .map_err(|e| status_error(format!("job {job}"), e))?
-            .into_inner())
+            .into_inner()
+            .into())
     }
 
     /// Writes the job's log to `out`; with `follow`, until the job ends.
@@ -372,11 +378,11 @@ impl JobClient {
     }
 
     /// Waits until the job ends; returns its final record.
-    pub fn wait(&self, job: &str, timeout: std::time::Duration) -> Result<proto::JobInfo> {
+    pub fn wait(&self, job: &str, timeout: std::time::Duration) -> Result<JobStatus> {
         let start = std::time::Instant::now();
         loop {
             let info = self.status(job)?;
-            if ["SUCCEEDED", "FAILED", "STOPPED"].contains(&info.state.as_str()) {
+            if info.state.is_final() {
                 return Ok(info);
             }
             if start.elapsed() > timeout {
@@ -390,13 +396,14 @@ impl JobClient {
     }
 
     /// Nodes, resources and load.
-    pub fn cluster_status(&self) -> Result<proto::ClusterStatus> {
+    pub fn cluster_status(&self) -> Result<ClusterStatus> {
         let mut head = self.head.clone();
         Ok(self
             .rt
             .block_on(head.status(proto::Empty {}))
             .map_err(|e| status_error("status", e))?
-            .into_inner())
+            .into_inner()
+            .into())
     }
 }
 

@@ -34,6 +34,7 @@ pub mod node;
 pub mod objects;
 pub mod package;
 pub mod resources;
+pub mod status;
 pub mod task;
 pub mod tls;
 pub mod worker;
@@ -61,6 +62,7 @@ pub use local::LocalCluster;
 pub use node::{run_node, run_node_until, NodeOptions};
 pub use objects::{object_batch, ObjectReader, ObjectSlice};
 pub use resources::Resources;
+pub use status::{ClusterStatus, JobState, JobStatus, NodeState, NodeStatus};
 pub use task::{
     catch_panic, object_value, on_own_thread, value_object, ActorCall, ActorCalls, RemoteActor,
     RemoteTask, TaskContext,
