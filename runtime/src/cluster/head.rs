@@ -413,6 +413,8 @@ pub struct HeadCore {
     blobs: BlobCache,
     /// Jobs and counters kept across restarts.
     store: HeadStore,
+    /// Held while a snapshot of the jobs is taken and written.
+    persisting: Mutex<()>,
     /// Worker-log queries sent to nodes and waiting for their answers, by query id.
     log_queries: Mutex<HashMap<u64, mpsc::UnboundedSender<proto::LogReply>>>,
     next_query: std::sync::atomic::AtomicU64,
@@ -436,7 +438,6 @@ impl HeadCore {
             options.state_dir.join("packages"),
             options.package_cache_bytes,
         )?;
-        blobs.evict(&Default::default());
         let (store, recovered) = HeadStore::open(&options.state_dir.join("head.redb"))?;
         let mut state = State {
             inline_limit: options.inline_memory,
@@ -472,20 +473,26 @@ impl HeadCore {
                 },
             );
         }
-        Ok(Arc::new(Self {
+        let core = Arc::new(Self {
             state: Mutex::new(state),
             changed: Notify::new(),
             blobs,
             store,
+            persisting: Mutex::new(()),
             log_queries: Mutex::default(),
             next_query: Default::default(),
             options,
-        }))
+        });
+        // After the jobs are back: the files of those that start again stay.
+        core.evict_packages(&[]);
+        Ok(core)
     }
 
     /// Writes what changed of the jobs and counters to the store.
     fn persist(&self) -> Result<()> {
         use prost::Message;
+        // One writer at a time, snapshot to commit: an older snapshot never lands last.
+        let _one = self.persisting.lock().expect("persist lock");
         let (jobs, next_node, next_job) = {
             let s = self.state.lock().expect("head lock");
             let jobs = s
@@ -519,14 +526,16 @@ impl HeadCore {
         }
     }
 
-    /// Evicts cached package files past the limit, keeping those of jobs not ended.
-    fn evict_packages(&self) {
+    /// Evicts cached package files past the limit, keeping those of jobs not ended
+    /// and `also` (files just received for a job about to be submitted).
+    fn evict_packages(&self, also: &[String]) {
         let keep = {
             let s = self.state.lock().expect("head lock");
             s.jobs
                 .values()
                 .filter(|j| !TERMINAL.contains(&j.info.state.as_str()))
                 .flat_map(|j| j.package.files.iter().map(|f| f.digest.clone()))
+                .chain(also.iter().cloned())
                 .collect()
         };
         let removed = self.blobs.evict(&keep);
@@ -666,7 +675,8 @@ impl HeadCore {
         for (_, _, data) in &files {
             self.blobs.insert(data)?;
         }
-        self.evict_packages();
+        let digests: Vec<String> = package.files.iter().map(|f| f.digest.clone()).collect();
+        self.evict_packages(&digests);
         spec.package = Some(package);
         self.add_job(spec)
             .map_err(|e| VolleyError::plan(e.message().to_string()))
@@ -1677,6 +1687,9 @@ impl State {
         for t in running {
             self.system_failure(&t, &format!("node {node} {how}"));
         }
+        // Copies it was making for a draining node will not come: the next drain call
+        // sends them elsewhere.
+        self.copies.retain(|_, target| target != node);
         // Objects whose last copy was there are rebuilt by re-running their task.
         let lost: Vec<String> = self
             .objects
@@ -2394,6 +2407,8 @@ impl proto::head_server::Head for HeadService {
         }
         let list = s.executions.entry(r.job_id.clone()).or_default();
         match list.iter_mut().find(|e| e.execution_id == r.execution_id) {
+            // A periodic report overtaken by the final one changes nothing.
+            Some(e) if e.finished => {}
             Some(e) => *e = r,
             None => {
                 list.push(r);
@@ -2777,7 +2792,7 @@ impl proto::head_server::Head for HeadService {
         &self,
         request: Request<Streaming<proto::BlobChunk>>,
     ) -> std::result::Result<Response<proto::Empty>, Status> {
-        let received = receive_blobs(
+        let (received, digests) = receive_blobs(
             &self.core.blobs,
             request.into_inner(),
             self.core.options.max_package_bytes,
@@ -2788,7 +2803,8 @@ impl proto::head_server::Head for HeadService {
             "package files received: {}",
             volley_common::format_bytes(received)
         );
-        tokio::task::block_in_place(|| self.core.evict_packages());
+        // What just came is for a job about to be submitted: it stays.
+        tokio::task::block_in_place(|| self.core.evict_packages(&digests));
         Ok(Response::new(proto::Empty {}))
     }
 

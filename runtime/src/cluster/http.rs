@@ -277,10 +277,26 @@ async fn logs(
     h: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
-) -> Result<String, ApiError> {
+) -> Result<Response, ApiError> {
     check(&core, &h)?;
-    let (data, _) = core.job_log(&id, q.offset).map_err(not_found)?;
-    Ok(String::from_utf8_lossy(&data).into_owned())
+    let (mut data, _) = core.job_log(&id, q.offset).map_err(not_found)?;
+    // A character cut at the end waits for the next read, whole.
+    if let Err(e) = std::str::from_utf8(&data) {
+        if e.error_len().is_none() {
+            data.truncate(e.valid_up_to());
+        }
+    }
+    // Where the next read starts, in the log's bytes (the text may hold replacement
+    // characters for bytes that are not UTF-8, of another length).
+    let next = q.offset + data.len() as u64;
+    Ok((
+        [(
+            axum::http::HeaderName::from_static("x-volley-next-offset"),
+            next.to_string(),
+        )],
+        String::from_utf8_lossy(&data).into_owned(),
+    )
+        .into_response())
 }
 
 async fn executions(

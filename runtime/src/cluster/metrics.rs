@@ -35,9 +35,11 @@ type Labels = Vec<(String, String)>;
 type Gauges = Family<Labels, Gauge<f64, AtomicU64>>;
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
+    // The text format's encoder writes label values as they are: a quote, backslash or
+    // line break (a user's operator name) would break the whole page.
     pairs
         .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.to_string(), v.replace(['"', '\\', '\n', '\r'], " ")))
         .collect()
 }
 

@@ -270,7 +270,8 @@ pub async fn run_node_until(
     info!("joined as {node_id}; objects and workers on {address}");
     let max_workers = ((options.resources.num_cpus.ceil() as usize) * 4).max(8);
     let (reports, report_rx) = mpsc::unbounded_channel();
-    let reporter = tokio::spawn(report_loop(head.clone(), report_rx));
+    // Both stop with this function however it returns (a failed attach included).
+    let reporter = AbortOnDrop(tokio::spawn(report_loop(head.clone(), report_rx)));
     let agent = Arc::new(Agent {
         node_id: node_id.clone(),
         options: options.clone(),
@@ -312,7 +313,9 @@ pub async fn run_node_until(
         .add_service(flight)
         .add_service(service)
         .serve_with_incoming(incoming);
-    let server = tokio::spawn(server);
+    let server = AbortOnDrop(tokio::spawn(async move {
+        let _ = server.await;
+    }));
 
     let _metrics = match options.metrics_port {
         Some(port) => Some(Arc::clone(&agent).serve_metrics(port).await?),
@@ -357,8 +360,8 @@ pub async fn run_node_until(
     agent.kill_all();
     // Give the kills a moment to land before the process goes.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    server.abort();
-    reporter.abort();
+    drop(server);
+    drop(reporter);
     Ok(why)
 }
 
@@ -812,7 +815,7 @@ impl Agent {
                     .await
                     .map_err(|e| status_error(format!("fetching job {job}"), e))?
                     .into_inner();
-                let bytes = receive_blobs(&self.blobs, stream, u64::MAX)
+                let (bytes, _) = receive_blobs(&self.blobs, stream, u64::MAX)
                     .await
                     .map_err(|e| e.context(format!("fetching job {job}")))?;
                 info!(

@@ -159,6 +159,21 @@ impl BlobCache {
     pub fn open(root: PathBuf, limit: u64) -> Result<Self> {
         std::fs::create_dir_all(root.join("tmp"))
             .map_err(|e| VolleyError::Io(e).context(format!("cannot create {}", root.display())))?;
+        // Partial files of uploads or fetches a killed process left (an hour old: the
+        // agents of one machine share the folder, and theirs may be under way).
+        if let Ok(dir) = std::fs::read_dir(root.join("tmp")) {
+            for e in dir.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+                if old {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(Self {
             root,
             limit,
@@ -423,14 +438,19 @@ fn each_chunk(digest: &str, path: &Path, mut f: impl FnMut(BlobChunk) -> Result<
 }
 
 /// Receives a stream of blob chunks into `cache`, each blob checked against its digest;
-/// returns the bytes received. At most `limit` bytes in all.
-pub async fn receive_blobs<S, E>(cache: &BlobCache, mut chunks: S, limit: u64) -> Result<u64>
+/// returns the bytes received and the blobs' digests. At most `limit` bytes in all.
+pub async fn receive_blobs<S, E>(
+    cache: &BlobCache,
+    mut chunks: S,
+    limit: u64,
+) -> Result<(u64, Vec<String>)>
 where
     S: futures::Stream<Item = std::result::Result<BlobChunk, E>> + Unpin,
     E: std::fmt::Display,
 {
     use futures::StreamExt;
     let mut total = 0u64;
+    let mut digests = Vec::new();
     let mut current: Option<BlobWriter<'_>> = None;
     while let Some(chunk) = chunks.next().await {
         let c = chunk.map_err(|e| VolleyError::execution(format!("receiving a package: {e}")))?;
@@ -448,6 +468,7 @@ where
         tokio::task::block_in_place(|| w.write(c.offset, &c.data))?;
         total += c.data.len() as u64;
         if c.last {
+            digests.push(w.digest.clone());
             tokio::task::block_in_place(|| w.commit())?;
         } else {
             current = Some(w);
@@ -459,7 +480,7 @@ where
             w.digest
         )));
     }
-    Ok(total)
+    Ok((total, digests))
 }
 
 /// The files of a working folder to upload: `(relative path, file, mode)`.
@@ -547,7 +568,11 @@ mod tests {
         assert!(err.contains("outside the working folder"), "{err}");
     }
 
-    fn receive(cache: &BlobCache, chunks: Vec<BlobChunk>, limit: u64) -> Result<u64> {
+    fn receive(
+        cache: &BlobCache,
+        chunks: Vec<BlobChunk>,
+        limit: u64,
+    ) -> Result<(u64, Vec<String>)> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .build()
@@ -591,7 +616,7 @@ mod tests {
             .flat_map(|d| chunks_of(d, &sources[d]))
             .collect();
         assert_eq!(
-            receive(&head, chunks, 1 << 30).unwrap(),
+            receive(&head, chunks, 1 << 30).unwrap().0,
             CHUNK as u64 + 10 + 7
         );
         assert!(head.missing(&manifest).is_empty());
