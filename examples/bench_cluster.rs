@@ -333,6 +333,18 @@ impl Drop for LocalCluster {
     }
 }
 
+/// This program, and the `volley` binary and `cluster_pipeline` example built beside it.
+fn programs() -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let me = std::env::current_exe()?;
+    let bin_dir = me
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| VolleyError::Config("where is target/?".into()))?;
+    let volley_bin = bin_dir.join("volley");
+    let pipeline = bin_dir.join("examples").join("cluster_pipeline");
+    Ok((me, volley_bin, pipeline))
+}
+
 fn seconds_in(text: &str) -> Option<f64> {
     text.split_whitespace()
         .find_map(|w| {
@@ -503,13 +515,7 @@ fn main() -> Result<()> {
     let n_trips = args.round_trips.to_string();
     let work = args.work_dir.clone();
     let script = args.peer.clone();
-    let me = std::env::current_exe()?;
-    let bin_dir = me
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| VolleyError::Config("where is target/?".into()))?;
-    let volley_bin = bin_dir.join("volley");
-    let pipeline = bin_dir.join("examples").join("cluster_pipeline");
+    let (me, volley_bin, pipeline) = programs()?;
     let input = work.join("input");
     if !input.exists() {
         write_input(&input, 16, 500_000)?;
@@ -708,13 +714,7 @@ fn http_get(address: &str, path: &str, token: &str) -> Result<String> {
 /// `--suite operate`: a head restart during a job, and the head's CPU while tasks run
 /// with the dashboard open.
 fn operate_suite(args: &Args) -> Result<()> {
-    let me = std::env::current_exe()?;
-    let bin_dir = me
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| VolleyError::Config("where is target/?".into()))?;
-    let volley_bin = bin_dir.join("volley");
-    let pipeline = bin_dir.join("examples").join("cluster_pipeline");
+    let (me, volley_bin, pipeline) = programs()?;
     let work = args.work_dir.clone();
     let input = work.join("input");
     if !input.exists() {

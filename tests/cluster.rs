@@ -226,6 +226,19 @@ impl TestCluster {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
+    /// Waits (two minutes at most) until job `id`'s log contains `text`.
+    fn wait_log(&self, id: &str, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.logs(id).contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{text}` in\n{}",
+                self.logs(id)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn wait_job(&self, id: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
@@ -1225,13 +1238,6 @@ fn a_node_killed_mid_shuffle_loses_no_row() {
     let dir = tempfile::tempdir().unwrap();
     let data = input(dir.path(), 6, 20_000);
     let exchange = example("cluster_exchange");
-    let wait_logs = |c: &TestCluster, job: &str, text: &str| {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !c.logs(job).contains(text) {
-            assert!(Instant::now() < deadline, "no `{text}` in\n{}", c.logs(job));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     // A live victim that does not run the job's driver.
     let victim = |c: &TestCluster, job: &str, dead: &[usize]| -> (usize, String) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -1291,7 +1297,7 @@ fn a_node_killed_mid_shuffle_loses_no_row() {
         "--store-limit",
         "256KiB",
     ]);
-    wait_logs(&c, &job, "PAUSED sort");
+    c.wait_log(&job, "PAUSED sort");
     let (i, node) = victim(&c, &job, &[first]);
     kill9(c.nodes[i].id() as i32);
     let _ = c.nodes[i].wait();
@@ -1334,11 +1340,7 @@ fn a_node_told_to_stop_drains_its_objects_and_leaves_without_failing_work() {
         "--store-limit",
         "256KiB",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !c.logs(&job).contains("PAUSED sort") {
-        assert!(Instant::now() < deadline, "{}", c.logs(&job));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_log(&job, "PAUSED sort");
     let driver = driver_node(&c, &job);
     let (i, node) = (0..3)
         .map(|i| (i, format!("node-{}", i + 1)))
