@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use volley::arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use volley::datafusion::parquet::arrow::ArrowWriter;
 
+#[path = "support/tpch.rs"]
+mod tpch;
+
 fn volley_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_volley"))
 }
@@ -1862,10 +1865,11 @@ fn llm_engines_run_as_cluster_actors_and_survive_a_killed_engine() {
     assert_eq!(ids, (0..60).collect::<Vec<i64>>(), "every row exactly once");
 }
 
-/// `volley sql` on a cluster: DataFusion plans the query, its file scans run as stage
-/// tasks on the nodes, and the answer is the local one.
+/// `volley sql` on a cluster: DataFusion plans the query for the cluster's partitions,
+/// its stages (the scan with the partial aggregation, the final aggregation with the
+/// sort) run as tasks on the nodes, and the answer is the local one.
 #[test]
-fn sql_scans_run_on_the_cluster_nodes() {
+fn sql_stages_run_on_the_cluster_nodes() {
     let mut c = TestCluster::start(5.0);
     for _ in 0..3 {
         c.add_node(2, 0);
@@ -1909,9 +1913,78 @@ fn sql_scans_run_on_the_cluster_nodes() {
         .unwrap();
     let text = String::from_utf8_lossy(&explain.stdout);
     assert!(
-        text.contains("ClusterScanExec") && text.contains("read on the cluster's nodes"),
+        text.contains("ClusterStageExec: stage 2")
+            && text.contains("map tasks into 12 partitions)")
+            && text.contains("AggregateExec: mode=Partial"),
         "{text}"
     );
+}
+
+/// The 22 TPC-H queries through `volley sql` on a head and three node agents give
+/// DuckDB's answers; their stages ran on all three nodes. Scale factor 1
+/// (`VOLLEY_TPCH_SCALE` to change).
+#[test]
+fn tpch_queries_run_in_stages_on_three_nodes_and_give_duckdbs_answers() {
+    let mut c = TestCluster::start(5.0);
+    for _ in 0..3 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let scale = std::env::var("VOLLEY_TPCH_SCALE").unwrap_or_else(|_| "1".into());
+    tpch::generate(&data, &scale);
+    let results = dir.path().join("results");
+    std::fs::create_dir_all(&results).unwrap();
+    let tables: Vec<String> = tpch::TABLES
+        .iter()
+        .map(|t| format!("{t}={}/{t}/", data.display()))
+        .collect();
+    let sql = |q: u32, args: &[&str]| -> Output {
+        let mut cmd = c.volley();
+        cmd.arg("sql")
+            .arg("-f")
+            .arg(tpch::queries().join(format!("q{q:02}.sql")));
+        for t in &tables {
+            cmd.args(["--table", t]);
+        }
+        cmd.args(args).output().unwrap()
+    };
+    for q in 1..=22 {
+        let out = results.join(format!("q{q:02}.parquet"));
+        let run = sql(q, &["--output", out.to_str().unwrap()]);
+        assert!(
+            run.status.success(),
+            "Q{q:02}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    tpch::assert_duckdb_answers(&data, &results);
+
+    let explain = sql(5, &["--explain"]);
+    let text = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        text.contains("ClusterStageExec") && text.contains("HashJoinExec: mode=Partitioned"),
+        "{text}"
+    );
+    // Every job (one per query) lists its stages' tasks with the node each ran on.
+    let list = c.volley().args(["job", "list"]).output().unwrap();
+    let mut nodes = std::collections::BTreeSet::new();
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let job = line.split_whitespace().next().unwrap();
+        let out = c
+            .volley()
+            .args(["logs", "--job", job, "--list"])
+            .output()
+            .unwrap();
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some((_, rest)) = l.split_once("task query stage ") {
+                if let Some((_, node)) = rest.split_once(" on ") {
+                    nodes.insert(node.split(' ').next().unwrap().to_string());
+                }
+            }
+        }
+    }
+    assert_eq!(nodes.len(), 3, "the stages ran on every node: {nodes:?}");
 }
 
 /// 2 GiB flow from a stage to an actor pool to a stage between the nodes, 16 times

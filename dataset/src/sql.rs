@@ -206,11 +206,59 @@ impl PlanSource {
 
     async fn physical(&self, request: &ScanRequest) -> Result<Arc<dyn ExecutionPlan>> {
         let plan = self.projected(request)?;
-        let mut physical = self.state.create_physical_plan(&plan).await?;
-        // On a cluster, the file scans run on its nodes.
-        if let Some(cluster) = self.ctx.cluster() {
-            physical = crate::runner::scans_on_cluster(physical, cluster)?;
-        }
+        let mut physical = match self.ctx.cluster() {
+            None => self.state.create_physical_plan(&plan).await?,
+            // On a cluster: planned for its exchanges' partitions and cut into stages
+            // that run on its nodes; where it cannot be cut, its file scans run there.
+            Some(cluster) => {
+                // The cluster's calls block: asked from a thread of their own.
+                let config = self.ctx.config();
+                let partitions = std::thread::scope(|s| {
+                    s.spawn(|| crate::runner::shuffle_partitions(cluster, config))
+                        .join()
+                })
+                .map_err(|_| VolleyError::internal("asking the cluster for its CPUs"))?;
+                let mut config = self.state.config().clone();
+                let options = config.options_mut();
+                options.execution.target_partitions = partitions;
+                // Whole partitions travel; spreading batches round robin here would
+                // make every partition depend on every task.
+                options.optimizer.enable_round_robin_repartition = false;
+                // A join's dynamic filter waits for every partition of the join to
+                // report its build side; a stage's task runs one partition.
+                options.optimizer.enable_dynamic_filter_pushdown = false;
+                options.optimizer.enable_join_dynamic_filter_pushdown = false;
+                options.optimizer.enable_topk_dynamic_filter_pushdown = false;
+                options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
+                let state = SessionStateBuilder::new_from_existing(self.state.clone())
+                    .with_config(config.clone())
+                    .build();
+                let mut physical = state.create_physical_plan(&plan).await?;
+                if crate::runner::finishes_collected_side(&physical) {
+                    // A left outer, semi or anti join with its left side collected
+                    // needs all of its right side in one task: hash-partition both.
+                    let options = config.options_mut();
+                    options.optimizer.hash_join_single_partition_threshold = 0;
+                    options.optimizer.hash_join_single_partition_threshold_rows = 0;
+                    let state = SessionStateBuilder::new_from_existing(self.state.clone())
+                        .with_config(config)
+                        .build();
+                    physical = state.create_physical_plan(&plan).await?;
+                }
+                let staged = if crate::runner::scans_files(&physical) {
+                    crate::runner::stages_on_cluster(&physical, cluster)?
+                } else {
+                    None
+                };
+                match staged {
+                    Some(staged) => staged,
+                    None => crate::runner::scans_on_cluster(
+                        self.state.create_physical_plan(&plan).await?,
+                        cluster,
+                    )?,
+                }
+            }
+        };
         // Errors met while reading a file here name it.
         physical = volley_connectors::name_file_errors(physical)?;
         let parts = physical.properties().partitioning.partition_count();
@@ -257,7 +305,15 @@ impl DataSource for PlanSource {
     fn explain_detail(&self, request: &ScanRequest) -> Option<String> {
         let physical = self.ctx.exec_context().block_on(self.physical(request));
         Some(match physical {
-            Ok(p) => displayable(p.as_ref()).indent(true).to_string(),
+            Ok(p) => {
+                let here = displayable(p.as_ref()).indent(true).to_string();
+                let stages = crate::runner::ClusterStageExec::describe_stages(&p);
+                if stages.is_empty() {
+                    here
+                } else {
+                    format!("{here}{stages}")
+                }
+            }
             Err(e) => format!("(cannot plan: {e})"),
         })
     }

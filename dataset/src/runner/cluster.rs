@@ -26,7 +26,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arrow::datatypes::SchemaRef;
-use volley_common::Result;
+use volley_common::{Result, VolleyConfig};
 use volley_exec::{
     ClusterActorPoolExec, ClusterExchangeExec, ClusterMapExec, ClusterReadExec, ExecContext,
     PhysicalPlan, PoolSize, PoolWorker,
@@ -376,15 +376,20 @@ fn boundary_name(op: &LogicalOp) -> &'static str {
 }
 
 impl ClusterRunner {
-    /// The reduce tasks of an exchange whose operation leaves their number open:
-    /// `volley.exec.shuffle_partitions`, or twice the live nodes' CPUs (at least 8).
+    /// The reduce tasks of an exchange whose operation leaves their number open.
     fn partitions(&self, exec: &ExecContext) -> usize {
-        if let Some(n) = exec.config.exec.shuffle_partitions {
-            return n;
-        }
-        let cpus = self.cluster.live_cpus().unwrap_or(0.0);
-        ((cpus * 2.0) as usize).max(8)
+        shuffle_partitions(&self.cluster, &exec.config)
     }
+}
+
+/// The partitions of a cluster's exchanges where the operation leaves their number
+/// open: `volley.exec.shuffle_partitions`, or twice the live nodes' CPUs (at least 8).
+pub(crate) fn shuffle_partitions(cluster: &Cluster, config: &VolleyConfig) -> usize {
+    if let Some(n) = config.exec.shuffle_partitions {
+        return n;
+    }
+    let cpus = cluster.live_cpus().unwrap_or(0.0);
+    ((cpus * 2.0) as usize).max(8)
 }
 
 /// The most any cluster stage task below `plan` holds: what an actor pool over it must

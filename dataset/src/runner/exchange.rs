@@ -121,14 +121,14 @@ fn batch_bytes(batch: &RecordBatch) -> Result<Vec<u8>> {
     Ok(w.into_inner()?)
 }
 
-fn schema_bytes(schema: &Schema) -> Result<Vec<u8>> {
+pub(crate) fn schema_bytes(schema: &Schema) -> Result<Vec<u8>> {
     let mut w = StreamWriter::try_new(Vec::new(), schema)?;
     w.finish()?;
     Ok(w.into_inner()?)
 }
 
 /// The schema and batches of an IPC stream.
-fn from_bytes(bytes: &[u8]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+pub(crate) fn from_bytes(bytes: &[u8]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
     let schema = reader.schema();
     let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
@@ -350,35 +350,44 @@ impl RemoteTask for ExchangeMapTask {
         if let (Some(two), false) = (&self.partial, batches.is_empty()) {
             batches = two.partial(&Context::global()?, batches)?;
         }
-        let Some(first) = batches.first() else {
-            // No rows: no partition gets any (readers of a batch of it get none).
-            return Ok(vec![]);
-        };
-        let schema = first.schema();
-        let n = self.partitions.max(1);
-        let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
-        for (b, targets) in batches.iter().zip(self.route(&batches)?) {
-            let (grouped, counts) = group_by_partition(b, &targets, n)?;
-            for (p, part) in parts.iter_mut().enumerate() {
-                if counts[p + 1] > counts[p] {
-                    // Buffers of its own: a slice of a view column still points into
-                    // every row's strings, and the object's file would hold them all
-                    // once per partition.
-                    let slice = grouped.slice(counts[p], counts[p + 1] - counts[p]);
-                    part.push(volley_common::compact_views(slice)?);
-                }
+        let routes = self.route(&batches)?;
+        batches_per_partition(&batches, &routes, self.partitions.max(1))
+    }
+}
+
+/// `batches` cut into exactly one batch per partition (maybe empty), row `r` of batch
+/// `b` into partition `routes[b][r]`, in input order: reduce task `p` reads batch `p`.
+/// No batches make no partitions (readers of a batch of them get none).
+pub(crate) fn batches_per_partition(
+    batches: &[RecordBatch],
+    routes: &[Vec<usize>],
+    n: usize,
+) -> Result<Vec<RecordBatch>> {
+    let Some(first) = batches.first() else {
+        return Ok(vec![]);
+    };
+    let schema = first.schema();
+    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
+    for (b, targets) in batches.iter().zip(routes) {
+        let (grouped, counts) = group_by_partition(b, targets, n)?;
+        for (p, part) in parts.iter_mut().enumerate() {
+            if counts[p + 1] > counts[p] {
+                // Buffers of its own: a slice of a view column still points into
+                // every row's strings, and the object's file would hold them all
+                // once per partition.
+                let slice = grouped.slice(counts[p], counts[p + 1] - counts[p]);
+                part.push(volley_common::compact_views(slice)?);
             }
         }
-        // Exactly one batch per partition (maybe empty): reduce task `p` reads batch `p`.
-        parts
-            .into_iter()
-            .map(|mut part| match part.len() {
-                0 => Ok(RecordBatch::new_empty(Arc::clone(&schema))),
-                1 => Ok(part.pop().expect("one batch")),
-                _ => Ok(concat_batches(&schema, &part)?),
-            })
-            .collect()
     }
+    parts
+        .into_iter()
+        .map(|mut part| match part.len() {
+            0 => Ok(RecordBatch::new_empty(Arc::clone(&schema))),
+            1 => Ok(part.pop().expect("one batch")),
+            _ => Ok(concat_batches(&schema, &part)?),
+        })
+        .collect()
 }
 
 /// A sample task: up to [`SAMPLE_ROWS`] key rows of its block, evenly spaced.

@@ -15,6 +15,7 @@
 
 mod cluster;
 mod exchange;
+mod query_stages;
 mod scan;
 mod stage;
 
@@ -23,7 +24,11 @@ use std::sync::Arc;
 use volley_common::Result;
 use volley_exec::{ExecContext, PhysicalPlan};
 
+pub(crate) use cluster::shuffle_partitions;
 pub use cluster::ClusterRunner;
+pub(crate) use query_stages::{
+    finishes_collected_side, scans_files, stages_on_cluster, ClusterStageExec,
+};
 pub(crate) use scan::scans_on_cluster;
 pub use stage::StageTask;
 

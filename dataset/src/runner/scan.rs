@@ -11,11 +11,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result as DfResult};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use volley_common::{Result, VolleyError};
@@ -35,6 +36,10 @@ pub(crate) fn scans_on_cluster(
         let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>() else {
             return Ok(Transformed::no(node));
         };
+        if reads_subquery_value(&node)? {
+            // Its filter holds a scalar subquery's value, given to it in this process.
+            return Ok(Transformed::no(node));
+        }
         let scan = ClusterScanExec {
             config: config.clone(),
             inner: Arc::clone(&node),
@@ -43,6 +48,18 @@ pub(crate) fn scans_on_cluster(
         Ok(Transformed::yes(Arc::new(scan) as Arc<dyn ExecutionPlan>))
     })
     .data()
+}
+
+/// Whether an expression of `node` is a scalar subquery's value.
+fn reads_subquery_value(node: &Arc<dyn ExecutionPlan>) -> DfResult<bool> {
+    let mut found = false;
+    node.apply_expressions(&mut |e| {
+        e.apply(|x| {
+            found |= x.downcast_ref::<ScalarSubqueryExpr>().is_some();
+            Ok(TreeNodeRecursion::Continue)
+        })
+    })?;
+    Ok(found)
 }
 
 /// A file scan whose file splits are read by stage tasks on a cluster's nodes.

@@ -300,10 +300,11 @@ impl ClusterExchangeOp {
                     continue;
                 }
             };
-            let parts: Vec<(&ObjectRef, u32)> = maps.iter().map(|o| (o, p as u32)).collect();
+            let parts: Vec<(&ObjectRef, Option<u32>)> =
+                maps.iter().map(|o| (o, Some(p as u32))).collect();
             match self
                 .cluster
-                .submit_parts(&task, &parts, &self.options(cx, "reduce"))
+                .submit_selected(&task, &parts, &self.options(cx, "reduce"))
             {
                 Ok(object) => {
                     let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));

@@ -645,21 +645,25 @@ impl Cluster {
         )
     }
 
-    /// Runs a task whose inputs are single batches of objects: input `i` is batch
-    /// `parts[i].1` of object `parts[i].0` (an exchange's reduce task reading its
-    /// partition of every map output). Only that batch travels; a node reads it from
-    /// the object's file by the file's index without reading the rest.
-    pub fn submit_parts(
+    /// Runs a task over selected batches of objects: input `i` is batch
+    /// `inputs[i].1` of object `inputs[i].0`, or all of it where that is `None` (an
+    /// exchange's reduce task reads its partition of every map output). Only the
+    /// selected batch travels; a node reads it from the object's file by the file's
+    /// index without reading the rest.
+    pub fn submit_selected(
         &self,
         task: &EncodedTask,
-        parts: &[(&ObjectRef, u32)],
+        inputs: &[(&ObjectRef, Option<u32>)],
         options: &TaskOptions,
     ) -> Result<ObjectRef> {
-        let inputs: Vec<&ObjectRef> = parts.iter().map(|(o, _)| *o).collect();
-        let batches: Vec<i64> = parts.iter().map(|(_, b)| i64::from(*b)).collect();
+        let objects: Vec<&ObjectRef> = inputs.iter().map(|(o, _)| *o).collect();
+        let batches: Vec<i64> = inputs
+            .iter()
+            .map(|(_, b)| b.map_or(-1, i64::from))
+            .collect();
         self.submit_payload(
             task.payload.clone(),
-            &inputs,
+            &objects,
             &batches,
             &options.named(task.name),
             "",

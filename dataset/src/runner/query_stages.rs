@@ -1,0 +1,781 @@
+//! SQL and relational plans cut into stages that run on a cluster's nodes.
+//!
+//! DataFusion plans a query for as many partitions as the cluster's exchanges use.
+//! The plan is then cut at every repartition and every merge of partitions:
+//!
+//! ```text
+//!   SortPreservingMergeExec            ── runs here, over the last stage's outputs
+//!     ClusterStageExec: stage 2        ◀─ gather: task p's output is partition p
+//!       SortExec                          ┐ stage 2: one task per partition, on the
+//!         AggregateExec FinalPartitioned  ┘ nodes, reading partition p of stage 1
+//!           ClusterStageExec: stage 1  ◀─ exchange: every map output's batch p
+//!             RepartitionExec Hash(..)    ┐ stage 1: one map task per input
+//!               AggregateExec Partial     │ partition (file group), splitting its
+//!                 DataSourceExec          ┘ rows by the hash of the keys
+//! ```
+//!
+//! A stage is a subtree of the plan shipped as `datafusion-proto` bytes; its tasks are
+//! ordinary cluster tasks whose inputs are the objects of the stages below (an
+//! exchange's task reads only its partition's batch of each map output), so the head
+//! schedules them as their inputs become ready, runs them where those inputs are, and
+//! rebuilds a lost input by running its task again (lineage). An exchange stage's task
+//! runs its partition of the repartition's input and splits the rows into one batch
+//! per output partition, by the plan's own hash expressions (or round robin); a gather
+//! stage's task returns its partition's rows. Where a stage's task needs every
+//! partition of a stage below (the build side of a join collected into one partition,
+//! a merge inside a stage), it is given all of them: a broadcast.
+//!
+//! Every stage is submitted when this process first reads the plan's output; the
+//! objects are freed when it has read all of it. A plan with a node that
+//! `datafusion-proto` cannot carry (a dataset's own scan, a user-defined function the
+//! nodes do not know) runs as before: its file scans on the nodes, the rest here.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DataFusionError, JoinType, Result as DfResult};
+use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext as DfTaskContext};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::execution_plan::{
+    Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions,
+};
+use datafusion::physical_plan::joins::{
+    CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PartitionMode,
+};
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PhysicalExpr, PlanProperties,
+};
+use datafusion_proto::physical_plan::{
+    DefaultPhysicalExtensionCodec, PhysicalExtensionCodec, PhysicalProtoConverterExtension,
+};
+use serde::{Deserialize, Serialize};
+use volley_common::{Result, ResultExt, VolleyError};
+use volley_runtime::cluster::{
+    Cluster, EncodedTask, ObjectRef, RemoteTask, Resources, TaskContext, TaskOptions,
+};
+
+use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
+use crate::context::Context;
+
+/// The plan `plan` with its stages cut out to run on `cluster`'s nodes; `None` where
+/// the plan cannot be cut (a node `datafusion-proto` cannot carry, a repartition that
+/// keeps an order or splits by ranges).
+pub(crate) fn stages_on_cluster(
+    plan: &Arc<dyn ExecutionPlan>,
+    cluster: &Cluster,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    if !can_cut(plan) {
+        return Ok(None);
+    }
+    // This process reads one partition: the last stage gathers the rest.
+    let root = if plan.output_partitioning().partition_count() > 1 {
+        Arc::new(CoalescePartitionsExec::new(Arc::clone(plan))) as Arc<dyn ExecutionPlan>
+    } else {
+        Arc::clone(plan)
+    };
+    let mut next = 0;
+    let mut new_stage = |plan: Arc<dyn ExecutionPlan>, kind: StageKind| {
+        next += 1;
+        Stage::new(next, kind, plan, cluster.clone())
+    };
+    let cut = root
+        .transform_up(|node| {
+            if let Some(r) = node.downcast_ref::<RepartitionExec>() {
+                let n = r.partitioning().partition_count();
+                let props = Arc::clone(node.properties());
+                let stage = new_stage(Arc::clone(&node), StageKind::Exchange { partitions: n })?;
+                return Ok(Transformed::yes(ClusterStageExec::on_driver(stage, props)));
+            }
+            let merges = node.downcast_ref::<CoalescePartitionsExec>().is_some()
+                || node.downcast_ref::<SortPreservingMergeExec>().is_some();
+            if merges {
+                let child = Arc::clone(node.children()[0]);
+                let props = Arc::clone(child.properties());
+                let stage = new_stage(child, StageKind::Gather)?;
+                let read = ClusterStageExec::on_driver(stage, props);
+                return Ok(Transformed::yes(node.replace_children(
+                    vec![read],
+                    ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+                )?));
+            }
+            Ok(Transformed::no(node))
+        })
+        .data()?;
+    // What is left here reads gathered stages only (every partition of them).
+    let mut reads_exchange = false;
+    cut.apply(|node| {
+        if let Some(s) = node.downcast_ref::<ClusterStageExec>() {
+            if let Source::Cluster(stage) = &s.source {
+                reads_exchange |= matches!(stage.kind, StageKind::Exchange { .. });
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if reads_exchange {
+        return Ok(None);
+    }
+    Ok(Some(cut))
+}
+
+/// Whether every node of `plan` travels and every repartition can be cut.
+fn can_cut(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut ok = !finishes_collected_side(plan);
+    let _ = plan.apply(|node| {
+        if let Some(r) = node.downcast_ref::<RepartitionExec>() {
+            ok &= !r.preserve_order()
+                && matches!(
+                    r.partitioning(),
+                    Partitioning::Hash(..) | Partitioning::RoundRobinBatch(_)
+                );
+        }
+        // Its subqueries' values are handed to expressions below it in the same
+        // process; a stage would not get them.
+        ok &= node.name() != "ScalarSubqueryExec";
+        Ok(if ok {
+            TreeNodeRecursion::Continue
+        } else {
+            TreeNodeRecursion::Stop
+        })
+    });
+    ok && encode(plan).is_ok()
+}
+
+/// Whether `plan` has a join that collects its left side into one partition and
+/// emits left rows only when every partition of its right side is done (an outer,
+/// semi, anti or mark join on the left): its partitions are not independent, and a
+/// stage's task runs one of them.
+pub(crate) fn finishes_collected_side(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let emits_left_last = |t: &JoinType| {
+        matches!(
+            t,
+            JoinType::Left
+                | JoinType::Full
+                | JoinType::LeftSemi
+                | JoinType::LeftAnti
+                | JoinType::LeftMark
+        )
+    };
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        if let Some(j) = node.downcast_ref::<HashJoinExec>() {
+            found |=
+                j.partition_mode() == &PartitionMode::CollectLeft && emits_left_last(j.join_type());
+        }
+        if let Some(j) = node.downcast_ref::<NestedLoopJoinExec>() {
+            found |= emits_left_last(j.join_type());
+        }
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
+}
+
+/// What a stage's tasks make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum StageKind {
+    /// The stage is a repartition: each task splits its rows into `partitions`
+    /// batches, one per output partition.
+    Exchange { partitions: usize },
+    /// Each task's rows are one partition of the stage's output.
+    Gather,
+}
+
+/// A stage: a subtree of the plan and the tasks that run it on the nodes.
+struct Stage {
+    id: usize,
+    kind: StageKind,
+    /// For an exchange, the repartition; for a gather, the subtree whose partitions
+    /// are its tasks.
+    plan: Arc<dyn ExecutionPlan>,
+    /// Tasks: the partitions of the subtree each task runs one of.
+    tasks: usize,
+    /// The stages this one reads (by id).
+    inputs: HashMap<usize, Arc<Stage>>,
+    cluster: Cluster,
+    /// The tasks' outputs, once submitted.
+    outputs: Mutex<Option<Arc<Vec<ObjectRef>>>>,
+}
+
+impl fmt::Debug for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stage")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("tasks", &self.tasks)
+            .finish()
+    }
+}
+
+impl Stage {
+    fn new(
+        id: usize,
+        kind: StageKind,
+        plan: Arc<dyn ExecutionPlan>,
+        cluster: Cluster,
+    ) -> DfResult<Arc<Self>> {
+        let tasks = task_root(&plan, kind)
+            .output_partitioning()
+            .partition_count();
+        let mut inputs = HashMap::new();
+        plan.apply(|node| {
+            if let Some(s) = node.downcast_ref::<ClusterStageExec>() {
+                if let Source::Cluster(stage) = &s.source {
+                    inputs.insert(stage.id, Arc::clone(stage));
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        Ok(Arc::new(Self {
+            id,
+            kind,
+            plan,
+            tasks,
+            inputs,
+            cluster,
+            outputs: Mutex::new(None),
+        }))
+    }
+
+    /// Its tasks' outputs: submits them (and those of the stages below) the first
+    /// time. Tasks wait on the head for their inputs; nothing here waits for them.
+    fn outputs(&self) -> Result<Arc<Vec<ObjectRef>>> {
+        let mut outputs = self.outputs.lock().expect("stage lock");
+        if let Some(o) = &*outputs {
+            return Ok(Arc::clone(o));
+        }
+        let inputs: HashMap<usize, (StageKind, Arc<Vec<ObjectRef>>)> = self
+            .inputs
+            .iter()
+            .map(|(id, s)| Ok((*id, (s.kind, s.outputs()?))))
+            .collect::<Result<_>>()?;
+        let plan = encode(&self.plan).with_context(|| format!("serializing stage {}", self.id))?;
+        let root = task_root(&self.plan, self.kind);
+        let made = (0..self.tasks)
+            .map(|p| {
+                let mut needs = BTreeMap::new();
+                partitions_read(root, &[p], &mut needs);
+                let mut reads = Vec::new();
+                let mut parts: Vec<(&ObjectRef, Option<u32>)> = Vec::new();
+                for (stage, partitions) in needs {
+                    let (kind, objects) = inputs.get(&stage).ok_or_else(|| {
+                        VolleyError::internal(format!("stage {} reads stage {stage}", self.id))
+                    })?;
+                    for q in partitions {
+                        let before = parts.len();
+                        match kind {
+                            StageKind::Exchange { .. } => {
+                                parts.extend(objects.iter().map(|o| (o, Some(q as u32))));
+                            }
+                            StageKind::Gather => parts.push((&objects[q], None)),
+                        }
+                        reads.push(StageRead {
+                            stage,
+                            partition: q,
+                            inputs: parts.len() - before,
+                        });
+                    }
+                }
+                let label = format!("stage {} task {p}", self.id);
+                let task = EncodedTask::new(Box::new(QueryStageTask {
+                    label: label.clone(),
+                    plan: plan.clone(),
+                    kind: self.kind,
+                    partition: p,
+                    reads,
+                }))?;
+                let options = TaskOptions::default()
+                    .resources(Resources::cpus(1.0))
+                    .name(format!("query {label}"));
+                self.cluster.submit_selected(&task, &parts, &options)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let made = Arc::new(made);
+        *outputs = Some(Arc::clone(&made));
+        Ok(made)
+    }
+
+    /// Frees the outputs of this stage and of those below it.
+    fn release(&self) {
+        self.outputs.lock().expect("stage lock").take();
+        for s in self.inputs.values() {
+            s.release();
+        }
+    }
+}
+
+/// The node whose partitions a stage's tasks run: an exchange's input, or the stage.
+fn task_root(plan: &Arc<dyn ExecutionPlan>, kind: StageKind) -> &Arc<dyn ExecutionPlan> {
+    match kind {
+        StageKind::Exchange { .. } => plan.children()[0],
+        StageKind::Gather => plan,
+    }
+}
+
+/// The partitions of each stage read below `node` when it runs `partitions`.
+fn partitions_read(
+    node: &Arc<dyn ExecutionPlan>,
+    partitions: &[usize],
+    out: &mut BTreeMap<usize, BTreeSet<usize>>,
+) {
+    if let Some(s) = node.downcast_ref::<ClusterStageExec>() {
+        out.entry(s.stage_id).or_default().extend(partitions);
+        return;
+    }
+    let all = |c: &Arc<dyn ExecutionPlan>| -> Vec<usize> {
+        (0..c.output_partitioning().partition_count()).collect()
+    };
+    let children = node.children();
+    let collects_left = node.downcast_ref::<CrossJoinExec>().is_some()
+        || node.downcast_ref::<NestedLoopJoinExec>().is_some()
+        || node
+            .downcast_ref::<HashJoinExec>()
+            .is_some_and(|j| j.partition_mode() == &PartitionMode::CollectLeft);
+    if node.downcast_ref::<UnionExec>().is_some() {
+        // Partition p of a union is partition p - offset of one of its inputs.
+        let mut offset = 0;
+        for c in children {
+            let n = c.output_partitioning().partition_count();
+            let mine: Vec<usize> = partitions
+                .iter()
+                .filter(|&&p| p >= offset && p < offset + n)
+                .map(|p| p - offset)
+                .collect();
+            if !mine.is_empty() {
+                partitions_read(c, &mine, out);
+            }
+            offset += n;
+        }
+        return;
+    }
+    let n = node.output_partitioning().partition_count();
+    for (i, c) in children.into_iter().enumerate() {
+        let same = c.output_partitioning().partition_count() == n;
+        if (i == 0 && collects_left) || !same {
+            partitions_read(c, &all(c), out);
+        } else {
+            partitions_read(c, partitions, out);
+        }
+    }
+}
+
+/// What a stage's task reads: `inputs` of its objects make `partition` of `stage`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StageRead {
+    stage: usize,
+    partition: usize,
+    inputs: usize,
+}
+
+/// A task of a query stage: one partition of a subtree of a DataFusion plan.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QueryStageTask {
+    label: String,
+    /// The stage's plan (`datafusion-proto`, the stages it reads as leaves).
+    plan: Vec<u8>,
+    kind: StageKind,
+    partition: usize,
+    /// How its inputs, in order, make the partitions of the stages it reads.
+    reads: Vec<StageRead>,
+}
+
+#[typetag::serde(name = "volley::QueryStageTask")]
+impl RemoteTask for QueryStageTask {
+    fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let ctx = Context::global()?;
+        let mut given: HashMap<usize, HashMap<usize, Vec<RecordBatch>>> = HashMap::new();
+        let mut inputs = inputs.into_iter();
+        for r in &self.reads {
+            let batches: Vec<RecordBatch> = inputs.by_ref().take(r.inputs).flatten().collect();
+            given
+                .entry(r.stage)
+                .or_default()
+                .insert(r.partition, batches);
+        }
+        let codec = StageCodec {
+            given: Mutex::new(given),
+        };
+        let task_ctx = ctx.session_state().task_ctx();
+        let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+            &self.plan, &task_ctx, &codec,
+        )
+        .with_context(|| format!("rebuilding {}", self.label))?;
+        let plan = volley_connectors::name_file_errors(plan)?;
+        let label = &self.label;
+        match self.kind {
+            StageKind::Gather => run_partition(&ctx, &plan, self.partition, task_ctx)
+                .map_err(|e| e.context(label.clone())),
+            StageKind::Exchange { partitions } => {
+                let r = plan.downcast_ref::<RepartitionExec>().ok_or_else(|| {
+                    VolleyError::internal(format!("{label}: an exchange stage's root"))
+                })?;
+                let exprs = match r.partitioning() {
+                    Partitioning::Hash(exprs, _) => Some(exprs.clone()),
+                    _ => None,
+                };
+                let batches = run_partition(&ctx, r.input(), self.partition, task_ctx)
+                    .map_err(|e| e.context(label.clone()))?;
+                let routes = route(&batches, exprs.as_deref(), partitions, self.partition)?;
+                batches_per_partition(&batches, &routes, partitions)
+            }
+        }
+    }
+}
+
+/// The batches of partition `p` of `plan`, run on the context's runtime (operators
+/// spawn their work onto the runtime that executes them).
+fn run_partition(
+    ctx: &Context,
+    plan: &Arc<dyn ExecutionPlan>,
+    p: usize,
+    task_ctx: Arc<DfTaskContext>,
+) -> Result<Vec<RecordBatch>> {
+    let run = async {
+        let stream = plan.execute(p, task_ctx)?;
+        datafusion::physical_plan::common::collect(stream).await
+    };
+    Ok(ctx.exec_context().block_on(run)?)
+}
+
+/// The output partition of each row of each batch: by the hash of `exprs`, or (no
+/// expressions) round robin by batch, starting where the task's number says.
+fn route(
+    batches: &[RecordBatch],
+    exprs: Option<&[Arc<dyn PhysicalExpr>]>,
+    n: usize,
+    task: usize,
+) -> Result<Vec<Vec<usize>>> {
+    let mut hashes = Vec::new();
+    batches
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match exprs {
+            Some(exprs) => {
+                let cols = exprs
+                    .iter()
+                    .map(|e| Ok(e.evaluate(b)?.into_array(b.num_rows())?))
+                    .collect::<Result<Vec<_>>>()?;
+                volley_exec::hash_partitions(&cols, n, &mut hashes)
+            }
+            None => Ok(vec![(task + i) % n; b.num_rows()]),
+        })
+        .collect()
+}
+
+/// A read of a stage's output: on the driver, from the cluster's objects; in a
+/// stage's task, from the batches the task was given.
+enum Source {
+    Cluster(Arc<Stage>),
+    Given(HashMap<usize, Vec<RecordBatch>>),
+}
+
+/// The output of a stage, in the plan of the stage (or the driver) that reads it.
+pub(crate) struct ClusterStageExec {
+    stage_id: usize,
+    source: Source,
+    properties: Arc<PlanProperties>,
+    /// Partitions this process has yet to read to the end (a gather on the driver:
+    /// when none are left, the stages' objects are freed).
+    unread: Arc<AtomicUsize>,
+}
+
+impl fmt::Debug for ClusterStageExec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClusterStageExec({})", self.stage_id)
+    }
+}
+
+impl ClusterStageExec {
+    fn on_driver(stage: Arc<Stage>, properties: Arc<PlanProperties>) -> Arc<dyn ExecutionPlan> {
+        let n = properties.partitioning.partition_count();
+        Arc::new(Self {
+            stage_id: stage.id,
+            source: Source::Cluster(stage),
+            properties,
+            unread: Arc::new(AtomicUsize::new(n)),
+        })
+    }
+
+    fn given(
+        stage_id: usize,
+        schema: SchemaRef,
+        partitions: usize,
+        batches: HashMap<usize, Vec<RecordBatch>>,
+    ) -> Self {
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(partitions),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Self {
+            stage_id,
+            source: Source::Given(batches),
+            properties: Arc::new(properties),
+            unread: Arc::new(AtomicUsize::new(partitions)),
+        }
+    }
+
+    /// Shows the stages below a plan, each under a heading (for `explain`).
+    pub(crate) fn describe_stages(plan: &Arc<dyn ExecutionPlan>) -> String {
+        let mut stages = BTreeMap::new();
+        fn walk(plan: &Arc<dyn ExecutionPlan>, stages: &mut BTreeMap<usize, Arc<Stage>>) {
+            let _ = plan.apply(|node| {
+                if let Some(s) = node.downcast_ref::<ClusterStageExec>() {
+                    if let Source::Cluster(stage) = &s.source {
+                        if !stages.contains_key(&stage.id) {
+                            stages.insert(stage.id, Arc::clone(stage));
+                            walk(&stage.plan, stages);
+                        }
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+        }
+        walk(plan, &mut stages);
+        let mut out = String::new();
+        for (id, s) in stages.iter().rev() {
+            let what = match s.kind {
+                StageKind::Exchange { partitions } => {
+                    format!("{} map tasks into {partitions} partitions", s.tasks)
+                }
+                StageKind::Gather => format!("{} tasks", s.tasks),
+            };
+            out.push_str(&format!("Stage {id} on the cluster's nodes ({what}):\n"));
+            let text = datafusion::physical_plan::displayable(s.plan.as_ref())
+                .indent(true)
+                .to_string();
+            for line in text.lines() {
+                out.push_str("  ");
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl DisplayAs for ClusterStageExec {
+    fn fmt_as(&self, _: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let n = self.properties.partitioning.partition_count();
+        write!(
+            f,
+            "ClusterStageExec: stage {}, {n} partitions",
+            self.stage_id
+        )
+    }
+}
+
+/// Batches handed over from a blocking reader thread.
+type Handover = tokio::sync::mpsc::Sender<DfResult<RecordBatch>>;
+
+impl ExecutionPlan for ClusterStageExec {
+    fn name(&self) -> &str {
+        "ClusterStageExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
+    ) -> DfResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            Err(DataFusionError::Internal(
+                "a cluster stage's output has no children".into(),
+            ))
+        }
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<DfTaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
+        let schema = self.schema();
+        match &self.source {
+            Source::Given(parts) => {
+                let batches = parts.get(&partition).cloned().ok_or_else(|| {
+                    DataFusionError::Internal(format!(
+                        "partition {partition} of stage {} was not given to this task",
+                        self.stage_id
+                    ))
+                })?;
+                Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
+            }
+            Source::Cluster(stage) => {
+                if stage.kind != StageKind::Gather {
+                    return Err(DataFusionError::Internal(format!(
+                        "stage {} is an exchange, read only by stages",
+                        stage.id
+                    )));
+                }
+                let outputs = stage.outputs()?;
+                let object = outputs.get(partition).cloned().ok_or_else(|| {
+                    DataFusionError::Internal(format!(
+                        "stage {} has no partition {partition}",
+                        stage.id
+                    ))
+                })?;
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                let cluster = stage.cluster.clone();
+                let label = format!("stage {} task {partition}", stage.id);
+                let (unread, stage) = (Arc::clone(&self.unread), Arc::clone(stage));
+                let read = move |tx: &Handover| -> Result<()> {
+                    let batches = cluster.get(&object).map_err(|e| e.context(label))?;
+                    drop(object);
+                    for b in batches {
+                        if tx.blocking_send(Ok(b)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    // The last partition read to its end frees every stage's objects.
+                    if unread.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        stage.release();
+                    }
+                    Ok(())
+                };
+                // Cluster calls block: on a thread of their own, handing batches over.
+                std::thread::Builder::new()
+                    .name("volley-stage-read".into())
+                    .spawn(move || {
+                        if let Err(e) = read(&tx) {
+                            let _ = tx.blocking_send(Err(e.into()));
+                        }
+                    })
+                    .map_err(|e| {
+                        DataFusionError::Execution(format!("cannot start a thread: {e}"))
+                    })?;
+                let stream = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|x| (x, rx))
+                });
+                Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+            }
+        }
+    }
+}
+
+/// `datafusion-proto`'s codec plus the outputs of stages: as their id, schema and
+/// partition count; rebuilt with the batches a task was given.
+#[derive(Debug, Default)]
+struct StageCodec {
+    given: Mutex<HashMap<usize, HashMap<usize, Vec<RecordBatch>>>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EncodedStageRead {
+    stage: usize,
+    partitions: usize,
+    /// An IPC stream without batches.
+    schema: Vec<u8>,
+}
+
+impl PhysicalExtensionCodec for StageCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &DfTaskContext,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let Some(rest) = buf.strip_prefix(STAGE_READ_TAG) else {
+            return DefaultPhysicalExtensionCodec {}.try_decode(buf, inputs, ctx, proto_converter);
+        };
+        let read: EncodedStageRead = serde_json::from_slice(rest)
+            .map_err(|e| DataFusionError::Internal(format!("a stage read: {e}")))?;
+        let (schema, _) = from_bytes(&read.schema)?;
+        let batches = self
+            .given
+            .lock()
+            .expect("codec lock")
+            .remove(&read.stage)
+            .unwrap_or_default();
+        Ok(Arc::new(ClusterStageExec::given(
+            read.stage,
+            schema,
+            read.partitions,
+            batches,
+        )))
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> DfResult<()> {
+        let Some(s) = node.downcast_ref::<ClusterStageExec>() else {
+            return DefaultPhysicalExtensionCodec {}.try_encode(node, buf, proto_converter);
+        };
+        let read = EncodedStageRead {
+            stage: s.stage_id,
+            partitions: s.properties.partitioning.partition_count(),
+            schema: schema_bytes(&s.schema())?,
+        };
+        buf.extend_from_slice(STAGE_READ_TAG);
+        serde_json::to_writer(buf, &read)
+            .map_err(|e| DataFusionError::Internal(format!("a stage read: {e}")))
+    }
+}
+
+/// What an encoded stage read begins with.
+const STAGE_READ_TAG: &[u8] = b"volley-stage-read:";
+
+/// `plan` as `datafusion-proto` bytes.
+fn encode(plan: &Arc<dyn ExecutionPlan>) -> Result<Vec<u8>> {
+    let codec = StageCodec::default();
+    Ok(
+        datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(
+            Arc::clone(plan),
+            &codec,
+        )?
+        .to_vec(),
+    )
+}
+
+/// Whether a plan scans files (only such plans are worth cutting into stages).
+pub(crate) fn scans_files(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        found |= node
+            .downcast_ref::<DataSourceExec>()
+            .is_some_and(|d| d.data_source().downcast_ref::<FileScanConfig>().is_some());
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
+}
