@@ -31,6 +31,11 @@
 //!
 //! The figure for both is the workload's own time (without process and cluster start).
 //!
+//! With `--suite sql --tpch DIR` it runs the 22 TPC-H queries (`bench/tpch/`) through
+//! `volley sql` on the cluster (its stages on the nodes) and through the same binary in
+//! one process (the cost of distribution); the figure for both is the command's wall
+//! time, process start included, the result written to Parquet.
+//!
 //! With `--suite operate` it measures operating the cluster (no peer: Ray's head fault
 //! tolerance needs an external Redis, not run here):
 //!
@@ -419,7 +424,8 @@ struct Args {
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers/cluster_ray.py"))]
     peer: String,
     /// Which workloads: `basic` (tasks, round trip, pipeline, actor pool),
-    /// `exchange` (W4, W5, W7, W8 on TPC-H data; needs `--tpch`) or `operate` (a head
+    /// `exchange` (W4, W5, W7, W8 on TPC-H data; needs `--tpch`), `sql` (the 22 TPC-H
+    /// queries on the cluster and in one process; needs `--tpch`) or `operate` (a head
     /// restart mid-job, the head's CPU with the dashboard open).
     #[arg(long, value_enum, default_value_t = Suite::Basic)]
     suite: Suite,
@@ -435,6 +441,7 @@ struct Args {
 enum Suite {
     Basic,
     Exchange,
+    Sql,
     Operate,
 }
 
@@ -506,6 +513,9 @@ fn main() -> Result<()> {
     }
     if args.suite == Suite::Exchange {
         return exchange_suite(&args);
+    }
+    if args.suite == Suite::Sql {
+        return sql_suite(&args);
     }
     if args.suite == Suite::Operate {
         return operate_suite(&args);
@@ -684,6 +694,87 @@ fn exchange_suite(args: &Args) -> Result<()> {
             rm / vm
         );
     }
+    Ok(())
+}
+
+/// `--suite sql`: the 22 TPC-H queries through `volley sql` on the cluster and in one
+/// process.
+fn sql_suite(args: &Args) -> Result<()> {
+    let tpch = args
+        .tpch
+        .clone()
+        .ok_or_else(|| VolleyError::Config("--suite sql needs --tpch DIR".into()))?;
+    let (_, volley, _) = programs()?;
+    let work = args.work_dir.clone();
+    let cluster = LocalCluster::start(&volley, &work.join("home"), args.nodes, args.cpus_per_node)?;
+    let address = std::fs::read_to_string(work.join("home").join("head_address"))?;
+    let tables: Vec<String> = [
+        "lineitem", "orders", "customer", "part", "partsupp", "supplier", "nation", "region",
+    ]
+    .iter()
+    .map(|t| format!("--table={t}={tpch}/{t}/"))
+    .collect();
+    let queries = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/tpch");
+    // One run through the cluster first: it uploads the binary once (cached after).
+    let timed = |q: usize, on_cluster: bool| -> Result<f64> {
+        let file = format!("{queries}/q{q:02}.sql");
+        let out = work.join(format!("q{q:02}.parquet"));
+        let mut cmd = Command::new(&volley);
+        cmd.args(["sql", "-f", &file, "--output"])
+            .arg(&out)
+            .args(&tables)
+            .env("VOLLEY_HOME", work.join("home"));
+        if on_cluster {
+            cmd.env("VOLLEY_ADDRESS", &address);
+        } else {
+            cmd.env_remove("VOLLEY_ADDRESS");
+        }
+        let start = Instant::now();
+        let o = cmd.output()?;
+        let secs = start.elapsed().as_secs_f64();
+        if !o.status.success() {
+            return Err(VolleyError::execution(format!(
+                "Q{q:02} ({}): {}",
+                if on_cluster { "cluster" } else { "local" },
+                String::from_utf8_lossy(&o.stderr)
+            )));
+        }
+        Ok(secs)
+    };
+    timed(6, true)?;
+    let mut c: Vec<Vec<f64>> = vec![vec![]; 22];
+    let mut l: Vec<Vec<f64>> = vec![vec![]; 22];
+    for run in 0..args.runs {
+        for q in 1..=22 {
+            c[q - 1].push(timed(q, true)?);
+            l[q - 1].push(timed(q, false)?);
+        }
+        eprintln!(
+            "run {run}: cluster {:.1} s, one process {:.1} s",
+            c.iter().map(|v| v[run]).sum::<f64>(),
+            l.iter().map(|v| v[run]).sum::<f64>()
+        );
+    }
+    println!(
+        "TPC-H through `volley sql`: a cluster ({} nodes x {} CPUs on this machine) vs one process, medians of {} runs (seconds, process start included)",
+        args.nodes, args.cpus_per_node, args.runs
+    );
+    let (mut ct, mut lt) = (0.0, 0.0);
+    for q in 0..22 {
+        let (cm, lm) = (median(c[q].clone()), median(l[q].clone()));
+        ct += cm;
+        lt += lm;
+        println!(
+            "Q{:02}  cluster {cm:>7.2}  one process {lm:>7.2}  cluster/one {:.2}x",
+            q + 1,
+            cm / lm
+        );
+    }
+    println!(
+        "all  cluster {ct:>7.2}  one process {lt:>7.2}  cluster/one {:.2}x",
+        ct / lt
+    );
+    drop(cluster);
     Ok(())
 }
 

@@ -1963,7 +1963,9 @@ fn tpch_queries_run_in_stages_on_three_nodes_and_give_duckdbs_answers() {
     let explain = sql(5, &["--explain"]);
     let text = String::from_utf8_lossy(&explain.stdout);
     assert!(
-        text.contains("ClusterStageExec") && text.contains("HashJoinExec: mode=Partitioned"),
+        text.contains("ClusterStageExec")
+            && text.contains("map tasks into 12 partitions")
+            && text.contains("HashJoinExec"),
         "{text}"
     );
     // Every job (one per query) lists its stages' tasks with the node each ran on.

@@ -39,7 +39,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, JoinType, Result as DfResult};
-use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext as DfTaskContext};
 use datafusion::physical_expr::EquivalenceProperties;
@@ -265,15 +265,14 @@ impl Stage {
             .iter()
             .map(|(id, s)| Ok((*id, (s.kind, s.outputs()?))))
             .collect::<Result<_>>()?;
-        let plan = encode(&self.plan).with_context(|| format!("serializing stage {}", self.id))?;
         let root = task_root(&self.plan, self.kind);
         let made = (0..self.tasks)
             .map(|p| {
-                let mut needs = BTreeMap::new();
+                let mut needs = Reads::default();
                 partitions_read(root, &[p], &mut needs);
                 let mut reads = Vec::new();
                 let mut parts: Vec<(&ObjectRef, Option<u32>)> = Vec::new();
-                for (stage, partitions) in needs {
+                for (stage, partitions) in needs.stages {
                     let (kind, objects) = inputs.get(&stage).ok_or_else(|| {
                         VolleyError::internal(format!("stage {} reads stage {stage}", self.id))
                     })?;
@@ -292,10 +291,14 @@ impl Stage {
                         });
                     }
                 }
+                let plan = task_plan(&self.plan, &needs.scans)
+                    .map_err(VolleyError::from)
+                    .and_then(|plan| encode(&plan))
+                    .with_context(|| format!("serializing stage {} task {p}", self.id))?;
                 let label = format!("stage {} task {p}", self.id);
                 let task = EncodedTask::new(Box::new(QueryStageTask {
                     label: label.clone(),
-                    plan: plan.clone(),
+                    plan,
                     kind: self.kind,
                     partition: p,
                     reads,
@@ -328,14 +331,30 @@ fn task_root(plan: &Arc<dyn ExecutionPlan>, kind: StageKind) -> &Arc<dyn Executi
     }
 }
 
-/// The partitions of each stage read below `node` when it runs `partitions`.
-fn partitions_read(
-    node: &Arc<dyn ExecutionPlan>,
-    partitions: &[usize],
-    out: &mut BTreeMap<usize, BTreeSet<usize>>,
-) {
+/// What a task of a stage reads: partitions of the stages below, and of its file scans
+/// (by the scan node's address).
+#[derive(Debug, Default)]
+struct Reads {
+    stages: BTreeMap<usize, BTreeSet<usize>>,
+    scans: HashMap<usize, BTreeSet<usize>>,
+}
+
+/// An identity for a node of a plan (while the plan lives).
+fn node_key(node: &Arc<dyn ExecutionPlan>) -> usize {
+    Arc::as_ptr(node) as *const () as usize
+}
+
+/// The partitions of each stage and scan read below `node` when it runs `partitions`.
+fn partitions_read(node: &Arc<dyn ExecutionPlan>, partitions: &[usize], out: &mut Reads) {
     if let Some(s) = node.downcast_ref::<ClusterStageExec>() {
-        out.entry(s.stage_id).or_default().extend(partitions);
+        out.stages.entry(s.stage_id).or_default().extend(partitions);
+        return;
+    }
+    if node.downcast_ref::<DataSourceExec>().is_some() {
+        out.scans
+            .entry(node_key(node))
+            .or_default()
+            .extend(partitions);
         return;
     }
     let all = |c: &Arc<dyn ExecutionPlan>| -> Vec<usize> {
@@ -373,6 +392,46 @@ fn partitions_read(
             partitions_read(c, partitions, out);
         }
     }
+}
+
+/// `plan` for one task: each file scan keeps only the file groups the task reads (the
+/// others are left empty, so partitions keep their numbers), so that a task's message
+/// grows with its own files, not with every file of the stage.
+fn task_plan(
+    plan: &Arc<dyn ExecutionPlan>,
+    scans: &HashMap<usize, BTreeSet<usize>>,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    Arc::clone(plan)
+        .transform_up(|node| {
+            let Some(read) = scans.get(&node_key(&node)) else {
+                return Ok(Transformed::no(node));
+            };
+            let Some(config) = node
+                .downcast_ref::<DataSourceExec>()
+                .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
+            else {
+                return Ok(Transformed::no(node));
+            };
+            let groups = config
+                .file_groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    if read.contains(&i) {
+                        g.clone()
+                    } else {
+                        FileGroup::new(vec![])
+                    }
+                })
+                .collect();
+            let one = FileScanConfigBuilder::from(config.clone())
+                .with_file_groups(groups)
+                .build();
+            Ok(Transformed::yes(
+                DataSourceExec::from_data_source(one) as Arc<dyn ExecutionPlan>
+            ))
+        })
+        .data()
 }
 
 /// What a stage's task reads: `inputs` of its objects make `partition` of `stage`.
