@@ -65,7 +65,7 @@ use datafusion_proto::physical_plan::{
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, ResultExt, VolleyError};
 use volley_runtime::cluster::{
-    Cluster, EncodedTask, ObjectRef, RemoteTask, Resources, TaskContext, TaskOptions,
+    Cluster, EncodedTask, ObjectRef, ObjectState, RemoteTask, Resources, TaskContext, TaskOptions,
 };
 
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
@@ -641,6 +641,12 @@ impl DisplayAs for ClusterStageExec {
     }
 }
 
+/// Rows of a gathered partition read at a time.
+const READ_ROWS: u64 = 64 * 1024;
+
+/// How long one wait for a stage's task lasts before waiting again.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Batches handed over from a blocking reader thread.
 type Handover = tokio::sync::mpsc::Sender<DfResult<RecordBatch>>;
 
@@ -711,26 +717,53 @@ impl ExecutionPlan for ClusterStageExec {
                 let cluster = stage.cluster.clone();
                 let label = format!("stage {} task {partition}", stage.id);
                 let (unread, stage) = (Arc::clone(&self.unread), Arc::clone(stage));
-                let read = move |tx: &Handover| -> Result<()> {
-                    let batches = cluster.get(&object).map_err(|e| e.context(label))?;
-                    drop(object);
-                    for b in batches {
-                        if tx.blocking_send(Ok(b)).is_err() {
-                            return Ok(());
+                let read = move |tx: &Handover| -> Result<bool> {
+                    // A slice at a time: this process holds a few slices per
+                    // partition, however big the partition is.
+                    let total = loop {
+                        let state = cluster
+                            .wait_objects(std::slice::from_ref(&object), 1, WAIT)?
+                            .pop();
+                        match state {
+                            Some(ObjectState::Ready(meta)) => break meta.rows,
+                            Some(ObjectState::Failed(e)) => return Err(e.context(label)),
+                            _ => {}
                         }
+                    };
+                    let mut offset = 0;
+                    while offset < total {
+                        let rows = READ_ROWS.min(total - offset);
+                        let batches = cluster
+                            .get_rows(&object, offset, rows)
+                            .map_err(|e| e.context(label.clone()))?;
+                        for b in batches {
+                            if tx.blocking_send(Ok(b)).is_err() {
+                                // The consumer went away.
+                                return Ok(false);
+                            }
+                        }
+                        offset += rows;
                     }
-                    // The last partition read to its end frees every stage's objects.
-                    if unread.fetch_sub(1, Ordering::SeqCst) == 1 {
-                        stage.release();
-                    }
-                    Ok(())
+                    Ok(true)
                 };
                 // Cluster calls block: on a thread of their own, handing batches over.
                 std::thread::Builder::new()
                     .name("volley-stage-read".into())
                     .spawn(move || {
-                        if let Err(e) = read(&tx) {
-                            let _ = tx.blocking_send(Err(e.into()));
+                        match read(&tx) {
+                            // The last partition read to its end frees every stage's
+                            // objects.
+                            Ok(true) => {
+                                if unread.fetch_sub(1, Ordering::SeqCst) == 1 {
+                                    stage.release();
+                                }
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                // The query fails: nothing more will be read.
+                                stage.release();
+                                let _ = tx.blocking_send(Err(e.into()));
+                            }
                         }
                     })
                     .map_err(|e| {
