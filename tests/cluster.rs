@@ -1921,8 +1921,9 @@ fn sql_stages_run_on_the_cluster_nodes() {
 }
 
 /// The 22 TPC-H queries through `volley sql` on a head and three node agents give
-/// DuckDB's answers; their stages ran on all three nodes. Scale factor 1
-/// (`VOLLEY_TPCH_SCALE` to change).
+/// DuckDB's answers; their stages ran on all three nodes; and Q21 with a node agent
+/// killed (SIGKILL) mid-query gives the fault-free answer (the head re-runs the tasks
+/// whose outputs were lost). Scale factor 1 (`VOLLEY_TPCH_SCALE` to change).
 #[test]
 fn tpch_queries_run_in_stages_on_three_nodes_and_give_duckdbs_answers() {
     let mut c = TestCluster::start(5.0);
@@ -1987,6 +1988,78 @@ fn tpch_queries_run_in_stages_on_three_nodes_and_give_duckdbs_answers() {
         }
     }
     assert_eq!(nodes.len(), 3, "the stages ran on every node: {nodes:?}");
+
+    // A node agent killed with SIGKILL while Q21 runs (once some of its stage tasks
+    // have finished on that node): the answer is the fault-free one.
+    let want = sql(21, &["--format", "csv"]);
+    assert!(want.status.success());
+    let mut cmd = c.volley();
+    cmd.arg("sql")
+        .arg("-f")
+        .arg(tpch::queries().join("q21.sql"));
+    for t in &tables {
+        cmd.args(["--table", t]);
+    }
+    let running = cmd
+        .args(["--format", "csv"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (job, victim) = loop {
+        assert!(Instant::now() < deadline, "Q21's stages did not start");
+        std::thread::sleep(Duration::from_millis(100));
+        let list = c.volley().args(["job", "list"]).output().unwrap();
+        let Some(job) = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .find(|l| l.contains(" RUNNING "))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+        else {
+            continue;
+        };
+        let driver = driver_node(&c, &job);
+        let listing = c
+            .volley()
+            .args(["logs", "--job", &job, "--list"])
+            .output()
+            .unwrap();
+        let victim = String::from_utf8_lossy(&listing.stdout)
+            .lines()
+            .filter(|l| l.contains("ended") && l.contains("task query stage "))
+            .filter_map(|l| {
+                l.split_once(" on ")
+                    .map(|(_, n)| n.split(' ').next().unwrap().to_string())
+            })
+            .find(|n| *n != driver);
+        if let Some(v) = victim {
+            break (job, v);
+        }
+    };
+    let i: usize = victim.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+    let mut running = running;
+    assert!(
+        running.try_wait().unwrap().is_none(),
+        "Q21 ended before {victim} could be killed: a larger scale makes it longer"
+    );
+    kill9(c.nodes[i].id() as i32);
+    let _ = c.nodes[i].wait();
+    let got = running.wait_with_output().unwrap();
+    eprintln!(
+        "Q21: {victim} killed, {} tasks re-ran for its objects",
+        rebuilt_on(&c, &victim)
+    );
+    assert!(
+        got.status.success(),
+        "Q21 with {victim} killed ({job}): {}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        String::from_utf8_lossy(&want.stdout),
+        "Q21 with {victim} killed ({job}; {} tasks re-ran for its objects)",
+        rebuilt_on(&c, &victim)
+    );
 }
 
 /// 2 GiB flow from a stage to an actor pool to a stage between the nodes, 16 times
