@@ -871,3 +871,206 @@ pub(crate) fn scans_files(plan: &Arc<dyn ExecutionPlan>) -> bool {
     });
     found
 }
+
+#[cfg(test)]
+mod tests {
+    //! The parts of cutting a plan that need no cluster: which partitions a task reads,
+    //! the plan a task carries, and a stage read's way through `datafusion-proto`.
+    use super::*;
+    use arrow::array::Int64Array;
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::prelude::{SessionConfig, SessionContext};
+
+    /// `big` (4 files of 1,000 rows, `k` 0..4000) and `small` (one file, `k` 0..10).
+    fn context(dir: &std::path::Path) -> SessionContext {
+        let write = |path: std::path::PathBuf, from: i64, to: i64| {
+            let k = Int64Array::from_iter_values(from..to);
+            let batch = RecordBatch::try_from_iter([("k", Arc::new(k) as _)]).unwrap();
+            let mut w =
+                ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None)
+                    .unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+        };
+        for f in 0..4 {
+            std::fs::create_dir_all(dir.join("big")).unwrap();
+            write(
+                dir.join(format!("big/{f}.parquet")),
+                f * 1000,
+                f * 1000 + 1000,
+            );
+        }
+        std::fs::create_dir_all(dir.join("small")).unwrap();
+        write(dir.join("small/0.parquet"), 0, 10);
+        let mut config = SessionConfig::new().with_target_partitions(4);
+        config
+            .options_mut()
+            .optimizer
+            .enable_round_robin_repartition = false;
+        config
+            .options_mut()
+            .optimizer
+            .enable_dynamic_filter_pushdown = false;
+        let ctx = SessionContext::new_with_config(config);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for t in ["big", "small"] {
+            let path = format!("{}/{t}/", dir.display());
+            rt.block_on(ctx.register_parquet(t, &path, Default::default()))
+                .unwrap();
+        }
+        ctx
+    }
+
+    fn physical(ctx: &SessionContext, sql: &str) -> Arc<dyn ExecutionPlan> {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            ctx.sql(sql)
+                .await
+                .unwrap()
+                .create_physical_plan()
+                .await
+                .unwrap()
+        })
+    }
+
+    /// The file scans of `plan`, by the folder they read.
+    fn scans(plan: &Arc<dyn ExecutionPlan>) -> HashMap<String, Arc<dyn ExecutionPlan>> {
+        let mut out = HashMap::new();
+        let _ = plan.apply(|node| {
+            if let Some(c) = node
+                .downcast_ref::<DataSourceExec>()
+                .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
+            {
+                let file = c
+                    .file_groups
+                    .iter()
+                    .flat_map(|g| g.files())
+                    .next()
+                    .map(|f| f.object_meta.location.to_string())
+                    .unwrap_or_default();
+                let table = if file.contains("/big/") {
+                    "big"
+                } else {
+                    "small"
+                };
+                out.insert(table.to_string(), Arc::clone(node));
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        out
+    }
+
+    #[test]
+    fn a_task_reads_its_partition_of_the_probe_side_and_all_of_the_collected_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let plan = physical(&ctx, "SELECT big.k FROM small JOIN big ON small.k = big.k");
+        let join = {
+            let mut found = None;
+            let _ = plan.apply(|node| {
+                if node.downcast_ref::<HashJoinExec>().is_some() {
+                    found = Some(Arc::clone(node));
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            found.expect("a hash join")
+        };
+        assert_eq!(
+            join.downcast_ref::<HashJoinExec>()
+                .unwrap()
+                .partition_mode(),
+            &PartitionMode::CollectLeft,
+            "{}",
+            datafusion::physical_plan::displayable(plan.as_ref()).indent(true)
+        );
+        assert!(!finishes_collected_side(&plan), "an inner join");
+        let tables = scans(&plan);
+        let (big, small) = (&tables["big"], &tables["small"]);
+        let mut reads = Reads::default();
+        partitions_read(&join, &[2], &mut reads);
+        assert_eq!(reads.scans[&node_key(big)], BTreeSet::from([2]));
+        let small_groups = small.output_partitioning().partition_count();
+        assert_eq!(
+            reads.scans[&node_key(small)],
+            (0..small_groups).collect::<BTreeSet<_>>(),
+            "the build side whole"
+        );
+
+        // The task's plan keeps its own file groups only, and still has 4 partitions.
+        let mine = task_plan(&plan, &reads.scans).unwrap();
+        let kept = scans(&mine);
+        let config = kept["big"]
+            .downcast_ref::<DataSourceExec>()
+            .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
+            .unwrap();
+        let sizes: Vec<usize> = config.file_groups.iter().map(|g| g.len()).collect();
+        assert_eq!(sizes, vec![0, 0, 1, 0]);
+        assert!(encode(&mine).unwrap().len() < encode(&plan).unwrap().len());
+    }
+
+    #[test]
+    fn a_left_join_that_collects_its_left_side_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let plan = physical(
+            &ctx,
+            "SELECT small.k, big.k FROM small LEFT JOIN big ON small.k = big.k",
+        );
+        let collect_left_outer = {
+            let mut found = false;
+            let _ = plan.apply(|node| {
+                if let Some(j) = node.downcast_ref::<HashJoinExec>() {
+                    found |= j.partition_mode() == &PartitionMode::CollectLeft
+                        && j.join_type() == &JoinType::Left;
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            found
+        };
+        assert_eq!(finishes_collected_side(&plan), collect_left_outer);
+        assert!(
+            collect_left_outer,
+            "{}",
+            datafusion::physical_plan::displayable(plan.as_ref()).indent(true)
+        );
+    }
+
+    #[test]
+    fn a_stage_read_travels_as_its_id_and_schema_and_serves_what_the_task_was_given() {
+        let batch =
+            RecordBatch::try_from_iter([("k", Arc::new(Int64Array::from(vec![1, 2, 3])) as _)])
+                .unwrap();
+        let read: Arc<dyn ExecutionPlan> = Arc::new(ClusterStageExec::given(
+            7,
+            batch.schema(),
+            4,
+            HashMap::new(),
+        ));
+        let bytes = encode(&read).unwrap();
+        let codec = StageCodec {
+            given: Mutex::new(HashMap::from([(
+                7,
+                HashMap::from([(2, vec![batch.clone()])]),
+            )])),
+        };
+        let task_ctx = Arc::new(DfTaskContext::default());
+        let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+            &bytes, &task_ctx, &codec,
+        )
+        .unwrap();
+        assert_eq!(plan.output_partitioning().partition_count(), 4);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let got = rt
+            .block_on(datafusion::physical_plan::common::collect(
+                plan.execute(2, Arc::clone(&task_ctx)).unwrap(),
+            ))
+            .unwrap();
+        assert_eq!(got, vec![batch]);
+        let other = plan.execute(1, task_ctx).err().expect("not given");
+        assert!(
+            other.to_string().contains("partition 1 of stage 7"),
+            "{other}"
+        );
+    }
+}
