@@ -1912,6 +1912,35 @@ fn sql_stages_run_on_the_cluster_nodes() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&explain.stdout);
+    // A limit, and a join whose build side is any 100 rows: computed once, by one task,
+    // and read by every task of the join (each computing its own would join with
+    // different rows).
+    let source = format!("'{}/'", input.display());
+    for (query, want) in [
+        (
+            format!("SELECT x FROM {source} WHERE x % 3 = 0 ORDER BY x DESC LIMIT 3"),
+            "x\n119997\n119994\n119991\n",
+        ),
+        (
+            format!(
+                "SELECT count(*) AS n FROM {source} a JOIN (SELECT x FROM {source} LIMIT 100) b \
+                 ON a.x = b.x"
+            ),
+            "n\n100\n",
+        ),
+    ] {
+        let out = c
+            .volley()
+            .args(["sql", &query, "--format", "csv"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            want,
+            "{query}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert!(
         text.contains("ClusterStageExec: stage 2")
             && text.contains("map tasks into 12 partitions)")

@@ -112,6 +112,23 @@ pub(crate) fn stages_on_cluster(
                     ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
                 )?));
             }
+            // A join's collected side is computed once, by a stage of its own, and
+            // read whole by every task of the join: recomputed in each task, an
+            // order-dependent side (a limit, `first_value`) could differ between tasks.
+            if collects_left(&node) {
+                let left = Arc::clone(node.children()[0]);
+                if left.downcast_ref::<ClusterStageExec>().is_none() {
+                    let mut children: Vec<Arc<dyn ExecutionPlan>> =
+                        node.children().into_iter().cloned().collect();
+                    let props = Arc::clone(left.properties());
+                    let stage = new_stage(left, StageKind::Gather)?;
+                    children[0] = ClusterStageExec::on_driver(stage, props);
+                    return Ok(Transformed::yes(node.replace_children(
+                        children,
+                        ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+                    )?));
+                }
+            }
             Ok(Transformed::no(node))
         })
         .data()?;
@@ -128,7 +145,18 @@ pub(crate) fn stages_on_cluster(
     if reads_exchange {
         return Ok(None);
     }
-    Ok(Some(cut))
+    // File scans left here (a plan of one partition) still run on the nodes.
+    Ok(Some(super::scans_on_cluster(cut, cluster)?))
+}
+
+/// Whether `node` is a join that reads every partition of its left side into one
+/// table shared by all its partitions.
+fn collects_left(node: &Arc<dyn ExecutionPlan>) -> bool {
+    node.downcast_ref::<CrossJoinExec>().is_some()
+        || node.downcast_ref::<NestedLoopJoinExec>().is_some()
+        || node
+            .downcast_ref::<HashJoinExec>()
+            .is_some_and(|j| j.partition_mode() == &PartitionMode::CollectLeft)
 }
 
 /// Whether every node of `plan` travels and every repartition can be cut.
@@ -209,8 +237,8 @@ struct Stage {
     /// The stages this one reads (by id).
     inputs: HashMap<usize, Arc<Stage>>,
     cluster: Cluster,
-    /// The tasks' outputs, once submitted.
-    outputs: Mutex<Option<Arc<Vec<ObjectRef>>>>,
+    /// The tasks' outputs.
+    outputs: Mutex<Outputs>,
 }
 
 impl fmt::Debug for Stage {
@@ -249,7 +277,7 @@ impl Stage {
             tasks,
             inputs,
             cluster,
-            outputs: Mutex::new(None),
+            outputs: Mutex::new(Outputs::NotSubmitted),
         }))
     }
 
@@ -257,8 +285,15 @@ impl Stage {
     /// time. Tasks wait on the head for their inputs; nothing here waits for them.
     fn outputs(&self) -> Result<Arc<Vec<ObjectRef>>> {
         let mut outputs = self.outputs.lock().expect("stage lock");
-        if let Some(o) = &*outputs {
-            return Ok(Arc::clone(o));
+        match &*outputs {
+            Outputs::Submitted(o) => return Ok(Arc::clone(o)),
+            Outputs::Released => {
+                return Err(VolleyError::execution(format!(
+                    "stage {}: its outputs were freed (the query ended or failed)",
+                    self.id
+                )))
+            }
+            Outputs::NotSubmitted => {}
         }
         let inputs: HashMap<usize, (StageKind, Arc<Vec<ObjectRef>>)> = self
             .inputs
@@ -310,17 +345,25 @@ impl Stage {
             })
             .collect::<Result<Vec<_>>>()?;
         let made = Arc::new(made);
-        *outputs = Some(Arc::clone(&made));
+        *outputs = Outputs::Submitted(Arc::clone(&made));
         Ok(made)
     }
 
     /// Frees the outputs of this stage and of those below it.
     fn release(&self) {
-        self.outputs.lock().expect("stage lock").take();
+        *self.outputs.lock().expect("stage lock") = Outputs::Released;
         for s in self.inputs.values() {
             s.release();
         }
     }
+}
+
+/// Where a stage's outputs are.
+enum Outputs {
+    NotSubmitted,
+    Submitted(Arc<Vec<ObjectRef>>),
+    /// Freed: the query read them all, stopped or failed; never submitted again.
+    Released,
 }
 
 /// The node whose partitions a stage's tasks run: an exchange's input, or the stage.
@@ -361,11 +404,7 @@ fn partitions_read(node: &Arc<dyn ExecutionPlan>, partitions: &[usize], out: &mu
         (0..c.output_partitioning().partition_count()).collect()
     };
     let children = node.children();
-    let collects_left = node.downcast_ref::<CrossJoinExec>().is_some()
-        || node.downcast_ref::<NestedLoopJoinExec>().is_some()
-        || node
-            .downcast_ref::<HashJoinExec>()
-            .is_some_and(|j| j.partition_mode() == &PartitionMode::CollectLeft);
+    let collects_left = collects_left(node);
     if node.downcast_ref::<UnionExec>().is_some() {
         // Partition p of a union is partition p - offset of one of its inputs.
         let mut offset = 0;
@@ -475,7 +514,8 @@ impl RemoteTask for QueryStageTask {
             &self.plan, &task_ctx, &codec,
         )
         .with_context(|| format!("rebuilding {}", self.label))?;
-        let plan = volley_connectors::name_file_errors(plan)?;
+        let plan = volley_connectors::name_file_errors(plan)
+            .with_context(|| format!("rebuilding {}", self.label))?;
         let label = &self.label;
         match self.kind {
             StageKind::Gather => run_partition(&ctx, &plan, self.partition, task_ctx)
@@ -490,8 +530,9 @@ impl RemoteTask for QueryStageTask {
                 };
                 let batches = run_partition(&ctx, r.input(), self.partition, task_ctx)
                     .map_err(|e| e.context(label.clone()))?;
-                let routes = route(&batches, exprs.as_deref(), partitions, self.partition)?;
-                batches_per_partition(&batches, &routes, partitions)
+                route(&batches, exprs.as_deref(), partitions, self.partition)
+                    .and_then(|routes| batches_per_partition(&batches, &routes, partitions))
+                    .with_context(|| format!("{label}: splitting its rows into partitions"))
             }
         }
     }
@@ -717,12 +758,16 @@ impl ExecutionPlan for ClusterStageExec {
                 let cluster = stage.cluster.clone();
                 let label = format!("stage {} task {partition}", stage.id);
                 let (unread, stage) = (Arc::clone(&self.unread), Arc::clone(stage));
-                let read = move |tx: &Handover| -> Result<bool> {
+                let read = move |tx: &Handover| -> Result<()> {
                     // A slice at a time: this process holds a few slices per
                     // partition, however big the partition is.
                     let total = loop {
+                        if tx.is_closed() {
+                            return Ok(());
+                        }
                         let state = cluster
-                            .wait_objects(std::slice::from_ref(&object), 1, WAIT)?
+                            .wait_objects(std::slice::from_ref(&object), 1, WAIT)
+                            .map_err(|e| e.context(label.clone()))?
                             .pop();
                         match state {
                             Some(ObjectState::Ready(meta)) => break meta.rows,
@@ -739,26 +784,25 @@ impl ExecutionPlan for ClusterStageExec {
                         for b in batches {
                             if tx.blocking_send(Ok(b)).is_err() {
                                 // The consumer went away.
-                                return Ok(false);
+                                return Ok(());
                             }
                         }
                         offset += rows;
                     }
-                    Ok(true)
+                    Ok(())
                 };
                 // Cluster calls block: on a thread of their own, handing batches over.
                 std::thread::Builder::new()
                     .name("volley-stage-read".into())
                     .spawn(move || {
                         match read(&tx) {
-                            // The last partition read to its end frees every stage's
-                            // objects.
-                            Ok(true) => {
+                            // The last partition read to its end (or left by its
+                            // consumer) frees every stage's objects.
+                            Ok(_) => {
                                 if unread.fetch_sub(1, Ordering::SeqCst) == 1 {
                                     stage.release();
                                 }
                             }
-                            Ok(false) => {}
                             Err(e) => {
                                 // The query fails: nothing more will be read.
                                 stage.release();
