@@ -16,6 +16,7 @@
 mod context;
 mod dataset;
 mod exchange;
+mod handover;
 mod logical;
 mod lower;
 mod optimizer;

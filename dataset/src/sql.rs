@@ -29,6 +29,7 @@ use volley_connectors::{DataSource, ReadTask, ScanRequest};
 
 use crate::context::Context;
 use crate::dataset::Dataset;
+use crate::handover::thread_stream;
 
 /// SQL on a context: the statements are planned by DataFusion over its tables.
 impl Context {
@@ -446,47 +447,25 @@ impl PartitionStream for DatasetPartition {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
         let dataset = self.dataset.clone();
         // The volley execution is synchronous; it runs on its own thread and hands
         // batches over. Dropping the stream closes the channel, which ends the thread,
         // which cancels the execution.
-        let spawned = std::thread::Builder::new()
-            .name("volley-sql-scan".into())
-            .spawn(move || {
-                let stream = match dataset.iter_batches() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e.into()));
-                        return;
-                    }
-                };
-                for item in stream {
-                    // DataFusion's operators count each batch's memory: view columns
-                    // get buffers of their own so that the count is the rows'.
-                    let item = item.and_then(volley_common::compact_views);
-                    let stop = item.is_err();
-                    if tx.blocking_send(item.map_err(Into::into)).is_err() || stop {
-                        break;
-                    }
+        let stream = thread_stream("volley-sql-scan", Arc::clone(&self.schema), move |tx| {
+            for item in dataset.iter_batches()? {
+                // DataFusion's operators count each batch's memory: view columns get
+                // buffers of their own so that the count is the rows'.
+                if !tx.send(volley_common::compact_views(item?)?) {
+                    break;
                 }
-            });
-        let stream =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
-        let stream: futures::stream::BoxStream<
-            'static,
-            datafusion::common::Result<arrow::array::RecordBatch>,
-        > = match spawned {
-            Ok(_) => Box::pin(stream),
-            Err(e) => Box::pin(futures::stream::once(async move {
-                Err(datafusion::error::DataFusionError::Execution(format!(
-                    "cannot start a scan thread: {e}"
-                )))
-            })),
-        };
-        Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&self.schema),
-            stream,
-        ))
+            }
+            Ok(())
+        });
+        stream.unwrap_or_else(|e| {
+            Box::pin(RecordBatchStreamAdapter::new(
+                Arc::clone(&self.schema),
+                futures::stream::once(async move { Err(e) }),
+            ))
+        })
     }
 }

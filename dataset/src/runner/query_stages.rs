@@ -53,7 +53,6 @@ use datafusion::physical_plan::joins::{
 use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
@@ -70,6 +69,7 @@ use volley_runtime::cluster::{
 
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
 use crate::context::Context;
+use crate::handover::{thread_stream, Handover};
 
 /// The plan `plan` with its stages cut out to run on `cluster`'s nodes; `None` where
 /// the plan cannot be cut (a node `datafusion-proto` cannot carry, a repartition that
@@ -688,9 +688,6 @@ const READ_ROWS: u64 = 64 * 1024;
 /// How long one wait for a stage's task lasts before waiting again.
 const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Batches handed over from a blocking reader thread.
-type Handover = tokio::sync::mpsc::Sender<DfResult<RecordBatch>>;
-
 impl ExecutionPlan for ClusterStageExec {
     fn name(&self) -> &str {
         "ClusterStageExec"
@@ -754,7 +751,6 @@ impl ExecutionPlan for ClusterStageExec {
                         stage.id
                     ))
                 })?;
-                let (tx, rx) = tokio::sync::mpsc::channel(2);
                 let cluster = stage.cluster.clone();
                 let label = format!("stage {} task {partition}", stage.id);
                 let (unread, stage) = (Arc::clone(&self.unread), Arc::clone(stage));
@@ -782,7 +778,7 @@ impl ExecutionPlan for ClusterStageExec {
                             .get_rows(&object, offset, rows)
                             .map_err(|e| e.context(label.clone()))?;
                         for b in batches {
-                            if tx.blocking_send(Ok(b)).is_err() {
+                            if !tx.send(b) {
                                 // The consumer went away.
                                 return Ok(());
                             }
@@ -792,31 +788,16 @@ impl ExecutionPlan for ClusterStageExec {
                     Ok(())
                 };
                 // Cluster calls block: on a thread of their own, handing batches over.
-                std::thread::Builder::new()
-                    .name("volley-stage-read".into())
-                    .spawn(move || {
-                        match read(&tx) {
-                            // The last partition read to its end (or left by its
-                            // consumer) frees every stage's objects.
-                            Ok(_) => {
-                                if unread.fetch_sub(1, Ordering::SeqCst) == 1 {
-                                    stage.release();
-                                }
-                            }
-                            Err(e) => {
-                                // The query fails: nothing more will be read.
-                                stage.release();
-                                let _ = tx.blocking_send(Err(e.into()));
-                            }
-                        }
-                    })
-                    .map_err(|e| {
-                        DataFusionError::Execution(format!("cannot start a thread: {e}"))
-                    })?;
-                let stream = futures::stream::unfold(rx, |mut rx| async move {
-                    rx.recv().await.map(|x| (x, rx))
-                });
-                Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+                thread_stream("volley-stage-read", schema, move |tx| {
+                    let read = read(tx);
+                    // The last partition read to its end (or left by its consumer)
+                    // frees every stage's objects; an error (the query fails: nothing
+                    // more will be read) frees them at once.
+                    if read.is_err() || unread.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        stage.release();
+                    }
+                    read
+                })
             }
         }
     }

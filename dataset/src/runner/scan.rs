@@ -10,19 +10,18 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result as DfResult};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use volley_common::{Result, VolleyError};
 use volley_runtime::cluster::{Cluster, EncodedTask, ObjectRef, Resources, TaskOptions};
 
 use super::stage::{plan_bytes, StageInput, StageTask};
+use crate::handover::{thread_stream, Handover};
 
 /// Replaces every file scan of `plan` by a scan on `cluster`'s nodes.
 pub(crate) fn scans_on_cluster(
@@ -117,11 +116,7 @@ impl ClusterScanExec {
 }
 
 /// Runs `tasks` in order, `AHEAD` at a time, and sends their batches on.
-fn run_tasks(
-    cluster: &Cluster,
-    tasks: Vec<(String, EncodedTask)>,
-    tx: &tokio::sync::mpsc::Sender<DfResult<RecordBatch>>,
-) -> Result<()> {
+fn run_tasks(cluster: &Cluster, tasks: Vec<(String, EncodedTask)>, tx: &Handover) -> Result<()> {
     let mut pending: VecDeque<(String, EncodedTask)> = tasks.into();
     let mut running: VecDeque<(String, ObjectRef)> = VecDeque::new();
     loop {
@@ -141,7 +136,7 @@ fn run_tasks(
             .get(&object)
             .map_err(|e| e.context(format!("task {label}")))?;
         for b in batches {
-            if tx.blocking_send(Ok(b)).is_err() {
+            if !tx.send(b) {
                 // The consumer went away.
                 return Ok(());
             }
@@ -190,22 +185,10 @@ impl ExecutionPlan for ClusterScanExec {
         _context: Arc<TaskContext>,
     ) -> DfResult<SendableRecordBatchStream> {
         let tasks = self.tasks(partition)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
         let cluster = self.cluster.clone();
         // Cluster calls block: on a thread of their own, handing batches over.
-        std::thread::Builder::new()
-            .name("volley-cluster-scan".into())
-            .spawn(move || {
-                if let Err(e) = run_tasks(&cluster, tasks, &tx) {
-                    let _ = tx.blocking_send(Err(e.into()));
-                }
-            })
-            .map_err(|e| DataFusionError::Execution(format!("cannot start a thread: {e}")))?;
-        let stream =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            self.inner.schema(),
-            stream,
-        )))
+        thread_stream("volley-cluster-scan", self.inner.schema(), move |tx| {
+            run_tasks(&cluster, tasks, tx)
+        })
     }
 }
