@@ -48,6 +48,10 @@ pub struct StartArgs {
     /// Memory for objects before they spill to disk (default: 30% of --memory).
     #[arg(long)]
     object_store_memory: Option<String>,
+    /// How a node compresses objects in its files (handed over by workers, spilled)
+    /// and on their way to other nodes: none, lz4 or zstd.
+    #[arg(long, env = "VOLLEY_OBJECT_COMPRESSION", default_value = "lz4")]
+    object_compression: String,
     /// Disk for cached job files (binaries, working folders), e.g. 8GiB: a job's files
     /// are uploaded to the head and fetched by a node once per content, and the least
     /// recently used are removed past this size.
@@ -439,6 +443,11 @@ async fn wait_for_signal() {
 }
 
 fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
+    // Checked before a background agent starts: a bad value is said here.
+    let object_compression = a
+        .object_compression
+        .parse()
+        .map_err(|e: VolleyError| e.context("--object-compression"))?;
     if !a.block {
         let log = dir
             .join("logs")
@@ -500,6 +509,7 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         resources,
         gpu_ids: (0..gpus).collect(),
         object_store_memory,
+        object_compression,
         dir: dir.join("nodes").join(std::process::id().to_string()),
         // One cache for the agents of this machine.
         package_cache: dir.join("package-cache"),

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use volley_common::{ErrorReport, Result, VolleyError};
 
 use super::net::{error_report, status_error, wire_error, Channels, Head};
-use super::objects::{decode_inline, fetch, store};
+use super::objects::{decode_inline, fetch, store, ObjectCompression};
 use super::proto;
 use super::resources::Resources;
 use super::task::{encode, Payload, RemoteActor, RemoteTask};
@@ -36,6 +36,8 @@ struct Inner {
     /// How long `get` keeps trying to read an object whose copies are lost while the
     /// cluster rebuilds it.
     fetch_patience: Duration,
+    /// How `put` sends objects: as the node that started this driver compresses them.
+    compression: ObjectCompression,
 }
 
 /// Submissions on their way to the head.
@@ -537,6 +539,7 @@ impl Cluster {
             Some(j) => (j, false),
             None => (rt.block_on(attach(head.clone(), address))?, true),
         };
+        let compression = ObjectCompression::from_env()?;
         let submitted = Arc::new(Submitted::default());
         let (submits, submit_rx) = mpsc::unbounded_channel();
         rt.spawn(submit_loop(head.clone(), Arc::clone(&submitted), submit_rx));
@@ -560,6 +563,7 @@ impl Cluster {
                 submits,
                 submitted,
                 fetch_patience: Duration::from_secs(300),
+                compression,
             }),
         })
     }
@@ -714,6 +718,7 @@ impl Cluster {
         let channels = self.inner.channels.clone();
         let job = self.inner.job_id.clone();
         let oid = id.clone();
+        let compression = self.inner.compression;
         self.block_on(async move {
             let loc = head
                 .pick_object_store(proto::JobId {
@@ -727,7 +732,7 @@ impl Cluster {
                 .first()
                 .cloned()
                 .ok_or_else(|| VolleyError::execution("put: no object store"))?;
-            let bytes = store(&channels, &address, &oid, batches).await?;
+            let bytes = store(&channels, &address, &oid, batches, compression).await?;
             head.put_object(proto::PutObjectRequest {
                 job_id: job,
                 object_id: oid,

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use volley_common::{Result, VolleyError};
 
 use super::net::{status_error, Channels, Head};
-use super::package::{blob_chunks, manifest_of, safe_relative, working_dir_files};
+use super::package::{blob_chunks, manifest_of, safe_relative, working_dir_files, DigestCache};
 use super::proto;
 use super::resources::Resources;
 use super::status::{ClusterStatus, JobStatus};
@@ -421,7 +421,8 @@ pub(crate) async fn submit_job(
     // upload filled its cache in between); the second try uploads it again.
     for attempt in 0..2 {
         let listed = std::sync::Arc::clone(&files);
-        let (manifest, sources) = tokio::task::spawn_blocking(move || manifest_of(&listed))
+        let (manifest, sources) =
+            tokio::task::spawn_blocking(move || manifest_of(&listed, DigestCache::user().as_ref()))
             .await
             .map_err(|e| VolleyError::internal(format!("hashing the package: {e}")))??;
         let missing = head

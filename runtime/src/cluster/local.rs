@@ -62,6 +62,7 @@ impl LocalCluster {
             resources,
             gpu_ids,
             object_store_memory: 256 << 20,
+            object_compression: Default::default(),
             dir: dir.path().join("node"),
             package_cache: dir.path().join("node-packages"),
             package_cache_bytes: 1 << 30,

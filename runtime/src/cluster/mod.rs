@@ -60,7 +60,7 @@ pub use jobs::{
 };
 pub use local::LocalCluster;
 pub use node::{run_node, run_node_until, NodeOptions};
-pub use objects::{object_batch, ObjectReader, ObjectSlice};
+pub use objects::{object_batch, ObjectCompression, ObjectReader, ObjectSlice};
 pub use resources::Resources;
 pub use status::{ClusterStatus, JobState, JobStatus, NodeState, NodeStatus};
 pub use task::{

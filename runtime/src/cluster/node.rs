@@ -22,7 +22,10 @@ use volley_common::{Result, VolleyError};
 
 use super::auth::CheckToken;
 use super::net::{bind, status_error, wire_execution_error, Channels, Head};
-use super::objects::{decode_inline, make_shared_dir, FlightObjects, ObjectStore, SHARED_DIR_VAR};
+use super::objects::{
+    decode_inline, make_shared_dir, FlightObjects, ObjectCompression, ObjectStore,
+    COMPRESSION_VAR, SHARED_DIR_VAR,
+};
 use super::package::{check_manifest, receive_blobs, BlobCache};
 use super::proto::{self, node_command::Command, task_report::Outcome};
 use super::resources::Resources;
@@ -45,6 +48,8 @@ pub struct NodeOptions {
     pub gpu_ids: Vec<u32>,
     /// Bytes of objects kept in memory before spilling.
     pub object_store_memory: u64,
+    /// How objects are compressed in files (handed over, spilled) and between nodes.
+    pub object_compression: ObjectCompression,
     /// The node's folder: job packages, logs, spilled objects.
     pub dir: PathBuf,
     /// The folder of cached job files (the agents of one machine may share it).
@@ -240,7 +245,8 @@ pub async fn run_node_until(
     let channels = Channels::new(&options.token, &options.tls);
     let mut head = channels.head(&options.head_address)?;
     let (listener, address) = bind(&options.host, options.port).await?;
-    let mut store = ObjectStore::new(options.object_store_memory, options.dir.join("spill"));
+    let mut store = ObjectStore::new(options.object_store_memory, options.dir.join("spill"))
+        .with_compression(options.object_compression);
     if let Some(dir) = make_shared_dir() {
         store = store.with_shared_dir(dir);
     }
@@ -863,6 +869,7 @@ impl Agent {
             .env("VOLLEY_ADDRESS", &self.options.head_address)
             .env("VOLLEY_TOKEN", &self.options.token)
             .env("VOLLEY_NODE_ID", &self.node_id)
+            .env(COMPRESSION_VAR, self.options.object_compression.name())
             .env_remove("VOLLEY_TLS_CERT")
             .env_remove("VOLLEY_TLS_KEY")
             .stdin(Stdio::null())

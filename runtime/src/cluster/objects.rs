@@ -12,6 +12,11 @@
 //! hands it over (`DoAction` `adopt`); a worker reading an object of its own node asks
 //! where its file is (`locate`) and reads it. Such objects count as memory, spill like
 //! the others, and are served over Flight to other nodes from their files.
+//!
+//! The files and the Flight messages carry Arrow IPC buffers compressed as the node's
+//! [`ObjectCompression`] says (LZ4 unless told otherwise): an exchange's map output
+//! takes less of the node's memory, spills less and moves fewer bytes between nodes.
+//! Readers need no setting: each IPC message says how its buffers are compressed.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -21,7 +26,8 @@ use std::sync::{Arc, Mutex};
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::ipc::reader::{FileReader, StreamReader};
-use arrow::ipc::writer::{FileWriter, StreamWriter};
+use arrow::ipc::writer::{FileWriter, IpcWriteOptions, StreamWriter};
+use arrow::ipc::CompressionType;
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -42,6 +48,8 @@ pub struct ObjectStore {
     spill_dir: PathBuf,
     /// Where the node's workers hand over objects as files (in shared memory).
     shared_dir: Option<PathBuf>,
+    /// How spilled files and Flight transfers are compressed.
+    compression: ObjectCompression,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +82,77 @@ pub fn batches_size(batches: &[RecordBatch]) -> u64 {
     volley_common::batches_memory(batches)
 }
 
+/// The variable telling the workers and drivers a node starts how it compresses
+/// objects (its [`ObjectCompression`]).
+pub(crate) const COMPRESSION_VAR: &str = "VOLLEY_OBJECT_COMPRESSION";
+
+/// How a node compresses the Arrow buffers of the objects it writes to files (handed
+/// over by workers, spilled) and sends over Flight. Compression is per buffer, as the
+/// Arrow IPC format defines it, so any reader decodes it without being told.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ObjectCompression {
+    /// Buffers as they are in memory: no CPU spent, the most bytes kept and moved.
+    None,
+    /// LZ4 frames: fast enough to cost little next to the work that makes the data,
+    /// and typically halves the bytes of columnar data.
+    #[default]
+    Lz4,
+    /// Zstandard: fewer bytes than LZ4 for more CPU; for slow networks or disks.
+    Zstd,
+}
+
+impl ObjectCompression {
+    /// Its name, as `--object-compression` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectCompression::None => "none",
+            ObjectCompression::Lz4 => "lz4",
+            ObjectCompression::Zstd => "zstd",
+        }
+    }
+
+    /// The compression a process started by a node agent was told to use
+    /// ([`COMPRESSION_VAR`]); the default elsewhere.
+    pub(crate) fn from_env() -> Result<Self> {
+        match volley_common::env_var(COMPRESSION_VAR)? {
+            Some(v) if !v.is_empty() => v
+                .parse()
+                .map_err(|e: VolleyError| e.context(format!("${COMPRESSION_VAR}"))),
+            _ => Ok(Self::default()),
+        }
+    }
+
+    fn ipc_options(self) -> Result<IpcWriteOptions> {
+        let kind = match self {
+            ObjectCompression::None => None,
+            ObjectCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
+            ObjectCompression::Zstd => Some(CompressionType::ZSTD),
+        };
+        Ok(IpcWriteOptions::default().try_with_compression(kind)?)
+    }
+}
+
+impl std::str::FromStr for ObjectCompression {
+    type Err = VolleyError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" => Ok(ObjectCompression::None),
+            "lz4" => Ok(ObjectCompression::Lz4),
+            "zstd" => Ok(ObjectCompression::Zstd),
+            _ => Err(VolleyError::Config(format!(
+                "object compression {s:?}: expected none, lz4 or zstd"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectCompression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl ObjectStore {
     /// A store holding at most `memory_limit` bytes in memory, spilling into `spill_dir`.
     pub fn new(memory_limit: u64, spill_dir: PathBuf) -> Self {
@@ -82,7 +161,19 @@ impl ObjectStore {
             memory_limit,
             spill_dir,
             shared_dir: None,
+            compression: ObjectCompression::default(),
         }
+    }
+
+    /// Compresses spilled objects and the objects it sends over Flight with `c`.
+    pub fn with_compression(mut self, c: ObjectCompression) -> Self {
+        self.compression = c;
+        self
+    }
+
+    /// How it compresses the objects it writes and sends.
+    pub fn compression(&self) -> ObjectCompression {
+        self.compression
     }
 
     /// Takes objects handed over as files in `dir` (see [`Self::adopt`]).
@@ -179,7 +270,7 @@ impl ObjectStore {
         std::fs::create_dir_all(&self.spill_dir)?;
         let path = self.spill_dir.join(format!("{}.arrow", sanitize(id)));
         match &what {
-            ToSpill::Batches(batches) => write_file(&path, batches)
+            ToSpill::Batches(batches) => write_file(&path, batches, self.compression)
                 .map_err(|e| e.context(format!("cannot spill object to {}", path.display())))?,
             // Already an IPC file: copied out of shared memory as it is.
             ToSpill::File(from) => {
@@ -281,14 +372,19 @@ impl ObjectStore {
     }
 }
 
-/// Writes `batches` as an Arrow IPC file (a spilled or shared object).
-fn write_file(path: &Path, batches: &[RecordBatch]) -> Result<()> {
+/// Writes `batches` as an Arrow IPC file (a spilled or shared object), its buffers
+/// compressed with `compression`.
+fn write_file(path: &Path, batches: &[RecordBatch], compression: ObjectCompression) -> Result<()> {
     let schema = batches
         .first()
         .map(|b| b.schema())
         .unwrap_or_else(|| Arc::new(Schema::empty()));
     let file = std::fs::File::create(path)?;
-    let mut w = FileWriter::try_new(std::io::BufWriter::new(file), &schema)?;
+    let mut w = FileWriter::try_new_with_options(
+        std::io::BufWriter::new(file),
+        &schema,
+        compression.ipc_options()?,
+    )?;
     for b in batches {
         w.write(b)?;
     }
@@ -536,7 +632,8 @@ impl FlightService for FlightObjects {
             .into_iter()
             .map(Ok)
             .collect();
-        let mut encoder = flight_encoder(schema);
+        let mut encoder =
+            flight_encoder(schema, self.store.compression()).map_err(internal)?;
         if let Some(rows) = rows_per_batch {
             encoder = encoder.with_metadata(rows.into());
         }
@@ -637,7 +734,7 @@ const FLIGHT_VIEW_ROWS: usize = 16 * 1024;
 /// a slice of a view column (`Utf8View`, `BinaryView`) is encoded with every data buffer
 /// of the column, so a 2 MB partition went out as over 64 MB of messages. The pieces
 /// made here are cut by the bytes there are, and the encoders are told to leave them
-/// whole ([`flight_encoder`]).
+/// whole ([`flight_encoder`]). The cut is by bytes in memory, before compression.
 fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
@@ -668,11 +765,16 @@ fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
 
 /// Flight's encoder for pieces made by [`for_flight`]: it sends each as one message
 /// (its own cutting is what [`for_flight`] replaces; a limit it could reach would cut a
-/// piece whose buffers slice a larger body again).
-fn flight_encoder(schema: SchemaRef) -> FlightDataEncoderBuilder {
-    FlightDataEncoderBuilder::new()
+/// piece whose buffers slice a larger body again). Buffers are compressed with
+/// `compression`.
+fn flight_encoder(
+    schema: SchemaRef,
+    compression: ObjectCompression,
+) -> Result<FlightDataEncoderBuilder> {
+    Ok(FlightDataEncoderBuilder::new()
+        .with_options(compression.ipc_options()?)
         .with_schema(schema)
-        .with_max_flight_data_size(usize::MAX)
+        .with_max_flight_data_size(usize::MAX))
 }
 
 /// Reads an object from the Flight endpoint at `address`.
@@ -811,12 +913,14 @@ pub(crate) async fn fetch_whole(
     Ok(out)
 }
 
-/// Stores `batches` as object `id` in the store at `address`; returns its size in bytes.
+/// Stores `batches` as object `id` in the store at `address`, sent compressed with
+/// `compression`; returns its size in bytes.
 pub(crate) async fn store(
     channels: &super::net::Channels,
     address: &str,
     id: &str,
     batches: Vec<RecordBatch>,
+    compression: ObjectCompression,
 ) -> Result<u64> {
     let mut client = channels.flight(address).await?;
     let schema = batches
@@ -825,7 +929,7 @@ pub(crate) async fn store(
         .unwrap_or_else(|| Arc::new(Schema::empty()));
     let items: Vec<std::result::Result<RecordBatch, FlightError>> =
         for_flight(batches)?.into_iter().map(Ok).collect();
-    let data = flight_encoder(schema)
+    let data = flight_encoder(schema, compression)?
         .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![id.to_string()])))
         .build(futures::stream::iter(items));
     let results: Vec<PutResult> = client
@@ -905,17 +1009,19 @@ async fn action(
 }
 
 /// Hands `batches` to the store of this node at `address` as a file in its shared
-/// folder `dir` (no Flight transfer); returns the object's size.
+/// folder `dir` (no Flight transfer), compressed with `compression`; returns the
+/// object's size (the file's).
 pub(crate) async fn store_shared(
     channels: &super::net::Channels,
     address: &str,
     dir: &Path,
     id: &str,
     batches: &[RecordBatch],
+    compression: ObjectCompression,
 ) -> Result<u64> {
     let name = format!("{}-{:016x}.arrow", sanitize(id), rand::random::<u64>());
     let path = dir.join(&name);
-    let adopted = match write_file(&path, batches) {
+    let adopted = match write_file(&path, batches, compression) {
         Ok(()) => action(channels, address, ACTION_ADOPT, format!("{id}\0{name}"))
             .await
             .and_then(|b| {
@@ -1283,7 +1389,7 @@ mod tests {
         let b = RecordBatch::try_from_iter(columns).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.arrow");
-        write_file(&path, std::slice::from_ref(&b)).unwrap();
+        write_file(&path, std::slice::from_ref(&b), ObjectCompression::None).unwrap();
         let read = read_file_batch(&path, 0).unwrap();
         let size = volley_common::batch_memory(&read[0]);
         let pieces = for_flight(read).unwrap();
@@ -1292,7 +1398,8 @@ mod tests {
             b
         );
         let sent: usize = futures::executor::block_on(
-            flight_encoder(b.schema())
+            flight_encoder(b.schema(), ObjectCompression::None)
+                .unwrap()
                 .build(futures::stream::iter(pieces.into_iter().map(Ok)))
                 .map_ok(|d| d.data_body.len())
                 .try_collect::<Vec<_>>(),
@@ -1304,6 +1411,67 @@ mod tests {
             (sent as u64) < size * 3 / 2,
             "{sent} bytes sent for a batch of {size}"
         );
+    }
+
+    /// Each compression writes files and Flight messages that read back as the same
+    /// batches, one by one through the file's index too; LZ4 and ZSTD take fewer bytes
+    /// than none for columnar data; an unknown name is refused with the choices.
+    #[test]
+    fn compressed_objects_read_back_the_same_and_take_fewer_bytes() {
+        use arrow::array::{ArrayRef, StringArray};
+        let dir = tempfile::tempdir().unwrap();
+        let batches: Vec<RecordBatch> = (0..3)
+            .map(|p| {
+                RecordBatch::try_from_iter([
+                    (
+                        "k",
+                        Arc::new(Int64Array::from_iter_values((0..50_000).map(|i| i % 97 + p)))
+                            as ArrayRef,
+                    ),
+                    (
+                        "s",
+                        Arc::new(StringArray::from_iter_values(
+                            (0..50_000).map(|i| format!("flag-{}", i % 3)),
+                        )),
+                    ),
+                ])
+                .unwrap()
+            })
+            .collect();
+        let mut sizes = HashMap::new();
+        for c in [
+            ObjectCompression::None,
+            ObjectCompression::Lz4,
+            ObjectCompression::Zstd,
+        ] {
+            let path = dir.path().join(format!("{c}.arrow"));
+            write_file(&path, &batches, c).unwrap();
+            assert_eq!(read_file(&path).unwrap(), batches, "{c}");
+            assert_eq!(read_file_batch(&path, 2).unwrap(), vec![batches[2].clone()], "{c}");
+            sizes.insert(c, std::fs::metadata(&path).unwrap().len());
+            let data: Vec<FlightData> = futures::executor::block_on(
+                flight_encoder(batches[0].schema(), c)
+                    .unwrap()
+                    .build(futures::stream::iter(batches.clone().into_iter().map(Ok)))
+                    .try_collect(),
+            )
+            .unwrap();
+            let back: Vec<RecordBatch> = futures::executor::block_on(
+                FlightRecordBatchStream::new_from_flight_data(futures::stream::iter(
+                    data.into_iter().map(Ok),
+                ))
+                .try_collect(),
+            )
+            .unwrap();
+            assert_eq!(back, batches, "{c} over Flight");
+        }
+        let none = sizes[&ObjectCompression::None];
+        for c in [ObjectCompression::Lz4, ObjectCompression::Zstd] {
+            assert!(sizes[&c] * 2 < none, "{c}: {} bytes vs {none} uncompressed", sizes[&c]);
+        }
+        assert_eq!("LZ4".parse::<ObjectCompression>().unwrap(), ObjectCompression::Lz4);
+        let e = "snappy".parse::<ObjectCompression>().unwrap_err().to_string();
+        assert!(e.contains("snappy") && e.contains("none, lz4 or zstd"), "{e}");
     }
 
     #[test]

@@ -73,31 +73,34 @@ pub fn check_digest(digest: &str) -> Result<()> {
     }
 }
 
-/// The manifest of local files `(relative path, file, mode)`, hashing each, and where
-/// each digest's bytes are on this machine.
+/// The manifest of local files `(relative path, file, mode)`, hashing each (or taking
+/// its digest from `known`), and where each digest's bytes are on this machine.
 pub fn manifest_of(
     files: &[(String, PathBuf, u32)],
+    known: Option<&DigestCache>,
 ) -> Result<(PackageManifest, HashMap<String, PathBuf>)> {
     let mut manifest = PackageManifest::default();
     let mut sources = HashMap::new();
     for (rel, path, mode) in files {
         safe_relative(rel)?;
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| VolleyError::Io(e).context(format!("cannot read {}", path.display())))?;
-        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = file.read(&mut buf).map_err(|e| {
-                VolleyError::Io(e).context(format!("cannot read {}", path.display()))
-            })?;
-            if n == 0 {
-                break;
+        let cannot_read =
+            |e: std::io::Error| VolleyError::Io(e).context(format!("cannot read {}", path.display()));
+        let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+        let before = file.metadata().map_err(cannot_read)?;
+        let (digest, size) = match known.and_then(|k| k.get(&before)) {
+            Some(digest) => (digest, before.len()),
+            None => {
+                let (digest, size) = hash_file(&mut file).map_err(cannot_read)?;
+                // Remembered only if the file did not change while it was read.
+                let after = std::fs::metadata(path).map_err(cannot_read)?;
+                if let Some(k) = known {
+                    if file_identity(&before) == file_identity(&after) && size == after.len() {
+                        k.put(&after, &digest);
+                    }
+                }
+                (digest, size)
             }
-            hasher.update(&buf[..n]);
-            size += n as u64;
-        }
-        let digest = hex(hasher.finish().as_ref());
+        };
         sources.insert(digest.clone(), path.clone());
         manifest.files.push(PackageFile {
             path: rel.clone(),
@@ -107,6 +110,110 @@ pub fn manifest_of(
         });
     }
     Ok((manifest, sources))
+}
+
+/// The SHA-256 of what is left to read in `file`, and its bytes.
+fn hash_file(file: &mut std::fs::File) -> std::io::Result<(String, u64)> {
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex(hasher.finish().as_ref()), size))
+}
+
+/// What tells one version of a file from another without reading it: its device and
+/// inode, size, and times of last modification and of last change (which no one can set
+/// back: rewriting a file with its old modification time still moves it).
+fn file_identity(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{:x}-{:x}-{:x}-{}.{:09}-{}.{:09}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
+}
+
+/// Digests of local files already hashed, by [`file_identity`], one small file each in
+/// a folder: a program that joins a cluster for every query (`volley sql --address`)
+/// hashes its binary of tens of MB once per build, not once per run. The head still
+/// checks every byte it receives against its digest.
+#[derive(Debug)]
+pub struct DigestCache {
+    dir: PathBuf,
+}
+
+/// Entries a [`DigestCache`] keeps; past this the oldest half goes.
+const DIGESTS_KEPT: usize = 4096;
+
+impl DigestCache {
+    /// The cache in `dir` (created).
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| VolleyError::Io(e).context(format!("cannot create {}", dir.display())))?;
+        Ok(Self { dir })
+    }
+
+    /// The user's cache: `$XDG_CACHE_HOME/volley/digests`, else
+    /// `~/.cache/volley/digests`; `None` where neither can be made (files are then
+    /// hashed every time).
+    pub fn user() -> Option<Self> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|d| !d.is_empty())
+                    .map(|h| PathBuf::from(h).join(".cache"))
+            })?;
+        Self::open(base.join("volley").join("digests")).ok()
+    }
+
+    fn get(&self, m: &std::fs::Metadata) -> Option<String> {
+        let digest = std::fs::read_to_string(self.dir.join(file_identity(m))).ok()?;
+        check_digest(&digest).ok()?;
+        Some(digest)
+    }
+
+    /// Remembers `digest` for the file `m` describes; failures only cost a later hash.
+    fn put(&self, m: &std::fs::Metadata, digest: &str) {
+        let Ok(mut tmp) = tempfile::NamedTempFile::new_in(&self.dir) else {
+            return;
+        };
+        if tmp.write_all(digest.as_bytes()).is_ok() {
+            let _ = tmp.persist(self.dir.join(file_identity(m)));
+        }
+        self.trim();
+    }
+
+    /// Keeps at most [`DIGESTS_KEPT`] entries, the newest.
+    fn trim(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut entries: Vec<(std::time::SystemTime, PathBuf)> = dir
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if entries.len() <= DIGESTS_KEPT {
+            return;
+        }
+        entries.sort();
+        for (_, path) in &entries[..entries.len() - DIGESTS_KEPT / 2] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Checks a manifest received from elsewhere: safe paths, each once, valid digests, and
@@ -600,7 +707,7 @@ mod tests {
         std::fs::write(src.join("same"), vec![7u8; CHUNK + 10]).unwrap();
         std::fs::write(src.join("run.sh"), b"echo hi").unwrap();
         let files = working_dir_files(&src).unwrap();
-        let (manifest, sources) = manifest_of(&files).unwrap();
+        let (manifest, sources) = manifest_of(&files, None).unwrap();
         assert_eq!(manifest.files.len(), 3);
         // Two files with the same bytes are one blob.
         assert_eq!(sources.len(), 2);
@@ -638,6 +745,39 @@ mod tests {
             .unwrap()
             .digest;
         assert_eq!(std::fs::read(head.path(d)).unwrap(), b"echo hi");
+    }
+
+    /// A file's digest is taken from the cache while the file is unchanged; a file
+    /// rewritten (even to the same size and modification time) is hashed again.
+    #[test]
+    fn digests_are_remembered_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DigestCache::open(dir.path().join("digests")).unwrap();
+        let file = dir.path().join("prog");
+        std::fs::write(&file, b"version one").unwrap();
+        let files = vec![("bin/prog".to_string(), file.clone(), 0o755)];
+        let digest = |files: &[(String, PathBuf, u32)]| {
+            manifest_of(files, Some(&cache)).unwrap().0.files[0].digest.clone()
+        };
+        let first = digest(&files);
+        assert_eq!(first, digest_of(b"version one"));
+        assert_eq!(std::fs::read_dir(dir.path().join("digests")).unwrap().count(), 1);
+        // Remembered: a wrong entry for the same identity would be believed.
+        let meta = std::fs::metadata(&file).unwrap();
+        cache.put(&meta, &digest_of(b"remembered"));
+        assert_eq!(digest(&files), digest_of(b"remembered"));
+        // Rewritten with the same length and modification time: hashed again.
+        let mtime = meta.modified().unwrap();
+        // File times move by the kernel's clock tick: let one pass.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&file, b"version two").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(digest(&files), digest_of(b"version two"));
     }
 
     #[test]

@@ -12,8 +12,8 @@ use volley_common::{ErrorReport, Result, VolleyError};
 
 use super::net::{wire_error, wire_execution_error, Channels};
 use super::objects::{
-    decode_inline, encode_inline, fetch_range, fetch_shared, store, store_shared, Selection,
-    SHARED_DIR_VAR,
+    decode_inline, encode_inline, fetch_range, fetch_shared, store, store_shared,
+    ObjectCompression, Selection, SHARED_DIR_VAR,
 };
 use super::proto::{self, task_report::Outcome};
 use super::task::{
@@ -65,6 +65,7 @@ fn worker_loop() -> Result<()> {
         shared_dir: volley_common::env_var(SHARED_DIR_VAR)?
             .filter(|d| !d.is_empty())
             .map(std::path::PathBuf::from),
+        compression: ObjectCompression::from_env()?,
     };
     let mut failures = 0;
     // The next task, when the agent handed it over with the last result's answer.
@@ -179,6 +180,8 @@ struct Link<'a> {
     node_id: &'a str,
     /// The node's shared-memory folder: objects of this node move through it as files.
     shared_dir: Option<std::path::PathBuf>,
+    /// How the node compresses objects: results are written and sent so.
+    compression: ObjectCompression,
 }
 
 impl Link<'_> {
@@ -323,12 +326,13 @@ impl Link<'_> {
             .map(volley_common::compact_bloated_views)
             .collect::<Result<Vec<_>>>()?;
         if let Some(dir) = &self.shared_dir {
-            match store_shared(self.channels, self.agent_address, dir, id, &batches).await {
+            let c = self.compression;
+            match store_shared(self.channels, self.agent_address, dir, id, &batches, c).await {
                 Ok(bytes) => return Ok(bytes),
                 Err(e) => warn!("object {id}: cannot hand it over as a file ({e}); sending it"),
             }
         }
-        store(self.channels, self.agent_address, id, batches).await
+        store(self.channels, self.agent_address, id, batches, self.compression).await
     }
 }
 
