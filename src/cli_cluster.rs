@@ -49,8 +49,9 @@ pub struct StartArgs {
     #[arg(long)]
     object_store_memory: Option<String>,
     /// How a node compresses objects in its files (handed over by workers, spilled)
-    /// and on their way to other nodes: none, lz4 or zstd.
-    #[arg(long, env = "VOLLEY_OBJECT_COMPRESSION", default_value = "lz4")]
+    /// and on their way to other nodes: auto (LZ4 for objects sent to other hosts
+    /// only), none, lz4 or zstd.
+    #[arg(long, env = "VOLLEY_OBJECT_COMPRESSION", default_value = "auto")]
     object_compression: String,
     /// Disk for cached job files (binaries, working folders), e.g. 8GiB: a job's files
     /// are uploaded to the head and fetched by a node once per content, and the least

@@ -148,74 +148,96 @@ fn run(cli: Cli) -> Result<()> {
             }
             config.set("volley.exec.preserve_order", "true")?;
             let mut ctx = Context::try_new(config)?;
-            if let Some(cluster) = conn.cluster_if_named()? {
-                ctx = ctx.with_cluster(cluster);
+            let cluster = conn.cluster_if_named()?;
+            if let Some(cluster) = &cluster {
+                ctx = ctx.with_cluster(cluster.clone());
             }
-            let mut files = Vec::new();
-            for t in &tables {
-                let (name, path) = t
-                    .split_once('=')
-                    .ok_or_else(|| VolleyError::plan(format!("--table {t}: expected NAME=PATH")))?;
-                files.push((name.to_string(), path.to_string()));
-            }
-            let files_ref: Vec<(&str, &str)> = files
-                .iter()
-                .map(|(a, b)| (a.as_str(), b.as_str()))
-                .collect();
-            let ds = ctx.sql_with_files(&query, &files_ref)?;
-            if explain {
-                println!("{}", ds.explain()?);
-                return Ok(());
-            }
-            if let Some(path) = output {
-                let (fmt, compression) = volley::crates::connectors::WriteFormat::from_path(&path)
-                    .ok_or_else(|| {
-                        VolleyError::plan(format!(
-                            "--output {path}: use a .parquet, .csv or .json file name"
-                        ))
-                    })?;
-                let summary = ds
-                    .write(&path, fmt)
-                    .compression(compression)
-                    .mode(volley::WriteMode::Overwrite)
-                    .single_file()
-                    .run()?;
-                eprintln!("wrote {} rows to {path}", summary.rows);
-                if stats {
-                    print_stats(&ds);
-                }
-                return Ok(());
-            }
-            let stdout = std::io::stdout();
-            let mut out = stdout.lock();
-            match format {
-                Format::Table => {
-                    let batches = ds.collect()?;
-                    let text = volley::arrow::util::pretty::pretty_format_batches(&batches)?;
-                    writeln!(out, "{text}")?;
-                }
-                Format::Csv => {
-                    let mut w = volley::arrow::csv::WriterBuilder::new()
-                        .with_header(true)
-                        .build(&mut out);
-                    for b in ds.iter_batches()? {
-                        w.write(&b?)?;
-                    }
-                }
-                Format::Json => {
-                    let mut w = volley::arrow::json::LineDelimitedWriter::new(&mut out);
-                    for b in ds.iter_batches()? {
-                        w.write(&b?)?;
-                    }
-                    w.finish()?;
+            let ran = run_sql(&ctx, &query, &tables, format, output, explain, stats);
+            // The query's job ends here, whatever threads still hold the cluster.
+            if let Some(cluster) = &cluster {
+                match &ran {
+                    Ok(()) => cluster.end_attached_job(0, ""),
+                    Err(e) => cluster.end_attached_job(1, &e.to_string()),
                 }
             }
-            if stats {
-                print_stats(&ds);
-            }
-            Ok(())
+            ran
         }
     }
+}
+
+/// `volley sql` after its context is made: runs the query, prints or writes its result.
+fn run_sql(
+    ctx: &Context,
+    query: &str,
+    tables: &[String],
+    format: Format,
+    output: Option<String>,
+    explain: bool,
+    stats: bool,
+) -> Result<()> {
+    let mut files = Vec::new();
+    for t in tables {
+        let (name, path) = t
+            .split_once('=')
+            .ok_or_else(|| VolleyError::plan(format!("--table {t}: expected NAME=PATH")))?;
+        files.push((name.to_string(), path.to_string()));
+    }
+    let files_ref: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let ds = ctx.sql_with_files(query, &files_ref)?;
+    if explain {
+        println!("{}", ds.explain()?);
+        return Ok(());
+    }
+    if let Some(path) = output {
+        let (fmt, compression) = volley::crates::connectors::WriteFormat::from_path(&path)
+            .ok_or_else(|| {
+                VolleyError::plan(format!(
+                    "--output {path}: use a .parquet, .csv or .json file name"
+                ))
+            })?;
+        let summary = ds
+            .write(&path, fmt)
+            .compression(compression)
+            .mode(volley::WriteMode::Overwrite)
+            .single_file()
+            .run()?;
+        eprintln!("wrote {} rows to {path}", summary.rows);
+        if stats {
+            print_stats(&ds);
+        }
+        return Ok(());
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match format {
+        Format::Table => {
+            let batches = ds.collect()?;
+            let text = volley::arrow::util::pretty::pretty_format_batches(&batches)?;
+            writeln!(out, "{text}")?;
+        }
+        Format::Csv => {
+            let mut w = volley::arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            for b in ds.iter_batches()? {
+                w.write(&b?)?;
+            }
+        }
+        Format::Json => {
+            let mut w = volley::arrow::json::LineDelimitedWriter::new(&mut out);
+            for b in ds.iter_batches()? {
+                w.write(&b?)?;
+            }
+            w.finish()?;
+        }
+    }
+    if stats {
+        print_stats(&ds);
+    }
+    Ok(())
 }
 
 /// Statistics of the last execution and the peak RSS, on stderr.

@@ -1941,6 +1941,14 @@ fn sql_stages_run_on_the_cluster_nodes() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // Each command's job ended with it, succeeded (not failed when its heartbeats
+    // stopped, nor still running).
+    let list = c.volley().args(["job", "list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.lines().count() == 4 && list.lines().all(|l| l.contains("SUCCEEDED")),
+        "{list}"
+    );
     assert!(
         text.contains("ClusterStageExec: stage 2")
             && text.contains("map tasks into 12 partitions)")

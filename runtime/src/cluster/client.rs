@@ -7,7 +7,7 @@
 //! rest of volley's user API.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,8 @@ struct Inner {
     fetch_patience: Duration,
     /// How `put` sends objects: as the node that started this driver compresses them.
     compression: ObjectCompression,
+    /// The attached job was ended ([`Cluster::end_attached_job`]).
+    ended: AtomicBool,
 }
 
 /// Submissions on their way to the head.
@@ -116,24 +118,28 @@ async fn submit_loop(
     }
 }
 
+impl Inner {
+    /// Tells the head this attached driver is done, once.
+    fn end_attached(&self, exit_code: i32, error: &str) {
+        if !self.attached || self.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut head = self.head.clone();
+        let exit = proto::DriverExit {
+            node_id: String::new(),
+            job_id: self.job_id.clone(),
+            exit_code,
+            error: error.to_string(),
+        };
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(2), head.report_driver_exit(exit)).await
+        });
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        if self.attached {
-            let mut head = self.head.clone();
-            let job = self.job_id.clone();
-            let _ = self.rt.block_on(async move {
-                tokio::time::timeout(
-                    Duration::from_secs(2),
-                    head.report_driver_exit(proto::DriverExit {
-                        node_id: String::new(),
-                        job_id: job,
-                        exit_code: 0,
-                        error: String::new(),
-                    }),
-                )
-                .await
-            });
-        }
+        self.end_attached(0, "");
     }
 }
 
@@ -564,6 +570,7 @@ impl Cluster {
                 submitted,
                 fetch_patience: Duration::from_secs(300),
                 compression,
+                ended: AtomicBool::new(false),
             }),
         })
     }
@@ -571,6 +578,16 @@ impl Cluster {
     /// The head's address.
     pub fn address(&self) -> &str {
         &self.inner.address
+    }
+
+    /// Ends the job this program joined the cluster as (an attached job; nothing for a
+    /// submitted one, which ends with its driver process): succeeded with `exit_code`
+    /// 0, else failed with `error`. Its workers stop and its objects are freed. The last
+    /// handle's drop does the same; a program that returns from `main` while other
+    /// threads may still hold handles calls this first, or the head learns of its end
+    /// only when its heartbeats stop, and calls it failed.
+    pub fn end_attached_job(&self, exit_code: i32, error: &str) {
+        self.inner.end_attached(exit_code, error);
     }
 
     /// The job this connection works for.

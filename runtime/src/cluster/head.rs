@@ -648,6 +648,10 @@ impl HeadCore {
                     resources,
                 },
             );
+            // The nodes get the job's package and workers ready meanwhile.
+            for n in s.nodes.values().filter(|n| n.takes_work()) {
+                n.send(Command::PrepareJob(id.clone()));
+            }
         });
         // Kept before it is acknowledged: a head killed now still has it.
         if let Err(e) = self.persist() {

@@ -423,8 +423,8 @@ pub(crate) async fn submit_job(
         let listed = std::sync::Arc::clone(&files);
         let (manifest, sources) =
             tokio::task::spawn_blocking(move || manifest_of(&listed, DigestCache::user().as_ref()))
-            .await
-            .map_err(|e| VolleyError::internal(format!("hashing the package: {e}")))??;
+                .await
+                .map_err(|e| VolleyError::internal(format!("hashing the package: {e}")))??;
         let missing = head
             .missing_blobs(manifest.clone())
             .await

@@ -23,8 +23,8 @@ use volley_common::{Result, VolleyError};
 use super::auth::CheckToken;
 use super::net::{bind, status_error, wire_execution_error, Channels, Head};
 use super::objects::{
-    decode_inline, make_shared_dir, FlightObjects, ObjectCompression, ObjectStore,
-    COMPRESSION_VAR, SHARED_DIR_VAR,
+    decode_inline, make_shared_dir, FlightObjects, ObjectCompression, ObjectStore, COMPRESSION_VAR,
+    SHARED_DIR_VAR,
 };
 use super::package::{check_manifest, receive_blobs, BlobCache};
 use super::proto::{self, node_command::Command, task_report::Outcome};
@@ -120,6 +120,9 @@ pub struct Agent {
     state: Mutex<AgentState>,
     changed: Notify,
     jobs: Mutex<HashMap<String, JobCell>>,
+    /// Held while a job's package files are fetched: jobs started together (each
+    /// prepared at once) fetch a binary they share once, not each.
+    fetching: tokio::sync::Mutex<()>,
     max_workers: usize,
     spawner: Spawner,
     reports: mpsc::UnboundedSender<PendingReport>,
@@ -289,6 +292,7 @@ pub async fn run_node_until(
         state: Mutex::default(),
         changed: Notify::new(),
         jobs: Mutex::default(),
+        fetching: tokio::sync::Mutex::new(()),
         max_workers,
         spawner: Spawner::start(tokio::runtime::Handle::current())?,
         reports,
@@ -492,6 +496,9 @@ impl Agent {
                 }
             }
             Command::FreeObjects(ids) => self.store.free(&ids.ids),
+            Command::PrepareJob(job) => {
+                tokio::spawn(self.prepare_job(job));
+            }
             Command::StopJob(job) => self.stop_job(&job),
             Command::StartDriver(d) => {
                 tokio::spawn(async move {
@@ -811,6 +818,7 @@ impl Agent {
         // Another agent sharing the cache may evict a file between its fetch and the
         // copy: a second round fetches it again.
         let mut tries = 0;
+        let _fetching = self.fetching.lock().await;
         loop {
             tries += 1;
             let missing = tokio::task::block_in_place(|| self.blobs.missing(&manifest));
@@ -880,6 +888,37 @@ impl Agent {
     /// Starts workers for tasks of `job` queued here, in the background.
     fn respawn(self: &Arc<Self>, job: String, gpus: Vec<u32>) {
         tokio::spawn(Arc::clone(self).ensure_workers(job, gpus));
+    }
+
+    /// Gets a job that just started ready to run tasks here: its package fetched and
+    /// copied, and a worker for each of this node's CPUs started (CPU-only; workers for
+    /// GPUs start with the tasks that hold them). Short jobs (a query on the cluster
+    /// takes a fraction of a second) would otherwise wait for both at their first
+    /// task; the driver's own start-up and planning hide them. Workers of a job that
+    /// runs no task here idle until it ends.
+    async fn prepare_job(self: Arc<Self>, job: String) {
+        if let Err(e) = self.job(&job).await {
+            // Said again, with the task it fails, if the job sends any here.
+            warn!("job {job}: cannot get its package ready: {e}");
+            return;
+        }
+        let want = (self.options.resources.num_cpus.floor() as usize).max(1);
+        let start = {
+            let s = self.state.lock().expect("agent lock");
+            let have = s
+                .workers
+                .values()
+                .filter(|w| w.job == job && w.gpus.is_empty() && !w.exiting)
+                .count();
+            let room = self.max_workers.saturating_sub(s.workers.len());
+            want.saturating_sub(have).min(room)
+        };
+        for _ in 0..start {
+            if let Err(e) = Arc::clone(&self).spawn_worker(&job, vec![], None).await {
+                warn!("job {job}: cannot start a worker: {e}");
+                return;
+            }
+        }
     }
 
     async fn ensure_workers(self: Arc<Self>, job: String, gpus: Vec<u32>) {
@@ -1011,35 +1050,33 @@ impl Agent {
                         .unwrap_or_else(|e| e.to_string()),
                 )
                 .await;
-            // Tasks of its job still queued here get a worker of their own.
-            if let Some((job, gpus)) = waiting {
+            // Tasks still queued here get workers: of its job, and of any job that
+            // found no room for a worker while this one lived.
+            for (job, gpus) in waiting {
                 agent.respawn(job, gpus);
             }
         });
         Ok(())
     }
 
-    /// Reports what worker `id` held as failed; returns its job and GPUs when tasks of
-    /// that job still wait here for a worker.
-    async fn worker_exited(
-        &self,
-        id: &str,
-        pid: u32,
-        status: String,
-    ) -> Option<(String, Vec<u32>)> {
-        let (entry, queued) = {
+    /// Reports what worker `id` held as failed; returns the jobs and GPUs whose tasks
+    /// wait here (its room may be what they lacked for a worker).
+    async fn worker_exited(&self, id: &str, pid: u32, status: String) -> Vec<(String, Vec<u32>)> {
+        let (entry, waiting) = {
             let mut s = self.state.lock().expect("agent lock");
             let entry = s.workers.remove(id);
-            let queued = entry.as_ref().is_some_and(|w| {
-                s.queues
-                    .get(&(w.job.clone(), w.gpus.clone()))
-                    .is_some_and(|q| !q.is_empty())
-            });
-            (entry, queued)
+            let waiting: Vec<(String, Vec<u32>)> = s
+                .queues
+                .iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(|(k, _)| k.clone())
+                .collect();
+            (entry, waiting)
         };
         self.changed.notify_waiters();
-        let w = entry?;
-        let waiting = queued.then(|| (w.job.clone(), w.gpus.clone()));
+        let Some(w) = entry else {
+            return waiting;
+        };
         if w.exiting {
             return waiting;
         }

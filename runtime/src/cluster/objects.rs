@@ -14,9 +14,11 @@
 //! the others, and are served over Flight to other nodes from their files.
 //!
 //! The files and the Flight messages carry Arrow IPC buffers compressed as the node's
-//! [`ObjectCompression`] says (LZ4 unless told otherwise): an exchange's map output
-//! takes less of the node's memory, spills less and moves fewer bytes between nodes.
-//! Readers need no setting: each IPC message says how its buffers are compressed.
+//! [`ObjectCompression`] says: by default ([`ObjectCompression::Auto`]) objects sent to
+//! another host go LZ4-compressed and nothing else is (on one host compression only
+//! costs CPU); `lz4` or `zstd` compress files too, so a map output takes less of the
+//! node's memory and spills later. Readers need no setting: each IPC message says how
+//! its buffers are compressed.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -91,11 +93,15 @@ pub(crate) const COMPRESSION_VAR: &str = "VOLLEY_OBJECT_COMPRESSION";
 /// Arrow IPC format defines it, so any reader decodes it without being told.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum ObjectCompression {
+    /// LZ4 for objects sent to another host ([`Self::for_peer`]), nothing for files
+    /// and transfers within a host. On one 2-core machine LZ4 made the 22 TPC-H
+    /// queries on a 2-node cluster 23% slower (`bench/results/sql-cluster-2core.md`).
+    #[default]
+    Auto,
     /// Buffers as they are in memory: no CPU spent, the most bytes kept and moved.
     None,
     /// LZ4 frames: fast enough to cost little next to the work that makes the data,
     /// and typically halves the bytes of columnar data.
-    #[default]
     Lz4,
     /// Zstandard: fewer bytes than LZ4 for more CPU; for slow networks or disks.
     Zstd,
@@ -105,6 +111,7 @@ impl ObjectCompression {
     /// Its name, as `--object-compression` takes it.
     pub fn name(self) -> &'static str {
         match self {
+            ObjectCompression::Auto => "auto",
             ObjectCompression::None => "none",
             ObjectCompression::Lz4 => "lz4",
             ObjectCompression::Zstd => "zstd",
@@ -122,9 +129,18 @@ impl ObjectCompression {
         }
     }
 
+    /// The compression of a transfer to a peer on another host (`remote`) or this one.
+    pub fn for_peer(self, remote: bool) -> Self {
+        match self {
+            ObjectCompression::Auto if remote => ObjectCompression::Lz4,
+            ObjectCompression::Auto => ObjectCompression::None,
+            c => c,
+        }
+    }
+
     fn ipc_options(self) -> Result<IpcWriteOptions> {
         let kind = match self {
-            ObjectCompression::None => None,
+            ObjectCompression::Auto | ObjectCompression::None => None,
             ObjectCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
             ObjectCompression::Zstd => Some(CompressionType::ZSTD),
         };
@@ -137,11 +153,12 @@ impl std::str::FromStr for ObjectCompression {
 
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(ObjectCompression::Auto),
             "none" => Ok(ObjectCompression::None),
             "lz4" => Ok(ObjectCompression::Lz4),
             "zstd" => Ok(ObjectCompression::Zstd),
             _ => Err(VolleyError::Config(format!(
-                "object compression {s:?}: expected none, lz4 or zstd"
+                "object compression {s:?}: expected auto, none, lz4 or zstd"
             ))),
         }
     }
@@ -588,6 +605,12 @@ impl FlightService for FlightObjects {
     ) -> std::result::Result<Response<Self::DoGetStream>, Status> {
         let (id, selection) = parse_ticket(&request.get_ref().ticket)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Unknown addresses (not TCP) count as this host.
+        let remote = match (request.remote_addr(), request.local_addr()) {
+            (Some(from), Some(here)) => from.ip() != here.ip(),
+            _ => false,
+        };
+        let compression = self.store.compression().for_peer(remote);
         let not_here = || Status::not_found(format!("object {id} is not on this node"));
         let internal = |e: VolleyError| Status::internal(e.to_string());
         let key = id.clone();
@@ -632,8 +655,7 @@ impl FlightService for FlightObjects {
             .into_iter()
             .map(Ok)
             .collect();
-        let mut encoder =
-            flight_encoder(schema, self.store.compression()).map_err(internal)?;
+        let mut encoder = flight_encoder(schema, compression).map_err(internal)?;
         if let Some(rows) = rows_per_batch {
             encoder = encoder.with_metadata(rows.into());
         }
@@ -1425,8 +1447,9 @@ mod tests {
                 RecordBatch::try_from_iter([
                     (
                         "k",
-                        Arc::new(Int64Array::from_iter_values((0..50_000).map(|i| i % 97 + p)))
-                            as ArrayRef,
+                        Arc::new(Int64Array::from_iter_values(
+                            (0..50_000).map(|i| i % 97 + p),
+                        )) as ArrayRef,
                     ),
                     (
                         "s",
@@ -1447,7 +1470,11 @@ mod tests {
             let path = dir.path().join(format!("{c}.arrow"));
             write_file(&path, &batches, c).unwrap();
             assert_eq!(read_file(&path).unwrap(), batches, "{c}");
-            assert_eq!(read_file_batch(&path, 2).unwrap(), vec![batches[2].clone()], "{c}");
+            assert_eq!(
+                read_file_batch(&path, 2).unwrap(),
+                vec![batches[2].clone()],
+                "{c}"
+            );
             sizes.insert(c, std::fs::metadata(&path).unwrap().len());
             let data: Vec<FlightData> = futures::executor::block_on(
                 flight_encoder(batches[0].schema(), c)
@@ -1467,11 +1494,33 @@ mod tests {
         }
         let none = sizes[&ObjectCompression::None];
         for c in [ObjectCompression::Lz4, ObjectCompression::Zstd] {
-            assert!(sizes[&c] * 2 < none, "{c}: {} bytes vs {none} uncompressed", sizes[&c]);
+            assert!(
+                sizes[&c] * 2 < none,
+                "{c}: {} bytes vs {none} uncompressed",
+                sizes[&c]
+            );
         }
-        assert_eq!("LZ4".parse::<ObjectCompression>().unwrap(), ObjectCompression::Lz4);
-        let e = "snappy".parse::<ObjectCompression>().unwrap_err().to_string();
-        assert!(e.contains("snappy") && e.contains("none, lz4 or zstd"), "{e}");
+        assert_eq!(
+            "LZ4".parse::<ObjectCompression>().unwrap(),
+            ObjectCompression::Lz4
+        );
+        let e = "snappy"
+            .parse::<ObjectCompression>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("snappy") && e.contains("auto, none, lz4 or zstd"),
+            "{e}"
+        );
+        // The default compresses what goes to another host only.
+        let auto = ObjectCompression::default();
+        assert_eq!(auto, ObjectCompression::Auto);
+        assert_eq!(auto.for_peer(true), ObjectCompression::Lz4);
+        assert_eq!(auto.for_peer(false), ObjectCompression::None);
+        assert_eq!(
+            ObjectCompression::Zstd.for_peer(false),
+            ObjectCompression::Zstd
+        );
     }
 
     #[test]

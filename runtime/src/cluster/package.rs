@@ -83,8 +83,9 @@ pub fn manifest_of(
     let mut sources = HashMap::new();
     for (rel, path, mode) in files {
         safe_relative(rel)?;
-        let cannot_read =
-            |e: std::io::Error| VolleyError::Io(e).context(format!("cannot read {}", path.display()));
+        let cannot_read = |e: std::io::Error| {
+            VolleyError::Io(e).context(format!("cannot read {}", path.display()))
+        };
         let mut file = std::fs::File::open(path).map_err(cannot_read)?;
         let before = file.metadata().map_err(cannot_read)?;
         let (digest, size) = match known.and_then(|k| k.get(&before)) {
@@ -249,9 +250,16 @@ pub fn check_manifest(manifest: &PackageManifest, limit: u64) -> Result<()> {
 /// the head already has uploads nothing; each node keeps the files it fetched, so a node
 /// fetches a given binary once. A blob is written to a temporary file, checked against
 /// its digest, then renamed into place: readers (other processes sharing the folder
-/// included) see whole, verified blobs or none. A job gets copies of its blobs in its
-/// own folder ([`BlobCache::materialize`]), so it can neither change the cache nor lose
-/// a file when a blob is evicted while it runs.
+/// included) see whole, verified blobs or none.
+///
+/// A job gets its files in its own folder ([`BlobCache::materialize`]): executables as
+/// hard links to their blobs (a binary of hundreds of MB is not copied for every job
+/// on every node), the other files as copies it may change. Either way it keeps its
+/// files when a blob is evicted while it runs. A blob is read-only and *sealed*: its
+/// modification time is set to [`SEALED`] when it is put in place; a blob found with
+/// another one was written since (through a job's link) and is removed, not used, so
+/// a job cannot change what later jobs get. When each blob was last used is kept
+/// beside it (`used/DIGEST`), for eviction.
 #[derive(Debug)]
 pub struct BlobCache {
     root: PathBuf,
@@ -264,8 +272,11 @@ impl BlobCache {
     /// Opens (creating) the cache in `root`, holding at most `limit` bytes of blobs
     /// not in use.
     pub fn open(root: PathBuf, limit: u64) -> Result<Self> {
-        std::fs::create_dir_all(root.join("tmp"))
-            .map_err(|e| VolleyError::Io(e).context(format!("cannot create {}", root.display())))?;
+        for sub in ["tmp", "used"] {
+            std::fs::create_dir_all(root.join(sub)).map_err(|e| {
+                VolleyError::Io(e).context(format!("cannot create {}", root.display()))
+            })?;
+        }
         // Partial files of uploads or fetches a killed process left (an hour old: the
         // agents of one machine share the folder, and theirs may be under way).
         if let Ok(dir) = std::fs::read_dir(root.join("tmp")) {
@@ -293,9 +304,27 @@ impl BlobCache {
         self.root.join(digest)
     }
 
-    /// Whether the blob is here; marks it used.
+    /// Whether the blob is here, as it was put in place; marks it used. A blob written
+    /// since is removed (and then fetched or uploaded again).
     pub fn has(&self, digest: &str) -> bool {
-        check_digest(digest).is_ok() && touch(&self.path(digest)).is_ok()
+        if check_digest(digest).is_err() {
+            return false;
+        }
+        let path = self.path(digest);
+        match std::fs::metadata(&path).and_then(|m| m.modified()) {
+            Ok(t) if t == SEALED => touch(&self.used_path(digest)).is_ok(),
+            Ok(_) => {
+                tracing::warn!("package blob {digest} was written after it was stored: removed");
+                let _ = std::fs::remove_file(&path);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Where the blob's last use is noted (the file's modification time).
+    fn used_path(&self, digest: &str) -> PathBuf {
+        self.root.join("used").join(digest)
     }
 
     /// The digests of `manifest` that are not here (each once).
@@ -346,8 +375,10 @@ impl BlobCache {
         Ok(digest)
     }
 
-    /// Copies the files of `manifest` into `dest` (created afresh), each with its mode.
-    /// Fails naming the first file whose blob is not here.
+    /// Puts the files of `manifest` into `dest` (created afresh): executables (a mode
+    /// with an execute bit) as hard links to their read-only blobs where `dest` is on
+    /// the cache's file system, other files as copies with their modes. Fails naming
+    /// the first file whose blob is not here.
     pub fn materialize(&self, manifest: &PackageManifest, dest: &Path) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::remove_dir_all(dest);
@@ -361,7 +392,10 @@ impl BlobCache {
                 std::fs::create_dir_all(dir)?;
             }
             let from = self.path(&f.digest);
-            let _ = touch(&from);
+            let _ = touch(&self.used_path(&f.digest));
+            if f.mode & 0o111 != 0 && std::fs::hard_link(&from, &to).is_ok() {
+                continue;
+            }
             std::fs::copy(&from, &to).map_err(|e| {
                 VolleyError::execution(format!(
                     "package file {} (blob {}): {e}",
@@ -395,6 +429,7 @@ impl BlobCache {
                 continue;
             }
             if std::fs::remove_file(self.path(&digest)).is_ok() {
+                let _ = std::fs::remove_file(self.used_path(&digest));
                 total -= size;
                 removed += size;
             }
@@ -411,8 +446,12 @@ impl BlobCache {
             let e = e.ok()?;
             let name = e.file_name().to_string_lossy().to_string();
             check_digest(&name).ok()?;
-            let meta = e.metadata().ok()?;
-            Some((name, meta.len(), meta.modified().ok()?))
+            let size = e.metadata().ok()?.len();
+            // Never noted as used: the oldest.
+            let used = std::fs::metadata(self.used_path(&name))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            Some((name, size, used))
         })
         .collect()
     }
@@ -477,17 +516,31 @@ impl BlobWriter<'_> {
                 self.digest
             )));
         }
-        self.file.as_file().sync_data()?;
+        use std::os::unix::fs::PermissionsExt;
+        let file = self.file.as_file();
+        file.sync_data()?;
+        // Sealed and read-only (executable: jobs run their binaries through links).
+        file.set_modified(SEALED)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o555))?;
+        let digest = self.digest.clone();
+        let cache = self.cache;
         self.file
-            .persist(self.cache.path(&self.digest))
+            .persist(cache.path(&digest))
             .map_err(|e| VolleyError::Io(e.error))?;
+        let _ = touch(&cache.used_path(&digest));
         Ok(())
     }
 }
 
-/// Marks a file used now (the cache evicts by modification time).
+/// The modification time of every blob in a [`BlobCache`]: one with another was
+/// written after it was checked and put in place.
+const SEALED: std::time::SystemTime = std::time::UNIX_EPOCH;
+
+/// Notes a use now (the cache evicts the least recently used): the modification time
+/// of `path`, created if missing.
 fn touch(path: &Path) -> std::io::Result<()> {
     std::fs::File::options()
+        .create(true)
         .append(true)
         .open(path)?
         .set_modified(std::time::SystemTime::now())
@@ -747,6 +800,45 @@ mod tests {
         assert_eq!(std::fs::read(head.path(d)).unwrap(), b"echo hi");
     }
 
+    /// An executable is linked into the job's folder, not copied; a blob written
+    /// through such a link is not trusted again: it is removed (and fetched again).
+    #[test]
+    fn executables_are_linked_and_a_blob_written_through_a_link_is_dropped() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(dir.path().join("c"), 1 << 30).unwrap();
+        let body = b"#!/bin/sh\necho hi\n";
+        let d = cache.insert(body).unwrap();
+        let manifest = PackageManifest {
+            files: vec![PackageFile {
+                path: "bin/prog".into(),
+                mode: 0o755,
+                size: body.len() as u64,
+                digest: d.clone(),
+            }],
+        };
+        let job = dir.path().join("job");
+        cache.materialize(&manifest, &job).unwrap();
+        let linked = job.join("bin/prog");
+        assert_eq!(
+            std::fs::metadata(&linked).unwrap().ino(),
+            std::fs::metadata(cache.path(&d)).unwrap().ino()
+        );
+        assert_eq!(std::fs::read(&linked).unwrap(), body);
+        assert!(cache.has(&d));
+        match std::fs::File::options().write(true).open(&linked) {
+            // Allowed to a privileged user only: the blob is read-only.
+            Ok(mut f) => {
+                f.write_all(b"changed").unwrap();
+                drop(f);
+                assert!(!cache.has(&d));
+                assert!(!cache.path(&d).exists());
+                assert!(cache.missing(&manifest) == vec![d.clone()]);
+            }
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied),
+        }
+    }
+
     /// A file's digest is taken from the cache while the file is unchanged; a file
     /// rewritten (even to the same size and modification time) is hashed again.
     #[test]
@@ -757,11 +849,18 @@ mod tests {
         std::fs::write(&file, b"version one").unwrap();
         let files = vec![("bin/prog".to_string(), file.clone(), 0o755)];
         let digest = |files: &[(String, PathBuf, u32)]| {
-            manifest_of(files, Some(&cache)).unwrap().0.files[0].digest.clone()
+            manifest_of(files, Some(&cache)).unwrap().0.files[0]
+                .digest
+                .clone()
         };
         let first = digest(&files);
         assert_eq!(first, digest_of(b"version one"));
-        assert_eq!(std::fs::read_dir(dir.path().join("digests")).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("digests"))
+                .unwrap()
+                .count(),
+            1
+        );
         // Remembered: a wrong entry for the same identity would be believed.
         let meta = std::fs::metadata(&file).unwrap();
         cache.put(&meta, &digest_of(b"remembered"));
@@ -853,7 +952,7 @@ mod tests {
         let set = |d: &str, secs: u64| {
             std::fs::File::options()
                 .append(true)
-                .open(cache.path(d))
+                .open(cache.used_path(d))
                 .unwrap()
                 .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
                 .unwrap();

@@ -332,7 +332,14 @@ impl Link<'_> {
                 Err(e) => warn!("object {id}: cannot hand it over as a file ({e}); sending it"),
             }
         }
-        store(self.channels, self.agent_address, id, batches, self.compression).await
+        store(
+            self.channels,
+            self.agent_address,
+            id,
+            batches,
+            self.compression,
+        )
+        .await
     }
 }
 
