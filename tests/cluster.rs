@@ -259,6 +259,40 @@ impl TestCluster {
     }
 
     /// Pids of processes started for this cluster (workers, drivers) that match `extra`.
+    /// Workers now running a task of `job` (of any job if `None`), by the index each
+    /// node keeps of its workers' tasks (`workers.tsv`: a task taken, a task ended).
+    /// Workers started with a job idle until a task comes: killing one of those
+    /// would not touch the job's work.
+    fn task_workers(&self, job: Option<&str>) -> Vec<String> {
+        let mut running = std::collections::BTreeMap::new();
+        let nodes = self.home.path().join("nodes");
+        for node in std::fs::read_dir(nodes).into_iter().flatten().flatten() {
+            for dir in std::fs::read_dir(node.path().join("jobs"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if job.is_some_and(|j| dir.file_name().to_string_lossy() != j) {
+                    continue;
+                }
+                let index = std::fs::read_to_string(dir.path().join("workers.tsv"));
+                for line in index.unwrap_or_default().lines() {
+                    let f: Vec<&str> = line.split('\t').collect();
+                    match f.as_slice() {
+                        ["T", task, attempt, _, worker, ..] => {
+                            running.insert(format!("{task}\t{attempt}"), worker.to_string());
+                        }
+                        ["E", task, attempt, ..] => {
+                            running.remove(&format!("{task}\t{attempt}"));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        running.into_values().collect()
+    }
+
     fn processes(&self, extra: &str) -> Vec<i32> {
         let needle = format!("VOLLEY_ADDRESS={}", self.address);
         let mut out = Vec::new();
@@ -812,8 +846,12 @@ fn killed_node_agent_and_killed_worker_lose_no_rows() {
         "300",
     ]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while c.processes("VOLLEY_WORKER_ID=node-2-").is_empty() {
-        assert!(Instant::now() < deadline, "no worker started on node-2");
+    while !c
+        .task_workers(Some(&job))
+        .iter()
+        .any(|w| w.starts_with("node-2-"))
+    {
+        assert!(Instant::now() < deadline, "no task started on node-2");
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -844,18 +882,23 @@ fn killed_node_agent_and_killed_worker_lose_no_rows() {
     ]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let worker = loop {
-        if let Some(p) = c
-            .processes(&format!("VOLLEY_JOB_ID={job}"))
-            .into_iter()
-            .find(|p| {
-                std::fs::read(format!("/proc/{p}/environ"))
-                    .map(|e| String::from_utf8_lossy(&e).contains("VOLLEY_WORKER_ID="))
-                    .unwrap_or(false)
+        let busy = c.task_workers(Some(&job));
+        // The worker with exactly that id (`node-1-w1` is a prefix of `node-1-w10`).
+        let with_id = |p: &i32, w: &str| {
+            std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|e| {
+                String::from_utf8_lossy(&e)
+                    .split('\0')
+                    .any(|v| v == format!("VOLLEY_WORKER_ID={w}"))
             })
-        {
+        };
+        if let Some(p) = busy.iter().find_map(|w| {
+            c.processes(&format!("VOLLEY_WORKER_ID={w}"))
+                .into_iter()
+                .find(|p| with_id(p, w))
+        }) {
             break p;
         }
-        assert!(Instant::now() < deadline, "no worker started");
+        assert!(Instant::now() < deadline, "no task started");
         std::thread::sleep(Duration::from_millis(100));
     };
     std::thread::sleep(Duration::from_millis(400));
@@ -1271,8 +1314,12 @@ fn a_node_killed_mid_shuffle_loses_no_row() {
     ]);
     let (first, node) = victim(&c, &job, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while c.processes(&format!("VOLLEY_WORKER_ID={node}-")).is_empty() {
-        assert!(Instant::now() < deadline, "no worker started on {node}");
+    while !c
+        .task_workers(Some(&job))
+        .iter()
+        .any(|w| w.starts_with(&format!("{node}-")))
+    {
+        assert!(Instant::now() < deadline, "no task started on {node}");
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(800));
@@ -2521,8 +2568,12 @@ fn hosts_in_network_namespaces_survive_a_partition() {
     let out = dir.path().join("partitioned");
     let run = driver(&out);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while c.processes("VOLLEY_WORKER_ID=node-2-").is_empty() {
-        assert!(Instant::now() < deadline, "no worker started on node-2");
+    while !c
+        .task_workers(None)
+        .iter()
+        .any(|w| w.starts_with("node-2-"))
+    {
+        assert!(Instant::now() < deadline, "no task started on node-2");
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));

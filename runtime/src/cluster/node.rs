@@ -785,8 +785,20 @@ impl Agent {
         }
     }
 
-    /// Fetches the job's package once.
+    /// Whether job `job` was stopped here (its work refused from then on).
+    fn stopped(&self, job: &str) -> bool {
+        self.state
+            .lock()
+            .expect("agent lock")
+            .stopped_jobs
+            .contains(job)
+    }
+
+    /// Fetches the job's package once; refused for a stopped job.
     async fn job(&self, job: &str) -> Result<LocalJob> {
+        if self.stopped(job) {
+            return Err(VolleyError::execution(format!("job {job} has stopped")));
+        }
         let cell = {
             let mut jobs = self.jobs.lock().expect("jobs lock");
             Arc::clone(jobs.entry(job.to_string()).or_default())
@@ -818,10 +830,19 @@ impl Agent {
         // Another agent sharing the cache may evict a file between its fetch and the
         // copy: a second round fetches it again.
         let mut tries = 0;
-        let _fetching = self.fetching.lock().await;
         loop {
             tries += 1;
-            let missing = tokio::task::block_in_place(|| self.blobs.missing(&manifest));
+            let mut missing = tokio::task::block_in_place(|| self.blobs.missing(&manifest));
+            // One fetch at a time: jobs started together (each prepared at once) share
+            // their binary, fetched once; asked again once the fetch ahead is done.
+            let _fetching = match missing.is_empty() {
+                true => None,
+                false => {
+                    let held = self.fetching.lock().await;
+                    missing = tokio::task::block_in_place(|| self.blobs.missing(&manifest));
+                    Some(held)
+                }
+            };
             if !missing.is_empty() {
                 let count = missing.len();
                 let stream = head
@@ -845,6 +866,11 @@ impl Agent {
                 Err(e) if tries >= 2 => return Err(e.context(format!("job {job}"))),
                 Err(_) => continue,
             }
+        }
+        // Stopped while its files were put in place: `stop_job` removed them already.
+        if self.stopped(job) {
+            let _ = std::fs::remove_dir_all(&package);
+            return Err(VolleyError::execution(format!("job {job} has stopped")));
         }
         let keep = manifest.files.iter().map(|f| f.digest.clone()).collect();
         tokio::task::block_in_place(|| self.blobs.evict(&keep));
@@ -897,6 +923,9 @@ impl Agent {
     /// task; the driver's own start-up and planning hide them. Workers of a job that
     /// runs no task here idle until it ends.
     async fn prepare_job(self: Arc<Self>, job: String) {
+        if self.stopped(&job) {
+            return;
+        }
         if let Err(e) = self.job(&job).await {
             // Said again, with the task it fails, if the job sends any here.
             warn!("job {job}: cannot get its package ready: {e}");
@@ -922,8 +951,8 @@ impl Agent {
     }
 
     async fn ensure_workers(self: Arc<Self>, job: String, gpus: Vec<u32>) {
-        let need = {
-            let s = self.state.lock().expect("agent lock");
+        let (need, released) = {
+            let mut s = self.state.lock().expect("agent lock");
             let queued = s
                 .queues
                 .get(&(job.clone(), gpus.clone()))
@@ -941,8 +970,32 @@ impl Agent {
                 })
                 .count();
             let room = self.max_workers.saturating_sub(s.workers.len());
-            queued.saturating_sub(idle).min(room)
+            let wanted = queued.saturating_sub(idle);
+            // Idle workers of other jobs (prepared for jobs that sent no task here)
+            // give way: each exits, and its exit starts the workers missing here.
+            let mut released = 0;
+            if wanted > room {
+                for w in s
+                    .workers
+                    .values_mut()
+                    .filter(|w| {
+                        w.job != job
+                            && w.running.is_empty()
+                            && w.actor.is_none()
+                            && w.start_actor.is_none()
+                            && !w.exiting
+                    })
+                    .take(wanted - room)
+                {
+                    w.exiting = true;
+                    released += 1;
+                }
+            }
+            (wanted.min(room), released)
         };
+        if released > 0 {
+            self.changed.notify_waiters();
+        }
         for _ in 0..need {
             if let Err(e) = Arc::clone(&self)
                 .spawn_worker(&job, gpus.clone(), None)
@@ -975,6 +1028,9 @@ impl Agent {
         gpus: Vec<u32>,
         actor: Option<proto::StartActor>,
     ) -> Result<()> {
+        if self.stopped(job_id) {
+            return Ok(());
+        }
         let job = self.job(job_id).await?;
         let id = {
             let mut s = self.state.lock().expect("agent lock");
@@ -1007,6 +1063,10 @@ impl Agent {
         let (kill_tx, kill_rx) = oneshot::channel();
         {
             let mut s = self.state.lock().expect("agent lock");
+            // Checked with the insert: a stop in between would not see this worker.
+            if s.stopped_jobs.contains(job_id) {
+                return Ok(());
+            }
             s.workers.insert(
                 id.clone(),
                 WorkerEntry {

@@ -281,12 +281,16 @@ impl BlobCache {
         // agents of one machine share the folder, and theirs may be under way).
         if let Ok(dir) = std::fs::read_dir(root.join("tmp")) {
             for e in dir.flatten() {
-                let old = e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+                // By the last change (a blob about to be put in place is sealed with
+                // an old modification time first).
+                let old = e.metadata().ok().is_some_and(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    let changed = std::time::UNIX_EPOCH
+                        + std::time::Duration::from_secs(m.ctime().max(0) as u64);
+                    changed
+                        .elapsed()
+                        .is_ok_and(|age| age > std::time::Duration::from_secs(3600))
+                });
                 if old {
                     let _ = std::fs::remove_file(e.path());
                 }
@@ -316,6 +320,7 @@ impl BlobCache {
             Ok(_) => {
                 tracing::warn!("package blob {digest} was written after it was stored: removed");
                 let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(self.used_path(digest));
                 false
             }
             Err(_) => false,
@@ -392,6 +397,13 @@ impl BlobCache {
                 std::fs::create_dir_all(dir)?;
             }
             let from = self.path(&f.digest);
+            if !from.exists() {
+                return Err(VolleyError::execution(format!(
+                    "package file {} (blob {}): not in the cache",
+                    f.path,
+                    &f.digest[..12]
+                )));
+            }
             let _ = touch(&self.used_path(&f.digest));
             if f.mode & 0o111 != 0 && std::fs::hard_link(&from, &to).is_ok() {
                 continue;
@@ -519,9 +531,10 @@ impl BlobWriter<'_> {
         use std::os::unix::fs::PermissionsExt;
         let file = self.file.as_file();
         file.sync_data()?;
-        // Sealed and read-only (executable: jobs run their binaries through links).
+        // Sealed and read-only, for this user only (executable: jobs run their
+        // binaries through links).
         file.set_modified(SEALED)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o555))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o500))?;
         let digest = self.digest.clone();
         let cache = self.cache;
         self.file
