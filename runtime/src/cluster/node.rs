@@ -80,6 +80,16 @@ struct WorkerEntry {
     exiting: bool,
 }
 
+impl WorkerEntry {
+    /// Waiting for a task: none running, no actor in it or on its way, not leaving.
+    fn idle(&self) -> bool {
+        self.running.is_empty()
+            && self.actor.is_none()
+            && self.start_actor.is_none()
+            && !self.exiting
+    }
+}
+
 #[derive(Default)]
 struct AgentState {
     /// Tasks waiting for a worker, by `(job, gpu ids)`.
@@ -835,13 +845,12 @@ impl Agent {
             let mut missing = tokio::task::block_in_place(|| self.blobs.missing(&manifest));
             // One fetch at a time: jobs started together (each prepared at once) share
             // their binary, fetched once; asked again once the fetch ahead is done.
-            let _fetching = match missing.is_empty() {
-                true => None,
-                false => {
-                    let held = self.fetching.lock().await;
-                    missing = tokio::task::block_in_place(|| self.blobs.missing(&manifest));
-                    Some(held)
-                }
+            let _fetching = if missing.is_empty() {
+                None
+            } else {
+                let held = self.fetching.lock().await;
+                missing = tokio::task::block_in_place(|| self.blobs.missing(&manifest));
+                Some(held)
             };
             if !missing.is_empty() {
                 let count = missing.len();
@@ -960,14 +969,7 @@ impl Agent {
             let idle = s
                 .workers
                 .values()
-                .filter(|w| {
-                    w.job == job
-                        && w.gpus == gpus
-                        && w.running.is_empty()
-                        && w.actor.is_none()
-                        && w.start_actor.is_none()
-                        && !w.exiting
-                })
+                .filter(|w| w.job == job && w.gpus == gpus && w.idle())
                 .count();
             let room = self.max_workers.saturating_sub(s.workers.len());
             let wanted = queued.saturating_sub(idle);
@@ -978,13 +980,7 @@ impl Agent {
                 for w in s
                     .workers
                     .values_mut()
-                    .filter(|w| {
-                        w.job != job
-                            && w.running.is_empty()
-                            && w.actor.is_none()
-                            && w.start_actor.is_none()
-                            && !w.exiting
-                    })
+                    .filter(|w| w.job != job && w.idle())
                     .take(wanted - room)
                 {
                     w.exiting = true;
