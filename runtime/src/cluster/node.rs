@@ -926,11 +926,11 @@ impl Agent {
     }
 
     /// Gets a job that just started ready to run tasks here: its package fetched and
-    /// copied, and a worker for each of this node's CPUs started (CPU-only; workers for
-    /// GPUs start with the tasks that hold them). Short jobs (a query on the cluster
-    /// takes a fraction of a second) would otherwise wait for both at their first
-    /// task; the driver's own start-up and planning hide them. Workers of a job that
-    /// runs no task here idle until it ends.
+    /// its files linked or copied, before its first task comes. Short jobs (a query on
+    /// the cluster takes a fraction of a second) would otherwise wait for it at their
+    /// first task; the driver's own start-up and planning hide it. Workers start with
+    /// the tasks (workers started ahead, idle, raised the nodes' memory past the
+    /// out-of-core test's bound and held up an actor pool's start in a test run).
     async fn prepare_job(self: Arc<Self>, job: String) {
         if self.stopped(&job) {
             return;
@@ -938,24 +938,6 @@ impl Agent {
         if let Err(e) = self.job(&job).await {
             // Said again, with the task it fails, if the job sends any here.
             warn!("job {job}: cannot get its package ready: {e}");
-            return;
-        }
-        let want = (self.options.resources.num_cpus.floor() as usize).max(1);
-        let start = {
-            let s = self.state.lock().expect("agent lock");
-            let have = s
-                .workers
-                .values()
-                .filter(|w| w.job == job && w.gpus.is_empty() && !w.exiting)
-                .count();
-            let room = self.max_workers.saturating_sub(s.workers.len());
-            want.saturating_sub(have).min(room)
-        };
-        for _ in 0..start {
-            if let Err(e) = Arc::clone(&self).spawn_worker(&job, vec![], None).await {
-                warn!("job {job}: cannot start a worker: {e}");
-                return;
-            }
         }
     }
 
