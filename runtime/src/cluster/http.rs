@@ -30,6 +30,7 @@ use super::auth::same_token;
 use super::head::HeadCore;
 use super::proto;
 use super::resources::Resources;
+use super::status::{JobStatus, NodeState};
 
 /// A job as the HTTP API shows it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,12 +55,12 @@ pub struct JobJson {
     pub finished_ms: u64,
 }
 
-impl From<proto::JobInfo> for JobJson {
-    fn from(j: proto::JobInfo) -> Self {
+impl From<JobStatus> for JobJson {
+    fn from(j: JobStatus) -> Self {
         JobJson {
             job_id: j.job_id,
             name: j.name,
-            state: j.state,
+            state: j.state.to_string(),
             entrypoint: j.entrypoint,
             node_id: j.node_id,
             exit_code: j.exit_code,
@@ -168,17 +169,17 @@ async fn cluster(State(core): Core, h: HeaderMap) -> Result<Json<ClusterJson>, A
             .nodes
             .into_iter()
             .map(|n| NodeJson {
+                alive: n.alive(),
+                draining: matches!(n.state, NodeState::Draining | NodeState::Left),
                 node_id: n.node_id,
                 hostname: n.hostname,
-                alive: n.alive,
-                total: n.total.into(),
-                available: n.available.into(),
+                total: n.total,
+                available: n.available,
                 object_store_bytes: n.object_store_bytes,
                 object_store_memory: n.object_store_memory,
                 spilled_total: n.spilled_total,
                 workers: n.workers,
                 running_tasks: n.running_tasks,
-                draining: n.draining,
             })
             .collect(),
         pending_tasks: s.pending_tasks,
@@ -252,6 +253,7 @@ async fn actors(
         core.job_actors(&id)
             .map_err(not_found)?
             .into_iter()
+            .map(proto::ActorStatus::from)
             .map(|a| ActorJson {
                 actor_id: a.actor_id,
                 name: a.name,

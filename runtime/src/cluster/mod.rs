@@ -24,7 +24,6 @@ pub mod auth;
 pub mod client;
 pub mod gpus;
 pub mod head;
-mod head_store;
 pub mod http;
 pub mod jobs;
 pub mod local;
@@ -42,7 +41,7 @@ mod worker_logs;
 
 /// The generated protocol types and services.
 #[allow(missing_docs, clippy::all, clippy::clone_on_ref_ptr)]
-pub mod proto {
+pub(crate) mod proto {
     tonic::include_proto!("volley.cluster");
 }
 

@@ -139,7 +139,7 @@ pub async fn bind(host: &str, port: u16) -> Result<(tokio::net::TcpListener, Str
 }
 
 /// An error report as the protocol carries it.
-pub fn wire_error(report: &ErrorReport) -> proto::TaskError {
+pub(crate) fn wire_error(report: &ErrorReport) -> proto::TaskError {
     use proto::task_error::Kind;
     let kind = match report.kind {
         ErrorKind::Plan => Kind::Plan,
@@ -160,7 +160,7 @@ pub fn wire_error(report: &ErrorReport) -> proto::TaskError {
 
 /// The error report a protocol message carries (an unknown category is an execution
 /// error).
-pub fn error_report(e: &proto::TaskError) -> ErrorReport {
+pub(crate) fn error_report(e: &proto::TaskError) -> ErrorReport {
     use proto::task_error::Kind;
     let kind = match Kind::try_from(e.kind).unwrap_or(Kind::Execution) {
         Kind::Plan => ErrorKind::Plan,
@@ -180,6 +180,6 @@ pub fn error_report(e: &proto::TaskError) -> ErrorReport {
 }
 
 /// An execution error (a lost worker, node or input) as the protocol carries it.
-pub fn wire_execution_error(message: impl Into<String>) -> proto::TaskError {
+pub(crate) fn wire_execution_error(message: impl Into<String>) -> proto::TaskError {
     wire_error(&ErrorReport::new(ErrorKind::Execution, message))
 }

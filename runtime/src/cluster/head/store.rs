@@ -14,7 +14,7 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use volley_common::{Result, VolleyError};
 
-use super::proto;
+use super::super::proto;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");

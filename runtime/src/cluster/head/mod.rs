@@ -1,0 +1,437 @@
+//! The head: node registry, scheduler, object directory and job manager.
+//!
+//! Three layers, dependencies pointing down:
+//! - [`state`]: a pure state machine holding everything the head knows. Each event is a
+//!   method call with volley's own types; what nodes must do comes out as commands on
+//!   their links. No locks, I/O, protocol or `tonic` types inside; unit-tested alone.
+//! - [`HeadCore`]: the state behind one lock, the signal its waiters sleep on (every
+//!   change wakes them), job packages and logs on disk, and the store that keeps jobs
+//!   across restarts ([`store`]).
+//! - [`HeadService`] (`service`): the gRPC face, converting from and to the protocol at
+//!   the edge ([`wire`]); the HTTP API (`http.rs`) reads [`HeadCore`] too.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+use tonic::Status;
+use tracing::{info, warn};
+use volley_common::{Result, VolleyError};
+
+use super::jobs::ExecutionProgress;
+use super::metrics::PackageFigures;
+use super::package::{check_manifest, digest_of, BlobCache};
+use super::proto;
+use super::resources::Resources;
+use super::status::{ClusterStatus, JobState, JobStatus};
+
+mod service;
+mod state;
+pub(crate) mod store;
+mod wire;
+
+pub use service::HeadService;
+pub(crate) use state::ActorRecord;
+use state::{now_ms, JobEntry, State};
+use store::HeadStore;
+
+/// A task of a job, as the head holds it (the dashboard's task list).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobTask {
+    /// Its id.
+    pub task_id: String,
+    /// Its name.
+    pub name: String,
+    /// `PENDING`, `RUNNING`, `DONE` or `FAILED`.
+    pub state: String,
+    /// Where it runs (or where its output is).
+    pub node_id: String,
+    /// Its attempt (0 for the first).
+    pub attempt: u32,
+    /// Why it failed for good.
+    pub error: String,
+}
+
+/// How the head is run.
+#[derive(Debug, Clone)]
+pub struct HeadOptions {
+    /// The folder for job packages and logs.
+    pub state_dir: PathBuf,
+    /// The cluster token.
+    pub token: String,
+    /// How often nodes heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A node silent for this long is dead.
+    pub node_timeout: Duration,
+    /// Largest job package accepted.
+    pub max_package_bytes: u64,
+    /// Bytes of job files kept for later jobs (least recently used evicted; files of
+    /// jobs not yet ended are always kept).
+    pub package_cache_bytes: u64,
+    /// Memory for copies of small objects kept beside their metadata (each at most
+    /// 100 KiB; beyond this budget, small objects are read from their node like big
+    /// ones).
+    pub inline_memory: u64,
+}
+
+impl HeadOptions {
+    /// Defaults: heartbeat every 500 ms, dead after 5 s of silence, packages up to 8 GiB,
+    /// 16 GiB of cached package files.
+    pub fn new(state_dir: PathBuf, token: String) -> Self {
+        Self {
+            state_dir,
+            token,
+            heartbeat_interval: Duration::from_millis(500),
+            node_timeout: Duration::from_secs(5),
+            max_package_bytes: 8 << 30,
+            package_cache_bytes: 16 << 30,
+            inline_memory: 256 << 20,
+        }
+    }
+}
+
+/// The head's state and the signal its waiters sleep on.
+pub struct HeadCore {
+    state: Mutex<State>,
+    changed: Notify,
+    options: HeadOptions,
+    /// Job files, once per digest.
+    blobs: BlobCache,
+    /// Each job's package: its files' paths, modes and digests.
+    packages: Mutex<HashMap<String, proto::PackageManifest>>,
+    /// Jobs and counters kept across restarts.
+    store: HeadStore,
+    /// Held while a snapshot of the jobs is taken and written.
+    persisting: Mutex<()>,
+    /// Worker-log queries sent to nodes and waiting for their answers, by query id.
+    log_queries: Mutex<HashMap<u64, mpsc::UnboundedSender<proto::LogReply>>>,
+    next_query: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for HeadCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadCore").finish_non_exhaustive()
+    }
+}
+
+impl HeadCore {
+    /// A head keeping its files in `options.state_dir`, with the jobs a head before it
+    /// kept there: finished ones as they were; one that was waiting or running starts
+    /// again from the beginning (its driver went with the nodes' connections); one
+    /// whose program joined the cluster itself has failed. Fails, saying why, if it
+    /// cannot open its store or package cache there.
+    pub fn new(options: HeadOptions) -> Result<Arc<Self>> {
+        let blobs = BlobCache::open(
+            options.state_dir.join("packages"),
+            options.package_cache_bytes,
+        )?;
+        let (store, recovered) = HeadStore::open(&options.state_dir.join("head.redb"))?;
+        let mut state = State::new(
+            options.inline_memory,
+            recovered.next_node,
+            recovered.next_job,
+        );
+        let mut packages = HashMap::new();
+        for job in recovered.jobs {
+            let info = job.info.unwrap_or_default();
+            packages.insert(info.job_id.clone(), job.package.unwrap_or_default());
+            state.restore_job(wire::job_entry(info));
+        }
+        let core = Arc::new(Self {
+            state: Mutex::new(state),
+            changed: Notify::new(),
+            blobs,
+            packages: Mutex::new(packages),
+            store,
+            persisting: Mutex::new(()),
+            log_queries: Mutex::default(),
+            next_query: Default::default(),
+            options,
+        });
+        // After the jobs are back: the files of those that start again stay.
+        core.evict_packages(&[]);
+        Ok(core)
+    }
+
+    /// Writes what changed of the jobs and counters to the store.
+    fn persist(&self) -> Result<()> {
+        use prost::Message;
+        // One writer at a time, snapshot to commit: an older snapshot never lands last.
+        let _one = self.persisting.lock().expect("persist lock");
+        let (infos, next_node, next_job) = {
+            let s = self.state.lock().expect("head lock");
+            let infos: Vec<proto::JobInfo> = s.jobs().map(wire::job_info).collect();
+            (infos, s.next_node(), s.next_job())
+        };
+        let packages = self.packages.lock().expect("packages lock");
+        let jobs = infos
+            .into_iter()
+            .map(|info| {
+                let stored = proto::StoredJob {
+                    package: packages.get(&info.job_id).cloned(),
+                    info: Some(info),
+                };
+                let id = stored.info.as_ref().map(|i| i.job_id.clone());
+                (id.unwrap_or_default(), stored.encode_to_vec())
+            })
+            .collect();
+        drop(packages);
+        self.store.save(jobs, next_node, next_job)
+    }
+
+    /// Writes what changes to the store, a few times a second, for as long as the head
+    /// runs.
+    pub async fn persist_loop(self: Arc<Self>) {
+        loop {
+            self.changed_within(Duration::from_millis(250)).await;
+            let core = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || core.persist()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("{e}"),
+                Err(e) => warn!("persisting the head's state: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Evicts cached package files past the limit, keeping those of jobs not ended
+    /// and `also` (files just received for a job about to be submitted).
+    fn evict_packages(&self, also: &[String]) {
+        let open: Vec<String> = {
+            let s = self.state.lock().expect("head lock");
+            s.jobs()
+                .filter(|j| !j.status.state.is_final())
+                .map(|j| j.status.job_id.clone())
+                .collect()
+        };
+        let keep = {
+            let packages = self.packages.lock().expect("packages lock");
+            open.iter()
+                .filter_map(|id| packages.get(id))
+                .flat_map(|p| p.files.iter().map(|f| f.digest.clone()))
+                .chain(also.iter().cloned())
+                .collect()
+        };
+        let removed = self.blobs.evict(&keep);
+        if removed > 0 {
+            info!(
+                "package cache: evicted {}",
+                volley_common::format_bytes(removed)
+            );
+        }
+    }
+
+    /// The options it runs with.
+    pub fn options(&self) -> &HeadOptions {
+        &self.options
+    }
+
+    /// Runs `f` on the state, then places what can run and wakes the waiters.
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let out = {
+            let mut s = self.state.lock().expect("head lock");
+            let out = f(&mut s);
+            s.schedule();
+            out
+        };
+        self.changed.notify_waiters();
+        out
+    }
+
+    /// Reads the state.
+    fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.state.lock().expect("head lock"))
+    }
+
+    /// Checks heartbeats and attached drivers; runs until the process ends.
+    pub async fn monitor(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let timeout = self.options.node_timeout;
+            self.with(|s| {
+                s.check_heartbeats(timeout);
+                s.check_attached_drivers(timeout);
+            });
+        }
+    }
+
+    // ------------------------------------------------------------------ jobs
+
+    /// Registers a job whose package's files the head has; returns its id. A file
+    /// missing on the head (evicted since it was uploaded) is `FailedPrecondition`:
+    /// the client uploads it again.
+    fn add_job(&self, mut spec: proto::JobSpec) -> std::result::Result<String, Status> {
+        let invalid = |e: VolleyError| Status::invalid_argument(e.to_string());
+        if spec.entrypoint.is_empty() {
+            return Err(Status::invalid_argument("the job has no entrypoint"));
+        }
+        let resources: Resources = spec.resources.clone().into();
+        resources.validate().map_err(invalid)?;
+        let package = spec.package.take().unwrap_or_default();
+        check_manifest(&package, self.options.max_package_bytes).map_err(invalid)?;
+        if let Some(f) = package.files.iter().find(|f| !self.blobs.has(&f.digest)) {
+            return Err(Status::failed_precondition(format!(
+                "package file {}: its contents (digest {}) are not on the head; upload them first",
+                f.path, f.digest
+            )));
+        }
+        let id = self.state.lock().expect("head lock").new_job_id();
+        std::fs::create_dir_all(self.job_dir(&id)).map_err(|e| Status::internal(e.to_string()))?;
+        self.packages
+            .lock()
+            .expect("packages lock")
+            .insert(id.clone(), package);
+        let status = JobStatus {
+            job_id: id.clone(),
+            name: spec.name,
+            state: JobState::Pending,
+            entrypoint: spec.entrypoint,
+            node_id: String::new(),
+            exit_code: 0,
+            error: String::new(),
+            submitted_ms: now_ms(),
+            finished_ms: 0,
+            task_retries: 0,
+        };
+        self.with(|s| {
+            s.add_job(JobEntry::new(status, spec.env, spec.attached, resources));
+        });
+        // Kept before it is acknowledged: a head killed now still has it.
+        if let Err(e) = self.persist() {
+            warn!("{e}");
+        }
+        Ok(id)
+    }
+
+    /// Where job `id`'s logs are kept.
+    fn job_dir(&self, id: &str) -> PathBuf {
+        self.options.state_dir.join("jobs").join(id)
+    }
+
+    /// Creates a job from files already in memory (the HTTP API): `(path, mode, bytes)`.
+    pub(crate) fn submit_job_files(
+        &self,
+        mut spec: proto::JobSpec,
+        files: Vec<(String, u32, Vec<u8>)>,
+    ) -> Result<String> {
+        let mut package = proto::PackageManifest::default();
+        for (path, mode, data) in &files {
+            package.files.push(proto::PackageFile {
+                path: path.clone(),
+                mode: *mode,
+                size: data.len() as u64,
+                digest: digest_of(data),
+            });
+        }
+        check_manifest(&package, self.options.max_package_bytes)?;
+        for (_, _, data) in &files {
+            self.blobs.insert(data)?;
+        }
+        let digests: Vec<String> = package.files.iter().map(|f| f.digest.clone()).collect();
+        self.evict_packages(&digests);
+        spec.package = Some(package);
+        self.add_job(spec)
+            .map_err(|e| VolleyError::plan(e.message().to_string()))
+    }
+
+    /// The Dataset executions job `id`'s driver reported (the last few).
+    pub fn job_executions(&self, id: &str) -> Result<Vec<ExecutionProgress>> {
+        Ok(self.read(|s| s.executions(id).map(<[_]>::to_vec))?)
+    }
+
+    /// The tasks of job `id` the head holds (waiting, running, or done with their
+    /// objects still in use), at most 2,000.
+    pub fn job_tasks(&self, id: &str) -> Result<Vec<JobTask>> {
+        Ok(self.read(|s| s.job_tasks(id))?)
+    }
+
+    /// A job's record.
+    pub fn job(&self, id: &str) -> Result<JobStatus> {
+        Ok(self.read(|s| s.job(id).map(|j| j.status.clone()))?)
+    }
+
+    /// The actors of job `id` (alive or not), by id.
+    pub(crate) fn job_actors(&self, id: &str) -> Result<Vec<ActorRecord>> {
+        Ok(self.read(|s| s.job_actors(id))?)
+    }
+
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> Vec<JobStatus> {
+        self.read(|s| s.jobs().map(|j| j.status.clone()).collect())
+    }
+
+    /// Stops a job: its driver and tasks are killed and its objects freed.
+    pub fn stop_job(&self, id: &str) -> Result<JobStatus> {
+        Ok(self.with(|s| {
+            s.job(id)?;
+            s.finish_job(id, JobState::Stopped, -1, "stopped by request");
+            s.job(id).map(|j| j.status.clone())
+        })?)
+    }
+
+    /// The job's log from `offset`: `(bytes, job finished)`.
+    pub fn job_log(&self, id: &str, offset: u64) -> Result<(Vec<u8>, bool)> {
+        let done = self.read(|s| s.job(id).map(|j| j.status.state.is_final()))?;
+        let data = match std::fs::read(self.job_dir(id).join("driver.log")) {
+            Ok(d) => d
+                .get(offset as usize..)
+                .map(|s| s.to_vec())
+                .unwrap_or_default(),
+            Err(_) => vec![],
+        };
+        Ok((data, done))
+    }
+
+    /// The cluster in Prometheus' text format (the head's `/metrics`).
+    pub fn metrics(&self) -> String {
+        let (status, jobs, tasks, running) = self.read(|s| {
+            let running: Vec<proto::ExecutionProgress> = s
+                .running_executions()
+                .iter()
+                .map(|(job, e)| wire::execution(job, e))
+                .collect();
+            let jobs: Vec<proto::JobInfo> = s.jobs().map(wire::job_info).collect();
+            (s.status(), jobs, s.task_metrics().clone(), running)
+        });
+        let packages = PackageFigures {
+            cached: self.blobs.size(),
+            received: self.blobs.received_bytes(),
+        };
+        let status = proto::ClusterStatus::from(&status);
+        super::metrics::render(&status, &jobs, &tasks, &packages, &running)
+    }
+
+    /// The cluster's nodes and load.
+    pub fn status(&self) -> ClusterStatus {
+        self.read(State::status)
+    }
+
+    /// Looks at the state with `check` until it says done or `deadline` passes, waking
+    /// on every change; returns what `check` saw last.
+    async fn wait_until<T, E>(
+        &self,
+        deadline: Instant,
+        mut check: impl FnMut(&State, bool) -> std::result::Result<(T, bool), E>,
+    ) -> std::result::Result<T, E> {
+        loop {
+            // Registered before looking, so a change in between is not missed.
+            let notified = self.changed.notified();
+            let now = Instant::now();
+            // `check` learns whether this is its last look (it may answer less
+            // thoroughly until then).
+            let (seen, done) = check(&self.state.lock().expect("head lock"), now >= deadline)?;
+            if done || now >= deadline {
+                return Ok(seen);
+            }
+            let _ = tokio::time::timeout(deadline - now, notified).await;
+        }
+    }
+
+    /// Waits until the state changes or `timeout` passes.
+    async fn changed_within(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
+    }
+}

@@ -1,0 +1,196 @@
+//! Actors: placement, restarts and deaths.
+
+use std::collections::HashMap;
+
+use tracing::warn;
+
+use super::*;
+
+impl State {
+    /// A driver creates an actor; it is placed as soon as a node has room.
+    pub fn create_actor(&mut self, spec: ActorSpec) -> Result<(), Refusal> {
+        spec.resources
+            .validate()
+            .map_err(|e| Refusal::Invalid(e.to_string()))?;
+        self.require_running(&spec.job_id)?;
+        self.actors.insert(
+            spec.actor_id.clone(),
+            ActorEntry {
+                spec,
+                state: ActorState::Pending,
+                incarnation: 0,
+                restarts: 0,
+                gpus: vec![],
+                bundle: None,
+                pid: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// A node's word on an actor's incarnation: it started (`alive`, in process
+    /// `pid`) or died (`error`). Words on an older incarnation are dropped.
+    pub fn actor_reported(
+        &mut self,
+        id: &str,
+        node_id: &str,
+        incarnation: u32,
+        alive: bool,
+        pid: u32,
+        error: &str,
+    ) {
+        let Some(a) = self.actors.get_mut(id) else {
+            return;
+        };
+        if a.incarnation != incarnation {
+            return;
+        }
+        match (&a.state, alive) {
+            (ActorState::Starting { node }, true) if *node == node_id => {
+                a.state = ActorState::Alive { node: node.clone() };
+                a.pid = pid;
+            }
+            (ActorState::Starting { .. } | ActorState::Alive { .. }, false) => {
+                self.actor_failed(id, error);
+            }
+            _ => {}
+        }
+    }
+
+    /// Actor `id` as reported.
+    pub fn actor(&self, id: &str) -> Result<ActorRecord, Refusal> {
+        self.actors
+            .get(id)
+            .map(|a| actor_record(id, a))
+            .ok_or_else(|| Refusal::NotFound(format!("no actor {id}")))
+    }
+
+    /// The actors of job `id` (alive or not), by id.
+    pub fn job_actors(&self, id: &str) -> Result<Vec<ActorRecord>, Refusal> {
+        if !self.jobs.contains_key(id) {
+            return Err(Refusal::NotFound(format!("no job {id}")));
+        }
+        let mut actors: Vec<ActorRecord> = self
+            .actors
+            .iter()
+            .filter(|(_, a)| a.spec.job_id == id)
+            .map(|(aid, a)| actor_record(aid, a))
+            .collect();
+        actors.sort_by(|a, b| a.actor_id.cmp(&b.actor_id));
+        Ok(actors)
+    }
+
+    pub(super) fn place_actors(&mut self) {
+        let pending: Vec<String> = self
+            .actors
+            .iter()
+            .filter(|(_, a)| a.state == ActorState::Pending)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in pending {
+            let a = &self.actors[&id];
+            if !self.job_active(&a.spec.job_id) {
+                let a = self.actors.get_mut(&id).expect("exists");
+                a.state = ActorState::Dead("its job is not running".into());
+                continue;
+            }
+            let req = a.spec.resources.clone();
+            let placement = if let Some(choice) = a.spec.bundle.clone() {
+                self.take_from_bundle(&choice, &req)
+            } else {
+                // A job's actors spread over the nodes (a pool's actors serve blocks
+                // wherever they were made), then go where most CPUs are free.
+                let job = a.spec.job_id.clone();
+                let mut crowd: HashMap<String, usize> = HashMap::new();
+                for other in self.actors.values().filter(|o| o.spec.job_id == job) {
+                    if let ActorState::Starting { node } | ActorState::Alive { node } = &other.state
+                    {
+                        *crowd.entry(node.clone()).or_default() += 1;
+                    }
+                }
+                self.pick_node(&req, &[], &crowd, false)
+                    .map(|(n, g)| (n, g, None))
+            };
+            let Some((node, gpus, bundle)) = placement else {
+                continue;
+            };
+            let a = self.actors.get_mut(&id).expect("exists");
+            a.incarnation += 1;
+            a.state = ActorState::Starting { node: node.clone() };
+            a.gpus = gpus.clone();
+            a.bundle = bundle;
+            let cmd = NodeCommand::StartActor {
+                actor_id: id.clone(),
+                job_id: a.spec.job_id.clone(),
+                payload: a.spec.payload.clone(),
+                gpu_ids: gpus,
+                incarnation: a.incarnation,
+            };
+            self.nodes[&node].send(cmd);
+        }
+    }
+
+    pub(super) fn actor_failed(&mut self, id: &str, error: &str) {
+        let Some(a) = self.actors.get_mut(id) else {
+            return;
+        };
+        let node = match &a.state {
+            ActorState::Alive { node } | ActorState::Starting { node } => node.clone(),
+            _ => return,
+        };
+        let (req, gpus, bundle) = (a.spec.resources.clone(), a.gpus.clone(), a.bundle.take());
+        let restart = a.restarts < a.spec.max_restarts;
+        if restart {
+            a.restarts += 1;
+            a.state = ActorState::Pending;
+            warn!(
+                "actor {id}: {error}; restarting ({} of {})",
+                a.restarts, a.spec.max_restarts
+            );
+        } else {
+            a.state = ActorState::Dead(error.to_string());
+            warn!("actor {id}: {error}; not restarted");
+        }
+        self.release(&node, &req, &gpus, &bundle);
+        // Calls in flight on the old incarnation run again on the new one (or fail).
+        let calls: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.spec.actor.as_deref() == Some(id) && matches!(t.state, TaskState::Running { .. })
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in calls {
+            self.system_failure(&t, &format!("actor {id} died: {error}"));
+        }
+    }
+
+    pub fn kill_actor(&mut self, id: &str, why: &str) {
+        let Some(a) = self.actors.get_mut(id) else {
+            return;
+        };
+        let node = match &a.state {
+            ActorState::Alive { node } | ActorState::Starting { node } => Some(node.clone()),
+            _ => None,
+        };
+        a.state = ActorState::Dead(why.to_string());
+        let (req, gpus, bundle) = (a.spec.resources.clone(), a.gpus.clone(), a.bundle.take());
+        if let Some(node) = node {
+            if let Some(n) = self.nodes.get(&node) {
+                n.send(NodeCommand::StopActor(id.to_string()));
+            }
+            self.release(&node, &req, &gpus, &bundle);
+        }
+    }
+}
+
+fn actor_record(id: &str, a: &ActorEntry) -> ActorRecord {
+    ActorRecord {
+        actor_id: id.to_string(),
+        name: a.spec.name.clone(),
+        pid: matches!(a.state, ActorState::Alive { .. }).then_some(a.pid),
+        state: a.state.clone(),
+        restarts: a.restarts,
+    }
+}

@@ -1,0 +1,277 @@
+//! Jobs: their drivers' placement and their end (everything of theirs goes).
+
+use std::collections::HashMap;
+
+use super::super::super::jobs::ExecutionProgress;
+
+use tracing::info;
+
+use super::*;
+
+impl State {
+    /// A new job's id (`job-0007-1a2b3c`).
+    pub fn new_job_id(&mut self) -> String {
+        self.next_job += 1;
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+        format!("job-{:04}-{suffix}", self.next_job)
+    }
+
+    /// The last job number given out.
+    pub fn next_job(&self) -> u64 {
+        self.next_job
+    }
+
+    /// Adds a job: a program that joined the cluster itself runs from now on; any other
+    /// waits for a node to start its driver. The nodes ready its package meanwhile.
+    pub fn add_job(&mut self, mut job: JobEntry) {
+        let id = job.status.job_id.clone();
+        job.status.state = if job.attached {
+            JobState::Running
+        } else {
+            JobState::Pending
+        };
+        info!(
+            "job {id}: {:?} ({})",
+            job.status.entrypoint, job.status.state
+        );
+        self.jobs.insert(id.clone(), job);
+        for n in self.nodes.values().filter(|n| n.takes_work()) {
+            n.send(NodeCommand::PrepareJob(id.clone()));
+        }
+    }
+
+    /// Takes back a job a head before this one kept: one that ended stays as it was;
+    /// one that was waiting or running starts again from the beginning (its driver
+    /// went with the old head's nodes); one whose program joined the cluster itself
+    /// has failed.
+    pub fn restore_job(&mut self, mut job: JobEntry) {
+        let status = &mut job.status;
+        if !status.state.is_final() {
+            if job.attached {
+                status.state = JobState::Failed;
+                status.error = "the head restarted; a program that joined the cluster \
+                                itself does not survive that"
+                    .into();
+                status.finished_ms = now_ms();
+            } else {
+                info!("job {}: starts again (the head restarted)", status.job_id);
+                status.state = JobState::Pending;
+                status.node_id.clear();
+            }
+        }
+        self.jobs.insert(status.job_id.clone(), job);
+    }
+
+    /// Job `id`.
+    pub fn job(&self, id: &str) -> Result<&JobEntry, Refusal> {
+        self.jobs
+            .get(id)
+            .ok_or_else(|| Refusal::NotFound(format!("no job {id}")))
+    }
+
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> impl Iterator<Item = &JobEntry> {
+        self.jobs.values()
+    }
+
+    /// A driver's report on one of its Dataset executions (the last few are kept).
+    pub fn report_execution(
+        &mut self,
+        job: &str,
+        report: ExecutionProgress,
+    ) -> Result<(), Refusal> {
+        /// Executions kept per job.
+        const KEPT: usize = 16;
+        if !self.jobs.contains_key(job) {
+            return Err(Refusal::NotFound(format!("no job {job}")));
+        }
+        let list = self.executions.entry(job.to_string()).or_default();
+        match list.iter_mut().find(|e| e.id == report.id) {
+            // A periodic report overtaken by the final one changes nothing.
+            Some(e) if e.finished => {}
+            Some(e) => *e = report,
+            None => {
+                list.push(report);
+                if list.len() > KEPT {
+                    list.remove(0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The Dataset executions job `id`'s driver reported (the last few).
+    pub fn executions(&self, id: &str) -> Result<&[ExecutionProgress], Refusal> {
+        self.job(id)?;
+        Ok(self.executions.get(id).map_or(&[], Vec::as_slice))
+    }
+
+    /// The executions not yet finished of the jobs running, with their jobs.
+    pub fn running_executions(&self) -> Vec<(String, ExecutionProgress)> {
+        self.executions
+            .iter()
+            .filter(|(job, _)| self.job_active(job))
+            .flat_map(|(job, list)| {
+                list.iter()
+                    .filter(|e| !e.finished)
+                    .map(|e| (job.clone(), e.clone()))
+            })
+            .collect()
+    }
+
+    /// A job's driver exited with `exit_code` (and `error`, if it could say).
+    pub fn driver_exited(&mut self, job: &str, exit_code: i32, error: &str) {
+        let (state, error) = if exit_code == 0 && error.is_empty() {
+            (JobState::Succeeded, String::new())
+        } else if error.is_empty() {
+            (
+                JobState::Failed,
+                format!("the driver exited with code {exit_code}"),
+            )
+        } else {
+            (JobState::Failed, error.to_string())
+        };
+        self.finish_job(job, state, exit_code, &error);
+    }
+
+    /// A driver says it is alive; refused for a job not running.
+    pub fn driver_alive(&mut self, id: &str) -> Result<(), Refusal> {
+        match self.jobs.get_mut(id) {
+            Some(j) if j.status.state == JobState::Running => {
+                j.last_alive = Instant::now();
+                Ok(())
+            }
+            Some(j) => Err(Refusal::NotNow(format!("job {id} is {}", j.status.state))),
+            None => Err(Refusal::NotFound(format!("no job {id}"))),
+        }
+    }
+
+    /// Fails the running jobs whose programs joined the cluster themselves and have
+    /// not said they are alive for longer than `timeout`.
+    pub fn check_attached_drivers(&mut self, timeout: Duration) {
+        let gone: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.attached
+                    && j.status.state == JobState::Running
+                    && j.last_alive.elapsed() > timeout
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.finish_job(&id, JobState::Failed, -1, "the driver stopped answering");
+        }
+    }
+
+    pub(super) fn place_drivers(&mut self) {
+        let pending: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.status.state == JobState::Pending)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in pending {
+            let req = self.jobs[&id].resources.clone();
+            let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new(), false) else {
+                continue;
+            };
+            let j = self.jobs.get_mut(&id).expect("exists");
+            j.status.state = JobState::Running;
+            j.status.node_id = node.clone();
+            j.gpus = gpus.clone();
+            let cmd = NodeCommand::StartDriver {
+                job_id: id.clone(),
+                entrypoint: j.status.entrypoint.clone(),
+                env: j.env.clone(),
+                gpu_ids: gpus,
+            };
+            info!("job {id}: driver starts on {node}");
+            self.nodes[&node].send(cmd);
+        }
+    }
+
+    /// Ends job `id` in `state` (one of the final ones): its driver's resources are
+    /// given back, and its tasks, actors, groups and objects go.
+    pub fn finish_job(&mut self, id: &str, state: JobState, exit_code: i32, error: &str) {
+        let Some(j) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if j.status.state.is_final() {
+            return;
+        }
+        let had_driver = j.status.state == JobState::Running && !j.attached;
+        j.status.state = state;
+        j.status.exit_code = exit_code;
+        j.status.error = error.into();
+        j.status.finished_ms = now_ms();
+        info!("job {id}: {state} {error}");
+        let (node, req, gpus) = (
+            j.status.node_id.clone(),
+            j.resources.clone(),
+            j.gpus.clone(),
+        );
+        // Nodes drop their copies of the package on `StopJob`; the head's cached files
+        // are evicted past its cache limit; the log stays.
+        if had_driver {
+            self.release(&node, &req, &gpus, &None);
+        }
+        // Everything of the job goes: tasks, actors, groups, objects.
+        let tasks: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.spec.job_id == id)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &tasks {
+            if matches!(
+                self.tasks[t].state,
+                TaskState::Pending | TaskState::Running { .. }
+            ) {
+                self.fail_task(t, cancelled_report(&format!("job {id} ended")));
+            }
+        }
+        let actors: Vec<String> = self
+            .actors
+            .iter()
+            .filter(|(_, a)| a.spec.job_id == id)
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in actors {
+            self.kill_actor(&a, &format!("job {id} ended"));
+        }
+        let groups: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.job == id)
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in groups {
+            self.unplace_group(&g);
+            self.groups.remove(&g);
+        }
+        let mut dropped = 0;
+        let nodes = &mut self.nodes;
+        self.objects.retain(|_, o| {
+            let keep = o.job != id;
+            if !keep {
+                dropped += o.inline.as_ref().map_or(0, |b| b.len() as u64);
+                // The nodes drop the job's objects on `StopJob`.
+                for l in &o.locations {
+                    if let Some(n) = nodes.get_mut(l) {
+                        n.stored = n.stored.saturating_sub(o.bytes);
+                    }
+                }
+            }
+            keep
+        });
+        self.inline_bytes -= dropped;
+        for t in tasks {
+            self.tasks.remove(&t);
+        }
+        self.queue.retain(|id| self.tasks.contains_key(id));
+        for n in self.nodes.values() {
+            n.send(NodeCommand::StopJob(id.to_string()));
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! What the head's state machine takes in (from nodes and drivers) and sends out (to
+//! nodes): volley's own types. The service converts them from and to the protocol's at
+//! the edge, so the state machine knows nothing of the wire.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use volley_common::ErrorReport;
+
+use super::super::super::resources::Resources;
+
+/// Where in a placement group a task or actor runs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct BundleChoice {
+    /// The group's id.
+    pub group: String,
+    /// One bundle, or any with room.
+    pub index: Option<usize>,
+}
+
+/// A task as a driver submits it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TaskSpec {
+    pub job_id: String,
+    pub task_id: String,
+    pub name: String,
+    /// The encoded task; the head passes it on unread.
+    pub payload: Bytes,
+    /// The objects it reads, in order.
+    pub args: Vec<String>,
+    /// For each arg, one batch of it (a map output's partition) or the whole object.
+    pub arg_batches: Vec<Option<u32>>,
+    pub resources: Resources,
+    pub max_retries: u32,
+    /// The actor whose method it calls.
+    pub actor: Option<String>,
+    pub bundle: Option<BundleChoice>,
+}
+
+/// An actor as a driver creates it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ActorSpec {
+    pub job_id: String,
+    pub actor_id: String,
+    pub name: String,
+    /// The encoded actor; passed on unread.
+    pub payload: Bytes,
+    pub resources: Resources,
+    pub max_restarts: u32,
+    pub bundle: Option<BundleChoice>,
+}
+
+/// How a placement group's bundles spread over nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Strategy {
+    /// As few nodes as possible, more if needed.
+    #[default]
+    Pack,
+    /// As many nodes as possible.
+    Spread,
+    /// All on one node, or wait.
+    StrictPack,
+    /// Each on its own node, or wait.
+    StrictSpread,
+}
+
+/// Where an object can be read, and what is known of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct ObjectLocation {
+    pub object_id: String,
+    /// The object stores of the live nodes holding a copy.
+    pub addresses: Vec<String>,
+    pub bytes: u64,
+    pub rows: u64,
+    /// The object itself when small (an Arrow IPC stream), else empty.
+    pub inline: Bytes,
+    /// One batch of it to read (a map output's partition), or all.
+    pub batch: Option<u32>,
+}
+
+/// What a waiting driver learns of an object.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ObjectStatus {
+    pub object_id: String,
+    /// A live copy exists.
+    pub ready: bool,
+    /// Why it will never be made.
+    pub error: Option<ErrorReport>,
+    /// Unknown objects have none.
+    pub location: Option<ObjectLocation>,
+}
+
+/// A task attempt sent to a node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Assignment {
+    pub task_id: String,
+    pub attempt: u32,
+    pub job_id: String,
+    pub payload: Bytes,
+    pub args: Vec<ObjectLocation>,
+    pub gpu_ids: Vec<u32>,
+    pub actor: Option<String>,
+    pub name: String,
+    /// Sent ahead of room: the node runs it when a slot of its CPUs frees.
+    pub ahead: bool,
+    pub num_cpus: f64,
+}
+
+/// A question about workers' output, asked of every node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct LogQuery {
+    pub query_id: u64,
+    pub job_id: String,
+    /// A task's name or id, or empty.
+    pub task: String,
+    /// An actor's id, or empty.
+    pub actor_id: String,
+    /// List what there is instead of reading it.
+    pub list: bool,
+}
+
+/// What the head tells a node to do.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum NodeCommand {
+    RunTask(Assignment),
+    /// A task sent ahead now holds its resources.
+    PromoteTask(String),
+    FreeObjects(Vec<String>),
+    /// Fetch and ready a new job's package.
+    PrepareJob(String),
+    /// The job ended: its workers, drivers, objects and files go.
+    StopJob(String),
+    StartDriver {
+        job_id: String,
+        entrypoint: Vec<String>,
+        env: HashMap<String, String>,
+        gpu_ids: Vec<u32>,
+    },
+    StartActor {
+        actor_id: String,
+        job_id: String,
+        payload: Bytes,
+        gpu_ids: Vec<u32>,
+        incarnation: u32,
+    },
+    StopActor(String),
+    /// Copy an object from another node's store (that node drains).
+    CopyObject {
+        object_id: String,
+        from: String,
+    },
+    ReadLogs(LogQuery),
+}
+
+/// An input a task could not read from the stores named.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct UnreadableInput {
+    pub object_id: String,
+    pub from: Vec<String>,
+}
+
+/// How a task attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum TaskOutcome {
+    /// Its output is stored on its node (and, when small, `inline`).
+    Succeeded {
+        bytes: u64,
+        rows: u64,
+        inline: Bytes,
+    },
+    /// The task itself failed: not retried.
+    Failed(ErrorReport),
+    /// Its worker died or an input could not be read: run again if it may.
+    SystemFailure {
+        error: String,
+        unreadable: Vec<UnreadableInput>,
+    },
+}
+
+/// A node's word on a task attempt it ran.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TaskReport {
+    pub node_id: String,
+    pub task_id: String,
+    pub attempt: u32,
+    pub outcome: TaskOutcome,
+    /// A task sent ahead that took over the finished task's slot.
+    pub successor: Option<String>,
+}
+
+/// A node joining.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NodeRegistration {
+    pub hostname: String,
+    pub object_address: String,
+    pub total: Resources,
+    pub gpu_ids: Vec<u32>,
+    pub object_store_memory: u64,
+}
+
+/// A node's heartbeat figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct NodeLoad {
+    pub object_store_bytes: u64,
+    pub spilled_bytes: u64,
+    pub spilled_total: u64,
+    pub workers: u32,
+}
+
+/// What still keeps a draining node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct DrainStatus {
+    pub running_tasks: u32,
+    pub drivers: u32,
+    pub objects_to_copy: u32,
+}
+
+/// Where an actor is in its life.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ActorState {
+    Pending,
+    Starting { node: String },
+    Alive { node: String },
+    Dead(String),
+}
+
+/// An actor as the head reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ActorRecord {
+    pub actor_id: String,
+    pub name: String,
+    pub state: ActorState,
+    pub restarts: u32,
+    /// Its process, while alive.
+    pub pid: Option<u32>,
+}
+
+/// A placement group as a driver waits for it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct GroupStatus {
+    pub ready: bool,
+    /// Each bundle's node, once placed.
+    pub bundle_nodes: Vec<Option<String>>,
+}

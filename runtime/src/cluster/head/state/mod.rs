@@ -1,0 +1,447 @@
+//! The head's state machine: everything the head knows about nodes, tasks, objects,
+//! placement groups, actors and jobs, and the rules that change it.
+//!
+//! It holds no locks, does no I/O and knows nothing of the wire: each event (a node
+//! joins, a task is submitted or finishes, a node stops answering) is a method call
+//! with volley's own types ([`messages`]), and what the nodes must do comes out as
+//! [`NodeCommand`]s on each node's [link](NodeLink). After every event the owner calls
+//! [`State::schedule`], which places what can run now. The service around it
+//! (`head::service`) converts from and to the protocol at the edge.
+//!
+//! One module per concern: [`tasks`] (queue, placement, reports, retries),
+//! [`objects`] (the object directory and lineage), [`nodes`] (joining, death,
+//! draining), [`groups`] (placement groups), [`actors`] and [`jobs`].
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use volley_common::{ErrorKind, ErrorReport, VolleyError};
+
+use super::super::jobs::ExecutionProgress;
+use super::super::metrics::TaskMetrics;
+use super::super::resources::{GpuSlots, Resources};
+use super::super::status::{ClusterStatus, JobState, JobStatus, NodeState, NodeStatus};
+
+mod actors;
+mod groups;
+mod jobs;
+pub(crate) mod messages;
+mod nodes;
+mod objects;
+mod tasks;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use messages::*;
+
+/// Where a node's commands go (the node's attached stream, through the service).
+pub(crate) type NodeLink = mpsc::UnboundedSender<NodeCommand>;
+
+/// `(placement group, bundle index, group generation)` a task or actor runs in.
+type BundleRef = (String, usize, u64);
+
+struct Node {
+    hostname: String,
+    object_address: String,
+    total: Resources,
+    available: Resources,
+    gpus: GpuSlots,
+    last_seen: Instant,
+    alive: bool,
+    link: Option<NodeLink>,
+    running: HashSet<String>,
+    /// Tasks sent ahead of room (oldest first), not yet holding resources here.
+    ahead: VecDeque<String>,
+    /// Running CPU-only tasks holding resources here, by their CPUs (`f64` bits):
+    /// the slots a task sent ahead may wait for.
+    slots: HashMap<u64, usize>,
+    /// Figures from its last heartbeat.
+    load: NodeLoad,
+    object_store_memory: u64,
+    /// Bytes of the live objects the directory places here (current at every task's
+    /// end, unlike `load.object_store_bytes`, which comes with heartbeats).
+    stored: u64,
+    /// Leaving the cluster: it gets no new work, and the objects only it holds are
+    /// copied to other nodes before it goes.
+    draining: bool,
+}
+
+impl Node {
+    fn new(r: NodeRegistration) -> Self {
+        Self {
+            hostname: r.hostname,
+            object_address: r.object_address,
+            available: r.total.clone(),
+            total: r.total,
+            gpus: GpuSlots::new(&r.gpu_ids),
+            last_seen: Instant::now(),
+            alive: true,
+            link: None,
+            running: HashSet::new(),
+            ahead: VecDeque::new(),
+            slots: HashMap::new(),
+            load: NodeLoad::default(),
+            object_store_memory: r.object_store_memory,
+            stored: 0,
+            draining: false,
+        }
+    }
+
+    /// Whether new work (tasks, actors, drivers, group bundles, objects) may go here.
+    fn takes_work(&self) -> bool {
+        self.alive && self.link.is_some() && !self.draining
+    }
+
+    /// Its store holds three quarters of its memory or more (by the directory): a
+    /// task that reads nothing (a source) is not started here while another node has
+    /// room, since its output would be stored here and spill.
+    fn store_full(&self) -> bool {
+        self.object_store_memory > 0
+            && self.stored.saturating_mul(4) >= self.object_store_memory.saturating_mul(3)
+    }
+
+    /// A task sent ahead gets its room here: it holds its resources and a slot.
+    fn hold_slot(&mut self, task: &mut TaskEntry) {
+        self.available.subtract(&task.spec.resources);
+        *self
+            .slots
+            .entry(task.spec.resources.num_cpus.to_bits())
+            .or_default() += 1;
+        task.ahead = false;
+    }
+
+    /// Sends `command` if the node is alive and attached; false if it could not.
+    fn send(&self, command: NodeCommand) -> bool {
+        match &self.link {
+            Some(link) if self.alive => link.send(command).is_ok(),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum TaskState {
+    Pending,
+    Running { node: String, gpus: Vec<u32> },
+    Done,
+    Failed,
+}
+
+impl TaskState {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Running { .. } => "RUNNING",
+            Self::Done => "DONE",
+            Self::Failed => "FAILED",
+        }
+    }
+}
+
+struct TaskEntry {
+    spec: TaskSpec,
+    state: TaskState,
+    attempt: u32,
+    retries_left: u32,
+    reconstructions: u32,
+    /// Times it waited for an input that could not be read to be made again.
+    input_losses: u32,
+    /// `(group, bundle, generation)` whose reservation the running task uses.
+    bundle: Option<BundleRef>,
+    /// Sent to its node ahead of room: it holds no resources yet.
+    ahead: bool,
+    /// When it last became pending (a source waits for a store with room only so
+    /// long: [`SOURCE_WAIT`]).
+    pending_since: Instant,
+    /// When its current attempt was sent to a node.
+    sent_at: Instant,
+}
+
+/// How long a task that reads nothing waits for a node whose store has room before it
+/// goes where it fits: a full store's objects may be held for good (a materialized
+/// dataset) while the nodes with room are taken by actors.
+const SOURCE_WAIT: Duration = Duration::from_secs(2);
+
+impl TaskEntry {
+    /// The key of the node slot it holds while it runs with `bundle`, sent `ahead` or
+    /// not: its CPUs' bits, for a CPU-only task holding the node's own resources.
+    fn slot(&self, ahead: bool, bundle: &Option<BundleRef>) -> Option<u64> {
+        (!ahead && bundle.is_none())
+            .then(|| self.cpu_only())
+            .flatten()
+            .map(f64::to_bits)
+    }
+
+    /// The CPUs it asks for, when that is all it asks for (no GPUs, memory, custom
+    /// resources, placement group or actor).
+    fn cpu_only(&self) -> Option<f64> {
+        let r = &self.spec.resources;
+        (self.spec.actor.is_none()
+            && self.spec.bundle.is_none()
+            && r.num_gpus == 0.0
+            && r.memory == 0
+            && r.custom.is_empty())
+        .then_some(r.num_cpus)
+    }
+}
+
+/// A failure of the cluster's own (a lost worker, node or input) as an error report.
+fn execution_report(message: impl Into<String>) -> ErrorReport {
+    ErrorReport::new(ErrorKind::Execution, message)
+}
+
+/// Work that will not run because its job ended.
+fn cancelled_report(why: &str) -> ErrorReport {
+    ErrorReport::new(ErrorKind::Cancelled, "").with_context(why)
+}
+
+struct ObjectEntry {
+    job: String,
+    producer: Option<String>,
+    locations: Vec<String>,
+    bytes: u64,
+    rows: u64,
+    /// Why the object can never be produced (its task failed for good).
+    error: Option<ErrorReport>,
+    /// The object itself, when small (an Arrow IPC stream): handed to its readers.
+    inline: Option<bytes::Bytes>,
+    freed: bool,
+    /// Tasks not yet finished that take this object as input.
+    users: u32,
+}
+
+impl ObjectEntry {
+    fn new(
+        job: &str,
+        producer: Option<String>,
+        locations: Vec<String>,
+        bytes: u64,
+        rows: u64,
+    ) -> Self {
+        Self {
+            job: job.to_string(),
+            producer,
+            locations,
+            bytes,
+            rows,
+            error: None,
+            inline: None,
+            freed: false,
+            users: 0,
+        }
+    }
+}
+
+struct BundleState {
+    total: Resources,
+    node: Option<String>,
+    available: Resources,
+    gpus: GpuSlots,
+    gpu_ids: Vec<u32>,
+}
+
+struct Group {
+    job: String,
+    strategy: Strategy,
+    bundles: Vec<BundleState>,
+    ready: bool,
+    generation: u64,
+}
+
+struct ActorEntry {
+    spec: ActorSpec,
+    state: ActorState,
+    incarnation: u32,
+    restarts: u32,
+    gpus: Vec<u32>,
+    bundle: Option<BundleRef>,
+    /// Its worker process, once alive.
+    pid: u32,
+}
+
+/// A job as the state machine holds it.
+pub(crate) struct JobEntry {
+    /// What it reports.
+    pub status: JobStatus,
+    pub env: HashMap<String, String>,
+    /// Its program joined the cluster itself (no driver started by the head).
+    pub attached: bool,
+    /// What its driver asks for.
+    pub resources: Resources,
+    last_alive: Instant,
+    gpus: Vec<u32>,
+}
+
+impl JobEntry {
+    /// A job as submitted now, or as kept by a head before (`submitted_ms` set).
+    pub fn new(
+        status: JobStatus,
+        env: HashMap<String, String>,
+        attached: bool,
+        resources: Resources,
+    ) -> Self {
+        Self {
+            status,
+            env,
+            attached,
+            resources,
+            last_alive: Instant::now(),
+            gpus: vec![],
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything the head knows.
+#[derive(Default)]
+pub(crate) struct State {
+    next_node: u64,
+    next_job: u64,
+    nodes: BTreeMap<String, Node>,
+    tasks: HashMap<String, TaskEntry>,
+    queue: tasks::TaskQueue,
+    objects: HashMap<String, ObjectEntry>,
+    groups: HashMap<String, Group>,
+    actors: HashMap<String, ActorEntry>,
+    jobs: BTreeMap<String, JobEntry>,
+    /// Copies of objects off draining nodes on their way: object → target node.
+    copies: HashMap<String, String>,
+    /// Dataset executions of each job as their drivers last reported them (the last
+    /// few per job).
+    executions: HashMap<String, Vec<ExecutionProgress>>,
+    /// Bytes of the inline copies held, and the most they may take.
+    inline_bytes: u64,
+    inline_limit: u64,
+    /// Whether CPU-only tasks may be sent to nodes ahead of room in this scheduling
+    /// pass: not while an actor, a driver, a placement group or a task asking for
+    /// more than CPUs waits, since tasks ahead take freed CPUs first.
+    ahead_allowed: bool,
+    /// Tasks' ends and durations, for `/metrics`.
+    task_metrics: TaskMetrics,
+}
+
+/// Why the state machine refused a request.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Refusal {
+    /// The thing named does not exist.
+    NotFound(String),
+    /// It exists but is in no state for this (a job not running).
+    NotNow(String),
+    /// The request itself is wrong.
+    Invalid(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotFound(m) | Self::NotNow(m) | Self::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<Refusal> for VolleyError {
+    fn from(r: Refusal) -> Self {
+        VolleyError::plan(r.to_string())
+    }
+}
+
+impl State {
+    /// A head's state with no nodes, keeping up to `inline_limit` bytes of small
+    /// objects beside their metadata, numbering nodes and jobs after `next_node` and
+    /// `next_job`.
+    pub fn new(inline_limit: u64, next_node: u64, next_job: u64) -> Self {
+        Self {
+            inline_limit,
+            next_node,
+            next_job,
+            ..Self::default()
+        }
+    }
+
+    /// The last node number given out.
+    pub fn next_node(&self) -> u64 {
+        self.next_node
+    }
+
+    /// Places whatever can run now.
+    pub fn schedule(&mut self) {
+        self.promote_ahead();
+        self.place_groups();
+        self.place_drivers();
+        self.place_actors();
+        self.place_tasks();
+    }
+
+    /// Refuses work for a job that is not running (ended, stopped, or unknown).
+    fn require_running(&self, job: &str) -> Result<(), Refusal> {
+        if self.job_active(job) {
+            Ok(())
+        } else {
+            Err(Refusal::NotNow(format!("job {job} is not running")))
+        }
+    }
+
+    fn job_active(&self, job: &str) -> bool {
+        self.jobs
+            .get(job)
+            .is_some_and(|j| j.status.state == JobState::Running)
+    }
+
+    /// The tasks' ends and durations so far.
+    pub fn task_metrics(&self) -> &TaskMetrics {
+        &self.task_metrics
+    }
+
+    /// The cluster's nodes and load.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(id, n)| NodeStatus {
+                    node_id: id.clone(),
+                    hostname: n.hostname.clone(),
+                    object_address: n.object_address.clone(),
+                    state: match (n.alive, n.draining) {
+                        (true, false) => NodeState::Alive,
+                        (true, true) => NodeState::Draining,
+                        (false, true) => NodeState::Left,
+                        (false, false) => NodeState::Dead,
+                    },
+                    total: n.total.clone(),
+                    available: n.available.clone(),
+                    object_store_bytes: n.load.object_store_bytes,
+                    object_store_memory: n.object_store_memory,
+                    spilled_bytes: n.load.spilled_bytes,
+                    spilled_total: n.load.spilled_total,
+                    workers: n.load.workers,
+                    running_tasks: n.running.len() as u32,
+                })
+                .collect(),
+            pending_tasks: self
+                .tasks
+                .values()
+                .filter(|t| t.state == TaskState::Pending)
+                .count() as u32,
+            running_tasks: self
+                .tasks
+                .values()
+                .filter(|t| matches!(t.state, TaskState::Running { .. }))
+                .count() as u32,
+            running_jobs: self
+                .jobs
+                .values()
+                .filter(|j| j.status.state == JobState::Running)
+                .count() as u32,
+            objects: self.objects.len() as u32,
+        }
+    }
+}

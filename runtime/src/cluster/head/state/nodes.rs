@@ -1,0 +1,233 @@
+//! Nodes: joining, heartbeats, death, draining and leaving.
+
+use tracing::{info, warn};
+
+use super::*;
+
+impl State {
+    /// A node joins: its id.
+    pub fn register_node(&mut self, node: NodeRegistration) -> String {
+        self.next_node += 1;
+        let id = format!("node-{}", self.next_node);
+        info!("{id} joined from {} with {}", node.hostname, node.total);
+        self.nodes.insert(id.clone(), Node::new(node));
+        id
+    }
+
+    /// A node's heartbeat; false for a node the head does not know alive (it must join
+    /// again).
+    pub fn heartbeat(&mut self, node: &str, load: NodeLoad) -> bool {
+        match self.nodes.get_mut(node) {
+            Some(n) if n.alive => {
+                n.last_seen = Instant::now();
+                n.load = load;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A node opens its command stream; refused for a node not known alive.
+    pub fn attach(&mut self, node: &str, link: NodeLink) -> Result<(), Refusal> {
+        match self.nodes.get_mut(node) {
+            Some(n) if n.alive => {
+                n.link = Some(link);
+                Ok(())
+            }
+            _ => Err(Refusal::NotFound(format!("unknown node {node}"))),
+        }
+    }
+
+    /// Declares dead the nodes silent for longer than `timeout`.
+    pub fn check_heartbeats(&mut self, timeout: Duration) {
+        let dead: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.alive && n.last_seen.elapsed() > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in dead {
+            warn!("node {id} missed its heartbeats for {timeout:?}: declared dead");
+            self.node_died(&id);
+        }
+    }
+
+    /// Sends `command` to every live node; the ids of those it went to, in order.
+    pub fn broadcast(&self, command: &NodeCommand) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.send(command.clone()))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    pub(super) fn node_died(&mut self, node: &str) {
+        self.node_gone(node, "died");
+    }
+
+    /// Node `node` is gone (`how`: "died", or "left" after draining): what ran there
+    /// is retried, objects only it held are rebuilt, its actors restart elsewhere.
+    pub(super) fn node_gone(&mut self, node: &str, how: &str) {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        n.alive = false;
+        n.link = None;
+        let running: Vec<String> = n.running.drain().collect();
+        for t in running {
+            self.system_failure(&t, &format!("node {node} {how}"));
+        }
+        // Copies it was making for a draining node will not come: the next drain call
+        // sends them elsewhere.
+        self.copies.retain(|_, target| target != node);
+        // Objects whose last copy was there are rebuilt by re-running their task.
+        let lost: Vec<String> = self
+            .objects
+            .iter_mut()
+            .filter_map(|(id, o)| {
+                let had = o.locations.len();
+                o.locations.retain(|l| l != node);
+                (had > 0 && o.locations.is_empty() && o.error.is_none() && !o.freed)
+                    .then(|| id.clone())
+            })
+            .collect();
+        for id in lost {
+            self.reconstruct(&id, node);
+        }
+        let actors: Vec<String> = self
+            .actors
+            .iter()
+            .filter(|(_, a)| {
+                matches!(&a.state, ActorState::Alive { node: n } | ActorState::Starting { node: n } if n == node)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for a in actors {
+            self.actor_failed(&a, &format!("node {node} {how}"));
+        }
+        let groups: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.bundles.iter().any(|b| b.node.as_deref() == Some(node)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for g in groups {
+            self.unplace_group(&g);
+        }
+        let drivers: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.status.node_id == node && j.status.state == JobState::Running && !j.attached
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for j in drivers {
+            self.finish_job(
+                &j,
+                JobState::Failed,
+                -1,
+                &format!("the driver's node {node} {how}"),
+            );
+        }
+    }
+
+    // ------------------------------------------------------------------ draining
+
+    /// Starts or goes on draining `node`: no new work goes there, and each object only
+    /// it holds is copied to the node that takes work with the fewest stored bytes.
+    /// What still keeps it, or `None` for a node not alive.
+    pub fn drain(&mut self, node: &str) -> Option<DrainStatus> {
+        let n = self.nodes.get_mut(node)?;
+        if !n.alive {
+            return None;
+        }
+        if !n.draining {
+            info!("{node} is draining");
+            n.draining = true;
+        }
+        let from = n.object_address.clone();
+        let running = (n.running.len() + n.ahead.len()) as u32;
+        let drivers = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.status.node_id == node && j.status.state == JobState::Running && !j.attached
+            })
+            .count() as u32;
+        let sole: Vec<(String, u64)> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o.locations.len() == 1 && o.locations[0] == node && !o.freed && o.error.is_none()
+            })
+            .map(|(id, o)| (id.clone(), o.bytes))
+            .collect();
+        let left = sole.len() as u32;
+        for (id, bytes) in sole {
+            if self.copies.contains_key(&id) {
+                continue;
+            }
+            let Some(target) = self
+                .nodes
+                .iter()
+                .filter(|(other, n)| other.as_str() != node && n.takes_work())
+                .min_by_key(|(_, n)| n.stored)
+                .map(|(other, _)| other.clone())
+            else {
+                break;
+            };
+            info!("{node} is draining: copying object {id} to {target}");
+            let t = self.nodes.get_mut(&target).expect("picked");
+            t.stored += bytes;
+            t.send(NodeCommand::CopyObject {
+                object_id: id.clone(),
+                from: from.clone(),
+            });
+            self.copies.insert(id, target);
+        }
+        Some(DrainStatus {
+            running_tasks: running,
+            drivers,
+            objects_to_copy: left,
+        })
+    }
+
+    /// A copy of `object` is (or could not be made) on `node`.
+    pub fn object_copied(&mut self, object: &str, node: &str, bytes: u64, error: &str) {
+        let Some(target) = self.copies.remove(object) else {
+            return;
+        };
+        let reserved = self.objects.get(object).map_or(0, |o| o.bytes);
+        if let Some(n) = self.nodes.get_mut(&target) {
+            n.stored = n.stored.saturating_sub(reserved);
+        }
+        if !error.is_empty() || target != node {
+            info!("object {object}: no copy on {node}: {error}");
+            return;
+        }
+        let alive = self.nodes.get(node).is_some_and(|n| n.alive);
+        match self.objects.get_mut(object) {
+            Some(o) if alive && !o.freed && !o.locations.iter().any(|l| l == node) => {
+                o.locations.push(node.to_string());
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.stored += bytes;
+                }
+            }
+            // Freed meanwhile (or its node went): the copy goes too.
+            _ => {
+                if let Some(n) = self.nodes.get(node) {
+                    n.send(NodeCommand::FreeObjects(vec![object.to_string()]));
+                }
+            }
+        }
+    }
+
+    /// Node `node` leaves after draining.
+    pub fn leave(&mut self, node: &str) {
+        if self.nodes.get(node).is_some_and(|n| n.alive) {
+            info!("{node} left the cluster");
+            self.node_gone(node, "left");
+        }
+    }
+}

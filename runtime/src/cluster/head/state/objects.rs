@@ -1,0 +1,228 @@
+//! The object directory: where each object's copies are, who still reads it, and its
+//! lineage (the task that makes it again when its last copy is lost).
+
+use tracing::info;
+
+use super::*;
+
+impl State {
+    pub(super) fn object_addresses(&self, id: &str) -> Vec<String> {
+        self.objects
+            .get(id)
+            .map(|o| {
+                o.locations
+                    .iter()
+                    .filter_map(|n| self.nodes.get(n).filter(|n| n.alive))
+                    .map(|n| n.object_address.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether object `o` has a live copy.
+    pub(super) fn object_ready(&self, o: &ObjectEntry) -> bool {
+        o.locations
+            .iter()
+            .any(|n| self.nodes.get(n).is_some_and(|n| n.alive))
+    }
+
+    /// What a waiting driver learns of object `id`.
+    pub fn object_status(&self, id: &str) -> ObjectStatus {
+        match self.objects.get(id) {
+            None => ObjectStatus {
+                object_id: id.to_string(),
+                ready: false,
+                error: Some(execution_report(format!(
+                    "object {id} is unknown (freed, or its job ended)"
+                ))),
+                location: None,
+            },
+            Some(o) => {
+                let addresses = self.object_addresses(id);
+                let ready = !addresses.is_empty();
+                ObjectStatus {
+                    object_id: id.to_string(),
+                    ready,
+                    error: o.error.clone(),
+                    location: Some(ObjectLocation {
+                        object_id: id.to_string(),
+                        addresses,
+                        bytes: o.bytes,
+                        rows: o.rows,
+                        inline: o.inline.clone().filter(|_| ready).unwrap_or_default(),
+                        batch: None,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Whether object `id` is settled: it has a live copy, will never have one (its
+    /// task failed for good), or is unknown.
+    pub fn object_settled(&self, id: &str) -> bool {
+        self.objects
+            .get(id)
+            .is_none_or(|o| o.error.is_some() || self.object_ready(o))
+    }
+
+    /// Records an object a driver put into the store at `address` itself.
+    pub fn put_object(
+        &mut self,
+        job: &str,
+        object_id: &str,
+        address: &str,
+        bytes: u64,
+        rows: u64,
+    ) -> Result<(), Refusal> {
+        let (node, n) = self
+            .nodes
+            .iter_mut()
+            .find(|(_, n)| n.alive && n.object_address == address)
+            .ok_or_else(|| Refusal::NotFound(format!("no live node at {address}")))?;
+        n.stored += bytes;
+        let node = node.clone();
+        self.objects.insert(
+            object_id.to_string(),
+            ObjectEntry::new(job, None, vec![node], bytes, rows),
+        );
+        Ok(())
+    }
+
+    /// The driver is done with these objects: each goes once no task still reads it.
+    pub fn free(&mut self, ids: &[String]) {
+        for id in ids {
+            if let Some(o) = self.objects.get_mut(id) {
+                o.freed = true;
+                self.try_delete(id);
+            }
+        }
+    }
+
+    /// The object store of the node that takes work with the fewest bytes in memory
+    /// (for a driver's own objects).
+    pub fn emptiest_store(&self) -> Option<String> {
+        self.nodes
+            .values()
+            .filter(|n| n.takes_work())
+            .min_by_key(|n| n.load.object_store_bytes)
+            .map(|n| n.object_address.clone())
+    }
+
+    /// Drops the copies of `input` in the stores `from` (task `id` could not read
+    /// them); rebuilds it if none is left.
+    pub(super) fn copies_unreadable(
+        &mut self,
+        id: &str,
+        input: &str,
+        from: &[String],
+        error: &str,
+    ) {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| from.contains(&n.object_address))
+            .map(|(node, _)| node.clone())
+            .collect();
+        let mut lost_on = None;
+        if let Some(o) = self.objects.get_mut(input) {
+            let had = o.locations.len();
+            let bytes = o.bytes;
+            o.locations.retain(|l| !nodes.contains(l));
+            if o.locations.len() < had {
+                for n in &nodes {
+                    if let Some(n) = self.nodes.get_mut(n) {
+                        n.stored = n.stored.saturating_sub(bytes);
+                    }
+                }
+                if o.locations.is_empty() && o.error.is_none() {
+                    lost_on = nodes.first().cloned();
+                }
+            }
+        }
+        if let Some(node) = lost_on {
+            info!("task {id} cannot read {input} on {node}: {error}");
+            self.reconstruct(input, &node);
+        }
+    }
+
+    pub(super) fn release_args(&mut self, args: &[String]) {
+        for a in args {
+            if let Some(o) = self.objects.get_mut(a) {
+                o.users = o.users.saturating_sub(1);
+                if o.freed {
+                    self.try_delete(a);
+                }
+            }
+        }
+    }
+
+    /// Deletes a freed object once no unfinished task needs it.
+    pub(super) fn try_delete(&mut self, id: &str) {
+        let Some(o) = self.objects.get(id) else {
+            return;
+        };
+        if o.users > 0 {
+            return;
+        }
+        if let Some(p) = &o.producer {
+            if matches!(
+                self.tasks.get(p).map(|t| &t.state),
+                Some(TaskState::Pending | TaskState::Running { .. })
+            ) {
+                return;
+            }
+        }
+        let o = self.objects.remove(id).expect("checked above");
+        self.inline_bytes -= o.inline.as_ref().map_or(0, |b| b.len() as u64);
+        for n in &o.locations {
+            if let Some(node) = self.nodes.get_mut(n) {
+                node.stored = node.stored.saturating_sub(o.bytes);
+                node.send(NodeCommand::FreeObjects(vec![id.to_string()]));
+            }
+        }
+        if let Some(p) = o.producer {
+            self.tasks.remove(&p);
+        }
+    }
+
+    pub(super) fn reconstruct(&mut self, object: &str, node: &str) {
+        let producer = self.objects.get(object).and_then(|o| o.producer.clone());
+        let Some(p) = producer else {
+            if let Some(o) = self.objects.get_mut(object) {
+                o.error = Some(execution_report(format!(
+                    "object {object} was lost with node {node} and has no task to rebuild it"
+                )));
+            }
+            return;
+        };
+        let Some(task) = self.tasks.get_mut(&p) else {
+            return;
+        };
+        if task.state != TaskState::Done {
+            return;
+        }
+        if task.reconstructions >= 10 {
+            if let Some(o) = self.objects.get_mut(object) {
+                o.error = Some(execution_report(format!(
+                    "object {object} was lost too many times"
+                )));
+            }
+            return;
+        }
+        task.reconstructions += 1;
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        task.pending_since = Instant::now();
+        let args = task.spec.args.clone();
+        if let Some(j) = self.jobs.get_mut(&task.spec.job_id) {
+            j.status.task_retries += 1;
+        }
+        for a in &args {
+            if let Some(o) = self.objects.get_mut(a) {
+                o.users += 1;
+            }
+        }
+        info!("object {object} was lost with node {node}: re-running task {p}");
+        self.enqueue(p, true);
+    }
+}

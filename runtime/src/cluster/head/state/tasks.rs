@@ -1,0 +1,740 @@
+//! Tasks: the queue of those waiting for room, where each goes, the reports of their
+//! attempts, and retries.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use tracing::{info, warn};
+use volley_common::{ErrorReport, Result, VolleyError};
+
+use super::super::super::metrics::TaskEnd;
+use super::super::super::resources::Resources;
+use super::super::JobTask;
+use super::*;
+
+/// How many tasks may wait ahead on a node per running task of the same CPUs: two keep
+/// a worker that finishes from waiting while the head's next one is on its way.
+const AHEAD_PER_SLOT: usize = 2;
+
+/// The tasks waiting for room, in submission order (retries first).
+///
+/// Tasks that ask for CPUs alone (no GPUs, memory, custom resources, placement group
+/// or actor) wait apart from the rest: they compare by one number, so a scheduling
+/// pass stops at the first such task that finds no room once no waiting one asks for
+/// less (placing tasks only takes room away). A pass then costs what it places, not
+/// the length of the queue: a driver that submits tens of thousands of small tasks
+/// would otherwise pay for every one of them on every event.
+#[derive(Default)]
+pub(super) struct TaskQueue {
+    /// CPU-only tasks and the CPUs each asks for.
+    pub(super) cpu: VecDeque<(String, f64)>,
+    /// At most the smallest request in `cpu` (reset when it empties).
+    pub(super) cpu_min: f64,
+    /// Every other task.
+    pub(super) other: VecDeque<String>,
+}
+
+impl TaskQueue {
+    pub(super) fn push(&mut self, id: String, cpu_only: Option<f64>, first: bool) {
+        match cpu_only {
+            Some(c) => {
+                if self.cpu.is_empty() {
+                    self.cpu_min = c;
+                }
+                self.cpu_min = self.cpu_min.min(c);
+                if first {
+                    self.cpu.push_front((id, c));
+                } else {
+                    self.cpu.push_back((id, c));
+                }
+            }
+            None if first => self.other.push_front(id),
+            None => self.other.push_back(id),
+        }
+    }
+
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.cpu.retain(|(id, _)| keep(id));
+        self.other.retain(|id| keep(id));
+    }
+}
+
+/// Times a task may wait for an input it could not read to be made again (its node
+/// died or was cut off) before such a loss uses one of its retries.
+const MAX_INPUT_LOSSES: u32 = 8;
+
+impl State {
+    /// Places the waiting tasks that can run now.
+    pub(super) fn place_tasks(&mut self) {
+        let other = std::mem::take(&mut self.queue.other);
+        for id in other {
+            if !self.try_start(&id) {
+                self.queue.other.push_back(id);
+            }
+        }
+        self.ahead_allowed = self.queue.other.is_empty()
+            && !self.actors.values().any(|a| a.state == ActorState::Pending)
+            && !self
+                .jobs
+                .values()
+                .any(|j| j.status.state == JobState::Pending)
+            && !self
+                .groups
+                .values()
+                .any(|g| !g.ready && self.job_active(&g.job));
+        // The smallest CPU-only request that found no room in this pass: a task asking
+        // at least as much cannot fit either.
+        let mut no_room_at = f64::INFINITY;
+        let mut passed = Vec::new();
+        while let Some((id, cpus)) = self.queue.cpu.pop_front() {
+            if no_room_at <= self.queue.cpu_min {
+                self.queue.cpu.push_front((id, cpus));
+                break;
+            }
+            if cpus >= no_room_at {
+                passed.push((id, cpus));
+                continue;
+            }
+            if !self.try_start(&id) {
+                // A source kept off a full store says nothing of the CPUs.
+                if self
+                    .tasks
+                    .get(&id)
+                    .is_some_and(|t| self.inputs_ready(t) && !self.kept_off_full_store(t))
+                {
+                    no_room_at = no_room_at.min(cpus);
+                }
+                passed.push((id, cpus));
+            }
+        }
+        for q in passed.into_iter().rev() {
+            self.queue.cpu.push_front(q);
+        }
+    }
+
+    /// Puts task `id` in the queue, first (a retry) or last.
+    pub(super) fn enqueue(&mut self, id: String, first: bool) {
+        let cpu_only = self.tasks.get(&id).and_then(TaskEntry::cpu_only);
+        self.queue.push(id, cpu_only, first);
+    }
+
+    /// Whether every input of `task` has a live copy.
+    pub(super) fn inputs_ready(&self, task: &TaskEntry) -> bool {
+        task.spec
+            .args
+            .iter()
+            .all(|a| !self.object_addresses(a).is_empty())
+    }
+
+    /// Starts task `id` if it can run; returns true when it left the queue.
+    pub(super) fn try_start(&mut self, id: &str) -> bool {
+        let Some(task) = self.tasks.get(id) else {
+            return true;
+        };
+        if task.state != TaskState::Pending {
+            return true;
+        }
+        if !self.job_active(&task.spec.job_id) {
+            self.fail_task(id, cancelled_report("its job is not running"));
+            return true;
+        }
+        // Inputs: all present, or one failed for good.
+        let mut args = Vec::new();
+        for (i, a) in task.spec.args.iter().enumerate() {
+            let batch = task.spec.arg_batches.get(i).copied().flatten();
+            match self.objects.get(a) {
+                None => {
+                    self.fail_task(
+                        id,
+                        execution_report(format!("input object {a} was freed or never existed")),
+                    );
+                    return true;
+                }
+                Some(o) if o.error.is_some() => {
+                    let e = o
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| execution_report(""))
+                        .with_context(format!("input object {a} failed"));
+                    self.fail_task(id, e);
+                    return true;
+                }
+                Some(o) => {
+                    let addresses = self.object_addresses(a);
+                    if addresses.is_empty() {
+                        return false;
+                    }
+                    args.push(ObjectLocation {
+                        object_id: a.clone(),
+                        addresses,
+                        bytes: o.bytes,
+                        rows: o.rows,
+                        inline: o.inline.clone().unwrap_or_default(),
+                        batch,
+                    });
+                }
+            }
+        }
+        let task = &self.tasks[id];
+        // Actor calls go where the actor lives; it holds the resources.
+        if let Some(actor) = task.spec.actor.clone() {
+            let node = match self.actors.get(&actor).map(|a| &a.state) {
+                Some(ActorState::Alive { node }) => node.clone(),
+                Some(ActorState::Dead(e)) => {
+                    let e = format!("actor {actor} is dead: {e}");
+                    self.fail_task(id, execution_report(e));
+                    return true;
+                }
+                None => {
+                    let e = format!("no actor {actor}");
+                    self.fail_task(id, execution_report(e));
+                    return true;
+                }
+                _ => return false,
+            };
+            let gpus = self.actors[&actor].gpus.clone();
+            return self.dispatch(id, node, gpus, None, args, false);
+        }
+        let resources = task.spec.resources.clone();
+        let cpu_only = task.cpu_only().filter(|c| *c > 0.0 && self.ahead_allowed);
+        let arg_ids: Vec<String> = task.spec.args.clone();
+        let source = self.waits_for_store(task);
+        let placement = match task.spec.bundle.clone() {
+            None => self
+                .pick_node(&resources, &arg_ids, &HashMap::new(), source)
+                .map(|(node, gpus)| (node, gpus, None)),
+            Some(choice) => self.take_from_bundle(&choice, &resources),
+        };
+        if let Some((node, gpus, bundle)) = placement {
+            return self.dispatch(id, node, gpus, bundle, args, false);
+        }
+        match cpu_only.and_then(|_| self.pick_ahead(&resources, source)) {
+            Some(node) => self.dispatch(id, node, vec![], None, args, true),
+            None => false,
+        }
+    }
+
+    /// A node to send a CPU-only task to ahead of room: one with fewer tasks of the
+    /// same CPUs waiting ahead than [`AHEAD_PER_SLOT`] per running task of those CPUs
+    /// (the fewest waiting first). A worker that finishes such a task takes one ahead
+    /// over at once, instead of idling while its report goes to the head and the next
+    /// task comes back. Only tasks that will end count (not actors, drivers or
+    /// placement groups), and a slot they free goes to the tasks ahead first
+    /// ([`Self::promote_ahead`] runs before any other placement), so a task ahead
+    /// never waits on something that holds its room for good.
+    pub(super) fn pick_ahead(&self, req: &Resources, source: bool) -> Option<String> {
+        let key = req.num_cpus.to_bits();
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.takes_work() && !(source && n.store_full()))
+            .filter_map(|(id, n)| {
+                let slots = n.slots.get(&key).copied().unwrap_or(0);
+                let waiting = n
+                    .ahead
+                    .iter()
+                    .filter(|a| {
+                        self.tasks
+                            .get(*a)
+                            .is_some_and(|t| t.spec.resources.num_cpus.to_bits() == key)
+                    })
+                    .count();
+                (waiting < AHEAD_PER_SLOT * slots).then_some((n.ahead.len(), id))
+            })
+            .min()
+            .map(|(_, id)| id.clone())
+    }
+
+    /// Gives tasks sent ahead the room their nodes now have, oldest first.
+    pub(super) fn promote_ahead(&mut self) {
+        for n in self.nodes.values_mut().filter(|n| !n.ahead.is_empty()) {
+            while let Some(id) = n.ahead.front() {
+                let Some(task) = self.tasks.get_mut(id) else {
+                    n.ahead.pop_front();
+                    continue;
+                };
+                if !task.spec.resources.fits_in(&n.available) {
+                    break;
+                }
+                n.hold_slot(task);
+                let id = n.ahead.pop_front().expect("front exists");
+                n.send(NodeCommand::PromoteTask(id));
+            }
+        }
+    }
+
+    /// Task `successor`, sent ahead, took over the slot of a task that just left
+    /// `node`: it now holds the resources that task gave back.
+    pub(super) fn take_over(&mut self, node: &str, successor: &str) {
+        let Some(task) = self.tasks.get_mut(successor) else {
+            return;
+        };
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        let running_here = matches!(&task.state, TaskState::Running { node: at, .. } if at == node);
+        if !task.ahead || !running_here || !task.spec.resources.fits_in(&n.available) {
+            return;
+        }
+        n.hold_slot(task);
+        n.ahead.retain(|a| a != successor);
+    }
+
+    pub(super) fn dispatch(
+        &mut self,
+        id: &str,
+        node: String,
+        gpus: Vec<u32>,
+        bundle: Option<BundleRef>,
+        args: Vec<ObjectLocation>,
+        ahead: bool,
+    ) -> bool {
+        let task = self.tasks.get_mut(id).expect("task exists");
+        task.ahead = ahead;
+        task.sent_at = Instant::now();
+        let slot = task.slot(ahead, &bundle);
+        task.state = TaskState::Running {
+            node: node.clone(),
+            gpus: gpus.clone(),
+        };
+        task.bundle = bundle;
+        let assignment = Assignment {
+            task_id: id.to_string(),
+            attempt: task.attempt,
+            job_id: task.spec.job_id.clone(),
+            payload: task.spec.payload.clone(),
+            args,
+            gpu_ids: gpus,
+            actor: task.spec.actor.clone(),
+            name: task.spec.name.clone(),
+            ahead,
+            num_cpus: task.spec.resources.num_cpus,
+        };
+        let n = self.nodes.get_mut(&node).expect("placed on a known node");
+        n.running.insert(id.to_string());
+        if ahead {
+            n.ahead.push_back(id.to_string());
+        }
+        if let Some(key) = slot {
+            *n.slots.entry(key).or_default() += 1;
+        }
+        if !n.send(NodeCommand::RunTask(assignment)) {
+            // The node went away between placement and now; the death handling will
+            // requeue it.
+            warn!("node {node} did not take task {id}");
+        }
+        true
+    }
+
+    /// Whether `task` is a source that [waits for a store](Self::waits_for_store) and
+    /// would fit now on a node whose store is full (so it found no room for that
+    /// reason, not for lack of CPUs).
+    pub(super) fn kept_off_full_store(&self, task: &TaskEntry) -> bool {
+        self.waits_for_store(task)
+            && self.nodes.values().any(|n| {
+                n.takes_work() && n.store_full() && task.spec.resources.fits_in(&n.available)
+            })
+    }
+
+    /// Whether `task` reads nothing (a source) and waits, for a while, for a node whose
+    /// store has room rather than fill a [full](Node::store_full) one: while it has
+    /// waited less than [`SOURCE_WAIT`] and some live node it could fit on has room.
+    pub(super) fn waits_for_store(&self, task: &TaskEntry) -> bool {
+        task.spec.args.is_empty()
+            && task.pending_since.elapsed() < SOURCE_WAIT
+            && self
+                .nodes
+                .values()
+                .any(|n| n.takes_work() && !n.store_full() && task.spec.resources.fits_in(&n.total))
+    }
+
+    /// The best node for a task: one where it fits (for a `source`, a task that reads
+    /// nothing, one whose store is not [full](Node::store_full)), holding most of its
+    /// input bytes, then the one with the fewest of `crowd` (a count per node of what
+    /// should spread), then the one whose object store is least full (by quarters of
+    /// its memory: the task's output will be stored there, and a full store spills),
+    /// then the one with the most CPUs free (spreading load).
+    pub(super) fn pick_node(
+        &mut self,
+        req: &Resources,
+        args: &[String],
+        crowd: &HashMap<String, usize>,
+        source: bool,
+    ) -> Option<(String, Vec<u32>)> {
+        let mut best: Option<(u64, usize, u64, f64, String)> = None;
+        for (id, n) in &self.nodes {
+            if !n.takes_work() || !req.fits_in(&n.available) {
+                continue;
+            }
+            if source && n.store_full() {
+                continue;
+            }
+            if req.num_gpus > 0.0 && n.gpus.clone().take(req.num_gpus).is_none() {
+                continue;
+            }
+            let local: u64 = args
+                .iter()
+                .filter_map(|a| self.objects.get(a))
+                .filter(|o| o.locations.contains(id))
+                .map(|o| o.bytes)
+                .sum();
+            let free = n.available.num_cpus / n.total.num_cpus.max(1e-9);
+            let many = crowd.get(id).copied().unwrap_or(0);
+            let full = n.stored.saturating_mul(4) / n.object_store_memory.max(1);
+            let better = match &best {
+                None => true,
+                Some((l, m, q, f, _)) => {
+                    local > *l
+                        || (local == *l && many < *m)
+                        || (local == *l && many == *m && full < *q)
+                        || (local == *l && many == *m && full == *q && free > *f + 1e-9)
+                }
+            };
+            if better {
+                best = Some((local, many, full, free, id.clone()));
+            }
+        }
+        let (_, _, _, _, id) = best?;
+        let n = self.nodes.get_mut(&id)?;
+        let gpus = n.gpus.take(req.num_gpus)?;
+        n.available.subtract(req);
+        Some((id, gpus))
+    }
+
+    /// Room for `req` in a bundle of a placed group: the bundle chosen, or the first
+    /// with room.
+    pub(super) fn take_from_bundle(
+        &mut self,
+        choice: &BundleChoice,
+        req: &Resources,
+    ) -> Option<(String, Vec<u32>, Option<BundleRef>)> {
+        let group = choice.group.as_str();
+        let g = self.groups.get_mut(group)?;
+        if !g.ready {
+            return None;
+        }
+        let candidates: Vec<usize> = match choice.index {
+            Some(i) => vec![i],
+            None => (0..g.bundles.len()).collect(),
+        };
+        for i in candidates {
+            let Some(b) = g.bundles.get_mut(i) else {
+                continue;
+            };
+            if !req.fits_in(&b.available) {
+                continue;
+            }
+            let Some(gpus) = b.gpus.take(req.num_gpus) else {
+                continue;
+            };
+            b.available.subtract(req);
+            let node = b.node.clone()?;
+            if !self.nodes.get(&node).is_some_and(|n| n.takes_work()) {
+                let b = &mut g.bundles[i];
+                b.available.add(req);
+                b.gpus.give(&gpus, req.num_gpus);
+                return None;
+            }
+            return Some((node, gpus, Some((group.to_string(), i, g.generation))));
+        }
+        None
+    }
+
+    /// Gives a running task's (or actor's) resources back to its node or bundle.
+    pub(super) fn release(
+        &mut self,
+        node: &str,
+        req: &Resources,
+        gpus: &[u32],
+        bundle: &Option<BundleRef>,
+    ) {
+        match bundle {
+            Some((g, i, generation)) => {
+                if let Some(b) = self
+                    .groups
+                    .get_mut(g)
+                    .filter(|g| g.generation == *generation)
+                    .and_then(|g| g.bundles.get_mut(*i))
+                {
+                    b.available.add(req);
+                    b.gpus.give(gpus, req.num_gpus);
+                }
+            }
+            None => {
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.available.add(req);
+                    n.gpus.give(gpus, req.num_gpus);
+                }
+            }
+        }
+    }
+
+    pub(super) fn finish_running(&mut self, id: &str) -> Option<String> {
+        let task = self.tasks.get_mut(id)?;
+        let TaskState::Running { node, gpus } = task.state.clone() else {
+            return None;
+        };
+        task.state = TaskState::Pending;
+        task.pending_since = Instant::now();
+        let req = task.spec.resources.clone();
+        let bundle = task.bundle.take();
+        let is_call = task.spec.actor.is_some();
+        let ahead = std::mem::take(&mut task.ahead);
+        let slot = task.slot(ahead, &bundle);
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.running.remove(id);
+            if ahead {
+                n.ahead.retain(|a| a != id);
+            }
+            if let Some(key) = slot {
+                if let Some(c) = n.slots.get_mut(&key) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+        }
+        if !is_call && !ahead {
+            self.release(&node, &req, &gpus, &bundle);
+        }
+        Some(node)
+    }
+
+    /// Queues a submitted task.
+    pub fn submit(&mut self, spec: TaskSpec) -> Result<()> {
+        spec.resources.validate()?;
+        if !self.job_active(&spec.job_id) {
+            return Err(
+                VolleyError::Cancelled.context(format!("job {} is not running", spec.job_id))
+            );
+        }
+        if self.tasks.contains_key(&spec.task_id) {
+            return Err(VolleyError::plan(format!("task {} exists", spec.task_id)));
+        }
+        if let Some(b) = spec
+            .bundle
+            .as_ref()
+            .filter(|b| !self.groups.contains_key(&b.group))
+        {
+            return Err(VolleyError::plan(format!("no placement group {}", b.group)));
+        }
+        for a in &spec.args {
+            if let Some(o) = self.objects.get_mut(a) {
+                o.users += 1;
+            }
+        }
+        self.objects.insert(
+            spec.task_id.clone(),
+            ObjectEntry::new(&spec.job_id, Some(spec.task_id.clone()), vec![], 0, 0),
+        );
+        let id = spec.task_id.clone();
+        self.tasks.insert(
+            id.clone(),
+            TaskEntry {
+                retries_left: spec.max_retries,
+                spec,
+                state: TaskState::Pending,
+                attempt: 0,
+                reconstructions: 0,
+                input_losses: 0,
+                bundle: None,
+                ahead: false,
+                pending_since: Instant::now(),
+                sent_at: Instant::now(),
+            },
+        );
+        self.enqueue(id, false);
+        Ok(())
+    }
+
+    /// Takes in a task's report; false when it was not of the attempt the head waits
+    /// for (a late report from a node declared dead, or from an attempt already
+    /// retried): it is dropped, and its sender told to undo what it left behind.
+    pub fn task_reported(&mut self, r: TaskReport) -> bool {
+        let current = self.tasks.get(&r.task_id).is_some_and(|t| {
+            t.attempt == r.attempt
+                && matches!(&t.state, TaskState::Running { node, .. } if *node == r.node_id)
+        });
+        if !current {
+            return false;
+        }
+        match r.outcome {
+            TaskOutcome::Succeeded {
+                bytes,
+                rows,
+                inline,
+            } => self.task_done(&r.task_id, &r.node_id, bytes, rows, inline),
+            TaskOutcome::Failed(e) => self.fail_task(&r.task_id, e),
+            TaskOutcome::SystemFailure { error, unreadable } => {
+                if unreadable.is_empty() {
+                    self.system_failure(&r.task_id, &error)
+                } else {
+                    self.inputs_unreadable(&r.task_id, &unreadable, &error)
+                }
+            }
+        }
+        if let Some(successor) = r.successor {
+            self.take_over(&r.node_id, &successor);
+        }
+        true
+    }
+
+    pub(super) fn task_done(
+        &mut self,
+        id: &str,
+        node: &str,
+        bytes: u64,
+        rows: u64,
+        inline: bytes::Bytes,
+    ) {
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        task.state = TaskState::Done;
+        self.task_metrics.ended(
+            TaskEnd::Succeeded,
+            Some(task.sent_at.elapsed().as_secs_f64()),
+        );
+        let args = task.spec.args.clone();
+        if let Some(o) = self.objects.get_mut(id) {
+            for old in &o.locations {
+                if let Some(n) = self.nodes.get_mut(old) {
+                    n.stored = n.stored.saturating_sub(o.bytes);
+                }
+            }
+            if let Some(n) = self.nodes.get_mut(node) {
+                n.stored += bytes;
+            }
+            o.locations = vec![node.to_string()];
+            o.bytes = bytes;
+            o.rows = rows;
+            o.error = None;
+            let old = o.inline.take().map_or(0, |b| b.len() as u64);
+            self.inline_bytes -= old;
+            if !inline.is_empty() && self.inline_bytes + inline.len() as u64 <= self.inline_limit {
+                self.inline_bytes += inline.len() as u64;
+                o.inline = Some(inline);
+            }
+        }
+        self.release_args(&args);
+        if self.objects.get(id).is_some_and(|o| o.freed) {
+            self.try_delete(id);
+        }
+    }
+
+    pub(super) fn fail_task(&mut self, id: &str, error: ErrorReport) {
+        if matches!(
+            self.tasks.get(id).map(|t| &t.state),
+            None | Some(TaskState::Done | TaskState::Failed)
+        ) {
+            return;
+        }
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        task.state = TaskState::Failed;
+        self.task_metrics.ended(TaskEnd::Failed, None);
+        let args = task.spec.args.clone();
+        if let Some(o) = self.objects.get_mut(id) {
+            o.error = Some(error);
+        }
+        self.release_args(&args);
+        if self.objects.get(id).is_some_and(|o| o.freed) {
+            self.try_delete(id);
+        }
+    }
+
+    /// A task's worker or node died, or its input vanished: run it again if it may.
+    pub(super) fn system_failure(&mut self, id: &str, error: &str) {
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        if task.retries_left == 0 {
+            let e = execution_report(format!("{error} (no retries left)"));
+            self.fail_task(id, e);
+            return;
+        }
+        task.retries_left -= 1;
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        self.task_metrics.ended(TaskEnd::Retried, None);
+        task.pending_since = Instant::now();
+        let job = task.spec.job_id.clone();
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.status.task_retries += 1;
+        }
+        let task = &self.tasks[id];
+        info!("task {id}: {error}; retrying (attempt {})", task.attempt);
+        self.enqueue(id.to_string(), true);
+    }
+
+    /// Task `id` could not read some inputs from the stores listed for them. A store
+    /// that cannot serve an object it holds is on a node that died or is cut off: its
+    /// copy leaves the directory (it is never read again, even if the node comes back,
+    /// before the head declares it dead), and the input is rebuilt from its lineage
+    /// (its task run again) when no copy is left. The task waits for them, without
+    /// using one of its retries, up to [`MAX_INPUT_LOSSES`] times.
+    pub(super) fn inputs_unreadable(&mut self, id: &str, inputs: &[UnreadableInput], error: &str) {
+        for u in inputs {
+            self.copies_unreadable(id, &u.object_id, &u.from, error);
+        }
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        if task.input_losses >= MAX_INPUT_LOSSES {
+            self.system_failure(id, error);
+            return;
+        }
+        task.input_losses += 1;
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        task.pending_since = Instant::now();
+        self.enqueue(id.to_string(), true);
+    }
+
+    /// The tasks of job `id` the head holds (waiting, running, or done with their
+    /// objects still in use), at most 2,000, by id.
+    pub fn job_tasks(&self, id: &str) -> std::result::Result<Vec<JobTask>, Refusal> {
+        if !self.jobs.contains_key(id) {
+            return Err(Refusal::NotFound(format!("no job {id}")));
+        }
+        let mut out: Vec<JobTask> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.spec.job_id == id)
+            .take(2000)
+            .map(|(tid, t)| {
+                let object = self.objects.get(tid);
+                let error = object
+                    .and_then(|o| o.error.as_ref())
+                    .map(|e| e.message.clone())
+                    .unwrap_or_default();
+                let (state, node_id) = match &t.state {
+                    TaskState::Running { node, .. } => (t.state.name(), node.clone()),
+                    TaskState::Done if !error.is_empty() => ("FAILED", String::new()),
+                    TaskState::Done => (
+                        t.state.name(),
+                        object
+                            .and_then(|o| o.locations.first().cloned())
+                            .unwrap_or_default(),
+                    ),
+                    TaskState::Pending | TaskState::Failed => (t.state.name(), String::new()),
+                };
+                JobTask {
+                    task_id: tid.clone(),
+                    name: t.spec.name.clone(),
+                    state: state.into(),
+                    node_id,
+                    attempt: t.attempt,
+                    error,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        Ok(out)
+    }
+}

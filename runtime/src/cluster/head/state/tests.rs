@@ -1,0 +1,515 @@
+//! Unit tests of the state machine: events in, commands out, no processes.
+
+use std::time::Duration;
+
+use super::tasks::TaskQueue;
+use super::*;
+
+type Commands = mpsc::UnboundedReceiver<NodeCommand>;
+
+fn cpus(n: f64) -> Resources {
+    Resources {
+        num_cpus: n,
+        ..Default::default()
+    }
+}
+
+fn job(id: &str) -> JobEntry {
+    let status = JobStatus {
+        job_id: id.into(),
+        name: String::new(),
+        state: JobState::Pending,
+        entrypoint: vec!["prog".into()],
+        node_id: String::new(),
+        exit_code: 0,
+        error: String::new(),
+        submitted_ms: 0,
+        finished_ms: 0,
+        task_retries: 0,
+    };
+    // Attached: it runs at once, with no driver to place.
+    JobEntry::new(status, HashMap::new(), true, Resources::default())
+}
+
+/// A head state with one running job `j` and one node `n1` of `cpus` CPUs, and
+/// what the head sends that node.
+fn one_node(cpus: f64) -> (State, Commands) {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let (node, rx) = test_node(cpus, "a");
+    s.nodes.insert("n1".into(), node);
+    (s, rx)
+}
+
+fn test_node(n: f64, address: &str) -> (Node, Commands) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut node = Node::new(NodeRegistration {
+        hostname: "h".into(),
+        object_address: address.into(),
+        total: cpus(n),
+        ..Default::default()
+    });
+    node.link = Some(tx);
+    (node, rx)
+}
+
+/// Registers and attaches a node through the events a node agent sends.
+fn join(s: &mut State, n: f64, address: &str) -> (String, Commands) {
+    let id = s.register_node(NodeRegistration {
+        hostname: "h".into(),
+        object_address: address.into(),
+        total: cpus(n),
+        ..Default::default()
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    s.attach(&id, tx).unwrap();
+    (id, rx)
+}
+
+fn task(id: &str, args: &[&str]) -> TaskSpec {
+    TaskSpec {
+        job_id: "j".into(),
+        task_id: id.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        arg_batches: vec![None; args.len()],
+        resources: cpus(1.0),
+        max_retries: 3,
+        ..Default::default()
+    }
+}
+
+fn submit(s: &mut State, id: &str) {
+    s.submit(task(id, &[])).unwrap();
+}
+
+fn report(node: &str, id: &str, attempt: u32, bytes: u64, successor: &str) -> TaskReport {
+    TaskReport {
+        node_id: node.into(),
+        task_id: id.into(),
+        attempt,
+        outcome: TaskOutcome::Succeeded {
+            bytes,
+            rows: 1,
+            inline: Default::default(),
+        },
+        successor: (!successor.is_empty()).then(|| successor.to_string()),
+    }
+}
+
+fn done(s: &mut State, id: &str, successor: &str) {
+    assert!(s.task_reported(report("n1", id, 0, 0, successor)));
+    s.schedule();
+}
+
+fn sent(rx: &mut Commands) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(c) = rx.try_recv() {
+        out.push(match c {
+            NodeCommand::RunTask(t) if t.ahead => format!("ahead {}", t.task_id),
+            NodeCommand::RunTask(t) => format!("run {}", t.task_id),
+            NodeCommand::PromoteTask(id) => format!("promote {id}"),
+            NodeCommand::StopJob(id) => format!("stop {id}"),
+            NodeCommand::FreeObjects(ids) => format!("free {}", ids.join(",")),
+            other => format!("{other:?}"),
+        });
+    }
+    out
+}
+
+#[test]
+fn tasks_wait_ahead_for_slots_that_end_and_inherit_or_get_them() {
+    let (mut s, mut rx) = one_node(2.0);
+    for id in ["t1", "t2", "t3", "t4", "t5", "t6", "t7"] {
+        submit(&mut s, id);
+    }
+    s.schedule();
+    // Two run, four wait ahead (two per running task of the same CPUs), one queues.
+    assert_eq!(
+        sent(&mut rx),
+        ["run t1", "run t2", "ahead t3", "ahead t4", "ahead t5", "ahead t6"]
+    );
+    assert_eq!(s.nodes["n1"].available.num_cpus, 0.0);
+    // t3 took over t1's slot on the node: nothing is freed, t7 goes ahead.
+    done(&mut s, "t1", "t3");
+    assert!(!s.tasks["t3"].ahead);
+    assert_eq!(s.nodes["n1"].available.num_cpus, 0.0);
+    assert_eq!(sent(&mut rx), ["ahead t7"]);
+    // t2 ended with no successor: the head gives its slot to the oldest task ahead.
+    done(&mut s, "t2", "");
+    assert_eq!(sent(&mut rx), ["promote t4"]);
+    assert_eq!(s.nodes["n1"].available.num_cpus, 0.0);
+    for t in ["t3", "t4", "t5", "t6", "t7"] {
+        done(&mut s, t, "");
+    }
+    assert_eq!(sent(&mut rx), ["promote t5", "promote t6", "promote t7"]);
+    assert_eq!(s.nodes["n1"].available.num_cpus, 2.0);
+    assert!(s.nodes["n1"].ahead.is_empty());
+    assert_eq!(s.nodes["n1"].slots.values().sum::<usize>(), 0);
+}
+
+#[test]
+fn nothing_goes_ahead_while_an_actor_waits_for_room() {
+    let (mut s, mut rx) = one_node(1.0);
+    submit(&mut s, "t1");
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run t1"]);
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a".into(),
+        resources: cpus(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    submit(&mut s, "t2");
+    s.schedule();
+    assert!(sent(&mut rx).is_empty(), "t2 waits at the head");
+    assert!(matches!(s.tasks["t2"].state, TaskState::Pending));
+}
+
+#[test]
+fn tasks_go_to_the_node_whose_object_store_has_room() {
+    let (mut s, mut rx1) = one_node(4.0);
+    let (n2, mut rx2) = test_node(2.0, "b");
+    s.nodes.insert("n2".into(), n2);
+    for n in s.nodes.values_mut() {
+        n.object_store_memory = 100;
+    }
+    // n1 has more CPUs free, but its store is half full: t1 goes to n2.
+    s.nodes.get_mut("n1").unwrap().stored = 50;
+    submit(&mut s, "t1");
+    s.schedule();
+    assert!(sent(&mut rx1).is_empty());
+    assert_eq!(sent(&mut rx2), ["run t1"]);
+    // Its output is counted on n2 as soon as it is reported...
+    assert!(s.task_reported(report("n2", "t1", 0, 80, "")));
+    assert_eq!(s.nodes["n2"].stored, 80);
+    // ...so the next goes back to n1, now the emptier store.
+    submit(&mut s, "t2");
+    s.schedule();
+    assert_eq!(sent(&mut rx1), ["run t2"]);
+    // Freeing t1's object takes its bytes off n2.
+    s.free(&["t1".to_string()]);
+    assert_eq!(s.nodes["n2"].stored, 0);
+}
+
+#[test]
+fn a_draining_node_gets_no_work_and_its_objects_are_copied_before_it_leaves() {
+    let (mut s, mut rx1) = one_node(4.0);
+    let (n2, mut rx2) = test_node(1.0, "b");
+    s.nodes.insert("n2".into(), n2);
+    // t1 runs on n1 (more CPUs) and its output stays there.
+    submit(&mut s, "t1");
+    s.schedule();
+    assert_eq!(sent(&mut rx1), ["run t1"]);
+    assert!(s.task_reported(report("n1", "t1", 0, 80, "")));
+    // Draining n1: new work goes to n2 though n1 has more room, and t1's output
+    // is copied to n2.
+    let st = s.drain("n1").unwrap();
+    assert_eq!((st.running_tasks, st.objects_to_copy), (0, 1));
+    assert_eq!(
+        rx2.try_recv().ok(),
+        Some(NodeCommand::CopyObject {
+            object_id: "t1".into(),
+            from: "a".into()
+        })
+    );
+    // Asking again sends no second copy while the first is on its way.
+    s.drain("n1");
+    assert!(sent(&mut rx2).is_empty());
+    submit(&mut s, "t2");
+    s.schedule();
+    assert!(sent(&mut rx1).is_empty());
+    assert_eq!(sent(&mut rx2), ["run t2"]);
+    s.object_copied("t1", "n2", 80, "");
+    assert_eq!(s.objects["t1"].locations, ["n1", "n2"]);
+    assert_eq!(s.drain("n1").unwrap().objects_to_copy, 0);
+    // Leaving: nothing is rebuilt (n2 has the copy), and the node is listed as gone
+    // after draining, not dead.
+    s.leave("n1");
+    assert_eq!(s.objects["t1"].locations, ["n2"]);
+    assert_eq!(s.tasks["t1"].state, TaskState::Done);
+    assert!(!s.nodes["n1"].alive && s.nodes["n1"].draining);
+    assert!(s.drain("n1").is_none());
+}
+
+#[test]
+fn a_task_that_reads_nothing_waits_for_a_store_with_room() {
+    let (mut s, mut rx1) = one_node(4.0);
+    let (n2, mut rx2) = test_node(1.0, "b");
+    s.nodes.insert("n2".into(), n2);
+    for n in s.nodes.values_mut() {
+        n.object_store_memory = 100;
+    }
+    // n1 has every CPU free, but its store is three quarters full.
+    s.nodes.get_mut("n1").unwrap().stored = 80;
+    submit(&mut s, "t0");
+    submit(&mut s, "t1");
+    s.schedule();
+    assert!(sent(&mut rx1).is_empty());
+    assert_eq!(sent(&mut rx2), ["run t0", "ahead t1"]);
+    // One that waited long enough goes where it fits.
+    submit(&mut s, "t2");
+    s.tasks.get_mut("t2").unwrap().pending_since -= SOURCE_WAIT;
+    s.schedule();
+    assert_eq!(sent(&mut rx1), ["run t2"]);
+    // And when no store has room, none waits.
+    s.nodes.get_mut("n2").unwrap().stored = 90;
+    submit(&mut s, "t3");
+    s.schedule();
+    assert_eq!(sent(&mut rx1), ["run t3"]);
+    assert!(sent(&mut rx2).is_empty());
+}
+
+#[test]
+fn the_queue_keeps_order_and_a_lower_bound_on_cpu_requests() {
+    let mut q = TaskQueue::default();
+    q.push("a".into(), Some(2.0), false);
+    q.push("b".into(), Some(1.0), false);
+    q.push("retry".into(), Some(4.0), true);
+    q.push("gpu".into(), None, false);
+    let ids: Vec<&str> = q.cpu.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["retry", "a", "b"]);
+    assert_eq!(q.other, ["gpu"]);
+    assert_eq!(q.cpu_min, 1.0);
+    q.retain(|id| id != "b" && id != "retry" && id != "a");
+    assert!(q.cpu.is_empty());
+    // The bound restarts once the CPU queue emptied.
+    q.push("c".into(), Some(3.0), false);
+    assert_eq!(q.cpu_min, 3.0);
+    assert_eq!(q.other, ["gpu"]);
+}
+
+/// Where each bundle of a group of `bundles` one-CPU bundles goes with `strategy` on
+/// nodes of `cpus` CPUs each (None: not placed).
+fn place(strategy: Strategy, nodes: &[f64], bundles: usize) -> Option<Vec<String>> {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let mut links = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        links.push(join(&mut s, *n, &format!("addr{i}")));
+    }
+    s.create_group("j", "g", strategy, vec![cpus(1.0); bundles])
+        .unwrap();
+    s.schedule();
+    let status = s.group_status("g").unwrap();
+    status.ready.then(|| {
+        status
+            .bundle_nodes
+            .into_iter()
+            .map(Option::unwrap)
+            .collect()
+    })
+}
+
+#[test]
+fn placement_strategies_pack_spread_or_wait() {
+    // PACK fills one node first; SPREAD uses as many nodes as it can.
+    assert_eq!(
+        place(Strategy::Pack, &[4.0, 4.0], 3).unwrap(),
+        ["node-1", "node-1", "node-1"]
+    );
+    let spread = place(Strategy::Spread, &[4.0, 4.0], 3).unwrap();
+    assert_eq!(spread.iter().filter(|n| *n == "node-1").count(), 2);
+    assert_eq!(spread.iter().filter(|n| *n == "node-2").count(), 1);
+    // PACK goes on to another node when one is full.
+    assert_eq!(
+        place(Strategy::Pack, &[2.0, 2.0], 3).unwrap(),
+        ["node-1", "node-1", "node-2"]
+    );
+    // STRICT_PACK: one node or nothing; STRICT_SPREAD: a node each or nothing.
+    assert_eq!(
+        place(Strategy::StrictPack, &[2.0, 4.0], 3).unwrap(),
+        ["node-2", "node-2", "node-2"]
+    );
+    assert!(place(Strategy::StrictPack, &[2.0, 2.0], 3).is_none());
+    assert_eq!(
+        place(Strategy::StrictSpread, &[1.0, 1.0, 1.0], 3).unwrap(),
+        ["node-1", "node-2", "node-3"]
+    );
+    assert!(place(Strategy::StrictSpread, &[4.0, 4.0], 3).is_none());
+}
+
+#[test]
+fn a_group_holds_its_room_and_is_placed_again_when_its_node_dies() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let (n1, _rx1) = join(&mut s, 2.0, "a");
+    s.create_group("j", "g", Strategy::StrictPack, vec![cpus(1.0), cpus(1.0)])
+        .unwrap();
+    s.schedule();
+    assert_eq!(s.nodes[&n1].available.num_cpus, 0.0, "reserved");
+    // A task of the group runs in its bundle, not on the node's own room.
+    let mut t = task("t1", &[]);
+    t.bundle = Some(BundleChoice {
+        group: "g".into(),
+        index: Some(1),
+    });
+    s.submit(t).unwrap();
+    s.schedule();
+    assert!(matches!(&s.tasks["t1"].state, TaskState::Running { node, .. } if *node == n1));
+    // Its node dies: the group waits for room again, then is placed on the new node.
+    s.node_died(&n1);
+    assert!(!s.group_status("g").unwrap().ready);
+    assert_eq!(s.tasks["t1"].state, TaskState::Pending);
+    let (n2, mut rx2) = join(&mut s, 2.0, "b");
+    s.schedule();
+    assert_eq!(
+        s.group_status("g").unwrap().bundle_nodes,
+        [Some(n2.clone()), Some(n2.clone())]
+    );
+    assert_eq!(sent(&mut rx2), ["run t1"]);
+    // Removing it gives its room back.
+    assert!(s.task_reported(report(&n2, "t1", 1, 0, "")));
+    s.remove_group("g");
+    assert_eq!(s.nodes[&n2].available.num_cpus, 2.0);
+}
+
+#[test]
+fn a_dead_node_s_tasks_are_retried_and_its_objects_rebuilt_from_lineage() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let (n1, mut rx1) = join(&mut s, 1.0, "a");
+    // m1 (a map task) runs on n1; its output is read by r1.
+    s.submit(task("m1", &[])).unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx1), ["run m1"]);
+    assert!(s.task_reported(report(&n1, "m1", 0, 10, "")));
+    s.submit(task("r1", &["m1"])).unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx1), ["run r1"]);
+    // n1 misses its heartbeats: r1 is retried, m1's output (only there) is rebuilt.
+    s.nodes.get_mut(&n1).unwrap().last_seen -= Duration::from_secs(10);
+    s.check_heartbeats(Duration::from_secs(5));
+    assert!(!s.nodes[&n1].alive);
+    assert_eq!(s.tasks["m1"].state, TaskState::Pending);
+    assert_eq!(s.tasks["m1"].reconstructions, 1);
+    assert_eq!((s.tasks["r1"].attempt, s.tasks["r1"].retries_left), (1, 2));
+    assert_eq!(s.jobs["j"].status.task_retries, 2);
+    let (n2, mut rx2) = join(&mut s, 1.0, "b");
+    s.schedule();
+    // m1 runs first; r1 waits for its input to be back.
+    assert_eq!(sent(&mut rx2), ["run m1"]);
+    // A late report from the dead node's attempt is stale and changes nothing.
+    assert!(!s.task_reported(report(&n1, "m1", 0, 10, "")));
+    assert!(s.task_reported(report(&n2, "m1", 1, 10, "")));
+    s.schedule();
+    assert_eq!(sent(&mut rx2), ["run r1"]);
+    assert_eq!(s.objects["m1"].locations, [n2.clone()]);
+    assert!(s.object_settled("m1"));
+    // The reduce task reads only the copy on the live node.
+    assert_eq!(s.object_status("m1").location.unwrap().addresses, ["b"]);
+}
+
+#[test]
+fn a_task_fails_for_good_once_its_retries_are_used() {
+    let (mut s, mut rx) = one_node(1.0);
+    let mut t = task("t1", &[]);
+    t.max_retries = 1;
+    s.submit(t).unwrap();
+    for attempt in 0..2 {
+        s.schedule();
+        assert_eq!(sent(&mut rx), ["run t1"]);
+        assert!(s.task_reported(TaskReport {
+            node_id: "n1".into(),
+            task_id: "t1".into(),
+            attempt,
+            outcome: TaskOutcome::SystemFailure {
+                error: "worker died".into(),
+                unreadable: vec![],
+            },
+            successor: None,
+        }));
+    }
+    assert_eq!(s.tasks["t1"].state, TaskState::Failed);
+    let e = s.object_status("t1").error.unwrap();
+    assert!(e.message.contains("worker died (no retries left)"), "{e:?}");
+    // Its node's room is back.
+    assert_eq!(s.nodes["n1"].available.num_cpus, 1.0);
+}
+
+#[test]
+fn a_job_s_end_takes_its_tasks_actors_groups_and_objects_with_it() {
+    let (mut s, mut rx) = one_node(4.0);
+    submit(&mut s, "t1");
+    submit(&mut s, "t2");
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a1".into(),
+        resources: cpus(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    s.create_group("j", "g", Strategy::Pack, vec![cpus(1.0)])
+        .unwrap();
+    s.schedule();
+    assert!(matches!(
+        s.actor("a1").unwrap().state,
+        ActorState::Starting { .. }
+    ));
+    assert!(s.group_status("g").unwrap().ready);
+    done(&mut s, "t1", "");
+    sent(&mut rx);
+    s.finish_job("j", JobState::Stopped, -1, "stopped by request");
+    let j = s.job("j").unwrap();
+    assert_eq!(j.status.state, JobState::Stopped);
+    assert!(j.status.finished_ms > 0);
+    assert!(s.tasks.is_empty() && s.objects.is_empty() && s.groups.is_empty());
+    assert!(matches!(s.actor("a1").unwrap().state, ActorState::Dead(_)));
+    assert_eq!(s.nodes["n1"].available.num_cpus, 4.0, "all room given back");
+    let cmds = sent(&mut rx);
+    assert!(cmds.contains(&"StopActor(\"a1\")".to_string()), "{cmds:?}");
+    assert_eq!(cmds.last().map(String::as_str), Some("stop j"));
+    // A finished job takes no more work and does not end twice.
+    let e = s.submit(task("t3", &[])).unwrap_err().to_string();
+    assert!(e.contains("job j is not running"), "{e}");
+    s.finish_job("j", JobState::Failed, 1, "late");
+    assert_eq!(s.job("j").unwrap().status.state, JobState::Stopped);
+}
+
+#[test]
+fn a_submitted_job_waits_for_a_node_for_its_driver_and_fails_with_the_node() {
+    let mut s = State::default();
+    let mut j = job("d");
+    j.attached = false;
+    j.resources = cpus(1.0);
+    s.add_job(j);
+    s.schedule();
+    assert_eq!(s.job("d").unwrap().status.state, JobState::Pending);
+    let (n1, mut rx) = join(&mut s, 2.0, "a");
+    s.schedule();
+    let j = s.job("d").unwrap();
+    assert_eq!(
+        (j.status.state, j.status.node_id.as_str()),
+        (JobState::Running, n1.as_str())
+    );
+    assert!(matches!(sent(&mut rx).as_slice(), [c] if c.starts_with("StartDriver")));
+    s.node_died(&n1);
+    let j = s.job("d").unwrap();
+    assert_eq!(j.status.state, JobState::Failed);
+    assert!(
+        j.status.error.contains("the driver's node node-1 died"),
+        "{}",
+        j.status.error
+    );
+}
+
+#[test]
+fn a_restarted_head_runs_submitted_jobs_again_and_fails_attached_ones() {
+    let mut s = State::default();
+    let mut running = job("r");
+    running.attached = false;
+    running.status.state = JobState::Running;
+    running.status.node_id = "node-9".into();
+    let mut attached = job("a");
+    attached.status.state = JobState::Running;
+    let mut finished = job("f");
+    finished.status.state = JobState::Succeeded;
+    for j in [running, attached, finished] {
+        s.restore_job(j);
+    }
+    let state = |s: &State, id: &str| s.job(id).unwrap().status.state;
+    assert_eq!(state(&s, "r"), JobState::Pending);
+    assert!(s.job("r").unwrap().status.node_id.is_empty());
+    assert_eq!(state(&s, "a"), JobState::Failed);
+    assert_eq!(state(&s, "f"), JobState::Succeeded);
+}
