@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use arrow::array::RecordBatch;
 use volley_common::{Result, VolleyError};
 use volley_runtime::cluster::{
-    Cluster, EncodedTask, ObjectMeta, ObjectRef, Resources, TaskOptions,
+    Cluster, EncodedTask, ObjectGroup, ObjectMeta, ObjectRef, Resources, TaskOptions,
 };
 
 use super::cluster_read::task_result;
@@ -46,6 +46,9 @@ struct Progress {
 /// of each input, and their bytes in all.
 struct ReduceInputs {
     maps: Vec<ObjectRef>,
+    /// The map outputs named once at the head: each reduce task passes the group, not
+    /// every map output (None if the head refused it: each is passed).
+    group: Option<ObjectGroup>,
     sides: Vec<usize>,
     bytes: u64,
 }
@@ -268,13 +271,21 @@ impl ClusterExchangeOp {
         let inputs = self.reduce_inputs.get_or_insert_with(|| {
             let p = self.progress.lock().expect("exchange lock");
             let done = p.maps.iter().flatten().flatten();
+            let maps: Vec<ObjectRef> = done.clone().map(|(o, _)| o.clone()).collect();
+            let group = self
+                .cluster
+                .object_group(&maps.iter().collect::<Vec<_>>())
+                .map_err(|e| tracing::warn!("{e}; reduce tasks name each map output"))
+                .ok();
             ReduceInputs {
-                bytes: done.clone().map(|(_, m)| m.bytes).sum(),
-                maps: done.map(|(o, _)| o.clone()).collect(),
+                bytes: done.map(|(_, m)| m.bytes).sum(),
+                maps,
+                group,
                 sides: p.maps.iter().map(Vec::len).collect(),
             }
         });
         let (maps, sides, bytes) = (inputs.maps.clone(), inputs.sides.clone(), inputs.bytes);
+        let group = inputs.group.clone();
         while self.next_reduce < partitions && cx.running() < self.window {
             let expected = Expected {
                 estimate: &self.estimate,
@@ -300,12 +311,16 @@ impl ClusterExchangeOp {
                     continue;
                 }
             };
-            let parts: Vec<(&ObjectRef, Option<u32>)> =
-                maps.iter().map(|o| (o, Some(p as u32))).collect();
-            match self
-                .cluster
-                .submit_selected(&task, &parts, &self.options(cx, "reduce"))
-            {
+            let options = self.options(cx, "reduce");
+            let submitted = match &group {
+                Some(g) => self.cluster.submit_partition(&task, g, p as u32, &options),
+                None => {
+                    let parts: Vec<(&ObjectRef, Option<u32>)> =
+                        maps.iter().map(|o| (o, Some(p as u32))).collect();
+                    self.cluster.submit_selected(&task, &parts, &options)
+                }
+            };
+            match submitted {
                 Ok(object) => {
                     let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));
                     let output = object.clone();

@@ -164,6 +164,35 @@ pub struct ObjectRef {
     inner: Arc<RefInner>,
 }
 
+/// Objects named once as a group ([`Cluster::object_group`]); dropping it lets them go
+/// once no task reading the group is left.
+#[derive(Clone)]
+pub struct ObjectGroup {
+    handle: ObjectRef,
+    len: usize,
+}
+
+impl ObjectGroup {
+    /// How many objects it names.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it names none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for ObjectGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectGroup")
+            .field("id", &self.handle.id())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 struct RefInner {
     id: String,
     frees: mpsc::UnboundedSender<String>,
@@ -686,6 +715,51 @@ impl Cluster {
             task.payload.clone(),
             &objects,
             &batches,
+            &options.named(task.name),
+            "",
+        )
+    }
+
+    /// Names `objects` as one group (for an exchange: its map outputs), so that tasks
+    /// reading one batch of each ([`Cluster::submit_partition`]) pass the head one name
+    /// instead of one per object: the head's bookkeeping for M map and N reduce tasks
+    /// is O(M + N), not O(M x N). The group keeps its objects until it is dropped and
+    /// no task reading it is left.
+    pub fn object_group(&self, objects: &[&ObjectRef]) -> Result<ObjectGroup> {
+        let id = self.new_id("group");
+        let request = proto::ObjectGroupRequest {
+            job_id: self.inner.job_id.clone(),
+            group_id: id.clone(),
+            object_ids: objects.iter().map(|o| o.id().to_string()).collect(),
+        };
+        let mut head = self.inner.head.clone();
+        let submitted = Arc::clone(&self.inner.submitted);
+        self.block_on(async move {
+            // The head must know the objects' tasks first.
+            submitted.flush().await;
+            head.create_object_group(request).await
+        })
+        .map_err(|e| status_error("naming an object group", e))?;
+        Ok(ObjectGroup {
+            handle: self.new_ref(id),
+            len: objects.len(),
+        })
+    }
+
+    /// Runs `task` over batch `partition` of every object of `group`, in the group's
+    /// order (an exchange's reduce task). Like [`Cluster::submit_selected`] with each
+    /// object and that batch, in one argument.
+    pub fn submit_partition(
+        &self,
+        task: &EncodedTask,
+        group: &ObjectGroup,
+        partition: u32,
+        options: &TaskOptions,
+    ) -> Result<ObjectRef> {
+        self.submit_payload(
+            task.payload.clone(),
+            &[&group.handle],
+            &[i64::from(partition)],
             &options.named(task.name),
             "",
         )

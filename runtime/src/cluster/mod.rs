@@ -50,8 +50,8 @@ use std::sync::Arc;
 use volley_common::Result;
 
 pub use client::{
-    ActorHandle, ActorInfo, ActorOptions, Cluster, EncodedActor, EncodedTask, ObjectMeta,
-    ObjectRef, ObjectState, PlacementGroup, PlacementStrategy, TaskOptions,
+    ActorHandle, ActorInfo, ActorOptions, Cluster, EncodedActor, EncodedTask, ObjectGroup,
+    ObjectMeta, ObjectRef, ObjectState, PlacementGroup, PlacementStrategy, TaskOptions,
 };
 pub use head::{HeadCore, HeadOptions};
 pub use jobs::{

@@ -338,6 +338,17 @@ impl proto::head_server::Head for HeadService {
         empty()
     }
 
+    async fn create_object_group(
+        &self,
+        request: Request<proto::ObjectGroupRequest>,
+    ) -> Answer<proto::Empty> {
+        let r = request.into_inner();
+        self.core
+            .with(|s| s.create_object_group(&r.job_id, &r.group_id, r.object_ids))
+            .map_err(refused)?;
+        empty()
+    }
+
     async fn create_placement_group(
         &self,
         request: Request<proto::CreatePlacementGroupRequest>,

@@ -250,6 +250,7 @@ impl State {
             self.unplace_group(&g);
             self.groups.remove(&g);
         }
+        self.object_groups.retain(|_, g| g.job != id);
         let mut dropped = 0;
         let nodes = &mut self.nodes;
         self.objects.retain(|_, o| {

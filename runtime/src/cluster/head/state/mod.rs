@@ -233,6 +233,18 @@ impl ObjectEntry {
     }
 }
 
+/// Objects a driver named once, to pass to tasks as one argument (an exchange's map
+/// outputs, read a partition each by the reduce tasks): the head then holds one name
+/// per reduce task instead of one per map output and reduce task.
+struct ObjectGroup {
+    job: String,
+    /// Each held (counted among its users) while the group lives.
+    members: Vec<String>,
+    freed: bool,
+    /// Tasks not yet finished that take the group as input.
+    users: u32,
+}
+
 struct BundleState {
     total: Resources,
     node: Option<String>,
@@ -309,6 +321,7 @@ pub(crate) struct State {
     tasks: HashMap<String, TaskEntry>,
     queue: tasks::TaskQueue,
     objects: HashMap<String, ObjectEntry>,
+    object_groups: HashMap<String, ObjectGroup>,
     groups: HashMap<String, Group>,
     actors: HashMap<String, ActorEntry>,
     jobs: BTreeMap<String, JobEntry>,

@@ -91,7 +91,10 @@ impl State {
     /// The driver is done with these objects: each goes once no task still reads it.
     pub fn free(&mut self, ids: &[String]) {
         for id in ids {
-            if let Some(o) = self.objects.get_mut(id) {
+            if let Some(g) = self.object_groups.get_mut(id) {
+                g.freed = true;
+                self.try_delete_group(id);
+            } else if let Some(o) = self.objects.get_mut(id) {
                 o.freed = true;
                 self.try_delete(id);
             }
@@ -145,9 +148,79 @@ impl State {
         }
     }
 
+    /// Names objects `members` of job `job` as group `id`: a task argument naming the
+    /// group stands for each of them. The group holds them until it is freed and no
+    /// task that reads it is left.
+    pub fn create_object_group(
+        &mut self,
+        job: &str,
+        id: &str,
+        members: Vec<String>,
+    ) -> Result<(), Refusal> {
+        self.require_running(job)?;
+        if self.objects.contains_key(id) || self.object_groups.contains_key(id) {
+            return Err(Refusal::Invalid(format!("object {id} exists")));
+        }
+        if let Some(m) = members.iter().find(|m| !self.objects.contains_key(*m)) {
+            return Err(Refusal::NotFound(format!(
+                "object {m} (of group {id}) was freed or never existed"
+            )));
+        }
+        for m in &members {
+            if let Some(o) = self.objects.get_mut(m) {
+                o.users += 1;
+            }
+        }
+        self.object_groups.insert(
+            id.to_string(),
+            ObjectGroup {
+                job: job.to_string(),
+                members,
+                freed: false,
+                users: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// The objects argument `arg` stands for: a group's members, or itself.
+    pub(super) fn arg_objects<'a>(&'a self, arg: &'a String) -> std::slice::Iter<'a, String> {
+        match self.object_groups.get(arg) {
+            Some(g) => g.members.iter(),
+            None => std::slice::from_ref(arg).iter(),
+        }
+    }
+
+    /// A task that reads `args` starts to count (again) among their users.
+    pub(super) fn hold_args(&mut self, args: &[String]) {
+        for a in args {
+            if let Some(g) = self.object_groups.get_mut(a) {
+                g.users += 1;
+            } else if let Some(o) = self.objects.get_mut(a) {
+                o.users += 1;
+            }
+        }
+    }
+
+    /// Deletes a freed group once no unfinished task reads it; its objects are let go.
+    fn try_delete_group(&mut self, id: &str) {
+        if !self
+            .object_groups
+            .get(id)
+            .is_some_and(|g| g.freed && g.users == 0)
+        {
+            return;
+        }
+        let g = self.object_groups.remove(id).expect("checked above");
+        self.release_args(&g.members);
+    }
+
     pub(super) fn release_args(&mut self, args: &[String]) {
         for a in args {
-            if let Some(o) = self.objects.get_mut(a) {
+            if let Some(g) = self.object_groups.get_mut(a) {
+                g.users = g.users.saturating_sub(1);
+                self.try_delete_group(a);
+            } else if let Some(o) = self.objects.get_mut(a) {
                 o.users = o.users.saturating_sub(1);
                 if o.freed {
                     self.try_delete(a);
@@ -217,11 +290,7 @@ impl State {
         if let Some(j) = self.jobs.get_mut(&task.spec.job_id) {
             j.status.task_retries += 1;
         }
-        for a in &args {
-            if let Some(o) = self.objects.get_mut(a) {
-                o.users += 1;
-            }
-        }
+        self.hold_args(&args);
         info!("object {object} was lost with node {node}: re-running task {p}");
         self.enqueue(p, true);
     }

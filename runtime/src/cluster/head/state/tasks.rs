@@ -123,6 +123,7 @@ impl State {
         task.spec
             .args
             .iter()
+            .flat_map(|a| self.arg_objects(a))
             .all(|a| !self.object_addresses(a).is_empty())
     }
 
@@ -138,10 +139,21 @@ impl State {
             self.fail_task(id, cancelled_report("its job is not running"));
             return true;
         }
-        // Inputs: all present, or one failed for good.
+        // Inputs: all present, or one failed for good. A group stands for each of its
+        // objects, with the same batch.
         let mut args = Vec::new();
-        for (i, a) in task.spec.args.iter().enumerate() {
-            let batch = task.spec.arg_batches.get(i).copied().flatten();
+        let inputs: Vec<(String, Option<u32>)> = task
+            .spec
+            .args
+            .iter()
+            .enumerate()
+            .flat_map(|(i, a)| {
+                let batch = task.spec.arg_batches.get(i).copied().flatten();
+                self.arg_objects(a).map(move |a| (a.clone(), batch))
+            })
+            .collect();
+        for (a, batch) in inputs {
+            let a = &a;
             match self.objects.get(a) {
                 None => {
                     self.fail_task(
@@ -197,7 +209,13 @@ impl State {
         }
         let resources = task.spec.resources.clone();
         let cpu_only = task.cpu_only().filter(|c| *c > 0.0 && self.ahead_allowed);
-        let arg_ids: Vec<String> = task.spec.args.clone();
+        let arg_ids: Vec<String> = task
+            .spec
+            .args
+            .iter()
+            .flat_map(|a| self.arg_objects(a))
+            .cloned()
+            .collect();
         let source = self.waits_for_store(task);
         let placement = match task.spec.bundle.clone() {
             None => self
@@ -515,11 +533,7 @@ impl State {
         {
             return Err(VolleyError::plan(format!("no placement group {}", b.group)));
         }
-        for a in &spec.args {
-            if let Some(o) = self.objects.get_mut(a) {
-                o.users += 1;
-            }
-        }
+        self.hold_args(&spec.args);
         self.objects.insert(
             spec.task_id.clone(),
             ObjectEntry::new(&spec.job_id, Some(spec.task_id.clone()), vec![], 0, 0),

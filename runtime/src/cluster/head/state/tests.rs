@@ -513,3 +513,81 @@ fn a_restarted_head_runs_submitted_jobs_again_and_fails_attached_ones() {
     assert_eq!(state(&s, "a"), JobState::Failed);
     assert_eq!(state(&s, "f"), JobState::Succeeded);
 }
+
+#[test]
+fn reduce_tasks_name_a_group_of_map_outputs_once_and_it_holds_them() {
+    let (mut s, mut rx) = one_node(1.0);
+    for m in ["m0", "m1", "m2"] {
+        submit(&mut s, m);
+        s.schedule();
+        assert!(s.task_reported(report("n1", m, 0, 10, "")));
+    }
+    sent(&mut rx);
+    let maps: Vec<String> = ["m0", "m1", "m2"].map(String::from).into();
+    s.create_object_group("j", "g", maps.clone()).unwrap();
+    // The driver lets the map outputs go: the group still holds them.
+    s.free(&maps);
+    assert_eq!(s.objects.len(), 3);
+    // Each reduce task names the group once, with its partition.
+    for p in 0..2u32 {
+        let mut t = task(&format!("r{p}"), &["g"]);
+        t.arg_batches = vec![Some(p)];
+        s.submit(t).unwrap();
+    }
+    assert!(s.tasks["r0"].spec.args.len() == 1);
+    s.schedule();
+    let first = match rx.try_recv().unwrap() {
+        NodeCommand::RunTask(a) => a,
+        other => panic!("{other:?}"),
+    };
+    // The node gets every map output, each with the task's partition.
+    let args: Vec<(&str, Option<u32>)> = first
+        .args
+        .iter()
+        .map(|l| (l.object_id.as_str(), l.batch))
+        .collect();
+    assert_eq!(args, [("m0", Some(0)), ("m1", Some(0)), ("m2", Some(0))]);
+    s.free(&["g".to_string()]);
+    assert_eq!(s.objects.len(), 5, "reduce tasks still read the group");
+    assert!(s.task_reported(report("n1", "r0", 0, 1, "")));
+    s.schedule();
+    assert!(s.task_reported(report("n1", "r1", 0, 1, "")));
+    // The last reader done: the group and its map outputs go.
+    assert!(s.object_groups.is_empty());
+    assert_eq!(
+        s.objects.keys().map(String::as_str).collect::<HashSet<_>>(),
+        HashSet::from(["r0", "r1"])
+    );
+    let freed = sent(&mut rx);
+    for m in ["m0", "m1", "m2"] {
+        assert!(freed.contains(&format!("free {m}")), "{freed:?}");
+    }
+    // Unknown members are refused, naming the object.
+    let e = s
+        .create_object_group("j", "g2", vec!["nope".into()])
+        .unwrap_err();
+    assert!(e.to_string().contains("object nope (of group g2)"), "{e}");
+}
+
+#[test]
+fn a_lost_map_output_in_a_group_is_rebuilt_before_its_reduce_task_runs() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let (n1, mut rx1) = join(&mut s, 1.0, "a");
+    s.submit(task("m0", &[])).unwrap();
+    s.schedule();
+    assert!(s.task_reported(report(&n1, "m0", 0, 10, "")));
+    s.create_object_group("j", "g", vec!["m0".into()]).unwrap();
+    let (n2, mut rx2) = join(&mut s, 1.0, "b");
+    sent(&mut rx1);
+    s.node_died(&n1);
+    let mut r = task("r0", &["g"]);
+    r.arg_batches = vec![Some(0)];
+    s.submit(r).unwrap();
+    s.schedule();
+    // m0 runs again first; r0 waits for it.
+    assert_eq!(sent(&mut rx2), ["run m0"]);
+    assert!(s.task_reported(report(&n2, "m0", 1, 10, "")));
+    s.schedule();
+    assert_eq!(sent(&mut rx2), ["run r0"]);
+}
