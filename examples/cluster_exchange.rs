@@ -196,6 +196,7 @@ fn operations(
         ("unique", left.unique("k")?, false),
         ("random_shuffle", left.random_shuffle(7)?, true),
         ("repartition_by", left.repartition_by(&["g"], 5)?, false),
+        ("repartition", left.repartition(9)?, true),
     ];
     for (name, how) in [
         ("join inner", JoinHow::Inner),

@@ -182,9 +182,17 @@ pub trait ExchangeWork: Send + Sync + fmt::Debug {
     /// when the map tasks need boundaries chosen from samples (a sort).
     fn sample_task(&self) -> Result<Option<EncodedTask>>;
 
-    /// What the map tasks need from the samples of every block (sort boundaries),
-    /// encoded for [`map_task`](Self::map_task); called once, with all samples.
-    fn prepare(&self, samples: Vec<RecordBatch>) -> Result<Vec<u8>>;
+    /// What the map tasks need from the samples of every block (sort boundaries) or
+    /// from the input's row count `rows` (an order-keeping repartition), encoded for
+    /// [`map_task`](Self::map_task); called once, with all samples, after the whole
+    /// input arrived when it samples or [counts rows](Self::needs_row_count).
+    fn prepare(&self, samples: Vec<RecordBatch>, rows: u64) -> Result<Vec<u8>>;
+
+    /// Whether the map tasks need the input's row count: its blocks are then held
+    /// until the whole input arrived.
+    fn needs_row_count(&self) -> bool {
+        false
+    }
 
     /// The map task of one block of input `side` whose first row is row `first_row`
     /// of that input (a seeded shuffle draws from row positions); `prepared`: what

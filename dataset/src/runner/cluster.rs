@@ -12,10 +12,11 @@
 //! - a closure (`map_batches`, `filter_fn`, a local stateful factory) cannot travel: it
 //!   runs in this process (warned once, naming it), as do limits and unions (over
 //!   references) and sources that cannot travel (batches in memory, SQL results);
-//! - a sort, aggregation, distinct, join, hash repartition or seeded shuffle is an
-//!   **exchange** on the nodes (`exchange.rs`): map tasks partition each input block
-//!   where it is, a reduce task per partition combines its rows; `repartition(n)`,
-//!   `randomize_block_order` and splits (cut by row counts) run here;
+//! - a sort, aggregation, distinct, join, repartition (by keys, or into `n` of equal
+//!   rows in order) or seeded shuffle is an **exchange** on the nodes (`exchange.rs`):
+//!   map tasks partition each input block where it is, a reduce task per partition
+//!   combines its rows; `randomize_block_order` and splits (cut by row counts) run
+//!   here;
 //! - a write joins the last stage (each task writes its part where it runs), or is a
 //!   stage of its own over the blocks of an actor pool.
 //!

@@ -240,12 +240,26 @@ enum Partitioner {
     },
     /// The seed and each row's position in the input (rows `first_row..`).
     Random { seed: u64, first_row: u64 },
+    /// Each row's position in the input (rows `first_row..` of `rows`): partition `p`
+    /// takes rows `rows * p / n .. rows * (p + 1) / n`, as the local `repartition(n)`.
+    Positions { first_row: u64, rows: u64 },
     /// Ranges of the sort keys: `bounds` is an IPC stream of one batch of boundary
     /// key rows, in order.
     Range {
         keys: Vec<ShippedKey>,
         bounds: Vec<u8>,
     },
+}
+
+/// The partition of row `i` of `rows` among `n` of (nearly) equal row counts:
+/// partition `p` holds rows `rows * p / n .. rows * (p + 1) / n`.
+fn position_partition(i: u64, rows: u64, n: usize) -> usize {
+    if rows == 0 {
+        return 0;
+    }
+    // The largest p with rows * p / n <= i (integer division, as the local runner).
+    let p = ((u128::from(i) + 1) * n as u128).div_ceil(u128::from(rows)) - 1;
+    (p as usize).min(n - 1)
 }
 
 /// A map task: its input block, cut into one batch per partition.
@@ -302,6 +316,19 @@ impl ExchangeMapTask {
                     .iter()
                     .map(|b| {
                         let t = random_partitions(*seed, n, first, b.num_rows());
+                        first += b.num_rows() as u64;
+                        t
+                    })
+                    .collect())
+            }
+            Partitioner::Positions { first_row, rows } => {
+                let mut first = *first_row;
+                Ok(batches
+                    .iter()
+                    .map(|b| {
+                        let t = (first..first + b.num_rows() as u64)
+                            .map(|i| position_partition(i, *rows, n))
+                            .collect();
                         first += b.num_rows() as u64;
                         t
                     })
@@ -610,6 +637,8 @@ enum MapPlan {
     Random {
         seed: u64,
     },
+    /// By row position, once the input's rows are counted.
+    Positions,
     Range {
         keys: Vec<ShippedKey>,
     },
@@ -630,8 +659,8 @@ pub(crate) struct DatasetExchange {
 impl DatasetExchange {
     /// The exchange that runs `op` (a stage boundary) on a cluster, with `partitions`
     /// reduce tasks where the operation leaves it open; `None` where `op` does not run
-    /// as an exchange on the nodes (`repartition`, `randomize_block_order` and splits
-    /// cut by row counts; an expression that cannot travel: those run in the driver).
+    /// as an exchange on the nodes (`randomize_block_order` and splits cut by row
+    /// counts; an expression that cannot travel: those run in the driver).
     pub(crate) fn of(
         op: &LogicalOp,
         state: &SessionState,
@@ -664,9 +693,8 @@ impl DatasetExchange {
                     Combine::Shuffle { seed: *seed },
                     true,
                 ),
-                ExchangeKind::Repartition { .. } | ExchangeKind::RandomizeBlockOrder { .. } => {
-                    return Ok(None)
-                }
+                ExchangeKind::Repartition { n } => (*n, MapPlan::Positions, Combine::Concat, true),
+                ExchangeKind::RandomizeBlockOrder { .. } => return Ok(None),
             },
             LogicalOp::Sort { keys, .. } => {
                 let Ok(keys) = keys.iter().map(ShippedKey::of).collect::<Result<Vec<_>>>() else {
@@ -766,9 +794,11 @@ impl ExchangeWork for DatasetExchange {
             .transpose()
     }
 
-    fn prepare(&self, samples: Vec<RecordBatch>) -> Result<Vec<u8>> {
-        let MapPlan::Range { keys } = &self.map else {
-            return Ok(vec![]);
+    fn prepare(&self, samples: Vec<RecordBatch>, rows: u64) -> Result<Vec<u8>> {
+        let keys = match &self.map {
+            MapPlan::Range { keys } => keys,
+            MapPlan::Positions => return Ok(rows.to_le_bytes().to_vec()),
+            _ => return Ok(vec![]),
         };
         let samples: Vec<RecordBatch> = samples.into_iter().filter(|b| b.num_rows() > 0).collect();
         let Some(first) = samples.first() else {
@@ -804,6 +834,10 @@ impl ExchangeWork for DatasetExchange {
     fn needs_input_order(&self) -> bool {
         self.in_order
     }
+
+    fn needs_row_count(&self) -> bool {
+        matches!(self.map, MapPlan::Positions)
+    }
 }
 
 impl DatasetExchange {
@@ -827,6 +861,13 @@ impl DatasetExchange {
             MapPlan::Range { keys } => Partitioner::Range {
                 keys: keys.clone(),
                 bounds: prepared.to_vec(),
+            },
+            MapPlan::Positions => Partitioner::Positions {
+                first_row,
+                rows: prepared
+                    .try_into()
+                    .map(u64::from_le_bytes)
+                    .unwrap_or_default(),
             },
         };
         ExchangeMapTask {
@@ -882,9 +923,12 @@ mod tests {
                     .iter()
                     .flat_map(|b| s.run(&t, vec![vec![b.clone()]]).unwrap())
                     .collect();
-                work.prepare(samples).unwrap()
+                work.prepare(samples, 0).unwrap()
             }
-            None => vec![],
+            None => {
+                let rows = blocks.iter().map(|b| b.num_rows() as u64).sum();
+                work.prepare(vec![], rows).unwrap()
+            }
         };
         let mut first = 0;
         let maps: Vec<Vec<RecordBatch>> = blocks
@@ -920,6 +964,64 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn position_partitions_cut_where_the_local_repartition_does() {
+        for (rows, n) in [(10u64, 3usize), (7, 7), (3, 5), (1000, 7), (1, 1)] {
+            let mut counts = vec![0u64; n];
+            for i in 0..rows {
+                counts[position_partition(i, rows, n)] += 1;
+            }
+            let want: Vec<u64> = (0..n as u64)
+                .map(|p| rows * (p + 1) / n as u64 - rows * p / n as u64)
+                .collect();
+            assert_eq!(counts, want, "{rows} rows in {n}");
+        }
+    }
+
+    #[test]
+    fn repartition_through_its_tasks_keeps_the_order_and_the_cuts() {
+        let ctx = Context::global().unwrap();
+        // Blocks of uneven sizes.
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("id", DataType::Int64, false),
+        ]));
+        let blocks: Vec<RecordBatch> = [0..5i64, 5..6, 6..40, 40..41, 41..100]
+            .into_iter()
+            .map(|r| {
+                let ids = arrow::array::Int64Array::from_iter_values(r);
+                RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(ids)]).unwrap()
+            })
+            .collect();
+        let input = ctx.from_batches(blocks.clone()).unwrap();
+        let parts = input.repartition(7).unwrap();
+        let got = through_tasks(parts.logical_plan(), &blocks, 4);
+        assert_eq!(
+            rows(&got),
+            rows(&parts.collect().unwrap()),
+            "same rows, same order"
+        );
+        // Each partition's rows (the map tasks' batch p of every block) are the local
+        // partition's: rows * p / n .. rows * (p + 1) / n.
+        let ctx_state = Context::global().unwrap();
+        let work = DatasetExchange::of(parts.logical_plan(), ctx_state.session_state(), 4)
+            .unwrap()
+            .unwrap();
+        let prepared = work.prepare(vec![], 100).unwrap();
+        let (t, mut first, mut sizes) = (task(), 0, vec![0; 7]);
+        for b in &blocks {
+            let out = work
+                .map(0, first, &prepared)
+                .run(&t, vec![vec![b.clone()]])
+                .unwrap();
+            first += b.num_rows() as u64;
+            for (p, part) in out.iter().enumerate() {
+                sizes[p] += part.num_rows();
+            }
+        }
+        let want: Vec<usize> = (0..7).map(|p| 100 * (p + 1) / 7 - 100 * p / 7).collect();
+        assert_eq!(sizes, want);
     }
 
     #[test]

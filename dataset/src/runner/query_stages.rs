@@ -64,7 +64,8 @@ use datafusion_proto::physical_plan::{
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, ResultExt, VolleyError};
 use volley_runtime::cluster::{
-    Cluster, EncodedTask, ObjectRef, ObjectState, RemoteTask, Resources, TaskContext, TaskOptions,
+    Cluster, EncodedTask, ObjectGroup, ObjectRef, ObjectState, RemoteTask, Resources, TaskContext,
+    TaskInput, TaskOptions,
 };
 
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
@@ -286,7 +287,7 @@ impl Stage {
     fn outputs(&self) -> Result<Arc<Vec<ObjectRef>>> {
         let mut outputs = self.outputs.lock().expect("stage lock");
         match &*outputs {
-            Outputs::Submitted(o) => return Ok(Arc::clone(o)),
+            Outputs::Submitted { outputs, .. } => return Ok(Arc::clone(outputs)),
             Outputs::Released => {
                 return Err(VolleyError::execution(format!(
                     "stage {}: its outputs were freed (the query ended or failed)",
@@ -300,29 +301,50 @@ impl Stage {
             .iter()
             .map(|(id, s)| Ok((*id, (s.kind, s.outputs()?))))
             .collect::<Result<_>>()?;
+        // Each exchange read names its stage's outputs once, as a group: a task reading
+        // a partition of it passes one argument, not one per upstream task (the head
+        // holds O(tasks) names, not O(upstream x downstream)). Kept while this stage's
+        // outputs are (a lost output is rebuilt from the same inputs).
+        let mut groups: HashMap<usize, ObjectGroup> = HashMap::new();
+        for (stage, (kind, objects)) in &inputs {
+            if matches!(kind, StageKind::Exchange { .. }) {
+                let refs: Vec<&ObjectRef> = objects.iter().collect();
+                groups.insert(*stage, self.cluster.object_group(&refs)?);
+            }
+        }
         let root = task_root(&self.plan, self.kind);
         let made = (0..self.tasks)
             .map(|p| {
                 let mut needs = Reads::default();
                 partitions_read(root, &[p], &mut needs);
                 let mut reads = Vec::new();
-                let mut parts: Vec<(&ObjectRef, Option<u32>)> = Vec::new();
+                let mut parts: Vec<TaskInput<'_>> = Vec::new();
                 for (stage, partitions) in needs.stages {
                     let (kind, objects) = inputs.get(&stage).ok_or_else(|| {
                         VolleyError::internal(format!("stage {} reads stage {stage}", self.id))
                     })?;
                     for q in partitions {
-                        let before = parts.len();
-                        match kind {
-                            StageKind::Exchange { .. } => {
-                                parts.extend(objects.iter().map(|o| (o, Some(q as u32))));
+                        // The objects the worker gets for this read (a group's each).
+                        let count = match (kind, groups.get(&stage)) {
+                            (StageKind::Exchange { .. }, Some(g)) => {
+                                parts.push(TaskInput::Group(g, Some(q as u32)));
+                                g.len()
                             }
-                            StageKind::Gather => parts.push((&objects[q], None)),
-                        }
+                            (StageKind::Exchange { .. }, None) => {
+                                parts.extend(
+                                    objects.iter().map(|o| TaskInput::Object(o, Some(q as u32))),
+                                );
+                                objects.len()
+                            }
+                            (StageKind::Gather, _) => {
+                                parts.push(TaskInput::Object(&objects[q], None));
+                                1
+                            }
+                        };
                         reads.push(StageRead {
                             stage,
                             partition: q,
-                            inputs: parts.len() - before,
+                            inputs: count,
                         });
                     }
                 }
@@ -345,7 +367,10 @@ impl Stage {
             })
             .collect::<Result<Vec<_>>>()?;
         let made = Arc::new(made);
-        *outputs = Outputs::Submitted(Arc::clone(&made));
+        *outputs = Outputs::Submitted {
+            outputs: Arc::clone(&made),
+            _groups: groups.into_values().collect(),
+        };
         Ok(made)
     }
 
@@ -361,7 +386,12 @@ impl Stage {
 /// Where a stage's outputs are.
 enum Outputs {
     NotSubmitted,
-    Submitted(Arc<Vec<ObjectRef>>),
+    Submitted {
+        outputs: Arc<Vec<ObjectRef>>,
+        /// The groups of its inputs' outputs its tasks read: held (not read) as long
+        /// as its outputs are, so that a lost output can be made again.
+        _groups: Vec<ObjectGroup>,
+    },
     /// Freed: the query read them all, stopped or failed; never submitted again.
     Released,
 }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use arrow::array::RecordBatch;
 use volley_common::{Result, VolleyError};
 use volley_runtime::cluster::{
-    Cluster, EncodedTask, ObjectGroup, ObjectMeta, ObjectRef, Resources, TaskOptions,
+    Cluster, EncodedTask, ObjectGroup, ObjectMeta, ObjectRef, Resources, TaskInput, TaskOptions,
 };
 
 use super::cluster_read::task_result;
@@ -86,14 +86,18 @@ impl ClusterExchangeOp {
     ) -> Result<Self> {
         let n = inputs.len();
         let sample = work.sample_task()?;
-        if sample.is_some() && n != 1 {
+        if (sample.is_some() || work.needs_row_count()) && n != 1 {
             return Err(VolleyError::internal(
-                "a sampled exchange has exactly one input",
+                "a sampled or counted exchange has exactly one input",
             ));
         }
         Ok(Self {
             cluster,
-            prepared: if sample.is_some() { None } else { Some(vec![]) },
+            prepared: if sample.is_some() || work.needs_row_count() {
+                None
+            } else {
+                Some(vec![])
+            },
             sample,
             work,
             input_done: vec![false; n],
@@ -162,7 +166,8 @@ impl ClusterExchangeOp {
                         let prepared = prepared.clone();
                         self.submit_map(cx, side, index, first_row, &prepared, object);
                     }
-                    (None, None) => unreachable!("an exchange without sampling is prepared"),
+                    // Held until the whole input is counted.
+                    (None, None) => {}
                 }
             }
         }
@@ -234,7 +239,8 @@ impl ClusterExchangeOp {
         }
     }
 
-    /// Once every block is sampled: the boundaries, then a map task for every block.
+    /// Once every block is sampled (or counted): the boundaries, then a map task for
+    /// every block.
     fn map_sampled(&mut self, cx: &StepContext<'_>) {
         let samples = {
             let p = self.progress.lock().expect("exchange lock");
@@ -248,7 +254,7 @@ impl ClusterExchangeOp {
                 .cloned()
                 .collect::<Vec<_>>()
         };
-        let prepared = match self.work.prepare(samples) {
+        let prepared = match self.work.prepare(samples, self.rows[0]) {
             Ok(p) => p,
             Err(e) => {
                 cx.fail(e.context(format!("choosing the partitions of {}", cx.name)));
@@ -312,15 +318,12 @@ impl ClusterExchangeOp {
                 }
             };
             let options = self.options(cx, "reduce");
-            let submitted = match &group {
-                Some(g) => self.cluster.submit_partition(&task, g, p as u32, &options),
-                None => {
-                    let parts: Vec<(&ObjectRef, Option<u32>)> =
-                        maps.iter().map(|o| (o, Some(p as u32))).collect();
-                    self.cluster.submit_selected(&task, &parts, &options)
-                }
+            let batch = Some(p as u32);
+            let parts: Vec<TaskInput<'_>> = match &group {
+                Some(g) => vec![TaskInput::Group(g, batch)],
+                None => maps.iter().map(|o| TaskInput::Object(o, batch)).collect(),
             };
-            match submitted {
+            match self.cluster.submit_selected(&task, &parts, &options) {
                 Ok(object) => {
                     let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));
                     let output = object.clone();

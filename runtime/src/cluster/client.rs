@@ -31,7 +31,7 @@ struct Inner {
     job_id: String,
     attached: bool,
     frees: mpsc::UnboundedSender<String>,
-    submits: mpsc::UnboundedSender<proto::SubmitTaskRequest>,
+    submits: mpsc::UnboundedSender<proto::Submission>,
     submitted: Arc<Submitted>,
     /// How long `get` keeps trying to read an object whose copies are lost while the
     /// cluster rebuilds it.
@@ -74,20 +74,28 @@ impl Submitted {
 async fn submit_loop(
     mut head: Head,
     submitted: Arc<Submitted>,
-    mut rx: mpsc::UnboundedReceiver<proto::SubmitTaskRequest>,
+    mut rx: mpsc::UnboundedReceiver<proto::Submission>,
 ) {
+    use proto::submission::Item;
     while let Some(first) = rx.recv().await {
-        let mut tasks = vec![first];
-        while tasks.len() < 1024 {
+        let mut items = vec![first];
+        while items.len() < 1024 {
             match rx.try_recv() {
-                Ok(t) => tasks.push(t),
+                Ok(t) => items.push(t),
                 Err(_) => break,
             }
         }
-        let n = tasks.len() as u64;
-        let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
+        let n = items.len() as u64;
+        let ids: Vec<String> = items
+            .iter()
+            .filter_map(|i| match &i.item {
+                Some(Item::Task(t)) => Some(t.task_id.clone()),
+                Some(Item::Group(g)) => Some(g.group_id.clone()),
+                None => None,
+            })
+            .collect();
         let refused: Vec<(String, ErrorReport)> = match head
-            .submit_tasks(proto::SubmitTasksRequest { tasks })
+            .submit_tasks(proto::SubmitTasksRequest { items })
             .await
         {
             Ok(r) => r
@@ -162,6 +170,15 @@ impl std::fmt::Debug for Cluster {
 #[derive(Clone)]
 pub struct ObjectRef {
     inner: Arc<RefInner>,
+}
+
+/// One input of a task ([`Cluster::submit_selected`]): all of it, or one batch.
+#[derive(Debug, Clone, Copy)]
+pub enum TaskInput<'a> {
+    /// An object.
+    Object(&'a ObjectRef, Option<u32>),
+    /// Each object of a group in turn, the same batch of each.
+    Group(&'a ObjectGroup, Option<u32>),
 }
 
 /// Objects named once as a group ([`Cluster::object_group`]); dropping it lets them go
@@ -695,22 +712,27 @@ impl Cluster {
         )
     }
 
-    /// Runs a task over selected batches of objects: input `i` is batch
-    /// `inputs[i].1` of object `inputs[i].0`, or all of it where that is `None` (an
-    /// exchange's reduce task reads its partition of every map output). Only the
+    /// Runs a task over selected inputs, in order: an object, or each object of a
+    /// group in turn ([`Cluster::object_group`]); all of it, or one batch (an
+    /// exchange's reduce task reads its partition of every map output). Only a
     /// selected batch travels; a node reads it from the object's file by the file's
     /// index without reading the rest.
     pub fn submit_selected(
         &self,
         task: &EncodedTask,
-        inputs: &[(&ObjectRef, Option<u32>)],
+        inputs: &[TaskInput<'_>],
         options: &TaskOptions,
     ) -> Result<ObjectRef> {
-        let objects: Vec<&ObjectRef> = inputs.iter().map(|(o, _)| *o).collect();
-        let batches: Vec<i64> = inputs
+        let (objects, batches): (Vec<&ObjectRef>, Vec<i64>) = inputs
             .iter()
-            .map(|(_, b)| b.map_or(-1, i64::from))
-            .collect();
+            .map(|i| {
+                let (o, b) = match *i {
+                    TaskInput::Object(o, b) => (o, b),
+                    TaskInput::Group(g, b) => (&g.handle, b),
+                };
+                (o, b.map_or(-1, i64::from))
+            })
+            .unzip();
         self.submit_payload(
             task.payload.clone(),
             &objects,
@@ -721,10 +743,11 @@ impl Cluster {
     }
 
     /// Names `objects` as one group (for an exchange: its map outputs), so that tasks
-    /// reading one batch of each ([`Cluster::submit_partition`]) pass the head one name
+    /// reading one batch of each ([`TaskInput::Group`]) pass the head one name
     /// instead of one per object: the head's bookkeeping for M map and N reduce tasks
     /// is O(M + N), not O(M x N). The group keeps its objects until it is dropped and
-    /// no task reading it is left.
+    /// no task reading it is left. It is sent with the task submissions, in order;
+    /// should the head refuse it, the tasks reading it fail saying so.
     pub fn object_group(&self, objects: &[&ObjectRef]) -> Result<ObjectGroup> {
         let id = self.new_id("group");
         let request = proto::ObjectGroupRequest {
@@ -732,37 +755,13 @@ impl Cluster {
             group_id: id.clone(),
             object_ids: objects.iter().map(|o| o.id().to_string()).collect(),
         };
-        let mut head = self.inner.head.clone();
-        let submitted = Arc::clone(&self.inner.submitted);
-        self.block_on(async move {
-            // The head must know the objects' tasks first.
-            submitted.flush().await;
-            head.create_object_group(request).await
-        })
-        .map_err(|e| status_error("naming an object group", e))?;
+        // In the submission stream: after the tasks that make its objects, before the
+        // tasks that read it; nothing waits here.
+        self.queue_submission(proto::submission::Item::Group(request))?;
         Ok(ObjectGroup {
             handle: self.new_ref(id),
             len: objects.len(),
         })
-    }
-
-    /// Runs `task` over batch `partition` of every object of `group`, in the group's
-    /// order (an exchange's reduce task). Like [`Cluster::submit_selected`] with each
-    /// object and that batch, in one argument.
-    pub fn submit_partition(
-        &self,
-        task: &EncodedTask,
-        group: &ObjectGroup,
-        partition: u32,
-        options: &TaskOptions,
-    ) -> Result<ObjectRef> {
-        self.submit_payload(
-            task.payload.clone(),
-            &[&group.handle],
-            &[i64::from(partition)],
-            &options.named(task.name),
-            "",
-        )
     }
 
     fn submit_payload(
@@ -791,14 +790,21 @@ impl Cluster {
         };
         // Queued for the submission loop; the head's refusal, if any, is the object's
         // error (as a failing task's is).
+        self.queue_submission(proto::submission::Item::Task(request))?;
+        Ok(self.new_ref(id))
+    }
+
+    /// Queues `item` for the submission loop, after everything queued before it.
+    fn queue_submission(&self, item: proto::submission::Item) -> Result<()> {
         self.inner.submitted.queued.fetch_add(1, Ordering::SeqCst);
-        if self.inner.submits.send(request).is_err() {
+        let submission = proto::Submission { item: Some(item) };
+        if self.inner.submits.send(submission).is_err() {
             self.inner.submitted.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(VolleyError::internal(
                 "the client's submission loop stopped",
             ));
         }
-        Ok(self.new_ref(id))
+        Ok(())
     }
 
     /// Stores `batches` in the cluster.

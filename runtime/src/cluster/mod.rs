@@ -51,7 +51,7 @@ use volley_common::Result;
 
 pub use client::{
     ActorHandle, ActorInfo, ActorOptions, Cluster, EncodedActor, EncodedTask, ObjectGroup,
-    ObjectMeta, ObjectRef, ObjectState, PlacementGroup, PlacementStrategy, TaskOptions,
+    ObjectMeta, ObjectRef, ObjectState, PlacementGroup, PlacementStrategy, TaskInput, TaskOptions,
 };
 pub use head::{HeadCore, HeadOptions};
 pub use jobs::{

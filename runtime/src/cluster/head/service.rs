@@ -271,13 +271,22 @@ impl proto::head_server::Head for HeadService {
         &self,
         request: Request<proto::SubmitTasksRequest>,
     ) -> Answer<proto::SubmitTasksResponse> {
-        let tasks = request.into_inner().tasks;
+        use proto::submission::Item;
+        let items = request.into_inner().items;
         let rejected = self.core.with(|s| {
-            tasks
+            items
                 .into_iter()
-                .filter_map(|spec| {
-                    let id = spec.task_id.clone();
-                    s.submit(spec.into()).err().map(|e| proto::RejectedTask {
+                .filter_map(|i| i.item)
+                .filter_map(|item| {
+                    let (id, result) = match item {
+                        Item::Task(spec) => (spec.task_id.clone(), s.submit(spec.into())),
+                        Item::Group(g) => (
+                            g.group_id.clone(),
+                            s.create_object_group(&g.job_id, &g.group_id, g.object_ids)
+                                .map_err(VolleyError::from),
+                        ),
+                    };
+                    result.err().map(|e| proto::RejectedTask {
                         task_id: id,
                         error: Some(wire_error(&ErrorReport::from(&e))),
                     })
@@ -335,17 +344,6 @@ impl proto::head_server::Head for HeadService {
     async fn free(&self, request: Request<proto::FreeRequest>) -> Answer<proto::Empty> {
         let r = request.into_inner();
         self.core.with(|s| s.free(&r.object_ids));
-        empty()
-    }
-
-    async fn create_object_group(
-        &self,
-        request: Request<proto::ObjectGroupRequest>,
-    ) -> Answer<proto::Empty> {
-        let r = request.into_inner();
-        self.core
-            .with(|s| s.create_object_group(&r.job_id, &r.group_id, r.object_ids))
-            .map_err(refused)?;
         empty()
     }
 

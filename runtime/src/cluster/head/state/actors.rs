@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::*;
 
@@ -126,6 +126,7 @@ impl State {
                 gpu_ids: gpus,
                 incarnation: a.incarnation,
             };
+            info!("actor {id}: starts on {node}");
             self.nodes[&node].send(cmd);
         }
     }
