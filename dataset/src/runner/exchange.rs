@@ -254,6 +254,7 @@ enum Partitioner {
 /// The partition of row `i` of `rows` among `n` of (nearly) equal row counts:
 /// partition `p` holds rows `rows * p / n .. rows * (p + 1) / n`.
 fn position_partition(i: u64, rows: u64, n: usize) -> usize {
+    let n = n.max(1);
     if rows == 0 {
         return 0;
     }

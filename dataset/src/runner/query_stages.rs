@@ -325,18 +325,18 @@ impl Stage {
                     })?;
                     for q in partitions {
                         // The objects the worker gets for this read (a group's each).
-                        let count = match (kind, groups.get(&stage)) {
-                            (StageKind::Exchange { .. }, Some(g)) => {
+                        let count = match kind {
+                            StageKind::Exchange { .. } => {
+                                let g = groups.get(&stage).ok_or_else(|| {
+                                    VolleyError::internal(format!(
+                                        "stage {} has no group of stage {stage}",
+                                        self.id
+                                    ))
+                                })?;
                                 parts.push(TaskInput::Group(g, Some(q as u32)));
                                 g.len()
                             }
-                            (StageKind::Exchange { .. }, None) => {
-                                parts.extend(
-                                    objects.iter().map(|o| TaskInput::Object(o, Some(q as u32))),
-                                );
-                                objects.len()
-                            }
-                            (StageKind::Gather, _) => {
+                            StageKind::Gather => {
                                 parts.push(TaskInput::Object(&objects[q], None));
                                 1
                             }

@@ -45,10 +45,11 @@ struct Progress {
 /// What the reduce tasks read: every map output (input 0's, then input 1's), how many
 /// of each input, and their bytes in all.
 struct ReduceInputs {
-    maps: Vec<ObjectRef>,
+    /// Held: a map output lost with its node is made again while the exchange runs.
+    _maps: Vec<ObjectRef>,
     /// The map outputs named once at the head: each reduce task passes the group, not
-    /// every map output (None if the head refused it: each is passed).
-    group: Option<ObjectGroup>,
+    /// every map output.
+    group: ObjectGroup,
     sides: Vec<usize>,
     bytes: u64,
 }
@@ -274,24 +275,28 @@ impl ClusterExchangeOp {
     fn reduce(&mut self, cx: &StepContext<'_>) {
         let partitions = self.work.partitions();
         // Gathered once, when the last map task is done.
-        let inputs = self.reduce_inputs.get_or_insert_with(|| {
+        if self.reduce_inputs.is_none() {
             let p = self.progress.lock().expect("exchange lock");
             let done = p.maps.iter().flatten().flatten();
             let maps: Vec<ObjectRef> = done.clone().map(|(o, _)| o.clone()).collect();
-            let group = self
-                .cluster
-                .object_group(&maps.iter().collect::<Vec<_>>())
-                .map_err(|e| tracing::warn!("{e}; reduce tasks name each map output"))
-                .ok();
-            ReduceInputs {
+            let group = match self.cluster.object_group(&maps.iter().collect::<Vec<_>>()) {
+                Ok(g) => g,
+                Err(e) => {
+                    drop(p);
+                    cx.fail(e.context(format!("naming the map outputs of {}", cx.name)));
+                    self.next_reduce = partitions;
+                    return;
+                }
+            };
+            self.reduce_inputs = Some(ReduceInputs {
                 bytes: done.map(|(_, m)| m.bytes).sum(),
-                maps,
+                _maps: maps,
                 group,
                 sides: p.maps.iter().map(Vec::len).collect(),
-            }
-        });
-        let (maps, sides, bytes) = (inputs.maps.clone(), inputs.sides.clone(), inputs.bytes);
-        let group = inputs.group.clone();
+            });
+        }
+        let inputs = self.reduce_inputs.as_ref().expect("gathered above");
+        let (group, sides, bytes) = (inputs.group.clone(), inputs.sides.clone(), inputs.bytes);
         while self.next_reduce < partitions && cx.running() < self.window {
             let expected = Expected {
                 estimate: &self.estimate,
@@ -318,11 +323,7 @@ impl ClusterExchangeOp {
                 }
             };
             let options = self.options(cx, "reduce");
-            let batch = Some(p as u32);
-            let parts: Vec<TaskInput<'_>> = match &group {
-                Some(g) => vec![TaskInput::Group(g, batch)],
-                None => maps.iter().map(|o| TaskInput::Object(o, batch)).collect(),
-            };
+            let parts = [TaskInput::Group(&group, Some(p as u32))];
             match self.cluster.submit_selected(&task, &parts, &options) {
                 Ok(object) => {
                     let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));

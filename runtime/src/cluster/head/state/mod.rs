@@ -212,6 +212,12 @@ struct ObjectEntry {
 }
 
 impl ObjectEntry {
+    /// Whether anyone still wants it: its driver (not freed) or a task or group that
+    /// reads it.
+    fn wanted(&self) -> bool {
+        !self.freed || self.users > 0
+    }
+
     fn new(
         job: &str,
         producer: Option<String>,

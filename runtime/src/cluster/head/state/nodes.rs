@@ -80,14 +80,15 @@ impl State {
         // Copies it was making for a draining node will not come: the next drain call
         // sends them elsewhere.
         self.copies.retain(|_, target| target != node);
-        // Objects whose last copy was there are rebuilt by re-running their task.
+        // Objects whose last copy was there are rebuilt by re-running their task, if
+        // still wanted (not freed, or freed but still read: a group's member).
         let lost: Vec<String> = self
             .objects
             .iter_mut()
             .filter_map(|(id, o)| {
                 let had = o.locations.len();
                 o.locations.retain(|l| l != node);
-                (had > 0 && o.locations.is_empty() && o.error.is_none() && !o.freed)
+                (had > 0 && o.locations.is_empty() && o.error.is_none() && o.wanted())
                     .then(|| id.clone())
             })
             .collect();
@@ -159,7 +160,7 @@ impl State {
             .objects
             .iter()
             .filter(|(_, o)| {
-                o.locations.len() == 1 && o.locations[0] == node && !o.freed && o.error.is_none()
+                o.locations.len() == 1 && o.locations[0] == node && o.wanted() && o.error.is_none()
             })
             .map(|(id, o)| (id.clone(), o.bytes))
             .collect();

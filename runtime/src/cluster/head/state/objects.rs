@@ -161,10 +161,21 @@ impl State {
         if self.objects.contains_key(id) || self.object_groups.contains_key(id) {
             return Err(Refusal::Invalid(format!("object {id} exists")));
         }
-        if let Some(m) = members.iter().find(|m| !self.objects.contains_key(*m)) {
-            return Err(Refusal::NotFound(format!(
-                "object {m} (of group {id}) was freed or never existed"
-            )));
+        for m in &members {
+            match self.objects.get(m) {
+                None => {
+                    return Err(Refusal::NotFound(format!(
+                        "object {m} (of group {id}) was freed or never existed"
+                    )))
+                }
+                Some(o) if o.job != job => {
+                    return Err(Refusal::Invalid(format!(
+                        "object {m} (of group {id}) belongs to job {}, not {job}",
+                        o.job
+                    )))
+                }
+                Some(_) => {}
+            }
         }
         for m in &members {
             if let Some(o) = self.objects.get_mut(m) {

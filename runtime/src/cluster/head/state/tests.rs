@@ -562,11 +562,16 @@ fn reduce_tasks_name_a_group_of_map_outputs_once_and_it_holds_them() {
     for m in ["m0", "m1", "m2"] {
         assert!(freed.contains(&format!("free {m}")), "{freed:?}");
     }
-    // Unknown members are refused, naming the object.
+    // Unknown members are refused, naming the object, and so are another job's.
     let e = s
         .create_object_group("j", "g2", vec!["nope".into()])
         .unwrap_err();
     assert!(e.to_string().contains("object nope (of group g2)"), "{e}");
+    s.add_job(job("k"));
+    let e = s
+        .create_object_group("k", "g3", vec!["r0".into()])
+        .unwrap_err();
+    assert!(e.to_string().contains("belongs to job j, not k"), "{e}");
 }
 
 #[test]
@@ -578,9 +583,12 @@ fn a_lost_map_output_in_a_group_is_rebuilt_before_its_reduce_task_runs() {
     s.schedule();
     assert!(s.task_reported(report(&n1, "m0", 0, 10, "")));
     s.create_object_group("j", "g", vec!["m0".into()]).unwrap();
+    // The driver let m0 go: the group still wants it, so its loss is rebuilt.
+    s.free(&["m0".to_string()]);
     let (n2, mut rx2) = join(&mut s, 1.0, "b");
     sent(&mut rx1);
     s.node_died(&n1);
+    assert_eq!(s.tasks["m0"].state, TaskState::Pending);
     let mut r = task("r0", &["g"]);
     r.arg_batches = vec![Some(0)];
     s.submit(r).unwrap();
