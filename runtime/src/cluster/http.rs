@@ -253,15 +253,17 @@ async fn actors(
         core.job_actors(&id)
             .map_err(not_found)?
             .into_iter()
-            .map(proto::ActorStatus::from)
-            .map(|a| ActorJson {
-                actor_id: a.actor_id,
-                name: a.name,
-                state: a.state,
-                node_id: a.node_id,
-                restarts: a.restarts,
-                pid: a.pid,
-                error: a.error,
+            .map(|a| {
+                let (state, node_id, error) = a.state.parts();
+                ActorJson {
+                    state: state.into(),
+                    node_id: node_id.into(),
+                    error: error.into(),
+                    actor_id: a.actor_id,
+                    name: a.name,
+                    restarts: a.restarts,
+                    pid: a.pid.unwrap_or(0),
+                }
             })
             .collect(),
     ))

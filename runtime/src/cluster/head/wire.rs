@@ -215,18 +215,13 @@ impl From<DrainStatus> for proto::DrainStatus {
 
 impl From<ActorRecord> for proto::ActorStatus {
     fn from(a: ActorRecord) -> Self {
-        let (state, node_id, error) = match a.state {
-            ActorState::Pending => ("PENDING", String::new(), String::new()),
-            ActorState::Starting { node } => ("STARTING", node, String::new()),
-            ActorState::Alive { node } => ("ALIVE", node, String::new()),
-            ActorState::Dead(e) => ("DEAD", String::new(), e),
-        };
+        let (state, node_id, error) = a.state.parts();
         Self {
-            actor_id: a.actor_id,
             state: state.into(),
-            node_id,
+            node_id: node_id.into(),
+            error: error.into(),
+            actor_id: a.actor_id,
             restarts: a.restarts,
-            error,
             pid: a.pid.unwrap_or(0),
             name: a.name,
         }

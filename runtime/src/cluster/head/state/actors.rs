@@ -67,9 +67,7 @@ impl State {
 
     /// The actors of job `id` (alive or not), by id.
     pub fn job_actors(&self, id: &str) -> Result<Vec<ActorRecord>, Refusal> {
-        if !self.jobs.contains_key(id) {
-            return Err(Refusal::NotFound(format!("no job {id}")));
-        }
+        self.job(id)?;
         let mut actors: Vec<ActorRecord> = self
             .actors
             .iter()

@@ -224,6 +224,19 @@ pub(crate) enum ActorState {
     Dead(String),
 }
 
+impl ActorState {
+    /// How it is reported: its name (`PENDING`, `STARTING`, `ALIVE`, `DEAD`), the node
+    /// it lives on and why it died (empty where they do not apply).
+    pub fn parts(&self) -> (&'static str, &str, &str) {
+        match self {
+            Self::Pending => ("PENDING", "", ""),
+            Self::Starting { node } => ("STARTING", node, ""),
+            Self::Alive { node } => ("ALIVE", node, ""),
+            Self::Dead(e) => ("DEAD", "", e),
+        }
+    }
+}
+
 /// An actor as the head reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ActorRecord {

@@ -713,9 +713,7 @@ impl State {
     /// The tasks of job `id` the head holds (waiting, running, or done with their
     /// objects still in use), at most 2,000, by id.
     pub fn job_tasks(&self, id: &str) -> std::result::Result<Vec<JobTask>, Refusal> {
-        if !self.jobs.contains_key(id) {
-            return Err(Refusal::NotFound(format!("no job {id}")));
-        }
+        self.job(id)?;
         let mut out: Vec<JobTask> = self
             .tasks
             .iter()
