@@ -1,6 +1,7 @@
-//! Sorts, group-bys, aggregations, distincts, every join kind, a seeded shuffle and a
-//! hash repartition run on a cluster (as exchanges on its nodes) and in this process,
-//! and compared: the cluster's rows must be the local run's.
+//! Sorts, group-bys, aggregations, distincts, every join kind, a seeded shuffle, hash
+//! and ordered repartitions and a block-order shuffle run on a cluster (as exchanges on
+//! its nodes) and in this process, and compared: the cluster's rows must be the local
+//! run's.
 //!
 //! ```text
 //! volley job submit --wait -- target/release/examples/cluster_exchange IN_DIR
@@ -10,8 +11,10 @@
 //! `--slow-ms` and `--pause-ms` the cluster's map and reduce phases last long enough
 //! for a test to kill a node in either. Prints
 //! `SAME <operation> rows=<n>` per operation (and exits with an error at the first
-//! difference), `NODES a,b,c`: the nodes that held a sort's output partitions, and the
-//! sort's plan.
+//! difference), `NODES a,b,c`: the nodes that held a sort's output partitions, the
+//! sort's plan, and for `randomize_block_order` (whose blocks are the cluster's own):
+//! `BLOCK ORDER seeded, shuffled, on a,b,c` when two runs give the same order, it is
+//! not the input's, and the blocks stayed on those nodes.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -139,6 +142,51 @@ fn same(
     Ok(())
 }
 
+/// The nodes that hold `data`'s blocks: a stage over them runs where they are.
+fn nodes_of(data: &Dataset) -> volley::Result<BTreeSet<String>> {
+    let tagged = data.map_transform(TransformFn::named(TagNode), MapOptions::default());
+    let mut nodes = BTreeSet::new();
+    for b in tagged.select(&["node"])?.collect()? {
+        let n = b
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| VolleyError::internal("node is a string column"))?;
+        for i in 0..n.len() {
+            nodes.insert(n.value(i).to_string());
+        }
+    }
+    Ok(nodes)
+}
+
+/// `randomize_block_order` on the cluster: the same seed gives the same order twice,
+/// the order is not the input's, and the blocks stay on the nodes that made them.
+fn block_order(ctx: &Context, input: &str) -> volley::Result<()> {
+    let read = ctx.read_parquet(input)?;
+    let shuffled = read.randomize_block_order(11)?;
+    let (first, again, plain) = (
+        rows(&shuffled.collect()?)?,
+        rows(&shuffled.collect()?)?,
+        rows(&read.collect()?)?,
+    );
+    if first != again {
+        return Err(VolleyError::execution(
+            "randomize_block_order: two runs with one seed gave different orders",
+        ));
+    }
+    if first == plain {
+        return Err(VolleyError::execution(
+            "randomize_block_order: the input's order came out",
+        ));
+    }
+    let nodes = nodes_of(&shuffled)?;
+    println!(
+        "BLOCK ORDER seeded, shuffled, on {}",
+        nodes.into_iter().collect::<Vec<_>>().join(",")
+    );
+    Ok(())
+}
+
 /// The operations over `ctx`'s read of `input`, by name.
 fn operations(
     ctx: &Context,
@@ -197,6 +245,11 @@ fn operations(
         ("random_shuffle", left.random_shuffle(7)?, true),
         ("repartition_by", left.repartition_by(&["g"], 5)?, false),
         ("repartition", left.repartition(9)?, true),
+        (
+            "randomize_block_order",
+            left.randomize_block_order(5)?,
+            false,
+        ),
     ];
     for (name, how) in [
         ("join inner", JoinHow::Inner),
@@ -233,23 +286,15 @@ fn main() -> volley::Result<()> {
             same(name, c, l, *ordered, args.pause_ms)?;
         }
     }
+    if chosen("randomize_block_order") {
+        block_order(&cluster, &args.input)?;
+    }
     if !chosen("sort") {
         return Ok(());
     }
     // Where the sort's output partitions were: a stage over them runs on their nodes.
     let sorted = &on_cluster[0].1;
-    let tagged = sorted.map_transform(TransformFn::named(TagNode), MapOptions::default());
-    let mut nodes = BTreeSet::new();
-    for b in tagged.select(&["node"])?.collect()? {
-        let n = b
-            .column(0)
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| VolleyError::internal("node is a string column"))?;
-        for i in 0..n.len() {
-            nodes.insert(n.value(i).to_string());
-        }
-    }
+    let nodes = nodes_of(sorted)?;
     println!("NODES {}", nodes.into_iter().collect::<Vec<_>>().join(","));
     println!("{}", sorted.explain()?);
     Ok(())

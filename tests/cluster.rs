@@ -1235,6 +1235,7 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         ("random_shuffle", 120_000),
         ("repartition_by", 120_000),
         ("repartition", 120_000),
+        ("randomize_block_order", 120_000),
         ("join inner", 109_090),
         ("join left", 120_000),
         ("join right", 109_590),
@@ -1256,6 +1257,17 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
     assert!(
         logs.contains("an exchange on the cluster's nodes, 12 partitions"),
         "explain shows the exchange:\n{logs}"
+    );
+    let order = line_of(&logs, "BLOCK ORDER");
+    assert_eq!(
+        order
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .split(',')
+            .count(),
+        3,
+        "randomize_block_order's blocks stayed on every node: {order}"
     );
 }
 

@@ -145,9 +145,7 @@ impl ExchangeSource {
                 }
             }
             ExchangeKind::RandomizeBlockOrder { seed } => {
-                let mut order: Vec<usize> = (0..store.partition_blocks(0)).collect();
-                order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(*seed));
-                for i in order {
+                for i in block_order(store.partition_blocks(0), *seed) {
                     let store2 = Arc::clone(store);
                     tasks.push(task(
                         format!("block {i}"),
@@ -184,6 +182,14 @@ impl ExchangeSource {
 }
 
 /// The rows of `batch` sorted by the key columns and cut into one batch per group.
+/// `randomize_block_order`'s order of `blocks` blocks with `seed`: the same here and on
+/// a cluster.
+pub(crate) fn block_order(blocks: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..blocks).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    order
+}
+
 pub(crate) fn groups(batch: &RecordBatch, keys: &[usize]) -> Result<Vec<RecordBatch>> {
     if batch.num_rows() == 0 {
         return Ok(vec![]);

@@ -210,6 +210,15 @@ pub trait ExchangeWork: Send + Sync + fmt::Debug {
     fn needs_input_order(&self) -> bool {
         false
     }
+
+    /// For an exchange that moves no rows (`randomize_block_order`): the order of its
+    /// `blocks` input blocks in its output; it runs no tasks, and its output is the
+    /// input blocks themselves, where they are. `None` (the default): map and reduce
+    /// tasks.
+    fn block_order(&self, blocks: usize) -> Option<Vec<usize>> {
+        let _ = blocks;
+        None
+    }
 }
 
 /// An all-to-all operation on a cluster: map tasks partition each input block where it

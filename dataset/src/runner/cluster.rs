@@ -15,8 +15,8 @@
 //! - a sort, aggregation, distinct, join, repartition (by keys, or into `n` of equal
 //!   rows in order) or seeded shuffle is an **exchange** on the nodes (`exchange.rs`):
 //!   map tasks partition each input block where it is, a reduce task per partition
-//!   combines its rows; `randomize_block_order` and splits (cut by row counts) run
-//!   here;
+//!   combines its rows; `randomize_block_order` is one without tasks (the blocks go
+//!   on where they are, reordered); splits (cut by row counts) run here;
 //! - a write joins the last stage (each task writes its part where it runs), or is a
 //!   stage of its own over the blocks of an actor pool.
 //!
@@ -370,6 +370,7 @@ fn boundary_name(op: &LogicalOp) -> &'static str {
         LogicalOp::Exchange { kind, .. } => match kind {
             ExchangeKind::RandomShuffle { .. } => "RandomShuffle",
             ExchangeKind::Groups { .. } => "Groups",
+            ExchangeKind::RandomizeBlockOrder { .. } => "RandomizeBlockOrder",
             _ => "Repartition",
         },
         _ => "Exchange",

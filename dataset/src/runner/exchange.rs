@@ -640,6 +640,10 @@ enum MapPlan {
     },
     /// By row position, once the input's rows are counted.
     Positions,
+    /// No map tasks: the input blocks are handed on whole, in a seeded order.
+    BlockOrder {
+        seed: u64,
+    },
     Range {
         keys: Vec<ShippedKey>,
     },
@@ -660,8 +664,8 @@ pub(crate) struct DatasetExchange {
 impl DatasetExchange {
     /// The exchange that runs `op` (a stage boundary) on a cluster, with `partitions`
     /// reduce tasks where the operation leaves it open; `None` where `op` does not run
-    /// as an exchange on the nodes (`randomize_block_order` and splits cut by row
-    /// counts; an expression that cannot travel: those run in the driver).
+    /// as an exchange on the nodes (an expression that cannot travel: it runs in the
+    /// driver).
     pub(crate) fn of(
         op: &LogicalOp,
         state: &SessionState,
@@ -695,7 +699,12 @@ impl DatasetExchange {
                     true,
                 ),
                 ExchangeKind::Repartition { n } => (*n, MapPlan::Positions, Combine::Concat, true),
-                ExchangeKind::RandomizeBlockOrder { .. } => return Ok(None),
+                ExchangeKind::RandomizeBlockOrder { seed } => (
+                    0,
+                    MapPlan::BlockOrder { seed: *seed },
+                    Combine::Concat,
+                    true,
+                ),
             },
             LogicalOp::Sort { keys, .. } => {
                 let Ok(keys) = keys.iter().map(ShippedKey::of).collect::<Result<Vec<_>>>() else {
@@ -825,7 +834,7 @@ impl ExchangeWork for DatasetExchange {
     }
 
     fn map_task(&self, side: usize, first_row: u64, prepared: &[u8]) -> Result<EncodedTask> {
-        EncodedTask::new(Box::new(self.map(side, first_row, prepared)))
+        EncodedTask::new(Box::new(self.map(side, first_row, prepared)?))
     }
 
     fn reduce_task(&self, partition: usize, sides: &[usize]) -> Result<EncodedTask> {
@@ -839,6 +848,13 @@ impl ExchangeWork for DatasetExchange {
     fn needs_row_count(&self) -> bool {
         matches!(self.map, MapPlan::Positions)
     }
+
+    fn block_order(&self, blocks: usize) -> Option<Vec<usize>> {
+        match self.map {
+            MapPlan::BlockOrder { seed } => Some(crate::exchange::block_order(blocks, seed)),
+            _ => None,
+        }
+    }
 }
 
 impl DatasetExchange {
@@ -849,8 +865,13 @@ impl DatasetExchange {
         }
     }
 
-    fn map(&self, side: usize, first_row: u64, prepared: &[u8]) -> ExchangeMapTask {
+    fn map(&self, side: usize, first_row: u64, prepared: &[u8]) -> Result<ExchangeMapTask> {
         let partitioner = match &self.map {
+            MapPlan::BlockOrder { .. } => {
+                return Err(VolleyError::internal(
+                    "an exchange that reorders blocks has no map tasks",
+                ))
+            }
             MapPlan::Hash { keys, casts } => Partitioner::Hash {
                 keys: keys.get(side).cloned().flatten(),
                 casts: casts.clone(),
@@ -871,11 +892,11 @@ impl DatasetExchange {
                     .unwrap_or_default(),
             },
         };
-        ExchangeMapTask {
+        Ok(ExchangeMapTask {
             partitions: self.partitions,
             partitioner,
             partial: self.partial.clone(),
-        }
+        })
     }
 
     fn reduce(&self, partition: usize, sides: &[usize]) -> ExchangeReduceTask {

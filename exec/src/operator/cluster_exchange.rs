@@ -8,6 +8,10 @@
 //!          ──▶ output blocks in partition order
 //! ```
 //!
+//! An exchange that only reorders blocks (`randomize_block_order`) runs no tasks: once
+//! the whole input arrived, its blocks go on as they are, where they are, in the order
+//! the work chooses.
+//!
 //! This process holds references, never rows: the input blocks and the map outputs stay
 //! in the nodes' stores until every reduce task is done, so that a map output lost with
 //! its node is made again from its input (the head re-runs the map task, and re-reads
@@ -27,7 +31,7 @@ use volley_runtime::cluster::{
 use super::cluster_read::task_result;
 use super::{Expected, Operator, OutputEstimate, StepContext};
 use crate::plan::ExchangeWork;
-use crate::queue::{Block, BlockQueue, PoppedBlock};
+use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
 
 /// What the tasks' callbacks fill in.
 #[derive(Default)]
@@ -59,6 +63,10 @@ pub(crate) struct ClusterExchangeOp {
     inputs: Vec<Arc<BlockQueue>>,
     work: Arc<dyn ExchangeWork>,
     sample: Option<EncodedTask>,
+    /// Whether it only reorders its input blocks (no tasks).
+    reorders: bool,
+    /// The input blocks, kept whole when it only reorders them.
+    kept: Vec<(ObjectRef, ObjectMeta)>,
     /// What the map tasks were given (after sampling, for a sort).
     prepared: Option<Vec<u8>>,
     input_done: Vec<bool>,
@@ -87,19 +95,19 @@ impl ClusterExchangeOp {
     ) -> Result<Self> {
         let n = inputs.len();
         let sample = work.sample_task()?;
-        if (sample.is_some() || work.needs_row_count()) && n != 1 {
+        let reorders = work.block_order(0).is_some();
+        let holds = sample.is_some() || work.needs_row_count() || reorders;
+        if holds && n != 1 {
             return Err(VolleyError::internal(
-                "a sampled or counted exchange has exactly one input",
+                "a sampled, counted or reordering exchange has exactly one input",
             ));
         }
         Ok(Self {
             cluster,
-            prepared: if sample.is_some() || work.needs_row_count() {
-                None
-            } else {
-                Some(vec![])
-            },
+            prepared: if holds { None } else { Some(vec![]) },
             sample,
+            reorders,
+            kept: Vec::new(),
             work,
             input_done: vec![false; n],
             rows: vec![0; n],
@@ -149,6 +157,10 @@ impl ClusterExchangeOp {
                         break;
                     }
                 };
+                if self.reorders {
+                    self.kept.push((object, meta));
+                    continue;
+                }
                 let first_row = self.rows[side];
                 self.rows[side] += meta.rows;
                 self.firsts[side].push(first_row);
@@ -271,6 +283,45 @@ impl ClusterExchangeOp {
         self.prepared = Some(prepared);
     }
 
+    /// Hands the input blocks on, as they are and where they are, in the order the
+    /// work chooses.
+    fn emit_reordered(&mut self, cx: &StepContext<'_>) {
+        let mut kept: Vec<Option<_>> = std::mem::take(&mut self.kept)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let order = self.work.block_order(kept.len()).unwrap_or_default();
+        if order.len() != kept.len() {
+            return cx.fail(VolleyError::internal(format!(
+                "{} ordered {} of {} blocks",
+                cx.name,
+                order.len(),
+                kept.len()
+            )));
+        }
+        for (i, from) in order.into_iter().enumerate() {
+            let Some((object, meta)) = kept.get_mut(from).and_then(Option::take) else {
+                return cx.fail(VolleyError::internal(format!(
+                    "{} ordered block {from} twice or past the end",
+                    cx.name
+                )));
+            };
+            let seq = self.first_seq + i as u64;
+            cx.out.register(seq);
+            cx.counters.output(meta.rows as usize, meta.bytes as usize);
+            let pushed = cx
+                .out
+                .push_now(seq, Block::Remote(RemoteBlock::new(object, meta)));
+            cx.out.finish_seq(seq);
+            if let Err(e) = pushed {
+                if !e.is_cancelled() {
+                    cx.fail(e);
+                }
+                return;
+            }
+        }
+    }
+
     /// Submits the reduce tasks that may start now.
     fn reduce(&mut self, cx: &StepContext<'_>) {
         let partitions = self.work.partitions();
@@ -363,6 +414,10 @@ impl Operator for ClusterExchangeOp {
         self.take_input(cx);
         if !self.input_done.iter().all(|d| *d) {
             return false;
+        }
+        if self.reorders {
+            self.emit_reordered(cx);
+            return true;
         }
         if self.firsts.iter().all(Vec::is_empty) {
             // Nothing came in: nothing goes out.
