@@ -1,7 +1,7 @@
 //! Sorts, group-bys, aggregations, distincts, every join kind, a seeded shuffle, hash
-//! and ordered repartitions and a block-order shuffle run on a cluster (as exchanges on
-//! its nodes) and in this process, and compared: the cluster's rows must be the local
-//! run's.
+//! and ordered repartitions, a block-order shuffle and splits run on a cluster (as
+//! exchanges on its nodes; a split's parts over its input's blocks there) and in this
+//! process, and compared: the cluster's rows must be the local run's.
 //!
 //! ```text
 //! volley job submit --wait -- target/release/examples/cluster_exchange IN_DIR
@@ -251,6 +251,28 @@ fn operations(
             false,
         ),
     ];
+    for (name, part) in ["split 1/3", "split 2/3", "split 3/3"]
+        .into_iter()
+        .zip(left.split(3)?)
+    {
+        ops.push((name, part, true));
+    }
+    let at = left.split_at_indices(&[1_000, 50_000, 50_000, 200_000])?;
+    for (name, part) in [
+        "split_at 1",
+        "split_at 2",
+        "split_at 3",
+        "split_at 4",
+        "split_at 5",
+    ]
+    .into_iter()
+    .zip(at)
+    {
+        ops.push((name, part, true));
+    }
+    let (train, test) = left.train_test_split(0.25, 3)?;
+    ops.push(("train_test_split train", train, true));
+    ops.push(("train_test_split test", test, true));
     for (name, how) in [
         ("join inner", JoinHow::Inner),
         ("join left", JoinHow::Left),
@@ -288,6 +310,14 @@ fn main() -> volley::Result<()> {
     }
     if chosen("randomize_block_order") {
         block_order(&cluster, &args.input)?;
+    }
+    if chosen("split") {
+        let part = &on_cluster
+            .iter()
+            .find(|(name, _, _)| *name == "split 2/3")
+            .ok_or_else(|| VolleyError::internal("no split 2/3"))?
+            .1;
+        println!("{}", part.explain()?);
     }
     if !chosen("sort") {
         return Ok(());

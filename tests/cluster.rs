@@ -1236,6 +1236,16 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         ("repartition_by", 120_000),
         ("repartition", 120_000),
         ("randomize_block_order", 120_000),
+        ("split 1/3", 40_000),
+        ("split 2/3", 40_000),
+        ("split 3/3", 40_000),
+        ("split_at 1", 1_000),
+        ("split_at 2", 49_000),
+        ("split_at 3", 0),
+        ("split_at 4", 70_000),
+        ("split_at 5", 0),
+        ("train_test_split train", 90_000),
+        ("train_test_split test", 30_000),
         ("join inner", 109_090),
         ("join left", 120_000),
         ("join right", 109_590),
@@ -1257,6 +1267,10 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
     assert!(
         logs.contains("an exchange on the cluster's nodes, 12 partitions"),
         "explain shows the exchange:\n{logs}"
+    );
+    assert!(
+        logs.contains("Split: blocks in the cluster's stores"),
+        "a split's parts are the input's blocks on the nodes:\n{logs}"
     );
     let order = line_of(&logs, "BLOCK ORDER");
     assert_eq!(

@@ -18,7 +18,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
-use volley_exec::{project_batch, ExchangeStore, FrozenStore, Partitioning};
+use volley_exec::{
+    project_batch, Block, ClusterRows, ExchangeStore, FrozenStore, Partitioning, RowsPiece,
+};
+use volley_runtime::cluster::{EncodedTask, ObjectMeta, ObjectRef, RemoteTask, TaskContext};
 
 use crate::dataset::Dataset;
 use crate::logical::{ExchangeKind, LogicalOp};
@@ -252,12 +255,14 @@ impl DataSource for ExchangeSource {
     }
 }
 
-/// A materialization shared by the outputs of a split.
+/// A materialization shared by the outputs of a split: in this process (a store that
+/// spills), or on a cluster (the input's blocks, left in the nodes' stores).
 #[derive(Debug)]
 struct Shared {
     input: Dataset,
     partitioning: Partitioning,
     store: Mutex<Option<Arc<FrozenStore>>>,
+    blocks: Mutex<Option<Arc<Vec<(ObjectRef, ObjectMeta)>>>>,
 }
 
 impl Shared {
@@ -270,6 +275,40 @@ impl Shared {
         let store = Arc::new(materialize(&self.input, self.partitioning.clone())?);
         *slot = Some(Arc::clone(&store));
         Ok(store)
+    }
+
+    /// On a cluster: runs the input (in order) the first time any output is consumed,
+    /// keeping references to its blocks where they are; a block made in this process
+    /// is put into the cluster.
+    fn blocks(&self) -> Result<Arc<Vec<(ObjectRef, ObjectMeta)>>> {
+        let mut slot = self.blocks.lock().expect("split lock");
+        if let Some(b) = slot.as_ref() {
+            return Ok(Arc::clone(b));
+        }
+        let cluster = self.input.context().cluster().cloned().ok_or_else(|| {
+            VolleyError::internal("a split planned for a cluster runs without one")
+        })?;
+        let mut stream = self.input.ordered_batches()?;
+        let mut blocks = Vec::new();
+        while let Some(block) = stream.next_block() {
+            match block? {
+                Block::Remote(r) => blocks.push((r.object, r.meta)),
+                Block::Local(batch) => {
+                    let meta = ObjectMeta {
+                        rows: batch.num_rows() as u64,
+                        bytes: volley_common::batch_memory(&batch),
+                        addresses: vec![],
+                    };
+                    let object = cluster
+                        .put(vec![batch])
+                        .map_err(|e| e.context("putting a block of a split into the cluster"))?;
+                    blocks.push((object, meta));
+                }
+            }
+        }
+        let blocks = Arc::new(blocks);
+        *slot = Some(Arc::clone(&blocks));
+        Ok(blocks)
     }
 }
 
@@ -337,6 +376,91 @@ impl SplitOutput {
     /// any output of the split is read.
     pub(crate) fn source(&self) -> Arc<dyn DataSource> {
         Arc::new(SplitSource(self.clone()))
+    }
+
+    /// Its rows on a cluster: the shared input's blocks (made the first time any
+    /// output of the split is read) within its bounds.
+    pub(crate) fn cluster_rows(&self) -> Arc<dyn ClusterRows> {
+        Arc::new(SplitRows(self.clone()))
+    }
+}
+
+/// A split's output on a cluster.
+#[derive(Debug)]
+struct SplitRows(SplitOutput);
+
+impl ClusterRows for SplitRows {
+    fn pieces(&self) -> Result<Vec<RowsPiece>> {
+        let blocks = self.0.shared.blocks()?;
+        let total = blocks.iter().map(|(_, m)| m.rows).sum();
+        let (start, end) = self.0.bounds.resolve(total);
+        let rows: Vec<u64> = blocks.iter().map(|(_, m)| m.rows).collect();
+        Ok(cuts(&rows, start, end)
+            .into_iter()
+            .map(|(i, offset, rows)| RowsPiece {
+                object: blocks[i].0.clone(),
+                meta: blocks[i].1.clone(),
+                offset,
+                rows,
+            })
+            .collect())
+    }
+
+    fn slice_task(&self, offset: u64, rows: u64) -> Result<EncodedTask> {
+        EncodedTask::new(Box::new(SliceTask { offset, rows }))
+    }
+}
+
+/// Which rows of blocks of `rows` rows each (in order) hold rows `start..end` of them
+/// all: `(block, first row in it, rows)`, no empty ones.
+fn cuts(rows: &[u64], start: u64, end: u64) -> Vec<(usize, u64, u64)> {
+    let mut out = Vec::new();
+    let mut first = 0u64;
+    for (i, &n) in rows.iter().enumerate() {
+        let (a, b) = (start.max(first), end.min(first + n));
+        if a < b {
+            out.push((i, a - first, b - a));
+        }
+        first += n;
+    }
+    out
+}
+
+/// The task that takes rows `offset..offset + rows` of the object it is given (a block
+/// a split's bounds cut), on a node that holds it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SliceTask {
+    offset: u64,
+    rows: u64,
+}
+
+#[typetag::serde(name = "volley::SliceTask")]
+impl RemoteTask for SliceTask {
+    fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let (mut skip, mut left) = (self.offset as usize, self.rows as usize);
+        let mut out = Vec::new();
+        for batch in inputs.into_iter().flatten() {
+            if left == 0 {
+                break;
+            }
+            let n = batch.num_rows();
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let take = left.min(n - skip);
+            out.push(batch.slice(skip, take));
+            left -= take;
+            skip = 0;
+        }
+        if left > 0 {
+            return Err(VolleyError::internal(format!(
+                "a split's slice asks for rows {}..{} of a block with fewer",
+                self.offset,
+                self.offset + self.rows
+            )));
+        }
+        Ok(out)
     }
 }
 
@@ -478,6 +602,7 @@ impl Dataset {
             input: self.clone(),
             partitioning,
             store: Mutex::new(None),
+            blocks: Mutex::new(None),
         });
         let parts = self.cpus();
         Ok(bounds
@@ -499,6 +624,8 @@ impl Dataset {
     /// `n` datasets of (nearly) equal row counts that together hold every row, in
     /// order. The input runs once, when the first of them is consumed; its rows are
     /// kept (in memory within the budget, spilled beyond it) while any of them lives.
+    /// On a cluster they stay in the nodes' stores (which spill), and this process
+    /// keeps references to them.
     pub fn split(&self, n: usize) -> Result<Vec<Dataset>> {
         if n == 0 {
             return Err(VolleyError::plan("split needs at least one part"));
@@ -589,4 +716,56 @@ pub(crate) fn exchange_source(input: Dataset, kind: ExchangeKind) -> Result<Arc<
         schema,
         spilled: AtomicU64::new(0),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuts_take_whole_blocks_and_slice_the_ends() {
+        let rows = [10, 0, 5, 20];
+        // Rows 7..30: the end of the first block, the whole third, the start of the
+        // fourth; the empty block is skipped.
+        assert_eq!(cuts(&rows, 7, 30), vec![(0, 7, 3), (2, 0, 5), (3, 0, 15)]);
+        assert_eq!(cuts(&rows, 0, 35), vec![(0, 0, 10), (2, 0, 5), (3, 0, 20)]);
+        assert_eq!(cuts(&rows, 12, 13), vec![(2, 2, 1)]);
+        assert!(cuts(&rows, 10, 10).is_empty());
+        assert!(cuts(&rows, 35, 40).is_empty());
+    }
+
+    #[test]
+    fn slice_task_takes_its_rows_across_batches() {
+        let ctx = crate::Context::try_default().unwrap();
+        let batches = ctx.range(10).collect().unwrap();
+        let parts: Vec<RecordBatch> = batches
+            .iter()
+            .flat_map(|b| [b.slice(0, 4), b.slice(4, 6)])
+            .collect();
+        let task = SliceTask { offset: 3, rows: 5 };
+        let tc = TaskContext {
+            task_id: "t".into(),
+            attempt: 0,
+            job_id: "j".into(),
+            node_id: "n".into(),
+            gpu_ids: vec![],
+            name: String::new(),
+        };
+        let out = task.run(&tc, vec![parts.clone()]).unwrap();
+        let got: Vec<i64> = out
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(got, vec![3, 4, 5, 6, 7]);
+        assert!(SliceTask { offset: 8, rows: 5 }
+            .run(&tc, vec![parts])
+            .is_err());
+    }
 }

@@ -35,8 +35,8 @@ use volley_runtime::cluster::Cluster;
 use volley_runtime::{MemoryBudget, ResourceRequest, Runtime, TaskSpec};
 
 use crate::operator::{
-    ActorPoolOp, ClusterExchangeOp, ClusterMapOp, ClusterPoolOp, ClusterReadOp, LimitOp, MapOp,
-    Operator, ReadOp, StepContext, TaskBody,
+    ActorPoolOp, ClusterExchangeOp, ClusterMapOp, ClusterPoolOp, ClusterReadOp, ClusterRowsOp,
+    LimitOp, MapOp, Operator, ReadOp, StepContext, TaskBody,
 };
 use crate::plan::{PhysicalPlan, WriteTarget};
 use crate::progress::Progress;
@@ -308,6 +308,7 @@ fn build(
             | PhysicalPlan::ClusterMap(_)
             | PhysicalPlan::ClusterActorPool(_)
             | PhysicalPlan::ClusterExchange(_)
+            | PhysicalPlan::ClusterRows(_)
     );
     let cluster = || {
         ctx.cluster.clone().ok_or_else(|| {
@@ -440,6 +441,10 @@ fn build(
             let op =
                 ClusterExchangeOp::new(cluster()?, inputs.clone(), x.work, window(1.0), seqs.base)?;
             (Box::new(op), inputs)
+        }
+        PhysicalPlan::ClusterRows(r) => {
+            let op = ClusterRowsOp::new(cluster()?, r.rows, window(1.0), seqs.base);
+            (Box::new(op), vec![])
         }
         PhysicalPlan::Union(u) => {
             // The children write into the union's output queue, each in its own range

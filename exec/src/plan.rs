@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use arrow::array::RecordBatch;
 use volley_common::Result;
 use volley_connectors::{DataSource, ScanRequest, StagedPart, WriteJob, WriteSummary};
-use volley_runtime::cluster::{EncodedActor, EncodedTask, Resources};
+use volley_runtime::cluster::{EncodedActor, EncodedTask, ObjectMeta, ObjectRef, Resources};
 use volley_runtime::ResourceRequest;
 
 use crate::step::Step;
@@ -238,6 +238,44 @@ pub struct ClusterExchangeExec {
     pub work: Arc<dyn ExchangeWork>,
 }
 
+/// Rows of blocks already in the cluster's stores, as [`ClusterRowsExec`] hands them on.
+pub trait ClusterRows: Send + Sync + fmt::Debug {
+    /// The pieces, in order. The first call may run whatever makes the blocks (the
+    /// input of a split, once for all its parts): it blocks, and it runs when an
+    /// execution first needs them, never at planning.
+    fn pieces(&self) -> Result<Vec<RowsPiece>>;
+
+    /// The task that returns rows `offset..offset + rows` of the one object it is
+    /// given.
+    fn slice_task(&self, offset: u64, rows: u64) -> Result<EncodedTask>;
+}
+
+/// Rows `offset..offset + rows` of an object in the cluster.
+#[derive(Debug, Clone)]
+pub struct RowsPiece {
+    /// The object (held while the piece is).
+    pub object: ObjectRef,
+    /// Its rows, bytes and where it is.
+    pub meta: ObjectMeta,
+    /// The first row taken.
+    pub offset: u64,
+    /// Rows taken.
+    pub rows: u64,
+}
+
+/// Rows of blocks already in the cluster (a part of a split): a piece that is a whole
+/// block goes on as it is, where it is; one that cuts a block is sliced by a task on a
+/// node that holds it. This process holds references only.
+#[derive(Debug)]
+pub struct ClusterRowsExec {
+    /// Its name in stats.
+    pub name: String,
+    /// What it shows in `explain`.
+    pub describe: String,
+    /// The pieces, and the slice tasks.
+    pub rows: Arc<dyn ClusterRows>,
+}
+
 /// How many actors a pool runs: a fixed number, or between `min` and `max` (growing
 /// while blocks wait for a free actor, shrinking when actors sit idle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +340,8 @@ pub enum PhysicalPlan {
     ClusterActorPool(ClusterActorPoolExec),
     /// See [`ClusterExchangeExec`].
     ClusterExchange(ClusterExchangeExec),
+    /// See [`ClusterRowsExec`].
+    ClusterRows(ClusterRowsExec),
 }
 
 impl PhysicalPlan {
@@ -337,6 +377,7 @@ impl PhysicalPlan {
             PhysicalPlan::ClusterMap(m) => m.name.clone(),
             PhysicalPlan::ClusterActorPool(a) => a.name.clone(),
             PhysicalPlan::ClusterExchange(x) => x.name.clone(),
+            PhysicalPlan::ClusterRows(r) => r.name.clone(),
         }
     }
 
@@ -352,6 +393,7 @@ impl PhysicalPlan {
             PhysicalPlan::ClusterMap(m) => vec![&m.input],
             PhysicalPlan::ClusterActorPool(a) => vec![&a.input],
             PhysicalPlan::ClusterExchange(x) => x.inputs.iter().collect(),
+            PhysicalPlan::ClusterRows(_) => vec![],
         }
     }
 
@@ -464,6 +506,13 @@ impl PhysicalPlan {
                 x.name,
                 x.work.partitions(),
                 x.describe.replace('\n', &format!("\n{pad}  "))
+            ),
+            PhysicalPlan::ClusterRows(r) => writeln!(
+                f,
+                "{pad}{}: blocks in the cluster's stores (whole ones go on where they are; \
+                 a task on its node slices a cut one)\n{pad}  {}",
+                r.name,
+                r.describe.replace('\n', &format!("\n{pad}  "))
             ),
         };
         for c in self.children() {

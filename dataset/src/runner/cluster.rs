@@ -16,7 +16,10 @@
 //!   rows in order) or seeded shuffle is an **exchange** on the nodes (`exchange.rs`):
 //!   map tasks partition each input block where it is, a reduce task per partition
 //!   combines its rows; `randomize_block_order` is one without tasks (the blocks go
-//!   on where they are, reordered); splits (cut by row counts) run here;
+//!   on where they are, reordered);
+//! - a split's input runs once for all its parts, its blocks staying on the nodes;
+//!   each part hands on the blocks inside its rows as they are and has a task slice
+//!   the (at most two) blocks its bounds cut;
 //! - a write joins the last stage (each task writes its part where it runs), or is a
 //!   stage of its own over the blocks of an actor pool.
 //!
@@ -29,8 +32,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use arrow::datatypes::SchemaRef;
 use volley_common::{Result, VolleyConfig};
 use volley_exec::{
-    ClusterActorPoolExec, ClusterExchangeExec, ClusterMapExec, ClusterReadExec, ExecContext,
-    PhysicalPlan, PoolSize, PoolWorker,
+    ClusterActorPoolExec, ClusterExchangeExec, ClusterMapExec, ClusterReadExec, ClusterRowsExec,
+    ExecContext, PhysicalPlan, PoolSize, PoolWorker,
 };
 use volley_runtime::cluster::{Cluster, EncodedActor, EncodedTask, Resources};
 
@@ -167,6 +170,21 @@ impl Node {
 impl ClusterRunner {
     fn plan_node(&self, op: &LogicalOp, exec: &ExecContext) -> Result<Node> {
         let state = &exec.session;
+        if let LogicalOp::Split { output, .. } = op {
+            // Its input runs once, for all the split's parts, when an execution first
+            // reads one: not planned here.
+            return Ok(Node::Plan {
+                planned: (
+                    PhysicalPlan::ClusterRows(ClusterRowsExec {
+                        name: "Split".into(),
+                        describe: format!("Split: {}", output.describe()),
+                        rows: output.cluster_rows(),
+                    }),
+                    op.schema(state)?,
+                ),
+                remote: true,
+            });
+        }
         let inputs = op.inputs();
         let mut children = inputs
             .iter()
@@ -352,7 +370,9 @@ impl ClusterRunner {
                     remote: true,
                 })
             }
-            LogicalOp::Split { .. } => here(children, false),
+            LogicalOp::Split { .. } => Err(volley_common::VolleyError::internal(
+                "a split is planned above",
+            )),
             LogicalOp::Write { .. } => Err(volley_common::VolleyError::internal(format!(
                 "a write below the root of a plan: {op}"
             ))),
@@ -477,6 +497,7 @@ impl Runner for ClusterRunner {
     }
 
     fn plans_boundary(&self, op: &LogicalOp, exec: &ExecContext) -> bool {
-        matches!(DatasetExchange::of(op, &exec.session, 1), Ok(Some(_)))
+        matches!(op, LogicalOp::Split { .. })
+            || matches!(DatasetExchange::of(op, &exec.session, 1), Ok(Some(_)))
     }
 }

@@ -958,6 +958,7 @@ mod tests {
             .map(|b| {
                 let out = work
                     .map(0, first, &prepared)
+                    .unwrap()
                     .run(&t, vec![vec![b.clone()]])
                     .unwrap();
                 first += b.num_rows() as u64;
@@ -1035,6 +1036,7 @@ mod tests {
         for b in &blocks {
             let out = work
                 .map(0, first, &prepared)
+                .unwrap()
                 .run(&t, vec![vec![b.clone()]])
                 .unwrap();
             first += b.num_rows() as u64;

@@ -1,0 +1,174 @@
+//! Rows of blocks already in the cluster (a part of a split): whole blocks go on as
+//! they are, where they are; a block the part cuts is sliced by a task on a node that
+//! holds it.
+//!
+//! The pieces are made on a thread of their own the first time the operator steps (a
+//! split runs its input then, once for all its parts), so that planning and `explain`
+//! run nothing.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use volley_common::Result;
+use volley_runtime::cluster::{Cluster, Resources, TaskInput, TaskOptions};
+
+use super::cluster_read::task_result;
+use super::{Expected, Operator, OutputEstimate, StepContext};
+use crate::plan::{ClusterRows, RowsPiece};
+use crate::queue::{Block, RemoteBlock};
+
+pub(crate) struct ClusterRowsOp {
+    cluster: Cluster,
+    rows: Arc<dyn ClusterRows>,
+    /// Filled by the thread that makes the pieces.
+    made: Arc<Mutex<Option<Vec<RowsPiece>>>>,
+    started: bool,
+    /// The pieces not handed on yet, with their sequence numbers.
+    pending: Option<VecDeque<(u64, RowsPiece)>>,
+    first_seq: u64,
+    window: usize,
+    estimate: Arc<OutputEstimate>,
+}
+
+impl ClusterRowsOp {
+    pub(crate) fn new(
+        cluster: Cluster,
+        rows: Arc<dyn ClusterRows>,
+        window: usize,
+        first_seq: u64,
+    ) -> Self {
+        Self {
+            cluster,
+            rows,
+            made: Arc::default(),
+            started: false,
+            pending: None,
+            first_seq,
+            window: window.max(1),
+            estimate: Arc::default(),
+        }
+    }
+
+    /// Starts making the pieces on a thread of their own.
+    fn start(&mut self, cx: &StepContext<'_>) {
+        self.started = true;
+        let work = cx.background_work(format!("making the blocks of {}", cx.name));
+        let (rows, made) = (Arc::clone(&self.rows), Arc::clone(&self.made));
+        let spawned = std::thread::Builder::new()
+            .name("volley-split".into())
+            .spawn(move || {
+                let result: Result<()> = rows.pieces().map(|pieces| {
+                    *made.lock().expect("rows lock") = Some(pieces);
+                });
+                work.finish(result);
+            });
+        if let Err(e) = spawned {
+            cx.fail(volley_common::VolleyError::execution(format!(
+                "starting a thread for {}: {e}",
+                cx.name
+            )));
+        }
+    }
+
+    /// Submits the task that slices `piece`.
+    fn slice(&self, cx: &StepContext<'_>, seq: u64, piece: RowsPiece) {
+        let expected = Expected {
+            estimate: &self.estimate,
+            input: piece_bytes(&piece),
+            node: piece.meta.addresses.first().map(String::as_str),
+        };
+        let label = format!(
+            "rows {}..{} of a block for {}",
+            piece.offset,
+            piece.offset + piece.rows,
+            cx.name
+        );
+        let work = cx.remote_work(seq, label.clone(), Some(expected));
+        let task = match self.rows.slice_task(piece.offset, piece.rows) {
+            Ok(t) => t,
+            Err(e) => return work.abandon(e),
+        };
+        let options = TaskOptions::default()
+            .resources(Resources::cpus(1.0))
+            .name(label);
+        match self.cluster.submit_selected(
+            &task,
+            &[TaskInput::Object(&piece.object, None)],
+            &options,
+        ) {
+            Ok(object) => {
+                let cluster = self.cluster.clone();
+                let output = object.clone();
+                cx.watch().add(
+                    object,
+                    Box::new(move |meta| work.finish(task_result(&cluster, None, output, meta))),
+                );
+            }
+            Err(e) => work.abandon(e),
+        }
+    }
+}
+
+/// A piece's share of its object's bytes.
+fn piece_bytes(piece: &RowsPiece) -> u64 {
+    (piece.meta.bytes as u128 * piece.rows as u128 / piece.meta.rows.max(1) as u128) as u64
+}
+
+impl Operator for ClusterRowsOp {
+    fn step(&mut self, cx: &mut StepContext<'_>) -> bool {
+        if cx.stopping {
+            self.pending = Some(VecDeque::new());
+            return true;
+        }
+        if !self.started {
+            self.start(cx);
+        }
+        if self.pending.is_none() {
+            let Some(pieces) = self.made.lock().expect("rows lock").take() else {
+                return false;
+            };
+            let first = self.first_seq;
+            self.pending = Some(
+                pieces
+                    .into_iter()
+                    .filter(|p| p.rows > 0)
+                    .enumerate()
+                    .map(|(i, p)| (first + i as u64, p))
+                    .collect(),
+            );
+        }
+        let mut pending = self.pending.take().expect("set above");
+        while let Some((seq, piece)) = pending.front() {
+            let whole = piece.offset == 0 && piece.rows == piece.meta.rows;
+            if !whole {
+                let expected = Expected {
+                    estimate: &self.estimate,
+                    input: piece_bytes(piece),
+                    node: piece.meta.addresses.first().map(String::as_str),
+                };
+                if cx.running() >= self.window || !cx.store_room(&expected) {
+                    break;
+                }
+            }
+            let seq = *seq;
+            let (_, piece) = pending.pop_front().expect("looked at above");
+            cx.out.register(seq);
+            if whole {
+                cx.counters
+                    .output(piece.meta.rows as usize, piece.meta.bytes as usize);
+                let block = Block::Remote(RemoteBlock::new(piece.object, piece.meta));
+                if let Err(e) = cx.out.push_now(seq, block) {
+                    if !e.is_cancelled() {
+                        cx.fail(e);
+                    }
+                }
+                cx.out.finish_seq(seq);
+            } else {
+                self.slice(cx, seq, piece);
+            }
+        }
+        let done = pending.is_empty();
+        self.pending = Some(pending);
+        done
+    }
+}
