@@ -25,7 +25,7 @@ use volley::arrow::util::display::array_value_to_string;
 use volley::datafusion::logical_expr::{cast, when, Expr};
 use volley::datafusion::scalar::ScalarValue;
 use volley::prelude::*;
-use volley::{agg, NamedTransform, TransformFn};
+use volley::{agg, NamedTransform, TransformFn, VolleyConfig};
 
 /// Adds the node that computed each block.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -159,6 +159,18 @@ fn nodes_of(data: &Dataset) -> volley::Result<BTreeSet<String>> {
     Ok(nodes)
 }
 
+/// Tasks the join operator of `data`'s last run ran.
+fn join_tasks(data: &Dataset) -> usize {
+    data.stats()
+        .and_then(|s| {
+            s.operators
+                .iter()
+                .find(|o| o.name == "Join")
+                .map(|o| o.tasks)
+        })
+        .unwrap_or(0)
+}
+
 /// `randomize_block_order` on the cluster: the same seed gives the same order twice,
 /// the order is not the input's, and the blocks stay on the nodes that made them.
 fn block_order(ctx: &Context, input: &str) -> volley::Result<()> {
@@ -290,16 +302,18 @@ fn main() -> volley::Result<()> {
     let global = volley::init()?;
     let args: Args = clap::Parser::parse();
     let local = Context::try_new(global.config().clone())?;
-    let cluster = match volley::cluster()? {
-        Some(c) => {
-            let mut config = global.config().clone();
-            if let Some(limit) = &args.store_limit {
-                config.set("volley.exec.object_store_limit", limit)?;
-            }
-            Context::try_new(config)?.with_cluster(c)
-        }
-        None => local.clone(),
+    let mut config = global.config().clone();
+    if let Some(limit) = &args.store_limit {
+        config.set("volley.exec.object_store_limit", limit)?;
+    }
+    let handle = volley::cluster()?;
+    let on = |config: VolleyConfig| -> volley::Result<Context> {
+        Ok(match &handle {
+            Some(c) => Context::try_new(config)?.with_cluster(c.clone()),
+            None => local.clone(),
+        })
     };
+    let cluster = on(config.clone())?;
     let on_cluster = operations(&cluster, &args.input, args.slow_ms)?;
     let here = operations(&local, &args.input, 0)?;
     let chosen = |name: &str| args.only.as_deref().is_none_or(|o| name.starts_with(o));
@@ -310,6 +324,22 @@ fn main() -> volley::Result<()> {
     }
     if chosen("randomize_block_order") {
         block_order(&cluster, &args.input)?;
+    }
+    if chosen("join") {
+        // The joins that broadcast their small right side above, partitioned here.
+        config.set("volley.exec.broadcast_join_bytes", "0")?;
+        let partitioned = operations(&on(config)?, &args.input, 0)?;
+        let mut tasks = (0, 0);
+        for (((name, b, _), (_, p, _)), (_, l, _)) in on_cluster.iter().zip(&partitioned).zip(&here)
+        {
+            if ["join inner", "join left", "join semi", "join anti"].contains(name) {
+                same(&format!("{name} partitioned"), p, l, false, 0)?;
+            }
+            if *name == "join inner" {
+                tasks = (join_tasks(b), join_tasks(p));
+            }
+        }
+        println!("JOIN TASKS broadcast={} partitioned={}", tasks.0, tasks.1);
     }
     if chosen("split") {
         let part = &on_cluster

@@ -1272,6 +1272,31 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         logs.contains("Split: blocks in the cluster's stores"),
         "a split's parts are the input's blocks on the nodes:\n{logs}"
     );
+    for (op, rows) in [
+        ("join inner", 109_090),
+        ("join left", 120_000),
+        ("join semi", 109_090),
+        ("join anti", 10_910),
+    ] {
+        assert!(
+            logs.contains(&format!("SAME {op} partitioned rows={rows}\n")),
+            "{op} partitioned: not the local rows\n{logs}"
+        );
+    }
+    // The inner join broadcast its right side: a task per left block (six files), no
+    // map tasks and no 12 reduce tasks.
+    let tasks = line_of(&logs, "JOIN TASKS");
+    let count = |key: &str| -> usize {
+        tasks
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {tasks}"))
+    };
+    assert!(
+        count("broadcast=") < 12 && count("partitioned=") >= 12,
+        "the small right side was broadcast: {tasks}"
+    );
     let order = line_of(&logs, "BLOCK ORDER");
     assert_eq!(
         order

@@ -46,6 +46,11 @@ pub struct ExecOptions {
     /// least 8: more partitions make each reduce task's share smaller (it is read into
     /// one worker's memory, and its operator spills past that worker's budget).
     pub shuffle_partitions: Option<usize>,
+    /// `volley.exec.broadcast_join_bytes`: on a cluster, an inner, left, semi or anti
+    /// join whose right side (measured in the nodes' stores once it is all made) is at
+    /// most this big sends the whole right side to one task per left block instead of
+    /// partitioning both sides: the left side never moves. `0` turns it off.
+    pub broadcast_join_bytes: u64,
 }
 
 impl Default for ExecOptions {
@@ -59,6 +64,7 @@ impl Default for ExecOptions {
             spill_dir: None,
             object_store_limit: None,
             shuffle_partitions: None,
+            broadcast_join_bytes: 10 << 20,
         }
     }
 }
@@ -144,6 +150,10 @@ const KEYS: &[(&str, &str)] = &[
         "volley.exec.shuffle_partitions",
         "VOLLEY_EXEC_SHUFFLE_PARTITIONS",
     ),
+    (
+        "volley.exec.broadcast_join_bytes",
+        "VOLLEY_EXEC_BROADCAST_JOIN_BYTES",
+    ),
     ("volley.read.split_bytes", "VOLLEY_READ_SPLIT_BYTES"),
     (
         "volley.read.pushdown_filters",
@@ -209,6 +219,9 @@ impl VolleyConfig {
                     return Err(bad("a partition count above 0"));
                 }
                 self.exec.shuffle_partitions = Some(n);
+            }
+            "volley.exec.broadcast_join_bytes" => {
+                self.exec.broadcast_join_bytes = parse_bytes(value)?
             }
             "volley.read.split_bytes" => self.read.split_bytes = parse_bytes(value)?.max(1),
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,

@@ -6,7 +6,7 @@
 //! Arrow IPC files beyond it; the source then reads the store back, one task per
 //! output partition. The store and its spill folder go away with the execution.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{ArrayRef, RecordBatch};
@@ -262,7 +262,8 @@ struct Shared {
     input: Dataset,
     partitioning: Partitioning,
     store: Mutex<Option<Arc<FrozenStore>>>,
-    blocks: Mutex<Option<Arc<Vec<(ObjectRef, ObjectMeta)>>>>,
+    /// The blocks, or why the input failed.
+    blocks: Mutex<Option<std::result::Result<Arc<Vec<(ObjectRef, ObjectMeta)>>, String>>>,
 }
 
 impl Shared {
@@ -279,19 +280,42 @@ impl Shared {
 
     /// On a cluster: runs the input (in order) the first time any output is consumed,
     /// keeping references to its blocks where they are; a block made in this process
-    /// is put into the cluster.
-    fn blocks(&self) -> Result<Arc<Vec<(ObjectRef, ObjectMeta)>>> {
-        let mut slot = self.blocks.lock().expect("split lock");
-        if let Some(b) = slot.as_ref() {
-            return Ok(Arc::clone(b));
+    /// is put into the cluster. Stops (with [`VolleyError::Cancelled`], leaving the
+    /// next reader to run it) once `cancel` is set; an input that failed fails every
+    /// later reader without running again.
+    fn blocks(&self, cancel: &AtomicBool) -> Result<Arc<Vec<(ObjectRef, ObjectMeta)>>> {
+        let mut slot = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some(Ok(b)) => return Ok(Arc::clone(b)),
+            Some(Err(e)) => {
+                return Err(VolleyError::execution(format!(
+                    "the split's input failed: {e}"
+                )))
+            }
+            None => {}
         }
+        let made = self.run_on_cluster(cancel);
+        match &made {
+            Ok(b) => *slot = Some(Ok(Arc::clone(b))),
+            Err(e) if !e.is_cancelled() => *slot = Some(Err(e.to_string())),
+            Err(_) => {}
+        }
+        made
+    }
+
+    fn run_on_cluster(&self, cancel: &AtomicBool) -> Result<Arc<Vec<(ObjectRef, ObjectMeta)>>> {
         let cluster = self.input.context().cluster().cloned().ok_or_else(|| {
             VolleyError::internal("a split planned for a cluster runs without one")
         })?;
         let mut stream = self.input.ordered_batches()?;
         let mut blocks = Vec::new();
         while let Some(block) = stream.next_block() {
+            if cancel.load(Ordering::Acquire) {
+                return Err(VolleyError::Cancelled);
+            }
             match block? {
+                Block::Remote(r) if r.meta.rows == 0 => {}
+                Block::Local(b) if b.num_rows() == 0 => {}
                 Block::Remote(r) => blocks.push((r.object, r.meta)),
                 Block::Local(batch) => {
                     let meta = ObjectMeta {
@@ -306,9 +330,7 @@ impl Shared {
                 }
             }
         }
-        let blocks = Arc::new(blocks);
-        *slot = Some(Arc::clone(&blocks));
-        Ok(blocks)
+        Ok(Arc::new(blocks))
     }
 }
 
@@ -383,6 +405,11 @@ impl SplitOutput {
     pub(crate) fn cluster_rows(&self) -> Arc<dyn ClusterRows> {
         Arc::new(SplitRows(self.clone()))
     }
+
+    /// The plan of the input all outputs share (planning runs nothing).
+    pub(crate) fn input_plan(&self) -> Result<volley_exec::PhysicalPlan> {
+        self.shared.input.physical()
+    }
 }
 
 /// A split's output on a cluster.
@@ -390,8 +417,8 @@ impl SplitOutput {
 struct SplitRows(SplitOutput);
 
 impl ClusterRows for SplitRows {
-    fn pieces(&self) -> Result<Vec<RowsPiece>> {
-        let blocks = self.0.shared.blocks()?;
+    fn pieces(&self, cancel: &AtomicBool) -> Result<Vec<RowsPiece>> {
+        let blocks = self.0.shared.blocks(cancel)?;
         let total = blocks.iter().map(|(_, m)| m.rows).sum();
         let (start, end) = self.0.bounds.resolve(total);
         let rows: Vec<u64> = blocks.iter().map(|(_, m)| m.rows).collect();

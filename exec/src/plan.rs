@@ -1,7 +1,7 @@
 //! The physical plan: operators the streaming executor runs.
 
 use std::fmt::{self, Write as _};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -219,6 +219,23 @@ pub trait ExchangeWork: Send + Sync + fmt::Debug {
         let _ = blocks;
         None
     }
+
+    /// For a join whose tasks may each take its whole right side (input 1): the most
+    /// bytes that side may hold, once all of it is made, to be broadcast (one
+    /// [`broadcast_task`](Self::broadcast_task) per left block; the left side never
+    /// moves) instead of partitioned. `None` (the default): always partitioned.
+    fn broadcast_limit(&self) -> Option<u64> {
+        None
+    }
+
+    /// The task that joins one block of input 0 (its first input) with every block of
+    /// input 1 (the `right` inputs after it).
+    fn broadcast_task(&self, right: usize) -> Result<EncodedTask> {
+        let _ = right;
+        Err(volley_common::VolleyError::internal(
+            "this exchange does not broadcast",
+        ))
+    }
 }
 
 /// An all-to-all operation on a cluster: map tasks partition each input block where it
@@ -242,8 +259,9 @@ pub struct ClusterExchangeExec {
 pub trait ClusterRows: Send + Sync + fmt::Debug {
     /// The pieces, in order. The first call may run whatever makes the blocks (the
     /// input of a split, once for all its parts): it blocks, and it runs when an
-    /// execution first needs them, never at planning.
-    fn pieces(&self) -> Result<Vec<RowsPiece>>;
+    /// execution first needs them, never at planning. Once `cancel` is set it may stop
+    /// early with [`VolleyError::Cancelled`](volley_common::VolleyError::Cancelled).
+    fn pieces(&self, cancel: &AtomicBool) -> Result<Vec<RowsPiece>>;
 
     /// The task that returns rows `offset..offset + rows` of the one object it is
     /// given.
@@ -274,6 +292,9 @@ pub struct ClusterRowsExec {
     pub describe: String,
     /// The pieces, and the slice tasks.
     pub rows: Arc<dyn ClusterRows>,
+    /// What must stay free on the cluster for the blocks to be made (the most the
+    /// input's stage tasks, or a slice task, hold): an actor pool over it leaves this.
+    pub reserve: Resources,
 }
 
 /// How many actors a pool runs: a fixed number, or between `min` and `max` (growing
@@ -498,6 +519,12 @@ impl PhysicalPlan {
                 },
                 a.max_in_flight,
                 a.resources
+            ),
+            PhysicalPlan::ClusterExchange(x) if x.work.block_order(0).is_some() => writeln!(
+                f,
+                "{pad}{}: its input's blocks in a new order, where they are (no tasks)\n{pad}  {}",
+                x.name,
+                x.describe.replace('\n', &format!("\n{pad}  "))
             ),
             PhysicalPlan::ClusterExchange(x) => writeln!(
                 f,

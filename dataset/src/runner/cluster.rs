@@ -172,13 +172,19 @@ impl ClusterRunner {
         let state = &exec.session;
         if let LogicalOp::Split { output, .. } = op {
             // Its input runs once, for all the split's parts, when an execution first
-            // reads one: not planned here.
+            // reads one (planned here for what it holds and shows, not run).
+            let input = output.input_plan()?;
             return Ok(Node::Plan {
                 planned: (
                     PhysicalPlan::ClusterRows(ClusterRowsExec {
                         name: "Split".into(),
-                        describe: format!("Split: {}", output.describe()),
+                        describe: format!(
+                            "Split: {}; its input, run once for every part:\n{}",
+                            output.describe(),
+                            input.to_string().trim_end()
+                        ),
                         rows: output.cluster_rows(),
+                        reserve: max_resources(&Resources::cpus(1.0), &stage_resources(&input)),
                     }),
                     op.schema(state)?,
                 ),
@@ -349,7 +355,9 @@ impl ClusterRunner {
             | LogicalOp::Aggregate { .. }
             | LogicalOp::Distinct { .. }
             | LogicalOp::Join { .. } => {
-                let Some(work) = DatasetExchange::of(op, state, self.partitions(exec))? else {
+                let broadcast = exec.config.exec.broadcast_join_bytes;
+                let Some(work) = DatasetExchange::of(op, state, self.partitions(exec), broadcast)?
+                else {
                     // Lowered to its source before planning; planning one reports that.
                     return here(children, false);
                 };
@@ -420,6 +428,7 @@ fn stage_resources(plan: &PhysicalPlan) -> Resources {
     let own = match plan {
         PhysicalPlan::ClusterRead(r) => r.resources.clone(),
         PhysicalPlan::ClusterMap(m) => m.resources.clone(),
+        PhysicalPlan::ClusterRows(r) => r.reserve.clone(),
         _ => Resources::default(),
     };
     plan.children()
@@ -498,6 +507,6 @@ impl Runner for ClusterRunner {
 
     fn plans_boundary(&self, op: &LogicalOp, exec: &ExecContext) -> bool {
         matches!(op, LogicalOp::Split { .. })
-            || matches!(DatasetExchange::of(op, &exec.session, 1), Ok(Some(_)))
+            || matches!(DatasetExchange::of(op, &exec.session, 1, 0), Ok(Some(_)))
     }
 }

@@ -659,18 +659,23 @@ pub(crate) struct DatasetExchange {
     combine: Combine,
     schemas: Vec<Option<Vec<u8>>>,
     in_order: bool,
+    /// A join that may broadcast its right side: at most this many bytes of it.
+    broadcast: Option<u64>,
 }
 
 impl DatasetExchange {
     /// The exchange that runs `op` (a stage boundary) on a cluster, with `partitions`
-    /// reduce tasks where the operation leaves it open; `None` where `op` does not run
-    /// as an exchange on the nodes (an expression that cannot travel: it runs in the
+    /// reduce tasks where the operation leaves it open, and a join's right side
+    /// broadcast up to `broadcast_bytes` (0: never); `None` where `op` does not run as
+    /// an exchange on the nodes (an expression that cannot travel: it runs in the
     /// driver).
     pub(crate) fn of(
         op: &LogicalOp,
         state: &SessionState,
         partitions: usize,
+        broadcast_bytes: u64,
     ) -> Result<Option<Self>> {
+        let mut broadcast = None;
         let schemas = op
             .inputs()
             .iter()
@@ -766,6 +771,16 @@ impl DatasetExchange {
                         .collect::<Result<Vec<_>>>()?,
                     _ => vec![],
                 };
+                // Each left row meets the whole right side in one task: right and full
+                // joins, which also keep unmatched right rows, cannot.
+                if broadcast_bytes > 0
+                    && matches!(
+                        how,
+                        JoinHow::Inner | JoinHow::Left | JoinHow::Semi | JoinHow::Anti
+                    )
+                {
+                    broadcast = Some(broadcast_bytes);
+                }
                 (
                     partitions,
                     MapPlan::Hash {
@@ -789,6 +804,7 @@ impl DatasetExchange {
             combine,
             schemas,
             in_order,
+            broadcast,
         }))
     }
 }
@@ -854,6 +870,22 @@ impl ExchangeWork for DatasetExchange {
             MapPlan::BlockOrder { seed } => Some(crate::exchange::block_order(blocks, seed)),
             _ => None,
         }
+    }
+
+    fn broadcast_limit(&self) -> Option<u64> {
+        self.broadcast
+    }
+
+    fn broadcast_task(&self, right: usize) -> Result<EncodedTask> {
+        if self.broadcast.is_none() {
+            return Err(VolleyError::internal("this exchange does not broadcast"));
+        }
+        EncodedTask::new(Box::new(ExchangeReduceTask {
+            partition: 0,
+            sides: vec![1, right],
+            schemas: self.schemas.clone(),
+            combine: self.combine.clone(),
+        }))
     }
 }
 
@@ -935,7 +967,7 @@ mod tests {
         partitions: usize,
     ) -> Vec<RecordBatch> {
         let ctx = Context::global().unwrap();
-        let work = DatasetExchange::of(op, ctx.session_state(), partitions)
+        let work = DatasetExchange::of(op, ctx.session_state(), partitions, 0)
             .unwrap()
             .expect("runs as an exchange");
         let t = task();
@@ -1028,7 +1060,7 @@ mod tests {
         // Each partition's rows (the map tasks' batch p of every block) are the local
         // partition's: rows * p / n .. rows * (p + 1) / n.
         let ctx_state = Context::global().unwrap();
-        let work = DatasetExchange::of(parts.logical_plan(), ctx_state.session_state(), 4)
+        let work = DatasetExchange::of(parts.logical_plan(), ctx_state.session_state(), 4, 0)
             .unwrap()
             .unwrap();
         let prepared = work.prepare(vec![], 100).unwrap();

@@ -12,6 +12,12 @@
 //! the whole input arrived, its blocks go on as they are, where they are, in the order
 //! the work chooses.
 //!
+//! A join that may broadcast its right side holds both sides' blocks until the right
+//! side is all made. If it is small enough ([`ExchangeWork::broadcast_limit`]), each
+//! left block (those held, then each as it comes) goes to one task with the whole right
+//! side, named once as a group: the left side never moves. Otherwise both sides are
+//! mapped and reduced as above.
+//!
 //! This process holds references, never rows: the input blocks and the map outputs stay
 //! in the nodes' stores until every reduce task is done, so that a map output lost with
 //! its node is made again from its input (the head re-runs the map task, and re-reads
@@ -20,6 +26,7 @@
 //! never one object per (map, partition) pair. Dropping the references (when the last
 //! reduce task is done, or the execution ends) frees the map outputs on the nodes.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -46,6 +53,15 @@ struct Progress {
     reduces_done: usize,
 }
 
+/// A join's right side, sent whole to one task per left block.
+struct Broadcast {
+    group: ObjectGroup,
+    /// Its blocks.
+    blocks: usize,
+    /// The next left block to submit.
+    next: usize,
+}
+
 /// What the reduce tasks read: every map output (input 0's, then input 1's), how many
 /// of each input, and their bytes in all.
 struct ReduceInputs {
@@ -65,8 +81,16 @@ pub(crate) struct ClusterExchangeOp {
     sample: Option<EncodedTask>,
     /// Whether it only reorders its input blocks (no tasks).
     reorders: bool,
-    /// The input blocks, kept whole when it only reorders them.
+    /// The input blocks, kept whole when it only reorders them; then, in their new
+    /// order, those not handed on yet.
     kept: Vec<(ObjectRef, ObjectMeta)>,
+    reordered: Option<VecDeque<(ObjectRef, ObjectMeta)>>,
+    /// A join waiting for its right side to choose between a broadcast and a shuffle.
+    deciding: bool,
+    /// Bytes per input so far.
+    bytes: Vec<u64>,
+    /// The right side, once a broadcast was chosen.
+    broadcast: Option<Broadcast>,
     /// What the map tasks were given (after sampling, for a sort).
     prepared: Option<Vec<u8>>,
     input_done: Vec<bool>,
@@ -77,6 +101,7 @@ pub(crate) struct ClusterExchangeOp {
     /// Blocks per input whose map task was submitted.
     mapped: Vec<usize>,
     progress: Arc<Mutex<Progress>>,
+    /// The next output: a reduce task's partition, or a reordered block's place.
     next_reduce: usize,
     /// The map outputs every reduce task reads, once all are made.
     reduce_inputs: Option<ReduceInputs>,
@@ -96,18 +121,29 @@ impl ClusterExchangeOp {
         let n = inputs.len();
         let sample = work.sample_task()?;
         let reorders = work.block_order(0).is_some();
-        let holds = sample.is_some() || work.needs_row_count() || reorders;
-        if holds && n != 1 {
+        let one_input = sample.is_some() || work.needs_row_count() || reorders;
+        if one_input && n != 1 {
             return Err(VolleyError::internal(
                 "a sampled, counted or reordering exchange has exactly one input",
             ));
         }
+        let deciding = work.broadcast_limit().is_some();
+        if deciding && n != 2 {
+            return Err(VolleyError::internal(
+                "a join that may broadcast has exactly two inputs",
+            ));
+        }
+        let holds = one_input || deciding;
         Ok(Self {
             cluster,
             prepared: if holds { None } else { Some(vec![]) },
             sample,
             reorders,
             kept: Vec::new(),
+            reordered: None,
+            deciding,
+            bytes: vec![0; n],
+            broadcast: None,
             work,
             input_done: vec![false; n],
             rows: vec![0; n],
@@ -163,6 +199,7 @@ impl ClusterExchangeOp {
                 }
                 let first_row = self.rows[side];
                 self.rows[side] += meta.rows;
+                self.bytes[side] += meta.bytes;
                 self.firsts[side].push(first_row);
                 let index = {
                     let mut p = self.progress.lock().expect("exchange lock");
@@ -283,43 +320,158 @@ impl ClusterExchangeOp {
         self.prepared = Some(prepared);
     }
 
-    /// Hands the input blocks on, as they are and where they are, in the order the
-    /// work chooses.
-    fn emit_reordered(&mut self, cx: &StepContext<'_>) {
-        let mut kept: Vec<Option<_>> = std::mem::take(&mut self.kept)
-            .into_iter()
-            .map(Some)
-            .collect();
-        let order = self.work.block_order(kept.len()).unwrap_or_default();
-        if order.len() != kept.len() {
-            return cx.fail(VolleyError::internal(format!(
-                "{} ordered {} of {} blocks",
-                cx.name,
-                order.len(),
-                kept.len()
-            )));
+    /// Once a join's right side is all made: a broadcast if it is small enough (and
+    /// not empty), else map tasks for every block held so far on both sides.
+    fn decide(&mut self, cx: &StepContext<'_>) {
+        self.deciding = false;
+        let limit = self.work.broadcast_limit().unwrap_or(0);
+        let (left, right) = {
+            let p = self.progress.lock().expect("exchange lock");
+            (p.held[0].clone(), p.held[1].clone())
+        };
+        if !right.is_empty() && self.bytes[1] <= limit {
+            match self.cluster.object_group(&right.iter().collect::<Vec<_>>()) {
+                Ok(group) => {
+                    self.broadcast = Some(Broadcast {
+                        group,
+                        blocks: right.len(),
+                        next: 0,
+                    });
+                    return;
+                }
+                Err(e) => {
+                    return cx.fail(e.context(format!("naming the right side of {}", cx.name)));
+                }
+            }
         }
-        for (i, from) in order.into_iter().enumerate() {
-            let Some((object, meta)) = kept.get_mut(from).and_then(Option::take) else {
-                return cx.fail(VolleyError::internal(format!(
-                    "{} ordered block {from} twice or past the end",
-                    cx.name
-                )));
+        self.prepared = Some(vec![]);
+        for (side, blocks) in [left, right].into_iter().enumerate() {
+            let firsts = self.firsts[side].clone();
+            for (i, (block, first_row)) in blocks.into_iter().zip(firsts).enumerate() {
+                self.submit_map(cx, side, i, first_row, &[], block);
+            }
+        }
+    }
+
+    /// A broadcast join: a task per left block, with the whole right side; done once
+    /// the left input is over and each of its blocks has its task.
+    fn step_broadcast(&mut self, cx: &StepContext<'_>) -> bool {
+        let Some(b) = self.broadcast.as_mut() else {
+            return true;
+        };
+        let blocks = self.progress.lock().expect("exchange lock").held[0].len();
+        let right_bytes = self.bytes[1];
+        while b.next < blocks && cx.running() < self.window {
+            let (left, left_bytes) = {
+                let p = self.progress.lock().expect("exchange lock");
+                (
+                    p.held[0][b.next].clone(),
+                    self.bytes[0] / blocks.max(1) as u64,
+                )
             };
+            let expected = Expected {
+                estimate: &self.estimate,
+                input: left_bytes + right_bytes,
+                node: None,
+            };
+            if !cx.store_room(&expected) {
+                break;
+            }
+            let i = b.next;
+            b.next += 1;
             let seq = self.first_seq + i as u64;
             cx.out.register(seq);
-            cx.counters.output(meta.rows as usize, meta.bytes as usize);
+            let work = cx.remote_work(
+                seq,
+                format!("broadcast join task {i} of {}", cx.name),
+                Some(expected),
+            );
+            let task = match self.work.broadcast_task(b.blocks) {
+                Ok(t) => t,
+                Err(e) => {
+                    work.abandon(e);
+                    continue;
+                }
+            };
+            let options = TaskOptions::default()
+                .resources(Resources::cpus(1.0))
+                .name(format!("{} (broadcast join)", cx.name));
+            let parts = [
+                TaskInput::Object(&left, None),
+                TaskInput::Group(&b.group, None),
+            ];
+            match self.cluster.submit_selected(&task, &parts, &options) {
+                Ok(object) => {
+                    let cluster = self.cluster.clone();
+                    let output = object.clone();
+                    cx.watch().add(
+                        object,
+                        Box::new(move |meta| {
+                            let block = match meta {
+                                Ok(m) if m.rows == 0 => Ok(None),
+                                meta => task_result(&cluster, None, output, meta),
+                            };
+                            work.finish(block);
+                        }),
+                    );
+                }
+                Err(e) => work.abandon(e),
+            }
+        }
+        self.input_done[0] && b.next >= blocks
+    }
+
+    /// Hands the input blocks on, as they are and where they are, in the order the
+    /// work chooses, as the object-store budget has room for them; `true` once all
+    /// are.
+    fn emit_reordered(&mut self, cx: &StepContext<'_>) -> bool {
+        if self.reordered.is_none() {
+            let mut kept: Vec<Option<_>> = std::mem::take(&mut self.kept)
+                .into_iter()
+                .map(Some)
+                .collect();
+            let order = self.work.block_order(kept.len()).unwrap_or_default();
+            let reordered: Option<VecDeque<_>> = order
+                .iter()
+                .map(|&from| kept.get_mut(from).and_then(Option::take))
+                .collect();
+            match reordered {
+                Some(r) if r.len() == kept.len() => self.reordered = Some(r),
+                _ => {
+                    cx.fail(VolleyError::internal(format!(
+                        "{} chose an order that is not one of its {} blocks",
+                        cx.name,
+                        kept.len()
+                    )));
+                    return true;
+                }
+            }
+        }
+        let reordered = self.reordered.as_mut().expect("set above");
+        while let Some((_, meta)) = reordered.front() {
+            let node = meta.addresses.first().map(String::as_str);
+            if !(cx.store_has_room(meta.bytes, node) || cx.may_pass_full_budget()) {
+                return false;
+            }
+            let (object, meta) = reordered.pop_front().expect("looked at above");
+            let seq = self.first_seq + self.next_reduce as u64;
+            self.next_reduce += 1;
+            cx.out.register(seq);
+            let (rows, bytes) = (meta.rows as usize, meta.bytes as usize);
             let pushed = cx
                 .out
                 .push_now(seq, Block::Remote(RemoteBlock::new(object, meta)));
             cx.out.finish_seq(seq);
-            if let Err(e) = pushed {
-                if !e.is_cancelled() {
+            match pushed {
+                Ok(()) => cx.counters.output(rows, bytes),
+                Err(e) if e.is_cancelled() => return true,
+                Err(e) => {
                     cx.fail(e);
+                    return true;
                 }
-                return;
             }
         }
+        true
     }
 
     /// Submits the reduce tasks that may start now.
@@ -412,12 +564,17 @@ impl Operator for ClusterExchangeOp {
             return true;
         }
         self.take_input(cx);
+        if self.deciding && self.input_done[1] {
+            self.decide(cx);
+        }
+        if self.broadcast.is_some() {
+            return self.step_broadcast(cx);
+        }
         if !self.input_done.iter().all(|d| *d) {
             return false;
         }
         if self.reorders {
-            self.emit_reordered(cx);
-            return true;
+            return self.emit_reordered(cx);
         }
         if self.firsts.iter().all(Vec::is_empty) {
             // Nothing came in: nothing goes out.

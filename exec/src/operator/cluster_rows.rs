@@ -4,12 +4,14 @@
 //!
 //! The pieces are made on a thread of their own the first time the operator steps (a
 //! split runs its input then, once for all its parts), so that planning and `explain`
-//! run nothing.
+//! run nothing; an execution that stops tells that thread to stop too. Pieces are
+//! handed on as the object-store budget has room for them.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use volley_common::Result;
+use volley_common::{Result, VolleyError};
 use volley_runtime::cluster::{Cluster, Resources, TaskInput, TaskOptions};
 
 use super::cluster_read::task_result;
@@ -17,11 +19,14 @@ use super::{Expected, Operator, OutputEstimate, StepContext};
 use crate::plan::{ClusterRows, RowsPiece};
 use crate::queue::{Block, RemoteBlock};
 
+/// What the thread making the pieces left.
+type Made = Arc<Mutex<Option<Result<Vec<RowsPiece>>>>>;
+
 pub(crate) struct ClusterRowsOp {
     cluster: Cluster,
     rows: Arc<dyn ClusterRows>,
-    /// Filled by the thread that makes the pieces.
-    made: Arc<Mutex<Option<Vec<RowsPiece>>>>,
+    made: Made,
+    cancel: Arc<AtomicBool>,
     started: bool,
     /// The pieces not handed on yet, with their sequence numbers.
     pending: Option<VecDeque<(u64, RowsPiece)>>,
@@ -41,6 +46,7 @@ impl ClusterRowsOp {
             cluster,
             rows,
             made: Arc::default(),
+            cancel: Arc::default(),
             started: false,
             pending: None,
             first_seq,
@@ -52,21 +58,28 @@ impl ClusterRowsOp {
     /// Starts making the pieces on a thread of their own.
     fn start(&mut self, cx: &StepContext<'_>) {
         self.started = true;
+        let (rows, made, cancel) = (
+            Arc::clone(&self.rows),
+            Arc::clone(&self.made),
+            Arc::clone(&self.cancel),
+        );
         let work = cx.background_work(format!("making the blocks of {}", cx.name));
-        let (rows, made) = (Arc::clone(&self.rows), Arc::clone(&self.made));
         let spawned = std::thread::Builder::new()
             .name("volley-split".into())
             .spawn(move || {
-                let result: Result<()> = rows.pieces().map(|pieces| {
-                    *made.lock().expect("rows lock") = Some(pieces);
-                });
-                work.finish(result);
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rows.pieces(&cancel)))
+                        .unwrap_or_else(|_| {
+                            Err(VolleyError::internal("making the pieces panicked"))
+                        });
+                *made.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                // The result is read by the next step; the work only wakes it.
+                work.finish(Ok(()));
             });
         if let Err(e) = spawned {
-            cx.fail(volley_common::VolleyError::execution(format!(
-                "starting a thread for {}: {e}",
-                cx.name
-            )));
+            *self.made.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(
+                VolleyError::execution(format!("starting a thread for {}: {e}", cx.name)),
+            ));
         }
     }
 
@@ -83,6 +96,7 @@ impl ClusterRowsOp {
             piece.offset + piece.rows,
             cx.name
         );
+        cx.counters.tasks_total.fetch_add(1, Ordering::Relaxed);
         let work = cx.remote_work(seq, label.clone(), Some(expected));
         let task = match self.rows.slice_task(piece.offset, piece.rows) {
             Ok(t) => t,
@@ -107,6 +121,33 @@ impl ClusterRowsOp {
             Err(e) => work.abandon(e),
         }
     }
+
+    /// The pieces, once made: `None` while the thread works, `Some(false)` after it
+    /// failed (the execution ends).
+    fn take_made(&mut self, cx: &StepContext<'_>) -> Option<bool> {
+        let made = self.made.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        match made {
+            Ok(pieces) => {
+                let first = self.first_seq;
+                self.pending = Some(
+                    pieces
+                        .into_iter()
+                        .filter(|p| p.rows > 0)
+                        .enumerate()
+                        .map(|(i, p)| (first + i as u64, p))
+                        .collect(),
+                );
+                Some(true)
+            }
+            Err(e) => {
+                if !e.is_cancelled() {
+                    cx.fail(e.context(format!("making the blocks of {}", cx.name)));
+                }
+                self.pending = Some(VecDeque::new());
+                Some(false)
+            }
+        }
+    }
 }
 
 /// A piece's share of its object's bytes.
@@ -117,50 +158,45 @@ fn piece_bytes(piece: &RowsPiece) -> u64 {
 impl Operator for ClusterRowsOp {
     fn step(&mut self, cx: &mut StepContext<'_>) -> bool {
         if cx.stopping {
+            self.cancel.store(true, Ordering::Release);
             self.pending = Some(VecDeque::new());
             return true;
         }
         if !self.started {
             self.start(cx);
         }
-        if self.pending.is_none() {
-            let Some(pieces) = self.made.lock().expect("rows lock").take() else {
-                return false;
-            };
-            let first = self.first_seq;
-            self.pending = Some(
-                pieces
-                    .into_iter()
-                    .filter(|p| p.rows > 0)
-                    .enumerate()
-                    .map(|(i, p)| (first + i as u64, p))
-                    .collect(),
-            );
+        if self.pending.is_none() && self.take_made(cx).is_none() {
+            return false;
         }
         let mut pending = self.pending.take().expect("set above");
         while let Some((seq, piece)) = pending.front() {
             let whole = piece.offset == 0 && piece.rows == piece.meta.rows;
-            if !whole {
+            let node = piece.meta.addresses.first().map(String::as_str);
+            // A whole block is handed on as it is: it needs room in the budget, as a
+            // slice task's output does.
+            let room = if whole {
+                cx.store_has_room(piece.meta.bytes, node) || cx.may_pass_full_budget()
+            } else {
                 let expected = Expected {
                     estimate: &self.estimate,
                     input: piece_bytes(piece),
-                    node: piece.meta.addresses.first().map(String::as_str),
+                    node,
                 };
-                if cx.running() >= self.window || !cx.store_room(&expected) {
-                    break;
-                }
+                cx.running() < self.window && cx.store_room(&expected)
+            };
+            if !room {
+                break;
             }
             let seq = *seq;
             let (_, piece) = pending.pop_front().expect("looked at above");
             cx.out.register(seq);
             if whole {
-                cx.counters
-                    .output(piece.meta.rows as usize, piece.meta.bytes as usize);
+                let (rows, bytes) = (piece.meta.rows as usize, piece.meta.bytes as usize);
                 let block = Block::Remote(RemoteBlock::new(piece.object, piece.meta));
-                if let Err(e) = cx.out.push_now(seq, block) {
-                    if !e.is_cancelled() {
-                        cx.fail(e);
-                    }
+                match cx.out.push_now(seq, block) {
+                    Ok(()) => cx.counters.output(rows, bytes),
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => cx.fail(e),
                 }
                 cx.out.finish_seq(seq);
             } else {

@@ -332,21 +332,38 @@ impl StepContext<'_> {
             in_flight: Arc::clone(self.in_flight_counter),
             counters: Arc::clone(self.counters),
             label,
+            finished: false,
         }
     }
 }
 
 /// A cluster task that makes no output block; see [`StepContext::background_work`].
+/// Dropped without [`finish`](Self::finish) (a panic, a callback never called), it
+/// ends the execution with an error rather than leave its operator open.
 pub(crate) struct BackgroundWork {
     shared: Arc<ExecShared>,
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     counters: Arc<OpCounters>,
     label: String,
+    finished: bool,
+}
+
+impl Drop for BackgroundWork {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end(Err(VolleyError::internal("it ended without a result")));
+        }
+    }
 }
 
 impl BackgroundWork {
     /// The task ended; an error ends the execution, naming the task.
-    pub(crate) fn finish(self, result: Result<()>) {
+    pub(crate) fn finish(mut self, result: Result<()>) {
+        self.end(result);
+    }
+
+    fn end(&mut self, result: Result<()>) {
+        self.finished = true;
         match result {
             Ok(()) => {}
             Err(e) if e.is_cancelled() => {}
