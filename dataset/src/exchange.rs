@@ -262,8 +262,7 @@ struct Shared {
     input: Dataset,
     partitioning: Partitioning,
     store: Mutex<Option<Arc<FrozenStore>>>,
-    /// The blocks, or why the input failed.
-    blocks: Mutex<Option<std::result::Result<Arc<Vec<(ObjectRef, ObjectMeta)>>, String>>>,
+    blocks: Mutex<Option<Arc<Vec<(ObjectRef, ObjectMeta)>>>>,
 }
 
 impl Shared {
@@ -280,27 +279,20 @@ impl Shared {
 
     /// On a cluster: runs the input (in order) the first time any output is consumed,
     /// keeping references to its blocks where they are; a block made in this process
-    /// is put into the cluster. Stops (with [`VolleyError::Cancelled`], leaving the
-    /// next reader to run it) once `cancel` is set; an input that failed fails every
-    /// later reader without running again.
+    /// is put into the cluster. Stops (with [`VolleyError::Cancelled`]) once `cancel`
+    /// is set; a run that failed or stopped leaves the next reader to run it again, as
+    /// locally.
     fn blocks(&self, cancel: &AtomicBool) -> Result<Arc<Vec<(ObjectRef, ObjectMeta)>>> {
         let mut slot = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.as_ref() {
-            Some(Ok(b)) => return Ok(Arc::clone(b)),
-            Some(Err(e)) => {
-                return Err(VolleyError::execution(format!(
-                    "the split's input failed: {e}"
-                )))
-            }
-            None => {}
+        if let Some(b) = slot.as_ref() {
+            return Ok(Arc::clone(b));
         }
-        let made = self.run_on_cluster(cancel);
-        match &made {
-            Ok(b) => *slot = Some(Ok(Arc::clone(b))),
-            Err(e) if !e.is_cancelled() => *slot = Some(Err(e.to_string())),
-            Err(_) => {}
+        if cancel.load(Ordering::Acquire) {
+            return Err(VolleyError::Cancelled);
         }
-        made
+        let blocks = self.run_on_cluster(cancel)?;
+        *slot = Some(Arc::clone(&blocks));
+        Ok(blocks)
     }
 
     fn run_on_cluster(&self, cancel: &AtomicBool) -> Result<Arc<Vec<(ObjectRef, ObjectMeta)>>> {

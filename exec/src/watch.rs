@@ -101,7 +101,9 @@ impl Watch {
                 }
             }
             for (done, result) in calls {
-                done(result);
+                // A callback that panics drops the work it held (which ends the
+                // execution with an error); the other callbacks still run.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(result)));
             }
         }
         self.pending.lock().expect("watch lock").clear();

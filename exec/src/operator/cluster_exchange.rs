@@ -13,10 +13,11 @@
 //! the work chooses.
 //!
 //! A join that may broadcast its right side holds both sides' blocks until the right
-//! side is all made. If it is small enough ([`ExchangeWork::broadcast_limit`]), each
-//! left block (those held, then each as it comes) goes to one task with the whole right
-//! side, named once as a group: the left side never moves. Otherwise both sides are
-//! mapped and reduced as above.
+//! side is all made or past [`ExchangeWork::broadcast_limit`]. If it is all made within
+//! the limit, each left block (those held, then each as it comes) goes to one task with
+//! the whole right side, named once as a group, and is let go when that task is done:
+//! the left side is not partitioned. Otherwise both sides are mapped and reduced as
+//! above.
 //!
 //! This process holds references, never rows: the input blocks and the map outputs stay
 //! in the nodes' stores until every reduce task is done, so that a map output lost with
@@ -27,6 +28,7 @@
 //! reduce task is done, or the execution ends) frees the map outputs on the nodes.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -47,8 +49,9 @@ struct Progress {
     samples: Vec<Option<Vec<RecordBatch>>>,
     /// Per input, per block: its map output and where it is, once made.
     maps: Vec<Vec<Option<(ObjectRef, ObjectMeta)>>>,
-    /// Input blocks per input, held until every reduce task is done (lineage).
-    held: Vec<Vec<ObjectRef>>,
+    /// Input blocks per input, held until every reduce task is done (lineage); a
+    /// broadcast join's left block, until its task is done.
+    held: Vec<Vec<Option<ObjectRef>>>,
     maps_done: usize,
     reduces_done: usize,
 }
@@ -203,7 +206,7 @@ impl ClusterExchangeOp {
                 self.firsts[side].push(first_row);
                 let index = {
                     let mut p = self.progress.lock().expect("exchange lock");
-                    p.held[side].push(object.clone());
+                    p.held[side].push(Some(object.clone()));
                     p.maps[side].push(None);
                     if self.sample.is_some() {
                         p.samples.push(None);
@@ -315,42 +318,51 @@ impl ClusterExchangeOp {
         let blocks = self.progress.lock().expect("exchange lock").held[0].clone();
         let firsts = self.firsts[0].clone();
         for (i, (block, first_row)) in blocks.into_iter().zip(firsts).enumerate() {
-            self.submit_map(cx, 0, i, first_row, &prepared, block);
+            if let Some(block) = block {
+                self.submit_map(cx, 0, i, first_row, &prepared, block);
+            }
         }
         self.prepared = Some(prepared);
     }
 
-    /// Once a join's right side is all made: a broadcast if it is small enough (and
-    /// not empty), else map tasks for every block held so far on both sides.
-    fn decide(&mut self, cx: &StepContext<'_>) {
+    /// Once a join's right side is all made and small enough (and has rows): a
+    /// broadcast; once it is done or past the limit otherwise: map tasks for every
+    /// block held so far on both sides (later ones are mapped as they come). `false`
+    /// when the exchange cannot go on (the execution fails).
+    fn decide(&mut self, cx: &StepContext<'_>) -> bool {
         self.deciding = false;
         let limit = self.work.broadcast_limit().unwrap_or(0);
         let (left, right) = {
             let p = self.progress.lock().expect("exchange lock");
             (p.held[0].clone(), p.held[1].clone())
         };
-        if !right.is_empty() && self.bytes[1] <= limit {
-            match self.cluster.object_group(&right.iter().collect::<Vec<_>>()) {
+        if self.input_done[1] && self.rows[1] > 0 && self.bytes[1] <= limit {
+            let right: Vec<ObjectRef> = right.into_iter().flatten().collect();
+            return match self.cluster.object_group(&right.iter().collect::<Vec<_>>()) {
                 Ok(group) => {
                     self.broadcast = Some(Broadcast {
                         group,
                         blocks: right.len(),
                         next: 0,
                     });
-                    return;
+                    true
                 }
                 Err(e) => {
-                    return cx.fail(e.context(format!("naming the right side of {}", cx.name)));
+                    cx.fail(e.context(format!("naming the right side of {}", cx.name)));
+                    false
                 }
-            }
+            };
         }
         self.prepared = Some(vec![]);
         for (side, blocks) in [left, right].into_iter().enumerate() {
             let firsts = self.firsts[side].clone();
             for (i, (block, first_row)) in blocks.into_iter().zip(firsts).enumerate() {
-                self.submit_map(cx, side, i, first_row, &[], block);
+                if let Some(block) = block {
+                    self.submit_map(cx, side, i, first_row, &[], block);
+                }
             }
         }
+        true
     }
 
     /// A broadcast join: a task per left block, with the whole right side; done once
@@ -369,6 +381,13 @@ impl ClusterExchangeOp {
                     self.bytes[0] / blocks.max(1) as u64,
                 )
             };
+            let Some(left) = left else {
+                cx.fail(VolleyError::internal(format!(
+                    "{}: left block {} was let go before its task",
+                    cx.name, b.next
+                )));
+                return true;
+            };
             let expected = Expected {
                 estimate: &self.estimate,
                 input: left_bytes + right_bytes,
@@ -381,6 +400,7 @@ impl ClusterExchangeOp {
             b.next += 1;
             let seq = self.first_seq + i as u64;
             cx.out.register(seq);
+            cx.counters.tasks_total.fetch_add(1, Ordering::Relaxed);
             let work = cx.remote_work(
                 seq,
                 format!("broadcast join task {i} of {}", cx.name),
@@ -402,7 +422,7 @@ impl ClusterExchangeOp {
             ];
             match self.cluster.submit_selected(&task, &parts, &options) {
                 Ok(object) => {
-                    let cluster = self.cluster.clone();
+                    let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));
                     let output = object.clone();
                     cx.watch().add(
                         object,
@@ -412,6 +432,16 @@ impl ClusterExchangeOp {
                                 meta => task_result(&cluster, None, output, meta),
                             };
                             work.finish(block);
+                            // Its left block is read: the node may let it go.
+                            if let Some(held) = progress
+                                .lock()
+                                .expect("exchange lock")
+                                .held
+                                .first_mut()
+                                .and_then(|h| h.get_mut(i))
+                            {
+                                *held = None;
+                            }
                         }),
                     );
                 }
@@ -564,8 +594,10 @@ impl Operator for ClusterExchangeOp {
             return true;
         }
         self.take_input(cx);
-        if self.deciding && self.input_done[1] {
-            self.decide(cx);
+        let past_limit = self.bytes.get(1).copied().unwrap_or(0)
+            > self.work.broadcast_limit().unwrap_or(u64::MAX);
+        if self.deciding && (self.input_done[1] || past_limit) && !self.decide(cx) {
+            return true;
         }
         if self.broadcast.is_some() {
             return self.step_broadcast(cx);

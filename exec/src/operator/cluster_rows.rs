@@ -63,7 +63,19 @@ impl ClusterRowsOp {
             Arc::clone(&self.made),
             Arc::clone(&self.cancel),
         );
-        let work = cx.background_work(format!("making the blocks of {}", cx.name));
+        // Held apart from the thread, so that a thread that cannot start still
+        // finishes it, with the reason.
+        let work = Arc::new(Mutex::new(Some(
+            cx.background_work(format!("making the blocks of {}", cx.name)),
+        )));
+        let finish = move |work: &Mutex<Option<_>>, result: Result<()>| {
+            let taken: Option<super::BackgroundWork> =
+                work.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(w) = taken {
+                w.finish(result);
+            }
+        };
+        let on_thread = Arc::clone(&work);
         let spawned = std::thread::Builder::new()
             .name("volley-split".into())
             .spawn(move || {
@@ -74,12 +86,14 @@ impl ClusterRowsOp {
                         });
                 *made.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                 // The result is read by the next step; the work only wakes it.
-                work.finish(Ok(()));
+                finish(&on_thread, Ok(()));
             });
         if let Err(e) = spawned {
-            *self.made.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(
-                VolleyError::execution(format!("starting a thread for {}: {e}", cx.name)),
-            ));
+            *self.made.lock().unwrap_or_else(|e| e.into_inner()) = Some(Ok(vec![]));
+            finish(
+                &work,
+                Err(VolleyError::execution(format!("starting a thread: {e}"))),
+            );
         }
     }
 
@@ -142,6 +156,12 @@ impl ClusterRowsOp {
             Err(e) => {
                 if !e.is_cancelled() {
                     cx.fail(e.context(format!("making the blocks of {}", cx.name)));
+                } else if !self.cancel.load(Ordering::Acquire) {
+                    // Stopped without being asked: its rows would silently be missing.
+                    cx.fail(VolleyError::internal(format!(
+                        "making the blocks of {} stopped unasked",
+                        cx.name
+                    )));
                 }
                 self.pending = Some(VecDeque::new());
                 Some(false)
