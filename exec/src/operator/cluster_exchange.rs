@@ -38,7 +38,7 @@ use volley_runtime::cluster::{
 };
 
 use super::cluster_read::task_result;
-use super::{Expected, Operator, OutputEstimate, StepContext};
+use super::{Expected, Operator, OutputEstimate, RemoteWork, StepContext};
 use crate::plan::ExchangeWork;
 use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
 
@@ -166,12 +166,6 @@ impl ClusterExchangeOp {
         })
     }
 
-    fn options(&self, cx: &StepContext<'_>, what: &str) -> TaskOptions {
-        TaskOptions::default()
-            .resources(Resources::cpus(1.0))
-            .name(format!("{} ({what})", cx.name))
-    }
-
     /// Takes the blocks that arrived: each is held, and sampled or mapped at once.
     fn take_input(&mut self, cx: &StepContext<'_>) {
         for side in 0..self.inputs.len() {
@@ -236,7 +230,7 @@ impl ClusterExchangeOp {
         let work = cx.background_work(format!("sampling a block for {}", cx.name));
         match self
             .cluster
-            .submit_encoded(&task, &[&block], &self.options(cx, "sample"))
+            .submit_encoded(&task, &[&block], &options(cx, "sample"))
         {
             Ok(object) => {
                 let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));
@@ -272,7 +266,7 @@ impl ClusterExchangeOp {
         };
         match self
             .cluster
-            .submit_encoded(&task, &[&block], &self.options(cx, "map"))
+            .submit_encoded(&task, &[&block], &options(cx, "map"))
         {
             Ok(object) => {
                 let progress = Arc::clone(&self.progress);
@@ -406,47 +400,26 @@ impl ClusterExchangeOp {
                 format!("broadcast join task {i} of {}", cx.name),
                 Some(expected),
             );
-            let task = match self.work.broadcast_task(b.blocks) {
-                Ok(t) => t,
-                Err(e) => {
-                    work.abandon(e);
-                    continue;
-                }
-            };
-            let options = TaskOptions::default()
-                .resources(Resources::cpus(1.0))
-                .name(format!("{} (broadcast join)", cx.name));
+            let task = self.work.broadcast_task(b.blocks);
             let parts = [
                 TaskInput::Object(&left, None),
                 TaskInput::Group(&b.group, None),
             ];
-            match self.cluster.submit_selected(&task, &parts, &options) {
-                Ok(object) => {
-                    let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));
-                    let output = object.clone();
-                    cx.watch().add(
-                        object,
-                        Box::new(move |meta| {
-                            let block = match meta {
-                                Ok(m) if m.rows == 0 => Ok(None),
-                                meta => task_result(&cluster, None, output, meta),
-                            };
-                            work.finish(block);
-                            // Its left block is read: the node may let it go.
-                            if let Some(held) = progress
-                                .lock()
-                                .expect("exchange lock")
-                                .held
-                                .first_mut()
-                                .and_then(|h| h.get_mut(i))
-                            {
-                                *held = None;
-                            }
-                        }),
-                    );
-                }
-                Err(e) => work.abandon(e),
-            }
+            submit_output(
+                &self.cluster,
+                cx,
+                work,
+                task,
+                &parts,
+                options(cx, "broadcast join"),
+                &self.progress,
+                // Its left block is read: the node may let it go.
+                move |p| {
+                    if let Some(held) = p.held.first_mut().and_then(|h| h.get_mut(i)) {
+                        *held = None;
+                    }
+                },
+            );
         }
         self.input_done[0] && b.next >= blocks
     }
@@ -548,42 +521,72 @@ impl ClusterExchangeOp {
                 format!("reduce task {p} of {}", cx.name),
                 Some(expected),
             );
-            let task = match self.work.reduce_task(p, &sides) {
-                Ok(t) => t,
-                Err(e) => {
-                    work.abandon(e);
-                    continue;
-                }
-            };
-            let options = self.options(cx, "reduce");
+            let task = self.work.reduce_task(p, &sides);
             let parts = [TaskInput::Group(&group, Some(p as u32))];
-            match self.cluster.submit_selected(&task, &parts, &options) {
-                Ok(object) => {
-                    let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));
-                    let output = object.clone();
-                    cx.watch().add(
-                        object,
-                        Box::new(move |meta| {
-                            // An empty partition makes no block.
-                            let block = match meta {
-                                Ok(m) if m.rows == 0 => Ok(None),
-                                meta => task_result(&cluster, None, output, meta),
-                            };
-                            work.finish(block);
-                            let mut p = progress.lock().expect("exchange lock");
-                            p.reduces_done += 1;
-                            if p.reduces_done == partitions {
-                                // Every reduce task has read them: free the map outputs
-                                // and the input blocks on the nodes.
-                                p.maps.clear();
-                                p.held.clear();
-                            }
-                        }),
-                    );
-                }
-                Err(e) => work.abandon(e),
-            }
+            submit_output(
+                &self.cluster,
+                cx,
+                work,
+                task,
+                &parts,
+                options(cx, "reduce"),
+                &self.progress,
+                move |p| {
+                    p.reduces_done += 1;
+                    if p.reduces_done == partitions {
+                        // Every reduce task has read them: free the map outputs and
+                        // the input blocks on the nodes.
+                        p.maps.clear();
+                        p.held.clear();
+                    }
+                },
+            );
         }
+    }
+}
+
+/// The options of the exchange's `what` tasks (one CPU each).
+fn options(cx: &StepContext<'_>, what: &str) -> TaskOptions {
+    TaskOptions::default()
+        .resources(Resources::cpus(1.0))
+        .name(format!("{} ({what})", cx.name))
+}
+
+/// Submits a task whose output goes on as a block of the exchange's output (a reduce
+/// or broadcast task; an empty output makes no block), counted by `work`; `then` runs
+/// on the exchange's progress when it ends.
+#[allow(clippy::too_many_arguments)]
+fn submit_output(
+    cluster: &Cluster,
+    cx: &StepContext<'_>,
+    work: RemoteWork,
+    task: Result<EncodedTask>,
+    parts: &[TaskInput<'_>],
+    options: TaskOptions,
+    progress: &Arc<Mutex<Progress>>,
+    then: impl FnOnce(&mut Progress) + Send + 'static,
+) {
+    let task = match task {
+        Ok(t) => t,
+        Err(e) => return work.abandon(e),
+    };
+    match cluster.submit_selected(&task, parts, &options) {
+        Ok(object) => {
+            let (cluster, progress) = (cluster.clone(), Arc::clone(progress));
+            let output = object.clone();
+            cx.watch().add(
+                object,
+                Box::new(move |meta| {
+                    let block = match meta {
+                        Ok(m) if m.rows == 0 => Ok(None),
+                        meta => task_result(&cluster, None, output, meta),
+                    };
+                    work.finish(block);
+                    then(&mut progress.lock().expect("exchange lock"));
+                }),
+            );
+        }
+        Err(e) => work.abandon(e),
     }
 }
 
