@@ -28,6 +28,8 @@
 //!   (counted on the nodes: Ray materializes the shuffle, then counts and sums).
 //! - W7: `lineitem` grouped by `l_suppkey` with four aggregates.
 //! - W8: `lineitem` joined with `orders` on the order key, then the count and two sums.
+//! - W9: `lineitem` joined with the small `supplier`, then the count and two sums: its
+//!   right side is broadcast; W9p runs it with broadcast joins off (partitioned).
 //!
 //! The figure for both is the workload's own time (without process and cluster start).
 //!
@@ -111,6 +113,25 @@ fn int_sum(batches: &[RecordBatch], column: &str) -> Result<i64> {
     Ok(sum)
 }
 
+/// A join workload's checksum: rows, and the sums `p` and `t` over them.
+fn join_check(r: &[RecordBatch]) -> Result<String> {
+    let text = |c: &str| -> Result<String> {
+        let b = r
+            .first()
+            .ok_or_else(|| VolleyError::execution("no result"))?;
+        let col = b
+            .column_by_name(c)
+            .ok_or_else(|| VolleyError::execution(format!("no column {c}")))?;
+        Ok(volley::arrow::util::display::array_value_to_string(col, 0)?)
+    };
+    Ok(format!(
+        "rows={} sum_price={} sum_total={}",
+        int_sum(r, "n")?,
+        text("p")?,
+        text("t")?
+    ))
+}
+
 /// The driver of one all-to-all workload, run as a job: prints `seconds=...` and a
 /// checksum.
 fn exchange_driver(workload: Workload, tpch: &str, out: &str) -> Result<()> {
@@ -153,6 +174,32 @@ fn exchange_driver(workload: Workload, tpch: &str, out: &str) -> Result<()> {
             let n: usize = groups.iter().map(RecordBatch::num_rows).sum();
             format!("groups={n} rows={}", int_sum(&groups, "n")?)
         }
+        Workload::W9 | Workload::W9p => {
+            // A small right side: broadcast (W9), or partitioned like any join (W9p).
+            let ctx = if workload == Workload::W9p {
+                let mut config = ctx.config().clone();
+                config.set("volley.exec.broadcast_join_bytes", "0")?;
+                Context::try_new(config)?.with_cluster(
+                    volley::cluster()?.ok_or_else(|| VolleyError::Config("no cluster".into()))?,
+                )
+            } else {
+                ctx.clone()
+            };
+            let supplier = ctx
+                .read_parquet(format!("{tpch}/supplier/").as_str())?
+                .select(&["s_suppkey", "s_acctbal"])?;
+            let r = ctx
+                .read_parquet(lineitem.as_str())?
+                .select(&["l_suppkey", "l_extendedprice"])?
+                .join_on(&supplier, &["l_suppkey"], &["s_suppkey"], JoinHow::Inner)?
+                .aggregate([
+                    agg::count_all().alias("n"),
+                    agg::sum("l_extendedprice").alias("p"),
+                    agg::sum("s_acctbal").alias("t"),
+                ])?
+                .collect()?;
+            join_check(&r)?
+        }
         Workload::W8 => {
             let orders = ctx
                 .read_parquet(format!("{tpch}/orders/").as_str())?
@@ -167,21 +214,7 @@ fn exchange_driver(workload: Workload, tpch: &str, out: &str) -> Result<()> {
                     agg::sum("o_totalprice").alias("t"),
                 ])?
                 .collect()?;
-            let text = |c: &str| -> Result<String> {
-                let b = r
-                    .first()
-                    .ok_or_else(|| VolleyError::execution("no result"))?;
-                let col = b
-                    .column_by_name(c)
-                    .ok_or_else(|| VolleyError::execution(format!("no column {c}")))?;
-                Ok(volley::arrow::util::display::array_value_to_string(col, 0)?)
-            };
-            format!(
-                "rows={} sum_price={} sum_total={}",
-                int_sum(&r, "n")?,
-                text("p")?,
-                text("t")?
-            )
+            join_check(&r)?
         }
     };
     println!("seconds={:.4} {check}", start.elapsed().as_secs_f64());
@@ -424,7 +457,7 @@ struct Args {
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers/cluster_ray.py"))]
     peer: String,
     /// Which workloads: `basic` (tasks, round trip, pipeline, actor pool),
-    /// `exchange` (W4, W5, W7, W8 on TPC-H data; needs `--tpch`), `sql` (the 22 TPC-H
+    /// `exchange` (W4, W5, W7, W8, W9, W9p on TPC-H data; needs `--tpch`), `sql` (the 22 TPC-H
     /// queries on the cluster and in one process; needs `--tpch`) or `operate` (a head
     /// restart mid-job, the head's CPU with the dashboard open).
     #[arg(long, value_enum, default_value_t = Suite::Basic)]
@@ -452,6 +485,11 @@ enum Workload {
     W5,
     W7,
     W8,
+    /// `lineitem` joined with the small `supplier` (10,000 rows at SF1): its right side
+    /// is broadcast.
+    W9,
+    /// W9 with broadcast joins off (`volley.exec.broadcast_join_bytes=0`): partitioned.
+    W9p,
 }
 
 #[derive(Subcommand)]
@@ -615,7 +653,7 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// `--suite exchange`: W4, W5, W7 and W8 as jobs on the cluster against Ray Data.
+/// `--suite exchange`: the all-to-all workloads as jobs on the cluster against Ray Data.
 fn exchange_suite(args: &Args) -> Result<()> {
     let tpch = args
         .tpch
@@ -665,9 +703,9 @@ fn exchange_suite(args: &Args) -> Result<()> {
                 Workload::W4 | Workload::W5 => {
                     ray_with(&format!("{peers}/bench_ray.py"), &[&name], &ray_cpus, &env)?
                 }
-                Workload::W7 | Workload::W8 => ray_with(
+                Workload::W7 | Workload::W8 | Workload::W9 | Workload::W9p => ray_with(
                     &format!("{peers}/relational.py"),
-                    &["ray", &name],
+                    &["ray", &name.replace("w9p", "w9")],
                     &ray_cpus,
                     &env,
                 )?,

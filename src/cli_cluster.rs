@@ -418,11 +418,11 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     rt.block_on(async move {
         let (_core, addrs) =
             cluster::start_head(options, &a.host, a.port, Some(a.http_port), &tls).await?;
-        std::fs::write(
-            dir.join("http_address"),
-            addrs.http.clone().unwrap_or_default(),
+        write_whole(
+            &dir.join("http_address"),
+            &addrs.http.clone().unwrap_or_default(),
         )?;
-        std::fs::write(dir.join("head_address"), &addrs.grpc)?;
+        write_whole(&dir.join("head_address"), &addrs.grpc)?;
         eprintln!(
             "volley head listening on {} (HTTP {})",
             addrs.grpc,
@@ -753,4 +753,13 @@ mod tests {
         let out = background_args(&args);
         assert_eq!(out, ["start", "--address", "h:1", "--num-cpus", "2"]);
     }
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, so that whoever sees
+/// the file (a node agent or client started next to the head, waiting for it) never
+/// reads it half written.
+fn write_whole(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }

@@ -1,11 +1,13 @@
-"""Peers' side of volley's group-by and join workloads (W7, W8) on TPC-H Parquet.
+"""Peers' side of volley's group-by and join workloads (W7, W8, W9) on TPC-H Parquet.
 
-usage: python relational.py duckdb|polars|datafusion|ray w7|w8
+usage: python relational.py duckdb|polars|datafusion|ray w7|w8|w9
 
 W7: lineitem grouped by l_suppkey: count(*), sum(l_quantity), avg(l_extendedprice),
     max(l_discount); checksum: groups, sum of the counts, sum of sum(l_quantity).
 W8: lineitem JOIN orders ON l_orderkey = o_orderkey: rows, sum(l_extendedprice),
     sum(o_totalprice) over the joined rows.
+W9: lineitem JOIN supplier ON l_suppkey = s_suppkey (a small right side): rows,
+    sum(l_extendedprice), sum(s_acctbal) over the joined rows.
 
 Data: $TPCH_DIR/<table>/*.parquet (gen_tpch.sh); Ray reads $RAY_TPCH_DIR (a copy with plain
 strings, make_utf8_copy.py with tables lineitem,orders). Prints
@@ -30,6 +32,8 @@ W7_SQL = """SELECT l_suppkey, count(*) AS n, sum(l_quantity) AS q, avg(l_extende
 W7_TOTALS = "SELECT count(*), sum(n), sum(q) FROM w7"
 W8_SQL = """SELECT count(*), sum(l_extendedprice), sum(o_totalprice)
             FROM lineitem JOIN orders ON l_orderkey = o_orderkey"""
+W9_SQL = """SELECT count(*), sum(l_extendedprice), sum(s_acctbal)
+            FROM lineitem JOIN supplier ON l_suppkey = s_suppkey"""
 
 
 def w7_fields(groups, n, q):
@@ -43,21 +47,21 @@ def w8_fields(rows, price, total):
 def duckdb_run(w):
     import duckdb
     con = duckdb.connect()
-    for t in ("lineitem", "orders"):
+    for t in ("lineitem", "orders", "supplier"):
         con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{DATA}/{t}/*.parquet')")
     t0 = time.perf_counter()
     if w == "w7":
         con.execute(f"CREATE TEMP TABLE w7 AS {W7_SQL}")
         fields = w7_fields(*con.sql(W7_TOTALS).fetchall()[0])
     else:
-        fields = w8_fields(*con.sql(W8_SQL).fetchall()[0])
+        fields = w8_fields(*con.sql(W9_SQL if w == "w9" else W8_SQL).fetchall()[0])
     return time.perf_counter() - t0, fields
 
 
 def datafusion_run(w):
     from datafusion import SessionContext
     ctx = SessionContext()
-    for t in ("lineitem", "orders"):
+    for t in ("lineitem", "orders", "supplier"):
         ctx.register_parquet(t, f"{DATA}/{t}/")
     t0 = time.perf_counter()
     if w == "w7":
@@ -65,7 +69,7 @@ def datafusion_run(w):
         fields = w7_fields(tbl.num_rows, sum(tbl["n"].to_pylist()),
                            sum(float(x) for x in tbl["q"].to_pylist()))
     else:
-        row = ctx.sql(W8_SQL).to_arrow_table().to_pylist()[0]
+        row = ctx.sql(W9_SQL if w == "w9" else W8_SQL).to_arrow_table().to_pylist()[0]
         fields = w8_fields(*row.values())
     return time.perf_counter() - t0, fields
 
@@ -81,11 +85,13 @@ def polars_run(w):
               .collect(engine="streaming"))
         fields = w7_fields(df.height, df["n"].sum(), df["q"].cast(pl.Float64).sum())
     else:
-        orders = pl.scan_parquet(f"{DATA}/orders/*.parquet")
-        df = (li.select("l_orderkey", "l_extendedprice")
-              .join(orders.select("o_orderkey", "o_totalprice"), left_on="l_orderkey", right_on="o_orderkey")
+        key, table, right_key, total = (("l_suppkey", "supplier", "s_suppkey", "s_acctbal") if w == "w9"
+                                        else ("l_orderkey", "orders", "o_orderkey", "o_totalprice"))
+        right = pl.scan_parquet(f"{DATA}/{table}/*.parquet")
+        df = (li.select(key, "l_extendedprice")
+              .join(right.select(right_key, total), left_on=key, right_on=right_key)
               .select(pl.len().alias("n"), pl.col("l_extendedprice").cast(pl.Float64).sum().alias("p"),
-                      pl.col("o_totalprice").cast(pl.Float64).sum().alias("t"))
+                      pl.col(total).cast(pl.Float64).sum().alias("t"))
               .collect(engine="streaming"))
         fields = w8_fields(df["n"][0], df["p"][0], df["t"][0])
     return time.perf_counter() - t0, fields
@@ -109,13 +115,21 @@ def ray_run(w):
                            Mean("l_extendedprice", alias_name="p"), Max("l_discount", alias_name="d"))
                 .take_all())
         fields = w7_fields(len(rows), sum(r["n"] for r in rows), sum(float(r["q"]) for r in rows))
-    else:
+    elif w == "w8":
         orders = ray.data.read_parquet(f"{RAY_DATA}/orders").select_columns(["o_orderkey", "o_totalprice"])
         joined = (li.select_columns(["l_orderkey", "l_extendedprice"])
                   .join(orders, join_type="inner", num_partitions=32, on=("l_orderkey",),
                         right_on=("o_orderkey",)))
         r = joined.aggregate(Count(alias_name="n"), Sum("l_extendedprice", alias_name="p"),
                              Sum("o_totalprice", alias_name="t"))
+        fields = w8_fields(r["n"], r["p"], r["t"])
+    else:
+        supplier = ray.data.read_parquet(f"{RAY_DATA}/supplier").select_columns(["s_suppkey", "s_acctbal"])
+        joined = (li.select_columns(["l_suppkey", "l_extendedprice"])
+                  .join(supplier, join_type="inner", num_partitions=32, on=("l_suppkey",),
+                        right_on=("s_suppkey",)))
+        r = joined.aggregate(Count(alias_name="n"), Sum("l_extendedprice", alias_name="p"),
+                             Sum("s_acctbal", alias_name="t"))
         fields = w8_fields(r["n"], r["p"], r["t"])
     elapsed = time.perf_counter() - t0
     ray.shutdown()
