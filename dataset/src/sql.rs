@@ -235,9 +235,13 @@ impl PlanSource {
                     .with_config(config.clone())
                     .build();
                 let mut physical = state.create_physical_plan(&plan).await?;
+                // A left outer, semi or anti join with its left side collected needs
+                // all of its right side in one task: such joins are hash-partitioned on
+                // both sides; the other joins keep a small side collected (broadcast).
+                physical = crate::runner::partition_collected_joins(physical)?;
                 if crate::runner::finishes_collected_side(&physical) {
-                    // A left outer, semi or anti join with its left side collected
-                    // needs all of its right side in one task: hash-partition both.
+                    // One that cannot be (a nested-loop or a null-aware anti join):
+                    // planned again with no side collected.
                     let options = config.options_mut();
                     options.optimizer.hash_join_single_partition_threshold = 0;
                     options.optimizer.hash_join_single_partition_threshold_rows = 0;

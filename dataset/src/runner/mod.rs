@@ -27,7 +27,8 @@ use volley_exec::{ExecContext, PhysicalPlan};
 pub(crate) use cluster::shuffle_partitions;
 pub use cluster::ClusterRunner;
 pub(crate) use query_stages::{
-    finishes_collected_side, scans_files, stages_on_cluster, ClusterStageExec,
+    finishes_collected_side, partition_collected_joins, scans_files, stages_on_cluster,
+    ClusterStageExec,
 };
 pub(crate) use scan::scans_on_cluster;
 pub use stage::StageTask;

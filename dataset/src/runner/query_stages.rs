@@ -188,16 +188,6 @@ fn can_cut(plan: &Arc<dyn ExecutionPlan>) -> bool {
 /// semi, anti or mark join on the left): its partitions are not independent, and a
 /// stage's task runs one of them.
 pub(crate) fn finishes_collected_side(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    let emits_left_last = |t: &JoinType| {
-        matches!(
-            t,
-            JoinType::Left
-                | JoinType::Full
-                | JoinType::LeftSemi
-                | JoinType::LeftAnti
-                | JoinType::LeftMark
-        )
-    };
     let mut found = false;
     let _ = plan.apply(|node| {
         if let Some(j) = node.downcast_ref::<HashJoinExec>() {
@@ -214,6 +204,65 @@ pub(crate) fn finishes_collected_side(plan: &Arc<dyn ExecutionPlan>) -> bool {
         })
     });
     found
+}
+
+/// `plan` with each join that collects its left side and emits left rows last (see
+/// [`finishes_collected_side`]) turned into a partitioned join: both sides
+/// hash-partitioned on the join keys into as many partitions as its right side has, so
+/// that each partition is a task of its own. Other joins keep their mode: a small side
+/// collected and read whole by every task of an inner join stays a broadcast. A
+/// null-aware anti join (`NOT IN`) needs every right row in one place and is kept.
+pub(crate) fn partition_collected_joins(
+    plan: Arc<dyn ExecutionPlan>,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        let Some(join) = node.downcast_ref::<HashJoinExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        if join.partition_mode() != &PartitionMode::CollectLeft
+            || !emits_left_last(join.join_type())
+            || join.null_aware
+        {
+            return Ok(Transformed::no(node));
+        }
+        let partitions = join.right().output_partitioning().partition_count();
+        // The collected side's own partitions, not their merge.
+        let left = match join.left().downcast_ref::<CoalescePartitionsExec>() {
+            Some(merge) => Arc::clone(merge.input()),
+            None => Arc::clone(join.left()),
+        };
+        let hash = |input: Arc<dyn ExecutionPlan>, keys: Vec<Arc<dyn PhysicalExpr>>| {
+            RepartitionExec::try_new(input, Partitioning::Hash(keys, partitions))
+                .map(|r| Arc::new(r) as Arc<dyn ExecutionPlan>)
+        };
+        let left = hash(left, join.on().iter().map(|(l, _)| Arc::clone(l)).collect())?;
+        let right = hash(
+            Arc::clone(join.right()),
+            join.on().iter().map(|(_, r)| Arc::clone(r)).collect(),
+        )?;
+        let partitioned = join
+            .builder()
+            .with_partition_mode(PartitionMode::Partitioned)
+            .with_new_children(vec![left, right])?
+            .reset_state()
+            .recompute_properties()
+            .build_exec()?;
+        Ok(Transformed::yes(partitioned))
+    })
+    .data()
+}
+
+/// Whether a join of this type emits rows of its left side once its right side is
+/// done (unmatched ones, or the matched ones of a semi join).
+fn emits_left_last(join_type: &JoinType) -> bool {
+    matches!(
+        join_type,
+        JoinType::Left
+            | JoinType::Full
+            | JoinType::LeftSemi
+            | JoinType::LeftAnti
+            | JoinType::LeftMark
+    )
 }
 
 /// What a stage's tasks make.
@@ -962,10 +1011,12 @@ mod tests {
             .options_mut()
             .optimizer
             .enable_round_robin_repartition = false;
-        config
-            .options_mut()
-            .optimizer
-            .enable_dynamic_filter_pushdown = false;
+        // As on a cluster (see `sql.rs`): no dynamic filters.
+        let optimizer = &mut config.options_mut().optimizer;
+        optimizer.enable_dynamic_filter_pushdown = false;
+        optimizer.enable_join_dynamic_filter_pushdown = false;
+        optimizer.enable_topk_dynamic_filter_pushdown = false;
+        optimizer.enable_aggregate_dynamic_filter_pushdown = false;
         let ctx = SessionContext::new_with_config(config);
         let rt = tokio::runtime::Runtime::new().unwrap();
         for t in ["big", "small"] {
@@ -1089,6 +1140,68 @@ mod tests {
             "{}",
             datafusion::physical_plan::displayable(plan.as_ref()).indent(true)
         );
+    }
+
+    #[test]
+    fn a_collected_left_join_is_partitioned_on_both_sides_and_gives_the_same_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let rows = |plan: &Arc<dyn ExecutionPlan>| {
+            let batches = rt
+                .block_on(datafusion::physical_plan::collect(
+                    Arc::clone(plan),
+                    ctx.task_ctx(),
+                ))
+                .unwrap();
+            let mut lines: Vec<String> = arrow::util::pretty::pretty_format_batches(&batches)
+                .unwrap()
+                .to_string()
+                .lines()
+                .map(str::to_string)
+                .collect();
+            lines.sort();
+            lines
+        };
+        let mut rewritten = 0;
+        for sql in [
+            "SELECT small.k, big.k FROM small LEFT JOIN big ON small.k = big.k + 5",
+            "SELECT k FROM small WHERE k IN (SELECT k * 2 FROM big)",
+            "SELECT k FROM small WHERE NOT EXISTS (SELECT 1 FROM big WHERE big.k = small.k * 500)",
+            "SELECT small.k, big.k FROM small JOIN big ON small.k = big.k",
+        ] {
+            let plan = physical(&ctx, sql);
+            let expected = rows(&plan);
+            let collected = finishes_collected_side(&plan);
+            // Planned again: a plan's nodes run once.
+            let cut = partition_collected_joins(physical(&ctx, sql)).unwrap();
+            let shown = datafusion::physical_plan::displayable(cut.as_ref())
+                .indent(true)
+                .to_string();
+            assert!(!finishes_collected_side(&cut), "{sql}:\n{shown}");
+            if collected {
+                rewritten += 1;
+                assert!(shown.contains("mode=Partitioned"), "{sql}:\n{shown}");
+                assert!(can_cut(&cut), "{sql}:\n{shown}");
+            } else {
+                // Nothing to change: an inner join keeps its collected (broadcast) side.
+                assert_eq!(
+                    shown,
+                    datafusion::physical_plan::displayable(plan.as_ref())
+                        .indent(true)
+                        .to_string(),
+                    "{sql}"
+                );
+            }
+            assert_eq!(
+                cut.output_partitioning().partition_count(),
+                plan.output_partitioning().partition_count(),
+                "{sql}"
+            );
+            assert_eq!(rows(&cut), expected, "{sql}:\n{shown}");
+            assert!(expected.len() > 4, "{sql}: rows to compare");
+        }
+        assert!(rewritten >= 1, "no collected left join was planned");
     }
 
     #[test]
