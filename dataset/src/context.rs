@@ -174,7 +174,9 @@ impl Context {
             .with_information_schema(true);
         {
             let opts = session.options_mut();
-            opts.execution.parquet.pushdown_filters = config.read.pushdown_filters;
+            // Filters are evaluated after decoding, except in the scans a join's or a
+            // top-k's dynamic filter reaches (`DecodeTimeFilters`, added below).
+            opts.execution.parquet.pushdown_filters = false;
             opts.execution.parquet.reorder_filters = true;
             opts.execution.parquet.schema_force_view_types = false;
             // Volley gives every read task its own file split (so errors name the
@@ -186,11 +188,15 @@ impl Context {
             opts.execution.sort_spill_reservation_bytes = reserve;
             opts.execution.sort_in_place_threshold_bytes = reserve.min(1024 * 1024);
         }
-        let state = SessionStateBuilder::new()
+        let mut state = SessionStateBuilder::new()
             .with_config(session)
             .with_runtime_env(env)
-            .with_default_features()
-            .build();
+            .with_default_features();
+        if config.read.pushdown_filters {
+            state = state
+                .with_physical_optimizer_rule(Arc::new(crate::decode_filters::DecodeTimeFilters));
+        }
+        let state = state.build();
         Ok(Self {
             exec: ExecContext {
                 config: Arc::new(config),

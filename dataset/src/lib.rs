@@ -15,6 +15,7 @@
 
 mod context;
 mod dataset;
+mod decode_filters;
 mod exchange;
 mod handover;
 mod logical;

@@ -2,9 +2,9 @@
 //!
 //! DataFusion plans a query as it does locally; then every file scan in the plan is
 //! replaced by a [`ClusterScanExec`]: each file split of each partition becomes a stage
-//! task that reads it (projection and filters pushed in) on a node, and this process
-//! streams the tasks' batches into the rest of the plan. Operators after the scans
-//! (joins, aggregations, sorts) run here, as they do locally.
+//! task that reads it (projection and filters pushed in, filtering while decoding) on
+//! a node, and this process streams the tasks' batches into the rest of the plan.
+//! Operators after the scans (joins, aggregations, sorts) run here, as they do locally.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -39,9 +39,18 @@ pub(crate) fn scans_on_cluster(
             // Its filter holds a scalar subquery's value, given to it in this process.
             return Ok(Transformed::no(node));
         }
+        // The scan's filter is applied on the node, while decoding: the rows it drops
+        // do not travel here (the plan's filter above it still applies).
+        let (config, inner) = match crate::decode_filters::filtering_while_decoding(config) {
+            Some(c) => (
+                c.clone(),
+                DataSourceExec::from_data_source(c) as Arc<dyn ExecutionPlan>,
+            ),
+            None => (config.clone(), Arc::clone(&node)),
+        };
         let scan = ClusterScanExec {
-            config: config.clone(),
-            inner: Arc::clone(&node),
+            config,
+            inner,
             cluster: cluster.clone(),
         };
         Ok(Transformed::yes(Arc::new(scan) as Arc<dyn ExecutionPlan>))
