@@ -120,7 +120,18 @@ fn redundant(filter: &FilterExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
         return Ok(None);
     };
     // The filter's columns are the scan's output; the scan's predicate reads the
-    // table's columns: matched by name.
+    // table's columns: matched by name, where every output column is a table column
+    // of the same name (no alias or computed column in the scan's projection).
+    let plain = parquet.projection().is_none_or(|p| {
+        p.iter().all(|e| {
+            e.expr
+                .downcast_ref::<Column>()
+                .is_some_and(|c| c.name() == e.alias)
+        })
+    });
+    if !plain {
+        return Ok(None);
+    }
     let table = parquet.table_schema().table_schema();
     let scanned = split_conjunction(&scanned);
     for conjunct in split_conjunction(filter.predicate()) {

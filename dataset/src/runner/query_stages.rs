@@ -226,10 +226,11 @@ pub(crate) fn partition_collected_joins(
             return Ok(Transformed::no(node));
         }
         let partitions = join.right().output_partitioning().partition_count();
-        // The collected side's own partitions, not their merge.
+        // The collected side's own partitions, not their merge (unless the merge also
+        // limits them: `LIMIT` pushed into it).
         let left = match join.left().downcast_ref::<CoalescePartitionsExec>() {
-            Some(merge) => Arc::clone(merge.input()),
-            None => Arc::clone(join.left()),
+            Some(merge) if merge.fetch().is_none() => Arc::clone(merge.input()),
+            _ => Arc::clone(join.left()),
         };
         let hash = |input: Arc<dyn ExecutionPlan>, keys: Vec<Arc<dyn PhysicalExpr>>| {
             RepartitionExec::try_new(input, Partitioning::Hash(keys, partitions))
@@ -1202,6 +1203,14 @@ mod tests {
             assert!(expected.len() > 4, "{sql}: rows to compare");
         }
         assert!(rewritten >= 1, "no collected left join was planned");
+        // A limit pushed into the merge of the collected side stays (which 7 rows it
+        // keeps is not fixed: only their number is compared).
+        let sql = "SELECT s.k FROM (SELECT k FROM big LIMIT 7) s WHERE s.k IN (SELECT k FROM big)";
+        let cut = partition_collected_joins(physical(&ctx, sql)).unwrap();
+        let shown = datafusion::physical_plan::displayable(cut.as_ref())
+            .indent(true)
+            .to_string();
+        assert_eq!(rows(&cut).len(), 7 + 4, "{sql}:\n{shown}");
     }
 
     #[test]
