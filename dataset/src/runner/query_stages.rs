@@ -42,6 +42,9 @@ use datafusion::common::{DataFusionError, JoinType, Result as DfResult};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext as DfTaskContext};
+use datafusion::logical_expr::ColumnarValue;
+use datafusion::physical_expr::expressions::Literal;
+use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::execution_plan::{
@@ -52,14 +55,18 @@ use datafusion::physical_plan::joins::{
 };
 use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::scalar_subquery::ScalarSubqueryExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
     PhysicalExpr, PlanProperties,
 };
+use datafusion_proto::physical_plan::from_proto::parse_physical_expr_with_converter;
+use datafusion_proto::physical_plan::to_proto::serialize_physical_expr_with_converter;
 use datafusion_proto::physical_plan::{
-    DefaultPhysicalExtensionCodec, PhysicalExtensionCodec, PhysicalProtoConverterExtension,
+    DefaultPhysicalExtensionCodec, PhysicalExtensionCodec, PhysicalPlanDecodeContext,
+    PhysicalPlanNodeExt, PhysicalProtoConverterExtension,
 };
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, ResultExt, VolleyError};
@@ -82,16 +89,57 @@ pub(crate) fn stages_on_cluster(
     if !can_cut(plan) {
         return Ok(None);
     }
+    let mut next = 0;
+    let Some(cut) = cut_stages(plan, cluster, &mut next)? else {
+        return Ok(None);
+    };
+    // File scans left here (a plan of one partition) still run on the nodes.
+    Ok(Some(super::scans_on_cluster(cut, cluster)?))
+}
+
+/// `plan` cut into stages numbered from `next` + 1; `None` where what would be left
+/// here reads an exchange, or a scalar subquery's plan is not at the top.
+///
+/// A plan with scalar subqueries (`ScalarSubqueryExec`, at the top of the plan that
+/// uses their values) keeps that node here: each subquery is cut on its own and runs
+/// first, as a query of its own; the main plan's stages are submitted after, when its
+/// first partition is read, and carry the subqueries' values as literals (see
+/// [`StageConverter`]).
+fn cut_stages(
+    plan: &Arc<dyn ExecutionPlan>,
+    cluster: &Cluster,
+    next: &mut usize,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    if plan.downcast_ref::<ScalarSubqueryExec>().is_some() {
+        let mut children = Vec::new();
+        for child in plan.children() {
+            match cut_stages(child, cluster, next)? {
+                Some(c) => children.push(c),
+                None => return Ok(None),
+            }
+        }
+        return Ok(Some(Arc::clone(plan).replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )?));
+    }
+    let mut nested_subqueries = false;
+    plan.apply(|node| {
+        nested_subqueries |= node.downcast_ref::<ScalarSubqueryExec>().is_some();
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if nested_subqueries {
+        return Ok(None);
+    }
     // This process reads one partition: the last stage gathers the rest.
     let root = if plan.output_partitioning().partition_count() > 1 {
         Arc::new(CoalescePartitionsExec::new(Arc::clone(plan))) as Arc<dyn ExecutionPlan>
     } else {
         Arc::clone(plan)
     };
-    let mut next = 0;
     let mut new_stage = |plan: Arc<dyn ExecutionPlan>, kind: StageKind| {
-        next += 1;
-        Stage::new(next, kind, plan, cluster.clone())
+        *next += 1;
+        Stage::new(*next, kind, plan, cluster.clone())
     };
     let cut = root
         .transform_up(|node| {
@@ -143,11 +191,7 @@ pub(crate) fn stages_on_cluster(
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
-    if reads_exchange {
-        return Ok(None);
-    }
-    // File scans left here (a plan of one partition) still run on the nodes.
-    Ok(Some(super::scans_on_cluster(cut, cluster)?))
+    Ok((!reads_exchange).then_some(cut))
 }
 
 /// Whether `node` is a join that reads every partition of its left side into one
@@ -171,9 +215,6 @@ fn can_cut(plan: &Arc<dyn ExecutionPlan>) -> bool {
                     Partitioning::Hash(..) | Partitioning::RoundRobinBatch(_)
                 );
         }
-        // Its subqueries' values are handed to expressions below it in the same
-        // process; a stage would not get them.
-        ok &= node.name() != "ScalarSubqueryExec";
         Ok(if ok {
             TreeNodeRecursion::Continue
         } else {
@@ -953,12 +994,67 @@ const STAGE_READ_TAG: &[u8] = b"volley-stage-read:";
 fn encode(plan: &Arc<dyn ExecutionPlan>) -> Result<Vec<u8>> {
     let codec = StageCodec::default();
     Ok(
-        datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(
+        datafusion_proto::bytes::physical_plan_to_bytes_with_proto_converter(
             Arc::clone(plan),
             &codec,
+            &StageConverter,
         )?
         .to_vec(),
     )
+}
+
+/// `datafusion-proto`'s conversion, except that a scalar subquery's value known in
+/// this process travels as a literal: a stage's task has no subquery to run (the
+/// subquery ran first, on its own stages; see [`cut_stages`]). One still to run
+/// travels as the subquery's reference.
+#[derive(Debug)]
+struct StageConverter;
+
+impl PhysicalProtoConverterExtension for StageConverter {
+    fn proto_to_execution_plan(
+        &self,
+        proto: &datafusion_proto::protobuf::PhysicalPlanNode,
+        ctx: &PhysicalPlanDecodeContext<'_>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        proto.try_into_physical_plan_with_context(ctx, self)
+    }
+
+    fn execution_plan_to_proto(
+        &self,
+        plan: &Arc<dyn ExecutionPlan>,
+        codec: &dyn PhysicalExtensionCodec,
+    ) -> DfResult<datafusion_proto::protobuf::PhysicalPlanNode> {
+        datafusion_proto::protobuf::PhysicalPlanNode::try_from_physical_plan_with_converter(
+            Arc::clone(plan),
+            codec,
+            self,
+        )
+    }
+
+    fn proto_to_physical_expr(
+        &self,
+        proto: &datafusion_proto::protobuf::PhysicalExprNode,
+        input_schema: &arrow::datatypes::Schema,
+        ctx: &PhysicalPlanDecodeContext<'_>,
+    ) -> DfResult<Arc<dyn PhysicalExpr>> {
+        parse_physical_expr_with_converter(proto, input_schema, ctx, self)
+    }
+
+    fn physical_expr_to_proto(
+        &self,
+        expr: &Arc<dyn PhysicalExpr>,
+        codec: &dyn PhysicalExtensionCodec,
+    ) -> DfResult<datafusion_proto::protobuf::PhysicalExprNode> {
+        if expr.downcast_ref::<ScalarSubqueryExpr>().is_some() {
+            // Evaluated before its subquery ran, it fails: then it travels as it is.
+            let empty = RecordBatch::new_empty(Arc::new(arrow::datatypes::Schema::empty()));
+            if let Ok(ColumnarValue::Scalar(value)) = expr.evaluate(&empty) {
+                let literal = Arc::new(Literal::new(value)) as Arc<dyn PhysicalExpr>;
+                return serialize_physical_expr_with_converter(&literal, codec, self);
+            }
+        }
+        serialize_physical_expr_with_converter(expr, codec, self)
+    }
 }
 
 /// Whether a plan scans files (only such plans are worth cutting into stages).
@@ -1211,6 +1307,50 @@ mod tests {
             .indent(true)
             .to_string();
         assert_eq!(rows(&cut).len(), 7 + 4, "{sql}:\n{shown}");
+    }
+
+    #[test]
+    fn a_scalar_subquerys_value_travels_as_a_literal_once_the_subquery_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let sql = "SELECT k FROM big WHERE k > (SELECT max(k) FROM small) * 399";
+        let plan = physical(&ctx, sql);
+        let shown = datafusion::physical_plan::displayable(plan.as_ref())
+            .indent(true)
+            .to_string();
+        let subqueries = plan
+            .downcast_ref::<ScalarSubqueryExec>()
+            .unwrap_or_else(|| panic!("a scalar subquery at the top:\n{shown}"));
+        assert!(can_cut(&plan), "{shown}");
+        let main = Arc::clone(subqueries.input());
+        let decode = |bytes: &[u8]| {
+            datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+                bytes,
+                &ctx.task_ctx(),
+                &StageCodec::default(),
+            )
+        };
+        // Before the subquery ran, the main plan alone cannot be rebuilt elsewhere.
+        assert!(decode(&encode(&main).unwrap()).is_err(), "{shown}");
+        let all = rt
+            .block_on(datafusion::physical_plan::collect(
+                Arc::clone(&plan),
+                ctx.task_ctx(),
+            ))
+            .unwrap();
+        let rows: usize = all.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 4000 - 9 * 399 - 1);
+        // After, it carries the value (9) and gives the same rows on its own.
+        let shipped = decode(&encode(&main).unwrap()).unwrap();
+        let text = datafusion::physical_plan::displayable(shipped.as_ref())
+            .indent(true)
+            .to_string();
+        assert!(!text.contains("scalar_subquery"), "{text}");
+        let again = rt
+            .block_on(datafusion::physical_plan::collect(shipped, ctx.task_ctx()))
+            .unwrap();
+        assert_eq!(again.iter().map(|b| b.num_rows()).sum::<usize>(), rows);
     }
 
     #[test]
