@@ -336,17 +336,23 @@ impl ObjectStore {
     /// is not here. A file is read at that batch only (the IPC file's footer indexes
     /// its batches).
     pub fn get_batch(&self, id: &str, i: u32) -> Result<Option<Vec<RecordBatch>>> {
-        let path = {
+        let (path, shared) = {
             let s = self.inner.lock().expect("object store lock");
             match s.objects.get(id) {
                 None => return Ok(None),
                 Some(Stored::Memory(b, _)) => {
                     return Selection::Batch(i).apply(id, b.to_vec()).map(Some);
                 }
-                Some(Stored::Shared(p, _) | Stored::Spilled(p, _)) => p.clone(),
+                Some(Stored::Shared(p, _)) => (p.clone(), true),
+                Some(Stored::Spilled(p, _)) => (p.clone(), false),
             }
         };
-        read_file_batch(&path, i).map(Some)
+        // A spill file is written again in place when its object is; a shared one never.
+        if shared {
+            map_shared_file(&path, Some(i)).map(Some)
+        } else {
+            read_file_batch(&path, i).map(Some)
+        }
     }
 
     /// Drops objects (and their spill files).
@@ -1071,10 +1077,86 @@ pub(crate) async fn fetch_shared(
         .ok()
         .filter(|p| !p.is_empty())?;
     // The store may spill or free it meanwhile: then Flight says where it went.
-    match batch {
-        Some(i) => read_file_batch(Path::new(&path), i).ok(),
-        None => read_file(Path::new(&path)).ok(),
+    map_shared_file(Path::new(&path), batch).ok()
+}
+
+/// The batches of an Arrow IPC file in a node's shared folder (all, or batch `i`),
+/// mapped into memory rather than read: their buffers are the file's pages, shared
+/// with the node's store, not copies (the file is not compressed: see
+/// [`ObjectCompression::Auto`]).
+fn map_shared_file(path: &Path, batch: Option<u32>) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        VolleyError::Io(e).context(format!("cannot read object file {}", path.display()))
+    })?;
+    // SAFETY: a file of the shared folder is written once, under a name of its own,
+    // before the store takes it, and never written again (a re-run task writes a new
+    // file): its pages do not change under the mapping. Removing it (the object freed
+    // or spilled) keeps the mapped pages until the batches are dropped.
+    #[allow(unsafe_code)]
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| {
+        VolleyError::Io(e).context(format!("cannot map object file {}", path.display()))
+    })?;
+    decode_ipc_file(
+        &arrow::buffer::Buffer::from(bytes::Bytes::from_owner(map)),
+        batch,
+    )
+    .map_err(|e| e.context(format!("object file {}", path.display())))
+}
+
+/// The batches of the Arrow IPC file in `buffer` (all, or batch `i`), decoded without
+/// copying their buffers.
+fn decode_ipc_file(buffer: &arrow::buffer::Buffer, batch: Option<u32>) -> Result<Vec<RecordBatch>> {
+    use arrow::ipc::reader::{read_footer_length, FileDecoder};
+    let bad = |what: String| VolleyError::execution(format!("not an Arrow IPC file: {what}"));
+    let len = buffer.len();
+    let trailer: [u8; 10] = buffer
+        .get(len.saturating_sub(10)..)
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| bad(format!("{len} bytes")))?;
+    let footer_len = read_footer_length(trailer)?;
+    let footer_start = (len - 10)
+        .checked_sub(footer_len)
+        .ok_or_else(|| bad(format!("a footer of {footer_len} bytes in {len}")))?;
+    let footer = arrow::ipc::root_as_footer(&buffer[footer_start..len - 10])
+        .map_err(|e| bad(format!("its footer: {e}")))?;
+    let schema = footer
+        .schema()
+        .map(arrow::ipc::convert::fb_to_schema)
+        .ok_or_else(|| bad("no schema".into()))?;
+    let mut decoder = FileDecoder::new(Arc::new(schema), footer.version());
+    let block_data = |block: &arrow::ipc::Block| {
+        let start = usize::try_from(block.offset()).unwrap_or(usize::MAX);
+        let n = block.metaDataLength() as usize + block.bodyLength() as usize;
+        if start.checked_add(n).is_none_or(|end| end > footer_start) {
+            return Err(bad(format!("a block of {n} bytes at {start}")));
+        }
+        Ok(buffer.slice_with_length(start, n))
+    };
+    for block in footer.dictionaries().iter().flatten() {
+        decoder.read_dictionary(block, &block_data(block)?)?;
     }
+    let blocks = footer
+        .recordBatches()
+        .ok_or_else(|| bad("no batch index".into()))?;
+    let wanted = match batch {
+        None => 0..blocks.len(),
+        Some(_) if blocks.is_empty() => 0..0,
+        Some(i) if (i as usize) < blocks.len() => i as usize..i as usize + 1,
+        Some(i) => {
+            return Err(VolleyError::execution(format!(
+                "{} batches; batch {i} was asked for",
+                blocks.len()
+            )))
+        }
+    };
+    let mut out = Vec::with_capacity(wanted.len());
+    for i in wanted {
+        let block = blocks.get(i);
+        if let Some(b) = decoder.read_record_batch(block, &block_data(block)?)? {
+            out.push(b);
+        }
+    }
+    Ok(out)
 }
 
 /// A `DoGet` ticket: the object id, then `\0offset\0rows` for a slice or
@@ -1433,6 +1515,52 @@ mod tests {
             (sent as u64) < size * 3 / 2,
             "{sent} bytes sent for a batch of {size}"
         );
+    }
+
+    /// A shared-folder file mapped into memory gives the batches it holds (a dictionary
+    /// column too), all or one through the index, still whole after the file is
+    /// removed; a file that is not Arrow IPC, or a batch it lacks, is an error.
+    #[test]
+    fn mapped_object_files_give_their_batches_without_reading_them() {
+        use arrow::array::{ArrayRef, DictionaryArray, StringArray};
+        use arrow::datatypes::Int32Type;
+        let dir = tempfile::tempdir().unwrap();
+        let batches: Vec<RecordBatch> = (0..3)
+            .map(|p| {
+                let keys: DictionaryArray<Int32Type> =
+                    (0..1000 + p).map(|i| ["a", "b", "c"][i % 3]).collect();
+                RecordBatch::try_from_iter([
+                    (
+                        "k",
+                        Arc::new(Int64Array::from_iter_values(0..1000 + p as i64)) as ArrayRef,
+                    ),
+                    (
+                        "s",
+                        Arc::new(StringArray::from_iter_values(
+                            (0..1000 + p).map(|i| format!("row {i}")),
+                        )),
+                    ),
+                    ("d", Arc::new(keys)),
+                ])
+                .unwrap()
+            })
+            .collect();
+        let path = dir.path().join("object.arrow");
+        write_file(&path, &batches, ObjectCompression::None).unwrap();
+        assert_eq!(map_shared_file(&path, None).unwrap(), batches);
+        let second = map_shared_file(&path, Some(1)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(second, vec![batches[1].clone()]);
+        write_file(&path, &batches, ObjectCompression::None).unwrap();
+        let err = map_shared_file(&path, Some(3)).unwrap_err().to_string();
+        assert!(err.contains("3 batches; batch 3"), "{err}");
+        let empty = dir.path().join("empty.arrow");
+        write_file(&empty, &[], ObjectCompression::None).unwrap();
+        assert!(map_shared_file(&empty, Some(0)).unwrap().is_empty());
+        let junk = dir.path().join("junk.arrow");
+        std::fs::write(&junk, b"not arrow").unwrap();
+        let err = map_shared_file(&junk, None).unwrap_err().to_string();
+        assert!(err.contains("junk.arrow"), "{err}");
     }
 
     /// Each compression writes files and Flight messages that read back as the same
