@@ -1083,7 +1083,8 @@ pub(crate) async fn fetch_shared(
 /// The batches of an Arrow IPC file in a node's shared folder (all, or batch `i`),
 /// mapped into memory rather than read: their buffers are the file's pages, shared
 /// with the node's store, not copies (the file is not compressed: see
-/// [`ObjectCompression::Auto`]).
+/// [`ObjectCompression::Auto`]). While a batch lives it keeps the file's pages, even
+/// once the store has freed or spilled the object.
 fn map_shared_file(path: &Path, batch: Option<u32>) -> Result<Vec<RecordBatch>> {
     let file = std::fs::File::open(path).map_err(|e| {
         VolleyError::Io(e).context(format!("cannot read object file {}", path.display()))
@@ -1096,20 +1097,36 @@ fn map_shared_file(path: &Path, batch: Option<u32>) -> Result<Vec<RecordBatch>> 
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| {
         VolleyError::Io(e).context(format!("cannot map object file {}", path.display()))
     })?;
-    decode_ipc_file(
-        &arrow::buffer::Buffer::from(bytes::Bytes::from_owner(map)),
-        batch,
-    )
-    .map_err(|e| e.context(format!("object file {}", path.display())))
+    decode_ipc_file(Arc::new(map), batch)
+        .map_err(|e| e.context(format!("object file {}", path.display())))
 }
 
-/// The batches of the Arrow IPC file in `buffer` (all, or batch `i`), decoded without
-/// copying their buffers.
-fn decode_ipc_file(buffer: &arrow::buffer::Buffer, batch: Option<u32>) -> Result<Vec<RecordBatch>> {
+/// A range of a file's bytes, owned as one allocation: a batch decoded from it counts
+/// its own block's bytes, not the whole file's (memory pools and Flight's piece sizes
+/// count a buffer by its allocation).
+struct FileRange<T> {
+    file: Arc<T>,
+    start: usize,
+    len: usize,
+}
+
+impl<T: AsRef<[u8]>> AsRef<[u8]> for FileRange<T> {
+    fn as_ref(&self) -> &[u8] {
+        &self.file.as_ref().as_ref()[self.start..self.start + self.len]
+    }
+}
+
+/// The batches of the Arrow IPC file `file` (all, or batch `i`), decoded without
+/// copying their buffers; each block of the file is an allocation of its own.
+fn decode_ipc_file<T>(file: Arc<T>, batch: Option<u32>) -> Result<Vec<RecordBatch>>
+where
+    T: AsRef<[u8]> + Send + Sync + 'static,
+{
     use arrow::ipc::reader::{read_footer_length, FileDecoder};
     let bad = |what: String| VolleyError::execution(format!("not an Arrow IPC file: {what}"));
-    let len = buffer.len();
-    let trailer: [u8; 10] = buffer
+    let bytes: &[u8] = file.as_ref().as_ref();
+    let len = bytes.len();
+    let trailer: [u8; 10] = bytes
         .get(len.saturating_sub(10)..)
         .and_then(|t| t.try_into().ok())
         .ok_or_else(|| bad(format!("{len} bytes")))?;
@@ -1117,7 +1134,7 @@ fn decode_ipc_file(buffer: &arrow::buffer::Buffer, batch: Option<u32>) -> Result
     let footer_start = (len - 10)
         .checked_sub(footer_len)
         .ok_or_else(|| bad(format!("a footer of {footer_len} bytes in {len}")))?;
-    let footer = arrow::ipc::root_as_footer(&buffer[footer_start..len - 10])
+    let footer = arrow::ipc::root_as_footer(&bytes[footer_start..len - 10])
         .map_err(|e| bad(format!("its footer: {e}")))?;
     let schema = footer
         .schema()
@@ -1125,12 +1142,34 @@ fn decode_ipc_file(buffer: &arrow::buffer::Buffer, batch: Option<u32>) -> Result
         .ok_or_else(|| bad("no schema".into()))?;
     let mut decoder = FileDecoder::new(Arc::new(schema), footer.version());
     let block_data = |block: &arrow::ipc::Block| {
-        let start = usize::try_from(block.offset()).unwrap_or(usize::MAX);
-        let n = block.metaDataLength() as usize + block.bodyLength() as usize;
-        if start.checked_add(n).is_none_or(|end| end > footer_start) {
-            return Err(bad(format!("a block of {n} bytes at {start}")));
+        let (start, meta, body) = (
+            usize::try_from(block.offset()).ok(),
+            usize::try_from(block.metaDataLength()).ok(),
+            usize::try_from(block.bodyLength()).ok(),
+        );
+        // A message starts with its 8-byte prefix, and ends before the footer.
+        let range = match (start, meta, body) {
+            (Some(start), Some(meta), Some(body)) if meta >= 8 => meta
+                .checked_add(body)
+                .and_then(|n| Some((start, n, start.checked_add(n)?))),
+            _ => None,
+        };
+        match range {
+            Some((start, n, end)) if end <= footer_start => {
+                let range = FileRange {
+                    file: Arc::clone(&file),
+                    start,
+                    len: n,
+                };
+                Ok(arrow::buffer::Buffer::from(bytes::Bytes::from_owner(range)))
+            }
+            _ => Err(bad(format!(
+                "a block at {} of {} + {} bytes",
+                block.offset(),
+                block.metaDataLength(),
+                block.bodyLength()
+            ))),
         }
-        Ok(buffer.slice_with_length(start, n))
     };
     for block in footer.dictionaries().iter().flatten() {
         decoder.read_dictionary(block, &block_data(block)?)?;
@@ -1549,6 +1588,10 @@ mod tests {
         write_file(&path, &batches, ObjectCompression::None).unwrap();
         assert_eq!(map_shared_file(&path, None).unwrap(), batches);
         let second = map_shared_file(&path, Some(1)).unwrap();
+        // Counted as its own block's bytes, not the file's.
+        let file_len = std::fs::metadata(&path).unwrap().len() as usize;
+        let counted = volley_common::batch_memory(&second[0]) as usize;
+        assert!(counted < file_len / 2, "{counted} of {file_len}");
         std::fs::remove_file(&path).unwrap();
         assert_eq!(second, vec![batches[1].clone()]);
         write_file(&path, &batches, ObjectCompression::None).unwrap();
