@@ -1,7 +1,8 @@
 //! Sorts, group-bys, aggregations, distincts, every join kind, a seeded shuffle, hash
-//! and ordered repartitions, a block-order shuffle and splits run on a cluster (as
-//! exchanges on its nodes; a split's parts over its input's blocks there) and in this
-//! process, and compared: the cluster's rows must be the local run's.
+//! and ordered repartitions, a block-order shuffle, splits and SQL (a group-by, a join
+//! and a sort) run on a cluster (as exchanges on its nodes; a split's parts over its
+//! input's blocks there; SQL as stages) and in this process, and compared: the
+//! cluster's rows must be the local run's.
 //!
 //! ```text
 //! volley job submit --wait -- target/release/examples/cluster_exchange IN_DIR
@@ -282,6 +283,24 @@ fn operations(
     {
         ops.push((name, part, true));
     }
+    // SQL over the same files: on a cluster its plan is cut into stages that run on
+    // the nodes (the scans, the partial and final aggregates, both sides of the join).
+    let sql = |query: &str| ctx.sql_with_files(query, &[("t", input)]);
+    ops.push((
+        "sql groupby",
+        sql("SELECT x % 7 AS g, x % 1000 AS k, count(*) AS n, sum(x) AS s FROM t GROUP BY 1, 2")?,
+        false,
+    ));
+    ops.push((
+        "sql join",
+        sql("SELECT a.x, b.x * 10 AS y FROM t a JOIN t b ON a.x = b.x + 1 WHERE b.x % 3 = 0")?,
+        false,
+    ));
+    ops.push((
+        "sql sort",
+        sql("SELECT x, x % 7 AS g FROM t ORDER BY g, x DESC")?,
+        true,
+    ));
     let (train, test) = left.train_test_split(0.25, 3)?;
     ops.push(("train_test_split train", train, true));
     ops.push(("train_test_split test", test, true));

@@ -1205,8 +1205,9 @@ fn every_plan_shape_runs_on_the_cluster_as_locally() {
 
 /// Sorts, group-bys, a global aggregate, distincts, every join kind, a seeded shuffle,
 /// a hash repartition and a repartition into equal parts run as exchanges on three
-/// nodes and give the local run's rows (the sort, the shuffle and the equal parts in the
-/// same order); the sort's output partitions were on all three nodes.
+/// nodes, and SQL (a group-by, a join, a sort) as stages there, and give the local
+/// run's rows (the sorts, the shuffle and the equal parts in the same order); the
+/// sort's output partitions were on all three nodes.
 #[test]
 fn exchanges_on_three_nodes_give_the_local_rows() {
     let mut c = TestCluster::start(5.0);
@@ -1252,6 +1253,9 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         ("join full", 120_500),
         ("join semi", 109_090),
         ("join anti", 10_910),
+        ("sql groupby", 7_000),
+        ("sql join", 40_000),
+        ("sql sort", 120_000),
     ] {
         assert!(
             logs.contains(&format!("SAME {op} rows={rows}\n")),
@@ -2572,7 +2576,9 @@ impl SpawnIn for Command {
 /// its tasks run again elsewhere, and the output is still the local run's (no row lost,
 /// none twice, nothing the cut-off host's workers staged is committed); when its link
 /// comes back, the agent learns it was declared dead and exits. Then a new agent on that
-/// host, and a sort cut off the same way while it reduces: the local run's rows.
+/// host, and a sort cut off the same way while it reduces: the local run's rows; then
+/// SQL stages (a group-by, a join, a sort) with another host cut off while the driver
+/// reads the sort's output: the local run's rows.
 #[test]
 fn hosts_in_network_namespaces_survive_a_partition() {
     let hosts = match NetnsHosts::create(3) {
@@ -2669,59 +2675,135 @@ fn hosts_in_network_namespaces_survive_a_partition() {
     // map outputs on the nodes), brought back later: the sort's rows are the local
     // run's, none lost, none twice, none read from the host that came back.
     c.add_host_node(&hosts, 1, 1);
-    let mut sort = Command::new(example("cluster_exchange"))
-        .arg(&data)
-        .args([
-            "--only",
-            "sort",
-            "--pause-ms",
-            "6000",
-            "--store-limit",
-            "256KiB",
-        ])
-        .env("VOLLEY_ADDRESS", &c.address)
-        .env("VOLLEY_TOKEN", &c.token)
-        .env_remove("VOLLEY_WORKER_ID")
-        .env_remove("VOLLEY_JOB_ID")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let printed = Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let printed = Arc::clone(&printed);
-        let mut stdout = sort.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                printed
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !printed.lock().unwrap().contains("PAUSED sort") {
+    let sort = PrintingRun::start(&c, &data, &["--only", "sort", "--store-limit", "256KiB"]);
+    sort.wait_for("PAUSED sort");
+    hosts.cut_off_until_declared_dead(&c, 1);
+    let printed = sort.finish();
+    assert!(printed.contains("SAME sort rows=240000\n"), "{printed}");
+
+    // SQL stages, with a host cut off once the driver has read the first batch of a
+    // sort (the stages' outputs waiting on the nodes) and brought back later: a
+    // group-by, a join and the sort give the local run's rows.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.node_count() < 3 {
         assert!(
             Instant::now() < deadline,
-            "the sort did not start: {}",
-            printed.lock().unwrap()
+            "the agents cut off did not rejoin:\n{}",
+            c.status()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
     }
-    hosts.cut_off_until_declared_dead(&c, 1);
-    let done = sort.wait_with_output().unwrap();
-    reader.join().unwrap();
-    let printed = printed.lock().unwrap().clone();
-    assert!(
-        done.status.success() && printed.contains("SAME sort rows=240000\n"),
-        "{printed}{}",
-        String::from_utf8_lossy(&done.stderr)
+    let reruns = || {
+        std::fs::read_to_string(c.home.path().join("head.log"))
+            .unwrap()
+            .matches(": re-running task")
+            .count()
+    };
+    let before = reruns();
+    // Three partitions of 80,000 rows: the driver reads each in two slices, the second
+    // after its pause.
+    let sql = PrintingRun::start_with(
+        &c,
+        &data,
+        &["--only", "sql"],
+        &[("VOLLEY_EXEC_SHUFFLE_PARTITIONS", "3")],
     );
+    sql.wait_for("PAUSED sql sort");
+    hosts.cut_off_until_declared_dead(&c, 2);
+    let printed = sql.finish();
+    eprintln!(
+        "SQL with a host cut off: {} tasks re-ran for lost objects",
+        reruns() - before
+    );
+    for (op, rows) in [
+        ("sql groupby", 7_000),
+        ("sql join", 80_000),
+        ("sql sort", 240_000),
+    ] {
+        assert!(
+            printed.contains(&format!("SAME {op} rows={rows}\n")),
+            "{op}: {printed}"
+        );
+    }
+}
+
+/// `cluster_exchange` run here as the driver of a cluster: it stops reading for six
+/// seconds after each operation's first batch, and what it prints is gathered as it
+/// comes.
+struct PrintingRun {
+    child: Child,
+    printed: Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl PrintingRun {
+    fn start(c: &TestCluster, data: &Path, args: &[&str]) -> Self {
+        Self::start_with(c, data, args, &[])
+    }
+
+    fn start_with(c: &TestCluster, data: &Path, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(example("cluster_exchange"))
+            .arg(data)
+            .args(args)
+            .args(["--pause-ms", "6000"])
+            .envs(envs.iter().copied())
+            .env("VOLLEY_ADDRESS", &c.address)
+            .env("VOLLEY_TOKEN", &c.token)
+            .env_remove("VOLLEY_WORKER_ID")
+            .env_remove("VOLLEY_JOB_ID")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let printed = Arc::new(std::sync::Mutex::new(String::new()));
+        let reader = {
+            let printed = Arc::clone(&printed);
+            let mut stdout = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    printed
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        };
+        Self {
+            child,
+            printed,
+            reader,
+        }
+    }
+
+    /// Waits until it printed `line`.
+    fn wait_for(&self, line: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.printed.lock().unwrap().contains(line) {
+            assert!(
+                Instant::now() < deadline,
+                "no {line:?} came: {}",
+                self.printed.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for it to end successfully; what it printed.
+    fn finish(self) -> String {
+        let done = self.child.wait_with_output().unwrap();
+        self.reader.join().unwrap();
+        let printed = self.printed.lock().unwrap().clone();
+        assert!(
+            done.status.success(),
+            "{printed}{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        printed
+    }
 }
 
 /// `volley start` in the background (as users run it): the token given with `--token`
@@ -2839,7 +2921,8 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// Out of core across nodes: three nodes whose object stores keep 24 MiB each in memory
 /// sort ~980 MiB of rows (40 times one node's store, 1.8 times what a node may hold in
-/// all: its store plus the processes' stated overhead) and write them as Parquet. The job finishes with every row, sorted, in
+/// all: its store plus the processes' stated overhead) and write them as Parquet (each
+/// reduce task writes its range). The job finishes with every row, sorted, in
 /// ranges that do not overlap; the stores spilled; and no node's memory (its agent's
 /// and workers' resident memory plus its shared-memory object files, sampled through
 /// the run) went past its store plus a stated overhead for the processes themselves.
@@ -2929,6 +3012,18 @@ fn a_sort_larger_than_every_node_finishes_inside_each_nodes_memory() {
     assert_eq!(state, "SUCCEEDED", "{}", c.describe(&job));
     let logs = c.logs(&job);
     assert!(logs.contains(&format!("wrote {n} rows")), "{logs}");
+    // The sort's reduce tasks wrote the files: no stage of write tasks read their
+    // output again.
+    let listing = c
+        .volley()
+        .args(["logs", "--job", &job, "--list"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("Sort (reduce) #47") && !listing.contains("task Write"),
+        "{listing}"
+    );
 
     // Every key once, each file sorted, the files' ranges apart and in the order of
     // the files' names.

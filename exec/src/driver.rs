@@ -438,8 +438,14 @@ fn build(
             counters
                 .tasks_total
                 .store(x.work.partitions(), Ordering::Relaxed);
-            let op =
-                ClusterExchangeOp::new(cluster()?, inputs.clone(), x.work, window(1.0), seqs.base)?;
+            let op = ClusterExchangeOp::new(
+                cluster()?,
+                inputs.clone(),
+                x.work,
+                x.write,
+                window(1.0),
+                seqs.base,
+            )?;
             (Box::new(op), inputs)
         }
         PhysicalPlan::ClusterRows(r) => {

@@ -253,6 +253,9 @@ pub struct ClusterExchangeExec {
     pub describe: String,
     /// Its tasks.
     pub work: Arc<dyn ExchangeWork>,
+    /// When set, its reduce (or broadcast) tasks write their output: each returns what
+    /// it staged (the work's tasks must then write, see `DatasetExchange::writing`).
+    pub write: Option<Arc<WriteTarget>>,
 }
 
 /// Rows of blocks already in the cluster's stores, as [`ClusterRowsExec`] hands them on.
@@ -529,11 +532,15 @@ impl PhysicalPlan {
             PhysicalPlan::ClusterExchange(x) => writeln!(
                 f,
                 "{pad}{}: an exchange on the cluster's nodes, {} partitions (map tasks \
-                 partition each block where it is; a reduce task per partition)\n{pad}  {}",
+                     partition each block where it is; a reduce task per partition)\n{pad}  {}",
                 x.name,
                 x.work.partitions(),
                 x.describe.replace('\n', &format!("\n{pad}  "))
-            ),
+            )
+            .and_then(|()| match x.write {
+                Some(_) => writeln!(f, "{pad}  fused: Write (by the reduce tasks)"),
+                None => Ok(()),
+            }),
             PhysicalPlan::ClusterRows(r) => writeln!(
                 f,
                 "{pad}{}: blocks in the cluster's stores (whole ones go on where they are; \

@@ -20,8 +20,9 @@
 //! - a split's input runs once for all its parts, its blocks staying on the nodes;
 //!   each part hands on the blocks inside its rows as they are and has a task slice
 //!   the (at most two) blocks its bounds cut;
-//! - a write joins the last stage (each task writes its part where it runs), or is a
-//!   stage of its own over the blocks of an actor pool.
+//! - a write joins the last stage (each task writes its part where it runs), is done
+//!   by an exchange's reduce tasks (each writes its partition), or is a stage of its
+//!   own over the blocks of an actor pool.
 //!
 //! Blocks made on a node stay in its object store; this process holds references and
 //! fetches bytes only for the operators that run here.
@@ -372,6 +373,7 @@ impl ClusterRunner {
                             name: boundary_name(op).into(),
                             describe: ShippedOp::describe(op),
                             work: Arc::new(work),
+                            write: None,
                         }),
                         op.schema(state)?,
                     ),
@@ -462,6 +464,26 @@ fn max_resources(a: &Resources, b: &Resources) -> Resources {
     r
 }
 
+/// A stage that writes the blocks of `input` (an actor pool's, a limit's or a union's
+/// over cluster blocks, an exchange that runs no tasks) where they are.
+fn write_stage(input: PhysicalPlan, w: &WriteSpec) -> Result<PhysicalPlan> {
+    let task = EncodedTask::new(Box::new(StageTask {
+        label: "Write".into(),
+        input: StageInput::Objects,
+        ops: vec![],
+        write: Some(w.part.clone()),
+    }))?;
+    Ok(PhysicalPlan::ClusterMap(ClusterMapExec {
+        input: Box::new(input),
+        name: "Write".into(),
+        describe: "Write".into(),
+        task,
+        resources: Resources::cpus(1.0),
+        bundle_rows: 1,
+        write: Some(Arc::clone(&w.target)),
+    }))
+}
+
 impl Runner for ClusterRunner {
     fn plan(&self, plan: &LogicalOp, exec: &ExecContext) -> Result<PhysicalPlan> {
         let (plan, write) = plan.split_write();
@@ -470,29 +492,33 @@ impl Runner for ClusterRunner {
             (Node::Stage(s), w) => s.close(w)?.0,
             (
                 Node::Plan {
-                    planned: (input, _),
+                    planned: (PhysicalPlan::ClusterExchange(mut x), _),
                     remote: true,
                 },
                 Some(w),
             ) => {
-                // The blocks of an actor pool (or a limit, a union over cluster blocks)
-                // are written where they are, by a stage of their own.
-                let task = EncodedTask::new(Box::new(StageTask {
-                    label: "Write".into(),
-                    input: StageInput::Objects,
-                    ops: vec![],
-                    write: Some(w.part.clone()),
-                }))?;
-                PhysicalPlan::ClusterMap(ClusterMapExec {
-                    input: Box::new(input),
-                    name: "Write".into(),
-                    describe: "Write".into(),
-                    task,
-                    resources: Resources::cpus(1.0),
-                    bundle_rows: 1,
-                    write: Some(Arc::clone(&w.target)),
-                })
+                // An exchange's reduce tasks write their output where they run: no
+                // stage of write tasks reads their blocks again.
+                let broadcast = exec.config.exec.broadcast_join_bytes;
+                let writing =
+                    DatasetExchange::of(plan, &exec.session, x.work.partitions(), broadcast)?
+                        .and_then(|work| work.writing(w.part.clone()));
+                match writing {
+                    Some(work) => {
+                        x.work = Arc::new(work);
+                        x.write = Some(Arc::clone(&w.target));
+                        PhysicalPlan::ClusterExchange(x)
+                    }
+                    None => write_stage(PhysicalPlan::ClusterExchange(x), w)?,
+                }
             }
+            (
+                Node::Plan {
+                    planned: (input, _),
+                    remote: true,
+                },
+                Some(w),
+            ) => write_stage(input, w)?,
             (Node::Plan { planned, .. }, Some(w)) => {
                 planner::with_write(planned.0, Arc::clone(&w.target))
             }

@@ -39,13 +39,14 @@ use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceC
 use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
+use volley_connectors::RemotePart;
 use volley_exec::{
     compile_expr, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
     ExchangeWork, MemorySource,
 };
 use volley_runtime::cluster::{EncodedTask, RemoteTask, TaskContext};
 
-use super::stage::{expr_bytes, expr_from};
+use super::stage::{discard_part, expr_bytes, expr_from, write_part};
 use crate::context::Context;
 use crate::dataset::Dataset;
 use crate::exchange::groups;
@@ -515,6 +516,16 @@ pub struct ExchangeReduceTask {
     /// Each input's schema (an IPC stream without batches), where the plan knows it.
     schemas: Vec<Option<Vec<u8>>>,
     combine: Combine,
+    /// Where it writes its output (the exchange is a write's input): its result is
+    /// then what it staged.
+    #[serde(default)]
+    write: Option<RemotePart>,
+}
+
+/// A reduce task's output: its batches, or a dataset of this process that makes them.
+enum Reduced {
+    Batches(Vec<RecordBatch>),
+    Dataset(Dataset),
 }
 
 impl ExchangeReduceTask {
@@ -546,31 +557,57 @@ fn dataset(ctx: &Context, schema: SchemaRef, batches: Vec<RecordBatch>) -> Resul
 
 #[typetag::serde(name = "volley::ExchangeReduceTask")]
 impl RemoteTask for ExchangeReduceTask {
-    fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+    fn run(&self, task: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let reduced = self.reduce(inputs)?;
+        match (&self.write, reduced) {
+            (None, Reduced::Batches(b)) => Ok(b),
+            (None, Reduced::Dataset(ds)) => ds.collect(),
+            (Some(part), Reduced::Batches(b)) => write_part(part, task, b.into_iter().map(Ok)),
+            // Written as the local operator makes it (a sorted partition, in order).
+            (Some(part), Reduced::Dataset(ds)) => write_part(part, task, ds.ordered_batches()?),
+        }
+    }
+
+    /// A write stages files; the worker waits to learn whether to keep them.
+    fn leaves_side_effects(&self) -> bool {
+        self.write.is_some()
+    }
+
+    /// A superseded attempt removes what it staged.
+    fn discard(&self, task: &TaskContext) {
+        if let Some(part) = &self.write {
+            discard_part(part, task, "a reduce task's write");
+        }
+    }
+}
+
+impl ExchangeReduceTask {
+    fn reduce(&self, inputs: Vec<Vec<RecordBatch>>) -> Result<Reduced> {
+        use Reduced::Batches;
         let ctx = Context::global()?;
         if let Combine::FinishAggregate(two) = &self.combine {
             // States, not rows: the input's schema does not apply.
             let states = inputs.into_iter().flatten().collect();
-            return two.finish(&ctx, states);
+            return two.finish(&ctx, states).map(Batches);
         }
         let mut sides = self.sides(inputs)?;
         let Some((schema, batches)) = sides.first_mut().and_then(Option::take) else {
-            return Ok(vec![]);
+            return Ok(Batches(vec![]));
         };
         let non_empty = |b: Vec<RecordBatch>| b.into_iter().filter(|b| b.num_rows() > 0).collect();
         match &self.combine {
-            Combine::Concat => Ok(non_empty(batches)),
+            Combine::Concat => Ok(Batches(non_empty(batches))),
             Combine::Shuffle { seed } => {
                 let batches: Vec<RecordBatch> = non_empty(batches);
                 if batches.is_empty() {
-                    return Ok(vec![]);
+                    return Ok(Batches(vec![]));
                 }
-                Ok(vec![shuffle_partition(
+                Ok(Batches(vec![shuffle_partition(
                     &schema,
                     &batches,
                     *seed,
                     self.partition,
-                )?])
+                )?]))
             }
             Combine::Groups { keys } => {
                 let all = concat_batches(&schema, &batches)?;
@@ -582,7 +619,7 @@ impl RemoteTask for ExchangeReduceTask {
                             .map_err(|_| VolleyError::unknown_column("group key", k, &schema))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                groups(&all, &idx)
+                groups(&all, &idx).map(Batches)
             }
             Combine::Sort { keys } => {
                 let state = ctx.session_state();
@@ -590,7 +627,9 @@ impl RemoteTask for ExchangeReduceTask {
                     .iter()
                     .map(|k| k.rebuild(state))
                     .collect::<Result<Vec<_>>>()?;
-                dataset(&ctx, schema, batches)?.sort(keys)?.collect()
+                Ok(Reduced::Dataset(
+                    self::dataset(&ctx, schema, batches)?.sort(keys)?,
+                ))
             }
             Combine::Aggregate { keys, aggs } => {
                 let state = ctx.session_state();
@@ -598,14 +637,17 @@ impl RemoteTask for ExchangeReduceTask {
                     .iter()
                     .map(|a| expr_from(a, state))
                     .collect::<Result<Vec<_>>>()?;
-                GroupedDataset {
-                    dataset: dataset(&ctx, schema, batches)?,
-                    keys: keys.clone(),
-                }
-                .agg(aggs)?
-                .collect()
+                Ok(Reduced::Dataset(
+                    GroupedDataset {
+                        dataset: self::dataset(&ctx, schema, batches)?,
+                        keys: keys.clone(),
+                    }
+                    .agg(aggs)?,
+                ))
             }
-            Combine::Distinct => dataset(&ctx, schema, batches)?.distinct()?.collect(),
+            Combine::Distinct => Ok(Reduced::Dataset(
+                self::dataset(&ctx, schema, batches)?.distinct()?,
+            )),
             Combine::FinishAggregate(_) => unreachable!("finished above"),
             Combine::Join {
                 left_on,
@@ -617,11 +659,11 @@ impl RemoteTask for ExchangeReduceTask {
                         "a join's reduce task has no schema for its right input",
                     ));
                 };
-                let left = dataset(&ctx, schema, batches)?;
-                let right = dataset(&ctx, right_schema, right)?;
+                let left = self::dataset(&ctx, schema, batches)?;
+                let right = self::dataset(&ctx, right_schema, right)?;
                 let l: Vec<&str> = left_on.iter().map(String::as_str).collect();
                 let r: Vec<&str> = right_on.iter().map(String::as_str).collect();
-                left.join_on(&right, &l, &r, *how)?.collect()
+                Ok(Reduced::Dataset(left.join_on(&right, &l, &r, *how)?))
             }
         }
     }
@@ -661,6 +703,9 @@ pub(crate) struct DatasetExchange {
     in_order: bool,
     /// A join that may broadcast its right side: at most this many bytes of it.
     broadcast: Option<u64>,
+    /// The write its reduce (or broadcast) tasks make of their output, when the
+    /// exchange is a write's input.
+    write: Option<RemotePart>,
 }
 
 impl DatasetExchange {
@@ -805,7 +850,19 @@ impl DatasetExchange {
             schemas,
             in_order,
             broadcast,
+            write: None,
         }))
+    }
+
+    /// The exchange with its reduce (and broadcast) tasks writing their output as parts
+    /// of a write, instead of a stage of write tasks over their blocks; `None` for one
+    /// that runs no tasks (`randomize_block_order`).
+    pub(crate) fn writing(mut self, part: RemotePart) -> Option<Self> {
+        if matches!(self.map, MapPlan::BlockOrder { .. }) {
+            return None;
+        }
+        self.write = Some(part);
+        Some(self)
     }
 }
 
@@ -885,6 +942,7 @@ impl ExchangeWork for DatasetExchange {
             sides: vec![1, right],
             schemas: self.schemas.clone(),
             combine: self.combine.clone(),
+            write: self.write.clone(),
         }))
     }
 }
@@ -937,6 +995,7 @@ impl DatasetExchange {
             sides: sides.to_vec(),
             schemas: self.schemas.clone(),
             combine: self.combine.clone(),
+            write: self.write.clone(),
         }
     }
 }

@@ -234,26 +234,7 @@ impl RemoteTask for StageTask {
         let batches = ds.ordered_batches()?;
         match &self.write {
             None => batches.collect(),
-            Some(part) => {
-                let exec = ctx.exec_context();
-                let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
-                let scratch = exec
-                    .config
-                    .exec
-                    .spill_dir
-                    .as_ref()
-                    .map(std::path::PathBuf::from)
-                    .unwrap_or_else(std::env::temp_dir);
-                let staged = part.write(
-                    batches,
-                    registry.as_ref(),
-                    &scratch,
-                    &part_name(task),
-                    task.attempt,
-                    exec.runtime.io_handle(),
-                )?;
-                value_object(&staged)
-            }
+            Some(part) => write_part(part, task, batches),
         }
     }
 
@@ -264,13 +245,47 @@ impl RemoteTask for StageTask {
 
     /// A superseded attempt removes what it staged.
     fn discard(&self, task: &TaskContext) {
-        let Some(part) = &self.write else { return };
-        let Ok(ctx) = Context::global() else { return };
-        let exec = ctx.exec_context();
-        let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
-        let io = exec.runtime.io_handle();
-        if let Err(e) = part.discard(registry.as_ref(), &part_name(task), task.attempt, io) {
-            tracing::warn!("{}: {e}", self.label);
+        if let Some(part) = &self.write {
+            discard_part(part, task, &self.label);
         }
+    }
+}
+
+/// Writes a task's output as its part of a write; the task's result is what it staged
+/// (committed by the driver once every part is staged).
+pub(crate) fn write_part(
+    part: &RemotePart,
+    task: &TaskContext,
+    batches: impl Iterator<Item = Result<RecordBatch>>,
+) -> Result<Vec<RecordBatch>> {
+    let ctx = Context::global()?;
+    let exec = ctx.exec_context();
+    let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
+    let scratch = exec
+        .config
+        .exec
+        .spill_dir
+        .as_ref()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let staged = part.write(
+        batches,
+        registry.as_ref(),
+        &scratch,
+        &part_name(task),
+        task.attempt,
+        exec.runtime.io_handle(),
+    )?;
+    value_object(&staged)
+}
+
+/// Removes what a superseded attempt of `task` staged for its part of a write.
+pub(crate) fn discard_part(part: &RemotePart, task: &TaskContext, label: &str) {
+    let Ok(ctx) = Context::global() else { return };
+    let exec = ctx.exec_context();
+    let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
+    let io = exec.runtime.io_handle();
+    if let Err(e) = part.discard(registry.as_ref(), &part_name(task), task.attempt, io) {
+        tracing::warn!("{label}: {e}");
     }
 }

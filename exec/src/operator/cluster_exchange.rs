@@ -19,6 +19,10 @@
 //! the left side is not partitioned. Otherwise both sides are mapped and reduced as
 //! above.
 //!
+//! When the exchange is a write's input, its reduce (or broadcast) tasks write their
+//! output where they run, each its own part (named by its partition, so that a sort's
+//! files follow its key ranges), and hand on no blocks.
+//!
 //! This process holds references, never rows: the input blocks and the map outputs stay
 //! in the nodes' stores until every reduce task is done, so that a map output lost with
 //! its node is made again from its input (the head re-runs the map task, and re-reads
@@ -39,7 +43,7 @@ use volley_runtime::cluster::{
 
 use super::cluster_read::task_result;
 use super::{Expected, Operator, OutputEstimate, RemoteWork, StepContext};
-use crate::plan::ExchangeWork;
+use crate::plan::{bundle_task_name, ExchangeWork, WriteTarget};
 use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
 
 /// What the tasks' callbacks fill in.
@@ -111,6 +115,9 @@ pub(crate) struct ClusterExchangeOp {
     first_seq: u64,
     window: usize,
     estimate: Arc<OutputEstimate>,
+    /// Where the reduce (or broadcast) tasks write their output, when they do: they
+    /// hand on no blocks.
+    write: Option<Arc<WriteTarget>>,
 }
 
 impl ClusterExchangeOp {
@@ -118,6 +125,7 @@ impl ClusterExchangeOp {
         cluster: Cluster,
         inputs: Vec<Arc<BlockQueue>>,
         work: Arc<dyn ExchangeWork>,
+        write: Option<Arc<WriteTarget>>,
         window: usize,
         first_seq: u64,
     ) -> Result<Self> {
@@ -163,6 +171,7 @@ impl ClusterExchangeOp {
             first_seq,
             window: window.max(1),
             estimate: Arc::default(),
+            write,
         })
     }
 
@@ -413,6 +422,7 @@ impl ClusterExchangeOp {
                 &parts,
                 options(cx, "broadcast join"),
                 &self.progress,
+                self.write.as_ref(),
                 // Its left block is read: the node may let it go.
                 move |p| {
                     if let Some(held) = p.held.first_mut().and_then(|h| h.get_mut(i)) {
@@ -529,8 +539,12 @@ impl ClusterExchangeOp {
                 work,
                 task,
                 &parts,
-                options(cx, "reduce"),
+                // Named by its partition: a write's part files follow the partitions'
+                // order (a sort's key ranges).
+                options(cx, "reduce")
+                    .name(bundle_task_name(&format!("{} (reduce)", cx.name), p as u64)),
                 &self.progress,
+                self.write.as_ref(),
                 move |p| {
                     p.reduces_done += 1;
                     if p.reduces_done == partitions {
@@ -564,6 +578,7 @@ fn submit_output(
     parts: &[TaskInput<'_>],
     options: TaskOptions,
     progress: &Arc<Mutex<Progress>>,
+    write: Option<&Arc<WriteTarget>>,
     then: impl FnOnce(&mut Progress) + Send + 'static,
 ) {
     let task = match task {
@@ -573,13 +588,14 @@ fn submit_output(
     match cluster.submit_selected(&task, parts, &options) {
         Ok(object) => {
             let (cluster, progress) = (cluster.clone(), Arc::clone(progress));
+            let write = write.cloned();
             let output = object.clone();
             cx.watch().add(
                 object,
                 Box::new(move |meta| {
                     let block = match meta {
-                        Ok(m) if m.rows == 0 => Ok(None),
-                        meta => task_result(&cluster, None, output, meta),
+                        Ok(m) if m.rows == 0 && write.is_none() => Ok(None),
+                        meta => task_result(&cluster, write.as_ref(), output, meta),
                     };
                     work.finish(block);
                     then(&mut progress.lock().expect("exchange lock"));
