@@ -376,5 +376,8 @@ fn main() -> volley::Result<()> {
     let nodes = nodes_of(sorted)?;
     println!("NODES {}", nodes.into_iter().collect::<Vec<_>>().join(","));
     println!("{}", sorted.explain()?);
+    // The steps after it run in its reduce tasks.
+    let tagged = sorted.map_transform(TransformFn::named(TagNode), MapOptions::default());
+    println!("{}", tagged.select(&["node"])?.explain()?);
     Ok(())
 }

@@ -1273,6 +1273,11 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         "explain shows the exchange:\n{logs}"
     );
     assert!(
+        logs.contains("Sort->MapBatches(TagNode)->Project: an exchange")
+            && logs.contains("then, in its reduce tasks: "),
+        "the steps after the sort run in its reduce tasks:\n{logs}"
+    );
+    assert!(
         logs.contains("Split: blocks in the cluster's stores"),
         "a split's parts are the input's blocks on the nodes:\n{logs}"
     );

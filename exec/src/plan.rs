@@ -178,6 +178,10 @@ pub trait ExchangeWork: Send + Sync + fmt::Debug {
     /// Output partitions (reduce tasks).
     fn partitions(&self) -> usize;
 
+    /// The work as its own type: the layer that made it adds to it (a write, the steps
+    /// after it) once it sees what follows the exchange.
+    fn as_any(&self) -> &dyn std::any::Any;
+
     /// The task that samples one input block (its result: a few rows of its keys),
     /// when the map tasks need boundaries chosen from samples (a sort).
     fn sample_task(&self) -> Result<Option<EncodedTask>>;

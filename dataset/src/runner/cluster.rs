@@ -7,7 +7,8 @@
 //!   split; the row-local steps after it (select, filter, with_column, drop, rename,
 //!   named `map_batches`) join that stage and run inside its tasks;
 //! - a named `map_batches` after operators of this process opens a stage over their
-//!   blocks (put into the cluster);
+//!   blocks (put into the cluster); after an exchange, its row-local steps (and a
+//!   one-CPU named `map_batches`, and a write) run in the exchange's reduce tasks;
 //! - a named stateful transform runs on a **pool of cluster actors**;
 //! - a closure (`map_batches`, `filter_fn`, a local stateful factory) cannot travel: it
 //!   runs in this process (warned once, naming it), as do limits and unions (over
@@ -64,6 +65,24 @@ enum Input {
     Reads(Vec<(String, Vec<u8>)>),
     /// The blocks of operators below (this process's, or an actor pool's).
     Blocks(Box<PhysicalPlan>),
+    /// An exchange's output: its reduce tasks run the stage's steps (and write) on it,
+    /// so it is not stored and read again by tasks of its own.
+    Reduce(ClusterExchangeExec),
+}
+
+/// The input of a stage over `input`'s blocks: an exchange's reduce tasks where they
+/// can take the stage's steps, else tasks over its blocks.
+fn blocks_input(input: PhysicalPlan) -> Input {
+    match input {
+        PhysicalPlan::ClusterExchange(x)
+            if x.write.is_none()
+                && x.work.block_order(0).is_none()
+                && x.work.as_any().is::<DatasetExchange>() =>
+        {
+            Input::Reduce(x)
+        }
+        other => Input::Blocks(Box::new(other)),
+    }
 }
 
 /// A stage still open to more row-local steps.
@@ -144,6 +163,28 @@ impl Stage {
                 resources: self.resources,
                 write: target,
             }),
+            Input::Reduce(mut x) => {
+                let work = x
+                    .work
+                    .as_any()
+                    .downcast_ref::<DatasetExchange>()
+                    .cloned()
+                    .and_then(|w| w.then(self.ops.clone()))
+                    .and_then(|w| match part {
+                        Some(p) => w.writing(p),
+                        None => Some(w),
+                    })
+                    .ok_or_else(|| {
+                        volley_common::VolleyError::internal(format!(
+                            "{name}: the exchange below cannot run the stage's steps"
+                        ))
+                    })?;
+                x.work = Arc::new(work);
+                x.write = target;
+                x.name = format!("{}->{name}", x.name);
+                x.describe = format!("{}\nthen, in its reduce tasks: {describe}", x.describe);
+                PhysicalPlan::ClusterExchange(x)
+            }
             Input::Blocks(input) => PhysicalPlan::ClusterMap(ClusterMapExec {
                 input,
                 task: encode(name.clone(), StageInput::Objects)?,
@@ -250,7 +291,7 @@ impl ClusterRunner {
                 child @ Node::Plan { remote: true, .. } => {
                     let ((input, schema), _) = child.close()?;
                     let mut s = Stage {
-                        input: Input::Blocks(Box::new(input)),
+                        input: blocks_input(input),
                         names: vec![],
                         describe: vec![],
                         ops: vec![],
@@ -284,12 +325,28 @@ impl ClusterRunner {
                     }
                     child => {
                         let ((input, _), _) = child.close()?;
+                        // A transform of one CPU at most, one task per block, runs in an
+                        // exchange's reduce tasks.
+                        let one_task = Resources::cpus(1.0);
+                        let light = options.concurrency.is_none()
+                            && options.batch_size.is_none()
+                            && want.num_cpus <= one_task.num_cpus
+                            && want.memory <= one_task.memory
+                            && fuses(&one_task, &want);
+                        let input = match light {
+                            true => blocks_input(input),
+                            false => Input::Blocks(Box::new(input)),
+                        };
+                        let resources = match input {
+                            Input::Reduce(_) => one_task,
+                            _ => want,
+                        };
                         Ok(Node::Stage(Stage {
-                            input: Input::Blocks(Box::new(input)),
+                            input,
                             names: vec![format!("MapBatches({})", f.name())],
                             describe: vec![ShippedOp::describe(op)],
                             ops: vec![shipped],
-                            resources: want,
+                            resources,
                             bundle_rows: options.batch_size.unwrap_or(1),
                             schema: None,
                         }))

@@ -46,7 +46,7 @@ use volley_exec::{
 };
 use volley_runtime::cluster::{EncodedTask, RemoteTask, TaskContext};
 
-use super::stage::{discard_part, expr_bytes, expr_from, write_part};
+use super::stage::{discard_part, expr_bytes, expr_from, write_part, ShippedOp};
 use crate::context::Context;
 use crate::dataset::Dataset;
 use crate::exchange::groups;
@@ -520,6 +520,9 @@ pub struct ExchangeReduceTask {
     /// then what it staged.
     #[serde(default)]
     write: Option<RemotePart>,
+    /// The row-local steps after the exchange, run on its output in the same task.
+    #[serde(default)]
+    then: Vec<ShippedOp>,
 }
 
 /// A reduce task's output: its batches, or a dataset of this process that makes them.
@@ -558,10 +561,15 @@ fn dataset(ctx: &Context, schema: SchemaRef, batches: Vec<RecordBatch>) -> Resul
 #[typetag::serde(name = "volley::ExchangeReduceTask")]
 impl RemoteTask for ExchangeReduceTask {
     fn run(&self, task: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
-        let reduced = self.reduce(inputs)?;
+        let mut reduced = self.reduce(inputs)?;
+        if !self.then.is_empty() {
+            reduced = self.then(reduced)?;
+        }
         match (&self.write, reduced) {
             (None, Reduced::Batches(b)) => Ok(b),
-            (None, Reduced::Dataset(ds)) => ds.collect(),
+            // In the order the local operator makes it (a sorted partition, then the
+            // steps after the exchange, keeps its order).
+            (None, Reduced::Dataset(ds)) => ds.ordered_batches()?.collect(),
             (Some(part), Reduced::Batches(b)) => write_part(part, task, b.into_iter().map(Ok)),
             // Written as the local operator makes it (a sorted partition, in order).
             (Some(part), Reduced::Dataset(ds)) => write_part(part, task, ds.ordered_batches()?),
@@ -582,6 +590,20 @@ impl RemoteTask for ExchangeReduceTask {
 }
 
 impl ExchangeReduceTask {
+    /// The steps after the exchange over its output (no rows: none come out).
+    fn then(&self, reduced: Reduced) -> Result<Reduced> {
+        let ctx = Context::global()?;
+        let mut op = match reduced {
+            Reduced::Batches(b) if b.is_empty() => return Ok(Reduced::Batches(b)),
+            Reduced::Batches(b) => LogicalOp::source(Arc::new(MemorySource::try_new(b)?)),
+            Reduced::Dataset(ds) => Arc::clone(ds.logical()),
+        };
+        for s in &self.then {
+            op = Arc::new(s.rebuild(op, ctx.session_state())?);
+        }
+        Ok(Reduced::Dataset(Dataset::new(ctx, op)))
+    }
+
     fn reduce(&self, inputs: Vec<Vec<RecordBatch>>) -> Result<Reduced> {
         use Reduced::Batches;
         let ctx = Context::global()?;
@@ -692,7 +714,7 @@ enum MapPlan {
 }
 
 /// The tasks of one exchange on a cluster.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct DatasetExchange {
     partitions: usize,
     map: MapPlan,
@@ -706,6 +728,8 @@ pub(crate) struct DatasetExchange {
     /// The write its reduce (or broadcast) tasks make of their output, when the
     /// exchange is a write's input.
     write: Option<RemotePart>,
+    /// The row-local steps its reduce (or broadcast) tasks run on their output.
+    then: Vec<ShippedOp>,
 }
 
 impl DatasetExchange {
@@ -851,7 +875,19 @@ impl DatasetExchange {
             in_order,
             broadcast,
             write: None,
+            then: vec![],
         }))
+    }
+
+    /// The exchange with its reduce (and broadcast) tasks running `ops` (row-local
+    /// steps) on their output, instead of a stage of tasks over their blocks; `None` for
+    /// one that runs no tasks (`randomize_block_order`).
+    pub(crate) fn then(mut self, ops: Vec<ShippedOp>) -> Option<Self> {
+        if matches!(self.map, MapPlan::BlockOrder { .. }) {
+            return None;
+        }
+        self.then.extend(ops);
+        Some(self)
     }
 
     /// The exchange with its reduce (and broadcast) tasks writing their output as parts
@@ -922,6 +958,10 @@ impl ExchangeWork for DatasetExchange {
         matches!(self.map, MapPlan::Positions)
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn block_order(&self, blocks: usize) -> Option<Vec<usize>> {
         match self.map {
             MapPlan::BlockOrder { seed } => Some(crate::exchange::block_order(blocks, seed)),
@@ -943,6 +983,7 @@ impl ExchangeWork for DatasetExchange {
             schemas: self.schemas.clone(),
             combine: self.combine.clone(),
             write: self.write.clone(),
+            then: self.then.clone(),
         }))
     }
 }
@@ -996,6 +1037,7 @@ impl DatasetExchange {
             schemas: self.schemas.clone(),
             combine: self.combine.clone(),
             write: self.write.clone(),
+            then: self.then.clone(),
         }
     }
 }

@@ -76,7 +76,7 @@ impl ShippedOp {
     }
 
     /// The node this step was, over `input`.
-    fn rebuild(&self, input: Arc<LogicalOp>, state: &SessionState) -> Result<LogicalOp> {
+    pub(crate) fn rebuild(&self, input: Arc<LogicalOp>, state: &SessionState) -> Result<LogicalOp> {
         Ok(match self.clone() {
             ShippedOp::Select(exprs) => LogicalOp::Select {
                 input,
