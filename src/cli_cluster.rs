@@ -443,6 +443,25 @@ async fn wait_for_signal() {
     }
 }
 
+/// The node agent's allocator, set as its workers' (`GLIBC_TUNABLES`, see the agent's
+/// command for workers) unless the environment sets it: the agent serves objects to
+/// other nodes over Flight, buffer by buffer, and with glibc's defaults kept the
+/// freed buffers (~250 MiB of an agent serving a 1 GiB sort's map outputs).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        use nix::libc::{mallopt, M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD};
+        // SAFETY: mallopt only changes the allocator's parameters; called before the
+        // agent starts its threads.
+        #[allow(unsafe_code)]
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 256 << 10);
+            mallopt(M_TRIM_THRESHOLD, 16 << 20);
+            mallopt(M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
     // Checked before a background agent starts: a bad value is said here.
     let object_compression = a
@@ -472,6 +491,7 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         );
         return Ok(());
     }
+    tune_allocator();
     let token = match &a.token {
         Some(t) => t.clone(),
         None => auth::read_token(&dir.join("token")).map_err(|_| {

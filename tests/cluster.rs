@@ -182,9 +182,16 @@ impl TestCluster {
     }
 
     fn submit(&self, args: &[&str]) -> String {
+        self.submit_with_env(&[], args)
+    }
+
+    /// Submits a job whose processes get `env` (`K=V`) on top of the nodes'.
+    fn submit_with_env(&self, env: &[&str], args: &[&str]) -> String {
         let out = self
             .volley()
-            .args(["job", "submit", "--"])
+            .args(["job", "submit"])
+            .args(env.iter().flat_map(|e| ["--env", e]))
+            .arg("--")
             .args(args)
             .output()
             .unwrap();
@@ -2926,14 +2933,21 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// Out of core across nodes: three nodes whose object stores keep 24 MiB each in memory
 /// sort ~980 MiB of rows (40 times one node's store, 1.8 times what a node may hold in
-/// all: its store plus the processes' stated overhead) and write them as Parquet (each
-/// reduce task writes its range). The job finishes with every row, sorted, in
-/// ranges that do not overlap; the stores spilled; and no node's memory (its agent's
-/// and workers' resident memory plus its shared-memory object files, sampled through
-/// the run) went past its store plus a stated overhead for the processes themselves.
+/// all: its store plus the processes' stated overhead) into three ranges of ~330 MiB
+/// and write them as Parquet (each reduce task writes its range). A reduce task takes
+/// its range as its worker reads it and sorts it under a 48 MiB budget, spilling: it
+/// never holds the range whole. The job finishes with every row, sorted, in ranges
+/// that do not overlap; the stores spilled; and no node's memory (its agent's and
+/// workers' resident memory plus its shared-memory object files, sampled through the
+/// run) went past its store plus a stated overhead for the processes themselves.
 #[test]
 fn a_sort_larger_than_every_node_finishes_inside_each_nodes_memory() {
     const STORE_MIB: u64 = 24;
+    // Each worker's memory budget (its sort spills past it), and the sort's ranges:
+    // ~330 MiB each, so that a reduce task's partition is larger than what its
+    // node may hold.
+    const WORKER_MIB: u64 = 48;
+    const PARTITIONS: usize = 3;
     let mut c = TestCluster::start(10.0);
     for _ in 0..3 {
         c.add_node_with_store(1, 0, &format!("{STORE_MIB}MiB"));
@@ -2966,15 +2980,18 @@ fn a_sort_larger_than_every_node_finishes_inside_each_nodes_memory() {
     }
     let out = dir.path().join("sorted");
     let agents: Vec<i32> = c.nodes.iter().map(|n| n.id() as i32).collect();
-    let job = c.submit(&[
-        example("cluster_sort").to_str().unwrap(),
-        input.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--by",
-        "x",
-        "--partitions",
-        "48",
-    ]);
+    let job = c.submit_with_env(
+        &[&format!("VOLLEY_EXEC_MEMORY_LIMIT={WORKER_MIB}MiB")],
+        &[
+            example("cluster_sort").to_str().unwrap(),
+            input.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--by",
+            "x",
+            "--partitions",
+            &PARTITIONS.to_string(),
+        ],
+    );
 
     // Each node's memory, sampled while the job runs: the total, and its agent's, its
     // workers' and its shared folder's at their own peaks.
@@ -3026,7 +3043,8 @@ fn a_sort_larger_than_every_node_finishes_inside_each_nodes_memory() {
         .unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(
-        listing.contains("Sort (reduce) #47") && !listing.contains("task Write"),
+        listing.contains(&format!("Sort (reduce) #{}", PARTITIONS - 1))
+            && !listing.contains("task Write"),
         "{listing}"
     );
 

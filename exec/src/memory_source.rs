@@ -9,7 +9,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
 
-fn projected(schema: &SchemaRef, request: &ScanRequest) -> Result<SchemaRef> {
+pub(crate) fn projected(schema: &SchemaRef, request: &ScanRequest) -> Result<SchemaRef> {
     Ok(match &request.projection {
         Some(p) => Arc::new(schema.project(p)?),
         None => Arc::clone(schema),

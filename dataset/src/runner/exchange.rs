@@ -42,9 +42,9 @@ use volley_common::{Result, VolleyError};
 use volley_connectors::RemotePart;
 use volley_exec::{
     compile_expr, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
-    ExchangeWork, MemorySource,
+    ExchangeWork, InputStreamSource, MemorySource,
 };
-use volley_runtime::cluster::{EncodedTask, RemoteTask, TaskContext};
+use volley_runtime::cluster::{EncodedTask, InputStream, RemoteTask, TaskContext};
 
 use super::stage::{discard_part, expr_bytes, expr_from, write_part, ShippedOp};
 use crate::context::Context;
@@ -561,19 +561,24 @@ fn dataset(ctx: &Context, schema: SchemaRef, batches: Vec<RecordBatch>) -> Resul
 #[typetag::serde(name = "volley::ExchangeReduceTask")]
 impl RemoteTask for ExchangeReduceTask {
     fn run(&self, task: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
-        let mut reduced = self.reduce(inputs)?;
-        if !self.then.is_empty() {
-            reduced = self.then(reduced)?;
-        }
-        match (&self.write, reduced) {
-            (None, Reduced::Batches(b)) => Ok(b),
-            // In the order the local operator makes it (a sorted partition, then the
-            // steps after the exchange, keeps its order).
-            (None, Reduced::Dataset(ds)) => ds.ordered_batches()?.collect(),
-            (Some(part), Reduced::Batches(b)) => write_part(part, task, b.into_iter().map(Ok)),
-            // Written as the local operator makes it (a sorted partition, in order).
-            (Some(part), Reduced::Dataset(ds)) => write_part(part, task, ds.ordered_batches()?),
-        }
+        let reduced = self.reduce(inputs)?;
+        self.output(task, reduced)
+    }
+
+    /// A sort, aggregation or distinct of one input takes its partition as the worker
+    /// reads it: the operator spills past the worker's memory budget, so a partition
+    /// larger than that memory (a skewed key, few partitions) is not held whole.
+    fn streams_inputs(&self) -> bool {
+        self.sides.len() == 1
+            && matches!(
+                self.combine,
+                Combine::Sort { .. } | Combine::Aggregate { .. } | Combine::Distinct
+            )
+    }
+
+    fn run_streamed(&self, task: &TaskContext, inputs: InputStream) -> Result<Vec<RecordBatch>> {
+        let reduced = self.reduce_streamed(inputs)?;
+        self.output(task, reduced)
     }
 
     /// A write stages files; the worker waits to learn whether to keep them.
@@ -590,6 +595,70 @@ impl RemoteTask for ExchangeReduceTask {
 }
 
 impl ExchangeReduceTask {
+    /// What the task hands on of its partition's `reduced` rows: the steps after the
+    /// exchange run on them, then they are written, or returned.
+    fn output(&self, task: &TaskContext, mut reduced: Reduced) -> Result<Vec<RecordBatch>> {
+        if !self.then.is_empty() {
+            reduced = self.then(reduced)?;
+        }
+        match (&self.write, reduced) {
+            (None, Reduced::Batches(b)) => Ok(b),
+            // In the order the local operator makes it (a sorted partition, then the
+            // steps after the exchange, keeps its order).
+            (None, Reduced::Dataset(ds)) => ds.ordered_batches()?.collect(),
+            (Some(part), Reduced::Batches(b)) => write_part(part, task, b.into_iter().map(Ok)),
+            // Written as the local operator makes it (a sorted partition, in order).
+            (Some(part), Reduced::Dataset(ds)) => write_part(part, task, ds.ordered_batches()?),
+        }
+    }
+
+    /// [`Self::reduce`] of a partition read as it arrives (see
+    /// [`RemoteTask::streams_inputs`]).
+    fn reduce_streamed(&self, mut inputs: InputStream) -> Result<Reduced> {
+        let ctx = Context::global()?;
+        // The first rows' schema, as a reduce task that holds its inputs takes it;
+        // the plan's where no rows come.
+        let mut first = Vec::new();
+        let schema = loop {
+            match inputs.next_blocking() {
+                Some(input) => {
+                    first.extend(input?.into_iter().filter(|b| b.num_rows() > 0));
+                    if let Some(b) = first.first() {
+                        break b.schema();
+                    }
+                }
+                None => match self.schemas.first().and_then(Option::as_ref) {
+                    Some(bytes) => break from_bytes(bytes)?.0,
+                    None => return Ok(Reduced::Batches(vec![])),
+                },
+            }
+        };
+        let ds = ctx.source(Arc::new(InputStreamSource::new(schema, first, inputs)));
+        let state = ctx.session_state();
+        Ok(Reduced::Dataset(match &self.combine {
+            Combine::Sort { keys } => ds.sort(
+                keys.iter()
+                    .map(|k| k.rebuild(state))
+                    .collect::<Result<Vec<_>>>()?,
+            )?,
+            Combine::Aggregate { keys, aggs } => GroupedDataset {
+                dataset: ds,
+                keys: keys.clone(),
+            }
+            .agg(
+                aggs.iter()
+                    .map(|a| expr_from(a, state))
+                    .collect::<Result<Vec<_>>>()?,
+            )?,
+            Combine::Distinct => ds.distinct()?,
+            _ => {
+                return Err(VolleyError::internal(
+                    "this reduce task does not stream its inputs",
+                ))
+            }
+        }))
+    }
+
     /// The steps after the exchange over its output (no rows: none come out).
     fn then(&self, reduced: Reduced) -> Result<Reduced> {
         let ctx = Context::global()?;

@@ -63,8 +63,8 @@ pub use objects::{object_batch, ObjectCompression, ObjectReader, ObjectSlice};
 pub use resources::Resources;
 pub use status::{ClusterStatus, JobState, JobStatus, NodeState, NodeStatus};
 pub use task::{
-    catch_panic, object_value, on_own_thread, value_object, ActorCall, ActorCalls, RemoteActor,
-    RemoteTask, TaskContext,
+    catch_panic, object_value, on_own_thread, value_object, ActorCall, ActorCalls, InputStream,
+    RemoteActor, RemoteTask, TaskContext,
 };
 pub use tls::TlsConfig;
 pub use worker::{is_worker, run_worker};

@@ -203,7 +203,20 @@ impl Spawner {
             .spawn(move || {
                 let _enter = handle.enter();
                 for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
+                    // A job file just copied into place may still be open for writing
+                    // in a child another thread forked meanwhile (it closes the copy
+                    // when it execs): the kernel refuses to run it until then.
+                    let mut spawned = cmd.spawn();
+                    for _ in 0..40 {
+                        match &spawned {
+                            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => {
+                                std::thread::sleep(std::time::Duration::from_millis(25));
+                                spawned = cmd.spawn();
+                            }
+                            _ => break,
+                        }
+                    }
+                    let _ = reply.send(spawned);
                 }
             })
             .map_err(|e| VolleyError::internal(format!("cannot start the spawner thread: {e}")))?;
@@ -228,16 +241,17 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-/// glibc's allocator settings for a job's processes: buffers under 4 MiB come from
-/// the heap, and up to 16 MiB freed at its top stays there. A job's worker starts
-/// fresh and lives for one job; with glibc's defaults it gives most Arrow buffers back
-/// to the kernel when they are dropped and faults them in again, zeroed, for the next
-/// batch (TPC-H SF1 Q18 on a 2-node cluster: ~130k-180k page faults instead of
-/// ~220k-230k). Keeping 32 MiB saved a few more faults (~95k) and ~1% of time, but
-/// raised a worker's peak in the out-of-core sort test by 50-100 MiB; 16 MiB does not.
-/// Other C libraries ignore the variable.
-const MALLOC_TUNABLES: &str =
-    "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=16777216";
+/// glibc's allocator settings for a job's processes. Buffers from 256 KiB up are
+/// mapped on their own and given back when dropped: held in the heap instead (a 4 MiB
+/// threshold), the blocks a sort takes in and spills freed memory that no later
+/// allocation reused, and a reduce task sorting a partition of ~330 MiB under a 48 MiB
+/// budget peaked at 510-600 MiB where it now peaks at ~300 MiB (the out-of-core sort
+/// test). Two heaps (arenas) at most, so that freed memory is reused across the
+/// runtime's threads; up to 16 MiB freed at a heap's top stays there for the next
+/// batch (fewer page faults: TPC-H SF1 Q18 on a 2-node cluster faulted ~130k-180k
+/// pages instead of ~220k-230k). Other C libraries ignore the variable.
+const MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=262144:\
+     glibc.malloc.trim_threshold=16777216:glibc.malloc.arena_max=2";
 
 /// Removes a folder when dropped.
 struct RemoveOnDrop(PathBuf);

@@ -3,7 +3,8 @@
 //! A task is a value of a type that implements [`RemoteTask`] and is registered with
 //! `#[typetag::serde]`: it travels as JSON (`{"task": "MyTask", "args": {..}}`) and the
 //! worker, which runs the same binary, rebuilds it by name. Its inputs are objects (the
-//! results of other tasks, fetched before it runs) and its result is one object: a list
+//! results of other tasks, fetched before it runs, or as it runs for a task that
+//! streams them) and its result is one object: a list
 //! of Arrow record batches. [`RemoteActor`] is the stateful form: built once on its own
 //! worker process, then called method by method, in order.
 
@@ -67,6 +68,127 @@ pub trait RemoteTask: Send + Sync + Debug {
     /// superseded; other tasks hand their result over and go on at once.
     fn leaves_side_effects(&self) -> bool {
         false
+    }
+
+    /// Whether the task takes its inputs as they are read ([`Self::run_streamed`])
+    /// instead of all at once before it runs: for a task whose inputs together may
+    /// outgrow its worker's memory (a reduce task reads its partition of every map
+    /// output) and that can consume them as they come (a sort that spills).
+    fn streams_inputs(&self) -> bool {
+        false
+    }
+
+    /// Runs with its inputs read while it runs, in order, at most
+    /// [`InputStream::READ_AHEAD_BYTES`] of them read ahead of what it took; called
+    /// instead of [`Self::run`] where [`Self::streams_inputs`] says so. The default
+    /// reads them all and calls [`Self::run`].
+    fn run_streamed(&self, ctx: &TaskContext, mut inputs: InputStream) -> Result<Vec<RecordBatch>> {
+        let mut all = Vec::new();
+        while let Some(input) = inputs.next_blocking() {
+            all.push(input?);
+        }
+        self.run(ctx, all)
+    }
+}
+
+/// A task's input objects as its worker reads them, in the order the task was given
+/// them: each item one object's batches (or the part of it the task reads), or why it
+/// could not be read (the task then fails, and its worker tells the cluster which
+/// inputs to rebuild). The worker reads ahead of the task at most
+/// [`Self::READ_AHEAD_BYTES`], plus the reads it has started (a few objects).
+#[derive(Debug)]
+pub struct InputStream {
+    inputs: tokio::sync::mpsc::UnboundedReceiver<Result<Vec<RecordBatch>>>,
+    ahead: Arc<ReadAhead>,
+}
+
+/// What a worker has read of a task's inputs and the task has not yet taken.
+#[derive(Debug, Default)]
+pub(crate) struct ReadAhead {
+    bytes: std::sync::atomic::AtomicU64,
+    /// Signalled as the task takes an input (or ends).
+    pub(crate) taken: tokio::sync::Notify,
+}
+
+impl ReadAhead {
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The bytes of memory `batches` hold.
+pub(crate) fn input_bytes(batches: &[RecordBatch]) -> u64 {
+    batches
+        .iter()
+        .map(|b| b.get_array_memory_size() as u64)
+        .sum()
+}
+
+impl InputStream {
+    /// Bytes a worker reads ahead of what its task took.
+    pub const READ_AHEAD_BYTES: u64 = 64 << 20;
+
+    /// A stream fed through `sender`, and what it has read ahead.
+    pub(crate) fn channel() -> (
+        tokio::sync::mpsc::UnboundedSender<Result<Vec<RecordBatch>>>,
+        Arc<ReadAhead>,
+        InputStream,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let ahead = Arc::new(ReadAhead::default());
+        let stream = InputStream {
+            inputs: rx,
+            ahead: Arc::clone(&ahead),
+        };
+        (tx, ahead, stream)
+    }
+
+    /// A stream of inputs already read (a task run in this process, a test).
+    pub fn of(inputs: Vec<Vec<RecordBatch>>) -> InputStream {
+        let (tx, ahead, stream) = Self::channel();
+        for input in inputs {
+            ahead.add(input_bytes(&input));
+            let _ = tx.send(Ok(input));
+        }
+        stream
+    }
+
+    fn took(&self, input: &Result<Vec<RecordBatch>>) {
+        if let Ok(b) = input {
+            let n = input_bytes(b);
+            let _ = self.ahead.bytes.fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |v| Some(v.saturating_sub(n)),
+            );
+        }
+        self.ahead.taken.notify_one();
+    }
+
+    /// The next input, waiting for it to be read; `None` after the last. For a task's
+    /// own thread (it blocks), not for async code.
+    pub fn next_blocking(&mut self) -> Option<Result<Vec<RecordBatch>>> {
+        let input = self.inputs.blocking_recv()?;
+        self.took(&input);
+        Some(input)
+    }
+
+    /// The next input; `None` after the last.
+    pub async fn next(&mut self) -> Option<Result<Vec<RecordBatch>>> {
+        let input = self.inputs.recv().await?;
+        self.took(&input);
+        Some(input)
+    }
+}
+
+impl Drop for InputStream {
+    /// A task that ends without taking every input frees its worker's reads.
+    fn drop(&mut self) {
+        self.ahead.taken.notify_one();
     }
 }
 

@@ -17,7 +17,8 @@ use super::objects::{
 };
 use super::proto::{self, task_report::Outcome};
 use super::task::{
-    catch_panic, decode, ActorCall, ActorCalls, Payload, RemoteActor, RemoteTask, TaskContext,
+    catch_panic, decode, input_bytes, ActorCall, ActorCalls, InputStream, Payload, ReadAhead,
+    RemoteActor, RemoteTask, TaskContext,
 };
 
 /// Whether this process was started by a node agent as a worker.
@@ -219,6 +220,16 @@ impl Link<'_> {
             return Ok(inputs.into_iter().flatten().collect());
         }
         let unreadable: Vec<Unreadable> = unreadable.into_iter().filter_map(|r| r.err()).collect();
+        Err(self.unreadable_report(task, unreadable))
+    }
+
+    /// The report of a task that could not read `unreadable` (not empty): a system
+    /// failure, retried once the cluster has rebuilt them.
+    fn unreadable_report(
+        &self,
+        task: &proto::TaskAssignment,
+        unreadable: Vec<Unreadable>,
+    ) -> proto::TaskReport {
         let mut report = self.report(task);
         report.outcome = Outcome::SystemFailure as i32;
         report.error = Some(wire_execution_error(unreadable[0].message.clone()));
@@ -229,7 +240,120 @@ impl Link<'_> {
                 from: u.from,
             })
             .collect();
-        Err(report)
+        report
+    }
+
+    /// Reads `task`'s inputs into `to` in order while the task runs, at most
+    /// [`INPUTS_IN_FLIGHT`] at once and while the task has less than
+    /// [`InputStream::READ_AHEAD_BYTES`] waiting; stops when the task ends. An input
+    /// that cannot be read ends the task's stream with the reason; the others are then
+    /// still tried (and thrown away), so that every lost one is reported at once.
+    async fn stream_inputs(
+        &self,
+        task: &proto::TaskAssignment,
+        to: tokio::sync::mpsc::UnboundedSender<Result<Vec<RecordBatch>>>,
+        ahead: &ReadAhead,
+    ) -> Vec<Unreadable> {
+        let mut args = task.args.iter();
+        let mut reading = futures::stream::FuturesOrdered::new();
+        let mut unreadable = Vec::new();
+        loop {
+            let failed = !unreadable.is_empty();
+            while reading.len() < INPUTS_IN_FLIGHT
+                && (failed || ahead.bytes() < InputStream::READ_AHEAD_BYTES)
+            {
+                match args.next() {
+                    Some(arg) => reading.push_back(self.input(arg)),
+                    None => break,
+                }
+            }
+            if reading.is_empty() {
+                if args.len() == 0 {
+                    return unreadable;
+                }
+                // Enough read ahead: wait for the task to take some (or to end).
+                ahead.taken.notified().await;
+                if to.is_closed() {
+                    return unreadable;
+                }
+                continue;
+            }
+            match reading.next().await {
+                Some(Ok(_)) if failed => {}
+                Some(Ok(batches)) => {
+                    ahead.add(input_bytes(&batches));
+                    if to.send(Ok(batches)).is_err() {
+                        return unreadable;
+                    }
+                }
+                Some(Err(u)) => {
+                    if !failed {
+                        let _ = to.send(Err(VolleyError::execution(u.message.clone())));
+                    }
+                    unreadable.push(u);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Runs `t`, which streams its inputs, on a thread of the blocking pool while this
+    /// one reads them.
+    async fn run_streamed(
+        &self,
+        task: &proto::TaskAssignment,
+        t: Box<dyn RemoteTask>,
+        ctx: TaskContext,
+        label: String,
+    ) -> (
+        proto::TaskReport,
+        Vec<u8>,
+        Option<(Box<dyn RemoteTask>, TaskContext)>,
+    ) {
+        let (to, ahead, inputs) = InputStream::channel();
+        let reads = self.stream_inputs(task, to, &ahead);
+        tokio::pin!(reads);
+        let (run_ctx, run_label) = (ctx.clone(), label.clone());
+        let mut running = tokio::task::spawn_blocking(move || {
+            let out = catch_panic(&run_label, || t.run_streamed(&run_ctx, inputs));
+            (t, out)
+        });
+        let mut read = None;
+        let joined = loop {
+            tokio::select! {
+                u = &mut reads, if read.is_none() => read = Some(u),
+                r = &mut running => break r,
+            }
+        };
+        // The task has ended; where an input failed it, the reads go on to find every
+        // lost input.
+        let unreadable = match read {
+            Some(u) => u,
+            None => reads.await,
+        };
+        let (t, result) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                let e = VolleyError::internal(format!("the task's thread failed: {e}"));
+                let (report, output) = self.deliver(task, &label, Err(e)).await;
+                return (report, output, None);
+            }
+        };
+        if !unreadable.is_empty() {
+            // Nothing of an attempt that could not read its inputs is kept.
+            if t.leaves_side_effects() {
+                let _ = tokio::task::spawn_blocking(move || {
+                    catch_panic("discarding a failed attempt", || {
+                        t.discard(&ctx);
+                        Ok(())
+                    })
+                })
+                .await;
+            }
+            return (self.unreadable_report(task, unreadable), Vec::new(), None);
+        }
+        let (report, output) = self.deliver(task, &label, result).await;
+        (report, output, Some((t, ctx)))
     }
 
     /// One input (or the part of it the task reads).
@@ -372,28 +496,30 @@ async fn run_task(
     Vec<u8>,
     Option<(Box<dyn RemoteTask>, TaskContext)>,
 ) {
+    let ctx = context(task, link.node_id);
+    let label = label(task);
+    let t = match decode::<Payload>(&format!("task {label}"), &task.payload) {
+        Ok(Payload::Task(t)) => t,
+        Ok(Payload::Call { .. }) => {
+            let e = VolleyError::internal("an actor call reached a worker with no actor");
+            let (report, output) = link.deliver(task, &label, Err(e)).await;
+            return (report, output, None);
+        }
+        Err(e) => {
+            let (report, output) = link.deliver(task, &label, Err(e)).await;
+            return (report, output, None);
+        }
+    };
+    if t.streams_inputs() {
+        return link.run_streamed(task, t, ctx, label).await;
+    }
     let inputs = match link.inputs(task).await {
         Ok(inputs) => inputs,
         Err(report) => return (report, Vec::new(), None),
     };
-    let ctx = context(task, link.node_id);
-    let label = label(task);
-    let mut ran = None;
-    let result =
-        decode::<Payload>(&format!("task {label}"), &task.payload).and_then(
-            |payload| match payload {
-                Payload::Task(t) => {
-                    let out = catch_panic(&label, || t.run(&ctx, inputs));
-                    ran = Some((t, ctx.clone()));
-                    out
-                }
-                Payload::Call { .. } => Err(VolleyError::internal(
-                    "an actor call reached a worker with no actor",
-                )),
-            },
-        );
+    let result = catch_panic(&label, || t.run(&ctx, inputs));
     let (report, output) = link.deliver(task, &label, result).await;
-    (report, output, ran)
+    (report, output, Some((t, ctx)))
 }
 
 /// How many calls an actor's worker holds at once: one the actor runs, the next with

@@ -1,0 +1,89 @@
+//! A source over a cluster task's inputs, read as they arrive.
+
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::common::DataFusionError;
+use datafusion::execution::context::SessionState;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::StreamExt;
+use volley_common::{Result, VolleyError};
+use volley_connectors::{DataSource, ReadTask, ScanRequest};
+use volley_runtime::cluster::InputStream;
+
+use crate::memory_source::{project_batch, projected};
+
+/// The batches of a task's input objects, read once, in order, as its worker reads
+/// them: a reduce task's partition of every map output flows into its operator (a
+/// sort or aggregation that spills past the memory budget) instead of being held
+/// whole before it starts.
+#[derive(Debug)]
+pub struct InputStreamSource {
+    schema: SchemaRef,
+    /// The stream, and batches already taken from it (to learn the schema); taken by
+    /// the one read that runs.
+    inputs: Arc<Mutex<Option<(Vec<RecordBatch>, InputStream)>>>,
+}
+
+impl InputStreamSource {
+    /// The rows of `inputs`, of `schema`, after `first` (batches already taken from it).
+    pub fn new(schema: SchemaRef, first: Vec<RecordBatch>, inputs: InputStream) -> Self {
+        Self {
+            schema,
+            inputs: Arc::new(Mutex::new(Some((first, inputs)))),
+        }
+    }
+}
+
+fn external(e: VolleyError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+#[async_trait::async_trait]
+impl DataSource for InputStreamSource {
+    fn name(&self) -> String {
+        "TaskInputs".into()
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn describe(&self) -> String {
+        "the task's input objects, as they are read".into()
+    }
+
+    async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        let schema = projected(&self.schema, request)?;
+        let projection = request.projection.clone();
+        let inputs = Arc::clone(&self.inputs);
+        Ok(vec![ReadTask::new("the task's inputs", 0, move |_ctx| {
+            let (first, inputs) = inputs
+                .lock()
+                .map_err(|_| VolleyError::internal("a task's input stream was poisoned"))?
+                .take()
+                .ok_or_else(|| VolleyError::internal("a task's inputs are read once"))?;
+            let rest = futures::stream::unfold(inputs, |mut inputs| async move {
+                let next = inputs.next().await?;
+                Some((next, inputs))
+            })
+            .flat_map(|input| {
+                let items: Vec<Result<RecordBatch>> = match input {
+                    Ok(batches) => batches.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(e)],
+                };
+                futures::stream::iter(items)
+            });
+            let (s, p) = (Arc::clone(&schema), projection.clone());
+            let batches = futures::stream::iter(first.into_iter().map(Ok))
+                .chain(rest)
+                .filter(|b| futures::future::ready(!matches!(b, Ok(b) if b.num_rows() == 0)))
+                .map(move |b| b.and_then(|b| project_batch(&b, &p, &s)).map_err(external));
+            Ok(Box::pin(RecordBatchStreamAdapter::new(
+                Arc::clone(&schema),
+                batches,
+            )))
+        })])
+    }
+}
