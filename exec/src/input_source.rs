@@ -6,7 +6,9 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::DataFusionError;
 use datafusion::execution::context::SessionState;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
 use futures::StreamExt;
 use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
@@ -59,31 +61,90 @@ impl DataSource for InputStreamSource {
         let projection = request.projection.clone();
         let inputs = Arc::clone(&self.inputs);
         Ok(vec![ReadTask::new("the task's inputs", 0, move |_ctx| {
-            let (first, inputs) = inputs
-                .lock()
-                .map_err(|_| VolleyError::internal("a task's input stream was poisoned"))?
-                .take()
-                .ok_or_else(|| VolleyError::internal("a task's inputs are read once"))?;
-            let rest = futures::stream::unfold(inputs, |mut inputs| async move {
-                let next = inputs.next().await?;
-                Some((next, inputs))
-            })
-            .flat_map(|input| {
-                let items: Vec<Result<RecordBatch>> = match input {
-                    Ok(batches) => batches.into_iter().map(Ok).collect(),
-                    Err(e) => vec![Err(e)],
-                };
-                futures::stream::iter(items)
-            });
-            let (s, p) = (Arc::clone(&schema), projection.clone());
-            let batches = futures::stream::iter(first.into_iter().map(Ok))
-                .chain(rest)
-                .filter(|b| futures::future::ready(!matches!(b, Ok(b) if b.num_rows() == 0)))
-                .map(move |b| b.and_then(|b| project_batch(&b, &p, &s)).map_err(external));
-            Ok(Box::pin(RecordBatchStreamAdapter::new(
+            let (first, inputs) = take_once(&inputs)?;
+            Ok(batches_of(
+                first,
+                inputs,
                 Arc::clone(&schema),
-                batches,
-            )))
+                projection.clone(),
+            ))
         })])
+    }
+}
+
+/// The stream and the batches taken from it, the first time; an error after.
+fn take_once(
+    inputs: &Mutex<Option<(Vec<RecordBatch>, InputStream)>>,
+) -> Result<(Vec<RecordBatch>, InputStream)> {
+    inputs
+        .lock()
+        .map_err(|_| VolleyError::internal("a task's input stream was poisoned"))?
+        .take()
+        .ok_or_else(|| VolleyError::internal("a task's inputs are read once"))
+}
+
+/// `first`, then the batches of `inputs` (the `projection` of their columns), as
+/// `schema`; empty batches left out.
+fn batches_of(
+    first: Vec<RecordBatch>,
+    inputs: InputStream,
+    schema: SchemaRef,
+    projection: Option<Vec<usize>>,
+) -> SendableRecordBatchStream {
+    let rest = futures::stream::unfold(inputs, |mut inputs| async move {
+        let next = inputs.next().await?;
+        Some((next, inputs))
+    })
+    .flat_map(|input| {
+        let items: Vec<Result<RecordBatch>> = match input {
+            Ok(batches) => batches.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(items)
+    });
+    let s = Arc::clone(&schema);
+    let batches = futures::stream::iter(first.into_iter().map(Ok))
+        .chain(rest)
+        .filter(|b| futures::future::ready(!matches!(b, Ok(b) if b.num_rows() == 0)))
+        .map(move |b| {
+            b.and_then(|b| project_batch(&b, &projection, &s))
+                .map_err(external)
+        });
+    Box::pin(RecordBatchStreamAdapter::new(schema, batches))
+}
+
+/// A task's inputs as a DataFusion partition (of a `StreamingTableExec`), read once:
+/// for a task that runs a DataFusion plan over them (the final half of an
+/// aggregation).
+#[derive(Debug)]
+pub struct InputStreamPartition {
+    schema: SchemaRef,
+    inputs: Mutex<Option<(Vec<RecordBatch>, InputStream)>>,
+}
+
+impl InputStreamPartition {
+    /// The rows of `inputs`, of `schema`.
+    pub fn new(schema: SchemaRef, inputs: InputStream) -> Self {
+        Self {
+            schema,
+            inputs: Mutex::new(Some((vec![], inputs))),
+        }
+    }
+}
+
+impl PartitionStream for InputStreamPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let schema = Arc::clone(&self.schema);
+        match take_once(&self.inputs) {
+            Ok((first, inputs)) => batches_of(first, inputs, schema, None),
+            Err(e) => Box::pin(RecordBatchStreamAdapter::new(
+                schema,
+                futures::stream::once(futures::future::ready(Err(external(e)))),
+            )),
+        }
     }
 }

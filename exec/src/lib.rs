@@ -27,7 +27,7 @@ pub use exchange::{
     group_by_partition, hash_partitions, random_partitions, shuffle_partition, ExchangeStore,
     FrozenStore, Partitioning,
 };
-pub use input_source::InputStreamSource;
+pub use input_source::{InputStreamPartition, InputStreamSource};
 pub use memory_pool::BudgetMemoryPool;
 pub use memory_source::{project_batch, MemorySource, RangeSource};
 pub use plan::{

@@ -36,13 +36,14 @@ use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
+use datafusion::physical_plan::streaming::StreamingTableExec;
 use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_connectors::RemotePart;
 use volley_exec::{
     compile_expr, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
-    ExchangeWork, InputStreamSource, MemorySource,
+    ExchangeWork, InputStreamPartition, InputStreamSource, MemorySource,
 };
 use volley_runtime::cluster::{EncodedTask, InputStream, RemoteTask, TaskContext};
 
@@ -203,6 +204,33 @@ impl TwoPhase {
     fn finish(&self, ctx: &Context, states: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         let (partial, final_agg) = self.halves(ctx, vec![])?;
         let input = MemorySourceConfig::try_new_exec(&[states], partial.schema(), None)?;
+        self.finish_over(ctx, final_agg, input)
+    }
+
+    /// The aggregation of states read as they arrive: the final aggregation spills
+    /// past the worker's budget instead of the states being held whole first.
+    fn finish_streamed(&self, ctx: &Context, states: InputStream) -> Result<Vec<RecordBatch>> {
+        let (partial, final_agg) = self.halves(ctx, vec![])?;
+        let schema = partial.schema();
+        let partition = Arc::new(InputStreamPartition::new(Arc::clone(&schema), states));
+        let input = Arc::new(StreamingTableExec::try_new(
+            schema,
+            vec![partition],
+            None,
+            vec![],
+            false,
+            None,
+        )?);
+        self.finish_over(ctx, final_agg, input)
+    }
+
+    /// `final_agg` over `input` (the groups' states), run.
+    fn finish_over(
+        &self,
+        ctx: &Context,
+        final_agg: Arc<AggregateExec>,
+        input: Arc<dyn ExecutionPlan>,
+    ) -> Result<Vec<RecordBatch>> {
         let plan = final_agg.replace_children(
             vec![input],
             ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
@@ -565,15 +593,20 @@ impl RemoteTask for ExchangeReduceTask {
         self.output(task, reduced)
     }
 
-    /// A sort, aggregation or distinct of one input takes its partition as the worker
-    /// reads it: the operator spills past the worker's memory budget, so a partition
-    /// larger than that memory (a skewed key, few partitions) is not held whole.
+    /// A sort, aggregation or distinct takes its partition as the worker reads it: the
+    /// operator spills past the worker's memory budget, so a partition larger than that
+    /// memory (a skewed key, few partitions) is not held whole. A join holds its left
+    /// side's partition (it builds its hash table from it) and takes its right side's
+    /// as it is read.
     fn streams_inputs(&self) -> bool {
-        self.sides.len() == 1
-            && matches!(
-                self.combine,
-                Combine::Sort { .. } | Combine::Aggregate { .. } | Combine::Distinct
-            )
+        match self.combine {
+            Combine::Sort { .. }
+            | Combine::Aggregate { .. }
+            | Combine::FinishAggregate(_)
+            | Combine::Distinct => self.sides.len() == 1,
+            Combine::Join { .. } => self.sides.len() == 2,
+            Combine::Concat | Combine::Shuffle { .. } | Combine::Groups { .. } => false,
+        }
     }
 
     fn run_streamed(&self, task: &TaskContext, inputs: InputStream) -> Result<Vec<RecordBatch>> {
@@ -616,25 +649,49 @@ impl ExchangeReduceTask {
     /// [`RemoteTask::streams_inputs`]).
     fn reduce_streamed(&self, mut inputs: InputStream) -> Result<Reduced> {
         let ctx = Context::global()?;
-        // The first rows' schema, as a reduce task that holds its inputs takes it;
-        // the plan's where no rows come.
-        let mut first = Vec::new();
-        let schema = loop {
-            match inputs.next_blocking() {
-                Some(input) => {
-                    first.extend(input?.into_iter().filter(|b| b.num_rows() > 0));
-                    if let Some(b) = first.first() {
-                        break b.schema();
-                    }
+        let state = ctx.session_state();
+        if let Combine::FinishAggregate(two) = &self.combine {
+            return two.finish_streamed(&ctx, inputs).map(Reduced::Batches);
+        }
+        if let Combine::Join {
+            left_on,
+            right_on,
+            how,
+        } = &self.combine
+        {
+            // The left side whole (the join builds its table from it), then the right
+            // side as it is read.
+            let mut left = Vec::new();
+            for _ in 0..self.sides[0] {
+                match inputs.next_blocking() {
+                    Some(input) => left.extend(input?),
+                    None => break,
                 }
-                None => match self.schemas.first().and_then(Option::as_ref) {
-                    Some(bytes) => break from_bytes(bytes)?.0,
-                    None => return Ok(Reduced::Batches(vec![])),
-                },
             }
+            let left_schema = match (left.first(), self.schema_of(0)?) {
+                (Some(b), _) => b.schema(),
+                (None, Some(schema)) => schema,
+                (None, None) => return Ok(Reduced::Batches(vec![])),
+            };
+            let Some((right_schema, first)) = self.first_rows(1, &mut inputs)? else {
+                return Err(VolleyError::internal(
+                    "a join's reduce task has no schema for its right input",
+                ));
+            };
+            let left = self::dataset(&ctx, left_schema, left)?;
+            let right = ctx.source(Arc::new(InputStreamSource::new(
+                right_schema,
+                first,
+                inputs,
+            )));
+            let l: Vec<&str> = left_on.iter().map(String::as_str).collect();
+            let r: Vec<&str> = right_on.iter().map(String::as_str).collect();
+            return Ok(Reduced::Dataset(left.join_on(&right, &l, &r, *how)?));
+        }
+        let Some((schema, first)) = self.first_rows(0, &mut inputs)? else {
+            return Ok(Reduced::Batches(vec![]));
         };
         let ds = ctx.source(Arc::new(InputStreamSource::new(schema, first, inputs)));
-        let state = ctx.session_state();
         Ok(Reduced::Dataset(match &self.combine {
             Combine::Sort { keys } => ds.sort(
                 keys.iter()
@@ -657,6 +714,33 @@ impl ExchangeReduceTask {
                 ))
             }
         }))
+    }
+
+    /// Input `side`'s schema as the plan knows it.
+    fn schema_of(&self, side: usize) -> Result<Option<SchemaRef>> {
+        self.schemas
+            .get(side)
+            .and_then(Option::as_ref)
+            .map(|bytes| Ok(from_bytes(bytes)?.0))
+            .transpose()
+    }
+
+    /// The schema of input `side` (whose objects come next in `inputs`), and the
+    /// batches read to learn it: the first rows' schema, as a reduce task that holds
+    /// its inputs takes it, else the plan's; `None` when neither is known.
+    fn first_rows(
+        &self,
+        side: usize,
+        inputs: &mut InputStream,
+    ) -> Result<Option<(SchemaRef, Vec<RecordBatch>)>> {
+        let mut first = Vec::new();
+        while let Some(input) = inputs.next_blocking() {
+            first.extend(input?.into_iter().filter(|b| b.num_rows() > 0));
+            if let Some(b) = first.first() {
+                return Ok(Some((b.schema(), first)));
+            }
+        }
+        Ok(self.schema_of(side)?.map(|schema| (schema, first)))
     }
 
     /// The steps after the exchange over its output (no rows: none come out).
