@@ -755,3 +755,139 @@ async fn serve_actor(
     let _ = thread.join();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::ipc::writer::StreamWriter;
+
+    use super::*;
+
+    /// An object that travels with its location: `rows` Int64 values from `first`.
+    fn inline_object(id: &str, first: i64, rows: usize) -> proto::ObjectLocation {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let values = Int64Array::from_iter_values(first..first + rows as i64);
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(values)]).unwrap();
+        let mut bytes = Vec::new();
+        let mut w = StreamWriter::try_new(&mut bytes, &schema).unwrap();
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
+        drop(w);
+        proto::ObjectLocation {
+            object_id: id.to_string(),
+            inline: bytes.into(),
+            ..Default::default()
+        }
+    }
+
+    fn first_value(batches: &[RecordBatch]) -> i64 {
+        let x = batches[0].column(0);
+        x.as_any().downcast_ref::<Int64Array>().unwrap().value(0)
+    }
+
+    fn assignment(args: Vec<proto::ObjectLocation>) -> proto::TaskAssignment {
+        proto::TaskAssignment {
+            task_id: "t".into(),
+            args,
+            ..Default::default()
+        }
+    }
+
+    fn with_link<T>(f: impl FnOnce(&Link<'_>) -> T) -> T {
+        let channels = Channels::new("token", &crate::cluster::tls::TlsConfig::default());
+        let link = Link {
+            channels: &channels,
+            agent_address: "127.0.0.1:9",
+            node_id: "node-1",
+            shared_dir: None,
+            compression: ObjectCompression::default(),
+        };
+        f(&link)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_streaming_task_s_inputs_come_in_order_and_the_reads_wait_at_the_cap() {
+        const MIB: u64 = 1 << 20;
+        // 24 inputs of 8 MiB each (1 Mi Int64 values), 192 MiB in all.
+        let rows = 1 << 20;
+        let task = assignment(
+            (0..24)
+                .map(|i| inline_object(&format!("o{i}"), i * rows as i64, rows))
+                .collect(),
+        );
+        with_link(|link| {
+            runtime().block_on(async {
+                let (to, ahead, mut inputs) = InputStream::channel();
+                let reads = link.stream_inputs(&task, to, &ahead);
+                tokio::pin!(reads);
+                // The task takes nothing: the reads stop once 64 MiB wait, past that by
+                // at most the reads already started.
+                let waited = tokio::time::timeout(Duration::from_millis(300), reads.as_mut()).await;
+                assert!(waited.is_err(), "the reads did not wait for the task");
+                let read = ahead.bytes();
+                assert!(
+                    (InputStream::READ_AHEAD_BYTES..=InputStream::READ_AHEAD_BYTES + 64 * MIB)
+                        .contains(&read),
+                    "{} MiB read ahead",
+                    read / MIB
+                );
+                // Taken one at a time, every input comes, in order.
+                let taking = async {
+                    let mut firsts = Vec::new();
+                    while let Some(input) = inputs.next().await {
+                        firsts.push(first_value(&input.unwrap()));
+                    }
+                    firsts
+                };
+                let (unreadable, firsts) = tokio::join!(reads, taking);
+                assert!(unreadable.is_empty());
+                let want: Vec<i64> = (0..24).map(|i| i * rows as i64).collect();
+                assert_eq!(firsts, want);
+            })
+        });
+    }
+
+    #[test]
+    fn an_input_that_cannot_be_read_ends_the_stream_and_every_lost_one_is_told() {
+        // The second and fourth inputs have no copy anywhere.
+        let lost = |id: &str| proto::ObjectLocation {
+            object_id: id.to_string(),
+            ..Default::default()
+        };
+        let task = assignment(vec![
+            inline_object("a", 0, 10),
+            lost("b"),
+            inline_object("c", 10, 10),
+            lost("d"),
+        ]);
+        with_link(|link| {
+            runtime().block_on(async {
+                let (to, ahead, mut inputs) = InputStream::channel();
+                let reads = link.stream_inputs(&task, to, &ahead);
+                let taking = async {
+                    let first = inputs.next().await.unwrap().unwrap();
+                    let second = inputs.next().await.unwrap();
+                    // A task fails at its first error and drops its inputs.
+                    drop(inputs);
+                    (first_value(&first), second)
+                };
+                let (unreadable, (first, second)) = tokio::join!(reads, taking);
+                assert_eq!(first, 0);
+                let e = second.unwrap_err().to_string();
+                assert!(e.contains("cannot read input b"), "{e}");
+                let ids: Vec<&str> = unreadable.iter().map(|u| u.input.as_str()).collect();
+                assert_eq!(ids, ["b", "d"]);
+            })
+        });
+    }
+}
