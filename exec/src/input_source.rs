@@ -59,12 +59,13 @@ impl DataSource for InputStreamSource {
     async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
         let schema = projected(&self.schema, request)?;
         let projection = request.projection.clone();
-        let inputs = Arc::clone(&self.inputs);
+        let (inputs, full) = (Arc::clone(&self.inputs), Arc::clone(&self.schema));
         Ok(vec![ReadTask::new("the task's inputs", 0, move |_ctx| {
             let (first, inputs) = take_once(&inputs)?;
             Ok(batches_of(
                 first,
                 inputs,
+                Some(&full),
                 Arc::clone(&schema),
                 projection.clone(),
             ))
@@ -83,11 +84,12 @@ fn take_once(
         .ok_or_else(|| VolleyError::internal("a task's inputs are read once"))
 }
 
-/// `first`, then the batches of `inputs` (the `projection` of their columns), as
-/// `schema`; empty batches left out.
+/// `first`, then the batches of `inputs` (of schema `full` where given: others are an
+/// error), the `projection` of their columns as `schema`; empty batches left out.
 fn batches_of(
     first: Vec<RecordBatch>,
     inputs: InputStream,
+    full: Option<&SchemaRef>,
     schema: SchemaRef,
     projection: Option<Vec<usize>>,
 ) -> SendableRecordBatchStream {
@@ -102,13 +104,25 @@ fn batches_of(
         };
         futures::stream::iter(items)
     });
-    let s = Arc::clone(&schema);
+    let (full, s) = (full.cloned(), Arc::clone(&schema));
     let batches = futures::stream::iter(first.into_iter().map(Ok))
         .chain(rest)
         .filter(|b| futures::future::ready(!matches!(b, Ok(b) if b.num_rows() == 0)))
         .map(move |b| {
-            b.and_then(|b| project_batch(&b, &projection, &s))
-                .map_err(external)
+            b.and_then(|b| {
+                // As a source over batches held in memory checks them.
+                match &full {
+                    Some(full) if b.schema().fields() != full.fields() => {
+                        return Err(VolleyError::plan(format!(
+                            "an input batch has schema {} but the task's inputs have {full}",
+                            b.schema()
+                        )))
+                    }
+                    _ => {}
+                }
+                project_batch(&b, &projection, &s)
+            })
+            .map_err(external)
         });
     Box::pin(RecordBatchStreamAdapter::new(schema, batches))
 }
@@ -140,7 +154,7 @@ impl PartitionStream for InputStreamPartition {
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let schema = Arc::clone(&self.schema);
         match take_once(&self.inputs) {
-            Ok((first, inputs)) => batches_of(first, inputs, schema, None),
+            Ok((first, inputs)) => batches_of(first, inputs, None, schema, None),
             Err(e) => Box::pin(RecordBatchStreamAdapter::new(
                 schema,
                 futures::stream::once(futures::future::ready(Err(external(e)))),

@@ -726,21 +726,21 @@ impl ExchangeReduceTask {
     }
 
     /// The schema of input `side` (whose objects come next in `inputs`), and the
-    /// batches read to learn it: the first rows' schema, as a reduce task that holds
-    /// its inputs takes it, else the plan's; `None` when neither is known.
+    /// batches read to learn it: the first batch's schema (with rows or not), as a
+    /// reduce task that holds its inputs takes it, else the plan's; `None` when neither
+    /// is known.
     fn first_rows(
         &self,
         side: usize,
         inputs: &mut InputStream,
     ) -> Result<Option<(SchemaRef, Vec<RecordBatch>)>> {
-        let mut first = Vec::new();
         while let Some(input) = inputs.next_blocking() {
-            first.extend(input?.into_iter().filter(|b| b.num_rows() > 0));
-            if let Some(b) = first.first() {
-                return Ok(Some((b.schema(), first)));
+            let input = input?;
+            if let Some(b) = input.first() {
+                return Ok(Some((b.schema(), input)));
             }
         }
-        Ok(self.schema_of(side)?.map(|schema| (schema, first)))
+        Ok(self.schema_of(side)?.map(|schema| (schema, vec![])))
     }
 
     /// The steps after the exchange over its output (no rows: none come out).
@@ -1287,6 +1287,33 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_partition_of_empty_batches_keeps_their_schema_when_streamed() {
+        // The input's schema is not known to the plan: the reduce task learns it from
+        // the first batch, rows or not (a global count of no rows is one row, 0).
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        let empty = RecordBatch::new_empty(schema);
+        let reduce = ExchangeReduceTask {
+            partition: 0,
+            sides: vec![2],
+            schemas: vec![None],
+            combine: Combine::Aggregate {
+                keys: vec![],
+                aggs: vec![expr_bytes(&agg::count_all()).unwrap()],
+            },
+            write: None,
+            then: vec![],
+        };
+        assert!(reduce.streams_inputs());
+        let inputs = vec![vec![empty.clone()], vec![empty]];
+        let held = reduce.run(&task(), inputs.clone()).unwrap();
+        let streamed = reduce
+            .run_streamed(&task(), InputStream::of(inputs))
+            .unwrap();
+        assert_eq!(rows(&held), ["0"]);
+        assert_eq!(rows(&streamed), rows(&held));
     }
 
     #[test]

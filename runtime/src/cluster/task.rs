@@ -8,6 +8,7 @@
 //! of Arrow record batches. [`RemoteActor`] is the stateful form: built once on its own
 //! worker process, then called method by method, in order.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -120,12 +121,36 @@ impl ReadAhead {
     }
 }
 
-/// The bytes of memory `batches` hold.
+/// The bytes of memory `batches` hold, each allocation once: a decoded object's
+/// buffers are slices of one message body and a mapped one's of one file, which
+/// `RecordBatch::get_array_memory_size` would count once per buffer.
 pub(crate) fn input_bytes(batches: &[RecordBatch]) -> u64 {
-    batches
-        .iter()
-        .map(|b| b.get_array_memory_size() as u64)
-        .sum()
+    fn add(b: &arrow::buffer::Buffer, allocations: &mut HashMap<usize, usize>) {
+        // A mapped file's buffers report no capacity: what they reach of it counts.
+        let reach = b.capacity().max(b.ptr_offset() + b.len());
+        let held = allocations
+            .entry(b.data_ptr().as_ptr() as usize)
+            .or_default();
+        *held = (*held).max(reach);
+    }
+    fn walk(data: &arrow::array::ArrayData, allocations: &mut HashMap<usize, usize>) {
+        for b in data.buffers() {
+            add(b, allocations);
+        }
+        if let Some(nulls) = data.nulls() {
+            add(nulls.buffer(), allocations);
+        }
+        for child in data.child_data() {
+            walk(child, allocations);
+        }
+    }
+    let mut allocations = HashMap::new();
+    for b in batches {
+        for c in b.columns() {
+            walk(&c.to_data(), &mut allocations);
+        }
+    }
+    allocations.values().sum::<usize>() as u64
 }
 
 impl InputStream {
@@ -186,8 +211,9 @@ impl InputStream {
 }
 
 impl Drop for InputStream {
-    /// A task that ends without taking every input frees its worker's reads.
+    /// A task that ends without taking every input stops its worker's reads.
     fn drop(&mut self) {
+        self.inputs.close();
         self.ahead.taken.notify_one();
     }
 }

@@ -272,11 +272,10 @@ impl Link<'_> {
                     return unreadable;
                 }
                 // Enough read ahead: wait for the task to take some (or to end).
-                ahead.taken.notified().await;
-                if to.is_closed() {
-                    return unreadable;
+                tokio::select! {
+                    _ = ahead.taken.notified() => continue,
+                    _ = to.closed() => return unreadable,
                 }
-                continue;
             }
             match reading.next().await {
                 Some(Ok(_)) if failed => {}
