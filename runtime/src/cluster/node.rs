@@ -253,6 +253,18 @@ impl std::fmt::Debug for Agent {
 const MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=262144:\
      glibc.malloc.trim_threshold=16777216:glibc.malloc.arena_max=2";
 
+/// The variable of a process's memory budget (`volley.exec.memory_limit`).
+const MEMORY_LIMIT_VAR: &str = "VOLLEY_EXEC_MEMORY_LIMIT";
+
+/// The memory budget of a job's process on a node offering `resources` with an object
+/// store of `store` bytes: one CPU's share of the node's memory past its store, at
+/// least 64 MiB. Without it each process would take a quarter of the machine's
+/// memory, and a node's workers together could take several times the machine.
+fn worker_memory_limit(resources: &Resources, store: u64) -> u64 {
+    let free = resources.memory.saturating_sub(store) as f64;
+    ((free / resources.num_cpus.max(1.0)) as u64).max(64 << 20)
+}
+
 /// Removes a folder when dropped.
 struct RemoveOnDrop(PathBuf);
 
@@ -935,6 +947,13 @@ impl Agent {
         if std::env::var_os("GLIBC_TUNABLES").is_none() {
             cmd.env("GLIBC_TUNABLES", MALLOC_TUNABLES);
         }
+        // A job's processes spill past their budget (a reduce task's sort): unless
+        // the job or the node's environment sets it, their share of the node.
+        if !job.env.contains_key(MEMORY_LIMIT_VAR) && std::env::var_os(MEMORY_LIMIT_VAR).is_none() {
+            let limit =
+                worker_memory_limit(&self.options.resources, self.options.object_store_memory);
+            cmd.env(MEMORY_LIMIT_VAR, limit.to_string());
+        }
         cmd.args(&job.entrypoint[1..])
             .current_dir(&job.package)
             .envs(&job.env)
@@ -1505,5 +1524,21 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             )
             .await;
         Ok(Response::new(proto::Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_gets_one_cpus_share_of_the_memory_past_the_store() {
+        const GIB: u64 = 1 << 30;
+        let node = Resources::cpus(4.0).with_memory(24 * GIB);
+        assert_eq!(worker_memory_limit(&node, 8 * GIB), 4 * GIB);
+        // Fractions of a CPU count as one; a store as big as the node leaves the floor.
+        let small = Resources::cpus(0.5).with_memory(GIB);
+        assert_eq!(worker_memory_limit(&small, GIB / 2), GIB / 2);
+        assert_eq!(worker_memory_limit(&small, 2 * GIB), 64 << 20);
     }
 }
