@@ -649,16 +649,10 @@ impl ExchangeReduceTask {
     /// [`RemoteTask::streams_inputs`]).
     fn reduce_streamed(&self, mut inputs: InputStream) -> Result<Reduced> {
         let ctx = Context::global()?;
-        let state = ctx.session_state();
         if let Combine::FinishAggregate(two) = &self.combine {
             return two.finish_streamed(&ctx, inputs).map(Reduced::Batches);
         }
-        if let Combine::Join {
-            left_on,
-            right_on,
-            how,
-        } = &self.combine
-        {
+        if let Combine::Join { .. } = &self.combine {
             // The left side whole (the join builds its table from it), then the right
             // side as it is read.
             let mut left = Vec::new();
@@ -678,42 +672,18 @@ impl ExchangeReduceTask {
                     "a join's reduce task has no schema for its right input",
                 ));
             };
-            let left = self::dataset(&ctx, left_schema, left)?;
             let right = ctx.source(Arc::new(InputStreamSource::new(
                 right_schema,
                 first,
                 inputs,
             )));
-            let l: Vec<&str> = left_on.iter().map(String::as_str).collect();
-            let r: Vec<&str> = right_on.iter().map(String::as_str).collect();
-            return Ok(Reduced::Dataset(left.join_on(&right, &l, &r, *how)?));
+            return self.operate(self::dataset(&ctx, left_schema, left)?, Some(right));
         }
         let Some((schema, first)) = self.first_rows(0, &mut inputs)? else {
             return Ok(Reduced::Batches(vec![]));
         };
-        let ds = ctx.source(Arc::new(InputStreamSource::new(schema, first, inputs)));
-        Ok(Reduced::Dataset(match &self.combine {
-            Combine::Sort { keys } => ds.sort(
-                keys.iter()
-                    .map(|k| k.rebuild(state))
-                    .collect::<Result<Vec<_>>>()?,
-            )?,
-            Combine::Aggregate { keys, aggs } => GroupedDataset {
-                dataset: ds,
-                keys: keys.clone(),
-            }
-            .agg(
-                aggs.iter()
-                    .map(|a| expr_from(a, state))
-                    .collect::<Result<Vec<_>>>()?,
-            )?,
-            Combine::Distinct => ds.distinct()?,
-            _ => {
-                return Err(VolleyError::internal(
-                    "this reduce task does not stream its inputs",
-                ))
-            }
-        }))
+        let input = ctx.source(Arc::new(InputStreamSource::new(schema, first, inputs)));
+        self.operate(input, None)
     }
 
     /// Input `side`'s schema as the plan knows it.
@@ -796,51 +766,61 @@ impl ExchangeReduceTask {
                     .collect::<Result<Vec<_>>>()?;
                 groups(&all, &idx).map(Batches)
             }
-            Combine::Sort { keys } => {
-                let state = ctx.session_state();
-                let keys = keys
-                    .iter()
-                    .map(|k| k.rebuild(state))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Reduced::Dataset(
-                    self::dataset(&ctx, schema, batches)?.sort(keys)?,
-                ))
-            }
-            Combine::Aggregate { keys, aggs } => {
-                let state = ctx.session_state();
-                let aggs = aggs
-                    .iter()
-                    .map(|a| expr_from(a, state))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Reduced::Dataset(
-                    GroupedDataset {
-                        dataset: self::dataset(&ctx, schema, batches)?,
-                        keys: keys.clone(),
-                    }
-                    .agg(aggs)?,
-                ))
-            }
-            Combine::Distinct => Ok(Reduced::Dataset(
-                self::dataset(&ctx, schema, batches)?.distinct()?,
-            )),
             Combine::FinishAggregate(_) => unreachable!("finished above"),
-            Combine::Join {
-                left_on,
-                right_on,
-                how,
-            } => {
+            Combine::Join { .. } => {
                 let Some((right_schema, right)) = sides.get_mut(1).and_then(Option::take) else {
                     return Err(VolleyError::internal(
                         "a join's reduce task has no schema for its right input",
                     ));
                 };
-                let left = self::dataset(&ctx, schema, batches)?;
                 let right = self::dataset(&ctx, right_schema, right)?;
-                let l: Vec<&str> = left_on.iter().map(String::as_str).collect();
-                let r: Vec<&str> = right_on.iter().map(String::as_str).collect();
-                Ok(Reduced::Dataset(left.join_on(&right, &l, &r, *how)?))
+                self.operate(self::dataset(&ctx, schema, batches)?, Some(right))
+            }
+            Combine::Sort { .. } | Combine::Aggregate { .. } | Combine::Distinct => {
+                self.operate(self::dataset(&ctx, schema, batches)?, None)
             }
         }
+    }
+
+    /// The single-process operator of a sort, aggregation, distinct or join over its
+    /// partition's rows (a join's right side in `right`), held or read as they come.
+    fn operate(&self, input: Dataset, right: Option<Dataset>) -> Result<Reduced> {
+        let ctx = input.context().clone();
+        let state = ctx.session_state();
+        Ok(Reduced::Dataset(match (&self.combine, right) {
+            (Combine::Sort { keys }, None) => input.sort(
+                keys.iter()
+                    .map(|k| k.rebuild(state))
+                    .collect::<Result<Vec<_>>>()?,
+            )?,
+            (Combine::Aggregate { keys, aggs }, None) => GroupedDataset {
+                dataset: input,
+                keys: keys.clone(),
+            }
+            .agg(
+                aggs.iter()
+                    .map(|a| expr_from(a, state))
+                    .collect::<Result<Vec<_>>>()?,
+            )?,
+            (Combine::Distinct, None) => input.distinct()?,
+            (
+                Combine::Join {
+                    left_on,
+                    right_on,
+                    how,
+                },
+                Some(right),
+            ) => {
+                let l: Vec<&str> = left_on.iter().map(String::as_str).collect();
+                let r: Vec<&str> = right_on.iter().map(String::as_str).collect();
+                input.join_on(&right, &l, &r, *how)?
+            }
+            _ => {
+                return Err(VolleyError::internal(
+                    "this reduce task runs no operator over datasets",
+                ))
+            }
+        }))
     }
 }
 

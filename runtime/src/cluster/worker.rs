@@ -497,13 +497,15 @@ async fn run_task(
 ) {
     let ctx = context(task, link.node_id);
     let label = label(task);
-    let t = match decode::<Payload>(&format!("task {label}"), &task.payload) {
-        Ok(Payload::Task(t)) => t,
-        Ok(Payload::Call { .. }) => {
-            let e = VolleyError::internal("an actor call reached a worker with no actor");
-            let (report, output) = link.deliver(task, &label, Err(e)).await;
-            return (report, output, None);
-        }
+    let decoded =
+        decode::<Payload>(&format!("task {label}"), &task.payload).and_then(|p| match p {
+            Payload::Task(t) => Ok(t),
+            Payload::Call { .. } => Err(VolleyError::internal(
+                "an actor call reached a worker with no actor",
+            )),
+        });
+    let t = match decoded {
+        Ok(t) => t,
         Err(e) => {
             let (report, output) = link.deliver(task, &label, Err(e)).await;
             return (report, output, None);
