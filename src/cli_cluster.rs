@@ -409,12 +409,20 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
             t
         }
     };
+    tune_allocator();
     let mut options = HeadOptions::new(dir.join("head"), token);
     options.package_cache_bytes = volley::crates::common::parse_bytes(&a.package_cache)?;
     options.node_timeout = Duration::from_secs_f64(a.node_timeout.max(0.2));
     options.heartbeat_interval = (options.node_timeout / 10).min(Duration::from_millis(500));
     let tls = TlsConfig::from_files(None, a.tls_cert.as_deref(), a.tls_key.as_deref())?;
-    let rt = io_runtime()?;
+    // One thread serves every call: the head's state is behind one lock anyway, and a
+    // second thread only added wake-ups between the two (a head scheduling 10,000 tiny
+    // tasks spent ~38% of a core with two threads, ~30% with one, at the same rate).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| VolleyError::internal(format!("cannot start a runtime: {e}")))?;
     rt.block_on(async move {
         let (_core, addrs) =
             cluster::start_head(options, &a.host, a.port, Some(a.http_port), &tls).await?;
@@ -443,16 +451,17 @@ async fn wait_for_signal() {
     }
 }
 
-/// The node agent's allocator, set as its workers' (`GLIBC_TUNABLES`, see the agent's
-/// command for workers) unless the environment sets it: the agent serves objects to
-/// other nodes over Flight, buffer by buffer, and with glibc's defaults kept the
-/// freed buffers (~250 MiB of an agent serving a 1 GiB sort's map outputs).
+/// The head's and node agent's allocator, set as the agent's workers' (`GLIBC_TUNABLES`,
+/// see the agent's command for workers) unless the environment sets it: the agent serves
+/// objects to other nodes over Flight, buffer by buffer, and with glibc's defaults kept
+/// the freed buffers (~250 MiB of an agent serving a 1 GiB sort's map outputs); the
+/// head's small, short-lived messages kept glibc growing and shrinking its arenas.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("GLIBC_TUNABLES").is_none() {
         use nix::libc::{mallopt, M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD};
         // SAFETY: mallopt only changes the allocator's parameters; called before the
-        // agent starts its threads.
+        // process starts its threads.
         #[allow(unsafe_code)]
         unsafe {
             mallopt(M_MMAP_THRESHOLD, 256 << 10);

@@ -96,6 +96,9 @@ impl HeadOptions {
 pub struct HeadCore {
     state: Mutex<State>,
     changed: Notify,
+    /// Wakes followers of jobs' logs: a driver's output arrived, or a job ended. Apart
+    /// from `changed`, which fires on every task's move.
+    logs: Notify,
     options: HeadOptions,
     /// Job files, once per digest.
     blobs: BlobCache,
@@ -142,6 +145,7 @@ impl HeadCore {
         let core = Arc::new(Self {
             state: Mutex::new(state),
             changed: Notify::new(),
+            logs: Notify::new(),
             blobs,
             packages: Mutex::new(packages),
             store,
@@ -230,13 +234,17 @@ impl HeadCore {
 
     /// Runs `f` on the state, then places what can run and wakes the waiters.
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        let out = {
+        let (out, ended) = {
             let mut s = self.state.lock().expect("head lock");
+            let before = s.jobs_ended();
             let out = f(&mut s);
             s.schedule();
-            out
+            (out, s.jobs_ended() != before)
         };
         self.changed.notify_waiters();
+        if ended {
+            self.logs.notify_waiters();
+        }
         out
     }
 
@@ -374,15 +382,20 @@ impl HeadCore {
 
     /// The job's log from `offset`: `(bytes, job finished)`.
     pub fn job_log(&self, id: &str, offset: u64) -> Result<(Vec<u8>, bool)> {
+        use std::io::{Read, Seek, SeekFrom};
         let done = self.read(|s| s.job(id).map(|j| j.status.state.is_final()))?;
-        let data = match std::fs::read(self.job_dir(id).join("driver.log")) {
-            Ok(d) => d
-                .get(offset as usize..)
-                .map(|s| s.to_vec())
-                .unwrap_or_default(),
-            Err(_) => vec![],
-        };
+        // No file yet: the driver has written nothing.
+        let mut data = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(self.job_dir(id).join("driver.log")) {
+            f.seek(SeekFrom::Start(offset))?;
+            f.read_to_end(&mut data)?;
+        }
         Ok((data, done))
+    }
+
+    /// Waits until a driver's output arrives, a job ends, or `timeout` passes.
+    pub(crate) async fn logs_within(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.logs.notified()).await;
     }
 
     /// The cluster in Prometheus' text format (the head's `/metrics`).

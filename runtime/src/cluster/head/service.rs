@@ -227,7 +227,7 @@ impl proto::head_server::Head for HeadService {
             f.write_all(&r.data)
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
-        self.core.changed.notify_waiters();
+        self.core.logs.notify_waiters();
         empty()
     }
 
@@ -510,7 +510,7 @@ impl proto::head_server::Head for HeadService {
                         if done || !r.follow {
                             return None;
                         }
-                        core.changed_within(Duration::from_millis(250)).await;
+                        core.logs_within(Duration::from_millis(250)).await;
                     }
                 }
             });

@@ -201,6 +201,7 @@ impl State {
             return;
         }
         let had_driver = j.status.state == JobState::Running && !j.attached;
+        self.jobs_ended += 1;
         j.status.state = state;
         j.status.exit_code = exit_code;
         j.status.error = error.into();

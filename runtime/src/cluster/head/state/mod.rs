@@ -345,6 +345,8 @@ pub(crate) struct State {
     ahead_allowed: bool,
     /// Tasks' ends and durations, for `/metrics`.
     task_metrics: TaskMetrics,
+    /// Jobs ended since the head started: followers of a job's log wake when it moves.
+    jobs_ended: u64,
 }
 
 /// Why the state machine refused a request.
@@ -412,6 +414,12 @@ impl State {
         self.jobs
             .get(job)
             .is_some_and(|j| j.status.state == JobState::Running)
+    }
+
+    /// How many jobs have ended since this head started: a change says a follower of
+    /// some job's log may be done.
+    pub fn jobs_ended(&self) -> u64 {
+        self.jobs_ended
     }
 
     /// The tasks' ends and durations so far.
