@@ -845,9 +845,10 @@ fn http_get(address: &str, path: &str, token: &str) -> Result<String> {
 fn operate_suite(args: &Args) -> Result<()> {
     let (me, volley_bin, pipeline) = programs()?;
     let work = args.work_dir.clone();
-    let input = work.join("input");
+    // Long enough (a few seconds) for the head to be killed while it runs.
+    let input = work.join("input-64x1m");
     if !input.exists() {
-        write_input(&input, 16, 500_000)?;
+        write_input(&input, 64, 1_000_000)?;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -868,6 +869,18 @@ fn operate_suite(args: &Args) -> Result<()> {
             .unwrap_or_default()
             .trim()
             .to_string())
+    };
+    // Whether an execution of job `id`'s driver has a finished task.
+    let task_done = |cluster: &LocalCluster, id: &str| -> Result<bool> {
+        let status = cluster.volley(&["job", "status", id])?;
+        Ok(status.lines().any(|l| {
+            l.trim_start()
+                .split_whitespace()
+                .nth(2)
+                .and_then(|t| t.split('/').next())
+                .and_then(|d| d.parse::<u64>().ok())
+                .is_some_and(|d| d > 0)
+        }))
     };
     let wait_for = |what: &str, f: &mut dyn FnMut() -> Result<bool>| -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -896,7 +909,14 @@ fn operate_suite(args: &Args) -> Result<()> {
         submit.extend(&job);
         let start = Instant::now();
         let id = cluster.volley(&submit)?.trim().to_string();
-        std::thread::sleep(Duration::from_secs_f64(clean / 2.0));
+        // Killed once the job is under way (a task done), not after a fixed time: the
+        // job's package is cached by now, so it runs faster than the fault-free one.
+        wait_for("the job's first task", &mut || task_done(&cluster, &id))?;
+        if state(&cluster, &id)? != "RUNNING" {
+            return Err(VolleyError::execution(format!(
+                "job {id} ended before the head could be killed: use more input"
+            )));
+        }
         let head = &mut cluster.procs[0];
         let _ = head.kill();
         let _ = head.wait();
@@ -912,20 +932,12 @@ fn operate_suite(args: &Args) -> Result<()> {
                 == nodes)
         })?;
         rejoin.push(restarted.elapsed().as_secs_f64());
-        wait_for("the driver", &mut || Ok(state(&cluster, &id)? == "RUNNING"))?;
+        wait_for("the driver", &mut || {
+            Ok(matches!(state(&cluster, &id)?.as_str(), "RUNNING" | "SUCCEEDED"))
+        })?;
         running.push(restarted.elapsed().as_secs_f64());
         // Progress: an execution of the new driver with a finished task.
-        wait_for("a finished task", &mut || {
-            let status = cluster.volley(&["job", "status", &id])?;
-            Ok(status.lines().any(|l| {
-                l.trim_start()
-                    .split_whitespace()
-                    .nth(2)
-                    .and_then(|t| t.split('/').next())
-                    .and_then(|d| d.parse::<u64>().ok())
-                    .is_some_and(|d| d > 0)
-            }))
-        })?;
+        wait_for("a finished task", &mut || task_done(&cluster, &id))?;
         progress.push(restarted.elapsed().as_secs_f64());
         wait_for("the job", &mut || {
             let s = state(&cluster, &id)?;
