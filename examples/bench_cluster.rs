@@ -933,7 +933,10 @@ fn operate_suite(args: &Args) -> Result<()> {
         })?;
         rejoin.push(restarted.elapsed().as_secs_f64());
         wait_for("the driver", &mut || {
-            Ok(matches!(state(&cluster, &id)?.as_str(), "RUNNING" | "SUCCEEDED"))
+            Ok(matches!(
+                state(&cluster, &id)?.as_str(),
+                "RUNNING" | "SUCCEEDED"
+            ))
         })?;
         running.push(restarted.elapsed().as_secs_f64());
         // Progress: an execution of the new driver with a finished task.

@@ -138,23 +138,59 @@ pub struct Agent {
     reports: mpsc::UnboundedSender<PendingReport>,
 }
 
-/// A task report on its way to the head, with whoever waits for the head's answer
-/// (whether the attempt was stale).
-type PendingReport = (proto::TaskReport, Option<oneshot::Sender<bool>>);
+/// A task report on its way to the head.
+struct PendingReport {
+    report: proto::TaskReport,
+    /// Whoever waits for the head's answer (whether the attempt was stale).
+    verdict: Option<oneshot::Sender<bool>>,
+    /// Tasks sent ahead wait on this node: its workers keep busy without the head for
+    /// a while, so the report may wait for others to go with it.
+    may_wait: bool,
+}
+
+impl PendingReport {
+    /// A report sent as soon as the link is free.
+    fn now(report: proto::TaskReport) -> Self {
+        Self {
+            report,
+            verdict: None,
+            may_wait: false,
+        }
+    }
+}
+
+/// How long a report may wait for others while tasks sent ahead keep this node busy
+/// (the head sends only a few milliseconds' work ahead: see its `ahead_per_slot`). A
+/// node finishing thousands of short tasks a second then reports them in a few calls,
+/// and the head's cost per task falls with them.
+const REPORT_LINGER: Duration = Duration::from_millis(2);
 
 /// Sends task reports to the head, many per call: the reports that arrive while one
-/// call is on its way go together in the next, so a busy node makes few calls and an
-/// idle one adds no delay.
+/// call is on its way go together in the next, and while tasks wait ahead here (so no
+/// worker idles for it) a report waits up to [`REPORT_LINGER`] for more. An idle node,
+/// or one whose attempt waits for the head's verdict, adds no delay.
 async fn report_loop(mut head: Head, mut rx: mpsc::UnboundedReceiver<PendingReport>) {
     while let Some(first) = rx.recv().await {
+        let deadline = tokio::time::Instant::now() + REPORT_LINGER;
+        let mut wait = first.may_wait && first.verdict.is_none();
         let mut batch = vec![first];
         while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
+            let next = match rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(mpsc::error::TryRecvError::Empty) if wait => {
+                    tokio::time::timeout_at(deadline, rx.recv())
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                Err(_) => None,
+            };
+            let Some(r) = next else { break };
+            wait &= r.may_wait && r.verdict.is_none();
+            batch.push(r);
         }
-        let (reports, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let (reports, waiters): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.report, p.verdict)).unzip();
         let n = reports.len();
         match head.report_tasks(proto::TaskReports { reports }).await {
             Ok(acks) => {
@@ -1188,7 +1224,7 @@ impl Agent {
                 error: Some(wire_execution_error(why.clone())),
                 ..Default::default()
             };
-            let _ = self.reports.send((report, None));
+            let _ = self.reports.send(PendingReport::now(report));
         }
         waiting
     }
@@ -1292,7 +1328,7 @@ impl Agent {
             error: Some(wire_execution_error(error)),
             ..Default::default()
         };
-        let _ = self.reports.send((report, None));
+        let _ = self.reports.send(PendingReport::now(report));
     }
 
     async fn report_actor(
@@ -1495,10 +1531,21 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             self.agent.next_after(&r.worker_id, freed)
         };
         report.successor = successor.unwrap_or_default();
+        let may_wait = !self
+            .agent
+            .state
+            .lock()
+            .expect("agent lock")
+            .ahead
+            .is_empty();
         let (tx, rx) = oneshot::channel();
         self.agent
             .reports
-            .send((report, r.await_verdict.then_some(tx)))
+            .send(PendingReport {
+                report,
+                verdict: r.await_verdict.then_some(tx),
+                may_wait,
+            })
             .map_err(|_| Status::unavailable("the node agent is stopping"))?;
         let stale = if r.await_verdict {
             rx.await

@@ -132,7 +132,9 @@ fn worker_loop() -> Result<()> {
             };
         }
         let Some(task) = r.task else { continue };
-        let (report, output, ran) = rt.block_on(run_task(&link, &task));
+        let started = std::time::Instant::now();
+        let (mut report, output, ran) = rt.block_on(run_task(&link, &task));
+        report.run_micros = started.elapsed().as_micros() as u64;
         let send = rt.block_on(agent.finish(proto::WorkerResult {
             worker_id: worker_id.clone(),
             report: Some(report),

@@ -96,6 +96,7 @@ impl From<proto::TaskReport> for TaskReport {
             attempt: r.attempt,
             outcome,
             successor: non_empty(r.successor),
+            run_time: std::time::Duration::from_micros(r.run_micros),
         }
     }
 }

@@ -186,6 +186,8 @@ pub(crate) struct TaskReport {
     pub outcome: TaskOutcome,
     /// A task sent ahead that took over the finished task's slot.
     pub successor: Option<String>,
+    /// How long the attempt took in its worker.
+    pub run_time: std::time::Duration,
 }
 
 /// A node joining.

@@ -289,6 +289,9 @@ pub(crate) struct JobEntry {
     pub resources: Resources,
     last_alive: Instant,
     gpus: Vec<u32>,
+    /// Seconds its CPU-only tasks take in their workers, a moving average: how many of
+    /// them may wait ahead on a node ([`tasks::ahead_per_slot`]).
+    task_seconds: Option<f64>,
 }
 
 impl JobEntry {
@@ -306,6 +309,7 @@ impl JobEntry {
             resources,
             last_alive: Instant::now(),
             gpus: vec![],
+            task_seconds: None,
         }
     }
 }

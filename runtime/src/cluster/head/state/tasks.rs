@@ -12,9 +12,30 @@ use super::super::super::resources::Resources;
 use super::super::JobTask;
 use super::*;
 
-/// How many tasks may wait ahead on a node per running task of the same CPUs: two keep
-/// a worker that finishes from waiting while the head's next one is on its way.
+/// How many tasks may wait ahead on a node per running task of the same CPUs, at least:
+/// two keep a worker that finishes from waiting while the head's next one is on its way.
 const AHEAD_PER_SLOT: usize = 2;
+
+/// At most this many per slot, for the shortest tasks.
+const MAX_AHEAD_PER_SLOT: usize = 32;
+
+/// How much work (by the job's tasks' average time) may wait ahead per slot: enough that
+/// a node keeps busy while its reports go to the head in batches (a node holds a report
+/// up to [`crate::cluster::node`]'s linger while more tasks wait there), so the head
+/// handles a batch of short tasks per message instead of one.
+const AHEAD_WORK: Duration = Duration::from_millis(10);
+
+/// How many tasks of a job whose tasks take `task_seconds` (on average, if known) may
+/// wait ahead per slot: [`AHEAD_PER_SLOT`] for tasks of 5 ms and more, up to
+/// [`MAX_AHEAD_PER_SLOT`] for shorter ones. Few tasks of seconds wait on a node, so
+/// a node that joins or frees room soon still gets its share.
+pub(super) fn ahead_per_slot(task_seconds: Option<f64>) -> usize {
+    match task_seconds {
+        Some(t) if t > 0.0 => ((AHEAD_WORK.as_secs_f64() / t).ceil() as usize)
+            .clamp(AHEAD_PER_SLOT, MAX_AHEAD_PER_SLOT),
+        _ => AHEAD_PER_SLOT,
+    }
+}
 
 /// The tasks waiting for room, in submission order (retries first).
 ///
@@ -209,6 +230,11 @@ impl State {
         }
         let resources = task.spec.resources.clone();
         let cpu_only = task.cpu_only().filter(|c| *c > 0.0 && self.ahead_allowed);
+        let per_slot = ahead_per_slot(
+            self.jobs
+                .get(&task.spec.job_id)
+                .and_then(|j| j.task_seconds),
+        );
         let arg_ids: Vec<String> = task
             .spec
             .args
@@ -226,21 +252,26 @@ impl State {
         if let Some((node, gpus, bundle)) = placement {
             return self.dispatch(id, node, gpus, bundle, args, false);
         }
-        match cpu_only.and_then(|_| self.pick_ahead(&resources, source)) {
+        match cpu_only.and_then(|_| self.pick_ahead(&resources, source, per_slot)) {
             Some(node) => self.dispatch(id, node, vec![], None, args, true),
             None => false,
         }
     }
 
     /// A node to send a CPU-only task to ahead of room: one with fewer tasks of the
-    /// same CPUs waiting ahead than [`AHEAD_PER_SLOT`] per running task of those CPUs
-    /// (the fewest waiting first). A worker that finishes such a task takes one ahead
+    /// same CPUs waiting ahead than `per_slot` ([`ahead_per_slot`]) per running task of
+    /// those CPUs (the fewest waiting first). A worker that finishes such a task takes one ahead
     /// over at once, instead of idling while its report goes to the head and the next
     /// task comes back. Only tasks that will end count (not actors, drivers or
     /// placement groups), and a slot they free goes to the tasks ahead first
     /// ([`Self::promote_ahead`] runs before any other placement), so a task ahead
     /// never waits on something that holds its room for good.
-    pub(super) fn pick_ahead(&self, req: &Resources, source: bool) -> Option<String> {
+    pub(super) fn pick_ahead(
+        &self,
+        req: &Resources,
+        source: bool,
+        per_slot: usize,
+    ) -> Option<String> {
         let key = req.num_cpus.to_bits();
         self.nodes
             .iter()
@@ -256,7 +287,7 @@ impl State {
                             .is_some_and(|t| t.spec.resources.num_cpus.to_bits() == key)
                     })
                     .count();
-                (waiting < AHEAD_PER_SLOT * slots).then_some((n.ahead.len(), id))
+                (waiting < per_slot * slots).then_some((n.ahead.len(), id))
             })
             .min()
             .map(|(_, id)| id.clone())
@@ -574,7 +605,10 @@ impl State {
                 bytes,
                 rows,
                 inline,
-            } => self.task_done(&r.task_id, &r.node_id, bytes, rows, inline),
+            } => {
+                self.note_task_time(&r.task_id, r.run_time);
+                self.task_done(&r.task_id, &r.node_id, bytes, rows, inline)
+            }
             TaskOutcome::Failed(e) => self.fail_task(&r.task_id, e),
             TaskOutcome::SystemFailure { error, unreadable } => {
                 if unreadable.is_empty() {
@@ -588,6 +622,18 @@ impl State {
             self.take_over(&r.node_id, &successor);
         }
         true
+    }
+
+    /// Adds the time a CPU-only task took to its job's average (the last ~10 weigh
+    /// most).
+    fn note_task_time(&mut self, id: &str, run_time: Duration) {
+        let Some(task) = self.tasks.get(id).filter(|t| t.cpu_only().is_some()) else {
+            return;
+        };
+        if let Some(job) = self.jobs.get_mut(&task.spec.job_id) {
+            let t = run_time.as_secs_f64();
+            job.task_seconds = Some(job.task_seconds.map_or(t, |avg| 0.9 * avg + 0.1 * t));
+        }
     }
 
     pub(super) fn task_done(

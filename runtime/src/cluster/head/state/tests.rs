@@ -93,6 +93,7 @@ fn report(node: &str, id: &str, attempt: u32, bytes: u64, successor: &str) -> Ta
             inline: Default::default(),
         },
         successor: (!successor.is_empty()).then(|| successor.to_string()),
+        run_time: Default::default(),
     }
 }
 
@@ -145,6 +146,27 @@ fn tasks_wait_ahead_for_slots_that_end_and_inherit_or_get_them() {
     assert_eq!(s.nodes["n1"].available.num_cpus, 2.0);
     assert!(s.nodes["n1"].ahead.is_empty());
     assert_eq!(s.nodes["n1"].slots.values().sum::<usize>(), 0);
+}
+
+#[test]
+fn short_tasks_wait_ahead_deeper_than_long_ones() {
+    assert_eq!(tasks::ahead_per_slot(None), 2);
+    assert_eq!(tasks::ahead_per_slot(Some(2.0)), 2);
+    assert_eq!(tasks::ahead_per_slot(Some(0.001)), 10);
+    assert_eq!(tasks::ahead_per_slot(Some(1e-6)), 32);
+    // A job whose tasks took 1 ms in their workers: ten wait ahead per slot.
+    let (mut s, mut rx) = one_node(1.0);
+    for i in 0..20 {
+        submit(&mut s, &format!("t{i}"));
+    }
+    s.schedule();
+    assert_eq!(sent(&mut rx).len(), 3, "one runs, two wait ahead at first");
+    let mut r = report("n1", "t0", 0, 0, "t1");
+    r.run_time = std::time::Duration::from_millis(1);
+    assert!(s.task_reported(r));
+    s.schedule();
+    assert_eq!(s.nodes["n1"].ahead.len(), 10);
+    assert_eq!(sent(&mut rx).len(), 9);
 }
 
 #[test]
@@ -418,6 +440,7 @@ fn a_task_fails_for_good_once_its_retries_are_used() {
                 unreadable: vec![],
             },
             successor: None,
+            run_time: Default::default(),
         }));
     }
     assert_eq!(s.tasks["t1"].state, TaskState::Failed);
