@@ -162,3 +162,62 @@ impl PartitionStream for InputStreamPartition {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+    use datafusion::prelude::SessionContext;
+
+    fn batch(name: &str, column: ArrayRef) -> RecordBatch {
+        RecordBatch::try_from_iter([(name, column)]).unwrap()
+    }
+
+    /// Reads the source whole: its batches, or the first error.
+    fn read_all(source: &InputStreamSource, request: &ScanRequest) -> Result<Vec<RecordBatch>> {
+        let state = SessionContext::new().state();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let tasks = source.plan(&state, request).await?;
+            let mut out = Vec::new();
+            for t in tasks {
+                let mut stream = t.open(state.task_ctx())?;
+                while let Some(b) = stream.next().await {
+                    out.push(b?);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    #[test]
+    fn batches_arrive_in_order_projected_and_empty_ones_left_out() {
+        let x = |v: Vec<i64>| batch("x", Arc::new(Int64Array::from(v)));
+        let first = vec![x(vec![1, 2])];
+        let inputs = InputStream::of(vec![vec![x(vec![]), x(vec![3])], vec![x(vec![4, 5])]]);
+        let source = InputStreamSource::new(first[0].schema(), first, inputs);
+        let got = read_all(&source, &ScanRequest::default()).unwrap();
+        let rows: Vec<usize> = got.iter().map(RecordBatch::num_rows).collect();
+        assert_eq!(rows, [2, 1, 2]);
+        // Read once: a second read is an error, not an empty result.
+        let again = read_all(&source, &ScanRequest::default()).unwrap_err();
+        assert!(again.to_string().contains("read once"), "{again}");
+    }
+
+    #[test]
+    fn a_batch_of_another_schema_is_an_error_naming_both() {
+        let x = batch("x", Arc::new(Int64Array::from(vec![1])));
+        let other = batch("name", Arc::new(StringArray::from(vec!["a"])));
+        let inputs = InputStream::of(vec![vec![other]]);
+        let source = InputStreamSource::new(x.schema(), vec![x], inputs);
+        let e = read_all(&source, &ScanRequest::default()).unwrap_err();
+        let message = e.to_string();
+        assert!(message.contains("an input batch has schema"), "{message}");
+        assert!(
+            message.contains("name") && message.contains("\"x\""),
+            "{message}"
+        );
+    }
+}
