@@ -289,9 +289,11 @@ pub(crate) struct JobEntry {
     pub resources: Resources,
     last_alive: Instant,
     gpus: Vec<u32>,
-    /// Seconds its CPU-only tasks take in their workers, a moving average: how many of
-    /// them may wait ahead on a node ([`tasks::ahead_per_slot`]).
-    task_seconds: Option<f64>,
+    /// Seconds its CPU-only tasks take in their workers, a moving average per task name
+    /// (a task's type unless its submitter named it: a Dataset's map and reduce tasks
+    /// apart): how many of them may wait ahead on a node ([`tasks::ahead_per_slot`]).
+    /// At most [`tasks::TIMED_NAMES`] names.
+    task_seconds: HashMap<String, f64>,
 }
 
 impl JobEntry {
@@ -309,7 +311,7 @@ impl JobEntry {
             resources,
             last_alive: Instant::now(),
             gpus: vec![],
-            task_seconds: None,
+            task_seconds: HashMap::new(),
         }
     }
 }

@@ -25,6 +25,10 @@ const MAX_AHEAD_PER_SLOT: usize = 32;
 /// handles a batch of short tasks per message instead of one.
 const AHEAD_WORK: Duration = Duration::from_millis(10);
 
+/// How many task names of a job have their time kept: a job naming each task
+/// differently keeps the first ones', and its others wait ahead as unknown ones do.
+pub(super) const TIMED_NAMES: usize = 64;
+
 /// How many tasks of a job whose tasks take `task_seconds` (on average, if known) may
 /// wait ahead per slot: [`AHEAD_PER_SLOT`] for tasks of 5 ms and more, up to
 /// [`MAX_AHEAD_PER_SLOT`] for shorter ones. Few tasks of seconds wait on a node, so
@@ -233,7 +237,7 @@ impl State {
         let per_slot = ahead_per_slot(
             self.jobs
                 .get(&task.spec.job_id)
-                .and_then(|j| j.task_seconds),
+                .and_then(|j| j.task_seconds.get(&task.spec.name).copied()),
         );
         let arg_ids: Vec<String> = task
             .spec
@@ -624,15 +628,20 @@ impl State {
         true
     }
 
-    /// Adds the time a CPU-only task took to its job's average (the last ~10 weigh
-    /// most).
+    /// Adds the time a CPU-only task took to the average of its job's tasks of its
+    /// name (the last ~10 weigh most).
     fn note_task_time(&mut self, id: &str, run_time: Duration) {
         let Some(task) = self.tasks.get(id).filter(|t| t.cpu_only().is_some()) else {
             return;
         };
-        if let Some(job) = self.jobs.get_mut(&task.spec.job_id) {
-            let t = run_time.as_secs_f64();
-            job.task_seconds = Some(job.task_seconds.map_or(t, |avg| 0.9 * avg + 0.1 * t));
+        let Some(job) = self.jobs.get_mut(&task.spec.job_id) else {
+            return;
+        };
+        let t = run_time.as_secs_f64();
+        if let Some(avg) = job.task_seconds.get_mut(&task.spec.name) {
+            *avg = 0.9 * *avg + 0.1 * t;
+        } else if job.task_seconds.len() < TIMED_NAMES {
+            job.task_seconds.insert(task.spec.name.clone(), t);
         }
     }
 

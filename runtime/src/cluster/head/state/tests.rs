@@ -167,6 +167,25 @@ fn short_tasks_wait_ahead_deeper_than_long_ones() {
     s.schedule();
     assert_eq!(s.nodes["n1"].ahead.len(), 10);
     assert_eq!(sent(&mut rx).len(), 9);
+    // Tasks of another name (another stage of the job) are timed apart: two of them
+    // wait ahead until their own times are known.
+    let (mut s, mut rx) = one_node(1.0);
+    let mut r = report("n1", "t0", 0, 0, "");
+    r.run_time = std::time::Duration::from_millis(1);
+    submit(&mut s, "t0");
+    s.schedule();
+    assert!(s.task_reported(r));
+    for i in 1..10 {
+        let mut t = task(&format!("r{i}"), &[]);
+        t.name = "reduce".into();
+        s.submit(t).unwrap();
+    }
+    s.schedule();
+    assert_eq!(
+        sent(&mut rx).len(),
+        4,
+        "t0, then one reduce task runs and two wait"
+    );
 }
 
 #[test]
