@@ -284,7 +284,16 @@ impl Conn {
 }
 
 fn io_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    runtime_with(None)
+}
+
+/// A runtime with `threads` worker threads (`None`: one per CPU).
+fn runtime_with(threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .map_err(|e| VolleyError::internal(format!("cannot start a runtime: {e}")))
@@ -418,11 +427,7 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     // One thread serves every call: the head's state is behind one lock anyway, and a
     // second thread only added wake-ups between the two (a head scheduling 10,000 tiny
     // tasks spent ~38% of a core with two threads, ~30% with one, at the same rate).
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| VolleyError::internal(format!("cannot start a runtime: {e}")))?;
+    let rt = runtime_with(Some(1))?;
     rt.block_on(async move {
         let (_core, addrs) =
             cluster::start_head(options, &a.host, a.port, Some(a.http_port), &tls).await?;

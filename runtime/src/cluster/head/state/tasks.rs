@@ -234,11 +234,6 @@ impl State {
         }
         let resources = task.spec.resources.clone();
         let cpu_only = task.cpu_only().filter(|c| *c > 0.0 && self.ahead_allowed);
-        let per_slot = ahead_per_slot(
-            self.jobs
-                .get(&task.spec.job_id)
-                .and_then(|j| j.task_seconds.get(&task.spec.name).copied()),
-        );
         let arg_ids: Vec<String> = task
             .spec
             .args
@@ -256,7 +251,16 @@ impl State {
         if let Some((node, gpus, bundle)) = placement {
             return self.dispatch(id, node, gpus, bundle, args, false);
         }
-        match cpu_only.and_then(|_| self.pick_ahead(&resources, source, per_slot)) {
+        // Looked up only for a task that may go ahead: most placements do not need it.
+        let per_slot = |s: &Self| {
+            let t = &s.tasks[id];
+            ahead_per_slot(
+                s.jobs
+                    .get(&t.spec.job_id)
+                    .and_then(|j| j.task_seconds.get(&t.spec.name).copied()),
+            )
+        };
+        match cpu_only.and_then(|_| self.pick_ahead(&resources, source, per_slot(self))) {
             Some(node) => self.dispatch(id, node, vec![], None, args, true),
             None => false,
         }
