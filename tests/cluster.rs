@@ -2098,7 +2098,7 @@ fn tpch_queries_run_in_stages_on_three_nodes_and_give_duckdbs_answers() {
         .iter()
         .map(|t| format!("{t}={}/{t}/", data.display()))
         .collect();
-    let sql = |q: u32, args: &[&str]| -> Output {
+    let sql_env = |q: u32, args: &[&str], env: &[(&str, &str)]| -> Output {
         let mut cmd = c.volley();
         cmd.arg("sql")
             .arg("-f")
@@ -2106,8 +2106,9 @@ fn tpch_queries_run_in_stages_on_three_nodes_and_give_duckdbs_answers() {
         for t in &tables {
             cmd.args(["--table", t]);
         }
-        cmd.args(args).output().unwrap()
+        cmd.envs(env.iter().copied()).args(args).output().unwrap()
     };
+    let sql = |q: u32, args: &[&str]| sql_env(q, args, &[]);
     for q in 1..=22 {
         let out = results.join(format!("q{q:02}.parquet"));
         let run = sql(q, &["--output", out.to_str().unwrap()]);
@@ -2121,12 +2122,34 @@ fn tpch_queries_run_in_stages_on_three_nodes_and_give_duckdbs_answers() {
 
     let explain = sql(5, &["--explain"]);
     let text = String::from_utf8_lossy(&explain.stdout);
+    // Q05's joins have a small side by the files' statistics: it is broadcast (each
+    // task of the join reads it whole), and lineitem is not exchanged.
     assert!(
         text.contains("ClusterStageExec")
             && text.contains("map tasks into 12 partitions")
-            && text.contains("HashJoinExec"),
+            && text.contains("HashJoinExec: mode=CollectLeft"),
         "{text}"
     );
+    // With broadcasts off, every join is partitioned: the same answers.
+    let off = [("VOLLEY_EXEC_BROADCAST_JOIN_BYTES", "0")];
+    for q in [5, 18] {
+        let explain = sql_env(q, &["--explain"], &off);
+        let text = String::from_utf8_lossy(&explain.stdout);
+        assert!(
+            text.contains("HashJoinExec: mode=Partitioned") && !text.contains("CollectLeft"),
+            "Q{q:02} with broadcasts off: {text}"
+        );
+        let csv = |env: &[(&str, &str)]| {
+            let out = sql_env(q, &["--format", "csv"], env);
+            assert!(
+                out.status.success(),
+                "Q{q:02}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        assert_eq!(csv(&off), csv(&[]), "Q{q:02} with broadcasts off");
+    }
     // Every job (one per query) lists its stages' tasks with the node each ran on.
     let list = c.volley().args(["job", "list"]).output().unwrap();
     let mut nodes = std::collections::BTreeSet::new();

@@ -49,7 +49,10 @@ pub struct ExecOptions {
     /// `volley.exec.broadcast_join_bytes`: on a cluster, an inner, left, semi or anti
     /// join whose right side (measured in the nodes' stores once it is all made) is at
     /// most this big sends the whole right side to one task per left block instead of
-    /// partitioning both sides: the left side is not partitioned. `0` turns it off.
+    /// partitioning both sides: the left side is not partitioned. In SQL, a join side
+    /// estimated below it from the files' statistics (or below one row per 8 bytes of
+    /// it, where sizes are unknown) is collected once and read whole by every task of
+    /// the join. `0` turns it off.
     pub broadcast_join_bytes: u64,
 }
 

@@ -219,6 +219,7 @@ impl PlanSource {
                         .join()
                 })
                 .map_err(|_| VolleyError::internal("asking the cluster for its CPUs"))?;
+                let broadcast = config.exec.broadcast_join_bytes;
                 let mut config = self.state.config().clone();
                 let options = config.options_mut();
                 options.execution.target_partitions = partitions;
@@ -231,6 +232,16 @@ impl PlanSource {
                 options.optimizer.enable_join_dynamic_filter_pushdown = false;
                 options.optimizer.enable_topk_dynamic_filter_pushdown = false;
                 options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
+                // A join's side estimated (from the files' statistics) below the
+                // broadcast limit is collected and read whole by every task of the
+                // join, so that the other side is not exchanged. In one process the
+                // collected side is built once and shared, and DataFusion's smaller
+                // defaults fit that; here each task builds it, but an exchange costs
+                // more than that: the big side's rows written, fetched and read again.
+                options.optimizer.hash_join_single_partition_threshold =
+                    usize::try_from(broadcast).unwrap_or(usize::MAX);
+                options.optimizer.hash_join_single_partition_threshold_rows =
+                    usize::try_from(broadcast / 8).unwrap_or(usize::MAX);
                 let state = SessionStateBuilder::new_from_existing(self.state.clone())
                     .with_config(config.clone())
                     .build();

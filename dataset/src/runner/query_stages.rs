@@ -164,9 +164,11 @@ fn cut_stages(
             // A join's collected side is computed once, by a stage of its own, and
             // read whole by every task of the join: recomputed in each task, an
             // order-dependent side (a limit, `first_value`) could differ between tasks.
+            // A side that only merges a stage's outputs is read as it is: each task
+            // reads every output of that stage (no stage of one task between them).
             if collects_left(&node) {
                 let left = Arc::clone(node.children()[0]);
-                if left.downcast_ref::<ClusterStageExec>().is_none() {
+                if !reads_stage_outputs(&left) {
                     let mut children: Vec<Arc<dyn ExecutionPlan>> =
                         node.children().into_iter().cloned().collect();
                     let props = Arc::clone(left.properties());
@@ -192,6 +194,15 @@ fn cut_stages(
         Ok(TreeNodeRecursion::Continue)
     })?;
     Ok((!reads_exchange).then_some(cut))
+}
+
+/// Whether `plan` is a stage's outputs, or the merge of all of them (with no limit).
+fn reads_stage_outputs(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let plan = match plan.downcast_ref::<CoalescePartitionsExec>() {
+        Some(merge) if merge.fetch().is_none() => merge.input(),
+        _ => plan,
+    };
+    plan.downcast_ref::<ClusterStageExec>().is_some()
 }
 
 /// Whether `node` is a join that reads every partition of its left side into one
