@@ -38,6 +38,12 @@ pub(crate) use messages::*;
 /// Where a node's commands go (the node's attached stream, through the service).
 pub(crate) type NodeLink = mpsc::UnboundedSender<NodeCommand>;
 
+/// The head's maps of tasks, objects and the like, keyed by ids: each task's placement
+/// and report looks several of them up, and SipHash (the standard map's) was a tenth
+/// of the head's CPU time. Seeded per process, as the standard one is.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
 /// `(placement group, bundle index, group generation)` a task or actor runs in.
 type BundleRef = (String, usize, u64);
 
@@ -50,12 +56,12 @@ struct Node {
     last_seen: Instant,
     alive: bool,
     link: Option<NodeLink>,
-    running: HashSet<String>,
+    running: FastSet<String>,
     /// Tasks sent ahead of room (oldest first), not yet holding resources here.
-    ahead: VecDeque<String>,
+    ahead: AheadQueue,
     /// Running CPU-only tasks holding resources here, by their CPUs (`f64` bits):
     /// the slots a task sent ahead may wait for.
-    slots: HashMap<u64, usize>,
+    slots: FastMap<u64, usize>,
     /// Figures from its last heartbeat.
     load: NodeLoad,
     object_store_memory: u64,
@@ -78,9 +84,9 @@ impl Node {
             last_seen: Instant::now(),
             alive: true,
             link: None,
-            running: HashSet::new(),
-            ahead: VecDeque::new(),
-            slots: HashMap::new(),
+            running: FastSet::default(),
+            ahead: AheadQueue::default(),
+            slots: FastMap::default(),
             load: NodeLoad::default(),
             object_store_memory: r.object_store_memory,
             stored: 0,
@@ -136,6 +142,65 @@ impl TaskState {
             Self::Done => "DONE",
             Self::Failed => "FAILED",
         }
+    }
+}
+
+/// A node's tasks sent ahead of room, oldest first, with how many of them ask for each
+/// number of CPUs: placing a task ahead asks that count of every node, so it is kept
+/// rather than counted from the queue each time.
+#[derive(Default)]
+struct AheadQueue {
+    /// Task ids and their CPUs (`f64` bits).
+    queue: VecDeque<(String, u64)>,
+    by_cpus: FastMap<u64, usize>,
+}
+
+impl AheadQueue {
+    fn push(&mut self, id: &str, cpus: u64) {
+        self.queue.push_back((id.to_string(), cpus));
+        *self.by_cpus.entry(cpus).or_default() += 1;
+    }
+
+    fn front(&self) -> Option<&str> {
+        self.queue.front().map(|(id, _)| id.as_str())
+    }
+
+    fn pop_front(&mut self) -> Option<String> {
+        let (id, cpus) = self.queue.pop_front()?;
+        self.forget(cpus);
+        Some(id)
+    }
+
+    /// Takes `id` out (a task leaves in about the order it came: searched from the
+    /// front).
+    fn remove(&mut self, id: &str) {
+        if let Some(i) = self.queue.iter().position(|(a, _)| a == id) {
+            if let Some((_, cpus)) = self.queue.remove(i) {
+                self.forget(cpus);
+            }
+        }
+    }
+
+    fn forget(&mut self, cpus: u64) {
+        if let Some(c) = self.by_cpus.get_mut(&cpus) {
+            *c -= 1;
+            if *c == 0 {
+                self.by_cpus.remove(&cpus);
+            }
+        }
+    }
+
+    /// Tasks waiting that ask for `cpus` (`f64` bits).
+    fn waiting(&self, cpus: u64) -> usize {
+        self.by_cpus.get(&cpus).copied().unwrap_or(0)
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 }
 
@@ -293,7 +358,7 @@ pub(crate) struct JobEntry {
     /// (a task's type unless its submitter named it: a Dataset's map and reduce tasks
     /// apart): how many of them may wait ahead on a node ([`tasks::ahead_per_slot`]).
     /// At most [`tasks::TIMED_NAMES`] names.
-    task_seconds: HashMap<String, f64>,
+    task_seconds: FastMap<String, f64>,
 }
 
 impl JobEntry {
@@ -311,7 +376,7 @@ impl JobEntry {
             resources,
             last_alive: Instant::now(),
             gpus: vec![],
-            task_seconds: HashMap::new(),
+            task_seconds: FastMap::default(),
         }
     }
 }
@@ -330,10 +395,10 @@ pub(crate) struct State {
     next_node: u64,
     next_job: u64,
     nodes: BTreeMap<String, Node>,
-    tasks: HashMap<String, TaskEntry>,
+    tasks: FastMap<String, TaskEntry>,
     queue: tasks::TaskQueue,
-    objects: HashMap<String, ObjectEntry>,
-    object_groups: HashMap<String, ObjectGroup>,
+    objects: FastMap<String, ObjectEntry>,
+    object_groups: FastMap<String, ObjectGroup>,
     groups: HashMap<String, Group>,
     actors: HashMap<String, ActorEntry>,
     jobs: BTreeMap<String, JobEntry>,

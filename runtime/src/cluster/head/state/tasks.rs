@@ -286,16 +286,7 @@ impl State {
             .filter(|(_, n)| n.takes_work() && !(source && n.store_full()))
             .filter_map(|(id, n)| {
                 let slots = n.slots.get(&key).copied().unwrap_or(0);
-                let waiting = n
-                    .ahead
-                    .iter()
-                    .filter(|a| {
-                        self.tasks
-                            .get(*a)
-                            .is_some_and(|t| t.spec.resources.num_cpus.to_bits() == key)
-                    })
-                    .count();
-                (waiting < per_slot * slots).then_some((n.ahead.len(), id))
+                (n.ahead.waiting(key) < per_slot * slots).then_some((n.ahead.len(), id))
             })
             .min()
             .map(|(_, id)| id.clone())
@@ -333,7 +324,7 @@ impl State {
             return;
         }
         n.hold_slot(task);
-        n.ahead.retain(|a| a != successor);
+        n.ahead.remove(successor);
     }
 
     pub(super) fn dispatch(
@@ -369,7 +360,7 @@ impl State {
         let n = self.nodes.get_mut(&node).expect("placed on a known node");
         n.running.insert(id.to_string());
         if ahead {
-            n.ahead.push_back(id.to_string());
+            n.ahead.push(id, task.spec.resources.num_cpus.to_bits());
         }
         if let Some(key) = slot {
             *n.slots.entry(key).or_default() += 1;
@@ -540,7 +531,7 @@ impl State {
         if let Some(n) = self.nodes.get_mut(&node) {
             n.running.remove(id);
             if ahead {
-                n.ahead.retain(|a| a != id);
+                n.ahead.remove(id);
             }
             if let Some(key) = slot {
                 if let Some(c) = n.slots.get_mut(&key) {
