@@ -641,3 +641,21 @@ fn a_lost_map_output_in_a_group_is_rebuilt_before_its_reduce_task_runs() {
     s.schedule();
     assert_eq!(sent(&mut rx2), ["run r0"]);
 }
+
+#[test]
+fn tasks_ahead_are_counted_by_their_cpus_as_they_come_and_go() {
+    let mut q = AheadQueue::default();
+    let (one, two) = (1f64.to_bits(), 2f64.to_bits());
+    q.push("a", one);
+    q.push("b", two);
+    q.push("c", one);
+    assert_eq!((q.waiting(one), q.waiting(two), q.len()), (2, 1, 3));
+    q.remove("c");
+    q.remove("not there");
+    assert_eq!((q.waiting(one), q.len()), (1, 2));
+    assert_eq!(q.pop_front().as_deref(), Some("a"));
+    assert_eq!((q.waiting(one), q.waiting(two)), (0, 1));
+    assert_eq!(q.front(), Some("b"));
+    q.remove("b");
+    assert!(q.is_empty() && q.waiting(two) == 0 && q.pop_front().is_none());
+}
