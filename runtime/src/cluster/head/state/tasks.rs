@@ -252,18 +252,21 @@ impl State {
             return self.dispatch(id, node, gpus, bundle, args, false);
         }
         // Looked up only for a task that may go ahead: most placements do not need it.
-        let per_slot = |s: &Self| {
-            let t = &s.tasks[id];
-            ahead_per_slot(
-                s.jobs
-                    .get(&t.spec.job_id)
-                    .and_then(|j| j.task_seconds.get(&t.spec.name).copied()),
-            )
-        };
-        match cpu_only.and_then(|_| self.pick_ahead(&resources, source, per_slot(self))) {
+        match cpu_only.and_then(|_| self.pick_ahead(&resources, source, self.ahead_depth(id))) {
             Some(node) => self.dispatch(id, node, vec![], None, args, true),
             None => false,
         }
+    }
+
+    /// How many tasks like `id` (its job's, of its name) may wait ahead per slot
+    /// ([`ahead_per_slot`], from their measured time).
+    fn ahead_depth(&self, id: &str) -> usize {
+        let t = &self.tasks[id];
+        ahead_per_slot(
+            self.jobs
+                .get(&t.spec.job_id)
+                .and_then(|j| j.task_seconds.get(&t.spec.name).copied()),
+        )
     }
 
     /// A node to send a CPU-only task to ahead of room: one with fewer tasks of the
