@@ -196,7 +196,10 @@ impl Context {
             state = state
                 .with_physical_optimizer_rule(Arc::new(crate::decode_filters::DecodeTimeFilters));
         }
-        let state = state.build();
+        // Last: the rules before it see a filter's conditions as a plain `AND`.
+        let state = state
+            .with_physical_optimizer_rule(Arc::new(crate::conjunction::FilterConjunctions))
+            .build();
         Ok(Self {
             exec: ExecContext {
                 config: Arc::new(config),

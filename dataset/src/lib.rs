@@ -13,6 +13,7 @@
 //! assert_eq!(ds.count().unwrap(), 10);
 //! ```
 
+mod conjunction;
 mod context;
 mod dataset;
 mod decode_filters;

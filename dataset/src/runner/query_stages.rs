@@ -62,6 +62,8 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
     PhysicalExpr, PlanProperties,
 };
+use datafusion::physical_expr_common::physical_expr::proto_decode::PhysicalExprDecodeCtx;
+use datafusion::physical_expr_common::physical_expr::proto_encode::PhysicalExprEncodeCtx;
 use datafusion_proto::physical_plan::from_proto::parse_physical_expr_with_converter;
 use datafusion_proto::physical_plan::to_proto::serialize_physical_expr_with_converter;
 use datafusion_proto::physical_plan::{
@@ -76,6 +78,7 @@ use volley_runtime::cluster::{
 };
 
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
+use crate::conjunction::Conjunction;
 use crate::context::Context;
 use crate::handover::{thread_stream, Handover};
 
@@ -996,7 +999,36 @@ impl PhysicalExtensionCodec for StageCodec {
         serde_json::to_writer(buf, &read)
             .map_err(|e| DataFusionError::Internal(format!("a stage read: {e}")))
     }
+
+    fn try_decode_expr(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn PhysicalExpr>],
+        ctx: &PhysicalExprDecodeCtx<'_>,
+    ) -> DfResult<Arc<dyn PhysicalExpr>> {
+        if buf != CONJUNCTION_TAG {
+            return DefaultPhysicalExtensionCodec {}.try_decode_expr(buf, inputs, ctx);
+        }
+        Ok(Arc::new(Conjunction::new(inputs.to_vec())?))
+    }
+
+    fn try_encode_expr(
+        &self,
+        node: &Arc<dyn PhysicalExpr>,
+        buf: &mut Vec<u8>,
+        ctx: &PhysicalExprEncodeCtx<'_>,
+    ) -> DfResult<()> {
+        if node.downcast_ref::<Conjunction>().is_none() {
+            return DefaultPhysicalExtensionCodec {}.try_encode_expr(node, buf, ctx);
+        }
+        // The conditions travel as the node's inputs, in their order.
+        buf.extend_from_slice(CONJUNCTION_TAG);
+        Ok(())
+    }
 }
+
+/// An encoded [`Conjunction`].
+const CONJUNCTION_TAG: &[u8] = b"volley-conjunction";
 
 /// What an encoded stage read begins with.
 const STAGE_READ_TAG: &[u8] = b"volley-stage-read:";
@@ -1362,6 +1394,49 @@ mod tests {
             .block_on(datafusion::physical_plan::collect(shipped, ctx.task_ctx()))
             .unwrap();
         assert_eq!(again.iter().map(|b| b.num_rows()).sum::<usize>(), rows);
+    }
+
+    #[test]
+    fn a_filters_conditions_travel_in_their_order_and_give_the_same_rows() {
+        use datafusion::physical_optimizer::PhysicalOptimizerRule;
+        use datafusion::physical_plan::filter::FilterExec;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let sql = "SELECT k FROM big WHERE k % 7 = 3 AND k < 3000 AND k > 100";
+        let plan = crate::conjunction::FilterConjunctions
+            .optimize(physical(&ctx, sql), &Default::default())
+            .unwrap();
+        let predicate = |plan: &Arc<dyn ExecutionPlan>| {
+            let mut found = None;
+            let _ = plan.apply(|node| {
+                if let Some(f) = node.downcast_ref::<FilterExec>() {
+                    found = Some(Arc::clone(f.predicate()));
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            found.expect("a filter")
+        };
+        let shipped = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+            &encode(&plan).unwrap(),
+            &ctx.task_ctx(),
+            &StageCodec::default(),
+        )
+        .unwrap();
+        let (sent, got) = (predicate(&plan), predicate(&shipped));
+        assert!(got.downcast_ref::<Conjunction>().is_some(), "{got}");
+        // The cheap comparisons first, the one that computes last.
+        assert_eq!(got.to_string(), "k@0 < 3000 AND k@0 > 100 AND k@0 % 7 = 3");
+        assert_eq!(sent.to_string(), got.to_string());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let rows = |plan: Arc<dyn ExecutionPlan>| {
+            let batches = rt
+                .block_on(datafusion::physical_plan::collect(plan, ctx.task_ctx()))
+                .unwrap();
+            batches.iter().map(|b| b.num_rows()).sum::<usize>()
+        };
+        let want = (101..3000).filter(|k| k % 7 == 3).count();
+        assert_eq!(rows(plan), want);
+        assert_eq!(rows(shipped), want);
     }
 
     #[test]
