@@ -79,7 +79,9 @@ impl PhysicalOptimizerRule for FilterConjunctions {
             let rewritten = FilterExecBuilder::from(filter)
                 .with_predicate(predicate)
                 .build()?;
-            Ok(Transformed::yes(Arc::new(rewritten) as Arc<dyn ExecutionPlan>))
+            Ok(Transformed::yes(
+                Arc::new(rewritten) as Arc<dyn ExecutionPlan>
+            ))
         })
         .data()
     }
@@ -162,7 +164,8 @@ impl Rest {
                         Some(col) => Ok(Transformed::yes(Arc::new(Column::new(
                             col.name(),
                             at[&col.index()],
-                        )) as Arc<dyn PhysicalExpr>)),
+                        ))
+                            as Arc<dyn PhysicalExpr>)),
                         None => Ok(Transformed::no(e)),
                     })
                     .data()
@@ -299,7 +302,8 @@ impl PhysicalExpr for Conjunction {
                 let rest = &self.rest[i];
                 let kept = passed.clone().expect("some rows were rejected");
                 let projected = batch.project(&rest.columns)?;
-                let rows_kept = filter_record_batch(&projected, &BooleanArray::new(kept.clone(), None))?;
+                let rows_kept =
+                    filter_record_batch(&projected, &BooleanArray::new(kept.clone(), None))?;
                 cut = Some((rows_kept, kept, i));
             }
             let result = match &cut {
@@ -442,7 +446,11 @@ mod tests {
     /// Which rows pass, by DataFusion's own evaluation of the plain `AND`.
     fn oracle(conjuncts: &[Arc<dyn PhysicalExpr>], batch: &RecordBatch) -> Vec<bool> {
         let plain = conjunction(conjuncts.iter().cloned());
-        let result = plain.evaluate(batch).unwrap().into_array(batch.num_rows()).unwrap();
+        let result = plain
+            .evaluate(batch)
+            .unwrap()
+            .into_array(batch.num_rows())
+            .unwrap();
         let result = result.as_boolean();
         (0..result.len())
             .map(|i| result.is_valid(i) && result.value(i))
@@ -450,7 +458,11 @@ mod tests {
     }
 
     fn passes(c: &Conjunction, batch: &RecordBatch) -> Vec<bool> {
-        let result = c.evaluate(batch).unwrap().into_array(batch.num_rows()).unwrap();
+        let result = c
+            .evaluate(batch)
+            .unwrap()
+            .into_array(batch.num_rows())
+            .unwrap();
         let result = result.as_boolean();
         assert_eq!(result.null_count(), 0);
         (0..result.len()).map(|i| result.value(i)).collect()
@@ -489,7 +501,10 @@ mod tests {
                 s_in(&["a"]),
             ],
             // A constant condition.
-            vec![lit(true), cmp("x", Operator::Lt, ScalarValue::Int64(Some(5)))],
+            vec![
+                lit(true),
+                cmp("x", Operator::Lt, ScalarValue::Int64(Some(5))),
+            ],
         ];
         for (k, conjuncts) in cases.into_iter().enumerate() {
             for (rows, seed) in [(0, 1), (1, 2), (100, 3), (8192, 4), (10_001, 5)] {
@@ -556,9 +571,14 @@ mod tests {
         let got = passes(&c, &batch);
         let want: Vec<bool> = (0..batch.num_rows())
             .map(|i| {
-                let x = batch.column(0).as_primitive::<arrow::datatypes::Int64Type>();
+                let x = batch
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::Int64Type>();
                 let s = batch.column(1).as_string::<i32>();
-                let d = batch.column(2).as_primitive::<arrow::datatypes::Int32Type>().value(i);
+                let d = batch
+                    .column(2)
+                    .as_primitive::<arrow::datatypes::Int32Type>()
+                    .value(i);
                 x.is_valid(i)
                     && s.is_valid(i)
                     && d > 5

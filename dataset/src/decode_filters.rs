@@ -27,7 +27,17 @@
 //! off everywhere.
 
 use std::collections::HashSet;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering as AtomicOrdering};
 use std::sync::Arc;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Schema};
+use arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::ColumnarValue;
+use datafusion::physical_expr::conjunction;
 
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
@@ -81,7 +91,10 @@ impl PhysicalOptimizerRule for DecodeTimeFilters {
             if !dynamic || !selective.contains(&address(&node)) {
                 return Ok(Transformed::no(node));
             }
-            Ok(match filtering_while_decoding(config) {
+            let config = FileScanConfigBuilder::from(config.clone())
+                .with_source(Arc::new(sampling_dynamic_filters(parquet)?))
+                .build();
+            Ok(match filtering_while_decoding(&config) {
                 Some(config) => Transformed::yes(
                     DataSourceExec::from_data_source(config) as Arc<dyn ExecutionPlan>
                 ),
@@ -183,6 +196,163 @@ pub(crate) fn filtering_while_decoding(config: &FileScanConfig) -> Option<FileSc
             .with_source(Arc::new(source))
             .build(),
     )
+}
+
+/// `parquet` with each condition of its predicate that holds a dynamic filter wrapped
+/// in a [`SampledFilter`].
+fn sampling_dynamic_filters(parquet: &ParquetSource) -> Result<ParquetSource> {
+    let Some(predicate) = parquet.filter() else {
+        return Ok(parquet.clone());
+    };
+    let mut conjuncts = Vec::new();
+    for c in split_conjunction(&predicate) {
+        conjuncts.push(if c.exists(|e| Ok(e.is::<DynamicFilterPhysicalExpr>()))? {
+            Arc::new(SampledFilter::new(Arc::clone(c))) as Arc<dyn PhysicalExpr>
+        } else {
+            Arc::clone(c)
+        });
+    }
+    Ok(parquet.with_predicate(conjunction(conjuncts)))
+}
+
+/// How many rows a [`SampledFilter`] tests before it decides.
+const SAMPLE_ROWS: u64 = 65_536;
+
+/// The share of sampled rows above which a [`SampledFilter`] stops filtering.
+const MAX_PASSING: f64 = 0.01;
+
+/// A scan's dynamic filter, tested while decoding only while it pays.
+///
+/// Whether a join's keys leave few probe rows is known only once its build side is
+/// read. Measured on TPC-H SF1 (2 cores, whole `volley sql` runs): with a join's keys
+/// tested while decoding `lineitem`, Q18 (57 orders' keys) took 0.63 s instead of 0.90
+/// s, but Q09 (the keys of 5% of the parts, which leave 5% of `lineitem`) took 1.11 s
+/// instead of 0.61 s: a hash lookup per row, and the rest of every page decoded through
+/// a scattered selection anyway. So the scan tests the filter on its first
+/// [`SAMPLE_ROWS`] rows (all of its files and partitions together), and if more than
+/// [`MAX_PASSING`] of them pass, lets every row pass from then on: the join still
+/// drops the rows its keys do not match. Row-group and page pruning by the filter's
+/// bounds are unchanged (they use the filter's snapshot, not this wrapper).
+#[derive(Debug)]
+pub(crate) struct SampledFilter {
+    inner: Arc<dyn PhysicalExpr>,
+    sample: Arc<Sample>,
+}
+
+#[derive(Debug, Default)]
+struct Sample {
+    seen: AtomicU64,
+    passed: AtomicU64,
+    /// 0 while sampling, [`KEEP`] or [`SKIP`] once decided.
+    verdict: AtomicU8,
+}
+
+const KEEP: u8 = 1;
+const SKIP: u8 = 2;
+
+impl SampledFilter {
+    pub(crate) fn new(inner: Arc<dyn PhysicalExpr>) -> Self {
+        Self {
+            inner,
+            sample: Arc::default(),
+        }
+    }
+}
+
+impl PhysicalExpr for SampledFilter {
+    fn data_type(&self, input_schema: &Schema) -> Result<DataType> {
+        self.inner.data_type(input_schema)
+    }
+
+    fn nullable(&self, input_schema: &Schema) -> Result<bool> {
+        self.inner.nullable(input_schema)
+    }
+
+    fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
+        let sample = &self.sample;
+        match sample.verdict.load(AtomicOrdering::Relaxed) {
+            SKIP => return Ok(ColumnarValue::Scalar(ScalarValue::Boolean(Some(true)))),
+            KEEP => return self.inner.evaluate(batch),
+            _ => {}
+        }
+        let result = self.inner.evaluate(batch)?;
+        // A dynamic filter is a constant until its join's build side is read: only
+        // a per-row answer counts.
+        if let ColumnarValue::Array(a) = &result {
+            if let Some(b) = a.as_boolean_opt() {
+                let passed = match b.nulls() {
+                    Some(n) => (b.values() & n.inner()).count_set_bits(),
+                    None => b.values().count_set_bits(),
+                } as u64;
+                let seen = sample
+                    .seen
+                    .fetch_add(b.len() as u64, AtomicOrdering::Relaxed)
+                    + b.len() as u64;
+                let passed = sample.passed.fetch_add(passed, AtomicOrdering::Relaxed) + passed;
+                if seen >= SAMPLE_ROWS {
+                    let verdict = if passed as f64 > MAX_PASSING * seen as f64 {
+                        SKIP
+                    } else {
+                        KEEP
+                    };
+                    let _ = sample.verdict.compare_exchange(
+                        0,
+                        verdict,
+                        AtomicOrdering::Relaxed,
+                        AtomicOrdering::Relaxed,
+                    );
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn PhysicalExpr>> {
+        vec![&self.inner]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn PhysicalExpr>>,
+    ) -> Result<Arc<dyn PhysicalExpr>> {
+        let Some(inner) = children.pop() else {
+            return datafusion::common::internal_err!("a sampled filter without its filter");
+        };
+        // One sample for the scan: the files it opens rewrite their copy.
+        Ok(Arc::new(Self {
+            inner,
+            sample: Arc::clone(&self.sample),
+        }))
+    }
+
+    /// Pruning by statistics reads the filter itself.
+    fn snapshot(&self) -> Result<Option<Arc<dyn PhysicalExpr>>> {
+        Ok(Some(Arc::clone(&self.inner)))
+    }
+
+    fn fmt_sql(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt_sql(f)
+    }
+}
+
+impl fmt::Display for SampledFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sampled [ {} ]", self.inner)
+    }
+}
+
+impl PartialEq for SampledFilter {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.as_ref() == other.inner.as_ref()
+    }
+}
+
+impl Eq for SampledFilter {}
+
+impl Hash for SampledFilter {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.inner.hash(state);
+    }
 }
 
 /// Where a scan sits relative to the hash joins that push a dynamic filter into it.
@@ -335,6 +505,7 @@ mod tests {
             "{shown}"
         );
         assert_eq!(rows, 5);
+        assert!(shown.contains("Sampled [ DynamicFilter"), "{shown}");
         // Its own filter is then applied there too, and not again above it.
         let (scans, rows, shown) = run(
             "SELECT big.k FROM small JOIN big ON small.k = big.k WHERE small.k % 2 = 0 AND big.k < 8",
@@ -363,5 +534,65 @@ mod tests {
         assert_eq!(scans, vec![("big".into(), false)], "{shown}");
         assert!(shown.contains("FilterExec"), "{shown}");
         assert_eq!(rows, 286);
+    }
+
+    /// `rows` rows of `k` from `from`.
+    fn ks(from: i64, rows: i64) -> RecordBatch {
+        RecordBatch::try_from_iter([(
+            "k",
+            Arc::new(Int64Array::from_iter_values(from..from + rows)) as _,
+        )])
+        .unwrap()
+    }
+
+    fn k_below(n: i64) -> Arc<dyn PhysicalExpr> {
+        use datafusion::physical_expr::expressions::{binary, col, lit};
+        let schema = ks(0, 1).schema();
+        binary(
+            col("k", &schema).unwrap(),
+            datafusion::logical_expr::Operator::Lt,
+            lit(n),
+            &schema,
+        )
+        .unwrap()
+    }
+
+    fn passing(result: ColumnarValue, rows: usize) -> usize {
+        let a = result.into_array(rows).unwrap();
+        a.as_boolean().true_count()
+    }
+
+    #[test]
+    fn a_sampled_filter_stops_filtering_once_too_many_rows_pass_and_keeps_a_selective_one() {
+        let batch = 8192;
+        // Half of the rows pass: after the sample, every row passes.
+        let loose = Arc::new(SampledFilter::new(k_below(4096)));
+        let mut from = 0;
+        while (from as u64) < SAMPLE_ROWS {
+            assert_eq!(passing(loose.evaluate(&ks(0, batch)).unwrap(), 8192), 4096);
+            from += batch;
+        }
+        assert_eq!(passing(loose.evaluate(&ks(0, batch)).unwrap(), 8192), 8192);
+        // A copy made for another file shares the verdict.
+        let copy = Arc::clone(&loose)
+            .with_new_children(vec![k_below(4096)])
+            .unwrap();
+        assert_eq!(passing(copy.evaluate(&ks(0, batch)).unwrap(), 8192), 8192);
+        // 10 rows in 8192 pass: it goes on filtering.
+        let tight = SampledFilter::new(k_below(10));
+        for _ in 0..(2 * SAMPLE_ROWS as i64 / batch) {
+            assert_eq!(passing(tight.evaluate(&ks(0, batch)).unwrap(), 8192), 10);
+        }
+        assert_eq!(tight.sample.verdict.load(AtomicOrdering::Relaxed), KEEP);
+        // A constant answer (a join's filter before its build side is read) is not
+        // counted.
+        let waiting = SampledFilter::new(datafusion::physical_expr::expressions::lit(true));
+        for _ in 0..(2 * SAMPLE_ROWS as i64 / batch) {
+            waiting.evaluate(&ks(0, batch)).unwrap();
+        }
+        assert_eq!(waiting.sample.seen.load(AtomicOrdering::Relaxed), 0);
+        // Pruning by statistics sees the filter itself.
+        let snapshot = tight.snapshot().unwrap().unwrap();
+        assert_eq!(snapshot.to_string(), "k@0 < 10");
     }
 }

@@ -46,6 +46,8 @@ use datafusion::logical_expr::ColumnarValue;
 use datafusion::physical_expr::expressions::Literal;
 use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_expr_common::physical_expr::proto_decode::PhysicalExprDecodeCtx;
+use datafusion::physical_expr_common::physical_expr::proto_encode::PhysicalExprEncodeCtx;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::execution_plan::{
     Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions,
@@ -62,8 +64,6 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
     PhysicalExpr, PlanProperties,
 };
-use datafusion::physical_expr_common::physical_expr::proto_decode::PhysicalExprDecodeCtx;
-use datafusion::physical_expr_common::physical_expr::proto_encode::PhysicalExprEncodeCtx;
 use datafusion_proto::physical_plan::from_proto::parse_physical_expr_with_converter;
 use datafusion_proto::physical_plan::to_proto::serialize_physical_expr_with_converter;
 use datafusion_proto::physical_plan::{
@@ -80,6 +80,7 @@ use volley_runtime::cluster::{
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
 use crate::conjunction::Conjunction;
 use crate::context::Context;
+use crate::decode_filters::SampledFilter;
 use crate::handover::{thread_stream, Handover};
 
 /// The plan `plan` with its stages cut out to run on `cluster`'s nodes; `None` where
@@ -1006,10 +1007,17 @@ impl PhysicalExtensionCodec for StageCodec {
         inputs: &[Arc<dyn PhysicalExpr>],
         ctx: &PhysicalExprDecodeCtx<'_>,
     ) -> DfResult<Arc<dyn PhysicalExpr>> {
-        if buf != CONJUNCTION_TAG {
-            return DefaultPhysicalExtensionCodec {}.try_decode_expr(buf, inputs, ctx);
+        match buf {
+            CONJUNCTION_TAG => Ok(Arc::new(Conjunction::new(inputs.to_vec())?)),
+            SAMPLED_FILTER_TAG => match inputs {
+                [inner] => Ok(Arc::new(SampledFilter::new(Arc::clone(inner)))),
+                _ => Err(DataFusionError::Internal(format!(
+                    "a sampled filter with {} inputs",
+                    inputs.len()
+                ))),
+            },
+            _ => DefaultPhysicalExtensionCodec {}.try_decode_expr(buf, inputs, ctx),
         }
-        Ok(Arc::new(Conjunction::new(inputs.to_vec())?))
     }
 
     fn try_encode_expr(
@@ -1018,17 +1026,24 @@ impl PhysicalExtensionCodec for StageCodec {
         buf: &mut Vec<u8>,
         ctx: &PhysicalExprEncodeCtx<'_>,
     ) -> DfResult<()> {
-        if node.downcast_ref::<Conjunction>().is_none() {
-            return DefaultPhysicalExtensionCodec {}.try_encode_expr(node, buf, ctx);
+        // Their conditions travel as the node's inputs, in their order.
+        if node.downcast_ref::<Conjunction>().is_some() {
+            buf.extend_from_slice(CONJUNCTION_TAG);
+            return Ok(());
         }
-        // The conditions travel as the node's inputs, in their order.
-        buf.extend_from_slice(CONJUNCTION_TAG);
-        Ok(())
+        if node.downcast_ref::<SampledFilter>().is_some() {
+            buf.extend_from_slice(SAMPLED_FILTER_TAG);
+            return Ok(());
+        }
+        DefaultPhysicalExtensionCodec {}.try_encode_expr(node, buf, ctx)
     }
 }
 
 /// An encoded [`Conjunction`].
 const CONJUNCTION_TAG: &[u8] = b"volley-conjunction";
+
+/// An encoded [`SampledFilter`] (a fresh sample where it is decoded).
+const SAMPLED_FILTER_TAG: &[u8] = b"volley-sampled-filter";
 
 /// What an encoded stage read begins with.
 const STAGE_READ_TAG: &[u8] = b"volley-stage-read:";
