@@ -78,9 +78,9 @@ pub struct ReadOptions {
     /// `volley.read.split_bytes`: target bytes of one read task; larger Parquet files are
     /// split by row groups into several tasks.
     pub split_bytes: u64,
-    /// `volley.read.pushdown_filters`: let a Parquet scan evaluate its filters while
-    /// decoding (late materialization) where a join's or a top-k's dynamic filter
-    /// reaches it; other scans filter after decoding. `false`: every scan filters after
+    /// `volley.read.pushdown_filters`: let a Parquet scan that a join's or a top-k's
+    /// dynamic filter reaches test that filter while decoding (late materialization),
+    /// for as long as it leaves few rows; the query's own filters run after decoding. `false`: every scan filters after
     /// decoding, except a scan on a cluster's node whose plan runs in the driver (what
     /// its filter drops would travel).
     pub pushdown_filters: bool,

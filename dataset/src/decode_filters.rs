@@ -20,11 +20,13 @@
 //! the rest of the plan.
 //!
 //! So plans are made with filtering while decoding off: a query's own filters stay in
-//! a `FilterExec` above the scan, which keeps the results right whatever a scan does.
-//! [`DecodeTimeFilters`] then turns it on for the scans a dynamic filter reaches (a
-//! join's, or a top-k's bound), whose predicate also holds the query's filters for that
-//! table (evaluated there as well). `volley.read.pushdown_filters = false` leaves it
-//! off everywhere.
+//! a `FilterExec` above the scan. [`DecodeTimeFilters`] then turns it on for the scans
+//! a dynamic filter reaches (a join's, or a top-k's bound), only while that filter
+//! leaves few rows ([`SampledFilter`]). The query's own conditions in such a scan's
+//! predicate ([`QueryCondition`]) always skip row groups and pages by their statistics;
+//! while decoding, they are tested only once the dynamic filter proved selective, and
+//! then before its hash lookups (on cheaper columns). The `FilterExec` above tests
+//! them in any case. `volley.read.pushdown_filters = false` leaves it off everywhere.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -46,13 +48,11 @@ use datafusion::datasource::physical_plan::{
     FileScanConfig, FileScanConfigBuilder, FileSource, ParquetSource,
 };
 use datafusion::datasource::source::DataSourceExec;
-use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::expressions::DynamicFilterPhysicalExpr;
 use datafusion::physical_expr::split_conjunction;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::joins::HashJoinExec;
-use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 
 /// Turns on filtering while decoding for the Parquet scans whose predicate holds a
@@ -69,12 +69,6 @@ impl PhysicalOptimizerRule for DecodeTimeFilters {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let selective = selective_scans(&plan)?;
         plan.transform_up(|node| {
-            if let Some(filter) = node.downcast_ref::<FilterExec>() {
-                return Ok(match redundant(filter)? {
-                    Some(plan) => Transformed::yes(plan),
-                    None => Transformed::no(node),
-                });
-            }
             let Some(config) = node
                 .downcast_ref::<DataSourceExec>()
                 .and_then(|s| s.data_source().downcast_ref::<FileScanConfig>())
@@ -92,7 +86,7 @@ impl PhysicalOptimizerRule for DecodeTimeFilters {
                 return Ok(Transformed::no(node));
             }
             let config = FileScanConfigBuilder::from(config.clone())
-                .with_source(Arc::new(sampling_dynamic_filters(parquet)?))
+                .with_source(Arc::new(decoding_by_join_keys(parquet)?))
                 .build();
             Ok(match filtering_while_decoding(&config) {
                 Some(config) => Transformed::yes(
@@ -113,74 +107,6 @@ impl PhysicalOptimizerRule for DecodeTimeFilters {
     }
 }
 
-/// What `filter` returns, without it, when its input is a Parquet scan that filters
-/// while decoding by every conjunct of its predicate (the scan's rows already pass):
-/// its projection over the scan, or the scan. `None` where it still filters.
-fn redundant(filter: &FilterExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
-    let input = filter.input();
-    let Some(parquet) = input
-        .downcast_ref::<DataSourceExec>()
-        .and_then(|s| s.data_source().downcast_ref::<FileScanConfig>())
-        .and_then(|c| c.file_source().downcast_ref::<ParquetSource>())
-    else {
-        return Ok(None);
-    };
-    let (Some(scanned), true, None) = (
-        parquet.filter(),
-        parquet.table_parquet_options().global.pushdown_filters,
-        filter.fetch(),
-    ) else {
-        return Ok(None);
-    };
-    // The filter's columns are the scan's output; the scan's predicate reads the
-    // table's columns: matched by name, where every output column is a table column
-    // of the same name (no alias or computed column in the scan's projection).
-    let plain = parquet.projection().is_none_or(|p| {
-        p.iter().all(|e| {
-            e.expr
-                .downcast_ref::<Column>()
-                .is_some_and(|c| c.name() == e.alias)
-        })
-    });
-    if !plain {
-        return Ok(None);
-    }
-    let table = parquet.table_schema().table_schema();
-    let scanned = split_conjunction(&scanned);
-    for conjunct in split_conjunction(filter.predicate()) {
-        let Ok(on_table) = Arc::clone(conjunct)
-            .transform_up(|e| match e.downcast_ref::<Column>() {
-                Some(c) => Ok(Transformed::yes(Arc::new(Column::new(
-                    c.name(),
-                    table.index_of(c.name())?,
-                )) as _)),
-                None => Ok(Transformed::no(e)),
-            })
-            .data()
-        else {
-            return Ok(None);
-        };
-        if !scanned.iter().any(|s| ***s == *on_table) {
-            return Ok(None);
-        }
-    }
-    let Some(projection) = filter.projection() else {
-        return Ok(Some(Arc::clone(input)));
-    };
-    let schema = input.schema();
-    let columns = projection.iter().map(|&i| {
-        let name = schema.field(i).name().clone();
-        (
-            Arc::new(Column::new(&name, i)) as Arc<dyn PhysicalExpr>,
-            name,
-        )
-    });
-    Ok(Some(Arc::new(ProjectionExec::try_new(
-        columns,
-        Arc::clone(input),
-    )?)))
-}
-
 /// `config` with its Parquet scan filtering while decoding; `None` if it is not a
 /// Parquet scan with a filter, or already does. A scan that runs on a cluster's node
 /// while the rest of its plan runs in the driver filters so too: what its filter
@@ -198,18 +124,21 @@ pub(crate) fn filtering_while_decoding(config: &FileScanConfig) -> Option<FileSc
     )
 }
 
-/// `parquet` with each condition of its predicate that holds a dynamic filter wrapped
-/// in a [`SampledFilter`].
-fn sampling_dynamic_filters(parquet: &ParquetSource) -> Result<ParquetSource> {
+/// `parquet` with the conditions of its predicate that hold a dynamic filter wrapped
+/// in a [`SampledFilter`], and the others (the query's own, which the `FilterExec`
+/// above the scan evaluates) in a [`QueryCondition`], all sharing one sample.
+fn decoding_by_join_keys(parquet: &ParquetSource) -> Result<ParquetSource> {
     let Some(predicate) = parquet.filter() else {
         return Ok(parquet.clone());
     };
-    let mut conjuncts = Vec::new();
+    let sample = Arc::new(Sample::default());
+    let mut conjuncts: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
     for c in split_conjunction(&predicate) {
+        let (c, sample) = (Arc::clone(c), Arc::clone(&sample));
         conjuncts.push(if c.exists(|e| Ok(e.is::<DynamicFilterPhysicalExpr>()))? {
-            Arc::new(SampledFilter::new(Arc::clone(c))) as Arc<dyn PhysicalExpr>
+            Arc::new(SampledFilter::new(c, sample))
         } else {
-            Arc::clone(c)
+            Arc::new(QueryCondition::new(c, sample))
         });
     }
     Ok(parquet.with_predicate(conjunction(conjuncts)))
@@ -232,15 +161,20 @@ const MAX_PASSING: f64 = 0.01;
 /// [`SAMPLE_ROWS`] rows (all of its files and partitions together), and if more than
 /// [`MAX_PASSING`] of them pass, lets every row pass from then on: the join still
 /// drops the rows its keys do not match. Row-group and page pruning by the filter's
-/// bounds are unchanged (they use the filter's snapshot, not this wrapper).
+/// bounds are unchanged (they use the filter's snapshot, not this wrapper). Once it
+/// proved selective, the query's own conditions in the scan ([`QueryCondition`]) are
+/// tested while decoding too, so that its hash lookups run on fewer rows (TPC-H Q20:
+/// a date range on `lineitem` first).
 #[derive(Debug)]
 pub(crate) struct SampledFilter {
     inner: Arc<dyn PhysicalExpr>,
     sample: Arc<Sample>,
 }
 
+/// What a scan's dynamic filters passed of the rows they were tested on, and the
+/// verdict once [`SAMPLE_ROWS`] were.
 #[derive(Debug, Default)]
-struct Sample {
+pub(crate) struct Sample {
     seen: AtomicU64,
     passed: AtomicU64,
     /// 0 while sampling, [`KEEP`] or [`SKIP`] once decided.
@@ -251,11 +185,8 @@ const KEEP: u8 = 1;
 const SKIP: u8 = 2;
 
 impl SampledFilter {
-    pub(crate) fn new(inner: Arc<dyn PhysicalExpr>) -> Self {
-        Self {
-            inner,
-            sample: Arc::default(),
-        }
+    pub(crate) fn new(inner: Arc<dyn PhysicalExpr>, sample: Arc<Sample>) -> Self {
+        Self { inner, sample }
     }
 }
 
@@ -352,6 +283,86 @@ impl Eq for SampledFilter {}
 impl Hash for SampledFilter {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.inner.hash(state);
+    }
+}
+
+/// A condition of the query's own in a scan's predicate: it skips row groups and pages
+/// by their statistics, and is tested while decoding only once the scan's dynamic
+/// filter proved selective (see the module's documentation); until then, and if it
+/// did not, it passes every row there, and the `FilterExec` above the scan tests it in
+/// one vectorized pass over whole columns.
+#[derive(Debug)]
+pub(crate) struct QueryCondition {
+    inner: Arc<dyn PhysicalExpr>,
+    sample: Arc<Sample>,
+}
+
+impl QueryCondition {
+    pub(crate) fn new(inner: Arc<dyn PhysicalExpr>, sample: Arc<Sample>) -> Self {
+        Self { inner, sample }
+    }
+}
+
+impl PhysicalExpr for QueryCondition {
+    fn data_type(&self, input_schema: &Schema) -> Result<DataType> {
+        self.inner.data_type(input_schema)
+    }
+
+    fn nullable(&self, input_schema: &Schema) -> Result<bool> {
+        self.inner.nullable(input_schema)
+    }
+
+    fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
+        if self.sample.verdict.load(AtomicOrdering::Relaxed) == KEEP {
+            return self.inner.evaluate(batch);
+        }
+        Ok(ColumnarValue::Scalar(ScalarValue::Boolean(Some(true))))
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn PhysicalExpr>> {
+        vec![&self.inner]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn PhysicalExpr>>,
+    ) -> Result<Arc<dyn PhysicalExpr>> {
+        match (children.pop(), children.is_empty()) {
+            (Some(inner), true) => Ok(Arc::new(Self {
+                inner,
+                sample: Arc::clone(&self.sample),
+            })),
+            _ => datafusion::common::internal_err!("a statistics-only condition takes one"),
+        }
+    }
+
+    /// Pruning by statistics reads the condition itself.
+    fn snapshot(&self) -> Result<Option<Arc<dyn PhysicalExpr>>> {
+        Ok(Some(Arc::clone(&self.inner)))
+    }
+
+    fn fmt_sql(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt_sql(f)
+    }
+}
+
+impl PartialEq for QueryCondition {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.as_ref() == other.inner.as_ref()
+    }
+}
+
+impl Eq for QueryCondition {}
+
+impl Hash for QueryCondition {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.inner.hash(state);
+    }
+}
+
+impl fmt::Display for QueryCondition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "QueryCondition [ {} ]", self.inner)
     }
 }
 
@@ -506,7 +517,7 @@ mod tests {
         );
         assert_eq!(rows, 5);
         assert!(shown.contains("Sampled [ DynamicFilter"), "{shown}");
-        // Its own filter is then applied there too, and not again above it.
+        // Its own filter prunes there by statistics, and is tested above it.
         let (scans, rows, shown) = run(
             "SELECT big.k FROM small JOIN big ON small.k = big.k WHERE small.k % 2 = 0 AND big.k < 8",
         );
@@ -515,11 +526,8 @@ mod tests {
             vec![("big".into(), true), ("small".into(), false)],
             "{shown}"
         );
-        assert_eq!(
-            shown.matches("FilterExec").count(),
-            1,
-            "only the build side's filter is left above its scan:\n{shown}"
-        );
+        assert_eq!(shown.matches("FilterExec").count(), 2, "{shown}");
+        assert!(shown.contains("QueryCondition [ k@0 < 8 ]"), "{shown}");
         assert_eq!(rows, 4);
         // Not by the keys of a whole table: most probe rows would pass.
         let (scans, rows, shown) = run("SELECT big.k FROM small JOIN big ON small.k = big.k");
@@ -566,7 +574,7 @@ mod tests {
     fn a_sampled_filter_stops_filtering_once_too_many_rows_pass_and_keeps_a_selective_one() {
         let batch = 8192;
         // Half of the rows pass: after the sample, every row passes.
-        let loose = Arc::new(SampledFilter::new(k_below(4096)));
+        let loose = Arc::new(SampledFilter::new(k_below(4096), Arc::default()));
         let mut from = 0;
         while (from as u64) < SAMPLE_ROWS {
             assert_eq!(passing(loose.evaluate(&ks(0, batch)).unwrap(), 8192), 4096);
@@ -578,15 +586,29 @@ mod tests {
             .with_new_children(vec![k_below(4096)])
             .unwrap();
         assert_eq!(passing(copy.evaluate(&ks(0, batch)).unwrap(), 8192), 8192);
-        // 10 rows in 8192 pass: it goes on filtering.
-        let tight = SampledFilter::new(k_below(10));
+        // 10 rows in 8192 pass: it goes on filtering, and the query's own conditions
+        // in the scan join in once that is known.
+        let sample = Arc::new(Sample::default());
+        let tight = SampledFilter::new(k_below(10), Arc::clone(&sample));
+        let own = QueryCondition::new(k_below(5), sample);
+        assert_eq!(passing(own.evaluate(&ks(0, batch)).unwrap(), 8192), 8192);
         for _ in 0..(2 * SAMPLE_ROWS as i64 / batch) {
             assert_eq!(passing(tight.evaluate(&ks(0, batch)).unwrap(), 8192), 10);
         }
         assert_eq!(tight.sample.verdict.load(AtomicOrdering::Relaxed), KEEP);
+        assert_eq!(passing(own.evaluate(&ks(0, batch)).unwrap(), 8192), 5);
+        // Where the join's filter is not selective, they pass every row.
+        let own_loose = QueryCondition::new(k_below(5), Arc::clone(&loose.sample));
+        assert_eq!(
+            passing(own_loose.evaluate(&ks(0, batch)).unwrap(), 8192),
+            8192
+        );
         // A constant answer (a join's filter before its build side is read) is not
         // counted.
-        let waiting = SampledFilter::new(datafusion::physical_expr::expressions::lit(true));
+        let waiting = SampledFilter::new(
+            datafusion::physical_expr::expressions::lit(true),
+            Arc::default(),
+        );
         for _ in 0..(2 * SAMPLE_ROWS as i64 / batch) {
             waiting.evaluate(&ks(0, batch)).unwrap();
         }
@@ -594,5 +616,50 @@ mod tests {
         // Pruning by statistics sees the filter itself.
         let snapshot = tight.snapshot().unwrap().unwrap();
         assert_eq!(snapshot.to_string(), "k@0 < 10");
+    }
+
+    #[test]
+    fn the_querys_own_condition_still_prunes_by_statistics_in_a_scan_that_decodes_by_join_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // The join's keys bound `big.k % 10`, which no statistics hold: only the
+        // query's own `big.k < 8` can skip files.
+        let sql = "SELECT big.k FROM small JOIN big ON small.k = big.k % 10 \
+                   WHERE small.k % 2 = 0 AND big.k < 8";
+        let (plan, rows) = rt.block_on(async {
+            let plan = ctx
+                .sql(sql)
+                .await
+                .unwrap()
+                .create_physical_plan()
+                .await
+                .unwrap();
+            let out = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx())
+                .await
+                .unwrap();
+            (plan, out.iter().map(|b| b.num_rows()).sum::<usize>())
+        });
+        assert_eq!(rows, 4);
+        let mut pruning = Vec::new();
+        let _ = plan.apply(|node| {
+            let shown = datafusion::physical_plan::displayable(node.as_ref())
+                .one_line()
+                .to_string();
+            if node.is::<DataSourceExec>() && shown.contains("QueryCondition") {
+                let metrics = node.metrics().unwrap().aggregate_by_name();
+                for m in metrics.iter() {
+                    if m.value().name().ends_with("pruned_statistics") {
+                        pruning.push(format!("{}={}", m.value().name(), m.value()));
+                    }
+                }
+            }
+            Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+        });
+        // 4 files of one row group each, `k` 0..4000: only the first can hold `k < 8`.
+        assert!(
+            pruning.contains(&"files_ranges_pruned_statistics=4 total → 1 matched".to_string()),
+            "{pruning:?}"
+        );
     }
 }

@@ -80,7 +80,7 @@ use volley_runtime::cluster::{
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
 use crate::conjunction::Conjunction;
 use crate::context::Context;
-use crate::decode_filters::SampledFilter;
+use crate::decode_filters::{QueryCondition, SampledFilter};
 use crate::handover::{thread_stream, Handover};
 
 /// The plan `plan` with its stages cut out to run on `cluster`'s nodes; `None` where
@@ -1010,9 +1010,22 @@ impl PhysicalExtensionCodec for StageCodec {
         match buf {
             CONJUNCTION_TAG => Ok(Arc::new(Conjunction::new(inputs.to_vec())?)),
             SAMPLED_FILTER_TAG => match inputs {
-                [inner] => Ok(Arc::new(SampledFilter::new(Arc::clone(inner)))),
+                [inner] => Ok(Arc::new(SampledFilter::new(
+                    Arc::clone(inner),
+                    Arc::default(),
+                ))),
                 _ => Err(DataFusionError::Internal(format!(
                     "a sampled filter with {} inputs",
+                    inputs.len()
+                ))),
+            },
+            QUERY_CONDITION_TAG => match inputs {
+                [inner] => Ok(Arc::new(QueryCondition::new(
+                    Arc::clone(inner),
+                    Arc::default(),
+                ))),
+                _ => Err(DataFusionError::Internal(format!(
+                    "a statistics-only condition with {} inputs",
                     inputs.len()
                 ))),
             },
@@ -1035,6 +1048,10 @@ impl PhysicalExtensionCodec for StageCodec {
             buf.extend_from_slice(SAMPLED_FILTER_TAG);
             return Ok(());
         }
+        if node.downcast_ref::<QueryCondition>().is_some() {
+            buf.extend_from_slice(QUERY_CONDITION_TAG);
+            return Ok(());
+        }
         DefaultPhysicalExtensionCodec {}.try_encode_expr(node, buf, ctx)
     }
 }
@@ -1042,8 +1059,12 @@ impl PhysicalExtensionCodec for StageCodec {
 /// An encoded [`Conjunction`].
 const CONJUNCTION_TAG: &[u8] = b"volley-conjunction";
 
-/// An encoded [`SampledFilter`] (a fresh sample where it is decoded).
+/// An encoded [`SampledFilter`] (with a sample of its own where it is decoded).
 const SAMPLED_FILTER_TAG: &[u8] = b"volley-sampled-filter";
+
+/// An encoded [`QueryCondition`] (with a sample of its own where it is decoded: it
+/// passes every row while decoding).
+const QUERY_CONDITION_TAG: &[u8] = b"volley-query-condition";
 
 /// What an encoded stage read begins with.
 const STAGE_READ_TAG: &[u8] = b"volley-stage-read:";
