@@ -126,22 +126,28 @@ pub(crate) fn filtering_while_decoding(config: &FileScanConfig) -> Option<FileSc
 
 /// `parquet` with the conditions of its predicate that hold a dynamic filter wrapped
 /// in a [`SampledFilter`], and the others (the query's own, which the `FilterExec`
-/// above the scan evaluates) in a [`QueryCondition`], all sharing one sample.
+/// above the scan evaluates) in a [`QueryCondition`] that follows their samples.
 fn decoding_by_join_keys(parquet: &ParquetSource) -> Result<ParquetSource> {
     let Some(predicate) = parquet.filter() else {
         return Ok(parquet.clone());
     };
-    let sample = Arc::new(Sample::default());
-    let mut conjuncts: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
-    for c in split_conjunction(&predicate) {
-        let (c, sample) = (Arc::clone(c), Arc::clone(&sample));
-        conjuncts.push(if c.exists(|e| Ok(e.is::<DynamicFilterPhysicalExpr>()))? {
-            Arc::new(SampledFilter::new(c, sample))
-        } else {
-            Arc::new(QueryCondition::new(c, sample))
-        });
+    let conjuncts = split_conjunction(&predicate);
+    // A sample per dynamic filter (a scan may have several, as the probe side of two
+    // joins: one selective, one not).
+    let mut sampled = Vec::with_capacity(conjuncts.len());
+    for c in &conjuncts {
+        let dynamic = c.exists(|e| Ok(e.is::<DynamicFilterPhysicalExpr>()))?;
+        sampled.push(dynamic.then(|| Arc::new(Sample::default())));
     }
-    Ok(parquet.with_predicate(conjunction(conjuncts)))
+    let samples: Vec<Arc<Sample>> = sampled.iter().flatten().cloned().collect();
+    let wrapped = conjuncts.into_iter().zip(sampled).map(|(c, sample)| {
+        let c = Arc::clone(c);
+        match sample {
+            Some(sample) => Arc::new(SampledFilter::new(c, sample)) as Arc<dyn PhysicalExpr>,
+            None => Arc::new(QueryCondition::new(c, samples.clone())),
+        }
+    });
+    Ok(parquet.with_predicate(conjunction(wrapped.collect::<Vec<_>>())))
 }
 
 /// How many rows a [`SampledFilter`] tests before it decides.
@@ -294,12 +300,14 @@ impl Hash for SampledFilter {
 #[derive(Debug)]
 pub(crate) struct QueryCondition {
     inner: Arc<dyn PhysicalExpr>,
-    sample: Arc<Sample>,
+    /// The samples of the scan's dynamic filters: tested while decoding once one of
+    /// them is kept.
+    samples: Vec<Arc<Sample>>,
 }
 
 impl QueryCondition {
-    pub(crate) fn new(inner: Arc<dyn PhysicalExpr>, sample: Arc<Sample>) -> Self {
-        Self { inner, sample }
+    pub(crate) fn new(inner: Arc<dyn PhysicalExpr>, samples: Vec<Arc<Sample>>) -> Self {
+        Self { inner, samples }
     }
 }
 
@@ -313,7 +321,8 @@ impl PhysicalExpr for QueryCondition {
     }
 
     fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
-        if self.sample.verdict.load(AtomicOrdering::Relaxed) == KEEP {
+        let kept = |s: &Arc<Sample>| s.verdict.load(AtomicOrdering::Relaxed) == KEEP;
+        if self.samples.iter().any(kept) {
             return self.inner.evaluate(batch);
         }
         Ok(ColumnarValue::Scalar(ScalarValue::Boolean(Some(true))))
@@ -330,7 +339,7 @@ impl PhysicalExpr for QueryCondition {
         match (children.pop(), children.is_empty()) {
             (Some(inner), true) => Ok(Arc::new(Self {
                 inner,
-                sample: Arc::clone(&self.sample),
+                samples: self.samples.clone(),
             })),
             _ => datafusion::common::internal_err!("a statistics-only condition takes one"),
         }
@@ -590,7 +599,7 @@ mod tests {
         // in the scan join in once that is known.
         let sample = Arc::new(Sample::default());
         let tight = SampledFilter::new(k_below(10), Arc::clone(&sample));
-        let own = QueryCondition::new(k_below(5), sample);
+        let own = QueryCondition::new(k_below(5), vec![Arc::clone(&loose.sample), sample]);
         assert_eq!(passing(own.evaluate(&ks(0, batch)).unwrap(), 8192), 8192);
         for _ in 0..(2 * SAMPLE_ROWS as i64 / batch) {
             assert_eq!(passing(tight.evaluate(&ks(0, batch)).unwrap(), 8192), 10);
@@ -598,7 +607,7 @@ mod tests {
         assert_eq!(tight.sample.verdict.load(AtomicOrdering::Relaxed), KEEP);
         assert_eq!(passing(own.evaluate(&ks(0, batch)).unwrap(), 8192), 5);
         // Where the join's filter is not selective, they pass every row.
-        let own_loose = QueryCondition::new(k_below(5), Arc::clone(&loose.sample));
+        let own_loose = QueryCondition::new(k_below(5), vec![Arc::clone(&loose.sample)]);
         assert_eq!(
             passing(own_loose.evaluate(&ks(0, batch)).unwrap(), 8192),
             8192

@@ -1020,10 +1020,7 @@ impl PhysicalExtensionCodec for StageCodec {
                 ))),
             },
             QUERY_CONDITION_TAG => match inputs {
-                [inner] => Ok(Arc::new(QueryCondition::new(
-                    Arc::clone(inner),
-                    Arc::default(),
-                ))),
+                [inner] => Ok(Arc::new(QueryCondition::new(Arc::clone(inner), Vec::new()))),
                 _ => Err(DataFusionError::Internal(format!(
                     "a statistics-only condition with {} inputs",
                     inputs.len()
