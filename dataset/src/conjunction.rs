@@ -255,8 +255,8 @@ fn cost(expr: &Arc<dyn PhysicalExpr>, schema: Option<&Schema>) -> Option<u8> {
     None
 }
 
-/// The rows of `result` that are true (a null is false).
-fn passing(result: &BooleanArray) -> BooleanBuffer {
+/// The rows of `result` that are true (a null is false, as in a filter).
+pub(crate) fn passing(result: &BooleanArray) -> BooleanBuffer {
     match result.nulls() {
         Some(nulls) => result.values() & nulls.inner(),
         None => result.values().clone(),

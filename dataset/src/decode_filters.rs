@@ -22,8 +22,8 @@
 //! So plans are made with filtering while decoding off: a query's own filters stay in
 //! a `FilterExec` above the scan. [`DecodeTimeFilters`] then turns it on for the scans
 //! a dynamic filter reaches (a join's, or a top-k's bound), only while that filter
-//! leaves few rows ([`SampledFilter`]). The query's own conditions in such a scan's
-//! predicate ([`QueryCondition`]) always skip row groups and pages by their statistics;
+//! leaves few rows ([`ScanCondition`]). The query's own conditions in such a scan's
+//! predicate ([`ScanCondition`]) always skip row groups and pages by their statistics;
 //! while decoding, they are tested only once the dynamic filter proved selective, and
 //! then before its hash lookups (on cheaper columns). The `FilterExec` above tests
 //! them in any case. `volley.read.pushdown_filters = false` leaves it off everywhere.
@@ -34,7 +34,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering as AtomicOrdering};
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray};
+use arrow::array::AsArray;
 use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
 use datafusion::common::ScalarValue;
@@ -124,9 +124,9 @@ pub(crate) fn filtering_while_decoding(config: &FileScanConfig) -> Option<FileSc
     )
 }
 
-/// `parquet` with the conditions of its predicate that hold a dynamic filter wrapped
-/// in a [`SampledFilter`], and the others (the query's own, which the `FilterExec`
-/// above the scan evaluates) in a [`QueryCondition`] that follows their samples.
+/// `parquet` with the conditions of its predicate wrapped in [`ScanCondition`]s: those
+/// that hold a dynamic filter each with a sample of its own, the others (the query's
+/// own, which the `FilterExec` above the scan evaluates) following those samples.
 fn decoding_by_join_keys(parquet: &ParquetSource) -> Result<ParquetSource> {
     let Some(predicate) = parquet.filter() else {
         return Ok(parquet.clone());
@@ -143,39 +143,18 @@ fn decoding_by_join_keys(parquet: &ParquetSource) -> Result<ParquetSource> {
     let wrapped = conjuncts.into_iter().zip(sampled).map(|(c, sample)| {
         let c = Arc::clone(c);
         match sample {
-            Some(sample) => Arc::new(SampledFilter::new(c, sample)) as Arc<dyn PhysicalExpr>,
-            None => Arc::new(QueryCondition::new(c, samples.clone())),
+            Some(sample) => Arc::new(ScanCondition::join_keys(c, sample)) as Arc<dyn PhysicalExpr>,
+            None => Arc::new(ScanCondition::query(c, samples.clone())),
         }
     });
     Ok(parquet.with_predicate(conjunction(wrapped.collect::<Vec<_>>())))
 }
 
-/// How many rows a [`SampledFilter`] tests before it decides.
+/// How many rows a [`ScanCondition`] tests before it decides.
 const SAMPLE_ROWS: u64 = 65_536;
 
-/// The share of sampled rows above which a [`SampledFilter`] stops filtering.
+/// The share of sampled rows above which a [`ScanCondition`] stops filtering.
 const MAX_PASSING: f64 = 0.01;
-
-/// A scan's dynamic filter, tested while decoding only while it pays.
-///
-/// Whether a join's keys leave few probe rows is known only once its build side is
-/// read. Measured on TPC-H SF1 (2 cores, whole `volley sql` runs): with a join's keys
-/// tested while decoding `lineitem`, Q18 (57 orders' keys) took 0.63 s instead of 0.90
-/// s, but Q09 (the keys of 5% of the parts, which leave 5% of `lineitem`) took 1.11 s
-/// instead of 0.61 s: a hash lookup per row, and the rest of every page decoded through
-/// a scattered selection anyway. So the scan tests the filter on its first
-/// [`SAMPLE_ROWS`] rows (all of its files and partitions together), and if more than
-/// [`MAX_PASSING`] of them pass, lets every row pass from then on: the join still
-/// drops the rows its keys do not match. Row-group and page pruning by the filter's
-/// bounds are unchanged (they use the filter's snapshot, not this wrapper). Once it
-/// proved selective, the query's own conditions in the scan ([`QueryCondition`]) are
-/// tested while decoding too, so that its hash lookups run on fewer rows (TPC-H Q20:
-/// a date range on `lineitem` first).
-#[derive(Debug)]
-pub(crate) struct SampledFilter {
-    inner: Arc<dyn PhysicalExpr>,
-    sample: Arc<Sample>,
-}
 
 /// What a scan's dynamic filters passed of the rows they were tested on, and the
 /// verdict once [`SAMPLE_ROWS`] were.
@@ -190,128 +169,101 @@ pub(crate) struct Sample {
 const KEEP: u8 = 1;
 const SKIP: u8 = 2;
 
-impl SampledFilter {
-    pub(crate) fn new(inner: Arc<dyn PhysicalExpr>, sample: Arc<Sample>) -> Self {
-        Self { inner, sample }
-    }
-}
-
-impl PhysicalExpr for SampledFilter {
-    fn data_type(&self, input_schema: &Schema) -> Result<DataType> {
-        self.inner.data_type(input_schema)
-    }
-
-    fn nullable(&self, input_schema: &Schema) -> Result<bool> {
-        self.inner.nullable(input_schema)
-    }
-
-    fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
-        let sample = &self.sample;
-        match sample.verdict.load(AtomicOrdering::Relaxed) {
-            SKIP => return Ok(ColumnarValue::Scalar(ScalarValue::Boolean(Some(true)))),
-            KEEP => return self.inner.evaluate(batch),
-            _ => {}
-        }
-        let result = self.inner.evaluate(batch)?;
-        // A dynamic filter is a constant until its join's build side is read: only
-        // a per-row answer counts.
-        if let ColumnarValue::Array(a) = &result {
-            if let Some(b) = a.as_boolean_opt() {
-                let passed = match b.nulls() {
-                    Some(n) => (b.values() & n.inner()).count_set_bits(),
-                    None => b.values().count_set_bits(),
-                } as u64;
-                let seen = sample
-                    .seen
-                    .fetch_add(b.len() as u64, AtomicOrdering::Relaxed)
-                    + b.len() as u64;
-                let passed = sample.passed.fetch_add(passed, AtomicOrdering::Relaxed) + passed;
-                if seen >= SAMPLE_ROWS {
-                    let verdict = if passed as f64 > MAX_PASSING * seen as f64 {
-                        SKIP
-                    } else {
-                        KEEP
-                    };
-                    let _ = sample.verdict.compare_exchange(
-                        0,
-                        verdict,
-                        AtomicOrdering::Relaxed,
-                        AtomicOrdering::Relaxed,
-                    );
-                }
-            }
-        }
-        Ok(result)
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn PhysicalExpr>> {
-        vec![&self.inner]
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        mut children: Vec<Arc<dyn PhysicalExpr>>,
-    ) -> Result<Arc<dyn PhysicalExpr>> {
-        let Some(inner) = children.pop() else {
-            return datafusion::common::internal_err!("a sampled filter without its filter");
-        };
-        // One sample for the scan: the files it opens rewrite their copy.
-        Ok(Arc::new(Self {
-            inner,
-            sample: Arc::clone(&self.sample),
-        }))
-    }
-
-    /// Pruning by statistics reads the filter itself.
-    fn snapshot(&self) -> Result<Option<Arc<dyn PhysicalExpr>>> {
-        Ok(Some(Arc::clone(&self.inner)))
-    }
-
-    fn fmt_sql(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.inner.fmt_sql(f)
-    }
-}
-
-impl fmt::Display for SampledFilter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Sampled [ {} ]", self.inner)
-    }
-}
-
-impl PartialEq for SampledFilter {
-    fn eq(&self, other: &Self) -> bool {
-        self.inner.as_ref() == other.inner.as_ref()
-    }
-}
-
-impl Eq for SampledFilter {}
-
-impl Hash for SampledFilter {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.inner.hash(state);
-    }
-}
-
-/// A condition of the query's own in a scan's predicate: it skips row groups and pages
-/// by their statistics, and is tested while decoding only once the scan's dynamic
-/// filter proved selective (see the module's documentation); until then, and if it
-/// did not, it passes every row there, and the `FilterExec` above the scan tests it in
-/// one vectorized pass over whole columns.
+/// A condition of a Parquet scan's predicate that filters while decoding only while it
+/// pays; pruning by statistics always reads the condition itself (its snapshot).
 #[derive(Debug)]
-pub(crate) struct QueryCondition {
+pub(crate) struct ScanCondition {
     inner: Arc<dyn PhysicalExpr>,
-    /// The samples of the scan's dynamic filters: tested while decoding once one of
-    /// them is kept.
-    samples: Vec<Arc<Sample>>,
+    role: Role,
 }
 
-impl QueryCondition {
-    pub(crate) fn new(inner: Arc<dyn PhysicalExpr>, samples: Vec<Arc<Sample>>) -> Self {
-        Self { inner, samples }
+#[derive(Debug, Clone)]
+enum Role {
+    /// A scan's dynamic filter (a join's keys), tested while decoding only while it pays.
+    ///
+    /// Whether a join's keys leave few probe rows is known only once its build side is
+    /// read. Measured on TPC-H SF1 (2 cores, whole `volley sql` runs): with a join's keys
+    /// tested while decoding `lineitem`, Q18 (57 orders' keys) took 0.63 s instead of 0.90
+    /// s, but Q09 (the keys of 5% of the parts, which leave 5% of `lineitem`) took 1.11 s
+    /// instead of 0.61 s: a hash lookup per row, and the rest of every page decoded through
+    /// a scattered selection anyway. So the scan tests the filter on its first
+    /// [`SAMPLE_ROWS`] rows (all of its files and partitions together), and if more than
+    /// [`MAX_PASSING`] of them pass, lets every row pass from then on: the join still
+    /// drops the rows its keys do not match. Row-group and page pruning by the filter's
+    /// bounds are unchanged (they use the filter's snapshot, not this wrapper). Once it
+    /// proved selective, the query's own conditions in the scan (`Query`) are
+    /// tested while decoding too, so that its hash lookups run on fewer rows (TPC-H Q20:
+    /// a date range on `lineitem` first).
+    JoinKeys(Arc<Sample>),
+    /// A condition of the query's own in a scan's predicate, tested while decoding
+    /// only once one of the scan's dynamic filters (these samples) proved selective;
+    /// until then, and if none did, it passes every row there, and the `FilterExec`
+    /// above the scan tests it in one vectorized pass over whole columns.
+    Query(Vec<Arc<Sample>>),
+}
+
+impl ScanCondition {
+    /// A dynamic filter, sampled into `sample`.
+    pub(crate) fn join_keys(inner: Arc<dyn PhysicalExpr>, sample: Arc<Sample>) -> Self {
+        Self {
+            inner,
+            role: Role::JoinKeys(sample),
+        }
+    }
+
+    /// A condition of the query's own, following `samples`.
+    pub(crate) fn query(inner: Arc<dyn PhysicalExpr>, samples: Vec<Arc<Sample>>) -> Self {
+        Self {
+            inner,
+            role: Role::Query(samples),
+        }
+    }
+
+    /// Whether it is a dynamic filter (or a condition of the query's own).
+    pub(crate) fn is_join_keys(&self) -> bool {
+        matches!(self.role, Role::JoinKeys(_))
     }
 }
 
-impl PhysicalExpr for QueryCondition {
+impl Sample {
+    /// Counts what a dynamic filter answered for a batch, and decides once
+    /// [`SAMPLE_ROWS`] were seen.
+    fn count(&self, result: &ColumnarValue) {
+        // A dynamic filter is a constant until its join's build side is read: only a
+        // per-row answer counts.
+        let ColumnarValue::Array(a) = result else {
+            return;
+        };
+        let Some(b) = a.as_boolean_opt() else {
+            return;
+        };
+        let (rows, passed) = (
+            b.len() as u64,
+            crate::conjunction::passing(b).count_set_bits() as u64,
+        );
+        let seen = self.seen.fetch_add(rows, AtomicOrdering::Relaxed) + rows;
+        let passed = self.passed.fetch_add(passed, AtomicOrdering::Relaxed) + passed;
+        if seen >= SAMPLE_ROWS {
+            let verdict = if passed as f64 > MAX_PASSING * seen as f64 {
+                SKIP
+            } else {
+                KEEP
+            };
+            let _ = self.verdict.compare_exchange(
+                0,
+                verdict,
+                AtomicOrdering::Relaxed,
+                AtomicOrdering::Relaxed,
+            );
+        }
+    }
+
+    fn verdict(&self) -> u8 {
+        self.verdict.load(AtomicOrdering::Relaxed)
+    }
+}
+
+impl PhysicalExpr for ScanCondition {
     fn data_type(&self, input_schema: &Schema) -> Result<DataType> {
         self.inner.data_type(input_schema)
     }
@@ -321,11 +273,22 @@ impl PhysicalExpr for QueryCondition {
     }
 
     fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
-        let kept = |s: &Arc<Sample>| s.verdict.load(AtomicOrdering::Relaxed) == KEEP;
-        if self.samples.iter().any(kept) {
-            return self.inner.evaluate(batch);
+        let pass_all = || Ok(ColumnarValue::Scalar(ScalarValue::Boolean(Some(true))));
+        match &self.role {
+            Role::JoinKeys(sample) => match sample.verdict() {
+                SKIP => pass_all(),
+                KEEP => self.inner.evaluate(batch),
+                _ => {
+                    let result = self.inner.evaluate(batch)?;
+                    sample.count(&result);
+                    Ok(result)
+                }
+            },
+            Role::Query(samples) if samples.iter().any(|s| s.verdict() == KEEP) => {
+                self.inner.evaluate(batch)
+            }
+            Role::Query(_) => pass_all(),
         }
-        Ok(ColumnarValue::Scalar(ScalarValue::Boolean(Some(true))))
     }
 
     fn children(&self) -> Vec<&Arc<dyn PhysicalExpr>> {
@@ -337,11 +300,12 @@ impl PhysicalExpr for QueryCondition {
         mut children: Vec<Arc<dyn PhysicalExpr>>,
     ) -> Result<Arc<dyn PhysicalExpr>> {
         match (children.pop(), children.is_empty()) {
+            // The same samples: the files a scan opens rewrite their copy.
             (Some(inner), true) => Ok(Arc::new(Self {
                 inner,
-                samples: self.samples.clone(),
+                role: self.role.clone(),
             })),
-            _ => datafusion::common::internal_err!("a statistics-only condition takes one"),
+            _ => datafusion::common::internal_err!("a scan condition wraps one expression"),
         }
     }
 
@@ -355,23 +319,27 @@ impl PhysicalExpr for QueryCondition {
     }
 }
 
-impl PartialEq for QueryCondition {
-    fn eq(&self, other: &Self) -> bool {
-        self.inner.as_ref() == other.inner.as_ref()
-    }
-}
-
-impl Eq for QueryCondition {}
-
-impl Hash for QueryCondition {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.inner.hash(state);
-    }
-}
-
-impl fmt::Display for QueryCondition {
+impl fmt::Display for ScanCondition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "QueryCondition [ {} ]", self.inner)
+        match self.role {
+            Role::JoinKeys(_) => write!(f, "Sampled [ {} ]", self.inner),
+            Role::Query(_) => write!(f, "QueryCondition [ {} ]", self.inner),
+        }
+    }
+}
+
+impl PartialEq for ScanCondition {
+    fn eq(&self, other: &Self) -> bool {
+        self.is_join_keys() == other.is_join_keys() && self.inner.as_ref() == other.inner.as_ref()
+    }
+}
+
+impl Eq for ScanCondition {}
+
+impl Hash for ScanCondition {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.is_join_keys().hash(state);
+        self.inner.hash(state);
     }
 }
 
@@ -583,7 +551,11 @@ mod tests {
     fn a_sampled_filter_stops_filtering_once_too_many_rows_pass_and_keeps_a_selective_one() {
         let batch = 8192;
         // Half of the rows pass: after the sample, every row passes.
-        let loose = Arc::new(SampledFilter::new(k_below(4096), Arc::default()));
+        let loose_sample = Arc::new(Sample::default());
+        let loose = Arc::new(ScanCondition::join_keys(
+            k_below(4096),
+            Arc::clone(&loose_sample),
+        ));
         let mut from = 0;
         while (from as u64) < SAMPLE_ROWS {
             assert_eq!(passing(loose.evaluate(&ks(0, batch)).unwrap(), 8192), 4096);
@@ -598,30 +570,34 @@ mod tests {
         // 10 rows in 8192 pass: it goes on filtering, and the query's own conditions
         // in the scan join in once that is known.
         let sample = Arc::new(Sample::default());
-        let tight = SampledFilter::new(k_below(10), Arc::clone(&sample));
-        let own = QueryCondition::new(k_below(5), vec![Arc::clone(&loose.sample), sample]);
+        let tight = ScanCondition::join_keys(k_below(10), Arc::clone(&sample));
+        let own = ScanCondition::query(
+            k_below(5),
+            vec![Arc::clone(&loose_sample), Arc::clone(&sample)],
+        );
         assert_eq!(passing(own.evaluate(&ks(0, batch)).unwrap(), 8192), 8192);
         for _ in 0..(2 * SAMPLE_ROWS as i64 / batch) {
             assert_eq!(passing(tight.evaluate(&ks(0, batch)).unwrap(), 8192), 10);
         }
-        assert_eq!(tight.sample.verdict.load(AtomicOrdering::Relaxed), KEEP);
+        assert_eq!(sample.verdict(), KEEP);
         assert_eq!(passing(own.evaluate(&ks(0, batch)).unwrap(), 8192), 5);
         // Where the join's filter is not selective, they pass every row.
-        let own_loose = QueryCondition::new(k_below(5), vec![Arc::clone(&loose.sample)]);
+        let own_loose = ScanCondition::query(k_below(5), vec![Arc::clone(&loose_sample)]);
         assert_eq!(
             passing(own_loose.evaluate(&ks(0, batch)).unwrap(), 8192),
             8192
         );
         // A constant answer (a join's filter before its build side is read) is not
         // counted.
-        let waiting = SampledFilter::new(
+        let waiting_sample = Arc::new(Sample::default());
+        let waiting = ScanCondition::join_keys(
             datafusion::physical_expr::expressions::lit(true),
-            Arc::default(),
+            Arc::clone(&waiting_sample),
         );
         for _ in 0..(2 * SAMPLE_ROWS as i64 / batch) {
             waiting.evaluate(&ks(0, batch)).unwrap();
         }
-        assert_eq!(waiting.sample.seen.load(AtomicOrdering::Relaxed), 0);
+        assert_eq!(waiting_sample.seen.load(AtomicOrdering::Relaxed), 0);
         // Pruning by statistics sees the filter itself.
         let snapshot = tight.snapshot().unwrap().unwrap();
         assert_eq!(snapshot.to_string(), "k@0 < 10");

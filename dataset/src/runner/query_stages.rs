@@ -80,7 +80,7 @@ use volley_runtime::cluster::{
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
 use crate::conjunction::Conjunction;
 use crate::context::Context;
-use crate::decode_filters::{QueryCondition, SampledFilter};
+use crate::decode_filters::ScanCondition;
 use crate::handover::{thread_stream, Handover};
 
 /// The plan `plan` with its stages cut out to run on `cluster`'s nodes; `None` where
@@ -1009,20 +1009,18 @@ impl PhysicalExtensionCodec for StageCodec {
     ) -> DfResult<Arc<dyn PhysicalExpr>> {
         match buf {
             CONJUNCTION_TAG => Ok(Arc::new(Conjunction::new(inputs.to_vec())?)),
-            SAMPLED_FILTER_TAG => match inputs {
-                [inner] => Ok(Arc::new(SampledFilter::new(
+            SAMPLED_FILTER_TAG | QUERY_CONDITION_TAG => match inputs {
+                // With a sample of its own where it is decoded.
+                [inner] if buf == SAMPLED_FILTER_TAG => Ok(Arc::new(ScanCondition::join_keys(
                     Arc::clone(inner),
                     Arc::default(),
                 ))),
-                _ => Err(DataFusionError::Internal(format!(
-                    "a sampled filter with {} inputs",
-                    inputs.len()
+                [inner] => Ok(Arc::new(ScanCondition::query(
+                    Arc::clone(inner),
+                    Vec::new(),
                 ))),
-            },
-            QUERY_CONDITION_TAG => match inputs {
-                [inner] => Ok(Arc::new(QueryCondition::new(Arc::clone(inner), Vec::new()))),
                 _ => Err(DataFusionError::Internal(format!(
-                    "a statistics-only condition with {} inputs",
+                    "a scan condition with {} inputs",
                     inputs.len()
                 ))),
             },
@@ -1041,12 +1039,12 @@ impl PhysicalExtensionCodec for StageCodec {
             buf.extend_from_slice(CONJUNCTION_TAG);
             return Ok(());
         }
-        if node.downcast_ref::<SampledFilter>().is_some() {
-            buf.extend_from_slice(SAMPLED_FILTER_TAG);
-            return Ok(());
-        }
-        if node.downcast_ref::<QueryCondition>().is_some() {
-            buf.extend_from_slice(QUERY_CONDITION_TAG);
+        if let Some(c) = node.downcast_ref::<ScanCondition>() {
+            buf.extend_from_slice(if c.is_join_keys() {
+                SAMPLED_FILTER_TAG
+            } else {
+                QUERY_CONDITION_TAG
+            });
             return Ok(());
         }
         DefaultPhysicalExtensionCodec {}.try_encode_expr(node, buf, ctx)
@@ -1056,11 +1054,12 @@ impl PhysicalExtensionCodec for StageCodec {
 /// An encoded [`Conjunction`].
 const CONJUNCTION_TAG: &[u8] = b"volley-conjunction";
 
-/// An encoded [`SampledFilter`] (with a sample of its own where it is decoded).
+/// An encoded [`ScanCondition`] of a join's keys (with a sample of its own where it is
+/// decoded).
 const SAMPLED_FILTER_TAG: &[u8] = b"volley-sampled-filter";
 
-/// An encoded [`QueryCondition`] (with a sample of its own where it is decoded: it
-/// passes every row while decoding).
+/// An encoded [`ScanCondition`] of the query's own (following no sample where it is
+/// decoded: it passes every row while decoding).
 const QUERY_CONDITION_TAG: &[u8] = b"volley-query-condition";
 
 /// What an encoded stage read begins with.
