@@ -198,6 +198,7 @@ impl Context {
         }
         // Last: the rules before it see a filter's conditions as a plain `AND`.
         let state = state
+            .with_physical_optimizer_rule(Arc::new(crate::decimal_arith::DecimalArithmetic))
             .with_physical_optimizer_rule(Arc::new(crate::conjunction::FilterConjunctions))
             .build();
         Ok(Self {

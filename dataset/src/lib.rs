@@ -16,6 +16,7 @@
 mod conjunction;
 mod context;
 mod dataset;
+mod decimal_arith;
 mod decode_filters;
 mod exchange;
 mod handover;

@@ -80,6 +80,7 @@ use volley_runtime::cluster::{
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
 use crate::conjunction::Conjunction;
 use crate::context::Context;
+use crate::decimal_arith::{DecimalArith, DecimalOp};
 use crate::decode_filters::ScanCondition;
 use crate::handover::{thread_stream, Handover};
 
@@ -1009,6 +1010,23 @@ impl PhysicalExtensionCodec for StageCodec {
     ) -> DfResult<Arc<dyn PhysicalExpr>> {
         match buf {
             CONJUNCTION_TAG => Ok(Arc::new(Conjunction::new(inputs.to_vec())?)),
+            _ if buf.starts_with(DECIMAL_ARITH_TAG) => {
+                let op = std::str::from_utf8(&buf[DECIMAL_ARITH_TAG.len()..])
+                    .ok()
+                    .and_then(DecimalOp::from_name);
+                match (op, inputs) {
+                    (Some(op), [l, r]) => Ok(Arc::new(DecimalArith::new(
+                        op,
+                        Arc::clone(l),
+                        Arc::clone(r),
+                    ))),
+                    _ => Err(DataFusionError::Internal(format!(
+                        "a decimal operation {:?} with {} inputs",
+                        String::from_utf8_lossy(buf),
+                        inputs.len()
+                    ))),
+                }
+            }
             SAMPLED_FILTER_TAG | QUERY_CONDITION_TAG => match inputs {
                 // With a sample of its own where it is decoded.
                 [inner] if buf == SAMPLED_FILTER_TAG => Ok(Arc::new(ScanCondition::join_keys(
@@ -1039,6 +1057,11 @@ impl PhysicalExtensionCodec for StageCodec {
             buf.extend_from_slice(CONJUNCTION_TAG);
             return Ok(());
         }
+        if let Some(d) = node.downcast_ref::<DecimalArith>() {
+            buf.extend_from_slice(DECIMAL_ARITH_TAG);
+            buf.extend_from_slice(d.op().name().as_bytes());
+            return Ok(());
+        }
         if let Some(c) = node.downcast_ref::<ScanCondition>() {
             buf.extend_from_slice(if c.is_join_keys() {
                 SAMPLED_FILTER_TAG
@@ -1053,6 +1076,10 @@ impl PhysicalExtensionCodec for StageCodec {
 
 /// An encoded [`Conjunction`].
 const CONJUNCTION_TAG: &[u8] = b"volley-conjunction";
+
+/// What an encoded [`DecimalArith`] begins with (its operator's name follows; its
+/// operands travel as the node's inputs).
+const DECIMAL_ARITH_TAG: &[u8] = b"volley-decimal-arith:";
 
 /// An encoded [`ScanCondition`] of a join's keys (with a sample of its own where it is
 /// decoded).
@@ -1469,6 +1496,64 @@ mod tests {
         let want = (101..3000).filter(|k| k % 7 == 3).count();
         assert_eq!(rows(plan), want);
         assert_eq!(rows(shipped), want);
+    }
+
+    #[test]
+    fn decimal_arithmetic_travels_and_gives_the_same_values() {
+        use datafusion::physical_optimizer::PhysicalOptimizerRule;
+        use datafusion::physical_plan::aggregates::AggregateExec;
+        use datafusion::physical_plan::projection::ProjectionExec;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let sql =
+            "SELECT sum(CAST(k AS DECIMAL(15, 2)) * (1 - CAST(k AS DECIMAL(15, 2)) / 10000)) \
+                   AS s FROM big WHERE k < 3000";
+        let plan = crate::decimal_arith::DecimalArithmetic
+            .optimize(physical(&ctx, sql), &Default::default())
+            .unwrap();
+        let decimal_ops = |plan: &Arc<dyn ExecutionPlan>| {
+            let text = datafusion::physical_plan::displayable(plan.as_ref())
+                .indent(true)
+                .to_string();
+            let mut found = 0;
+            let _ = plan.apply(|node| {
+                let mut exprs = Vec::new();
+                if let Some(p) = node.downcast_ref::<ProjectionExec>() {
+                    exprs.extend(p.expr().iter().map(|e| Arc::clone(&e.expr)));
+                }
+                if let Some(a) = node.downcast_ref::<AggregateExec>() {
+                    exprs.extend(a.aggr_expr().iter().flat_map(|f| f.expressions()));
+                }
+                for e in exprs {
+                    let _ = e.apply(|x| {
+                        found += x.downcast_ref::<DecimalArith>().is_some() as usize;
+                        Ok(TreeNodeRecursion::Continue)
+                    });
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            (found, text)
+        };
+        let shipped = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+            &encode(&plan).unwrap(),
+            &ctx.task_ctx(),
+            &StageCodec::default(),
+        )
+        .unwrap();
+        let (sent, text) = decimal_ops(&plan);
+        assert!(sent >= 1, "{text}");
+        assert_eq!(decimal_ops(&shipped).0, sent);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let value = |plan: Arc<dyn ExecutionPlan>| {
+            let batches = rt
+                .block_on(datafusion::physical_plan::collect(plan, ctx.task_ctx()))
+                .unwrap();
+            let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+            arrow::util::display::array_value_to_string(b.column(0), 0).unwrap()
+        };
+        let want = value(physical(&ctx, sql));
+        assert_eq!(value(plan), want);
+        assert_eq!(value(shipped), want);
     }
 
     #[test]
