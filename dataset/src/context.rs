@@ -155,6 +155,7 @@ impl Context {
             .unwrap_or_else(|| runtime.total().memory / 4)
             .max(1);
         let budget = MemoryBudget::new(limit);
+        keep_freed_memory(limit);
         let mut env = RuntimeEnvBuilder::new()
             .with_object_store_registry(Arc::new(VolleyObjectStoreRegistry::new()))
             .with_memory_pool(Arc::new(BudgetMemoryPool::new(Arc::clone(&budget))));
@@ -325,4 +326,35 @@ impl Context {
         tables.retain(|(n, _)| n != name);
         tables.push((name.to_string(), table));
     }
+}
+
+/// Lets glibc's allocator keep freed memory for reuse, in proportion to the memory
+/// budget: buffers up to a sixty-fourth of it (at most 64 MiB) come from the heap
+/// rather than their own mappings, and a heap keeps up to a sixteenth (at most 256
+/// MiB) free at its top. With glibc's defaults, operators' batch-sized buffers were
+/// mapped and unmapped again and again: each new page a fault and a zeroed page, about
+/// 6% of the 22 TPC-H queries' time at SF1. Small budgets keep close to glibc's own
+/// behaviour. Set once per process, by its first context; not where `GLIBC_TUNABLES`
+/// already sets the allocator (a cluster's workers: see the node agent).
+fn keep_freed_memory(limit: u64) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            if std::env::var_os("GLIBC_TUNABLES").is_some() {
+                return;
+            }
+            let mmap = (limit / 64).clamp(128 << 10, 64 << 20) as libc::c_int;
+            let trim = (limit / 16).clamp(128 << 10, 256 << 20) as libc::c_int;
+            // SAFETY: mallopt only changes the allocator's parameters (under its own
+            // lock); memory already handed out is unaffected.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, mmap);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, trim);
+            }
+        });
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = limit;
 }
