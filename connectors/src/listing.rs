@@ -264,6 +264,16 @@ pub(crate) async fn infer_schema(
     binary: bool,
     files: &[ListedFile],
 ) -> Result<SchemaRef> {
+    Ok(infer_schemas(state, df_format, binary, files).await?.0)
+}
+
+/// [`infer_schema`], and each file's own schema (by location, with its size).
+pub(crate) async fn infer_schemas(
+    state: &SessionState,
+    df_format: &Arc<dyn FileFormat>,
+    binary: bool,
+    files: &[ListedFile],
+) -> Result<(SchemaRef, Vec<(ObjectMeta, SchemaRef)>)> {
     let readable: Vec<&ListedFile> = files.iter().filter(|f| f.meta.size > 0 || binary).collect();
     if readable.is_empty() {
         return Err(VolleyError::plan(format!(
@@ -272,35 +282,42 @@ pub(crate) async fn infer_schema(
         )));
     }
     // Every file's own schema, concurrently, each error naming its file.
-    let futs: Vec<futures::future::BoxFuture<'_, Result<(String, SchemaRef)>>> = readable
-        .iter()
-        .map(|f| {
-            let (store, meta, df_format) =
-                (Arc::clone(&f.store), f.meta.clone(), Arc::clone(df_format));
-            let name = f.name.clone();
-            async move {
-                if meta.size == 0 {
-                    return Err(VolleyError::plan(format!(
-                        "reading the schema of {name}: the file is empty (0 bytes), \
+    let futs: Vec<futures::future::BoxFuture<'_, Result<(String, ObjectMeta, SchemaRef)>>> =
+        readable
+            .iter()
+            .map(|f| {
+                let (store, meta, df_format) =
+                    (Arc::clone(&f.store), f.meta.clone(), Arc::clone(df_format));
+                let name = f.name.clone();
+                async move {
+                    if meta.size == 0 {
+                        return Err(VolleyError::plan(format!(
+                            "reading the schema of {name}: the file is empty (0 bytes), \
                          not a valid {} file",
-                        df_format.get_ext().trim_start_matches('.')
-                    )));
+                            df_format.get_ext().trim_start_matches('.')
+                        )));
+                    }
+                    let schema = df_format
+                        .infer_schema(state, &store, std::slice::from_ref(&meta))
+                        .await
+                        .with_context(|| format!("reading the schema of {name}"))?;
+                    Ok::<_, VolleyError>((name, meta, schema))
                 }
-                let schema = df_format
-                    .infer_schema(state, &store, std::slice::from_ref(&meta))
-                    .await
-                    .with_context(|| format!("reading the schema of {name}"))?;
-                Ok::<_, VolleyError>((name, schema))
-            }
-            .boxed()
-        })
-        .collect();
-    let schemas: Vec<(String, SchemaRef)> = futures::stream::iter(futs)
+                .boxed()
+            })
+            .collect();
+    let read: Vec<(String, ObjectMeta, SchemaRef)> = futures::stream::iter(futs)
         .buffered(16)
         .try_collect()
         .await?;
+    let mut schemas = Vec::with_capacity(read.len());
+    let mut each = Vec::with_capacity(read.len());
+    for (name, meta, schema) in read {
+        schemas.push((name, Arc::clone(&schema)));
+        each.push((meta, schema));
+    }
     if schemas.len() == 1 {
-        return Ok(Arc::clone(&schemas[0].1));
+        return Ok((Arc::clone(&schemas[0].1), each));
     }
     // The format's own merge first (for CSV it widens types across files).
     let by_store: Vec<ObjectMeta> = readable.iter().map(|f| f.meta.clone()).collect();
@@ -312,10 +329,10 @@ pub(crate) async fn infer_schema(
             .infer_schema(state, &readable[0].store, &by_store)
             .await
         {
-            return Ok(merged);
+            return Ok((merged, each));
         }
     }
-    merge_schemas(&schemas)
+    Ok((merge_schemas(&schemas)?, each))
 }
 
 /// The schemas of several files as one; where they clash, an error naming the column,
