@@ -329,7 +329,8 @@ impl Context {
 }
 
 /// Lets glibc's allocator keep freed memory for reuse, in proportion to the memory
-/// budget: buffers up to a sixty-fourth of it (at most 64 MiB) come from the heap
+/// budget: buffers up to a sixty-fourth of it (at most 32 MiB, glibc's ceiling before
+/// 2.35) come from the heap
 /// rather than their own mappings, and a heap keeps up to a sixteenth (at most 256
 /// MiB) free at its top. With glibc's defaults, operators' batch-sized buffers were
 /// mapped and unmapped again and again: each new page a fault and a zeroed page, about
@@ -344,14 +345,17 @@ fn keep_freed_memory(limit: u64) {
             if std::env::var_os("GLIBC_TUNABLES").is_some() {
                 return;
             }
-            let mmap = (limit / 64).clamp(128 << 10, 64 << 20) as libc::c_int;
+            let mmap = (limit / 64).clamp(128 << 10, 32 << 20) as libc::c_int;
             let trim = (limit / 16).clamp(128 << 10, 256 << 20) as libc::c_int;
             // SAFETY: mallopt only changes the allocator's parameters (under its own
             // lock); memory already handed out is unaffected.
             #[allow(unsafe_code)]
             unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, mmap);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, trim);
+                // Where glibc refuses the first, it keeps its own adaptive thresholds
+                // (setting the second would fix them).
+                if libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1 {
+                    libc::mallopt(libc::M_TRIM_THRESHOLD, trim);
+                }
             }
         });
     }
