@@ -267,7 +267,7 @@ pub(crate) async fn infer_schema(
     Ok(infer_schemas(state, df_format, binary, files).await?.0)
 }
 
-/// [`infer_schema`], and each file's own schema (by location, with its size).
+/// [`infer_schema`], and each file's own schema with the file as listed.
 pub(crate) async fn infer_schemas(
     state: &SessionState,
     df_format: &Arc<dyn FileFormat>,

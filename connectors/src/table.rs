@@ -143,23 +143,24 @@ pub async fn file_table(state: &SessionState, path: &str) -> Result<Arc<dyn Tabl
         .with_listing_options(options)
         .with_schema(plain_strings(&file_schema));
     let table = ListingTable::try_new(config).with_context(|| format!("reading {path}"))?;
-    let parquet = options_format_is_parquet(&table);
+    if !table.options().format.is::<ParquetFormat>() {
+        return Ok(Arc::new(table));
+    }
     let plain: HashMap<Path, (ObjectMeta, SchemaRef)> = each_file
         .into_iter()
-        .filter(|(_, schema)| parquet && !Arc::ptr_eq(schema, &plain_strings(schema)))
-        .map(|(meta, schema)| (meta.location.clone(), (meta, plain_strings(&schema))))
+        .filter_map(|(meta, schema)| {
+            let plain = plain_strings(&schema);
+            // The same schema back: no view strings in this file.
+            (!Arc::ptr_eq(&schema, &plain)).then(|| (meta.location.clone(), (meta, plain)))
+        })
         .collect();
     if plain.is_empty() {
         return Ok(Arc::new(table));
     }
     Ok(Arc::new(PlainStringFiles {
         inner: Arc::new(table),
-        files: Arc::new(plain),
+        files: plain,
     }))
-}
-
-fn options_format_is_parquet(table: &ListingTable) -> bool {
-    table.options().format.is::<ParquetFormat>()
 }
 
 /// A Parquet table whose files carry an Arrow schema hint of view strings
@@ -174,7 +175,7 @@ fn options_format_is_parquet(table: &ListingTable) -> bool {
 struct PlainStringFiles {
     inner: Arc<dyn TableProvider>,
     /// By location: the file as listed then, and its schema with plain strings.
-    files: Arc<HashMap<Path, (ObjectMeta, SchemaRef)>>,
+    files: HashMap<Path, (ObjectMeta, SchemaRef)>,
 }
 
 #[async_trait]

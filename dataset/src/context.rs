@@ -330,9 +330,8 @@ impl Context {
 
 /// Lets glibc's allocator keep freed memory for reuse, in proportion to the memory
 /// budget: buffers up to a sixty-fourth of it (at most 32 MiB, glibc's ceiling before
-/// 2.35) come from the heap
-/// rather than their own mappings, and a heap keeps up to a sixteenth (at most 256
-/// MiB) free at its top. With glibc's defaults, operators' batch-sized buffers were
+/// 2.35) come from the heap rather than their own mappings, and a heap keeps up to a
+/// sixteenth (at most 256 MiB) free at its top. With glibc's defaults, operators' batch-sized buffers were
 /// mapped and unmapped again and again: each new page a fault and a zeroed page, about
 /// 6% of the 22 TPC-H queries' time at SF1. Small budgets keep close to glibc's own
 /// behaviour. Set once per process, by its first context; not where `GLIBC_TUNABLES`

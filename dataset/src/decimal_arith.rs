@@ -101,10 +101,11 @@ impl PhysicalOptimizerRule for DecimalArithmetic {
                         args_changed |= new.transformed;
                         args.push(new.data);
                     }
-                    match args_changed
-                        .then(|| agg.with_new_expressions(args, vec![]))
-                        .flatten()
-                    {
+                    if !args_changed {
+                        aggregates.push(Arc::clone(agg));
+                        continue;
+                    }
+                    match agg.with_new_expressions(args, vec![]) {
                         Some(new) => {
                             changed = true;
                             aggregates.push(Arc::new(new));
