@@ -173,7 +173,7 @@ impl State {
             .collect();
         for id in pending {
             let req = self.jobs[&id].resources.clone();
-            let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new(), false) else {
+            let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new(), false, None) else {
                 continue;
             };
             let j = self.jobs.get_mut(&id).expect("exists");

@@ -297,6 +297,7 @@ impl State {
         task.attempt += 1;
         task.state = TaskState::Pending;
         task.pending_since = Instant::now();
+        task.ready_since = None;
         let args = task.spec.args.clone();
         if let Some(j) = self.jobs.get_mut(&task.spec.job_id) {
             j.status.task_retries += 1;

@@ -659,3 +659,66 @@ fn tasks_ahead_are_counted_by_their_cpus_as_they_come_and_go() {
     q.remove("b");
     assert!(q.is_empty() && q.waiting(two) == 0 && q.pop_front().is_none());
 }
+
+#[test]
+fn a_task_waits_a_while_for_the_node_holding_its_big_input() {
+    let (mut s, mut rx1) = one_node(1.0);
+    let (n2, mut rx2) = test_node(1.0, "b");
+    s.nodes.insert("n2".into(), n2);
+    let on = |s: &State, id: &str| match &s.tasks[id].state {
+        TaskState::Running { node, .. } => node.clone(),
+        other => panic!("{id} is {other:?}"),
+    };
+    // "big" (150 MiB) and "small" (1 MiB) are made on one node, X.
+    s.submit(task("big", &[])).unwrap();
+    s.schedule();
+    let x = on(&s, "big");
+    let (y, rx_x, rx_y) = if x == "n1" {
+        ("n2", &mut rx1, &mut rx2)
+    } else {
+        ("n1", &mut rx2, &mut rx1)
+    };
+    assert!(s.task_reported(report(&x, "big", 0, 150 << 20, "")));
+    s.submit(task("small", &[])).unwrap();
+    s.schedule();
+    let at = on(&s, "small");
+    assert!(s.task_reported(report(&at, "small", 0, 1 << 20, "")));
+    s.objects.get_mut("small").unwrap().locations = vec![x.clone()];
+    s.schedule();
+    sent(rx_x);
+    sent(rx_y);
+    // X is busy with r1; r2 and r3 wait ahead there, r4 in the queue: none goes to Y,
+    // which would fetch 150 MiB.
+    for id in ["r1", "r2", "r3", "r4"] {
+        s.submit(task(id, &["big"])).unwrap();
+    }
+    s.schedule();
+    assert_eq!(sent(rx_x), ["run r1", "ahead r2", "ahead r3"]);
+    assert!(sent(rx_y).is_empty());
+    assert_eq!(s.tasks["r4"].state, TaskState::Pending);
+    // A task with a small input does not wait: it runs on Y at once.
+    s.submit(task("t", &["small"])).unwrap();
+    s.schedule();
+    assert_eq!(sent(rx_y), ["run t"]);
+    assert!(s.task_reported(report(y, "t", 0, 0, "")));
+    // Once r4 has waited as long as its input would take to travel, it runs on Y.
+    *s.tasks.get_mut("r4").unwrap().ready_since.as_mut().unwrap() -= LOCALITY_WAIT;
+    s.schedule();
+    assert_eq!(sent(rx_y), ["run r4"]);
+    // Nor does a task reading one batch of the big object (a reduce task).
+    let mut one_batch = task("b", &["big"]);
+    one_batch.arg_batches = vec![Some(0)];
+    s.submit(one_batch).unwrap();
+    s.schedule();
+    assert!(sent(rx_x).is_empty());
+    assert_eq!(
+        sent(rx_y),
+        ["ahead b"],
+        "behind r4, not behind r1, r2 and r3"
+    );
+    assert_eq!(
+        TaskEntry::locality_wait(150 << 20),
+        Duration::from_millis(1500)
+    );
+    assert_eq!(TaskEntry::locality_wait(100 << 30), LOCALITY_WAIT);
+}
