@@ -292,15 +292,17 @@ impl ObjectStore {
             sanitize(id),
             rand::random::<u64>()
         ));
-        match &what {
-            ToSpill::Batches(batches) => write_file(&path, batches, self.compression)
-                .map_err(|e| e.context(format!("cannot spill object to {}", path.display())))?,
+        let written = match &what {
+            ToSpill::Batches(batches) => write_file(&path, batches, self.compression),
             // Already an IPC file: copied out of shared memory as it is.
-            ToSpill::File(from) => {
-                std::fs::copy(from, &path).map_err(|e| {
-                    VolleyError::Io(e).context(format!("cannot spill object to {}", path.display()))
-                })?;
-            }
+            ToSpill::File(from) => std::fs::copy(from, &path)
+                .map(|_| ())
+                .map_err(VolleyError::Io),
+        };
+        if let Err(e) = written {
+            // A partial file under a name of its own would never be written or removed.
+            let _ = std::fs::remove_file(&path);
+            return Err(e.context(format!("cannot spill object to {}", path.display())));
         }
         let mut s = self.inner.lock().expect("object store lock");
         // The object may have been freed or replaced while it was being written.

@@ -245,7 +245,7 @@ impl State {
             .cloned()
             .collect();
         let source = self.waits_for_store(task);
-        let holder = self.input_holder(task);
+        let (holder, wait_left) = self.input_holder(task).unzip();
         let placement = match task.spec.bundle.clone() {
             None => self
                 .pick_node(
@@ -263,10 +263,36 @@ impl State {
         }
         // Looked up only for a task that may go ahead: most placements do not need it.
         let depth = self.ahead_depth(id);
-        match cpu_only.and_then(|_| self.pick_ahead(&resources, source, depth, holder.as_deref())) {
+        let ahead = cpu_only
+            .and_then(|_| self.pick_ahead(&resources, source, depth, holder.as_deref()))
+            .filter(|node| wait_left.is_none_or(|left| self.ahead_ends_within(id, node, left)));
+        match ahead {
             Some(node) => self.dispatch(id, node, vec![], None, args, true),
             None => false,
         }
+    }
+
+    /// Whether task `id`, sent ahead to `node`, would start there within `left`: the
+    /// tasks of its size running or waiting ahead there, at the measured time of its
+    /// job's tasks of its name, take less. A task ahead stays there, so one waiting for
+    /// the node holding its input goes ahead only then (else it waits in the queue,
+    /// where its wait can end); unmeasured tasks do not.
+    fn ahead_ends_within(&self, id: &str, node: &str, left: Duration) -> bool {
+        let t = &self.tasks[id];
+        let Some(seconds) = self
+            .jobs
+            .get(&t.spec.job_id)
+            .and_then(|j| j.task_seconds.get(&t.spec.name).copied())
+        else {
+            return false;
+        };
+        let Some(n) = self.nodes.get(node) else {
+            return false;
+        };
+        let key = t.spec.resources.num_cpus.to_bits();
+        let slots = n.slots.get(&key).copied().unwrap_or(0).max(1);
+        let rounds = n.ahead.waiting(key) as f64 / slots as f64 + 1.0;
+        seconds * rounds < left.as_secs_f64()
     }
 
     /// How many tasks like `id` (its job's, of its name) may wait ahead per slot
@@ -409,10 +435,15 @@ impl State {
     ///
     /// A task reading one batch of an object (a reduce task: partition p of every map
     /// output) never waits: the head knows the object's bytes, not the batch's, and
-    /// such inputs are spread over the nodes anyway.
-    pub(super) fn input_holder(&self, task: &TaskEntry) -> Option<String> {
+    /// such inputs are spread over the nodes anyway. Nor does one that asks for more
+    /// than CPUs (while it waits, no task goes ahead anywhere). Returns the node and
+    /// how much longer the task may wait for it; it goes ahead there only if it would
+    /// start in that time ([`Self::ahead_ends_within`]). Each scheduling pass tries a
+    /// waiting task again (it does not stop the pass as a task without room does), so
+    /// a pass costs the waiting tasks as well, for at most 3 s each.
+    pub(super) fn input_holder(&self, task: &TaskEntry) -> Option<(String, Duration)> {
         let ready = task.ready_since?;
-        if task.spec.arg_batches.iter().any(Option::is_some) {
+        if task.cpu_only().is_none() || task.spec.arg_batches.iter().any(Option::is_some) {
             return None;
         }
         let mut held: HashMap<&str, u64> = HashMap::new();
@@ -429,11 +460,12 @@ impl State {
         held.sort_by(|(a, x), (b, y)| y.cmp(x).then_with(|| a.cmp(b)));
         let (node, bytes) = *held.first()?;
         let saved = bytes - held.get(1).map_or(0, |(_, b)| *b);
-        if saved < LOCAL_INPUT_BYTES || ready.elapsed() >= TaskEntry::locality_wait(saved) {
+        if saved < LOCAL_INPUT_BYTES {
             return None;
         }
+        let left = TaskEntry::locality_wait(saved).checked_sub(ready.elapsed())?;
         let n = self.nodes.get(node)?;
-        (n.takes_work() && task.spec.resources.fits_in(&n.total)).then(|| node.to_string())
+        (n.takes_work() && task.spec.resources.fits_in(&n.total)).then(|| (node.to_string(), left))
     }
 
     /// Whether `task` reads nothing (a source) and waits, for a while, for a node whose

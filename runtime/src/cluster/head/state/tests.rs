@@ -687,13 +687,32 @@ fn a_task_waits_a_while_for_the_node_holding_its_big_input() {
     s.schedule();
     sent(rx_x);
     sent(rx_y);
-    // X is busy with r1; r2 and r3 wait ahead there, r4 in the queue: none goes to Y,
-    // which would fetch 150 MiB.
-    for id in ["r1", "r2", "r3", "r4"] {
-        s.submit(task(id, &["big"])).unwrap();
+    // X is busy with r1. Its tasks are not measured yet, so r2 does not go ahead there
+    // (it might wait there past its time), and it does not go to Y either, which would
+    // fetch 150 MiB: it waits in the queue.
+    let read = |id: &str| TaskSpec {
+        name: "read".into(),
+        ..task(id, &["big"])
+    };
+    for id in ["r1", "r2"] {
+        s.submit(read(id)).unwrap();
     }
     s.schedule();
-    assert_eq!(sent(rx_x), ["run r1", "ahead r2", "ahead r3"]);
+    assert_eq!(sent(rx_x), ["run r1"]);
+    assert!(sent(rx_y).is_empty());
+    assert_eq!(s.tasks["r2"].state, TaskState::Pending);
+    // Measured at 0.2 s, they go ahead on X while they would start within their wait
+    // (1.5 s for 150 MiB): r2 and r3 (two per slot), then r4 in the queue.
+    s.jobs
+        .get_mut("j")
+        .unwrap()
+        .task_seconds
+        .insert("read".into(), 0.2);
+    for id in ["r3", "r4"] {
+        s.submit(read(id)).unwrap();
+    }
+    s.schedule();
+    assert_eq!(sent(rx_x), ["ahead r2", "ahead r3"]);
     assert!(sent(rx_y).is_empty());
     assert_eq!(s.tasks["r4"].state, TaskState::Pending);
     // A task with a small input does not wait: it runs on Y at once.
