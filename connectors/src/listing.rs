@@ -223,6 +223,14 @@ pub(crate) async fn list_files(
     Ok(files)
 }
 
+/// The file scan `plan` is, if it is one: a `DataSourceExec` over a
+/// `FileScanConfig` (the shape DataFusion plans for every file table).
+pub fn file_scan_config(plan: &dyn ExecutionPlan) -> Option<&FileScanConfig> {
+    plan.downcast_ref::<DataSourceExec>()?
+        .data_source()
+        .downcast_ref::<FileScanConfig>()
+}
+
 /// `schema` with string and binary view columns as plain `Utf8` / `Binary`.
 ///
 /// Files written with an Arrow schema hint of `Utf8View` (DataFusion, `tpchgen-cli`)

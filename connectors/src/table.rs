@@ -22,7 +22,7 @@ use datafusion::datasource::file_format::options::{
 };
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig};
-use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::TableType;
 use datafusion::execution::context::SessionState;
@@ -34,7 +34,7 @@ use object_store::ObjectMeta;
 use volley_common::{Result, ResultExt, VolleyError};
 
 use crate::format::compression_of;
-use crate::listing::{infer_schemas, list_files, plain_strings};
+use crate::listing::{file_scan_config, infer_schemas, list_files, plain_strings};
 
 /// How to list and read the files at `path`, and whether their format is binary (an
 /// empty file is corrupt). The format follows the extension of the path's last part,
@@ -201,10 +201,7 @@ impl TableProvider for PlainStringFiles {
     ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
         let plan = self.inner.scan(state, projection, filters, limit).await?;
         plan.transform_up(|node| {
-            let Some(config) = node
-                .downcast_ref::<DataSourceExec>()
-                .and_then(|e| e.data_source().downcast_ref::<FileScanConfig>())
-            else {
+            let Some(config) = file_scan_config(node.as_ref()) else {
                 return Ok(Transformed::no(node));
             };
             let groups = config
@@ -333,10 +330,7 @@ mod tests {
         assert_eq!(table.schema().field(1).data_type(), &DataType::Utf8);
         let plan = rt.block_on(table.scan(&state, None, &[], None)).unwrap();
         // Each file's scan is given its schema with plain strings.
-        let config = plan
-            .downcast_ref::<DataSourceExec>()
-            .and_then(|e| e.data_source().downcast_ref::<FileScanConfig>())
-            .expect("a file scan");
+        let config = file_scan_config(plan.as_ref()).expect("a file scan");
         let files: Vec<_> = config.file_groups.iter().flat_map(|g| g.iter()).collect();
         assert_eq!(files.len(), 2);
         for f in files {

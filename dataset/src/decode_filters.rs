@@ -54,6 +54,7 @@ use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::joins::HashJoinExec;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
+use volley_connectors::file_scan_config;
 
 /// Turns on filtering while decoding for the Parquet scans whose predicate holds a
 /// dynamic filter (see the module's documentation); runs after DataFusion's rules,
@@ -69,10 +70,7 @@ impl PhysicalOptimizerRule for DecodeTimeFilters {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let selective = selective_scans(&plan)?;
         plan.transform_up(|node| {
-            let Some(config) = node
-                .downcast_ref::<DataSourceExec>()
-                .and_then(|s| s.data_source().downcast_ref::<FileScanConfig>())
-            else {
+            let Some(config) = file_scan_config(node.as_ref()) else {
                 return Ok(Transformed::no(node));
             };
             let Some(parquet) = config.file_source().downcast_ref::<ParquetSource>() else {
@@ -369,8 +367,7 @@ fn selective_scans(plan: &Arc<dyn ExecutionPlan>) -> Result<HashSet<usize>> {
             if !join.dynamic_expressions_produced().is_empty() {
                 let filtered = join.left().exists(|n| {
                     Ok(n.is::<FilterExec>()
-                        || n.downcast_ref::<DataSourceExec>()
-                            .and_then(|s| s.data_source().downcast_ref::<FileScanConfig>())
+                        || file_scan_config(n.as_ref())
                             .is_some_and(|c| c.file_source().filter().is_some()))
                 })?;
                 walk(join.left(), probed, out)?;
@@ -439,10 +436,7 @@ mod tests {
     fn scans(plan: &Arc<dyn ExecutionPlan>) -> Vec<(String, bool)> {
         let mut out = Vec::new();
         let _ = plan.apply(|node| {
-            if let Some(c) = node
-                .downcast_ref::<DataSourceExec>()
-                .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
-            {
+            if let Some(c) = file_scan_config(node.as_ref()) {
                 let parquet = c.file_source().downcast_ref::<ParquetSource>().unwrap();
                 let file = c.file_groups[0].files()[0].object_meta.location.to_string();
                 let table = if file.contains("/big/") {

@@ -39,7 +39,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, JoinType, Result as DfResult};
-use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext as DfTaskContext};
 use datafusion::logical_expr::ColumnarValue;
@@ -83,6 +83,7 @@ use crate::context::Context;
 use crate::decimal_arith::{DecimalArith, DecimalOp};
 use crate::decode_filters::ScanCondition;
 use crate::handover::{thread_stream, Handover};
+use volley_connectors::file_scan_config;
 
 /// The plan `plan` with its stages cut out to run on `cluster`'s nodes; `None` where
 /// the plan cannot be cut (a node `datafusion-proto` cannot carry, a repartition that
@@ -582,10 +583,7 @@ fn task_plan(
             let Some(read) = scans.get(&node_key(&node)) else {
                 return Ok(Transformed::no(node));
             };
-            let Some(config) = node
-                .downcast_ref::<DataSourceExec>()
-                .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
-            else {
+            let Some(config) = file_scan_config(node.as_ref()) else {
                 return Ok(Transformed::no(node));
             };
             let groups = config
@@ -1163,9 +1161,7 @@ impl PhysicalProtoConverterExtension for StageConverter {
 pub(crate) fn scans_files(plan: &Arc<dyn ExecutionPlan>) -> bool {
     let mut found = false;
     let _ = plan.apply(|node| {
-        found |= node
-            .downcast_ref::<DataSourceExec>()
-            .is_some_and(|d| d.data_source().downcast_ref::<FileScanConfig>().is_some());
+        found |= file_scan_config(node.as_ref()).is_some();
         Ok(if found {
             TreeNodeRecursion::Stop
         } else {
@@ -1242,10 +1238,7 @@ mod tests {
     fn scans(plan: &Arc<dyn ExecutionPlan>) -> HashMap<String, Arc<dyn ExecutionPlan>> {
         let mut out = HashMap::new();
         let _ = plan.apply(|node| {
-            if let Some(c) = node
-                .downcast_ref::<DataSourceExec>()
-                .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
-            {
+            if let Some(c) = file_scan_config(node.as_ref()) {
                 let file = c
                     .file_groups
                     .iter()
@@ -1305,10 +1298,7 @@ mod tests {
         // The task's plan keeps its own file groups only, and still has 4 partitions.
         let mine = task_plan(&plan, &reads.scans).unwrap();
         let kept = scans(&mine);
-        let config = kept["big"]
-            .downcast_ref::<DataSourceExec>()
-            .and_then(|d| d.data_source().downcast_ref::<FileScanConfig>())
-            .unwrap();
+        let config = file_scan_config(kept["big"].as_ref()).unwrap();
         let sizes: Vec<usize> = config.file_groups.iter().map(|g| g.len()).collect();
         assert_eq!(sizes, vec![0, 0, 1, 0]);
         assert!(encode(&mine).unwrap().len() < encode(&plan).unwrap().len());

@@ -278,14 +278,10 @@ impl State {
     /// the node holding its input goes ahead only then (else it waits in the queue,
     /// where its wait can end); unmeasured tasks do not.
     fn ahead_ends_within(&self, id: &str, node: &str, left: Duration) -> bool {
-        let t = &self.tasks[id];
-        let Some(seconds) = self
-            .jobs
-            .get(&t.spec.job_id)
-            .and_then(|j| j.task_seconds.get(&t.spec.name).copied())
-        else {
+        let Some(seconds) = self.measured_seconds(id) else {
             return false;
         };
+        let t = &self.tasks[id];
         let Some(n) = self.nodes.get(node) else {
             return false;
         };
@@ -298,12 +294,15 @@ impl State {
     /// How many tasks like `id` (its job's, of its name) may wait ahead per slot
     /// ([`ahead_per_slot`], from their measured time).
     fn ahead_depth(&self, id: &str) -> usize {
+        ahead_per_slot(self.measured_seconds(id))
+    }
+
+    /// The average time of the finished tasks of task `id`'s job and name, if any.
+    fn measured_seconds(&self, id: &str) -> Option<f64> {
         let t = &self.tasks[id];
-        ahead_per_slot(
-            self.jobs
-                .get(&t.spec.job_id)
-                .and_then(|j| j.task_seconds.get(&t.spec.name).copied()),
-        )
+        self.jobs
+            .get(&t.spec.job_id)
+            .and_then(|j| j.task_seconds.get(&t.spec.name).copied())
     }
 
     /// A node to send a CPU-only task to ahead of room: one with fewer tasks of the
