@@ -468,9 +468,12 @@ impl PartitionStream for DatasetPartition {
         // which cancels the execution.
         let stream = thread_stream("volley-sql-scan", Arc::clone(&self.schema), move |tx| {
             for item in dataset.iter_batches()? {
-                // DataFusion's operators count each batch's memory: view columns get
-                // buffers of their own so that the count is the rows'.
-                if !tx.send(volley_common::compact_views(item?)?) {
+                // DataFusion's operators count each batch's memory: view columns that
+                // hold more than twice their rows' strings (a slice of a larger batch)
+                // get buffers of their own, so that the count stays near the rows'.
+                // Compact columns (an exchange's partitions, Flight pieces, decoded
+                // files) pass as they are: copying them cost every string once more.
+                if !tx.send(volley_common::compact_bloated_views(item?)?) {
                     break;
                 }
             }

@@ -23,7 +23,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
-use arrow::compute::{cast, concat_batches, take, SortOptions};
+use arrow::compute::{cast, concat_batches, interleave_record_batch, take, SortOptions};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
@@ -42,8 +42,8 @@ use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_connectors::RemotePart;
 use volley_exec::{
-    compile_expr, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
-    ExchangeWork, InputStreamPartition, InputStreamSource, MemorySource,
+    compile_expr, hash_partitions, random_partitions, shuffle_partition, ExchangeWork,
+    InputStreamPartition, InputStreamSource, MemorySource,
 };
 use volley_runtime::cluster::{EncodedTask, InputStream, RemoteTask, TaskContext};
 
@@ -415,6 +415,12 @@ impl RemoteTask for ExchangeMapTask {
 /// `batches` cut into exactly one batch per partition (maybe empty), row `r` of batch
 /// `b` into partition `routes[b][r]`, in input order: reduce task `p` reads batch `p`.
 /// No batches make no partitions (readers of a batch of them get none).
+///
+/// Each partition is gathered from all of `batches` in one copy (an interleave) and its
+/// view columns' strings in one more: a partition's own buffers, as the object's file
+/// would otherwise hold every row's strings once per partition. Cutting each input
+/// batch apart and concatenating the pieces copied every value twice and the strings
+/// three times.
 pub(crate) fn batches_per_partition(
     batches: &[RecordBatch],
     routes: &[Vec<usize>],
@@ -424,25 +430,17 @@ pub(crate) fn batches_per_partition(
         return Ok(vec![]);
     };
     let schema = first.schema();
-    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
-    for (b, targets) in batches.iter().zip(routes) {
-        let (grouped, counts) = group_by_partition(b, targets, n)?;
-        for (p, part) in parts.iter_mut().enumerate() {
-            if counts[p + 1] > counts[p] {
-                // Buffers of its own: a slice of a view column still points into
-                // every row's strings, and the object's file would hold them all
-                // once per partition.
-                let slice = grouped.slice(counts[p], counts[p + 1] - counts[p]);
-                part.push(volley_common::compact_views(slice)?);
-            }
+    let mut rows: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n];
+    for (b, targets) in routes.iter().enumerate() {
+        for (r, &p) in targets.iter().enumerate() {
+            rows[p].push((b, r));
         }
     }
-    parts
-        .into_iter()
-        .map(|mut part| match part.len() {
+    let inputs: Vec<&RecordBatch> = batches.iter().collect();
+    rows.into_iter()
+        .map(|picks| match picks.len() {
             0 => Ok(RecordBatch::new_empty(Arc::clone(&schema))),
-            1 => Ok(part.pop().expect("one batch")),
-            _ => Ok(concat_batches(&schema, &part)?),
+            _ => volley_common::compact_views(interleave_record_batch(&inputs, &picks)?),
         })
         .collect()
 }
@@ -1267,6 +1265,53 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn map_output_partitions_keep_input_order_and_own_their_strings() {
+        use arrow::array::{AsArray, Int64Array, StringViewArray};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("s", DataType::Utf8View, false),
+        ]));
+        let batch = |ids: std::ops::Range<i64>| {
+            let s: StringViewArray = ids
+                .clone()
+                .map(|i| Some(format!("a string longer than twelve bytes {i}")))
+                .collect();
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from_iter_values(ids)), Arc::new(s)],
+            )
+            .unwrap()
+        };
+        let batches = [batch(0..5), batch(5..9)];
+        let routes = vec![vec![2, 0, 2, 1, 0], vec![0, 2, 2, 0]];
+        let parts = batches_per_partition(&batches, &routes, 4).unwrap();
+        let ids = |b: &RecordBatch| -> Vec<i64> {
+            b.column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec()
+        };
+        assert_eq!(parts.len(), 4);
+        assert_eq!(ids(&parts[0]), [1, 4, 5, 8]);
+        assert_eq!(ids(&parts[1]), [3]);
+        assert_eq!(ids(&parts[2]), [0, 2, 6, 7]);
+        assert_eq!(parts[3].num_rows(), 0);
+        assert_eq!(parts[3].schema(), schema);
+        for part in &parts[..3] {
+            let s = part.column(1).as_string_view();
+            let held: usize = s.data_buffers().iter().map(|b| b.len()).sum();
+            assert_eq!(held, s.total_buffer_bytes_used(), "strings of its own");
+            for (row, id) in ids(part).into_iter().enumerate() {
+                assert_eq!(
+                    s.value(row),
+                    format!("a string longer than twelve bytes {id}")
+                );
+            }
+        }
+        assert!(batches_per_partition(&[], &[], 4).unwrap().is_empty());
     }
 
     #[test]
