@@ -20,6 +20,7 @@ use volley_common::{Result, ResultExt, VolleyError};
 
 use crate::format::FileFormatKind;
 use crate::source::{DataSource, ReadTask, ScanRequest};
+use crate::table::decode_plain_strings;
 
 /// A scan of Parquet, CSV, NDJSON or Arrow IPC files: a file, a folder, a glob or a
 /// list of them, local or in an object store.
@@ -36,6 +37,9 @@ pub struct FileScan {
     total_bytes: u64,
     schema: SchemaRef,
     table: Arc<ListingTable>,
+    /// The table relational operators scan where the files hold view strings: the
+    /// same files, decoded into plain strings.
+    relational: Option<Arc<dyn TableProvider>>,
     split_bytes: u64,
     /// The files listed at creation: scans read these and no others.
     listed: std::collections::HashSet<object_store::path::Path>,
@@ -71,7 +75,8 @@ impl FileScan {
         let files = list_files(state, &urls, paths, "").await?;
         // Compression (of text formats) follows the files' extension.
         let df_format = format.to_datafusion(state, files[0].meta.location.as_ref());
-        let file_schema = infer_schema(state, &df_format, format.is_binary(), &files).await?;
+        let (file_schema, each_file) =
+            infer_schemas(state, &df_format, format.is_binary(), &files).await?;
 
         let mut options = ListingOptions::new(Arc::clone(&df_format)).with_file_extension("");
         let partition_cols = if urls[0].is_collection() {
@@ -102,11 +107,28 @@ impl FileScan {
             }
             fields.push(Field::new(c, DataType::Utf8, true));
         }
+        // Operators that buffer (sort, aggregation, join) read plain strings: see
+        // `plain_strings`. They scan a table of their own, whose Parquet files decode
+        // straight into plain strings (a cast after decoding copies every string once
+        // more).
+        let plain = plain_strings(&file_schema);
+        let relational = if Arc::ptr_eq(&plain, &file_schema) {
+            None
+        } else {
+            let config = ListingTableConfig::new_with_multi_paths(urls.clone())
+                .with_listing_options(options.clone())
+                .with_schema(plain);
+            Some(decode_plain_strings(
+                ListingTable::try_new(config)?,
+                each_file,
+            ))
+        };
         let config = ListingTableConfig::new_with_multi_paths(urls)
             .with_listing_options(options)
             .with_schema(Arc::clone(&file_schema));
         let table = ListingTable::try_new(config)?;
         Ok(Self {
+            relational,
             listed: files.iter().map(|f| f.meta.location.clone()).collect(),
             num_files: files.len(),
             total_bytes: files.iter().map(|f| f.meta.size).sum(),
@@ -262,20 +284,11 @@ pub fn plain_strings(schema: &SchemaRef) -> SchemaRef {
 
 /// Reads the schema of every file, each on its own so that an error names its file, and
 /// merges them the way the format does (CSV widens types across files); where they
-/// cannot be merged, names the column, the two files and their types.
+/// cannot be merged, names the column, the two files and their types. Returns the
+/// merged schema and each file's own, with the file as listed.
 ///
 /// Empty text files hold no rows and no schema and are skipped; an empty file of a
 /// binary format (`binary`: Parquet, Arrow IPC) is corrupt and is reported.
-pub(crate) async fn infer_schema(
-    state: &SessionState,
-    df_format: &Arc<dyn FileFormat>,
-    binary: bool,
-    files: &[ListedFile],
-) -> Result<SchemaRef> {
-    Ok(infer_schemas(state, df_format, binary, files).await?.0)
-}
-
-/// [`infer_schema`], and each file's own schema with the file as listed.
 pub(crate) async fn infer_schemas(
     state: &SessionState,
     df_format: &Arc<dyn FileFormat>,
@@ -410,34 +423,17 @@ impl DataSource for FileScan {
     }
 
     fn logical_plan(&self) -> Option<datafusion::logical_expr::LogicalPlan> {
-        use datafusion::logical_expr::{cast, col, LogicalPlanBuilder};
-        let table: Arc<dyn datafusion::catalog::TableProvider> = Arc::clone(&self.table) as _;
-        let scan = LogicalPlanBuilder::scan(
+        let table = match &self.relational {
+            Some(plain) => Arc::clone(plain),
+            None => Arc::clone(&self.table) as Arc<dyn TableProvider>,
+        };
+        datafusion::logical_expr::LogicalPlanBuilder::scan(
             "files",
             datafusion::datasource::provider_as_source(table),
             None,
         )
-        .ok()?;
-        // Operators that buffer (sort, aggregation, join) get plain strings: see
-        // `plain_strings`.
-        let plain = plain_strings(&self.schema);
-        if Arc::ptr_eq(&plain, &self.schema) {
-            return scan.build().ok();
-        }
-        let exprs = self
-            .schema
-            .fields()
-            .iter()
-            .zip(plain.fields())
-            .map(|(f, p)| {
-                let c = col(datafusion::common::Column::new_unqualified(f.name()));
-                if f.data_type() == p.data_type() {
-                    c
-                } else {
-                    cast(c, p.data_type().clone()).alias(f.name())
-                }
-            });
-        scan.project(exprs).and_then(|b| b.build()).ok()
+        .and_then(|b| b.build())
+        .ok()
     }
 
     async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {

@@ -143,8 +143,18 @@ pub async fn file_table(state: &SessionState, path: &str) -> Result<Arc<dyn Tabl
         .with_listing_options(options)
         .with_schema(plain_strings(&file_schema));
     let table = ListingTable::try_new(config).with_context(|| format!("reading {path}"))?;
+    Ok(decode_plain_strings(table, each_file))
+}
+
+/// `table` (whose schema has plain strings where its files hint view strings, see
+/// [`plain_strings`]), with each Parquet file of `each_file` (as listed, with its own
+/// schema) decoded straight into the table's plain strings.
+pub(crate) fn decode_plain_strings(
+    table: ListingTable,
+    each_file: Vec<(ObjectMeta, SchemaRef)>,
+) -> Arc<dyn TableProvider> {
     if !table.options().format.is::<ParquetFormat>() {
-        return Ok(Arc::new(table));
+        return Arc::new(table);
     }
     let plain: HashMap<Path, (ObjectMeta, SchemaRef)> = each_file
         .into_iter()
@@ -155,12 +165,12 @@ pub async fn file_table(state: &SessionState, path: &str) -> Result<Arc<dyn Tabl
         })
         .collect();
     if plain.is_empty() {
-        return Ok(Arc::new(table));
+        return Arc::new(table);
     }
-    Ok(Arc::new(PlainStringFiles {
+    Arc::new(PlainStringFiles {
         inner: Arc::new(table),
         files: plain,
-    }))
+    })
 }
 
 /// A Parquet table whose files carry an Arrow schema hint of view strings
@@ -346,6 +356,57 @@ mod tests {
                 .as_any()
                 .downcast_ref::<arrow::array::StringArray>()
                 .unwrap();
+            let k = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            for i in 0..b.num_rows() {
+                assert_eq!(s.value(i), format!("value number {}", k.value(i) % 7));
+            }
+            rows += b.num_rows();
+        }
+        assert_eq!(rows, 1500);
+    }
+
+    /// Sorts, aggregations and joins of the Dataset API scan the files through the
+    /// scan's relational plan: its strings come out of the decoder plain, with no cast
+    /// after it, and its streaming reads keep the files' view strings.
+    #[test]
+    fn a_dataset_scans_relational_plan_decodes_plain_strings() {
+        use crate::source::DataSource;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("t")).unwrap();
+        write_views(&dir.path().join("t/a.parquet"), 1000);
+        write_views(&dir.path().join("t/b.parquet"), 500);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let ctx = SessionContext::new();
+        let state = ctx.state();
+        let path = format!("{}/t/", dir.path().display());
+        let scan = rt
+            .block_on(crate::FileScan::try_new(
+                &state,
+                crate::FileFormatKind::Parquet,
+                &[path],
+                64 << 20,
+            ))
+            .unwrap();
+        assert_eq!(scan.schema().field(1).data_type(), &DataType::Utf8View);
+        let logical = scan.logical_plan().expect("a relational plan");
+        assert_eq!(
+            logical.schema().field(1).data_type(),
+            &DataType::Utf8,
+            "{logical}"
+        );
+        let plan = rt.block_on(state.create_physical_plan(&logical)).unwrap();
+        let shown = datafusion::physical_plan::displayable(plan.as_ref())
+            .indent(true)
+            .to_string();
+        assert!(!shown.contains("CAST"), "no cast after decoding: {shown}");
+        let batches = rt.block_on(collect(plan, ctx.task_ctx())).unwrap();
+        let mut rows = 0;
+        for b in &batches {
+            let s = b
+                .column(1)
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .expect("plain strings");
             let k = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
             for i in 0..b.num_rows() {
                 assert_eq!(s.value(i), format!("value number {}", k.value(i) % 7));
