@@ -11,11 +11,12 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
 use datafusion::common::Column;
 use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::functions_aggregate::expr_fn as agg_fn;
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
+use datafusion::logical_expr::{cast, Expr, LogicalPlan, LogicalPlanBuilder};
 use volley_common::{Result, VolleyError};
 use volley_connectors::DataSource;
 
@@ -133,17 +134,42 @@ pub(crate) fn check_keys<S: AsRef<str>>(schema: &SchemaRef, keys: &[S], what: &s
 /// A dataset as the leaf of a DataFusion plan, named `name`: translated into
 /// DataFusion's own plan where it is files or a query under column and row steps (so
 /// that DataFusion scans in parallel, with statistics), or else streamed from volley's
-/// executor ([`DatasetTable`]).
+/// executor ([`DatasetTable`]), its view strings cast to plain ones.
+///
+/// The sort, aggregation or join above buffers its input, and must count it exactly.
+/// View strings cannot be counted exactly there: the sort's sorted chunks (and a
+/// join's gathered rows) each keep every string buffer of the batch they came from,
+/// and each is counted as holding all of them, so a sort of a few hundred MiB of view
+/// strings (an exchange's reduce task over `lineitem`) counted them many times over
+/// and failed for want of memory. Files are read as plain strings for the same reason
+/// (`plain_strings`).
 fn scan(ds: &Dataset, name: &str) -> Result<LogicalPlanBuilder> {
     if let Some(b) = native(ds.logical())? {
         return Ok(b.alias(name)?);
     }
     let table = Arc::new(DatasetTable::try_new(ds.clone())?);
-    Ok(LogicalPlanBuilder::scan(
-        name,
-        provider_as_source(table),
-        None,
-    )?)
+    let schema = table.schema();
+    let plain = volley_connectors::plain_strings(&schema);
+    if Arc::ptr_eq(&plain, &schema) {
+        return Ok(LogicalPlanBuilder::scan(
+            name,
+            provider_as_source(table),
+            None,
+        )?);
+    }
+    let exprs = schema.fields().iter().zip(plain.fields()).map(|(f, p)| {
+        let c = Expr::Column(Column::new_unqualified(f.name()));
+        if f.data_type() == p.data_type() {
+            c
+        } else {
+            cast(c, p.data_type().clone()).alias(f.name())
+        }
+    });
+    Ok(
+        LogicalPlanBuilder::scan("dataset", provider_as_source(table), None)?
+            .project(exprs)?
+            .alias(name)?,
+    )
 }
 
 /// `op` as a DataFusion plan, if every step has a DataFusion equivalent.
