@@ -108,21 +108,24 @@ impl FileScan {
             fields.push(Field::new(c, DataType::Utf8, true));
         }
         // Operators that buffer (sort, aggregation, join) read plain strings: see
-        // `plain_strings`. They scan a table of their own, whose Parquet files decode
-        // straight into plain strings (a cast after decoding copies every string once
-        // more).
+        // `plain_strings`. Over Parquet they scan a table of their own, whose files
+        // decode straight into plain strings (a cast after decoding copies every string
+        // once more).
+        // Only Parquet's decoder makes plain strings of view-hinted files; other formats
+        // are cast after the scan (`logical_plan`).
         let plain = plain_strings(&file_schema);
-        let relational = if Arc::ptr_eq(&plain, &file_schema) {
-            None
-        } else {
-            let config = ListingTableConfig::new_with_multi_paths(urls.clone())
-                .with_listing_options(options.clone())
-                .with_schema(plain);
-            Some(decode_plain_strings(
-                ListingTable::try_new(config)?,
-                each_file,
-            ))
-        };
+        let relational =
+            if Arc::ptr_eq(&plain, &file_schema) || !matches!(format, FileFormatKind::Parquet) {
+                None
+            } else {
+                let config = ListingTableConfig::new_with_multi_paths(urls.clone())
+                    .with_listing_options(options.clone())
+                    .with_schema(plain);
+                Some(decode_plain_strings(
+                    ListingTable::try_new(config)?,
+                    each_file,
+                ))
+            };
         let config = ListingTableConfig::new_with_multi_paths(urls)
             .with_listing_options(options)
             .with_schema(Arc::clone(&file_schema));
@@ -423,17 +426,37 @@ impl DataSource for FileScan {
     }
 
     fn logical_plan(&self) -> Option<datafusion::logical_expr::LogicalPlan> {
-        let table = match &self.relational {
-            Some(plain) => Arc::clone(plain),
-            None => Arc::clone(&self.table) as Arc<dyn TableProvider>,
+        use datafusion::logical_expr::{cast, col, LogicalPlanBuilder};
+        let source = |table: Arc<dyn TableProvider>| {
+            LogicalPlanBuilder::scan(
+                "files",
+                datafusion::datasource::provider_as_source(table),
+                None,
+            )
         };
-        datafusion::logical_expr::LogicalPlanBuilder::scan(
-            "files",
-            datafusion::datasource::provider_as_source(table),
-            None,
-        )
-        .and_then(|b| b.build())
-        .ok()
+        if let Some(plain) = &self.relational {
+            return source(Arc::clone(plain)).and_then(|b| b.build()).ok();
+        }
+        let scan = source(Arc::clone(&self.table) as Arc<dyn TableProvider>).ok()?;
+        let plain = plain_strings(&self.schema);
+        if Arc::ptr_eq(&plain, &self.schema) {
+            return scan.build().ok();
+        }
+        // Files of other formats with view strings: cast after the scan.
+        let exprs = self
+            .schema
+            .fields()
+            .iter()
+            .zip(plain.fields())
+            .map(|(f, p)| {
+                let c = col(datafusion::common::Column::new_unqualified(f.name()));
+                if f.data_type() == p.data_type() {
+                    c
+                } else {
+                    cast(c, p.data_type().clone()).alias(f.name())
+                }
+            });
+        scan.project(exprs).and_then(|b| b.build()).ok()
     }
 
     async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {

@@ -408,9 +408,12 @@ impl LogicalOp {
             | LogicalOp::FilterFn { input, .. }
             | LogicalOp::Limit { input, .. }
             | LogicalOp::Exchange { input, .. }
-            | LogicalOp::Sort { input, .. }
-            | LogicalOp::Write { input, .. }
-            | LogicalOp::Distinct { input } => input.schema(state)?,
+            | LogicalOp::Write { input, .. } => input.schema(state)?,
+            // DataFusion sorts and deduplicates them, over plain strings (see `scan` in
+            // `relational.rs`).
+            LogicalOp::Sort { input, .. } | LogicalOp::Distinct { input } => input
+                .schema(state)?
+                .map(|s| volley_connectors::plain_strings(&s)),
             LogicalOp::Aggregate { schema, .. } | LogicalOp::Join { schema, .. } => {
                 Some(Arc::clone(schema))
             }

@@ -545,7 +545,15 @@ fn a_sort_of_view_strings_counts_each_string_once() {
     let batch =
         RecordBatch::try_from_iter([("k", Arc::new(k) as _), ("s", Arc::new(s) as _)]).unwrap();
     let c = ctx_with(|c| c.set("volley.exec.memory_limit", "64MiB").unwrap());
-    let sorted = c.from_batches(vec![batch]).unwrap().sort(["k"]).unwrap();
+    let views = c.from_batches(vec![batch]).unwrap();
+    let sorted = views.sort(["k"]).unwrap();
+    // The plan says what comes out, so it unions with another sort of the same rows.
+    assert_eq!(
+        sorted.schema().unwrap().field(1).data_type(),
+        &DataType::Utf8
+    );
+    let twice = sorted.union(&[&views.sort(["s"]).unwrap()]).unwrap();
+    assert_eq!(twice.count().unwrap(), 2 * n as u64);
     let mut next = 0i64;
     for b in sorted.iter_batches().unwrap() {
         let b = b.unwrap();

@@ -171,7 +171,14 @@ impl TwoPhase {
             .with_config(config)
             .with_physical_optimizer_rules(vec![])
             .build();
-        let table = MemTable::try_new(schema, vec![batches])?;
+        // Over plain strings, as the aggregation of one process reads them (see `scan`
+        // in `relational.rs`): its output's types are the plan's.
+        let plain = volley_connectors::plain_strings(&schema);
+        let batches = batches
+            .into_iter()
+            .map(plain_batch)
+            .collect::<Result<Vec<_>>>()?;
+        let table = MemTable::try_new(plain, vec![batches])?;
         let plan = LogicalPlanBuilder::scan("input", provider_as_source(Arc::new(table)), None)?
             .aggregate(self.keys.iter().map(|k| crate::col(k.as_str())), aggs)?
             .build()?;
@@ -240,6 +247,21 @@ impl TwoPhase {
             .exec_context()
             .block_on(datafusion::physical_plan::collect(plan, task))?)
     }
+}
+
+/// `batch` with its view string columns cast to plain strings.
+fn plain_batch(batch: RecordBatch) -> Result<RecordBatch> {
+    let plain = volley_connectors::plain_strings(&batch.schema());
+    if Arc::ptr_eq(&plain, &batch.schema()) {
+        return Ok(batch);
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(plain.fields())
+        .map(|(c, f)| Ok(cast(c, f.data_type())?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(plain, columns)?)
 }
 
 /// The first aggregation (from the root down) whose mode passes `mode`.
@@ -1418,7 +1440,28 @@ mod tests {
         let sorted = input
             .sort([SortKey::desc("k"), SortKey::asc("id")])
             .unwrap();
+        // The tasks make the types the plan declares: strings plain (a view `s` in).
+        let types = |batches: &[RecordBatch], ds: &Dataset| {
+            let declared: Vec<DataType> = ds
+                .schema()
+                .unwrap()
+                .fields()
+                .iter()
+                .map(|f| f.data_type().clone())
+                .collect();
+            assert!(declared.contains(&DataType::Utf8), "{declared:?}");
+            for b in batches {
+                let made: Vec<DataType> = b
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.data_type().clone())
+                    .collect();
+                assert_eq!(made, declared);
+            }
+        };
         let got = through_tasks(sorted.logical_plan(), &blocks, 4);
+        types(&got, &sorted);
         assert_eq!(rows(&got), rows(&sorted.collect().unwrap()), "same order");
 
         let grouped = input
@@ -1430,7 +1473,9 @@ mod tests {
                 agg::max("s"),
             ])
             .unwrap();
-        let mut got = rows(&through_tasks(grouped.logical_plan(), &blocks, 4));
+        let got = through_tasks(grouped.logical_plan(), &blocks, 4);
+        types(&got, &grouped);
+        let mut got = rows(&got);
         let mut want = rows(&grouped.collect().unwrap());
         got.sort();
         want.sort();
