@@ -27,7 +27,7 @@ mod table;
 mod text;
 
 pub use format::{CsvReadOptions, FileFormatKind};
-pub use listing::{file_scan_config, plain_strings, FileScan};
+pub use listing::{cast_to_plain_strings, file_scan_config, plain_strings, FileScan};
 pub use named_scan::{name_file_errors, NamedFileScanExec};
 pub use registry::VolleyObjectStoreRegistry;
 pub use sink::{

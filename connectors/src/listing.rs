@@ -12,6 +12,7 @@ use datafusion::datasource::listing::{
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{cast, col, LogicalPlanBuilder};
 use datafusion::optimizer::simplify_expressions::{ExprSimplifier, SimplifyContext};
 use datafusion::physical_plan::ExecutionPlan;
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -285,6 +286,28 @@ pub fn plain_strings(schema: &SchemaRef) -> SchemaRef {
     Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
+/// `plan` (whose output is `schema`) with its view columns cast to the plain types of
+/// [`plain_strings`], keeping their names; `plan` itself where it has none. For
+/// sources that cannot decode plain strings directly.
+pub fn cast_to_plain_strings(
+    plan: LogicalPlanBuilder,
+    schema: &SchemaRef,
+) -> datafusion::common::Result<LogicalPlanBuilder> {
+    let plain = plain_strings(schema);
+    if Arc::ptr_eq(&plain, schema) {
+        return Ok(plan);
+    }
+    let exprs = schema.fields().iter().zip(plain.fields()).map(|(f, p)| {
+        let c = col(datafusion::common::Column::new_unqualified(f.name()));
+        if f.data_type() == p.data_type() {
+            c
+        } else {
+            cast(c, p.data_type().clone()).alias(f.name())
+        }
+    });
+    plan.project(exprs)
+}
+
 /// Reads the schema of every file, each on its own so that an error names its file, and
 /// merges them the way the format does (CSV widens types across files); where they
 /// cannot be merged, names the column, the two files and their types. Returns the
@@ -426,7 +449,7 @@ impl DataSource for FileScan {
     }
 
     fn logical_plan(&self) -> Option<datafusion::logical_expr::LogicalPlan> {
-        use datafusion::logical_expr::{cast, col, LogicalPlanBuilder};
+        use datafusion::logical_expr::LogicalPlanBuilder;
         let source = |table: Arc<dyn TableProvider>| {
             LogicalPlanBuilder::scan(
                 "files",
@@ -437,26 +460,11 @@ impl DataSource for FileScan {
         if let Some(plain) = &self.relational {
             return source(Arc::clone(plain)).and_then(|b| b.build()).ok();
         }
-        let scan = source(Arc::clone(&self.table) as Arc<dyn TableProvider>).ok()?;
-        let plain = plain_strings(&self.schema);
-        if Arc::ptr_eq(&plain, &self.schema) {
-            return scan.build().ok();
-        }
         // Files of other formats with view strings: cast after the scan.
-        let exprs = self
-            .schema
-            .fields()
-            .iter()
-            .zip(plain.fields())
-            .map(|(f, p)| {
-                let c = col(datafusion::common::Column::new_unqualified(f.name()));
-                if f.data_type() == p.data_type() {
-                    c
-                } else {
-                    cast(c, p.data_type().clone()).alias(f.name())
-                }
-            });
-        scan.project(exprs).and_then(|b| b.build()).ok()
+        let scan = source(Arc::clone(&self.table) as Arc<dyn TableProvider>).ok()?;
+        cast_to_plain_strings(scan, &self.schema)
+            .and_then(|b| b.build())
+            .ok()
     }
 
     async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {

@@ -326,16 +326,40 @@ mod tests {
         w.close().unwrap();
     }
 
-    #[test]
-    fn view_strings_are_decoded_as_the_tables_plain_strings() {
+    /// Two files of 1,000 and 500 rows written with view strings; the folder's path.
+    fn view_files() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("t")).unwrap();
         write_views(&dir.path().join("t/a.parquet"), 1000);
         write_views(&dir.path().join("t/b.parquet"), 500);
+        let path = format!("{}/t/", dir.path().display());
+        (dir, path)
+    }
+
+    /// The batches hold the 1,500 rows of `view_files` with plain strings.
+    fn assert_plain_rows(batches: &[RecordBatch]) {
+        let mut rows = 0;
+        for b in batches {
+            let s = b
+                .column(1)
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .expect("plain strings");
+            let k = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            for i in 0..b.num_rows() {
+                assert_eq!(s.value(i), format!("value number {}", k.value(i) % 7));
+            }
+            rows += b.num_rows();
+        }
+        assert_eq!(rows, 1500);
+    }
+
+    #[test]
+    fn view_strings_are_decoded_as_the_tables_plain_strings() {
+        let (_dir, path) = view_files();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let ctx = SessionContext::new();
         let state = ctx.state();
-        let path = format!("{}/t/", dir.path().display());
         let table = rt.block_on(file_table(&state, &path)).unwrap();
         assert_eq!(table.schema().field(1).data_type(), &DataType::Utf8);
         let plan = rt.block_on(table.scan(&state, None, &[], None)).unwrap();
@@ -348,21 +372,7 @@ mod tests {
             assert_eq!(schema.field(1).data_type(), &DataType::Utf8);
         }
         let batches = rt.block_on(collect(plan, ctx.task_ctx())).unwrap();
-        let mut rows = 0;
-        for b in &batches {
-            let s = b.column(1);
-            assert_eq!(s.data_type(), &DataType::Utf8);
-            let s = s
-                .as_any()
-                .downcast_ref::<arrow::array::StringArray>()
-                .unwrap();
-            let k = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
-            for i in 0..b.num_rows() {
-                assert_eq!(s.value(i), format!("value number {}", k.value(i) % 7));
-            }
-            rows += b.num_rows();
-        }
-        assert_eq!(rows, 1500);
+        assert_plain_rows(&batches);
     }
 
     /// Sorts, aggregations and joins of the Dataset API scan the files through the
@@ -371,14 +381,10 @@ mod tests {
     #[test]
     fn a_dataset_scans_relational_plan_decodes_plain_strings() {
         use crate::source::DataSource;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("t")).unwrap();
-        write_views(&dir.path().join("t/a.parquet"), 1000);
-        write_views(&dir.path().join("t/b.parquet"), 500);
+        let (_dir, path) = view_files();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let ctx = SessionContext::new();
         let state = ctx.state();
-        let path = format!("{}/t/", dir.path().display());
         let scan = rt
             .block_on(crate::FileScan::try_new(
                 &state,
@@ -400,19 +406,6 @@ mod tests {
             .to_string();
         assert!(!shown.contains("CAST"), "no cast after decoding: {shown}");
         let batches = rt.block_on(collect(plan, ctx.task_ctx())).unwrap();
-        let mut rows = 0;
-        for b in &batches {
-            let s = b
-                .column(1)
-                .as_any()
-                .downcast_ref::<arrow::array::StringArray>()
-                .expect("plain strings");
-            let k = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
-            for i in 0..b.num_rows() {
-                assert_eq!(s.value(i), format!("value number {}", k.value(i) % 7));
-            }
-            rows += b.num_rows();
-        }
-        assert_eq!(rows, 1500);
+        assert_plain_rows(&batches);
     }
 }

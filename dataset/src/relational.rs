@@ -16,7 +16,7 @@ use datafusion::common::Column;
 use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::functions_aggregate::expr_fn as agg_fn;
-use datafusion::logical_expr::{cast, Expr, LogicalPlan, LogicalPlanBuilder};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use volley_common::{Result, VolleyError};
 use volley_connectors::DataSource;
 
@@ -149,27 +149,8 @@ fn scan(ds: &Dataset, name: &str) -> Result<LogicalPlanBuilder> {
     }
     let table = Arc::new(DatasetTable::try_new(ds.clone())?);
     let schema = table.schema();
-    let plain = volley_connectors::plain_strings(&schema);
-    if Arc::ptr_eq(&plain, &schema) {
-        return Ok(LogicalPlanBuilder::scan(
-            name,
-            provider_as_source(table),
-            None,
-        )?);
-    }
-    let exprs = schema.fields().iter().zip(plain.fields()).map(|(f, p)| {
-        let c = Expr::Column(Column::new_unqualified(f.name()));
-        if f.data_type() == p.data_type() {
-            c
-        } else {
-            cast(c, p.data_type().clone()).alias(f.name())
-        }
-    });
-    Ok(
-        LogicalPlanBuilder::scan("dataset", provider_as_source(table), None)?
-            .project(exprs)?
-            .alias(name)?,
-    )
+    let scan = LogicalPlanBuilder::scan("dataset", provider_as_source(table), None)?;
+    Ok(volley_connectors::cast_to_plain_strings(scan, &schema)?.alias(name)?)
 }
 
 /// `op` as a DataFusion plan, if every step has a DataFusion equivalent.
