@@ -23,13 +23,15 @@
 //! output where they run, each its own part (named by its partition, so that a sort's
 //! files follow its key ranges), and hand on no blocks.
 //!
-//! This process holds references, never rows: the input blocks and the map outputs stay
-//! in the nodes' stores until every reduce task is done, so that a map output lost with
-//! its node is made again from its input (the head re-runs the map task, and re-reads
-//! its input first if that was lost too). The bookkeeping is one reference per input
-//! block and per map task, and one reduce task per partition: O(blocks + partitions),
-//! never one object per (map, partition) pair. Dropping the references (when the last
-//! reduce task is done, or the execution ends) frees the map outputs on the nodes.
+//! This process holds references, never rows. An input block is let go once it is
+//! mapped: its store needs room for the map outputs, not for both. The map outputs stay
+//! in the nodes' stores until every reduce task is done; one lost with its node is made
+//! again by the head from lineage (it re-runs the map task, and the task that made its
+//! block first: the head keeps the lineage of a freed block while its map output
+//! lives). The bookkeeping is one reference per input block and per map task, and one
+//! reduce task per partition: O(blocks + partitions), never one object per (map,
+//! partition) pair. Dropping the references (when the last reduce task is done, or the
+//! execution ends) frees the map outputs on the nodes.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -53,8 +55,8 @@ struct Progress {
     samples: Vec<Option<Vec<RecordBatch>>>,
     /// Per input, per block: its map output and where it is, once made.
     maps: Vec<Vec<Option<(ObjectRef, ObjectMeta)>>>,
-    /// Input blocks per input, held until every reduce task is done (lineage); a
-    /// broadcast join's left block, until its task is done.
+    /// Input blocks per input, held until mapped; a broadcast join's left block,
+    /// until its task is done.
     held: Vec<Vec<Option<ObjectRef>>>,
     maps_done: usize,
     reduces_done: usize,
@@ -287,6 +289,11 @@ impl ClusterExchangeOp {
                             let mut p = progress.lock().expect("exchange lock");
                             p.maps[side][index] = Some((output, meta));
                             p.maps_done += 1;
+                            // Mapped: the block goes (the head keeps its lineage).
+                            if let Some(held) = p.held.get_mut(side).and_then(|h| h.get_mut(index))
+                            {
+                                *held = None;
+                            }
                         }));
                     }),
                 );
@@ -548,8 +555,8 @@ impl ClusterExchangeOp {
                 move |p| {
                     p.reduces_done += 1;
                     if p.reduces_done == partitions {
-                        // Every reduce task has read them: free the map outputs and
-                        // the input blocks on the nodes.
+                        // Every reduce task has read them: free the map outputs on
+                        // the nodes.
                         p.maps.clear();
                         p.held.clear();
                     }

@@ -295,6 +295,12 @@ struct ObjectEntry {
     freed: bool,
     /// Tasks not yet finished that take this object as input.
     users: u32,
+    /// Tasks the head keeps (to run, or to run again should their output be lost) that
+    /// name this object as an input. A freed object such a task may need again keeps
+    /// its lineage (its entry and its producer) once its copies are gone, so that it
+    /// can be made again first: an exchange lets its input blocks go once they are
+    /// mapped, and a lost map output is rebuilt from a re-read block.
+    lineage_users: u32,
 }
 
 impl ObjectEntry {
@@ -321,6 +327,7 @@ impl ObjectEntry {
             inline: None,
             freed: false,
             users: 0,
+            lineage_users: 0,
         }
     }
 }

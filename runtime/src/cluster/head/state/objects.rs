@@ -240,7 +240,9 @@ impl State {
         }
     }
 
-    /// Deletes a freed object once no unfinished task needs it.
+    /// Deletes a freed object once no unfinished task needs it. An object a kept task
+    /// may need again (`lineage_users`) loses only its copies when its task can make it
+    /// again, and is kept whole when it cannot (a driver's own object).
     pub(super) fn try_delete(&mut self, id: &str) {
         let Some(o) = self.objects.get(id) else {
             return;
@@ -256,25 +258,59 @@ impl State {
                 return;
             }
         }
+        if o.lineage_users > 0 {
+            if o.producer.is_some() {
+                self.drop_copies(id);
+            }
+            return;
+        }
+        self.drop_copies(id);
         let o = self.objects.remove(id).expect("checked above");
-        self.inline_bytes -= o.inline.as_ref().map_or(0, |b| b.len() as u64);
-        for n in &o.locations {
-            if let Some(node) = self.nodes.get_mut(n) {
+        let Some(p) = o.producer else {
+            return;
+        };
+        // Its task goes, and with it the lineage it kept of its own inputs.
+        let Some(task) = self.tasks.remove(&p) else {
+            return;
+        };
+        for a in &task.spec.args {
+            let Some(input) = self.objects.get_mut(a) else {
+                continue;
+            };
+            input.lineage_users = input.lineage_users.saturating_sub(1);
+            if input.freed && input.lineage_users == 0 {
+                self.try_delete(a);
+            }
+        }
+    }
+
+    /// Deletes the copies of object `id` (and its inline bytes) on every node.
+    fn drop_copies(&mut self, id: &str) {
+        let Some(o) = self.objects.get_mut(id) else {
+            return;
+        };
+        self.inline_bytes -= o.inline.take().map_or(0, |b| b.len() as u64);
+        for n in std::mem::take(&mut o.locations) {
+            if let Some(node) = self.nodes.get_mut(&n) {
                 node.stored = node.stored.saturating_sub(o.bytes);
                 node.send(NodeCommand::FreeObjects(vec![id.to_string()]));
             }
         }
-        if let Some(p) = o.producer {
-            self.tasks.remove(&p);
-        }
     }
 
+    /// Object `object`'s last copy was lost with node `node`: its task runs again.
     pub(super) fn reconstruct(&mut self, object: &str, node: &str) {
+        self.make_again(object, &format!("was lost with node {node}"));
+    }
+
+    /// Runs the task that made `object` again (`why`: what became of its copies), and
+    /// first those of its inputs that are gone too.
+    fn make_again(&mut self, object: &str, why: &str) {
         let producer = self.objects.get(object).and_then(|o| o.producer.clone());
         let Some(p) = producer else {
             if let Some(o) = self.objects.get_mut(object) {
                 o.error = Some(execution_report(format!(
-                    "object {object} was lost with node {node} and has no task to rebuild it"
+                    "object {object} {why} and has no task to rebuild it"
                 )));
             }
             return;
@@ -303,7 +339,21 @@ impl State {
             j.status.task_retries += 1;
         }
         self.hold_args(&args);
-        info!("object {object} was lost with node {node}: re-running task {p}");
-        self.enqueue(p, true);
+        info!("object {object} {why}: re-running task {p}");
+        self.enqueue(p.clone(), true);
+        // Inputs let go since (only their lineage kept) are made again first.
+        let gone: Vec<String> = args
+            .iter()
+            .flat_map(|a| self.arg_objects(a))
+            .filter(|a| {
+                self.objects
+                    .get(*a)
+                    .is_some_and(|o| o.error.is_none() && !self.object_ready(o))
+            })
+            .cloned()
+            .collect();
+        for a in gone {
+            self.make_again(&a, &format!("was let go and task {p} reads it"));
+        }
     }
 }

@@ -651,6 +651,11 @@ impl State {
             return Err(VolleyError::plan(format!("no placement group {}", b.group)));
         }
         self.hold_args(&spec.args);
+        for a in &spec.args {
+            if let Some(o) = self.objects.get_mut(a) {
+                o.lineage_users += 1;
+            }
+        }
         self.objects.insert(
             spec.task_id.clone(),
             ObjectEntry::new(&spec.job_id, Some(spec.task_id.clone()), vec![], 0, 0),

@@ -741,3 +741,56 @@ fn a_task_waits_a_while_for_the_node_holding_its_big_input() {
     );
     assert_eq!(TaskEntry::locality_wait(100 << 30), LOCALITY_WAIT);
 }
+
+#[test]
+fn an_input_let_go_once_mapped_keeps_its_lineage_until_its_reader_goes() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let (n1, mut rx1) = join(&mut s, 1.0, "a");
+    // b0 (a read task) makes a block; m0 (a map task) reads it.
+    s.submit(task("b0", &[])).unwrap();
+    s.schedule();
+    assert!(s.task_reported(report(&n1, "b0", 0, 10, "")));
+    s.submit(task("m0", &["b0"])).unwrap();
+    s.schedule();
+    assert!(s.task_reported(report(&n1, "m0", 0, 10, "")));
+    assert_eq!(sent(&mut rx1), ["run b0", "run m0"]);
+    // The driver lets the block go once it is mapped: its copy goes, its lineage stays.
+    s.free(&["b0".to_string()]);
+    assert_eq!(sent(&mut rx1), ["free b0"]);
+    assert!(s.objects["b0"].locations.is_empty());
+    assert_eq!(s.tasks["b0"].state, TaskState::Done);
+    assert_eq!(s.nodes[&n1].stored, 10, "only m0's bytes are counted");
+    // m0's output is lost with its node: the block is read again first, then mapped.
+    let (n2, mut rx2) = join(&mut s, 1.0, "b");
+    s.node_died(&n1);
+    assert_eq!(s.tasks["m0"].state, TaskState::Pending);
+    assert_eq!(s.tasks["b0"].state, TaskState::Pending);
+    s.schedule();
+    assert_eq!(sent(&mut rx2), ["run b0"]);
+    assert!(s.task_reported(report(&n2, "b0", 1, 10, "")));
+    s.schedule();
+    assert_eq!(sent(&mut rx2), ["run m0"]);
+    assert!(s.task_reported(report(&n2, "m0", 1, 10, "")));
+    // The block, read only by m0, went again once m0 was done.
+    assert_eq!(sent(&mut rx2), ["free b0"]);
+    assert!(s.objects["m0"].locations == [n2.clone()]);
+    // The map output freed: the task goes, and the block's lineage with it.
+    s.free(&["m0".to_string()]);
+    assert_eq!(sent(&mut rx2), ["free m0"]);
+    assert!(s.objects.is_empty() && s.tasks.is_empty());
+    assert_eq!(s.nodes[&n2].stored, 0);
+
+    // A driver's own object cannot be made again: freed while a kept task reads it,
+    // it is kept whole.
+    s.put_object("j", "p0", "b", 5, 1).unwrap();
+    s.submit(task("m1", &["p0"])).unwrap();
+    s.schedule();
+    assert!(s.task_reported(report(&n2, "m1", 0, 10, "")));
+    s.free(&["p0".to_string()]);
+    assert_eq!(s.objects["p0"].locations, [n2.clone()]);
+    s.free(&["m1".to_string()]);
+    assert!(s.objects.is_empty(), "both go with their last reader");
+    let freed = sent(&mut rx2);
+    assert!(freed.contains(&"free p0".to_string()), "{freed:?}");
+}
