@@ -245,8 +245,9 @@ pub trait ExchangeWork: Send + Sync + fmt::Debug {
 /// An all-to-all operation on a cluster: map tasks partition each input block where it
 /// is, reduce tasks read their partition of every map output and combine it (sort,
 /// aggregate, join, shuffle). This process holds references only: to the input blocks
-/// and map outputs (until every reduce task is done: a map output lost with its node
-/// is made again from its input) and to the output blocks, in partition order.
+/// until they are mapped, to the map outputs until every reduce task is done (one lost
+/// with its node is made again from lineage), and to the output blocks, in partition
+/// order.
 #[derive(Debug)]
 pub struct ClusterExchangeExec {
     /// The inputs (two for a join).

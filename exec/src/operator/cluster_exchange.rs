@@ -26,12 +26,14 @@
 //! This process holds references, never rows. An input block is let go once it is
 //! mapped: its store needs room for the map outputs, not for both. The map outputs stay
 //! in the nodes' stores until every reduce task is done; one lost with its node is made
-//! again by the head from lineage (it re-runs the map task, and the task that made its
-//! block first: the head keeps the lineage of a freed block while its map output
-//! lives). The bookkeeping is one reference per input block and per map task, and one
-//! reduce task per partition: O(blocks + partitions), never one object per (map,
-//! partition) pair. Dropping the references (when the last reduce task is done, or the
-//! execution ends) frees the map outputs on the nodes.
+//! again by the head from lineage: it re-runs the map task, and first the task that
+//! made its block (the head keeps a freed block's lineage while its map output lives,
+//! and keeps the block itself where no task can make it again: a driver's own block,
+//! an actor's output). The bookkeeping is one reference per input block and per map
+//! task, and one reduce task per partition: O(blocks + partitions), never one object
+//! per (map, partition) pair. Once every reduce task is submitted, this process drops
+//! its references to the map outputs: the head holds them for the reduce tasks that
+//! read them and frees them on the nodes when the last is done.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -59,7 +61,6 @@ struct Progress {
     /// until its task is done.
     held: Vec<Vec<Option<ObjectRef>>>,
     maps_done: usize,
-    reduces_done: usize,
 }
 
 /// A join's right side, sent whole to one task per left block.
@@ -74,10 +75,10 @@ struct Broadcast {
 /// What the reduce tasks read: every map output (input 0's, then input 1's), how many
 /// of each input, and their bytes in all.
 struct ReduceInputs {
-    /// Held: a map output lost with its node is made again while the exchange runs.
-    _maps: Vec<ObjectRef>,
     /// The map outputs named once at the head: each reduce task passes the group, not
-    /// every map output.
+    /// every map output. The group holds them (a map output lost with its node is
+    /// made again) until it is dropped, once every reduce task is submitted, and then
+    /// the head holds them for the reduce tasks still to finish.
     group: ObjectGroup,
     sides: Vec<usize>,
     bytes: u64,
@@ -183,9 +184,8 @@ impl ClusterExchangeOp {
             while !self.input_done[side] {
                 let (object, meta) = match self.inputs[side].try_pop_block() {
                     // The block's charge on the object-store budget ends here: it rests
-                    // in its node's store (which spills it) until the reduce tasks
-                    // are done, and holding it back must not stop the stages feeding
-                    // this one.
+                    // in its node's store (which spills it) until it is mapped, and
+                    // holding it back must not stop the stages feeding this one.
                     Ok(PoppedBlock::Block(Block::Remote(r))) => (r.object.clone(), r.meta.clone()),
                     Ok(PoppedBlock::Block(Block::Local(b))) => match cx.put_block(b) {
                         Ok(r) => (r.object.clone(), r.meta.clone()),
@@ -497,25 +497,35 @@ impl ClusterExchangeOp {
     /// Submits the reduce tasks that may start now.
     fn reduce(&mut self, cx: &StepContext<'_>) {
         let partitions = self.work.partitions();
-        // Gathered once, when the last map task is done.
+        if self.next_reduce >= partitions {
+            return;
+        }
+        // Gathered once, when the last map task is done: the map outputs' references
+        // move here.
         if self.reduce_inputs.is_none() {
-            let p = self.progress.lock().expect("exchange lock");
-            let done = p.maps.iter().flatten().flatten();
-            let maps: Vec<ObjectRef> = done.clone().map(|(o, _)| o.clone()).collect();
-            let group = match self.cluster.object_group(&maps.iter().collect::<Vec<_>>()) {
+            let mut p = self.progress.lock().expect("exchange lock");
+            let sides = p.maps.iter().map(Vec::len).collect();
+            let done: Vec<(ObjectRef, ObjectMeta)> = std::mem::take(&mut p.maps)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .collect();
+            drop(p);
+            let group = match self
+                .cluster
+                .object_group(&done.iter().map(|(o, _)| o).collect::<Vec<_>>())
+            {
                 Ok(g) => g,
                 Err(e) => {
-                    drop(p);
                     cx.fail(e.context(format!("naming the map outputs of {}", cx.name)));
                     self.next_reduce = partitions;
                     return;
                 }
             };
             self.reduce_inputs = Some(ReduceInputs {
-                bytes: done.map(|(_, m)| m.bytes).sum(),
-                _maps: maps,
+                bytes: done.iter().map(|(_, m)| m.bytes).sum(),
                 group,
-                sides: p.maps.iter().map(Vec::len).collect(),
+                sides,
             });
         }
         let inputs = self.reduce_inputs.as_ref().expect("gathered above");
@@ -552,16 +562,13 @@ impl ClusterExchangeOp {
                     .name(bundle_task_name(&format!("{} (reduce)", cx.name), p as u64)),
                 &self.progress,
                 self.write.as_ref(),
-                move |p| {
-                    p.reduces_done += 1;
-                    if p.reduces_done == partitions {
-                        // Every reduce task has read them: free the map outputs on
-                        // the nodes.
-                        p.maps.clear();
-                        p.held.clear();
-                    }
-                },
+                |_| {},
             );
+        }
+        if self.next_reduce >= partitions {
+            // Every reduce task is submitted: the head holds the map outputs for
+            // them (the group's readers) and frees them when the last is done.
+            self.reduce_inputs = None;
         }
     }
 }

@@ -225,9 +225,11 @@ impl State {
             .map(|(t, _)| t.clone())
             .collect();
         for t in &tasks {
+            // Failing one may delete others (an output no one wants takes its
+            // task, and the lineage it kept, with it).
             if matches!(
-                self.tasks[t].state,
-                TaskState::Pending | TaskState::Running { .. }
+                self.tasks.get(t).map(|t| &t.state),
+                Some(TaskState::Pending | TaskState::Running { .. })
             ) {
                 self.fail_task(t, cancelled_report(&format!("job {id} ended")));
             }

@@ -296,18 +296,25 @@ struct ObjectEntry {
     /// Tasks not yet finished that take this object as input.
     users: u32,
     /// Tasks the head keeps (to run, or to run again should their output be lost) that
-    /// name this object as an input. A freed object such a task may need again keeps
-    /// its lineage (its entry and its producer) once its copies are gone, so that it
-    /// can be made again first: an exchange lets its input blocks go once they are
-    /// mapped, and a lost map output is rebuilt from a re-read block.
+    /// name this object as an input directly (not through a group). A freed object
+    /// such a task may need again keeps its lineage (its entry and its producer) once
+    /// its copies are gone, so that it can be made again first: an exchange lets its
+    /// input blocks go once they are mapped, and a lost map output is rebuilt from a
+    /// re-read block. One that cannot be made again (a driver's own object, an actor
+    /// call's output) is kept whole instead.
     lineage_users: u32,
+    /// Freed, its copies gone, only its lineage kept. Its own task's inputs keep no
+    /// lineage for it (they were let go then): lineage is one task deep, so the head
+    /// holds at most one lost generation per live object.
+    lineage_only: bool,
 }
 
 impl ObjectEntry {
-    /// Whether anyone still wants it: its driver (not freed) or a task or group that
-    /// reads it.
+    /// Whether anyone still wants its copies: its driver (not freed), a task or group
+    /// that reads it, or a kept task that may read it again when it cannot be made
+    /// again itself.
     fn wanted(&self) -> bool {
-        !self.freed || self.users > 0
+        !self.freed || self.users > 0 || (self.lineage_users > 0 && !self.lineage_only)
     }
 
     fn new(
@@ -328,6 +335,7 @@ impl ObjectEntry {
             freed: false,
             users: 0,
             lineage_users: 0,
+            lineage_only: false,
         }
     }
 }

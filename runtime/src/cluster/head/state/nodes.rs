@@ -209,7 +209,9 @@ impl State {
         }
         let alive = self.nodes.get(node).is_some_and(|n| n.alive);
         match self.objects.get_mut(object) {
-            Some(o) if alive && !o.freed && !o.locations.iter().any(|l| l == node) => {
+            // Made again there meanwhile: that copy stays.
+            Some(o) if o.locations.iter().any(|l| l == node) => {}
+            Some(o) if alive && o.wanted() => {
                 o.locations.push(node.to_string());
                 if let Some(n) = self.nodes.get_mut(node) {
                     n.stored += bytes;

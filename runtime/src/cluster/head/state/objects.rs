@@ -28,7 +28,7 @@ impl State {
 
     /// What a waiting driver learns of object `id`.
     pub fn object_status(&self, id: &str) -> ObjectStatus {
-        match self.objects.get(id) {
+        match self.objects.get(id).filter(|o| !o.lineage_only) {
             None => ObjectStatus {
                 object_id: id.to_string(),
                 ready: false,
@@ -62,7 +62,7 @@ impl State {
     pub fn object_settled(&self, id: &str) -> bool {
         self.objects
             .get(id)
-            .is_none_or(|o| o.error.is_some() || self.object_ready(o))
+            .is_none_or(|o| o.lineage_only || o.error.is_some() || self.object_ready(o))
     }
 
     /// Records an object a driver put into the store at `address` itself.
@@ -240,9 +240,9 @@ impl State {
         }
     }
 
-    /// Deletes a freed object once no unfinished task needs it. An object a kept task
-    /// may need again (`lineage_users`) loses only its copies when its task can make it
-    /// again, and is kept whole when it cannot (a driver's own object).
+    /// Deletes a freed object once no unfinished task needs it. One a kept task may
+    /// read again (`lineage_users`) loses only its copies when its task can make it
+    /// again, and is kept whole when it cannot.
     pub(super) fn try_delete(&mut self, id: &str) {
         let Some(o) = self.objects.get(id) else {
             return;
@@ -259,21 +259,50 @@ impl State {
             }
         }
         if o.lineage_users > 0 {
-            if o.producer.is_some() {
-                self.drop_copies(id);
+            if !self.can_make_again(o) {
+                return;
+            }
+            let released = o.lineage_only;
+            self.drop_copies(id);
+            let o = self.objects.get_mut(id).expect("looked up above");
+            o.lineage_only = true;
+            if !released {
+                let args = o.producer.as_ref().and_then(|p| self.tasks.get(p));
+                let args = args.map(|t| t.spec.args.clone()).unwrap_or_default();
+                self.release_lineage(&args);
             }
             return;
         }
         self.drop_copies(id);
         let o = self.objects.remove(id).expect("checked above");
-        let Some(p) = o.producer else {
+        let Some(task) = o.producer.and_then(|p| self.tasks.remove(&p)) else {
             return;
         };
-        // Its task goes, and with it the lineage it kept of its own inputs.
-        let Some(task) = self.tasks.remove(&p) else {
-            return;
-        };
-        for a in &task.spec.args {
+        if !o.lineage_only {
+            self.release_lineage(&task.spec.args);
+        }
+    }
+
+    /// Whether the task that made `o` can run again: a task (not an actor's call,
+    /// whose actor may be gone or changed) whose placement group, if any, is still
+    /// there.
+    fn can_make_again(&self, o: &ObjectEntry) -> bool {
+        o.producer
+            .as_ref()
+            .and_then(|p| self.tasks.get(p))
+            .is_some_and(|t| {
+                t.spec.actor.is_none()
+                    && t.spec
+                        .bundle
+                        .as_ref()
+                        .is_none_or(|b| self.groups.contains_key(&b.group))
+            })
+    }
+
+    /// A kept task that named `args` is gone (or its output keeps only its lineage):
+    /// they are no longer kept for it.
+    fn release_lineage(&mut self, args: &[String]) {
+        for a in args {
             let Some(input) = self.objects.get_mut(a) else {
                 continue;
             };
@@ -305,7 +334,7 @@ impl State {
 
     /// Runs the task that made `object` again (`why`: what became of its copies), and
     /// first those of its inputs that are gone too.
-    fn make_again(&mut self, object: &str, why: &str) {
+    pub(super) fn make_again(&mut self, object: &str, why: &str) {
         let producer = self.objects.get(object).and_then(|o| o.producer.clone());
         let Some(p) = producer else {
             if let Some(o) = self.objects.get_mut(object) {

@@ -200,6 +200,11 @@ impl State {
                 Some(o) => {
                     let addresses = self.object_addresses(a);
                     if addresses.is_empty() {
+                        // Let go with only its lineage kept (named by a task submitted
+                        // since): made again, as for a lost copy.
+                        if o.lineage_only {
+                            self.make_again(a, &format!("was let go and task {id} reads it"));
+                        }
                         return false;
                     }
                     args.push(ObjectLocation {

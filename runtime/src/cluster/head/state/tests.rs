@@ -794,3 +794,64 @@ fn an_input_let_go_once_mapped_keeps_its_lineage_until_its_reader_goes() {
     let freed = sent(&mut rx2);
     assert!(freed.contains(&"free p0".to_string()), "{freed:?}");
 }
+
+#[test]
+fn lineage_is_kept_one_task_deep_and_a_task_naming_a_let_go_input_makes_it_again() {
+    let (mut s, mut rx) = one_node(1.0);
+    let run = |s: &mut State, id: &str, args: &[&str]| {
+        s.submit(task(id, args)).unwrap();
+        s.schedule();
+        assert!(s.task_reported(report("n1", id, 0, 10, "")));
+    };
+    // r0 ─▶ b0 ─▶ m0: each freed once its reader is done.
+    run(&mut s, "r0", &[]);
+    run(&mut s, "b0", &["r0"]);
+    s.free(&["r0".to_string()]);
+    assert!(s.objects["r0"].lineage_only, "b0's task may read r0 again");
+    run(&mut s, "m0", &["b0"]);
+    s.free(&["b0".to_string()]);
+    // b0 keeps its lineage for m0; r0's is let go with it (one task deep).
+    assert!(s.objects["b0"].lineage_only);
+    assert!(!s.objects.contains_key("r0") && !s.tasks.contains_key("r0"));
+    assert_eq!(
+        sent(&mut rx),
+        ["run r0", "run b0", "free r0", "run m0", "free b0"]
+    );
+    // A task naming b0 makes it again first; its own input is gone for good, so that
+    // fails, naming it, and the task with it (it does not wait forever).
+    s.submit(task("x", &["b0"])).unwrap();
+    s.schedule();
+    s.schedule();
+    assert_eq!(s.tasks["x"].state, TaskState::Failed);
+    let e = s.objects["x"].error.as_ref().unwrap();
+    let e = format!("{e:?}");
+    assert!(e.contains("input object r0 was freed"), "{e}");
+    sent(&mut rx);
+
+    // c0 ─▶ n0, c0 let go: a task submitted later that names it reads it again.
+    run(&mut s, "c0", &[]);
+    run(&mut s, "n0", &["c0"]);
+    s.free(&["c0".to_string()]);
+    assert_eq!(sent(&mut rx), ["run c0", "run n0", "free c0"]);
+    assert_eq!(
+        s.object_status("c0").location,
+        None,
+        "let go: unknown to drivers"
+    );
+    s.submit(task("y", &["c0"])).unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run c0"]);
+    assert!(s.task_reported(report("n1", "c0", 1, 10, "")));
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run y"]);
+    // The job ends with y running and everything else freed: its end takes the
+    // tasks that y's failure lets go with it.
+    s.free(&[
+        "n0".to_string(),
+        "y".to_string(),
+        "b0".to_string(),
+        "m0".to_string(),
+    ]);
+    s.finish_job("j", JobState::Failed, 1, "stopped");
+    assert!(s.tasks.is_empty() && s.objects.is_empty());
+}
