@@ -575,7 +575,8 @@ impl State {
                 .values()
                 .filter(|j| j.status.state == JobState::Running)
                 .count() as u32,
-            objects: self.objects.len() as u32,
+            // Entries kept only for their lineage hold no object.
+            objects: self.objects.values().filter(|o| !o.lineage_only).count() as u32,
         }
     }
 }
