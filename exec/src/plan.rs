@@ -245,9 +245,9 @@ pub trait ExchangeWork: Send + Sync + fmt::Debug {
 /// An all-to-all operation on a cluster: map tasks partition each input block where it
 /// is, reduce tasks read their partition of every map output and combine it (sort,
 /// aggregate, join, shuffle). This process holds references only: to the input blocks
-/// until they are mapped, to the map outputs until every reduce task is done (one lost
-/// with its node is made again from lineage), and to the output blocks, in partition
-/// order.
+/// until they are mapped, to the map outputs until every reduce task is submitted (the
+/// head then holds them for the unfinished ones; one lost with its node is made again
+/// from lineage), and to the output blocks, in partition order.
 #[derive(Debug)]
 pub struct ClusterExchangeExec {
     /// The inputs (two for a join).

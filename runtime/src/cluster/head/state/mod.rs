@@ -300,12 +300,13 @@ struct ObjectEntry {
     /// such a task may need again keeps its lineage (its entry and its producer) once
     /// its copies are gone, so that it can be made again first: an exchange lets its
     /// input blocks go once they are mapped, and a lost map output is rebuilt from a
-    /// re-read block. One that cannot be made again (a driver's own object, an actor
-    /// call's output) is kept whole instead.
+    /// re-read block. One whose task cannot run again as it did (a driver's own
+    /// object, an actor call's output, one made from inputs freed too) is kept whole
+    /// instead.
     lineage_users: u32,
-    /// Freed, its copies gone, only its lineage kept. Its own task's inputs keep no
-    /// lineage for it (they were let go then): lineage is one task deep, so the head
-    /// holds at most one lost generation per live object.
+    /// Freed, its copies gone, only its lineage kept. Its task's inputs (all held by
+    /// their driver then) keep no lineage for it: lineage is one task deep, so the
+    /// head holds at most one lost generation per live object.
     lineage_only: bool,
 }
 

@@ -283,20 +283,27 @@ impl State {
         }
     }
 
-    /// Whether the task that made `o` can run again: a task (not an actor's call,
-    /// whose actor may be gone or changed) whose placement group, if any, is still
-    /// there.
+    /// Whether the task that made `o` can run again once `o` is let go: a task (not an
+    /// actor's call, whose actor may be gone or changed) whose placement group, if
+    /// any, is still there, and whose own inputs its driver still holds (lineage is
+    /// one task deep: an input freed too may be gone by then). A block made from a
+    /// freed input (a map stage's output, a reduce output of an earlier exchange) is
+    /// kept whole instead.
     fn can_make_again(&self, o: &ObjectEntry) -> bool {
-        o.producer
-            .as_ref()
-            .and_then(|p| self.tasks.get(p))
-            .is_some_and(|t| {
-                t.spec.actor.is_none()
-                    && t.spec
-                        .bundle
-                        .as_ref()
-                        .is_none_or(|b| self.groups.contains_key(&b.group))
-            })
+        let Some(task) = o.producer.as_ref().and_then(|p| self.tasks.get(p)) else {
+            return false;
+        };
+        let held = |a: &String| match self.object_groups.get(a) {
+            Some(g) => !g.freed,
+            None => self.objects.get(a).is_some_and(|i| !i.freed),
+        };
+        task.spec.actor.is_none()
+            && task
+                .spec
+                .bundle
+                .as_ref()
+                .is_none_or(|b| self.groups.contains_key(&b.group))
+            && task.spec.args.iter().all(held)
     }
 
     /// A kept task that named `args` is gone (or its output keeps only its lineage):
@@ -344,12 +351,25 @@ impl State {
             }
             return;
         };
-        let Some(task) = self.tasks.get_mut(&p) else {
+        let Some(task) = self.tasks.get(&p) else {
             return;
         };
         if task.state != TaskState::Done {
             return;
         }
+        if let Some(b) = task.spec.bundle.as_ref() {
+            if !self.groups.contains_key(&b.group) {
+                let e = format!(
+                    "object {object} {why} and its placement group {} was removed",
+                    b.group
+                );
+                if let Some(o) = self.objects.get_mut(object) {
+                    o.error = Some(execution_report(e));
+                }
+                return;
+            }
+        }
+        let task = self.tasks.get_mut(&p).expect("looked up above");
         if task.reconstructions >= 10 {
             if let Some(o) = self.objects.get_mut(object) {
                 o.error = Some(execution_report(format!(

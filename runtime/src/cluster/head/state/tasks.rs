@@ -168,6 +168,7 @@ impl State {
         // Inputs: all present, or one failed for good. A group stands for each of its
         // objects, with the same batch.
         let mut args = Vec::new();
+        let mut missing = false;
         let inputs: Vec<(String, Option<u32>)> = task
             .spec
             .args
@@ -201,11 +202,13 @@ impl State {
                     let addresses = self.object_addresses(a);
                     if addresses.is_empty() {
                         // Let go with only its lineage kept (named by a task submitted
-                        // since): made again, as for a lost copy.
+                        // since): made again, as for a lost copy; every such input at
+                        // once.
                         if o.lineage_only {
                             self.make_again(a, &format!("was let go and task {id} reads it"));
                         }
-                        return false;
+                        missing = true;
+                        continue;
                     }
                     args.push(ObjectLocation {
                         object_id: a.clone(),
@@ -217,6 +220,9 @@ impl State {
                     });
                 }
             }
+        }
+        if missing {
+            return false;
         }
         let task = self.tasks.get_mut(id).expect("looked up above");
         task.ready_since.get_or_insert_with(Instant::now);

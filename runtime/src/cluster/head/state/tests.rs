@@ -810,22 +810,32 @@ fn lineage_is_kept_one_task_deep_and_a_task_naming_a_let_go_input_makes_it_again
     assert!(s.objects["r0"].lineage_only, "b0's task may read r0 again");
     run(&mut s, "m0", &["b0"]);
     s.free(&["b0".to_string()]);
-    // b0 keeps its lineage for m0; r0's is let go with it (one task deep).
-    assert!(s.objects["b0"].lineage_only);
-    assert!(!s.objects.contains_key("r0") && !s.tasks.contains_key("r0"));
-    assert_eq!(
-        sent(&mut rx),
-        ["run r0", "run b0", "free r0", "run m0", "free b0"]
-    );
-    // A task naming b0 makes it again first; its own input is gone for good, so that
-    // fails, naming it, and the task with it (it does not wait forever).
-    s.submit(task("x", &["b0"])).unwrap();
+    // b0's task read a freed input: b0 is kept whole for m0, not made again.
+    assert!(!s.objects["b0"].lineage_only);
+    assert_eq!(s.objects["b0"].locations, ["n1".to_string()]);
+    assert_eq!(sent(&mut rx), ["run r0", "run b0", "free r0", "run m0"]);
+    // m0 goes: b0 and, with it, r0's lineage.
+    s.free(&["m0".to_string()]);
+    assert!(s.objects.is_empty() && s.tasks.is_empty());
+    assert_eq!(sent(&mut rx), ["free m0", "free b0"]);
+
+    // r1 ─▶ b1 ─▶ m1 with r1 held: b1 keeps only its lineage, one task deep. Freed
+    // later, r1 goes for good; a task naming b1 makes it again first, which fails
+    // naming r1, and the task with it (it does not wait forever).
+    run(&mut s, "r1", &[]);
+    run(&mut s, "b1", &["r1"]);
+    run(&mut s, "m1", &["b1"]);
+    s.free(&["b1".to_string()]);
+    assert!(s.objects["b1"].lineage_only);
+    s.free(&["r1".to_string()]);
+    assert!(!s.objects.contains_key("r1"));
+    s.submit(task("x", &["b1"])).unwrap();
     s.schedule();
     s.schedule();
     assert_eq!(s.tasks["x"].state, TaskState::Failed);
     let e = s.objects["x"].error.as_ref().unwrap();
     let e = format!("{e:?}");
-    assert!(e.contains("input object r0 was freed"), "{e}");
+    assert!(e.contains("input object r1 was freed"), "{e}");
     sent(&mut rx);
 
     // c0 ─▶ n0, c0 let go: a task submitted later that names it reads it again.
