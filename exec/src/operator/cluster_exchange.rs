@@ -29,9 +29,9 @@
 //! again by the head from lineage: it re-runs the map task, and first the task that
 //! made its block (the head keeps a freed block's lineage while its map output lives,
 //! and keeps the block itself where its task cannot run again as it did: a driver's
-//! own block, an actor's output, a block made from inputs freed too). The bookkeeping is one reference per input block and per map
-//! task, and one reduce task per partition: O(blocks + partitions), never one object
-//! per (map, partition) pair. Once every reduce task is submitted, this process drops
+//! own block, an actor's output, a block made from inputs freed too). The bookkeeping
+//! is one reference per input block and per map task, and one reduce task per
+//! partition: O(blocks + partitions), never one object per (map, partition) pair. Once every reduce task is submitted, this process drops
 //! its references to the map outputs: the head holds them for the reduce tasks that
 //! read them and frees them on the nodes when the last is done.
 
