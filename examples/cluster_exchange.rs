@@ -368,6 +368,15 @@ fn main() -> volley::Result<()> {
             .1;
         println!("{}", part.explain()?);
     }
+    if chosen("groupby") {
+        // The group-by's input stage partitions its rows as it reads them.
+        let groupby = &on_cluster
+            .iter()
+            .find(|(name, _, _)| *name == "groupby")
+            .ok_or_else(|| VolleyError::internal("no groupby"))?
+            .1;
+        println!("{}", groupby.explain()?);
+    }
     if !chosen("sort") {
         return Ok(());
     }

@@ -1285,6 +1285,11 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         "the steps after the sort run in its reduce tasks:\n{logs}"
     );
     assert!(
+        logs.contains("Aggregate: an exchange on the cluster's nodes, 12 partitions (the tasks below partition each block as they make it")
+            && logs.contains("then, in its tasks: the map of the Aggregate above"),
+        "the group-by's read tasks run its map:\n{logs}"
+    );
+    assert!(
         logs.contains("Split: blocks in the cluster's stores"),
         "a split's parts are the input's blocks on the nodes:\n{logs}"
     );

@@ -442,6 +442,7 @@ fn build(
                 cluster()?,
                 inputs.clone(),
                 x.work,
+                x.premapped,
                 x.write,
                 window(1.0),
                 seqs.base,

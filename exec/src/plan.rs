@@ -258,6 +258,11 @@ pub struct ClusterExchangeExec {
     pub describe: String,
     /// Its tasks.
     pub work: Arc<dyn ExchangeWork>,
+    /// Per input: whether the stage below already ran the map tasks' work in its own
+    /// tasks (a read split partitioned where it is read), so that its blocks are map
+    /// outputs: the exchange runs no map tasks for that input, and its blocks are never
+    /// stored whole. Empty: none is.
+    pub premapped: Vec<bool>,
     /// When set, its reduce (or broadcast) tasks write their output: each returns what
     /// it staged (the work's tasks must then write, see `DatasetExchange::writing`).
     pub write: Option<Arc<WriteTarget>>,
@@ -536,10 +541,15 @@ impl PhysicalPlan {
             ),
             PhysicalPlan::ClusterExchange(x) => writeln!(
                 f,
-                "{pad}{}: an exchange on the cluster's nodes, {} partitions (map tasks \
-                     partition each block where it is; a reduce task per partition)\n{pad}  {}",
+                "{pad}{}: an exchange on the cluster's nodes, {} partitions ({}; a reduce \
+                     task per partition)\n{pad}  {}",
                 x.name,
                 x.work.partitions(),
+                match x.premapped.iter().filter(|p| **p).count() {
+                    0 => "map tasks partition each block where it is",
+                    n if n == x.inputs.len() => "the tasks below partition each block as they make it",
+                    _ => "map tasks partition each block where it is, or the tasks below as they make it",
+                },
                 x.describe.replace('\n', &format!("\n{pad}  "))
             )
             .and_then(|()| match x.write {

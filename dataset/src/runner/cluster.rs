@@ -17,7 +17,9 @@
 //!   rows in order) or seeded shuffle is an **exchange** on the nodes (`exchange.rs`):
 //!   map tasks partition each input block where it is, a reduce task per partition
 //!   combines its rows; `randomize_block_order` is one without tasks (the blocks go
-//!   on where they are, reordered);
+//!   on where they are, reordered); where the map needs nothing of the whole input (a
+//!   hash exchange), a stage below it runs the map in its own tasks, so a read split
+//!   is partitioned as it is read;
 //! - a split's input runs once for all its parts, its blocks staying on the nodes;
 //!   each part hands on the blocks inside its rows as they are and has a task slice
 //!   the (at most two) blocks its bounds cut;
@@ -39,7 +41,7 @@ use volley_exec::{
 };
 use volley_runtime::cluster::{Cluster, EncodedActor, EncodedTask, Resources};
 
-use super::exchange::DatasetExchange;
+use super::exchange::{DatasetExchange, ExchangeMapTask};
 use super::stage::{plan_bytes, ShippedOp, StageInput, StageTask};
 use super::Runner;
 use crate::logical::{ExchangeKind, LogicalOp, WriteSpec};
@@ -137,6 +139,33 @@ impl Stage {
 
     /// The stage as operators, writing into `write` when given.
     fn close(self, write: Option<&WriteSpec>) -> Result<Planned> {
+        self.close_with(write, None)
+    }
+
+    /// Whether its tasks can run an exchange's map work on what they make: a stage
+    /// of its own tasks (a read's, or one over blocks), not an exchange's reduce tasks.
+    fn maps_in_tasks(&self) -> bool {
+        !matches!(self.input, Input::Reduce(_))
+    }
+
+    /// The stage as operators whose tasks also run `map` (the map work of the exchange
+    /// `boundary` above) on their rows, so that their objects are its map outputs.
+    fn close_mapped(self, map: ExchangeMapTask, boundary: &str) -> Result<Planned> {
+        self.close_with(None, Some((map, boundary)))
+    }
+
+    fn close_with(
+        mut self,
+        write: Option<&WriteSpec>,
+        map: Option<(ExchangeMapTask, &str)>,
+    ) -> Result<Planned> {
+        if let Some((_, boundary)) = &map {
+            self.names.push(format!("{boundary} (map)"));
+            self.describe.push(format!(
+                "then, in its tasks: the map of the {boundary} above"
+            ));
+        }
+        let map = map.map(|(m, _)| m);
         let name = self.name();
         let describe = self.describe.join("\n");
         let part = write.map(|w| w.part.clone());
@@ -147,6 +176,7 @@ impl Stage {
                 input,
                 ops: self.ops.clone(),
                 write: part.clone(),
+                map: map.clone(),
             }))
         };
         let plan = match self.input {
@@ -163,6 +193,11 @@ impl Stage {
                 resources: self.resources,
                 write: target,
             }),
+            Input::Reduce(_) if map.is_some() => {
+                return Err(volley_common::VolleyError::internal(format!(
+                    "{name}: an exchange's reduce tasks cannot run the next one's map"
+                )))
+            }
             Input::Reduce(mut x) => {
                 let work = x
                     .work
@@ -419,17 +454,30 @@ impl ClusterRunner {
                     // Lowered to its source before planning; planning one reports that.
                     return here(children, false);
                 };
+                // An input whose stage runs on the nodes partitions its rows in that
+                // stage's tasks, as they are made: its blocks are never stored whole
+                // and read again by map tasks of their own.
+                let boundary = boundary_name(op);
+                let mut premapped = vec![false; children.len()];
                 let inputs = children
                     .into_iter()
-                    .map(|c| c.close().map(|((p, _), _)| p))
+                    .enumerate()
+                    .map(|(side, c)| match (c, work.map_in_stage(side)?) {
+                        (Node::Stage(s), Some(map)) if s.maps_in_tasks() => {
+                            premapped[side] = true;
+                            Ok(s.close_mapped(map, boundary)?.0)
+                        }
+                        (c, _) => c.close().map(|((p, _), _)| p),
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Node::Plan {
                     planned: (
                         PhysicalPlan::ClusterExchange(ClusterExchangeExec {
                             inputs,
-                            name: boundary_name(op).into(),
+                            name: boundary.into(),
                             describe: ShippedOp::describe(op),
                             work: Arc::new(work),
+                            premapped,
                             write: None,
                         }),
                         op.schema(state)?,
@@ -529,6 +577,7 @@ fn write_stage(input: PhysicalPlan, w: &WriteSpec) -> Result<PhysicalPlan> {
         input: StageInput::Objects,
         ops: vec![],
         write: Some(w.part.clone()),
+        map: None,
     }))?;
     Ok(PhysicalPlan::ClusterMap(ClusterMapExec {
         input: Box::new(input),

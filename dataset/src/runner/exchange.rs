@@ -315,7 +315,7 @@ fn position_partition(i: u64, rows: u64, n: usize) -> usize {
 }
 
 /// A map task: its input block, cut into one batch per partition.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExchangeMapTask {
     partitions: usize,
     partitioner: Partitioner,
@@ -422,15 +422,21 @@ impl ExchangeMapTask {
     }
 }
 
-#[typetag::serde(name = "volley::ExchangeMapTask")]
-impl RemoteTask for ExchangeMapTask {
-    fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
-        let mut batches: Vec<RecordBatch> = inputs.into_iter().flatten().collect();
+impl ExchangeMapTask {
+    /// `batches` (one block) as a map output: batch `p` holds partition `p`.
+    pub(crate) fn partition(&self, mut batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         if let (Some(two), false) = (&self.partial, batches.is_empty()) {
             batches = two.partial(&Context::global()?, batches)?;
         }
         let routes = self.route(&batches)?;
         batches_per_partition(&batches, &routes, self.partitions.max(1))
+    }
+}
+
+#[typetag::serde(name = "volley::ExchangeMapTask")]
+impl RemoteTask for ExchangeMapTask {
+    fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        self.partition(inputs.into_iter().flatten().collect())
     }
 }
 
@@ -1181,6 +1187,17 @@ impl DatasetExchange {
             partitioner,
             partial: self.partial.clone(),
         })
+    }
+
+    /// The map work of input `side`, for the stage below to run in its own tasks on
+    /// what they make (a read split partitioned where it is read, never stored whole):
+    /// `None` where the map tasks need something of the whole input (a sort's
+    /// samples, a repartition's row count, a seeded shuffle's row positions).
+    pub(crate) fn map_in_stage(&self, side: usize) -> Result<Option<ExchangeMapTask>> {
+        match self.map {
+            MapPlan::Hash { .. } => self.map(side, 0, &[]).map(Some),
+            _ => Ok(None),
+        }
     }
 
     fn reduce(&self, partition: usize, sides: &[usize]) -> ExchangeReduceTask {

@@ -117,6 +117,7 @@ impl ClusterScanExec {
                     input: StageInput::Read(plan_bytes(&plan, &label)?),
                     ops: vec![],
                     write: None,
+                    map: None,
                 }))?;
                 Ok((label, task))
             })

@@ -20,6 +20,7 @@ use volley_connectors::{DataSource, ReadTask, RemotePart, ScanRequest};
 use volley_exec::{MemorySource, TransformFn};
 use volley_runtime::cluster::{value_object, RemoteTask, TaskContext};
 
+use super::exchange::ExchangeMapTask;
 use crate::context::Context;
 use crate::logical::LogicalOp;
 use crate::options::MapOptions;
@@ -137,6 +138,9 @@ pub struct StageTask {
     pub(crate) input: StageInput,
     pub(crate) ops: Vec<ShippedOp>,
     pub(crate) write: Option<RemotePart>,
+    /// The map work of the exchange above, run on the task's rows: its object is then
+    /// a map output (batch `p`: partition `p`), not a block.
+    pub(crate) map: Option<ExchangeMapTask>,
 }
 
 /// One read of a shipped plan: the worker-side source of a stage.
@@ -232,9 +236,10 @@ impl RemoteTask for StageTask {
         // input may be a sorted partition (a sort's reduce output), whose batches would
         // otherwise be written in the order its local tasks finish.
         let batches = ds.ordered_batches()?;
-        match &self.write {
-            None => batches.collect(),
-            Some(part) => write_part(part, task, batches),
+        match (&self.write, &self.map) {
+            (Some(part), _) => write_part(part, task, batches),
+            (None, Some(map)) => map.partition(batches.collect::<Result<_>>()?),
+            (None, None) => batches.collect(),
         }
     }
 

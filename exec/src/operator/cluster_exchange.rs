@@ -8,6 +8,10 @@
 //!          ──▶ output blocks in partition order
 //! ```
 //!
+//! An input whose stage ran the map work in its own tasks (a read split partitioned
+//! where it is read: [`ClusterExchangeExec::premapped`](crate::plan::ClusterExchangeExec))
+//! comes in as map outputs: no map task runs for it.
+//!
 //! An exchange that only reorders blocks (`randomize_block_order`) runs no tasks: once
 //! the whole input arrived, its blocks go on as they are, where they are, in the order
 //! the work chooses.
@@ -108,8 +112,12 @@ pub(crate) struct ClusterExchangeOp {
     rows: Vec<u64>,
     /// Per input, per block: its first row in the input.
     firsts: Vec<Vec<u64>>,
-    /// Blocks per input whose map task was submitted.
+    /// Blocks per input whose map task was submitted (or, for an input the stage below
+    /// maps, that came in as map outputs).
     mapped: Vec<usize>,
+    /// Per input: whether its blocks are map outputs already (see
+    /// [`ClusterExchangeExec::premapped`](crate::plan::ClusterExchangeExec)).
+    premapped: Vec<bool>,
     progress: Arc<Mutex<Progress>>,
     /// The next output: a reduce task's partition, or a reordered block's place.
     next_reduce: usize,
@@ -128,17 +136,26 @@ impl ClusterExchangeOp {
         cluster: Cluster,
         inputs: Vec<Arc<BlockQueue>>,
         work: Arc<dyn ExchangeWork>,
+        premapped: Vec<bool>,
         write: Option<Arc<WriteTarget>>,
         window: usize,
         first_seq: u64,
     ) -> Result<Self> {
         let n = inputs.len();
+        let premapped: Vec<bool> = (0..n)
+            .map(|i| premapped.get(i).copied().unwrap_or(false))
+            .collect();
         let sample = work.sample_task()?;
         let reorders = work.block_order(0).is_some();
         let one_input = sample.is_some() || work.needs_row_count() || reorders;
         if one_input && n != 1 {
             return Err(VolleyError::internal(
                 "a sampled, counted or reordering exchange has exactly one input",
+            ));
+        }
+        if premapped.iter().any(|p| *p) && one_input {
+            return Err(VolleyError::internal(
+                "a sampled, counted or reordering exchange maps its blocks itself",
             ));
         }
         let deciding = work.broadcast_limit().is_some();
@@ -163,6 +180,7 @@ impl ClusterExchangeOp {
             rows: vec![0; n],
             firsts: vec![Vec::new(); n],
             mapped: vec![0; n],
+            premapped,
             progress: Arc::new(Mutex::new(Progress {
                 maps: vec![Vec::new(); n],
                 held: vec![Vec::new(); n],
@@ -209,6 +227,10 @@ impl ClusterExchangeOp {
                 self.rows[side] += meta.rows;
                 self.bytes[side] += meta.bytes;
                 self.firsts[side].push(first_row);
+                if self.premapped[side] {
+                    self.take_map_output(side, object, meta);
+                    continue;
+                }
                 let index = {
                     let mut p = self.progress.lock().expect("exchange lock");
                     p.held[side].push(Some(object.clone()));
@@ -228,6 +250,22 @@ impl ClusterExchangeOp {
                     (None, None) => {}
                 }
             }
+        }
+    }
+
+    /// A block of an input the stage below maps: it is a map output already. A join
+    /// deciding whether to broadcast (or broadcasting) holds it as a block too, which
+    /// a broadcast task reads whole (every partition: all of its rows).
+    fn take_map_output(&mut self, side: usize, object: ObjectRef, meta: ObjectMeta) {
+        let mut p = self.progress.lock().expect("exchange lock");
+        let as_block = self.deciding || self.broadcast.is_some();
+        p.held[side].push(as_block.then(|| object.clone()));
+        if self.broadcast.is_some() {
+            p.maps[side].push(None);
+        } else {
+            p.maps[side].push(Some((object, meta)));
+            p.maps_done += 1;
+            self.mapped[side] += 1;
         }
     }
 
@@ -348,6 +386,19 @@ impl ClusterExchangeOp {
         };
         if self.input_done[1] && self.rows[1] > 0 && self.bytes[1] <= limit {
             let right: Vec<ObjectRef> = right.into_iter().flatten().collect();
+            // The map outputs made below are read whole, as blocks, by the broadcast
+            // tasks: none is reduced.
+            {
+                let mut p = self.progress.lock().expect("exchange lock");
+                for side in 0..2 {
+                    if self.premapped[side] {
+                        let made = p.maps[side].iter().filter(|m| m.is_some()).count();
+                        p.maps[side].iter_mut().for_each(|m| *m = None);
+                        p.maps_done -= made;
+                        self.mapped[side] -= made;
+                    }
+                }
+            }
             return match self.cluster.object_group(&right.iter().collect::<Vec<_>>()) {
                 Ok(group) => {
                     self.broadcast = Some(Broadcast {
@@ -365,6 +416,12 @@ impl ClusterExchangeOp {
         }
         self.prepared = Some(vec![]);
         for (side, blocks) in [left, right].into_iter().enumerate() {
+            if self.premapped[side] {
+                // Map outputs already: no longer held as blocks.
+                let mut p = self.progress.lock().expect("exchange lock");
+                p.held[side].iter_mut().for_each(|h| *h = None);
+                continue;
+            }
             let firsts = self.firsts[side].clone();
             for (i, (block, first_row)) in blocks.into_iter().zip(firsts).enumerate() {
                 if let Some(block) = block {
