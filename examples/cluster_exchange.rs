@@ -314,6 +314,14 @@ fn operations(
     ] {
         ops.push((name, left.join_on(&right, &["k"], &["rk"], how)?, false));
     }
+    // An exchange over an exchange: the join's reduce tasks run the group-by's map.
+    ops.push((
+        "join groupby",
+        left.join_on(&right, &["k"], &["rk"], JoinHow::Left)?
+            .groupby(&["g"])
+            .agg([agg::count_all(), agg::sum("y"), agg::max("x")])?,
+        false,
+    ));
     Ok(ops)
 }
 
@@ -368,14 +376,17 @@ fn main() -> volley::Result<()> {
             .1;
         println!("{}", part.explain()?);
     }
-    if chosen("groupby") {
-        // The group-by's input stage partitions its rows as it reads them.
-        let groupby = &on_cluster
-            .iter()
-            .find(|(name, _, _)| *name == "groupby")
-            .ok_or_else(|| VolleyError::internal("no groupby"))?
-            .1;
-        println!("{}", groupby.explain()?);
+    // The group-by's input stage partitions its rows as it reads them; after a join,
+    // the join's reduce tasks do.
+    for op in ["groupby", "join groupby"] {
+        if chosen(op) {
+            let groupby = &on_cluster
+                .iter()
+                .find(|(name, _, _)| *name == op)
+                .ok_or_else(|| VolleyError::internal(format!("no {op}")))?
+                .1;
+            println!("{}", groupby.explain()?);
+        }
     }
     if !chosen("sort") {
         return Ok(());

@@ -1260,6 +1260,7 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         ("join full", 120_500),
         ("join semi", 109_090),
         ("join anti", 10_910),
+        ("join groupby", 7),
         ("sql groupby", 7_000),
         ("sql join", 40_000),
         ("sql sort", 120_000),
@@ -1288,6 +1289,11 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         logs.contains("Aggregate: an exchange on the cluster's nodes, 12 partitions (the tasks below partition each block as they make it")
             && logs.contains("then, in its tasks: the map of the Aggregate above"),
         "the group-by's read tasks run its map:\n{logs}"
+    );
+    assert!(
+        logs.contains("Join->Aggregate (map): an exchange")
+            && logs.contains("then, in its reduce tasks: the map of the Aggregate above"),
+        "the join's reduce tasks run the group-by's map:\n{logs}"
     );
     assert!(
         logs.contains("Split: blocks in the cluster's stores"),

@@ -142,12 +142,6 @@ impl Stage {
         self.close_with(write, None)
     }
 
-    /// Whether its tasks can run an exchange's map work on what they make: a stage
-    /// of its own tasks (a read's, or one over blocks), not an exchange's reduce tasks.
-    fn maps_in_tasks(&self) -> bool {
-        !matches!(self.input, Input::Reduce(_))
-    }
-
     /// The stage as operators whose tasks also run `map` (the map work of the exchange
     /// `boundary` above) on their rows, so that their objects are its map outputs.
     fn close_mapped(self, map: ExchangeMapTask, boundary: &str) -> Result<Planned> {
@@ -193,11 +187,6 @@ impl Stage {
                 resources: self.resources,
                 write: target,
             }),
-            Input::Reduce(_) if map.is_some() => {
-                return Err(volley_common::VolleyError::internal(format!(
-                    "{name}: an exchange's reduce tasks cannot run the next one's map"
-                )))
-            }
             Input::Reduce(mut x) => {
                 let work = x
                     .work
@@ -207,6 +196,10 @@ impl Stage {
                     .and_then(|w| w.then(self.ops.clone()))
                     .and_then(|w| match part {
                         Some(p) => w.writing(p),
+                        None => Some(w),
+                    })
+                    .and_then(|w| match map {
+                        Some(m) => w.mapping(m),
                         None => Some(w),
                     })
                     .ok_or_else(|| {
@@ -463,9 +456,21 @@ impl ClusterRunner {
                     .into_iter()
                     .enumerate()
                     .map(|(side, c)| match (c, work.map_in_stage(side)?) {
-                        (Node::Stage(s), Some(map)) if s.maps_in_tasks() => {
+                        (Node::Stage(s), Some(map)) => {
                             premapped[side] = true;
                             Ok(s.close_mapped(map, boundary)?.0)
+                        }
+                        // An exchange right below: its reduce tasks run the map.
+                        (
+                            Node::Plan {
+                                planned: (PhysicalPlan::ClusterExchange(x), _),
+                                ..
+                            },
+                            Some(map),
+                        ) => {
+                            let (x, mapped) = map_in_reduce(x, map, boundary);
+                            premapped[side] = mapped;
+                            Ok(PhysicalPlan::ClusterExchange(x))
                         }
                         (c, _) => c.close().map(|((p, _), _)| p),
                     })
@@ -493,6 +498,34 @@ impl ClusterRunner {
             ))),
         }
     }
+}
+
+/// Exchange `x` with its reduce (and broadcast) tasks running `map`, the map work of
+/// the exchange `boundary` above it, when its work can (`false`: `x` as it was).
+fn map_in_reduce(
+    mut x: ClusterExchangeExec,
+    map: ExchangeMapTask,
+    boundary: &str,
+) -> (ClusterExchangeExec, bool) {
+    if x.write.is_some() {
+        return (x, false);
+    }
+    let Some(work) = x
+        .work
+        .as_any()
+        .downcast_ref::<DatasetExchange>()
+        .cloned()
+        .and_then(|w| w.mapping(map))
+    else {
+        return (x, false);
+    };
+    x.work = Arc::new(work);
+    x.name = format!("{}->{boundary} (map)", x.name);
+    x.describe = format!(
+        "{}\nthen, in its reduce tasks: the map of the {boundary} above",
+        x.describe
+    );
+    (x, true)
 }
 
 /// The name of a boundary's exchange in stats.

@@ -577,6 +577,10 @@ pub struct ExchangeReduceTask {
     /// The row-local steps after the exchange, run on its output in the same task.
     #[serde(default)]
     then: Vec<ShippedOp>,
+    /// The map work of the exchange above, run last: the task's object is then one of
+    /// that exchange's map outputs.
+    #[serde(default)]
+    map: Option<ExchangeMapTask>,
 }
 
 /// A reduce task's output: its batches, or a dataset of this process that makes them.
@@ -659,6 +663,13 @@ impl ExchangeReduceTask {
     fn output(&self, task: &TaskContext, mut reduced: Reduced) -> Result<Vec<RecordBatch>> {
         if !self.then.is_empty() {
             reduced = self.then(reduced)?;
+        }
+        if let Some(map) = &self.map {
+            let batches = match reduced {
+                Reduced::Batches(b) => b,
+                Reduced::Dataset(ds) => ds.ordered_batches()?.collect::<Result<_>>()?,
+            };
+            return map.partition(batches);
         }
         match (&self.write, reduced) {
             (None, Reduced::Batches(b)) => Ok(b),
@@ -889,6 +900,9 @@ pub(crate) struct DatasetExchange {
     write: Option<RemotePart>,
     /// The row-local steps its reduce (or broadcast) tasks run on their output.
     then: Vec<ShippedOp>,
+    /// The map work of the exchange above, run by its reduce (or broadcast) tasks on
+    /// their output (after `then`).
+    map_next: Option<ExchangeMapTask>,
 }
 
 impl DatasetExchange {
@@ -1035,6 +1049,7 @@ impl DatasetExchange {
             broadcast,
             write: None,
             then: vec![],
+            map_next: None,
         }))
     }
 
@@ -1049,11 +1064,22 @@ impl DatasetExchange {
         Some(self)
     }
 
+    /// The exchange with its reduce (and broadcast) tasks running `map`, the map work
+    /// of the exchange above, on their output (after its steps): their objects are that
+    /// exchange's map outputs. `None` for one that runs no tasks or writes.
+    pub(crate) fn mapping(mut self, map: ExchangeMapTask) -> Option<Self> {
+        if matches!(self.map, MapPlan::BlockOrder { .. }) || self.write.is_some() {
+            return None;
+        }
+        self.map_next = Some(map);
+        Some(self)
+    }
+
     /// The exchange with its reduce (and broadcast) tasks writing their output as parts
     /// of a write, instead of a stage of write tasks over their blocks; `None` for one
     /// that runs no tasks (`randomize_block_order`).
     pub(crate) fn writing(mut self, part: RemotePart) -> Option<Self> {
-        if matches!(self.map, MapPlan::BlockOrder { .. }) {
+        if matches!(self.map, MapPlan::BlockOrder { .. }) || self.map_next.is_some() {
             return None;
         }
         self.write = Some(part);
@@ -1143,6 +1169,7 @@ impl ExchangeWork for DatasetExchange {
             combine: self.combine.clone(),
             write: self.write.clone(),
             then: self.then.clone(),
+            map: self.map_next.clone(),
         }))
     }
 }
@@ -1208,6 +1235,7 @@ impl DatasetExchange {
             combine: self.combine.clone(),
             write: self.write.clone(),
             then: self.then.clone(),
+            map: self.map_next.clone(),
         }
     }
 }
@@ -1369,6 +1397,7 @@ mod tests {
             },
             write: None,
             then: vec![],
+            map: None,
         };
         assert!(reduce.streams_inputs());
         let inputs = vec![vec![empty.clone()], vec![empty]];

@@ -210,6 +210,10 @@ impl State {
                         missing = true;
                         continue;
                     }
+                    if missing {
+                        // It waits anyway: only the other inputs' state matters now.
+                        continue;
+                    }
                     args.push(ObjectLocation {
                         object_id: a.clone(),
                         addresses,
