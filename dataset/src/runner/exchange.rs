@@ -33,14 +33,14 @@ use datafusion::datasource::provider_as_source;
 use datafusion::execution::context::SessionState;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
-use datafusion::logical_expr::{Expr, LogicalPlanBuilder};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::streaming::StreamingTableExec;
 use datafusion::physical_plan::ExecutionPlan;
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
-use volley_connectors::RemotePart;
+use volley_connectors::{DataSource, ReadTask, RemotePart, ScanRequest};
 use volley_exec::{
     compile_expr, hash_partitions, random_partitions, shuffle_partition, ExchangeWork,
     InputStreamPartition, InputStreamSource, MemorySource,
@@ -616,6 +616,52 @@ fn dataset(ctx: &Context, schema: SchemaRef, batches: Vec<RecordBatch>) -> Resul
     Ok(ctx.source(Arc::new(MemorySource::with_schema(schema, batches)?)))
 }
 
+/// A join side a reduce task holds, which DataFusion scans as a table of its own
+/// (`MemTable`): the join then knows its size, and with both sides held builds its
+/// hash table from the smaller one.
+#[derive(Debug)]
+struct HeldSide {
+    batches: Vec<RecordBatch>,
+    rows: MemorySource,
+}
+
+impl HeldSide {
+    fn dataset(ctx: &Context, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<Dataset> {
+        let rows = MemorySource::with_schema(schema, batches.clone())?;
+        Ok(ctx.source(Arc::new(Self { batches, rows })))
+    }
+}
+
+#[async_trait::async_trait]
+impl DataSource for HeldSide {
+    fn name(&self) -> String {
+        "TaskInputs".into()
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.rows.schema()
+    }
+
+    fn describe(&self) -> String {
+        "the task's input objects, held".into()
+    }
+
+    fn logical_plan(&self) -> Option<LogicalPlan> {
+        let schema = self.rows.schema();
+        let table = MemTable::try_new(Arc::clone(&schema), vec![self.batches.clone()]).ok()?;
+        let scan = LogicalPlanBuilder::scan("held", provider_as_source(Arc::new(table)), None);
+        // Plain strings, as every scan of a relational operator (see `scan` in
+        // `relational.rs`).
+        scan.and_then(|b| volley_connectors::cast_to_plain_strings(b, &schema))
+            .and_then(LogicalPlanBuilder::build)
+            .ok()
+    }
+
+    async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
+        self.rows.plan(state, request).await
+    }
+}
+
 #[typetag::serde(name = "volley::ExchangeReduceTask")]
 impl RemoteTask for ExchangeReduceTask {
     fn run(&self, task: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
@@ -690,8 +736,10 @@ impl ExchangeReduceTask {
             return two.finish_streamed(&ctx, inputs).map(Reduced::Batches);
         }
         if let Combine::Join { .. } = &self.combine {
-            // The left side whole (the join builds its table from it), then the right
-            // side as it is read.
+            // The left side whole, then the right side: held too while it is no larger
+            // than the left, so that the join knows both sizes and builds its hash
+            // table from the smaller one; else the rest of it as it is read (the table
+            // is built from the left side).
             let mut left = Vec::new();
             for _ in 0..self.sides[0] {
                 match inputs.next_blocking() {
@@ -704,17 +752,40 @@ impl ExchangeReduceTask {
                 (None, Some(schema)) => schema,
                 (None, None) => return Ok(Reduced::Batches(vec![])),
             };
-            let Some((right_schema, first)) = self.first_rows(1, &mut inputs)? else {
+            let Some((right_schema, mut first)) = self.first_rows(1, &mut inputs)? else {
                 return Err(VolleyError::internal(
                     "a join's reduce task has no schema for its right input",
                 ));
             };
-            let right = ctx.source(Arc::new(InputStreamSource::new(
-                right_schema,
-                first,
-                inputs,
-            )));
-            return self.operate(self::dataset(&ctx, left_schema, left)?, Some(right));
+            let left_bytes = volley_common::batches_memory(&left);
+            let mut right_bytes = volley_common::batches_memory(&first);
+            let mut ended = false;
+            while right_bytes <= left_bytes {
+                match inputs.next_blocking() {
+                    Some(input) => {
+                        let input = input?;
+                        right_bytes += volley_common::batches_memory(&input);
+                        first.extend(input);
+                    }
+                    None => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            let right = match ended {
+                true => HeldSide::dataset(&ctx, right_schema, first)?,
+                false => ctx.source(Arc::new(InputStreamSource::new(
+                    right_schema,
+                    first,
+                    inputs,
+                ))),
+            };
+            let left = match ended {
+                true => HeldSide::dataset(&ctx, left_schema, left)?,
+                false => self::dataset(&ctx, left_schema, left)?,
+            };
+            return self.operate(left, Some(right));
         }
         let Some((schema, first)) = self.first_rows(0, &mut inputs)? else {
             return Ok(Reduced::Batches(vec![]));
