@@ -155,9 +155,13 @@ impl Stage {
     ) -> Result<Planned> {
         if let Some((_, boundary)) = &map {
             self.names.push(format!("{boundary} (map)"));
-            self.describe.push(format!(
-                "then, in its tasks: the map of the {boundary} above"
-            ));
+            // Over an exchange, these steps are its reduce tasks' (said once, below).
+            let tasks = match self.input {
+                Input::Reduce(_) => "",
+                _ => "then, in its tasks: ",
+            };
+            self.describe
+                .push(format!("{tasks}the map of the {boundary} above"));
         }
         let map = map.map(|(m, _)| m);
         let name = self.name();

@@ -672,8 +672,8 @@ impl RemoteTask for ExchangeReduceTask {
     /// A sort, aggregation or distinct takes its partition as the worker reads it: the
     /// operator spills past the worker's memory budget, so a partition larger than that
     /// memory (a skewed key, few partitions) is not held whole. A join holds its left
-    /// side's partition (it builds its hash table from it) and takes its right side's
-    /// as it is read.
+    /// side's partition and takes its right side's as it is read, holding it too only
+    /// while it is at most half the left's (see `reduce_streamed`).
     fn streams_inputs(&self) -> bool {
         match self.combine {
             Combine::Sort { .. }
@@ -736,10 +736,11 @@ impl ExchangeReduceTask {
             return two.finish_streamed(&ctx, inputs).map(Reduced::Batches);
         }
         if let Combine::Join { .. } = &self.combine {
-            // The left side whole, then the right side: held too while it is no larger
-            // than the left, so that the join knows both sizes and builds its hash
-            // table from the smaller one; else the rest of it as it is read (the table
-            // is built from the left side).
+            // The left side whole, then the right side: held too while it is at most
+            // half the left, so that the join knows both sizes and builds its hash
+            // table from the smaller one (at most half again the left's memory is held
+            // for it); else the rest of it as it is read, the table built from the
+            // left side.
             let mut left = Vec::new();
             for _ in 0..self.sides[0] {
                 match inputs.next_blocking() {
@@ -760,7 +761,7 @@ impl ExchangeReduceTask {
             let left_bytes = volley_common::batches_memory(&left);
             let mut right_bytes = volley_common::batches_memory(&first);
             let mut ended = false;
-            while right_bytes <= left_bytes {
+            while right_bytes <= left_bytes / 2 {
                 match inputs.next_blocking() {
                     Some(input) => {
                         let input = input?;
