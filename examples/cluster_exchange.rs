@@ -376,9 +376,9 @@ fn main() -> volley::Result<()> {
             .1;
         println!("{}", part.explain()?);
     }
-    // The group-by's input stage partitions its rows as it reads them; after a join,
-    // the join's reduce tasks do.
-    for op in ["groupby", "join groupby"] {
+    // The group-by's and the seeded shuffle's input stages partition their rows as
+    // they read them; after a join, the join's reduce tasks do.
+    for op in ["groupby", "join groupby", "random_shuffle"] {
         if chosen(op) {
             let groupby = &on_cluster
                 .iter()

@@ -1291,6 +1291,11 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         "the group-by's read tasks run its map:\n{logs}"
     );
     assert!(
+        logs.contains("RandomShuffle: an exchange on the cluster's nodes, 64 partitions (the tasks below partition each block as they make it")
+            && logs.contains("then, in its tasks: the map of the RandomShuffle above"),
+        "the seeded shuffle's read tasks run its map, knowing their first rows:\n{logs}"
+    );
+    assert!(
         logs.contains("Join->Aggregate (map): an exchange")
             && logs.contains("then, in its reduce tasks: the map of the Aggregate above"),
         "the join's reduce tasks run the group-by's map:\n{logs}"

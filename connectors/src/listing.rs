@@ -494,6 +494,13 @@ impl DataSource for FileScan {
             return Ok(partition_tasks(Arc::clone(&plan), "scan", 0));
         };
         let groups = self.split(config);
+        // Where nothing drops rows, each split's count is known from the footers.
+        let rows = match self.format {
+            FileFormatKind::Parquet if request.filters.is_empty() && request.limit.is_none() => {
+                split_rows(state, config, &groups).await
+            }
+            _ => None,
+        };
         let labels: Vec<(String, u64)> = groups
             .iter()
             .map(|g| {
@@ -512,15 +519,75 @@ impl DataSource for FileScan {
         Ok(labels
             .into_iter()
             .zip(groups)
-            .map(|((label, size), group)| {
+            .enumerate()
+            .map(|(i, ((label, size), group))| {
                 let config = FileScanConfigBuilder::from(config.clone())
                     .with_file_groups(vec![group])
                     .build();
                 let plan: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(config);
-                ReadTask::from_plan(label, size, plan)
+                let task = ReadTask::from_plan(label, size, plan);
+                match &rows {
+                    Some(rows) => task.with_rows(rows[i]),
+                    None => task,
+                }
             })
             .collect())
     }
+}
+
+/// The rows each Parquet split (one file, or a byte range of one) yields when read
+/// whole: its file's row groups that DataFusion's scan reads for that range (those
+/// whose first page starts in it), counted from the footer through the session's
+/// metadata cache (the scan reads the same footers). `None` where a footer cannot be
+/// read: the scan then reports it, naming the file.
+async fn split_rows(
+    state: &SessionState,
+    config: &FileScanConfig,
+    groups: &[FileGroup],
+) -> Option<Vec<u64>> {
+    use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
+    let store = state
+        .runtime_env()
+        .object_store(&config.object_store_url)
+        .ok()?;
+    let cache = state.runtime_env().cache_manager.get_file_metadata_cache();
+    let counts: Vec<futures::future::BoxFuture<'_, Option<u64>>> = groups
+        .iter()
+        .map(|group| {
+            let (store, cache) = (Arc::clone(&store), Arc::clone(&cache));
+            async move {
+                let [file] = group.files() else {
+                    return None;
+                };
+                let metadata = DFParquetMetadata::new(store.as_ref(), &file.object_meta)
+                    .with_file_metadata_cache(Some(cache))
+                    .fetch_metadata()
+                    .await
+                    .ok()?;
+                let read = |rg: &&parquet::file::metadata::RowGroupMetaData| match (
+                    &file.range,
+                    rg.columns().first(),
+                ) {
+                    (None, _) => true,
+                    (Some(range), Some(first)) => range.contains(
+                        first
+                            .dictionary_page_offset()
+                            .unwrap_or_else(|| first.data_page_offset()),
+                    ),
+                    (Some(_), None) => false,
+                };
+                let rows = metadata.row_groups().iter().filter(read);
+                Some(rows.map(|rg| rg.num_rows().max(0) as u64).sum::<u64>())
+            }
+            .boxed()
+        })
+        .collect();
+    futures::stream::iter(counts)
+        .buffered(16)
+        .collect::<Vec<Option<u64>>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// One task per output partition of a DataFusion plan.
@@ -538,4 +605,74 @@ pub(crate) fn partition_tasks(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, RecordBatch, StringArray};
+    use datafusion::logical_expr::{col, lit};
+    use datafusion::prelude::SessionContext;
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+
+    use super::*;
+
+    /// A file of `rows` rows in row groups of 7,000.
+    fn write(path: &std::path::Path, rows: i64) {
+        let ids = Int64Array::from_iter_values(0..rows);
+        let names = StringArray::from_iter_values((0..rows).map(|i| format!("row {i}")));
+        let batch = RecordBatch::try_from_iter([
+            ("id", Arc::new(ids) as arrow::array::ArrayRef),
+            ("name", Arc::new(names) as arrow::array::ArrayRef),
+        ])
+        .unwrap();
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(7_000))
+            .build();
+        let file = std::fs::File::create(path).unwrap();
+        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    /// Each split of a file read whole knows its rows: exactly what its scan yields,
+    /// byte ranges included; a filter or a limit leaves them unknown.
+    #[tokio::test]
+    async fn parquet_splits_count_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("a.parquet"), 100_000);
+        write(&dir.path().join("b.parquet"), 9_000);
+        let state = SessionContext::new().state();
+        let path = dir.path().to_str().unwrap().to_string();
+        let scan = FileScan::try_new(&state, FileFormatKind::Parquet, &[path], 64 * 1024)
+            .await
+            .unwrap();
+        let tasks = scan.plan(&state, &ScanRequest::default()).await.unwrap();
+        assert!(tasks.len() > 3, "the large file is split: {tasks:?}");
+        let mut total = 0;
+        for task in &tasks {
+            let batches: Vec<RecordBatch> = task
+                .open(state.task_ctx())
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            let read: usize = batches.iter().map(RecordBatch::num_rows).sum();
+            assert_eq!(task.rows(), Some(read as u64), "{}", task.label);
+            total += read;
+        }
+        assert_eq!(total, 109_000);
+        let filtered = ScanRequest {
+            filters: vec![col("id").lt(lit(10i64))],
+            ..ScanRequest::default()
+        };
+        let limited = ScanRequest {
+            limit: Some(10),
+            ..ScanRequest::default()
+        };
+        for request in [filtered, limited] {
+            let tasks = scan.plan(&state, &request).await.unwrap();
+            assert!(tasks.iter().all(|t| t.rows().is_none()), "{request:?}");
+        }
+    }
 }

@@ -33,6 +33,8 @@ pub struct ReadTask {
     /// The task as a DataFusion plan of one partition, where it is one: such a task can
     /// be serialized and run by another process (a cluster worker).
     plan: Option<Arc<dyn datafusion::physical_plan::ExecutionPlan>>,
+    /// The rows it yields, where planning knows them exactly.
+    rows: Option<u64>,
 }
 
 impl Debug for ReadTask {
@@ -53,7 +55,23 @@ impl ReadTask {
             size_bytes,
             opener: Arc::new(opener),
             plan: None,
+            rows: None,
         }
+    }
+
+    /// The task, known to yield exactly `rows` rows (a Parquet split read whole: its
+    /// row groups' counts, from the file's footer).
+    pub fn with_rows(mut self, rows: u64) -> Self {
+        self.rows = Some(rows);
+        self
+    }
+
+    /// The rows it yields, where planning knows them exactly: an exchange that places
+    /// rows by their position in the input (a seeded shuffle) can then partition a
+    /// split where it is read, knowing its first row. `None` where a filter, a limit
+    /// or the format leaves the count open.
+    pub fn rows(&self) -> Option<u64> {
+        self.rows
     }
 
     /// A task that runs partition 0 of `plan` (a plan of one partition).

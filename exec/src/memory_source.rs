@@ -87,6 +87,11 @@ impl MemorySource {
         }
         Ok(Self { schema, batches })
     }
+
+    /// The batches it holds.
+    pub fn batches(&self) -> &[RecordBatch] {
+        &self.batches
+    }
 }
 
 #[async_trait::async_trait]

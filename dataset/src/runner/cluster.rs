@@ -19,7 +19,9 @@
 //!   combines its rows; `randomize_block_order` is one without tasks (the blocks go
 //!   on where they are, reordered); where the map needs nothing of the whole input (a
 //!   hash exchange), a stage below it runs the map in its own tasks, so a read split
-//!   is partitioned as it is read;
+//!   is partitioned as it is read; so does a seeded shuffle's over read splits whose
+//!   rows planning counted (Parquet footers; no filter, no transform in the stage),
+//!   each task knowing its first row;
 //! - a split's input runs once for all its parts, its blocks staying on the nodes;
 //!   each part hands on the blocks inside its rows as they are and has a task slice
 //!   the (at most two) blocks its bounds cut;
@@ -34,6 +36,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arrow::datatypes::SchemaRef;
+use datafusion::execution::context::SessionState;
 use volley_common::{Result, VolleyConfig};
 use volley_exec::{
     ClusterActorPoolExec, ClusterExchangeExec, ClusterMapExec, ClusterReadExec, ClusterRowsExec,
@@ -61,10 +64,19 @@ impl ClusterRunner {
     }
 }
 
+/// One read split of a stage.
+struct Read {
+    label: String,
+    /// Its serialized plan.
+    plan: Vec<u8>,
+    /// The rows it yields, where planning knows them exactly.
+    rows: Option<u64>,
+}
+
 /// Where a stage's rows come from.
 enum Input {
-    /// Read splits: `(label, serialized plan)`.
-    Reads(Vec<(String, Vec<u8>)>),
+    /// Read splits.
+    Reads(Vec<Read>),
     /// The blocks of operators below (this process's, or an actor pool's).
     Blocks(Box<PhysicalPlan>),
     /// An exchange's output: its reduce tasks run the stage's steps (and write) on it,
@@ -95,6 +107,8 @@ struct Stage {
     /// Its steps as the plan shows them.
     describe: Vec<String>,
     ops: Vec<ShippedOp>,
+    /// Whether its steps keep every row of its input (no filter, no transform).
+    keeps_rows: bool,
     resources: Resources,
     bundle_rows: usize,
     schema: Option<SchemaRef>,
@@ -133,8 +147,59 @@ fn warn_stays_here(name: &str, what: &str) {
 }
 
 impl Stage {
+    /// A stage of no steps yet over `input`, whose rows are `schema`.
+    fn over(input: Input, schema: Option<SchemaRef>) -> Self {
+        Self {
+            input,
+            names: vec![],
+            describe: vec![],
+            ops: vec![],
+            keeps_rows: true,
+            resources: Resources::cpus(1.0),
+            bundle_rows: 1,
+            schema,
+        }
+    }
+
     fn name(&self) -> String {
         self.names.join("->")
+    }
+
+    /// Each task's first row in the stage's output, where planning knows them: read
+    /// splits whose rows are counted, and steps that keep every row.
+    fn first_rows(&self) -> Option<Vec<u64>> {
+        let Input::Reads(reads) = &self.input else {
+            return None;
+        };
+        if !self.keeps_rows {
+            return None;
+        }
+        let mut first = 0u64;
+        reads
+            .iter()
+            .map(|r| {
+                let at = first;
+                first += r.rows?;
+                Some(at)
+            })
+            .collect()
+    }
+
+    /// The stage with row-local step `op` (select, with_column, drop, rename, filter)
+    /// run after its steps.
+    fn then_step(mut self, op: &LogicalOp, state: &SessionState) -> Result<Self> {
+        self.ops.push(ShippedOp::of(op)?.expect("a row-local step"));
+        self.names.push(step_name(op).into());
+        self.describe.push(ShippedOp::describe(op));
+        self.keeps_rows &= !matches!(op, LogicalOp::Filter { .. });
+        self.schema = op.schema(state)?;
+        Ok(self)
+    }
+
+    /// Whether its tasks can run `map`: one that places rows by position needs each
+    /// task's first row.
+    fn can_map(&self, map: &ExchangeMapTask) -> bool {
+        !map.places_by_position() || self.first_rows().is_some()
     }
 
     /// The stage as operators, writing into `write` when given.
@@ -153,6 +218,7 @@ impl Stage {
         write: Option<&WriteSpec>,
         map: Option<(ExchangeMapTask, &str)>,
     ) -> Result<Planned> {
+        let firsts = self.first_rows();
         if let Some((_, boundary)) = &map {
             self.names.push(format!("{boundary} (map)"));
             // Over an exchange, these steps are its reduce tasks' (said once, below).
@@ -168,24 +234,44 @@ impl Stage {
         let describe = self.describe.join("\n");
         let part = write.map(|w| w.part.clone());
         let target = write.map(|w| Arc::clone(&w.target));
-        let encode = |label: String, input: StageInput| -> Result<EncodedTask> {
+        let encode = |label: String,
+                      input: StageInput,
+                      map: Option<ExchangeMapTask>|
+         -> Result<EncodedTask> {
             EncodedTask::new(Box::new(StageTask {
                 label,
                 input,
                 ops: self.ops.clone(),
                 write: part.clone(),
-                map: map.clone(),
+                map,
             }))
         };
+        let positional = map
+            .as_ref()
+            .is_some_and(ExchangeMapTask::places_by_position);
         let plan = match self.input {
             Input::Reads(reads) => PhysicalPlan::ClusterRead(ClusterReadExec {
                 name,
                 describe,
                 tasks: reads
                     .into_iter()
-                    .map(|(label, bytes)| {
-                        let task = encode(label.clone(), StageInput::Read(bytes))?;
-                        Ok((label, task))
+                    .enumerate()
+                    .map(|(i, read)| {
+                        // A map that places rows by position, at the task's rows.
+                        let map = match (&map, &firsts, read.rows) {
+                            (Some(m), Some(firsts), Some(rows)) if positional => {
+                                Some(m.at_rows(firsts[i], rows))
+                            }
+                            (Some(_), _, _) if positional => {
+                                return Err(volley_common::VolleyError::internal(format!(
+                                    "{}: a map by row position over a split of unknown rows",
+                                    read.label
+                                )))
+                            }
+                            (m, _, _) => m.clone(),
+                        };
+                        let task = encode(read.label.clone(), StageInput::Read(read.plan), map)?;
+                        Ok((read.label, task))
                     })
                     .collect::<Result<_>>()?,
                 resources: self.resources,
@@ -203,7 +289,8 @@ impl Stage {
                         None => Some(w),
                     })
                     .and_then(|w| match map {
-                        Some(m) => w.mapping(m),
+                        Some(m) if !positional => w.mapping(m),
+                        Some(_) => None,
                         None => Some(w),
                     })
                     .ok_or_else(|| {
@@ -217,9 +304,14 @@ impl Stage {
                 x.describe = format!("{}\nthen, in its reduce tasks: {describe}", x.describe);
                 PhysicalPlan::ClusterExchange(x)
             }
+            Input::Blocks(_) if positional => {
+                return Err(volley_common::VolleyError::internal(format!(
+                    "{name}: a map by row position over blocks of unknown rows"
+                )))
+            }
             Input::Blocks(input) => PhysicalPlan::ClusterMap(ClusterMapExec {
                 input,
-                task: encode(name.clone(), StageInput::Objects)?,
+                task: encode(name.clone(), StageInput::Objects, map)?,
                 name,
                 describe,
                 resources: self.resources,
@@ -291,18 +383,19 @@ impl ClusterRunner {
                         .iter()
                         .map(|r| {
                             let plan = r.plan().expect("checked above");
-                            Ok((r.label.clone(), plan_bytes(plan, &r.label)?))
+                            Ok(Read {
+                                label: r.label.clone(),
+                                plan: plan_bytes(plan, &r.label)?,
+                                rows: r.rows(),
+                            })
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    return Ok(Node::Stage(Stage {
-                        input: Input::Reads(reads),
-                        names: vec![source.name()],
-                        describe: vec![format!("{}: {}", source.name(), source.describe())],
-                        ops: vec![],
-                        resources: Resources::cpus(1.0),
-                        bundle_rows: 1,
-                        schema: op.schema(state)?,
-                    }));
+                    let mut stage = Stage::over(Input::Reads(reads), op.schema(state)?);
+                    stage.names.push(source.name());
+                    stage
+                        .describe
+                        .push(format!("{}: {}", source.name(), source.describe()));
+                    return Ok(Node::Stage(stage));
                 }
                 here(children, false)
             }
@@ -312,30 +405,12 @@ impl ClusterRunner {
             | LogicalOp::Drop { .. }
             | LogicalOp::Rename { .. }
             | LogicalOp::Filter { .. } => match children.remove(0) {
-                Node::Stage(mut s) => {
-                    s.ops.push(ShippedOp::of(op)?.expect("a row-local step"));
-                    s.names.push(step_name(op).into());
-                    s.describe.push(ShippedOp::describe(op));
-                    s.schema = op.schema(state)?;
-                    Ok(Node::Stage(s))
-                }
+                Node::Stage(s) => Ok(Node::Stage(s.then_step(op, state)?)),
                 // Over an actor pool's blocks: a stage of its own, where they are.
                 child @ Node::Plan { remote: true, .. } => {
                     let ((input, schema), _) = child.close()?;
-                    let mut s = Stage {
-                        input: blocks_input(input),
-                        names: vec![],
-                        describe: vec![],
-                        ops: vec![],
-                        resources: Resources::cpus(1.0),
-                        bundle_rows: 1,
-                        schema,
-                    };
-                    s.ops.push(ShippedOp::of(op)?.expect("a row-local step"));
-                    s.names.push(step_name(op).into());
-                    s.describe.push(ShippedOp::describe(op));
-                    s.schema = op.schema(state)?;
-                    Ok(Node::Stage(s))
+                    let s = Stage::over(blocks_input(input), schema);
+                    Ok(Node::Stage(s.then_step(op, state)?))
                 }
                 child => here(vec![child], false),
             },
@@ -351,6 +426,7 @@ impl ClusterRunner {
                         s.ops.push(shipped);
                         s.names.push(format!("MapBatches({})", f.name()));
                         s.describe.push(ShippedOp::describe(op));
+                        s.keeps_rows = false;
                         s.resources = max_resources(&s.resources, &want);
                         s.schema = None;
                         Ok(Node::Stage(s))
@@ -378,6 +454,7 @@ impl ClusterRunner {
                             names: vec![format!("MapBatches({})", f.name())],
                             describe: vec![ShippedOp::describe(op)],
                             ops: vec![shipped],
+                            keeps_rows: false,
                             resources,
                             bundle_rows: options.batch_size.unwrap_or(1),
                             schema: None,
@@ -460,22 +537,28 @@ impl ClusterRunner {
                     .into_iter()
                     .enumerate()
                     .map(|(side, c)| match (c, work.map_in_stage(side)?) {
-                        (Node::Stage(s), Some(map)) => {
+                        (Node::Stage(s), Some(map)) if s.can_map(&map) => {
                             premapped[side] = true;
                             Ok(s.close_mapped(map, boundary)?.0)
                         }
-                        // An exchange right below: its reduce tasks run the map.
+                        // An exchange right below: its reduce tasks run the map, as a
+                        // stage of no steps over it.
                         (
                             Node::Plan {
-                                planned: (PhysicalPlan::ClusterExchange(x), _),
+                                planned: (x @ PhysicalPlan::ClusterExchange(_), schema),
                                 ..
                             },
                             Some(map),
-                        ) => {
-                            let (x, mapped) = map_in_reduce(x, map, boundary);
-                            premapped[side] = mapped;
-                            Ok(PhysicalPlan::ClusterExchange(x))
-                        }
+                        ) if !map.places_by_position() => match blocks_input(x) {
+                            input @ Input::Reduce(_) => {
+                                premapped[side] = true;
+                                Ok(Stage::over(input, schema).close_mapped(map, boundary)?.0)
+                            }
+                            Input::Blocks(x) => Ok(*x),
+                            Input::Reads(_) => Err(volley_common::VolleyError::internal(
+                                "an exchange's output as read splits",
+                            )),
+                        },
                         (c, _) => c.close().map(|((p, _), _)| p),
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -502,34 +585,6 @@ impl ClusterRunner {
             ))),
         }
     }
-}
-
-/// Exchange `x` with its reduce (and broadcast) tasks running `map`, the map work of
-/// the exchange `boundary` above it, when its work can (`false`: `x` as it was).
-fn map_in_reduce(
-    mut x: ClusterExchangeExec,
-    map: ExchangeMapTask,
-    boundary: &str,
-) -> (ClusterExchangeExec, bool) {
-    if x.write.is_some() {
-        return (x, false);
-    }
-    let Some(work) = x
-        .work
-        .as_any()
-        .downcast_ref::<DatasetExchange>()
-        .cloned()
-        .and_then(|w| w.mapping(map))
-    else {
-        return (x, false);
-    };
-    x.work = Arc::new(work);
-    x.name = format!("{}->{boundary} (map)", x.name);
-    x.describe = format!(
-        "{}\nthen, in its reduce tasks: the map of the {boundary} above",
-        x.describe
-    );
-    (x, true)
 }
 
 /// The name of a boundary's exchange in stats.

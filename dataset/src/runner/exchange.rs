@@ -321,9 +321,35 @@ pub struct ExchangeMapTask {
     partitioner: Partitioner,
     /// For an aggregation: the block becomes its groups' states first.
     partial: Option<TwoPhase>,
+    /// The rows its input must have, where a stage below runs it knowing its first
+    /// row (see [`at_rows`](Self::at_rows)).
+    #[serde(default)]
+    rows: Option<u64>,
 }
 
 impl ExchangeMapTask {
+    /// Whether a row's partition follows from its position in the input (a seeded
+    /// shuffle): a stage below can run the map only where it knows each task's first
+    /// row.
+    pub(crate) fn places_by_position(&self) -> bool {
+        matches!(self.partitioner, Partitioner::Random { .. })
+    }
+
+    /// The map of a task whose rows are rows `first_row..first_row + rows` of the
+    /// input (counted at planning): given another count (a file changed since), it
+    /// fails rather than place rows where another run would not.
+    pub(crate) fn at_rows(&self, first_row: u64, rows: u64) -> Self {
+        let mut map = self.clone();
+        if let Partitioner::Random {
+            first_row: first, ..
+        } = &mut map.partitioner
+        {
+            *first = first_row;
+        }
+        map.rows = Some(rows);
+        map
+    }
+
     /// The partition of each row of each batch.
     fn route(&self, batches: &[RecordBatch]) -> Result<Vec<Vec<usize>>> {
         let n = self.partitions;
@@ -425,6 +451,15 @@ impl ExchangeMapTask {
 impl ExchangeMapTask {
     /// `batches` (one block) as a map output: batch `p` holds partition `p`.
     pub(crate) fn partition(&self, mut batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        if let Some(planned) = self.rows {
+            let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+            if rows as u64 != planned {
+                return Err(VolleyError::execution(format!(
+                    "read {rows} rows where planning counted {planned} from the files' \
+                     footers: the files changed after the execution was planned"
+                )));
+            }
+        }
         if let (Some(two), false) = (&self.partial, batches.is_empty()) {
             batches = two.partial(&Context::global()?, batches)?;
         }
@@ -621,14 +656,13 @@ fn dataset(ctx: &Context, schema: SchemaRef, batches: Vec<RecordBatch>) -> Resul
 /// hash table from the smaller one.
 #[derive(Debug)]
 struct HeldSide {
-    batches: Vec<RecordBatch>,
     rows: MemorySource,
 }
 
 impl HeldSide {
     fn dataset(ctx: &Context, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<Dataset> {
-        let rows = MemorySource::with_schema(schema, batches.clone())?;
-        Ok(ctx.source(Arc::new(Self { batches, rows })))
+        let rows = MemorySource::with_schema(schema, batches)?;
+        Ok(ctx.source(Arc::new(Self { rows })))
     }
 }
 
@@ -648,7 +682,8 @@ impl DataSource for HeldSide {
 
     fn logical_plan(&self) -> Option<LogicalPlan> {
         let schema = self.rows.schema();
-        let table = MemTable::try_new(Arc::clone(&schema), vec![self.batches.clone()]).ok()?;
+        let table =
+            MemTable::try_new(Arc::clone(&schema), vec![self.rows.batches().to_vec()]).ok()?;
         let scan = LogicalPlanBuilder::scan("held", provider_as_source(Arc::new(table)), None);
         // Plain strings, as every scan of a relational operator (see `scan` in
         // `relational.rs`).
@@ -1285,16 +1320,19 @@ impl DatasetExchange {
             partitions: self.partitions,
             partitioner,
             partial: self.partial.clone(),
+            rows: None,
         })
     }
 
     /// The map work of input `side`, for the stage below to run in its own tasks on
     /// what they make (a read split partitioned where it is read, never stored whole):
     /// `None` where the map tasks need something of the whole input (a sort's
-    /// samples, a repartition's row count, a seeded shuffle's row positions).
+    /// samples, a repartition's row count). A seeded shuffle's map
+    /// [places rows by position](ExchangeMapTask::places_by_position): only a stage
+    /// that knows each task's first row can run it.
     pub(crate) fn map_in_stage(&self, side: usize) -> Result<Option<ExchangeMapTask>> {
         match self.map {
-            MapPlan::Hash { .. } => self.map(side, 0, &[]).map(Some),
+            MapPlan::Hash { .. } | MapPlan::Random { .. } => self.map(side, 0, &[]).map(Some),
             _ => Ok(None),
         }
     }
@@ -1538,6 +1576,53 @@ mod tests {
         }
         let want: Vec<usize> = (0..7).map(|p| 100 * (p + 1) / 7 - 100 * p / 7).collect();
         assert_eq!(sizes, want);
+    }
+
+    /// A stage below a seeded shuffle runs its map knowing each task's first row: the
+    /// same partitions as a map task over the block at that row; a task that reads
+    /// another count than planned fails.
+    #[test]
+    fn a_seeded_shuffle_maps_in_a_stage_at_the_rows_planned() {
+        let ctx = Context::global().unwrap();
+        let blocks: Vec<RecordBatch> = ctx.range(1_000).collect().unwrap();
+        let input = ctx.from_batches(blocks.clone()).unwrap();
+        let shuffled = input.random_shuffle(5).unwrap();
+        let work = DatasetExchange::of(shuffled.logical_plan(), ctx.session_state(), 6, 0)
+            .unwrap()
+            .unwrap();
+        let in_stage = work.map_in_stage(0).unwrap().expect("a stage can run it");
+        assert!(in_stage.places_by_position());
+        let block = ctx.range(300).collect_batch().unwrap();
+        let t = task();
+        let by_task = work
+            .map(0, 700, &[])
+            .unwrap()
+            .run(&t, vec![vec![block.clone()]])
+            .unwrap();
+        let by_stage = in_stage
+            .at_rows(700, 300)
+            .partition(vec![block.clone()])
+            .unwrap();
+        assert_eq!(rows(&by_task), rows(&by_stage));
+        assert_ne!(
+            rows(
+                &in_stage
+                    .at_rows(0, 300)
+                    .partition(vec![block.clone()])
+                    .unwrap()
+            ),
+            rows(&by_stage),
+            "the first row places the rows"
+        );
+        let err = in_stage
+            .at_rows(700, 301)
+            .partition(vec![block])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("read 300 rows where planning counted 301"),
+            "{err}"
+        );
     }
 
     #[test]
