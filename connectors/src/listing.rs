@@ -537,57 +537,73 @@ impl DataSource for FileScan {
 
 /// The rows each Parquet split (one file, or a byte range of one) yields when read
 /// whole: its file's row groups that DataFusion's scan reads for that range (those
-/// whose first page starts in it), counted from the footer through the session's
-/// metadata cache (the scan reads the same footers). `None` where a footer cannot be
-/// read: the scan then reports it, naming the file.
+/// whose first page starts in it). Each file's footer is fetched once, without its
+/// page index, into the session's metadata cache, where the scan finds it again.
+/// `None` where a footer cannot be read: the scan then reports it, naming the file.
 async fn split_rows(
     state: &SessionState,
     config: &FileScanConfig,
     groups: &[FileGroup],
 ) -> Option<Vec<u64>> {
     use datafusion::datasource::physical_plan::parquet::metadata::DFParquetMetadata;
+    use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, RowGroupMetaData};
     let store = state
         .runtime_env()
         .object_store(&config.object_store_url)
         .ok()?;
     let cache = state.runtime_env().cache_manager.get_file_metadata_cache();
-    let counts: Vec<futures::future::BoxFuture<'_, Option<u64>>> = groups
+    // Each distinct file once, in the order of its first split.
+    let mut at = std::collections::HashMap::new();
+    let mut files: Vec<&ObjectMeta> = Vec::new();
+    for group in groups {
+        let [file] = group.files() else {
+            return None;
+        };
+        at.entry(&file.object_meta.location).or_insert_with(|| {
+            files.push(&file.object_meta);
+            files.len() - 1
+        });
+    }
+    let footers: Vec<futures::future::BoxFuture<'_, Option<Arc<ParquetMetaData>>>> = files
         .iter()
-        .map(|group| {
+        .map(|&meta| {
             let (store, cache) = (Arc::clone(&store), Arc::clone(&cache));
             async move {
-                let [file] = group.files() else {
-                    return None;
-                };
-                let metadata = DFParquetMetadata::new(store.as_ref(), &file.object_meta)
+                DFParquetMetadata::new(store.as_ref(), meta)
                     .with_file_metadata_cache(Some(cache))
+                    .with_page_index_policy(Some(PageIndexPolicy::Skip))
                     .fetch_metadata()
                     .await
-                    .ok()?;
-                let read = |rg: &&parquet::file::metadata::RowGroupMetaData| match (
-                    &file.range,
-                    rg.columns().first(),
-                ) {
-                    (None, _) => true,
-                    (Some(range), Some(first)) => range.contains(
-                        first
-                            .dictionary_page_offset()
-                            .unwrap_or_else(|| first.data_page_offset()),
-                    ),
-                    (Some(_), None) => false,
-                };
-                let rows = metadata.row_groups().iter().filter(read);
-                Some(rows.map(|rg| rg.num_rows().max(0) as u64).sum::<u64>())
+                    .ok()
             }
             .boxed()
         })
         .collect();
-    futures::stream::iter(counts)
+    let footers: Vec<Arc<ParquetMetaData>> = futures::stream::iter(footers)
         .buffered(16)
-        .collect::<Vec<Option<u64>>>()
+        .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect()
+        .collect::<Option<_>>()?;
+    let counts = groups
+        .iter()
+        .map(|group| {
+            let file = &group.files()[0];
+            let footer = &footers[at[&file.object_meta.location]];
+            let read = |rg: &&RowGroupMetaData| match (&file.range, rg.columns().first()) {
+                (None, _) => true,
+                (Some(range), Some(first)) => range.contains(
+                    first
+                        .dictionary_page_offset()
+                        .unwrap_or_else(|| first.data_page_offset()),
+                ),
+                (Some(_), None) => false,
+            };
+            let rows = footer.row_groups().iter().filter(read);
+            rows.map(|rg| rg.num_rows().max(0) as u64).sum::<u64>()
+        })
+        .collect();
+    Some(counts)
 }
 
 /// One task per output partition of a DataFusion plan.
