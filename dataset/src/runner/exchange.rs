@@ -28,6 +28,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use arrow::row::{RowConverter, SortField};
+use datafusion::common::hash_utils::{create_hashes, RandomState};
 use datafusion::datasource::memory::{MemTable, MemorySourceConfig};
 use datafusion::datasource::provider_as_source;
 use datafusion::execution::context::SessionState;
@@ -42,8 +43,8 @@ use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, RemotePart, ScanRequest};
 use volley_exec::{
-    compile_expr, hash_partitions, random_partitions, shuffle_partition, ExchangeWork,
-    InputStreamPartition, InputStreamSource, MemorySource,
+    compile_expr, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
+    ExchangeWork, InputStreamPartition, InputStreamSource, MemorySource,
 };
 use volley_runtime::cluster::{EncodedTask, InputStream, RemoteTask, TaskContext};
 
@@ -207,6 +208,45 @@ impl TwoPhase {
             .block_on(datafusion::physical_plan::collect(partial, task))?)
     }
 
+    /// The groups' states of each of `parts` (a block cut by its keys' hash, each part
+    /// in pieces), planned once, and their schema.
+    fn partial_each(
+        &self,
+        ctx: &Context,
+        parts: Vec<Vec<RecordBatch>>,
+    ) -> Result<(SchemaRef, Vec<Vec<RecordBatch>>)> {
+        let (partial, _) = self.halves(ctx, vec![])?;
+        let input_schema = partial
+            .children()
+            .first()
+            .map(|c| c.schema())
+            .ok_or_else(|| VolleyError::internal("a partial aggregation without input"))?;
+        let task = ctx.session_state().task_ctx();
+        let states = parts
+            .into_iter()
+            .map(|pieces| {
+                let Some(first) = pieces.first() else {
+                    return Ok(vec![]);
+                };
+                let part = concat_batches(&first.schema(), &pieces)?;
+                drop(pieces);
+                let input = MemorySourceConfig::try_new_exec(
+                    &[vec![part]],
+                    Arc::clone(&input_schema),
+                    None,
+                )?;
+                let plan = Arc::clone(&partial).replace_children(
+                    vec![input],
+                    ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+                )?;
+                Ok(ctx
+                    .exec_context()
+                    .block_on(datafusion::physical_plan::collect(plan, Arc::clone(&task)))?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((partial.schema(), states))
+    }
+
     /// The aggregation of states (a reduce task's partition).
     fn finish(&self, ctx: &Context, states: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         let (partial, final_agg) = self.halves(ctx, vec![])?;
@@ -352,7 +392,13 @@ impl ExchangeMapTask {
 
     /// The partition of each row of each batch.
     fn route(&self, batches: &[RecordBatch]) -> Result<Vec<Vec<usize>>> {
-        let n = self.partitions;
+        self.route_into(batches, self.partitions)
+    }
+
+    /// The partition of each row of each batch among `n`. A hash partitioner places a
+    /// row in `hash % n`: with `n` a multiple of the exchange's partitions, part `b`
+    /// falls whole into partition `b % partitions`.
+    fn route_into(&self, batches: &[RecordBatch], n: usize) -> Result<Vec<Vec<usize>>> {
         match &self.partitioner {
             Partitioner::Hash { keys, casts } => {
                 let mut hashes = Vec::new();
@@ -450,7 +496,7 @@ impl ExchangeMapTask {
 
 impl ExchangeMapTask {
     /// `batches` (one block) as a map output: batch `p` holds partition `p`.
-    pub(crate) fn partition(&self, mut batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    pub(crate) fn partition(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         if let Some(planned) = self.rows {
             let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
             if rows as u64 != planned {
@@ -460,13 +506,100 @@ impl ExchangeMapTask {
                 )));
             }
         }
+        let n = self.partitions.max(1);
         if let (Some(two), false) = (&self.partial, batches.is_empty()) {
-            batches = two.partial(&Context::global()?, batches)?;
+            let ctx = Context::global()?;
+            let batches = batches
+                .into_iter()
+                .map(plain_batch)
+                .collect::<Result<Vec<_>>>()?;
+            if !self.many_groups(&batches)? {
+                let states = two.partial(&ctx, batches)?;
+                let routes = self.route(&states)?;
+                return batches_per_partition(&states, &routes, n);
+            }
+            // Many groups: a hash table of them all outgrows the CPU's caches, and
+            // each row's lookup waits on memory. The rows go by their keys' hash into
+            // parts of a few groups each, each part is aggregated on its own, and a
+            // part's states all belong to one partition.
+            let parts = n * RADIX_PARTS.div_ceil(n);
+            // Each batch cut in one `take` (its rows stay in cache), each part then
+            // put together from its pieces as it is aggregated.
+            let routes = self.route_into(&batches, parts)?;
+            let mut pieces: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts];
+            for (batch, targets) in batches.iter().zip(&routes) {
+                let (grouped, starts) = group_by_partition(batch, targets, parts)?;
+                for (part, piece) in pieces.iter_mut().enumerate() {
+                    let len = starts[part + 1] - starts[part];
+                    if len > 0 {
+                        piece.push(grouped.slice(starts[part], len));
+                    }
+                }
+            }
+            drop(batches);
+            let (schema, states) = two.partial_each(&ctx, pieces)?;
+            return (0..n)
+                .map(|p| {
+                    let mine: Vec<&RecordBatch> =
+                        states.iter().skip(p).step_by(n).flatten().collect();
+                    Ok(concat_batches(&schema, mine)?)
+                })
+                .collect();
         }
         let routes = self.route(&batches)?;
-        batches_per_partition(&batches, &routes, self.partitions.max(1))
+        batches_per_partition(&batches, &routes, n)
+    }
+
+    /// Whether an aggregation's block has groups enough that aggregating it in parts
+    /// pays: at least [`RADIX_MIN_GROUPS`] distinct key hashes among its first
+    /// [`RADIX_PROBE_ROWS`] rows. Only a hash exchange (an aggregation's) is cut.
+    fn many_groups(&self, batches: &[RecordBatch]) -> Result<bool> {
+        let Partitioner::Hash {
+            keys: Some(keys), ..
+        } = &self.partitioner
+        else {
+            return Ok(false);
+        };
+        if keys.is_empty() {
+            return Ok(false);
+        }
+        let mut seen = std::collections::HashSet::new();
+        let (mut rows, mut hashes) = (0, Vec::new());
+        for b in batches {
+            if rows >= RADIX_PROBE_ROWS {
+                break;
+            }
+            let b = b.slice(0, b.num_rows().min(RADIX_PROBE_ROWS - rows));
+            rows += b.num_rows();
+            let cols =
+                keys.iter()
+                    .map(|k| {
+                        let idx = b.schema().index_of(k).map_err(|_| {
+                            VolleyError::unknown_column("exchange key", k, &b.schema())
+                        })?;
+                        Ok(Arc::clone(b.column(idx)))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+            hashes.clear();
+            hashes.resize(b.num_rows(), 0);
+            create_hashes(&cols, &RandomState::default(), &mut hashes)?;
+            seen.extend(hashes.iter().copied());
+            if seen.len() >= RADIX_MIN_GROUPS {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
+
+/// Distinct groups, among a map block's first [`RADIX_PROBE_ROWS`] rows, from which
+/// its partial aggregation runs in [`RADIX_PARTS`] parts: a table of this many groups
+/// and their states no longer fits a core's L2 cache.
+const RADIX_MIN_GROUPS: usize = 8192;
+const RADIX_PROBE_ROWS: usize = 65_536;
+/// Parts (rounded up to a multiple of the partitions) a block of many groups is
+/// aggregated in.
+const RADIX_PARTS: usize = 64;
 
 #[typetag::serde(name = "volley::ExchangeMapTask")]
 impl RemoteTask for ExchangeMapTask {
@@ -1623,6 +1756,46 @@ mod tests {
             err.contains("read 300 rows where planning counted 301"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_aggregation_of_many_groups_maps_in_parts_as_one_table_would() {
+        let ctx = Context::global().unwrap();
+        let ds = ctx
+            .range(120_000)
+            .with_column("k", crate::col("id") % lit(20_011i64))
+            .unwrap()
+            .with_column(
+                "s",
+                datafusion::logical_expr::cast(crate::col("id") % lit(3i64), DataType::Utf8View),
+            )
+            .unwrap();
+        let all: Vec<RecordBatch> = ds.collect().unwrap();
+        let all = concat_batches(&all[0].schema(), &all).unwrap();
+        // Two blocks of 60,000 rows, each with every key: many groups per block.
+        let blocks = vec![all.slice(0, 60_000), all.slice(60_000, 60_000)];
+        let input = ctx.from_batches(blocks.clone()).unwrap();
+        let grouped = input
+            .groupby(&["k", "s"])
+            .agg([agg::count_all(), agg::sum("id"), agg::max("s")])
+            .unwrap();
+        let work = DatasetExchange::of(grouped.logical_plan(), ctx.session_state(), 4, 0)
+            .unwrap()
+            .expect("runs as an exchange");
+        let prepared = work.prepare(vec![], 0).unwrap();
+        let map = work.map(0, 0, &prepared).unwrap();
+        assert!(map.many_groups(&blocks[..1]).unwrap());
+        assert!(!map.many_groups(&[blocks[0].slice(0, 5_000)]).unwrap());
+        // Each partition's states are the groups that hash there, one row per group.
+        let out = map.partition(vec![blocks[0].clone()]).unwrap();
+        assert_eq!(out.len(), 4);
+        assert_eq!(out.iter().map(RecordBatch::num_rows).sum::<usize>(), 60_000);
+        let mut got = rows(&through_tasks(grouped.logical_plan(), &blocks, 4));
+        let mut want = rows(&grouped.collect().unwrap());
+        got.sort();
+        want.sort();
+        assert_eq!(got.len(), 60_033);
+        assert_eq!(got, want);
     }
 
     #[test]
