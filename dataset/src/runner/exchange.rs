@@ -23,7 +23,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
-use arrow::compute::{cast, concat_batches, interleave_record_batch, take, SortOptions};
+use arrow::compute::{cast, concat_batches, take, take_record_batch, SortOptions};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
@@ -43,8 +43,8 @@ use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, RemotePart, ScanRequest};
 use volley_exec::{
-    compile_expr, group_by_partition, hash_partitions, random_partitions, shuffle_partition,
-    ExchangeWork, InputStreamPartition, InputStreamSource, MemorySource,
+    compile_expr, hash_partitions, random_partitions, shuffle_partition, ExchangeWork,
+    InputStreamPartition, InputStreamSource, MemorySource,
 };
 use volley_runtime::cluster::{EncodedTask, InputStream, RemoteTask, TaskContext};
 
@@ -516,27 +516,15 @@ impl ExchangeMapTask {
             if !self.many_groups(&batches)? {
                 let states = two.partial(&ctx, batches)?;
                 let routes = self.route(&states)?;
-                return batches_per_partition(&states, &routes, n);
+                return batches_per_partition(states, &routes, n);
             }
             // Many groups: a hash table of them all outgrows the CPU's caches, and
             // each row's lookup waits on memory. The rows go by their keys' hash into
             // parts of a few groups each, each part is aggregated on its own, and a
             // part's states all belong to one partition.
             let parts = n * RADIX_PARTS.div_ceil(n);
-            // Each batch cut in one `take` (its rows stay in cache), each part then
-            // put together from its pieces as it is aggregated.
             let routes = self.route_into(&batches, parts)?;
-            let mut pieces: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts];
-            for (batch, targets) in batches.iter().zip(&routes) {
-                let (grouped, starts) = group_by_partition(batch, targets, parts)?;
-                for (part, piece) in pieces.iter_mut().enumerate() {
-                    let len = starts[part + 1] - starts[part];
-                    if len > 0 {
-                        piece.push(grouped.slice(starts[part], len));
-                    }
-                }
-            }
-            drop(batches);
+            let pieces = pieces_per_partition(batches, &routes, parts)?;
             let (schema, states) = two.partial_each(&ctx, pieces)?;
             return (0..n)
                 .map(|p| {
@@ -547,7 +535,7 @@ impl ExchangeMapTask {
                 .collect();
         }
         let routes = self.route(&batches)?;
-        batches_per_partition(&batches, &routes, n)
+        batches_per_partition(batches, &routes, n)
     }
 
     /// Whether an aggregation's block has groups enough that aggregating it in parts
@@ -612,33 +600,63 @@ impl RemoteTask for ExchangeMapTask {
 /// `b` into partition `routes[b][r]`, in input order: reduce task `p` reads batch `p`.
 /// No batches make no partitions (readers of a batch of them get none).
 ///
-/// Each partition is gathered from all of `batches` in one copy (an interleave) and its
-/// view columns' strings in one more: a partition's own buffers, as the object's file
-/// would otherwise hold every row's strings once per partition. Cutting each input
-/// batch apart and concatenating the pieces copied every value twice and the strings
-/// three times.
+/// Each input batch is put in partition order in one `take` and the partitions'
+/// pieces are concatenated: each value is copied twice, but each copy reads memory in
+/// order or within one batch. A gather of each partition from all of `batches` at
+/// once copied once, but waited on memory for nearly every row of a large block. View
+/// columns' strings are copied once, at the end: a partition's own buffers, as the
+/// object's file would otherwise hold every row's strings once per partition.
 pub(crate) fn batches_per_partition(
-    batches: &[RecordBatch],
+    batches: Vec<RecordBatch>,
     routes: &[Vec<usize>],
     n: usize,
 ) -> Result<Vec<RecordBatch>> {
-    let Some(first) = batches.first() else {
+    let Some(schema) = batches.first().map(RecordBatch::schema) else {
         return Ok(vec![]);
     };
-    let schema = first.schema();
-    let mut rows: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n];
-    for (b, targets) in routes.iter().enumerate() {
-        for (r, &p) in targets.iter().enumerate() {
-            rows[p].push((b, r));
-        }
-    }
-    let inputs: Vec<&RecordBatch> = batches.iter().collect();
-    rows.into_iter()
-        .map(|picks| match picks.len() {
+    pieces_per_partition(batches, routes, n)?
+        .into_iter()
+        .map(|pieces| match pieces.len() {
             0 => Ok(RecordBatch::new_empty(Arc::clone(&schema))),
-            _ => volley_common::compact_views(interleave_record_batch(&inputs, &picks)?),
+            _ => volley_common::compact_views(concat_batches(&schema, &pieces)?),
         })
         .collect()
+}
+
+/// Each partition's rows of `batches` as pieces, in input order: each batch is put in
+/// partition order in one `take` (its rows stay in the CPU's cache, where a gather
+/// across all the batches at once would wait on memory for each row) and let go, and
+/// each partition gets its slice of it. View strings still point into the taken
+/// batches' buffers.
+fn pieces_per_partition(
+    batches: Vec<RecordBatch>,
+    routes: &[Vec<usize>],
+    n: usize,
+) -> Result<Vec<Vec<RecordBatch>>> {
+    let mut pieces: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
+    for (batch, targets) in batches.into_iter().zip(routes) {
+        let mut starts = vec![0usize; n + 1];
+        for &t in targets {
+            starts[t + 1] += 1;
+        }
+        for p in 0..n {
+            starts[p + 1] += starts[p];
+        }
+        let mut next = starts.clone();
+        let mut order = vec![0u32; targets.len()];
+        for (row, &t) in targets.iter().enumerate() {
+            order[next[t]] = row as u32;
+            next[t] += 1;
+        }
+        let grouped = take_record_batch(&batch, &UInt32Array::from(order))?;
+        drop(batch);
+        for (p, piece) in pieces.iter_mut().enumerate() {
+            if starts[p + 1] > starts[p] {
+                piece.push(grouped.slice(starts[p], starts[p + 1] - starts[p]));
+            }
+        }
+    }
+    Ok(pieces)
 }
 
 /// A sample task: up to [`SAMPLE_ROWS`] key rows of its block, evenly spaced.
@@ -1597,7 +1615,7 @@ mod tests {
         };
         let batches = [batch(0..5), batch(5..9)];
         let routes = vec![vec![2, 0, 2, 1, 0], vec![0, 2, 2, 0]];
-        let parts = batches_per_partition(&batches, &routes, 4).unwrap();
+        let parts = batches_per_partition(batches.to_vec(), &routes, 4).unwrap();
         let ids = |b: &RecordBatch| -> Vec<i64> {
             b.column(0)
                 .as_primitive::<arrow::datatypes::Int64Type>()
@@ -1621,7 +1639,7 @@ mod tests {
                 );
             }
         }
-        assert!(batches_per_partition(&[], &[], 4).unwrap().is_empty());
+        assert!(batches_per_partition(vec![], &[], 4).unwrap().is_empty());
     }
 
     #[test]

@@ -666,7 +666,7 @@ impl RemoteTask for QueryStageTask {
                 let batches = run_partition(&ctx, r.input(), self.partition, task_ctx)
                     .map_err(|e| e.context(label.clone()))?;
                 route(&batches, exprs.as_deref(), partitions, self.partition)
-                    .and_then(|routes| batches_per_partition(&batches, &routes, partitions))
+                    .and_then(|routes| batches_per_partition(batches, &routes, partitions))
                     .with_context(|| format!("{label}: splitting its rows into partitions"))
             }
         }
