@@ -29,8 +29,10 @@ use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use arrow::row::{RowConverter, SortField};
 use datafusion::common::hash_utils::{create_hashes, RandomState};
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::memory::{MemTable, MemorySourceConfig};
 use datafusion::datasource::provider_as_source;
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::context::SessionState;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
@@ -209,18 +211,15 @@ impl TwoPhase {
     }
 
     /// The groups' states of each of `parts` (a block cut by its keys' hash, each part
-    /// in pieces), planned once, and their schema.
+    /// in pieces), planned once, and their schema. Each part takes the place of the
+    /// plan's in-memory input with that input's schema and projection (the optimizer
+    /// narrows the scan to the columns the aggregation reads).
     fn partial_each(
         &self,
         ctx: &Context,
         parts: Vec<Vec<RecordBatch>>,
     ) -> Result<(SchemaRef, Vec<Vec<RecordBatch>>)> {
         let (partial, _) = self.halves(ctx, vec![])?;
-        let input_schema = partial
-            .children()
-            .first()
-            .map(|c| c.schema())
-            .ok_or_else(|| VolleyError::internal("a partial aggregation without input"))?;
         let task = ctx.session_state().task_ctx();
         let states = parts
             .into_iter()
@@ -230,15 +229,28 @@ impl TwoPhase {
                 };
                 let part = concat_batches(&first.schema(), &pieces)?;
                 drop(pieces);
-                let input = MemorySourceConfig::try_new_exec(
-                    &[vec![part]],
-                    Arc::clone(&input_schema),
-                    None,
-                )?;
-                let plan = Arc::clone(&partial).replace_children(
-                    vec![input],
-                    ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
-                )?;
+                let mut over_part = false;
+                let plan = Arc::clone(&partial)
+                    .transform_up(|node| {
+                        let memory = node
+                            .downcast_ref::<DataSourceExec>()
+                            .and_then(|d| d.data_source().downcast_ref::<MemorySourceConfig>());
+                        let Some(memory) = memory else {
+                            return Ok(Transformed::no(node));
+                        };
+                        over_part = true;
+                        let input: Arc<dyn ExecutionPlan> = MemorySourceConfig::try_new_exec(
+                            &[vec![part.clone()]],
+                            memory.original_schema(),
+                            memory.projection().clone(),
+                        )?;
+                        Ok(Transformed::yes(input))
+                    })?
+                    .data;
+                if !over_part {
+                    // Another plan shape: planned for this part alone.
+                    return self.partial(ctx, vec![part]);
+                }
                 Ok(ctx
                     .exec_context()
                     .block_on(datafusion::physical_plan::collect(plan, Arc::clone(&task)))?)
@@ -626,8 +638,8 @@ pub(crate) fn batches_per_partition(
 /// Each partition's rows of `batches` as pieces, in input order: each batch is put in
 /// partition order in one `take` (its rows stay in the CPU's cache, where a gather
 /// across all the batches at once would wait on memory for each row) and let go, and
-/// each partition gets its slice of it. View strings still point into the taken
-/// batches' buffers.
+/// each partition gets its slice of it. A view column's strings stay in the input's
+/// buffers (a `take` copies the views) until the caller copies them.
 fn pieces_per_partition(
     batches: Vec<RecordBatch>,
     routes: &[Vec<usize>],
@@ -1787,6 +1799,9 @@ mod tests {
                 "s",
                 datafusion::logical_expr::cast(crate::col("id") % lit(3i64), DataType::Utf8View),
             )
+            .unwrap()
+            // A column the aggregation does not read: its plan's input is narrower.
+            .with_column("unused", crate::col("id") * lit(2i64))
             .unwrap();
         let all: Vec<RecordBatch> = ds.collect().unwrap();
         let all = concat_batches(&all[0].schema(), &all).unwrap();
