@@ -406,22 +406,29 @@ pub fn group_by_partition(
     targets: &[usize],
     n: usize,
 ) -> Result<(RecordBatch, Vec<usize>)> {
-    let mut counts = vec![0usize; n + 1];
+    let (order, counts) = partition_order(targets, n);
+    let grouped = volley_common::compact_views(take_record_batch(batch, &order)?)?;
+    Ok((grouped, counts))
+}
+
+/// The rows of a batch whose row `r` goes to partition `targets[r]` (of `n`), in
+/// partition order (stable), as `take` indices, and where each partition starts:
+/// partition `p` is positions `starts[p]..starts[p + 1]`.
+pub fn partition_order(targets: &[usize], n: usize) -> (UInt32Array, Vec<usize>) {
+    let mut starts = vec![0usize; n + 1];
     for &t in targets {
-        counts[t + 1] += 1;
+        starts[t + 1] += 1;
     }
     for i in 0..n {
-        counts[i + 1] += counts[i];
+        starts[i + 1] += starts[i];
     }
-    let mut next = counts.clone();
+    let mut next = starts.clone();
     let mut order = vec![0u32; targets.len()];
     for (row, &t) in targets.iter().enumerate() {
         order[next[t]] = row as u32;
         next[t] += 1;
     }
-    let grouped =
-        volley_common::compact_views(take_record_batch(batch, &UInt32Array::from(order))?)?;
-    Ok((grouped, counts))
+    (UInt32Array::from(order), starts)
 }
 
 /// The rows of `blocks` (partition `p` of a random exchange with `seed`, in input

@@ -24,8 +24,8 @@ mod watch;
 
 pub use driver::{execute, ExecContext, ExecutionStream};
 pub use exchange::{
-    group_by_partition, hash_partitions, random_partitions, shuffle_partition, ExchangeStore,
-    FrozenStore, Partitioning,
+    group_by_partition, hash_partitions, partition_order, random_partitions, shuffle_partition,
+    ExchangeStore, FrozenStore, Partitioning,
 };
 pub use input_source::{InputStreamPartition, InputStreamSource};
 pub use memory_pool::BudgetMemoryPool;

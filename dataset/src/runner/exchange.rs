@@ -45,8 +45,8 @@ use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, RemotePart, ScanRequest};
 use volley_exec::{
-    compile_expr, hash_partitions, random_partitions, shuffle_partition, ExchangeWork,
-    InputStreamPartition, InputStreamSource, MemorySource,
+    compile_expr, hash_partitions, partition_order, random_partitions, shuffle_partition,
+    ExchangeWork, InputStreamPartition, InputStreamSource, MemorySource,
 };
 use volley_runtime::cluster::{EncodedTask, InputStream, RemoteTask, TaskContext};
 
@@ -647,20 +647,8 @@ fn pieces_per_partition(
 ) -> Result<Vec<Vec<RecordBatch>>> {
     let mut pieces: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
     for (batch, targets) in batches.into_iter().zip(routes) {
-        let mut starts = vec![0usize; n + 1];
-        for &t in targets {
-            starts[t + 1] += 1;
-        }
-        for p in 0..n {
-            starts[p + 1] += starts[p];
-        }
-        let mut next = starts.clone();
-        let mut order = vec![0u32; targets.len()];
-        for (row, &t) in targets.iter().enumerate() {
-            order[next[t]] = row as u32;
-            next[t] += 1;
-        }
-        let grouped = take_record_batch(&batch, &UInt32Array::from(order))?;
+        let (order, starts) = partition_order(targets, n);
+        let grouped = take_record_batch(&batch, &order)?;
         drop(batch);
         for (p, piece) in pieces.iter_mut().enumerate() {
             if starts[p + 1] > starts[p] {
