@@ -3,7 +3,10 @@
 //!
 //! One task writing one ordered stream (a sorted dataset, a single-file output) would
 //! otherwise encode every column of every row group on one core; the columns of a row
-//! group are independent, so they are encoded in parallel and appended in order.
+//! group are independent, so they are encoded in parallel and appended in order. A row
+//! group is encoded while the writer's caller fills the next one (one row group more
+//! in memory): a sort's final merge runs on one core and would otherwise stop for
+//! each row group's encoding (W4 on two cores: ~6% faster).
 
 use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +40,9 @@ struct ColumnJob {
     bytes: usize,
 }
 
+/// A row group's column chunks, each with its column's index.
+type EncodedRowGroup = Vec<(usize, ArrowColumnChunk)>;
+
 /// A Parquet file being written.
 pub(crate) struct ParquetFileWriter {
     writer: SerializedFileWriter<File>,
@@ -46,6 +52,8 @@ pub(crate) struct ParquetFileWriter {
     pending_rows: usize,
     row_groups: usize,
     cores: usize,
+    /// The row group being encoded while the next one fills.
+    encoding: Option<std::thread::JoinHandle<Result<EncodedRowGroup>>>,
 }
 
 impl ParquetFileWriter {
@@ -67,6 +75,7 @@ impl ParquetFileWriter {
             pending_rows: 0,
             row_groups: 0,
             cores: cores.max(1),
+            encoding: None,
         })
         .inspect(|_| {
             OPEN_WRITERS.fetch_add(1, Ordering::AcqRel);
@@ -95,8 +104,12 @@ impl ParquetFileWriter {
         Ok(())
     }
 
-    /// Encodes the buffered rows as one row group.
+    /// Encodes the buffered rows as one row group, on other threads: the row group
+    /// before it (if any) is appended first, so the caller fills the next one while
+    /// this one is encoded (a sorted stream's merge runs on one core, and would
+    /// otherwise wait for every row group's encoding).
     fn flush(&mut self) -> Result<()> {
+        self.append_encoded()?;
         if self.pending_rows == 0 {
             return Ok(());
         }
@@ -123,6 +136,9 @@ impl ParquetFileWriter {
                 }
             }
         }
+        self.pending.clear();
+        self.pending_rows = 0;
+        self.row_groups += 1;
         // Largest columns first, each to the least loaded thread.
         jobs.sort_by_key(|j| std::cmp::Reverse(j.bytes));
         let writers = OPEN_WRITERS.load(Ordering::Acquire).max(1);
@@ -137,67 +153,147 @@ impl ParquetFileWriter {
             lightest.0 += job.bytes;
             lightest.1.push(job);
         }
-        let encode = |bucket: Vec<ColumnJob>| {
-            bucket
-                .into_iter()
-                .map(|mut job| {
-                    for l in &job.leaves {
-                        job.writer.write(l)?;
-                    }
-                    Ok((job.index, job.writer.close()?))
-                })
-                .collect::<Result<Vec<_>>>()
+        let buckets: Vec<Vec<ColumnJob>> = buckets.into_iter().map(|(_, b)| b).collect();
+        let handle = std::thread::Builder::new()
+            .name("volley-parquet".into())
+            .spawn(move || encode_row_group(buckets))
+            .map_err(|e| VolleyError::internal(format!("cannot start a Parquet encoder: {e}")))?;
+        self.encoding = Some(handle);
+        Ok(())
+    }
+
+    /// Waits for the row group being encoded, if any, and appends it.
+    fn append_encoded(&mut self) -> Result<()> {
+        let Some(handle) = self.encoding.take() else {
+            return Ok(());
         };
-        if threads == 1 {
-            let bucket = buckets.pop().map(|(_, b)| b).unwrap_or_default();
-            let chunks = encode(bucket)?;
-            return self.append(chunks);
-        }
-        let encoded: Vec<Result<Vec<(usize, ArrowColumnChunk)>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = buckets
-                .into_iter()
-                .map(|(_, bucket)| s.spawn(move || encode(bucket)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(VolleyError::internal("a Parquet encoder thread panicked"))
-                    })
-                })
-                .collect()
-        });
-        let mut chunks = Vec::new();
-        for e in encoded {
-            chunks.extend(e?);
-        }
+        let chunks = handle
+            .join()
+            .unwrap_or_else(|_| Err(VolleyError::internal("a Parquet encoder thread panicked")))?;
         self.append(chunks)
     }
 
     /// Appends encoded column chunks as the next row group.
-    fn append(&mut self, mut chunks: Vec<(usize, ArrowColumnChunk)>) -> Result<()> {
+    fn append(&mut self, mut chunks: EncodedRowGroup) -> Result<()> {
         chunks.sort_by_key(|(i, _)| *i);
         let mut row_group = self.writer.next_row_group()?;
         for (_, chunk) in chunks {
             chunk.append_to_row_group(&mut row_group)?;
         }
         row_group.close()?;
-        self.pending.clear();
-        self.pending_rows = 0;
-        self.row_groups += 1;
         Ok(())
     }
 
     /// Writes what is buffered and the footer.
     pub(crate) fn close(mut self) -> Result<()> {
         self.flush()?;
+        self.append_encoded()?;
         self.writer.finish()?;
         Ok(())
     }
 }
 
+/// Encodes a row group's columns, each bucket on its own thread.
+fn encode_row_group(buckets: Vec<Vec<ColumnJob>>) -> Result<EncodedRowGroup> {
+    let encode = |bucket: Vec<ColumnJob>| {
+        bucket
+            .into_iter()
+            .map(|mut job| {
+                for l in &job.leaves {
+                    job.writer.write(l)?;
+                }
+                Ok((job.index, job.writer.close()?))
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    let mut buckets = buckets;
+    let Some(first) = buckets.pop() else {
+        return Ok(Vec::new());
+    };
+    let (mine, others) = std::thread::scope(|s| {
+        let handles: Vec<_> = buckets
+            .into_iter()
+            .map(|bucket| s.spawn(move || encode(bucket)))
+            .collect();
+        let mine = encode(first);
+        let others: Vec<Result<EncodedRowGroup>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(VolleyError::internal("a Parquet encoder thread panicked"))
+                })
+            })
+            .collect();
+        (mine, others)
+    });
+    let mut all = mine?;
+    for o in others {
+        all.extend(o?);
+    }
+    Ok(all)
+}
+
 impl Drop for ParquetFileWriter {
     fn drop(&mut self) {
         OPEN_WRITERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    /// Row groups are encoded while the next fills: every one lands, in order.
+    #[test]
+    fn row_groups_encoded_behind_the_writer_land_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.parquet");
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .build();
+        let mut w =
+            ParquetFileWriter::try_new(File::create(&path).unwrap(), Arc::clone(&schema), props, 2)
+                .unwrap();
+        let total = 2 * ROW_GROUP_ROWS as i64 + 1000;
+        let step = 300_000;
+        let mut start = 0;
+        while start < total {
+            let end = (start + step).min(total);
+            let batch = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from_iter_values(start..end))],
+            )
+            .unwrap();
+            w.write(&batch).unwrap();
+            start = end;
+        }
+        w.close().unwrap();
+
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
+        let groups: Vec<i64> = reader
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
+        assert_eq!(
+            groups,
+            vec![ROW_GROUP_ROWS as i64, ROW_GROUP_ROWS as i64, 1000]
+        );
+        let mut next = 0;
+        for b in reader.build().unwrap() {
+            let b = b.unwrap();
+            let x = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            for v in x.values().iter() {
+                assert_eq!(*v, next);
+                next += 1;
+            }
+            assert_eq!(x.null_count(), 0);
+        }
+        assert_eq!(next, total);
     }
 }
