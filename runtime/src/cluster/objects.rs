@@ -138,13 +138,17 @@ impl ObjectCompression {
         }
     }
 
-    fn ipc_options(self) -> Result<IpcWriteOptions> {
-        let kind = match self {
+    /// The IPC codec of its buffers (`Auto` as it writes files: none).
+    fn codec(self) -> Option<CompressionType> {
+        match self {
             ObjectCompression::Auto | ObjectCompression::None => None,
             ObjectCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
             ObjectCompression::Zstd => Some(CompressionType::ZSTD),
-        };
-        Ok(IpcWriteOptions::default().try_with_compression(kind)?)
+        }
+    }
+
+    fn ipc_options(self) -> Result<IpcWriteOptions> {
+        Ok(IpcWriteOptions::default().try_with_compression(self.codec())?)
     }
 }
 
@@ -638,6 +642,22 @@ impl FlightService for FlightObjects {
             _ => false,
         };
         let compression = self.store.compression().for_peer(remote);
+        if let Selection::Batch(i) = selection {
+            // A partition of a map output held as a file goes out as the file's own
+            // IPC message, where its compression is the one the peer gets.
+            let key = id.clone();
+            let found = self
+                .blocking(move |store| {
+                    let path = store.locate(&key)?;
+                    file_batch_messages(&path, i, compression).ok().flatten()
+                })
+                .await?;
+            if let Some(messages) = found {
+                return Ok(Response::new(Box::pin(futures::stream::iter(
+                    messages.into_iter().map(Ok),
+                ))));
+            }
+        }
         let not_here = || Status::not_found(format!("object {id} is not on this node"));
         let internal = |e: VolleyError| Status::internal(e.to_string());
         let key = id.clone();
@@ -1155,6 +1175,114 @@ impl<T: AsRef<[u8]>> AsRef<[u8]> for FileRange<T> {
     fn as_ref(&self) -> &[u8] {
         &self.file.as_ref().as_ref()[self.start..self.start + self.len]
     }
+}
+
+/// The largest message [`file_batch_messages`] sends as it is in the file; a larger
+/// batch is cut into pieces by the encoder's path.
+const PASSTHROUGH_MAX_BYTES: usize = 64 << 20;
+
+/// Batch `i` of the Arrow IPC file at `path` (a shared object's) as the Flight messages
+/// that send it (its schema, then the batch's message unless it has no rows), its
+/// header and body taken from the file as they are: no decoding, no copying of views
+/// into pieces, no encoding again, the body a range of the file's mapped pages.
+///
+/// `None` where the file cannot be sent as it is: its buffers are compressed otherwise
+/// than `compression` asks, it holds dictionaries, or the batch is larger than
+/// [`PASSTHROUGH_MAX_BYTES`] (the encoder's path then sends it in pieces).
+fn file_batch_messages(
+    path: &Path,
+    i: u32,
+    compression: ObjectCompression,
+) -> Result<Option<Vec<FlightData>>> {
+    use arrow::ipc::reader::read_footer_length;
+    let file = std::fs::File::open(path)?;
+    // SAFETY: as in `map_shared_file`: a shared file is written once and never again.
+    #[allow(unsafe_code)]
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }?);
+    let bytes: &[u8] = &map;
+    let bad = |what: &str| VolleyError::execution(format!("not an Arrow IPC file: {what}"));
+    let len = bytes.len();
+    let trailer: [u8; 10] = bytes
+        .get(len.saturating_sub(10)..)
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| bad("too short"))?;
+    let footer_start = (len - 10)
+        .checked_sub(read_footer_length(trailer)?)
+        .ok_or_else(|| bad("its footer"))?;
+    let footer = arrow::ipc::root_as_footer(&bytes[footer_start..len - 10])
+        .map_err(|e| bad(&e.to_string()))?;
+    if footer.dictionaries().is_some_and(|d| !d.is_empty()) {
+        return Ok(None);
+    }
+    let schema = footer
+        .schema()
+        .map(arrow::ipc::convert::fb_to_schema)
+        .ok_or_else(|| bad("no schema"))?;
+    // The encoder sends dictionaries' values in their place (and their schema so).
+    let dictionary = |f: &&arrow::datatypes::Field| {
+        matches!(f.data_type(), arrow::datatypes::DataType::Dictionary(..))
+    };
+    if schema.flattened_fields().iter().any(dictionary) {
+        return Ok(None);
+    }
+    let options = IpcWriteOptions::default();
+    let mut messages = vec![FlightData::from(arrow_flight::SchemaAsIpc::new(
+        &schema, &options,
+    ))];
+    let blocks = footer
+        .recordBatches()
+        .ok_or_else(|| bad("no batch index"))?;
+    if blocks.is_empty() {
+        // No batches (a map task's empty input): no rows in any partition.
+        return Ok(Some(messages));
+    }
+    let Some(block) = blocks.iter().nth(i as usize) else {
+        // The decoding path says what is wrong.
+        return Ok(None);
+    };
+    let (Ok(start), Ok(meta), Ok(body)) = (
+        usize::try_from(block.offset()),
+        usize::try_from(block.metaDataLength()),
+        usize::try_from(block.bodyLength()),
+    ) else {
+        return Err(bad("a block's offsets"));
+    };
+    if body > PASSTHROUGH_MAX_BYTES {
+        return Ok(None);
+    }
+    // The message: a continuation marker, its header's length, the header (padded),
+    // then the body.
+    let end = start
+        .checked_add(meta)
+        .and_then(|m| m.checked_add(body))
+        .filter(|&end| meta >= 8 && end <= footer_start)
+        .ok_or_else(|| bad("a block out of the file"))?;
+    if bytes[start..start + 4] != [0xff; 4] {
+        return Ok(None);
+    }
+    let header = &bytes[start + 8..start + meta];
+    let message = arrow::ipc::root_as_message(header).map_err(|e| bad(&e.to_string()))?;
+    let batch = message
+        .header_as_record_batch()
+        .ok_or_else(|| bad("a block that is not a record batch"))?;
+    if batch.compression().map(|c| c.codec()) != compression.codec() {
+        return Ok(None);
+    }
+    if batch.length() == 0 {
+        // Flight sends no empty batch.
+        return Ok(Some(messages));
+    }
+    let body = FileRange {
+        file: Arc::clone(&map),
+        start: start + meta,
+        len: end - start - meta,
+    };
+    messages.push(FlightData {
+        data_header: bytes::Bytes::copy_from_slice(header),
+        data_body: bytes::Bytes::from_owner(body),
+        ..Default::default()
+    });
+    Ok(Some(messages))
 }
 
 /// The batches of the Arrow IPC file `file` (all, or batch `i`), decoded without
@@ -1736,6 +1864,87 @@ mod tests {
         assert_eq!(
             ObjectCompression::Zstd.for_peer(false),
             ObjectCompression::Zstd
+        );
+    }
+
+    /// A batch of a file goes over Flight as the file's own message where the file's
+    /// compression is the peer's, and reads back the same; an empty batch sends none;
+    /// another compression, a dictionary column or a batch the file lacks leave it to
+    /// the encoder.
+    #[test]
+    fn a_file_batch_goes_over_flight_as_the_file_holds_it() {
+        use arrow::array::{ArrayRef, DictionaryArray, StringViewArray};
+        use arrow::datatypes::Int32Type;
+        let dir = tempfile::tempdir().unwrap();
+        let part = |from: i64, n: i64| {
+            RecordBatch::try_from_iter([
+                (
+                    "k",
+                    Arc::new(Int64Array::from_iter_values(from..from + n)) as ArrayRef,
+                ),
+                (
+                    "s",
+                    Arc::new(StringViewArray::from_iter_values(
+                        (from..from + n).map(|i| format!("a string longer than twelve {i}")),
+                    )),
+                ),
+            ])
+            .unwrap()
+        };
+        let batches = vec![part(0, 30_000), part(0, 0), part(7, 5)];
+        let read = |messages: Vec<FlightData>| -> Vec<RecordBatch> {
+            futures::executor::block_on(
+                FlightRecordBatchStream::new_from_flight_data(futures::stream::iter(
+                    messages.into_iter().map(Ok),
+                ))
+                .try_collect(),
+            )
+            .unwrap()
+        };
+        for c in [
+            ObjectCompression::None,
+            ObjectCompression::Lz4,
+            ObjectCompression::Zstd,
+        ] {
+            let path = dir.path().join(format!("{c}.arrow"));
+            write_file(&path, &batches, c).unwrap();
+            for (i, b) in batches.iter().enumerate() {
+                let messages = file_batch_messages(&path, i as u32, c)
+                    .unwrap()
+                    .expect("sent as the file holds it");
+                let want: Vec<RecordBatch> =
+                    (b.num_rows() > 0).then(|| b.clone()).into_iter().collect();
+                assert_eq!(read(messages), want, "{c}, batch {i}");
+            }
+            let other = match c {
+                ObjectCompression::None => ObjectCompression::Lz4,
+                _ => ObjectCompression::None,
+            };
+            assert!(
+                file_batch_messages(&path, 0, other).unwrap().is_none(),
+                "{c}"
+            );
+            assert!(file_batch_messages(&path, 3, c).unwrap().is_none(), "{c}");
+        }
+        // `Auto` writes files as `None` does, and sends them so to this host.
+        let path = dir.path().join("none.arrow");
+        assert!(file_batch_messages(&path, 0, ObjectCompression::Auto)
+            .unwrap()
+            .is_some());
+        let keys = arrow::array::Int32Array::from(vec![0, 1, 0]);
+        let values = Arc::new(arrow::array::StringArray::from(vec!["a", "b"]));
+        let dict = RecordBatch::try_from_iter([(
+            "d",
+            Arc::new(DictionaryArray::<Int32Type>::try_new(keys, values).unwrap()) as ArrayRef,
+        )])
+        .unwrap();
+        let path = dir.path().join("dict.arrow");
+        write_file(&path, &[dict], ObjectCompression::None).unwrap();
+        assert!(file_batch_messages(&path, 0, ObjectCompression::None)
+            .unwrap()
+            .is_none());
+        assert!(
+            file_batch_messages(&dir.path().join("absent"), 0, ObjectCompression::None).is_err()
         );
     }
 
