@@ -2088,7 +2088,7 @@ fn sql_stages_run_on_the_cluster_nodes() {
     );
     assert!(
         text.contains("ClusterStageExec: stage 2")
-            && text.contains("map tasks into 12 partitions)")
+            && text.contains("map tasks into 6 partitions)")
             && text.contains("AggregateExec: mode=Partial"),
         "{text}"
     );
@@ -2142,7 +2142,7 @@ fn tpch_queries_run_in_stages_on_three_nodes_and_give_duckdbs_answers() {
     // task of the join reads it whole), and lineitem is not exchanged.
     assert!(
         text.contains("ClusterStageExec")
-            && text.contains("map tasks into 12 partitions")
+            && text.contains("map tasks into 6 partitions")
             && text.contains("HashJoinExec: mode=CollectLeft"),
         "{text}"
     );

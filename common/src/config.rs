@@ -44,7 +44,9 @@ pub struct ExecOptions {
     /// `volley.exec.shuffle_partitions`: on a cluster, the partitions (reduce tasks) of
     /// a sort, aggregation, distinct or join. `None` means twice the cluster's CPUs, at
     /// least 8: more partitions make each reduce task's share smaller (it is read into
-    /// one worker's memory, and its operator spills past that worker's budget).
+    /// one worker's memory, and its operator spills past that worker's budget). A SQL
+    /// query whose files hold at most 256 MiB per CPU gets one partition per CPU: each
+    /// of its stages then runs in one wave of tasks.
     pub shuffle_partitions: Option<usize>,
     /// `volley.exec.broadcast_join_bytes`: on a cluster, an inner, left, semi or anti
     /// join whose right side (measured in the nodes' stores once it is all made) is at

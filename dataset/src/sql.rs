@@ -205,6 +205,58 @@ impl PlanSource {
         Ok(plan)
     }
 
+    /// `plan` planned for a cluster whose exchanges have `partitions` partitions, and a
+    /// join side estimated below `broadcast` bytes collected (read whole by each task).
+    async fn cluster_plan(
+        &self,
+        plan: &LogicalPlan,
+        partitions: usize,
+        broadcast: u64,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let mut config = self.state.config().clone();
+        let options = config.options_mut();
+        options.execution.target_partitions = partitions;
+        // Whole partitions travel; spreading batches round robin here would
+        // make every partition depend on every task.
+        options.optimizer.enable_round_robin_repartition = false;
+        // A join's dynamic filter waits for every partition of the join to
+        // report its build side; a stage's task runs one partition.
+        options.optimizer.enable_dynamic_filter_pushdown = false;
+        options.optimizer.enable_join_dynamic_filter_pushdown = false;
+        options.optimizer.enable_topk_dynamic_filter_pushdown = false;
+        options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
+        // A join's side estimated (from the files' statistics) below the
+        // broadcast limit is collected and read whole by every task of the
+        // join, so that the other side is not exchanged. In one process the
+        // collected side is built once and shared, and DataFusion's smaller
+        // defaults fit that; here each task builds it, but an exchange costs
+        // more than that: the big side's rows written, fetched and read again.
+        options.optimizer.hash_join_single_partition_threshold =
+            usize::try_from(broadcast).unwrap_or(usize::MAX);
+        options.optimizer.hash_join_single_partition_threshold_rows =
+            usize::try_from(broadcast / 8).unwrap_or(usize::MAX);
+        let state = SessionStateBuilder::new_from_existing(self.state.clone())
+            .with_config(config.clone())
+            .build();
+        let mut physical = state.create_physical_plan(plan).await?;
+        // A left outer, semi or anti join with its left side collected needs
+        // all of its right side in one task: such joins are hash-partitioned on
+        // both sides; the other joins keep a small side collected (broadcast).
+        physical = crate::runner::partition_collected_joins(physical)?;
+        if crate::runner::finishes_collected_side(&physical) {
+            // One that cannot be (a nested-loop or a null-aware anti join):
+            // planned again with no side collected.
+            let options = config.options_mut();
+            options.optimizer.hash_join_single_partition_threshold = 0;
+            options.optimizer.hash_join_single_partition_threshold_rows = 0;
+            let state = SessionStateBuilder::new_from_existing(self.state.clone())
+                .with_config(config)
+                .build();
+            physical = state.create_physical_plan(plan).await?;
+        }
+        Ok(physical)
+    }
+
     async fn physical(&self, request: &ScanRequest) -> Result<Arc<dyn ExecutionPlan>> {
         let plan = self.projected(request)?;
         let mut physical = match self.ctx.cluster() {
@@ -214,52 +266,18 @@ impl PlanSource {
             Some(cluster) => {
                 // The cluster's calls block: asked from a thread of their own.
                 let config = self.ctx.config();
-                let partitions = std::thread::scope(|s| {
-                    s.spawn(|| crate::runner::shuffle_partitions(cluster, config))
+                let (few, many) = std::thread::scope(|s| {
+                    s.spawn(|| crate::runner::query_partitions(cluster, config))
                         .join()
                 })
                 .map_err(|_| VolleyError::internal("asking the cluster for its CPUs"))?;
                 let broadcast = config.exec.broadcast_join_bytes;
-                let mut config = self.state.config().clone();
-                let options = config.options_mut();
-                options.execution.target_partitions = partitions;
-                // Whole partitions travel; spreading batches round robin here would
-                // make every partition depend on every task.
-                options.optimizer.enable_round_robin_repartition = false;
-                // A join's dynamic filter waits for every partition of the join to
-                // report its build side; a stage's task runs one partition.
-                options.optimizer.enable_dynamic_filter_pushdown = false;
-                options.optimizer.enable_join_dynamic_filter_pushdown = false;
-                options.optimizer.enable_topk_dynamic_filter_pushdown = false;
-                options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
-                // A join's side estimated (from the files' statistics) below the
-                // broadcast limit is collected and read whole by every task of the
-                // join, so that the other side is not exchanged. In one process the
-                // collected side is built once and shared, and DataFusion's smaller
-                // defaults fit that; here each task builds it, but an exchange costs
-                // more than that: the big side's rows written, fetched and read again.
-                options.optimizer.hash_join_single_partition_threshold =
-                    usize::try_from(broadcast).unwrap_or(usize::MAX);
-                options.optimizer.hash_join_single_partition_threshold_rows =
-                    usize::try_from(broadcast / 8).unwrap_or(usize::MAX);
-                let state = SessionStateBuilder::new_from_existing(self.state.clone())
-                    .with_config(config.clone())
-                    .build();
-                let mut physical = state.create_physical_plan(&plan).await?;
-                // A left outer, semi or anti join with its left side collected needs
-                // all of its right side in one task: such joins are hash-partitioned on
-                // both sides; the other joins keep a small side collected (broadcast).
-                physical = crate::runner::partition_collected_joins(physical)?;
-                if crate::runner::finishes_collected_side(&physical) {
-                    // One that cannot be (a nested-loop or a null-aware anti join):
-                    // planned again with no side collected.
-                    let options = config.options_mut();
-                    options.optimizer.hash_join_single_partition_threshold = 0;
-                    options.optimizer.hash_join_single_partition_threshold_rows = 0;
-                    let state = SessionStateBuilder::new_from_existing(self.state.clone())
-                        .with_config(config)
-                        .build();
-                    physical = state.create_physical_plan(&plan).await?;
+                let mut physical = self.cluster_plan(&plan, few, broadcast).await?;
+                if many > few
+                    && crate::runner::scanned_bytes(&physical)
+                        > few as u64 * crate::runner::SMALL_QUERY_BYTES_PER_CPU
+                {
+                    physical = self.cluster_plan(&plan, many, broadcast).await?;
                 }
                 let staged = if crate::runner::scans_files(&physical) {
                     crate::runner::stages_on_cluster(&physical, cluster)?

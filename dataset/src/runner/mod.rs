@@ -24,11 +24,11 @@ use std::sync::Arc;
 use volley_common::Result;
 use volley_exec::{ExecContext, PhysicalPlan};
 
-pub(crate) use cluster::shuffle_partitions;
 pub use cluster::ClusterRunner;
+pub(crate) use cluster::{query_partitions, SMALL_QUERY_BYTES_PER_CPU};
 pub(crate) use query_stages::{
-    finishes_collected_side, partition_collected_joins, scans_files, stages_on_cluster,
-    ClusterStageExec,
+    finishes_collected_side, partition_collected_joins, scanned_bytes, scans_files,
+    stages_on_cluster, ClusterStageExec,
 };
 pub(crate) use scan::scans_on_cluster;
 pub use stage::StageTask;

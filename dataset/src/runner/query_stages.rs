@@ -1157,6 +1157,24 @@ impl PhysicalProtoConverterExtension for StageConverter {
     }
 }
 
+/// The bytes of the files a plan scans (each scan counted: a file read twice counts
+/// twice), by the byte ranges its file groups read.
+pub(crate) fn scanned_bytes(plan: &Arc<dyn ExecutionPlan>) -> u64 {
+    let mut bytes = 0;
+    let _ = plan.apply(|node| {
+        if let Some(scan) = file_scan_config(node.as_ref()) {
+            for file in scan.file_groups.iter().flat_map(|g| g.files()) {
+                bytes += match &file.range {
+                    Some(r) => u64::try_from(r.end - r.start).unwrap_or(0),
+                    None => file.object_meta.size,
+                };
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    bytes
+}
+
 /// Whether a plan scans files (only such plans are worth cutting into stages).
 pub(crate) fn scans_files(plan: &Arc<dyn ExecutionPlan>) -> bool {
     let mut found = false;
@@ -1256,6 +1274,29 @@ mod tests {
             Ok(TreeNodeRecursion::Continue)
         });
         out
+    }
+
+    /// A plan's scanned bytes are its files' bytes, each scan counted: the size of a
+    /// query, before it runs, that chooses its partitions on a cluster.
+    #[test]
+    fn a_plan_scans_the_bytes_of_its_files_once_per_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let size = |t: &str| -> u64 {
+            std::fs::read_dir(dir.path().join(t))
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .sum()
+        };
+        let (big, small) = (size("big"), size("small"));
+        let one = physical(&ctx, "SELECT sum(k) FROM big");
+        assert_eq!(scanned_bytes(&one), big);
+        let join = physical(
+            &ctx,
+            "SELECT sum(b.k) FROM big b JOIN small s ON b.k = s.k \
+             UNION ALL SELECT sum(k) FROM small",
+        );
+        assert_eq!(scanned_bytes(&join), big + 2 * small);
     }
 
     #[test]
