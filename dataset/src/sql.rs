@@ -100,8 +100,14 @@ pub(crate) fn plan_sql(
         sctx.register_table(*name, table)
             .with_context(|| format!("registering table `{name}` = {path}"))?;
     }
-    let statements =
-        DFParser::parse_sql(query).map_err(|e| VolleyError::plan(format!("SQL error: {e}")))?;
+    let statements = DFParser::parse_sql(query).map_err(|e| {
+        // The parser's own sentence ("sql parser error: Expected: ..."), not the
+        // enum DataFusion's message wraps it in.
+        VolleyError::plan(match &e {
+            datafusion::error::DataFusionError::SQL(p, _) => p.to_string(),
+            e => format!("SQL error: {e}"),
+        })
+    })?;
     if statements.is_empty() {
         return Err(VolleyError::plan("no SQL statement given"));
     }

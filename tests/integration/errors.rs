@@ -182,5 +182,12 @@ fn cli_prints_one_line_and_exits_non_zero() {
 
     let out = Command::new(bin).args(["sql", "SELEC 1"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("SELEC"));
+    // The parser's sentence, said once, without the enum it travels in.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sql parser error: Expected: an SQL statement, found: SELEC")
+            && !err.contains("ParserError(")
+            && err.matches("error:").count() == 2,
+        "{err}"
+    );
 }
