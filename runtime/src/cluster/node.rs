@@ -277,17 +277,36 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-/// glibc's allocator settings for a job's processes. Buffers from 256 KiB up are
-/// mapped on their own and given back when dropped: held in the heap instead (a 4 MiB
+/// glibc's allocator thresholds for a process whose memory budget (a worker's, or a
+/// node agent's object store) is `budget`: `(mmap, trim)`, the size from which a buffer
+/// is mapped on its own and given back when dropped, and the free memory a heap keeps
+/// at its top for the next buffers.
+///
+/// Small budgets keep 256 KiB and 16 MiB: held in the heap instead (a 4 MiB
 /// threshold), the blocks a sort takes in and spills freed memory that no later
 /// allocation reused, and a reduce task sorting a partition of ~330 MiB under a 48 MiB
-/// budget peaked at 510-600 MiB where it now peaks at ~300 MiB (the out-of-core sort
-/// test). Two heaps (arenas) at most, so that freed memory is reused across the
-/// runtime's threads; up to 16 MiB freed at a heap's top stays there for the next
-/// batch (fewer page faults: TPC-H SF1 Q18 on a 2-node cluster faulted ~130k-180k
-/// pages instead of ~220k-230k). Other C libraries ignore the variable.
-const MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=262144:\
-     glibc.malloc.trim_threshold=16777216:glibc.malloc.arena_max=2";
+/// budget peaked at 510-600 MiB where it peaks at ~300 MiB (the out-of-core sort test).
+/// Large budgets keep more, in proportion (a 256th and a 64th, at most 32 MiB, glibc's
+/// ceiling before 2.35, and 256 MiB): batch-sized buffers mapped and unmapped again and
+/// again cost a page fault and a zeroed page per 4 KiB each time; a random shuffle
+/// (W5) on 2 one-CPU nodes took 2.02-2.07 s with such thresholds against 2.18-2.22 s.
+pub fn allocator_thresholds(budget: u64) -> (u64, u64) {
+    (
+        (budget / 256).clamp(256 << 10, 32 << 20),
+        (budget / 64).clamp(16 << 20, 256 << 20),
+    )
+}
+
+/// glibc's allocator settings (`GLIBC_TUNABLES`) for a job's processes under `budget`:
+/// [`allocator_thresholds`], and two heaps (arenas) at most, so that freed memory is
+/// reused across the runtime's threads. Other C libraries ignore the variable.
+fn malloc_tunables(budget: u64) -> String {
+    let (mmap, trim) = allocator_thresholds(budget);
+    format!(
+        "glibc.malloc.mmap_threshold={mmap}:glibc.malloc.trim_threshold={trim}:\
+         glibc.malloc.arena_max=2"
+    )
+}
 
 /// The variable of a process's memory budget (`volley.exec.memory_limit`).
 const MEMORY_LIMIT_VAR: &str = "VOLLEY_EXEC_MEMORY_LIMIT";
@@ -963,7 +982,7 @@ impl Agent {
         })
     }
 
-    /// The command that runs the job's binary (with [`MALLOC_TUNABLES`]).
+    /// The command that runs the job's binary (with [`malloc_tunables`]).
     fn command(&self, job: &LocalJob) -> Result<tokio::process::Command> {
         let first = job
             .entrypoint
@@ -979,16 +998,25 @@ impl Agent {
         if let Some(ca) = self.options.tls.ca_path() {
             cmd.env("VOLLEY_TLS_CA", ca);
         }
-        // Unless the node's (or the job's) environment says otherwise.
-        if std::env::var_os("GLIBC_TUNABLES").is_none() {
-            cmd.env("GLIBC_TUNABLES", MALLOC_TUNABLES);
-        }
         // A job's processes spill past their budget (a reduce task's sort): unless
         // the job or the node's environment sets it, their share of the node.
-        if !job.env.contains_key(MEMORY_LIMIT_VAR) && std::env::var_os(MEMORY_LIMIT_VAR).is_none() {
-            let limit =
-                worker_memory_limit(&self.options.resources, self.options.object_store_memory);
-            cmd.env(MEMORY_LIMIT_VAR, limit.to_string());
+        let set = job
+            .env
+            .get(MEMORY_LIMIT_VAR)
+            .cloned()
+            .or_else(|| std::env::var(MEMORY_LIMIT_VAR).ok());
+        let budget = match set {
+            Some(v) => volley_common::parse_bytes(&v).ok(),
+            None => {
+                let limit =
+                    worker_memory_limit(&self.options.resources, self.options.object_store_memory);
+                cmd.env(MEMORY_LIMIT_VAR, limit.to_string());
+                Some(limit)
+            }
+        };
+        // Unless the node's (or the job's) environment says otherwise.
+        if std::env::var_os("GLIBC_TUNABLES").is_none() {
+            cmd.env("GLIBC_TUNABLES", malloc_tunables(budget.unwrap_or(0)));
         }
         cmd.args(&job.entrypoint[1..])
             .current_dir(&job.package)
@@ -1577,6 +1605,28 @@ impl proto::node_agent_server::NodeAgent for AgentService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Small budgets (the out-of-core tests' 24-48 MiB) keep the 256 KiB / 16 MiB
+    /// thresholds their peaks were measured with; larger ones keep more, in proportion,
+    /// up to glibc's ceilings; a worker's tunables say so.
+    #[test]
+    fn allocator_thresholds_grow_with_the_budget_up_to_a_ceiling() {
+        const MIB: u64 = 1 << 20;
+        for small in [0, 24 * MIB, 48 * MIB] {
+            assert_eq!(
+                allocator_thresholds(small),
+                (256 << 10, 16 * MIB),
+                "{small}"
+            );
+        }
+        assert_eq!(allocator_thresholds(2048 * MIB), (8 * MIB, 32 * MIB));
+        assert_eq!(allocator_thresholds(64 << 30), (32 * MIB, 256 * MIB));
+        assert_eq!(
+            malloc_tunables(2048 * MIB),
+            "glibc.malloc.mmap_threshold=8388608:glibc.malloc.trim_threshold=33554432:\
+             glibc.malloc.arena_max=2"
+        );
+    }
 
     #[test]
     fn a_worker_gets_one_cpus_share_of_the_memory_past_the_store() {
