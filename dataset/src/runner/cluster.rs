@@ -614,11 +614,7 @@ impl ClusterRunner {
 /// The partitions of a cluster's exchanges where the operation leaves their number
 /// open: `volley.exec.shuffle_partitions`, or twice the live nodes' CPUs (at least 8).
 fn shuffle_partitions(cluster: &Cluster, config: &VolleyConfig) -> usize {
-    if let Some(n) = config.exec.shuffle_partitions {
-        return n;
-    }
-    let cpus = cluster.live_cpus().unwrap_or(0.0);
-    ((cpus * 2.0) as usize).max(8)
+    query_partitions(cluster, config).1
 }
 
 /// File bytes per CPU up to which a SQL query's exchanges on a cluster have one

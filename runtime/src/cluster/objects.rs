@@ -642,7 +642,9 @@ impl FlightService for FlightObjects {
             _ => false,
         };
         let compression = self.store.compression().for_peer(remote);
-        if let Selection::Batch(i) = selection {
+        // The store writes its files with its own compression (`Auto`: none).
+        let as_filed = self.store.compression().codec() == compression.codec();
+        if let (Selection::Batch(i), true) = (selection, as_filed) {
             // A partition of a map output held as a file goes out as the file's own
             // IPC message, where its compression is the one the peer gets.
             let key = id.clone();
@@ -1147,6 +1149,12 @@ pub(crate) async fn fetch_shared(
 /// [`ObjectCompression::Auto`]). While a batch lives it keeps the file's pages, even
 /// once the store has freed or spilled the object.
 fn map_shared_file(path: &Path, batch: Option<u32>) -> Result<Vec<RecordBatch>> {
+    decode_ipc_file(map_file(path)?, batch)
+        .map_err(|e| e.context(format!("object file {}", path.display())))
+}
+
+/// The file at `path` (one of a node's shared objects) mapped into memory.
+fn map_file(path: &Path) -> Result<Arc<memmap2::Mmap>> {
     let file = std::fs::File::open(path).map_err(|e| {
         VolleyError::Io(e).context(format!("cannot read object file {}", path.display()))
     })?;
@@ -1158,8 +1166,55 @@ fn map_shared_file(path: &Path, batch: Option<u32>) -> Result<Vec<RecordBatch>> 
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| {
         VolleyError::Io(e).context(format!("cannot map object file {}", path.display()))
     })?;
-    decode_ipc_file(Arc::new(map), batch)
-        .map_err(|e| e.context(format!("object file {}", path.display())))
+    Ok(Arc::new(map))
+}
+
+fn not_ipc(what: String) -> VolleyError {
+    VolleyError::execution(format!("not an Arrow IPC file: {what}"))
+}
+
+/// The footer of the Arrow IPC file `bytes`, and where it starts.
+fn ipc_footer(bytes: &[u8]) -> Result<(arrow::ipc::Footer<'_>, usize)> {
+    let len = bytes.len();
+    let trailer: [u8; 10] = bytes
+        .get(len.saturating_sub(10)..)
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| not_ipc(format!("{len} bytes")))?;
+    let footer_len = arrow::ipc::reader::read_footer_length(trailer)?;
+    let footer_start = (len - 10)
+        .checked_sub(footer_len)
+        .ok_or_else(|| not_ipc(format!("a footer of {footer_len} bytes in {len}")))?;
+    let footer = arrow::ipc::root_as_footer(&bytes[footer_start..len - 10])
+        .map_err(|e| not_ipc(format!("its footer: {e}")))?;
+    Ok((footer, footer_start))
+}
+
+/// Where `block`'s message lies in a file whose footer starts at `footer_start`:
+/// `(start, header and prefix, body)` bytes. A message starts with its 8-byte prefix,
+/// and ends before the footer.
+fn block_range(block: &arrow::ipc::Block, footer_start: usize) -> Result<(usize, usize, usize)> {
+    let (start, meta, body) = (
+        usize::try_from(block.offset()).ok(),
+        usize::try_from(block.metaDataLength()).ok(),
+        usize::try_from(block.bodyLength()).ok(),
+    );
+    match (start, meta, body) {
+        (Some(start), Some(meta), Some(body))
+            if meta >= 8
+                && start
+                    .checked_add(meta)
+                    .and_then(|m| m.checked_add(body))
+                    .is_some_and(|end| end <= footer_start) =>
+        {
+            Ok((start, meta, body))
+        }
+        _ => Err(not_ipc(format!(
+            "a block at {} of {} + {} bytes",
+            block.offset(),
+            block.metaDataLength(),
+            block.bodyLength()
+        ))),
+    }
 }
 
 /// A range of a file's bytes, owned as one allocation: a batch decoded from it counts
@@ -1194,30 +1249,16 @@ fn file_batch_messages(
     i: u32,
     compression: ObjectCompression,
 ) -> Result<Option<Vec<FlightData>>> {
-    use arrow::ipc::reader::read_footer_length;
-    let file = std::fs::File::open(path)?;
-    // SAFETY: as in `map_shared_file`: a shared file is written once and never again.
-    #[allow(unsafe_code)]
-    let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }?);
+    let map = map_file(path)?;
     let bytes: &[u8] = &map;
-    let bad = |what: &str| VolleyError::execution(format!("not an Arrow IPC file: {what}"));
-    let len = bytes.len();
-    let trailer: [u8; 10] = bytes
-        .get(len.saturating_sub(10)..)
-        .and_then(|t| t.try_into().ok())
-        .ok_or_else(|| bad("too short"))?;
-    let footer_start = (len - 10)
-        .checked_sub(read_footer_length(trailer)?)
-        .ok_or_else(|| bad("its footer"))?;
-    let footer = arrow::ipc::root_as_footer(&bytes[footer_start..len - 10])
-        .map_err(|e| bad(&e.to_string()))?;
+    let (footer, footer_start) = ipc_footer(bytes)?;
     if footer.dictionaries().is_some_and(|d| !d.is_empty()) {
         return Ok(None);
     }
     let schema = footer
         .schema()
         .map(arrow::ipc::convert::fb_to_schema)
-        .ok_or_else(|| bad("no schema"))?;
+        .ok_or_else(|| not_ipc("no schema".into()))?;
     // The encoder sends dictionaries' values in their place (and their schema so).
     let dictionary = |f: &&arrow::datatypes::Field| {
         matches!(f.data_type(), arrow::datatypes::DataType::Dictionary(..))
@@ -1231,7 +1272,7 @@ fn file_batch_messages(
     ))];
     let blocks = footer
         .recordBatches()
-        .ok_or_else(|| bad("no batch index"))?;
+        .ok_or_else(|| not_ipc("no batch index".into()))?;
     if blocks.is_empty() {
         // No batches (a map task's empty input): no rows in any partition.
         return Ok(Some(messages));
@@ -1240,31 +1281,18 @@ fn file_batch_messages(
         // The decoding path says what is wrong.
         return Ok(None);
     };
-    let (Ok(start), Ok(meta), Ok(body)) = (
-        usize::try_from(block.offset()),
-        usize::try_from(block.metaDataLength()),
-        usize::try_from(block.bodyLength()),
-    ) else {
-        return Err(bad("a block's offsets"));
-    };
-    if body > PASSTHROUGH_MAX_BYTES {
-        return Ok(None);
-    }
+    let (start, meta, body) = block_range(block, footer_start)?;
     // The message: a continuation marker, its header's length, the header (padded),
     // then the body.
-    let end = start
-        .checked_add(meta)
-        .and_then(|m| m.checked_add(body))
-        .filter(|&end| meta >= 8 && end <= footer_start)
-        .ok_or_else(|| bad("a block out of the file"))?;
-    if bytes[start..start + 4] != [0xff; 4] {
+    if body > PASSTHROUGH_MAX_BYTES || bytes[start..start + 4] != [0xff; 4] {
         return Ok(None);
     }
     let header = &bytes[start + 8..start + meta];
-    let message = arrow::ipc::root_as_message(header).map_err(|e| bad(&e.to_string()))?;
+    let message =
+        arrow::ipc::root_as_message(header).map_err(|e| not_ipc(format!("a message: {e}")))?;
     let batch = message
         .header_as_record_batch()
-        .ok_or_else(|| bad("a block that is not a record batch"))?;
+        .ok_or_else(|| not_ipc("a block that is not a record batch".into()))?;
     if batch.compression().map(|c| c.codec()) != compression.codec() {
         return Ok(None);
     }
@@ -1275,7 +1303,7 @@ fn file_batch_messages(
     let body = FileRange {
         file: Arc::clone(&map),
         start: start + meta,
-        len: end - start - meta,
+        len: body,
     };
     messages.push(FlightData {
         data_header: bytes::Bytes::copy_from_slice(header),
@@ -1291,65 +1319,34 @@ fn decode_ipc_file<T>(file: Arc<T>, batch: Option<u32>) -> Result<Vec<RecordBatc
 where
     T: AsRef<[u8]> + Send + Sync + 'static,
 {
-    use arrow::ipc::reader::{read_footer_length, FileDecoder};
-    let bad = |what: String| VolleyError::execution(format!("not an Arrow IPC file: {what}"));
+    use arrow::ipc::reader::FileDecoder;
     let bytes: &[u8] = file.as_ref().as_ref();
-    let len = bytes.len();
-    let trailer: [u8; 10] = bytes
-        .get(len.saturating_sub(10)..)
-        .and_then(|t| t.try_into().ok())
-        .ok_or_else(|| bad(format!("{len} bytes")))?;
-    let footer_len = read_footer_length(trailer)?;
-    let footer_start = (len - 10)
-        .checked_sub(footer_len)
-        .ok_or_else(|| bad(format!("a footer of {footer_len} bytes in {len}")))?;
-    let footer = arrow::ipc::root_as_footer(&bytes[footer_start..len - 10])
-        .map_err(|e| bad(format!("its footer: {e}")))?;
+    let (footer, footer_start) = ipc_footer(bytes)?;
     let schema = footer
         .schema()
         .map(arrow::ipc::convert::fb_to_schema)
-        .ok_or_else(|| bad("no schema".into()))?;
+        .ok_or_else(|| not_ipc("no schema".into()))?;
     let decoder = FileDecoder::new(Arc::new(schema), footer.version());
     // SAFETY: the files decoded here are the node's shared objects, written as in
     // `own_file_reader` and never written again.
     #[allow(unsafe_code)]
     let mut decoder = unsafe { decoder.with_skip_validation(true) };
     let block_data = |block: &arrow::ipc::Block| {
-        let (start, meta, body) = (
-            usize::try_from(block.offset()).ok(),
-            usize::try_from(block.metaDataLength()).ok(),
-            usize::try_from(block.bodyLength()).ok(),
-        );
-        // A message starts with its 8-byte prefix, and ends before the footer.
-        let range = match (start, meta, body) {
-            (Some(start), Some(meta), Some(body)) if meta >= 8 => meta
-                .checked_add(body)
-                .and_then(|n| Some((start, n, start.checked_add(n)?))),
-            _ => None,
+        let (start, meta, body) = block_range(block, footer_start)?;
+        let range = FileRange {
+            file: Arc::clone(&file),
+            start,
+            len: meta + body,
         };
-        match range {
-            Some((start, n, end)) if end <= footer_start => {
-                let range = FileRange {
-                    file: Arc::clone(&file),
-                    start,
-                    len: n,
-                };
-                Ok(arrow::buffer::Buffer::from(bytes::Bytes::from_owner(range)))
-            }
-            _ => Err(bad(format!(
-                "a block at {} of {} + {} bytes",
-                block.offset(),
-                block.metaDataLength(),
-                block.bodyLength()
-            ))),
-        }
+        Ok::<_, VolleyError>(arrow::buffer::Buffer::from(bytes::Bytes::from_owner(range)))
     };
+
     for block in footer.dictionaries().iter().flatten() {
         decoder.read_dictionary(block, &block_data(block)?)?;
     }
     let blocks = footer
         .recordBatches()
-        .ok_or_else(|| bad("no batch index".into()))?;
+        .ok_or_else(|| not_ipc("no batch index".into()))?;
     let wanted = match batch {
         None => 0..blocks.len(),
         Some(_) if blocks.is_empty() => 0..0,
