@@ -1286,6 +1286,12 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         "the steps after the sort run in its reduce tasks:\n{logs}"
     );
     assert!(
+        logs.contains("Sort->MapBatches(TagNode)->Project: an exchange on the cluster's nodes, 12 partitions (the tasks below partition each block as they make it")
+            && logs.contains("tasks on the cluster's nodes, after 6 tasks sampling their keys")
+            && logs.contains("then, in its tasks: the map of the Sort above, its key ranges from a first pass of 6 tasks reading the keys"),
+        "the sort's read tasks run its map, after a first pass sampled its keys:\n{logs}"
+    );
+    assert!(
         logs.contains("Aggregate: an exchange on the cluster's nodes, 12 partitions (the tasks below partition each block as they make it")
             && logs.contains("then, in its tasks: the map of the Aggregate above"),
         "the group-by's read tasks run its map:\n{logs}"
@@ -1453,7 +1459,14 @@ fn a_node_killed_mid_shuffle_loses_no_row() {
     // Its read blocks, map outputs and finished reduce outputs; not the others'.
     assert!(
         (1..20).contains(&rebuilt),
-        "{rebuilt} tasks re-ran for the objects lost with {node}"
+        "{rebuilt} tasks re-ran for the objects lost with {node}\n{}",
+        String::from_utf8_lossy(
+            &c.volley()
+                .args(["logs", "--job", &job, "--list"])
+                .output()
+                .unwrap()
+                .stdout
+        )
     );
 }
 

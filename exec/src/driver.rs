@@ -391,6 +391,7 @@ fn build(
             let op = ClusterReadOp::new(
                 cluster()?,
                 r.tasks,
+                &r.name,
                 seqs.base,
                 r.resources.clone(),
                 r.write,

@@ -33,7 +33,8 @@ pub use memory_source::{project_batch, MemorySource, RangeSource};
 pub use plan::{
     bundle_sequence, bundle_task_name, ActorMapExec, ClusterActorPoolExec, ClusterExchangeExec,
     ClusterMapExec, ClusterReadExec, ClusterRows, ClusterRowsExec, ExchangeWork, LimitExec,
-    MapExec, PhysicalPlan, PoolSize, ReadExec, RowsPiece, UnionExec, WriteTarget,
+    MapExec, PhysicalPlan, PoolSize, ReadExec, ReadTasks, RowsPiece, SampledTasks, UnionExec,
+    WriteTarget,
 };
 pub use pool_worker::PoolWorker;
 pub use queue::{Block, RemoteBlock};

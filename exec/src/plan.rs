@@ -125,11 +125,52 @@ pub struct ClusterReadExec {
     /// What it shows in `explain`.
     pub describe: String,
     /// One task per read split, with its label (errors name it).
-    pub tasks: Vec<(String, EncodedTask)>,
+    pub tasks: ReadTasks,
     /// What each task holds.
     pub resources: Resources,
     /// When set, the tasks write their output (each returns what it staged).
     pub write: Option<Arc<WriteTarget>>,
+}
+
+/// The tasks of a [`ClusterReadExec`].
+#[derive(Debug)]
+pub enum ReadTasks {
+    /// Made when planned.
+    Planned(Vec<(String, EncodedTask)>),
+    /// Made from what a first pass of tasks over the same splits returns: the map of a
+    /// sort above needs boundaries chosen from samples of the whole input, and a first
+    /// pass that reads only the keys' columns costs a fraction of storing every row
+    /// and mapping it in tasks of its own.
+    AfterSampling {
+        /// One task per read split: a few rows of its keys.
+        samples: Vec<(String, EncodedTask)>,
+        /// How many tasks [`SampledTasks::tasks`] makes.
+        count: usize,
+        /// Makes them from every sample.
+        tasks: Arc<dyn SampledTasks>,
+    },
+}
+
+impl ReadTasks {
+    /// How many tasks the stage runs (not counting a sampling pass).
+    pub fn len(&self) -> usize {
+        match self {
+            ReadTasks::Planned(tasks) => tasks.len(),
+            ReadTasks::AfterSampling { count, .. } => *count,
+        }
+    }
+
+    /// Whether it runs no tasks.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The tasks of a read stage made from the samples of a first pass (see
+/// [`ReadTasks::AfterSampling`]).
+pub trait SampledTasks: Send + Sync + fmt::Debug {
+    /// The stage's tasks, given the rows every sampling task returned.
+    fn tasks(&self, samples: Vec<RecordBatch>) -> Result<Vec<(String, EncodedTask)>>;
 }
 
 /// The name a [`ClusterMapExec`] gives the task of its bundle `seq` (the bundles'
@@ -504,9 +545,14 @@ impl PhysicalPlan {
             PhysicalPlan::Union(u) => writeln!(f, "{pad}Union: {} inputs", u.inputs.len()),
             PhysicalPlan::ClusterRead(r) => writeln!(
                 f,
-                "{pad}{}: {} tasks on the cluster's nodes{}  (cpus/task={})\n{pad}  {}",
+                "{pad}{}: {} tasks on the cluster's nodes{}{}  (cpus/task={})\n{pad}  {}",
                 r.name,
                 r.tasks.len(),
+                match &r.tasks {
+                    ReadTasks::AfterSampling { samples, .. } =>
+                        format!(", after {} tasks sampling their keys", samples.len()),
+                    ReadTasks::Planned(_) => String::new(),
+                },
                 if r.write.is_some() { ", writing" } else { "" },
                 r.resources.num_cpus,
                 r.describe.replace('\n', &format!("\n{pad}  "))

@@ -21,7 +21,9 @@
 //!   hash exchange), a stage below it runs the map in its own tasks, so a read split
 //!   is partitioned as it is read; so does a seeded shuffle's over read splits whose
 //!   rows planning counted (Parquet footers; no filter, no transform in the stage),
-//!   each task knowing its first row;
+//!   each task knowing its first row; and a sort's over read splits and expressions,
+//!   its tasks made once a first pass over the splits, reading only the keys' columns,
+//!   sampled them;
 //! - a split's input runs once for all its parts, its blocks staying on the nodes;
 //!   each part hands on the blocks inside its rows as they are and has a task slice
 //!   the (at most two) blocks its bounds cut;
@@ -36,11 +38,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arrow::datatypes::SchemaRef;
+use datafusion::common::Column;
 use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::Expr;
 use volley_common::{Result, VolleyConfig};
 use volley_exec::{
     ClusterActorPoolExec, ClusterExchangeExec, ClusterMapExec, ClusterReadExec, ClusterRowsExec,
-    ExecContext, PhysicalPlan, PoolSize, PoolWorker,
+    ExchangeWork, ExecContext, PhysicalPlan, PoolSize, PoolWorker, ReadTasks, SampledTasks,
 };
 use volley_runtime::cluster::{Cluster, EncodedActor, EncodedTask, Resources};
 
@@ -48,7 +52,7 @@ use super::exchange::{DatasetExchange, ExchangeMapTask};
 use super::stage::{plan_bytes, ShippedOp, StageInput, StageTask};
 use super::Runner;
 use crate::logical::{ExchangeKind, LogicalOp, WriteSpec};
-use crate::options::MapOptions;
+use crate::options::{MapOptions, SortKey};
 use crate::planner::{self, Planned};
 
 /// Runs plans on a cluster: stages on its nodes, the rest in this process.
@@ -202,6 +206,52 @@ impl Stage {
         !map.places_by_position() || self.first_rows().is_some()
     }
 
+    /// Whether it reads splits and runs expressions only: a first pass over the same
+    /// splits that reads fewer columns costs a fraction of the stage (a transform would
+    /// run twice).
+    fn reads_with_expressions(&self) -> bool {
+        matches!(self.input, Input::Reads(_))
+            && !self.ops.iter().any(|o| matches!(o, ShippedOp::Map { .. }))
+    }
+
+    /// The stage as operators whose tasks run the map of `sort` (the sort's exchange
+    /// above): its tasks are made once `samples` (tasks over the same rows, each
+    /// returning a sample of the keys) chose the boundaries. Its rows are partitioned as
+    /// they are read, never stored whole and mapped by tasks of their own.
+    fn close_sorted(
+        mut self,
+        sort: DatasetExchange,
+        samples: Vec<(String, EncodedTask)>,
+    ) -> Result<Planned> {
+        let Input::Reads(reads) = self.input else {
+            return Err(volley_common::VolleyError::internal(
+                "a sampled stage over no read splits",
+            ));
+        };
+        self.names.push("Sort (map)".into());
+        self.describe.push(format!(
+            "then, in its tasks: the map of the Sort above, its key ranges from a first \
+             pass of {} tasks reading the keys",
+            samples.len()
+        ));
+        let plan = PhysicalPlan::ClusterRead(ClusterReadExec {
+            name: self.names.join("->"),
+            describe: self.describe.join("\n"),
+            tasks: ReadTasks::AfterSampling {
+                count: reads.len(),
+                samples,
+                tasks: Arc::new(SortMapTasks {
+                    sort,
+                    reads: reads.into_iter().map(|r| (r.label, r.plan)).collect(),
+                    ops: self.ops,
+                }),
+            },
+            resources: self.resources,
+            write: None,
+        });
+        Ok((plan, self.schema))
+    }
+
     /// The stage as operators, writing into `write` when given.
     fn close(self, write: Option<&WriteSpec>) -> Result<Planned> {
         self.close_with(write, None)
@@ -244,6 +294,7 @@ impl Stage {
                 ops: self.ops.clone(),
                 write: part.clone(),
                 map,
+                sample: None,
             }))
         };
         let positional = map
@@ -253,27 +304,30 @@ impl Stage {
             Input::Reads(reads) => PhysicalPlan::ClusterRead(ClusterReadExec {
                 name,
                 describe,
-                tasks: reads
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, read)| {
-                        // A map that places rows by position, at the task's rows.
-                        let map = match (&map, &firsts, read.rows) {
-                            (Some(m), Some(firsts), Some(rows)) if positional => {
-                                Some(m.at_rows(firsts[i], rows))
-                            }
-                            (Some(_), _, _) if positional => {
-                                return Err(volley_common::VolleyError::internal(format!(
-                                    "{}: a map by row position over a split of unknown rows",
-                                    read.label
-                                )))
-                            }
-                            (m, _, _) => m.clone(),
-                        };
-                        let task = encode(read.label.clone(), StageInput::Read(read.plan), map)?;
-                        Ok((read.label, task))
-                    })
-                    .collect::<Result<_>>()?,
+                tasks: ReadTasks::Planned(
+                    reads
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, read)| {
+                            // A map that places rows by position, at the task's rows.
+                            let map = match (&map, &firsts, read.rows) {
+                                (Some(m), Some(firsts), Some(rows)) if positional => {
+                                    Some(m.at_rows(firsts[i], rows))
+                                }
+                                (Some(_), _, _) if positional => {
+                                    return Err(volley_common::VolleyError::internal(format!(
+                                        "{}: a map by row position over a split of unknown rows",
+                                        read.label
+                                    )))
+                                }
+                                (m, _, _) => m.clone(),
+                            };
+                            let task =
+                                encode(read.label.clone(), StageInput::Read(read.plan), map)?;
+                            Ok((read.label, task))
+                        })
+                        .collect::<Result<_>>()?,
+                ),
                 resources: self.resources,
                 write: target,
             }),
@@ -532,6 +586,30 @@ impl ClusterRunner {
                 // stage's tasks, as they are made: its blocks are never stored whole
                 // and read again by map tasks of their own.
                 let boundary = boundary_name(op);
+                // A sort over a stage of reads: the stage maps its rows too, its tasks
+                // made once a first pass sampled the keys.
+                if let (LogicalOp::Sort { input, keys }, [Node::Stage(s)]) = (op, &children[..]) {
+                    if let Some(samples) = self.key_samples(s, input, keys, &work, exec)? {
+                        let Some(Node::Stage(s)) = children.pop() else {
+                            unreachable!("matched above")
+                        };
+                        let input = s.close_sorted(work.clone(), samples)?.0;
+                        return Ok(Node::Plan {
+                            planned: (
+                                PhysicalPlan::ClusterExchange(ClusterExchangeExec {
+                                    inputs: vec![input],
+                                    name: boundary.into(),
+                                    describe: ShippedOp::describe(op),
+                                    work: Arc::new(work),
+                                    premapped: vec![true],
+                                    write: None,
+                                }),
+                                op.schema(state)?,
+                            ),
+                            remote: true,
+                        });
+                    }
+                }
                 let mut premapped = vec![false; children.len()];
                 let inputs = children
                     .into_iter()
@@ -605,9 +683,99 @@ fn boundary_name(op: &LogicalOp) -> &'static str {
 }
 
 impl ClusterRunner {
+    /// The first pass of a sort's map run by `stage` (its input, `input` planned): one
+    /// task per read split of `input` narrowed to the columns of `keys`, each returning a
+    /// sample of the keys; `None` where that pass would not be cheap (`stage` runs a
+    /// transform, or the narrowed plan is no stage of reads and expressions).
+    fn key_samples(
+        &self,
+        stage: &Stage,
+        input: &Arc<LogicalOp>,
+        keys: &[SortKey],
+        sort: &DatasetExchange,
+        exec: &ExecContext,
+    ) -> Result<Option<Vec<(String, EncodedTask)>>> {
+        let Some(sample) = sort.sample() else {
+            return Ok(None);
+        };
+        if !stage.reads_with_expressions() {
+            return Ok(None);
+        }
+        let mut columns: Vec<Column> = Vec::new();
+        for key in keys {
+            for c in key.expr.column_refs() {
+                if !columns.contains(c) {
+                    columns.push(c.clone());
+                }
+            }
+        }
+        if columns.is_empty() {
+            return Ok(None);
+        }
+        let narrowed = Arc::new(LogicalOp::Select {
+            input: Arc::clone(input),
+            exprs: columns.into_iter().map(Expr::Column).collect(),
+        });
+        let narrowed = crate::optimizer::optimize(&narrowed, &exec.session)?;
+        let Node::Stage(first) = self.plan_node(&narrowed, exec)? else {
+            return Ok(None);
+        };
+        if !first.reads_with_expressions() {
+            return Ok(None);
+        }
+        let Input::Reads(reads) = first.input else {
+            return Ok(None);
+        };
+        reads
+            .into_iter()
+            .map(|r| {
+                let task = EncodedTask::new(Box::new(StageTask {
+                    label: r.label.clone(),
+                    input: StageInput::Read(r.plan),
+                    ops: first.ops.clone(),
+                    write: None,
+                    map: None,
+                    sample: Some(sample.clone()),
+                }))?;
+                Ok((r.label, task))
+            })
+            .collect::<Result<_>>()
+            .map(Some)
+    }
+
     /// The reduce tasks of an exchange whose operation leaves their number open.
     fn partitions(&self, exec: &ExecContext) -> usize {
         shuffle_partitions(&self.cluster, &exec.config)
+    }
+}
+
+/// The tasks of a read stage that runs a sort's map, made from the first pass's samples.
+#[derive(Debug)]
+struct SortMapTasks {
+    sort: DatasetExchange,
+    /// Each read split's label and plan.
+    reads: Vec<(String, Vec<u8>)>,
+    ops: Vec<ShippedOp>,
+}
+
+impl SampledTasks for SortMapTasks {
+    fn tasks(&self, samples: Vec<arrow::array::RecordBatch>) -> Result<Vec<(String, EncodedTask)>> {
+        let bounds = self.sort.prepare(samples, 0)?;
+        let map = self.sort.map(0, 0, &bounds)?;
+        self.reads
+            .iter()
+            .map(|(label, plan)| {
+                let task = EncodedTask::new(Box::new(StageTask {
+                    label: label.clone(),
+                    input: StageInput::Read(plan.clone()),
+                    ops: self.ops.clone(),
+                    write: None,
+                    map: Some(map.clone()),
+                    sample: None,
+                }))?;
+                Ok((label.clone(), task))
+            })
+            .collect()
     }
 }
 
@@ -686,6 +854,7 @@ fn write_stage(input: PhysicalPlan, w: &WriteSpec) -> Result<PhysicalPlan> {
         ops: vec![],
         write: Some(w.part.clone()),
         map: None,
+        sample: None,
     }))?;
     Ok(PhysicalPlan::ClusterMap(ClusterMapExec {
         input: Box::new(input),

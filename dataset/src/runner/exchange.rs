@@ -4,7 +4,7 @@
 //!
 //! | operation | map tasks partition by | a reduce task (one partition) |
 //! | --- | --- | --- |
-//! | `sort` | ranges of the keys, boundaries from samples of every block | sorts it |
+//! | `sort` | ranges of the keys, boundaries from samples of every block (or of every read split, in a first pass reading the keys) | sorts it |
 //! | `groupby().agg()`, `aggregate` | a hash of the keys (no keys: one partition), after a partial aggregation of each block | finishes the aggregation of its groups' states |
 //! | `distinct`, `unique` | a hash of every column | keeps each row once |
 //! | `join` | a hash of each side's keys (cast to a common type) | joins its two sides |
@@ -660,7 +660,7 @@ fn pieces_per_partition(
 }
 
 /// A sample task: up to [`SAMPLE_ROWS`] key rows of its block, evenly spaced.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExchangeSampleTask {
     keys: Vec<ShippedKey>,
 }
@@ -668,13 +668,16 @@ pub struct ExchangeSampleTask {
 #[typetag::serde(name = "volley::ExchangeSampleTask")]
 impl RemoteTask for ExchangeSampleTask {
     fn run(&self, _: &TaskContext, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        self.sample(inputs.into_iter().flatten().collect())
+    }
+}
+
+impl ExchangeSampleTask {
+    /// The sample of `batches` (one block's rows).
+    pub(crate) fn sample(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         let ctx = Context::global()?;
         let state = ctx.session_state();
-        let batches: Vec<RecordBatch> = inputs
-            .into_iter()
-            .flatten()
-            .filter(|b| b.num_rows() > 0)
-            .collect();
+        let batches: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
         let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if total == 0 {
             return Ok(vec![]);
@@ -1433,14 +1436,22 @@ impl ExchangeWork for DatasetExchange {
 }
 
 impl DatasetExchange {
-    fn sample(&self) -> Option<ExchangeSampleTask> {
+    /// A sort's sampling of one block.
+    pub(crate) fn sample(&self) -> Option<ExchangeSampleTask> {
         match &self.map {
             MapPlan::Range { keys } => Some(ExchangeSampleTask { keys: keys.clone() }),
             _ => None,
         }
     }
 
-    fn map(&self, side: usize, first_row: u64, prepared: &[u8]) -> Result<ExchangeMapTask> {
+    /// The map work of input `side`, given what [`ExchangeWork::prepare`] made (a
+    /// sort's boundaries) and the first row of the rows it maps.
+    pub(crate) fn map(
+        &self,
+        side: usize,
+        first_row: u64,
+        prepared: &[u8],
+    ) -> Result<ExchangeMapTask> {
         let partitioner = match &self.map {
             MapPlan::BlockOrder { .. } => {
                 return Err(VolleyError::internal(

@@ -118,6 +118,7 @@ impl ClusterScanExec {
                     ops: vec![],
                     write: None,
                     map: None,
+                    sample: None,
                 }))?;
                 Ok((label, task))
             })

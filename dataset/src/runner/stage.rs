@@ -20,7 +20,7 @@ use volley_connectors::{DataSource, ReadTask, RemotePart, ScanRequest};
 use volley_exec::{MemorySource, TransformFn};
 use volley_runtime::cluster::{value_object, RemoteTask, TaskContext};
 
-use super::exchange::ExchangeMapTask;
+use super::exchange::{ExchangeMapTask, ExchangeSampleTask};
 use crate::context::Context;
 use crate::logical::LogicalOp;
 use crate::options::MapOptions;
@@ -141,6 +141,9 @@ pub struct StageTask {
     /// The map work of the exchange above, run on the task's rows: its object is then
     /// a map output (batch `p`: partition `p`), not a block.
     pub(crate) map: Option<ExchangeMapTask>,
+    /// The sampling of a sort's keys above, run on the task's rows: its object is then
+    /// their sample (the first pass of a stage that runs the sort's map).
+    pub(crate) sample: Option<ExchangeSampleTask>,
 }
 
 /// One read of a shipped plan: the worker-side source of a stage.
@@ -236,10 +239,11 @@ impl RemoteTask for StageTask {
         // input may be a sorted partition (a sort's reduce output), whose batches would
         // otherwise be written in the order its local tasks finish.
         let batches = ds.ordered_batches()?;
-        match (&self.write, &self.map) {
-            (Some(part), _) => write_part(part, task, batches),
-            (None, Some(map)) => map.partition(batches.collect::<Result<_>>()?),
-            (None, None) => batches.collect(),
+        match (&self.write, &self.map, &self.sample) {
+            (Some(part), _, _) => write_part(part, task, batches),
+            (None, Some(map), _) => map.partition(batches.collect::<Result<_>>()?),
+            (None, None, Some(sample)) => sample.sample(batches.collect::<Result<_>>()?),
+            (None, None, None) => batches.collect(),
         }
     }
 

@@ -10,7 +10,8 @@
 //!
 //! An input whose stage ran the map work in its own tasks (a read split partitioned
 //! where it is read: [`ClusterExchangeExec::premapped`](crate::plan::ClusterExchangeExec))
-//! comes in as map outputs: no map task runs for it.
+//! comes in as map outputs: no map task runs for it (nor, for a sort, a sample task:
+//! that stage chose the boundaries from a first pass of its own).
 //!
 //! An exchange that only reorders blocks (`randomize_block_order`) runs no tasks: once
 //! the whole input arrived, its blocks go on as they are, where they are, in the order
@@ -145,7 +146,11 @@ impl ClusterExchangeOp {
         let premapped: Vec<bool> = (0..n)
             .map(|i| premapped.get(i).copied().unwrap_or(false))
             .collect();
-        let sample = work.sample_task()?;
+        // An input mapped below was sampled there (a sort over read splits).
+        let sample = match premapped.iter().any(|p| *p) {
+            true => None,
+            false => work.sample_task()?,
+        };
         let reorders = work.block_order(0).is_some();
         let one_input = sample.is_some() || work.needs_row_count() || reorders;
         if one_input && n != 1 {

@@ -509,7 +509,7 @@ impl State {
         source: bool,
         only: Option<&str>,
     ) -> Option<(String, Vec<u32>)> {
-        let mut best: Option<(u64, usize, u64, f64, String)> = None;
+        let mut best: Option<(u64, usize, u64, f64, u64, String)> = None;
         for (id, n) in &self.nodes {
             if only.is_some_and(|o| o != id) || !n.takes_work() || !req.fits_in(&n.available) {
                 continue;
@@ -529,20 +529,28 @@ impl State {
             let free = n.available.num_cpus / n.total.num_cpus.max(1e-9);
             let many = crowd.get(id).copied().unwrap_or(0);
             let full = n.stored.saturating_mul(4) / n.object_store_memory.max(1);
+            // Last, the fewest bytes stored: tasks submitted one at a time (a small
+            // budget) spread their outputs instead of all going to the first node.
+            let stored = n.stored;
             let better = match &best {
                 None => true,
-                Some((l, m, q, f, _)) => {
+                Some((l, m, q, f, s, _)) => {
                     local > *l
                         || (local == *l && many < *m)
                         || (local == *l && many == *m && full < *q)
                         || (local == *l && many == *m && full == *q && free > *f + 1e-9)
+                        || (local == *l
+                            && many == *m
+                            && full == *q
+                            && (free - *f).abs() <= 1e-9
+                            && stored < *s)
                 }
             };
             if better {
-                best = Some((local, many, full, free, id.clone()));
+                best = Some((local, many, full, free, stored, id.clone()));
             }
         }
-        let (_, _, _, _, id) = best?;
+        let (_, _, _, _, _, id) = best?;
         let n = self.nodes.get_mut(&id)?;
         let gpus = n.gpus.take(req.num_gpus)?;
         n.available.subtract(req);
