@@ -253,6 +253,13 @@ fn operations(
             left.aggregate([agg::count_all(), agg::sum("x"), agg::mean("x")])?,
             false,
         ),
+        // Its first pass (sampling the keys) reads the filter's column too.
+        (
+            "filtered sort",
+            left.filter(col("k").is_not_null())?
+                .sort([SortKey::desc("s"), SortKey::asc("x")])?,
+            true,
+        ),
         ("distinct", left.select(&["g", "s"])?.distinct()?, false),
         ("unique", left.unique("k")?, false),
         ("random_shuffle", left.random_shuffle(7)?, true),

@@ -1238,6 +1238,7 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         ("sort", 120_000),
         ("groupby", 7_007),
         ("aggregate", 1),
+        ("filtered sort", 109_090),
         ("distinct", 91),
         ("unique", 1_001),
         ("random_shuffle", 120_000),
