@@ -233,6 +233,35 @@ fn tasks_go_to_the_node_whose_object_store_has_room() {
     assert_eq!(s.nodes["n2"].stored, 0);
 }
 
+/// Tasks placed one at a time on idle nodes of equal CPUs and stores within the same
+/// quarter go to the node storing the fewest bytes: each output lands on another node.
+#[test]
+fn tasks_placed_one_at_a_time_spread_by_stored_bytes() {
+    let (mut s, mut rx1) = one_node(2.0);
+    let (n2, mut rx2) = test_node(2.0, "b");
+    s.nodes.insert("n2".into(), n2);
+    for n in s.nodes.values_mut() {
+        n.object_store_memory = 1000;
+    }
+    submit(&mut s, "t1");
+    s.schedule();
+    let (first, other) = match (sent(&mut rx1).as_slice(), sent(&mut rx2).as_slice()) {
+        ([run], []) if run == "run t1" => ("n1", "n2"),
+        ([], [run]) if run == "run t1" => ("n2", "n1"),
+        other => panic!("t1 went nowhere or twice: {other:?}"),
+    };
+    assert!(s.task_reported(report(first, "t1", 0, 10, "")));
+    s.schedule();
+    submit(&mut s, "t2");
+    s.schedule();
+    let (on_first, on_other) = match first {
+        "n1" => (sent(&mut rx1), sent(&mut rx2)),
+        _ => (sent(&mut rx2), sent(&mut rx1)),
+    };
+    assert!(on_first.is_empty(), "{on_first:?}");
+    assert_eq!(on_other, ["run t2"], "t2 goes to {other}");
+}
+
 #[test]
 fn a_draining_node_gets_no_work_and_its_objects_are_copied_before_it_leaves() {
     let (mut s, mut rx1) = one_node(4.0);
