@@ -260,6 +260,12 @@ fn operations(
                 .sort([SortKey::desc("s"), SortKey::asc("x")])?,
             true,
         ),
+        // No row passes: no samples, no boundaries.
+        (
+            "empty sort",
+            left.filter(col("x").lt(lit(0i64)))?.sort(["x"])?,
+            true,
+        ),
         ("distinct", left.select(&["g", "s"])?.distinct()?, false),
         ("unique", left.unique("k")?, false),
         ("random_shuffle", left.random_shuffle(7)?, true),

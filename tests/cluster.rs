@@ -1239,6 +1239,7 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         ("groupby", 7_007),
         ("aggregate", 1),
         ("filtered sort", 109_090),
+        ("empty sort", 0),
         ("distinct", 91),
         ("unique", 1_001),
         ("random_shuffle", 120_000),

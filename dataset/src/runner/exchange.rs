@@ -473,10 +473,14 @@ impl ExchangeMapTask {
             Partitioner::Range { keys, bounds } => {
                 let ctx = Context::global()?;
                 let state = ctx.session_state();
-                let (_, bounds) = from_bytes(bounds)?;
+                // No boundaries (one partition, or no samples: `prepare` encodes
+                // nothing when no block had rows): all in partition 0.
+                let bounds = match bounds.is_empty() {
+                    true => vec![],
+                    false => from_bytes(bounds)?.1,
+                };
                 let bounds = match bounds.into_iter().next() {
                     Some(b) if b.num_rows() > 0 => b,
-                    // No boundaries (one partition, or no samples): all in partition 0.
                     _ => return Ok(batches.iter().map(|b| vec![0; b.num_rows()]).collect()),
                 };
                 let bound_cols: Vec<ArrayRef> = bounds.columns().to_vec();
@@ -1871,6 +1875,10 @@ mod tests {
         let got = through_tasks(sorted.logical_plan(), &blocks, 4);
         types(&got, &sorted);
         assert_eq!(rows(&got), rows(&sorted.collect().unwrap()), "same order");
+        // Blocks of no rows: no samples, so no boundaries.
+        let empty = [blocks[0].slice(0, 0)];
+        let got = through_tasks(sorted.logical_plan(), &empty, 4);
+        assert_eq!(got.iter().map(RecordBatch::num_rows).sum::<usize>(), 0);
 
         let grouped = input
             .groupby(&["k", "s"])
