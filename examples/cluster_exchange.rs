@@ -260,10 +260,13 @@ fn operations(
                 .sort([SortKey::desc("s"), SortKey::asc("x")])?,
             true,
         ),
-        // No row passes: no samples, no boundaries.
+        // No row passes: no samples, no boundaries (over the read itself, whose schema
+        // is known with or without the slow stage).
         (
             "empty sort",
-            left.filter(col("x").lt(lit(0i64)))?.sort(["x"])?,
+            ctx.read_parquet(input)?
+                .filter(col("x").lt(lit(0i64)))?
+                .sort(["x"])?,
             true,
         ),
         ("distinct", left.select(&["g", "s"])?.distinct()?, false),
@@ -364,6 +367,24 @@ fn main() -> volley::Result<()> {
     }
     if chosen("randomize_block_order") {
         block_order(&cluster, &args.input)?;
+    }
+    if chosen("empty sort") {
+        // No rows reach a transform that decides the schema: the same plan error as in
+        // one process (the stage's tasks made no block to read a schema from).
+        let empty = cluster
+            .read_parquet(&args.input)?
+            .filter(col("x").lt(lit(0i64)))?
+            .map_transform(TransformFn::named(Slow { ms: 0 }), MapOptions::default());
+        match empty.schema() {
+            Err(e) if e.to_string().contains("the dataset is empty") => {
+                println!("EMPTY SCHEMA unknown")
+            }
+            other => {
+                return Err(VolleyError::execution(format!(
+                    "the schema of an empty transformed dataset: {other:?}"
+                )))
+            }
+        }
     }
     if chosen("join") {
         // The joins that broadcast their small right side above, partitioned here.

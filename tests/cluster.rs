@@ -1272,6 +1272,10 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
             "{op}: not the local rows\n{logs}"
         );
     }
+    assert!(
+        logs.contains("EMPTY SCHEMA unknown\n"),
+        "an empty dataset's schema decided by a transform: the plan error\n{logs}"
+    );
     let nodes = line_of(&logs, "NODES");
     assert_eq!(
         nodes.trim_start_matches("NODES ").split(',').count(),

@@ -141,7 +141,9 @@ impl ClusterReadOp {
 }
 
 /// What a finished stage task hands on: its object as a block, or (for a write) the part
-/// it staged, recorded in the write's target.
+/// it staged, recorded in the write's target. An object of no rows is no block: it
+/// carries nothing, and one made by a transform that never ran (its input had no rows)
+/// holds no batch to tell its schema.
 pub(crate) fn task_result(
     cluster: &Cluster,
     write: Option<&Arc<WriteTarget>>,
@@ -155,6 +157,7 @@ pub(crate) fn task_result(
             target.parts.lock().expect("write lock").push(staged);
             Ok(None)
         }
+        None if meta.rows == 0 => Ok(None),
         None => Ok(Some(Block::Remote(RemoteBlock::new(object, meta)))),
     }
 }
