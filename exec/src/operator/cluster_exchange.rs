@@ -50,7 +50,7 @@ use volley_runtime::cluster::{
     Cluster, EncodedTask, ObjectGroup, ObjectMeta, ObjectRef, Resources, TaskInput, TaskOptions,
 };
 
-use super::cluster_read::task_result;
+use super::cluster_read::{submit_sample, task_result};
 use super::{Expected, Operator, OutputEstimate, RemoteWork, StepContext};
 use crate::plan::{bundle_task_name, ExchangeWork, WriteTarget};
 use crate::queue::{Block, BlockQueue, PoppedBlock, RemoteBlock};
@@ -281,26 +281,14 @@ impl ClusterExchangeOp {
         index: usize,
         block: ObjectRef,
     ) {
-        let work = cx.background_work(format!("sampling a block for {}", cx.name));
-        match self
-            .cluster
-            .submit_encoded(&task, &[&block], &options(cx, "sample"))
-        {
-            Ok(object) => {
-                let (cluster, progress) = (self.cluster.clone(), Arc::clone(&self.progress));
-                let sample = object.clone();
-                cx.watch().add(
-                    object,
-                    Box::new(move |meta| {
-                        let got = meta.and_then(|_| cluster.get(&sample));
-                        work.finish(got.map(|batches| {
-                            progress.lock().expect("exchange lock").samples[index] = Some(batches);
-                        }));
-                    }),
-                );
-            }
-            Err(e) => work.finish(Err(e)),
-        }
+        let progress = Arc::clone(&self.progress);
+        submit_sample(
+            cx,
+            &self.cluster,
+            format!("sampling a block for {}", cx.name),
+            (&task, &[&block], &options(cx, "sample")),
+            move |batches| progress.lock().expect("exchange lock").samples[index] = Some(batches),
+        );
     }
 
     fn submit_map(

@@ -103,26 +103,17 @@ impl ClusterReadOp {
             let Some((index, label, task)) = sampling.pending.pop_front() else {
                 break;
             };
-            let work = cx.background_work(format!("task {label} (sampling its keys)"));
             let options = TaskOptions::default()
                 .resources(self.resources.clone())
                 .name(format!("{label} (sample)"));
-            match self.cluster.submit_encoded(&task, &[], &options) {
-                Ok(object) => {
-                    let (cluster, samples) = (self.cluster.clone(), Arc::clone(&sampling.samples));
-                    let sample = object.clone();
-                    cx.watch().add(
-                        object,
-                        Box::new(move |meta| {
-                            let got = meta.and_then(|_| cluster.get(&sample));
-                            work.finish(got.map(|batches| {
-                                samples.lock().expect("samples lock")[index] = Some(batches);
-                            }));
-                        }),
-                    );
-                }
-                Err(e) => work.finish(Err(e)),
-            }
+            let samples = Arc::clone(&sampling.samples);
+            submit_sample(
+                cx,
+                &self.cluster,
+                format!("task {label} (sampling its keys)"),
+                (&task, &[], &options),
+                move |batches| samples.lock().expect("samples lock")[index] = Some(batches),
+            );
         }
         let samples = {
             let samples = sampling.samples.lock().expect("samples lock");
@@ -137,6 +128,32 @@ impl ClusterReadOp {
             Err(e) => cx.fail(e.context(format!("choosing the partitions of {}", sampling.name))),
         }
         true
+    }
+}
+
+/// Submits a sampling task (`task` over `inputs`, with `options`) as background work
+/// named `label`, and hands its rows, fetched into this process once made, to `keep`.
+pub(crate) fn submit_sample(
+    cx: &StepContext<'_>,
+    cluster: &Cluster,
+    label: String,
+    (task, inputs, options): (&EncodedTask, &[&ObjectRef], &TaskOptions),
+    keep: impl FnOnce(Vec<RecordBatch>) + Send + 'static,
+) {
+    let work = cx.background_work(label);
+    match cluster.submit_encoded(task, inputs, options) {
+        Ok(object) => {
+            let cluster = cluster.clone();
+            let sample = object.clone();
+            cx.watch().add(
+                object,
+                Box::new(move |meta| {
+                    let got = meta.and_then(|_| cluster.get(&sample));
+                    work.finish(got.map(keep));
+                }),
+            );
+        }
+        Err(e) => work.finish(Err(e)),
     }
 }
 
