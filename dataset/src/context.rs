@@ -192,11 +192,23 @@ impl Context {
             // table where the keys fill enough of their range (DataFusion's perfect hash
             // join; the array costs 4 bytes per key in the range). In a partitioned join
             // each partition builds from 1/N of the rows over the whole range, so
-            // DataFusion's 0.15 kept it off for `lineitem` joined with `orders` (TPC-H's
-            // order keys fill a quarter of their range, an eighth per partition on two
-            // cores). At 0.05 the array costs at most 80 bytes per build row, against
-            // ~18 for the table: W8 ~10% faster on two cores.
+            // DataFusion's 0.15 keeps it off for keys as dense as TPC-H's order keys (a
+            // quarter of their range, an eighth per partition on two cores). At 0.05 the
+            // array costs at most 80 bytes per build row, against ~18 for the table.
             opts.execution.perfect_hash_join_min_key_density = 0.05;
+            // A hash join builds a side estimated (from the files' statistics) below
+            // this limit once and shares it with every partition's probe
+            // (`CollectLeft`) instead of hash-partitioning both sides. Partitioning
+            // costs a pass over both sides' rows (hash, then copy into partitions) to
+            // build on every core; collecting costs a build on one core. On few cores
+            // the pass costs more: under DataFusion's defaults (1 MiB or 128 Ki rows)
+            // `lineitem` joined with `orders` was partitioned, and collected it is ~25%
+            // faster on two cores (TPC-H SF1). The limit shrinks as cores grow (the
+            // build's share of the work does) and stays within a quarter of the budget.
+            let collect =
+                ((256usize << 20) / cpus).min(usize::try_from(limit / 4).unwrap_or(usize::MAX));
+            opts.optimizer.hash_join_single_partition_threshold = collect;
+            opts.optimizer.hash_join_single_partition_threshold_rows = collect / 32;
         }
         let mut state = SessionStateBuilder::new()
             .with_config(session)
