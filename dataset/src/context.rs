@@ -203,8 +203,9 @@ impl Context {
             // build on every core; collecting costs a build on one core. On few cores
             // the pass costs more: under DataFusion's defaults (1 MiB or 128 Ki rows)
             // `lineitem` joined with `orders` was partitioned, and collected it is ~25%
-            // faster on two cores (TPC-H SF1). The limit shrinks as cores grow (the
-            // build's share of the work does) and stays within a quarter of the budget.
+            // faster on two cores (TPC-H SF1). The limit shrinks as cores grow (a build
+            // on one core leaves more of them idle) and stays within a quarter of the
+            // budget.
             let collect =
                 ((256usize << 20) / cpus).min(usize::try_from(limit / 4).unwrap_or(usize::MAX));
             opts.optimizer.hash_join_single_partition_threshold = collect;

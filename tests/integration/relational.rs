@@ -569,3 +569,55 @@ fn a_sort_of_view_strings_counts_each_string_once() {
     }
     assert_eq!(next, n);
 }
+
+#[test]
+fn a_join_builds_a_side_of_a_few_mib_once_and_partitions_beyond_the_budget() {
+    // 400,000 build rows of two integer columns (~6 MiB): above DataFusion's own limit
+    // for collecting a side (1 MiB or 128 Ki rows), far below volley's (256 MiB per CPU).
+    let dir = tempfile::tempdir().unwrap();
+    let build_path = dir.path().join("build").to_str().unwrap().to_string();
+    let probe_path = dir.path().join("probe").to_str().unwrap().to_string();
+    let c = ctx();
+    c.range(400_000)
+        .with_column("key", col("id") * lit(2i64))
+        .unwrap()
+        .with_column("payload", (col("id") * lit(7919i64)) % lit(1_000_003i64))
+        .unwrap()
+        .select(&["key", "payload"])
+        .unwrap()
+        .write_parquet(&build_path)
+        .unwrap();
+    c.range(1_600_000)
+        .with_column("k", col("id") % lit(800_000i64))
+        .unwrap()
+        .write_parquet(&probe_path)
+        .unwrap();
+    let join = |c: &Context| {
+        c.read_parquet(probe_path.as_str())
+            .unwrap()
+            .join_on(
+                &c.read_parquet(build_path.as_str()).unwrap(),
+                &["k"],
+                &["key"],
+                JoinHow::Inner,
+            )
+            .unwrap()
+            .aggregate([agg::count_all().alias("n"), agg::sum("payload").alias("s")])
+            .unwrap()
+    };
+    let joined = join(&c);
+    let plan = joined.explain().unwrap();
+    assert!(plan.contains("HashJoinExec: mode=CollectLeft"), "{plan}");
+    // Every even k below 800,000 matches one build row, and each k appears twice.
+    let out = joined.collect().unwrap();
+    assert_eq!(i64_column(&out, "n"), vec![Some(800_000)]);
+    let expected: i64 = (0..400_000i64).map(|i| 2 * ((i * 7919) % 1_000_003)).sum();
+    assert_eq!(i64_column(&out, "s"), vec![Some(expected)]);
+    // Under a budget of 16 MiB the limit is a quarter of it: both sides are partitioned.
+    let small = ctx_with(|c| c.set("volley.exec.memory_limit", "16MiB").unwrap());
+    let plan = join(&small).explain().unwrap();
+    assert!(
+        plan.contains("HashJoinExec: mode=Partitioned") && !plan.contains("CollectLeft"),
+        "{plan}"
+    );
+}
