@@ -577,7 +577,11 @@ fn a_join_builds_a_side_of_a_few_mib_once_and_partitions_beyond_the_budget() {
     let dir = tempfile::tempdir().unwrap();
     let build_path = dir.path().join("build").to_str().unwrap().to_string();
     let probe_path = dir.path().join("probe").to_str().unwrap().to_string();
-    let c = ctx();
+    // Two CPUs and a 1 GiB budget: the limit is 128 MiB on any machine.
+    let c = ctx_with(|c| {
+        c.set("volley.runtime.num_cpus", "2").unwrap();
+        c.set("volley.exec.memory_limit", "1GiB").unwrap();
+    });
     c.range(400_000)
         .with_column("key", col("id") * lit(2i64))
         .unwrap()
@@ -614,7 +618,10 @@ fn a_join_builds_a_side_of_a_few_mib_once_and_partitions_beyond_the_budget() {
     let expected: i64 = (0..400_000i64).map(|i| 2 * ((i * 7919) % 1_000_003)).sum();
     assert_eq!(i64_column(&out, "s"), vec![Some(expected)]);
     // Under a budget of 16 MiB the limit is a quarter of it: both sides are partitioned.
-    let small = ctx_with(|c| c.set("volley.exec.memory_limit", "16MiB").unwrap());
+    let small = ctx_with(|c| {
+        c.set("volley.runtime.num_cpus", "2").unwrap();
+        c.set("volley.exec.memory_limit", "16MiB").unwrap();
+    });
     let plan = join(&small).explain().unwrap();
     assert!(
         plan.contains("HashJoinExec: mode=Partitioned") && !plan.contains("CollectLeft"),
