@@ -35,7 +35,7 @@ pub use sink::{
     WriteOptions, WriteSummary,
 };
 pub use source::{DataSource, ReadTask, ScanRequest};
-pub use table::{file_table, FileTableFactory};
+pub use table::{file_table, view_strings_table, FileTableFactory};
 pub use text::{BinaryScan, TextScan};
 
 /// Resolves a user path (relative, absolute or URL, maybe a glob) to a DataFusion

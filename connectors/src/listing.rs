@@ -124,8 +124,9 @@ impl FileScan {
                     .with_schema(plain);
                 Some(decode_plain_strings(
                     ListingTable::try_new(config)?,
+                    &file_schema,
                     each_file,
-                ))
+                )?)
             };
         let config = ListingTableConfig::new_with_multi_paths(urls)
             .with_listing_options(options)

@@ -143,18 +143,20 @@ pub async fn file_table(state: &SessionState, path: &str) -> Result<Arc<dyn Tabl
         .with_listing_options(options)
         .with_schema(plain_strings(&file_schema));
     let table = ListingTable::try_new(config).with_context(|| format!("reading {path}"))?;
-    Ok(decode_plain_strings(table, each_file))
+    decode_plain_strings(table, &file_schema, each_file)
 }
 
 /// `table` (whose schema has plain strings where its files hint view strings, see
 /// [`plain_strings`]), with each Parquet file of `each_file` (as listed, with its own
-/// schema) decoded straight into the table's plain strings.
+/// schema) decoded straight into the table's plain strings. `file_schema` is the
+/// files' schema as they hint it: [`view_strings_table`] reads the files by it.
 pub(crate) fn decode_plain_strings(
     table: ListingTable,
+    file_schema: &SchemaRef,
     each_file: Vec<(ObjectMeta, SchemaRef)>,
-) -> Arc<dyn TableProvider> {
+) -> Result<Arc<dyn TableProvider>> {
     if !table.options().format.is::<ParquetFormat>() {
-        return Arc::new(table);
+        return Ok(Arc::new(table));
     }
     let plain: HashMap<Path, (ObjectMeta, SchemaRef)> = each_file
         .into_iter()
@@ -165,12 +167,31 @@ pub(crate) fn decode_plain_strings(
         })
         .collect();
     if plain.is_empty() {
-        return Arc::new(table);
+        return Ok(Arc::new(table));
     }
-    Arc::new(PlainStringFiles {
+    let config = ListingTableConfig::new_with_multi_paths(table.table_paths().clone())
+        .with_listing_options(table.options().clone())
+        .with_schema(Arc::clone(file_schema));
+    let views = Arc::new(ListingTable::try_new(config)?);
+    Ok(Arc::new(PlainStringFiles {
         inner: Arc::new(table),
         files: plain,
-    })
+        views,
+    }))
+}
+
+/// The files of `table` with their strings read as the views their files hint, where
+/// `table` reads them as plain strings ([`plain_strings`]); `None` for any other
+/// table.
+///
+/// Views cost no copy where the file's pages are dictionary-encoded (each view points
+/// into the dictionary), and grouping, comparing and hashing short strings compares
+/// their inline bytes. A plan may read them where no operator buffers the view arrays
+/// themselves: an aggregation copies its groups' strings, and a filter whose output
+/// is cast back to plain strings copies only the rows it keeps.
+pub fn view_strings_table(table: &dyn TableProvider) -> Option<Arc<dyn TableProvider>> {
+    let plain = table.downcast_ref::<PlainStringFiles>()?;
+    Some(Arc::clone(&plain.views) as Arc<dyn TableProvider>)
 }
 
 /// A Parquet table whose files carry an Arrow schema hint of view strings
@@ -186,6 +207,8 @@ struct PlainStringFiles {
     inner: Arc<dyn TableProvider>,
     /// By location: the file as listed then, and its schema with plain strings.
     files: HashMap<Path, (ObjectMeta, SchemaRef)>,
+    /// The same files read by their hint, with view strings.
+    views: Arc<ListingTable>,
 }
 
 #[async_trait]

@@ -9,6 +9,7 @@ use datafusion::execution::context::SessionState;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::optimizer::OptimizerRule;
 use datafusion::prelude::SessionConfig;
 use volley_common::{Result, VolleyConfig};
 use volley_connectors::{
@@ -131,6 +132,20 @@ impl Context {
 
     /// This context, running its datasets on `cluster`.
     pub fn with_cluster(mut self, cluster: volley_runtime::cluster::Cluster) -> Context {
+        // A cluster's SQL stages exchange what a partial aggregation makes: plain
+        // strings, as measured (no view strings read by `ViewStringScans`).
+        let rules = self
+            .exec
+            .session
+            .optimizer()
+            .rules
+            .iter()
+            .filter(|rule| rule.name() != crate::view_strings::ViewStringScans.name())
+            .cloned()
+            .collect();
+        self.exec.session = SessionStateBuilder::new_from_existing(self.exec.session.clone())
+            .with_optimizer_rules(rules)
+            .build();
         self.runner = Arc::new(ClusterRunner::new(cluster.clone()));
         self.cluster = Some(cluster);
         self
@@ -221,6 +236,7 @@ impl Context {
         }
         // Last: the rules before it see a filter's conditions as a plain `AND`.
         let state = state
+            .with_optimizer_rule(Arc::new(crate::view_strings::ViewStringScans))
             .with_physical_optimizer_rule(Arc::new(crate::decimal_arith::DecimalArithmetic))
             .with_physical_optimizer_rule(Arc::new(crate::conjunction::FilterConjunctions))
             .build();

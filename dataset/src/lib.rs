@@ -29,6 +29,7 @@ mod relational;
 mod runner;
 mod sql;
 mod streaming_split;
+mod view_strings;
 
 pub use context::{Context, Paths};
 pub use dataset::{Dataset, WriteBuilder};

@@ -628,3 +628,112 @@ fn a_join_builds_a_side_of_a_few_mib_once_and_partitions_beyond_the_budget() {
         "{plan}"
     );
 }
+
+/// SQL over Parquet files whose strings are views reads them as views where nothing
+/// buffers them (an aggregation's groups, a filter's conditions), and casts what a
+/// filter keeps to plain strings before a sort; a scan that neither filters nor feeds
+/// an aggregation reads plain strings as before. Answers and types are unchanged.
+#[test]
+fn sql_reads_view_strings_where_no_operator_buffers_them() {
+    use std::collections::BTreeMap;
+    use volley::arrow::array::{Array, StringViewArray};
+    use volley::datafusion::parquet::arrow::ArrowWriter;
+    let n = 90_000i64;
+    let flag = |i: i64| ["A", "B", "C"][(i % 3) as usize];
+    // Longer than 12 bytes: these live in the views' buffers, not inline.
+    let note = |i: i64| format!("a note longer than a view {:>5}", (i * 7919) % 1000);
+    let flags: StringViewArray = (0..n).map(|i| Some(flag(i))).collect();
+    let notes: StringViewArray = (0..n).map(|i| Some(note(i))).collect();
+    let batch = RecordBatch::try_from_iter([
+        ("x", Arc::new(Int64Array::from_iter_values(0..n)) as _),
+        ("flag", Arc::new(flags) as _),
+        ("note", Arc::new(notes) as _),
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.parquet");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut w = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let c = ctx();
+    c.register_files("t", path.to_str().unwrap()).unwrap();
+    let strings = |batches: &[RecordBatch], name: &str| -> Vec<String> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let s = b.column_by_name(name).unwrap();
+                assert_eq!(s.data_type(), &DataType::Utf8, "{name} is a plain string");
+                let s = s.as_any().downcast_ref::<StringArray>().unwrap();
+                (0..s.len())
+                    .map(|i| s.value(i).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+
+    // Grouped: the aggregation reads views, its output is cast to plain strings.
+    let grouped = c
+        .sql(
+            "SELECT flag, count(*) AS n, max(note) AS m FROM t WHERE x % 2 = 0 \
+             GROUP BY flag ORDER BY flag",
+            &[],
+        )
+        .unwrap();
+    let plan = grouped.explain().unwrap();
+    assert!(plan.contains("CAST(flag@0 AS Utf8) as flag"), "{plan}");
+    let out = grouped.collect().unwrap();
+    let mut expected: BTreeMap<&str, (i64, String)> = BTreeMap::new();
+    for i in (0..n).filter(|i| i % 2 == 0) {
+        let e = expected.entry(flag(i)).or_insert((0, String::new()));
+        e.0 += 1;
+        e.1 = e.1.clone().max(note(i));
+    }
+    assert_eq!(
+        strings(&out, "flag"),
+        expected.keys().map(|k| k.to_string()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        i64_column(&out, "n"),
+        expected.values().map(|v| Some(v.0)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        strings(&out, "m"),
+        expected.values().map(|v| v.1.clone()).collect::<Vec<_>>()
+    );
+
+    // Filtered, then sorted: the filter compares views, and the sort buffers plain
+    // strings (a sorted copy of a view array would count its whole pages).
+    let sorted = c
+        .sql(
+            "SELECT x, note FROM t WHERE flag = 'B' AND x < 3000 ORDER BY note, x",
+            &[],
+        )
+        .unwrap();
+    let plan = sorted.explain().unwrap();
+    let sort = plan.find("SortExec").expect("a sort");
+    let cast = plan.find("AS Utf8) as note").expect("a cast");
+    assert!(sort < cast, "the sort reads the cast: {plan}");
+    let mut rows: Vec<(String, i64)> = (0..3000)
+        .filter(|i| i % 3 == 1)
+        .map(|i| (note(i), i))
+        .collect();
+    rows.sort();
+    let out = sorted.collect().unwrap();
+    assert_eq!(
+        strings(&out, "note"),
+        rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        i64_column(&out, "x"),
+        rows.iter().map(|r| Some(r.1)).collect::<Vec<_>>()
+    );
+
+    // Neither filtered nor grouped: plain strings straight from the decoder.
+    let plan = c
+        .sql("SELECT note FROM t ORDER BY x LIMIT 3", &[])
+        .unwrap()
+        .explain()
+        .unwrap();
+    assert!(!plan.contains("CAST("), "{plan}");
+}
