@@ -15,7 +15,7 @@
 //! - the chain feeds an aggregation: it copies its groups' strings (and minimum or
 //!   maximum values) into its own buffers, so the aggregation reads views, and its
 //!   output string columns are cast back to plain strings above it;
-//! - the chain filters (a `WHERE`, or conditions pushed into the scan): its output's
+//! - the chain filters rows (a filter step): its output's
 //!   view columns are cast back to plain strings above it, which copies only the
 //!   strings of the rows kept. Columns only the filter reads are never copied.
 //!
@@ -54,7 +54,10 @@ impl OptimizerRule for ViewStringScans {
         config: &dyn OptimizerConfig,
     ) -> Result<Transformed<LogicalPlan>> {
         plan.transform_down_with_subqueries(|node| {
-            let aggregates = matches!(node, LogicalPlan::Aggregate(_));
+            // An aggregate ordered by its arguments (`array_agg(x ORDER BY s)`) has
+            // its input sorted: that sort would buffer the views.
+            let aggregates =
+                matches!(&node, LogicalPlan::Aggregate(a) if !a.aggr_expr.iter().any(ordered));
             let chain = if aggregates {
                 node.inputs().first().and_then(|input| chain_scan(input))
             } else {
@@ -79,7 +82,7 @@ impl OptimizerRule for ViewStringScans {
 /// A chain of filters, projections and aliases down to a scan of a table whose strings
 /// can be read as views.
 struct Chain {
-    /// The chain filters rows (a filter step, or conditions pushed into the scan).
+    /// The chain has a filter step.
     filters: bool,
 }
 
@@ -95,12 +98,23 @@ fn chain_scan(plan: &LogicalPlan) -> Option<Chain> {
             LogicalPlan::Projection(p) => &p.input,
             LogicalPlan::SubqueryAlias(a) => &a.input,
             LogicalPlan::TableScan(scan) => {
+                // Conditions pushed into the scan that drop rows keep their filter
+                // step above it (the files' scan is inexact); the exact ones, on
+                // partition folders, drop whole files and keep every row of the rest.
                 views_of(scan)?;
-                filters |= !scan.filters.is_empty();
                 return Some(Chain { filters });
             }
             _ => return None,
         };
+    }
+}
+
+/// `expr` is an aggregate function with an `ORDER BY`.
+fn ordered(expr: &Expr) -> bool {
+    match expr {
+        Expr::Alias(alias) => ordered(&alias.expr),
+        Expr::AggregateFunction(f) => !f.params.order_by.is_empty(),
+        _ => false,
     }
 }
 
