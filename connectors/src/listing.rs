@@ -115,23 +115,23 @@ impl FileScan {
         // Only Parquet's decoder makes plain strings of view-hinted files; other formats
         // are cast after the scan (`logical_plan`).
         let plain = plain_strings(&file_schema);
+        let config = ListingTableConfig::new_with_multi_paths(urls.clone())
+            .with_listing_options(options.clone())
+            .with_schema(Arc::clone(&file_schema));
+        let table = Arc::new(ListingTable::try_new(config)?);
         let relational =
             if Arc::ptr_eq(&plain, &file_schema) || !matches!(format, FileFormatKind::Parquet) {
                 None
             } else {
-                let config = ListingTableConfig::new_with_multi_paths(urls.clone())
-                    .with_listing_options(options.clone())
+                let config = ListingTableConfig::new_with_multi_paths(urls)
+                    .with_listing_options(options)
                     .with_schema(plain);
                 Some(decode_plain_strings(
                     ListingTable::try_new(config)?,
-                    &file_schema,
+                    Arc::clone(&table),
                     each_file,
-                )?)
+                ))
             };
-        let config = ListingTableConfig::new_with_multi_paths(urls)
-            .with_listing_options(options)
-            .with_schema(Arc::clone(&file_schema));
-        let table = ListingTable::try_new(config)?;
         Ok(Self {
             relational,
             listed: files.iter().map(|f| f.meta.location.clone()).collect(),
@@ -140,7 +140,7 @@ impl FileScan {
             format,
             paths: paths.to_vec(),
             schema: Arc::new(Schema::new(fields)),
-            table: Arc::new(table),
+            table,
             split_bytes,
         })
     }

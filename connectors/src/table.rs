@@ -139,24 +139,28 @@ pub async fn file_table(state: &SessionState, path: &str) -> Result<Arc<dyn Tabl
             .map(|c| (c.clone(), DataType::Utf8))
             .collect(),
     );
-    let config = ListingTableConfig::new(url)
-        .with_listing_options(options)
+    let config = ListingTableConfig::new(url.clone())
+        .with_listing_options(options.clone())
         .with_schema(plain_strings(&file_schema));
     let table = ListingTable::try_new(config).with_context(|| format!("reading {path}"))?;
-    decode_plain_strings(table, &file_schema, each_file)
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .with_schema(file_schema);
+    let views = ListingTable::try_new(config).with_context(|| format!("reading {path}"))?;
+    Ok(decode_plain_strings(table, Arc::new(views), each_file))
 }
 
 /// `table` (whose schema has plain strings where its files hint view strings, see
 /// [`plain_strings`]), with each Parquet file of `each_file` (as listed, with its own
-/// schema) decoded straight into the table's plain strings. `file_schema` is the
-/// files' schema as they hint it: [`view_strings_table`] reads the files by it.
+/// schema) decoded straight into the table's plain strings. `views` is the same files
+/// read by their hint, which [`view_strings_table`] hands out.
 pub(crate) fn decode_plain_strings(
     table: ListingTable,
-    file_schema: &SchemaRef,
+    views: Arc<ListingTable>,
     each_file: Vec<(ObjectMeta, SchemaRef)>,
-) -> Result<Arc<dyn TableProvider>> {
+) -> Arc<dyn TableProvider> {
     if !table.options().format.is::<ParquetFormat>() {
-        return Ok(Arc::new(table));
+        return Arc::new(table);
     }
     let plain: HashMap<Path, (ObjectMeta, SchemaRef)> = each_file
         .into_iter()
@@ -167,17 +171,13 @@ pub(crate) fn decode_plain_strings(
         })
         .collect();
     if plain.is_empty() {
-        return Ok(Arc::new(table));
+        return Arc::new(table);
     }
-    let config = ListingTableConfig::new_with_multi_paths(table.table_paths().clone())
-        .with_listing_options(table.options().clone())
-        .with_schema(Arc::clone(file_schema));
-    let views = Arc::new(ListingTable::try_new(config)?);
-    Ok(Arc::new(PlainStringFiles {
+    Arc::new(PlainStringFiles {
         inner: Arc::new(table),
         files: plain,
         views,
-    }))
+    })
 }
 
 /// The files of `table` with their strings read as the views their files hint, where

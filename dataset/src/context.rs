@@ -207,7 +207,7 @@ impl Context {
             // every batch of a wide table was a run: a full sort of `lineitem` on two
             // cores merged ~370 runs per partition, where the merge's comparisons and
             // per-run bookkeeping cost more than the concatenation saves; at 64 MiB
-            // ~8 runs (W4 ~4% faster). A concatenation holds a run twice for a moment,
+            // ~8 runs (W4 ~2-4% less time and CPU). A concatenation holds a run twice for a moment,
             // outside the budget's count: at most a sixteenth of the budget across
             // all CPUs' partitions.
             opts.execution.sort_in_place_threshold_bytes =

@@ -79,8 +79,8 @@ impl OptimizerRule for ViewStringScans {
     }
 }
 
-/// A chain of filters, projections and aliases down to a scan of a table whose strings
-/// can be read as views.
+/// A chain of filters, projections and aliases down to a scan that reads strings of a
+/// table whose strings can be read as views.
 struct Chain {
     /// The chain has a filter step.
     filters: bool,
@@ -101,7 +101,12 @@ fn chain_scan(plan: &LogicalPlan) -> Option<Chain> {
                 // Conditions pushed into the scan that drop rows keep their filter
                 // step above it (the files' scan is inexact); the exact ones, on
                 // partition folders, drop whole files and keep every row of the rest.
-                views_of(scan)?;
+                let strings = scan
+                    .projected_schema
+                    .fields()
+                    .iter()
+                    .any(|f| matches!(f.data_type(), DataType::Utf8 | DataType::Binary));
+                views_of(scan).filter(|_| strings)?;
                 return Some(Chain { filters });
             }
             _ => return None,
