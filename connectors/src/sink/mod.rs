@@ -21,6 +21,7 @@
 //! folders to rename) staging is a hidden sibling prefix, and the accepted objects are
 //! moved into place one at a time once every task has succeeded.
 
+mod dictionary;
 mod parquet;
 mod writer;
 

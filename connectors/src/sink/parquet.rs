@@ -23,6 +23,8 @@ use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::parquet::file::writer::SerializedFileWriter;
 use volley_common::{Result, VolleyError};
 
+use super::dictionary::columns_without_dictionary;
+
 /// Rows per Parquet row group that volley writes (arrow-rs' and DataFusion's default):
 /// the writer buffers one row group per file in memory; readers split and prune by
 /// them. Smaller row groups cost write speed (about 10% on W1 at 128Ki rows).
@@ -43,10 +45,22 @@ struct ColumnJob {
 /// A row group's column chunks, each with its column's index.
 type EncodedRowGroup = Vec<(usize, ArrowColumnChunk)>;
 
+/// Where a Parquet file's row groups go.
+enum Output {
+    /// Nothing encoded yet: the first row group decides which columns go without a
+    /// dictionary (see [`columns_without_dictionary`]).
+    Unopened { file: File, props: WriterProperties },
+    Open {
+        writer: SerializedFileWriter<File>,
+        factory: ArrowRowGroupWriterFactory,
+    },
+    /// Between the two, or after a failure while opening.
+    Failed,
+}
+
 /// A Parquet file being written.
 pub(crate) struct ParquetFileWriter {
-    writer: SerializedFileWriter<File>,
-    factory: ArrowRowGroupWriterFactory,
+    output: Output,
     schema: SchemaRef,
     pending: Vec<RecordBatch>,
     pending_rows: usize,
@@ -65,11 +79,8 @@ impl ParquetFileWriter {
         props: WriterProperties,
         cores: usize,
     ) -> Result<Self> {
-        let (writer, factory) = ArrowWriter::try_new(file, Arc::clone(&schema), Some(props))?
-            .into_serialized_writer()?;
         Ok(Self {
-            writer,
-            factory,
+            output: Output::Unopened { file, props },
             schema,
             pending: Vec::new(),
             pending_rows: 0,
@@ -113,9 +124,10 @@ impl ParquetFileWriter {
         if self.pending_rows == 0 {
             return Ok(());
         }
-        let mut jobs: Vec<ColumnJob> = self
-            .factory
-            .create_column_writers(self.row_groups)?
+        let row_group = self.row_groups;
+        let (_, factory) = self.open()?;
+        let mut jobs: Vec<ColumnJob> = factory
+            .create_column_writers(row_group)?
             .into_iter()
             .enumerate()
             .map(|(index, writer)| ColumnJob {
@@ -176,7 +188,8 @@ impl ParquetFileWriter {
     /// Appends encoded column chunks as the next row group.
     fn append(&mut self, mut chunks: EncodedRowGroup) -> Result<()> {
         chunks.sort_by_key(|(i, _)| *i);
-        let mut row_group = self.writer.next_row_group()?;
+        let (writer, _) = self.open()?;
+        let mut row_group = writer.next_row_group()?;
         for (_, chunk) in chunks {
             chunk.append_to_row_group(&mut row_group)?;
         }
@@ -188,8 +201,45 @@ impl ParquetFileWriter {
     pub(crate) fn close(mut self) -> Result<()> {
         self.flush()?;
         self.append_encoded()?;
-        self.writer.finish()?;
+        let (writer, _) = self.open()?;
+        writer.finish()?;
         Ok(())
+    }
+
+    /// The file's writer, created on first use: with the rows buffered for the first
+    /// row group at hand, columns whose dictionary would overflow are written plain.
+    fn open(
+        &mut self,
+    ) -> Result<(
+        &mut SerializedFileWriter<File>,
+        &mut ArrowRowGroupWriterFactory,
+    )> {
+        self.output = match std::mem::replace(&mut self.output, Output::Failed) {
+            Output::Unopened { file, props } => {
+                let plain = columns_without_dictionary(&self.schema, &self.pending, &props);
+                let props = if plain.is_empty() {
+                    props
+                } else {
+                    plain
+                        .into_iter()
+                        .fold(props.into_builder(), |b, column| {
+                            b.set_column_dictionary_enabled(column, false)
+                        })
+                        .build()
+                };
+                let (writer, factory) =
+                    ArrowWriter::try_new(file, Arc::clone(&self.schema), Some(props))?
+                        .into_serialized_writer()?;
+                Output::Open { writer, factory }
+            }
+            other => other,
+        };
+        match &mut self.output {
+            Output::Open { writer, factory } => Ok((writer, factory)),
+            _ => Err(VolleyError::internal(
+                "a Parquet file failed to open earlier and cannot be written",
+            )),
+        }
     }
 }
 
@@ -295,5 +345,71 @@ mod tests {
             assert_eq!(x.null_count(), 0);
         }
         assert_eq!(next, total);
+    }
+
+    /// A column of distinct values is written without a dictionary from its first
+    /// page; a column of few values keeps one; both read back as written.
+    #[test]
+    fn columns_whose_dictionary_would_overflow_are_written_plain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.parquet");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("key", DataType::Int64, false),
+            Field::new("code", DataType::Int64, false),
+        ]));
+        let props = WriterProperties::builder().build();
+        let mut w =
+            ParquetFileWriter::try_new(File::create(&path).unwrap(), Arc::clone(&schema), props, 2)
+                .unwrap();
+        let rows = 600_000i64;
+        for start in (0..rows).step_by(100_000) {
+            let batch = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(start..start + 100_000)),
+                    Arc::new(Int64Array::from_iter_values(
+                        (start..start + 100_000).map(|i| i % 5),
+                    )),
+                ],
+            )
+            .unwrap();
+            w.write(&batch).unwrap();
+        }
+        w.close().unwrap();
+
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
+        let group = &reader.metadata().row_groups()[0];
+        assert!(group.column(0).dictionary_page_offset().is_none());
+        assert!(group.column(1).dictionary_page_offset().is_some());
+        let mut next = 0;
+        for b in reader.build().unwrap() {
+            let b = b.unwrap();
+            let key = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            let code = b.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+            for (k, c) in key.values().iter().zip(code.values()) {
+                assert_eq!((*k, *c), (next, next % 5));
+                next += 1;
+            }
+        }
+        assert_eq!(next, rows);
+    }
+
+    /// A file closed before any row arrives is a valid, empty Parquet file.
+    #[test]
+    fn a_file_without_rows_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.parquet");
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Utf8, true)]));
+        let w = ParquetFileWriter::try_new(
+            File::create(&path).unwrap(),
+            Arc::clone(&schema),
+            WriterProperties::builder().build(),
+            1,
+        )
+        .unwrap();
+        w.close().unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
+        assert_eq!(reader.metadata().file_metadata().num_rows(), 0);
+        assert_eq!(reader.schema().fields(), schema.fields());
     }
 }
