@@ -1,22 +1,27 @@
-//! Parquet files encoded one row group at a time, the row group's columns split
-//! across threads.
+//! Parquet files encoded as they are written, a row group's columns split across
+//! threads.
 //!
 //! One task writing one ordered stream (a sorted dataset, a single-file output) would
 //! otherwise encode every column of every row group on one core; the columns of a row
-//! group are independent, so they are encoded in parallel and appended in order. A row
-//! group is encoded while the writer's caller fills the next one (one row group more
-//! in memory): a sort's final merge runs on one core and would otherwise stop for
-//! each row group's encoding (W4 on two cores: ~6% faster).
+//! group are independent, so each thread encodes some of them, fed every batch as it
+//! arrives, and the row groups are appended in order. The writer's caller (a sort's
+//! final merge runs on one core) thus never stops to encode: it hands batches over and
+//! goes on, while the other cores encode them (W4 on two cores: a row group filled and
+//! then encoded while the next fills was ~6% faster than encoding on the caller's core;
+//! encoding while it fills leaves no core idle while the first row group fills). A row
+//! group's encoding finishes while the next fills; it is appended after.
 
+use std::cmp::Reverse;
 use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::parquet::arrow::arrow_writer::{
-    compute_leaves, ArrowColumnChunk, ArrowColumnWriter, ArrowLeafColumn,
-    ArrowRowGroupWriterFactory,
+    compute_leaves, ArrowColumnChunk, ArrowColumnWriter, ArrowRowGroupWriterFactory,
 };
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::file::properties::WriterProperties;
@@ -26,29 +31,31 @@ use volley_common::{Result, VolleyError};
 use super::dictionary::columns_without_dictionary;
 
 /// Rows per Parquet row group that volley writes (arrow-rs' and DataFusion's default):
-/// the writer buffers one row group per file in memory; readers split and prune by
-/// them. Smaller row groups cost write speed (about 10% on W1 at 128Ki rows).
+/// readers split and prune by them. Smaller row groups cost write speed (about 10% on
+/// W1 at 128Ki rows).
 pub(crate) const ROW_GROUP_ROWS: usize = 1024 * 1024;
+
+/// Rows held back before a file's first row group starts encoding: the sample that
+/// decides which columns go without a dictionary (see [`columns_without_dictionary`]).
+const SAMPLE_ROWS: usize = 128 * 1024;
+
+/// Batches queued for each encoding thread before the writer's caller waits.
+const QUEUED_BATCHES: usize = 2;
 
 /// Parquet files being written in this process right now: encoder threads are shared
 /// among them, so that many writing tasks do not oversubscribe the cores.
 static OPEN_WRITERS: AtomicUsize = AtomicUsize::new(0);
 
-/// One column's encoder with what it has to encode.
-struct ColumnJob {
-    index: usize,
-    writer: ArrowColumnWriter,
-    leaves: Vec<ArrowLeafColumn>,
-    bytes: usize,
-}
-
-/// A row group's column chunks, each with its column's index.
+/// A row group's column chunks, each with its leaf column's index.
 type EncodedRowGroup = Vec<(usize, ArrowColumnChunk)>;
+
+/// A top-level column's index with the writers of its leaf columns (and their indices).
+type ColumnWriters = (usize, Vec<(usize, ArrowColumnWriter)>);
 
 /// Where a Parquet file's row groups go.
 enum Output {
-    /// Nothing encoded yet: the first row group decides which columns go without a
-    /// dictionary (see [`columns_without_dictionary`]).
+    /// Nothing encoded yet: the first rows decide which columns go without a
+    /// dictionary.
     Unopened { file: File, props: WriterProperties },
     Open {
         writer: SerializedFileWriter<File>,
@@ -58,16 +65,141 @@ enum Output {
     Failed,
 }
 
+/// A row group being encoded: its columns split among threads, each thread fed every
+/// batch of the row group and encoding its own columns of it.
+struct RowGroupEncoder {
+    feeds: Vec<SyncSender<RecordBatch>>,
+    threads: Vec<JoinHandle<Result<EncodedRowGroup>>>,
+    rows: usize,
+}
+
+impl RowGroupEncoder {
+    /// Starts encoding a row group with `writers` (one per leaf column, in order) on
+    /// up to `threads` threads, its columns split by their size in `first`, the row
+    /// group's first batch.
+    fn start(
+        file: &SerializedFileWriter<File>,
+        writers: Vec<ArrowColumnWriter>,
+        schema: &SchemaRef,
+        first: &RecordBatch,
+        threads: usize,
+    ) -> Result<Self> {
+        let descr = file.schema_descr();
+        let mut columns: Vec<ColumnWriters> = (0..schema.fields().len())
+            .map(|c| (c, Vec::new()))
+            .collect();
+        for (leaf, writer) in writers.into_iter().enumerate() {
+            columns[descr.get_column_root_idx(leaf)]
+                .1
+                .push((leaf, writer));
+        }
+        // Largest columns first, each to the least loaded thread.
+        let size = |c: usize| first.column(c).get_array_memory_size();
+        columns.sort_by_key(|(c, _)| Reverse(size(*c)));
+        let threads = threads.min(columns.len()).max(1);
+        let mut buckets: Vec<(usize, Vec<ColumnWriters>)> =
+            (0..threads).map(|_| (0, Vec::new())).collect();
+        for column in columns {
+            let lightest = buckets
+                .iter_mut()
+                .min_by_key(|(load, _)| *load)
+                .expect("at least one bucket");
+            lightest.0 += size(column.0);
+            lightest.1.push(column);
+        }
+        let mut encoder = Self {
+            feeds: Vec::with_capacity(threads),
+            threads: Vec::with_capacity(threads),
+            rows: 0,
+        };
+        for (_, bucket) in buckets {
+            let (feed, batches) = sync_channel(QUEUED_BATCHES);
+            let schema = Arc::clone(schema);
+            let thread = std::thread::Builder::new()
+                .name("volley-parquet".into())
+                .spawn(move || encode_columns(&schema, bucket, batches))
+                .map_err(|e| {
+                    VolleyError::internal(format!("cannot start a Parquet encoder: {e}"))
+                })?;
+            encoder.feeds.push(feed);
+            encoder.threads.push(thread);
+        }
+        Ok(encoder)
+    }
+
+    /// Hands `batch` to every thread (each encodes its columns of it).
+    fn feed(&mut self, batch: RecordBatch) -> Result<()> {
+        self.rows += batch.num_rows();
+        for feed in &self.feeds {
+            if feed.send(batch.clone()).is_err() {
+                // A thread stopped early: it failed, and says why.
+                self.feeds.clear();
+                return match self.threads.drain(..).map(join).find_map(Result::err) {
+                    Some(e) => Err(e),
+                    None => Err(VolleyError::internal("a Parquet encoder stopped early")),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// No more rows for this row group: its threads finish encoding what they have.
+    fn end(&mut self) {
+        self.feeds.clear();
+    }
+
+    /// Waits for the row group's column chunks.
+    fn finish(mut self) -> Result<EncodedRowGroup> {
+        self.end();
+        let mut chunks = Vec::new();
+        for thread in self.threads {
+            chunks.extend(join(thread)?);
+        }
+        Ok(chunks)
+    }
+}
+
+fn join(thread: JoinHandle<Result<EncodedRowGroup>>) -> Result<EncodedRowGroup> {
+    thread
+        .join()
+        .unwrap_or_else(|_| Err(VolleyError::internal("a Parquet encoder thread panicked")))
+}
+
+/// An encoding thread: encodes its `columns` of each batch it is fed, then closes
+/// their writers.
+fn encode_columns(
+    schema: &SchemaRef,
+    mut columns: Vec<ColumnWriters>,
+    batches: Receiver<RecordBatch>,
+) -> Result<EncodedRowGroup> {
+    while let Ok(batch) = batches.recv() {
+        for (column, writers) in &mut columns {
+            let leaves = compute_leaves(schema.field(*column), batch.column(*column))?;
+            for (leaf, (_, writer)) in leaves.iter().zip(writers.iter_mut()) {
+                writer.write(leaf)?;
+            }
+        }
+    }
+    columns
+        .into_iter()
+        .flat_map(|(_, writers)| writers)
+        .map(|(leaf, writer)| Ok((leaf, writer.close()?)))
+        .collect()
+}
+
 /// A Parquet file being written.
 pub(crate) struct ParquetFileWriter {
     output: Output,
     schema: SchemaRef,
+    /// Rows held back until the file opens.
     pending: Vec<RecordBatch>,
     pending_rows: usize,
+    /// The row group being filled, encoded as it fills.
+    filling: Option<RowGroupEncoder>,
+    /// The row group before it, finishing its encoding.
+    ending: Option<RowGroupEncoder>,
     row_groups: usize,
     cores: usize,
-    /// The row group being encoded while the next one fills.
-    encoding: Option<std::thread::JoinHandle<Result<EncodedRowGroup>>>,
 }
 
 impl ParquetFileWriter {
@@ -79,21 +211,21 @@ impl ParquetFileWriter {
         props: WriterProperties,
         cores: usize,
     ) -> Result<Self> {
+        OPEN_WRITERS.fetch_add(1, Ordering::AcqRel);
         Ok(Self {
             output: Output::Unopened { file, props },
             schema,
             pending: Vec::new(),
             pending_rows: 0,
+            filling: None,
+            ending: None,
             row_groups: 0,
             cores: cores.max(1),
-            encoding: None,
-        })
-        .inspect(|_| {
-            OPEN_WRITERS.fetch_add(1, Ordering::AcqRel);
         })
     }
 
-    /// Buffers `batch`, writing each row group as it fills.
+    /// Writes `batch`: held back while the file's first rows decide its dictionaries,
+    /// then handed to the encoding threads.
     pub(crate) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         if batch.schema().fields() != self.schema.fields() {
             return Err(VolleyError::plan(format!(
@@ -102,93 +234,67 @@ impl ParquetFileWriter {
                 self.schema
             )));
         }
+        if let Output::Unopened { .. } = self.output {
+            self.pending.push(batch.clone());
+            self.pending_rows += batch.num_rows();
+            if self.pending_rows >= SAMPLE_ROWS {
+                // The row group is expected to fill.
+                self.open(ROW_GROUP_ROWS)?;
+            }
+            return Ok(());
+        }
+        self.encode(batch)
+    }
+
+    /// Hands `batch` to the row groups' encoders, starting and ending row groups as
+    /// they fill.
+    fn encode(&mut self, batch: &RecordBatch) -> Result<()> {
         let mut offset = 0;
         while offset < batch.num_rows() {
-            let n = (ROW_GROUP_ROWS - self.pending_rows).min(batch.num_rows() - offset);
-            self.pending.push(batch.slice(offset, n));
-            self.pending_rows += n;
+            let rows = self.filling.as_ref().map_or(0, |e| e.rows);
+            let n = (ROW_GROUP_ROWS - rows).min(batch.num_rows() - offset);
+            let slice = batch.slice(offset, n);
             offset += n;
-            if self.pending_rows == ROW_GROUP_ROWS {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Encodes the buffered rows as one row group, on other threads: the row group
-    /// before it (if any) is appended first, so the caller fills the next one while
-    /// this one is encoded (a sorted stream's merge runs on one core, and would
-    /// otherwise wait for every row group's encoding).
-    fn flush(&mut self) -> Result<()> {
-        self.append_encoded()?;
-        if self.pending_rows == 0 {
-            return Ok(());
-        }
-        let row_group = self.row_groups;
-        let (_, factory) = self.open()?;
-        let mut jobs: Vec<ColumnJob> = factory
-            .create_column_writers(row_group)?
-            .into_iter()
-            .enumerate()
-            .map(|(index, writer)| ColumnJob {
-                index,
-                writer,
-                leaves: Vec::new(),
-                bytes: 0,
-            })
-            .collect();
-        for batch in &self.pending {
-            let mut leaf = 0;
-            for (field, column) in self.schema.fields().iter().zip(batch.columns()) {
-                let size = column.get_array_memory_size();
-                for l in compute_leaves(field, column)? {
-                    jobs[leaf].leaves.push(l);
-                    jobs[leaf].bytes += size;
-                    leaf += 1;
+            let encoder = match self.filling.take() {
+                Some(encoder) => encoder,
+                None => {
+                    let index = self.row_groups;
+                    let writers = OPEN_WRITERS.load(Ordering::Acquire).max(1);
+                    let threads = (self.cores / writers).max(1);
+                    let schema = Arc::clone(&self.schema);
+                    let (file, factory) = self.opened()?;
+                    let columns = factory.create_column_writers(index)?;
+                    let encoder = RowGroupEncoder::start(file, columns, &schema, &slice, threads)?;
+                    self.row_groups += 1;
+                    encoder
                 }
+            };
+            let encoder = self.filling.insert(encoder);
+            encoder.feed(slice)?;
+            if encoder.rows == ROW_GROUP_ROWS {
+                self.end_row_group()?;
             }
         }
-        self.pending.clear();
-        self.pending_rows = 0;
-        self.row_groups += 1;
-        // Largest columns first, each to the least loaded thread.
-        jobs.sort_by_key(|j| std::cmp::Reverse(j.bytes));
-        let writers = OPEN_WRITERS.load(Ordering::Acquire).max(1);
-        let threads = (self.cores / writers).min(jobs.len()).max(1);
-        let mut buckets: Vec<(usize, Vec<ColumnJob>)> =
-            (0..threads).map(|_| (0, Vec::new())).collect();
-        for job in jobs {
-            let lightest = buckets
-                .iter_mut()
-                .min_by_key(|(load, _)| *load)
-                .expect("at least one bucket");
-            lightest.0 += job.bytes;
-            lightest.1.push(job);
-        }
-        let buckets: Vec<Vec<ColumnJob>> = buckets.into_iter().map(|(_, b)| b).collect();
-        let handle = std::thread::Builder::new()
-            .name("volley-parquet".into())
-            .spawn(move || encode_row_group(buckets))
-            .map_err(|e| VolleyError::internal(format!("cannot start a Parquet encoder: {e}")))?;
-        self.encoding = Some(handle);
         Ok(())
     }
 
-    /// Waits for the row group being encoded, if any, and appends it.
-    fn append_encoded(&mut self) -> Result<()> {
-        let Some(handle) = self.encoding.take() else {
+    /// Ends the row group being filled; the one before it, if any, is appended first
+    /// (this one finishes encoding while the next fills).
+    fn end_row_group(&mut self) -> Result<()> {
+        let Some(mut filling) = self.filling.take() else {
             return Ok(());
         };
-        let chunks = handle
-            .join()
-            .unwrap_or_else(|_| Err(VolleyError::internal("a Parquet encoder thread panicked")))?;
-        self.append(chunks)
+        filling.end();
+        if let Some(ending) = self.ending.replace(filling) {
+            self.append(ending.finish()?)?;
+        }
+        Ok(())
     }
 
     /// Appends encoded column chunks as the next row group.
     fn append(&mut self, mut chunks: EncodedRowGroup) -> Result<()> {
         chunks.sort_by_key(|(i, _)| *i);
-        let (writer, _) = self.open()?;
+        let (writer, _) = self.opened()?;
         let mut row_group = writer.next_row_group()?;
         for (_, chunk) in chunks {
             chunk.append_to_row_group(&mut row_group)?;
@@ -197,43 +303,57 @@ impl ParquetFileWriter {
         Ok(())
     }
 
-    /// Writes what is buffered and the footer.
+    /// Writes what is left and the footer.
     pub(crate) fn close(mut self) -> Result<()> {
-        self.flush()?;
-        self.append_encoded()?;
-        let (writer, _) = self.open()?;
+        if let Output::Unopened { .. } = self.output {
+            self.open(self.pending_rows)?;
+        }
+        self.end_row_group()?;
+        if let Some(ending) = self.ending.take() {
+            self.append(ending.finish()?)?;
+        }
+        let (writer, _) = self.opened()?;
         writer.finish()?;
         Ok(())
     }
 
-    /// The file's writer, created on first use: with the rows buffered for the first
-    /// row group at hand, columns whose dictionary would overflow are written plain.
-    fn open(
+    /// Opens the file: with its first rows at hand (a row group of `rows` rows is
+    /// expected), columns whose dictionary would overflow are written plain; then
+    /// the rows held back are encoded.
+    fn open(&mut self, rows: usize) -> Result<()> {
+        if let Output::Unopened { file, props } =
+            std::mem::replace(&mut self.output, Output::Failed)
+        {
+            let plain = columns_without_dictionary(&self.schema, &self.pending, rows, &props);
+            let props = if plain.is_empty() {
+                props
+            } else {
+                plain
+                    .into_iter()
+                    .fold(props.into_builder(), |b, column| {
+                        b.set_column_dictionary_enabled(column, false)
+                    })
+                    .build()
+            };
+            let (writer, factory) =
+                ArrowWriter::try_new(file, Arc::clone(&self.schema), Some(props))?
+                    .into_serialized_writer()?;
+            self.output = Output::Open { writer, factory };
+        }
+        self.pending_rows = 0;
+        for batch in std::mem::take(&mut self.pending) {
+            self.encode(&batch)?;
+        }
+        Ok(())
+    }
+
+    /// The open file's writer and its row groups' column writers.
+    fn opened(
         &mut self,
     ) -> Result<(
         &mut SerializedFileWriter<File>,
         &mut ArrowRowGroupWriterFactory,
     )> {
-        self.output = match std::mem::replace(&mut self.output, Output::Failed) {
-            Output::Unopened { file, props } => {
-                let plain = columns_without_dictionary(&self.schema, &self.pending, &props);
-                let props = if plain.is_empty() {
-                    props
-                } else {
-                    plain
-                        .into_iter()
-                        .fold(props.into_builder(), |b, column| {
-                            b.set_column_dictionary_enabled(column, false)
-                        })
-                        .build()
-                };
-                let (writer, factory) =
-                    ArrowWriter::try_new(file, Arc::clone(&self.schema), Some(props))?
-                        .into_serialized_writer()?;
-                Output::Open { writer, factory }
-            }
-            other => other,
-        };
         match &mut self.output {
             Output::Open { writer, factory } => Ok((writer, factory)),
             _ => Err(VolleyError::internal(
@@ -241,46 +361,6 @@ impl ParquetFileWriter {
             )),
         }
     }
-}
-
-/// Encodes a row group's columns, each bucket on its own thread.
-fn encode_row_group(buckets: Vec<Vec<ColumnJob>>) -> Result<EncodedRowGroup> {
-    let encode = |bucket: Vec<ColumnJob>| {
-        bucket
-            .into_iter()
-            .map(|mut job| {
-                for l in &job.leaves {
-                    job.writer.write(l)?;
-                }
-                Ok((job.index, job.writer.close()?))
-            })
-            .collect::<Result<Vec<_>>>()
-    };
-    let mut buckets = buckets;
-    let Some(first) = buckets.pop() else {
-        return Ok(Vec::new());
-    };
-    let (mine, others) = std::thread::scope(|s| {
-        let handles: Vec<_> = buckets
-            .into_iter()
-            .map(|bucket| s.spawn(move || encode(bucket)))
-            .collect();
-        let mine = encode(first);
-        let others: Vec<Result<EncodedRowGroup>> = handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(VolleyError::internal("a Parquet encoder thread panicked"))
-                })
-            })
-            .collect();
-        (mine, others)
-    });
-    let mut all = mine?;
-    for o in others {
-        all.extend(o?);
-    }
-    Ok(all)
 }
 
 impl Drop for ParquetFileWriter {
