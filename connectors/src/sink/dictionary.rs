@@ -89,6 +89,8 @@ fn entry_width(data_type: &DataType) -> Option<Option<usize>> {
 /// What a sample of a column saw.
 #[derive(Debug, PartialEq)]
 struct Sample {
+    /// Rows sampled, nulls included.
+    rows: usize,
     /// Non-null values sampled.
     values: usize,
     /// Distinct values within each run, summed over the runs.
@@ -115,10 +117,11 @@ impl Sample {
         // Fixed-width values are read from their buffers.
         let data: Vec<ArrayData> = columns.iter().map(|c| c.to_data()).collect();
         let mut seen: HashMap<&[u8], usize> = HashMap::new();
-        let (mut values, mut run_distinct, mut bytes) = (0usize, 0usize, 0usize);
+        let (mut visited, mut values, mut run_distinct, mut bytes) = (0usize, 0, 0, 0);
         for r in 0..runs {
             let first = r * rows / runs;
             for row in first..(first + run).min(rows) {
+                visited += 1;
                 let batch = starts.partition_point(|s| *s <= row) - 1;
                 let Some(value) = value_bytes(columns[batch], &data[batch], row - starts[batch])?
                 else {
@@ -141,6 +144,7 @@ impl Sample {
             }
         }
         (values > 0).then(|| Sample {
+            rows: visited,
             values,
             run_distinct,
             distinct: seen.len(),
@@ -151,11 +155,11 @@ impl Sample {
     /// The predicted size of the dictionary of a row group of `rows` rows.
     ///
     /// A run's distinct values are the units: a column sorted into runs of equal values
-    /// has as many distinct values as its runs hold units, at most `run_distinct /
-    /// values` of its rows. How often runs share units gives the number of distinct
+    /// has as many distinct values as its runs hold units, at most `run_distinct` per
+    /// row sampled (nulls count as rows: they are not in the dictionary). How often runs share units gives the number of distinct
     /// units, as for draws with replacement from that many equally likely values.
     fn dictionary_bytes(&self, rows: usize) -> f64 {
-        let units = self.run_distinct as f64 / self.values as f64 * rows as f64;
+        let units = self.run_distinct as f64 / self.rows as f64 * rows as f64;
         let distinct = distinct_from_draws(self.run_distinct, self.distinct).min(units);
         distinct * self.entry_bytes
     }
@@ -294,6 +298,11 @@ mod tests {
         assert!(!decide(strings));
         // A small row group of distinct values: the dictionary cannot overflow.
         assert!(!decide(Arc::new(Int64Array::from_iter_values(0..100_000))));
+        // Nine rows in ten null, the others 52 Ki values in order, each twice: 420 KiB
+        // of dictionary.
+        assert!(!decide(Arc::new(Int64Array::from_iter(
+            (0..ROWS).map(|i| (i % 10 == 0).then_some((i / 20) as i64))
+        ))));
         // Only nulls: nothing to write in a dictionary.
         assert!(!decide(Arc::new(Int64Array::from(vec![None::<i64>; ROWS]))));
     }

@@ -10,6 +10,10 @@
 //! then encoded while the next fills was ~6% faster than encoding on the caller's core;
 //! encoding while it fills leaves no core idle while the first row group fills). A row
 //! group's encoding finishes while the next fills; it is appended after.
+//!
+//! A file's encoding threads live while a row group of it is open, parked between
+//! batches: a write into many folders at once holds a thread (at least) per file past
+//! its first 128 Ki rows; files smaller than that start theirs only when they close.
 
 use std::cmp::Reverse;
 use std::fs::File;
@@ -95,7 +99,7 @@ impl RowGroupEncoder {
         }
         // Largest columns first, each to the least loaded thread.
         let size = |c: usize| first.column(c).get_array_memory_size();
-        columns.sort_by_key(|(c, _)| Reverse(size(*c)));
+        columns.sort_by_cached_key(|(c, _)| Reverse(size(*c)));
         let threads = threads.min(columns.len()).max(1);
         let mut buckets: Vec<(usize, Vec<ColumnWriters>)> =
             (0..threads).map(|_| (0, Vec::new())).collect();
@@ -134,10 +138,16 @@ impl RowGroupEncoder {
             if feed.send(batch.clone()).is_err() {
                 // A thread stopped early: it failed, and says why.
                 self.feeds.clear();
-                return match self.threads.drain(..).map(join).find_map(Result::err) {
-                    Some(e) => Err(e),
-                    None => Err(VolleyError::internal("a Parquet encoder stopped early")),
-                };
+                let errors: Vec<VolleyError> = self
+                    .threads
+                    .drain(..)
+                    .map(join)
+                    .filter_map(Result::err)
+                    .collect();
+                return Err(errors
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| VolleyError::internal("a Parquet encoder stopped early")));
             }
         }
         Ok(())
@@ -175,6 +185,14 @@ fn encode_columns(
     while let Ok(batch) = batches.recv() {
         for (column, writers) in &mut columns {
             let leaves = compute_leaves(schema.field(*column), batch.column(*column))?;
+            if leaves.len() != writers.len() {
+                return Err(VolleyError::internal(format!(
+                    "column `{}` has {} Parquet leaves, its writer {}",
+                    schema.field(*column).name(),
+                    leaves.len(),
+                    writers.len()
+                )));
+            }
             for (leaf, (_, writer)) in leaves.iter().zip(writers.iter_mut()) {
                 writer.write(leaf)?;
             }
@@ -199,16 +217,20 @@ pub(crate) struct ParquetFileWriter {
     /// The row group before it, finishing its encoding.
     ending: Option<RowGroupEncoder>,
     row_groups: usize,
+    /// Rows the file's first row group is expected to hold once its first rows are
+    /// in (a full row group, or the file's row limit).
+    expected_rows: usize,
     cores: usize,
 }
 
 impl ParquetFileWriter {
-    /// A writer of `schema` rows into `file`, encoding on up to `cores` threads (shared
-    /// with the other files being written).
+    /// A writer of `schema` rows into `file` (of at most `max_rows` rows), encoding on
+    /// up to `cores` threads (shared with the other files being written).
     pub(crate) fn try_new(
         file: File,
         schema: SchemaRef,
         props: WriterProperties,
+        max_rows: Option<usize>,
         cores: usize,
     ) -> Result<Self> {
         OPEN_WRITERS.fetch_add(1, Ordering::AcqRel);
@@ -220,6 +242,7 @@ impl ParquetFileWriter {
             filling: None,
             ending: None,
             row_groups: 0,
+            expected_rows: max_rows.map_or(ROW_GROUP_ROWS, |m| m.clamp(1, ROW_GROUP_ROWS)),
             cores: cores.max(1),
         })
     }
@@ -238,12 +261,19 @@ impl ParquetFileWriter {
             self.pending.push(batch.clone());
             self.pending_rows += batch.num_rows();
             if self.pending_rows >= SAMPLE_ROWS {
-                // The row group is expected to fill.
-                self.open(ROW_GROUP_ROWS)?;
+                return self.open(self.expected_rows).inspect_err(|_| self.fail());
             }
             return Ok(());
         }
-        self.encode(batch)
+        self.encode(batch).inspect_err(|_| self.fail())
+    }
+
+    /// After an error: nothing more is written to this file.
+    fn fail(&mut self) {
+        self.output = Output::Failed;
+        self.filling = None;
+        self.ending = None;
+        self.pending.clear();
     }
 
     /// Hands `batch` to the row groups' encoders, starting and ending row groups as
@@ -357,7 +387,7 @@ impl ParquetFileWriter {
         match &mut self.output {
             Output::Open { writer, factory } => Ok((writer, factory)),
             _ => Err(VolleyError::internal(
-                "a Parquet file failed to open earlier and cannot be written",
+                "writing this Parquet file failed earlier; it cannot be written further",
             )),
         }
     }
@@ -385,9 +415,14 @@ mod tests {
         let props = WriterProperties::builder()
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .build();
-        let mut w =
-            ParquetFileWriter::try_new(File::create(&path).unwrap(), Arc::clone(&schema), props, 2)
-                .unwrap();
+        let mut w = ParquetFileWriter::try_new(
+            File::create(&path).unwrap(),
+            Arc::clone(&schema),
+            props,
+            None,
+            2,
+        )
+        .unwrap();
         let total = 2 * ROW_GROUP_ROWS as i64 + 1000;
         let step = 300_000;
         let mut start = 0;
@@ -438,9 +473,14 @@ mod tests {
             Field::new("code", DataType::Int64, false),
         ]));
         let props = WriterProperties::builder().build();
-        let mut w =
-            ParquetFileWriter::try_new(File::create(&path).unwrap(), Arc::clone(&schema), props, 2)
-                .unwrap();
+        let mut w = ParquetFileWriter::try_new(
+            File::create(&path).unwrap(),
+            Arc::clone(&schema),
+            props,
+            None,
+            2,
+        )
+        .unwrap();
         let rows = 600_000i64;
         for start in (0..rows).step_by(100_000) {
             let batch = RecordBatch::try_new(
@@ -484,6 +524,7 @@ mod tests {
             File::create(&path).unwrap(),
             Arc::clone(&schema),
             WriterProperties::builder().build(),
+            None,
             1,
         )
         .unwrap();
@@ -528,6 +569,7 @@ mod tests {
             File::create(&path).unwrap(),
             Arc::clone(&schema),
             WriterProperties::builder().build(),
+            None,
             // Enough cores for a thread per column while other tests write too.
             16,
         )

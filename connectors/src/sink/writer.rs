@@ -216,7 +216,10 @@ impl PartWriter {
                     .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
                     .build();
                 let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-                FileWriter::Parquet(ParquetFileWriter::try_new(file, schema, props, threads)?)
+                let max_rows = self.options.max_rows_per_file;
+                FileWriter::Parquet(ParquetFileWriter::try_new(
+                    file, schema, props, max_rows, threads,
+                )?)
             }
             format => {
                 let buffered = BufWriter::with_capacity(1 << 20, file);
