@@ -406,6 +406,17 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+    /// A writer of `schema` rows into a new file at `path`, on up to `cores` threads.
+    fn writer(
+        path: &std::path::Path,
+        schema: &SchemaRef,
+        props: WriterProperties,
+        cores: usize,
+    ) -> ParquetFileWriter {
+        let file = File::create(path).unwrap();
+        ParquetFileWriter::try_new(file, Arc::clone(schema), props, None, cores).unwrap()
+    }
+
     /// Row groups are encoded while the next fills: every one lands, in order.
     #[test]
     fn row_groups_encoded_behind_the_writer_land_in_order() {
@@ -415,14 +426,7 @@ mod tests {
         let props = WriterProperties::builder()
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
             .build();
-        let mut w = ParquetFileWriter::try_new(
-            File::create(&path).unwrap(),
-            Arc::clone(&schema),
-            props,
-            None,
-            2,
-        )
-        .unwrap();
+        let mut w = writer(&path, &schema, props, 2);
         let total = 2 * ROW_GROUP_ROWS as i64 + 1000;
         let step = 300_000;
         let mut start = 0;
@@ -473,14 +477,7 @@ mod tests {
             Field::new("code", DataType::Int64, false),
         ]));
         let props = WriterProperties::builder().build();
-        let mut w = ParquetFileWriter::try_new(
-            File::create(&path).unwrap(),
-            Arc::clone(&schema),
-            props,
-            None,
-            2,
-        )
-        .unwrap();
+        let mut w = writer(&path, &schema, props, 2);
         let rows = 600_000i64;
         for start in (0..rows).step_by(100_000) {
             let batch = RecordBatch::try_new(
@@ -520,14 +517,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("empty.parquet");
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Utf8, true)]));
-        let w = ParquetFileWriter::try_new(
-            File::create(&path).unwrap(),
-            Arc::clone(&schema),
-            WriterProperties::builder().build(),
-            None,
-            1,
-        )
-        .unwrap();
+        let w = writer(&path, &schema, WriterProperties::builder().build(), 1);
         w.close().unwrap();
         let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
         assert_eq!(reader.metadata().file_metadata().num_rows(), 0);
@@ -565,15 +555,8 @@ mod tests {
             Field::new("s", probe[1].data_type().clone(), true),
             Field::new("l", probe[2].data_type().clone(), true),
         ]));
-        let mut w = ParquetFileWriter::try_new(
-            File::create(&path).unwrap(),
-            Arc::clone(&schema),
-            WriterProperties::builder().build(),
-            None,
-            // Enough cores for a thread per column while other tests write too.
-            16,
-        )
-        .unwrap();
+        // Enough cores for a thread per column while other tests write too.
+        let mut w = writer(&path, &schema, WriterProperties::builder().build(), 16);
         let total = ROW_GROUP_ROWS + 50_000;
         let mut written = Vec::new();
         let mut start = 0;
