@@ -248,6 +248,7 @@ impl Context {
             .with_optimizer_rule(Arc::new(crate::view_strings::ViewStringScans))
             .with_physical_optimizer_rule(Arc::new(crate::decimal_arith::DecimalArithmetic))
             .with_physical_optimizer_rule(Arc::new(crate::conjunction::FilterConjunctions))
+            .with_physical_optimizer_rule(Arc::new(crate::shared_subplans::SharedSubplans))
             .build();
         Ok(Self {
             exec: ExecContext {

@@ -27,6 +27,7 @@ mod options;
 mod planner;
 mod relational;
 mod runner;
+mod shared_subplans;
 mod sql;
 mod streaming_split;
 mod view_strings;
