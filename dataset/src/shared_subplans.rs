@@ -135,8 +135,7 @@ fn share_within(
             if !in_input.contains_key(&key) {
                 return Ok(Transformed::no(t));
             }
-            *next_id += 1;
-            let shared = Arc::new(SharedOutput::new(*next_id, partitions(&t)));
+            let shared = Arc::new(SharedOutput::new(*next_id + 1, partitions(&t)));
             let mut found = false;
             input = Arc::clone(&input)
                 .transform_down(|m| {
@@ -159,6 +158,7 @@ fn share_within(
                 return Ok(Transformed::no(t));
             }
             changed = true;
+            *next_id += 1;
             let share = Arc::new(ShareExec::new(t, shared)) as Arc<dyn ExecutionPlan>;
             Ok(Transformed::new(share, true, TreeNodeRecursion::Jump))
         })?;
