@@ -18,13 +18,16 @@
 //! over the query's copy. The two copies are the same plan, except that the query's
 //! may hold a join's dynamic filter (the keys of the join's other side): it drops rows
 //! that the join would drop in any case, so the subquery's unfiltered output serves
-//! it as well. A subtree qualifies only if it reads data, holds no volatile function
-//! (`random()` computed once would change the answer) and no dynamic filter of a join
-//! outside it.
+//! it as well. A subtree qualifies only if its leaves are file scans (the plan as
+//! displayed names their files; an in-memory scan's shows only its sizes), and it
+//! holds no volatile function (`random()` computed once would change the answer), no
+//! dynamic filter of a join outside it and no scalar subquery's value.
 //!
 //! What a `ShareExec` keeps counts against the memory budget, and at most an eighth of
-//! it: a partition that does not fit (or that the subquery did not read to its end)
-//! keeps nothing, and the `ReuseExec` computes that partition with its own copy.
+//! it per share. All or nothing: if a partition does not fit (or the subquery did not
+//! read it to its end), nothing is kept and the `ReuseExec` computes every partition
+//! with its own copy (a partition computed again may hold other rows than the first
+//! time, as behind a round-robin repartition).
 //!
 //! On a cluster, plans are cut into stages before they run; [`unshare`] puts the
 //! copies back first (each stage computes its own).
@@ -45,20 +48,19 @@ use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryLimit, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::expressions::DynamicFilterPhysicalExpr;
+use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::physical_expr::{conjunction, split_conjunction};
 use datafusion::physical_expr_common::physical_expr::is_volatile;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::coop::cooperative;
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
-use datafusion::physical_plan::metrics::{
-    Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
-};
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
 use datafusion::physical_plan::scalar_subquery::ScalarSubqueryExec;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     displayable, DisplayAs, DisplayFormatType, ExecutionPlan, PhysicalExpr, PlanProperties,
     RecordBatchStream,
 };
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use volley_connectors::file_scan_config;
 
 /// What a [`ShareExec`] keeps, at most, when the memory pool states no limit.
@@ -178,34 +180,40 @@ fn partitions(plan: &Arc<dyn ExecutionPlan>) -> usize {
     plan.properties().partitioning.partition_count()
 }
 
-/// Whether the subquery's subtree `t` may stand for a copy of itself: it reads data,
-/// and holds no volatile function, no dynamic filter and no shared or nested
+/// Whether the subquery's subtree `t` may stand for a copy of itself: every leaf is a
+/// file scan (whose displayed plan names its files; an in-memory scan's shows only
+/// its sizes), and it holds no volatile function, no dynamic filter, no scalar
+/// subquery's value (all display alike before they run) and no shared or nested
 /// subquery part.
 fn shareable(t: &Arc<dyn ExecutionPlan>) -> Result<bool> {
-    let mut reads = false;
     let mut refused = false;
     t.apply(|node| {
-        if node.downcast_ref::<ScalarSubqueryExec>().is_some()
+        let leaf_not_a_file_scan =
+            node.children().is_empty() && file_scan_config(node.as_ref()).is_none();
+        if leaf_not_a_file_scan
+            || node.downcast_ref::<ScalarSubqueryExec>().is_some()
             || node.downcast_ref::<ShareExec>().is_some()
             || node.downcast_ref::<ReuseExec>().is_some()
         {
             refused = true;
             return Ok(TreeNodeRecursion::Stop);
         }
-        reads |= node.downcast_ref::<DataSourceExec>().is_some();
         let mut exprs = node_expressions(node.as_ref())?;
         if let Some(predicate) = scan_predicate(node.as_ref()) {
             exprs.push(predicate);
         }
         for e in &exprs {
-            if is_volatile(e) || e.exists(|x| Ok(x.is::<DynamicFilterPhysicalExpr>()))? {
+            let context_dependent = e.exists(|x| {
+                Ok(x.is::<DynamicFilterPhysicalExpr>() || x.is::<ScalarSubqueryExpr>())
+            })?;
+            if is_volatile(e) || context_dependent {
                 refused = true;
                 return Ok(TreeNodeRecursion::Stop);
             }
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
-    Ok(reads && !refused)
+    Ok(!refused)
 }
 
 fn node_expressions(node: &dyn ExecutionPlan) -> Result<Vec<Arc<dyn PhysicalExpr>>> {
@@ -249,9 +257,15 @@ fn plan_key(plan: &Arc<dyn ExecutionPlan>, strip: bool) -> Result<Option<String>
         Arc::clone(plan)
     };
     let mut dynamic = false;
+    // The display names files by their paths: the stores they are in, too.
+    let mut stores = String::new();
     plan.apply(|node| {
         for e in node_expressions(node.as_ref())? {
             dynamic |= e.exists(|x| Ok(x.is::<DynamicFilterPhysicalExpr>()))?;
+        }
+        if let Some(config) = file_scan_config(node.as_ref()) {
+            stores.push_str(config.object_store_url.as_str());
+            stores.push('\n');
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
@@ -259,7 +273,7 @@ fn plan_key(plan: &Arc<dyn ExecutionPlan>, strip: bool) -> Result<Option<String>
         return Ok(None);
     }
     let shown = displayable(plan.as_ref()).indent(true).to_string();
-    Ok(Some(shown))
+    Ok(Some(stores + &shown))
 }
 
 /// For a Parquet scan whose predicate holds dynamic filters: the scan without them
@@ -296,12 +310,28 @@ fn without_dynamic_filters(
 }
 
 /// The output a [`ShareExec`] kept, per partition, for its [`ReuseExec`].
+///
+/// All or nothing: the query's copy reads kept output only if every partition was
+/// kept. A partition computed again need not hold the rows it held the first time (a
+/// round-robin repartition deals batches as they come), so mixing kept and computed
+/// partitions could repeat some rows and lose others.
 #[derive(Debug)]
 struct SharedOutput {
     id: usize,
-    partitions: Mutex<Vec<Option<Kept>>>,
+    partitions: Mutex<Vec<Slot>>,
     /// Bytes kept now, over all partitions.
     held: AtomicUsize,
+}
+
+#[derive(Debug)]
+enum Slot {
+    /// Not run to its end (yet).
+    Pending,
+    Kept(Kept),
+    /// Read by the `ReuseExec`.
+    Taken,
+    /// Not kept: over the limit, failed, or dropped because another partition was.
+    Dropped,
 }
 
 #[derive(Debug)]
@@ -315,9 +345,13 @@ impl SharedOutput {
     fn new(id: usize, partitions: usize) -> Self {
         Self {
             id,
-            partitions: Mutex::new((0..partitions).map(|_| None).collect()),
+            partitions: Mutex::new((0..partitions).map(|_| Slot::Pending).collect()),
             held: AtomicUsize::new(0),
         }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts `bytes` more as kept, if that stays within `limit`.
@@ -334,18 +368,37 @@ impl SharedOutput {
         self.held.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    fn keep(&self, partition: usize, kept: Kept) {
-        let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = partitions[partition].replace(kept) {
-            self.release(old.bytes);
+    /// Sets `partition`'s slot, releasing what it kept before.
+    fn set(&self, partition: usize, slot: Slot) {
+        if let Some(old) = self.slots().get_mut(partition) {
+            if let Slot::Kept(kept) = std::mem::replace(old, slot) {
+                self.release(kept.bytes);
+            }
         }
     }
 
+    /// What was kept of `partition`, if every partition was kept; otherwise `None`,
+    /// and nothing is kept from then on.
     fn take(&self, partition: usize) -> Option<Kept> {
-        let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = partitions.get_mut(partition)?.take()?;
-        self.release(kept.bytes);
-        Some(kept)
+        let mut slots = self.slots();
+        let all_kept = slots
+            .iter()
+            .all(|s| matches!(s, Slot::Kept(_) | Slot::Taken));
+        if !all_kept {
+            for slot in slots.iter_mut() {
+                if let Slot::Kept(kept) = std::mem::replace(slot, Slot::Dropped) {
+                    self.release(kept.bytes);
+                }
+            }
+            return None;
+        }
+        match std::mem::replace(slots.get_mut(partition)?, Slot::Taken) {
+            Slot::Kept(kept) => {
+                self.release(kept.bytes);
+                Some(kept)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -364,8 +417,11 @@ impl ShareExec {
 }
 
 impl DisplayAs for ShareExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "ShareExec: share={}", self.shared.id)
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        match t {
+            DisplayFormatType::TreeRender => write!(f, "share={}", self.shared.id),
+            _ => write!(f, "ShareExec: share={}", self.shared.id),
+        }
     }
 }
 
@@ -421,6 +477,8 @@ impl ExecutionPlan for ShareExec {
             MemoryLimit::Infinite | MemoryLimit::Unknown => UNLIMITED_POOL_SHARE,
         };
         let reservation = MemoryConsumer::new(format!("ShareExec[{partition}]")).register(pool);
+        // A run again (a plan reset) keeps anew.
+        self.shared.set(partition, Slot::Pending);
         Ok(Box::pin(Keeping {
             input: self.input.execute(partition, context)?,
             shared: Arc::clone(&self.shared),
@@ -449,6 +507,7 @@ impl Keeping {
     fn give_up(&mut self) {
         if let Some(kept) = self.kept.take() {
             self.shared.release(kept.bytes);
+            self.shared.set(self.partition, Slot::Dropped);
         }
     }
 }
@@ -485,7 +544,7 @@ impl Stream for Keeping {
             }
             Poll::Ready(None) => {
                 if let Some(kept) = this.kept.take() {
-                    this.shared.keep(this.partition, kept);
+                    this.shared.set(this.partition, Slot::Kept(kept));
                 }
                 Poll::Ready(None)
             }
@@ -527,8 +586,11 @@ impl ReuseExec {
 }
 
 impl DisplayAs for ReuseExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "ReuseExec: share={}", self.shared.id)
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        match t {
+            DisplayFormatType::TreeRender => write!(f, "share={}", self.shared.id),
+            _ => write!(f, "ReuseExec: share={}", self.shared.id),
+        }
     }
 }
 
@@ -578,34 +640,27 @@ impl ExecutionPlan for ReuseExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let shared = Arc::clone(&self.shared);
-        let own = Arc::clone(&self.own);
-        let schema = self.schema();
-        let reused: Count = MetricBuilder::new(&self.metrics).counter("reused_rows", partition);
-        let computed: Count =
-            MetricBuilder::new(&self.metrics).counter("computed_partitions", partition);
-        // Decided when first read: the query's copy is read only after the subquery ran.
-        let stream = futures::stream::once(async move {
-            match shared.take(partition) {
-                Some(kept) => {
-                    reused.add(kept.batches.iter().map(RecordBatch::num_rows).sum());
-                    Ok(Box::pin(Replay {
-                        schema,
-                        batches: kept.batches.into(),
-                        reservation: kept.reservation,
-                    }) as SendableRecordBatchStream)
-                }
-                None => {
-                    computed.add(1);
-                    own.execute(partition, context)
-                }
+        // The query's copy runs only once the subquery ran (`ScalarSubqueryExec`
+        // executes its main input after its subqueries): decided here, and what was
+        // kept is released with the stream, read or not.
+        match self.shared.take(partition) {
+            Some(kept) => {
+                MetricBuilder::new(&self.metrics)
+                    .counter("reused_rows", partition)
+                    .add(kept.batches.iter().map(RecordBatch::num_rows).sum());
+                Ok(Box::pin(cooperative(Replay {
+                    schema: self.schema(),
+                    batches: kept.batches.into(),
+                    reservation: kept.reservation,
+                })))
             }
-        })
-        .try_flatten();
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            self.schema(),
-            stream,
-        )))
+            None => {
+                MetricBuilder::new(&self.metrics)
+                    .counter("computed_partitions", partition)
+                    .add(1);
+                self.own.execute(partition, context)
+            }
+        }
     }
 
     fn metrics(&self) -> Option<MetricsSet> {
@@ -772,7 +827,8 @@ mod tests {
         let (a, b) = (run(&shared, sql), run(&plain, sql));
         assert_eq!(a.rows, b.rows, "{}", a.plan);
         assert!(a.plan.contains("ReuseExec"), "{}", a.plan);
-        assert!(a.computed_partitions > 0, "{}", a.plan);
+        // All or nothing: both partitions computed anew, none read kept.
+        assert_eq!((a.computed_partitions, a.reused_rows), (2, 0), "{}", a.plan);
         assert_eq!(a.rows.lines().count(), 3 + 3 + 1, "{}", a.rows);
     }
 
@@ -786,9 +842,15 @@ mod tests {
              SELECT k, x FROM r WHERE x > (SELECT max(x) FROM r) - 0.0001",
             // Different filters: different plans.
             "SELECT k, k AS k2 FROM big WHERE k > 5 AND k < (SELECT max(k) FROM big WHERE k < 30)",
+            // In-memory scans display alike whatever they hold.
+            "SELECT column1, column1 AS c FROM (VALUES (1), (2)) \
+             WHERE column1 < (SELECT max(column1) FROM (VALUES (10), (20)))",
         ] {
             let r = run(&ctx, sql);
             assert!(!r.plan.contains("ShareExec"), "{sql}\n{}", r.plan);
+            if sql.contains("VALUES") {
+                assert!(r.rows.contains("| 1       | 1 |"), "{}", r.rows);
+            }
         }
     }
 
