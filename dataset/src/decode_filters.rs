@@ -77,7 +77,7 @@ impl PhysicalOptimizerRule for DecodeTimeFilters {
                 return Ok(Transformed::no(node));
             };
             let dynamic = match parquet.filter() {
-                Some(p) => p.exists(|e| Ok(e.is::<DynamicFilterPhysicalExpr>()))?,
+                Some(p) => holds_dynamic_filter(&p)?,
                 None => false,
             };
             if !dynamic || !selective.contains(&address(&node)) {
@@ -103,6 +103,11 @@ impl PhysicalOptimizerRule for DecodeTimeFilters {
     fn schema_check(&self) -> bool {
         true
     }
+}
+
+/// Whether `expr` holds a dynamic filter (a join's or a top-k's, set as the plan runs).
+pub(crate) fn holds_dynamic_filter(expr: &Arc<dyn PhysicalExpr>) -> Result<bool> {
+    expr.exists(|e| Ok(e.is::<DynamicFilterPhysicalExpr>()))
 }
 
 /// `config` with its Parquet scan filtering while decoding; `None` if it is not a
@@ -134,7 +139,7 @@ fn decoding_by_join_keys(parquet: &ParquetSource) -> Result<ParquetSource> {
     // joins: one selective, one not).
     let mut sampled = Vec::with_capacity(conjuncts.len());
     for c in &conjuncts {
-        let dynamic = c.exists(|e| Ok(e.is::<DynamicFilterPhysicalExpr>()))?;
+        let dynamic = holds_dynamic_filter(c)?;
         sampled.push(dynamic.then(|| Arc::new(Sample::default())));
     }
     let samples: Vec<Arc<Sample>> = sampled.iter().flatten().cloned().collect();

@@ -32,7 +32,7 @@
 //! On a cluster, plans are cut into stages before they run; [`unshare`] puts the
 //! copies back first (each stage computes its own).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,6 +62,8 @@ use datafusion::physical_plan::{
 };
 use futures::{Stream, StreamExt};
 use volley_connectors::file_scan_config;
+
+use crate::decode_filters::holds_dynamic_filter;
 
 /// What a [`ShareExec`] keeps, at most, when the memory pool states no limit.
 const UNLIMITED_POOL_SHARE: usize = 256 << 20;
@@ -117,11 +119,9 @@ fn share_within(
 ) -> Result<Transformed<Arc<dyn ExecutionPlan>>> {
     let mut input = Arc::clone(subqueries.input());
     // The main input's subtrees by their plan (as displayed, dynamic filters left out).
-    let mut in_input: HashMap<String, usize> = HashMap::new();
+    let mut in_input: HashSet<String> = HashSet::new();
     input.apply(|m| {
-        if let Some(key) = plan_key(m, true)? {
-            *in_input.entry(key).or_default() += 1;
-        }
+        in_input.extend(plan_key(m, true)?);
         Ok(TreeNodeRecursion::Continue)
     })?;
     let mut changed = false;
@@ -134,10 +134,11 @@ fn share_within(
             let Some(key) = plan_key(&t, false)? else {
                 return Ok(Transformed::no(t));
             };
-            if !in_input.contains_key(&key) {
+            if !in_input.contains(&key) {
                 return Ok(Transformed::no(t));
             }
-            let shared = Arc::new(SharedOutput::new(*next_id + 1, partitions(&t)));
+            let partitions = t.properties().partitioning.partition_count();
+            let shared = Arc::new(SharedOutput::new(*next_id + 1, partitions));
             let mut found = false;
             input = Arc::clone(&input)
                 .transform_down(|m| {
@@ -174,10 +175,6 @@ fn share_within(
     Ok(Transformed::yes(
         Arc::clone(node).replace_children(children, options)?,
     ))
-}
-
-fn partitions(plan: &Arc<dyn ExecutionPlan>) -> usize {
-    plan.properties().partitioning.partition_count()
 }
 
 /// Whether the subquery's subtree `t` may stand for a copy of itself: every leaf is a
@@ -261,7 +258,7 @@ fn plan_key(plan: &Arc<dyn ExecutionPlan>, strip: bool) -> Result<Option<String>
     let mut stores = String::new();
     plan.apply(|node| {
         for e in node_expressions(node.as_ref())? {
-            dynamic |= e.exists(|x| Ok(x.is::<DynamicFilterPhysicalExpr>()))?;
+            dynamic |= holds_dynamic_filter(&e)?;
         }
         if let Some(config) = file_scan_config(node.as_ref()) {
             stores.push_str(config.object_store_url.as_str());
@@ -285,10 +282,7 @@ fn without_dynamic_filters(
     let config = file_scan_config(node.as_ref())?;
     let parquet = config.file_source().downcast_ref::<ParquetSource>()?;
     let predicate = parquet.filter()?;
-    let dynamic = |e: &Arc<dyn PhysicalExpr>| {
-        e.exists(|x| Ok(x.is::<DynamicFilterPhysicalExpr>()))
-            .unwrap_or(true)
-    };
+    let dynamic = |e: &Arc<dyn PhysicalExpr>| holds_dynamic_filter(e).unwrap_or(true);
     if !dynamic(&predicate) {
         return None;
     }

@@ -278,14 +278,12 @@ impl PlanSource {
                 })
                 .map_err(|_| VolleyError::internal("asking the cluster for its CPUs"))?;
                 let broadcast = config.exec.broadcast_join_bytes;
-                // Each stage computes its own copy of what a query shares locally.
-                let unshare = crate::shared_subplans::unshare;
-                let mut physical = unshare(self.cluster_plan(&plan, few, broadcast).await?)?;
+                let mut physical = self.cluster_plan(&plan, few, broadcast).await?;
                 if many > few
                     && crate::runner::scanned_bytes(&physical)
                         > few as u64 * crate::runner::SMALL_QUERY_BYTES_PER_CPU
                 {
-                    physical = unshare(self.cluster_plan(&plan, many, broadcast).await?)?;
+                    physical = self.cluster_plan(&plan, many, broadcast).await?;
                 }
                 let staged = if crate::runner::scans_files(&physical) {
                     crate::runner::stages_on_cluster(&physical, cluster)?
@@ -295,7 +293,7 @@ impl PlanSource {
                 match staged {
                     Some(staged) => staged,
                     None => crate::runner::scans_on_cluster(
-                        unshare(self.state.create_physical_plan(&plan).await?)?,
+                        self.state.create_physical_plan(&plan).await?,
                         cluster,
                     )?,
                 }

@@ -92,6 +92,8 @@ pub(crate) fn stages_on_cluster(
     plan: &Arc<dyn ExecutionPlan>,
     cluster: &Cluster,
 ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    // Each stage computes its own copy of what a query shares in one process.
+    let plan = &crate::shared_subplans::unshare(Arc::clone(plan))?;
     if !can_cut(plan) {
         return Ok(None);
     }

@@ -28,6 +28,8 @@ pub(crate) fn scans_on_cluster(
     plan: Arc<dyn ExecutionPlan>,
     cluster: &Cluster,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
+    // Each node's task computes its own copy of what a query shares in one process.
+    let plan = crate::shared_subplans::unshare(plan)?;
     plan.transform_up(|node| {
         let Some(exec) = node.downcast_ref::<DataSourceExec>() else {
             return Ok(Transformed::no(node));
