@@ -48,6 +48,8 @@ use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 
+use crate::view_compare::ViewStringIn;
+
 /// Evaluates the predicate of every `FilterExec` with two or more conditions as a
 /// [`Conjunction`] (see the module's documentation).
 #[derive(Debug, Default)]
@@ -176,8 +178,9 @@ impl Rest {
 }
 
 /// How costly `expr` is to evaluate per row, for conditions that cannot fail and are
-/// not volatile: 0 compares numbers with constants, 1 compares numeric columns, 2
-/// compares strings, 3 matches patterns. `None` for anything else. Column types come
+/// not volatile: 0 compares numbers with constants, 1 compares numeric columns (or
+/// view strings with constants, [`ViewStringIn`]), 2 compares strings, 3 matches
+/// patterns. `None` for anything else. Column types come
 /// from `schema` (without one, every column counts as numeric).
 fn cost(expr: &Arc<dyn PhysicalExpr>, schema: Option<&Schema>) -> Option<u8> {
     let column_cost = |c: &Column| {
@@ -203,6 +206,11 @@ fn cost(expr: &Arc<dyn PhysicalExpr>, schema: Option<&Schema>) -> Option<u8> {
     };
     if let Some(c) = expr.downcast_ref::<Column>() {
         return Some(column_cost(c));
+    }
+    if let Some(v) = expr.downcast_ref::<ViewStringIn>() {
+        // About as costly as comparing two numeric columns (one 128-bit comparison
+        // per row and constant).
+        return cost(v.input(), None).map(|_| 1);
     }
     if expr.downcast_ref::<Literal>().is_some() {
         return Some(0);

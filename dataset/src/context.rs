@@ -247,6 +247,7 @@ impl Context {
         let state = state
             .with_optimizer_rule(Arc::new(crate::view_strings::ViewStringScans))
             .with_physical_optimizer_rule(Arc::new(crate::decimal_arith::DecimalArithmetic))
+            .with_physical_optimizer_rule(Arc::new(crate::view_compare::ViewComparisons))
             .with_physical_optimizer_rule(Arc::new(crate::conjunction::FilterConjunctions))
             .with_physical_optimizer_rule(Arc::new(crate::shared_subplans::SharedSubplans))
             .build();

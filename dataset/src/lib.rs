@@ -22,6 +22,7 @@ mod exchange;
 mod handover;
 mod logical;
 mod lower;
+mod operator_exprs;
 mod optimizer;
 mod options;
 mod planner;
@@ -30,6 +31,7 @@ mod runner;
 mod shared_subplans;
 mod sql;
 mod streaming_split;
+mod view_compare;
 mod view_strings;
 
 pub use context::{Context, Paths};

@@ -83,6 +83,7 @@ use crate::context::Context;
 use crate::decimal_arith::{DecimalArith, DecimalOp};
 use crate::decode_filters::ScanCondition;
 use crate::handover::{thread_stream, Handover};
+use crate::view_compare::ViewStringIn;
 use volley_connectors::file_scan_config;
 
 /// The plan `plan` with its stages cut out to run on `cluster`'s nodes; `None` where
@@ -1027,6 +1028,22 @@ impl PhysicalExtensionCodec for StageCodec {
                     ))),
                 }
             }
+            _ if buf.starts_with(VIEW_STRING_IN_TAG) => {
+                let encoded: Option<EncodedViewStringIn> =
+                    serde_json::from_slice(&buf[VIEW_STRING_IN_TAG.len()..]).ok();
+                match (encoded, inputs) {
+                    (Some(e), [input]) => Ok(Arc::new(ViewStringIn::new(
+                        Arc::clone(input),
+                        e.constants,
+                        e.negated,
+                    ))),
+                    _ => Err(DataFusionError::Internal(format!(
+                        "a view string comparison {:?} with {} inputs",
+                        String::from_utf8_lossy(buf),
+                        inputs.len()
+                    ))),
+                }
+            }
             SAMPLED_FILTER_TAG | QUERY_CONDITION_TAG => match inputs {
                 // With a sample of its own where it is decoded.
                 [inner] if buf == SAMPLED_FILTER_TAG => Ok(Arc::new(ScanCondition::join_keys(
@@ -1062,6 +1079,15 @@ impl PhysicalExtensionCodec for StageCodec {
             buf.extend_from_slice(d.op().name().as_bytes());
             return Ok(());
         }
+        if let Some(v) = node.downcast_ref::<ViewStringIn>() {
+            buf.extend_from_slice(VIEW_STRING_IN_TAG);
+            let encoded = EncodedViewStringIn {
+                constants: v.constants().to_vec(),
+                negated: v.negated(),
+            };
+            return serde_json::to_writer(buf, &encoded)
+                .map_err(|e| DataFusionError::Internal(format!("a view string comparison: {e}")));
+        }
         if let Some(c) = node.downcast_ref::<ScanCondition>() {
             buf.extend_from_slice(if c.is_join_keys() {
                 SAMPLED_FILTER_TAG
@@ -1080,6 +1106,17 @@ const CONJUNCTION_TAG: &[u8] = b"volley-conjunction";
 /// What an encoded [`DecimalArith`] begins with (its operator's name follows; its
 /// operands travel as the node's inputs).
 const DECIMAL_ARITH_TAG: &[u8] = b"volley-decimal-arith:";
+
+/// What an encoded [`ViewStringIn`] begins with (an [`EncodedViewStringIn`] as JSON
+/// follows; its input travels as the node's input).
+const VIEW_STRING_IN_TAG: &[u8] = b"volley-view-string-in:";
+
+/// The constants of a [`ViewStringIn`], as it travels in a stage's plan.
+#[derive(Serialize, Deserialize)]
+struct EncodedViewStringIn {
+    constants: Vec<String>,
+    negated: bool,
+}
 
 /// An encoded [`ScanCondition`] of a join's keys (with a sample of its own where it is
 /// decoded).
@@ -1587,6 +1624,58 @@ mod tests {
         let want = value(physical(&ctx, sql));
         assert_eq!(value(plan), want);
         assert_eq!(value(shipped), want);
+    }
+
+    #[test]
+    fn view_string_comparisons_travel_and_give_the_same_rows() {
+        use datafusion::physical_optimizer::PhysicalOptimizerRule;
+        use datafusion::physical_plan::filter::FilterExec;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let sql = "SELECT k FROM big \
+                   WHERE arrow_cast(CAST(k % 7 AS VARCHAR), 'Utf8View') IN ('1', '3') \
+                   AND arrow_cast(concat('a long prefix ', CAST(k AS VARCHAR)), 'Utf8View') \
+                   <> 'a long prefix 15'";
+        let plan = crate::view_compare::ViewComparisons
+            .optimize(physical(&ctx, sql), &Default::default())
+            .unwrap();
+        let comparisons = |plan: &Arc<dyn ExecutionPlan>| {
+            let mut found = Vec::new();
+            let _ = plan.apply(|node| {
+                if let Some(f) = node.downcast_ref::<FilterExec>() {
+                    let _ = f.predicate().apply(|x| {
+                        if x.downcast_ref::<ViewStringIn>().is_some() {
+                            found.push(x.to_string());
+                        }
+                        Ok(TreeNodeRecursion::Continue)
+                    });
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            found
+        };
+        let shipped = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+            &encode(&plan).unwrap(),
+            &ctx.task_ctx(),
+            &StageCodec::default(),
+        )
+        .unwrap();
+        let sent = comparisons(&plan);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert_eq!(comparisons(&shipped), sent);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let rows = |plan: Arc<dyn ExecutionPlan>| {
+            let batches = rt
+                .block_on(datafusion::physical_plan::collect(plan, ctx.task_ctx()))
+                .unwrap();
+            batches.iter().map(|b| b.num_rows()).sum::<usize>()
+        };
+        let want = (0..4000)
+            .filter(|k| [1, 3].contains(&(k % 7)) && *k != 15)
+            .count();
+        assert_eq!(rows(physical(&ctx, sql)), want);
+        assert_eq!(rows(plan), want);
+        assert_eq!(rows(shipped), want);
     }
 
     #[test]
