@@ -22,8 +22,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::array::builder::make_view;
-use arrow::array::{Array, AsArray, BooleanArray, StringViewArray};
-use arrow::buffer::BooleanBuffer;
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, StringViewArray};
+use arrow::buffer::{BooleanBuffer, MutableBuffer};
+use arrow::compute::kernels::cmp;
 use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
 use datafusion::common::config::ConfigOptions;
@@ -87,7 +88,7 @@ fn rewrite(
             string_constant(constant)
                 .map(|c| ViewStringIn::new(Arc::clone(input), vec![c], negated))
         } else if let Some(l) = e.downcast_ref::<InListExpr>() {
-            if !views(l.expr()) {
+            if !views(l.expr()) || l.list().is_empty() {
                 return Ok(Transformed::no(e));
             }
             let constants: Option<Vec<String>> = l.list().iter().map(string_constant).collect();
@@ -211,20 +212,54 @@ impl ViewStringIn {
             })
         };
         match (self.short.as_slice(), self.long.is_empty()) {
-            ([(mask, view)], true) => {
-                BooleanBuffer::collect_bool(views.len(), |i| views[i] & mask == *view)
-            }
-            ([(m1, v1), (m2, v2)], true) => BooleanBuffer::collect_bool(views.len(), |i| {
-                (views[i] & m1 == *v1) | (views[i] & m2 == *v2)
-            }),
-            (short, true) => BooleanBuffer::collect_bool(views.len(), |i| {
-                short.iter().any(|(m, v)| views[i] & m == *v)
-            }),
-            (short, false) => BooleanBuffer::collect_bool(views.len(), |i| {
-                let v = views[i];
+            ([(mask, view)], true) => bits(views, |v| v & mask == *view),
+            ([(m1, v1), (m2, v2)], true) => bits(views, |v| (v & m1 == *v1) | (v & m2 == *v2)),
+            (short, true) => bits(views, |v| short.iter().any(|(m, s)| v & m == *s)),
+            (short, false) => bits(views, |v| {
                 short.iter().any(|(m, s)| v & m == *s) || long_matches(v)
             }),
         }
+    }
+}
+
+/// A bitmap of `test` over `views`, 64 views per word (no index checks, so that the
+/// comparisons of a word compile to straight-line code).
+fn bits(views: &[u128], test: impl Fn(u128) -> bool) -> BooleanBuffer {
+    let word = |chunk: &[u128]| {
+        chunk
+            .iter()
+            .enumerate()
+            .fold(0u64, |w, (j, v)| w | (u64::from(test(*v)) << j))
+    };
+    let chunks = views.chunks_exact(64);
+    let rest = chunks.remainder();
+    let mut out = MutableBuffer::new(views.len().div_ceil(64) * 8);
+    for chunk in chunks {
+        out.push(word(chunk));
+    }
+    if !rest.is_empty() {
+        out.push(word(rest));
+    }
+    BooleanBuffer::new(out.into(), 0, views.len())
+}
+
+impl ViewStringIn {
+    /// The answer for strings that are not views, by arrow's `=` per constant.
+    fn by_arrow(&self, array: &ArrayRef) -> Result<ArrayRef> {
+        let mut any: Option<BooleanArray> = None;
+        for c in &self.constants {
+            let constant = ScalarValue::Utf8(Some(c.clone())).cast_to(array.data_type())?;
+            let eq = cmp::eq(array, &constant.to_scalar()?)?;
+            any = Some(match any {
+                Some(a) => arrow::compute::kernels::boolean::or(&a, &eq)?,
+                None => eq,
+            });
+        }
+        let any = any.unwrap_or_else(|| BooleanArray::from(vec![false; array.len()]));
+        Ok(Arc::new(match self.negated {
+            true => arrow::compute::kernels::boolean::not(&any)?,
+            false => any,
+        }))
     }
 }
 
@@ -241,10 +276,9 @@ impl PhysicalExpr for ViewStringIn {
         match self.input.evaluate(batch)? {
             ColumnarValue::Array(a) => {
                 let Some(strings) = a.as_string_view_opt() else {
-                    return internal_err!(
-                        "a view string comparison over {} values: expected Utf8View",
-                        a.data_type()
-                    );
+                    // Strings of another type than planned (as a scan may give where
+                    // its table's schema has views): arrow's `=`s.
+                    return self.by_arrow(&a).map(ColumnarValue::Array);
                 };
                 let mut bits = self.matches(strings);
                 if self.negated {
@@ -347,8 +381,7 @@ impl Hash for ViewStringIn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{ArrayRef, StringViewBuilder};
-    use arrow::compute::kernels::cmp;
+    use arrow::array::StringViewBuilder;
     use arrow::datatypes::Field;
     use datafusion::physical_expr::expressions::{col, in_list, lit};
 
@@ -512,6 +545,28 @@ mod tests {
         ];
         for e in kept {
             assert!(!rewrite(&e, &schema).unwrap().transformed, "{e}");
+        }
+    }
+
+    #[test]
+    fn strings_that_are_not_views_get_arrows_answer() {
+        let input = strings(3000);
+        let plain = arrow::compute::cast(&input, &DataType::Utf8).unwrap();
+        let schema = Schema::new(vec![Field::new("s", DataType::Utf8, true)]);
+        let batch = RecordBatch::try_new(Arc::new(schema.clone()), vec![plain]).unwrap();
+        for negated in [false, true] {
+            let e = ViewStringIn::new(
+                col("s", &schema).unwrap(),
+                vec!["AIR REG".into(), "DELIVER IN PERSON".into()],
+                negated,
+            );
+            let got = e
+                .evaluate(&batch)
+                .unwrap()
+                .into_array(batch.num_rows())
+                .unwrap();
+            let want = arrow_answer(&input, &["AIR REG", "DELIVER IN PERSON"], negated);
+            assert_eq!(got.as_boolean(), &want);
         }
     }
 
