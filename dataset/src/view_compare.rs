@@ -395,7 +395,7 @@ mod tests {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            if state % 11 == 0 {
+            if state.is_multiple_of(11) {
                 b.append_null();
                 continue;
             }
@@ -433,6 +433,14 @@ mod tests {
         BooleanArray::new(any.values().clone(), input.nulls().cloned())
     }
 
+    /// What `e` answers for each row of `batch`.
+    fn answer(e: &ViewStringIn, batch: &RecordBatch) -> ArrayRef {
+        e.evaluate(batch)
+            .unwrap()
+            .into_array(batch.num_rows())
+            .unwrap()
+    }
+
     #[test]
     fn matches_arrow_for_short_and_long_constants() {
         let input = strings(5000);
@@ -458,11 +466,7 @@ mod tests {
                     constants.iter().map(|c| c.to_string()).collect(),
                     negated,
                 );
-                let got = e
-                    .evaluate(&batch)
-                    .unwrap()
-                    .into_array(batch.num_rows())
-                    .unwrap();
+                let got = answer(&e, &batch);
                 let want = arrow_answer(&input, constants, negated);
                 assert_eq!(got.as_boolean(), &want, "{constants:?} negated={negated}");
                 assert!(want.true_count() > 0, "{constants:?} matched nothing");
@@ -560,11 +564,7 @@ mod tests {
                 vec!["AIR REG".into(), "DELIVER IN PERSON".into()],
                 negated,
             );
-            let got = e
-                .evaluate(&batch)
-                .unwrap()
-                .into_array(batch.num_rows())
-                .unwrap();
+            let got = answer(&e, &batch);
             let want = arrow_answer(&input, &["AIR REG", "DELIVER IN PERSON"], negated);
             assert_eq!(got.as_boolean(), &want);
         }

@@ -1291,6 +1291,18 @@ mod tests {
         })
     }
 
+    /// The batches `plan` gives, run to its end.
+    fn run(ctx: &SessionContext, plan: Arc<dyn ExecutionPlan>) -> Vec<RecordBatch> {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(datafusion::physical_plan::collect(plan, ctx.task_ctx()))
+            .unwrap()
+    }
+
+    /// How many rows `plan` gives.
+    fn row_count(ctx: &SessionContext, plan: Arc<dyn ExecutionPlan>) -> usize {
+        run(ctx, plan).iter().map(|b| b.num_rows()).sum()
+    }
+
     /// The file scans of `plan`, by the folder they read.
     fn scans(plan: &Arc<dyn ExecutionPlan>) -> HashMap<String, Arc<dyn ExecutionPlan>> {
         let mut out = HashMap::new();
@@ -1556,13 +1568,7 @@ mod tests {
         // The cheap comparisons first, the one that computes last.
         assert_eq!(got.to_string(), "k@0 < 3000 AND k@0 > 100 AND k@0 % 7 = 3");
         assert_eq!(sent.to_string(), got.to_string());
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let rows = |plan: Arc<dyn ExecutionPlan>| {
-            let batches = rt
-                .block_on(datafusion::physical_plan::collect(plan, ctx.task_ctx()))
-                .unwrap();
-            batches.iter().map(|b| b.num_rows()).sum::<usize>()
-        };
+        let rows = |plan| row_count(&ctx, plan);
         let want = (101..3000).filter(|k| k % 7 == 3).count();
         assert_eq!(rows(plan), want);
         assert_eq!(rows(shipped), want);
@@ -1613,11 +1619,8 @@ mod tests {
         let (sent, text) = decimal_ops(&plan);
         assert!(sent >= 1, "{text}");
         assert_eq!(decimal_ops(&shipped).0, sent);
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let value = |plan: Arc<dyn ExecutionPlan>| {
-            let batches = rt
-                .block_on(datafusion::physical_plan::collect(plan, ctx.task_ctx()))
-                .unwrap();
+        let value = |plan| {
+            let batches = run(&ctx, plan);
             let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
             arrow::util::display::array_value_to_string(b.column(0), 0).unwrap()
         };
@@ -1663,13 +1666,7 @@ mod tests {
         let sent = comparisons(&plan);
         assert_eq!(sent.len(), 2, "{sent:?}");
         assert_eq!(comparisons(&shipped), sent);
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let rows = |plan: Arc<dyn ExecutionPlan>| {
-            let batches = rt
-                .block_on(datafusion::physical_plan::collect(plan, ctx.task_ctx()))
-                .unwrap();
-            batches.iter().map(|b| b.num_rows()).sum::<usize>()
-        };
+        let rows = |plan| row_count(&ctx, plan);
         let want = (0..4000)
             .filter(|k| [1, 3].contains(&(k % 7)) && *k != 15)
             .count();
