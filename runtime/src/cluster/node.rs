@@ -160,10 +160,10 @@ impl PendingReport {
 }
 
 /// How long a report may wait for others while tasks sent ahead keep this node busy
-/// (the head sends only a few milliseconds' work ahead: see its `ahead_per_slot`). A
-/// node finishing thousands of short tasks a second then reports them in a few calls,
-/// and the head's cost per task falls with them.
-const REPORT_LINGER: Duration = Duration::from_millis(2);
+/// (the head sends up to 40 ms of work ahead per slot, five times this: see its
+/// `ahead_per_slot`). A node finishing thousands of short tasks a second then reports
+/// them in a few calls, and the head's cost per task falls with them.
+const REPORT_LINGER: Duration = Duration::from_millis(8);
 
 /// Sends task reports to the head, many per call: the reports that arrive while one
 /// call is on its way go together in the next, and while tasks wait ahead here (so no

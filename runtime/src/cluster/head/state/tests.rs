@@ -152,9 +152,10 @@ fn tasks_wait_ahead_for_slots_that_end_and_inherit_or_get_them() {
 fn short_tasks_wait_ahead_deeper_than_long_ones() {
     assert_eq!(tasks::ahead_per_slot(None), 2);
     assert_eq!(tasks::ahead_per_slot(Some(2.0)), 2);
-    assert_eq!(tasks::ahead_per_slot(Some(0.001)), 10);
-    assert_eq!(tasks::ahead_per_slot(Some(1e-6)), 32);
-    // A job whose tasks took 1 ms in their workers: ten wait ahead per slot.
+    assert_eq!(tasks::ahead_per_slot(Some(0.02)), 2);
+    assert_eq!(tasks::ahead_per_slot(Some(0.004)), 10);
+    assert_eq!(tasks::ahead_per_slot(Some(1e-6)), 128);
+    // A job whose tasks took 4 ms in their workers: ten wait ahead per slot.
     let (mut s, mut rx) = one_node(1.0);
     for i in 0..20 {
         submit(&mut s, &format!("t{i}"));
@@ -162,7 +163,7 @@ fn short_tasks_wait_ahead_deeper_than_long_ones() {
     s.schedule();
     assert_eq!(sent(&mut rx).len(), 3, "one runs, two wait ahead at first");
     let mut r = report("n1", "t0", 0, 0, "t1");
-    r.run_time = std::time::Duration::from_millis(1);
+    r.run_time = std::time::Duration::from_millis(4);
     assert!(s.task_reported(r));
     s.schedule();
     assert_eq!(s.nodes["n1"].ahead.len(), 10);
