@@ -218,13 +218,18 @@ impl State {
             self.release(&node, &req, &gpus, &None);
         }
         // Everything of the job goes: tasks, actors, groups, objects.
-        let tasks: Vec<String> = self
+        // Only its unfinished tasks need failing; the finished ones (most of a job's,
+        // kept for their lineage) go in one pass at the end.
+        let unfinished: Vec<String> = self
             .tasks
             .iter()
-            .filter(|(_, t)| t.spec.job_id == id)
+            .filter(|(_, t)| {
+                t.spec.job_id == id
+                    && matches!(t.state, TaskState::Pending | TaskState::Running { .. })
+            })
             .map(|(t, _)| t.clone())
             .collect();
-        for t in &tasks {
+        for t in &unfinished {
             // Failing one may delete others (an output no one wants takes its
             // task, and the lineage it kept, with it).
             if matches!(
@@ -270,9 +275,7 @@ impl State {
             keep
         });
         self.inline_bytes -= dropped;
-        for t in tasks {
-            self.tasks.remove(&t);
-        }
+        self.tasks.retain(|_, t| t.spec.job_id != id);
         self.queue.retain(|id| self.tasks.contains_key(id));
         for n in self.nodes.values() {
             n.send(NodeCommand::StopJob(id.to_string()));
