@@ -220,6 +220,24 @@ impl ViewStringIn {
             }),
         }
     }
+
+    /// The answer for strings that are not views, by arrow's `=` per constant.
+    fn by_arrow(&self, array: &ArrayRef) -> Result<ArrayRef> {
+        let mut any: Option<BooleanArray> = None;
+        for c in &self.constants {
+            let constant = ScalarValue::Utf8(Some(c.clone())).cast_to(array.data_type())?;
+            let eq = cmp::eq(array, &constant.to_scalar()?)?;
+            any = Some(match any {
+                Some(a) => arrow::compute::kernels::boolean::or(&a, &eq)?,
+                None => eq,
+            });
+        }
+        let any = any.unwrap_or_else(|| BooleanArray::from(vec![false; array.len()]));
+        Ok(Arc::new(match self.negated {
+            true => arrow::compute::kernels::boolean::not(&any)?,
+            false => any,
+        }))
+    }
 }
 
 /// A bitmap of `test` over `views`, 64 views per word (no index checks, so that the
@@ -241,26 +259,6 @@ fn bits(views: &[u128], test: impl Fn(u128) -> bool) -> BooleanBuffer {
         out.push(word(rest));
     }
     BooleanBuffer::new(out.into(), 0, views.len())
-}
-
-impl ViewStringIn {
-    /// The answer for strings that are not views, by arrow's `=` per constant.
-    fn by_arrow(&self, array: &ArrayRef) -> Result<ArrayRef> {
-        let mut any: Option<BooleanArray> = None;
-        for c in &self.constants {
-            let constant = ScalarValue::Utf8(Some(c.clone())).cast_to(array.data_type())?;
-            let eq = cmp::eq(array, &constant.to_scalar()?)?;
-            any = Some(match any {
-                Some(a) => arrow::compute::kernels::boolean::or(&a, &eq)?,
-                None => eq,
-            });
-        }
-        let any = any.unwrap_or_else(|| BooleanArray::from(vec![false; array.len()]));
-        Ok(Arc::new(match self.negated {
-            true => arrow::compute::kernels::boolean::not(&any)?,
-            false => any,
-        }))
-    }
 }
 
 impl PhysicalExpr for ViewStringIn {
