@@ -61,7 +61,7 @@ impl PhysicalOptimizerRule for DecimalArithmetic {
 
 /// `expr` with its decimal arithmetic as [`DecimalArith`] (over `schema`, the input of
 /// the operator evaluating it).
-fn rewrite(
+pub(crate) fn rewrite(
     expr: &Arc<dyn PhysicalExpr>,
     schema: &Schema,
 ) -> Result<Transformed<Arc<dyn PhysicalExpr>>> {
@@ -596,5 +596,91 @@ mod tests {
             rewritten.data.data_type(&schema).unwrap(),
             expr.data_type(&schema).unwrap()
         );
+    }
+
+    /// A Dataset's steps compute decimal arithmetic and view-string comparisons with
+    /// volley's expressions, as a SQL plan does, and give DataFusion's answers.
+    #[test]
+    fn dataset_steps_use_the_rewrites() {
+        use arrow::array::StringViewArray;
+        use datafusion::prelude::{col as df_col, lit as df_lit, SessionContext};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("p", DataType::Decimal128(15, 2), true),
+            Field::new("d", DataType::Decimal128(15, 2), true),
+            Field::new("m", DataType::Utf8View, true),
+        ]));
+        let modes = [
+            "MAIL",
+            "SHIP",
+            "AIR",
+            "TRUCK",
+            "a mode longer than twelve bytes",
+        ];
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(decimals(5000, 5, (15, 2), false)),
+                Arc::new(decimals(5000, 6, (15, 2), true)),
+                Arc::new(StringViewArray::from_iter(
+                    (0..5000).map(|i| (i % 13 != 0).then_some(modes[i % modes.len()])),
+                )),
+            ],
+        )
+        .unwrap();
+        let filter = df_col("m")
+            .eq(df_lit("MAIL"))
+            .or(df_col("m").eq(df_lit("a mode longer than twelve bytes")));
+        let price = (df_col("p") * (df_lit(1) - df_col("d"))).alias("price");
+
+        let ctx = crate::Context::try_default().unwrap();
+        let state = ctx.session_state();
+        let step = volley_exec::Step::filter(&filter, &schema, state).unwrap();
+        let volley_exec::Step::Filter { predicate, .. } = step else {
+            panic!("not a filter: {step:?}");
+        };
+        assert!(
+            predicate
+                .downcast_ref::<crate::view_compare::ViewStringIn>()
+                .is_some(),
+            "{predicate}"
+        );
+        let step =
+            volley_exec::Step::project(&[(price.clone(), "price".into())], &schema, state).unwrap();
+        let volley_exec::Step::Project { exprs, .. } = step else {
+            panic!("not a projection: {step:?}");
+        };
+        assert!(
+            exprs[0].0.downcast_ref::<DecimalArith>().is_some(),
+            "{}",
+            exprs[0].0
+        );
+
+        let got = ctx
+            .from_batches(vec![batch.clone()])
+            .unwrap()
+            .filter(filter.clone())
+            .unwrap()
+            .select_exprs(vec![price.clone()])
+            .unwrap()
+            .collect()
+            .unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let want = rt.block_on(async {
+            let df = SessionContext::new().read_batch(batch).unwrap();
+            df.filter(filter)
+                .unwrap()
+                .select(vec![price])
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+        });
+        let show = |b: &[RecordBatch]| {
+            arrow::util::pretty::pretty_format_batches(b)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(show(&got), show(&want));
+        assert!(got.iter().map(RecordBatch::num_rows).sum::<usize>() > 1000);
     }
 }

@@ -31,7 +31,7 @@ use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{internal_err, Result, ScalarValue};
 use datafusion::logical_expr::{ColumnarValue, Operator};
-use datafusion::physical_expr::expressions::{BinaryExpr, InListExpr, Literal};
+use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, InListExpr, Literal};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 
@@ -60,7 +60,7 @@ impl PhysicalOptimizerRule for ViewComparisons {
 
 /// `expr` with its comparisons of view strings with constants as [`ViewStringIn`]
 /// (over `schema`, the input of the operator evaluating it).
-fn rewrite(
+pub(crate) fn rewrite(
     expr: &Arc<dyn PhysicalExpr>,
     schema: &Schema,
 ) -> Result<Transformed<Arc<dyn PhysicalExpr>>> {
@@ -130,6 +130,15 @@ fn merged(b: &BinaryExpr) -> Option<ViewStringIn> {
 
 /// The string of a non-null string constant.
 fn string_constant(e: &Arc<dyn PhysicalExpr>) -> Option<String> {
+    // A string constant cast to a string type is the same string: a Dataset step's
+    // `col("m").eq(lit("MAIL"))` compiles to `m = CAST('MAIL' AS Utf8View)` (steps are
+    // coerced, not simplified).
+    if let Some(c) = e.downcast_ref::<CastExpr>() {
+        return match c.cast_type() {
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => string_constant(c.expr()),
+            _ => None,
+        };
+    }
     match e.downcast_ref::<Literal>()?.value() {
         ScalarValue::Utf8(Some(s))
         | ScalarValue::Utf8View(Some(s))

@@ -39,7 +39,9 @@ pub use plan::{
 pub use pool_worker::PoolWorker;
 pub use queue::{Block, RemoteBlock};
 pub use stats::{ExecutionStats, OperatorStats};
-pub use step::{compile_expr, output_schema, LazyStep, Step, StepRunner};
+pub use step::{
+    compile_expr, output_schema, ExprRewrite, ExprRewrites, LazyStep, Step, StepRunner,
+};
 pub use transform::{
     guard, Bundles, NamedTransform, NamedTransformFactory, PredicateFn, StatefulTransform,
     TransformFactory, TransformFn,

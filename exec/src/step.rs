@@ -10,6 +10,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, RecordBatchOptions};
 use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::common::tree_node::Transformed;
 use datafusion::common::DFSchema;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::Expr;
@@ -19,18 +20,40 @@ use volley_common::{Result, ResultExt, VolleyError};
 use crate::transform::{PredicateFn, TransformFn};
 
 /// Compiles a logical expression against `schema` (with DataFusion's simplification and
-/// type coercion, so `col("date") <= lit("1998-09-02")` compares dates); errors name
-/// the expression.
+/// type coercion, so `col("date") <= lit("1998-09-02")` compares dates), then applies
+/// the [`ExprRewrites`] the session holds; errors name the expression.
 pub fn compile_expr(
     expr: &Expr,
     schema: &SchemaRef,
     state: &SessionState,
 ) -> Result<Arc<dyn PhysicalExpr>> {
     let df_schema = DFSchema::try_from(Arc::clone(schema))?;
-    state
+    let mut compiled = state
         .create_physical_expr(expr.clone(), &df_schema)
-        .with_context(|| format!("in expression `{expr}`"))
+        .with_context(|| format!("in expression `{expr}`"))?;
+    if let Some(rewrites) = state.config().get_extension::<ExprRewrites>() {
+        for rewrite in &rewrites.0 {
+            compiled = rewrite(&compiled, schema)
+                .with_context(|| format!("in expression `{expr}`"))?
+                .data;
+        }
+    }
+    Ok(compiled)
 }
+
+/// Rewrites a compiled expression into a faster one computing the same values, given
+/// the schema of the batches it is evaluated over.
+pub type ExprRewrite = fn(
+    &Arc<dyn PhysicalExpr>,
+    &Schema,
+) -> datafusion::common::Result<Transformed<Arc<dyn PhysicalExpr>>>;
+
+/// The expression rewrites a session applies to what [`compile_expr`] compiles (a
+/// step's projections and filters, an exchange's keys), held as an extension of
+/// DataFusion's session config: the same rules a context's physical optimizer applies
+/// to its plans' operators, so a step computes an expression as fast as a plan does.
+#[derive(Debug, Clone, Default)]
+pub struct ExprRewrites(pub Vec<ExprRewrite>);
 
 /// One fused step.
 #[derive(Clone)]
