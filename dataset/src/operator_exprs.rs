@@ -7,18 +7,13 @@
 
 use std::sync::Arc;
 
-use arrow::datatypes::Schema;
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
 use datafusion::common::Result;
 use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
 use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
-use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
-
-/// How a rule rewrites one expression, given the schema of the input of the operator
-/// that evaluates it.
-pub(crate) type ExprRewrite =
-    fn(&Arc<dyn PhysicalExpr>, &Schema) -> Result<Transformed<Arc<dyn PhysicalExpr>>>;
+use datafusion::physical_plan::ExecutionPlan;
+use volley_exec::ExprRewrite;
 
 /// `plan` with `rewrite` applied to the expressions of its projections, its filters'
 /// predicates and its aggregates' arguments. Other operators' expressions (join keys,

@@ -19,9 +19,10 @@ use volley_common::{Result, ResultExt, VolleyError};
 
 use crate::transform::{PredicateFn, TransformFn};
 
-/// Compiles a logical expression against `schema` (with DataFusion's simplification and
-/// type coercion, so `col("date") <= lit("1998-09-02")` compares dates), then applies
-/// the [`ExprRewrites`] the session holds; errors name the expression.
+/// Compiles a logical expression against `schema` (with DataFusion's type coercion, so
+/// `col("date") <= lit("1998-09-02")` compares dates; its simplifier does not run, so
+/// constants are not folded), then applies the [`ExprRewrites`] the session holds;
+/// errors name the expression.
 pub fn compile_expr(
     expr: &Expr,
     schema: &SchemaRef,
@@ -42,7 +43,8 @@ pub fn compile_expr(
 }
 
 /// Rewrites a compiled expression into a faster one computing the same values, given
-/// the schema of the batches it is evaluated over.
+/// the schema of the batches it is evaluated over (for an operator's expression, the
+/// schema of its input).
 pub type ExprRewrite = fn(
     &Arc<dyn PhysicalExpr>,
     &Schema,
