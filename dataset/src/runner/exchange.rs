@@ -40,7 +40,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::streaming::StreamingTableExec;
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, VolleyError};
 use volley_connectors::{DataSource, ReadTask, RemotePart, ScanRequest};
@@ -94,19 +94,42 @@ impl ShippedKey {
     }
 }
 
-/// The values of the sort keys over `batch`.
-fn key_columns(
-    batch: &RecordBatch,
-    keys: &[ShippedKey],
-    state: &SessionState,
-) -> Result<Vec<ArrayRef>> {
-    keys.iter()
-        .map(|k| {
-            let key = k.rebuild(state)?;
-            let expr = compile_expr(&key.expr, &batch.schema(), state)?;
-            Ok(expr.evaluate(batch)?.into_array(batch.num_rows())?)
-        })
-        .collect()
+/// The sort keys of a task, compiled once per input schema: the blocks of one input
+/// share theirs, so each key is rebuilt from its bytes and planned once, not per batch.
+struct KeyColumns<'a> {
+    keys: &'a [ShippedKey],
+    state: &'a SessionState,
+    compiled: Option<(SchemaRef, Vec<Arc<dyn PhysicalExpr>>)>,
+}
+
+impl<'a> KeyColumns<'a> {
+    fn new(keys: &'a [ShippedKey], state: &'a SessionState) -> Self {
+        Self {
+            keys,
+            state,
+            compiled: None,
+        }
+    }
+
+    /// The values of the sort keys over `batch`.
+    fn of(&mut self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        let schema = batch.schema();
+        let exprs = match &self.compiled {
+            Some((s, exprs)) if *s == schema => exprs,
+            _ => {
+                let exprs = self
+                    .keys
+                    .iter()
+                    .map(|k| compile_expr(&k.rebuild(self.state)?.expr, &schema, self.state))
+                    .collect::<Result<Vec<_>>>()?;
+                &self.compiled.insert((schema, exprs)).1
+            }
+        };
+        exprs
+            .iter()
+            .map(|e| Ok(e.evaluate(batch)?.into_array(batch.num_rows())?))
+            .collect()
+    }
 }
 
 /// Rows of key values that compare in the sort's order.
@@ -487,10 +510,11 @@ impl ExchangeMapTask {
                 let conv = converter(keys, &bound_cols)?;
                 let bound_rows = conv.convert_columns(&bound_cols)?;
                 let bound_rows: Vec<_> = bound_rows.iter().collect();
+                let mut key_columns = KeyColumns::new(keys, state);
                 batches
                     .iter()
                     .map(|b| {
-                        let cols = key_columns(b, keys, state)?;
+                        let cols = key_columns.of(b)?;
                         // The key types of the samples and of every block agree: the
                         // same expressions over the same schema.
                         let cols = cols
@@ -687,6 +711,7 @@ impl ExchangeSampleTask {
             return Ok(vec![]);
         }
         let step = total.div_ceil(SAMPLE_ROWS).max(1);
+        let mut key_columns = KeyColumns::new(&self.keys, state);
         let mut out = Vec::new();
         let mut offset = 0;
         for b in &batches {
@@ -701,7 +726,8 @@ impl ExchangeSampleTask {
                 continue;
             }
             let idx = UInt32Array::from(picks);
-            let cols = key_columns(b, &self.keys, state)?
+            let cols = key_columns
+                .of(b)?
                 .iter()
                 .map(|c| Ok(take(c, &idx, None)?))
                 .collect::<Result<Vec<_>>>()?;
