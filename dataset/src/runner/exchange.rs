@@ -94,8 +94,9 @@ impl ShippedKey {
     }
 }
 
-/// The sort keys of a task, compiled once per input schema: the blocks of one input
-/// share theirs, so each key is rebuilt from its bytes and planned once, not per batch.
+/// The sort keys of a task, compiled again only when a batch's schema differs from the
+/// one before: the blocks of one input share theirs, so each key is rebuilt from its
+/// bytes and planned once per task, not per batch.
 struct KeyColumns<'a> {
     keys: &'a [ShippedKey],
     state: &'a SessionState,
