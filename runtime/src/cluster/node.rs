@@ -161,10 +161,11 @@ impl PendingReport {
 
 /// How long a report may wait for others while tasks sent ahead keep this node busy
 /// (the head sends up to 40 ms of work ahead per slot, twice this: see its
-/// `ahead_per_slot`; half of it is still queued when the report goes). A node finishing
-/// thousands of short tasks a second then reports them in a few calls, and the head's
-/// cost per task falls with them: 20,000 no-op tasks on two one-CPU nodes took ~0.22 s
-/// of the head's CPU with 20 ms here against ~0.28 s with 8 ms, and no longer.
+/// `ahead_per_slot`), so its workers still have work queued when the report goes. A
+/// node finishing thousands of short tasks a second then reports them in a few calls,
+/// and the head's cost per task falls with them: 20,000 no-op tasks on two one-CPU
+/// nodes took ~0.22 s of the head's CPU with 20 ms here against ~0.28 s with 8 ms, and
+/// the job took no longer.
 const REPORT_LINGER: Duration = Duration::from_millis(20);
 
 /// Sends task reports to the head, many per call: the reports that arrive while one
