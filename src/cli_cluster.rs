@@ -719,6 +719,9 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             if !j.error.is_empty() {
                 println!("error:      {}", j.error);
             }
+            if !j.waiting.is_empty() {
+                println!("waiting:    {}", j.waiting);
+            }
             let bytes = volley::crates::common::format_bytes;
             for e in client.executions(&id)? {
                 println!(

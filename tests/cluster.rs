@@ -561,6 +561,34 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     assert_eq!(value("volley_task_duration_seconds_count", &[]), succeeded);
     assert!(value("volley_jobs", &[("state", "SUCCEEDED")]) >= 1.0);
 
+    // A job asking more than any node has waits, and says why: in its record, over
+    // HTTP, and in its log (where `volley job submit --wait` shows it).
+    let out = c
+        .volley()
+        .args(["job", "submit", "--num-cpus", "64", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let big = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let why = "its driver asks for 64 CPU: no node has 64 CPU (the most on one node is 2); \
+               it waits until a node with enough joins";
+    c.wait_log(&big, &format!("[volley] {why}"));
+    let record = c.describe(&big);
+    assert!(record.contains("state:      PENDING"), "{record}");
+    assert!(record.contains(&format!("waiting:    {why}")), "{record}");
+    let (code, json) = c.http_get(&format!("/api/jobs/{big}"), Some(&c.token));
+    assert_eq!(code, 200, "{json}");
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["waiting"], why, "{json}");
+    let stop = c.volley().args(["job", "stop", &big]).output().unwrap();
+    assert!(stop.status.success());
+    assert_eq!(c.job_state(&big), "STOPPED");
+    assert!(!c.describe(&big).contains("waiting:"));
+
     // Tasks, actors and placement groups.
     let tasks = c.submit(&[example("cluster_tasks").to_str().unwrap(), "6"]);
     assert_eq!(
@@ -684,6 +712,21 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     }
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(c.job_state(&wait), "RUNNING");
+    // The head says what waits, and what no node has, in the job's record and log.
+    c.wait_log(&wait, "[volley] task `");
+    let record = c.describe(&wait);
+    let waiting = record
+        .lines()
+        .find_map(|l| l.strip_prefix("waiting:"))
+        .unwrap_or_else(|| panic!("no `waiting:` in {record}"));
+    for part in [
+        "asks for 0 CPU, 2 GPU: no node has 2 GPU (the most on one node is 1)",
+        "(STRICT_PACK: all on one node) asks for 4 CPU: no node has 4 CPU (the most on one \
+         node is 2)",
+        "it waits until a node with enough joins",
+    ] {
+        assert!(waiting.contains(part), "{record}");
+    }
     c.add_node(4, 2);
     assert_eq!(
         c.wait_job(&wait, Duration::from_secs(120)),
@@ -705,7 +748,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     let (code, body) = c.http_get("/api/jobs", Some(&c.token));
     assert_eq!(code, 200, "{body}");
     let jobs: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(jobs.as_array().unwrap().len(), 3, "{body}");
+    assert_eq!(jobs.as_array().unwrap().len(), 4, "{body}");
     let posted = Command::new("curl")
         .args(["-s", "-X", "POST", "-H", "Content-Type: application/json", "-H"])
         .arg(format!("Authorization: Bearer {}", c.token))

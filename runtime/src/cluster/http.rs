@@ -53,6 +53,8 @@ pub struct JobJson {
     pub submitted_ms: u64,
     /// When it ended.
     pub finished_ms: u64,
+    /// What it waits for, when something of it cannot start (empty otherwise).
+    pub waiting: String,
 }
 
 impl From<JobStatus> for JobJson {
@@ -67,6 +69,7 @@ impl From<JobStatus> for JobJson {
             error: j.error,
             submitted_ms: j.submitted_ms,
             finished_ms: j.finished_ms,
+            waiting: j.waiting,
         }
     }
 }

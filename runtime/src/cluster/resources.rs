@@ -99,6 +99,43 @@ impl Resources {
         (n, if n == 0 { short } else { None })
     }
 
+    /// What of this request none of `offers` has: each resource asked beyond the most
+    /// any one of them offers, as `64 CPU (the most on one node is 1)`. Empty when each
+    /// resource alone fits somewhere (then no single one has all of it at once).
+    pub(crate) fn beyond<'a>(
+        &self,
+        offers: impl Iterator<Item = &'a Resources> + Clone,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |amount: f64, unit: &str, most: f64, show: &dyn Fn(f64) -> String| {
+            if amount > most + EPS {
+                out.push(if most <= EPS {
+                    format!("{} {unit} (none has any)", show(amount))
+                } else {
+                    format!(
+                        "{} {unit} (the most on one node is {})",
+                        show(amount),
+                        show(most)
+                    )
+                });
+            }
+        };
+        let max = |f: &dyn Fn(&Resources) -> f64| offers.clone().map(f).fold(0.0, f64::max);
+        check(self.num_cpus, "CPU", max(&|r| r.num_cpus), &|v| trim(v));
+        check(self.num_gpus, "GPU", max(&|r| r.num_gpus), &|v| trim(v));
+        check(
+            self.memory as f64,
+            "memory",
+            max(&|r| r.memory as f64),
+            &|v| volley_common::format_bytes(v as u64),
+        );
+        for (k, v) in &self.custom {
+            let most = max(&|r| r.custom.get(k).copied().unwrap_or(0.0));
+            check(*v, &format!("`{k}`"), most, &|v| trim(v));
+        }
+        out
+    }
+
     /// Takes `other` out of `self` (never below zero).
     pub fn subtract(&mut self, other: &Resources) {
         self.num_cpus = (self.num_cpus - other.num_cpus).max(0.0);
@@ -280,6 +317,45 @@ mod tests {
         assert!(task.fits_in(&node));
         assert!(Resources::cpus(1.0).with_gpus(1.5).validate().is_err());
         assert!(Resources::cpus(-1.0).validate().is_err());
+    }
+
+    #[test]
+    fn beyond_names_each_resource_no_node_has() {
+        let nodes = [
+            Resources::cpus(1.0),
+            Resources::cpus(4.0)
+                .with_memory(1 << 30)
+                .with_custom("ssd", 2.0),
+        ];
+        let asks = |r: Resources| r.beyond(nodes.iter());
+        assert!(asks(Resources::cpus(4.0)).is_empty());
+        // Each fits somewhere, though no node has both: nothing is beyond.
+        assert!(asks(Resources::cpus(4.0).with_memory(1 << 30)).is_empty());
+        assert_eq!(
+            asks(Resources::cpus(64.0)),
+            vec!["64 CPU (the most on one node is 4)".to_string()]
+        );
+        assert_eq!(
+            asks(
+                Resources::cpus(1.0)
+                    .with_gpus(0.5)
+                    .with_custom("ssd", 3.0)
+                    .with_custom("tpu", 1.0)
+            ),
+            vec![
+                "0.5 GPU (none has any)".to_string(),
+                "3 `ssd` (the most on one node is 2)".to_string(),
+                "1 `tpu` (none has any)".to_string(),
+            ]
+        );
+        assert_eq!(
+            asks(Resources::cpus(1.0).with_memory(2 << 30)),
+            vec![format!(
+                "{} memory (the most on one node is {})",
+                volley_common::format_bytes(2 << 30),
+                volley_common::format_bytes(1 << 30)
+            )]
+        );
     }
 
     #[test]

@@ -172,6 +172,10 @@ pub struct JobStatus {
     pub finished_ms: u64,
     /// Task runs repeated after a worker or node died.
     pub task_retries: u32,
+    /// What it waits for, when something of it cannot start: its driver, for a node or
+    /// for room on one; or a task, actor or placement group asking for more than any
+    /// node has (which waits until a node with enough joins). Empty otherwise.
+    pub waiting: String,
 }
 
 impl From<proto::JobInfo> for JobStatus {
@@ -187,6 +191,7 @@ impl From<proto::JobInfo> for JobStatus {
             submitted_ms: j.submitted_ms,
             finished_ms: j.finished_ms,
             task_retries: j.task_retries,
+            waiting: j.waiting,
         }
     }
 }

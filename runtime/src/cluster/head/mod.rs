@@ -34,7 +34,7 @@ mod wire;
 
 pub use service::HeadService;
 pub(crate) use state::ActorRecord;
-use state::{now_ms, JobEntry, State};
+use state::{now_ms, JobEntry, State, Waiting};
 use store::HeadStore;
 
 /// A task of a job, as the head holds it (the dashboard's task list).
@@ -253,16 +253,60 @@ impl HeadCore {
         f(&self.state.lock().expect("head lock"))
     }
 
-    /// Checks heartbeats and attached drivers; runs until the process ends.
+    /// Checks heartbeats and attached drivers, and says in a job's log when work of
+    /// it asks for more than any node has; runs until the process ends.
     pub async fn monitor(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
+        // What each job waited for at the last look, and what its log was told.
+        let mut told = Told::default();
+        for n in 0u64.. {
             tick.tick().await;
             let timeout = self.options.node_timeout;
             self.with(|s| {
                 s.check_heartbeats(timeout);
                 s.check_attached_drivers(timeout);
             });
+            if n % 10 == 0 {
+                self.tell_waiting(&mut told);
+            }
+        }
+    }
+
+    /// Writes into a job's log, once per reason, that work of it asks for more than
+    /// any node has: `volley job submit --wait` and `volley job logs --follow` show
+    /// it where the job's own output goes (a driver asking for too much would
+    /// otherwise wait without a word). A reason is written once it held at two looks
+    /// in a row: nodes rejoining a restarted head one by one pass without a word.
+    fn tell_waiting(&self, told: &mut Told) {
+        use std::io::Write;
+        let now: HashMap<String, String> = self
+            .read(State::waiting)
+            .into_iter()
+            .filter(|(_, w)| w.beyond_nodes)
+            .map(|(job, w)| (job, w.reason))
+            .collect();
+        let mut wrote = false;
+        for (job, reason) in &now {
+            if told.last.get(job) != Some(reason) || told.written.get(job) == Some(reason) {
+                continue;
+            }
+            warn!("job {job}: {reason}");
+            let line = format!("[volley] {reason}\n");
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.job_dir(job).join("driver.log"))
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+            if let Err(e) = appended {
+                warn!("job {job}: writing to its log: {e}");
+            }
+            told.written.insert(job.clone(), reason.clone());
+            wrote = true;
+        }
+        told.written.retain(|job, _| now.contains_key(job));
+        told.last = now;
+        if wrote {
+            self.logs.notify_waiters();
         }
     }
 
@@ -303,6 +347,7 @@ impl HeadCore {
             submitted_ms: now_ms(),
             finished_ms: 0,
             task_retries: 0,
+            waiting: String::new(),
         };
         self.with(|s| {
             s.add_job(JobEntry::new(status, spec.env, spec.attached, resources));
@@ -356,9 +401,12 @@ impl HeadCore {
         Ok(self.read(|s| s.job_tasks(id))?)
     }
 
-    /// A job's record.
+    /// A job's record, with what it waits for now.
     pub fn job(&self, id: &str) -> Result<JobStatus> {
-        Ok(self.read(|s| s.job(id).map(|j| j.status.clone()))?)
+        Ok(self.read(|s| {
+            let waiting = s.waiting();
+            s.job(id).map(|j| status_now(j, &waiting))
+        })?)
     }
 
     /// The actors of job `id` (alive or not), by id.
@@ -366,9 +414,12 @@ impl HeadCore {
         Ok(self.read(|s| s.job_actors(id))?)
     }
 
-    /// Every job, oldest first.
+    /// Every job, oldest first, with what each waits for now.
     pub fn jobs(&self) -> Vec<JobStatus> {
-        self.read(|s| s.jobs().map(|j| j.status.clone()).collect())
+        self.read(|s| {
+            let waiting = s.waiting();
+            s.jobs().map(|j| status_now(j, &waiting)).collect()
+        })
     }
 
     /// Stops a job: its driver and tasks are killed and its objects freed.
@@ -447,4 +498,22 @@ impl HeadCore {
     async fn changed_within(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
     }
+}
+
+/// Job `j`'s record with what it waits for, out of `waiting`
+/// ([`State::waiting`]).
+fn status_now(j: &JobEntry, waiting: &HashMap<String, Waiting>) -> JobStatus {
+    let mut status = j.status.clone();
+    if let Some(w) = waiting.get(&status.job_id) {
+        status.waiting = w.reason.clone();
+    }
+    status
+}
+
+/// What jobs waited for at the head's last look, and what their logs were told
+/// ([`HeadCore::tell_waiting`]).
+#[derive(Default)]
+struct Told {
+    last: HashMap<String, String>,
+    written: HashMap<String, String>,
 }

@@ -465,13 +465,19 @@ impl proto::head_server::Head for HeadService {
         let id = request.into_inner().job_id;
         let info = self
             .core
-            .read(|s| s.job(&id).map(wire::job_info))
+            .read(|s| {
+                let waiting = s.waiting();
+                s.job(&id).map(|j| wire::job_info_now(j, &waiting))
+            })
             .map_err(refused)?;
         Ok(Response::new(info))
     }
 
     async fn list_jobs(&self, _request: Request<proto::Empty>) -> Answer<proto::JobList> {
-        let jobs = self.core.read(|s| s.jobs().map(wire::job_info).collect());
+        let jobs = self.core.read(|s| {
+            let waiting = s.waiting();
+            s.jobs().map(|j| wire::job_info_now(j, &waiting)).collect()
+        });
         Ok(Response::new(proto::JobList { jobs }))
     }
 

@@ -2,6 +2,8 @@
 //! of the state machine: the service and the store use them, the state machine never
 //! sees a protocol type.
 
+use std::collections::HashMap;
+
 use super::super::jobs::ExecutionProgress;
 use super::super::net::{error_report, wire_error};
 use super::super::proto::{self, node_command::Command, task_report::Outcome};
@@ -259,7 +261,18 @@ pub(super) fn job_info(j: &JobEntry) -> proto::JobInfo {
         attached: j.attached,
         resources: Some((&j.resources).into()),
         task_retries: s.task_retries,
+        waiting: s.waiting.clone(),
     }
+}
+
+/// A job's record as it is answered now: with what it waits for, out of `waiting`
+/// ([`State::waiting`](super::state::State::waiting)).
+pub(super) fn job_info_now(j: &JobEntry, waiting: &HashMap<String, Waiting>) -> proto::JobInfo {
+    let mut info = job_info(j);
+    if let Some(w) = waiting.get(&j.status.job_id) {
+        info.waiting = w.reason.clone();
+    }
+    info
 }
 
 /// A job from its record on the wire or in the store.

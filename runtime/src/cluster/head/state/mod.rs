@@ -10,7 +10,8 @@
 //!
 //! One module per concern: [`tasks`] (queue, placement, reports, retries),
 //! [`objects`] (the object directory and lineage), [`nodes`] (joining, death,
-//! draining), [`groups`] (placement groups), [`actors`] and [`jobs`].
+//! draining), [`groups`] (placement groups), [`actors`], [`jobs`], and [`waiting`] (why
+//! a job's work does not start).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,8 +33,10 @@ mod objects;
 mod tasks;
 #[cfg(test)]
 mod tests;
+mod waiting;
 
 pub(crate) use messages::*;
+pub(crate) use waiting::Waiting;
 
 /// Where a node's commands go (the node's attached stream, through the service).
 pub(crate) type NodeLink = mpsc::UnboundedSender<NodeCommand>;

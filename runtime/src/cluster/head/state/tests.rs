@@ -26,6 +26,7 @@ fn job(id: &str) -> JobEntry {
         submitted_ms: 0,
         finished_ms: 0,
         task_retries: 0,
+        waiting: String::new(),
     };
     // Attached: it runs at once, with no driver to place.
     JobEntry::new(status, HashMap::new(), true, Resources::default())
@@ -894,4 +895,144 @@ fn lineage_is_kept_one_task_deep_and_a_task_naming_a_let_go_input_makes_it_again
     ]);
     s.finish_job("j", JobState::Failed, 1, "stopped");
     assert!(s.tasks.is_empty() && s.objects.is_empty());
+}
+
+#[test]
+fn a_driver_asking_more_than_any_node_has_says_so_and_starts_once_one_joins() {
+    let mut s = State::default();
+    let driver = |s: &mut State, id: &str, n: f64| {
+        let mut j = job(id);
+        j.attached = false;
+        j.resources = cpus(n);
+        s.add_job(j);
+        s.schedule();
+    };
+    let reason = |s: &State, id: &str| s.waiting().get(id).cloned();
+    driver(&mut s, "big", 64.0);
+    assert_eq!(
+        reason(&s, "big"),
+        Some(Waiting {
+            reason: "its driver waits for a node to join the cluster".into(),
+            beyond_nodes: false,
+        })
+    );
+    join(&mut s, 1.0, "a");
+    join(&mut s, 1.0, "b");
+    s.schedule();
+    assert_eq!(
+        reason(&s, "big"),
+        Some(Waiting {
+            reason: "its driver asks for 64 CPU: no node has 64 CPU (the most on one node \
+                     is 1); it waits until a node with enough joins"
+                .into(),
+            beyond_nodes: true,
+        })
+    );
+    // Drivers that fit run; one more waits for room, which is no mistake.
+    driver(&mut s, "one", 1.0);
+    driver(&mut s, "two", 1.0);
+    driver(&mut s, "three", 1.0);
+    assert_eq!(s.job("two").unwrap().status.state, JobState::Running);
+    assert_eq!(
+        reason(&s, "three"),
+        Some(Waiting {
+            reason: "its driver waits for 1 CPU free on one node".into(),
+            beyond_nodes: false,
+        })
+    );
+    assert_eq!(reason(&s, "one"), None);
+    join(&mut s, 65.0, "c");
+    s.schedule();
+    assert_eq!(s.job("big").unwrap().status.state, JobState::Running);
+    assert!(s.waiting().is_empty(), "{:?}", s.waiting());
+}
+
+#[test]
+fn work_asking_more_than_any_node_has_is_named_in_its_job_s_wait() {
+    let (mut s, _rx) = one_node(2.0);
+    let named = |id: &str, name: &str, r: Resources| TaskSpec {
+        name: name.into(),
+        resources: r,
+        ..task(id, &[])
+    };
+    for i in 0..3 {
+        s.submit(named(&format!("g{i}"), "gpu_map", cpus(1.0).with_gpus(1.0)))
+            .unwrap();
+    }
+    s.submit(named("w", "wide", cpus(4.0))).unwrap();
+    // Tasks that fit the node wait only for room.
+    for i in 0..6 {
+        s.submit(named(&format!("t{i}"), "small", cpus(1.0)))
+            .unwrap();
+    }
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a".into(),
+        name: "Scorer".into(),
+        resources: cpus(1.0).with_custom("tpu", 1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    s.create_group(
+        "j",
+        "pack",
+        Strategy::StrictPack,
+        vec![cpus(2.0), cpus(2.0)],
+    )
+    .unwrap();
+    s.create_group("j", "spread", Strategy::StrictSpread, vec![cpus(1.0); 2])
+        .unwrap();
+    s.schedule();
+    let w = s.waiting().remove("j").expect("job j waits");
+    assert!(w.beyond_nodes);
+    assert_eq!(
+        w.reason,
+        "3 tasks `gpu_map` each ask for 1 CPU, 1 GPU: no node has 1 GPU (none has any); \
+         task `wide` asks for 4 CPU: no node has 4 CPU (the most on one node is 2); \
+         actor `Scorer` asks for 1 CPU, 1 tpu: no node has 1 `tpu` (none has any); \
+         and 2 more; it waits until a node with enough joins"
+    );
+    // The groups, once the rest fits.
+    let mut big = Resources::cpus(4.0).with_gpus(1.0).with_custom("tpu", 1.0);
+    big.memory = 1 << 30;
+    s.register_node(NodeRegistration {
+        hostname: "h".into(),
+        object_address: "b".into(),
+        total: big.clone(),
+        gpu_ids: vec![0],
+        ..Default::default()
+    });
+    let (tx, _rx2) = mpsc::unbounded_channel();
+    let id = s.nodes.keys().find(|k| *k != "n1").unwrap().clone();
+    s.attach(&id, tx).unwrap();
+    s.schedule();
+    // Both groups fit now (one node holds all of `pack`; `spread` has two nodes).
+    assert_eq!(s.waiting().get("j"), None, "{:?}", s.waiting());
+}
+
+#[test]
+fn placement_groups_no_node_set_can_hold_are_named() {
+    let (mut s, _rx) = one_node(2.0);
+    s.create_group(
+        "j",
+        "pack",
+        Strategy::StrictPack,
+        vec![cpus(2.0), cpus(2.0)],
+    )
+    .unwrap();
+    s.create_group("j", "spread", Strategy::StrictSpread, vec![cpus(1.0); 2])
+        .unwrap();
+    s.create_group("j", "wide", Strategy::Pack, vec![cpus(1.0), cpus(3.0)])
+        .unwrap();
+    s.schedule();
+    let w = s.waiting().remove("j").expect("job j waits");
+    assert_eq!(
+        w.reason,
+        "placement group pack (STRICT_PACK: all on one node) asks for 4 CPU: no node has \
+         4 CPU (the most on one node is 2); \
+         placement group spread (STRICT_SPREAD: one node per bundle) has 2 bundles and 1 \
+         node(s) take work; \
+         placement group wide: bundle 1 asks for 3 CPU: no node has 3 CPU (the most on one \
+         node is 2); it waits until a node with enough joins"
+    );
 }

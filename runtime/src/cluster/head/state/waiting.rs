@@ -1,0 +1,190 @@
+//! Why a job waits: for one whose driver has not started, the driver's wait (for a
+//! node, or for room on one); for any job, what of it asks for more than any node in
+//! the cluster has (a task, an actor, a placement group). Such work is not refused: a
+//! node big enough may join. But it waits for that with nothing moving, so the head
+//! says so: in the job's record (`volley job status`, the HTTP API, the dashboard)
+//! and, once, in the job's log.
+
+use super::*;
+
+/// What a job waits for, as the head sees it now.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Waiting {
+    /// Said to the user.
+    pub reason: String,
+    /// Some of it asks for more than any node has, and waits until a node with enough
+    /// joins (most often a mistake; a wait for room, or for the first node, is not).
+    pub beyond_nodes: bool,
+}
+
+/// Work of a job that no node could hold even empty, described at most this many
+/// times in its reason (the rest counted).
+const NAMED: usize = 3;
+
+impl State {
+    /// What each job not ended waits for, by job id; jobs waiting for nothing (or only
+    /// for room their tasks will get as others end) are absent.
+    pub fn waiting(&self) -> HashMap<String, Waiting> {
+        let offers: Vec<&Resources> = self
+            .nodes
+            .values()
+            .filter(|n| n.takes_work())
+            .map(|n| &n.total)
+            .collect();
+        // `who asks for R: no node has ...`, when no node could hold `r` even empty.
+        let beyond = |who: &str, r: &Resources| -> Option<String> {
+            if offers.is_empty() || offers.iter().any(|o| r.fits_in(o)) {
+                return None;
+            }
+            let parts = r.beyond(offers.iter().copied());
+            Some(if parts.is_empty() {
+                format!("{who} for {r}: no one node has all of it")
+            } else {
+                format!("{who} for {r}: no node has {}", parts.join(" or "))
+            })
+        };
+        let mut out = HashMap::new();
+        let mut big: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (id, j) in &self.jobs {
+            if j.status.state != JobState::Pending || j.attached {
+                continue;
+            }
+            let waiting = if offers.is_empty() {
+                Waiting {
+                    reason: if self.nodes.is_empty() {
+                        "its driver waits for a node to join the cluster".into()
+                    } else {
+                        format!(
+                            "its driver waits for a node: none of the {} that joined takes \
+                             work now (gone, draining, or not yet back)",
+                            self.nodes.len()
+                        )
+                    },
+                    beyond_nodes: false,
+                }
+            } else if let Some(b) = beyond("its driver asks", &j.resources) {
+                big.entry(id).or_default().push(b);
+                continue;
+            } else {
+                Waiting {
+                    reason: format!("its driver waits for {} free on one node", j.resources),
+                    beyond_nodes: false,
+                }
+            };
+            out.insert(id.clone(), waiting);
+        }
+        if !offers.is_empty() {
+            self.work_beyond_nodes(&offers, &beyond, &mut big);
+        }
+        for (job, items) in big {
+            let more = items.len().saturating_sub(NAMED);
+            let mut reason = items[..items.len().min(NAMED)].join("; ");
+            if more > 0 {
+                reason.push_str(&format!("; and {more} more"));
+            }
+            reason.push_str("; it waits until a node with enough joins");
+            out.insert(
+                job.to_string(),
+                Waiting {
+                    reason,
+                    beyond_nodes: true,
+                },
+            );
+        }
+        out
+    }
+
+    /// The tasks, actors and placement groups of running jobs that no node in
+    /// `offers` could hold even empty, described by `beyond`, into `big` by job.
+    fn work_beyond_nodes<'a>(
+        &'a self,
+        offers: &[&Resources],
+        beyond: &dyn Fn(&str, &Resources) -> Option<String>,
+        big: &mut BTreeMap<&'a str, Vec<String>>,
+    ) {
+        // Tasks alike (same job, name and request) are counted, not each named. A
+        // CPU-only task within the CPUs of the biggest node fits somewhere: most of a
+        // long queue is passed over without a lookup.
+        let most_cpus = offers.iter().map(|r| r.num_cpus).fold(0.0, f64::max);
+        let mut tasks: BTreeMap<(&str, &str, String), (usize, &Resources)> = BTreeMap::new();
+        let cpu = self
+            .queue
+            .cpu
+            .iter()
+            .filter(|(_, c)| *c > most_cpus + 1e-9)
+            .map(|(id, _)| id);
+        for id in cpu.chain(self.queue.other.iter()) {
+            let Some(t) = self.tasks.get(id) else {
+                continue;
+            };
+            // Actor calls run in their actor; tasks in a bundle in its reservation.
+            if t.state != TaskState::Pending || t.spec.actor.is_some() || t.spec.bundle.is_some() {
+                continue;
+            }
+            let r = &t.spec.resources;
+            if offers.iter().any(|o| r.fits_in(o)) {
+                continue;
+            }
+            let key = (t.spec.job_id.as_str(), t.spec.name.as_str(), r.to_string());
+            tasks.entry(key).or_insert((0, r)).0 += 1;
+        }
+        for ((job, name, _), (n, r)) in tasks {
+            let name = if name.is_empty() { "(unnamed)" } else { name };
+            let who = match n {
+                1 => format!("task `{name}` asks"),
+                n => format!("{n} tasks `{name}` each ask"),
+            };
+            if let Some(b) = beyond(&who, r) {
+                big.entry(job).or_default().push(b);
+            }
+        }
+        for a in self.actors.values() {
+            if a.state != ActorState::Pending || a.spec.bundle.is_some() {
+                continue;
+            }
+            if let Some(b) = beyond(&format!("actor `{}` asks", a.spec.name), &a.spec.resources) {
+                big.entry(a.spec.job_id.as_str()).or_default().push(b);
+            }
+        }
+        let mut groups: Vec<(&String, &Group)> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| !g.ready && self.job_active(&g.job))
+            .collect();
+        groups.sort_by_key(|(id, _)| *id);
+        for (id, g) in groups {
+            let mut said: Vec<String> = g
+                .bundles
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| {
+                    beyond(&format!("placement group {id}: bundle {i} asks"), &b.total)
+                })
+                .collect();
+            if said.is_empty() && g.strategy == Strategy::StrictPack {
+                let mut sum = Resources::default();
+                for b in &g.bundles {
+                    sum.add(&b.total);
+                }
+                said.extend(beyond(
+                    &format!("placement group {id} (STRICT_PACK: all on one node) asks"),
+                    &sum,
+                ));
+            }
+            if said.is_empty()
+                && g.strategy == Strategy::StrictSpread
+                && g.bundles.len() > offers.len()
+            {
+                said.push(format!(
+                    "placement group {id} (STRICT_SPREAD: one node per bundle) has {} bundles \
+                     and {} node(s) take work",
+                    g.bundles.len(),
+                    offers.len()
+                ));
+            }
+            if !said.is_empty() {
+                big.entry(g.job.as_str()).or_default().extend(said);
+            }
+        }
+    }
+}
