@@ -187,10 +187,16 @@ impl TestCluster {
 
     /// Submits a job whose processes get `env` (`K=V`) on top of the nodes'.
     fn submit_with_env(&self, env: &[&str], args: &[&str]) -> String {
+        let options: Vec<&str> = env.iter().flat_map(|e| ["--env", e]).collect();
+        self.submit_with_options(&options, args)
+    }
+
+    /// Submits a job with `options` for `volley job submit` (`--num-cpus 2`).
+    fn submit_with_options(&self, options: &[&str], args: &[&str]) -> String {
         let out = self
             .volley()
             .args(["job", "submit"])
-            .args(env.iter().flat_map(|e| ["--env", e]))
+            .args(options)
             .arg("--")
             .args(args)
             .output()
@@ -563,17 +569,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
 
     // A job asking more than any node has waits, and says why: in its record, over
     // HTTP, and in its log (where `volley job submit --wait` shows it).
-    let out = c
-        .volley()
-        .args(["job", "submit", "--num-cpus", "64", "--", "true"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let big = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let big = c.submit_with_options(&["--num-cpus", "64"], &["true"]);
     let why = "its driver asks for 64 CPU: no node has 64 CPU (the most on one node is 2); \
                it waits until a node with enough joins";
     c.wait_log(&big, &format!("[volley] {why}"));

@@ -947,6 +947,15 @@ fn a_driver_asking_more_than_any_node_has_says_so_and_starts_once_one_joins() {
     assert!(s.waiting().is_empty(), "{:?}", s.waiting());
 }
 
+/// Job `j`'s groups `pack` (STRICT_PACK, two bundles of 2 CPUs) and `spread`
+/// (STRICT_SPREAD, two bundles of 1 CPU): neither fits one node of 2 CPUs.
+fn strict_groups_beyond_one_node(s: &mut State) {
+    s.create_group("j", "pack", Strategy::StrictPack, vec![cpus(2.0); 2])
+        .unwrap();
+    s.create_group("j", "spread", Strategy::StrictSpread, vec![cpus(1.0); 2])
+        .unwrap();
+}
+
 #[test]
 fn work_asking_more_than_any_node_has_is_named_in_its_job_s_wait() {
     let (mut s, _rx) = one_node(2.0);
@@ -973,15 +982,7 @@ fn work_asking_more_than_any_node_has_is_named_in_its_job_s_wait() {
         ..Default::default()
     })
     .unwrap();
-    s.create_group(
-        "j",
-        "pack",
-        Strategy::StrictPack,
-        vec![cpus(2.0), cpus(2.0)],
-    )
-    .unwrap();
-    s.create_group("j", "spread", Strategy::StrictSpread, vec![cpus(1.0); 2])
-        .unwrap();
+    strict_groups_beyond_one_node(&mut s);
     s.schedule();
     let w = s.waiting().remove("j").expect("job j waits");
     assert!(w.beyond_nodes);
@@ -1013,15 +1014,7 @@ fn work_asking_more_than_any_node_has_is_named_in_its_job_s_wait() {
 #[test]
 fn placement_groups_no_node_set_can_hold_are_named() {
     let (mut s, _rx) = one_node(2.0);
-    s.create_group(
-        "j",
-        "pack",
-        Strategy::StrictPack,
-        vec![cpus(2.0), cpus(2.0)],
-    )
-    .unwrap();
-    s.create_group("j", "spread", Strategy::StrictSpread, vec![cpus(1.0); 2])
-        .unwrap();
+    strict_groups_beyond_one_node(&mut s);
     s.create_group("j", "wide", Strategy::Pack, vec![cpus(1.0), cpus(3.0)])
         .unwrap();
     s.schedule();
