@@ -372,6 +372,42 @@ impl Drop for TestCluster {
     }
 }
 
+/// Runs `cluster_tasks ARGS` as a program of its own joined to `c` (an attached job),
+/// until it says on stderr what its work waits for; returns that line, once the
+/// program is killed and its job stopped.
+fn attached_program_warning(c: &TestCluster, args: &[&str]) -> String {
+    use std::io::BufRead;
+    let mut program = Command::new(example("cluster_tasks"))
+        .args(args)
+        .envs(c.tls.iter().map(|(k, v)| (k, v)))
+        .env("VOLLEY_ADDRESS", &c.address)
+        .env("VOLLEY_TOKEN", &c.token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = program.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("[volley] job ") && tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60));
+    let _ = program.kill();
+    let _ = program.wait();
+    let line = line.expect("the program said nothing of what it waits for");
+    let job = line["[volley] job ".len()..].split(':').next().unwrap();
+    let stop = c.volley().args(["job", "stop", job]).output().unwrap();
+    assert!(stop.status.success(), "{line}");
+    line
+}
+
 fn kill9(pid: i32) {
     let status = Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -723,6 +759,12 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     ] {
         assert!(waiting.contains(part), "{record}");
     }
+    // A program that joined the cluster itself (no job log) hears it on its stderr.
+    let warned = attached_program_warning(&c, &["--wait-for-resources"]);
+    assert!(
+        warned.contains("asks for 0 CPU, 2 GPU: no node has 2 GPU"),
+        "{warned}"
+    );
     c.add_node(4, 2);
     assert_eq!(
         c.wait_job(&wait, Duration::from_secs(120)),
@@ -744,7 +786,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     let (code, body) = c.http_get("/api/jobs", Some(&c.token));
     assert_eq!(code, 200, "{body}");
     let jobs: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(jobs.as_array().unwrap().len(), 4, "{body}");
+    assert_eq!(jobs.as_array().unwrap().len(), 5, "{body}");
     let posted = Command::new("curl")
         .args(["-s", "-X", "POST", "-H", "Content-Type: application/json", "-H"])
         .arg(format!("Authorization: Bearer {}", c.token))

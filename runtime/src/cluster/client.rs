@@ -40,6 +40,8 @@ struct Inner {
     compression: ObjectCompression,
     /// The attached job was ended ([`Cluster::end_attached_job`]).
     ended: AtomicBool,
+    /// What the head last said this program's work waits for that no node has.
+    told_waiting: Mutex<String>,
 }
 
 /// Submissions on their way to the head.
@@ -127,6 +129,21 @@ async fn submit_loop(
 }
 
 impl Inner {
+    /// Says on stderr, once per reason, what the head reports this program's work
+    /// waits for that no node has (a task asking for a GPU of CPU-only nodes waits for
+    /// such a node to join, silently otherwise). A driver the head started gets it in
+    /// its job's log instead.
+    fn tell_waiting(&self, reason: &str) {
+        if reason.is_empty() || !self.attached {
+            return;
+        }
+        let mut told = self.told_waiting.lock().expect("waiting lock");
+        if *told != reason {
+            eprintln!("[volley] job {}: {reason}", self.job_id);
+            reason.clone_into(&mut told);
+        }
+    }
+
     /// Tells the head this attached driver is done, once.
     fn end_attached(&self, exit_code: i32, error: &str) {
         if !self.attached || self.ended.swap(true, Ordering::SeqCst) {
@@ -617,6 +634,7 @@ impl Cluster {
                 fetch_patience: Duration::from_secs(300),
                 compression,
                 ended: AtomicBool::new(false),
+                told_waiting: Mutex::default(),
             }),
         })
     }
@@ -1068,6 +1086,7 @@ async fn wait_some(
         .await
         .map_err(|e| status_error("wait", e))?
         .into_inner();
+    inner.tell_waiting(&r.waiting);
     Ok(r.objects
         .into_iter()
         .zip(refused)
@@ -1099,6 +1118,7 @@ async fn wait_all(inner: &Inner, ids: &[String]) -> Result<Vec<proto::ObjectStat
             .await
             .map_err(|e| status_error("waiting for objects", e))?
             .into_inner();
+        inner.tell_waiting(&r.waiting);
         if let Some(e) = r.objects.iter().find_map(|o| o.error.as_ref()) {
             return Err(VolleyError::from(error_report(e)));
         }

@@ -111,6 +111,10 @@ pub struct HeadCore {
     /// Worker-log queries sent to nodes and waiting for their answers, by query id.
     log_queries: Mutex<HashMap<u64, mpsc::UnboundedSender<proto::LogReply>>>,
     next_query: std::sync::atomic::AtomicU64,
+    /// What each job's work waits for that no node has, as the monitor last saw it
+    /// (once a second): answers to a driver's waits read it without a look at the
+    /// whole queue.
+    beyond_nodes: Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for HeadCore {
@@ -152,6 +156,7 @@ impl HeadCore {
             persisting: Mutex::new(()),
             log_queries: Mutex::default(),
             next_query: Default::default(),
+            beyond_nodes: Mutex::default(),
             options,
         });
         // After the jobs are back: the files of those that start again stay.
@@ -304,6 +309,10 @@ impl HeadCore {
             wrote = true;
         }
         told.written.retain(|job, _| now.contains_key(job));
+        self.beyond_nodes
+            .lock()
+            .expect("waiting lock")
+            .clone_from(&now);
         told.last = now;
         if wrote {
             self.logs.notify_waiters();
@@ -442,6 +451,13 @@ impl HeadCore {
             f.read_to_end(&mut data)?;
         }
         Ok((data, done))
+    }
+
+    /// What job `id`'s work waits for that no node has, as the monitor last saw it
+    /// (empty if nothing).
+    fn beyond_nodes(&self, id: &str) -> String {
+        let beyond = self.beyond_nodes.lock().expect("waiting lock");
+        beyond.get(id).cloned().unwrap_or_default()
     }
 
     /// Waits until a driver's output arrives, a job ends, or `timeout` passes.

@@ -314,7 +314,7 @@ impl proto::head_server::Head for HeadService {
         // The statuses are described once, when the answer is due.
         let mut pending: VecDeque<usize> = (0..r.object_ids.len()).collect();
         let all = want == r.object_ids.len();
-        let objects = self
+        let (objects, waiting) = self
             .core
             .wait_until(deadline, |s, last| {
                 let finished = |i: &usize| s.object_settled(&r.object_ids[*i]);
@@ -335,10 +335,19 @@ impl proto::head_server::Head for HeadService {
                 } else {
                     Vec::new()
                 };
-                Ok::<_, Status>((objects, answer))
+                // Due before enough are done: a driver of its own (an attached job,
+                // with no log the head writes to) learns what its work waits for.
+                let waiting = match r.object_ids.first() {
+                    Some(id) if answer && done < want => s
+                        .object_job(id)
+                        .map(|job| self.core.beyond_nodes(job))
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
+                Ok::<_, Status>(((objects, waiting), answer))
             })
             .await?;
-        Ok(Response::new(proto::WaitResponse { objects }))
+        Ok(Response::new(proto::WaitResponse { objects, waiting }))
     }
 
     async fn free(&self, request: Request<proto::FreeRequest>) -> Answer<proto::Empty> {

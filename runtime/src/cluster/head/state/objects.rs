@@ -59,6 +59,11 @@ impl State {
 
     /// Whether object `id` is settled: it has a live copy, will never have one (its
     /// task failed for good), or is unknown.
+    /// The job object `id` belongs to.
+    pub fn object_job(&self, id: &str) -> Option<&str> {
+        self.objects.get(id).map(|o| o.job.as_str())
+    }
+
     pub fn object_settled(&self, id: &str) -> bool {
         self.objects
             .get(id)
