@@ -1754,6 +1754,7 @@ fn the_dashboard_shows_the_cluster_and_a_job_in_a_browser() {
         "--slow-ms",
         "400",
     ]);
+    let big = c.submit_with_options(&["--num-cpus", "64"], &["true"]);
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let run = Command::new("node")
@@ -1761,6 +1762,7 @@ fn the_dashboard_shows_the_cluster_and_a_job_in_a_browser() {
         .env("DASHBOARD_URL", format!("http://{}/", c.http))
         .env("VOLLEY_TOKEN", &c.token)
         .env("JOB", &job)
+        .env("BIG", &big)
         .env("NODES", "2")
         .env("OUT", &shots)
         .env("CHROMIUM", &chromium)
@@ -1781,6 +1783,14 @@ fn the_dashboard_shows_the_cluster_and_a_job_in_a_browser() {
         .contains("wrong cluster token"));
     assert_eq!(report["nodes_alive"], 2, "{report}");
     assert_eq!(report["node_rows"], 2, "{report}");
+    let why = "its driver asks for 64 CPU: no node has 64 CPU (the most on one node is 1); \
+               it waits until a node with enough joins";
+    assert_eq!(report["big_waiting_in_list"], why, "{report}");
+    assert_eq!(
+        report["big_waiting_on_page"],
+        format!("waiting: {why}"),
+        "{report}"
+    );
     let operators = report["operators"].as_array().unwrap();
     assert!(
         operators[0].as_str().unwrap().starts_with("ReadParquet"),

@@ -2,11 +2,12 @@
 // `the_dashboard_shows_the_cluster_and_a_job_in_a_browser` (tests/cluster.rs), which
 // starts the cluster and the job and checks what this prints (one JSON line).
 //
-// Environment: DASHBOARD_URL, VOLLEY_TOKEN, JOB (a running job), NODES (live nodes),
-// OUT (folder for screenshots), CHROMIUM (the browser).
+// Environment: DASHBOARD_URL, VOLLEY_TOKEN, JOB (a running job), BIG (a job asking for
+// more than any node has), NODES (live nodes), OUT (folder for screenshots), CHROMIUM
+// (the browser).
 import { chromium } from "playwright-core";
 
-const { DASHBOARD_URL, VOLLEY_TOKEN, JOB, NODES, OUT, CHROMIUM } = process.env;
+const { DASHBOARD_URL, VOLLEY_TOKEN, JOB, BIG, NODES, OUT, CHROMIUM } = process.env;
 const report = {};
 // A fresh profile per launch (Playwright's default), nothing fetched from outside.
 const browser = await chromium.launch({
@@ -35,6 +36,15 @@ try {
   await page.waitForSelector(`#nodes-alive:text-is("${NODES}")`);
   await page.waitForSelector(`#jobs a:text-is("${JOB}")`);
   report.nodes_alive = Number(await page.textContent("#nodes-alive"));
+  // The job no node can start says why, in the list and on its page.
+  const bigRow = `#jobs tr:has(a:text-is("${BIG}")) .waiting`;
+  await page.waitForSelector(`${bigRow}:has-text("no node has")`);
+  report.big_waiting_in_list = await page.textContent(bigRow);
+  await page.click(`#jobs a:text-is("${BIG}")`);
+  await page.waitForSelector("#job-waiting");
+  report.big_waiting_on_page = await page.textContent("#job-waiting");
+  await page.goBack();
+  await page.waitForSelector(`#jobs a:text-is("${JOB}")`);
   report.node_rows = await page.locator("#nodes tr").count() - 1;
   await page.screenshot({ path: `${OUT}/overview.png`, fullPage: true });
 

@@ -95,21 +95,34 @@ impl State {
     /// Places the waiting tasks that can run now.
     pub(super) fn place_tasks(&mut self) {
         let other = std::mem::take(&mut self.queue.other);
+        let mut room_awaited = false;
         for id in other {
             if !self.try_start(&id) {
+                room_awaited = room_awaited
+                    || self.tasks.get(&id).is_none_or(|t| {
+                        t.spec.actor.is_some()
+                            || t.spec.bundle.is_some()
+                            || self.fits_some_node(&t.spec.resources)
+                    });
                 self.queue.other.push_back(id);
             }
         }
-        self.ahead_allowed = self.queue.other.is_empty()
-            && !self.actors.values().any(|a| a.state == ActorState::Pending)
+        // Tasks ahead take freed CPUs first: none go ahead while anything else waits
+        // for room a node could give it. What no node could hold even empty does not
+        // count (it waits for a bigger node to join, and would hold tasks back for as
+        // long).
+        self.ahead_allowed = !room_awaited
+            && !self.actors.values().any(|a| {
+                a.state == ActorState::Pending
+                    && (a.spec.bundle.is_some() || self.fits_some_node(&a.spec.resources))
+            })
             && !self
                 .jobs
                 .values()
-                .any(|j| j.status.state == JobState::Pending)
-            && !self
-                .groups
-                .values()
-                .any(|g| !g.ready && self.job_active(&g.job));
+                .any(|j| j.status.state == JobState::Pending && self.fits_some_node(&j.resources))
+            && !self.groups.iter().any(|(id, g)| {
+                !g.ready && self.job_active(&g.job) && self.group_beyond_nodes(id, g).is_empty()
+            });
         // The smallest CPU-only request that found no room in this pass: a task asking
         // at least as much cannot fit either.
         let mut no_room_at = f64::INFINITY;

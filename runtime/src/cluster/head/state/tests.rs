@@ -1029,3 +1029,41 @@ fn placement_groups_no_node_set_can_hold_are_named() {
          node is 2); it waits until a node with enough joins"
     );
 }
+
+#[test]
+fn work_no_node_could_hold_does_not_keep_tasks_from_going_ahead() {
+    let (mut s, mut rx) = one_node(1.0);
+    let mut driver = job("d");
+    driver.attached = false;
+    driver.resources = cpus(64.0);
+    s.add_job(driver);
+    assert_eq!(sent(&mut rx), ["PrepareJob(\"d\")"]);
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a".into(),
+        resources: cpus(1.0).with_gpus(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    strict_groups_beyond_one_node(&mut s);
+    s.submit(TaskSpec {
+        resources: cpus(1.0).with_custom("tpu", 1.0),
+        ..task("tpu", &[])
+    })
+    .unwrap();
+    submit(&mut s, "t1");
+    submit(&mut s, "t2");
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run t1", "ahead t2"]);
+    // An actor a node could hold, once room is free, holds tasks back again.
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "b".into(),
+        resources: cpus(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    submit(&mut s, "t3");
+    s.schedule();
+    assert!(sent(&mut rx).is_empty(), "t3 waits at the head");
+}

@@ -25,31 +25,14 @@ impl State {
     /// What each job not ended waits for, by job id; jobs waiting for nothing (or only
     /// for room their tasks will get as others end) are absent.
     pub fn waiting(&self) -> HashMap<String, Waiting> {
-        let offers: Vec<&Resources> = self
-            .nodes
-            .values()
-            .filter(|n| n.takes_work())
-            .map(|n| &n.total)
-            .collect();
-        // `who asks for R: no node has ...`, when no node could hold `r` even empty.
-        let beyond = |who: &str, r: &Resources| -> Option<String> {
-            if offers.is_empty() || offers.iter().any(|o| r.fits_in(o)) {
-                return None;
-            }
-            let parts = r.beyond(offers.iter().copied());
-            Some(if parts.is_empty() {
-                format!("{who} for {r}: no one node has all of it")
-            } else {
-                format!("{who} for {r}: no node has {}", parts.join(" or "))
-            })
-        };
         let mut out = HashMap::new();
         let mut big: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let nodes = self.working_nodes();
         for (id, j) in &self.jobs {
             if j.status.state != JobState::Pending || j.attached {
                 continue;
             }
-            let waiting = if offers.is_empty() {
+            let waiting = if nodes == 0 {
                 Waiting {
                     reason: if self.nodes.is_empty() {
                         "its driver waits for a node to join the cluster".into()
@@ -62,7 +45,7 @@ impl State {
                     },
                     beyond_nodes: false,
                 }
-            } else if let Some(b) = beyond("its driver asks", &j.resources) {
+            } else if let Some(b) = self.beyond_nodes("its driver asks", &j.resources) {
                 big.entry(id).or_default().push(b);
                 continue;
             } else {
@@ -73,8 +56,8 @@ impl State {
             };
             out.insert(id.clone(), waiting);
         }
-        if !offers.is_empty() {
-            self.work_beyond_nodes(&offers, &beyond, &mut big);
+        if nodes > 0 {
+            self.work_beyond_nodes(&mut big);
         }
         for (job, items) in big {
             let more = items.len().saturating_sub(NAMED);
@@ -94,18 +77,82 @@ impl State {
         out
     }
 
-    /// The tasks, actors and placement groups of running jobs that no node in
-    /// `offers` could hold even empty, described by `beyond`, into `big` by job.
-    fn work_beyond_nodes<'a>(
-        &'a self,
-        offers: &[&Resources],
-        beyond: &dyn Fn(&str, &Resources) -> Option<String>,
-        big: &mut BTreeMap<&'a str, Vec<String>>,
-    ) {
+    /// The nodes that take work.
+    fn working_nodes(&self) -> usize {
+        self.nodes.values().filter(|n| n.takes_work()).count()
+    }
+
+    /// Whether some node taking work could hold `r` when empty.
+    pub(super) fn fits_some_node(&self, r: &Resources) -> bool {
+        self.nodes
+            .values()
+            .any(|n| n.takes_work() && r.fits_in(&n.total))
+    }
+
+    /// `WHO for R: no node has ...`, when nodes take work and none could hold `r`
+    /// even empty.
+    fn beyond_nodes(&self, who: &str, r: &Resources) -> Option<String> {
+        let offers = self
+            .nodes
+            .values()
+            .filter(|n| n.takes_work())
+            .map(|n| &n.total);
+        if offers.clone().next().is_none() || self.fits_some_node(r) {
+            return None;
+        }
+        let parts = r.beyond(offers);
+        Some(if parts.is_empty() {
+            format!("{who} for {r}: no one node has all of it")
+        } else {
+            format!("{who} for {r}: no node has {}", parts.join(" or "))
+        })
+    }
+
+    /// Why no set of the nodes taking work could hold placement group `id` even
+    /// empty (a bundle bigger than any node, a STRICT_PACK group's sum, a STRICT_SPREAD
+    /// group with more bundles than nodes); empty if some could.
+    pub(super) fn group_beyond_nodes(&self, id: &str, g: &Group) -> Vec<String> {
+        let mut said: Vec<String> = g
+            .bundles
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                self.beyond_nodes(&format!("placement group {id}: bundle {i} asks"), &b.total)
+            })
+            .collect();
+        if said.is_empty() && g.strategy == Strategy::StrictPack {
+            let mut sum = Resources::default();
+            for b in &g.bundles {
+                sum.add(&b.total);
+            }
+            said.extend(self.beyond_nodes(
+                &format!("placement group {id} (STRICT_PACK: all on one node) asks"),
+                &sum,
+            ));
+        }
+        let nodes = self.working_nodes();
+        if said.is_empty() && g.strategy == Strategy::StrictSpread && g.bundles.len() > nodes {
+            said.push(format!(
+                "placement group {id} (STRICT_SPREAD: one node per bundle) has {} bundles \
+                 and {nodes} node(s) take work",
+                g.bundles.len(),
+            ));
+        }
+        said
+    }
+
+    /// The tasks, actors and placement groups of running jobs that no node taking work
+    /// could hold even empty, described, into `big` by job.
+    fn work_beyond_nodes<'a>(&'a self, big: &mut BTreeMap<&'a str, Vec<String>>) {
         // Tasks alike (same job, name and request) are counted, not each named. A
         // CPU-only task within the CPUs of the biggest node fits somewhere: most of a
         // long queue is passed over without a lookup.
-        let most_cpus = offers.iter().map(|r| r.num_cpus).fold(0.0, f64::max);
+        let most_cpus = self
+            .nodes
+            .values()
+            .filter(|n| n.takes_work())
+            .map(|n| n.total.num_cpus)
+            .fold(0.0, f64::max);
         let mut tasks: BTreeMap<(&str, &str, String), (usize, &Resources)> = BTreeMap::new();
         let cpu = self
             .queue
@@ -122,7 +169,7 @@ impl State {
                 continue;
             }
             let r = &t.spec.resources;
-            if offers.iter().any(|o| r.fits_in(o)) {
+            if self.fits_some_node(r) {
                 continue;
             }
             let key = (t.spec.job_id.as_str(), t.spec.name.as_str(), r.to_string());
@@ -134,7 +181,7 @@ impl State {
                 1 => format!("task `{name}` asks"),
                 n => format!("{n} tasks `{name}` each ask"),
             };
-            if let Some(b) = beyond(&who, r) {
+            if let Some(b) = self.beyond_nodes(&who, r) {
                 big.entry(job).or_default().push(b);
             }
         }
@@ -142,7 +189,8 @@ impl State {
             if a.state != ActorState::Pending || a.spec.bundle.is_some() {
                 continue;
             }
-            if let Some(b) = beyond(&format!("actor `{}` asks", a.spec.name), &a.spec.resources) {
+            let who = format!("actor `{}` asks", a.spec.name);
+            if let Some(b) = self.beyond_nodes(&who, &a.spec.resources) {
                 big.entry(a.spec.job_id.as_str()).or_default().push(b);
             }
         }
@@ -153,35 +201,7 @@ impl State {
             .collect();
         groups.sort_by_key(|(id, _)| *id);
         for (id, g) in groups {
-            let mut said: Vec<String> = g
-                .bundles
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| {
-                    beyond(&format!("placement group {id}: bundle {i} asks"), &b.total)
-                })
-                .collect();
-            if said.is_empty() && g.strategy == Strategy::StrictPack {
-                let mut sum = Resources::default();
-                for b in &g.bundles {
-                    sum.add(&b.total);
-                }
-                said.extend(beyond(
-                    &format!("placement group {id} (STRICT_PACK: all on one node) asks"),
-                    &sum,
-                ));
-            }
-            if said.is_empty()
-                && g.strategy == Strategy::StrictSpread
-                && g.bundles.len() > offers.len()
-            {
-                said.push(format!(
-                    "placement group {id} (STRICT_SPREAD: one node per bundle) has {} bundles \
-                     and {} node(s) take work",
-                    g.bundles.len(),
-                    offers.len()
-                ));
-            }
+            let said = self.group_beyond_nodes(id, g);
             if !said.is_empty() {
                 big.entry(g.job.as_str()).or_default().extend(said);
             }
