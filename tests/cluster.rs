@@ -759,6 +759,20 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     ] {
         assert!(waiting.contains(part), "{record}");
     }
+    // The task's own record says it too (the dashboard's task list).
+    let (code, tasks) = c.http_get(&format!("/api/jobs/{wait}/tasks"), Some(&c.token));
+    assert_eq!(code, 200, "{tasks}");
+    let tasks: serde_json::Value = serde_json::from_str(&tasks).unwrap();
+    let gpu_task = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "WhereAmI")
+        .unwrap_or_else(|| panic!("{tasks}"));
+    assert_eq!(
+        gpu_task["waiting"], "asks for 0 CPU, 2 GPU: no node has 2 GPU (the most on one node is 1)",
+        "{tasks}"
+    );
     // A program that joined the cluster itself (no job log) hears it on its stderr.
     let warned = attached_program_warning(&c, &["--wait-for-resources"]);
     assert!(

@@ -244,6 +244,8 @@ struct ActorJson {
     restarts: u32,
     pid: u32,
     error: String,
+    /// Why it waits, when no node could hold it even empty.
+    waiting: String,
 }
 
 async fn actors(
@@ -266,6 +268,7 @@ async fn actors(
                     name: a.name,
                     restarts: a.restarts,
                     pid: a.pid.unwrap_or(0),
+                    waiting: a.waiting,
                 }
             })
             .collect(),

@@ -52,6 +52,9 @@ pub struct JobTask {
     pub attempt: u32,
     /// Why it failed for good.
     pub error: String,
+    /// Why it waits, when no node could hold it even empty (`asks for 1 GPU: no node
+    /// has 1 GPU (none has any)`); empty otherwise.
+    pub waiting: String,
 }
 
 /// How the head is run.

@@ -72,7 +72,15 @@ impl State {
             .actors
             .iter()
             .filter(|(_, a)| a.spec.job_id == id)
-            .map(|(aid, a)| actor_record(aid, a))
+            .map(|(aid, a)| {
+                let mut record = actor_record(aid, a);
+                if a.state == ActorState::Pending && a.spec.bundle.is_none() {
+                    record.waiting = self
+                        .beyond_nodes("asks", &a.spec.resources)
+                        .unwrap_or_default();
+                }
+                record
+            })
             .collect();
         actors.sort_by(|a, b| a.actor_id.cmp(&b.actor_id));
         Ok(actors)
@@ -191,5 +199,6 @@ fn actor_record(id: &str, a: &ActorEntry) -> ActorRecord {
         pid: matches!(a.state, ActorState::Alive { .. }).then_some(a.pid),
         state: a.state.clone(),
         restarts: a.restarts,
+        waiting: String::new(),
     }
 }

@@ -248,6 +248,8 @@ pub(crate) struct ActorRecord {
     pub restarts: u32,
     /// Its process, while alive.
     pub pid: Option<u32>,
+    /// Why it waits, when no node could hold it even empty; empty otherwise.
+    pub waiting: String,
 }
 
 /// A placement group as a driver waits for it.

@@ -920,6 +920,14 @@ impl State {
                     ),
                     TaskState::Pending | TaskState::Failed => (t.state.name(), String::new()),
                 };
+                let waiting = if t.state == TaskState::Pending
+                    && t.spec.actor.is_none()
+                    && t.spec.bundle.is_none()
+                {
+                    self.beyond_nodes("asks", &t.spec.resources)
+                } else {
+                    None
+                };
                 JobTask {
                     task_id: tid.clone(),
                     name: t.spec.name.clone(),
@@ -927,6 +935,7 @@ impl State {
                     node_id,
                     attempt: t.attempt,
                     error,
+                    waiting: waiting.unwrap_or_default(),
                 }
             })
             .collect();

@@ -993,6 +993,24 @@ fn work_asking_more_than_any_node_has_is_named_in_its_job_s_wait() {
          actor `Scorer` asks for 1 CPU, 1 tpu: no node has 1 `tpu` (none has any); \
          and 2 more; it waits until a node with enough joins"
     );
+    // Each such task and actor says so in its record too; the others do not.
+    let tasks = s.job_tasks("j").unwrap();
+    let waits = |name: &str| -> Vec<&str> {
+        tasks
+            .iter()
+            .filter(|t| t.name == name)
+            .map(|t| t.waiting.as_str())
+            .collect()
+    };
+    assert_eq!(
+        waits("gpu_map"),
+        ["asks for 1 CPU, 1 GPU: no node has 1 GPU (none has any)"; 3]
+    );
+    assert!(waits("small").iter().all(|w| w.is_empty()));
+    assert_eq!(
+        s.job_actors("j").unwrap()[0].waiting,
+        "asks for 1 CPU, 1 tpu: no node has 1 `tpu` (none has any)"
+    );
     // The groups, once the rest fits.
     let mut big = Resources::cpus(4.0).with_gpus(1.0).with_custom("tpu", 1.0);
     big.memory = 1 << 30;

@@ -91,7 +91,7 @@ impl State {
 
     /// `WHO for R: no node has ...`, when nodes take work and none could hold `r`
     /// even empty.
-    fn beyond_nodes(&self, who: &str, r: &Resources) -> Option<String> {
+    pub(super) fn beyond_nodes(&self, who: &str, r: &Resources) -> Option<String> {
         let offers = self
             .nodes
             .values()
