@@ -612,6 +612,22 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     let record = c.describe(&big);
     assert!(record.contains("state:      PENDING"), "{record}");
     assert!(record.contains(&format!("waiting:    {why}")), "{record}");
+    // `/metrics` counts it, for an alert.
+    let (code, text) = c.http_get("/metrics", Some(&c.token));
+    assert_eq!(code, 200, "{text}");
+    let beyond = prometheus_samples(&text)
+        .into_iter()
+        .find(|(n, l, _)| {
+            n == "volley_jobs_waiting"
+                && l.get("reason").map(String::as_str) == Some("beyond_nodes")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no jobs waiting in
+{text}"
+            )
+        });
+    assert_eq!(beyond.2, 1.0, "{text}");
     let (code, json) = c.http_get(&format!("/api/jobs/{big}"), Some(&c.token));
     assert_eq!(code, 200, "{json}");
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -113,6 +113,7 @@ pub(crate) struct PackageFigures {
 pub(crate) fn render(
     status: &proto::ClusterStatus,
     jobs: &[proto::JobInfo],
+    waits: &[(&str, usize)],
     tasks: &TaskMetrics,
     packages: &PackageFigures,
     executions: &[proto::ExecutionProgress],
@@ -218,6 +219,19 @@ pub(crate) fn render(
             .set(n as f64);
     }
     r.register("jobs", "Jobs, by state", by_state);
+    let waiting = Gauges::default();
+    for (kind, n) in waits {
+        waiting
+            .get_or_create(&labels(&[("reason", kind)]))
+            .set(*n as f64);
+    }
+    r.register(
+        "jobs_waiting",
+        "Jobs not ended that wait: for a node to take work (node), for room on one (room), \
+         or for a node bigger than any there is, as some of their work asks more than any \
+         node has (beyond_nodes)",
+        waiting,
+    );
 
     let objects = Gauge::<f64, AtomicU64>::default();
     objects.set(f64::from(status.objects));
@@ -400,7 +414,15 @@ mod tests {
         let tasks = TaskMetrics::default();
         tasks.ended(TaskEnd::Succeeded, Some(0.25));
         tasks.ended(TaskEnd::Retried, None);
-        let text = render(&status, &jobs, &tasks, &PackageFigures::default(), &[]);
+        let waits = [("node", 0), ("room", 2), ("beyond_nodes", 1)];
+        let text = render(
+            &status,
+            &jobs,
+            &waits,
+            &tasks,
+            &PackageFigures::default(),
+            &[],
+        );
         for line in [
             "volley_nodes{state=\"alive\"} 1",
             "volley_nodes{state=\"dead\"} 1",
@@ -415,6 +437,9 @@ mod tests {
             "volley_tasks_ended_total{outcome=\"failed\"} 0",
             "volley_task_duration_seconds_count 1",
             "volley_jobs{state=\"RUNNING\"} 1",
+            "volley_jobs_waiting{reason=\"node\"} 0",
+            "volley_jobs_waiting{reason=\"room\"} 2",
+            "volley_jobs_waiting{reason=\"beyond_nodes\"} 1",
             "volley_objects 9",
             "# EOF",
         ] {

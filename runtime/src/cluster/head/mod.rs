@@ -34,7 +34,7 @@ mod wire;
 
 pub use service::HeadService;
 pub(crate) use state::ActorRecord;
-use state::{now_ms, JobEntry, State, Waiting};
+use state::{now_ms, JobEntry, State, WaitKind, Waiting};
 use store::HeadStore;
 
 /// A task of a job, as the head holds it (the dashboard's task list).
@@ -290,7 +290,7 @@ impl HeadCore {
         let now: HashMap<String, String> = self
             .read(State::waiting)
             .into_iter()
-            .filter(|(_, w)| w.beyond_nodes)
+            .filter(|(_, w)| w.kind == WaitKind::BeyondNodes)
             .map(|(job, w)| (job, w.reason))
             .collect();
         let mut wrote = false;
@@ -470,21 +470,26 @@ impl HeadCore {
 
     /// The cluster in Prometheus' text format (the head's `/metrics`).
     pub fn metrics(&self) -> String {
-        let (status, jobs, tasks, running) = self.read(|s| {
+        let (status, jobs, tasks, running, waits) = self.read(|s| {
             let running: Vec<proto::ExecutionProgress> = s
                 .running_executions()
                 .iter()
                 .map(|(job, e)| wire::execution(job, e))
                 .collect();
             let jobs: Vec<proto::JobInfo> = s.jobs().map(wire::job_info).collect();
-            (s.status(), jobs, s.task_metrics().clone(), running)
+            let waiting = s.waiting();
+            let waits: Vec<(&'static str, usize)> = WaitKind::ALL
+                .iter()
+                .map(|k| (k.name(), waiting.values().filter(|w| w.kind == *k).count()))
+                .collect();
+            (s.status(), jobs, s.task_metrics().clone(), running, waits)
         });
         let packages = PackageFigures {
             cached: self.blobs.size(),
             received: self.blobs.received_bytes(),
         };
         let status = proto::ClusterStatus::from(&status);
-        super::metrics::render(&status, &jobs, &tasks, &packages, &running)
+        super::metrics::render(&status, &jobs, &waits, &tasks, &packages, &running)
     }
 
     /// The cluster's nodes and load.

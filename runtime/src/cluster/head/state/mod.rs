@@ -36,7 +36,7 @@ mod tests;
 mod waiting;
 
 pub(crate) use messages::*;
-pub(crate) use waiting::Waiting;
+pub(crate) use waiting::{WaitKind, Waiting};
 
 /// Where a node's commands go (the node's attached stream, through the service).
 pub(crate) type NodeLink = mpsc::UnboundedSender<NodeCommand>;

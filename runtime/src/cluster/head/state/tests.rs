@@ -913,7 +913,7 @@ fn a_driver_asking_more_than_any_node_has_says_so_and_starts_once_one_joins() {
         reason(&s, "big"),
         Some(Waiting {
             reason: "its driver waits for a node to join the cluster".into(),
-            beyond_nodes: false,
+            kind: WaitKind::Node,
         })
     );
     join(&mut s, 1.0, "a");
@@ -925,7 +925,7 @@ fn a_driver_asking_more_than_any_node_has_says_so_and_starts_once_one_joins() {
             reason: "its driver asks for 64 CPU: no node has 64 CPU (the most on one node \
                      is 1); it waits until a node with enough joins"
                 .into(),
-            beyond_nodes: true,
+            kind: WaitKind::BeyondNodes,
         })
     );
     // Drivers that fit run; one more waits for room, which is no mistake.
@@ -937,7 +937,7 @@ fn a_driver_asking_more_than_any_node_has_says_so_and_starts_once_one_joins() {
         reason(&s, "three"),
         Some(Waiting {
             reason: "its driver waits for 1 CPU free on one node".into(),
-            beyond_nodes: false,
+            kind: WaitKind::Room,
         })
     );
     assert_eq!(reason(&s, "one"), None);
@@ -985,7 +985,7 @@ fn work_asking_more_than_any_node_has_is_named_in_its_job_s_wait() {
     strict_groups_beyond_one_node(&mut s);
     s.schedule();
     let w = s.waiting().remove("j").expect("job j waits");
-    assert!(w.beyond_nodes);
+    assert_eq!(w.kind, WaitKind::BeyondNodes);
     assert_eq!(
         w.reason,
         "3 tasks `gpu_map` each ask for 1 CPU, 1 GPU: no node has 1 GPU (none has any); \

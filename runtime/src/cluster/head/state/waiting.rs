@@ -12,9 +12,33 @@ use super::*;
 pub(crate) struct Waiting {
     /// Said to the user.
     pub reason: String,
+    pub kind: WaitKind,
+}
+
+/// The kinds of wait, worst last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum WaitKind {
+    /// Its driver waits for a node to take work (none does).
+    Node,
+    /// Its driver waits for room some node will have once other work ends.
+    Room,
     /// Some of it asks for more than any node has, and waits until a node with enough
-    /// joins (most often a mistake; a wait for room, or for the first node, is not).
-    pub beyond_nodes: bool,
+    /// joins (most often a mistake).
+    BeyondNodes,
+}
+
+impl WaitKind {
+    /// Every kind.
+    pub const ALL: [WaitKind; 3] = [Self::Node, Self::Room, Self::BeyondNodes];
+
+    /// Its name in `/metrics` (`volley_jobs_waiting{reason=...}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Node => "node",
+            Self::Room => "room",
+            Self::BeyondNodes => "beyond_nodes",
+        }
+    }
 }
 
 /// Work of a job that no node could hold even empty, described at most this many
@@ -43,7 +67,7 @@ impl State {
                             self.nodes.len()
                         )
                     },
-                    beyond_nodes: false,
+                    kind: WaitKind::Node,
                 }
             } else if let Some(b) = self.beyond_nodes("its driver asks", &j.resources) {
                 big.entry(id).or_default().push(b);
@@ -51,7 +75,7 @@ impl State {
             } else {
                 Waiting {
                     reason: format!("its driver waits for {} free on one node", j.resources),
-                    beyond_nodes: false,
+                    kind: WaitKind::Room,
                 }
             };
             out.insert(id.clone(), waiting);
@@ -70,7 +94,7 @@ impl State {
                 job.to_string(),
                 Waiting {
                     reason,
-                    beyond_nodes: true,
+                    kind: WaitKind::BeyondNodes,
                 },
             );
         }
