@@ -630,9 +630,10 @@ pub fn stop() -> Result<()> {
     Ok(())
 }
 
-/// `volley status`.
+/// `volley status`: the nodes, the load, and the jobs that wait (and what for).
 pub fn status(conn: Conn) -> Result<()> {
-    let s = conn.client()?.cluster_status()?;
+    let client = conn.client()?;
+    let s = client.cluster_status()?;
     println!(
         "{:<10} {:<6} {:<18} {:<34} {:<34} {:>7} {:>10} {:>10}",
         "NODE", "ALIVE", "ADDRESS", "TOTAL", "AVAILABLE", "TASKS", "OBJECTS", "SPILLED"
@@ -660,6 +661,11 @@ pub fn status(conn: Conn) -> Result<()> {
         "{} task(s) running, {} pending; {} job(s) running; {} object(s)",
         s.running_tasks, s.pending_tasks, s.running_jobs, s.objects
     );
+    for j in client.list()? {
+        if !j.waiting.is_empty() && !j.state.is_final() {
+            println!("job {} waits: {}", j.job_id, j.waiting);
+        }
+    }
     Ok(())
 }
 

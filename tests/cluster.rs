@@ -611,6 +611,11 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     c.wait_log(&big, &format!("[volley] {why}"));
     let record = c.describe(&big);
     assert!(record.contains("state:      PENDING"), "{record}");
+    let status = c.status();
+    assert!(
+        status.contains(&format!("job {big} waits: {why}")),
+        "{status}"
+    );
     assert!(record.contains(&format!("waiting:    {why}")), "{record}");
     // `/metrics` counts it, for an alert.
     let (code, text) = c.http_get("/metrics", Some(&c.token));
