@@ -322,7 +322,7 @@ mod tests {
     #[test]
     fn beyond_names_each_resource_no_node_has() {
         let nodes = [
-            Resources::cpus(1.0),
+            Resources::cpus(1.0).with_memory(4 << 30),
             Resources::cpus(4.0)
                 .with_memory(1 << 30)
                 .with_custom("ssd", 2.0),
@@ -330,7 +330,7 @@ mod tests {
         let asks = |r: Resources| r.beyond(nodes.iter());
         assert!(asks(Resources::cpus(4.0)).is_empty());
         // Each fits somewhere, though no node has both: nothing is beyond.
-        assert!(asks(Resources::cpus(4.0).with_memory(1 << 30)).is_empty());
+        assert!(asks(Resources::cpus(4.0).with_memory(2 << 30)).is_empty());
         assert_eq!(
             asks(Resources::cpus(64.0)),
             vec!["64 CPU (the most on one node is 4)".to_string()]
@@ -349,11 +349,11 @@ mod tests {
             ]
         );
         assert_eq!(
-            asks(Resources::cpus(1.0).with_memory(2 << 30)),
+            asks(Resources::cpus(1.0).with_memory(8 << 30)),
             vec![format!(
                 "{} memory (the most on one node is {})",
-                volley_common::format_bytes(2 << 30),
-                volley_common::format_bytes(1 << 30)
+                volley_common::format_bytes(8 << 30),
+                volley_common::format_bytes(4 << 30)
             )]
         );
     }

@@ -947,6 +947,20 @@ fn a_driver_asking_more_than_any_node_has_says_so_and_starts_once_one_joins() {
     assert!(s.waiting().is_empty(), "{:?}", s.waiting());
 }
 
+/// Registers and attaches a node offering `total`, with one GPU.
+fn join_gpu_node(s: &mut State, total: Resources) -> Commands {
+    let id = s.register_node(NodeRegistration {
+        hostname: "h".into(),
+        object_address: "g".into(),
+        total,
+        gpu_ids: vec![0],
+        ..Default::default()
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    s.attach(&id, tx).unwrap();
+    rx
+}
+
 /// Job `j`'s groups `pack` (STRICT_PACK, two bundles of 2 CPUs) and `spread`
 /// (STRICT_SPREAD, two bundles of 1 CPU): neither fits one node of 2 CPUs.
 fn strict_groups_beyond_one_node(s: &mut State) {
@@ -1012,18 +1026,11 @@ fn work_asking_more_than_any_node_has_is_named_in_its_job_s_wait() {
         "asks for 1 CPU, 1 tpu: no node has 1 `tpu` (none has any)"
     );
     // The groups, once the rest fits.
-    let mut big = Resources::cpus(4.0).with_gpus(1.0).with_custom("tpu", 1.0);
-    big.memory = 1 << 30;
-    s.register_node(NodeRegistration {
-        hostname: "h".into(),
-        object_address: "b".into(),
-        total: big.clone(),
-        gpu_ids: vec![0],
-        ..Default::default()
-    });
-    let (tx, _rx2) = mpsc::unbounded_channel();
-    let id = s.nodes.keys().find(|k| *k != "n1").unwrap().clone();
-    s.attach(&id, tx).unwrap();
+    let big = Resources::cpus(4.0)
+        .with_gpus(1.0)
+        .with_custom("tpu", 1.0)
+        .with_memory(1 << 30);
+    let _rx2 = join_gpu_node(&mut s, big);
     s.schedule();
     // Both groups fit now (one node holds all of `pack`; `spread` has two nodes).
     assert_eq!(s.waiting().get("j"), None, "{:?}", s.waiting());
@@ -1084,4 +1091,22 @@ fn work_no_node_could_hold_does_not_keep_tasks_from_going_ahead() {
     submit(&mut s, "t3");
     s.schedule();
     assert!(sent(&mut rx).is_empty(), "t3 waits at the head");
+}
+
+#[test]
+fn a_request_each_part_of_which_some_node_has_but_none_has_all_is_named() {
+    let (mut s, _rx) = one_node(8.0);
+    let _rx2 = join_gpu_node(&mut s, cpus(1.0).with_gpus(1.0));
+    s.submit(TaskSpec {
+        name: "train".into(),
+        resources: cpus(8.0).with_gpus(1.0),
+        ..task("t", &[])
+    })
+    .unwrap();
+    s.schedule();
+    assert_eq!(
+        s.waiting()["j"].reason,
+        "task `train` asks for 8 CPU, 1 GPU: no one node has all of it; it waits until a \
+         node with enough joins"
+    );
 }

@@ -12,11 +12,12 @@ use super::*;
 pub(crate) struct Waiting {
     /// Said to the user.
     pub reason: String,
+    /// What for.
     pub kind: WaitKind,
 }
 
-/// The kinds of wait, worst last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// What a job waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WaitKind {
     /// Its driver waits for a node to take work (none does).
     Node,
