@@ -34,7 +34,7 @@ pub struct StartArgs {
     #[arg(long, env = "VOLLEY_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// CPUs this node offers (default: all).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     num_cpus: Option<f64>,
     /// GPUs this node offers (default: those found through the CUDA driver).
     #[arg(long)]
@@ -102,10 +102,10 @@ pub enum JobCommand {
         #[arg(long = "env", value_name = "K=V")]
         env: Vec<String>,
         /// CPUs held by the driver.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         num_cpus: f64,
         /// GPUs held by the driver.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         num_gpus: f64,
         /// A name for the job.
         #[arg(long, default_value = "")]
@@ -780,7 +780,30 @@ pub fn job(cmd: JobCommand) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::background_args;
+    use super::{background_args, JobCommand};
+
+    #[test]
+    fn a_negative_resource_reaches_the_check_that_names_it() {
+        // Parsed, not taken for an option: the resource check then says what is wrong.
+        #[derive(clap::Parser)]
+        struct Job {
+            #[command(subcommand)]
+            command: JobCommand,
+        }
+        let job = <Job as clap::Parser>::try_parse_from([
+            "job",
+            "submit",
+            "--num-cpus",
+            "-1",
+            "--",
+            "true",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let JobCommand::Submit { num_cpus, .. } = job.command else {
+            panic!("not a submission");
+        };
+        assert_eq!(num_cpus, -1.0);
+    }
 
     #[test]
     fn the_token_never_reaches_a_background_command_line() {

@@ -77,10 +77,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// CPUs each engine holds.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     num_cpus: f64,
     /// GPUs each engine holds (below 1: engines share a GPU). Needs a cluster with GPUs.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     num_gpus: f64,
     /// Run the engines on a cluster: --address HOST:PORT, or VOLLEY_ADDRESS.
     #[command(flatten)]
