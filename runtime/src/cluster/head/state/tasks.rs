@@ -120,9 +120,10 @@ impl State {
                 .jobs
                 .values()
                 .any(|j| j.status.state == JobState::Pending && self.fits_some_node(&j.resources))
-            && !self.groups.iter().any(|(id, g)| {
-                !g.ready && self.job_active(&g.job) && self.group_beyond_nodes(id, g).is_empty()
-            });
+            && !self
+                .groups
+                .values()
+                .any(|g| !g.ready && self.job_active(&g.job) && self.group_fits_nodes(g));
         // The smallest CPU-only request that found no room in this pass: a task asking
         // at least as much cannot fit either.
         let mut no_room_at = f64::INFINITY;

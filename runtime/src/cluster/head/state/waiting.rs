@@ -133,10 +133,30 @@ impl State {
         })
     }
 
+    /// Whether some set of the nodes taking work could hold group `g` when empty: each
+    /// bundle fits some node, a STRICT_PACK group's sum fits one, and a STRICT_SPREAD
+    /// group has no more bundles than there are nodes. Asked on every scheduling pass,
+    /// so it describes nothing ([`Self::group_beyond_nodes`] says why not).
+    pub(super) fn group_fits_nodes(&self, g: &Group) -> bool {
+        let sum = || {
+            let mut sum = Resources::default();
+            for b in &g.bundles {
+                sum.add(&b.total);
+            }
+            sum
+        };
+        g.bundles.iter().all(|b| self.fits_some_node(&b.total))
+            && (g.strategy != Strategy::StrictPack || self.fits_some_node(&sum()))
+            && (g.strategy != Strategy::StrictSpread || g.bundles.len() <= self.working_nodes())
+    }
+
     /// Why no set of the nodes taking work could hold placement group `id` even
     /// empty (a bundle bigger than any node, a STRICT_PACK group's sum, a STRICT_SPREAD
     /// group with more bundles than nodes); empty if some could.
     pub(super) fn group_beyond_nodes(&self, id: &str, g: &Group) -> Vec<String> {
+        if self.group_fits_nodes(g) {
+            return Vec::new();
+        }
         let mut said: Vec<String> = g
             .bundles
             .iter()
