@@ -392,8 +392,8 @@ impl DataSource for PlanSource {
 /// sort's cost beyond its comparisons is per batch: the runs it sorts are cut into
 /// batches, and its merge builds each output batch from the current batches of every
 /// run. At 32,768 rows rather than 8,192, sorting `lineitem` (TPC-H SF1) to Parquet
-/// took 4.26 s against 5.12 s in one process (medians of 8, alternating), and 4.90 s
-/// against 5.13 s on two one-CPU nodes (medians of 9): see `bench/results/`. Plans
+/// took 4.26 s against 5.12 s in one process (medians of 8, alternating), and 4.57 s
+/// against 5.78 s on two one-CPU nodes (medians of 6): see `bench/results/`. Plans
 /// that aggregate or join keep the configured size (TPC-H Q1 took ~15% longer with
 /// the larger batches everywhere).
 const SORT_BATCH_ROWS: usize = 32 * 1024;
