@@ -26,6 +26,7 @@ use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{displayable, ExecutionPlan};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParser;
+use futures::StreamExt;
 use volley_common::{Result, ResultExt, VolleyError};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
 
@@ -373,19 +374,78 @@ impl DataSource for PlanSource {
         *self.executed.lock().expect("plans lock") = Some(Arc::clone(&physical));
         let parts = physical.properties().partitioning.partition_count();
         let sorts_rows = sorts_rows(&physical);
+        let divisions = Arc::new(divisions(&self.plan));
         Ok((0..parts)
             .map(|i| {
                 let plan = Arc::clone(&physical);
+                let divisions = Arc::clone(&divisions);
                 ReadTask::new(format!("{} partition {i}", self.name), 0, move |ctx| {
                     let ctx = match sorts_rows && roomy(&ctx) {
                         true => with_batch_rows(&ctx, SORT_BATCH_ROWS),
                         false => ctx,
                     };
-                    Ok(plan.execute(i, ctx)?)
+                    let stream = plan.execute(i, ctx)?;
+                    if divisions.is_empty() {
+                        return Ok(stream);
+                    }
+                    let divisions = Arc::clone(&divisions);
+                    Ok(Box::pin(RecordBatchStreamAdapter::new(
+                        stream.schema(),
+                        stream.map(move |r| r.map_err(|e| name_division(e, &divisions))),
+                    )) as SendableRecordBatchStream)
                 })
             })
             .collect())
     }
+}
+
+/// The divisions and remainders in `plan`'s expressions (subqueries included), as
+/// written: what a division by zero names, since Arrow's error does not say where.
+fn divisions(plan: &LogicalPlan) -> Vec<String> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    let mut found: Vec<String> = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|x| {
+                if let Expr::BinaryExpr(BinaryExpr { op, .. }) = x {
+                    if matches!(op, Operator::Divide | Operator::Modulo) {
+                        let text = x.to_string();
+                        if !found.contains(&text) {
+                            found.push(text);
+                        }
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    found
+}
+
+/// `e` with the divisions that may have caused it, when it is a division by zero.
+fn name_division(
+    e: datafusion::error::DataFusionError,
+    divisions: &[String],
+) -> datafusion::error::DataFusionError {
+    if !e.to_string().contains("Divide by zero") {
+        return e;
+    }
+    /// Named at most; more are counted.
+    const NAMED: usize = 4;
+    let mut named: Vec<String> = divisions
+        .iter()
+        .take(NAMED)
+        .map(|d| format!("`{d}`"))
+        .collect();
+    if divisions.len() > NAMED {
+        named.push(format!("{} more", divisions.len() - NAMED));
+    }
+    let place = match divisions.len() {
+        1 => format!("dividing by zero in {}", named[0]),
+        _ => format!("dividing by zero in one of {}", named.join(", ")),
+    };
+    VolleyError::from(e).context(place).into()
 }
 
 /// Rows per batch, at least, in a plan that sorts rows whole ([`sorts_rows`]). A full

@@ -157,6 +157,41 @@ fn unknown_columns_and_bad_sql() {
 }
 
 #[test]
+fn a_division_by_zero_names_the_division() {
+    let c = ctx();
+    let ds = c.range(10);
+    let e = err_of(
+        c.sql("SELECT sum(id / (id - id)) AS s FROM t", &[("t", &ds)])
+            .and_then(|d| d.collect()),
+    );
+    assert!(
+        e.contains("dividing by zero in `t.id / (t.id - t.id)`") && e.contains("Divide by zero"),
+        "{e}"
+    );
+    let e = err_of(
+        ds.with_column("x", col("id") / (col("id") - col("id")))
+            .and_then(|d| d.collect()),
+    );
+    // A Dataset's step names the column it computes.
+    assert!(
+        e.contains("computing column `x`") && e.contains("Divide by zero"),
+        "{e}"
+    );
+    // Several: each is named, since Arrow's error does not say which.
+    let e = err_of(
+        c.sql(
+            "SELECT id / 2 AS half, id % (id - id) AS r FROM t",
+            &[("t", &ds)],
+        )
+        .and_then(|d| d.collect()),
+    );
+    assert!(
+        e.contains("dividing by zero in one of `t.id / Int64(2)`, `t.id % (t.id - t.id)`"),
+        "{e}"
+    );
+}
+
+#[test]
 fn user_function_errors_and_panics_name_the_function() {
     let c = ctx();
     let e = err_of(
