@@ -408,8 +408,8 @@ fn divisions(plan: &LogicalPlan) -> Vec<String> {
     let _ = plan.apply_with_subqueries(|node| {
         node.apply_expressions(|e| {
             e.apply(|x| {
-                if let Expr::BinaryExpr(BinaryExpr { op, .. }) = x {
-                    if matches!(op, Operator::Divide | Operator::Modulo) {
+                if let Expr::BinaryExpr(BinaryExpr { op, right, .. }) = x {
+                    if matches!(op, Operator::Divide | Operator::Modulo) && !nonzero(right) {
                         let text = x.to_string();
                         if !found.contains(&text) {
                             found.push(text);
@@ -423,12 +423,28 @@ fn divisions(plan: &LogicalPlan) -> Vec<String> {
     found
 }
 
-/// `e` with the divisions that may have caused it, when it is a division by zero.
+/// Whether `e` is a constant other than zero or null: dividing by it cannot fail.
+fn nonzero(e: &Expr) -> bool {
+    match e {
+        Expr::Literal(v, _) => {
+            !v.is_null()
+                && datafusion::common::ScalarValue::new_zero(&v.data_type()).is_ok_and(|z| z != *v)
+        }
+        _ => false,
+    }
+}
+
+/// `e` with the divisions that may have caused it, when it is a division by zero of
+/// this plan's own (one from a volley Dataset read as a table already says where).
 fn name_division(
     e: datafusion::error::DataFusionError,
     divisions: &[String],
 ) -> datafusion::error::DataFusionError {
-    if !e.to_string().contains("Divide by zero") {
+    let from_volley = matches!(
+        e.find_root(),
+        datafusion::error::DataFusionError::External(inner) if inner.is::<VolleyError>()
+    );
+    if from_volley || !e.to_string().contains("Divide by zero") {
         return e;
     }
     /// Named at most; more are counted.
@@ -453,9 +469,10 @@ fn name_division(
 /// batches, and its merge builds each output batch from the current batches of every
 /// run. At 32,768 rows rather than 8,192, sorting `lineitem` (TPC-H SF1) to Parquet
 /// took 4.26 s against 5.12 s in one process (medians of 8, alternating), and 4.57 s
-/// against 5.78 s on two one-CPU nodes (medians of 6): see `bench/results/`. Plans
-/// that aggregate or join keep the configured size (TPC-H Q1 took ~15% longer with
-/// the larger batches everywhere).
+/// against 5.78 s on two one-CPU nodes (medians of 6; 4.90 against 5.13 s in an
+/// earlier set): see `bench/results/`. Plans whose sorts order aggregated or joined
+/// rows keep the configured size (TPC-H Q1 took ~15% longer with the larger batches
+/// everywhere); the whole plan of a task gets the size, not the sort alone.
 const SORT_BATCH_ROWS: usize = 32 * 1024;
 
 /// The budget per CPU from which a plan that sorts rows whole gets larger batches:

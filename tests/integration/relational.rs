@@ -739,3 +739,28 @@ fn sql_reads_view_strings_where_no_operator_buffers_them() {
         assert!(!plan.contains("CAST("), "{plan}");
     }
 }
+
+/// A sort of rows runs on batches of 32,768 rows where the budget is roomy (its sorted
+/// chunks and merge come out that size), and on the configured 8,192 under a small one.
+#[test]
+fn a_sort_of_rows_runs_on_larger_batches_under_a_roomy_budget() {
+    let rows = 200_000u64;
+    let largest = |c: &Context| -> usize {
+        let out = c.range(rows).sort(["id"]).unwrap().collect().unwrap();
+        assert_eq!(
+            out.iter().map(RecordBatch::num_rows).sum::<usize>(),
+            rows as usize
+        );
+        out.iter().map(RecordBatch::num_rows).max().unwrap()
+    };
+    let roomy = ctx_with(|c| {
+        c.set("volley.exec.memory_limit", "4GiB").unwrap();
+        c.set("volley.runtime.num_cpus", "2").unwrap();
+    });
+    assert!(largest(&roomy) > 8192, "{}", largest(&roomy));
+    let small = ctx_with(|c| {
+        c.set("volley.exec.memory_limit", "256MiB").unwrap();
+        c.set("volley.runtime.num_cpus", "2").unwrap();
+    });
+    assert!(largest(&small) <= 8192, "{}", largest(&small));
+}
