@@ -495,17 +495,21 @@ fn roomy(ctx: &TaskContext) -> bool {
 /// Whether `plan` sorts rows whole: a sort with no limit whose input neither
 /// aggregates nor joins (such a sort orders groups or joined rows, usually few).
 fn sorts_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
-    fn combines(plan: &Arc<dyn ExecutionPlan>) -> bool {
-        let name = plan.name();
-        name.contains("Aggregate")
-            || name.contains("Join")
-            || plan.children().into_iter().any(combines)
-    }
-    let here = plan
-        .downcast_ref::<SortExec>()
-        .is_some_and(|s| s.fetch().is_none())
-        && !plan.children().into_iter().any(combines);
-    here || plan.children().into_iter().any(sorts_rows)
+    let combines = |n: &Arc<dyn ExecutionPlan>| {
+        let name = n.name();
+        Ok(name.contains("Aggregate") || name.contains("Join"))
+    };
+    plan.exists(|n| {
+        let sort = n
+            .downcast_ref::<SortExec>()
+            .is_some_and(|s| s.fetch().is_none());
+        Ok(sort
+            && !n
+                .children()
+                .into_iter()
+                .any(|c| c.exists(combines).unwrap_or(true)))
+    })
+    .unwrap_or(false)
 }
 
 /// `ctx` with batches of at least `rows` rows.
