@@ -13,6 +13,7 @@ impl State {
             .validate()
             .map_err(|e| Refusal::Invalid(e.to_string()))?;
         self.require_running(&spec.job_id)?;
+        self.pending_actors.insert(spec.actor_id.clone());
         self.actors.insert(
             spec.actor_id.clone(),
             ActorEntry {
@@ -87,17 +88,13 @@ impl State {
     }
 
     pub(super) fn place_actors(&mut self) {
-        let pending: Vec<String> = self
-            .actors
-            .iter()
-            .filter(|(_, a)| a.state == ActorState::Pending)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let pending: Vec<String> = self.pending_actors.iter().cloned().collect();
         for id in pending {
             let a = &self.actors[&id];
             if !self.job_active(&a.spec.job_id) {
                 let a = self.actors.get_mut(&id).expect("exists");
                 a.state = ActorState::Dead("its job is not running".into());
+                self.pending_actors.remove(&id);
                 continue;
             }
             let req = a.spec.resources.clone();
@@ -120,6 +117,7 @@ impl State {
             let Some((node, gpus, bundle)) = placement else {
                 continue;
             };
+            self.pending_actors.remove(&id);
             let a = self.actors.get_mut(&id).expect("exists");
             a.incarnation += 1;
             a.state = ActorState::Starting { node: node.clone() };
@@ -150,6 +148,7 @@ impl State {
         if restart {
             a.restarts += 1;
             a.state = ActorState::Pending;
+            self.pending_actors.insert(id.to_string());
             warn!(
                 "actor {id}: {error}; restarting ({} of {})",
                 a.restarts, a.spec.max_restarts
@@ -182,6 +181,7 @@ impl State {
             _ => None,
         };
         a.state = ActorState::Dead(why.to_string());
+        self.pending_actors.remove(id);
         let (req, gpus, bundle) = (a.spec.resources.clone(), a.gpus.clone(), a.bundle.take());
         if let Some(node) = node {
             if let Some(n) = self.nodes.get(&node) {

@@ -34,6 +34,9 @@ impl State {
             "job {id}: {:?} ({})",
             job.status.entrypoint, job.status.state
         );
+        if job.status.state == JobState::Pending {
+            self.pending_jobs.insert(id.clone());
+        }
         self.jobs.insert(id.clone(), job);
         for n in self.nodes.values().filter(|n| n.takes_work()) {
             n.send(NodeCommand::PrepareJob(id.clone()));
@@ -57,6 +60,7 @@ impl State {
                 info!("job {}: starts again (the head restarted)", status.job_id);
                 status.state = JobState::Pending;
                 status.node_id.clear();
+                self.pending_jobs.insert(status.job_id.clone());
             }
         }
         self.jobs.insert(status.job_id.clone(), job);
@@ -165,17 +169,13 @@ impl State {
     }
 
     pub(super) fn place_drivers(&mut self) {
-        let pending: Vec<String> = self
-            .jobs
-            .iter()
-            .filter(|(_, j)| j.status.state == JobState::Pending)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let pending: Vec<String> = self.pending_jobs.iter().cloned().collect();
         for id in pending {
             let req = self.jobs[&id].resources.clone();
             let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new(), false, None) else {
                 continue;
             };
+            self.pending_jobs.remove(&id);
             let j = self.jobs.get_mut(&id).expect("exists");
             j.status.state = JobState::Running;
             j.status.node_id = node.clone();
@@ -202,6 +202,7 @@ impl State {
         }
         let had_driver = j.status.state == JobState::Running && !j.attached;
         self.jobs_ended += 1;
+        self.pending_jobs.remove(id);
         j.status.state = state;
         j.status.exit_code = exit_code;
         j.status.error = error.into();

@@ -13,7 +13,7 @@
 //! draining), [`groups`] (placement groups), [`actors`], [`jobs`], and [`waiting`] (why
 //! a job's work does not start).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -442,6 +442,13 @@ pub(crate) struct State {
     groups: HashMap<String, Group>,
     actors: HashMap<String, ActorEntry>,
     jobs: BTreeMap<String, JobEntry>,
+    /// The jobs waiting for a node to start their driver, and the actors waiting for a
+    /// node (new or restarting), in id order: what a scheduling pass looks at. The
+    /// head keeps every job and actor it has known (for listing), so passes over all
+    /// of them grew with the cluster's history: with 5,000 ended jobs and 20,000 dead
+    /// actors kept, scheduling 20,000 tasks took ~19 times as long.
+    pending_jobs: BTreeSet<String>,
+    pending_actors: BTreeSet<String>,
     /// Copies of objects off draining nodes on their way: object → target node.
     copies: HashMap<String, String>,
     /// Dataset executions of each job as their drivers last reported them (the last

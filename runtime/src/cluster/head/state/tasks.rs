@@ -112,13 +112,18 @@ impl State {
         // count (it waits for a bigger node to join, and would hold tasks back for as
         // long).
         self.ahead_allowed = !room_awaited
-            && !self.actors.values().any(|a| {
-                a.state == ActorState::Pending
-                    && (a.spec.bundle.is_some() || self.fits_some_node(&a.spec.resources))
-            })
             && !self
-                .jobs
-                .values()
+                .pending_actors
+                .iter()
+                .filter_map(|id| self.actors.get(id))
+                .any(|a| {
+                    a.state == ActorState::Pending
+                        && (a.spec.bundle.is_some() || self.fits_some_node(&a.spec.resources))
+                })
+            && !self
+                .pending_jobs
+                .iter()
+                .filter_map(|id| self.jobs.get(id))
                 .any(|j| j.status.state == JobState::Pending && self.fits_some_node(&j.resources))
             && !self
                 .groups

@@ -1110,3 +1110,54 @@ fn a_request_each_part_of_which_some_node_has_but_none_has_all_is_named() {
          node with enough joins"
     );
 }
+
+/// A scheduling pass reads only the jobs and actors that wait (`pending_jobs`,
+/// `pending_actors`): each enters as it starts waiting and leaves as it is placed or
+/// ends, through every way there is.
+#[test]
+fn only_what_waits_is_in_the_scheduling_passes_view() {
+    let mut s = State::default();
+    let (n1, _rx1) = join(&mut s, 1.0, "a");
+    // A job with a driver to place: waits until a pass places it.
+    let mut driven = job("d");
+    driven.attached = false;
+    driven.resources = cpus(1.0);
+    s.add_job(driven);
+    s.add_job(job("j"));
+    assert_eq!(Vec::from_iter(s.pending_jobs.iter().cloned()), ["d"]);
+    s.schedule();
+    assert!(s.pending_jobs.is_empty());
+    assert_eq!(s.jobs["d"].status.state, JobState::Running);
+    // An actor with no room (the driver holds the CPU) waits; a second node places it.
+    let spec = |id: &str| ActorSpec {
+        job_id: "j".into(),
+        actor_id: id.into(),
+        resources: cpus(1.0),
+        max_restarts: 1,
+        ..Default::default()
+    };
+    s.create_actor(spec("a1")).unwrap();
+    s.schedule();
+    assert_eq!(Vec::from_iter(s.pending_actors.iter().cloned()), ["a1"]);
+    let (n2, _rx2) = join(&mut s, 1.0, "b");
+    s.schedule();
+    assert!(s.pending_actors.is_empty());
+    assert!(matches!(&s.actors["a1"].state, ActorState::Starting { node } if *node == n2));
+    // Its node dies: it waits to restart (the driver's node is full), then its job ends.
+    s.node_died(&n2);
+    assert_eq!(Vec::from_iter(s.pending_actors.iter().cloned()), ["a1"]);
+    s.create_actor(spec("a2")).unwrap();
+    s.finish_job("j", JobState::Succeeded, 0, "");
+    s.schedule();
+    assert!(s.pending_actors.is_empty());
+    assert!(matches!(s.actors["a1"].state, ActorState::Dead(_)));
+    // A job restored by a restarted head waits for its driver again.
+    let mut kept = job("k");
+    kept.attached = false;
+    kept.status.state = JobState::Running;
+    s.restore_job(kept);
+    assert_eq!(Vec::from_iter(s.pending_jobs.iter().cloned()), ["k"]);
+    s.finish_job("k", JobState::Stopped, 0, "");
+    assert!(s.pending_jobs.is_empty());
+    let _ = n1;
+}
