@@ -434,7 +434,12 @@ pub(crate) fn now_ms() -> u64 {
 pub(crate) struct State {
     next_node: u64,
     next_job: u64,
+    /// The nodes alive or draining: what every scheduling pass reads.
     nodes: BTreeMap<String, Node>,
+    /// The nodes that died or left, kept for listing only: out of `nodes`, since a
+    /// pass that looked at every node ever known grew with the cluster's churn (with
+    /// 1,000 gone nodes kept there, scheduling 20,000 tasks took ~9 times as long).
+    gone_nodes: BTreeMap<String, Node>,
     tasks: FastMap<String, TaskEntry>,
     queue: tasks::TaskQueue,
     objects: FastMap<String, ObjectEntry>,
@@ -545,12 +550,19 @@ impl State {
         &self.task_metrics
     }
 
+    /// Every node the head has known, alive or not, by id.
+    fn listed_nodes(&self) -> impl Iterator<Item = (&String, &Node)> {
+        let mut all: Vec<(&String, &Node)> =
+            self.nodes.iter().chain(self.gone_nodes.iter()).collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        all.into_iter()
+    }
+
     /// The cluster's nodes and load.
     pub fn status(&self) -> ClusterStatus {
         ClusterStatus {
             nodes: self
-                .nodes
-                .iter()
+                .listed_nodes()
                 .map(|(id, n)| NodeStatus {
                     node_id: id.clone(),
                     hostname: n.hostname.clone(),

@@ -131,6 +131,9 @@ impl State {
                 &format!("the driver's node {node} {how}"),
             );
         }
+        if let Some(n) = self.nodes.remove(node) {
+            self.gone_nodes.insert(node.to_string(), n);
+        }
     }
 
     // ------------------------------------------------------------------ draining

@@ -300,7 +300,15 @@ fn a_draining_node_gets_no_work_and_its_objects_are_copied_before_it_leaves() {
     s.leave("n1");
     assert_eq!(s.objects["t1"].locations, ["n2"]);
     assert_eq!(s.tasks["t1"].state, TaskState::Done);
-    assert!(!s.nodes["n1"].alive && s.nodes["n1"].draining);
+    assert!(
+        !s.nodes.contains_key("n1"),
+        "a scheduling pass no longer sees it"
+    );
+    assert!(!s.gone_nodes["n1"].alive && s.gone_nodes["n1"].draining);
+    let listed = s.status().nodes;
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].node_id, "n1");
+    assert_eq!(listed[0].state, NodeState::Left);
     assert!(s.drain("n1").is_none());
 }
 
@@ -452,7 +460,12 @@ fn a_dead_node_s_tasks_are_retried_and_its_objects_rebuilt_from_lineage() {
     // n1 misses its heartbeats: r1 is retried, m1's output (only there) is rebuilt.
     s.nodes.get_mut(&n1).unwrap().last_seen -= Duration::from_secs(10);
     s.check_heartbeats(Duration::from_secs(5));
-    assert!(!s.nodes[&n1].alive);
+    assert!(!s.nodes.contains_key(&n1) && !s.gone_nodes[&n1].alive);
+    assert!(s
+        .status()
+        .nodes
+        .iter()
+        .any(|n| n.node_id == n1 && n.state == NodeState::Dead));
     assert_eq!(s.tasks["m1"].state, TaskState::Pending);
     assert_eq!(s.tasks["m1"].reconstructions, 1);
     assert_eq!((s.tasks["r1"].attempt, s.tasks["r1"].retries_left), (1, 2));

@@ -59,13 +59,13 @@ impl State {
             }
             let waiting = if nodes == 0 {
                 Waiting {
-                    reason: if self.nodes.is_empty() {
+                    reason: if self.nodes.is_empty() && self.gone_nodes.is_empty() {
                         "its driver waits for a node to join the cluster".into()
                     } else {
                         format!(
                             "its driver waits for a node: none of the {} that joined takes \
                              work now (gone, draining, or not yet back)",
-                            self.nodes.len()
+                            self.nodes.len() + self.gone_nodes.len()
                         )
                     },
                     kind: WaitKind::Node,
