@@ -93,7 +93,7 @@ impl State {
             let a = &self.actors[&id];
             if !self.job_active(&a.spec.job_id) {
                 let a = self.actors.get_mut(&id).expect("exists");
-                a.state = ActorState::Dead("its job is not running".into());
+                a.die("its job is not running".into());
                 self.pending_actors.remove(&id);
                 continue;
             }
@@ -154,7 +154,7 @@ impl State {
                 a.restarts, a.spec.max_restarts
             );
         } else {
-            a.state = ActorState::Dead(error.to_string());
+            a.die(error.to_string());
             warn!("actor {id}: {error}; not restarted");
         }
         self.release(&node, &req, &gpus, &bundle);
@@ -180,7 +180,7 @@ impl State {
             ActorState::Alive { node } | ActorState::Starting { node } => Some(node.clone()),
             _ => None,
         };
-        a.state = ActorState::Dead(why.to_string());
+        a.die(why.to_string());
         self.pending_actors.remove(id);
         let (req, gpus, bundle) = (a.spec.resources.clone(), a.gpus.clone(), a.bundle.take());
         if let Some(node) = node {

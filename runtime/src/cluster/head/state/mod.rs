@@ -383,6 +383,15 @@ struct ActorEntry {
     pid: u32,
 }
 
+impl ActorEntry {
+    /// The actor is dead for good. It never starts again, so the encoded actor it
+    /// would start from goes; its record stays, listed, as long as its job's.
+    fn die(&mut self, why: String) {
+        self.state = ActorState::Dead(why);
+        self.spec.payload = Default::default();
+    }
+}
+
 /// A job as the state machine holds it.
 pub(crate) struct JobEntry {
     /// What it reports.

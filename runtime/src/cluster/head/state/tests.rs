@@ -1126,7 +1126,7 @@ fn a_request_each_part_of_which_some_node_has_but_none_has_all_is_named() {
 
 /// A scheduling pass reads only the jobs and actors that wait (`pending_jobs`,
 /// `pending_actors`): each enters as it starts waiting and leaves as it is placed or
-/// ends, through every way there is.
+/// ends, through every way there is. A dead actor's record keeps no payload.
 #[test]
 fn only_what_waits_is_in_the_scheduling_passes_view() {
     let mut s = State::default();
@@ -1147,6 +1147,7 @@ fn only_what_waits_is_in_the_scheduling_passes_view() {
         actor_id: id.into(),
         resources: cpus(1.0),
         max_restarts: 1,
+        payload: bytes::Bytes::from_static(b"encoded actor"),
         ..Default::default()
     };
     s.create_actor(spec("a1")).unwrap();
@@ -1159,11 +1160,17 @@ fn only_what_waits_is_in_the_scheduling_passes_view() {
     // Its node dies: it waits to restart (the driver's node is full), then its job ends.
     s.node_died(&n2);
     assert_eq!(Vec::from_iter(s.pending_actors.iter().cloned()), ["a1"]);
+    assert!(
+        !s.actors["a1"].spec.payload.is_empty(),
+        "it starts again from it"
+    );
     s.create_actor(spec("a2")).unwrap();
     s.finish_job("j", JobState::Succeeded, 0, "");
     s.schedule();
     assert!(s.pending_actors.is_empty());
     assert!(matches!(s.actors["a1"].state, ActorState::Dead(_)));
+    // Dead for good, listed still, without the encoded actor it no longer needs.
+    assert!(s.actors["a1"].spec.payload.is_empty());
     // A job restored by a restarted head waits for its driver again.
     let mut kept = job("k");
     kept.attached = false;
