@@ -754,7 +754,7 @@ fn a_sort_of_rows_runs_on_larger_batches_under_a_roomy_budget() {
         out.iter().map(RecordBatch::num_rows).max().unwrap()
     };
     let roomy = ctx_with(|c| {
-        c.set("volley.exec.memory_limit", "4GiB").unwrap();
+        c.set("volley.exec.memory_limit", "8GiB").unwrap();
         c.set("volley.runtime.num_cpus", "2").unwrap();
     });
     assert!(largest(&roomy) > 8192, "{}", largest(&roomy));
