@@ -479,8 +479,8 @@ const SORT_BATCH_ROWS: usize = 32 * 1024;
 /// each run the sort merges holds a batch or two in memory, so under a small budget
 /// larger batches leave the merge no room (a sort of 6 M rows under 32 MiB failed),
 /// or take the process far past its budget: sorting TPC-H `lineitem` at SF10 (60 M
-/// rows) to Parquet under 1 GiB on 2 CPUs peaked at 2.56-3.20 GB resident and spilled
-/// 16-17 GiB with 32,768-row batches, against 1.74-2.05 GB and 9.4 GiB with 8,192
+/// rows) to Parquet under 1 GiB on 2 CPUs peaked at 2.4-3.1 GiB resident and spilled
+/// 16-17 GiB with 32,768-row batches, against 1.65-1.96 GiB and 9.4 GiB with 8,192
 /// (58-63 s against 63-68 s), so 512 MiB per CPU was too little.
 const SORT_BATCH_MIN_BUDGET_PER_CPU: usize = 2 << 30;
 
