@@ -53,7 +53,11 @@ impl State {
         let mut out = HashMap::new();
         let mut big: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         let nodes = self.working_nodes();
-        for (id, j) in &self.jobs {
+        let pending_jobs = self
+            .pending_jobs
+            .iter()
+            .filter_map(|id| self.jobs.get_key_value(id));
+        for (id, j) in pending_jobs {
             if j.status.state != JobState::Pending || j.attached {
                 continue;
             }
@@ -230,7 +234,11 @@ impl State {
                 big.entry(job).or_default().push(b);
             }
         }
-        for a in self.actors.values() {
+        for a in self
+            .pending_actors
+            .iter()
+            .filter_map(|id| self.actors.get(id))
+        {
             if a.state != ActorState::Pending || a.spec.bundle.is_some() {
                 continue;
             }
