@@ -90,7 +90,15 @@ impl State {
     pub(super) fn place_actors(&mut self) {
         let pending: Vec<String> = self.pending_actors.iter().cloned().collect();
         for id in pending {
-            let a = &self.actors[&id];
+            // The index follows each actor's state; one that no longer waits leaves it.
+            let Some(a) = self
+                .actors
+                .get(&id)
+                .filter(|a| a.state == ActorState::Pending)
+            else {
+                self.pending_actors.remove(&id);
+                continue;
+            };
             if !self.job_active(&a.spec.job_id) {
                 let a = self.actors.get_mut(&id).expect("exists");
                 a.die("its job is not running".into());

@@ -171,7 +171,16 @@ impl State {
     pub(super) fn place_drivers(&mut self) {
         let pending: Vec<String> = self.pending_jobs.iter().cloned().collect();
         for id in pending {
-            let req = self.jobs[&id].resources.clone();
+            // The index follows each job's state; one that no longer waits leaves it.
+            let Some(req) = self
+                .jobs
+                .get(&id)
+                .filter(|j| j.status.state == JobState::Pending)
+                .map(|j| j.resources.clone())
+            else {
+                self.pending_jobs.remove(&id);
+                continue;
+            };
             let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new(), false, None) else {
                 continue;
             };
