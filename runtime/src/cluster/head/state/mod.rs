@@ -559,6 +559,24 @@ impl State {
         &self.task_metrics
     }
 
+    /// The jobs waiting for a node to start their driver, in id order (from
+    /// `pending_jobs`, each checked against its state).
+    fn waiting_jobs(&self) -> impl Iterator<Item = (&String, &JobEntry)> {
+        self.pending_jobs
+            .iter()
+            .filter_map(|id| self.jobs.get_key_value(id))
+            .filter(|(_, j)| j.status.state == JobState::Pending)
+    }
+
+    /// The actors waiting for a node, in id order (from `pending_actors`, each checked
+    /// against its state).
+    fn waiting_actors(&self) -> impl Iterator<Item = &ActorEntry> {
+        self.pending_actors
+            .iter()
+            .filter_map(|id| self.actors.get(id))
+            .filter(|a| a.state == ActorState::Pending)
+    }
+
     /// Every node the head has known, alive or not, by id.
     fn listed_nodes(&self) -> impl Iterator<Item = (&String, &Node)> {
         let mut all: Vec<(&String, &Node)> =

@@ -113,18 +113,11 @@ impl State {
         // long).
         self.ahead_allowed = !room_awaited
             && !self
-                .pending_actors
-                .iter()
-                .filter_map(|id| self.actors.get(id))
-                .any(|a| {
-                    a.state == ActorState::Pending
-                        && (a.spec.bundle.is_some() || self.fits_some_node(&a.spec.resources))
-                })
+                .waiting_actors()
+                .any(|a| a.spec.bundle.is_some() || self.fits_some_node(&a.spec.resources))
             && !self
-                .pending_jobs
-                .iter()
-                .filter_map(|id| self.jobs.get(id))
-                .any(|j| j.status.state == JobState::Pending && self.fits_some_node(&j.resources))
+                .waiting_jobs()
+                .any(|(_, j)| self.fits_some_node(&j.resources))
             && !self
                 .groups
                 .values()

@@ -53,12 +53,8 @@ impl State {
         let mut out = HashMap::new();
         let mut big: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         let nodes = self.working_nodes();
-        let pending_jobs = self
-            .pending_jobs
-            .iter()
-            .filter_map(|id| self.jobs.get_key_value(id));
-        for (id, j) in pending_jobs {
-            if j.status.state != JobState::Pending || j.attached {
+        for (id, j) in self.waiting_jobs() {
+            if j.attached {
                 continue;
             }
             let waiting = if nodes == 0 {
@@ -234,12 +230,8 @@ impl State {
                 big.entry(job).or_default().push(b);
             }
         }
-        for a in self
-            .pending_actors
-            .iter()
-            .filter_map(|id| self.actors.get(id))
-        {
-            if a.state != ActorState::Pending || a.spec.bundle.is_some() {
+        for a in self.waiting_actors() {
+            if a.spec.bundle.is_some() {
                 continue;
             }
             let who = format!("actor `{}` asks", a.spec.name);
