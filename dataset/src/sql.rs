@@ -444,7 +444,7 @@ fn name_division(
         e.find_root(),
         datafusion::error::DataFusionError::External(inner) if inner.is::<VolleyError>()
     );
-    if from_volley || !e.to_string().contains("Divide by zero") {
+    if from_volley || !divides_by_zero(&e) {
         return e;
     }
     /// Named at most; more are counted.
@@ -462,6 +462,19 @@ fn name_division(
         _ => format!("dividing by zero in one of {}", named.join(", ")),
     };
     VolleyError::from(e).context(place).into()
+}
+
+/// Whether `e` is, or was caused by, Arrow's division by zero (what the kernels of `/`
+/// and `%` return), wherever in the chain of contexts and external errors it sits.
+fn divides_by_zero(e: &datafusion::error::DataFusionError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cause {
+        if let Some(arrow::error::ArrowError::DivideByZero) = err.downcast_ref() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// Rows per batch, at least, in a plan that sorts rows whole ([`sorts_rows`]). A full
