@@ -66,6 +66,11 @@ impl<S: AsRef<str>, const N: usize> From<[S; N]> for Paths {
 /// A table registered for SQL, by name.
 type NamedTable = (String, Arc<dyn TableProvider>);
 
+/// The memory budget per CPU from which a hash join indexes keys that fill as little
+/// as 5% of their range in an array (see `Context::with_runtime`): there the array's
+/// extra bytes per row are small against what the budget holds.
+const SPARSE_KEY_ARRAY_BUDGET_PER_CPU: u64 = 1 << 30;
+
 /// The options, runtime and DataFusion session that datasets run with. Cheap to clone.
 ///
 /// [`Context::global`] is the one the free functions (`volley::read_parquet`) use,
@@ -225,8 +230,15 @@ impl Context {
             // each partition builds from 1/N of the rows over the whole range, so
             // DataFusion's 0.15 keeps it off for keys as dense as TPC-H's order keys (a
             // quarter of their range, an eighth per partition on two cores). At 0.05 the
-            // array costs at most 80 bytes per build row, against ~18 for the table.
-            opts.execution.perfect_hash_join_min_key_density = 0.05;
+            // array costs at most 80 bytes per build row, against ~18 for the table, and
+            // a build side cannot spill: one that fits the budget as a table could fail
+            // as an array (a join of 1 M build rows whose keys fill a sixteenth of
+            // their range failed under 64 MiB). So only budgets of at least
+            // [`SPARSE_KEY_ARRAY_BUDGET_PER_CPU`] per CPU get 0.05; smaller ones keep
+            // DataFusion's 0.15 (at most ~27 bytes per row).
+            if limit / cpus as u64 >= SPARSE_KEY_ARRAY_BUDGET_PER_CPU {
+                opts.execution.perfect_hash_join_min_key_density = 0.05;
+            }
             // A hash join builds a side estimated (from the files' statistics) below
             // this limit once and shares it with every partition's probe
             // (`CollectLeft`) instead of hash-partitioning both sides. Partitioning
