@@ -182,7 +182,7 @@ impl Rest {
 /// view strings with constants, [`ViewStringIn`]), 2 compares strings, 3 matches
 /// patterns. `None` for anything else. Column types come
 /// from `schema` (without one, every column counts as numeric).
-fn cost(expr: &Arc<dyn PhysicalExpr>, schema: Option<&Schema>) -> Option<u8> {
+pub(crate) fn cost(expr: &Arc<dyn PhysicalExpr>, schema: Option<&Schema>) -> Option<u8> {
     let column_cost = |c: &Column| {
         let string = schema
             .and_then(|s| s.fields().get(c.index()))

@@ -144,26 +144,33 @@ fn decoding_by_join_keys(parquet: &ParquetSource) -> Result<ParquetSource> {
         sampled.push(dynamic.then(|| Arc::new(Sample::default())));
     }
     let samples: Vec<Arc<Sample>> = sampled.iter().flatten().cloned().collect();
-    let wrapped = conjuncts.into_iter().zip(sampled).map(|(c, sample)| {
+    // The dynamic filters first: a scan tests its conditions one after the other, each
+    // decoding its columns for the rows the ones before left. Once a join's keys proved
+    // selective they leave few rows, and the query's conditions (often on strings,
+    // costlier to decode than keys) are decoded for those alone. Ordering by the
+    // columns' compressed sizes (DataFusion's `reorder_filters`) put the query's
+    // conditions first: TPC-H Q19 decoded `l_shipmode`, `l_shipinstruct` and
+    // `l_quantity` for all 6 M rows of `lineitem` to keep 7% for the keys of 485 parts
+    // (0.21 s against 0.16-0.17 s in whole `volley sql` runs, medians of 3; Q18 and
+    // Q20 no different). Then the query's conditions as the filter above the scan
+    // orders them (`Conjunction`): one that might fail (a division, a cast) after
+    // those that cannot, which it then never sees a rejected row of (`d <> 0` before
+    // `10 / d > 0`, wherever the query wrote it). Columns count as numeric here.
+    let mut ordered = Vec::with_capacity(conjuncts.len());
+    let mut query = Vec::new();
+    for (c, sample) in conjuncts.into_iter().zip(sampled) {
         let c = Arc::clone(c);
         match sample {
-            Some(sample) => Arc::new(ScanCondition::join_keys(c, sample)) as Arc<dyn PhysicalExpr>,
-            None => Arc::new(ScanCondition::query(c, samples.clone())),
+            Some(sample) => ordered.push(Arc::new(ScanCondition::join_keys(c, sample)) as _),
+            None => query.push((
+                crate::conjunction::cost(&c, None).unwrap_or(u8::MAX),
+                Arc::new(ScanCondition::query(c, samples.clone())) as Arc<dyn PhysicalExpr>,
+            )),
         }
-    });
-    // The dynamic filters first, in this order: a scan tests its conditions one after
-    // the other, each decoding its columns for the rows the ones before left. Once a
-    // join's keys proved selective they leave few rows, and the query's conditions
-    // (often on strings, costlier to decode than keys) are decoded for those alone.
-    // Ordering by the columns' compressed sizes (DataFusion's `reorder_filters`) put
-    // them first: TPC-H Q19 decoded `l_shipmode`, `l_shipinstruct` and `l_quantity` for
-    // all 6 M rows of `lineitem` to keep 7% for the keys of 485 parts (0.21 s against
-    // 0.16-0.17 s in whole `volley sql` runs, medians of 3; Q18 and Q20 no different).
-    let (mut ordered, query): (Vec<_>, Vec<_>) = wrapped.partition(|c| {
-        c.downcast_ref::<ScanCondition>()
-            .is_some_and(ScanCondition::is_join_keys)
-    });
-    ordered.extend(query);
+    }
+    // Stable: conditions of one cost keep the query's order.
+    query.sort_by_key(|(cost, _)| *cost);
+    ordered.extend(query.into_iter().map(|(_, c)| c));
     Ok(parquet
         .clone()
         .with_reorder_filters(false)
@@ -437,6 +444,8 @@ mod tests {
         }
         let mut config = SessionConfig::new().with_target_partitions(2);
         config.options_mut().execution.parquet.pushdown_filters = false;
+        // As volley's sessions set it: scans that filter while decoding turn it off.
+        config.options_mut().execution.parquet.reorder_filters = true;
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_default_features()
@@ -476,6 +485,23 @@ mod tests {
         out
     }
 
+    /// Whether a Parquet scan of `plan` that filters while decoding lets DataFusion
+    /// reorder its conditions.
+    fn reorders_while_decoding(plan: &Arc<dyn ExecutionPlan>) -> bool {
+        plan.exists(|node| {
+            Ok(file_scan_config(node.as_ref()).is_some_and(|c| {
+                let options = &c
+                    .file_source()
+                    .downcast_ref::<ParquetSource>()
+                    .unwrap()
+                    .table_parquet_options()
+                    .global;
+                options.pushdown_filters && options.reorder_filters
+            }))
+        })
+        .unwrap()
+    }
+
     #[test]
     fn only_scans_a_dynamic_filter_reaches_filter_while_decoding() {
         let dir = tempfile::tempdir().unwrap();
@@ -495,6 +521,7 @@ mod tests {
                 let shown = datafusion::physical_plan::displayable(plan.as_ref())
                     .indent(true)
                     .to_string();
+                assert!(!reorders_while_decoding(&plan), "{shown}");
                 (scans(&plan), rows, shown)
             })
         };
@@ -540,6 +567,71 @@ mod tests {
         assert_eq!(scans, vec![("big".into(), false)], "{shown}");
         assert!(shown.contains("FilterExec"), "{shown}");
         assert_eq!(rows, 286);
+    }
+
+    /// Once a scan's join keys proved selective, the query's own conditions are tested
+    /// while decoding, each on the rows the ones before it passed: one that might fail
+    /// (a division) comes after the ones that cannot, wherever the query wrote it, as
+    /// in the filter above the scan.
+    #[test]
+    fn a_condition_that_might_fail_is_tested_after_the_others_while_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        // `big` is long enough for the scan to sample its join keys (0.5% of its rows,
+        // spread over its whole range) and keep them; `d` is 0 at one of those keys,
+        // after the sample.
+        let big = RecordBatch::try_from_iter([
+            ("k", Arc::new(Int64Array::from_iter_values(0..200_000)) as _),
+            (
+                "d",
+                Arc::new(Int64Array::from_iter_values(-190_004..9_996)) as _,
+            ),
+        ])
+        .unwrap();
+        let keys = (0..200_000).step_by(200).chain([190_004, 190_006, 190_008]);
+        let small =
+            RecordBatch::try_from_iter([("k", Arc::new(Int64Array::from_iter_values(keys)) as _)])
+                .unwrap();
+        for (table, batch) in [("big", big), ("small", small)] {
+            std::fs::create_dir_all(dir.path().join(table)).unwrap();
+            let file = std::fs::File::create(dir.path().join(format!("{table}/0.parquet")));
+            let mut w = ArrowWriter::try_new(file.unwrap(), batch.schema(), None).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+        }
+        let mut config = volley_common::VolleyConfig::default();
+        config.set("volley.exec.progress", "off").unwrap();
+        let c = crate::Context::try_new(config).unwrap();
+        for t in ["big", "small"] {
+            c.register_files(t, &format!("{}/{t}/", dir.path().display()))
+                .unwrap();
+        }
+        let rows: usize = c
+            .sql(
+                "SELECT big.k FROM small JOIN big ON small.k = big.k \
+                 WHERE small.k % 2 = 0 AND 10 / big.d > 0 AND big.d <> 0",
+                &[],
+            )
+            .unwrap()
+            .collect()
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        // `d` 2 and 4 (10 / d is 5 and 2); -4 and 0 fail, and 10 / d rounds to 0 for
+        // the other keys.
+        assert_eq!(rows, 2);
+        // Unguarded, the division fails there, and the error says which one.
+        let e = c
+            .sql(
+                "SELECT big.k FROM small JOIN big ON small.k = big.k \
+                 WHERE small.k % 2 = 0 AND 10 / big.d > 0",
+                &[],
+            )
+            .unwrap()
+            .collect()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dividing by zero in `Int64(10) / big.d`"), "{e}");
     }
 
     /// `rows` rows of `k` from `from`.

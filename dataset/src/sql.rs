@@ -465,12 +465,19 @@ fn name_division(
 }
 
 /// Whether `e` is, or was caused by, Arrow's division by zero (what the kernels of `/`
-/// and `%` return), wherever in the chain of contexts and external errors it sits.
+/// and `%` return), through its chain of contexts and external errors. A Parquet scan
+/// that filters while decoding reports its filter's error as text (DataFusion's row
+/// filter formats it into an Arrow `ComputeError`), so that text counts too.
 fn divides_by_zero(e: &datafusion::error::DataFusionError) -> bool {
+    use arrow::error::ArrowError;
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cause {
-        if let Some(arrow::error::ArrowError::DivideByZero) = err.downcast_ref() {
-            return true;
+        match err.downcast_ref() {
+            Some(ArrowError::DivideByZero) => return true,
+            Some(ArrowError::ComputeError(m)) if m.contains("ArrowError(DivideByZero") => {
+                return true
+            }
+            _ => {}
         }
         cause = err.source();
     }
