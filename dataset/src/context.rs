@@ -230,12 +230,13 @@ impl Context {
             // each partition builds from 1/N of the rows over the whole range, so
             // DataFusion's 0.15 keeps it off for keys as dense as TPC-H's order keys (a
             // quarter of their range, an eighth per partition on two cores). At 0.05 the
-            // array costs at most 80 bytes per build row, against ~18 for the table, and
-            // a build side cannot spill: one that fits the budget as a table could fail
-            // as an array (a join of 1 M build rows whose keys fill a sixteenth of
+            // array costs at most 84 bytes per build row (4 per key in the range and 4
+            // per row), against ~18 for the table, and a build side cannot spill: one
+            // that fits the budget as a table could fail as an array (DataFusion does
+            // not fall back; a join of 1 M build rows whose keys fill a sixteenth of
             // their range failed under 64 MiB). So only budgets of at least
             // [`SPARSE_KEY_ARRAY_BUDGET_PER_CPU`] per CPU get 0.05; smaller ones keep
-            // DataFusion's 0.15 (at most ~27 bytes per row).
+            // DataFusion's 0.15 (at most ~31 bytes per row).
             if limit / cpus as u64 >= SPARSE_KEY_ARRAY_BUDGET_PER_CPU {
                 opts.execution.perfect_hash_join_min_key_density = 0.05;
             }
