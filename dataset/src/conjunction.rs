@@ -133,16 +133,23 @@ impl Conjunction {
 
     /// The conditions, cheapest first (over `schema`, the filter's input).
     fn ordered(conjuncts: Vec<Arc<dyn PhysicalExpr>>, schema: &Schema) -> Self {
-        let mut ranked: Vec<(u8, Arc<dyn PhysicalExpr>)> = conjuncts
-            .into_iter()
-            .map(|c| (cost(&c, Some(schema)).unwrap_or(u8::MAX), c))
-            .collect();
-        // Stable: conditions of one cost (and the ones that might fail) keep their
-        // order.
-        ranked.sort_by_key(|(cost, _)| *cost);
-        let conjuncts = ranked.into_iter().map(|(_, c)| c).collect();
-        Self::new(conjuncts).expect("columns of a planned filter")
+        Self::new(cheapest_first(conjuncts, Some(schema))).expect("columns of a planned filter")
     }
+}
+
+/// `conjuncts` by [`cost`], cheapest first, those that might fail or are volatile last;
+/// stable: conditions of one cost (and the ones that might fail) keep their order.
+/// Column types come from `schema` (without one, every column counts as numeric).
+pub(crate) fn cheapest_first(
+    conjuncts: Vec<Arc<dyn PhysicalExpr>>,
+    schema: Option<&Schema>,
+) -> Vec<Arc<dyn PhysicalExpr>> {
+    let mut ranked: Vec<(u8, Arc<dyn PhysicalExpr>)> = conjuncts
+        .into_iter()
+        .map(|c| (cost(&c, schema).unwrap_or(u8::MAX), c))
+        .collect();
+    ranked.sort_by_key(|(cost, _)| *cost);
+    ranked.into_iter().map(|(_, c)| c).collect()
 }
 
 impl Rest {
@@ -182,7 +189,7 @@ impl Rest {
 /// view strings with constants, [`ViewStringIn`]), 2 compares strings, 3 matches
 /// patterns. `None` for anything else. Column types come
 /// from `schema` (without one, every column counts as numeric).
-pub(crate) fn cost(expr: &Arc<dyn PhysicalExpr>, schema: Option<&Schema>) -> Option<u8> {
+fn cost(expr: &Arc<dyn PhysicalExpr>, schema: Option<&Schema>) -> Option<u8> {
     let column_cost = |c: &Column| {
         let string = schema
             .and_then(|s| s.fields().get(c.index()))

@@ -135,15 +135,6 @@ fn decoding_by_join_keys(parquet: &ParquetSource) -> Result<ParquetSource> {
     let Some(predicate) = parquet.filter() else {
         return Ok(parquet.clone());
     };
-    let conjuncts = split_conjunction(&predicate);
-    // A sample per dynamic filter (a scan may have several, as the probe side of two
-    // joins: one selective, one not).
-    let mut sampled = Vec::with_capacity(conjuncts.len());
-    for c in &conjuncts {
-        let dynamic = holds_dynamic_filter(c)?;
-        sampled.push(dynamic.then(|| Arc::new(Sample::default())));
-    }
-    let samples: Vec<Arc<Sample>> = sampled.iter().flatten().cloned().collect();
     // The dynamic filters first: a scan tests its conditions one after the other, each
     // decoding its columns for the rows the ones before left. Once a join's keys proved
     // selective they leave few rows, and the query's conditions (often on strings,
@@ -156,21 +147,30 @@ fn decoding_by_join_keys(parquet: &ParquetSource) -> Result<ParquetSource> {
     // orders them (`Conjunction`): one that might fail (a division, a cast) after
     // those that cannot, which it then never sees a rejected row of (`d <> 0` before
     // `10 / d > 0`, wherever the query wrote it). Columns count as numeric here.
-    let mut ordered = Vec::with_capacity(conjuncts.len());
+    let mut keys = Vec::new();
     let mut query = Vec::new();
-    for (c, sample) in conjuncts.into_iter().zip(sampled) {
-        let c = Arc::clone(c);
-        match sample {
-            Some(sample) => ordered.push(Arc::new(ScanCondition::join_keys(c, sample)) as _),
-            None => query.push((
-                crate::conjunction::cost(&c, None).unwrap_or(u8::MAX),
-                Arc::new(ScanCondition::query(c, samples.clone())) as Arc<dyn PhysicalExpr>,
-            )),
+    for c in split_conjunction(&predicate) {
+        if holds_dynamic_filter(c)? {
+            keys.push(Arc::clone(c));
+        } else {
+            query.push(Arc::clone(c));
         }
     }
-    // Stable: conditions of one cost keep the query's order.
-    query.sort_by_key(|(cost, _)| *cost);
-    ordered.extend(query.into_iter().map(|(_, c)| c));
+    // A sample per dynamic filter (a scan may have several, as the probe side of two
+    // joins: one selective, one not).
+    let samples: Vec<Arc<Sample>> = keys.iter().map(|_| Arc::new(Sample::default())).collect();
+    let ordered: Vec<Arc<dyn PhysicalExpr>> = keys
+        .into_iter()
+        .zip(&samples)
+        .map(|(c, sample)| {
+            Arc::new(ScanCondition::join_keys(c, Arc::clone(sample))) as Arc<dyn PhysicalExpr>
+        })
+        .chain(
+            crate::conjunction::cheapest_first(query, None)
+                .into_iter()
+                .map(|c| Arc::new(ScanCondition::query(c, samples.clone())) as _),
+        )
+        .collect();
     Ok(parquet
         .clone()
         .with_reorder_filters(false)
