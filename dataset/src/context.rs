@@ -255,21 +255,30 @@ impl Context {
             opts.optimizer.hash_join_single_partition_threshold = collect;
             opts.optimizer.hash_join_single_partition_threshold_rows = collect / 32;
         }
-        let mut state = SessionStateBuilder::new()
-            .with_config(session)
-            .with_runtime_env(env)
-            .with_default_features();
+        // DataFusion's physical rules, with volley's join order before DataFusion
+        // chooses each join's build side, and volley's rewrites after them all.
+        let mut rules = datafusion::physical_optimizer::optimizer::PhysicalOptimizer::new().rules;
+        let join_selection = rules
+            .iter()
+            .position(|rule| rule.name() == "join_selection")
+            .unwrap_or(0);
+        rules.insert(join_selection, Arc::new(crate::join_order::JoinOrder));
         if config.read.pushdown_filters {
-            state = state
-                .with_physical_optimizer_rule(Arc::new(crate::decode_filters::DecodeTimeFilters));
+            rules.push(Arc::new(crate::decode_filters::DecodeTimeFilters));
         }
         // Last: the rules before it see a filter's conditions as a plain `AND`.
-        let state = state
+        rules.extend([
+            Arc::new(crate::decimal_arith::DecimalArithmetic) as _,
+            Arc::new(crate::view_compare::ViewComparisons) as _,
+            Arc::new(crate::conjunction::FilterConjunctions) as _,
+            Arc::new(crate::shared_subplans::SharedSubplans) as _,
+        ]);
+        let state = SessionStateBuilder::new()
+            .with_config(session)
+            .with_runtime_env(env)
+            .with_default_features()
             .with_optimizer_rule(Arc::new(crate::view_strings::ViewStringScans))
-            .with_physical_optimizer_rule(Arc::new(crate::decimal_arith::DecimalArithmetic))
-            .with_physical_optimizer_rule(Arc::new(crate::view_compare::ViewComparisons))
-            .with_physical_optimizer_rule(Arc::new(crate::conjunction::FilterConjunctions))
-            .with_physical_optimizer_rule(Arc::new(crate::shared_subplans::SharedSubplans))
+            .with_physical_optimizer_rules(rules)
             .build();
         Ok(Self {
             exec: ExecContext {

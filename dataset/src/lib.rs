@@ -20,6 +20,7 @@ mod decimal_arith;
 mod decode_filters;
 mod exchange;
 mod handover;
+mod join_order;
 mod logical;
 mod lower;
 mod operator_exprs;
