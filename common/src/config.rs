@@ -97,6 +97,24 @@ impl Default for ReadOptions {
     }
 }
 
+/// Options of query planning (`volley.plan.*`).
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// `volley.plan.reorder_joins`: join the tables of a query's inner joins smallest
+    /// estimated result first (estimated from the files' statistics). `false` joins them
+    /// in the order the query names them, as DataFusion does; each join's build side is
+    /// still chosen by size.
+    pub reorder_joins: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            reorder_joins: true,
+        }
+    }
+}
+
 /// Resources of the local runtime (`volley.runtime.*`).
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeOptions {
@@ -121,6 +139,8 @@ pub struct VolleyConfig {
     pub exec: ExecOptions,
     /// Reader options.
     pub read: ReadOptions,
+    /// Planning options.
+    pub plan: PlanOptions,
     /// Runtime options.
     pub runtime: RuntimeOptions,
 }
@@ -167,6 +187,7 @@ const KEYS: &[(&str, &str)] = &[
         "volley.read.pushdown_filters",
         "VOLLEY_READ_PUSHDOWN_FILTERS",
     ),
+    ("volley.plan.reorder_joins", "VOLLEY_PLAN_REORDER_JOINS"),
     ("volley.runtime.num_cpus", "VOLLEY_RUNTIME_NUM_CPUS"),
     ("volley.runtime.memory", "VOLLEY_RUNTIME_MEMORY"),
 ];
@@ -233,6 +254,7 @@ impl VolleyConfig {
             }
             "volley.read.split_bytes" => self.read.split_bytes = parse_bytes(value)?.max(1),
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
+            "volley.plan.reorder_joins" => self.plan.reorder_joins = parse_bool(value)?,
             "volley.runtime.num_cpus" => {
                 let n: f64 = value.parse().map_err(|_| bad("a number of CPUs"))?;
                 if n.is_nan() || n <= 0.0 {

@@ -262,7 +262,9 @@ impl Context {
             .iter()
             .position(|rule| rule.name() == "join_selection")
             .unwrap_or(0);
-        rules.insert(join_selection, Arc::new(crate::join_order::JoinOrder));
+        if config.plan.reorder_joins {
+            rules.insert(join_selection, Arc::new(crate::join_order::JoinOrder));
+        }
         if config.read.pushdown_filters {
             rules.push(Arc::new(crate::decode_filters::DecodeTimeFilters));
         }

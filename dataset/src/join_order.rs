@@ -317,12 +317,7 @@ impl Region {
     }
 
     /// The unused key equalities between `left` and `right`.
-    fn keys(
-        &self,
-        left: &Part,
-        right: &Part,
-        used: &[bool],
-    ) -> Vec<Key> {
+    fn keys(&self, left: &Part, right: &Part, used: &[bool]) -> Vec<Key> {
         let column = |part: &Part, id: ColumnId| {
             let i = part.columns.iter().position(|c| *c == id)?;
             let name = part.plan.schema().field(i).name().clone();
