@@ -764,3 +764,76 @@ fn a_sort_of_rows_runs_on_larger_batches_under_a_roomy_budget() {
     });
     assert!(largest(&small) <= 8192, "{}", largest(&small));
 }
+
+/// A query's inner joins run smallest estimated result first, whatever order the query
+/// names its tables in; `volley.plan.reorder_joins=false` keeps the written order.
+/// Answers are the same either way.
+#[test]
+fn inner_joins_run_smallest_first_unless_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |t: &str| dir.path().join(t).to_str().unwrap().to_string();
+    let c = ctx_with(|c| c.set("volley.runtime.num_cpus", "2").unwrap());
+    // fact: 200,000 rows over 1,000 `a`; dim_a: `a` -> `b` (1,000 rows); dim_b: 50 `b`.
+    c.range(200_000)
+        .with_column("a", col("id") % lit(1_000i64))
+        .unwrap()
+        .write_parquet(&path("fact"))
+        .unwrap();
+    c.range(1_000)
+        .with_column("a", col("id"))
+        .unwrap()
+        .with_column("b", col("id") % lit(50i64))
+        .unwrap()
+        .select(&["a", "b"])
+        .unwrap()
+        .write_parquet(&path("dim_a"))
+        .unwrap();
+    c.range(50)
+        .with_column("b", col("id"))
+        .unwrap()
+        .select(&["b"])
+        .unwrap()
+        .write_parquet(&path("dim_b"))
+        .unwrap();
+    let query = "SELECT count(*) AS n, sum(fact.id) AS s FROM fact, dim_a, dim_b \
+                 WHERE fact.a = dim_a.a AND dim_a.b = dim_b.b AND dim_b.b < 2";
+    // The tables the deepest join reads (the lines below it, indented further).
+    let deepest_join = |c: &Context| {
+        for t in ["fact", "dim_a", "dim_b"] {
+            c.register_files(t, &path(t)).unwrap();
+        }
+        let ds = c.sql(query, &[]).unwrap();
+        let plan = ds.explain().unwrap();
+        let physical = &plan[plan.find("== physical plan ==").unwrap()..];
+        let lines: Vec<&str> = physical.lines().collect();
+        let indent = |l: &str| l.len() - l.trim_start_matches([' ', '|']).len();
+        let at = lines
+            .iter()
+            .rposition(|l| l.contains("HashJoinExec"))
+            .unwrap_or_else(|| panic!("{plan}"));
+        let mut tables: Vec<&str> = lines[at + 1..]
+            .iter()
+            .take_while(|l| indent(l) > indent(lines[at]))
+            .flat_map(|l| {
+                ["fact", "dim_a", "dim_b"]
+                    .into_iter()
+                    .filter(move |t| l.contains(&format!("/{t}/")))
+            })
+            .collect();
+        tables.sort();
+        tables.dedup();
+        let out = ds.collect().unwrap();
+        (tables, i64_column(&out, "n"), i64_column(&out, "s"), plan)
+    };
+    let (tables, n, s, plan) = deepest_join(&c);
+    assert_eq!(tables, ["dim_a", "dim_b"], "{plan}");
+    // `b` in {0, 1}: 40 of the 1,000 `a`, 200 rows each.
+    assert_eq!(n, vec![Some(8_000)]);
+    let written = ctx_with(|c| {
+        c.set("volley.runtime.num_cpus", "2").unwrap();
+        c.set("volley.plan.reorder_joins", "false").unwrap();
+    });
+    let (tables, n_written, s_written, plan) = deepest_join(&written);
+    assert_eq!(tables, ["dim_a", "fact"], "{plan}");
+    assert_eq!((n_written, s_written), (n, s));
+}
