@@ -100,10 +100,10 @@ impl Default for ReadOptions {
 /// Options of query planning (`volley.plan.*`).
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
-    /// `volley.plan.reorder_joins`: join the tables of a query's inner joins smallest
-    /// estimated result first (estimated from the files' statistics). `false` joins them
-    /// in the order the query names them, as DataFusion does; each join's build side is
-    /// still chosen by size.
+    /// `volley.plan.reorder_joins`: join the tables of a query's inner joins in the
+    /// order of least estimated work (the rows each join makes, estimated from the
+    /// files' statistics). `false` joins them in the order the query names them, as
+    /// DataFusion does; each join's build side is still chosen by size.
     pub reorder_joins: bool,
 }
 

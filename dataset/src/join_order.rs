@@ -1,38 +1,57 @@
-//! Join order: the tables of a tree of inner joins joined smallest result first.
+//! Join order: the tables of a tree of inner joins joined in the order of least
+//! estimated work.
 //!
-//! DataFusion joins tables in the order a query names them (`FROM supplier, lineitem,
-//! orders, ...`) and only chooses each join's build side. TPC-H Q07 so joined
-//! `supplier` with `lineitem` (1.8 M rows estimated) and built a hash table on the 1.5 M
-//! `orders`, before the two nations that keep 8% of the suppliers and of the customers
-//! reached either. [`JoinOrder`] takes each region of inner equi-joins (its tables are
-//! the leaves: scans, filters, aggregations, other joins) and joins them again greedily:
-//! at each step the two connected parts whose join DataFusion's statistics estimate
-//! smallest (rows, from the files' row counts, the filters' selectivities and the keys'
-//! ranges). Q07 then joins each nation with its suppliers or customers first.
+//! DataFusion joins a query's tables in the order it names them and only chooses each
+//! join's build side. TPC-H Q07 so joined `supplier` with `lineitem` (1.8 M rows
+//! estimated) and built a hash table on the 1.5 M `orders`, before the two nations that
+//! keep 8% of the suppliers and of the customers reached either. [`JoinOrder`] takes
+//! each region of inner equi-joins apart (its leaves: scans, filters, aggregations,
+//! joins of other kinds) and joins its leaves again in the order whose joins' estimated
+//! output rows add up to the least, searched over every split of every connected set
+//! of leaves (up to [`MAX_LEAVES`] leaves; larger regions keep their order).
+//!
+//! - Keys make classes of equal columns: `c_nationkey = s_nationkey` and
+//!   `s_nationkey = n_nationkey` also join `customer` with `nation` (Q05 joins the
+//!   region's nations with their customers, then `orders`, `lineitem` and `supplier`).
+//! - Leaves are estimated by DataFusion's statistics: the files' row counts, a filter's
+//!   selectivity from min/max ranges (20% where it cannot tell, as for `LIKE`), a
+//!   column's distinct values from its range (integers, dates) or rows.
+//! - A join's rows: the product of its sides' rows over the larger of their numbers of
+//!   distinct keys (several key columns: the product of theirs, at most the side's
+//!   rows). A key's distinct values are capped by the rows of the table of the class's
+//!   column that looks like a key of its own (the fewest rows, no more than its range
+//!   holds): `l_orderkey`'s range counts 6 M values where `orders` has 1.5 M.
 //!
 //! The rule runs before DataFusion's `JoinSelection`, which still chooses each new
-//! join's build side and partitioning. It changes nothing where a leaf has no row count
-//! or where the new plan's schema would differ from the old one.
+//! join's build side and partitioning. It changes nothing where a leaf has no row
+//! count, where the region cannot be rebuilt, or where the new plan's schema would
+//! differ from the old one.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::Schema;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{JoinSide, JoinType, NullEquality, Result};
+use datafusion::common::{ColumnStatistics, JoinSide, JoinType, NullEquality, Result};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::logical_expr::interval_arithmetic::Interval;
 use datafusion::logical_expr::Operator;
 use datafusion::physical_expr::expressions::{BinaryExpr, Column};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
+use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::joins::utils::{ColumnIndex, JoinFilter};
 use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
 use datafusion::physical_plan::ExecutionPlan;
 
-/// Rejoins each region of inner equi-joins smallest result first (module docs).
+/// Rejoins each region of inner equi-joins in the order of least estimated work
+/// (module docs).
 #[derive(Debug, Default)]
 pub(crate) struct JoinOrder;
 
@@ -57,8 +76,12 @@ impl PhysicalOptimizerRule for JoinOrder {
 /// A column of a region's leaf: (leaf, column index in the leaf's schema).
 type ColumnId = (usize, usize);
 
-/// A key equality of a join: (the region's edge, left column, right column).
-type Key = (usize, Arc<dyn PhysicalExpr>, Arc<dyn PhysicalExpr>);
+/// A key equality of a join: (the region's edge, if it is one, left column, right
+/// column).
+type Key = (Option<usize>, Arc<dyn PhysicalExpr>, Arc<dyn PhysicalExpr>);
+
+/// The most leaves a region is reordered with: the search below takes 3^n steps.
+const MAX_LEAVES: usize = 12;
 
 fn reorder(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     if let Some(mut region) = Region::collect(&plan) {
@@ -68,7 +91,9 @@ fn reorder(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
                 .into_iter()
                 .map(reorder)
                 .collect::<Result<_>>()?;
-            if let Some(joined) = region.join()? {
+            // An optimization: where it cannot rebuild the region (an error included),
+            // the plan keeps the order it had.
+            if let Ok(Some(joined)) = region.join() {
                 if joined.schema() == plan.schema() {
                     return Ok(joined);
                 }
@@ -90,13 +115,6 @@ fn reorder(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
         new,
         ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
     )
-}
-
-/// `plan`'s estimated rows (`None`: unknown), from a walk of its own: the walk's cache
-/// is keyed by the nodes' addresses, which the candidate joins dropped here reuse.
-fn estimated_rows(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<usize>> {
-    let stats = StatisticsContext::new().compute(plan.as_ref(), &StatisticsArgs::new())?;
-    Ok(stats.num_rows.get_value().copied())
 }
 
 /// A join filter that is not a key equality, with the leaf columns it reads (in the
@@ -234,66 +252,22 @@ impl Region {
             .collect()
     }
 
-    /// The leaves joined again, smallest estimated result first; `None` where a leaf
-    /// has no row count or the keys leave the leaves unconnected.
+    /// The leaves joined again in the order of least estimated work; `None` where a
+    /// leaf has no row count, or the region has more than [`MAX_LEAVES`] leaves.
     fn join(mut self) -> Result<Option<Arc<dyn ExecutionPlan>>> {
-        let mut parts = Vec::with_capacity(self.leaves.len());
-        for (i, leaf) in self.leaves.iter().enumerate() {
-            if estimated_rows(leaf)?.is_none() {
-                return Ok(None);
-            }
-            parts.push(Part {
-                leaves: BTreeSet::from([i]),
-                columns: (0..leaf.schema().fields().len()).map(|c| (i, c)).collect(),
-                plan: Arc::clone(leaf),
-            });
+        let n = self.leaves.len();
+        if n > MAX_LEAVES {
+            return Ok(None);
         }
+        let Some(estimates) = Estimates::new(&self.leaves, &self.edges)? else {
+            return Ok(None);
+        };
+        let Some(order) = estimates.best_order() else {
+            return Ok(None);
+        };
         let mut used = vec![false; self.edges.len()];
-        while parts.len() > 1 {
-            let mut best: Option<(usize, usize, usize)> = None;
-            for a in 0..parts.len() {
-                for b in a + 1..parts.len() {
-                    let on = self.keys(&parts[a], &parts[b], &used);
-                    if on.is_empty() {
-                        continue;
-                    }
-                    let candidate: Arc<dyn ExecutionPlan> = Arc::new(HashJoinExec::try_new(
-                        Arc::clone(&parts[a].plan),
-                        Arc::clone(&parts[b].plan),
-                        on.into_iter().map(|(_, l, r)| (l, r)).collect(),
-                        None,
-                        &JoinType::Inner,
-                        None,
-                        self.mode,
-                        NullEquality::NullEqualsNothing,
-                        false,
-                    )?);
-                    let estimate = estimated_rows(&candidate)?.unwrap_or(usize::MAX);
-                    if best.is_none_or(|(_, _, rows)| estimate < rows) {
-                        best = Some((a, b, estimate));
-                    }
-                }
-            }
-            let Some((a, b, _)) = best else {
-                return Ok(None);
-            };
-            let second = parts.swap_remove(b);
-            let first = parts.swap_remove(a);
-            // The smaller side first: DataFusion builds its hash table on the left.
-            let rows = |p: &Part| {
-                Ok::<_, datafusion::common::DataFusionError>(
-                    estimated_rows(&p.plan)?.unwrap_or(usize::MAX),
-                )
-            };
-            let (left, right) = if rows(&second)? < rows(&first)? {
-                (second, first)
-            } else {
-                (first, second)
-            };
-            let joined = self.join_parts(left, right, &mut used)?;
-            parts.push(joined);
-        }
-        let part = parts.pop().expect("one part left");
+        let full = (1usize << n) - 1;
+        let part = self.build(full, &order, &estimates, &mut used)?;
         if part.columns == self.output {
             return Ok(Some(part.plan));
         }
@@ -316,14 +290,47 @@ impl Region {
         Ok(Some(Arc::new(ProjectionExec::try_new(exprs, part.plan)?)))
     }
 
-    /// The unused key equalities between `left` and `right`.
-    fn keys(&self, left: &Part, right: &Part, used: &[bool]) -> Vec<Key> {
+    /// The leaves of `set` (a bit per leaf) joined as `order` splits them, the side
+    /// estimated smaller on the left (DataFusion builds its hash table on the left).
+    fn build(
+        &mut self,
+        set: usize,
+        order: &Order,
+        estimates: &Estimates,
+        used: &mut [bool],
+    ) -> Result<Part> {
+        if set.count_ones() == 1 {
+            let i = set.trailing_zeros() as usize;
+            let leaf = Arc::clone(&self.leaves[i]);
+            return Ok(Part {
+                leaves: BTreeSet::from([i]),
+                columns: (0..leaf.schema().fields().len()).map(|c| (i, c)).collect(),
+                plan: leaf,
+            });
+        }
+        let a = order.split[set];
+        let b = set ^ a;
+        let (a, b) = if order.rows[b] < order.rows[a] {
+            (b, a)
+        } else {
+            (a, b)
+        };
+        let left = self.build(a, order, estimates, used)?;
+        let right = self.build(b, order, estimates, used)?;
+        self.join_parts(left, right, estimates, used)
+    }
+
+    /// The key equalities to join `left` and `right` on: every unused edge between
+    /// them, and for a class of equal columns that spans them through other leaves
+    /// only (`a = b` and `b = c` join `a`'s and `c`'s leaves), one of its pairs.
+    fn keys(&self, left: &Part, right: &Part, estimates: &Estimates, used: &[bool]) -> Vec<Key> {
         let column = |part: &Part, id: ColumnId| {
             let i = part.columns.iter().position(|c| *c == id)?;
             let name = part.plan.schema().field(i).name().clone();
             Some(Arc::new(Column::new(&name, i)) as Arc<dyn PhysicalExpr>)
         };
         let mut keys = Vec::new();
+        let mut joined_classes = BTreeSet::new();
         for (e, (a, b)) in self.edges.iter().enumerate() {
             if used[e] {
                 continue;
@@ -336,7 +343,22 @@ impl Region {
                 continue;
             };
             if let (Some(l), Some(r)) = (column(left, a), column(right, b)) {
-                keys.push((e, l, r));
+                keys.push((Some(e), l, r));
+                joined_classes.insert(estimates.class_of[&a]);
+            }
+        }
+        for (class, members) in estimates.classes.iter().enumerate() {
+            if joined_classes.contains(&class) {
+                continue;
+            }
+            let on = |part: &Part| {
+                members
+                    .iter()
+                    .find(|m| part.leaves.contains(&m.0))
+                    .and_then(|m| column(part, *m))
+            };
+            if let (Some(l), Some(r)) = (on(left), on(right)) {
+                keys.push((None, l, r));
             }
         }
         keys
@@ -344,10 +366,18 @@ impl Region {
 
     /// `left` joined with `right` on every key between them, with the filters their
     /// leaves complete, keeping only the columns still needed.
-    fn join_parts(&mut self, left: Part, right: Part, used: &mut [bool]) -> Result<Part> {
-        let keys = self.keys(&left, &right, used);
+    fn join_parts(
+        &mut self,
+        left: Part,
+        right: Part,
+        estimates: &Estimates,
+        used: &mut [bool],
+    ) -> Result<Part> {
+        let keys = self.keys(&left, &right, estimates, used);
         for (e, _, _) in &keys {
-            used[*e] = true;
+            if let Some(e) = e {
+                used[*e] = true;
+            }
         }
         let leaves: BTreeSet<usize> = left.leaves.union(&right.leaves).copied().collect();
         let columns: Vec<ColumnId> = left.columns.iter().chain(&right.columns).copied().collect();
@@ -407,12 +437,17 @@ impl Region {
                 Arc::new(Schema::new(fields)),
             ))
         };
-        // Still needed: the region's output, keys not yet joined and filters not yet
-        // applied.
+        // Still needed: the region's output, keys not yet joined (and the columns of
+        // their classes, which later joins may join on) and filters not yet applied.
         let mut needed: BTreeSet<ColumnId> = self.output.iter().copied().collect();
         for (e, (a, b)) in self.edges.iter().enumerate() {
             if !used[e] {
                 needed.extend([*a, *b]);
+            }
+        }
+        for members in &estimates.classes {
+            if !members.iter().all(|m| leaves.contains(&m.0)) {
+                needed.extend(members.iter().copied());
             }
         }
         for residual in self.filters.iter().filter(|r| !r.applied) {
@@ -441,6 +476,231 @@ impl Region {
             columns: kept,
             plan: Arc::new(plan),
         })
+    }
+}
+
+/// What the search knows of a region: each leaf's estimated rows, each key column's
+/// estimated distinct values, and the classes of columns the keys make equal.
+struct Estimates {
+    rows: Vec<f64>,
+    distinct: HashMap<ColumnId, f64>,
+    /// Columns equal to each other through the keys (`a = b` and `b = c`).
+    classes: Vec<Vec<ColumnId>>,
+    class_of: HashMap<ColumnId, usize>,
+}
+
+/// The best way found to join each connected set of leaves (a bit per leaf).
+struct Order {
+    /// The subset joined with the rest of the set.
+    split: Vec<usize>,
+    /// The set's estimated rows.
+    rows: Vec<f64>,
+}
+
+impl Estimates {
+    /// DataFusion's statistics of each leaf (from the files' row counts and min/max
+    /// values, through its filters); `None` where a leaf has no row count.
+    fn new(
+        leaves: &[Arc<dyn ExecutionPlan>],
+        edges: &[(ColumnId, ColumnId)],
+    ) -> Result<Option<Self>> {
+        let mut class_of: HashMap<ColumnId, usize> = HashMap::new();
+        let mut classes: Vec<Vec<ColumnId>> = Vec::new();
+        for (a, b) in edges {
+            match (class_of.get(a).copied(), class_of.get(b).copied()) {
+                (Some(x), Some(y)) if x != y => {
+                    let moved = std::mem::take(&mut classes[y]);
+                    for m in &moved {
+                        class_of.insert(*m, x);
+                    }
+                    classes[x].extend(moved);
+                }
+                (Some(_), Some(_)) => {}
+                (Some(x), None) => {
+                    class_of.insert(*b, x);
+                    classes[x].push(*b);
+                }
+                (None, Some(y)) => {
+                    class_of.insert(*a, y);
+                    classes[y].push(*a);
+                }
+                (None, None) => {
+                    class_of.insert(*a, classes.len());
+                    class_of.insert(*b, classes.len());
+                    classes.push(vec![*a, *b]);
+                }
+            }
+        }
+        // Drop the classes emptied by merges, renumbering the rest.
+        let classes: Vec<Vec<ColumnId>> = classes.into_iter().filter(|c| !c.is_empty()).collect();
+        let class_of = classes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| c.iter().map(move |m| (*m, i)))
+            .collect();
+        let mut rows = Vec::with_capacity(leaves.len());
+        let mut table_rows = Vec::with_capacity(leaves.len());
+        let mut distinct = HashMap::new();
+        let mut range = HashMap::new();
+        for (i, leaf) in leaves.iter().enumerate() {
+            let stats = StatisticsContext::new().compute(leaf.as_ref(), &StatisticsArgs::new())?;
+            let Some(n) = stats.num_rows.get_value().map(|n| (*n).max(1) as f64) else {
+                return Ok(None);
+            };
+            rows.push(n);
+            table_rows.push(scanned_rows(leaf)?);
+            for (c, column) in stats.column_statistics.iter().enumerate() {
+                distinct.insert((i, c), distinct_values(n, column));
+                if let Some(r) = range_size(column) {
+                    range.insert((i, c), r);
+                }
+            }
+        }
+        // A key's values are taken to be among those of the class's column whose table
+        // has the fewest rows, where that table has no more rows than its range has
+        // values (a key of its own, as `orders.o_orderkey` for `lineitem.l_orderkey`):
+        // a column's range overstates its distinct values when each repeats
+        // (`l_orderkey` spans 6 M values in 6 M rows, but holds 1.5 M), and the join of
+        // `orders` with `lineitem` would look as small as `orders`.
+        for class in &classes {
+            let key = class
+                .iter()
+                .filter_map(|m| {
+                    let rows = table_rows[m.0]?;
+                    (rows <= *range.get(m)?).then_some((m, rows))
+                })
+                .min_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((key, rows)) = key {
+                for m in class.iter().filter(|m| *m != key) {
+                    if let Some(d) = distinct.get_mut(m) {
+                        *d = d.min(rows);
+                    }
+                }
+            }
+        }
+        Ok(Some(Self {
+            rows,
+            distinct,
+            classes,
+            class_of,
+        }))
+    }
+
+    /// The cheapest order of joins by the total of their estimated output rows (the
+    /// rows each join builds, probes with and passes on), searched over every split of
+    /// every connected set of leaves; `None` if the keys leave the leaves unconnected.
+    ///
+    /// A join of two sets is estimated as the product of their rows over the larger of
+    /// their numbers of distinct keys (a key of several columns: the product of its
+    /// columns' distinct values, at most the side's rows, so that `partsupp`'s
+    /// (part, supplier) pairs count as its rows).
+    fn best_order(&self) -> Option<Order> {
+        let n = self.rows.len();
+        let full = (1usize << n) - 1;
+        let masks: Vec<usize> = self
+            .classes
+            .iter()
+            .map(|c| c.iter().fold(0, |m, (leaf, _)| m | 1 << leaf))
+            .collect();
+        let mut cost = vec![f64::INFINITY; full + 1];
+        let mut rows = vec![0.0; full + 1];
+        let mut split = vec![0; full + 1];
+        for i in 0..n {
+            cost[1 << i] = 0.0;
+            rows[1 << i] = self.rows[i];
+        }
+        for set in 1..=full {
+            if set.count_ones() < 2 {
+                continue;
+            }
+            let lowest = set & set.wrapping_neg();
+            let mut a = (set - 1) & set;
+            while a > 0 {
+                let b = set ^ a;
+                if a & lowest != 0 && cost[a].is_finite() && cost[b].is_finite() {
+                    if let Some(joined) = self.join_rows(a, b, rows[a], rows[b], &masks) {
+                        let total = cost[a] + cost[b] + joined;
+                        if total < cost[set] {
+                            cost[set] = total;
+                            rows[set] = joined;
+                            split[set] = a;
+                        }
+                    }
+                }
+                a = (a - 1) & set;
+            }
+        }
+        cost[full].is_finite().then_some(Order { split, rows })
+    }
+
+    /// The estimated rows of joining sets `a` and `b`; `None` if no key joins them.
+    fn join_rows(
+        &self,
+        a: usize,
+        b: usize,
+        rows_a: f64,
+        rows_b: f64,
+        masks: &[usize],
+    ) -> Option<f64> {
+        // Each side's distinct values of the key: the product over its columns of each
+        // one's fewest distinct values there (the columns of a class are equal there),
+        // at most the side's rows.
+        let (mut keys_a, mut keys_b) = (1.0f64, 1.0f64);
+        let mut joined = false;
+        for (class, mask) in self.classes.iter().zip(masks) {
+            if mask & a == 0 || mask & b == 0 {
+                continue;
+            }
+            joined = true;
+            let side = |set: usize| {
+                class
+                    .iter()
+                    .filter(|(leaf, _)| set & (1 << leaf) != 0)
+                    .map(|m| self.distinct.get(m).copied().unwrap_or(self.rows[m.0]))
+                    .fold(f64::INFINITY, f64::min)
+            };
+            keys_a *= side(a);
+            keys_b *= side(b);
+        }
+        let larger = keys_a.min(rows_a).max(keys_b.min(rows_b)).max(1.0);
+        joined.then(|| (rows_a * rows_b / larger).max(1.0))
+    }
+}
+
+/// A column's estimated distinct values in `rows` rows: its distinct count where the
+/// statistics have one, else the size of its range for integers and dates, else `rows`.
+fn distinct_values(rows: f64, column: &ColumnStatistics) -> f64 {
+    if let Some(d) = column.distinct_count.get_value() {
+        return (*d as f64).clamp(1.0, rows);
+    }
+    range_size(column).unwrap_or(rows).clamp(1.0, rows)
+}
+
+/// How many values an integer or date column's range holds.
+fn range_size(column: &ColumnStatistics) -> Option<f64> {
+    let (min, max) = (column.min_value.get_value()?, column.max_value.get_value()?);
+    let interval = Interval::try_new(min.clone(), max.clone()).ok()?;
+    interval.cardinality().map(|c| c as f64)
+}
+
+/// The rows of the table a leaf reads, before its filters: the row count of the file
+/// scan under a chain of filters, projections and repartitions; `None` for other
+/// leaves (an aggregation, a join of another kind).
+fn scanned_rows(leaf: &Arc<dyn ExecutionPlan>) -> Result<Option<f64>> {
+    let mut node = Arc::clone(leaf);
+    loop {
+        if node.is::<DataSourceExec>() {
+            let stats = StatisticsContext::new().compute(node.as_ref(), &StatisticsArgs::new())?;
+            return Ok(stats.num_rows.get_value().map(|n| *n as f64));
+        }
+        let passes_rows = node.is::<FilterExec>()
+            || node.is::<ProjectionExec>()
+            || node.is::<RepartitionExec>()
+            || node.is::<CoalescePartitionsExec>();
+        match node.children().as_slice() {
+            [child] if passes_rows => node = Arc::clone(child),
+            _ => return Ok(None),
+        }
     }
 }
 
