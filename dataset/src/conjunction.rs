@@ -184,6 +184,12 @@ impl Rest {
     }
 }
 
+/// Whether `expr` can neither fail nor vary between calls (no arithmetic, cast or
+/// volatile function): it may run on rows an earlier condition would have dropped.
+pub(crate) fn cannot_fail(expr: &Arc<dyn PhysicalExpr>, schema: &Schema) -> bool {
+    cost(expr, Some(schema)).is_some()
+}
+
 /// How costly `expr` is to evaluate per row, for conditions that cannot fail and are
 /// not volatile: 0 compares numbers with constants, 1 compares numeric columns (or
 /// view strings with constants, [`ViewStringIn`]), 2 compares strings, 3 matches

@@ -452,10 +452,12 @@ fn selective_scans(plan: &Arc<dyn ExecutionPlan>) -> Result<HashMap<usize, f64>>
                             .is_some_and(|c| c.file_source().filter().is_some()))
                 })?;
                 walk(join.left(), probed, out)?;
+                // Grouped: below an aggregation under this join's probe side, whose
+                // filter is the one nearest the scan.
                 let right = Probed {
                     by_any: true,
                     by_filtered: probed.by_filtered || filtered,
-                    grouped: probed.grouped,
+                    grouped: false,
                 };
                 return walk(join.right(), right, out);
             }
