@@ -190,7 +190,7 @@ const SAMPLE_ROWS: u64 = 65_536;
 
 /// The share of sampled rows above which a [`ScanCondition`] stops filtering, in a scan
 /// whose rows go (filtered, projected) to the join that made the filter.
-const MAX_PASSING: f64 = 0.01;
+pub(crate) const MAX_PASSING: f64 = 0.01;
 
 /// The share of sampled rows above which a [`ScanCondition`] stops filtering, in a scan
 /// whose rows are grouped by an aggregation before they reach the join that made the
@@ -271,13 +271,6 @@ impl ScanCondition {
     /// Whether it is a dynamic filter (or a condition of the query's own).
     pub(crate) fn is_join_keys(&self) -> bool {
         matches!(self.role, Role::JoinKeys(_))
-    }
-}
-
-impl Default for Sample {
-    /// A sample with [`MAX_PASSING`].
-    fn default() -> Self {
-        Self::new(MAX_PASSING)
     }
 }
 
@@ -732,7 +725,7 @@ mod tests {
         let batch = 8192;
         for (sample, verdict) in [
             (Sample::new(MAX_PASSING_GROUPED), KEEP),
-            (Sample::default(), SKIP),
+            (Sample::new(MAX_PASSING), SKIP),
         ] {
             let sample = Arc::new(sample);
             let keys = ScanCondition::join_keys(k_below(410), Arc::clone(&sample));
@@ -773,7 +766,7 @@ mod tests {
     fn a_sampled_filter_stops_filtering_once_too_many_rows_pass_and_keeps_a_selective_one() {
         let batch = 8192;
         // Half of the rows pass: after the sample, every row passes.
-        let loose_sample = Arc::new(Sample::default());
+        let loose_sample = Arc::new(Sample::new(MAX_PASSING));
         let loose = Arc::new(ScanCondition::join_keys(
             k_below(4096),
             Arc::clone(&loose_sample),
@@ -791,7 +784,7 @@ mod tests {
         assert_eq!(passing(copy.evaluate(&ks(0, batch)).unwrap(), 8192), 8192);
         // 10 rows in 8192 pass: it goes on filtering, and the query's own conditions
         // in the scan join in once that is known.
-        let sample = Arc::new(Sample::default());
+        let sample = Arc::new(Sample::new(MAX_PASSING));
         let tight = ScanCondition::join_keys(k_below(10), Arc::clone(&sample));
         let own = ScanCondition::query(
             k_below(5),
@@ -811,7 +804,7 @@ mod tests {
         );
         // A constant answer (a join's filter before its build side is read) is not
         // counted.
-        let waiting_sample = Arc::new(Sample::default());
+        let waiting_sample = Arc::new(Sample::new(MAX_PASSING));
         let waiting = ScanCondition::join_keys(
             datafusion::physical_expr::expressions::lit(true),
             Arc::clone(&waiting_sample),

@@ -93,7 +93,9 @@ fn reorder(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
             .filters
             .iter()
             .all(|r| crate::conjunction::cannot_fail(r.filter.expression(), r.filter.schema()));
-        if movable && region.leaves.len() >= 3 {
+        // Larger regions are not searched: their leaves are reordered below, as the
+        // leaves of the smaller regions inside them.
+        if movable && (3..=MAX_LEAVES).contains(&region.leaves.len()) {
             region.leaves = region
                 .leaves
                 .into_iter()
@@ -260,13 +262,10 @@ impl Region {
             .collect()
     }
 
-    /// The leaves joined again in the order of least estimated work; `None` where a
-    /// leaf has no row count, or the region has more than [`MAX_LEAVES`] leaves.
+    /// The leaves (at most [`MAX_LEAVES`]) joined again in the order of least
+    /// estimated work; `None` where a leaf has no row count.
     fn join(mut self) -> Result<Option<Arc<dyn ExecutionPlan>>> {
         let n = self.leaves.len();
-        if n > MAX_LEAVES {
-            return Ok(None);
-        }
         let Some(estimates) = Estimates::new(&self.leaves, &self.edges)? else {
             return Ok(None);
         };

@@ -81,7 +81,7 @@ use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
 use crate::conjunction::Conjunction;
 use crate::context::Context;
 use crate::decimal_arith::{DecimalArith, DecimalOp};
-use crate::decode_filters::ScanCondition;
+use crate::decode_filters::{Sample, ScanCondition, MAX_PASSING};
 use crate::handover::{thread_stream, Handover};
 use crate::view_compare::ViewStringIn;
 use volley_connectors::file_scan_config;
@@ -1045,10 +1045,11 @@ impl PhysicalExtensionCodec for StageCodec {
                 }
             }
             SAMPLED_FILTER_TAG | QUERY_CONDITION_TAG => match inputs {
-                // With a sample of its own where it is decoded.
+                // With a sample of its own where it is decoded (at `MAX_PASSING`: the
+                // looser share of a scan grouped before its join is not sent).
                 [inner] if buf == SAMPLED_FILTER_TAG => Ok(Arc::new(ScanCondition::join_keys(
                     Arc::clone(inner),
-                    Arc::default(),
+                    Arc::new(Sample::new(MAX_PASSING)),
                 ))),
                 [inner] => Ok(Arc::new(ScanCondition::query(
                     Arc::clone(inner),
