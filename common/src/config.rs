@@ -201,7 +201,7 @@ impl VolleyConfig {
             if let Some(value) = env_var(var)? {
                 config
                     .set(key, &value)
-                    .map_err(|e| VolleyError::Config(format!("{var}: {e}")))?;
+                    .map_err(|e| e.context(var))?;
             }
         }
         Ok(config)

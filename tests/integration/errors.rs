@@ -238,4 +238,18 @@ fn cli_prints_one_line_and_exits_non_zero() {
             && err.matches("error:").count() == 2,
         "{err}"
     );
+
+    // A bad setting in the environment: the variable, the key and what it takes, once.
+    let out = Command::new(bin)
+        .args(["sql", "SELECT 1"])
+        .env("VOLLEY_EXEC_BATCH_SIZE", "abc")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("VOLLEY_EXEC_BATCH_SIZE: invalid configuration: volley.exec.batch_size = `abc`: expected a row count")
+            && err.matches("invalid configuration").count() == 1,
+        "{err}"
+    );
 }

@@ -69,6 +69,6 @@ impl ScalingConfig {
         }
         self.bundle()
             .validate()
-            .map_err(|e| VolleyError::Config(format!("ScalingConfig.resources_per_worker: {e}")))
+            .map_err(|e| e.context("ScalingConfig.resources_per_worker"))
     }
 }

@@ -504,7 +504,7 @@ impl Tuner {
         self.space.validate()?;
         self.resources
             .validate()
-            .map_err(|e| VolleyError::Config(format!("trial resources: {e}")))
+            .map_err(|e| e.context("trial resources"))
     }
 
     fn searcher(&self) -> Result<Box<dyn Searcher>> {
