@@ -199,9 +199,7 @@ impl VolleyConfig {
         let mut config = Self::default();
         for (key, var) in KEYS {
             if let Some(value) = env_var(var)? {
-                config
-                    .set(key, &value)
-                    .map_err(|e| e.context(var))?;
+                config.set(key, &value).map_err(|e| e.context(var))?;
             }
         }
         Ok(config)
