@@ -128,6 +128,18 @@ impl RemoteTask for FailAs {
     }
 }
 
+/// Sleeps for its number of seconds: a task to cancel.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Sleep(u64);
+
+#[typetag::serde]
+impl RemoteTask for Sleep {
+    fn run(&self, _: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        std::thread::sleep(Duration::from_secs(self.0));
+        Ok(vec![])
+    }
+}
+
 /// Reports where it ran and which GPUs it was given.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct WhereAmI;
@@ -254,6 +266,22 @@ fn main() -> Result<()> {
                     "expected a {kind:?} error, got {other:?}"
                 )))
             }
+        }
+    }
+
+    // A cancelled task stops where it runs: reading what it would make fails at once.
+    let sleeper = cluster.submit(Sleep(600), &[], &TaskOptions::default())?;
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = std::time::Instant::now();
+    cluster.cancel(&[&sleeper])?;
+    match cluster.get(&sleeper) {
+        Err(e) if e.kind() == ErrorKind::Cancelled && asked.elapsed() < Duration::from_secs(60) => {
+            println!("a cancelled task stops: {e}")
+        }
+        other => {
+            return Err(VolleyError::execution(format!(
+                "expected the sleeping task to be cancelled, got {other:?}"
+            )))
         }
     }
 

@@ -663,6 +663,10 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         logs.contains("failed: in FailAs: user function `score` failed: division by zero"),
         "{logs}"
     );
+    assert!(
+        logs.contains("a cancelled task stops:") && logs.contains("its driver cancelled it"),
+        "{logs}"
+    );
 
     // Workers' output stays on their nodes, and `volley logs` fetches it through the
     // head: a listing, one task's output by name or id, an actor's.

@@ -26,13 +26,15 @@
 //! a merge inside a stage), it is given all of them: a broadcast.
 //!
 //! Every stage is submitted when this process first reads the plan's output; the
-//! objects are freed when it has read all of it. A plan with a node that
+//! objects are freed when it has read all of it, or stopped (a `LIMIT` reached) or
+//! failed, and then the tasks still running or waiting are stopped
+//! ([`Cluster::cancel`]). A plan with a node that
 //! `datafusion-proto` cannot carry (a dataset's own scan, a user-defined function the
 //! nodes do not know) runs as before: its file scans on the nodes, the rest here.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -485,11 +487,23 @@ impl Stage {
         Ok(made)
     }
 
-    /// Frees the outputs of this stage and of those below it.
-    fn release(&self) {
-        *self.outputs.lock().expect("stage lock") = Outputs::Released;
+    /// Frees the outputs of this stage and of those below it; with `cancel` (the query
+    /// stopped early or failed: nothing more will be read), first stops the tasks
+    /// that have not made theirs, instead of leaving them to run for no one.
+    fn release(&self, cancel: bool) {
+        let outputs = std::mem::replace(
+            &mut *self.outputs.lock().expect("stage lock"),
+            Outputs::Released,
+        );
+        if let (true, Outputs::Submitted { outputs, .. }) = (cancel, &outputs) {
+            let refs: Vec<&ObjectRef> = outputs.iter().collect();
+            if let Err(e) = self.cluster.cancel(&refs) {
+                tracing::warn!("stage {}: cannot stop its tasks: {e}", self.id);
+            }
+        }
+        drop(outputs);
         for s in self.inputs.values() {
-            s.release();
+            s.release(cancel);
         }
     }
 }
@@ -731,6 +745,9 @@ pub(crate) struct ClusterStageExec {
     /// Partitions this process has yet to read to the end (a gather on the driver:
     /// when none are left, the stages' objects are freed).
     unread: Arc<AtomicUsize>,
+    /// Whether a partition was left before its end (or failed): then the stages'
+    /// unfinished tasks are stopped when their objects are freed.
+    stopped: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for ClusterStageExec {
@@ -747,6 +764,7 @@ impl ClusterStageExec {
             source: Source::Cluster(stage),
             properties,
             unread: Arc::new(AtomicUsize::new(n)),
+            stopped: Arc::default(),
         })
     }
 
@@ -767,6 +785,7 @@ impl ClusterStageExec {
             source: Source::Given(batches),
             properties: Arc::new(properties),
             unread: Arc::new(AtomicUsize::new(partitions)),
+            stopped: Arc::default(),
         }
     }
 
@@ -892,12 +911,14 @@ impl ExecutionPlan for ClusterStageExec {
                 let cluster = stage.cluster.clone();
                 let label = format!("stage {} task {partition}", stage.id);
                 let (unread, stage) = (Arc::clone(&self.unread), Arc::clone(stage));
-                let read = move |tx: &Handover| -> Result<()> {
+                let stopped = Arc::clone(&self.stopped);
+                // Whether the partition was read to its end.
+                let read = move |tx: &Handover| -> Result<bool> {
                     // A slice at a time: this process holds a few slices per
                     // partition, however big the partition is.
                     let total = loop {
                         if tx.is_closed() {
-                            return Ok(());
+                            return Ok(false);
                         }
                         let state = cluster
                             .wait_objects(std::slice::from_ref(&object), 1, WAIT)
@@ -918,23 +939,27 @@ impl ExecutionPlan for ClusterStageExec {
                         for b in batches {
                             if !tx.send(b) {
                                 // The consumer went away.
-                                return Ok(());
+                                return Ok(false);
                             }
                         }
                         offset += rows;
                     }
-                    Ok(())
+                    Ok(true)
                 };
                 // Cluster calls block: on a thread of their own, handing batches over.
                 thread_stream("volley-stage-read", schema, move |tx| {
                     let read = read(tx);
-                    // The last partition read to its end (or left by its consumer)
-                    // frees every stage's objects; an error (the query fails: nothing
-                    // more will be read) frees them at once.
-                    if read.is_err() || unread.fetch_sub(1, Ordering::SeqCst) == 1 {
-                        stage.release();
+                    if !matches!(read, Ok(true)) {
+                        stopped.store(true, Ordering::SeqCst);
                     }
-                    read
+                    // The last partition read to its end (or left by its consumer)
+                    // frees every stage's objects, stopping the tasks still running if
+                    // any partition was left unread (a `LIMIT` reached); an error (the
+                    // query fails: nothing more will be read) frees them at once.
+                    if read.is_err() || unread.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        stage.release(stopped.load(Ordering::SeqCst));
+                    }
+                    read.map(|_| ())
                 })
             }
         }

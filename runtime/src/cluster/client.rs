@@ -760,6 +760,27 @@ impl Cluster {
         )
     }
 
+    /// Stops the tasks that make `objects`, where they have not finished: a task that
+    /// waits is dropped, one that runs is stopped (its worker killed). Reading such an
+    /// object then fails with a [`VolleyError::Cancelled`] error; one already made is
+    /// kept. Actor calls are not stopped (they change their actor's state).
+    pub fn cancel(&self, objects: &[&ObjectRef]) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        let ids: Vec<String> = objects.iter().map(|o| o.id().to_string()).collect();
+        self.block_on(async move {
+            // The head must know a task before it can stop it.
+            inner.submitted.flush().await;
+            let mut head = inner.head.clone();
+            head.cancel(proto::FreeRequest {
+                job_id: inner.job_id.clone(),
+                object_ids: ids,
+            })
+            .await
+            .map_err(|e| status_error("cancel", e))?;
+            Ok(())
+        })
+    }
+
     /// Names `objects` as one group (for an exchange: its map outputs), so that tasks
     /// reading one batch of each ([`TaskInput::Group`]) pass the head one name
     /// instead of one per object: the head's bookkeeping for M map and N reduce tasks

@@ -14,7 +14,7 @@
 //! | `volley_node_spilled_bytes_total` | counter | `node` (ever spilled) |
 //! | `volley_node_workers`, `volley_node_running_tasks` | gauge | `node` |
 //! | `volley_tasks` | gauge | `state` (`pending`, `running`) |
-//! | `volley_tasks_ended_total` | counter | `outcome` (`succeeded`, `failed`, `retried`) |
+//! | `volley_tasks_ended_total` | counter | `outcome` (`succeeded`, `failed`, `retried`, `cancelled`) |
 //! | `volley_task_duration_seconds` | histogram | (from being sent to a node to its report, tasks that succeeded) |
 //! | `volley_jobs` | gauge | `state` |
 //! | `volley_objects` | gauge | |
@@ -49,6 +49,8 @@ pub(crate) enum TaskEnd {
     Succeeded,
     Failed,
     Retried,
+    /// Stopped by its driver before it finished.
+    Cancelled,
 }
 
 /// What the head counts as tasks end.
@@ -61,6 +63,7 @@ pub(crate) struct TaskMetrics {
     succeeded: Counter,
     failed: Counter,
     retried: Counter,
+    cancelled: Counter,
     duration: Histogram,
 }
 
@@ -76,6 +79,7 @@ impl Default for TaskMetrics {
             succeeded: series("succeeded"),
             failed: series("failed"),
             retried: series("retried"),
+            cancelled: series("cancelled"),
             ended,
             // 1 ms to ~9 minutes.
             duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -92,6 +96,7 @@ impl TaskMetrics {
             TaskEnd::Succeeded => &self.succeeded,
             TaskEnd::Failed => &self.failed,
             TaskEnd::Retried => &self.retried,
+            TaskEnd::Cancelled => &self.cancelled,
         }
         .inc();
         if let Some(s) = seconds {
@@ -435,6 +440,7 @@ mod tests {
             "volley_tasks_ended_total{outcome=\"retried\"} 1",
             // Every outcome's series exists from the start.
             "volley_tasks_ended_total{outcome=\"failed\"} 0",
+            "volley_tasks_ended_total{outcome=\"cancelled\"} 0",
             "volley_task_duration_seconds_count 1",
             "volley_jobs{state=\"RUNNING\"} 1",
             "volley_jobs_waiting{reason=\"node\"} 0",

@@ -356,6 +356,12 @@ impl proto::head_server::Head for HeadService {
         empty()
     }
 
+    async fn cancel(&self, request: Request<proto::FreeRequest>) -> Answer<proto::Empty> {
+        let r = request.into_inner();
+        self.core.with(|s| s.cancel(&r.job_id, &r.object_ids));
+        empty()
+    }
+
     async fn create_placement_group(
         &self,
         request: Request<proto::CreatePlacementGroupRequest>,

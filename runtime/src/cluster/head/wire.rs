@@ -167,6 +167,7 @@ impl From<NodeCommand> for proto::NodeCommand {
                 num_cpus: a.num_cpus,
             }),
             NodeCommand::PromoteTask(id) => Command::PromoteTask(id),
+            NodeCommand::CancelTask(id) => Command::CancelTask(id),
             NodeCommand::FreeObjects(ids) => Command::FreeObjects(proto::ObjectIds { ids }),
             NodeCommand::PrepareJob(id) => Command::PrepareJob(id),
             NodeCommand::StopJob(id) => Command::StopJob(id),

@@ -125,6 +125,8 @@ pub(crate) enum NodeCommand {
     RunTask(Assignment),
     /// A task sent ahead now holds its resources.
     PromoteTask(String),
+    /// Drop the task if it waits there; kill its worker if it runs.
+    CancelTask(String),
     FreeObjects(Vec<String>),
     /// Fetch and ready a new job's package.
     PrepareJob(String),

@@ -280,7 +280,7 @@ fn execution_report(message: impl Into<String>) -> ErrorReport {
     ErrorReport::new(ErrorKind::Execution, message)
 }
 
-/// Work that will not run because its job ended.
+/// Work that will not run (or run on): its job ended, or its driver cancelled it.
 fn cancelled_report(why: &str) -> ErrorReport {
     ErrorReport::new(ErrorKind::Cancelled, "").with_context(why)
 }

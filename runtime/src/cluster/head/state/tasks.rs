@@ -728,6 +728,19 @@ impl State {
                 && matches!(&t.state, TaskState::Running { node, .. } if *node == r.node_id)
         });
         if !current {
+            // An attempt that ended well after its task ended for good (it was
+            // cancelled while it ran, or is gone with its object): no one will read what
+            // it stored, so its node drops it. (The attempt of a task that still runs
+            // elsewhere, or again, keeps it: the same object may be stored there.)
+            let over = self
+                .tasks
+                .get(&r.task_id)
+                .is_none_or(|t| t.state == TaskState::Failed);
+            if over && matches!(r.outcome, TaskOutcome::Succeeded { .. }) {
+                if let Some(n) = self.nodes.get(&r.node_id) {
+                    n.send(NodeCommand::FreeObjects(vec![r.task_id.clone()]));
+                }
+            }
             return false;
         }
         match r.outcome {
@@ -816,6 +829,40 @@ impl State {
     }
 
     pub(super) fn fail_task(&mut self, id: &str, error: ErrorReport) {
+        self.end_unfinished(id, error, TaskEnd::Failed);
+    }
+
+    /// Stops the unfinished tasks that make `objects` (those of job `job`; actor calls
+    /// go on, as they change their actor): one waiting is dropped, one running or
+    /// sent ahead is dropped by its node, whose worker is killed if it has started it.
+    /// Their objects fail with a cancellation, and go once their driver frees them.
+    /// A query that stops early (a `LIMIT` reached) stops the tasks whose output it
+    /// will not read, instead of leaving them to hold the cluster's CPUs.
+    pub fn cancel(&mut self, job: &str, objects: &[String]) {
+        for id in objects {
+            let cancellable = self.tasks.get(id).is_some_and(|t| {
+                t.spec.job_id == job
+                    && t.spec.actor.is_none()
+                    && matches!(t.state, TaskState::Pending | TaskState::Running { .. })
+            });
+            if !cancellable {
+                continue;
+            }
+            if let Some(node) = self.finish_running(id) {
+                if let Some(n) = self.nodes.get(&node) {
+                    n.send(NodeCommand::CancelTask(id.clone()));
+                }
+            }
+            self.end_unfinished(
+                id,
+                cancelled_report("its driver cancelled it"),
+                TaskEnd::Cancelled,
+            );
+        }
+    }
+
+    /// Ends task `id` for good, if it has not ended, with `error` as its object's.
+    fn end_unfinished(&mut self, id: &str, error: ErrorReport, how: TaskEnd) {
         if matches!(
             self.tasks.get(id).map(|t| &t.state),
             None | Some(TaskState::Done | TaskState::Failed)
@@ -827,7 +874,7 @@ impl State {
             return;
         };
         task.state = TaskState::Failed;
-        self.task_metrics.ended(TaskEnd::Failed, None);
+        self.task_metrics.ended(how, None);
         let args = task.spec.args.clone();
         if let Some(o) = self.objects.get_mut(id) {
             o.error = Some(error);

@@ -110,6 +110,7 @@ fn sent(rx: &mut Commands) -> Vec<String> {
             NodeCommand::RunTask(t) if t.ahead => format!("ahead {}", t.task_id),
             NodeCommand::RunTask(t) => format!("run {}", t.task_id),
             NodeCommand::PromoteTask(id) => format!("promote {id}"),
+            NodeCommand::CancelTask(id) => format!("cancel {id}"),
             NodeCommand::StopJob(id) => format!("stop {id}"),
             NodeCommand::FreeObjects(ids) => format!("free {}", ids.join(",")),
             other => format!("{other:?}"),
@@ -1180,4 +1181,57 @@ fn only_what_waits_is_in_the_scheduling_passes_view() {
     s.finish_job("k", JobState::Stopped, 0, "");
     assert!(s.pending_jobs.is_empty());
     let _ = n1;
+}
+
+/// A driver's cancel stops a running task on its node (its CPU goes to the next task)
+/// and drops a waiting one; what they make fails as cancelled, a finished task's
+/// object stays, and an attempt that still ends well has its output dropped on its
+/// node.
+#[test]
+fn cancelled_tasks_stop_where_they_run_and_free_their_room() {
+    let (mut s, mut rx) = one_node(1.0);
+    submit(&mut s, "t1");
+    submit(&mut s, "t2");
+    // Two CPUs: no node of this cluster can run it; it waits on the head.
+    s.submit(TaskSpec {
+        resources: cpus(2.0),
+        ..task("big", &[])
+    })
+    .unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx)[0], "run t1");
+    done(&mut s, "t1", "");
+    let next = sent(&mut rx);
+    assert!(
+        next.iter().any(|c| c == "run t2" || c == "promote t2"),
+        "{next:?}"
+    );
+    // t1 is done (its object stays), t2 runs, `big` waits: cancel all three.
+    s.cancel("j", &["t1".into(), "t2".into(), "big".into()]);
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["cancel t2"]);
+    assert!(s.object_status("t1").ready);
+    for t in ["t2", "big"] {
+        let e = s
+            .object_status(t)
+            .error
+            .unwrap_or_else(|| panic!("{t} did not fail"));
+        assert_eq!(e.kind, ErrorKind::Cancelled, "{t}: {e:?}");
+    }
+    // The node's CPU is free again: the next task runs at once.
+    submit(&mut s, "t4");
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run t4"]);
+    // t2's worker finished before the kill reached it: the head ignores the report and
+    // the node drops what it stored.
+    assert!(!s.task_reported(report("n1", "t2", 0, 10, "")));
+    assert_eq!(sent(&mut rx), ["free t2"]);
+    assert_eq!(s.nodes["n1"].stored, 0);
+    // Another job's tasks are not this driver's to cancel.
+    s.cancel("other", &["t4".into()]);
+    assert!(sent(&mut rx).is_empty());
+    assert!(s.object_status("t4").error.is_none());
+    // Freed, the cancelled tasks and their objects go.
+    s.free(&["t2".into(), "big".into()]);
+    assert!(!s.tasks.contains_key("t2") && !s.tasks.contains_key("big"));
 }
