@@ -12,6 +12,9 @@
 //! `cluster_tasks wait-for-resources` asks for what no node has yet (a task needing 2
 //! GPUs, a placement group of two 2-CPU bundles on one node), shows that both wait, and
 //! finishes once a node that fits joins.
+//!
+//! `cluster_tasks --broken-workers` is a program whose workers fail as they start
+//! (before `volley::init()`): its task fails, and the error says what they printed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -192,15 +195,46 @@ struct Args {
     /// fits them.
     #[arg(long)]
     wait_for_resources: bool,
+    /// Instead: exit as a worker before starting as one, and show the error its task
+    /// fails with.
+    #[arg(long)]
+    broken_workers: bool,
+}
+
+/// The driver of `--broken-workers`: its one task fails, saying why its workers exit.
+fn broken_workers(cluster: &volley::crates::runtime::cluster::Cluster) -> Result<()> {
+    let task = cluster.submit(Numbers { start: 0, n: 10 }, &[], &TaskOptions::default())?;
+    let asked = std::time::Instant::now();
+    match cluster.get(&task) {
+        Err(e) if e.to_string().contains("weights.bin is missing") => {
+            println!(
+                "the task failed after {:.1} s: {e}",
+                asked.elapsed().as_secs_f64()
+            );
+            println!("OK");
+            Ok(())
+        }
+        other => Err(VolleyError::execution(format!(
+            "expected the task to fail with its workers' error, got {other:?}"
+        ))),
+    }
 }
 
 fn main() -> Result<()> {
-    volley::init()?;
     let args: Args = clap::Parser::parse();
+    if args.broken_workers && std::env::var_os("VOLLEY_WORKER_ID").is_some() {
+        // A worker that fails before `volley::init()` makes it one.
+        eprintln!("cannot load the model: weights.bin is missing");
+        std::process::exit(2);
+    }
+    volley::init()?;
     let cluster = volley::cluster()?
         .ok_or_else(|| VolleyError::Config("run this on a cluster (VOLLEY_ADDRESS)".into()))?;
     if args.wait_for_resources {
         return wait_for_resources(&cluster);
+    }
+    if args.broken_workers {
+        return broken_workers(&cluster);
     }
     let tasks = args.tasks;
     let n = 100_000;

@@ -668,6 +668,38 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         "{logs}"
     );
 
+    // A job whose workers exit as they start: its task fails with what they printed,
+    // and each node starts only a few of them (it once started hundreds a second).
+    let broken = c.submit(&[
+        example("cluster_tasks").to_str().unwrap(),
+        "--broken-workers",
+    ]);
+    assert_eq!(
+        c.wait_job(&broken, Duration::from_secs(120)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&broken)
+    );
+    let logs = c.logs(&broken);
+    assert!(
+        logs.contains("OK") && logs.contains("exited before they asked for work"),
+        "{logs}"
+    );
+    let mut started = 0;
+    for node in std::fs::read_dir(c.home.path().join("nodes"))
+        .unwrap()
+        .flatten()
+    {
+        let dir = node.path().join("jobs").join(&broken);
+        started += std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".log"))
+            .count();
+    }
+    assert!(started <= 12, "{started} workers started for {broken}");
+
     // Workers' output stays on their nodes, and `volley logs` fetches it through the
     // head: a listing, one task's output by name or id, an actor's.
     let volley_logs = |args: &[&str]| -> (bool, String, String) {
@@ -825,7 +857,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     let (code, body) = c.http_get("/api/jobs", Some(&c.token));
     assert_eq!(code, 200, "{body}");
     let jobs: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(jobs.as_array().unwrap().len(), 5, "{body}");
+    assert_eq!(jobs.as_array().unwrap().len(), 6, "{body}");
     let posted = Command::new("curl")
         .args(["-s", "-X", "POST", "-H", "Content-Type: application/json", "-H"])
         .arg(format!("Authorization: Bearer {}", c.token))

@@ -78,6 +78,8 @@ struct WorkerEntry {
     start_actor: Option<proto::StartActor>,
     kill: Option<oneshot::Sender<()>>,
     exiting: bool,
+    /// It asked for work: its program started as a worker.
+    pulled: bool,
 }
 
 impl WorkerEntry {
@@ -103,7 +105,30 @@ struct AgentState {
     drivers: HashMap<String, oneshot::Sender<()>>,
     stopped_jobs: std::collections::HashSet<String>,
     next_worker: u64,
+    /// Per job, its workers that exited in a row before asking for work.
+    failed_starts: HashMap<String, FailedStarts>,
 }
+
+/// Workers of a job that exited before asking for work, in a row (a program that
+/// fails before `volley::init()` makes it a worker, or cannot load its libraries).
+#[derive(Debug)]
+struct FailedStarts {
+    count: u32,
+    last: Instant,
+    /// How the last one ended and what it printed last.
+    why: String,
+}
+
+/// Workers of a job that may exit before asking for work, in a row, before the node
+/// starts no more for [`FAILED_STARTS_PAUSE`] and hands the job's tasks back as
+/// failed attempts (the head retries them, elsewhere if it can, then fails them with
+/// the reason). Without a limit such a job started and lost hundreds of workers a
+/// second for as long as its tasks waited.
+const MAX_FAILED_STARTS: u32 = 3;
+
+/// How long a node starts no workers for a job whose workers keep failing to start;
+/// then it tries one again.
+const FAILED_STARTS_PAUSE: Duration = Duration::from_secs(30);
 
 /// A job as this node runs it.
 #[derive(Debug, Clone)]
@@ -696,6 +721,7 @@ impl Agent {
     fn stop_job(&self, job: &str) {
         let mut s = self.state.lock().expect("agent lock");
         s.stopped_jobs.insert(job.to_string());
+        s.failed_starts.remove(job);
         s.queues.retain(|(j, _), _| j != job);
         s.ahead.retain(|t| t.job_id != job);
         let calls: Vec<String> = s
@@ -1057,6 +1083,22 @@ impl Agent {
     }
 
     async fn ensure_workers(self: Arc<Self>, job: String, gpus: Vec<u32>) {
+        let failing = {
+            let s = self.state.lock().expect("agent lock");
+            s.failed_starts
+                .get(&job)
+                .filter(|f| f.count >= MAX_FAILED_STARTS && f.last.elapsed() < FAILED_STARTS_PAUSE)
+                .map(|f| {
+                    format!(
+                        "{} workers of job {job} in a row exited before they asked for work ({})",
+                        f.count, f.why
+                    )
+                })
+        };
+        if let Some(why) = failing {
+            self.hand_back(&job, &gpus, &why);
+            return;
+        }
         let (need, released) = {
             let mut s = self.state.lock().expect("agent lock");
             let queued = s
@@ -1095,23 +1137,28 @@ impl Agent {
                 .await
             {
                 warn!("job {job}: cannot start a worker: {e}");
-                // The tasks cannot run here: hand them back as failed attempts.
-                let tasks: Vec<proto::TaskAssignment> = {
-                    let mut s = self.state.lock().expect("agent lock");
-                    s.queues
-                        .remove(&(job.clone(), gpus.clone()))
-                        .map(Vec::from)
-                        .unwrap_or_default()
-                };
-                for t in tasks {
-                    self.report(
-                        &t,
-                        Outcome::SystemFailure,
-                        format!("cannot start a worker on {}: {e}", self.node_id),
-                    );
-                }
+                self.hand_back(&job, &gpus, &e.to_string());
                 return;
             }
+        }
+    }
+
+    /// The tasks of `job` queued here for workers with `gpus` cannot run here (`why`):
+    /// handed back to the head as failed attempts.
+    fn hand_back(&self, job: &str, gpus: &[u32], why: &str) {
+        let tasks: Vec<proto::TaskAssignment> = {
+            let mut s = self.state.lock().expect("agent lock");
+            s.queues
+                .remove(&(job.to_string(), gpus.to_vec()))
+                .map(Vec::from)
+                .unwrap_or_default()
+        };
+        for t in tasks {
+            self.report(
+                &t,
+                Outcome::SystemFailure,
+                format!("cannot start a worker on {}: {why}", self.node_id),
+            );
         }
     }
 
@@ -1171,6 +1218,7 @@ impl Agent {
                     start_actor: actor,
                     kill: Some(kill_tx),
                     exiting: false,
+                    pulled: false,
                 },
             );
         }
@@ -1234,6 +1282,34 @@ impl Agent {
             return waiting;
         }
         let why = format!("worker process {pid} on {} exited ({status})", self.node_id);
+        // One stopped with its job does not count.
+        let stopped = self.stopped(&w.job);
+        if !w.pulled && w.start_actor.is_none() && !stopped {
+            let dir = self.options.dir.join("jobs").join(&w.job);
+            let printed = last_lines(&worker_logs::worker_log(&dir, id), 3);
+            let why = match printed.is_empty() {
+                true => format!("the last: {status}"),
+                false => format!("the last: {status}; its output ends: {printed}"),
+            };
+            let mut s = self.state.lock().expect("agent lock");
+            let f = s
+                .failed_starts
+                .entry(w.job.clone())
+                .or_insert(FailedStarts {
+                    count: 0,
+                    last: Instant::now(),
+                    why: String::new(),
+                });
+            f.count += 1;
+            f.last = Instant::now();
+            f.why = why;
+            if f.count == MAX_FAILED_STARTS {
+                warn!(
+                    "job {}: {} workers in a row exited before they asked for work ({}); none more for {:?}",
+                    w.job, f.count, f.why, FAILED_STARTS_PAUSE
+                );
+            }
+        }
         // An actor's death goes first: the head must stop routing calls to it before
         // the call that was running is reported failed (its caller may call again at
         // once). Calls queued here for it are dropped; the head decides their fate.
@@ -1303,6 +1379,11 @@ impl Agent {
         let Some(w) = s.workers.get_mut(id) else {
             return (Some(exit), None, None);
         };
+        if !w.pulled {
+            // Its program started as a worker: the job's workers start fine here.
+            w.pulled = true;
+            s.failed_starts.remove(&w.job);
+        }
         if w.exiting {
             return (Some(exit), None, None);
         }
@@ -1603,6 +1684,26 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             .await;
         Ok(Response::new(proto::Empty {}))
     }
+}
+
+/// The last `n` non-empty lines of the file at `path` (at most its last 4 KiB), joined
+/// by " / "; empty if it cannot be read.
+fn last_lines(path: &Path, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+    let mut tail = Vec::new();
+    let _ = f.read_to_end(&mut tail);
+    let text = String::from_utf8_lossy(&tail);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join(" / ")
 }
 
 #[cfg(test)]
