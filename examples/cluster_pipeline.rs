@@ -90,6 +90,10 @@ struct Args {
     /// Rows per call of the model stage.
     #[arg(long, default_value_t = 4096)]
     model_batch: usize,
+    /// Write only the first this many rows (the tasks still running when they are
+    /// made are cancelled).
+    #[arg(long)]
+    limit: Option<usize>,
 }
 
 /// A stand-in for a model: built once per actor, `ms` milliseconds of work per batch
@@ -130,6 +134,7 @@ fn main() -> Result<()> {
         actors,
         model_ms,
         model_batch,
+        limit,
     } = clap::Parser::parse();
     let on = match volley::cluster()? {
         Some(c) => format!("cluster {} (job {})", c.address(), c.job_id()),
@@ -150,6 +155,9 @@ fn main() -> Result<()> {
                 .with_concurrency(actors)
                 .with_batch_size(model_batch),
         );
+    }
+    if let Some(n) = limit {
+        ds = ds.limit(n);
     }
     let summary = ds
         .write(&output, volley::WriteFormat::Parquet)

@@ -2525,6 +2525,50 @@ fn assert_no_node_spilled(c: &TestCluster, nodes: usize, context: &str) {
 /// the pool stop at the execution's object-store budget (half of two 64 MiB stores)
 /// instead of filling the stores behind it (which would spill), and after it reads on
 /// every byte arrives.
+/// A Dataset job that stops before its input is read (a `limit` reached) cancels the
+/// cluster tasks it has in flight instead of waiting for them: they end as cancelled.
+#[test]
+fn a_dataset_that_stops_early_cancels_its_tasks_in_flight() {
+    let mut c = TestCluster::start(5.0);
+    for _ in 0..2 {
+        c.add_node(2, 0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), 32, 1);
+    let out = dir.path().join("out");
+    let job = c.submit(&[
+        example("cluster_pipeline").to_str().unwrap(),
+        input.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--slow-ms",
+        "3000",
+        "--limit",
+        "1",
+    ]);
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(120)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    let logs = c.logs(&job);
+    assert!(logs.contains("wrote 1 rows"), "{logs}");
+    let (code, text) = c.http_get("/metrics", Some(&c.token));
+    assert_eq!(code, 200, "{text}");
+    let cancelled = prometheus_samples(&text)
+        .into_iter()
+        .find(|(n, labels, _)| {
+            n == "volley_tasks_ended_total"
+                && labels.get("outcome").map(String::as_str) == Some("cancelled")
+        })
+        .map(|s| s.2)
+        .unwrap_or_else(|| panic!("no cancelled tasks counted in\n{text}"));
+    assert!(
+        cancelled >= 1.0,
+        "{cancelled} tasks cancelled; job log:\n{logs}"
+    );
+}
+
 #[test]
 fn a_consumer_that_stops_reading_holds_the_cluster_back() {
     let mut c = TestCluster::start(5.0);

@@ -211,6 +211,8 @@ struct OpSlot {
     max_tasks: usize,
     /// Its output is cluster objects (counted against the object-store budget).
     remote: bool,
+    /// Its cluster tasks in flight were cancelled (it stopped before they were done).
+    cancelled_remote: bool,
 }
 
 impl OpSlot {
@@ -240,6 +242,14 @@ impl OpSlot {
         if stopping {
             for q in &self.inputs {
                 q.cancel();
+            }
+            // Its cluster tasks still running make what no one will read: stopped,
+            // once (they end as cancelled, and the operator closes without waiting).
+            if !self.cancelled_remote && self.in_flight.load(Ordering::Acquire) > 0 {
+                self.cancelled_remote = true;
+                if let Some(w) = shared.watch.get() {
+                    w.cancel(crate::operator::op_key(&self.in_flight));
+                }
             }
         }
         let mut cx = StepContext {
@@ -477,6 +487,7 @@ fn build(
         inputs,
         max_tasks,
         remote,
+        cancelled_remote: false,
     });
     Ok(())
 }

@@ -5,6 +5,11 @@
 //! One thread per execution asks the head about every pending object at once (a long
 //! poll that returns as soon as one is ready), so an execution with many tasks in flight
 //! costs one request per completion round, not one thread per task.
+//!
+//! Each object is watched for an operator ([`OpWatch`]): an operator that stops before
+//! its work is done (its output is no longer read: a `limit` reached, the execution
+//! stopped or failed) has the tasks still making its objects cancelled
+//! ([`Watch::cancel`]), instead of waiting for them to finish for no one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -18,9 +23,29 @@ pub(crate) type OnDone = Box<dyn FnOnce(Result<ObjectMeta>) + Send>;
 
 pub(crate) struct Watch {
     cluster: Cluster,
-    pending: Mutex<Vec<(ObjectRef, OnDone)>>,
+    /// Each object with the operator it is watched for (its key) and what to do.
+    pending: Mutex<Vec<(ObjectRef, usize, OnDone)>>,
     added: Condvar,
     stopped: AtomicBool,
+}
+
+/// The watch, as one operator adds to it.
+pub(crate) struct OpWatch {
+    pub(crate) watch: Arc<Watch>,
+    /// The operator's key (unique within the execution).
+    pub(crate) op: usize,
+}
+
+impl OpWatch {
+    /// Calls `done` once `object` is made or failed.
+    pub(crate) fn add(&self, object: ObjectRef, done: OnDone) {
+        self.watch
+            .pending
+            .lock()
+            .expect("watch lock")
+            .push((object, self.op, done));
+        self.watch.added.notify_all();
+    }
 }
 
 impl Watch {
@@ -40,13 +65,24 @@ impl Watch {
         Ok(watch)
     }
 
-    /// Calls `done` once `object` is made or failed.
-    pub(crate) fn add(&self, object: ObjectRef, done: OnDone) {
-        self.pending
+    /// Stops the tasks still making operator `op`'s objects (actor calls go on): each
+    /// then fails as cancelled, and its `done` hears so.
+    pub(crate) fn cancel(&self, op: usize) {
+        let objects: Vec<ObjectRef> = self
+            .pending
             .lock()
             .expect("watch lock")
-            .push((object, done));
-        self.added.notify_all();
+            .iter()
+            .filter(|(_, o, _)| *o == op)
+            .map(|(r, _, _)| r.clone())
+            .collect();
+        if objects.is_empty() {
+            return;
+        }
+        if let Err(e) = self.cluster.cancel(&objects.iter().collect::<Vec<_>>()) {
+            // They run to their end instead.
+            tracing::warn!("cannot cancel {} tasks: {e}", objects.len());
+        }
     }
 
     /// Stops the thread; what is still pending is dropped (its objects are freed).
@@ -63,7 +99,7 @@ impl Watch {
                     let _unused = self.added.wait_timeout(pending, Duration::from_millis(100));
                     continue;
                 }
-                pending.iter().map(|(r, _)| r.clone()).collect()
+                pending.iter().map(|(r, _, _)| r.clone()).collect()
             };
             let states = match self
                 .cluster
@@ -73,7 +109,7 @@ impl Watch {
                 Err(e) => {
                     // The head cannot be asked: everything pending fails with why.
                     let all = std::mem::take(&mut *self.pending.lock().expect("watch lock"));
-                    for (_, done) in all {
+                    for (_, _, done) in all {
                         done(Err(VolleyError::execution(e.to_string())));
                     }
                     continue;
@@ -94,8 +130,8 @@ impl Watch {
             {
                 let mut pending = self.pending.lock().expect("watch lock");
                 for (id, result) in finished {
-                    if let Some(i) = pending.iter().position(|(r, _)| r.id() == id) {
-                        let (_, done) = pending.swap_remove(i);
+                    if let Some(i) = pending.iter().position(|(r, _, _)| r.id() == id) {
+                        let (_, _, done) = pending.swap_remove(i);
                         calls.push((done, result));
                     }
                 }

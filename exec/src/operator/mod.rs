@@ -113,9 +113,13 @@ impl StepContext<'_> {
         self.shared.remote.as_ref().map(|r| r.budget.limit())
     }
 
-    /// The execution's watch of cluster objects (started on first use).
-    pub(crate) fn watch(&self) -> Arc<crate::watch::Watch> {
-        self.shared.watch()
+    /// The execution's watch of cluster objects (started on first use), for this
+    /// operator's objects.
+    pub(crate) fn watch(&self) -> crate::watch::OpWatch {
+        crate::watch::OpWatch {
+            watch: self.shared.watch(),
+            op: op_key(self.in_flight_counter),
+        }
     }
 }
 
@@ -222,6 +226,12 @@ impl OutputEstimate {
         seen.1 += output;
         seen.2 += 1;
     }
+}
+
+/// An operator's key in its execution's [`Watch`](crate::watch::Watch): its count of
+/// work in flight, one per operator.
+pub(crate) fn op_key(in_flight: &Arc<std::sync::atomic::AtomicUsize>) -> usize {
+    Arc::as_ptr(in_flight) as usize
 }
 
 /// One cluster task or actor call of an operator, counted as running until its object

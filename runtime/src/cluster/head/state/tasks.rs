@@ -832,32 +832,45 @@ impl State {
         self.end_unfinished(id, error, TaskEnd::Failed);
     }
 
-    /// Stops the unfinished tasks that make `objects` (those of job `job`; actor calls
-    /// go on, as they change their actor): one waiting is dropped, one running or
-    /// sent ahead is dropped by its node, whose worker is killed if it has started it.
-    /// Their objects fail with a cancellation, and go once their driver frees them.
-    /// A query that stops early (a `LIMIT` reached) stops the tasks whose output it
-    /// will not read, instead of leaving them to hold the cluster's CPUs.
+    /// Stops the unfinished tasks that make `objects` (those of job `job`) and that no
+    /// other unfinished task reads (one that reads another of `objects` is stopped
+    /// first); actor calls go on, as they change their actor. One waiting is dropped,
+    /// one running or sent ahead is dropped by its node, whose worker is killed if it
+    /// has started it. Their objects fail with a cancellation, and go once their driver
+    /// frees them. A query that stops early (a `LIMIT` reached) stops the tasks whose
+    /// output it will not read, instead of leaving them to hold the cluster's CPUs.
     pub fn cancel(&mut self, job: &str, objects: &[String]) {
-        for id in objects {
-            let cancellable = self.tasks.get(id).is_some_and(|t| {
-                t.spec.job_id == job
-                    && t.spec.actor.is_none()
-                    && matches!(t.state, TaskState::Pending | TaskState::Running { .. })
-            });
-            if !cancellable {
-                continue;
-            }
-            if let Some(node) = self.finish_running(id) {
-                if let Some(n) = self.nodes.get(&node) {
-                    n.send(NodeCommand::CancelTask(id.clone()));
+        let mut left: Vec<&String> = objects.iter().collect();
+        // Readers first: stopping one lets go of its inputs, which may then go too.
+        loop {
+            let before = left.len();
+            left.retain(|id| {
+                let task = self.tasks.get(id.as_str()).filter(|t| {
+                    t.spec.job_id == job
+                        && t.spec.actor.is_none()
+                        && matches!(t.state, TaskState::Pending | TaskState::Running { .. })
+                });
+                if task.is_none() {
+                    return false;
                 }
+                if self.objects.get(id.as_str()).is_some_and(|o| o.users > 0) {
+                    return true;
+                }
+                if let Some(node) = self.finish_running(id) {
+                    if let Some(n) = self.nodes.get(&node) {
+                        n.send(NodeCommand::CancelTask(id.to_string()));
+                    }
+                }
+                self.end_unfinished(
+                    id,
+                    cancelled_report("its driver cancelled it"),
+                    TaskEnd::Cancelled,
+                );
+                false
+            });
+            if left.len() == before {
+                break;
             }
-            self.end_unfinished(
-                id,
-                cancelled_report("its driver cancelled it"),
-                TaskEnd::Cancelled,
-            );
         }
     }
 

@@ -1234,4 +1234,21 @@ fn cancelled_tasks_stop_where_they_run_and_free_their_room() {
     // Freed, the cancelled tasks and their objects go.
     s.free(&["t2".into(), "big".into()]);
     assert!(!s.tasks.contains_key("t2") && !s.tasks.contains_key("big"));
+
+    // A task another unfinished task reads goes on, unless that reader is cancelled
+    // with it.
+    submit(&mut s, "m");
+    s.submit(task("r", &["m"])).unwrap();
+    s.schedule();
+    sent(&mut rx);
+    s.cancel("j", &["m".into()]);
+    assert!(s.object_status("m").error.is_none());
+    s.cancel("j", &["m".into(), "r".into()]);
+    for t in ["m", "r"] {
+        let e = s
+            .object_status(t)
+            .error
+            .unwrap_or_else(|| panic!("{t} did not fail"));
+        assert_eq!(e.kind, ErrorKind::Cancelled, "{t}: {e:?}");
+    }
 }
