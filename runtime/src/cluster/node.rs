@@ -619,6 +619,10 @@ impl Agent {
                 s.ahead.retain(|t| t.task_id != id);
                 for w in s.workers.values_mut() {
                     if w.running.iter().any(|(t, _)| *t == id) {
+                        // Exiting: should it finish the task before the kill lands, it
+                        // is told to exit instead of taking another task (which the
+                        // kill would then cost a retry).
+                        w.exiting = true;
                         if let Some(k) = w.kill.take() {
                             let _ = k.send(());
                         }
@@ -1096,7 +1100,17 @@ impl Agent {
                 })
         };
         if let Some(why) = failing {
-            self.hand_back(&job, &gpus, &why);
+            // Workers of the job that did start take what is queued; else it goes back.
+            let started = self
+                .state
+                .lock()
+                .expect("agent lock")
+                .workers
+                .values()
+                .any(|w| w.job == job && w.gpus == gpus && w.pulled && !w.exiting);
+            if !started {
+                self.hand_back(&job, &gpus, &why);
+            }
             return;
         }
         let (need, released) = {

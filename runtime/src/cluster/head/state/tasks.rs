@@ -741,6 +741,11 @@ impl State {
                     n.send(NodeCommand::FreeObjects(vec![r.task_id.clone()]));
                 }
             }
+            // Its worker took over a task sent ahead all the same: that task holds the
+            // slot now.
+            if let Some(successor) = &r.successor {
+                self.take_over(&r.node_id, successor);
+            }
             return false;
         }
         match r.outcome {
@@ -843,6 +848,17 @@ impl State {
         let mut left: Vec<&String> = objects.iter().collect();
         // Readers first: stopping one lets go of its inputs, which may then go too.
         loop {
+            // A group no unfinished task reads holds its members for readers the
+            // driver may still submit: not readers (an exchange's map outputs are
+            // held so until the driver frees the group, after its reduce tasks).
+            let mut idle_holds: HashMap<String, u32> = HashMap::new();
+            for g in self.object_groups.values() {
+                if g.job == job && g.users == 0 {
+                    for m in &g.members {
+                        *idle_holds.entry(m.clone()).or_default() += 1;
+                    }
+                }
+            }
             let before = left.len();
             left.retain(|id| {
                 let task = self.tasks.get(id.as_str()).filter(|t| {
@@ -853,7 +869,12 @@ impl State {
                 if task.is_none() {
                     return false;
                 }
-                if self.objects.get(id.as_str()).is_some_and(|o| o.users > 0) {
+                let held = idle_holds.get(id.as_str()).copied().unwrap_or(0);
+                if self
+                    .objects
+                    .get(id.as_str())
+                    .is_some_and(|o| o.users > held)
+                {
                     return true;
                 }
                 if let Some(node) = self.finish_running(id) {

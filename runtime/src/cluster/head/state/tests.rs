@@ -1251,4 +1251,12 @@ fn cancelled_tasks_stop_where_they_run_and_free_their_room() {
             .unwrap_or_else(|| panic!("{t} did not fail"));
         assert_eq!(e.kind, ErrorKind::Cancelled, "{t}: {e:?}");
     }
+
+    // A group that no unfinished task reads does not keep its members' tasks going
+    // (an exchange's map outputs, grouped for reduce tasks that were cancelled).
+    submit(&mut s, "m2");
+    s.create_object_group("j", "g", vec!["m2".into()]).unwrap();
+    s.cancel("j", &["m2".into()]);
+    let e = s.object_status("m2").error.expect("m2 did not fail");
+    assert_eq!(e.kind, ErrorKind::Cancelled, "{e:?}");
 }
