@@ -2553,16 +2553,7 @@ fn a_dataset_that_stops_early_cancels_its_tasks_in_flight() {
     );
     let logs = c.logs(&job);
     assert!(logs.contains("wrote 1 rows"), "{logs}");
-    let (code, text) = c.http_get("/metrics", Some(&c.token));
-    assert_eq!(code, 200, "{text}");
-    let cancelled = prometheus_samples(&text)
-        .into_iter()
-        .find(|(n, labels, _)| {
-            n == "volley_tasks_ended_total"
-                && labels.get("outcome").map(String::as_str) == Some("cancelled")
-        })
-        .map(|s| s.2)
-        .unwrap_or_else(|| panic!("no cancelled tasks counted in\n{text}"));
+    let cancelled = head_metric(&c, "volley_tasks_ended_total", &[("outcome", "cancelled")]);
     assert!(
         cancelled >= 1.0,
         "{cancelled} tasks cancelled; job log:\n{logs}"
@@ -3425,14 +3416,20 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         .collect()
 }
 
-/// The value of the sample `name` (no labels) on the head's `/metrics` page.
-fn head_metric(c: &TestCluster, name: &str) -> f64 {
+/// The value of the sample `name` with exactly `labels` on the head's `/metrics` page.
+fn head_metric(c: &TestCluster, name: &str, labels: &[(&str, &str)]) -> f64 {
     let (code, text) = c.http_get("/metrics", Some(&c.token));
     assert_eq!(code, 200, "{text}");
     prometheus_samples(&text)
         .into_iter()
-        .find(|(n, labels, _)| n == name && labels.is_empty())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"))
         .2
 }
 
@@ -3515,7 +3512,8 @@ fn job_files_are_sent_once_per_content_and_cached_on_nodes_up_to_a_limit() {
         );
         text
     };
-    let received = |c: &TestCluster| head_metric(c, "volley_package_received_bytes_total") as u64;
+    let received =
+        |c: &TestCluster| head_metric(c, "volley_package_received_bytes_total", &[]) as u64;
 
     // First job: both files go up, and the node fetches both.
     assert_eq!(run(&c).trim(), "3145728");
@@ -3598,7 +3596,7 @@ fn job_files_are_sent_once_per_content_and_cached_on_nodes_up_to_a_limit() {
         now[0].0, cached[0].0,
         "the old data was not evicted on the node"
     );
-    let cache_bytes = head_metric(&c, "volley_package_cache_bytes") as u64;
+    let cache_bytes = head_metric(&c, "volley_package_cache_bytes", &[]) as u64;
     assert!(cache_bytes <= 5 * MIB, "{cache_bytes}");
 
     // The old data again: evicted, so it goes up once more.

@@ -1087,28 +1087,28 @@ impl Agent {
     }
 
     async fn ensure_workers(self: Arc<Self>, job: String, gpus: Vec<u32>) {
+        // `Some(None)`: no worker starts, and those of the job that did take what is
+        // queued; `Some(Some(why))`: none did, so it goes back.
         let failing = {
             let s = self.state.lock().expect("agent lock");
             s.failed_starts
                 .get(&job)
                 .filter(|f| f.count >= MAX_FAILED_STARTS && f.last.elapsed() < FAILED_STARTS_PAUSE)
                 .map(|f| {
-                    format!(
-                        "{} workers of job {job} in a row exited before they asked for work ({})",
-                        f.count, f.why
-                    )
+                    let started = s
+                        .workers
+                        .values()
+                        .any(|w| w.job == job && w.gpus == gpus && w.pulled && !w.exiting);
+                    (!started).then(|| {
+                        format!(
+                            "{} workers of job {job} in a row exited before they asked for work ({})",
+                            f.count, f.why
+                        )
+                    })
                 })
         };
         if let Some(why) = failing {
-            // Workers of the job that did start take what is queued; else it goes back.
-            let started = self
-                .state
-                .lock()
-                .expect("agent lock")
-                .workers
-                .values()
-                .any(|w| w.job == job && w.gpus == gpus && w.pulled && !w.exiting);
-            if !started {
+            if let Some(why) = why {
                 self.hand_back(&job, &gpus, &why);
             }
             return;
@@ -1300,7 +1300,7 @@ impl Agent {
         let stopped = self.stopped(&w.job);
         if !w.pulled && w.start_actor.is_none() && !stopped {
             let dir = self.options.dir.join("jobs").join(&w.job);
-            let printed = last_lines(&worker_logs::worker_log(&dir, id), 3);
+            let printed = worker_logs::last_lines(&worker_logs::worker_log(&dir, id), 3);
             let why = match printed.is_empty() {
                 true => format!("the last: {status}"),
                 false => format!("the last: {status}; its output ends: {printed}"),
@@ -1698,26 +1698,6 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             .await;
         Ok(Response::new(proto::Empty {}))
     }
-}
-
-/// The last `n` non-empty lines of the file at `path` (at most its last 4 KiB), joined
-/// by " / "; empty if it cannot be read.
-fn last_lines(path: &Path, n: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
-    let mut tail = Vec::new();
-    let _ = f.read_to_end(&mut tail);
-    let text = String::from_utf8_lossy(&tail);
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(n)..].join(" / ")
 }
 
 #[cfg(test)]

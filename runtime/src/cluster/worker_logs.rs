@@ -26,6 +26,25 @@ pub(crate) fn worker_log(dir: &Path, worker: &str) -> PathBuf {
     dir.join(format!("{worker}.log"))
 }
 
+/// The last `n` non-empty lines of the file at `path` (at most its last 4 KiB), joined
+/// by " / "; empty if it cannot be read.
+pub(crate) fn last_lines(path: &Path, n: usize) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+    let mut tail = Vec::new();
+    let _ = f.read_to_end(&mut tail);
+    let text = String::from_utf8_lossy(&tail);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join(" / ")
+}
+
 fn length(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }

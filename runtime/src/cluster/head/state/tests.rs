@@ -1183,6 +1183,15 @@ fn only_what_waits_is_in_the_scheduling_passes_view() {
     let _ = n1;
 }
 
+/// Object `id` failed as cancelled.
+fn assert_cancelled(s: &State, id: &str) {
+    let e = s
+        .object_status(id)
+        .error
+        .unwrap_or_else(|| panic!("{id} did not fail"));
+    assert_eq!(e.kind, ErrorKind::Cancelled, "{id}: {e:?}");
+}
+
 /// A driver's cancel stops a running task on its node (its CPU goes to the next task)
 /// and drops a waiting one; what they make fails as cancelled, a finished task's
 /// object stays, and an attempt that still ends well has its output dropped on its
@@ -1212,11 +1221,7 @@ fn cancelled_tasks_stop_where_they_run_and_free_their_room() {
     assert_eq!(sent(&mut rx), ["cancel t2"]);
     assert!(s.object_status("t1").ready);
     for t in ["t2", "big"] {
-        let e = s
-            .object_status(t)
-            .error
-            .unwrap_or_else(|| panic!("{t} did not fail"));
-        assert_eq!(e.kind, ErrorKind::Cancelled, "{t}: {e:?}");
+        assert_cancelled(&s, t);
     }
     // The node's CPU is free again: the next task runs at once.
     submit(&mut s, "t4");
@@ -1245,11 +1250,7 @@ fn cancelled_tasks_stop_where_they_run_and_free_their_room() {
     assert!(s.object_status("m").error.is_none());
     s.cancel("j", &["m".into(), "r".into()]);
     for t in ["m", "r"] {
-        let e = s
-            .object_status(t)
-            .error
-            .unwrap_or_else(|| panic!("{t} did not fail"));
-        assert_eq!(e.kind, ErrorKind::Cancelled, "{t}: {e:?}");
+        assert_cancelled(&s, t);
     }
 
     // A group that no unfinished task reads does not keep its members' tasks going
@@ -1257,6 +1258,5 @@ fn cancelled_tasks_stop_where_they_run_and_free_their_room() {
     submit(&mut s, "m2");
     s.create_object_group("j", "g", vec!["m2".into()]).unwrap();
     s.cancel("j", &["m2".into()]);
-    let e = s.object_status("m2").error.expect("m2 did not fail");
-    assert_eq!(e.kind, ErrorKind::Cancelled, "{e:?}");
+    assert_cancelled(&s, "m2");
 }
