@@ -9,7 +9,8 @@
 //! Run without a cluster (no `VOLLEY_ADDRESS`) it runs locally and writes the same rows.
 //! Each read task of the input becomes a cluster task; every node's workers take some.
 //! `--slow-ms N` makes the transform sleep N ms per batch (to watch it, or kill a node
-//! while it runs); `--tag-node` adds the node each row was computed on.
+//! while it runs; `--fast-first` spares the batch holding the first row); `--tag-node`
+//! adds the node each row was computed on.
 
 use std::sync::Arc;
 
@@ -23,19 +24,22 @@ use volley::WriteMode;
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Score {
     slow_ms: u64,
+    /// The batch holding the first row (`x = 0`) does not sleep.
+    fast_first: bool,
     tag_node: bool,
 }
 
 #[volley::typetag::serde]
 impl NamedTransform for Score {
     fn transform(&self, batch: RecordBatch) -> volley::Result<RecordBatch> {
-        if self.slow_ms > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(self.slow_ms));
-        }
         let x = batch
             .column_by_name("x")
             .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
             .ok_or_else(|| VolleyError::plan("Score needs an int64 column `x`"))?;
+        let first = self.fast_first && x.values().contains(&0);
+        if self.slow_ms > 0 && !first {
+            std::thread::sleep(std::time::Duration::from_millis(self.slow_ms));
+        }
         let w = batch
             .column_by_name("weight")
             .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
@@ -77,6 +81,10 @@ struct Args {
     /// Milliseconds the transform sleeps per batch.
     #[arg(long, default_value_t = 0)]
     slow_ms: u64,
+    /// The batch holding the first row (`x = 0`) does not sleep: with `--limit` the
+    /// limit is reached while the other tasks still sleep.
+    #[arg(long)]
+    fast_first: bool,
     /// Add the node each row was computed on (column `node`).
     #[arg(long)]
     tag_node: bool,
@@ -130,6 +138,7 @@ fn main() -> Result<()> {
         input,
         output,
         slow_ms,
+        fast_first,
         tag_node,
         actors,
         model_ms,
@@ -144,7 +153,11 @@ fn main() -> Result<()> {
     let mut ds = read_parquet(input.as_str())?
         .with_column("weight", cast(col("x") % lit(7i64), DataType::Float64))?
         .map_transform(
-            TransformFn::named(Score { slow_ms, tag_node }),
+            TransformFn::named(Score {
+                slow_ms,
+                fast_first,
+                tag_node,
+            }),
             MapOptions::default(),
         )
         .filter(col("x").gt_eq(lit(0i64)))?;

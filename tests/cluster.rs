@@ -2521,17 +2521,16 @@ fn assert_no_node_spilled(c: &TestCluster, nodes: usize, context: &str) {
     );
 }
 
-/// A driver that stops reading holds the cluster back: while it pauses, the stage and
-/// the pool stop at the execution's object-store budget (half of two 64 MiB stores)
-/// instead of filling the stores behind it (which would spill), and after it reads on
-/// every byte arrives.
 /// A Dataset job that stops before its input is read (a `limit` reached) cancels the
 /// cluster tasks it has in flight instead of waiting for them: they end as cancelled.
+/// The first row's task does not sleep, so the limit is reached while the others do;
+/// the stores are large enough for the first read tasks' expected outputs (64 MiB each
+/// before any has finished) to start four at once.
 #[test]
 fn a_dataset_that_stops_early_cancels_its_tasks_in_flight() {
     let mut c = TestCluster::start(5.0);
     for _ in 0..2 {
-        c.add_node(2, 0);
+        c.add_node_with_store(2, 0, "512MiB");
     }
     let dir = tempfile::tempdir().unwrap();
     let input = input(dir.path(), 32, 1);
@@ -2542,6 +2541,7 @@ fn a_dataset_that_stops_early_cancels_its_tasks_in_flight() {
         out.to_str().unwrap(),
         "--slow-ms",
         "3000",
+        "--fast-first",
         "--limit",
         "1",
     ]);
@@ -2560,6 +2560,10 @@ fn a_dataset_that_stops_early_cancels_its_tasks_in_flight() {
     );
 }
 
+/// A driver that stops reading holds the cluster back: while it pauses, the stage and
+/// the pool stop at the execution's object-store budget (half of two 64 MiB stores)
+/// instead of filling the stores behind it (which would spill), and after it reads on
+/// every byte arrives.
 #[test]
 fn a_consumer_that_stops_reading_holds_the_cluster_back() {
     let mut c = TestCluster::start(5.0);
