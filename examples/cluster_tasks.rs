@@ -15,6 +15,8 @@
 //!
 //! `cluster_tasks --broken-workers` is a program whose workers fail as they start
 //! (before `volley::init()`): its task fails, and the error says what they printed.
+//! With `--broken-node NODE` only the workers on that node fail: the tasks the node
+//! hands back run on the others, and all succeed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -199,6 +201,31 @@ struct Args {
     /// fails with.
     #[arg(long)]
     broken_workers: bool,
+    /// With `--broken-workers`: only the workers on this node fail, and the tasks
+    /// (`TASKS` of them) all succeed on the other nodes.
+    #[arg(long)]
+    broken_node: Option<String>,
+}
+
+/// The driver of `--broken-workers --broken-node`: every one of `tasks` tasks runs on
+/// a node other than the broken one.
+fn one_broken_node(
+    cluster: &volley::crates::runtime::cluster::Cluster,
+    broken: &str,
+    tasks: i64,
+) -> Result<()> {
+    let blocks: Vec<_> = (0..tasks)
+        .map(|i| cluster.submit(Numbers { start: i, n: 1 }, &[], &TaskOptions::default()))
+        .collect::<Result<_>>()?;
+    for b in &blocks {
+        let batches = cluster.get(b)?;
+        if batches.iter().map(RecordBatch::num_rows).sum::<usize>() != 1 {
+            return Err(VolleyError::execution("a task made the wrong rows"));
+        }
+    }
+    println!("{tasks} tasks ran on the nodes other than {broken}");
+    println!("OK");
+    Ok(())
 }
 
 /// The driver of `--broken-workers`: its one task fails, saying why its workers exit.
@@ -222,7 +249,11 @@ fn broken_workers(cluster: &volley::crates::runtime::cluster::Cluster) -> Result
 
 fn main() -> Result<()> {
     let args: Args = clap::Parser::parse();
-    if args.broken_workers && std::env::var_os("VOLLEY_WORKER_ID").is_some() {
+    let broken_here = args
+        .broken_node
+        .as_deref()
+        .is_none_or(|node| std::env::var("VOLLEY_NODE_ID").is_ok_and(|here| here == node));
+    if args.broken_workers && broken_here && std::env::var_os("VOLLEY_WORKER_ID").is_some() {
         // A worker that fails before `volley::init()` makes it one.
         eprintln!("cannot load the model: weights.bin is missing");
         std::process::exit(2);
@@ -234,7 +265,10 @@ fn main() -> Result<()> {
         return wait_for_resources(&cluster);
     }
     if args.broken_workers {
-        return broken_workers(&cluster);
+        return match &args.broken_node {
+            Some(node) => one_broken_node(&cluster, node, args.tasks),
+            None => broken_workers(&cluster),
+        };
     }
     let tasks = args.tasks;
     let n = 100_000;

@@ -699,6 +699,32 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
             .count();
     }
     assert!(started <= 12, "{started} workers started for {broken}");
+    // Once every node has failed to start them, the task fails with all their reasons.
+    assert!(
+        logs.contains("no node can start its job's workers"),
+        "{logs}"
+    );
+
+    // Workers that cannot start on one node only: that node hands its tasks back, the
+    // head keeps the job's tasks off it, and every task succeeds on the other two.
+    let one_broken = c.submit(&[
+        example("cluster_tasks").to_str().unwrap(),
+        "12",
+        "--broken-workers",
+        "--broken-node",
+        "node-1",
+    ]);
+    assert_eq!(
+        c.wait_job(&one_broken, Duration::from_secs(120)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&one_broken)
+    );
+    let logs = c.logs(&one_broken);
+    assert!(
+        logs.contains("12 tasks ran") && logs.contains("OK"),
+        "{logs}"
+    );
 
     // Workers' output stays on their nodes, and `volley logs` fetches it through the
     // head: a listing, one task's output by name or id, an actor's.
@@ -857,7 +883,7 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     let (code, body) = c.http_get("/api/jobs", Some(&c.token));
     assert_eq!(code, 200, "{body}");
     let jobs: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(jobs.as_array().unwrap().len(), 6, "{body}");
+    assert_eq!(jobs.as_array().unwrap().len(), 7, "{body}");
     let posted = Command::new("curl")
         .args(["-s", "-X", "POST", "-H", "Content-Type: application/json", "-H"])
         .arg(format!("Authorization: Bearer {}", c.token))

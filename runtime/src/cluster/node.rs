@@ -1170,7 +1170,7 @@ impl Agent {
         for t in tasks {
             self.report(
                 &t,
-                Outcome::SystemFailure,
+                Outcome::NoWorker,
                 format!("cannot start a worker on {}: {why}", self.node_id),
             );
         }

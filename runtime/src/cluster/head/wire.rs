@@ -80,6 +80,9 @@ impl From<proto::TaskReport> for TaskReport {
                 || volley_common::ErrorReport::new(volley_common::ErrorKind::Execution, "failed"),
                 error_report,
             )),
+            Outcome::NoWorker => TaskOutcome::NoWorker {
+                error: r.error.map(|e| e.message).unwrap_or_default(),
+            },
             Outcome::SystemFailure => TaskOutcome::SystemFailure {
                 error: r.error.map(|e| e.message).unwrap_or_default(),
                 unreadable: r

@@ -181,7 +181,8 @@ impl State {
                 self.pending_jobs.remove(&id);
                 continue;
             };
-            let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new(), false, None) else {
+            let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new(), false, None, &[])
+            else {
                 continue;
             };
             self.pending_jobs.remove(&id);

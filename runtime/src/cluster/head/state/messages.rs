@@ -177,6 +177,9 @@ pub(crate) enum TaskOutcome {
         error: String,
         unreadable: Vec<UnreadableInput>,
     },
+    /// No worker of its job could start on its node: run again if it may, on another
+    /// node while that one keeps failing ([`NO_WORKER_PAUSE`](super::tasks::NO_WORKER_PAUSE)).
+    NoWorker { error: String },
 }
 
 /// A node's word on a task attempt it ran.

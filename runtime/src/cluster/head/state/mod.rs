@@ -408,6 +408,9 @@ pub(crate) struct JobEntry {
     /// apart): how many of them may wait ahead on a node ([`tasks::ahead_per_slot`]).
     /// At most [`tasks::TIMED_NAMES`] names.
     task_seconds: FastMap<String, f64>,
+    /// The nodes that could not start its workers lately (when, why): its tasks keep
+    /// off them for [`tasks::NO_WORKER_PAUSE`].
+    no_workers: FastMap<String, (Instant, String)>,
 }
 
 impl JobEntry {
@@ -426,6 +429,7 @@ impl JobEntry {
             last_alive: Instant::now(),
             gpus: vec![],
             task_seconds: FastMap::default(),
+            no_workers: FastMap::default(),
         }
     }
 }

@@ -91,6 +91,11 @@ impl TaskQueue {
 /// died or was cut off) before such a loss uses one of its retries.
 const MAX_INPUT_LOSSES: u32 = 8;
 
+/// How long a job's tasks keep off a node that could not start the job's workers (as
+/// long as the node itself starts none for the job after repeated failures): their
+/// retries go to the other nodes instead of failing there again.
+pub(super) const NO_WORKER_PAUSE: Duration = Duration::from_secs(30);
+
 impl State {
     /// Places the waiting tasks that can run now.
     pub(super) fn place_tasks(&mut self) {
@@ -276,6 +281,7 @@ impl State {
             .collect();
         let source = self.waits_for_store(task);
         let (holder, wait_left) = self.input_holder(task).unzip();
+        let avoid = self.nodes_without_workers(&task.spec.job_id);
         let placement = match task.spec.bundle.clone() {
             None => self
                 .pick_node(
@@ -284,6 +290,7 @@ impl State {
                     &HashMap::new(),
                     source,
                     holder.as_deref(),
+                    &avoid,
                 )
                 .map(|(node, gpus)| (node, gpus, None)),
             Some(choice) => self.take_from_bundle(&choice, &resources),
@@ -294,11 +301,52 @@ impl State {
         // Looked up only for a task that may go ahead: most placements do not need it.
         let depth = self.ahead_depth(id);
         let ahead = cpu_only
-            .and_then(|_| self.pick_ahead(&resources, source, depth, holder.as_deref()))
+            .and_then(|_| self.pick_ahead(&resources, source, depth, holder.as_deref(), &avoid))
             .filter(|node| wait_left.is_none_or(|left| self.ahead_ends_within(id, node, left)));
-        match ahead {
-            Some(node) => self.dispatch(id, node, vec![], None, args, true),
-            None => false,
+        if let Some(node) = ahead {
+            return self.dispatch(id, node, vec![], None, args, true);
+        }
+        // Every node that could hold it has just failed to start its job's workers:
+        // it fails now, saying why, instead of waiting for one of them to try again.
+        if !avoid.is_empty() && self.tasks[id].spec.bundle.is_none() {
+            let elsewhere = self.nodes.iter().any(|(n, node)| {
+                node.takes_work()
+                    && resources.fits_in(&node.total)
+                    && !avoid.iter().any(|(a, _)| a == n)
+            });
+            if !elsewhere {
+                let why: Vec<String> = avoid.into_iter().map(|(_, why)| why).collect();
+                let e = format!("no node can start its job's workers: {}", why.join("; "));
+                self.fail_task(id, execution_report(e));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The nodes that could not start job `job`'s workers within the last
+    /// [`NO_WORKER_PAUSE`], each with why.
+    fn nodes_without_workers(&self, job: &str) -> Vec<(String, String)> {
+        self.jobs.get(job).map_or_else(Vec::new, |j| {
+            j.no_workers
+                .iter()
+                .filter(|(_, (at, _))| at.elapsed() < NO_WORKER_PAUSE)
+                .map(|(node, (_, why))| (node.clone(), why.clone()))
+                .collect()
+        })
+    }
+
+    /// Node `node` could not start a worker of task `id`'s job (`why`): the job's tasks
+    /// keep off it for [`NO_WORKER_PAUSE`].
+    fn no_worker_on(&mut self, node: &str, id: &str, why: &str) {
+        let Some(job) = self.tasks.get(id).map(|t| t.spec.job_id.clone()) else {
+            return;
+        };
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.no_workers
+                .retain(|_, (at, _)| at.elapsed() < NO_WORKER_PAUSE);
+            j.no_workers
+                .insert(node.to_string(), (Instant::now(), why.to_string()));
         }
     }
 
@@ -349,11 +397,13 @@ impl State {
         source: bool,
         per_slot: usize,
         only: Option<&str>,
+        avoid: &[(String, String)],
     ) -> Option<String> {
         let key = req.num_cpus.to_bits();
         self.nodes
             .iter()
             .filter(|(id, _)| only.is_none_or(|o| o == id.as_str()))
+            .filter(|(id, _)| !avoid.iter().any(|(a, _)| a == *id))
             .filter(|(_, n)| n.takes_work() && !(source && n.store_full()))
             .filter_map(|(id, n)| {
                 let slots = n.slots.get(&key).copied().unwrap_or(0);
@@ -515,7 +565,7 @@ impl State {
     /// should spread), then the one whose object store is least full (by quarters of
     /// its memory: the task's output will be stored there, and a full store spills),
     /// then the one with the most CPUs free (spreading load). `only` names the one
-    /// node it may be.
+    /// node it may be; the nodes in `avoid` (with why) it may not.
     pub(super) fn pick_node(
         &mut self,
         req: &Resources,
@@ -523,10 +573,14 @@ impl State {
         crowd: &HashMap<String, usize>,
         source: bool,
         only: Option<&str>,
+        avoid: &[(String, String)],
     ) -> Option<(String, Vec<u32>)> {
         let mut best: Option<(u64, usize, u64, f64, u64, String)> = None;
         for (id, n) in &self.nodes {
             if only.is_some_and(|o| o != id) || !n.takes_work() || !req.fits_in(&n.available) {
+                continue;
+            }
+            if avoid.iter().any(|(a, _)| a == id) {
                 continue;
             }
             if source && n.store_full() {
@@ -758,6 +812,10 @@ impl State {
                 self.task_done(&r.task_id, &r.node_id, bytes, rows, inline)
             }
             TaskOutcome::Failed(e) => self.fail_task(&r.task_id, e),
+            TaskOutcome::NoWorker { error } => {
+                self.no_worker_on(&r.node_id, &r.task_id, &error);
+                self.system_failure(&r.task_id, &error)
+            }
             TaskOutcome::SystemFailure { error, unreadable } => {
                 if unreadable.is_empty() {
                     self.system_failure(&r.task_id, &error)

@@ -514,6 +514,80 @@ fn a_task_fails_for_good_once_its_retries_are_used() {
     assert_eq!(s.nodes["n1"].available.num_cpus, 1.0);
 }
 
+/// A node whose workers of a job cannot start hands the job's tasks back: their
+/// retries go to the other nodes, and once no node is left that could start one, the
+/// task fails at once with every node's reason.
+#[test]
+fn a_node_that_cannot_start_a_jobs_workers_gets_none_of_its_tasks() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let (n1, rx1) = join(&mut s, 1.0, "a");
+    let (n2, rx2) = join(&mut s, 1.0, "b");
+    let no_worker = |node: &str, task: &str, attempt| TaskReport {
+        node_id: node.into(),
+        task_id: task.into(),
+        attempt,
+        outcome: TaskOutcome::NoWorker {
+            error: format!("cannot start a worker on {node}: it exited"),
+        },
+        successor: None,
+        run_time: Default::default(),
+    };
+    submit(&mut s, "t1");
+    s.schedule();
+    let mut rx = HashMap::from([(n1.clone(), rx1), (n2.clone(), rx2)]);
+    let (first, second) = if sent(rx.get_mut(&n1).unwrap()) == ["run t1"] {
+        (n1.clone(), n2.clone())
+    } else {
+        (n2.clone(), n1.clone())
+    };
+    assert!(s.task_reported(no_worker(&first, "t1", 0)));
+    s.schedule();
+    // Its retry goes to the other node, though the first has room again.
+    assert_eq!(sent(rx.get_mut(&second).unwrap()), ["run t1"]);
+    assert_eq!(s.nodes[&first].available.num_cpus, 1.0);
+    // Another task of the job keeps off the first node too: it waits ahead on the
+    // second.
+    submit(&mut s, "t2");
+    s.schedule();
+    assert_eq!(sent(rx.get_mut(&first).unwrap()), Vec::<String>::new());
+    assert_eq!(sent(rx.get_mut(&second).unwrap()), ["ahead t2"]);
+    // The second node cannot start them either: it hands both back.
+    assert!(s.task_reported(no_worker(&second, "t1", 1)));
+    assert!(s.task_reported(no_worker(&second, "t2", 0)));
+    s.schedule();
+    // No node is left that could start the job's workers: both fail now, saying why
+    // (with retries left).
+    for t in ["t1", "t2"] {
+        assert_eq!(s.tasks[t].state, TaskState::Failed, "{t}");
+        let e = s.object_status(t).error.unwrap().message;
+        assert!(e.contains("no node can start its job's workers"), "{e}");
+        assert!(
+            e.contains(&format!("cannot start a worker on {first}: it exited"))
+                && e.contains(&format!("cannot start a worker on {second}: it exited")),
+            "{e}"
+        );
+    }
+    // Another job's tasks still go to both nodes.
+    let mut other = job("k");
+    other.status.job_id = "k".into();
+    s.add_job(other);
+    for id in ["k1", "k2"] {
+        let mut t = task(id, &[]);
+        t.job_id = "k".into();
+        s.submit(t).unwrap();
+    }
+    s.schedule();
+    for node in [&first, &second] {
+        let cmds = sent(rx.get_mut(node).unwrap());
+        assert!(
+            cmds.iter()
+                .any(|c| c.ends_with(" k1") || c.ends_with(" k2")),
+            "{node}: {cmds:?}"
+        );
+    }
+}
+
 #[test]
 fn a_job_s_end_takes_its_tasks_actors_groups_and_objects_with_it() {
     let (mut s, mut rx) = one_node(4.0);
