@@ -612,21 +612,35 @@ impl Agent {
                 }
             }
             Command::CancelTask(id) => {
-                let mut s = self.state.lock().expect("agent lock");
-                for q in s.queues.values_mut() {
-                    q.retain(|t| t.task_id != id);
-                }
-                s.ahead.retain(|t| t.task_id != id);
-                for w in s.workers.values_mut() {
-                    if w.running.iter().any(|(t, _)| *t == id) {
-                        // Exiting: should it finish the task before the kill lands, it
-                        // is told to exit instead of taking another task (which the
-                        // kill would then cost a retry).
-                        w.exiting = true;
-                        if let Some(k) = w.kill.take() {
-                            let _ = k.send(());
+                let mut dropped = Vec::new();
+                {
+                    let mut s = self.state.lock().expect("agent lock");
+                    for q in s.queues.values_mut() {
+                        q.retain(|t| {
+                            let keep = t.task_id != id;
+                            if !keep {
+                                dropped.push(t.clone());
+                            }
+                            keep
+                        });
+                    }
+                    s.ahead.retain(|t| t.task_id != id);
+                    for w in s.workers.values_mut() {
+                        if w.running.iter().any(|(t, _)| *t == id) {
+                            // Exiting: should it finish the task before the kill lands,
+                            // it is told to exit instead of taking another task (which
+                            // the kill would then cost a retry).
+                            w.exiting = true;
+                            if let Some(k) = w.kill.take() {
+                                let _ = k.send(());
+                            }
                         }
                     }
+                }
+                // A task dropped before a worker took it ends here: the head hears so
+                // (and frees what it held for it), as it hears of a killed worker's.
+                for t in dropped {
+                    self.report(&t, Outcome::SystemFailure, "cancelled".into());
                 }
             }
             Command::FreeObjects(ids) => self.store.free(&ids.ids),
@@ -1292,10 +1306,14 @@ impl Agent {
         let Some(w) = entry else {
             return waiting;
         };
+        let why = format!("worker process {pid} on {} exited ({status})", self.node_id);
         if w.exiting {
+            // Told to exit (to give way, or killed for a cancel): a task it was still
+            // running ended with it, and the head hears so (a cancelled task's GPUs
+            // wait for that).
+            self.report_lost(w.running, &why);
             return waiting;
         }
-        let why = format!("worker process {pid} on {} exited ({status})", self.node_id);
         // One stopped with its job does not count.
         let stopped = self.stopped(&w.job);
         if !w.pulled && w.start_actor.is_none() && !stopped {
@@ -1335,19 +1353,26 @@ impl Agent {
             self.state.lock().expect("agent lock").calls.remove(&actor);
             self.report_actor(&actor, inc, false, why.clone(), 0).await;
         }
-        for (task, attempt) in w.running {
+        for (task, _) in &w.running {
             warn!("{why} while running task {task}");
+        }
+        self.report_lost(w.running, &why);
+        waiting
+    }
+
+    /// Reports the task attempts a dead worker was `running` as failed (`why`).
+    fn report_lost(&self, running: Vec<(String, u32)>, why: &str) {
+        for (task, attempt) in running {
             let report = proto::TaskReport {
                 node_id: self.node_id.clone(),
                 task_id: task,
                 attempt,
                 outcome: Outcome::SystemFailure as i32,
-                error: Some(wire_execution_error(why.clone())),
+                error: Some(wire_execution_error(why.to_string())),
                 ..Default::default()
             };
             let _ = self.reports.send(PendingReport::now(report));
         }
-        waiting
     }
 
     /// What worker `id` does next, if anything is waiting for it: exit, become an

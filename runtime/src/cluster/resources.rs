@@ -290,6 +290,17 @@ impl GpuSlots {
         )
     }
 
+    /// Takes exactly GPUs `ids` for a request of `n` (what [`take`](Self::take)
+    /// handed out for it before), as far as they are free.
+    pub(crate) fn hold(&mut self, ids: &[u32], n: f64) {
+        let per = if n < 1.0 { n } else { 1.0 };
+        for id in ids {
+            if let Some(s) = self.slots.iter_mut().find(|(i, _)| i == id) {
+                s.1 = (s.1 - per).max(0.0);
+            }
+        }
+    }
+
     /// Gives back what [`take`](Self::take) handed out.
     pub(crate) fn give(&mut self, ids: &[u32], n: f64) {
         let per = if n < 1.0 { n } else { 1.0 };

@@ -74,6 +74,11 @@ struct Node {
     /// Leaving the cluster: it gets no new work, and the objects only it holds are
     /// copied to other nodes before it goes.
     draining: bool,
+    /// The GPUs of cancelled tasks whose workers may still run (by task: the attempt,
+    /// the GPUs asked for, their ids): they go to no other work until the node
+    /// reports that attempt ended (its worker killed, or done first), so a task
+    /// started next does not share a GPU with a process still holding its memory.
+    cancelled_gpus: FastMap<String, (u32, f64, Vec<u32>)>,
 }
 
 impl Node {
@@ -94,6 +99,7 @@ impl Node {
             object_store_memory: r.object_store_memory,
             stored: 0,
             draining: false,
+            cancelled_gpus: FastMap::default(),
         }
     }
 

@@ -782,6 +782,17 @@ impl State {
                 && matches!(&t.state, TaskState::Running { node, .. } if *node == r.node_id)
         });
         if !current {
+            // A cancelled attempt's worker ended: the GPUs it held are free now.
+            if let Some(n) = self.nodes.get_mut(&r.node_id) {
+                if n.cancelled_gpus
+                    .get(&r.task_id)
+                    .is_some_and(|(attempt, _, _)| *attempt == r.attempt)
+                {
+                    let (_, n_gpus, ids) = n.cancelled_gpus.remove(&r.task_id).expect("found");
+                    n.available.num_gpus += n_gpus;
+                    n.gpus.give(&ids, n_gpus);
+                }
+            }
             // An attempt that ended well after its task ended for good (it was
             // cancelled while it ran, or is gone with its object): no one will read what
             // it stored, so its node drops it. (The attempt of a task that still runs
@@ -935,8 +946,24 @@ impl State {
                 {
                     return true;
                 }
+                // A running task's GPUs stay held until its node reports the attempt
+                // ended (its CPUs are free at once).
+                let gpus = self.tasks.get(id.as_str()).and_then(|t| match &t.state {
+                    TaskState::Running { gpus, .. }
+                        if !gpus.is_empty() && t.bundle.is_none() && !t.ahead =>
+                    {
+                        Some((t.attempt, t.spec.resources.num_gpus, gpus.clone()))
+                    }
+                    _ => None,
+                });
                 if let Some(node) = self.finish_running(id) {
-                    if let Some(n) = self.nodes.get(&node) {
+                    if let Some(n) = self.nodes.get_mut(&node) {
+                        if let Some((attempt, n_gpus, ids)) = gpus {
+                            n.available.num_gpus -= n_gpus;
+                            n.gpus.hold(&ids, n_gpus);
+                            n.cancelled_gpus
+                                .insert(id.to_string(), (attempt, n_gpus, ids));
+                        }
                         n.send(NodeCommand::CancelTask(id.to_string()));
                     }
                 }

@@ -1270,6 +1270,50 @@ fn assert_cancelled(s: &State, id: &str) {
 /// and drops a waiting one; what they make fails as cancelled, a finished task's
 /// object stays, and an attempt that still ends well has its output dropped on its
 /// node.
+/// A cancelled task's GPU goes to no other task until its node reports the attempt
+/// ended (the worker it kills may still hold the GPU's memory); its CPUs are free at once.
+#[test]
+fn a_cancelled_tasks_gpu_waits_for_its_worker_to_end() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let mut rx = join_gpu_node(&mut s, cpus(2.0).with_gpus(1.0));
+    let node = s.nodes.keys().next().unwrap().clone();
+    let gpu_task = |id: &str| TaskSpec {
+        resources: cpus(1.0).with_gpus(1.0),
+        ..task(id, &[])
+    };
+    s.submit(gpu_task("g1")).unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run g1"]);
+    s.cancel("j", &["g1".into()]);
+    s.submit(gpu_task("g2")).unwrap();
+    submit(&mut s, "c1");
+    s.schedule();
+    // The CPU-only task runs; the GPU task waits for g1's worker.
+    assert_eq!(sent(&mut rx), ["cancel g1", "run c1"]);
+    assert_eq!(s.tasks["g2"].state, TaskState::Pending);
+    // A report of another attempt of g1 frees nothing.
+    let ended = |attempt| TaskReport {
+        node_id: node.clone(),
+        task_id: "g1".into(),
+        attempt,
+        outcome: TaskOutcome::SystemFailure {
+            error: "cancelled".into(),
+            unreadable: vec![],
+        },
+        successor: None,
+        run_time: Default::default(),
+    };
+    assert!(!s.task_reported(ended(7)));
+    s.schedule();
+    assert!(sent(&mut rx).is_empty());
+    // The killed worker's attempt ended: g2 runs on the GPU.
+    assert!(!s.task_reported(ended(0)));
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run g2"]);
+    assert!(s.nodes[&node].cancelled_gpus.is_empty());
+}
+
 #[test]
 fn cancelled_tasks_stop_where_they_run_and_free_their_room() {
     let (mut s, mut rx) = one_node(1.0);
