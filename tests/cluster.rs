@@ -725,6 +725,14 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         logs.contains("12 tasks ran") && logs.contains("OK"),
         "{logs}"
     );
+    // node-1 did get tasks, and handed them back.
+    let status = c.describe(&one_broken);
+    let retries: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("retries:"))
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no retries in:\n{status}"));
+    assert!(retries >= 1, "{status}");
 
     // Workers' output stays on their nodes, and `volley logs` fetches it through the
     // head: a listing, one task's output by name or id, an actor's.

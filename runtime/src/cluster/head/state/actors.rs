@@ -197,6 +197,22 @@ impl State {
             }
             self.release(&node, &req, &gpus, &bundle);
         }
+        // Its calls sent to its node end with it (the node drops those queued there
+        // without a word): they fail now, saying why.
+        let calls: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.spec.actor.as_deref() == Some(id) && matches!(t.state, TaskState::Running { .. })
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in calls {
+            self.fail_task(
+                &t,
+                execution_report(format!("actor {id} was stopped: {why}")),
+            );
+        }
     }
 }
 

@@ -50,6 +50,10 @@ type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 /// `(placement group, bundle index, group generation)` a task or actor runs in.
 type BundleRef = (String, usize, u64);
 
+/// How long a cancelled task's GPUs stay held for want of word that its worker ended
+/// (a node reports it as the worker dies: this is for a report lost on the way).
+const CANCELLED_GPUS_HELD: Duration = Duration::from_secs(60);
+
 struct Node {
     hostname: String,
     object_address: String,
@@ -75,10 +79,11 @@ struct Node {
     /// copied to other nodes before it goes.
     draining: bool,
     /// The GPUs of cancelled tasks whose workers may still run (by task: the attempt,
-    /// the GPUs asked for, their ids): they go to no other work until the node
-    /// reports that attempt ended (its worker killed, or done first), so a task
-    /// started next does not share a GPU with a process still holding its memory.
-    cancelled_gpus: FastMap<String, (u32, f64, Vec<u32>)>,
+    /// the GPUs asked for, their ids, since when): they go to no other work until the
+    /// node reports that attempt ended (its worker killed, or done first), so a task
+    /// started next does not share a GPU with a process still holding its memory; or,
+    /// should that report be lost, for [`CANCELLED_GPUS_HELD`].
+    cancelled_gpus: FastMap<String, (u32, f64, Vec<u32>, Instant)>,
 }
 
 impl Node {
@@ -221,6 +226,9 @@ struct TaskEntry {
     reconstructions: u32,
     /// Times it waited for an input that could not be read to be made again.
     input_losses: u32,
+    /// Times a node handed it back for want of a worker (no retry used, up to
+    /// [`tasks::MAX_NO_WORKER`]).
+    no_worker_bounces: u32,
     /// `(group, bundle, generation)` whose reservation the running task uses.
     bundle: Option<BundleRef>,
     /// Sent to its node ahead of room: it holds no resources yet.
@@ -270,6 +278,11 @@ impl TaskEntry {
 
     /// The CPUs it asks for, when that is all it asks for (no GPUs, memory, custom
     /// resources, placement group or actor).
+    /// Whether it runs in a worker with GPUs.
+    fn uses_gpus(&self) -> bool {
+        self.spec.resources.num_gpus > 0.0
+    }
+
     fn cpu_only(&self) -> Option<f64> {
         let r = &self.spec.resources;
         (self.spec.actor.is_none()
@@ -414,9 +427,10 @@ pub(crate) struct JobEntry {
     /// apart): how many of them may wait ahead on a node ([`tasks::ahead_per_slot`]).
     /// At most [`tasks::TIMED_NAMES`] names.
     task_seconds: FastMap<String, f64>,
-    /// The nodes that could not start its workers lately (when, why): its tasks keep
-    /// off them for [`tasks::NO_WORKER_PAUSE`].
-    no_workers: FastMap<String, (Instant, String)>,
+    /// The nodes that could not start its workers lately, for tasks with GPUs or
+    /// without (a node starts each kind apart): when, and why. Its tasks of that kind
+    /// keep off them for [`tasks::NO_WORKER_PAUSE`].
+    no_workers: FastMap<(String, bool), (Instant, String)>,
 }
 
 impl JobEntry {

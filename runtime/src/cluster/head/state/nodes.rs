@@ -50,6 +50,25 @@ impl State {
             warn!("node {id} missed its heartbeats for {timeout:?}: declared dead");
             self.node_died(&id);
         }
+        // A cancelled task's GPUs whose end was never reported (the report lost on
+        // the way) go back after a while.
+        for (id, n) in &mut self.nodes {
+            let Node {
+                cancelled_gpus,
+                available,
+                gpus,
+                ..
+            } = n;
+            cancelled_gpus.retain(|task, (_, n_gpus, ids, since)| {
+                if since.elapsed() < CANCELLED_GPUS_HELD {
+                    return true;
+                }
+                warn!("node {id}: no word of cancelled task {task}'s end: its GPUs are free again");
+                available.num_gpus += *n_gpus;
+                gpus.give(ids, *n_gpus);
+                false
+            });
+        }
     }
 
     /// Sends `command` to every live node; the ids of those it went to, in order.

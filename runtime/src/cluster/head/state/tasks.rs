@@ -96,6 +96,10 @@ const MAX_INPUT_LOSSES: u32 = 8;
 /// retries go to the other nodes instead of failing there again.
 pub(super) const NO_WORKER_PAUSE: Duration = Duration::from_secs(30);
 
+/// Times a task may be handed back for want of a worker before that uses one of its
+/// retries (each time it goes to another node, or fails once no node is left).
+pub(super) const MAX_NO_WORKER: u32 = 8;
+
 impl State {
     /// Places the waiting tasks that can run now.
     pub(super) fn place_tasks(&mut self) {
@@ -143,10 +147,12 @@ impl State {
             if !self.try_start(&id) {
                 // A source kept off a full store says nothing of the CPUs.
                 // Nor one waiting for the node that holds its input.
+                // Nor one kept off a node that cannot start its job's workers.
                 if self.tasks.get(&id).is_some_and(|t| {
                     self.inputs_ready(t)
                         && !self.kept_off_full_store(t)
                         && self.input_holder(t).is_none()
+                        && !self.avoids_nodes(&t.spec.job_id)
                 }) {
                     no_room_at = no_room_at.min(cpus);
                 }
@@ -281,7 +287,7 @@ impl State {
             .collect();
         let source = self.waits_for_store(task);
         let (holder, wait_left) = self.input_holder(task).unzip();
-        let avoid = self.nodes_without_workers(&task.spec.job_id);
+        let avoid = self.nodes_without_workers(&task.spec.job_id, task.uses_gpus());
         let placement = match task.spec.bundle.clone() {
             None => self
                 .pick_node(
@@ -324,30 +330,63 @@ impl State {
         false
     }
 
-    /// The nodes that could not start job `job`'s workers within the last
-    /// [`NO_WORKER_PAUSE`], each with why.
-    fn nodes_without_workers(&self, job: &str) -> Vec<(String, String)> {
+    /// The nodes that could not start job `job`'s workers (with GPUs, or without)
+    /// within the last [`NO_WORKER_PAUSE`], each with why.
+    pub(super) fn nodes_without_workers(&self, job: &str, gpus: bool) -> Vec<(String, String)> {
         self.jobs.get(job).map_or_else(Vec::new, |j| {
             j.no_workers
                 .iter()
-                .filter(|(_, (at, _))| at.elapsed() < NO_WORKER_PAUSE)
-                .map(|(node, (_, why))| (node.clone(), why.clone()))
+                .filter(|((_, g), (at, _))| *g == gpus && at.elapsed() < NO_WORKER_PAUSE)
+                .map(|((node, _), (_, why))| (node.clone(), why.clone()))
                 .collect()
         })
     }
 
-    /// Node `node` could not start a worker of task `id`'s job (`why`): the job's tasks
-    /// keep off it for [`NO_WORKER_PAUSE`].
+    /// Whether some node could not start job `job`'s workers lately: its tasks may
+    /// wait although a node has room.
+    pub(super) fn avoids_nodes(&self, job: &str) -> bool {
+        self.jobs.get(job).is_some_and(|j| {
+            j.no_workers
+                .values()
+                .any(|(at, _)| at.elapsed() < NO_WORKER_PAUSE)
+        })
+    }
+
+    /// Node `node` could not start a worker for task `id` (`why`): its job's tasks of
+    /// its kind (with GPUs or without) keep off the node for [`NO_WORKER_PAUSE`]. The
+    /// task runs again without using a retry, up to [`MAX_NO_WORKER`] times.
     fn no_worker_on(&mut self, node: &str, id: &str, why: &str) {
-        let Some(job) = self.tasks.get(id).map(|t| t.spec.job_id.clone()) else {
+        let Some(task) = self.tasks.get_mut(id) else {
             return;
         };
+        let (job, gpus) = (task.spec.job_id.clone(), task.uses_gpus());
         if let Some(j) = self.jobs.get_mut(&job) {
             j.no_workers
                 .retain(|_, (at, _)| at.elapsed() < NO_WORKER_PAUSE);
             j.no_workers
-                .insert(node.to_string(), (Instant::now(), why.to_string()));
+                .insert((node.to_string(), gpus), (Instant::now(), why.to_string()));
         }
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        if task.no_worker_bounces >= MAX_NO_WORKER {
+            self.system_failure(id, why);
+            return;
+        }
+        task.no_worker_bounces += 1;
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        self.task_metrics.ended(TaskEnd::Retried, None);
+        let job = task.spec.job_id.clone();
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.status.task_retries += 1;
+        }
+        info!("task {id}: {why}; running it elsewhere");
+        self.enqueue(id.to_string(), true);
     }
 
     /// Whether task `id`, sent ahead to `node`, would start there within `left`: the
@@ -762,6 +801,7 @@ impl State {
                 attempt: 0,
                 reconstructions: 0,
                 input_losses: 0,
+                no_worker_bounces: 0,
                 bundle: None,
                 ahead: false,
                 pending_since: Instant::now(),
@@ -786,9 +826,9 @@ impl State {
             if let Some(n) = self.nodes.get_mut(&r.node_id) {
                 if n.cancelled_gpus
                     .get(&r.task_id)
-                    .is_some_and(|(attempt, _, _)| *attempt == r.attempt)
+                    .is_some_and(|(attempt, ..)| *attempt == r.attempt)
                 {
-                    let (_, n_gpus, ids) = n.cancelled_gpus.remove(&r.task_id).expect("found");
+                    let (_, n_gpus, ids, _) = n.cancelled_gpus.remove(&r.task_id).expect("found");
                     n.available.num_gpus += n_gpus;
                     n.gpus.give(&ids, n_gpus);
                 }
@@ -823,10 +863,7 @@ impl State {
                 self.task_done(&r.task_id, &r.node_id, bytes, rows, inline)
             }
             TaskOutcome::Failed(e) => self.fail_task(&r.task_id, e),
-            TaskOutcome::NoWorker { error } => {
-                self.no_worker_on(&r.node_id, &r.task_id, &error);
-                self.system_failure(&r.task_id, &error)
-            }
+            TaskOutcome::NoWorker { error } => self.no_worker_on(&r.node_id, &r.task_id, &error),
             TaskOutcome::SystemFailure { error, unreadable } => {
                 if unreadable.is_empty() {
                     self.system_failure(&r.task_id, &error)
@@ -962,7 +999,7 @@ impl State {
                             n.available.num_gpus -= n_gpus;
                             n.gpus.hold(&ids, n_gpus);
                             n.cancelled_gpus
-                                .insert(id.to_string(), (attempt, n_gpus, ids));
+                                .insert(id.to_string(), (attempt, n_gpus, ids, Instant::now()));
                         }
                         n.send(NodeCommand::CancelTask(id.to_string()));
                     }

@@ -556,10 +556,15 @@ fn a_node_that_cannot_start_a_jobs_workers_gets_none_of_its_tasks() {
     assert!(s.task_reported(no_worker(&second, "t1", 1)));
     assert!(s.task_reported(no_worker(&second, "t2", 0)));
     s.schedule();
+    // The job's tasks with GPUs are not kept off either node (a node starts workers
+    // with GPUs apart).
+    assert!(s.nodes_without_workers("j", true).is_empty());
+    assert_eq!(s.nodes_without_workers("j", false).len(), 2);
     // No node is left that could start the job's workers: both fail now, saying why
-    // (with retries left).
+    // (no retry was used).
     for t in ["t1", "t2"] {
         assert_eq!(s.tasks[t].state, TaskState::Failed, "{t}");
+        assert_eq!(s.tasks[t].retries_left, 3, "{t}");
         let e = s.object_status(t).error.unwrap().message;
         assert!(e.contains("no node can start its job's workers"), "{e}");
         assert!(
@@ -625,6 +630,44 @@ fn a_job_s_end_takes_its_tasks_actors_groups_and_objects_with_it() {
     assert!(e.contains("job j is not running"), "{e}");
     s.finish_job("j", JobState::Failed, 1, "late");
     assert_eq!(s.job("j").unwrap().status.state, JobState::Stopped);
+}
+
+/// An actor stopped while its call runs (by request, or with its group): the call
+/// fails at once, saying why, instead of waiting for a report its node never sends.
+#[test]
+fn a_stopped_actors_running_call_fails() {
+    let (mut s, mut rx) = one_node(2.0);
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a1".into(),
+        resources: cpus(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    s.schedule();
+    let incarnation = s.actors["a1"].incarnation;
+    s.actor_reported("a1", "n1", incarnation, true, 42, "");
+    assert!(matches!(s.actors["a1"].state, ActorState::Alive { .. }));
+    s.submit(TaskSpec {
+        actor: Some("a1".into()),
+        resources: cpus(0.0),
+        ..task("c1", &[])
+    })
+    .unwrap();
+    s.schedule();
+    sent(&mut rx);
+    assert!(
+        matches!(s.tasks["c1"].state, TaskState::Running { .. }),
+        "{:?}",
+        s.tasks["c1"].state
+    );
+    s.kill_actor("a1", "stopped by request");
+    assert_eq!(s.tasks["c1"].state, TaskState::Failed);
+    let e = s.object_status("c1").error.unwrap().message;
+    assert!(
+        e.contains("actor a1 was stopped: stopped by request"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -1266,10 +1309,6 @@ fn assert_cancelled(s: &State, id: &str) {
     assert_eq!(e.kind, ErrorKind::Cancelled, "{id}: {e:?}");
 }
 
-/// A driver's cancel stops a running task on its node (its CPU goes to the next task)
-/// and drops a waiting one; what they make fails as cancelled, a finished task's
-/// object stays, and an attempt that still ends well has its output dropped on its
-/// node.
 /// A cancelled task's GPU goes to no other task until its node reports the attempt
 /// ended (the worker it kills may still hold the GPU's memory); its CPUs are free at once.
 #[test]
@@ -1314,6 +1353,10 @@ fn a_cancelled_tasks_gpu_waits_for_its_worker_to_end() {
     assert!(s.nodes[&node].cancelled_gpus.is_empty());
 }
 
+/// A driver's cancel stops a running task on its node (its CPU goes to the next task)
+/// and drops a waiting one; what they make fails as cancelled, a finished task's
+/// object stays, and an attempt that still ends well has its output dropped on its
+/// node.
 #[test]
 fn cancelled_tasks_stop_where_they_run_and_free_their_room() {
     let (mut s, mut rx) = one_node(1.0);
