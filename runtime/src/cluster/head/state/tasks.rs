@@ -583,7 +583,14 @@ impl State {
         }
         let left = TaskEntry::locality_wait(saved).checked_sub(ready.elapsed())?;
         let n = self.nodes.get(node)?;
-        (n.takes_work() && task.spec.resources.fits_in(&n.total)).then(|| (node.to_string(), left))
+        // Not a node that cannot start the job's workers: it would wait for nothing.
+        let kept_off = self.jobs.get(&task.spec.job_id).is_some_and(|j| {
+            j.no_workers
+                .get(&(node.to_string(), false))
+                .is_some_and(|(at, _)| at.elapsed() < NO_WORKER_PAUSE)
+        });
+        (n.takes_work() && !kept_off && task.spec.resources.fits_in(&n.total))
+            .then(|| (node.to_string(), left))
     }
 
     /// Whether `task` reads nothing (a source) and waits, for a while, for a node whose

@@ -902,6 +902,20 @@ fn a_task_waits_a_while_for_the_node_holding_its_big_input() {
         Duration::from_millis(1500)
     );
     assert_eq!(TaskEntry::locality_wait(100 << 30), LOCALITY_WAIT);
+    // Nor does one whose job's workers X could not start lately: it runs on Y at once.
+    for id in ["r4", "b"] {
+        let attempt = s.tasks[id].attempt;
+        assert!(s.task_reported(report(y, id, attempt, 0, "")), "{id}");
+        s.schedule();
+    }
+    sent(rx_y);
+    s.jobs.get_mut("j").unwrap().no_workers.insert(
+        (x.clone(), false),
+        (std::time::Instant::now(), "its workers exit".into()),
+    );
+    s.submit(read("r5")).unwrap();
+    s.schedule();
+    assert_eq!(sent(rx_y), ["run r5"]);
 }
 
 #[test]
