@@ -167,17 +167,20 @@ impl State {
         }
         self.release(&node, &req, &gpus, &bundle);
         // Calls in flight on the old incarnation run again on the new one (or fail).
-        let calls: Vec<String> = self
-            .tasks
+        for t in self.running_calls(id) {
+            self.system_failure(&t, &format!("actor {id} died: {error}"));
+        }
+    }
+
+    /// The calls of actor `id` sent to its node.
+    fn running_calls(&self, id: &str) -> Vec<String> {
+        self.tasks
             .iter()
             .filter(|(_, t)| {
                 t.spec.actor.as_deref() == Some(id) && matches!(t.state, TaskState::Running { .. })
             })
             .map(|(t, _)| t.clone())
-            .collect();
-        for t in calls {
-            self.system_failure(&t, &format!("actor {id} died: {error}"));
-        }
+            .collect()
     }
 
     pub fn kill_actor(&mut self, id: &str, why: &str) {
@@ -199,15 +202,7 @@ impl State {
         }
         // Its calls sent to its node end with it (the node drops those queued there
         // without a word): they fail now, saying why.
-        let calls: Vec<String> = self
-            .tasks
-            .iter()
-            .filter(|(_, t)| {
-                t.spec.actor.as_deref() == Some(id) && matches!(t.state, TaskState::Running { .. })
-            })
-            .map(|(t, _)| t.clone())
-            .collect();
-        for t in calls {
+        for t in self.running_calls(id) {
             self.fail_task(
                 &t,
                 execution_report(format!("actor {id} was stopped: {why}")),

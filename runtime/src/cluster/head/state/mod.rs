@@ -131,6 +131,49 @@ impl Node {
         task.ahead = false;
     }
 
+    /// Holds the GPUs `ids` (`n` asked for) of task `task`, cancelled while attempt
+    /// `attempt` ran here, until that attempt's end is reported.
+    fn hold_cancelled_gpus(&mut self, task: &str, attempt: u32, n: f64, ids: Vec<u32>) {
+        self.available.num_gpus -= n;
+        self.gpus.hold(&ids, n);
+        self.cancelled_gpus
+            .insert(task.to_string(), (attempt, n, ids, Instant::now()));
+    }
+
+    /// Attempt `attempt` of task `task` ended here: the GPUs held for it, if it was
+    /// cancelled, are free.
+    fn cancelled_attempt_ended(&mut self, task: &str, attempt: u32) {
+        if self
+            .cancelled_gpus
+            .get(task)
+            .is_some_and(|(a, ..)| *a == attempt)
+        {
+            self.free_cancelled_gpus(task);
+        }
+    }
+
+    /// Frees the GPUs held longer than [`CANCELLED_GPUS_HELD`] for cancelled tasks;
+    /// those tasks.
+    fn expire_cancelled_gpus(&mut self) -> Vec<String> {
+        let expired: Vec<String> = self
+            .cancelled_gpus
+            .iter()
+            .filter(|(_, (.., since))| since.elapsed() >= CANCELLED_GPUS_HELD)
+            .map(|(task, _)| task.clone())
+            .collect();
+        for task in &expired {
+            self.free_cancelled_gpus(task);
+        }
+        expired
+    }
+
+    fn free_cancelled_gpus(&mut self, task: &str) {
+        if let Some((_, n, ids, _)) = self.cancelled_gpus.remove(task) {
+            self.available.num_gpus += n;
+            self.gpus.give(&ids, n);
+        }
+    }
+
     /// Sends `command` if the node is alive and attached; false if it could not.
     fn send(&self, command: NodeCommand) -> bool {
         match &self.link {

@@ -53,21 +53,9 @@ impl State {
         // A cancelled task's GPUs whose end was never reported (the report lost on
         // the way) go back after a while.
         for (id, n) in &mut self.nodes {
-            let Node {
-                cancelled_gpus,
-                available,
-                gpus,
-                ..
-            } = n;
-            cancelled_gpus.retain(|task, (_, n_gpus, ids, since)| {
-                if since.elapsed() < CANCELLED_GPUS_HELD {
-                    return true;
-                }
+            for task in n.expire_cancelled_gpus() {
                 warn!("node {id}: no word of cancelled task {task}'s end: its GPUs are free again");
-                available.num_gpus += *n_gpus;
-                gpus.give(ids, *n_gpus);
-                false
-            });
+            }
         }
     }
 

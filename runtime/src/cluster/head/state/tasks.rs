@@ -100,6 +100,17 @@ pub(super) const NO_WORKER_PAUSE: Duration = Duration::from_secs(30);
 /// retries (each time it goes to another node, or fails once no node is left).
 pub(super) const MAX_NO_WORKER: u32 = 8;
 
+impl JobEntry {
+    /// The nodes that could not start its workers within the last
+    /// [`NO_WORKER_PAUSE`] (`(node, with GPUs)`), each with why.
+    fn recent_no_workers(&self) -> impl Iterator<Item = (&(String, bool), &String)> {
+        self.no_workers
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() < NO_WORKER_PAUSE)
+            .map(|(key, (_, why))| (key, why))
+    }
+}
+
 impl State {
     /// Places the waiting tasks that can run now.
     pub(super) fn place_tasks(&mut self) {
@@ -334,10 +345,9 @@ impl State {
     /// within the last [`NO_WORKER_PAUSE`], each with why.
     pub(super) fn nodes_without_workers(&self, job: &str, gpus: bool) -> Vec<(String, String)> {
         self.jobs.get(job).map_or_else(Vec::new, |j| {
-            j.no_workers
-                .iter()
-                .filter(|((_, g), (at, _))| *g == gpus && at.elapsed() < NO_WORKER_PAUSE)
-                .map(|((node, _), (_, why))| (node.clone(), why.clone()))
+            j.recent_no_workers()
+                .filter(|((_, g), _)| *g == gpus)
+                .map(|((node, _), why)| (node.clone(), why.clone()))
                 .collect()
         })
     }
@@ -345,11 +355,9 @@ impl State {
     /// Whether some node could not start job `job`'s workers lately: its tasks may
     /// wait although a node has room.
     pub(super) fn avoids_nodes(&self, job: &str) -> bool {
-        self.jobs.get(job).is_some_and(|j| {
-            j.no_workers
-                .values()
-                .any(|(at, _)| at.elapsed() < NO_WORKER_PAUSE)
-        })
+        self.jobs
+            .get(job)
+            .is_some_and(|j| j.recent_no_workers().next().is_some())
     }
 
     /// Node `node` could not start a worker for task `id` (`why`): its job's tasks of
@@ -374,19 +382,8 @@ impl State {
             return;
         }
         task.no_worker_bounces += 1;
-        self.finish_running(id);
-        let Some(task) = self.tasks.get_mut(id) else {
-            return;
-        };
-        task.attempt += 1;
-        task.state = TaskState::Pending;
-        self.task_metrics.ended(TaskEnd::Retried, None);
-        let job = task.spec.job_id.clone();
-        if let Some(j) = self.jobs.get_mut(&job) {
-            j.status.task_retries += 1;
-        }
         info!("task {id}: {why}; running it elsewhere");
-        self.enqueue(id.to_string(), true);
+        self.run_again(id, true);
     }
 
     /// Whether task `id`, sent ahead to `node`, would start there within `left`: the
@@ -585,9 +582,8 @@ impl State {
         let n = self.nodes.get(node)?;
         // Not a node that cannot start the job's workers: it would wait for nothing.
         let kept_off = self.jobs.get(&task.spec.job_id).is_some_and(|j| {
-            j.no_workers
-                .get(&(node.to_string(), false))
-                .is_some_and(|(at, _)| at.elapsed() < NO_WORKER_PAUSE)
+            j.recent_no_workers()
+                .any(|((n, gpus), _)| !gpus && n == node)
         });
         (n.takes_work() && !kept_off && task.spec.resources.fits_in(&n.total))
             .then(|| (node.to_string(), left))
@@ -831,14 +827,7 @@ impl State {
         if !current {
             // A cancelled attempt's worker ended: the GPUs it held are free now.
             if let Some(n) = self.nodes.get_mut(&r.node_id) {
-                if n.cancelled_gpus
-                    .get(&r.task_id)
-                    .is_some_and(|(attempt, ..)| *attempt == r.attempt)
-                {
-                    let (_, n_gpus, ids, _) = n.cancelled_gpus.remove(&r.task_id).expect("found");
-                    n.available.num_gpus += n_gpus;
-                    n.gpus.give(&ids, n_gpus);
-                }
+                n.cancelled_attempt_ended(&r.task_id, r.attempt);
             }
             // An attempt that ended well after its task ended for good (it was
             // cancelled while it ran, or is gone with its object): no one will read what
@@ -1003,10 +992,7 @@ impl State {
                 if let Some(node) = self.finish_running(id) {
                     if let Some(n) = self.nodes.get_mut(&node) {
                         if let Some((attempt, n_gpus, ids)) = gpus {
-                            n.available.num_gpus -= n_gpus;
-                            n.gpus.hold(&ids, n_gpus);
-                            n.cancelled_gpus
-                                .insert(id.to_string(), (attempt, n_gpus, ids, Instant::now()));
+                            n.hold_cancelled_gpus(id, attempt, n_gpus, ids);
                         }
                         n.send(NodeCommand::CancelTask(id.to_string()));
                     }
@@ -1060,17 +1046,30 @@ impl State {
             return;
         }
         task.retries_left -= 1;
+        info!(
+            "task {id}: {error}; retrying (attempt {})",
+            task.attempt + 1
+        );
+        self.run_again(id, true);
+    }
+
+    /// Queues task `id` (first) as its next attempt; `retried`: counted as a retry
+    /// (its job's and the metrics').
+    fn run_again(&mut self, id: &str, retried: bool) {
+        self.finish_running(id);
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
         task.attempt += 1;
         task.state = TaskState::Pending;
-        self.task_metrics.ended(TaskEnd::Retried, None);
         task.pending_since = Instant::now();
         task.ready_since = None;
-        let job = task.spec.job_id.clone();
-        if let Some(j) = self.jobs.get_mut(&job) {
-            j.status.task_retries += 1;
+        if retried {
+            self.task_metrics.ended(TaskEnd::Retried, None);
+            if let Some(j) = self.jobs.get_mut(&task.spec.job_id) {
+                j.status.task_retries += 1;
+            }
         }
-        let task = &self.tasks[id];
-        info!("task {id}: {error}; retrying (attempt {})", task.attempt);
         self.enqueue(id.to_string(), true);
     }
 
@@ -1092,15 +1091,7 @@ impl State {
             return;
         }
         task.input_losses += 1;
-        self.finish_running(id);
-        let Some(task) = self.tasks.get_mut(id) else {
-            return;
-        };
-        task.attempt += 1;
-        task.state = TaskState::Pending;
-        task.pending_since = Instant::now();
-        task.ready_since = None;
-        self.enqueue(id.to_string(), true);
+        self.run_again(id, false);
     }
 
     /// The tasks of job `id` the head holds (waiting, running, or done with their
