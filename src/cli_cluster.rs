@@ -68,7 +68,8 @@ pub struct StartArgs {
     #[arg(long)]
     metrics_port: Option<u16>,
     /// Seconds a node agent that lost its head keeps trying to rejoin it (a restarted
-    /// head on the same address) before it exits.
+    /// head on the same address) under its own id, keeping its objects and its jobs'
+    /// drivers (its workers stop at once), and then as a new node, before it exits.
     #[arg(long, default_value_t = 60.0)]
     head_patience: f64,
     /// Seconds of silence after which the head declares a node dead.
@@ -555,6 +556,7 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         package_cache: dir.join("package-cache"),
         package_cache_bytes: volley::crates::common::parse_bytes(&a.package_cache)?,
         drain_timeout: Duration::from_secs_f64(a.drain_timeout.max(0.0)),
+        head_patience: Duration::from_secs_f64(a.head_patience.max(0.0)),
         metrics_port: a.metrics_port,
         tls: TlsConfig::from_files(
             a.tls_ca.as_deref(),

@@ -60,10 +60,23 @@ pub(crate) fn same_token(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// Server side: refuses calls without the right token.
+/// The metadata key in which a driver names the head incarnation it last spoke to
+/// (`DriverAlive`'s answer): a head that restarted since refuses the call (`ABORTED`,
+/// with this key set to its own), so the driver replays what the old head knew of its
+/// job before it asks anything of the new one.
+pub const HEAD_HEADER: &str = "x-volley-head";
+
+/// Whether `status` is a head's refusal of a call meant for the head before it.
+pub fn head_restarted(status: &Status) -> bool {
+    status.code() == tonic::Code::Aborted && status.metadata().contains_key(HEAD_HEADER)
+}
+
+/// Server side: refuses calls without the right token (and, on a head, calls meant
+/// for another incarnation of it).
 #[derive(Clone)]
 pub struct CheckToken {
     token: std::sync::Arc<str>,
+    head: Option<u64>,
 }
 
 impl CheckToken {
@@ -71,12 +84,31 @@ impl CheckToken {
     pub fn new(token: &str) -> Self {
         Self {
             token: token.into(),
+            head: None,
+        }
+    }
+
+    /// Also refuses calls that name a head incarnation other than `incarnation`.
+    pub fn for_head(token: &str, incarnation: u64) -> Self {
+        Self {
+            token: token.into(),
+            head: Some(incarnation),
         }
     }
 }
 
 impl Interceptor for CheckToken {
     fn call(&mut self, request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let (Some(ours), Some(theirs)) = (self.head, request.metadata().get(HEAD_HEADER)) {
+            if theirs.to_str().ok().and_then(|t| t.parse::<u64>().ok()) != Some(ours) {
+                let mut status =
+                    Status::aborted("the head restarted since this driver last spoke to it");
+                status
+                    .metadata_mut()
+                    .insert(HEAD_HEADER, MetadataValue::from(ours));
+                return Err(status);
+            }
+        }
         match request.metadata().get(TOKEN_HEADER).map(|v| v.to_str()) {
             Some(Ok(t)) if same_token(t, &self.token) => Ok(request),
             Some(_) => Err(Status::unauthenticated(
@@ -89,10 +121,13 @@ impl Interceptor for CheckToken {
     }
 }
 
-/// Client side: adds the token to every call.
+/// Client side: adds the token to every call (and, for a driver, the head incarnation
+/// it last spoke to: [`HEAD_HEADER`]).
 #[derive(Clone)]
 pub struct AddToken {
     value: MetadataValue<tonic::metadata::Ascii>,
+    /// The incarnation to name; 0 names none.
+    head: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl AddToken {
@@ -101,7 +136,13 @@ impl AddToken {
         let value = token
             .parse()
             .map_err(|_| VolleyError::Config("the cluster token has invalid characters".into()))?;
-        Ok(Self { value })
+        Ok(Self { value, head: None })
+    }
+
+    /// Also names the head incarnation `head` holds (none while it holds 0).
+    pub fn naming_head(mut self, head: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.head = Some(head);
+        self
     }
 }
 
@@ -110,6 +151,14 @@ impl Interceptor for AddToken {
         request
             .metadata_mut()
             .insert(TOKEN_HEADER, self.value.clone());
+        if let Some(h) = &self.head {
+            let h = h.load(std::sync::atomic::Ordering::SeqCst);
+            if h != 0 {
+                request
+                    .metadata_mut()
+                    .insert(HEAD_HEADER, MetadataValue::from(h));
+            }
+        }
         Ok(request)
     }
 }

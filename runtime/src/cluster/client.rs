@@ -21,11 +21,14 @@ use super::net::{error_report, status_error, wire_error, Channels, Head};
 use super::objects::{decode_inline, fetch, store, ObjectCompression};
 use super::proto;
 use super::resources::Resources;
+use super::session::Session;
 use super::task::{encode, Payload, RemoteActor, RemoteTask};
 
 struct Inner {
     rt: tokio::runtime::Runtime,
     head: Head,
+    /// Calls that wait out a head restart, and what to tell a restarted head.
+    session: Arc<Session>,
     channels: Channels,
     address: String,
     job_id: String,
@@ -74,7 +77,7 @@ impl Submitted {
 }
 
 async fn submit_loop(
-    mut head: Head,
+    session: Arc<Session>,
     submitted: Arc<Submitted>,
     mut rx: mpsc::UnboundedReceiver<proto::Submission>,
 ) {
@@ -96,12 +99,14 @@ async fn submit_loop(
                 None => None,
             })
             .collect();
-        let refused: Vec<(String, ErrorReport)> = match head
-            .submit_tasks(proto::SubmitTasksRequest { items })
+        let refused: Vec<(String, ErrorReport)> = match session
+            .call("submitting tasks", |mut h, _| {
+                let items = items.clone();
+                async move { h.submit_tasks(proto::SubmitTasksRequest { items }).await }
+            })
             .await
         {
             Ok(r) => r
-                .into_inner()
                 .rejected
                 .into_iter()
                 .map(|r| {
@@ -113,7 +118,7 @@ async fn submit_loop(
                 })
                 .collect(),
             Err(e) => {
-                let e = ErrorReport::from(&status_error("submitting tasks", e));
+                let e = ErrorReport::from(&e);
                 ids.into_iter().map(|id| (id, e.clone())).collect()
             }
         };
@@ -609,21 +614,23 @@ impl Cluster {
             None => (rt.block_on(attach(head.clone(), address))?, true),
         };
         let compression = ObjectCompression::from_env()?;
+        let session = Arc::new(Session::new(&channels, address, &job_id)?);
+        rt.block_on(session.hello())?;
         let submitted = Arc::new(Submitted::default());
         let (submits, submit_rx) = mpsc::unbounded_channel();
-        rt.spawn(submit_loop(head.clone(), Arc::clone(&submitted), submit_rx));
-        let (frees, rx) = mpsc::unbounded_channel();
-        rt.spawn(free_loop(
-            head.clone(),
-            job_id.clone(),
+        rt.spawn(submit_loop(
+            Arc::clone(&session),
             Arc::clone(&submitted),
-            rx,
+            submit_rx,
         ));
-        rt.spawn(alive_loop(head.clone(), job_id.clone()));
+        let (frees, rx) = mpsc::unbounded_channel();
+        rt.spawn(free_loop(Arc::clone(&session), Arc::clone(&submitted), rx));
+        rt.spawn(alive_loop(Arc::clone(&session)));
         Ok(Cluster {
             inner: Arc::new(Inner {
                 rt,
-                head,
+                head: session.head(),
+                session,
                 channels,
                 address: address.to_string(),
                 job_id,
@@ -770,13 +777,13 @@ impl Cluster {
         self.block_on(async move {
             // The head must know a task before it can stop it.
             inner.submitted.flush().await;
-            let mut head = inner.head.clone();
-            head.cancel(proto::FreeRequest {
-                job_id: inner.job_id.clone(),
-                object_ids: ids,
-            })
-            .await
-            .map_err(|e| status_error("cancel", e))?;
+            inner
+                .session
+                .call("cancel", |mut h, job_id| {
+                    let object_ids = ids.clone();
+                    async move { h.cancel(proto::FreeRequest { job_id, object_ids }).await }
+                })
+                .await?;
             Ok(())
         })
     }
@@ -837,6 +844,7 @@ impl Cluster {
     fn queue_submission(&self, item: proto::submission::Item) -> Result<()> {
         self.inner.submitted.queued.fetch_add(1, Ordering::SeqCst);
         let submission = proto::Submission { item: Some(item) };
+        self.inner.session.note_submission(&submission);
         if self.inner.submits.send(submission).is_err() {
             self.inner.submitted.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(VolleyError::internal(
@@ -850,34 +858,36 @@ impl Cluster {
     pub fn put(&self, batches: Vec<RecordBatch>) -> Result<ObjectRef> {
         let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
         let id = self.new_id("put");
-        let mut head = self.inner.head.clone();
+        let session = Arc::clone(&self.inner.session);
         let channels = self.inner.channels.clone();
-        let job = self.inner.job_id.clone();
         let oid = id.clone();
         let compression = self.inner.compression;
         self.block_on(async move {
-            let loc = head
-                .pick_object_store(proto::JobId {
-                    job_id: job.clone(),
+            let loc = session
+                .call("put", |mut h, job_id| async move {
+                    h.pick_object_store(proto::JobId { job_id }).await
                 })
-                .await
-                .map_err(|e| status_error("put", e))?
-                .into_inner();
+                .await?;
             let address = loc
                 .addresses
                 .first()
                 .cloned()
                 .ok_or_else(|| VolleyError::execution("put: no object store"))?;
             let bytes = store(&channels, &address, &oid, batches, compression).await?;
-            head.put_object(proto::PutObjectRequest {
-                job_id: job,
-                object_id: oid,
-                address,
+            let put = |job_id| proto::PutObjectRequest {
+                job_id,
+                object_id: oid.clone(),
+                address: address.clone(),
                 bytes,
                 rows,
-            })
-            .await
-            .map_err(|e| status_error("put", e))?;
+            };
+            session
+                .call("put", |mut h, job_id| {
+                    let r = put(job_id);
+                    async move { h.put_object(r).await }
+                })
+                .await?;
+            session.note_put(&put(String::new()));
             Ok::<_, VolleyError>(())
         })?;
         Ok(self.new_ref(id))
@@ -1063,11 +1073,11 @@ impl Cluster {
 
     /// Nodes, resources and load.
     pub fn status(&self) -> Result<super::ClusterStatus> {
-        let mut head = self.inner.head.clone();
+        let session = &self.inner.session;
         Ok(self
-            .block_on(head.status(proto::Empty {}))
-            .map_err(|e| status_error("status", e))?
-            .into_inner()
+            .block_on(session.call("status", |mut h, _| async move {
+                h.status(proto::Empty {}).await
+            }))?
             .into())
     }
 
@@ -1097,16 +1107,18 @@ async fn wait_some(
         .map(|o| inner.submitted.rejected(o.id()))
         .collect();
     let already = refused.iter().filter(|r| r.is_some()).count();
-    let mut head = inner.head.clone();
-    let r = head
-        .wait(proto::WaitRequest {
-            object_ids: objects.iter().map(|o| o.id().to_string()).collect(),
-            num_ready: num_ready.saturating_sub(already) as u32,
-            timeout_ms: timeout.as_millis() as u64,
+    let request = proto::WaitRequest {
+        object_ids: objects.iter().map(|o| o.id().to_string()).collect(),
+        num_ready: num_ready.saturating_sub(already) as u32,
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    let r = inner
+        .session
+        .call("wait", |mut h, _| {
+            let request = request.clone();
+            async move { h.wait(request).await }
         })
-        .await
-        .map_err(|e| status_error("wait", e))?
-        .into_inner();
+        .await?;
     inner.tell_waiting(&r.waiting);
     Ok(r.objects
         .into_iter()
@@ -1128,17 +1140,19 @@ async fn wait_all(inner: &Inner, ids: &[String]) -> Result<Vec<proto::ObjectStat
     if let Some(e) = ids.iter().find_map(|id| inner.submitted.rejected(id)) {
         return Err(e);
     }
-    let mut head = inner.head.clone();
+    let request = proto::WaitRequest {
+        object_ids: ids.to_vec(),
+        num_ready: ids.len() as u32,
+        timeout_ms: 10_000,
+    };
     loop {
-        let r = head
-            .wait(proto::WaitRequest {
-                object_ids: ids.to_vec(),
-                num_ready: ids.len() as u32,
-                timeout_ms: 10_000,
+        let r = inner
+            .session
+            .call("waiting for objects", |mut h, _| {
+                let request = request.clone();
+                async move { h.wait(request).await }
             })
-            .await
-            .map_err(|e| status_error("waiting for objects", e))?
-            .into_inner();
+            .await?;
         inner.tell_waiting(&r.waiting);
         if let Some(e) = r.objects.iter().find_map(|o| o.error.as_ref()) {
             return Err(VolleyError::from(error_report(e)));
@@ -1178,18 +1192,20 @@ async fn read_copy(
 }
 
 async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
-    let mut head = inner.head.clone();
     let start = Instant::now();
+    let what = format!("waiting for {id}");
     loop {
-        let r = head
-            .wait(proto::WaitRequest {
-                object_ids: vec![id.to_string()],
-                num_ready: 1,
-                timeout_ms: 10_000,
+        let r = inner
+            .session
+            .call(&what, |mut h, _| async move {
+                h.wait(proto::WaitRequest {
+                    object_ids: vec![id.to_string()],
+                    num_ready: 1,
+                    timeout_ms: 10_000,
+                })
+                .await
             })
-            .await
-            .map_err(|e| status_error(format!("waiting for {id}"), e))?
-            .into_inner();
+            .await?;
         let s = r.objects.into_iter().next().unwrap_or_default();
         if let Some(e) = &s.error {
             return Err(VolleyError::from(error_report(e)));
@@ -1237,8 +1253,7 @@ async fn attach(head: Head, address: &str) -> Result<String> {
 }
 
 async fn free_loop(
-    mut head: Head,
-    job: String,
+    session: Arc<Session>,
     submitted: Arc<Submitted>,
     mut rx: mpsc::UnboundedReceiver<String>,
 ) {
@@ -1258,20 +1273,23 @@ async fn free_loop(
                 }
             }
         }
-        let _ = head
-            .free(proto::FreeRequest {
-                job_id: job.clone(),
-                object_ids: ids,
+        session.note_freed(&ids);
+        let _ = session
+            .call("freeing objects", |mut h, job_id| {
+                let object_ids = ids.clone();
+                async move { h.free(proto::FreeRequest { job_id, object_ids }).await }
             })
             .await;
     }
 }
 
-async fn alive_loop(mut head: Head, job: String) {
+/// Tells the head the driver is alive, twice a second; it finds a restarted head
+/// (and replays to it) while the driver waits for nothing else.
+async fn alive_loop(session: Arc<Session>) {
     loop {
-        let _ = head
-            .driver_alive(proto::DriverHeartbeat {
-                job_id: job.clone(),
+        let _ = session
+            .call("saying the driver is alive", |mut h, job_id| async move {
+                h.driver_alive(proto::DriverHeartbeat { job_id }).await
             })
             .await;
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -69,6 +69,8 @@ impl LocalCluster {
             drain_timeout: std::time::Duration::from_secs(30),
             metrics_port: None,
             tls: TlsConfig::default(),
+            // The head lives in this process: it does not come back.
+            head_patience: std::time::Duration::ZERO,
         };
         rt.spawn(async move {
             if let Err(e) = run_node(node).await {

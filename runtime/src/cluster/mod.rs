@@ -33,6 +33,7 @@ pub mod node;
 pub mod objects;
 pub mod package;
 pub mod resources;
+mod session;
 pub mod status;
 pub mod task;
 pub mod tls;
@@ -94,7 +95,7 @@ pub async fn start_head(
         proto::head_server::HeadServer::new(head::HeadService::new(Arc::clone(&core)))
             .max_decoding_message_size(net::MAX_MESSAGE)
             .max_encoding_message_size(net::MAX_MESSAGE),
-        auth::CheckToken::new(&core.options().token),
+        auth::CheckToken::for_head(&core.options().token, core.incarnation()),
     );
     // Accepted connections get TCP_NODELAY here: the builder's setting only applies to
     // listeners tonic binds itself, and without it small replies wait on Nagle's

@@ -90,6 +90,21 @@ impl Channels {
         )
     }
 
+    /// A head client that names the head incarnation `head` holds on every call
+    /// (a driver's: see [`super::auth::HEAD_HEADER`]).
+    pub fn head_naming(
+        &self,
+        address: &str,
+        head: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<Head> {
+        Ok(HeadClient::with_interceptor(
+            self.channel(address)?,
+            AddToken::new(&self.token)?.naming_head(head),
+        )
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+    }
+
     /// A node-agent client.
     pub fn agent(&self, address: &str) -> Result<Agent> {
         Ok(NodeAgentClient::with_interceptor(
@@ -126,6 +141,20 @@ pub fn status_error(what: impl std::fmt::Display, status: tonic::Status) -> Voll
             VolleyError::plan(format!("{what}: {}", status.message()))
         }
         _ => VolleyError::execution(format!("{what}: {}", status.message())),
+    }
+}
+
+/// Whether a call failed for want of the server rather than by its answer: it cannot
+/// be reached, or its connection broke in the middle of the call (as when it stops).
+pub fn unreachable(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Cancelled => true,
+        Code::Unknown | Code::Internal => {
+            let m = status.message();
+            m.contains("transport") || m.contains("connection") || m.contains("h2 protocol")
+        }
+        _ => false,
     }
 }
 

@@ -64,6 +64,11 @@ pub struct NodeOptions {
     pub metrics_port: Option<u16>,
     /// Certificates: the CA to trust (the head, other nodes) and this node's own.
     pub tls: super::tls::TlsConfig,
+    /// How long a node that lost its head tries to rejoin it (a restarted head on the
+    /// same address) under its own id, keeping its objects and its jobs' drivers,
+    /// before it gives up (its workers go at once). Its jobs' drivers are told the
+    /// same patience.
+    pub head_patience: Duration,
 }
 
 struct WorkerEntry {
@@ -107,6 +112,9 @@ struct AgentState {
     next_worker: u64,
     /// Per job, its workers that exited in a row before asking for work.
     failed_starts: HashMap<String, FailedStarts>,
+    /// Rows of the objects tasks stored here (the store counts bytes only): what a
+    /// node rejoining a restarted head says it kept.
+    object_rows: HashMap<String, u64>,
 }
 
 /// Workers of a job that exited before asking for work, in a row (a program that
@@ -396,6 +404,7 @@ pub async fn run_node_until(
             total: Some((&options.resources).into()),
             gpu_ids: options.gpu_ids.clone(),
             object_store_memory: options.object_store_memory,
+            ..Default::default()
         })
         .await
         .map_err(|e| {
@@ -469,17 +478,18 @@ pub async fn run_node_until(
         .map_err(|e| status_error("attaching to the head", e))?
         .into_inner();
 
-    let (mut beat, _stop_beats) = Arc::clone(&agent)
-        .start_heartbeats(Duration::from_millis(reg.heartbeat_interval_ms.max(50)))?;
+    let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(50));
+    let (mut beat, mut _stop_beats) = Arc::clone(&agent).start_heartbeats(interval)?;
     let mut leave = std::pin::pin!(leave);
     let mut drained: std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>> =
         Box::pin(std::future::pending());
     let mut draining = false;
     let why = loop {
-        tokio::select! {
+        let lost = tokio::select! {
             _ = &mut leave, if !draining => {
                 draining = true;
                 drained = Box::pin(Arc::clone(&agent).drain(head.clone()));
+                continue;
             }
             why = &mut drained => break why,
             c = commands.next() => match c {
@@ -487,13 +497,26 @@ pub async fn run_node_until(
                     if let Some(cmd) = cmd.command {
                         Arc::clone(&agent).handle(cmd);
                     }
+                    continue;
                 }
                 // Leaving closes the stream: the drain says how it ended.
                 _ if draining => break (&mut drained).await,
-                Some(Err(e)) => break format!("the head closed the command stream: {}", e.message()),
-                None => break "the head closed the command stream".to_string(),
+                Some(Err(e)) => format!("the head closed the command stream: {}", e.message()),
+                None => "the head closed the command stream".to_string(),
             },
-            r = &mut beat => break r.unwrap_or_else(|_| "the heartbeat thread stopped".to_string()),
+            r = &mut beat => r.unwrap_or_else(|_| "the heartbeat thread stopped".to_string()),
+        };
+        if draining {
+            break lost;
+        }
+        // The head went (or restarted): rejoin it under this node's id with what is
+        // kept here, if it comes back in time.
+        match Arc::clone(&agent).rejoin(&mut head, &lost).await {
+            Ok(stream) => {
+                commands = stream;
+                (beat, _stop_beats) = Arc::clone(&agent).start_heartbeats(interval)?;
+            }
+            Err(why) => break why,
         }
     };
     warn!("{node_id} stops: {why}");
@@ -506,6 +529,117 @@ pub async fn run_node_until(
 }
 
 impl Agent {
+    /// After losing the head (`why`): stops this node's workers (the tasks they ran
+    /// are the old head's; a restarted head knows none of them) and tries, for
+    /// `head_patience`, to rejoin the head under this node's id with the objects
+    /// and drivers kept here. Returns the new command stream, or why it gave up (the
+    /// head declared this node dead, or did not come back in time): the caller then
+    /// stops everything, and `volley start` joins again as a new node.
+    async fn rejoin(
+        self: Arc<Self>,
+        head: &mut Head,
+        why: &str,
+    ) -> std::result::Result<tonic::Streaming<proto::NodeCommand>, String> {
+        let patience = self.options.head_patience;
+        warn!(
+            "{}: {why}; its workers stop, its objects and drivers wait {patience:?} for the head",
+            self.node_id
+        );
+        self.kill_workers();
+        let deadline = Instant::now() + patience;
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| self.options.host.clone());
+        loop {
+            let (objects, drivers) = self.kept();
+            let request = proto::RegisterNodeRequest {
+                hostname: hostname.clone(),
+                object_address: self.address.clone(),
+                total: Some((&self.options.resources).into()),
+                gpu_ids: self.options.gpu_ids.clone(),
+                object_store_memory: self.options.object_store_memory,
+                rejoin: self.node_id.clone(),
+                objects,
+                drivers,
+            };
+            match head.register_node(request).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    for job in &r.drop_jobs {
+                        self.drop_job(job);
+                    }
+                    let commands = head
+                        .attach(proto::AttachRequest {
+                            node_id: self.node_id.clone(),
+                        })
+                        .await
+                        .map_err(|e| format!("cannot attach to the head again: {}", e.message()))?
+                        .into_inner();
+                    info!("{} rejoined the head", self.node_id);
+                    return Ok(commands);
+                }
+                Err(e) if super::net::unreachable(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) if super::net::unreachable(&e) => {
+                    return Err(format!(
+                        "{why}; the head did not come back within {patience:?}"
+                    ));
+                }
+                Err(e) => return Err(format!("the head refused this node back: {}", e.message())),
+            }
+        }
+    }
+
+    /// What this node kept across the loss of its head: the objects in its store (with
+    /// their jobs, bytes and rows) and the jobs whose drivers run here.
+    fn kept(&self) -> (Vec<proto::HeldObject>, Vec<String>) {
+        let ids = self.store.ids();
+        let mut s = self.state.lock().expect("agent lock");
+        let held: std::collections::HashSet<&String> = ids.iter().collect();
+        s.object_rows.retain(|id, _| held.contains(id));
+        let objects = ids
+            .iter()
+            .filter_map(|id| {
+                let job = id.split_once(':')?.0;
+                Some(proto::HeldObject {
+                    object_id: id.clone(),
+                    job_id: job.to_string(),
+                    bytes: self.store.bytes_of(id)?,
+                    rows: s.object_rows.get(id).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        (objects, s.drivers.keys().cloned().collect())
+    }
+
+    /// Stops the workers and drops the work waiting for them (the drivers stay).
+    fn kill_workers(&self) {
+        let mut s = self.state.lock().expect("agent lock");
+        s.queues.clear();
+        s.calls.clear();
+        s.ahead.clear();
+        for w in s.workers.values_mut() {
+            w.exiting = true;
+            if let Some(k) = w.kill.take() {
+                let _ = k.send(());
+            }
+        }
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    /// Drops job `job`'s driver and objects here, as a rejoined head asks for a job
+    /// that ended, or started again elsewhere, while this node was away (the job's work
+    /// is still taken later: it may run here again).
+    fn drop_job(&self, job: &str) {
+        if let Some(k) = self.state.lock().expect("agent lock").drivers.remove(job) {
+            let _ = k.send(());
+        }
+        let ids = self.store_ids_with_prefix(&format!("{job}:"));
+        self.store.free(&ids);
+    }
+
     /// Starts the heartbeats on a thread, runtime and connection of their own, so that a
     /// node busy moving objects (Flight encoding and decoding on the agent's runtime,
     /// memory copies, a saturated machine) still shows the head it is alive. The
@@ -643,7 +777,14 @@ impl Agent {
                     self.report(&t, Outcome::SystemFailure, "cancelled".into());
                 }
             }
-            Command::FreeObjects(ids) => self.store.free(&ids.ids),
+            Command::FreeObjects(ids) => {
+                let mut s = self.state.lock().expect("agent lock");
+                for id in &ids.ids {
+                    s.object_rows.remove(id);
+                }
+                drop(s);
+                self.store.free(&ids.ids);
+            }
             Command::PrepareJob(job) => {
                 tokio::spawn(self.prepare_job(job));
             }
@@ -763,6 +904,12 @@ impl Agent {
         drop(s);
         let prefix = format!("{job}:");
         let ids: Vec<String> = self.store_ids_with_prefix(&prefix);
+        {
+            let mut s = self.state.lock().expect("agent lock");
+            for id in &ids {
+                s.object_rows.remove(id);
+            }
+        }
         self.store.free(&ids);
         self.jobs.lock().expect("jobs lock").remove(job);
         let _ = std::fs::remove_dir_all(self.options.dir.join("jobs").join(job).join("package"));
@@ -1511,6 +1658,10 @@ impl Agent {
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = self.command(&job)?;
         cmd.env("VOLLEY_JOB_ID", &d.job_id)
+            .env(
+                "VOLLEY_HEAD_PATIENCE",
+                self.options.head_patience.as_secs_f64().to_string(),
+            )
             .env("CUDA_VISIBLE_DEVICES", join_ids(&d.gpu_ids))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
@@ -1525,6 +1676,7 @@ impl Agent {
             .insert(d.job_id.clone(), kill_tx);
         let mut head = self.head.clone();
         let mut offset = 0u64;
+        let run = uuid::Uuid::new_v4().simple().to_string();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let (code, killed) = loop {
             tokio::select! {
@@ -1535,31 +1687,51 @@ impl Agent {
                     break (-1, true);
                 }
                 _ = tick.tick() => {
-                    offset = forward_log(&mut head, &d.job_id, &log_path, offset).await;
+                    offset = forward_log(&mut head, &d.job_id, &run, &log_path, offset).await;
                 }
             }
         };
-        forward_log(&mut head, &d.job_id, &log_path, offset).await;
+        // The log's last lines and the exit wait for a head that is away (restarting):
+        // the head that comes back gets them, or its job would wait for the driver in
+        // vain.
+        let deadline = Instant::now() + self.options.head_patience;
+        loop {
+            let sent = forward_log(&mut head, &d.job_id, &run, &log_path, offset).await;
+            let done = std::fs::metadata(&log_path).map_or(true, |m| m.len() <= sent);
+            if done || killed || Instant::now() >= deadline {
+                break;
+            }
+            offset = sent;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         self.state
             .lock()
             .expect("agent lock")
             .drivers
             .remove(&d.job_id);
         if !killed {
-            let _ = head
-                .report_driver_exit(proto::DriverExit {
-                    node_id: self.node_id.clone(),
-                    job_id: d.job_id.clone(),
-                    exit_code: code,
-                    error: String::new(),
-                })
-                .await;
+            let exit = proto::DriverExit {
+                node_id: self.node_id.clone(),
+                job_id: d.job_id.clone(),
+                exit_code: code,
+                error: String::new(),
+            };
+            loop {
+                match head.report_driver_exit(exit.clone()).await {
+                    Err(e) if super::net::unreachable(&e) && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    _ => break,
+                }
+            }
         }
         Ok(())
     }
 }
 
-async fn forward_log(head: &mut Head, job: &str, path: &Path, offset: u64) -> u64 {
+/// Sends the driver's output past `offset` to the head (as part of driver run `run`);
+/// returns how far it got.
+async fn forward_log(head: &mut Head, job: &str, run: &str, path: &Path, offset: u64) -> u64 {
     let data = match std::fs::read(path) {
         Ok(d) => d
             .get(offset as usize..)
@@ -1575,6 +1747,8 @@ async fn forward_log(head: &mut Head, job: &str, path: &Path, offset: u64) -> u6
         .append_log(proto::LogAppend {
             job_id: job.to_string(),
             data,
+            offset,
+            run: run.to_string(),
         })
         .await
     {
@@ -1682,6 +1856,14 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             self.agent.next_after(&r.worker_id, freed)
         };
         report.successor = successor.unwrap_or_default();
+        if report.outcome == Outcome::Ok as i32 {
+            self.agent
+                .state
+                .lock()
+                .expect("agent lock")
+                .object_rows
+                .insert(report.task_id.clone(), report.output_rows);
+        }
         let may_wait = !self
             .agent
             .state

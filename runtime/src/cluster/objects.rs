@@ -397,6 +397,19 @@ impl ObjectStore {
             .collect()
     }
 
+    /// Bytes of object `id`, if held.
+    pub fn bytes_of(&self, id: &str) -> Option<u64> {
+        match self
+            .inner
+            .lock()
+            .expect("object store lock")
+            .objects
+            .get(id)?
+        {
+            Stored::Memory(_, b) | Stored::Shared(_, b) | Stored::Spilled(_, b) => Some(*b),
+        }
+    }
+
     /// Whether the store holds `id`.
     pub fn contains(&self, id: &str) -> bool {
         self.inner

@@ -118,6 +118,9 @@ pub struct HeadCore {
     /// (once a second): answers to a driver's waits read it without a look at the
     /// whole queue.
     beyond_nodes: Mutex<HashMap<String, String>>,
+    /// Tells this head apart from those before it on the same state folder: drivers
+    /// name it on their calls ([`super::auth::HEAD_HEADER`]).
+    incarnation: u64,
 }
 
 impl std::fmt::Debug for HeadCore {
@@ -160,11 +163,17 @@ impl HeadCore {
             log_queries: Mutex::default(),
             next_query: Default::default(),
             beyond_nodes: Mutex::default(),
+            incarnation: rand::random::<u64>().max(1),
             options,
         });
         // After the jobs are back: the files of those that start again stay.
         core.evict_packages(&[]);
         Ok(core)
+    }
+
+    /// This head's incarnation (never 0).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// Writes what changed of the jobs and counters to the store.
@@ -273,6 +282,7 @@ impl HeadCore {
             self.with(|s| {
                 s.check_heartbeats(timeout);
                 s.check_attached_drivers(timeout);
+                s.check_resumes();
             });
             if n % 10 == 0 {
                 self.tell_waiting(&mut told);

@@ -17,7 +17,7 @@ use super::super::net::wire_error;
 use super::super::package::{blob_chunks, check_manifest, receive_blobs};
 use super::super::proto;
 use super::super::resources::Resources;
-use super::state::{NodeCommand, NodeLoad, NodeRegistration, Refusal};
+use super::state::{Kept, KeptObject, NodeCommand, NodeLoad, NodeRegistration, Refusal};
 use super::{wire, HeadCore};
 
 /// The head's gRPC face.
@@ -73,10 +73,32 @@ impl proto::head_server::Head for HeadService {
             gpu_ids: r.gpu_ids,
             object_store_memory: r.object_store_memory,
         };
-        let node_id = self.core.with(|s| s.register_node(node));
+        let (node_id, drop_jobs) = if r.rejoin.is_empty() {
+            (self.core.with(|s| s.register_node(node)), vec![])
+        } else {
+            let kept = Kept {
+                objects: r
+                    .objects
+                    .into_iter()
+                    .map(|o| KeptObject {
+                        id: o.object_id,
+                        job: o.job_id,
+                        bytes: o.bytes,
+                        rows: o.rows,
+                    })
+                    .collect(),
+                drivers: r.drivers,
+            };
+            let dropped = self
+                .core
+                .with(|s| s.rejoin_node(&r.rejoin, node, kept))
+                .map_err(refused)?;
+            (r.rejoin, dropped)
+        };
         Ok(Response::new(proto::RegisterNodeResponse {
             node_id,
             heartbeat_interval_ms: self.core.options.heartbeat_interval.as_millis() as u64,
+            drop_jobs,
         }))
     }
 
@@ -219,13 +241,30 @@ impl proto::head_server::Head for HeadService {
         use std::io::Write;
         let r = request.into_inner();
         if self.core.read(|s| s.job(&r.job_id).is_ok()) {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.core.job_dir(&r.job_id).join("driver.log"))
-                .map_err(|e| Status::internal(e.to_string()))?;
-            f.write_all(&r.data)
-                .map_err(|e| Status::internal(e.to_string()))?;
+            let dir = self.core.job_dir(&r.job_id);
+            // How much of this driver run's output the log has: a chunk sent again
+            // (its answer lost as a head stopped) adds only what is new.
+            let mark = dir.join("driver.offset");
+            let had = std::fs::read_to_string(&mark)
+                .ok()
+                .and_then(|m| {
+                    let (run, n) = m.trim().split_once(' ')?;
+                    (run == r.run).then(|| n.parse::<u64>().ok()).flatten()
+                })
+                .unwrap_or(0);
+            let skip = had.saturating_sub(r.offset) as usize;
+            if skip < r.data.len() {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("driver.log"))
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                f.write_all(&r.data[skip..])
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let end = r.offset + r.data.len() as u64;
+                std::fs::write(&mark, format!("{} {end}", r.run))
+                    .map_err(|e| Status::internal(e.to_string()))?;
+            }
         }
         self.core.logs.notify_waiters();
         empty()
@@ -260,11 +299,16 @@ impl proto::head_server::Head for HeadService {
         Ok(Response::new(Box::pin(chunks)))
     }
 
-    async fn driver_alive(&self, request: Request<proto::DriverHeartbeat>) -> Answer<proto::Empty> {
+    async fn driver_alive(
+        &self,
+        request: Request<proto::DriverHeartbeat>,
+    ) -> Answer<proto::DriverAliveReply> {
         let id = request.into_inner().job_id;
         let mut s = self.core.state.lock().expect("head lock");
         s.driver_alive(&id).map_err(refused)?;
-        empty()
+        Ok(Response::new(proto::DriverAliveReply {
+            head: self.core.incarnation(),
+        }))
     }
 
     async fn submit_tasks(

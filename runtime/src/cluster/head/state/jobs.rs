@@ -44,26 +44,82 @@ impl State {
     }
 
     /// Takes back a job a head before this one kept: one that ended stays as it was;
-    /// one that was waiting or running starts again from the beginning (its driver
-    /// went with the old head's nodes); one whose program joined the cluster itself
-    /// has failed.
+    /// one that was waiting still waits; one that was running waits [`RESUME_WAIT`]
+    /// for its driver to come back and goes on where it was ([`State::check_resumes`]
+    /// says what happens if it does not).
     pub fn restore_job(&mut self, mut job: JobEntry) {
         let status = &mut job.status;
-        if !status.state.is_final() {
-            if job.attached {
-                status.state = JobState::Failed;
-                status.error = "the head restarted; a program that joined the cluster \
-                                itself does not survive that"
-                    .into();
-                status.finished_ms = now_ms();
-            } else {
-                info!("job {}: starts again (the head restarted)", status.job_id);
-                status.state = JobState::Pending;
-                status.node_id.clear();
+        match status.state {
+            JobState::Running => {
+                // Its driver may still run (on a node that kept it, or a program that
+                // joined the cluster itself): it gets a while to come back.
+                info!(
+                    "job {}: waits {RESUME_WAIT:?} for its driver to come back (the head restarted)",
+                    status.job_id
+                );
+                job.resume_by = Some(Instant::now() + RESUME_WAIT);
+            }
+            JobState::Pending => {
                 self.pending_jobs.insert(status.job_id.clone());
             }
+            _ => {}
         }
         self.jobs.insert(status.job_id.clone(), job);
+    }
+
+    /// Jobs whose drivers did not come back within [`RESUME_WAIT`] of a head restart:
+    /// a submitted one starts again from the beginning (the objects kept for it go),
+    /// an attached one fails.
+    pub fn check_resumes(&mut self) {
+        let late: Vec<(String, bool)> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.status.state == JobState::Running
+                    && j.resume_by.is_some_and(|t| Instant::now() > t)
+            })
+            .map(|(id, j)| (id.clone(), j.attached))
+            .collect();
+        for (id, attached) in late {
+            if attached {
+                self.finish_job(
+                    &id,
+                    JobState::Failed,
+                    -1,
+                    "the head restarted, and the program that joined the cluster did not \
+                     come back",
+                );
+                continue;
+            }
+            // Tasks submitted again say its driver is back, though its node is not
+            // (yet): it goes on.
+            if self.tasks.values().any(|t| t.spec.job_id == id) {
+                self.jobs.get_mut(&id).expect("exists").resume_by = None;
+                continue;
+            }
+            info!("job {id}: starts again (the head restarted)");
+            self.drop_adopted(&id);
+            let j = self.jobs.get_mut(&id).expect("exists");
+            j.resume_by = None;
+            j.status.state = JobState::Pending;
+            j.status.node_id.clear();
+            // A node that rejoins later with the old driver is told to stop it.
+            self.pending_jobs.insert(id.clone());
+        }
+    }
+
+    /// Lets go of the objects kept for job `id` across a head restart.
+    fn drop_adopted(&mut self, id: &str) {
+        let nodes = &mut self.nodes;
+        self.adopted.retain(|_, a| {
+            let keep = a.job != id;
+            if !keep {
+                if let Some(n) = nodes.get_mut(&a.node) {
+                    n.stored = n.stored.saturating_sub(a.bytes);
+                }
+            }
+            keep
+        });
     }
 
     /// Job `id`.
@@ -143,6 +199,9 @@ impl State {
         match self.jobs.get_mut(id) {
             Some(j) if j.status.state == JobState::Running => {
                 j.last_alive = Instant::now();
+                if j.attached {
+                    j.resume_by = None;
+                }
                 Ok(())
             }
             Some(j) => Err(Refusal::NotNow(format!("job {id} is {}", j.status.state))),
@@ -270,6 +329,7 @@ impl State {
             self.groups.remove(&g);
         }
         self.object_groups.retain(|_, g| g.job != id);
+        self.drop_adopted(id);
         let mut dropped = 0;
         let nodes = &mut self.nodes;
         self.objects.retain(|_, o| {

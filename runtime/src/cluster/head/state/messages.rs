@@ -205,6 +205,23 @@ pub(crate) struct NodeRegistration {
     pub object_store_memory: u64,
 }
 
+/// What a node that rejoins a restarted head kept from before: the objects in its
+/// store and the jobs whose drivers it runs.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Kept {
+    pub objects: Vec<KeptObject>,
+    pub drivers: Vec<String>,
+}
+
+/// An object a rejoining node holds.
+#[derive(Debug, Clone)]
+pub(crate) struct KeptObject {
+    pub id: String,
+    pub job: String,
+    pub bytes: u64,
+    pub rows: u64,
+}
+
 /// A node's heartbeat figures.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct NodeLoad {

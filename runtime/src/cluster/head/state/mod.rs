@@ -47,6 +47,11 @@ pub(crate) type NodeLink = mpsc::UnboundedSender<NodeCommand>;
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
+/// How long a job that was running when the head before this one stopped waits for
+/// its driver to come back: its node rejoining with it (node agents try every quarter
+/// second), or a program that joined the cluster itself saying it is alive.
+pub(crate) const RESUME_WAIT: Duration = Duration::from_secs(30);
+
 /// `(placement group, bundle index, group generation)` a task or actor runs in.
 type BundleRef = (String, usize, u64);
 
@@ -474,6 +479,11 @@ pub(crate) struct JobEntry {
     /// without (a node starts each kind apart): when, and why. Its tasks of that kind
     /// keep off them for [`tasks::NO_WORKER_PAUSE`].
     no_workers: FastMap<(String, bool), (Instant, String)>,
+    /// Running when a head before this one stopped: until when it waits for its
+    /// driver to come back (its node rejoining with it, or an attached program
+    /// saying it is alive) before it starts again from the beginning (or, attached,
+    /// fails).
+    resume_by: Option<Instant>,
 }
 
 impl JobEntry {
@@ -493,6 +503,7 @@ impl JobEntry {
             gpus: vec![],
             task_seconds: FastMap::default(),
             no_workers: FastMap::default(),
+            resume_by: None,
         }
     }
 }
@@ -546,6 +557,17 @@ pub(crate) struct State {
     task_metrics: TaskMetrics,
     /// Jobs ended since the head started: followers of a job's log wake when it moves.
     jobs_ended: u64,
+    /// Objects that nodes rejoining after a head restart kept, not yet claimed by a
+    /// task their driver submits again ([`State::rejoin_node`]).
+    adopted: FastMap<String, Adopted>,
+}
+
+/// An object kept by a node across a head restart, waiting for its task.
+struct Adopted {
+    job: String,
+    node: String,
+    bytes: u64,
+    rows: u64,
 }
 
 /// Why the state machine refused a request.

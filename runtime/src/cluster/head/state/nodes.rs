@@ -14,6 +14,94 @@ impl State {
         id
     }
 
+    /// A node that was part of the cluster under a head before this one rejoins under
+    /// its id `id`, with what it kept: its objects wait for the tasks their drivers
+    /// submit again (a task whose object is kept is done at once), and the drivers of
+    /// jobs waiting for them run on. Returns the jobs whose drivers and objects the
+    /// node must drop (ended, or started again elsewhere). Refused for a node this head
+    /// knows (it declared it dead: what it holds may be stale, so it joins again as a
+    /// new node).
+    pub fn rejoin_node(
+        &mut self,
+        id: &str,
+        node: NodeRegistration,
+        kept: Kept,
+    ) -> Result<Vec<String>, Refusal> {
+        if self.nodes.contains_key(id) || self.gone_nodes.contains_key(id) {
+            return Err(Refusal::NotNow(format!(
+                "{id} is not one this head lost: join as a new node"
+            )));
+        }
+        info!(
+            "{id} rejoined from {} with {}, keeping {} objects and {} drivers",
+            node.hostname,
+            node.total,
+            kept.objects.len(),
+            kept.drivers.len()
+        );
+        self.nodes.insert(id.to_string(), Node::new(node));
+        let mut drop_jobs = BTreeSet::new();
+        for job in kept.drivers {
+            let resumed = self.jobs.get_mut(&job).is_some_and(|j| {
+                let ours = j.status.state == JobState::Running
+                    && !j.attached
+                    && j.status.node_id == id
+                    && j.resume_by.is_some();
+                if ours {
+                    j.resume_by = None;
+                }
+                ours
+            });
+            if !resumed {
+                drop_jobs.insert(job);
+                continue;
+            }
+            info!("job {job}: its driver on {id} goes on (the head restarted)");
+            let req = self.jobs[&job].resources.clone();
+            let n = self.nodes.get_mut(id).expect("inserted above");
+            let gpus = req
+                .fits_in(&n.available)
+                .then(|| n.gpus.take(req.num_gpus))
+                .flatten();
+            match gpus {
+                Some(gpus) => {
+                    n.available.subtract(&req);
+                    self.jobs.get_mut(&job).expect("exists").gpus = gpus;
+                }
+                None => warn!("job {job}: its driver's resources do not fit {id} now"),
+            }
+        }
+        for o in kept.objects {
+            if !self.job_active(&o.job) {
+                drop_jobs.insert(o.job);
+                continue;
+            }
+            match self.tasks.get(&o.id).map(|t| t.state.clone()) {
+                // Its driver came back first and submitted the task again.
+                Some(TaskState::Pending) => {
+                    self.task_done(&o.id, id, o.bytes, o.rows, Default::default());
+                }
+                // Made again elsewhere already, or running: this copy is not needed.
+                Some(_) => {}
+                None => {
+                    if let Some(n) = self.nodes.get_mut(id) {
+                        n.stored += o.bytes;
+                    }
+                    self.adopted.insert(
+                        o.id,
+                        Adopted {
+                            job: o.job,
+                            node: id.to_string(),
+                            bytes: o.bytes,
+                            rows: o.rows,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(drop_jobs.into_iter().collect())
+    }
+
     /// A node's heartbeat; false for a node the head does not know alive (it must join
     /// again).
     pub fn heartbeat(&mut self, node: &str, load: NodeLoad) -> bool {
@@ -81,6 +169,7 @@ impl State {
         n.alive = false;
         n.link = None;
         let running: Vec<String> = n.running.drain().collect();
+        self.adopted.retain(|_, a| a.node != node);
         for t in running {
             self.system_failure(&t, &format!("node {node} {how}"));
         }

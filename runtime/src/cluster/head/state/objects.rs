@@ -79,13 +79,24 @@ impl State {
         bytes: u64,
         rows: u64,
     ) -> Result<(), Refusal> {
-        let (node, n) = self
-            .nodes
-            .iter_mut()
-            .find(|(_, n)| n.alive && n.object_address == address)
-            .ok_or_else(|| Refusal::NotFound(format!("no live node at {address}")))?;
-        n.stored += bytes;
-        let node = node.clone();
+        if self.objects.contains_key(object_id) {
+            // Put again by a driver replaying what a head before this one knew.
+            return Ok(());
+        }
+        let node = match self.adopted.remove(object_id) {
+            // Kept across a head restart by its node, which rejoined (its bytes are
+            // counted there already).
+            Some(a) => a.node,
+            None => {
+                let (node, n) = self
+                    .nodes
+                    .iter_mut()
+                    .find(|(_, n)| n.alive && n.object_address == address)
+                    .ok_or_else(|| Refusal::NotFound(format!("no live node at {address}")))?;
+                n.stored += bytes;
+                node.clone()
+            }
+        };
         self.objects.insert(
             object_id.to_string(),
             ObjectEntry::new(job, None, vec![node], bytes, rows),
@@ -163,7 +174,11 @@ impl State {
         members: Vec<String>,
     ) -> Result<(), Refusal> {
         self.require_running(job)?;
-        if self.objects.contains_key(id) || self.object_groups.contains_key(id) {
+        if self.object_groups.contains_key(id) {
+            // Named again by a driver replaying what a head before this one knew.
+            return Ok(());
+        }
+        if self.objects.contains_key(id) {
             return Err(Refusal::Invalid(format!("object {id} exists")));
         }
         for m in &members {

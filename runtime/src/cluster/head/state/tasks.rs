@@ -775,7 +775,9 @@ impl State {
             );
         }
         if self.tasks.contains_key(&spec.task_id) {
-            return Err(VolleyError::plan(format!("task {} exists", spec.task_id)));
+            // A driver submits a task again only to replay what a head before this
+            // one knew: it is known here already.
+            return Ok(());
         }
         if let Some(b) = spec
             .bundle
@@ -812,7 +814,16 @@ impl State {
                 sent_at: Instant::now(),
             },
         );
-        self.enqueue(id, false);
+        // Its object outlived a head restart on a node that rejoined: done.
+        match self.adopted.remove(&id) {
+            Some(a) if a.job == self.tasks[&id].spec.job_id => {
+                if let Some(n) = self.nodes.get_mut(&a.node) {
+                    n.stored = n.stored.saturating_sub(a.bytes);
+                }
+                self.task_done(&id, &a.node, a.bytes, a.rows, Default::default());
+            }
+            _ => self.enqueue(id, false),
+        }
         Ok(())
     }
 
@@ -833,10 +844,12 @@ impl State {
             // cancelled while it ran, or is gone with its object): no one will read what
             // it stored, so its node drops it. (The attempt of a task that still runs
             // elsewhere, or again, keeps it: the same object may be stored there.)
+            // (Nor one its node kept across a head restart: a replayed task claims it.)
             let over = self
                 .tasks
                 .get(&r.task_id)
-                .is_none_or(|t| t.state == TaskState::Failed);
+                .is_none_or(|t| t.state == TaskState::Failed)
+                && !self.adopted.contains_key(&r.task_id);
             if over && matches!(r.outcome, TaskOutcome::Succeeded { .. }) {
                 if let Some(n) = self.nodes.get(&r.node_id) {
                     n.send(NodeCommand::FreeObjects(vec![r.task_id.clone()]));

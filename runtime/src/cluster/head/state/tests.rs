@@ -697,25 +697,109 @@ fn a_submitted_job_waits_for_a_node_for_its_driver_and_fails_with_the_node() {
     );
 }
 
+/// A head restarted on the state folder of one before it: a running job waits for its
+/// driver. The driver's node rejoins under its id with the driver and the objects it
+/// kept; the driver submits its tasks again: one whose object was kept is done at
+/// once, the others run. A node this head declared dead cannot rejoin. A job whose
+/// driver does not come back in time starts again (or, attached, fails).
 #[test]
-fn a_restarted_head_runs_submitted_jobs_again_and_fails_attached_ones() {
+fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
     let mut s = State::default();
-    let mut running = job("r");
-    running.attached = false;
-    running.status.state = JobState::Running;
-    running.status.node_id = "node-9".into();
-    let mut attached = job("a");
-    attached.status.state = JobState::Running;
+    let restored = |id: &str, attached: bool, node: &str| {
+        let mut j = job(id);
+        j.attached = attached;
+        j.resources = cpus(1.0);
+        j.status.state = JobState::Running;
+        j.status.node_id = node.into();
+        j
+    };
     let mut finished = job("f");
     finished.status.state = JobState::Succeeded;
-    for j in [running, attached, finished] {
+    for j in [
+        restored("r", false, "node-9"),
+        restored("gone", false, "node-8"),
+        restored("a", true, ""),
+        finished,
+    ] {
         s.restore_job(j);
     }
     let state = |s: &State, id: &str| s.job(id).unwrap().status.state;
-    assert_eq!(state(&s, "r"), JobState::Pending);
-    assert!(s.job("r").unwrap().status.node_id.is_empty());
-    assert_eq!(state(&s, "a"), JobState::Failed);
+    for id in ["r", "gone", "a"] {
+        assert_eq!(state(&s, id), JobState::Running, "{id}");
+    }
     assert_eq!(state(&s, "f"), JobState::Succeeded);
+    assert!(s.pending_jobs.is_empty());
+
+    let kept = Kept {
+        objects: vec![
+            KeptObject {
+                id: "r:t1".into(),
+                job: "r".into(),
+                bytes: 100,
+                rows: 7,
+            },
+            KeptObject {
+                id: "f:t0".into(),
+                job: "f".into(),
+                bytes: 5,
+                rows: 1,
+            },
+        ],
+        drivers: vec!["r".into(), "f".into()],
+    };
+    let node = NodeRegistration {
+        hostname: "h".into(),
+        object_address: "a".into(),
+        total: cpus(2.0),
+        object_store_memory: 1 << 30,
+        ..Default::default()
+    };
+    let dropped = s.rejoin_node("node-9", node.clone(), kept).unwrap();
+    assert_eq!(dropped, ["f"], "the ended job's driver and objects go");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.attach("node-9", tx).unwrap();
+    assert!(s.job("r").unwrap().resume_by.is_none());
+    assert_eq!(
+        s.nodes["node-9"].available.num_cpus, 1.0,
+        "the driver's CPU"
+    );
+    // The driver replays: the kept object's task is done, the other one runs.
+    let replayed = |id: &str| TaskSpec {
+        job_id: "r".into(),
+        ..task(id, &[])
+    };
+    s.submit(replayed("r:t1")).unwrap();
+    s.submit(replayed("r:t2")).unwrap();
+    // A second replay changes nothing.
+    s.submit(replayed("r:t1")).unwrap();
+    s.schedule();
+    let st = s.object_status("r:t1");
+    assert!(st.ready);
+    let loc = st.location.unwrap();
+    assert_eq!((loc.rows, loc.bytes), (7, 100));
+    assert_eq!(loc.addresses, ["a"]);
+    let runs: Vec<String> = sent(&mut rx)
+        .into_iter()
+        .filter(|c| c.starts_with("run "))
+        .collect();
+    assert_eq!(runs, ["run r:t2"]);
+
+    // node-9 is known now: it cannot rejoin again.
+    assert!(s
+        .rejoin_node("node-9", node.clone(), Kept::default())
+        .is_err());
+    s.node_died("node-9");
+    assert!(s.rejoin_node("node-9", node, Kept::default()).is_err());
+
+    // The drivers that did not come back in time.
+    for id in ["gone", "a"] {
+        s.jobs.get_mut(id).unwrap().resume_by = Some(Instant::now() - Duration::from_secs(1));
+    }
+    s.check_resumes();
+    assert_eq!(state(&s, "gone"), JobState::Pending);
+    assert!(s.job("gone").unwrap().status.node_id.is_empty());
+    assert!(s.pending_jobs.contains("gone"));
+    assert_eq!(state(&s, "a"), JobState::Failed);
 }
 
 #[test]
@@ -1303,11 +1387,15 @@ fn only_what_waits_is_in_the_scheduling_passes_view() {
     assert!(matches!(s.actors["a1"].state, ActorState::Dead(_)));
     // Dead for good, listed still, without the encoded actor it no longer needs.
     assert!(s.actors["a1"].spec.payload.is_empty());
-    // A job restored by a restarted head waits for its driver again.
+    // A job restored by a restarted head whose driver does not come back waits for
+    // a node to start it again.
     let mut kept = job("k");
     kept.attached = false;
     kept.status.state = JobState::Running;
     s.restore_job(kept);
+    assert!(s.pending_jobs.is_empty());
+    s.jobs.get_mut("k").unwrap().resume_by = Some(Instant::now() - Duration::from_secs(1));
+    s.check_resumes();
     assert_eq!(Vec::from_iter(s.pending_jobs.iter().cloned()), ["k"]);
     s.finish_job("k", JobState::Stopped, 0, "");
     assert!(s.pending_jobs.is_empty());
