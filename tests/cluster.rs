@@ -1879,6 +1879,22 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         eprintln!("{line}");
     }
     assert!(kept > 0, "the nodes kept no object:\n{log}");
+    // The driver's replay found the map outputs the nodes kept: they did not run again.
+    let replay = log
+        .lines()
+        .find(|l| l.contains(&format!("job {sort}: its driver replayed")))
+        .unwrap_or_else(|| panic!("no replay in\n{log}"));
+    eprintln!("{replay}");
+    let done: u32 = replay
+        .split(" tasks to this head: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        done >= 12,
+        "fewer tasks done than the sort's 12 map tasks: {replay}"
+    );
     assert!(!log.contains(&format!("job {sort}: starts again")), "{log}");
 
     // New jobs get new ids.

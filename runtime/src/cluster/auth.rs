@@ -99,6 +99,19 @@ impl CheckToken {
 
 impl Interceptor for CheckToken {
     fn call(&mut self, request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        match request.metadata().get(TOKEN_HEADER).map(|v| v.to_str()) {
+            Some(Ok(t)) if same_token(t, &self.token) => {}
+            Some(_) => {
+                return Err(Status::unauthenticated(
+                    "wrong cluster token (give the head's token with --token or VOLLEY_TOKEN)",
+                ))
+            }
+            None => {
+                return Err(Status::unauthenticated(
+                    "no cluster token (give the head's token with --token or VOLLEY_TOKEN)",
+                ))
+            }
+        }
         if let (Some(ours), Some(theirs)) = (self.head, request.metadata().get(HEAD_HEADER)) {
             if theirs.to_str().ok().and_then(|t| t.parse::<u64>().ok()) != Some(ours) {
                 let mut status =
@@ -109,15 +122,7 @@ impl Interceptor for CheckToken {
                 return Err(status);
             }
         }
-        match request.metadata().get(TOKEN_HEADER).map(|v| v.to_str()) {
-            Some(Ok(t)) if same_token(t, &self.token) => Ok(request),
-            Some(_) => Err(Status::unauthenticated(
-                "wrong cluster token (give the head's token with --token or VOLLEY_TOKEN)",
-            )),
-            None => Err(Status::unauthenticated(
-                "no cluster token (give the head's token with --token or VOLLEY_TOKEN)",
-            )),
-        }
+        Ok(request)
     }
 }
 

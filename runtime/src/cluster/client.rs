@@ -833,6 +833,7 @@ impl Cluster {
             actor_id: actor.to_string(),
             name: options.name.clone(),
             arg_batches: batches.to_vec(),
+            made: false,
         };
         // Queued for the submission loop; the head's refusal, if any, is the object's
         // error (as a failing task's is).
@@ -1289,7 +1290,11 @@ async fn alive_loop(session: Arc<Session>) {
     loop {
         let _ = session
             .call("saying the driver is alive", |mut h, job_id| async move {
-                h.driver_alive(proto::DriverHeartbeat { job_id }).await
+                h.driver_alive(proto::DriverHeartbeat {
+                    job_id,
+                    replayed: false,
+                })
+                .await
             })
             .await;
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -568,6 +568,7 @@ impl Agent {
                     for job in &r.drop_jobs {
                         self.drop_job(job);
                     }
+                    self.free_objects(&r.free_objects);
                     let commands = head
                         .attach(proto::AttachRequest {
                             node_id: self.node_id.clone(),
@@ -592,25 +593,46 @@ impl Agent {
     }
 
     /// What this node kept across the loss of its head: the objects in its store (with
-    /// their jobs, bytes and rows) and the jobs whose drivers run here.
+    /// their jobs, bytes and rows) and the jobs whose drivers run here. Objects whose
+    /// rows it does not know (copies from a draining node) are dropped, not offered:
+    /// a reader would take them for empty.
     fn kept(&self) -> (Vec<proto::HeldObject>, Vec<String>) {
         let ids = self.store.ids();
         let mut s = self.state.lock().expect("agent lock");
         let held: std::collections::HashSet<&String> = ids.iter().collect();
         s.object_rows.retain(|id, _| held.contains(id));
-        let objects = ids
-            .iter()
-            .filter_map(|id| {
-                let job = id.split_once(':')?.0;
-                Some(proto::HeldObject {
-                    object_id: id.clone(),
-                    job_id: job.to_string(),
-                    bytes: self.store.bytes_of(id)?,
-                    rows: s.object_rows.get(id).copied().unwrap_or(0),
-                })
-            })
-            .collect();
-        (objects, s.drivers.keys().cloned().collect())
+        let mut unknown = vec![];
+        let mut objects = vec![];
+        for id in &ids {
+            let (Some(rows), Some((job, _)), Some(bytes)) = (
+                s.object_rows.get(id).copied(),
+                id.split_once(':'),
+                self.store.bytes_of(id),
+            ) else {
+                unknown.push(id.clone());
+                continue;
+            };
+            objects.push(proto::HeldObject {
+                object_id: id.clone(),
+                job_id: job.to_string(),
+                bytes,
+                rows,
+            });
+        }
+        let drivers = s.drivers.keys().cloned().collect();
+        drop(s);
+        self.store.free(&unknown);
+        (objects, drivers)
+    }
+
+    /// Drops objects from the store, as the head asks.
+    fn free_objects(&self, ids: &[String]) {
+        let mut s = self.state.lock().expect("agent lock");
+        for id in ids {
+            s.object_rows.remove(id);
+        }
+        drop(s);
+        self.store.free(ids);
     }
 
     /// Stops the workers and drops the work waiting for them (the drivers stay).
@@ -620,6 +642,9 @@ impl Agent {
         s.calls.clear();
         s.ahead.clear();
         for w in s.workers.values_mut() {
+            // What they ran is reported to no head: a report reaching the new one
+            // could be taken for a later attempt's.
+            w.running.clear();
             w.exiting = true;
             if let Some(k) = w.kill.take() {
                 let _ = k.send(());
@@ -637,7 +662,7 @@ impl Agent {
             let _ = k.send(());
         }
         let ids = self.store_ids_with_prefix(&format!("{job}:"));
-        self.store.free(&ids);
+        self.free_objects(&ids);
     }
 
     /// Starts the heartbeats on a thread, runtime and connection of their own, so that a
@@ -777,14 +802,7 @@ impl Agent {
                     self.report(&t, Outcome::SystemFailure, "cancelled".into());
                 }
             }
-            Command::FreeObjects(ids) => {
-                let mut s = self.state.lock().expect("agent lock");
-                for id in &ids.ids {
-                    s.object_rows.remove(id);
-                }
-                drop(s);
-                self.store.free(&ids.ids);
-            }
+            Command::FreeObjects(ids) => self.free_objects(&ids.ids),
             Command::PrepareJob(job) => {
                 tokio::spawn(self.prepare_job(job));
             }
@@ -1827,6 +1845,7 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             worker_logs::note_task_end(&dir, &report.task_id, report.attempt, &r.worker_id);
         }
         report.node_id = self.agent.node_id.clone();
+        let task_id = report.task_id.clone();
         if !r.output.is_empty() {
             // A small result came with the report: it is stored here, and its bytes go
             // on to the head, which hands them to whoever reads it.
@@ -1886,6 +1905,12 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         } else {
             false
         };
+        if stale {
+            // Its worker undoes what the attempt left behind: its object goes too, so
+            // that no one (a head restarted since, taking back what this node holds)
+            // reads a result whose effects were undone.
+            self.agent.free_objects(std::slice::from_ref(&task_id));
+        }
         Ok(Response::new(proto::FinishResponse { stale, next }))
     }
 

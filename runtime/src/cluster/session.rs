@@ -77,7 +77,11 @@ impl Session {
     pub async fn hello(&self) -> Result<()> {
         let reply = self
             .call("joining the job", |mut h, job| async move {
-                h.driver_alive(proto::DriverHeartbeat { job_id: job }).await
+                h.driver_alive(proto::DriverHeartbeat {
+                    job_id: job,
+                    replayed: false,
+                })
+                .await
             })
             .await?;
         self.incarnation.store(reply.head, Ordering::SeqCst);
@@ -128,6 +132,7 @@ impl Session {
         let reply = match plain
             .driver_alive(proto::DriverHeartbeat {
                 job_id: self.job_id.clone(),
+                replayed: false,
             })
             .await
         {
@@ -138,8 +143,10 @@ impl Session {
             }
             Err(e) => return Err(e),
         };
-        if reply.head == self.incarnation.load(Ordering::SeqCst) {
-            // The same head: the call failed on the way. Try again after a moment.
+        if reply.head == self.incarnation.load(Ordering::SeqCst) || reply.recovering {
+            // The same head: the call failed on the way; or a new one still waiting for
+            // the nodes it had to rejoin (what they kept is found then, not made
+            // again). Try again after a moment.
             tokio::time::sleep(Duration::from_millis(100)).await;
             return Ok(());
         }
@@ -157,7 +164,9 @@ impl Session {
         Ok(())
     }
 
-    /// Tells a new head what the ledger holds.
+    /// Tells a new head what the ledger holds: the objects put (they read nothing),
+    /// then the tasks and groups in order, then which of them the driver freed; then
+    /// that the replay is over (objects kept for the job that nothing claimed go).
     async fn replay(&self, plain: &mut Head) -> std::result::Result<(), Status> {
         let (items, puts, freed) = self.ledger.lock().expect("ledger lock").replay();
         tracing::info!(
@@ -167,13 +176,6 @@ impl Session {
             items.len(),
             puts.len()
         );
-        for chunk in items.chunks(1024) {
-            plain
-                .submit_tasks(proto::SubmitTasksRequest {
-                    items: chunk.to_vec(),
-                })
-                .await?;
-        }
         for put in puts {
             // An object put on a node that did not come back is lost: reading it fails
             // then, saying so.
@@ -183,6 +185,13 @@ impl Session {
                 }
             }
         }
+        for chunk in items.chunks(1024) {
+            plain
+                .submit_tasks(proto::SubmitTasksRequest {
+                    items: chunk.to_vec(),
+                })
+                .await?;
+        }
         if !freed.is_empty() {
             plain
                 .free(proto::FreeRequest {
@@ -191,6 +200,12 @@ impl Session {
                 })
                 .await?;
         }
+        plain
+            .driver_alive(proto::DriverHeartbeat {
+                job_id: self.job_id.clone(),
+                replayed: true,
+            })
+            .await?;
         Ok(())
     }
 
@@ -323,7 +338,14 @@ impl Ledger {
         let mut puts = vec![];
         for e in self.entries.values() {
             match &e.kept {
-                Kept::Submission(s) => items.push(s.clone()),
+                Kept::Submission(s) => {
+                    let mut s = s.clone();
+                    // A freed task is lineage only: run again if a reader needs it.
+                    if let Some(proto::submission::Item::Task(t)) = &mut s.item {
+                        t.made = e.freed;
+                    }
+                    items.push(s);
+                }
                 Kept::Put(p) => puts.push(p.clone()),
             }
         }
@@ -375,6 +397,15 @@ mod tests {
         let (items, _, freed) = l.replay();
         assert_eq!(ids(&items), ["read", "map"]);
         assert_eq!(freed, ["read"]);
+        // The freed one goes to the head as lineage only.
+        let made: Vec<bool> = items
+            .iter()
+            .filter_map(|i| match &i.item {
+                Some(proto::submission::Item::Task(t)) => Some(t.made),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(made, [true, false]);
         l.free("map");
         let (items, _, freed) = l.replay();
         assert!(items.is_empty() && freed.is_empty());

@@ -131,10 +131,8 @@ impl std::fmt::Debug for HeadCore {
 
 impl HeadCore {
     /// A head keeping its files in `options.state_dir`, with the jobs a head before it
-    /// kept there: finished ones as they were; one that was waiting or running starts
-    /// again from the beginning (its driver went with the nodes' connections); one
-    /// whose program joined the cluster itself has failed. Fails, saying why, if it
-    /// cannot open its store or package cache there.
+    /// kept there (see [`State::restore_job`]) and expecting that head's nodes back.
+    /// Fails, saying why, if it cannot open its store or package cache there.
     pub fn new(options: HeadOptions) -> Result<Arc<Self>> {
         let blobs = BlobCache::open(
             options.state_dir.join("packages"),
@@ -152,6 +150,7 @@ impl HeadCore {
             packages.insert(info.job_id.clone(), job.package.unwrap_or_default());
             state.restore_job(wire::job_entry(info));
         }
+        state.expect_nodes(recovered.nodes);
         let core = Arc::new(Self {
             state: Mutex::new(state),
             changed: Notify::new(),
@@ -181,10 +180,10 @@ impl HeadCore {
         use prost::Message;
         // One writer at a time, snapshot to commit: an older snapshot never lands last.
         let _one = self.persisting.lock().expect("persist lock");
-        let (infos, next_node, next_job) = {
+        let (infos, next_node, next_job, nodes) = {
             let s = self.state.lock().expect("head lock");
             let infos: Vec<proto::JobInfo> = s.jobs().map(wire::job_info).collect();
-            (infos, s.next_node(), s.next_job())
+            (infos, s.next_node(), s.next_job(), s.live_node_ids())
         };
         let packages = self.packages.lock().expect("packages lock");
         let jobs = infos
@@ -199,7 +198,7 @@ impl HeadCore {
             })
             .collect();
         drop(packages);
-        self.store.save(jobs, next_node, next_job)
+        self.store.save(jobs, next_node, next_job, nodes)
     }
 
     /// Writes what changes to the store, a few times a second, for as long as the head

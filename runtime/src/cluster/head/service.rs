@@ -17,7 +17,9 @@ use super::super::net::wire_error;
 use super::super::package::{blob_chunks, check_manifest, receive_blobs};
 use super::super::proto;
 use super::super::resources::Resources;
-use super::state::{Kept, KeptObject, NodeCommand, NodeLoad, NodeRegistration, Refusal};
+use super::state::{
+    Kept, KeptObject, NodeCommand, NodeLoad, NodeRegistration, Refusal, Rejoined, State,
+};
 use super::{wire, HeadCore};
 
 /// The head's gRPC face.
@@ -73,8 +75,11 @@ impl proto::head_server::Head for HeadService {
             gpu_ids: r.gpu_ids,
             object_store_memory: r.object_store_memory,
         };
-        let (node_id, drop_jobs) = if r.rejoin.is_empty() {
-            (self.core.with(|s| s.register_node(node)), vec![])
+        let (node_id, rejoined) = if r.rejoin.is_empty() {
+            (
+                self.core.with(|s| s.register_node(node)),
+                Rejoined::default(),
+            )
         } else {
             let kept = Kept {
                 objects: r
@@ -89,16 +94,17 @@ impl proto::head_server::Head for HeadService {
                     .collect(),
                 drivers: r.drivers,
             };
-            let dropped = self
+            let rejoined = self
                 .core
                 .with(|s| s.rejoin_node(&r.rejoin, node, kept))
                 .map_err(refused)?;
-            (r.rejoin, dropped)
+            (r.rejoin, rejoined)
         };
         Ok(Response::new(proto::RegisterNodeResponse {
             node_id,
             heartbeat_interval_ms: self.core.options.heartbeat_interval.as_millis() as u64,
-            drop_jobs,
+            drop_jobs: rejoined.drop_jobs,
+            free_objects: rejoined.free_objects,
         }))
     }
 
@@ -171,7 +177,7 @@ impl proto::head_server::Head for HeadService {
     ) -> Answer<proto::Empty> {
         let r = request.into_inner();
         self.core
-            .with(|s| s.driver_exited(&r.job_id, r.exit_code, &r.error));
+            .with(|s| s.driver_exited(&r.job_id, &r.node_id, r.exit_code, &r.error));
         empty()
     }
 
@@ -303,11 +309,20 @@ impl proto::head_server::Head for HeadService {
         &self,
         request: Request<proto::DriverHeartbeat>,
     ) -> Answer<proto::DriverAliveReply> {
-        let id = request.into_inner().job_id;
-        let mut s = self.core.state.lock().expect("head lock");
-        s.driver_alive(&id).map_err(refused)?;
+        let r = request.into_inner();
+        // A replay's end may free objects: the nodes hear of it, as after any change.
+        let alive = |s: &mut State| {
+            s.driver_alive(&r.job_id, r.replayed)
+                .map(|()| s.recovering())
+        };
+        let recovering = if r.replayed {
+            self.core.with(alive)
+        } else {
+            alive(&mut self.core.state.lock().expect("head lock"))
+        };
         Ok(Response::new(proto::DriverAliveReply {
             head: self.core.incarnation(),
+            recovering: recovering.map_err(refused)?,
         }))
     }
 
@@ -478,7 +493,7 @@ impl proto::head_server::Head for HeadService {
         let address = self
             .core
             .read(|s| s.emptiest_store())
-            .ok_or_else(|| Status::unavailable("the cluster has no live node"))?;
+            .ok_or_else(|| Status::failed_precondition("the cluster has no live node"))?;
         Ok(Response::new(proto::ObjectLocation {
             addresses: vec![address],
             ..Default::default()

@@ -18,13 +18,24 @@ use super::super::proto;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// The nodes alive when last written (a head after this one waits a while for them to
+/// rejoin before drivers replay their jobs).
+const NODES: TableDefinition<&str, u64> = TableDefinition::new("nodes");
 
 /// The head's store.
 pub(crate) struct HeadStore {
     db: Database,
     path: PathBuf,
     /// What the store has, to write only what changed.
-    written: Mutex<(HashMap<String, Vec<u8>>, (u64, u64))>,
+    written: Mutex<Written>,
+}
+
+/// What the store holds, as last written: jobs, counters, live nodes.
+#[derive(Default)]
+struct Written {
+    jobs: HashMap<String, Vec<u8>>,
+    counters: (u64, u64),
+    nodes: Vec<String>,
 }
 
 /// What a head finds in its store when it starts.
@@ -33,6 +44,8 @@ pub(crate) struct Recovered {
     pub jobs: Vec<proto::StoredJob>,
     pub next_node: u64,
     pub next_job: u64,
+    /// The nodes alive when the head before stopped.
+    pub nodes: Vec<String>,
 }
 
 impl HeadStore {
@@ -52,6 +65,7 @@ impl HeadStore {
         let tx = db.begin_write().map_err(|e| failed(&e))?;
         tx.open_table(JOBS).map_err(|e| failed(&e))?;
         tx.open_table(COUNTERS).map_err(|e| failed(&e))?;
+        tx.open_table(NODES).map_err(|e| failed(&e))?;
         tx.commit().map_err(|e| failed(&e))?;
 
         let mut recovered = Recovered::default();
@@ -74,13 +88,22 @@ impl HeadStore {
         };
         recovered.next_node = counter("next_node")?;
         recovered.next_job = counter("next_job")?;
-        drop((jobs, counters, rx));
-        let counters = (recovered.next_node, recovered.next_job);
+        let nodes = rx.open_table(NODES).map_err(|e| failed(&e))?;
+        for entry in nodes.iter().map_err(|e| failed(&e))? {
+            let (id, _) = entry.map_err(|e| failed(&e))?;
+            recovered.nodes.push(id.value().to_string());
+        }
+        drop((jobs, counters, nodes, rx));
+        let written = Written {
+            jobs: written,
+            counters: (recovered.next_node, recovered.next_job),
+            nodes: recovered.nodes.clone(),
+        };
         Ok((
             Self {
                 db,
                 path: path.to_path_buf(),
-                written: Mutex::new((written, counters)),
+                written: Mutex::new(written),
             },
             recovered,
         ))
@@ -88,7 +111,14 @@ impl HeadStore {
 
     /// Writes the jobs and counters that differ from what the store has, in one
     /// transaction.
-    pub fn save(&self, jobs: Vec<(String, Vec<u8>)>, next_node: u64, next_job: u64) -> Result<()> {
+    pub fn save(
+        &self,
+        jobs: Vec<(String, Vec<u8>)>,
+        next_node: u64,
+        next_job: u64,
+        mut nodes: Vec<String>,
+    ) -> Result<()> {
+        nodes.sort();
         let failed = |e: &dyn std::fmt::Display| {
             VolleyError::execution(format!(
                 "cannot write the head's state store {}: {e}",
@@ -98,9 +128,10 @@ impl HeadStore {
         let mut written = self.written.lock().expect("store lock");
         let changed: Vec<(String, Vec<u8>)> = jobs
             .into_iter()
-            .filter(|(id, bytes)| written.0.get(id) != Some(bytes))
+            .filter(|(id, bytes)| written.jobs.get(id) != Some(bytes))
             .collect();
-        if changed.is_empty() && written.1 == (next_node, next_job) {
+        if changed.is_empty() && written.counters == (next_node, next_job) && written.nodes == nodes
+        {
             return Ok(());
         }
         let tx = self.db.begin_write().map_err(|e| failed(&e))?;
@@ -118,12 +149,22 @@ impl HeadStore {
             counters
                 .insert("next_job", next_job)
                 .map_err(|e| failed(&e))?;
+            if written.nodes != nodes {
+                let mut table = tx.open_table(NODES).map_err(|e| failed(&e))?;
+                for gone in written.nodes.iter().filter(|n| !nodes.contains(n)) {
+                    table.remove(gone.as_str()).map_err(|e| failed(&e))?;
+                }
+                for n in &nodes {
+                    table.insert(n.as_str(), 0).map_err(|e| failed(&e))?;
+                }
+            }
         }
         tx.commit().map_err(|e| failed(&e))?;
         for (id, bytes) in changed {
-            written.0.insert(id, bytes);
+            written.jobs.insert(id, bytes);
         }
-        written.1 = (next_node, next_job);
+        written.counters = (next_node, next_job);
+        written.nodes = nodes;
         Ok(())
     }
 }
@@ -151,10 +192,20 @@ mod tests {
         let (store, found) = HeadStore::open(&path).unwrap();
         assert!(found.jobs.is_empty());
         store
-            .save(vec![job("a", "RUNNING"), job("b", "SUCCEEDED")], 3, 2)
+            .save(
+                vec![job("a", "RUNNING"), job("b", "SUCCEEDED")],
+                3,
+                2,
+                vec![],
+            )
             .unwrap();
         store
-            .save(vec![job("a", "FAILED"), job("b", "SUCCEEDED")], 3, 2)
+            .save(
+                vec![job("a", "FAILED"), job("b", "SUCCEEDED")],
+                3,
+                2,
+                vec![],
+            )
             .unwrap();
         drop(store);
         let (_, found) = HeadStore::open(&path).unwrap();

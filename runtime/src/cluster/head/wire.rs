@@ -39,6 +39,7 @@ impl From<proto::SubmitTaskRequest> for TaskSpec {
             payload: r.payload,
             args: r.args,
             max_retries: r.max_retries,
+            made: r.made,
         }
     }
 }

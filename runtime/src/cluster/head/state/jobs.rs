@@ -58,6 +58,7 @@ impl State {
                     status.job_id
                 );
                 job.resume_by = Some(Instant::now() + RESUME_WAIT);
+                job.replay = Some([0; 3]);
             }
             JobState::Pending => {
                 self.pending_jobs.insert(status.job_id.clone());
@@ -68,8 +69,8 @@ impl State {
     }
 
     /// Jobs whose drivers did not come back within [`RESUME_WAIT`] of a head restart:
-    /// a submitted one starts again from the beginning (the objects kept for it go),
-    /// an attached one fails.
+    /// a submitted one starts again from the beginning (what its old driver replayed,
+    /// and the objects kept for it, go), an attached one fails.
     pub fn check_resumes(&mut self) {
         let late: Vec<(String, bool)> = self
             .jobs
@@ -91,16 +92,19 @@ impl State {
                 );
                 continue;
             }
-            // Tasks submitted again say its driver is back, though its node is not
-            // (yet): it goes on.
-            if self.tasks.values().any(|t| t.spec.job_id == id) {
-                self.jobs.get_mut(&id).expect("exists").resume_by = None;
-                continue;
-            }
             info!("job {id}: starts again (the head restarted)");
-            self.drop_adopted(&id);
+            // Its old driver may have replayed work before it went quiet (its node never
+            // rejoined); the new driver starts from nothing.
+            let held = self.drop_work(&id, "the job started again (the head restarted)");
+            for (node, ids) in held {
+                if let Some(n) = self.nodes.get(&node) {
+                    n.send(NodeCommand::FreeObjects(ids));
+                }
+            }
             let j = self.jobs.get_mut(&id).expect("exists");
             j.resume_by = None;
+            j.replayed = false;
+            j.replay = None;
             j.status.state = JobState::Pending;
             j.status.node_id.clear();
             // A node that rejoins later with the old driver is told to stop it.
@@ -108,18 +112,42 @@ impl State {
         }
     }
 
-    /// Lets go of the objects kept for job `id` across a head restart.
+    /// A driver has replayed its job to this head: the objects kept for it that no
+    /// replayed task claimed go (its driver let go of them while the head was away).
+    fn replay_done(&mut self, id: &str) {
+        if let Some(j) = self.jobs.get_mut(id) {
+            j.replayed = true;
+            if let Some([done, lineage, queued]) = j.replay.take() {
+                info!(
+                    "job {id}: its driver replayed {} tasks to this head: {done} done on \
+                     nodes that kept their objects, {lineage} kept as lineage, {queued} to run",
+                    done + lineage + queued
+                );
+            }
+        }
+        self.drop_adopted(id);
+    }
+
+    /// Lets go of the objects kept for job `id` across a head restart, on their nodes
+    /// too.
     fn drop_adopted(&mut self, id: &str) {
+        let mut free: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let nodes = &mut self.nodes;
-        self.adopted.retain(|_, a| {
+        self.adopted.retain(|object, a| {
             let keep = a.job != id;
             if !keep {
                 if let Some(n) = nodes.get_mut(&a.node) {
                     n.stored = n.stored.saturating_sub(a.bytes);
                 }
+                free.entry(a.node.clone()).or_default().push(object.clone());
             }
             keep
         });
+        for (node, ids) in free {
+            if let Some(n) = self.nodes.get(&node) {
+                n.send(NodeCommand::FreeObjects(ids));
+            }
+        }
     }
 
     /// Job `id`.
@@ -179,8 +207,18 @@ impl State {
             .collect()
     }
 
-    /// A job's driver exited with `exit_code` (and `error`, if it could say).
-    pub fn driver_exited(&mut self, job: &str, exit_code: i32, error: &str) {
+    /// A job's driver on node `node` (none for a program that joined the cluster
+    /// itself) exited with `exit_code` (and `error`, if it could say). A report from a
+    /// node that no longer runs the job's driver (one that ran before a head restart,
+    /// reported late) changes nothing.
+    pub fn driver_exited(&mut self, job: &str, node: &str, exit_code: i32, error: &str) {
+        if self
+            .jobs
+            .get(job)
+            .is_some_and(|j| !node.is_empty() && j.status.node_id != node)
+        {
+            return;
+        }
         let (state, error) = if exit_code == 0 && error.is_empty() {
             (JobState::Succeeded, String::new())
         } else if error.is_empty() {
@@ -194,13 +232,17 @@ impl State {
         self.finish_job(job, state, exit_code, &error);
     }
 
-    /// A driver says it is alive; refused for a job not running.
-    pub fn driver_alive(&mut self, id: &str) -> Result<(), Refusal> {
+    /// A driver says it is alive (and, once after a head restart, that it has
+    /// replayed its job); refused for a job not running.
+    pub fn driver_alive(&mut self, id: &str, replayed: bool) -> Result<(), Refusal> {
         match self.jobs.get_mut(id) {
             Some(j) if j.status.state == JobState::Running => {
                 j.last_alive = Instant::now();
                 if j.attached {
                     j.resume_by = None;
+                }
+                if replayed {
+                    self.replay_done(id);
                 }
                 Ok(())
             }
@@ -218,6 +260,7 @@ impl State {
             .filter(|(_, j)| {
                 j.attached
                     && j.status.state == JobState::Running
+                    && j.resume_by.is_none()
                     && j.last_alive.elapsed() > timeout
             })
             .map(|(id, _)| id.clone())
@@ -249,6 +292,7 @@ impl State {
             j.status.state = JobState::Running;
             j.status.node_id = node.clone();
             j.gpus = gpus.clone();
+            j.driver_charged = true;
             let cmd = NodeCommand::StartDriver {
                 job_id: id.clone(),
                 entrypoint: j.status.entrypoint.clone(),
@@ -269,7 +313,7 @@ impl State {
         if j.status.state.is_final() {
             return;
         }
-        let had_driver = j.status.state == JobState::Running && !j.attached;
+        let had_driver = std::mem::take(&mut j.driver_charged);
         self.jobs_ended += 1;
         self.pending_jobs.remove(id);
         j.status.state = state;
@@ -287,7 +331,17 @@ impl State {
         if had_driver {
             self.release(&node, &req, &gpus, &None);
         }
-        // Everything of the job goes: tasks, actors, groups, objects.
+        self.drop_work(id, &format!("job {id} ended"));
+        for n in self.nodes.values() {
+            n.send(NodeCommand::StopJob(id.to_string()));
+        }
+    }
+
+    /// Takes everything of job `id` out (`why` it goes): its unfinished tasks fail,
+    /// its actors stop, its groups, objects and kept lineage go. Returns the objects
+    /// that were on nodes, by node (a job that ends has its nodes drop them all with
+    /// `StopJob`; one that starts again has them freed one by one).
+    fn drop_work(&mut self, id: &str, why: &str) -> BTreeMap<String, Vec<String>> {
         // Only its unfinished tasks need failing; the finished ones (most of a job's,
         // kept for their lineage) go in one pass at the end.
         let unfinished: Vec<String> = self
@@ -306,7 +360,7 @@ impl State {
                 self.tasks.get(t).map(|t| &t.state),
                 Some(TaskState::Pending | TaskState::Running { .. })
             ) {
-                self.fail_task(t, cancelled_report(&format!("job {id} ended")));
+                self.fail_task(t, cancelled_report(why));
             }
         }
         let actors: Vec<String> = self
@@ -316,7 +370,7 @@ impl State {
             .map(|(a, _)| a.clone())
             .collect();
         for a in actors {
-            self.kill_actor(&a, &format!("job {id} ended"));
+            self.kill_actor(&a, why);
         }
         let groups: Vec<String> = self
             .groups
@@ -331,16 +385,17 @@ impl State {
         self.object_groups.retain(|_, g| g.job != id);
         self.drop_adopted(id);
         let mut dropped = 0;
+        let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let nodes = &mut self.nodes;
-        self.objects.retain(|_, o| {
+        self.objects.retain(|object, o| {
             let keep = o.job != id;
             if !keep {
                 dropped += o.inline.as_ref().map_or(0, |b| b.len() as u64);
-                // The nodes drop the job's objects on `StopJob`.
                 for l in &o.locations {
                     if let Some(n) = nodes.get_mut(l) {
                         n.stored = n.stored.saturating_sub(o.bytes);
                     }
+                    held.entry(l.clone()).or_default().push(object.clone());
                 }
             }
             keep
@@ -348,8 +403,6 @@ impl State {
         self.inline_bytes -= dropped;
         self.tasks.retain(|_, t| t.spec.job_id != id);
         self.queue.retain(|id| self.tasks.contains_key(id));
-        for n in self.nodes.values() {
-            n.send(NodeCommand::StopJob(id.to_string()));
-        }
+        held
     }
 }

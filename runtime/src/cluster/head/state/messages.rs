@@ -35,6 +35,9 @@ pub(crate) struct TaskSpec {
     /// The actor whose method it calls.
     pub actor: Option<String>,
     pub bundle: Option<BundleChoice>,
+    /// Replayed to a restarted head: made before, its object freed by its driver
+    /// (kept as lineage, run again only if a reader needs it).
+    pub made: bool,
 }
 
 /// An actor as a driver creates it.
@@ -203,6 +206,14 @@ pub(crate) struct NodeRegistration {
     pub total: Resources,
     pub gpu_ids: Vec<u32>,
     pub object_store_memory: u64,
+}
+
+/// What a head answers a rejoining node: the jobs whose drivers and objects it drops,
+/// and other objects of its no one will read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Rejoined {
+    pub drop_jobs: Vec<String>,
+    pub free_objects: Vec<String>,
 }
 
 /// What a node that rejoins a restarted head kept from before: the objects in its

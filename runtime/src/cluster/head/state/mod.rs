@@ -52,6 +52,11 @@ type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 /// second), or a program that joined the cluster itself saying it is alive.
 pub(crate) const RESUME_WAIT: Duration = Duration::from_secs(30);
 
+/// How long after a restart drivers wait, before they replay their jobs, for the nodes
+/// the head before had to rejoin (so that the objects those nodes kept are found
+/// rather than made again).
+pub(crate) const NODES_WAIT: Duration = Duration::from_secs(10);
+
 /// `(placement group, bundle index, group generation)` a task or actor runs in.
 type BundleRef = (String, usize, u64);
 
@@ -484,6 +489,14 @@ pub(crate) struct JobEntry {
     /// saying it is alive) before it starts again from the beginning (or, attached,
     /// fails).
     resume_by: Option<Instant>,
+    /// Its driver's resources are held on its node (given back when the job ends).
+    driver_charged: bool,
+    /// Its driver replayed it to this head after a restart.
+    replayed: bool,
+    /// Restored running by a restarted head, until its driver has replayed it: what
+    /// became of the tasks replayed so far (`[done, lineage, queued]`: done on a node
+    /// that kept the object, kept as lineage, to run).
+    replay: Option<[u32; 3]>,
 }
 
 impl JobEntry {
@@ -504,6 +517,9 @@ impl JobEntry {
             task_seconds: FastMap::default(),
             no_workers: FastMap::default(),
             resume_by: None,
+            driver_charged: false,
+            replayed: false,
+            replay: None,
         }
     }
 }
@@ -560,6 +576,10 @@ pub(crate) struct State {
     /// Objects that nodes rejoining after a head restart kept, not yet claimed by a
     /// task their driver submits again ([`State::rejoin_node`]).
     adopted: FastMap<String, Adopted>,
+    /// The nodes a head before this one had, not yet rejoined, and until when drivers
+    /// wait for them before they replay ([`State::recovering`]).
+    awaiting_nodes: BTreeSet<String>,
+    awaiting_until: Option<Instant>,
 }
 
 /// An object kept by a node across a head restart, waiting for its task.

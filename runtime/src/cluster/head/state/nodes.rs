@@ -26,12 +26,17 @@ impl State {
         id: &str,
         node: NodeRegistration,
         kept: Kept,
-    ) -> Result<Vec<String>, Refusal> {
+    ) -> Result<Rejoined, Refusal> {
         if self.nodes.contains_key(id) || self.gone_nodes.contains_key(id) {
             return Err(Refusal::NotNow(format!(
                 "{id} is not one this head lost: join as a new node"
             )));
         }
+        // A node's number is never given out again.
+        if let Some(n) = id.strip_prefix("node-").and_then(|n| n.parse::<u64>().ok()) {
+            self.next_node = self.next_node.max(n);
+        }
+        self.awaiting_nodes.remove(id);
         info!(
             "{id} rejoined from {} with {}, keeping {} objects and {} drivers",
             node.hostname,
@@ -41,6 +46,7 @@ impl State {
         );
         self.nodes.insert(id.to_string(), Node::new(node));
         let mut drop_jobs = BTreeSet::new();
+        let mut free_objects = vec![];
         for job in kept.drivers {
             let resumed = self.jobs.get_mut(&job).is_some_and(|j| {
                 let ours = j.status.state == JobState::Running
@@ -66,7 +72,9 @@ impl State {
             match gpus {
                 Some(gpus) => {
                     n.available.subtract(&req);
-                    self.jobs.get_mut(&job).expect("exists").gpus = gpus;
+                    let j = self.jobs.get_mut(&job).expect("exists");
+                    j.gpus = gpus;
+                    j.driver_charged = true;
                 }
                 None => warn!("job {job}: its driver's resources do not fit {id} now"),
             }
@@ -76,13 +84,19 @@ impl State {
                 drop_jobs.insert(o.job);
                 continue;
             }
+            let replayed = self.jobs.get(&o.job).is_some_and(|j| j.replayed);
             match self.tasks.get(&o.id).map(|t| t.state.clone()) {
                 // Its driver came back first and submitted the task again.
                 Some(TaskState::Pending) => {
                     self.task_done(&o.id, id, o.bytes, o.rows, Default::default());
                 }
-                // Made again elsewhere already, or running: this copy is not needed.
-                Some(_) => {}
+                // Made again elsewhere already, or running; or no task will claim it
+                // (its driver has replayed), or another node's copy is kept: this copy
+                // is not needed.
+                Some(_) => free_objects.push(o.id),
+                None if replayed || self.adopted.contains_key(&o.id) => {
+                    free_objects.push(o.id);
+                }
                 None => {
                     if let Some(n) = self.nodes.get_mut(id) {
                         n.stored += o.bytes;
@@ -99,7 +113,27 @@ impl State {
                 }
             }
         }
-        Ok(drop_jobs.into_iter().collect())
+        Ok(Rejoined {
+            drop_jobs: drop_jobs.into_iter().collect(),
+            free_objects,
+        })
+    }
+
+    /// A head started on the state of one before it expects that head's nodes back:
+    /// drivers wait for them, for at most [`NODES_WAIT`], before they replay.
+    pub fn expect_nodes(&mut self, nodes: Vec<String>) {
+        self.awaiting_nodes = nodes.into_iter().collect();
+        self.awaiting_until = Some(Instant::now() + NODES_WAIT);
+    }
+
+    /// Whether nodes of the head before this one may still rejoin (drivers wait).
+    pub fn recovering(&self) -> bool {
+        !self.awaiting_nodes.is_empty() && self.awaiting_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// The nodes alive now (kept in the head's store, for a head after this one).
+    pub fn live_node_ids(&self) -> Vec<String> {
+        self.nodes.keys().cloned().collect()
     }
 
     /// A node's heartbeat; false for a node the head does not know alive (it must join

@@ -328,7 +328,7 @@ impl State {
 
     /// A kept task that named `args` is gone (or its output keeps only its lineage):
     /// they are no longer kept for it.
-    fn release_lineage(&mut self, args: &[String]) {
+    pub(super) fn release_lineage(&mut self, args: &[String]) {
         for a in args {
             let Some(input) = self.objects.get_mut(a) else {
                 continue;

@@ -815,12 +815,44 @@ impl State {
             },
         );
         // Its object outlived a head restart on a node that rejoined: done.
-        match self.adopted.remove(&id) {
-            Some(a) if a.job == self.tasks[&id].spec.job_id => {
+        let made = self.tasks[&id].spec.made;
+        let adopted = self
+            .adopted
+            .remove(&id)
+            .filter(|a| a.job == self.tasks[&id].spec.job_id);
+        if let Some(count) = self
+            .jobs
+            .get_mut(&self.tasks[&id].spec.job_id)
+            .and_then(|j| j.replay.as_mut())
+        {
+            count[if adopted.is_some() {
+                0
+            } else if made {
+                1
+            } else {
+                2
+            }] += 1;
+        }
+        match adopted {
+            Some(a) => {
                 if let Some(n) = self.nodes.get_mut(&a.node) {
                     n.stored = n.stored.saturating_sub(a.bytes);
                 }
                 self.task_done(&id, &a.node, a.bytes, a.rows, Default::default());
+            }
+            // Made before, its object freed and gone: kept as lineage, run again only
+            // for a reader that needs it.
+            _ if made => {
+                let task = self.tasks.get_mut(&id).expect("inserted above");
+                task.state = TaskState::Done;
+                let args = task.spec.args.clone();
+                self.release_args(&args);
+                // As an object let go with its lineage kept (one task deep: its own
+                // inputs keep none for it), which a reader makes again.
+                if let Some(o) = self.objects.get_mut(&id) {
+                    o.lineage_only = true;
+                }
+                self.release_lineage(&args);
             }
             _ => self.enqueue(id, false),
         }

@@ -744,6 +744,12 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
                 bytes: 5,
                 rows: 1,
             },
+            KeptObject {
+                id: "r:t9".into(),
+                job: "r".into(),
+                bytes: 5,
+                rows: 1,
+            },
         ],
         drivers: vec!["r".into(), "f".into()],
     };
@@ -754,8 +760,20 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
         object_store_memory: 1 << 30,
         ..Default::default()
     };
-    let dropped = s.rejoin_node("node-9", node.clone(), kept).unwrap();
-    assert_eq!(dropped, ["f"], "the ended job's driver and objects go");
+    // Drivers wait for the nodes the head before had.
+    s.expect_nodes(vec!["node-9".into(), "node-7".into()]);
+    assert!(s.recovering());
+    let rejoined = s.rejoin_node("node-9", node.clone(), kept).unwrap();
+    assert!(s.recovering(), "node-7 may still come");
+    s.awaiting_until = Some(Instant::now() - Duration::from_secs(1));
+    assert!(!s.recovering(), "not for ever");
+    assert_eq!(
+        rejoined.drop_jobs,
+        ["f"],
+        "the ended job's driver and objects go"
+    );
+    assert!(rejoined.free_objects.is_empty());
+    assert!(s.next_node >= 9, "node-9's number is not given out again");
     let (tx, mut rx) = mpsc::unbounded_channel();
     s.attach("node-9", tx).unwrap();
     assert!(s.job("r").unwrap().resume_by.is_none());
@@ -783,6 +801,34 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
         .filter(|c| c.starts_with("run "))
         .collect();
     assert_eq!(runs, ["run r:t2"]);
+    assert!(s.task_reported(report("node-9", "r:t2", 0, 10, "")));
+
+    // A task its driver had freed comes back as lineage: done, not run, until a
+    // reader needs its object.
+    s.submit(TaskSpec {
+        made: true,
+        ..replayed("r:p")
+    })
+    .unwrap();
+    s.schedule();
+    assert_eq!(s.tasks["r:p"].state, TaskState::Done);
+    assert!(sent(&mut rx).is_empty());
+    s.submit(TaskSpec {
+        args: vec!["r:p".into()],
+        arg_batches: vec![None],
+        ..replayed("r:c")
+    })
+    .unwrap();
+    s.free(&["r:p".to_string()]);
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run r:p"]);
+    // The replay is over: the kept object no task claimed goes.
+    s.driver_alive("r", true).unwrap();
+    assert_eq!(sent(&mut rx), ["free r:t9"]);
+    assert!(s.adopted.is_empty());
+    // A late word of a driver on another node changes nothing.
+    s.driver_exited("r", "node-5", 1, "");
+    assert_eq!(state(&s, "r"), JobState::Running);
 
     // node-9 is known now: it cannot rejoin again.
     assert!(s
