@@ -1773,7 +1773,8 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Under way: tasks running on both nodes.
+    std::thread::sleep(Duration::from_millis(1500));
     let workers = c.processes("VOLLEY_WORKER_ID=");
     let driver: Vec<i32> = c
         .processes(&format!("VOLLEY_JOB_ID={job}"))
@@ -1820,9 +1821,21 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
     );
     assert_eq!(checksum(&out), expected);
     let log = std::fs::read_to_string(c.home.path().join("head-restarted.log")).unwrap();
-    for line in log.lines().filter(|l| l.contains("rejoined from")) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains("rejoined from") || l.contains("replayed"))
+    {
         eprintln!("{line}");
     }
+    // The tasks that ran when the head went ran on, and were taken back.
+    let ran_on: usize = log
+        .lines()
+        .filter_map(|l| {
+            let (head, _) = l.split_once(" running tasks")?;
+            head.rsplit(' ').next()?.parse::<usize>().ok()
+        })
+        .sum();
+    assert!(ran_on > 0, "no task ran on across the restart:\n{log}");
     assert!(
         log.contains(&format!("job {job}: its driver on "))
             && log.contains("goes on (the head restarted)"),

@@ -205,7 +205,16 @@ const REPORT_LINGER: Duration = Duration::from_millis(20);
 /// call is on its way go together in the next, and while tasks wait ahead here (so no
 /// worker idles for it) a report waits up to [`REPORT_LINGER`] for more. An idle node,
 /// or one whose attempt waits for the head's verdict, adds no delay.
-async fn report_loop(mut head: Head, mut rx: mpsc::UnboundedReceiver<PendingReport>) {
+/// Whether the agent is attached to a head: reports wait while it is not (a head that
+/// restarted hears them once the node has rejoined it).
+type Attached = tokio::sync::watch::Receiver<bool>;
+
+async fn report_loop(
+    mut head: Head,
+    mut rx: mpsc::UnboundedReceiver<PendingReport>,
+    mut attached: Attached,
+    patience: Duration,
+) {
     while let Some(first) = rx.recv().await {
         let deadline = tokio::time::Instant::now() + REPORT_LINGER;
         let mut wait = first.may_wait && first.verdict.is_none();
@@ -228,7 +237,24 @@ async fn report_loop(mut head: Head, mut rx: mpsc::UnboundedReceiver<PendingRepo
         let (reports, waiters): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.report, p.verdict)).unzip();
         let n = reports.len();
-        match head.report_tasks(proto::TaskReports { reports }).await {
+        // Sent again while the head is away (it restarts: the node rejoins it first),
+        // for at most the node's patience.
+        let deadline = Instant::now() + patience;
+        let sent = loop {
+            let _ = attached.wait_for(|up| *up).await;
+            match head
+                .report_tasks(proto::TaskReports {
+                    reports: reports.clone(),
+                })
+                .await
+            {
+                Err(e) if super::net::unreachable(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => break other,
+            }
+        };
+        match sent {
             Ok(acks) => {
                 let acks = acks.into_inner().acks;
                 for (i, w) in waiters.into_iter().enumerate() {
@@ -419,7 +445,13 @@ pub async fn run_node_until(
     let max_workers = ((options.resources.num_cpus.ceil() as usize) * 4).max(8);
     let (reports, report_rx) = mpsc::unbounded_channel();
     // Both stop with this function however it returns (a failed attach included).
-    let reporter = AbortOnDrop(tokio::spawn(report_loop(head.clone(), report_rx)));
+    let (attached_tx, attached) = tokio::sync::watch::channel(true);
+    let reporter = AbortOnDrop(tokio::spawn(report_loop(
+        head.clone(),
+        report_rx,
+        attached,
+        options.head_patience,
+    )));
     let agent = Arc::new(Agent {
         node_id: node_id.clone(),
         options: options.clone(),
@@ -511,10 +543,12 @@ pub async fn run_node_until(
         }
         // The head went (or restarted): rejoin it under this node's id with what is
         // kept here, if it comes back in time.
+        attached_tx.send_replace(false);
         match Arc::clone(&agent).rejoin(&mut head, &lost).await {
             Ok(stream) => {
                 commands = stream;
                 (beat, _stop_beats) = Arc::clone(&agent).start_heartbeats(interval)?;
+                attached_tx.send_replace(true);
             }
             Err(why) => break why,
         }
@@ -529,10 +563,10 @@ pub async fn run_node_until(
 }
 
 impl Agent {
-    /// After losing the head (`why`): stops this node's workers (the tasks they ran
-    /// are the old head's; a restarted head knows none of them) and tries, for
-    /// `head_patience`, to rejoin the head under this node's id with the objects
-    /// and drivers kept here. Returns the new command stream, or why it gave up (the
+    /// After losing the head (`why`): stops the workers of actors and those with GPUs
+    /// (a restarted head knows neither), drops the tasks waiting for a worker, and
+    /// tries, for `head_patience`, to rejoin the head under this node's id with the
+    /// objects, drivers and running CPU tasks kept here (their reports wait). Returns the new command stream, or why it gave up (the
     /// head declared this node dead, or did not come back in time): the caller then
     /// stops everything, and `volley start` joins again as a new node.
     async fn rejoin(
@@ -545,13 +579,13 @@ impl Agent {
             "{}: {why}; its workers stop, its objects and drivers wait {patience:?} for the head",
             self.node_id
         );
-        self.kill_workers();
+        self.keep_cpu_workers();
         let deadline = Instant::now() + patience;
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| self.options.host.clone());
         loop {
-            let (objects, drivers) = self.kept();
+            let (objects, drivers, running) = self.kept();
             let request = proto::RegisterNodeRequest {
                 hostname: hostname.clone(),
                 object_address: self.address.clone(),
@@ -561,6 +595,7 @@ impl Agent {
                 rejoin: self.node_id.clone(),
                 objects,
                 drivers,
+                running,
             };
             match head.register_node(request).await {
                 Ok(r) => {
@@ -596,7 +631,7 @@ impl Agent {
     /// their jobs, bytes and rows) and the jobs whose drivers run here. Objects whose
     /// rows it does not know (copies from a draining node) are dropped, not offered:
     /// a reader would take them for empty.
-    fn kept(&self) -> (Vec<proto::HeldObject>, Vec<String>) {
+    fn kept(&self) -> (Vec<proto::HeldObject>, Vec<String>, Vec<proto::RunningTask>) {
         let ids = self.store.ids();
         let mut s = self.state.lock().expect("agent lock");
         let held: std::collections::HashSet<&String> = ids.iter().collect();
@@ -620,9 +655,22 @@ impl Agent {
             });
         }
         let drivers = s.drivers.keys().cloned().collect();
+        let running = s
+            .workers
+            .values()
+            .filter(|w| !w.exiting && w.actor.is_none())
+            .flat_map(|w| {
+                w.running.iter().map(|(id, attempt)| proto::RunningTask {
+                    task_id: id.clone(),
+                    attempt: *attempt,
+                    job_id: w.job.clone(),
+                    num_cpus: w.cpus,
+                })
+            })
+            .collect();
         drop(s);
         self.store.free(&unknown);
-        (objects, drivers)
+        (objects, drivers, running)
     }
 
     /// Drops objects from the store, as the head asks.
@@ -635,13 +683,18 @@ impl Agent {
         self.store.free(ids);
     }
 
-    /// Stops the workers and drops the work waiting for them (the drivers stay).
-    fn kill_workers(&self) {
+    /// Stops the workers of actors and those with GPUs, and drops the work waiting for
+    /// a worker (the drivers and the CPU workers' running tasks stay).
+    fn keep_cpu_workers(&self) {
         let mut s = self.state.lock().expect("agent lock");
         s.queues.clear();
         s.calls.clear();
         s.ahead.clear();
-        for w in s.workers.values_mut() {
+        for w in s
+            .workers
+            .values_mut()
+            .filter(|w| w.actor.is_some() || w.start_actor.is_some() || !w.gpus.is_empty())
+        {
             // What they ran is reported to no head: a report reaching the new one
             // could be taken for a later attempt's.
             w.running.clear();
@@ -658,9 +711,18 @@ impl Agent {
     /// that ended, or started again elsewhere, while this node was away (the job's work
     /// is still taken later: it may run here again).
     fn drop_job(&self, job: &str) {
-        if let Some(k) = self.state.lock().expect("agent lock").drivers.remove(job) {
+        let mut s = self.state.lock().expect("agent lock");
+        if let Some(k) = s.drivers.remove(job) {
             let _ = k.send(());
         }
+        for w in s.workers.values_mut().filter(|w| w.job == job) {
+            w.running.clear();
+            w.exiting = true;
+            if let Some(k) = w.kill.take() {
+                let _ = k.send(());
+            }
+        }
+        drop(s);
         let ids = self.store_ids_with_prefix(&format!("{job}:"));
         self.free_objects(&ids);
     }

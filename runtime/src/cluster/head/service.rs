@@ -18,7 +18,7 @@ use super::super::package::{blob_chunks, check_manifest, receive_blobs};
 use super::super::proto;
 use super::super::resources::Resources;
 use super::state::{
-    Kept, KeptObject, NodeCommand, NodeLoad, NodeRegistration, Refusal, Rejoined, State,
+    Kept, KeptObject, KeptRun, NodeCommand, NodeLoad, NodeRegistration, Refusal, Rejoined, State,
 };
 use super::{wire, HeadCore};
 
@@ -93,6 +93,16 @@ impl proto::head_server::Head for HeadService {
                     })
                     .collect(),
                 drivers: r.drivers,
+                running: r
+                    .running
+                    .into_iter()
+                    .map(|t| KeptRun {
+                        id: t.task_id,
+                        job: t.job_id,
+                        attempt: t.attempt,
+                        cpus: t.num_cpus,
+                    })
+                    .collect(),
             };
             let rejoined = self
                 .core

@@ -58,7 +58,7 @@ impl State {
                     status.job_id
                 );
                 job.resume_by = Some(Instant::now() + RESUME_WAIT);
-                job.replay = Some([0; 3]);
+                job.replay = Some([0; 4]);
             }
             JobState::Pending => {
                 self.pending_jobs.insert(status.job_id.clone());
@@ -117,11 +117,12 @@ impl State {
     fn replay_done(&mut self, id: &str) {
         if let Some(j) = self.jobs.get_mut(id) {
             j.replayed = true;
-            if let Some([done, lineage, queued]) = j.replay.take() {
+            if let Some([done, lineage, queued, running]) = j.replay.take() {
                 info!(
                     "job {id}: its driver replayed {} tasks to this head: {done} done on \
-                     nodes that kept their objects, {lineage} kept as lineage, {queued} to run",
-                    done + lineage + queued
+                     nodes that kept their objects, {running} running on where they ran, \
+                     {lineage} kept as lineage, {queued} to run",
+                    done + lineage + queued + running
                 );
             }
         }
@@ -129,8 +130,21 @@ impl State {
     }
 
     /// Lets go of the objects kept for job `id` across a head restart, on their nodes
-    /// too.
+    /// too, and stops the tasks nodes ran on for it that no one claimed.
     fn drop_adopted(&mut self, id: &str) {
+        let runs: Vec<String> = self
+            .adopted_runs
+            .iter()
+            .filter(|(_, r)| r.job == id)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in runs {
+            let r = self.adopted_runs.remove(&t).expect("listed above");
+            if let Some(n) = self.nodes.get_mut(&r.node) {
+                n.available.num_cpus += r.cpus;
+                n.send(NodeCommand::CancelTask(t));
+            }
+        }
         let mut free: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let nodes = &mut self.nodes;
         self.adopted.retain(|object, a| {

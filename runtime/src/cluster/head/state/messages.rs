@@ -222,6 +222,16 @@ pub(crate) struct Rejoined {
 pub(crate) struct Kept {
     pub objects: Vec<KeptObject>,
     pub drivers: Vec<String>,
+    pub running: Vec<KeptRun>,
+}
+
+/// A task a rejoining node still runs, as the head before gave it.
+#[derive(Debug, Clone)]
+pub(crate) struct KeptRun {
+    pub id: String,
+    pub job: String,
+    pub attempt: u32,
+    pub cpus: f64,
 }
 
 /// An object a rejoining node holds.

@@ -495,8 +495,8 @@ pub(crate) struct JobEntry {
     replayed: bool,
     /// Restored running by a restarted head, until its driver has replayed it: what
     /// became of the tasks replayed so far (`[done, lineage, queued]`: done on a node
-    /// that kept the object, kept as lineage, to run).
-    replay: Option<[u32; 3]>,
+    /// that kept the object, kept as lineage, to run, running on where it ran).
+    replay: Option<[u32; 4]>,
 }
 
 impl JobEntry {
@@ -576,10 +576,21 @@ pub(crate) struct State {
     /// Objects that nodes rejoining after a head restart kept, not yet claimed by a
     /// task their driver submits again ([`State::rejoin_node`]).
     adopted: FastMap<String, Adopted>,
+    /// Tasks that nodes rejoining after a head restart still run, not yet claimed by
+    /// their drivers' replay (their CPUs are held on their nodes meanwhile).
+    adopted_runs: FastMap<String, AdoptedRun>,
     /// The nodes a head before this one had, not yet rejoined, and until when drivers
     /// wait for them before they replay ([`State::recovering`]).
     awaiting_nodes: BTreeSet<String>,
     awaiting_until: Option<Instant>,
+}
+
+/// A task a node ran on across a head restart, waiting for its driver's replay.
+struct AdoptedRun {
+    job: String,
+    node: String,
+    attempt: u32,
+    cpus: f64,
 }
 
 /// An object kept by a node across a head restart, waiting for its task.

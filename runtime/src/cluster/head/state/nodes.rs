@@ -38,11 +38,12 @@ impl State {
         }
         self.awaiting_nodes.remove(id);
         info!(
-            "{id} rejoined from {} with {}, keeping {} objects and {} drivers",
+            "{id} rejoined from {} with {}, keeping {} objects, {} drivers and {} running tasks",
             node.hostname,
             node.total,
             kept.objects.len(),
-            kept.drivers.len()
+            kept.drivers.len(),
+            kept.running.len()
         );
         self.nodes.insert(id.to_string(), Node::new(node));
         let mut drop_jobs = BTreeSet::new();
@@ -112,6 +113,26 @@ impl State {
                     );
                 }
             }
+        }
+        for t in kept.running {
+            if !self.job_active(&t.job) {
+                drop_jobs.insert(t.job);
+                continue;
+            }
+            // It goes on; its CPUs are held until its driver's replay claims it (or
+            // its report comes first).
+            if let Some(n) = self.nodes.get_mut(id) {
+                n.available.num_cpus -= t.cpus;
+            }
+            self.adopted_runs.insert(
+                t.id,
+                AdoptedRun {
+                    job: t.job,
+                    node: id.to_string(),
+                    attempt: t.attempt,
+                    cpus: t.cpus,
+                },
+            );
         }
         Ok(Rejoined {
             drop_jobs: drop_jobs.into_iter().collect(),
@@ -204,6 +225,7 @@ impl State {
         n.link = None;
         let running: Vec<String> = n.running.drain().collect();
         self.adopted.retain(|_, a| a.node != node);
+        self.adopted_runs.retain(|_, r| r.node != node);
         for t in running {
             self.system_failure(&t, &format!("node {node} {how}"));
         }

@@ -816,22 +816,39 @@ impl State {
         );
         // Its object outlived a head restart on a node that rejoined: done.
         let made = self.tasks[&id].spec.made;
-        let adopted = self
-            .adopted
-            .remove(&id)
-            .filter(|a| a.job == self.tasks[&id].spec.job_id);
-        if let Some(count) = self
-            .jobs
-            .get_mut(&self.tasks[&id].spec.job_id)
-            .and_then(|j| j.replay.as_mut())
-        {
-            count[if adopted.is_some() {
-                0
-            } else if made {
-                1
-            } else {
-                2
-            }] += 1;
+        let job = self.tasks[&id].spec.job_id.clone();
+        let adopted = self.adopted.remove(&id).filter(|a| a.job == job);
+        let run = self.adopted_runs.remove(&id).filter(|r| r.job == job);
+        if let Some(count) = self.jobs.get_mut(&job).and_then(|j| j.replay.as_mut()) {
+            let at = match (&adopted, &run) {
+                (Some(_), _) => 0,
+                (None, Some(_)) => 3,
+                _ if made => 1,
+                _ => 2,
+            };
+            count[at] += 1;
+        }
+        if let Some(r) = run {
+            // Still running on the node that ran it before the restart: it goes on
+            // there, as if sent now.
+            let task = self.tasks.get_mut(&id).expect("inserted above");
+            task.attempt = r.attempt;
+            task.sent_at = Instant::now();
+            task.state = TaskState::Running {
+                node: r.node.clone(),
+                gpus: vec![],
+            };
+            let slot = task.slot(false, &None);
+            let req = task.spec.resources.clone();
+            if let Some(n) = self.nodes.get_mut(&r.node) {
+                n.available.num_cpus += r.cpus;
+                n.available.subtract(&req);
+                n.running.insert(id.clone());
+                if let Some(key) = slot {
+                    *n.slots.entry(key).or_default() += 1;
+                }
+            }
+            return Ok(());
         }
         match adopted {
             Some(a) => {
@@ -876,6 +893,46 @@ impl State {
             // cancelled while it ran, or is gone with its object): no one will read what
             // it stored, so its node drops it. (The attempt of a task that still runs
             // elsewhere, or again, keeps it: the same object may be stored there.)
+            // A task a node ran on across a head restart, reported before its driver
+            // replayed it: its object is kept for the replay to claim.
+            let adopted_run = self
+                .adopted_runs
+                .get(&r.task_id)
+                .is_some_and(|run| run.node == r.node_id && run.attempt == r.attempt);
+            if adopted_run {
+                let run = self
+                    .adopted_runs
+                    .remove(&r.task_id)
+                    .expect("looked up above");
+                if let Some(n) = self.nodes.get_mut(&run.node) {
+                    n.available.num_cpus += run.cpus;
+                    if let TaskOutcome::Succeeded { bytes, .. } = &r.outcome {
+                        n.stored += bytes;
+                    }
+                }
+                if let TaskOutcome::Succeeded { bytes, rows, .. } = r.outcome {
+                    self.adopted.insert(
+                        r.task_id.clone(),
+                        Adopted {
+                            job: run.job,
+                            node: run.node,
+                            bytes,
+                            rows,
+                        },
+                    );
+                }
+                // Its result stands (a failed one: the replayed task runs again).
+                return true;
+            }
+            // An object its node kept across a head restart, whose report comes after:
+            // its result stands (a replayed task claims it).
+            if self
+                .adopted
+                .get(&r.task_id)
+                .is_some_and(|a| a.node == r.node_id)
+            {
+                return true;
+            }
             // (Nor one its node kept across a head restart: a replayed task claims it.)
             let over = self
                 .tasks

@@ -752,11 +752,19 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
             },
         ],
         drivers: vec!["r".into(), "f".into()],
+        running: ["r:t5", "r:t6"]
+            .map(|id| KeptRun {
+                id: id.into(),
+                job: "r".into(),
+                attempt: 2,
+                cpus: 1.0,
+            })
+            .into(),
     };
     let node = NodeRegistration {
         hostname: "h".into(),
         object_address: "a".into(),
-        total: cpus(2.0),
+        total: cpus(4.0),
         object_store_memory: 1 << 30,
         ..Default::default()
     };
@@ -779,8 +787,11 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
     assert!(s.job("r").unwrap().resume_by.is_none());
     assert_eq!(
         s.nodes["node-9"].available.num_cpus, 1.0,
-        "the driver's CPU"
+        "the driver's CPU, and those of the two tasks that ran on"
     );
+    // One of them ends before its driver replays: its object waits for the replay.
+    assert!(s.task_reported(report("node-9", "r:t6", 2, 10, "")));
+    assert_eq!(s.nodes["node-9"].available.num_cpus, 2.0);
     // The driver replays: the kept object's task is done, the other one runs.
     let replayed = |id: &str| TaskSpec {
         job_id: "r".into(),
@@ -788,6 +799,8 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
     };
     s.submit(replayed("r:t1")).unwrap();
     s.submit(replayed("r:t2")).unwrap();
+    s.submit(replayed("r:t5")).unwrap();
+    s.submit(replayed("r:t6")).unwrap();
     // A second replay changes nothing.
     s.submit(replayed("r:t1")).unwrap();
     s.schedule();
@@ -800,8 +813,17 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
         .into_iter()
         .filter(|c| c.starts_with("run "))
         .collect();
-    assert_eq!(runs, ["run r:t2"]);
+    assert_eq!(runs, ["run r:t2"], "r:t5 runs on where it ran");
+    assert!(s.object_status("r:t6").ready);
+    assert!(matches!(&s.tasks["r:t5"].state, TaskState::Running { node, .. } if node == "node-9"));
+    assert_eq!(s.tasks["r:t5"].attempt, 2);
+    assert!(s.task_reported(report("node-9", "r:t5", 2, 10, "")));
+    assert!(s.object_status("r:t5").ready);
     assert!(s.task_reported(report("node-9", "r:t2", 0, 10, "")));
+    assert_eq!(
+        s.nodes["node-9"].available.num_cpus, 3.0,
+        "the driver's CPU"
+    );
 
     // A task its driver had freed comes back as lineage: done, not run, until a
     // reader needs its object.
