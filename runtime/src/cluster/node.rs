@@ -604,6 +604,7 @@ impl Agent {
                         self.drop_job(job);
                     }
                     self.free_objects(&r.free_objects);
+                    self.stop_tasks(&r.cancel_tasks);
                     let commands = head
                         .attach(proto::AttachRequest {
                             node_id: self.node_id.clone(),
@@ -638,7 +639,15 @@ impl Agent {
         s.object_rows.retain(|id, _| held.contains(id));
         let mut unknown = vec![];
         let mut objects = vec![];
-        for id in &ids {
+        // A task still running may have stored its object before it reports (its
+        // rows are known then): listed as running, its object stays out of the list.
+        let running: std::collections::HashSet<&String> = s
+            .workers
+            .values()
+            .flat_map(|w| w.running.iter().map(|(t, _)| t))
+            .collect();
+        let ids: Vec<&String> = ids.iter().filter(|id| !running.contains(id)).collect();
+        for &id in &ids {
             let (Some(rows), Some((job, _)), Some(bytes)) = (
                 s.object_rows.get(id).copied(),
                 id.split_once(':'),
@@ -671,6 +680,23 @@ impl Agent {
         drop(s);
         self.store.free(&unknown);
         (objects, drivers, running)
+    }
+
+    /// Stops the workers running `tasks` without reporting them (a rejoined head
+    /// will not claim them).
+    fn stop_tasks(&self, tasks: &[String]) {
+        let mut s = self.state.lock().expect("agent lock");
+        for w in s
+            .workers
+            .values_mut()
+            .filter(|w| w.running.iter().any(|(t, _)| tasks.contains(t)))
+        {
+            w.running.clear();
+            w.exiting = true;
+            if let Some(k) = w.kill.take() {
+                let _ = k.send(());
+            }
+        }
     }
 
     /// Drops objects from the store, as the head asks.

@@ -115,6 +115,7 @@ impl proto::head_server::Head for HeadService {
             heartbeat_interval_ms: self.core.options.heartbeat_interval.as_millis() as u64,
             drop_jobs: rejoined.drop_jobs,
             free_objects: rejoined.free_objects,
+            cancel_tasks: rejoined.cancel_tasks,
         }))
     }
 

@@ -94,7 +94,21 @@ impl State {
             }
             info!("job {id}: starts again (the head restarted)");
             // Its old driver may have replayed work before it went quiet (its node never
-            // rejoined); the new driver starts from nothing.
+            // rejoined); the new driver starts from nothing. What runs of it stops.
+            let running: Vec<(String, String)> = self
+                .tasks
+                .iter()
+                .filter(|(_, t)| t.spec.job_id == id)
+                .filter_map(|(t, e)| match &e.state {
+                    TaskState::Running { node, .. } => Some((node.clone(), t.clone())),
+                    _ => None,
+                })
+                .collect();
+            for (node, t) in running {
+                if let Some(n) = self.nodes.get(&node) {
+                    n.send(NodeCommand::CancelTask(t));
+                }
+            }
             let held = self.drop_work(&id, "the job started again (the head restarted)");
             for (node, ids) in held {
                 if let Some(n) = self.nodes.get(&node) {
@@ -103,7 +117,6 @@ impl State {
             }
             let j = self.jobs.get_mut(&id).expect("exists");
             j.resume_by = None;
-            j.replayed = false;
             j.replay = None;
             j.status.state = JobState::Pending;
             j.status.node_id.clear();
@@ -116,7 +129,6 @@ impl State {
     /// replayed task claimed go (its driver let go of them while the head was away).
     fn replay_done(&mut self, id: &str) {
         if let Some(j) = self.jobs.get_mut(id) {
-            j.replayed = true;
             if let Some([done, lineage, queued, running]) = j.replay.take() {
                 info!(
                     "job {id}: its driver replayed {} tasks to this head: {done} done on \
@@ -417,6 +429,8 @@ impl State {
         self.inline_bytes -= dropped;
         self.tasks.retain(|_, t| t.spec.job_id != id);
         self.queue.retain(|id| self.tasks.contains_key(id));
+        let tasks = &self.tasks;
+        self.claimed.retain(|t, _| tasks.contains_key(t));
         held
     }
 }

@@ -214,6 +214,8 @@ pub(crate) struct NodeRegistration {
 pub(crate) struct Rejoined {
     pub drop_jobs: Vec<String>,
     pub free_objects: Vec<String>,
+    /// Tasks it still runs that no one will claim: their workers stop, unreported.
+    pub cancel_tasks: Vec<String>,
 }
 
 /// What a node that rejoins a restarted head kept from before: the objects in its

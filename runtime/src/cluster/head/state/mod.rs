@@ -491,8 +491,6 @@ pub(crate) struct JobEntry {
     resume_by: Option<Instant>,
     /// Its driver's resources are held on its node (given back when the job ends).
     driver_charged: bool,
-    /// Its driver replayed it to this head after a restart.
-    replayed: bool,
     /// Restored running by a restarted head, until its driver has replayed it: what
     /// became of the tasks replayed so far (`[done, lineage, queued]`: done on a node
     /// that kept the object, kept as lineage, to run, running on where it ran).
@@ -518,7 +516,6 @@ impl JobEntry {
             no_workers: FastMap::default(),
             resume_by: None,
             driver_charged: false,
-            replayed: false,
             replay: None,
         }
     }
@@ -579,6 +576,10 @@ pub(crate) struct State {
     /// Tasks that nodes rejoining after a head restart still run, not yet claimed by
     /// their drivers' replay (their CPUs are held on their nodes meanwhile).
     adopted_runs: FastMap<String, AdoptedRun>,
+    /// Tasks made done by an object a rejoined node kept, with that node, until the
+    /// node's own report of the task comes: its result stands (a write keeps its
+    /// effects) though the task is done by then.
+    claimed: FastMap<String, String>,
     /// The nodes a head before this one had, not yet rejoined, and until when drivers
     /// wait for them before they replay ([`State::recovering`]).
     awaiting_nodes: BTreeSet<String>,

@@ -48,6 +48,7 @@ impl State {
         self.nodes.insert(id.to_string(), Node::new(node));
         let mut drop_jobs = BTreeSet::new();
         let mut free_objects = vec![];
+        let mut cancel_tasks = vec![];
         for job in kept.drivers {
             let resumed = self.jobs.get_mut(&job).is_some_and(|j| {
                 let ours = j.status.state == JobState::Running
@@ -85,17 +86,20 @@ impl State {
                 drop_jobs.insert(o.job);
                 continue;
             }
-            let replayed = self.jobs.get(&o.job).is_some_and(|j| j.replayed);
+            // A replay still to come may claim it (not once its driver has replayed,
+            // nor for a job started again since).
+            let claimable = self.jobs.get(&o.job).is_some_and(|j| j.replay.is_some());
             match self.tasks.get(&o.id).map(|t| t.state.clone()) {
                 // Its driver came back first and submitted the task again.
                 Some(TaskState::Pending) => {
                     self.task_done(&o.id, id, o.bytes, o.rows, Default::default());
+                    self.claimed.insert(o.id, id.to_string());
                 }
                 // Made again elsewhere already, or running; or no task will claim it
                 // (its driver has replayed), or another node's copy is kept: this copy
                 // is not needed.
                 Some(_) => free_objects.push(o.id),
-                None if replayed || self.adopted.contains_key(&o.id) => {
+                None if !claimable || self.adopted.contains_key(&o.id) => {
                     free_objects.push(o.id);
                 }
                 None => {
@@ -119,6 +123,14 @@ impl State {
                 drop_jobs.insert(t.job);
                 continue;
             }
+            // Known here already (queued or made again), or of a job whose driver has
+            // replayed or that started again: no one will claim it.
+            let claimable = self.jobs.get(&t.job).is_some_and(|j| j.replay.is_some());
+            if !claimable || self.tasks.contains_key(&t.id) || self.adopted_runs.contains_key(&t.id)
+            {
+                cancel_tasks.push(t.id);
+                continue;
+            }
             // It goes on; its CPUs are held until its driver's replay claims it (or
             // its report comes first).
             if let Some(n) = self.nodes.get_mut(id) {
@@ -137,6 +149,7 @@ impl State {
         Ok(Rejoined {
             drop_jobs: drop_jobs.into_iter().collect(),
             free_objects,
+            cancel_tasks,
         })
     }
 
@@ -226,6 +239,7 @@ impl State {
         let running: Vec<String> = n.running.drain().collect();
         self.adopted.retain(|_, a| a.node != node);
         self.adopted_runs.retain(|_, r| r.node != node);
+        self.claimed.retain(|_, n| n != node);
         for t in running {
             self.system_failure(&t, &format!("node {node} {how}"));
         }

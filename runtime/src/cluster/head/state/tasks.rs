@@ -818,7 +818,15 @@ impl State {
         let made = self.tasks[&id].spec.made;
         let job = self.tasks[&id].spec.job_id.clone();
         let adopted = self.adopted.remove(&id).filter(|a| a.job == job);
-        let run = self.adopted_runs.remove(&id).filter(|r| r.job == job);
+        let run = self.adopted_runs.remove(&id).and_then(|r| {
+            if r.job == job {
+                return Some(r);
+            }
+            if let Some(n) = self.nodes.get_mut(&r.node) {
+                n.available.num_cpus += r.cpus;
+            }
+            None
+        });
         if let Some(count) = self.jobs.get_mut(&job).and_then(|j| j.replay.as_mut()) {
             let at = match (&adopted, &run) {
                 (Some(_), _) => 0,
@@ -856,6 +864,7 @@ impl State {
                     n.stored = n.stored.saturating_sub(a.bytes);
                 }
                 self.task_done(&id, &a.node, a.bytes, a.rows, Default::default());
+                self.claimed.insert(id, a.node);
             }
             // Made before, its object freed and gone: kept as lineage, run again only
             // for a reader that needs it.
@@ -924,13 +933,21 @@ impl State {
                 // Its result stands (a failed one: the replayed task runs again).
                 return true;
             }
-            // An object its node kept across a head restart, whose report comes after:
-            // its result stands (a replayed task claims it).
+            // An object its node kept across a head restart, whose report comes after
+            // (a replayed task claims it, or did): its result stands.
             if self
                 .adopted
                 .get(&r.task_id)
                 .is_some_and(|a| a.node == r.node_id)
             {
+                return true;
+            }
+            if self
+                .claimed
+                .get(&r.task_id)
+                .is_some_and(|n| *n == r.node_id)
+            {
+                self.claimed.remove(&r.task_id);
                 return true;
             }
             // (Nor one its node kept across a head restart: a replayed task claims it.)

@@ -803,6 +803,9 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
     s.submit(replayed("r:t6")).unwrap();
     // A second replay changes nothing.
     s.submit(replayed("r:t1")).unwrap();
+    // The node's own report of the task whose kept object was claimed comes late: its
+    // result stands (a write keeps its effects).
+    assert!(s.task_reported(report("node-9", "r:t1", 0, 100, "")));
     s.schedule();
     let st = s.object_status("r:t1");
     assert!(st.ready);
@@ -848,6 +851,35 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
     s.driver_alive("r", true).unwrap();
     assert_eq!(sent(&mut rx), ["free r:t9"]);
     assert!(s.adopted.is_empty());
+    // A node that rejoins after the replay: nothing of it is claimed any more.
+    let late = s
+        .rejoin_node(
+            "node-7",
+            NodeRegistration {
+                object_address: "b".into(),
+                total: cpus(2.0),
+                ..Default::default()
+            },
+            Kept {
+                objects: vec![KeptObject {
+                    id: "r:t8".into(),
+                    job: "r".into(),
+                    bytes: 1,
+                    rows: 1,
+                }],
+                drivers: vec![],
+                running: vec![KeptRun {
+                    id: "r:t2".into(),
+                    job: "r".into(),
+                    attempt: 0,
+                    cpus: 1.0,
+                }],
+            },
+        )
+        .unwrap();
+    assert_eq!(late.free_objects, ["r:t8"]);
+    assert_eq!(late.cancel_tasks, ["r:t2"]);
+    assert_eq!(s.nodes["node-7"].available.num_cpus, 2.0);
     // A late word of a driver on another node changes nothing.
     s.driver_exited("r", "node-5", 1, "");
     assert_eq!(state(&s, "r"), JobState::Running);
