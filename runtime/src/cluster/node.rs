@@ -88,6 +88,21 @@ struct WorkerEntry {
 }
 
 impl WorkerEntry {
+    /// Marks it exiting and kills its process; what it ran is reported lost as it
+    /// dies.
+    fn stop(&mut self) {
+        self.exiting = true;
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+    }
+
+    /// Stops it without reporting what it ran (to a head that will not know it).
+    fn stop_unreported(&mut self) {
+        self.running.clear();
+        self.stop();
+    }
+
     /// Waiting for a task: none running, no actor in it or on its way, not leaving.
     fn idle(&self) -> bool {
         self.running.is_empty()
@@ -691,11 +706,7 @@ impl Agent {
             .values_mut()
             .filter(|w| w.running.iter().any(|(t, _)| tasks.contains(t)))
         {
-            w.running.clear();
-            w.exiting = true;
-            if let Some(k) = w.kill.take() {
-                let _ = k.send(());
-            }
+            w.stop_unreported();
         }
     }
 
@@ -723,11 +734,7 @@ impl Agent {
         {
             // What they ran is reported to no head: a report reaching the new one
             // could be taken for a later attempt's.
-            w.running.clear();
-            w.exiting = true;
-            if let Some(k) = w.kill.take() {
-                let _ = k.send(());
-            }
+            w.stop_unreported();
         }
         drop(s);
         self.changed.notify_waiters();
@@ -742,11 +749,7 @@ impl Agent {
             let _ = k.send(());
         }
         for w in s.workers.values_mut().filter(|w| w.job == job) {
-            w.running.clear();
-            w.exiting = true;
-            if let Some(k) = w.kill.take() {
-                let _ = k.send(());
-            }
+            w.stop_unreported();
         }
         drop(s);
         let ids = self.store_ids_with_prefix(&format!("{job}:"));
@@ -877,10 +880,7 @@ impl Agent {
                             // Exiting: should it finish the task before the kill lands,
                             // it is told to exit instead of taking another task (which
                             // the kill would then cost a retry).
-                            w.exiting = true;
-                            if let Some(k) = w.kill.take() {
-                                let _ = k.send(());
-                            }
+                            w.stop();
                         }
                     }
                 }
@@ -973,10 +973,7 @@ impl Agent {
                 s.calls.remove(&id);
                 for w in s.workers.values_mut() {
                     if w.actor.as_ref().is_some_and(|(a, _)| *a == id) {
-                        w.exiting = true;
-                        if let Some(k) = w.kill.take() {
-                            let _ = k.send(());
-                        }
+                        w.stop();
                     }
                 }
             }
@@ -999,10 +996,7 @@ impl Agent {
             s.calls.remove(&a);
         }
         for w in s.workers.values_mut().filter(|w| w.job == job) {
-            w.exiting = true;
-            if let Some(k) = w.kill.take() {
-                let _ = k.send(());
-            }
+            w.stop();
         }
         if let Some(k) = s.drivers.remove(job) {
             let _ = k.send(());
@@ -1177,10 +1171,7 @@ impl Agent {
     fn kill_all(&self) {
         let mut s = self.state.lock().expect("agent lock");
         for w in s.workers.values_mut() {
-            w.exiting = true;
-            if let Some(k) = w.kill.take() {
-                let _ = k.send(());
-            }
+            w.stop();
         }
         for (_, k) in s.drivers.drain() {
             let _ = k.send(());

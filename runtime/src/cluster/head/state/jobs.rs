@@ -110,11 +110,7 @@ impl State {
                 }
             }
             let held = self.drop_work(&id, "the job started again (the head restarted)");
-            for (node, ids) in held {
-                if let Some(n) = self.nodes.get(&node) {
-                    n.send(NodeCommand::FreeObjects(ids));
-                }
-            }
+            self.free_on_nodes(held);
             let j = self.jobs.get_mut(&id).expect("exists");
             j.resume_by = None;
             j.replay = None;
@@ -169,7 +165,12 @@ impl State {
             }
             keep
         });
-        for (node, ids) in free {
+        self.free_on_nodes(free);
+    }
+
+    /// Tells each node to drop its objects listed in `by_node`.
+    fn free_on_nodes(&self, by_node: BTreeMap<String, Vec<String>>) {
+        for (node, ids) in by_node {
             if let Some(n) = self.nodes.get(&node) {
                 n.send(NodeCommand::FreeObjects(ids));
             }
