@@ -13,6 +13,11 @@
 //! GPUs, a placement group of two 2-CPU bundles on one node), shows that both wait, and
 //! finishes once a node that fits joins.
 //!
+//! `cluster_tasks --across-restart` makes an actor and a placement group, prints
+//! `PAUSED` and waits: restart the head meanwhile (`kill -9` it, then `volley start
+//! --head` on the same state folder). The actor goes on with its state, in the same
+//! process, and a task runs in the group.
+//!
 //! `cluster_tasks --broken-workers` is a program whose workers fail as they start
 //! (before `volley::init()`): its task fails, and the error says what they printed.
 //! With `--broken-node NODE` only the workers on that node fail: the tasks the node
@@ -205,6 +210,65 @@ struct Args {
     /// (`TASKS` of them) all succeed on the other nodes.
     #[arg(long)]
     broken_node: Option<String>,
+    /// Instead: make an actor and a placement group, pause (restart the head then),
+    /// and show that both are still there.
+    #[arg(long)]
+    across_restart: bool,
+    /// With `--across-restart`: how long to pause, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pause_ms: u64,
+}
+
+/// The driver of `--across-restart`.
+fn across_restart(
+    cluster: &volley::crates::runtime::cluster::Cluster,
+    pause: Duration,
+) -> Result<()> {
+    let half = Resources::cpus(0.5);
+    let acc = cluster.create_actor(
+        Accumulator::default(),
+        &ActorOptions::default().resources(half.clone()),
+    )?;
+    let group = cluster.placement_group(vec![half.clone()], PlacementStrategy::Pack)?;
+    let add = |range: std::ops::RangeInclusive<i64>| -> Result<i64> {
+        let mut last = None;
+        for i in range {
+            last = Some(acc.call("add", i, &[])?);
+        }
+        object_value(&cluster.get(&last.expect("calls"))?)
+    };
+    let before = add(1..=5)?;
+    let pid = acc.info()?.pid;
+    group
+        .wait(Duration::from_secs(60))?
+        .ok_or_else(|| VolleyError::execution("the placement group was not placed"))?;
+    println!("PAUSED actor total {before} in process {pid}");
+    std::thread::sleep(pause);
+    let after = add(6..=10)?;
+    let info = acc.info()?;
+    let in_group = cluster.submit(
+        Numbers { start: 0, n: 10 },
+        &[],
+        &TaskOptions::default().resources(half).in_group(&group, 0),
+    )?;
+    let rows: usize = cluster
+        .get(&in_group)?
+        .iter()
+        .map(RecordBatch::num_rows)
+        .sum();
+    println!(
+        "actor total {after} in process {} ({} restarts, {}); a task in the group made {rows} rows",
+        info.pid, info.restarts, info.state
+    );
+    if before != 15 || after != 55 || info.pid != pid || info.restarts != 0 || rows != 10 {
+        return Err(VolleyError::execution(
+            "the actor or the group did not outlive the head's restart",
+        ));
+    }
+    acc.kill()?;
+    group.remove()?;
+    println!("OK across restart");
+    Ok(())
 }
 
 /// The driver of `--broken-workers --broken-node`: every one of `tasks` tasks runs on
@@ -263,6 +327,9 @@ fn main() -> Result<()> {
         .ok_or_else(|| VolleyError::Config("run this on a cluster (VOLLEY_ADDRESS)".into()))?;
     if args.wait_for_resources {
         return wait_for_resources(&cluster);
+    }
+    if args.across_restart {
+        return across_restart(&cluster, Duration::from_millis(args.pause_ms));
     }
     if args.broken_workers {
         return match &args.broken_node {

@@ -1764,6 +1764,11 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         out.to_str().unwrap(),
         "--slow-ms",
         "300",
+        // A stateful stage: its pool's actor outlives the restart too.
+        "--actors",
+        "1",
+        "--model-ms",
+        "20",
     ]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while c.processes(&format!("VOLLEY_JOB_ID={job}")).len() < 2 {
@@ -1821,12 +1826,13 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
     );
     assert_eq!(checksum(&out), expected);
     let log = std::fs::read_to_string(c.home.path().join("head-restarted.log")).unwrap();
-    for line in log
-        .lines()
-        .filter(|l| l.contains("rejoined from") || l.contains("replayed"))
-    {
+    for line in log.lines().filter(|l| {
+        l.contains("rejoined from") || l.contains("replayed") || l.contains("actor ")
+    }) {
         eprintln!("{line}");
     }
+    // The pool's actor went on where it lived.
+    assert!(log.contains(": goes on on "), "{log}");
     // The tasks that ran when the head went ran on, and were taken back.
     let ran_on: usize = log
         .lines()
@@ -1909,6 +1915,38 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         "fewer tasks done than the sort's 12 map tasks: {replay}"
     );
     assert!(!log.contains(&format!("job {sort}: starts again")), "{log}");
+
+    // Again while an actor and a placement group live: the actor goes on in the same
+    // process with what it holds, and the group is placed again.
+    let actors = c.submit(&[
+        example("cluster_tasks").to_str().unwrap(),
+        "--across-restart",
+    ]);
+    c.wait_log(&actors, "PAUSED actor");
+    kill9(c.head.id() as i32);
+    let _ = c.head.wait();
+    let (head, _, http) =
+        TestCluster::spawn_head(c.home.path(), &c.tls, &c.head_args, "head-restarted-3.log");
+    c.head = head;
+    c.http = http;
+    assert_eq!(
+        c.wait_job(&actors, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}\n{}",
+        c.describe(&actors),
+        std::fs::read_to_string(c.home.path().join("head-restarted-3.log")).unwrap_or_default()
+    );
+    let logs = c.logs(&actors);
+    assert!(logs.contains("OK across restart"), "{logs}");
+    for line in logs.lines().filter(|l| l.contains("actor total")) {
+        eprintln!("{line}");
+    }
+    let log = std::fs::read_to_string(c.home.path().join("head-restarted-3.log")).unwrap();
+    let kept = log
+        .lines()
+        .find(|l| l.contains(": goes on on "))
+        .unwrap_or_else(|| panic!("no actor kept in\n{log}"));
+    eprintln!("{kept}");
 
     // New jobs get new ids.
     let third = c.submit(&["true"]);

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use volley_common::{ErrorReport, Result, VolleyError};
 
-use super::net::{error_report, status_error, wire_error, Channels, Head};
+use super::net::{error_report, wire_error, Channels, Head};
 use super::objects::{decode_inline, fetch, store, ObjectCompression};
 use super::proto;
 use super::resources::Resources;
@@ -442,32 +442,37 @@ impl PlacementGroup {
     /// Waits up to `timeout` for every bundle to be reserved; returns the node of each
     /// bundle, or `None` if it does not fit yet.
     pub fn wait(&self, timeout: Duration) -> Result<Option<Vec<String>>> {
-        let mut head = self.cluster.inner.head.clone();
-        let r = self
-            .cluster
-            .block_on(head.wait_placement_group(proto::PlacementGroupRequest {
-                group_id: self.id.clone(),
-                timeout_ms: timeout.as_millis() as u64,
-            }))
-            .map_err(|e| status_error(format!("placement group {}", self.id), e))?
-            .into_inner();
+        let session = &self.cluster.inner.session;
+        let what = format!("placement group {}", self.id);
+        let request = proto::PlacementGroupRequest {
+            group_id: self.id.clone(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let r = self.cluster.block_on(session.call(&what, |mut h, _| {
+            let request = request.clone();
+            async move { h.wait_placement_group(request).await }
+        }))?;
         Ok(r.ready.then_some(r.bundle_nodes))
     }
 
     /// Gives the reservation back (actors in it are stopped).
     pub fn remove(&self) -> Result<()> {
-        let mut head = self.cluster.inner.head.clone();
-        let submitted = Arc::clone(&self.cluster.inner.submitted);
-        self.cluster
-            .block_on(async move {
-                submitted.flush().await;
-                head.remove_placement_group(proto::PlacementGroupRequest {
-                    group_id: self.id.clone(),
-                    timeout_ms: 0,
+        let inner = &self.cluster.inner;
+        let what = format!("placement group {}", self.id);
+        self.cluster.block_on(async {
+            inner.submitted.flush().await;
+            inner
+                .session
+                .call(&what, |mut h, _| {
+                    let request = proto::PlacementGroupRequest {
+                        group_id: self.id.clone(),
+                        timeout_ms: 0,
+                    };
+                    async move { h.remove_placement_group(request).await }
                 })
                 .await
-            })
-            .map_err(|e| status_error(format!("placement group {}", self.id), e))?;
+        })?;
+        inner.session.note_freed(std::slice::from_ref(&self.id));
         Ok(())
     }
 }
@@ -534,14 +539,12 @@ impl ActorHandle {
 
     /// The actor's state.
     pub fn info(&self) -> Result<ActorInfo> {
-        let mut head = self.cluster.inner.head.clone();
-        let r = self
-            .cluster
-            .block_on(head.get_actor(proto::ActorId {
-                actor_id: self.id.clone(),
-            }))
-            .map_err(|e| status_error(format!("actor {}", self.id), e))?
-            .into_inner();
+        let session = &self.cluster.inner.session;
+        let what = format!("actor {}", self.id);
+        let r = self.cluster.block_on(session.call(&what, |mut h, _| {
+            let actor_id = self.id.clone();
+            async move { h.get_actor(proto::ActorId { actor_id }).await }
+        }))?;
         Ok(ActorInfo {
             state: r.state,
             node_id: r.node_id,
@@ -553,17 +556,19 @@ impl ActorHandle {
 
     /// Stops the actor (no restart).
     pub fn kill(&self) -> Result<()> {
-        let mut head = self.cluster.inner.head.clone();
-        let submitted = Arc::clone(&self.cluster.inner.submitted);
-        self.cluster
-            .block_on(async move {
-                submitted.flush().await;
-                head.kill_actor(proto::ActorId {
-                    actor_id: self.id.clone(),
+        let inner = &self.cluster.inner;
+        let what = format!("actor {}", self.id);
+        self.cluster.block_on(async {
+            inner.submitted.flush().await;
+            inner
+                .session
+                .call(&what, |mut h, _| {
+                    let actor_id = self.id.clone();
+                    async move { h.kill_actor(proto::ActorId { actor_id }).await }
                 })
                 .await
-            })
-            .map_err(|e| status_error(format!("actor {}", self.id), e))?;
+        })?;
+        inner.session.note_freed(std::slice::from_ref(&self.id));
         Ok(())
     }
 }
@@ -1008,26 +1013,29 @@ impl Cluster {
             b.validate()?;
         }
         let id = self.new_id("pg");
-        let mut head = self.inner.head.clone();
-        self.block_on(
-            head.create_placement_group(proto::CreatePlacementGroupRequest {
-                job_id: self.inner.job_id.clone(),
-                group_id: id.clone(),
-                bundles: bundles
-                    .iter()
-                    .map(|b| proto::Bundle {
-                        resources: Some(b.into()),
-                    })
-                    .collect(),
-                strategy: match strategy {
-                    PlacementStrategy::Pack => Strategy::Pack,
-                    PlacementStrategy::Spread => Strategy::Spread,
-                    PlacementStrategy::StrictPack => Strategy::StrictPack,
-                    PlacementStrategy::StrictSpread => Strategy::StrictSpread,
-                } as i32,
-            }),
-        )
-        .map_err(|e| status_error("creating a placement group", e))?;
+        let request = proto::CreatePlacementGroupRequest {
+            job_id: self.inner.job_id.clone(),
+            group_id: id.clone(),
+            bundles: bundles
+                .iter()
+                .map(|b| proto::Bundle {
+                    resources: Some(b.into()),
+                })
+                .collect(),
+            strategy: match strategy {
+                PlacementStrategy::Pack => Strategy::Pack,
+                PlacementStrategy::Spread => Strategy::Spread,
+                PlacementStrategy::StrictPack => Strategy::StrictPack,
+                PlacementStrategy::StrictSpread => Strategy::StrictSpread,
+            } as i32,
+        };
+        // Noted first: a head that restarts before it answers is told of it again.
+        let session = &self.inner.session;
+        session.note_placement_group(&request);
+        self.block_on(session.call("creating a placement group", |mut h, _| {
+            let request = request.clone();
+            async move { h.create_placement_group(request).await }
+        }))?;
         Ok(PlacementGroup {
             id,
             cluster: self.clone(),
@@ -1054,8 +1062,7 @@ impl Cluster {
         let payload = actor.payload.to_vec();
         let id = self.new_id("actor");
         let (group, index) = options.placement.clone().unwrap_or((String::new(), -1));
-        let mut head = self.inner.head.clone();
-        self.block_on(head.create_actor(proto::CreateActorRequest {
+        let request = proto::CreateActorRequest {
             job_id: self.inner.job_id.clone(),
             actor_id: id.clone(),
             payload,
@@ -1064,8 +1071,14 @@ impl Cluster {
             placement_group: group,
             bundle_index: index,
             name: options.name.clone(),
-        }))
-        .map_err(|e| status_error("creating an actor", e))?;
+        };
+        // Noted first: a head that restarts before it answers is told of it again.
+        let session = &self.inner.session;
+        session.note_actor(&request);
+        self.block_on(session.call("creating an actor", |mut h, _| {
+            let request = request.clone();
+            async move { h.create_actor(request).await }
+        }))?;
         Ok(ActorHandle {
             id,
             cluster: self.clone(),

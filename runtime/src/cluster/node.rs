@@ -80,6 +80,9 @@ struct WorkerEntry {
     /// The CPUs the running task holds: the slot a task sent ahead may take over.
     cpus: f64,
     actor: Option<(String, u32)>,
+    /// What its actor holds, and its process: told to a head that restarts.
+    actor_held: Option<proto::Resources>,
+    pid: u32,
     start_actor: Option<proto::StartActor>,
     kill: Option<oneshot::Sender<()>>,
     exiting: bool,
@@ -110,6 +113,15 @@ impl WorkerEntry {
             && self.start_actor.is_none()
             && !self.exiting
     }
+}
+
+/// What a node agent kept across the loss of its head, to tell the head that comes
+/// back.
+struct Kept {
+    objects: Vec<proto::HeldObject>,
+    drivers: Vec<String>,
+    running: Vec<proto::RunningTask>,
+    actors: Vec<proto::KeptActor>,
 }
 
 #[derive(Default)]
@@ -600,7 +612,12 @@ impl Agent {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| self.options.host.clone());
         loop {
-            let (objects, drivers, running) = self.kept();
+            let Kept {
+                objects,
+                drivers,
+                running,
+                actors,
+            } = self.kept();
             let request = proto::RegisterNodeRequest {
                 hostname: hostname.clone(),
                 object_address: self.address.clone(),
@@ -611,6 +628,7 @@ impl Agent {
                 objects,
                 drivers,
                 running,
+                actors,
             };
             match head.register_node(request).await {
                 Ok(r) => {
@@ -620,6 +638,7 @@ impl Agent {
                     }
                     self.free_objects(&r.free_objects);
                     self.stop_tasks(&r.cancel_tasks);
+                    self.stop_actors(&r.stop_actors);
                     let commands = head
                         .attach(proto::AttachRequest {
                             node_id: self.node_id.clone(),
@@ -647,7 +666,7 @@ impl Agent {
     /// their jobs, bytes and rows) and the jobs whose drivers run here. Objects whose
     /// rows it does not know (copies from a draining node) are dropped, not offered:
     /// a reader would take them for empty.
-    fn kept(&self) -> (Vec<proto::HeldObject>, Vec<String>, Vec<proto::RunningTask>) {
+    fn kept(&self) -> Kept {
         let ids = self.store.ids();
         let mut s = self.state.lock().expect("agent lock");
         let held: std::collections::HashSet<&String> = ids.iter().collect();
@@ -679,22 +698,40 @@ impl Agent {
             });
         }
         let drivers = s.drivers.keys().cloned().collect();
-        let running = s
-            .workers
-            .values()
-            .filter(|w| !w.exiting && w.actor.is_none())
+        let live = s.workers.values().filter(|w| !w.exiting);
+        let running = live
+            .clone()
             .flat_map(|w| {
                 w.running.iter().map(|(id, attempt)| proto::RunningTask {
                     task_id: id.clone(),
                     attempt: *attempt,
                     job_id: w.job.clone(),
-                    num_cpus: w.cpus,
+                    // An actor's call holds nothing of its own.
+                    num_cpus: if w.actor.is_some() { 0.0 } else { w.cpus },
+                    actor_call: w.actor.is_some(),
+                })
+            })
+            .collect();
+        let actors = live
+            .filter_map(|w| {
+                let (id, incarnation) = w.actor.as_ref()?;
+                Some(proto::KeptActor {
+                    actor_id: id.clone(),
+                    job_id: w.job.clone(),
+                    incarnation: *incarnation,
+                    pid: w.pid,
+                    resources: w.actor_held.clone(),
                 })
             })
             .collect();
         drop(s);
         self.store.free(&unknown);
-        (objects, drivers, running)
+        Kept {
+            objects,
+            drivers,
+            running,
+            actors,
+        }
     }
 
     /// Stops the workers running `tasks` without reporting them (a rejoined head
@@ -710,6 +747,19 @@ impl Agent {
         }
     }
 
+    /// Stops the workers of `actors` without reporting them (a rejoined head will not
+    /// claim them).
+    fn stop_actors(&self, actors: &[String]) {
+        let mut s = self.state.lock().expect("agent lock");
+        for w in s
+            .workers
+            .values_mut()
+            .filter(|w| w.actor.as_ref().is_some_and(|(a, _)| actors.contains(a)))
+        {
+            w.stop_unreported();
+        }
+    }
+
     /// Drops objects from the store, as the head asks.
     fn free_objects(&self, ids: &[String]) {
         let mut s = self.state.lock().expect("agent lock");
@@ -720,8 +770,10 @@ impl Agent {
         self.store.free(ids);
     }
 
-    /// Stops the workers of actors and those with GPUs, and drops the work waiting for
-    /// a worker (the drivers and the CPU workers' running tasks stay).
+    /// Stops the workers with GPUs and those of actors still starting, and drops the
+    /// work waiting for a worker (the drivers, the CPU workers' running tasks and the
+    /// CPU actors stay; the calls queued for those actors come again with their
+    /// drivers' replay).
     fn keep_cpu_workers(&self) {
         let mut s = self.state.lock().expect("agent lock");
         s.queues.clear();
@@ -730,7 +782,7 @@ impl Agent {
         for w in s
             .workers
             .values_mut()
-            .filter(|w| w.actor.is_some() || w.start_actor.is_some() || !w.gpus.is_empty())
+            .filter(|w| w.start_actor.is_some() || !w.gpus.is_empty())
         {
             // What they ran is reported to no head: a report reaching the new one
             // could be taken for a later attempt's.
@@ -1487,6 +1539,8 @@ impl Agent {
                     running: Vec::new(),
                     cpus: 0.0,
                     actor: None,
+                    actor_held: None,
+                    pid: 0,
                     start_actor: actor,
                     kill: Some(kill_tx),
                     exiting: false,
@@ -1505,6 +1559,9 @@ impl Agent {
             }
         };
         let pid = child.id().unwrap_or(0);
+        if let Some(w) = self.state.lock().expect("agent lock").workers.get_mut(&id) {
+            w.pid = pid;
+        }
         let agent = Arc::clone(&self);
         tokio::spawn(async move {
             let status = tokio::select! {
@@ -1672,6 +1729,7 @@ impl Agent {
         }
         if let Some(a) = w.start_actor.take() {
             w.actor = Some((a.actor_id.clone(), a.incarnation));
+            w.actor_held.clone_from(&a.resources);
             let start = proto::PullResponse {
                 actor: Some(a),
                 ..Default::default()

@@ -165,17 +165,42 @@ impl Session {
     }
 
     /// Tells a new head what the ledger holds: the objects put (they read nothing),
-    /// then the tasks and groups in order, then which of them the driver freed; then
-    /// that the replay is over (objects kept for the job that nothing claimed go).
+    /// the placement groups and the actors (tasks run in the ones and call the others),
+    /// then the tasks and object groups in order, then which of them the driver freed;
+    /// then that the replay is over (objects and actors kept for the job that nothing
+    /// claimed go).
     async fn replay(&self, plain: &mut Head) -> std::result::Result<(), Status> {
-        let (items, puts, freed) = self.ledger.lock().expect("ledger lock").replay();
+        let Replay {
+            items,
+            puts,
+            placement_groups,
+            actors,
+            freed,
+        } = self.ledger.lock().expect("ledger lock").replay();
         tracing::info!(
             "job {}: the head restarted; telling it again of {} tasks and groups, {} \
-             objects put",
+             objects put, {} placement groups and {} actors",
             self.job_id,
             items.len(),
-            puts.len()
+            puts.len(),
+            placement_groups.len(),
+            actors.len()
         );
+        // One the new head refuses is refused again when used, saying why.
+        for group in placement_groups {
+            if let Err(e) = plain.create_placement_group(group).await {
+                if away(&e) {
+                    return Err(e);
+                }
+            }
+        }
+        for actor in actors {
+            if let Err(e) = plain.create_actor(actor).await {
+                if away(&e) {
+                    return Err(e);
+                }
+            }
+        }
         for put in puts {
             // An object put on a node that did not come back is lost: reading it fails
             // then, saying so.
@@ -233,7 +258,26 @@ impl Session {
             .add(put.object_id.clone(), Kept::Put(put), vec![]);
     }
 
-    /// Notes that the driver let go of `ids`.
+    /// Notes an actor created.
+    pub fn note_actor(&self, actor: &proto::CreateActorRequest) {
+        self.ledger.lock().expect("ledger lock").add(
+            actor.actor_id.clone(),
+            Kept::Actor(actor.clone()),
+            vec![],
+        );
+    }
+
+    /// Notes a placement group created.
+    pub fn note_placement_group(&self, group: &proto::CreatePlacementGroupRequest) {
+        self.ledger.lock().expect("ledger lock").add(
+            group.group_id.clone(),
+            Kept::PlacementGroup(group.clone()),
+            vec![],
+        );
+    }
+
+    /// Notes that the driver let go of `ids` (objects, actors it killed, placement
+    /// groups it removed).
     pub fn note_freed(&self, ids: &[String]) {
         let mut ledger = self.ledger.lock().expect("ledger lock");
         for id in ids {
@@ -257,6 +301,20 @@ fn away(status: &Status) -> bool {
 enum Kept {
     Submission(proto::Submission),
     Put(proto::PutObjectRequest),
+    Actor(proto::CreateActorRequest),
+    PlacementGroup(proto::CreatePlacementGroupRequest),
+}
+
+/// What a driver tells a new head, from its [`Ledger`].
+#[derive(Default)]
+struct Replay {
+    /// Tasks and object groups, in order.
+    items: Vec<proto::Submission>,
+    puts: Vec<proto::PutObjectRequest>,
+    placement_groups: Vec<proto::CreatePlacementGroupRequest>,
+    actors: Vec<proto::CreateActorRequest>,
+    /// The ids among `items` and `puts` to free after.
+    freed: Vec<String>,
 }
 
 struct Entry {
@@ -325,17 +383,9 @@ impl Ledger {
         }
     }
 
-    /// The submissions and puts to tell a new head, in order, and the ids among them
-    /// to free after.
-    fn replay(
-        &self,
-    ) -> (
-        Vec<proto::Submission>,
-        Vec<proto::PutObjectRequest>,
-        Vec<String>,
-    ) {
-        let mut items = vec![];
-        let mut puts = vec![];
+    /// What to tell a new head.
+    fn replay(&self) -> Replay {
+        let mut r = Replay::default();
         for e in self.entries.values() {
             match &e.kept {
                 Kept::Submission(s) => {
@@ -344,18 +394,20 @@ impl Ledger {
                     if let Some(proto::submission::Item::Task(t)) = &mut s.item {
                         t.made = e.freed;
                     }
-                    items.push(s);
+                    r.items.push(s);
                 }
-                Kept::Put(p) => puts.push(p.clone()),
+                Kept::Put(p) => r.puts.push(p.clone()),
+                Kept::Actor(a) => r.actors.push(a.clone()),
+                Kept::PlacementGroup(g) => r.placement_groups.push(g.clone()),
             }
         }
-        let freed = self
+        r.freed = self
             .by_id
             .iter()
             .filter(|(_, at)| self.entries[at].freed)
             .map(|(id, _)| id.clone())
             .collect();
-        (items, puts, freed)
+        r
     }
 }
 
@@ -394,7 +446,7 @@ mod tests {
         l.add("other".into(), task("other", &[]), vec![]);
         l.free("read");
         l.free("other");
-        let (items, _, freed) = l.replay();
+        let Replay { items, freed, .. } = l.replay();
         assert_eq!(ids(&items), ["read", "map"]);
         assert_eq!(freed, ["read"]);
         // The freed one goes to the head as lineage only.
@@ -407,7 +459,40 @@ mod tests {
             .collect();
         assert_eq!(made, [true, false]);
         l.free("map");
-        let (items, _, freed) = l.replay();
+        let Replay { items, freed, .. } = l.replay();
         assert!(items.is_empty() && freed.is_empty());
+    }
+
+    /// Actors and placement groups are told again until the driver kills or removes
+    /// them (no task reads them: they go at once).
+    #[test]
+    fn actors_and_placement_groups_stay_until_let_go() {
+        let mut l = Ledger::default();
+        let actor = |id: &str| proto::CreateActorRequest {
+            actor_id: id.into(),
+            ..Default::default()
+        };
+        l.add("a1".into(), Kept::Actor(actor("a1")), vec![]);
+        l.add("a2".into(), Kept::Actor(actor("a2")), vec![]);
+        l.add(
+            "pg".into(),
+            Kept::PlacementGroup(proto::CreatePlacementGroupRequest {
+                group_id: "pg".into(),
+                ..Default::default()
+            }),
+            vec![],
+        );
+        l.add("call".into(), task("call", &[]), vec![]);
+        let r = l.replay();
+        let actors: Vec<&str> = r.actors.iter().map(|a| a.actor_id.as_str()).collect();
+        assert_eq!(actors, ["a1", "a2"]);
+        assert_eq!(r.placement_groups.len(), 1);
+        assert_eq!(ids(&r.items), ["call"]);
+        l.free("a1");
+        l.free("pg");
+        let r = l.replay();
+        let actors: Vec<&str> = r.actors.iter().map(|a| a.actor_id.as_str()).collect();
+        assert_eq!(actors, ["a2"]);
+        assert!(r.placement_groups.is_empty() && r.freed.is_empty());
     }
 }

@@ -18,7 +18,8 @@ use super::super::package::{blob_chunks, check_manifest, receive_blobs};
 use super::super::proto;
 use super::super::resources::Resources;
 use super::state::{
-    Kept, KeptObject, KeptRun, NodeCommand, NodeLoad, NodeRegistration, Refusal, Rejoined, State,
+    Kept, KeptActor, KeptObject, KeptRun, NodeCommand, NodeLoad, NodeRegistration, Refusal,
+    Rejoined, State,
 };
 use super::{wire, HeadCore};
 
@@ -101,6 +102,18 @@ impl proto::head_server::Head for HeadService {
                         job: t.job_id,
                         attempt: t.attempt,
                         cpus: t.num_cpus,
+                        actor_call: t.actor_call,
+                    })
+                    .collect(),
+                actors: r
+                    .actors
+                    .into_iter()
+                    .map(|a| KeptActor {
+                        id: a.actor_id,
+                        job: a.job_id,
+                        incarnation: a.incarnation,
+                        pid: a.pid,
+                        resources: a.resources.into(),
                     })
                     .collect(),
             };
@@ -116,6 +129,7 @@ impl proto::head_server::Head for HeadService {
             drop_jobs: rejoined.drop_jobs,
             free_objects: rejoined.free_objects,
             cancel_tasks: rejoined.cancel_tasks,
+            stop_actors: rejoined.stop_actors,
         }))
     }
 

@@ -192,12 +192,14 @@ impl From<NodeCommand> for proto::NodeCommand {
                 payload,
                 gpu_ids,
                 incarnation,
+                resources,
             } => Command::StartActor(proto::StartActor {
                 actor_id,
                 job_id,
                 payload: payload.to_vec(),
                 gpu_ids,
                 incarnation,
+                resources: Some((&resources).into()),
             }),
             NodeCommand::StopActor(id) => Command::StopActor(id),
             NodeCommand::CopyObject { object_id, from } => {

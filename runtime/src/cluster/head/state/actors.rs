@@ -13,9 +13,47 @@ impl State {
             .validate()
             .map_err(|e| Refusal::Invalid(e.to_string()))?;
         self.require_running(&spec.job_id)?;
-        self.pending_actors.insert(spec.actor_id.clone());
+        if self.actors.contains_key(&spec.actor_id) {
+            // A driver creates an actor again only to replay what a head before this
+            // one knew: it is known here already.
+            return Ok(());
+        }
+        let replayed = self
+            .jobs
+            .get(&spec.job_id)
+            .is_some_and(|j| j.replay.is_some());
+        if replayed {
+            if let Some(a) = self.adopt_actor(&spec) {
+                let id = spec.actor_id.clone();
+                info!("actor {id}: goes on on {} (the head restarted)", a.node);
+                self.actors.insert(
+                    id,
+                    ActorEntry {
+                        spec,
+                        state: ActorState::Alive { node: a.node },
+                        incarnation: a.incarnation,
+                        restarts: a.incarnation.saturating_sub(1),
+                        gpus: vec![],
+                        bundle: None,
+                        pid: a.pid,
+                    },
+                );
+                return Ok(());
+            }
+        }
+        let id = spec.actor_id.clone();
+        if replayed {
+            // It had not started, or its worker did not outlive the head before this
+            // one (it had GPUs, lived in a placement group, or its node did not come
+            // back): it starts (again).
+            warn!(
+                "actor {id}: no node kept it across the head's restart; it starts again \
+                 (what it held, if it had started, is lost)"
+            );
+        }
+        self.pending_actors.insert(id.clone());
         self.actors.insert(
-            spec.actor_id.clone(),
+            id,
             ActorEntry {
                 spec,
                 state: ActorState::Pending,
@@ -27,6 +65,40 @@ impl State {
             },
         );
         Ok(())
+    }
+
+    /// The actor that a node kept alive across a head restart for `spec` (replayed by
+    /// its driver), now holding `spec`'s resources on that node; `None` (its worker
+    /// stopped) when none was kept, or one that cannot go on as `spec` asks.
+    fn adopt_actor(&mut self, spec: &ActorSpec) -> Option<AdoptedActor> {
+        let a = self.adopted_actors.get(&spec.actor_id)?;
+        let n = self.nodes.get(&a.node).filter(|n| n.alive);
+        let fits = n.is_some_and(|n| {
+            let mut room = n.available.clone();
+            room.add(&a.resources);
+            spec.resources.fits_in(&room)
+        });
+        if a.job != spec.job_id || spec.bundle.is_some() || spec.resources.num_gpus > 0.0 || !fits {
+            self.stop_adopted_actor(&spec.actor_id);
+            return None;
+        }
+        let a = self.adopted_actors.remove(&spec.actor_id)?;
+        let n = self.nodes.get_mut(&a.node).expect("alive, looked up above");
+        n.available.add(&a.resources);
+        n.available.subtract(&spec.resources);
+        Some(a)
+    }
+
+    /// Stops actor `id`, kept by a node across a head restart, that no one claims:
+    /// its worker stops and its resources go back to its node.
+    pub(super) fn stop_adopted_actor(&mut self, id: &str) {
+        let Some(a) = self.adopted_actors.remove(id) else {
+            return;
+        };
+        if let Some(n) = self.nodes.get_mut(&a.node) {
+            n.available.add(&a.resources);
+            n.send(NodeCommand::StopActor(id.to_string()));
+        }
     }
 
     /// A node's word on an actor's incarnation: it started (`alive`, in process
@@ -41,6 +113,18 @@ impl State {
         error: &str,
     ) {
         let Some(a) = self.actors.get_mut(id) else {
+            // One a node kept across a head restart died before its driver claimed it.
+            if !alive
+                && self
+                    .adopted_actors
+                    .get(id)
+                    .is_some_and(|a| a.node == node_id && a.incarnation == incarnation)
+            {
+                let a = self.adopted_actors.remove(id).expect("looked up above");
+                if let Some(n) = self.nodes.get_mut(&a.node) {
+                    n.available.add(&a.resources);
+                }
+            }
             return;
         };
         if a.incarnation != incarnation {
@@ -137,6 +221,7 @@ impl State {
                 payload: a.spec.payload.clone(),
                 gpu_ids: gpus,
                 incarnation: a.incarnation,
+                resources: a.spec.resources.clone(),
             };
             info!("actor {id}: starts on {node}");
             self.nodes[&node].send(cmd);

@@ -23,6 +23,11 @@ impl State {
             b.validate().map_err(|e| Refusal::Invalid(e.to_string()))?;
         }
         self.require_running(job)?;
+        if self.groups.contains_key(id) {
+            // A driver creates a group again only to replay what a head before this
+            // one knew: it is known here already.
+            return Ok(());
+        }
         self.groups.insert(
             id.to_string(),
             Group {

@@ -138,7 +138,7 @@ impl State {
     }
 
     /// Lets go of the objects kept for job `id` across a head restart, on their nodes
-    /// too, and stops the tasks nodes ran on for it that no one claimed.
+    /// too, and stops the tasks and actors nodes kept for it that no one claimed.
     fn drop_adopted(&mut self, id: &str) {
         let runs: Vec<String> = self
             .adopted_runs
@@ -150,8 +150,19 @@ impl State {
             let r = self.adopted_runs.remove(&t).expect("listed above");
             if let Some(n) = self.nodes.get_mut(&r.node) {
                 n.available.num_cpus += r.cpus;
-                n.send(NodeCommand::CancelTask(t));
+                if !r.actor_call {
+                    n.send(NodeCommand::CancelTask(t));
+                }
             }
+        }
+        let actors: Vec<String> = self
+            .adopted_actors
+            .iter()
+            .filter(|(_, a)| a.job == id)
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in actors {
+            self.stop_adopted_actor(&a);
         }
         let mut free: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let nodes = &mut self.nodes;

@@ -147,6 +147,7 @@ pub(crate) enum NodeCommand {
         payload: Bytes,
         gpu_ids: Vec<u32>,
         incarnation: u32,
+        resources: Resources,
     },
     StopActor(String),
     /// Copy an object from another node's store (that node drains).
@@ -216,6 +217,8 @@ pub(crate) struct Rejoined {
     pub free_objects: Vec<String>,
     /// Tasks it still runs that no one will claim: their workers stop, unreported.
     pub cancel_tasks: Vec<String>,
+    /// Actors it still holds that no one will claim: their workers stop, unreported.
+    pub stop_actors: Vec<String>,
 }
 
 /// What a node that rejoins a restarted head kept from before: the objects in its
@@ -225,6 +228,17 @@ pub(crate) struct Kept {
     pub objects: Vec<KeptObject>,
     pub drivers: Vec<String>,
     pub running: Vec<KeptRun>,
+    pub actors: Vec<KeptActor>,
+}
+
+/// An actor alive in a rejoining node's worker, as the head before started it.
+#[derive(Debug, Clone)]
+pub(crate) struct KeptActor {
+    pub id: String,
+    pub job: String,
+    pub incarnation: u32,
+    pub pid: u32,
+    pub resources: Resources,
 }
 
 /// A task a rejoining node still runs, as the head before gave it.
@@ -234,6 +248,9 @@ pub(crate) struct KeptRun {
     pub job: String,
     pub attempt: u32,
     pub cpus: f64,
+    /// A call of an actor the node keeps: not stopped, whoever claims it (that would
+    /// stop the actor).
+    pub actor_call: bool,
 }
 
 /// An object a rejoining node holds.

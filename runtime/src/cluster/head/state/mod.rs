@@ -576,6 +576,9 @@ pub(crate) struct State {
     /// Tasks that nodes rejoining after a head restart still run, not yet claimed by
     /// their drivers' replay (their CPUs are held on their nodes meanwhile).
     adopted_runs: FastMap<String, AdoptedRun>,
+    /// Actors alive in workers of nodes rejoining after a head restart, not yet
+    /// claimed by their drivers' replay (their resources are held meanwhile).
+    adopted_actors: FastMap<String, AdoptedActor>,
     /// Tasks made done by an object a rejoined node kept, with that node, until the
     /// node's own report of the task comes: its result stands (a write keeps its
     /// effects) though the task is done by then.
@@ -592,6 +595,18 @@ struct AdoptedRun {
     node: String,
     attempt: u32,
     cpus: f64,
+    /// An actor's call: never stopped (that would stop the actor); its report, if no
+    /// one claims it, is dropped as stale.
+    actor_call: bool,
+}
+
+/// An actor alive on a node across a head restart, waiting for its driver's replay.
+struct AdoptedActor {
+    job: String,
+    node: String,
+    incarnation: u32,
+    pid: u32,
+    resources: Resources,
 }
 
 /// An object kept by a node across a head restart, waiting for its task.

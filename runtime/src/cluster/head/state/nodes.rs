@@ -38,17 +38,20 @@ impl State {
         }
         self.awaiting_nodes.remove(id);
         info!(
-            "{id} rejoined from {} with {}, keeping {} objects, {} drivers and {} running tasks",
+            "{id} rejoined from {} with {}, keeping {} objects, {} drivers, {} running tasks \
+             and {} actors",
             node.hostname,
             node.total,
             kept.objects.len(),
             kept.drivers.len(),
-            kept.running.len()
+            kept.running.len(),
+            kept.actors.len()
         );
         self.nodes.insert(id.to_string(), Node::new(node));
         let mut drop_jobs = BTreeSet::new();
         let mut free_objects = vec![];
         let mut cancel_tasks = vec![];
+        let mut stop_actors = vec![];
         for job in kept.drivers {
             let resumed = self.jobs.get_mut(&job).is_some_and(|j| {
                 let ours = j.status.state == JobState::Running
@@ -128,7 +131,9 @@ impl State {
             let claimable = self.jobs.get(&t.job).is_some_and(|j| j.replay.is_some());
             if !claimable || self.tasks.contains_key(&t.id) || self.adopted_runs.contains_key(&t.id)
             {
-                cancel_tasks.push(t.id);
+                if !t.actor_call {
+                    cancel_tasks.push(t.id);
+                }
                 continue;
             }
             // It goes on; its CPUs are held until its driver's replay claims it (or
@@ -143,6 +148,36 @@ impl State {
                     node: id.to_string(),
                     attempt: t.attempt,
                     cpus: t.cpus,
+                    actor_call: t.actor_call,
+                },
+            );
+        }
+        for a in kept.actors {
+            if !self.job_active(&a.job) {
+                drop_jobs.insert(a.job);
+                continue;
+            }
+            // As a running task: kept only for a replay still to come, and while its
+            // resources are there to hold.
+            let n = self.nodes.get_mut(id).expect("inserted above");
+            let claimable = self.jobs.get(&a.job).is_some_and(|j| j.replay.is_some())
+                && !self.actors.contains_key(&a.id)
+                && !self.adopted_actors.contains_key(&a.id)
+                && a.resources.num_gpus == 0.0
+                && a.resources.fits_in(&n.available);
+            if !claimable {
+                stop_actors.push(a.id);
+                continue;
+            }
+            n.available.subtract(&a.resources);
+            self.adopted_actors.insert(
+                a.id,
+                AdoptedActor {
+                    job: a.job,
+                    node: id.to_string(),
+                    incarnation: a.incarnation,
+                    pid: a.pid,
+                    resources: a.resources,
                 },
             );
         }
@@ -150,6 +185,7 @@ impl State {
             drop_jobs: drop_jobs.into_iter().collect(),
             free_objects,
             cancel_tasks,
+            stop_actors,
         })
     }
 
@@ -239,6 +275,7 @@ impl State {
         let running: Vec<String> = n.running.drain().collect();
         self.adopted.retain(|_, a| a.node != node);
         self.adopted_runs.retain(|_, r| r.node != node);
+        self.adopted_actors.retain(|_, a| a.node != node);
         self.claimed.retain(|_, n| n != node);
         for t in running {
             self.system_failure(&t, &format!("node {node} {how}"));

@@ -818,12 +818,18 @@ impl State {
         let made = self.tasks[&id].spec.made;
         let job = self.tasks[&id].spec.job_id.clone();
         let adopted = self.adopted.remove(&id).filter(|a| a.job == job);
+        // (Not one in a placement group's bundle: the group is placed anew, and the
+        // task runs again in it.)
+        let in_bundle = self.tasks[&id].spec.bundle.is_some();
         let run = self.adopted_runs.remove(&id).and_then(|r| {
-            if r.job == job {
+            if r.job == job && !in_bundle {
                 return Some(r);
             }
             if let Some(n) = self.nodes.get_mut(&r.node) {
                 n.available.num_cpus += r.cpus;
+                if !r.actor_call {
+                    n.send(NodeCommand::CancelTask(id.clone()));
+                }
             }
             None
         });
@@ -847,7 +853,11 @@ impl State {
                 gpus: vec![],
             };
             let slot = task.slot(false, &None);
-            let req = task.spec.resources.clone();
+            // An actor's call holds nothing of its own: its actor holds the resources.
+            let req = match task.spec.actor {
+                Some(_) => Resources::default(),
+                None => task.spec.resources.clone(),
+            };
             if let Some(n) = self.nodes.get_mut(&r.node) {
                 n.available.num_cpus += r.cpus;
                 n.available.subtract(&req);

@@ -758,8 +758,10 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
                 job: "r".into(),
                 attempt: 2,
                 cpus: 1.0,
+                actor_call: false,
             })
             .into(),
+        actors: vec![],
     };
     let node = NodeRegistration {
         hostname: "h".into(),
@@ -873,7 +875,9 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
                     job: "r".into(),
                     attempt: 0,
                     cpus: 1.0,
+                    actor_call: false,
                 }],
+                actors: vec![],
             },
         )
         .unwrap();
@@ -900,6 +904,106 @@ fn a_restarted_head_takes_back_the_drivers_and_objects_its_nodes_kept() {
     assert!(s.job("gone").unwrap().status.node_id.is_empty());
     assert!(s.pending_jobs.contains("gone"));
     assert_eq!(state(&s, "a"), JobState::Failed);
+}
+
+/// A node rejoins a restarted head with the CPU actors it kept alive (and a call one
+/// of them runs): their resources are held until the driver's replay, which takes
+/// back the actor it creates again (alive, in the same process) and the running call;
+/// an actor the replay does not name stops, one no node kept starts anew, and one that
+/// dies before the replay gives its resources back.
+#[test]
+fn a_restarted_head_takes_back_the_actors_its_nodes_kept() {
+    let mut s = State::default();
+    let mut j = job("r");
+    j.attached = false;
+    j.resources = cpus(1.0);
+    j.status.state = JobState::Running;
+    j.status.node_id = "node-9".into();
+    s.restore_job(j);
+    let actor = |id: &str, incarnation: u32, pid: u32| KeptActor {
+        id: id.into(),
+        job: "r".into(),
+        incarnation,
+        pid,
+        resources: cpus(1.0),
+    };
+    let kept = Kept {
+        drivers: vec!["r".into()],
+        running: vec![KeptRun {
+            id: "r:c1".into(),
+            job: "r".into(),
+            attempt: 0,
+            cpus: 0.0,
+            actor_call: true,
+        }],
+        actors: vec![actor("a1", 2, 77), actor("a2", 1, 78), actor("a3", 1, 79)],
+        ..Default::default()
+    };
+    let node = NodeRegistration {
+        hostname: "h".into(),
+        object_address: "a".into(),
+        total: cpus(4.0),
+        object_store_memory: 1 << 30,
+        ..Default::default()
+    };
+    let rejoined = s.rejoin_node("node-9", node, kept).unwrap();
+    assert!(rejoined.stop_actors.is_empty() && rejoined.cancel_tasks.is_empty());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.attach("node-9", tx).unwrap();
+    assert_eq!(
+        s.nodes["node-9"].available.num_cpus, 0.0,
+        "the driver and three actors held"
+    );
+    // a3 dies before the replay: its CPU comes back.
+    s.actor_reported("a3", "node-9", 1, false, 0, "exit 3");
+    assert_eq!(s.nodes["node-9"].available.num_cpus, 1.0);
+    // The replay: a1 goes on where it lives; a4, which no node kept, starts anew.
+    let spec = |id: &str| ActorSpec {
+        job_id: "r".into(),
+        actor_id: id.into(),
+        resources: cpus(1.0),
+        ..Default::default()
+    };
+    s.create_actor(spec("a1")).unwrap();
+    s.create_actor(spec("a4")).unwrap();
+    let a1 = s.actor("a1").unwrap();
+    assert_eq!(
+        a1.state,
+        ActorState::Alive {
+            node: "node-9".into()
+        }
+    );
+    assert_eq!((a1.pid, a1.restarts), (Some(77), 1));
+    // Its running call is taken back where it runs; the next one goes to it.
+    let call = |id: &str| TaskSpec {
+        job_id: "r".into(),
+        actor: Some("a1".into()),
+        resources: cpus(0.0),
+        ..task(id, &[])
+    };
+    s.submit(call("r:c1")).unwrap();
+    s.submit(call("r:c2")).unwrap();
+    s.schedule();
+    assert!(matches!(&s.tasks["r:c1"].state, TaskState::Running { node, .. } if node == "node-9"));
+    let commands = sent(&mut rx);
+    assert!(commands.contains(&"run r:c2".to_string()), "{commands:?}");
+    assert!(
+        commands
+            .iter()
+            .any(|c| c.contains("StartActor") && c.contains("\"a4\"")),
+        "{commands:?}"
+    );
+    assert_eq!(
+        s.nodes["node-9"].available.num_cpus, 0.0,
+        "the driver, a1, a2 (still held) and a4; the calls hold nothing"
+    );
+    // The replay is over: a2, which it did not name, stops, and its CPU comes back.
+    s.driver_alive("r", true).unwrap();
+    assert_eq!(sent(&mut rx), ["StopActor(\"a2\")"]);
+    assert_eq!(s.nodes["node-9"].available.num_cpus, 1.0);
+    assert!(s.task_reported(report("node-9", "r:c1", 0, 10, "")));
+    assert!(s.object_status("r:c1").ready);
+    assert_eq!(s.nodes["node-9"].available.num_cpus, 1.0);
 }
 
 #[test]
