@@ -1826,9 +1826,10 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
     );
     assert_eq!(checksum(&out), expected);
     let log = std::fs::read_to_string(c.home.path().join("head-restarted.log")).unwrap();
-    for line in log.lines().filter(|l| {
-        l.contains("rejoined from") || l.contains("replayed") || l.contains("actor ")
-    }) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains("rejoined from") || l.contains("replayed") || l.contains("actor "))
+    {
         eprintln!("{line}");
     }
     // The pool's actor went on where it lived.
@@ -1947,6 +1948,33 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         .find(|l| l.contains(": goes on on "))
         .unwrap_or_else(|| panic!("no actor kept in\n{log}"));
     eprintln!("{kept}");
+
+    // A node agent told to stop while the head is away stops at once, instead of
+    // waiting out its patience (60 s) for a head to drain to.
+    kill9(c.head.id() as i32);
+    let _ = c.head.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &c.nodes[1].id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    while c.nodes[1].try_wait().unwrap().is_none() {
+        assert!(
+            asked.elapsed() < Duration::from_secs(15),
+            "the node agent did not stop while the head was away"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "a node told to stop while the head was away stopped in {:?}",
+        asked.elapsed()
+    );
+    let (head, _, http) =
+        TestCluster::spawn_head(c.home.path(), &c.tls, &c.head_args, "head-restarted-4.log");
+    c.head = head;
+    c.http = http;
 
     // New jobs get new ids.
     let third = c.submit(&["true"]);

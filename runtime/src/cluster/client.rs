@@ -472,7 +472,7 @@ impl PlacementGroup {
                 })
                 .await
         })?;
-        inner.session.note_freed(std::slice::from_ref(&self.id));
+        inner.session.note_placement_group_removed(&self.id);
         Ok(())
     }
 }
@@ -1035,7 +1035,8 @@ impl Cluster {
         self.block_on(session.call("creating a placement group", |mut h, _| {
             let request = request.clone();
             async move { h.create_placement_group(request).await }
-        }))?;
+        }))
+        .inspect_err(|_| session.note_freed(std::slice::from_ref(&id)))?;
         Ok(PlacementGroup {
             id,
             cluster: self.clone(),
@@ -1078,7 +1079,8 @@ impl Cluster {
         self.block_on(session.call("creating an actor", |mut h, _| {
             let request = request.clone();
             async move { h.create_actor(request).await }
-        }))?;
+        }))
+        .inspect_err(|_| session.note_freed(std::slice::from_ref(&id)))?;
         Ok(ActorHandle {
             id,
             cluster: self.clone(),

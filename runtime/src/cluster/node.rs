@@ -571,7 +571,12 @@ pub async fn run_node_until(
         // The head went (or restarted): rejoin it under this node's id with what is
         // kept here, if it comes back in time.
         attached_tx.send_replace(false);
-        match Arc::clone(&agent).rejoin(&mut head, &lost).await {
+        // Told to stop meanwhile, it stops at once: there is no head to drain to.
+        let rejoined = tokio::select! {
+            r = Arc::clone(&agent).rejoin(&mut head, &lost) => r,
+            _ = &mut leave => Err(format!("{lost}; told to stop while the head was away")),
+        };
+        match rejoined {
             Ok(stream) => {
                 commands = stream;
                 (beat, _stop_beats) = Arc::clone(&agent).start_heartbeats(interval)?;
@@ -590,12 +595,13 @@ pub async fn run_node_until(
 }
 
 impl Agent {
-    /// After losing the head (`why`): stops the workers of actors and those with GPUs
-    /// (a restarted head knows neither), drops the tasks waiting for a worker, and
-    /// tries, for `head_patience`, to rejoin the head under this node's id with the
-    /// objects, drivers and running CPU tasks kept here (their reports wait). Returns the new command stream, or why it gave up (the
-    /// head declared this node dead, or did not come back in time): the caller then
-    /// stops everything, and `volley start` joins again as a new node.
+    /// After losing the head (`why`): stops the workers with GPUs and those of actors
+    /// still starting (a restarted head knows neither), drops the work waiting for a
+    /// worker, and tries, for `head_patience`, to rejoin the head under this node's id
+    /// with the objects, drivers, running CPU tasks and CPU actors kept here (their
+    /// reports wait). Returns the new command stream, or why it gave up (the head
+    /// declared this node dead, or did not come back in time): the caller then stops
+    /// everything, and `volley start` joins again as a new node.
     async fn rejoin(
         self: Arc<Self>,
         head: &mut Head,
@@ -618,6 +624,10 @@ impl Agent {
                 running,
                 actors,
             } = self.kept();
+            let listed: Vec<(String, u32)> = actors
+                .iter()
+                .map(|a| (a.actor_id.clone(), a.incarnation))
+                .collect();
             let request = proto::RegisterNodeRequest {
                 hostname: hostname.clone(),
                 object_address: self.address.clone(),
@@ -647,6 +657,14 @@ impl Agent {
                         .map_err(|e| format!("cannot attach to the head again: {}", e.message()))?
                         .into_inner();
                     info!("{} rejoined the head", self.node_id);
+                    // An actor listed above whose process ended since may have had its
+                    // end reported before the head knew of it: said again.
+                    for (actor, incarnation) in listed {
+                        if !self.holds_actor(&actor, incarnation) {
+                            let why = "its worker exited while the head was away".to_string();
+                            self.report_actor(&actor, incarnation, false, why, 0).await;
+                        }
+                    }
                     return Ok(commands);
                 }
                 Err(e) if super::net::unreachable(&e) && Instant::now() < deadline => {
@@ -745,6 +763,17 @@ impl Agent {
         {
             w.stop_unreported();
         }
+    }
+
+    /// Whether a live worker here holds incarnation `incarnation` of actor `actor`.
+    fn holds_actor(&self, actor: &str, incarnation: u32) -> bool {
+        let s = self.state.lock().expect("agent lock");
+        s.workers.values().any(|w| {
+            !w.exiting
+                && w.actor
+                    .as_ref()
+                    .is_some_and(|(a, i)| a == actor && *i == incarnation)
+        })
     }
 
     /// Stops the workers of `actors` without reporting them (a rejoined head will not

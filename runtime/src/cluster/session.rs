@@ -73,13 +73,15 @@ impl Session {
         })
     }
 
-    /// Learns which head answers (waiting for one, as any call does).
+    /// Learns which head answers (waiting for one, as any call does). A driver that
+    /// starts has told no head anything: its (empty) replay is over, so a head that
+    /// restarted lets go of what it kept for an earlier driver of the job.
     pub async fn hello(&self) -> Result<()> {
         let reply = self
             .call("joining the job", |mut h, job| async move {
                 h.driver_alive(proto::DriverHeartbeat {
                     job_id: job,
-                    replayed: false,
+                    replayed: true,
                 })
                 .await
             })
@@ -276,8 +278,25 @@ impl Session {
         );
     }
 
+    /// Notes that the driver removed placement group `group`: the actors in it went
+    /// with it.
+    pub fn note_placement_group_removed(&self, group: &str) {
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        let actors: Vec<String> = ledger
+            .entries
+            .values()
+            .filter_map(|e| match &e.kept {
+                Kept::Actor(a) if a.placement_group == group => Some(a.actor_id.clone()),
+                _ => None,
+            })
+            .collect();
+        for id in actors.iter().map(String::as_str).chain([group]) {
+            ledger.free(id);
+        }
+    }
+
     /// Notes that the driver let go of `ids` (objects, actors it killed, placement
-    /// groups it removed).
+    /// groups it removed, or actors and groups the head refused to create).
     pub fn note_freed(&self, ids: &[String]) {
         let mut ledger = self.ledger.lock().expect("ledger lock");
         for id in ids {
@@ -494,5 +513,28 @@ mod tests {
         let actors: Vec<&str> = r.actors.iter().map(|a| a.actor_id.as_str()).collect();
         assert_eq!(actors, ["a2"]);
         assert!(r.placement_groups.is_empty() && r.freed.is_empty());
+    }
+
+    /// Removing a placement group lets go of the actors that lived in it.
+    #[tokio::test]
+    async fn a_removed_placement_group_takes_its_actors_out_of_the_ledger() {
+        let channels = Channels::new("", &Default::default());
+        let session = Session::new(&channels, "127.0.0.1:1", "j").unwrap();
+        session.note_placement_group(&proto::CreatePlacementGroupRequest {
+            group_id: "pg".into(),
+            ..Default::default()
+        });
+        for (id, group) in [("in", "pg"), ("out", "")] {
+            session.note_actor(&proto::CreateActorRequest {
+                actor_id: id.into(),
+                placement_group: group.into(),
+                ..Default::default()
+            });
+        }
+        session.note_placement_group_removed("pg");
+        let r = session.ledger.lock().unwrap().replay();
+        let actors: Vec<&str> = r.actors.iter().map(|a| a.actor_id.as_str()).collect();
+        assert_eq!(actors, ["out"]);
+        assert!(r.placement_groups.is_empty());
     }
 }

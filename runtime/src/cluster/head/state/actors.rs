@@ -135,7 +135,9 @@ impl State {
                 a.state = ActorState::Alive { node: node.clone() };
                 a.pid = pid;
             }
-            (ActorState::Starting { .. } | ActorState::Alive { .. }, false) => {
+            (ActorState::Starting { node } | ActorState::Alive { node }, false)
+                if *node == node_id =>
+            {
                 self.actor_failed(id, error);
             }
             _ => {}

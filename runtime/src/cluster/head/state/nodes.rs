@@ -36,7 +36,6 @@ impl State {
         if let Some(n) = id.strip_prefix("node-").and_then(|n| n.parse::<u64>().ok()) {
             self.next_node = self.next_node.max(n);
         }
-        self.awaiting_nodes.remove(id);
         info!(
             "{id} rejoined from {} with {}, keeping {} objects, {} drivers, {} running tasks \
              and {} actors",
@@ -224,6 +223,8 @@ impl State {
         match self.nodes.get_mut(node) {
             Some(n) if n.alive => {
                 n.link = Some(link);
+                // Awaited after a restart: drivers may replay once it takes commands.
+                self.awaiting_nodes.remove(node);
                 Ok(())
             }
             _ => Err(Refusal::NotFound(format!("unknown node {node}"))),

@@ -819,20 +819,35 @@ impl State {
         let job = self.tasks[&id].spec.job_id.clone();
         let adopted = self.adopted.remove(&id).filter(|a| a.job == job);
         // (Not one in a placement group's bundle: the group is placed anew, and the
-        // task runs again in it.)
-        let in_bundle = self.tasks[&id].spec.bundle.is_some();
-        let run = self.adopted_runs.remove(&id).and_then(|r| {
-            if r.job == job && !in_bundle {
-                return Some(r);
-            }
-            if let Some(n) = self.nodes.get_mut(&r.node) {
-                n.available.num_cpus += r.cpus;
-                if !r.actor_call {
-                    n.send(NodeCommand::CancelTask(id.clone()));
+        // task runs again in it. Nor the call of an actor that does not live on there
+        // any more: it runs again on the actor.)
+        let spec = &self.tasks[&id].spec;
+        let claimable = |r: &AdoptedRun| {
+            r.job == job
+                && spec.bundle.is_none()
+                && spec.actor.as_ref().is_none_or(|a| {
+                    self.actors.get(a).is_some_and(
+                        |a| matches!(&a.state, ActorState::Alive { node } if *node == r.node),
+                    )
+                })
+        };
+        let run = match self.adopted_runs.remove(&id) {
+            Some(r) if claimable(&r) => Some(r),
+            Some(r) => {
+                if let Some(n) = self.nodes.get_mut(&r.node) {
+                    n.available.num_cpus += r.cpus;
+                    if !r.actor_call {
+                        n.send(NodeCommand::CancelTask(id.clone()));
+                    }
                 }
+                // Its old run's report, should it come, is of an attempt before this
+                // one's.
+                let task = self.tasks.get_mut(&id).expect("inserted above");
+                task.attempt = r.attempt + 1;
+                None
             }
-            None
-        });
+            None => None,
+        };
         if let Some(count) = self.jobs.get_mut(&job).and_then(|j| j.replay.as_mut()) {
             let at = match (&adopted, &run) {
                 (Some(_), _) => 0,

@@ -929,13 +929,15 @@ fn a_restarted_head_takes_back_the_actors_its_nodes_kept() {
     };
     let kept = Kept {
         drivers: vec!["r".into()],
-        running: vec![KeptRun {
-            id: "r:c1".into(),
-            job: "r".into(),
-            attempt: 0,
-            cpus: 0.0,
-            actor_call: true,
-        }],
+        running: ["r:c1", "r:c9"]
+            .map(|id| KeptRun {
+                id: id.into(),
+                job: "r".into(),
+                attempt: 0,
+                cpus: 0.0,
+                actor_call: true,
+            })
+            .into(),
         actors: vec![actor("a1", 2, 77), actor("a2", 1, 78), actor("a3", 1, 79)],
         ..Default::default()
     };
@@ -983,7 +985,17 @@ fn a_restarted_head_takes_back_the_actors_its_nodes_kept() {
     };
     s.submit(call("r:c1")).unwrap();
     s.submit(call("r:c2")).unwrap();
+    // A call that ran on an actor no node kept runs again on the actor started anew,
+    // as a later attempt (a late report of the old one is stale).
+    s.submit(TaskSpec {
+        actor: Some("a4".into()),
+        ..call("r:c9")
+    })
+    .unwrap();
+    assert_eq!(s.tasks["r:c9"].attempt, 1);
     s.schedule();
+    assert_eq!(s.tasks["r:c9"].state, TaskState::Pending, "a4 is starting");
+    assert!(!s.task_reported(report("node-9", "r:c9", 0, 10, "")));
     assert!(matches!(&s.tasks["r:c1"].state, TaskState::Running { node, .. } if node == "node-9"));
     let commands = sent(&mut rx);
     assert!(commands.contains(&"run r:c2".to_string()), "{commands:?}");
