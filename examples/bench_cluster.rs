@@ -41,7 +41,8 @@
 //! With `--suite operate` it measures operating the cluster (no peer: Ray's head fault
 //! tolerance needs an external Redis, not run here):
 //!
-//! - head restart: the `pipeline` job once without faults, then again with the head
+//! - head restart: the `pipeline` job (with `--restart-with-pool`, also its model stage
+//!   on `--actors` actors) once without faults, then again with the head
 //!   killed (`kill -9`) halfway and started again on its state folder: seconds from the
 //!   new head's start to its nodes back, to the job's driver running (the same
 //!   process: it goes on), to a task done past those done before the kill; and the
@@ -451,6 +452,10 @@ struct Args {
     /// Milliseconds of work per batch in the model stage.
     #[arg(long, default_value_t = 2)]
     model_ms: u64,
+    /// With `--suite operate`: the job the head restarts under also has the model
+    /// stage, on a pool of `--actors` actors (they outlive the restart).
+    #[arg(long)]
+    restart_with_pool: bool,
     /// Folder for the input, the outputs and the cluster's state.
     #[arg(long, default_value = "/tmp/volley-bench-cluster")]
     work_dir: PathBuf,
@@ -902,7 +907,15 @@ fn operate_suite(args: &Args) -> Result<()> {
         (vec![], vec![], vec![], vec![], vec![]);
     for run in 0..args.runs {
         let out = work.join(format!("out-{run}"));
-        let job = [path(&pipeline), path(&input), path(&out)];
+        let mut job = vec![path(&pipeline), path(&input), path(&out)];
+        if args.restart_with_pool {
+            job.extend([
+                "--actors".to_string(),
+                args.actors.to_string(),
+                "--model-ms".to_string(),
+                args.model_ms.to_string(),
+            ]);
+        }
         let job: Vec<&str> = job.iter().map(String::as_str).collect();
         let start = Instant::now();
         cluster.job(&job)?;
@@ -968,8 +981,14 @@ fn operate_suite(args: &Args) -> Result<()> {
     }
     let (ff, t) = (median(fault_free), median(total));
     println!(
-        "head restart ({} nodes, pipeline job, medians of {} runs):",
-        args.nodes, args.runs
+        "head restart ({} nodes, pipeline job{}, medians of {} runs):",
+        args.nodes,
+        if args.restart_with_pool {
+            format!(" with a model stage on {} actors", args.actors)
+        } else {
+            String::new()
+        },
+        args.runs
     );
     println!(
         "  nodes back {:.2}s, driver running {:.2}s, a task done past those done before {:.2}s after the new head started",

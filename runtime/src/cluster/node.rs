@@ -624,9 +624,9 @@ impl Agent {
                 running,
                 actors,
             } = self.kept();
-            let listed: Vec<(String, u32)> = actors
+            let listed: Vec<(String, u32, String)> = actors
                 .iter()
-                .map(|a| (a.actor_id.clone(), a.incarnation))
+                .map(|a| (a.actor_id.clone(), a.incarnation, a.job_id.clone()))
                 .collect();
             let request = proto::RegisterNodeRequest {
                 hostname: hostname.clone(),
@@ -649,6 +649,17 @@ impl Agent {
                     self.free_objects(&r.free_objects);
                     self.stop_tasks(&r.cancel_tasks);
                     self.stop_actors(&r.stop_actors);
+                    // An actor listed above whose process ended since may have had its
+                    // end reported before the head knew of it: said again, before this
+                    // node takes commands (so that it concerns the actor kept, not
+                    // one started here anew), of the actors the head kept.
+                    for (actor, incarnation, job) in listed {
+                        let dropped = r.stop_actors.contains(&actor) || r.drop_jobs.contains(&job);
+                        if !dropped && !self.holds_actor(&actor, incarnation) {
+                            let why = "its worker exited while the head was away".to_string();
+                            self.report_actor(&actor, incarnation, false, why, 0).await;
+                        }
+                    }
                     let commands = head
                         .attach(proto::AttachRequest {
                             node_id: self.node_id.clone(),
@@ -657,14 +668,6 @@ impl Agent {
                         .map_err(|e| format!("cannot attach to the head again: {}", e.message()))?
                         .into_inner();
                     info!("{} rejoined the head", self.node_id);
-                    // An actor listed above whose process ended since may have had its
-                    // end reported before the head knew of it: said again.
-                    for (actor, incarnation) in listed {
-                        if !self.holds_actor(&actor, incarnation) {
-                            let why = "its worker exited while the head was away".to_string();
-                            self.report_actor(&actor, incarnation, false, why, 0).await;
-                        }
-                    }
                     return Ok(commands);
                 }
                 Err(e) if super::net::unreachable(&e) && Instant::now() < deadline => {
