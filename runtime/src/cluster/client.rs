@@ -134,6 +134,18 @@ async fn submit_loop(
 }
 
 impl Inner {
+    /// Calls the head through the session once every task queued before this call
+    /// was answered: the head must know a task before a call about it (a cancel, or
+    /// the actor or group it uses going).
+    async fn call_after_submissions<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
+    where
+        F: FnMut(Head, String) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.submitted.flush().await;
+        self.session.call(what, f).await
+    }
+
     /// Says on stderr, once per reason, what the head reports this program's work
     /// waits for that no node has (a task asking for a GPU of CPU-only nodes waits for
     /// such a node to join, silently otherwise). A driver the head started gets it in
@@ -459,19 +471,14 @@ impl PlacementGroup {
     pub fn remove(&self) -> Result<()> {
         let inner = &self.cluster.inner;
         let what = format!("placement group {}", self.id);
-        self.cluster.block_on(async {
-            inner.submitted.flush().await;
-            inner
-                .session
-                .call(&what, |mut h, _| {
-                    let request = proto::PlacementGroupRequest {
-                        group_id: self.id.clone(),
-                        timeout_ms: 0,
-                    };
-                    async move { h.remove_placement_group(request).await }
-                })
-                .await
-        })?;
+        self.cluster
+            .block_on(inner.call_after_submissions(&what, |mut h, _| {
+                let request = proto::PlacementGroupRequest {
+                    group_id: self.id.clone(),
+                    timeout_ms: 0,
+                };
+                async move { h.remove_placement_group(request).await }
+            }))?;
         inner.session.note_placement_group_removed(&self.id);
         Ok(())
     }
@@ -558,16 +565,11 @@ impl ActorHandle {
     pub fn kill(&self) -> Result<()> {
         let inner = &self.cluster.inner;
         let what = format!("actor {}", self.id);
-        self.cluster.block_on(async {
-            inner.submitted.flush().await;
-            inner
-                .session
-                .call(&what, |mut h, _| {
-                    let actor_id = self.id.clone();
-                    async move { h.kill_actor(proto::ActorId { actor_id }).await }
-                })
-                .await
-        })?;
+        self.cluster
+            .block_on(inner.call_after_submissions(&what, |mut h, _| {
+                let actor_id = self.id.clone();
+                async move { h.kill_actor(proto::ActorId { actor_id }).await }
+            }))?;
         inner.session.note_freed(std::slice::from_ref(&self.id));
         Ok(())
     }
@@ -777,20 +779,15 @@ impl Cluster {
     /// object then fails with a [`VolleyError::Cancelled`] error; one already made is
     /// kept. Actor calls are not stopped (they change their actor's state).
     pub fn cancel(&self, objects: &[&ObjectRef]) -> Result<()> {
-        let inner = Arc::clone(&self.inner);
         let ids: Vec<String> = objects.iter().map(|o| o.id().to_string()).collect();
-        self.block_on(async move {
-            // The head must know a task before it can stop it.
-            inner.submitted.flush().await;
-            inner
-                .session
-                .call("cancel", |mut h, job_id| {
+        self.block_on(
+            self.inner
+                .call_after_submissions("cancel", |mut h, job_id| {
                     let object_ids = ids.clone();
                     async move { h.cancel(proto::FreeRequest { job_id, object_ids }).await }
-                })
-                .await?;
-            Ok(())
-        })
+                }),
+        )?;
+        Ok(())
     }
 
     /// Names `objects` as one group (for an exchange: its map outputs), so that tasks

@@ -647,8 +647,13 @@ impl Agent {
                         self.drop_job(job);
                     }
                     self.free_objects(&r.free_objects);
-                    self.stop_tasks(&r.cancel_tasks);
-                    self.stop_actors(&r.stop_actors);
+                    // The tasks and actors no one will claim.
+                    self.stop_unreported(|w| {
+                        w.running.iter().any(|(t, _)| r.cancel_tasks.contains(t))
+                            || w.actor
+                                .as_ref()
+                                .is_some_and(|(a, _)| r.stop_actors.contains(a))
+                    });
                     // An actor listed above whose process ended since may have had its
                     // end reported before the head knew of it: said again, before this
                     // node takes commands (so that it concerns the actor kept, not
@@ -755,15 +760,11 @@ impl Agent {
         }
     }
 
-    /// Stops the workers running `tasks` without reporting them (a rejoined head
-    /// will not claim them).
-    fn stop_tasks(&self, tasks: &[String]) {
+    /// Stops the workers `which` picks without reporting what they ran (a rejoined
+    /// head will not claim it).
+    fn stop_unreported(&self, which: impl Fn(&WorkerEntry) -> bool) {
         let mut s = self.state.lock().expect("agent lock");
-        for w in s
-            .workers
-            .values_mut()
-            .filter(|w| w.running.iter().any(|(t, _)| tasks.contains(t)))
-        {
+        for w in s.workers.values_mut().filter(|w| which(w)) {
             w.stop_unreported();
         }
     }
@@ -777,19 +778,6 @@ impl Agent {
                     .as_ref()
                     .is_some_and(|(a, i)| a == actor && *i == incarnation)
         })
-    }
-
-    /// Stops the workers of `actors` without reporting them (a rejoined head will not
-    /// claim them).
-    fn stop_actors(&self, actors: &[String]) {
-        let mut s = self.state.lock().expect("agent lock");
-        for w in s
-            .workers
-            .values_mut()
-            .filter(|w| w.actor.as_ref().is_some_and(|(a, _)| actors.contains(a)))
-        {
-            w.stop_unreported();
-        }
     }
 
     /// Drops objects from the store, as the head asks.
