@@ -148,7 +148,9 @@ impl HeadCore {
         for job in recovered.jobs {
             let info = job.info.unwrap_or_default();
             packages.insert(info.job_id.clone(), job.package.unwrap_or_default());
-            state.restore_job(wire::job_entry(info));
+            let mut entry = wire::job_entry(info);
+            entry.actor_history = wire::actor_history(job.actors);
+            state.restore_job(entry);
         }
         state.expect_nodes(recovered.nodes);
         let core = Arc::new(Self {
@@ -182,16 +184,20 @@ impl HeadCore {
         let _one = self.persisting.lock().expect("persist lock");
         let (infos, next_node, next_job, nodes) = {
             let s = self.state.lock().expect("head lock");
-            let infos: Vec<proto::JobInfo> = s.jobs().map(wire::job_info).collect();
+            let infos: Vec<(proto::JobInfo, Vec<proto::StoredActor>)> = s
+                .jobs()
+                .map(|j| (wire::job_info(j), wire::stored_actors(j)))
+                .collect();
             (infos, s.next_node(), s.next_job(), s.live_node_ids())
         };
         let packages = self.packages.lock().expect("packages lock");
         let jobs = infos
             .into_iter()
-            .map(|info| {
+            .map(|(info, actors)| {
                 let stored = proto::StoredJob {
                     package: packages.get(&info.job_id).cloned(),
                     info: Some(info),
+                    actors,
                 };
                 let id = stored.info.as_ref().map(|i| i.job_id.clone());
                 (id.unwrap_or_default(), stored.encode_to_vec())

@@ -181,6 +181,7 @@ mod tests {
                 ..Default::default()
             }),
             package: None,
+            actors: vec![],
         };
         (id.to_string(), job.encode_to_vec())
     }

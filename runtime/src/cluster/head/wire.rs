@@ -272,6 +272,36 @@ pub(super) fn job_info(j: &JobEntry) -> proto::JobInfo {
     }
 }
 
+/// A job's actors that restarted or died, as its record in the store keeps them.
+pub(super) fn stored_actors(j: &JobEntry) -> Vec<proto::StoredActor> {
+    j.actor_history
+        .iter()
+        .map(|(id, h)| proto::StoredActor {
+            actor_id: id.clone(),
+            restarts: h.restarts,
+            dead: h.dead.is_some(),
+            error: h.dead.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// A job's actors' history from its record in the store.
+pub(super) fn actor_history(
+    actors: Vec<proto::StoredActor>,
+) -> std::collections::BTreeMap<String, ActorHistory> {
+    actors
+        .into_iter()
+        .map(|a| {
+            let dead = a.dead.then_some(a.error);
+            let history = ActorHistory {
+                restarts: a.restarts,
+                dead,
+            };
+            (a.actor_id, history)
+        })
+        .collect()
+}
+
 /// A job's record as it is answered now: with what it waits for, out of `waiting`
 /// ([`State::waiting`](super::state::State::waiting)).
 pub(super) fn job_info_now(j: &JobEntry, waiting: &HashMap<String, Waiting>) -> proto::JobInfo {
@@ -331,5 +361,36 @@ pub(super) fn execution(job: &str, e: &ExecutionProgress) -> proto::ExecutionPro
             .collect(),
         finished: e.finished,
         started_ms: e.started_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job's actor history goes into its stored record and comes back the same.
+    #[test]
+    fn an_actor_history_survives_the_store() {
+        let mut job = JobEntry::new(
+            JobStatus::from(proto::JobInfo::default()),
+            HashMap::new(),
+            false,
+            Resources::default(),
+        );
+        job.actor_history.insert(
+            "a1".into(),
+            ActorHistory {
+                restarts: 2,
+                dead: Some("exit 3".into()),
+            },
+        );
+        job.actor_history.insert(
+            "a2".into(),
+            ActorHistory {
+                restarts: 1,
+                dead: None,
+            },
+        );
+        assert_eq!(actor_history(stored_actors(&job)), job.actor_history);
     }
 }

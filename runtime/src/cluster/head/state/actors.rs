@@ -18,11 +18,32 @@ impl State {
             // one knew: it is known here already.
             return Ok(());
         }
-        let replayed = self
-            .jobs
-            .get(&spec.job_id)
-            .is_some_and(|j| j.replay.is_some());
+        let job = self.jobs.get(&spec.job_id);
+        let replayed = job.is_some_and(|j| j.replay.is_some());
+        let history = job
+            .and_then(|j| j.actor_history.get(&spec.actor_id))
+            .cloned()
+            .unwrap_or_default();
         if replayed {
+            if let Some(why) = history.dead {
+                // It died for good before the head restarted: it stays dead, and its
+                // calls fail saying why.
+                let id = spec.actor_id.clone();
+                info!("actor {id}: died before the head restarted ({why}); not started again");
+                self.stop_adopted_actor(&id);
+                let mut entry = ActorEntry {
+                    spec,
+                    state: ActorState::Pending,
+                    incarnation: 0,
+                    restarts: history.restarts,
+                    gpus: vec![],
+                    bundle: None,
+                    pid: 0,
+                };
+                entry.die(why);
+                self.actors.insert(id, entry);
+                return Ok(());
+            }
             if let Some(a) = self.adopt_actor(&spec) {
                 let id = spec.actor_id.clone();
                 info!("actor {id}: goes on on {} (the head restarted)", a.node);
@@ -32,7 +53,7 @@ impl State {
                         spec,
                         state: ActorState::Alive { node: a.node },
                         incarnation: a.incarnation,
-                        restarts: a.incarnation.saturating_sub(1),
+                        restarts: history.restarts.max(a.incarnation.saturating_sub(1)),
                         gpus: vec![],
                         bundle: None,
                         pid: a.pid,
@@ -58,13 +79,40 @@ impl State {
                 spec,
                 state: ActorState::Pending,
                 incarnation: 0,
-                restarts: 0,
+                // Restarts before the head restarted count against its limit.
+                restarts: history.restarts,
                 gpus: vec![],
                 bundle: None,
                 pid: 0,
             },
         );
         Ok(())
+    }
+
+    /// Keeps actor `id`'s restarts and death in its job's record, for a head after
+    /// this one ([`ActorHistory`]).
+    fn note_history(&mut self, id: &str) {
+        let Some(a) = self.actors.get(id) else {
+            return;
+        };
+        let Some(job) = self
+            .jobs
+            .get_mut(&a.spec.job_id)
+            .filter(|j| j.status.state == JobState::Running)
+        else {
+            return;
+        };
+        let dead = match &a.state {
+            ActorState::Dead(why) => Some(why.clone()),
+            _ => None,
+        };
+        job.actor_history.insert(
+            id.to_string(),
+            ActorHistory {
+                restarts: a.restarts,
+                dead,
+            },
+        );
     }
 
     /// The actor that a node kept alive across a head restart for `spec` (replayed by
@@ -252,6 +300,7 @@ impl State {
             a.die(error.to_string());
             warn!("actor {id}: {error}; not restarted");
         }
+        self.note_history(id);
         self.release(&node, &req, &gpus, &bundle);
         // Calls in flight on the old incarnation run again on the new one (or fail).
         for t in self.running_calls(id) {
@@ -281,6 +330,7 @@ impl State {
         a.die(why.to_string());
         self.pending_actors.remove(id);
         let (req, gpus, bundle) = (a.spec.resources.clone(), a.gpus.clone(), a.bundle.take());
+        self.note_history(id);
         if let Some(node) = node {
             if let Some(n) = self.nodes.get(&node) {
                 n.send(NodeCommand::StopActor(id.to_string()));

@@ -443,6 +443,9 @@ impl State {
         self.queue.retain(|id| self.tasks.contains_key(id));
         let tasks = &self.tasks;
         self.claimed.retain(|t, _| tasks.contains_key(t));
+        if let Some(j) = self.jobs.get_mut(id) {
+            j.actor_history.clear();
+        }
         held
     }
 }

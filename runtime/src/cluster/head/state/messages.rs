@@ -301,6 +301,16 @@ impl ActorState {
     }
 }
 
+/// What a head after this one must know of a running job's actor that no node or
+/// driver can tell it: how often it restarted, and whether it died for good (a driver
+/// replays the actors it created, dead or not, and a node keeps only live ones).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct ActorHistory {
+    pub restarts: u32,
+    /// Why it died for good.
+    pub dead: Option<String>,
+}
+
 /// An actor as the head reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ActorRecord {

@@ -495,6 +495,9 @@ pub(crate) struct JobEntry {
     /// became of the tasks replayed so far (`[done, lineage, queued]`: done on a node
     /// that kept the object, kept as lineage, to run, running on where it ran).
     replay: Option<[u32; 4]>,
+    /// Its actors that restarted or died for good, while it runs: kept across head
+    /// restarts (see [`ActorHistory`]).
+    pub actor_history: BTreeMap<String, ActorHistory>,
 }
 
 impl JobEntry {
@@ -517,6 +520,7 @@ impl JobEntry {
             resume_by: None,
             driver_charged: false,
             replay: None,
+            actor_history: BTreeMap::new(),
         }
     }
 }

@@ -1018,6 +1018,82 @@ fn a_restarted_head_takes_back_the_actors_its_nodes_kept() {
     assert_eq!(s.nodes["node-9"].available.num_cpus, 1.0);
 }
 
+/// A running job's actors' restarts and deaths are kept in its record (and go with
+/// its end): a restarted head, replayed an actor that died for good, keeps it dead
+/// (its calls fail saying why) and counts a restarted actor's restarts against its
+/// limit.
+#[test]
+fn an_actors_restarts_and_death_outlive_a_head_restart() {
+    let (mut s, _rx) = one_node(4.0);
+    let spec = |id: &str, max_restarts: u32| ActorSpec {
+        job_id: "j".into(),
+        actor_id: id.into(),
+        resources: cpus(1.0),
+        max_restarts,
+        ..Default::default()
+    };
+    s.create_actor(spec("a1", 0)).unwrap();
+    s.create_actor(spec("a2", 2)).unwrap();
+    s.schedule();
+    s.actor_reported("a1", "n1", 1, true, 10, "");
+    s.actor_reported("a2", "n1", 1, true, 11, "");
+    s.actor_reported("a1", "n1", 1, false, 0, "exit 3");
+    s.actor_reported("a2", "n1", 1, false, 0, "exit 4");
+    let history = s.jobs["j"].actor_history.clone();
+    assert_eq!(
+        history["a1"],
+        ActorHistory {
+            restarts: 0,
+            dead: Some("exit 3".into())
+        }
+    );
+    assert_eq!(history["a2"].restarts, 1);
+    assert_eq!(history["a2"].dead, None);
+
+    // A head after this one restores the job with that history; the driver replays.
+    let mut t = State::default();
+    let mut kept = job("j");
+    kept.status.state = JobState::Running;
+    kept.actor_history = history;
+    t.restore_job(kept);
+    let (node, mut rx) = test_node(4.0, "a");
+    t.nodes.insert("n1".into(), node);
+    t.create_actor(spec("a1", 0)).unwrap();
+    t.create_actor(spec("a2", 2)).unwrap();
+    t.schedule();
+    let a1 = t.actor("a1").unwrap();
+    assert_eq!(a1.state, ActorState::Dead("exit 3".into()));
+    let commands = sent(&mut rx);
+    assert!(
+        !commands.iter().any(|c| c.contains("\"a1\"")),
+        "a1 is not started again: {commands:?}"
+    );
+    t.submit(TaskSpec {
+        actor: Some("a1".into()),
+        resources: cpus(0.0),
+        ..task("c1", &[])
+    })
+    .unwrap();
+    t.schedule();
+    let e = t.object_status("c1").error.expect("the call fails");
+    assert_eq!(e.message, "actor a1 is dead: exit 3");
+    // a2 had one restart of two: one more, then it dies for good.
+    assert_eq!(t.actor("a2").unwrap().restarts, 1);
+    t.actor_reported("a2", "n1", 1, true, 12, "");
+    t.actor_reported("a2", "n1", 1, false, 0, "exit 5");
+    assert_eq!(t.actor("a2").unwrap().restarts, 2);
+    t.schedule();
+    t.actor_reported("a2", "n1", 2, true, 13, "");
+    t.actor_reported("a2", "n1", 2, false, 0, "exit 6");
+    assert_eq!(
+        t.actor("a2").unwrap().state,
+        ActorState::Dead("exit 6".into())
+    );
+    // The job's end takes its history with it.
+    t.finish_job("j", JobState::Succeeded, 0, "");
+    assert!(t.jobs["j"].actor_history.is_empty());
+}
+
 #[test]
 fn reduce_tasks_name_a_group_of_map_outputs_once_and_it_holds_them() {
     let (mut s, mut rx) = one_node(1.0);
