@@ -109,7 +109,7 @@ impl State {
                     n.send(NodeCommand::CancelTask(t));
                 }
             }
-            let held = self.drop_work(&id, "the job started again (the head restarted)");
+            let held = self.drop_work(&id, "the job started again (the head restarted)", true);
             self.free_on_nodes(held);
             let j = self.jobs.get_mut(&id).expect("exists");
             j.resume_by = None;
@@ -369,17 +369,17 @@ impl State {
         if had_driver {
             self.release(&node, &req, &gpus, &None);
         }
-        self.drop_work(id, &format!("job {id} ended"));
+        self.drop_work(id, &format!("job {id} ended"), false);
         for n in self.nodes.values() {
             n.send(NodeCommand::StopJob(id.to_string()));
         }
     }
 
     /// Takes everything of job `id` out (`why` it goes): its unfinished tasks fail,
-    /// its actors stop, its groups, objects and kept lineage go. Returns the objects
-    /// that were on nodes, by node (a job that ends has its nodes drop them all with
-    /// `StopJob`; one that starts again has them freed one by one).
-    fn drop_work(&mut self, id: &str, why: &str) -> BTreeMap<String, Vec<String>> {
+    /// its actors stop, its groups, objects and kept lineage go. Returns, if `list`,
+    /// the objects that were on nodes, by node (a job that ends has its nodes drop them
+    /// all with `StopJob`; one that starts again has them freed one by one).
+    fn drop_work(&mut self, id: &str, why: &str, list: bool) -> BTreeMap<String, Vec<String>> {
         // Only its unfinished tasks need failing; the finished ones (most of a job's,
         // kept for their lineage) go in one pass at the end.
         let unfinished: Vec<String> = self
@@ -433,7 +433,9 @@ impl State {
                     if let Some(n) = nodes.get_mut(l) {
                         n.stored = n.stored.saturating_sub(o.bytes);
                     }
-                    held.entry(l.clone()).or_default().push(object.clone());
+                    if list {
+                        held.entry(l.clone()).or_default().push(object.clone());
+                    }
                 }
             }
             keep
