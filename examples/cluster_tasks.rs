@@ -13,10 +13,11 @@
 //! GPUs, a placement group of two 2-CPU bundles on one node), shows that both wait, and
 //! finishes once a node that fits joins.
 //!
-//! `cluster_tasks --across-restart` makes an actor and a placement group, prints
-//! `PAUSED` and waits: restart the head meanwhile (`kill -9` it, then `volley start
-//! --head` on the same state folder). The actor goes on with its state, in the same
-//! process, and a task runs in the group.
+//! `cluster_tasks --across-restart` makes an actor and a placement group, starts a
+//! long call of the actor with three more queued behind it whose results it lets go
+//! of, prints `PAUSED` and waits: restart the head meanwhile (`kill -9` it, then
+//! `volley start --head` on the same state folder). The actor goes on with its state,
+//! in the same process, having made every call once, and a task runs in the group.
 //!
 //! `cluster_tasks --broken-workers` is a program whose workers fail as they start
 //! (before `volley::init()`): its task fails, and the error says what they printed.
@@ -108,6 +109,11 @@ impl RemoteActor for Accumulator {
             }
             // Takes the actor's process down, to show a restart.
             "crash" => std::process::exit(3),
+            // Keeps the actor busy for `arg` milliseconds.
+            "nap" => {
+                std::thread::sleep(Duration::from_millis(arg.as_u64().unwrap_or(0)));
+                value_object(&self.total)
+            }
             other => Err(VolleyError::plan(format!(
                 "Accumulator has no method {other}"
             ))),
@@ -242,8 +248,17 @@ fn across_restart(
     group
         .wait(Duration::from_secs(60))?
         .ok_or_else(|| VolleyError::execution("the placement group was not placed"))?;
+    // A call that outlasts the pause, and three queued behind it on the actor's node
+    // whose results the driver lets go of at once: each is made once all the same.
+    let nap = acc.call("nap", pause.as_millis() as u64 + 2000, &[])?;
+    for _ in 0..3 {
+        drop(acc.call("add", 100, &[])?);
+    }
+    // (A moment for them to reach the actor's node.)
+    std::thread::sleep(Duration::from_millis(300));
     println!("PAUSED actor total {before} in process {pid}");
     std::thread::sleep(pause);
+    cluster.get(&nap)?;
     let after = add(6..=10)?;
     let info = acc.info()?;
     let in_group = cluster.submit(
@@ -260,7 +275,7 @@ fn across_restart(
         "actor total {after} in process {} ({} restarts, {}); a task in the group made {rows} rows",
         info.pid, info.restarts, info.state
     );
-    if before != 15 || after != 55 || info.pid != pid || info.restarts != 0 || rows != 10 {
+    if before != 15 || after != 355 || info.pid != pid || info.restarts != 0 || rows != 10 {
         return Err(VolleyError::execution(
             "the actor or the group did not outlive the head's restart",
         ));

@@ -737,6 +737,14 @@ impl Agent {
                     actor_call: w.actor.is_some(),
                 })
             })
+            // The calls queued for kept actors run here too, in their turn.
+            .chain(s.calls.values().flatten().map(|t| proto::RunningTask {
+                task_id: t.task_id.clone(),
+                attempt: t.attempt,
+                job_id: t.job_id.clone(),
+                num_cpus: 0.0,
+                actor_call: true,
+            }))
             .collect();
         let actors = live
             .filter_map(|w| {
@@ -791,14 +799,22 @@ impl Agent {
     }
 
     /// Stops the workers with GPUs and those of actors still starting, and drops the
-    /// work waiting for a worker (the drivers, the CPU workers' running tasks and the
-    /// CPU actors stay; the calls queued for those actors come again with their
-    /// drivers' replay).
+    /// tasks waiting for a worker (they come again with their drivers' replay). The
+    /// drivers, the CPU workers' running tasks and the CPU actors stay, and so do the
+    /// calls queued for those actors: they run on, in order, and are listed to the new
+    /// head with the running ones. (A call whose result its driver let go of is not
+    /// replayed: dropped here, it would never be made, and its actor would miss it.)
     fn keep_cpu_workers(&self) {
         let mut s = self.state.lock().expect("agent lock");
         s.queues.clear();
-        s.calls.clear();
         s.ahead.clear();
+        let kept_actors: std::collections::HashSet<String> = s
+            .workers
+            .values()
+            .filter(|w| !w.exiting && w.start_actor.is_none() && w.gpus.is_empty())
+            .filter_map(|w| w.actor.as_ref().map(|(a, _)| a.clone()))
+            .collect();
+        s.calls.retain(|actor, _| kept_actors.contains(actor));
         for w in s
             .workers
             .values_mut()
