@@ -15,9 +15,10 @@
 //!
 //! `cluster_tasks --across-restart` makes an actor and a placement group, starts a
 //! long call of the actor with three more queued behind it whose results it lets go
-//! of, prints `PAUSED` and waits: restart the head meanwhile (`kill -9` it, then
-//! `volley start --head` on the same state folder). The actor goes on with its state,
-//! in the same process, having made every call once, and a task runs in the group.
+//! of and one that fails, prints `PAUSED` and waits: restart the head meanwhile
+//! (`kill -9` it, then `volley start --head` on the same state folder). The actor goes
+//! on with its state, in the same process, having made every call once, and a task
+//! runs in the group.
 //!
 //! `cluster_tasks --broken-workers` is a program whose workers fail as they start
 //! (before `volley::init()`): its task fails, and the error says what they printed.
@@ -90,6 +91,9 @@ fn sum<'a>(batches: impl Iterator<Item = &'a RecordBatch>) -> i64 {
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Accumulator {
     total: i64,
+    /// Calls of `fail` made.
+    #[serde(default)]
+    failures: i64,
 }
 
 #[typetag::serde]
@@ -109,6 +113,12 @@ impl RemoteActor for Accumulator {
             }
             // Takes the actor's process down, to show a restart.
             "crash" => std::process::exit(3),
+            // Fails, counting that it did.
+            "fail" => {
+                self.failures += 1;
+                Err(VolleyError::plan(format!("failure {}", self.failures)))
+            }
+            "failures" => value_object(&self.failures),
             // Keeps the actor busy for `arg` milliseconds.
             "nap" => {
                 std::thread::sleep(Duration::from_millis(arg.as_u64().unwrap_or(0)));
@@ -248,18 +258,28 @@ fn across_restart(
     group
         .wait(Duration::from_secs(60))?
         .ok_or_else(|| VolleyError::execution("the placement group was not placed"))?;
-    // A call that outlasts the pause, and three queued behind it on the actor's node
-    // whose results the driver lets go of at once: each is made once all the same.
+    // A call that outlasts the pause, three queued behind it on the actor's node whose
+    // results the driver lets go of at once, and one that fails: each is made once,
+    // whenever the head is away.
     let nap = acc.call("nap", pause.as_millis() as u64 + 2000, &[])?;
     for _ in 0..3 {
         drop(acc.call("add", 100, &[])?);
     }
+    let failing = acc.call("fail", 0, &[])?;
     // (A moment for them to reach the actor's node.)
     std::thread::sleep(Duration::from_millis(300));
     println!("PAUSED actor total {before} in process {pid}");
     std::thread::sleep(pause);
     cluster.get(&nap)?;
+    let failed = cluster.get(&failing).err().map(|e| e.to_string());
     let after = add(6..=10)?;
+    let failures: i64 = object_value(&cluster.get(&acc.call("failures", 0, &[])?)?)?;
+    println!("the failing call: {failed:?}; made {failures} time(s)");
+    if failed.is_none() || failures != 1 {
+        return Err(VolleyError::execution(
+            "the failing call was not made exactly once across the head's restart",
+        ));
+    }
     let info = acc.info()?;
     let in_group = cluster.submit(
         Numbers { start: 0, n: 10 },

@@ -196,7 +196,16 @@ pub struct Agent {
     max_workers: usize,
     spawner: Spawner,
     reports: mpsc::UnboundedSender<PendingReport>,
+    /// The attempts whose own code failed here and whose report the head has not
+    /// answered yet, by task.
+    failed_unreported: FailedUnreported,
 }
+
+/// Attempts that failed here (their own code's error) whose report the head has not
+/// answered: a node that rejoins a restarted head lists them with its running tasks,
+/// so that the head keeps the failure for the driver's replay instead of running the
+/// task again (an actor's call would change its actor twice).
+type FailedUnreported = Arc<Mutex<HashMap<String, proto::RunningTask>>>;
 
 /// A task report on its way to the head.
 struct PendingReport {
@@ -241,6 +250,7 @@ async fn report_loop(
     mut rx: mpsc::UnboundedReceiver<PendingReport>,
     mut attached: Attached,
     patience: Duration,
+    failed: FailedUnreported,
 ) {
     while let Some(first) = rx.recv().await {
         let deadline = tokio::time::Instant::now() + REPORT_LINGER;
@@ -281,6 +291,18 @@ async fn report_loop(
                 other => break other,
             }
         };
+        {
+            // Answered, or given up on (the head then runs them again anyway).
+            let mut failed = failed.lock().expect("failed reports lock");
+            for r in &reports {
+                if failed
+                    .get(&r.task_id)
+                    .is_some_and(|t| t.attempt == r.attempt)
+                {
+                    failed.remove(&r.task_id);
+                }
+            }
+        }
         match sent {
             Ok(acks) => {
                 let acks = acks.into_inner().acks;
@@ -473,11 +495,13 @@ pub async fn run_node_until(
     let (reports, report_rx) = mpsc::unbounded_channel();
     // Both stop with this function however it returns (a failed attach included).
     let (attached_tx, attached) = tokio::sync::watch::channel(true);
+    let failed_unreported = FailedUnreported::default();
     let reporter = AbortOnDrop(tokio::spawn(report_loop(
         head.clone(),
         report_rx,
         attached,
         options.head_patience,
+        Arc::clone(&failed_unreported),
     )));
     let agent = Arc::new(Agent {
         node_id: node_id.clone(),
@@ -494,6 +518,7 @@ pub async fn run_node_until(
         max_workers,
         spawner: Spawner::start(tokio::runtime::Handle::current())?,
         reports,
+        failed_unreported,
     });
 
     // One port: Flight for objects, NodeAgent for this node's workers.
@@ -745,6 +770,14 @@ impl Agent {
                 num_cpus: 0.0,
                 actor_call: true,
             }))
+            // And those that failed, whose reports are on their way.
+            .chain(
+                self.failed_unreported
+                    .lock()
+                    .expect("failed reports lock")
+                    .values()
+                    .cloned(),
+            )
             .collect();
         let actors = live
             .filter_map(|w| {
@@ -2013,7 +2046,7 @@ impl proto::node_agent_server::NodeAgent for AgentService {
                 None => (None, false, None),
             }
         };
-        if let (Some(job), false) = (job, actor) {
+        if let (Some(job), false) = (&job, actor) {
             let dir = self.agent.options.dir.join("jobs").join(job);
             worker_logs::note_task_end(&dir, &report.task_id, report.attempt, &r.worker_id);
         }
@@ -2055,6 +2088,22 @@ impl proto::node_agent_server::NodeAgent for AgentService {
                 .expect("agent lock")
                 .object_rows
                 .insert(report.task_id.clone(), report.output_rows);
+        }
+        if let (true, Some(job)) = (report.outcome == Outcome::Failed as i32, &job) {
+            self.agent
+                .failed_unreported
+                .lock()
+                .expect("failed reports lock")
+                .insert(
+                    task_id.clone(),
+                    proto::RunningTask {
+                        task_id: task_id.clone(),
+                        attempt: report.attempt,
+                        job_id: job.clone(),
+                        num_cpus: 0.0,
+                        actor_call: actor,
+                    },
+                );
         }
         let may_wait = !self
             .agent

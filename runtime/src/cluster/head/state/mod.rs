@@ -619,6 +619,10 @@ struct Adopted {
     node: String,
     bytes: u64,
     rows: u64,
+    /// Its task's own code failed on the node, reported before the driver's replay:
+    /// the replayed task fails with it rather than run again (an actor's call that
+    /// ran again would change its actor twice).
+    error: Option<ErrorReport>,
 }
 
 /// Why the state machine refused a request.

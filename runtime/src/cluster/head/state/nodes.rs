@@ -115,6 +115,7 @@ impl State {
                             node: id.to_string(),
                             bytes: o.bytes,
                             rows: o.rows,
+                            error: None,
                         },
                     );
                 }

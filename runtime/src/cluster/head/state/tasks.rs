@@ -884,6 +884,8 @@ impl State {
             return Ok(());
         }
         match adopted {
+            // Its code failed on the node before the replay: it fails so.
+            Some(Adopted { error: Some(e), .. }) => self.fail_task(&id, e),
             Some(a) => {
                 if let Some(n) = self.nodes.get_mut(&a.node) {
                     n.stored = n.stored.saturating_sub(a.bytes);
@@ -944,18 +946,26 @@ impl State {
                         n.stored += bytes;
                     }
                 }
-                if let TaskOutcome::Succeeded { bytes, rows, .. } = r.outcome {
-                    self.adopted.insert(
-                        r.task_id.clone(),
-                        Adopted {
-                            job: run.job,
-                            node: run.node,
-                            bytes,
-                            rows,
-                        },
-                    );
-                }
-                // Its result stands (a failed one: the replayed task runs again).
+                let (bytes, rows, error) = match r.outcome {
+                    TaskOutcome::Succeeded { bytes, rows, .. } => (bytes, rows, None),
+                    TaskOutcome::Failed(e) => (0, 0, Some(e)),
+                    // Not run through (its worker or an input was lost, or no worker
+                    // started): the replayed task runs again.
+                    TaskOutcome::NoWorker { .. } | TaskOutcome::SystemFailure { .. } => {
+                        return true;
+                    }
+                };
+                // Its result stands.
+                self.adopted.insert(
+                    r.task_id.clone(),
+                    Adopted {
+                        job: run.job,
+                        node: run.node,
+                        bytes,
+                        rows,
+                        error,
+                    },
+                );
                 return true;
             }
             // An object its node kept across a head restart, whose report comes after

@@ -929,7 +929,7 @@ fn a_restarted_head_takes_back_the_actors_its_nodes_kept() {
     };
     let kept = Kept {
         drivers: vec!["r".into()],
-        running: ["r:c1", "r:c9"]
+        running: ["r:c1", "r:c9", "r:c3"]
             .map(|id| KeptRun {
                 id: id.into(),
                 job: "r".into(),
@@ -959,6 +959,12 @@ fn a_restarted_head_takes_back_the_actors_its_nodes_kept() {
     // a3 dies before the replay: its CPU comes back.
     s.actor_reported("a3", "node-9", 1, false, 0, "exit 3");
     assert_eq!(s.nodes["node-9"].available.num_cpus, 1.0);
+    // A call's own code fails before the replay: the failure is kept for it.
+    let failed = TaskReport {
+        outcome: TaskOutcome::Failed(ErrorReport::new(ErrorKind::UserFunction, "no such key")),
+        ..report("node-9", "r:c3", 0, 0, "")
+    };
+    assert!(s.task_reported(failed));
     // The replay: a1 goes on where it lives; a4, which no node kept, starts anew.
     let spec = |id: &str| ActorSpec {
         job_id: "r".into(),
@@ -993,12 +999,17 @@ fn a_restarted_head_takes_back_the_actors_its_nodes_kept() {
     })
     .unwrap();
     assert_eq!(s.tasks["r:c9"].attempt, 1);
+    // The failed call fails so when replayed, instead of changing a1 again.
+    s.submit(call("r:c3")).unwrap();
+    let e = s.object_status("r:c3").error.expect("it failed");
+    assert_eq!(e.message, "no such key");
     s.schedule();
     assert_eq!(s.tasks["r:c9"].state, TaskState::Pending, "a4 is starting");
     assert!(!s.task_reported(report("node-9", "r:c9", 0, 10, "")));
     assert!(matches!(&s.tasks["r:c1"].state, TaskState::Running { node, .. } if node == "node-9"));
     let commands = sent(&mut rx);
     assert!(commands.contains(&"run r:c2".to_string()), "{commands:?}");
+    assert!(!commands.contains(&"run r:c3".to_string()), "{commands:?}");
     assert!(
         commands
             .iter()
