@@ -38,8 +38,7 @@
 //! one process (the cost of distribution); the figure for both is the command's wall
 //! time, process start included, the result written to Parquet.
 //!
-//! With `--suite operate` it measures operating the cluster (no peer: Ray's head fault
-//! tolerance needs an external Redis, not run here):
+//! With `--suite operate` it measures operating the cluster:
 //!
 //! - head restart: the `pipeline` job (with `--restart-with-pool`, also its model stage
 //!   on `--actors` actors) once without faults, then again with the head
@@ -49,7 +48,10 @@
 //!   job's total time over the fault-free one.
 //! - dashboard: the head's CPU share (its process's CPU seconds over the wall time)
 //!   while `--tasks` no-op tasks run, alone and with a client fetching what an open
-//!   dashboard fetches every second.
+//!   dashboard fetches every second. The peer is the same tasks on `ray.init()`: the CPU
+//!   its control plane (GCS server and raylet) spends per task, against the head's.
+//!   (No peer for the head restart: Ray's GCS fault tolerance needs an external Redis,
+//!   not run here.)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -1007,6 +1009,8 @@ fn operate_suite(args: &Args) -> Result<()> {
     let n_tasks = args.tasks.to_string();
     let head_pid = cluster.procs[0].id();
     let mut shares = [vec![], vec![]];
+    // Head CPU seconds and wall seconds of each run with the dashboard closed.
+    let mut closed_runs = vec![];
     for run in 0..args.runs {
         for (k, dashboard) in [(0, false), (1, true)] {
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1037,7 +1041,11 @@ fn operate_suite(args: &Args) -> Result<()> {
             });
             let (cpu0, t0) = (cpu_seconds(head_pid), Instant::now());
             cluster.job(&[&path(&me), "tasks-driver", &n_tasks])?;
-            let share = (cpu_seconds(head_pid) - cpu0) / t0.elapsed().as_secs_f64();
+            let (cpu, wall) = (cpu_seconds(head_pid) - cpu0, t0.elapsed().as_secs_f64());
+            let share = cpu / wall;
+            if !dashboard {
+                closed_runs.push((cpu, wall));
+            }
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let polls = poller.map(|p| p.join().unwrap_or(0)).unwrap_or(0);
             eprintln!(
@@ -1057,5 +1065,73 @@ fn operate_suite(args: &Args) -> Result<()> {
         open * 100.0,
         (open - closed) * 100.0
     );
+    drop(cluster);
+    let n = args.tasks as f64;
+    let head_us = median(closed_runs.iter().map(|(c, _)| c * 1e6 / n).collect());
+    let rate = median(closed_runs.iter().map(|(_, w)| n / w).collect());
+    let cpus = format!(
+        "{}",
+        (args.cpus_per_node * args.nodes as f64).round() as usize
+    );
+    match ray_control(&args.peer, args.tasks, args.runs, &cpus) {
+        Ok(runs) => {
+            let per_task = |f: fn(&RayControl) -> f64| median(runs.iter().map(f).collect());
+            let gcs_us = per_task(|r| r.gcs_cpu * 1e6 / r.tasks);
+            let raylet_us = per_task(|r| r.raylet_cpu * 1e6 / r.tasks);
+            let ray_rate = per_task(|r| r.tasks / r.seconds);
+            let gcs_share = per_task(|r| r.gcs_cpu / r.seconds);
+            println!(
+                "control plane per no-op task (dashboard closed): volley's head {head_us:.1} µs \
+                 at {rate:.0} tasks/s ({:.1}% of a core); Ray's GCS {gcs_us:.1} µs and raylet \
+                 {raylet_us:.1} µs at {ray_rate:.0} tasks/s (GCS {:.1}% of a core): the head \
+                 {:.1}x the GCS's CPU per task, volley {:.1}x Ray's task rate",
+                closed * 100.0,
+                gcs_share * 100.0,
+                head_us / gcs_us,
+                rate / ray_rate
+            );
+        }
+        Err(e) => println!("Ray control plane: not run ({e})"),
+    }
     Ok(())
+}
+
+/// One run of `--tasks` no-op tasks on Ray: seconds, and CPU seconds of its GCS server
+/// and raylet over it.
+struct RayControl {
+    tasks: f64,
+    seconds: f64,
+    gcs_cpu: f64,
+    raylet_cpu: f64,
+}
+
+/// `runs` runs of `tasks` no-op tasks on `ray.init()` with `cpus` CPUs.
+fn ray_control(script: &str, tasks: usize, runs: usize, cpus: &str) -> Result<Vec<RayControl>> {
+    let out = Command::new("python3")
+        .args([script, "control", &tasks.to_string(), &runs.to_string()])
+        .env("RAY_NUM_CPUS", cpus)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |line: &str, key: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    let runs: Vec<RayControl> = text
+        .lines()
+        .filter_map(|l| {
+            Some(RayControl {
+                tasks: tasks as f64,
+                seconds: field(l, "seconds")?,
+                gcs_cpu: field(l, "gcs_cpu")?,
+                raylet_cpu: field(l, "raylet_cpu")?,
+            })
+        })
+        .collect();
+    if runs.is_empty() {
+        return Err(VolleyError::execution(format!(
+            "Ray run failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(runs)
 }

@@ -2,6 +2,9 @@
 
   python3 bench/peers/cluster_ray.py tasks N            # N no-op tasks: submit all, get all
   python3 bench/peers/cluster_ray.py roundtrip N        # N one-task round trips: median
+  python3 bench/peers/cluster_ray.py control N RUNS     # N no-op tasks, RUNS times: also
+                                  # the CPU seconds of Ray's control plane (its GCS
+                                  # server and raylet) over each run
   python3 bench/peers/cluster_ray.py pipeline IN OUT    # Ray Data: read, score, filter, write
   python3 bench/peers/cluster_ray.py actorpool IN OUT ACTORS MS
                                   # the pipeline with a stateful stage on ACTORS actors
@@ -19,6 +22,29 @@ import ray
 
 def noop(i):
     return i
+
+
+def control_cpu():
+    """CPU seconds so far of this Ray instance's GCS server and raylet (children of
+    this driver process): (gcs, raylet)."""
+    import os
+    tick = os.sysconf("SC_CLK_TCK")
+    gcs = raylet = 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                comm, rest = f.read().split(" (", 1)[1].rsplit(") ", 1)
+        except OSError:
+            continue
+        fields = rest.split()
+        if int(fields[1]) != os.getpid():
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        if comm.startswith("gcs_server"):
+            gcs += cpu
+        elif comm.startswith("raylet"):
+            raylet += cpu
+    return gcs, raylet
 
 
 def score(batch: pa.Table) -> pa.Table:
@@ -55,6 +81,17 @@ def main():
         out = ray.get([f.remote(i) for i in range(n)])
         secs = time.perf_counter() - start
         print(f"seconds={secs:.4f} check={sum(out)}")
+    elif what == "control":
+        n, runs = int(sys.argv[2]), int(sys.argv[3])
+        f = ray.remote(num_cpus=1)(noop)
+        ray.get([f.remote(i) for i in range(2000)])  # warm the worker pool
+        for _ in range(runs):
+            (g0, r0), start = control_cpu(), time.perf_counter()
+            out = ray.get([f.remote(i) for i in range(n)])
+            secs = time.perf_counter() - start
+            g1, r1 = control_cpu()
+            print(f"seconds={secs:.4f} gcs_cpu={g1 - g0:.3f} raylet_cpu={r1 - r0:.3f} "
+                  f"check={sum(out)}", flush=True)
     elif what == "roundtrip":
         n = int(sys.argv[2])
         f = ray.remote(num_cpus=1)(noop)
