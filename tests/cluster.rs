@@ -1114,7 +1114,7 @@ fn killed_node_agent_and_killed_worker_lose_no_rows() {
 }
 
 #[test]
-fn tls_cluster_runs_jobs_and_refuses_clear_text() {
+fn tls_cluster_runs_jobs_refuses_clear_text_and_restarts_its_head() {
     // A CA, and a certificate for 127.0.0.1 that it signs.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -1189,7 +1189,12 @@ fn tls_cluster_runs_jobs_and_refuses_clear_text() {
         ("VOLLEY_TLS_KEY".to_string(), path(&key)),
         ("VOLLEY_TLS_CA".to_string(), path(&ca)),
     ];
-    let mut c = TestCluster::start_with_tls(5.0, tls);
+    // A fixed port, so that a restarted head comes back where its nodes look for it.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let mut c = TestCluster::start_with_args("127.0.0.1", 5.0, tls, &["--port", &port]);
     c.add_node(2, 0);
     let job = c.submit(&[example("cluster_tasks").to_str().unwrap(), "4"]);
     assert_eq!(
@@ -1215,6 +1220,31 @@ fn tls_cluster_runs_jobs_and_refuses_clear_text() {
         .unwrap();
     let body = String::from_utf8_lossy(&curl.stdout);
     assert!(body.contains("\"state\":\"SUCCEEDED\""), "{body}");
+
+    // A head restarted over TLS: the node rejoins it and the program holding an actor
+    // goes on, its actor in the same process (`cluster_tasks` checks its total).
+    let actors = c.submit(&[
+        example("cluster_tasks").to_str().unwrap(),
+        "--across-restart",
+        "--pause-ms",
+        "2000",
+    ]);
+    c.wait_log(&actors, "PAUSED actor");
+    kill9(c.head.id() as i32);
+    let _ = c.head.wait();
+    let (head, _, http) =
+        TestCluster::spawn_head(c.home.path(), &c.tls, &c.head_args, "head-restarted.log");
+    c.head = head;
+    c.http = http;
+    assert_eq!(
+        c.wait_job(&actors, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}\n{}",
+        c.describe(&actors),
+        std::fs::read_to_string(c.home.path().join("head-restarted.log")).unwrap_or_default()
+    );
+    let logs = c.logs(&actors);
+    assert!(logs.contains("OK across restart"), "{logs}");
 }
 
 /// A training job on two two-CPU nodes: its two one-CPU ranks (SPREAD) each get a node,
