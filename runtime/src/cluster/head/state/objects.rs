@@ -99,7 +99,7 @@ impl State {
         };
         self.objects.insert(
             object_id.to_string(),
-            ObjectEntry::new(job, None, vec![node], bytes, rows),
+            Box::new(ObjectEntry::new(job, None, vec![node], bytes, rows)),
         );
         Ok(())
     }

@@ -177,7 +177,7 @@ impl State {
 
     /// Puts task `id` in the queue, first (a retry) or last.
     pub(super) fn enqueue(&mut self, id: String, first: bool) {
-        let cpu_only = self.tasks.get(&id).and_then(TaskEntry::cpu_only);
+        let cpu_only = self.tasks.get(&id).and_then(|t| t.cpu_only());
         self.queue.push(id, cpu_only, first);
     }
 
@@ -794,12 +794,18 @@ impl State {
         }
         self.objects.insert(
             spec.task_id.clone(),
-            ObjectEntry::new(&spec.job_id, Some(spec.task_id.clone()), vec![], 0, 0),
+            Box::new(ObjectEntry::new(
+                &spec.job_id,
+                Some(spec.task_id.clone()),
+                vec![],
+                0,
+                0,
+            )),
         );
         let id = spec.task_id.clone();
         self.tasks.insert(
             id.clone(),
-            TaskEntry {
+            Box::new(TaskEntry {
                 retries_left: spec.max_retries,
                 spec,
                 state: TaskState::Pending,
@@ -812,7 +818,7 @@ impl State {
                 pending_since: Instant::now(),
                 ready_since: None,
                 sent_at: Instant::now(),
-            },
+            }),
         );
         // Its object outlived a head restart on a node that rejoined: done.
         let made = self.tasks[&id].spec.made;
