@@ -88,12 +88,23 @@ struct Node {
     /// Leaving the cluster: it gets no new work, and the objects only it holds are
     /// copied to other nodes before it goes.
     draining: bool,
-    /// The GPUs of cancelled tasks whose workers may still run (by task: the attempt,
-    /// the GPUs asked for, their ids, since when): they go to no other work until the
-    /// node reports that attempt ended (its worker killed, or done first), so a task
-    /// started next does not share a GPU with a process still holding its memory; or,
-    /// should that report be lost, for [`CANCELLED_GPUS_HELD`].
-    cancelled_gpus: FastMap<String, (u32, f64, Vec<u32>, Instant)>,
+    /// The GPUs of cancelled tasks whose workers may still run, by task: they go to
+    /// no other work until the node reports that attempt ended (its worker killed, or
+    /// done first), so a task started next does not share a GPU with a process still
+    /// holding its memory; or, should that report be lost, for [`CANCELLED_GPUS_HELD`].
+    cancelled_gpus: FastMap<String, CancelledGpus>,
+}
+
+/// GPUs a cancelled task's worker may still hold.
+struct CancelledGpus {
+    /// The attempt that ran.
+    attempt: u32,
+    /// The GPUs asked for, and their ids.
+    n: f64,
+    ids: Vec<u32>,
+    since: Instant,
+    /// The placement group bundle they are held from; the node's own room if none.
+    bundle: Option<BundleRef>,
 }
 
 impl Node {
@@ -142,46 +153,72 @@ impl Node {
     }
 
     /// Holds the GPUs `ids` (`n` asked for) of task `task`, cancelled while attempt
-    /// `attempt` ran here, until that attempt's end is reported.
-    fn hold_cancelled_gpus(&mut self, task: &str, attempt: u32, n: f64, ids: Vec<u32>) {
-        self.available.num_gpus -= n;
-        self.gpus.hold(&ids, n);
-        self.cancelled_gpus
-            .insert(task.to_string(), (attempt, n, ids, Instant::now()));
+    /// `attempt` ran here, until that attempt's end is reported: out of this node's
+    /// room, or, for a task in a placement group's `bundle`, out of the bundle's (the
+    /// caller has taken them out of it).
+    fn hold_cancelled_gpus(
+        &mut self,
+        task: &str,
+        attempt: u32,
+        n: f64,
+        ids: Vec<u32>,
+        bundle: Option<BundleRef>,
+    ) {
+        if bundle.is_none() {
+            self.available.num_gpus -= n;
+            self.gpus.hold(&ids, n);
+        }
+        let held = CancelledGpus {
+            attempt,
+            n,
+            ids,
+            since: Instant::now(),
+            bundle,
+        };
+        self.cancelled_gpus.insert(task.to_string(), held);
     }
 
     /// Attempt `attempt` of task `task` ended here: the GPUs held for it, if it was
-    /// cancelled, are free.
-    fn cancelled_attempt_ended(&mut self, task: &str, attempt: u32) {
+    /// cancelled, are free. Those of a bundle are returned, for the bundle to take back.
+    fn cancelled_attempt_ended(&mut self, task: &str, attempt: u32) -> Option<CancelledGpus> {
         if self
             .cancelled_gpus
             .get(task)
-            .is_some_and(|(a, ..)| *a == attempt)
+            .is_some_and(|c| c.attempt == attempt)
         {
-            self.free_cancelled_gpus(task);
+            return self.free_cancelled_gpus(task);
         }
+        None
     }
 
     /// Frees the GPUs held longer than [`CANCELLED_GPUS_HELD`] for cancelled tasks;
-    /// those tasks.
-    fn expire_cancelled_gpus(&mut self) -> Vec<String> {
+    /// those tasks, each with what a bundle must take back.
+    fn expire_cancelled_gpus(&mut self) -> Vec<(String, Option<CancelledGpus>)> {
         let expired: Vec<String> = self
             .cancelled_gpus
             .iter()
-            .filter(|(_, (.., since))| since.elapsed() >= CANCELLED_GPUS_HELD)
+            .filter(|(_, c)| c.since.elapsed() >= CANCELLED_GPUS_HELD)
             .map(|(task, _)| task.clone())
             .collect();
-        for task in &expired {
-            self.free_cancelled_gpus(task);
-        }
         expired
+            .into_iter()
+            .map(|task| {
+                let bundle = self.free_cancelled_gpus(&task);
+                (task, bundle)
+            })
+            .collect()
     }
 
-    fn free_cancelled_gpus(&mut self, task: &str) {
-        if let Some((_, n, ids, _)) = self.cancelled_gpus.remove(task) {
-            self.available.num_gpus += n;
-            self.gpus.give(&ids, n);
+    /// Frees the GPUs held for cancelled task `task`: this node's go back to it; a
+    /// bundle's are returned.
+    fn free_cancelled_gpus(&mut self, task: &str) -> Option<CancelledGpus> {
+        let c = self.cancelled_gpus.remove(task)?;
+        if c.bundle.is_some() {
+            return Some(c);
         }
+        self.available.num_gpus += c.n;
+        self.gpus.give(&c.ids, c.n);
+        None
     }
 
     /// Sends `command` if the node is alive and attached; false if it could not.

@@ -246,10 +246,15 @@ impl State {
         }
         // A cancelled task's GPUs whose end was never reported (the report lost on
         // the way) go back after a while.
+        let mut bundles = vec![];
         for (id, n) in &mut self.nodes {
-            for task in n.expire_cancelled_gpus() {
+            for (task, bundle) in n.expire_cancelled_gpus() {
                 warn!("node {id}: no word of cancelled task {task}'s end: its GPUs are free again");
+                bundles.extend(bundle);
             }
+        }
+        for c in bundles {
+            self.return_bundle_gpus(c);
         }
     }
 

@@ -736,6 +736,37 @@ impl State {
         }
     }
 
+    /// Takes GPUs `ids` (`n` asked for) out of bundle `b`'s room, as a cancelled
+    /// task's worker may still hold them; false if the bundle is gone (its group
+    /// removed, or placed again: what it held went back to its node).
+    pub(super) fn take_bundle_gpus(&mut self, b: &BundleRef, n: f64, ids: &[u32]) -> bool {
+        let (group, index, generation) = b;
+        let Some(bundle) = self
+            .groups
+            .get_mut(group)
+            .filter(|g| g.generation == *generation)
+            .and_then(|g| g.bundles.get_mut(*index))
+        else {
+            return false;
+        };
+        bundle.available.num_gpus -= n;
+        bundle.gpus.hold(ids, n);
+        true
+    }
+
+    /// A cancelled task's worker no longer holds the GPUs `c` held out of a bundle:
+    /// the bundle takes them back (if it is still the one they came from).
+    pub(super) fn return_bundle_gpus(&mut self, c: CancelledGpus) {
+        let Some(b) = &c.bundle else {
+            return;
+        };
+        let req = Resources {
+            num_gpus: c.n,
+            ..Resources::default()
+        };
+        self.release("", &req, &c.ids, &Some(b.clone()));
+    }
+
     pub(super) fn finish_running(&mut self, id: &str) -> Option<String> {
         let task = self.tasks.get_mut(id)?;
         let TaskState::Running { node, gpus } = task.state.clone() else {
@@ -928,8 +959,12 @@ impl State {
         });
         if !current {
             // A cancelled attempt's worker ended: the GPUs it held are free now.
-            if let Some(n) = self.nodes.get_mut(&r.node_id) {
-                n.cancelled_attempt_ended(&r.task_id, r.attempt);
+            let bundle_gpus = self
+                .nodes
+                .get_mut(&r.node_id)
+                .and_then(|n| n.cancelled_attempt_ended(&r.task_id, r.attempt));
+            if let Some(c) = bundle_gpus {
+                self.return_bundle_gpus(c);
             }
             // An attempt that ended well after its task ended for good (it was
             // cancelled while it ran, or is gone with its object): no one will read what
@@ -1140,19 +1175,26 @@ impl State {
                     return true;
                 }
                 // A running task's GPUs stay held until its node reports the attempt
-                // ended (its CPUs are free at once).
+                // ended (its CPUs are free at once), out of its node's room or its
+                // placement group bundle's.
                 let gpus = self.tasks.get(id.as_str()).and_then(|t| match &t.state {
-                    TaskState::Running { gpus, .. }
-                        if !gpus.is_empty() && t.bundle.is_none() && !t.ahead =>
-                    {
-                        Some((t.attempt, t.spec.resources.num_gpus, gpus.clone()))
-                    }
+                    TaskState::Running { gpus, .. } if !gpus.is_empty() && !t.ahead => Some((
+                        t.attempt,
+                        t.spec.resources.num_gpus,
+                        gpus.clone(),
+                        t.bundle.clone(),
+                    )),
                     _ => None,
                 });
                 if let Some(node) = self.finish_running(id) {
+                    let held = gpus.filter(|(_, n, ids, bundle)| {
+                        bundle
+                            .as_ref()
+                            .is_none_or(|b| self.take_bundle_gpus(b, *n, ids))
+                    });
                     if let Some(n) = self.nodes.get_mut(&node) {
-                        if let Some((attempt, n_gpus, ids)) = gpus {
-                            n.hold_cancelled_gpus(id, attempt, n_gpus, ids);
+                        if let Some((attempt, n_gpus, ids, bundle)) = held {
+                            n.hold_cancelled_gpus(id, attempt, n_gpus, ids, bundle);
                         }
                         n.send(NodeCommand::CancelTask(id.to_string()));
                     }

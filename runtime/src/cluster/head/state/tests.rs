@@ -1758,6 +1758,48 @@ fn a_cancelled_tasks_gpu_waits_for_its_worker_to_end() {
     assert!(s.nodes[&node].cancelled_gpus.is_empty());
 }
 
+/// The same for a task in a placement group's bundle: the bundle's GPU goes to the
+/// group's next task only once the cancelled attempt's end is reported.
+#[test]
+fn a_cancelled_bundle_tasks_gpu_waits_for_its_worker_to_end() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let mut rx = join_gpu_node(&mut s, cpus(2.0).with_gpus(1.0));
+    let node = s.nodes.keys().next().unwrap().clone();
+    s.create_group("j", "g", Strategy::Pack, vec![cpus(2.0).with_gpus(1.0)])
+        .unwrap();
+    s.schedule();
+    let in_bundle = |id: &str| TaskSpec {
+        resources: cpus(1.0).with_gpus(1.0),
+        bundle: Some(BundleChoice {
+            group: "g".into(),
+            index: Some(0),
+        }),
+        ..task(id, &[])
+    };
+    s.submit(in_bundle("g1")).unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run g1"]);
+    s.cancel("j", &["g1".into()]);
+    s.submit(in_bundle("g2")).unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["cancel g1"]);
+    assert_eq!(s.tasks["g2"].state, TaskState::Pending);
+    assert_eq!(s.groups["g"].bundles[0].available.num_gpus, 0.0);
+    // The killed worker's attempt ended: g2 runs on the bundle's GPU.
+    let ended = TaskReport {
+        outcome: TaskOutcome::SystemFailure {
+            error: "cancelled".into(),
+            unreadable: vec![],
+        },
+        ..report(&node, "g1", 0, 0, "")
+    };
+    assert!(!s.task_reported(ended));
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run g2"]);
+    assert!(s.nodes[&node].cancelled_gpus.is_empty());
+}
+
 /// A driver's cancel stops a running task on its node (its CPU goes to the next task)
 /// and drops a waiting one; what they make fails as cancelled, a finished task's
 /// object stays, and an attempt that still ends well has its output dropped on its
