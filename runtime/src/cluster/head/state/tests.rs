@@ -480,7 +480,7 @@ fn a_dead_node_s_tasks_are_retried_and_its_objects_rebuilt_from_lineage() {
     assert!(s.task_reported(report(&n2, "m1", 1, 10, "")));
     s.schedule();
     assert_eq!(sent(&mut rx2), ["run r1"]);
-    assert_eq!(s.objects["m1"].locations, [n2.clone()]);
+    assert_eq!(s.objects["m1"].locations, std::slice::from_ref(&n2));
     assert!(s.object_settled("m1"));
     // The reduce task reads only the copy on the live node.
     assert_eq!(s.object_status("m1").location.unwrap().addresses, ["b"]);
@@ -1351,7 +1351,7 @@ fn an_input_let_go_once_mapped_keeps_its_lineage_until_its_reader_goes() {
     s.schedule();
     assert!(s.task_reported(report(&n2, "m1", 0, 10, "")));
     s.free(&["p0".to_string()]);
-    assert_eq!(s.objects["p0"].locations, [n2.clone()]);
+    assert_eq!(s.objects["p0"].locations, std::slice::from_ref(&n2));
     s.free(&["m1".to_string()]);
     assert!(s.objects.is_empty(), "both go with their last reader");
     let freed = sent(&mut rx2);
