@@ -93,6 +93,22 @@ impl TestCluster {
         }
     }
 
+    /// Kills the head (`kill -9`) and waits for it to be gone.
+    fn kill_head(&mut self) {
+        kill9(self.head.id() as i32);
+        let _ = self.head.wait();
+    }
+
+    /// Starts the head again on its state folder, as it was first started, its log in
+    /// `log`; the address it listens on.
+    fn start_head_again(&mut self, log: &str) -> String {
+        let (head, address, http) =
+            Self::spawn_head(self.home.path(), &self.tls, &self.head_args, log);
+        self.head = head;
+        self.http = http;
+        address
+    }
+
     /// Starts a head with `args` in `home`, its log in `log`; waits for its address.
     fn spawn_head(
         home: &Path,
@@ -1230,12 +1246,8 @@ fn tls_cluster_runs_jobs_refuses_clear_text_and_restarts_its_head() {
         "2000",
     ]);
     c.wait_log(&actors, "PAUSED actor");
-    kill9(c.head.id() as i32);
-    let _ = c.head.wait();
-    let (head, _, http) =
-        TestCluster::spawn_head(c.home.path(), &c.tls, &c.head_args, "head-restarted.log");
-    c.head = head;
-    c.http = http;
+    c.kill_head();
+    c.start_head_again("head-restarted.log");
     assert_eq!(
         c.wait_job(&actors, Duration::from_secs(240)),
         "SUCCEEDED",
@@ -1818,14 +1830,10 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         .collect();
     assert_eq!(driver.len(), 1, "one driver: {driver:?}");
 
-    kill9(c.head.id() as i32);
-    let _ = c.head.wait();
+    c.kill_head();
     let restarted = Instant::now();
-    let (head, address, http) =
-        TestCluster::spawn_head(c.home.path(), &c.tls, &c.head_args, "head-restarted.log");
-    c.head = head;
+    let address = c.start_head_again("head-restarted.log");
     assert_eq!(address, c.address, "the head came back on its address");
-    c.http = http;
     let deadline = Instant::now() + Duration::from_secs(60);
     while c.node_count() < 2 {
         assert!(
@@ -1898,12 +1906,8 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         "256KiB",
     ]);
     c.wait_log(&sort, "PAUSED sort");
-    kill9(c.head.id() as i32);
-    let _ = c.head.wait();
-    let (head, _, http) =
-        TestCluster::spawn_head(c.home.path(), &c.tls, &c.head_args, "head-restarted-2.log");
-    c.head = head;
-    c.http = http;
+    c.kill_head();
+    c.start_head_again("head-restarted-2.log");
     assert_eq!(
         c.wait_job(&sort, Duration::from_secs(240)),
         "SUCCEEDED",
@@ -1954,15 +1958,11 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         "--across-restart",
     ]);
     c.wait_log(&actors, "PAUSED actor");
-    kill9(c.head.id() as i32);
-    let _ = c.head.wait();
+    c.kill_head();
     // Away long enough for the actor's calls to end meanwhile (the long one takes 5 s
     // from the pause), their reports waiting on its node.
     std::thread::sleep(Duration::from_secs(7));
-    let (head, _, http) =
-        TestCluster::spawn_head(c.home.path(), &c.tls, &c.head_args, "head-restarted-3.log");
-    c.head = head;
-    c.http = http;
+    c.start_head_again("head-restarted-3.log");
     assert_eq!(
         c.wait_job(&actors, Duration::from_secs(240)),
         "SUCCEEDED",
@@ -1994,8 +1994,7 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
 
     // A node agent told to stop while the head is away stops at once, instead of
     // waiting out its patience (60 s) for a head to drain to.
-    kill9(c.head.id() as i32);
-    let _ = c.head.wait();
+    c.kill_head();
     std::thread::sleep(Duration::from_millis(500));
     let asked = Instant::now();
     let status = Command::new("kill")
@@ -2014,10 +2013,7 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         "a node told to stop while the head was away stopped in {:?}",
         asked.elapsed()
     );
-    let (head, _, http) =
-        TestCluster::spawn_head(c.home.path(), &c.tls, &c.head_args, "head-restarted-4.log");
-    c.head = head;
-    c.http = http;
+    c.start_head_again("head-restarted-4.log");
 
     // New jobs get new ids.
     let third = c.submit(&["true"]);

@@ -291,9 +291,9 @@ async fn report_loop(
                 other => break other,
             }
         };
-        {
-            // Answered, or given up on (the head then runs them again anyway).
-            let mut failed = failed.lock().expect("failed reports lock");
+        // Answered, or given up on (the head then runs them again anyway).
+        let mut failed = failed.lock().expect("failed reports lock");
+        if !failed.is_empty() {
             for r in &reports {
                 if failed
                     .get(&r.task_id)
@@ -303,6 +303,7 @@ async fn report_loop(
                 }
             }
         }
+        drop(failed);
         match sent {
             Ok(acks) => {
                 let acks = acks.into_inner().acks;

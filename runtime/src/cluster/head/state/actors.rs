@@ -24,46 +24,36 @@ impl State {
             .and_then(|j| j.actor_history.get(&spec.actor_id))
             .cloned()
             .unwrap_or_default();
+        let id = spec.actor_id.clone();
+        // Restarts before the head restarted count against its limit.
+        let mut entry = ActorEntry {
+            spec,
+            state: ActorState::Pending,
+            incarnation: 0,
+            restarts: history.restarts,
+            gpus: vec![],
+            bundle: None,
+            pid: 0,
+        };
         if replayed {
             if let Some(why) = history.dead {
                 // It died for good before the head restarted: it stays dead, and its
                 // calls fail saying why.
-                let id = spec.actor_id.clone();
                 info!("actor {id}: died before the head restarted ({why}); not started again");
                 self.stop_adopted_actor(&id);
-                let mut entry = ActorEntry {
-                    spec,
-                    state: ActorState::Pending,
-                    incarnation: 0,
-                    restarts: history.restarts,
-                    gpus: vec![],
-                    bundle: None,
-                    pid: 0,
-                };
                 entry.die(why);
                 self.actors.insert(id, entry);
                 return Ok(());
             }
-            if let Some(a) = self.adopt_actor(&spec) {
-                let id = spec.actor_id.clone();
+            if let Some(a) = self.adopt_actor(&entry.spec) {
                 info!("actor {id}: goes on on {} (the head restarted)", a.node);
-                self.actors.insert(
-                    id,
-                    ActorEntry {
-                        spec,
-                        state: ActorState::Alive { node: a.node },
-                        incarnation: a.incarnation,
-                        restarts: history.restarts.max(a.incarnation.saturating_sub(1)),
-                        gpus: vec![],
-                        bundle: None,
-                        pid: a.pid,
-                    },
-                );
+                entry.state = ActorState::Alive { node: a.node };
+                entry.incarnation = a.incarnation;
+                entry.restarts = entry.restarts.max(a.incarnation.saturating_sub(1));
+                entry.pid = a.pid;
+                self.actors.insert(id, entry);
                 return Ok(());
             }
-        }
-        let id = spec.actor_id.clone();
-        if replayed {
             // It had not started, or its worker did not outlive the head before this
             // one (it had GPUs, lived in a placement group, or its node did not come
             // back): it starts (again).
@@ -73,19 +63,7 @@ impl State {
             );
         }
         self.pending_actors.insert(id.clone());
-        self.actors.insert(
-            id,
-            ActorEntry {
-                spec,
-                state: ActorState::Pending,
-                incarnation: 0,
-                // Restarts before the head restarted count against its limit.
-                restarts: history.restarts,
-                gpus: vec![],
-                bundle: None,
-                pid: 0,
-            },
-        );
+        self.actors.insert(id, entry);
         Ok(())
     }
 

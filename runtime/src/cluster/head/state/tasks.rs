@@ -1187,11 +1187,11 @@ impl State {
                     _ => None,
                 });
                 if let Some(node) = self.finish_running(id) {
-                    let held = gpus.filter(|(_, n, ids, bundle)| {
-                        bundle
-                            .as_ref()
-                            .is_none_or(|b| self.take_bundle_gpus(b, *n, ids))
-                    });
+                    // (None if its bundle is gone: what it held went back to its node.)
+                    let held = match gpus {
+                        Some((_, n, ids, Some(b))) if !self.take_bundle_gpus(&b, n, &ids) => None,
+                        held => held,
+                    };
                     if let Some(n) = self.nodes.get_mut(&node) {
                         if let Some((attempt, n_gpus, ids, bundle)) = held {
                             n.hold_cancelled_gpus(id, attempt, n_gpus, ids, bundle);
