@@ -419,7 +419,6 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
             t
         }
     };
-    tune_allocator(0);
     let mut options = HeadOptions::new(dir.join("head"), token);
     options.package_cache_bytes = volley::crates::common::parse_bytes(&a.package_cache)?;
     options.node_timeout = Duration::from_secs_f64(a.node_timeout.max(0.2));
@@ -455,31 +454,6 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-}
-
-/// The head's and node agent's allocator (unless the environment sets it), by
-/// [`allocator_thresholds`] of `budget` (an agent's object store; 0 for the head), and
-/// two heaps (arenas) at most: an agent serves objects to other nodes over Flight,
-/// buffer by buffer, and with glibc's defaults kept the freed buffers (~250 MiB of an
-/// agent serving a 1 GiB sort's map outputs); the head's small, short-lived messages
-/// kept glibc growing and shrinking its arenas. A large store's agent keeps more
-/// (its Flight messages' buffers, tens of MiB each, are not mapped afresh each time).
-fn tune_allocator(budget: u64) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("GLIBC_TUNABLES").is_none() {
-        use nix::libc::{c_int, mallopt, M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD};
-        let (mmap, trim) = cluster::node::allocator_thresholds(budget);
-        // SAFETY: mallopt only changes the allocator's parameters; called before the
-        // process starts its threads.
-        #[allow(unsafe_code)]
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, mmap as c_int);
-            mallopt(M_TRIM_THRESHOLD, trim as c_int);
-            mallopt(M_ARENA_MAX, 2);
-        }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    let _ = budget;
 }
 
 fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
@@ -530,7 +504,6 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         Some(m) => volley::crates::common::parse_bytes(m)?,
         None => memory / 10 * 3,
     };
-    tune_allocator(object_store_memory);
     let gpus = match a.num_gpus {
         Some(n) => n,
         None => cluster::gpus::detect(),
