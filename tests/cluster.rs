@@ -3239,6 +3239,101 @@ fn hosts_in_network_namespaces_survive_a_partition() {
     }
 }
 
+/// A head restart with node agents on hosts of their own (network namespaces on a
+/// bridge, the head on the bridge's address): `kill -9` of the head while a pipeline
+/// job runs on both hosts, then the head started again on its state folder and
+/// address. The agents reach it again across the bridge and rejoin under their ids,
+/// the job's driver (on one of the hosts) goes on, and the output is the local run's.
+#[test]
+fn a_head_restart_with_hosts_in_network_namespaces() {
+    let hosts = match NetnsHosts::create(2) {
+        Ok(h) => h,
+        Err(why) => {
+            println!("skipped: network namespaces cannot be made here ({why})");
+            return;
+        }
+    };
+    let port = {
+        let l = std::net::TcpListener::bind((hosts.head().as_str(), 0)).unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let mut c = TestCluster::start_with_args(&hosts.head(), 2.0, vec![], &["--port", &port]);
+    for i in 0..2 {
+        c.add_host_node(&hosts, i, 1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = input(dir.path(), 12, 20_000);
+    let local = dir.path().join("local");
+    run_local(&data, &local);
+    let expected = checksum(&local);
+    let out = dir.path().join("out");
+    let job = c.submit(&[
+        example("cluster_pipeline").to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--slow-ms",
+        "300",
+        "--tag-node",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.processes(&format!("VOLLEY_JOB_ID={job}")).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the job's processes did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = c.status();
+    assert_eq!(c.job_state(&job), "RUNNING", "{}", c.describe(&job));
+
+    c.kill_head();
+    let address = c.start_head_again("head-restarted.log");
+    assert_eq!(address, c.address, "the head came back on its address");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.node_count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the hosts' agents did not rejoin:\n{}",
+            c.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        c.wait_job(&job, Duration::from_secs(240)),
+        "SUCCEEDED",
+        "{}",
+        c.describe(&job)
+    );
+    assert_eq!(checksum(&out), expected);
+    assert!(
+        distinct_nodes(&out) >= 2,
+        "the rows were computed on one host"
+    );
+    // Each host's agent came back under the id it had: no node joined anew.
+    let after = c.status();
+    for i in 0..2 {
+        let host = format!("{}:", hosts.host(i));
+        let id = |status: &str| {
+            status
+                .lines()
+                .find(|l| l.contains(&host))
+                .and_then(|l| l.split_whitespace().next())
+                .map(str::to_string)
+        };
+        assert!(id(&before).is_some(), "{before}");
+        assert_eq!(id(&before), id(&after), "host {i}:\n{before}\n{after}");
+    }
+    let log = std::fs::read_to_string(c.home.path().join("head-restarted.log")).unwrap();
+    for line in log.lines().filter(|l| l.contains("rejoined from")) {
+        eprintln!("{line}");
+    }
+    assert_eq!(log.matches("rejoined from").count(), 2, "{log}");
+    assert!(log.contains("goes on (the head restarted)"), "{log}");
+    assert!(!log.contains(&format!("job {job}: starts again")), "{log}");
+    assert_eq!(c.logs(&job).matches("wrote ").count(), 1);
+}
+
 /// `cluster_exchange` run here as the driver of a cluster: it stops reading for six
 /// seconds after each operation's first batch, and what it prints is gathered as it
 /// comes.
