@@ -179,12 +179,30 @@ impl TestCluster {
             .spawn()
             .unwrap();
         self.nodes.push(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.node_count() <= before {
-            assert!(Instant::now() < deadline, "the node did not join");
+        self.wait_for_nodes(before + 1, Duration::from_secs(30), "the node did not join");
+        self.nodes.len() - 1
+    }
+
+    /// Waits until the head lists `n` live nodes, for at most `within`; panics saying
+    /// `what` did not happen, with the cluster's status.
+    fn wait_for_nodes(&self, n: usize, within: Duration, what: &str) {
+        let deadline = Instant::now() + within;
+        while self.node_count() < n {
+            assert!(Instant::now() < deadline, "{what}:\n{}", self.status());
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.nodes.len() - 1
+    }
+
+    /// Waits until job `job` has `n` processes (its driver and workers) on the nodes.
+    fn wait_for_job_processes(&self, job: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.processes(&format!("VOLLEY_JOB_ID={job}")).len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the job's processes did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn status(&self) -> String {
@@ -475,6 +493,13 @@ fn run_local(input: &Path, output: &Path) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// A port free on `host` now: a head started again on its state folder comes back on
+/// the port it was first given, where its nodes look for it.
+fn free_port(host: &str) -> String {
+    let l = std::net::TcpListener::bind((host, 0)).unwrap();
+    l.local_addr().unwrap().port().to_string()
 }
 
 /// How many nodes computed the rows of a `--tag-node` pipeline's output.
@@ -1206,10 +1231,7 @@ fn tls_cluster_runs_jobs_refuses_clear_text_and_restarts_its_head() {
         ("VOLLEY_TLS_CA".to_string(), path(&ca)),
     ];
     // A fixed port, so that a restarted head comes back where its nodes look for it.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port().to_string()
-    };
+    let port = free_port("127.0.0.1");
     let mut c = TestCluster::start_with_args("127.0.0.1", 5.0, tls, &["--port", &port]);
     c.add_node(2, 0);
     let job = c.submit(&[example("cluster_tasks").to_str().unwrap(), "4"]);
@@ -1784,10 +1806,7 @@ fn a_node_told_to_stop_drains_its_objects_and_leaves_without_failing_work() {
 /// the finished job and its log are still listed; the output equals the local run's.
 #[test]
 fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port().to_string()
-    };
+    let port = free_port("127.0.0.1");
     let mut c = TestCluster::start_with_args("127.0.0.1", 2.0, vec![], &["--port", &port]);
     c.add_node(1, 0);
     c.add_node(1, 0);
@@ -1812,14 +1831,7 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         "--model-ms",
         "20",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.processes(&format!("VOLLEY_JOB_ID={job}")).len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the job's processes did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_for_job_processes(&job, 2);
     // Under way: tasks running on both nodes.
     std::thread::sleep(Duration::from_millis(1500));
     let workers = c.processes("VOLLEY_WORKER_ID=");
@@ -1834,15 +1846,7 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
     let restarted = Instant::now();
     let address = c.start_head_again("head-restarted.log");
     assert_eq!(address, c.address, "the head came back on its address");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.node_count() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the nodes did not rejoin:\n{}",
-            c.status()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_for_nodes(2, Duration::from_secs(60), "the nodes did not rejoin");
     let rejoined = restarted.elapsed();
     assert!(
         Path::new(&format!("/proc/{}", driver[0])).exists() || c.job_state(&job) == "SUCCEEDED",
@@ -3047,14 +3051,11 @@ impl TestCluster {
             .stderr(Stdio::null())
             .spawn_in(&hosts.names[i]);
         self.nodes.push(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.node_count() <= before {
-            assert!(
-                Instant::now() < deadline,
-                "the node on host {i} did not join"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_for_nodes(
+            before + 1,
+            Duration::from_secs(30),
+            &format!("the node on host {i} did not join"),
+        );
     }
 }
 
@@ -3163,15 +3164,11 @@ fn hosts_in_network_namespaces_survive_a_partition() {
     assert_eq!(checksum(&out), expected);
     // The agent that was cut off hears it was declared dead and rejoins as a new node
     // (a fresh store: nothing it held before is read again).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.node_count() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "the agent cut off did not rejoin once its link was back:\n{}",
-            c.status()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    c.wait_for_nodes(
+        3,
+        Duration::from_secs(30),
+        "the agent cut off did not rejoin once its link was back",
+    );
     assert!(c.status().contains("node-4 "), "{}", c.status());
     // Nothing its workers staged reached the output, or was left beside it.
     assert_eq!(checksum(&out), expected);
@@ -3196,15 +3193,11 @@ fn hosts_in_network_namespaces_survive_a_partition() {
     // SQL stages, with a host cut off once the driver has read the first batch of a
     // sort (the stages' outputs waiting on the nodes) and brought back later: a
     // group-by, a join and the sort give the local run's rows.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.node_count() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "the agents cut off did not rejoin:\n{}",
-            c.status()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    c.wait_for_nodes(
+        3,
+        Duration::from_secs(30),
+        "the agents cut off did not rejoin",
+    );
     let reruns = || {
         std::fs::read_to_string(c.home.path().join("head.log"))
             .unwrap()
@@ -3253,10 +3246,7 @@ fn a_head_restart_with_hosts_in_network_namespaces() {
             return;
         }
     };
-    let port = {
-        let l = std::net::TcpListener::bind((hosts.head().as_str(), 0)).unwrap();
-        l.local_addr().unwrap().port().to_string()
-    };
+    let port = free_port(&hosts.head());
     let mut c = TestCluster::start_with_args(&hosts.head(), 2.0, vec![], &["--port", &port]);
     for i in 0..2 {
         c.add_host_node(&hosts, i, 1);
@@ -3275,14 +3265,7 @@ fn a_head_restart_with_hosts_in_network_namespaces() {
         "300",
         "--tag-node",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.processes(&format!("VOLLEY_JOB_ID={job}")).len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the job's processes did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_for_job_processes(&job, 2);
     std::thread::sleep(Duration::from_millis(1500));
     let before = c.status();
     assert_eq!(c.job_state(&job), "RUNNING", "{}", c.describe(&job));
@@ -3290,15 +3273,11 @@ fn a_head_restart_with_hosts_in_network_namespaces() {
     c.kill_head();
     let address = c.start_head_again("head-restarted.log");
     assert_eq!(address, c.address, "the head came back on its address");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.node_count() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the hosts' agents did not rejoin:\n{}",
-            c.status()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_for_nodes(
+        2,
+        Duration::from_secs(60),
+        "the hosts' agents did not rejoin",
+    );
     assert_eq!(
         c.wait_job(&job, Duration::from_secs(240)),
         "SUCCEEDED",
@@ -3812,11 +3791,7 @@ fn job_files_are_sent_once_per_content_and_cached_on_nodes_up_to_a_limit() {
         .spawn()
         .unwrap();
     c.nodes.push(node);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.node_count() <= before {
-        assert!(Instant::now() < deadline, "the node did not join");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_for_nodes(before + 1, Duration::from_secs(30), "the node did not join");
     let node_cache = c.home.path().join("package-cache");
 
     let dir = tempfile::tempdir().unwrap();

@@ -98,6 +98,18 @@ fn report(node: &str, id: &str, attempt: u32, bytes: u64, successor: &str) -> Ta
     }
 }
 
+/// Attempt `attempt` of task `id` ended without running through (its worker died or
+/// was killed), as node `node` reports it.
+fn system_failure(node: &str, id: &str, attempt: u32, error: &str) -> TaskReport {
+    TaskReport {
+        outcome: TaskOutcome::SystemFailure {
+            error: error.into(),
+            unreadable: vec![],
+        },
+        ..report(node, id, attempt, 0, "")
+    }
+}
+
 fn done(s: &mut State, id: &str, successor: &str) {
     assert!(s.task_reported(report("n1", id, 0, 0, successor)));
     s.schedule();
@@ -495,17 +507,7 @@ fn a_task_fails_for_good_once_its_retries_are_used() {
     for attempt in 0..2 {
         s.schedule();
         assert_eq!(sent(&mut rx), ["run t1"]);
-        assert!(s.task_reported(TaskReport {
-            node_id: "n1".into(),
-            task_id: "t1".into(),
-            attempt,
-            outcome: TaskOutcome::SystemFailure {
-                error: "worker died".into(),
-                unreadable: vec![],
-            },
-            successor: None,
-            run_time: Default::default(),
-        }));
+        assert!(s.task_reported(system_failure("n1", "t1", attempt, "worker died")));
     }
     assert_eq!(s.tasks["t1"].state, TaskState::Failed);
     let e = s.object_status("t1").error.unwrap();
@@ -1737,17 +1739,7 @@ fn a_cancelled_tasks_gpu_waits_for_its_worker_to_end() {
     assert_eq!(sent(&mut rx), ["cancel g1", "run c1"]);
     assert_eq!(s.tasks["g2"].state, TaskState::Pending);
     // A report of another attempt of g1 frees nothing.
-    let ended = |attempt| TaskReport {
-        node_id: node.clone(),
-        task_id: "g1".into(),
-        attempt,
-        outcome: TaskOutcome::SystemFailure {
-            error: "cancelled".into(),
-            unreadable: vec![],
-        },
-        successor: None,
-        run_time: Default::default(),
-    };
+    let ended = |attempt| system_failure(&node, "g1", attempt, "cancelled");
     assert!(!s.task_reported(ended(7)));
     s.schedule();
     assert!(sent(&mut rx).is_empty());
@@ -1787,14 +1779,7 @@ fn a_cancelled_bundle_tasks_gpu_waits_for_its_worker_to_end() {
     assert_eq!(s.tasks["g2"].state, TaskState::Pending);
     assert_eq!(s.groups["g"].bundles[0].available.num_gpus, 0.0);
     // The killed worker's attempt ended: g2 runs on the bundle's GPU.
-    let ended = TaskReport {
-        outcome: TaskOutcome::SystemFailure {
-            error: "cancelled".into(),
-            unreadable: vec![],
-        },
-        ..report(&node, "g1", 0, 0, "")
-    };
-    assert!(!s.task_reported(ended));
+    assert!(!s.task_reported(system_failure(&node, "g1", 0, "cancelled")));
     s.schedule();
     assert_eq!(sent(&mut rx), ["run g2"]);
     assert!(s.nodes[&node].cancelled_gpus.is_empty());
