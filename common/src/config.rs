@@ -56,6 +56,12 @@ pub struct ExecOptions {
     /// it, where sizes are unknown) is collected once and read whole by every task of
     /// the join. `0` turns it off.
     pub broadcast_join_bytes: u64,
+    /// `volley.exec.target_partitions`: the partitions a query plan runs in, in one
+    /// process (each a pipeline the I/O runtime's threads take turns at). `None`
+    /// means one and a half per CPU, rounded up: a pipeline waits now and then (for
+    /// a read, for another partition's rows, for a join's build side), and a
+    /// partition more than there are threads keeps them busy meanwhile.
+    pub target_partitions: Option<usize>,
 }
 
 impl Default for ExecOptions {
@@ -70,6 +76,7 @@ impl Default for ExecOptions {
             object_store_limit: None,
             shuffle_partitions: None,
             broadcast_join_bytes: 10 << 20,
+            target_partitions: None,
         }
     }
 }
@@ -182,6 +189,10 @@ const KEYS: &[(&str, &str)] = &[
         "volley.exec.broadcast_join_bytes",
         "VOLLEY_EXEC_BROADCAST_JOIN_BYTES",
     ),
+    (
+        "volley.exec.target_partitions",
+        "VOLLEY_EXEC_TARGET_PARTITIONS",
+    ),
     ("volley.read.split_bytes", "VOLLEY_READ_SPLIT_BYTES"),
     (
         "volley.read.pushdown_filters",
@@ -250,6 +261,13 @@ impl VolleyConfig {
             "volley.exec.broadcast_join_bytes" => {
                 self.exec.broadcast_join_bytes = parse_bytes(value)?
             }
+            "volley.exec.target_partitions" => {
+                let n: usize = value.parse().map_err(|_| bad("a partition count"))?;
+                if n == 0 {
+                    return Err(bad("a partition count above 0"));
+                }
+                self.exec.target_partitions = Some(n);
+            }
             "volley.read.split_bytes" => self.read.split_bytes = parse_bytes(value)?.max(1),
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
             "volley.plan.reorder_joins" => self.plan.reorder_joins = parse_bool(value)?,
@@ -287,5 +305,9 @@ mod tests {
         let err = c.set("volley.exec.batch_size", "zero").unwrap_err();
         assert!(err.to_string().contains("volley.exec.batch_size"));
         assert!(c.set("volley.runtime.num_cpus", "-1").is_err());
+        c.set("volley.exec.target_partitions", "6").unwrap();
+        assert_eq!(c.exec.target_partitions, Some(6));
+        let err = c.set("volley.exec.target_partitions", "0").unwrap_err();
+        assert!(err.to_string().contains("above 0"), "{err}");
     }
 }
