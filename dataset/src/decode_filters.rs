@@ -272,6 +272,11 @@ impl ScanCondition {
     pub(crate) fn is_join_keys(&self) -> bool {
         matches!(self.role, Role::JoinKeys(_))
     }
+
+    /// The condition it wraps.
+    pub(crate) fn inner(&self) -> &Arc<dyn PhysicalExpr> {
+        &self.inner
+    }
 }
 
 impl Sample {

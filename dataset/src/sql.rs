@@ -229,10 +229,12 @@ impl PlanSource {
         // Whole partitions travel; spreading batches round robin here would
         // make every partition depend on every task.
         options.optimizer.enable_round_robin_repartition = false;
-        // A join's dynamic filter waits for every partition of the join to
-        // report its build side; a stage's task runs one partition.
-        options.optimizer.enable_dynamic_filter_pushdown = false;
-        options.optimizer.enable_join_dynamic_filter_pushdown = false;
+        // A join's dynamic filter is placed, so that one crossing an exchange
+        // is filled from the join's collected side before the stage below it
+        // runs (`KeysFilter`); the others are left out of the stages' plans
+        // (a join's waits for every partition of the join, each a task of its
+        // own). A top-k's and an aggregation's would be filled by one
+        // partition of many.
         options.optimizer.enable_topk_dynamic_filter_pushdown = false;
         options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
         // A join's side estimated (from the files' statistics) below the

@@ -32,7 +32,7 @@
 //! `datafusion-proto` cannot carry (a dataset's own scan, a user-defined function the
 //! nodes do not know) runs as before: its file scans on the nodes, the rest here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,7 +45,7 @@ use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext as DfTaskContext};
 use datafusion::logical_expr::ColumnarValue;
-use datafusion::physical_expr::expressions::Literal;
+use datafusion::physical_expr::expressions::{DynamicFilterPhysicalExpr, Literal};
 use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_expr_common::physical_expr::proto_decode::PhysicalExprDecodeCtx;
@@ -185,11 +185,14 @@ fn cut_stages(
                     let props = Arc::clone(left.properties());
                     let stage = new_stage(left, StageKind::Gather)?;
                     children[0] = ClusterStageExec::on_driver(stage, props);
-                    return Ok(Transformed::yes(node.replace_children(
+                    let node = node.replace_children(
                         children,
                         ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
-                    )?));
+                    )?;
+                    KeysFilter::register(&node)?;
+                    return Ok(Transformed::yes(node));
                 }
+                KeysFilter::register(&node)?;
             }
             Ok(Transformed::no(node))
         })
@@ -205,6 +208,376 @@ fn cut_stages(
         Ok(TreeNodeRecursion::Continue)
     })?;
     Ok((!reads_exchange).then_some(cut))
+}
+
+/// The keys of a join that collects its build side, as a filter for the scans of a
+/// stage below its probe side, across an exchange.
+///
+/// In one process a hash join's dynamic filter reaches every scan of its probe side
+/// that DataFusion pushed it into, through partitioned joins and aggregations (TPC-H
+/// Q18: the 57 order keys of its `HAVING` keep 399 of `lineitem`'s 6 M rows). On a
+/// cluster such a scan runs in a stage of its own, below an exchange: its tasks would
+/// run before the join has built anything. Here the stage waits for the stage that
+/// makes the join's build side, this process reads that side (at most
+/// [`KEYS_FILTER_BYTES`]), and the filter is set from its keys (each key's bounds, and
+/// the keys themselves where one column holds at most [`KEYS_FILTER_VALUES`]
+/// distinct ones) before the stage's tasks are made: they carry it as a predicate.
+/// A larger side leaves the filter passing every row.
+struct KeysFilter {
+    /// The join's dynamic filter (a [`DynamicFilterPhysicalExpr`]): its children are
+    /// the probe side's keys.
+    filter: Arc<dyn PhysicalExpr>,
+    /// The join's keys on its build side, and their types on the probe side.
+    build_keys: Vec<Arc<dyn PhysicalExpr>>,
+    probe_types: Vec<arrow::datatypes::DataType>,
+    /// The schema the probe side's keys are over.
+    probe_schema: SchemaRef,
+    /// The stage that makes the build side (read whole by every task of the join).
+    build: Arc<Stage>,
+}
+
+/// The most bytes of a join's build side this process reads for a [`KeysFilter`].
+const KEYS_FILTER_BYTES: u64 = 4 << 20;
+
+/// The most distinct keys a [`KeysFilter`] lists (beyond, bounds only).
+const KEYS_FILTER_VALUES: usize = 1024;
+
+impl KeysFilter {
+    /// For a join `node` (its collected side cut already), registers the filter with
+    /// every stage below its probe side whose scans hold the join's dynamic filter.
+    fn register(node: &Arc<dyn ExecutionPlan>) -> DfResult<()> {
+        let Some(join) = node.downcast_ref::<HashJoinExec>() else {
+            return Ok(());
+        };
+        let Some(filter) = node
+            .dynamic_expressions_produced()
+            .into_iter()
+            .find(|e| e.downcast_ref::<DynamicFilterPhysicalExpr>().is_some())
+        else {
+            return Ok(());
+        };
+        // Only where a probe row whose keys the build side lacks is never output.
+        let kept = matches!(join.join_type(), JoinType::Inner | JoinType::RightSemi)
+            && join.null_equality() == datafusion::common::NullEquality::NullEqualsNothing
+            && join.partition_mode() == &PartitionMode::CollectLeft;
+        let Some(id) = filter.expression_id() else {
+            return Ok(());
+        };
+        let build = match join
+            .left()
+            .downcast_ref::<CoalescePartitionsExec>()
+            .map_or(join.left(), |m| m.input())
+            .downcast_ref::<ClusterStageExec>()
+            .map(|s| &s.source)
+        {
+            Some(Source::Cluster(stage)) if kept => Arc::clone(stage),
+            _ => return Ok(()),
+        };
+        let right_schema = join.right().schema();
+        let probe_types = join
+            .on()
+            .iter()
+            .map(|(_, r)| r.data_type(&right_schema))
+            .collect::<DfResult<Vec<_>>>()?;
+        let build_keys: Vec<_> = join.on().iter().map(|(l, _)| Arc::clone(l)).collect();
+        // The stages below the probe side, each once.
+        let mut stages: BTreeMap<usize, Arc<Stage>> = BTreeMap::new();
+        let below = |plan: &Arc<dyn ExecutionPlan>, stages: &mut BTreeMap<usize, Arc<Stage>>| {
+            let _ = plan.apply(|n| {
+                if let Some(ClusterStageExec {
+                    source: Source::Cluster(stage),
+                    ..
+                }) = n.downcast_ref::<ClusterStageExec>()
+                {
+                    stages.insert(stage.id, Arc::clone(stage));
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+        };
+        below(join.right(), &mut stages);
+        let mut seen = BTreeSet::new();
+        while let Some((&sid, stage)) = stages.iter().find(|(k, _)| !seen.contains(*k)) {
+            let stage = Arc::clone(stage);
+            seen.insert(sid);
+            below(&stage.plan, &mut stages);
+            if scans_hold(&stage.plan, id) {
+                stage
+                    .keys_filters
+                    .lock()
+                    .expect("stage lock")
+                    .push(KeysFilter {
+                        filter: Arc::clone(&filter),
+                        build_keys: build_keys.clone(),
+                        probe_types: probe_types.clone(),
+                        probe_schema: Arc::clone(&right_schema),
+                        build: Arc::clone(&build),
+                    });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the build side and sets the filter from its keys; whether it was set.
+    /// The wait is on a thread of its own: this may be called from a task of the
+    /// runtime that runs the plan here (a stage submitted when the plan is executed).
+    fn fill(&self, cluster: &Cluster) -> Result<bool> {
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("volley-keys-filter".into())
+                .spawn_scoped(scope, || self.fill_here(cluster))?
+                .join()
+                .map_err(|_| VolleyError::internal("a join keys filter's thread panicked"))?
+        })
+    }
+
+    fn fill_here(&self, cluster: &Cluster) -> Result<bool> {
+        let outputs = self.build.outputs()?;
+        let metas = loop {
+            let states = cluster.wait_objects(&outputs, outputs.len(), WAIT)?;
+            let mut metas = Vec::new();
+            for s in states {
+                match s {
+                    ObjectState::Ready(meta) => metas.push(meta),
+                    ObjectState::Failed(e) => return Err(e),
+                    ObjectState::Pending => {}
+                }
+            }
+            if metas.len() == outputs.len() {
+                break metas;
+            }
+        };
+        if metas.iter().map(|m| m.bytes).sum::<u64>() > KEYS_FILTER_BYTES {
+            return Ok(false);
+        }
+        let mut batches = Vec::new();
+        for o in outputs.iter() {
+            batches.extend(cluster.get(o)?);
+        }
+        let dynamic = self
+            .filter
+            .downcast_ref::<DynamicFilterPhysicalExpr>()
+            .ok_or_else(|| VolleyError::internal("a join's keys filter is not dynamic"))?;
+        let Some(expr) = keys_expression(
+            &self.filter,
+            &self.build_keys,
+            &self.probe_types,
+            &self.probe_schema,
+            &batches,
+        )?
+        else {
+            return Ok(false);
+        };
+        dynamic.update(expr)?;
+        Ok(true)
+    }
+}
+
+/// The filter over the probe side's keys (`filter`'s children, of `probe_types`
+/// over `probe_schema`) that a join's build side's `batches` make (its keys:
+/// `build_keys`); `None` where a key's types differ.
+fn keys_expression(
+    filter: &Arc<dyn PhysicalExpr>,
+    build_keys: &[Arc<dyn PhysicalExpr>],
+    probe_types: &[arrow::datatypes::DataType],
+    probe_schema: &arrow::datatypes::Schema,
+    batches: &[RecordBatch],
+) -> DfResult<Option<Arc<dyn PhysicalExpr>>> {
+    use datafusion::common::ScalarValue;
+    use datafusion::logical_expr::Operator;
+    use datafusion::physical_expr::expressions::{in_list, BinaryExpr};
+    use std::cmp::Ordering;
+    let probe_keys: Vec<Arc<dyn PhysicalExpr>> = filter.children().into_iter().cloned().collect();
+    if probe_keys.len() != build_keys.len() {
+        return Ok(None);
+    }
+    let mut conditions: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
+    let single = build_keys.len() == 1;
+    for (i, key) in build_keys.iter().enumerate() {
+        let mut columns = Vec::new();
+        for b in batches {
+            let values = key.evaluate(b)?.into_array(b.num_rows())?;
+            if values.data_type() != &probe_types[i] {
+                return Ok(None);
+            }
+            columns.push(values);
+        }
+        let refs: Vec<&dyn arrow::array::Array> = columns.iter().map(|c| c.as_ref()).collect();
+        let all = match refs.is_empty() {
+            true => arrow::array::new_empty_array(&probe_types[i]),
+            false => arrow::compute::concat(&refs)?,
+        };
+        // Bounds, and (one key) the distinct keys while they are few.
+        let (mut min, mut max): (Option<ScalarValue>, Option<ScalarValue>) = (None, None);
+        let mut distinct = BTreeSet::new();
+        let mut listed = Vec::new();
+        for r in 0..all.len() {
+            if all.is_null(r) {
+                continue;
+            }
+            let v = ScalarValue::try_from_array(&all, r)?;
+            if min
+                .as_ref()
+                .is_none_or(|m| v.partial_cmp(m) == Some(Ordering::Less))
+            {
+                min = Some(v.clone());
+            }
+            if max
+                .as_ref()
+                .is_none_or(|m| v.partial_cmp(m) == Some(Ordering::Greater))
+            {
+                max = Some(v.clone());
+            }
+            if single && listed.len() <= KEYS_FILTER_VALUES && distinct.insert(v.to_string()) {
+                listed.push(Arc::new(Literal::new(v)) as Arc<dyn PhysicalExpr>);
+            }
+        }
+        let (Some(min), Some(max)) = (min, max) else {
+            // No build row has this key: the join outputs nothing.
+            return Ok(Some(Arc::new(Literal::new(ScalarValue::Boolean(Some(
+                false,
+            ))))));
+        };
+        let probe = &probe_keys[i];
+        let bound = |op, v| -> Arc<dyn PhysicalExpr> {
+            Arc::new(BinaryExpr::new(
+                Arc::clone(probe),
+                op,
+                Arc::new(Literal::new(v)),
+            ))
+        };
+        conditions.push(bound(Operator::GtEq, min));
+        conditions.push(bound(Operator::LtEq, max));
+        if single && listed.len() <= KEYS_FILTER_VALUES {
+            conditions.push(in_list(Arc::clone(probe), listed, &false, probe_schema)?);
+        }
+    }
+    Ok(conditions
+        .into_iter()
+        .reduce(|a, b| Arc::new(BinaryExpr::new(a, Operator::And, b)) as Arc<dyn PhysicalExpr>))
+}
+
+/// `plan` as its tasks run it: no dynamic filters but the join keys filters of
+/// `filled`, which travel as what they now are (nothing changes them any more).
+///
+/// The cluster's plans are made with joins' dynamic filters so that DataFusion places
+/// them in the scans they reach; only those across an exchange ([`KeysFilter`]) are
+/// kept. One in its join's own stage would be filled by one partition of the join
+/// while it waits for all of them (each runs in a task of its own), and kept only
+/// where it pays it did not (TPC-H on the cluster took the same time with it), so
+/// it is left out with the joins' own, and a scan left with no join keys filter
+/// decodes its rows unfiltered again, as planned without them.
+fn stage_filters(
+    plan: &Arc<dyn ExecutionPlan>,
+    filled: &HashSet<u64>,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    use datafusion::datasource::physical_plan::{FileSource, ParquetSource};
+    use datafusion::physical_expr::{conjunction, split_conjunction};
+    let is_filled = |e: &Arc<dyn PhysicalExpr>| {
+        e.downcast_ref::<DynamicFilterPhysicalExpr>()
+            .and_then(|d| d.expression_id())
+            .is_some_and(|id| filled.contains(&id))
+    };
+    let dynamic = |e: &Arc<dyn PhysicalExpr>| {
+        e.exists(|x| Ok(x.downcast_ref::<DynamicFilterPhysicalExpr>().is_some()))
+    };
+    Arc::clone(plan)
+        .transform_up(|node| {
+            if node.downcast_ref::<HashJoinExec>().is_some()
+                && !node.dynamic_expressions_produced().is_empty()
+            {
+                return Ok(Transformed::yes(node.reset_state()?));
+            }
+            let Some(config) = file_scan_config(node.as_ref()) else {
+                return Ok(Transformed::no(node));
+            };
+            let Some(parquet) = config.file_source().downcast_ref::<ParquetSource>() else {
+                return Ok(Transformed::no(node));
+            };
+            let Some(predicate) = parquet.filter() else {
+                return Ok(Transformed::no(node));
+            };
+            if !dynamic(&predicate)? {
+                return Ok(Transformed::no(node));
+            }
+            // Each dynamic filter in a condition: filled (then its expression) or not.
+            let mut keys = Vec::new();
+            let mut query = Vec::new();
+            for c in split_conjunction(&predicate) {
+                let wrapped = c.downcast_ref::<ScanCondition>();
+                if !dynamic(c)? {
+                    query.push((Arc::clone(c), wrapped.map(|w| Arc::clone(w.inner()))));
+                    continue;
+                }
+                let mut all_filled = true;
+                let _ = c.apply(|x| {
+                    if x.downcast_ref::<DynamicFilterPhysicalExpr>().is_some() {
+                        all_filled &= is_filled(x);
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                });
+                if all_filled {
+                    let fixed = Arc::clone(c)
+                        .transform_up(|x| match x.downcast_ref::<DynamicFilterPhysicalExpr>() {
+                            Some(d) => Ok(Transformed::yes(d.current()?)),
+                            None => Ok(Transformed::no(x)),
+                        })?
+                        .data;
+                    keys.push(fixed);
+                }
+            }
+            let source = if keys.is_empty() {
+                // As planned without them: the query's own conditions, unwrapped,
+                // tested above the scan.
+                let own: Vec<_> = query
+                    .into_iter()
+                    .map(|(c, inner)| inner.unwrap_or(c))
+                    .collect();
+                let source = parquet.clone().with_pushdown_filters(false);
+                match own.is_empty() {
+                    true => source.with_predicate(Arc::new(Literal::new(
+                        datafusion::common::ScalarValue::Boolean(Some(true)),
+                    ))),
+                    false => source.with_predicate(conjunction(own)),
+                }
+            } else {
+                let kept = keys.into_iter().chain(query.into_iter().map(|(c, _)| c));
+                parquet.with_predicate(conjunction(kept))
+            };
+            let config = FileScanConfigBuilder::from(config.clone())
+                .with_source(Arc::new(source))
+                .build();
+            Ok(Transformed::yes(
+                DataSourceExec::from_data_source(config) as Arc<dyn ExecutionPlan>
+            ))
+        })
+        .data()
+}
+
+/// Whether a Parquet scan of `plan` holds the dynamic filter `id` in its predicate.
+fn scans_hold(plan: &Arc<dyn ExecutionPlan>, id: u64) -> bool {
+    use datafusion::datasource::physical_plan::{FileSource, ParquetSource};
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        let predicate = file_scan_config(node.as_ref())
+            .and_then(|c| c.file_source().downcast_ref::<ParquetSource>()?.filter());
+        if let Some(p) = predicate {
+            let _ = p.apply(|x| {
+                found |= x.downcast_ref::<DynamicFilterPhysicalExpr>().is_some()
+                    && x.expression_id() == Some(id);
+                Ok(if found {
+                    TreeNodeRecursion::Stop
+                } else {
+                    TreeNodeRecursion::Continue
+                })
+            });
+        }
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
 }
 
 /// Whether `plan` is a stage's outputs, or the merge of all of them (with no limit).
@@ -353,6 +726,8 @@ struct Stage {
     cluster: Cluster,
     /// The tasks' outputs.
     outputs: Mutex<Outputs>,
+    /// Joins above whose keys its scans filter by, filled before its tasks go.
+    keys_filters: Mutex<Vec<KeysFilter>>,
 }
 
 impl fmt::Debug for Stage {
@@ -392,7 +767,14 @@ impl Stage {
             inputs,
             cluster,
             outputs: Mutex::new(Outputs::NotSubmitted),
+            keys_filters: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Whether this stage, or one it reads, waits for a join's keys.
+    fn waits_for_keys(&self) -> bool {
+        !self.keys_filters.lock().expect("stage lock").is_empty()
+            || self.inputs.values().any(|s| s.waits_for_keys())
     }
 
     /// Its tasks' outputs: submits them (and those of the stages below) the first
@@ -409,11 +791,24 @@ impl Stage {
             }
             Outputs::NotSubmitted => {}
         }
-        let inputs: HashMap<usize, (StageKind, Arc<Vec<ObjectRef>>)> = self
-            .inputs
-            .iter()
-            .map(|(id, s)| Ok((*id, (s.kind, s.outputs()?))))
+        // Stages that wait for a join's keys go last: the others run meanwhile.
+        let mut order: Vec<&Arc<Stage>> = self.inputs.values().collect();
+        order.sort_by_key(|s| (s.waits_for_keys(), s.id));
+        let inputs: HashMap<usize, (StageKind, Arc<Vec<ObjectRef>>)> = order
+            .into_iter()
+            .map(|s| Ok((s.id, (s.kind, s.outputs()?))))
             .collect::<Result<_>>()?;
+        let mut filled = HashSet::new();
+        for f in self.keys_filters.lock().expect("stage lock").iter() {
+            let set = f
+                .fill(&self.cluster)
+                .with_context(|| format!("stage {}: its join keys filter", self.id))?;
+            if set {
+                filled.extend(f.filter.expression_id());
+            }
+        }
+        let plan = &stage_filters(&self.plan, &filled)
+            .with_context(|| format!("stage {}: its join keys filter", self.id))?;
         // Each exchange read names its stage's outputs once, as a group: a task reading
         // a partition of it passes one argument, not one per upstream task (the head
         // holds O(tasks) names, not O(upstream x downstream)). Kept while this stage's
@@ -425,7 +820,7 @@ impl Stage {
                 groups.insert(*stage, self.cluster.object_group(&refs)?);
             }
         }
-        let root = task_root(&self.plan, self.kind);
+        let root = task_root(plan, self.kind);
         let made = (0..self.tasks)
             .map(|p| {
                 let mut needs = Reads::default();
@@ -461,7 +856,7 @@ impl Stage {
                         });
                     }
                 }
-                let plan = task_plan(&self.plan, &needs.scans)
+                let plan = task_plan(plan, &needs.scans)
                     .map_err(VolleyError::from)
                     .and_then(|plan| encode(&plan))
                     .with_context(|| format!("serializing stage {} task {p}", self.id))?;
@@ -1265,6 +1660,12 @@ mod tests {
 
     /// `big` (4 files of 1,000 rows, `k` 0..4000) and `small` (one file, `k` 0..10).
     fn context(dir: &std::path::Path) -> SessionContext {
+        context_with(dir, false)
+    }
+
+    /// [`context`], planning joins' dynamic filters where `join_filters` (as on a
+    /// cluster, see `sql.rs`; the others never).
+    fn context_with(dir: &std::path::Path, join_filters: bool) -> SessionContext {
         let write = |path: std::path::PathBuf, from: i64, to: i64| {
             let k = Int64Array::from_iter_values(from..to);
             let batch = RecordBatch::try_from_iter([("k", Arc::new(k) as _)]).unwrap();
@@ -1289,10 +1690,9 @@ mod tests {
             .options_mut()
             .optimizer
             .enable_round_robin_repartition = false;
-        // As on a cluster (see `sql.rs`): no dynamic filters.
         let optimizer = &mut config.options_mut().optimizer;
         optimizer.enable_dynamic_filter_pushdown = false;
-        optimizer.enable_join_dynamic_filter_pushdown = false;
+        optimizer.enable_join_dynamic_filter_pushdown = join_filters;
         optimizer.enable_topk_dynamic_filter_pushdown = false;
         optimizer.enable_aggregate_dynamic_filter_pushdown = false;
         let ctx = SessionContext::new_with_config(config);
@@ -1420,6 +1820,120 @@ mod tests {
         let sizes: Vec<usize> = config.file_groups.iter().map(|g| g.len()).collect();
         assert_eq!(sizes, vec![0, 0, 1, 0]);
         assert!(encode(&mine).unwrap().len() < encode(&plan).unwrap().len());
+    }
+
+    /// The hash join of `plan` and the dynamic filter DataFusion gave it.
+    fn join_and_filter(
+        plan: &Arc<dyn ExecutionPlan>,
+    ) -> (Arc<dyn ExecutionPlan>, Arc<dyn PhysicalExpr>) {
+        let join = first_join(plan);
+        let filter = join
+            .dynamic_expressions_produced()
+            .pop()
+            .expect("a dynamic filter");
+        (join, filter)
+    }
+
+    /// The first hash join of `plan`.
+    fn first_join(plan: &Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+        let mut found = None;
+        let _ = plan.apply(|node| {
+            if node.downcast_ref::<HashJoinExec>().is_some() {
+                found = Some(Arc::clone(node));
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        found.expect("a hash join")
+    }
+
+    /// Rows the scan of `big` in `plan` gives when it runs partition `p` alone.
+    fn big_rows(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>, p: usize) -> usize {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // As a task's plan: the scan's other file groups left empty (its partitions
+        // would take them).
+        let mut reads = Reads::default();
+        partitions_read(plan, &[p], &mut reads);
+        let plan = task_plan(plan, &reads.scans).unwrap();
+        let scan = Arc::clone(&scans(&plan)["big"]);
+        let batches = rt
+            .block_on(async {
+                let stream = scan.execute(p, ctx.task_ctx())?;
+                datafusion::physical_plan::common::collect(stream).await
+            })
+            .unwrap();
+        batches.iter().map(|b| b.num_rows()).sum()
+    }
+
+    /// A join's keys, filled from its build side's rows, travel in the scans of its
+    /// probe side as a plain predicate that prunes by statistics; unfilled dynamic
+    /// filters leave the stages' plans, with the joins' own.
+    #[test]
+    fn a_joins_keys_filter_the_scans_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context_with(dir.path(), true);
+        let plan = physical(&ctx, "SELECT big.k FROM small JOIN big ON small.k = big.k");
+        let shown = |p: &Arc<dyn ExecutionPlan>| {
+            datafusion::physical_plan::displayable(p.as_ref())
+                .indent(true)
+                .to_string()
+        };
+        assert!(shown(&plan).contains("DynamicFilter"), "{}", shown(&plan));
+        let (join, filter) = join_and_filter(&plan);
+        let id = filter.expression_id().unwrap();
+
+        // Not filled: no dynamic filter, in the scans or the join, and the same rows.
+        let bare = stage_filters(&plan, &HashSet::new()).unwrap();
+        assert!(!shown(&bare).contains("DynamicFilter"), "{}", shown(&bare));
+        assert!(first_join(&bare).dynamic_expressions_produced().is_empty());
+        assert_eq!(row_count(&ctx, Arc::clone(&bare)), 10);
+        assert_eq!(big_rows(&ctx, &bare, 2), 1000);
+
+        // Filled from `small`'s rows (k 0..10): bounds and the keys themselves.
+        let small = run(&ctx, physical(&ctx, "SELECT k FROM small"));
+        let join = join.downcast_ref::<HashJoinExec>().unwrap();
+        let build_keys: Vec<_> = join.on().iter().map(|(l, _)| Arc::clone(l)).collect();
+        let right = join.right().schema();
+        let types = vec![arrow::datatypes::DataType::Int64];
+        let expr = keys_expression(&filter, &build_keys, &types, &right, &small)
+            .unwrap()
+            .expect("a filter");
+        let text = format!("{expr}");
+        assert!(
+            text.contains(">= 0") && text.contains("<= 9") && text.contains("IN"),
+            "{text}"
+        );
+        filter
+            .downcast_ref::<DynamicFilterPhysicalExpr>()
+            .unwrap()
+            .update(expr)
+            .unwrap();
+        let filtered = stage_filters(&plan, &HashSet::from([id])).unwrap();
+        assert!(
+            !shown(&filtered).contains("DynamicFilter"),
+            "{}",
+            shown(&filtered)
+        );
+        // Through `datafusion-proto` as a task gets it.
+        let bytes = encode(&filtered).unwrap();
+        let decoded = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+            &bytes,
+            &ctx.task_ctx(),
+            &StageCodec::default(),
+        )
+        .unwrap();
+        // `big`'s partition 2 holds k 2000..3000: its row group is skipped whole.
+        assert_eq!(big_rows(&ctx, &decoded, 2), 0);
+        assert_eq!(row_count(&ctx, decoded), 10);
+
+        // A build side with no rows: the join outputs nothing, nor does the filter.
+        let none = keys_expression(&filter, &build_keys, &types, &right, &[]).unwrap();
+        assert_eq!(format!("{}", none.unwrap()), "false");
+        // Keys of another type than the probe side's: no filter.
+        let utf8 = vec![arrow::datatypes::DataType::Utf8];
+        assert!(keys_expression(&filter, &build_keys, &utf8, &right, &small)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
