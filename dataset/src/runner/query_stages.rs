@@ -466,9 +466,13 @@ fn keys_expression(
 /// where it pays it did not (TPC-H on the cluster took the same time with it), so
 /// it is left out with the joins' own, and a scan left with no join keys filter
 /// decodes its rows unfiltered again, as planned without them.
+///
+/// With `fix` false (to show the plan before they are filled), the filters of `filled`
+/// stay as they are.
 fn stage_filters(
     plan: &Arc<dyn ExecutionPlan>,
     filled: &HashSet<u64>,
+    fix: bool,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
     use datafusion::datasource::physical_plan::{FileSource, ParquetSource};
     use datafusion::physical_expr::{conjunction, split_conjunction};
@@ -515,7 +519,9 @@ fn stage_filters(
                     }
                     Ok(TreeNodeRecursion::Continue)
                 });
-                if all_filled {
+                if all_filled && !fix {
+                    keys.push(Arc::clone(c));
+                } else if all_filled {
                     let fixed = Arc::clone(c)
                         .transform_up(|x| match x.downcast_ref::<DynamicFilterPhysicalExpr>() {
                             Some(d) => Ok(Transformed::yes(d.current()?)),
@@ -807,7 +813,7 @@ impl Stage {
                 filled.extend(f.filter.expression_id());
             }
         }
-        let plan = &stage_filters(&self.plan, &filled)
+        let plan = &stage_filters(&self.plan, &filled, true)
             .with_context(|| format!("stage {}: its join keys filter", self.id))?;
         // Each exchange read names its stage's outputs once, as a group: a task reading
         // a partition of it passes one argument, not one per upstream task (the head
@@ -1209,8 +1215,37 @@ impl ClusterStageExec {
                 }
                 StageKind::Gather => format!("{} tasks", s.tasks),
             };
-            out.push_str(&format!("Stage {id} on the cluster's nodes ({what}):\n"));
-            let text = datafusion::physical_plan::displayable(s.plan.as_ref())
+            // As its tasks will run it: the filters it waits for still to be filled.
+            let waits: BTreeSet<usize> = s
+                .keys_filters
+                .lock()
+                .expect("stage lock")
+                .iter()
+                .map(|f| f.build.id)
+                .collect();
+            let ids: HashSet<u64> = s
+                .keys_filters
+                .lock()
+                .expect("stage lock")
+                .iter()
+                .filter_map(|f| f.filter.expression_id())
+                .collect();
+            let keys = match waits.is_empty() {
+                true => String::new(),
+                false => format!(
+                    "; its scans filtered by the keys of stage {}",
+                    waits
+                        .iter()
+                        .map(|w| w.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            out.push_str(&format!(
+                "Stage {id} on the cluster's nodes ({what}{keys}):\n"
+            ));
+            let plan = stage_filters(&s.plan, &ids, false).unwrap_or_else(|_| Arc::clone(&s.plan));
+            let text = datafusion::physical_plan::displayable(plan.as_ref())
                 .indent(true)
                 .to_string();
             for line in text.lines() {
@@ -1883,7 +1918,14 @@ mod tests {
         let id = filter.expression_id().unwrap();
 
         // Not filled: no dynamic filter, in the scans or the join, and the same rows.
-        let bare = stage_filters(&plan, &HashSet::new()).unwrap();
+        // Shown before it is filled (`explain`), the filter stays.
+        let waiting = stage_filters(&plan, &HashSet::from([id]), false).unwrap();
+        assert!(
+            shown(&waiting).contains("DynamicFilter"),
+            "{}",
+            shown(&waiting)
+        );
+        let bare = stage_filters(&plan, &HashSet::new(), true).unwrap();
         assert!(!shown(&bare).contains("DynamicFilter"), "{}", shown(&bare));
         assert!(first_join(&bare).dynamic_expressions_produced().is_empty());
         assert_eq!(row_count(&ctx, Arc::clone(&bare)), 10);
@@ -1908,7 +1950,7 @@ mod tests {
             .unwrap()
             .update(expr)
             .unwrap();
-        let filtered = stage_filters(&plan, &HashSet::from([id])).unwrap();
+        let filtered = stage_filters(&plan, &HashSet::from([id]), true).unwrap();
         assert!(
             !shown(&filtered).contains("DynamicFilter"),
             "{}",
