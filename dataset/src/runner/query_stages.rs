@@ -193,6 +193,11 @@ fn cut_stages(
                     return Ok(Transformed::yes(node));
                 }
                 KeysFilter::register(&node)?;
+            } else if node
+                .downcast_ref::<HashJoinExec>()
+                .is_some_and(|j| j.partition_mode() == &PartitionMode::Partitioned)
+            {
+                KeysFilter::register(&node)?;
             }
             Ok(Transformed::no(node))
         })
@@ -210,15 +215,16 @@ fn cut_stages(
     Ok((!reads_exchange).then_some(cut))
 }
 
-/// The keys of a join that collects its build side, as a filter for the scans of a
-/// stage below its probe side, across an exchange.
+/// The keys of a hash join (inner or right semi), as a filter for the scans of a stage
+/// below its probe side, across an exchange.
 ///
 /// In one process a hash join's dynamic filter reaches every scan of its probe side
 /// that DataFusion pushed it into, through partitioned joins and aggregations (TPC-H
-/// Q18: the 57 order keys of its `HAVING` keep 399 of `lineitem`'s 6 M rows). On a
-/// cluster such a scan runs in a stage of its own, below an exchange: its tasks would
-/// run before the join has built anything. Here the stage waits for the stage that
-/// makes the join's build side, this process reads that side (at most
+/// Q18: the 57 order keys of its `HAVING` leave `orders` and `lineitem` those orders'
+/// rows). On a cluster such a scan runs in a stage of its own, below an exchange: its
+/// tasks would run before the join has built anything. Here the stage waits for the
+/// stage that makes the join's build side (the collected side, or all partitions of a
+/// partitioned join's build side's exchange), this process reads that side (at most
 /// [`KEYS_FILTER_BYTES`]), and the filter is set from its keys (each key's bounds, and
 /// the keys themselves where one column holds at most [`KEYS_FILTER_VALUES`]
 /// distinct ones) before the stage's tasks are made: they carry it as a predicate.
@@ -232,7 +238,7 @@ struct KeysFilter {
     probe_types: Vec<arrow::datatypes::DataType>,
     /// The schema the probe side's keys are over.
     probe_schema: SchemaRef,
-    /// The stage that makes the build side (read whole by every task of the join).
+    /// The stage that makes the build side (all its outputs).
     build: Arc<Stage>,
 }
 
@@ -243,7 +249,7 @@ const KEYS_FILTER_BYTES: u64 = 4 << 20;
 const KEYS_FILTER_VALUES: usize = 1024;
 
 impl KeysFilter {
-    /// For a join `node` (its collected side cut already), registers the filter with
+    /// For a join `node` (its build side cut already), registers the filter with
     /// every stage below its probe side whose scans hold the join's dynamic filter.
     fn register(node: &Arc<dyn ExecutionPlan>) -> DfResult<()> {
         let Some(join) = node.downcast_ref::<HashJoinExec>() else {
@@ -259,7 +265,10 @@ impl KeysFilter {
         // Only where a probe row whose keys the build side lacks is never output.
         let kept = matches!(join.join_type(), JoinType::Inner | JoinType::RightSemi)
             && join.null_equality() == datafusion::common::NullEquality::NullEqualsNothing
-            && join.partition_mode() == &PartitionMode::CollectLeft;
+            && matches!(
+                join.partition_mode(),
+                PartitionMode::CollectLeft | PartitionMode::Partitioned
+            );
         let Some(id) = filter.expression_id() else {
             return Ok(());
         };
