@@ -222,7 +222,8 @@ fn node_expressions(node: &dyn ExecutionPlan) -> Result<Vec<Arc<dyn PhysicalExpr
     Ok(exprs)
 }
 
-fn scan_predicate(node: &dyn ExecutionPlan) -> Option<Arc<dyn PhysicalExpr>> {
+/// The predicate of a Parquet scan `node`, if it is one and has one.
+pub(crate) fn scan_predicate(node: &dyn ExecutionPlan) -> Option<Arc<dyn PhysicalExpr>> {
     file_scan_config(node)?
         .file_source()
         .downcast_ref::<ParquetSource>()?

@@ -83,7 +83,7 @@ use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
 use crate::conjunction::Conjunction;
 use crate::context::Context;
 use crate::decimal_arith::{DecimalArith, DecimalOp};
-use crate::decode_filters::{Sample, ScanCondition, MAX_PASSING};
+use crate::decode_filters::{holds_dynamic_filter, Sample, ScanCondition, MAX_PASSING};
 use crate::handover::{thread_stream, Handover};
 use crate::view_compare::ViewStringIn;
 use volley_connectors::file_scan_config;
@@ -289,26 +289,9 @@ impl KeysFilter {
             .map(|(_, r)| r.data_type(&right_schema))
             .collect::<DfResult<Vec<_>>>()?;
         let build_keys: Vec<_> = join.on().iter().map(|(l, _)| Arc::clone(l)).collect();
-        // The stages below the probe side, each once.
-        let mut stages: BTreeMap<usize, Arc<Stage>> = BTreeMap::new();
-        let below = |plan: &Arc<dyn ExecutionPlan>, stages: &mut BTreeMap<usize, Arc<Stage>>| {
-            let _ = plan.apply(|n| {
-                if let Some(ClusterStageExec {
-                    source: Source::Cluster(stage),
-                    ..
-                }) = n.downcast_ref::<ClusterStageExec>()
-                {
-                    stages.insert(stage.id, Arc::clone(stage));
-                }
-                Ok(TreeNodeRecursion::Continue)
-            });
-        };
-        below(join.right(), &mut stages);
-        let mut seen = BTreeSet::new();
-        while let Some((&sid, stage)) = stages.iter().find(|(k, _)| !seen.contains(*k)) {
-            let stage = Arc::clone(stage);
-            seen.insert(sid);
-            below(&stage.plan, &mut stages);
+        let mut stages = BTreeMap::new();
+        stages_below(join.right(), &mut stages);
+        for stage in stages.values() {
             if scans_hold(&stage.plan, id) {
                 stage
                     .keys_filters
@@ -490,9 +473,6 @@ fn stage_filters(
             .and_then(|d| d.expression_id())
             .is_some_and(|id| filled.contains(&id))
     };
-    let dynamic = |e: &Arc<dyn PhysicalExpr>| {
-        e.exists(|x| Ok(x.downcast_ref::<DynamicFilterPhysicalExpr>().is_some()))
-    };
     Arc::clone(plan)
         .transform_up(|node| {
             if node.downcast_ref::<HashJoinExec>().is_some()
@@ -509,7 +489,7 @@ fn stage_filters(
             let Some(predicate) = parquet.filter() else {
                 return Ok(Transformed::no(node));
             };
-            if !dynamic(&predicate)? {
+            if !holds_dynamic_filter(&predicate)? {
                 return Ok(Transformed::no(node));
             }
             // Each dynamic filter in a condition: filled (then its expression) or not.
@@ -517,17 +497,13 @@ fn stage_filters(
             let mut query = Vec::new();
             for c in split_conjunction(&predicate) {
                 let wrapped = c.downcast_ref::<ScanCondition>();
-                if !dynamic(c)? {
+                if !holds_dynamic_filter(c)? {
                     query.push((Arc::clone(c), wrapped.map(|w| Arc::clone(w.inner()))));
                     continue;
                 }
-                let mut all_filled = true;
-                let _ = c.apply(|x| {
-                    if x.downcast_ref::<DynamicFilterPhysicalExpr>().is_some() {
-                        all_filled &= is_filled(x);
-                    }
-                    Ok(TreeNodeRecursion::Continue)
-                });
+                let all_filled = !c.exists(|x| {
+                    Ok(x.downcast_ref::<DynamicFilterPhysicalExpr>().is_some() && !is_filled(x))
+                })?;
                 if all_filled && !fix {
                     keys.push(Arc::clone(c));
                 } else if all_filled {
@@ -570,29 +546,35 @@ fn stage_filters(
 
 /// Whether a Parquet scan of `plan` holds the dynamic filter `id` in its predicate.
 fn scans_hold(plan: &Arc<dyn ExecutionPlan>, id: u64) -> bool {
-    use datafusion::datasource::physical_plan::{FileSource, ParquetSource};
-    let mut found = false;
-    let _ = plan.apply(|node| {
-        let predicate = file_scan_config(node.as_ref())
-            .and_then(|c| c.file_source().downcast_ref::<ParquetSource>()?.filter());
-        if let Some(p) = predicate {
-            let _ = p.apply(|x| {
-                found |= x.downcast_ref::<DynamicFilterPhysicalExpr>().is_some()
-                    && x.expression_id() == Some(id);
-                Ok(if found {
-                    TreeNodeRecursion::Stop
-                } else {
-                    TreeNodeRecursion::Continue
+    plan.exists(|node| {
+        Ok(
+            crate::shared_subplans::scan_predicate(node.as_ref()).is_some_and(|p| {
+                p.exists(|x| {
+                    Ok(x.downcast_ref::<DynamicFilterPhysicalExpr>().is_some()
+                        && x.expression_id() == Some(id))
                 })
-            });
+                .unwrap_or(false)
+            }),
+        )
+    })
+    .unwrap_or(false)
+}
+
+/// The stages `plan` reads, and those they read, by id.
+fn stages_below(plan: &Arc<dyn ExecutionPlan>, stages: &mut BTreeMap<usize, Arc<Stage>>) {
+    let _ = plan.apply(|node| {
+        if let Some(ClusterStageExec {
+            source: Source::Cluster(stage),
+            ..
+        }) = node.downcast_ref::<ClusterStageExec>()
+        {
+            if !stages.contains_key(&stage.id) {
+                stages.insert(stage.id, Arc::clone(stage));
+                stages_below(&stage.plan, stages);
+            }
         }
-        Ok(if found {
-            TreeNodeRecursion::Stop
-        } else {
-            TreeNodeRecursion::Continue
-        })
+        Ok(TreeNodeRecursion::Continue)
     });
-    found
 }
 
 /// Whether `plan` is a stage's outputs, or the merge of all of them (with no limit).
@@ -1202,20 +1184,7 @@ impl ClusterStageExec {
     /// Shows the stages below a plan, each under a heading (for `explain`).
     pub(crate) fn describe_stages(plan: &Arc<dyn ExecutionPlan>) -> String {
         let mut stages = BTreeMap::new();
-        fn walk(plan: &Arc<dyn ExecutionPlan>, stages: &mut BTreeMap<usize, Arc<Stage>>) {
-            let _ = plan.apply(|node| {
-                if let Some(s) = node.downcast_ref::<ClusterStageExec>() {
-                    if let Source::Cluster(stage) = &s.source {
-                        if !stages.contains_key(&stage.id) {
-                            stages.insert(stage.id, Arc::clone(stage));
-                            walk(&stage.plan, stages);
-                        }
-                    }
-                }
-                Ok(TreeNodeRecursion::Continue)
-            });
-        }
-        walk(plan, &mut stages);
+        stages_below(plan, &mut stages);
         let mut out = String::new();
         for (id, s) in stages.iter().rev() {
             let what = match s.kind {
@@ -1825,17 +1794,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(dir.path());
         let plan = physical(&ctx, "SELECT big.k FROM small JOIN big ON small.k = big.k");
-        let join = {
-            let mut found = None;
-            let _ = plan.apply(|node| {
-                if node.downcast_ref::<HashJoinExec>().is_some() {
-                    found = Some(Arc::clone(node));
-                    return Ok(TreeNodeRecursion::Stop);
-                }
-                Ok(TreeNodeRecursion::Continue)
-            });
-            found.expect("a hash join")
-        };
+        let join = first_join(&plan);
         assert_eq!(
             join.downcast_ref::<HashJoinExec>()
                 .unwrap()
