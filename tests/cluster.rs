@@ -205,6 +205,33 @@ impl TestCluster {
         }
     }
 
+    /// Waits until a task of `job` is seen running twice, 100 ms apart.
+    fn wait_for_a_long_task(&self, job: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            let (code, body) = self.http_get(&format!("/api/jobs/{job}/tasks"), Some(&self.token));
+            assert_eq!(code, 200, "{body}");
+            let tasks: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let running: Vec<String> = tasks
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["state"] == "RUNNING")
+                .filter_map(|t| t["task_id"].as_str().map(String::from))
+                .collect();
+            if running.iter().any(|t| seen.contains(t)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no task of {job} ran for 100 ms: {body}"
+            );
+            seen = running;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn status(&self) -> String {
         let out = self.volley().arg("status").output().unwrap();
         assert!(
@@ -1823,8 +1850,10 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         example("cluster_pipeline").to_str().unwrap(),
         data.to_str().unwrap(),
         out.to_str().unwrap(),
+        // Tasks of seconds (600 ms per batch): one seen running still runs when the
+        // nodes rejoin (~0.3 s after the kill).
         "--slow-ms",
-        "300",
+        "600",
         // A stateful stage: its pool's actor outlives the restart too.
         "--actors",
         "1",
@@ -1832,8 +1861,9 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         "20",
     ]);
     c.wait_for_job_processes(&job, 2);
-    // Under way: tasks running on both nodes.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Under way: a task that runs for a while (seen running twice, 100 ms apart), so
+    // that it still runs when the nodes rejoin.
+    c.wait_for_a_long_task(&job);
     let workers = c.processes("VOLLEY_WORKER_ID=");
     let driver: Vec<i32> = c
         .processes(&format!("VOLLEY_JOB_ID={job}"))
