@@ -263,8 +263,10 @@ impl Conn {
     }
 
     /// The cluster to run on when one is named (`--address` or `VOLLEY_ADDRESS`);
-    /// `None` runs in this process. Inside a job, it is the job's cluster.
-    pub fn cluster_if_named(&self) -> Result<Option<cluster::Cluster>> {
+    /// `None` runs in this process. Inside a job, it is the job's cluster; otherwise
+    /// this program joins as a job of its own, whose workers are shared with later
+    /// such jobs if `share_workers` (see [`cluster::ConnectOptions`]).
+    pub fn cluster_if_named(&self, share_workers: bool) -> Result<Option<cluster::Cluster>> {
         let named = self.address.as_deref().is_some_and(|a| !a.is_empty())
             || volley_common::env_var("VOLLEY_ADDRESS")?.is_some();
         if !named {
@@ -272,8 +274,9 @@ impl Conn {
         }
         let (address, token) = self.resolve()?;
         let tls = TlsConfig::from_files(self.tls_ca.as_deref(), None, None)?;
-        Ok(Some(cluster::Cluster::connect_with_tls(
-            &address, &token, &tls,
+        let options = cluster::ConnectOptions { tls, share_workers };
+        Ok(Some(cluster::Cluster::connect_with(
+            &address, &token, &options,
         )?))
     }
 

@@ -134,7 +134,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .validate()
         .map_err(|e| VolleyError::plan(format!("sampling: {e}")))?;
     let mut ctx = Context::try_default()?;
-    if let Some(cluster) = a.conn.cluster_if_named()? {
+    if let Some(cluster) = a.conn.cluster_if_named(false)? {
         ctx = ctx.with_cluster(cluster);
     }
     let input = ctx.read_parquet(a.input.as_str())?;

@@ -155,7 +155,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             config.set("volley.exec.preserve_order", "true")?;
             let mut ctx = Context::try_new(config)?;
-            let cluster = conn.cluster_if_named()?;
+            // A query's workers keep nothing of it: the next query's job may use them.
+            let cluster = conn.cluster_if_named(true)?;
             if let Some(cluster) = &cluster {
                 ctx = ctx.with_cluster(cluster.clone());
             }

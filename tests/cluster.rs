@@ -2458,6 +2458,83 @@ fn llm_engines_run_as_cluster_actors_and_survive_a_killed_engine() {
     assert_eq!(ids, (0..60).collect::<Vec<i64>>(), "every row exactly once");
 }
 
+/// Each `volley sql` query on a cluster is a job of its own. The next query's tasks run
+/// in the worker processes the query before left on the node (the same program and
+/// environment), moved to the new job's folder and log; left unused, they exit.
+#[test]
+fn consecutive_sql_queries_share_their_workers() {
+    let mut c = TestCluster::start(2.0);
+    c.add_node(2, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path(), 4, 20_000);
+    let query = format!(
+        "SELECT count(*) AS n, sum(x) AS s FROM '{}/' WHERE x % 7 = 3",
+        input.display()
+    );
+    let run = || {
+        let out = c
+            .volley()
+            .args(["sql", &query, "--format", "csv"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let first = run();
+    let kept = c.processes("VOLLEY_WORKER_ID=");
+    assert!(
+        !kept.is_empty(),
+        "the first query's workers stay for the next"
+    );
+    let second = run();
+    assert_eq!(first, second);
+    assert!(first.contains("11429,457171429"), "{first}");
+    let now = c.processes("VOLLEY_WORKER_ID=");
+    assert!(
+        now.iter().all(|p| kept.contains(p)),
+        "a worker started for the second query: {kept:?} then {now:?}"
+    );
+    // On the node: each job's folder holds the logs of the workers that ran its tasks,
+    // the second job's those of workers of the first.
+    let node = std::fs::read_dir(c.home.path().join("nodes"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let mut jobs: Vec<_> = std::fs::read_dir(node.join("jobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    jobs.sort();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let logs = |job: &Path| -> Vec<String> {
+        std::fs::read_dir(job)
+            .unwrap()
+            .flatten()
+            .map(|f| f.file_name().to_string_lossy().to_string())
+            .filter(|f| f.ends_with(".log"))
+            .collect()
+    };
+    let (before, after) = (logs(&jobs[0]), logs(&jobs[1]));
+    assert!(!after.is_empty(), "{jobs:?}");
+    assert!(
+        after.iter().all(|l| before.contains(l)),
+        "{before:?} then {after:?}"
+    );
+    // Unused, they exit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c.processes("VOLLEY_WORKER_ID=").is_empty() {
+        assert!(Instant::now() < deadline, "the spare workers did not exit");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `volley sql` on a cluster: DataFusion plans the query for the cluster's partitions,
 /// its stages (the scan with the partial aggregation, the final aggregation with the
 /// sort) run as tasks on the nodes, and the answer is the local one.

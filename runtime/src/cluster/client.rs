@@ -185,6 +185,21 @@ impl Drop for Inner {
     }
 }
 
+/// How a program joins a cluster ([`Cluster::connect_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// The certificates to trust (none: plain connections).
+    pub tls: super::tls::TlsConfig,
+    /// For a program that joins as a job of its own: once the job ends, its CPU workers
+    /// may stay on their nodes for a while and run the next job of the same program,
+    /// binary, entrypoint and environment that asks for this too, instead of that job
+    /// starting workers of its own. For programs whose workers keep nothing of one job
+    /// that would change the next (`volley sql` runs each query as a job; a fresh
+    /// worker process per job and node cost each query a start and a cold heap).
+    /// Ignored inside a submitted job (it joins the job it is part of).
+    pub share_workers: bool,
+}
+
 /// A connection to a cluster, for one job.
 #[derive(Clone)]
 pub struct Cluster {
@@ -593,16 +608,17 @@ impl Cluster {
     /// by `volley job submit` it joins that job; otherwise it uploads this program as the
     /// package of a new attached job.
     pub fn connect(address: &str, token: &str) -> Result<Cluster> {
-        Self::connect_with_tls(address, token, &super::tls::TlsConfig::from_env()?)
+        let options = ConnectOptions {
+            tls: super::tls::TlsConfig::from_env()?,
+            share_workers: false,
+        };
+        Self::connect_with(address, token, &options)
     }
 
-    /// Like [`connect`](Self::connect), with TLS settings given rather than read from
-    /// the environment.
-    pub fn connect_with_tls(
-        address: &str,
-        token: &str,
-        tls: &super::tls::TlsConfig,
-    ) -> Result<Cluster> {
+    /// Like [`connect`](Self::connect), with its [`ConnectOptions`] given (TLS settings
+    /// given rather than read from the environment).
+    pub fn connect_with(address: &str, token: &str, options: &ConnectOptions) -> Result<Cluster> {
+        let tls = &options.tls;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("volley-client")
@@ -618,7 +634,10 @@ impl Cluster {
         }
         let (job_id, attached) = match volley_common::env_var("VOLLEY_JOB_ID")? {
             Some(j) => (j, false),
-            None => (rt.block_on(attach(head.clone(), address))?, true),
+            None => (
+                rt.block_on(attach(head.clone(), address, options.share_workers))?,
+                true,
+            ),
         };
         let compression = ObjectCompression::from_env()?;
         let session = Arc::new(Session::new(&channels, address, &job_id)?);
@@ -1242,7 +1261,7 @@ async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
 }
 
 /// Uploads this program (unless the head has it) as the package of a new attached job.
-async fn attach(head: Head, address: &str) -> Result<String> {
+async fn attach(head: Head, address: &str, share_workers: bool) -> Result<String> {
     let exe = std::env::current_exe()?;
     let name = exe
         .file_name()
@@ -1258,6 +1277,7 @@ async fn attach(head: Head, address: &str) -> Result<String> {
         name,
         attached: true,
         package: None,
+        share_workers,
     };
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&exe)?.permissions().mode();

@@ -217,6 +217,7 @@ async fn submit(
         name: body.name,
         attached: false,
         package: None,
+        share_workers: false,
     };
     let id = tokio::task::spawn_blocking(move || core.submit_job_files(spec, files))
         .await

@@ -191,6 +191,7 @@ impl JobClient {
             name: request.name.clone(),
             attached: false,
             package: None,
+            share_workers: false,
         };
         let head = self.head.clone();
         self.rt

@@ -51,8 +51,9 @@ use std::sync::Arc;
 use volley_common::Result;
 
 pub use client::{
-    ActorHandle, ActorInfo, ActorOptions, Cluster, EncodedActor, EncodedTask, ObjectGroup,
-    ObjectMeta, ObjectRef, ObjectState, PlacementGroup, PlacementStrategy, TaskInput, TaskOptions,
+    ActorHandle, ActorInfo, ActorOptions, Cluster, ConnectOptions, EncodedActor, EncodedTask,
+    ObjectGroup, ObjectMeta, ObjectRef, ObjectState, PlacementGroup, PlacementStrategy, TaskInput,
+    TaskOptions,
 };
 pub use head::{HeadCore, HeadOptions};
 pub use jobs::{

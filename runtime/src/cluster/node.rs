@@ -88,6 +88,14 @@ struct WorkerEntry {
     exiting: bool,
     /// It asked for work: its program started as a worker.
     pulled: bool,
+    /// What it runs ([`LocalJob::kin`]), for a CPU worker of a job that shares its
+    /// workers: kept as a spare when that job ends.
+    kin: Option<String>,
+    /// Kept since then, its job ended: a later job of its kin takes it over, or it
+    /// exits after [`SPARE_LINGER`] (or as room for another job's worker).
+    spare_since: Option<Instant>,
+    /// The job it was taken over by, told with the next thing it pulls.
+    moved: Option<proto::WorkerJob>,
 }
 
 impl WorkerEntry {
@@ -171,7 +179,15 @@ struct LocalJob {
     package: PathBuf,
     entrypoint: Vec<String>,
     env: HashMap<String, String>,
+    /// For a job that shares its workers (`JobSpec.share_workers`): its package's
+    /// files, entrypoint program and environment, which a worker it takes over from an
+    /// ended job must have run the same.
+    kin: Option<String>,
 }
+
+/// How long the CPU workers of a job that shares them stay after it ended, for the
+/// next job of their kin (a `volley sql` query after another).
+const SPARE_LINGER: Duration = Duration::from_secs(10);
 
 /// A job's package, fetched once (or why it could not be).
 type JobCell = Arc<OnceCell<std::result::Result<LocalJob, String>>>;
@@ -1102,7 +1118,7 @@ impl Agent {
         }
     }
 
-    fn stop_job(&self, job: &str) {
+    fn stop_job(self: &Arc<Self>, job: &str) {
         let mut s = self.state.lock().expect("agent lock");
         s.stopped_jobs.insert(job.to_string());
         s.failed_starts.remove(job);
@@ -1117,13 +1133,32 @@ impl Agent {
         for a in calls {
             s.calls.remove(&a);
         }
-        for w in s.workers.values_mut().filter(|w| w.job == job) {
-            w.stop();
+        let mut spares = Vec::new();
+        for (id, w) in s.workers.iter_mut().filter(|(_, w)| w.job == job) {
+            if w.kin.is_some() && w.idle() && w.pulled {
+                let since = Instant::now();
+                w.spare_since = Some(since);
+                spares.push((id.clone(), since));
+            } else {
+                w.stop();
+            }
         }
         if let Some(k) = s.drivers.remove(job) {
             let _ = k.send(());
         }
         drop(s);
+        for (id, since) in spares {
+            let agent = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(SPARE_LINGER).await;
+                let mut s = agent.state.lock().expect("agent lock");
+                if let Some(w) = s.workers.get_mut(&id) {
+                    if w.spare_since == Some(since) {
+                        w.stop();
+                    }
+                }
+            });
+        }
         let prefix = format!("{job}:");
         let ids: Vec<String> = self.store_ids_with_prefix(&prefix);
         {
@@ -1388,10 +1423,21 @@ impl Agent {
         }
         let keep = manifest.files.iter().map(|f| f.digest.clone()).collect();
         tokio::task::block_in_place(|| self.blobs.evict(&keep));
+        let kin = info.share_workers.then(|| {
+            let mut files: Vec<_> = manifest
+                .files
+                .iter()
+                .map(|f| (f.path.as_str(), f.digest.as_str(), f.mode))
+                .collect();
+            files.sort_unstable();
+            let env: std::collections::BTreeMap<_, _> = info.env.iter().collect();
+            format!("{files:?} {:?} {env:?}", info.entrypoint.first())
+        });
         Ok(LocalJob {
             package,
             entrypoint: info.entrypoint,
             env: info.env,
+            kin,
         })
     }
 
@@ -1493,7 +1539,12 @@ impl Agent {
             }
             return;
         }
-        let (need, released) = {
+        // Its package (fetched once): whether spares of an ended job may take its tasks.
+        let local = match gpus.is_empty() {
+            true => self.job(&job).await.ok(),
+            false => None,
+        };
+        let (need, released, adopted) = {
             let mut s = self.state.lock().expect("agent lock");
             let queued = s
                 .queues
@@ -1504,8 +1555,42 @@ impl Agent {
                 .values()
                 .filter(|w| w.job == job && w.gpus == gpus && w.idle())
                 .count();
+            let mut wanted = queued.saturating_sub(idle);
+            // Spares of its kin take its tasks first, moved to its folder and log.
+            let mut adopted = 0;
+            if let Some(LocalJob {
+                kin: Some(kin),
+                package,
+                ..
+            }) = &local
+            {
+                let logs = self.options.dir.join("jobs").join(&job);
+                for (id, w) in s.workers.iter_mut() {
+                    if adopted == wanted {
+                        break;
+                    }
+                    if w.spare_since.is_none() || w.exiting || w.kin.as_ref() != Some(kin) {
+                        continue;
+                    }
+                    let log = worker_logs::worker_log(&logs, id);
+                    if std::fs::create_dir_all(&logs)
+                        .and_then(|_| std::fs::File::create(&log))
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    w.spare_since = None;
+                    w.job.clone_from(&job);
+                    w.moved = Some(proto::WorkerJob {
+                        job_id: job.clone(),
+                        dir: package.to_string_lossy().into_owned(),
+                        log: log.to_string_lossy().into_owned(),
+                    });
+                    adopted += 1;
+                }
+            }
+            wanted -= adopted;
             let room = self.max_workers.saturating_sub(s.workers.len());
-            let wanted = queued.saturating_sub(idle);
             // Idle workers of other jobs (prepared for jobs that sent no task here)
             // give way: each exits, and its exit starts the workers missing here.
             let mut released = 0;
@@ -1520,9 +1605,9 @@ impl Agent {
                     released += 1;
                 }
             }
-            (wanted.min(room), released)
+            (wanted.min(room), released, adopted)
         };
-        if released > 0 {
+        if released > 0 || adopted > 0 {
             self.changed.notify_waiters();
         }
         for _ in 0..need {
@@ -1595,6 +1680,11 @@ impl Agent {
         // spawn returns here must not be told to exit as a stranger (its tasks would
         // wait for a worker that no longer comes).
         let (kill_tx, kill_rx) = oneshot::channel();
+        // Only a task worker without GPUs may serve another job later.
+        let kin = job
+            .kin
+            .clone()
+            .filter(|_| actor.is_none() && gpus.is_empty());
         {
             let mut s = self.state.lock().expect("agent lock");
             // Checked with the insert: a stop in between would not see this worker.
@@ -1615,6 +1705,9 @@ impl Agent {
                     kill: Some(kill_tx),
                     exiting: false,
                     pulled: false,
+                    kin,
+                    spare_since: None,
+                    moved: None,
                 },
             );
         }
@@ -1838,6 +1931,15 @@ impl Agent {
                 ..Default::default()
             }
         });
+        // A spare taken over by another job hears so first (with its first task).
+        let next = match (next, w.moved.take()) {
+            (Some(next), None) => Some(next),
+            (next, Some(moved)) => Some(proto::PullResponse {
+                job: Some(moved),
+                ..next.unwrap_or_default()
+            }),
+            (None, None) => None,
+        };
         (next, successor, Some(w.job.clone()))
     }
 

@@ -43,6 +43,33 @@ pub fn run_worker() -> ! {
     std::process::exit(code)
 }
 
+/// Moves this worker, kept from a job that ended, to the job that took it over: its
+/// working folder to that job's package, its output (stdout and stderr) to its log
+/// file there.
+fn move_to_job(job: &proto::WorkerJob) -> Result<()> {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::env::set_current_dir(&job.dir).map_err(|e| {
+        VolleyError::execution(format!("job {}: cannot enter {}: {e}", job.job_id, job.dir))
+    })?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&job.log)
+        .map_err(|e| {
+            VolleyError::execution(format!("job {}: cannot open {}: {e}", job.job_id, job.log))
+        })?;
+    nix::unistd::dup2_stdout(&log)
+        .and_then(|()| nix::unistd::dup2_stderr(&log))
+        .map_err(|e| {
+            VolleyError::execution(format!(
+                "job {}: cannot write to {}: {e}",
+                job.job_id, job.log
+            ))
+        })
+}
+
 fn worker_loop() -> Result<()> {
     // A worker never outlives its node agent: if the agent dies (even by SIGKILL), the
     // kernel kills the worker too, so no orphan keeps running a task the cluster has
@@ -98,6 +125,9 @@ fn worker_loop() -> Result<()> {
         };
         if r.exit {
             return Ok(());
+        }
+        if let Some(job) = &r.job {
+            move_to_job(job)?;
         }
         if let Some(start) = r.actor {
             let ctx = TaskContext {

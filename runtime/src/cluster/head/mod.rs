@@ -377,7 +377,9 @@ impl HeadCore {
             waiting: String::new(),
         };
         self.with(|s| {
-            s.add_job(JobEntry::new(status, spec.env, spec.attached, resources));
+            let mut job = JobEntry::new(status, spec.env, spec.attached, resources);
+            job.share_workers = spec.share_workers;
+            s.add_job(job);
         });
         // Kept before it is acknowledged: a head killed now still has it.
         if let Err(e) = self.persist() {

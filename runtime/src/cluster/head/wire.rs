@@ -266,6 +266,7 @@ pub(super) fn job_info(j: &JobEntry) -> proto::JobInfo {
         finished_ms: s.finished_ms,
         env: j.env.clone(),
         attached: j.attached,
+        share_workers: j.share_workers,
         resources: Some((&j.resources).into()),
         task_retries: s.task_retries,
         waiting: s.waiting.clone(),
@@ -315,8 +316,10 @@ pub(super) fn job_info_now(j: &JobEntry, waiting: &HashMap<String, Waiting>) -> 
 /// A job from its record on the wire or in the store.
 pub(super) fn job_entry(info: proto::JobInfo) -> JobEntry {
     let resources: Resources = info.resources.clone().into();
-    let (env, attached) = (info.env.clone(), info.attached);
-    JobEntry::new(JobStatus::from(info), env, attached, resources)
+    let (env, attached, share_workers) = (info.env.clone(), info.attached, info.share_workers);
+    let mut job = JobEntry::new(JobStatus::from(info), env, attached, resources);
+    job.share_workers = share_workers;
+    job
 }
 
 impl From<&ClusterStatus> for proto::ClusterStatus {

@@ -508,6 +508,9 @@ pub(crate) struct JobEntry {
     pub env: HashMap<String, String>,
     /// Its program joined the cluster itself (no driver started by the head).
     pub attached: bool,
+    /// Its CPU workers may serve a later job of the same program once it ends
+    /// (`JobSpec.share_workers`); the nodes decide, the head only passes it on.
+    pub share_workers: bool,
     /// What its driver asks for.
     pub resources: Resources,
     last_alive: Instant,
@@ -549,6 +552,7 @@ impl JobEntry {
             status,
             env,
             attached,
+            share_workers: false,
             resources,
             last_alive: Instant::now(),
             gpus: vec![],
