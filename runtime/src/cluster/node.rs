@@ -1078,6 +1078,8 @@ impl Agent {
                     let node = self.node_id.clone();
                     let query = q.clone();
                     let read = tokio::task::spawn_blocking(move || {
+                        // Still working for this job: not leaving, not kept as a
+                        // spare or taken over by another job.
                         let alive = |w: &str| {
                             agent
                                 .state
@@ -1085,7 +1087,9 @@ impl Agent {
                                 .expect("agent lock")
                                 .workers
                                 .get(w)
-                                .is_some_and(|w| !w.exiting)
+                                .is_some_and(|w| {
+                                    !w.exiting && w.job == query.job_id && w.spare_since.is_none()
+                                })
                         };
                         worker_logs::read_sections(&dir, &node, &query, &alive)
                     })
