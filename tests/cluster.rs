@@ -149,6 +149,21 @@ impl TestCluster {
         c
     }
 
+    /// Runs `volley sql QUERY --format csv` on the cluster; its output (it must succeed).
+    fn sql_csv(&self, query: &str) -> String {
+        let out = self
+            .volley()
+            .args(["sql", query, "--format", "csv"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     /// Starts a node agent and waits until the head lists it.
     fn add_node(&mut self, cpus: u32, gpus: u32) -> usize {
         self.add_node_with_store(cpus, gpus, "64MiB")
@@ -2471,26 +2486,13 @@ fn consecutive_sql_queries_share_their_workers() {
         "SELECT count(*) AS n, sum(x) AS s FROM '{}/' WHERE x % 7 = 3",
         input.display()
     );
-    let run = || {
-        let out = c
-            .volley()
-            .args(["sql", &query, "--format", "csv"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    let first = run();
+    let first = c.sql_csv(&query);
     let kept = c.processes("VOLLEY_WORKER_ID=");
     assert!(
         !kept.is_empty(),
         "the first query's workers stay for the next"
     );
-    let second = run();
+    let second = c.sql_csv(&query);
     assert_eq!(first, second);
     assert!(first.contains("11429,457171429"), "{first}");
     let now = c.processes("VOLLEY_WORKER_ID=");
@@ -2561,20 +2563,8 @@ fn sql_stages_run_on_the_cluster_nodes() {
         "{}",
         String::from_utf8_lossy(&local.stderr)
     );
-    let on_cluster = c
-        .volley()
-        .args(["sql", &query, "--format", "csv"])
-        .output()
-        .unwrap();
-    assert!(
-        on_cluster.status.success(),
-        "{}",
-        String::from_utf8_lossy(&on_cluster.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&on_cluster.stdout),
-        String::from_utf8_lossy(&local.stdout)
-    );
+    let on_cluster = c.sql_csv(&query);
+    assert_eq!(on_cluster, String::from_utf8_lossy(&local.stdout));
     assert_eq!(String::from_utf8_lossy(&local.stdout).lines().count(), 6);
     let explain = c
         .volley()

@@ -392,41 +392,35 @@ fn keys_expression(
     let mut conditions: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
     let single = build_keys.len() == 1;
     for (i, key) in build_keys.iter().enumerate() {
-        let mut columns = Vec::new();
+        // Bounds, and (one key) the distinct keys while they are few.
+        let mut min = MinAccumulator::try_new(&probe_types[i])?;
+        let mut max = MaxAccumulator::try_new(&probe_types[i])?;
+        let mut listed = HashSet::new();
         for b in batches {
             let values = key.evaluate(b)?.into_array(b.num_rows())?;
             if values.data_type() != &probe_types[i] {
                 return Ok(None);
             }
-            columns.push(values);
+            min.update_batch(std::slice::from_ref(&values))?;
+            max.update_batch(std::slice::from_ref(&values))?;
+            if !single {
+                continue;
+            }
+            for r in 0..values.len() {
+                if listed.len() > KEYS_FILTER_VALUES {
+                    break;
+                }
+                if !values.is_null(r) {
+                    listed.insert(ScalarValue::try_from_array(&values, r)?);
+                }
+            }
         }
-        let refs: Vec<&dyn arrow::array::Array> = columns.iter().map(|c| c.as_ref()).collect();
-        let all = match refs.is_empty() {
-            true => arrow::array::new_empty_array(&probe_types[i]),
-            false => arrow::compute::concat(&refs)?,
-        };
-        // Bounds, and (one key) the distinct keys while they are few.
-        let mut min = MinAccumulator::try_new(&probe_types[i])?;
-        let mut max = MaxAccumulator::try_new(&probe_types[i])?;
-        min.update_batch(std::slice::from_ref(&all))?;
-        max.update_batch(std::slice::from_ref(&all))?;
         let (min, max) = (min.evaluate()?, max.evaluate()?);
         if min.is_null() || max.is_null() {
             // No build row has this key: the join outputs nothing.
             return Ok(Some(Arc::new(Literal::new(ScalarValue::Boolean(Some(
                 false,
             ))))));
-        }
-        let mut listed = HashSet::new();
-        if single {
-            for r in 0..all.len() {
-                if !all.is_null(r) {
-                    listed.insert(ScalarValue::try_from_array(&all, r)?);
-                    if listed.len() > KEYS_FILTER_VALUES {
-                        break;
-                    }
-                }
-            }
         }
         let probe = &probe_keys[i];
         let bound = |op, v| -> Arc<dyn PhysicalExpr> {

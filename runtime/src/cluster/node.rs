@@ -1548,6 +1548,9 @@ impl Agent {
             true => self.job(&job).await.ok(),
             false => None,
         };
+        // The folder a spare's log goes to (the worker makes the file when it moves).
+        let logs = self.options.dir.join("jobs").join(&job);
+        let local = local.filter(|l| l.kin.is_none() || std::fs::create_dir_all(&logs).is_ok());
         let (need, released, adopted) = {
             let mut s = self.state.lock().expect("agent lock");
             let queued = s
@@ -1568,7 +1571,6 @@ impl Agent {
                 ..
             }) = &local
             {
-                let logs = self.options.dir.join("jobs").join(&job);
                 for (id, w) in s.workers.iter_mut() {
                     if adopted == wanted {
                         break;
@@ -1577,12 +1579,6 @@ impl Agent {
                         continue;
                     }
                     let log = worker_logs::worker_log(&logs, id);
-                    if std::fs::create_dir_all(&logs)
-                        .and_then(|_| std::fs::File::create(&log))
-                        .is_err()
-                    {
-                        continue;
-                    }
                     w.spare_since = None;
                     w.job.clone_from(&job);
                     w.moved = Some(proto::WorkerJob {
