@@ -252,8 +252,10 @@ impl PlanSource {
             .build();
         let mut physical = state.create_physical_plan(plan).await?;
         // A left outer, semi or anti join with its left side collected needs
-        // all of its right side in one task: such joins are hash-partitioned on
-        // both sides; the other joins keep a small side collected (broadcast).
+        // all of its right side's matches in one task: such joins run as
+        // semi-join reductions when cut into stages, a full one is
+        // hash-partitioned on both sides here; the other joins keep a small
+        // side collected (broadcast).
         physical = crate::runner::partition_collected_joins(physical)?;
         if crate::runner::finishes_collected_side(&physical) {
             // One that cannot be (a nested-loop or a null-aware anti join):
