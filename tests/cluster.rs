@@ -151,17 +151,7 @@ impl TestCluster {
 
     /// Runs `volley sql QUERY --format csv` on the cluster; its output (it must succeed).
     fn sql_csv(&self, query: &str) -> String {
-        let out = self
-            .volley()
-            .args(["sql", query, "--format", "csv"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        stdout_of(self.volley().args(["sql", query, "--format", "csv"]))
     }
 
     /// Starts a node agent and waits until the head lists it.
@@ -248,13 +238,7 @@ impl TestCluster {
     }
 
     fn status(&self) -> String {
-        let out = self.volley().arg("status").output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        stdout_of(self.volley().arg("status"))
     }
 
     fn node_count(&self) -> usize {
@@ -276,20 +260,13 @@ impl TestCluster {
 
     /// Submits a job with `options` for `volley job submit` (`--num-cpus 2`).
     fn submit_with_options(&self, options: &[&str], args: &[&str]) -> String {
-        let out = self
-            .volley()
+        let mut submit = self.volley();
+        submit
             .args(["job", "submit"])
             .args(options)
             .arg("--")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+            .args(args);
+        stdout_of(&mut submit).trim().to_string()
     }
 
     fn job_state(&self, id: &str) -> String {
@@ -458,6 +435,17 @@ impl Drop for TestCluster {
 /// Runs `cluster_tasks ARGS` as a program of its own joined to `c` (an attached job),
 /// until it says on stderr what its work waits for; returns that line, once the
 /// program is killed and its job stopped.
+/// What `command` prints on stdout; it must succeed (its stderr says why not).
+fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 fn attached_program_warning(c: &TestCluster, args: &[&str]) -> String {
     use std::io::BufRead;
     let mut program = Command::new(example("cluster_tasks"))

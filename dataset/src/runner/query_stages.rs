@@ -647,26 +647,37 @@ fn reduce_collected_join(
         .recompute_properties()
         .build_exec()?;
     let partitions = join.right().output_partitioning().partition_count();
-    let mut exchange = |input, keys| {
+    partitioned_join(join, left_parts, matching, |repartition| {
+        cut(repartition, StageKind::Exchange { partitions })
+    })
+    .map(Some)
+}
+
+/// `join` run partitioned: `left` and `right` (its sides) hash-partitioned on its keys
+/// into as many partitions as its right side has, each repartition passed through
+/// `exchange` (cut into a stage, or left in place).
+fn partitioned_join(
+    join: &HashJoinExec,
+    left: Arc<dyn ExecutionPlan>,
+    right: Arc<dyn ExecutionPlan>,
+    mut exchange: impl FnMut(Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>>,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let partitions = join.right().output_partitioning().partition_count();
+    let mut hash = |input, keys| {
         let repartition = RepartitionExec::try_new(input, Partitioning::Hash(keys, partitions))?;
-        cut(Arc::new(repartition), StageKind::Exchange { partitions })
+        exchange(Arc::new(repartition))
     };
-    let right = exchange(
-        matching,
+    let left = hash(left, join.on().iter().map(|(l, _)| Arc::clone(l)).collect())?;
+    let right = hash(
+        right,
         join.on().iter().map(|(_, r)| Arc::clone(r)).collect(),
     )?;
-    let left = exchange(
-        left_parts,
-        join.on().iter().map(|(l, _)| Arc::clone(l)).collect(),
-    )?;
-    let partitioned = join
-        .builder()
+    join.builder()
         .with_partition_mode(PartitionMode::Partitioned)
         .with_new_children(vec![left, right])?
         .reset_state()
         .recompute_properties()
-        .build_exec()?;
-    Ok(Some(partitioned))
+        .build_exec()
 }
 
 /// Whether `plan` may hold fewer keys than its tables: it filters rows, or joins them
@@ -798,29 +809,13 @@ pub(crate) fn partition_collected_joins(
         {
             return Ok(Transformed::no(node));
         }
-        let partitions = join.right().output_partitioning().partition_count();
         // The collected side's own partitions, not their merge (unless the merge also
         // limits them: `LIMIT` pushed into it).
         let left = match join.left().downcast_ref::<CoalescePartitionsExec>() {
             Some(merge) if merge.fetch().is_none() => Arc::clone(merge.input()),
             _ => Arc::clone(join.left()),
         };
-        let hash = |input: Arc<dyn ExecutionPlan>, keys: Vec<Arc<dyn PhysicalExpr>>| {
-            RepartitionExec::try_new(input, Partitioning::Hash(keys, partitions))
-                .map(|r| Arc::new(r) as Arc<dyn ExecutionPlan>)
-        };
-        let left = hash(left, join.on().iter().map(|(l, _)| Arc::clone(l)).collect())?;
-        let right = hash(
-            Arc::clone(join.right()),
-            join.on().iter().map(|(_, r)| Arc::clone(r)).collect(),
-        )?;
-        let partitioned = join
-            .builder()
-            .with_partition_mode(PartitionMode::Partitioned)
-            .with_new_children(vec![left, right])?
-            .reset_state()
-            .recompute_properties()
-            .build_exec()?;
+        let partitioned = partitioned_join(join, left, Arc::clone(join.right()), Ok)?;
         Ok(Transformed::yes(partitioned))
     })
     .data()
