@@ -112,12 +112,18 @@ pub struct PlanOptions {
     /// files' statistics). `false` joins them in the order the query names them, as
     /// DataFusion does; each join's build side is still chosen by size.
     pub reorder_joins: bool,
+    /// `volley.plan.gather_sorts`: a whole-row sort by one key of a fixed-width type
+    /// keeps its rows in memory and builds each output batch from them once
+    /// (falling back to DataFusion's spilling sort where the budget runs out).
+    /// `false` sorts with DataFusion's sort and merge.
+    pub gather_sorts: bool,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
         Self {
             reorder_joins: true,
+            gather_sorts: true,
         }
     }
 }
@@ -199,6 +205,7 @@ const KEYS: &[(&str, &str)] = &[
         "VOLLEY_READ_PUSHDOWN_FILTERS",
     ),
     ("volley.plan.reorder_joins", "VOLLEY_PLAN_REORDER_JOINS"),
+    ("volley.plan.gather_sorts", "VOLLEY_PLAN_GATHER_SORTS"),
     ("volley.runtime.num_cpus", "VOLLEY_RUNTIME_NUM_CPUS"),
     ("volley.runtime.memory", "VOLLEY_RUNTIME_MEMORY"),
 ];
@@ -271,6 +278,7 @@ impl VolleyConfig {
             "volley.read.split_bytes" => self.read.split_bytes = parse_bytes(value)?.max(1),
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
             "volley.plan.reorder_joins" => self.plan.reorder_joins = parse_bool(value)?,
+            "volley.plan.gather_sorts" => self.plan.gather_sorts = parse_bool(value)?,
             "volley.runtime.num_cpus" => {
                 let n: f64 = value.parse().map_err(|_| bad("a number of CPUs"))?;
                 if n.is_nan() || n <= 0.0 {

@@ -19,6 +19,7 @@ mod dataset;
 mod decimal_arith;
 mod decode_filters;
 mod exchange;
+mod gather_sort;
 mod handover;
 mod join_order;
 mod logical;

@@ -33,6 +33,7 @@ use volley_connectors::{DataSource, ReadTask, ScanRequest};
 
 use crate::context::Context;
 use crate::dataset::Dataset;
+use crate::gather_sort::GatherSortExec;
 use crate::handover::thread_stream;
 
 /// SQL on a context: the statements are planned by DataFusion over its tables.
@@ -310,6 +311,9 @@ impl PlanSource {
                 .build();
             physical = state.create_physical_plan(plan).await?;
         }
+        if self.ctx.config().plan.gather_sorts && sorts_rows(&physical) {
+            physical = crate::gather_sort::gather_sorts(physical)?;
+        }
         if parts(&physical) > cpus && exchanges(&physical) {
             physical = Arc::new(RepartitionExec::try_new(
                 physical,
@@ -577,7 +581,8 @@ fn sorts_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
     plan.exists(|n| {
         let sort = n
             .downcast_ref::<SortExec>()
-            .is_some_and(|s| s.fetch().is_none());
+            .is_some_and(|s| s.fetch().is_none())
+            || n.downcast_ref::<GatherSortExec>().is_some();
         Ok(sort
             && !n
                 .children()
@@ -596,6 +601,9 @@ fn sort_partitions(plan: &Arc<dyn ExecutionPlan>) -> usize {
             .is_some_and(|s| s.fetch().is_none())
         {
             most = most.max(n.properties().partitioning.partition_count());
+        }
+        if let Some(g) = n.downcast_ref::<GatherSortExec>() {
+            most = most.max(g.input_partitions());
         }
         Ok(TreeNodeRecursion::Continue)
     });

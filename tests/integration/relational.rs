@@ -367,7 +367,14 @@ fn explain_shows_the_exchanges_and_stats_count_spills() {
     let sorted = d.facts().sort(["v"]).unwrap();
     let plan = sorted.explain().unwrap();
     assert!(plan.contains("Sort"), "{plan}");
-    assert!(plan.contains("SortExec"), "{plan}");
+    // By one integer key: sorted in memory and gathered once.
+    assert!(plan.contains("GatherSortExec"), "{plan}");
+    // By two: DataFusion's sort.
+    let plan = d.facts().sort(["g", "v"]).unwrap().explain().unwrap();
+    assert!(
+        plan.contains("SortExec") && !plan.contains("GatherSortExec"),
+        "{plan}"
+    );
     let grouped = d.facts().groupby(&["g"]).agg([agg::sum("v")]).unwrap();
     let plan = grouped.explain().unwrap();
     assert!(plan.contains("RepartitionExec"), "{plan}");
