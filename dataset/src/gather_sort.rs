@@ -1052,15 +1052,15 @@ mod tests {
     fn rows_over_the_budget_go_through_the_spilling_sort() {
         let config = SessionConfig::new().with_sort_spill_reservation_bytes(64 << 10);
         let runtime = RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(FairSpillPool::new(8 << 20)))
+            .with_memory_pool(Arc::new(FairSpillPool::new(16 << 20)))
             .build_arc()
             .unwrap();
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         let (schema, mut partitions) = input(&DataType::Int64, 3, 7);
-        // About 10 MiB of rows.
+        // About 20 MiB of rows.
         for p in &mut partitions {
             let batches = p.clone();
-            for _ in 0..30 {
+            for _ in 0..60 {
                 p.extend(batches.iter().cloned());
             }
         }
