@@ -37,17 +37,16 @@ use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, Tr
 use datafusion::common::{internal_err, DataFusionError, Result};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryLimit, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_expr::{EquivalenceProperties, LexOrdering, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_expr::{LexOrdering, PhysicalExpr};
 use datafusion::physical_plan::metrics::{
     Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
 };
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
-    PlanProperties,
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, PlanProperties,
 };
 use futures::{StreamExt, TryStreamExt};
 
@@ -406,7 +405,7 @@ impl Run {
     fn external(self, kept: Vec<Kept>, ctx: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         self.fallbacks.add(1);
         let parts = kept.len();
-        let replay = Arc::new(ReplayExec::new(self.input.schema(), kept));
+        let replay = Arc::new(Replay::input(self.input.schema(), kept)?);
         let sort =
             Arc::new(SortExec::new(self.ordering.clone(), replay).with_preserve_partitioning(true));
         let plan: Arc<dyn ExecutionPlan> = if parts > 1 {
@@ -756,15 +755,15 @@ fn take_run<K: Ord + Copy>(
     Ok(take_record_batch(batch, &UInt32Array::from(indices))?)
 }
 
-/// The batches each partition of a [`GatherSortExec`] kept, then the rest of its
-/// input: the input of the external sort it falls back to.
-#[derive(Debug)]
-struct ReplayExec {
-    parts: Mutex<Vec<Option<Replay>>>,
-    properties: Arc<PlanProperties>,
+/// One partition's kept batches, then the rest of its input: a partition of the
+/// input of the external sort a [`GatherSortExec`] falls back to (one stream, so it
+/// runs once).
+struct Replay {
+    schema: SchemaRef,
+    state: Mutex<Option<ReplayState>>,
 }
 
-struct Replay {
+struct ReplayState {
     batches: VecDeque<RecordBatch>,
     /// The kept batches' share of the budget, given back as each is passed on.
     reservation: MemoryReservation,
@@ -773,13 +772,14 @@ struct Replay {
 
 impl fmt::Debug for Replay {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "Replay({} batches)", self.batches.len())
+        write!(f, "Replay")
     }
 }
 
-impl ReplayExec {
-    fn new(schema: SchemaRef, kept: Vec<Kept>) -> Self {
-        let parts: Vec<Option<Replay>> = kept
+impl Replay {
+    /// The external sort's input: a partition per partition of `kept`.
+    fn input(schema: SchemaRef, kept: Vec<Kept>) -> Result<StreamingTableExec> {
+        let parts = kept
             .into_iter()
             .map(|k| {
                 let mut batches: VecDeque<RecordBatch> = k.batches.into();
@@ -787,77 +787,34 @@ impl ReplayExec {
                 let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
                 reservation.shrink(reservation.size().saturating_sub(bytes));
                 batches.extend(k.held_back);
-                Some(Replay {
+                let state = ReplayState {
                     batches,
                     reservation,
                     rest: k.rest,
-                })
+                };
+                Arc::new(Replay {
+                    schema: Arc::clone(&schema),
+                    state: Mutex::new(Some(state)),
+                }) as Arc<dyn PartitionStream>
             })
             .collect();
-        let properties = PlanProperties::new(
-            EquivalenceProperties::new(schema),
-            Partitioning::UnknownPartitioning(parts.len()),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        );
-        Self {
-            parts: Mutex::new(parts),
-            properties: Arc::new(properties),
-        }
+        StreamingTableExec::try_new(schema, parts, None, [], false, None)
     }
 }
 
-impl DisplayAs for ReplayExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "ReplayExec")
-    }
-}
-
-impl ExecutionPlan for ReplayExec {
-    fn name(&self) -> &str {
-        "ReplayExec"
+impl PartitionStream for Replay {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
     }
 
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        if !children.is_empty() {
-            return internal_err!("ReplayExec has no children");
-        }
-        Ok(self)
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        _context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        let replay = self
-            .parts
-            .lock()
-            .expect("replay lock")
-            .get_mut(partition)
-            .and_then(Option::take);
-        let Some(mut replay) = replay else {
-            return internal_err!("ReplayExec partition {partition} runs once");
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let schema = Arc::clone(&self.schema);
+        let Some(mut replay) = self.state.lock().expect("replay lock").take() else {
+            let once = futures::stream::once(async {
+                internal_err!("a partition of a sort's replayed input runs once")
+            });
+            return Box::pin(RecordBatchStreamAdapter::new(schema, once));
         };
-        let schema = self.schema();
         let stream = futures::stream::poll_fn(move |cx| {
             if let Some(b) = replay.batches.pop_front() {
                 replay
@@ -870,7 +827,7 @@ impl ExecutionPlan for ReplayExec {
                 None => std::task::Poll::Ready(None),
             }
         });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+        Box::pin(RecordBatchStreamAdapter::new(schema, stream))
     }
 }
 
