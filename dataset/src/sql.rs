@@ -140,21 +140,146 @@ pub(crate) fn plan_sql(
         last = Some(plan);
     }
     let plan = last.expect("at least one statement");
-    let q: String = query.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut words: Vec<&str> = query.split_whitespace().collect();
+    if matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_)) {
+        // Its operators are the explained query's: labelled without `EXPLAIN ...`.
+        words = explained_words(words);
+    }
+    let q = words.join(" ");
     let label = match q.char_indices().nth(79) {
         Some((i, _)) => format!("{}…", &q[..i]),
         None => q,
     };
+    match plan {
+        LogicalPlan::Explain(explain) => explain_statement(ctx, &sctx.state(), &explain, label),
+        LogicalPlan::Analyze(analyze) => analyze_statement(ctx, &sctx.state(), &analyze, label),
+        plan => Ok(ctx.source(Arc::new(plan_source(ctx, &sctx.state(), plan, label)))),
+    }
+}
+
+/// `words` of statements that end in `EXPLAIN [ANALYZE] [VERBOSE] [FORMAT f] query`,
+/// without the `EXPLAIN` clause.
+fn explained_words(words: Vec<&str>) -> Vec<&str> {
+    let Some(at) = words
+        .iter()
+        .rposition(|w| w.eq_ignore_ascii_case("explain"))
+    else {
+        return words;
+    };
+    let mut rest = at + 1;
+    while let Some(w) = words.get(rest) {
+        if w.eq_ignore_ascii_case("analyze") || w.eq_ignore_ascii_case("verbose") {
+            rest += 1;
+        } else if w.eq_ignore_ascii_case("format") {
+            rest += 2;
+        } else {
+            break;
+        }
+    }
+    let mut kept = words[..at].to_vec();
+    kept.extend_from_slice(words.get(rest..).unwrap_or_default());
+    kept
+}
+
+/// The source of a query's rows: its plan, run through [`PlanSource`].
+fn plan_source(
+    ctx: &Context,
+    state: &SessionState,
+    plan: LogicalPlan,
+    label: String,
+) -> PlanSource {
     // A query that ends in ORDER BY streams its rows in that order.
     let ordered = matches!(plan, LogicalPlan::Sort(_) | LogicalPlan::Limit(_));
-    Ok(ctx.source(Arc::new(PlanSource::new(
+    PlanSource::new(ctx, state.clone(), plan, "Sql", label, ordered)
+}
+
+/// `EXPLAIN query`: the plan volley runs, not DataFusion's. DataFusion's own
+/// `EXPLAIN` shows the physical plan its planner makes; volley rewrites that plan
+/// (partitions per CPU, [`GatherSortExec`], stages on a cluster) before it runs it, so
+/// its rows are DataFusion's optimized logical plan (and with `VERBOSE` the initial
+/// one) and volley's operators with the physical plan each runs, as `explain` on a
+/// dataset shows them. Planned now, as DataFusion's `EXPLAIN` is; nothing is read.
+fn explain_statement(
+    ctx: &Context,
+    state: &SessionState,
+    explain: &datafusion::logical_expr::Explain,
+    label: String,
+) -> Result<Dataset> {
+    indent_format(&explain.explain_format)?;
+    let inner = explain.plan.as_ref().clone();
+    let optimized = state.optimize(&inner)?;
+    let physical = ctx
+        .source(Arc::new(plan_source(ctx, state, inner.clone(), label)))
+        .physical()?;
+    let mut rows = Vec::new();
+    if explain.verbose {
+        rows.push(("initial_logical_plan", inner.display_indent().to_string()));
+    }
+    rows.push(("logical_plan", optimized.display_indent().to_string()));
+    rows.push(("physical_plan", physical.to_string()));
+    plan_rows(ctx, rows)
+}
+
+/// `EXPLAIN ANALYZE query`: runs the query through volley (now, when it is planned:
+/// its rows are counted and dropped) and shows the physical plan it ran with
+/// DataFusion's metrics, and volley's statistics per operator.
+fn analyze_statement(
+    ctx: &Context,
+    state: &SessionState,
+    analyze: &datafusion::logical_expr::Analyze,
+    label: String,
+) -> Result<Dataset> {
+    indent_format(&analyze.format)?;
+    let source = Arc::new(plan_source(
         ctx,
-        sctx.state(),
-        plan,
-        "Sql",
+        state,
+        analyze.input.as_ref().clone(),
         label,
-        ordered,
-    ))))
+    ));
+    let ds = ctx.source(Arc::clone(&source) as Arc<dyn DataSource>);
+    let mut output_rows = 0;
+    for batch in ds.iter_batches()? {
+        output_rows += batch?.num_rows();
+    }
+    let mut rows = Vec::new();
+    if let Some(plan) = source.executed.lock().expect("plans lock").as_ref() {
+        let shown = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(
+            plan.as_ref(),
+        )
+        .indent(analyze.verbose)
+        .to_string();
+        rows.push(("Plan with Metrics", shown));
+    }
+    let stats = ds.stats().map_or_else(String::new, |s| s.to_string());
+    rows.push(("Execution", format!("{stats}\noutput rows: {output_rows}")));
+    plan_rows(ctx, rows)
+}
+
+/// `EXPLAIN`'s formats other than the default indented text are DataFusion's own
+/// renderings of its physical plan, which is not the plan volley runs.
+fn indent_format(format: &datafusion::common::format::ExplainFormat) -> Result<()> {
+    use datafusion::common::format::ExplainFormat;
+    match format {
+        ExplainFormat::Indent => Ok(()),
+        other => Err(VolleyError::plan(format!(
+            "EXPLAIN FORMAT {other}: volley shows the plan it runs as indented text only; \
+             leave out FORMAT"
+        ))),
+    }
+}
+
+/// `EXPLAIN`'s result: the columns `plan_type` and `plan`, one row per plan.
+fn plan_rows(ctx: &Context, rows: Vec<(&str, String)>) -> Result<Dataset> {
+    use arrow::array::StringArray;
+    use arrow::datatypes::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("plan_type", DataType::Utf8, false),
+        Field::new("plan", DataType::Utf8, false),
+    ]));
+    let types = StringArray::from_iter_values(rows.iter().map(|(t, _)| *t));
+    let plans = StringArray::from_iter_values(rows.iter().map(|(_, p)| p.as_str()));
+    let batch = arrow::array::RecordBatch::try_new(schema, vec![Arc::new(types), Arc::new(plans)])?;
+    ctx.from_batches(vec![batch])
 }
 
 /// Files as a DataFusion table (see [`volley_connectors::file_table`]): the format

@@ -408,6 +408,83 @@ fn explain_shows_the_exchanges_and_stats_count_spills() {
     assert!(stats.to_string().contains("spilled"), "{stats}");
 }
 
+/// The plan type and plan text of each row of an `EXPLAIN` statement's result.
+fn explain_rows(ds: &Dataset) -> Vec<(String, String)> {
+    let batch = ds.collect_batch().unwrap();
+    let column = |name: &str| {
+        batch
+            .column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .iter()
+            .map(|v| v.unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    column("plan_type")
+        .into_iter()
+        .zip(column("plan"))
+        .collect()
+}
+
+#[test]
+fn sql_explain_shows_the_plan_volley_runs() {
+    let d = Data::new();
+    d.ctx.register_files("facts", &d.facts).unwrap();
+    // One integer key: volley runs GatherSortExec where DataFusion plans SortExec.
+    let query = "SELECT id, v FROM facts ORDER BY id DESC";
+    let rows = explain_rows(&d.ctx.sql(&format!("EXPLAIN {query}"), &[]).unwrap());
+    let types: Vec<&str> = rows.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(types, ["logical_plan", "physical_plan"]);
+    assert!(rows[0].1.contains("Sort: facts.id DESC"), "{}", rows[0].1);
+    assert!(rows[1].1.contains("GatherSortExec"), "{}", rows[1].1);
+    assert!(
+        !rows[1].1.contains("SortPreservingMergeExec"),
+        "{}",
+        rows[1].1
+    );
+    // The same text as the dataset's own `explain`.
+    let shown = d.ctx.sql(query, &[]).unwrap().explain().unwrap();
+    assert!(
+        shown.ends_with(&format!("{}\n", rows[1].1)),
+        "{shown}\n---\n{}",
+        rows[1].1
+    );
+    // Turned off, the explained plan follows.
+    let off = ctx_with(|c| c.set("volley.plan.gather_sorts", "false").unwrap());
+    off.register_files("facts", &d.facts).unwrap();
+    let rows = explain_rows(&off.sql(&format!("EXPLAIN {query}"), &[]).unwrap());
+    assert!(!rows[1].1.contains("GatherSortExec"), "{}", rows[1].1);
+    assert!(rows[1].1.contains("SortExec"), "{}", rows[1].1);
+
+    let verbose = explain_rows(&d.ctx.sql(&format!("EXPLAIN VERBOSE {query}"), &[]).unwrap());
+    assert_eq!(verbose[0].0, "initial_logical_plan");
+    assert_eq!(verbose.len(), 3);
+
+    // ANALYZE runs the query through volley: its rows, and GatherSortExec's metrics.
+    let analyzed = explain_rows(&d.ctx.sql(&format!("EXPLAIN ANALYZE {query}"), &[]).unwrap());
+    let (kind, plan) = &analyzed[0];
+    assert_eq!(kind, "Plan with Metrics");
+    assert!(
+        plan.contains("GatherSortExec") && plan.contains("output_rows=55.00 K"),
+        "{plan}"
+    );
+    assert!(
+        analyzed[1].1.contains("output rows: 55000"),
+        "{}",
+        analyzed[1].1
+    );
+
+    // Other formats are DataFusion's renderings of a plan volley does not run.
+    let e = d
+        .ctx
+        .sql(&format!("EXPLAIN FORMAT tree {query}"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("EXPLAIN FORMAT tree"), "{e}");
+}
+
 #[test]
 fn registered_files_serve_every_query_and_native_scans_explain() {
     let d = Data::new();
