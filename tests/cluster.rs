@@ -2560,6 +2560,20 @@ fn sql_stages_run_on_the_cluster_nodes() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&explain.stdout);
+    // The EXPLAIN statement shows the same stages.
+    let statement = c
+        .volley()
+        .args(["sql", &format!("EXPLAIN {query}"), "--format", "csv"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&statement.stdout);
+    assert!(
+        shown.starts_with("plan_type,plan\nlogical_plan,")
+            && shown.contains("physical_plan,")
+            && shown.contains("ClusterStageExec: stage 2"),
+        "{shown}{}",
+        String::from_utf8_lossy(&statement.stderr)
+    );
     // A limit, and a join whose build side is any 100 rows: computed once, by one task,
     // and read by every task of the join (each computing its own would join with
     // different rows).
@@ -2594,7 +2608,7 @@ fn sql_stages_run_on_the_cluster_nodes() {
     let list = c.volley().args(["job", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(
-        list.lines().count() == 4 && list.lines().all(|l| l.contains("SUCCEEDED")),
+        list.lines().count() == 5 && list.lines().all(|l| l.contains("SUCCEEDED")),
         "{list}"
     );
     assert!(
