@@ -2574,6 +2574,25 @@ fn sql_stages_run_on_the_cluster_nodes() {
         "{shown}{}",
         String::from_utf8_lossy(&statement.stderr)
     );
+    let analyzed = c
+        .volley()
+        .args([
+            "sql",
+            &format!("EXPLAIN ANALYZE {query}"),
+            "--format",
+            "csv",
+        ])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&analyzed.stdout);
+    assert!(
+        shown.starts_with("plan_type,plan\nPlan with Metrics,")
+            && shown.contains("metrics=[output_rows=5")
+            && shown.contains("ClusterStageExec: stage 2")
+            && shown.contains("output rows: 5"),
+        "{shown}{}",
+        String::from_utf8_lossy(&analyzed.stderr)
+    );
     // A limit, and a join whose build side is any 100 rows: computed once, by one task,
     // and read by every task of the join (each computing its own would join with
     // different rows).
@@ -2608,7 +2627,7 @@ fn sql_stages_run_on_the_cluster_nodes() {
     let list = c.volley().args(["job", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(
-        list.lines().count() == 5 && list.lines().all(|l| l.contains("SUCCEEDED")),
+        list.lines().count() == 6 && list.lines().all(|l| l.contains("SUCCEEDED")),
         "{list}"
     );
     assert!(

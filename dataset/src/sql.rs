@@ -222,7 +222,9 @@ fn explain_statement(
 
 /// `EXPLAIN ANALYZE query`: runs the query through volley (now, when it is planned:
 /// its rows are counted and dropped) and shows the physical plan it ran with
-/// DataFusion's metrics, and volley's statistics per operator.
+/// DataFusion's metrics, and volley's statistics per operator. On a cluster the
+/// metrics are those of the plan the command ran; the stages below it are shown as
+/// planned.
 fn analyze_statement(
     ctx: &Context,
     state: &SessionState,
@@ -248,7 +250,10 @@ fn analyze_statement(
         )
         .indent(analyze.verbose)
         .to_string();
-        rows.push(("Plan with Metrics", shown));
+        // On a cluster the stages below ran as tasks on the nodes: shown as planned
+        // (their operators' metrics stay with the tasks).
+        let stages = crate::runner::ClusterStageExec::describe_stages(plan);
+        rows.push(("Plan with Metrics", format!("{shown}{stages}")));
     }
     let stats = ds.stats().map_or_else(String::new, |s| s.to_string());
     rows.push(("Execution", format!("{stats}\noutput rows: {output_rows}")));
