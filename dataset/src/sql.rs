@@ -158,15 +158,20 @@ pub(crate) fn plan_sql(
 }
 
 /// `words` of statements that end in `EXPLAIN [ANALYZE] [VERBOSE] [FORMAT f] query`,
-/// without the `EXPLAIN` clause.
+/// without that `EXPLAIN` clause: the words after the last statement's first word
+/// `EXPLAIN` (the last statement starts after the last `;` followed by more words).
 fn explained_words(words: Vec<&str>) -> Vec<&str> {
-    let Some(at) = words
+    let last = words[..words.len().saturating_sub(1)]
         .iter()
-        .rposition(|w| w.eq_ignore_ascii_case("explain"))
-    else {
+        .rposition(|w| w.ends_with(';'))
+        .map_or(0, |i| i + 1);
+    if !words
+        .get(last)
+        .is_some_and(|w| w.eq_ignore_ascii_case("explain"))
+    {
         return words;
-    };
-    let mut rest = at + 1;
+    }
+    let mut rest = last + 1;
     while let Some(w) = words.get(rest) {
         if w.eq_ignore_ascii_case("analyze") || w.eq_ignore_ascii_case("verbose") {
             rest += 1;
@@ -176,7 +181,7 @@ fn explained_words(words: Vec<&str>) -> Vec<&str> {
             break;
         }
     }
-    let mut kept = words[..at].to_vec();
+    let mut kept = words[..last].to_vec();
     kept.extend_from_slice(words.get(rest..).unwrap_or_default());
     kept
 }
@@ -1000,6 +1005,22 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(rows(&context(None)), rows(&context(Some("1"))));
+    }
+
+    #[test]
+    fn explained_queries_are_labelled_without_explain() {
+        let label = |q: &str| explained_words(q.split_whitespace().collect()).join(" ");
+        assert_eq!(label("EXPLAIN SELECT 1"), "SELECT 1");
+        assert_eq!(
+            label("explain analyze verbose SELECT x AS explain FROM t"),
+            "SELECT x AS explain FROM t"
+        );
+        assert_eq!(label("EXPLAIN FORMAT indent SELECT 1;"), "SELECT 1;");
+        assert_eq!(
+            label("SET a = 1; EXPLAIN VERBOSE SELECT 2"),
+            "SET a = 1; SELECT 2"
+        );
+        assert_eq!(label("SELECT 'explain'"), "SELECT 'explain'");
     }
 
     #[test]
