@@ -16,6 +16,9 @@ use volley_runtime::cluster::InputStream;
 
 use crate::memory_source::{project_batch, projected};
 
+/// Batches already taken from a stream (to learn its schema), and the stream.
+type Unread = (Vec<RecordBatch>, InputStream);
+
 /// The batches of a task's input objects, read once, in order, as its worker reads
 /// them: a reduce task's partition of every map output flows into its operator (a
 /// sort or aggregation that spills past the memory budget) instead of being held
@@ -25,7 +28,7 @@ pub struct InputStreamSource {
     schema: SchemaRef,
     /// The stream, and batches already taken from it (to learn the schema); taken by
     /// the one read that runs.
-    inputs: Arc<Mutex<Option<(Vec<RecordBatch>, InputStream)>>>,
+    inputs: Arc<Mutex<Option<Unread>>>,
 }
 
 impl InputStreamSource {
@@ -74,9 +77,7 @@ impl DataSource for InputStreamSource {
 }
 
 /// The stream and the batches taken from it, the first time; an error after.
-fn take_once(
-    inputs: &Mutex<Option<(Vec<RecordBatch>, InputStream)>>,
-) -> Result<(Vec<RecordBatch>, InputStream)> {
+fn take_once(inputs: &Mutex<Option<Unread>>) -> Result<Unread> {
     inputs
         .lock()
         .map_err(|_| VolleyError::internal("a task's input stream was poisoned"))?
