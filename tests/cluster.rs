@@ -2561,37 +2561,20 @@ fn sql_stages_run_on_the_cluster_nodes() {
         .unwrap();
     let text = String::from_utf8_lossy(&explain.stdout);
     // The EXPLAIN statement shows the same stages.
-    let statement = c
-        .volley()
-        .args(["sql", &format!("EXPLAIN {query}"), "--format", "csv"])
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&statement.stdout);
+    let shown = c.sql_csv(&format!("EXPLAIN {query}"));
     assert!(
         shown.starts_with("plan_type,plan\nlogical_plan,")
             && shown.contains("physical_plan,")
             && shown.contains("ClusterStageExec: stage 2"),
-        "{shown}{}",
-        String::from_utf8_lossy(&statement.stderr)
+        "{shown}"
     );
-    let analyzed = c
-        .volley()
-        .args([
-            "sql",
-            &format!("EXPLAIN ANALYZE {query}"),
-            "--format",
-            "csv",
-        ])
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&analyzed.stdout);
+    let shown = c.sql_csv(&format!("EXPLAIN ANALYZE {query}"));
     assert!(
         shown.starts_with("plan_type,plan\nPlan with Metrics,")
             && shown.contains("metrics=[output_rows=5")
             && shown.contains("ClusterStageExec: stage 2")
             && shown.contains("output rows: 5"),
-        "{shown}{}",
-        String::from_utf8_lossy(&analyzed.stderr)
+        "{shown}"
     );
     // A limit, and a join whose build side is any 100 rows: computed once, by one task,
     // and read by every task of the join (each computing its own would join with
