@@ -117,6 +117,12 @@ pub struct PlanOptions {
     /// (falling back to DataFusion's spilling sort where the budget runs out).
     /// `false` sorts with DataFusion's sort and merge.
     pub gather_sorts: bool,
+    /// `volley.plan.cache_sized_aggregations`: an aggregation of many groups keeps
+    /// them in hash tables small enough for the CPU's caches: its partial phase runs
+    /// afresh over chunks of its input where its rows' groups come together, and its
+    /// final phase runs in finer hash partitions, one after another. `false` runs
+    /// DataFusion's aggregation as planned. Not used on a cluster.
+    pub cache_sized_aggregations: bool,
 }
 
 impl Default for PlanOptions {
@@ -124,6 +130,7 @@ impl Default for PlanOptions {
         Self {
             reorder_joins: true,
             gather_sorts: true,
+            cache_sized_aggregations: true,
         }
     }
 }
@@ -206,6 +213,10 @@ const KEYS: &[(&str, &str)] = &[
     ),
     ("volley.plan.reorder_joins", "VOLLEY_PLAN_REORDER_JOINS"),
     ("volley.plan.gather_sorts", "VOLLEY_PLAN_GATHER_SORTS"),
+    (
+        "volley.plan.cache_sized_aggregations",
+        "VOLLEY_PLAN_CACHE_SIZED_AGGREGATIONS",
+    ),
     ("volley.runtime.num_cpus", "VOLLEY_RUNTIME_NUM_CPUS"),
     ("volley.runtime.memory", "VOLLEY_RUNTIME_MEMORY"),
 ];
@@ -279,6 +290,9 @@ impl VolleyConfig {
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
             "volley.plan.reorder_joins" => self.plan.reorder_joins = parse_bool(value)?,
             "volley.plan.gather_sorts" => self.plan.gather_sorts = parse_bool(value)?,
+            "volley.plan.cache_sized_aggregations" => {
+                self.plan.cache_sized_aggregations = parse_bool(value)?
+            }
             "volley.runtime.num_cpus" => {
                 let n: f64 = value.parse().map_err(|_| bad("a number of CPUs"))?;
                 if n.is_nan() || n <= 0.0 {

@@ -13,6 +13,7 @@
 //! assert_eq!(ds.count().unwrap(), 10);
 //! ```
 
+mod cache_sized_aggregation;
 mod conjunction;
 mod context;
 mod dataset;

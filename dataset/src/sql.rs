@@ -446,6 +446,9 @@ impl PlanSource {
                 .build();
             physical = state.create_physical_plan(plan).await?;
         }
+        if self.ctx.config().plan.cache_sized_aggregations {
+            physical = crate::cache_sized_aggregation::cache_sized_aggregations(physical)?;
+        }
         if self.ctx.config().plan.gather_sorts && sorts_rows(&physical) {
             physical = crate::gather_sort::gather_sorts(physical)?;
         }
@@ -985,7 +988,12 @@ mod tests {
         let grouped = "SELECT v % 7 AS k, count(*) AS n FROM t GROUP BY k";
         let ctx = context(None);
         let shown = explain(&ctx, grouped);
-        assert!(shown.contains("Hash([t.v % Int64(7)@0], 3)"), "{shown}");
+        // The final aggregation's 3 partitions, each folded from 16 finer ones.
+        assert!(
+            shown.contains("FoldPartitionsExec: 48 partitions into 3"),
+            "{shown}"
+        );
+        assert!(shown.contains("Hash([t.v % Int64(7)@0], 48)"), "{shown}");
         assert!(shown.contains("RoundRobinBatch(2)"), "{shown}");
         let shown = explain(&ctx, "SELECT v FROM t ORDER BY v");
         assert!(!shown.contains(", 3)"), "{shown}");
@@ -995,7 +1003,10 @@ mod tests {
         // As the options set them: 4 here, dealt into 2 where rows are exchanged.
         let ctx = context(Some("4"));
         let shown = explain(&ctx, grouped);
-        assert!(shown.contains("Hash([t.v % Int64(7)@0], 4)"), "{shown}");
+        assert!(
+            shown.contains("FoldPartitionsExec: 64 partitions into 4"),
+            "{shown}"
+        );
         assert!(shown.contains("RoundRobinBatch(2)"), "{shown}");
         // The same rows in every case.
         let rows = |ctx: &Context| {
