@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use arrow::record_batch::RecordBatch;
 
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
-use datafusion::common::{internal_err, Result};
+use datafusion::common::{internal_err, DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
@@ -53,10 +53,16 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
     PlanProperties,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 /// How many fine partitions each of the plan's partitions is folded from.
 pub(crate) const FINE_PARTITIONS: usize = 16;
+
+/// The memory budget per CPU from which plans are rewritten. Each fine partition's
+/// channel in the exchange is a memory consumer that may spill, and the budget's pool
+/// shares its room among those: under a small budget sixteen times as many would leave
+/// each final aggregation a sixteenth of its share, and it would spill early.
+pub(crate) const MIN_BUDGET_PER_CPU: u64 = 1 << 30;
 
 /// `plan` with its aggregations in cache-sized tables (see the module's
 /// documentation).
@@ -220,19 +226,93 @@ impl ExecutionPlan for FoldPartitionsExec {
         if partition >= n {
             return internal_err!("FoldPartitionsExec has {n} partitions, not {partition}");
         }
-        let input = Arc::clone(&self.input);
-        // Each fine partition starts once the one before it ended, so only one of
-        // them holds its groups at a time.
-        let batches = futures::stream::iter((partition..fine).step_by(n)).flat_map(move |j| {
-            match input.execute(j, Arc::clone(&context)) {
-                Ok(stream) => stream.boxed(),
-                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-            }
-        });
+        // The exchange below the fine aggregations, whose partitions not started are
+        // released if this partition stops early.
+        let exchange = self
+            .input
+            .children()
+            .first()
+            .filter(|c| c.downcast_ref::<RepartitionExec>().is_some())
+            .map(|c| Arc::clone(c));
+        let folded = Folded {
+            input: Arc::clone(&self.input),
+            exchange,
+            context,
+            waiting: (partition..fine).step_by(n),
+            current: None,
+            started: false,
+            failed: false,
+        };
+        let batches = futures::stream::unfold(folded, |mut folded| async move {
+            let batch = folded.next().await;
+            batch.map(|b| (b, folded))
+        })
+        .fuse();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.schema(),
             batches,
         )))
+    }
+}
+
+/// One partition of a [`FoldPartitionsExec`], running: its fine partitions one after
+/// another, each started once the one before it ended, so that only one of them holds
+/// its groups at a time.
+struct Folded {
+    input: Arc<dyn ExecutionPlan>,
+    exchange: Option<Arc<dyn ExecutionPlan>>,
+    context: Arc<TaskContext>,
+    /// The fine partitions not started yet.
+    waiting: std::iter::StepBy<std::ops::Range<usize>>,
+    current: Option<SendableRecordBatchStream>,
+    started: bool,
+    failed: bool,
+}
+
+impl Folded {
+    async fn next(&mut self) -> Option<Result<RecordBatch>> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            if let Some(stream) = &mut self.current {
+                match stream.next().await {
+                    Some(Ok(batch)) => return Some(Ok(batch)),
+                    Some(Err(e)) => {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
+                    None => self.current = None,
+                }
+            }
+            let j = self.waiting.next()?;
+            self.started = true;
+            match self.input.execute(j, Arc::clone(&self.context)) {
+                Ok(stream) => self.current = Some(stream),
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Folded {
+    /// A partition stopped early (a limit above, an error, a cancelled query) leaves
+    /// the rows of its fine partitions not started in the exchange, holding memory or
+    /// spill files until the plan is dropped, and a plan that ran is kept for its
+    /// metrics. Each such partition's channel is opened and closed here, which drops
+    /// its rows and frees what they held.
+    fn drop(&mut self) {
+        let Some(exchange) = self.exchange.as_ref().filter(|_| self.started) else {
+            return;
+        };
+        for j in self.waiting.by_ref() {
+            if let Ok(mut stream) = exchange.execute(j, Arc::clone(&self.context)) {
+                let _ = stream.next().now_or_never();
+            }
+        }
     }
 }
 
@@ -263,8 +343,11 @@ pub(crate) fn partial_aggregations_in_chunks(
         let Some(aggregate) = node.downcast_ref::<AggregateExec>() else {
             return Ok(Transformed::no(node));
         };
+        // A partial aggregation with a limit stops once it holds that many groups;
+        // chunks would each stop there and go on to the next.
         if *aggregate.mode() != AggregateMode::Partial
             || aggregate.group_expr().expr().is_empty()
+            || aggregate.limit_options().is_some()
             || aggregate.input().output_partitioning().partition_count() == 0
         {
             return Ok(Transformed::no(node));
@@ -384,6 +467,7 @@ impl ExecutionPlan for PartialInChunksExec {
             chunk_rows: self.chunk_rows,
             chunked: true,
             first: true,
+            failed: false,
             current: None,
             output_rows: MetricBuilder::new(&self.metrics).output_rows(partition),
             elapsed_compute: MetricBuilder::new(&self.metrics).elapsed_compute(partition),
@@ -392,7 +476,8 @@ impl ExecutionPlan for PartialInChunksExec {
         let batches = futures::stream::unfold(run, |mut run| async move {
             let batch = run.next().await;
             batch.map(|b| (b, run))
-        });
+        })
+        .fuse();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.aggregate.schema(),
             batches,
@@ -419,6 +504,8 @@ struct Chunks {
     chunked: bool,
     /// Whether the current chunk is the first.
     first: bool,
+    /// Whether it returned an error (and ends).
+    failed: bool,
     /// The aggregation of the current chunk, its output rows so far and the input's
     /// rows taken before it.
     current: Option<(
@@ -434,6 +521,9 @@ struct Chunks {
 
 impl Chunks {
     async fn next(&mut self) -> Option<Result<RecordBatch>> {
+        if self.failed {
+            return None;
+        }
         loop {
             if let Some((aggregate, stream, out, before)) = &mut self.current {
                 match stream.next().await {
@@ -442,11 +532,7 @@ impl Chunks {
                         self.output_rows.add(batch.num_rows());
                         return Some(Ok(batch));
                     }
-                    Some(Err(e)) => {
-                        self.current = None;
-                        *self.slot.input.lock().expect("chunk input lock") = None;
-                        return Some(Err(e));
-                    }
+                    Some(Err(e)) => return Some(Err(self.fail(e))),
                     None => {
                         let taken = self.slot.taken.load(Ordering::Relaxed) - *before;
                         if taken > 0 {
@@ -497,9 +583,18 @@ impl Chunks {
                     let before = self.slot.taken.load(Ordering::Relaxed);
                     self.current = Some((aggregate, stream, 0, before));
                 }
-                Err(e) => return Some(Err(e)),
+                Err(e) => return Some(Err(self.fail(e))),
             }
         }
+    }
+
+    /// Ends the partition with `e`: its input is dropped (a chunk that failed to start
+    /// handed it back).
+    fn fail(&mut self, e: DataFusionError) -> DataFusionError {
+        self.failed = true;
+        self.current = None;
+        *self.slot.input.lock().expect("chunk input lock") = None;
+        e
     }
 }
 
@@ -607,7 +702,8 @@ impl ExecutionPlan for ChunkSource {
                     None
                 }
             }
-        });
+        })
+        .fuse();
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
     }
 }
@@ -769,7 +865,6 @@ mod tests {
         assert_eq!(partials.len(), 1);
         // 20,000 rows per partition: 5 chunks each.
         assert_eq!(counter(&partials[0], "chunks"), 15);
-        assert!(counter(&partials[0], "output_rows") < 16_000);
 
         // Spread keys: the first chunk of 4,000 rows keeps 3,000 groups, less than
         // half its rows gone: the rest goes through one aggregation.
@@ -784,8 +879,9 @@ mod tests {
 
     #[test]
     fn both_rewrites_together_give_the_plans_answers() {
+        // 150,000 rows per partition: more than one chunk of `CHUNK_ROWS`.
         for (clustered, groups) in [(true, 0), (false, 40_000), (false, 7)] {
-            let ctx = context(90_000, clustered, groups);
+            let ctx = context(450_000, clustered, groups);
             for sql in [
                 QUERY,
                 "SELECT k, avg(v), count(v) FROM t GROUP BY k HAVING count(*) > 1",
@@ -796,5 +892,20 @@ mod tests {
                 assert!(same, "answers differ: {sql} ({clustered}, {groups} groups)");
             }
         }
+    }
+
+    #[test]
+    fn a_partition_stopped_by_a_limit_frees_the_rows_its_fine_partitions_hold() {
+        let ctx = context(60_000, true, 0);
+        let sql = "SELECT k, count(*) FROM t GROUP BY k LIMIT 5";
+        let folded = finer_final_aggregations(plan(&ctx, sql), 4).unwrap();
+        assert_eq!(find(&folded, "FoldPartitionsExec").len(), 1);
+        let shown = run(&ctx, &folded);
+        assert_eq!(shown.lines().filter(|l| l.starts_with("| ")).count(), 5 + 1);
+        // The plan is still held (as a plan that ran is, for its metrics); the rows
+        // of the fine partitions its limit never reached are not.
+        let pool = &ctx.runtime_env().memory_pool;
+        assert_eq!(pool.reserved(), 0);
+        drop(folded);
     }
 }

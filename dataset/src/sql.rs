@@ -446,7 +446,10 @@ impl PlanSource {
                 .build();
             physical = state.create_physical_plan(plan).await?;
         }
-        if self.ctx.config().plan.cache_sized_aggregations {
+        let budget_per_cpu = self.ctx.exec_context().budget.limit() / cpus as u64;
+        if self.ctx.config().plan.cache_sized_aggregations
+            && budget_per_cpu >= crate::cache_sized_aggregation::MIN_BUDGET_PER_CPU
+        {
             physical = crate::cache_sized_aggregation::cache_sized_aggregations(physical)?;
         }
         if self.ctx.config().plan.gather_sorts && sorts_rows(&physical) {
@@ -969,9 +972,11 @@ mod tests {
             if let Some(n) = partitions {
                 config.set("volley.exec.target_partitions", n).unwrap();
             }
+            // A budget (a quarter of this) large enough for aggregations in
+            // cache-sized tables.
             let runtime = volley_runtime::LocalRuntime::try_new(&RuntimeOptions {
                 num_cpus: Some(2.0),
-                memory: None,
+                memory: Some(16 << 30),
             })
             .unwrap();
             Context::with_runtime(config, runtime).unwrap()
