@@ -20,7 +20,7 @@
 //!   plan's partitions ([`FoldPartitionsExec`]): output partition `i` of `n` runs the
 //!   fine partitions `i`, `i + n`, `i + 2n`, ... one after another. The exchange places
 //!   a row by its hash modulo the partitions, so a fine partition `j` holds the rows
-//!   whose hash is `j` modulo `n * k`, hence `j` modulo `n`: the folded partitions are
+//!   whose hash is `j` modulo `16n`, hence `j` modulo `n`: the folded partitions are
 //!   hash-partitioned exactly as the plan's were, and the operators above see the
 //!   partitioning they were planned for. Rows of the fine partitions not yet
 //!   aggregated wait in the exchange, which counts them against the memory budget and
@@ -30,7 +30,7 @@
 //! Results are the same: a partial aggregation's groups may be split in any way (the
 //! final aggregation merges them), and every group's rows still meet in one final
 //! aggregation. A plan cut into stages for a cluster is not rewritten (its exchanges'
-//! partitions are its tasks).
+//! partitions are its tasks), nor one under a budget below [`MIN_BUDGET_PER_CPU`].
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
