@@ -2619,6 +2619,27 @@ fn sql_stages_run_on_the_cluster_nodes() {
             && text.contains("AggregateExec: mode=Partial"),
         "{text}"
     );
+    // A file whose first pages are unreadable (its footer and page index intact): the
+    // error names the file and the node whose task read it.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    let mut bytes = std::fs::read(input.join("part-002.parquet")).unwrap();
+    let n = bytes.len();
+    let footer = u32::from_le_bytes(bytes[n - 8..n - 4].try_into().unwrap()) as usize;
+    bytes[4..(n - 8 - footer) / 2].fill(0xff);
+    std::fs::write(broken.join("part-000.parquet"), bytes).unwrap();
+    let query = format!(
+        "SELECT x % 5 AS k, count(*) AS n FROM '{}/' GROUP BY 1",
+        broken.display()
+    );
+    let out = c.volley().args(["sql", &query]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("broken/part-000.parquet")
+            && stderr.contains(" failed on node-"),
+        "{stderr}"
+    );
 }
 
 /// The 22 TPC-H queries through `volley sql` on a head and three node agents give

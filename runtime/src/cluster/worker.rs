@@ -464,7 +464,7 @@ impl Link<'_> {
                 report.outcome = Outcome::Failed as i32;
                 // The category travels with the message (a cancelled task, a user
                 // function's failure, a lack of resources are told apart by the driver).
-                let e = e.context(format!("task {label} failed"));
+                let e = e.context(format!("task {label} failed on {}", self.node_id));
                 report.error = Some(wire_error(&ErrorReport::from(&e)));
             }
         }
