@@ -737,8 +737,10 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
             "{logs}"
         );
     }
+    // The error names the node the task failed on.
     assert!(
-        logs.contains("failed: in FailAs: user function `score` failed: division by zero"),
+        logs.contains("task FailAs failed on node-")
+            && logs.contains(": in FailAs: user function `score` failed: division by zero"),
         "{logs}"
     );
     assert!(
