@@ -210,10 +210,16 @@ impl TestCluster {
         }
     }
 
-    /// Waits until a task of `job` is seen running twice, 100 ms apart.
+    /// Waits until a task of `job` that started while this watched is seen running
+    /// twice, 100 ms apart: it is under way and has run for at most ~200 ms, so a task
+    /// of seconds still has most of its time ahead.
     fn wait_for_a_long_task(&self, job: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
+        // Running in the poll before the last one (`None` until there was one), and in
+        // the last one.
+        let mut before: Option<Vec<String>> = None;
         let mut seen: Vec<String> = Vec::new();
+        let mut polls = 0;
         loop {
             let (code, body) = self.http_get(&format!("/api/jobs/{job}/tasks"), Some(&self.token));
             assert_eq!(code, 200, "{body}");
@@ -225,13 +231,16 @@ impl TestCluster {
                 .filter(|t| t["state"] == "RUNNING")
                 .filter_map(|t| t["task_id"].as_str().map(String::from))
                 .collect();
-            if running.iter().any(|t| seen.contains(t)) {
+            let fresh = |t: &String| before.as_ref().is_some_and(|b| !b.contains(t));
+            if running.iter().any(|t| seen.contains(t) && fresh(t)) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "no task of {job} ran for 100 ms: {body}"
+                "no task of {job} was seen starting and running for 100 ms: {body}"
             );
+            polls += 1;
+            before = (polls > 1).then(|| std::mem::take(&mut seen));
             seen = running;
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -1855,8 +1864,8 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         example("cluster_pipeline").to_str().unwrap(),
         data.to_str().unwrap(),
         out.to_str().unwrap(),
-        // Tasks of seconds (600 ms per batch): one seen running still runs when the
-        // nodes rejoin (~0.3 s after the kill).
+        // Tasks of seconds (three batches of 600 ms): one seen starting still runs
+        // when the nodes rejoin (0.3-0.6 s after the kill).
         "--slow-ms",
         "600",
         // A stateful stage: its pool's actor outlives the restart too.
@@ -1866,8 +1875,8 @@ fn a_restarted_head_keeps_its_jobs_and_its_nodes_rejoin() {
         "20",
     ]);
     c.wait_for_job_processes(&job, 2);
-    // Under way: a task that runs for a while (seen running twice, 100 ms apart), so
-    // that it still runs when the nodes rejoin.
+    // Under way: a task that started while the test watched (seen running twice,
+    // 100 ms apart), so that it still runs when the nodes rejoin.
     c.wait_for_a_long_task(&job);
     let workers = c.processes("VOLLEY_WORKER_ID=");
     let driver: Vec<i32> = c
