@@ -266,8 +266,8 @@ fn across_restart(
         drop(acc.call("add", 100, &[])?);
     }
     let failing = acc.call("fail", 0, &[])?;
-    // (A moment for them to reach the actor's node.)
-    std::thread::sleep(Duration::from_millis(300));
+    // (A moment for them to reach the actor's node, also on a loaded machine.)
+    std::thread::sleep(Duration::from_millis(1000));
     println!("PAUSED actor total {before} in process {pid}");
     std::thread::sleep(pause);
     cluster.get(&nap)?;

@@ -617,6 +617,11 @@ impl Drop for Chunk {
 }
 
 /// A chunk of a [`PartialInChunksExec`]'s input as the plan its aggregation runs over.
+///
+/// A plan node of its own rather than DataFusion's `StreamingTableExec`: it reports the
+/// input's equivalence properties (constants and equal columns as well as orderings),
+/// from which each chunk's copy of the aggregation derives the same grouping mode as the
+/// planned one; a streaming table knows orderings only.
 struct ChunkSource {
     chunk: Mutex<Option<Chunk>>,
     properties: Arc<PlanProperties>,
