@@ -207,7 +207,9 @@ pub fn logs(a: LogsArgs) -> Result<()> {
 /// Where the head is and the token to use.
 #[derive(Args)]
 pub struct Conn {
-    /// The head, HOST:PORT (default: VOLLEY_ADDRESS, or the head started on this machine).
+    /// The head, HOST:PORT (default: VOLLEY_ADDRESS, or the head started on this
+    /// machine; `volley sql` and `volley llm` run on a cluster only when it is named
+    /// here or in VOLLEY_ADDRESS, and on this machine otherwise).
     #[arg(long)]
     address: Option<String>,
     /// The cluster token (default: VOLLEY_TOKEN, or the head's token file on this machine).
@@ -307,13 +309,16 @@ fn runtime_with(threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
 /// less `--block`), its output going to `log`. A token given with `--token` travels in
 /// the child's environment, never on its command line, where `ps` shows it to every
 /// local user. Returns the child's pid.
-fn daemonize(args: &[String], token: Option<&str>, log: &Path) -> Result<u32> {
+/// Starts this program again in the background (`--block`), its output in `log`.
+fn daemonize(args: &[String], token: Option<&str>, log: &Path) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
     if let Some(d) = log.parent() {
-        std::fs::create_dir_all(d)?;
+        std::fs::create_dir_all(d)
+            .map_err(|e| VolleyError::from(e).context(format!("creating {}", d.display())))?;
     }
-    let out = std::fs::File::create(log)?;
+    let out = std::fs::File::create(log)
+        .map_err(|e| VolleyError::from(e).context(format!("creating {}", log.display())))?;
     let mut command = std::process::Command::new(exe);
     if let Some(t) = token {
         command.env("VOLLEY_TOKEN", t);
@@ -326,7 +331,12 @@ fn daemonize(args: &[String], token: Option<&str>, log: &Path) -> Result<u32> {
         .stderr(out)
         .process_group(0)
         .spawn()?;
-    Ok(child.id())
+    Ok(child)
+}
+
+/// Whether `child` still runs (one that ended is reaped, not left a zombie).
+fn running(child: &mut std::process::Child) -> bool {
+    matches!(child.try_wait(), Ok(None))
 }
 
 /// `args` without `--block` and without the token (`--token T` or `--token=T`).
@@ -343,12 +353,12 @@ fn background_args(args: &[String]) -> Vec<String> {
     out
 }
 
-fn wait_for_file(path: &Path, log: &Path, pid: u32) -> Result<String> {
+fn wait_for_file(path: &Path, log: &Path, child: &mut std::process::Child) -> Result<String> {
     for _ in 0..300 {
         if let Some(s) = read_trimmed(path).filter(|s| !s.is_empty()) {
             return Ok(s);
         }
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !running(child) {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -387,15 +397,42 @@ pub fn start(a: StartArgs) -> Result<()> {
     }
 }
 
+/// Whether process `pid` is one that `volley start` put in the background (it runs
+/// `volley start ... --block`): a pid file left by a process that ended may name
+/// another program by now.
+fn started_in_background(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+        args.contains(&&b"start"[..]) && args.contains(&&b"--block"[..])
+    })
+}
+
 fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| VolleyError::from(e).context(format!("creating {}", dir.display())))?;
     if !a.block {
+        // A head already running on this state folder keeps its files and its log.
+        if let Some(pid) = read_trimmed(&dir.join("head.pid"))
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|p| started_in_background(*p))
+        {
+            return Err(VolleyError::Config(format!(
+                "a head already runs with the state folder {} (pid {pid}, address {}): \
+                 `volley stop` stops it, or set VOLLEY_HOME to another folder",
+                dir.display(),
+                read_trimmed(&dir.join("head_address")).unwrap_or_default()
+            )));
+        }
         let _ = std::fs::remove_file(dir.join("head_address"));
         let log = dir.join("logs").join("head.log");
         let args: Vec<String> = std::env::args().skip(1).collect();
-        let pid = daemonize(&args, a.token.as_deref(), &log)?;
+        let mut child = daemonize(&args, a.token.as_deref(), &log)?;
+        let pid = child.id();
         std::fs::write(dir.join("head.pid"), pid.to_string())?;
-        let address = wait_for_file(&dir.join("head_address"), &log, pid)?;
+        let address =
+            wait_for_file(&dir.join("head_address"), &log, &mut child).inspect_err(|_| {
+                let _ = std::fs::remove_file(dir.join("head.pid"));
+            })?;
         println!(
             "volley head started at {address} (pid {pid}, log {})",
             log.display()
@@ -459,54 +496,53 @@ async fn wait_for_signal() {
     }
 }
 
-fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
-    // Checked before a background agent starts: a bad value is said here.
+/// What a node agent offers, from `volley start`'s options, checked: a background
+/// `volley start` says what is wrong before an agent starts.
+struct NodeCapacity {
+    resources: Resources,
+    gpus: u32,
+    object_store_memory: u64,
+    object_compression: volley::crates::runtime::cluster::ObjectCompression,
+    package_cache_bytes: u64,
+}
+
+fn node_capacity(a: &StartArgs) -> Result<NodeCapacity> {
+    use volley::crates::common::{format_bytes, parse_bytes};
     let object_compression = a
         .object_compression
         .parse()
         .map_err(|e: VolleyError| e.context("--object-compression"))?;
-    if !a.block {
-        let log = dir
-            .join("logs")
-            .join(format!("node-{}.log", std::process::id()));
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let pid = daemonize(&args, a.token.as_deref(), &log)?;
-        let nodes = dir.join("nodes");
-        std::fs::create_dir_all(&nodes)?;
-        std::fs::write(nodes.join(format!("{pid}.pid")), pid.to_string())?;
-        std::thread::sleep(Duration::from_millis(500));
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            return Err(VolleyError::execution(format!(
-                "the node agent stopped; its log ({}):\n{}",
-                log.display(),
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )));
+    let cpus = match a.num_cpus {
+        Some(n) if !(n.is_finite() && n >= 0.0) => {
+            return Err(VolleyError::Config(format!(
+                "--num-cpus {n}: give the CPUs the node offers, 0 or more"
+            )))
         }
-        println!(
-            "volley node agent started (pid {pid}, log {}), joining {address}",
-            log.display()
-        );
-        return Ok(());
-    }
-    let token = match &a.token {
-        Some(t) => t.clone(),
-        None => auth::read_token(&dir.join("token")).map_err(|_| {
-            VolleyError::Config("no cluster token: give --token or set VOLLEY_TOKEN".into())
-        })?,
-    };
-    let cpus = a.num_cpus.unwrap_or_else(|| {
-        std::thread::available_parallelism()
+        Some(n) => n,
+        None => std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1) as f64
-    });
+            .unwrap_or(1) as f64,
+    };
     let memory = match &a.memory {
-        Some(m) => volley::crates::common::parse_bytes(m)?,
+        Some(m) => parse_bytes(m).map_err(|e| e.context("--memory"))?,
         None => volley::crates::runtime::machine_memory(),
     };
+    if memory == 0 {
+        return Err(VolleyError::Config(
+            "--memory 0: a node needs memory for its workers and objects".into(),
+        ));
+    }
     let object_store_memory = match &a.object_store_memory {
-        Some(m) => volley::crates::common::parse_bytes(m)?,
+        Some(m) => parse_bytes(m).map_err(|e| e.context("--object-store-memory"))?,
         None => memory / 10 * 3,
     };
+    if object_store_memory > memory {
+        return Err(VolleyError::Config(format!(
+            "--object-store-memory {} is more than the node's memory ({})",
+            format_bytes(object_store_memory),
+            format_bytes(memory)
+        )));
+    }
     let gpus = match a.num_gpus {
         Some(n) => n,
         None => cluster::gpus::detect(),
@@ -518,6 +554,71 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         let (k, v) = Resources::parse_custom(r)?;
         resources = resources.with_custom(k, v);
     }
+    let package_cache_bytes =
+        parse_bytes(&a.package_cache).map_err(|e| e.context("--package-cache"))?;
+    Ok(NodeCapacity {
+        resources,
+        gpus,
+        object_store_memory,
+        object_compression,
+        package_cache_bytes,
+    })
+}
+
+fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
+    // Checked before a background agent starts: a bad value is said here.
+    let capacity = node_capacity(&a)?;
+    if !a.block {
+        let log = dir
+            .join("logs")
+            .join(format!("node-{}.log", std::process::id()));
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut child = daemonize(&args, a.token.as_deref(), &log)?;
+        let pid = child.id();
+        let nodes = dir.join("nodes");
+        std::fs::create_dir_all(&nodes)?;
+        std::fs::write(nodes.join(format!("{pid}.pid")), pid.to_string())?;
+        // The agent writes its id once the head took it (a wrong token or address
+        // ends it, or keeps it trying).
+        let joined = nodes.join(pid.to_string()).join("node_id");
+        for _ in 0..200 {
+            if let Some(id) = read_trimmed(&joined).filter(|s| !s.is_empty()) {
+                println!(
+                    "volley node agent started (pid {pid}, log {}): joined {address} as {id}",
+                    log.display()
+                );
+                return Ok(());
+            }
+            if !running(&mut child) {
+                let _ = std::fs::remove_file(nodes.join(format!("{pid}.pid")));
+                return Err(VolleyError::execution(format!(
+                    "the node agent stopped; its log ({}):\n{}",
+                    log.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!(
+            "volley node agent started (pid {pid}, log {}); it has not joined {address} \
+             yet: see its log",
+            log.display()
+        );
+        return Ok(());
+    }
+    let token = match &a.token {
+        Some(t) => t.clone(),
+        None => auth::read_token(&dir.join("token")).map_err(|_| {
+            VolleyError::Config("no cluster token: give --token or set VOLLEY_TOKEN".into())
+        })?,
+    };
+    let NodeCapacity {
+        resources,
+        gpus,
+        object_store_memory,
+        object_compression,
+        package_cache_bytes,
+    } = capacity;
     let options = NodeOptions {
         head_address: address,
         token,
@@ -530,7 +631,7 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         dir: dir.join("nodes").join(std::process::id().to_string()),
         // One cache for the agents of this machine.
         package_cache: dir.join("package-cache"),
-        package_cache_bytes: volley::crates::common::parse_bytes(&a.package_cache)?,
+        package_cache_bytes,
         drain_timeout: Duration::from_secs_f64(a.drain_timeout.max(0.0)),
         head_patience: Duration::from_secs_f64(a.head_patience.max(0.0)),
         metrics_port: a.metrics_port,
@@ -596,7 +697,10 @@ pub fn stop() -> Result<()> {
     pids.push(dir.join("head.pid"));
     let mut stopped = 0;
     for p in pids {
-        if let Some(pid) = read_trimmed(&p).and_then(|s| s.parse::<i32>().ok()) {
+        if let Some(pid) = read_trimmed(&p)
+            .and_then(|s| s.parse::<i32>().ok())
+            .filter(|p| started_in_background(*p))
+        {
             if kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok() {
                 stopped += 1;
             }

@@ -38,7 +38,8 @@ enum Command {
     /// Files are read by path in quotes: `SELECT count(*) FROM 'data/*.parquet'`, or
     /// registered as tables with --table.
     Sql {
-        /// The query (several statements separated by `;`); or use -f.
+        /// The query; or use -f. Several statements separated by `;` run in order
+        /// (CREATE, INSERT, COPY take effect), and the last one's rows are the result.
         query: Option<String>,
         /// Read the query from a file.
         #[arg(short = 'f', long = "file")]
@@ -223,15 +224,25 @@ fn run_sql(
     match format {
         Format::Table => {
             let batches = ds.collect()?;
-            let text = volley::arrow::util::pretty::pretty_format_batches(&batches)?;
+            // Headed by the result's columns, also when it has no rows.
+            let text = volley::arrow::util::pretty::pretty_format_batches_with_schema(
+                ds.schema()?,
+                &batches,
+            )?;
             writeln!(out, "{text}")?;
         }
         Format::Csv => {
             let mut w = volley::arrow::csv::WriterBuilder::new()
                 .with_header(true)
                 .build(&mut out);
+            let mut wrote = false;
             for b in ds.iter_batches()? {
                 w.write(&b?)?;
+                wrote = true;
+            }
+            if !wrote {
+                // The header line of a result without rows.
+                w.write(&volley::arrow::array::RecordBatch::new_empty(ds.schema()?))?;
             }
         }
         Format::Json => {

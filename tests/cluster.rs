@@ -3592,6 +3592,58 @@ fn background_start_keeps_the_token_off_command_lines() {
         "{}",
         String::from_utf8_lossy(&node.stderr)
     );
+    // It says so once the head took it.
+    let said = String::from_utf8_lossy(&node.stdout);
+    assert!(said.contains(" as node-1"), "{said}");
+
+    // What cannot work is said before anything starts, or as the agent stops.
+    let refused = |args: &[&str], why: &str| {
+        let run = volley()
+            .args(["start", "--address", address.trim()])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    };
+    refused(&["--token", token, "--num-cpus", "-3"], "--num-cpus -3");
+    refused(
+        &["--token", token, "--memory", "lots"],
+        "--memory: invalid configuration: `lots`",
+    );
+    refused(
+        &[
+            "--token",
+            token,
+            "--memory",
+            "1GiB",
+            "--object-store-memory",
+            "2GiB",
+        ],
+        "more than the node's memory",
+    );
+    refused(&["--token", "wrong"], "the node agent stopped");
+    // A second head on the same state folder leaves the first one alone.
+    let log = std::fs::read_to_string(home.path().join("logs/head.log")).unwrap();
+    let second = volley()
+        .args(["start", "--head", "--port", "0", "--http-port", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && err.contains("a head already runs"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.path().join("head_address")).unwrap(),
+        address
+    );
+    let log_after = std::fs::read_to_string(home.path().join("logs/head.log")).unwrap();
+    assert!(
+        log_after.starts_with(&log),
+        "the head's log was cut:\n{log_after}"
+    );
 
     let mut pids = vec![std::fs::read_to_string(home.path().join("head.pid")).unwrap()];
     for e in std::fs::read_dir(home.path().join("nodes"))
@@ -3632,6 +3684,62 @@ fn background_start_keeps_the_token_off_command_lines() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
+
+    // A stopped job's driver takes what it started with it (here a shell's command).
+    let submit = volley()
+        .args(["job", "submit", "--address", address.trim(), "--"])
+        .args(["sh", "-c", "sleep 987 & wait"])
+        .env("VOLLEY_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        submit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submit.stderr)
+    );
+    let job = String::from_utf8_lossy(&submit.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with("job-"))
+        .expect("a job id")
+        .to_string();
+    let sleeping = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                let env = std::fs::read(e.path().join("environ")).ok()?;
+                (cmdline == b"sleep\0987\0"
+                    && String::from_utf8_lossy(&env).contains(&format!("VOLLEY_JOB_ID={job}")))
+                .then_some(pid)
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sleeping().is_empty() {
+        assert!(Instant::now() < deadline, "the job's command did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stop = volley()
+        .args(["job", "stop", "--address", address.trim(), &job])
+        .env("VOLLEY_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sleeping().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped job's command still runs: {:?}",
+            sleeping()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Resident memory of process `pid` in bytes (0 once it is gone).

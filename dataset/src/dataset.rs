@@ -454,6 +454,7 @@ impl WriteBuilder {
                 for b in ds.stream()? {
                     writer.write(&b?)?;
                 }
+                writer.ensure_file(ds.schema()?)?;
                 writer.finish()
             })();
             return match result {

@@ -120,6 +120,7 @@ pub(crate) fn plan_sql(
     let mut last = None;
     for (i, statement) in statements.into_iter().enumerate() {
         let text = statement.to_string();
+        let is_last = i + 1 == n;
         let plan = ctx
             .exec_context()
             .block_on(async {
@@ -127,7 +128,14 @@ pub(crate) fn plan_sql(
                 let plan = state.statement_to_plan(statement).await?;
                 // DDL (CREATE EXTERNAL TABLE, SET, DROP) takes effect now.
                 let df = sctx.execute_logical_plan(plan).await?;
-                Ok::<_, datafusion::error::DataFusionError>(df.logical_plan().clone())
+                let plan = df.logical_plan().clone();
+                if !is_last {
+                    // A statement before the last runs to its end here, in order (an
+                    // INSERT or a COPY writes, a query's errors show), its rows
+                    // dropped: the last one's rows are the answer.
+                    df.collect().await?;
+                }
+                Ok::<_, datafusion::error::DataFusionError>(plan)
             })
             .map_err(|e| {
                 let e = VolleyError::from(e);

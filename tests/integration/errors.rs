@@ -253,3 +253,102 @@ fn cli_prints_one_line_and_exits_non_zero() {
         "{err}"
     );
 }
+
+/// `volley sql` with `--output` (`-o`) and several statements, from the command line.
+fn volley_sql(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_volley"))
+        .arg("sql")
+        .args(args)
+        .env_remove("VOLLEY_ADDRESS")
+        .output()
+        .unwrap()
+}
+
+/// A single-file output never replaces a folder (nor what it holds), and a result
+/// without rows still makes its file, with the result's columns.
+#[test]
+fn sql_output_keeps_folders_and_writes_results_without_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("precious.csv");
+    std::fs::create_dir_all(folder.join("sub")).unwrap();
+    std::fs::write(folder.join("keep.txt"), "important").unwrap();
+    let out = volley_sql(&["SELECT 1 AS a", "-o", folder.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("is a folder"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(folder.join("keep.txt")).unwrap(),
+        "important"
+    );
+    let litter: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "precious.csv")
+        .collect();
+    assert!(litter.is_empty(), "{litter:?}");
+
+    let empty = "SELECT 1 AS a, 'x' AS b WHERE 1 = 0";
+    let csv = dir.path().join("empty.csv");
+    let out = volley_sql(&[empty, "-o", csv.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().trim(), "a,b");
+    let parquet = dir.path().join("empty.parquet");
+    let out = volley_sql(&[empty, "-o", parquet.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = ctx().read_parquet(parquet.to_str().unwrap()).unwrap();
+    let names: Vec<String> = back
+        .schema()
+        .unwrap()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(back.count().unwrap(), 0);
+    // On stdout too: the header of a result without rows.
+    let out = volley_sql(&[empty, "--format", "csv"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "a,b");
+    let out = volley_sql(&[empty]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| a | b |"), "{table}");
+}
+
+/// Statements before the last run in order, to their end: an INSERT's rows are there
+/// for the next, a COPY writes, and a failing query fails the command.
+#[test]
+fn several_sql_statements_run_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let copied = dir.path().join("copied.csv");
+    let query = format!(
+        "CREATE TABLE t (a INT); INSERT INTO t VALUES (1), (2), (3); \
+         COPY (SELECT a * 10 AS b FROM t) TO '{}' STORED AS CSV; \
+         SELECT count(*) AS n, sum(a) AS s FROM t",
+        copied.display()
+    );
+    let out = volley_sql(&[&query, "--format", "csv"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "n,s\n3,6");
+    let text = std::fs::read_to_string(&copied).unwrap();
+    assert_eq!(text.lines().collect::<Vec<_>>(), ["b", "10", "20", "30"]);
+
+    let out = volley_sql(&["SELECT 1 / 0; SELECT 2 AS b"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("in statement 1") && err.contains("Divide by zero"),
+        "{err}"
+    );
+}

@@ -420,6 +420,12 @@ impl WriteJob {
                     "destination {dest} already exists (choose overwrite or append mode)"
                 )));
             }
+            // One file replaces a file, never a folder (and what it holds).
+            if options.single_file && dest_path.is_dir() {
+                return Err(VolleyError::plan(format!(
+                    "{dest} is a folder: a single-file write replaces a file only"
+                )));
+            }
             if exists
                 && options.mode == WriteMode::Append
                 && (options.single_file || dest_path.is_file())
@@ -614,9 +620,7 @@ impl WriteJob {
         }
         if self.options.single_file {
             let file = ready.join(&summary.files[0]);
-            if dest.exists() {
-                remove_path(dest)?;
-            }
+            // A file is replaced by the rename itself; a folder made meanwhile fails it.
             std::fs::rename(&file, dest)?;
         } else if !dest.exists() {
             std::fs::rename(&ready, dest)?;
@@ -704,14 +708,6 @@ impl WriteJob {
                 std::fs::remove_dir_all(scratch).ok();
             }
         }
-    }
-}
-
-fn remove_path(p: &FsPath) -> std::io::Result<()> {
-    if p.is_dir() {
-        std::fs::remove_dir_all(p)
-    } else {
-        std::fs::remove_file(p)
     }
 }
 

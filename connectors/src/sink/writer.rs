@@ -294,6 +294,18 @@ impl PartWriter {
         Ok(())
     }
 
+    /// Makes the file of a write that had no rows yet, for `schema`: a Parquet file
+    /// without row groups, a CSV file holding its header (where headers are written),
+    /// an empty JSON file. A single-file write of no rows still leaves its file.
+    /// Nothing changes once a file was opened, or where the write is partitioned (its
+    /// folders come from the rows).
+    pub fn ensure_file(&mut self, schema: SchemaRef) -> Result<()> {
+        if self.counter > 0 || !self.options.partition_by.is_empty() {
+            return Ok(());
+        }
+        self.write_to(String::new(), &RecordBatch::new_empty(schema))
+    }
+
     /// Closes every open file and reports what this attempt staged.
     pub fn finish(mut self) -> Result<StagedPart> {
         let mut open: Vec<(String, OpenFile)> = self.open.drain().collect();

@@ -298,6 +298,9 @@ pub async fn run_node_until(
         .into_inner();
     let node_id = reg.node_id;
     info!("joined as {node_id}; objects and workers on {address}");
+    // `volley start` in the background waits for this to say that the node joined.
+    let _ = std::fs::create_dir_all(&options.dir)
+        .and_then(|()| std::fs::write(options.dir.join("node_id"), &node_id));
     let max_workers = ((options.resources.num_cpus.ceil() as usize) * 4).max(8);
     let (reports, report_rx) = mpsc::unbounded_channel();
     // Both stop with this function however it returns (a failed attach included).

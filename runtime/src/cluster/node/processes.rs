@@ -87,7 +87,7 @@ fn malloc_tunables(budget: u64) -> String {
 }
 
 /// The variable of a process's memory budget (`volley.exec.memory_limit`).
-pub(super) const MEMORY_LIMIT_VAR: &str = "VOLLEY_EXEC_MEMORY_LIMIT";
+const MEMORY_LIMIT_VAR: &str = "VOLLEY_EXEC_MEMORY_LIMIT";
 
 /// The memory budget of a job's process on a node offering `resources` with an object
 /// store of `store` bytes: one CPU's share of the node's memory past its store, at
@@ -603,7 +603,10 @@ impl Agent {
             )
             .env("CUDA_VISIBLE_DEVICES", join_ids(&d.gpu_ids))
             .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log));
+            .stderr(Stdio::from(log))
+            // It leads a process group of its own: a stopped job's driver takes the
+            // processes it started with it (a shell's commands).
+            .process_group(0);
         let mut child = self.spawner.spawn(cmd).await.map_err(|e| {
             VolleyError::execution(format!("cannot start {:?}: {e}", job.entrypoint[0]))
         })?;
@@ -621,6 +624,12 @@ impl Agent {
             tokio::select! {
                 s = child.wait() => break (s.ok().and_then(|s| s.code()).unwrap_or(-1), false),
                 _ = &mut kill_rx => {
+                    if let Some(pid) = child.id() {
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
                     let _ = child.start_kill();
                     let _ = child.wait().await;
                     break (-1, true);

@@ -36,11 +36,11 @@ impl PendingReport {
 /// and the head's cost per task falls with them: 20,000 no-op tasks on two one-CPU
 /// nodes took ~0.22 s of the head's CPU with 20 ms here against ~0.28 s with 8 ms, and
 /// the job took no longer.
-pub(super) const REPORT_LINGER: Duration = Duration::from_millis(20);
+const REPORT_LINGER: Duration = Duration::from_millis(20);
 
 /// Whether the agent is attached to a head: reports wait while it is not (a head that
 /// restarted hears them once the node has rejoined it).
-pub(super) type Attached = tokio::sync::watch::Receiver<bool>;
+type Attached = tokio::sync::watch::Receiver<bool>;
 
 /// Sends task reports to the head, many per call: the reports that arrive while one
 /// call is on its way go together in the next, and while tasks wait ahead here (so no
