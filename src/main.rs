@@ -188,6 +188,7 @@ fn run_sql(
     for t in tables {
         let (name, path) = t
             .split_once('=')
+            .filter(|(name, path)| !name.trim().is_empty() && !path.trim().is_empty())
             .ok_or_else(|| VolleyError::plan(format!("--table {t}: expected NAME=PATH")))?;
         files.push((name.to_string(), path.to_string()));
     }
@@ -232,6 +233,8 @@ fn run_sql(
             writeln!(out, "{text}")?;
         }
         Format::Csv => {
+            volley::crates::connectors::csv_can_hold(ds.schema()?.as_ref())
+                .map_err(|e| e.context("--format csv"))?;
             let mut w = volley::arrow::csv::WriterBuilder::new()
                 .with_header(true)
                 .build(&mut out);

@@ -243,7 +243,13 @@ impl VolleyConfig {
             _ => Err(bad("true or false")),
         };
         match key {
-            "volley.exec.memory_limit" => self.exec.memory_limit = Some(parse_bytes(value)?),
+            "volley.exec.memory_limit" => {
+                let bytes = parse_bytes(value)?;
+                if bytes == 0 {
+                    return Err(bad("a byte size above 0"));
+                }
+                self.exec.memory_limit = Some(bytes);
+            }
             "volley.exec.batch_size" => {
                 let n: usize = value.parse().map_err(|_| bad("a row count"))?;
                 if n == 0 {

@@ -189,6 +189,11 @@ impl From<ErrorReport> for VolleyError {
     }
 }
 
+/// The sentence DataFusion ends its internal errors with.
+const DATAFUSION_BUG: &str = "This issue was likely caused by a bug in DataFusion's code. \
+    Please help us to resolve this by filing a bug report in our issue tracker: \
+    https://github.com/apache/datafusion/issues";
+
 /// DataFusion prefixes its messages with its own category names ("Error during
 /// planning: ", "Arrow error: "); keep them, they help, but strip back-to-back
 /// context wrappers that only repeat themselves.
@@ -198,7 +203,18 @@ fn display_datafusion(e: &DataFusionError) -> String {
         other => {
             // `Parquet error: Parquet error: ...`: DataFusion's category in front of a
             // message that already starts with it.
-            let text = other.to_string();
+            let mut text = other.to_string();
+            if !matches!(other, DataFusionError::Internal(_)) {
+                // A user's mistake (`sum` of strings) that DataFusion tells as an
+                // internal error inside a planning error: not a bug to report.
+                text = text
+                    .replacen(
+                        "Error during planning: Internal error: ",
+                        "Error during planning: ",
+                        1,
+                    )
+                    .replace(&format!("\n{DATAFUSION_BUG}"), "");
+            }
             match text.split_once(": ") {
                 Some((head, rest)) if rest.starts_with(&format!("{head}: ")) => rest.to_string(),
                 _ => text,

@@ -31,8 +31,8 @@ pub use listing::{cast_to_plain_strings, file_scan_config, plain_strings, FileSc
 pub use named_scan::{name_file_errors, NamedFileScanExec};
 pub use registry::VolleyObjectStoreRegistry;
 pub use sink::{
-    Compression, PartWriter, RemotePart, StagedPart, WriteFormat, WriteJob, WriteMode,
-    WriteOptions, WriteSummary,
+    csv_can_hold, Compression, PartWriter, RemotePart, StagedPart, WriteFormat, WriteJob,
+    WriteMode, WriteOptions, WriteSummary,
 };
 pub use source::{DataSource, ReadTask, ScanRequest};
 pub use table::{file_table, view_strings_table, FileTableFactory};

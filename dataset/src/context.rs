@@ -202,7 +202,11 @@ impl Context {
             disk = disk.with_mode(DiskManagerMode::Directories(vec![dir.into()]));
         }
         env = env.with_disk_manager_builder(disk);
-        let env = env.build_arc()?;
+        let env = env.build_arc().map_err(|e| match &config.exec.spill_dir {
+            Some(dir) => volley_common::VolleyError::from(e)
+                .context(format!("the spill folder {}", dir.display())),
+            None => volley_common::VolleyError::from(e),
+        })?;
         let mut session = SessionConfig::new()
             .with_target_partitions(
                 config

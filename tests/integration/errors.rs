@@ -352,3 +352,43 @@ fn several_sql_statements_run_in_order() {
         "{err}"
     );
 }
+
+/// Options and values the command cannot use say which one, before anything runs.
+#[test]
+fn sql_options_and_columns_it_cannot_use_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let fails = |args: &[&str], why: &str| {
+        let out = volley_sql(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+        assert!(!err.contains("filing a bug report"), "{args:?}: {err}");
+    };
+    fails(
+        &["SELECT 1", "--memory-limit", "0"],
+        "expected a byte size above 0",
+    );
+    fails(
+        &["SELECT 1", "--table", "=x.parquet"],
+        "--table =x.parquet: expected NAME=PATH",
+    );
+    fails(
+        &["SELECT 1", "--spill-dir", "/nonexistent/spill"],
+        "the spill folder /nonexistent/spill",
+    );
+    fails(
+        &["SELECT make_array(1, 2) AS l", "--format", "csv"],
+        "column `l` is List(Int64), which CSV cannot hold",
+    );
+    let csv = dir.path().join("l.csv");
+    fails(
+        &["SELECT make_array(1, 2) AS l", "-o", csv.to_str().unwrap()],
+        "column `l` is List(Int64), which CSV cannot hold",
+    );
+    assert!(!csv.exists());
+    // A user's type mistake is not a bug to report to DataFusion.
+    fails(
+        &["SELECT sum(s) FROM (SELECT 'a' AS s)"],
+        "No function matches",
+    );
+}

@@ -32,7 +32,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use volley_common::{Result, ResultExt, VolleyError};
 
-pub use writer::PartWriter;
+pub use writer::{csv_can_hold, PartWriter};
 
 /// The format written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -197,6 +197,9 @@ impl PartWriter {
         };
         let relative = format!("{folder}{}-{}.{ext}{comp_ext}", self.prefix, self.counter);
         self.counter += 1;
+        if self.options.format == WriteFormat::Csv {
+            csv_can_hold(&schema)?;
+        }
         let local = self.local_dir.join(&relative);
         if !folder.is_empty() {
             create_dirs_below(&self.local_dir, folder)?;
@@ -317,6 +320,20 @@ impl PartWriter {
             folder: std::mem::take(&mut self.folder),
             summary: std::mem::take(&mut self.summary),
         })
+    }
+}
+
+/// An error naming the first column of `schema` that CSV cannot hold (a list, struct,
+/// map or union), if any.
+pub fn csv_can_hold(schema: &arrow::datatypes::Schema) -> Result<()> {
+    match schema.fields().iter().find(|f| f.data_type().is_nested()) {
+        Some(f) => Err(VolleyError::plan(format!(
+            "column `{}` is {}, which CSV cannot hold (write JSON or Parquet, or turn it \
+             into a string first)",
+            f.name(),
+            f.data_type()
+        ))),
+        None => Ok(()),
     }
 }
 
