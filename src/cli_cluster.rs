@@ -111,7 +111,8 @@ pub enum JobCommand {
         /// A name for the job.
         #[arg(long, default_value = "")]
         name: String,
-        /// Wait for the job to end, printing its log; exit with its outcome.
+        /// Wait for the job to end, printing its log; exit 0 if it succeeded, else with its
+        /// driver's exit code (1 where it has none).
         #[arg(long)]
         wait: bool,
         /// The program and its arguments.
@@ -788,16 +789,22 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             client.logs(&id, true, &mut stdout.lock())?;
             let info = client.wait(&id, Duration::from_secs(u64::MAX / 4))?;
             eprintln!("job {id}: {} {}", info.state, info.error);
-            if info.state == JobState::Succeeded {
-                Ok(())
-            } else {
-                Err(VolleyError::execution(format!("job {id} {}", info.state)))
+            match info.state {
+                JobState::Succeeded => Ok(()),
+                // The driver's own exit code, where it gave one.
+                JobState::Failed if (1..=255).contains(&info.exit_code) => {
+                    std::process::exit(info.exit_code)
+                }
+                state => Err(VolleyError::execution(format!("job {id} {state}"))),
             }
         }
         JobCommand::Status { conn, id } => {
             let client = conn.client()?;
             let j = client.status(&id)?;
             println!("job:        {}", j.job_id);
+            if !j.name.is_empty() {
+                println!("name:       {}", j.name);
+            }
             println!("state:      {}", j.state);
             println!("entrypoint: {}", j.entrypoint.join(" "));
             if !j.node_id.is_empty() {
@@ -848,8 +855,13 @@ pub fn job(cmd: JobCommand) -> Result<()> {
         }
         JobCommand::List { conn } => {
             for j in conn.client()?.list()? {
+                let name = if j.name.is_empty() {
+                    String::new()
+                } else {
+                    format!("[{}] ", j.name)
+                };
                 println!(
-                    "{:<20} {:<10} {}",
+                    "{:<20} {:<10} {name}{}",
                     j.job_id,
                     j.state,
                     j.entrypoint.join(" ")

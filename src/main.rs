@@ -159,6 +159,14 @@ fn run(cli: Cli) -> Result<()> {
             // A query's workers keep nothing of it: the next query's job may use them.
             let cluster = conn.cluster_if_named(true)?;
             if let Some(cluster) = &cluster {
+                // Its tasks wait for a node: say so rather than seem to hang.
+                if !cluster.status()?.nodes.iter().any(|n| n.alive()) {
+                    eprintln!(
+                        "volley: the cluster at {} has no node yet: the query's work for \
+                         the nodes waits until one joins (volley start --address {0})",
+                        cluster.address()
+                    );
+                }
                 ctx = ctx.with_cluster(cluster.clone());
             }
             let ran = run_sql(&ctx, &query, &tables, format, output, explain, stats);

@@ -3685,6 +3685,43 @@ fn background_start_keeps_the_token_off_command_lines() {
         .unwrap();
     assert!(!refused.status.success());
 
+    // `--wait` ends with the driver's exit code; the job's name is listed.
+    let failed = volley()
+        .args([
+            "job",
+            "submit",
+            "--address",
+            address.trim(),
+            "--name",
+            "nightly",
+        ])
+        .args(["--wait", "--", "sh", "-c", "exit 3"])
+        .env("VOLLEY_TOKEN", token)
+        .output()
+        .unwrap();
+    assert_eq!(
+        failed.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    let list = volley()
+        .args(["job", "list", "--address", address.trim()])
+        .env("VOLLEY_TOKEN", token)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    let line = list.lines().find(|l| l.contains("[nightly]")).expect(&list);
+    assert!(line.contains("FAILED"), "{list}");
+    let id = line.split_whitespace().next().unwrap();
+    let status = volley()
+        .args(["job", "status", "--address", address.trim(), id])
+        .env("VOLLEY_TOKEN", token)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("name:       nightly"), "{status}");
+
     // A stopped job's driver takes what it started with it (here a shell's command).
     let submit = volley()
         .args(["job", "submit", "--address", address.trim(), "--"])
