@@ -649,6 +649,14 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     assert_eq!(checksum(&out), checksum(&local));
     let nodes = distinct_nodes(&out);
     assert_eq!(nodes, 3, "every node computes part of the job");
+    // Its execution's statistics count the rows its tasks wrote on the nodes.
+    let status = c.volley().args(["job", "status", &job]).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    let read = status
+        .lines()
+        .find(|l| l.starts_with("  0 ReadParquet"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(read.contains(" 240000 rows "), "{status}");
 
     // `/metrics`: refused without the token; read by Prometheus' own parser; its
     // values are those `volley status` shows.

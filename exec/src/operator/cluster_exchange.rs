@@ -659,7 +659,7 @@ fn submit_output(
                 Box::new(move |meta| {
                     let block = match meta {
                         Ok(m) if m.rows == 0 && write.is_none() => Ok(None),
-                        meta => task_result(&cluster, write.as_ref(), output, meta),
+                        meta => task_result(&cluster, write.as_ref(), output, meta, &work),
                     };
                     work.finish(block);
                     then(&mut progress.lock().expect("exchange lock"));

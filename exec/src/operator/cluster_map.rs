@@ -132,7 +132,8 @@ impl Operator for ClusterMapOp {
                         Box::new(move |meta| {
                             // The inputs are freed once the task is done with them.
                             drop(bundle);
-                            work.finish(task_result(&cluster, write.as_ref(), object, meta))
+                            let result = task_result(&cluster, write.as_ref(), object, meta, &work);
+                            work.finish(result)
                         }),
                     );
                 }

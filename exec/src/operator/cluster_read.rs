@@ -15,7 +15,7 @@ use volley_runtime::cluster::{
     object_value, Cluster, EncodedTask, ObjectMeta, ObjectRef, Resources, TaskOptions,
 };
 
-use super::{Expected, Operator, OutputEstimate, StepContext};
+use super::{Expected, Operator, OutputEstimate, RemoteWork, StepContext};
 use crate::plan::{ReadTasks, SampledTasks, WriteTarget};
 use crate::queue::{Block, RemoteBlock};
 
@@ -157,20 +157,25 @@ pub(crate) fn submit_sample(
     }
 }
 
-/// What a finished stage task hands on: its object as a block, or (for a write) the part
-/// it staged, recorded in the write's target. An object of no rows is no block: it
-/// carries nothing, and one made by a transform that never ran (its input had no rows)
-/// holds no batch to tell its schema.
+/// What a finished stage task (`work`) hands on: its object as a block, or (for a
+/// write) the part it staged, recorded in the write's target, its rows and bytes in
+/// the operator's statistics. An object of no rows is no block: it carries nothing,
+/// and one made by a transform that never ran (its input had no rows) holds no batch
+/// to tell its schema.
 pub(crate) fn task_result(
     cluster: &Cluster,
     write: Option<&Arc<WriteTarget>>,
     object: ObjectRef,
     meta: Result<ObjectMeta>,
+    work: &RemoteWork,
 ) -> Result<Option<Block>> {
     let meta = meta?;
     match write {
         Some(target) => {
             let staged: StagedPart = object_value(&cluster.get(&object)?)?;
+            let written = &staged.summary;
+            work.counters
+                .output(written.rows as usize, written.bytes as usize);
             target.parts.lock().expect("write lock").push(staged);
             Ok(None)
         }
@@ -211,7 +216,8 @@ impl Operator for ClusterReadOp {
                     cx.watch().add(
                         watched,
                         Box::new(move |meta| {
-                            work.finish(task_result(&cluster, write.as_ref(), object, meta))
+                            let result = task_result(&cluster, write.as_ref(), object, meta, &work);
+                            work.finish(result)
                         }),
                     );
                 }

@@ -129,7 +129,10 @@ impl ClusterRowsOp {
                 let output = object.clone();
                 cx.watch().add(
                     object,
-                    Box::new(move |meta| work.finish(task_result(&cluster, None, output, meta))),
+                    Box::new(move |meta| {
+                        let result = task_result(&cluster, None, output, meta, &work);
+                        work.finish(result)
+                    }),
                 );
             }
             Err(e) => work.abandon(e),
