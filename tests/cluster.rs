@@ -2681,6 +2681,18 @@ fn sql_stages_run_on_the_cluster_nodes() {
             && stderr.contains(" failed on node-"),
         "{stderr}"
     );
+    // A division by zero in a stage that runs on the nodes: named as in one process,
+    // with the file (its whole path) and the node.
+    let query = format!("SELECT x / (x - x) AS y FROM '{}/'", input.display());
+    let out = c.volley().args(["sql", &query]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("dividing by zero in `")
+            && stderr.contains(&format!("reading {}/part-", input.display()))
+            && stderr.contains(" failed on node-"),
+        "{stderr}"
+    );
 }
 
 /// The 22 TPC-H queries through `volley sql` on a head and three node agents give

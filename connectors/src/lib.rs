@@ -28,7 +28,7 @@ mod text;
 
 pub use format::{CsvReadOptions, FileFormatKind};
 pub use listing::{cast_to_plain_strings, file_scan_config, plain_strings, FileScan};
-pub use named_scan::{name_file_errors, NamedFileScanExec};
+pub use named_scan::{file_label, name_file_errors, NamedFileScanExec};
 pub use registry::VolleyObjectStoreRegistry;
 pub use sink::{
     csv_can_hold, Compression, PartWriter, RemotePart, StagedPart, WriteFormat, WriteJob,

@@ -166,7 +166,7 @@ impl ExecutionPlan for NamedFileScanExec {
 
 /// What names the file in an error: its path, and the byte range when a task reads
 /// part of it.
-pub(crate) fn file_label(store: &ObjectStoreUrl, file: &PartitionedFile) -> String {
+pub fn file_label(store: &ObjectStoreUrl, file: &PartitionedFile) -> String {
     let name = crate::listing::display_location(store, &file.object_meta.location);
     match &file.range {
         Some(r) => format!("{name} [bytes {}..{}]", r.start, r.end),

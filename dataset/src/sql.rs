@@ -646,11 +646,15 @@ fn name_division(
     e: datafusion::error::DataFusionError,
     divisions: &[String],
 ) -> datafusion::error::DataFusionError {
-    let from_volley = matches!(
-        e.find_root(),
-        datafusion::error::DataFusionError::External(inner) if inner.is::<VolleyError>()
-    );
-    if from_volley || !divides_by_zero(&e) {
+    let volley = match e.find_root() {
+        datafusion::error::DataFusionError::External(inner) => inner.downcast_ref::<VolleyError>(),
+        _ => None,
+    };
+    let ours = match volley {
+        Some(v) => remote_division_by_zero(v),
+        None => divides_by_zero(&e),
+    };
+    if !ours {
         return e;
     }
     /// Named at most; more are counted.
@@ -668,6 +672,17 @@ fn name_division(
         _ => format!("dividing by zero in one of {}", named.join(", ")),
     };
     VolleyError::from(e).context(place).into()
+}
+
+/// Whether `e` is a division by zero in a task of this plan that ran on a node: its
+/// error came back as text (`task ... failed on node-2: ... Divide by zero error`),
+/// not as Arrow's error. One of a volley Dataset's steps read as a table names its
+/// column itself (`computing column ...`).
+fn remote_division_by_zero(e: &VolleyError) -> bool {
+    let text = e.to_string();
+    text.contains(" failed on ")
+        && text.ends_with("Divide by zero error")
+        && !text.contains("computing column `")
 }
 
 /// Whether `e` is, or was caused by, Arrow's division by zero (what the kernels of `/`

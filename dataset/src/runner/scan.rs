@@ -18,7 +18,9 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::scalar_subquery::ScalarSubqueryExpr;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use volley_common::{Result, VolleyError};
-use volley_runtime::cluster::{Cluster, EncodedTask, ObjectRef, Resources, TaskOptions};
+use volley_runtime::cluster::{
+    name_task_error, Cluster, EncodedTask, ObjectRef, Resources, TaskOptions,
+};
 
 use super::stage::{plan_bytes, StageInput, StageTask};
 use crate::handover::{thread_stream, Handover};
@@ -103,13 +105,7 @@ impl ClusterScanExec {
         group
             .iter()
             .map(|file| {
-                let label = match &file.range {
-                    Some(r) => format!(
-                        "{} [bytes {}..{}]",
-                        file.object_meta.location, r.start, r.end
-                    ),
-                    None => file.object_meta.location.to_string(),
-                };
+                let label = volley_connectors::file_label(&self.config.object_store_url, file);
                 let one = FileScanConfigBuilder::from(self.config.clone())
                     .with_file_groups(vec![FileGroup::new(vec![file.clone()])])
                     .build();
@@ -147,7 +143,7 @@ fn run_tasks(cluster: &Cluster, tasks: Vec<(String, EncodedTask)>, tx: &Handover
         };
         let batches = cluster
             .get(&object)
-            .map_err(|e| e.context(format!("task {label}")))?;
+            .map_err(|e| name_task_error(e, &format!("task {label}")))?;
         for b in batches {
             if !tx.send(b) {
                 // The consumer went away.

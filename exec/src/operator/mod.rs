@@ -30,6 +30,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use volley_common::{Result, VolleyError};
 use volley_connectors::PartWriter;
+use volley_runtime::cluster::name_task_error;
 use volley_runtime::ResourceRequest;
 
 pub(crate) use actor_pool::ActorPoolOp;
@@ -377,7 +378,7 @@ impl BackgroundWork {
         match result {
             Ok(()) => {}
             Err(e) if e.is_cancelled() => {}
-            Err(e) => self.shared.fail(e.context(&self.label)),
+            Err(e) => self.shared.fail(name_task_error(e, &self.label)),
         }
         self.counters.task_done(std::time::Duration::ZERO);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -425,7 +426,7 @@ impl RemoteWork {
             }
             Ok(None) => {}
             Err(e) if e.is_cancelled() => {}
-            Err(e) => self.shared.fail(e.context(&self.label)),
+            Err(e) => self.shared.fail(name_task_error(e, &self.label)),
         }
         self.out.finish_seq(self.seq);
         self.counters.task_done(std::time::Duration::ZERO);

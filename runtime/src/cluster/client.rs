@@ -706,8 +706,10 @@ impl Cluster {
     }
 
     /// Tells the head how Dataset execution `id` of this job is going (its `/metrics`,
-    /// `volley job status`). Sent in the background: the caller never waits, and a
-    /// report that fails is dropped (the next one replaces it).
+    /// `volley job status`). Sent in the background: a report that fails is dropped
+    /// (the next one replaces it). The caller waits for the last one (`finished`), at
+    /// most two seconds, so that a driver that exits right after its execution still
+    /// leaves its final figures.
     pub fn report_execution(
         &self,
         id: &str,
@@ -723,9 +725,14 @@ impl Cluster {
             started_ms,
         };
         let mut head = self.inner.head.clone();
+        let (sent, delivered) = std::sync::mpsc::channel();
         self.inner.rt.spawn(async move {
             let _ = head.report_execution(request).await;
+            let _ = sent.send(());
         });
+        if finished {
+            let _ = delivered.recv_timeout(Duration::from_secs(2));
+        }
     }
 
     fn new_id(&self, kind: &str) -> String {

@@ -69,7 +69,7 @@ pub use task::{
     RemoteActor, RemoteTask, TaskContext,
 };
 pub use tls::TlsConfig;
-pub use worker::{is_worker, run_worker};
+pub use worker::{is_worker, name_task_error, run_worker};
 
 /// A running head: its addresses.
 #[derive(Debug, Clone)]

@@ -464,11 +464,25 @@ impl Link<'_> {
                 report.outcome = Outcome::Failed as i32;
                 // The category travels with the message (a cancelled task, a user
                 // function's failure, a lack of resources are told apart by the driver).
-                let e = e.context(format!("task {label} failed on {}", self.node_id));
+                let e = e.context(format!("task {label} {FAILED_ON} {}", self.node_id));
                 report.error = Some(wire_error(&ErrorReport::from(&e)));
             }
         }
         (report, output)
+    }
+}
+
+/// What a task's error says after the task's name: `task X failed on node-2: ...`.
+const FAILED_ON: &str = "failed on";
+
+/// `e`, the error of cluster task `name` (as its caller names it: `task X`), with
+/// that name in front, unless the node that ran the task already said it
+/// (`task X failed on node-2: ...`).
+pub fn name_task_error(e: VolleyError, name: &str) -> VolleyError {
+    if e.to_string().starts_with(&format!("{name} {FAILED_ON} ")) {
+        e
+    } else {
+        e.context(name)
     }
 }
 
