@@ -140,6 +140,7 @@ impl ExecutionPlan for NamedFileScanExec {
             .with_morselizer(Box::new(NamingMorselizer {
                 inner: morselizer,
                 store: config.object_store_url.clone(),
+                csv: config.file_source.file_type() == "csv",
             }))
             .with_metrics(source.metrics())
             .build()?;
@@ -174,8 +175,75 @@ pub fn file_label(store: &ObjectStoreUrl, file: &PartitionedFile) -> String {
     }
 }
 
-fn named(label: &str, e: DataFusionError) -> DataFusionError {
-    DataFusionError::Context(format!("reading {label}"), Box::new(e))
+/// What names a file's errors: its label, and for a local CSV file, where its lines
+/// are counted from.
+#[derive(Debug)]
+struct Naming {
+    label: String,
+    lines: Option<LineOrigin>,
+}
+
+/// A CSV file read from byte `start`: Arrow's parser counts lines from there (from 0,
+/// the header included), so a parse error's line is counted again from the file's
+/// start, 1 for its first line, as an editor shows it (where no quoted value holds a
+/// line break: Arrow counts records).
+#[derive(Debug)]
+struct LineOrigin {
+    path: std::path::PathBuf,
+    start: u64,
+}
+
+impl LineOrigin {
+    /// `message` (Arrow's `... at line N. Row data: ...`) with the line counted in the
+    /// file; `None` where it names no line or the file cannot be read.
+    fn renumber(&self, message: &str) -> Option<String> {
+        const AT: &str = " at line ";
+        let at = message.find(AT)? + AT.len();
+        let digits = message[at..].bytes().take_while(u8::is_ascii_digit).count();
+        let line: u64 = message[at..at + digits].parse().ok()?;
+        // The split's first line is the first that starts at or after `start`: the
+        // lines before it are the first and one per newline before `start - 1`.
+        let before = if self.start == 0 {
+            0
+        } else {
+            use std::io::Read;
+            let file = std::fs::File::open(&self.path).ok()?;
+            let mut prefix = std::io::BufReader::new(file).take(self.start - 1);
+            let mut newlines = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = prefix.read(&mut buf).ok()?;
+                if n == 0 {
+                    break;
+                }
+                newlines += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+            }
+            1 + newlines
+        };
+        Some(format!(
+            "{}{}{}",
+            &message[..at],
+            before + line + 1,
+            &message[at + digits..]
+        ))
+    }
+}
+
+fn named(naming: &Naming, e: DataFusionError) -> DataFusionError {
+    let e = match (&naming.lines, e.find_root()) {
+        (Some(origin), DataFusionError::ArrowError(a, _)) => match a.as_ref() {
+            arrow::error::ArrowError::ParseError(m) => match origin.renumber(m) {
+                Some(m) => DataFusionError::ArrowError(
+                    Box::new(arrow::error::ArrowError::ParseError(m)),
+                    None,
+                ),
+                None => e,
+            },
+            _ => e,
+        },
+        _ => e,
+    };
+    DataFusionError::Context(format!("reading {}", naming.label), Box::new(e))
 }
 
 /// Wraps a format's morselizer: every planner, pending read and morsel of a file
@@ -184,11 +252,20 @@ fn named(label: &str, e: DataFusionError) -> DataFusionError {
 struct NamingMorselizer {
     inner: Box<dyn Morselizer>,
     store: ObjectStoreUrl,
+    /// The files are CSV: their parse errors count lines.
+    csv: bool,
 }
 
 impl Morselizer for NamingMorselizer {
     fn plan_file(&self, file: PartitionedFile) -> DfResult<Box<dyn MorselPlanner>> {
-        let label: Arc<str> = file_label(&self.store, &file).into();
+        let lines = (self.csv && self.store.as_str().starts_with("file://")).then(|| LineOrigin {
+            path: std::path::PathBuf::from(format!("/{}", file.object_meta.location)),
+            start: file.range.as_ref().map_or(0, |r| r.start.max(0) as u64),
+        });
+        let label = Arc::new(Naming {
+            label: file_label(&self.store, &file),
+            lines,
+        });
         let planner = self.inner.plan_file(file).map_err(|e| named(&label, e))?;
         Ok(Box::new(NamingPlanner {
             inner: planner,
@@ -200,11 +277,11 @@ impl Morselizer for NamingMorselizer {
 #[derive(Debug)]
 struct NamingPlanner {
     inner: Box<dyn MorselPlanner>,
-    label: Arc<str>,
+    label: Arc<Naming>,
 }
 
 impl NamingPlanner {
-    fn wrap(inner: Box<dyn MorselPlanner>, label: &Arc<str>) -> Box<dyn MorselPlanner> {
+    fn wrap(inner: Box<dyn MorselPlanner>, label: &Arc<Naming>) -> Box<dyn MorselPlanner> {
         Box::new(NamingPlanner {
             inner,
             label: Arc::clone(label),
@@ -250,7 +327,7 @@ impl MorselPlanner for NamingPlanner {
 #[derive(Debug)]
 struct NamingMorsel {
     inner: Box<dyn Morsel>,
-    label: Arc<str>,
+    label: Arc<Naming>,
 }
 
 impl Morsel for NamingMorsel {

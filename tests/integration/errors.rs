@@ -88,6 +88,43 @@ fn ragged_and_mistyped_csv() {
     std::fs::write(&mistyped, body).unwrap();
     let e = err_of(c.read_csv(mistyped.to_str().unwrap()).unwrap().collect());
     assert!(e.contains("typed.csv") && e.contains("oops"), "{e}");
+
+    // Through SQL, the line as an editor counts it (the header is line 1), also in a
+    // file large enough to be read in parts: counted from the file's start, not from
+    // the part's.
+    let big = dir.path().join("big.csv");
+    let mut body = String::from("id,v\n");
+    for i in 0..300_000 {
+        if i == 200_000 {
+            body.push_str("200000,oops\n");
+        } else {
+            body.push_str(&format!("{i},{}\n", i * 2));
+        }
+    }
+    std::fs::write(&big, body).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(["sql", &format!("SELECT sum(v) FROM '{}'", big.display())])
+        .env_remove("VOLLEY_ADDRESS")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("big.csv [bytes ") && e.contains("at line 200002."),
+        "{e}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args([
+            "sql",
+            &format!("SELECT sum(b) FROM '{}'", mistyped.display()),
+        ])
+        .env_remove("VOLLEY_ADDRESS")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("typed.csv") && e.contains("at line 2002."),
+        "{e}"
+    );
 }
 
 #[test]
