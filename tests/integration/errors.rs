@@ -115,7 +115,7 @@ fn ragged_and_mistyped_csv() {
     let out = Command::new(env!("CARGO_BIN_EXE_volley"))
         .args([
             "sql",
-            &format!("SELECT sum(b) FROM '{}'", mistyped.display()),
+            &format!("SELECT sum(a) FROM '{}'", mistyped.display()),
         ])
         .env_remove("VOLLEY_ADDRESS")
         .output()
