@@ -75,8 +75,8 @@ use datafusion_proto::physical_plan::{
 use serde::{Deserialize, Serialize};
 use volley_common::{Result, ResultExt, VolleyError};
 use volley_runtime::cluster::{
-    Cluster, EncodedTask, ObjectGroup, ObjectRef, ObjectState, RemoteTask, Resources, TaskContext,
-    TaskInput, TaskOptions,
+    name_task_error, Cluster, EncodedTask, ObjectGroup, ObjectRef, ObjectState, RemoteTask,
+    Resources, TaskContext, TaskInput, TaskOptions,
 };
 
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
@@ -1195,10 +1195,11 @@ impl RemoteTask for QueryStageTask {
         .with_context(|| format!("rebuilding {}", self.label))?;
         let plan = volley_connectors::name_file_errors(plan)
             .with_context(|| format!("rebuilding {}", self.label))?;
+        // Its errors go back as `task query {label} failed on {node}: ...`: the worker
+        // names the task.
         let label = &self.label;
         match self.kind {
-            StageKind::Gather => run_partition(&ctx, &plan, self.partition, task_ctx)
-                .map_err(|e| e.context(label.clone())),
+            StageKind::Gather => run_partition(&ctx, &plan, self.partition, task_ctx),
             StageKind::Exchange { partitions } => {
                 let r = plan.downcast_ref::<RepartitionExec>().ok_or_else(|| {
                     VolleyError::internal(format!("{label}: an exchange stage's root"))
@@ -1207,11 +1208,10 @@ impl RemoteTask for QueryStageTask {
                     Partitioning::Hash(exprs, _) => Some(exprs.clone()),
                     _ => None,
                 };
-                let batches = run_partition(&ctx, r.input(), self.partition, task_ctx)
-                    .map_err(|e| e.context(label.clone()))?;
+                let batches = run_partition(&ctx, r.input(), self.partition, task_ctx)?;
                 route(&batches, exprs.as_deref(), partitions, self.partition)
                     .and_then(|routes| batches_per_partition(batches, &routes, partitions))
-                    .with_context(|| format!("{label}: splitting its rows into partitions"))
+                    .context("splitting its rows into partitions")
             }
         }
     }
@@ -1469,7 +1469,10 @@ impl ExecutionPlan for ClusterStageExec {
                             .pop();
                         match state {
                             Some(ObjectState::Ready(meta)) => break meta.rows,
-                            Some(ObjectState::Failed(e)) => return Err(e.context(label)),
+                            // The node that ran it named the task already.
+                            Some(ObjectState::Failed(e)) => {
+                                return Err(name_task_error(e, &format!("task query {label}")))
+                            }
                             _ => {}
                         }
                     };
