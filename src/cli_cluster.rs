@@ -309,8 +309,7 @@ fn runtime_with(threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
 /// Starts this program again in the background with `args` (this `volley start`'s own,
 /// less `--block`), its output going to `log`. A token given with `--token` travels in
 /// the child's environment, never on its command line, where `ps` shows it to every
-/// local user. Returns the child's pid.
-/// Starts this program again in the background (`--block`), its output in `log`.
+/// local user. Returns the child, to watch whether it still runs.
 fn daemonize(args: &[String], token: Option<&str>, log: &Path) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
@@ -354,21 +353,37 @@ fn background_args(args: &[String]) -> Vec<String> {
     out
 }
 
-fn wait_for_file(path: &Path, log: &Path, child: &mut std::process::Child) -> Result<String> {
-    for _ in 0..300 {
+/// What a background process wrote for `volley start` to read.
+enum Waited {
+    /// The file's content.
+    Written(String),
+    /// The process ended first.
+    Exited,
+    /// Neither, in the time given.
+    TimedOut,
+}
+
+/// Waits up to `polls` times 50 ms for `path` to hold something, while `child` runs.
+fn wait_for_file(path: &Path, child: &mut std::process::Child, polls: u32) -> Waited {
+    for _ in 0..polls {
         if let Some(s) = read_trimmed(path).filter(|s| !s.is_empty()) {
-            return Ok(s);
+            return Waited::Written(s);
         }
         if !running(child) {
-            break;
+            return Waited::Exited;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(VolleyError::execution(format!(
-        "the process did not start; its log ({}):\n{}",
+    Waited::TimedOut
+}
+
+/// `what` ended or did not start: the error, with its log.
+fn stopped_with_log(what: &str, log: &Path) -> VolleyError {
+    VolleyError::execution(format!(
+        "{what}; its log ({}):\n{}",
         log.display(),
         std::fs::read_to_string(log).unwrap_or_default()
-    )))
+    ))
 }
 
 /// `volley start`.
@@ -430,10 +445,11 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         let mut child = daemonize(&args, a.token.as_deref(), &log)?;
         let pid = child.id();
         std::fs::write(dir.join("head.pid"), pid.to_string())?;
-        let address =
-            wait_for_file(&dir.join("head_address"), &log, &mut child).inspect_err(|_| {
-                let _ = std::fs::remove_file(dir.join("head.pid"));
-            })?;
+        let Waited::Written(address) = wait_for_file(&dir.join("head_address"), &mut child, 300)
+        else {
+            let _ = std::fs::remove_file(dir.join("head.pid"));
+            return Err(stopped_with_log("the process did not start", &log));
+        };
         println!(
             "volley head started at {address} (pid {pid}, log {})",
             log.display()
@@ -582,29 +598,21 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         // The agent writes its id once the head took it (a wrong token or address
         // ends it, or keeps it trying).
         let joined = nodes.join(pid.to_string()).join("node_id");
-        for _ in 0..200 {
-            if let Some(id) = read_trimmed(&joined).filter(|s| !s.is_empty()) {
-                println!(
-                    "volley node agent started (pid {pid}, log {}): joined {address} as {id}",
-                    log.display()
-                );
-                return Ok(());
-            }
-            if !running(&mut child) {
+        match wait_for_file(&joined, &mut child, 200) {
+            Waited::Written(id) => println!(
+                "volley node agent started (pid {pid}, log {}): joined {address} as {id}",
+                log.display()
+            ),
+            Waited::Exited => {
                 let _ = std::fs::remove_file(nodes.join(format!("{pid}.pid")));
-                return Err(VolleyError::execution(format!(
-                    "the node agent stopped; its log ({}):\n{}",
-                    log.display(),
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )));
+                return Err(stopped_with_log("the node agent stopped", &log));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            Waited::TimedOut => println!(
+                "volley node agent started (pid {pid}, log {}); it has not joined {address} \
+                 yet: see its log",
+                log.display()
+            ),
         }
-        println!(
-            "volley node agent started (pid {pid}, log {}); it has not joined {address} \
-             yet: see its log",
-            log.display()
-        );
         return Ok(());
     }
     let token = match &a.token {

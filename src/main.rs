@@ -230,18 +230,17 @@ fn run_sql(
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    // The result's columns: a result without rows still shows them.
+    let schema = ds.schema()?;
     match format {
         Format::Table => {
             let batches = ds.collect()?;
-            // Headed by the result's columns, also when it has no rows.
-            let text = volley::arrow::util::pretty::pretty_format_batches_with_schema(
-                ds.schema()?,
-                &batches,
-            )?;
+            let text =
+                volley::arrow::util::pretty::pretty_format_batches_with_schema(schema, &batches)?;
             writeln!(out, "{text}")?;
         }
         Format::Csv => {
-            volley::crates::connectors::csv_can_hold(ds.schema()?.as_ref())
+            volley::crates::connectors::csv_can_hold(&schema)
                 .map_err(|e| e.context("--format csv"))?;
             let mut w = volley::arrow::csv::WriterBuilder::new()
                 .with_header(true)
@@ -253,7 +252,7 @@ fn run_sql(
             }
             if !wrote {
                 // The header line of a result without rows.
-                w.write(&volley::arrow::array::RecordBatch::new_empty(ds.schema()?))?;
+                w.write(&volley::arrow::array::RecordBatch::new_empty(schema))?;
             }
         }
         Format::Json => {

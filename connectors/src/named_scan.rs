@@ -229,21 +229,32 @@ impl LineOrigin {
     }
 }
 
-fn named(naming: &Naming, e: DataFusionError) -> DataFusionError {
-    let e = match (&naming.lines, e.find_root()) {
-        (Some(origin), DataFusionError::ArrowError(a, _)) => match a.as_ref() {
-            arrow::error::ArrowError::ParseError(m) => match origin.renumber(m) {
-                Some(m) => DataFusionError::ArrowError(
-                    Box::new(arrow::error::ArrowError::ParseError(m)),
-                    None,
-                ),
-                None => e,
+impl Naming {
+    /// `e`, or the CSV parse error it ends in with its line counted in the file.
+    fn renumbered(&self, e: DataFusionError) -> DataFusionError {
+        use arrow::error::ArrowError;
+        let Some(origin) = &self.lines else {
+            return e;
+        };
+        let message = match e.find_root() {
+            DataFusionError::ArrowError(a, _) => match a.as_ref() {
+                ArrowError::ParseError(m) => origin.renumber(m),
+                _ => None,
             },
-            _ => e,
-        },
-        _ => e,
-    };
-    DataFusionError::Context(format!("reading {}", naming.label), Box::new(e))
+            _ => None,
+        };
+        match message {
+            Some(m) => DataFusionError::ArrowError(Box::new(ArrowError::ParseError(m)), None),
+            None => e,
+        }
+    }
+}
+
+fn named(naming: &Naming, e: DataFusionError) -> DataFusionError {
+    DataFusionError::Context(
+        format!("reading {}", naming.label),
+        Box::new(naming.renumbered(e)),
+    )
 }
 
 /// Wraps a format's morselizer: every planner, pending read and morsel of a file
