@@ -18,6 +18,7 @@
 //! location, and [`WriteJob::commit`] moves them into place only when all succeeded.
 
 mod format;
+mod lines;
 mod listing;
 mod named_scan;
 mod registry;

@@ -194,6 +194,29 @@ pub(crate) struct ListedFile {
     pub name: String,
 }
 
+/// `e`, or where it is an NDJSON record that did not parse while inferring the schema
+/// of the local file `name`, the same with the record's line in the file.
+fn json_inference_line(
+    e: datafusion::error::DataFusionError,
+    name: &str,
+) -> datafusion::error::DataFusionError {
+    use arrow::error::ArrowError;
+    use datafusion::error::DataFusionError;
+    let renumbered = match e.find_root() {
+        DataFusionError::ArrowError(a, _) => match a.as_ref() {
+            ArrowError::JsonError(m) if std::path::Path::new(name).is_file() => {
+                crate::lines::renumber_json_inference(std::path::Path::new(name), m)
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    match renumbered {
+        Some(m) => DataFusionError::ArrowError(Box::new(ArrowError::JsonError(m)), None),
+        None => e,
+    }
+}
+
 /// The name of `location` in the store at `store` as the user would write it: a local
 /// path (`/data/a.parquet`) or a URL (`s3://bucket/a.parquet`).
 pub(crate) fn display_location(
@@ -348,6 +371,7 @@ pub(crate) async fn infer_schemas(
                     let schema = df_format
                         .infer_schema(state, &store, std::slice::from_ref(&meta))
                         .await
+                        .map_err(|e| json_inference_line(e, &name))
                         .with_context(|| format!("reading the schema of {name}"))?;
                     Ok::<_, VolleyError>((name, meta, schema))
                 }

@@ -40,6 +40,8 @@ use datafusion_datasource::PartitionedFile;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 
+use crate::lines::{LineKind, LineOrigin};
+
 /// Wraps every file scan in `plan` so that its errors name their file. Plans without
 /// file scans come back unchanged; scans already wrapped are left alone.
 pub fn name_file_errors(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>> {
@@ -140,7 +142,12 @@ impl ExecutionPlan for NamedFileScanExec {
             .with_morselizer(Box::new(NamingMorselizer {
                 inner: morselizer,
                 store: config.object_store_url.clone(),
-                csv: config.file_source.file_type() == "csv",
+                lines: match config.file_source.file_type() {
+                    _ if config.file_compression_type.is_compressed() => LineKind::None,
+                    "csv" => LineKind::Csv,
+                    "json" => LineKind::Json(Arc::clone(config.file_schema())),
+                    _ => LineKind::None,
+                },
             }))
             .with_metrics(source.metrics())
             .build()?;
@@ -175,76 +182,36 @@ pub fn file_label(store: &ObjectStoreUrl, file: &PartitionedFile) -> String {
     }
 }
 
-/// What names a file's errors: its label, and for a local CSV file, where its lines
-/// are counted from.
+/// What names a file's errors: its label, and for a local text file (CSV, NDJSON),
+/// where a parse error's line is found.
 #[derive(Debug)]
 struct Naming {
     label: String,
     lines: Option<LineOrigin>,
 }
 
-/// A CSV file read from byte `start`: Arrow's parser counts lines from there (from 0,
-/// the header included), so a parse error's line is counted again from the file's
-/// start, 1 for its first line, as an editor shows it (where no quoted value holds a
-/// line break: Arrow counts records).
-#[derive(Debug)]
-struct LineOrigin {
-    path: std::path::PathBuf,
-    start: u64,
-}
-
-impl LineOrigin {
-    /// `message` (Arrow's `... at line N. Row data: ...`) with the line counted in the
-    /// file; `None` where it names no line or the file cannot be read.
-    fn renumber(&self, message: &str) -> Option<String> {
-        const AT: &str = " at line ";
-        let at = message.find(AT)? + AT.len();
-        let digits = message[at..].bytes().take_while(u8::is_ascii_digit).count();
-        let line: u64 = message[at..at + digits].parse().ok()?;
-        // The split's first line is the first that starts at or after `start`: the
-        // lines before it are the first and one per newline before `start - 1`.
-        let before = if self.start == 0 {
-            0
-        } else {
-            use std::io::Read;
-            let file = std::fs::File::open(&self.path).ok()?;
-            let mut prefix = std::io::BufReader::new(file).take(self.start - 1);
-            let mut newlines = 0u64;
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = prefix.read(&mut buf).ok()?;
-                if n == 0 {
-                    break;
-                }
-                newlines += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
-            }
-            1 + newlines
-        };
-        Some(format!(
-            "{}{}{}",
-            &message[..at],
-            before + line + 1,
-            &message[at + digits..]
-        ))
-    }
-}
-
 impl Naming {
-    /// `e`, or the CSV parse error it ends in with its line counted in the file.
+    /// `e`, or the parse error it ends in with its line counted in the file.
     fn renumbered(&self, e: DataFusionError) -> DataFusionError {
         use arrow::error::ArrowError;
         let Some(origin) = &self.lines else {
             return e;
         };
-        let message = match e.find_root() {
-            DataFusionError::ArrowError(a, _) => match a.as_ref() {
-                ArrowError::ParseError(m) => origin.renumber(m),
+        let error = match (e.find_root(), &origin.kind) {
+            (DataFusionError::ArrowError(a, _), LineKind::Csv) => match a.as_ref() {
+                ArrowError::ParseError(m) => origin.renumber_csv(m).map(ArrowError::ParseError),
+                _ => None,
+            },
+            (DataFusionError::ArrowError(a, _), LineKind::Json(schema)) => match a.as_ref() {
+                ArrowError::JsonError(m) => origin
+                    .find_json_line(schema, m)
+                    .map(|line| ArrowError::JsonError(format!("{m} at line {line}"))),
                 _ => None,
             },
             _ => None,
         };
-        match message {
-            Some(m) => DataFusionError::ArrowError(Box::new(ArrowError::ParseError(m)), None),
+        match error {
+            Some(a) => DataFusionError::ArrowError(Box::new(a), None),
             None => e,
         }
     }
@@ -263,15 +230,18 @@ fn named(naming: &Naming, e: DataFusionError) -> DataFusionError {
 struct NamingMorselizer {
     inner: Box<dyn Morselizer>,
     store: ObjectStoreUrl,
-    /// The files are CSV: their parse errors count lines.
-    csv: bool,
+    /// How the files' parse errors count lines.
+    lines: LineKind,
 }
 
 impl Morselizer for NamingMorselizer {
     fn plan_file(&self, file: PartitionedFile) -> DfResult<Box<dyn MorselPlanner>> {
-        let lines = (self.csv && self.store.as_str().starts_with("file://")).then(|| LineOrigin {
+        let local = self.store.as_str().starts_with("file://");
+        let lines = (local && !matches!(self.lines, LineKind::None)).then(|| LineOrigin {
             path: std::path::PathBuf::from(format!("/{}", file.object_meta.location)),
             start: file.range.as_ref().map_or(0, |r| r.start.max(0) as u64),
+            end: file.range.as_ref().map(|r| r.end.max(0) as u64),
+            kind: self.lines.clone(),
         });
         let label = Arc::new(Naming {
             label: file_label(&self.store, &file),

@@ -35,6 +35,9 @@ pub struct ReadTask {
     plan: Option<Arc<dyn datafusion::physical_plan::ExecutionPlan>>,
     /// The rows it yields, where planning knows them exactly.
     rows: Option<u64>,
+    /// Its stream's errors name the file they came from (a file scan's, see
+    /// [`name_file_errors`](crate::name_file_errors)): whoever runs it adds no label.
+    names_its_errors: bool,
 }
 
 impl Debug for ReadTask {
@@ -56,7 +59,21 @@ impl ReadTask {
             opener: Arc::new(opener),
             plan: None,
             rows: None,
+            names_its_errors: false,
         }
+    }
+
+    /// The task, whose stream's errors say where they came from already (a query's
+    /// plan whose scans name their files): whoever runs it adds no label.
+    pub fn naming_its_errors(mut self) -> Self {
+        self.names_its_errors = true;
+        self
+    }
+
+    /// Whether its stream's errors name their file already, so that the label would
+    /// only repeat it.
+    pub fn names_its_errors(&self) -> bool {
+        self.names_its_errors
     }
 
     /// The task, known to yield exactly `rows` rows (a Parquet split read whole: its
@@ -74,20 +91,26 @@ impl ReadTask {
         self.rows
     }
 
-    /// A task that runs partition 0 of `plan` (a plan of one partition).
+    /// A task that runs partition 0 of `plan` (a plan of one partition). Its file scans
+    /// run wrapped by [`name_file_errors`](crate::name_file_errors): an error names its
+    /// file, and a CSV or NDJSON parse error its line.
     pub fn from_plan(
         label: impl Into<String>,
         size_bytes: u64,
         plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
     ) -> Self {
         let label = label.into();
-        let (runs, context_label) = (Arc::clone(&plan), label.clone());
+        let named = crate::name_file_errors(Arc::clone(&plan)).ok();
+        let names_its_errors = named.as_ref().is_some_and(|p| reads_files(p));
+        let runs = named.unwrap_or_else(|| Arc::clone(&plan));
+        let context_label = label.clone();
         let mut task = Self::new(label, size_bytes, move |ctx| {
             use volley_common::ResultExt;
             runs.execute(0, ctx)
                 .with_context(|| format!("reading {context_label}"))
         });
         task.plan = Some(plan);
+        task.names_its_errors = names_its_errors;
         task
     }
 
@@ -150,4 +173,19 @@ pub trait DataSource: Send + Sync + Debug {
     }
     /// Plans the read tasks for `request`.
     async fn plan(&self, state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>>;
+}
+
+/// Whether `plan` scans files (and so, once wrapped, names them in its errors).
+fn reads_files(plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>) -> bool {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        found = (node.as_ref() as &dyn std::any::Any).is::<crate::NamedFileScanExec>();
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
 }

@@ -601,6 +601,9 @@ impl DataSource for PlanSource {
                         stream.map(move |r| r.map_err(|e| name_division(e, &divisions))),
                     )) as SendableRecordBatchStream)
                 })
+                // Its scans name their files, its divisions their expressions: the
+                // partition's label would only stand in front of them.
+                .naming_its_errors()
             })
             .collect())
     }

@@ -88,6 +88,12 @@ fn ragged_and_mistyped_csv() {
     std::fs::write(&mistyped, body).unwrap();
     let e = err_of(c.read_csv(mistyped.to_str().unwrap()).unwrap().collect());
     assert!(e.contains("typed.csv") && e.contains("oops"), "{e}");
+    assert!(e.contains("at line 2002."), "{e}");
+    assert_eq!(
+        e.matches("typed.csv").count(),
+        1,
+        "the file named more than once: {e}"
+    );
 
     // Through SQL, the line as an editor counts it (the header is line 1), also in a
     // file large enough to be read in parts: counted from the file's start, not from
@@ -110,6 +116,12 @@ fn ragged_and_mistyped_csv() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
         e.contains("big.csv [bytes ") && e.contains("at line 200002."),
+        "{e}"
+    );
+    // The Dataset API counts the same way.
+    let e = err_of(c.read_csv(big.to_str().unwrap()).unwrap().collect());
+    assert!(
+        e.contains("big.csv") && e.contains("at line 200002."),
         "{e}"
     );
     let out = Command::new(env!("CARGO_BIN_EXE_volley"))
@@ -138,6 +150,50 @@ fn invalid_json() {
         Ok(ds) => err_of(ds.collect()),
     };
     assert!(e.contains("bad.json"), "{e}");
+
+    // A value of the wrong type, and a line that is not JSON, deep in a file read in
+    // parts: the error names the line, counted from the file's start, through the
+    // Dataset API and SQL alike.
+    let big = dir.path().join("big.json");
+    let mut body = String::new();
+    for i in 0..300_000 {
+        match i {
+            150_000 => body.push_str("{\"id\": 150000, \"v\": \"oops\"}\n"),
+            _ => body.push_str(&format!("{{\"id\": {i}, \"v\": {}}}\n", i * 2)),
+        }
+    }
+    std::fs::write(&big, &body).unwrap();
+    let e = err_of(c.read_json(big.to_str().unwrap()).unwrap().collect());
+    assert!(
+        e.contains("big.json") && e.contains("oops") && e.contains("at line 150001"),
+        "{e}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(["sql", &format!("SELECT sum(v) FROM '{}'", big.display())])
+        .env_remove("VOLLEY_ADDRESS")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("big.json") && e.contains("at line 150001"),
+        "{e}"
+    );
+
+    let broken = dir.path().join("broken.json");
+    std::fs::write(
+        &broken,
+        "{\"a\": 1}\n{\"a\": 2}\n{\"a\": 3,,}\n{\"a\": 4}\n",
+    )
+    .unwrap();
+    // Here the schema's inference meets it first.
+    let e = match c.read_json(broken.to_str().unwrap()) {
+        Err(e) => e.to_string(),
+        Ok(ds) => err_of(ds.collect()),
+    };
+    assert!(
+        e.contains("broken.json") && e.contains("at line 3 column"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -299,6 +355,80 @@ fn volley_sql(args: &[&str]) -> std::process::Output {
         .env_remove("VOLLEY_ADDRESS")
         .output()
         .unwrap()
+}
+
+/// A write whose process is killed leaves its staging folder; the next write to the
+/// same destination removes it (its owner is gone), and leaves a live writer's alone.
+#[test]
+fn a_killed_writers_staging_is_removed_by_the_next_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.parquet");
+    let staging = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".out.parquet.volley-staging-"))
+            .collect()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args([
+            "sql",
+            "SELECT id, id * 2 AS twice FROM range(400000000) t(id)",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .env_remove("VOLLEY_ADDRESS")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let began = std::time::Instant::now();
+    // Its owner file is the last thing a new staging folder gets.
+    while !staging().iter().any(|s| s.join("owner").exists()) {
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(60),
+            "no staging folder appeared"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the write ended first");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = staging();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(!out.exists());
+
+    // A live process's staging (this test's) stays.
+    let live = dir.path().join(".out.parquet.volley-staging-live");
+    std::fs::create_dir(&live).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let started = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        live.join("owner"),
+        format!("{} {} {started}", host.trim(), std::process::id()),
+    )
+    .unwrap();
+
+    let done = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(["sql", "SELECT 1 AS one", "-o", out.to_str().unwrap()])
+        .env_remove("VOLLEY_ADDRESS")
+        .output()
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(out.is_file());
+    assert_eq!(
+        staging(),
+        vec![live],
+        "the killed write's staging is still there"
+    );
 }
 
 /// A single-file output never replaces a folder (nor what it holds), and a result

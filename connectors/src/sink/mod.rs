@@ -15,7 +15,9 @@
 //! file in the destination: its folder is not moved, and once the staging is removed it
 //! cannot make files or folders there again.
 //!
-//! On the local file system the staging folder is a hidden sibling of the destination;
+//! On the local file system the staging folder is a hidden sibling of the destination
+//! (one whose process was killed mid-write is removed by the next write there, see
+//! `stale.rs`);
 //! the accepted files are gathered in one folder which is renamed into place, so a
 //! reader sees either nothing or the whole output. On object stores (which have no
 //! folders to rename) staging is a hidden sibling prefix, and the accepted objects are
@@ -23,6 +25,7 @@
 
 mod dictionary;
 mod parquet;
+mod stale;
 mod writer;
 
 use std::path::{Path as FsPath, PathBuf};
@@ -446,9 +449,11 @@ impl WriteJob {
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .ok_or_else(|| VolleyError::plan(format!("{dest} names no file or folder")))?;
+            stale::remove_abandoned(&parent, &name);
             let staging = parent.join(format!(".{name}.volley-staging-{id}"));
             std::fs::create_dir_all(&staging)
                 .with_context(|| format!("creating the staging folder {}", staging.display()))?;
+            stale::mark(&staging);
             Target::Local {
                 dest: dest_path,
                 staging,

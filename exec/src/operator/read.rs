@@ -52,10 +52,12 @@ fn run_read(
         task.open(Arc::clone(&shared.task_ctx))?
     };
     let batches = std::iter::from_fn(|| {
-        shared
-            .io
-            .block_on(stream.next())
-            .map(|r| r.map_err(|e| VolleyError::from(e).context(format!("reading {}", task.label))))
+        shared.io.block_on(stream.next()).map(|r| {
+            r.map_err(|e| match task.names_its_errors() {
+                true => VolleyError::from(e),
+                false => VolleyError::from(e).context(format!("reading {}", task.label)),
+            })
+        })
     });
     body.run(seq, batches)
 }
