@@ -155,6 +155,12 @@ pub trait DataSource: Send + Sync + Debug {
     fn explain_detail(&self, _request: &ScanRequest) -> Option<String> {
         None
     }
+    /// More lines for `explain`'s logical sections: the logical plan a query source
+    /// stands for, as written (`optimized` false) or as its optimizer leaves it for
+    /// `request`.
+    fn logical_detail(&self, _request: &ScanRequest, _optimized: bool) -> Option<String> {
+        None
+    }
     /// The source as a DataFusion logical plan, where it has one (files: their listing
     /// table; a query: its plan). Sorts, group-bys and joins over such a source then
     /// let DataFusion scan it directly, with its statistics and its own parallelism,

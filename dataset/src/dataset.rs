@@ -229,7 +229,9 @@ impl Dataset {
         let physical = self.ctx.runner().plan(&lowered, self.ctx.exec_context())?;
         Ok(format!(
             "== logical plan ==\n{}\n\n== optimized logical plan ==\n{}\n\n== physical plan ==\n{}\n",
-            self.plan, optimized, physical
+            self.plan.explain(false),
+            optimized.explain(true),
+            physical
         ))
     }
 

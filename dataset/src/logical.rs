@@ -519,7 +519,17 @@ impl LogicalOp {
         }))
     }
 
-    fn fmt_indent(&self, out: &mut String, indent: usize) {
+    /// The plan as `explain` shows it: each query source followed by the logical plan
+    /// it stands for, as written or as optimized (`optimized`).
+    pub(crate) fn explain(&self, optimized: bool) -> String {
+        let mut s = String::new();
+        self.fmt_indent(&mut s, 0, Some(optimized));
+        s.trim_end().to_string()
+    }
+
+    /// The plan from this node down, indented by `indent`; with sources' logical
+    /// detail where `detail` says which (as optimized or not).
+    fn fmt_indent(&self, out: &mut String, indent: usize, detail: Option<bool>) {
         let pad = "  ".repeat(indent);
         let _ = match self {
             LogicalOp::Source { source, request } => {
@@ -536,7 +546,12 @@ impl LogicalOp {
                 if let Some(l) = request.limit {
                     let _ = write!(extra, " limit={l}");
                 }
-                writeln!(out, "{pad}{}: {}{extra}", source.name(), source.describe())
+                let line = writeln!(out, "{pad}{}: {}{extra}", source.name(), source.describe());
+                let lines = detail.and_then(|optimized| source.logical_detail(request, optimized));
+                for l in lines.iter().flat_map(|d| d.lines()) {
+                    let _ = writeln!(out, "{pad}  | {l}");
+                }
+                line
             }
             LogicalOp::Select { exprs, .. } => {
                 let e: Vec<String> = exprs.iter().map(|e| e.to_string()).collect();
@@ -584,7 +599,7 @@ impl LogicalOp {
             } => writeln!(out, "{pad}Join: {}", join_label(left_on, right_on, *how)),
         };
         for i in self.inputs() {
-            i.fmt_indent(out, indent + 1);
+            i.fmt_indent(out, indent + 1, detail);
         }
     }
 }
@@ -592,7 +607,7 @@ impl LogicalOp {
 impl fmt::Display for LogicalOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = String::new();
-        self.fmt_indent(&mut s, 0);
+        self.fmt_indent(&mut s, 0, None);
         f.write_str(s.trim_end())
     }
 }

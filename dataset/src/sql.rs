@@ -551,6 +551,21 @@ impl DataSource for PlanSource {
         Some(self.plan.clone())
     }
 
+    fn logical_detail(&self, request: &ScanRequest, optimized: bool) -> Option<String> {
+        if !optimized {
+            return Some(self.plan.display_indent().to_string());
+        }
+        Some(
+            match self
+                .projected(request)
+                .and_then(|p| Ok(self.state.optimize(&p)?))
+            {
+                Ok(plan) => plan.display_indent().to_string(),
+                Err(e) => format!("(cannot optimize: {e})"),
+            },
+        )
+    }
+
     fn explain_detail(&self, request: &ScanRequest) -> Option<String> {
         let physical = self.ctx.exec_context().block_on(self.physical(request));
         Some(match physical {

@@ -444,12 +444,28 @@ fn sql_explain_shows_the_plan_volley_runs() {
         "{}",
         rows[1].1
     );
-    // The same text as the dataset's own `explain`.
+    // The same text as the dataset's own `explain`, whose logical sections show the
+    // query's logical plan under it, as written and as optimized (here the sort's
+    // scan reads only the columns it needs).
     let shown = d.ctx.sql(query, &[]).unwrap().explain().unwrap();
     assert!(
         shown.ends_with(&format!("{}\n", rows[1].1)),
         "{shown}\n---\n{}",
         rows[1].1
+    );
+    let section = |name: &str| {
+        let from = shown.find(&format!("== {name} ==\n")).unwrap();
+        shown[from..].split("\n\n").next().unwrap().to_string()
+    };
+    let (written, optimized) = (section("logical plan"), section("optimized logical plan"));
+    assert!(written.contains("  | Sort: facts.id DESC"), "{written}");
+    assert!(
+        written.contains("TableScan: facts\n") || written.ends_with("TableScan: facts"),
+        "{written}"
+    );
+    assert!(
+        optimized.contains("TableScan: facts projection=["),
+        "{optimized}"
     );
     // Turned off, the explained plan follows.
     let off = ctx_with(|c| c.set("volley.plan.gather_sorts", "false").unwrap());
