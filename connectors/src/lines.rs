@@ -61,17 +61,23 @@ impl LineOrigin {
         Some(2 + newlines)
     }
 
-    /// CSV: `message` (Arrow's `... at line N. Row data: ...`) with the line counted in
-    /// the file; `None` where it names no line or the file cannot be read.
+    /// CSV: `message` with the line it names counted in the file; `None` where it
+    /// names no line or the file cannot be read. Arrow's parse errors (`... at line N.
+    /// Row data: ...`) count the split's lines from 0; its errors of rows with the
+    /// wrong number of fields (`incorrect number of fields for line N, ...`) from 1.
     pub fn renumber_csv(&self, message: &str) -> Option<String> {
-        const AT: &str = " at line ";
-        let at = message.find(AT)? + AT.len();
+        let (marker, from) = if message.contains(" for line ") {
+            (" for line ", 1)
+        } else {
+            (" at line ", 0)
+        };
+        let at = message.find(marker)? + marker.len();
         let digits = message[at..].bytes().take_while(u8::is_ascii_digit).count();
         let line: u64 = message[at..at + digits].parse().ok()?;
         Some(format!(
             "{}{}{}",
             &message[..at],
-            self.first_line()? - 1 + line + 1,
+            self.first_line()? + line - from,
             &message[at + digits..]
         ))
     }

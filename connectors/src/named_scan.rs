@@ -200,6 +200,7 @@ impl Naming {
         let error = match (e.find_root(), &origin.kind) {
             (DataFusionError::ArrowError(a, _), LineKind::Csv) => match a.as_ref() {
                 ArrowError::ParseError(m) => origin.renumber_csv(m).map(ArrowError::ParseError),
+                ArrowError::CsvError(m) => origin.renumber_csv(m).map(ArrowError::CsvError),
                 _ => None,
             },
             (DataFusionError::ArrowError(a, _), LineKind::Json(schema)) => match a.as_ref() {

@@ -118,6 +118,26 @@ fn ragged_and_mistyped_csv() {
         e.contains("big.csv [bytes ") && e.contains("at line 200002."),
         "{e}"
     );
+    // A row with a field too many, the same way.
+    let ragged_big = dir.path().join("ragged_big.csv");
+    let mut body = String::from("id,v\n");
+    for i in 0..300_000 {
+        body.push_str(&format!(
+            "{i},{i}{}\n",
+            if i == 250_000 { ",9" } else { "" }
+        ));
+    }
+    std::fs::write(&ragged_big, body).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args([
+            "sql",
+            &format!("SELECT sum(v) FROM '{}'", ragged_big.display()),
+        ])
+        .env_remove("VOLLEY_ADDRESS")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("fields for line 250002,"), "{e}");
     // The Dataset API counts the same way.
     let e = err_of(c.read_csv(big.to_str().unwrap()).unwrap().collect());
     assert!(
