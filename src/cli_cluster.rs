@@ -424,6 +424,10 @@ fn started_in_background(pid: i32) -> bool {
 }
 
 fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
+    // Checked before a background head starts: a bad value is said here.
+    let package_cache_bytes = volley::crates::common::parse_bytes(&a.package_cache)
+        .map_err(|e| e.context("--package-cache"))?;
+    let node_timeout = seconds("node-timeout", a.node_timeout, 0.2)?;
     std::fs::create_dir_all(dir)
         .map_err(|e| VolleyError::from(e).context(format!("creating {}", dir.display())))?;
     if !a.block {
@@ -477,8 +481,8 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         }
     };
     let mut options = HeadOptions::new(dir.join("head"), token);
-    options.package_cache_bytes = volley::crates::common::parse_bytes(&a.package_cache)?;
-    options.node_timeout = Duration::from_secs_f64(a.node_timeout.max(0.2));
+    options.package_cache_bytes = package_cache_bytes;
+    options.node_timeout = node_timeout;
     options.heartbeat_interval = (options.node_timeout / 10).min(Duration::from_millis(500));
     let tls = TlsConfig::from_files(None, a.tls_cert.as_deref(), a.tls_key.as_deref())?;
     // One thread serves every call: the head's state is behind one lock anyway, and a
@@ -521,6 +525,24 @@ struct NodeCapacity {
     object_store_memory: u64,
     object_compression: volley::crates::runtime::cluster::ObjectCompression,
     package_cache_bytes: u64,
+    drain_timeout: Duration,
+    head_patience: Duration,
+}
+
+/// The most GPUs a node may offer (each gets an id): more than any machine holds.
+const MAX_GPUS: u32 = 1024;
+
+/// `--FLAG SECONDS` as a duration of at least `min` seconds: a number past that, or one
+/// too large for a duration (`inf`), is refused with the flag named.
+fn seconds(flag: &str, value: f64, min: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|_| value >= min)
+        .ok_or_else(|| {
+            VolleyError::Config(format!(
+                "--{flag} {value}: give a number of seconds, at least {min}"
+            ))
+        })
 }
 
 fn node_capacity(a: &StartArgs) -> Result<NodeCapacity> {
@@ -561,6 +583,11 @@ fn node_capacity(a: &StartArgs) -> Result<NodeCapacity> {
         )));
     }
     let gpus = match a.num_gpus {
+        Some(n) if n > MAX_GPUS => {
+            return Err(VolleyError::Config(format!(
+                "--num-gpus {n}: a node offers at most {MAX_GPUS} GPUs"
+            )))
+        }
         Some(n) => n,
         None => cluster::gpus::detect(),
     };
@@ -579,6 +606,8 @@ fn node_capacity(a: &StartArgs) -> Result<NodeCapacity> {
         object_store_memory,
         object_compression,
         package_cache_bytes,
+        drain_timeout: seconds("drain-timeout", a.drain_timeout, 0.0)?,
+        head_patience: seconds("head-patience", a.head_patience, 0.0)?,
     })
 }
 
@@ -627,6 +656,8 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         object_store_memory,
         object_compression,
         package_cache_bytes,
+        drain_timeout,
+        head_patience,
     } = capacity;
     let options = NodeOptions {
         head_address: address,
@@ -641,8 +672,8 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         // One cache for the agents of this machine.
         package_cache: dir.join("package-cache"),
         package_cache_bytes,
-        drain_timeout: Duration::from_secs_f64(a.drain_timeout.max(0.0)),
-        head_patience: Duration::from_secs_f64(a.head_patience.max(0.0)),
+        drain_timeout,
+        head_patience,
         metrics_port: a.metrics_port,
         tls: TlsConfig::from_files(
             a.tls_ca.as_deref(),
@@ -651,7 +682,7 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         )?,
     };
     let rt = io_runtime()?;
-    let patience = Duration::from_secs_f64(a.head_patience.max(0.0));
+    let patience = head_patience;
     rt.block_on(async move {
         // A stop signal drains the node: it leaves once its work is done or copied.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -107,7 +107,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         model: a.model.clone(),
         engine: EngineConfig {
             block_size: a.block_size,
-            kv_cache_memory: volley::crates::common::parse_bytes(&a.kv_cache_memory)?,
+            kv_cache_memory: volley::crates::common::parse_bytes(&a.kv_cache_memory)
+                .map_err(|e| e.context("--kv-cache-memory"))?,
             max_num_seqs: a.max_num_seqs,
             max_batched_tokens: a.max_batched_tokens,
             ..Default::default()
@@ -133,6 +134,25 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .sampling
         .validate()
         .map_err(|e| VolleyError::plan(format!("sampling: {e}")))?;
+    // Checked here too, not only in each worker once the model is loaded.
+    for (flag, n) in [
+        ("--block-size", a.block_size),
+        ("--max-num-seqs", a.max_num_seqs),
+        ("--max-batched-tokens", a.max_batched_tokens),
+        ("--batch-size", a.batch_size),
+        ("--concurrency", a.concurrency),
+    ] {
+        if n == 0 {
+            return Err(VolleyError::Config(format!("{flag} 0: give 1 or more")));
+        }
+    }
+    for (flag, n) in [("--num-cpus", a.num_cpus), ("--num-gpus", a.num_gpus)] {
+        if !(n.is_finite() && n >= 0.0) {
+            return Err(VolleyError::Config(format!(
+                "{flag} {n}: give what each engine uses, 0 or more"
+            )));
+        }
+    }
     let mut ctx = Context::try_default()?;
     if let Some(cluster) = a.conn.cluster_if_named(false)? {
         ctx = ctx.with_cluster(cluster);

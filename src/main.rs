@@ -149,7 +149,9 @@ fn run(cli: Cli) -> Result<()> {
                 config.set("volley.exec.progress", "off")?;
             }
             if let Some(m) = memory_limit {
-                config.set("volley.exec.memory_limit", &m)?;
+                config
+                    .set("volley.exec.memory_limit", &m)
+                    .map_err(|e| e.context("--memory-limit"))?;
             }
             if let Some(d) = spill_dir {
                 config.set("volley.exec.spill_dir", &d)?;

@@ -221,6 +221,10 @@ const KEYS: &[(&str, &str)] = &[
     ("volley.runtime.memory", "VOLLEY_RUNTIME_MEMORY"),
 ];
 
+/// The most CPUs a process's runtime may be given (`volley.runtime.num_cpus`): more
+/// than any machine has, few enough to size thread pools with.
+const MAX_CPUS: f64 = 65536.0;
+
 impl VolleyConfig {
     /// The defaults, overridden by any `VOLLEY_*` environment variable set (the key in
     /// upper case with dots as underscores: `VOLLEY_EXEC_MEMORY_LIMIT=1GiB`).
@@ -235,6 +239,8 @@ impl VolleyConfig {
     }
 
     /// Sets one option by its dotted key.
+    ///
+    /// Every value is checked here, so an error names the option and the value.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         let bad = |what: &str| VolleyError::Config(format!("{key} = `{value}`: expected {what}"));
         let parse_bool = |v: &str| match v.to_ascii_lowercase().as_str() {
@@ -242,13 +248,16 @@ impl VolleyConfig {
             "false" | "0" | "no" | "off" => Ok(false),
             _ => Err(bad("true or false")),
         };
+        // A byte size above 0 (`512MiB`): a budget or size of 0 would make every
+        // query crawl or fail without saying why.
+        let positive_bytes = || match parse_bytes(value) {
+            Ok(0) => Err(bad("a byte size above 0")),
+            Ok(n) => Ok(n),
+            Err(_) => Err(bad("a byte size (like 512MiB)")),
+        };
         match key {
             "volley.exec.memory_limit" => {
-                let bytes = parse_bytes(value)?;
-                if bytes == 0 {
-                    return Err(bad("a byte size above 0"));
-                }
-                self.exec.memory_limit = Some(bytes);
+                self.exec.memory_limit = Some(positive_bytes()?);
             }
             "volley.exec.batch_size" => {
                 let n: usize = value.parse().map_err(|_| bad("a row count"))?;
@@ -269,11 +278,14 @@ impl VolleyConfig {
             }
             "volley.exec.max_tasks_per_operator" => {
                 let n: usize = value.parse().map_err(|_| bad("a task count"))?;
-                self.exec.max_tasks_per_operator = Some(n.max(1));
+                if n == 0 {
+                    return Err(bad("a task count above 0"));
+                }
+                self.exec.max_tasks_per_operator = Some(n);
             }
             "volley.exec.spill_dir" => self.exec.spill_dir = Some(PathBuf::from(value)),
             "volley.exec.object_store_limit" => {
-                self.exec.object_store_limit = Some(parse_bytes(value)?)
+                self.exec.object_store_limit = Some(positive_bytes()?)
             }
             "volley.exec.shuffle_partitions" => {
                 let n: usize = value.parse().map_err(|_| bad("a partition count"))?;
@@ -283,7 +295,8 @@ impl VolleyConfig {
                 self.exec.shuffle_partitions = Some(n);
             }
             "volley.exec.broadcast_join_bytes" => {
-                self.exec.broadcast_join_bytes = parse_bytes(value)?
+                self.exec.broadcast_join_bytes =
+                    parse_bytes(value).map_err(|_| bad("a byte size (like 64MiB)"))?
             }
             "volley.exec.target_partitions" => {
                 let n: usize = value.parse().map_err(|_| bad("a partition count"))?;
@@ -292,7 +305,7 @@ impl VolleyConfig {
                 }
                 self.exec.target_partitions = Some(n);
             }
-            "volley.read.split_bytes" => self.read.split_bytes = parse_bytes(value)?.max(1),
+            "volley.read.split_bytes" => self.read.split_bytes = positive_bytes()?,
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
             "volley.plan.reorder_joins" => self.plan.reorder_joins = parse_bool(value)?,
             "volley.plan.gather_sorts" => self.plan.gather_sorts = parse_bool(value)?,
@@ -301,12 +314,14 @@ impl VolleyConfig {
             }
             "volley.runtime.num_cpus" => {
                 let n: f64 = value.parse().map_err(|_| bad("a number of CPUs"))?;
-                if n.is_nan() || n <= 0.0 {
-                    return Err(bad("a number of CPUs above 0"));
+                if !(n > 0.0 && n <= MAX_CPUS) {
+                    return Err(bad(&format!(
+                        "a number of CPUs above 0, at most {MAX_CPUS}"
+                    )));
                 }
                 self.runtime.num_cpus = Some(n);
             }
-            "volley.runtime.memory" => self.runtime.memory = Some(parse_bytes(value)?),
+            "volley.runtime.memory" => self.runtime.memory = Some(positive_bytes()?),
             _ => {
                 let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
                 return Err(VolleyError::Config(format!(
@@ -337,5 +352,22 @@ mod tests {
         assert_eq!(c.exec.target_partitions, Some(6));
         let err = c.set("volley.exec.target_partitions", "0").unwrap_err();
         assert!(err.to_string().contains("above 0"), "{err}");
+        // Values that would size a thread pool past memory, or a budget of nothing.
+        for (key, value) in [
+            ("volley.runtime.num_cpus", "inf"),
+            ("volley.runtime.num_cpus", "1e300"),
+            ("volley.runtime.num_cpus", "NaN"),
+            ("volley.runtime.memory", "0"),
+            ("volley.exec.object_store_limit", "0"),
+            ("volley.read.split_bytes", "0"),
+            ("volley.exec.max_tasks_per_operator", "0"),
+            ("volley.exec.memory_limit", "lots"),
+        ] {
+            let err = c.set(key, value).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains(value),
+                "{key} = {value}: {err}"
+            );
+        }
     }
 }

@@ -42,6 +42,9 @@ impl fmt::Debug for Dataset {
     }
 }
 
+/// The most batches [`Dataset::iter_batches_with`] prepares ahead.
+const MAX_PREFETCH: usize = 4096;
+
 impl Dataset {
     pub(crate) fn new(ctx: Context, plan: Arc<LogicalOp>) -> Self {
         Self {
@@ -301,7 +304,9 @@ impl Dataset {
         if options.prefetch == 0 {
             return Ok(rebatched);
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(options.prefetch);
+        // The channel's slots are made at once: a prefetch past a few thousand batches
+        // buys nothing but that allocation.
+        let (tx, rx) = std::sync::mpsc::sync_channel(options.prefetch.min(MAX_PREFETCH));
         std::thread::Builder::new()
             .name("volley-prefetch".into())
             .spawn(move || {

@@ -157,7 +157,8 @@ impl fmt::Display for MapOptions {
 pub struct IterOptions {
     /// Rows per batch (the last may have fewer); `None` yields blocks as they come.
     pub batch_size: Option<usize>,
-    /// Batches a background thread prepares ahead of the consumer (0: none).
+    /// Batches a background thread prepares ahead of the consumer (0: none; at most
+    /// 4,096).
     pub prefetch: usize,
 }
 

@@ -70,6 +70,13 @@ pub(crate) fn plan(op: &LogicalOp, state: &SessionState) -> Result<Planned> {
 
 /// Checks that a transform asks only for what this process has (CPUs, memory).
 fn local_resources(name: &str, options: &MapOptions) -> Result<()> {
+    // A negative share would give CPUs back to the runtime for every task started.
+    if !(options.num_cpus.is_finite() && options.num_cpus >= 0.0) {
+        return Err(VolleyError::plan(format!(
+            "`{name}` asks for {} CPUs: give a share of 0 or more",
+            options.num_cpus
+        )));
+    }
     if options.wants_cluster_resources() {
         return Err(VolleyError::plan(format!(
             "`{name}` asks for {} GPUs and resources {:?}, which only a cluster's nodes \

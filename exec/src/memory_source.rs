@@ -160,6 +160,13 @@ impl DataSource for RangeSource {
     }
     async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
         let schema = projected(&Self::full_schema(), request)?;
+        if self.n > i64::MAX as u64 {
+            return Err(volley_common::VolleyError::plan(format!(
+                "range({}): the ids are Int64, so at most {} rows",
+                self.n,
+                i64::MAX
+            )));
+        }
         let mut n = self.n;
         if let Some(limit) = request.limit {
             n = n.min(limit as u64);
@@ -179,7 +186,7 @@ impl DataSource for RangeSource {
             let schema = Arc::clone(&schema);
             out.push(ReadTask::new(
                 format!("range {start}..{end}"),
-                (end - start) * 8,
+                (end - start).saturating_mul(8),
                 move |_ctx| {
                     let schema2 = Arc::clone(&schema);
                     let batches = (start..end).step_by(batch_size as usize).map(move |s| {

@@ -252,7 +252,9 @@ impl StepRunner {
                     ..
                 } = &self.steps[i]
                 {
-                    let size = *size;
+                    // At least a row: a size of 0 (set in `MapOptions` directly) would
+                    // never move past the first row.
+                    let size = (*size).max(1);
                     self.pending[i].push(b);
                     let held: usize = self.pending[i].iter().map(|b| b.num_rows()).sum();
                     if held >= size {

@@ -182,15 +182,29 @@ impl ModelConfig {
             },
             None => None,
         };
+        // Sizes of 0 make no model (and would divide by zero when sizing its cache).
+        for (name, n) in [("hidden_size", hidden_size), ("head_dim", head_dim)] {
+            if n == 0 {
+                return Err(VolleyError::plan(format!(
+                    "{file}: `{name}` is 0; it must be at least 1"
+                )));
+            }
+        }
+        let positive = |name: &str| match usize_field(&v, name, file)? {
+            0 => Err(VolleyError::plan(format!(
+                "{file}: `{name}` is 0; it must be at least 1"
+            ))),
+            n => Ok(n),
+        };
         Ok(Self {
             architecture,
             hidden_size,
-            intermediate_size: usize_field(&v, "intermediate_size", file)?,
-            num_layers: usize_field(&v, "num_hidden_layers", file)?,
+            intermediate_size: positive("intermediate_size")?,
+            num_layers: positive("num_hidden_layers")?,
             num_heads,
             num_kv_heads,
             head_dim,
-            vocab_size: usize_field(&v, "vocab_size", file)?,
+            vocab_size: positive("vocab_size")?,
             rms_norm_eps: v
                 .get("rms_norm_eps")
                 .and_then(|e| e.as_f64())

@@ -196,7 +196,7 @@ impl<B: Backend> Engine<B> {
                  ({per_block} B each); give at least {} B",
                 config.kv_cache_memory,
                 config.block_size,
-                2 * per_block
+                per_block.saturating_mul(2)
             )));
         }
         let cache = KvCache::new(
@@ -278,7 +278,7 @@ impl<B: Backend> Engine<B> {
                 c.vocab_size
             )));
         }
-        let longest = prompt.len() + params.max_tokens;
+        let longest = prompt.len().saturating_add(params.max_tokens);
         if longest > c.max_position_embeddings {
             return Err(VolleyError::plan(format!(
                 "prompt of {} tokens + max_tokens {} exceeds the model's context of {} tokens",

@@ -30,9 +30,18 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> KvCache<B> {
-    /// Bytes one block takes over all layers (f32 keys and values).
+    /// Bytes one block takes over all layers (f32 keys and values); `usize::MAX` where
+    /// that does not fit a `usize` (no memory holds such a block).
     pub fn bytes_per_block(config: &ModelConfig, block_size: usize) -> usize {
-        2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * 4
+        [
+            config.num_layers,
+            block_size,
+            config.num_kv_heads,
+            config.head_dim,
+            4,
+        ]
+        .into_iter()
+        .fold(2usize, |bytes, n| bytes.saturating_mul(n))
     }
 
     /// A zeroed cache of `num_blocks` blocks of `block_size` tokens.

@@ -578,4 +578,153 @@ fn sql_options_and_columns_it_cannot_use_are_named() {
         &["SELECT sum(s) FROM (SELECT 'a' AS s)"],
         "No function matches",
     );
+    fails(
+        &["SELECT 1", "--memory-limit", "lots"],
+        "volley.exec.memory_limit = `lots`: expected a byte size",
+    );
+    fails(&["SELECT 1", "--memory-limit", "lots"], "--memory-limit: ");
+    // Settings from the environment: a runtime of infinitely many CPUs, a budget of
+    // nothing, splits of no bytes.
+    for (var, value, key) in [
+        ("VOLLEY_RUNTIME_NUM_CPUS", "inf", "volley.runtime.num_cpus"),
+        ("VOLLEY_RUNTIME_MEMORY", "0", "volley.runtime.memory"),
+        ("VOLLEY_READ_SPLIT_BYTES", "0", "volley.read.split_bytes"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+            .args(["sql", "SELECT 1"])
+            .env_remove("VOLLEY_ADDRESS")
+            .env(var, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value}: {err}");
+        assert!(
+            err.contains(&format!("{key} = `{value}`")) && !err.contains("panicked"),
+            "{var}={value}: {err}"
+        );
+    }
+}
+
+/// `volley start`'s durations are checked before anything starts: one too large for a
+/// duration, or below the least that works, is refused with the flag named.
+#[test]
+fn start_refuses_durations_it_cannot_use() {
+    let home = tempfile::tempdir().unwrap();
+    for args in [
+        &[
+            "--head",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--node-timeout",
+            "inf",
+        ][..],
+        &[
+            "--head",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--node-timeout",
+            "0",
+        ],
+        &[
+            "--head",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--package-cache",
+            "lots",
+        ],
+        &[
+            "--address",
+            "127.0.0.1:9",
+            "--token",
+            "x",
+            "--drain-timeout",
+            "1e20",
+        ],
+        &[
+            "--address",
+            "127.0.0.1:9",
+            "--token",
+            "x",
+            "--head-patience",
+            "NaN",
+        ],
+        &[
+            "--address",
+            "127.0.0.1:9",
+            "--token",
+            "x",
+            "--num-gpus",
+            "4294967295",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_volley"))
+            .arg("start")
+            .args(args)
+            .env("VOLLEY_HOME", home.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let flag = args[args.len() - 2];
+        let stopped = Command::new(env!("CARGO_BIN_EXE_volley"))
+            .arg("stop")
+            .env("VOLLEY_HOME", home.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains(flag) && !err.contains("panicked") && !err.contains("did not start"),
+            "{args:?}: {err}"
+        );
+        let stopped = String::from_utf8_lossy(&stopped.stdout);
+        assert!(
+            !stopped.contains("stopped 1"),
+            "{args:?} started something: {stopped}"
+        );
+    }
+}
+
+/// Options a Dataset cannot use are refused with what was asked, or made harmless:
+/// nothing hangs or panics.
+#[test]
+fn dataset_options_it_cannot_use() {
+    let c = ctx();
+    // A batch size of 0 set in the options directly runs as batches of one row.
+    let options = MapOptions {
+        batch_size: Some(0),
+        ..MapOptions::default()
+    };
+    let ds = c.range(10).map_batches("one_row", Ok, options);
+    assert_eq!(ds.count().unwrap(), 10);
+    // A negative CPU share would hand CPUs back to the runtime.
+    let e = err_of(
+        c.range(10)
+            .map_batches("greedy", Ok, MapOptions::default().with_num_cpus(-1.0))
+            .collect(),
+    );
+    assert!(e.contains("`greedy` asks for -1 CPUs"), "{e}");
+    // Ids past Int64.
+    let e = err_of(c.range(u64::MAX).collect());
+    assert!(e.contains("at most 9223372036854775807 rows"), "{e}");
+    // One file cannot also be one per partition value.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("one.parquet");
+    let e = c
+        .range(10)
+        .write(out.to_str().unwrap(), volley::WriteFormat::Parquet)
+        .single_file()
+        .partition_by(&["id"])
+        .run()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("single-file write cannot be partitioned by [id]"),
+        "{e}"
+    );
+    assert!(!out.exists());
 }

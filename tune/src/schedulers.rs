@@ -124,7 +124,7 @@ impl Asha {
     pub fn new(config: AshaConfig, mode: Mode) -> Result<Self> {
         if config.grace_period == 0
             || config.max_t < config.grace_period
-            || config.reduction_factor <= 1.0
+            || !(config.reduction_factor > 1.0)
         {
             return Err(VolleyError::Config(format!(
                 "ASHA needs 0 < grace_period <= max_t and reduction_factor > 1, got {config:?}"
@@ -230,7 +230,9 @@ impl Scheduler for MedianStopping {
                     .then(|| upto.iter().sum::<f64>() / upto.len() as f64)
             })
             .collect();
-        if means.len() < self.config.min_samples_required {
+        // No other trial got this far: no median to compare with (also where no
+        // minimum is required).
+        if means.is_empty() || means.len() < self.config.min_samples_required {
             return Decision::Continue;
         }
         means.sort_by(f64::total_cmp);
@@ -457,6 +459,15 @@ mod tests {
             Mode::Min
         )
         .is_err());
+        // A reduction factor that is not a number would make rungs without end.
+        assert!(Asha::new(
+            AshaConfig {
+                reduction_factor: f64::NAN,
+                ..Default::default()
+            },
+            Mode::Min
+        )
+        .is_err());
     }
 
     #[test]
@@ -471,6 +482,15 @@ mod tests {
         );
         assert_eq!(m.on_result(3, 2, 0.3, &trials), Decision::Stop);
         assert_eq!(m.on_result(0, 2, 0.9, &trials), Decision::Continue);
+        // No minimum: the first trial to report has no median to meet.
+        let mut none = MedianStopping::new(
+            MedianStoppingConfig {
+                min_samples_required: 0,
+                ..Default::default()
+            },
+            Mode::Max,
+        );
+        assert_eq!(none.on_result(3, 2, 0.3, &trials[3..]), Decision::Continue);
     }
 
     #[test]

@@ -410,6 +410,18 @@ impl WriteJob {
     ) -> Result<Self> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let is_url = dest.contains("://") && !dest.starts_with("file://");
+        // One file cannot also be one per partition value, or cut by a row count.
+        if options.single_file && !options.partition_by.is_empty() {
+            return Err(VolleyError::plan(format!(
+                "{dest}: a single-file write cannot be partitioned by [{}]",
+                options.partition_by.join(", ")
+            )));
+        }
+        if let (true, Some(n)) = (options.single_file, options.max_rows_per_file) {
+            return Err(VolleyError::plan(format!(
+                "{dest}: a single-file write cannot also be cut into files of {n} rows"
+            )));
+        }
         for c in &options.partition_by {
             if c.is_empty() {
                 return Err(VolleyError::plan("empty partition column name"));
