@@ -52,8 +52,7 @@ impl Session {
             Some(s) => s
                 .parse::<f64>()
                 .ok()
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
                 .ok_or_else(|| {
                     VolleyError::Config(format!(
                         "VOLLEY_HEAD_PATIENCE={s:?} is not a number of seconds"
