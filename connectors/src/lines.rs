@@ -25,9 +25,10 @@ pub(crate) enum LineKind {
     Json(SchemaRef),
 }
 
-/// A local, uncompressed text file read from byte `start` (to `end`, where a task reads
-/// part of it). Its lines are counted from 1, as an editor shows them (for CSV, where no
-/// quoted value holds a line break: Arrow counts records).
+/// A text file read from byte `start` (to `end`, where a task reads part of it): local,
+/// unless read whole (`start` 0). Its lines are counted from 1, as an editor shows them
+/// (for CSV, where no quoted value holds a line break and no line is blank: Arrow
+/// counts records).
 #[derive(Debug)]
 pub(crate) struct LineOrigin {
     pub path: PathBuf,
@@ -61,23 +62,30 @@ impl LineOrigin {
         Some(2 + newlines)
     }
 
-    /// CSV: `message` with the line it names counted in the file; `None` where it
-    /// names no line or the file cannot be read. Arrow's parse errors (`... at line N.
-    /// Row data: ...`) count the split's lines from 0; its errors of rows with the
-    /// wrong number of fields (`incorrect number of fields for line N, ...`) from 1.
-    pub fn renumber_csv(&self, message: &str) -> Option<String> {
-        let (marker, from) = if message.contains(" for line ") {
-            (" for line ", 1)
-        } else {
-            (" at line ", 0)
-        };
-        let at = message.find(marker)? + marker.len();
-        let digits = message[at..].bytes().take_while(u8::is_ascii_digit).count();
+    /// CSV: `message` with the line it names after its first `marker` (a line of the
+    /// split, counted from `from`) counted in the file; `None` where it names no line
+    /// or the file cannot be read. Blank lines, which the parser passes over without
+    /// counting, make the count short.
+    pub fn renumber_csv(&self, message: &str, marker: &str, from: u64) -> Option<String> {
+        // A value quoted in the message may hold the marker too: Arrow's own is
+        // followed by the row's data where it gives it.
+        let digits_at = |at: usize| message[at..].bytes().take_while(u8::is_ascii_digit).count();
+        let found: Vec<usize> = message
+            .match_indices(marker)
+            .map(|(i, _)| i + marker.len())
+            .filter(|&at| digits_at(at) > 0)
+            .collect();
+        let at = found
+            .iter()
+            .copied()
+            .find(|&at| message[at + digits_at(at)..].starts_with(". Row data: "))
+            .or_else(|| found.first().copied())?;
+        let digits = digits_at(at);
         let line: u64 = message[at..at + digits].parse().ok()?;
+        let in_file = self.first_line()?.checked_add(line)?.checked_sub(from)?;
         Some(format!(
-            "{}{}{}",
+            "{}{in_file}{}",
             &message[..at],
-            self.first_line()? + line - from,
             &message[at + digits..]
         ))
     }
@@ -172,4 +180,87 @@ pub(crate) fn renumber_json_inference(path: &std::path::Path, message: &str) -> 
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(start: u64, body: &str) -> (tempfile::NamedTempFile, LineOrigin) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), body).unwrap();
+        let origin = LineOrigin {
+            path: file.path().to_path_buf(),
+            start,
+            end: None,
+            kind: LineKind::Csv,
+        };
+        (file, origin)
+    }
+
+    #[test]
+    fn csv_lines_are_counted_from_the_files_start() {
+        // The split starts at the third line ("2,2"), byte 8.
+        let (_f, o) = origin(8, "a,b\n1,1\n2,2\n3,x\n");
+        assert_eq!(o.first_line(), Some(3));
+        // Arrow's parse error counts from 0: line 1 of the split is the file's 4th.
+        let m = "Error while parsing value 'x' as type 'Int64' for column 1 at line 1. Row data: '[3,x]'";
+        assert!(o
+            .renumber_csv(m, " at line ", 0)
+            .unwrap()
+            .contains("at line 4. Row"));
+        // A value holding the marker does not move it.
+        let m = "Error while parsing value 'at line 9' as type 'Int64' for column 1 at line 1. Row data: '[3,at line 9]'";
+        let r = o.renumber_csv(m, " at line ", 0).unwrap();
+        assert!(
+            r.contains("value 'at line 9'") && r.contains("at line 4. Row"),
+            "{r}"
+        );
+        // A row with the wrong number of fields counts from 1.
+        let m = "incorrect number of fields for line 2, expected 2 got 3";
+        assert!(o
+            .renumber_csv(m, " for line ", 1)
+            .unwrap()
+            .contains("for line 4,"));
+        // A number too large for a line is left alone.
+        let m = "incorrect number of fields for line 99999999999999999999999, expected 2";
+        assert_eq!(o.renumber_csv(m, " for line ", 1), None);
+    }
+
+    #[test]
+    fn a_json_line_is_found_by_its_own_error() {
+        use arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let mut body = String::new();
+        for i in 0..3000 {
+            match i {
+                // A value in a column the scan does not decode is passed over.
+                1000 => body.push_str("{\"a\": 1, \"b\": \"x\"}\n"),
+                2000 => body.push_str("oops\n"),
+                2500 => body.push_str("{\"a\": \"x\"}\n"),
+                _ => body.push_str(&format!("{{\"a\": {i}}}\n")),
+            }
+        }
+        let (_f, mut o) = origin(0, &body);
+        o.kind = LineKind::Json(Arc::clone(&schema));
+        let m = "whilst decoding field 'a': failed to parse \"x\" as Int64";
+        // The message the scan met (decoding the whole file as one stream).
+        let mut decoder = arrow::json::ReaderBuilder::new(Arc::clone(&schema))
+            .build_decoder()
+            .unwrap();
+        let mut bytes = body.as_bytes();
+        let tape = loop {
+            match decoder
+                .decode(bytes)
+                .and_then(|n| Ok((n, decoder.flush()?)))
+            {
+                Err(arrow::error::ArrowError::JsonError(m)) => break m,
+                Ok((n, _)) if n > 0 => bytes = &bytes[n..],
+                other => panic!("expected a JSON error, got {other:?}"),
+            }
+        };
+        assert_eq!(o.find_json_line(&schema, &tape), Some(2001), "{tape}");
+        assert_eq!(o.find_json_line(&schema, m), Some(2501));
+        assert_eq!(o.find_json_line(&schema, "some other error"), None);
+    }
 }

@@ -143,9 +143,11 @@ impl ExecutionPlan for NamedFileScanExec {
                 inner: morselizer,
                 store: config.object_store_url.clone(),
                 lines: match config.file_source.file_type() {
-                    _ if config.file_compression_type.is_compressed() => LineKind::None,
                     "csv" => LineKind::Csv,
-                    "json" => LineKind::Json(Arc::clone(config.file_schema())),
+                    // Found by decoding the file again: its plain bytes only.
+                    "json" if !config.file_compression_type.is_compressed() => {
+                        LineKind::Json(decoded_schema(config))
+                    }
                     _ => LineKind::None,
                 },
             }))
@@ -170,6 +172,22 @@ impl ExecutionPlan for NamedFileScanExec {
     ) -> DfResult<Arc<Statistics>> {
         self.inner.statistics_from_inputs(input_stats, args)
     }
+}
+
+/// The columns a JSON scan decodes (its projection of the file's schema): a line is
+/// found by decoding with the same, so that a bad value in a column the query does not
+/// read is not taken for the error.
+fn decoded_schema(config: &FileScanConfig) -> arrow::datatypes::SchemaRef {
+    use datafusion_datasource::projection::SplitProjection;
+    let file_schema = config.file_schema();
+    config
+        .file_source
+        .projection()
+        .and_then(|p| {
+            let indices = SplitProjection::new(file_schema, p).file_indices;
+            file_schema.project(&indices).ok().map(Arc::new)
+        })
+        .unwrap_or_else(|| Arc::clone(file_schema))
 }
 
 /// What names the file in an error: its path, and the byte range when a task reads
@@ -199,8 +217,14 @@ impl Naming {
         };
         let error = match (e.find_root(), &origin.kind) {
             (DataFusionError::ArrowError(a, _), LineKind::Csv) => match a.as_ref() {
-                ArrowError::ParseError(m) => origin.renumber_csv(m).map(ArrowError::ParseError),
-                ArrowError::CsvError(m) => origin.renumber_csv(m).map(ArrowError::CsvError),
+                // Parse errors count the split's lines from 0 (`at line N`); rows with
+                // the wrong number of fields from 1 (`for line N`).
+                ArrowError::ParseError(m) => origin
+                    .renumber_csv(m, " at line ", 0)
+                    .map(ArrowError::ParseError),
+                ArrowError::CsvError(m) => origin
+                    .renumber_csv(m, " for line ", 1)
+                    .map(ArrowError::CsvError),
                 _ => None,
             },
             (DataFusionError::ArrowError(a, _), LineKind::Json(schema)) => match a.as_ref() {
@@ -237,10 +261,18 @@ struct NamingMorselizer {
 
 impl Morselizer for NamingMorselizer {
     fn plan_file(&self, file: PartitionedFile) -> DfResult<Box<dyn MorselPlanner>> {
+        // A local file is read again to count its lines; elsewhere, or compressed (a
+        // CSV file is then read whole), lines count from the file's start already.
         let local = self.store.as_str().starts_with("file://");
-        let lines = (local && !matches!(self.lines, LineKind::None)).then(|| LineOrigin {
+        let start = file.range.as_ref().map_or(0, |r| r.start.max(0) as u64);
+        let usable = match self.lines {
+            LineKind::None => false,
+            LineKind::Csv => local || start == 0,
+            LineKind::Json(_) => local,
+        };
+        let lines = usable.then(|| LineOrigin {
             path: std::path::PathBuf::from(format!("/{}", file.object_meta.location)),
-            start: file.range.as_ref().map_or(0, |r| r.start.max(0) as u64),
+            start,
             end: file.range.as_ref().map(|r| r.end.max(0) as u64),
             kind: self.lines.clone(),
         });

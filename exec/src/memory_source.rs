@@ -160,16 +160,16 @@ impl DataSource for RangeSource {
     }
     async fn plan(&self, _state: &SessionState, request: &ScanRequest) -> Result<Vec<ReadTask>> {
         let schema = projected(&Self::full_schema(), request)?;
-        if self.n > i64::MAX as u64 {
-            return Err(volley_common::VolleyError::plan(format!(
+        let mut n = self.n;
+        if let Some(limit) = request.limit {
+            n = n.min(limit as u64);
+        }
+        if n > i64::MAX as u64 {
+            return Err(VolleyError::plan(format!(
                 "range({}): the ids are Int64, so at most {} rows",
                 self.n,
                 i64::MAX
             )));
-        }
-        let mut n = self.n;
-        if let Some(limit) = request.limit {
-            n = n.min(limit as u64);
         }
         let tasks = (self.tasks as u64).min(n.max(1));
         let per = n.div_ceil(tasks.max(1));

@@ -420,16 +420,23 @@ fn a_killed_writers_staging_is_removed_by_the_next_write() {
     // A live process's staging (this test's) stays.
     let live = dir.path().join(".out.parquet.volley-staging-live");
     std::fs::create_dir(&live).unwrap();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let read = |p: &str| std::fs::read_to_string(p).unwrap().trim().to_string();
+    let stat = read("/proc/self/stat");
     let started = stat[stat.rfind(')').unwrap() + 1..]
         .split_whitespace()
         .nth(19)
         .unwrap()
         .to_string();
+    let namespace = std::fs::read_link("/proc/self/ns/pid").unwrap();
     std::fs::write(
         live.join("owner"),
-        format!("{} {} {started}", host.trim(), std::process::id()),
+        format!(
+            "{} {} {} {} {started}",
+            read("/proc/sys/kernel/hostname"),
+            read("/proc/sys/kernel/random/boot_id"),
+            namespace.display(),
+            std::process::id()
+        ),
     )
     .unwrap();
 
@@ -711,6 +718,7 @@ fn dataset_options_it_cannot_use() {
     // Ids past Int64.
     let e = err_of(c.range(u64::MAX).collect());
     assert!(e.contains("at most 9223372036854775807 rows"), "{e}");
+    assert_eq!(c.range(u64::MAX).limit(3).count().unwrap(), 3);
     // One file cannot also be one per partition value.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("one.parquet");
