@@ -809,6 +809,7 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             for kv in env {
                 let (k, v) = kv
                     .split_once('=')
+                    .filter(|(k, _)| !k.is_empty())
                     .ok_or_else(|| VolleyError::Config(format!("--env {kv}: expected K=V")))?;
                 vars.insert(k.to_string(), v.to_string());
             }

@@ -1023,6 +1023,52 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&escape.stdout).contains("`..` is not allowed"));
+    // Refused before any work, with the status and a JSON error: no token (the body is
+    // not even read), a body that is not a job, a file that is also a folder of others,
+    // an environment variable named with `=`.
+    let post = |token: Option<&str>, body: &str| {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-w", "\n%{http_code}", "-X", "POST"])
+            .args(["-H", "Content-Type: application/json"]);
+        if let Some(t) = token {
+            curl.args(["-H", &format!("Authorization: bearer {t}")]);
+        }
+        let out = curl
+            .arg("--data")
+            .arg(body)
+            .arg(format!("http://{}/api/jobs", c.http))
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = out.rsplit_once('\n').unwrap();
+        (code.to_string(), body.to_string())
+    };
+    let (code, body) = post(None, "{");
+    assert_eq!(code, "401", "{body}");
+    let (code, body) = post(Some(&c.token), "{");
+    assert!(code == "400" && body.contains("not a job"), "{code} {body}");
+    let (code, body) = post(
+        Some(&c.token),
+        r#"{"entrypoint": ["true"], "files": [{"path": "a", "data_base64": ""}, {"path": "a/b", "data_base64": ""}]}"#,
+    );
+    assert!(
+        code == "400" && body.contains("a is a file of the package too"),
+        "{code} {body}"
+    );
+    let (code, body) = post(
+        Some(&c.token),
+        r#"{"entrypoint": ["true"], "env": {"A=B": "c"}}"#,
+    );
+    assert!(
+        code == "400" && body.contains("A=B") && body.contains("give a name without `=`"),
+        "{code} {body}"
+    );
+    // A log offset past the end reads nothing.
+    let (code, body) = c.http_get(
+        &format!("/api/jobs/{http_job}/logs?offset=18446744073709551615"),
+        Some(&c.token),
+    );
+    assert_eq!((code, body.as_str()), (200, ""));
     let (code, body) = c.http_get(&format!("/api/jobs/{job}"), Some(&c.token));
     assert!(body.contains("cluster_pipeline"), "{body}");
     assert_eq!(code, 200);

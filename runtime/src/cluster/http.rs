@@ -144,7 +144,12 @@ fn check(core: &HeadCore, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme's name is case-insensitive (RFC 9110).
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        });
     match given {
         Some(t) if same_token(t, &core.options().token) => Ok(()),
         Some(_) => Err(ApiError(
@@ -199,10 +204,17 @@ async fn list(State(core): Core, h: HeaderMap) -> Result<Json<Vec<JobJson>>, Api
 async fn submit(
     State(core): Core,
     h: HeaderMap,
-    Json(body): Json<SubmitJson>,
+    request: axum::extract::Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // The token before the body: a caller without it cannot make the head read (up to
+    // a gigabyte) or parse anything.
     check(&core, &h)?;
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let bytes = axum::body::to_bytes(request.into_body(), SUBMIT_BODY_LIMIT)
+        .await
+        .map_err(|e| bad(format!("reading the request's body: {e}")))?;
+    let body: SubmitJson = serde_json::from_slice(&bytes)
+        .map_err(|e| bad(format!("the request's body is not a job (JSON): {e}")))?;
     let mut files = Vec::new();
     for f in body.files {
         let data = base64::engine::general_purpose::STANDARD
@@ -383,6 +395,9 @@ pub(crate) async fn serve_tls(
     }
 }
 
+/// The most bytes a job submitted over HTTP may take (its files inline, in base64).
+const SUBMIT_BODY_LIMIT: usize = 1 << 30;
+
 /// The API's routes over `core`.
 pub fn router(core: Arc<HeadCore>) -> Router {
     Router::new()
@@ -397,6 +412,5 @@ pub fn router(core: Arc<HeadCore>) -> Router {
         .route("/api/jobs/{id}/stop", post(stop))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
         .with_state(core)
 }

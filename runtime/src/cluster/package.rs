@@ -234,6 +234,17 @@ pub fn check_manifest(manifest: &PackageManifest, limit: u64) -> Result<()> {
             .map_err(|e| VolleyError::plan(format!("package file {}: {e}", f.path)))?;
         total = total.saturating_add(f.size);
     }
+    // A file cannot also be a folder of others (`a` and `a/b`).
+    for f in &manifest.files {
+        let path = safe_relative(&f.path)?;
+        if let Some(file) = path.ancestors().skip(1).find(|a| seen.contains(*a)) {
+            return Err(VolleyError::plan(format!(
+                "package file {}: {} is a file of the package too",
+                f.path,
+                file.display()
+            )));
+        }
+    }
     if total > limit {
         return Err(VolleyError::plan(format!(
             "the package ({}) is larger than the limit of {}",

@@ -95,6 +95,9 @@ impl HeadOptions {
     }
 }
 
+/// The most bytes of a job's log one read returns: a follower reads on from there.
+pub(crate) const LOG_PIECE: u64 = 4 << 20;
+
 /// The head's state and the signal its waiters sleep on.
 pub struct HeadCore {
     state: Mutex<State>,
@@ -347,6 +350,25 @@ impl HeadCore {
         if spec.entrypoint.is_empty() {
             return Err(Status::invalid_argument("the job has no entrypoint"));
         }
+        // What a process cannot be started with, said now rather than by the node that
+        // fails to start the driver.
+        if let Some(arg) = spec.entrypoint.iter().find(|a| a.contains('\0')) {
+            return Err(Status::invalid_argument(format!(
+                "entrypoint argument {arg:?} holds a NUL byte"
+            )));
+        }
+        for (name, value) in &spec.env {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                return Err(Status::invalid_argument(format!(
+                    "environment variable name {name:?}: give a name without `=` or NUL"
+                )));
+            }
+            if value.contains('\0') {
+                return Err(Status::invalid_argument(format!(
+                    "environment variable {name}: its value holds a NUL byte"
+                )));
+            }
+        }
         let resources: Resources = spec.resources.clone().into();
         resources.validate().map_err(invalid)?;
         let package = spec.package.take().unwrap_or_default();
@@ -460,17 +482,27 @@ impl HeadCore {
         })?)
     }
 
-    /// The job's log from `offset`: `(bytes, job finished)`.
+    /// The job's log from `offset`, at most [`LOG_PIECE`] bytes of it: `(bytes, job
+    /// finished and nothing more to read)`.
     pub fn job_log(&self, id: &str, offset: u64) -> Result<(Vec<u8>, bool)> {
         use std::io::{Read, Seek, SeekFrom};
         let done = self.read(|s| s.job(id).map(|j| j.status.state.is_final()))?;
         // No file yet: the driver has written nothing.
         let mut data = Vec::new();
+        let mut at_end = true;
         if let Ok(mut f) = std::fs::File::open(self.job_dir(id).join("driver.log")) {
+            // An offset past the end reads nothing (a seek past `i64::MAX` would fail).
+            let offset = offset.min(f.metadata()?.len());
             f.seek(SeekFrom::Start(offset))?;
-            f.read_to_end(&mut data)?;
+            // A piece at a time: a log of gigabytes is neither held whole nor sent as
+            // one message past the transport's limit.
+            (&mut f).take(LOG_PIECE + 1).read_to_end(&mut data)?;
+            if data.len() as u64 > LOG_PIECE {
+                data.truncate(LOG_PIECE as usize);
+                at_end = false;
+            }
         }
-        Ok((data, done))
+        Ok((data, done && at_end))
     }
 
     /// What job `id`'s work waits for that no node has, as the monitor last saw it
