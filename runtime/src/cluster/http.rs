@@ -25,6 +25,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use volley_common::ErrorKind;
 
 use super::auth::same_token;
 use super::head::HeadCore;
@@ -234,7 +235,13 @@ async fn submit(
     let id = tokio::task::spawn_blocking(move || core.submit_job_files(spec, files))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| match e.kind() {
+            // The head's own trouble (its disk), not the request's.
+            ErrorKind::Execution | ErrorKind::Internal => {
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+            _ => bad(e.to_string()),
+        })?;
     Ok(Json(serde_json::json!({ "job_id": id })))
 }
 

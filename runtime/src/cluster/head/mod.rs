@@ -437,8 +437,10 @@ impl HeadCore {
         let digests: Vec<String> = package.files.iter().map(|f| f.digest.clone()).collect();
         self.evict_packages(&digests);
         spec.package = Some(package);
-        self.add_job(spec)
-            .map_err(|e| VolleyError::plan(e.message().to_string()))
+        self.add_job(spec).map_err(|e| match e.code() {
+            tonic::Code::Internal => VolleyError::internal(e.message()),
+            _ => VolleyError::plan(e.message()),
+        })
     }
 
     /// The Dataset executions job `id`'s driver reported (the last few).
