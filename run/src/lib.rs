@@ -18,8 +18,8 @@ pub use checkpoint::{
 pub use config::{FailureConfig, RunConfig};
 pub use lease::ClusterLease;
 pub use report::{
-    metrics, BatchStream, Decision, Metrics, PartIter, Peer, Report, ReportClient, ReportHandler,
-    ReportServer,
+    check_metrics, metrics, BatchStream, Decision, Metrics, PartIter, Peer, Report, ReportClient,
+    ReportHandler, ReportServer,
 };
 /// Runs worker-side code on a thread of its own (from `volley-runtime`).
 pub use volley_runtime::cluster::on_own_thread;

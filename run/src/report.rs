@@ -47,6 +47,19 @@ pub fn metrics<const N: usize>(pairs: [(&str, f64); N]) -> Metrics {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
+/// Checks that every metric is a finite number: reports and checkpoint manifests are
+/// JSON, which holds no NaN or infinity (a manifest written with one could not be read
+/// back, and the run could not resume from any checkpoint after it).
+pub fn check_metrics(metrics: &Metrics) -> Result<()> {
+    match metrics.iter().find(|(_, v)| !v.is_finite()) {
+        Some((name, value)) => Err(VolleyError::plan(format!(
+            "report: metric `{name}` is {value} (did training diverge? check the learning \
+             rate); metrics must be finite numbers"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// What one report carries to the driver.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -582,6 +595,20 @@ impl Drop for BatchStream {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn metrics_must_be_finite() {
+        check_metrics(&metrics([("loss", 0.5), ("accuracy", 1.0)])).unwrap();
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let e = check_metrics(&metrics([("accuracy", 1.0), ("loss", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("metric `loss` is") && e.contains("finite"),
+                "{e}"
+            );
+        }
+    }
 
     /// Stops every run at its third report; streams 3 batches of `pass + 1` rows.
     #[derive(Default)]

@@ -267,6 +267,7 @@ impl TrainContext {
     /// returns `VolleyError::Cancelled` when the driver stops the run (a sweep's
     /// scheduler): propagate it.
     pub fn report(&mut self, metrics: Metrics, checkpoint: Option<TrainCheckpoint>) -> Result<()> {
+        volley_run::check_metrics(&metrics)?;
         self.iteration += 1;
         if self.rank != 0 {
             return Ok(());

@@ -255,6 +255,12 @@ impl DataParallelTrainer {
     /// failure up to `max_failures` times.
     pub fn fit(&self) -> Result<TrainResult> {
         self.scaling.validate()?;
+        if self.ring_timeout < Duration::from_millis(1) {
+            return Err(VolleyError::Config(format!(
+                "ring_timeout {:?}: give at least 1 ms for a rank to wait on its neighbours",
+                self.ring_timeout
+            )));
+        }
         let storage = self.run.resolved_storage_path()?;
         let store = Arc::new(
             CheckpointStore::open(&storage, &self.run.name, self.run.checkpoint.clone())
@@ -350,7 +356,7 @@ impl DataParallelTrainer {
                 name: self.run.name.clone(),
                 checkpoint: self.run.checkpoint.clone(),
                 config: self.config.clone(),
-                ring_timeout_ms: self.ring_timeout.as_millis() as u64,
+                ring_timeout_ms: u64::try_from(self.ring_timeout.as_millis()).unwrap_or(u64::MAX),
                 cpus: self.scaling.bundle().num_cpus,
                 resume,
                 iteration,

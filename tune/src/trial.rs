@@ -97,6 +97,7 @@ impl TrialContext {
         if self.stopped {
             return Err(VolleyError::Cancelled);
         }
+        volley_run::check_metrics(&metrics)?;
         self.iteration += 1;
         let saved = match checkpoint {
             Some(c) => {
