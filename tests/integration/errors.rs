@@ -108,12 +108,7 @@ fn ragged_and_mistyped_csv() {
         }
     }
     std::fs::write(&big, body).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args(["sql", &format!("SELECT sum(v) FROM '{}'", big.display())])
-        .env_remove("VOLLEY_ADDRESS")
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = sql_stderr(&format!("SELECT sum(v) FROM '{}'", big.display()));
     assert!(
         e.contains("big.csv [bytes ") && e.contains("at line 200002."),
         "{e}"
@@ -128,15 +123,7 @@ fn ragged_and_mistyped_csv() {
         ));
     }
     std::fs::write(&ragged_big, body).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args([
-            "sql",
-            &format!("SELECT sum(v) FROM '{}'", ragged_big.display()),
-        ])
-        .env_remove("VOLLEY_ADDRESS")
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = sql_stderr(&format!("SELECT sum(v) FROM '{}'", ragged_big.display()));
     assert!(e.contains("fields for line 250002,"), "{e}");
     // The Dataset API counts the same way.
     let e = err_of(c.read_csv(big.to_str().unwrap()).unwrap().collect());
@@ -144,15 +131,7 @@ fn ragged_and_mistyped_csv() {
         e.contains("big.csv") && e.contains("at line 200002."),
         "{e}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args([
-            "sql",
-            &format!("SELECT sum(a) FROM '{}'", mistyped.display()),
-        ])
-        .env_remove("VOLLEY_ADDRESS")
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = sql_stderr(&format!("SELECT sum(a) FROM '{}'", mistyped.display()));
     assert!(
         e.contains("typed.csv") && e.contains("at line 2002."),
         "{e}"
@@ -188,12 +167,7 @@ fn invalid_json() {
         e.contains("big.json") && e.contains("oops") && e.contains("at line 150001"),
         "{e}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args(["sql", &format!("SELECT sum(v) FROM '{}'", big.display())])
-        .env_remove("VOLLEY_ADDRESS")
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = sql_stderr(&format!("SELECT sum(v) FROM '{}'", big.display()));
     assert!(
         e.contains("big.json") && e.contains("at line 150001"),
         "{e}"
@@ -368,6 +342,11 @@ fn cli_prints_one_line_and_exits_non_zero() {
 }
 
 /// `volley sql` with `--output` (`-o`) and several statements, from the command line.
+/// What `volley sql QUERY` (in one process) says on stderr.
+fn sql_stderr(query: &str) -> String {
+    String::from_utf8_lossy(&volley_sql(&[query]).stderr).to_string()
+}
+
 fn volley_sql(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_volley"))
         .arg("sql")
@@ -440,11 +419,7 @@ fn a_killed_writers_staging_is_removed_by_the_next_write() {
     )
     .unwrap();
 
-    let done = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args(["sql", "SELECT 1 AS one", "-o", out.to_str().unwrap()])
-        .env_remove("VOLLEY_ADDRESS")
-        .output()
-        .unwrap();
+    let done = volley_sql(&["SELECT 1 AS one", "-o", out.to_str().unwrap()]);
     assert!(
         done.status.success(),
         "{}",
