@@ -575,22 +575,14 @@ impl Dataset {
     /// `n` partitions of (nearly) equal row counts, rows in their input order. What a
     /// later `write_parquet` makes of them: one file per partition.
     pub fn repartition(&self, n: usize) -> Result<Dataset> {
-        if n == 0 {
-            return Err(VolleyError::plan(
-                "repartition needs at least one partition",
-            ));
-        }
+        check_parts("repartition", n)?;
         self.exchange(ExchangeKind::Repartition { n })
     }
 
     /// `n` partitions by a hash of the `keys` columns: rows with equal keys end up in
     /// the same partition.
     pub fn repartition_by(&self, keys: &[&str], n: usize) -> Result<Dataset> {
-        if n == 0 {
-            return Err(VolleyError::plan(
-                "repartition needs at least one partition",
-            ));
-        }
+        check_parts("repartition", n)?;
         self.exchange(ExchangeKind::RepartitionBy {
             keys: keys.iter().map(|k| k.to_string()).collect(),
             n,
@@ -646,9 +638,7 @@ impl Dataset {
     /// On a cluster they stay in the nodes' stores (which spill), and this process
     /// keeps references to them.
     pub fn split(&self, n: usize) -> Result<Vec<Dataset>> {
-        if n == 0 {
-            return Err(VolleyError::plan("split needs at least one part"));
-        }
+        check_parts("split", n)?;
         let n = n as u64;
         self.split_sources(
             (0..n).map(|i| Bounds::Fraction { i, n }).collect(),
@@ -735,6 +725,26 @@ pub(crate) fn exchange_source(input: Dataset, kind: ExchangeKind) -> Result<Arc<
         schema,
         spilled: AtomicU64::new(0),
     }))
+}
+
+/// The most partitions (or parts) an exchange or a split makes: each holds buffers and
+/// bookkeeping of its own, so more than this is a mistake, not a plan.
+pub(crate) const MAX_PARTS: usize = 1 << 20;
+
+/// Checks a partition (or part) count that `what` was given: at least one, at most
+/// [`MAX_PARTS`].
+pub(crate) fn check_parts(what: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(VolleyError::plan(format!(
+            "{what} needs at least one partition"
+        )));
+    }
+    if n > MAX_PARTS {
+        return Err(VolleyError::plan(format!(
+            "{what} into {n} partitions: at most {MAX_PARTS}"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -172,11 +172,7 @@ impl Dataset {
     /// assert_eq!(rows, vec![500, 500]);
     /// ```
     pub fn streaming_split(&self, n: usize, equal: bool) -> Result<Vec<SplitIterator>> {
-        if n == 0 {
-            return Err(VolleyError::plan(
-                "streaming_split needs at least one iterator",
-            ));
-        }
+        crate::exchange::check_parts("streaming_split", n)?;
         let state = Arc::new(State {
             n,
             equal,

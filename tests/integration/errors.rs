@@ -690,6 +690,15 @@ fn dataset_options_it_cannot_use() {
             .collect(),
     );
     assert!(e.contains("`greedy` asks for -1 CPUs"), "{e}");
+    // Part counts past what any plan holds.
+    for e in [
+        c.range(10).split(usize::MAX).err(),
+        c.range(10).repartition(usize::MAX).err(),
+        c.range(10).streaming_split(usize::MAX, false).err(),
+    ] {
+        let e = e.expect("refused").to_string();
+        assert!(e.contains("at most 1048576"), "{e}");
+    }
     // Ids past Int64.
     let e = err_of(c.range(u64::MAX).collect());
     assert!(e.contains("at most 9223372036854775807 rows"), "{e}");
