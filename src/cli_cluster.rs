@@ -201,7 +201,25 @@ pub fn logs(a: LogsArgs) -> Result<()> {
             }
             Ok(())
         }
-        Some(which) => client.worker_output(&a.job, &which, a.follow, &mut out),
+        Some(which) => {
+            // A task or actor with no output yet (not started, or a name the job never
+            // uses) is waited for while the job runs: said, not silent.
+            let named = match &which {
+                WorkerOutput::Task(t) => Some(format!("task {t}")),
+                WorkerOutput::Actor(actor) => Some(format!("actor {actor}")),
+                WorkerOutput::AllWorkers => None,
+            };
+            if let Some(what) = named.filter(|_| a.follow) {
+                if client.worker_output_sections(&a.job, &which)?.is_empty() {
+                    eprintln!(
+                        "volley: no output of {what} on any node yet: waiting while job {} \
+                         runs (`volley logs --job {0} --list` lists what there is)",
+                        a.job
+                    );
+                }
+            }
+            client.worker_output(&a.job, &which, a.follow, &mut out)
+        }
     }
 }
 
