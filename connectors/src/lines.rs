@@ -2,8 +2,9 @@
 //!
 //! Arrow's CSV parser counts lines from where a task started reading (from 0, the
 //! header included), its NDJSON decoder names none, and its schema inference reads
-//! each NDJSON record alone (`at line 1`). An error met in a local, uncompressed file
-//! is given the line an editor shows, counted from the file's start: only then, so
+//! each NDJSON record alone (`at line 1`). An error is given the line an editor shows,
+//! counted from the file's start (a CSV file read whole needs no reading for it; a
+//! part of one, or an NDJSON file, must be local and uncompressed): only then, so
 //! reading costs nothing more.
 
 use std::io::{BufRead, Read, Seek, SeekFrom};
@@ -21,7 +22,8 @@ pub(crate) enum LineKind {
     /// included); they are counted again from the file's start.
     Csv,
     /// Newline-delimited JSON: Arrow's decoder names no line; the split's lines are
-    /// decoded again with the file's schema until one fails with the same error.
+    /// decoded again with the columns the scan decodes until one fails with the same
+    /// error.
     Json(SchemaRef),
 }
 
@@ -49,7 +51,7 @@ impl LineOrigin {
             return Some(1);
         }
         let file = std::fs::File::open(&self.path).ok()?;
-        let mut prefix = std::io::BufReader::new(file).take(self.start - 1);
+        let mut prefix = file.take(self.start - 1);
         let mut newlines = 0u64;
         let mut buf = vec![0u8; 1 << 16];
         loop {

@@ -592,67 +592,24 @@ fn sql_options_and_columns_it_cannot_use_are_named() {
 #[test]
 fn start_refuses_durations_it_cannot_use() {
     let home = tempfile::tempdir().unwrap();
-    for args in [
-        &[
-            "--head",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--node-timeout",
-            "inf",
-        ][..],
-        &[
-            "--head",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--node-timeout",
-            "0",
-        ],
-        &[
-            "--head",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--package-cache",
-            "lots",
-        ],
-        &[
-            "--address",
-            "127.0.0.1:9",
-            "--token",
-            "x",
-            "--drain-timeout",
-            "1e20",
-        ],
-        &[
-            "--address",
-            "127.0.0.1:9",
-            "--token",
-            "x",
-            "--head-patience",
-            "NaN",
-        ],
-        &[
-            "--address",
-            "127.0.0.1:9",
-            "--token",
-            "x",
-            "--num-gpus",
-            "4294967295",
-        ],
+    let head: &[&str] = &["--head", "--port", "0", "--http-port", "0"];
+    let node: &[&str] = &["--address", "127.0.0.1:9", "--token", "x"];
+    for (start, flag, value) in [
+        (head, "--node-timeout", "inf"),
+        (head, "--node-timeout", "0"),
+        (head, "--package-cache", "lots"),
+        (node, "--drain-timeout", "1e20"),
+        (node, "--head-patience", "NaN"),
+        (node, "--num-gpus", "4294967295"),
     ] {
+        let args: Vec<&str> = start.iter().copied().chain([flag, value]).collect();
         let out = Command::new(env!("CARGO_BIN_EXE_volley"))
             .arg("start")
-            .args(args)
+            .args(&args)
             .env("VOLLEY_HOME", home.path())
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        let flag = args[args.len() - 2];
         let stopped = Command::new(env!("CARGO_BIN_EXE_volley"))
             .arg("stop")
             .env("VOLLEY_HOME", home.path())

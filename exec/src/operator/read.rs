@@ -53,9 +53,13 @@ fn run_read(
     };
     let batches = std::iter::from_fn(|| {
         shared.io.block_on(stream.next()).map(|r| {
-            r.map_err(|e| match task.names_its_errors() {
-                true => VolleyError::from(e),
-                false => VolleyError::from(e).context(format!("reading {}", task.label)),
+            r.map_err(|e| {
+                let e = VolleyError::from(e);
+                if task.names_its_errors() {
+                    e
+                } else {
+                    e.context(format!("reading {}", task.label))
+                }
             })
         })
     });
