@@ -634,7 +634,7 @@ fn divisions(plan: &LogicalPlan) -> Vec<String> {
             e.apply(|x| {
                 if let Expr::BinaryExpr(BinaryExpr { op, right, .. }) = x {
                     if matches!(op, Operator::Divide | Operator::Modulo) && !nonzero(right) {
-                        let text = x.to_string();
+                        let text = without_path_qualifiers(x).to_string();
                         if !found.contains(&text) {
                             found.push(text);
                         }
@@ -645,6 +645,20 @@ fn divisions(plan: &LogicalPlan) -> Vec<String> {
         })
     });
     found
+}
+
+/// `e` with its columns of tables named by a path (`FROM 'dir/'`) unqualified: the
+/// path, repeated before every column, would only hide the expression.
+fn without_path_qualifiers(e: &Expr) -> Expr {
+    e.clone()
+        .transform(|x| match x {
+            Expr::Column(c) if c.relation.as_ref().is_some_and(|r| r.table().contains('/')) => Ok(
+                Transformed::yes(Expr::Column(Column::new_unqualified(c.name))),
+            ),
+            x => Ok(Transformed::no(x)),
+        })
+        .data()
+        .unwrap_or_else(|_| e.clone())
 }
 
 /// Whether `e` is a constant other than zero or null: dividing by it cannot fail.

@@ -80,6 +80,7 @@ use volley_runtime::cluster::{
 };
 
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
+use super::unasked_cancel;
 use crate::conjunction::Conjunction;
 use crate::context::Context;
 use crate::decimal_arith::{DecimalArith, DecimalOp};
@@ -344,7 +345,10 @@ impl KeysFilter {
             for s in states {
                 match s {
                     ObjectState::Ready(meta) => metas.push(meta),
-                    ObjectState::Failed(e) => return Err(e),
+                    ObjectState::Failed(e) => {
+                        let what = format!("stage {} (a join's build side)", self.build.id);
+                        return Err(unasked_cancel(e, &what));
+                    }
                     ObjectState::Pending => {}
                 }
             }
@@ -357,7 +361,8 @@ impl KeysFilter {
         }
         let mut batches = Vec::new();
         for o in outputs.iter() {
-            batches.extend(cluster.get(o)?);
+            let what = format!("stage {} (a join's build side)", self.build.id);
+            batches.extend(cluster.get(o).map_err(|e| unasked_cancel(e, &what))?);
         }
         let dynamic = self
             .filter
@@ -1455,6 +1460,7 @@ impl ExecutionPlan for ClusterStageExec {
                 let label = format!("stage {} task {partition}", stage.id);
                 let (unread, stage) = (Arc::clone(&self.unread), Arc::clone(stage));
                 let stopped = Arc::clone(&self.stopped);
+                let stopped_here = Arc::clone(&self.stopped);
                 // Whether the partition was read to its end.
                 let read = move |tx: &Handover| -> Result<bool> {
                     // A slice at a time: this process holds a few slices per
@@ -1469,9 +1475,17 @@ impl ExecutionPlan for ClusterStageExec {
                             .pop();
                         match state {
                             Some(ObjectState::Ready(meta)) => break meta.rows,
+                            // This query stopped its stages (another partition
+                            // failed, or a limit was reached): that one says why.
+                            Some(ObjectState::Failed(e))
+                                if e.is_cancelled() && stopped_here.load(Ordering::SeqCst) =>
+                            {
+                                return Ok(false)
+                            }
                             // The node that ran it named the task already.
                             Some(ObjectState::Failed(e)) => {
-                                return Err(name_task_error(e, &format!("task query {label}")))
+                                let what = format!("task query {label}");
+                                return Err(name_task_error(unasked_cancel(e, &what), &what));
                             }
                             _ => {}
                         }
@@ -1481,7 +1495,7 @@ impl ExecutionPlan for ClusterStageExec {
                         let rows = READ_ROWS.min(total - offset);
                         let batches = cluster
                             .get_rows(&object, offset, rows)
-                            .map_err(|e| e.context(label.clone()))?;
+                            .map_err(|e| unasked_cancel(e, &label).context(label.clone()))?;
                         for b in batches {
                             if !tx.send(b) {
                                 // The consumer went away.
