@@ -68,6 +68,9 @@ pub(crate) fn plan(op: &LogicalOp, state: &SessionState) -> Result<Planned> {
     plan_node(op, children, state)
 }
 
+/// The most workers (threads) a transform of this process may ask for.
+const MAX_LOCAL_WORKERS: usize = 4096;
+
 /// Checks that a transform asks only for what this process has (CPUs, memory).
 fn local_resources(name: &str, options: &MapOptions) -> Result<()> {
     // A negative share would give CPUs back to the runtime for every task started.
@@ -76,6 +79,15 @@ fn local_resources(name: &str, options: &MapOptions) -> Result<()> {
             "`{name}` asks for {} CPUs: give a share of 0 or more",
             options.num_cpus
         )));
+    }
+    if let Some(c) = options.concurrency {
+        let most = c.bounds().1;
+        if most > MAX_LOCAL_WORKERS {
+            return Err(VolleyError::plan(format!(
+                "`{name}` asks for {most} concurrent workers: at most {MAX_LOCAL_WORKERS} \
+                 in one process (each is a thread)"
+            )));
+        }
     }
     if options.wants_cluster_resources() {
         return Err(VolleyError::plan(format!(

@@ -1,6 +1,7 @@
 //! The local backend: tasks on threads of this process.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use volley_common::{Result, RuntimeOptions, VolleyError};
@@ -17,6 +18,8 @@ pub struct LocalRuntime {
     total: ResourceRequest,
     used: Arc<Mutex<ResourceRequest>>,
     io: tokio::runtime::Runtime,
+    /// Whether the system refused a thread once (said once).
+    refused_thread: AtomicBool,
 }
 
 impl fmt::Debug for LocalRuntime {
@@ -50,6 +53,7 @@ impl LocalRuntime {
             },
             used: Arc::new(Mutex::new(ResourceRequest::default())),
             io,
+            refused_thread: AtomicBool::new(false),
         }))
     }
 }
@@ -98,14 +102,33 @@ impl Runtime for LocalRuntime {
             used: Arc::clone(&self.used),
             request: spec.resources,
         };
-        let inner = std::thread::Builder::new()
+        // Where the system refuses a thread (too many), the task is handed back as one
+        // that does not fit now: it starts once running tasks end.
+        let slot = Arc::new(Mutex::new(Some(task)));
+        let started = Arc::clone(&slot);
+        let spawned = std::thread::Builder::new()
             .name(format!("volley:{}", spec.name))
             .spawn(move || {
                 let _release = release;
-                task();
-            })
-            .expect("the operating system refused to start a thread");
-        Ok(TaskHandle { inner })
+                let task = started.lock().expect("task slot lock").take();
+                if let Some(task) = task {
+                    task();
+                }
+            });
+        match spawned {
+            Ok(inner) => Ok(TaskHandle { inner }),
+            Err(e) => {
+                if !self.refused_thread.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the system refused a thread for {} ({e}): tasks wait for running \
+                         ones to end",
+                        spec.name
+                    );
+                }
+                let task = slot.lock().expect("task slot lock").take();
+                Err(task.expect("a thread that did not start took its task"))
+            }
+        }
     }
 
     fn io_handle(&self) -> tokio::runtime::Handle {

@@ -647,6 +647,23 @@ fn dataset_options_it_cannot_use() {
             .collect(),
     );
     assert!(e.contains("`greedy` asks for -1 CPUs"), "{e}");
+    // Each worker of a stateful transform is a thread: a count no system starts
+    // (which panicked starting them) is refused.
+    let e = err_of(
+        c.range(10)
+            .map_batches_stateful(
+                "crowd",
+                || Ok(|b: RecordBatch| -> volley::Result<RecordBatch> { Ok(b) }),
+                MapOptions::default()
+                    .with_num_cpus(0.0)
+                    .with_concurrency(usize::MAX),
+            )
+            .collect(),
+    );
+    assert!(
+        e.contains("`crowd` asks for 18446744073709551615 concurrent workers: at most 4096"),
+        "{e}"
+    );
     // Part counts past what any plan holds.
     for e in [
         c.range(10).split(usize::MAX).err(),
