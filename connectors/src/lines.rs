@@ -18,19 +18,52 @@ use arrow::datatypes::SchemaRef;
 pub(crate) enum LineKind {
     /// Binary formats: errors name no line.
     None,
-    /// CSV: Arrow's parser counts lines from the split's start (from 0, the header
-    /// included); they are counted again from the file's start.
-    Csv,
+    /// CSV: Arrow's parser counts records from the split's start (from 0, the header
+    /// included); they are found again from the file's start, walked with the scan's
+    /// dialect where the file's plain bytes can be read (else counted as lines).
+    Csv(Option<CsvDialect>),
     /// Newline-delimited JSON: Arrow's decoder names no line; the split's lines are
     /// decoded again with the columns the scan decodes until one fails with the same
     /// error.
     Json(SchemaRef),
 }
 
+/// How a CSV scan splits records (Arrow's parser is built on `csv-core` with these).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CsvDialect {
+    pub delimiter: u8,
+    pub quote: u8,
+    pub escape: Option<u8>,
+    /// The record terminator; `None`: `\r`, `\n` or `\r\n`.
+    pub terminator: Option<u8>,
+    pub comment: Option<u8>,
+}
+
+impl CsvDialect {
+    fn reader(&self) -> csv_core::Reader {
+        let mut b = csv_core::ReaderBuilder::new();
+        b.delimiter(self.delimiter)
+            .quote(self.quote)
+            .escape(self.escape)
+            .comment(self.comment);
+        if let Some(t) = self.terminator {
+            b.terminator(csv_core::Terminator::Any(t));
+        }
+        b.build()
+    }
+
+    /// Whether the parser passes over `b` before a record (a blank line's end).
+    fn ends_record(&self, b: u8) -> bool {
+        match self.terminator {
+            Some(t) => b == t,
+            None => b == b'\n' || b == b'\r',
+        }
+    }
+}
+
 /// A text file read from byte `start` (to `end`, where a task reads part of it): local,
-/// unless read whole (`start` 0). Its lines are counted from 1, as an editor shows them
-/// (for CSV, where no quoted value holds a line break and no line is blank: Arrow
-/// counts records).
+/// unless read whole (`start` 0). Its lines are counted from 1, as an editor shows
+/// them.
 #[derive(Debug)]
 pub(crate) struct LineOrigin {
     pub path: PathBuf,
@@ -64,10 +97,12 @@ impl LineOrigin {
         Some(2 + newlines)
     }
 
-    /// CSV: `message` with the line it names after its first `marker` (a line of the
-    /// split, counted from `from`) counted in the file; `None` where it names no line
-    /// or the file cannot be read. Blank lines, which the parser passes over without
-    /// counting, make the count short.
+    /// CSV: `message` with the line it names after its first `marker` (a record of
+    /// the split, counted from `from`) as the line of the file where that record
+    /// starts; `None` where it names no line or the file cannot be read.
+    ///
+    /// Without the dialect (a compressed file, read whole), records are taken for
+    /// lines: blank lines, comments and quoted line breaks make the count short.
     pub fn renumber_csv(&self, message: &str, marker: &str, from: u64) -> Option<String> {
         // A value quoted in the message may hold the marker too: Arrow's own is
         // followed by the row's data where it gives it.
@@ -84,12 +119,64 @@ impl LineOrigin {
             .or_else(|| found.first().copied())?;
         let digits = digits_at(at);
         let line: u64 = message[at..at + digits].parse().ok()?;
-        let in_file = self.first_line()?.checked_add(line)?.checked_sub(from)?;
+        let record = line.checked_sub(from)?;
+        let in_file = match &self.kind {
+            LineKind::Csv(Some(dialect)) => self.csv_record_line(dialect, record)?,
+            _ => self.first_line()?.checked_add(record)?,
+        };
         Some(format!(
             "{}{in_file}{}",
             &message[..at],
             &message[at + digits..]
         ))
+    }
+
+    /// The line of the file where record `record` of the split (from 0) starts:
+    /// the split's records walked as the parser reads them, passing over blank and
+    /// comment lines and counting the line breaks of quoted values.
+    fn csv_record_line(&self, dialect: &CsvDialect, record: u64) -> Option<u64> {
+        let mut line = self.first_line()?;
+        let mut file = std::fs::File::open(&self.path).ok()?;
+        file.seek(SeekFrom::Start(self.start.saturating_sub(1)))
+            .ok()?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+        if self.start > 0 {
+            reader.read_until(b'\n', &mut Vec::new()).ok()?;
+        }
+        let newlines = |bytes: &[u8]| bytes.iter().filter(|b| **b == b'\n').count() as u64;
+        let mut csv = dialect.reader();
+        // Fields and their ends are not looked at: written over at every call.
+        let (mut out, mut ends) = (vec![0u8; 1 << 16], vec![0usize; 1 << 10]);
+        for _ in 0..record {
+            loop {
+                let input = reader.fill_buf().ok()?;
+                let (result, read, _, _) = csv.read_record(input, &mut out, &mut ends);
+                line += newlines(&input[..read]);
+                reader.consume(read);
+                match result {
+                    csv_core::ReadRecordResult::Record => break,
+                    csv_core::ReadRecordResult::End => return None,
+                    _ => {}
+                }
+            }
+        }
+        // The record starts past the blank and comment lines before it.
+        loop {
+            let input = reader.fill_buf().ok()?;
+            match input.first() {
+                Some(&b) if dialect.ends_record(b) => {
+                    line += u64::from(b == b'\n');
+                    reader.consume(1);
+                }
+                Some(&b) if dialect.comment == Some(b) => {
+                    let mut skipped = Vec::new();
+                    let end = dialect.terminator.unwrap_or(b'\n');
+                    reader.read_until(end, &mut skipped).ok()?;
+                    line += newlines(&skipped);
+                }
+                _ => return Some(line),
+            }
+        }
     }
 
     /// NDJSON: the number of the split's first line whose decoding with `schema` fails
@@ -195,7 +282,7 @@ mod tests {
             path: file.path().to_path_buf(),
             start,
             end: None,
-            kind: LineKind::Csv,
+            kind: LineKind::Csv(None),
         };
         (file, origin)
     }
@@ -227,6 +314,37 @@ mod tests {
         // A number too large for a line is left alone.
         let m = "incorrect number of fields for line 99999999999999999999999, expected 2";
         assert_eq!(o.renumber_csv(m, " for line ", 1), None);
+    }
+
+    #[test]
+    fn csv_records_are_found_past_blank_lines_comments_and_quoted_line_breaks() {
+        let dialect = CsvDialect {
+            delimiter: b',',
+            quote: b'"',
+            escape: None,
+            terminator: None,
+            comment: Some(b'#'),
+        };
+        // Records: 0 the header (line 1), 1 "1,1" (line 3), 2 the quoted value over
+        // lines 5-6, 3 "3,x" (line 9, after a comment and a blank CRLF line).
+        let body = "a,b\n\n1,1\n\n2,\"two\nlines\"\n# note\r\n\r\n3,x\n";
+        let (_f, mut o) = origin(0, body);
+        o.kind = LineKind::Csv(Some(dialect));
+        let m = "Error while parsing value 'x' as type 'Int64' for column 1 at line 3. Row data: '[3,x]'";
+        let r = o.renumber_csv(m, " at line ", 0).unwrap();
+        assert!(r.contains("at line 9. Row"), "{r}");
+        let m = "incorrect number of fields for line 3, expected 2 got 3";
+        let r = o.renumber_csv(m, " for line ", 1).unwrap();
+        assert!(r.contains("for line 5,"), "{r}");
+        // A split from the second record's line: its record 2 is the file's "3,x".
+        let (_f, mut o) = origin(5, body);
+        o.kind = LineKind::Csv(Some(dialect));
+        let m = "parse error at line 2. Row data: '[3,x]'";
+        let r = o.renumber_csv(m, " at line ", 0).unwrap();
+        assert!(r.contains("at line 9. Row"), "{r}");
+        // Past the split's last record: no line.
+        let m = "parse error at line 7. Row data: '[3,x]'";
+        assert_eq!(o.renumber_csv(m, " at line ", 0), None);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use datafusion_datasource::PartitionedFile;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 
-use crate::lines::{LineKind, LineOrigin};
+use crate::lines::{CsvDialect, LineKind, LineOrigin};
 
 /// Wraps every file scan in `plan` so that its errors name their file. Plans without
 /// file scans come back unchanged; scans already wrapped are left alone.
@@ -143,7 +143,7 @@ impl ExecutionPlan for NamedFileScanExec {
                 inner: morselizer,
                 store: config.object_store_url.clone(),
                 lines: match config.file_source.file_type() {
-                    "csv" => LineKind::Csv,
+                    "csv" => LineKind::Csv(csv_dialect(config)),
                     // Found by decoding the file again: its plain bytes only.
                     "json" if !config.file_compression_type.is_compressed() => {
                         LineKind::Json(decoded_schema(config))
@@ -190,6 +190,23 @@ fn decoded_schema(config: &FileScanConfig) -> arrow::datatypes::SchemaRef {
         .unwrap_or_else(|| Arc::clone(file_schema))
 }
 
+/// The dialect of a CSV scan whose files' plain bytes can be read again (not
+/// compressed).
+fn csv_dialect(config: &FileScanConfig) -> Option<CsvDialect> {
+    use datafusion::datasource::physical_plan::CsvSource;
+    if config.file_compression_type.is_compressed() {
+        return None;
+    }
+    let csv = config.file_source.downcast_ref::<CsvSource>()?;
+    Some(CsvDialect {
+        delimiter: csv.delimiter(),
+        quote: csv.quote(),
+        escape: csv.escape(),
+        terminator: csv.terminator(),
+        comment: csv.comment(),
+    })
+}
+
 /// What names the file in an error: its path, and the byte range when a task reads
 /// part of it.
 pub fn file_label(store: &ObjectStoreUrl, file: &PartitionedFile) -> String {
@@ -216,7 +233,7 @@ impl Naming {
             return e;
         };
         let error = match (e.find_root(), &origin.kind) {
-            (DataFusionError::ArrowError(a, _), LineKind::Csv) => match a.as_ref() {
+            (DataFusionError::ArrowError(a, _), LineKind::Csv(_)) => match a.as_ref() {
                 // Parse errors count the split's lines from 0 (`at line N`); rows with
                 // the wrong number of fields from 1 (`for line N`).
                 ArrowError::ParseError(m) => origin
@@ -267,7 +284,7 @@ impl Morselizer for NamingMorselizer {
         let start = file.range.as_ref().map_or(0, |r| r.start.max(0) as u64);
         let usable = match self.lines {
             LineKind::None => false,
-            LineKind::Csv => local || start == 0,
+            LineKind::Csv(_) => local || start == 0,
             LineKind::Json(_) => local,
         };
         let lines = usable.then(|| LineOrigin {
