@@ -50,6 +50,9 @@ impl Default for RingConfig {
 
 const MAGIC: u32 = 0x766f_6c72; // "volr"
 
+/// Bytes each call sends ahead of its values: the call's number and length.
+const CALL_HEADER: usize = 16;
+
 /// A ring of ranks connected over TCP.
 #[derive(Debug)]
 pub struct TcpRing {
@@ -60,6 +63,8 @@ pub struct TcpRing {
     /// From the predecessor.
     prev: Option<TcpStream>,
     config: RingConfig,
+    /// Calls made since the ring formed.
+    calls: u64,
 }
 
 fn io_err(rank: usize, what: &str, e: std::io::Error) -> VolleyError {
@@ -90,6 +95,7 @@ impl TcpRing {
                 next: None,
                 prev: None,
                 config,
+                calls: 0,
             });
         }
         let succ = (rank + 1) % world;
@@ -106,7 +112,9 @@ impl TcpRing {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
+        // A successor that stops reading fails a send instead of holding it forever.
         next.set_nodelay(true)
+            .and_then(|_| next.set_write_timeout(Some(config.timeout)))
             .map_err(|e| io_err(rank, "configuring", e))?;
         let mut next = next;
         let hello: Vec<u8> = [MAGIC, rank as u32, world as u32]
@@ -158,7 +166,41 @@ impl TcpRing {
             next: Some(next),
             prev: Some(prev),
             config,
+            calls: 0,
         })
+    }
+
+    /// Checks that the predecessor makes the same call: each rank sends its call's
+    /// number and length ahead of the values. A rank whose calls went out of step (one
+    /// more barrier, a buffer of another length) is refused here; its values would
+    /// otherwise be summed with others, and a length that differs would shift the
+    /// chunks every later call reads.
+    fn same_call(&mut self, len: usize) -> Result<()> {
+        let (rank, world, call) = (self.rank, self.world, self.calls);
+        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
+            return Ok(());
+        };
+        self.calls += 1;
+        let mut header = [0u8; CALL_HEADER];
+        header[..8].copy_from_slice(&call.to_le_bytes());
+        header[8..].copy_from_slice(&(len as u64).to_le_bytes());
+        // Small enough for the socket's buffer: sent before reading without a thread.
+        next.write_all(&header)
+            .map_err(|e| io_err(rank, "sending to its successor", e))?;
+        let pred = (rank + world - 1) % world;
+        let mut got = [0u8; CALL_HEADER];
+        prev.read_exact(&mut got)
+            .map_err(|e| io_err(rank, &format!("receiving from rank {pred}"), e))?;
+        let word = |i: usize| u64::from_le_bytes(got[i..i + 8].try_into().expect("8 bytes"));
+        let (their_call, their_len) = (word(0), word(8));
+        if (their_call, their_len) != (call, len as u64) {
+            return Err(VolleyError::execution(format!(
+                "all-reduce calls out of step: rank {rank}'s call {call} sums {len} values, \
+                 rank {pred}'s call {their_call} sums {their_len}: every rank must make the \
+                 same calls (barriers included) with buffers of the same length"
+            )));
+        }
+        Ok(())
     }
 
     /// The ring algorithm on one bucket.
@@ -218,6 +260,7 @@ impl Collective for TcpRing {
     }
 
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        self.same_call(data.len())?;
         let bucket = self.config.bucket_len.max(1);
         for chunk in data.chunks_mut(bucket) {
             self.ring(chunk)?;
@@ -302,6 +345,51 @@ mod tests {
         for r in &results[..2] {
             let e = r.as_ref().unwrap_err().to_string();
             assert!(e.contains("all-reduce: rank"), "{e}");
+        }
+    }
+
+    /// Ranks whose calls differ in length, or whose calls went out of step, fail
+    /// with both calls named instead of summing what does not belong together.
+    #[test]
+    fn calls_out_of_step_are_refused() {
+        for (lens, barrier_first) in [([10usize, 12], false), ([5000, 5000], true)] {
+            let (ls, addrs) = listeners(2);
+            let handles: Vec<_> = ls
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let addrs = addrs.clone();
+                    std::thread::spawn(move || {
+                        let cfg = RingConfig {
+                            timeout: Duration::from_secs(2),
+                            bucket_len: 1000,
+                        };
+                        let mut ring = TcpRing::connect(rank, &addrs, l, cfg).unwrap();
+                        if barrier_first && rank == 0 {
+                            // One barrier more than rank 1.
+                            ring.barrier()?;
+                        }
+                        let mut data = vec![1.0f32; lens[rank]];
+                        ring.all_reduce_sum(&mut data)
+                    })
+                })
+                .collect();
+            let errors: Vec<String> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap_err().to_string())
+                .collect();
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.contains("all-reduce calls out of step")),
+                "{errors:?}"
+            );
+            if !barrier_first {
+                assert!(
+                    errors[0].contains("rank 0's call 0 sums 10 values, rank 1's call 0 sums 12"),
+                    "{errors:?}"
+                );
+            }
         }
     }
 

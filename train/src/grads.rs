@@ -16,9 +16,16 @@ use volley_common::{Result, VolleyError};
 
 use crate::collective::Collective;
 
-/// Collects the gradients of every float parameter, in visit order.
+/// A dimension goes in the summed header as two values below this: sums of small
+/// integers stay exact in `f32` (the sum of 3,000,001 over 7 ranks is not).
+const DIM_BASE: usize = 4096;
+
+/// Collects, in visit order, a header per float parameter (whether it has a gradient
+/// here, its rank and dimensions) and the gradients end to end.
 struct Gather<'a> {
     grads: &'a mut GradientsParams,
+    header: Vec<f32>,
+    shapes: Vec<Vec<usize>>,
     flat: Vec<f32>,
     error: Option<String>,
 }
@@ -27,22 +34,35 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let shape = param.val().shape();
         let n = shape.num_elements();
-        match self.grads.get::<B::InnerBackend, D>(param.id) {
+        let grad = self.grads.get::<B::InnerBackend, D>(param.id);
+        self.header.push(if grad.is_some() { 1.0 } else { 0.0 });
+        self.header.push(D as f32);
+        for &d in shape.iter() {
+            self.header.push((d % DIM_BASE) as f32);
+            self.header.push((d / DIM_BASE) as f32);
+        }
+        self.shapes.push(shape.to_vec());
+        match grad {
             Some(g) => match g.into_data().convert::<f32>().into_vec::<f32>() {
                 Ok(v) => self.flat.extend_from_slice(&v),
                 Err(e) => self.error = Some(format!("reading a gradient: {e:?}")),
             },
-            // No gradient here (a parameter outside this step's graph): zeros keep the
-            // ranks' buffers aligned.
+            // No gradient here (a frozen parameter, or one outside this step's graph):
+            // zeros keep the ranks' buffers aligned.
             None => self.flat.extend(std::iter::repeat_n(0.0, n)),
         }
     }
 }
 
-/// Puts the averaged gradients back, in the same order.
+/// Puts the averaged gradients back, in the same order: a parameter no rank has a
+/// gradient for stays without one (an optimizer would otherwise step it: weight
+/// decay, momentum).
 struct Scatter<'a> {
     grads: &'a mut GradientsParams,
+    /// Per parameter, the ranks that had a gradient for it.
+    holders: Vec<f32>,
     flat: &'a [f32],
+    param: usize,
     at: usize,
 }
 
@@ -51,15 +71,22 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scatter<'_> {
         let val = param.val();
         let shape = val.shape();
         let n = shape.num_elements();
-        let data = TensorData::new(self.flat[self.at..self.at + n].to_vec(), shape);
+        let held = self.holders[self.param] > 0.0;
+        self.param += 1;
+        let values = &self.flat[self.at..self.at + n];
         self.at += n;
-        let g = Tensor::<B::InnerBackend, D>::from_data(data, &val.device());
-        self.grads.register::<B::InnerBackend, D>(param.id, g);
+        if held {
+            let data = TensorData::new(values.to_vec(), shape);
+            let g = Tensor::<B::InnerBackend, D>::from_data(data, &val.device());
+            self.grads.register::<B::InnerBackend, D>(param.id, g);
+        }
     }
 }
 
 /// Replaces `grads` (of `model`) by their average over the ranks of `collective`.
-/// Every rank must call it with the same model structure.
+/// Every rank must call it with a model of the same structure: one whose parameters
+/// differ in number or shape from another rank's is refused, naming the parameter.
+/// A parameter without a gradient on every rank (frozen) keeps none.
 pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     mut grads: GradientsParams,
@@ -71,6 +98,8 @@ pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
     let mut gather = Gather {
         grads: &mut grads,
+        header: Vec::new(),
+        shapes: Vec::new(),
         flat: Vec::new(),
         error: None,
     };
@@ -78,15 +107,50 @@ pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
     if let Some(e) = gather.error {
         return Err(VolleyError::execution(e));
     }
-    let mut flat = gather.flat;
-    collective.all_reduce_sum(&mut flat)?;
-    let scale = 1.0 / world as f32;
+    let (own, shapes) = (gather.header, gather.shapes);
+    // The header's length travels first: ranks with other parameter counts differ there.
+    let mut buf = Vec::with_capacity(1 + own.len() + gather.flat.len());
+    buf.push(own.len() as f32);
+    buf.extend_from_slice(&own);
+    buf.extend_from_slice(&gather.flat);
+    collective.all_reduce_sum(&mut buf)?;
+    let rank = collective.rank();
+    let w = world as f32;
+    if buf[0] != own.len() as f32 * w {
+        return Err(VolleyError::execution(format!(
+            "averaging gradients: rank {rank}'s model has {} parameters, another rank's a \
+             different number: every rank must train the same model",
+            shapes.len()
+        )));
+    }
+    // Each header value but the holders' counts is the same on every rank exactly when
+    // its sum is `world` times this rank's.
+    let summed = &buf[1..1 + own.len()];
+    let mut holders = Vec::with_capacity(shapes.len());
+    let mut at = 0;
+    for (i, shape) in shapes.iter().enumerate() {
+        holders.push(summed[at]);
+        let fields = 1 + 2 * shape.len();
+        let same = (at + 1..at + 1 + fields).all(|j| summed[j] == own[j] * w);
+        if !same {
+            return Err(VolleyError::execution(format!(
+                "averaging gradients: parameter {i} (in the model's visit order) has shape \
+                 {shape:?} on rank {rank} and another shape on another rank: every rank must \
+                 train the same model"
+            )));
+        }
+        at += 1 + fields;
+    }
+    let flat = &mut buf[1 + own.len()..];
+    let scale = 1.0 / w;
     for v in flat.iter_mut() {
         *v *= scale;
     }
     let mut scatter = Scatter {
         grads: &mut grads,
-        flat: &flat,
+        holders,
+        flat,
+        param: 0,
         at: 0,
     };
     model.visit(&mut scatter);
@@ -148,6 +212,81 @@ mod tests {
                 .unwrap(),
         );
         w
+    }
+
+    /// Runs `f` on two ranks of a ring; their results.
+    fn two_ranks<T: Send + 'static>(
+        f: impl Fn(usize, &mut TcpRing) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let ls: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+        let ranks: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (addrs, f) = (addrs.clone(), f.clone());
+                std::thread::spawn(move || {
+                    let config = RingConfig {
+                        timeout: std::time::Duration::from_secs(5),
+                        ..RingConfig::default()
+                    };
+                    let mut ring = TcpRing::connect(rank, &addrs, l, config).unwrap();
+                    f(rank, &mut ring)
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    }
+
+    /// A frozen parameter gets no gradient from the average: with weight decay, an
+    /// optimizer would otherwise shrink it on two ranks and not on one.
+    #[test]
+    fn a_frozen_parameter_stays_without_a_gradient() {
+        use burn::optim::decay::WeightDecayConfig;
+        let mut model: Linear<B> = LinearConfig::new(3, 2).init(&Default::default());
+        model.bias = model.bias.map(|b| b.set_require_grad(false));
+        let before = weights(&model);
+        let after = two_ranks(move |rank, ring| {
+            let (x, y) = batch(rank * 8..rank * 8 + 8);
+            let loss = (model.forward(x) - y).square().mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let bias = model.bias.as_ref().unwrap().id;
+            let grads = all_reduce_gradients(&model, grads, ring).unwrap();
+            assert!(grads.get::<NdArray<f32>, 1>(bias).is_none());
+            let sgd = SgdConfig::new().with_weight_decay(Some(WeightDecayConfig::new(0.1)));
+            weights(&sgd.init().step(0.1, model.clone(), grads))
+        });
+        for w in after {
+            // The bias (the last two values) did not move; the weights did.
+            assert_eq!(w[6..], before[6..]);
+            assert_ne!(w[..6], before[..6]);
+        }
+    }
+
+    /// Ranks whose models differ in a parameter's shape are refused, naming it.
+    #[test]
+    fn ranks_with_other_models_are_refused() {
+        let errors = two_ranks(|rank, ring| {
+            // 3 -> 2 on rank 0, 2 -> 3 on rank 1: the same number of values.
+            let (i, o) = if rank == 0 { (3, 2) } else { (2, 3) };
+            let model: Linear<B> = LinearConfig::new(i, o)
+                .with_bias(false)
+                .init(&Default::default());
+            let x = Tensor::<B, 2>::ones([4, i], &Default::default());
+            let grads = GradientsParams::from_grads(model.forward(x).sum().backward(), &model);
+            all_reduce_gradients(&model, grads, ring)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(
+            errors[0]
+                .contains("parameter 0 (in the model's visit order) has shape [3, 2] on rank 0"),
+            "{errors:?}"
+        );
+        assert!(errors[1].contains("[2, 3] on rank 1"), "{errors:?}");
     }
 
     /// Two ranks with 8 rows each take the step one rank takes with the 16 rows.
