@@ -188,7 +188,7 @@ impl TrainLoop for LmLoop {
             .init::<B, ByteLm<B>>();
         let mut step = 0u64;
         if let Some(c) = ctx.checkpoint() {
-            model = model.load_record(c.record::<B, _>("model", &device)?);
+            model = c.load_module("model", model, &device)?;
             optim = optim.load_record(c.record::<B, _>("optimizer", &device)?);
             step = c.value("step")?;
         }

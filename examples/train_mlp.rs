@@ -113,8 +113,8 @@ fn final_weights(result: &TrainResult, hidden: usize) -> Result<Vec<f32>> {
         .as_ref()
         .ok_or_else(|| VolleyError::execution("the run saved no checkpoint"))?;
     let device = Default::default();
-    let model = Mlp::<C>::new(feature_names().len(), hidden, &device)
-        .load_record(checkpoint.record::<C, _>("model", &device)?);
+    let model = Mlp::<C>::new(feature_names().len(), hidden, &device);
+    let model = checkpoint.load_module("model", model, &device)?;
     let mut values = Vec::new();
     for layer in [&model.l1, &model.l2, &model.l3] {
         values.extend(layer.weight.val().into_data().iter::<f32>());
@@ -236,7 +236,7 @@ impl TrainLoop for MlpClassifier {
         let mut optim = AdamConfig::new().init::<B, Mlp<B>>();
         let mut epoch = 0usize;
         if let Some(c) = ctx.checkpoint() {
-            model = model.load_record(c.record::<B, _>("model", &device)?);
+            model = c.load_module("model", model, &device)?;
             optim = optim.load_record(c.record::<B, _>("optimizer", &device)?);
             epoch = c.value("epoch")?;
         }

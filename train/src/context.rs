@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Record, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, Int, Tensor};
 use volley_common::{Result, VolleyError};
 
 use crate::collective::{Collective, TcpRing};
@@ -44,12 +45,64 @@ impl WithRecord for TrainCheckpoint {
     }
 }
 
-/// Burn records read back from a [`SavedCheckpoint`]:
-/// `model.load_record(ckpt.record("model", &device)?)`.
+/// Burn records read back from a [`SavedCheckpoint`]: a model with
+/// `ckpt.load_module("model", model, &device)?`, other records (an optimizer's) with
+/// `optim.load_record(ckpt.record("optimizer", &device)?)`.
 pub trait LoadRecord {
     /// A record saved with [`WithRecord::with_record`], on `device`; bytes that are not
     /// such a record are an error, not a panic.
     fn record<B: Backend, R: Record<B>>(&self, file: &str, device: &B::Device) -> Result<R>;
+
+    /// `model` with the parameters of its record saved as `file`, checked against the
+    /// model: a parameter whose shape differs (a checkpoint of another model size)
+    /// or that the checkpoint lacks is an error naming it. Burn's `load_record` alone
+    /// takes any shape, and the model fails later in its forward pass, or trains with
+    /// the wrong sizes. A parameter only the checkpoint holds (an optional bias the
+    /// model does without) is passed over, as Burn does.
+    fn load_module<B: Backend, M: Module<B>>(
+        &self,
+        file: &str,
+        model: M,
+        device: &B::Device,
+    ) -> Result<M>;
+}
+
+/// The shape of every parameter of a module by its path (`l1.weight`), read without
+/// initializing a lazy one.
+#[derive(Default)]
+struct Shapes {
+    path: Vec<String>,
+    found: Vec<(String, Vec<usize>)>,
+}
+
+impl Shapes {
+    fn of<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, Vec<usize>)> {
+        let mut shapes = Shapes::default();
+        model.visit(&mut shapes);
+        shapes.found
+    }
+
+    fn add(&mut self, shape: burn::tensor::Shape) {
+        self.found.push((self.path.join("."), shape.to_vec()));
+    }
+}
+
+impl<B: Backend> ModuleVisitor<B> for Shapes {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        self.add(p.lazy_shape());
+    }
+    fn visit_int<const D: usize>(&mut self, p: &Param<Tensor<B, D, Int>>) {
+        self.add(p.lazy_shape());
+    }
+    fn visit_bool<const D: usize>(&mut self, p: &Param<Tensor<B, D, Bool>>) {
+        self.add(p.lazy_shape());
+    }
 }
 
 impl LoadRecord for SavedCheckpoint {
@@ -61,6 +114,45 @@ impl LoadRecord for SavedCheckpoint {
                 self.info.step
             ))
         })
+    }
+
+    fn load_module<B: Backend, M: Module<B>>(
+        &self,
+        file: &str,
+        model: M,
+        device: &B::Device,
+    ) -> Result<M> {
+        let step = self.info.step;
+        let wanted = Shapes::of::<B, M>(&model);
+        let record = self.record::<B, M::Record>(file, device)?;
+        // Burn panics where a list of modules has another length.
+        let loaded =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.load_record(record)))
+                .map_err(|_| {
+                    VolleyError::execution(format!(
+                        "checkpoint {step}: `{file}` does not fit the model (a list of modules of \
+                 another length)"
+                    ))
+                })?;
+        let got = Shapes::of::<B, M>(&loaded);
+        for (path, shape) in &wanted {
+            match got.iter().find(|(p, _)| p == path) {
+                None => {
+                    return Err(VolleyError::execution(format!(
+                        "checkpoint {step}: `{file}` has no parameter `{path}` (shape \
+                         {shape:?} in the model)"
+                    )))
+                }
+                Some((_, saved)) if saved != shape => {
+                    return Err(VolleyError::execution(format!(
+                        "checkpoint {step}: `{file}`: parameter `{path}` has shape {saved:?} \
+                         in the checkpoint and {shape:?} in the model"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(loaded)
     }
 }
 

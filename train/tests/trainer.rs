@@ -82,7 +82,7 @@ impl TrainLoop for Regression {
         let mut optim = SgdConfig::new().init::<B, Mlp<B>>();
         let mut step = 0u64;
         if let Some(c) = ctx.checkpoint() {
-            model = model.load_record(c.record::<B, _>("model", &device)?);
+            model = c.load_module("model", model, &device)?;
             optim = optim.load_record(c.record::<B, _>("optimizer", &device)?);
             step = c.value("step")?;
         }
@@ -256,14 +256,26 @@ fn two_ranks_match_one_rank_with_twice_the_batch() {
     assert_eq!(two.checkpoint.as_ref().unwrap().info.step, 6);
     // The model record loads back into a model with the same parameters.
     let dev = Default::default();
-    let model = Mlp::<B>::new(&dev).load_record(
-        two.checkpoint
-            .as_ref()
-            .unwrap()
-            .record::<B, _>("model", &dev)
-            .unwrap(),
-    );
+    let saved = two.checkpoint.as_ref().unwrap();
+    let model = saved
+        .load_module("model", Mlp::<B>::new(&dev), &dev)
+        .unwrap();
     assert!(max_diff(&model.params(), &p2) == 0.0);
+    // Into a model of another size: refused by name (Burn alone loads any shape).
+    let wider = Mlp::<B> {
+        l1: LinearConfig::new(4, 16).init(&dev),
+        l2: LinearConfig::new(16, 1).init(&dev),
+    };
+    let e = saved
+        .load_module("model", wider, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "parameter `l1.weight` has shape [4, 8] in the checkpoint and [4, 16] in the model"
+        ),
+        "{e}"
+    );
     let table = two.history_table().unwrap();
     assert_eq!(table.num_rows(), 6);
     assert!(table.column_by_name("loss").is_some());

@@ -45,7 +45,7 @@ impl Mlp<B> {
             l2: LinearConfig::new(16, 1).init(device),
         };
         Ok(match resume {
-            Some(ck) => model.load_record(ck.record::<B, _>("model", device)?),
+            Some(ck) => ck.load_module("model", model, device)?,
             None => model,
         })
     }
