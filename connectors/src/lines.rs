@@ -1,11 +1,11 @@
 //! Lines of local text files (CSV, NDJSON) in parse errors.
 //!
-//! Arrow's CSV parser counts lines from where a task started reading (from 0, the
-//! header included), its NDJSON decoder names none, and its schema inference reads
+//! Arrow's CSV parser counts records from where a task started reading (from 0, the
+//! header included), its NDJSON decoder names no line, and its schema inference reads
 //! each NDJSON record alone (`at line 1`). An error is given the line an editor shows,
-//! counted from the file's start (a CSV file read whole needs no reading for it; a
-//! part of one, or an NDJSON file, must be local and uncompressed): only then, so
-//! reading costs nothing more.
+//! counted from the file's start, by reading the file again where it is local and
+//! uncompressed (a remote or compressed CSV file, read whole, counts its records as
+//! lines): only then, so reading costs nothing more.
 
 use std::io::{BufRead, Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -141,7 +141,14 @@ impl LineOrigin {
             .ok()?;
         let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
         if self.start > 0 {
-            reader.read_until(b'\n', &mut Vec::new()).ok()?;
+            // The split starts after the first terminator at or after `start - 1` (as
+            // the scan aligns it).
+            let mut skipped = Vec::new();
+            reader
+                .read_until(dialect.terminator.unwrap_or(b'\n'), &mut skipped)
+                .ok()?;
+            // `first_line` counted the line break that ends the skipped bytes with `\n`.
+            line = line - 1 + skipped.iter().filter(|b| **b == b'\n').count() as u64;
         }
         let newlines = |bytes: &[u8]| bytes.iter().filter(|b| **b == b'\n').count() as u64;
         let mut csv = dialect.reader();
@@ -169,9 +176,9 @@ impl LineOrigin {
                     reader.consume(1);
                 }
                 Some(&b) if dialect.comment == Some(b) => {
+                    // A comment runs to the end of its line, whatever the terminator.
                     let mut skipped = Vec::new();
-                    let end = dialect.terminator.unwrap_or(b'\n');
-                    reader.read_until(end, &mut skipped).ok()?;
+                    reader.read_until(b'\n', &mut skipped).ok()?;
                     line += newlines(&skipped);
                 }
                 _ => return Some(line),

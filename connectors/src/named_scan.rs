@@ -287,11 +287,16 @@ impl Morselizer for NamingMorselizer {
             LineKind::Csv(_) => local || start == 0,
             LineKind::Json(_) => local,
         };
+        let kind = match &self.lines {
+            // Records are walked again in local files only.
+            LineKind::Csv(_) if !local => LineKind::Csv(None),
+            kind => kind.clone(),
+        };
         let lines = usable.then(|| LineOrigin {
             path: std::path::PathBuf::from(format!("/{}", file.object_meta.location)),
             start,
             end: file.range.as_ref().map(|r| r.end.max(0) as u64),
-            kind: self.lines.clone(),
+            kind,
         });
         let label = Arc::new(Naming {
             label: file_label(&self.store, &file),

@@ -68,8 +68,20 @@ pub(crate) fn plan(op: &LogicalOp, state: &SessionState) -> Result<Planned> {
     plan_node(op, children, state)
 }
 
-/// The most workers (threads) a transform of this process may ask for.
+/// The most workers (threads) a stateful transform of this process may ask for.
 const MAX_LOCAL_WORKERS: usize = 4096;
+
+/// Checks a stateful transform's workers: each is a thread of this process.
+fn local_workers(name: &str, options: &MapOptions) -> Result<()> {
+    let most = options.concurrency.map_or(1, |c| c.bounds().1);
+    if most > MAX_LOCAL_WORKERS {
+        return Err(VolleyError::plan(format!(
+            "`{name}` asks for {most} concurrent workers: at most {MAX_LOCAL_WORKERS} in \
+             one process (each is a thread)"
+        )));
+    }
+    Ok(())
+}
 
 /// Checks that a transform asks only for what this process has (CPUs, memory).
 fn local_resources(name: &str, options: &MapOptions) -> Result<()> {
@@ -79,15 +91,6 @@ fn local_resources(name: &str, options: &MapOptions) -> Result<()> {
             "`{name}` asks for {} CPUs: give a share of 0 or more",
             options.num_cpus
         )));
-    }
-    if let Some(c) = options.concurrency {
-        let most = c.bounds().1;
-        if most > MAX_LOCAL_WORKERS {
-            return Err(VolleyError::plan(format!(
-                "`{name}` asks for {most} concurrent workers: at most {MAX_LOCAL_WORKERS} \
-                 in one process (each is a thread)"
-            )));
-        }
     }
     if options.wants_cluster_resources() {
         return Err(VolleyError::plan(format!(
@@ -211,6 +214,7 @@ pub(crate) fn plan_node(
             factory, options, ..
         } => {
             local_resources(&factory.name(), options)?;
+            local_workers(&factory.name(), options)?;
             let (child, _) = child();
             (
                 PhysicalPlan::ActorMap(ActorMapExec {

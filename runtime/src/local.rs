@@ -18,7 +18,7 @@ pub struct LocalRuntime {
     total: ResourceRequest,
     used: Arc<Mutex<ResourceRequest>>,
     io: tokio::runtime::Runtime,
-    /// Whether the system refused a thread once (said once).
+    /// Whether the system refused the last thread asked for (said once per refusal).
     refused_thread: AtomicBool,
 }
 
@@ -116,7 +116,12 @@ impl Runtime for LocalRuntime {
                 }
             });
         match spawned {
-            Ok(inner) => Ok(TaskHandle { inner }),
+            Ok(inner) => {
+                if self.refused_thread.load(Ordering::Relaxed) {
+                    self.refused_thread.store(false, Ordering::Relaxed);
+                }
+                Ok(TaskHandle { inner })
+            }
             Err(e) => {
                 if !self.refused_thread.swap(true, Ordering::Relaxed) {
                     tracing::warn!(

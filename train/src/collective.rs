@@ -197,7 +197,8 @@ impl TcpRing {
             return Err(VolleyError::execution(format!(
                 "all-reduce calls out of step: rank {rank}'s call {call} sums {len} values, \
                  rank {pred}'s call {their_call} sums {their_len}: every rank must make the \
-                 same calls (barriers included) with buffers of the same length"
+                 same calls (barriers included) with buffers of the same length (gradients \
+                 of the same model)"
             )));
         }
         Ok(())

@@ -16,9 +16,9 @@ use volley_common::{Result, VolleyError};
 
 use crate::collective::Collective;
 
-/// A dimension goes in the summed header as two values below this: sums of small
+/// A dimension goes in the summed header as three digits in this base: sums of small
 /// integers stay exact in `f32` (the sum of 3,000,001 over 7 ranks is not).
-const DIM_BASE: usize = 4096;
+const DIM_BASE: usize = 1024;
 
 /// Collects, in visit order, a header per float parameter (whether it has a gradient
 /// here, its rank and dimensions) and the gradients end to end.
@@ -39,7 +39,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_> {
         self.header.push(D as f32);
         for &d in shape.iter() {
             self.header.push((d % DIM_BASE) as f32);
-            self.header.push((d / DIM_BASE) as f32);
+            self.header.push((d / DIM_BASE % DIM_BASE) as f32);
+            self.header.push((d / DIM_BASE / DIM_BASE) as f32);
         }
         self.shapes.push(shape.to_vec());
         match grad {
@@ -108,29 +109,23 @@ pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
         return Err(VolleyError::execution(e));
     }
     let (own, shapes) = (gather.header, gather.shapes);
-    // The header's length travels first: ranks with other parameter counts differ there.
-    let mut buf = Vec::with_capacity(1 + own.len() + gather.flat.len());
-    buf.push(own.len() as f32);
+    // The header goes after the gradients (not copied again). Ranks with models of
+    // other sizes pass buffers of other lengths, which the collective refuses.
+    let mut buf = gather.flat;
+    let values = buf.len();
     buf.extend_from_slice(&own);
-    buf.extend_from_slice(&gather.flat);
     collective.all_reduce_sum(&mut buf)?;
     let rank = collective.rank();
     let w = world as f32;
-    if buf[0] != own.len() as f32 * w {
-        return Err(VolleyError::execution(format!(
-            "averaging gradients: rank {rank}'s model has {} parameters, another rank's a \
-             different number: every rank must train the same model",
-            shapes.len()
-        )));
-    }
-    // Each header value but the holders' counts is the same on every rank exactly when
-    // its sum is `world` times this rank's.
-    let summed = &buf[1..1 + own.len()];
+    // A header value but a holders' count that differs from this rank's on some rank
+    // makes its sum differ from `world` times this rank's here or on another rank:
+    // every such rank fails, and the others' next call finds them gone.
+    let summed = &buf[values..];
     let mut holders = Vec::with_capacity(shapes.len());
     let mut at = 0;
     for (i, shape) in shapes.iter().enumerate() {
         holders.push(summed[at]);
-        let fields = 1 + 2 * shape.len();
+        let fields = 1 + 3 * shape.len();
         let same = (at + 1..at + 1 + fields).all(|j| summed[j] == own[j] * w);
         if !same {
             return Err(VolleyError::execution(format!(
@@ -141,7 +136,7 @@ pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
         }
         at += 1 + fields;
     }
-    let flat = &mut buf[1 + own.len()..];
+    let flat = &mut buf[..values];
     let scale = 1.0 / w;
     for v in flat.iter_mut() {
         *v *= scale;

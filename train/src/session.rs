@@ -25,6 +25,9 @@ struct State {
     attempt: u32,
     /// Passes handed out in this attempt: one split iterator per rank, taken once.
     passes: HashMap<(String, u64), Vec<Option<SplitIterator>>>,
+    /// Ranks of this attempt whose loop returned: their shares of passes are given
+    /// up, so that in `equal` mode the others are not held back waiting for them.
+    finished: Vec<bool>,
     history: Vec<Report>,
 }
 
@@ -90,6 +93,7 @@ impl Session {
             state: Mutex::new(State {
                 attempt: 0,
                 passes: HashMap::new(),
+                finished: vec![false; world],
                 history: Vec::new(),
             }),
         }
@@ -102,7 +106,27 @@ impl Session {
         let mut s = self.state.lock().expect("session lock");
         s.attempt = attempt;
         s.passes.clear();
+        s.finished.iter_mut().for_each(|f| *f = false);
         s.history.retain(|r| r.iteration <= iteration);
+    }
+
+    /// Rank `rank`'s loop returned: it reads no more, and its shares of the passes
+    /// open now or later are dropped (a rank whose loop ends a pass early, or reads
+    /// one pass fewer, no longer holds up the others in `equal` mode).
+    pub(crate) fn rank_finished(&self, rank: usize) {
+        let mut s = self.state.lock().expect("session lock");
+        if let Some(f) = s.finished.get_mut(rank) {
+            *f = true;
+        }
+        let mut dropped = Vec::new();
+        for slots in s.passes.values_mut() {
+            dropped.extend(slots.get_mut(rank).and_then(Option::take));
+        }
+        s.passes
+            .retain(|_, slots| slots.iter().any(Option::is_some));
+        drop(s);
+        // Dropping a split iterator gives its share up (outside the session's lock).
+        drop(dropped);
     }
 
     /// Whether a report hook stopped the run.
@@ -146,8 +170,13 @@ impl Session {
         let key = (dataset.to_string(), pass);
         if !s.passes.contains_key(&key) {
             let splits = ds.streaming_split(self.world, self.equal)?;
-            s.passes
-                .insert(key.clone(), splits.into_iter().map(Some).collect());
+            // Ranks that finished will not read theirs: dropped, given up.
+            let slots = splits
+                .into_iter()
+                .zip(&s.finished)
+                .map(|(split, finished)| (!finished).then_some(split))
+                .collect();
+            s.passes.insert(key.clone(), slots);
         }
         let slots = s.passes.get_mut(&key).expect("inserted");
         let split = slots.get_mut(rank).and_then(Option::take).ok_or_else(|| {

@@ -454,6 +454,7 @@ impl DataParallelTrainer {
                     }
                     return Err(first_cause(cluster, rank, e, left, world));
                 }
+                server.rank_finished(rank);
             }
         }
         Ok(nodes)

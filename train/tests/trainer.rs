@@ -135,13 +135,20 @@ impl TrainLoop for Regression {
 struct ShardLog {
     dir: String,
     epochs: usize,
+    /// Epochs rank 1 reads, where it reads fewer than the others.
+    #[serde(default)]
+    rank1_epochs: Option<usize>,
 }
 
 #[typetag::serde]
 impl TrainLoop for ShardLog {
     fn run(&self, ctx: &mut TrainContext) -> Result<()> {
         let shard = ctx.dataset_shard("train")?;
-        for epoch in 0..self.epochs {
+        let epochs = match ctx.rank() {
+            1 => self.rank1_epochs.unwrap_or(self.epochs),
+            _ => self.epochs,
+        };
+        for epoch in 0..epochs {
             let mut ids = Vec::new();
             for batch in shard.iter_batches(64, false)? {
                 let batch = batch?;
@@ -295,6 +302,7 @@ fn every_row_once_per_epoch() {
         ShardLog {
             dir: logs.to_str().unwrap().to_string(),
             epochs: 2,
+            rank1_epochs: None,
         },
         ScalingConfig::workers(2),
         RunConfig::new(dir.path().join("runs").to_str().unwrap(), "shards"),
@@ -316,6 +324,36 @@ fn every_row_once_per_epoch() {
     }
     assert_eq!(result.history.len(), 2);
     println!("ok: every row once per epoch over 2 ranks");
+
+    // Rank 1 reads one epoch, rank 0 two: once rank 1's loop returned, its share of
+    // the second pass is given up, and rank 0 is not held back waiting for it to be
+    // read (it waited for good).
+    let logs = dir.path().join("short");
+    std::fs::create_dir_all(&logs).unwrap();
+    let data = regression_data(&ctx, 10, 100)
+        .filter(volley_dataset::col("id").lt(volley_dataset::lit(1000i64)))
+        .unwrap();
+    let trainer = DataParallelTrainer::new(
+        ShardLog {
+            dir: logs.to_str().unwrap().to_string(),
+            epochs: 2,
+            rank1_epochs: Some(1),
+        },
+        ScalingConfig::workers(2),
+        RunConfig::new(dir.path().join("runs").to_str().unwrap(), "short"),
+    )
+    .with_dataset("train", data);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(trainer.fit().map(|r| r.history.len())));
+    let reports = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("a rank that read one pass fewer held the others up")
+        .unwrap();
+    assert_eq!(reports, 2);
+    let second = std::fs::read_to_string(logs.join("r0_e1")).unwrap();
+    assert_eq!(second.lines().count(), 500, "rank 0's equal share");
+    assert!(!logs.join("r1_e1").exists());
+    println!("ok: a rank that reads one pass fewer holds no one up");
 }
 
 /// A rank's process is killed mid-run: the group restarts from the latest checkpoint

@@ -35,16 +35,16 @@ pub use stage::StageTask;
 
 use crate::logical::LogicalOp;
 
-/// `e`, a failure of `what` (a task or object of a query's stages) the cluster
-/// reported, with a cancellation made an execution error.
+/// `e`, a failure the cluster reported for a task of a query's stages that the query
+/// did not stop itself, with a cancellation made an execution error.
 ///
 /// The executor takes a cancelled task for one it stopped itself and drops its error:
-/// a cancellation this process did not ask for (another partition's failure freeing
-/// the stages, a stop from outside) would otherwise end a query's read as if it had
-/// read everything, and the query would succeed with rows missing.
-pub(crate) fn unasked_cancel(e: VolleyError, what: &str) -> VolleyError {
+/// a cancellation the query did not ask for (a stop from outside) would otherwise end
+/// a query's read as if it had read everything, and the query would succeed with rows
+/// missing.
+pub(crate) fn unasked_cancel(e: VolleyError) -> VolleyError {
     if e.is_cancelled() {
-        VolleyError::execution(format!("{what} was cancelled before it finished"))
+        VolleyError::execution(format!("cancelled before it finished ({e})"))
     } else {
         e
     }

@@ -141,10 +141,9 @@ fn run_tasks(cluster: &Cluster, tasks: Vec<(String, EncodedTask)>, tx: &Handover
         let Some((label, object)) = running.pop_front() else {
             return Ok(());
         };
-        let batches = cluster.get(&object).map_err(|e| {
-            let what = format!("task {label}");
-            name_task_error(super::unasked_cancel(e, &what), &what)
-        })?;
+        let batches = cluster
+            .get(&object)
+            .map_err(|e| name_task_error(super::unasked_cancel(e), &format!("task {label}")))?;
         for b in batches {
             if !tx.send(b) {
                 // The consumer went away.
