@@ -596,55 +596,114 @@ impl DataSource for PlanSource {
         let parts = physical.properties().partitioning.partition_count();
         let sorts_rows = sorts_rows(&physical);
         let sort_partitions = sort_partitions(&physical);
-        let divisions = Arc::new(divisions(&self.plan));
+        let suspects = Arc::new(Suspects::of(&self.plan));
         Ok((0..parts)
             .map(|i| {
                 let plan = Arc::clone(&physical);
-                let divisions = Arc::clone(&divisions);
+                let suspects = Arc::clone(&suspects);
                 ReadTask::new(format!("{} partition {i}", self.name), 0, move |ctx| {
                     let ctx = match sorts_rows && roomy(&ctx, sort_partitions) {
                         true => with_batch_rows(&ctx, SORT_BATCH_ROWS),
                         false => ctx,
                     };
                     let stream = plan.execute(i, ctx)?;
-                    if divisions.is_empty() {
+                    if suspects.is_empty() {
                         return Ok(stream);
                     }
-                    let divisions = Arc::clone(&divisions);
+                    let suspects = Arc::clone(&suspects);
                     Ok(Box::pin(RecordBatchStreamAdapter::new(
                         stream.schema(),
-                        stream.map(move |r| r.map_err(|e| name_division(e, &divisions))),
+                        stream.map(move |r| r.map_err(|e| suspects.name(e))),
                     )) as SendableRecordBatchStream)
                 })
-                // Its scans name their files, its divisions their expressions: the
-                // partition's label would only stand in front of them.
+                // Its scans name their files, its divisions and casts their
+                // expressions: the partition's label would only stand in front of them.
                 .naming_its_errors()
             })
             .collect())
     }
 }
 
-/// The divisions and remainders in `plan`'s expressions (subqueries included), as
-/// written: what a division by zero names, since Arrow's error does not say where.
-fn divisions(plan: &LogicalPlan) -> Vec<String> {
-    use datafusion::logical_expr::{BinaryExpr, Operator};
-    let mut found: Vec<String> = Vec::new();
-    let _ = plan.apply_with_subqueries(|node| {
-        node.apply_expressions(|e| {
-            e.apply(|x| {
-                if let Expr::BinaryExpr(BinaryExpr { op, right, .. }) = x {
-                    if matches!(op, Operator::Divide | Operator::Modulo) && !nonzero(right) {
-                        let text = without_path_qualifiers(x).to_string();
-                        if !found.contains(&text) {
-                            found.push(text);
+/// The expressions of a plan whose failures Arrow reports without saying where:
+/// divisions and remainders (by zero) and casts (of a value the type cannot hold), as
+/// written (subqueries included).
+#[derive(Debug, Default)]
+struct Suspects {
+    divisions: Vec<String>,
+    casts: Vec<String>,
+}
+
+impl Suspects {
+    fn of(plan: &LogicalPlan) -> Self {
+        use datafusion::logical_expr::{BinaryExpr, Cast, Operator};
+        let mut found = Suspects::default();
+        let add = |list: &mut Vec<String>, e: &Expr| {
+            let text = without_path_qualifiers(e).to_string();
+            if !list.contains(&text) {
+                list.push(text);
+            }
+        };
+        let _ = plan.apply_with_subqueries(|node| {
+            node.apply_expressions(|e| {
+                e.apply(|x| {
+                    match x {
+                        Expr::BinaryExpr(BinaryExpr { op, right, .. })
+                            if matches!(op, Operator::Divide | Operator::Modulo)
+                                && !nonzero(right) =>
+                        {
+                            add(&mut found.divisions, x)
                         }
+                        Expr::Cast(Cast { expr, .. }) if !matches!(**expr, Expr::Literal(..)) => {
+                            add(&mut found.casts, x)
+                        }
+                        _ => {}
                     }
-                }
-                Ok(TreeNodeRecursion::Continue)
+                    Ok(TreeNodeRecursion::Continue)
+                })
             })
-        })
-    });
-    found
+        });
+        found
+    }
+
+    fn is_empty(&self) -> bool {
+        self.divisions.is_empty() && self.casts.is_empty()
+    }
+
+    /// `e` with the expressions that may have caused it, when it is a division by
+    /// zero or a failed cast of this plan's own (one from a volley Dataset read as a
+    /// table already says where).
+    fn name(&self, e: datafusion::error::DataFusionError) -> datafusion::error::DataFusionError {
+        let volley = match e.find_root() {
+            datafusion::error::DataFusionError::External(inner) => {
+                inner.downcast_ref::<VolleyError>()
+            }
+            _ => None,
+        };
+        let (what, list) = match volley {
+            Some(v) if remote_failure(v, "Divide by zero error") => {
+                ("dividing by zero", &self.divisions)
+            }
+            Some(v) if remote_failure(v, "Cast error: ") => ("casting", &self.casts),
+            Some(_) => return e,
+            None if divides_by_zero(&e) => ("dividing by zero", &self.divisions),
+            None if fails_to_cast(&e) => ("casting", &self.casts),
+            None => return e,
+        };
+        if list.is_empty() {
+            return e;
+        }
+        /// Named at most; more are counted.
+        const NAMED: usize = 4;
+        let mut named: Vec<String> = list.iter().take(NAMED).map(|d| format!("`{d}`")).collect();
+        if list.len() > NAMED {
+            named.push(format!("{} more", list.len() - NAMED));
+        }
+        let place = match list.len() {
+            1 => format!("{what} in {}", named[0]),
+            _ => format!("{what} in one of {}", named.join(", ")),
+        };
+        VolleyError::from(e).context(place).into()
+    }
 }
 
 /// `e` with its columns of tables named by a path (`FROM 'dir/'`) unqualified: the
@@ -672,49 +731,25 @@ fn nonzero(e: &Expr) -> bool {
     }
 }
 
-/// `e` with the divisions that may have caused it, when it is a division by zero of
-/// this plan's own (one from a volley Dataset read as a table already says where).
-fn name_division(
-    e: datafusion::error::DataFusionError,
-    divisions: &[String],
-) -> datafusion::error::DataFusionError {
-    let volley = match e.find_root() {
-        datafusion::error::DataFusionError::External(inner) => inner.downcast_ref::<VolleyError>(),
-        _ => None,
-    };
-    let ours = match volley {
-        Some(v) => remote_division_by_zero(v),
-        None => divides_by_zero(&e),
-    };
-    if !ours {
-        return e;
-    }
-    /// Named at most; more are counted.
-    const NAMED: usize = 4;
-    let mut named: Vec<String> = divisions
-        .iter()
-        .take(NAMED)
-        .map(|d| format!("`{d}`"))
-        .collect();
-    if divisions.len() > NAMED {
-        named.push(format!("{} more", divisions.len() - NAMED));
-    }
-    let place = match divisions.len() {
-        1 => format!("dividing by zero in {}", named[0]),
-        _ => format!("dividing by zero in one of {}", named.join(", ")),
-    };
-    VolleyError::from(e).context(place).into()
+/// Whether `e` is a failure (`marker` in its text) in a task of this plan that ran on
+/// a node: its error came back as text (`task ... failed on node-2: ... Divide by
+/// zero error`), not as Arrow's error. One of a volley Dataset's steps read as a table
+/// names its column itself (`computing column ...`).
+fn remote_failure(e: &VolleyError, marker: &str) -> bool {
+    let text = e.to_string();
+    text.contains(" failed on ") && text.contains(marker) && !text.contains("computing column `")
 }
 
-/// Whether `e` is a division by zero in a task of this plan that ran on a node: its
-/// error came back as text (`task ... failed on node-2: ... Divide by zero error`),
-/// not as Arrow's error. One of a volley Dataset's steps read as a table names its
-/// column itself (`computing column ...`).
-fn remote_division_by_zero(e: &VolleyError) -> bool {
-    let text = e.to_string();
-    text.contains(" failed on ")
-        && text.ends_with("Divide by zero error")
-        && !text.contains("computing column `")
+/// Whether `e` is, or was caused by, Arrow's cast error.
+fn fails_to_cast(e: &datafusion::error::DataFusionError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cause {
+        if let Some(arrow::error::ArrowError::CastError(_)) = err.downcast_ref() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// Whether `e` is, or was caused by, Arrow's division by zero (what the kernels of `/`

@@ -289,6 +289,30 @@ fn a_division_by_zero_names_the_division() {
         e.contains("computing column `x`") && !e.contains("dividing by zero in"),
         "{e}"
     );
+    // A cast of a value its type cannot hold names the casts written (a file read by
+    // its path shows its columns unqualified).
+    let e = err_of(
+        c.sql(
+            "SELECT CAST(id * 100 AS TINYINT) AS b, CAST(1 AS INT) AS one FROM t",
+            &[("t", &ds)],
+        )
+        .and_then(|d| d.collect()),
+    );
+    assert!(
+        e.contains("casting in `CAST(t.id * Int64(100) AS Int8)`") && e.contains("Cast error"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("v.csv");
+    std::fs::write(&file, "v\n1\n2\n300\n").unwrap();
+    let e = err_of(
+        c.sql(
+            &format!("SELECT CAST(v AS TINYINT) FROM '{}'", file.display()),
+            &[],
+        )
+        .and_then(|d| d.collect()),
+    );
+    assert!(e.contains("casting in `CAST(v AS Int8)`"), "{e}");
 }
 
 #[test]
