@@ -10,7 +10,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::common::{DataFusionError, Result as DfResult};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use volley_common::Result;
+use volley_common::{Result, VolleyError};
 
 /// The producer's end of a [`thread_stream`].
 pub(crate) struct Handover(tokio::sync::mpsc::Sender<DfResult<RecordBatch>>);
@@ -28,7 +28,7 @@ impl Handover {
 }
 
 /// A stream of the batches `produce` hands over from a thread named `name`; an error it
-/// returns is the stream's last item.
+/// returns (or its panic, as an error) is the stream's last item.
 pub(crate) fn thread_stream(
     name: &str,
     schema: SchemaRef,
@@ -39,7 +39,10 @@ pub(crate) fn thread_stream(
         .name(name.into())
         .spawn(move || {
             let tx = Handover(tx);
-            if let Err(e) = produce(&tx) {
+            // A panic would close the channel as an end: the stream would end short.
+            let produced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| produce(&tx)))
+                .unwrap_or_else(|_| Err(VolleyError::internal("a stream's producer panicked")));
+            if let Err(e) = produced {
                 let _ = tx.0.blocking_send(Err(e.into()));
             }
         })

@@ -126,6 +126,21 @@ impl ExecShared {
         self.cancel_all();
     }
 
+    /// Whether an operator writing into `out` is stopping: the execution failed or
+    /// was cancelled, or `out`'s consumer stopped reading (a satisfied limit).
+    pub(crate) fn stopping(&self, out: &BlockQueue) -> bool {
+        out.is_cancelled() || self.stopped.load(Ordering::Acquire)
+    }
+
+    /// The error a task of an operator writing into `out` ended with, where it ends
+    /// the execution: `None` for a cancellation of its stop (see [`unasked_cancel`]).
+    pub(crate) fn task_error(&self, out: &BlockQueue, e: VolleyError) -> Option<VolleyError> {
+        match e.is_cancelled() && self.stopping(out) {
+            true => None,
+            false => Some(unasked_cancel(e)),
+        }
+    }
+
     fn cancel_all(&self) {
         self.stopped.store(true, Ordering::Release);
         for q in self.queues.lock().expect("queues lock").iter() {
@@ -500,10 +515,24 @@ fn producers(plan: &PhysicalPlan) -> usize {
     }
 }
 
+/// `e` with a cancellation made an execution error: a task that ends cancelled while
+/// its operator is not stopping (work of a job the head no longer runs, a user
+/// function returning the error) would otherwise be taken for one the execution
+/// stopped, and its rows would be missing from a result that succeeds.
+fn unasked_cancel(e: VolleyError) -> VolleyError {
+    if e.is_cancelled() {
+        VolleyError::execution(format!("cancelled while its execution was running ({e})"))
+    } else {
+        e
+    }
+}
+
 /// Starts a task on the runtime: with its resources when free, or with none when the
-/// operator has nothing running (so that no operator starves).
+/// operator has nothing running (so that no operator starves). The task writes into
+/// `out`: a cancellation it ends with is its operator's stop only while that stops.
 pub(crate) fn spawn(
     shared: &Arc<ExecShared>,
+    out: &Arc<BlockQueue>,
     op_in_flight: &Arc<AtomicUsize>,
     name: String,
     resources: ResourceRequest,
@@ -513,6 +542,7 @@ pub(crate) fn spawn(
     let in_flight = Arc::clone(op_in_flight);
     let counters = Arc::clone(counters);
     let task_shared = Arc::clone(shared);
+    let task_out = Arc::clone(out);
     let task = Box::new(move || {
         let start = cpu_time::ThreadTime::try_now().ok();
         counters.task_started();
@@ -521,7 +551,7 @@ pub(crate) fn spawn(
             Err(_) => Err(VolleyError::internal("a task panicked")),
         };
         if let Err(e) = result {
-            if !e.is_cancelled() {
+            if let Some(e) = task_shared.task_error(&task_out, e) {
                 task_shared.fail(e);
             }
         }

@@ -324,6 +324,22 @@ fn user_function_errors_and_panics_name_the_function() {
             .collect(),
     );
     assert!(e.contains("explodes") && e.contains("kaboom"), "{e}");
+    // A function that returns the cancellation error while nothing stops the run:
+    // its batches were dropped as if the run were stopping, and the run succeeded
+    // without them.
+    let e = err_of(
+        c.range(10)
+            .map_batches(
+                "quits",
+                |_b| Err(volley::VolleyError::Cancelled),
+                MapOptions::default(),
+            )
+            .collect(),
+    );
+    assert!(
+        e.contains("cancelled while its execution was running"),
+        "{e}"
+    );
 }
 
 #[test]

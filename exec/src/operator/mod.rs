@@ -91,6 +91,7 @@ impl StepContext<'_> {
     ) -> bool {
         crate::driver::spawn(
             self.shared,
+            self.out,
             self.in_flight_counter,
             name,
             resources,
@@ -340,6 +341,7 @@ impl StepContext<'_> {
         self.counters.task_started();
         BackgroundWork {
             shared: Arc::clone(self.shared),
+            out: Arc::clone(self.out),
             in_flight: Arc::clone(self.in_flight_counter),
             counters: Arc::clone(self.counters),
             label,
@@ -353,6 +355,8 @@ impl StepContext<'_> {
 /// ends the execution with an error rather than leave its operator open.
 pub(crate) struct BackgroundWork {
     shared: Arc<ExecShared>,
+    /// Its operator's output: whether the operator is stopping.
+    out: Arc<BlockQueue>,
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     counters: Arc<OpCounters>,
     label: String,
@@ -375,10 +379,10 @@ impl BackgroundWork {
 
     fn end(&mut self, result: Result<()>) {
         self.finished = true;
-        match result {
-            Ok(()) => {}
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => self.shared.fail(name_task_error(e, &self.label)),
+        if let Err(e) = result {
+            if let Some(e) = self.shared.task_error(&self.out, e) {
+                self.shared.fail(name_task_error(e, &self.label));
+            }
         }
         self.counters.task_done(std::time::Duration::ZERO);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -425,8 +429,11 @@ impl RemoteWork {
                 }
             }
             Ok(None) => {}
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => self.shared.fail(name_task_error(e, &self.label)),
+            Err(e) => {
+                if let Some(e) = self.shared.task_error(&self.out, e) {
+                    self.shared.fail(name_task_error(e, &self.label));
+                }
+            }
         }
         self.out.finish_seq(self.seq);
         self.counters.task_done(std::time::Duration::ZERO);
