@@ -249,6 +249,18 @@ pub(crate) struct RemoteWork {
     label: String,
     expected: Option<(Arc<OutputEstimate>, u64)>,
     room: Option<crate::store_budget::StoreCharge>,
+    /// Whether it ended (finished, abandoned or handed back for a retry).
+    ended: bool,
+}
+
+impl Drop for RemoteWork {
+    /// Dropped without an end (a panicking callback): the execution fails, rather than
+    /// wait for good on its sequence.
+    fn drop(&mut self) {
+        if !self.ended {
+            self.end(Err(VolleyError::internal("it ended without a result")));
+        }
+    }
 }
 
 impl StepContext<'_> {
@@ -278,6 +290,7 @@ impl StepContext<'_> {
             label,
             expected: expected.map(|e| (Arc::clone(e.estimate), e.input)),
             room,
+            ended: false,
         }
     }
 
@@ -412,6 +425,11 @@ impl RemoteWork {
     /// part, recorded elsewhere) is counted only; an error ends the execution, naming
     /// the task.
     pub(crate) fn finish(mut self, result: Result<Option<crate::queue::Block>>) {
+        self.end(result);
+    }
+
+    fn end(&mut self, result: Result<Option<crate::queue::Block>>) {
+        self.ended = true;
         let made = match &result {
             Ok(Some(block)) => block.bytes(),
             _ => 0,
@@ -452,6 +470,7 @@ impl RemoteWork {
     /// The work will be done again (its actor died): no longer running, its sequence
     /// still open.
     pub(crate) fn retry(mut self) {
+        self.ended = true;
         drop(self.room.take());
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.shared.remote_running.fetch_sub(1, Ordering::AcqRel);
