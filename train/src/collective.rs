@@ -290,30 +290,41 @@ mod tests {
         }
     }
 
+    /// Runs `f` on each rank of a ring of `world` formed with `cfg`; their results.
+    fn on_ranks<T: Send + 'static>(
+        world: usize,
+        cfg: RingConfig,
+        f: impl Fn(usize, &mut TcpRing) -> T + Send + Clone + 'static,
+    ) -> Vec<T> {
+        let (ls, addrs) = listeners(world);
+        let handles: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (addrs, cfg, f) = (addrs.clone(), cfg.clone(), f.clone());
+                std::thread::spawn(move || {
+                    let mut ring = TcpRing::connect(rank, &addrs, l, cfg).unwrap();
+                    f(rank, &mut ring)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
     #[test]
     fn every_rank_gets_the_sum() {
         for world in 1..=4 {
             for len in [0usize, 1, 3, 999, 1000, 4321] {
-                let (ls, addrs) = listeners(world);
-                let handles: Vec<_> = ls
-                    .into_iter()
-                    .enumerate()
-                    .map(|(rank, l)| {
-                        let addrs = addrs.clone();
-                        std::thread::spawn(move || {
-                            let mut ring = TcpRing::connect(rank, &addrs, l, config()).unwrap();
-                            // Small integers: the sums are exact in f32.
-                            let mut data: Vec<f32> =
-                                (0..len).map(|i| ((i % 97) * (rank + 1)) as f32).collect();
-                            ring.all_reduce_sum(&mut data).unwrap();
-                            ring.barrier().unwrap();
-                            data
-                        })
-                    })
-                    .collect();
+                let results = on_ranks(world, config(), move |rank, ring| {
+                    // Small integers: the sums are exact in f32.
+                    let mut data: Vec<f32> =
+                        (0..len).map(|i| ((i % 97) * (rank + 1)) as f32).collect();
+                    ring.all_reduce_sum(&mut data).unwrap();
+                    ring.barrier().unwrap();
+                    data
+                });
                 let factor: usize = (1..=world).sum();
-                for h in handles {
-                    let data = h.join().unwrap();
+                for data in results {
                     let want: Vec<f32> = (0..len).map(|i| ((i % 97) * factor) as f32).collect();
                     assert_eq!(data, want, "world {world}, len {len}");
                 }
@@ -354,31 +365,21 @@ mod tests {
     #[test]
     fn calls_out_of_step_are_refused() {
         for (lens, barrier_first) in [([10usize, 12], false), ([5000, 5000], true)] {
-            let (ls, addrs) = listeners(2);
-            let handles: Vec<_> = ls
-                .into_iter()
-                .enumerate()
-                .map(|(rank, l)| {
-                    let addrs = addrs.clone();
-                    std::thread::spawn(move || {
-                        let cfg = RingConfig {
-                            timeout: Duration::from_secs(2),
-                            bucket_len: 1000,
-                        };
-                        let mut ring = TcpRing::connect(rank, &addrs, l, cfg).unwrap();
-                        if barrier_first && rank == 0 {
-                            // One barrier more than rank 1.
-                            ring.barrier()?;
-                        }
-                        let mut data = vec![1.0f32; lens[rank]];
-                        ring.all_reduce_sum(&mut data)
-                    })
-                })
-                .collect();
-            let errors: Vec<String> = handles
-                .into_iter()
-                .map(|h| h.join().unwrap().unwrap_err().to_string())
-                .collect();
+            let cfg = RingConfig {
+                timeout: Duration::from_secs(2),
+                bucket_len: 1000,
+            };
+            let errors: Vec<String> = on_ranks(2, cfg, move |rank, ring| {
+                if barrier_first && rank == 0 {
+                    // One barrier more than rank 1.
+                    ring.barrier()?;
+                }
+                let mut data = vec![1.0f32; lens[rank]];
+                ring.all_reduce_sum(&mut data)
+            })
+            .into_iter()
+            .map(|r| r.unwrap_err().to_string())
+            .collect();
             assert!(
                 errors
                     .iter()

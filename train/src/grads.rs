@@ -301,27 +301,14 @@ mod tests {
             }
             weights(&m)
         };
-        let ls: Vec<TcpListener> = (0..2)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
-        let ranks: Vec<_> = ls
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let (addrs, mut m) = (addrs.clone(), model.clone());
-                std::thread::spawn(move || {
-                    let mut ring =
-                        TcpRing::connect(rank, &addrs, l, RingConfig::default()).unwrap();
-                    for _ in 0..3 {
-                        m = step(m, rank * 8..rank * 8 + 8, &mut ring);
-                    }
-                    weights(&m)
-                })
-            })
-            .collect();
-        for r in ranks {
-            let w = r.join().unwrap();
+        let ranks = two_ranks(move |rank, ring| {
+            let mut m = model.clone();
+            for _ in 0..3 {
+                m = step(m, rank * 8..rank * 8 + 8, ring);
+            }
+            weights(&m)
+        });
+        for w in ranks {
             let d = w
                 .iter()
                 .zip(&single)

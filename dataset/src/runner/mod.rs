@@ -21,7 +21,7 @@ mod stage;
 
 use std::sync::Arc;
 
-use volley_common::{Result, VolleyError};
+use volley_common::Result;
 use volley_exec::{ExecContext, PhysicalPlan};
 
 pub use cluster::ClusterRunner;
@@ -34,21 +34,6 @@ pub(crate) use scan::scans_on_cluster;
 pub use stage::StageTask;
 
 use crate::logical::LogicalOp;
-
-/// `e`, a failure the cluster reported for a task of a query's stages that the query
-/// did not stop itself, with a cancellation made an execution error.
-///
-/// The executor takes a cancelled task for one it stopped itself and drops its error:
-/// a cancellation the query did not ask for (a stop from outside) would otherwise end
-/// a query's read as if it had read everything, and the query would succeed with rows
-/// missing.
-pub(crate) fn unasked_cancel(e: VolleyError) -> VolleyError {
-    if e.is_cancelled() {
-        VolleyError::execution(format!("cancelled before it finished ({e})"))
-    } else {
-        e
-    }
-}
 
 /// Where and how the plans of a context run.
 pub trait Runner: Send + Sync + std::fmt::Debug {

@@ -80,7 +80,6 @@ use volley_runtime::cluster::{
 };
 
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
-use super::unasked_cancel;
 use crate::conjunction::Conjunction;
 use crate::context::Context;
 use crate::decimal_arith::{DecimalArith, DecimalOp};
@@ -345,14 +344,7 @@ impl KeysFilter {
             for s in states {
                 match s {
                     ObjectState::Ready(meta) => metas.push(meta),
-                    // Stopped by this query (another partition failed, and says why).
-                    ObjectState::Failed(e) if e.is_cancelled() && self.build.stopped() => {
-                        return Err(e)
-                    }
-                    ObjectState::Failed(e) => {
-                        let what = format!("stage {} (a join's build side)", self.build.id);
-                        return Err(unasked_cancel(e).context(what));
-                    }
+                    ObjectState::Failed(e) => return Err(e),
                     ObjectState::Pending => {}
                 }
             }
@@ -365,13 +357,7 @@ impl KeysFilter {
         }
         let mut batches = Vec::new();
         for o in outputs.iter() {
-            batches.extend(cluster.get(o).map_err(|e| {
-                match self.build.stopped() {
-                    true => e,
-                    false => unasked_cancel(e)
-                        .context(format!("stage {} (a join's build side)", self.build.id)),
-                }
-            })?);
+            batches.extend(cluster.get(o)?);
         }
         let dynamic = self
             .filter
@@ -872,9 +858,6 @@ struct Stage {
     cluster: Cluster,
     /// The tasks' outputs.
     outputs: Mutex<Outputs>,
-    /// Whether the query stopped its tasks (it failed, or read all it needed): their
-    /// cancellations are its own.
-    cancelled: AtomicBool,
     /// Joins above whose keys its scans filter by, filled before its tasks go.
     keys_filters: Mutex<Vec<KeysFilter>>,
 }
@@ -916,14 +899,8 @@ impl Stage {
             inputs,
             cluster,
             outputs: Mutex::new(Outputs::NotSubmitted),
-            cancelled: AtomicBool::new(false),
             keys_filters: Mutex::new(Vec::new()),
         }))
-    }
-
-    /// Whether the query stopped this stage's tasks.
-    fn stopped(&self) -> bool {
-        self.cancelled.load(Ordering::SeqCst)
     }
 
     /// Whether this stage, or one it reads, waits for a join's keys.
@@ -1041,9 +1018,6 @@ impl Stage {
     /// stopped early or failed: nothing more will be read), first stops the tasks
     /// that have not made theirs, instead of leaving them to run for no one.
     fn release(&self, cancel: bool) {
-        if cancel {
-            self.cancelled.store(true, Ordering::SeqCst);
-        }
         let outputs = std::mem::replace(
             &mut *self.outputs.lock().expect("stage lock"),
             Outputs::Released,
@@ -1503,10 +1477,11 @@ impl ExecutionPlan for ClusterStageExec {
                             {
                                 return Ok(false)
                             }
-                            // The node that ran it named the task already.
+                            // The node that ran it named the task already (a
+                            // cancellation asked by no one fails the run: see the
+                            // executor's `task_error`).
                             Some(ObjectState::Failed(e)) => {
-                                let what = format!("task query {label}");
-                                return Err(name_task_error(unasked_cancel(e), &what));
+                                return Err(name_task_error(e, &format!("task query {label}")))
                             }
                             _ => {}
                         }
@@ -1516,7 +1491,7 @@ impl ExecutionPlan for ClusterStageExec {
                         let rows = READ_ROWS.min(total - offset);
                         let batches = cluster
                             .get_rows(&object, offset, rows)
-                            .map_err(|e| unasked_cancel(e).context(label.clone()))?;
+                            .map_err(|e| e.context(label.clone()))?;
                         for b in batches {
                             if !tx.send(b) {
                                 // The consumer went away.

@@ -143,7 +143,7 @@ fn run_tasks(cluster: &Cluster, tasks: Vec<(String, EncodedTask)>, tx: &Handover
         };
         let batches = cluster
             .get(&object)
-            .map_err(|e| name_task_error(super::unasked_cancel(e), &format!("task {label}")))?;
+            .map_err(|e| name_task_error(e, &format!("task {label}")))?;
         for b in batches {
             if !tx.send(b) {
                 // The consumer went away.
