@@ -269,6 +269,14 @@ fn operations(
                 .sort(["x"])?,
             true,
         ),
+        // No row passes: an aggregation without keys still gives its one row.
+        (
+            "empty aggregate",
+            ctx.read_parquet(input)?
+                .filter(col("x").lt(lit(0i64)))?
+                .aggregate([agg::count_all(), agg::sum("x")])?,
+            false,
+        ),
         ("distinct", left.select(&["g", "s"])?.distinct()?, false),
         ("unique", left.unique("k")?, false),
         ("random_shuffle", left.random_shuffle(7)?, true),
@@ -330,6 +338,27 @@ fn operations(
     ] {
         ops.push((name, left.join_on(&right, &["k"], &["rk"], how)?, false));
     }
+    // A left side whose schema a transform decides (unknown to the plan): its Int64
+    // keys still meet the right side's equal Float64 keys (a full join is partitioned).
+    let transformed = left.map_transform(TransformFn::named(Slow { ms: 0 }), MapOptions::default());
+    let float_keys = right.with_column("rk", cast(col("rk"), DataType::Float64))?;
+    ops.push((
+        "join full transformed",
+        transformed.join_on(&float_keys, &["k"], &["rk"], JoinHow::Full)?,
+        false,
+    ));
+    // A join that matches nothing, then an aggregation without keys: one row.
+    ops.push((
+        "empty join aggregate",
+        left.join_on(
+            &right.filter(col("rk").lt(lit(0i32)))?,
+            &["k"],
+            &["rk"],
+            JoinHow::Inner,
+        )?
+        .aggregate([agg::count_all(), agg::sum("y")])?,
+        false,
+    ));
     // An exchange over an exchange: the join's reduce tasks run the group-by's map.
     ops.push((
         "join groupby",

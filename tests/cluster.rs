@@ -1572,7 +1572,8 @@ fn every_plan_shape_runs_on_the_cluster_as_locally() {
     );
 }
 
-/// Sorts, group-bys, a global aggregate, distincts, every join kind, a seeded shuffle,
+/// Sorts, group-bys, global aggregates (one of no rows), distincts, every join kind
+/// (one with a side whose schema a transform decides), a seeded shuffle,
 /// a hash repartition and a repartition into equal parts run as exchanges on three
 /// nodes, and SQL (a group-by, a join, a sort) as stages there, and give the local
 /// run's rows (the sorts, the shuffle and the equal parts in the same order); the
@@ -1602,6 +1603,7 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         ("aggregate", 1),
         ("filtered sort", 109_090),
         ("empty sort", 0),
+        ("empty aggregate", 1),
         ("distinct", 91),
         ("unique", 1_001),
         ("random_shuffle", 120_000),
@@ -1624,6 +1626,8 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         ("join full", 120_500),
         ("join semi", 109_090),
         ("join anti", 10_910),
+        ("join full transformed", 120_500),
+        ("empty join aggregate", 1),
         ("join groupby", 7),
         ("sql groupby", 7_000),
         ("sql join", 40_000),

@@ -3,7 +3,7 @@
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeIterator, TreeNodeRecursion};
 use datafusion::common::Result as DfResult;
 use datafusion::execution::context::SessionState;
@@ -221,6 +221,11 @@ pub enum LogicalOp {
         right_on: Vec<String>,
         /// Which rows are kept.
         how: JoinHow,
+        /// Per key pair whose two types differ (Int32 and Int64): the type the join
+        /// compares them in. A partitioned join hashes both sides' keys in it, so that
+        /// equal keys meet in one partition; learned when the join was built, where the
+        /// inputs' schemas were known (a transform's output may not be later).
+        key_casts: Vec<Option<DataType>>,
         /// The output schema (keys once, left columns, right columns).
         schema: SchemaRef,
     },
@@ -384,6 +389,7 @@ impl LogicalOp {
                 left_on,
                 right_on,
                 how,
+                key_casts,
                 schema,
                 ..
             } => LogicalOp::Join {
@@ -392,6 +398,7 @@ impl LogicalOp {
                 left_on: left_on.clone(),
                 right_on: right_on.clone(),
                 how: *how,
+                key_casts: key_casts.clone(),
                 schema: Arc::clone(schema),
             },
         }

@@ -16,6 +16,7 @@ use datafusion::common::Column;
 use datafusion::datasource::provider_as_source;
 use datafusion::functions::core::expr_fn::coalesce;
 use datafusion::functions_aggregate::expr_fn as agg_fn;
+use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use volley_common::{Result, VolleyError};
 use volley_connectors::DataSource;
@@ -394,12 +395,22 @@ impl Dataset {
                 "join needs as many left keys as right keys, at least one (got {left_on:?} and {right_on:?})"
             )));
         }
+        let (left_schema, right_schema) = (self.schema()?, other.schema()?);
         for (side, keys, schema) in [
-            ("left", left_on, &self.schema()?),
-            ("right", right_on, &other.schema()?),
+            ("left", left_on, &left_schema),
+            ("right", right_on, &right_schema),
         ] {
             check_keys(schema, keys, &format!("join key of the {side} dataset"))?;
         }
+        let key_casts = left_on
+            .iter()
+            .zip(right_on)
+            .map(|(l, r)| {
+                let lt = left_schema.field_with_name(l)?.data_type();
+                let rt = right_schema.field_with_name(r)?.data_type();
+                Ok((lt != rt).then(|| comparison_coercion(lt, rt).unwrap_or_else(|| lt.clone())))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let left_on: Vec<String> = left_on.iter().map(|k| k.to_string()).collect();
         let right_on: Vec<String> = right_on.iter().map(|k| k.to_string()).collect();
         // Built now to learn the output schema.
@@ -410,6 +421,7 @@ impl Dataset {
             left_on,
             right_on,
             how,
+            key_casts,
             schema: Arc::new(plan.schema().as_arrow().clone()),
         }))
     }

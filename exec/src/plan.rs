@@ -233,6 +233,13 @@ pub trait ExchangeWork: Send + Sync + fmt::Debug {
     /// input arrived when it samples or [counts rows](Self::needs_row_count).
     fn prepare(&self, samples: Vec<RecordBatch>, rows: u64) -> Result<Vec<u8>>;
 
+    /// Whether an exchange whose input has no rows still makes output: an aggregation
+    /// without keys gives one row (a count of 0) from no rows, as in one process. Its
+    /// one reduce task then runs over no map outputs.
+    fn makes_rows_from_none(&self) -> bool {
+        false
+    }
+
     /// Whether the map tasks need the input's row count: its blocks are then held
     /// until the whole input arrived.
     fn needs_row_count(&self) -> bool {

@@ -35,7 +35,6 @@ use datafusion::datasource::provider_as_source;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::context::SessionState;
 use datafusion::execution::SessionStateBuilder;
-use datafusion::logical_expr::type_coercion::binary::comparison_coercion;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
@@ -1282,29 +1281,18 @@ impl DatasetExchange {
             }
             LogicalOp::Distinct { .. } => (partitions, hash(vec![None]), Combine::Distinct, false),
             LogicalOp::Join {
-                left,
-                right,
                 left_on,
                 right_on,
                 how,
+                key_casts,
                 ..
             } => {
                 // Equal keys of different types (Int32 and Int64) hash alike once cast
                 // to the type the join compares them in.
-                let (ls, rs) = (left.schema(state)?, right.schema(state)?);
-                let casts = match (ls, rs) {
-                    (Some(ls), Some(rs)) => left_on
-                        .iter()
-                        .zip(right_on)
-                        .map(|(l, r)| {
-                            let lt = ls.field_with_name(l)?.data_type().clone();
-                            let rt = rs.field_with_name(r)?.data_type().clone();
-                            Ok((lt != rt)
-                                .then(|| comparison_coercion(&lt, &rt).unwrap_or(lt).to_string()))
-                        })
-                        .collect::<Result<Vec<_>>>()?,
-                    _ => vec![],
-                };
+                let casts = key_casts
+                    .iter()
+                    .map(|t| t.as_ref().map(DataType::to_string))
+                    .collect();
                 // Each left row meets the whole right side in one task: right and full
                 // joins, which also keep unmatched right rows, cannot.
                 if broadcast_bytes > 0
@@ -1382,6 +1370,10 @@ impl DatasetExchange {
 impl ExchangeWork for DatasetExchange {
     fn partitions(&self) -> usize {
         self.partitions
+    }
+
+    fn makes_rows_from_none(&self) -> bool {
+        matches!(&self.combine, Combine::FinishAggregate(two) if two.keys.is_empty())
     }
 
     fn sample_task(&self) -> Result<Option<EncodedTask>> {

@@ -691,7 +691,7 @@ impl Operator for ClusterExchangeOp {
         if self.reorders {
             return self.emit_reordered(cx);
         }
-        if self.firsts.iter().all(Vec::is_empty) {
+        if self.firsts.iter().all(Vec::is_empty) && !self.work.makes_rows_from_none() {
             // Nothing came in: nothing goes out.
             return true;
         }
