@@ -160,4 +160,49 @@ fn s3_round_trip() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("already exists"), "{e}");
+
+    // One file: an object of its name exists as a folder's objects do; it replaces no
+    // folder, and nothing is appended to it.
+    let one = |ds: &Dataset, mode: WriteMode| {
+        ds.write("s3://volley/one.parquet", volley::WriteFormat::Parquet)
+            .single_file()
+            .mode(mode)
+            .run()
+    };
+    one(&c.range(5), WriteMode::ErrorIfExists).unwrap();
+    let e = one(&c.range(6), WriteMode::ErrorIfExists)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already exists"), "{e}");
+    let e = c
+        .range(5)
+        .write("s3://volley/one.parquet", volley::WriteFormat::Parquet)
+        .mode(WriteMode::Append)
+        .run()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot append to the single file"), "{e}");
+    let e = c
+        .range(5)
+        .write("s3://volley/data/numbers", volley::WriteFormat::Parquet)
+        .single_file()
+        .mode(WriteMode::Overwrite)
+        .run()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is a folder"), "{e}");
+    let count = |path: &str| c.read_parquet(path).unwrap().count().unwrap();
+    assert_eq!(count("s3://volley/data/numbers/"), 100_000);
+    assert_eq!(count("s3://volley/one.parquet"), 5);
+    one(&c.range(7), WriteMode::Overwrite).unwrap();
+    assert_eq!(count("s3://volley/one.parquet"), 7);
+
+    // An overwrite: the new files replace the old ones, and the old ones no new file
+    // replaced go.
+    c.range(10)
+        .write("s3://volley/data/numbers", volley::WriteFormat::Parquet)
+        .mode(WriteMode::Overwrite)
+        .run()
+        .unwrap();
+    assert_eq!(count("s3://volley/data/numbers/"), 10);
 }

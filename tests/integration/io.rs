@@ -136,6 +136,26 @@ fn failed_write_leaves_nothing() {
             .unwrap(),
         10
     );
+    // What this context read before is read again as it is now: a second overwrite
+    // (other files), through a plain read, a relational plan and SQL.
+    c.range(20)
+        .write(out.to_str().unwrap(), WriteFormat::Parquet)
+        .mode(WriteMode::Overwrite)
+        .run()
+        .unwrap();
+    let again = c.read_parquet(out.to_str().unwrap()).unwrap();
+    assert_eq!(again.count().unwrap(), 20);
+    assert_eq!(again.sort(["id"]).unwrap().count().unwrap(), 20);
+    let query = format!("SELECT count(*) AS n FROM '{}'", out.display());
+    let n = c.sql(&query, &[]).unwrap().collect_batch().unwrap();
+    assert_eq!(
+        n.column(0)
+            .as_any()
+            .downcast_ref::<volley::arrow::array::Int64Array>()
+            .unwrap()
+            .value(0),
+        20
+    );
 }
 
 #[test]

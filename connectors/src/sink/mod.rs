@@ -478,16 +478,35 @@ impl WriteJob {
                 .with_context(|| format!("opening {dest}"))?;
             let prefix = Path::from_url_path(url.path())
                 .map_err(|e| VolleyError::plan(format!("invalid path in {dest}: {e}")))?;
-            let existing = io
+            // An object named `dest` (a file) and objects under `dest/` (a folder): a
+            // listing shows only the second.
+            let (file, folder) = io
                 .block_on(async {
                     use futures::StreamExt;
+                    let file = match store.head(&prefix).await {
+                        Ok(_) => true,
+                        Err(object_store::Error::NotFound { .. }) => false,
+                        Err(e) => return Err(e),
+                    };
                     let mut list = store.list(Some(&prefix));
-                    list.next().await.transpose()
+                    Ok((file, list.next().await.transpose()?.is_some()))
                 })
                 .with_context(|| format!("listing {dest}"))?;
-            if existing.is_some() && options.mode == WriteMode::ErrorIfExists {
+            if (file || folder) && options.mode == WriteMode::ErrorIfExists {
                 return Err(VolleyError::plan(format!(
                     "destination {dest} already exists (choose overwrite or append mode)"
+                )));
+            }
+            // As on a local disk: one file replaces a file, never a folder, and nothing
+            // is appended to a file.
+            if options.single_file && folder {
+                return Err(VolleyError::plan(format!(
+                    "{dest} is a folder: a single-file write replaces a file only"
+                )));
+            }
+            if file && options.mode == WriteMode::Append {
+                return Err(VolleyError::plan(format!(
+                    "cannot append to the single file {dest}"
                 )));
             }
             // A hidden sibling of the destination; at a bucket's root, a hidden prefix
@@ -606,8 +625,18 @@ impl WriteJob {
                 store,
                 dest,
                 staging,
-                ..
-            } => self.commit_remote(store, dest, staging, &parts),
+                scratch,
+                url,
+            } => match self.commit_remote(store, dest, staging, &parts) {
+                // Some new files are in place and others are not: those stay staged,
+                // and the error says where.
+                Err(e @ RemoteCommitError::Partial(_)) => {
+                    std::fs::remove_dir_all(scratch).ok();
+                    let e = e.into_error(url, staging);
+                    return Err(e.context(format!("committing {display}")));
+                }
+                other => other.map_err(|e| e.into_error(url, staging)),
+            },
         };
         self.abort();
         result.with_context(|| format!("committing {display}"))?;
@@ -657,7 +686,7 @@ impl WriteJob {
         dest: &Path,
         staging: &Path,
         parts: &[StagedPart],
-    ) -> Result<()> {
+    ) -> std::result::Result<(), RemoteCommitError> {
         let store = Arc::clone(store);
         let (dest, staging) = (dest.clone(), staging.clone());
         let overwrite = self.options.mode == WriteMode::Overwrite;
@@ -678,22 +707,46 @@ impl WriteJob {
                 })
             })
             .collect();
-        self.io.block_on(async move {
+        let total = moves.len();
+        let moved = self.io.block_on(async move {
             use futures::TryStreamExt;
-            if overwrite || single {
-                let old: Vec<_> = store.list(Some(&dest)).try_collect().await?;
+            // The new files first, each replacing any old one of its name; then the
+            // old files the new ones did not replace (an overwrite). The destination is
+            // never empty on the way, and a failure loses neither the old files not
+            // replaced yet nor the new ones not moved yet (they stay staged).
+            let mut moved = 0;
+            let mut targets = std::collections::HashSet::new();
+            for (from, to) in moves {
+                if let Err(e) = store.rename(&from, &to).await {
+                    return Err((moved, e));
+                }
+                targets.insert(to);
+                moved += 1;
+            }
+            if overwrite && !single {
+                let old: Vec<_> = store
+                    .list(Some(&dest))
+                    .try_collect()
+                    .await
+                    .map_err(|e| (moved, e))?;
                 for o in old {
-                    if !o.location.as_ref().starts_with(staging.as_ref()) {
-                        store.delete(&o.location).await?;
+                    if !targets.contains(&o.location)
+                        && !o.location.as_ref().starts_with(staging.as_ref())
+                    {
+                        store.delete(&o.location).await.map_err(|e| (moved, e))?;
                     }
                 }
             }
-            for (from, to) in moves {
-                store.rename(&from, &to).await?;
-            }
-            Ok::<_, object_store::Error>(())
-        })?;
-        Ok(())
+            Ok(moved)
+        });
+        match moved {
+            Ok(_) => Ok(()),
+            Err((0, e)) if total > 0 => Err(RemoteCommitError::Untouched(e)),
+            Err((moved, e)) if moved < total => Err(RemoteCommitError::Partial(format!(
+                "{moved} of {total} new files were moved into place, then: {e}"
+            ))),
+            Err((_, e)) => Err(RemoteCommitError::OldLeft(e)),
+        }
     }
 
     /// Removes everything staged; the destination is left as it was (after a commit,
@@ -724,6 +777,36 @@ impl WriteJob {
                     .block_on(async move { delete_prefix(store.as_ref(), &staging).await });
                 std::fs::remove_dir_all(scratch).ok();
             }
+        }
+    }
+}
+
+/// Why moving a write's staged files into place in an object store failed.
+#[derive(Debug)]
+enum RemoteCommitError {
+    /// Before anything moved: the destination is as it was.
+    Untouched(object_store::Error),
+    /// Some new files were moved and the others were not (they stay staged).
+    Partial(String),
+    /// The new files are in place; some old ones an overwrite replaces are left.
+    OldLeft(object_store::Error),
+}
+
+impl RemoteCommitError {
+    /// The error to report, naming the staging prefix of `url`'s store where the files
+    /// not moved are.
+    fn into_error(self, url: &url::Url, staging: &Path) -> VolleyError {
+        match self {
+            Self::Untouched(e) => VolleyError::from(e),
+            Self::Partial(what) => VolleyError::execution(format!(
+                "{what}; the others stay in {}://{}/{staging}",
+                url.scheme(),
+                url.host_str().unwrap_or_default()
+            )),
+            Self::OldLeft(e) => VolleyError::execution(format!(
+                "the new files are in place, but removing the old ones the overwrite \
+                 replaces failed: {e}"
+            )),
         }
     }
 }
