@@ -22,6 +22,7 @@ mod lines;
 mod listing;
 mod named_scan;
 mod registry;
+mod scan_listings;
 mod sink;
 mod source;
 mod table;
@@ -31,6 +32,7 @@ pub use format::{CsvReadOptions, FileFormatKind};
 pub use listing::{cast_to_plain_strings, file_scan_config, plain_strings, FileScan};
 pub use named_scan::{file_label, name_file_errors, NamedFileScanExec};
 pub use registry::VolleyObjectStoreRegistry;
+pub use scan_listings::{with_scan_listings, ScanListings};
 pub use sink::{
     csv_can_hold, Compression, PartWriter, RemotePart, StagedPart, WriteFormat, WriteJob,
     WriteMode, WriteOptions, WriteSummary,

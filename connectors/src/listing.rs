@@ -20,6 +20,7 @@ use object_store::ObjectMeta;
 use volley_common::{Result, ResultExt, VolleyError};
 
 use crate::format::FileFormatKind;
+use crate::scan_listings::KeptListing;
 use crate::source::{DataSource, ReadTask, ScanRequest};
 use crate::table::decode_plain_strings;
 
@@ -44,6 +45,8 @@ pub struct FileScan {
     split_bytes: u64,
     /// The files listed at creation: scans read these and no others.
     listed: std::collections::HashSet<object_store::path::Path>,
+    /// The same files as the listing of the file tables' paths (see `scan_listings`).
+    _kept: Arc<KeptListing>,
 }
 
 /// Files whose name (or a folder under the listed path) starts with `.` or `_` are
@@ -74,6 +77,22 @@ impl FileScan {
             .collect::<Result<Vec<_>>>()?;
 
         let files = list_files(state, &urls, paths, "").await?;
+        // The file tables below find these files as their paths' listing.
+        let kept = KeptListing::new();
+        // (A path that names a folder without a trailing `/` is listed too, once no
+        // object of its name is found.)
+        for url in &urls {
+            let under: Vec<ObjectMeta> = files
+                .iter()
+                .filter(|f| url.strip_prefix(&f.meta.location).is_some())
+                .map(|f| f.meta.clone())
+                .collect();
+            kept.keep(url.prefix(), under);
+        }
+        let urls: Vec<ListingTableUrl> = urls
+            .into_iter()
+            .map(|u| u.with_table_ref(kept.table().clone()))
+            .collect();
         // Compression (of text formats) follows the files' extension.
         let df_format = format.to_datafusion(state, files[0].meta.location.as_ref());
         let (file_schema, each_file) =
@@ -135,6 +154,7 @@ impl FileScan {
         Ok(Self {
             relational,
             listed: files.iter().map(|f| f.meta.location.clone()).collect(),
+            _kept: Arc::new(kept),
             num_files: files.len(),
             total_bytes: files.iter().map(|f| f.meta.size).sum(),
             format,

@@ -192,12 +192,10 @@ impl Context {
         keep_freed_memory(limit);
         let mut env = RuntimeEnvBuilder::new()
             .with_object_store_registry(Arc::new(VolleyObjectStoreRegistry::new()))
-            .with_memory_pool(Arc::new(BudgetMemoryPool::new(Arc::clone(&budget))))
-            // Every read lists its files as they are now. DataFusion keeps listings for
-            // the session's life, never invalidated: a folder this program (or any
-            // other) wrote again read as it was. Footers and statistics stay cached:
-            // those are checked against each file's size and modification time.
-            .with_object_list_cache_limit(0);
+            .with_memory_pool(Arc::new(BudgetMemoryPool::new(Arc::clone(&budget))));
+        // Every read lists its files as they are now, and reads those files only
+        // (DataFusion's own listing cache keeps listings for the session's life).
+        env = volley_connectors::with_scan_listings(env);
         // A merge of spill files reserves one buffer per file, as many files as the
         // pool allows: bound the fan-in so that one partition's merge leaves room for
         // the others' (about a quarter of the budget per CPU, at least 2 files).

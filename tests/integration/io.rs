@@ -263,3 +263,45 @@ fn globs_and_lists_of_paths() {
     assert_eq!(c.read_csv(list).unwrap().count().unwrap(), 4);
     let _ = Arc::new(());
 }
+
+/// Bookkeeping files beside the data (`_SUCCESS`, `.crc` checksums) are not read, by
+/// a plain read, a relational plan or SQL over the folder.
+#[test]
+fn bookkeeping_files_are_not_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let ds = c.from_batches(vec![sample(1000)]).unwrap();
+    for fmt in ["parquet", "csv", "json"] {
+        let path = dir.path().join(fmt);
+        let p = path.to_str().unwrap();
+        match fmt {
+            "parquet" => ds.write_parquet(p),
+            "csv" => ds.write_csv(p),
+            _ => ds.write_json(p),
+        }
+        .unwrap();
+        std::fs::write(path.join("_SUCCESS"), b"").unwrap();
+        std::fs::write(path.join(".part.crc"), b"\x00\x01not data\xff,\n{").unwrap();
+        let read = || match fmt {
+            "parquet" => c.read_parquet(p),
+            "csv" => c.read_csv(p),
+            _ => c.read_json(p),
+        };
+        assert_eq!(read().unwrap().count().unwrap(), 1000, "{fmt}");
+        let sorted = read().unwrap().sort(["id"]).unwrap();
+        assert_eq!(sorted.count().unwrap(), 1000, "{fmt}: a sort");
+        let n = read()
+            .unwrap()
+            .sql("t", "SELECT count(*) AS n FROM t")
+            .unwrap()
+            .collect_batch()
+            .unwrap();
+        let n = n
+            .column(0)
+            .as_any()
+            .downcast_ref::<volley::arrow::array::Int64Array>()
+            .unwrap()
+            .value(0);
+        assert_eq!(n, 1000, "{fmt}: SQL");
+    }
+}
