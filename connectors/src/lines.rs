@@ -40,6 +40,62 @@ pub(crate) struct CsvDialect {
 }
 
 impl CsvDialect {
+    /// The dialect of DataFusion's CSV `options`.
+    pub(crate) fn of(options: &datafusion::common::config::CsvOptions) -> Self {
+        Self {
+            delimiter: options.delimiter,
+            quote: options.quote,
+            escape: options.escape,
+            terminator: options.terminator,
+            comment: options.comment,
+        }
+    }
+
+    /// The first `records` records of the text `chunks` hold (all of them where they
+    /// hold fewer), as one piece that ends where a record ends: never inside a quoted
+    /// value, however its line breaks fall.
+    pub(crate) async fn first_records<S, E>(
+        &self,
+        mut chunks: S,
+        records: usize,
+    ) -> Result<Vec<u8>, E>
+    where
+        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    {
+        use csv_core::ReadRecordResult;
+        use futures::StreamExt;
+        let mut reader = self.reader();
+        // Fields and their ends are not looked at: written over at every call.
+        let (mut out, mut ends) = (vec![0u8; 1 << 16], vec![0usize; 1 << 10]);
+        let (mut head, mut seen) = (Vec::new(), 0);
+        loop {
+            let chunk = chunks.next().await.transpose()?;
+            // At the end, an empty input ends the last record (so an empty input means
+            // the end to `csv-core`: a chunk's is never handed to it).
+            let mut input: &[u8] = chunk.as_deref().unwrap_or_default();
+            loop {
+                if input.is_empty() && chunk.is_some() {
+                    break;
+                }
+                let (result, read, _, _) = reader.read_record(input, &mut out, &mut ends);
+                head.extend_from_slice(&input[..read]);
+                input = &input[read..];
+                match result {
+                    ReadRecordResult::Record => {
+                        seen += 1;
+                        if seen >= records {
+                            return Ok(head);
+                        }
+                    }
+                    ReadRecordResult::End => return Ok(head),
+                    ReadRecordResult::InputEmpty if chunk.is_some() => {}
+                    ReadRecordResult::InputEmpty => return Ok(head),
+                    ReadRecordResult::OutputFull | ReadRecordResult::OutputEndsFull => {}
+                }
+            }
+        }
+    }
+
     fn reader(&self) -> csv_core::Reader {
         let mut b = csv_core::ReaderBuilder::new();
         b.delimiter(self.delimiter)
@@ -321,6 +377,38 @@ mod tests {
         // A number too large for a line is left alone.
         let m = "incorrect number of fields for line 99999999999999999999999, expected 2";
         assert_eq!(o.renumber_csv(m, " for line ", 1), None);
+    }
+
+    /// The first records come whole however the chunks cut the text: inside a quoted
+    /// value, at a line break in it, at the end without a last line break.
+    #[test]
+    fn first_records_end_where_a_record_ends() {
+        let dialect = CsvDialect {
+            delimiter: b',',
+            quote: b'"',
+            escape: None,
+            terminator: None,
+            comment: None,
+        };
+        let text = "a,b\n1,\"x\ny\"\n2,\"p, \nq\"\n3,z";
+        let take = |cut: &[usize], n: usize| {
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for &c in cut.iter().chain([&text.len()]) {
+                pieces.push(Ok::<_, ()>(bytes::Bytes::from(text[at..c].to_string())));
+                at = c;
+            }
+            let got = futures::executor::block_on(
+                dialect.first_records(futures::stream::iter(pieces), n),
+            );
+            String::from_utf8(got.unwrap()).unwrap()
+        };
+        for cut in [vec![], vec![7], vec![6, 8, 15], (1..text.len()).collect()] {
+            assert_eq!(take(&cut, 1), "a,b\n", "{cut:?}");
+            assert_eq!(take(&cut, 2), "a,b\n1,\"x\ny\"\n", "{cut:?}");
+            assert_eq!(take(&cut, 3), "a,b\n1,\"x\ny\"\n2,\"p, \nq\"\n", "{cut:?}");
+            assert_eq!(take(&cut, 9), text, "{cut:?}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::TableProvider;
 use datafusion::common::DFSchema;
+use datafusion::datasource::file_format::csv::CsvFormat;
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -20,6 +21,7 @@ use object_store::ObjectMeta;
 use volley_common::{Result, ResultExt, VolleyError};
 
 use crate::format::FileFormatKind;
+use crate::lines::CsvDialect;
 use crate::scan_listings::KeptListing;
 use crate::source::{DataSource, ReadTask, ScanRequest};
 use crate::table::decode_plain_strings;
@@ -388,11 +390,16 @@ pub(crate) async fn infer_schemas(
                             df_format.get_ext().trim_start_matches('.')
                         )));
                     }
-                    let schema = df_format
-                        .infer_schema(state, &store, std::slice::from_ref(&meta))
-                        .await
-                        .map_err(|e| json_inference_line(e, &name))
-                        .with_context(|| format!("reading the schema of {name}"))?;
+                    let schema = match df_format.downcast_ref::<CsvFormat>() {
+                        Some(csv) => csv_schema(state, csv, &store, &meta).await,
+                        None => {
+                            df_format
+                                .infer_schema(state, &store, std::slice::from_ref(&meta))
+                                .await
+                        }
+                    }
+                    .map_err(|e| json_inference_line(e, &name))
+                    .with_context(|| format!("reading the schema of {name}"))?;
                     Ok::<_, VolleyError>((name, meta, schema))
                 }
                 .boxed()
@@ -416,7 +423,9 @@ pub(crate) async fn infer_schemas(
     let same_store = readable
         .iter()
         .all(|f| Arc::ptr_eq(&f.store, &readable[0].store));
-    if same_store {
+    // (CSV's merges the same schemas read again, through the chunking `csv_schema`
+    // avoids.)
+    if same_store && df_format.downcast_ref::<CsvFormat>().is_none() {
         if let Ok(merged) = df_format
             .infer_schema(state, &readable[0].store, &by_store)
             .await
@@ -425,6 +434,45 @@ pub(crate) async fn infer_schemas(
         }
     }
     Ok((merge_schemas(&schemas)?, each))
+}
+
+/// The schema of the CSV file `meta`, from its first records as `csv` infers them.
+///
+/// DataFusion reads them in chunks cut at line breaks outside quotes, but finds those
+/// by scanning each chunk's bytes from both ends (object_store's `LineDelimiter`):
+/// walking back from the end flips its in-quotes state over the wrong bytes, so a
+/// chunk could end inside a quoted value holding a line break, and the record cut
+/// there failed the whole read. Here the records are found with `csv-core`, as Arrow
+/// parses them, and handed over as one piece.
+async fn csv_schema(
+    state: &SessionState,
+    csv: &CsvFormat,
+    store: &Arc<dyn object_store::ObjectStore>,
+    meta: &ObjectMeta,
+) -> datafusion::common::Result<SchemaRef> {
+    use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
+    use datafusion::error::DataFusionError;
+    use object_store::ObjectStoreExt;
+    let options = csv.options();
+    let max = options
+        .schema_infer_max_rec
+        .unwrap_or(datafusion::datasource::file_format::DEFAULT_SCHEMA_INFER_MAX_RECORD);
+    let header = options
+        .has_header
+        .unwrap_or(state.config_options().catalog.has_header);
+    let raw = store
+        .get(&meta.location)
+        .await?
+        .into_stream()
+        .map_err(|e| DataFusionError::ObjectStore(Box::new(e)))
+        .boxed();
+    let text = FileCompressionType::from(options.compression).convert_stream(raw)?;
+    let head = CsvDialect::of(options)
+        .first_records(text, max + usize::from(header))
+        .await?;
+    let one = futures::stream::once(async { Ok(bytes::Bytes::from(head)) });
+    let (schema, _) = csv.infer_schema_from_stream(state, max, one).await?;
+    Ok(Arc::new(schema))
 }
 
 /// The schemas of several files as one; where they clash, an error naming the column,

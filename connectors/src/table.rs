@@ -71,6 +71,9 @@ fn listing_options(state: &SessionState, path: &str) -> (ListingOptions, bool) {
             let options = CsvReadOptions {
                 file_extension: &file_extension,
                 file_compression_type: compression,
+                // Quoted values may hold line breaks: no file is read from a byte
+                // range that could start inside one.
+                newlines_in_values: true,
                 ..Default::default()
             };
             (options.to_listing_options(config, defaults), false)

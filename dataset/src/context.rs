@@ -236,6 +236,10 @@ impl Context {
             // Volley gives every read task its own file split (so errors name the
             // file and ordered reads keep file order) and balances tasks itself.
             opts.execution.enable_file_stream_work_stealing = false;
+            // A CSV value in quotes may hold line breaks: files are read whole, never
+            // from a byte range that could start inside a quoted value (DataFusion's
+            // default splits files over 10 MiB there, and infers schemas line by line).
+            opts.catalog.newlines_in_values = true;
             // What a sort keeps back for merging its spill files: at most a sixteenth of
             // the budget (DataFusion's 10 MiB default would not fit small budgets).
             let reserve = (limit / 16).clamp(64 * 1024, 10 * 1024 * 1024) as usize;
