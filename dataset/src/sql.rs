@@ -201,9 +201,20 @@ fn plan_source(
     plan: LogicalPlan,
     label: String,
 ) -> PlanSource {
-    // A query that ends in ORDER BY streams its rows in that order.
-    let ordered = matches!(plan, LogicalPlan::Sort(_) | LogicalPlan::Limit(_));
+    let ordered = ends_in_order(&plan);
     PlanSource::new(ctx, state.clone(), plan, "Sql", label, ordered)
+}
+
+/// Whether a query ends in ORDER BY (or a LIMIT), maybe under the projection of its
+/// select list (`SELECT a FROM t ORDER BY b`) or an alias: its rows then stream in
+/// that order, and the steps after it keep it.
+fn ends_in_order(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Sort(_) | LogicalPlan::Limit(_) => true,
+        LogicalPlan::Projection(p) => ends_in_order(&p.input),
+        LogicalPlan::SubqueryAlias(a) => ends_in_order(&a.input),
+        _ => false,
+    }
 }
 
 /// `EXPLAIN query`: the plan volley runs, not DataFusion's. DataFusion's own

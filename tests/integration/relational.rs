@@ -937,3 +937,44 @@ fn inner_joins_run_smallest_first_unless_turned_off() {
     assert_eq!(tables, ["dim_a", "fact"], "{plan}");
     assert_eq!((n_written, s_written), (n, s));
 }
+
+/// A query ordered by a column it does not return (a projection above its sort) hands
+/// its rows on in that order: steps after it, however many run at once, keep it.
+#[test]
+fn sql_order_under_a_projection_is_kept() {
+    let c = ctx();
+    let n = 100_000i64;
+    let ds = c
+        .range(n as u64)
+        .with_column("r", (col("id") * lit(7919i64)) % lit(100_003i64))
+        .unwrap();
+    let query = ds.sql("t", "SELECT id FROM t ORDER BY r").unwrap();
+    let options = MapOptions {
+        batch_size: Some(1_000),
+        ..MapOptions::default()
+    }
+    .with_concurrency(4);
+    // Batches take unequal times, so that later ones could finish first.
+    let mapped = query.map_batches(
+        "uneven",
+        |b: RecordBatch| {
+            let first = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0);
+            std::thread::sleep(std::time::Duration::from_millis((first % 5) as u64 * 3));
+            Ok(b)
+        },
+        options,
+    );
+    let got: Vec<i64> = i64_column(&mapped.collect().unwrap(), "id")
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut want: Vec<i64> = (0..n).collect();
+    want.sort_by_key(|i| (i * 7919) % 100_003);
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "rows out of the query's order");
+}
