@@ -197,6 +197,44 @@ fn s3_round_trip() {
     one(&c.range(7), WriteMode::Overwrite).unwrap();
     assert_eq!(count("s3://volley/one.parquet"), 7);
 
+    // Hive folders of values that need escaping read back as written.
+    let tagged = c
+        .range(30)
+        .sql(
+            "t",
+            "SELECT id, CASE id % 3 WHEN 0 THEN 'a/b' WHEN 1 THEN 'x:y' ELSE '50%' END AS tag FROM t",
+        )
+        .unwrap();
+    tagged
+        .write("s3://volley/tags", volley::WriteFormat::Parquet)
+        .partition_by(&["tag"])
+        .run()
+        .unwrap();
+    let tags = c
+        .read_parquet("s3://volley/tags/")
+        .unwrap()
+        .sql(
+            "t",
+            "SELECT tag, count(*) AS n FROM t GROUP BY tag ORDER BY tag",
+        )
+        .unwrap()
+        .collect_batch()
+        .unwrap();
+    let tags: Vec<String> = (0..tags.num_rows())
+        .map(|r| {
+            let cell = |c: usize| {
+                volley::arrow::util::display::array_value_to_string(tags.column(c), r).unwrap()
+            };
+            format!("{}={}", cell(0), cell(1))
+        })
+        .collect();
+    assert_eq!(tags, ["50%=10", "a/b=10", "x:y=10"]);
+    for tag in ["50%", "a/b", "x:y"] {
+        let back = c.read_parquet("s3://volley/tags/").unwrap();
+        let matching = back.filter(col("tag").eq(lit(tag))).unwrap();
+        assert_eq!(matching.count().unwrap(), 10, "{tag}");
+    }
+
     // An overwrite: the new files replace the old ones, and the old ones no new file
     // replaced go.
     c.range(10)

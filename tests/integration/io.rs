@@ -69,6 +69,25 @@ fn compressed_and_partitioned_writes() {
         1000
     );
 
+    // Values that need escaping in a folder name read back as written.
+    let tags = dir.path().join("tags");
+    c.range(30)
+        .sql(
+            "t",
+            "SELECT id, CASE id % 3 WHEN 0 THEN 'a/b' WHEN 1 THEN 'x:y' ELSE '50%' END AS tag FROM t",
+        )
+        .unwrap()
+        .write(tags.to_str().unwrap(), WriteFormat::Parquet)
+        .partition_by(&["tag"])
+        .run()
+        .unwrap();
+    // Also filtered on: the filtered value's folder is found.
+    for (tag, n) in [("a/b", 10), ("x:y", 10), ("50%", 10)] {
+        let back = c.read_parquet(tags.to_str().unwrap()).unwrap();
+        let matching = back.filter(col("tag").eq(lit(tag))).unwrap();
+        assert_eq!(matching.count().unwrap(), n, "{tag}");
+    }
+
     let gz = dir.path().join("csvgz");
     ds.write(gz.to_str().unwrap(), WriteFormat::Csv)
         .compression(Compression::Gzip)

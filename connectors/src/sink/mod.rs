@@ -691,22 +691,19 @@ impl WriteJob {
         let (dest, staging) = (dest.clone(), staging.clone());
         let overwrite = self.options.mode == WriteMode::Overwrite;
         let single = self.options.single_file;
-        let moves: Vec<(Path, Path)> = parts
-            .iter()
-            .flat_map(|p| {
-                let from = staging.clone().join(p.folder.as_str());
-                let dest = dest.clone();
-                p.summary.files.iter().map(move |f| {
-                    let rel = Path::from(f.as_str());
-                    let target = if single {
-                        dest.clone()
-                    } else {
-                        Path::from_iter(dest.parts().chain(rel.parts()))
-                    };
-                    (Path::from_iter(from.parts().chain(rel.parts())), target)
-                })
-            })
-            .collect();
+        let mut moves: Vec<(Path, Path)> = Vec::new();
+        for p in parts {
+            let from = staging.clone().join(p.folder.as_str());
+            for f in &p.summary.files {
+                let rel = writer::store_path(f).map_err(RemoteCommitError::Untouched)?;
+                let target = if single {
+                    dest.clone()
+                } else {
+                    Path::from_iter(dest.parts().chain(rel.parts()))
+                };
+                moves.push((Path::from_iter(from.parts().chain(rel.parts())), target));
+            }
+        }
         let total = moves.len();
         let moved = self.io.block_on(async move {
             use futures::TryStreamExt;
@@ -741,7 +738,7 @@ impl WriteJob {
         });
         match moved {
             Ok(_) => Ok(()),
-            Err((0, e)) if total > 0 => Err(RemoteCommitError::Untouched(e)),
+            Err((0, e)) if total > 0 => Err(RemoteCommitError::Untouched(e.into())),
             Err((moved, e)) if moved < total => Err(RemoteCommitError::Partial(format!(
                 "{moved} of {total} new files were moved into place, then: {e}"
             ))),
@@ -785,7 +782,7 @@ impl WriteJob {
 #[derive(Debug)]
 enum RemoteCommitError {
     /// Before anything moved: the destination is as it was.
-    Untouched(object_store::Error),
+    Untouched(VolleyError),
     /// Some new files were moved and the others were not (they stay staged).
     Partial(String),
     /// The new files are in place; some old ones an overwrite replaces are left.
@@ -797,7 +794,7 @@ impl RemoteCommitError {
     /// not moved are.
     fn into_error(self, url: &url::Url, staging: &Path) -> VolleyError {
         match self {
-            Self::Untouched(e) => VolleyError::from(e),
+            Self::Untouched(e) => e,
             Self::Partial(what) => VolleyError::execution(format!(
                 "{what}; the others stay in {}://{}/{staging}",
                 url.scheme(),

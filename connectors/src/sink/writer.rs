@@ -284,8 +284,7 @@ impl PartWriter {
         let size = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
         self.summary.bytes += size;
         if let Some((store, staging, io)) = &self.upload {
-            let target =
-                Path::from_iter(staging.parts().chain(Path::from(relative.as_str()).parts()));
+            let target = Path::from_iter(staging.parts().chain(store_path(&relative)?.parts()));
             let store = Arc::clone(store);
             let data = std::fs::read(&local)
                 .with_context(|| format!("reading back {}", local.display()))?;
@@ -362,14 +361,24 @@ fn create_dirs_below(root: &std::path::Path, relative: &str) -> Result<()> {
     Ok(())
 }
 
-/// Escapes characters that cannot stand in a folder name.
+/// A part's file name under its folder (`k=v/part-....parquet`) as an object store's
+/// path: its partition values are escaped already (`a%2Fb`), so not escaped again.
+pub(super) fn store_path(relative: &str) -> Result<Path> {
+    Path::parse(relative)
+        .map_err(|e| VolleyError::internal(format!("the file name {relative}: {e}")))
+}
+
+/// A partition value as a folder name: percent-escapes exactly the ASCII characters
+/// DataFusion's reader escapes when it looks a filtered value's folder up (control
+/// characters, space, `%`, `/`, `?`, `#`). A value escaped otherwise (Hive escapes
+/// `:` too) would be looked for under a name no folder has: `tag = 'x:y'` read no
+/// rows of `tag=x%3Ay`.
 fn escape_partition_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for c in v.chars() {
         match c {
-            '/' | '\\' | '=' | '%' | ':' | '*' | '?' | '"' | '<' | '>' | '|' | '\n' => {
-                out.push_str(&format!("%{:02X}", c as u32))
-            }
+            c if c.is_ascii_control() => out.push_str(&format!("%{:02X}", c as u32)),
+            ' ' | '%' | '/' | '?' | '#' => out.push_str(&format!("%{:02X}", c as u32)),
             c => out.push(c),
         }
     }
