@@ -88,6 +88,25 @@ fn compressed_and_partitioned_writes() {
         assert_eq!(matching.count().unwrap(), n, "{tag}");
     }
 
+    // Files of at most so many rows, however big the blocks written.
+    let capped = dir.path().join("capped");
+    ds.write(capped.to_str().unwrap(), WriteFormat::Parquet)
+        .max_rows_per_file(700)
+        .run()
+        .unwrap();
+    let mut sizes = Vec::new();
+    for f in std::fs::read_dir(&capped).unwrap() {
+        let f = f.unwrap().path();
+        sizes.push(
+            c.read_parquet(f.to_str().unwrap())
+                .unwrap()
+                .count()
+                .unwrap(),
+        );
+    }
+    sizes.sort();
+    assert_eq!(sizes, [200, 700, 700, 700, 700], "rows per file");
+
     let gz = dir.path().join("csvgz");
     ds.write(gz.to_str().unwrap(), WriteFormat::Csv)
         .compression(Compression::Gzip)

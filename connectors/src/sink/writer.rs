@@ -164,7 +164,23 @@ impl PartWriter {
         Ok(())
     }
 
+    /// Writes `batch` into the open file of `folder`, starting a new file wherever the
+    /// open one reaches `max_rows_per_file` (a batch is cut there).
     fn write_to(&mut self, folder: String, batch: &RecordBatch) -> Result<()> {
+        let Some(max) = self.options.max_rows_per_file.map(|m| m.max(1)) else {
+            return self.write_piece(folder, batch);
+        };
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let room = max - self.open.get(&folder).map_or(0, |f| f.rows);
+            let n = room.min(batch.num_rows() - offset);
+            self.write_piece(folder.clone(), &batch.slice(offset, n))?;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    fn write_piece(&mut self, folder: String, batch: &RecordBatch) -> Result<()> {
         if !self.open.contains_key(&folder) {
             let file = self.open_file(&folder, batch.schema())?;
             self.open.insert(folder.clone(), file);
