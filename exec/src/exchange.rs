@@ -515,6 +515,45 @@ mod tests {
         );
     }
 
+    /// Blocks whose dictionary columns hold dictionaries of their own spill and read
+    /// back (an IPC file holds one dictionary per column).
+    #[test]
+    fn blocks_of_other_dictionaries_spill() {
+        use arrow::array::{DictionaryArray, StringArray};
+        use arrow::datatypes::Int32Type;
+        let budget = MemoryBudget::new(4096);
+        let dir = tempfile::tempdir().unwrap();
+        let block = |i: usize| {
+            let words: Vec<String> = (0..50).map(|j| format!("w{}", i * 7 + j % 3)).collect();
+            let d: DictionaryArray<Int32Type> = words.iter().map(String::as_str).collect();
+            RecordBatch::try_from_iter([("d", Arc::new(d) as ArrayRef)]).unwrap()
+        };
+        let mut store = ExchangeStore::new(
+            block(0).schema(),
+            Partitioning::Single,
+            Arc::clone(&budget),
+            Some(dir.path().to_path_buf()),
+        )
+        .unwrap();
+        for i in 0..20 {
+            store.push(block(i)).unwrap();
+        }
+        assert!(store.spilled_bytes() > 0);
+        let frozen = Arc::new(store.finish());
+        let got: Vec<String> = frozen
+            .read_range(0, 0, 1000)
+            .flat_map(|b| {
+                let b = arrow::compute::cast(b.unwrap().column(0), &DataType::Utf8).unwrap();
+                let s = b.as_any().downcast_ref::<StringArray>().unwrap().clone();
+                (0..s.len()).map(move |i| s.value(i).to_string())
+            })
+            .collect();
+        let want: Vec<String> = (0..20)
+            .flat_map(|i| (0..50).map(move |j| format!("w{}", i * 7 + j % 3)))
+            .collect();
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn partitions_do_not_depend_on_how_the_input_is_cut() {
         // A seeded shuffle's partitions, drawn per block, equal those of the whole.
