@@ -1,7 +1,7 @@
 //! The physical plan: operators the streaming executor runs.
 
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -17,7 +17,6 @@ use crate::transform::TransformFactory;
 #[derive(Debug)]
 pub struct WriteTarget {
     pub(crate) job: Mutex<Option<WriteJob>>,
-    pub(crate) next_part: AtomicUsize,
     /// What each finished task staged.
     pub(crate) parts: Mutex<Vec<StagedPart>>,
 }
@@ -27,7 +26,6 @@ impl WriteTarget {
     pub fn new(job: WriteJob) -> Arc<Self> {
         Arc::new(Self {
             job: Mutex::new(Some(job)),
-            next_part: AtomicUsize::new(0),
             parts: Mutex::new(Vec::new()),
         })
     }

@@ -389,3 +389,40 @@ fn quoted_line_breaks_in_a_big_csv() {
     assert_eq!(got, (rows, (0..rows).sum::<i64>()), "SQL over a Dataset");
     assert_eq!(ds.sort(["n"]).unwrap().count().unwrap(), rows as u64);
 }
+
+/// A sorted dataset written by several tasks at once: its part files, in name order,
+/// hold its rows in order.
+#[test]
+fn part_files_follow_the_rows_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let out = dir.path().join("sorted");
+    let sorted = c
+        .range(100_000)
+        .with_column("k", (col("id") * lit(7919i64)) % lit(100_003i64))
+        .unwrap()
+        .sort([SortKey::desc("k")])
+        .unwrap();
+    let options = MapOptions {
+        batch_size: Some(5_000),
+        ..MapOptions::default()
+    }
+    .with_concurrency(4);
+    sorted
+        .map_batches("pass", Ok, options)
+        .write_parquet(out.to_str().unwrap())
+        .unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() > 1, "{files:?}");
+    let mut keys = Vec::new();
+    for f in files {
+        let back = c.read_parquet(f.to_str().unwrap()).unwrap();
+        keys.extend(i64_column(&back.collect().unwrap(), "k"));
+    }
+    assert_eq!(keys.len(), 100_000);
+    assert!(keys.windows(2).all(|w| w[0] >= w[1]), "files out of order");
+}

@@ -136,14 +136,15 @@ pub(crate) struct TaskBody {
 }
 
 impl TaskBody {
-    fn writer(&self) -> Result<Option<PartWriter>> {
+    /// The writer of task `seq`'s part: numbered by the task's place in the output, so
+    /// that the part files' names follow the rows' order (a sorted dataset's files).
+    fn writer(&self, seq: u64) -> Result<Option<PartWriter>> {
         match &self.write {
             None => Ok(None),
             Some(w) => {
-                let part = w.next_part.fetch_add(1, Ordering::Relaxed);
                 let job = w.job.lock().expect("write lock");
                 match job.as_ref() {
-                    Some(job) => Ok(Some(job.part_writer(part)?)),
+                    Some(job) => Ok(Some(job.part_writer(seq as usize)?)),
                     None => Err(VolleyError::Cancelled),
                 }
             }
@@ -178,7 +179,7 @@ impl TaskBody {
     /// Runs batches through the steps into the output (or the write).
     fn run(&self, seq: u64, batches: impl Iterator<Item = Result<RecordBatch>>) -> Result<()> {
         let mut runner = StepRunner::new(self.steps.clone());
-        let mut writer = self.writer()?;
+        let mut writer = self.writer(seq)?;
         let mut out = Vec::new();
         for b in batches {
             if self.out.is_cancelled() {
