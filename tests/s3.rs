@@ -197,6 +197,27 @@ fn s3_round_trip() {
     one(&c.range(7), WriteMode::Overwrite).unwrap();
     assert_eq!(count("s3://volley/one.parquet"), 7);
 
+    // A file bigger than one upload piece (8 MiB) goes up in parts.
+    let big = c
+        .range(2_000_000)
+        .with_column(
+            "h",
+            (col("id") * lit(2_654_435_761i64)) % lit(1_000_000_007i64),
+        )
+        .unwrap();
+    let summary = big
+        .write("s3://volley/big.parquet", volley::WriteFormat::Parquet)
+        .single_file()
+        .compression(volley::Compression::None)
+        .run()
+        .unwrap();
+    assert!(summary.bytes > 16 << 20, "{} bytes", summary.bytes);
+    let back = c.read_parquet("s3://volley/big.parquet").unwrap();
+    assert_eq!(
+        sum_ids(&back.collect().unwrap()),
+        (0..2_000_000i64).sum::<i64>()
+    );
+
     // Hive folders of values that need escaping read back as written.
     let tagged = c
         .range(30)

@@ -14,7 +14,7 @@ use super::parquet::{ParquetFileWriter, ROW_GROUP_ROWS};
 use datafusion::parquet::basic::{Compression as PqCompression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::ObjectStore;
 use volley_common::{Result, ResultExt, VolleyError};
 
 use super::{Compression, StagedPart, WriteFormat, WriteOptions, WriteSummary};
@@ -301,10 +301,7 @@ impl PartWriter {
         self.summary.bytes += size;
         if let Some((store, staging, io)) = &self.upload {
             let target = Path::from_iter(staging.parts().chain(store_path(&relative)?.parts()));
-            let store = Arc::clone(store);
-            let data = std::fs::read(&local)
-                .with_context(|| format!("reading back {}", local.display()))?;
-            io.block_on(async move { store.put(&target, data.into()).await })
+            io.block_on(upload(Arc::clone(store), target, &local))
                 .with_context(|| format!("uploading {relative}"))?;
             std::fs::remove_file(&local).ok();
         }
@@ -375,6 +372,42 @@ fn create_dirs_below(root: &std::path::Path, relative: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Uploads the file at `local` to `target` in pieces of 8 MiB, past the first as a
+/// multipart upload (two pieces in flight): a part file is never held whole in memory,
+/// and one past a store's single-request limit (5 GiB on S3) goes up too.
+async fn upload(store: Arc<dyn ObjectStore>, target: Path, local: &std::path::Path) -> Result<()> {
+    use std::io::Read;
+    const PIECE: usize = 8 << 20;
+    let mut file =
+        File::open(local).with_context(|| format!("reading back {}", local.display()))?;
+    let mut w = object_store::buffered::BufWriter::with_capacity(store, target, PIECE)
+        .with_max_concurrency(2);
+    let sent = async {
+        loop {
+            let mut piece = Vec::with_capacity(PIECE);
+            let n = (&mut file)
+                .take(PIECE as u64)
+                .read_to_end(&mut piece)
+                .with_context(|| format!("reading back {}", local.display()))?;
+            if n == 0 {
+                break;
+            }
+            w.put(piece.into()).await?;
+        }
+        futures::future::poll_fn(|cx| {
+            tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut w), cx)
+        })
+        .await?;
+        Ok(())
+    }
+    .await;
+    if sent.is_err() {
+        // The pieces a multipart upload sent go with it.
+        let _ = w.abort().await;
+    }
+    sent
 }
 
 /// A part's file name under its folder (`k=v/part-....parquet`) as an object store's
