@@ -949,6 +949,20 @@ impl State {
         Ok(())
     }
 
+    /// Whether `r` is a success this head took in already: its task is done by that
+    /// attempt, its object on that node.
+    fn already_taken(&self, r: &TaskReport) -> bool {
+        matches!(r.outcome, TaskOutcome::Succeeded { .. })
+            && self
+                .tasks
+                .get(&r.task_id)
+                .is_some_and(|t| t.state == TaskState::Done && t.attempt == r.attempt)
+            && self
+                .objects
+                .get(&r.task_id)
+                .is_some_and(|o| o.locations.contains(&r.node_id))
+    }
+
     /// Takes in a task's report; false when it was not of the attempt the head waits
     /// for (a late report from a node declared dead, or from an attempt already
     /// retried): it is dropped, and its sender told to undo what it left behind.
@@ -957,6 +971,11 @@ impl State {
             t.attempt == r.attempt
                 && matches!(&t.state, TaskState::Running { node, .. } if *node == r.node_id)
         });
+        if !current && self.already_taken(&r) {
+            // The same report again: its node sent it again after the answer to the
+            // first was lost. Taken in already; its attempt stands.
+            return true;
+        }
         if !current {
             // A cancelled attempt's worker ended: the GPUs it held are free now.
             let bundle_gpus = self

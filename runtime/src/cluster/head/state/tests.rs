@@ -248,6 +248,23 @@ fn tasks_go_to_the_node_whose_object_store_has_room() {
     assert_eq!(s.nodes["n2"].stored, 0);
 }
 
+/// A report its node sends again (the answer to the first was lost) is accepted and
+/// changes nothing: the attempt stands, its object stays.
+#[test]
+fn a_report_sent_again_is_accepted_once() {
+    let (mut s, mut rx) = one_node(2.0);
+    submit(&mut s, "t1");
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run t1"]);
+    assert!(s.task_reported(report("n1", "t1", 0, 80, "")));
+    assert!(s.task_reported(report("n1", "t1", 0, 80, "")));
+    assert_eq!(s.nodes["n1"].stored, 80);
+    assert!(sent(&mut rx).is_empty(), "nothing freed or run again");
+    // Another attempt's report, or another node's, is still stale.
+    assert!(!s.task_reported(report("n1", "t1", 1, 80, "")));
+    assert!(!s.task_reported(report("n2", "t1", 0, 80, "")));
+}
+
 /// Tasks placed one at a time on idle nodes of equal CPUs and stores within the same
 /// quarter go to the node storing the fewest bytes: each output lands on another node.
 #[test]
