@@ -35,13 +35,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Runs attempt `attempt` of `part` on a thread: it writes `first`, then waits until
+/// Runs attempt `attempt` (its run's name) of `part` on a thread: it writes `first`, then waits until
 /// told to go on, then writes `rest`. Returns the signal and the attempt's outcome.
 fn slow_attempt(
     part: RemotePart,
     registry: Arc<dyn ObjectStoreRegistry>,
     scratch: std::path::PathBuf,
-    attempt: u32,
+    attempt: &'static str,
     io: tokio::runtime::Handle,
     first: RecordBatch,
     rest: Vec<RecordBatch>,
@@ -119,7 +119,7 @@ fn a_superseded_attempt_leaves_nothing_in_a_local_destination() {
         part0.clone(),
         Arc::clone(&registry),
         dir.path().to_path_buf(),
-        0,
+        "0",
         rt.handle().clone(),
         batch(0, 100, "paris"),
         vec![batch(100, 100, "paris"), batch(200, 100, "lyon")],
@@ -133,7 +133,7 @@ fn a_superseded_attempt_leaves_nothing_in_a_local_destination() {
             registry.as_ref(),
             scratch,
             "00000",
-            1,
+            "1",
             io.clone(),
         )
         .unwrap();
@@ -143,7 +143,7 @@ fn a_superseded_attempt_leaves_nothing_in_a_local_destination() {
             registry.as_ref(),
             scratch,
             "00001",
-            0,
+            "0",
             io.clone(),
         )
         .unwrap();
@@ -164,7 +164,7 @@ fn a_superseded_attempt_leaves_nothing_in_a_local_destination() {
         "a late attempt cannot stage after the commit: {outcome:?}"
     );
     part0
-        .discard(registry.as_ref(), "00000", 0, io.clone())
+        .discard(registry.as_ref(), "00000", "0", io.clone())
         .unwrap();
     assert_eq!(
         local_files(&dest),
@@ -205,7 +205,7 @@ fn a_superseded_attempt_leaves_nothing_in_an_object_store_destination() {
         part0.clone(),
         Arc::clone(&registry),
         scratch.path().to_path_buf(),
-        0,
+        "0",
         io.clone(),
         batch(0, 100, "paris"),
         vec![batch(100, 100, "paris")],
@@ -217,7 +217,7 @@ fn a_superseded_attempt_leaves_nothing_in_an_object_store_destination() {
             registry.as_ref(),
             scratch.path(),
             "00000",
-            1,
+            "1",
             io.clone(),
         )
         .unwrap();
@@ -257,8 +257,72 @@ fn a_superseded_attempt_leaves_nothing_in_an_object_store_destination() {
     );
     if late.is_ok() {
         part0
-            .discard(registry.as_ref(), "00000", 0, io.clone())
+            .discard(registry.as_ref(), "00000", "0", io.clone())
             .unwrap();
     }
     assert_eq!(list(""), committed, "nothing else anywhere in the bucket");
+}
+
+/// Two runs of one attempt number (a head that restarted numbers a task's attempts
+/// from 0 again while a node still runs the old attempt 0) stage apart: the old run
+/// does not clobber the accepted one's files, and a run never reuses a folder.
+#[test]
+fn runs_of_one_attempt_number_stage_apart() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("out");
+    let registry: Arc<dyn ObjectStoreRegistry> = Arc::new(DefaultObjectStoreRegistry::new());
+    let job = WriteJob::try_new(
+        dest.to_str().unwrap(),
+        WriteOptions::new(WriteFormat::Parquet),
+        registry.as_ref(),
+        Some(dir.path()),
+        rt.handle().clone(),
+    )
+    .unwrap();
+    let part = job.remote_part();
+    let io = rt.handle().clone();
+    let (go, started, old) = slow_attempt(
+        part.clone(),
+        Arc::clone(&registry),
+        dir.path().to_path_buf(),
+        "0-node-1-100",
+        io.clone(),
+        batch(0, 100, "paris"),
+        vec![batch(100, 100, "paris")],
+    );
+    started.recv().unwrap();
+    let new = part
+        .write(
+            vec![Ok(batch(0, 200, "lyon"))].into_iter(),
+            registry.as_ref(),
+            dir.path(),
+            "00000",
+            "0-node-2-200",
+            io.clone(),
+        )
+        .unwrap();
+    // A run whose folder exists is refused, not let into it.
+    let again = part.write(
+        vec![Ok(batch(0, 1, "nice"))].into_iter(),
+        registry.as_ref(),
+        dir.path(),
+        "00000",
+        "0-node-2-200",
+        io.clone(),
+    );
+    assert!(
+        again.unwrap_err().to_string().contains("exists already"),
+        "a second run in one folder"
+    );
+    // The old run finishes its file before the commit; only the accepted run is moved.
+    go.send(()).unwrap();
+    let old = old.join().unwrap().unwrap();
+    assert_eq!(
+        old.summary.rows, 200,
+        "the old run wrote its own file whole"
+    );
+    let summary = job.commit(vec![new.clone()]).unwrap();
+    assert_eq!(summary.rows, 200);
+    assert_eq!(local_files(&dest), new.summary.files);
 }

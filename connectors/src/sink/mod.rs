@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Every task attempt writes into a staging folder of its own (named after the task and
-//! the attempt); the commit is given the attempts whose results were accepted, moves
+//! the attempt; on a cluster also its node and worker process, as `.a1-node-2-4711`,
+//! since a head that restarted numbers attempts from 0 again while a node may still run
+//! an old one); the commit is given the attempts whose results were accepted, moves
 //! exactly their files, and removes everything else staged. A superseded attempt that
 //! still runs (its node declared dead while it was cut off) can therefore never put a
 //! file in the destination: its folder is not moved, and once the staging is removed it
@@ -21,7 +23,10 @@
 //! the accepted files are gathered in one folder which is renamed into place, so a
 //! reader sees either nothing or the whole output. On object stores (which have no
 //! folders to rename) staging is a hidden sibling prefix, and the accepted objects are
-//! moved into place one at a time once every task has succeeded.
+//! moved into place one at a time once every task has succeeded: the new objects first,
+//! then the old ones an overwrite replaces, so the destination is never empty on the
+//! way, and a commit that fails part way keeps the files not moved yet in staging and
+//! says so.
 
 mod dictionary;
 mod parquet;
@@ -194,7 +199,7 @@ pub struct StagedPart {
 }
 
 /// The staging folder of attempt `attempt` of part `prefix`.
-fn attempt_folder(prefix: &str, attempt: u32) -> String {
+fn attempt_folder(prefix: &str, attempt: &str) -> String {
     format!("{prefix}.a{attempt}")
 }
 
@@ -227,15 +232,18 @@ impl RemotePart {
     }
 
     /// Writes `batches` as attempt `attempt` of part `part` (a name unique in the write
-    /// and the same for every attempt: a task's id); `scratch` holds files on their way
-    /// to an object store.
+    /// and the same for every attempt: a task's id); `attempt` names this run of the
+    /// part, unique among the runs that may write at once (attempt numbers alone are
+    /// not: a head that restarted numbers a task's attempts from 0 again while a node
+    /// may still run the old one); `scratch` holds files on their way to an object
+    /// store.
     pub fn write(
         &self,
         batches: impl Iterator<Item = Result<arrow::array::RecordBatch>>,
         registry: &dyn datafusion::execution::object_store::ObjectStoreRegistry,
         scratch: &FsPath,
         part: &str,
-        attempt: u32,
+        attempt: &str,
         io: tokio::runtime::Handle,
     ) -> Result<StagedPart> {
         let prefix = self.prefix(part);
@@ -286,7 +294,7 @@ impl RemotePart {
         &self,
         registry: &dyn datafusion::execution::object_store::ObjectStoreRegistry,
         part: &str,
-        attempt: u32,
+        attempt: &str,
         io: tokio::runtime::Handle,
     ) -> Result<()> {
         let folder = attempt_folder(&self.prefix(part), attempt);
@@ -345,11 +353,14 @@ fn local_part_writer(
     let dir = staging.join(&folder);
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
-        // A rerun on the same node of the same attempt number cannot happen (attempts
-        // are numbered by the head); a leftover is replaced.
+        // Each run names its own folder: one that exists is another run's, which this
+        // one must not touch.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::remove_dir_all(&dir).ok();
-            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            return Err(VolleyError::internal(format!(
+                "the staging folder {} exists already: another run of this attempt \
+                 writes there",
+                dir.display()
+            )))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(VolleyError::execution(format!(
@@ -558,7 +569,7 @@ impl WriteJob {
     /// after the task.
     pub fn part_writer(&self, task: usize) -> Result<PartWriter> {
         let prefix = self.prefix(task);
-        let folder = attempt_folder(&prefix, 0);
+        let folder = attempt_folder(&prefix, "0");
         match &self.target {
             Target::Local { staging, .. } => {
                 local_part_writer(&self.options, &prefix, staging, folder)

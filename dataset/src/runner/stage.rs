@@ -282,10 +282,18 @@ pub(crate) fn write_part(
         registry.as_ref(),
         &scratch,
         &part_name(task),
-        task.attempt,
+        &attempt_name(task),
         exec.runtime.io_handle(),
     )?;
     value_object(&staged)
+}
+
+/// This run of `task`'s attempt as its write names it: the attempt number, the node
+/// and the worker process. Unique among the runs that may write at once: after a head
+/// restart a task's attempts are numbered from 0 again, while a node may still run the
+/// old attempt 0 (a worker writes and discards in the same process).
+fn attempt_name(task: &TaskContext) -> String {
+    format!("{}-{}-{}", task.attempt, task.node_id, std::process::id())
 }
 
 /// Removes what a superseded attempt of `task` staged for its part of a write.
@@ -294,7 +302,7 @@ pub(crate) fn discard_part(part: &RemotePart, task: &TaskContext, label: &str) {
     let exec = ctx.exec_context();
     let registry = Arc::clone(&exec.session.runtime_env().object_store_registry);
     let io = exec.runtime.io_handle();
-    if let Err(e) = part.discard(registry.as_ref(), &part_name(task), task.attempt, io) {
+    if let Err(e) = part.discard(registry.as_ref(), &part_name(task), &attempt_name(task), io) {
         tracing::warn!("{label}: {e}");
     }
 }
