@@ -441,9 +441,6 @@ impl Drop for TestCluster {
     }
 }
 
-/// Runs `cluster_tasks ARGS` as a program of its own joined to `c` (an attached job),
-/// until it says on stderr what its work waits for; returns that line, once the
-/// program is killed and its job stopped.
 /// What `command` prints on stdout; it must succeed (its stderr says why not).
 fn stdout_of(command: &mut Command) -> String {
     let out = command.output().unwrap();
@@ -455,6 +452,9 @@ fn stdout_of(command: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// Runs `cluster_tasks ARGS` as a program of its own joined to `c` (an attached job),
+/// until it says on stderr what its work waits for; returns that line, once the
+/// program is killed and its job stopped.
 fn attached_program_warning(c: &TestCluster, args: &[&str]) -> String {
     use std::io::BufRead;
     let mut program = Command::new(example("cluster_tasks"))
@@ -486,6 +486,67 @@ fn attached_program_warning(c: &TestCluster, args: &[&str]) -> String {
     let stop = c.volley().args(["job", "stop", job]).output().unwrap();
     assert!(stop.status.success(), "{line}");
     line
+}
+
+/// A program that joined the cluster itself learns that its job was stopped
+/// (`volley job stop`): it says so, its calls to the cluster fail at once with that
+/// reason, and it ends instead of waiting on.
+#[test]
+fn an_attached_program_learns_its_job_was_stopped() {
+    use std::io::BufRead;
+    let mut c = TestCluster::start(5.0);
+    c.add_node(2, 0);
+    let mut program = Command::new(example("cluster_tasks"))
+        .arg("--wait-for-resources")
+        .envs(c.tls.iter().map(|(k, v)| (k, v)))
+        .env("VOLLEY_ADDRESS", &c.address)
+        .env("VOLLEY_TOKEN", &c.token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = program.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let job = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("the program said nothing of its job: {seen:?}"));
+        if let Some(rest) = line.strip_prefix("[volley] job ") {
+            break rest.split(':').next().unwrap().to_string();
+        }
+        seen.push(line);
+    };
+    let stop = c.volley().args(["job", "stop", &job]).output().unwrap();
+    assert!(stop.status.success(), "{stop:?}");
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = program.try_wait().unwrap() {
+            break status;
+        }
+        if stopped.elapsed() > Duration::from_secs(30) {
+            let _ = program.kill();
+            panic!("the program went on after its job was stopped");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let said: Vec<String> = rx.try_iter().collect();
+    assert!(!status.success(), "{said:?}");
+    let said = said.join("\n");
+    assert!(
+        said.contains(&format!("job {job} no longer runs on the cluster")),
+        "{said}"
+    );
 }
 
 fn kill9(pid: i32) {

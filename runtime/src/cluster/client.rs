@@ -1327,7 +1327,7 @@ async fn free_loop(
 /// (and replays to it) while the driver waits for nothing else.
 async fn alive_loop(session: Arc<Session>) {
     loop {
-        let _ = session
+        let said = session
             .call("saying the driver is alive", |mut h, job_id| async move {
                 h.driver_alive(proto::DriverHeartbeat {
                     job_id,
@@ -1336,6 +1336,10 @@ async fn alive_loop(session: Arc<Session>) {
                 .await
             })
             .await;
+        // The job no longer runs (stopped, or this driver judged dead): nothing to say.
+        if said.is_err() && session.has_ended() {
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

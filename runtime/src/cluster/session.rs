@@ -41,6 +41,9 @@ pub(crate) struct Session {
     replaying: tokio::sync::Mutex<()>,
     patience: Duration,
     ledger: Mutex<Ledger>,
+    /// Why the head no longer runs this job (stopped, judged dead, ended), once a call
+    /// learned it: every later call fails at once, saying so.
+    ended: std::sync::OnceLock<String>,
 }
 
 impl Session {
@@ -69,6 +72,7 @@ impl Session {
             replaying: tokio::sync::Mutex::new(()),
             patience,
             ledger: Mutex::default(),
+            ended: std::sync::OnceLock::new(),
         })
     }
 
@@ -99,6 +103,9 @@ impl Session {
     {
         let start = Instant::now();
         loop {
+            if let Some(why) = self.ended.get() {
+                return Err(VolleyError::execution(format!("{what}: {why}")));
+            }
             let seen = self.replayed.load(Ordering::SeqCst);
             match f(self.head.clone(), self.job_id.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
@@ -116,8 +123,43 @@ impl Session {
                         e,
                     ))
                 }
+                // Refused: maybe because the job no longer runs (its groups, actors
+                // and objects went with it); then that is the reason to give.
+                Err(e) if refused(&e) && self.job_ended().await => continue,
                 Err(e) => return Err(status_error(what, e)),
             }
+        }
+    }
+
+    /// Whether a call learned that the head no longer runs this job.
+    pub fn has_ended(&self) -> bool {
+        self.ended.get().is_some()
+    }
+
+    /// Whether the head no longer runs this job (asked now, unless known already);
+    /// the first time it is learned, the program hears it on its stderr.
+    pub async fn job_ended(&self) -> bool {
+        if self.ended.get().is_some() {
+            return true;
+        }
+        let mut plain = self.plain.clone();
+        let heartbeat = proto::DriverHeartbeat {
+            job_id: self.job_id.clone(),
+            replayed: false,
+        };
+        match plain.driver_alive(heartbeat).await {
+            Err(e) if refused(&e) => {
+                let why = format!(
+                    "job {} no longer runs on the cluster ({})",
+                    self.job_id,
+                    e.message()
+                );
+                if self.ended.set(why.clone()).is_ok() {
+                    eprintln!("[volley] {why}: this program's calls to it fail from now on");
+                }
+                true
+            }
+            _ => false,
         }
     }
 
@@ -308,6 +350,15 @@ impl Session {
     pub fn head(&self) -> Head {
         self.head.clone()
     }
+}
+
+/// Whether the head refused a call for what it knows (an unknown or ended job, a
+/// group or actor that went), rather than failing to answer.
+fn refused(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::NotFound | tonic::Code::FailedPrecondition
+    )
 }
 
 /// Whether a call failed because the head is away or restarted.
