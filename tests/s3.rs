@@ -196,6 +196,14 @@ fn s3_round_trip() {
     assert_eq!(count("s3://volley/one.parquet"), 5);
     one(&c.range(7), WriteMode::Overwrite).unwrap();
     assert_eq!(count("s3://volley/one.parquet"), 7);
+    // A folder overwriting the file replaces it.
+    c.range(3)
+        .write("s3://volley/one.parquet", volley::WriteFormat::Parquet)
+        .mode(WriteMode::Overwrite)
+        .run()
+        .unwrap();
+    assert_eq!(count("s3://volley/one.parquet"), 3);
+    assert_eq!(count("s3://volley/one.parquet/"), 3);
 
     // A file bigger than one upload piece (8 MiB) goes up in parts.
     let big = c
@@ -223,7 +231,8 @@ fn s3_round_trip() {
         .range(30)
         .sql(
             "t",
-            "SELECT id, CASE id % 3 WHEN 0 THEN 'a/b' WHEN 1 THEN 'x:y' ELSE '50%' END AS tag FROM t",
+            "SELECT id, CASE id % 5 WHEN 0 THEN 'a/b' WHEN 1 THEN 'x:y' WHEN 2 THEN '50%' \
+             WHEN 3 THEN 'a\"b' ELSE '[x]*|' END AS tag FROM t",
         )
         .unwrap();
     tagged
@@ -249,11 +258,11 @@ fn s3_round_trip() {
             format!("{}={}", cell(0), cell(1))
         })
         .collect();
-    assert_eq!(tags, ["50%=10", "a/b=10", "x:y=10"]);
-    for tag in ["50%", "a/b", "x:y"] {
+    assert_eq!(tags, ["50%=6", "[x]*|=6", "a\"b=6", "a/b=6", "x:y=6"]);
+    for tag in ["50%", "a/b", "x:y", "a\"b", "[x]*|"] {
         let back = c.read_parquet("s3://volley/tags/").unwrap();
         let matching = back.filter(col("tag").eq(lit(tag))).unwrap();
-        assert_eq!(matching.count().unwrap(), 10, "{tag}");
+        assert_eq!(matching.count().unwrap(), 6, "{tag}");
     }
 
     // An overwrite: the new files replace the old ones, and the old ones no new file

@@ -265,7 +265,7 @@ impl RemotePart {
                 let local = scratch.join(format!("volley-part-{folder}"));
                 std::fs::create_dir_all(&local)
                     .with_context(|| format!("creating {}", local.display()))?;
-                let dest = Path::from(staging.as_str()).join(folder.as_str());
+                let dest = writer::store_path(staging)?.join(folder.as_str());
                 PartWriter::new(
                     self.options.clone(),
                     prefix.clone(),
@@ -309,7 +309,7 @@ impl RemotePart {
             }
             RemoteTarget::Store { url, staging } => {
                 let store = store_of(registry, url)?;
-                let prefix = Path::from(staging.as_str()).join(folder.as_str());
+                let prefix = writer::store_path(staging)?.join(folder.as_str());
                 io.block_on(delete_prefix(store.as_ref(), &prefix))
                     .with_context(|| format!("removing staged {folder}"))
             }
@@ -494,11 +494,13 @@ impl WriteJob {
             let (file, folder) = io
                 .block_on(async {
                     use futures::StreamExt;
-                    let file = match store.head(&prefix).await {
-                        Ok(_) => true,
-                        Err(object_store::Error::NotFound { .. }) => false,
-                        Err(e) => return Err(e),
-                    };
+                    // (A bucket's root is no object.)
+                    let file = !prefix.as_ref().is_empty()
+                        && match store.head(&prefix).await {
+                            Ok(_) => true,
+                            Err(object_store::Error::NotFound { .. }) => false,
+                            Err(e) => return Err(e),
+                        };
                     let mut list = store.list(Some(&prefix));
                     Ok((file, list.next().await.transpose()?.is_some()))
                 })
@@ -732,6 +734,13 @@ impl WriteJob {
                 moved += 1;
             }
             if overwrite && !single {
+                // A file of the destination's name, which the folder replaces.
+                if !dest.as_ref().is_empty() {
+                    match store.delete(&dest).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err((moved, e)),
+                    }
+                }
                 let old: Vec<_> = store
                     .list(Some(&dest))
                     .try_collect()

@@ -417,17 +417,21 @@ pub(super) fn store_path(relative: &str) -> Result<Path> {
         .map_err(|e| VolleyError::internal(format!("the file name {relative}: {e}")))
 }
 
-/// A partition value as a folder name: percent-escapes exactly the ASCII characters
-/// DataFusion's reader escapes when it looks a filtered value's folder up (control
-/// characters, space, `%`, `/`, `?`, `#`). A value escaped otherwise (Hive escapes
-/// `:` too) would be looked for under a name no folder has: `tag = 'x:y'` read no
-/// rows of `tag=x%3Ay`.
+/// A partition value as a folder name. A filter on the column finds the value's folder
+/// by a name DataFusion builds: the value with control characters, space, `%`, `/`,
+/// `?` and `#` percent-escaped, then made an object-store path, which escapes `\`,
+/// `{`, `}`, `[`, `]`, `^`, `` ` ``, `~`, `"`, `<`, `>`, `|` and `*` too (a value with
+/// a character of the first set is not looked up by name: the filter reads every
+/// folder's decoded value). Escaping exactly these makes that name the folder's: a
+/// value escaped otherwise (Hive escapes `:` too) is looked for where no folder is,
+/// and `tag = 'x:y'` read no rows of `tag=x%3Ay`.
 fn escape_partition_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for c in v.chars() {
         match c {
             c if c.is_ascii_control() => out.push_str(&format!("%{:02X}", c as u32)),
-            ' ' | '%' | '/' | '?' | '#' => out.push_str(&format!("%{:02X}", c as u32)),
+            ' ' | '%' | '/' | '?' | '#' | '\\' | '{' | '}' | '[' | ']' | '^' | '`' | '~' | '"'
+            | '<' | '>' | '|' | '*' => out.push_str(&format!("%{:02X}", c as u32)),
             c => out.push(c),
         }
     }
