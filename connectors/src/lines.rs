@@ -52,8 +52,8 @@ impl CsvDialect {
     }
 
     /// The first `records` records of the text `chunks` hold (all of them where they
-    /// hold fewer), as one piece that ends where a record ends: never inside a quoted
-    /// value, however its line breaks fall.
+    /// hold fewer, or those in the first 64 MiB), as one piece that ends where a record
+    /// ends: never inside a quoted value, however its line breaks fall.
     pub(crate) async fn first_records<S, E>(
         &self,
         mut chunks: S,
@@ -67,7 +67,8 @@ impl CsvDialect {
         let mut reader = self.reader();
         // Fields and their ends are not looked at: written over at every call.
         let (mut out, mut ends) = (vec![0u8; 1 << 16], vec![0usize; 1 << 10]);
-        let (mut head, mut seen) = (Vec::new(), 0);
+        const MOST: usize = 64 << 20;
+        let (mut head, mut seen, mut whole) = (Vec::new(), 0, 0);
         loop {
             let chunk = chunks.next().await.transpose()?;
             // At the end, an empty input ends the last record (so an empty input means
@@ -83,11 +84,17 @@ impl CsvDialect {
                 match result {
                     ReadRecordResult::Record => {
                         seen += 1;
+                        whole = head.len();
                         if seen >= records {
                             return Ok(head);
                         }
                     }
                     ReadRecordResult::End => return Ok(head),
+                    // (An unclosed quote would take in the whole file.)
+                    ReadRecordResult::InputEmpty if head.len() > MOST && whole > 0 => {
+                        head.truncate(whole);
+                        return Ok(head);
+                    }
                     ReadRecordResult::InputEmpty if chunk.is_some() => {}
                     ReadRecordResult::InputEmpty => return Ok(head),
                     ReadRecordResult::OutputFull | ReadRecordResult::OutputEndsFull => {}

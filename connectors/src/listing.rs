@@ -82,8 +82,13 @@ impl FileScan {
         // The file tables below find these files as their paths' listing.
         let kept = KeptListing::new();
         // (A path that names a folder without a trailing `/` is listed too, once no
-        // object of its name is found.)
+        // object of its name is found; one that names a file is not listed.)
+        let names: std::collections::HashSet<&object_store::path::Path> =
+            files.iter().map(|f| &f.meta.location).collect();
         for url in &urls {
+            if !url.is_collection() && names.contains(url.prefix()) {
+                continue;
+            }
             let under: Vec<ObjectMeta> = files
                 .iter()
                 .filter(|f| url.strip_prefix(&f.meta.location).is_some())
@@ -355,7 +360,8 @@ pub fn cast_to_plain_strings(
 }
 
 /// Reads the schema of every file, each on its own so that an error names its file, and
-/// merges them the way the format does (CSV widens types across files); where they
+/// merges them the way the format does (for CSV, the schemas of the files the
+/// inference's record budget reaches); where they
 /// cannot be merged, names the column, the two files and their types. Returns the
 /// merged schema and each file's own, with the file as listed.
 ///
@@ -375,57 +381,74 @@ pub(crate) async fn infer_schemas(
         )));
     }
     // Every file's own schema, concurrently, each error naming its file.
-    let futs: Vec<futures::future::BoxFuture<'_, Result<(String, ObjectMeta, SchemaRef)>>> =
-        readable
-            .iter()
-            .map(|f| {
-                let (store, meta, df_format) =
-                    (Arc::clone(&f.store), f.meta.clone(), Arc::clone(df_format));
-                let name = f.name.clone();
-                async move {
-                    if meta.size == 0 {
-                        return Err(VolleyError::plan(format!(
-                            "reading the schema of {name}: the file is empty (0 bytes), \
+    type Read = (String, ObjectMeta, SchemaRef, usize);
+    let futs: Vec<futures::future::BoxFuture<'_, Result<Read>>> = readable
+        .iter()
+        .map(|f| {
+            let (store, meta, df_format) =
+                (Arc::clone(&f.store), f.meta.clone(), Arc::clone(df_format));
+            let name = f.name.clone();
+            async move {
+                if meta.size == 0 {
+                    return Err(VolleyError::plan(format!(
+                        "reading the schema of {name}: the file is empty (0 bytes), \
                          not a valid {} file",
-                            df_format.get_ext().trim_start_matches('.')
-                        )));
-                    }
-                    let schema = match df_format.downcast_ref::<CsvFormat>() {
-                        Some(csv) => csv_schema(state, csv, &store, &meta).await,
-                        None => {
-                            df_format
-                                .infer_schema(state, &store, std::slice::from_ref(&meta))
-                                .await
-                        }
-                    }
-                    .map_err(|e| json_inference_line(e, &name))
-                    .with_context(|| format!("reading the schema of {name}"))?;
-                    Ok::<_, VolleyError>((name, meta, schema))
+                        df_format.get_ext().trim_start_matches('.')
+                    )));
                 }
-                .boxed()
-            })
-            .collect();
-    let read: Vec<(String, ObjectMeta, SchemaRef)> = futures::stream::iter(futs)
+                let (schema, records) = match df_format.downcast_ref::<CsvFormat>() {
+                    Some(csv) => csv_schema(state, csv, &store, &meta).await,
+                    None => df_format
+                        .infer_schema(state, &store, std::slice::from_ref(&meta))
+                        .await
+                        .map(|schema| (schema, 0)),
+                }
+                .map_err(|e| json_inference_line(e, &name))
+                .with_context(|| format!("reading the schema of {name}"))?;
+                Ok::<_, VolleyError>((name, meta, schema, records))
+            }
+            .boxed()
+        })
+        .collect();
+    let read: Vec<Read> = futures::stream::iter(futs)
         .buffered(16)
         .try_collect()
         .await?;
     let mut schemas = Vec::with_capacity(read.len());
     let mut each = Vec::with_capacity(read.len());
-    for (name, meta, schema) in read {
+    let mut records = Vec::with_capacity(read.len());
+    for (name, meta, schema, n) in read {
         schemas.push((name, Arc::clone(&schema)));
         each.push((meta, schema));
+        records.push(n);
     }
     if schemas.len() == 1 {
         return Ok((Arc::clone(&schemas[0].1), each));
     }
-    // The format's own merge first (for CSV it widens types across files).
+    if let Some(csv) = df_format.downcast_ref::<CsvFormat>() {
+        // As DataFusion merges CSV files' schemas: those of the files, in order, whose
+        // records the inference's budget reaches (the first file's alone when it holds
+        // that many records), where they agree.
+        let mut left = csv_max_records(csv);
+        let mut reached = Vec::new();
+        for ((_, schema), n) in schemas.iter().zip(&records) {
+            reached.push(schema.as_ref().clone());
+            left = left.saturating_sub(*n);
+            if left == 0 {
+                break;
+            }
+        }
+        if let Ok(merged) = Schema::try_merge(reached) {
+            return Ok((Arc::new(merged), each));
+        }
+        return Ok((merge_schemas(&schemas)?, each));
+    }
+    // The format's own merge first.
     let by_store: Vec<ObjectMeta> = readable.iter().map(|f| f.meta.clone()).collect();
     let same_store = readable
         .iter()
         .all(|f| Arc::ptr_eq(&f.store, &readable[0].store));
-    // (CSV's merges the same schemas read again, through the chunking `csv_schema`
-    // avoids.)
-    if same_store && df_format.downcast_ref::<CsvFormat>().is_none() {
+    if same_store {
         if let Ok(merged) = df_format
             .infer_schema(state, &readable[0].store, &by_store)
             .await
@@ -436,7 +459,8 @@ pub(crate) async fn infer_schemas(
     Ok((merge_schemas(&schemas)?, each))
 }
 
-/// The schema of the CSV file `meta`, from its first records as `csv` infers them.
+/// The schema of the CSV file `meta`, from its first records as `csv` infers them, and
+/// how many records it read.
 ///
 /// DataFusion reads them in chunks cut at line breaks outside quotes, but finds those
 /// by scanning each chunk's bytes from both ends (object_store's `LineDelimiter`):
@@ -449,14 +473,12 @@ async fn csv_schema(
     csv: &CsvFormat,
     store: &Arc<dyn object_store::ObjectStore>,
     meta: &ObjectMeta,
-) -> datafusion::common::Result<SchemaRef> {
+) -> datafusion::common::Result<(SchemaRef, usize)> {
     use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
     use datafusion::error::DataFusionError;
     use object_store::ObjectStoreExt;
     let options = csv.options();
-    let max = options
-        .schema_infer_max_rec
-        .unwrap_or(datafusion::datasource::file_format::DEFAULT_SCHEMA_INFER_MAX_RECORD);
+    let max = csv_max_records(csv);
     let header = options
         .has_header
         .unwrap_or(state.config_options().catalog.has_header);
@@ -471,8 +493,15 @@ async fn csv_schema(
         .first_records(text, max + usize::from(header))
         .await?;
     let one = futures::stream::once(async { Ok(bytes::Bytes::from(head)) });
-    let (schema, _) = csv.infer_schema_from_stream(state, max, one).await?;
-    Ok(Arc::new(schema))
+    let (schema, records) = csv.infer_schema_from_stream(state, max, one).await?;
+    Ok((Arc::new(schema), records))
+}
+
+/// The records CSV schema inference reads at most.
+fn csv_max_records(csv: &CsvFormat) -> usize {
+    csv.options()
+        .schema_infer_max_rec
+        .unwrap_or(datafusion::datasource::file_format::DEFAULT_SCHEMA_INFER_MAX_RECORD)
 }
 
 /// The schemas of several files as one; where they clash, an error naming the column,

@@ -427,3 +427,28 @@ fn part_files_follow_the_rows_order() {
     assert_eq!(keys.len(), 100_000);
     assert!(keys.windows(2).all(|w| w[0] >= w[1]), "files out of order");
 }
+
+/// CSV files whose types differ after the first file's: the schema is the one the
+/// inference's first 1,000 records give (a float column of a first big file reads a
+/// later file's integers as floats).
+#[test]
+fn csv_schema_from_the_first_records_across_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = String::from("id,v\n");
+    for i in 0..1200 {
+        a.push_str(&format!("{i},{i}.5\n"));
+    }
+    std::fs::write(dir.path().join("a.csv"), a).unwrap();
+    std::fs::write(dir.path().join("b.csv"), "id,v\n1200,7\n1201,8\n").unwrap();
+    let c = ctx();
+    let ds = c.read_csv(dir.path().to_str().unwrap()).unwrap();
+    let v = ds
+        .schema()
+        .unwrap()
+        .field_with_name("v")
+        .unwrap()
+        .data_type()
+        .clone();
+    assert_eq!(v, volley::arrow::datatypes::DataType::Float64);
+    assert_eq!(ds.count().unwrap(), 1202);
+}

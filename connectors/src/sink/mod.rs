@@ -1,7 +1,7 @@
 //! Writing datasets as files, committed atomically.
 //!
 //! ```text
-//!   task 0, attempt 0 ─ PartWriter ─▶ staging/part-<id>-00000.a0/part-<id>-00000-0.parquet ┐
+//!   task 0, attempt 0 ─ PartWriter ─▶ staging/part-<id>-00000.a0/part-<id>-00000-00000.parquet ┐
 //!   task 1, attempt 0 ─ PartWriter ─▶ staging/part-<id>-00001.a0/...  (node lost)         │
 //!   task 1, attempt 1 ─ PartWriter ─▶ staging/part-<id>-00001.a1/...                       ├ commit(accepted
 //!   ...                                                                                     ┘  attempts)
@@ -564,7 +564,8 @@ impl WriteJob {
     }
 
     fn prefix(&self, task: usize) -> String {
-        format!("part-{}-{task:05}", self.id)
+        // Fixed width, so that names sort in the order of the tasks' rows.
+        format!("part-{}-{task:010}", self.id)
     }
 
     /// A writer for task `task` in this process (its only attempt); its files are named

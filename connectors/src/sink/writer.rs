@@ -211,7 +211,12 @@ impl PartWriter {
             (_, Compression::Zstd) => ".zst",
             _ => "",
         };
-        let relative = format!("{folder}{}-{}.{ext}{comp_ext}", self.prefix, self.counter);
+        // Numbered with a fixed width, so that a part's files sort in the order they
+        // were written.
+        let relative = format!(
+            "{folder}{}-{:05}.{ext}{comp_ext}",
+            self.prefix, self.counter
+        );
         self.counter += 1;
         if self.options.format == WriteFormat::Csv {
             csv_can_hold(&schema)?;
