@@ -321,6 +321,12 @@ fn operations(
         false,
     ));
     ops.push((
+        "sql union",
+        sql("SELECT x % 7 AS g, count(*) AS n FROM t GROUP BY 1 \
+             UNION ALL SELECT x % 5 AS g, count(*) AS n FROM t GROUP BY 1")?,
+        false,
+    ));
+    ops.push((
         "sql sort",
         sql("SELECT x, x % 7 AS g FROM t ORDER BY g, x DESC")?,
         true,

@@ -1692,6 +1692,7 @@ fn exchanges_on_three_nodes_give_the_local_rows() {
         ("join groupby", 7),
         ("sql groupby", 7_000),
         ("sql join", 40_000),
+        ("sql union", 12),
         ("sql sort", 120_000),
     ] {
         assert!(

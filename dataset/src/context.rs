@@ -240,6 +240,10 @@ impl Context {
             // from a byte range that could start inside a quoted value (DataFusion's
             // default splits files over 10 MiB there, and infers schemas line by line).
             opts.catalog.newlines_in_values = true;
+            // A union of hash-partitioned inputs stays a union: DataFusion would make it
+            // an `InterleaveExec`, whose inputs must report the same hash partitioning,
+            // and a cluster stage reads its inputs without it (each task one partition).
+            opts.optimizer.prefer_existing_union = true;
             // What a sort keeps back for merging its spill files: at most a sixteenth of
             // the budget (DataFusion's 10 MiB default would not fit small budgets).
             let reserve = (limit / 16).clamp(64 * 1024, 10 * 1024 * 1024) as usize;

@@ -189,8 +189,10 @@ fn native(op: &LogicalOp) -> Result<Option<LogicalPlanBuilder>> {
             let Some(b) = native(input)? else {
                 return Ok(None);
             };
+            // Over the optimized plan: a column the optimizer pruned below a drop or a
+            // rename is not there (the user's plan was checked when it was built).
             let schema = Arc::new(b.schema().as_arrow().clone());
-            match op.projection(&schema, true)? {
+            match op.projection(&schema, false)? {
                 Some(cols) => Some(b.project(cols.into_iter().map(|(e, n)| e.alias(n)))?),
                 None => None,
             }

@@ -200,8 +200,11 @@ impl SeqRange {
     fn sentinel(&self) -> u64 {
         self.base + self.span - 1
     }
+    /// `k` ranges in order within this one, below its sentinel: a child's sentinel is
+    /// never its parent's (a union finishes its own at once, which would end the last
+    /// child's range before that child registered its tasks).
     fn split(&self, k: usize) -> Vec<SeqRange> {
-        let span = self.span / k.max(1) as u64;
+        let span = (self.span - 1) / k.max(1) as u64;
         (0..k as u64)
             .map(|i| SeqRange {
                 base: self.base + i * span,

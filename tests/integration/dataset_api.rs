@@ -165,6 +165,33 @@ fn preserve_order_keeps_input_order() {
     assert_eq!(ids, expected);
 }
 
+/// Unions of unions keep every input's rows together and in order: the inner union's
+/// last input is not cut off by the outer union's next one.
+#[test]
+fn chained_unions_keep_input_order() {
+    let c = ctx_with(|cfg| {
+        cfg.set("volley.exec.preserve_order", "true").unwrap();
+        cfg.set("volley.exec.batch_size", "1000").unwrap();
+    });
+    let a = c.range(10);
+    let b = c.range(200_000).map_batches(
+        "slow",
+        |b: RecordBatch| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            Ok(b)
+        },
+        MapOptions::default(),
+    );
+    let last = c.range(10);
+    let ds = a.union(&[&b]).unwrap().union(&[&last]).unwrap();
+    let ids: Vec<i64> = i64_column(&ds.collect().unwrap(), "id")
+        .into_iter()
+        .flatten()
+        .collect();
+    let expected: Vec<i64> = (0..10).chain(0..200_000).chain(0..10).collect();
+    assert!(ids == expected, "rows out of the inputs' order");
+}
+
 #[test]
 fn iter_batches_rebatches_and_prefetches() {
     let c = ctx();

@@ -452,3 +452,30 @@ fn csv_schema_from_the_first_records_across_files() {
     assert_eq!(v, volley::arrow::datatypes::DataType::Float64);
     assert_eq!(ds.count().unwrap(), 1202);
 }
+
+/// Sorts, group-bys, joins and distincts after dropping or renaming columns of files:
+/// the optimizer prunes the dropped column below, and the relational plan must not
+/// ask for it again.
+#[test]
+fn relational_operations_after_drop_and_rename_of_file_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let path = dir.path().join("t");
+    c.from_batches(vec![sample(1000)])
+        .unwrap()
+        .write_parquet(path.to_str().unwrap())
+        .unwrap();
+    let ds = c.read_parquet(path.to_str().unwrap()).unwrap();
+    let dropped = ds.drop_columns(&["name"]).unwrap();
+    assert_eq!(dropped.sort(["id"]).unwrap().count().unwrap(), 1000);
+    assert_eq!(dropped.distinct().unwrap().count().unwrap(), 1000);
+    let renamed = ds
+        .rename(&[("id", "ident")])
+        .unwrap()
+        .select(&["ident"])
+        .unwrap();
+    let groups = renamed.groupby(&["ident"]).count().unwrap();
+    assert_eq!(groups.count().unwrap(), 1000);
+    let joined = renamed.join(&renamed, &["ident"], JoinHow::Inner).unwrap();
+    assert_eq!(joined.count().unwrap(), 1000);
+}

@@ -528,12 +528,16 @@ fn stage_filters(
             }
             let source = if keys.is_empty() {
                 // As planned without them: the query's own conditions, unwrapped,
-                // tested above the scan.
+                // tested above the scan. Unless DataFusion itself pushed them into the
+                // scan (`pushdown_filters` set by the query): then a condition is not
+                // wrapped, no filter above tests it, and the scan must.
+                let pushed_by_query = parquet.table_parquet_options().global.pushdown_filters
+                    && query.iter().any(|(_, inner)| inner.is_none());
                 let own: Vec<_> = query
                     .into_iter()
                     .map(|(c, inner)| inner.unwrap_or(c))
                     .collect();
-                let source = parquet.clone().with_pushdown_filters(false);
+                let source = parquet.clone().with_pushdown_filters(pushed_by_query);
                 match own.is_empty() {
                     true => source.with_predicate(Arc::new(Literal::new(
                         datafusion::common::ScalarValue::Boolean(Some(true)),

@@ -196,8 +196,30 @@ impl ExecutionPlan for ClusterScanExec {
         let tasks = self.tasks(partition)?;
         let cluster = self.cluster.clone();
         // Cluster calls block: on a thread of their own, handing batches over.
-        thread_stream("volley-cluster-scan", self.inner.schema(), move |tx| {
+        let stream = thread_stream("volley-cluster-scan", self.inner.schema(), move |tx| {
             run_tasks(&cluster, tasks, tx)
-        })
+        })?;
+        // The scan's limit holds for the partition, as in one process: each file's task
+        // keeps it too, so a partition of several files could give it several times.
+        let Some(limit) = self.config.limit else {
+            return Ok(stream);
+        };
+        use futures::StreamExt;
+        let schema = stream.schema();
+        let limited = stream.scan(limit, |left, batch| {
+            let out = match batch {
+                _ if *left == 0 => None,
+                Ok(b) => {
+                    let n = b.num_rows().min(*left);
+                    *left -= n;
+                    Some(Ok(b.slice(0, n)))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(out)
+        });
+        Ok(Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema, limited),
+        ))
     }
 }
