@@ -452,52 +452,15 @@ fn stdout_of(command: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// Runs `cluster_tasks ARGS` as a program of its own joined to `c` (an attached job),
-/// until it says on stderr what its work waits for; returns that line, once the
-/// program is killed and its job stopped.
-fn attached_program_warning(c: &TestCluster, args: &[&str]) -> String {
+/// Starts `cluster_tasks ARGS` as a program of its own joined to `c` (an attached job);
+/// its stderr comes line by line.
+fn attached_program(
+    c: &TestCluster,
+    args: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     let mut program = Command::new(example("cluster_tasks"))
         .args(args)
-        .envs(c.tls.iter().map(|(k, v)| (k, v)))
-        .env("VOLLEY_ADDRESS", &c.address)
-        .env("VOLLEY_TOKEN", &c.token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = program.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.starts_with("[volley] job ") && tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(60));
-    let _ = program.kill();
-    let _ = program.wait();
-    let line = line.expect("the program said nothing of what it waits for");
-    let job = line["[volley] job ".len()..].split(':').next().unwrap();
-    let stop = c.volley().args(["job", "stop", job]).output().unwrap();
-    assert!(stop.status.success(), "{line}");
-    line
-}
-
-/// A program that joined the cluster itself learns that its job was stopped
-/// (`volley job stop`): it says so, its calls to the cluster fail at once with that
-/// reason, and it ends instead of waiting on.
-#[test]
-fn an_attached_program_learns_its_job_was_stopped() {
-    use std::io::BufRead;
-    let mut c = TestCluster::start(5.0);
-    c.add_node(2, 0);
-    let mut program = Command::new(example("cluster_tasks"))
-        .arg("--wait-for-resources")
         .envs(c.tls.iter().map(|(k, v)| (k, v)))
         .env("VOLLEY_ADDRESS", &c.address)
         .env("VOLLEY_TOKEN", &c.token)
@@ -517,6 +480,38 @@ fn an_attached_program_learns_its_job_was_stopped() {
             }
         }
     });
+    (program, rx)
+}
+
+/// Runs `cluster_tasks ARGS` as a program of its own joined to `c` (an attached job),
+/// until it says on stderr what its work waits for; returns that line, once the
+/// program is killed and its job stopped.
+fn attached_program_warning(c: &TestCluster, args: &[&str]) -> String {
+    let (mut program, rx) = attached_program(c, args);
+    let line = loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.starts_with("[volley] job ") => break Ok(line),
+            Ok(_) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = program.kill();
+    let _ = program.wait();
+    let line = line.expect("the program said nothing of what it waits for");
+    let job = line["[volley] job ".len()..].split(':').next().unwrap();
+    let stop = c.volley().args(["job", "stop", job]).output().unwrap();
+    assert!(stop.status.success(), "{line}");
+    line
+}
+
+/// A program that joined the cluster itself learns that its job was stopped
+/// (`volley job stop`): it says so, its calls to the cluster fail at once with that
+/// reason, and it ends instead of waiting on.
+#[test]
+fn an_attached_program_learns_its_job_was_stopped() {
+    let mut c = TestCluster::start(5.0);
+    c.add_node(2, 0);
+    let (mut program, rx) = attached_program(&c, &["--wait-for-resources"]);
     let mut seen = Vec::new();
     let job = loop {
         let line = rx

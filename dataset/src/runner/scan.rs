@@ -204,22 +204,9 @@ impl ExecutionPlan for ClusterScanExec {
         let Some(limit) = self.config.limit else {
             return Ok(stream);
         };
-        use futures::StreamExt;
-        let schema = stream.schema();
-        let limited = stream.scan(limit, |left, batch| {
-            let out = match batch {
-                _ if *left == 0 => None,
-                Ok(b) => {
-                    let n = b.num_rows().min(*left);
-                    *left -= n;
-                    Some(Ok(b.slice(0, n)))
-                }
-                Err(e) => Some(Err(e)),
-            };
-            std::future::ready(out)
-        });
-        Ok(Box::pin(
-            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema, limited),
-        ))
+        use datafusion::physical_plan::limit::LimitStream;
+        use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet};
+        let metrics = BaselineMetrics::new(&ExecutionPlanMetricsSet::new(), partition);
+        Ok(Box::pin(LimitStream::new(stream, 0, Some(limit), metrics)))
     }
 }
