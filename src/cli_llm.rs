@@ -163,22 +163,23 @@ fn generate(a: GenerateArgs) -> Result<()> {
         .apply(&input)
         .write_parquet(&a.output)?;
     let secs = start.elapsed().as_secs_f64();
-    let totals = ctx
+    // Only the token counts are read back, batch by batch.
+    let mut generated = 0i64;
+    for batch in ctx
         .read_parquet(a.output.as_str())?
-        .collect()?
-        .iter()
-        .map(|b| {
-            let col = b
-                .column_by_name("num_generated_tokens")
-                .and_then(|c| {
-                    c.as_any()
-                        .downcast_ref::<volley::arrow::array::Int64Array>()
-                })
-                .map(|c| c.iter().flatten().sum::<i64>())
-                .unwrap_or(0);
-            (b.num_rows(), col)
-        })
-        .fold((0, 0), |(r, t), (br, bt)| (r + br, t + bt));
+        .select(&["num_generated_tokens"])?
+        .iter_batches()?
+    {
+        let batch = batch?;
+        if let Some(counts) = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<volley::arrow::array::Int64Array>()
+        {
+            generated += counts.iter().flatten().sum::<i64>();
+        }
+    }
+    let totals = (summary.rows, generated);
     eprintln!(
         "volley llm: {} rows, {} generated tokens in {secs:.1} s ({:.1} tokens/s), {} ({} layers) -> {} ({} file(s))",
         totals.0,

@@ -100,7 +100,22 @@ impl FileScan {
             .into_iter()
             .map(|u| u.with_table_ref(kept.table().clone()))
             .collect();
-        // Compression (of text formats) follows the files' extension.
+        // Compression (of text formats) follows the files' extension, one for all files.
+        if !format.is_binary() {
+            let first = &files[0].meta.location;
+            let codec = crate::format::compression_of(first.as_ref());
+            if let Some(other) = files
+                .iter()
+                .find(|f| crate::format::compression_of(f.meta.location.as_ref()) != codec)
+            {
+                return Err(VolleyError::plan(format!(
+                    "{} mixes compressed and uncompressed (or differently compressed) files: \
+                     {first} and {}; read each kind on its own and union them",
+                    paths.join(", "),
+                    other.meta.location
+                )));
+            }
+        }
         let df_format = format.to_datafusion(state, files[0].meta.location.as_ref());
         let (file_schema, each_file) =
             infer_schemas(state, &df_format, format.is_binary(), &files).await?;

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use volley_common::{Result, ResultExt, VolleyError};
 
+use crate::format::compression_of;
 use crate::listing::{list_files, ListedFile};
 use crate::source::{DataSource, ReadTask, ScanRequest};
 
@@ -47,18 +48,20 @@ async fn fetch(
         .bytes()
         .await
         .with_context(|| format!("reading {name}"))?;
-    if name.ends_with(".gz") {
+    let compression = compression_of(name);
+    if compression.is_compressed() {
         let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(bytes.as_ref())
-            .read_to_end(&mut out)
+        compression
+            .convert_read(bytes::Buf::reader(bytes))
+            .and_then(|mut r| Ok(r.read_to_end(&mut out)?))
             .with_context(|| format!("decompressing {name}"))?;
         return Ok(out.into());
     }
     Ok(bytes)
 }
 
-/// Text files read as one row per line, in a column `text` (line ends removed; `.gz`
-/// files are decompressed).
+/// Text files read as one row per line, in a column `text` (line ends removed; files
+/// ending in `.gz`, `.zst`, `.bz2` or `.xz` are decompressed, as CSV and JSON files are).
 #[derive(Debug)]
 pub struct TextScan {
     paths: Vec<String>,

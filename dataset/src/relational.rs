@@ -259,6 +259,12 @@ fn join_plan(
         }
     }
     if !matches!(how, JoinHow::Semi | JoinHow::Anti) {
+        // Names taken so far: the keys' and the left columns'.
+        let mut named: std::collections::HashSet<String> = left_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         for f in right_schema.fields() {
             let name = f.name();
             if right_on.contains(name) {
@@ -269,6 +275,13 @@ fn join_plan(
             } else {
                 name.to_string()
             };
+            if !named.insert(alias.clone()) {
+                return Err(VolleyError::plan(format!(
+                    "join: the right side's column `{name}` would be named `{alias}`, the \
+                     name of another column of the join's output; rename one of them before \
+                     the join"
+                )));
+            }
             out.push(qualified(r, name).alias(alias));
         }
     }

@@ -58,45 +58,63 @@ impl ChatTemplate {
         }
     }
 
-    /// The template of a model folder (`tokenizer_config.json`), or `None` if it has
-    /// none.
+    /// The template of a model folder, or `None` if it has none: `chat_template.jinja`
+    /// (where transformers saves it since 4.43), else `tokenizer_config.json`'s
+    /// `chat_template`. The special tokens come from `tokenizer_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join("tokenizer_config.json");
-        if !path.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| VolleyError::plan(format!("cannot read {}: {e}", path.display())))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| VolleyError::plan(format!("{}: not valid JSON: {e}", path.display())))?;
-        // A string, or a list of named templates of which `default` is the one.
-        let source = match v.get("chat_template") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .or(list.first())
-                .and_then(|t| t.get("template"))
-                .and_then(|t| t.as_str())
-                .map(str::to_string)
-                .ok_or_else(|| {
-                    VolleyError::plan(format!(
-                        "{}: `chat_template` list has no template",
-                        path.display()
-                    ))
-                })?,
-            _ => return Ok(None),
+        let config: serde_json::Value = if path.exists() {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| VolleyError::plan(format!("cannot read {}: {e}", path.display())))?;
+            serde_json::from_str(&text).map_err(|e| {
+                VolleyError::plan(format!("{}: not valid JSON: {e}", path.display()))
+            })?
+        } else {
+            serde_json::Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let source = if jinja.exists() {
+            std::fs::read_to_string(&jinja)
+                .map_err(|e| VolleyError::plan(format!("cannot read {}: {e}", jinja.display())))?
+        } else {
+            // A string, or a list of named templates of which `default` is the one.
+            match config.get("chat_template") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .or(list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        VolleyError::plan(format!(
+                            "{}: `chat_template` list has no template",
+                            path.display()
+                        ))
+                    })?,
+                _ => return Ok(None),
+            }
         };
         Ok(Some(Self::new(
             source,
-            &special(v.get("bos_token")),
-            &special(v.get("eos_token")),
+            &special(config.get("bos_token")),
+            &special(config.get("eos_token")),
         )))
     }
 
     /// The prompt for `messages`; `add_generation_prompt` opens the assistant's turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
+        // As transformers compiles chat templates: a newline after a block tag and the
+        // spaces before one are not part of the prompt.
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .map_err(|e| VolleyError::internal(format!("chat template syntax: {e}")))?,
+        );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -151,6 +169,29 @@ mod tests {
         assert_eq!(
             out,
             "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>"
+        );
+    }
+
+    /// TinyLlama-1.1B-Chat's template as its `tokenizer_config.json` holds it, with a
+    /// newline after each block tag.
+    const TINYLLAMA: &str = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";
+
+    #[test]
+    fn block_tags_leave_no_newlines_as_transformers_renders() {
+        let t = ChatTemplate::new(TINYLLAMA, "<s>", "</s>");
+        let out = t
+            .render(
+                &[
+                    Message::new("system", "Be brief."),
+                    Message::new("user", "Hi"),
+                ],
+                true,
+            )
+            .unwrap();
+        // transformers' `apply_chat_template(..., tokenize=False)` gives exactly this.
+        assert_eq!(
+            out,
+            "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
         );
     }
 

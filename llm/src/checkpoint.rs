@@ -95,6 +95,18 @@ impl Checkpoint {
             views.sort_by(|a, b| a.0.cmp(&b.0));
             for (name, view) in views {
                 let Some(shape) = expected.get(&name) else {
+                    // A weight of the model's layers that the model here has no place
+                    // for (a bias of a projection without one, say) would be dropped
+                    // and the outputs silently differ; saved rotary tables are not
+                    // weights.
+                    if name.starts_with("model.") && !name.ends_with("rotary_emb.inv_freq") {
+                        return Err(VolleyError::plan(format!(
+                            "{}: tensor {name} is not part of volley's {:?} model for this \
+                             config.json (a bias or layer it does not implement)",
+                            file.display(),
+                            config.architecture
+                        )));
+                    }
                     continue;
                 };
                 if view.shape() != shape.as_slice() {

@@ -94,12 +94,30 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
 }
 
 impl ModelConfig {
-    /// Reads `config.json` from a model folder.
+    /// Reads `config.json` from a model folder, with the end-of-sequence tokens that
+    /// its `generation_config.json` (if any) adds: transformers' `generate` stops at
+    /// those too (Qwen2.5-Instruct lists `<|endoftext|>` only there). Its sampling
+    /// defaults are not applied: sampling is what the caller sets.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .map_err(|e| VolleyError::plan(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_json(&text, &path.display().to_string())
+        let mut config = Self::from_json(&text, &path.display().to_string())?;
+        let generation = dir.join("generation_config.json");
+        if generation.exists() {
+            let text = std::fs::read_to_string(&generation).map_err(|e| {
+                VolleyError::plan(format!("cannot read {}: {e}", generation.display()))
+            })?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| {
+                VolleyError::plan(format!("{}: not valid JSON: {e}", generation.display()))
+            })?;
+            for id in token_ids(v.get("eos_token_id")) {
+                if !config.eos_token_ids.contains(&id) {
+                    config.eos_token_ids.push(id);
+                }
+            }
+        }
+        Ok(config)
     }
 
     /// Parses the text of a `config.json`; `file` names it in errors.
@@ -126,7 +144,7 @@ impl ModelConfig {
         };
         let hidden_size = usize_field(&v, "hidden_size", file)?;
         let num_heads = usize_field(&v, "num_attention_heads", file)?;
-        let num_kv_heads = match v.get("num_key_value_heads") {
+        let num_kv_heads = match v.get("num_key_value_heads").filter(|h| !h.is_null()) {
             Some(_) => usize_field(&v, "num_key_value_heads", file)?,
             None => num_heads,
         };

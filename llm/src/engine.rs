@@ -253,7 +253,10 @@ impl<B: Backend> Engine<B> {
     /// assistant's turn).
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
-            VolleyError::plan("the model has no chat template (tokenizer_config.json)")
+            VolleyError::plan(
+                "the model has no chat template (neither chat_template.jinja nor a \
+                 `chat_template` in tokenizer_config.json)",
+            )
         })?;
         let text = template.render(messages, true)?;
         // The template writes the BOS token itself.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray, StructArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
-use volley_common::{Result, VolleyError};
+use volley_common::{Result, ResultExt, VolleyError};
 use volley_dataset::{Dataset, MapOptions};
 use volley_exec::{Bundles, NamedTransformFactory, StatefulTransform, TransformFactory};
 
@@ -190,23 +190,38 @@ impl LlmStage {
             })?;
             let col = col.as_string::<i32>();
             for i in 0..col.len() {
+                let text: String = col.value(i).chars().take(40).collect();
+                let label = format!("prompt {text:?}");
                 tokens.push(if col.is_null(i) {
                     None
                 } else {
-                    Some(self.engine.encode(col.value(i))?)
+                    Some(
+                        self.engine
+                            .encode(col.value(i))
+                            .with_context(|| format!("column `{}`, {label}", c.prompt_column))?,
+                    )
                 });
-                let text: String = col.value(i).chars().take(40).collect();
-                labels.push(format!("prompt {text:?}"));
+                labels.push(label);
             }
         } else if let Some(col) = batch.column_by_name(&c.messages_column) {
             for i in 0..col.len() {
+                let mut label = format!("row {i} of a batch of `{}`", c.messages_column);
                 tokens.push(if col.is_null(i) {
                     None
                 } else {
                     let m = messages(&c.messages_column, col.as_ref(), i)?;
-                    Some(self.engine.encode_chat(&m)?)
+                    // The conversation's first words locate it better than its row.
+                    if let Some(first) = m.iter().find(|m| m.role == "user").or(m.first()) {
+                        let text: String = first.content.chars().take(40).collect();
+                        label = format!("conversation {text:?}");
+                    }
+                    Some(
+                        self.engine
+                            .encode_chat(&m)
+                            .with_context(|| format!("column `{}`, {label}", c.messages_column))?,
+                    )
                 });
-                labels.push(format!("row {i} of a batch of `{}`", c.messages_column));
+                labels.push(label);
             }
         } else {
             return Err(VolleyError::plan(format!(

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 pub struct SamplingParams {
     /// Most new tokens.
     pub max_tokens: usize,
-    /// 0 picks the most likely token (greedy); higher flattens the distribution.
+    /// 0 (or below 1e-5) picks the most likely token (greedy); higher flattens the
+    /// distribution.
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens (0: all).
     pub top_k: usize,
@@ -63,8 +64,10 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Greedy at temperature 0 and below 1e-5, as in vLLM: dividing logits by a
+    /// temperature that small overflows, and the choice is the greedy one anyway.
     fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < 1e-5 || self.top_k == 1
     }
 }
 

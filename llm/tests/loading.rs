@@ -109,11 +109,65 @@ fn bad_folders_fail_naming_the_file_and_the_problem() {
         "{err}"
     );
 
+    // Weights the model has no place for (Qwen2's q/k/v biases read as a Llama without
+    // them) would be dropped and the outputs silently differ: refused, naming one.
+    let qwen = std::fs::read_to_string(fixtures().join("tiny-qwen2/config.json")).unwrap();
+    let as_llama = ModelConfig::from_json(
+        &qwen.replace("Qwen2ForCausalLM", "LlamaForCausalLM"),
+        "config.json",
+    )
+    .unwrap();
+    assert!(!as_llama.attention_bias);
+    let err = Checkpoint::load(&fixtures().join("tiny-qwen2"), &as_llama)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("_proj.bias") && err.contains("not part of"),
+        "{err}"
+    );
+
+    // `num_key_value_heads: null` means as many as the attention heads.
+    let null_kv = ModelConfig::from_json(
+        &base.replace(
+            "\"num_key_value_heads\": 2",
+            "\"num_key_value_heads\": null",
+        ),
+        "config.json",
+    )
+    .unwrap();
+    assert_eq!(null_kv.num_kv_heads, null_kv.num_heads);
+
     // No weights at all.
     let c = ModelConfig::from_json(&base, "config.json").unwrap();
     let err = Checkpoint::load(&tmp, &c).unwrap_err().to_string();
     assert!(err.contains("model.safetensors"), "{err}");
     std::fs::remove_dir_all(&tmp).ok();
+}
+
+#[test]
+fn generation_config_adds_end_of_sequence_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-llama/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    assert_eq!(
+        ModelConfig::from_dir(dir.path()).unwrap().eos_token_ids,
+        vec![1]
+    );
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [1, 7], "temperature": 0.7}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        ModelConfig::from_dir(dir.path()).unwrap().eos_token_ids,
+        vec![1, 7]
+    );
+    std::fs::write(dir.path().join("generation_config.json"), "{not json").unwrap();
+    let err = ModelConfig::from_dir(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("generation_config.json"), "{err}");
 }
 
 #[test]

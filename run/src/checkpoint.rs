@@ -75,8 +75,18 @@ fn folder(step: u64) -> String {
 impl CheckpointStore {
     /// Opens (creating if needed) the run `name` under `storage` (a local path or an
     /// `s3://`, `gs://`, `az://` URL with credentials from the environment), and removes
-    /// checkpoints left incomplete by an interrupted save.
+    /// checkpoints left incomplete by an interrupted save. Only the run's writer opens
+    /// its store this way: another process's open would remove a save in progress.
     pub fn open(storage: &str, name: &str, config: CheckpointConfig) -> Result<Self> {
+        let this = Self::open_for_reading(storage, name, config)?;
+        this.remove_incomplete()?;
+        Ok(this)
+    }
+
+    /// Opens the run `name` under `storage` as [`open`](Self::open) does, leaving
+    /// incomplete checkpoints alone: for reading the complete checkpoints of a run that
+    /// may be saving one right now (a sweep's donor trial).
+    pub fn open_for_reading(storage: &str, name: &str, config: CheckpointConfig) -> Result<Self> {
         if name.is_empty() || name.contains('/') || name.contains("..") {
             return Err(VolleyError::plan(format!(
                 "run name {name:?} must be non-empty, without `/` or `..`"
@@ -125,7 +135,6 @@ impl CheckpointStore {
             config,
             rt,
         };
-        this.remove_incomplete()?;
         Ok(this)
     }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use volley::arrow::array::RecordBatch;
+use volley::arrow::array::{Array, AsArray, RecordBatch};
 use volley::crates::connectors::WriteFormat;
 use volley::prelude::*;
 use volley::Compression;
@@ -266,6 +266,21 @@ fn text_binary_and_ipc() {
     std::fs::write(&text, "first line\nsecond\nthird\n").unwrap();
     let ds = c.read_text(text.to_str().unwrap()).unwrap();
     assert_eq!(ds.count().unwrap(), 3);
+    // Compressed text files are decompressed, whichever codec wrote them.
+    for (codec, ext) in [(Compression::Gzip, ".gz"), (Compression::Zstd, ".zst")] {
+        let out = dir.path().join(format!("lines{ext}"));
+        c.range(50)
+            .write(out.to_str().unwrap(), WriteFormat::Csv)
+            .compression(codec)
+            .run()
+            .unwrap();
+        let lines = c.read_text(out.to_str().unwrap()).unwrap();
+        let batch = lines.collect_batch().unwrap();
+        let text = batch.column(0).as_string::<i32>();
+        assert_eq!(text.len(), 51, "{ext}: a header and 50 rows");
+        assert_eq!(text.value(0), "id", "{ext}");
+        assert!(text.iter().any(|l| l == Some("49")), "{ext}");
+    }
     let bin = c.read_binary_files(dir.path().to_str().unwrap()).unwrap();
     let b = bin.collect_batch().unwrap();
     assert_eq!(b.num_rows(), 1);
@@ -282,6 +297,28 @@ fn text_binary_and_ipc() {
     assert_eq!(
         c.read_ipc(ipc.to_str().unwrap()).unwrap().count().unwrap(),
         42
+    );
+}
+
+#[test]
+fn a_folder_mixing_compressions_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let out = dir.path().join("mixed");
+    c.range(5)
+        .write(out.to_str().unwrap(), WriteFormat::Csv)
+        .compression(Compression::Gzip)
+        .run()
+        .unwrap();
+    std::fs::write(out.join("extra.csv"), "id\n7\n").unwrap();
+    let err = c
+        .read_csv(out.to_str().unwrap())
+        .and_then(|ds| ds.count())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("extra.csv") && err.contains(".csv.gz"),
+        "{err}"
     );
 }
 

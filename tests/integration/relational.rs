@@ -302,6 +302,31 @@ fn joins_match_duckdb_for_every_kind() {
 }
 
 #[test]
+fn a_join_whose_renamed_column_clashes_is_refused_by_name() {
+    let c = ctx();
+    let left = c
+        .range(4)
+        .sql("t", "SELECT id, id AS v, id AS v_right FROM t")
+        .unwrap();
+    let right = c
+        .range(4)
+        .sql("t", "SELECT id, id * 2 AS v FROM t")
+        .unwrap();
+    let err = left
+        .join(&right, &["id"], JoinHow::Inner)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`v`") && err.contains("`v_right`"), "{err}");
+    // Without the clash the right side's `v` is renamed.
+    let ok = left
+        .select(&["id", "v"])
+        .unwrap()
+        .join(&right, &["id"], JoinHow::Inner)
+        .unwrap();
+    assert_eq!(ok.count().unwrap(), 4);
+}
+
+#[test]
 fn empty_inputs_give_empty_or_zero_results() {
     let d = Data::new();
     let none = d.facts().filter(col("id").lt(lit(0i64))).unwrap();

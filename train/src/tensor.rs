@@ -117,7 +117,16 @@ pub fn int_tensor<B: Backend>(
             a.data_type()
         )));
     }
-    let c = arrow::compute::cast(a, &DataType::Int64)?;
+    // Unsafe casting: a UInt64 value past i64's range is an error, not a null read as 0.
+    let c = arrow::compute::cast_with_options(
+        a,
+        &DataType::Int64,
+        &arrow::compute::CastOptions {
+            safe: false,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| VolleyError::plan(format!("column `{name}`: {e}")))?;
     let values = c
         .as_any()
         .downcast_ref::<Int64Array>()

@@ -19,6 +19,10 @@ use volley_common::{Result, VolleyError};
 use crate::space::{get_path, set_path, Param};
 use crate::Mode;
 
+/// Most rungs an ASHA scheduler may have (a reduction factor very near 1 would make
+/// endless ones).
+const MAX_RUNGS: usize = 1000;
+
 /// What the tuner knows of a trial when a scheduler decides.
 #[derive(Debug, Clone)]
 pub struct TrialInfo {
@@ -130,10 +134,29 @@ impl Asha {
                 "ASHA needs 0 < grace_period <= max_t and reduction_factor > 1, got {config:?}"
             )));
         }
-        let mut rungs = Vec::new();
+        // Milestones grace * rf^k below max_t, reached at the first whole iteration at
+        // or past them (as Ray compares iterations with them), each once.
+        let count = ((config.max_t as f64 / config.grace_period as f64).ln()
+            / config.reduction_factor.ln())
+        .floor()
+            + 1.0;
+        if count > MAX_RUNGS as f64 {
+            return Err(VolleyError::Config(format!(
+                "ASHA with grace_period {}, max_t {} and reduction_factor {} would have {count} \
+                 rungs; at most {MAX_RUNGS} (a reduction factor further from 1)",
+                config.grace_period, config.max_t, config.reduction_factor
+            )));
+        }
+        let mut rungs: Vec<(u64, BTreeMap<usize, f64>)> = Vec::new();
         let mut m = config.grace_period as f64;
-        while (m as u64) < config.max_t {
-            rungs.push((m as u64, BTreeMap::new()));
+        loop {
+            let milestone = m.ceil() as u64;
+            if milestone >= config.max_t {
+                break;
+            }
+            if rungs.last().map(|(l, _)| *l) != Some(milestone) {
+                rungs.push((milestone, BTreeMap::new()));
+            }
             m *= config.reduction_factor;
         }
         rungs.reverse();
@@ -153,8 +176,13 @@ impl Scheduler for Asha {
         let rf = self.config.reduction_factor;
         let mode = self.mode;
         for (milestone, recorded) in &mut self.rungs {
-            if iteration < *milestone || recorded.contains_key(&trial) {
+            if iteration < *milestone {
                 continue;
+            }
+            // The highest rung reached was decided already: lower rungs are not
+            // given this later result (it is not their iteration's).
+            if recorded.contains_key(&trial) {
+                break;
             }
             recorded.insert(trial, value);
             // The cutoff: the value at the top 1/rf quantile of this rung.
@@ -236,7 +264,12 @@ impl Scheduler for MedianStopping {
             return Decision::Continue;
         }
         means.sort_by(f64::total_cmp);
-        let median = means[means.len() / 2];
+        let half = means.len() / 2;
+        let median = if means.len() % 2 == 0 {
+            (means[half - 1] + means[half]) / 2.0
+        } else {
+            means[half]
+        };
         let Some(me) = trials.iter().find(|t| t.index == trial) else {
             return Decision::Continue;
         };
@@ -351,21 +384,50 @@ impl Pbt {
                 }
                 Param::Sample(d) => match current.as_f64() {
                     Some(x) if !resample => {
-                        let f = if self.rng.random::<bool>() { 1.2 } else { 0.8 };
-                        if current.is_i64() {
-                            Value::from((x * f).round() as i64)
+                        let up = self.rng.random::<bool>();
+                        let f = if up { 1.2 } else { 0.8 };
+                        if current.is_i64() || current.is_u64() {
+                            // Small integers move by at least one (1 * 1.2 rounds to 1).
+                            let moved = (x * f).round();
+                            let moved = if moved == x.round() {
+                                if up {
+                                    x + 1.0
+                                } else {
+                                    x - 1.0
+                                }
+                            } else {
+                                moved
+                            };
+                            Value::from(clamp_to(d, moved).round() as i64)
                         } else {
-                            Value::from(x * f)
+                            Value::from(clamp_to(d, x * f))
                         }
                     }
                     _ => d.sample(&mut self.rng),
                 },
                 _ => current,
             };
+            // A path through a value that is not an object keeps the config as it is.
             set_path(&mut out, &path, new);
         }
         out
     }
+}
+
+/// `x` moved into the values `domain` can sample (a perturbed value stays in its space).
+fn clamp_to(domain: &crate::space::Domain, x: f64) -> f64 {
+    use crate::space::Domain;
+    let (low, high) = match domain {
+        Domain::Uniform { low, high }
+        | Domain::QUniform { low, high, .. }
+        | Domain::LogUniform { low, high } => (*low, *high),
+        // Integers below `high`.
+        Domain::RandInt { low, high } | Domain::LogRandInt { low, high } => {
+            (*low as f64, (*high - 1) as f64)
+        }
+        Domain::Randn { .. } | Domain::Choice(_) => return x,
+    };
+    x.max(low).min(high)
 }
 
 impl Scheduler for Pbt {
@@ -394,7 +456,10 @@ impl Scheduler for Pbt {
             return Decision::Continue;
         }
         ranked.sort_by(|a, b| best_first(self.mode, a.1, b.1));
-        let n = ((ranked.len() as f64 * self.config.quantile_fraction).ceil() as usize).max(1);
+        // At most half the population, so that no trial is both below and above (as
+        // in Ray's PBT).
+        let n = ((ranked.len() as f64 * self.config.quantile_fraction).ceil() as usize)
+            .min(ranked.len() / 2);
         let in_bottom = ranked[ranked.len() - n..]
             .iter()
             .any(|(i, _, _)| *i == trial);
@@ -459,6 +524,54 @@ mod tests {
             Mode::Min
         )
         .is_err());
+        // Milestones are whole iterations, each once: 1, 1.5, 2.25, 3.4, 5.1 reach rungs
+        // at iterations 1, 2, 3, 4 and 6.
+        let b = Asha::new(
+            AshaConfig {
+                max_t: 8,
+                grace_period: 1,
+                reduction_factor: 1.5,
+            },
+            Mode::Min,
+        )
+        .unwrap();
+        let milestones: Vec<u64> = b.rungs.iter().rev().map(|(m, _)| *m).collect();
+        assert_eq!(milestones, vec![1, 2, 3, 4, 6]);
+        // A trial reporting every 5 iterations: its result at 10 is not given to the
+        // rung of iteration 2 after it was judged at the rung of 4.
+        let mut c = Asha::new(
+            AshaConfig {
+                max_t: 64,
+                grace_period: 1,
+                reduction_factor: 2.0,
+            },
+            Mode::Min,
+        )
+        .unwrap();
+        c.on_result(0, 5, 0.5, &[]);
+        c.on_result(0, 10, 0.4, &[]);
+        c.on_result(0, 15, 0.3, &[]);
+        let at = |m: u64| {
+            c.rungs
+                .iter()
+                .find(|(x, _)| *x == m)
+                .map(|(_, r)| r.get(&0).copied())
+                .unwrap()
+        };
+        assert_eq!(
+            (at(4), at(8), at(2), at(1)),
+            (Some(0.5), Some(0.4), None, None)
+        );
+        // A reduction factor barely above 1 would make rungs without end.
+        assert!(Asha::new(
+            AshaConfig {
+                max_t: 1 << 40,
+                grace_period: 1,
+                reduction_factor: 1.0 + 1e-12,
+            },
+            Mode::Min
+        )
+        .is_err());
         // A reduction factor that is not a number would make rungs without end.
         assert!(Asha::new(
             AshaConfig {
@@ -491,6 +604,78 @@ mod tests {
             Mode::Max,
         );
         assert_eq!(none.on_result(3, 2, 0.3, &trials[3..]), Decision::Continue);
+        // Of an even number of others the median is the mean of the middle two: 0.5 of
+        // 0.1, 0.2, 0.8, 0.9, which a trial whose best is 0.6 passes.
+        let mut even = MedianStopping::new(
+            MedianStoppingConfig {
+                min_samples_required: 1,
+                ..Default::default()
+            },
+            Mode::Max,
+        );
+        let mut others: Vec<TrialInfo> = [0.1, 0.2, 0.8, 0.9]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| info(i, &[(1, *v)]))
+            .collect();
+        others.push(info(4, &[(1, 0.6)]));
+        assert_eq!(even.on_result(4, 1, 0.6, &others), Decision::Continue);
+    }
+
+    #[test]
+    fn pbt_quantiles_do_not_overlap_and_explored_values_stay_in_their_space() {
+        let mut mutations = BTreeMap::new();
+        mutations.insert("lr".to_string(), crate::space::uniform(0.0, 1.0));
+        mutations.insert("layers".to_string(), crate::space::randint(1, 4));
+        let mut p = Pbt::new(
+            PbtConfig {
+                perturbation_interval: 1,
+                quantile_fraction: 0.5,
+                resample_probability: 0.0,
+                hyperparam_mutations: mutations,
+                ..Default::default()
+            },
+            Mode::Max,
+        )
+        .unwrap();
+        // Three trials: one at the bottom, one at the top; the middle one is neither.
+        let trials: Vec<TrialInfo> = (0..3).map(|i| info(i, &[(1, i as f64)])).collect();
+        assert_eq!(
+            p.on_result(1, 1, 1.0, &trials),
+            Decision::Continue,
+            "middle"
+        );
+        let mut trials = trials;
+        trials[2].config = serde_json::json!({"lr": 0.95, "layers": 1});
+        let mut layers_seen = std::collections::BTreeSet::new();
+        for round in 2..100u64 {
+            match p.on_result(0, round, 0.0, &trials) {
+                Decision::Exploit { donor, config } => {
+                    assert_eq!(donor, 2);
+                    let lr = config["lr"].as_f64().unwrap();
+                    assert!((0.0..=1.0).contains(&lr), "{config}");
+                    layers_seen.insert(config["layers"].as_i64().unwrap());
+                }
+                d => panic!("expected an exploit, got {d:?}"),
+            }
+        }
+        // 1 moves up to 2 (1 * 1.2 rounds back to 1), and never below 1.
+        assert_eq!(layers_seen, [1, 2].into_iter().collect(), "{layers_seen:?}");
+        // A mutation whose path runs through a value that is not an object leaves
+        // the config as it was instead of failing.
+        let mut config = serde_json::json!({"optimizer": "adam"});
+        assert!(!set_path(
+            &mut config,
+            &["optimizer".to_string(), "lr".to_string()],
+            serde_json::json!(0.1)
+        ));
+        assert_eq!(config, serde_json::json!({"optimizer": "adam"}));
+        assert!(set_path(
+            &mut config,
+            &["sched".to_string(), "gamma".to_string()],
+            serde_json::json!(0.5)
+        ));
+        assert_eq!(config["sched"]["gamma"], 0.5);
     }
 
     #[test]

@@ -111,8 +111,11 @@ impl Domain {
         let bad = |why: String| Err(VolleyError::Config(format!("search space `{path}`: {why}")));
         match self {
             Domain::Uniform { low, high } | Domain::QUniform { low, high, .. } => {
-                if !(low.is_finite() && high.is_finite() && low < high) {
-                    return bad(format!("needs finite low < high, got [{low}, {high})"));
+                if !(low.is_finite() && high.is_finite() && low < high && (high - low).is_finite())
+                {
+                    return bad(format!(
+                        "needs finite low < high a finite distance apart, got [{low}, {high})"
+                    ));
                 }
                 if let Domain::QUniform { q, .. } = self {
                     if !(*q > 0.0 && q.is_finite()) {
@@ -331,13 +334,32 @@ pub fn get_path<'a>(config: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter().try_fold(config, |v, k| v.get(k))
 }
 
-/// Sets the value at `path` in a config.
-pub fn set_path(config: &mut Value, path: &[String], value: Value) {
+/// Sets the value at `path` in a config, making the objects on the way that are
+/// missing; `false` (and no change) where a value on the way is not an object.
+pub fn set_path(config: &mut Value, path: &[String], value: Value) -> bool {
+    let Some((last, ancestors)) = path.split_last() else {
+        return false;
+    };
     let mut at = config;
-    for k in &path[..path.len() - 1] {
-        at = &mut at[k.as_str()];
+    for k in ancestors {
+        if at.is_null() {
+            *at = Value::Object(Default::default());
+        }
+        let Some(object) = at.as_object_mut() else {
+            return false;
+        };
+        at = object.entry(k.as_str()).or_insert(Value::Null);
     }
-    at[path[path.len() - 1].as_str()] = value;
+    if at.is_null() {
+        *at = Value::Object(Default::default());
+    }
+    match at.as_object_mut() {
+        Some(object) => {
+            object.insert(last.clone(), value);
+            true
+        }
+        None => false,
+    }
 }
 
 #[cfg(test)]

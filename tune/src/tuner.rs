@@ -265,7 +265,12 @@ impl Shared {
             .checkpoint
             .clone()
             .ok_or_else(|| VolleyError::execution(format!("{} has no checkpoint", d.id)))?;
-        let from = CheckpointStore::open(&self.trials_root, &d.id, CheckpointConfig::default())?;
+        // The donor may be saving a checkpoint right now: its store is only read.
+        let from = CheckpointStore::open_for_reading(
+            &self.trials_root,
+            &d.id,
+            CheckpointConfig::default(),
+        )?;
         let files: Vec<(String, Vec<u8>)> = c
             .files
             .iter()
@@ -669,7 +674,8 @@ impl Tuner {
                     if let Some(c) = t.next_config.take() {
                         t.config = c;
                     }
-                    let resume = t.checkpoint.clone();
+                    let resume = resume_point(&trials_root, &t.id, t.checkpoint.take());
+                    t.checkpoint = resume.clone();
                     let iteration = resume.as_ref().map_or(0, |c| c.step);
                     t.history.retain(|r| r.iteration <= iteration);
                     // (The attempt and config are the trainer runner's.)
@@ -889,6 +895,20 @@ impl Tuner {
 
 /// How many trials of `need` fit in `total` at once; an error naming what is short
 /// when none does.
+/// The checkpoint a trial starts again from: the newest complete one its store holds,
+/// which can be newer than `recorded`, the last the tuner heard of (the tuner stopped
+/// before recording a report, or the trial died between saving and reporting), or
+/// hold it no more (pruned by `num_to_keep`); none where the store holds none; `recorded`
+/// where the store cannot be read.
+fn resume_point(trials_root: &str, id: &str, recorded: Option<Checkpoint>) -> Option<Checkpoint> {
+    let newest = CheckpointStore::open_for_reading(trials_root, id, CheckpointConfig::default())
+        .and_then(|store| store.latest());
+    match newest {
+        Ok(newest) => newest,
+        Err(_) => recorded,
+    }
+}
+
 fn capacity(need: &Resources, total: &Resources, what: &str) -> Result<usize> {
     let mut n = usize::MAX;
     let mut fit = |need: f64, have: f64, name: &str| -> Result<()> {
@@ -1051,5 +1071,35 @@ impl Status {
         } else if let Some(l) = Self::table(trials, config).first() {
             eprintln!("tune: {l}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trial_resumes_from_the_newest_checkpoint_its_store_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        let keep_one = CheckpointConfig {
+            num_to_keep: Some(1),
+            ..CheckpointConfig::default()
+        };
+        let store = CheckpointStore::open(root, "t0", keep_one).unwrap();
+        let first = store.save(1, &BTreeMap::new(), &[("x", b"1")]).unwrap();
+        store.save(2, &BTreeMap::new(), &[("x", b"2")]).unwrap();
+        store.save(3, &BTreeMap::new(), &[("x", b"3")]).unwrap();
+        assert_eq!(store.list().unwrap().len(), 1, "steps 1 and 2 pruned");
+        // Step 1, the last the tuner recorded, is gone: step 3 is where to go on.
+        let resume = resume_point(root, "t0", Some(first.clone())).unwrap();
+        assert_eq!(resume.step, 3);
+        // An incomplete save (files without a manifest) is neither used nor removed.
+        std::fs::create_dir_all(dir.path().join("t0/checkpoint_0000000004")).unwrap();
+        std::fs::write(dir.path().join("t0/checkpoint_0000000004/x"), b"4").unwrap();
+        assert_eq!(resume_point(root, "t0", Some(first)).unwrap().step, 3);
+        assert!(dir.path().join("t0/checkpoint_0000000004/x").exists());
+        // A trial with nothing saved starts from the beginning.
+        assert!(resume_point(root, "t1", None).is_none());
     }
 }
