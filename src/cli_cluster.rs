@@ -256,6 +256,33 @@ fn read_trimmed(path: &Path) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// The token of the head this machine runs (its state folder's `token` file), if
+/// `address` is that head: the head's recorded address, or its port on an address of
+/// this machine. A head elsewhere is not sent this cluster's token.
+fn local_token(dir: &Path, address: &str) -> Option<String> {
+    let recorded = read_trimmed(&dir.join("head_address"))?;
+    if address != recorded && !same_local_port(address, &recorded) {
+        return None;
+    }
+    auth::read_token(&dir.join("token")).ok()
+}
+
+/// Whether `address` names `recorded`'s port on this machine (a loopback address, or
+/// one an interface here has: binding to it works).
+fn same_local_port(address: &str, recorded: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let port = |a: &str| a.rsplit_once(':').map(|(_, p)| p.to_string());
+    if port(address).is_none() || port(address) != port(recorded) {
+        return false;
+    }
+    let Ok(resolved) = address.to_socket_addrs() else {
+        return false;
+    };
+    resolved
+        .into_iter()
+        .any(|a| a.ip().is_loopback() || std::net::UdpSocket::bind((a.ip(), 0)).is_ok())
+}
+
 impl Conn {
     fn resolve(&self) -> Result<(String, String)> {
         let dir = state_dir();
@@ -272,12 +299,12 @@ impl Conn {
             })?;
         let token = match &self.token {
             Some(t) => t.clone(),
-            None => auth::read_token(&dir.join("token")).map_err(|_| {
-                VolleyError::Config(
-                    "no cluster token: give --token or set VOLLEY_TOKEN (the head writes it to \
-                     its state folder's `token` file)"
-                        .into(),
-                )
+            None => local_token(&dir, &address).ok_or_else(|| {
+                VolleyError::Config(format!(
+                    "no cluster token for {address}: give --token or set VOLLEY_TOKEN (a head \
+                     on this machine writes it to its state folder's `token` file, used \
+                     without asking only for that head)"
+                ))
             })?,
         };
         Ok((address, token))
@@ -446,8 +473,15 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     let package_cache_bytes = volley::crates::common::parse_bytes(&a.package_cache)
         .map_err(|e| e.context("--package-cache"))?;
     let node_timeout = seconds("node-timeout", a.node_timeout, 0.2)?;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| VolleyError::from(e).context(format!("creating {}", dir.display())))?;
+    // For this user only: the head keeps the token, jobs' environments and logs here.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| VolleyError::from(e).context(format!("creating {}", dir.display())))?;
+    }
     if !a.block {
         // A head already running on this state folder keeps its files and its log.
         if let Some(pid) = read_trimmed(&dir.join("head.pid"))
@@ -467,10 +501,22 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         let mut child = daemonize(&args, a.token.as_deref(), &log)?;
         let pid = child.id();
         std::fs::write(dir.join("head.pid"), pid.to_string())?;
-        let Waited::Written(address) = wait_for_file(&dir.join("head_address"), &mut child, 300)
-        else {
-            let _ = std::fs::remove_file(dir.join("head.pid"));
-            return Err(stopped_with_log("the process did not start", &log));
+        let address = match wait_for_file(&dir.join("head_address"), &mut child, 300) {
+            Waited::Written(address) => address,
+            // Still starting (a large state store): it stays `volley stop`'s to stop.
+            Waited::TimedOut => {
+                println!(
+                    "volley head started (pid {pid}, log {}); it is not listening yet: see \
+                     its log, and {} once it is",
+                    log.display(),
+                    dir.join("head_address").display()
+                );
+                return Ok(());
+            }
+            Waited::Exited => {
+                let _ = std::fs::remove_file(dir.join("head.pid"));
+                return Err(stopped_with_log("the process did not start", &log));
+            }
         };
         println!(
             "volley head started at {address} (pid {pid}, log {})",
@@ -490,7 +536,12 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     }
     // A head restarted on the same state folder keeps its token: its nodes rejoin.
     let token = match (&a.token, auth::read_token(&dir.join("token"))) {
-        (Some(t), _) => t.clone(),
+        (Some(t), Ok(kept)) if *t == kept => kept,
+        // The token given is the one this machine's commands find for this head.
+        (Some(t), _) => {
+            auth::write_token(&dir.join("token"), t)?;
+            t.clone()
+        }
         (None, Ok(t)) => t,
         (None, Err(_)) => {
             let t = auth::new_token();
@@ -508,7 +559,7 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     // tasks spent ~38% of a core with two threads, ~30% with one, at the same rate).
     let rt = runtime_with(Some(1))?;
     rt.block_on(async move {
-        let (_core, addrs) =
+        let (core, addrs) =
             cluster::start_head(options, &a.host, a.port, Some(a.http_port), &tls).await?;
         write_whole(
             &dir.join("http_address"),
@@ -522,7 +573,8 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         );
         wait_for_signal().await;
         let _ = std::fs::remove_file(dir.join("head_address"));
-        Ok(())
+        // What changed since the last write (a job that just ended) outlives the head.
+        core.flush()
     })
 }
 
@@ -664,8 +716,10 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
     }
     let token = match &a.token {
         Some(t) => t.clone(),
-        None => auth::read_token(&dir.join("token")).map_err(|_| {
-            VolleyError::Config("no cluster token: give --token or set VOLLEY_TOKEN".into())
+        None => local_token(dir, &address).ok_or_else(|| {
+            VolleyError::Config(format!(
+                "no cluster token for {address}: give --token or set VOLLEY_TOKEN"
+            ))
         })?,
     };
     let NodeCapacity {
@@ -932,7 +986,29 @@ pub fn job(cmd: JobCommand) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{background_args, JobCommand};
+    use super::{auth, background_args, local_token, JobCommand};
+
+    #[test]
+    fn the_local_heads_token_goes_to_that_head_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = auth::new_token();
+        auth::write_token(&dir.path().join("token"), &token).unwrap();
+        // No head here: no token for anyone.
+        assert_eq!(local_token(dir.path(), "127.0.0.1:6380"), None);
+        std::fs::write(dir.path().join("head_address"), "0.0.0.0:6380").unwrap();
+        assert_eq!(local_token(dir.path(), "0.0.0.0:6380"), Some(token.clone()));
+        assert_eq!(
+            local_token(dir.path(), "127.0.0.1:6380"),
+            Some(token.clone())
+        );
+        assert_eq!(
+            local_token(dir.path(), "127.0.0.1:7000"),
+            None,
+            "another port"
+        );
+        // An address no interface here has (TEST-NET-3): another machine.
+        assert_eq!(local_token(dir.path(), "203.0.113.9:6380"), None);
+    }
 
     #[test]
     fn a_negative_resource_reaches_the_check_that_names_it() {

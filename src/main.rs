@@ -160,18 +160,20 @@ fn run(cli: Cli) -> Result<()> {
             let mut ctx = Context::try_new(config)?;
             // A query's workers keep nothing of it: the next query's job may use them.
             let cluster = conn.cluster_if_named(true)?;
-            if let Some(cluster) = &cluster {
-                // Its tasks wait for a node: say so rather than seem to hang.
-                if !cluster.status()?.nodes.iter().any(|n| n.alive()) {
-                    eprintln!(
-                        "volley: the cluster at {} has no node yet: the query's work for \
-                         the nodes waits until one joins (volley start --address {0})",
-                        cluster.address()
-                    );
+            let ran = (|| {
+                if let Some(cluster) = &cluster {
+                    // Its tasks wait for a node: say so rather than seem to hang.
+                    if !cluster.status()?.nodes.iter().any(|n| n.alive()) {
+                        eprintln!(
+                            "volley: the cluster at {} has no node yet: the query's work \
+                             for the nodes waits until one joins (volley start --address {0})",
+                            cluster.address()
+                        );
+                    }
+                    ctx = ctx.with_cluster(cluster.clone());
                 }
-                ctx = ctx.with_cluster(cluster.clone());
-            }
-            let ran = run_sql(&ctx, &query, &tables, format, output, explain, stats);
+                run_sql(&ctx, &query, &tables, format, output, explain, stats)
+            })();
             // The query's job ends here, whatever threads still hold the cluster.
             if let Some(cluster) = &cluster {
                 match &ran {

@@ -197,7 +197,7 @@ impl SeqRange {
             span: 1 << 62,
         }
     }
-    fn sentinel(&self) -> u64 {
+    pub(crate) fn sentinel(&self) -> u64 {
         self.base + self.span - 1
     }
     /// `k` ranges in order within this one, below its sentinel: a child's sentinel is
@@ -235,12 +235,14 @@ struct OpSlot {
 
 impl OpSlot {
     /// Whether the memory budget has room for more output (or the output queue is
-    /// empty). A cluster operator's output goes to the object stores: it asks
-    /// [`StepContext::store_room`] for each task or call instead.
+    /// empty, or its consumer waits for this operator's output: see
+    /// [`BlockQueue::waiting_on`]). A cluster operator's output goes to the object
+    /// stores: it asks [`StepContext::store_room`] for each task or call instead.
     fn has_room(&self, shared: &ExecShared) -> bool {
         self.remote
             || shared.budget.used() < crate::queue::queue_ceiling(&shared.budget)
             || self.out.bytes() == 0
+            || self.out.waiting_on(self.seqs.base, self.seqs.sentinel())
     }
 
     fn close(&mut self) {
@@ -546,12 +548,16 @@ pub(crate) fn spawn(
     let counters = Arc::clone(counters);
     let task_shared = Arc::clone(shared);
     let task_out = Arc::clone(out);
+    let task_name = name.clone();
     let task = Box::new(move || {
         let start = cpu_time::ThreadTime::try_now().ok();
         counters.task_started();
         let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
             Ok(r) => r,
-            Err(_) => Err(VolleyError::internal("a task panicked")),
+            Err(panic) => Err(VolleyError::internal(format!(
+                "task {task_name} panicked: {}",
+                crate::transform::panic_text(panic.as_ref())
+            ))),
         };
         if let Err(e) = result {
             if let Some(e) = task_shared.task_error(&task_out, e) {

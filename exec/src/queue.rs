@@ -264,6 +264,11 @@ impl BlockQueue {
             let generation = self.signal.generation();
             {
                 let mut s = self.state.lock().expect("queue lock");
+                // Again under the lock: a cancel that came in between cleared the
+                // queue, and a block added now would hold its memory to the end.
+                if self.cancelled.load(Ordering::Acquire) {
+                    return Err(VolleyError::Cancelled);
+                }
                 let at_head = if self.ordered {
                     s.seqs.keys().next() == Some(&seq)
                         && s.seqs
@@ -324,6 +329,9 @@ impl BlockQueue {
             },
         };
         let mut s = self.state.lock().expect("queue lock");
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(VolleyError::Cancelled);
+        }
         if self.ordered {
             s.seqs.entry(seq).or_default().blocks.push_back(queued);
         } else {
@@ -441,6 +449,23 @@ impl BlockQueue {
     /// Whether [`cancel`](Self::cancel) was called.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Whether the consumer waits for a block of the sequence numbers `lo..=hi`
+    /// (ordered mode): the oldest sequence not yet done is among them and holds no
+    /// block. The operator writing that range must be let start work past a full
+    /// budget: the blocks filling it (another input of a union, say) wait behind
+    /// that sequence, and only the consumer could release them.
+    pub(crate) fn waiting_on(&self, lo: u64, hi: u64) -> bool {
+        if !self.ordered {
+            return false;
+        }
+        let s = self.state.lock().expect("queue lock");
+        let head = s
+            .seqs
+            .iter()
+            .find(|(_, slot)| !(slot.finished && slot.blocks.is_empty()));
+        head.is_some_and(|(seq, slot)| (lo..=hi).contains(seq) && slot.blocks.is_empty())
     }
 
     /// Bytes buffered now.

@@ -335,18 +335,20 @@ pub fn guard<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
                 message: e.to_string(),
             },
         }),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panicked".to_string());
-            Err(VolleyError::UserFunction {
-                name: name.to_string(),
-                message: format!("panicked: {message}"),
-            })
-        }
+        Err(panic) => Err(VolleyError::UserFunction {
+            name: name.to_string(),
+            message: format!("panicked: {}", panic_text(panic.as_ref())),
+        }),
     }
+}
+
+/// The message a panic carried (`panic!("...")`'s text), or "panicked".
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panicked".to_string())
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub struct Tensor {
 }
 
 /// Every weight a [`ModelConfig`] needs, checked against the shapes it implies.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Checkpoint {
     tensors: HashMap<String, Tensor>,
 }
@@ -145,6 +145,11 @@ impl Checkpoint {
     /// A weight by its Hugging Face name.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.tensors.get(name)
+    }
+
+    /// Takes a weight out (a model built from the checkpoint holds each weight once).
+    pub fn take(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
     }
 
     /// Number of weights.

@@ -161,8 +161,7 @@ impl<B: Backend> Engine<B> {
     pub fn load(dir: &Path, config: EngineConfig, device: &B::Device) -> Result<Self> {
         let model_config = ModelConfig::from_dir(dir)?;
         let checkpoint = Checkpoint::load(dir, &model_config)?;
-        let model = Model::new(model_config, &checkpoint, device)?;
-        drop(checkpoint);
+        let model = Model::new(model_config, checkpoint, device)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         if tokenizer.vocab_size() > model.config().vocab_size {
             return Err(VolleyError::plan(format!(

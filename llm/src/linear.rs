@@ -33,14 +33,20 @@ pub(crate) fn host_backend<B: Backend>() -> bool {
 }
 
 impl<B: Backend> Linear<B> {
-    /// Several `[out_i, in]` weights (row-major) stacked into one `[sum out_i, in]`.
-    pub(crate) fn new(parts: &[&crate::checkpoint::Tensor], device: &B::Device) -> Self {
+    /// Several `[out_i, in]` weights (row-major) stacked into one `[sum out_i, in]`
+    /// (one weight is taken as it is, not copied).
+    pub(crate) fn new(parts: Vec<crate::checkpoint::Tensor>, device: &B::Device) -> Self {
         let inp = parts[0].shape[1];
         let out: usize = parts.iter().map(|p| p.shape[0]).sum();
-        let mut data = Vec::with_capacity(out * inp);
-        for p in parts {
-            data.extend_from_slice(&p.data);
-        }
+        let data = if parts.len() == 1 {
+            parts.into_iter().next().map(|p| p.data).unwrap_or_default()
+        } else {
+            let mut data = Vec::with_capacity(out * inp);
+            for p in parts {
+                data.extend_from_slice(&p.data);
+            }
+            data
+        };
         if host_backend::<B>() {
             return Linear::Host { data, out, inp };
         }

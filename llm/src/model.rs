@@ -124,24 +124,19 @@ fn int_tensor<B: Backend>(values: &[usize], device: &B::Device) -> Tensor<B, 1, 
 }
 
 impl<B: Backend> Model<B> {
-    /// Puts a checkpoint's weights on `device`.
-    pub fn new(config: ModelConfig, ck: &Checkpoint, device: &B::Device) -> Result<Self> {
-        let get = |name: &str| {
-            ck.get(name)
+    /// Puts a checkpoint's weights on `device`, taking each out of the checkpoint as it
+    /// goes (a weight is not held twice while the model is built).
+    pub fn new(config: ModelConfig, mut ck: Checkpoint, device: &B::Device) -> Result<Self> {
+        let mut get = |name: &str| {
+            ck.take(name)
                 .ok_or_else(|| VolleyError::plan(format!("checkpoint lacks {name}")))
         };
-        let vec1 = |name: &str| -> Result<Tensor<B, 1>> {
-            let t = get(name)?;
-            Ok(Tensor::from_data(
-                TensorData::new(t.data.clone(), [t.data.len()]),
-                device,
-            ))
+        let vec1 = |t: crate::checkpoint::Tensor| -> Tensor<B, 1> {
+            let n = t.data.len();
+            Tensor::from_data(TensorData::new(t.data, [n]), device)
         };
         // Several `[out, in]` projections stacked into one.
-        let fused = |names: &[String]| -> Result<Linear<B>> {
-            let parts = names.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
-            Ok(Linear::new(&parts, device))
-        };
+        let fused = |parts: Vec<crate::checkpoint::Tensor>| Linear::new(parts, device);
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
             let p = format!("model.layers.{l}");
@@ -149,9 +144,9 @@ impl<B: Backend> Model<B> {
             let qkv_bias = if config.attention_bias {
                 Some(Tensor::cat(
                     vec![
-                        vec1(&attn("q_proj.bias"))?,
-                        vec1(&attn("k_proj.bias"))?,
-                        vec1(&attn("v_proj.bias"))?,
+                        vec1(get(&attn("q_proj.bias"))?),
+                        vec1(get(&attn("k_proj.bias"))?),
+                        vec1(get(&attn("v_proj.bias"))?),
                     ],
                     0,
                 ))
@@ -159,32 +154,31 @@ impl<B: Backend> Model<B> {
                 None
             };
             layers.push(Layer {
-                attn_norm: vec1(&format!("{p}.input_layernorm.weight"))?,
-                qkv: fused(&[
-                    attn("q_proj.weight"),
-                    attn("k_proj.weight"),
-                    attn("v_proj.weight"),
-                ])?,
+                attn_norm: vec1(get(&format!("{p}.input_layernorm.weight"))?),
+                qkv: fused(vec![
+                    get(&attn("q_proj.weight"))?,
+                    get(&attn("k_proj.weight"))?,
+                    get(&attn("v_proj.weight"))?,
+                ]),
                 qkv_bias,
-                o: fused(&[attn("o_proj.weight")])?,
-                mlp_norm: vec1(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate_up: fused(&[
-                    format!("{p}.mlp.gate_proj.weight"),
-                    format!("{p}.mlp.up_proj.weight"),
-                ])?,
-                down: fused(&[format!("{p}.mlp.down_proj.weight")])?,
+                o: fused(vec![get(&attn("o_proj.weight"))?]),
+                mlp_norm: vec1(get(&format!("{p}.post_attention_layernorm.weight"))?),
+                gate_up: fused(vec![
+                    get(&format!("{p}.mlp.gate_proj.weight"))?,
+                    get(&format!("{p}.mlp.up_proj.weight"))?,
+                ]),
+                down: fused(vec![get(&format!("{p}.mlp.down_proj.weight"))?]),
             });
         }
         let embed_w = get("model.embed_tokens.weight")?;
-        let embed = Tensor::from_data(
-            TensorData::new(embed_w.data.clone(), [embed_w.shape[0], embed_w.shape[1]]),
-            device,
-        );
         let lm_head = if config.tie_word_embeddings {
-            fused(&["model.embed_tokens.weight".to_string()])?
+            // Tied: the one weight both looks tokens up and projects to the vocabulary.
+            fused(vec![embed_w.clone()])
         } else {
-            fused(&["lm_head.weight".to_string()])?
+            fused(vec![get("lm_head.weight")?])
         };
+        let shape = [embed_w.shape[0], embed_w.shape[1]];
+        let embed = Tensor::from_data(TensorData::new(embed_w.data, shape), device);
         let inv = inv_freq(&config);
         let half = inv.len();
         let max_pos = config.max_position_embeddings.max(1);
@@ -200,7 +194,7 @@ impl<B: Backend> Model<B> {
             }
         }
         Ok(Self {
-            norm: vec1("model.norm.weight")?,
+            norm: vec1(get("model.norm.weight")?),
             cos: Tensor::from_data(TensorData::new(cos, [max_pos, half]), device),
             sin: Tensor::from_data(TensorData::new(sin, [max_pos, half]), device),
             config,

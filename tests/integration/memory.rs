@@ -256,3 +256,29 @@ fn a_join_on_sparse_keys_fits_a_small_budget() {
     assert_eq!(value("n"), 333_334);
     assert_eq!(value("s"), 3 * 333_333 * 333_334 / 2);
 }
+
+/// In ordered mode (every local exchange runs its input ordered) a union's later input
+/// can fill the budget with blocks that wait behind the first input's next sequence:
+/// the first input's operator must still start its next task, or nothing moves again.
+#[test]
+fn an_ordered_union_whose_later_input_fills_the_budget_finishes() {
+    let c = ctx_with(|cfg| {
+        cfg.set("volley.exec.memory_limit", "16MiB").unwrap();
+        cfg.set("volley.runtime.num_cpus", "2").unwrap();
+    });
+    let (a, b) = (c.range(4_000_000), c.range(4_000_000));
+    let shuffled = a.union(&[&b]).unwrap().random_shuffle(7).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rows: usize = shuffled
+            .iter_batches()
+            .unwrap()
+            .map(|b| b.unwrap().num_rows())
+            .sum();
+        let _ = tx.send(rows);
+    });
+    let rows = rx
+        .recv_timeout(std::time::Duration::from_secs(240))
+        .expect("the union stalled: its first input never started its next task");
+    assert_eq!(rows, 8_000_000);
+}

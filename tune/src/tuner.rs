@@ -459,7 +459,9 @@ impl Tuner {
 
     /// Resumes the experiment at `path` (`storage/name`): finished trials are not run
     /// again, unfinished ones continue from their latest checkpoint. The same as
-    /// running [`Tuner::new`] again with that storage path and name.
+    /// running [`Tuner::new`] again with `RunConfig::new(storage, name)`: failure and
+    /// checkpoint settings are the defaults (no retries, every checkpoint kept); to
+    /// resume with others, call [`Tuner::new`] with the run's own [`RunConfig`].
     pub fn restore(
         path: &str,
         trainable: impl Trainable + 'static,
@@ -734,7 +736,15 @@ impl Tuner {
                             std::thread::Builder::new()
                                 .name(id)
                                 .spawn(move || {
-                                    let _ = tx.send((index, trainer.fit().map(|_| ())));
+                                    // A panic is the trial's failure: the loop that
+                                    // waits for its end must hear of it.
+                                    let fit = std::panic::catch_unwind(
+                                        std::panic::AssertUnwindSafe(|| trainer.fit()),
+                                    )
+                                    .unwrap_or_else(|_| {
+                                        Err(VolleyError::execution("the trainer panicked"))
+                                    });
+                                    let _ = tx.send((index, fit.map(|_| ())));
                                 })
                                 .map_err(|e| {
                                     VolleyError::internal(format!("cannot start a thread: {e}"))
@@ -847,6 +857,11 @@ impl Tuner {
             }
             Ok(())
         })();
+        if result.is_err() {
+            // Trials still running are told to stop at their next report (trainer
+            // trials' hooks hold the state past this call).
+            shared.lock().expect("tuner lock").stop_all = true;
+        }
         server.shutdown();
         drop(lease);
         let s = shared.lock().expect("tuner lock");

@@ -48,7 +48,9 @@ impl ActorPoolOp {
 
 impl Operator for ActorPoolOp {
     fn step(&mut self, cx: &mut StepContext<'_>) -> bool {
-        while !cx.stopping && self.spawned < self.concurrency {
+        // A worker that ended found the input drained: later ones (waiting for CPUs
+        // the first held) would only build their state to find nothing left.
+        while !cx.stopping && self.spawned < self.concurrency && cx.running() == self.spawned {
             let worker = ActorWorker {
                 input: Arc::clone(&self.input),
                 out: Arc::clone(cx.out),

@@ -66,7 +66,9 @@ impl Operator for MapOp {
             self.bundle.clear();
             self.bundle_len = 0;
         }
-        while !cx.stopping && cx.room && cx.running() < self.concurrency.min(cx.max_tasks) {
+        // The concurrency asked for (else the operator's task limit): the runtime still
+        // runs only as many tasks as its CPUs hold at their request.
+        while !cx.stopping && cx.room && cx.running() < self.concurrency {
             if !self.fill() {
                 break;
             }

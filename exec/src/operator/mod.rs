@@ -311,7 +311,10 @@ impl StepContext<'_> {
     /// and drains the blocks filling the budget; a consumer that does not read holds
     /// everything back.
     pub(crate) fn may_pass_full_budget(&self) -> bool {
-        self.shared.remote_running.load(Ordering::Acquire) == 0 && self.out.bytes() == 0
+        (self.shared.remote_running.load(Ordering::Acquire) == 0 && self.out.bytes() == 0)
+            // The consumer waits for this operator's output, behind which the blocks
+            // filling the budget wait (ordered mode: see `BlockQueue::waiting_on`).
+            || self.out.waiting_on(self.seqs.base, self.seqs.sentinel())
     }
 
     /// Whether the object-store budget has room for `bytes` more (in all, and on

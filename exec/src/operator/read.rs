@@ -78,7 +78,17 @@ impl Operator for ReadOp {
             cx.out.register(seq);
             let (body, shared, t) = (self.body.clone(), Arc::clone(cx.shared), task.clone());
             let started = cx.spawn(cx.name.to_string(), self.resources, move || {
-                let r = run_read(&body, &shared, &t, seq);
+                // A panic in a source or decoder names the file it read.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_read(&body, &shared, &t, seq)
+                }))
+                .unwrap_or_else(|panic| {
+                    Err(VolleyError::internal(format!(
+                        "reading {}: {}",
+                        t.label,
+                        crate::transform::panic_text(panic.as_ref())
+                    )))
+                });
                 body.out.finish_seq(seq);
                 r
             });

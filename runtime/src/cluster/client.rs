@@ -180,8 +180,15 @@ impl Inner {
 }
 
 impl Drop for Inner {
+    /// A program that lets go of its cluster ends its job: succeeded, unless it is
+    /// unwinding from a panic (an error the program returns is its to report, with
+    /// [`Cluster::end_attached_job`]).
     fn drop(&mut self) {
-        self.end_attached(0, "");
+        if std::thread::panicking() {
+            self.end_attached(101, "the program panicked");
+        } else {
+            self.end_attached(0, "");
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -141,8 +142,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn check(core: &HeadCore, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers
+/// The token of an `Authorization: Bearer TOKEN` header, if there is one.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         // The scheme's name is case-insensitive (RFC 9110).
@@ -150,8 +152,11 @@ fn check(core: &HeadCore, headers: &HeaderMap) -> Result<(), ApiError> {
             v.get(..7)
                 .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
                 .map(|_| &v[7..])
-        });
-    match given {
+        })
+}
+
+fn check(core: &HeadCore, headers: &HeaderMap) -> Result<(), ApiError> {
+    match bearer_token(headers) {
         Some(t) if same_token(t, &core.options().token) => Ok(()),
         Some(_) => Err(ApiError(
             StatusCode::UNAUTHORIZED,
@@ -338,13 +343,23 @@ async fn executions(
     Ok(Json(core.job_executions(&id).map_err(not_found)?))
 }
 
+/// A job's tasks (at most 2,000, failed and running first), with how many the head
+/// holds in all in the `x-volley-total` header.
 async fn tasks(
     State(core): Core,
     h: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Vec<super::head::JobTask>>, ApiError> {
+) -> Result<Response, ApiError> {
     check(&core, &h)?;
-    Ok(Json(core.job_tasks(&id).map_err(not_found)?))
+    let (tasks, total) = core.job_tasks(&id).map_err(not_found)?;
+    Ok((
+        [(
+            axum::http::HeaderName::from_static("x-volley-total"),
+            total.to_string(),
+        )],
+        Json(tasks),
+    )
+        .into_response())
 }
 
 /// The dashboard: one page, bundled into the binary (it works without internet); it
@@ -378,6 +393,9 @@ async fn metrics(State(core): Core, h: HeaderMap) -> Result<Response, ApiError> 
         .into_response())
 }
 
+/// How long a TLS client has to finish its handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// Serves `app` over TLS on `listener` (HTTP/1.1 and HTTP/2).
 pub(crate) async fn serve_tls(
     listener: tokio::net::TcpListener,
@@ -385,12 +403,19 @@ pub(crate) async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
 ) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            // Out of file descriptors, say: wait for some to close rather than spin.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
+            // A client that never finishes its handshake does not hold its connection.
+            let Ok(Ok(tls)) = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await
+            else {
                 return;
             };
             let service = hyper_util::service::TowerToHyperService::new(app);

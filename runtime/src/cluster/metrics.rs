@@ -6,7 +6,7 @@
 //!
 //! | metric | type | labels |
 //! | --- | --- | --- |
-//! | `volley_nodes` | gauge | `state` (`alive`, `dead`) |
+//! | `volley_nodes` | gauge | `state` (`alive`, draining ones included; `dead`; `left`) |
 //! | `volley_node_cpus`, `volley_node_gpus`, `volley_node_memory_bytes` | gauge | `node`, `kind` (`total`, `available`) |
 //! | `volley_node_object_store_bytes` | gauge | `node` (objects in memory) |
 //! | `volley_node_object_store_limit_bytes` | gauge | `node` (memory before spilling) |
@@ -17,7 +17,19 @@
 //! | `volley_tasks_ended_total` | counter | `outcome` (`succeeded`, `failed`, `retried`, `cancelled`) |
 //! | `volley_task_duration_seconds` | histogram | (from being sent to a node to its report, tasks that succeeded) |
 //! | `volley_jobs` | gauge | `state` |
+//! | `volley_jobs_waiting` | gauge | `reason` (`node`, `room`, `beyond_nodes`) |
 //! | `volley_objects` | gauge | |
+//! | `volley_package_cache_bytes` | gauge | |
+//! | `volley_package_received_bytes_total` | counter | |
+//! | `volley_operator_rows`, `_bytes`, `_tasks_done`, `_tasks_running`, `_tasks`, `_queued_bytes`, `_spilled_bytes` | gauge | `job`, `execution`, `operator` (running executions) |
+//!
+//! Counters the head keeps itself (`volley_tasks_ended_total`, the duration histogram,
+//! `volley_package_received_bytes_total`) count from the head's start: a restarted
+//! head starts them at 0, which Prometheus' `rate` and `increase` take as a reset.
+//!
+//! A node agent started with `--metrics-port` serves its own figures as
+//! `volley_agent_*` ([`render_agent`]): its store, workers, queued tasks and package
+//! cache, with the same token.
 
 use std::sync::atomic::AtomicU64;
 

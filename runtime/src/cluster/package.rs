@@ -548,10 +548,12 @@ impl BlobWriter<'_> {
         file.set_permissions(std::fs::Permissions::from_mode(0o500))?;
         let digest = self.digest.clone();
         let cache = self.cache;
+        // Marked used before it is in place: an eviction in between must not take it
+        // for the least recently used blob.
+        let _ = touch(&cache.used_path(&digest));
         self.file
             .persist(cache.path(&digest))
             .map_err(|e| VolleyError::Io(e.error))?;
-        let _ = touch(&cache.used_path(&digest));
         Ok(())
     }
 }

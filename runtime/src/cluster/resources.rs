@@ -11,6 +11,8 @@ use super::proto;
 
 /// What a task, actor, bundle or job holds while it runs, or what a node has.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+// Fields left out of a JSON body (`{"num_cpus": 2}`) are none.
+#[serde(default)]
 pub struct Resources {
     /// CPUs; `0.5` lets two such tasks share a core.
     pub num_cpus: f64,

@@ -12,7 +12,7 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use volley_common::Result;
+use volley_common::{Result, ResultExt};
 
 use super::proto::{LogQuery, LogSection};
 
@@ -241,17 +241,21 @@ fn section(
     };
     let mut data = vec![0u8; (end - from) as usize];
     if !data.is_empty() {
-        let mut f = std::fs::File::open(path)?;
-        f.seek(SeekFrom::Start(from))?;
-        let mut n = 0;
-        while n < data.len() {
-            let r = f.read(&mut data[n..])?;
-            if r == 0 {
-                break;
+        let read = |data: &mut Vec<u8>| -> std::io::Result<()> {
+            let mut f = std::fs::File::open(path)?;
+            f.seek(SeekFrom::Start(from))?;
+            let mut n = 0;
+            while n < data.len() {
+                let r = f.read(&mut data[n..])?;
+                if r == 0 {
+                    break;
+                }
+                n += r;
             }
-            n += r;
-        }
-        data.truncate(n);
+            data.truncate(n);
+            Ok(())
+        };
+        read(&mut data).with_context(|| format!("reading {}", path.display()))?;
     }
     Ok(LogSection {
         title,

@@ -210,6 +210,11 @@ impl HeadCore {
         self.store.save(jobs, next_node, next_job, nodes)
     }
 
+    /// Writes the jobs and counters to the store now (a head about to exit).
+    pub fn flush(&self) -> Result<()> {
+        self.persist()
+    }
+
     /// Writes what changes to the store, a few times a second, for as long as the head
     /// runs.
     pub async fn persist_loop(self: Arc<Self>) {
@@ -268,6 +273,11 @@ impl HeadCore {
         };
         self.changed.notify_waiters();
         if ended {
+            // Kept before the caller hears of it: a head restarted right after must
+            // not find the job running and start it again.
+            if let Err(e) = self.persist() {
+                warn!("{e}");
+            }
             self.logs.notify_waiters();
         }
         out
@@ -449,8 +459,9 @@ impl HeadCore {
     }
 
     /// The tasks of job `id` the head holds (waiting, running, or done with their
-    /// objects still in use), at most 2,000.
-    pub fn job_tasks(&self, id: &str) -> Result<Vec<JobTask>> {
+    /// objects still in use), at most 2,000, failed and running first; and how many it
+    /// holds in all.
+    pub fn job_tasks(&self, id: &str) -> Result<(Vec<JobTask>, usize)> {
         Ok(self.read(|s| s.job_tasks(id))?)
     }
 
@@ -493,15 +504,17 @@ impl HeadCore {
         let mut data = Vec::new();
         let mut at_end = true;
         if let Ok(mut f) = std::fs::File::open(self.job_dir(id).join("driver.log")) {
-            // An offset past the end reads nothing (a seek past `i64::MAX` would fail).
-            let offset = offset.min(f.metadata()?.len());
-            f.seek(SeekFrom::Start(offset))?;
-            // A piece at a time: a log of gigabytes is neither held whole nor sent as
-            // one message past the transport's limit.
-            (&mut f).take(LOG_PIECE + 1).read_to_end(&mut data)?;
-            if data.len() as u64 > LOG_PIECE {
-                data.truncate(LOG_PIECE as usize);
-                at_end = false;
+            // An offset at or past the end reads nothing, even while the log grows: what
+            // comes back always starts at `offset` (a seek past `i64::MAX` would fail).
+            if offset < f.metadata()?.len() {
+                f.seek(SeekFrom::Start(offset))?;
+                // A piece at a time: a log of gigabytes is neither held whole nor sent
+                // as one message past the transport's limit.
+                (&mut f).take(LOG_PIECE + 1).read_to_end(&mut data)?;
+                if data.len() as u64 > LOG_PIECE {
+                    data.truncate(LOG_PIECE as usize);
+                    at_end = false;
+                }
             }
         }
         Ok((data, done && at_end))
@@ -591,4 +604,33 @@ fn status_now(j: &JobEntry, waiting: &HashMap<String, Waiting>) -> JobStatus {
 struct Told {
     last: HashMap<String, String>,
     written: HashMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job's end is in the store when the call that ended it returns: a head killed
+    /// right after must not find it running and start it again.
+    #[test]
+    fn a_stopped_job_is_stored_stopped_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = HeadOptions::new(dir.path().join("head"), "t".repeat(32));
+        let core = HeadCore::new(options).unwrap();
+        let id = core
+            .add_job(proto::JobSpec {
+                entrypoint: vec!["true".into()],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(core.stop_job(&id).unwrap().state, JobState::Stopped);
+        drop(core);
+        let (_, recovered) = HeadStore::open(&dir.path().join("head/head.redb")).unwrap();
+        let stored = recovered
+            .jobs
+            .iter()
+            .find_map(|j| j.info.as_ref().filter(|i| i.job_id == id))
+            .unwrap();
+        assert_eq!(stored.state, JobState::Stopped.to_string());
+    }
 }

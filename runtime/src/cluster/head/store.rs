@@ -61,6 +61,12 @@ impl HeadStore {
             std::fs::create_dir_all(dir).map_err(|e| failed(&e))?;
         }
         let db = Database::create(path).map_err(|e| failed(&e))?;
+        // Jobs' environments (secrets among them) are in it: for this user only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| failed(&e))?;
+        }
         // Tables exist from the first start on: reads never meet a missing one.
         let tx = db.begin_write().map_err(|e| failed(&e))?;
         tx.open_table(JOBS).map_err(|e| failed(&e))?;

@@ -1003,10 +1003,7 @@ impl Agent {
                 axum::routing::get(move |headers: HeaderMap| {
                     let agent = Arc::clone(&agent);
                     async move {
-                        let given = headers
-                            .get("authorization")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.strip_prefix("Bearer "));
+                        let given = super::http::bearer_token(&headers);
                         if !given.is_some_and(|t| super::auth::same_token(t, &agent.options.token))
                         {
                             return (
@@ -1015,12 +1012,19 @@ impl Agent {
                             )
                                 .into_response();
                         }
-                        let mut figures = tokio::task::spawn_blocking({
+                        let figures = tokio::task::spawn_blocking({
                             let agent = Arc::clone(&agent);
                             move || (agent.figures(), agent.blobs.size())
                         })
-                        .await
-                        .unwrap_or_default();
+                        .await;
+                        // Zeros would read as real figures: a failure is said as one.
+                        let Ok(mut figures) = figures else {
+                            return (
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "the node agent could not gather its figures",
+                            )
+                                .into_response();
+                        };
                         figures.0.package_cache_bytes = figures.1;
                         (
                             [(

@@ -611,11 +611,16 @@ impl Agent {
             VolleyError::execution(format!("cannot start {:?}: {e}", job.entrypoint[0]))
         })?;
         let (kill_tx, mut kill_rx) = oneshot::channel();
-        self.state
-            .lock()
-            .expect("agent lock")
-            .drivers
-            .insert(d.job_id.clone(), kill_tx);
+        {
+            let mut s = self.state.lock().expect("agent lock");
+            // A stop that came while the process started found no driver to kill:
+            // this one is killed at once.
+            if s.stopped_jobs.contains(&d.job_id) {
+                let _ = kill_tx.send(());
+            } else {
+                s.drivers.insert(d.job_id.clone(), kill_tx);
+            }
+        }
         let mut head = self.head.clone();
         let mut offset = 0u64;
         let run = uuid::Uuid::new_v4().simple().to_string();
@@ -677,32 +682,45 @@ impl Agent {
     }
 }
 
-/// Sends the driver's output past `offset` to the head (as part of driver run `run`);
-/// returns how far it got.
-async fn forward_log(head: &mut Head, job: &str, run: &str, path: &Path, offset: u64) -> u64 {
-    let data = match std::fs::read(path) {
-        Ok(d) => d
-            .get(offset as usize..)
-            .map(|s| s.to_vec())
-            .unwrap_or_default(),
-        Err(_) => return offset,
-    };
-    if data.is_empty() {
-        return offset;
+/// Most bytes of a driver's log sent in one message.
+const LOG_PIECE: u64 = 4 << 20;
+
+/// Sends the driver's output past `offset` to the head (as part of driver run `run`),
+/// a piece at a time (a chatty driver's backlog is neither read whole nor sent as one
+/// message past the transport's limit); returns how far it got.
+async fn forward_log(head: &mut Head, job: &str, run: &str, path: &Path, mut offset: u64) -> u64 {
+    loop {
+        let data = match read_piece(path, offset, LOG_PIECE) {
+            Ok(data) if !data.is_empty() => data,
+            _ => return offset,
+        };
+        let n = data.len() as u64;
+        let sent = head
+            .append_log(proto::LogAppend {
+                job_id: job.to_string(),
+                data,
+                offset,
+                run: run.to_string(),
+            })
+            .await;
+        if sent.is_err() {
+            return offset;
+        }
+        offset += n;
+        if n < LOG_PIECE {
+            return offset;
+        }
     }
-    let n = data.len() as u64;
-    match head
-        .append_log(proto::LogAppend {
-            job_id: job.to_string(),
-            data,
-            offset,
-            run: run.to_string(),
-        })
-        .await
-    {
-        Ok(_) => offset + n,
-        Err(_) => offset,
-    }
+}
+
+/// At most `max` bytes of the file at `path` from `offset`.
+fn read_piece(path: &Path, offset: u64, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut data = Vec::new();
+    file.take(max).read_to_end(&mut data)?;
+    Ok(data)
 }
 
 fn join_ids(ids: &[u32]) -> String {

@@ -91,6 +91,9 @@ impl TaskQueue {
 /// died or was cut off) before such a loss uses one of its retries.
 const MAX_INPUT_LOSSES: u32 = 8;
 
+/// Most tasks of a job [`State::job_tasks`] lists.
+pub const JOB_TASKS_SHOWN: usize = 2000;
+
 /// How long a job's tasks keep off a node that could not start the job's workers (as
 /// long as the node itself starts none for the job after repeated failures): their
 /// retries go to the other nodes instead of failing there again.
@@ -1316,15 +1319,32 @@ impl State {
     }
 
     /// The tasks of job `id` the head holds (waiting, running, or done with their
-    /// objects still in use), at most 2,000, by id.
-    pub fn job_tasks(&self, id: &str) -> std::result::Result<Vec<JobTask>, Refusal> {
+    /// objects still in use), at most [`JOB_TASKS_SHOWN`]: the failed ones first, then
+    /// the running, the waiting and the done, each by id; and how many it holds in all.
+    pub fn job_tasks(&self, id: &str) -> std::result::Result<(Vec<JobTask>, usize), Refusal> {
         self.job(id)?;
-        let mut out: Vec<JobTask> = self
+        let failed = |tid: &String| self.objects.get(tid).is_some_and(|o| o.error.is_some());
+        let mut all: Vec<(u8, &String, &TaskEntry)> = self
             .tasks
             .iter()
             .filter(|(_, t)| t.spec.job_id == id)
-            .take(2000)
             .map(|(tid, t)| {
+                let rank = match &t.state {
+                    TaskState::Failed => 0,
+                    TaskState::Done if failed(tid) => 0,
+                    TaskState::Running { .. } => 1,
+                    TaskState::Pending => 2,
+                    TaskState::Done => 3,
+                };
+                (rank, tid, t.as_ref())
+            })
+            .collect();
+        let total = all.len();
+        all.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        all.truncate(JOB_TASKS_SHOWN);
+        let out: Vec<JobTask> = all
+            .into_iter()
+            .map(|(_, tid, t)| {
                 let object = self.objects.get(tid);
                 let error = object
                     .and_then(|o| o.error.as_ref())
@@ -1360,7 +1380,6 @@ impl State {
                 }
             })
             .collect();
-        out.sort_by(|a, b| a.task_id.cmp(&b.task_id));
-        Ok(out)
+        Ok((out, total))
     }
 }

@@ -1559,7 +1559,8 @@ fn work_asking_more_than_any_node_has_is_named_in_its_job_s_wait() {
          and 2 more; it waits until a node with enough joins"
     );
     // Each such task and actor says so in its record too; the others do not.
-    let tasks = s.job_tasks("j").unwrap();
+    let (tasks, total) = s.job_tasks("j").unwrap();
+    assert_eq!(total, tasks.len());
     let waits = |name: &str| -> Vec<&str> {
         tasks
             .iter()
