@@ -74,6 +74,21 @@ impl RemoteTask for Sum {
     }
 }
 
+/// A task that carries `bytes` itself (past gRPC's default 4 MiB message): answers
+/// their count and sum.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Carry {
+    bytes: Vec<u8>,
+}
+
+#[typetag::serde]
+impl RemoteTask for Carry {
+    fn run(&self, _: &TaskContext, _: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
+        let sum: i64 = self.bytes.iter().map(|&b| i64::from(b)).sum();
+        value_object(&(self.bytes.len() as i64, sum))
+    }
+}
+
 fn sum<'a>(batches: impl Iterator<Item = &'a RecordBatch>) -> i64 {
     batches
         .map(|b| {
@@ -408,6 +423,22 @@ fn main() -> Result<()> {
         }
     }
     println!("blocks were made on {} node(s): {nodes:?}", nodes.len());
+
+    // A task bigger than gRPC's default message limit goes through the node agent to
+    // its worker (both sides take messages up to the head's limit).
+    let bytes: Vec<u8> = (0..6 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let want = (
+        bytes.len() as i64,
+        bytes.iter().map(|&b| i64::from(b)).sum::<i64>(),
+    );
+    let carried = cluster.submit(Carry { bytes }, &[], &TaskOptions::default())?;
+    let got: (i64, i64) = object_value(&cluster.get(&carried)?)?;
+    println!("a task of {} bytes ran: {}", want.0, got == want);
+    if got != want {
+        return Err(VolleyError::execution(format!(
+            "a 6 MiB task answered {got:?}, not {want:?}"
+        )));
+    }
 
     let acc = cluster.create_actor(Accumulator::default(), &ActorOptions::default())?;
     let mut last = None;

@@ -258,23 +258,30 @@ fn read_trimmed(path: &Path) -> Option<String> {
 
 /// The token of the head this machine runs (its state folder's `token` file), if
 /// `address` is that head: the head's recorded address, or its port on an address of
+/// this machine; with no head listening here now (one may be starting), any address of
 /// this machine. A head elsewhere is not sent this cluster's token.
 fn local_token(dir: &Path, address: &str) -> Option<String> {
-    let recorded = read_trimmed(&dir.join("head_address"))?;
-    if address != recorded && !same_local_port(address, &recorded) {
+    let ours = match read_trimmed(&dir.join("head_address")) {
+        Some(recorded) => {
+            address == recorded || (port(address) == port(&recorded) && is_local(address))
+        }
+        None => is_local(address),
+    };
+    if !ours {
         return None;
     }
     auth::read_token(&dir.join("token")).ok()
 }
 
-/// Whether `address` names `recorded`'s port on this machine (a loopback address, or
-/// one an interface here has: binding to it works).
-fn same_local_port(address: &str, recorded: &str) -> bool {
+/// The port of a `HOST:PORT` address.
+fn port(address: &str) -> Option<&str> {
+    address.rsplit_once(':').map(|(_, p)| p)
+}
+
+/// Whether `address` names this machine: a loopback address, or one an interface here
+/// has (binding to it works).
+fn is_local(address: &str) -> bool {
     use std::net::ToSocketAddrs;
-    let port = |a: &str| a.rsplit_once(':').map(|(_, p)| p.to_string());
-    if port(address).is_none() || port(address) != port(recorded) {
-        return false;
-    }
     let Ok(resolved) = address.to_socket_addrs() else {
         return false;
     };
@@ -475,12 +482,16 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     let node_timeout = seconds("node-timeout", a.node_timeout, 0.2)?;
     // For this user only: the head keeps the token, jobs' environments and logs here.
     {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let failed =
+            |e: std::io::Error| VolleyError::from(e).context(format!("creating {}", dir.display()));
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| VolleyError::from(e).context(format!("creating {}", dir.display())))?;
+            .map_err(failed)?;
+        // A folder made by an older version is closed too.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)?;
     }
     if !a.block {
         // A head already running on this state folder keeps its files and its log.
@@ -993,8 +1004,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = auth::new_token();
         auth::write_token(&dir.path().join("token"), &token).unwrap();
-        // No head here: no token for anyone.
-        assert_eq!(local_token(dir.path(), "127.0.0.1:6380"), None);
+        // No head listening here yet: an address of this machine gets it, another not.
+        assert_eq!(
+            local_token(dir.path(), "127.0.0.1:6380"),
+            Some(token.clone())
+        );
+        assert_eq!(local_token(dir.path(), "203.0.113.9:6380"), None);
         std::fs::write(dir.path().join("head_address"), "0.0.0.0:6380").unwrap();
         assert_eq!(local_token(dir.path(), "0.0.0.0:6380"), Some(token.clone()));
         assert_eq!(

@@ -803,6 +803,8 @@ fn jobs_tasks_resources_tokens_and_http_on_a_three_node_cluster() {
     );
     let logs = c.logs(&tasks);
     assert!(logs.contains("OK"), "{logs}");
+    // A task of 6 MiB (past gRPC's default limit) reached its worker.
+    assert!(logs.contains("a task of 6291456 bytes ran: true"), "{logs}");
     // Failed tasks' errors keep their category across the wire.
     for kind in ["UserFunction", "Cancelled", "ResourcesExhausted", "Plan"] {
         assert!(

@@ -102,7 +102,8 @@ impl MapOptions {
         self.custom.insert(name.into(), amount);
         self
     }
-    /// Exactly `n` tasks or workers at once.
+    /// `n` workers of a stateful stage; for a stateless one, at most `n` tasks at once
+    /// (and at most `volley.exec.max_tasks_per_operator`, by default the CPUs).
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = Some(Concurrency::Fixed(n.max(1)));
         self

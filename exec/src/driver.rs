@@ -13,7 +13,8 @@
 //! One scheduling loop (a thread per execution) steps every operator, downstream first,
 //! on every signal (a push, a pop, a task's end) or every 100 ms. Operators start the
 //! tasks that fit: the runtime must have the task's CPUs free, the memory budget must
-//! have room (or the operator's output queue be empty), and the operator must be under
+//! have room (or the operator's output queue be empty, or, nothing of the operator
+//! running, the ordered consumer wait for its output), and the operator must be under
 //! its concurrency. Tasks push their blocks into bounded queues and wait there when the
 //! budget is full, so a slow consumer slows the sources instead of growing memory. The
 //! consumer pulls from the last queue; dropping it cancels everything under it.
@@ -235,14 +236,15 @@ struct OpSlot {
 
 impl OpSlot {
     /// Whether the memory budget has room for more output (or the output queue is
-    /// empty, or its consumer waits for this operator's output: see
-    /// [`BlockQueue::waiting_on`]). A cluster operator's output goes to the object
+    /// empty, or its consumer waits for this operator's output while nothing of it
+    /// runs: see [`BlockQueue::waiting_on`]). A cluster operator's output goes to the object
     /// stores: it asks [`StepContext::store_room`] for each task or call instead.
     fn has_room(&self, shared: &ExecShared) -> bool {
         self.remote
             || shared.budget.used() < crate::queue::queue_ceiling(&shared.budget)
             || self.out.bytes() == 0
-            || self.out.waiting_on(self.seqs.base, self.seqs.sentinel())
+            || (self.in_flight.load(Ordering::Acquire) == 0
+                && self.out.waiting_on(self.seqs.base, self.seqs.sentinel()))
     }
 
     fn close(&mut self) {

@@ -99,7 +99,7 @@ impl Checkpoint {
                     // for (a bias of a projection without one, say) would be dropped
                     // and the outputs silently differ; saved rotary tables are not
                     // weights.
-                    if name.starts_with("model.") && !name.ends_with("rotary_emb.inv_freq") {
+                    if name.starts_with("model.") && !name.contains("rotary_emb.") {
                         return Err(VolleyError::plan(format!(
                             "{}: tensor {name} is not part of volley's {:?} model for this \
                              config.json (a bias or layer it does not implement)",

@@ -525,6 +525,7 @@ impl<B: Backend> Engine<B> {
         let bs = self.config.block_size;
         let mut fwd = ForwardBatch::default();
         let mut decode = AttentionGroup::default();
+        // (Decoding sequences go into groups of similar context lengths below.)
         let mut sampled = Vec::new();
         for (i, (seq, n)) in batch.iter().enumerate() {
             let first_row = fwd.tokens.len();
@@ -549,9 +550,7 @@ impl<B: Backend> Engine<B> {
                 sampled.push(i);
             }
         }
-        if !decode.seqs.is_empty() {
-            fwd.groups.push(decode);
-        }
+        fwd.groups.extend(decode_groups(decode.seqs));
         let logits = self.model.forward(&fwd, &mut self.cache);
         let vocab = self.model.config().vocab_size;
         let logits: Vec<f32> = match logits {
@@ -661,5 +660,66 @@ impl<B: Backend> Engine<B> {
             text,
             finish_reason,
         })
+    }
+}
+
+/// Decoding sequences in attention groups whose padding at most doubles the keys they
+/// attend over. One group is padded to its longest context: 64 sequences of which one
+/// has 30,000 tokens would gather 64 × 30,000 keys and values per layer, many times
+/// what the KV cache holds for them.
+fn decode_groups(mut seqs: Vec<AttentionSeq>) -> Vec<AttentionGroup> {
+    seqs.sort_by_key(|s| std::cmp::Reverse(s.context.len()));
+    let mut groups = Vec::new();
+    let mut current: Vec<AttentionSeq> = Vec::new();
+    // Keys the group's sequences attend over, unpadded.
+    let mut keys = 0usize;
+    for s in seqs {
+        let len = s.context.len().max(1);
+        let longest = current.first().map_or(len, |f| f.context.len().max(1));
+        if !current.is_empty() && (current.len() + 1) * longest > 2 * (keys + len) {
+            groups.push(AttentionGroup {
+                seqs: std::mem::take(&mut current),
+            });
+            keys = 0;
+        }
+        keys += len;
+        current.push(s);
+    }
+    if !current.is_empty() {
+        groups.push(AttentionGroup { seqs: current });
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(len: usize) -> AttentionSeq {
+        AttentionSeq {
+            first_row: 0,
+            num_queries: 1,
+            context: (0..len).collect(),
+        }
+    }
+
+    #[test]
+    fn decoding_sequences_are_grouped_by_length_with_bounded_padding() {
+        let mut seqs = vec![seq(30_000)];
+        seqs.extend((0..63).map(|_| seq(100)));
+        let groups = decode_groups(seqs);
+        assert_eq!(groups.iter().map(|g| g.seqs.len()).sum::<usize>(), 64);
+        for g in &groups {
+            let longest = g.seqs.iter().map(|s| s.context.len()).max().unwrap();
+            let keys: usize = g.seqs.iter().map(|s| s.context.len()).sum();
+            assert!(
+                g.seqs.len() * longest <= 2 * keys,
+                "{} × {longest}",
+                g.seqs.len()
+            );
+        }
+        // Equal lengths stay one group.
+        assert_eq!(decode_groups((0..8).map(|_| seq(50)).collect()).len(), 1);
+        assert!(decode_groups(Vec::new()).is_empty());
     }
 }

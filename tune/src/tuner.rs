@@ -908,8 +908,6 @@ impl Tuner {
     }
 }
 
-/// How many trials of `need` fit in `total` at once; an error naming what is short
-/// when none does.
 /// The checkpoint a trial starts again from: the newest complete one its store holds,
 /// which can be newer than `recorded`, the last the tuner heard of (the tuner stopped
 /// before recording a report, or the trial died between saving and reporting), or
@@ -924,6 +922,8 @@ fn resume_point(trials_root: &str, id: &str, recorded: Option<Checkpoint>) -> Op
     }
 }
 
+/// How many trials of `need` fit in `total` at once; an error naming what is short
+/// when none does.
 fn capacity(need: &Resources, total: &Resources, what: &str) -> Result<usize> {
     let mut n = usize::MAX;
     let mut fit = |need: f64, have: f64, name: &str| -> Result<()> {

@@ -66,9 +66,7 @@ impl Operator for MapOp {
             self.bundle.clear();
             self.bundle_len = 0;
         }
-        // The concurrency asked for (else the operator's task limit): the runtime still
-        // runs only as many tasks as its CPUs hold at their request.
-        while !cx.stopping && cx.room && cx.running() < self.concurrency {
+        while !cx.stopping && cx.room && cx.running() < self.concurrency.min(cx.max_tasks) {
             if !self.fill() {
                 break;
             }

@@ -69,7 +69,8 @@ pub(crate) struct StepContext<'a> {
     /// The execution is stopping (an error, a cancelled consumer, a satisfied limit):
     /// start nothing.
     pub stopping: bool,
-    /// The memory budget has room for more output (or `out` is empty).
+    /// The memory budget has room for more output (or `out` is empty, or its consumer
+    /// waits for this operator's output while nothing of it runs).
     pub room: bool,
     /// The most tasks one operator may run at once.
     pub max_tasks: usize,
@@ -310,11 +311,13 @@ impl StepContext<'_> {
     /// downstream first, so the one nearest the output that has input takes the turn
     /// and drains the blocks filling the budget; a consumer that does not read holds
     /// everything back.
+    ///
+    /// Also when nothing of this operator runs and the consumer waits for its output,
+    /// behind which the blocks filling the budget wait (ordered mode: another input of
+    /// a union; see `BlockQueue::waiting_on`).
     pub(crate) fn may_pass_full_budget(&self) -> bool {
         (self.shared.remote_running.load(Ordering::Acquire) == 0 && self.out.bytes() == 0)
-            // The consumer waits for this operator's output, behind which the blocks
-            // filling the budget wait (ordered mode: see `BlockQueue::waiting_on`).
-            || self.out.waiting_on(self.seqs.base, self.seqs.sentinel())
+            || (self.running() == 0 && self.out.waiting_on(self.seqs.base, self.seqs.sentinel()))
     }
 
     /// Whether the object-store budget has room for `bytes` more (in all, and on

@@ -105,12 +105,14 @@ impl Channels {
         .max_encoding_message_size(MAX_MESSAGE))
     }
 
-    /// A node-agent client.
+    /// A node-agent client (its messages carry tasks' inputs inline: up to
+    /// [`MAX_MESSAGE`], as the head's).
     pub fn agent(&self, address: &str) -> Result<Agent> {
-        Ok(NodeAgentClient::with_interceptor(
-            self.channel(address)?,
-            AddToken::new(&self.token)?,
-        ))
+        Ok(
+            NodeAgentClient::with_interceptor(self.channel(address)?, AddToken::new(&self.token)?)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
     }
 
     /// A Flight client of the object store at `address`.

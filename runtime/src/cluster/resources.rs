@@ -303,6 +303,15 @@ impl GpuSlots {
         }
     }
 
+    /// The GPUs with room, with how much of each is free.
+    pub(crate) fn free_parts(&self) -> Vec<(u32, f64)> {
+        self.slots
+            .iter()
+            .filter(|(_, free)| *free > EPS)
+            .copied()
+            .collect()
+    }
+
     /// Gives back what [`take`](Self::take) handed out.
     pub(crate) fn give(&mut self, ids: &[u32], n: f64) {
         let per = if n < 1.0 { n } else { 1.0 };

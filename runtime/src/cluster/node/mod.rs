@@ -268,14 +268,19 @@ pub async fn run_node_until(
     let channels = Channels::new(&options.token, &options.tls);
     let mut head = channels.head(&options.head_address)?;
     let (listener, address) = bind(&options.host, options.port).await?;
-    let mut store = ObjectStore::new(options.object_store_memory, options.dir.join("spill"))
+    // Spill files belong to this store alone: those of an earlier run of this folder
+    // (a node that rejoined as a new one, or was killed) are of objects no one has.
+    let spill = options.dir.join("spill");
+    let _ = std::fs::remove_dir_all(&spill);
+    let mut store = ObjectStore::new(options.object_store_memory, spill.clone())
         .with_compression(options.object_compression);
     if let Some(dir) = make_shared_dir() {
         store = store.with_shared_dir(dir);
     }
     let store = Arc::new(store);
-    // The shared folder goes with the agent, however it stops.
+    // The shared and spill folders go with the agent, however it stops.
     let _shared = store.shared_dir().map(|d| RemoveOnDrop(d.to_path_buf()));
+    let _spill = RemoveOnDrop(spill);
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| options.host.clone());
@@ -339,10 +344,14 @@ pub async fn run_node_until(
             .max_encoding_message_size(super::net::MAX_MESSAGE),
         check.clone(),
     );
-    let service = proto::node_agent_server::NodeAgentServer::with_interceptor(
-        AgentService {
+    // Tasks and their inline inputs pass through it: messages up to the head's limit
+    // (tonic's default, 4 MiB, lost tasks whose inputs were bigger).
+    let service = tonic::service::interceptor::InterceptedService::new(
+        proto::node_agent_server::NodeAgentServer::new(AgentService {
             agent: Arc::clone(&agent),
-        },
+        })
+        .max_decoding_message_size(super::net::MAX_MESSAGE)
+        .max_encoding_message_size(super::net::MAX_MESSAGE),
         check,
     );
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -576,7 +576,7 @@ impl Agent {
     }
 
     /// Reports the task attempts a dead worker was `running` as failed (`why`).
-    fn report_lost(&self, running: Vec<(String, u32)>, why: &str) {
+    pub(super) fn report_lost(&self, running: Vec<(String, u32)>, why: &str) {
         for (task, attempt) in running {
             let report = proto::TaskReport {
                 node_id: self.node_id.clone(),

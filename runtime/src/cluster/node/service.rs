@@ -84,10 +84,12 @@ impl Agent {
             });
         }
         let next = next.map(|task| {
-            // A task worker holds one task: one it still seems to hold is over (its
-            // result's report did not come through).
-            if w.actor.is_none() {
-                w.running.clear();
+            // A task worker holds one task: one it still seems to hold is over, and its
+            // result never came (the finish call was lost): reported lost, so that the
+            // head runs it again rather than wait for it.
+            if w.actor.is_none() && !w.running.is_empty() {
+                let lost = std::mem::take(&mut w.running);
+                self.report_lost(lost, &format!("worker {id} moved on without its result"));
             }
             w.running.push((task.task_id.clone(), task.attempt));
             w.cpus = task.num_cpus;
@@ -144,8 +146,16 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         let Some(mut report) = r.report else {
             return Err(Status::invalid_argument("a result without a report"));
         };
+        let noted = report.outcome == Outcome::Ok as i32;
         let (freed, actor, job) = {
             let mut s = self.agent.state.lock().expect("agent lock");
+            // Known as an object of this node in the same step that the task stops
+            // running here: a node looking for the objects it keeps (while its head is
+            // away) must not take this one for an orphan in between.
+            if noted {
+                s.object_rows
+                    .insert(report.task_id.clone(), report.output_rows);
+            }
             match s.workers.get_mut(&r.worker_id) {
                 Some(w) => {
                     let at = w.running.iter().position(|(id, _)| *id == report.task_id);
@@ -193,13 +203,14 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             self.agent.next_after(&r.worker_id, freed)
         };
         report.successor = successor.unwrap_or_default();
-        if report.outcome == Outcome::Ok as i32 {
+        if noted && report.outcome != Outcome::Ok as i32 {
+            // (Its result could not be stored here after all.)
             self.agent
                 .state
                 .lock()
                 .expect("agent lock")
                 .object_rows
-                .insert(report.task_id.clone(), report.output_rows);
+                .remove(&report.task_id);
         }
         if let (true, Some(job)) = (report.outcome == Outcome::Failed as i32, &job) {
             self.agent

@@ -158,13 +158,21 @@ impl ObjectStore {
                 }
             }
         }
+        // The object is stored whatever becomes of the spills: one that fails leaves
+        // its object in memory (over the limit, and first in line for the next spill).
         for (old, what, n) in to_spill {
-            self.spill(&old, what, n)?;
+            if let Err(e) = self.spill(&old, &what, n) {
+                let mut s = self.inner.lock().expect("object store lock");
+                if s.holds_unspilled(&old, &what) {
+                    s.order.push_front(old.clone());
+                    tracing::warn!("{e}: object {old} stays in memory");
+                }
+            }
         }
         Ok(())
     }
 
-    fn spill(&self, id: &str, what: ToSpill, bytes: u64) -> Result<()> {
+    fn spill(&self, id: &str, what: &ToSpill, bytes: u64) -> Result<()> {
         std::fs::create_dir_all(&self.spill_dir)?;
         // A name of its own: an object put again while a reader holds its earlier
         // spill file gets a new file, and the earlier one is never written again.
@@ -173,7 +181,7 @@ impl ObjectStore {
             sanitize(id),
             rand::random::<u64>()
         ));
-        let written = match &what {
+        let written = match what {
             ToSpill::Batches(batches) => write_file(&path, batches, self.compression),
             // Already an IPC file: copied out of shared memory as it is.
             ToSpill::File(from) => std::fs::copy(from, &path)
@@ -187,11 +195,7 @@ impl ObjectStore {
         }
         let mut s = self.inner.lock().expect("object store lock");
         // The object may have been freed or replaced while it was being written.
-        let current = match (s.objects.get(id), &what) {
-            (Some(Stored::Memory(b, _)), ToSpill::Batches(was)) => Arc::ptr_eq(b, was),
-            (Some(Stored::Shared(p, _)), ToSpill::File(was)) => p == was,
-            _ => false,
-        };
+        let current = s.holds_unspilled(id, what);
         if current {
             if let Some(Stored::Shared(p, _)) = s
                 .objects
@@ -210,38 +214,63 @@ impl ObjectStore {
 
     /// The object's batches, read back from disk if it was spilled.
     pub fn get(&self, id: &str) -> Result<Option<Arc<Vec<RecordBatch>>>> {
-        let path = {
-            let s = self.inner.lock().expect("object store lock");
-            match s.objects.get(id) {
-                None => return Ok(None),
-                Some(Stored::Memory(b, _)) => return Ok(Some(Arc::clone(b))),
-                Some(Stored::Shared(p, _) | Stored::Spilled(p, _)) => p.clone(),
+        let mut tries = 0;
+        loop {
+            let path = {
+                let s = self.inner.lock().expect("object store lock");
+                match s.objects.get(id) {
+                    None => return Ok(None),
+                    Some(Stored::Memory(b, _)) => return Ok(Some(Arc::clone(b))),
+                    Some(Stored::Shared(p, _) | Stored::Spilled(p, _)) => p.clone(),
+                }
+            };
+            match read_file(&path) {
+                Ok(batches) => return Ok(Some(Arc::new(batches))),
+                Err(_) if tries < 3 && self.moved(id, &path) => tries += 1,
+                Err(e) => return Err(e),
             }
-        };
-        Ok(Some(Arc::new(read_file(&path)?)))
+        }
     }
 
     /// Batch `i` of object `id` (nothing for an object without batches); `None` if it
     /// is not here. A file is read at that batch only (the IPC file's footer indexes
     /// its batches).
     pub fn get_batch(&self, id: &str, i: u32) -> Result<Option<Vec<RecordBatch>>> {
-        let (path, shared) = {
-            let s = self.inner.lock().expect("object store lock");
-            match s.objects.get(id) {
-                None => return Ok(None),
-                Some(Stored::Memory(b, _)) => {
-                    return Selection::Batch(i).apply(id, b.to_vec()).map(Some);
+        let mut tries = 0;
+        loop {
+            let (path, shared) = {
+                let s = self.inner.lock().expect("object store lock");
+                match s.objects.get(id) {
+                    None => return Ok(None),
+                    Some(Stored::Memory(b, _)) => {
+                        return Selection::Batch(i).apply(id, b.to_vec()).map(Some);
+                    }
+                    Some(Stored::Shared(p, _)) => (p.clone(), true),
+                    Some(Stored::Spilled(p, _)) => (p.clone(), false),
                 }
-                Some(Stored::Shared(p, _)) => (p.clone(), true),
-                Some(Stored::Spilled(p, _)) => (p.clone(), false),
+            };
+            // A shared file is mapped; a spill file (on disk) is read.
+            let read = if shared {
+                map_shared_file(&path, Some(i))
+            } else {
+                read_file_batch(&path, i)
+            };
+            match read {
+                Ok(batches) => return Ok(Some(batches)),
+                Err(_) if tries < 3 && self.moved(id, &path) => tries += 1,
+                Err(e) => return Err(e),
             }
-        };
-        // A shared file is mapped; a spill file (on disk) is read.
-        if shared {
-            map_shared_file(&path, Some(i)).map(Some)
-        } else {
-            read_file_batch(&path, i).map(Some)
         }
+    }
+
+    /// Whether object `id` is no longer at `path` (it was spilled, freed or replaced
+    /// while it was being read there): a read that failed there looks again.
+    fn moved(&self, id: &str, path: &std::path::Path) -> bool {
+        let s = self.inner.lock().expect("object store lock");
+        !matches!(
+            s.objects.get(id),
+            Some(Stored::Shared(p, _) | Stored::Spilled(p, _)) if p == path
+        )
     }
 
     /// Drops objects (and their spill files).
@@ -373,6 +402,16 @@ pub(super) fn read_file_batch(path: &Path, i: u32) -> Result<Vec<RecordBatch>> {
 }
 
 impl StoreInner {
+    /// Whether `id` is still held as `what` was taken to be spilled (not freed,
+    /// replaced or spilled since).
+    fn holds_unspilled(&self, id: &str, what: &ToSpill) -> bool {
+        match (self.objects.get(id), what) {
+            (Some(Stored::Memory(b, _)), ToSpill::Batches(was)) => Arc::ptr_eq(b, was),
+            (Some(Stored::Shared(p, _)), ToSpill::File(was)) => p == was,
+            _ => false,
+        }
+    }
+
     fn remove(&mut self, id: &str) {
         match self.objects.remove(id) {
             Some(Stored::Memory(_, n)) => {

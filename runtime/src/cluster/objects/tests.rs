@@ -450,6 +450,28 @@ fn spills_oldest_beyond_the_limit_and_reads_back() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
 }
 
+/// A spill that fails (its folder cannot be made) keeps its object in memory: the put
+/// that needed room still stores its own object and succeeds.
+#[test]
+fn a_failed_spill_keeps_its_object_and_the_put_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_folder = dir.path().join("file");
+    std::fs::write(&not_a_folder, b"x").unwrap();
+    let one = batches_size(&[batch(10_000)]);
+    let store = ObjectStore::new(one, not_a_folder.join("spill"));
+    for i in 0..3 {
+        store.put(&format!("o{i}"), vec![batch(10_000)]).unwrap();
+    }
+    let (mem, spilled) = store.usage();
+    assert_eq!((mem, spilled), (one * 3, 0));
+    for i in 0..3 {
+        assert_eq!(
+            store.get(&format!("o{i}")).unwrap().unwrap()[0].num_rows(),
+            10_000
+        );
+    }
+}
+
 #[test]
 fn a_ticket_names_a_slice_and_the_node_cuts_only_those_rows() {
     for selection in [

@@ -18,6 +18,14 @@ impl State {
             // one knew: it is known here already.
             return Ok(());
         }
+        // Work that could never be placed is refused now rather than wait unseen.
+        if let Some(why) = spec
+            .bundle
+            .as_ref()
+            .and_then(|b| self.bundle_refusal(b, &spec.resources))
+        {
+            return Err(Refusal::Invalid(format!("actor {}: {why}", spec.name)));
+        }
         let job = self.jobs.get(&spec.job_id);
         let replayed = job.is_some_and(|j| j.replay.is_some());
         let history = job

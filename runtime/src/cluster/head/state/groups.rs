@@ -7,6 +7,35 @@ use tracing::info;
 use super::*;
 
 impl State {
+    /// Why work asking for `resources` in `choice` could never run there (the group is
+    /// unknown, it has no such bundle, or the bundle, or every bundle for any, is too
+    /// small); `None` if it can.
+    pub(super) fn bundle_refusal(
+        &self,
+        choice: &BundleChoice,
+        resources: &Resources,
+    ) -> Option<String> {
+        let Some(g) = self.groups.get(&choice.group) else {
+            return Some(format!("no placement group {}", choice.group));
+        };
+        match choice.index {
+            Some(i) if i >= g.bundles.len() => Some(format!(
+                "placement group {} has {} bundle(s): there is no bundle {i}",
+                choice.group,
+                g.bundles.len()
+            )),
+            Some(i) if !resources.fits_in(&g.bundles[i].total) => Some(format!(
+                "asks for {resources}, more than bundle {i} of placement group {} holds ({})",
+                choice.group, g.bundles[i].total
+            )),
+            None if !g.bundles.iter().any(|b| resources.fits_in(&b.total)) => Some(format!(
+                "asks for {resources}, more than any bundle of placement group {} holds",
+                choice.group
+            )),
+            _ => None,
+        }
+    }
+
     /// A driver asks for a placement group; it is placed (all bundles or none) as
     /// soon as the nodes have room.
     pub fn create_group(
@@ -73,6 +102,20 @@ impl State {
             .collect();
         for a in actors {
             self.kill_actor(&a, &format!("placement group {id} was removed"));
+        }
+        // Its tasks not done end too: those waiting would wait for it for ever.
+        let tasks: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.spec.bundle.as_ref().is_some_and(|b| b.group == id)
+                    && matches!(t.state, TaskState::Pending | TaskState::Running { .. })
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in tasks {
+            let report = execution_report(format!("placement group {id} was removed"));
+            self.stop_task(&t, report, TaskEnd::Failed);
         }
         self.unplace_group(id);
         self.groups.remove(id);
@@ -159,7 +202,11 @@ impl State {
         info!("placement group {id} placed");
     }
 
-    /// Returns a group's reservations (a node of it died): it is placed again whole.
+    /// Returns a group's reservations (a node of it died, or it is removed): it is
+    /// placed again whole. Each node gets back what its bundle had free; what the
+    /// bundle's running tasks and actors hold goes back to the node when they end (a
+    /// release into a bundle of an older generation goes to the node: see
+    /// [`release`](State::release)), not now, while they still use it.
     pub(super) fn unplace_group(&mut self, id: &str) {
         let Some(g) = self.groups.get_mut(id) else {
             return;
@@ -169,13 +216,26 @@ impl State {
         let mut back = Vec::new();
         for b in &mut g.bundles {
             if let Some(node) = b.node.take() {
-                back.push((node, b.total.clone(), std::mem::take(&mut b.gpu_ids)));
+                let ids = std::mem::take(&mut b.gpu_ids);
+                // GPUs with room: a fractional bundle's share is what it has free; a
+                // whole one's, each GPU's free part.
+                let gpus: Vec<(u32, f64)> = if b.total.num_gpus < 1.0 {
+                    ids.iter()
+                        .map(|&i| (i, b.available.num_gpus))
+                        .filter(|(_, f)| *f > 0.0)
+                        .collect()
+                } else {
+                    b.gpus.free_parts()
+                };
+                back.push((node, b.available.clone(), gpus));
             }
         }
-        for (node, r, gpus) in back {
+        for (node, free, gpus) in back {
             if let Some(n) = self.nodes.get_mut(&node) {
-                n.available.add(&r);
-                n.gpus.give(&gpus, r.num_gpus);
+                n.available.add(&free);
+                for (gpu, part) in gpus {
+                    n.gpus.give(&[gpu], part);
+                }
             }
         }
     }

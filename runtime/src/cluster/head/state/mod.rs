@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use volley_common::{ErrorKind, ErrorReport, VolleyError};
 
 use super::super::jobs::ExecutionProgress;
-use super::super::metrics::TaskMetrics;
+use super::super::metrics::{TaskEnd, TaskMetrics};
 use super::super::resources::{GpuSlots, Resources};
 use super::super::status::{ClusterStatus, JobState, JobStatus, NodeState, NodeStatus};
 

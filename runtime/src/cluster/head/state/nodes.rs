@@ -250,11 +250,11 @@ impl State {
         for (id, n) in &mut self.nodes {
             for (task, bundle) in n.expire_cancelled_gpus() {
                 warn!("node {id}: no word of cancelled task {task}'s end: its GPUs are free again");
-                bundles.extend(bundle);
+                bundles.extend(bundle.map(|c| (id.clone(), c)));
             }
         }
-        for c in bundles {
-            self.return_bundle_gpus(c);
+        for (node, c) in bundles {
+            self.return_bundle_gpus(&node, c);
         }
     }
 

@@ -205,6 +205,16 @@ impl State {
             self.fail_task(id, cancelled_report("its job is not running"));
             return true;
         }
+        if let Some(b) = task
+            .spec
+            .bundle
+            .as_ref()
+            .filter(|b| !self.groups.contains_key(&b.group))
+        {
+            let why = format!("its placement group {} was removed", b.group);
+            self.fail_task(id, execution_report(why));
+            return true;
+        }
         // Inputs: all present, or one failed for good. A group stands for each of its
         // objects, with the same batch.
         let mut args = Vec::new();
@@ -710,7 +720,9 @@ impl State {
         None
     }
 
-    /// Gives a running task's (or actor's) resources back to its node or bundle.
+    /// Gives a running task's (or actor's) resources back to its bundle, or to its node
+    /// where it ran outside one or its bundle is gone (its group removed or placed
+    /// again: the node kept what the bundle's work held, see `unplace_group`).
     pub(super) fn release(
         &mut self,
         node: &str,
@@ -718,24 +730,21 @@ impl State {
         gpus: &[u32],
         bundle: &Option<BundleRef>,
     ) {
-        match bundle {
-            Some((g, i, generation)) => {
-                if let Some(b) = self
-                    .groups
-                    .get_mut(g)
-                    .filter(|g| g.generation == *generation)
-                    .and_then(|g| g.bundles.get_mut(*i))
-                {
-                    b.available.add(req);
-                    b.gpus.give(gpus, req.num_gpus);
-                }
+        if let Some((g, i, generation)) = bundle {
+            if let Some(b) = self
+                .groups
+                .get_mut(g)
+                .filter(|g| g.generation == *generation)
+                .and_then(|g| g.bundles.get_mut(*i))
+            {
+                b.available.add(req);
+                b.gpus.give(gpus, req.num_gpus);
+                return;
             }
-            None => {
-                if let Some(n) = self.nodes.get_mut(node) {
-                    n.available.add(req);
-                    n.gpus.give(gpus, req.num_gpus);
-                }
-            }
+        }
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.available.add(req);
+            n.gpus.give(gpus, req.num_gpus);
         }
     }
 
@@ -759,7 +768,7 @@ impl State {
 
     /// A cancelled task's worker no longer holds the GPUs `c` held out of a bundle:
     /// the bundle takes them back (if it is still the one they came from).
-    pub(super) fn return_bundle_gpus(&mut self, c: CancelledGpus) {
+    pub(super) fn return_bundle_gpus(&mut self, node: &str, c: CancelledGpus) {
         let Some(b) = &c.bundle else {
             return;
         };
@@ -767,7 +776,8 @@ impl State {
             num_gpus: c.n,
             ..Resources::default()
         };
-        self.release("", &req, &c.ids, &Some(b.clone()));
+        // (To node `node` if the bundle is gone since: it kept them when it was.)
+        self.release(node, &req, &c.ids, &Some(b.clone()));
     }
 
     pub(super) fn finish_running(&mut self, id: &str) -> Option<String> {
@@ -813,12 +823,12 @@ impl State {
             // one knew: it is known here already.
             return Ok(());
         }
-        if let Some(b) = spec
+        if let Some(why) = spec
             .bundle
             .as_ref()
-            .filter(|b| !self.groups.contains_key(&b.group))
+            .and_then(|b| self.bundle_refusal(b, &spec.resources))
         {
-            return Err(VolleyError::plan(format!("no placement group {}", b.group)));
+            return Err(VolleyError::plan(format!("task {}: {why}", spec.name)));
         }
         self.hold_args(&spec.args);
         for a in &spec.args {
@@ -986,7 +996,7 @@ impl State {
                 .get_mut(&r.node_id)
                 .and_then(|n| n.cancelled_attempt_ended(&r.task_id, r.attempt));
             if let Some(c) = bundle_gpus {
-                self.return_bundle_gpus(c);
+                self.return_bundle_gpus(&r.node_id, c);
             }
             // An attempt that ended well after its task ended for good (it was
             // cancelled while it ran, or is gone with its object): no one will read what
@@ -1196,32 +1206,7 @@ impl State {
                 {
                     return true;
                 }
-                // A running task's GPUs stay held until its node reports the attempt
-                // ended (its CPUs are free at once), out of its node's room or its
-                // placement group bundle's.
-                let gpus = self.tasks.get(id.as_str()).and_then(|t| match &t.state {
-                    TaskState::Running { gpus, .. } if !gpus.is_empty() && !t.ahead => Some((
-                        t.attempt,
-                        t.spec.resources.num_gpus,
-                        gpus.clone(),
-                        t.bundle.clone(),
-                    )),
-                    _ => None,
-                });
-                if let Some(node) = self.finish_running(id) {
-                    // (None if its bundle is gone: what it held went back to its node.)
-                    let held = match gpus {
-                        Some((_, n, ids, Some(b))) if !self.take_bundle_gpus(&b, n, &ids) => None,
-                        held => held,
-                    };
-                    if let Some(n) = self.nodes.get_mut(&node) {
-                        if let Some((attempt, n_gpus, ids, bundle)) = held {
-                            n.hold_cancelled_gpus(id, attempt, n_gpus, ids, bundle);
-                        }
-                        n.send(NodeCommand::CancelTask(id.to_string()));
-                    }
-                }
-                self.end_unfinished(
+                self.stop_task(
                     id,
                     cancelled_report("its driver cancelled it"),
                     TaskEnd::Cancelled,
@@ -1232,6 +1217,40 @@ impl State {
                 break;
             }
         }
+    }
+
+    /// Ends pending or running task `id` for good with `report`: a running one's node is
+    /// told to cancel it.
+    pub(super) fn stop_task(&mut self, id: &str, report: ErrorReport, how: TaskEnd) {
+        // A running task's GPUs stay held until its node reports the attempt
+        // ended (its CPUs are free at once), out of its node's room or its
+        // placement group bundle's.
+        let gpus = self.tasks.get(id).and_then(|t| match &t.state {
+            TaskState::Running { gpus, .. } if !gpus.is_empty() && !t.ahead => Some((
+                t.attempt,
+                t.spec.resources.num_gpus,
+                gpus.clone(),
+                t.bundle.clone(),
+            )),
+            _ => None,
+        });
+        if let Some(node) = self.finish_running(id) {
+            // Held by its bundle, or by its node if the bundle is gone (what it
+            // held went back to the node when it was released).
+            let held = match gpus {
+                Some((a, n, ids, Some(b))) if !self.take_bundle_gpus(&b, n, &ids) => {
+                    Some((a, n, ids, None))
+                }
+                held => held,
+            };
+            if let Some(n) = self.nodes.get_mut(&node) {
+                if let Some((attempt, n_gpus, ids, bundle)) = held {
+                    n.hold_cancelled_gpus(id, attempt, n_gpus, ids, bundle);
+                }
+                n.send(NodeCommand::CancelTask(id.to_string()));
+            }
+        }
+        self.end_unfinished(id, report, how);
     }
 
     /// Ends task `id` for good, if it has not ended, with `error` as its object's.

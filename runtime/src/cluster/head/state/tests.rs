@@ -1871,3 +1871,194 @@ fn cancelled_tasks_stop_where_they_run_and_free_their_room() {
     s.cancel("j", &["m2".into()]);
     assert_cancelled(&s, "m2");
 }
+
+/// A node of 2 CPUs and GPU 0 at `address`, registered and attached.
+fn join_one_gpu(s: &mut State, address: &str) -> (String, Commands) {
+    let id = s.register_node(NodeRegistration {
+        hostname: "h".into(),
+        object_address: address.into(),
+        total: cpus(2.0).with_gpus(1.0),
+        gpu_ids: vec![0],
+        ..Default::default()
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    s.attach(&id, tx).unwrap();
+    (id, rx)
+}
+
+fn in_bundle(id: &str, group: &str, index: usize, resources: Resources) -> TaskSpec {
+    TaskSpec {
+        resources,
+        bundle: Some(BundleChoice {
+            group: group.into(),
+            index: Some(index),
+        }),
+        ..task(id, &[])
+    }
+}
+
+/// A group placed again after one of its nodes died leaves what its work on the other
+/// nodes holds with that work: the GPU a running task of it uses is not handed to
+/// another task until that task ends.
+#[test]
+fn a_group_placed_again_leaves_its_running_work_its_gpu() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let (a, _rx_a) = join_one_gpu(&mut s, "a");
+    let (b, mut rx_b) = join_one_gpu(&mut s, "b");
+    s.create_group(
+        "j",
+        "g",
+        Strategy::StrictSpread,
+        vec![cpus(1.0).with_gpus(1.0); 2],
+    )
+    .unwrap();
+    s.schedule();
+    let on_b = s
+        .group_status("g")
+        .unwrap()
+        .bundle_nodes
+        .iter()
+        .position(|n| n.as_deref() == Some(b.as_str()))
+        .unwrap();
+    s.submit(in_bundle("t", "g", on_b, cpus(1.0).with_gpus(1.0)))
+        .unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx_b), ["run t"]);
+    s.node_died(&a);
+    // t still runs on b with GPU 0: a task of no group asking for it waits.
+    s.submit(TaskSpec {
+        resources: cpus(1.0).with_gpus(1.0),
+        ..task("u", &[])
+    })
+    .unwrap();
+    s.schedule();
+    assert_eq!(s.tasks["u"].state, TaskState::Pending);
+    assert_eq!(s.nodes[&b].available.num_gpus, 0.0);
+    assert_eq!(s.nodes[&b].available.num_cpus, 1.0, "the bundle's free CPU");
+    // t ends: its GPU and CPU go back to b (the bundle they came from is gone).
+    assert!(s.task_reported(report(&b, "t", 0, 0, "")));
+    s.schedule();
+    assert_eq!(sent(&mut rx_b), ["run u"]);
+    assert!(s.task_reported(report(&b, "u", 0, 0, "")));
+    assert_eq!(s.nodes[&b].available.num_gpus, 1.0);
+    assert_eq!(s.nodes[&b].available.num_cpus, 2.0);
+}
+
+/// Removing a group ends its tasks: a running one is cancelled on its node (its GPU
+/// held until the node says it ended), a waiting one fails instead of waiting for ever.
+#[test]
+fn removing_a_group_ends_its_running_and_waiting_tasks() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let (n, mut rx) = join_one_gpu(&mut s, "a");
+    s.create_group("j", "g", Strategy::Pack, vec![cpus(2.0).with_gpus(1.0)])
+        .unwrap();
+    s.schedule();
+    s.submit(in_bundle("t1", "g", 0, cpus(1.0).with_gpus(1.0)))
+        .unwrap();
+    s.submit(in_bundle("t2", "g", 0, cpus(1.0).with_gpus(1.0)))
+        .unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run t1"]);
+    s.remove_group("g");
+    assert_eq!(sent(&mut rx), ["cancel t1"]);
+    for t in ["t1", "t2"] {
+        assert_eq!(s.tasks[t].state, TaskState::Failed, "{t}");
+        let error = s.objects[t].error.as_ref().unwrap();
+        assert!(
+            error.message.contains("placement group g was removed"),
+            "{t}"
+        );
+    }
+    // The node has its CPUs back; its GPU once the cancelled attempt ended.
+    assert_eq!(s.nodes[&n].available.num_cpus, 2.0);
+    assert_eq!(s.nodes[&n].available.num_gpus, 0.0);
+    assert!(!s.task_reported(system_failure(&n, "t1", 0, "cancelled")));
+    assert_eq!(s.nodes[&n].available.num_gpus, 1.0);
+}
+
+/// Work that no bundle of its group could ever hold is refused when it comes.
+#[test]
+fn work_that_no_bundle_holds_is_refused() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let _node = join(&mut s, 4.0, "a");
+    s.create_group("j", "g", Strategy::Pack, vec![cpus(1.0), cpus(2.0)])
+        .unwrap();
+    s.schedule();
+    for (spec, want) in [
+        (in_bundle("a", "g", 5, cpus(1.0)), "there is no bundle 5"),
+        (in_bundle("b", "g", 0, cpus(2.0)), "more than bundle 0"),
+        (
+            TaskSpec {
+                resources: cpus(3.0),
+                bundle: Some(BundleChoice {
+                    group: "g".into(),
+                    index: None,
+                }),
+                ..task("c", &[])
+            },
+            "more than any bundle",
+        ),
+        (
+            in_bundle("d", "nope", 0, cpus(1.0)),
+            "no placement group nope",
+        ),
+    ] {
+        let e = s.submit(spec).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert!(s.submit(in_bundle("ok", "g", 1, cpus(2.0))).is_ok());
+    let actor = ActorSpec {
+        job_id: "j".into(),
+        actor_id: "x".into(),
+        name: "Big".into(),
+        resources: cpus(3.0),
+        bundle: Some(BundleChoice {
+            group: "g".into(),
+            index: Some(1),
+        }),
+        ..Default::default()
+    };
+    let e = s.create_actor(actor).unwrap_err().to_string();
+    assert!(
+        e.contains("actor Big") && e.contains("more than bundle 1"),
+        "{e}"
+    );
+}
+
+/// An actor call's output lost with its node is made again only as a retry of the
+/// call would be: a call without retries left is not run again on the restarted actor
+/// (it changed the actor's state once already).
+#[test]
+fn a_lost_actor_call_output_is_not_made_again_without_retries() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let (n1, mut rx1) = join(&mut s, 2.0, "a");
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a1".into(),
+        resources: cpus(1.0),
+        max_restarts: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    s.schedule();
+    let incarnation = s.actors["a1"].incarnation;
+    s.actor_reported("a1", &n1, incarnation, true, 42, "");
+    s.submit(TaskSpec {
+        actor: Some("a1".into()),
+        resources: cpus(0.0),
+        max_retries: 0,
+        ..task("c1", &[])
+    })
+    .unwrap();
+    s.schedule();
+    sent(&mut rx1);
+    assert!(s.task_reported(report(&n1, "c1", 0, 10, "")));
+    s.node_died(&n1);
+    assert_ne!(s.tasks["c1"].state, TaskState::Pending, "not run again");
+    let e = s.object_status("c1").error.unwrap().message;
+    assert!(e.contains("a call of actor a1"), "{e}");
+}
