@@ -55,6 +55,14 @@ impl Agent {
         if w.exiting {
             return (Some(exit), None, None);
         }
+        // A task worker asks for work holding none: a task it still seems to hold is
+        // over, and its result never came (the finish call, or the answer that handed
+        // it the task, was lost). It is reported lost, so that the head runs it again
+        // rather than wait for it.
+        if w.actor.is_none() && !w.running.is_empty() {
+            let lost = std::mem::take(&mut w.running);
+            self.report_lost(lost, &format!("worker {id} moved on without its result"));
+        }
         if let Some(a) = w.start_actor.take() {
             w.actor = Some((a.actor_id.clone(), a.incarnation));
             w.actor_held.clone_from(&a.resources);
@@ -84,13 +92,6 @@ impl Agent {
             });
         }
         let next = next.map(|task| {
-            // A task worker holds one task: one it still seems to hold is over, and its
-            // result never came (the finish call was lost): reported lost, so that the
-            // head runs it again rather than wait for it.
-            if w.actor.is_none() && !w.running.is_empty() {
-                let lost = std::mem::take(&mut w.running);
-                self.report_lost(lost, &format!("worker {id} moved on without its result"));
-            }
             w.running.push((task.task_id.clone(), task.attempt));
             w.cpus = task.num_cpus;
             proto::PullResponse {
@@ -146,13 +147,30 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         let Some(mut report) = r.report else {
             return Err(Status::invalid_argument("a result without a report"));
         };
-        let noted = report.outcome == Outcome::Ok as i32;
+        if !r.output.is_empty() {
+            // A small result came with the report: it is stored here, and its bytes go
+            // on to the head, which hands them to whoever reads it.
+            let stored = decode_inline(&report.task_id, &r.output)
+                .and_then(|batches| self.agent.store.put(&report.task_id, batches));
+            match stored {
+                Ok(bytes) => {
+                    report.output_bytes = bytes;
+                    report.inline = r.output;
+                }
+                Err(e) => {
+                    report.outcome = Outcome::SystemFailure as i32;
+                    report.error = Some(wire_execution_error(format!(
+                        "cannot store the result: {e}"
+                    )));
+                }
+            }
+        }
         let (freed, actor, job) = {
             let mut s = self.agent.state.lock().expect("agent lock");
-            // Known as an object of this node in the same step that the task stops
-            // running here: a node looking for the objects it keeps (while its head is
-            // away) must not take this one for an orphan in between.
-            if noted {
+            // Known as an object of this node (stored by now) in the same step that the
+            // task stops running here: a node looking for the objects it keeps (while
+            // its head is away) must not take this one for an orphan in between.
+            if report.outcome == Outcome::Ok as i32 {
                 s.object_rows
                     .insert(report.task_id.clone(), report.output_rows);
             }
@@ -174,24 +192,6 @@ impl proto::node_agent_server::NodeAgent for AgentService {
         }
         report.node_id = self.agent.node_id.clone();
         let task_id = report.task_id.clone();
-        if !r.output.is_empty() {
-            // A small result came with the report: it is stored here, and its bytes go
-            // on to the head, which hands them to whoever reads it.
-            let stored = decode_inline(&report.task_id, &r.output)
-                .and_then(|batches| self.agent.store.put(&report.task_id, batches));
-            match stored {
-                Ok(bytes) => {
-                    report.output_bytes = bytes;
-                    report.inline = r.output;
-                }
-                Err(e) => {
-                    report.outcome = Outcome::SystemFailure as i32;
-                    report.error = Some(wire_execution_error(format!(
-                        "cannot store the result: {e}"
-                    )));
-                }
-            }
-        }
         // The worker's next task is chosen before the report leaves: a task sent
         // ahead that takes over this slot travels in it. An actor's worker takes its
         // calls by pulling, one pull at a time, so that they reach the actor in the
@@ -203,15 +203,6 @@ impl proto::node_agent_server::NodeAgent for AgentService {
             self.agent.next_after(&r.worker_id, freed)
         };
         report.successor = successor.unwrap_or_default();
-        if noted && report.outcome != Outcome::Ok as i32 {
-            // (Its result could not be stored here after all.)
-            self.agent
-                .state
-                .lock()
-                .expect("agent lock")
-                .object_rows
-                .remove(&report.task_id);
-        }
         if let (true, Some(job)) = (report.outcome == Outcome::Failed as i32, &job) {
             self.agent
                 .failed_unreported

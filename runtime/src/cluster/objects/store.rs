@@ -35,7 +35,13 @@ struct StoreInner {
     spilled_bytes: u64,
     /// Bytes ever spilled (an execution that fits its budget spills none).
     spilled_total: u64,
+    /// When a spill last failed: none is tried for [`SPILL_BACKOFF`] after (each would
+    /// write every object over the limit again, to fail again).
+    spill_failed_at: Option<std::time::Instant>,
 }
+
+/// How long the store keeps what is over its limit in memory after a spill failed.
+const SPILL_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug)]
 enum Stored {
@@ -139,8 +145,16 @@ impl ObjectStore {
             s.objects.insert(id.to_string(), stored);
             s.order.push_back(id.to_string());
             s.memory_bytes += bytes;
-            // Pick the oldest objects until what stays fits.
-            let mut over = s.memory_bytes.saturating_sub(self.memory_limit);
+            // Pick the oldest objects until what stays fits (none for a while after a
+            // spill failed).
+            let backing_off = s
+                .spill_failed_at
+                .is_some_and(|at| at.elapsed() < SPILL_BACKOFF);
+            let mut over = if backing_off {
+                0
+            } else {
+                s.memory_bytes.saturating_sub(self.memory_limit)
+            };
             while over > 0 {
                 let Some(old) = s.order.pop_front() else {
                     break;
@@ -160,12 +174,20 @@ impl ObjectStore {
         }
         // The object is stored whatever becomes of the spills: one that fails leaves
         // its object in memory (over the limit, and first in line for the next spill).
+        let mut kept = Vec::new();
         for (old, what, n) in to_spill {
             if let Err(e) = self.spill(&old, &what, n) {
-                let mut s = self.inner.lock().expect("object store lock");
+                tracing::warn!("{e}: object {old} stays in memory");
+                kept.push((old, what));
+            }
+        }
+        if !kept.is_empty() {
+            let mut s = self.inner.lock().expect("object store lock");
+            s.spill_failed_at = Some(std::time::Instant::now());
+            // Back at the front, oldest first.
+            for (old, what) in kept.into_iter().rev() {
                 if s.holds_unspilled(&old, &what) {
-                    s.order.push_front(old.clone());
-                    tracing::warn!("{e}: object {old} stays in memory");
+                    s.order.push_front(old);
                 }
             }
         }

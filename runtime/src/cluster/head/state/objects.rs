@@ -389,24 +389,20 @@ impl State {
                 return;
             }
         }
-        // A call of an actor changed the actor's state: it runs again only as a retry
-        // would (the actor restarted; the call has retries left).
+        // A call of an actor changed the actor's state: it is not run again on the
+        // actor (restarted or not) to make its output (as Ray's actor tasks, which run
+        // again only with retries, by default none).
         if let Some(actor) = task.spec.actor.as_ref() {
-            if task.retries_left == 0 {
-                let e = format!(
-                    "object {object} {why}; it was made by a call of actor {actor}, which runs \
-                     again only with retries left (max_retries)"
-                );
-                if let Some(o) = self.objects.get_mut(object) {
-                    o.error = Some(execution_report(e));
-                }
-                return;
+            let e = format!(
+                "object {object} {why}; it was made by a call of actor {actor}, which is \
+                 not run again (it changed the actor's state once)"
+            );
+            if let Some(o) = self.objects.get_mut(object) {
+                o.error = Some(execution_report(e));
             }
+            return;
         }
         let task = self.tasks.get_mut(&p).expect("looked up above");
-        if task.spec.actor.is_some() {
-            task.retries_left -= 1;
-        }
         if task.reconstructions >= 10 {
             if let Some(o) = self.objects.get_mut(object) {
                 o.error = Some(execution_report(format!(

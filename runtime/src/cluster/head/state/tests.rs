@@ -1935,7 +1935,10 @@ fn a_group_placed_again_leaves_its_running_work_its_gpu() {
     s.schedule();
     assert_eq!(s.tasks["u"].state, TaskState::Pending);
     assert_eq!(s.nodes[&b].available.num_gpus, 0.0);
-    assert_eq!(s.nodes[&b].available.num_cpus, 1.0, "the bundle's free CPU");
+    assert_eq!(
+        s.nodes[&b].available.num_cpus, 1.0,
+        "b's CPU outside the group"
+    );
     // t ends: its GPU and CPU go back to b (the bundle they came from is gone).
     assert!(s.task_reported(report(&b, "t", 0, 0, "")));
     s.schedule();
@@ -2028,11 +2031,11 @@ fn work_that_no_bundle_holds_is_refused() {
     );
 }
 
-/// An actor call's output lost with its node is made again only as a retry of the
-/// call would be: a call without retries left is not run again on the restarted actor
-/// (it changed the actor's state once already).
+/// An actor call's output lost with its node is not made again by running the call
+/// again on the restarted actor (it changed the actor's state once already): its
+/// readers fail naming the call.
 #[test]
-fn a_lost_actor_call_output_is_not_made_again_without_retries() {
+fn a_lost_actor_call_output_is_not_made_again() {
     let mut s = State::default();
     s.add_job(job("j"));
     let (n1, mut rx1) = join(&mut s, 2.0, "a");
@@ -2050,7 +2053,6 @@ fn a_lost_actor_call_output_is_not_made_again_without_retries() {
     s.submit(TaskSpec {
         actor: Some("a1".into()),
         resources: cpus(0.0),
-        max_retries: 0,
         ..task("c1", &[])
     })
     .unwrap();
