@@ -154,10 +154,9 @@ mod tests {
     /// The shape of TinyLlama's (Zephyr's) template.
     const ZEPHYR: &str = "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + eos_token }}\n{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}";
 
-    #[test]
-    fn renders_a_conversation() {
-        let t = ChatTemplate::new(ZEPHYR, "<s>", "</s>");
-        let out = t
+    /// A system message and a user's, rendered with `template` to open the reply.
+    fn system_and_user(template: &str) -> String {
+        ChatTemplate::new(template, "<s>", "</s>")
             .render(
                 &[
                     Message::new("system", "Be brief."),
@@ -165,7 +164,12 @@ mod tests {
                 ],
                 true,
             )
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn renders_a_conversation() {
+        let out = system_and_user(ZEPHYR);
         assert_eq!(
             out,
             "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>"
@@ -178,16 +182,7 @@ mod tests {
 
     #[test]
     fn block_tags_leave_no_newlines_as_transformers_renders() {
-        let t = ChatTemplate::new(TINYLLAMA, "<s>", "</s>");
-        let out = t
-            .render(
-                &[
-                    Message::new("system", "Be brief."),
-                    Message::new("user", "Hi"),
-                ],
-                true,
-            )
-            .unwrap();
+        let out = system_and_user(TINYLLAMA);
         // transformers' `apply_chat_template(..., tokenize=False)` gives exactly this.
         assert_eq!(
             out,

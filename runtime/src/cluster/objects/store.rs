@@ -236,49 +236,53 @@ impl ObjectStore {
 
     /// The object's batches, read back from disk if it was spilled.
     pub fn get(&self, id: &str) -> Result<Option<Arc<Vec<RecordBatch>>>> {
-        let mut tries = 0;
-        loop {
-            let path = {
-                let s = self.inner.lock().expect("object store lock");
-                match s.objects.get(id) {
-                    None => return Ok(None),
-                    Some(Stored::Memory(b, _)) => return Ok(Some(Arc::clone(b))),
-                    Some(Stored::Shared(p, _) | Stored::Spilled(p, _)) => p.clone(),
-                }
-            };
-            match read_file(&path) {
-                Ok(batches) => return Ok(Some(Arc::new(batches))),
-                Err(_) if tries < 3 && self.moved(id, &path) => tries += 1,
-                Err(e) => return Err(e),
-            }
-        }
+        self.read(
+            id,
+            |b| Ok(Arc::clone(b)),
+            |path, _| read_file(path).map(Arc::new),
+        )
     }
 
     /// Batch `i` of object `id` (nothing for an object without batches); `None` if it
     /// is not here. A file is read at that batch only (the IPC file's footer indexes
     /// its batches).
     pub fn get_batch(&self, id: &str, i: u32) -> Result<Option<Vec<RecordBatch>>> {
+        self.read(
+            id,
+            |b| Selection::Batch(i).apply(id, b.to_vec()),
+            // A shared file is mapped; a spill file (on disk) is read.
+            |path, shared| {
+                if shared {
+                    map_shared_file(path, Some(i))
+                } else {
+                    read_file_batch(path, i)
+                }
+            },
+        )
+    }
+
+    /// Object `id` through `memory` (batches in memory) or `file` (its file's path, and
+    /// whether it is a shared one); `None` if it is not here. A file read that fails
+    /// because the object moved meanwhile (spilled, freed, replaced) looks again.
+    fn read<T>(
+        &self,
+        id: &str,
+        memory: impl Fn(&Arc<Vec<RecordBatch>>) -> Result<T>,
+        file: impl Fn(&Path, bool) -> Result<T>,
+    ) -> Result<Option<T>> {
         let mut tries = 0;
         loop {
             let (path, shared) = {
                 let s = self.inner.lock().expect("object store lock");
                 match s.objects.get(id) {
                     None => return Ok(None),
-                    Some(Stored::Memory(b, _)) => {
-                        return Selection::Batch(i).apply(id, b.to_vec()).map(Some);
-                    }
+                    Some(Stored::Memory(b, _)) => return memory(b).map(Some),
                     Some(Stored::Shared(p, _)) => (p.clone(), true),
                     Some(Stored::Spilled(p, _)) => (p.clone(), false),
                 }
             };
-            // A shared file is mapped; a spill file (on disk) is read.
-            let read = if shared {
-                map_shared_file(&path, Some(i))
-            } else {
-                read_file_batch(&path, i)
-            };
-            match read {
-                Ok(batches) => return Ok(Some(batches)),
+            match file(&path, shared) {
+                Ok(v) => return Ok(Some(v)),
                 Err(_) if tries < 3 && self.moved(id, &path) => tries += 1,
                 Err(e) => return Err(e),
             }
@@ -287,7 +291,7 @@ impl ObjectStore {
 
     /// Whether object `id` is no longer at `path` (it was spilled, freed or replaced
     /// while it was being read there): a read that failed there looks again.
-    fn moved(&self, id: &str, path: &std::path::Path) -> bool {
+    fn moved(&self, id: &str, path: &Path) -> bool {
         let s = self.inner.lock().expect("object store lock");
         !matches!(
             s.objects.get(id),
