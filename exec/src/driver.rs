@@ -134,12 +134,16 @@ impl ExecShared {
     }
 
     /// The error a task of an operator writing into `out` ended with, where it ends
-    /// the execution: `None` for a cancellation of its stop (see [`unasked_cancel`]).
+    /// the execution: `None` once the operator is stopping, whatever the error. Its
+    /// output is then read by no one (a satisfied limit, a dropped stream), or the
+    /// execution has failed already and keeps its first error: a task that was not
+    /// needed does not fail a run that has what it asked for. Otherwise a
+    /// cancellation no one asked for is an error (see [`unasked_cancel`]).
     pub(crate) fn task_error(&self, out: &BlockQueue, e: VolleyError) -> Option<VolleyError> {
-        match e.is_cancelled() && self.stopping(out) {
-            true => None,
-            false => Some(unasked_cancel(e)),
+        if self.stopping(out) {
+            return None;
         }
+        Some(unasked_cancel(e))
     }
 
     fn cancel_all(&self) {
@@ -1049,6 +1053,28 @@ mod tests {
             read < 100,
             "{read} of 1000 blocks were mapped after the limit"
         );
+    }
+
+    #[test]
+    fn a_satisfied_limit_ignores_errors_of_tasks_it_did_not_need() {
+        for ordered in [true, false] {
+            // The first block passes at once; the others fail once the limit has its
+            // rows.
+            let late = TransformFn::local("late", |b: RecordBatch| {
+                if ids(std::slice::from_ref(&b))[0] == 0 {
+                    return Ok(b);
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                Err(VolleyError::execution("bad block"))
+            });
+            let plan = PhysicalPlan::Limit(LimitExec {
+                input: Box::new(map(read(numbered(4, 10)), late, 2)),
+                n: 10,
+            });
+            let (out, _) = run_within(plan, context(2.0, ordered), 30);
+            let out = out.unwrap_or_else(|e| panic!("ordered {ordered}: {e}"));
+            assert_eq!(ids(&out), (0..10).collect::<Vec<_>>());
+        }
     }
 
     #[test]

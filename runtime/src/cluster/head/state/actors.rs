@@ -239,7 +239,7 @@ impl State {
                         *crowd.entry(node.clone()).or_default() += 1;
                     }
                 }
-                self.pick_node(&req, &[], &crowd, false, None, &[])
+                self.pick_node(&req, &[], &crowd, false, None, &[], None)
                     .map(|(n, g)| (n, g, None))
             };
             let Some((node, gpus, bundle)) = placement else {

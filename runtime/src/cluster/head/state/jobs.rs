@@ -321,7 +321,8 @@ impl State {
                 self.pending_jobs.remove(&id);
                 continue;
             };
-            let Some((node, gpus)) = self.pick_node(&req, &[], &HashMap::new(), false, None, &[])
+            let Some((node, gpus)) =
+                self.pick_node(&req, &[], &HashMap::new(), false, None, &[], None)
             else {
                 continue;
             };

@@ -338,6 +338,12 @@ struct TaskEntry {
 /// dataset) while the nodes with room are taken by actors.
 const SOURCE_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a task may wait for room, with all its inputs, before it holds a node for
+/// itself ([`State::hold_node_for`]): long enough that tasks placed in the order room
+/// frees are not held up, short next to how long smaller tasks that keep coming could
+/// pass it over.
+const STARVING_AFTER: Duration = Duration::from_secs(1);
+
 /// The input bytes a node must hold, more than any other node, before a task waits
 /// for that node rather than run elsewhere and fetch them.
 const LOCAL_INPUT_BYTES: u64 = 16 << 20;
@@ -603,8 +609,9 @@ pub(crate) struct State {
     /// actors kept, scheduling 20,000 tasks took ~19 times as long.
     pending_jobs: BTreeSet<String>,
     pending_actors: BTreeSet<String>,
-    /// Copies of objects off draining nodes on their way: object → target node.
-    copies: HashMap<String, String>,
+    /// Copies of objects off draining nodes on their way: object → target node and
+    /// the bytes reserved there (given back when the copy ends, freed meanwhile or not).
+    copies: HashMap<String, (String, u64)>,
     /// Dataset executions of each job as their drivers last reported them (the last
     /// few per job).
     executions: HashMap<String, Vec<ExecutionProgress>>,
@@ -636,6 +643,11 @@ pub(crate) struct State {
     /// wait for them before they replay ([`State::recovering`]).
     awaiting_nodes: BTreeSet<String>,
     awaiting_until: Option<Instant>,
+    /// Tasks that have waited for room past [`STARVING_AFTER`], each with the node it
+    /// holds: no other work is placed or sent ahead there until the task fits, so a
+    /// request bigger than the rest is not passed over for good by smaller ones that
+    /// keep taking what frees ([`State::hold_node_for`]).
+    holds: FastMap<String, String>,
 }
 
 /// A task a node ran on across a head restart, waiting for its driver's replay.
@@ -715,6 +727,9 @@ impl State {
 
     /// Places whatever can run now.
     pub fn schedule(&mut self) {
+        let tasks = &self.tasks;
+        self.holds
+            .retain(|id, _| tasks.get(id).is_some_and(|t| t.state == TaskState::Pending));
         self.promote_ahead();
         self.place_groups();
         self.place_drivers();

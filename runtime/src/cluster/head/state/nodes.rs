@@ -289,7 +289,7 @@ impl State {
         }
         // Copies it was making for a draining node will not come: the next drain call
         // sends them elsewhere.
-        self.copies.retain(|_, target| target != node);
+        self.copies.retain(|_, (target, _)| target != node);
         // Objects whose last copy was there are rebuilt by re-running their task, if
         // still wanted (not freed, or freed but still read: a group's member).
         let lost: Vec<String> = self
@@ -398,7 +398,7 @@ impl State {
                 object_id: id.clone(),
                 from: from.clone(),
             });
-            self.copies.insert(id, target);
+            self.copies.insert(id, (target, bytes));
         }
         Some(DrainStatus {
             running_tasks: running,
@@ -409,10 +409,11 @@ impl State {
 
     /// A copy of `object` is (or could not be made) on `node`.
     pub fn object_copied(&mut self, object: &str, node: &str, bytes: u64, error: &str) {
-        let Some(target) = self.copies.remove(object) else {
+        // What was reserved for it, which a copy of an object freed meanwhile gives
+        // back too.
+        let Some((target, reserved)) = self.copies.remove(object) else {
             return;
         };
-        let reserved = self.objects.get(object).map_or(0, |o| o.bytes);
         if let Some(n) = self.nodes.get_mut(&target) {
             n.stored = n.stored.saturating_sub(reserved);
         }

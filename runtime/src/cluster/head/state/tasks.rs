@@ -321,6 +321,7 @@ impl State {
                     source,
                     holder.as_deref(),
                     &avoid,
+                    Some(id),
                 )
                 .map(|(node, gpus)| (node, gpus, None)),
             Some(choice) => self.take_from_bundle(&choice, &resources),
@@ -335,6 +336,9 @@ impl State {
             .filter(|node| wait_left.is_none_or(|left| self.ahead_ends_within(id, node, left)));
         if let Some(node) = ahead {
             return self.dispatch(id, node, vec![], None, args, true);
+        }
+        if self.tasks[id].spec.bundle.is_none() {
+            self.hold_node_for(id, holder.as_deref(), &avoid);
         }
         // Every node that could hold it has just failed to start its job's workers:
         // it fails now, saying why, instead of waiting for one of them to try again.
@@ -432,6 +436,77 @@ impl State {
             .and_then(|j| j.task_seconds.get(&t.spec.name).copied())
     }
 
+    /// Whether node `node` is held for a task other than `task` ([`Self::hold_node_for`]).
+    fn held_from(&self, node: &str, task: Option<&str>) -> bool {
+        !self.holds.is_empty()
+            && self
+                .holds
+                .iter()
+                .any(|(t, n)| n == node && task.is_none_or(|task| task != t))
+    }
+
+    /// What node `node` will have free once the tasks holding room there end: its free
+    /// room and theirs (not what actors, drivers or placement groups hold).
+    fn room_when_tasks_end(&self, node: &Node) -> Resources {
+        let mut room = node.available.clone();
+        for t in node.running.iter().filter_map(|t| self.tasks.get(t)) {
+            if !t.ahead && t.spec.actor.is_none() && t.bundle.is_none() {
+                room.add(&t.spec.resources);
+            }
+        }
+        room
+    }
+
+    /// Task `id`, ready but without room, holds a node once it has waited
+    /// [`STARVING_AFTER`]: the node that will hold it once its tasks end and has most
+    /// CPUs free (the one it waits for, `only`, if any; none in `avoid` or held for an
+    /// older task). Nothing else goes there, nor ahead, until it starts, so a request
+    /// for more than the others ask is not passed over for as long as smaller ones
+    /// keep taking what frees. A hold that can no longer be met (its node left, or
+    /// longer-lived work took its room) moves to another node, or goes.
+    fn hold_node_for(&mut self, id: &str, only: Option<&str>, avoid: &[(String, String)]) {
+        let task = &self.tasks[id];
+        if task
+            .ready_since
+            .is_none_or(|since| since.elapsed() < STARVING_AFTER)
+        {
+            return;
+        }
+        let req = &task.spec.resources;
+        let usable = |node_id: &str, n: &Node| {
+            n.takes_work()
+                && only.is_none_or(|o| o == node_id)
+                && !avoid.iter().any(|(a, _)| a == node_id)
+                && req.fits_in(&self.room_when_tasks_end(n))
+        };
+        if let Some(held) = self.holds.get(id) {
+            if self.nodes.get(held).is_some_and(|n| usable(held, n)) {
+                return;
+            }
+        }
+        let choice = self
+            .nodes
+            .iter()
+            .filter(|(node_id, n)| !self.held_from(node_id, Some(id)) && usable(node_id, n))
+            .max_by(|(a_id, a), (b_id, b)| {
+                a.available
+                    .num_cpus
+                    .total_cmp(&b.available.num_cpus)
+                    .then_with(|| b_id.cmp(a_id))
+            })
+            .map(|(node_id, _)| node_id.clone());
+        match choice {
+            Some(node) => {
+                if self.holds.insert(id.to_string(), node.clone()).as_deref() != Some(&node) {
+                    info!("task {id} has waited for room since {STARVING_AFTER:?} ago or more: node {node} takes no other work until it fits");
+                }
+            }
+            None => {
+                self.holds.remove(id);
+            }
+        }
+    }
+
     /// A node to send a CPU-only task to ahead of room: one with fewer tasks of the
     /// same CPUs waiting ahead than `per_slot` ([`ahead_per_slot`]) per running task of
     /// those CPUs (the fewest waiting first). A worker that finishes such a task takes one ahead
@@ -453,6 +528,7 @@ impl State {
             .iter()
             .filter(|(id, _)| only.is_none_or(|o| o == id.as_str()))
             .filter(|(id, _)| !avoid.iter().any(|(a, _)| a == *id))
+            .filter(|(id, _)| !self.held_from(id, None))
             .filter(|(_, n)| n.takes_work() && !(source && n.store_full()))
             .filter_map(|(id, n)| {
                 let slots = n.slots.get(&key).copied().unwrap_or(0);
@@ -620,7 +696,9 @@ impl State {
     /// should spread), then the one whose object store is least full (by quarters of
     /// its memory: the task's output will be stored there, and a full store spills),
     /// then the one with the most CPUs free (spreading load). `only` names the one
-    /// node it may be; the nodes in `avoid` (with why) it may not.
+    /// node it may be; the nodes in `avoid` (with why) it may not; nor a node held for
+    /// a task other than `task` (none for a driver or an actor).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn pick_node(
         &mut self,
         req: &Resources,
@@ -629,10 +707,14 @@ impl State {
         source: bool,
         only: Option<&str>,
         avoid: &[(String, String)],
+        task: Option<&str>,
     ) -> Option<(String, Vec<u32>)> {
         let mut best: Option<(u64, usize, u64, f64, u64, String)> = None;
         for (id, n) in &self.nodes {
             if only.is_some_and(|o| o != id) || !n.takes_work() || !req.fits_in(&n.available) {
+                continue;
+            }
+            if self.held_from(id, task) {
                 continue;
             }
             if avoid.iter().any(|(a, _)| a == id) {

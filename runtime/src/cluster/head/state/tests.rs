@@ -294,6 +294,92 @@ fn tasks_placed_one_at_a_time_spread_by_stored_bytes() {
     assert_eq!(on_other, ["run t2"], "t2 goes to {other}");
 }
 
+/// Task `id`, pending, has had all its inputs for `STARVING_AFTER` and more.
+fn starving(s: &mut State, id: &str) {
+    let t = s.tasks.get_mut(id).unwrap();
+    assert!(t.ready_since.is_some(), "{id} was tried");
+    t.ready_since = Some(Instant::now() - STARVING_AFTER - Duration::from_millis(1));
+}
+
+#[test]
+fn a_big_request_passed_over_long_enough_holds_a_node_until_it_fits() {
+    let (mut s, mut rx) = one_node(2.0);
+    submit(&mut s, "s1");
+    submit(&mut s, "s2");
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run s1", "run s2"]);
+    s.submit(TaskSpec {
+        resources: cpus(2.0),
+        ..task("big", &[])
+    })
+    .unwrap();
+    s.schedule();
+    assert!(sent(&mut rx).is_empty());
+    // Not yet waiting long: smaller tasks take what frees, as they come.
+    submit(&mut s, "s3");
+    done(&mut s, "s1", "");
+    assert_eq!(sent(&mut rx), ["run s3"]);
+    starving(&mut s, "big");
+    s.schedule();
+    assert_eq!(s.holds.get("big").map(String::as_str), Some("n1"));
+    // Now nothing else goes there, not even ahead of room.
+    submit(&mut s, "s4");
+    submit(&mut s, "s5");
+    s.schedule();
+    assert!(sent(&mut rx).is_empty());
+    done(&mut s, "s2", "");
+    assert!(
+        sent(&mut rx).is_empty(),
+        "one CPU free: big waits, and s4 with it"
+    );
+    done(&mut s, "s3", "");
+    assert_eq!(sent(&mut rx), ["run big"]);
+    s.schedule();
+    assert!(s.holds.is_empty());
+    done(&mut s, "big", "");
+    assert_eq!(sent(&mut rx), ["run s4", "run s5"]);
+}
+
+#[test]
+fn a_held_node_leaves_the_others_working_and_a_hold_that_cannot_be_met_moves() {
+    let (mut s, mut rx1) = one_node(2.0);
+    let (n2, mut rx2) = test_node(2.0, "b");
+    s.nodes.insert("n2".into(), n2);
+    for id in ["s1", "s2", "s3", "s4"] {
+        submit(&mut s, id);
+    }
+    s.schedule();
+    assert_eq!(sent(&mut rx1).len() + sent(&mut rx2).len(), 4);
+    s.submit(TaskSpec {
+        resources: cpus(2.0),
+        ..task("big", &[])
+    })
+    .unwrap();
+    s.schedule();
+    starving(&mut s, "big");
+    s.schedule();
+    let held = s.holds["big"].clone();
+    let other = if held == "n1" { "n2" } else { "n1" };
+    // The other node goes on taking small tasks.
+    submit(&mut s, "s5");
+    let on_other: Vec<String> = s.nodes[other].running.iter().cloned().collect();
+    let report_node = |t: &str| report(other, t, 0, 0, "");
+    assert!(s.task_reported(report_node(&on_other[0])));
+    s.schedule();
+    assert!(s.nodes[other].running.contains("s5"), "s5 went to {other}");
+    assert!(!s.nodes[&held].running.contains("s5"));
+    // An actor takes the held node's room for good: the hold moves to the other node,
+    // which could hold the task once its tasks end.
+    let n = s.nodes.get_mut(&held).unwrap();
+    let running: Vec<String> = n.running.iter().cloned().collect();
+    for t in &running {
+        s.tasks.get_mut(t).unwrap().spec.actor = Some("a".into());
+    }
+    s.schedule();
+    assert_eq!(s.holds.get("big").map(String::as_str), Some(other));
+    let _ = (sent(&mut rx1), sent(&mut rx2));
+}
+
 #[test]
 fn a_draining_node_gets_no_work_and_its_objects_are_copied_before_it_leaves() {
     let (mut s, mut rx1) = one_node(4.0);
@@ -340,6 +426,39 @@ fn a_draining_node_gets_no_work_and_its_objects_are_copied_before_it_leaves() {
     assert_eq!(listed[0].node_id, "n1");
     assert_eq!(listed[0].state, NodeState::Left);
     assert!(s.drain("n1").is_none());
+}
+
+#[test]
+fn a_drain_copy_of_an_object_freed_meanwhile_gives_back_its_reservation() {
+    for end in ["freed", "job ended"] {
+        let (mut s, mut rx1) = one_node(4.0);
+        let (n2, mut rx2) = test_node(1.0, "b");
+        s.nodes.insert("n2".into(), n2);
+        submit(&mut s, "t1");
+        s.schedule();
+        assert_eq!(sent(&mut rx1), ["run t1"]);
+        assert!(s.task_reported(report("n1", "t1", 0, 80, "")));
+        let before = s.nodes["n2"].stored;
+        assert_eq!(s.drain("n1").unwrap().objects_to_copy, 1);
+        assert_eq!(
+            s.nodes["n2"].stored,
+            before + 80,
+            "{end}: reserved for the copy"
+        );
+        assert!(matches!(rx2.try_recv(), Ok(NodeCommand::CopyObject { .. })));
+        match end {
+            "freed" => s.free(&["t1".to_string()]),
+            _ => s.finish_job("j", JobState::Stopped, -1, "stopped"),
+        }
+        assert!(!s.objects.contains_key("t1"), "{end}");
+        s.object_copied("t1", "n2", 80, "");
+        assert_eq!(
+            s.nodes["n2"].stored, before,
+            "{end}: the reservation is given back"
+        );
+        let freed = sent(&mut rx2);
+        assert!(freed.contains(&"free t1".to_string()), "{end}: {freed:?}");
+    }
 }
 
 #[test]
