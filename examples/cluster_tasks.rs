@@ -450,7 +450,16 @@ fn main() -> Result<()> {
     if running != 55 {
         return Err(VolleyError::execution("wrong actor total"));
     }
-    acc.kill()?;
+    // A killed actor's process is gone once `kill_and_wait` returns: its GPUs and
+    // files are free for what comes next.
+    let pid = acc.info()?.pid;
+    acc.kill_and_wait(Duration::from_secs(60))?;
+    if pid == 0 || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(VolleyError::execution(format!(
+            "the killed actor's process {pid} is still there"
+        )));
+    }
+    println!("a killed actor's process {pid} is gone");
 
     // A task's error reaches the driver with its category.
     for kind in [

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
@@ -361,7 +361,18 @@ impl DataParallelTrainer {
                 resume,
                 iteration,
             };
-            match self.attempt(cluster, server, &spec) {
+            let (result, stopped) = self.attempt(cluster, server, &spec);
+            if let Err(e) = stopped {
+                // A rank may still run: the next attempt would work beside it.
+                let e = e.context(format!(
+                    "stopping the ranks of training attempt {failures}; not restarting"
+                ));
+                return Err(match result {
+                    Err(cause) => e.context(format!("after it failed: {cause}")),
+                    Ok(_) => e,
+                });
+            }
+            match result {
                 Ok(nodes) => return Ok((failures, nodes)),
                 Err(e) => {
                     if failures >= self.run.failure.max_failures {
@@ -383,21 +394,43 @@ impl DataParallelTrainer {
         }
     }
 
-    /// One attempt: reserve the bundles, start the ranks, run them to the end; returns
-    /// the node of each rank.
-    fn attempt(&self, cluster: &Cluster, server: &Session, spec: &RankSpec) -> Result<Vec<String>> {
-        let world = spec.world;
-        let group = cluster.placement_group(
-            vec![self.scaling.bundle(); world],
+    /// One attempt: reserve the bundles, start the ranks, run them to the end, stop
+    /// them; returns the node of each rank, and whether the ranks were stopped (their
+    /// processes gone).
+    fn attempt(
+        &self,
+        cluster: &Cluster,
+        server: &Session,
+        spec: &RankSpec,
+    ) -> (Result<Vec<String>>, Result<()>) {
+        let group = match cluster.placement_group(
+            vec![self.scaling.bundle(); spec.world],
             match self.scaling.placement {
                 Placement::Pack => PlacementStrategy::Pack,
                 Placement::Spread => PlacementStrategy::Spread,
             },
-        )?;
+        ) {
+            Ok(g) => g,
+            Err(e) => return (Err(e), Ok(())),
+        };
         let mut ranks = Ranks {
             actors: Vec::new(),
             group: Some(group),
         };
+        let result = self.run_ranks(cluster, server, spec, &mut ranks);
+        let stopped = ranks.stop(RANK_EXIT_WAIT);
+        (result, stopped)
+    }
+
+    /// Starts the ranks of an attempt in `ranks` and runs them to the end.
+    fn run_ranks(
+        &self,
+        cluster: &Cluster,
+        server: &Session,
+        spec: &RankSpec,
+        ranks: &mut Ranks,
+    ) -> Result<Vec<String>> {
+        let world = spec.world;
         let group = ranks.group.as_ref().expect("set");
         let Some(nodes) = group.wait(Duration::from_secs(300))? else {
             return Err(VolleyError::ResourcesExhausted(format!(
@@ -436,7 +469,7 @@ impl DataParallelTrainer {
             .collect::<Result<_>>()?;
         let mut left = running;
         while !left.is_empty() {
-            // Stopped by the report hook: done (dropping `ranks` stops the others).
+            // Stopped by the report hook: done (the attempt stops the others).
             if server.stopped() {
                 return Ok(nodes);
             }
@@ -492,21 +525,50 @@ fn first_cause(
     e.context(format!("rank {rank} of {world}"))
 }
 
-/// The actors and bundles of one attempt; dropping it stops the actors and gives the
-/// bundles back (also when the attempt fails half-way).
+/// How long the ranks of an attempt may take to exit once killed before the run
+/// fails instead of starting the next attempt beside them.
+const RANK_EXIT_WAIT: Duration = Duration::from_secs(60);
+
+/// The actors and bundles of one attempt; [`Ranks::stop`] (or dropping it) stops the
+/// actors and gives the bundles back (also when the attempt fails half-way).
 struct Ranks {
     actors: Vec<ActorHandle>,
     group: Option<volley_runtime::cluster::PlacementGroup>,
 }
 
-impl Drop for Ranks {
-    fn drop(&mut self) {
-        for a in &self.actors {
-            let _ = a.kill();
+impl Ranks {
+    /// Kills every rank, waits up to `wait` in all for their processes to be gone, and
+    /// gives the bundles back. A rank 0 killed in the middle of a save would otherwise
+    /// go on writing checkpoint files, and pruning old ones, while the next attempt
+    /// reads the latest: it must be gone first.
+    fn stop(&mut self, wait: Duration) -> Result<()> {
+        let actors = std::mem::take(&mut self.actors);
+        let mut first_error = None;
+        for a in &actors {
+            if let Err(e) = a.kill() {
+                first_error.get_or_insert(e);
+            }
+        }
+        let end = Instant::now() + wait;
+        for a in &actors {
+            let left = end.saturating_duration_since(Instant::now());
+            // Killed above: this only waits.
+            if let Err(e) = a.kill_and_wait(left) {
+                first_error.get_or_insert(e);
+            }
         }
         if let Some(g) = self.group.take() {
-            let _ = g.remove();
+            if let Err(e) = g.remove() {
+                first_error.get_or_insert(e);
+            }
         }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        let _ = self.stop(RANK_EXIT_WAIT);
     }
 }
 

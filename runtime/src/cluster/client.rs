@@ -526,6 +526,9 @@ pub struct ActorInfo {
     pub error: String,
     /// Its process on its node (0 unless alive).
     pub pid: u32,
+    /// Dead, and its process gone: its node reported so, or left the cluster. A
+    /// killed actor is `DEAD` at once; its process may run a moment longer.
+    pub exited: bool,
 }
 
 impl ActorHandle {
@@ -580,10 +583,32 @@ impl ActorHandle {
             restarts: r.restarts,
             error: r.error,
             pid: r.pid,
+            exited: r.exited,
         })
     }
 
-    /// Stops the actor (no restart).
+    /// Stops the actor (no restart) and waits up to `timeout` for its process to be
+    /// gone: what comes next may then take its GPUs and files, as a restarted training
+    /// run takes its checkpoints. Fails naming the actor when it is still alive then.
+    pub fn kill_and_wait(&self, timeout: Duration) -> Result<()> {
+        self.kill()?;
+        let end = Instant::now() + timeout;
+        loop {
+            if self.info()?.exited {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(VolleyError::execution(format!(
+                    "actor {}: its process had not exited {timeout:?} after it was killed",
+                    self.id
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the actor (no restart); its process is killed soon after (see
+    /// [`Self::kill_and_wait`]).
     pub fn kill(&self) -> Result<()> {
         let inner = &self.cluster.inner;
         let what = format!("actor {}", self.id);

@@ -234,6 +234,7 @@ impl From<ActorRecord> for proto::ActorStatus {
             restarts: a.restarts,
             pid: a.pid.unwrap_or(0),
             name: a.name,
+            exited: a.exited,
         }
     }
 }

@@ -124,6 +124,8 @@ impl WorkerEntry {
     /// Stops it without reporting what it ran (to a head that will not know it).
     fn stop_unreported(&mut self) {
         self.running.clear();
+        self.actor = None;
+        self.start_actor = None;
         self.stop();
     }
 
@@ -916,7 +918,10 @@ impl Agent {
                 let mut s = self.state.lock().expect("agent lock");
                 s.calls.remove(&id);
                 for w in s.workers.values_mut() {
-                    if w.actor.as_ref().is_some_and(|(a, _)| *a == id) {
+                    // Also one still starting it.
+                    if w.actor.as_ref().is_some_and(|(a, _)| *a == id)
+                        || w.start_actor.as_ref().is_some_and(|a| a.actor_id == id)
+                    {
                         w.stop();
                     }
                 }

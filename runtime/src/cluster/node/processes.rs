@@ -523,9 +523,17 @@ impl Agent {
         };
         let why = format!("worker process {pid} on {} exited ({status})", self.node_id);
         if w.exiting {
-            // Told to exit (to give way, or killed for a cancel): a task it was still
-            // running ended with it, and the head hears so (a cancelled task's GPUs
-            // wait for that).
+            // Told to exit (to give way, or killed for a cancel, a killed actor or a
+            // stopped job): what it was still running ended with it, and the head
+            // hears so (a cancelled task's or killed actor's GPUs wait for that, and
+            // so may whoever waits for a killed actor to be gone).
+            if let Some((actor, inc)) = w.actor.clone().or(w
+                .start_actor
+                .as_ref()
+                .map(|a| (a.actor_id.clone(), a.incarnation)))
+            {
+                self.report_actor(&actor, inc, false, why.clone(), 0).await;
+            }
             self.report_lost(w.running, &why);
             return waiting;
         }

@@ -42,6 +42,7 @@ impl State {
             gpus: vec![],
             bundle: None,
             pid: 0,
+            stopping: None,
         };
         if replayed {
             if let Some(why) = history.dead {
@@ -164,7 +165,30 @@ impl State {
         if a.incarnation != incarnation {
             return;
         }
+        if !alive {
+            // A killed one's process is gone: what it held is free.
+            if a.stopping.as_deref() == Some(node_id) {
+                a.stopping = None;
+            }
+            let bundle_gpus = self
+                .nodes
+                .get_mut(node_id)
+                .and_then(|n| n.cancelled_attempt_ended(HeldFor::Actor, id, incarnation));
+            if let Some(c) = bundle_gpus {
+                self.return_bundle_gpus(node_id, c);
+            }
+        }
+        let Some(a) = self.actors.get_mut(id) else {
+            return;
+        };
         match (&a.state, alive) {
+            (ActorState::Dead(_), true) => {
+                // Killed while it started: it must not live on, holding what was
+                // given back.
+                if let Some(n) = self.nodes.get(node_id) {
+                    n.send(NodeCommand::StopActor(id.to_string()));
+                }
+            }
             (ActorState::Starting { node }, true) if *node == node_id => {
                 a.state = ActorState::Alive { node: node.clone() };
                 a.pid = pid;
@@ -314,14 +338,21 @@ impl State {
             _ => None,
         };
         a.die(why.to_string());
+        if node.is_some() {
+            a.stopping = node.clone();
+        }
         self.pending_actors.remove(id);
         let (req, gpus, bundle) = (a.spec.resources.clone(), a.gpus.clone(), a.bundle.take());
+        let incarnation = a.incarnation;
         self.note_history(id);
         if let Some(node) = node {
             if let Some(n) = self.nodes.get(&node) {
                 n.send(NodeCommand::StopActor(id.to_string()));
             }
             self.release(&node, &req, &gpus, &bundle);
+            // Its GPUs wait for its process to be gone (its CPUs are free at once).
+            let n = req.num_gpus;
+            self.hold_until_exit(&node, HeldFor::Actor, id, incarnation, n, gpus, bundle);
         }
         // Its calls sent to its node end with it (the node drops those queued there
         // without a word): they fail now, saying why.
@@ -339,6 +370,7 @@ fn actor_record(id: &str, a: &ActorEntry) -> ActorRecord {
         actor_id: id.to_string(),
         name: a.spec.name.clone(),
         pid: matches!(a.state, ActorState::Alive { .. }).then_some(a.pid),
+        exited: matches!(a.state, ActorState::Dead(_)) && a.stopping.is_none(),
         state: a.state.clone(),
         restarts: a.restarts,
         waiting: String::new(),

@@ -395,11 +395,16 @@ impl State {
         for t in &unfinished {
             // Failing one may delete others (an output no one wants takes its
             // task, and the lineage it kept, with it).
-            if matches!(
-                self.tasks.get(t).map(|t| &t.state),
-                Some(TaskState::Pending | TaskState::Running { .. })
-            ) {
-                self.fail_task(t, cancelled_report(why));
+            match self.tasks.get(t).map(|t| &t.state) {
+                // Its GPUs wait for its worker to be gone (its node kills it with the
+                // job), as a cancelled task's do.
+                Some(TaskState::Running { gpus, .. }) if !gpus.is_empty() => {
+                    self.stop_task(t, cancelled_report(why), TaskEnd::Failed)
+                }
+                Some(TaskState::Pending | TaskState::Running { .. }) => {
+                    self.fail_task(t, cancelled_report(why))
+                }
+                _ => {}
             }
         }
         let actors: Vec<String> = self

@@ -320,6 +320,10 @@ pub(crate) struct ActorRecord {
     pub restarts: u32,
     /// Its process, while alive.
     pub pid: Option<u32>,
+    /// Dead, and its process gone: its node reported so, or left the cluster. A killed
+    /// actor is dead at once, but its process may hold its GPUs and files a moment
+    /// longer.
+    pub exited: bool,
     /// Why it waits, when no node could hold it even empty; empty otherwise.
     pub waiting: String,
 }

@@ -88,16 +88,25 @@ struct Node {
     /// Leaving the cluster: it gets no new work, and the objects only it holds are
     /// copied to other nodes before it goes.
     draining: bool,
-    /// The GPUs of cancelled tasks whose workers may still run, by task: they go to
-    /// no other work until the node reports that attempt ended (its worker killed, or
-    /// done first), so a task started next does not share a GPU with a process still
-    /// holding its memory; or, should that report be lost, for [`CANCELLED_GPUS_HELD`].
-    cancelled_gpus: FastMap<String, CancelledGpus>,
+    /// The GPUs of cancelled tasks and killed actors whose workers may still run, by
+    /// task or actor: they go to no other work until the node reports that attempt or
+    /// incarnation ended (its worker killed, or done first), so work started next
+    /// does not share a GPU with a process still holding its memory; or, should that
+    /// report be lost, for [`CANCELLED_GPUS_HELD`].
+    cancelled_gpus: FastMap<(HeldFor, String), CancelledGpus>,
 }
 
-/// GPUs a cancelled task's worker may still hold.
+/// What GPUs are held for until its process is gone: a task's attempt or an actor's
+/// incarnation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum HeldFor {
+    Task,
+    Actor,
+}
+
+/// GPUs a cancelled task's or killed actor's worker may still hold.
 struct CancelledGpus {
-    /// The attempt that ran.
+    /// The attempt (of a task) or incarnation (of an actor) that ran.
     attempt: u32,
     /// The GPUs asked for, and their ids.
     n: f64,
@@ -152,12 +161,14 @@ impl Node {
         task.ahead = false;
     }
 
-    /// Holds the GPUs `ids` (`n` asked for) of task `task`, cancelled while attempt
-    /// `attempt` ran here, until that attempt's end is reported: out of this node's
-    /// room, or, for a task in a placement group's `bundle`, out of the bundle's (the
-    /// caller has taken them out of it).
+    /// Holds the GPUs `ids` (`n` asked for) of task or actor `task`, cancelled while
+    /// attempt (or incarnation) `attempt` ran here, until that attempt's end is
+    /// reported: out of this node's room, or, for work in a placement group's
+    /// `bundle`, out of the bundle's (the caller has taken them out of it).
+    #[allow(clippy::too_many_arguments)]
     fn hold_cancelled_gpus(
         &mut self,
+        held_for: HeldFor,
         task: &str,
         attempt: u32,
         n: f64,
@@ -175,26 +186,37 @@ impl Node {
             since: Instant::now(),
             bundle,
         };
-        self.cancelled_gpus.insert(task.to_string(), held);
+        self.cancelled_gpus
+            .insert((held_for, task.to_string()), held);
     }
 
-    /// Attempt `attempt` of task `task` ended here: the GPUs held for it, if it was
-    /// cancelled, are free. Those of a bundle are returned, for the bundle to take back.
-    fn cancelled_attempt_ended(&mut self, task: &str, attempt: u32) -> Option<CancelledGpus> {
+    /// Attempt (or incarnation) `attempt` of task or actor `task` ended here: the GPUs
+    /// held for it, if it was cancelled, are free. Those of a bundle are returned, for
+    /// the bundle to take back.
+    fn cancelled_attempt_ended(
+        &mut self,
+        held_for: HeldFor,
+        task: &str,
+        attempt: u32,
+    ) -> Option<CancelledGpus> {
+        if self.cancelled_gpus.is_empty() {
+            return None;
+        }
+        let key = (held_for, task.to_string());
         if self
             .cancelled_gpus
-            .get(task)
+            .get(&key)
             .is_some_and(|c| c.attempt == attempt)
         {
-            return self.free_cancelled_gpus(task);
+            return self.free_cancelled_gpus(&key);
         }
         None
     }
 
-    /// Frees the GPUs held longer than [`CANCELLED_GPUS_HELD`] for cancelled tasks;
-    /// those tasks, each with what a bundle must take back.
-    fn expire_cancelled_gpus(&mut self) -> Vec<(String, Option<CancelledGpus>)> {
-        let expired: Vec<String> = self
+    /// Frees the GPUs held longer than [`CANCELLED_GPUS_HELD`] for cancelled tasks and
+    /// killed actors; those, each with what a bundle must take back.
+    fn expire_cancelled_gpus(&mut self) -> Vec<((HeldFor, String), Option<CancelledGpus>)> {
+        let expired: Vec<(HeldFor, String)> = self
             .cancelled_gpus
             .iter()
             .filter(|(_, c)| c.since.elapsed() >= CANCELLED_GPUS_HELD)
@@ -209,10 +231,10 @@ impl Node {
             .collect()
     }
 
-    /// Frees the GPUs held for cancelled task `task`: this node's go back to it; a
-    /// bundle's are returned.
-    fn free_cancelled_gpus(&mut self, task: &str) -> Option<CancelledGpus> {
-        let c = self.cancelled_gpus.remove(task)?;
+    /// Frees the GPUs held for cancelled task (or killed actor) `key`: this node's go
+    /// back to it; a bundle's are returned.
+    fn free_cancelled_gpus(&mut self, key: &(HeldFor, String)) -> Option<CancelledGpus> {
+        let c = self.cancelled_gpus.remove(key)?;
         if c.bundle.is_some() {
             return Some(c);
         }
@@ -496,6 +518,9 @@ struct ActorEntry {
     bundle: Option<BundleRef>,
     /// Its worker process, once alive.
     pid: u32,
+    /// Killed while it lived on this node: its process may still run there until the
+    /// node reports it gone (or the node itself goes), as [`ActorRecord::exited`] says.
+    stopping: Option<String>,
 }
 
 impl ActorEntry {

@@ -247,10 +247,23 @@ impl State {
         // A cancelled task's GPUs whose end was never reported (the report lost on
         // the way) go back after a while.
         let mut bundles = vec![];
+        let mut gone_actors = vec![];
         for (id, n) in &mut self.nodes {
-            for (task, bundle) in n.expire_cancelled_gpus() {
-                warn!("node {id}: no word of cancelled task {task}'s end: its GPUs are free again");
+            for ((held_for, task), bundle) in n.expire_cancelled_gpus() {
+                let what = match held_for {
+                    HeldFor::Task => "cancelled task",
+                    HeldFor::Actor => "killed actor",
+                };
+                warn!("node {id}: no word of {what} {task}'s end: its GPUs are free again");
                 bundles.extend(bundle.map(|c| (id.clone(), c)));
+                if held_for == HeldFor::Actor {
+                    gone_actors.push(task);
+                }
+            }
+        }
+        for a in gone_actors {
+            if let Some(a) = self.actors.get_mut(&a) {
+                a.stopping = None;
             }
         }
         for (node, c) in bundles {
@@ -284,6 +297,13 @@ impl State {
         self.adopted_runs.retain(|_, r| r.node != node);
         self.adopted_actors.retain(|_, a| a.node != node);
         self.claimed.retain(|_, n| n != node);
+        // Killed actors' processes there are gone with it (or are killed by their
+        // agent once it finds its head gone).
+        for a in self.actors.values_mut() {
+            if a.stopping.as_deref() == Some(node) {
+                a.stopping = None;
+            }
+        }
         for t in running {
             self.system_failure(&t, &format!("node {node} {how}"));
         }

@@ -1076,7 +1076,7 @@ impl State {
             let bundle_gpus = self
                 .nodes
                 .get_mut(&r.node_id)
-                .and_then(|n| n.cancelled_attempt_ended(&r.task_id, r.attempt));
+                .and_then(|n| n.cancelled_attempt_ended(HeldFor::Task, &r.task_id, r.attempt));
             if let Some(c) = bundle_gpus {
                 self.return_bundle_gpus(&r.node_id, c);
             }
@@ -1317,22 +1317,38 @@ impl State {
             _ => None,
         });
         if let Some(node) = self.finish_running(id) {
-            // Held by its bundle, or by its node if the bundle is gone (what it
-            // held went back to the node when it was released).
-            let held = match gpus {
-                Some((a, n, ids, Some(b))) if !self.take_bundle_gpus(&b, n, &ids) => {
-                    Some((a, n, ids, None))
-                }
-                held => held,
-            };
-            if let Some(n) = self.nodes.get_mut(&node) {
-                if let Some((attempt, n_gpus, ids, bundle)) = held {
-                    n.hold_cancelled_gpus(id, attempt, n_gpus, ids, bundle);
-                }
+            if let Some((attempt, n, ids, bundle)) = gpus {
+                self.hold_until_exit(&node, HeldFor::Task, id, attempt, n, ids, bundle);
+            }
+            if let Some(n) = self.nodes.get(&node) {
                 n.send(NodeCommand::CancelTask(id.to_string()));
             }
         }
         self.end_unfinished(id, report, how);
+    }
+
+    /// Holds the GPUs `ids` (`n` asked for) of task or actor `id`, stopped while its
+    /// attempt or incarnation `attempt` ran on `node`, until the node reports it ended:
+    /// out of its bundle's room, or its node's if the bundle is gone (what it held went
+    /// back to the node when it was released). Its CPUs are free at once.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn hold_until_exit(
+        &mut self,
+        node: &str,
+        held_for: HeldFor,
+        id: &str,
+        attempt: u32,
+        n: f64,
+        ids: Vec<u32>,
+        bundle: Option<BundleRef>,
+    ) {
+        if ids.is_empty() || !self.nodes.contains_key(node) {
+            return;
+        }
+        let bundle = bundle.filter(|b| self.take_bundle_gpus(b, n, &ids));
+        if let Some(node) = self.nodes.get_mut(node) {
+            node.hold_cancelled_gpus(held_for, id, attempt, n, ids, bundle);
+        }
     }
 
     /// Ends task `id` for good, if it has not ended, with `error` as its object's.

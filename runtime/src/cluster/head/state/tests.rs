@@ -1887,6 +1887,122 @@ fn a_cancelled_tasks_gpu_waits_for_its_worker_to_end() {
     assert!(s.nodes[&node].cancelled_gpus.is_empty());
 }
 
+/// A killed actor's GPU goes to no other work until its node reports its process
+/// gone; until then the actor is dead but not exited. Its CPU is free at once.
+#[test]
+fn a_killed_actors_gpu_waits_for_its_process_to_end() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let mut rx = join_gpu_node(&mut s, cpus(2.0).with_gpus(1.0));
+    let node = s.nodes.keys().next().unwrap().clone();
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a1".into(),
+        resources: cpus(1.0).with_gpus(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    s.schedule();
+    sent(&mut rx);
+    let inc = s.actors["a1"].incarnation;
+    s.actor_reported("a1", &node, inc, true, 42, "");
+    assert!(!s.actor("a1").unwrap().exited);
+    s.kill_actor("a1", "killed by request");
+    s.kill_actor("a1", "killed again");
+    let record = s.actor("a1").unwrap();
+    assert!(matches!(record.state, ActorState::Dead(_)));
+    assert!(!record.exited, "its process may still run");
+    s.submit(TaskSpec {
+        resources: cpus(1.0).with_gpus(1.0),
+        ..task("g1", &[])
+    })
+    .unwrap();
+    submit(&mut s, "c1");
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["StopActor(\"a1\")", "run c1"]);
+    assert_eq!(s.tasks["g1"].state, TaskState::Pending);
+    // Another incarnation's end frees nothing; this one's does.
+    s.actor_reported("a1", &node, inc + 1, false, 0, "exited");
+    s.schedule();
+    assert!(sent(&mut rx).is_empty());
+    s.actor_reported("a1", &node, inc, false, 0, "exited");
+    assert!(s.actor("a1").unwrap().exited);
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run g1"]);
+    assert!(s.nodes[&node].cancelled_gpus.is_empty());
+}
+
+/// A job's end holds the GPUs of its running tasks and actors until its node reports
+/// their workers gone: the next job's GPU task waits for them.
+#[test]
+fn a_stopped_jobs_gpus_wait_for_its_workers_to_end() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let mut rx = join_gpu_node(&mut s, cpus(2.0).with_gpus(1.0));
+    let node = s.nodes.keys().next().unwrap().clone();
+    let gpu_task = |job: &str, id: &str| TaskSpec {
+        job_id: job.into(),
+        resources: cpus(1.0).with_gpus(0.5),
+        ..task(id, &[])
+    };
+    s.submit(gpu_task("j", "g1")).unwrap();
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a1".into(),
+        resources: cpus(1.0).with_gpus(0.5),
+        ..Default::default()
+    })
+    .unwrap();
+    s.schedule();
+    let inc = s.actors["a1"].incarnation;
+    s.actor_reported("a1", &node, inc, true, 42, "");
+    sent(&mut rx);
+    s.finish_job("j", JobState::Stopped, -1, "stopped");
+    s.add_job(job("k"));
+    s.submit(TaskSpec {
+        resources: cpus(1.0).with_gpus(1.0),
+        ..gpu_task("k", "k1")
+    })
+    .unwrap();
+    s.schedule();
+    assert_eq!(s.tasks["k1"].state, TaskState::Pending);
+    assert!(!s.task_reported(system_failure(&node, "g1", 0, "killed")));
+    s.schedule();
+    assert_eq!(
+        s.tasks["k1"].state,
+        TaskState::Pending,
+        "the actor's half is held"
+    );
+    s.actor_reported("a1", &node, inc, false, 0, "killed");
+    s.schedule();
+    assert!(matches!(s.tasks["k1"].state, TaskState::Running { .. }));
+    assert!(s.nodes[&node].cancelled_gpus.is_empty());
+}
+
+/// An actor killed while its worker started it is stopped again when it reports
+/// alive; a node that dies takes its killed actors' processes with it.
+#[test]
+fn an_actor_killed_while_starting_is_stopped_when_it_reports_alive() {
+    let (mut s, mut rx) = one_node(2.0);
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a1".into(),
+        resources: cpus(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    s.schedule();
+    sent(&mut rx);
+    let inc = s.actors["a1"].incarnation;
+    s.kill_actor("a1", "killed by request");
+    assert_eq!(sent(&mut rx), ["StopActor(\"a1\")"]);
+    s.actor_reported("a1", "n1", inc, true, 42, "");
+    assert_eq!(sent(&mut rx), ["StopActor(\"a1\")"]);
+    assert!(!s.actor("a1").unwrap().exited);
+    s.node_died("n1");
+    assert!(s.actor("a1").unwrap().exited);
+}
+
 /// The same for a task in a placement group's bundle: the bundle's GPU goes to the
 /// group's next task only once the cancelled attempt's end is reported.
 #[test]
