@@ -40,8 +40,10 @@ impl Concurrency {
 /// worker holds, and how many run.
 #[derive(Debug, Clone)]
 pub struct MapOptions {
-    /// Rows per call (the last call of a task may get fewer); `None` passes blocks as
-    /// they come.
+    /// Rows per call: every call gets this many but a task's last; a stateful
+    /// worker's calls carry rows over from block to block, so only the stream's last
+    /// is short (on a cluster, the last of each bundle of blocks a worker is sent).
+    /// `None` passes blocks as they come.
     pub batch_size: Option<usize>,
     /// CPUs each task (or worker) holds.
     pub num_cpus: f64,

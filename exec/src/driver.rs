@@ -1056,6 +1056,38 @@ mod tests {
     }
 
     #[test]
+    fn an_actor_pool_cuts_whole_batches_across_blocks() {
+        struct Sizes(Arc<Mutex<Vec<usize>>>);
+        impl StatefulTransform for Sizes {
+            fn transform(&mut self, b: RecordBatch) -> Result<RecordBatch> {
+                self.0.lock().unwrap().push(b.num_rows());
+                Ok(b)
+            }
+        }
+        for ordered in [true, false] {
+            let seen = Arc::new(Mutex::new(vec![]));
+            let sizes = Arc::clone(&seen);
+            // Blocks of 3 rows, batches of 4: 30 rows make seven of 4 and one of 2.
+            let plan = PhysicalPlan::ActorMap(ActorMapExec {
+                input: Box::new(read(numbered(10, 3))),
+                factory: TransformFactory::local("sizes", move || Ok(Sizes(Arc::clone(&sizes)))),
+                concurrency: 2,
+                resources: ResourceRequest::cpus(1.0),
+                batch_size: Some(4),
+            });
+            let (out, _) = run_within(plan, context(4.0, ordered), 60);
+            let mut got = ids(&out.unwrap());
+            if !ordered {
+                got.sort();
+            }
+            assert_eq!(got, (0..30).collect::<Vec<_>>());
+            let mut sizes = seen.lock().unwrap().clone();
+            sizes.sort();
+            assert_eq!(sizes, [2, 4, 4, 4, 4, 4, 4, 4], "ordered {ordered}");
+        }
+    }
+
+    #[test]
     fn a_satisfied_limit_ignores_errors_of_tasks_it_did_not_need() {
         for ordered in [true, false] {
             // The first block passes at once; the others fail once the limit has its

@@ -131,23 +131,34 @@ impl PoolWorker {
             .ok_or_else(|| VolleyError::internal("a pool worker was called before it started"))
     }
 
-    /// A call's input blocks cut into the chunks the transform sees. Each block is cut
-    /// on its own: without a batch size, the transform sees one block per batch,
-    /// however many blocks the call brings.
+    /// A call's input blocks cut into the chunks the transform sees. Without a batch
+    /// size, the transform sees one block per batch, however many blocks the call
+    /// brings; with one, the call's rows are cut as one, so only its last batch may
+    /// be short.
     fn parts(&self, inputs: Vec<Vec<RecordBatch>>) -> Result<Vec<RecordBatch>> {
         cut(inputs, self.batch_size)
     }
 }
 
 fn cut(inputs: Vec<Vec<RecordBatch>>, batch_size: Option<usize>) -> Result<Vec<RecordBatch>> {
-    let mut parts = Vec::new();
-    for batches in inputs.into_iter().filter(|b| !b.is_empty()) {
-        let all = if batches.len() == 1 {
+    let whole = |batches: Vec<RecordBatch>| -> Result<RecordBatch> {
+        Ok(if batches.len() == 1 {
             batches.into_iter().next().expect("one")
         } else {
             concat_batches(&batches[0].schema(), &batches)?
-        };
-        parts.extend(chunks(&all, batch_size));
+        })
+    };
+    let inputs: Vec<Vec<RecordBatch>> = inputs.into_iter().filter(|b| !b.is_empty()).collect();
+    if batch_size.is_some() {
+        let all: Vec<RecordBatch> = inputs.into_iter().flatten().collect();
+        if all.is_empty() {
+            return Ok(vec![]);
+        }
+        return Ok(chunks(&whole(all)?, batch_size));
+    }
+    let mut parts = Vec::new();
+    for batches in inputs {
+        parts.extend(chunks(&whole(batches)?, batch_size));
     }
     Ok(parts)
 }
@@ -253,6 +264,22 @@ mod tests {
             arg: serde_json::Value::Null,
             inputs: rows.iter().map(|&n| block(n)).collect(),
         }
+    }
+
+    /// With a batch size, a call's blocks are cut as one: only its last batch is short.
+    #[test]
+    fn a_calls_blocks_are_cut_into_whole_batches() {
+        let sizes = |batch_size| {
+            let c = call(0, "process", &[3, 3, 0, 3]);
+            cut(c.inputs, batch_size)
+                .unwrap()
+                .iter()
+                .map(RecordBatch::num_rows)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(Some(4)), [4, 4, 1]);
+        assert_eq!(sizes(None), [3, 3, 3]);
+        assert!(cut(vec![vec![], vec![]], Some(4)).unwrap().is_empty());
     }
 
     /// Every call is answered once: a wrong method and a panic fail only their own

@@ -363,14 +363,18 @@ impl DataParallelTrainer {
             };
             let (result, stopped) = self.attempt(cluster, server, &spec);
             if let Err(e) = stopped {
-                // A rank may still run: the next attempt would work beside it.
-                let e = e.context(format!(
-                    "stopping the ranks of training attempt {failures}; not restarting"
-                ));
-                return Err(match result {
-                    Err(cause) => e.context(format!("after it failed: {cause}")),
-                    Ok(_) => e,
-                });
+                match &result {
+                    // Done: the ranks saved what they would; one still exiting harms
+                    // nothing.
+                    Ok(_) => tracing::warn!("training attempt {failures} finished; {e}"),
+                    // A rank may still run: the next attempt would work beside it.
+                    Err(cause) => {
+                        return Err(e.context(format!(
+                            "stopping the ranks of training attempt {failures}, which failed \
+                             ({cause}); not restarting"
+                        )))
+                    }
+                }
             }
             match result {
                 Ok(nodes) => return Ok((failures, nodes)),

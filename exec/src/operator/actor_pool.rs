@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
 use volley_common::{Result, VolleyError};
 use volley_runtime::ResourceRequest;
@@ -22,7 +23,16 @@ pub(crate) struct ActorPoolOp {
     resources: ResourceRequest,
     batch_size: Option<usize>,
     spawned: usize,
-    next_seq: Arc<Mutex<u64>>,
+    taker: Arc<Mutex<Taker>>,
+}
+
+/// What the workers of a pool take input through, one at a time: the next bundle's
+/// number, and the rows of the last bundle past a whole number of batches.
+struct Taker {
+    next_seq: u64,
+    /// Rows held back for the next bundle, so that every batch but the stream's last
+    /// has `batch_size` rows, whatever the input's blocks hold.
+    carry: Option<RecordBatch>,
 }
 
 impl ActorPoolOp {
@@ -41,7 +51,10 @@ impl ActorPoolOp {
             resources,
             batch_size,
             spawned: 0,
-            next_seq: Arc::new(Mutex::new(first_seq)),
+            taker: Arc::new(Mutex::new(Taker {
+                next_seq: first_seq,
+                carry: None,
+            })),
         }
     }
 }
@@ -56,7 +69,7 @@ impl Operator for ActorPoolOp {
                 out: Arc::clone(cx.out),
                 factory: self.factory.clone(),
                 batch_size: self.batch_size,
-                next_seq: Arc::clone(&self.next_seq),
+                taker: Arc::clone(&self.taker),
                 counters: Arc::clone(cx.counters),
             };
             let name = format!("{}#{}", cx.name, self.spawned);
@@ -77,7 +90,7 @@ struct ActorWorker {
     out: Arc<BlockQueue>,
     factory: TransformFactory,
     batch_size: Option<usize>,
-    next_seq: Arc<Mutex<u64>>,
+    taker: Arc<Mutex<Taker>>,
     counters: Arc<OpCounters>,
 }
 
@@ -88,18 +101,22 @@ impl ActorWorker {
         let want = self.batch_size.unwrap_or(1).max(1);
         loop {
             // Taking input and numbering it happen together, so that ordered mode
-            // sees bundles in input order.
+            // sees bundles in input order (and rows carried over stay in it).
             let (bundle, seq) = {
-                let mut next = self.next_seq.lock().expect("actor lock");
-                let mut bundle = Vec::new();
-                let mut rows = 0;
+                let mut taker = self.taker.lock().expect("actor lock");
+                let mut bundle: Vec<RecordBatch> = taker.carry.take().into_iter().collect();
+                let mut rows: usize = bundle.iter().map(RecordBatch::num_rows).sum();
+                let mut ended = false;
                 while rows < want {
                     match self.input.pop()? {
                         Some(b) => {
                             rows += b.num_rows();
                             bundle.push(b);
                         }
-                        None => break,
+                        None => {
+                            ended = true;
+                            break;
+                        }
                     }
                 }
                 // With a batch size, blocks already waiting join the bundle (up to a
@@ -113,14 +130,30 @@ impl ActorWorker {
                             rows += b.num_rows();
                             bundle.push(b);
                         }
-                        PoppedBlock::Empty | PoppedBlock::Done => break,
+                        PoppedBlock::Done => {
+                            ended = true;
+                            break;
+                        }
+                        PoppedBlock::Empty => break,
+                    }
+                }
+                // Rows past the last whole batch wait for the next bundle, unless the
+                // input has ended (then they are the stream's last, short batch).
+                if let (Some(size), false) = (self.batch_size, ended) {
+                    // At least one whole batch: the input has not ended, so `rows`
+                    // reached `want`.
+                    let whole = rows / size.max(1) * size.max(1);
+                    if whole < rows {
+                        let all = concat_batches(&bundle[0].schema(), &bundle)?;
+                        taker.carry = Some(all.slice(whole, rows - whole));
+                        bundle = vec![all.slice(0, whole)];
                     }
                 }
                 if bundle.is_empty() {
                     return Ok(());
                 }
-                let seq = *next;
-                *next += 1;
+                let seq = taker.next_seq;
+                taker.next_seq += 1;
                 self.out.register(seq);
                 (bundle, seq)
             };

@@ -589,17 +589,24 @@ impl ActorHandle {
 
     /// Stops the actor (no restart) and waits up to `timeout` for its process to be
     /// gone: what comes next may then take its GPUs and files, as a restarted training
-    /// run takes its checkpoints. Fails naming the actor when it is still alive then.
+    /// run takes its checkpoints. A head that no longer knows the actor (it restarted
+    /// meanwhile: its nodes stop what no driver claims) counts as gone. Fails naming
+    /// the actor when it is still there then, with the last error asking about it.
     pub fn kill_and_wait(&self, timeout: Duration) -> Result<()> {
         self.kill()?;
         let end = Instant::now() + timeout;
+        let mut last_error = None;
         loop {
-            if self.info()?.exited {
-                return Ok(());
+            match self.info() {
+                Ok(info) if info.exited => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.to_string().contains(&format!("no actor {}", self.id)) => return Ok(()),
+                Err(e) => last_error = Some(e),
             }
             if Instant::now() >= end {
+                let why = last_error.map_or_else(String::new, |e| format!(" (last: {e})"));
                 return Err(VolleyError::execution(format!(
-                    "actor {}: its process had not exited {timeout:?} after it was killed",
+                    "actor {}: its process had not exited {timeout:?} after it was killed{why}",
                     self.id
                 )));
             }

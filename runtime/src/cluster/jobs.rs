@@ -203,6 +203,7 @@ impl JobClient {
         job: &str,
         which: &WorkerOutput,
         list: bool,
+        seen: HashMap<String, u64>,
     ) -> Result<proto::WorkerLogs> {
         let (task, actor_id) = match which {
             WorkerOutput::Task(t) => (t.clone(), String::new()),
@@ -218,6 +219,7 @@ impl JobClient {
                 task,
                 actor_id,
                 list,
+                seen,
             }))
             .map_err(|e| status_error(format!("job {job}"), e))?
             .into_inner();
@@ -235,7 +237,7 @@ impl JobClient {
         which: &WorkerOutput,
     ) -> Result<Vec<OutputSection>> {
         Ok(self
-            .read_worker_logs(job, which, true)?
+            .read_worker_logs(job, which, true, HashMap::new())?
             .sections
             .into_iter()
             .map(|s| OutputSection {
@@ -260,8 +262,14 @@ impl JobClient {
         let mut written: HashMap<String, u64> = HashMap::new();
         let mut last_title = String::new();
         loop {
-            let logs = self.read_worker_logs(job, which, false)?;
+            // Only what lies past the bytes written comes back.
+            let logs = self.read_worker_logs(job, which, false, written.clone())?;
             for s in &logs.sections {
+                if s.restarted {
+                    written.remove(&s.title);
+                    writeln!(out, "==> {} (its output started over) <==", s.title)?;
+                    last_title = s.title.clone();
+                }
                 let done = written.get(&s.title).copied().unwrap_or(0);
                 let end = s.skipped + s.data.len() as u64;
                 if end <= done && written.contains_key(&s.title) {

@@ -173,7 +173,8 @@ pub(crate) fn read_sections(
                 "task {name}{} attempt {} on {node} (worker {})",
                 r.task, r.attempt, r.worker
             );
-            out.push(section(&path, title, r.start, end, open, query.list)?);
+            let seen = query.seen.get(&title).copied();
+            out.push(section(&path, title, r.start, end, open, query.list, seen)?);
         }
     }
     if !query.actor_id.is_empty() || (all && query.list) {
@@ -184,6 +185,7 @@ pub(crate) fn read_sections(
             let path = worker_log(dir, worker);
             let title =
                 format!("actor {actor} incarnation {incarnation} on {node} (worker {worker})");
+            let seen = query.seen.get(&title).copied();
             out.push(section(
                 &path,
                 title,
@@ -191,6 +193,7 @@ pub(crate) fn read_sections(
                 length(&path),
                 alive(worker),
                 query.list,
+                seen,
             )?);
         }
     }
@@ -210,6 +213,7 @@ pub(crate) fn read_sections(
         for w in workers {
             let path = worker_log(dir, &w);
             let title = format!("worker {w} on {node}");
+            let seen = query.seen.get(&title).copied();
             out.push(section(
                 &path,
                 title,
@@ -217,13 +221,16 @@ pub(crate) fn read_sections(
                 length(&path),
                 alive(&w),
                 query.list,
+                seen,
             )?);
         }
     }
     Ok(out)
 }
 
-/// Bytes `start..end` of `path` (at most the last [`MAX_SECTION`] of them).
+/// Bytes `start..end` of `path` (at most the last [`MAX_SECTION`] of them), past the
+/// `seen` bytes of the section a follower has (all of them again, marked `restarted`,
+/// if the file is shorter than that: it was made anew).
 fn section(
     path: &Path,
     title: String,
@@ -231,13 +238,17 @@ fn section(
     end: u64,
     open: bool,
     list: bool,
+    seen: Option<u64>,
 ) -> Result<LogSection> {
     let end = end.max(start);
     let bytes = end - start;
+    let restarted = seen.is_some_and(|s| start.saturating_add(s) > length(path));
+    let seen = seen.filter(|_| !restarted);
     let from = if list {
         end
     } else {
-        start.max(end.saturating_sub(MAX_SECTION))
+        let tail = start.max(end.saturating_sub(MAX_SECTION));
+        seen.map_or(tail, |s| tail.max(start.saturating_add(s).min(end)))
     };
     let mut data = vec![0u8; (end - from) as usize];
     if !data.is_empty() {
@@ -263,6 +274,7 @@ fn section(
         skipped: from - start,
         bytes,
         open,
+        restarted,
     })
 }
 
@@ -286,6 +298,41 @@ mod tests {
             actor_id: actor.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_follower_gets_only_the_bytes_it_has_not_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "n1-w1", "boot\n");
+        note_task(d, "j:t-1", 0, "Slow", "n1-w1");
+        write(d, "n1-w1", "one\n");
+        let alive = |_: &str| true;
+        let first = read_sections(d, "n1", &query("t-1", ""), &alive).unwrap();
+        assert_eq!(first[0].data, b"one\n");
+        let title = first[0].title.clone();
+        write(d, "n1-w1", "two\n");
+        let mut q = query("t-1", "");
+        q.seen.insert(title.clone(), 4);
+        let next = read_sections(d, "n1", &q, &alive).unwrap();
+        assert_eq!(next[0].data, b"two\n");
+        assert_eq!((next[0].skipped, next[0].bytes), (4, 8));
+        q.seen.insert(title, 8);
+        let idle = read_sections(d, "n1", &q, &alive).unwrap();
+        assert!(idle[0].data.is_empty() && idle[0].skipped == 8 && idle[0].open);
+        // A whole worker's section whose file is made anew, shorter: all of it again.
+        let mut w = query("", "");
+        w.seen.insert("worker n1-w1 on n1".into(), 13);
+        let none_new = read_sections(d, "n1", &w, &alive).unwrap();
+        assert!(none_new[0].data.is_empty() && !none_new[0].restarted);
+        std::fs::File::create(worker_log(d, "n1-w1")).unwrap();
+        write(d, "n1-w1", "x\n");
+        let again = read_sections(d, "n1", &w, &alive).unwrap();
+        assert!(again[0].restarted);
+        assert_eq!(
+            (again[0].data.as_slice(), again[0].skipped),
+            (&b"x\n"[..], 0)
+        );
     }
 
     #[test]

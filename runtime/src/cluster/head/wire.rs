@@ -139,6 +139,7 @@ impl From<LogQuery> for proto::LogQuery {
             task: q.task,
             actor_id: q.actor_id,
             list: q.list,
+            seen: q.seen,
         }
     }
 }
@@ -151,6 +152,7 @@ impl From<proto::LogQuery> for LogQuery {
             task: q.task,
             actor_id: q.actor_id,
             list: q.list,
+            seen: q.seen,
         }
     }
 }

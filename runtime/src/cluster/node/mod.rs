@@ -740,8 +740,13 @@ impl Agent {
 
     async fn heartbeats(&self, mut head: Head, interval: Duration) -> String {
         let mut last_ok = Instant::now();
+        // The first beat goes at once: a head that has just taken this node in (or
+        // back, after its restart) knows its store's use and spills from the start.
+        let mut first = true;
         loop {
-            tokio::time::sleep(interval).await;
+            if !std::mem::take(&mut first) {
+                tokio::time::sleep(interval).await;
+            }
             let (bytes, spilled) = self.store.usage();
             let spilled_total = self.store.spilled_total();
             let workers = self.state.lock().expect("agent lock").workers.len() as u32;

@@ -45,6 +45,12 @@ impl State {
             stopping: None,
         };
         if replayed {
+            // Started again, it takes an incarnation past the one a node kept: that
+            // one's end, reported as its worker stops, must not be taken for the new
+            // one's.
+            if let Some(kept) = self.adopted_actors.get(&id) {
+                entry.incarnation = kept.incarnation;
+            }
             if let Some(why) = history.dead {
                 // It died for good before the head restarted: it stays dead, and its
                 // calls fail saying why.
@@ -167,7 +173,7 @@ impl State {
         }
         if !alive {
             // A killed one's process is gone: what it held is free.
-            if a.stopping.as_deref() == Some(node_id) {
+            if a.stopping.as_ref().is_some_and(|(n, _)| n == node_id) {
                 a.stopping = None;
             }
             let bundle_gpus = self
@@ -339,7 +345,7 @@ impl State {
         };
         a.die(why.to_string());
         if node.is_some() {
-            a.stopping = node.clone();
+            a.stopping = node.clone().map(|n| (n, Instant::now()));
         }
         self.pending_actors.remove(id);
         let (req, gpus, bundle) = (a.spec.resources.clone(), a.gpus.clone(), a.bundle.take());

@@ -398,7 +398,9 @@ impl State {
             match self.tasks.get(t).map(|t| &t.state) {
                 // Its GPUs wait for its worker to be gone (its node kills it with the
                 // job), as a cancelled task's do.
-                Some(TaskState::Running { gpus, .. }) if !gpus.is_empty() => {
+                Some(TaskState::Running { gpus, .. })
+                    if !gpus.is_empty() && self.tasks[t].spec.actor.is_none() =>
+                {
                     self.stop_task(t, cancelled_report(why), TaskEnd::Failed)
                 }
                 Some(TaskState::Pending | TaskState::Running { .. }) => {

@@ -120,6 +120,8 @@ pub(crate) struct LogQuery {
     pub actor_id: String,
     /// List what there is instead of reading it.
     pub list: bool,
+    /// A follower's bytes received so far, by section title.
+    pub seen: HashMap<String, u64>,
 }
 
 /// What the head tells a node to do.

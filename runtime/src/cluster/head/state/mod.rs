@@ -64,6 +64,11 @@ type BundleRef = (String, usize, u64);
 /// (a node reports it as the worker dies: this is for a report lost on the way).
 const CANCELLED_GPUS_HELD: Duration = Duration::from_secs(60);
 
+/// How long a killed actor counts as still running without word of its process's end
+/// (a report lost on its way): a killed process is gone within milliseconds, and
+/// whoever waits for it ([`crate::cluster::ActorHandle::kill_and_wait`]) waits longer.
+const STOPPING_PRESUMED_GONE: Duration = Duration::from_secs(30);
+
 struct Node {
     hostname: String,
     object_address: String,
@@ -341,6 +346,9 @@ struct TaskEntry {
     /// Times a node handed it back for want of a worker (no retry used, up to
     /// [`tasks::MAX_NO_WORKER`]).
     no_worker_bounces: u32,
+    /// Work placed after it, in a pass where it found no room, passed it over: after
+    /// [`STARVING_AFTER`] it may hold a node ([`State::hold_node_for`]).
+    passed_over: bool,
     /// `(group, bundle, generation)` whose reservation the running task uses.
     bundle: Option<BundleRef>,
     /// Sent to its node ahead of room: it holds no resources yet.
@@ -518,9 +526,10 @@ struct ActorEntry {
     bundle: Option<BundleRef>,
     /// Its worker process, once alive.
     pid: u32,
-    /// Killed while it lived on this node: its process may still run there until the
-    /// node reports it gone (or the node itself goes), as [`ActorRecord::exited`] says.
-    stopping: Option<String>,
+    /// Killed while it lived on this node (since then): its process may still run
+    /// there until the node reports it gone, the node itself goes, or
+    /// [`STOPPING_PRESUMED_GONE`] passes without word, as [`ActorRecord::exited`] says.
+    stopping: Option<(String, Instant)>,
 }
 
 impl ActorEntry {

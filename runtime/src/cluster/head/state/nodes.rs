@@ -266,6 +266,18 @@ impl State {
                 a.stopping = None;
             }
         }
+        // Killed actors whose end was never reported count as gone after a while.
+        for (id, a) in &mut self.actors {
+            if a.stopping
+                .as_ref()
+                .is_some_and(|(_, since)| since.elapsed() >= STOPPING_PRESUMED_GONE)
+            {
+                warn!(
+                    "actor {id}: no word of its process's end since it was killed: taken as gone"
+                );
+                a.stopping = None;
+            }
+        }
         for (node, c) in bundles {
             self.return_bundle_gpus(&node, c);
         }
@@ -300,7 +312,7 @@ impl State {
         // Killed actors' processes there are gone with it (or are killed by their
         // agent once it finds its head gone).
         for a in self.actors.values_mut() {
-            if a.stopping.as_deref() == Some(node) {
+            if a.stopping.as_ref().is_some_and(|(n, _)| n == node) {
                 a.stopping = None;
             }
         }

@@ -416,6 +416,7 @@ impl State {
         task.state = TaskState::Pending;
         task.pending_since = Instant::now();
         task.ready_since = None;
+        task.passed_over = false;
         let args = task.spec.args.clone();
         if let Some(j) = self.jobs.get_mut(&task.spec.job_id) {
             j.status.task_retries += 1;

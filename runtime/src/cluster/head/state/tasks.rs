@@ -44,6 +44,23 @@ pub(super) fn ahead_per_slot(task_seconds: Option<f64>) -> usize {
     }
 }
 
+/// Whether `req` would take some of what `holder` lacks on node `n`: a resource it
+/// asks for and the node has not enough of free now.
+fn takes_what_it_lacks(holder: &Resources, n: &Node, req: &Resources) -> bool {
+    let eps = 1e-9;
+    let a = &n.available;
+    (req.num_cpus > 0.0 && holder.num_cpus > a.num_cpus + eps)
+        || (req.num_gpus > 0.0
+            && holder.num_gpus > 0.0
+            && (holder.num_gpus > a.num_gpus + eps
+                || n.gpus.clone().take(holder.num_gpus).is_none()))
+        || (req.memory > 0 && holder.memory > a.memory)
+        || holder.custom.iter().any(|(k, v)| {
+            req.custom.get(k).is_some_and(|r| *r > 0.0)
+                && *v > a.custom.get(k).copied().unwrap_or(0.0) + eps
+        })
+}
+
 /// The tasks waiting for room, in submission order (retries first).
 ///
 /// Tasks that ask for CPUs alone (no GPUs, memory, custom resources, placement group
@@ -117,10 +134,26 @@ impl JobEntry {
 impl State {
     /// Places the waiting tasks that can run now.
     pub(super) fn place_tasks(&mut self) {
+        // Tasks holding a node go first: a task ahead of one in the queue may find no
+        // room only because of its hold, and end the pass before it.
+        if !self.holds.is_empty() {
+            let holders: Vec<String> = self.holds.keys().cloned().collect();
+            for id in holders {
+                if self.try_start(&id) {
+                    self.queue.retain(|q| q != id);
+                }
+            }
+        }
+        // The tasks that found no room (or were not tried) since the last one placed
+        // in this pass: one placed after them passed them over.
+        let mut unplaced: Vec<String> = Vec::new();
         let other = std::mem::take(&mut self.queue.other);
         let mut room_awaited = false;
         for id in other {
-            if !self.try_start(&id) {
+            if self.try_start(&id) {
+                self.placed_past(&id, &mut unplaced);
+            } else {
+                unplaced.push(id.clone());
                 room_awaited = room_awaited
                     || self.tasks.get(&id).is_none_or(|t| {
                         t.spec.actor.is_some()
@@ -155,10 +188,14 @@ impl State {
                 break;
             }
             if cpus >= no_room_at {
+                unplaced.push(id.clone());
                 passed.push((id, cpus));
                 continue;
             }
-            if !self.try_start(&id) {
+            if self.try_start(&id) {
+                self.placed_past(&id, &mut unplaced);
+            } else {
+                unplaced.push(id.clone());
                 // A source kept off a full store says nothing of the CPUs.
                 // Nor one waiting for the node that holds its input.
                 // Nor one kept off a node that cannot start its job's workers.
@@ -175,6 +212,25 @@ impl State {
         }
         for q in passed.into_iter().rev() {
             self.queue.cpu.push_front(q);
+        }
+    }
+
+    /// Task `id` left the queue: if it runs now, the tasks in `unplaced` (that found
+    /// no room before it in this pass) were passed over, and may hold a node once they
+    /// have waited long enough ([`Self::hold_node_for`]).
+    fn placed_past(&mut self, id: &str, unplaced: &mut Vec<String>) {
+        if unplaced.is_empty()
+            || !matches!(
+                self.tasks.get(id).map(|t| &t.state),
+                Some(TaskState::Running { .. })
+            )
+        {
+            return;
+        }
+        for u in unplaced.drain(..) {
+            if let Some(t) = self.tasks.get_mut(&u) {
+                t.passed_over = true;
+            }
         }
     }
 
@@ -276,6 +332,13 @@ impl State {
             }
         }
         if missing {
+            // It waits for its inputs now, not for room: it holds no node meanwhile,
+            // and waits anew once they are back.
+            if self.holds.remove(id).is_some() {
+                let task = self.tasks.get_mut(id).expect("looked up above");
+                task.ready_since = None;
+                task.passed_over = false;
+            }
             return false;
         }
         let task = self.tasks.get_mut(id).expect("looked up above");
@@ -338,7 +401,7 @@ impl State {
             return self.dispatch(id, node, vec![], None, args, true);
         }
         if self.tasks[id].spec.bundle.is_none() {
-            self.hold_node_for(id, holder.as_deref(), &avoid);
+            self.hold_node_for(id, holder.as_deref(), &avoid, source);
         }
         // Every node that could hold it has just failed to start its job's workers:
         // it fails now, saying why, instead of waiting for one of them to try again.
@@ -436,58 +499,97 @@ impl State {
             .and_then(|j| j.task_seconds.get(&t.spec.name).copied())
     }
 
-    /// Whether node `node` is held for a task other than `task` ([`Self::hold_node_for`]).
-    fn held_from(&self, node: &str, task: Option<&str>) -> bool {
-        !self.holds.is_empty()
-            && self
-                .holds
-                .iter()
-                .any(|(t, n)| n == node && task.is_none_or(|task| task != t))
+    /// Whether work asking for `req` may not go to node `node` for a task other than
+    /// `task` that holds it ([`Self::hold_node_for`]): it would take some of what that
+    /// task waits for there (CPUs, GPUs, memory or a custom resource it is short of).
+    /// Work that takes none of it still goes there: CPU tasks beside a GPU task that
+    /// waits for a GPU.
+    fn held_from(&self, node: &str, task: Option<&str>, req: &Resources) -> bool {
+        if self.holds.is_empty() {
+            return false;
+        }
+        let Some(n) = self.nodes.get(node) else {
+            return false;
+        };
+        self.holds.iter().any(|(t, held)| {
+            held == node
+                && task.is_none_or(|task| task != t)
+                && self
+                    .tasks
+                    .get(t)
+                    .is_some_and(|h| takes_what_it_lacks(&h.spec.resources, n, req))
+        })
     }
 
     /// What node `node` will have free once the tasks holding room there end: its free
-    /// room and theirs (not what actors, drivers or placement groups hold).
-    fn room_when_tasks_end(&self, node: &Node) -> Resources {
+    /// room and theirs, and its GPUs with theirs given back (not what actors, drivers
+    /// or placement groups hold).
+    fn room_when_tasks_end(&self, node: &Node) -> (Resources, GpuSlots) {
         let mut room = node.available.clone();
+        let mut gpus = node.gpus.clone();
         for t in node.running.iter().filter_map(|t| self.tasks.get(t)) {
             if !t.ahead && t.spec.actor.is_none() && t.bundle.is_none() {
                 room.add(&t.spec.resources);
+                if let TaskState::Running { gpus: ids, .. } = &t.state {
+                    gpus.give(ids, t.spec.resources.num_gpus);
+                }
             }
         }
-        room
+        (room, gpus)
     }
 
     /// Task `id`, ready but without room, holds a node once it has waited
-    /// [`STARVING_AFTER`]: the node that will hold it once its tasks end and has most
-    /// CPUs free (the one it waits for, `only`, if any; none in `avoid` or held for an
-    /// older task). Nothing else goes there, nor ahead, until it starts, so a request
-    /// for more than the others ask is not passed over for as long as smaller ones
-    /// keep taking what frees. A hold that can no longer be met (its node left, or
-    /// longer-lived work took its room) moves to another node, or goes.
-    fn hold_node_for(&mut self, id: &str, only: Option<&str>, avoid: &[(String, String)]) {
+    /// [`STARVING_AFTER`] and work placed after it has passed it over (so a task that
+    /// waits its turn among others of its size never holds one): the node that will
+    /// hold it once its tasks end and has most CPUs free (the one it waits for,
+    /// `only`, if any; none in `avoid`, none whose store is full for a `source`, none
+    /// held for another task). No work that would take what it lacks there is placed
+    /// or sent ahead there until it starts ([`Self::held_from`]), so a request for
+    /// more than the others ask is not passed over for as long as smaller ones keep
+    /// taking what frees. A hold that can no longer be met (its node left, or
+    /// longer-lived work took the room it waited for) moves to another node, or goes.
+    fn hold_node_for(
+        &mut self,
+        id: &str,
+        only: Option<&str>,
+        avoid: &[(String, String)],
+        source: bool,
+    ) {
         let task = &self.tasks[id];
-        if task
-            .ready_since
-            .is_none_or(|since| since.elapsed() < STARVING_AFTER)
+        if !task.passed_over
+            || task
+                .ready_since
+                .is_none_or(|since| since.elapsed() < STARVING_AFTER)
         {
             return;
         }
         let req = &task.spec.resources;
         let usable = |node_id: &str, n: &Node| {
-            n.takes_work()
-                && only.is_none_or(|o| o == node_id)
-                && !avoid.iter().any(|(a, _)| a == node_id)
-                && req.fits_in(&self.room_when_tasks_end(n))
+            if !n.takes_work()
+                || only.is_some_and(|o| o != node_id)
+                || avoid.iter().any(|(a, _)| a == node_id)
+                || (source && n.store_full())
+            {
+                return false;
+            }
+            let (room, mut gpus) = self.room_when_tasks_end(n);
+            req.fits_in(&room) && gpus.take(req.num_gpus).is_some()
         };
         if let Some(held) = self.holds.get(id) {
             if self.nodes.get(held).is_some_and(|n| usable(held, n)) {
                 return;
             }
         }
+        let held_by_others: Vec<&String> = self
+            .holds
+            .iter()
+            .filter(|(t, _)| t.as_str() != id)
+            .map(|(_, n)| n)
+            .collect();
         let choice = self
             .nodes
             .iter()
-            .filter(|(node_id, n)| !self.held_from(node_id, Some(id)) && usable(node_id, n))
+            .filter(|(node_id, n)| !held_by_others.contains(node_id) && usable(node_id, n))
             .max_by(|(a_id, a), (b_id, b)| {
                 a.available
                     .num_cpus
@@ -498,7 +600,10 @@ impl State {
         match choice {
             Some(node) => {
                 if self.holds.insert(id.to_string(), node.clone()).as_deref() != Some(&node) {
-                    info!("task {id} has waited for room since {STARVING_AFTER:?} ago or more: node {node} takes no other work until it fits");
+                    info!(
+                        "task {id} was passed over for {STARVING_AFTER:?} or more: node {node} \
+                         takes no work that would take what it lacks until it fits"
+                    );
                 }
             }
             None => {
@@ -528,7 +633,7 @@ impl State {
             .iter()
             .filter(|(id, _)| only.is_none_or(|o| o == id.as_str()))
             .filter(|(id, _)| !avoid.iter().any(|(a, _)| a == *id))
-            .filter(|(id, _)| !self.held_from(id, None))
+            .filter(|(id, _)| !self.held_from(id, None, req))
             .filter(|(_, n)| n.takes_work() && !(source && n.store_full()))
             .filter_map(|(id, n)| {
                 let slots = n.slots.get(&key).copied().unwrap_or(0);
@@ -582,8 +687,12 @@ impl State {
         args: Vec<ObjectLocation>,
         ahead: bool,
     ) -> bool {
+        if !self.holds.is_empty() {
+            self.holds.remove(id);
+        }
         let task = self.tasks.get_mut(id).expect("task exists");
         task.ahead = ahead;
+        task.passed_over = false;
         task.sent_at = Instant::now();
         let slot = task.slot(ahead, &bundle);
         task.state = TaskState::Running {
@@ -714,7 +823,7 @@ impl State {
             if only.is_some_and(|o| o != id) || !n.takes_work() || !req.fits_in(&n.available) {
                 continue;
             }
-            if self.held_from(id, task) {
+            if self.held_from(id, task, req) {
                 continue;
             }
             if avoid.iter().any(|(a, _)| a == id) {
@@ -870,6 +979,7 @@ impl State {
         task.state = TaskState::Pending;
         task.pending_since = Instant::now();
         task.ready_since = None;
+        task.passed_over = false;
         let req = task.spec.resources.clone();
         let bundle = task.bundle.take();
         let is_call = task.spec.actor.is_some();
@@ -939,6 +1049,7 @@ impl State {
                 reconstructions: 0,
                 input_losses: 0,
                 no_worker_bounces: 0,
+                passed_over: false,
                 bundle: None,
                 ahead: false,
                 pending_since: Instant::now(),
@@ -1405,6 +1516,7 @@ impl State {
         task.state = TaskState::Pending;
         task.pending_since = Instant::now();
         task.ready_since = None;
+        task.passed_over = false;
         if retried {
             self.task_metrics.ended(TaskEnd::Retried, None);
             if let Some(j) = self.jobs.get_mut(&task.spec.job_id) {

@@ -294,11 +294,13 @@ fn tasks_placed_one_at_a_time_spread_by_stored_bytes() {
     assert_eq!(on_other, ["run t2"], "t2 goes to {other}");
 }
 
-/// Task `id`, pending, has had all its inputs for `STARVING_AFTER` and more.
+/// Task `id`, pending, has had all its inputs for `STARVING_AFTER` and more, and
+/// work placed after it passed it over.
 fn starving(s: &mut State, id: &str) {
     let t = s.tasks.get_mut(id).unwrap();
     assert!(t.ready_since.is_some(), "{id} was tried");
     t.ready_since = Some(Instant::now() - STARVING_AFTER - Duration::from_millis(1));
+    t.passed_over = true;
 }
 
 #[test]
@@ -319,6 +321,7 @@ fn a_big_request_passed_over_long_enough_holds_a_node_until_it_fits() {
     submit(&mut s, "s3");
     done(&mut s, "s1", "");
     assert_eq!(sent(&mut rx), ["run s3"]);
+    assert!(s.tasks["big"].passed_over, "s3 went past it");
     starving(&mut s, "big");
     s.schedule();
     assert_eq!(s.holds.get("big").map(String::as_str), Some("n1"));
@@ -378,6 +381,144 @@ fn a_held_node_leaves_the_others_working_and_a_hold_that_cannot_be_met_moves() {
     s.schedule();
     assert_eq!(s.holds.get("big").map(String::as_str), Some(other));
     let _ = (sent(&mut rx1), sent(&mut rx2));
+}
+
+#[test]
+fn a_task_that_waits_its_turn_among_its_size_holds_no_node() {
+    let (mut s, mut rx) = one_node(1.0);
+    for i in 0..8 {
+        submit(&mut s, &format!("s{i}"));
+    }
+    s.schedule();
+    sent(&mut rx);
+    let waiting: Vec<String> = s.queue.cpu.iter().map(|(id, _)| id.clone()).collect();
+    assert!(!waiting.is_empty());
+    for id in &waiting {
+        let t = s.tasks.get_mut(id).unwrap();
+        t.ready_since = Some(Instant::now() - STARVING_AFTER * 2);
+    }
+    s.schedule();
+    assert!(s.holds.is_empty(), "nothing passed them over");
+}
+
+#[test]
+fn a_smaller_task_ahead_of_a_holder_in_the_queue_does_not_block_it() {
+    let (mut s, mut rx) = one_node(2.0);
+    submit(&mut s, "s1");
+    submit(&mut s, "s2");
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run s1", "run s2"]);
+    s.submit(TaskSpec {
+        resources: cpus(2.0),
+        ..task("big", &[])
+    })
+    .unwrap();
+    s.schedule();
+    starving(&mut s, "big");
+    s.schedule();
+    assert_eq!(s.holds.get("big").map(String::as_str), Some("n1"));
+    // s1's worker dies: its retry goes to the front of the queue, ahead of big.
+    assert!(s.task_reported(system_failure("n1", "s1", 0, "worker died")));
+    s.schedule();
+    assert!(sent(&mut rx).is_empty(), "the retry waits behind the hold");
+    done(&mut s, "s2", "");
+    assert_eq!(sent(&mut rx), ["run big"]);
+    assert!(s.holds.is_empty());
+    done(&mut s, "big", "");
+    assert_eq!(sent(&mut rx), ["run s1"]);
+}
+
+#[test]
+fn a_task_waiting_for_a_gpu_holds_its_node_only_from_gpu_work() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let mut rx = join_gpu_node(&mut s, cpus(4.0).with_gpus(1.0));
+    let node = s.nodes.keys().next().unwrap().clone();
+    let gpu_task = |id: &str| TaskSpec {
+        resources: cpus(1.0).with_gpus(1.0),
+        ..task(id, &[])
+    };
+    s.submit(gpu_task("g1")).unwrap();
+    s.submit(gpu_task("g2")).unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run g1"]);
+    starving(&mut s, "g2");
+    s.schedule();
+    assert_eq!(s.holds.get("g2"), Some(&node));
+    // CPU tasks still run beside it; another GPU task does not go past it.
+    submit(&mut s, "c1");
+    s.submit(TaskSpec {
+        resources: cpus(0.5).with_gpus(0.5),
+        ..task("g3", &[])
+    })
+    .unwrap();
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run c1"]);
+    s.task_reported(report(&node, "g1", 0, 0, ""));
+    s.schedule();
+    assert_eq!(sent(&mut rx), ["run g2"]);
+}
+
+#[test]
+fn a_hold_its_node_cannot_meet_is_not_taken() {
+    let mut s = State::default();
+    s.add_job(job("j"));
+    let id = s.register_node(NodeRegistration {
+        hostname: "h".into(),
+        object_address: "g".into(),
+        total: cpus(4.0).with_gpus(2.0),
+        gpu_ids: vec![0, 1],
+        ..Default::default()
+    });
+    let (tx, _rx) = mpsc::unbounded_channel();
+    s.attach(&id, tx).unwrap();
+    // Half of each GPU is held for good (as by two actors): one GPU's worth is
+    // free in all, but no whole GPU will be.
+    let n = s.nodes.get_mut(&id).unwrap();
+    n.gpus.hold(&[0], 0.5);
+    n.gpus.hold(&[1], 0.5);
+    n.available.num_gpus -= 1.0;
+    s.submit(TaskSpec {
+        resources: cpus(1.0).with_gpus(1.0),
+        ..task("g1", &[])
+    })
+    .unwrap();
+    s.schedule();
+    starving(&mut s, "g1");
+    s.schedule();
+    assert!(s.holds.is_empty(), "{:?}", s.holds);
+}
+
+#[test]
+fn a_holder_that_loses_an_input_lets_its_node_go() {
+    let (mut s, mut rx1) = one_node(2.0);
+    let (n2, mut rx2) = test_node(2.0, "b");
+    s.nodes.insert("n2".into(), n2);
+    submit(&mut s, "t0");
+    s.schedule();
+    let on = if sent(&mut rx1).is_empty() {
+        "n2"
+    } else {
+        "n1"
+    };
+    sent(&mut rx2);
+    assert!(s.task_reported(report(on, "t0", 0, 10, "")));
+    for id in ["s1", "s2", "s3", "s4"] {
+        submit(&mut s, id);
+    }
+    s.submit(TaskSpec {
+        resources: cpus(2.0),
+        ..task("big", &["t0"])
+    })
+    .unwrap();
+    s.schedule();
+    starving(&mut s, "big");
+    s.schedule();
+    assert!(s.holds.contains_key("big"));
+    s.node_died(on);
+    s.schedule();
+    assert!(!s.holds.contains_key("big"), "{:?}", s.holds);
+    assert!(!s.tasks["big"].passed_over);
 }
 
 #[test]
