@@ -6,6 +6,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::TableProvider;
 use datafusion::common::DFSchema;
 use datafusion::datasource::file_format::csv::CsvFormat;
+use datafusion::datasource::file_format::json::JsonFormat;
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -77,6 +78,22 @@ impl FileScan {
             .iter()
             .map(|p| crate::parse_path(p))
             .collect::<Result<Vec<_>>>()?;
+        // One table reads one store (DataFusion's listing reads every path from the
+        // first path's store).
+        let store = urls[0].object_store();
+        if let Some((other, u)) = paths
+            .iter()
+            .zip(&urls)
+            .find(|(_, u)| u.object_store() != store)
+        {
+            return Err(VolleyError::plan(format!(
+                "{} and {other} are on different stores ({} and {}): read each on its own \
+                 and union them",
+                paths[0],
+                store.as_str(),
+                u.object_store().as_str()
+            )));
+        }
 
         let files = list_files(state, &urls, paths, "").await?;
         // The file tables below find these files as their paths' listing.
@@ -420,6 +437,18 @@ pub(crate) async fn infer_schemas(
                 }
                 .map_err(|e| json_inference_line(e, &name))
                 .with_context(|| format!("reading the schema of {name}"))?;
+                // A JSON column null in every record looked at has no type yet: the
+                // whole file tells it (reading values into a column typed null fails).
+                let schema = match df_format.downcast_ref::<JsonFormat>() {
+                    Some(json) if has_untyped(&schema) => JsonFormat::default()
+                        .with_options(json.options().clone())
+                        .with_schema_infer_max_rec(usize::MAX)
+                        .infer_schema(state, &store, std::slice::from_ref(&meta))
+                        .await
+                        .map_err(|e| json_inference_line(e, &name))
+                        .with_context(|| format!("reading the schema of {name}"))?,
+                    _ => schema,
+                };
                 Ok::<_, VolleyError>((name, meta, schema, records))
             }
             .boxed()
@@ -468,7 +497,12 @@ pub(crate) async fn infer_schemas(
             .infer_schema(state, &readable[0].store, &by_store)
             .await
         {
-            return Ok((merged, each));
+            // Unless it leaves a JSON column untyped that a file's own (read whole
+            // for it) types.
+            let json = df_format.downcast_ref::<JsonFormat>().is_some();
+            if !(json && has_untyped(&merged)) {
+                return Ok((merged, each));
+            }
         }
     }
     Ok((merge_schemas(&schemas)?, each))
@@ -510,6 +544,14 @@ async fn csv_schema(
     let one = futures::stream::once(async { Ok(bytes::Bytes::from(head)) });
     let (schema, records) = csv.infer_schema_from_stream(state, max, one).await?;
     Ok((Arc::new(schema), records))
+}
+
+/// Whether `schema` has a column of no type (null in every record inference read).
+fn has_untyped(schema: &Schema) -> bool {
+    schema
+        .fields()
+        .iter()
+        .any(|f| f.data_type() == &DataType::Null)
 }
 
 /// The records CSV schema inference reads at most.

@@ -28,6 +28,11 @@ use crate::logical::{ExchangeKind, LogicalOp};
 use crate::options::MapOptions;
 use crate::relational::{check_keys, GroupedDataset};
 
+/// Partitions of a `random_shuffle`: fixed, so that a seed gives the same order on any
+/// machine or cluster (partition `p` of a row is a hash of the seed and the row's
+/// position, modulo this).
+pub const SHUFFLE_PARTITIONS: usize = 64;
+
 /// Runs `input` in order into a store with `partitioning`.
 fn materialize(input: &Dataset, partitioning: Partitioning) -> Result<FrozenStore> {
     let ctx = input.context();
@@ -590,11 +595,15 @@ impl Dataset {
     }
 
     /// All rows in a random order; the same `seed` over the same input gives the same
-    /// order. Rows go to `max(64, 2 x CPUs)` partitions, each shuffled in memory when
-    /// read, so a partition (about 1/64 of the data) must fit in memory.
+    /// order, on any machine or cluster. Rows go to [`SHUFFLE_PARTITIONS`] partitions
+    /// (a number that does not follow the CPUs, which would change the order), each
+    /// shuffled in memory when read, so a partition (about 1/64 of the data) must fit
+    /// in memory.
     pub fn random_shuffle(&self, seed: u64) -> Result<Dataset> {
-        let n = (2 * self.cpus()).max(64);
-        self.exchange(ExchangeKind::RandomShuffle { seed, n })
+        self.exchange(ExchangeKind::RandomShuffle {
+            seed,
+            n: SHUFFLE_PARTITIONS,
+        })
     }
 
     /// The input's blocks in a random order (rows within a block keep theirs): a cheap

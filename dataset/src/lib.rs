@@ -39,7 +39,7 @@ mod view_strings;
 
 pub use context::{Context, Paths};
 pub use dataset::{Dataset, WriteBuilder};
-pub use exchange::SplitOutput;
+pub use exchange::{SplitOutput, SHUFFLE_PARTITIONS};
 pub use logical::{LogicalOp, WriteSpec};
 pub use options::{Concurrency, IterOptions, JoinHow, MapOptions, SortKey};
 pub use relational::{agg, GroupedDataset};

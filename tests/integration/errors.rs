@@ -732,4 +732,43 @@ fn dataset_options_it_cannot_use() {
         "{e}"
     );
     assert!(!out.exists());
+    // One read is of one store: paths on two are refused, naming both.
+    let local = dir.path().join("local");
+    c.range(3).write_parquet(local.to_str().unwrap()).unwrap();
+    let e = c
+        .read_parquet(vec![
+            local.to_str().unwrap().to_string(),
+            "s3://other-bucket/data/".to_string(),
+        ])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("are on different stores") && e.contains("s3://other-bucket"),
+        "{e}"
+    );
+    // A partition column's name becomes a folder's: one that would put files outside
+    // it, or in a folder reads skip, is refused before anything is written.
+    for (name, why) in [
+        ("..", "hidden folder"),
+        ("km/h", "cannot name a folder"),
+        ("a=b", "cannot name a folder"),
+        ("_hidden", "hidden folder"),
+    ] {
+        let parts = dir.path().join("parts");
+        let e = c
+            .range(10)
+            .with_column(name, col("id"))
+            .unwrap()
+            .write(parts.to_str().unwrap(), volley::WriteFormat::Parquet)
+            .partition_by(&[name])
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("partition column `{name}`")) && e.contains(why),
+            "{e}"
+        );
+        assert!(!parts.exists());
+    }
 }

@@ -83,6 +83,10 @@ fn random_shuffle_is_reproducible_for_a_seed() {
     let b = ids(&base.random_shuffle(42).unwrap());
     let other = ids(&base.random_shuffle(43).unwrap());
     assert!(a == b, "same seed, same order");
+    // On a machine of many more CPUs too.
+    let wide = ctx_with(|c| c.runtime.num_cpus = Some(48.0));
+    let on_wide = ids(&wide.range(50_000).random_shuffle(42).unwrap());
+    assert!(a == on_wide, "the order does not follow the CPUs");
     assert!(a != other);
     assert!(a != (0..50_000).collect::<Vec<_>>());
     let mut sorted = a.clone();
@@ -305,6 +309,52 @@ fn explain_shows_the_stage_boundary() {
 /// Columns nobody reads after a shuffle are not read, stored or spilled by it: the
 /// projection goes through the exchange down to the Parquet scan, and the rows come out
 /// as without it (the same seed, the same order).
+/// A column that is not first, selected after a local exchange, keeps its values (the
+/// exchange's input ran with every column of its source while its schema said fewer,
+/// and the select read the wrong column by position).
+#[test]
+fn a_later_column_selected_after_an_exchange_keeps_its_values() {
+    let c = ctx();
+    let column = |f: &dyn Fn(i64) -> i64| -> Arc<dyn volley::arrow::array::Array> {
+        Arc::new(Int64Array::from_iter_values((0..1_000).map(f)))
+    };
+    let batch = RecordBatch::try_from_iter([
+        ("a", column(&|i| i)),
+        ("k", column(&|i| i % 7)),
+        ("b", column(&|i| i * 10)),
+    ])
+    .unwrap();
+    let base = || c.from_batches(vec![batch.clone()]).unwrap();
+    let tens = |ds: Dataset| -> Vec<i64> {
+        let mut v: Vec<i64> = ds
+            .collect()
+            .unwrap()
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let want: Vec<i64> = (0..1_000).map(|i| i * 10).collect();
+    let repartitioned = base().repartition(3).unwrap().select(&["b"]).unwrap();
+    assert_eq!(tens(repartitioned), want);
+    let shuffled = base().random_shuffle(5).unwrap().select(&["b"]).unwrap();
+    assert_eq!(tens(shuffled), want);
+    let by_key = base()
+        .repartition_by(&["k"], 3)
+        .unwrap()
+        .select(&["b"])
+        .unwrap();
+    assert_eq!(tens(by_key), want);
+}
+
 #[test]
 fn a_projection_goes_through_shuffles_into_the_scan() {
     let c = ctx();

@@ -340,6 +340,34 @@ fn globs_and_lists_of_paths() {
     let _ = Arc::new(());
 }
 
+/// A column null in a JSON file's first lines (past what a reader looks at to infer
+/// its columns) comes back with its later values: nulls are written, not left out.
+#[test]
+fn a_json_column_null_at_first_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let path = dir.path().join("sparse");
+    let p = path.to_str().unwrap();
+    c.range(3000)
+        .sql(
+            "t",
+            "SELECT id, CASE WHEN id >= 2500 THEN id * 2 END AS late FROM t",
+        )
+        .unwrap()
+        .write(p, WriteFormat::Json)
+        .single_file()
+        .run()
+        .unwrap();
+    let back = c.read_json(p).unwrap();
+    assert!(back.schema().unwrap().field_with_name("late").is_ok());
+    let n = back
+        .filter(col("late").is_not_null())
+        .unwrap()
+        .count()
+        .unwrap();
+    assert_eq!(n, 500);
+}
+
 /// Bookkeeping files beside the data (`_SUCCESS`, `.crc` checksums) are not read, by
 /// a plain read, a relational plan or SQL over the folder.
 #[test]

@@ -399,6 +399,23 @@ enum Target {
     },
 }
 
+/// Why `name` cannot name a partition column, if it cannot: it becomes a folder name
+/// (`name=value`), so a `/` or `..` would put files outside their folder, an `=`
+/// would not read back, and a leading `_` or `.` makes a folder readers skip as
+/// hidden.
+fn check_partition_column(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name.contains(['/', '\\', '=']) || name.chars().any(|c| c.is_control()) {
+        return Err("cannot name a folder (it holds `/`, `\\`, `=` or a control character)");
+    }
+    if name.starts_with(['_', '.']) {
+        return Err("would name a hidden folder (it starts with `_` or `.`), which reads skip");
+    }
+    Ok(())
+}
+
 /// One write of a dataset: hands out [`PartWriter`]s and commits or aborts their files.
 #[derive(Debug)]
 pub struct WriteJob {
@@ -434,9 +451,9 @@ impl WriteJob {
             )));
         }
         for c in &options.partition_by {
-            if c.is_empty() {
-                return Err(VolleyError::plan("empty partition column name"));
-            }
+            check_partition_column(c).map_err(|why| {
+                VolleyError::plan(format!("{dest}: partition column `{c}` {why}"))
+            })?;
         }
         let target = if !is_url {
             let dest_path = PathBuf::from(dest.strip_prefix("file://").unwrap_or(dest));
@@ -687,7 +704,29 @@ impl WriteJob {
         } else if self.options.mode == WriteMode::Overwrite {
             let trash = staging.join("old");
             std::fs::rename(dest, &trash)?;
-            std::fs::rename(&ready, dest)?;
+            if let Err(e) = std::fs::rename(&ready, dest) {
+                // The old output goes back where it was: the abort that follows
+                // removes the staging folder, and would take it along.
+                let what = match std::fs::rename(&trash, dest) {
+                    Ok(()) => "the old output is left as it was".to_string(),
+                    Err(_) => {
+                        let name = dest.file_name().map(|n| n.to_string_lossy().to_string());
+                        let kept = dest.with_file_name(format!(
+                            "{}.old-{}",
+                            name.unwrap_or_default(),
+                            self.id
+                        ));
+                        match std::fs::rename(&trash, &kept) {
+                            Ok(()) => format!("the old output is kept at {}", kept.display()),
+                            Err(k) => format!("the old output could not be kept either ({k})"),
+                        }
+                    }
+                };
+                return Err(VolleyError::execution(format!(
+                    "replacing {}: {e}; {what}",
+                    dest.display()
+                )));
+            }
         } else {
             move_tree(&ready, dest)?;
         }

@@ -267,7 +267,14 @@ impl PartWriter {
                             .with_header(true)
                             .build(sink),
                     ),
-                    _ => FileWriter::Json(arrow::json::LineDelimitedWriter::new(sink)),
+                    // Nulls are written as `null`, not left out: a reader infers a
+                    // file's columns from its first lines, and would lose a column
+                    // that is null in all of them.
+                    _ => FileWriter::Json(
+                        arrow::json::WriterBuilder::new()
+                            .with_explicit_nulls(true)
+                            .build::<_, arrow::json::writer::LineDelimited>(sink),
+                    ),
                 }
             }
         };

@@ -27,16 +27,26 @@ pub(crate) fn push_projection(
         |input: &Arc<LogicalOp>, req: Option<HashSet<String>>| push_projection(input, req, state);
     Ok(Arc::new(match op.as_ref() {
         LogicalOp::Source { source, request } => {
-            let projection = required.map(|set| {
-                source
-                    .schema()
-                    .fields()
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, f)| set.contains(f.name()))
-                    .map(|(i, _)| i)
-                    .collect::<Vec<_>>()
-            });
+            // A source already cut to some columns (a plan optimized before, as an
+            // exchange's input is when it runs) keeps that cut: nothing above asking
+            // for columns does not mean every column of the source, and a stream
+            // declaring the cut schema must not carry the others.
+            let projection = match required {
+                None => request.projection.clone(),
+                Some(set) => Some(
+                    source
+                        .schema()
+                        .fields()
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, f)| {
+                            set.contains(f.name())
+                                && request.projection.as_ref().is_none_or(|p| p.contains(i))
+                        })
+                        .map(|(i, _)| i)
+                        .collect::<Vec<_>>(),
+                ),
+            };
             LogicalOp::Source {
                 source: Arc::clone(source),
                 request: ScanRequest {
@@ -161,8 +171,16 @@ pub(crate) fn push_projection(
         // What is asked of an exchange and its keys is all its input must give: the
         // other columns are not read, stored or spilled.
         LogicalOp::Exchange { input, kind } => {
+            // An exchange moves rows, which it keeps in batches: one column at least
+            // (a count asks for none).
+            let first = input
+                .schema(state)?
+                .and_then(|s| s.fields().first().map(|f| f.name().clone()));
             let req = required.map(|mut set| {
                 set.extend(kind.keys().iter().cloned());
+                if set.is_empty() {
+                    set.extend(first);
+                }
                 set
             });
             LogicalOp::Exchange {

@@ -30,9 +30,10 @@ pub(crate) struct ActorPoolOp {
 /// number, and the rows of the last bundle past a whole number of batches.
 struct Taker {
     next_seq: u64,
-    /// Rows held back for the next bundle, so that every batch but the stream's last
-    /// has `batch_size` rows, whatever the input's blocks hold.
-    carry: Option<RecordBatch>,
+    /// Rows held back for the next bundle (slices of the last blocks taken), so that
+    /// every batch but the stream's last has `batch_size` rows, whatever the input's
+    /// blocks hold.
+    carry: Vec<RecordBatch>,
 }
 
 impl ActorPoolOp {
@@ -53,7 +54,7 @@ impl ActorPoolOp {
             spawned: 0,
             taker: Arc::new(Mutex::new(Taker {
                 next_seq: first_seq,
-                carry: None,
+                carry: Vec::new(),
             })),
         }
     }
@@ -104,7 +105,7 @@ impl ActorWorker {
             // sees bundles in input order (and rows carried over stay in it).
             let (bundle, seq) = {
                 let mut taker = self.taker.lock().expect("actor lock");
-                let mut bundle: Vec<RecordBatch> = taker.carry.take().into_iter().collect();
+                let mut bundle: Vec<RecordBatch> = std::mem::take(&mut taker.carry);
                 let mut rows: usize = bundle.iter().map(RecordBatch::num_rows).sum();
                 let mut ended = false;
                 while rows < want {
@@ -138,16 +139,24 @@ impl ActorWorker {
                     }
                 }
                 // Rows past the last whole batch wait for the next bundle, unless the
-                // input has ended (then they are the stream's last, short batch).
+                // input has ended (then they are the stream's last, short batch). The
+                // input has not ended, so `rows` reached `want`: at least one whole
+                // batch stays. Cut by slicing the last blocks (no copy under the lock).
                 if let (Some(size), false) = (self.batch_size, ended) {
-                    // At least one whole batch: the input has not ended, so `rows`
-                    // reached `want`.
-                    let whole = rows / size.max(1) * size.max(1);
-                    if whole < rows {
-                        let all = concat_batches(&bundle[0].schema(), &bundle)?;
-                        taker.carry = Some(all.slice(whole, rows - whole));
-                        bundle = vec![all.slice(0, whole)];
+                    let mut tail = rows % size.max(1);
+                    while tail > 0 {
+                        let b = bundle.pop().expect("the tail is part of the bundle");
+                        let n = b.num_rows();
+                        if n <= tail {
+                            tail -= n;
+                            taker.carry.push(b);
+                        } else {
+                            taker.carry.push(b.slice(n - tail, tail));
+                            bundle.push(b.slice(0, n - tail));
+                            tail = 0;
+                        }
                     }
+                    taker.carry.reverse();
                 }
                 if bundle.is_empty() {
                     return Ok(());

@@ -153,16 +153,26 @@ impl Agent {
         error: String,
         pid: u32,
     ) {
-        let mut head = self.head.clone();
-        let _ = head
-            .report_actor(proto::ActorReport {
-                node_id: self.node_id.clone(),
-                actor_id: actor.to_string(),
-                incarnation,
-                alive,
-                error,
-                pid,
-            })
-            .await;
+        let report = proto::ActorReport {
+            node_id: self.node_id.clone(),
+            actor_id: actor.to_string(),
+            incarnation,
+            alive,
+            error,
+            pid,
+        };
+        // An end is said again if the head does not take it (a killed actor's GPUs,
+        // and whoever waits for it to be gone, wait for that word); the head drops an
+        // end it has had already.
+        let tries = if alive { 1 } else { 4 };
+        for i in 0..tries {
+            let mut head = self.head.clone();
+            if head.report_actor(report.clone()).await.is_ok() {
+                return;
+            }
+            if i + 1 < tries {
+                tokio::time::sleep(std::time::Duration::from_millis(500 << i)).await;
+            }
+        }
     }
 }

@@ -65,9 +65,11 @@ type BundleRef = (String, usize, u64);
 const CANCELLED_GPUS_HELD: Duration = Duration::from_secs(60);
 
 /// How long a killed actor counts as still running without word of its process's end
-/// (a report lost on its way): a killed process is gone within milliseconds, and
-/// whoever waits for it ([`crate::cluster::ActorHandle::kill_and_wait`]) waits longer.
-const STOPPING_PRESUMED_GONE: Duration = Duration::from_secs(30);
+/// (its node says it again for a few seconds if the head does not take it): after
+/// this it is taken as gone. Longer than a trainer waits for its ranks
+/// (`volley_train`'s 60 s), so a rank that truly does not exit fails the run instead
+/// of being taken as gone.
+const STOPPING_PRESUMED_GONE: Duration = Duration::from_secs(120);
 
 struct Node {
     hostname: String,

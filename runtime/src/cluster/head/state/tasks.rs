@@ -44,20 +44,24 @@ pub(super) fn ahead_per_slot(task_seconds: Option<f64>) -> usize {
     }
 }
 
-/// Whether `req` would take some of what `holder` lacks on node `n`: a resource it
-/// asks for and the node has not enough of free now.
+/// Whether `req`, placed on node `n`, would take some of what `holder` waits for
+/// there: a resource both ask for, of which the node would then have less free than
+/// `holder` asks (a request that leaves it room enough, or takes none of it, passes).
 fn takes_what_it_lacks(holder: &Resources, n: &Node, req: &Resources) -> bool {
     let eps = 1e-9;
     let a = &n.available;
-    (req.num_cpus > 0.0 && holder.num_cpus > a.num_cpus + eps)
-        || (req.num_gpus > 0.0
-            && holder.num_gpus > 0.0
-            && (holder.num_gpus > a.num_gpus + eps
-                || n.gpus.clone().take(holder.num_gpus).is_none()))
-        || (req.memory > 0 && holder.memory > a.memory)
+    let short = |asks: f64, takes: f64, free: f64| takes > 0.0 && asks > free - takes + eps;
+    short(holder.num_cpus, req.num_cpus, a.num_cpus)
+        || (req.num_gpus > 0.0 && holder.num_gpus > 0.0 && {
+            let mut gpus = n.gpus.clone();
+            holder.num_gpus > a.num_gpus - req.num_gpus + eps
+                || gpus.take(req.num_gpus).is_none()
+                || gpus.take(holder.num_gpus).is_none()
+        })
+        || (req.memory > 0 && holder.memory > a.memory.saturating_sub(req.memory))
         || holder.custom.iter().any(|(k, v)| {
-            req.custom.get(k).is_some_and(|r| *r > 0.0)
-                && *v > a.custom.get(k).copied().unwrap_or(0.0) + eps
+            let takes = req.custom.get(k).copied().unwrap_or(0.0);
+            short(*v, takes, a.custom.get(k).copied().unwrap_or(0.0))
         })
 }
 
@@ -144,8 +148,8 @@ impl State {
                 }
             }
         }
-        // The tasks that found no room (or were not tried) since the last one placed
-        // in this pass: one placed after them passed them over.
+        // The tasks that found no room (or were not tried for want of it) since the
+        // last one placed in this pass: one placed after them passed them over.
         let mut unplaced: Vec<String> = Vec::new();
         let other = std::mem::take(&mut self.queue.other);
         let mut room_awaited = false;
@@ -153,7 +157,9 @@ impl State {
             if self.try_start(&id) {
                 self.placed_past(&id, &mut unplaced);
             } else {
-                unplaced.push(id.clone());
+                if self.tasks.get(&id).is_some_and(|t| self.waits_for_room(t)) {
+                    unplaced.push(id.clone());
+                }
                 room_awaited = room_awaited
                     || self.tasks.get(&id).is_none_or(|t| {
                         t.spec.actor.is_some()
@@ -188,24 +194,19 @@ impl State {
                 break;
             }
             if cpus >= no_room_at {
-                unplaced.push(id.clone());
+                // Not tried: it waits for room if it found its inputs before.
+                if self.tasks.get(&id).is_some_and(|t| t.ready_since.is_some()) {
+                    unplaced.push(id.clone());
+                }
                 passed.push((id, cpus));
                 continue;
             }
             if self.try_start(&id) {
                 self.placed_past(&id, &mut unplaced);
             } else {
-                unplaced.push(id.clone());
-                // A source kept off a full store says nothing of the CPUs.
-                // Nor one waiting for the node that holds its input.
-                // Nor one kept off a node that cannot start its job's workers.
-                if self.tasks.get(&id).is_some_and(|t| {
-                    self.inputs_ready(t)
-                        && !self.kept_off_full_store(t)
-                        && self.input_holder(t).is_none()
-                        && !self.avoids_nodes(&t.spec.job_id)
-                }) {
+                if self.tasks.get(&id).is_some_and(|t| self.waits_for_room(t)) {
                     no_room_at = no_room_at.min(cpus);
+                    unplaced.push(id.clone());
                 }
                 passed.push((id, cpus));
             }
@@ -213,6 +214,18 @@ impl State {
         for q in passed.into_iter().rev() {
             self.queue.cpu.push_front(q);
         }
+    }
+
+    /// Whether `task`, unplaced, waits for room: not for an input, a store with room,
+    /// the node holding its input, a node that can start its job's workers, its actor
+    /// or its placement group.
+    fn waits_for_room(&self, task: &TaskEntry) -> bool {
+        task.spec.actor.is_none()
+            && task.spec.bundle.is_none()
+            && self.inputs_ready(task)
+            && !self.kept_off_full_store(task)
+            && self.input_holder(task).is_none()
+            && !self.avoids_nodes(&task.spec.job_id)
     }
 
     /// Task `id` left the queue: if it runs now, the tasks in `unplaced` (that found
@@ -334,10 +347,10 @@ impl State {
         if missing {
             // It waits for its inputs now, not for room: it holds no node meanwhile,
             // and waits anew once they are back.
+            let task = self.tasks.get_mut(id).expect("looked up above");
+            task.passed_over = false;
             if self.holds.remove(id).is_some() {
-                let task = self.tasks.get_mut(id).expect("looked up above");
                 task.ready_since = None;
-                task.passed_over = false;
             }
             return false;
         }

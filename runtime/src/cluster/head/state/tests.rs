@@ -335,8 +335,19 @@ fn a_big_request_passed_over_long_enough_holds_a_node_until_it_fits() {
         sent(&mut rx).is_empty(),
         "one CPU free: big waits, and s4 with it"
     );
+    // Nor does an actor take what frees (actors are placed before tasks in a pass).
+    s.create_actor(ActorSpec {
+        job_id: "j".into(),
+        actor_id: "a1".into(),
+        resources: cpus(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    s.schedule();
+    assert!(sent(&mut rx).is_empty());
     done(&mut s, "s3", "");
     assert_eq!(sent(&mut rx), ["run big"]);
+    s.kill_actor("a1", "not needed");
     s.schedule();
     assert!(s.holds.is_empty());
     done(&mut s, "big", "");
