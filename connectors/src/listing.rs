@@ -437,12 +437,13 @@ pub(crate) async fn infer_schemas(
                 }
                 .map_err(|e| json_inference_line(e, &name))
                 .with_context(|| format!("reading the schema of {name}"))?;
-                // A JSON column null in every record looked at has no type yet: the
-                // whole file tells it (reading values into a column typed null fails).
+                // A JSON column null in every record looked at has no type yet: more
+                // of the file may tell it (reading values into a column typed null
+                // fails).
                 let schema = match df_format.downcast_ref::<JsonFormat>() {
                     Some(json) if has_untyped(&schema) => JsonFormat::default()
                         .with_options(json.options().clone())
-                        .with_schema_infer_max_rec(usize::MAX)
+                        .with_schema_infer_max_rec(JSON_RETYPE_RECORDS)
                         .infer_schema(state, &store, std::slice::from_ref(&meta))
                         .await
                         .map_err(|e| json_inference_line(e, &name))
@@ -497,12 +498,32 @@ pub(crate) async fn infer_schemas(
             .infer_schema(state, &readable[0].store, &by_store)
             .await
         {
-            // Unless it leaves a JSON column untyped that a file's own (read whole
-            // for it) types.
-            let json = df_format.downcast_ref::<JsonFormat>().is_some();
-            if !(json && has_untyped(&merged)) {
-                return Ok((merged, each));
+            // A JSON column it leaves untyped takes the type a file's own schema
+            // (read further for it) gives.
+            if df_format.downcast_ref::<JsonFormat>().is_some() && has_untyped(&merged) {
+                let fields: Vec<Field> = merged
+                    .fields()
+                    .iter()
+                    .map(|f| {
+                        let untyped =
+                            |field: &Field| has_untyped(&Schema::new(vec![field.clone()]));
+                        let typed = untyped(f)
+                            .then(|| {
+                                schemas.iter().find_map(|(_, s)| {
+                                    s.field_with_name(f.name()).ok().filter(|t| !untyped(t))
+                                })
+                            })
+                            .flatten();
+                        match typed {
+                            Some(t) => f.as_ref().clone().with_data_type(t.data_type().clone()),
+                            None => f.as_ref().clone(),
+                        }
+                    })
+                    .collect();
+                let merged = Schema::new_with_metadata(fields, merged.metadata().clone());
+                return Ok((Arc::new(merged), each));
             }
+            return Ok((merged, each));
         }
     }
     Ok((merge_schemas(&schemas)?, each))
@@ -546,13 +567,26 @@ async fn csv_schema(
     Ok((Arc::new(schema), records))
 }
 
-/// Whether `schema` has a column of no type (null in every record inference read).
+/// Whether `schema` has a column of no type (null in every record inference read), at
+/// its top or inside a list, struct or map.
 fn has_untyped(schema: &Schema) -> bool {
-    schema
-        .fields()
-        .iter()
-        .any(|f| f.data_type() == &DataType::Null)
+    fn untyped(t: &DataType) -> bool {
+        match t {
+            DataType::Null => true,
+            DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+                untyped(f.data_type())
+            }
+            DataType::Map(f, _) => untyped(f.data_type()),
+            DataType::Struct(fields) => fields.iter().any(|f| untyped(f.data_type())),
+            _ => false,
+        }
+    }
+    schema.fields().iter().any(|f| untyped(f.data_type()))
 }
+
+/// Records a JSON file's schema is read again from, when its first ones leave a column
+/// untyped.
+const JSON_RETYPE_RECORDS: usize = 100_000;
 
 /// The records CSV schema inference reads at most.
 fn csv_max_records(csv: &CsvFormat) -> usize {

@@ -194,18 +194,18 @@ impl Dataset {
     /// The rows of this dataset and then of `others` (same columns).
     pub fn union(&self, others: &[&Dataset]) -> Result<Self> {
         let mut inputs = vec![Arc::clone(&self.plan)];
+        inputs.extend(others.iter().map(|o| Arc::clone(&o.plan)));
+        // The inputs whose schemas are known must agree (names, and types up to string
+        // views and nullability): said now, not when it runs.
         let state = self.ctx.session_state();
-        let first = self.plan.schema(state)?;
-        for (i, o) in others.iter().enumerate() {
-            if let (Some(a), Some(b)) = (&first, o.plan.schema(state)?) {
-                if a.fields() != b.fields() {
-                    return Err(VolleyError::plan(format!(
-                        "union: dataset {} has schema {b}, but the first has {a}",
-                        i + 1
-                    )));
-                }
+        let mut known = Vec::new();
+        for i in &inputs {
+            if let Some(s) = i.schema(state)? {
+                known.push(s);
             }
-            inputs.push(Arc::clone(&o.plan));
+        }
+        if known.len() > 1 {
+            crate::logical::union_schema(&known)?;
         }
         Ok(self.with(LogicalOp::Union { inputs }))
     }
@@ -497,7 +497,11 @@ impl WriteBuilder {
             Ok::<_, VolleyError>(())
         })();
         match result {
-            Ok(()) => target.commit(),
+            Ok(()) => {
+                // The schema as planned (nothing runs again for it).
+                let schema = ds.plan.schema(ds.ctx.session_state()).ok().flatten();
+                target.commit(schema)
+            }
             Err(e) => {
                 target.abort();
                 Err(e).with_context(|| format!("writing {}", self.path))

@@ -3,7 +3,7 @@
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeIterator, TreeNodeRecursion};
 use datafusion::common::Result as DfResult;
 use datafusion::execution::context::SessionState;
@@ -426,7 +426,17 @@ impl LogicalOp {
             }
             LogicalOp::Split { output, .. } => Some(output.schema()),
             LogicalOp::MapBatches { .. } | LogicalOp::MapBatchesStateful { .. } => None,
-            LogicalOp::Union { inputs } => inputs[0].schema(state)?,
+            LogicalOp::Union { inputs } => {
+                let mut schemas = Vec::with_capacity(inputs.len());
+                for i in inputs {
+                    match i.schema(state)? {
+                        Some(s) => schemas.push(s),
+                        // Known for all, or not known.
+                        None => return Ok(None),
+                    }
+                }
+                Some(union_schema(&schemas)?)
+            }
             LogicalOp::Select { input, .. }
             | LogicalOp::WithColumn { input, .. }
             | LogicalOp::Drop { input, .. }
@@ -693,6 +703,60 @@ impl TreeNode for LogicalOp {
             .map_until_stop_and_collect(f)?
             .update_data(|new| self.with_inputs(new.into_iter().map(Arc::new).collect())))
     }
+}
+
+/// The schema of a union of inputs of `schemas`: the same column names in the same
+/// order, of the same types once string and binary views count as their plain types.
+/// A column is nullable where any input's is, and plain where the inputs' types
+/// differ (as sorts and distincts give plain strings). Every input is made to give
+/// exactly this schema ([`crate::planner`]): writers and concatenations need one.
+pub(crate) fn union_schema(schemas: &[SchemaRef]) -> Result<SchemaRef> {
+    let plain = |t: &DataType| match t {
+        DataType::Utf8View => DataType::Utf8,
+        DataType::BinaryView => DataType::Binary,
+        other => other.clone(),
+    };
+    let columns = |s: &Schema| {
+        s.fields()
+            .iter()
+            .map(|f| format!("{} {}", f.name(), f.data_type()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let first = &schemas[0];
+    let mut fields: Vec<Field> = first.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut changed = false;
+    for (i, s) in schemas.iter().enumerate().skip(1) {
+        let same = s.fields().len() == fields.len()
+            && s.fields()
+                .iter()
+                .zip(&fields)
+                .all(|(a, b)| a.name() == b.name() && plain(a.data_type()) == plain(b.data_type()));
+        if !same {
+            return Err(VolleyError::plan(format!(
+                "union: input {i} has columns [{}] but input 0 has [{}]",
+                columns(s),
+                columns(first)
+            )));
+        }
+        for (f, a) in fields.iter_mut().zip(s.fields()) {
+            if a.is_nullable() && !f.is_nullable() {
+                *f = f.clone().with_nullable(true);
+                changed = true;
+            }
+            if a.data_type() != f.data_type() {
+                *f = f.clone().with_data_type(plain(f.data_type()));
+                changed = true;
+            }
+        }
+    }
+    if !changed {
+        return Ok(Arc::clone(first));
+    }
+    Ok(Arc::new(Schema::new_with_metadata(
+        fields,
+        first.metadata().clone(),
+    )))
 }
 
 #[cfg(test)]

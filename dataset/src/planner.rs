@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use datafusion::common::Column;
 use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{cast, Expr};
 use volley_common::{Result, VolleyError};
 use volley_exec::{
     ActorMapExec, LazyStep, LimitExec, MapExec, PhysicalPlan, ReadExec, Step, UnionExec,
@@ -238,22 +240,47 @@ pub(crate) fn plan_node(
             )
         }
         LogicalOp::Union { .. } => {
+            let known: Option<Vec<SchemaRef>> = children.iter().map(|(_, s)| s.clone()).collect();
+            let Some(known) = known else {
+                let plans = children.into_iter().map(|(p, _)| p).collect();
+                return Ok((PhysicalPlan::Union(UnionExec { inputs: plans }), None));
+            };
+            // Every input gives the union's schema exactly: views cast to plain
+            // strings, columns labelled nullable where another input's are.
+            let target = crate::logical::union_schema(&known)?;
             let mut plans = Vec::new();
-            let mut schema: Option<SchemaRef> = None;
-            for (i, (p, s)) in children.into_iter().enumerate() {
-                if let (Some(first), Some(this)) = (&schema, &s) {
-                    if first.fields() != this.fields() {
-                        return Err(VolleyError::plan(format!(
-                            "union: input {i} has schema {this} but input 0 has {first}"
-                        )));
-                    }
+            for (p, s) in children {
+                let s = s.expect("known above");
+                if s.fields() == target.fields() {
+                    plans.push(p);
+                    continue;
                 }
-                if i == 0 {
-                    schema = s;
-                }
-                plans.push(p);
+                let exprs: Vec<(Expr, String)> = s
+                    .fields()
+                    .iter()
+                    .zip(target.fields())
+                    .map(|(f, t)| {
+                        let c = Expr::Column(Column::new_unqualified(f.name()));
+                        let e = match f.data_type() == t.data_type() {
+                            true => c,
+                            false => cast(c, t.data_type().clone()),
+                        };
+                        (e, f.name().clone())
+                    })
+                    .collect();
+                let Step::Project { exprs, .. } = Step::project(&exprs, &s, state)? else {
+                    return Err(VolleyError::internal("a projection that is not one"));
+                };
+                let relabel = Step::Project {
+                    exprs,
+                    schema: Arc::clone(&target),
+                };
+                plans.push(append(p, relabel, None));
             }
-            (PhysicalPlan::Union(UnionExec { inputs: plans }), schema)
+            (
+                PhysicalPlan::Union(UnionExec { inputs: plans }),
+                Some(target),
+            )
         }
     })
 }

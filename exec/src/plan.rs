@@ -30,11 +30,16 @@ impl WriteTarget {
         })
     }
 
-    /// Commits every part (after a successful execution) and returns what was written.
-    pub fn commit(&self) -> volley_common::Result<WriteSummary> {
+    /// Commits every part (after a successful execution) and returns what was written;
+    /// with no rows, one file of no rows with `schema`, where known and the format
+    /// holds one ([`WriteJob::commit_with_schema`]).
+    pub fn commit(
+        &self,
+        schema: Option<arrow::datatypes::SchemaRef>,
+    ) -> volley_common::Result<WriteSummary> {
         let parts = std::mem::take(&mut *self.parts.lock().expect("write lock"));
         match self.job.lock().expect("write lock").take() {
-            Some(job) => job.commit(parts),
+            Some(job) => job.commit_with_schema(parts, schema),
             None => Err(volley_common::VolleyError::internal(
                 "the write was committed or aborted already",
             )),

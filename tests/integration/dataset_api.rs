@@ -277,3 +277,64 @@ fn named_transforms_ship_and_run() {
     ids.sort();
     assert_eq!(ids, (5..15).collect::<Vec<_>>());
 }
+
+/// A union of inputs whose columns differ only in nullability, or in string views
+/// against plain strings (what sorts and distincts give), runs, with every row under
+/// one schema: nullable where any input is, plain strings where the types differ.
+#[test]
+fn union_widens_nullability_and_plain_strings() {
+    use volley::arrow::array::{Array, StringViewArray};
+    use volley::arrow::datatypes::DataType;
+    let c = ctx();
+    // `id` is not nullable in `sample`; here it is, with a null.
+    let strict = c
+        .from_batches(vec![sample(10)])
+        .unwrap()
+        .select(&["id"])
+        .unwrap();
+    let loose = c
+        .from_batches(vec![RecordBatch::try_from_iter([(
+            "id",
+            Arc::new(Int64Array::from(vec![Some(1), None])) as _,
+        )])
+        .unwrap()])
+        .unwrap();
+    let u = strict.union(&[&loose]).unwrap();
+    assert!(u.schema().unwrap().field(0).is_nullable());
+    let all = u.collect_batch().unwrap();
+    assert_eq!((all.num_rows(), all.column(0).null_count()), (12, 1));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("u.parquet");
+    u.write(out.to_str().unwrap(), volley::WriteFormat::Parquet)
+        .single_file()
+        .run()
+        .unwrap();
+    assert_eq!(
+        c.read_parquet(out.to_str().unwrap())
+            .unwrap()
+            .count()
+            .unwrap(),
+        12
+    );
+
+    let views = c
+        .from_batches(vec![RecordBatch::try_from_iter([(
+            "s",
+            Arc::new(StringViewArray::from(vec!["a", "b", "a"])) as _,
+        )])
+        .unwrap()])
+        .unwrap();
+    let both = views.union(&[&views.distinct().unwrap()]).unwrap();
+    assert_eq!(both.schema().unwrap().field(0).data_type(), &DataType::Utf8);
+    assert_eq!(both.collect_batch().unwrap().num_rows(), 5);
+    // Other names or types are still refused, naming both.
+    let e = strict
+        .union(&[&views])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("union: input 1 has columns [s Utf8View] but input 0 has [id Int64]"),
+        "{e}"
+    );
+}

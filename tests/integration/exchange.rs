@@ -92,8 +92,11 @@ fn random_shuffle_is_reproducible_for_a_seed() {
     let mut sorted = a.clone();
     sorted.sort();
     assert!(sorted == (0..50_000).collect::<Vec<_>>());
-    // Counting asks for no column: the rows are still there.
+    // Counting asks for no column: the rows are still there, also when the
+    // shuffle's input has columns only known when it runs.
     assert_eq!(base.random_shuffle(42).unwrap().count().unwrap(), 50_000);
+    let opaque = base.map_batches("identity", Ok, MapOptions::default());
+    assert_eq!(opaque.random_shuffle(1).unwrap().count().unwrap(), 50_000);
     let blocks = ids(&base.randomize_block_order(3).unwrap());
     assert!(blocks == ids(&base.randomize_block_order(3).unwrap()));
     let mut blocks_sorted = blocks.clone();
@@ -306,9 +309,6 @@ fn explain_shows_the_stage_boundary() {
     assert!(plan.contains("Range"), "{plan}");
 }
 
-/// Columns nobody reads after a shuffle are not read, stored or spilled by it: the
-/// projection goes through the exchange down to the Parquet scan, and the rows come out
-/// as without it (the same seed, the same order).
 /// A column that is not first, selected after a local exchange, keeps its values (the
 /// exchange's input ran with every column of its source while its schema said fewer,
 /// and the select read the wrong column by position).
@@ -355,6 +355,9 @@ fn a_later_column_selected_after_an_exchange_keeps_its_values() {
     assert_eq!(tens(by_key), want);
 }
 
+/// Columns nobody reads after a shuffle are not read, stored or spilled by it: the
+/// projection goes through the exchange down to the Parquet scan, and the rows come out
+/// as without it (the same seed, the same order).
 #[test]
 fn a_projection_goes_through_shuffles_into_the_scan() {
     let c = ctx();

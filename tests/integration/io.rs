@@ -340,6 +340,34 @@ fn globs_and_lists_of_paths() {
     let _ = Arc::new(());
 }
 
+/// A dataset of no rows written as a folder reads back as one of no rows, with its
+/// columns (an empty folder was left, which no read takes).
+#[test]
+fn an_empty_folder_write_reads_back_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let empty = c
+        .from_batches(vec![sample(100)])
+        .unwrap()
+        .filter(col("id").lt(lit(0i64)))
+        .unwrap();
+    for fmt in [WriteFormat::Parquet, WriteFormat::Csv] {
+        let out = dir.path().join(fmt.extension());
+        let out = out.to_str().unwrap();
+        let summary = empty.write(out, fmt).run().unwrap();
+        assert_eq!((summary.files.len(), summary.rows), (1, 0), "{fmt:?}");
+        let back = match fmt {
+            WriteFormat::Parquet => c.read_parquet(out),
+            _ => c.read_csv(out),
+        }
+        .unwrap();
+        assert_eq!(back.count().unwrap(), 0, "{fmt:?}");
+        let schema = back.schema().unwrap();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["id", "key", "value", "name"], "{fmt:?}");
+    }
+}
+
 /// A column null in a JSON file's first lines (past what a reader looks at to infer
 /// its columns) comes back with its later values: nulls are written, not left out.
 #[test]

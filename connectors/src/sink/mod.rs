@@ -36,6 +36,7 @@ mod writer;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
+use arrow::datatypes::SchemaRef;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use volley_common::{Result, ResultExt, VolleyError};
@@ -588,8 +589,13 @@ impl WriteJob {
     /// A writer for task `task` in this process (its only attempt); its files are named
     /// after the task.
     pub fn part_writer(&self, task: usize) -> Result<PartWriter> {
+        self.part_writer_attempt(task, "0")
+    }
+
+    /// A writer for attempt `attempt` of task `task` in this process.
+    fn part_writer_attempt(&self, task: usize, attempt: &str) -> Result<PartWriter> {
         let prefix = self.prefix(task);
-        let folder = attempt_folder(&prefix, "0");
+        let folder = attempt_folder(&prefix, attempt);
         match &self.target {
             Target::Local { staging, .. } => {
                 local_part_writer(&self.options, &prefix, staging, folder)
@@ -631,6 +637,37 @@ impl WriteJob {
                 },
             },
         }
+    }
+
+    /// Commits `parts` as [`Self::commit`] does; when they hold no file (the dataset
+    /// had no rows), first stages one file of no rows with `schema`, so that the
+    /// output reads back (as an empty dataset with its columns) instead of being an
+    /// empty folder that no read takes. Not for JSON, whose file of no rows holds no
+    /// columns, nor partitioned writes, whose files live in partition folders.
+    pub fn commit_with_schema(
+        self,
+        mut parts: Vec<StagedPart>,
+        schema: Option<SchemaRef>,
+    ) -> Result<WriteSummary> {
+        let none = parts.iter().all(|p| p.summary.files.is_empty());
+        let fits = !self.options.single_file
+            && self.options.partition_by.is_empty()
+            && self.options.format != WriteFormat::Json;
+        if let (true, true, Some(schema)) = (none, fits, schema) {
+            let staged = (|| {
+                let mut w = self.part_writer_attempt(0, "empty")?;
+                w.ensure_file(schema)?;
+                w.finish()
+            })();
+            match staged {
+                Ok(p) => parts.push(p),
+                Err(e) => {
+                    self.abort();
+                    return Err(e);
+                }
+            }
+        }
+        self.commit(parts)
     }
 
     /// Moves the files of `parts` (one accepted attempt of each task) into place, then

@@ -172,16 +172,20 @@ pub(crate) fn push_projection(
         // other columns are not read, stored or spilled.
         LogicalOp::Exchange { input, kind } => {
             // An exchange moves rows, which it keeps in batches: one column at least
-            // (a count asks for none).
-            let first = input
-                .schema(state)?
-                .and_then(|s| s.fields().first().map(|f| f.name().clone()));
-            let req = required.map(|mut set| {
+            // (a count asks for none), the narrowest of fixed width where there is
+            // one; every column where the input's are not known.
+            let narrowest = input.schema(state)?.and_then(|s| {
+                s.fields()
+                    .iter()
+                    .min_by_key(|f| f.data_type().primitive_width().unwrap_or(usize::MAX))
+                    .map(|f| f.name().clone())
+            });
+            let req = required.and_then(|mut set| {
                 set.extend(kind.keys().iter().cloned());
                 if set.is_empty() {
-                    set.extend(first);
+                    set.insert(narrowest?);
                 }
-                set
+                Some(set)
             });
             LogicalOp::Exchange {
                 input: below(input, req)?,

@@ -631,6 +631,16 @@ impl Agent {
         }
     }
 
+    /// Whether a live worker here holds or starts actor `actor` (any incarnation).
+    pub(super) fn runs_actor(&self, actor: &str) -> bool {
+        let s = self.state.lock().expect("agent lock");
+        s.workers.values().any(|w| {
+            !w.exiting
+                && (w.actor.as_ref().is_some_and(|(a, _)| a == actor)
+                    || w.start_actor.as_ref().is_some_and(|a| a.actor_id == actor))
+        })
+    }
+
     /// Whether a live worker here holds incarnation `incarnation` of actor `actor`.
     fn holds_actor(&self, actor: &str, incarnation: u32) -> bool {
         let s = self.state.lock().expect("agent lock");

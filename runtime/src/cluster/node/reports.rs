@@ -166,6 +166,11 @@ impl Agent {
         // end it has had already.
         let tries = if alive { 1 } else { 4 };
         for i in 0..tries {
+            // Not once a worker here runs the actor again (a head that restarted
+            // numbers its incarnations anew, and could take this end for the new one's).
+            if i > 0 && self.runs_actor(actor) {
+                return;
+            }
             let mut head = self.head.clone();
             if head.report_actor(report.clone()).await.is_ok() {
                 return;

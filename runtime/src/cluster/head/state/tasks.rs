@@ -194,8 +194,8 @@ impl State {
                 break;
             }
             if cpus >= no_room_at {
-                // Not tried: it waits for room if it found its inputs before.
-                if self.tasks.get(&id).is_some_and(|t| t.ready_since.is_some()) {
+                // Not tried (something no bigger found no room).
+                if self.tasks.get(&id).is_some_and(|t| self.waits_for_room(t)) {
                     unplaced.push(id.clone());
                 }
                 passed.push((id, cpus));
