@@ -498,30 +498,34 @@ pub(crate) async fn infer_schemas(
             .infer_schema(state, &readable[0].store, &by_store)
             .await
         {
-            // A JSON column it leaves untyped takes the type a file's own schema
-            // (read further for it) gives.
+            // A JSON column it leaves untyped takes the type the files' own schemas
+            // (read further for it) give, where they agree; where they do not, the
+            // files' schemas are merged as below, naming the clash. (Inside a list or
+            // struct, its type stays as the merge left it.)
             if df_format.downcast_ref::<JsonFormat>().is_some() && has_untyped(&merged) {
-                let fields: Vec<Field> = merged
-                    .fields()
-                    .iter()
-                    .map(|f| {
-                        let untyped =
-                            |field: &Field| has_untyped(&Schema::new(vec![field.clone()]));
-                        let typed = untyped(f)
-                            .then(|| {
-                                schemas.iter().find_map(|(_, s)| {
-                                    s.field_with_name(f.name()).ok().filter(|t| !untyped(t))
-                                })
-                            })
-                            .flatten();
-                        match typed {
-                            Some(t) => f.as_ref().clone().with_data_type(t.data_type().clone()),
-                            None => f.as_ref().clone(),
-                        }
-                    })
-                    .collect();
-                let merged = Schema::new_with_metadata(fields, merged.metadata().clone());
-                return Ok((Arc::new(merged), each));
+                let mut fields = Vec::with_capacity(merged.fields().len());
+                let mut agree = true;
+                for f in merged.fields() {
+                    if f.data_type() != &DataType::Null {
+                        fields.push(f.as_ref().clone());
+                        continue;
+                    }
+                    let mut typed = schemas.iter().filter_map(|(_, s)| {
+                        s.field_with_name(f.name())
+                            .ok()
+                            .map(|t| t.data_type().clone())
+                            .filter(|t| t != &DataType::Null)
+                    });
+                    let first = typed.next();
+                    agree &= typed.all(|t| Some(&t) == first.as_ref());
+                    let t = first.unwrap_or(DataType::Null);
+                    fields.push(f.as_ref().clone().with_data_type(t));
+                }
+                if agree {
+                    let merged = Schema::new_with_metadata(fields, merged.metadata().clone());
+                    return Ok((Arc::new(merged), each));
+                }
+                return Ok((merge_schemas(&schemas)?, each));
             }
             return Ok((merged, each));
         }

@@ -199,9 +199,9 @@ impl Dataset {
         // views and nullability): said now, not when it runs.
         let state = self.ctx.session_state();
         let mut known = Vec::new();
-        for i in &inputs {
+        for (at, i) in inputs.iter().enumerate() {
             if let Some(s) = i.schema(state)? {
-                known.push(s);
+                known.push((at, s));
             }
         }
         if known.len() > 1 {
@@ -500,7 +500,9 @@ impl WriteBuilder {
             Ok(()) => {
                 // The schema as planned (nothing runs again for it).
                 let schema = ds.plan.schema(ds.ctx.session_state()).ok().flatten();
-                target.commit(schema)
+                target
+                    .commit(schema)
+                    .with_context(|| format!("writing {}", self.path))
             }
             Err(e) => {
                 target.abort();

@@ -427,12 +427,13 @@ impl LogicalOp {
             LogicalOp::Split { output, .. } => Some(output.schema()),
             LogicalOp::MapBatches { .. } | LogicalOp::MapBatchesStateful { .. } => None,
             LogicalOp::Union { inputs } => {
+                // Known for all: theirs as one. Otherwise the first's, where known (an
+                // input whose columns a user transform decides must give them).
                 let mut schemas = Vec::with_capacity(inputs.len());
                 for i in inputs {
                     match i.schema(state)? {
-                        Some(s) => schemas.push(s),
-                        // Known for all, or not known.
-                        None => return Ok(None),
+                        Some(s) => schemas.push((schemas.len(), s)),
+                        None => return inputs[0].schema(state),
                     }
                 }
                 Some(union_schema(&schemas)?)
@@ -710,7 +711,10 @@ impl TreeNode for LogicalOp {
 /// A column is nullable where any input's is, and plain where the inputs' types
 /// differ (as sorts and distincts give plain strings). Every input is made to give
 /// exactly this schema ([`crate::planner`]): writers and concatenations need one.
-pub(crate) fn union_schema(schemas: &[SchemaRef]) -> Result<SchemaRef> {
+///
+/// `schemas` are the inputs', each with its place among the union's inputs (for
+/// errors).
+pub(crate) fn union_schema(schemas: &[(usize, SchemaRef)]) -> Result<SchemaRef> {
     let plain = |t: &DataType| match t {
         DataType::Utf8View => DataType::Utf8,
         DataType::BinaryView => DataType::Binary,
@@ -723,10 +727,10 @@ pub(crate) fn union_schema(schemas: &[SchemaRef]) -> Result<SchemaRef> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let first = &schemas[0];
+    let (first_at, first) = &schemas[0];
     let mut fields: Vec<Field> = first.fields().iter().map(|f| f.as_ref().clone()).collect();
     let mut changed = false;
-    for (i, s) in schemas.iter().enumerate().skip(1) {
+    for (i, s) in schemas.iter().skip(1) {
         let same = s.fields().len() == fields.len()
             && s.fields()
                 .iter()
@@ -734,7 +738,7 @@ pub(crate) fn union_schema(schemas: &[SchemaRef]) -> Result<SchemaRef> {
                 .all(|(a, b)| a.name() == b.name() && plain(a.data_type()) == plain(b.data_type()));
         if !same {
             return Err(VolleyError::plan(format!(
-                "union: input {i} has columns [{}] but input 0 has [{}]",
+                "union: input {i} has columns [{}] but input {first_at} has [{}]",
                 columns(s),
                 columns(first)
             )));

@@ -240,20 +240,43 @@ pub(crate) fn plan_node(
             )
         }
         LogicalOp::Union { .. } => {
-            let known: Option<Vec<SchemaRef>> = children.iter().map(|(_, s)| s.clone()).collect();
+            let known: Option<Vec<(usize, SchemaRef)>> = children
+                .iter()
+                .enumerate()
+                .map(|(i, (_, s))| s.clone().map(|s| (i, s)))
+                .collect();
             let Some(known) = known else {
+                // An input whose columns a user transform decides gives them as they
+                // come: the first input's schema, where known, as before planning.
+                let schema = children[0].1.clone();
                 let plans = children.into_iter().map(|(p, _)| p).collect();
-                return Ok((PhysicalPlan::Union(UnionExec { inputs: plans }), None));
+                return Ok((PhysicalPlan::Union(UnionExec { inputs: plans }), schema));
             };
             // Every input gives the union's schema exactly: views cast to plain
             // strings, columns labelled nullable where another input's are.
             let target = crate::logical::union_schema(&known)?;
             let mut plans = Vec::new();
-            for (p, s) in children {
+            for (i, (p, s)) in children.into_iter().enumerate() {
                 let s = s.expect("known above");
                 if s.fields() == target.fields() {
                     plans.push(p);
                     continue;
+                }
+                // Relabelled here, a cluster input's rows would all pass through this
+                // process.
+                if matches!(
+                    p,
+                    PhysicalPlan::ClusterRead(_)
+                        | PhysicalPlan::ClusterMap(_)
+                        | PhysicalPlan::ClusterActorPool(_)
+                        | PhysicalPlan::ClusterExchange(_)
+                        | PhysicalPlan::ClusterRows(_)
+                ) {
+                    return Err(VolleyError::plan(format!(
+                        "union: input {i} has columns [{s}] where the union's are [{target}] \
+                         (nullability or string views differ); on a cluster, select or cast \
+                         the inputs to the same columns first"
+                    )));
                 }
                 let exprs: Vec<(Expr, String)> = s
                     .fields()

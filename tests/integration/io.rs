@@ -43,6 +43,32 @@ fn parquet_csv_json_round_trip() {
     }
 }
 
+/// A task writing to many more partition values than it keeps files open closes the
+/// least recently written and opens new files for later rows: every row reads back.
+#[test]
+fn a_write_to_many_partition_values_keeps_few_files_open_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let out = dir.path().join("many");
+    let out = out.to_str().unwrap();
+    let summary = c
+        .range(20_000)
+        .with_column("k", col("id") % lit(100i64))
+        .unwrap()
+        .repartition(1)
+        .unwrap()
+        .write(out, WriteFormat::Csv)
+        .partition_by(&["k"])
+        .run()
+        .unwrap();
+    assert_eq!(summary.rows, 20_000);
+    assert!(summary.files.len() >= 100, "{}", summary.files.len());
+    let back = c.read_csv(out).unwrap();
+    assert_eq!(back.count().unwrap(), 20_000);
+    let seven = back.filter(col("k").eq(lit("7"))).unwrap();
+    assert_eq!(seven.count().unwrap(), 200);
+}
+
 #[test]
 fn compressed_and_partitioned_writes() {
     let dir = tempfile::tempdir().unwrap();

@@ -643,16 +643,20 @@ impl WriteJob {
     /// had no rows), first stages one file of no rows with `schema`, so that the
     /// output reads back (as an empty dataset with its columns) instead of being an
     /// empty folder that no read takes. Not for JSON, whose file of no rows holds no
-    /// columns, nor partitioned writes, whose files live in partition folders.
+    /// columns, partitioned writes, whose files live in partition folders, nor
+    /// appends.
     pub fn commit_with_schema(
         self,
         mut parts: Vec<StagedPart>,
         schema: Option<SchemaRef>,
     ) -> Result<WriteSummary> {
         let none = parts.iter().all(|p| p.summary.files.is_empty());
+        // An append adds to output that reads already (and a file of the planned
+        // schema could clash with its files').
         let fits = !self.options.single_file
             && self.options.partition_by.is_empty()
-            && self.options.format != WriteFormat::Json;
+            && self.options.format != WriteFormat::Json
+            && self.options.mode != WriteMode::Append;
         if let (true, true, Some(schema)) = (none, fits, schema) {
             let staged = (|| {
                 let mut w = self.part_writer_attempt(0, "empty")?;

@@ -22,6 +22,13 @@ use super::{Compression, StagedPart, WriteFormat, WriteOptions, WriteSummary};
 /// Value used for a null partition key, as Hive does.
 const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 
+/// Files a task attempt keeps open at once (one per partition value it writes to): each
+/// holds buffers (1 MiB for text, up to a row group's rows for Parquet) and a file
+/// handle. Past it, the least recently written one is closed, and the next rows of its
+/// partition go to a new file: a write partitioned by a column of thousands of values
+/// stays within memory and the process's open-file limit.
+const MAX_OPEN_FILES: usize = 32;
+
 /// A byte sink, maybe compressed.
 enum ByteSink {
     Plain(BufWriter<File>),
@@ -72,6 +79,8 @@ struct OpenFile {
     local: PathBuf,
     relative: String,
     rows: usize,
+    /// When it was last written to (the writer's count of pieces written).
+    used: u64,
 }
 
 /// Writes one task attempt's batches to files (a new file per partition value, and
@@ -89,6 +98,8 @@ pub struct PartWriter {
     upload: Option<(Arc<dyn ObjectStore>, Path, tokio::runtime::Handle)>,
     open: HashMap<String, OpenFile>,
     counter: usize,
+    /// Pieces written so far: what the open files' `used` counts.
+    pieces: u64,
     summary: WriteSummary,
 }
 
@@ -108,6 +119,7 @@ impl PartWriter {
             upload,
             open: HashMap::new(),
             counter: 0,
+            pieces: 0,
             summary: WriteSummary::default(),
         }
     }
@@ -182,10 +194,22 @@ impl PartWriter {
 
     fn write_piece(&mut self, folder: String, batch: &RecordBatch) -> Result<()> {
         if !self.open.contains_key(&folder) {
+            if self.open.len() >= MAX_OPEN_FILES {
+                let oldest = self
+                    .open
+                    .iter()
+                    .min_by_key(|(_, f)| f.used)
+                    .map(|(k, _)| k.clone())
+                    .expect("files are open");
+                let file = self.open.remove(&oldest).expect("present");
+                self.close(file)?;
+            }
             let file = self.open_file(&folder, batch.schema())?;
             self.open.insert(folder.clone(), file);
         }
+        self.pieces += 1;
         let file = self.open.get_mut(&folder).expect("opened above");
+        file.used = self.pieces;
         let path = file.relative.clone();
         match &mut file.writer {
             FileWriter::Parquet(w) => w.write(batch).with_context(|| format!("writing {path}"))?,
@@ -283,6 +307,7 @@ impl PartWriter {
             local,
             relative,
             rows: 0,
+            used: 0,
         })
     }
 
@@ -330,7 +355,8 @@ impl PartWriter {
         if self.counter > 0 || !self.options.partition_by.is_empty() {
             return Ok(());
         }
-        self.write_to(String::new(), &RecordBatch::new_empty(schema))
+        // Not cut by a row count: it has none.
+        self.write_piece(String::new(), &RecordBatch::new_empty(schema))
     }
 
     /// Closes every open file and reports what this attempt staged.

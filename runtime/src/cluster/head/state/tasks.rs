@@ -157,9 +157,7 @@ impl State {
             if self.try_start(&id) {
                 self.placed_past(&id, &mut unplaced);
             } else {
-                if self.tasks.get(&id).is_some_and(|t| self.waits_for_room(t)) {
-                    unplaced.push(id.clone());
-                }
+                unplaced.push(id.clone());
                 room_awaited = room_awaited
                     || self.tasks.get(&id).is_none_or(|t| {
                         t.spec.actor.is_some()
@@ -195,9 +193,7 @@ impl State {
             }
             if cpus >= no_room_at {
                 // Not tried (something no bigger found no room).
-                if self.tasks.get(&id).is_some_and(|t| self.waits_for_room(t)) {
-                    unplaced.push(id.clone());
-                }
+                unplaced.push(id.clone());
                 passed.push((id, cpus));
                 continue;
             }
@@ -206,8 +202,8 @@ impl State {
             } else {
                 if self.tasks.get(&id).is_some_and(|t| self.waits_for_room(t)) {
                     no_room_at = no_room_at.min(cpus);
-                    unplaced.push(id.clone());
                 }
+                unplaced.push(id.clone());
                 passed.push((id, cpus));
             }
         }
@@ -240,7 +236,17 @@ impl State {
         {
             return;
         }
-        for u in unplaced.drain(..) {
+        // Those that wait for room, not for an input, a store, a node or an actor
+        // (looked at only now: most passes place nothing past a task).
+        let passed: Vec<String> = unplaced
+            .drain(..)
+            .filter(|u| {
+                self.tasks
+                    .get(u)
+                    .is_some_and(|t| !t.passed_over && self.waits_for_room(t))
+            })
+            .collect();
+        for u in passed {
             if let Some(t) = self.tasks.get_mut(&u) {
                 t.passed_over = true;
             }
