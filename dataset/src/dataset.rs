@@ -204,8 +204,12 @@ impl Dataset {
                 known.push((at, s));
             }
         }
-        if known.len() > 1 {
+        if known.len() == inputs.len() {
             crate::logical::union_schema(&known)?;
+        } else {
+            // An input whose columns a user transform decides gives them as they come,
+            // so nothing can be relabelled: the known ones must be the same exactly.
+            crate::logical::same_schemas(&known)?;
         }
         Ok(self.with(LogicalOp::Union { inputs }))
     }

@@ -715,6 +715,17 @@ impl TreeNode for LogicalOp {
 /// `schemas` are the inputs', each with its place among the union's inputs (for
 /// errors).
 pub(crate) fn union_schema(schemas: &[(usize, SchemaRef)]) -> Result<SchemaRef> {
+    union_schema_as(schemas, false)
+}
+
+/// The columns of `schemas` (each with its input's place), as one: an error naming the
+/// first that differs from the first in any way (names, types, nullability). For a
+/// union with an input whose columns are known only when it runs.
+pub(crate) fn same_schemas(schemas: &[(usize, SchemaRef)]) -> Result<()> {
+    union_schema_as(schemas, true).map(|_| ())
+}
+
+fn union_schema_as(schemas: &[(usize, SchemaRef)], exactly: bool) -> Result<SchemaRef> {
     let plain = |t: &DataType| match t {
         DataType::Utf8View => DataType::Utf8,
         DataType::BinaryView => DataType::Binary,
@@ -739,6 +750,15 @@ pub(crate) fn union_schema(schemas: &[(usize, SchemaRef)]) -> Result<SchemaRef> 
         if !same {
             return Err(VolleyError::plan(format!(
                 "union: input {i} has columns [{}] but input {first_at} has [{}]",
+                columns(s),
+                columns(first)
+            )));
+        }
+        if exactly && s.fields() != first.fields() {
+            return Err(VolleyError::plan(format!(
+                "union: input {i} has columns [{}] but input {first_at} has [{}] (their \
+                 nullability or string views differ, and another input's columns are \
+                 known only when it runs, so they cannot be made one)",
                 columns(s),
                 columns(first)
             )));

@@ -247,7 +247,16 @@ pub(crate) fn plan_node(
                 .collect();
             let Some(known) = known else {
                 // An input whose columns a user transform decides gives them as they
-                // come: the first input's schema, where known, as before planning.
+                // come: the first input's schema, where known; the known ones must be
+                // the same exactly (nothing is relabelled).
+                let some: Vec<(usize, SchemaRef)> = children
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, (_, s))| s.clone().map(|s| (i, s)))
+                    .collect();
+                if !some.is_empty() {
+                    crate::logical::same_schemas(&some)?;
+                }
                 let schema = children[0].1.clone();
                 let plans = children.into_iter().map(|(p, _)| p).collect();
                 return Ok((PhysicalPlan::Union(UnionExec { inputs: plans }), schema));
@@ -264,18 +273,12 @@ pub(crate) fn plan_node(
                 }
                 // Relabelled here, a cluster input's rows would all pass through this
                 // process.
-                if matches!(
-                    p,
-                    PhysicalPlan::ClusterRead(_)
-                        | PhysicalPlan::ClusterMap(_)
-                        | PhysicalPlan::ClusterActorPool(_)
-                        | PhysicalPlan::ClusterExchange(_)
-                        | PhysicalPlan::ClusterRows(_)
-                ) {
+                if on_cluster(&p) {
                     return Err(VolleyError::plan(format!(
-                        "union: input {i} has columns [{s}] where the union's are [{target}] \
-                         (nullability or string views differ); on a cluster, select or cast \
-                         the inputs to the same columns first"
+                        "union: input {i}'s columns differ from the others' in nullability or \
+                         string views; on a cluster they are not made one (its rows would pass \
+                         through this process): cast its string columns, or union inputs whose \
+                         columns are the same"
                     )));
                 }
                 let exprs: Vec<(Expr, String)> = s
@@ -306,6 +309,21 @@ pub(crate) fn plan_node(
             )
         }
     })
+}
+
+/// Whether `plan`'s rows come from the cluster's nodes as they are, without passing
+/// through this process (a union or limit of such plans too).
+fn on_cluster(plan: &PhysicalPlan) -> bool {
+    match plan {
+        PhysicalPlan::ClusterRead(_)
+        | PhysicalPlan::ClusterMap(_)
+        | PhysicalPlan::ClusterActorPool(_)
+        | PhysicalPlan::ClusterExchange(_)
+        | PhysicalPlan::ClusterRows(_) => true,
+        PhysicalPlan::Union(u) => u.inputs.iter().any(on_cluster),
+        PhysicalPlan::Limit(l) => on_cluster(&l.input),
+        _ => false,
+    }
 }
 
 /// Makes the plan's tasks write their output to `target`.

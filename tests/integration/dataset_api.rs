@@ -327,6 +327,20 @@ fn union_widens_nullability_and_plain_strings() {
     let both = views.union(&[&views.distinct().unwrap()]).unwrap();
     assert_eq!(both.schema().unwrap().field(0).data_type(), &DataType::Utf8);
     assert_eq!(both.collect_batch().unwrap().num_rows(), 5);
+    // With an input whose columns a user transform decides, nothing is relabelled: the
+    // known inputs must be the same exactly.
+    let opaque = loose.map_batches("identity", Ok, MapOptions::default());
+    let same = loose.union(&[&opaque, &loose]).unwrap();
+    assert_eq!(same.count().unwrap(), 6);
+    let e = strict
+        .union(&[&opaque, &loose])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("input 2 has columns") && e.contains("cannot be made one"),
+        "{e}"
+    );
     // Other names or types are still refused, naming both.
     let e = strict
         .union(&[&views])

@@ -43,8 +43,8 @@ fn parquet_csv_json_round_trip() {
     }
 }
 
-/// A task writing to many more partition values than it keeps files open closes the
-/// least recently written and opens new files for later rows: every row reads back.
+/// A task writing to many more partition values than it keeps files open closes some
+/// and opens new files for their later rows: every row reads back.
 #[test]
 fn a_write_to_many_partition_values_keeps_few_files_open_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -36,7 +36,6 @@ impl Mlp<B> {
         device: &volley_train::burn::backend::ndarray::NdArrayDevice,
         resume: Option<&volley_train::SavedCheckpoint>,
     ) -> Result<Self> {
-        use volley_train::burn::module::Module;
         use volley_train::burn::nn::LinearConfig;
         use volley_train::burn::tensor::backend::Backend;
         B::seed(device, 5);

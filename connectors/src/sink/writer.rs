@@ -24,9 +24,12 @@ const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 
 /// Files a task attempt keeps open at once (one per partition value it writes to): each
 /// holds buffers (1 MiB for text, up to a row group's rows for Parquet) and a file
-/// handle. Past it, the least recently written one is closed, and the next rows of its
-/// partition go to a new file: a write partitioned by a column of thousands of values
-/// stays within memory and the process's open-file limit.
+/// handle. Past it, the most recently written one is closed (a batch's partitions are
+/// written one after the other, in the order each batch first shows them: the last
+/// written is the one needed again latest, so the others stay open from batch to
+/// batch), and the next rows of its partition go to a new file: a write partitioned by
+/// a column of thousands of values stays within memory and the process's open-file
+/// limit.
 const MAX_OPEN_FILES: usize = 32;
 
 /// A byte sink, maybe compressed.
@@ -195,13 +198,13 @@ impl PartWriter {
     fn write_piece(&mut self, folder: String, batch: &RecordBatch) -> Result<()> {
         if !self.open.contains_key(&folder) {
             if self.open.len() >= MAX_OPEN_FILES {
-                let oldest = self
+                let latest = self
                     .open
                     .iter()
-                    .min_by_key(|(_, f)| f.used)
+                    .max_by_key(|(_, f)| f.used)
                     .map(|(k, _)| k.clone())
                     .expect("files are open");
-                let file = self.open.remove(&oldest).expect("present");
+                let file = self.open.remove(&latest).expect("present");
                 self.close(file)?;
             }
             let file = self.open_file(&folder, batch.schema())?;
