@@ -206,7 +206,7 @@ impl Dataset {
         }
         if known.len() == inputs.len() {
             crate::logical::union_schema(&known)?;
-        } else {
+        } else if known.len() > 1 {
             // An input whose columns a user transform decides gives them as they come,
             // so nothing can be relabelled: the known ones must be the same exactly.
             crate::logical::same_schemas(&known)?;

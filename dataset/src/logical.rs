@@ -734,11 +734,16 @@ fn union_schema_as(schemas: &[(usize, SchemaRef)], exactly: bool) -> Result<Sche
     let columns = |s: &Schema| {
         s.fields()
             .iter()
-            .map(|f| format!("{} {}", f.name(), f.data_type()))
+            .map(|f| match f.is_nullable() {
+                true => format!("{} {}", f.name(), f.data_type()),
+                false => format!("{} {} not null", f.name(), f.data_type()),
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let (first_at, first) = &schemas[0];
+    let Some((first_at, first)) = schemas.first() else {
+        return Err(VolleyError::internal("a union of no inputs"));
+    };
     let mut fields: Vec<Field> = first.fields().iter().map(|f| f.as_ref().clone()).collect();
     let mut changed = false;
     for (i, s) in schemas.iter().skip(1) {
@@ -757,8 +762,8 @@ fn union_schema_as(schemas: &[(usize, SchemaRef)], exactly: bool) -> Result<Sche
         if exactly && s.fields() != first.fields() {
             return Err(VolleyError::plan(format!(
                 "union: input {i} has columns [{}] but input {first_at} has [{}] (their \
-                 nullability or string views differ, and another input's columns are \
-                 known only when it runs, so they cannot be made one)",
+                 nullability, string views or field metadata differ, and another input's \
+                 columns are known only when it runs, so they cannot be made one)",
                 columns(s),
                 columns(first)
             )));

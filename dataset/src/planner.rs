@@ -275,8 +275,9 @@ pub(crate) fn plan_node(
                 // process.
                 if on_cluster(&p) {
                     return Err(VolleyError::plan(format!(
-                        "union: input {i}'s columns differ from the others' in nullability or \
-                         string views; on a cluster they are not made one (its rows would pass \
+                        "union: input {i}'s columns differ from the others' in nullability, \
+                         string views or field metadata; on a cluster they are not made one \
+                         (its rows would pass \
                          through this process): cast its string columns, or union inputs whose \
                          columns are the same"
                     )));

@@ -332,6 +332,10 @@ fn union_widens_nullability_and_plain_strings() {
     let opaque = loose.map_batches("identity", Ok, MapOptions::default());
     let same = loose.union(&[&opaque, &loose]).unwrap();
     assert_eq!(same.count().unwrap(), 6);
+    // Inputs none of whose columns are known before they run.
+    let both_opaque = opaque.union(&[&opaque]).unwrap();
+    assert_eq!(both_opaque.count().unwrap(), 4);
+    assert_eq!(opaque.union(&[]).unwrap().count().unwrap(), 2);
     let e = strict
         .union(&[&opaque, &loose])
         .err()
@@ -348,7 +352,9 @@ fn union_widens_nullability_and_plain_strings() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(
-        e.contains("union: input 1 has columns [s Utf8View] but input 0 has [id Int64]"),
+        e.contains(
+            "union: input 1 has columns [s Utf8View not null] but input 0 has [id Int64 not null]"
+        ),
         "{e}"
     );
 }
