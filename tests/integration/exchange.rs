@@ -326,18 +326,9 @@ fn a_later_column_selected_after_an_exchange_keeps_its_values() {
     .unwrap();
     let base = || c.from_batches(vec![batch.clone()]).unwrap();
     let tens = |ds: Dataset| -> Vec<i64> {
-        let mut v: Vec<i64> = ds
-            .collect()
-            .unwrap()
-            .iter()
-            .flat_map(|b| {
-                b.column(0)
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .unwrap()
-                    .values()
-                    .to_vec()
-            })
+        let mut v: Vec<i64> = i64_column(&ds.collect().unwrap(), "b")
+            .into_iter()
+            .map(Option::unwrap)
             .collect();
         v.sort();
         v

@@ -303,8 +303,8 @@ fn starving(s: &mut State, id: &str) {
     t.passed_over = true;
 }
 
-#[test]
-fn a_big_request_passed_over_long_enough_holds_a_node_until_it_fits() {
+/// One node of 2 CPUs running `s1` and `s2`, and `big` (2 CPUs) waiting, tried once.
+fn big_behind_two_running() -> (State, Commands) {
     let (mut s, mut rx) = one_node(2.0);
     submit(&mut s, "s1");
     submit(&mut s, "s2");
@@ -316,6 +316,12 @@ fn a_big_request_passed_over_long_enough_holds_a_node_until_it_fits() {
     })
     .unwrap();
     s.schedule();
+    (s, rx)
+}
+
+#[test]
+fn a_big_request_passed_over_long_enough_holds_a_node_until_it_fits() {
+    let (mut s, mut rx) = big_behind_two_running();
     assert!(sent(&mut rx).is_empty());
     // Not yet waiting long: smaller tasks take what frees, as they come.
     submit(&mut s, "s3");
@@ -414,17 +420,7 @@ fn a_task_that_waits_its_turn_among_its_size_holds_no_node() {
 
 #[test]
 fn a_smaller_task_ahead_of_a_holder_in_the_queue_does_not_block_it() {
-    let (mut s, mut rx) = one_node(2.0);
-    submit(&mut s, "s1");
-    submit(&mut s, "s2");
-    s.schedule();
-    assert_eq!(sent(&mut rx), ["run s1", "run s2"]);
-    s.submit(TaskSpec {
-        resources: cpus(2.0),
-        ..task("big", &[])
-    })
-    .unwrap();
-    s.schedule();
+    let (mut s, mut rx) = big_behind_two_running();
     starving(&mut s, "big");
     s.schedule();
     assert_eq!(s.holds.get("big").map(String::as_str), Some("n1"));
