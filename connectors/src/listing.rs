@@ -138,14 +138,7 @@ impl FileScan {
             infer_schemas(state, &df_format, format.is_binary(), &files).await?;
 
         let mut options = ListingOptions::new(Arc::clone(&df_format)).with_file_extension("");
-        let partition_cols = if urls[0].is_collection() {
-            options
-                .infer_partitions(state, &urls[0])
-                .await
-                .with_context(|| format!("reading the partition folders of {}", paths[0]))?
-        } else {
-            vec![]
-        };
+        let partition_cols = partition_columns(&urls, paths, &files)?;
         options = options.with_table_partition_cols(
             partition_cols
                 .iter()
@@ -251,6 +244,8 @@ pub(crate) struct ListedFile {
     pub store: Arc<dyn object_store::ObjectStore>,
     pub meta: ObjectMeta,
     pub name: String,
+    /// Which of the paths listed found it.
+    pub path: usize,
 }
 
 /// `e`, or where it is an NDJSON record that did not parse while inferring the schema
@@ -290,6 +285,89 @@ pub(crate) fn display_location(
     }
 }
 
+/// The Hive partition columns of `files` (as [`list_files`] lists `urls`, the paths
+/// `paths`): the keys of the `key=value` folders each file sits in under its path,
+/// which must be the same keys, in the same order, for every file.
+///
+/// Every file is looked at: a file in other folders than the rest would otherwise be
+/// left out of the scan without a word (its folders do not parse as the table's
+/// partitions), and DataFusion's own inference reads only the first ten files of the
+/// first path. A path that names a file, or an object-store folder without a trailing
+/// `/`, has no partition folders.
+pub(crate) fn partition_columns(
+    urls: &[ListingTableUrl],
+    paths: &[String],
+    files: &[ListedFile],
+) -> Result<Vec<String>> {
+    let mut first: Option<(Vec<String>, &ListedFile)> = None;
+    for file in files {
+        let (url, path) = (&urls[file.path], &paths[file.path]);
+        let keys = if url.is_collection() {
+            partition_keys(url, path, file)?
+        } else {
+            vec![]
+        };
+        match &first {
+            None => first = Some((keys, file)),
+            Some((expected, other)) if *expected != keys => {
+                let show = |k: &[String]| {
+                    if k.is_empty() {
+                        "no partition folders".to_string()
+                    } else {
+                        format!("partition folders {}", k.join("/"))
+                    }
+                };
+                return Err(VolleyError::plan(format!(
+                    "the files read are in different partition folders: {} is under {} \
+                     but {} is under {}; every file must be under the same `key=value` \
+                     folders (read each layout on its own)",
+                    other.name,
+                    show(expected),
+                    file.name,
+                    show(&keys)
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(first.map(|(keys, _)| keys).unwrap_or_default())
+}
+
+/// The keys of the `key=value` folders `file` sits in under `url` (the path `path`),
+/// outermost first. They must be the first folders under the path, each key once.
+fn partition_keys(url: &ListingTableUrl, path: &str, file: &ListedFile) -> Result<Vec<String>> {
+    let Some(parts) = url.strip_prefix(&file.meta.location) else {
+        return Ok(vec![]);
+    };
+    let mut folders: Vec<&str> = parts.collect();
+    folders.pop(); // the file's own name
+    let mut keys: Vec<String> = Vec::new();
+    let mut plain: Option<&str> = None;
+    for folder in folders {
+        match (folder.split_once('='), plain) {
+            (Some((key, _)), None) => {
+                if keys.iter().any(|k| k == key) {
+                    return Err(VolleyError::plan(format!(
+                        "{}: partition key `{key}` names two of its folders under {path}",
+                        file.name
+                    )));
+                }
+                keys.push(key.to_string());
+            }
+            (Some(_), Some(plain)) => {
+                return Err(VolleyError::plan(format!(
+                    "{}: partition folder `{folder}` is inside folder `{plain}`, which is \
+                     not a `key=value` one; partition folders must be the first folders \
+                     under {path} (read from the folder above `{folder}` instead)",
+                    file.name
+                )));
+            }
+            (None, _) => plain = plain.or(Some(folder)),
+        }
+    }
+    Ok(keys)
+}
+
 /// Lists every path (each must name at least one file whose name ends in `extension`),
 /// leaving out bookkeeping files.
 pub(crate) async fn list_files(
@@ -299,7 +377,7 @@ pub(crate) async fn list_files(
     extension: &str,
 ) -> Result<Vec<ListedFile>> {
     let mut files = Vec::new();
-    for (url, path) in urls.iter().zip(paths) {
+    for (i, (url, path)) in urls.iter().zip(paths).enumerate() {
         let store = state
             .runtime_env()
             .object_store(url)
@@ -327,6 +405,7 @@ pub(crate) async fn list_files(
             store: Arc::clone(&store),
             name: display_location(&base, &meta.location),
             meta,
+            path: i,
         }));
     }
     Ok(files)

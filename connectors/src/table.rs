@@ -34,7 +34,9 @@ use object_store::ObjectMeta;
 use volley_common::{Result, ResultExt, VolleyError};
 
 use crate::format::compression_of;
-use crate::listing::{file_scan_config, infer_schemas, list_files, plain_strings};
+use crate::listing::{
+    file_scan_config, infer_schemas, list_files, partition_columns, plain_strings,
+};
 
 /// How to list and read the files at `path`, and whether their format is binary (an
 /// empty file is corrupt). The format follows the extension of the path's last part,
@@ -121,14 +123,7 @@ pub async fn file_table(state: &SessionState, path: &str) -> Result<Arc<dyn Tabl
     )
     .await?;
     let (file_schema, each_file) = infer_schemas(state, &options.format, binary, &files).await?;
-    let partitions = if url.is_collection() {
-        options
-            .infer_partitions(state, &url)
-            .await
-            .with_context(|| format!("reading the partition folders of {path}"))?
-    } else {
-        vec![]
-    };
+    let partitions = partition_columns(std::slice::from_ref(&url), &[path.to_string()], &files)?;
     for c in &partitions {
         if file_schema.field_with_name(c).is_ok() {
             return Err(VolleyError::plan(format!(

@@ -772,3 +772,56 @@ fn dataset_options_it_cannot_use() {
         assert!(!parts.exists());
     }
 }
+
+/// Files in other folders than the rest of a partitioned folder are refused with both
+/// names, by the Dataset API and SQL alike: they used to be left out of the read
+/// without a word when they were not among the first ten files listed.
+#[test]
+fn files_outside_a_folders_partition_layout_are_refused_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let parts = dir.path().join("parts");
+    let parts_path = parts.to_str().unwrap();
+    c.range(120)
+        .with_column("k", col("id") % lit(12i64))
+        .unwrap()
+        .write(parts_path, volley::WriteFormat::Parquet)
+        .partition_by(&["k"])
+        .run()
+        .unwrap();
+    assert_eq!(c.read_parquet(parts_path).unwrap().count().unwrap(), 120);
+    let a_file = std::fs::read_dir(parts.join("k=0"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    // A file beside the `k=` folders, and one in a folder of another key, each listed
+    // after the first ten files.
+    for (stray, layout) in [
+        ("zz.parquet", "no partition folders"),
+        ("zz=1/a.parquet", "partition folders zz"),
+    ] {
+        let stray = parts.join(stray);
+        std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
+        std::fs::copy(&a_file, &stray).unwrap();
+        let e = err_of(c.read_parquet(parts_path));
+        assert!(
+            e.contains("different partition folders")
+                && e.contains("parts/k=0/")
+                && e.contains("under partition folders k but")
+                && e.contains(stray.to_str().unwrap())
+                && e.contains(layout),
+            "{e}"
+        );
+        let e = err_of(c.sql_with_files("SELECT count(*) FROM t", &[("t", parts_path)]));
+        assert!(e.contains("different partition folders"), "{e}");
+        std::fs::remove_file(&stray).unwrap();
+    }
+    // Paths read together have one layout too.
+    let e = err_of(c.read_parquet(vec![
+        parts_path.to_string(),
+        a_file.to_str().unwrap().to_string(),
+    ]));
+    assert!(e.contains("different partition folders"), "{e}");
+}
