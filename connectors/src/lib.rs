@@ -41,6 +41,10 @@ pub use source::{DataSource, ReadTask, ScanRequest};
 pub use table::{file_table, view_strings_table, FileTableFactory};
 pub use text::{BinaryScan, TextScan};
 
+/// The folder value of a null (or empty) partition value, as Hive and Spark write it;
+/// reads turn it back into null.
+pub(crate) const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
+
 /// Resolves a user path (relative, absolute or URL, maybe a glob) to a DataFusion
 /// listing URL, with an error that names the path.
 pub fn parse_path(

@@ -50,6 +50,9 @@ pub struct FileScan {
     listed: std::collections::HashSet<object_store::path::Path>,
     /// The same files as the listing of the file tables' paths (see `scan_listings`).
     _kept: Arc<KeptListing>,
+    /// Partition columns some folder of which holds a null value (see
+    /// [`PartitionFolders`]).
+    null_partitions: Vec<String>,
 }
 
 /// Files whose name (or a folder under the listed path) starts with `.` or `_` are
@@ -138,7 +141,10 @@ impl FileScan {
             infer_schemas(state, &df_format, format.is_binary(), &files).await?;
 
         let mut options = ListingOptions::new(Arc::clone(&df_format)).with_file_extension("");
-        let partition_cols = partition_columns(&urls, paths, &files)?;
+        let PartitionFolders {
+            keys: partition_cols,
+            nulls: null_partitions,
+        } = partition_columns(&urls, paths, &files)?;
         options = options.with_table_partition_cols(
             partition_cols
                 .iter()
@@ -194,6 +200,7 @@ impl FileScan {
             schema: Arc::new(Schema::new(fields)),
             table,
             split_bytes,
+            null_partitions,
         })
     }
 
@@ -298,12 +305,13 @@ pub(crate) fn partition_columns(
     urls: &[ListingTableUrl],
     paths: &[String],
     files: &[ListedFile],
-) -> Result<Vec<String>> {
+) -> Result<PartitionFolders> {
     let mut first: Option<(Vec<String>, &ListedFile)> = None;
+    let mut nulls: Vec<String> = Vec::new();
     for file in files {
         let (url, path) = (&urls[file.path], &paths[file.path]);
         let keys = if url.is_collection() {
-            partition_keys(url, path, file)?
+            partition_keys(url, path, file, &mut nulls)?
         } else {
             vec![]
         };
@@ -330,12 +338,121 @@ pub(crate) fn partition_columns(
             Some(_) => {}
         }
     }
-    Ok(first.map(|(keys, _)| keys).unwrap_or_default())
+    Ok(PartitionFolders {
+        keys: first.map(|(keys, _)| keys).unwrap_or_default(),
+        nulls,
+    })
+}
+
+/// The partition columns of a listing: the keys of its `key=value` folders, and those
+/// of them some folder of which holds a null value.
+///
+/// Writes name a null (or empty) value's folder `key=__HIVE_DEFAULT_PARTITION__`, as
+/// Hive and Spark do; DataFusion reads the folder name as the value. Reads turn it back
+/// into null: the column reads as `nullif(key, '__HIVE_DEFAULT_PARTITION__')`
+/// ([`null_partition`]), in filters that prune folders as in the rows read.
+pub(crate) struct PartitionFolders {
+    pub keys: Vec<String>,
+    pub nulls: Vec<String>,
+}
+
+/// The partition column `name` read with its null folder as null.
+pub(crate) fn null_partition(name: &str) -> datafusion::logical_expr::Expr {
+    use datafusion::functions::expr_fn::nullif;
+    use datafusion::logical_expr::lit;
+    nullif(
+        col(datafusion::common::Column::new_unqualified(name)),
+        lit(crate::NULL_PARTITION),
+    )
+}
+
+/// `plan` with the partition columns `nulls` (see [`PartitionFolders`]) read through
+/// [`null_partition`], under their own names.
+pub(crate) fn read_null_partitions(
+    plan: LogicalPlanBuilder,
+    nulls: &[String],
+) -> datafusion::common::Result<LogicalPlanBuilder> {
+    if nulls.is_empty() {
+        return Ok(plan);
+    }
+    let exprs: Vec<_> = plan
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| {
+            if nulls.contains(f.name()) {
+                null_partition(f.name()).alias(f.name())
+            } else {
+                col(datafusion::common::Column::new_unqualified(f.name()))
+            }
+        })
+        .collect();
+    plan.project(exprs)
+}
+
+/// `filter` reading the partition columns `nulls` through [`null_partition`]: as
+/// DataFusion prunes folders by it, a null folder is found by `IS NULL`, and not by its
+/// name.
+fn filter_null_partitions(
+    filter: datafusion::logical_expr::Expr,
+    nulls: &[String],
+) -> datafusion::common::Result<datafusion::logical_expr::Expr> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::logical_expr::Expr;
+    if nulls.is_empty() {
+        return Ok(filter);
+    }
+    filter
+        .transform(|e| match e {
+            Expr::Column(c) if c.relation.is_none() && nulls.contains(&c.name) => {
+                Ok(Transformed::yes(null_partition(&c.name)))
+            }
+            e => Ok(Transformed::no(e)),
+        })
+        .map(|t| t.data)
+}
+
+/// `plan` (a file scan) with the partition columns `nulls` it reads passed through
+/// [`null_partition`].
+fn scan_null_partitions(
+    plan: Arc<dyn ExecutionPlan>,
+    nulls: &[String],
+) -> Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::execution::context::ExecutionProps;
+    use datafusion::physical_expr::create_physical_expr;
+    use datafusion::physical_expr::projection::ProjectionExpr;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    let schema = plan.schema();
+    if !schema.fields().iter().any(|f| nulls.contains(f.name())) {
+        return Ok(plan);
+    }
+    let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+    let props = ExecutionProps::new();
+    let exprs = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let e = if nulls.contains(f.name()) {
+                null_partition(f.name())
+            } else {
+                col(datafusion::common::Column::new_unqualified(f.name()))
+            };
+            let e = create_physical_expr(&e, &df_schema, &props, &Default::default())?;
+            Ok(ProjectionExpr::new(e, f.name().clone()))
+        })
+        .collect::<datafusion::common::Result<Vec<_>>>()?;
+    Ok(Arc::new(ProjectionExec::try_new(exprs, plan)?))
 }
 
 /// The keys of the `key=value` folders `file` sits in under `url` (the path `path`),
 /// outermost first. They must be the first folders under the path, each key once.
-fn partition_keys(url: &ListingTableUrl, path: &str, file: &ListedFile) -> Result<Vec<String>> {
+/// Adds to `nulls` the keys whose folder holds a null value.
+fn partition_keys(
+    url: &ListingTableUrl,
+    path: &str,
+    file: &ListedFile,
+    nulls: &mut Vec<String>,
+) -> Result<Vec<String>> {
     let Some(parts) = url.strip_prefix(&file.meta.location) else {
         return Ok(vec![]);
     };
@@ -345,7 +462,10 @@ fn partition_keys(url: &ListingTableUrl, path: &str, file: &ListedFile) -> Resul
     let mut plain: Option<&str> = None;
     for folder in folders {
         match (folder.split_once('='), plain) {
-            (Some((key, _)), None) => {
+            (Some((key, value)), None) => {
+                if value == crate::NULL_PARTITION && !nulls.iter().any(|k| k == key) {
+                    nulls.push(key.to_string());
+                }
                 if keys.iter().any(|k| k == key) {
                     return Err(VolleyError::plan(format!(
                         "{}: partition key `{key}` names two of its folders under {path}",
@@ -753,12 +873,15 @@ impl DataSource for FileScan {
                 None,
             )
         };
-        if let Some(plain) = &self.relational {
-            return source(Arc::clone(plain)).and_then(|b| b.build()).ok();
-        }
-        // Files of other formats with view strings: cast after the scan.
-        let scan = source(Arc::clone(&self.table) as Arc<dyn TableProvider>).ok()?;
-        cast_to_plain_strings(scan, &self.schema)
+        let scan = match &self.relational {
+            Some(plain) => source(Arc::clone(plain)).ok()?,
+            // Files of other formats with view strings: cast after the scan.
+            None => {
+                let scan = source(Arc::clone(&self.table) as Arc<dyn TableProvider>).ok()?;
+                cast_to_plain_strings(scan, &self.schema).ok()?
+            }
+        };
+        read_null_partitions(scan, &self.null_partitions)
             .and_then(|b| b.build())
             .ok()
     }
@@ -775,7 +898,10 @@ impl DataSource for FileScan {
         let filters = request
             .filters
             .iter()
-            .map(|f| simplifier.simplify(simplifier.coerce(f.clone(), &schema)?))
+            .map(|f| {
+                let f = filter_null_partitions(f.clone(), &self.null_partitions)?;
+                simplifier.simplify(simplifier.coerce(f, &schema)?)
+            })
             .collect::<datafusion::common::Result<Vec<_>>>()?;
         let plan = self
             .table
@@ -821,13 +947,14 @@ impl DataSource for FileScan {
                     .with_file_groups(vec![group])
                     .build();
                 let plan: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(config);
+                let plan = scan_null_partitions(plan, &self.null_partitions)?;
                 let task = ReadTask::from_plan(label, size, plan);
-                match &rows {
+                Ok(match &rows {
                     Some(rows) => task.with_rows(rows[i]),
                     None => task,
-                }
+                })
             })
-            .collect())
+            .collect::<Result<Vec<_>>>()?)
     }
 }
 

@@ -36,6 +36,7 @@ use volley_common::{Result, ResultExt, VolleyError};
 use crate::format::compression_of;
 use crate::listing::{
     file_scan_config, infer_schemas, list_files, partition_columns, plain_strings,
+    read_null_partitions, PartitionFolders,
 };
 
 /// How to list and read the files at `path`, and whether their format is binary (an
@@ -123,7 +124,10 @@ pub async fn file_table(state: &SessionState, path: &str) -> Result<Arc<dyn Tabl
     )
     .await?;
     let (file_schema, each_file) = infer_schemas(state, &options.format, binary, &files).await?;
-    let partitions = partition_columns(std::slice::from_ref(&url), &[path.to_string()], &files)?;
+    let PartitionFolders {
+        keys: partitions,
+        nulls,
+    } = partition_columns(std::slice::from_ref(&url), &[path.to_string()], &files)?;
     for c in &partitions {
         if file_schema.field_with_name(c).is_ok() {
             return Err(VolleyError::plan(format!(
@@ -145,7 +149,20 @@ pub async fn file_table(state: &SessionState, path: &str) -> Result<Arc<dyn Tabl
         .with_listing_options(options)
         .with_schema(file_schema);
     let views = ListingTable::try_new(config).with_context(|| format!("reading {path}"))?;
-    Ok(decode_plain_strings(table, Arc::new(views), each_file))
+    let table = decode_plain_strings(table, Arc::new(views), each_file);
+    if nulls.is_empty() {
+        return Ok(table);
+    }
+    // Null partition folders read as null: the table is a view projecting them.
+    let scan = datafusion::logical_expr::LogicalPlanBuilder::scan(
+        "files",
+        datafusion::datasource::provider_as_source(table),
+        None,
+    )?;
+    let plan = read_null_partitions(scan, &nulls)?.build()?;
+    Ok(Arc::new(datafusion::catalog::view::ViewTable::new(
+        plan, None,
+    )))
 }
 
 /// `table` (whose schema has plain strings where its files hint view strings, see

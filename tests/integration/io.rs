@@ -598,3 +598,75 @@ fn relational_operations_after_drop_and_rename_of_file_columns() {
     let joined = renamed.join(&renamed, &["ident"], JoinHow::Inner).unwrap();
     assert_eq!(joined.count().unwrap(), 1000);
 }
+
+/// A null partition value is written as the folder `k=__HIVE_DEFAULT_PARTITION__` (as
+/// Hive and Spark write it) and reads back as null: in rows, in filters that prune
+/// folders, through relational operators and SQL.
+#[test]
+fn null_partition_values_read_back_as_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let out = dir.path().join("nulls");
+    let out = out.to_str().unwrap();
+    c.range(90)
+        .sql(
+            "t",
+            "SELECT id, CASE id % 3 WHEN 0 THEN 'a' WHEN 1 THEN 'b' END AS k FROM t",
+        )
+        .unwrap()
+        .write(out, WriteFormat::Parquet)
+        .partition_by(&["k"])
+        .run()
+        .unwrap();
+    assert!(std::path::Path::new(out)
+        .join("k=__HIVE_DEFAULT_PARTITION__")
+        .is_dir());
+    let back = c.read_parquet(out).unwrap();
+    let rows = back.clone().collect().unwrap();
+    let k: Vec<Option<String>> = rows
+        .iter()
+        .flat_map(|b| {
+            let a = b.column_by_name("k").unwrap();
+            let a =
+                volley::arrow::compute::cast(a, &volley::arrow::datatypes::DataType::Utf8).unwrap();
+            a.as_string::<i32>()
+                .iter()
+                .map(|v| v.map(str::to_string))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(k.len(), 90);
+    assert_eq!(k.iter().filter(|v| v.is_none()).count(), 30, "{k:?}");
+    assert!(!k
+        .iter()
+        .any(|v| v.as_deref() == Some("__HIVE_DEFAULT_PARTITION__")));
+    let count = |e: Expr| back.clone().filter(e).unwrap().count().unwrap();
+    assert_eq!(count(col("k").is_null()), 30);
+    assert_eq!(count(col("k").is_not_null()), 60);
+    assert_eq!(count(col("k").eq(lit("a"))), 30);
+    assert_eq!(count(col("k").eq(lit("__HIVE_DEFAULT_PARTITION__"))), 0);
+    // Through a relational operator (planned by DataFusion over the files) and SQL.
+    let groups = back
+        .clone()
+        .filter(col("k").is_null())
+        .unwrap()
+        .sort(["id"])
+        .unwrap()
+        .collect()
+        .unwrap();
+    assert_eq!(total_rows(&groups), 30);
+    assert_eq!(i64_column(&groups, "id")[0], Some(2));
+    for query in [
+        "SELECT count(*) AS n FROM t WHERE k IS NULL",
+        "SELECT count(*) AS n FROM t WHERE coalesce(k, 'none') = 'none'",
+        "SELECT count(*) AS n FROM (SELECT DISTINCT k FROM t) WHERE k IS NULL",
+    ] {
+        let n = c
+            .sql_with_files(query, &[("t", out)])
+            .unwrap()
+            .collect()
+            .unwrap();
+        let want = if query.contains("DISTINCT") { 1 } else { 30 };
+        assert_eq!(i64_column(&n, "n"), vec![Some(want)], "{query}");
+    }
+}

@@ -19,9 +19,6 @@ use volley_common::{Result, ResultExt, VolleyError};
 
 use super::{Compression, StagedPart, WriteFormat, WriteOptions, WriteSummary};
 
-/// Value used for a null partition key, as Hive does.
-const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
-
 /// Files a task attempt keeps open at once (one per partition value it writes to): each
 /// holds buffers (1 MiB for text, up to a row group's rows for Parquet) and a file
 /// handle. Past it, the most recently written one is closed (a batch's partitions are
@@ -156,7 +153,7 @@ impl PartWriter {
                     .downcast_ref::<arrow::array::StringArray>()
                     .expect("cast to Utf8");
                 let value = if col.is_null(row) {
-                    NULL_PARTITION.to_string()
+                    crate::NULL_PARTITION.to_string()
                 } else {
                     escape_partition_value(col.value(row))
                 };
@@ -477,7 +474,7 @@ fn escape_partition_value(v: &str) -> String {
         }
     }
     if out.is_empty() {
-        NULL_PARTITION.to_string()
+        crate::NULL_PARTITION.to_string()
     } else {
         out
     }
