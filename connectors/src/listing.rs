@@ -25,7 +25,7 @@ use crate::format::FileFormatKind;
 use crate::lines::CsvDialect;
 use crate::scan_listings::KeptListing;
 use crate::source::{DataSource, ReadTask, ScanRequest};
-use crate::table::decode_plain_strings;
+use crate::table::{decode_plain_strings, NullPartitionTable};
 
 /// A scan of Parquet, CSV, NDJSON or Arrow IPC files: a file, a folder, a glob or a
 /// list of them, local or in an object store.
@@ -366,34 +366,10 @@ pub(crate) fn null_partition(name: &str) -> datafusion::logical_expr::Expr {
     )
 }
 
-/// `plan` with the partition columns `nulls` (see [`PartitionFolders`]) read through
-/// [`null_partition`], under their own names.
-pub(crate) fn read_null_partitions(
-    plan: LogicalPlanBuilder,
-    nulls: &[String],
-) -> datafusion::common::Result<LogicalPlanBuilder> {
-    if nulls.is_empty() {
-        return Ok(plan);
-    }
-    let exprs: Vec<_> = plan
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| {
-            if nulls.contains(f.name()) {
-                null_partition(f.name()).alias(f.name())
-            } else {
-                col(datafusion::common::Column::new_unqualified(f.name()))
-            }
-        })
-        .collect();
-    plan.project(exprs)
-}
-
 /// `filter` reading the partition columns `nulls` through [`null_partition`]: as
 /// DataFusion prunes folders by it, a null folder is found by `IS NULL`, and not by its
 /// name.
-fn filter_null_partitions(
+pub(crate) fn filter_null_partitions(
     filter: datafusion::logical_expr::Expr,
     nulls: &[String],
 ) -> datafusion::common::Result<datafusion::logical_expr::Expr> {
@@ -414,7 +390,7 @@ fn filter_null_partitions(
 
 /// `plan` (a file scan) with the partition columns `nulls` it reads passed through
 /// [`null_partition`].
-fn scan_null_partitions(
+pub(crate) fn scan_null_partitions(
     plan: Arc<dyn ExecutionPlan>,
     nulls: &[String],
 ) -> Result<Arc<dyn ExecutionPlan>> {
@@ -873,15 +849,15 @@ impl DataSource for FileScan {
                 None,
             )
         };
-        let scan = match &self.relational {
-            Some(plain) => source(Arc::clone(plain)).ok()?,
-            // Files of other formats with view strings: cast after the scan.
-            None => {
-                let scan = source(Arc::clone(&self.table) as Arc<dyn TableProvider>).ok()?;
-                cast_to_plain_strings(scan, &self.schema).ok()?
-            }
-        };
-        read_null_partitions(scan, &self.null_partitions)
+        let nulls = |table| NullPartitionTable::wrap(table, self.null_partitions.clone());
+        if let Some(plain) = &self.relational {
+            return source(nulls(Arc::clone(plain)))
+                .and_then(|b| b.build())
+                .ok();
+        }
+        // Files of other formats with view strings: cast after the scan.
+        let scan = source(nulls(Arc::clone(&self.table) as Arc<dyn TableProvider>)).ok()?;
+        cast_to_plain_strings(scan, &self.schema)
             .and_then(|b| b.build())
             .ok()
     }

@@ -35,8 +35,8 @@ use volley_common::{Result, ResultExt, VolleyError};
 
 use crate::format::compression_of;
 use crate::listing::{
-    file_scan_config, infer_schemas, list_files, partition_columns, plain_strings,
-    read_null_partitions, PartitionFolders,
+    file_scan_config, filter_null_partitions, infer_schemas, list_files, partition_columns,
+    plain_strings, scan_null_partitions, PartitionFolders,
 };
 
 /// How to list and read the files at `path`, and whether their format is binary (an
@@ -150,19 +150,120 @@ pub async fn file_table(state: &SessionState, path: &str) -> Result<Arc<dyn Tabl
         .with_schema(file_schema);
     let views = ListingTable::try_new(config).with_context(|| format!("reading {path}"))?;
     let table = decode_plain_strings(table, Arc::new(views), each_file);
-    if nulls.is_empty() {
-        return Ok(table);
+    Ok(NullPartitionTable::wrap(table, nulls))
+}
+
+/// A file table some partition folders of which hold a null value
+/// (`key=__HIVE_DEFAULT_PARTITION__`, see [`PartitionFolders`]): those columns read
+/// through [`null_partition`], as nullable columns.
+///
+/// Filters reading them are rewritten the same way to prune folders, and are
+/// `Inexact`: DataFusion prunes a folder where a filter's value bit is false, whatever
+/// its null bit says, and `nullif` leaves the folder's name under its null, so a
+/// filter such as `k <> 'a'` keeps the null folder; the filter above the scan drops
+/// its rows.
+#[derive(Debug)]
+pub(crate) struct NullPartitionTable {
+    inner: Arc<dyn TableProvider>,
+    nulls: Vec<String>,
+    schema: SchemaRef,
+}
+
+impl NullPartitionTable {
+    /// `inner` itself where no column has a null folder.
+    pub(crate) fn wrap(
+        inner: Arc<dyn TableProvider>,
+        nulls: Vec<String>,
+    ) -> Arc<dyn TableProvider> {
+        if nulls.is_empty() {
+            return inner;
+        }
+        let schema = inner.schema();
+        let fields: Vec<_> = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                if nulls.contains(f.name()) {
+                    Arc::new(f.as_ref().clone().with_nullable(true))
+                } else {
+                    Arc::clone(f)
+                }
+            })
+            .collect();
+        let schema = Arc::new(arrow::datatypes::Schema::new_with_metadata(
+            fields,
+            schema.metadata().clone(),
+        ));
+        Arc::new(Self {
+            inner,
+            nulls,
+            schema,
+        })
     }
-    // Null partition folders read as null: the table is a view projecting them.
-    let scan = datafusion::logical_expr::LogicalPlanBuilder::scan(
-        "files",
-        datafusion::datasource::provider_as_source(table),
-        None,
-    )?;
-    let plan = read_null_partitions(scan, &nulls)?.build()?;
-    Ok(Arc::new(datafusion::catalog::view::ViewTable::new(
-        plan, None,
-    )))
+
+    fn reads_null_column(&self, filter: &Expr) -> bool {
+        filter
+            .column_refs()
+            .iter()
+            .any(|c| self.nulls.contains(&c.name))
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for NullPartitionTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    fn constraints(&self) -> Option<&Constraints> {
+        self.inner.constraints()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let filters = filters
+            .iter()
+            .map(|f| filter_null_partitions(f.clone(), &self.nulls))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        let plan = self.inner.scan(state, projection, &filters, limit).await?;
+        scan_null_partitions(plan, &self.nulls)
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::common::Result<Vec<TableProviderFilterPushDown>> {
+        let mut pushed = self.inner.supports_filters_pushdown(filters)?;
+        for (p, f) in pushed.iter_mut().zip(filters) {
+            if self.reads_null_column(f) && *p == TableProviderFilterPushDown::Exact {
+                *p = TableProviderFilterPushDown::Inexact;
+            }
+        }
+        Ok(pushed)
+    }
+
+    fn statistics(&self) -> Option<Statistics> {
+        self.inner.statistics()
+    }
+
+    async fn insert_into(
+        &self,
+        state: &dyn Session,
+        input: Arc<dyn ExecutionPlan>,
+        insert_op: InsertOp,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        self.inner.insert_into(state, input, insert_op).await
+    }
 }
 
 /// `table` (whose schema has plain strings where its files hint view strings, see
@@ -205,6 +306,10 @@ pub(crate) fn decode_plain_strings(
 /// themselves: an aggregation copies its groups' strings, and a filter whose output
 /// is cast back to plain strings copies only the rows it keeps.
 pub fn view_strings_table(table: &dyn TableProvider) -> Option<Arc<dyn TableProvider>> {
+    if let Some(nulls) = table.downcast_ref::<NullPartitionTable>() {
+        let views = view_strings_table(nulls.inner.as_ref())?;
+        return Some(NullPartitionTable::wrap(views, nulls.nulls.clone()));
+    }
     let plain = table.downcast_ref::<PlainStringFiles>()?;
     Some(Arc::clone(&plain.views) as Arc<dyn TableProvider>)
 }
