@@ -393,15 +393,8 @@ fn running(child: &mut std::process::Child) -> bool {
 
 /// `args` without `--block` and without the token (`--token T` or `--token=T`).
 fn background_args(args: &[String]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--token" {
-            it.next();
-        } else if a != "--block" && !a.starts_with("--token=") {
-            out.push(a.clone());
-        }
-    }
+    let mut out = auth::without_token(args);
+    out.retain(|a| a != "--block");
     out
 }
 
@@ -508,7 +501,7 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         }
         let _ = std::fs::remove_file(dir.join("head_address"));
         let log = dir.join("logs").join("head.log");
-        let args: Vec<String> = std::env::args().skip(1).collect();
+        let args = auth::program_args()?;
         let mut child = daemonize(&args, a.token.as_deref(), &log)?;
         let pid = child.id();
         std::fs::write(dir.join("head.pid"), pid.to_string())?;
@@ -546,21 +539,17 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
         return Ok(());
     }
     // A head restarted on the same state folder keeps its token: its nodes rejoin.
-    let token = match (&a.token, auth::read_token(&dir.join("token"))) {
-        (Some(t), Ok(kept)) if *t == kept => kept,
+    // A new token is written once the head has started (its store opened, its port
+    // bound): a head that fails to start, as beside another on this folder, leaves
+    // the running head's token as it is.
+    let (token, write) = match (&a.token, auth::read_token(&dir.join("token"))) {
+        (Some(t), Ok(kept)) if *t == kept => (kept, false),
         // The token given is the one this machine's commands find for this head.
-        (Some(t), _) => {
-            auth::write_token(&dir.join("token"), t)?;
-            t.clone()
-        }
-        (None, Ok(t)) => t,
-        (None, Err(_)) => {
-            let t = auth::new_token();
-            auth::write_token(&dir.join("token"), &t)?;
-            t
-        }
+        (Some(t), _) => (t.clone(), true),
+        (None, Ok(t)) => (t, false),
+        (None, Err(_)) => (auth::new_token(), true),
     };
-    let mut options = HeadOptions::new(dir.join("head"), token);
+    let mut options = HeadOptions::new(dir.join("head"), token.clone());
     options.package_cache_bytes = package_cache_bytes;
     options.node_timeout = node_timeout;
     options.heartbeat_interval = (options.node_timeout / 10).min(Duration::from_millis(500));
@@ -572,6 +561,9 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
     rt.block_on(async move {
         let (core, addrs) =
             cluster::start_head(options, &a.host, a.port, Some(a.http_port), &tls).await?;
+        if write {
+            auth::write_token(&dir.join("token"), &token)?;
+        }
         write_whole(
             &dir.join("http_address"),
             &addrs.http.clone().unwrap_or_default(),
@@ -613,15 +605,19 @@ struct NodeCapacity {
 /// The most GPUs a node may offer (each gets an id): more than any machine holds.
 const MAX_GPUS: u32 = 1024;
 
-/// `--FLAG SECONDS` as a duration of at least `min` seconds: a number past that, or one
-/// too large for a duration (`inf`), is refused with the flag named.
+/// Waits given in seconds are at most a year: deadlines are this much past now, and
+/// one past what the clock can hold would fail where it is computed.
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// `--FLAG SECONDS` as a duration of at least `min` seconds and at most a year: a
+/// number outside that, or not a number, is refused with the flag named.
 fn seconds(flag: &str, value: f64, min: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(value)
         .ok()
-        .filter(|_| value >= min)
+        .filter(|_| value >= min && value <= MAX_SECONDS)
         .ok_or_else(|| {
             VolleyError::Config(format!(
-                "--{flag} {value}: give a number of seconds, at least {min}"
+                "--{flag} {value}: give a number of seconds from {min} to {MAX_SECONDS} (a year)"
             ))
         })
 }
@@ -699,7 +695,7 @@ fn start_node(a: StartArgs, dir: &Path, address: String) -> Result<()> {
         let log = dir
             .join("logs")
             .join(format!("node-{}.log", std::process::id()));
-        let args: Vec<String> = std::env::args().skip(1).collect();
+        let args = auth::program_args()?;
         let mut child = daemonize(&args, a.token.as_deref(), &log)?;
         let pid = child.id();
         let nodes = dir.join("nodes");
@@ -997,7 +993,7 @@ pub fn job(cmd: JobCommand) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{auth, background_args, local_token, JobCommand};
+    use super::{auth, background_args, local_token, seconds, JobCommand};
 
     #[test]
     fn the_local_heads_token_goes_to_that_head_only() {
@@ -1066,6 +1062,21 @@ mod tests {
         .collect();
         let out = background_args(&args);
         assert_eq!(out, ["start", "--address", "h:1", "--num-cpus", "2"]);
+    }
+
+    #[test]
+    fn waits_are_at_most_a_year() {
+        assert_eq!(
+            seconds("drain-timeout", 2.5, 0.0).unwrap(),
+            std::time::Duration::from_millis(2500)
+        );
+        for bad in [1e19, f64::INFINITY, f64::NAN, -1.0, 0.1] {
+            let e = seconds("head-patience", bad, 0.2).unwrap_err().to_string();
+            assert!(
+                e.contains("--head-patience") && e.contains("(a year)"),
+                "{e}"
+            );
+        }
     }
 }
 

@@ -154,19 +154,47 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
     }
     let mut ctx = Context::try_default()?;
-    if let Some(cluster) = a.conn.cluster_if_named(false)? {
-        ctx = ctx.with_cluster(cluster);
+    let cluster = a.conn.cluster_if_named(false)?;
+    if let Some(cluster) = &cluster {
+        ctx = ctx.with_cluster(cluster.clone());
     }
-    let input = ctx.read_parquet(a.input.as_str())?;
+    let ran = run_generate(
+        &ctx,
+        config,
+        &a.input,
+        &a.output,
+        &a.model,
+        model.num_layers,
+    );
+    // The job ends with the command's result, whatever threads still hold the cluster.
+    if let Some(cluster) = &cluster {
+        match &ran {
+            Ok(()) => cluster.end_attached_job(0, ""),
+            Err(e) => cluster.end_attached_job(1, &e.to_string()),
+        }
+    }
+    ran
+}
+
+/// Generates for every row of `input` into `output`, then says how many tokens.
+fn run_generate(
+    ctx: &Context,
+    config: LlmConfig,
+    input: &str,
+    output: &str,
+    model: &std::path::Path,
+    num_layers: usize,
+) -> Result<()> {
+    let input = ctx.read_parquet(input)?;
     let start = Instant::now();
     let summary = LlmProcessor::new(config)
         .apply(&input)
-        .write_parquet(&a.output)?;
+        .write_parquet(output)?;
     let secs = start.elapsed().as_secs_f64();
     // Only the token counts are read back, batch by batch.
     let mut generated = 0i64;
     for batch in ctx
-        .read_parquet(a.output.as_str())?
+        .read_parquet(output)?
         .select(&["num_generated_tokens"])?
         .iter_batches()?
     {
@@ -185,9 +213,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         totals.0,
         totals.1,
         totals.1 as f64 / secs.max(1e-9),
-        a.model.display(),
-        model.num_layers,
-        a.output,
+        model.display(),
+        num_layers,
+        output,
         summary.files.len()
     );
     Ok(())

@@ -9,7 +9,7 @@ use datafusion::catalog::{
     MemoryCatalogProviderList, MemorySchemaProvider, Session, TableProvider,
 };
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
-use datafusion::common::Column;
+use datafusion::common::{Column, TableReference};
 use datafusion::datasource::TableType;
 use datafusion::execution::context::SessionState;
 use datafusion::execution::memory_pool::MemoryLimit;
@@ -50,8 +50,20 @@ impl Context {
     /// [`sql_with_files`](Context::sql_with_files)). Lists the files and reads their
     /// schemas now, once; a name registered again is replaced.
     pub fn register_files(&self, name: &str, path: &str) -> Result<()> {
+        // Named as SQL names it: `Orders` and `orders` are one table (quote a name
+        // to keep its case), and a name of several parts names a schema, which
+        // queries here do not have.
+        let name = match TableReference::from(name) {
+            TableReference::Bare { table } => table.to_string(),
+            _ => {
+                return Err(VolleyError::plan(format!(
+                    "table name `{name}`: give one name, without a schema \
+                     (quote it, \"{name}\", to keep its dots)"
+                )))
+            }
+        };
         let table = file_table(self, path)?;
-        self.register_table(name, table);
+        self.register_table(&name, table);
         Ok(())
     }
 
@@ -92,18 +104,31 @@ pub(crate) fn plan_sql(
         .with_catalog_list(catalogs)
         .build();
     let sctx = SessionContext::new_with_state(state);
-    for (name, ds) in tables {
-        sctx.register_table(*name, Arc::new(DatasetTable::try_new((*ds).clone())?))
+    // The context's tables first: a table given to this query of the same name
+    // replaces one of them.
+    for (name, table) in ctx.registered_tables() {
+        sctx.register_table(TableReference::bare(name.as_str()), table)
             .with_context(|| format!("registering table `{name}`"))?;
     }
-    for (name, table) in ctx.registered_tables() {
-        sctx.register_table(name.as_str(), table)
+    let replaced = ctx
+        .registered_tables()
+        .into_iter()
+        .map(|(n, _)| TableReference::bare(n))
+        .collect::<Vec<_>>();
+    let register = |name: &str, table: Arc<dyn TableProvider>| {
+        let reference = TableReference::from(name);
+        if replaced.contains(&reference) {
+            sctx.deregister_table(reference.clone())?;
+        }
+        sctx.register_table(reference, table)
+    };
+    for (name, ds) in tables {
+        register(name, Arc::new(DatasetTable::try_new((*ds).clone())?))
             .with_context(|| format!("registering table `{name}`"))?;
     }
     for (name, path) in files {
         let table = file_table(ctx, path)?;
-        sctx.register_table(*name, table)
-            .with_context(|| format!("registering table `{name}` = {path}"))?;
+        register(name, table).with_context(|| format!("registering table `{name}` = {path}"))?;
     }
     let statements = DFParser::parse_sql(query).map_err(|e| {
         // The parser's own sentence ("sql parser error: Expected: ..."), not the
@@ -118,6 +143,7 @@ pub(crate) fn plan_sql(
     }
     let n = statements.len();
     let mut last = None;
+    let mut written = None;
     for (i, statement) in statements.into_iter().enumerate() {
         let text = statement.to_string();
         let is_last = i + 1 == n;
@@ -134,6 +160,10 @@ pub(crate) fn plan_sql(
                     // INSERT or a COPY writes, a query's errors show), its rows
                     // dropped: the last one's rows are the answer.
                     df.collect().await?;
+                } else if matches!(plan, LogicalPlan::Dml(_) | LogicalPlan::Copy(_)) {
+                    // A write runs once, now: its answer (the rows written) is kept,
+                    // not planned again each time the dataset is read.
+                    written = Some(df.collect().await?);
                 }
                 Ok::<_, datafusion::error::DataFusionError>(plan)
             })
@@ -148,6 +178,9 @@ pub(crate) fn plan_sql(
         last = Some(plan);
     }
     let plan = last.expect("at least one statement");
+    if let Some(batches) = written {
+        return ctx.from_batches(batches);
+    }
     let mut words: Vec<&str> = query.split_whitespace().collect();
     if matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_)) {
         // Its operators are the explained query's: labelled without `EXPLAIN ...`.

@@ -540,6 +540,51 @@ fn registered_files_serve_every_query_and_native_scans_explain() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("/no/such/folder"), "{e}");
+    // A table given to one query replaces a registered one of its name, for that query.
+    let count = |q: &str, files: &[(&str, &str)]| {
+        let n = d.ctx.sql_with_files(q, files).unwrap().collect().unwrap();
+        i64_column(&n, "n")[0].unwrap()
+    };
+    let q = "SELECT count(*) AS n FROM facts";
+    assert_eq!(count(q, &[("facts", &d.dims)]), 3000);
+    let dims = d.ctx.read_parquet(&d.dims).unwrap();
+    let n = d
+        .ctx
+        .sql(q, &[("facts", &dims)])
+        .unwrap()
+        .collect()
+        .unwrap();
+    assert_eq!(i64_column(&n, "n"), vec![Some(3000)]);
+    assert_eq!(count(q, &[]), 55_000);
+    // Names are SQL's: `Facts` replaces `facts`; a name of two parts is refused.
+    d.ctx.register_files("Facts", &d.dims).unwrap();
+    assert_eq!(count(q, &[]), 3000);
+    d.ctx.register_files("facts", &d.facts).unwrap();
+    let e = d
+        .ctx
+        .register_files("tpch.facts", &d.facts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("table name `tpch.facts`"), "{e}");
+    assert_eq!(count(q, &[]), 55_000);
+    // A COPY as the last statement writes once, when planned, however often its answer
+    // is read.
+    let out = d.dir.path().join("copied.csv");
+    let copy = d
+        .ctx
+        .sql(
+            &format!(
+                "COPY (SELECT id FROM facts WHERE id < 10) TO '{}' STORED AS CSV",
+                out.display()
+            ),
+            &[],
+        )
+        .unwrap();
+    assert!(out.exists());
+    std::fs::remove_file(&out).unwrap();
+    assert_eq!(copy.count().unwrap(), 1);
+    assert_eq!(copy.count().unwrap(), 1);
+    assert!(!out.exists());
     // A sort over files under column steps is planned by DataFusion from the files.
     let plan = d
         .facts()

@@ -51,6 +51,39 @@ pub fn read_token(path: &Path) -> Result<String> {
     Ok(t.trim().to_string())
 }
 
+/// This process's arguments after the program's name; one that is not UTF-8 is
+/// refused, naming it (the command lines volley passes on are text).
+pub fn program_args() -> Result<Vec<String>> {
+    std::env::args_os()
+        .skip(1)
+        .map(|a| {
+            a.into_string().map_err(|a| {
+                VolleyError::plan(format!(
+                    "argument `{}` is not valid UTF-8",
+                    a.to_string_lossy()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// `args` less the token (`--token T`, `--token=T`): the command line of a job's
+/// driver and workers, or of a process started in the background, which every user
+/// of a machine can read (`ps`). The token travels in `VOLLEY_TOKEN` or a file
+/// instead.
+pub fn without_token(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--token" {
+            it.next();
+        } else if !a.starts_with("--token=") {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
 /// Compares without an early exit, so the time taken says nothing about the token.
 pub(crate) fn same_token(a: &str, b: &str) -> bool {
     a.len() == b.len()

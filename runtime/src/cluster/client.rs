@@ -1315,7 +1315,8 @@ async fn attach(head: Head, address: &str, share_workers: bool) -> Result<String
         .unwrap_or_else(|| "driver".into());
     let rel = format!("bin/{name}");
     let mut entrypoint = vec![rel.clone()];
-    entrypoint.extend(std::env::args().skip(1));
+    // Its workers run with these arguments: the token goes in their environment.
+    entrypoint.extend(super::auth::without_token(&super::auth::program_args()?));
     let spec = proto::JobSpec {
         entrypoint,
         env: Default::default(),
