@@ -2704,6 +2704,20 @@ fn sql_stages_run_on_the_cluster_nodes() {
     let on_cluster = c.sql_csv(&query);
     assert_eq!(on_cluster, String::from_utf8_lossy(&local.stdout));
     assert_eq!(String::from_utf8_lossy(&local.stdout).lines().count(), 6);
+    // A token given on the command line is not the job's command line, which its
+    // workers run with and `volley job list` shows.
+    let with_flag = c
+        .volley()
+        .env_remove("VOLLEY_TOKEN")
+        .args(["sql", &query, "--format", "csv", "--token", &c.token])
+        .output()
+        .unwrap();
+    assert_eq!(with_flag.stdout, local.stdout);
+    let jobs = stdout_of(c.volley().args(["job", "list"]));
+    assert!(
+        jobs.contains("--format csv") && !jobs.contains(&c.token),
+        "{jobs}"
+    );
     let explain = c
         .volley()
         .args(["sql", &query, "--explain"])
@@ -2760,7 +2774,7 @@ fn sql_stages_run_on_the_cluster_nodes() {
     let list = c.volley().args(["job", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(
-        list.lines().count() == 6 && list.lines().all(|l| l.contains("SUCCEEDED")),
+        list.lines().count() == 7 && list.lines().all(|l| l.contains("SUCCEEDED")),
         "{list}"
     );
     assert!(
