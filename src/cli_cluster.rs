@@ -22,10 +22,10 @@ pub struct StartArgs {
     #[arg(long)]
     address: Option<String>,
     /// Port of the head's gRPC service (0: any free port).
-    #[arg(long, default_value_t = 6380)]
+    #[arg(long, conflicts_with = "address", default_value_t = 6380)]
     port: u16,
     /// Port of the head's HTTP/JSON API (0: any free port).
-    #[arg(long, default_value_t = 8265)]
+    #[arg(long, conflicts_with = "address", default_value_t = 8265)]
     http_port: u16,
     /// Address to listen on and advertise.
     #[arg(long, default_value = "127.0.0.1")]
@@ -34,19 +34,23 @@ pub struct StartArgs {
     #[arg(long, env = "VOLLEY_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// CPUs this node offers (default: all).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, conflicts_with = "head", allow_negative_numbers = true)]
     num_cpus: Option<f64>,
     /// GPUs this node offers (default: those found through the CUDA driver).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "head")]
     num_gpus: Option<u32>,
     /// Memory this node offers, e.g. 16GiB (default: the machine's).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "head")]
     memory: Option<String>,
     /// Custom resources, NAME=AMOUNT (repeatable).
-    #[arg(long = "resources", value_name = "NAME=AMOUNT")]
+    #[arg(
+        long = "resources",
+        conflicts_with = "head",
+        value_name = "NAME=AMOUNT"
+    )]
     resources: Vec<String>,
     /// Memory for objects before they spill to disk (default: 30% of --memory).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "head")]
     object_store_memory: Option<String>,
     /// How a node compresses objects in its files (handed over by workers, spilled)
     /// and on their way to other nodes: auto (LZ4 for objects sent to other hosts
@@ -60,20 +64,20 @@ pub struct StartArgs {
     package_cache: String,
     /// Seconds a node agent told to stop (SIGTERM, Ctrl-C) waits for its tasks and
     /// drivers to end and its objects to be copied to other nodes before it leaves.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, conflicts_with = "head", default_value_t = 30.0)]
     drain_timeout: f64,
     /// A node agent serves its own `/metrics` (Prometheus, the token as bearer
     /// credentials) on this port (0: any free port; its address goes to the node's
     /// folder and log). Not served unless given.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "head")]
     metrics_port: Option<u16>,
     /// Seconds a node agent that lost its head keeps trying to rejoin it (a restarted
     /// head on the same address) under its own id, keeping its objects and its jobs'
     /// drivers (its workers stop at once), and then as a new node, before it exits.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, conflicts_with = "head", default_value_t = 60.0)]
     head_patience: f64,
     /// Seconds of silence after which the head declares a node dead.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, conflicts_with = "address", default_value_t = 5.0)]
     node_timeout: f64,
     /// Serve with this TLS certificate (PEM); needs --tls-key.
     #[arg(long, env = "VOLLEY_TLS_CERT")]
@@ -1062,6 +1066,33 @@ mod tests {
         .collect();
         let out = background_args(&args);
         assert_eq!(out, ["start", "--address", "h:1", "--num-cpus", "2"]);
+    }
+
+    /// A flag that means something only to a head, or only to a node agent, is refused
+    /// where it would be ignored.
+    #[test]
+    fn start_refuses_flags_of_the_other_role() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Start {
+            #[command(flatten)]
+            args: super::StartArgs,
+        }
+        let parse = |args: &[&str]| {
+            Start::try_parse_from(std::iter::once("start").chain(args.iter().copied()))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        parse(&["--head", "--port", "0", "--node-timeout", "2"]).unwrap();
+        parse(&["--address", "h:1", "--num-cpus", "2", "--metrics-port", "0"]).unwrap();
+        for (args, flag) in [
+            (&["--head", "--num-cpus", "4"][..], "--num-cpus"),
+            (&["--head", "--metrics-port", "9100"][..], "--metrics-port"),
+            (&["--address", "h:1", "--port", "7000"][..], "--port"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(flag) && e.contains("cannot be used with"), "{e}");
+        }
     }
 
     #[test]
