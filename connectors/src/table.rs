@@ -56,12 +56,13 @@ fn listing_options(state: &SessionState, path: &str) -> (ListingOptions, bool) {
         _ => (last, String::new()),
     };
     let ext = stem.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
-    let named_file = !lower.contains("://")
-        && !path.contains(['*', '?', '['])
-        && std::path::Path::new(path).is_file();
-    // The extension files must end in: any, for a file named on its own.
+    let glob = path.contains(['*', '?', '[']);
+    let named_file = !lower.contains("://") && !glob && std::path::Path::new(path).is_file();
+    // The extension files must end in: any, for a file named on its own, or for a glob
+    // that names the extension (`*.CSV`: the glob matches its case, the filter would
+    // not).
     let filter = |e: &str| {
-        if named_file {
+        if named_file || (glob && !ext.is_empty()) {
             String::new()
         } else {
             format!(".{e}{zipped}")

@@ -567,6 +567,12 @@ fn registered_files_serve_every_query_and_native_scans_explain() {
         .to_string();
     assert!(e.contains("table name `tpch.facts`"), "{e}");
     assert_eq!(count(q, &[]), 55_000);
+    // A glob naming an extension in capitals finds its files (and reads them as CSV).
+    let upper = d.dir.path().join("upper");
+    std::fs::create_dir(&upper).unwrap();
+    std::fs::write(upper.join("A.CSV"), "a,b\n1,2\n3,4\n").unwrap();
+    let glob = format!("SELECT count(*) AS n FROM '{}/*.CSV'", upper.display());
+    assert_eq!(count(&glob, &[]), 2);
     // A COPY as the last statement writes once, when planned, however often its answer
     // is read.
     let out = d.dir.path().join("copied.csv");
