@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, interleave_record_batch, take_record_batch};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 use datafusion::common::hash_utils::{create_hashes, RandomState};
@@ -83,6 +83,8 @@ pub struct ExchangeStore {
     rows_in: u64,
     spilled_bytes: u64,
     hashes: Vec<u64>,
+    /// Whether a column holds dictionaries (each block may have its own).
+    dictionaries: bool,
 }
 
 impl std::fmt::Debug for ExchangeStore {
@@ -92,6 +94,25 @@ impl std::fmt::Debug for ExchangeStore {
             .field("held", &self.held)
             .field("spilled_bytes", &self.spilled_bytes)
             .finish_non_exhaustive()
+    }
+}
+
+/// Whether values of type `t` hold a dictionary, at the top or nested.
+fn holds_dictionaries(t: &DataType) -> bool {
+    match t {
+        DataType::Dictionary(..) => true,
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f)
+        | DataType::FixedSizeList(f, _)
+        | DataType::Map(f, _) => holds_dictionaries(f.data_type()),
+        DataType::Struct(fields) => fields.iter().any(|f| holds_dictionaries(f.data_type())),
+        DataType::RunEndEncoded(_, v) => holds_dictionaries(v.data_type()),
+        DataType::Union(fields, _) => fields
+            .iter()
+            .any(|(_, f)| holds_dictionaries(f.data_type())),
+        _ => false,
     }
 }
 
@@ -113,7 +134,12 @@ impl ExchangeStore {
             }
         }
         let n = partitioning.partitions();
+        let dictionaries = schema
+            .fields()
+            .iter()
+            .any(|f| holds_dictionaries(f.data_type()));
         Ok(Self {
+            dictionaries,
             schema,
             partitioning,
             budget,
@@ -214,29 +240,35 @@ impl ExchangeStore {
                     Located::Spilled { .. } => unreachable!("memory blocks follow spilled ones"),
                 })
                 .collect();
-            let written: Vec<RecordBatch> = if coalesce {
+            let files: Vec<Vec<RecordBatch>> = if coalesce {
                 // Hash and random partitions hold small slices of many blocks.
-                vec![concat_batches(&self.schema, &blocks)?]
+                vec![vec![concat_batches(&self.schema, &blocks)?]]
+            } else if self.dictionaries {
+                // An IPC file holds one dictionary per column: blocks with
+                // dictionaries of their own go to files of their own.
+                blocks.into_iter().map(|b| vec![b]).collect()
             } else {
-                blocks
+                vec![blocks]
             };
-            let name = format!("part-{p}-{}.arrow", self.files.len());
-            let path = self.folder()?.join(name);
-            let file = File::create(&path)
-                .with_context(|| format!("creating spill file {}", path.display()))?;
-            let mut w = FileWriter::try_new(BufWriter::new(file), &self.schema)?;
-            for b in &written {
-                w.write(b)?;
-            }
-            w.finish()?;
-            self.spilled_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            let file = self.files.len();
-            self.files.push(path);
             self.parts[p].truncate(first_mem);
-            self.parts[p].extend(written.iter().enumerate().map(|(index, b)| StoredBlock {
-                rows: b.num_rows(),
-                at: Located::Spilled { file, index },
-            }));
+            for written in files {
+                let name = format!("part-{p}-{}.arrow", self.files.len());
+                let path = self.folder()?.join(name);
+                let file = File::create(&path)
+                    .with_context(|| format!("creating spill file {}", path.display()))?;
+                let mut w = FileWriter::try_new(BufWriter::new(file), &self.schema)?;
+                for b in &written {
+                    w.write(b)?;
+                }
+                w.finish()?;
+                self.spilled_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                let file = self.files.len();
+                self.files.push(path);
+                self.parts[p].extend(written.iter().enumerate().map(|(index, b)| StoredBlock {
+                    rows: b.num_rows(),
+                    at: Located::Spilled { file, index },
+                }));
+            }
         }
         self.reservations.clear();
         self.held = 0;
@@ -517,11 +549,13 @@ mod tests {
 
     /// Blocks whose dictionary columns hold dictionaries of their own spill and read
     /// back (an IPC file holds one dictionary per column).
+    /// Blocks with dictionaries of their own spill, several at a time (an IPC file
+    /// takes one dictionary per column: one file held them all, and failed).
     #[test]
     fn blocks_of_other_dictionaries_spill() {
         use arrow::array::{DictionaryArray, StringArray};
         use arrow::datatypes::Int32Type;
-        let budget = MemoryBudget::new(4096);
+        let budget = MemoryBudget::new(64 * 1024);
         let dir = tempfile::tempdir().unwrap();
         let block = |i: usize| {
             let words: Vec<String> = (0..50).map(|j| format!("w{}", i * 7 + j % 3)).collect();
@@ -535,20 +569,20 @@ mod tests {
             Some(dir.path().to_path_buf()),
         )
         .unwrap();
-        for i in 0..20 {
+        for i in 0..400 {
             store.push(block(i)).unwrap();
         }
         assert!(store.spilled_bytes() > 0);
         let frozen = Arc::new(store.finish());
         let got: Vec<String> = frozen
-            .read_range(0, 0, 1000)
+            .read_range(0, 0, 100_000)
             .flat_map(|b| {
                 let b = arrow::compute::cast(b.unwrap().column(0), &DataType::Utf8).unwrap();
                 let s = b.as_any().downcast_ref::<StringArray>().unwrap().clone();
                 (0..s.len()).map(move |i| s.value(i).to_string())
             })
             .collect();
-        let want: Vec<String> = (0..20)
+        let want: Vec<String> = (0..400)
             .flat_map(|i| (0..50).map(move |j| format!("w{}", i * 7 + j % 3)))
             .collect();
         assert_eq!(got, want);
