@@ -482,6 +482,15 @@ pub fn shuffle_partition(
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, p as u64 ^ (1 << 63)));
     picks.shuffle(&mut rng);
+    if schema.fields().is_empty() {
+        // Rows of no columns: only their count (Arrow's interleave needs a column).
+        let rows = arrow::array::RecordBatchOptions::new().with_row_count(Some(picks.len()));
+        return Ok(RecordBatch::try_new_with_options(
+            Arc::clone(schema),
+            vec![],
+            &rows,
+        )?);
+    }
     let refs: Vec<&RecordBatch> = blocks.iter().collect();
     Ok(interleave_record_batch(&refs, &picks)?)
 }
@@ -549,6 +558,15 @@ mod tests {
 
     /// Blocks whose dictionary columns hold dictionaries of their own spill and read
     /// back (an IPC file holds one dictionary per column).
+    #[test]
+    fn rows_of_no_columns_shuffle() {
+        let schema = Arc::new(arrow::datatypes::Schema::empty());
+        let rows = arrow::array::RecordBatchOptions::new().with_row_count(Some(5));
+        let b = RecordBatch::try_new_with_options(Arc::clone(&schema), vec![], &rows).unwrap();
+        let out = shuffle_partition(&schema, &[b.clone(), b], 7, 0).unwrap();
+        assert_eq!(out.num_rows(), 10);
+    }
+
     /// Blocks with dictionaries of their own spill, several at a time (an IPC file
     /// takes one dictionary per column: one file held them all, and failed).
     #[test]
