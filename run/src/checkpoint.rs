@@ -288,6 +288,14 @@ impl CheckpointStore {
         let manifest =
             serde_json::to_vec_pretty(&c).map_err(|e| self.err("writing a manifest", e))?;
         self.rt.block_on(async {
+            // A step saved again (a PBT exploit copies its donor's files over the step
+            // it just saved) is incomplete until its new manifest lands: the old one
+            // goes first, so that a save cut short is never read as the old
+            // checkpoint with some of the new files.
+            match self.store.delete(&dir.clone().join(MANIFEST)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err(&format!("replacing step {step}"), e)),
+            }
             for (name, bytes) in files {
                 self.store
                     .put(&dir.clone().join(*name), PutPayload::from(bytes.to_vec()))
@@ -494,6 +502,16 @@ mod tests {
         let s = CheckpointStore::open(storage, "run", config).unwrap();
         assert!(!partial.exists());
         assert_eq!(s.list().unwrap().len(), 3);
+
+        // A step saved again and cut short (its second file cannot be written) is not
+        // read as the old step holding some of the new files.
+        let optim = tmp.path().join("run/checkpoint_0000000050/optim.bin");
+        std::fs::remove_file(&optim).unwrap();
+        std::fs::create_dir(&optim).unwrap();
+        std::fs::write(optim.join("in the way"), b"").unwrap();
+        let new: &[(&str, &[u8])] = &[("model.bin", b"new weights"), ("optim.bin", b"n")];
+        assert!(s.save(50, &metrics(0.1), new).is_err());
+        assert_eq!(s.latest().unwrap().unwrap().step, 40);
     }
 
     #[test]
