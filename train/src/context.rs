@@ -175,12 +175,14 @@ impl DataShard {
                 "iter_batches: batch_size must be at least 1",
             ));
         }
-        let pass = self.passes.fetch_add(1, Ordering::SeqCst);
-        let stream = self
-            .session
-            .lock()
-            .expect("session lock")
-            .open_stream(&self.name, pass)?;
+        // The pass is used up once its stream opens: a rank that tries again after an
+        // open failed asks for the pass the other ranks read (under the session's
+        // lock, passes are opened one at a time).
+        let session = self.session.lock().expect("session lock");
+        let pass = self.passes.load(Ordering::SeqCst);
+        let stream = session.open_stream(&self.name, pass)?;
+        self.passes.store(pass + 1, Ordering::SeqCst);
+        drop(session);
         Ok(ShardBatches {
             stream,
             batch_size,

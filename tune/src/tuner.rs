@@ -569,6 +569,15 @@ impl Tuner {
                         "{trials_root}/{STATE_FILE} is not a valid experiment record: {e}"
                     ))
                 })?;
+                // Its histories are read by the metric and mode it ran with.
+                if e.metric != self.config.metric || e.mode != self.config.mode {
+                    return Err(VolleyError::plan(format!(
+                        "the experiment at {trials_root} ran with metric `{}` ({:?}); \
+                         resuming it with `{}` ({:?}) would read its results otherwise: \
+                         give the same, or another experiment name",
+                        e.metric, e.mode, self.config.metric, self.config.mode
+                    )));
+                }
                 e.trials
             }
             None => Vec::new(),
@@ -859,8 +868,22 @@ impl Tuner {
         })();
         if result.is_err() {
             // Trials still running are told to stop at their next report (trainer
-            // trials' hooks hold the state past this call).
+            // trials' hooks hold the state past this call). Function trials' tasks are
+            // stopped now, and trainer trials waited for (a minute at most): a sweep
+            // resumed next must not meet them still writing to their trials' stores.
             shared.lock().expect("tuner lock").stop_all = true;
+            let tasks: Vec<&ObjectRef> = running.iter().filter_map(|(_, r)| r.as_ref()).collect();
+            if !tasks.is_empty() {
+                let _ = cluster.cancel(&tasks);
+            }
+            let mut threads = running.iter().filter(|(_, r)| r.is_none()).count();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while threads > 0 {
+                match ended.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(_) => threads -= 1,
+                    Err(_) => break,
+                }
+            }
         }
         server.shutdown();
         drop(lease);
@@ -875,14 +898,22 @@ impl Tuner {
         let mut out = Vec::new();
         for t in &s.trials {
             let checkpoint = match &t.checkpoint {
-                Some(c) => Some(SavedCheckpoint::new(
-                    c.clone(),
-                    Arc::new(CheckpointStore::open(
+                Some(c) => {
+                    let store = Arc::new(CheckpointStore::open(
                         &trials_root,
                         &t.id,
                         self.run.checkpoint.clone(),
-                    )?),
-                )),
+                    )?);
+                    // The last one reported, unless a newer one (saved by a trial that
+                    // died before it reported) pruned it: then the newest.
+                    let kept = store.list()?.iter().any(|k| k.step == c.step);
+                    let c = if kept {
+                        Some(c.clone())
+                    } else {
+                        store.latest()?
+                    };
+                    c.map(|c| SavedCheckpoint::new(c, store))
+                }
                 None => None,
             };
             out.push(TrialResult {

@@ -479,6 +479,21 @@ fn resume_after_the_sweep_is_killed() {
     for id in &all {
         assert!(count(id, "done") >= 1, "{id} ran to its end");
     }
+    // Resumed with the other mode, its recorded results would be read backwards.
+    let e = Tuner::new(
+        Slow {
+            dir: marks.to_str().unwrap().to_string(),
+            iterations: 3,
+            sleep_ms: 0,
+        },
+        SearchSpace::new().with("x", uniform(0.0, 1.0)),
+        quiet(TuneConfig::new("loss", Mode::Max, 8)),
+        RunConfig::new(dir.path().join("runs").to_str().unwrap(), "resume"),
+    )
+    .fit()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("ran with metric `loss` (Min)"), "{e}");
     println!(
         "ok: killed after {} trials finished; the rerun ran only the other {}",
         finished_before.len(),
