@@ -585,6 +585,11 @@ impl Tuner {
         for t in &mut trials {
             if !t.status.done() {
                 t.status = TrialStatus::Pending;
+                // It runs again from its checkpoint: what it reported past that is
+                // reported again, and is not the schedulers' to learn twice.
+                let resume = resume_point(&trials_root, &t.id, t.checkpoint.clone());
+                let iteration = resume.map_or(0, |c| c.step);
+                t.history.retain(|r| r.iteration <= iteration);
             }
             t.stopping = false;
         }
