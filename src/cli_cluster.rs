@@ -465,6 +465,15 @@ pub fn start(a: StartArgs) -> Result<()> {
 /// Whether process `pid` is one that `volley start` put in the background (it runs
 /// `volley start ... --block`): a pid file left by a process that ended may name
 /// another program by now.
+/// Whether something listens at `address` (HOST:PORT) on this machine's view of the
+/// network, within a second.
+fn answers(address: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    address.to_socket_addrs().is_ok_and(|mut addrs| {
+        addrs.any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+    })
+}
+
 fn started_in_background(pid: i32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
         let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
@@ -501,6 +510,15 @@ fn start_head(a: StartArgs, dir: &Path) -> Result<()> {
                  `volley stop` stops it, or set VOLLEY_HOME to another folder",
                 dir.display(),
                 read_trimmed(&dir.join("head_address")).unwrap_or_default()
+            )));
+        }
+        // One started in the foreground (`--block`) writes no pid file: its address
+        // answers.
+        if let Some(address) = read_trimmed(&dir.join("head_address")).filter(|a| answers(a)) {
+            return Err(VolleyError::Config(format!(
+                "a head already runs with the state folder {} (address {address}): stop \
+                 it, or set VOLLEY_HOME to another folder",
+                dir.display()
             )));
         }
         let _ = std::fs::remove_file(dir.join("head_address"));

@@ -2718,6 +2718,24 @@ fn sql_stages_run_on_the_cluster_nodes() {
         jobs.contains("--format csv") && !jobs.contains(&c.token),
         "{jobs}"
     );
+    // A second head on this state folder, the first running in the foreground, is
+    // refused and leaves the first's address and token as they are.
+    let files = || {
+        ["head_address", "token"].map(|f| std::fs::read_to_string(c.home.path().join(f)).unwrap())
+    };
+    let before = files();
+    let second = c
+        .volley()
+        .args(["start", "--head", "--port", "0", "--http-port", "0"])
+        .args(["--token", "another"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && err.contains("a head already runs"),
+        "{err}"
+    );
+    assert_eq!(files(), before);
     let explain = c
         .volley()
         .args(["sql", &query, "--explain"])
