@@ -1,6 +1,5 @@
 //! Text files (one row per line) and binary files (one row per file).
 
-use std::io::Read;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
@@ -34,30 +33,6 @@ fn project(schema: &SchemaRef, projection: &Option<Vec<usize>>) -> Result<Schema
         Some(p) => Arc::new(schema.project(p)?),
         None => Arc::clone(schema),
     })
-}
-
-async fn fetch(
-    store: &Arc<dyn ObjectStore>,
-    meta: &ObjectMeta,
-    name: &str,
-) -> Result<bytes::Bytes> {
-    let bytes = store
-        .get(&meta.location)
-        .await
-        .with_context(|| format!("reading {name}"))?
-        .bytes()
-        .await
-        .with_context(|| format!("reading {name}"))?;
-    let compression = compression_of(name);
-    if compression.is_compressed() {
-        let mut out = Vec::new();
-        compression
-            .convert_read(bytes::Buf::reader(bytes))
-            .and_then(|mut r| Ok(r.read_to_end(&mut out)?))
-            .with_context(|| format!("decompressing {name}"))?;
-        return Ok(out.into());
-    }
-    Ok(bytes)
 }
 
 /// Text files read as one row per line, in a column `text` (line ends removed; files
@@ -109,47 +84,153 @@ impl DataSource for TextScan {
                 let (store, meta, name) = (Arc::clone(&f.store), f.meta.clone(), f.name.clone());
                 let schema = Arc::clone(&out_schema);
                 ReadTask::new(name.clone(), meta.size, move |_ctx| {
-                    let (store, meta, name, schema) = (
-                        Arc::clone(&store),
-                        meta.clone(),
-                        name.clone(),
+                    let lines = Lines {
+                        chunks: None,
+                        store: Arc::clone(&store),
+                        meta: meta.clone(),
+                        name: name.clone(),
+                        schema: Arc::clone(&schema),
+                        batch_size,
+                        pending: Vec::new(),
+                        ends: Vec::new(),
+                        scanned: 0,
+                        line: 0,
+                        done: false,
+                    };
+                    let batches = futures::stream::try_unfold(lines, |mut lines| async move {
+                        let batch = lines.next_batch().await?;
+                        Ok(batch.map(|b| (b, lines)))
+                    })
+                    .map(|r: Result<RecordBatch>| r.map_err(Into::into));
+                    Ok(Box::pin(RecordBatchStreamAdapter::new(
                         Arc::clone(&schema),
-                    );
-                    let out = Arc::clone(&schema);
-                    let batches = futures::stream::once(async move {
-                        let bytes = fetch(&store, &meta, &name).await?;
-                        let text = std::str::from_utf8(&bytes).map_err(|e| {
-                            VolleyError::execution(format!("{name} is not UTF-8 text: {e}"))
-                        })?;
-                        let lines: Vec<&str> = text.lines().collect();
-                        let mut batches = Vec::new();
-                        for chunk in lines.chunks(batch_size) {
-                            let col: ArrayRef =
-                                Arc::new(StringArray::from_iter_values(chunk.iter()));
-                            let cols = if schema.fields().is_empty() {
-                                vec![]
-                            } else {
-                                vec![col]
-                            };
-                            let opts = arrow::array::RecordBatchOptions::new()
-                                .with_row_count(Some(chunk.len()));
-                            batches.push(RecordBatch::try_new_with_options(
-                                Arc::clone(&schema),
-                                cols,
-                                &opts,
-                            )?);
-                        }
-                        Ok::<_, VolleyError>(futures::stream::iter(batches.into_iter().map(Ok)))
-                    })
-                    .map(|r| match r {
-                        Ok(s) => s.left_stream(),
-                        Err(e) => futures::stream::iter(vec![Err(e.into())]).right_stream(),
-                    })
-                    .flatten();
-                    Ok(Box::pin(RecordBatchStreamAdapter::new(out, batches)))
+                        batches,
+                    )))
                 })
             })
             .collect())
+    }
+}
+
+/// The bytes of the text file `name`, decompressed as its extension says.
+async fn open_text(
+    store: Arc<dyn ObjectStore>,
+    meta: ObjectMeta,
+    name: String,
+) -> Result<futures::stream::BoxStream<'static, datafusion::common::Result<bytes::Bytes>>> {
+    let raw = store
+        .get(&meta.location)
+        .await
+        .with_context(|| format!("reading {name}"))?
+        .into_stream()
+        .map(|r| r.map_err(|e| datafusion::error::DataFusionError::ObjectStore(Box::new(e))))
+        .boxed();
+    compression_of(&name)
+        .convert_stream(raw)
+        .with_context(|| format!("decompressing {name}"))
+}
+
+/// A text file's lines, read `batch_size` at a time as its bytes arrive: the file is
+/// never held whole (a log of many GiB reads in a batch's memory).
+struct Lines {
+    /// The file's bytes, decompressed; opened on the first batch.
+    chunks: Option<futures::stream::BoxStream<'static, datafusion::common::Result<bytes::Bytes>>>,
+    store: Arc<dyn ObjectStore>,
+    meta: ObjectMeta,
+    name: String,
+    schema: SchemaRef,
+    batch_size: usize,
+    /// Bytes read and not yet made rows.
+    pending: Vec<u8>,
+    /// Where the line breaks in `pending` are.
+    ends: Vec<usize>,
+    /// How far `pending` has been searched for line breaks.
+    scanned: usize,
+    /// Lines made rows so far.
+    line: u64,
+    done: bool,
+}
+
+impl Lines {
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        loop {
+            if self.ends.len() >= self.batch_size {
+                return self.take(self.batch_size, false).map(Some);
+            }
+            if self.done {
+                let rest = self.ends.last().map_or(0, |e| e + 1) < self.pending.len();
+                if self.ends.is_empty() && !rest {
+                    return Ok(None);
+                }
+                return self.take(self.ends.len(), rest).map(Some);
+            }
+            if self.chunks.is_none() {
+                let (store, meta) = (Arc::clone(&self.store), self.meta.clone());
+                self.chunks = Some(open_text(store, meta, self.name.clone()).await?);
+            }
+            let chunks = self.chunks.as_mut().expect("opened");
+            match chunks.next().await {
+                Some(chunk) => {
+                    let chunk = chunk.with_context(|| format!("reading {}", self.name))?;
+                    self.pending.extend_from_slice(&chunk);
+                    let from = self.scanned;
+                    self.ends.extend(
+                        self.pending[from..]
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, b)| **b == b'\n')
+                            .map(|(i, _)| from + i),
+                    );
+                    self.scanned = self.pending.len();
+                }
+                None => self.done = true,
+            }
+        }
+    }
+
+    /// The next `n` lines (a line break ends each, `\r\n` too), and with `rest` the
+    /// bytes after the last line break as one more line, as a batch.
+    fn take(&mut self, n: usize, rest: bool) -> Result<RecordBatch> {
+        let mut values = arrow::array::StringBuilder::new();
+        let mut start = 0;
+        let mut rows = 0;
+        let mut add = |bytes: &[u8], line: u64| -> Result<()> {
+            let text = std::str::from_utf8(bytes).map_err(|e| {
+                VolleyError::execution(format!("{} line {line} is not UTF-8 text: {e}", self.name))
+            })?;
+            values.append_value(text);
+            Ok(())
+        };
+        for &end in &self.ends[..n] {
+            let line = &self.pending[start..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            add(line, self.line + rows as u64 + 1)?;
+            rows += 1;
+            start = end + 1;
+        }
+        if rest {
+            add(&self.pending[start..], self.line + rows as u64 + 1)?;
+            rows += 1;
+            start = self.pending.len();
+        }
+        self.pending.drain(..start);
+        self.ends.drain(..n);
+        for e in &mut self.ends {
+            *e -= start;
+        }
+        self.scanned -= start;
+        self.line += rows as u64;
+        let cols: Vec<ArrayRef> = if self.schema.fields().is_empty() {
+            vec![]
+        } else {
+            vec![Arc::new(values.finish())]
+        };
+        let opts = arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
+        Ok(RecordBatch::try_new_with_options(
+            Arc::clone(&self.schema),
+            cols,
+            &opts,
+        )?)
     }
 }
 
@@ -208,6 +289,13 @@ impl DataSource for BinaryScan {
                     );
                     let out = Arc::clone(&schema);
                     let batch = futures::stream::once(async move {
+                        // One value of a binary column holds at most 2 GiB.
+                        if meta.size > i32::MAX as u64 {
+                            return Err(VolleyError::execution(format!(
+                                "{name} is {}: a file read as one value holds at most 2 GiB",
+                                volley_common::format_bytes(meta.size)
+                            )));
+                        }
                         let bytes = store
                             .get(&meta.location)
                             .await

@@ -143,7 +143,6 @@ pub(crate) fn plan_sql(
     }
     let n = statements.len();
     let mut last = None;
-    let mut written = None;
     for (i, statement) in statements.into_iter().enumerate() {
         let text = statement.to_string();
         let is_last = i + 1 == n;
@@ -160,10 +159,6 @@ pub(crate) fn plan_sql(
                     // INSERT or a COPY writes, a query's errors show), its rows
                     // dropped: the last one's rows are the answer.
                     df.collect().await?;
-                } else if matches!(plan, LogicalPlan::Dml(_) | LogicalPlan::Copy(_)) {
-                    // A write runs once, now: its answer (the rows written) is kept,
-                    // not planned again each time the dataset is read.
-                    written = Some(df.collect().await?);
                 }
                 Ok::<_, datafusion::error::DataFusionError>(plan)
             })
@@ -178,9 +173,6 @@ pub(crate) fn plan_sql(
         last = Some(plan);
     }
     let plan = last.expect("at least one statement");
-    if let Some(batches) = written {
-        return ctx.from_batches(batches);
-    }
     let mut words: Vec<&str> = query.split_whitespace().collect();
     if matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_)) {
         // Its operators are the explained query's: labelled without `EXPLAIN ...`.

@@ -287,14 +287,17 @@ impl CheckpointStore {
         };
         let manifest =
             serde_json::to_vec_pretty(&c).map_err(|e| self.err("writing a manifest", e))?;
+        // A step saved again (a PBT exploit copies its donor's files over the step it
+        // just saved) is incomplete until its new manifest lands: the old one goes
+        // first, so that a save cut short is never read as the old checkpoint with
+        // some of the new files. (Only then: a new step needs no right to delete.)
+        let again = self.folders()?.contains_key(&step);
         self.rt.block_on(async {
-            // A step saved again (a PBT exploit copies its donor's files over the step
-            // it just saved) is incomplete until its new manifest lands: the old one
-            // goes first, so that a save cut short is never read as the old
-            // checkpoint with some of the new files.
-            match self.store.delete(&dir.clone().join(MANIFEST)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.err(&format!("replacing step {step}"), e)),
+            if again {
+                match self.store.delete(&dir.clone().join(MANIFEST)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(self.err(&format!("replacing step {step}"), e)),
+                }
             }
             for (name, bytes) in files {
                 self.store

@@ -307,6 +307,53 @@ fn text_binary_and_ipc() {
         assert_eq!(text.value(0), "id", "{ext}");
         assert!(text.iter().any(|l| l == Some("49")), "{ext}");
     }
+    // Read as it arrives, in batches: line breaks of both kinds, empty lines, a last
+    // line without a break; a line that is not UTF-8 is named by its number.
+    let mut want: Vec<String> = Vec::new();
+    let mut bytes = Vec::new();
+    for i in 0..200_000 {
+        let line = if i % 1000 == 7 {
+            String::new()
+        } else {
+            format!("line {i}")
+        };
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(if i % 2 == 0 { b"\n" } else { b"\r\n" });
+        want.push(line);
+    }
+    bytes.extend_from_slice(b"last\r");
+    want.push("last\r".into());
+    let many = dir.path().join("many.txt");
+    std::fs::write(&many, &bytes).unwrap();
+    let batches = c
+        .read_text(many.to_str().unwrap())
+        .unwrap()
+        .collect()
+        .unwrap();
+    assert!(batches.len() > 1);
+    let got: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let t = b.column(0).as_string::<i32>();
+            (0..t.len())
+                .map(|i| t.value(i).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want);
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, b"one\ntwo\nthr\xffee\n").unwrap();
+    let e = c
+        .read_text(bad.to_str().unwrap())
+        .unwrap()
+        .collect()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad.txt line 3 is not UTF-8"), "{e}");
+    std::fs::remove_file(&bad).unwrap();
+    std::fs::remove_file(&many).unwrap();
+
     let bin = c.read_binary_files(dir.path().to_str().unwrap()).unwrap();
     let b = bin.collect_batch().unwrap();
     assert_eq!(b.num_rows(), 1);

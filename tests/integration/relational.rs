@@ -573,24 +573,6 @@ fn registered_files_serve_every_query_and_native_scans_explain() {
     std::fs::write(upper.join("A.CSV"), "a,b\n1,2\n3,4\n").unwrap();
     let glob = format!("SELECT count(*) AS n FROM '{}/*.CSV'", upper.display());
     assert_eq!(count(&glob, &[]), 2);
-    // A COPY as the last statement writes once, when planned, however often its answer
-    // is read.
-    let out = d.dir.path().join("copied.csv");
-    let copy = d
-        .ctx
-        .sql(
-            &format!(
-                "COPY (SELECT id FROM facts WHERE id < 10) TO '{}' STORED AS CSV",
-                out.display()
-            ),
-            &[],
-        )
-        .unwrap();
-    assert!(out.exists());
-    std::fs::remove_file(&out).unwrap();
-    assert_eq!(copy.count().unwrap(), 1);
-    assert_eq!(copy.count().unwrap(), 1);
-    assert!(!out.exists());
     // A sort over files under column steps is planned by DataFusion from the files.
     let plan = d
         .facts()

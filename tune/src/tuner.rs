@@ -247,10 +247,14 @@ impl Shared {
                         false
                     }
                     Err(e) => {
-                        self.events.push(format!(
-                            "{}: PBT could not copy a checkpoint: {e}",
-                            self.trials[trial].id
-                        ));
+                        let id = self.trials[trial].id.clone();
+                        self.events
+                            .push(format!("{id}: PBT could not copy a checkpoint: {e}"));
+                        // A copy cut short left the step it wrote incomplete: the
+                        // trial's checkpoint is its newest complete one.
+                        let recorded = self.trials[trial].checkpoint.take();
+                        self.trials[trial].checkpoint =
+                            resume_point(&self.trials_root, &id, recorded);
                         true
                     }
                 }
@@ -271,6 +275,14 @@ impl Shared {
             &d.id,
             CheckpointConfig::default(),
         )?;
+        // Its files are read by name: the step must still be complete (not pruned, not
+        // being saved again).
+        if !from.list()?.iter().any(|k| k.step == c.step) {
+            return Err(VolleyError::execution(format!(
+                "{}'s checkpoint of step {} is no longer complete",
+                d.id, c.step
+            )));
+        }
         let files: Vec<(String, Vec<u8>)> = c
             .files
             .iter()
