@@ -112,29 +112,73 @@ impl DataSource for TextScan {
     }
 }
 
-/// The bytes of the text file `name`, decompressed as its extension says.
-async fn open_text(
-    store: Arc<dyn ObjectStore>,
-    meta: ObjectMeta,
-    name: String,
-) -> Result<futures::stream::BoxStream<'static, datafusion::common::Result<bytes::Bytes>>> {
-    let raw = store
-        .get(&meta.location)
-        .await
-        .with_context(|| format!("reading {name}"))?
-        .into_stream()
-        .map(|r| r.map_err(|e| datafusion::error::DataFusionError::ObjectStore(Box::new(e))))
-        .boxed();
-    compression_of(&name)
-        .convert_stream(raw)
-        .with_context(|| format!("decompressing {name}"))
+/// Where a text file's bytes come from.
+enum TextBytes {
+    /// As the store sends them (an uncompressed file).
+    Stream(futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>),
+    /// Decompressed from the whole compressed file, a piece at a time: every member
+    /// of a file of several (as pbzip2, pzstd, `cat a.gz b.gz` make them), which
+    /// DataFusion's streaming decoders stop short of, but for gzip.
+    Decoder(Box<dyn std::io::Read + Send>),
+}
+
+/// Decompressed bytes read at a time.
+const TEXT_PIECE: usize = 1 << 20;
+
+impl TextBytes {
+    async fn open(store: Arc<dyn ObjectStore>, meta: ObjectMeta, name: &str) -> Result<Self> {
+        let got = store
+            .get(&meta.location)
+            .await
+            .with_context(|| format!("reading {name}"))?;
+        let compression = compression_of(name);
+        if !compression.is_compressed() {
+            return Ok(Self::Stream(got.into_stream()));
+        }
+        let bytes = got
+            .bytes()
+            .await
+            .with_context(|| format!("reading {name}"))?;
+        let decoder = compression
+            .convert_read(bytes::Buf::reader(bytes))
+            .with_context(|| format!("decompressing {name}"))?;
+        Ok(Self::Decoder(decoder))
+    }
+
+    /// The next bytes, `None` at the end.
+    async fn next(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            Self::Stream(s) => match s.next().await {
+                Some(chunk) => Ok(Some(
+                    chunk.with_context(|| format!("reading {name}"))?.to_vec(),
+                )),
+                None => Ok(None),
+            },
+            Self::Decoder(r) => {
+                let mut piece = vec![0; TEXT_PIECE];
+                let n = loop {
+                    match r.read(&mut piece) {
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            return Err(
+                                VolleyError::from(e).context(format!("decompressing {name}"))
+                            )
+                        }
+                    }
+                };
+                piece.truncate(n);
+                Ok((n > 0).then_some(piece))
+            }
+        }
+    }
 }
 
 /// A text file's lines, read `batch_size` at a time as its bytes arrive: the file is
 /// never held whole (a log of many GiB reads in a batch's memory).
 struct Lines {
     /// The file's bytes, decompressed; opened on the first batch.
-    chunks: Option<futures::stream::BoxStream<'static, datafusion::common::Result<bytes::Bytes>>>,
+    chunks: Option<TextBytes>,
     store: Arc<dyn ObjectStore>,
     meta: ObjectMeta,
     name: String,
@@ -166,12 +210,11 @@ impl Lines {
             }
             if self.chunks.is_none() {
                 let (store, meta) = (Arc::clone(&self.store), self.meta.clone());
-                self.chunks = Some(open_text(store, meta, self.name.clone()).await?);
+                self.chunks = Some(TextBytes::open(store, meta, &self.name).await?);
             }
             let chunks = self.chunks.as_mut().expect("opened");
-            match chunks.next().await {
+            match chunks.next(&self.name).await? {
                 Some(chunk) => {
-                    let chunk = chunk.with_context(|| format!("reading {}", self.name))?;
                     self.pending.extend_from_slice(&chunk);
                     let from = self.scanned;
                     self.ends.extend(
@@ -191,6 +234,22 @@ impl Lines {
     /// The next `n` lines (a line break ends each, `\r\n` too), and with `rest` the
     /// bytes after the last line break as one more line, as a batch.
     fn take(&mut self, n: usize, rest: bool) -> Result<RecordBatch> {
+        // One string column holds at most 2 GiB.
+        let bytes = if rest {
+            self.pending.len()
+        } else {
+            self.ends[n - 1]
+        };
+        if bytes > i32::MAX as usize {
+            return Err(VolleyError::execution(format!(
+                "{}: lines {} to {} hold {}, more than a batch of text holds (2 GiB): \
+                 lower the batch size",
+                self.name,
+                self.line + 1,
+                self.line + (n + usize::from(rest)) as u64,
+                volley_common::format_bytes(bytes as u64)
+            )));
+        }
         let mut values = arrow::array::StringBuilder::new();
         let mut start = 0;
         let mut rows = 0;
@@ -214,6 +273,10 @@ impl Lines {
             start = self.pending.len();
         }
         self.pending.drain(..start);
+        // A long line read once does not keep its memory for the rest of the file.
+        if self.pending.capacity() > 4 * TEXT_PIECE.max(self.pending.len()) {
+            self.pending.shrink_to(TEXT_PIECE.max(self.pending.len()));
+        }
         self.ends.drain(..n);
         for e in &mut self.ends {
             *e -= start;

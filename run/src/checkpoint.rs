@@ -291,10 +291,15 @@ impl CheckpointStore {
         // just saved) is incomplete until its new manifest lands: the old one goes
         // first, so that a save cut short is never read as the old checkpoint with
         // some of the new files. (Only then: a new step needs no right to delete.)
-        let again = self.folders()?.contains_key(&step);
         self.rt.block_on(async {
+            let manifest_path = dir.clone().join(MANIFEST);
+            let again = match self.store.head(&manifest_path).await {
+                Ok(_) => true,
+                Err(object_store::Error::NotFound { .. }) => false,
+                Err(e) => return Err(self.err(&format!("looking for step {step}"), e)),
+            };
             if again {
-                match self.store.delete(&dir.clone().join(MANIFEST)).await {
+                match self.store.delete(&manifest_path).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(self.err(&format!("replacing step {step}"), e)),
                 }

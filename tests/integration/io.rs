@@ -306,6 +306,20 @@ fn text_binary_and_ipc() {
         assert_eq!(text.len(), 51, "{ext}: a header and 50 rows");
         assert_eq!(text.value(0), "id", "{ext}");
         assert!(text.iter().any(|l| l == Some("49")), "{ext}");
+        // A file of two compressed members (as parallel compressors write them) reads
+        // whole.
+        let part = std::fs::read_dir(&out)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let once = std::fs::read(&part).unwrap();
+        let twice = dir.path().join(format!("twice.txt{ext}"));
+        std::fs::write(&twice, [once.clone(), once].concat()).unwrap();
+        let lines = c.read_text(twice.to_str().unwrap()).unwrap();
+        assert_eq!(lines.count().unwrap(), 102, "{ext}");
+        std::fs::remove_file(&twice).unwrap();
     }
     // Read as it arrives, in batches: line breaks of both kinds, empty lines, a last
     // line without a break; a line that is not UTF-8 is named by its number.
