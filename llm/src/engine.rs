@@ -270,6 +270,12 @@ impl<B: Backend> Engine<B> {
         params
             .validate()
             .map_err(|e| VolleyError::plan(format!("sampling parameters: {e}")))?;
+        if !params.stop.is_empty() && self.tokenizer.is_none() {
+            // Refused here, not found out in the middle of a step.
+            return Err(VolleyError::plan(
+                "stop strings need an engine with a tokenizer",
+            ));
+        }
         let c = self.model.config();
         if prompt.is_empty() {
             return Err(VolleyError::plan("empty prompt"));
@@ -616,9 +622,18 @@ impl<B: Backend> Engine<B> {
                 .as_ref()
                 .ok_or_else(|| VolleyError::plan("stop strings need an engine with a tokenizer"))?;
             let text = tokenizer.decode(seq.generated(), true)?;
-            // Only the end can hold a new match; look back as far as the longest stop.
+            // Only what changed can hold a new match; look back from there as far as the
+            // longest stop. (Not from the old text's end: a byte-fallback decoder shows
+            // each byte of an unfinished character as a 3-byte `�`, so the text can
+            // shrink when the character completes.)
             let longest = seq.params.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-            let mut from = seq.text.len().saturating_sub(longest);
+            let same = seq
+                .text
+                .bytes()
+                .zip(text.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            let mut from = same.saturating_sub(longest);
             while !text.is_char_boundary(from) {
                 from -= 1;
             }

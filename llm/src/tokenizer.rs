@@ -25,8 +25,16 @@ impl Tokenizer {
 
     /// Reads a `tokenizer.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let mut inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| VolleyError::plan(format!("cannot load {}: {e}", path.display())))?;
+        // A tokenizer saved after tokenizing with truncation or padding keeps them: a
+        // long prompt would lose its end (its question, the chat template's assistant
+        // header) and a short one gain pad tokens, without a word. Both are off here,
+        // as when transformers loads a tokenizer.
+        inner
+            .with_truncation(None)
+            .map_err(|e| VolleyError::plan(format!("{}: {e}", path.display())))?;
+        inner.with_padding(None);
         Ok(Self { inner })
     }
 

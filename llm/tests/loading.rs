@@ -76,6 +76,31 @@ fn tokenizer_matches_the_reference_ids_and_round_trips() {
     }
 }
 
+/// A tokenizer.json saved with truncation and padding on (as after tokenizing with
+/// `truncation=True`) does not cut or pad prompts.
+#[test]
+fn a_saved_tokenizers_truncation_and_padding_are_off() {
+    let dir = fixtures().join("tiny-llama");
+    let plain = Tokenizer::from_dir(&dir).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    json["truncation"] = serde_json::json!({
+        "direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0
+    });
+    json["padding"] = serde_json::json!({
+        "strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": null,
+        "pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"
+    });
+    let saved = tempfile::tempdir().unwrap();
+    let path = saved.path().join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    let prompt = prompts("tiny-llama")[0].clone();
+    let ids = tok.encode(&prompt, true).unwrap();
+    assert!(ids.len() > 3);
+    assert_eq!(ids, plain.encode(&prompt, true).unwrap());
+}
+
 #[test]
 fn bad_folders_fail_naming_the_file_and_the_problem() {
     let tmp = std::env::temp_dir().join(format!("volley-llm-bad-{}", std::process::id()));
