@@ -166,9 +166,19 @@ fn messages(column: &str, list: &dyn Array, row: usize) -> Result<Vec<Message>> 
         Ok(col.as_string::<i32>().clone())
     };
     let (role, content) = (text("role")?, text("content")?);
-    Ok((0..s.len())
-        .map(|i| Message::new(role.value(i), content.value(i)))
-        .collect())
+    (0..s.len())
+        .map(|i| {
+            // A null is not an empty string: the message would be rendered wrong.
+            for (field, values) in [("role", &role), ("content", &content)] {
+                if values.is_null(i) {
+                    return Err(VolleyError::plan(format!(
+                        "column `{column}`: message {i} has a null {field}"
+                    )));
+                }
+            }
+            Ok(Message::new(role.value(i), content.value(i)))
+        })
+        .collect()
 }
 
 /// The prompts of one input batch, tokenized, and how each row is named in errors.
@@ -209,7 +219,8 @@ impl LlmStage {
                 tokens.push(if col.is_null(i) {
                     None
                 } else {
-                    let m = messages(&c.messages_column, col.as_ref(), i)?;
+                    let m = messages(&c.messages_column, col.as_ref(), i)
+                        .with_context(|| label.clone())?;
                     // The conversation's first words locate it better than its row.
                     if let Some(first) = m.iter().find(|m| m.role == "user").or(m.first()) {
                         let text: String = first.content.chars().take(40).collect();
@@ -442,6 +453,33 @@ impl Queued {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_with_a_null_field_is_named() {
+        use arrow::array::{ListArray, StructArray};
+        use arrow::buffer::OffsetBuffer;
+        use arrow::datatypes::Field;
+        let role = StringArray::from(vec![Some("user"), None]);
+        let content = StringArray::from(vec![Some("hi"), Some("there")]);
+        let fields = vec![
+            Field::new("role", DataType::Utf8, true),
+            Field::new("content", DataType::Utf8, true),
+        ];
+        let items = StructArray::new(
+            fields.clone().into(),
+            vec![Arc::new(role), Arc::new(content)],
+            None,
+        );
+        let item = Arc::new(Field::new("item", items.data_type().clone(), true));
+        let list = ListArray::new(
+            item,
+            OffsetBuffer::new(vec![0, 2].into()),
+            Arc::new(items),
+            None,
+        );
+        let e = messages("messages", &list, 0).unwrap_err().to_string();
+        assert!(e.contains("message 1 has a null role"), "{e}");
+    }
 
     fn stage() -> LlmStage {
         let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
