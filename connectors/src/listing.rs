@@ -348,9 +348,10 @@ pub(crate) fn partition_columns(
 /// of them some folder of which holds a null value.
 ///
 /// Writes name a null (or empty) value's folder `key=__HIVE_DEFAULT_PARTITION__`, as
-/// Hive and Spark do; DataFusion reads the folder name as the value. Reads turn it back
-/// into null: the column reads as `nullif(key, '__HIVE_DEFAULT_PARTITION__')`
-/// ([`null_partition`]), in filters that prune folders as in the rows read.
+/// Hive and Spark do (DataFusion's own writes name it `key=`); DataFusion reads the
+/// folder name as the value. Reads turn it back into null: the column reads as
+/// `nullif(nullif(key, '__HIVE_DEFAULT_PARTITION__'), '')` ([`null_partition`]), in
+/// filters that prune folders as in the rows read.
 pub(crate) struct PartitionFolders {
     pub keys: Vec<String>,
     pub nulls: Vec<String>,
@@ -360,9 +361,14 @@ pub(crate) struct PartitionFolders {
 pub(crate) fn null_partition(name: &str) -> datafusion::logical_expr::Expr {
     use datafusion::functions::expr_fn::nullif;
     use datafusion::logical_expr::lit;
+    // `key=` too: DataFusion's own writes (SQL INSERT into a partitioned table) name
+    // a null value's folder so; volley's writes take an empty value for null, as Hive.
     nullif(
-        col(datafusion::common::Column::new_unqualified(name)),
-        lit(crate::NULL_PARTITION),
+        nullif(
+            col(datafusion::common::Column::new_unqualified(name)),
+            lit(crate::NULL_PARTITION),
+        ),
+        lit(""),
     )
 }
 
@@ -439,7 +445,8 @@ fn partition_keys(
     for folder in folders {
         match (folder.split_once('='), plain) {
             (Some((key, value)), None) => {
-                if value == crate::NULL_PARTITION && !nulls.iter().any(|k| k == key) {
+                let null = value == crate::NULL_PARTITION || value.is_empty();
+                if null && !nulls.iter().any(|k| k == key) {
                     nulls.push(key.to_string());
                 }
                 if keys.iter().any(|k| k == key) {

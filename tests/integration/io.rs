@@ -749,4 +749,29 @@ fn null_partition_values_read_back_as_null() {
             .unwrap();
         assert_eq!(i64_column(&n, "n"), vec![Some(want)], "{query}");
     }
+    // A folder `k=` (as DataFusion's own writes name a null value's) reads as null too.
+    let empty = std::path::Path::new(out).join("k=");
+    std::fs::create_dir(&empty).unwrap();
+    let a_file = std::fs::read_dir(std::path::Path::new(out).join("k=a"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(&a_file, empty.join("x.parquet")).unwrap();
+    let back = c.read_parquet(out).unwrap();
+    assert_eq!(
+        back.filter(col("k").is_null()).unwrap().count().unwrap(),
+        60
+    );
+    assert_eq!(
+        back.filter(col("k").eq(lit(""))).unwrap().count().unwrap(),
+        0
+    );
+    let n = c
+        .sql_with_files("SELECT count(*) AS n FROM t WHERE k IS NULL", &[("t", out)])
+        .unwrap()
+        .collect()
+        .unwrap();
+    assert_eq!(i64_column(&n, "n"), vec![Some(60)]);
 }
