@@ -294,6 +294,16 @@ fn is_local(address: &str) -> bool {
         .any(|a| a.ip().is_loopback() || std::net::UdpSocket::bind((a.ip(), 0)).is_ok())
 }
 
+/// Ends the attached job of a command that ran on `cluster` with the command's result,
+/// whatever threads still hold the cluster.
+pub fn end_attached_job(cluster: Option<&cluster::Cluster>, ran: &Result<()>) {
+    if let Some(cluster) = cluster {
+        match ran {
+            Ok(()) => cluster.end_attached_job(0, ""),
+            Err(e) => cluster.end_attached_job(1, &e.to_string()),
+        }
+    }
+}
 impl Conn {
     fn resolve(&self) -> Result<(String, String)> {
         let dir = state_dir();

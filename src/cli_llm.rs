@@ -166,13 +166,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         &a.model,
         model.num_layers,
     );
-    // The job ends with the command's result, whatever threads still hold the cluster.
-    if let Some(cluster) = &cluster {
-        match &ran {
-            Ok(()) => cluster.end_attached_job(0, ""),
-            Err(e) => cluster.end_attached_job(1, &e.to_string()),
-        }
-    }
+    crate::cli_cluster::end_attached_job(cluster.as_ref(), &ran);
     ran
 }
 

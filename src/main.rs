@@ -174,13 +174,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 run_sql(&ctx, &query, &tables, format, output, explain, stats)
             })();
-            // The query's job ends here, whatever threads still hold the cluster.
-            if let Some(cluster) = &cluster {
-                match &ran {
-                    Ok(()) => cluster.end_attached_job(0, ""),
-                    Err(e) => cluster.end_attached_job(1, &e.to_string()),
-                }
-            }
+            cli_cluster::end_attached_job(cluster.as_ref(), &ran);
             ran
         }
     }

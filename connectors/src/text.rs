@@ -145,30 +145,24 @@ impl TextBytes {
         Ok(Self::Decoder(decoder))
     }
 
-    /// The next bytes, `None` at the end.
-    async fn next(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+    /// Appends the next bytes to `into`; `false` at the end.
+    async fn read_into(&mut self, name: &str, into: &mut Vec<u8>) -> Result<bool> {
         match self {
             Self::Stream(s) => match s.next().await {
-                Some(chunk) => Ok(Some(
-                    chunk.with_context(|| format!("reading {name}"))?.to_vec(),
-                )),
-                None => Ok(None),
+                Some(chunk) => {
+                    into.extend_from_slice(&chunk.with_context(|| format!("reading {name}"))?);
+                    Ok(true)
+                }
+                None => Ok(false),
             },
             Self::Decoder(r) => {
-                let mut piece = vec![0; TEXT_PIECE];
-                let n = loop {
-                    match r.read(&mut piece) {
-                        Ok(n) => break n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            return Err(
-                                VolleyError::from(e).context(format!("decompressing {name}"))
-                            )
-                        }
-                    }
-                };
-                piece.truncate(n);
-                Ok((n > 0).then_some(piece))
+                use std::io::Read;
+                let n = r
+                    .by_ref()
+                    .take(TEXT_PIECE as u64)
+                    .read_to_end(into)
+                    .map_err(|e| VolleyError::from(e).context(format!("decompressing {name}")))?;
+                Ok(n > 0)
             }
         }
     }
@@ -213,20 +207,18 @@ impl Lines {
                 self.chunks = Some(TextBytes::open(store, meta, &self.name).await?);
             }
             let chunks = self.chunks.as_mut().expect("opened");
-            match chunks.next(&self.name).await? {
-                Some(chunk) => {
-                    self.pending.extend_from_slice(&chunk);
-                    let from = self.scanned;
-                    self.ends.extend(
-                        self.pending[from..]
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, b)| **b == b'\n')
-                            .map(|(i, _)| from + i),
-                    );
-                    self.scanned = self.pending.len();
-                }
-                None => self.done = true,
+            if chunks.read_into(&self.name, &mut self.pending).await? {
+                let from = self.scanned;
+                self.ends.extend(
+                    self.pending[from..]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, b)| **b == b'\n')
+                        .map(|(i, _)| from + i),
+                );
+                self.scanned = self.pending.len();
+            } else {
+                self.done = true;
             }
         }
     }
