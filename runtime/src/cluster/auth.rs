@@ -67,10 +67,9 @@ pub fn program_args() -> Result<Vec<String>> {
         .collect()
 }
 
-/// `args` less the token (`--token T`, `--token=T`): the command line of a job's
-/// driver and workers, or of a process started in the background, which every user
-/// of a machine can read (`ps`). The token travels in `VOLLEY_TOKEN` or a file
-/// instead.
+/// `args` of a `volley` command less its token option (`--token T`, `--token=T`): the
+/// command line of a process `volley start` runs in the background, which every user
+/// of a machine can read (`ps`). The token travels in `VOLLEY_TOKEN` or a file instead.
 pub fn without_token(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut it = args.iter();
@@ -82,6 +81,23 @@ pub fn without_token(args: &[String]) -> Vec<String> {
         }
     }
     out
+}
+
+/// `args` with every occurrence of `token` replaced by `***`: the command line of an
+/// attached job's workers, which the head lists (`volley job list`, the dashboard) and
+/// every user of a node can read (`ps`). The arguments keep their places, so a
+/// program's own options (its own `--token` among them) still parse; the workers take
+/// the token from `VOLLEY_TOKEN`.
+pub fn redact_token(args: &[String], token: &str) -> Vec<String> {
+    args.iter()
+        .map(|a| {
+            if token.is_empty() {
+                a.clone()
+            } else {
+                a.replace(token, "***")
+            }
+        })
+        .collect()
 }
 
 /// Compares without an early exit, so the time taken says nothing about the token.
@@ -198,5 +214,37 @@ impl Interceptor for AddToken {
             }
         }
         Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn a_volley_commands_token_option_is_left_out() {
+        let args = strings(&[
+            "start",
+            "--token",
+            "s3cr3t",
+            "--block",
+            "--token=s3cr3t",
+            "-v",
+        ]);
+        assert_eq!(without_token(&args), strings(&["start", "--block", "-v"]));
+    }
+
+    #[test]
+    fn a_programs_arguments_keep_their_places_with_the_token_hidden() {
+        let args = strings(&["--token", "s3cr3t", "--hf-token", "other", "--key=s3cr3t"]);
+        assert_eq!(
+            redact_token(&args, "s3cr3t"),
+            strings(&["--token", "***", "--hf-token", "other", "--key=***"])
+        );
+        assert_eq!(redact_token(&args, ""), args);
     }
 }

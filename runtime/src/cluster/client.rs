@@ -674,7 +674,7 @@ impl Cluster {
         let (job_id, attached) = match volley_common::env_var("VOLLEY_JOB_ID")? {
             Some(j) => (j, false),
             None => (
-                rt.block_on(attach(head.clone(), address, options.share_workers))?,
+                rt.block_on(attach(head.clone(), address, token, options.share_workers))?,
                 true,
             ),
         };
@@ -1307,7 +1307,7 @@ async fn get_one(inner: &Inner, id: &str) -> Result<Vec<RecordBatch>> {
 }
 
 /// Uploads this program (unless the head has it) as the package of a new attached job.
-async fn attach(head: Head, address: &str, share_workers: bool) -> Result<String> {
+async fn attach(head: Head, address: &str, token: &str, share_workers: bool) -> Result<String> {
     let exe = std::env::current_exe()?;
     let name = exe
         .file_name()
@@ -1316,7 +1316,10 @@ async fn attach(head: Head, address: &str, share_workers: bool) -> Result<String
     let rel = format!("bin/{name}");
     let mut entrypoint = vec![rel.clone()];
     // Its workers run with these arguments: the token goes in their environment.
-    entrypoint.extend(super::auth::without_token(&super::auth::program_args()?));
+    entrypoint.extend(super::auth::redact_token(
+        &super::auth::program_args()?,
+        token,
+    ));
     let spec = proto::JobSpec {
         entrypoint,
         env: Default::default(),
