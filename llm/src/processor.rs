@@ -39,7 +39,9 @@ pub struct LlmConfig {
     /// Engine sizes (KV cache, batch).
     pub engine: EngineConfig,
     /// Sampling of every row. With a `seed`, each row's seed is derived from it and
-    /// the row's prompt, so results do not depend on how rows are batched.
+    /// the row's prompt tokens, so results do not depend on how rows are batched or
+    /// ordered, and rows with the same prompt get the same answer. Without one, rows
+    /// draw from the engine's sequence, in the order they reach it.
     pub sampling: SamplingParams,
     /// Column of prompt text; used when present.
     pub prompt_column: String,
