@@ -416,15 +416,33 @@ impl TableProvider for PlainStringFiles {
 /// Makes a table of the files a query names in quotes (`FROM 'data/*.parquet'`), with
 /// [`file_table`]; a name that does not look like a path (no `/`, `.` or `*`) is left
 /// for the catalog to report as an unknown table.
-#[derive(Debug)]
 pub struct FileTableFactory {
     state: SessionState,
+    live: std::sync::OnceLock<Box<dyn Fn() -> Option<SessionState> + Send + Sync>>,
+}
+
+impl std::fmt::Debug for FileTableFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileTableFactory").finish_non_exhaustive()
+    }
 }
 
 impl FileTableFactory {
     /// Tables read with `state`'s object stores and options.
     pub fn new(state: SessionState) -> Self {
-        Self { state }
+        Self {
+            state,
+            live: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Tables read with the session `live` returns at the time each table is made
+    /// (with the options a `SET` before it gave), where it returns one; `state`
+    /// otherwise. A factory is made before the session whose catalog holds it, so
+    /// the session is given afterwards (weakly held by `live`: a session holding
+    /// its factory holding it would never be freed). Only the first call counts.
+    pub fn follow(&self, live: impl Fn() -> Option<SessionState> + Send + Sync + 'static) {
+        let _ = self.live.set(Box::new(live));
     }
 }
 
@@ -437,7 +455,10 @@ impl UrlTableFactory for FileTableFactory {
         if !url.contains(['/', '.', '*']) {
             return Ok(None);
         }
-        Ok(Some(file_table(&self.state, url).await?))
+        match self.live.get().and_then(|live| live()) {
+            Some(state) => Ok(Some(file_table(&state, url).await?)),
+            None => Ok(Some(file_table(&self.state, url).await?)),
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{displayable, ExecutionPlan, Partitioning};
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
 use futures::StreamExt;
 use volley_common::{Result, ResultExt, VolleyError};
@@ -98,26 +98,31 @@ pub(crate) fn plan_sql(
     ));
     let catalogs = Arc::new(DynamicFileCatalog::new(
         Arc::clone(state.catalog_list()),
-        files_in_quotes,
+        Arc::clone(&files_in_quotes) as _,
     ));
     let state = SessionStateBuilder::new_from_existing(state)
         .with_catalog_list(catalogs)
         .build();
     let sctx = SessionContext::new_with_state(state);
+    let session = sctx.state_weak_ref();
+    files_in_quotes.follow(move || session.upgrade().map(|s| s.read().clone()));
     // The context's tables first: a table given to this query of the same name
     // replaces one of them.
     for (name, table) in ctx.registered_tables() {
         sctx.register_table(TableReference::bare(name.as_str()), table)
             .with_context(|| format!("registering table `{name}`"))?;
     }
+    // Compared resolved: `public.t` and `datafusion.public.t` name the context's `t`.
+    let catalog = sctx.state().config().options().catalog.clone();
+    let resolve = |r: TableReference| r.resolve(&catalog.default_catalog, &catalog.default_schema);
     let replaced = ctx
         .registered_tables()
         .into_iter()
-        .map(|(n, _)| TableReference::bare(n))
+        .map(|(n, _)| resolve(TableReference::bare(n)))
         .collect::<Vec<_>>();
     let register = |name: &str, table: Arc<dyn TableProvider>| {
         let reference = TableReference::from(name);
-        if replaced.contains(&reference) {
+        if replaced.contains(&resolve(reference.clone())) {
             sctx.deregister_table(reference.clone())?;
         }
         sctx.register_table(reference, table)
@@ -633,15 +638,18 @@ impl DataSource for PlanSource {
         let sorts_rows = sorts_rows(&physical);
         let sort_partitions = sort_partitions(&physical);
         let suspects = Arc::new(Suspects::of(&self.plan));
+        let config = self.state.config().clone();
         Ok((0..parts)
             .map(|i| {
                 let plan = Arc::clone(&physical);
                 let suspects = Arc::clone(&suspects);
+                let config = config.clone();
                 ReadTask::new(format!("{} partition {i}", self.name), 0, move |ctx| {
-                    let ctx = match sorts_rows && roomy(&ctx, sort_partitions) {
-                        true => with_batch_rows(&ctx, SORT_BATCH_ROWS),
-                        false => ctx,
+                    let rows = match sorts_rows && roomy(&ctx, sort_partitions) {
+                        true => SORT_BATCH_ROWS,
+                        false => 0,
                     };
+                    let ctx = with_config(&ctx, &config, rows);
                     let stream = plan.execute(i, ctx)?;
                     if suspects.is_empty() {
                         return Ok(stream);
@@ -877,16 +885,20 @@ fn sort_partitions(plan: &Arc<dyn ExecutionPlan>) -> usize {
     most
 }
 
-/// `ctx` with batches of at least `rows` rows.
-fn with_batch_rows(ctx: &Arc<TaskContext>, rows: usize) -> Arc<TaskContext> {
-    let config = ctx.session_config();
-    if config.batch_size() >= rows {
-        return Arc::clone(ctx);
-    }
+/// `ctx` (its memory pool, spill folders and functions) with the settings of the
+/// session the plan was made in, which a `SET datafusion.execution...` before the
+/// query changed (the executor's own context holds the settings the volley context
+/// started with), and batches of at least `rows` rows.
+fn with_config(ctx: &Arc<TaskContext>, config: &SessionConfig, rows: usize) -> Arc<TaskContext> {
+    let config = if config.batch_size() >= rows {
+        config.clone()
+    } else {
+        config.clone().with_batch_size(rows)
+    };
     Arc::new(TaskContext::new(
         ctx.task_id(),
         ctx.session_id(),
-        config.clone().with_batch_size(rows),
+        config,
         ctx.scalar_functions().clone(),
         ctx.higher_order_functions().clone(),
         ctx.aggregate_functions().clone(),
@@ -1188,7 +1200,8 @@ mod tests {
     fn larger_batches_keep_the_rest_of_the_context() {
         let session = SessionContext::new();
         let ctx = session.task_ctx();
-        let larger = with_batch_rows(&ctx, 4 * ctx.session_config().batch_size());
+        let config = ctx.session_config().clone();
+        let larger = with_config(&ctx, &config, 4 * ctx.session_config().batch_size());
         assert_eq!(
             larger.session_config().batch_size(),
             4 * ctx.session_config().batch_size()
@@ -1200,7 +1213,17 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&larger.runtime_env(), &ctx.runtime_env()));
         // Never smaller than configured.
-        let same = with_batch_rows(&ctx, 1);
-        assert!(Arc::ptr_eq(&same, &ctx));
+        let same = with_config(&ctx, &config, 1);
+        assert_eq!(same.session_config().batch_size(), config.batch_size());
+        // The plan's session's settings replace the executor's.
+        let set = config.clone().with_batch_size(100);
+        assert_eq!(
+            with_config(&ctx, &set, 0).session_config().batch_size(),
+            100
+        );
+        assert!(Arc::ptr_eq(
+            &with_config(&ctx, &set, 0).runtime_env(),
+            &ctx.runtime_env()
+        ));
     }
 }

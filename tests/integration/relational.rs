@@ -556,6 +556,16 @@ fn registered_files_serve_every_query_and_native_scans_explain() {
         .unwrap();
     assert_eq!(i64_column(&n, "n"), vec![Some(3000)]);
     assert_eq!(count(q, &[]), 55_000);
+    // Qualified, the name is the same table's.
+    assert_eq!(count(q, &[("public.facts", &d.dims)]), 3000);
+    assert_eq!(count(q, &[("datafusion.public.facts", &d.dims)]), 3000);
+    let n = d
+        .ctx
+        .sql(q, &[("public.facts", &dims)])
+        .unwrap()
+        .collect()
+        .unwrap();
+    assert_eq!(i64_column(&n, "n"), vec![Some(3000)]);
     // Names are SQL's: `Facts` replaces `facts`; a name of two parts is refused.
     d.ctx.register_files("Facts", &d.dims).unwrap();
     assert_eq!(count(q, &[]), 3000);
@@ -585,6 +595,58 @@ fn registered_files_serve_every_query_and_native_scans_explain() {
         .explain()
         .unwrap();
     assert!(plan.contains("DataSourceExec"), "{plan}");
+}
+
+#[test]
+fn a_set_before_a_query_reaches_its_execution_and_its_quoted_files() {
+    let d = Data::new();
+    // The executor's batches are the session's after the SET, not the context's.
+    let batches = d
+        .ctx
+        .sql(
+            &format!(
+                "SET datafusion.execution.batch_size = 100; SELECT id FROM '{}/'",
+                d.facts
+            ),
+            &[],
+        )
+        .unwrap()
+        .collect()
+        .unwrap();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 55_000);
+    let most = batches.iter().map(|b| b.num_rows()).max().unwrap();
+    assert!(most <= 100, "a batch of {most} rows");
+    // A file table in quotes is made with the options the SET gave.
+    let file = d.dir.path().join("bytes.parquet");
+    let batch = RecordBatch::try_from_iter([(
+        "b",
+        Arc::new(volley::arrow::array::BinaryArray::from_iter_values([
+            b"x".as_slice()
+        ])) as volley::arrow::array::ArrayRef,
+    )])
+    .unwrap();
+    let mut w = volley::datafusion::parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&file).unwrap(),
+        batch.schema(),
+        None,
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let q = format!(
+        "SET datafusion.execution.parquet.binary_as_string = true; \
+         SELECT arrow_typeof(b) AS t FROM '{}'",
+        file.display()
+    );
+    let t = d.ctx.sql(&q, &[]).unwrap().collect().unwrap();
+    let t = volley::arrow::compute::cast(t[0].column(0), &DataType::Utf8).unwrap();
+    let t = t
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap()
+        .value(0)
+        .to_string();
+    assert!(t.starts_with("Utf8"), "{t}");
 }
 
 #[test]
