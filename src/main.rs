@@ -202,11 +202,11 @@ fn run_sql(
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
-    let ds = ctx.sql_with_files(query, &files_ref)?;
     if explain {
-        println!("{}", ds.explain()?);
+        println!("{}", ctx.explain_sql(query, &files_ref)?);
         return Ok(());
     }
+    let ds = ctx.sql_with_files(query, &files_ref)?;
     if let Some(path) = output {
         let (fmt, compression) = volley::crates::connectors::WriteFormat::from_path(&path)
             .ok_or_else(|| {

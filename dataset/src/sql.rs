@@ -42,7 +42,7 @@ impl Context {
     /// (`FROM 'data/*.parquet'`) are read directly. Several `;`-separated statements
     /// may be given (`CREATE EXTERNAL TABLE`, `SET`); the last one is the result.
     pub fn sql(&self, query: &str, tables: &[(&str, &Dataset)]) -> Result<Dataset> {
-        plan_sql(self, query, tables, &[])
+        plan_sql(self, query, tables, &[], Statements::Run)
     }
 
     /// Registers files as a table that every later [`sql`](Context::sql) call of this
@@ -71,7 +71,41 @@ impl Context {
     /// (Parquet unless the path says `.csv`, `.json`, `.arrow`). DataFusion scans them
     /// directly.
     pub fn sql_with_files(&self, query: &str, files: &[(&str, &str)]) -> Result<Dataset> {
-        plan_sql(self, query, &[], files)
+        plan_sql(self, query, &[], files, Statements::Run)
+    }
+
+    /// The plan of the last statement of `query`, as [`Dataset::explain`] shows it,
+    /// with nothing run or written: the statements before it that only change the
+    /// session (`SET`, `CREATE VIEW`, `CREATE EXTERNAL TABLE`, `DROP`) take effect,
+    /// queries are planned, and a statement that writes or makes data (`INSERT`,
+    /// `COPY`, `CREATE TABLE ... AS`) is refused, named (the last one may be an
+    /// `INSERT` or a `COPY`: it is explained). `files` as in
+    /// [`sql_with_files`](Context::sql_with_files).
+    pub fn explain_sql(&self, query: &str, files: &[(&str, &str)]) -> Result<String> {
+        plan_sql(self, query, &[], files, Statements::Plan)?.explain()
+    }
+}
+
+/// What [`plan_sql`] does with the statements of a script.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Statements {
+    /// Those before the last run to their end, in order; the last one is the result.
+    Run,
+    /// Only those that change the session run (to plan the last one); none writes.
+    Plan,
+}
+
+/// Whether `plan`, taken as a statement, writes or makes data: what explaining a
+/// script must not run. The last statement's `INSERT` or `COPY` is only planned;
+/// `CREATE TABLE ... AS` runs its query as soon as it is taken, wherever it stands.
+fn writes_data(plan: &LogicalPlan, is_last: bool) -> bool {
+    use datafusion::logical_expr::DdlStatement;
+    match plan {
+        LogicalPlan::Dml(_) | LogicalPlan::Copy(_) => !is_last,
+        LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(c)) => {
+            !matches!(&*c.input, LogicalPlan::EmptyRelation(e) if !e.produce_one_row)
+        }
+        _ => false,
     }
 }
 
@@ -81,6 +115,7 @@ pub(crate) fn plan_sql(
     query: &str,
     tables: &[(&str, &Dataset)],
     files: &[(&str, &str)],
+    statements: Statements,
 ) -> Result<Dataset> {
     // A catalog of its own: the tables of one query do not leak into another.
     let catalogs = Arc::new(MemoryCatalogProviderList::new());
@@ -135,6 +170,7 @@ pub(crate) fn plan_sql(
         let table = file_table(ctx, path)?;
         register(name, table).with_context(|| format!("registering table `{name}` = {path}"))?;
     }
+    let mode = statements;
     let statements = DFParser::parse_sql(query).map_err(|e| {
         // The parser's own sentence ("sql parser error: Expected: ..."), not the
         // enum DataFusion's message wraps it in.
@@ -156,10 +192,18 @@ pub(crate) fn plan_sql(
             .block_on(async {
                 let state = sctx.state();
                 let plan = state.statement_to_plan(statement).await?;
-                // DDL (CREATE EXTERNAL TABLE, SET, DROP) takes effect now.
+                if mode == Statements::Plan && writes_data(&plan, is_last) {
+                    return Err(datafusion::error::DataFusionError::Plan(
+                        "explaining runs no statement that writes or makes data \
+                         (INSERT, COPY, CREATE TABLE ... AS before the last)"
+                            .into(),
+                    ));
+                }
+                // DDL (CREATE EXTERNAL TABLE, SET, DROP) takes effect now; a query,
+                // an INSERT or a COPY is only planned.
                 let df = sctx.execute_logical_plan(plan).await?;
                 let plan = df.logical_plan().clone();
-                if !is_last {
+                if !is_last && mode == Statements::Run {
                     // A statement before the last runs to its end here, in order (an
                     // INSERT or a COPY writes, a query's errors show), its rows
                     // dropped: the last one's rows are the answer.

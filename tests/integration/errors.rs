@@ -552,6 +552,35 @@ fn several_sql_statements_run_in_order() {
     let text = std::fs::read_to_string(&copied).unwrap();
     assert_eq!(text.lines().collect::<Vec<_>>(), ["b", "10", "20", "30"]);
 
+    // Explained, nothing runs: statements that write are refused, those that only
+    // change the session take effect, the last one's INSERT or COPY is planned.
+    std::fs::remove_file(&copied).unwrap();
+    let out = volley_sql(&[&query, "--explain"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("in statement 2") && err.contains("writes or makes data"),
+        "{err}"
+    );
+    assert!(!copied.exists());
+    let only_the_last = format!(
+        "SET datafusion.execution.batch_size = 100; CREATE TABLE t (a INT); \
+         CREATE VIEW v AS SELECT a FROM t; COPY (SELECT a FROM v) TO '{}' STORED AS CSV",
+        copied.display()
+    );
+    let out = volley_sql(&[&only_the_last, "--explain"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!copied.exists());
+    let out = volley_sql(&[
+        "CREATE TABLE u AS SELECT 1 AS a; SELECT a FROM u",
+        "--explain",
+    ]);
+    assert!(!out.status.success());
+
     let out = volley_sql(&["SELECT 1 / 0; SELECT 2 AS b"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
