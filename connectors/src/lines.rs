@@ -52,13 +52,16 @@ impl CsvDialect {
     }
 
     /// The first `records` records of the text `chunks` hold (all of them where they
-    /// hold fewer, or those in the first 64 MiB), as one piece that ends where a record
-    /// ends: never inside a quoted value, however its line breaks fall.
+    /// hold fewer, or those in the first `most` bytes), as one piece that ends where a
+    /// record ends: never inside a quoted value, however its line breaks fall. `None`
+    /// where no record ends in the first `most` bytes (a quote left open would
+    /// otherwise take in the whole file).
     pub(crate) async fn first_records<S, E>(
         &self,
         mut chunks: S,
         records: usize,
-    ) -> Result<Vec<u8>, E>
+        most: usize,
+    ) -> Result<Option<Vec<u8>>, E>
     where
         S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     {
@@ -67,7 +70,6 @@ impl CsvDialect {
         let mut reader = self.reader();
         // Fields and their ends are not looked at: written over at every call.
         let (mut out, mut ends) = (vec![0u8; 1 << 16], vec![0usize; 1 << 10]);
-        const MOST: usize = 64 << 20;
         let (mut head, mut seen, mut whole) = (Vec::new(), 0, 0);
         loop {
             let chunk = chunks.next().await.transpose()?;
@@ -85,18 +87,20 @@ impl CsvDialect {
                     ReadRecordResult::Record => {
                         seen += 1;
                         whole = head.len();
-                        if seen >= records {
-                            return Ok(head);
+                        if seen >= records || head.len() > most {
+                            return Ok(Some(head));
                         }
                     }
-                    ReadRecordResult::End => return Ok(head),
-                    // (An unclosed quote would take in the whole file.)
-                    ReadRecordResult::InputEmpty if head.len() > MOST && whole > 0 => {
+                    ReadRecordResult::End => return Ok(Some(head)),
+                    ReadRecordResult::InputEmpty if head.len() > most => {
+                        if whole == 0 {
+                            return Ok(None);
+                        }
                         head.truncate(whole);
-                        return Ok(head);
+                        return Ok(Some(head));
                     }
                     ReadRecordResult::InputEmpty if chunk.is_some() => {}
-                    ReadRecordResult::InputEmpty => return Ok(head),
+                    ReadRecordResult::InputEmpty => return Ok(Some(head)),
                     ReadRecordResult::OutputFull | ReadRecordResult::OutputEndsFull => {}
                 }
             }
@@ -405,10 +409,12 @@ mod tests {
                 pieces.push(Ok::<_, ()>(bytes::Bytes::from(text[at..c].to_string())));
                 at = c;
             }
-            let got = futures::executor::block_on(
-                dialect.first_records(futures::stream::iter(pieces), n),
-            );
-            String::from_utf8(got.unwrap()).unwrap()
+            let got = futures::executor::block_on(dialect.first_records(
+                futures::stream::iter(pieces),
+                n,
+                usize::MAX,
+            ));
+            String::from_utf8(got.unwrap().unwrap()).unwrap()
         };
         for cut in [vec![], vec![7], vec![6, 8, 15], (1..text.len()).collect()] {
             assert_eq!(take(&cut, 1), "a,b\n", "{cut:?}");
@@ -416,6 +422,44 @@ mod tests {
             assert_eq!(take(&cut, 3), "a,b\n1,\"x\ny\"\n2,\"p, \nq\"\n", "{cut:?}");
             assert_eq!(take(&cut, 9), text, "{cut:?}");
         }
+    }
+
+    /// A quote left open in the first record is found within the bytes allowed, not
+    /// after the whole file is read.
+    #[test]
+    fn an_unclosed_quote_stops_at_the_limit() {
+        use futures::StreamExt;
+        let dialect = CsvDialect {
+            delimiter: b',',
+            quote: b'"',
+            escape: None,
+            terminator: None,
+            comment: None,
+        };
+        let pulled = std::sync::atomic::AtomicUsize::new(0);
+        let chunks = std::iter::once("a,\"b\n".to_string())
+            .chain(std::iter::repeat_n("1,2\n".repeat(256), 1000))
+            .map(|c| Ok::<_, ()>(bytes::Bytes::from(c)));
+        let stream = futures::stream::iter(chunks).inspect(|_| {
+            pulled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        let got = futures::executor::block_on(dialect.first_records(stream, 10, 4096));
+        assert_eq!(got, Ok(None));
+        assert!(pulled.into_inner() <= 6);
+        // A long file whose records end is cut where the last whole record ends.
+        let chunks = std::iter::repeat_n("1,2\n".repeat(256), 1000)
+            .map(|c| Ok::<_, ()>(bytes::Bytes::from(c)));
+        let got = futures::executor::block_on(dialect.first_records(
+            futures::stream::iter(chunks),
+            usize::MAX,
+            4096,
+        ));
+        let got = got.unwrap().unwrap();
+        assert!(
+            got.len() <= 4096 + 1024 && got.ends_with(b"1,2\n"),
+            "{}",
+            got.len()
+        );
     }
 
     #[test]

@@ -746,12 +746,22 @@ async fn csv_schema(
         .boxed();
     let text = FileCompressionType::from(options.compression).convert_stream(raw)?;
     let head = CsvDialect::of(options)
-        .first_records(text, max + usize::from(header))
-        .await?;
+        .first_records(text, max + usize::from(header), CSV_INFERENCE_BYTES)
+        .await?
+        .ok_or_else(|| {
+            DataFusionError::Execution(format!(
+                "{}: no CSV record ends in its first {} MiB (a quote left open?)",
+                meta.location,
+                CSV_INFERENCE_BYTES >> 20
+            ))
+        })?;
     let one = futures::stream::once(async { Ok(bytes::Bytes::from(head)) });
     let (schema, records) = csv.infer_schema_from_stream(state, max, one).await?;
     Ok((Arc::new(schema), records))
 }
+
+/// The most bytes of a CSV file its schema is inferred from.
+const CSV_INFERENCE_BYTES: usize = 64 << 20;
 
 /// Whether `schema` has a column of no type (null in every record inference read), at
 /// its top or inside a list, struct or map.
