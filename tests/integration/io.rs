@@ -51,8 +51,11 @@ fn a_write_to_many_partition_values_keeps_few_files_open_and_loses_nothing() {
     let c = ctx();
     let out = dir.path().join("many");
     let out = out.to_str().unwrap();
+    // 100 values in every batch of a task's 200,000 rows: more values than files it
+    // keeps open, yet a file per value (the rows of the others wait in memory), not
+    // one per value per batch.
     let summary = c
-        .range(20_000)
+        .range(200_000)
         .with_column("k", col("id") % lit(100i64))
         .unwrap()
         .repartition(1)
@@ -61,12 +64,45 @@ fn a_write_to_many_partition_values_keeps_few_files_open_and_loses_nothing() {
         .partition_by(&["k"])
         .run()
         .unwrap();
-    assert_eq!(summary.rows, 20_000);
-    assert!(summary.files.len() >= 100, "{}", summary.files.len());
+    assert_eq!(summary.rows, 200_000);
+    assert_eq!(summary.files.len(), 100, "{:?}", &summary.files[..5]);
     let back = c.read_csv(out).unwrap();
-    assert_eq!(back.count().unwrap(), 20_000);
+    assert_eq!(back.count().unwrap(), 200_000);
     let seven = back.filter(col("k").eq(lit("7"))).unwrap();
-    assert_eq!(seven.count().unwrap(), 200);
+    assert_eq!(seven.count().unwrap(), 2000);
+    let sum = back.aggregate([agg::sum("id")]).unwrap().collect().unwrap();
+    assert_eq!(
+        i64_column(&sum, "sum(id)"),
+        vec![Some(199_999 * 200_000 / 2)]
+    );
+    // Cut at a row count too: 2,000 rows a value in files of 500, in the order written.
+    let out = dir.path().join("cut");
+    let summary = c
+        .range(200_000)
+        .with_column("k", col("id") % lit(100i64))
+        .unwrap()
+        .repartition(1)
+        .unwrap()
+        .write(out.to_str().unwrap(), WriteFormat::Csv)
+        .partition_by(&["k"])
+        .max_rows_per_file(500)
+        .run()
+        .unwrap();
+    assert_eq!(summary.files.len(), 400);
+    let mut seven: Vec<_> = summary
+        .files
+        .iter()
+        .filter(|f| f.starts_with("k=7/"))
+        .collect();
+    seven.sort();
+    let mut ids = Vec::new();
+    for f in seven {
+        let text = std::fs::read_to_string(out.join(f)).unwrap();
+        let rows: Vec<i64> = text.lines().skip(1).map(|l| l.parse().unwrap()).collect();
+        assert_eq!(rows.len(), 500, "{f}");
+        ids.extend(rows);
+    }
+    assert_eq!(ids, (0..2000).map(|i| 7 + 100 * i).collect::<Vec<i64>>());
 }
 
 #[test]

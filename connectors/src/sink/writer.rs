@@ -21,13 +21,26 @@ use super::{Compression, StagedPart, WriteFormat, WriteOptions, WriteSummary};
 
 /// Files a task attempt keeps open at once (one per partition value it writes to): each
 /// holds buffers (1 MiB for text, up to a row group's rows for Parquet) and a file
-/// handle. Past it, the most recently written one is closed (a batch's partitions are
-/// written one after the other, in the order each batch first shows them: the last
-/// written is the one needed again latest, so the others stay open from batch to
-/// batch), and the next rows of its partition go to a new file: a write partitioned by
-/// a column of thousands of values stays within memory and the process's open-file
-/// limit.
+/// handle. Rows of other partition values wait in memory ([`PENDING_BYTES`]) and go
+/// out in pieces of [`PENDING_PIECE_BYTES`], each closing the file written least
+/// recently and opening one: a write partitioned by a column of thousands of values
+/// stays within memory and the process's open-file limit, and makes a file per piece,
+/// not one per value per batch.
 const MAX_OPEN_FILES: usize = 32;
+
+/// The most bytes of rows a task attempt holds for partition values without an open
+/// file; past it, the partition holding most goes out.
+const PENDING_BYTES: usize = 32 << 20;
+
+/// Rows held for one partition value that go out at once.
+const PENDING_PIECE_BYTES: usize = 4 << 20;
+
+/// Rows of one partition value held until its file is opened.
+#[derive(Default)]
+struct Pending {
+    batches: Vec<RecordBatch>,
+    bytes: usize,
+}
 
 /// A byte sink, maybe compressed.
 enum ByteSink {
@@ -97,6 +110,9 @@ pub struct PartWriter {
     local_dir: PathBuf,
     upload: Option<(Arc<dyn ObjectStore>, Path, tokio::runtime::Handle)>,
     open: HashMap<String, OpenFile>,
+    /// Rows of partition values without an open file, and their bytes in all.
+    pending: HashMap<String, Pending>,
+    pending_bytes: usize,
     counter: usize,
     /// Pieces written so far: what the open files' `used` counts.
     pieces: u64,
@@ -118,6 +134,8 @@ impl PartWriter {
             local_dir,
             upload,
             open: HashMap::new(),
+            pending: HashMap::new(),
+            pending_bytes: 0,
             counter: 0,
             pieces: 0,
             summary: WriteSummary::default(),
@@ -171,9 +189,44 @@ impl PartWriter {
         let data = batch.project(&keep)?;
         for (key, rows) in groups {
             let part = take_record_batch(&data, &UInt32Array::from(rows))?;
-            self.write_to(key, &part)?;
+            // (Rows already held go first: a partition's rows keep their order.)
+            if !self.pending.contains_key(&key)
+                && (self.open.contains_key(&key) || self.open.len() < MAX_OPEN_FILES)
+            {
+                self.write_to(key, &part)?;
+                continue;
+            }
+            let bytes = part.get_array_memory_size();
+            let pending = self.pending.entry(key.clone()).or_default();
+            pending.batches.push(part);
+            pending.bytes += bytes;
+            self.pending_bytes += bytes;
+            if pending.bytes >= PENDING_PIECE_BYTES {
+                self.write_pending(&key)?;
+            }
+        }
+        while self.pending_bytes > PENDING_BYTES {
+            let most = self
+                .pending
+                .iter()
+                .max_by_key(|(_, p)| p.bytes)
+                .map(|(k, _)| k.clone())
+                .expect("rows are held");
+            self.write_pending(&most)?;
         }
         Ok(())
+    }
+
+    /// Writes the rows held for partition `folder` (into a file opened for them).
+    fn write_pending(&mut self, folder: &str) -> Result<()> {
+        let Some(pending) = self.pending.remove(folder) else {
+            return Ok(());
+        };
+        self.pending_bytes -= pending.bytes;
+        let schema = pending.batches[0].schema();
+        let rows = arrow::compute::concat_batches(&schema, &pending.batches)?;
+        drop(pending);
+        self.write_to(folder.to_string(), &rows)
     }
 
     /// Writes `batch` into the open file of `folder`, starting a new file wherever the
@@ -195,13 +248,13 @@ impl PartWriter {
     fn write_piece(&mut self, folder: String, batch: &RecordBatch) -> Result<()> {
         if !self.open.contains_key(&folder) {
             if self.open.len() >= MAX_OPEN_FILES {
-                let latest = self
+                let least_recent = self
                     .open
                     .iter()
-                    .max_by_key(|(_, f)| f.used)
+                    .min_by_key(|(_, f)| f.used)
                     .map(|(k, _)| k.clone())
                     .expect("files are open");
-                let file = self.open.remove(&latest).expect("present");
+                let file = self.open.remove(&least_recent).expect("present");
                 self.close(file)?;
             }
             let file = self.open_file(&folder, batch.schema())?;
@@ -361,6 +414,11 @@ impl PartWriter {
 
     /// Closes every open file and reports what this attempt staged.
     pub fn finish(mut self) -> Result<StagedPart> {
+        let mut held: Vec<String> = self.pending.keys().cloned().collect();
+        held.sort();
+        for folder in held {
+            self.write_pending(&folder)?;
+        }
         let mut open: Vec<(String, OpenFile)> = self.open.drain().collect();
         open.sort_by(|a, b| a.0.cmp(&b.0));
         for (_, file) in open {
