@@ -10,7 +10,7 @@ use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use datafusion::execution::object_store::{DefaultObjectStoreRegistry, ObjectStoreRegistry};
 use futures::TryStreamExt;
 use object_store::memory::InMemory;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use volley_connectors::{RemotePart, StagedPart, WriteFormat, WriteJob, WriteOptions};
 
 fn batch(start: i64, n: i64, city: &str) -> RecordBatch {
@@ -246,20 +246,13 @@ fn a_superseded_attempt_leaves_nothing_in_an_object_store_destination() {
             .map(|f| format!("data/out/{f}"))
             .collect::<Vec<_>>()
     );
-    // The late attempt uploads after the commit: into staging beside the destination,
-    // never into it; when it learns it was superseded it removes its upload.
+    // The late attempt goes on after the commit: it finds the staging's marker gone
+    // and fails without uploading (nothing in staging for it to clean up, even if it
+    // never learns it was superseded).
     go.send(()).unwrap();
     let late = stale.join().unwrap();
-    assert_eq!(
-        list("data/out"),
-        committed,
-        "nothing late in the destination"
-    );
-    if late.is_ok() {
-        part0
-            .discard(registry.as_ref(), "00000", "0", io.clone())
-            .unwrap();
-    }
+    let e = late.unwrap_err().to_string();
+    assert!(e.contains("staging") && e.contains("is gone"), "{e}");
     assert_eq!(list(""), committed, "nothing else anywhere in the bucket");
 }
 
@@ -325,4 +318,97 @@ fn runs_of_one_attempt_number_stage_apart() {
     let summary = job.commit(vec![new.clone()]).unwrap();
     assert_eq!(summary.rows, 200);
     assert_eq!(local_files(&dest), new.summary.files);
+}
+
+/// A write that refuses an existing destination looks again when it commits: what
+/// another writer put there meanwhile is neither replaced nor joined.
+#[test]
+fn a_destination_written_meanwhile_is_left_to_its_writer() {
+    let rt = runtime();
+    let io = rt.handle().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStoreRegistry> = Arc::new(DefaultObjectStoreRegistry::new());
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let memory = Arc::new(DefaultObjectStoreRegistry::new());
+    memory.register_store(
+        &url::Url::parse("memory://bucket/").unwrap(),
+        Arc::clone(&store),
+    );
+    let memory: Arc<dyn ObjectStoreRegistry> = memory;
+    // (destination, single file, what the other writer puts there, where)
+    let folder = dir.path().join("folder");
+    let file = dir.path().join("one.csv");
+    let cases: Vec<(String, bool, Box<dyn Fn()>, &Arc<dyn ObjectStoreRegistry>)> = vec![
+        (
+            folder.to_str().unwrap().to_string(),
+            false,
+            Box::new(|| {
+                std::fs::create_dir(&folder).unwrap();
+                std::fs::write(folder.join("theirs.csv"), "x\n1\n").unwrap();
+            }),
+            &local,
+        ),
+        (
+            file.to_str().unwrap().to_string(),
+            true,
+            Box::new(|| std::fs::write(&file, "x\n1\n").unwrap()),
+            &local,
+        ),
+        (
+            "memory://bucket/data/out".to_string(),
+            false,
+            Box::new(|| {
+                let store = Arc::clone(&store);
+                rt.block_on(async move {
+                    let at = object_store::path::Path::from("data/out/theirs.csv");
+                    store.put(&at, "x\n1\n".into()).await.unwrap();
+                });
+            }),
+            &memory,
+        ),
+    ];
+    for (dest, single, other_writer, registry) in cases {
+        let mut options = WriteOptions::new(WriteFormat::Csv);
+        options.single_file = single;
+        let job = WriteJob::try_new(
+            &dest,
+            options,
+            registry.as_ref(),
+            Some(dir.path()),
+            io.clone(),
+        )
+        .unwrap();
+        let part = job
+            .remote_part()
+            .write(
+                vec![Ok(batch(0, 10, "paris"))].into_iter(),
+                registry.as_ref(),
+                dir.path(),
+                "00000",
+                "0",
+                io.clone(),
+            )
+            .unwrap();
+        other_writer();
+        let e = job.commit(vec![part]).unwrap_err().to_string();
+        assert!(e.contains("while this write ran"), "{dest}: {e}");
+    }
+    assert_eq!(local_files(&folder), ["theirs.csv"]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x\n1\n");
+    let listed: Vec<String> = rt
+        .block_on(async {
+            store
+                .list(None)
+                .map_ok(|m| m.location.to_string())
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .unwrap();
+    assert_eq!(listed, ["data/out/theirs.csv"]);
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("volley"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -266,13 +266,19 @@ impl RemotePart {
                 let local = scratch.join(format!("volley-part-{folder}"));
                 std::fs::create_dir_all(&local)
                     .with_context(|| format!("creating {}", local.display()))?;
-                let dest = writer::store_path(staging)?.join(folder.as_str());
+                let staging = writer::store_path(staging)?;
+                let upload = writer::Upload {
+                    store,
+                    folder: staging.clone().join(folder.as_str()),
+                    live: staging.join(LIVE_MARKER),
+                    io,
+                };
                 PartWriter::new(
                     self.options.clone(),
                     prefix.clone(),
                     folder,
                     local,
-                    Some((store, dest, io)),
+                    Some(upload),
                 )
             }
         };
@@ -510,18 +516,7 @@ impl WriteJob {
             // An object named `dest` (a file) and objects under `dest/` (a folder): a
             // listing shows only the second.
             let (file, folder) = io
-                .block_on(async {
-                    use futures::StreamExt;
-                    // (A bucket's root is no object.)
-                    let file = !prefix.as_ref().is_empty()
-                        && match store.head(&prefix).await {
-                            Ok(_) => true,
-                            Err(object_store::Error::NotFound { .. }) => false,
-                            Err(e) => return Err(e),
-                        };
-                    let mut list = store.list(Some(&prefix));
-                    Ok((file, list.next().await.transpose()?.is_some()))
-                })
+                .block_on(occupied(store.as_ref(), &prefix, None))
                 .with_context(|| format!("listing {dest}"))?;
             if (file || folder) && options.mode == WriteMode::ErrorIfExists {
                 return Err(VolleyError::plan(format!(
@@ -553,6 +548,8 @@ impl WriteJob {
                 ),
                 None => Path::from(format!("_volley_staging-{id}")),
             };
+            io.block_on(store.put(&staging.clone().join(LIVE_MARKER), Default::default()))
+                .with_context(|| format!("staging the write of {dest}"))?;
             let base = scratch_dir
                 .map(FsPath::to_path_buf)
                 .unwrap_or_else(std::env::temp_dir);
@@ -609,13 +606,18 @@ impl WriteJob {
                 let local = scratch.join(&folder);
                 std::fs::create_dir_all(&local)
                     .with_context(|| format!("creating {}", local.display()))?;
-                let dest = staging.clone().join(folder.as_str());
+                let upload = writer::Upload {
+                    store: Arc::clone(store),
+                    folder: staging.clone().join(folder.as_str()),
+                    live: staging.clone().join(LIVE_MARKER),
+                    io: self.io.clone(),
+                };
                 Ok(PartWriter::new(
                     self.options.clone(),
                     prefix,
                     folder,
                     local,
-                    Some((Arc::clone(store), dest, self.io.clone())),
+                    Some(upload),
                 ))
             }
         }
@@ -736,12 +738,29 @@ impl WriteJob {
                     .with_context(|| format!("moving staged {f} of {}", p.folder))?;
             }
         }
+        let refuse = self.options.mode == WriteMode::ErrorIfExists;
         if self.options.single_file {
             let file = ready.join(&summary.files[0]);
+            if refuse {
+                // A link, unlike a rename, fails where the name was taken meanwhile.
+                match std::fs::hard_link(&file, dest) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return Err(made_meanwhile(&dest.display().to_string()))
+                    }
+                    // (A file system without links.)
+                    Err(_) if dest.exists() || dest.is_symlink() => {
+                        return Err(made_meanwhile(&dest.display().to_string()))
+                    }
+                    Err(_) => {}
+                }
+            }
             // A file is replaced by the rename itself; a folder made meanwhile fails it.
             std::fs::rename(&file, dest)?;
         } else if !dest.exists() {
             std::fs::rename(&ready, dest)?;
+        } else if refuse {
+            return Err(made_meanwhile(&dest.display().to_string()));
         } else if self.options.mode == WriteMode::Overwrite {
             let trash = staging.join("old");
             std::fs::rename(dest, &trash)?;
@@ -781,6 +800,16 @@ impl WriteJob {
         staging: &Path,
         parts: &[StagedPart],
     ) -> std::result::Result<(), RemoteCommitError> {
+        if self.options.mode == WriteMode::ErrorIfExists {
+            // Looked at again: something may have been written there meanwhile.
+            let (file, folder) = self
+                .io
+                .block_on(occupied(store.as_ref(), dest, Some(staging)))
+                .map_err(|e| RemoteCommitError::Untouched(e.into()))?;
+            if file || folder {
+                return Err(RemoteCommitError::Untouched(made_meanwhile(dest.as_ref())));
+            }
+        }
         let store = Arc::clone(store);
         let (dest, staging) = (dest.clone(), staging.clone());
         let overwrite = self.options.mode == WriteMode::Overwrite;
@@ -870,14 +899,20 @@ impl WriteJob {
             } => {
                 let store = Arc::clone(store);
                 let staging = staging.clone();
-                let _ = self
-                    .io
-                    .block_on(async move { delete_prefix(store.as_ref(), &staging).await });
+                // The marker first: attempts still running stop uploading.
+                let _ = self.io.block_on(async move {
+                    let _ = store.delete(&staging.clone().join(LIVE_MARKER)).await;
+                    delete_prefix(store.as_ref(), &staging).await
+                });
                 std::fs::remove_dir_all(scratch).ok();
             }
         }
     }
 }
+
+/// The object in an object-store write's staging that says it still takes attempts'
+/// files: made when the write starts, deleted first when it ends.
+pub(crate) const LIVE_MARKER: &str = "_live";
 
 /// Why moving a write's staged files into place in an object store failed.
 #[derive(Debug)]
@@ -922,4 +957,38 @@ fn move_tree(from: &FsPath, to: &FsPath) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `prefix` in `store` names an object (a file) and whether objects lie under
+/// it (a folder), leaving out those under `ignore` (a write's own staging, which at a
+/// bucket's root lies inside it).
+async fn occupied(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    ignore: Option<&Path>,
+) -> object_store::Result<(bool, bool)> {
+    use futures::StreamExt;
+    // (A bucket's root is no object.)
+    let file = !prefix.as_ref().is_empty()
+        && match store.head(prefix).await {
+            Ok(_) => true,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(e) => return Err(e),
+        };
+    let mut list = store.list(Some(prefix));
+    while let Some(o) = list.next().await.transpose()? {
+        if !ignore.is_some_and(|i| o.location.prefix_matches(i)) {
+            return Ok((file, true));
+        }
+    }
+    Ok((file, false))
+}
+
+/// The error of a write refusing to replace what was written at `dest` while it ran
+/// (it found nothing there when it started).
+fn made_meanwhile(dest: &str) -> VolleyError {
+    VolleyError::execution(format!(
+        "destination {dest} was written by someone else while this write ran; nothing \
+         of this write was put there (choose overwrite or append mode to replace or add)"
+    ))
 }

@@ -14,7 +14,7 @@ use super::parquet::{ParquetFileWriter, ROW_GROUP_ROWS};
 use datafusion::parquet::basic::{Compression as PqCompression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use object_store::path::Path;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use volley_common::{Result, ResultExt, VolleyError};
 
 use super::{Compression, StagedPart, WriteFormat, WriteOptions, WriteSummary};
@@ -40,6 +40,17 @@ const PENDING_PIECE_BYTES: usize = 4 << 20;
 struct Pending {
     batches: Vec<RecordBatch>,
     bytes: usize,
+}
+
+/// Where an attempt writing to an object store uploads its files.
+pub(crate) struct Upload {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    /// The attempt's folder in the write's staging.
+    pub(crate) folder: Path,
+    /// The staging's marker ([`super::LIVE_MARKER`]): while it exists, the write takes
+    /// attempts' files.
+    pub(crate) live: Path,
+    pub(crate) io: tokio::runtime::Handle,
 }
 
 /// A byte sink, maybe compressed.
@@ -108,7 +119,7 @@ pub struct PartWriter {
     /// scratch folder they are uploaded from (object stores). It exists already; files
     /// and partition folders are only ever made below it.
     local_dir: PathBuf,
-    upload: Option<(Arc<dyn ObjectStore>, Path, tokio::runtime::Handle)>,
+    upload: Option<Upload>,
     open: HashMap<String, OpenFile>,
     /// Rows of partition values without an open file, and their bytes in all.
     pending: HashMap<String, Pending>,
@@ -125,7 +136,7 @@ impl PartWriter {
         prefix: String,
         folder: String,
         local_dir: PathBuf,
-        upload: Option<(Arc<dyn ObjectStore>, Path, tokio::runtime::Handle)>,
+        upload: Option<Upload>,
     ) -> Self {
         Self {
             options,
@@ -389,8 +400,27 @@ impl PartWriter {
         }
         let size = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
         self.summary.bytes += size;
-        if let Some((store, staging, io)) = &self.upload {
-            let target = Path::from_iter(staging.parts().chain(store_path(&relative)?.parts()));
+        if let Some(Upload {
+            store,
+            folder,
+            live,
+            io,
+        }) = &self.upload
+        {
+            // A write that was committed or abandoned without this attempt removed its
+            // marker first: this attempt stops instead of staging again.
+            match io.block_on(store.head(live)) {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(VolleyError::execution(format!(
+                        "the write's staging {} is gone: the write was committed or \
+                         abandoned without this attempt",
+                        live.as_ref().trim_end_matches(super::LIVE_MARKER)
+                    )))
+                }
+                Err(e) => return Err(VolleyError::from(e).context(format!("uploading {relative}"))),
+            }
+            let target = Path::from_iter(folder.parts().chain(store_path(&relative)?.parts()));
             io.block_on(upload(Arc::clone(store), target, &local))
                 .with_context(|| format!("uploading {relative}"))?;
             std::fs::remove_file(&local).ok();
