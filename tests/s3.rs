@@ -105,6 +105,16 @@ fn s3_round_trip() {
         (0..100_000i64).sum::<i64>()
     );
 
+    // A glob in a URL picks files (a `?` in it is no URL query).
+    let globbed = c
+        .read_parquet("s3://volley/data/numbers/part-*.parquet")
+        .unwrap();
+    assert_eq!(globbed.count().unwrap(), 100_000);
+    let one = c
+        .read_parquet("s3://volley/data/numbers/part-????????-00000*")
+        .unwrap();
+    assert!(one.count().unwrap() > 0);
+
     // pushdown works remotely too
     let few = back.filter(col("id").lt(lit(10i64))).unwrap();
     assert_eq!(few.count().unwrap(), 10);
@@ -116,7 +126,10 @@ fn s3_round_trip() {
         1000
     );
     let n = c
-        .sql("SELECT count(*) AS n FROM 's3://volley/data/numbers/'", &[])
+        .sql(
+            "SELECT count(*) AS n FROM 's3://volley/data/numbers/*.parquet'",
+            &[],
+        )
         .unwrap()
         .collect_batch()
         .unwrap();

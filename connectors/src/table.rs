@@ -56,7 +56,7 @@ fn listing_options(state: &SessionState, path: &str) -> (ListingOptions, bool) {
         _ => (last, String::new()),
     };
     let ext = stem.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
-    let glob = path.contains(['*', '?', '[']);
+    let glob = crate::is_glob(path);
     let named_file = !lower.contains("://") && !glob && std::path::Path::new(path).is_file();
     // The extension files must end in: any, for a file named on its own, or for a glob
     // that names the extension (`*.CSV`: the glob matches its case, the filter would

@@ -460,6 +460,32 @@ fn globs_and_lists_of_paths() {
         dir.path().join("f2.csv").to_str().unwrap().to_string(),
     ];
     assert_eq!(c.read_csv(list).unwrap().count().unwrap(), 4);
+    // A file whose name holds glob characters is read as itself, through the API and
+    // SQL; a glob that matches no file as written is still a glob.
+    let sub = dir.path().join("odd");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("data[1].csv"), "a\n1\n").unwrap();
+    std::fs::write(sub.join("data1.csv"), "a\n1\n2\n").unwrap();
+    std::fs::write(sub.join("what?.csv"), "a\n1\n2\n3\n").unwrap();
+    let named = sub.join("data[1].csv");
+    let named = named.to_str().unwrap();
+    assert_eq!(c.read_csv(named).unwrap().count().unwrap(), 1);
+    let q = format!("SELECT count(*) AS n FROM '{named}'");
+    let n = c.sql(&q, &[]).unwrap().collect().unwrap();
+    assert_eq!(i64_column(&n, "n"), vec![Some(1)]);
+    let asked = sub.join("what?.csv");
+    assert_eq!(
+        c.read_csv(asked.to_str().unwrap())
+            .unwrap()
+            .count()
+            .unwrap(),
+        3
+    );
+    let glob = sub.join("data[0-9].csv");
+    assert_eq!(
+        c.read_csv(glob.to_str().unwrap()).unwrap().count().unwrap(),
+        2
+    );
     let _ = Arc::new(());
 }
 
