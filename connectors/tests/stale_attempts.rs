@@ -391,7 +391,7 @@ fn a_destination_written_meanwhile_is_left_to_its_writer() {
             .unwrap();
         other_writer();
         let e = job.commit(vec![part]).unwrap_err().to_string();
-        assert!(e.contains("while this write ran"), "{dest}: {e}");
+        assert!(e.contains("written meanwhile"), "{dest}: {e}");
     }
     assert_eq!(local_files(&folder), ["theirs.csv"]);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "x\n1\n");

@@ -195,7 +195,14 @@ pub(crate) fn plan_sql(
                 if mode == Statements::Plan && writes_data(&plan, is_last) {
                     return Err(datafusion::error::DataFusionError::Plan(
                         "explaining runs no statement that writes or makes data \
-                         (INSERT, COPY, CREATE TABLE ... AS before the last)"
+                         (CREATE TABLE ... AS; INSERT or COPY before the last)"
+                            .into(),
+                    ));
+                }
+                if mode == Statements::Plan && matches!(plan, LogicalPlan::Analyze(_)) {
+                    return Err(datafusion::error::DataFusionError::Plan(
+                        "EXPLAIN ANALYZE runs its query; explaining runs nothing (run it \
+                         without --explain)"
                             .into(),
                     ));
                 }

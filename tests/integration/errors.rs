@@ -580,6 +580,17 @@ fn several_sql_statements_run_in_order() {
         "--explain",
     ]);
     assert!(!out.status.success());
+    let analyzed = format!(
+        "EXPLAIN ANALYZE COPY (SELECT 1 AS a) TO '{}' STORED AS CSV",
+        copied.display()
+    );
+    let out = volley_sql(&[&analyzed, "--explain"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("EXPLAIN ANALYZE"),
+        "{err}"
+    );
+    assert!(!copied.exists());
 
     let out = volley_sql(&["SELECT 1 / 0; SELECT 2 AS b"]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -105,6 +105,39 @@ fn a_write_to_many_partition_values_keeps_few_files_open_and_loses_nothing() {
     assert_eq!(ids, (0..2000).map(|i| 7 + 100 * i).collect::<Vec<i64>>());
 }
 
+/// Rows held for a partition value count their own strings, not the whole batch's a
+/// view column shares: a file per value still.
+#[test]
+fn held_rows_of_view_strings_count_their_own_bytes() {
+    use volley::arrow::array::{ArrayRef, Int64Array, StringViewArray};
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx();
+    let batches: Vec<RecordBatch> = (0..25)
+        .map(|b| {
+            let ids: Vec<i64> = (b * 8192..(b + 1) * 8192).collect();
+            let k = Int64Array::from_iter_values(ids.iter().map(|i| i % 100));
+            let s: StringViewArray = ids.iter().map(|i| Some(format!("{i:0>100}"))).collect();
+            RecordBatch::try_from_iter([
+                ("k", Arc::new(k) as ArrayRef),
+                ("s", Arc::new(s) as ArrayRef),
+            ])
+            .unwrap()
+        })
+        .collect();
+    let out = dir.path().join("views");
+    let summary = c
+        .from_batches(batches)
+        .unwrap()
+        .repartition(1)
+        .unwrap()
+        .write(out.to_str().unwrap(), WriteFormat::Csv)
+        .partition_by(&["k"])
+        .run()
+        .unwrap();
+    assert_eq!(summary.rows, 25 * 8192);
+    assert_eq!(summary.files.len(), 100);
+}
+
 #[test]
 fn compressed_and_partitioned_writes() {
     let dir = tempfile::tempdir().unwrap();

@@ -516,7 +516,7 @@ impl WriteJob {
             // An object named `dest` (a file) and objects under `dest/` (a folder): a
             // listing shows only the second.
             let (file, folder) = io
-                .block_on(occupied(store.as_ref(), &prefix, None))
+                .block_on(occupied(store.as_ref(), &prefix))
                 .with_context(|| format!("listing {dest}"))?;
             if (file || folder) && options.mode == WriteMode::ErrorIfExists {
                 return Err(VolleyError::plan(format!(
@@ -546,16 +546,16 @@ impl WriteJob {
                     )
                     .into()]),
                 ),
-                None => Path::from(format!("_volley_staging-{id}")),
+                None => Path::from(format!("{ROOT_STAGING}{id}")),
             };
-            io.block_on(store.put(&staging.clone().join(LIVE_MARKER), Default::default()))
-                .with_context(|| format!("staging the write of {dest}"))?;
             let base = scratch_dir
                 .map(FsPath::to_path_buf)
                 .unwrap_or_else(std::env::temp_dir);
             let scratch = base.join(format!("volley-write-{id}"));
             std::fs::create_dir_all(&scratch)
                 .with_context(|| format!("creating the scratch folder {}", scratch.display()))?;
+            io.block_on(store.put(&staging.clone().join(LIVE_MARKER), Default::default()))
+                .with_context(|| format!("staging the write of {dest}"))?;
             Target::Remote {
                 url,
                 staging,
@@ -804,11 +804,18 @@ impl WriteJob {
             // Looked at again: something may have been written there meanwhile.
             let (file, folder) = self
                 .io
-                .block_on(occupied(store.as_ref(), dest, Some(staging)))
+                .block_on(occupied(store.as_ref(), dest))
                 .map_err(|e| RemoteCommitError::Untouched(e.into()))?;
             if file || folder {
                 return Err(RemoteCommitError::Untouched(made_meanwhile(dest.as_ref())));
             }
+        }
+        // Attempts still running stop uploading from here on, whatever the commit's
+        // outcome (one that fails part way leaves files staged for the user to take).
+        let marker = staging.clone().join(LIVE_MARKER);
+        match self.io.block_on(store.delete(&marker)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(RemoteCommitError::Untouched(e.into())),
         }
         let store = Arc::clone(store);
         let (dest, staging) = (dest.clone(), staging.clone());
@@ -910,6 +917,10 @@ impl WriteJob {
     }
 }
 
+/// How the staging of a write to a bucket's root starts its name (inside the bucket:
+/// a hidden prefix, which readers skip).
+const ROOT_STAGING: &str = "_volley_staging-";
+
 /// The object in an object-store write's staging that says it still takes attempts'
 /// files: made when the write starts, deleted first when it ends.
 pub(crate) const LIVE_MARKER: &str = "_live";
@@ -960,13 +971,9 @@ fn move_tree(from: &FsPath, to: &FsPath) -> std::io::Result<()> {
 }
 
 /// Whether `prefix` in `store` names an object (a file) and whether objects lie under
-/// it (a folder), leaving out those under `ignore` (a write's own staging, which at a
-/// bucket's root lies inside it).
-async fn occupied(
-    store: &dyn ObjectStore,
-    prefix: &Path,
-    ignore: Option<&Path>,
-) -> object_store::Result<(bool, bool)> {
+/// it (a folder). At a bucket's root, writes' staging (`_volley_staging-*`, this
+/// write's own or one a killed process left) does not count.
+async fn occupied(store: &dyn ObjectStore, prefix: &Path) -> object_store::Result<(bool, bool)> {
     use futures::StreamExt;
     // (A bucket's root is no object.)
     let file = !prefix.as_ref().is_empty()
@@ -977,7 +984,12 @@ async fn occupied(
         };
     let mut list = store.list(Some(prefix));
     while let Some(o) = list.next().await.transpose()? {
-        if !ignore.is_some_and(|i| o.location.prefix_matches(i)) {
+        let staged = prefix.as_ref().is_empty()
+            && o.location
+                .parts()
+                .next()
+                .is_some_and(|p| p.as_ref().starts_with(ROOT_STAGING));
+        if !staged {
             return Ok((file, true));
         }
     }
@@ -988,7 +1000,8 @@ async fn occupied(
 /// (it found nothing there when it started).
 fn made_meanwhile(dest: &str) -> VolleyError {
     VolleyError::execution(format!(
-        "destination {dest} was written by someone else while this write ran; nothing \
-         of this write was put there (choose overwrite or append mode to replace or add)"
+        "destination {dest} exists now (it did not when this write started: written \
+         meanwhile); nothing of this write was put there (choose overwrite or append mode \
+         to replace or add)"
     ))
 }

@@ -207,6 +207,9 @@ impl PartWriter {
                 self.write_to(key, &part)?;
                 continue;
             }
+            // Held alone: view columns keep only the strings of these rows (taken,
+            // they share the whole batch's buffers, and would count them).
+            let part = compact_views(part)?;
             let bytes = part.get_array_memory_size();
             let pending = self.pending.entry(key.clone()).or_default();
             pending.batches.push(part);
@@ -421,8 +424,17 @@ impl PartWriter {
                 Err(e) => return Err(VolleyError::from(e).context(format!("uploading {relative}"))),
             }
             let target = Path::from_iter(folder.parts().chain(store_path(&relative)?.parts()));
-            io.block_on(upload(Arc::clone(store), target, &local))
+            io.block_on(upload(Arc::clone(store), target.clone(), &local))
                 .with_context(|| format!("uploading {relative}"))?;
+            // Ended while it went up: taken back, so nothing of this attempt stays.
+            if let Err(object_store::Error::NotFound { .. }) = io.block_on(store.head(live)) {
+                let _ = io.block_on(store.delete(&target));
+                return Err(VolleyError::execution(format!(
+                    "the write's staging {} is gone: the write was committed or \
+                     abandoned without this attempt",
+                    live.as_ref().trim_end_matches(super::LIVE_MARKER)
+                )));
+            }
             std::fs::remove_file(&local).ok();
         }
         self.summary.files.push(relative);
@@ -459,6 +471,28 @@ impl PartWriter {
             summary: std::mem::take(&mut self.summary),
         })
     }
+}
+
+/// `batch` with its view columns holding only the strings and bytes their rows use.
+fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
+    use arrow::array::AsArray;
+    if !batch
+        .columns()
+        .iter()
+        .any(|c| matches!(c.data_type(), DataType::Utf8View | DataType::BinaryView))
+    {
+        return Ok(batch);
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Utf8View => Arc::new(c.as_string_view().gc()) as arrow::array::ArrayRef,
+            DataType::BinaryView => Arc::new(c.as_binary_view().gc()),
+            _ => Arc::clone(c),
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// An error naming the first column of `schema` that CSV cannot hold (a list, struct,

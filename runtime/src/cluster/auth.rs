@@ -83,19 +83,19 @@ pub fn without_token(args: &[String]) -> Vec<String> {
     out
 }
 
-/// `args` with every occurrence of `token` replaced by `***`: the command line of an
-/// attached job's workers, which the head lists (`volley job list`, the dashboard) and
-/// every user of a node can read (`ps`). The arguments keep their places, so a
-/// program's own options (its own `--token` among them) still parse; the workers take
-/// the token from `VOLLEY_TOKEN`.
+/// `args` with the token hidden (`***`) where an argument is the token or ends in
+/// `=token` (`--token=T`): the command line of an attached job's workers, which the
+/// head lists (`volley job list`, the dashboard) and every user of a node can read
+/// (`ps`). The arguments keep their places, so a program's own options (its own
+/// `--token` among them) still parse; the workers take the token from `VOLLEY_TOKEN`.
+/// Only whole values are hidden: a short token inside a path leaves the path as it is.
 pub fn redact_token(args: &[String], token: &str) -> Vec<String> {
     args.iter()
-        .map(|a| {
-            if token.is_empty() {
-                a.clone()
-            } else {
-                a.replace(token, "***")
+        .map(|a| match a.strip_suffix(token) {
+            Some(before) if !token.is_empty() && (before.is_empty() || before.ends_with('=')) => {
+                format!("{before}***")
             }
+            _ => a.clone(),
         })
         .collect()
 }
@@ -240,10 +240,24 @@ mod tests {
 
     #[test]
     fn a_programs_arguments_keep_their_places_with_the_token_hidden() {
-        let args = strings(&["--token", "s3cr3t", "--hf-token", "other", "--key=s3cr3t"]);
+        let args = strings(&[
+            "--token",
+            "s3cr3t",
+            "--hf-token",
+            "other",
+            "--key=s3cr3t",
+            "/data/s3cr3t/x",
+        ]);
         assert_eq!(
             redact_token(&args, "s3cr3t"),
-            strings(&["--token", "***", "--hf-token", "other", "--key=***"])
+            strings(&[
+                "--token",
+                "***",
+                "--hf-token",
+                "other",
+                "--key=***",
+                "/data/s3cr3t/x"
+            ])
         );
         assert_eq!(redact_token(&args, ""), args);
     }
