@@ -26,7 +26,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{displayable, ExecutionPlan, Partitioning};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use datafusion::sql::parser::DFParser;
+use datafusion::sql::parser::{DFParser, DFParserBuilder};
 use futures::StreamExt;
 use volley_common::{Result, ResultExt, VolleyError};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
@@ -84,6 +84,89 @@ impl Context {
     pub fn explain_sql(&self, query: &str, files: &[(&str, &str)]) -> Result<String> {
         plan_sql(self, query, &[], files, Statements::Plan)?.explain()
     }
+}
+
+/// A parser of `sql` in `dialect` (a name DataFusion's `sql_parser.dialect` takes).
+fn parser<'a>(
+    sql: &'a str,
+    dialect: &'a dyn datafusion::sql::sqlparser::dialect::Dialect,
+    recursion_limit: usize,
+) -> datafusion::error::Result<DFParser<'a>> {
+    DFParserBuilder::new(sql)
+        .with_dialect(dialect)
+        .with_recursion_limit(recursion_limit)
+        .build()
+}
+
+/// The dialect named `name`, or an error listing those there are.
+fn dialect(
+    name: &datafusion::config::Dialect,
+) -> datafusion::error::Result<Box<dyn datafusion::sql::sqlparser::dialect::Dialect>> {
+    datafusion::sql::sqlparser::dialect::dialect_from_str(name).ok_or_else(|| {
+        datafusion::error::DataFusionError::Plan(format!(
+            "unknown SQL dialect {name} (datafusion.sql_parser.dialect): one of {}",
+            datafusion::config::Dialect::available()
+        ))
+    })
+}
+
+/// Parses every statement of `sql`, to find a syntax error before any runs.
+fn parse_script(
+    sql: &str,
+    name: &datafusion::config::Dialect,
+    recursion_limit: usize,
+) -> datafusion::error::Result<()> {
+    let dialect = dialect(name)?;
+    parser(sql, dialect.as_ref(), recursion_limit)?.parse_statements()?;
+    Ok(())
+}
+
+/// The next statement of `rest` (which then starts after it) and whether it is the
+/// last one; `None` where only `;`s and blanks are left.
+fn next_statement(
+    rest: &mut &str,
+    name: &datafusion::config::Dialect,
+    recursion_limit: usize,
+) -> datafusion::error::Result<Option<(datafusion::sql::parser::Statement, bool)>> {
+    use datafusion::sql::sqlparser::tokenizer::Token;
+    let dialect = dialect(name)?;
+    let mut p = parser(rest, dialect.as_ref(), recursion_limit)?;
+    while p.parser.consume_token(&Token::SemiColon) {}
+    if p.parser.peek_token().token == Token::EOF {
+        return Ok(None);
+    }
+    let statement = p.parse_statement()?;
+    let next = p.parser.peek_token();
+    let end = match next.token {
+        Token::EOF => rest.len(),
+        Token::SemiColon => byte_offset(rest, next.span.start.line, next.span.start.column),
+        _ => {
+            return Err(datafusion::error::DataFusionError::Plan(format!(
+                "Expected: end of statement, found: {next} at {}",
+                next.span.start
+            )))
+        }
+    };
+    while p.parser.consume_token(&Token::SemiColon) {}
+    let is_last = p.parser.peek_token().token == Token::EOF;
+    *rest = &rest[end..];
+    Ok(Some((statement, is_last)))
+}
+
+/// The byte offset in `text` of the character at `line` and `column` (both from 1,
+/// columns in characters, as the SQL tokenizer counts them).
+fn byte_offset(text: &str, line: u64, column: u64) -> usize {
+    let mut at = 0;
+    for (i, l) in text.split_inclusive('\n').enumerate() {
+        if i as u64 + 1 == line {
+            return at
+                + l.char_indices()
+                    .nth(column.saturating_sub(1) as usize)
+                    .map_or(l.len(), |(b, _)| b);
+        }
+        at += l.len();
+    }
+    text.len()
 }
 
 /// What [`plan_sql`] does with the statements of a script.
@@ -171,22 +254,41 @@ pub(crate) fn plan_sql(
         register(name, table).with_context(|| format!("registering table `{name}` = {path}"))?;
     }
     let mode = statements;
-    let statements = DFParser::parse_sql(query).map_err(|e| {
-        // The parser's own sentence ("sql parser error: Expected: ..."), not the
-        // enum DataFusion's message wraps it in.
+    // The parser's own sentence ("sql parser error: Expected: ..."), not the enum
+    // DataFusion's message wraps it in.
+    let parse_error = |e: datafusion::error::DataFusionError| {
         VolleyError::plan(match &e {
             datafusion::error::DataFusionError::SQL(p, _) => p.to_string(),
             e => format!("SQL error: {e}"),
         })
-    })?;
-    if statements.is_empty() {
-        return Err(VolleyError::plan("no SQL statement given"));
+    };
+    // The whole script parses before any of it runs (a typo in the last statement
+    // runs none before it), unless it sets a parser option: then each statement is
+    // parsed in the dialect the statements before it set, as it comes.
+    if !query.to_ascii_lowercase().contains("sql_parser") {
+        let state = sctx.state();
+        let options = &state.config().options().sql_parser;
+        parse_script(query, &options.dialect, options.recursion_limit.get())
+            .map_err(parse_error)?;
     }
-    let n = statements.len();
+    let mut rest = query;
     let mut last = None;
-    for (i, statement) in statements.into_iter().enumerate() {
+    for i in 0.. {
+        let state = sctx.state();
+        let options = &state.config().options().sql_parser;
+        let next = next_statement(&mut rest, &options.dialect, options.recursion_limit.get())
+            .map_err(|e| {
+                let e = parse_error(e);
+                if i > 0 {
+                    e.context(format!("in statement {}", i + 1))
+                } else {
+                    e
+                }
+            })?;
+        let Some((statement, is_last)) = next else {
+            break;
+        };
         let text = statement.to_string();
-        let is_last = i + 1 == n;
         let plan = ctx
             .exec_context()
             .block_on(async {
@@ -220,7 +322,7 @@ pub(crate) fn plan_sql(
             })
             .map_err(|e| {
                 let e = VolleyError::from(e);
-                if n > 1 {
+                if i > 0 || !is_last {
                     e.context(format!("in statement {} `{text}`", i + 1))
                 } else {
                     e
@@ -228,7 +330,9 @@ pub(crate) fn plan_sql(
             })?;
         last = Some(plan);
     }
-    let plan = last.expect("at least one statement");
+    let Some(plan) = last else {
+        return Err(VolleyError::plan("no SQL statement given"));
+    };
     let mut words: Vec<&str> = query.split_whitespace().collect();
     if matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_)) {
         // Its operators are the explained query's: labelled without `EXPLAIN ...`.

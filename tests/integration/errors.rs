@@ -592,6 +592,34 @@ fn several_sql_statements_run_in_order() {
     );
     assert!(!copied.exists());
 
+    // A syntax error anywhere runs nothing.
+    let typo = format!(
+        "COPY (SELECT 1 AS a) TO '{}' STORED AS CSV; SELEC 2",
+        copied.display()
+    );
+    let out = volley_sql(&[&typo]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("SELEC"), "{err}");
+    assert!(!copied.exists());
+    // The parser's dialect is the one set before a statement: MySQL reads "hi" as a
+    // string, the default (generic) dialect as a column.
+    let out = volley_sql(&[
+        "SET datafusion.sql_parser.dialect = 'MySQL'; SELECT \"hi\" AS x",
+        "--format",
+        "csv",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "x\nhi");
+    let out = volley_sql(&["SELECT \"hi\" AS x"]);
+    assert!(!out.status.success());
+    let out = volley_sql(&["SET datafusion.sql_parser.dialect = 'Klingon'; SELECT 1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Klingon"), "{err}");
+
     let out = volley_sql(&["SELECT 1 / 0; SELECT 2 AS b"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
