@@ -193,8 +193,19 @@ impl TwoPhase {
             .collect::<Result<Vec<Expr>>>()?;
         let mut config = state.config().clone();
         config.options_mut().execution.target_partitions = 1;
+        // One distinct aggregation (`count(DISTINCT x)` by `k`) stays one aggregation,
+        // whose states carry each group's distinct values: DataFusion would rewrite it
+        // into two (by `k, x`, then by `k`), whose partial half removes duplicates
+        // within one block only, so the final half would count a value once per block.
+        let rules = state
+            .optimizers()
+            .iter()
+            .filter(|r| r.name() != "single_distinct_aggregation_to_group_by")
+            .cloned()
+            .collect();
         let planner = SessionStateBuilder::new_from_existing(state.clone())
             .with_config(config)
+            .with_optimizer_rules(rules)
             .with_physical_optimizer_rules(vec![])
             .build();
         // Over plain strings, as the aggregation of one process reads them (see `scan`
@@ -1542,6 +1553,43 @@ mod tests {
     //! single-process operators.
     use super::*;
     use crate::{agg, lit, Context};
+
+    /// A distinct count's map halves over blocks sharing values, then its final half
+    /// over their states, count each value once (as one process does), whether or not
+    /// the aggregate is named.
+    #[test]
+    fn a_distinct_count_counts_values_shared_by_blocks_once() {
+        use arrow::array::{Array, Int64Array};
+        let ctx = Context::global().unwrap();
+        let block = |xs: Vec<i64>| {
+            let ks: Vec<i64> = xs.iter().map(|x| x % 2).collect();
+            RecordBatch::try_from_iter([
+                ("k", Arc::new(Int64Array::from(ks)) as ArrayRef),
+                ("x", Arc::new(Int64Array::from(xs)) as ArrayRef),
+            ])
+            .unwrap()
+        };
+        let blocks = [block((0..10).collect()), block((5..15).collect())];
+        let unnamed = datafusion::functions_aggregate::expr_fn::count_distinct(crate::col("x"));
+        for e in [unnamed, agg::count_distinct("x")] {
+            let two = TwoPhase {
+                keys: vec!["k".into()],
+                aggs: vec![expr_bytes(&e).unwrap()],
+                schema: schema_bytes(&blocks[0].schema()).unwrap(),
+            };
+            let states: Vec<RecordBatch> = blocks
+                .iter()
+                .flat_map(|b| two.partial(&ctx, vec![b.clone()]).unwrap())
+                .collect();
+            let out = two.finish(&ctx, states).unwrap();
+            let out = concat_batches(&out[0].schema(), &out).unwrap();
+            let counts = out.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+            // 0..15: 8 even values and 7 odd ones.
+            let mut got: Vec<i64> = (0..counts.len()).map(|i| counts.value(i)).collect();
+            got.sort();
+            assert_eq!(got, vec![7, 8], "{e}");
+        }
+    }
 
     fn task() -> TaskContext {
         TaskContext {
