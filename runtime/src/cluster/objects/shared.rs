@@ -41,7 +41,13 @@ pub(crate) fn make_shared_dir() -> Option<PathBuf> {
         std::process::id(),
         rand::random::<u32>()
     ));
-    std::fs::create_dir_all(&dir).ok()?;
+    // Its objects are the jobs' data: readable by this user only.
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .ok()?;
     Some(dir)
 }
 
@@ -85,7 +91,9 @@ pub(crate) async fn store_shared(
 ) -> Result<u64> {
     let name = format!("{}-{:016x}.arrow", sanitize(id), rand::random::<u64>());
     let path = dir.join(&name);
-    let adopted = match write_file(&path, batches, compression) {
+    let written =
+        write_file(&path, batches, compression).map_err(|e| e.context(format!("object {id}")));
+    let adopted = match written {
         Ok(()) => action(channels, address, ACTION_ADOPT, format!("{id}\0{name}"))
             .await
             .and_then(|b| {

@@ -183,12 +183,18 @@ impl ObjectStore {
         }
         if !kept.is_empty() {
             let mut s = self.inner.lock().expect("object store lock");
-            s.spill_failed_at = Some(std::time::Instant::now());
-            // Back at the front, oldest first.
+            // Back at the front, oldest first. Spilling backs off only where an object
+            // that failed is still held: one freed or replaced while it was copied
+            // failed for that reason alone.
+            let mut held = false;
             for (old, what) in kept.into_iter().rev() {
                 if s.holds_unspilled(&old, &what) {
                     s.order.push_front(old);
+                    held = true;
                 }
+            }
+            if held {
+                s.spill_failed_at = Some(std::time::Instant::now());
             }
         }
         Ok(())
@@ -363,6 +369,18 @@ pub(super) fn write_file(
         .first()
         .map(|b| b.schema())
         .unwrap_or_else(|| Arc::new(Schema::empty()));
+    // One IPC file has one schema, which readers decode every batch with.
+    if let Some((i, b)) = batches
+        .iter()
+        .enumerate()
+        .find(|(_, b)| b.schema().fields() != schema.fields())
+    {
+        return Err(VolleyError::execution(format!(
+            "an object's batches must share one schema: batch {i} has {:?}, the first {:?}",
+            b.schema().fields(),
+            schema.fields()
+        )));
+    }
     let file = std::fs::File::create(path)?;
     let mut w = FileWriter::try_new_with_options(
         std::io::BufWriter::new(file),

@@ -504,3 +504,20 @@ fn a_ticket_names_a_slice_and_the_node_cuts_only_those_rows() {
     let err = slice_rows(&batches, 30, 10).unwrap_err().to_string();
     assert!(err.contains("30..40") && err.contains("35 rows"), "{err}");
 }
+
+/// Batches of different types are refused, not written under the first one's schema
+/// (which every batch is decoded with).
+#[test]
+fn an_object_of_batches_of_two_schemas_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.arrow");
+    let wide = RecordBatch::try_from_iter([(
+        "x",
+        Arc::new(arrow::array::Int32Array::from(vec![1, 2])) as arrow::array::ArrayRef,
+    )])
+    .unwrap();
+    let e = write_file(&path, &[batch(3), wide], ObjectCompression::None).unwrap_err();
+    assert!(e.to_string().contains("share one schema"), "{e}");
+    write_file(&path, &[batch(3), batch(2)], ObjectCompression::None).unwrap();
+    assert_eq!(read_file(&path).unwrap().len(), 2);
+}
