@@ -675,20 +675,34 @@ where
 /// is an error, so a job cannot smuggle in files from elsewhere on the submitting machine.
 pub fn working_dir_files(root: &Path) -> Result<Vec<(String, PathBuf, u32)>> {
     let mut files = Vec::new();
-    walk(root, root, &mut files, true)?;
+    walk(root, root, &mut files, true, &mut Vec::new())?;
     Ok(files)
 }
 
+/// Lists the files below `dir` into `out`; `inside` holds the folders (canonical) the
+/// walk is in, so that a link back to one of them is refused rather than followed
+/// round and round.
 fn walk(
     root: &Path,
     dir: &Path,
     out: &mut Vec<(String, PathBuf, u32)>,
     check_links: bool,
+    inside: &mut Vec<PathBuf>,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let canon_root = root
         .canonicalize()
         .map_err(|e| VolleyError::Io(e).context(format!("cannot read {}", root.display())))?;
+    let canon_dir = dir
+        .canonicalize()
+        .map_err(|e| VolleyError::Io(e).context(format!("cannot read {}", dir.display())))?;
+    if inside.contains(&canon_dir) {
+        return Err(VolleyError::plan(format!(
+            "link {} leads back to a folder that holds it (a loop)",
+            dir.display()
+        )));
+    }
+    inside.push(canon_dir);
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| VolleyError::Io(e).context(format!("cannot read {}", dir.display())))?
         .collect::<std::io::Result<_>>()?;
@@ -715,7 +729,7 @@ fn walk(
             meta
         };
         if target_meta.is_dir() {
-            walk(root, &path, out, check_links)?;
+            walk(root, &path, out, check_links, inside)?;
         } else if target_meta.is_file() {
             let rel = path
                 .strip_prefix(root)
@@ -725,6 +739,7 @@ fn walk(
             out.push((rel, path, target_meta.permissions().mode()));
         }
     }
+    inside.pop();
     Ok(())
 }
 
@@ -752,6 +767,17 @@ mod tests {
         std::os::unix::fs::symlink("/etc", src.join("out")).unwrap();
         let err = working_dir_files(&src).unwrap_err().to_string();
         assert!(err.contains("outside the working folder"), "{err}");
+        std::fs::remove_file(src.join("out")).unwrap();
+        // A link to a folder it is in, directly or through another link, is a loop.
+        std::os::unix::fs::symlink(&src, src.join("sub/up")).unwrap();
+        let err = working_dir_files(&src).unwrap_err().to_string();
+        assert!(err.contains("a loop") && err.contains("up"), "{err}");
+        std::fs::remove_file(src.join("sub/up")).unwrap();
+        std::fs::create_dir_all(src.join("b")).unwrap();
+        std::os::unix::fs::symlink(src.join("b"), src.join("sub/to_b")).unwrap();
+        std::os::unix::fs::symlink(src.join("sub"), src.join("b/to_sub")).unwrap();
+        let err = working_dir_files(&src).unwrap_err().to_string();
+        assert!(err.contains("a loop"), "{err}");
     }
 
     fn receive(
