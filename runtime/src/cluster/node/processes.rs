@@ -485,6 +485,7 @@ impl Agent {
                     child.wait().await
                 }
             };
+            agent.store.drop_unadopted(pid);
             let waiting = agent
                 .worker_exited(
                     &id,

@@ -89,7 +89,13 @@ pub(crate) async fn store_shared(
     batches: &[RecordBatch],
     compression: ObjectCompression,
 ) -> Result<u64> {
-    let name = format!("{}-{:016x}.arrow", sanitize(id), rand::random::<u64>());
+    // Named after this process: what it leaves unadopted when it dies is removed.
+    let name = format!(
+        "{}-{}-{:016x}.arrow",
+        std::process::id(),
+        sanitize(id),
+        rand::random::<u64>()
+    );
     let path = dir.join(&name);
     let written =
         write_file(&path, batches, compression).map_err(|e| e.context(format!("object {id}")));

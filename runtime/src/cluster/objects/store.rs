@@ -113,6 +113,38 @@ impl ObjectStore {
         Ok(bytes)
     }
 
+    /// Removes the files worker process `pid` wrote into the shared folder that it did
+    /// not hand over (it died between writing and handing over, or while writing):
+    /// nothing else would remove them while the node runs. A worker's files are named
+    /// `{pid}-...` ([`store_shared`](super::shared::store_shared)).
+    pub fn drop_unadopted(&self, pid: u32) {
+        let Some(dir) = &self.shared_dir else {
+            return;
+        };
+        let prefix = format!("{pid}-");
+        // Under the lock: a file is adopted wholly before or after this.
+        let s = self.inner.lock().expect("object store lock");
+        let adopted: std::collections::HashSet<&Path> = s
+            .objects
+            .values()
+            .filter_map(|o| match o {
+                Stored::Shared(p, _) => Some(p.as_path()),
+                _ => None,
+            })
+            .collect();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if e.file_name().to_string_lossy().starts_with(&prefix)
+                && !adopted.contains(path.as_path())
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
     /// The file holding object `id`, if it is one of the shared folder's.
     pub fn locate(&self, id: &str) -> Option<PathBuf> {
         match self

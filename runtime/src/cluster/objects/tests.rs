@@ -521,3 +521,31 @@ fn an_object_of_batches_of_two_schemas_is_refused() {
     write_file(&path, &[batch(3), batch(2)], ObjectCompression::None).unwrap();
     assert_eq!(read_file(&path).unwrap().len(), 2);
 }
+
+/// What a dead worker wrote and did not hand over is removed; what it handed over, and
+/// other workers' files, stay.
+#[test]
+fn a_dead_workers_files_not_handed_over_are_removed() {
+    let spill = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let one = vec![batch(10)];
+    for name in [
+        "41-a-1.arrow",
+        "41-b-2.arrow",
+        "4-c-3.arrow",
+        "141-d-4.arrow",
+    ] {
+        write_ipc(&shared.path().join(name), &one);
+    }
+    let store = ObjectStore::new(1 << 30, spill.path().to_path_buf())
+        .with_shared_dir(shared.path().to_path_buf());
+    store.adopt("b", "41-b-2.arrow").unwrap();
+    store.drop_unadopted(41);
+    let mut left: Vec<String> = std::fs::read_dir(shared.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["141-d-4.arrow", "4-c-3.arrow", "41-b-2.arrow"]);
+    assert_eq!(*store.get("b").unwrap().unwrap(), one);
+}
