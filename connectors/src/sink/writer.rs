@@ -209,7 +209,7 @@ impl PartWriter {
             }
             // Held alone: view columns keep only the strings of these rows (taken,
             // they share the whole batch's buffers, and would count them).
-            let part = compact_views(part)?;
+            let part = volley_common::compact_bloated_views(part)?;
             let bytes = part.get_array_memory_size();
             let pending = self.pending.entry(key.clone()).or_default();
             pending.batches.push(part);
@@ -471,28 +471,6 @@ impl PartWriter {
             summary: std::mem::take(&mut self.summary),
         })
     }
-}
-
-/// `batch` with its view columns holding only the strings and bytes their rows use.
-fn compact_views(batch: RecordBatch) -> Result<RecordBatch> {
-    use arrow::array::AsArray;
-    if !batch
-        .columns()
-        .iter()
-        .any(|c| matches!(c.data_type(), DataType::Utf8View | DataType::BinaryView))
-    {
-        return Ok(batch);
-    }
-    let columns = batch
-        .columns()
-        .iter()
-        .map(|c| match c.data_type() {
-            DataType::Utf8View => Arc::new(c.as_string_view().gc()) as arrow::array::ArrayRef,
-            DataType::BinaryView => Arc::new(c.as_binary_view().gc()),
-            _ => Arc::clone(c),
-        })
-        .collect();
-    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// An error naming the first column of `schema` that CSV cannot hold (a list, struct,

@@ -374,6 +374,10 @@ enum Partitioner {
     Hash {
         keys: Option<Vec<String>>,
         casts: Vec<Option<String>>,
+        /// A row with a null key goes to any partition (round robin), not to its
+        /// hash's: a join's, which meets no other row. (Every null key hashes alike:
+        /// one partition would take them all.)
+        nulls_anywhere: bool,
     },
     /// The seed and each row's position in the input (rows `first_row..`).
     Random { seed: u64, first_row: u64 },
@@ -446,8 +450,13 @@ impl ExchangeMapTask {
     /// falls whole into partition `b % partitions`.
     fn route_into(&self, batches: &[RecordBatch], n: usize) -> Result<Vec<Vec<usize>>> {
         match &self.partitioner {
-            Partitioner::Hash { keys, casts } => {
+            Partitioner::Hash {
+                keys,
+                casts,
+                nulls_anywhere,
+            } => {
                 let mut hashes = Vec::new();
+                let mut next_null = 0;
                 batches
                     .iter()
                     .map(|b| {
@@ -476,7 +485,16 @@ impl ExchangeMapTask {
                                 }
                             })
                             .collect::<Result<Vec<_>>>()?;
-                        hash_partitions(&cols, n, &mut hashes)
+                        let mut targets = hash_partitions(&cols, n, &mut hashes)?;
+                        if *nulls_anywhere && cols.iter().any(|c| c.null_count() > 0) {
+                            for (row, t) in targets.iter_mut().enumerate() {
+                                if cols.iter().any(|c| c.is_null(row)) {
+                                    *t = next_null % n.max(1);
+                                    next_null += 1;
+                                }
+                            }
+                        }
+                        Ok(targets)
                     })
                     .collect()
             }
@@ -1170,6 +1188,8 @@ enum MapPlan {
     Hash {
         keys: Vec<Option<Vec<String>>>,
         casts: Vec<Option<String>>,
+        /// A join's: rows with a null key meet nothing, so go anywhere.
+        nulls_anywhere: bool,
     },
     Random {
         seed: u64,
@@ -1229,6 +1249,7 @@ impl DatasetExchange {
         let hash = |keys: Vec<Option<Vec<String>>>| MapPlan::Hash {
             keys,
             casts: vec![],
+            nulls_anywhere: false,
         };
         let (partitions, map, combine, in_order) = match op {
             LogicalOp::Exchange { kind, .. } => match kind {
@@ -1319,6 +1340,7 @@ impl DatasetExchange {
                     MapPlan::Hash {
                         keys: vec![Some(left_on.clone()), Some(right_on.clone())],
                         casts,
+                        nulls_anywhere: true,
                     },
                     Combine::Join {
                         left_on: left_on.clone(),
@@ -1492,9 +1514,14 @@ impl DatasetExchange {
                     "an exchange that reorders blocks has no map tasks",
                 ))
             }
-            MapPlan::Hash { keys, casts } => Partitioner::Hash {
+            MapPlan::Hash {
+                keys,
+                casts,
+                nulls_anywhere,
+            } => Partitioner::Hash {
                 keys: keys.get(side).cloned().flatten(),
                 casts: casts.clone(),
+                nulls_anywhere: *nulls_anywhere,
             },
             MapPlan::Random { seed } => Partitioner::Random {
                 seed: *seed,
@@ -1899,6 +1926,42 @@ mod tests {
         want.sort();
         assert_eq!(got.len(), 60_033);
         assert_eq!(got, want);
+    }
+
+    /// A join's rows with a null key, which meet no row, are dealt over the
+    /// partitions instead of all landing in the one every null hashes to; rows with a
+    /// key go where their hash says.
+    #[test]
+    fn a_joins_null_keys_are_dealt_over_the_partitions() {
+        use arrow::array::Int64Array;
+        let ctx = Context::global().unwrap();
+        let keys: Vec<Option<i64>> = (0..1000).map(|i| (i % 10 == 0).then_some(i)).collect();
+        let block = RecordBatch::try_from_iter([(
+            "k",
+            Arc::new(Int64Array::from(keys.clone())) as ArrayRef,
+        )])
+        .unwrap();
+        let side = ctx.from_batches(vec![block.clone()]).unwrap();
+        let joined = side.join(&side, &["k"], JoinHow::Left).unwrap();
+        let work = DatasetExchange::of(joined.logical_plan(), ctx.session_state(), 4, 0)
+            .unwrap()
+            .expect("runs as an exchange");
+        let map = work.map(0, 0, &[]).unwrap();
+        let targets = map.route(std::slice::from_ref(&block)).unwrap().remove(0);
+        let mut nulls = [0; 4];
+        for (row, key) in keys.iter().enumerate() {
+            if key.is_none() {
+                nulls[targets[row]] += 1;
+            }
+        }
+        assert_eq!(nulls, [225; 4]);
+        let mut hashes = Vec::new();
+        let hashed = hash_partitions(&[block.column(0).clone()], 4, &mut hashes).unwrap();
+        for (row, key) in keys.iter().enumerate() {
+            if key.is_some() {
+                assert_eq!(targets[row], hashed[row]);
+            }
+        }
     }
 
     #[test]
