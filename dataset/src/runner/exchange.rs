@@ -540,6 +540,11 @@ impl ExchangeMapTask {
                 let bound_rows = conv.convert_columns(&bound_cols)?;
                 let bound_rows: Vec<_> = bound_rows.iter().collect();
                 let mut key_columns = KeyColumns::new(keys, state);
+                // Rows whose key equals a boundary may go to any partition from the
+                // first such boundary's to the one after the last (those between hold
+                // nothing else): dealt over them, a key that fills several partitions'
+                // worth of rows is not all held by one reduce.
+                let mut ties = 0usize;
                 batches
                     .iter()
                     .map(|b| {
@@ -554,7 +559,17 @@ impl ExchangeMapTask {
                         let rows = conv.convert_columns(&cols)?;
                         Ok(rows
                             .iter()
-                            .map(|r| bound_rows.partition_point(|b| *b <= r).min(n - 1))
+                            .map(|r| {
+                                let after = bound_rows.partition_point(|b| *b <= r);
+                                let p = if after > 0 && bound_rows[after - 1] == r {
+                                    let first = bound_rows.partition_point(|b| *b < r);
+                                    ties += 1;
+                                    first + (ties - 1) % (after - first + 1)
+                                } else {
+                                    after
+                                };
+                                p.min(n - 1)
+                            })
                             .collect())
                     })
                     .collect()
@@ -1962,6 +1977,65 @@ mod tests {
                 assert_eq!(targets[row], hashed[row]);
             }
         }
+    }
+
+    /// A key that fills most of a sort's input is dealt over the partitions its
+    /// boundaries span, and the output is still in order.
+    #[test]
+    fn a_sort_key_of_many_rows_is_dealt_over_its_partitions() {
+        let ctx = Context::global().unwrap();
+        let ds = ctx
+            .range(20_000)
+            .with_column(
+                "k",
+                datafusion::logical_expr::when(
+                    (crate::col("id") % lit(10i64)).eq(lit(0i64)),
+                    crate::col("id"),
+                )
+                .otherwise(lit(0i64))
+                .unwrap(),
+            )
+            .unwrap();
+        let blocks: Vec<RecordBatch> = ds.collect().unwrap();
+        let input = ctx.from_batches(blocks.clone()).unwrap();
+        let sorted = input.sort([SortKey::asc("k")]).unwrap();
+        let got = through_tasks(sorted.logical_plan(), &blocks, 4);
+        let keys: Vec<String> = rows(&got)
+            .into_iter()
+            .map(|r| r.split('|').nth(1).unwrap().to_string())
+            .collect();
+        let want: Vec<String> = rows(&sorted.collect().unwrap())
+            .into_iter()
+            .map(|r| r.split('|').nth(1).unwrap().to_string())
+            .collect();
+        assert_eq!(keys, want, "in order");
+        // 18,000 zeros: no partition takes them all.
+        let work = DatasetExchange::of(sorted.logical_plan(), ctx.session_state(), 4, 0)
+            .unwrap()
+            .unwrap();
+        let t = task();
+        let samples: Vec<RecordBatch> = blocks
+            .iter()
+            .flat_map(|b| {
+                work.sample()
+                    .unwrap()
+                    .run(&t, vec![vec![b.clone()]])
+                    .unwrap()
+            })
+            .collect();
+        let prepared = work.prepare(samples, 0).unwrap();
+        let mut per = [0usize; 4];
+        for b in &blocks {
+            let routes = work
+                .map(0, 0, &prepared)
+                .unwrap()
+                .route(std::slice::from_ref(b))
+                .unwrap();
+            for p in &routes[0] {
+                per[*p] += 1;
+            }
+        }
+        assert!(per.iter().all(|&n| n < 12_000), "{per:?}");
     }
 
     #[test]
