@@ -110,46 +110,65 @@ fn dialect(
     })
 }
 
-/// Parses every statement of `sql`, to find a syntax error before any runs.
+/// Every statement of `sql`.
 fn parse_script(
     sql: &str,
     name: &datafusion::config::Dialect,
     recursion_limit: usize,
-) -> datafusion::error::Result<()> {
+) -> datafusion::error::Result<std::collections::VecDeque<datafusion::sql::parser::Statement>> {
     let dialect = dialect(name)?;
-    parser(sql, dialect.as_ref(), recursion_limit)?.parse_statements()?;
-    Ok(())
+    parser(sql, dialect.as_ref(), recursion_limit)?.parse_statements()
 }
 
 /// The next statement of `rest` (which then starts after it) and whether it is the
-/// last one; `None` where only `;`s and blanks are left.
+/// last one; `None` where only `;`s and blanks are left. Only the statement's own
+/// text must be valid in `name`'s dialect: the rest is tokenized again in the dialect
+/// the statement leaves.
 fn next_statement(
     rest: &mut &str,
     name: &datafusion::config::Dialect,
     recursion_limit: usize,
 ) -> datafusion::error::Result<Option<(datafusion::sql::parser::Statement, bool)>> {
-    use datafusion::sql::sqlparser::tokenizer::Token;
+    use datafusion::sql::sqlparser::parser::ParserError;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
     let dialect = dialect(name)?;
-    let mut p = parser(rest, dialect.as_ref(), recursion_limit)?;
-    while p.parser.consume_token(&Token::SemiColon) {}
-    if p.parser.peek_token().token == Token::EOF {
+    let mut tokens = Vec::new();
+    // A tokenizer error past the statement's `;` is the next statement's to report.
+    let tokenized =
+        Tokenizer::new(dialect.as_ref(), rest).tokenize_with_location_into_buf(&mut tokens);
+    let blank = |t: &Token| matches!(t, Token::SemiColon | Token::Whitespace(_));
+    let Some(start) = tokens.iter().position(|t| !blank(&t.token)) else {
+        tokenized.map_err(ParserError::from)?;
         return Ok(None);
-    }
-    let statement = p.parse_statement()?;
-    let next = p.parser.peek_token();
-    let end = match next.token {
-        Token::EOF => rest.len(),
-        Token::SemiColon => byte_offset(rest, next.span.start.line, next.span.start.column),
-        _ => {
-            return Err(datafusion::error::DataFusionError::Plan(format!(
-                "Expected: end of statement, found: {next} at {}",
-                next.span.start
-            )))
+    };
+    let (end, is_last) = match tokens[start..]
+        .iter()
+        .position(|t| t.token == Token::SemiColon)
+    {
+        Some(i) => {
+            let end = start + i;
+            let more = tokens[end..].iter().any(|t| !blank(&t.token)) || tokenized.is_err();
+            (end, !more)
+        }
+        None => {
+            tokenized.map_err(ParserError::from)?;
+            (tokens.len(), true)
         }
     };
-    while p.parser.consume_token(&Token::SemiColon) {}
-    let is_last = p.parser.peek_token().token == Token::EOF;
-    *rest = &rest[end..];
+    let cut = match tokens.get(end) {
+        Some(t) => byte_offset(rest, t.span.start.line, t.span.start.column),
+        None => rest.len(),
+    };
+    tokens.truncate(end);
+    let mut statements = DFParserBuilder::new(tokens)
+        .with_dialect(dialect.as_ref())
+        .with_recursion_limit(recursion_limit)
+        .build()?
+        .parse_statements()?;
+    let statement = statements.pop_front().ok_or_else(|| {
+        datafusion::error::DataFusionError::Internal("a statement without tokens".into())
+    })?;
+    *rest = &rest[cut..];
     Ok(Some((statement, is_last)))
 }
 
@@ -265,26 +284,36 @@ pub(crate) fn plan_sql(
     // The whole script parses before any of it runs (a typo in the last statement
     // runs none before it), unless it sets a parser option: then each statement is
     // parsed in the dialect the statements before it set, as it comes.
-    if !query.to_ascii_lowercase().contains("sql_parser") {
+    let mut parsed = if query.to_ascii_lowercase().contains("sql_parser") {
+        None
+    } else {
         let state = sctx.state();
         let options = &state.config().options().sql_parser;
-        parse_script(query, &options.dialect, options.recursion_limit.get())
-            .map_err(parse_error)?;
-    }
+        Some(
+            parse_script(query, &options.dialect, options.recursion_limit.get())
+                .map_err(parse_error)?,
+        )
+    };
     let mut rest = query;
     let mut last = None;
     for i in 0.. {
-        let state = sctx.state();
-        let options = &state.config().options().sql_parser;
-        let next = next_statement(&mut rest, &options.dialect, options.recursion_limit.get())
-            .map_err(|e| {
-                let e = parse_error(e);
-                if i > 0 {
-                    e.context(format!("in statement {}", i + 1))
-                } else {
-                    e
-                }
-            })?;
+        let next = match &mut parsed {
+            Some(all) => all.pop_front().map(|s| (s, all.is_empty())),
+            None => {
+                let state = sctx.state();
+                let options = &state.config().options().sql_parser;
+                next_statement(&mut rest, &options.dialect, options.recursion_limit.get()).map_err(
+                    |e| {
+                        let e = parse_error(e);
+                        if i > 0 {
+                            e.context(format!("in statement {}", i + 1))
+                        } else {
+                            e
+                        }
+                    },
+                )?
+            }
+        };
         let Some((statement, is_last)) = next else {
             break;
         };

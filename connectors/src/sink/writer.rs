@@ -209,7 +209,7 @@ impl PartWriter {
             }
             // Held alone: view columns keep only the strings of these rows (taken,
             // they share the whole batch's buffers, and would count them).
-            let part = volley_common::compact_bloated_views(part)?;
+            let part = volley_common::compact_views(part)?;
             let bytes = part.get_array_memory_size();
             let pending = self.pending.entry(key.clone()).or_default();
             pending.batches.push(part);

@@ -193,19 +193,8 @@ impl TwoPhase {
             .collect::<Result<Vec<Expr>>>()?;
         let mut config = state.config().clone();
         config.options_mut().execution.target_partitions = 1;
-        // One distinct aggregation (`count(DISTINCT x)` by `k`) stays one aggregation,
-        // whose states carry each group's distinct values: DataFusion would rewrite it
-        // into two (by `k, x`, then by `k`), whose partial half removes duplicates
-        // within one block only, so the final half would count a value once per block.
-        let rules = state
-            .optimizers()
-            .iter()
-            .filter(|r| r.name() != "single_distinct_aggregation_to_group_by")
-            .cloned()
-            .collect();
         let planner = SessionStateBuilder::new_from_existing(state.clone())
             .with_config(config)
-            .with_optimizer_rules(rules)
             .with_physical_optimizer_rules(vec![])
             .build();
         // Over plain strings, as the aggregation of one process reads them (see `scan`
@@ -392,6 +381,30 @@ enum Partitioner {
     },
 }
 
+/// A hash of each row of `batch`, all its columns (a column DataFusion cannot hash is
+/// left out), the same in every process.
+fn row_hashes(batch: &RecordBatch) -> Result<Vec<u64>> {
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .filter(|c| {
+            let mut probe = vec![0; c.len().min(1)];
+            create_hashes(
+                &[c.slice(0, c.len().min(1))],
+                &RandomState::default(),
+                &mut probe,
+            )
+            .is_ok()
+        })
+        .cloned()
+        .collect();
+    let mut hashes = vec![0; batch.num_rows()];
+    if !columns.is_empty() {
+        create_hashes(&columns, &RandomState::default(), &mut hashes)?;
+    }
+    Ok(hashes)
+}
+
 /// The partition of row `i` of `rows` among `n` of (nearly) equal row counts:
 /// partition `p` holds rows `rows * p / n .. rows * (p + 1) / n`.
 fn position_partition(i: u64, rows: u64, n: usize) -> usize {
@@ -456,7 +469,6 @@ impl ExchangeMapTask {
                 nulls_anywhere,
             } => {
                 let mut hashes = Vec::new();
-                let mut next_null = 0;
                 batches
                     .iter()
                     .map(|b| {
@@ -487,10 +499,12 @@ impl ExchangeMapTask {
                             .collect::<Result<Vec<_>>>()?;
                         let mut targets = hash_partitions(&cols, n, &mut hashes)?;
                         if *nulls_anywhere && cols.iter().any(|c| c.null_count() > 0) {
+                            // By a hash of the whole row: a map task run again over the
+                            // same rows puts each where it did, whatever their order.
+                            let whole = row_hashes(b)?;
                             for (row, t) in targets.iter_mut().enumerate() {
                                 if cols.iter().any(|c| c.is_null(row)) {
-                                    *t = next_null % n.max(1);
-                                    next_null += 1;
+                                    *t = (whole[row] % n.max(1) as u64) as usize;
                                 }
                             }
                         }
@@ -542,9 +556,9 @@ impl ExchangeMapTask {
                 let mut key_columns = KeyColumns::new(keys, state);
                 // Rows whose key equals a boundary may go to any partition from the
                 // first such boundary's to the one after the last (those between hold
-                // nothing else): dealt over them, a key that fills several partitions'
-                // worth of rows is not all held by one reduce.
-                let mut ties = 0usize;
+                // nothing else): spread over them by a hash of the whole row (the same
+                // wherever and in whatever order a map task runs again), a key that
+                // fills several partitions' worth of rows is not all held by one reduce.
                 batches
                     .iter()
                     .map(|b| {
@@ -557,20 +571,24 @@ impl ExchangeMapTask {
                             .map(|(c, b)| Ok(cast(c, b.data_type())?))
                             .collect::<Result<Vec<_>>>()?;
                         let rows = conv.convert_columns(&cols)?;
-                        Ok(rows
-                            .iter()
-                            .map(|r| {
+                        let mut whole: Option<Vec<u64>> = None;
+                        rows.iter()
+                            .enumerate()
+                            .map(|(i, r)| {
                                 let after = bound_rows.partition_point(|b| *b <= r);
                                 let p = if after > 0 && bound_rows[after - 1] == r {
                                     let first = bound_rows.partition_point(|b| *b < r);
-                                    ties += 1;
-                                    first + (ties - 1) % (after - first + 1)
+                                    let whole = match &mut whole {
+                                        Some(w) => w,
+                                        None => whole.insert(row_hashes(b)?),
+                                    };
+                                    first + (whole[i] % (after - first + 1) as u64) as usize
                                 } else {
                                     after
                                 };
-                                p.min(n - 1)
+                                Ok(p.min(n - 1))
                             })
-                            .collect())
+                            .collect()
                     })
                     .collect()
             }
@@ -1303,6 +1321,14 @@ impl DatasetExchange {
                 )
             }
             LogicalOp::Aggregate { keys, aggs, .. } => {
+                // A distinct aggregate (`count(DISTINCT x)`) runs whole in the reduce
+                // tasks: not every one has a partial state, and DataFusion plans one
+                // as two aggregations, whose partial half would remove duplicates
+                // within a block only.
+                let distinct = aggs.iter().any(|a| {
+                    a.exists(|e| Ok(matches!(e, Expr::AggregateFunction(f) if f.params.distinct)))
+                        .unwrap_or(true)
+                });
                 let Ok(aggs) = aggs.iter().map(expr_bytes).collect::<Result<Vec<_>>>() else {
                     return Ok(None);
                 };
@@ -1310,7 +1336,7 @@ impl DatasetExchange {
                 // Partial aggregation on the nodes where the rows are, when the rows'
                 // schema is known before running (a transform's output may not be).
                 let combine = match schemas.first().cloned().flatten() {
-                    Some(schema) => {
+                    Some(schema) if !distinct => {
                         let two = TwoPhase {
                             keys: keys.clone(),
                             aggs,
@@ -1319,7 +1345,7 @@ impl DatasetExchange {
                         partial = Some(two.clone());
                         Combine::FinishAggregate(two)
                     }
-                    None => Combine::Aggregate {
+                    _ => Combine::Aggregate {
                         keys: keys.clone(),
                         aggs,
                     },
@@ -1421,7 +1447,15 @@ impl ExchangeWork for DatasetExchange {
     }
 
     fn makes_rows_from_none(&self) -> bool {
-        matches!(&self.combine, Combine::FinishAggregate(two) if two.keys.is_empty())
+        // An aggregation without keys has a row for no input (a whole one only where
+        // its input's schema is known).
+        match &self.combine {
+            Combine::FinishAggregate(two) => two.keys.is_empty(),
+            Combine::Aggregate { keys, .. } => {
+                keys.is_empty() && self.schemas.first().is_some_and(Option::is_some)
+            }
+            _ => false,
+        }
     }
 
     fn sample_task(&self) -> Result<Option<EncodedTask>> {
@@ -1596,40 +1630,40 @@ mod tests {
     use super::*;
     use crate::{agg, lit, Context};
 
-    /// A distinct count's map halves over blocks sharing values, then its final half
-    /// over their states, count each value once (as one process does), whether or not
-    /// the aggregate is named.
+    /// Distinct aggregates, named or not, through the exchange's tasks over blocks
+    /// sharing values, count each value once (as one process does).
     #[test]
-    fn a_distinct_count_counts_values_shared_by_blocks_once() {
-        use arrow::array::{Array, Int64Array};
+    fn distinct_aggregates_count_values_shared_by_blocks_once() {
+        use datafusion::functions_aggregate::expr_fn::{count_distinct, sum_distinct};
         let ctx = Context::global().unwrap();
-        let block = |xs: Vec<i64>| {
-            let ks: Vec<i64> = xs.iter().map(|x| x % 2).collect();
-            RecordBatch::try_from_iter([
-                ("k", Arc::new(Int64Array::from(ks)) as ArrayRef),
-                ("x", Arc::new(Int64Array::from(xs)) as ArrayRef),
-            ])
+        let ds = ctx
+            .range(2_000)
+            .with_column("k", crate::col("id") % lit(2i64))
             .unwrap()
-        };
-        let blocks = [block((0..10).collect()), block((5..15).collect())];
-        let unnamed = datafusion::functions_aggregate::expr_fn::count_distinct(crate::col("x"));
-        for e in [unnamed, agg::count_distinct("x")] {
-            let two = TwoPhase {
-                keys: vec!["k".into()],
-                aggs: vec![expr_bytes(&e).unwrap()],
-                schema: schema_bytes(&blocks[0].schema()).unwrap(),
-            };
-            let states: Vec<RecordBatch> = blocks
-                .iter()
-                .flat_map(|b| two.partial(&ctx, vec![b.clone()]).unwrap())
-                .collect();
-            let out = two.finish(&ctx, states).unwrap();
-            let out = concat_batches(&out[0].schema(), &out).unwrap();
-            let counts = out.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
-            // 0..15: 8 even values and 7 odd ones.
-            let mut got: Vec<i64> = (0..counts.len()).map(|i| counts.value(i)).collect();
+            .with_column("x", crate::col("id") % lit(300i64))
+            .unwrap();
+        let blocks: Vec<RecordBatch> = ds.collect().unwrap();
+        assert!(blocks.len() > 1 || blocks[0].num_rows() > 1000);
+        let blocks: Vec<RecordBatch> = blocks
+            .iter()
+            .flat_map(|b| {
+                (0..b.num_rows())
+                    .step_by(500)
+                    .map(|o| b.slice(o, 500.min(b.num_rows() - o)))
+            })
+            .collect();
+        let input = ctx.from_batches(blocks.clone()).unwrap();
+        for aggs in [
+            vec![count_distinct(crate::col("x"))],
+            vec![agg::count_distinct("x"), agg::count_all()],
+            vec![sum_distinct(crate::col("x"))],
+        ] {
+            let grouped = input.groupby(&["k"]).agg(aggs.clone()).unwrap();
+            let mut got = rows(&through_tasks(grouped.logical_plan(), &blocks, 4));
+            let mut want = rows(&grouped.collect().unwrap());
             got.sort();
-            assert_eq!(got, vec![7, 8], "{e}");
+            want.sort();
+            assert_eq!(got, want, "{aggs:?}");
         }
     }
 
@@ -1951,10 +1985,13 @@ mod tests {
         use arrow::array::Int64Array;
         let ctx = Context::global().unwrap();
         let keys: Vec<Option<i64>> = (0..1000).map(|i| (i % 10 == 0).then_some(i)).collect();
-        let block = RecordBatch::try_from_iter([(
-            "k",
-            Arc::new(Int64Array::from(keys.clone())) as ArrayRef,
-        )])
+        let block = RecordBatch::try_from_iter([
+            ("k", Arc::new(Int64Array::from(keys.clone())) as ArrayRef),
+            (
+                "v",
+                Arc::new(Int64Array::from_iter_values(0..1000)) as ArrayRef,
+            ),
+        ])
         .unwrap();
         let side = ctx.from_batches(vec![block.clone()]).unwrap();
         let joined = side.join(&side, &["k"], JoinHow::Left).unwrap();
@@ -1969,7 +2006,17 @@ mod tests {
                 nulls[targets[row]] += 1;
             }
         }
-        assert_eq!(nulls, [225; 4]);
+        assert!(nulls.iter().all(|&n| n > 150), "{nulls:?}");
+        // The same rows in another order go where they went.
+        let order = arrow::array::UInt32Array::from_iter_values((0..1000u32).rev());
+        let backwards = take_record_batch(&block, &order).unwrap();
+        let again = map
+            .route(std::slice::from_ref(&backwards))
+            .unwrap()
+            .remove(0);
+        for (row, t) in again.iter().enumerate() {
+            assert_eq!(*t, targets[999 - row]);
+        }
         let mut hashes = Vec::new();
         let hashed = hash_partitions(&[block.column(0).clone()], 4, &mut hashes).unwrap();
         for (row, key) in keys.iter().enumerate() {

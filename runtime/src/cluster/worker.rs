@@ -490,6 +490,9 @@ impl Link<'_> {
     /// Stores a result in this node's store: as a file in its shared folder where it
     /// has one, else (or if that fails) over Flight.
     async fn store(&self, id: &str, batches: Vec<RecordBatch>) -> Result<u64> {
+        // Either way the object is decoded with its first batch's schema.
+        crate::cluster::objects::one_schema(&batches)
+            .map_err(|e| e.context(format!("object {id}")))?;
         let batches = batches
             .into_iter()
             .map(volley_common::compact_bloated_views)

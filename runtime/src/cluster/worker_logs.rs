@@ -19,6 +19,27 @@ use super::proto::{LogQuery, LogSection};
 /// The most bytes of one section sent in one answer (its end).
 const MAX_SECTION: u64 = 8 << 20;
 
+/// The most output bytes of one node's answer, and of the head's answer gathering the
+/// nodes': well inside a gRPC message's 256 MiB, however many workers wrote.
+pub(crate) const MAX_NODE_ANSWER: u64 = 48 << 20;
+pub(crate) const MAX_ANSWER: u64 = 160 << 20;
+
+/// Cuts `sections` to at most `most` bytes of output in all: the section holding most
+/// keeps its end, halved, until they fit (what is cut counts as skipped, as the head
+/// of a section past [`MAX_SECTION`] does).
+pub(crate) fn fit(sections: &mut [LogSection], most: u64) {
+    let mut total: u64 = sections.iter().map(|s| s.data.len() as u64).sum();
+    while total > most {
+        let Some(big) = sections.iter_mut().max_by_key(|s| s.data.len()) else {
+            return;
+        };
+        let cut = big.data.len().div_ceil(2);
+        big.data.drain(..cut);
+        big.skipped += cut as u64;
+        total -= cut as u64;
+    }
+}
+
 const INDEX: &str = "workers.tsv";
 
 /// The output file of `worker` in job folder `dir`.
@@ -281,6 +302,23 @@ fn section(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_cut_to_fit_keeping_each_sections_end() {
+        let section = |n: usize| LogSection {
+            title: format!("{n}"),
+            data: (0..n).map(|i| (i % 251) as u8).collect(),
+            bytes: n as u64,
+            ..Default::default()
+        };
+        let mut all = vec![section(1000), section(100), section(10)];
+        fit(&mut all, 400);
+        let sizes: Vec<usize> = all.iter().map(|s| s.data.len()).collect();
+        assert!(sizes.iter().sum::<usize>() <= 400, "{sizes:?}");
+        assert_eq!(sizes[1..], [100, 10]);
+        assert_eq!(all[0].skipped as usize + all[0].data.len(), 1000);
+        assert_eq!(*all[0].data.last().unwrap(), (999 % 251) as u8);
+    }
 
     fn write(dir: &Path, worker: &str, text: &str) {
         let mut f = std::fs::OpenOptions::new()

@@ -233,18 +233,21 @@ impl HeadCore {
     /// Evicts cached package files past the limit, keeping those of jobs not ended
     /// and `also` (files just received for a job about to be submitted).
     fn evict_packages(&self, also: &[String]) {
-        let open: Vec<String> = {
+        // Every package but those of ended jobs: a job being added has its package
+        // here before it is in the state.
+        let ended: std::collections::HashSet<String> = {
             let s = self.state.lock().expect("head lock");
             s.jobs()
-                .filter(|j| !j.status.state.is_final())
+                .filter(|j| j.status.state.is_final())
                 .map(|j| j.status.job_id.clone())
                 .collect()
         };
         let keep = {
             let packages = self.packages.lock().expect("packages lock");
-            open.iter()
-                .filter_map(|id| packages.get(id))
-                .flat_map(|p| p.files.iter().map(|f| f.digest.clone()))
+            packages
+                .iter()
+                .filter(|(id, _)| !ended.contains(*id))
+                .flat_map(|(_, p)| p.files.iter().map(|f| f.digest.clone()))
                 .chain(also.iter().cloned())
                 .collect()
         };
@@ -383,18 +386,23 @@ impl HeadCore {
         resources.validate().map_err(invalid)?;
         let package = spec.package.take().unwrap_or_default();
         check_manifest(&package, self.options.max_package_bytes).map_err(invalid)?;
+        let id = self.state.lock().expect("head lock").new_job_id();
+        // Listed first, so that no eviction takes its files once they are found here.
+        self.packages
+            .lock()
+            .expect("packages lock")
+            .insert(id.clone(), package.clone());
         if let Some(f) = package.files.iter().find(|f| !self.blobs.has(&f.digest)) {
+            self.packages.lock().expect("packages lock").remove(&id);
             return Err(Status::failed_precondition(format!(
                 "package file {}: its contents (digest {}) are not on the head; upload them first",
                 f.path, f.digest
             )));
         }
-        let id = self.state.lock().expect("head lock").new_job_id();
-        std::fs::create_dir_all(self.job_dir(&id)).map_err(|e| Status::internal(e.to_string()))?;
-        self.packages
-            .lock()
-            .expect("packages lock")
-            .insert(id.clone(), package);
+        if let Err(e) = std::fs::create_dir_all(self.job_dir(&id)) {
+            self.packages.lock().expect("packages lock").remove(&id);
+            return Err(Status::internal(e.to_string()));
+        }
         let status = JobStatus {
             job_id: id.clone(),
             name: spec.name,

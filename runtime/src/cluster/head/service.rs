@@ -668,6 +668,10 @@ impl proto::head_server::Head for HeadService {
                 None => out.unanswered.push(format!("{node}: no answer within 5 s")),
             }
         }
+        crate::cluster::worker_logs::fit(
+            &mut out.sections,
+            crate::cluster::worker_logs::MAX_ANSWER,
+        );
         Ok(Response::new(out))
     }
 

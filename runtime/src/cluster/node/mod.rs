@@ -914,7 +914,10 @@ impl Agent {
                     })
                     .await;
                     let (sections, error) = match read {
-                        Ok(Ok(s)) => (s, String::new()),
+                        Ok(Ok(mut s)) => {
+                            worker_logs::fit(&mut s, worker_logs::MAX_NODE_ANSWER);
+                            (s, String::new())
+                        }
                         Ok(Err(e)) => (vec![], e.to_string()),
                         Err(e) => (vec![], e.to_string()),
                     };

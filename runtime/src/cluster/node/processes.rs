@@ -485,7 +485,7 @@ impl Agent {
                     child.wait().await
                 }
             };
-            agent.store.drop_unadopted(pid);
+            agent.store.drop_unadopted(&id);
             let waiting = agent
                 .worker_exited(
                     &id,

@@ -40,6 +40,7 @@ pub(crate) use inline::{decode_inline, encode_inline};
 pub(crate) use reader::slice_rows;
 pub use reader::{object_batch, ObjectReader, ObjectSlice};
 pub(crate) use shared::{fetch_shared, make_shared_dir, store_shared, SHARED_DIR_VAR};
+pub(crate) use store::one_schema;
 pub use store::ObjectStore;
 pub(crate) use transfer::{fetch, fetch_range, fetch_whole, store, Selection};
 

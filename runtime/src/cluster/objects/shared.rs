@@ -89,10 +89,12 @@ pub(crate) async fn store_shared(
     batches: &[RecordBatch],
     compression: ObjectCompression,
 ) -> Result<u64> {
-    // Named after this process: what it leaves unadopted when it dies is removed.
+    // Named after this worker: what it leaves unadopted when it dies is removed.
+    let writer = std::env::var("VOLLEY_WORKER_ID")
+        .unwrap_or_else(|_| format!("process-{}", std::process::id()));
     let name = format!(
-        "{}-{}-{:016x}.arrow",
-        std::process::id(),
+        "{}--{}-{:016x}.arrow",
+        sanitize(&writer),
         sanitize(id),
         rand::random::<u64>()
     );

@@ -109,19 +109,31 @@ impl ObjectStore {
                 VolleyError::Io(e).context(format!("object {id}: cannot read {}", path.display()))
             })?
             .len();
-        self.insert(id, Stored::Shared(path, bytes), bytes)?;
+        self.insert(id, Stored::Shared(path.clone(), bytes), bytes)?;
+        // Its writer's files may have been removed meanwhile (it died: see
+        // `drop_unadopted`): not kept as an object without its file.
+        if !path.exists() {
+            let mut s = self.inner.lock().expect("object store lock");
+            if matches!(s.objects.get(id), Some(Stored::Shared(p, _)) if *p == path) {
+                s.remove(id);
+            }
+            return Err(VolleyError::execution(format!(
+                "object {id}: {} was removed as it was handed over",
+                path.display()
+            )));
+        }
         Ok(bytes)
     }
 
-    /// Removes the files worker process `pid` wrote into the shared folder that it did
-    /// not hand over (it died between writing and handing over, or while writing):
-    /// nothing else would remove them while the node runs. A worker's files are named
-    /// `{pid}-...` ([`store_shared`](super::shared::store_shared)).
-    pub fn drop_unadopted(&self, pid: u32) {
+    /// Removes the files worker `worker` wrote into the shared folder that it did not
+    /// hand over (it died between writing and handing over, or while writing): nothing
+    /// else would remove them while the node runs. A worker's files are named
+    /// `{worker}--...` ([`store_shared`](super::shared::store_shared)).
+    pub fn drop_unadopted(&self, worker: &str) {
         let Some(dir) = &self.shared_dir else {
             return;
         };
-        let prefix = format!("{pid}-");
+        let prefix = format!("{}--", sanitize(worker));
         // Under the lock: a file is adopted wholly before or after this.
         let s = self.inner.lock().expect("object store lock");
         let adopted: std::collections::HashSet<&Path> = s
@@ -401,18 +413,7 @@ pub(super) fn write_file(
         .first()
         .map(|b| b.schema())
         .unwrap_or_else(|| Arc::new(Schema::empty()));
-    // One IPC file has one schema, which readers decode every batch with.
-    if let Some((i, b)) = batches
-        .iter()
-        .enumerate()
-        .find(|(_, b)| b.schema().fields() != schema.fields())
-    {
-        return Err(VolleyError::execution(format!(
-            "an object's batches must share one schema: batch {i} has {:?}, the first {:?}",
-            b.schema().fields(),
-            schema.fields()
-        )));
-    }
+    one_schema(batches)?;
     let file = std::fs::File::create(path)?;
     let mut w = FileWriter::try_new_with_options(
         std::io::BufWriter::new(file),
@@ -424,6 +425,30 @@ pub(super) fn write_file(
     }
     w.finish()?;
     Ok(())
+}
+
+/// An error unless `batches` have the same column names and types (an object is one
+/// IPC stream or file, decoded with the first batch's schema; nullability and metadata
+/// may differ).
+pub(crate) fn one_schema(batches: &[RecordBatch]) -> Result<()> {
+    let Some(first) = batches.first() else {
+        return Ok(());
+    };
+    let columns = |b: &RecordBatch| -> Vec<(String, arrow::datatypes::DataType)> {
+        b.schema()
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect()
+    };
+    let want = columns(first);
+    match batches.iter().enumerate().find(|(_, b)| columns(b) != want) {
+        Some((i, b)) => Err(VolleyError::execution(format!(
+            "an object's batches must share one schema: batch {i} has {:?}, the first {want:?}",
+            columns(b)
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The batches of an Arrow IPC file (a spilled or shared object).

@@ -530,22 +530,22 @@ fn a_dead_workers_files_not_handed_over_are_removed() {
     let shared = tempfile::tempdir().unwrap();
     let one = vec![batch(10)];
     for name in [
-        "41-a-1.arrow",
-        "41-b-2.arrow",
-        "4-c-3.arrow",
-        "141-d-4.arrow",
+        "w41--a-1.arrow",
+        "w41--b-2.arrow",
+        "w4--c-3.arrow",
+        "w141--d-4.arrow",
     ] {
         write_ipc(&shared.path().join(name), &one);
     }
     let store = ObjectStore::new(1 << 30, spill.path().to_path_buf())
         .with_shared_dir(shared.path().to_path_buf());
-    store.adopt("b", "41-b-2.arrow").unwrap();
-    store.drop_unadopted(41);
+    store.adopt("b", "w41--b-2.arrow").unwrap();
+    store.drop_unadopted("w41");
     let mut left: Vec<String> = std::fs::read_dir(shared.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
     left.sort();
-    assert_eq!(left, ["141-d-4.arrow", "4-c-3.arrow", "41-b-2.arrow"]);
+    assert_eq!(left, ["w141--d-4.arrow", "w4--c-3.arrow", "w41--b-2.arrow"]);
     assert_eq!(*store.get("b").unwrap().unwrap(), one);
 }
