@@ -86,7 +86,7 @@ impl Context {
     }
 }
 
-/// A parser of `sql` in `dialect` (a name DataFusion's `sql_parser.dialect` takes).
+/// A parser of `sql` in `dialect`.
 fn parser<'a>(
     sql: &'a str,
     dialect: &'a dyn datafusion::sql::sqlparser::dialect::Dialect,

@@ -410,23 +410,13 @@ impl PartWriter {
             io,
         }) = &self.upload
         {
-            // A write that was committed or abandoned without this attempt removed its
-            // marker first: this attempt stops instead of staging again.
-            match io.block_on(store.head(live)) {
-                Ok(_) => {}
-                Err(object_store::Error::NotFound { .. }) => {
-                    return Err(VolleyError::execution(format!(
-                        "the write's staging {} is gone: the write was committed or \
-                         abandoned without this attempt",
-                        live.as_ref().trim_end_matches(super::LIVE_MARKER)
-                    )))
-                }
-                Err(e) => return Err(VolleyError::from(e).context(format!("uploading {relative}"))),
-            }
             let target = Path::from_iter(folder.parts().chain(store_path(&relative)?.parts()));
             io.block_on(upload(Arc::clone(store), target.clone(), &local))
                 .with_context(|| format!("uploading {relative}"))?;
-            // Ended while it went up: taken back, so nothing of this attempt stays.
+            // A write that was committed or abandoned without this attempt removed its
+            // marker first: the file is taken back and this attempt stops, so nothing
+            // of it stays (a file up before the marker went is in the staging the
+            // write's end deletes).
             if let Err(object_store::Error::NotFound { .. }) = io.block_on(store.head(live)) {
                 let _ = io.block_on(store.delete(&target));
                 return Err(VolleyError::execution(format!(

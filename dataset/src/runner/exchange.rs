@@ -382,6 +382,16 @@ enum Partitioner {
     },
 }
 
+/// The place among `width` of a row whose whole-row hash is `h`: by the hash, each
+/// further row of that hash (`seen` counts them) in the next place, so that equal rows
+/// spread and any order of the same rows makes the same places.
+fn deal(seen: &mut HashMap<u64, u64>, h: u64, width: usize) -> usize {
+    let turn = seen.entry(h).or_insert(0);
+    let place = (h.wrapping_add(*turn) % width.max(1) as u64) as usize;
+    *turn += 1;
+    place
+}
+
 /// A hash of each row of `batch`, all its columns (a column DataFusion cannot hash is
 /// left out), the same in every process.
 fn row_hashes(batch: &RecordBatch) -> Result<Vec<u64>> {
@@ -505,14 +515,14 @@ impl ExchangeMapTask {
                         if *nulls_anywhere && cols.iter().any(|c| c.null_count() > 0) {
                             // By a hash of the whole row: a map task run again over the
                             // same rows puts each where it did, whatever their order.
-                            let whole = row_hashes(b)?;
-                            for (row, t) in targets.iter_mut().enumerate() {
-                                if cols.iter().any(|c| c.is_null(row)) {
-                                    let turn = seen.entry(whole[row]).or_insert(0);
-                                    *t =
-                                        (whole[row].wrapping_add(*turn) % n.max(1) as u64) as usize;
-                                    *turn += 1;
-                                }
+                            let nulls: Vec<u32> = (0..b.num_rows())
+                                .filter(|&row| cols.iter().any(|c| c.is_null(row)))
+                                .map(|row| row as u32)
+                                .collect();
+                            // (Only those rows hashed whole.)
+                            let rows = take_record_batch(b, &UInt32Array::from(nulls.clone()))?;
+                            for (row, h) in nulls.into_iter().zip(row_hashes(&rows)?) {
+                                targets[row as usize] = deal(&mut seen, h, n);
                             }
                         }
                         Ok(targets)
@@ -590,11 +600,7 @@ impl ExchangeMapTask {
                                         Some(w) => w,
                                         None => whole.insert(row_hashes(b)?),
                                     };
-                                    let turn = seen.entry(whole[i]).or_insert(0);
-                                    let width = (after - first + 1) as u64;
-                                    let p = first + (whole[i].wrapping_add(*turn) % width) as usize;
-                                    *turn += 1;
-                                    p
+                                    first + deal(&mut seen, whole[i], after - first + 1)
                                 } else {
                                     after
                                 };

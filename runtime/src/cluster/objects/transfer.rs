@@ -32,6 +32,34 @@ pub(super) const FLIGHT_VIEW_ROWS: usize = 16 * 1024;
 /// of the column, so a 2 MB partition went out as over 64 MB of messages. The pieces
 /// made here are cut by the bytes there are, and the encoders are told to leave them
 /// whole ([`flight_encoder`]). The cut is by bytes in memory, before compression.
+pub(super) fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        let rows = b.num_rows();
+        let bytes = volley_common::batch_memory(&b).max(1);
+        let mut per_piece = ((rows as u64 * FLIGHT_PIECE_BYTES) / bytes).max(1) as usize;
+        let views = volley_common::has_view_columns(&b);
+        if views {
+            per_piece = per_piece.min(FLIGHT_VIEW_ROWS);
+        }
+        if per_piece >= rows {
+            out.push(if views {
+                volley_common::compact_bloated_views(b)?
+            } else {
+                b
+            });
+            continue;
+        }
+        let mut start = 0;
+        while start < rows {
+            let piece = b.slice(start, per_piece.min(rows - start));
+            start += piece.num_rows();
+            out.push(volley_common::compact_bloated_views(piece)?);
+        }
+    }
+    Ok(out)
+}
+
 /// The row counts of `batches`, as a DoPut's descriptor carries them (`12,0,7`).
 pub(super) fn batch_rows(batches: &[RecordBatch]) -> String {
     batches
@@ -81,34 +109,6 @@ pub(super) fn regroup(
         return Err(VolleyError::execution(
             "more rows arrived than the object's batches hold",
         ));
-    }
-    Ok(out)
-}
-
-pub(super) fn for_flight(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
-    let mut out = Vec::with_capacity(batches.len());
-    for b in batches {
-        let rows = b.num_rows();
-        let bytes = volley_common::batch_memory(&b).max(1);
-        let mut per_piece = ((rows as u64 * FLIGHT_PIECE_BYTES) / bytes).max(1) as usize;
-        let views = volley_common::has_view_columns(&b);
-        if views {
-            per_piece = per_piece.min(FLIGHT_VIEW_ROWS);
-        }
-        if per_piece >= rows {
-            out.push(if views {
-                volley_common::compact_bloated_views(b)?
-            } else {
-                b
-            });
-            continue;
-        }
-        let mut start = 0;
-        while start < rows {
-            let piece = b.slice(start, per_piece.min(rows - start));
-            start += piece.num_rows();
-            out.push(volley_common::compact_bloated_views(piece)?);
-        }
     }
     Ok(out)
 }
