@@ -390,17 +390,22 @@ mod tests {
         assert_eq!(o.renumber_csv(m, " for line ", 1), None);
     }
 
-    /// The first records come whole however the chunks cut the text: inside a quoted
-    /// value, at a line break in it, at the end without a last line break.
-    #[test]
-    fn first_records_end_where_a_record_ends() {
-        let dialect = CsvDialect {
+    /// CSV's usual dialect: `,` between values, `"` around them.
+    fn comma_quote() -> CsvDialect {
+        CsvDialect {
             delimiter: b',',
             quote: b'"',
             escape: None,
             terminator: None,
             comment: None,
-        };
+        }
+    }
+
+    /// The first records come whole however the chunks cut the text: inside a quoted
+    /// value, at a line break in it, at the end without a last line break.
+    #[test]
+    fn first_records_end_where_a_record_ends() {
+        let dialect = comma_quote();
         let text = "a,b\n1,\"x\ny\"\n2,\"p, \nq\"\n3,z";
         let take = |cut: &[usize], n: usize| {
             let mut pieces = Vec::new();
@@ -429,13 +434,7 @@ mod tests {
     #[test]
     fn an_unclosed_quote_stops_at_the_limit() {
         use futures::StreamExt;
-        let dialect = CsvDialect {
-            delimiter: b',',
-            quote: b'"',
-            escape: None,
-            terminator: None,
-            comment: None,
-        };
+        let dialect = comma_quote();
         let pulled = std::sync::atomic::AtomicUsize::new(0);
         let chunks = std::iter::once("a,\"b\n".to_string())
             .chain(std::iter::repeat_n("1,2\n".repeat(256), 1000))

@@ -603,31 +603,26 @@ fn several_sql_statements_run_in_order() {
     assert!(!copied.exists());
     // The parser's dialect is the one set before a statement: MySQL reads "hi" as a
     // string, the default (generic) dialect as a column.
-    let out = volley_sql(&[
-        "SET datafusion.sql_parser.dialect = 'MySQL'; SELECT \"hi\" AS x",
-        "--format",
-        "csv",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let csv = |query: &str| {
+        let out = volley_sql(&[query, "--format", "csv"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        csv("SET datafusion.sql_parser.dialect = 'MySQL'; SELECT \"hi\" AS x"),
+        "x\nhi"
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "x\nhi");
     let out = volley_sql(&["SELECT \"hi\" AS x"]);
     assert!(!out.status.success());
     // What only the dialect set can read is read in it (a backslash escape).
-    let out = volley_sql(&[
-        "SET datafusion.sql_parser.dialect = 'MySQL'; SELECT 'it\\'s' AS x; SELECT 1 AS y",
-        "--format",
-        "csv",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        csv("SET datafusion.sql_parser.dialect = 'MySQL'; SELECT 'it\\'s' AS x; SELECT 1 AS y"),
+        "y\n1"
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "y\n1");
     let out = volley_sql(&["SET datafusion.sql_parser.dialect = 'Klingon'; SELECT 1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("Klingon"), "{err}");

@@ -54,16 +54,24 @@ fn a_write_to_many_partition_values_keeps_few_files_open_and_loses_nothing() {
     // 100 values in every batch of a task's 200,000 rows: more values than files it
     // keeps open, yet a file per value (the rows of the others wait in memory), not
     // one per value per batch.
-    let summary = c
-        .range(200_000)
-        .with_column("k", col("id") % lit(100i64))
-        .unwrap()
-        .repartition(1)
-        .unwrap()
-        .write(out, WriteFormat::Csv)
-        .partition_by(&["k"])
+    // 200,000 rows, `k` of 100 values, one task, as CSV partitioned by `k`.
+    let write_by_k = |out: &str, max_rows: Option<usize>| {
+        let write = c
+            .range(200_000)
+            .with_column("k", col("id") % lit(100i64))
+            .unwrap()
+            .repartition(1)
+            .unwrap()
+            .write(out, WriteFormat::Csv)
+            .partition_by(&["k"]);
+        match max_rows {
+            Some(n) => write.max_rows_per_file(n),
+            None => write,
+        }
         .run()
-        .unwrap();
+        .unwrap()
+    };
+    let summary = write_by_k(out, None);
     assert_eq!(summary.rows, 200_000);
     assert_eq!(summary.files.len(), 100, "{:?}", &summary.files[..5]);
     let back = c.read_csv(out).unwrap();
@@ -77,17 +85,7 @@ fn a_write_to_many_partition_values_keeps_few_files_open_and_loses_nothing() {
     );
     // Cut at a row count too: 2,000 rows a value in files of 500, in the order written.
     let out = dir.path().join("cut");
-    let summary = c
-        .range(200_000)
-        .with_column("k", col("id") % lit(100i64))
-        .unwrap()
-        .repartition(1)
-        .unwrap()
-        .write(out.to_str().unwrap(), WriteFormat::Csv)
-        .partition_by(&["k"])
-        .max_rows_per_file(500)
-        .run()
-        .unwrap();
+    let summary = write_by_k(out.to_str().unwrap(), Some(500));
     assert_eq!(summary.files.len(), 400);
     let mut seven: Vec<_> = summary
         .files
