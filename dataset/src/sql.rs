@@ -120,22 +120,35 @@ fn parse_script(
     parser(sql, dialect.as_ref(), recursion_limit)?.parse_statements()
 }
 
-/// The next statement of `rest` (which then starts after it) and whether it is the
-/// last one; `None` where only `;`s and blanks are left. Only the statement's own
-/// text must be valid in `name`'s dialect: the rest is tokenized again in the dialect
-/// the statement leaves.
+/// The next statement of `script` from byte `at` (which then moves past it) and
+/// whether it is the last one; `None` where only `;`s and blanks are left. Only the
+/// statement's own text must be valid in `name`'s dialect: the rest is tokenized again
+/// in the dialect the statement leaves.
 fn next_statement(
-    rest: &mut &str,
+    script: &str,
+    at: &mut usize,
     name: &datafusion::config::Dialect,
     recursion_limit: usize,
 ) -> datafusion::error::Result<Option<(datafusion::sql::parser::Statement, bool)>> {
     use datafusion::sql::sqlparser::parser::ParserError;
     use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
     let dialect = dialect(name)?;
+    // The rest of the script, after blanks that put it at its place in the script:
+    // errors give the script's lines and columns, not the rest's.
+    let before = &script[..*at];
+    let lines = before.matches('\n').count();
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count());
+    let pad = lines + column;
+    let rest = format!(
+        "{}{}{}",
+        "\n".repeat(lines),
+        " ".repeat(column),
+        &script[*at..]
+    );
     let mut tokens = Vec::new();
     // A tokenizer error past the statement's `;` is the next statement's to report.
     let tokenized =
-        Tokenizer::new(dialect.as_ref(), rest).tokenize_with_location_into_buf(&mut tokens);
+        Tokenizer::new(dialect.as_ref(), &rest).tokenize_with_location_into_buf(&mut tokens);
     let blank = |t: &Token| matches!(t, Token::SemiColon | Token::Whitespace(_));
     let Some(start) = tokens.iter().position(|t| !blank(&t.token)) else {
         tokenized.map_err(ParserError::from)?;
@@ -156,7 +169,7 @@ fn next_statement(
         }
     };
     let cut = match tokens.get(end) {
-        Some(t) => byte_offset(rest, t.span.start.line, t.span.start.column),
+        Some(t) => byte_offset(&rest, t.span.start.line, t.span.start.column),
         None => rest.len(),
     };
     tokens.truncate(end);
@@ -168,7 +181,7 @@ fn next_statement(
     let statement = statements.pop_front().ok_or_else(|| {
         datafusion::error::DataFusionError::Internal("a statement without tokens".into())
     })?;
-    *rest = &rest[cut..];
+    *at += cut - pad;
     Ok(Some((statement, is_last)))
 }
 
@@ -294,7 +307,7 @@ pub(crate) fn plan_sql(
                 .map_err(parse_error)?,
         )
     };
-    let mut rest = query;
+    let mut at = 0;
     let mut last = None;
     for i in 0.. {
         let next = match &mut parsed {
@@ -302,16 +315,20 @@ pub(crate) fn plan_sql(
             None => {
                 let state = sctx.state();
                 let options = &state.config().options().sql_parser;
-                next_statement(&mut rest, &options.dialect, options.recursion_limit.get()).map_err(
-                    |e| {
-                        let e = parse_error(e);
-                        if i > 0 {
-                            e.context(format!("in statement {}", i + 1))
-                        } else {
-                            e
-                        }
-                    },
-                )?
+                next_statement(
+                    query,
+                    &mut at,
+                    &options.dialect,
+                    options.recursion_limit.get(),
+                )
+                .map_err(|e| {
+                    let e = parse_error(e);
+                    if i > 0 {
+                        e.context(format!("in statement {}", i + 1))
+                    } else {
+                        e
+                    }
+                })?
             }
         };
         let Some((statement, is_last)) = next else {
@@ -323,6 +340,15 @@ pub(crate) fn plan_sql(
             .block_on(async {
                 let state = sctx.state();
                 let plan = state.statement_to_plan(statement).await?;
+                if let Some(variable) = runtime_setting(&plan) {
+                    return Err(datafusion::error::DataFusionError::Plan(format!(
+                        "`{variable}` cannot be set from SQL: volley's partitions run in \
+                         its executor's memory pool and spill folder, not the query's \
+                         runtime. Give them with --memory-limit and --spill-dir (`volley \
+                         sql`), or volley.exec.memory_limit and volley.exec.spill_dir \
+                         (VOLLEY_EXEC_MEMORY_LIMIT, VOLLEY_EXEC_SPILL_DIR)"
+                    )));
+                }
                 if mode == Statements::Plan && writes_data(&plan, is_last) {
                     return Err(datafusion::error::DataFusionError::Plan(
                         "explaining runs no statement that writes or makes data \
@@ -377,6 +403,23 @@ pub(crate) fn plan_sql(
         LogicalPlan::Analyze(analyze) => analyze_statement(ctx, &sctx.state(), &analyze, label),
         plan => Ok(ctx.source(Arc::new(plan_source(ctx, &sctx.state(), plan, label)))),
     }
+}
+
+/// The setting a `SET` or `RESET` of `datafusion.runtime.*` names. DataFusion would
+/// give the query's session a runtime of its own (memory limit, temporary folder),
+/// which volley's partitions never run in: they take the executor's pool and spill
+/// folder, so such a statement is refused rather than taking no effect.
+fn runtime_setting(plan: &LogicalPlan) -> Option<&str> {
+    use datafusion::logical_expr::Statement;
+    let variable = match plan {
+        LogicalPlan::Statement(Statement::SetVariable(s)) => &s.variable,
+        LogicalPlan::Statement(Statement::ResetVariable(r)) => &r.variable,
+        _ => return None,
+    };
+    variable
+        .to_ascii_lowercase()
+        .starts_with("datafusion.runtime.")
+        .then_some(variable.as_str())
 }
 
 /// `words` of statements that end in `EXPLAIN [ANALYZE] [VERBOSE] [FORMAT f] query`,

@@ -623,9 +623,33 @@ fn several_sql_statements_run_in_order() {
         csv("SET datafusion.sql_parser.dialect = 'MySQL'; SELECT 'it\\'s' AS x; SELECT 1 AS y"),
         "y\n1"
     );
+    // A parse error's line and column are the script's, not counted from the `;`
+    // before the statement.
+    let out =
+        volley_sql(&["SET datafusion.sql_parser.dialect = 'MySQL';\nSELECT 1;\n  SELECT 2 FROM ,"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Line: 3, Column: 17"),
+        "{err}"
+    );
     let out = volley_sql(&["SET datafusion.sql_parser.dialect = 'Klingon'; SELECT 1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("Klingon"), "{err}");
+
+    // Runtime settings would not reach the executor: refused, named, with what sets
+    // them instead.
+    for q in [
+        "SET datafusion.runtime.memory_limit = '1M'; SELECT 1",
+        "RESET datafusion.runtime.temp_directory; SELECT 1",
+    ] {
+        let out = volley_sql(&[q]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{q}: {err}");
+        assert!(
+            err.contains("datafusion.runtime.") && err.contains("--memory-limit"),
+            "{err}"
+        );
+    }
 
     let out = volley_sql(&["SELECT 1 / 0; SELECT 2 AS b"]);
     let err = String::from_utf8_lossy(&out.stderr);
