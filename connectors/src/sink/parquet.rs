@@ -75,6 +75,9 @@ struct RowGroupEncoder {
     feeds: Vec<SyncSender<RecordBatch>>,
     threads: Vec<JoinHandle<Result<EncodedRowGroup>>>,
     rows: usize,
+    /// Bytes of the rows fed (their encoded pages, held until the row group is
+    /// appended, take at most about as much).
+    bytes: u64,
 }
 
 impl RowGroupEncoder {
@@ -115,6 +118,7 @@ impl RowGroupEncoder {
             feeds: Vec::with_capacity(threads),
             threads: Vec::with_capacity(threads),
             rows: 0,
+            bytes: 0,
         };
         for (_, bucket) in buckets {
             let (feed, batches) = sync_channel(QUEUED_BATCHES);
@@ -131,9 +135,10 @@ impl RowGroupEncoder {
         Ok(encoder)
     }
 
-    /// Hands `batch` to every thread (each encodes its columns of it).
-    fn feed(&mut self, batch: RecordBatch) -> Result<()> {
+    /// Hands `batch`, of `bytes` bytes, to every thread (each encodes its columns of it).
+    fn feed(&mut self, batch: RecordBatch, bytes: u64) -> Result<()> {
         self.rows += batch.num_rows();
+        self.bytes += bytes;
         for feed in &self.feeds {
             if feed.send(batch.clone()).is_err() {
                 // A thread stopped early: it failed, and says why.
@@ -205,13 +210,38 @@ fn encode_columns(
         .collect()
 }
 
+/// Bytes `batch`'s rows use: their part of each buffer, and a view column's strings by
+/// their lengths. (A slice or a taken piece of a batch shares the batch's buffers,
+/// which [`volley_common::batch_memory`] would count whole for every piece.)
+fn rows_bytes(batch: &RecordBatch) -> u64 {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::DataType;
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            let own = c
+                .to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size());
+            let strings = match c.data_type() {
+                DataType::Utf8View => c.as_string_view().total_buffer_bytes_used(),
+                DataType::BinaryView => c.as_binary_view().total_buffer_bytes_used(),
+                _ => 0,
+            };
+            (own + strings) as u64
+        })
+        .sum()
+}
+
 /// A Parquet file being written.
 pub(crate) struct ParquetFileWriter {
     output: Output,
     schema: SchemaRef,
-    /// Rows held back until the file opens.
+    /// Rows held back until the file opens, and their bytes.
     pending: Vec<RecordBatch>,
     pending_rows: usize,
+    pending_bytes: u64,
     /// The row group being filled, encoded as it fills.
     filling: Option<RowGroupEncoder>,
     /// The row group before it, finishing its encoding.
@@ -239,6 +269,7 @@ impl ParquetFileWriter {
             schema,
             pending: Vec::new(),
             pending_rows: 0,
+            pending_bytes: 0,
             filling: None,
             ending: None,
             row_groups: 0,
@@ -258,8 +289,11 @@ impl ParquetFileWriter {
             )));
         }
         if let Output::Unopened { .. } = self.output {
-            self.pending.push(batch.clone());
+            // Held alone, a piece of a batch would keep the whole batch's strings.
+            let batch = volley_common::compact_bloated_views(batch.clone())?;
             self.pending_rows += batch.num_rows();
+            self.pending_bytes += rows_bytes(&batch);
+            self.pending.push(batch);
             if self.pending_rows >= SAMPLE_ROWS {
                 return self.open(self.expected_rows).inspect_err(|_| self.fail());
             }
@@ -268,12 +302,25 @@ impl ParquetFileWriter {
         self.encode(batch).inspect_err(|_| self.fail())
     }
 
+    /// Bytes of rows this file holds in memory: those held back until it opens, and
+    /// those of its row groups not yet appended (encoded as pages, which take about as
+    /// much at most).
+    pub(crate) fn buffered_bytes(&self) -> u64 {
+        self.pending_bytes
+            + [&self.filling, &self.ending]
+                .into_iter()
+                .flatten()
+                .map(|e| e.bytes)
+                .sum::<u64>()
+    }
+
     /// After an error: nothing more is written to this file.
     fn fail(&mut self) {
         self.output = Output::Failed;
         self.filling = None;
         self.ending = None;
         self.pending.clear();
+        self.pending_bytes = 0;
     }
 
     /// Hands `batch` to the row groups' encoders, starting and ending row groups as
@@ -300,7 +347,8 @@ impl ParquetFileWriter {
                 }
             };
             let encoder = self.filling.insert(encoder);
-            encoder.feed(slice)?;
+            let bytes = rows_bytes(&slice);
+            encoder.feed(slice, bytes)?;
             if encoder.rows == ROW_GROUP_ROWS {
                 self.end_row_group()?;
             }
@@ -371,6 +419,7 @@ impl ParquetFileWriter {
             self.output = Output::Open { writer, factory };
         }
         self.pending_rows = 0;
+        self.pending_bytes = 0;
         for batch in std::mem::take(&mut self.pending) {
             self.encode(&batch)?;
         }

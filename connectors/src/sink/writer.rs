@@ -35,6 +35,14 @@ const PENDING_BYTES: usize = 32 << 20;
 /// Rows held for one partition value that go out at once.
 const PENDING_PIECE_BYTES: usize = 4 << 20;
 
+/// The most bytes of rows a task attempt's open Parquet files hold in memory together
+/// (each holds its row group being encoded, up to [`ROW_GROUP_ROWS`] rows, and the one
+/// before it until that is appended). Past it, the files holding most other than the
+/// one just written are closed: a write into many folders at once makes smaller files
+/// instead of holding a row group per folder (32 folders of wide rows held gigabytes).
+/// The file being written may hold more alone: up to two row groups.
+const OPEN_FILE_BYTES: u64 = 128 << 20;
+
 /// Rows of one partition value held until its file is opened.
 #[derive(Default)]
 struct Pending {
@@ -127,6 +135,8 @@ pub struct PartWriter {
     counter: usize,
     /// Pieces written so far: what the open files' `used` counts.
     pieces: u64,
+    /// [`OPEN_FILE_BYTES`] (smaller in tests).
+    open_file_bytes: u64,
     summary: WriteSummary,
 }
 
@@ -149,6 +159,7 @@ impl PartWriter {
             pending_bytes: 0,
             counter: 0,
             pieces: 0,
+            open_file_bytes: OPEN_FILE_BYTES,
             summary: WriteSummary::default(),
         }
     }
@@ -290,6 +301,39 @@ impl PartWriter {
                 let file = self.open.remove(&folder).expect("present");
                 self.close(file)?;
             }
+        }
+        self.close_past_open_file_bytes(&folder)
+    }
+
+    /// Bytes of rows the open files hold in memory.
+    fn buffered_bytes(&self) -> u64 {
+        self.open
+            .values()
+            .map(|f| match &f.writer {
+                FileWriter::Parquet(w) => w.buffered_bytes(),
+                // A megabyte's buffer each.
+                FileWriter::Csv(_) | FileWriter::Json(_) => 0,
+            })
+            .sum()
+    }
+
+    /// While the open files hold more than [`OPEN_FILE_BYTES`], closes the one holding
+    /// most, other than `written` (the file just written to).
+    fn close_past_open_file_bytes(&mut self, written: &str) -> Result<()> {
+        while self.buffered_bytes() > self.open_file_bytes {
+            let most = self
+                .open
+                .iter()
+                .filter(|(k, _)| k.as_str() != written)
+                .filter_map(|(k, f)| match &f.writer {
+                    FileWriter::Parquet(w) => Some((k, w.buffered_bytes())),
+                    _ => None,
+                })
+                .max_by_key(|(_, b)| *b)
+                .map(|(k, _)| k.clone());
+            let Some(most) = most else { break };
+            let file = self.open.remove(&most).expect("present");
+            self.close(file)?;
         }
         Ok(())
     }
@@ -567,5 +611,71 @@ fn escape_partition_value(v: &str) -> String {
         crate::NULL_PARTITION.to_string()
     } else {
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, Int64Array, StringViewArray};
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    /// A write into several folders at once whose open Parquet files would hold more
+    /// rows than [`OPEN_FILE_BYTES`] closes files instead: the rows they hold stay
+    /// under it (past it by the file being written at most), and every row reads back.
+    /// A piece of a view column counts its own strings, not the batch's it shares
+    /// (counted whole, every file would close at an eighth of its size).
+    #[test]
+    fn open_parquet_files_hold_at_most_their_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = WriteOptions::new(WriteFormat::Parquet);
+        options.partition_by = vec!["k".into()];
+        let mut w = PartWriter::new(
+            options,
+            "part-0".into(),
+            String::new(),
+            dir.path().to_path_buf(),
+            None,
+        );
+        let limit = 8 << 20;
+        w.open_file_bytes = limit;
+        let (batches, rows) = (64i64, 16_384i64);
+        let (mut most, mut biggest_piece) = (0, 0);
+        for b in 0..batches {
+            let ids: Vec<i64> = (b * rows..(b + 1) * rows).collect();
+            let k = Int64Array::from_iter_values(ids.iter().map(|i| i % 8));
+            let s: StringViewArray = ids.iter().map(|i| Some(format!("{i:0>64}"))).collect();
+            let batch = RecordBatch::try_from_iter([
+                ("k", Arc::new(k) as ArrayRef),
+                ("id", Arc::new(Int64Array::from(ids)) as ArrayRef),
+                ("s", Arc::new(s) as ArrayRef),
+            ])
+            .unwrap();
+            biggest_piece = biggest_piece.max(volley_common::batch_memory(&batch));
+            w.write(&batch).unwrap();
+            most = most.max(w.buffered_bytes());
+        }
+        // Without the limit, the 8 folders held every row until the end: ~90 MiB.
+        assert!(most > 0 && most <= limit + biggest_piece, "{most}");
+        let staged = w.finish().unwrap();
+        // Files of about a MiB of rows each: ~90.
+        let files = staged.summary.files.len();
+        assert!((9..200).contains(&files), "{files} files");
+        let (mut n, mut sum) = (0i64, 0i64);
+        for f in &staged.summary.files {
+            let file = File::open(dir.path().join(f)).unwrap();
+            for b in ParquetRecordBatchReaderBuilder::try_new(file)
+                .unwrap()
+                .build()
+                .unwrap()
+            {
+                let b = b.unwrap();
+                let ids = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                n += b.num_rows() as i64;
+                sum += ids.values().iter().sum::<i64>();
+            }
+        }
+        let all = batches * rows;
+        assert_eq!((n, sum), (all, all * (all - 1) / 2));
     }
 }
