@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
+use arrow::array::{ArrayRef, RecordBatch, UInt32Array, UInt64Array};
 use arrow::compute::{cast, concat_batches, take, take_record_batch, SortOptions};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::ipc::reader::StreamReader;
@@ -767,7 +767,8 @@ fn pieces_per_partition(
     Ok(pieces)
 }
 
-/// A sample task: up to [`SAMPLE_ROWS`] key rows of its block, evenly spaced.
+/// A sample task: up to [`SAMPLE_ROWS`] key rows of its block, evenly spaced, each
+/// with the rows of the block it stands for (its `weight`, the last column).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExchangeSampleTask {
     keys: Vec<ShippedKey>,
@@ -781,7 +782,7 @@ impl RemoteTask for ExchangeSampleTask {
 }
 
 impl ExchangeSampleTask {
-    /// The sample of `batches` (one block's rows).
+    /// The sample of `batches` (one block's rows): key columns, then each row's weight.
     pub(crate) fn sample(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
         let ctx = Context::global()?;
         let state = ctx.session_state();
@@ -805,12 +806,14 @@ impl ExchangeSampleTask {
             if picks.is_empty() {
                 continue;
             }
+            let weights = UInt64Array::from(vec![step as u64; picks.len()]);
             let idx = UInt32Array::from(picks);
-            let cols = key_columns
+            let mut cols = key_columns
                 .of(b)?
                 .iter()
                 .map(|c| Ok(take(c, &idx, None)?))
                 .collect::<Result<Vec<_>>>()?;
+            cols.push(Arc::new(weights));
             out.push(key_batch(cols)?);
         }
         Ok(out)
@@ -1493,16 +1496,31 @@ impl ExchangeWork for DatasetExchange {
             return Ok(vec![]);
         };
         let all = concat_batches(&first.schema(), &samples)?;
-        let cols = all.columns().to_vec();
+        // Key columns, then the rows each sample stands for.
+        let (cols, weights) = all.columns().split_at(all.num_columns() - 1);
+        let cols = cols.to_vec();
+        let weights = weights[0]
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .ok_or_else(|| VolleyError::internal("a sort's samples come without weights"))?;
         let rows = converter(keys, &cols)?.convert_columns(&cols)?;
         let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
         order.sort_by(|a, b| rows.row(*a as usize).cmp(&rows.row(*b as usize)));
-        // The sample at each 1/n of the order: partition p takes the keys from
+        // The sample at each 1/n of the rows in key order (a big block's samples
+        // stand for more rows than a small one's): partition p takes the keys from
         // boundary p - 1 (exclusive) up to boundary p (inclusive).
         let n = self.partitions;
-        let picks: Vec<u32> = (1..n)
-            .map(|i| order[(i * order.len() / n).min(order.len() - 1)])
-            .collect();
+        let total: u128 = weights.values().iter().map(|w| *w as u128).sum();
+        let mut picks: Vec<u32> = Vec::with_capacity(n.saturating_sub(1));
+        let mut seen: u128 = 0;
+        for &o in &order {
+            seen += weights.value(o as usize) as u128;
+            while picks.len() + 1 < n && seen * n as u128 > total * (picks.len() + 1) as u128 {
+                picks.push(o);
+            }
+        }
+        let last = *order.last().expect("samples have rows");
+        picks.resize(n.saturating_sub(1), last);
         let idx = UInt32Array::from(picks);
         let bounds = cols
             .iter()
@@ -2123,6 +2141,57 @@ mod tests {
                 "partition {p} ends at {hi}, the next starts at {lo}"
             );
         }
+    }
+
+    /// A sort's boundaries weigh each block's samples by the rows they stand for: a
+    /// small block's keys do not count as much as a big one's.
+    #[test]
+    fn a_sorts_boundaries_weigh_blocks_by_their_rows() {
+        let ctx = Context::global().unwrap();
+        let block = |from: i64, rows: i64| {
+            RecordBatch::try_from_iter([(
+                "k",
+                Arc::new(arrow::array::Int64Array::from_iter_values(
+                    from..from + rows,
+                )) as ArrayRef,
+            )])
+            .unwrap()
+        };
+        // 100 small keys, then 100,000 big ones: 100 and 128 samples.
+        let blocks = [block(0, 100), block(1_000, 100_000)];
+        let input = ctx.from_batches(blocks.to_vec()).unwrap();
+        let sorted = input.sort([SortKey::asc("k")]).unwrap();
+        let work = DatasetExchange::of(sorted.logical_plan(), ctx.session_state(), 2, 0)
+            .unwrap()
+            .unwrap();
+        let t = task();
+        let samples: Vec<RecordBatch> = blocks
+            .iter()
+            .flat_map(|b| {
+                work.sample()
+                    .unwrap()
+                    .run(&t, vec![vec![b.clone()]])
+                    .unwrap()
+            })
+            .collect();
+        let prepared = work.prepare(samples, 0).unwrap();
+        let mut sizes = [0usize; 2];
+        for b in &blocks {
+            let routes = work
+                .map(0, 0, &prepared)
+                .unwrap()
+                .route(std::slice::from_ref(b))
+                .unwrap();
+            for p in &routes[0] {
+                sizes[*p] += 1;
+            }
+        }
+        // Equal weights put the boundary at the 114th of 228 samples: 11,000 rows
+        // against 89,100.
+        assert!(
+            sizes.iter().all(|s| (45_000..55_100).contains(s)),
+            "{sizes:?}"
+        );
     }
 
     #[test]
