@@ -2071,6 +2071,39 @@ mod tests {
         }
     }
 
+    /// The partition of each row of each block when `blocks` are sorted by `k` into
+    /// `partitions` through the exchange's tasks (samples, boundaries, maps).
+    fn sort_routes(blocks: &[RecordBatch], partitions: usize) -> Vec<Vec<usize>> {
+        let ctx = Context::global().unwrap();
+        let input = ctx.from_batches(blocks.to_vec()).unwrap();
+        let sorted = input.sort([SortKey::asc("k")]).unwrap();
+        let work = DatasetExchange::of(sorted.logical_plan(), ctx.session_state(), partitions, 0)
+            .unwrap()
+            .unwrap();
+        let t = task();
+        let samples: Vec<RecordBatch> = blocks
+            .iter()
+            .flat_map(|b| {
+                work.sample()
+                    .unwrap()
+                    .run(&t, vec![vec![b.clone()]])
+                    .unwrap()
+            })
+            .collect();
+        let prepared = work.prepare(samples, 0).unwrap();
+        blocks
+            .iter()
+            .map(|b| {
+                let mut routes = work
+                    .map(0, 0, &prepared)
+                    .unwrap()
+                    .route(std::slice::from_ref(b))
+                    .unwrap();
+                routes.remove(0)
+            })
+            .collect()
+    }
+
     /// A key that fills most of a sort's input is dealt over the partitions its
     /// boundaries span, and the output is still in order.
     #[test]
@@ -2089,38 +2122,17 @@ mod tests {
             )
             .unwrap();
         let blocks: Vec<RecordBatch> = ds.collect().unwrap();
-        let input = ctx.from_batches(blocks.clone()).unwrap();
-        let sorted = input.sort([SortKey::asc("k")]).unwrap();
         // (Rows of equal keys come in any order: the partitions' key ranges are
         // checked, not the rows' order.)
-        let work = DatasetExchange::of(sorted.logical_plan(), ctx.session_state(), 4, 0)
-            .unwrap()
-            .unwrap();
-        let t = task();
-        let samples: Vec<RecordBatch> = blocks
-            .iter()
-            .flat_map(|b| {
-                work.sample()
-                    .unwrap()
-                    .run(&t, vec![vec![b.clone()]])
-                    .unwrap()
-            })
-            .collect();
-        let prepared = work.prepare(samples, 0).unwrap();
         let mut keys: [Vec<i64>; 4] = Default::default();
-        for b in &blocks {
-            let routes = work
-                .map(0, 0, &prepared)
-                .unwrap()
-                .route(std::slice::from_ref(b))
-                .unwrap();
+        for (b, routes) in blocks.iter().zip(sort_routes(&blocks, 4)) {
             let k = b
                 .column_by_name("k")
                 .unwrap()
                 .as_any()
                 .downcast_ref::<arrow::array::Int64Array>()
                 .unwrap();
-            for (row, p) in routes[0].iter().enumerate() {
+            for (row, p) in routes.iter().enumerate() {
                 keys[*p].push(k.value(row));
             }
         }
@@ -2147,7 +2159,6 @@ mod tests {
     /// small block's keys do not count as much as a big one's.
     #[test]
     fn a_sorts_boundaries_weigh_blocks_by_their_rows() {
-        let ctx = Context::global().unwrap();
         let block = |from: i64, rows: i64| {
             RecordBatch::try_from_iter([(
                 "k",
@@ -2159,32 +2170,9 @@ mod tests {
         };
         // 100 small keys, then 100,000 big ones: 100 and 128 samples.
         let blocks = [block(0, 100), block(1_000, 100_000)];
-        let input = ctx.from_batches(blocks.to_vec()).unwrap();
-        let sorted = input.sort([SortKey::asc("k")]).unwrap();
-        let work = DatasetExchange::of(sorted.logical_plan(), ctx.session_state(), 2, 0)
-            .unwrap()
-            .unwrap();
-        let t = task();
-        let samples: Vec<RecordBatch> = blocks
-            .iter()
-            .flat_map(|b| {
-                work.sample()
-                    .unwrap()
-                    .run(&t, vec![vec![b.clone()]])
-                    .unwrap()
-            })
-            .collect();
-        let prepared = work.prepare(samples, 0).unwrap();
         let mut sizes = [0usize; 2];
-        for b in &blocks {
-            let routes = work
-                .map(0, 0, &prepared)
-                .unwrap()
-                .route(std::slice::from_ref(b))
-                .unwrap();
-            for p in &routes[0] {
-                sizes[*p] += 1;
-            }
+        for p in sort_routes(&blocks, 2).iter().flatten() {
+            sizes[*p] += 1;
         }
         // Equal weights put the boundary at the 114th of 228 samples: 11,000 rows
         // against 89,100.
