@@ -755,6 +755,11 @@ impl PlanSource {
                 })
                 .map_err(|_| VolleyError::internal("asking the cluster for its CPUs"))?;
                 let broadcast = config.exec.broadcast_join_bytes;
+                // What the query's `SET`s changed travels with its tasks.
+                let settings = Arc::new(crate::runner::SessionSettings::changed(
+                    self.ctx.session_state().config_options(),
+                    self.state.config_options(),
+                ));
                 let mut physical = self.cluster_plan(&plan, few, broadcast).await?;
                 if many > few
                     && crate::runner::scanned_bytes(&physical)
@@ -763,7 +768,7 @@ impl PlanSource {
                     physical = self.cluster_plan(&plan, many, broadcast).await?;
                 }
                 let staged = if crate::runner::scans_files(&physical) {
-                    crate::runner::stages_on_cluster(&physical, cluster)?
+                    crate::runner::stages_on_cluster(&physical, cluster, &settings)?
                 } else {
                     None
                 };
@@ -772,6 +777,7 @@ impl PlanSource {
                     None => crate::runner::scans_on_cluster(
                         self.state.create_physical_plan(&plan).await?,
                         cluster,
+                        &settings,
                     )?,
                 }
             }

@@ -323,7 +323,7 @@ impl Stage {
                                 (m, _, _) => m.clone(),
                             };
                             let task =
-                                encode(read.label.clone(), StageInput::Read(read.plan), map)?;
+                                encode(read.label.clone(), StageInput::read(read.plan), map)?;
                             Ok((read.label, task))
                         })
                         .collect::<Result<_>>()?,
@@ -731,7 +731,7 @@ impl ClusterRunner {
             .map(|r| {
                 let task = EncodedTask::new(Box::new(StageTask {
                     label: r.label.clone(),
-                    input: StageInput::Read(r.plan),
+                    input: StageInput::read(r.plan),
                     ops: first.ops.clone(),
                     write: None,
                     map: None,
@@ -767,7 +767,7 @@ impl SampledTasks for SortMapTasks {
             .map(|(label, plan)| {
                 let task = EncodedTask::new(Box::new(StageTask {
                     label: label.clone(),
-                    input: StageInput::Read(plan.clone()),
+                    input: StageInput::read(plan.clone()),
                     ops: self.ops.clone(),
                     write: None,
                     map: Some(map.clone()),

@@ -17,6 +17,7 @@ mod cluster;
 mod exchange;
 mod query_stages;
 mod scan;
+mod settings;
 mod stage;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub(crate) use query_stages::{
     stages_on_cluster, ClusterStageExec,
 };
 pub(crate) use scan::scans_on_cluster;
+pub(crate) use settings::SessionSettings;
 pub use stage::StageTask;
 
 use crate::logical::LogicalOp;

@@ -80,6 +80,7 @@ use volley_runtime::cluster::{
 };
 
 use super::exchange::{batches_per_partition, from_bytes, schema_bytes};
+use super::SessionSettings;
 use crate::conjunction::Conjunction;
 use crate::context::Context;
 use crate::decimal_arith::{DecimalArith, DecimalOp};
@@ -88,12 +89,14 @@ use crate::handover::{thread_stream, Handover};
 use crate::view_compare::ViewStringIn;
 use volley_connectors::file_scan_config;
 
-/// The plan `plan` with its stages cut out to run on `cluster`'s nodes; `None` where
-/// the plan cannot be cut (a node `datafusion-proto` cannot carry, a repartition that
-/// keeps an order or splits by ranges).
+/// The plan `plan` with its stages cut out to run on `cluster`'s nodes, their tasks
+/// with the query's `settings`; `None` where the plan cannot be cut (a node
+/// `datafusion-proto` cannot carry, a repartition that keeps an order or splits by
+/// ranges).
 pub(crate) fn stages_on_cluster(
     plan: &Arc<dyn ExecutionPlan>,
     cluster: &Cluster,
+    settings: &Arc<SessionSettings>,
 ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     // Each stage computes its own copy of what a query shares in one process.
     let plan = &crate::shared_subplans::unshare(Arc::clone(plan))?;
@@ -101,11 +104,11 @@ pub(crate) fn stages_on_cluster(
         return Ok(None);
     }
     let mut next = 0;
-    let Some(cut) = cut_stages(plan, cluster, &mut next)? else {
+    let Some(cut) = cut_stages(plan, cluster, settings, &mut next)? else {
         return Ok(None);
     };
     // File scans left here (a plan of one partition) still run on the nodes.
-    Ok(Some(super::scans_on_cluster(cut, cluster)?))
+    Ok(Some(super::scans_on_cluster(cut, cluster, settings)?))
 }
 
 /// `plan` cut into stages numbered from `next` + 1; `None` where what would be left
@@ -119,12 +122,13 @@ pub(crate) fn stages_on_cluster(
 fn cut_stages(
     plan: &Arc<dyn ExecutionPlan>,
     cluster: &Cluster,
+    settings: &Arc<SessionSettings>,
     next: &mut usize,
 ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     if plan.downcast_ref::<ScalarSubqueryExec>().is_some() {
         let mut children = Vec::new();
         for child in plan.children() {
-            match cut_stages(child, cluster, next)? {
+            match cut_stages(child, cluster, settings, next)? {
                 Some(c) => children.push(c),
                 None => return Ok(None),
             }
@@ -150,7 +154,7 @@ fn cut_stages(
     };
     let mut new_stage = |plan: Arc<dyn ExecutionPlan>, kind: StageKind| {
         *next += 1;
-        Stage::new(*next, kind, plan, cluster.clone())
+        Stage::new(*next, kind, plan, cluster.clone(), Arc::clone(settings))
     };
     let cut = root
         .transform_up(|node| {
@@ -860,6 +864,8 @@ struct Stage {
     /// The stages this one reads (by id).
     inputs: HashMap<usize, Arc<Stage>>,
     cluster: Cluster,
+    /// The query's settings, carried by its tasks.
+    settings: Arc<SessionSettings>,
     /// The tasks' outputs.
     outputs: Mutex<Outputs>,
     /// Joins above whose keys its scans filter by, filled before its tasks go.
@@ -882,6 +888,7 @@ impl Stage {
         kind: StageKind,
         plan: Arc<dyn ExecutionPlan>,
         cluster: Cluster,
+        settings: Arc<SessionSettings>,
     ) -> DfResult<Arc<Self>> {
         let tasks = task_root(&plan, kind)
             .output_partitioning()
@@ -902,6 +909,7 @@ impl Stage {
             tasks,
             inputs,
             cluster,
+            settings,
             outputs: Mutex::new(Outputs::NotSubmitted),
             keys_filters: Mutex::new(Vec::new()),
         }))
@@ -1003,6 +1011,7 @@ impl Stage {
                     kind: self.kind,
                     partition: p,
                     reads,
+                    settings: SessionSettings::clone(&self.settings),
                 }))?;
                 let options = TaskOptions::default()
                     .resources(Resources::cpus(1.0))
@@ -1174,6 +1183,8 @@ pub struct QueryStageTask {
     partition: usize,
     /// How its inputs, in order, make the partitions of the stages it reads.
     reads: Vec<StageRead>,
+    /// The query's settings, over the node's.
+    settings: SessionSettings,
 }
 
 #[typetag::serde(name = "volley::QueryStageTask")]
@@ -1192,7 +1203,10 @@ impl RemoteTask for QueryStageTask {
         let codec = StageCodec {
             given: Mutex::new(given),
         };
-        let task_ctx = ctx.session_state().task_ctx();
+        let task_ctx = self
+            .settings
+            .task_ctx(ctx.session_state())
+            .with_context(|| format!("rebuilding {}", self.label))?;
         let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
             &self.plan, &task_ctx, &codec,
         )

@@ -23,12 +23,15 @@ use volley_runtime::cluster::{
 };
 
 use super::stage::{plan_bytes, StageInput, StageTask};
+use super::SessionSettings;
 use crate::handover::{thread_stream, Handover};
 
-/// Replaces every file scan of `plan` by a scan on `cluster`'s nodes.
+/// Replaces every file scan of `plan` by a scan on `cluster`'s nodes, its tasks with
+/// the query's `settings` (a filter decoded there may call a function that reads one).
 pub(crate) fn scans_on_cluster(
     plan: Arc<dyn ExecutionPlan>,
     cluster: &Cluster,
+    settings: &Arc<SessionSettings>,
 ) -> DfResult<Arc<dyn ExecutionPlan>> {
     // Each node's task computes its own copy of what a query shares in one process.
     let plan = crate::shared_subplans::unshare(plan)?;
@@ -56,6 +59,7 @@ pub(crate) fn scans_on_cluster(
             config,
             inner,
             cluster: cluster.clone(),
+            settings: Arc::clone(settings),
         };
         Ok(Transformed::yes(Arc::new(scan) as Arc<dyn ExecutionPlan>))
     })
@@ -80,6 +84,7 @@ pub(crate) struct ClusterScanExec {
     config: FileScanConfig,
     inner: Arc<dyn ExecutionPlan>,
     cluster: Cluster,
+    settings: Arc<SessionSettings>,
 }
 
 impl DisplayAs for ClusterScanExec {
@@ -112,7 +117,10 @@ impl ClusterScanExec {
                 let plan: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(one);
                 let task = EncodedTask::new(Box::new(StageTask {
                     label: label.clone(),
-                    input: StageInput::Read(plan_bytes(&plan, &label)?),
+                    input: StageInput::Read {
+                        plan: plan_bytes(&plan, &label)?,
+                        settings: SessionSettings::clone(&self.settings),
+                    },
                     ops: vec![],
                     write: None,
                     map: None,

@@ -21,6 +21,7 @@ use volley_exec::{MemorySource, TransformFn};
 use volley_runtime::cluster::{value_object, RemoteTask, TaskContext};
 
 use super::exchange::{ExchangeMapTask, ExchangeSampleTask};
+use super::SessionSettings;
 use crate::context::Context;
 use crate::logical::LogicalOp;
 use crate::options::MapOptions;
@@ -125,10 +126,24 @@ impl ShippedOp {
 /// Where a stage task's rows come from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum StageInput {
-    /// One read split: a serialized DataFusion physical plan.
-    Read(Vec<u8>),
+    /// One read split: a serialized DataFusion physical plan, rebuilt with the
+    /// settings of the query it reads for.
+    Read {
+        plan: Vec<u8>,
+        settings: SessionSettings,
+    },
     /// The batches of the objects the task is given.
     Objects,
+}
+
+impl StageInput {
+    /// A read split of a dataset's plan: rebuilt with the node's settings.
+    pub(crate) fn read(plan: Vec<u8>) -> Self {
+        Self::Read {
+            plan,
+            settings: SessionSettings::default(),
+        }
+    }
 }
 
 /// A task of a cluster stage.
@@ -205,11 +220,11 @@ impl StageTask {
     fn dataset(&self, ctx: &Context, inputs: Vec<Vec<RecordBatch>>) -> Result<crate::Dataset> {
         let state = ctx.session_state();
         let mut op = match &self.input {
-            StageInput::Read(bytes) => {
+            StageInput::Read { plan, settings } => {
                 let codec = datafusion_proto::physical_plan::DefaultPhysicalExtensionCodec {};
                 let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
-                    bytes,
-                    &state.task_ctx(),
+                    plan,
+                    &*settings.task_ctx(state)?,
                     &codec,
                 )
                 .with_context(|| format!("rebuilding the read of {}", self.label))?;
