@@ -18,6 +18,26 @@ pub enum ProgressMode {
     Off,
 }
 
+/// The most rows per batch a reader or a query makes (`volley.exec.batch_size`,
+/// `datafusion.execution.batch_size`). DataFusion's operators reserve room for a whole
+/// batch up front (an aggregation's output, a join's indices), outside any budget: a
+/// trillion rows asked for 8 TB at once and ended the process.
+pub const MAX_BATCH_SIZE: usize = 1 << 20;
+
+/// The most partitions a query plan runs in, in one process
+/// (`volley.exec.target_partitions`, `datafusion.execution.target_partitions`). A hash
+/// exchange gives each batch it splits a list of row indices per output partition,
+/// outside any budget: 100,000 partitions filled this machine's 24 GiB grouping
+/// 20,000 rows.
+pub const MAX_TARGET_PARTITIONS: usize = 1024;
+
+/// The most partitions (or parts) an exchange or a split makes
+/// (`volley.exec.shuffle_partitions`, `repartition(n)`): each holds buffers and
+/// bookkeeping of its own (a map task splits its rows into a list per partition, its
+/// output's index holds an offset per partition), so more than this is a mistake, not
+/// a plan.
+pub const MAX_EXCHANGE_PARTITIONS: usize = 1 << 20;
+
 /// Options of the streaming executor (`volley.exec.*`).
 #[derive(Debug, Clone)]
 pub struct ExecOptions {
@@ -238,6 +258,20 @@ impl VolleyConfig {
         Ok(config)
     }
 
+    /// Checks the counts a struct literal may set past what [`set`](Self::set) accepts
+    /// (rows per batch, target and shuffle partitions), with `set`'s errors.
+    pub fn validate(&self) -> Result<()> {
+        let mut checked = Self::default();
+        checked.set("volley.exec.batch_size", &self.exec.batch_size.to_string())?;
+        if let Some(n) = self.exec.target_partitions {
+            checked.set("volley.exec.target_partitions", &n.to_string())?;
+        }
+        if let Some(n) = self.exec.shuffle_partitions {
+            checked.set("volley.exec.shuffle_partitions", &n.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Sets one option by its dotted key.
     ///
     /// Every value is checked here, so an error names the option and the value.
@@ -260,11 +294,11 @@ impl VolleyConfig {
                 self.exec.memory_limit = Some(positive_bytes()?);
             }
             "volley.exec.batch_size" => {
-                let n: usize = value.parse().map_err(|_| bad("a row count"))?;
-                if n == 0 {
-                    return Err(bad("a row count above 0"));
-                }
-                self.exec.batch_size = n;
+                self.exec.batch_size = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_BATCH_SIZE).contains(n))
+                    .ok_or_else(|| bad(&format!("a row count from 1 to {MAX_BATCH_SIZE}")))?;
             }
             "volley.exec.preserve_order" => self.exec.preserve_order = parse_bool(value)?,
             "volley.exec.progress" => {
@@ -288,22 +322,30 @@ impl VolleyConfig {
                 self.exec.object_store_limit = Some(positive_bytes()?)
             }
             "volley.exec.shuffle_partitions" => {
-                let n: usize = value.parse().map_err(|_| bad("a partition count"))?;
-                if n == 0 {
-                    return Err(bad("a partition count above 0"));
-                }
-                self.exec.shuffle_partitions = Some(n);
+                let n = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_EXCHANGE_PARTITIONS).contains(n));
+                self.exec.shuffle_partitions = Some(n.ok_or_else(|| {
+                    bad(&format!(
+                        "a partition count from 1 to {MAX_EXCHANGE_PARTITIONS}"
+                    ))
+                })?);
             }
             "volley.exec.broadcast_join_bytes" => {
                 self.exec.broadcast_join_bytes =
                     parse_bytes(value).map_err(|_| bad("a byte size (like 64MiB)"))?
             }
             "volley.exec.target_partitions" => {
-                let n: usize = value.parse().map_err(|_| bad("a partition count"))?;
-                if n == 0 {
-                    return Err(bad("a partition count above 0"));
-                }
-                self.exec.target_partitions = Some(n);
+                let n = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_TARGET_PARTITIONS).contains(n));
+                self.exec.target_partitions = Some(n.ok_or_else(|| {
+                    bad(&format!(
+                        "a partition count from 1 to {MAX_TARGET_PARTITIONS}"
+                    ))
+                })?);
             }
             "volley.read.split_bytes" => self.read.split_bytes = positive_bytes()?,
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
@@ -351,7 +393,7 @@ mod tests {
         c.set("volley.exec.target_partitions", "6").unwrap();
         assert_eq!(c.exec.target_partitions, Some(6));
         let err = c.set("volley.exec.target_partitions", "0").unwrap_err();
-        assert!(err.to_string().contains("above 0"), "{err}");
+        assert!(err.to_string().contains("from 1 to 1024"), "{err}");
         // Values that would size a thread pool past memory, or a budget of nothing.
         for (key, value) in [
             ("volley.runtime.num_cpus", "inf"),
@@ -362,6 +404,10 @@ mod tests {
             ("volley.read.split_bytes", "0"),
             ("volley.exec.max_tasks_per_operator", "0"),
             ("volley.exec.memory_limit", "lots"),
+            // Room reserved by them outside the budget: 8 TB, 24 GiB.
+            ("volley.exec.batch_size", "1000000000000"),
+            ("volley.exec.target_partitions", "100000"),
+            ("volley.exec.shuffle_partitions", "1000000000"),
         ] {
             let err = c.set(key, value).unwrap_err().to_string();
             assert!(
@@ -369,5 +415,12 @@ mod tests {
                 "{key} = {value}: {err}"
             );
         }
+        // Set in a struct literal: the same checks.
+        c.exec.batch_size = MAX_BATCH_SIZE + 1;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("volley.exec.batch_size = `1048577`"), "{err}");
+        c.exec.batch_size = MAX_BATCH_SIZE;
+        c.exec.target_partitions = Some(MAX_TARGET_PARTITIONS);
+        c.validate().unwrap();
     }
 }

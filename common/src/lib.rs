@@ -12,7 +12,10 @@ mod error;
 mod size;
 mod views;
 
-pub use config::{env_var, ExecOptions, ProgressMode, ReadOptions, RuntimeOptions, VolleyConfig};
+pub use config::{
+    env_var, ExecOptions, ProgressMode, ReadOptions, RuntimeOptions, VolleyConfig, MAX_BATCH_SIZE,
+    MAX_EXCHANGE_PARTITIONS, MAX_TARGET_PARTITIONS,
+};
 pub use error::{ErrorKind, ErrorReport, Result, ResultExt, VolleyError};
 pub use size::{batch_memory, batches_memory, format_bytes, parse_bytes};
 pub use views::{compact_bloated_views, compact_views, has_view_columns};

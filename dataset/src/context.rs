@@ -182,6 +182,7 @@ impl Context {
 
     /// A context with `config` on `runtime`.
     pub fn with_runtime(config: VolleyConfig, runtime: Arc<dyn Runtime>) -> Result<Self> {
+        config.validate()?;
         let cpus = runtime.total().num_cpus.ceil().max(1.0) as usize;
         let limit = config
             .exec

@@ -16,7 +16,7 @@ use datafusion::execution::context::SessionState;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use volley_common::{Result, VolleyError};
+use volley_common::{Result, VolleyError, MAX_EXCHANGE_PARTITIONS};
 use volley_connectors::{DataSource, ReadTask, ScanRequest};
 use volley_exec::{
     project_batch, Block, ClusterRows, ExchangeStore, FrozenStore, Partitioning, RowsPiece,
@@ -736,21 +736,17 @@ pub(crate) fn exchange_source(input: Dataset, kind: ExchangeKind) -> Result<Arc<
     }))
 }
 
-/// The most partitions (or parts) an exchange or a split makes: each holds buffers and
-/// bookkeeping of its own, so more than this is a mistake, not a plan.
-pub(crate) const MAX_PARTS: usize = 1 << 20;
-
 /// Checks a partition (or part) count that `what` was given: at least one, at most
-/// [`MAX_PARTS`].
+/// [`MAX_EXCHANGE_PARTITIONS`].
 pub(crate) fn check_parts(what: &str, n: usize) -> Result<()> {
     if n == 0 {
         return Err(VolleyError::plan(format!(
             "{what} needs at least one partition"
         )));
     }
-    if n > MAX_PARTS {
+    if n > MAX_EXCHANGE_PARTITIONS {
         return Err(VolleyError::plan(format!(
-            "{what} into {n} partitions: at most {MAX_PARTS}"
+            "{what} into {n} partitions: at most {MAX_EXCHANGE_PARTITIONS}"
         )));
     }
     Ok(())

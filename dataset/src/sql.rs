@@ -340,14 +340,8 @@ pub(crate) fn plan_sql(
             .block_on(async {
                 let state = sctx.state();
                 let plan = state.statement_to_plan(statement).await?;
-                if let Some(variable) = runtime_setting(&plan) {
-                    return Err(datafusion::error::DataFusionError::Plan(format!(
-                        "`{variable}` cannot be set from SQL: volley's partitions run in \
-                         its executor's memory pool and spill folder, not the query's \
-                         runtime. Give them with --memory-limit and --spill-dir (`volley \
-                         sql`), or volley.exec.memory_limit and volley.exec.spill_dir \
-                         (VOLLEY_EXEC_MEMORY_LIMIT, VOLLEY_EXEC_SPILL_DIR)"
-                    )));
+                if let Some(refused) = refused_setting(&plan) {
+                    return Err(datafusion::error::DataFusionError::Plan(refused));
                 }
                 if mode == Statements::Plan && writes_data(&plan, is_last) {
                     return Err(datafusion::error::DataFusionError::Plan(
@@ -405,21 +399,46 @@ pub(crate) fn plan_sql(
     }
 }
 
-/// The setting a `SET` or `RESET` of `datafusion.runtime.*` names. DataFusion would
-/// give the query's session a runtime of its own (memory limit, temporary folder),
-/// which volley's partitions never run in: they take the executor's pool and spill
-/// folder, so such a statement is refused rather than taking no effect.
-fn runtime_setting(plan: &LogicalPlan) -> Option<&str> {
+/// Why a `SET` or `RESET` is refused, if it is:
+///
+/// - Of `datafusion.runtime.*`: DataFusion would give the query's session a runtime of
+///   its own (memory limit, temporary folder), which volley's partitions never run in:
+///   they take the executor's pool and spill folder, so such a statement is refused
+///   rather than taking no effect.
+/// - A batch size or target partitions past what volley runs
+///   ([`volley_common::MAX_BATCH_SIZE`],
+///   [`volley_common::MAX_TARGET_PARTITIONS`]): DataFusion's operators would
+///   reserve memory by them outside any budget, up to ending the process.
+fn refused_setting(plan: &LogicalPlan) -> Option<String> {
     use datafusion::logical_expr::Statement;
-    let variable = match plan {
-        LogicalPlan::Statement(Statement::SetVariable(s)) => &s.variable,
-        LogicalPlan::Statement(Statement::ResetVariable(r)) => &r.variable,
+    use volley_common::{MAX_BATCH_SIZE, MAX_TARGET_PARTITIONS};
+    let (variable, value) = match plan {
+        LogicalPlan::Statement(Statement::SetVariable(s)) => (&s.variable, Some(&s.value)),
+        LogicalPlan::Statement(Statement::ResetVariable(r)) => (&r.variable, None),
         _ => return None,
     };
-    variable
-        .to_ascii_lowercase()
-        .starts_with("datafusion.runtime.")
-        .then_some(variable.as_str())
+    let key = variable.to_ascii_lowercase();
+    if key.starts_with("datafusion.runtime.") {
+        return Some(format!(
+            "`{variable}` cannot be set from SQL: volley's partitions run in its executor's \
+             memory pool and spill folder, not the query's runtime. Give them with \
+             --memory-limit and --spill-dir (`volley sql`), or volley.exec.memory_limit and \
+             volley.exec.spill_dir (VOLLEY_EXEC_MEMORY_LIMIT, VOLLEY_EXEC_SPILL_DIR)"
+        ));
+    }
+    let (most, what) = match key.as_str() {
+        "datafusion.execution.batch_size" => (MAX_BATCH_SIZE, "rows per batch"),
+        "datafusion.execution.target_partitions" => (MAX_TARGET_PARTITIONS, "partitions"),
+        _ => return None,
+    };
+    // A value that is no count is DataFusion's to refuse.
+    let n: usize = value?.trim().parse().ok()?;
+    (n > most).then(|| {
+        format!(
+            "`{variable}` = {n}: volley runs at most {most} {what} (DataFusion's operators \
+             reserve memory by it outside the memory limit)"
+        )
+    })
 }
 
 /// `words` of statements that end in `EXPLAIN [ANALYZE] [VERBOSE] [FORMAT f] query`,

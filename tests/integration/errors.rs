@@ -650,6 +650,35 @@ fn several_sql_statements_run_in_order() {
             "{err}"
         );
     }
+    // Counts DataFusion's operators reserve memory by, outside the budget: refused
+    // (a trillion rows per batch ended the process allocating 8 TB; 100,000 partitions
+    // filled the machine's memory grouping 20,000 rows).
+    for (q, why) in [
+        (
+            "SET datafusion.execution.batch_size = 1000000000000; \
+             SELECT x % 7, count(*) FROM (VALUES (1), (2)) t(x) GROUP BY 1",
+            "volley runs at most 1048576 rows per batch",
+        ),
+        (
+            "SET datafusion.execution.target_partitions TO 100000; \
+             SELECT x % 7, count(*) FROM (VALUES (1), (2)) t(x) GROUP BY 1",
+            "volley runs at most 1024 partitions",
+        ),
+    ] {
+        let out = volley_sql(&[q]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("in statement 1") && err.contains(why),
+            "{q}: {err}"
+        );
+    }
+    assert_eq!(
+        csv("SET datafusion.execution.batch_size = 1048576; \
+             SET datafusion.execution.target_partitions = 1024; \
+             SELECT x % 2 AS k, count(*) AS n FROM (VALUES (1), (2), (3)) t(x) GROUP BY 1 \
+             ORDER BY 1"),
+        "k,n\n0,1\n1,2"
+    );
 
     let out = volley_sql(&["SELECT 1 / 0; SELECT 2 AS b"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -709,6 +738,11 @@ fn sql_options_and_columns_it_cannot_use_are_named() {
         ("VOLLEY_RUNTIME_NUM_CPUS", "inf", "volley.runtime.num_cpus"),
         ("VOLLEY_RUNTIME_MEMORY", "0", "volley.runtime.memory"),
         ("VOLLEY_READ_SPLIT_BYTES", "0", "volley.read.split_bytes"),
+        (
+            "VOLLEY_EXEC_BATCH_SIZE",
+            "1000000000000",
+            "volley.exec.batch_size",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_volley"))
             .args(["sql", "SELECT 1"])
