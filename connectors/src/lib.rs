@@ -20,6 +20,7 @@
 mod format;
 mod lines;
 mod listing;
+mod local_store;
 mod named_scan;
 mod registry;
 mod scan_listings;

@@ -7,20 +7,31 @@ use datafusion::execution::object_store::{DefaultObjectStoreRegistry, ObjectStor
 use object_store::ObjectStore;
 use url::Url;
 
+use crate::local_store::LocalStore;
+
 /// An [`ObjectStoreRegistry`] that builds a store for `s3://`, `gs://`, `az://`
 /// (`abfs://`, `azure://`) and `http(s)://` URLs the first time one is used, with
 /// credentials and endpoints from the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`, as
 /// each store's `from_env` reads them). `file://` and plain paths use the local
-/// file system.
-#[derive(Debug, Default)]
+/// file system ([`LocalStore`]: its writes end where a folder takes no files).
+#[derive(Debug)]
 pub struct VolleyObjectStoreRegistry {
     inner: DefaultObjectStoreRegistry,
+}
+
+impl Default for VolleyObjectStoreRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl VolleyObjectStoreRegistry {
     /// A registry with the local file system registered.
     pub fn new() -> Self {
-        Self::default()
+        let inner = DefaultObjectStoreRegistry::new();
+        let local = Url::parse("file://").expect("a valid URL");
+        inner.register_store(&local, Arc::new(LocalStore::default()));
+        Self { inner }
     }
 
     fn build(url: &Url) -> Result<Arc<dyn ObjectStore>, DataFusionError> {

@@ -395,6 +395,33 @@ fn volley_sql(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// A SQL `COPY` into a folder that takes no new files fails naming it (the local
+/// object store retried its staged file without end: the command spun at full CPU).
+#[test]
+fn a_copy_into_a_folder_that_takes_no_files_fails_naming_it() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_volley"))
+        .args(["sql", "COPY (SELECT 1 AS a) TO '/proc/volley-copy.parquet'"])
+        .env_remove("VOLLEY_ADDRESS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("the COPY did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot write into /proc"),
+        "{err}"
+    );
+}
+
 /// A write whose process is killed leaves its staging folder; the next write to the
 /// same destination removes it (its owner is gone), and leaves a live writer's alone.
 #[test]
