@@ -1,9 +1,12 @@
 //! The local file system as an object store, with writes that end.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::io::ErrorKind;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,11 +26,18 @@ use object_store::{
 /// end. A folder that exists but takes no new files (`/proc`, `/sys`, some FUSE
 /// mounts) says "not found" every time: `COPY (SELECT 1) TO '/proc/x.parquet'` spun
 /// at full CPU until killed. Here the folder is made and a file made and removed in
-/// it first; where that file cannot be made, the write fails naming the folder.
+/// it first (named as `LocalFileSystem` names its staged files, which its listings
+/// leave out); where that file cannot be made, the write fails naming the folder. A
+/// folder that passed is not checked again (up to [`CHECKED_FOLDERS`] of them).
 #[derive(Debug, Default)]
 pub(crate) struct LocalStore {
     inner: LocalFileSystem,
+    checked: Mutex<HashSet<PathBuf>>,
 }
+
+/// The most folders a [`LocalStore`] remembers as taking files; past it, it forgets
+/// them all and checks again.
+const CHECKED_FOLDERS: usize = 4096;
 
 /// Numbers the files that check folders, unique in this process.
 static CHECKS: AtomicU64 = AtomicU64::new(0);
@@ -39,33 +49,65 @@ impl LocalStore {
         let Some(folder) = file.parent().map(|f| f.to_path_buf()) else {
             return Ok(());
         };
-        let refused = |e: std::io::Error| object_store::Error::Generic {
-            store: "LocalFileSystem",
-            source: format!("cannot write into {}: {e}", folder.display()).into(),
-        };
+        if self
+            .checked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&folder)
+        {
+            return Ok(());
+        }
         let checked = folder.clone();
-        let made = tokio::task::spawn_blocking(move || {
+        let check = move || -> std::io::Result<()> {
             std::fs::create_dir_all(&checked)?;
             let n = CHECKS.fetch_add(1, Ordering::Relaxed);
-            let probe = checked.join(format!(".volley-write-{}-{n}", std::process::id()));
+            let probe = checked.join(format!(".volley-write-{}#{n}", std::process::id()));
             std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&probe)?;
-            std::fs::remove_file(&probe)
-        })
-        .await
-        .map_err(|e| object_store::Error::Generic {
-            store: "LocalFileSystem",
-            source: Box::new(e),
-        })?;
+            // Best effort: a probe left behind is hidden from listings.
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        };
+        // On a runtime's blocking threads where there is one, as `LocalFileSystem`
+        // does its own file work.
+        let made =
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => runtime.spawn_blocking(check).await.map_err(|e| {
+                    object_store::Error::Generic {
+                        store: "LocalFileSystem",
+                        source: Box::new(e),
+                    }
+                })?,
+                Err(_) => check(),
+            };
         match made {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                let mut checked = self.checked.lock().unwrap_or_else(PoisonError::into_inner);
+                if checked.len() >= CHECKED_FOLDERS {
+                    checked.clear();
+                }
+                checked.insert(folder);
+                Ok(())
+            }
             // Other errors (a file where the folder would be, no permission): the
             // write itself reports them.
             Err(e) if e.kind() != ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(refused(e)),
+            Err(e) => Err(object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: format!("cannot write into {}: {e}", folder.display()).into(),
+            }),
         }
+    }
+
+    /// [`check_folder`](Self::check_folder) of a copy's or rename's destination,
+    /// where its source exists (else `LocalFileSystem` says so, making no folder).
+    async fn check_destination(&self, from: &Path, to: &Path) -> Result<()> {
+        if self.inner.path_to_filesystem(from)?.exists() {
+            self.check_folder(to).await?;
+        }
+        Ok(())
     }
 }
 
@@ -128,12 +170,12 @@ impl ObjectStore for LocalStore {
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.check_folder(to).await?;
+        self.check_destination(from, to).await?;
         self.inner.copy_opts(from, to, options).await
     }
 
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
-        self.check_folder(to).await?;
+        self.check_destination(from, to).await?;
         self.inner.rename_opts(from, to, options).await
     }
 }
@@ -200,5 +242,23 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["b.txt"]);
+        // A copy whose source is missing fails as before, making no folder.
+        let missing = dir.path().join("missing");
+        let into = dir.path().join("c/d.txt");
+        let (missing, into) = (
+            Path::from(missing.to_str().unwrap().trim_start_matches('/')),
+            Path::from(into.to_str().unwrap().trim_start_matches('/')),
+        );
+        let copied = ended(async move { LocalStore::default().copy(&missing, &into).await });
+        assert!(matches!(
+            copied.unwrap(),
+            Err(object_store::Error::NotFound { .. })
+        ));
+        assert!(!dir.path().join("c").exists());
+        // Outside a runtime, as `LocalFileSystem` works there.
+        let path = dir.path().join("e/f.txt");
+        let file = Path::from(path.to_str().unwrap().trim_start_matches('/'));
+        futures::executor::block_on(LocalStore::default().put(&file, "x".into())).unwrap();
+        assert!(path.exists());
     }
 }

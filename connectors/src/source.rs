@@ -119,6 +119,14 @@ impl ReadTask {
         self.plan.as_ref()
     }
 
+    /// The task, opened in `ctx` whatever context its runner gives: a plan shipped
+    /// from another process runs with the settings of the query it reads for.
+    pub fn in_context(mut self, ctx: Arc<TaskContext>) -> Self {
+        let opener = self.opener;
+        self.opener = Arc::new(move |_| opener(Arc::clone(&ctx)));
+        self
+    }
+
     /// Opens the stream. Cheap: the reading happens as the stream is polled.
     pub fn open(&self, ctx: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         (self.opener)(ctx)

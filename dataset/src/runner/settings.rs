@@ -15,7 +15,8 @@ use volley_common::{Result, ResultExt};
 ///
 /// A node's task rebuilds the query's plan in the node's own session, whose functions
 /// read its settings (`to_timestamp` takes `datafusion.execution.time_zone` when it is
-/// made), so a task runs the plan with what the query set over the node's own options.
+/// made), and its operators read them as they run (rows per batch): a task rebuilds
+/// and runs the plan in a session with what the query set over the node's options.
 /// Only the changes travel: the node's other options follow its own memory budget (a
 /// sort's spill reservation, a hash join's key density) and CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -49,7 +50,13 @@ impl SessionSettings {
         let options = config.options_mut();
         for (key, value) in &self.0 {
             match value {
-                Some(value) => options.set(key, value),
+                // Each option alone: `ConfigOptions::set` of the umbrella
+                // `enable_dynamic_filter_pushdown` sets its three specific flags too,
+                // which come before it and may differ.
+                Some(value) => match key.strip_prefix("datafusion.") {
+                    Some(field) => ConfigField::set(options, field, value),
+                    None => options.set(key, value),
+                },
                 // Unset (an option with no value by default).
                 None => options.reset(key),
             }
@@ -109,6 +116,27 @@ mod tests {
         let node = SessionStateBuilder::new().with_config(node).build();
         let task = unset.task_ctx(&node).unwrap();
         assert_eq!(task.session_config().options().execution.time_zone, None);
+        // The umbrella dynamic-filter option off, the join's on: each as set.
+        let mut options = base.state().config_options().as_ref().clone();
+        options
+            .set(
+                "datafusion.optimizer.enable_dynamic_filter_pushdown",
+                "false",
+            )
+            .unwrap();
+        options
+            .set(
+                "datafusion.optimizer.enable_join_dynamic_filter_pushdown",
+                "true",
+            )
+            .unwrap();
+        let task = SessionSettings::changed(base.state().config_options(), &options)
+            .task_ctx(&base.state())
+            .unwrap();
+        let optimizer = &task.session_config().options().optimizer;
+        assert!(optimizer.enable_join_dynamic_filter_pushdown);
+        assert!(!optimizer.enable_dynamic_filter_pushdown);
+        assert!(!optimizer.enable_topk_dynamic_filter_pushdown);
         // An option this node does not know is named.
         let err = SessionSettings(vec![("datafusion.nothing".into(), Some("1".into()))])
             .task_ctx(&base.state())

@@ -166,6 +166,8 @@ pub struct StageTask {
 struct ShippedScan {
     label: String,
     plan: Arc<dyn ExecutionPlan>,
+    /// What it runs in: the node's session with the query's settings.
+    task_ctx: Arc<datafusion::execution::TaskContext>,
 }
 
 #[async_trait::async_trait]
@@ -184,7 +186,8 @@ impl DataSource for ShippedScan {
             self.label.clone(),
             0,
             Arc::clone(&self.plan),
-        )])
+        )
+        .in_context(Arc::clone(&self.task_ctx))])
     }
 }
 
@@ -222,15 +225,15 @@ impl StageTask {
         let mut op = match &self.input {
             StageInput::Read { plan, settings } => {
                 let codec = datafusion_proto::physical_plan::DefaultPhysicalExtensionCodec {};
+                let task_ctx = settings.task_ctx(state)?;
                 let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
-                    plan,
-                    &*settings.task_ctx(state)?,
-                    &codec,
+                    plan, &task_ctx, &codec,
                 )
                 .with_context(|| format!("rebuilding the read of {}", self.label))?;
                 LogicalOp::source(Arc::new(ShippedScan {
                     label: self.label.clone(),
                     plan,
+                    task_ctx,
                 }))
             }
             StageInput::Objects => {
