@@ -2809,27 +2809,16 @@ fn sql_stages_run_on_the_cluster_nodes() {
          max(to_timestamp(x)) AS t FROM {source} WHERE to_timestamp(x) > to_timestamp(1000) \
          GROUP BY 1 ORDER BY 1"
     );
-    let local = Command::new(volley_bin())
-        .args(["sql", &query, "--format", "csv"])
-        .env_remove("VOLLEY_ADDRESS")
-        .output()
-        .unwrap();
-    let local = String::from_utf8_lossy(&local.stdout);
+    let local = stdout_of(
+        Command::new(volley_bin())
+            .args(["sql", &query, "--format", "csv"])
+            .env_remove("VOLLEY_ADDRESS"),
+    );
     assert!(
         local.contains("+05:00") && local.lines().count() == 6,
         "{local}"
     );
-    let out = c
-        .volley()
-        .args(["sql", &query, "--format", "csv"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        local,
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(c.sql_csv(&query), local);
     // A file whose first pages are unreadable (its footer and page index intact): the
     // error names the file and the node whose task read it.
     let broken = dir.path().join("broken");

@@ -289,16 +289,21 @@ impl VolleyConfig {
             Ok(n) => Ok(n),
             Err(_) => Err(bad("a byte size (like 512MiB)")),
         };
+        // A count from 1 to `most` (rows, partitions): more would size buffers past
+        // memory.
+        let count = |what: &str, most: usize| {
+            value
+                .parse()
+                .ok()
+                .filter(|n| (1..=most).contains(n))
+                .ok_or_else(|| bad(&format!("a {what} from 1 to {most}")))
+        };
         match key {
             "volley.exec.memory_limit" => {
                 self.exec.memory_limit = Some(positive_bytes()?);
             }
             "volley.exec.batch_size" => {
-                self.exec.batch_size = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_BATCH_SIZE).contains(n))
-                    .ok_or_else(|| bad(&format!("a row count from 1 to {MAX_BATCH_SIZE}")))?;
+                self.exec.batch_size = count("row count", MAX_BATCH_SIZE)?;
             }
             "volley.exec.preserve_order" => self.exec.preserve_order = parse_bool(value)?,
             "volley.exec.progress" => {
@@ -322,30 +327,16 @@ impl VolleyConfig {
                 self.exec.object_store_limit = Some(positive_bytes()?)
             }
             "volley.exec.shuffle_partitions" => {
-                let n = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_EXCHANGE_PARTITIONS).contains(n));
-                self.exec.shuffle_partitions = Some(n.ok_or_else(|| {
-                    bad(&format!(
-                        "a partition count from 1 to {MAX_EXCHANGE_PARTITIONS}"
-                    ))
-                })?);
+                self.exec.shuffle_partitions =
+                    Some(count("partition count", MAX_EXCHANGE_PARTITIONS)?);
             }
             "volley.exec.broadcast_join_bytes" => {
                 self.exec.broadcast_join_bytes =
                     parse_bytes(value).map_err(|_| bad("a byte size (like 64MiB)"))?
             }
             "volley.exec.target_partitions" => {
-                let n = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_TARGET_PARTITIONS).contains(n));
-                self.exec.target_partitions = Some(n.ok_or_else(|| {
-                    bad(&format!(
-                        "a partition count from 1 to {MAX_TARGET_PARTITIONS}"
-                    ))
-                })?);
+                self.exec.target_partitions =
+                    Some(count("partition count", MAX_TARGET_PARTITIONS)?);
             }
             "volley.read.split_bytes" => self.read.split_bytes = positive_bytes()?,
             "volley.read.pushdown_filters" => self.read.pushdown_filters = parse_bool(value)?,
